@@ -1,0 +1,250 @@
+//! Seeded synthetic checkpoints with real model shapes (Llama or BERT names and `config.json`),
+//! for tests and benchmarks that need gigabytes of weights: a base model and experts that differ
+//! from it by small seeded task vectors. Values come from Philox by element index, so generation
+//! runs in parallel and gives the same bytes every time.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde_json::json;
+
+use super::dtype::{encode_into, FloatDType};
+use super::writer::{PlannedTensor, ShardWriter};
+use crate::error::{Error, Result};
+use crate::merge::philox::{name_hash, ElementStream};
+
+/// Family of tensor names and config to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Bert,
+}
+
+/// Shape of a synthetic model.
+#[derive(Debug, Clone)]
+pub struct SyntheticSpec {
+    pub family: Family,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dtype: FloatDType,
+}
+
+/// Named shapes: tiny ones for tests, real ones for benchmarks.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("llama-tiny", "Llama names, 4 layers, hidden 64 (tests)"),
+    ("bert-tiny", "BERT names, 2 layers, hidden 32 (tests)"),
+    ("llama-rss", "Llama names, 24 layers, hidden 1024, vocab 8000: ~0.7 GB in bf16 (memory test)"),
+    ("llama-1b", "TinyLlama-1.1B shapes: 22 layers, hidden 2048, GQA 32/4"),
+    ("llama-7b", "Llama-2-7B shapes: 32 layers, hidden 4096"),
+];
+
+impl SyntheticSpec {
+    pub fn preset(name: &str, dtype: FloatDType) -> Option<Self> {
+        let llama = |vocab, hidden, intermediate, layers, heads, kv_heads| SyntheticSpec {
+            family: Family::Llama,
+            vocab,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            dtype,
+        };
+        Some(match name {
+            "llama-tiny" => llama(512, 64, 176, 4, 4, 2),
+            "llama-rss" => llama(8000, 1024, 2816, 24, 16, 16),
+            "llama-1b" => llama(32000, 2048, 5632, 22, 32, 4),
+            "llama-7b" => llama(32000, 4096, 11008, 32, 32, 32),
+            "bert-tiny" => SyntheticSpec {
+                family: Family::Bert,
+                vocab: 300,
+                hidden: 32,
+                intermediate: 64,
+                layers: 2,
+                heads: 4,
+                kv_heads: 4,
+                dtype,
+            },
+            _ => return None,
+        })
+    }
+
+    /// Tensor names and shapes, in the order Hugging Face writes them per layer.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let mut t = Vec::new();
+        match self.family {
+            Family::Llama => {
+                let kv = h / self.heads * self.kv_heads;
+                t.push(("model.embed_tokens.weight".to_string(), vec![v, h]));
+                for l in 0..self.layers {
+                    let p = format!("model.layers.{l}");
+                    t.push((format!("{p}.input_layernorm.weight"), vec![h]));
+                    t.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
+                    t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+                    t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+                    t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+                    t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+                    t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+                    t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+                    t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+                }
+                t.push(("model.norm.weight".to_string(), vec![h]));
+                t.push(("lm_head.weight".to_string(), vec![v, h]));
+            }
+            Family::Bert => {
+                t.push(("embeddings.word_embeddings.weight".to_string(), vec![v, h]));
+                t.push(("embeddings.position_embeddings.weight".to_string(), vec![64, h]));
+                t.push(("embeddings.token_type_embeddings.weight".to_string(), vec![2, h]));
+                t.push(("embeddings.LayerNorm.weight".to_string(), vec![h]));
+                t.push(("embeddings.LayerNorm.bias".to_string(), vec![h]));
+                for l in 0..self.layers {
+                    let p = format!("encoder.layer.{l}");
+                    for m in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+                        t.push((format!("{p}.{m}.weight"), vec![h, h]));
+                        t.push((format!("{p}.{m}.bias"), vec![h]));
+                    }
+                    t.push((format!("{p}.attention.output.LayerNorm.weight"), vec![h]));
+                    t.push((format!("{p}.attention.output.LayerNorm.bias"), vec![h]));
+                    t.push((format!("{p}.intermediate.dense.weight"), vec![i, h]));
+                    t.push((format!("{p}.intermediate.dense.bias"), vec![i]));
+                    t.push((format!("{p}.output.dense.weight"), vec![h, i]));
+                    t.push((format!("{p}.output.dense.bias"), vec![h]));
+                    t.push((format!("{p}.output.LayerNorm.weight"), vec![h]));
+                    t.push((format!("{p}.output.LayerNorm.bias"), vec![h]));
+                }
+                t.push(("pooler.dense.weight".to_string(), vec![h, h]));
+                t.push(("pooler.dense.bias".to_string(), vec![h]));
+            }
+        }
+        t
+    }
+
+    /// Parameters in the model.
+    pub fn num_params(&self) -> u64 {
+        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum()
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        match self.family {
+            Family::Llama => json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads,
+                "vocab_size": self.vocab,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "hidden_act": "silu",
+                "max_position_embeddings": 4096,
+                "tie_word_embeddings": false,
+                "torch_dtype": self.dtype.torch_name(),
+            }),
+            Family::Bert => json!({
+                "architectures": ["BertModel"],
+                "model_type": "bert",
+                "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "vocab_size": self.vocab,
+                "max_position_embeddings": 64,
+                "type_vocab_size": 2,
+                "hidden_act": "gelu",
+                "layer_norm_eps": 1e-12,
+                "torch_dtype": self.dtype.torch_name(),
+            }),
+        }
+    }
+}
+
+/// Which model of a family to write: the base, or expert `k` (base + a task vector).
+#[derive(Debug, Clone, Copy)]
+pub enum Variant {
+    Base,
+    Expert { index: u32, scale: f32 },
+}
+
+/// Writes one synthetic model into `dir` (created), sharded at `shard_bytes`.
+pub fn write_model(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Path, shard_bytes: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = spec.tensors();
+    let planned = tensors
+        .iter()
+        .map(|(name, shape)| PlannedTensor {
+            name: name.clone(),
+            dtype: spec.dtype.to_safetensors(),
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut writer = ShardWriter::create(dir, planned, shard_bytes)?;
+    let span = 1 << 22;
+    let mut bytes = Vec::new();
+    for (name, shape) in &tensors {
+        let n: usize = shape.iter().product();
+        let is_norm = (shape.len() == 1 && name.contains("norm")) || name.ends_with("LayerNorm.weight");
+        let h = name_hash(name);
+        let base = ElementStream::new(seed, h, u32::MAX);
+        let mut start = 0;
+        while start < n {
+            let len = span.min(n - start);
+            bytes.resize(len * spec.dtype.size(), 0);
+            bytes
+                .par_chunks_mut(65536 * spec.dtype.size())
+                .enumerate()
+                .for_each(|(ci, out)| {
+                    let off = start + ci * 65536;
+                    let m = out.len() / spec.dtype.size();
+                    let mut vals = vec![0f32; m];
+                    base.fill_uniform(off, &mut vals);
+                    for v in vals.iter_mut() {
+                        *v = if is_norm { 1.0 + 0.1 * (*v - 0.5) } else { 0.08 * (*v - 0.5) };
+                    }
+                    if let Variant::Expert { index, scale } = variant {
+                        let mut d = vec![0f32; m];
+                        ElementStream::new(seed, h, index).fill_uniform(off, &mut d);
+                        for (v, d) in vals.iter_mut().zip(&d) {
+                            *v += scale * (2.0 * d - 1.0);
+                        }
+                    }
+                    encode_into(spec.dtype, &vals, out);
+                });
+            writer.write(name, &bytes)?;
+            start += len;
+        }
+    }
+    writer.finish()?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, serde_json::to_string_pretty(&spec.config_json()).expect("JSON"))
+        .map_err(|e| Error::io(&cfg, e))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Writes `dir/base` and `dir/expert-1 .. expert-K`; returns their paths.
+pub fn write_family(
+    spec: &SyntheticSpec,
+    seed: u64,
+    experts: u32,
+    delta_scale: f32,
+    dir: &Path,
+    shard_bytes: u64,
+) -> Result<Vec<PathBuf>> {
+    let mut out = vec![write_model(spec, seed, Variant::Base, &dir.join("base"), shard_bytes)?];
+    for k in 1..=experts {
+        out.push(write_model(
+            spec,
+            seed,
+            Variant::Expert { index: k, scale: delta_scale },
+            &dir.join(format!("expert-{k}")),
+            shard_bytes,
+        )?);
+    }
+    Ok(out)
+}

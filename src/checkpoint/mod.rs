@@ -1,0 +1,16 @@
+//! Checkpoint I/O: memory-mapped safetensors reading (single file or sharded), dtype views,
+//! the layer map, the block-by-block stream, the streaming shard writer, and a generator of
+//! synthetic checkpoints for tests and benchmarks.
+
+pub mod dtype;
+pub mod generate;
+pub mod layers;
+pub mod reader;
+pub mod stream;
+pub mod writer;
+
+pub use dtype::FloatDType;
+pub use layers::{group_blocks, BlockKind, BlockSpec};
+pub use reader::{Checkpoint, TensorMeta};
+pub use stream::LayerStream;
+pub use writer::{PlannedTensor, ShardWriter};

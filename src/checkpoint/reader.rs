@@ -1,0 +1,365 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded with an index.
+//!
+//! Tensors are never copied at open time: a [`Checkpoint`] holds the maps and the parsed headers,
+//! and [`Checkpoint::bytes`] hands out zero-copy slices. Pages are faulted in when read and can be
+//! released again with [`Checkpoint::release`], which keeps resident memory bounded by what is
+//! being worked on rather than by the model size.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use serde::Deserialize;
+
+use super::dtype::FloatDType;
+use crate::error::{Error, Result};
+
+/// File name of a Hugging Face shard index.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+/// File name of a single-file Hugging Face checkpoint.
+pub const SINGLE_NAME: &str = "model.safetensors";
+
+/// One memory-mapped `.safetensors` file.
+pub struct Shard {
+    pub path: PathBuf,
+    mmap: Mmap,
+}
+
+/// Where one tensor lives and what it is.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    /// Index into [`Checkpoint::shards`].
+    pub shard: usize,
+    /// Absolute byte range inside the shard's file.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorMeta {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The float dtype, if this tensor is F32/F16/BF16.
+    pub fn float_dtype(&self) -> Option<FloatDType> {
+        FloatDType::from_safetensors(self.dtype)
+    }
+}
+
+/// An opened checkpoint: a directory (or file) of safetensors shards plus its small files.
+pub struct Checkpoint {
+    /// Directory holding the weights, `config.json` and tokenizer files.
+    pub dir: PathBuf,
+    /// The path the user gave.
+    pub path: PathBuf,
+    pub shards: Vec<Shard>,
+    /// Tensors in file order: shard by shard, by data offset within a shard.
+    pub tensors: Vec<TensorMeta>,
+    by_name: HashMap<String, usize>,
+    /// `config.json` beside the weights, if any.
+    pub config: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, a `*.index.json`, or a directory holding either.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let (dir, files, index) = if meta.is_dir() {
+            let index = path.join(INDEX_NAME);
+            if index.is_file() {
+                let files = shard_files_from_index(&index)?;
+                (path.clone(), files, Some(index))
+            } else if path.join(SINGLE_NAME).is_file() {
+                (path.clone(), vec![path.join(SINGLE_NAME)], None)
+            } else {
+                let found = list_safetensors(&path)?;
+                if found.len() == 1 {
+                    (path.clone(), found, None)
+                } else {
+                    return Err(Error::NoCheckpoint { path });
+                }
+            }
+        } else {
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            let name = path.to_string_lossy();
+            if name.ends_with(".index.json") {
+                (dir, shard_files_from_index(&path)?, Some(path.clone()))
+            } else {
+                (dir, vec![path.clone()], None)
+            }
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = Vec::new();
+        for (si, file) in files.iter().enumerate() {
+            let (shard, mut metas) = open_shard(file, si)?;
+            shards.push(shard);
+            tensors.append(&mut metas);
+        }
+
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if by_name.insert(t.name.clone(), i).is_some() {
+                return Err(Error::BadIndex {
+                    path: index.clone().unwrap_or_else(|| path.clone()),
+                    reason: format!("tensor `{}` appears in more than one shard", t.name),
+                });
+            }
+        }
+        if let Some(index) = &index {
+            check_index_matches(index, &tensors, &shards)?;
+        }
+
+        let config_path = dir.join("config.json");
+        let config = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            Some(
+                serde_json::from_str(&text).map_err(|e| Error::BadIndex {
+                    path: config_path.clone(),
+                    reason: format!("invalid JSON: {e}"),
+                })?,
+            )
+        } else {
+            None
+        };
+
+        Ok(Checkpoint {
+            dir,
+            path,
+            shards,
+            tensors,
+            by_name,
+            config,
+        })
+    }
+
+    /// Looks a tensor up by exact name.
+    pub fn get(&self, name: &str) -> Option<&TensorMeta> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Position of a tensor in [`Self::tensors`]; `name` must come from this checkpoint.
+    pub fn tensor_index(&self, name: &str) -> usize {
+        self.by_name[name]
+    }
+
+    /// Finds `name`, allowing for the wrapper prefix a task-specific model adds or drops
+    /// (`bert.encoder...` in a `BertForSequenceClassification` vs `encoder...` in a `BertModel`).
+    pub fn resolve(&self, name: &str) -> Option<&TensorMeta> {
+        if let Some(t) = self.get(name) {
+            return Some(t);
+        }
+        for p in WRAPPER_PREFIXES {
+            if let Some(stripped) = name.strip_prefix(p) {
+                if let Some(t) = self.get(stripped) {
+                    return Some(t);
+                }
+            } else if let Some(t) = self.get(&format!("{p}{name}")) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// The raw little-endian bytes of a tensor (zero-copy view into the map).
+    pub fn bytes(&self, t: &TensorMeta) -> &[u8] {
+        &self.shards[t.shard].mmap[t.start..t.end]
+    }
+
+    /// Asks the kernel to read a tensor's pages ahead (used by the prefetch thread).
+    pub fn will_need(&self, t: &TensorMeta) {
+        if t.end > t.start {
+            // Advisory only: a failure costs speed, not correctness.
+            let _ = self.shards[t.shard]
+                .mmap
+                .advise_range(Advice::WillNeed, t.start, t.end - t.start);
+        }
+    }
+
+    /// Drops a tensor's pages from this process's resident set once it is merged. The data stays
+    /// in the page cache, and the map stays valid: a later read faults the pages back in.
+    pub fn release(&self, t: &TensorMeta) {
+        if t.end > t.start {
+            // SAFETY: the map is a read-only, file-backed mapping; MADV_DONTNEED on it only drops
+            // page-table entries, and later accesses re-read the unchanged file contents.
+            let _ = unsafe {
+                self.shards[t.shard].mmap.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    t.start,
+                    t.end - t.start,
+                )
+            };
+        }
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    /// Total number of parameters (elements of all tensors).
+    pub fn num_params(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel() as u64).sum()
+    }
+
+    /// The file a tensor is stored in (for error messages).
+    pub fn file_of(&self, t: &TensorMeta) -> &Path {
+        &self.shards[t.shard].path
+    }
+}
+
+/// Prefixes that task-specific Hugging Face heads wrap a base model's names in.
+const WRAPPER_PREFIXES: &[&str] = &[
+    "bert.",
+    "roberta.",
+    "distilbert.",
+    "electra.",
+    "deberta.",
+    "xlm_roberta.",
+    "model.",
+    "transformer.",
+];
+
+fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+            found.push(p);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let parsed: IndexFile = serde_json::from_str(&text).map_err(|e| Error::BadIndex {
+        path: index.to_path_buf(),
+        reason: format!("not a valid shard index: {e}"),
+    })?;
+    let dir = index.parent().unwrap_or_else(|| Path::new("."));
+    let mut names: Vec<&String> = parsed.weight_map.values().collect();
+    names.sort();
+    names.dedup();
+    let mut files = Vec::with_capacity(names.len());
+    for n in names {
+        if n.contains('/') || n.contains("..") {
+            return Err(Error::BadIndex {
+                path: index.to_path_buf(),
+                reason: format!("shard name `{n}` must be a plain file name"),
+            });
+        }
+        let f = dir.join(n);
+        if !f.is_file() {
+            return Err(Error::BadIndex {
+                path: index.to_path_buf(),
+                reason: format!("shard `{n}` listed in the index does not exist"),
+            });
+        }
+        files.push(f);
+    }
+    Ok(files)
+}
+
+fn check_index_matches(index: &Path, tensors: &[TensorMeta], shards: &[Shard]) -> Result<()> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let parsed: IndexFile = serde_json::from_str(&text).map_err(|e| Error::BadIndex {
+        path: index.to_path_buf(),
+        reason: format!("not a valid shard index: {e}"),
+    })?;
+    let located: HashMap<&str, &Path> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), shards[t.shard].path.as_path()))
+        .collect();
+    let mut names: Vec<_> = parsed.weight_map.iter().collect();
+    names.sort();
+    for (name, file) in names {
+        match located.get(name.as_str()) {
+            Some(p) if p.file_name().is_some_and(|f| f == file.as_str()) => {}
+            Some(p) => {
+                return Err(Error::BadIndex {
+                    path: index.to_path_buf(),
+                    reason: format!(
+                        "index puts tensor `{name}` in `{file}`, but it is stored in {}",
+                        p.display()
+                    ),
+                });
+            }
+            None => {
+                return Err(Error::BadIndex {
+                    path: index.to_path_buf(),
+                    reason: format!("index lists tensor `{name}` in `{file}`, but that shard does not contain it"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is opened read-only; like every mmap-based reader we rely on nobody
+    // truncating checkpoint files while they are being merged.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
+            path: path.to_path_buf(),
+            reason: describe_safetensors_error(&e, mmap.len()),
+        })?;
+    let data_start = 8 + header_len;
+    let infos = metadata.tensors();
+    let mut metas: Vec<TensorMeta> = infos
+        .into_iter()
+        .map(|(name, info)| TensorMeta {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            shard: shard_index,
+            start: data_start + info.data_offsets.0,
+            end: data_start + info.data_offsets.1,
+        })
+        .collect();
+    metas.sort_by(|a, b| (a.start, &a.name).cmp(&(b.start, &b.name)));
+    let _ = mmap.advise(Advice::Sequential);
+    Ok((
+        Shard {
+            path: path.to_path_buf(),
+            mmap,
+        },
+        metas,
+    ))
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!("file is {file_len} bytes, too short to hold a header"),
+        E::InvalidHeaderLength => {
+            "header length points past the end of the file (truncated or not safetensors)".into()
+        }
+        E::MetadataIncompleteBuffer => {
+            "tensor data does not match the file size (truncated or padded file)".into()
+        }
+        E::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
+        other => format!("{other}"),
+    }
+}

@@ -1,0 +1,178 @@
+//! The layer stream: a reference checkpoint's tensors, resolved in every input checkpoint,
+//! grouped into blocks and visited block by block with the next block prefetched on a
+//! background thread and the finished block's pages released.
+//!
+//! Resident memory therefore stays at about two blocks (the active one and the incoming one)
+//! across all inputs, whatever the model size.
+
+use crossbeam_channel::bounded;
+
+use super::layers::{group_blocks, BlockSpec};
+use super::reader::{Checkpoint, TensorMeta};
+use crate::error::{Error, Result};
+
+/// One output tensor: where it is in the reference and in each input.
+#[derive(Debug, Clone)]
+pub struct StreamTensor {
+    pub name: String,
+    /// Index into the reference checkpoint's `tensors`.
+    pub reference: usize,
+    /// Index into each input checkpoint's `tensors`, in input order.
+    pub inputs: Vec<usize>,
+}
+
+/// A block of tensors visited together.
+#[derive(Debug, Clone)]
+pub struct StreamBlock {
+    pub spec: BlockSpec,
+    pub tensors: Vec<StreamTensor>,
+}
+
+/// Blocks of tensors resolved across checkpoints, ready to be visited in order.
+pub struct LayerStream<'a> {
+    pub reference: &'a Checkpoint,
+    pub inputs: Vec<&'a Checkpoint>,
+    pub blocks: Vec<StreamBlock>,
+    /// Input tensors that the reference does not have (ignored), per input: (input, name).
+    pub ignored: Vec<(usize, String)>,
+}
+
+impl<'a> LayerStream<'a> {
+    /// Resolves every reference tensor in every input and checks shapes and dtypes, so that a
+    /// bad input is reported before any output is written.
+    pub fn plan(reference: &'a Checkpoint, inputs: Vec<&'a Checkpoint>) -> Result<Self> {
+        let mut resolved: Vec<Vec<usize>> = Vec::with_capacity(reference.tensors.len());
+        let mut used: Vec<Vec<bool>> = inputs.iter().map(|c| vec![false; c.tensors.len()]).collect();
+        for t in &reference.tensors {
+            let mut per_input = Vec::with_capacity(inputs.len());
+            for (ii, input) in inputs.iter().enumerate() {
+                let m = input.resolve(&t.name).ok_or_else(|| Error::MissingTensor {
+                    path: input.path.clone(),
+                    tensor: t.name.clone(),
+                    base: reference.path.clone(),
+                })?;
+                check_compatible(t, m, input)?;
+                let idx = input.tensor_index(&m.name);
+                used[ii][idx] = true;
+                per_input.push(idx);
+            }
+            resolved.push(per_input);
+        }
+        let ignored = used
+            .iter()
+            .enumerate()
+            .flat_map(|(ii, u)| {
+                u.iter()
+                    .enumerate()
+                    .filter(|(_, used)| !**used)
+                    .map(move |(ti, _)| (ii, ti))
+            })
+            .map(|(ii, ti)| (ii, inputs[ii].tensors[ti].name.clone()))
+            .collect();
+
+        let specs = group_blocks(reference.tensors.iter().map(|t| t.name.as_str()));
+        let blocks = specs
+            .into_iter()
+            .map(|spec| {
+                let tensors = spec
+                    .tensors
+                    .iter()
+                    .map(|name| {
+                        let r = reference.tensor_index(name);
+                        StreamTensor {
+                            name: name.clone(),
+                            reference: r,
+                            inputs: resolved[r].clone(),
+                        }
+                    })
+                    .collect();
+                StreamBlock { spec, tensors }
+            })
+            .collect();
+        Ok(LayerStream {
+            reference,
+            inputs,
+            blocks,
+            ignored,
+        })
+    }
+
+    /// Every (checkpoint, tensor) a block reads: reference first, then the inputs.
+    fn block_tensors<'s>(&'s self, b: &'s StreamBlock) -> impl Iterator<Item = (&'a Checkpoint, &'a TensorMeta)> + 's {
+        b.tensors.iter().flat_map(move |t| {
+            std::iter::once((self.reference, &self.reference.tensors[t.reference])).chain(
+                self.inputs
+                    .iter()
+                    .zip(&t.inputs)
+                    .map(|(c, &i)| (*c, &c.tensors[i])),
+            )
+        })
+    }
+
+    /// Bytes read from all inputs (and the reference when it is not an input) for a block.
+    pub fn block_input_bytes(&self, b: &StreamBlock) -> u64 {
+        self.block_tensors(b).map(|(_, t)| t.nbytes() as u64).sum()
+    }
+
+    /// Calls `f` on each block in order. A helper thread faults the next block's pages in while
+    /// `f` works; after `f` returns, the block's pages are dropped from the resident set.
+    pub fn for_each_block<F>(&self, mut f: F) -> Result<()>
+    where
+        F: FnMut(usize, &StreamBlock) -> Result<()>,
+    {
+        std::thread::scope(|scope| {
+            // Rendezvous channel: the helper is at most one block ahead.
+            let (tx, rx) = bounded::<usize>(0);
+            scope.spawn(move || {
+                for (i, b) in self.blocks.iter().enumerate() {
+                    for (c, t) in self.block_tensors(b) {
+                        c.will_need(t);
+                        touch_pages(c.bytes(t));
+                    }
+                    if tx.send(i).is_err() {
+                        return;
+                    }
+                }
+            });
+            for i in rx.iter() {
+                let b = &self.blocks[i];
+                f(i, b)?;
+                for (c, t) in self.block_tensors(b) {
+                    c.release(t);
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Reads one byte per page so the pages are faulted in (and read from disk) off the hot thread.
+fn touch_pages(bytes: &[u8]) {
+    let mut acc = 0u8;
+    for i in (0..bytes.len()).step_by(4096) {
+        // SAFETY: `i` is in bounds; volatile keeps the otherwise unused read.
+        acc ^= unsafe { std::ptr::read_volatile(bytes.as_ptr().add(i)) };
+    }
+    std::hint::black_box(acc);
+}
+
+fn check_compatible(reference: &TensorMeta, input: &TensorMeta, ckpt: &Checkpoint) -> Result<()> {
+    if reference.shape != input.shape {
+        return Err(Error::ShapeMismatch {
+            path: ckpt.file_of(input).to_path_buf(),
+            tensor: input.name.clone(),
+            got: input.shape.clone(),
+            expected: reference.shape.clone(),
+        });
+    }
+    let both_float = reference.float_dtype().is_some() && input.float_dtype().is_some();
+    if !both_float && reference.dtype != input.dtype {
+        return Err(Error::DtypeMismatch {
+            path: ckpt.file_of(input).to_path_buf(),
+            tensor: input.name.clone(),
+            got: format!("{:?}", input.dtype),
+            expected: format!("{:?}", reference.dtype),
+        });
+    }
+    Ok(())
+}

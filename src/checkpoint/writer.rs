@@ -1,0 +1,251 @@
+//! Streaming safetensors writer: tensors are written as they are produced, into shards of a
+//! bounded size, with a Hugging Face `model.safetensors.index.json` when there is more than one.
+//!
+//! Every tensor's dtype and shape is known before merging starts, so the whole layout (which
+//! shard each tensor goes to, its offsets, the final file names) is planned up front and each
+//! shard's header is written before its data: no tensor is ever buffered whole.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::reader::{INDEX_NAME, SINGLE_NAME};
+use crate::error::{Error, Result};
+
+/// A tensor the writer will receive, in order.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl PlannedTensor {
+    pub fn nbytes(&self) -> u64 {
+        let n: usize = self.shape.iter().product();
+        (n * self.dtype.bitsize()).div_ceil(8) as u64
+    }
+}
+
+struct ShardPlan {
+    file_name: String,
+    /// Range of tensor indices in this shard.
+    first: usize,
+    end: usize,
+}
+
+/// Writes a planned list of tensors into `dir`, in order, chunk by chunk.
+pub struct ShardWriter {
+    dir: PathBuf,
+    tensors: Vec<PlannedTensor>,
+    shards: Vec<ShardPlan>,
+    shard_of: Vec<usize>,
+    /// Tensor currently being written and how many of its bytes have arrived.
+    next: usize,
+    written: u64,
+    out: Option<(usize, BufWriter<File>)>,
+    bytes_written: u64,
+}
+
+/// What [`ShardWriter::finish`] produced.
+#[derive(Debug, Clone)]
+pub struct WrittenCheckpoint {
+    pub files: Vec<PathBuf>,
+    pub bytes: u64,
+}
+
+impl ShardWriter {
+    /// Plans shards of at most `max_shard_bytes` of tensor data (a single larger tensor gets a
+    /// shard of its own) and prepares to write into `dir`, which must exist.
+    pub fn create(dir: &Path, tensors: Vec<PlannedTensor>, max_shard_bytes: u64) -> Result<Self> {
+        let mut bounds: Vec<(usize, usize)> = Vec::new();
+        let mut start = 0;
+        let mut size = 0u64;
+        for (i, t) in tensors.iter().enumerate() {
+            let b = t.nbytes();
+            if i > start && size + b > max_shard_bytes {
+                bounds.push((start, i));
+                start = i;
+                size = 0;
+            }
+            size += b;
+        }
+        if !tensors.is_empty() || bounds.is_empty() {
+            bounds.push((start, tensors.len()));
+        }
+        let n = bounds.len();
+        let mut shard_of = vec![0; tensors.len()];
+        let shards = bounds
+            .into_iter()
+            .enumerate()
+            .map(|(si, (first, end))| {
+                shard_of[first..end].iter_mut().for_each(|s| *s = si);
+                ShardPlan {
+                    file_name: if n == 1 {
+                        SINGLE_NAME.to_string()
+                    } else {
+                        format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
+                    },
+                    first,
+                    end,
+                }
+            })
+            .collect();
+        Ok(ShardWriter {
+            dir: dir.to_path_buf(),
+            tensors,
+            shards,
+            shard_of,
+            next: 0,
+            written: 0,
+            out: None,
+            bytes_written: 0,
+        })
+    }
+
+    /// Number of shard files the plan produces.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Appends `bytes` to tensor `name`, which must be the tensor currently due. A tensor is
+    /// complete once all its bytes have arrived; the next call then starts the following one.
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.skip_empty();
+        let Some(t) = self.tensors.get(self.next) else {
+            return Err(Error::Invalid(format!(
+                "internal: tensor `{name}` written after the last planned tensor"
+            )));
+        };
+        if t.name != name {
+            return Err(Error::Invalid(format!(
+                "internal: tensor `{name}` written while `{}` was due",
+                t.name
+            )));
+        }
+        let total = t.nbytes();
+        if self.written + bytes.len() as u64 > total {
+            return Err(Error::Invalid(format!(
+                "internal: tensor `{name}` got more than its {total} bytes"
+            )));
+        }
+        let si = self.shard_of[self.next];
+        if self.out.as_ref().map(|(s, _)| *s) != Some(si) {
+            self.open_shard(si)?;
+        }
+        let (_, w) = self.out.as_mut().expect("shard opened above");
+        let path = self.dir.join(&self.shards[si].file_name);
+        w.write_all(bytes).map_err(|e| Error::io(&path, e))?;
+        self.written += bytes.len() as u64;
+        self.bytes_written += bytes.len() as u64;
+        if self.written == total {
+            self.next += 1;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    fn open_shard(&mut self, si: usize) -> Result<()> {
+        self.close_current()?;
+        let plan = &self.shards[si];
+        let path = self.dir.join(&plan.file_name);
+        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(8 << 20, file);
+        let header = header_json(&self.tensors[plan.first..plan.end]);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| w.write_all(header.as_bytes()))
+            .map_err(|e| Error::io(&path, e))?;
+        self.bytes_written += 8 + header.len() as u64;
+        self.out = Some((si, w));
+        Ok(())
+    }
+
+    fn close_current(&mut self) -> Result<()> {
+        if let Some((si, w)) = self.out.take() {
+            let path = self.dir.join(&self.shards[si].file_name);
+            let file = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Zero-byte tensors have nothing to write: they are complete as soon as they are due.
+    fn skip_empty(&mut self) {
+        while self.written == 0
+            && self.next < self.tensors.len()
+            && self.tensors[self.next].nbytes() == 0
+        {
+            self.next += 1;
+        }
+    }
+
+    /// Checks every planned byte arrived, closes and syncs the shards and writes the index.
+    pub fn finish(mut self) -> Result<WrittenCheckpoint> {
+        self.skip_empty();
+        if self.next != self.tensors.len() {
+            return Err(Error::Invalid(format!(
+                "internal: output incomplete, tensor `{}` was never written in full",
+                self.tensors[self.next].name
+            )));
+        }
+        self.close_current()?;
+        // A shard holding only empty tensors was never opened; it still needs its file.
+        for si in 0..self.shards.len() {
+            let path = self.dir.join(&self.shards[si].file_name);
+            if !path.exists() {
+                self.open_shard(si)?;
+                self.close_current()?;
+            }
+        }
+        let mut files: Vec<PathBuf> = self
+            .shards
+            .iter()
+            .map(|s| self.dir.join(&s.file_name))
+            .collect();
+        if self.shards.len() > 1 {
+            let total: u64 = self.tensors.iter().map(PlannedTensor::nbytes).sum();
+            let weight_map: serde_json::Map<String, serde_json::Value> = self
+                .tensors
+                .iter()
+                .zip(&self.shard_of)
+                .map(|(t, &s)| (t.name.clone(), self.shards[s].file_name.clone().into()))
+                .collect();
+            let index = serde_json::json!({
+                "metadata": {"total_size": total},
+                "weight_map": weight_map,
+            });
+            let path = self.dir.join(INDEX_NAME);
+            let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers");
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            files.push(path);
+        }
+        Ok(WrittenCheckpoint {
+            files,
+            bytes: self.bytes_written,
+        })
+    }
+}
+
+/// The safetensors header for a shard, padded with spaces to a multiple of 8 bytes so the data
+/// that follows is aligned.
+fn header_json(tensors: &[PlannedTensor]) -> String {
+    let mut s = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut offset = 0u64;
+    for t in tensors {
+        let end = offset + t.nbytes();
+        s.push_str(&format!(
+            ",{}:{{\"dtype\":{},\"shape\":{},\"data_offsets\":[{},{}]}}",
+            serde_json::to_string(&t.name).expect("string"),
+            serde_json::to_string(&t.dtype).expect("dtype"),
+            serde_json::to_string(&t.shape).expect("shape"),
+            offset,
+            end
+        ));
+        offset = end;
+    }
+    s.push('}');
+    while (8 + s.len()) % 8 != 0 {
+        s.push(' ');
+    }
+    s
+}

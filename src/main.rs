@@ -1,0 +1,223 @@
+//! The `symerge` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use symerge::checkpoint::generate::{write_family, SyntheticSpec, PRESETS};
+use symerge::checkpoint::FloatDType;
+use symerge::merge::config::MergeConfig;
+use symerge::merge::executor::{merge, MergeOptions};
+use symerge::merge::METHODS;
+
+#[derive(Parser)]
+#[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
+struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a checkpoint's architecture, blocks, tensors, parameters, dtypes and bytes.
+    Inspect {
+        /// A .safetensors file, a *.index.json, or a model directory.
+        path: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training-free merge from a mergekit-style YAML config.
+    Merge {
+        config: PathBuf,
+        /// Output directory (written atomically: it appears only when complete).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Output dtype (float32, float16, bfloat16); default: the config's, else the inputs'.
+        #[arg(long)]
+        dtype: Option<FloatDType>,
+        /// Largest shard, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        out_shard_size: u64,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar or progress lines.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List the merge methods and their parameters.
+    Methods,
+    /// Write a seeded synthetic base model and experts (for tests and benchmarks).
+    Generate {
+        /// Shape preset (see `symerge generate --list`).
+        #[arg(long, default_value = "llama-tiny")]
+        preset: String,
+        /// Output directory; gets base/ and expert-1/ .. expert-K/.
+        #[arg(short, long, required_unless_present = "list")]
+        output: Option<PathBuf>,
+        #[arg(long, default_value = "bfloat16")]
+        dtype: FloatDType,
+        #[arg(long, default_value_t = 3)]
+        experts: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size of the experts' task vectors (uniform in +-scale).
+        #[arg(long, default_value_t = 0.01)]
+        delta_scale: f32,
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        out_shard_size: u64,
+        /// List the presets.
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+/// Parses `5GB`, `500MB`, `2GiB`, `1048576`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 500MB, 2GiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
+    };
+    let bytes = value * mult;
+    if bytes < 1.0 {
+        return Err(format!("size `{s}` must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Writes to stdout; a closed pipe (`symerge inspect X | head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up worker threads")?;
+    }
+    match cli.command {
+        Command::Inspect { path, json } => {
+            let info = symerge::inspect::inspect(&path)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&info)?))?;
+            } else {
+                emit(&info.to_string())?;
+            }
+        }
+        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet } => {
+            let cfg = MergeConfig::load(&config)?;
+            tracing::info!(
+                "merging {} model(s) with {} into {}",
+                cfg.models.len(),
+                cfg.method.name,
+                output.display()
+            );
+            let summary = merge(
+                &cfg,
+                &MergeOptions {
+                    output,
+                    max_shard_bytes: out_shard_size,
+                    out_dtype: dtype,
+                    force,
+                    progress: !quiet,
+                },
+            )?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+            } else {
+                tracing::info!(
+                    "wrote {} ({} tensors, {} shard(s)) in {:.1}s, read {:.2} GB at {:.2} GB/s",
+                    summary.output.display(),
+                    summary.tensors,
+                    summary.shards,
+                    summary.seconds,
+                    summary.bytes_read as f64 / 1e9,
+                    summary.read_gb_per_s
+                );
+            }
+        }
+        Command::Methods => {
+            for m in METHODS {
+                let mut params: Vec<&str> = m.global_params.to_vec();
+                params.extend(m.model_params);
+                println!("{:<16} {}", m.name, m.summary);
+                println!("{:<16} parameters: {}{}", "", params.join(", "), if m.needs_base { "; needs base_model" } else { "" });
+            }
+        }
+        Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {
+            if list {
+                for (name, what) in PRESETS {
+                    println!("{name:<12} {what}");
+                }
+                return Ok(());
+            }
+            let Some(output) = output else { bail!("--output is required") };
+            let Some(spec) = SyntheticSpec::preset(&preset, dtype) else {
+                let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                bail!("unknown preset `{preset}` (available: {})", names.join(", "));
+            };
+            tracing::info!("writing {} params x {} models to {}", spec.num_params(), experts + 1, output.display());
+            let dirs = write_family(&spec, seed, experts, delta_scale, &output, out_shard_size)?;
+            for d in dirs {
+                println!("{}", d.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

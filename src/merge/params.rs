@@ -1,0 +1,104 @@
+//! mergekit-style parameter values: a number, a gradient over layers (`[0, 0.5, 1]`), or a list
+//! of `{filter, value}` entries chosen by a substring of the tensor name.
+
+use serde::Deserialize;
+
+/// One parameter as written in a config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Number(f64),
+    Text(String),
+    Gradient(Vec<f64>),
+    Filtered(Vec<FilteredValue>),
+}
+
+/// `{filter: "self_attn", value: 0.5}`; an entry without `filter` matches every tensor.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilteredValue {
+    #[serde(default)]
+    pub filter: Option<String>,
+    pub value: ParamValue,
+}
+
+impl ParamValue {
+    /// The number for `tensor`, whose block sits at `position` in [0, 1] of the stream
+    /// (embeddings 0, last head 1). `None` when a filter list matches nothing.
+    pub fn number_for(&self, tensor: &str, position: f64) -> Option<f64> {
+        match self {
+            ParamValue::Number(x) => Some(*x),
+            ParamValue::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+            ParamValue::Text(_) => None,
+            ParamValue::Gradient(points) => Some(interpolate(points, position)),
+            ParamValue::Filtered(items) => items
+                .iter()
+                .find(|it| it.filter.as_deref().is_none_or(|f| tensor.contains(f)))
+                .and_then(|it| it.value.number_for(tensor, position)),
+        }
+    }
+
+    /// Checks the value is numeric in every form, so errors surface before merging starts.
+    pub fn check_numeric(&self) -> Result<(), String> {
+        match self {
+            ParamValue::Number(x) if x.is_finite() => Ok(()),
+            ParamValue::Number(x) => Err(format!("{x} is not a finite number")),
+            ParamValue::Bool(_) => Err("expected a number, got a boolean".into()),
+            ParamValue::Text(t) => Err(format!("expected a number, got `{t}`")),
+            ParamValue::Gradient(p) if p.is_empty() => Err("a gradient needs at least one value".into()),
+            ParamValue::Gradient(p) => match p.iter().find(|x| !x.is_finite()) {
+                Some(x) => Err(format!("{x} is not a finite number")),
+                None => Ok(()),
+            },
+            ParamValue::Filtered(items) => items.iter().try_for_each(|i| i.value.check_numeric()),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            ParamValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+}
+
+/// Piecewise-linear interpolation of evenly spaced points over [0, 1] (numpy's `interp`).
+fn interpolate(points: &[f64], position: f64) -> f64 {
+    match points.len() {
+        0 => 0.0,
+        1 => points[0],
+        n => {
+            let x = position.clamp(0.0, 1.0) * (n - 1) as f64;
+            let i = (x.floor() as usize).min(n - 2);
+            let f = x - i as f64;
+            points[i] * (1.0 - f) + points[i + 1] * f
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalar_gradient_and_filters() {
+        let v: ParamValue = serde_yaml_ng::from_str("0.7").unwrap();
+        assert_eq!(v.number_for("x", 0.3), Some(0.7));
+        let g: ParamValue = serde_yaml_ng::from_str("[0.0, 1.0, 0.0]").unwrap();
+        assert_eq!(g.number_for("x", 0.0), Some(0.0));
+        assert_eq!(g.number_for("x", 0.25), Some(0.5));
+        assert_eq!(g.number_for("x", 0.5), Some(1.0));
+        assert_eq!(g.number_for("x", 1.0), Some(0.0));
+        let f: ParamValue = serde_yaml_ng::from_str(
+            "[{filter: self_attn, value: 0.1}, {filter: mlp, value: [0, 1]}, {value: 0.5}]",
+        )
+        .unwrap();
+        assert_eq!(f.number_for("model.layers.0.self_attn.q_proj.weight", 0.5), Some(0.1));
+        assert_eq!(f.number_for("model.layers.0.mlp.up_proj.weight", 0.5), Some(0.5));
+        assert_eq!(f.number_for("model.norm.weight", 0.9), Some(0.5));
+        assert!(f.check_numeric().is_ok());
+        let bad: ParamValue = serde_yaml_ng::from_str("[{filter: a, value: yes}]").unwrap();
+        assert!(bad.check_numeric().is_err());
+    }
+}
