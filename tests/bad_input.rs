@@ -1,0 +1,224 @@
+//! Bad input: every case exits non-zero with a message naming the file and tensor or config
+//! field, and leaves no output (not even a partial directory) behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{randoms, run, write_model, T};
+use safetensors::Dtype;
+
+fn model(dir: &Path, scale_seed: u64) -> PathBuf {
+    let t = vec![
+        T::new("encoder.layer.0.attention.self.query.weight", Dtype::F32, &[8, 8], randoms(scale_seed, 64, 0.5)),
+        T::new("encoder.layer.0.output.dense.bias", Dtype::F32, &[8], randoms(scale_seed + 1, 8, 0.5)),
+        T::new("embeddings.position_ids", Dtype::I64, &[4], vec![0.0, 1.0, 2.0, 3.0]),
+    ];
+    write_model(dir, &t)
+}
+
+struct Case {
+    tmp: tempfile::TempDir,
+    base: PathBuf,
+    expert: PathBuf,
+}
+
+fn case() -> Case {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = model(&tmp.path().join("base"), 1);
+    let expert = model(&tmp.path().join("expert"), 2);
+    Case { tmp, base, expert }
+}
+
+impl Case {
+    fn config(&self, method: &str, extra: &str) -> PathBuf {
+        let y = format!(
+            "merge_method: {method}\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n{extra}",
+            self.base.display(),
+            self.expert.display()
+        );
+        let p = self.tmp.path().join("merge.yml");
+        std::fs::write(&p, y).unwrap();
+        p
+    }
+
+    fn out(&self) -> PathBuf {
+        self.tmp.path().join("out")
+    }
+
+    /// Runs `merge` and checks failure, the message fragments, and that no output remains.
+    fn expect_failure(&self, config: &Path, fragments: &[&str]) {
+        let (ok, _, err) = run(&["merge", config.to_str().unwrap(), "-o", self.out().to_str().unwrap(), "-q"]);
+        assert!(!ok, "merge should fail; stderr: {err}");
+        for f in fragments {
+            assert!(err.contains(f), "stderr should mention `{f}`:\n{err}");
+        }
+        assert!(!err.contains("panicked"), "no panic: {err}");
+        assert!(!self.out().exists(), "no output directory after a failure");
+        let leftovers: Vec<_> = std::fs::read_dir(self.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "partial output left behind: {leftovers:?}");
+    }
+
+    fn weights(&self, which: &Path) -> PathBuf {
+        which.join("model.safetensors")
+    }
+}
+
+#[test]
+fn good_case_succeeds() {
+    // The control: the same fixtures merge fine, so the failures below are due to the damage.
+    let c = case();
+    let cfg = c.config("task_arithmetic", "");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", c.out().to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+    assert!(c.out().join("model.safetensors").is_file());
+    // A second run refuses to overwrite without --force, then replaces with it.
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", c.out().to_str().unwrap(), "-q"]);
+    assert!(!ok && err.contains("already exists") && err.contains("--force"), "{err}");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", c.out().to_str().unwrap(), "-q", "--force"]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn missing_model_directory() {
+    let c = case();
+    std::fs::remove_dir_all(&c.expert).unwrap();
+    let cfg = c.config("task_arithmetic", "");
+    c.expect_failure(&cfg, &["models[0].model", "expert", "never downloads"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let c = case();
+    let f = c.weights(&c.expert);
+    let data = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &data[..data.len() - 10]).unwrap();
+    let cfg = c.config("task_arithmetic", "");
+    c.expect_failure(&cfg, &[f.to_str().unwrap(), "truncated"]);
+}
+
+#[test]
+fn corrupt_header() {
+    let c = case();
+    let f = c.weights(&c.expert);
+    let mut data = std::fs::read(&f).unwrap();
+    data[8] = b'#';
+    std::fs::write(&f, &data).unwrap();
+    let cfg = c.config("task_arithmetic", "");
+    c.expect_failure(&cfg, &[f.to_str().unwrap(), "not a valid safetensors file"]);
+
+    // A header length pointing far past the end of the file.
+    data[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&f, &data).unwrap();
+    c.expect_failure(&cfg, &[f.to_str().unwrap()]);
+
+    // Too short to hold even the length.
+    std::fs::write(&f, b"abc").unwrap();
+    c.expect_failure(&cfg, &[f.to_str().unwrap(), "too short"]);
+}
+
+#[test]
+fn shape_mismatch() {
+    let c = case();
+    let t = vec![
+        T::new("encoder.layer.0.attention.self.query.weight", Dtype::F32, &[4, 16], randoms(5, 64, 0.5)),
+        T::new("encoder.layer.0.output.dense.bias", Dtype::F32, &[8], randoms(6, 8, 0.5)),
+        T::new("embeddings.position_ids", Dtype::I64, &[4], vec![0.0, 1.0, 2.0, 3.0]),
+    ];
+    write_model(&c.expert, &t);
+    let cfg = c.config("ties", "");
+    c.expect_failure(&cfg, &[c.weights(&c.expert).to_str().unwrap(), "encoder.layer.0.attention.self.query.weight", "[4, 16]", "[8, 8]"]);
+}
+
+#[test]
+fn dtype_mismatch() {
+    let c = case();
+    let t = vec![
+        T::new("encoder.layer.0.attention.self.query.weight", Dtype::F32, &[8, 8], randoms(5, 64, 0.5)),
+        T::new("encoder.layer.0.output.dense.bias", Dtype::F32, &[8], randoms(6, 8, 0.5)),
+        T::new("embeddings.position_ids", Dtype::F32, &[4], vec![0.0, 1.0, 2.0, 3.0]),
+    ];
+    write_model(&c.expert, &t);
+    let cfg = c.config("task_arithmetic", "");
+    c.expect_failure(&cfg, &[c.weights(&c.expert).to_str().unwrap(), "embeddings.position_ids", "F32", "I64"]);
+}
+
+#[test]
+fn tensor_missing_in_expert() {
+    let c = case();
+    let t = vec![
+        T::new("encoder.layer.0.attention.self.query.weight", Dtype::F32, &[8, 8], randoms(5, 64, 0.5)),
+        T::new("embeddings.position_ids", Dtype::I64, &[4], vec![0.0, 1.0, 2.0, 3.0]),
+    ];
+    write_model(&c.expert, &t);
+    let cfg = c.config("dare_ties", "");
+    c.expect_failure(&cfg, &[c.expert.to_str().unwrap(), "encoder.layer.0.output.dense.bias", "missing"]);
+}
+
+#[test]
+fn non_finite_values() {
+    for (where_, value) in [("expert", f64::NAN), ("base", f64::INFINITY)] {
+        let c = case();
+        let mut v = randoms(5, 64, 0.5);
+        v[17] = value;
+        let t = vec![
+            T::new("encoder.layer.0.attention.self.query.weight", Dtype::F32, &[8, 8], v),
+            T::new("encoder.layer.0.output.dense.bias", Dtype::F32, &[8], randoms(6, 8, 0.5)),
+            T::new("embeddings.position_ids", Dtype::I64, &[4], vec![0.0, 1.0, 2.0, 3.0]),
+        ];
+        let dir = if where_ == "expert" { &c.expert } else { &c.base };
+        write_model(dir, &t);
+        let cfg = c.config("task_arithmetic", "");
+        c.expect_failure(&cfg, &[c.weights(dir).to_str().unwrap(), "encoder.layer.0.attention.self.query.weight", "non-finite", "element 17"]);
+    }
+}
+
+#[test]
+fn output_overflowing_its_dtype() {
+    let c = case();
+    let cfg = c.config("task_arithmetic", "parameters: {lambda: 1.0e9}\ndtype: float16\n");
+    c.expect_failure(&cfg, &["non-finite", "encoder.layer.0"]);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let c = case();
+    let cfg = c.config("frankenmerge", "");
+    c.expect_failure(&cfg, &["merge.yml", "unknown merge_method `frankenmerge`", "ties", "dare_linear"]);
+
+    let cfg = c.config("ties", "tokenizer_soruce: base\n");
+    c.expect_failure(&cfg, &["merge.yml", "tokenizer_soruce", "merge_method"]);
+
+    let cfg = c.config("ties", "parameters: {denisty: 0.5}\n");
+    c.expect_failure(&cfg, &["parameters.denisty", "density"]);
+
+    let cfg = c.config("ties", "parameters: {normalize: 3}\n");
+    c.expect_failure(&cfg, &["parameters.normalize", "true or false"]);
+
+    let cfg = c.config("ties", "parameters: {density: 1.5}\n");
+    c.expect_failure(&cfg, &["density 1.5", "outside [0, 1]"]);
+
+    let y = format!("merge_method: ties\nmodels:\n  - model: {}\n", c.expert.display());
+    let p = c.tmp.path().join("merge.yml");
+    std::fs::write(&p, y).unwrap();
+    c.expect_failure(&p, &["needs `base_model`"]);
+
+    let cfg = c.config("ties", "dtype: int8\n");
+    c.expect_failure(&cfg, &["dtype", "int8"]);
+}
+
+#[test]
+fn broken_shard_index() {
+    let c = case();
+    let index = serde_json::json!({
+        "metadata": {"total_size": 1},
+        "weight_map": {"encoder.layer.0.attention.self.query.weight": "model-00001-of-00002.safetensors"}
+    });
+    std::fs::write(c.expert.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let cfg = c.config("task_arithmetic", "");
+    c.expect_failure(&cfg, &["model.safetensors.index.json", "model-00001-of-00002.safetensors", "does not exist"]);
+}
