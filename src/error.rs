@@ -19,53 +19,34 @@ pub enum Error {
     #[error("{path}: {reason}")]
     BadIndex { path: PathBuf, reason: String },
 
-    #[error("{path}: no checkpoint found (expected a .safetensors file, or a directory holding model.safetensors or model.safetensors.index.json)")]
+    #[error(
+        "{path}: no checkpoint found (expected a .safetensors file, or a directory holding model.safetensors or model.safetensors.index.json)"
+    )]
     NoCheckpoint { path: PathBuf },
 
     #[error("{path}: tensor `{tensor}` is missing (it is present in the base model {base})")]
-    MissingTensor {
-        path: PathBuf,
-        tensor: String,
-        base: PathBuf,
-    },
+    MissingTensor { path: PathBuf, tensor: String, base: PathBuf },
 
     #[error("{path}: tensor `{tensor}` has shape {got:?}, but the base model has {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        tensor: String,
-        got: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
 
-    #[error("{path}: tensor `{tensor}` has dtype {got}, but the base model has {expected}; only floating-point dtypes (F32, F16, BF16) can be mixed")]
-    DtypeMismatch {
-        path: PathBuf,
-        tensor: String,
-        got: String,
-        expected: String,
-    },
+    #[error(
+        "{path}: tensor `{tensor}` has dtype {got}, but the base model has {expected}; only floating-point dtypes (F32, F16, BF16) can be mixed"
+    )]
+    DtypeMismatch { path: PathBuf, tensor: String, got: String, expected: String },
 
     #[error("{path}: tensor `{tensor}` holds a non-finite value ({value}) at element {index}")]
-    NonFinite {
-        path: PathBuf,
-        tensor: String,
-        index: usize,
-        value: f32,
-    },
+    NonFinite { path: PathBuf, tensor: String, index: usize, value: f32 },
 
-    #[error("merge produced a non-finite value ({value}) in tensor `{tensor}` at element {index}; check the method's weights")]
-    NonFiniteOutput {
-        tensor: String,
-        index: usize,
-        value: f32,
-    },
+    #[error(
+        "merge produced a non-finite value ({value}) in tensor `{tensor}` at element {index}; check the method's weights"
+    )]
+    NonFiniteOutput { tensor: String, index: usize, value: f32 },
 
-    #[error("{path}: unsupported dtype {dtype} for tensor `{tensor}` (floating-point tensors must be F32, F16 or BF16)")]
-    UnsupportedDtype {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    #[error(
+        "{path}: unsupported dtype {dtype} for tensor `{tensor}` (floating-point tensors must be F32, F16 or BF16)"
+    )]
+    UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
 
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
@@ -80,10 +61,7 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }
 

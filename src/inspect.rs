@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::checkpoint::layers::architecture;
-use crate::checkpoint::{group_blocks, BlockKind, Checkpoint};
+use crate::checkpoint::{BlockKind, Checkpoint, group_blocks};
 use crate::error::Result;
 
 /// One block of the layer map.
@@ -74,12 +74,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         .config
         .as_ref()
         .and_then(|c| c.as_object())
-        .map(|o| {
-            CONFIG_KEYS
-                .iter()
-                .filter_map(|k| o.get(*k).map(|v| (k.to_string(), v.clone())))
-                .collect()
-        })
+        .map(|o| CONFIG_KEYS.iter().filter_map(|k| o.get(*k).map(|v| (k.to_string(), v.clone()))).collect())
         .unwrap_or_default();
     Ok(Inspection {
         path: path.to_path_buf(),
@@ -132,7 +127,8 @@ impl fmt::Display for Inspection {
         writeln!(f)?;
         writeln!(f, "{:<40} {:>10} {:>8} {:>12} {:>12}", "block", "kind", "tensors", "params", "bytes")?;
         for b in &self.blocks {
-            let kind = serde_json::to_value(b.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let kind =
+                serde_json::to_value(b.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
             writeln!(
                 f,
                 "{:<40} {:>10} {:>8} {:>12} {:>12}",

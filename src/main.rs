@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use symerge::checkpoint::generate::{write_family, SyntheticSpec, PRESETS};
 use symerge::checkpoint::FloatDType;
-use symerge::merge::config::MergeConfig;
-use symerge::merge::executor::{merge, MergeOptions};
+use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::merge::METHODS;
+use symerge::merge::config::MergeConfig;
+use symerge::merge::executor::{MergeOptions, merge};
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -125,19 +125,12 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up worker threads")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up worker threads")?;
     }
     match cli.command {
         Command::Inspect { path, json } => {
@@ -150,21 +143,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Merge { config, output, dtype, out_shard_size, force, json, quiet } => {
             let cfg = MergeConfig::load(&config)?;
-            tracing::info!(
-                "merging {} model(s) with {} into {}",
-                cfg.models.len(),
-                cfg.method.name,
-                output.display()
-            );
+            tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
             let summary = merge(
                 &cfg,
-                &MergeOptions {
-                    output,
-                    max_shard_bytes: out_shard_size,
-                    out_dtype: dtype,
-                    force,
-                    progress: !quiet,
-                },
+                &MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !quiet },
             )?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
@@ -185,7 +167,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut params: Vec<&str> = m.global_params.to_vec();
                 params.extend(m.model_params);
                 println!("{:<16} {}", m.name, m.summary);
-                println!("{:<16} parameters: {}{}", "", params.join(", "), if m.needs_base { "; needs base_model" } else { "" });
+                println!(
+                    "{:<16} parameters: {}{}",
+                    "",
+                    params.join(", "),
+                    if m.needs_base { "; needs base_model" } else { "" }
+                );
             }
         }
         Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {

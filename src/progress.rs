@@ -33,15 +33,7 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        Progress {
-            label,
-            bar,
-            enabled,
-            total: total_bytes,
-            done: 0,
-            start: now,
-            last_log: now,
-        }
+        Progress { label, bar, enabled, total: total_bytes, done: 0, start: now, last_log: now }
     }
 
     /// Records that `bytes` more were processed, finishing step `what`.

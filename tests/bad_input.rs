@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{randoms, run, write_model, T};
+use common::{T, randoms, run, write_model};
 use safetensors::Dtype;
 
 fn model(dir: &Path, scale_seed: u64) -> PathBuf {
@@ -131,7 +131,10 @@ fn shape_mismatch() {
     ];
     write_model(&c.expert, &t);
     let cfg = c.config("ties", "");
-    c.expect_failure(&cfg, &[c.weights(&c.expert).to_str().unwrap(), "encoder.layer.0.attention.self.query.weight", "[4, 16]", "[8, 8]"]);
+    c.expect_failure(
+        &cfg,
+        &[c.weights(&c.expert).to_str().unwrap(), "encoder.layer.0.attention.self.query.weight", "[4, 16]", "[8, 8]"],
+    );
 }
 
 #[test]
@@ -173,7 +176,15 @@ fn non_finite_values() {
         let dir = if where_ == "expert" { &c.expert } else { &c.base };
         write_model(dir, &t);
         let cfg = c.config("task_arithmetic", "");
-        c.expect_failure(&cfg, &[c.weights(dir).to_str().unwrap(), "encoder.layer.0.attention.self.query.weight", "non-finite", "element 17"]);
+        c.expect_failure(
+            &cfg,
+            &[
+                c.weights(dir).to_str().unwrap(),
+                "encoder.layer.0.attention.self.query.weight",
+                "non-finite",
+                "element 17",
+            ],
+        );
     }
 }
 

@@ -6,11 +6,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{randoms, read_model, write_model, T};
+use common::{T, randoms, read_model, write_model};
 use safetensors::Dtype;
 use symerge::merge::config::MergeConfig;
-use symerge::merge::executor::{merge, MergeOptions};
-use symerge::merge::philox::{name_hash, ElementStream};
+use symerge::merge::executor::{MergeOptions, merge};
+use symerge::merge::philox::{ElementStream, name_hash};
 
 /// Tensors of the test model: (name, shape). One crosses the 65536-element chunk size, so
 /// chunking, multi-chunk thresholds and per-element random streams are all exercised.
@@ -141,10 +141,10 @@ fn reference(spec: &Spec<'_>, name: &str, base: &[f64], experts: &[Vec<f64>]) ->
             }
             let with_sign = |positive: bool| {
                 let (mut mixed, mut div) = (0.0, 0.0);
-                for k in 0..kk {
-                    if (positive && d[k][i] > 0.0) || (!positive && d[k][i] < 0.0) {
-                        mixed += d[k][i];
-                        div += spec.weights[k];
+                for (dk, wk) in d.iter().zip(spec.weights.iter()) {
+                    if (positive && dk[i] > 0.0) || (!positive && dk[i] < 0.0) {
+                        mixed += dk[i];
+                        div += wk;
                     }
                 }
                 finish(mixed, if div == 0.0 { 1.0 } else { div }, base[i])
@@ -229,7 +229,8 @@ fn linear_matches_reference() {
     for dt in DTYPES {
         // linear averages the listed models; the test lists experts 1..3 (base_model only
         // supplies config files).
-        let spec = Spec { method: "linear", weights: &[0.5, 0.3, 0.2], densities: &[], lambda: 1.0, normalize: None, seed: 0 };
+        let spec =
+            Spec { method: "linear", weights: &[0.5, 0.3, 0.2], densities: &[], lambda: 1.0, normalize: None, seed: 0 };
         run_linear(&spec, dt);
     }
 }
@@ -245,7 +246,17 @@ fn run_linear(spec: &Spec<'_>, dt: Dtype) {
     std::fs::write(&cfg_path, y).unwrap();
     let out = tmp.path().join("out");
     let config = MergeConfig::load(&cfg_path).unwrap();
-    merge(&config, &MergeOptions { output: out.clone(), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false }).unwrap();
+    merge(
+        &config,
+        &MergeOptions {
+            output: out.clone(),
+            max_shard_bytes: u64::MAX,
+            out_dtype: None,
+            force: false,
+            progress: false,
+        },
+    )
+    .unwrap();
     let inputs: Vec<BTreeMap<_, _>> = paths.iter().map(|p| read_model(p)).collect();
     let merged = read_model(&out);
     for (name, _) in SHAPES {
@@ -261,27 +272,62 @@ fn run_linear(spec: &Spec<'_>, dt: Dtype) {
 #[test]
 fn task_arithmetic_matches_reference() {
     for dt in DTYPES {
-        let spec = Spec { method: "task_arithmetic", weights: &[1.0, 0.5, -0.25], densities: &[1.0; 3], lambda: 0.7, normalize: None, seed: 0 };
+        let spec = Spec {
+            method: "task_arithmetic",
+            weights: &[1.0, 0.5, -0.25],
+            densities: &[1.0; 3],
+            lambda: 0.7,
+            normalize: None,
+            seed: 0,
+        };
         run_and_check(&spec, dt, None);
     }
-    let spec = Spec { method: "task_arithmetic", weights: &[0.2, 0.6, 0.4], densities: &[1.0; 3], lambda: 1.3, normalize: Some(true), seed: 0 };
+    let spec = Spec {
+        method: "task_arithmetic",
+        weights: &[0.2, 0.6, 0.4],
+        densities: &[1.0; 3],
+        lambda: 1.3,
+        normalize: Some(true),
+        seed: 0,
+    };
     run_and_check(&spec, Dtype::F32, None);
 }
 
 #[test]
 fn ties_matches_reference() {
     for dt in DTYPES {
-        let spec = Spec { method: "ties", weights: &[1.0, 0.7, 0.4], densities: &[0.5, 0.2, 0.9], lambda: 1.0, normalize: None, seed: 0 };
+        let spec = Spec {
+            method: "ties",
+            weights: &[1.0, 0.7, 0.4],
+            densities: &[0.5, 0.2, 0.9],
+            lambda: 1.0,
+            normalize: None,
+            seed: 0,
+        };
         run_and_check(&spec, dt, None);
     }
-    let spec = Spec { method: "ties", weights: &[1.0, 1.0, 1.0], densities: &[0.3, 0.3, 0.3], lambda: 0.8, normalize: Some(false), seed: 0 };
+    let spec = Spec {
+        method: "ties",
+        weights: &[1.0, 1.0, 1.0],
+        densities: &[0.3, 0.3, 0.3],
+        lambda: 0.8,
+        normalize: Some(false),
+        seed: 0,
+    };
     run_and_check(&spec, Dtype::BF16, None);
 }
 
 #[test]
 fn dare_linear_matches_reference() {
     for dt in DTYPES {
-        let spec = Spec { method: "dare_linear", weights: &[0.5, 0.5, 1.0], densities: &[0.3, 0.6, 1.0], lambda: 1.0, normalize: None, seed: 42 };
+        let spec = Spec {
+            method: "dare_linear",
+            weights: &[0.5, 0.5, 1.0],
+            densities: &[0.3, 0.6, 1.0],
+            lambda: 1.0,
+            normalize: None,
+            seed: 42,
+        };
         run_and_check(&spec, dt, None);
     }
 }
@@ -289,17 +335,32 @@ fn dare_linear_matches_reference() {
 #[test]
 fn dare_ties_matches_reference() {
     for dt in DTYPES {
-        let spec = Spec { method: "dare_ties", weights: &[1.0, 0.8, 0.6], densities: &[0.5, 0.5, 0.25], lambda: 0.9, normalize: None, seed: 7 };
+        let spec = Spec {
+            method: "dare_ties",
+            weights: &[1.0, 0.8, 0.6],
+            densities: &[0.5, 0.5, 0.25],
+            lambda: 0.9,
+            normalize: None,
+            seed: 7,
+        };
         run_and_check(&spec, dt, None);
     }
 }
 
 #[test]
 fn output_dtype_conversion_from_mixed_inputs() {
-    let spec = Spec { method: "ties", weights: &[1.0, 0.5], densities: &[0.6, 0.6], lambda: 1.0, normalize: None, seed: 0 };
+    let spec =
+        Spec { method: "ties", weights: &[1.0, 0.5], densities: &[0.6, 0.6], lambda: 1.0, normalize: None, seed: 0 };
     run_and_check(&spec, Dtype::BF16, Some(("float16", Dtype::F16)));
     run_and_check(&spec, Dtype::F16, Some(("float32", Dtype::F32)));
-    let spec = Spec { method: "task_arithmetic", weights: &[1.0, 0.5], densities: &[1.0; 2], lambda: 1.0, normalize: None, seed: 0 };
+    let spec = Spec {
+        method: "task_arithmetic",
+        weights: &[1.0, 0.5],
+        densities: &[1.0; 2],
+        lambda: 1.0,
+        normalize: None,
+        seed: 0,
+    };
     run_and_check(&spec, Dtype::F32, Some(("bfloat16", Dtype::BF16)));
 }
 
@@ -318,7 +379,17 @@ fn dare_is_reproducible_per_seed() {
         let cfg = tmp.path().join(format!("{out}.yml"));
         std::fs::write(&cfg, y).unwrap();
         let o = tmp.path().join(out);
-        merge(&MergeConfig::load(&cfg).unwrap(), &MergeOptions { output: o.clone(), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false }).unwrap();
+        merge(
+            &MergeConfig::load(&cfg).unwrap(),
+            &MergeOptions {
+                output: o.clone(),
+                max_shard_bytes: u64::MAX,
+                out_dtype: None,
+                force: false,
+                progress: false,
+            },
+        )
+        .unwrap();
         std::fs::read(o.join("model.safetensors")).unwrap()
     };
     let a = run_seed(1, "a");
@@ -347,7 +418,17 @@ fn per_layer_and_filtered_parameters() {
     let cfg = tmp.path().join("g.yml");
     std::fs::write(&cfg, y).unwrap();
     let out = tmp.path().join("out");
-    merge(&MergeConfig::load(&cfg).unwrap(), &MergeOptions { output: out.clone(), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false }).unwrap();
+    merge(
+        &MergeConfig::load(&cfg).unwrap(),
+        &MergeOptions {
+            output: out.clone(),
+            max_shard_bytes: u64::MAX,
+            out_dtype: None,
+            force: false,
+            progress: false,
+        },
+    )
+    .unwrap();
     let (m, b, e) = (read_model(&out), read_model(&paths[0]), read_model(&paths[1]));
     // Blocks in stream order: embeddings (0), layer.0 (1/3), layer.1 (2/3), pooler (1).
     let expect = [
@@ -387,7 +468,17 @@ fn lambda_table_overrides_weights() {
     let cfg = tmp.path().join("t.yml");
     std::fs::write(&cfg, y).unwrap();
     let out = tmp.path().join("out");
-    merge(&MergeConfig::load(&cfg).unwrap(), &MergeOptions { output: out.clone(), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false }).unwrap();
+    merge(
+        &MergeConfig::load(&cfg).unwrap(),
+        &MergeOptions {
+            output: out.clone(),
+            max_shard_bytes: u64::MAX,
+            out_dtype: None,
+            force: false,
+            progress: false,
+        },
+    )
+    .unwrap();
     let m = read_model(&out);
     let ins: Vec<_> = paths.iter().map(|p| read_model(p)).collect();
     let cases = [
@@ -406,7 +497,17 @@ fn lambda_table_overrides_weights() {
 
     // A table entry naming nothing in the model is an error, not a silent fallback.
     std::fs::write(tmp.path().join("lambda.json"), r#"{"lambda": {"encoder.layer.9": [1, 1]}}"#).unwrap();
-    let err = merge(&MergeConfig::load(&cfg).unwrap(), &MergeOptions { output: tmp.path().join("o2"), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false }).unwrap_err();
+    let err = merge(
+        &MergeConfig::load(&cfg).unwrap(),
+        &MergeOptions {
+            output: tmp.path().join("o2"),
+            max_shard_bytes: u64::MAX,
+            out_dtype: None,
+            force: false,
+            progress: false,
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("encoder.layer.9"), "{err}");
     assert!(!tmp.path().join("o2").exists());
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{from_bytes, randoms, read_model, to_bytes, write_file, T};
+use common::{T, from_bytes, randoms, read_model, to_bytes, write_file};
 use safetensors::Dtype;
 use symerge::checkpoint::{Checkpoint, PlannedTensor, ShardWriter};
 
@@ -24,10 +24,8 @@ fn tensors() -> Vec<T> {
 }
 
 fn write_sharded(dir: &std::path::Path, ts: &[T], limit: u64) -> usize {
-    let planned = ts
-        .iter()
-        .map(|t| PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
-        .collect();
+    let planned =
+        ts.iter().map(|t| PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
     let mut w = ShardWriter::create(dir, planned, limit).unwrap();
     let shards = w.num_shards();
     for t in ts {
@@ -61,7 +59,8 @@ fn sharded_write_reads_back_bit_exact_with_index() {
 
     // Index: every tensor mapped to the shard that holds it, total_size = sum of data bytes.
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map.len(), ts.len());
     let mut total = 0u64;

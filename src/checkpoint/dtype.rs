@@ -85,9 +85,7 @@ impl FromStr for FloatDType {
             "float32" | "fp32" | "f32" | "float" => Ok(FloatDType::F32),
             "float16" | "fp16" | "f16" | "half" => Ok(FloatDType::F16),
             "bfloat16" | "bf16" => Ok(FloatDType::BF16),
-            other => Err(format!(
-                "unknown dtype `{other}` (supported: float32, float16, bfloat16)"
-            )),
+            other => Err(format!("unknown dtype `{other}` (supported: float32, float16, bfloat16)")),
         }
     }
 }

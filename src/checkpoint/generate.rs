@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::dtype::{encode_into, FloatDType};
+use super::dtype::{FloatDType, encode_into};
 use super::writer::{PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
-use crate::merge::philox::{name_hash, ElementStream};
+use crate::merge::philox::{ElementStream, name_hash};
 
 /// Family of tensor names and config to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub struct SyntheticSpec {
 pub const PRESETS: &[(&str, &str)] = &[
     ("llama-tiny", "Llama names, 4 layers, hidden 64 (tests)"),
     ("bert-tiny", "BERT names, 2 layers, hidden 32 (tests)"),
-    ("llama-rss", "Llama names, 24 layers, hidden 1024, vocab 8000: ~0.7 GB in bf16 (memory test)"),
+    ("llama-rss", "Llama names, 26 layers, hidden 1024, vocab 8000: 0.7 GB in bf16 (memory test)"),
     ("llama-1b", "TinyLlama-1.1B shapes: 22 layers, hidden 2048, GQA 32/4"),
     ("llama-7b", "Llama-2-7B shapes: 32 layers, hidden 4096"),
 ];
@@ -56,7 +56,7 @@ impl SyntheticSpec {
         };
         Some(match name {
             "llama-tiny" => llama(512, 64, 176, 4, 4, 2),
-            "llama-rss" => llama(8000, 1024, 2816, 24, 16, 16),
+            "llama-rss" => llama(8000, 1024, 2816, 26, 16, 16),
             "llama-1b" => llama(32000, 2048, 5632, 22, 32, 4),
             "llama-7b" => llama(32000, 4096, 11008, 32, 32, 32),
             "bert-tiny" => SyntheticSpec {
@@ -104,7 +104,9 @@ impl SyntheticSpec {
                 t.push(("embeddings.LayerNorm.bias".to_string(), vec![h]));
                 for l in 0..self.layers {
                     let p = format!("encoder.layer.{l}");
-                    for m in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+                    for m in
+                        ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+                    {
                         t.push((format!("{p}.{m}.weight"), vec![h, h]));
                         t.push((format!("{p}.{m}.bias"), vec![h]));
                     }
@@ -196,26 +198,23 @@ pub fn write_model(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Path
         while start < n {
             let len = span.min(n - start);
             bytes.resize(len * spec.dtype.size(), 0);
-            bytes
-                .par_chunks_mut(65536 * spec.dtype.size())
-                .enumerate()
-                .for_each(|(ci, out)| {
-                    let off = start + ci * 65536;
-                    let m = out.len() / spec.dtype.size();
-                    let mut vals = vec![0f32; m];
-                    base.fill_uniform(off, &mut vals);
-                    for v in vals.iter_mut() {
-                        *v = if is_norm { 1.0 + 0.1 * (*v - 0.5) } else { 0.08 * (*v - 0.5) };
+            bytes.par_chunks_mut(65536 * spec.dtype.size()).enumerate().for_each(|(ci, out)| {
+                let off = start + ci * 65536;
+                let m = out.len() / spec.dtype.size();
+                let mut vals = vec![0f32; m];
+                base.fill_uniform(off, &mut vals);
+                for v in vals.iter_mut() {
+                    *v = if is_norm { 1.0 + 0.1 * (*v - 0.5) } else { 0.08 * (*v - 0.5) };
+                }
+                if let Variant::Expert { index, scale } = variant {
+                    let mut d = vec![0f32; m];
+                    ElementStream::new(seed, h, index).fill_uniform(off, &mut d);
+                    for (v, d) in vals.iter_mut().zip(&d) {
+                        *v += scale * (2.0 * d - 1.0);
                     }
-                    if let Variant::Expert { index, scale } = variant {
-                        let mut d = vec![0f32; m];
-                        ElementStream::new(seed, h, index).fill_uniform(off, &mut d);
-                        for (v, d) in vals.iter_mut().zip(&d) {
-                            *v += scale * (2.0 * d - 1.0);
-                        }
-                    }
-                    encode_into(spec.dtype, &vals, out);
-                });
+                }
+                encode_into(spec.dtype, &vals, out);
+            });
             writer.write(name, &bytes)?;
             start += len;
         }

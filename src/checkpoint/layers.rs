@@ -40,10 +40,10 @@ const STACK_NAMES: &[&str] = &["layer", "layers", "h", "blocks", "resblocks"];
 fn stack_position(name: &str) -> Option<(String, usize)> {
     let parts: Vec<&str> = name.split('.').collect();
     for i in 0..parts.len().saturating_sub(2) {
-        if STACK_NAMES.contains(&parts[i]) {
-            if let Ok(idx) = parts[i + 1].parse::<usize>() {
-                return Some((parts[..=i + 1].join("."), idx));
-            }
+        if STACK_NAMES.contains(&parts[i])
+            && let Ok(idx) = parts[i + 1].parse::<usize>()
+        {
+            return Some((parts[..=i + 1].join("."), idx));
         }
     }
     None
@@ -52,15 +52,27 @@ fn stack_position(name: &str) -> Option<(String, usize)> {
 fn classify_loose(name: &str) -> BlockKind {
     let n = name.to_ascii_lowercase();
     let has = |s: &str| n.contains(s);
-    if has("embed") || has("wte.") || has("wpe.") || has("position_ids") || has("ln_pre")
-        || has("pre_layrnorm") || has("class_embedding") || has("patch")
-        || n.starts_with("conv1.") || n.contains(".conv1.")
+    if has("embed")
+        || has("wte.")
+        || has("wpe.")
+        || has("position_ids")
+        || has("ln_pre")
+        || has("pre_layrnorm")
+        || has("class_embedding")
+        || has("patch")
+        || n.starts_with("conv1.")
+        || n.contains(".conv1.")
     {
         BlockKind::Embeddings
     } else if has("pooler") {
         BlockKind::Pooler
-    } else if has("lm_head") || has("classifier") || has("score.") || has("head.")
-        || has("projection") || n.ends_with("proj") || n.starts_with("logit_scale")
+    } else if has("lm_head")
+        || has("classifier")
+        || has("score.")
+        || has("head.")
+        || has("projection")
+        || n.ends_with("proj")
+        || n.starts_with("logit_scale")
     {
         BlockKind::Head
     } else if has("norm") || has("ln_f") || has("ln_post") {
@@ -106,12 +118,7 @@ pub fn group_blocks<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<BlockSp
         };
         blocks
             .entry(key)
-            .or_insert_with(|| BlockSpec {
-                name: block_name,
-                kind,
-                index,
-                tensors: Vec::new(),
-            })
+            .or_insert_with(|| BlockSpec { name: block_name, kind, index, tensors: Vec::new() })
             .tensors
             .push(name.to_string());
     }
@@ -122,16 +129,9 @@ pub fn group_blocks<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<BlockSp
 
 /// The architecture as Hugging Face names it (`config.json` `architectures[0]`), else guessed
 /// from tensor names.
-pub fn architecture<'a>(
-    config: Option<&serde_json::Value>,
-    names: impl IntoIterator<Item = &'a str>,
-) -> String {
+pub fn architecture<'a>(config: Option<&serde_json::Value>, names: impl IntoIterator<Item = &'a str>) -> String {
     if let Some(cfg) = config {
-        if let Some(a) = cfg
-            .get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(|a| a.as_str())
-        {
+        if let Some(a) = cfg.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()) {
             return a.to_string();
         }
         if let Some(m) = cfg.get("model_type").and_then(|m| m.as_str()) {
@@ -172,10 +172,7 @@ mod tests {
             "weird_tensor",
         ];
         let b = group_blocks(names);
-        assert_eq!(
-            names_of(&b),
-            ["embeddings", "encoder.layer.2", "encoder.layer.10", "pooler", "head", "other"]
-        );
+        assert_eq!(names_of(&b), ["embeddings", "encoder.layer.2", "encoder.layer.10", "pooler", "head", "other"]);
         assert_eq!(b[1].tensors.len(), 2);
         assert_eq!(b[0].tensors, ["embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight"]);
     }
@@ -190,10 +187,7 @@ mod tests {
             "lm_head.weight",
         ];
         let b = group_blocks(names);
-        assert_eq!(
-            names_of(&b),
-            ["embeddings", "model.layers.0", "model.layers.1", "final_norm", "head"]
-        );
+        assert_eq!(names_of(&b), ["embeddings", "model.layers.0", "model.layers.1", "final_norm", "head"]);
         let b = group_blocks(["bert.encoder.layer.0.x.weight", "bert.embeddings.a.weight"]);
         assert_eq!(names_of(&b), ["embeddings", "bert.encoder.layer.0"]);
     }

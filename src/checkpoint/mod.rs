@@ -10,7 +10,7 @@ pub mod stream;
 pub mod writer;
 
 pub use dtype::FloatDType;
-pub use layers::{group_blocks, BlockKind, BlockSpec};
+pub use layers::{BlockKind, BlockSpec, group_blocks};
 pub use reader::{Checkpoint, TensorMeta};
 pub use stream::LayerStream;
 pub use writer::{PlannedTensor, ShardWriter};

@@ -94,10 +94,7 @@ impl Checkpoint {
                 }
             }
         } else {
-            let dir = path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
             let name = path.to_string_lossy();
             if name.ends_with(".index.json") {
                 (dir, shard_files_from_index(&path)?, Some(path.clone()))
@@ -131,23 +128,14 @@ impl Checkpoint {
         let config = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
             Some(
-                serde_json::from_str(&text).map_err(|e| Error::BadIndex {
-                    path: config_path.clone(),
-                    reason: format!("invalid JSON: {e}"),
-                })?,
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::BadIndex { path: config_path.clone(), reason: format!("invalid JSON: {e}") })?,
             )
         } else {
             None
         };
 
-        Ok(Checkpoint {
-            dir,
-            path,
-            shards,
-            tensors,
-            by_name,
-            config,
-        })
+        Ok(Checkpoint { dir, path, shards, tensors, by_name, config })
     }
 
     /// Looks a tensor up by exact name.
@@ -187,9 +175,7 @@ impl Checkpoint {
     pub fn will_need(&self, t: &TensorMeta) {
         if t.end > t.start {
             // Advisory only: a failure costs speed, not correctness.
-            let _ = self.shards[t.shard]
-                .mmap
-                .advise_range(Advice::WillNeed, t.start, t.end - t.start);
+            let _ = self.shards[t.shard].mmap.advise_range(Advice::WillNeed, t.start, t.end - t.start);
         }
     }
 
@@ -200,11 +186,7 @@ impl Checkpoint {
             // SAFETY: the map is a read-only, file-backed mapping; MADV_DONTNEED on it only drops
             // page-table entries, and later accesses re-read the unchanged file contents.
             let _ = unsafe {
-                self.shards[t.shard].mmap.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    t.start,
-                    t.end - t.start,
-                )
+                self.shards[t.shard].mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.end - t.start)
             };
         }
     }
@@ -226,16 +208,8 @@ impl Checkpoint {
 }
 
 /// Prefixes that task-specific Hugging Face heads wrap a base model's names in.
-const WRAPPER_PREFIXES: &[&str] = &[
-    "bert.",
-    "roberta.",
-    "distilbert.",
-    "electra.",
-    "deberta.",
-    "xlm_roberta.",
-    "model.",
-    "transformer.",
-];
+const WRAPPER_PREFIXES: &[&str] =
+    &["bert.", "roberta.", "distilbert.", "electra.", "deberta.", "xlm_roberta.", "model.", "transformer."];
 
 fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
@@ -252,10 +226,8 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: IndexFile = serde_json::from_str(&text).map_err(|e| Error::BadIndex {
-        path: index.to_path_buf(),
-        reason: format!("not a valid shard index: {e}"),
-    })?;
+    let parsed: IndexFile = serde_json::from_str(&text)
+        .map_err(|e| Error::BadIndex { path: index.to_path_buf(), reason: format!("not a valid shard index: {e}") })?;
     let dir = index.parent().unwrap_or_else(|| Path::new("."));
     let mut names: Vec<&String> = parsed.weight_map.values().collect();
     names.sort();
@@ -282,14 +254,10 @@ fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 
 fn check_index_matches(index: &Path, tensors: &[TensorMeta], shards: &[Shard]) -> Result<()> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: IndexFile = serde_json::from_str(&text).map_err(|e| Error::BadIndex {
-        path: index.to_path_buf(),
-        reason: format!("not a valid shard index: {e}"),
-    })?;
-    let located: HashMap<&str, &Path> = tensors
-        .iter()
-        .map(|t| (t.name.as_str(), shards[t.shard].path.as_path()))
-        .collect();
+    let parsed: IndexFile = serde_json::from_str(&text)
+        .map_err(|e| Error::BadIndex { path: index.to_path_buf(), reason: format!("not a valid shard index: {e}") })?;
+    let located: HashMap<&str, &Path> =
+        tensors.iter().map(|t| (t.name.as_str(), shards[t.shard].path.as_path())).collect();
     let mut names: Vec<_> = parsed.weight_map.iter().collect();
     names.sort();
     for (name, file) in names {
@@ -298,10 +266,7 @@ fn check_index_matches(index: &Path, tensors: &[TensorMeta], shards: &[Shard]) -
             Some(p) => {
                 return Err(Error::BadIndex {
                     path: index.to_path_buf(),
-                    reason: format!(
-                        "index puts tensor `{name}` in `{file}`, but it is stored in {}",
-                        p.display()
-                    ),
+                    reason: format!("index puts tensor `{name}` in `{file}`, but it is stored in {}", p.display()),
                 });
             }
             None => {
@@ -320,11 +285,10 @@ fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>
     // SAFETY: the file is opened read-only; like every mmap-based reader we rely on nobody
     // truncating checkpoint files while they are being merged.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header_len, metadata) =
-        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
-            path: path.to_path_buf(),
-            reason: describe_safetensors_error(&e, mmap.len()),
-        })?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
+        path: path.to_path_buf(),
+        reason: describe_safetensors_error(&e, mmap.len()),
+    })?;
     let data_start = 8 + header_len;
     let infos = metadata.tensors();
     let mut metas: Vec<TensorMeta> = infos
@@ -340,25 +304,15 @@ fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>
         .collect();
     metas.sort_by(|a, b| (a.start, &a.name).cmp(&(b.start, &b.name)));
     let _ = mmap.advise(Advice::Sequential);
-    Ok((
-        Shard {
-            path: path.to_path_buf(),
-            mmap,
-        },
-        metas,
-    ))
+    Ok((Shard { path: path.to_path_buf(), mmap }, metas))
 }
 
 fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::HeaderTooSmall => format!("file is {file_len} bytes, too short to hold a header"),
-        E::InvalidHeaderLength => {
-            "header length points past the end of the file (truncated or not safetensors)".into()
-        }
-        E::MetadataIncompleteBuffer => {
-            "tensor data does not match the file size (truncated or padded file)".into()
-        }
+        E::InvalidHeaderLength => "header length points past the end of the file (truncated or not safetensors)".into(),
+        E::MetadataIncompleteBuffer => "tensor data does not match the file size (truncated or padded file)".into(),
         E::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
         other => format!("{other}"),
     }

@@ -7,7 +7,7 @@
 
 use crossbeam_channel::bounded;
 
-use super::layers::{group_blocks, BlockSpec};
+use super::layers::{BlockSpec, group_blocks};
 use super::reader::{Checkpoint, TensorMeta};
 use crate::error::{Error, Result};
 
@@ -61,12 +61,7 @@ impl<'a> LayerStream<'a> {
         let ignored = used
             .iter()
             .enumerate()
-            .flat_map(|(ii, u)| {
-                u.iter()
-                    .enumerate()
-                    .filter(|(_, used)| !**used)
-                    .map(move |(ti, _)| (ii, ti))
-            })
+            .flat_map(|(ii, u)| u.iter().enumerate().filter(|(_, used)| !**used).map(move |(ti, _)| (ii, ti)))
             .map(|(ii, ti)| (ii, inputs[ii].tensors[ti].name.clone()))
             .collect();
 
@@ -79,33 +74,20 @@ impl<'a> LayerStream<'a> {
                     .iter()
                     .map(|name| {
                         let r = reference.tensor_index(name);
-                        StreamTensor {
-                            name: name.clone(),
-                            reference: r,
-                            inputs: resolved[r].clone(),
-                        }
+                        StreamTensor { name: name.clone(), reference: r, inputs: resolved[r].clone() }
                     })
                     .collect();
                 StreamBlock { spec, tensors }
             })
             .collect();
-        Ok(LayerStream {
-            reference,
-            inputs,
-            blocks,
-            ignored,
-        })
+        Ok(LayerStream { reference, inputs, blocks, ignored })
     }
 
     /// Every (checkpoint, tensor) a block reads: reference first, then the inputs.
     fn block_tensors<'s>(&'s self, b: &'s StreamBlock) -> impl Iterator<Item = (&'a Checkpoint, &'a TensorMeta)> + 's {
         b.tensors.iter().flat_map(move |t| {
-            std::iter::once((self.reference, &self.reference.tensors[t.reference])).chain(
-                self.inputs
-                    .iter()
-                    .zip(&t.inputs)
-                    .map(|(c, &i)| (*c, &c.tensors[i])),
-            )
+            std::iter::once((self.reference, &self.reference.tensors[t.reference]))
+                .chain(self.inputs.iter().zip(&t.inputs).map(|(c, &i)| (*c, &c.tensors[i])))
         })
     }
 

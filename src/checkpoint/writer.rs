@@ -113,21 +113,14 @@ impl ShardWriter {
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         self.skip_empty();
         let Some(t) = self.tensors.get(self.next) else {
-            return Err(Error::Invalid(format!(
-                "internal: tensor `{name}` written after the last planned tensor"
-            )));
+            return Err(Error::Invalid(format!("internal: tensor `{name}` written after the last planned tensor")));
         };
         if t.name != name {
-            return Err(Error::Invalid(format!(
-                "internal: tensor `{name}` written while `{}` was due",
-                t.name
-            )));
+            return Err(Error::Invalid(format!("internal: tensor `{name}` written while `{}` was due", t.name)));
         }
         let total = t.nbytes();
         if self.written + bytes.len() as u64 > total {
-            return Err(Error::Invalid(format!(
-                "internal: tensor `{name}` got more than its {total} bytes"
-            )));
+            return Err(Error::Invalid(format!("internal: tensor `{name}` got more than its {total} bytes")));
         }
         let si = self.shard_of[self.next];
         if self.out.as_ref().map(|(s, _)| *s) != Some(si) {
@@ -171,10 +164,7 @@ impl ShardWriter {
 
     /// Zero-byte tensors have nothing to write: they are complete as soon as they are due.
     fn skip_empty(&mut self) {
-        while self.written == 0
-            && self.next < self.tensors.len()
-            && self.tensors[self.next].nbytes() == 0
-        {
+        while self.written == 0 && self.next < self.tensors.len() && self.tensors[self.next].nbytes() == 0 {
             self.next += 1;
         }
     }
@@ -197,11 +187,7 @@ impl ShardWriter {
                 self.close_current()?;
             }
         }
-        let mut files: Vec<PathBuf> = self
-            .shards
-            .iter()
-            .map(|s| self.dir.join(&s.file_name))
-            .collect();
+        let mut files: Vec<PathBuf> = self.shards.iter().map(|s| self.dir.join(&s.file_name)).collect();
         if self.shards.len() > 1 {
             let total: u64 = self.tensors.iter().map(PlannedTensor::nbytes).sum();
             let weight_map: serde_json::Map<String, serde_json::Value> = self
@@ -219,10 +205,7 @@ impl ShardWriter {
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
             files.push(path);
         }
-        Ok(WrittenCheckpoint {
-            files,
-            bytes: self.bytes_written,
-        })
+        Ok(WrittenCheckpoint { files, bytes: self.bytes_written })
     }
 }
 

@@ -20,8 +20,8 @@ use serde::Deserialize;
 
 use super::gta::Gta;
 use super::params::ParamValue;
-use super::{dare, linear, method_info, method_names, task_arithmetic, ties};
 use super::{MergeMethod, MethodInfo, TensorParams};
+use super::{dare, linear, method_info, method_names, task_arithmetic, ties};
 use crate::checkpoint::FloatDType;
 use crate::error::{Error, Result};
 
@@ -88,20 +88,15 @@ pub struct LambdaTable {
 impl LambdaTable {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut t: LambdaTable = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            reason: format!("not a Lambda table: {e}"),
-        })?;
+        let mut t: LambdaTable = serde_json::from_str(&text)
+            .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("not a Lambda table: {e}") })?;
         t.path = path.to_path_buf();
         Ok(t)
     }
 }
 
 fn config_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Config {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    Error::Config { path: path.to_path_buf(), reason: reason.into() }
 }
 
 impl MergeConfig {
@@ -115,14 +110,7 @@ impl MergeConfig {
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| config_err(source, e.to_string()))?;
         let method = method_info(&raw.merge_method).ok_or_else(|| {
-            config_err(
-                source,
-                format!(
-                    "unknown merge_method `{}` (supported: {})",
-                    raw.merge_method,
-                    method_names()
-                ),
-            )
+            config_err(source, format!("unknown merge_method `{}` (supported: {})", raw.merge_method, method_names()))
         })?;
         let base_dir = source.parent().unwrap_or_else(|| Path::new("."));
         let locate = |p: &str, field: &str| locate_model(p, base_dir, source, field);
@@ -131,7 +119,10 @@ impl MergeConfig {
         if method.needs_base && base_model.is_none() {
             return Err(config_err(
                 source,
-                format!("merge_method `{}` needs `base_model` (the pretrained model the experts were fine-tuned from)", method.name),
+                format!(
+                    "merge_method `{}` needs `base_model` (the pretrained model the experts were fine-tuned from)",
+                    method.name
+                ),
             ));
         }
 
@@ -150,16 +141,12 @@ impl MergeConfig {
                     ));
                 }
             }
-            let same_as_base = method.needs_base
-                && base_model.as_ref().is_some_and(|b| same_path(b, &path));
+            let same_as_base = method.needs_base && base_model.as_ref().is_some_and(|b| same_path(b, &path));
             if same_as_base {
                 // mergekit configs often list the base among the models; it is not an expert.
                 continue;
             }
-            models.push(ModelEntry {
-                path,
-                parameters: m.parameters,
-            });
+            models.push(ModelEntry { path, parameters: m.parameters });
         }
         if models.is_empty() {
             return Err(config_err(source, "`models` lists no model to merge (besides the base model)"));
@@ -180,9 +167,8 @@ impl MergeConfig {
                 ));
             }
         }
-        let check_number = |where_: &str, v: &ParamValue| {
-            v.check_numeric().map_err(|e| config_err(source, format!("{where_}: {e}")))
-        };
+        let check_number =
+            |where_: &str, v: &ParamValue| v.check_numeric().map_err(|e| config_err(source, format!("{where_}: {e}")));
         for (key, v) in &raw.parameters {
             match key.as_str() {
                 "normalize" | "rescale" | "int8_mask" if v.as_bool().is_none() => {
@@ -216,20 +202,24 @@ impl MergeConfig {
             Some(ParamValue::Text(p)) => {
                 let path = resolve_relative(p, base_dir);
                 let table = LambdaTable::load(&path)?;
-                if let Some(names) = &table.models {
-                    if names.len() != models.len() {
-                        return Err(config_err(&path, format!(
-                            "the table names {} models but the config merges {}", names.len(), models.len()
-                        )));
-                    }
+                if let Some(names) = &table.models
+                    && names.len() != models.len()
+                {
+                    return Err(config_err(
+                        &path,
+                        format!("the table names {} models but the config merges {}", names.len(), models.len()),
+                    ));
                 }
                 for (name, values) in &table.lambda {
                     if values.len() != models.len() {
-                        return Err(config_err(&path, format!(
-                            "entry `{name}` has {} coefficients but the config merges {} experts",
-                            values.len(),
-                            models.len()
-                        )));
+                        return Err(config_err(
+                            &path,
+                            format!(
+                                "entry `{name}` has {} coefficients but the config merges {} experts",
+                                values.len(),
+                                models.len()
+                            ),
+                        ));
                     }
                     if let Some(x) = values.iter().find(|x| !x.is_finite()) {
                         return Err(config_err(&path, format!("entry `{name}` holds {x}, not a finite number")));
@@ -266,11 +256,8 @@ impl MergeConfig {
                     Some(ParamValue::Number(x)) => *x as u64,
                     _ => dare::DEFAULT_SEED,
                 };
-                let gta: Gta = dare::method(
-                    name == "dare_ties",
-                    self.global_bool("rescale", dare::DEFAULT_RESCALE),
-                    seed,
-                );
+                let gta: Gta =
+                    dare::method(name == "dare_ties", self.global_bool("rescale", dare::DEFAULT_RESCALE), seed);
                 Box::new(gta)
             }
             other => unreachable!("method `{other}` is in the registry but not built"),
@@ -289,15 +276,15 @@ impl MergeConfig {
     /// The parameters for one tensor of block `block`, whose block sits at `position` in
     /// [0, 1] of the stream (for gradients).
     pub fn tensor_params(&self, tensor: &str, block: &str, position: f64) -> Result<TensorParams> {
-        if let Some(table) = &self.lambda_table {
-            if let Some(values) = table.lambda.get(tensor).or_else(|| table.lambda.get(block)) {
-                return Ok(TensorParams {
-                    weights: values.iter().map(|&x| x as f32).collect(),
-                    densities: vec![1.0; self.models.len()],
-                    lambda: 1.0,
-                    normalize: false,
-                });
-            }
+        if let Some(table) = &self.lambda_table
+            && let Some(values) = table.lambda.get(tensor).or_else(|| table.lambda.get(block))
+        {
+            return Ok(TensorParams {
+                weights: values.iter().map(|&x| x as f32).collect(),
+                densities: vec![1.0; self.models.len()],
+                lambda: 1.0,
+                normalize: false,
+            });
         }
         let lookup = |m: &ModelEntry, key: &str, default: f64| -> f64 {
             m.parameters
@@ -318,11 +305,7 @@ impl MergeConfig {
             }
             densities.push(d as f32);
         }
-        let lambda = self
-            .parameters
-            .get("lambda")
-            .and_then(|v| v.number_for(tensor, position))
-            .unwrap_or(1.0) as f32;
+        let lambda = self.parameters.get("lambda").and_then(|v| v.number_for(tensor, position)).unwrap_or(1.0) as f32;
         Ok(TensorParams {
             weights,
             densities,
@@ -334,11 +317,7 @@ impl MergeConfig {
 
 fn resolve_relative(p: &str, base_dir: &Path) -> PathBuf {
     let path = PathBuf::from(p);
-    if path.is_absolute() || path.exists() {
-        path
-    } else {
-        base_dir.join(path)
-    }
+    if path.is_absolute() || path.exists() { path } else { base_dir.join(path) }
 }
 
 /// A model path as written: relative to the working directory if it exists there, else to the

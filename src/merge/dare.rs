@@ -3,8 +3,8 @@
 //! election (`dare_ties`). Masks come from Philox keyed by (seed, tensor name, expert), so a
 //! seed reproduces the same merge on any machine, thread count or backend.
 
-use super::gta::{Gta, Sparsify};
 use super::MethodInfo;
+use super::gta::{Gta, Sparsify};
 
 pub const INFO_LINEAR: MethodInfo = MethodInfo {
     name: "dare_linear",

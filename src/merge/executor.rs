@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::config::MergeConfig;
 use super::philox::name_hash;
-use super::select::{keep_count, magnitude_threshold, Threshold, CHUNK};
+use super::select::{CHUNK, Threshold, keep_count, magnitude_threshold};
 use super::{ChunkCtx, MergeMethod};
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::reader::{INDEX_NAME, SINGLE_NAME};
@@ -62,20 +62,14 @@ pub struct MergeSummary {
 pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> {
     let start = Instant::now();
     if opts.output.exists() && !opts.force {
-        return Err(Error::OutputExists {
-            path: opts.output.clone(),
-        });
+        return Err(Error::OutputExists { path: opts.output.clone() });
     }
     let method = config.build_method();
 
     // Task-vector methods: the base is the reference and the experts are the inputs. Linear:
     // the first model is the reference and also the first averaged model.
     let base = config.base_model.as_deref().map(Checkpoint::open).transpose()?;
-    let models = config
-        .models
-        .iter()
-        .map(|m| Checkpoint::open(&m.path))
-        .collect::<Result<Vec<_>>>()?;
+    let models = config.models.iter().map(|m| Checkpoint::open(&m.path)).collect::<Result<Vec<_>>>()?;
     let (reference, inputs): (&Checkpoint, Vec<&Checkpoint>) = if method.needs_base() {
         let base = base.as_ref().expect("config validation requires base_model");
         (base, models.iter().collect())
@@ -121,12 +115,7 @@ pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> 
 
     let mut progress = Progress::new("merge", total_input, opts.progress);
     let nblocks = stream.blocks.len();
-    let job = Job {
-        method: method.as_ref(),
-        stream: &stream,
-        config,
-        out_dtype,
-    };
+    let job = Job { method: method.as_ref(), stream: &stream, config, out_dtype };
     let mut out_buf: Vec<u8> = Vec::new();
     stream.for_each_block(|bi, block| {
         let position = if nblocks > 1 { bi as f64 / (nblocks - 1) as f64 } else { 0.0 };
@@ -235,11 +224,7 @@ impl Job<'_> {
             return writer.write(&rmeta.name, reference.bytes(rmeta));
         };
         let mut sources: Vec<Source<'_>> = Vec::with_capacity(t.inputs.len() + 1);
-        sources.push(Source {
-            ckpt: reference,
-            meta: rmeta,
-            dtype: ref_dtype,
-        });
+        sources.push(Source { ckpt: reference, meta: rmeta, dtype: ref_dtype });
         for (c, &i) in self.stream.inputs.iter().zip(&t.inputs) {
             let meta = &c.tensors[i];
             let dtype = meta.float_dtype().ok_or_else(|| Error::UnsupportedDtype {
@@ -249,11 +234,8 @@ impl Job<'_> {
             })?;
             sources.push(Source { ckpt: c, meta, dtype });
         }
-        let (base, experts): (Option<Source<'_>>, &[Source<'_>]) = if self.method.needs_base() {
-            (Some(sources[0]), &sources[1..])
-        } else {
-            (None, &sources[..])
-        };
+        let (base, experts): (Option<Source<'_>>, &[Source<'_>]) =
+            if self.method.needs_base() { (Some(sources[0]), &sources[1..]) } else { (None, &sources[..]) };
 
         let params = self.config.tensor_params(&rmeta.name, &block.spec.name, position)?;
         let n = rmeta.numel();
@@ -283,20 +265,12 @@ impl Job<'_> {
         while span_start < n {
             let span = SPAN.min(n - span_start);
             out_buf.resize(span * osize, 0);
-            out_buf
-                .par_chunks_mut(CHUNK * osize)
-                .enumerate()
-                .try_for_each_init(Scratch::default, |s, (ci, ob)| {
-                    let offset = span_start + ci * CHUNK;
-                    let len = ob.len() / osize;
-                    let ctx = ChunkCtx {
-                        offset,
-                        params: &params,
-                        thresholds: &thresholds,
-                        name_hash,
-                    };
-                    self.merge_chunk(&ctx, base, experts, s, len, out_dtype, ob, &rmeta.name)
-                })?;
+            out_buf.par_chunks_mut(CHUNK * osize).enumerate().try_for_each_init(Scratch::default, |s, (ci, ob)| {
+                let offset = span_start + ci * CHUNK;
+                let len = ob.len() / osize;
+                let ctx = ChunkCtx { offset, params: &params, thresholds: &thresholds, name_hash };
+                self.merge_chunk(&ctx, base, experts, s, len, out_dtype, ob, &rmeta.name)
+            })?;
             writer.write(&rmeta.name, out_buf)?;
             span_start += span;
         }
@@ -326,19 +300,9 @@ impl Job<'_> {
         }
         s.out.resize(len, 0.0);
         let views: Vec<&[f32]> = s.experts.iter().map(Vec::as_slice).collect();
-        self.method.merge_chunk(
-            ctx,
-            base.map(|_| s.base.as_slice()),
-            &views,
-            &mut s.out,
-            &mut s.method,
-        );
+        self.method.merge_chunk(ctx, base.map(|_| s.base.as_slice()), &views, &mut s.out, &mut s.method);
         if let Some(i) = first_out_of_range(&s.out, out_dtype) {
-            return Err(Error::NonFiniteOutput {
-                tensor: tensor.to_string(),
-                index: ctx.offset + i,
-                value: s.out[i],
-            });
+            return Err(Error::NonFiniteOutput { tensor: tensor.to_string(), index: ctx.offset + i, value: s.out[i] });
         }
         encode_into(out_dtype, &s.out, out_bytes);
         Ok(())
@@ -347,21 +311,15 @@ impl Job<'_> {
 
 /// Index of the first NaN/Inf, with a branch-free scan first (the common case is none).
 fn first_non_finite(x: &[f32]) -> Option<usize> {
-    let bad = x
-        .iter()
-        .fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
-    if bad {
-        x.iter().position(|v| !v.is_finite())
-    } else {
-        None
-    }
+    let bad = x.iter().fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    if bad { x.iter().position(|v| !v.is_finite()) } else { None }
 }
 
 /// Index of the first value that is not finite or would overflow the output dtype.
 fn first_out_of_range(x: &[f32], dtype: FloatDType) -> Option<usize> {
     match dtype {
         // Values from 65520 up round to infinity in f16.
-        FloatDType::F16 => x.iter().position(|v| !(v.abs() < 65520.0)),
+        FloatDType::F16 => x.iter().position(|v| v.is_nan() || v.abs() >= 65520.0),
         _ => first_non_finite(x),
     }
 }
@@ -378,10 +336,7 @@ impl Staging {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let name = output
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "merged".into());
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
         let dir = tempfile::Builder::new()
             .prefix(&format!(".{name}.partial-"))
             .tempdir_in(&parent)
@@ -399,9 +354,7 @@ impl Staging {
         let old = if output.exists() {
             if !force {
                 let _ = std::fs::remove_dir_all(&staged);
-                return Err(Error::OutputExists {
-                    path: output.to_path_buf(),
-                });
+                return Err(Error::OutputExists { path: output.to_path_buf() });
             }
             let mut old = staged.clone().into_os_string();
             old.push(".old");
@@ -413,11 +366,7 @@ impl Staging {
         };
         std::fs::rename(&staged, output).map_err(|e| Error::io(output, e))?;
         if let Some(old) = old {
-            let removed = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
+            let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
             removed.map_err(|e| Error::io(&old, e))?;
         }
         Ok(())
@@ -448,19 +397,15 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: boo
             copy_side_dir(&path, &target, out_dtype, false)?;
             continue;
         }
-        let is_weights = path
-            .extension()
-            .is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
+        let is_weights = path.extension().is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
         if !path.is_file() || is_weights || name == INDEX_NAME || name == SINGLE_NAME {
             continue;
         }
         match (top && name == "config.json", out_dtype) {
             (true, Some(dt)) => {
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                let mut cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadIndex {
-                    path: path.clone(),
-                    reason: format!("invalid JSON: {e}"),
-                })?;
+                let mut cfg: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::BadIndex { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
                 if let Some(obj) = cfg.as_object_mut() {
                     obj.insert("torch_dtype".into(), dt.torch_name().into());
                 }

@@ -64,11 +64,7 @@ impl MergeMethod for Gta {
             let d = &mut deltas[k * n..(k + 1) * n];
             let w = p.weights[k];
             let density = p.densities[k];
-            let scale = if self.rescale && density > 0.0 && density < 1.0 {
-                w / density
-            } else {
-                w
-            };
+            let scale = if self.rescale && density > 0.0 && density < 1.0 { w / density } else { w };
             match self.sparsify {
                 Sparsify::None => {
                     for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
@@ -109,11 +105,8 @@ impl MergeMethod for Gta {
             }
             for k in 0..k_count {
                 let w = p.weights[k];
-                for (((o, dv), &d), &s) in out
-                    .iter_mut()
-                    .zip(div.iter_mut())
-                    .zip(&deltas[k * n..(k + 1) * n])
-                    .zip(aux.iter())
+                for (((o, dv), &d), &s) in
+                    out.iter_mut().zip(div.iter_mut()).zip(&deltas[k * n..(k + 1) * n]).zip(aux.iter())
                 {
                     let agree = (d > 0.0 && s >= 0.0) || (d < 0.0 && s < 0.0);
                     if agree {

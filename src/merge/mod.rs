@@ -83,13 +83,8 @@ pub struct MethodInfo {
 }
 
 /// Every method, in the order the CLI lists them.
-pub const METHODS: &[MethodInfo] = &[
-    linear::INFO,
-    task_arithmetic::INFO,
-    ties::INFO,
-    dare::INFO_LINEAR,
-    dare::INFO_TIES,
-];
+pub const METHODS: &[MethodInfo] =
+    &[linear::INFO, task_arithmetic::INFO, ties::INFO, dare::INFO_LINEAR, dare::INFO_TIES];
 
 /// Looks a method up by name.
 pub fn method_info(name: &str) -> Option<&'static MethodInfo> {

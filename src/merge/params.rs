@@ -90,10 +90,9 @@ mod tests {
         assert_eq!(g.number_for("x", 0.25), Some(0.5));
         assert_eq!(g.number_for("x", 0.5), Some(1.0));
         assert_eq!(g.number_for("x", 1.0), Some(0.0));
-        let f: ParamValue = serde_yaml_ng::from_str(
-            "[{filter: self_attn, value: 0.1}, {filter: mlp, value: [0, 1]}, {value: 0.5}]",
-        )
-        .unwrap();
+        let f: ParamValue =
+            serde_yaml_ng::from_str("[{filter: self_attn, value: 0.1}, {filter: mlp, value: [0, 1]}, {value: 0.5}]")
+                .unwrap();
         assert_eq!(f.number_for("model.layers.0.self_attn.q_proj.weight", 0.5), Some(0.1));
         assert_eq!(f.number_for("model.layers.0.mlp.up_proj.weight", 0.5), Some(0.5));
         assert_eq!(f.number_for("model.norm.weight", 0.9), Some(0.5));

@@ -44,11 +44,7 @@ pub struct ElementStream {
 
 impl ElementStream {
     pub fn new(seed: u64, tensor_hash: u32, task: u32) -> Self {
-        ElementStream {
-            key: [seed as u32, (seed >> 32) as u32],
-            tensor: tensor_hash,
-            task,
-        }
+        ElementStream { key: [seed as u32, (seed >> 32) as u32], tensor: tensor_hash, task }
     }
 
     /// Uniform [0, 1) numbers for elements `start .. start + out.len()`.
@@ -57,10 +53,7 @@ impl ElementStream {
         while i < out.len() {
             let e = start + i;
             let block = (e / 4) as u64;
-            let r = philox4x32_10(
-                [block as u32, (block >> 32) as u32, self.tensor, self.task],
-                self.key,
-            );
+            let r = philox4x32_10([block as u32, (block >> 32) as u32, self.tensor, self.task], self.key);
             let lane0 = e % 4;
             for (lane, &bits) in r.iter().enumerate().skip(lane0) {
                 if i >= out.len() {
@@ -91,19 +84,10 @@ mod tests {
     /// Known-answer vectors published with Random123 (kat_vectors, philox4x32 10 rounds).
     #[test]
     fn random123_known_answers() {
+        assert_eq!(philox4x32_10([0, 0, 0, 0], [0, 0]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
         assert_eq!(
-            philox4x32_10([0, 0, 0, 0], [0, 0]),
-            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
-        );
-        assert_eq!(
-            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
-        );
-        assert_eq!(
-            philox4x32_10(
-                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
-                [0xa409_3822, 0x299f_31d0]
-            ),
+            philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
     }

@@ -22,10 +22,7 @@ pub struct Threshold {
 
 impl Threshold {
     pub const KEEP_ALL: Threshold = Threshold { t: -1.0, cutoff: 0 };
-    pub const KEEP_NONE: Threshold = Threshold {
-        t: f32::INFINITY,
-        cutoff: 0,
-    };
+    pub const KEEP_NONE: Threshold = Threshold { t: f32::INFINITY, cutoff: 0 };
 
     #[inline]
     pub fn keep(&self, x: f32, index: usize) -> bool {
@@ -62,9 +59,7 @@ where
     }
     let hi = histogram(n, &fill, |bits| Some((bits >> 16) as usize))?;
     let (bucket, above_bucket) = walk_down(&hi, k, 0);
-    let lo = histogram(n, &fill, |bits| {
-        ((bits >> 16) as usize == bucket).then_some((bits & 0xffff) as usize)
-    })?;
+    let lo = histogram(n, &fill, |bits| ((bits >> 16) as usize == bucket).then_some((bits & 0xffff) as usize))?;
     let (low, above) = walk_down(&lo, k, above_bucket);
     let t_bits = ((bucket as u32) << 16) | low as u32;
     let t = f32::from_bits(t_bits);
@@ -84,10 +79,7 @@ where
             if x.abs().to_bits() == t_bits {
                 seen += 1;
                 if seen == need {
-                    return Ok(Threshold {
-                        t,
-                        cutoff: offset + i + 1,
-                    });
+                    return Ok(Threshold { t, cutoff: offset + i + 1 });
                 }
             }
         }

@@ -3,8 +3,8 @@
 //! The per-tensor coefficients may come from a Lambda table (`parameters.lambda_table`), the
 //! layer-wise Lambda that `symerge adapt` learns; see [`super::config::LambdaTable`].
 
-use super::gta::{Gta, Sparsify};
 use super::MethodInfo;
+use super::gta::{Gta, Sparsify};
 
 pub const INFO: MethodInfo = MethodInfo {
     name: "task_arithmetic",
@@ -18,11 +18,5 @@ pub const INFO: MethodInfo = MethodInfo {
 pub const DEFAULT_NORMALIZE: bool = false;
 
 pub fn method() -> Gta {
-    Gta {
-        name: INFO.name,
-        sparsify: Sparsify::None,
-        consensus: false,
-        rescale: false,
-        seed: 0,
-    }
+    Gta { name: INFO.name, sparsify: Sparsify::None, consensus: false, rescale: false, seed: 0 }
 }

@@ -2,8 +2,8 @@
 //! magnitude, elect a sign per element by summed mass, average the agreeing entries (disjoint
 //! mean), scale by lambda.
 
-use super::gta::{Gta, Sparsify};
 use super::MethodInfo;
+use super::gta::{Gta, Sparsify};
 
 pub const INFO: MethodInfo = MethodInfo {
     name: "ties",
@@ -18,11 +18,5 @@ pub const DEFAULT_NORMALIZE: bool = true;
 pub const DEFAULT_RESCALE: bool = false;
 
 pub fn method(rescale: bool) -> Gta {
-    Gta {
-        name: INFO.name,
-        sparsify: Sparsify::Magnitude,
-        consensus: true,
-        rescale,
-        seed: 0,
-    }
+    Gta { name: INFO.name, sparsify: Sparsify::Magnitude, consensus: true, rescale, seed: 0 }
 }

@@ -21,12 +21,7 @@ pub struct T {
 impl T {
     pub fn new(name: &str, dtype: Dtype, shape: &[usize], values: Vec<f64>) -> Self {
         assert_eq!(values.len(), shape.iter().product::<usize>(), "{name}");
-        T {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-            values,
-        }
+        T { name: name.into(), dtype, shape: shape.to_vec(), values }
     }
 }
 
@@ -88,7 +83,8 @@ pub fn read_model(dir: &Path) -> std::collections::BTreeMap<String, (Dtype, Vec<
         let data = std::fs::read(&f).unwrap();
         let st = SafeTensors::deserialize(&data).unwrap();
         for (name, view) in st.tensors() {
-            let prev = out.insert(name.clone(), (view.dtype(), view.shape().to_vec(), from_bytes(view.dtype(), view.data())));
+            let prev =
+                out.insert(name.clone(), (view.dtype(), view.shape().to_vec(), from_bytes(view.dtype(), view.data())));
             assert!(prev.is_none(), "tensor {name} stored twice");
         }
     }
