@@ -179,6 +179,21 @@ impl Checkpoint {
         }
     }
 
+    /// Maps a tensor's pages into this process ahead of use (called by the prefetch thread), so
+    /// the merge threads never stop on page faults. One `MADV_POPULATE_READ` call maps the whole
+    /// range; faulting it page by page cost more than the merge itself (8.8 GB = 2M faults).
+    /// Kernels before 5.14 lack the advice: there, one byte per page is read instead.
+    pub fn populate(&self, t: &TensorMeta) {
+        if t.end == t.start {
+            return;
+        }
+        self.will_need(t);
+        let populated = self.shards[t.shard].mmap.advise_range(Advice::PopulateRead, t.start, t.end - t.start);
+        if populated.is_err() {
+            touch_pages(self.bytes(t));
+        }
+    }
+
     /// Drops a tensor's pages from this process's resident set once it is merged. The data stays
     /// in the page cache, and the map stays valid: a later read faults the pages back in.
     pub fn release(&self, t: &TensorMeta) {
@@ -210,6 +225,16 @@ impl Checkpoint {
 /// Prefixes that task-specific Hugging Face heads wrap a base model's names in.
 const WRAPPER_PREFIXES: &[&str] =
     &["bert.", "roberta.", "distilbert.", "electra.", "deberta.", "xlm_roberta.", "model.", "transformer."];
+
+/// Reads one byte per page so the pages are faulted in (and read from disk) off the hot thread.
+fn touch_pages(bytes: &[u8]) {
+    let mut acc = 0u8;
+    for i in (0..bytes.len()).step_by(4096) {
+        // SAFETY: `i` is in bounds; volatile keeps the otherwise unused read.
+        acc ^= unsafe { std::ptr::read_volatile(bytes.as_ptr().add(i)) };
+    }
+    std::hint::black_box(acc);
+}
 
 fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();

@@ -108,8 +108,7 @@ impl<'a> LayerStream<'a> {
             scope.spawn(move || {
                 for (i, b) in self.blocks.iter().enumerate() {
                     for (c, t) in self.block_tensors(b) {
-                        c.will_need(t);
-                        touch_pages(c.bytes(t));
+                        c.populate(t);
                     }
                     if tx.send(i).is_err() {
                         return;
@@ -126,16 +125,6 @@ impl<'a> LayerStream<'a> {
             Ok(())
         })
     }
-}
-
-/// Reads one byte per page so the pages are faulted in (and read from disk) off the hot thread.
-fn touch_pages(bytes: &[u8]) {
-    let mut acc = 0u8;
-    for i in (0..bytes.len()).step_by(4096) {
-        // SAFETY: `i` is in bounds; volatile keeps the otherwise unused read.
-        acc ^= unsafe { std::ptr::read_volatile(bytes.as_ptr().add(i)) };
-    }
-    std::hint::black_box(acc);
 }
 
 fn check_compatible(reference: &TensorMeta, input: &TensorMeta, ckpt: &Checkpoint) -> Result<()> {

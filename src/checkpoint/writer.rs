@@ -8,6 +8,9 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::reader::{INDEX_NAME, SINGLE_NAME};
 use crate::error::{Error, Result};
@@ -45,7 +48,13 @@ pub struct ShardWriter {
     written: u64,
     out: Option<(usize, BufWriter<File>)>,
     bytes_written: u64,
+    /// Bytes written to the open shard since its writeback was last started.
+    unflushed: u64,
 }
+
+/// Dirty output is handed to the disk in pieces of this size while the merge runs, so the
+/// final `fsync` waits for one piece instead of the whole shard.
+const WRITEBACK_BYTES: u64 = 256 << 20;
 
 /// What [`ShardWriter::finish`] produced.
 #[derive(Debug, Clone)]
@@ -100,6 +109,7 @@ impl ShardWriter {
             written: 0,
             out: None,
             bytes_written: 0,
+            unflushed: 0,
         })
     }
 
@@ -131,6 +141,11 @@ impl ShardWriter {
         w.write_all(bytes).map_err(|e| Error::io(&path, e))?;
         self.written += bytes.len() as u64;
         self.bytes_written += bytes.len() as u64;
+        self.unflushed += bytes.len() as u64;
+        if self.unflushed >= WRITEBACK_BYTES {
+            self.unflushed = 0;
+            start_writeback(w.get_ref());
+        }
         if self.written == total {
             self.next += 1;
             self.written = 0;
@@ -150,6 +165,7 @@ impl ShardWriter {
             .map_err(|e| Error::io(&path, e))?;
         self.bytes_written += 8 + header.len() as u64;
         self.out = Some((si, w));
+        self.unflushed = 0;
         Ok(())
     }
 
@@ -207,6 +223,84 @@ impl ShardWriter {
         }
         Ok(WrittenCheckpoint { files, bytes: self.bytes_written })
     }
+}
+
+/// Asks the kernel to start writing a file's dirty pages without waiting for them (Linux
+/// `sync_file_range`); elsewhere a no-op, and the shard's `fsync` does all the work.
+fn start_writeback(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open descriptor; offset 0 and length 0 mean the whole file.
+        // Advisory: a failure only leaves the work to the final fsync.
+        let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+/// A [`ShardWriter`] on its own thread: the merge hands it finished spans and goes on computing
+/// the next ones while the kernel copies (and throttles) the writes. Buffers come back through
+/// [`Self::buffer`] for reuse, so the steady state allocates nothing.
+pub struct BackgroundWriter {
+    tx: Option<Sender<(String, Vec<u8>)>>,
+    free: Receiver<Vec<u8>>,
+    handle: Option<JoinHandle<Result<WrittenCheckpoint>>>,
+}
+
+impl BackgroundWriter {
+    /// Starts the thread; at most `depth` spans wait to be written.
+    pub fn spawn(mut writer: ShardWriter, depth: usize) -> Self {
+        let (tx, rx) = bounded::<(String, Vec<u8>)>(depth);
+        let (free_tx, free) = bounded::<Vec<u8>>(depth + 1);
+        let handle = std::thread::spawn(move || {
+            for (name, buf) in rx {
+                writer.write(&name, &buf)?;
+                let _ = free_tx.try_send(buf);
+            }
+            writer.finish()
+        });
+        BackgroundWriter { tx: Some(tx), free, handle: Some(handle) }
+    }
+
+    /// An empty buffer, recycled from an earlier write when one is back.
+    pub fn buffer(&self) -> Vec<u8> {
+        let mut b = self.free.try_recv().unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    /// Queues `bytes` for tensor `name` (see [`ShardWriter::write`]). A failed write on the
+    /// thread is reported here, at the next call.
+    pub fn write(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send((name.to_string(), bytes)).is_ok());
+        if sent { Ok(()) } else { Err(self.join().err().unwrap_or_else(closed)) }
+    }
+
+    /// Waits for every queued write, then finishes the checkpoint (shards synced, index written).
+    pub fn finish(mut self) -> Result<WrittenCheckpoint> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<WrittenCheckpoint> {
+        self.tx = None;
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| Error::Invalid("the output writer thread panicked".into()))?,
+            None => Err(closed()),
+        }
+    }
+}
+
+impl Drop for BackgroundWriter {
+    /// On an error path the thread is still joined, so nothing writes into the staging
+    /// directory while it is being removed.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+fn closed() -> Error {
+    Error::Invalid("internal: the output writer was already closed".into())
 }
 
 /// The safetensors header for a shard, padded with spaces to a multiple of 8 bytes so the data
