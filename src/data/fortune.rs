@@ -124,7 +124,9 @@ pub const LANGUAGES: &[Language] = &[
     },
 ];
 
-/// Splits a fortune file into its raw entries (text between `%` lines, untouched).
+/// Splits a fortune file into its raw entries (text between `%` lines, untouched). A `%` line may
+/// have trailing spaces (`it/leggi` has some): strfile(1) would glue those entries together, but
+/// they are meant as separators.
 pub fn read_entries(path: &Path) -> Result<Vec<String>> {
     let text = read_text_file(path)?;
     let mut entries = Vec::new();
