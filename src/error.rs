@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-/// Errors from checkpoint I/O, configuration and merging.
+/// Errors from checkpoint I/O, configuration, merging and data preparation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
@@ -53,6 +53,14 @@ pub enum Error {
 
     #[error("output {path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
+
+    #[error("{path}: line {line}: {reason}")]
+    BadLine { path: PathBuf, line: usize, reason: String },
+
+    #[error(
+        "{path} is missing: unpack the Debian package `{package}` there (scripts/fetch-assets.sh does, into target/assets/debian) or pass --source with the directory it was extracted into (`/` for a system install)"
+    )]
+    MissingSource { path: PathBuf, package: String },
 
     #[error("{0}")]
     Invalid(String),

@@ -5,8 +5,10 @@
 //! - [`merge`]: training-free methods (linear, task arithmetic, TIES, DARE), their config and
 //!   the streaming executor.
 //! - [`inspect`]: what a checkpoint holds.
+//! - [`data`]: real labelled text tasks (WordNet, fortunes) as train/validation/test JSONL.
 
 pub mod checkpoint;
+pub mod data;
 pub mod error;
 pub mod inspect;
 pub mod merge;

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
+use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
@@ -81,6 +82,45 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Labelled text data sets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Build train/validation/test JSONL files for real text tasks from unpacked Debian packages
+    /// (wordnet-base, fortunes, fortunes-{de,it,pl,cs,eo}; scripts/fetch-assets.sh fetches them).
+    Prepare {
+        /// Directory the packages were extracted into (`/` for a system install).
+        #[arg(long, default_value = "target/assets/debian")]
+        source: PathBuf,
+        /// Output directory; each task gets OUT/<task>/{train,validation,test}.jsonl and labels.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// wn-noun, wn-verb, fortune-topic, lang-id, a comma-separated list, or all.
+        #[arg(long, default_value = "all", value_parser = parse_tasks)]
+        task: Tasks,
+        /// Cut longer entries to this many characters.
+        #[arg(long, default_value_t = DEFAULT_MAX_CHARS)]
+        max_chars: usize,
+        /// Keep at most N texts per class (default: no cap, except 3000 for lang-id).
+        #[arg(long, value_name = "N")]
+        max_per_class: Option<usize>,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The tasks `--task` selects (a newtype, so clap takes the list as one value).
+#[derive(Clone)]
+struct Tasks(Vec<Task>);
+
+fn parse_tasks(s: &str) -> Result<Tasks, String> {
+    Task::parse_list(s).map(Tasks)
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1048576`.
@@ -191,6 +231,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dirs = write_family(&spec, seed, experts, delta_scale, &output, out_shard_size)?;
             for d in dirs {
                 println!("{}", d.display());
+            }
+        }
+        Command::Data { command: DataCommand::Prepare { source, out, task, max_chars, max_per_class, json } } => {
+            let opts = PrepareOptions { source, out, max_chars, max_per_class };
+            let mut summaries = Vec::new();
+            for t in task.0 {
+                let summary = symerge::data::prepare(t, &opts)?;
+                if !json {
+                    emit(&summary.to_string())?;
+                }
+                summaries.push(summary);
+            }
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
     }

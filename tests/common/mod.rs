@@ -131,3 +131,18 @@ pub fn minilm_dir() -> PathBuf {
     );
     dir
 }
+
+/// The Debian packages (wordnet-base, fortunes, fortunes-{de,it,pl,cs,eo}) unpacked by
+/// scripts/fetch-assets.sh. Tests that need them fail loudly when they are missing rather than
+/// passing without having run.
+pub fn debian_dir() -> PathBuf {
+    let dir = std::env::var_os("SYMERGE_DEBIAN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/assets/debian"));
+    assert!(
+        dir.join("usr/share/wordnet/data.noun").is_file() && dir.join("usr/share/games/fortunes/computers").is_file(),
+        "\n\n*** The unpacked Debian packages are missing at {}.\n*** Run `scripts/fetch-assets.sh` (apt-get download + dpkg -x of wordnet-base and the fortunes packages) or set SYMERGE_DEBIAN (`/` for a system install).\n\n",
+        dir.display()
+    );
+    dir
+}

@@ -1,0 +1,127 @@
+//! JSON Lines files of labelled texts: written by `data prepare`, read by every command that
+//! consumes a data set.
+//!
+//! The reader is lenient about what else a line holds (any object with a `text` string; extra
+//! fields ignored; `label` as a class name or an integer id) so hand-made and third-party files
+//! work, and strict about the rest: every error names the file and line.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One labelled (or unlabelled) text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub text: String,
+    /// The class name, when the line gives one.
+    pub label: Option<String>,
+    /// The class id: `label_id`, or `label` when that is an integer.
+    pub label_id: Option<usize>,
+}
+
+/// One output line of `data prepare`.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    pub text: &'a str,
+    pub label: &'a str,
+    pub label_id: usize,
+}
+
+/// Reads a JSONL file; blank lines are skipped.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
+    let content = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in content.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let example =
+            parse_line(line).map_err(|reason| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason })?;
+        out.push(example);
+    }
+    Ok(out)
+}
+
+/// Parses one line; the error is the reason, without file or line.
+fn parse_line(line: &str) -> Result<Example, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("expected a JSON object with a `text` field".into());
+    };
+    let text = match obj.get("text") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(format!("`text` must be a string, found {other}")),
+        None => return Err("missing the `text` field".into()),
+    };
+    let as_id = |field: &str, v: &Value| {
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| format!("`{field}` must be a class name or a non-negative integer, found {v}"))
+    };
+    let mut label_id = match obj.get("label_id") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(as_id("label_id", v)?),
+    };
+    let label = match obj.get("label") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            let id = as_id("label", v)?;
+            if label_id.is_some_and(|l| l != id) {
+                return Err(format!("`label` {id} and `label_id` {} disagree", label_id.unwrap_or_default()));
+            }
+            label_id = Some(id);
+            None
+        }
+    };
+    Ok(Example { text, label, label_id })
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it and a rename, so a reader never
+/// sees a half-written file and an interrupted run leaves the previous one intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".tmp-");
+    // Temporary files are private (0600); these are ordinary outputs, readable like any other.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Serialises records as JSON Lines.
+pub fn to_jsonl<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut out, &r).map_err(|e| Error::Invalid(format!("serialising a record: {e}")))?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_as_names_or_ids() {
+        let e = parse_line(r#"{"text": "a", "label": "x", "label_id": 3, "extra": [1]}"#).unwrap();
+        assert_eq!(e, Example { text: "a".into(), label: Some("x".into()), label_id: Some(3) });
+        let e = parse_line(r#"{"text": "b", "label": 2}"#).unwrap();
+        assert_eq!(e, Example { text: "b".into(), label: None, label_id: Some(2) });
+        let e = parse_line(r#"{"text": "c"}"#).unwrap();
+        assert_eq!(e, Example { text: "c".into(), label: None, label_id: None });
+        assert!(parse_line(r#"{"text": "d", "label": -1}"#).is_err());
+        assert!(parse_line(r#"{"text": "d", "label": 1, "label_id": 2}"#).is_err());
+        assert!(parse_line(r#"{"text": 5}"#).is_err());
+        assert!(parse_line(r#"["text"]"#).is_err());
+    }
+}
