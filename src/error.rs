@@ -62,6 +62,9 @@ pub enum Error {
     )]
     MissingSource { path: PathBuf, package: String },
 
+    #[error("label cache {path}: {reason}")]
+    LabelCache { path: PathBuf, reason: String },
+
     #[error("{0}")]
     Invalid(String),
 }

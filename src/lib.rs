@@ -6,11 +6,13 @@
 //!   the streaming executor.
 //! - [`inspect`]: what a checkpoint holds.
 //! - [`data`]: real labelled text tasks (WordNet, fortunes) as train/validation/test JSONL.
+//! - [`labels`]: the on-disk cache of expert soft labels that adaptation trains against.
 
 pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod inspect;
+pub mod labels;
 pub mod merge;
 pub mod progress;
 pub mod sysinfo;

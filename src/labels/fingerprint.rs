@@ -1,0 +1,44 @@
+//! Content fingerprints that tie a label cache to what produced it: the expert's weights, its
+//! tokenizer and the exact inputs. A cache whose fingerprints differ from the run asking for it
+//! would silently train against the wrong targets, so they are checked on every open.
+
+use std::path::Path;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+/// BLAKE3 of every tensor (name, dtype, shape, bytes) in name order: the same weights give the
+/// same hash whatever the sharding or file order. Large tensors are hashed on all cores.
+pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
+    let mut tensors: Vec<_> = ckpt.tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = blake3::Hasher::new();
+    for t in tensors {
+        h.update(&(t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+        h.update_rayon(ckpt.bytes(t));
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// BLAKE3 of the texts in order, each prefixed by its length so boundaries count.
+pub fn texts_hash<S: AsRef<str>>(texts: &[S]) -> String {
+    let mut h = blake3::Hasher::new();
+    for t in texts {
+        let t = t.as_ref().as_bytes();
+        h.update(&(t.len() as u64).to_le_bytes());
+        h.update(t);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// BLAKE3 of a file's bytes plus the settings that change what it produces (e.g. the tokenizer
+/// file and the maximum sequence length).
+pub fn file_hash(path: &Path, settings: &str) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut h = blake3::Hasher::new();
+    h.update(&bytes);
+    h.update(settings.as_bytes());
+    Ok(h.finalize().to_hex().to_string())
+}

@@ -1,0 +1,160 @@
+//! The soft-label cache: values survive the f16 round trip, a killed writer resumes where it
+//! stopped and produces the same bytes as an uninterrupted one, and corrupt, truncated,
+//! unfinished or mismatched caches are rejected with an error naming the cause.
+
+use symerge::labels::cache::partial_path;
+use symerge::labels::fingerprint::texts_hash;
+use symerge::labels::{CacheWriter, LabelCache, LabelKind, Provenance};
+
+const C: usize = 5;
+
+fn provenance(task: &str) -> Provenance {
+    Provenance {
+        task: task.into(),
+        expert_hash: "e".repeat(64),
+        tokenizer_hash: "t".repeat(64),
+        inputs_hash: texts_hash(&["a", "b"]),
+    }
+}
+
+/// Seeded rows: logits in [-8, 8) and their softmax.
+fn rows(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut logits = Vec::with_capacity(n * C);
+    for _ in 0..n * C {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        logits.push(((s >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0);
+    }
+    let mut probs = logits.clone();
+    for r in probs.chunks_exact_mut(C) {
+        let m = r.iter().cloned().fold(f32::MIN, f32::max);
+        let z: f32 = r.iter().map(|x| (x - m).exp()).sum();
+        r.iter_mut().for_each(|x| *x = (*x - m).exp() / z);
+    }
+    (probs, logits)
+}
+
+fn write_all(path: &std::path::Path, n: usize) {
+    let (p, l) = rows(n, 7);
+    let mut w =
+        CacheWriter::create(path, provenance("wn-verb"), LabelKind::Classification { classes: C }, n, vec![]).unwrap();
+    for (pc, lc) in p.chunks(3 * C).zip(l.chunks(3 * C)) {
+        w.append_classification(pc, lc).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn round_trip_keeps_values_within_f16_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.cache");
+    let n = 37;
+    write_all(&path, n);
+    let cache = LabelCache::open(&path, Some(&provenance("wn-verb"))).unwrap();
+    assert_eq!((cache.rows(), cache.classes()), (n, C));
+    let (p, l) = rows(n, 7);
+    for i in 0..n {
+        for (got, want) in cache.probs(i).iter().zip(&p[i * C..(i + 1) * C]) {
+            assert!((got - want).abs() <= want.abs() * 1e-3 + 1e-7, "row {i}: prob {got} vs {want}");
+        }
+        for (got, want) in cache.logits(i).iter().zip(&l[i * C..(i + 1) * C]) {
+            assert!((got - want).abs() <= want.abs() * 1e-3 + 1e-3, "row {i}: logit {got} vs {want}");
+        }
+        let sum: f32 = cache.probs(i).iter().sum();
+        assert!((sum - 1.0).abs() < 5e-3, "row {i} sums to {sum}");
+    }
+    assert_eq!(cache.probs_batch(&[3, 1]), [cache.probs(3), cache.probs(1)].concat());
+    assert!(!partial_path(&path).exists());
+}
+
+#[test]
+fn killed_writer_resumes_to_identical_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.cache");
+    write_all(&whole, 20);
+
+    let path = dir.path().join("resumed.cache");
+    let (p, l) = rows(20, 7);
+    let kind = LabelKind::Classification { classes: C };
+    {
+        let mut w = CacheWriter::create(&path, provenance("wn-verb"), kind, 20, vec![]).unwrap();
+        w.append_classification(&p[..8 * C], &l[..8 * C]).unwrap();
+        w.flush().unwrap();
+        // Dropped without finish: as if killed.
+    }
+    // A torn half row at the end, as a kill during a write leaves.
+    let partial = partial_path(&path);
+    let len = std::fs::metadata(&partial).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&partial).unwrap().set_len(len + 3).unwrap();
+    assert!(!path.exists(), "an unfinished cache must not appear at its final path");
+
+    let mut w = CacheWriter::create(&path, provenance("wn-verb"), kind, 20, vec![]).unwrap();
+    assert_eq!(w.rows_written(), 8);
+    w.append_classification(&p[8 * C..], &l[8 * C..]).unwrap();
+    w.finish().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&whole).unwrap());
+
+    // A partial file from a different task is not continued.
+    {
+        let mut w = CacheWriter::create(&path, provenance("other"), kind, 20, vec![]).unwrap();
+        w.append_classification(&p[..4 * C], &l[..4 * C]).unwrap();
+        w.flush().unwrap();
+    }
+    let w = CacheWriter::create(&path, provenance("wn-verb"), kind, 20, vec![]).unwrap();
+    assert_eq!(w.rows_written(), 0);
+}
+
+fn open_err(path: &std::path::Path, want: Option<&Provenance>) -> String {
+    match LabelCache::open(path, want) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_caches_are_rejected_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.cache");
+    write_all(&path, 10);
+    let good = std::fs::read(&path).unwrap();
+
+    for (field, want) in [
+        ("task", Provenance { task: "wn-noun".into(), ..provenance("wn-verb") }),
+        ("expert checkpoint", Provenance { expert_hash: "x".into(), ..provenance("wn-verb") }),
+        ("tokenizer", Provenance { tokenizer_hash: "x".into(), ..provenance("wn-verb") }),
+        ("inputs", Provenance { inputs_hash: texts_hash(&["a", "c"]), ..provenance("wn-verb") }),
+    ] {
+        let err = open_err(&path, Some(&want));
+        assert!(err.contains(&format!("different {field}")) && err.contains("labels.cache"), "{err}");
+    }
+
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x40;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(open_err(&path, None).contains("checksum"));
+
+    std::fs::write(&path, &good[..good.len() - 2]).unwrap();
+    assert!(open_err(&path, None).contains("truncated"));
+
+    std::fs::write(&path, b"not a cache at all").unwrap();
+    assert!(open_err(&path, None).contains("bad magic"));
+
+    let mut header = good.clone();
+    header[8] = b'[';
+    std::fs::write(&path, &header).unwrap();
+    assert!(open_err(&path, None).contains("corrupt header"));
+
+    // A cache whose writer never finished is only a .partial file, and refuses to finish short.
+    let short = dir.path().join("short.cache");
+    let mut w =
+        CacheWriter::create(&short, provenance("t"), LabelKind::Classification { classes: C }, 4, vec![]).unwrap();
+    let (p, l) = rows(2, 1);
+    w.append_classification(&p, &l).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("2 of 4 rows"), "{err}");
+    assert!(!short.exists());
+    assert!(open_err(&short, None).contains("short.cache"));
+}
