@@ -185,7 +185,7 @@ impl CacheWriter {
     /// Appends classification rows: `probs` and `logits` are row-major `[n, classes]`.
     pub fn append_classification(&mut self, probs: &[f32], logits: &[f32]) -> Result<()> {
         let LabelKind::Classification { classes } = self.header.kind;
-        if probs.len() != logits.len() || probs.len() % classes != 0 {
+        if probs.len() != logits.len() || !probs.len().is_multiple_of(classes) {
             return Err(cache_err(
                 &self.path,
                 format!("rows of {} probs and {} logits are not whole rows of {classes}", probs.len(), logits.len()),
