@@ -6,8 +6,11 @@
 //!   the streaming executor.
 //! - [`inspect`]: what a checkpoint holds.
 //! - [`data`]: real labelled text tasks (WordNet, fortunes) as train/validation/test JSONL.
+//! - [`adapt`]: SyMerge / AdaMerging adaptation (Lambda, optimizer).
 //! - [`labels`]: the on-disk cache of expert soft labels that adaptation trains against.
 
+pub mod adapt;
+pub mod atomic;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

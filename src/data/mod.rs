@@ -25,7 +25,9 @@ use std::str::FromStr;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use jsonl::{Record, to_jsonl, write_atomic};
+use jsonl::{Record, to_jsonl};
+
+use crate::atomic::write_atomic;
 use split::{Split, cap_order, stable_hash};
 use wordnet::Pos;
 
