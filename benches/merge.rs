@@ -19,10 +19,10 @@ const EXPERTS: u32 = 3;
 
 /// The generated family for `preset`, written on first use (a marker file says it is complete).
 fn family(preset: &str) -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data").join(format!("{preset}-bf16-k{EXPERTS}"));
-    let dirs: Vec<PathBuf> = std::iter::once(root.join("base"))
-        .chain((1..=EXPERTS).map(|k| root.join(format!("expert-{k}"))))
-        .collect();
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data").join(format!("{preset}-bf16-k{EXPERTS}"));
+    let dirs: Vec<PathBuf> =
+        std::iter::once(root.join("base")).chain((1..=EXPERTS).map(|k| root.join(format!("expert-{k}")))).collect();
     let marker = root.join("complete");
     if !marker.is_file() {
         let spec = SyntheticSpec::preset(preset, FloatDType::BF16).unwrap_or_else(|| panic!("unknown preset {preset}"));
@@ -67,7 +67,8 @@ fn cat(files: &[PathBuf], buf: &mut [u8]) -> u64 {
 
 fn config(method: &str, dirs: &[PathBuf]) -> MergeConfig {
     let density = if method == "ties" { ", density: 0.2" } else { "" };
-    let mut text = format!("merge_method: {method}\nbase_model: {}\nparameters: {{lambda: 1.0}}\nmodels:\n", dirs[0].display());
+    let mut text =
+        format!("merge_method: {method}\nbase_model: {}\nparameters: {{lambda: 1.0}}\nmodels:\n", dirs[0].display());
     for d in &dirs[1..] {
         text.push_str(&format!("  - model: {}\n    parameters: {{weight: 0.3{density}}}\n", d.display()));
     }

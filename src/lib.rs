@@ -6,6 +6,7 @@
 //!   the streaming executor.
 //! - [`inspect`]: what a checkpoint holds.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod error;
 pub mod inspect;
