@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
+use symerge::model::{DEFAULT_MAX_LEN, LoadOptions, NewHead, SequenceClassifier, evaluate, predict};
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -58,6 +60,32 @@ enum Command {
     },
     /// List the merge methods and their parameters.
     Methods,
+    /// Class scores for every text of a JSON-lines file (a `text` field per line).
+    Predict {
+        /// Model directory: config.json, safetensors weights, tokenizer.json.
+        model: PathBuf,
+        /// JSON lines with a `text` field (other fields are ignored).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output JSON lines, one per input in order, with `logits`, `probs` and `pred`
+        /// (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        run: InferenceArgs,
+    },
+    /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields).
+    Eval {
+        model: PathBuf,
+        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run: InferenceArgs,
+    },
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
     Generate {
         /// Shape preset (see `symerge generate --list`).
@@ -81,6 +109,133 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+}
+
+/// Options shared by the commands that run a model.
+#[derive(clap::Args)]
+struct InferenceArgs {
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Truncate texts to this many tokens (including [CLS] and [SEP]).
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    max_len: usize,
+    /// Where the math runs: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Add a new, seeded random classification head with N labels (e.g. to a bare pretrained
+    /// encoder); replaces the checkpoint's classifier if it has one.
+    #[arg(long, value_name = "N")]
+    new_head: Option<usize>,
+    /// Seed of the new head's weights.
+    #[arg(long, default_value_t = 0)]
+    head_seed: u64,
+}
+
+impl InferenceArgs {
+    fn load(&self, model: &std::path::Path) -> anyhow::Result<SequenceClassifier<Cpu>> {
+        if self.device == Device::Cuda {
+            bail!("the CUDA backend is not built yet; use --device cpu");
+        }
+        let opts =
+            LoadOptions { new_head: self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed }) };
+        let clf = SequenceClassifier::load(Cpu, model, self.max_len, opts)?;
+        if clf.model.num_labels().is_none() {
+            bail!(
+                "{} has no classification head (classifier.weight); pass --new-head N to add a seeded random one",
+                model.display()
+            );
+        }
+        Ok(clf)
+    }
+}
+
+/// One line of an inputs file.
+struct InputLine {
+    line: usize,
+    text: String,
+    label: Option<serde_json::Value>,
+}
+
+/// Reads JSON lines with a string `text` field (and `label` when `want_label`); blank lines are
+/// skipped, anything else that is not such an object is an error naming the line.
+fn read_jsonl(path: &std::path::Path, want_label: bool) -> anyhow::Result<Vec<InputLine>> {
+    let data = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, raw) in data.lines().enumerate() {
+        let line = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let mut v: serde_json::Value =
+            serde_json::from_str(raw).with_context(|| format!("{}:{line}: not a JSON object", path.display()))?;
+        let Some(obj) = v.as_object_mut() else { bail!("{}:{line}: not a JSON object", path.display()) };
+        let text = match obj.remove("text") {
+            Some(serde_json::Value::String(t)) => t,
+            Some(other) => bail!("{}:{line}: field `text` must be a string, got {other}", path.display()),
+            None => bail!("{}:{line}: missing field `text`", path.display()),
+        };
+        let label = obj.remove("label");
+        if want_label && label.is_none() {
+            bail!("{}:{line}: missing field `label`", path.display());
+        }
+        out.push(InputLine { line, text, label });
+    }
+    Ok(out)
+}
+
+/// A `label` value as a class index: an integer, or a name from config.json's `label2id`.
+fn label_index(
+    v: &serde_json::Value,
+    clf: &SequenceClassifier<Cpu>,
+    path: &std::path::Path,
+    line: usize,
+) -> anyhow::Result<usize> {
+    let n = clf.model.num_labels().unwrap_or(0);
+    let idx = match v {
+        serde_json::Value::Number(x) => match x.as_u64() {
+            Some(i) => i as usize,
+            None => bail!("{}:{line}: label {x} is not a class index", path.display()),
+        },
+        serde_json::Value::String(name) => match clf.label2id() {
+            Some(map) => match map.get(name) {
+                Some(&i) => i,
+                None => {
+                    let known: Vec<&str> = map.keys().map(String::as_str).collect();
+                    bail!(
+                        "{}:{line}: unknown label `{name}` (config.json label2id has: {})",
+                        path.display(),
+                        known.join(", ")
+                    )
+                }
+            },
+            None => bail!(
+                "{}:{line}: unknown label `{name}`: config.json has no label2id, so labels must be class indices",
+                path.display()
+            ),
+        },
+        other => bail!("{}:{line}: label must be a name or an index, got {other}", path.display()),
+    };
+    if idx >= n {
+        bail!("{}:{line}: label {idx} is outside the model's {n} classes", path.display());
+    }
+    Ok(idx)
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory, so `path` appears
+/// only complete.
+fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    tmp.write_all(text.as_bytes()).with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.as_file().sync_all().with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(path).with_context(|| format!("renaming onto {}", path.display()))?;
+    Ok(())
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1048576`.
@@ -173,6 +328,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     params.join(", "),
                     if m.needs_base { "; needs base_model" } else { "" }
                 );
+            }
+        }
+        Command::Predict { model, inputs, out, run } => {
+            let lines = read_jsonl(&inputs, false)?;
+            let clf = run.load(&model)?;
+            let start = std::time::Instant::now();
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            let preds = predict(&clf, &texts, run.batch_size)?;
+            let mut text = String::new();
+            for p in &preds {
+                let best = p.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > p.probs[b] { i } else { b });
+                let row = serde_json::json!({ "logits": p.logits, "probs": p.probs, "pred": best });
+                text.push_str(&row.to_string());
+                text.push('\n');
+            }
+            write_atomically(&out, &text)?;
+            tracing::info!(
+                "wrote {} predictions to {} in {:.1}s",
+                preds.len(),
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Command::Eval { model, inputs, json, run } => {
+            let lines = read_jsonl(&inputs, true)?;
+            let clf = run.load(&model)?;
+            let mut labels = Vec::with_capacity(lines.len());
+            for l in &lines {
+                let v = l.label.as_ref().context("label checked when reading")?;
+                labels.push(label_index(v, &clf, &inputs, l.line)?);
+            }
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            let report = evaluate(&clf, &texts, &labels, run.batch_size)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            } else {
+                emit(&format!(
+                    "accuracy {:.4} ({} examples), mean cross-entropy {:.4}\n",
+                    report.accuracy, report.examples, report.mean_ce
+                ))?;
             }
         }
         Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {

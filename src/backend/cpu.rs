@@ -182,7 +182,7 @@ impl Cpu {
         key_mask: Option<&Vec<f32>>,
         s: &AttnShape,
     ) -> Result<()> {
-        if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || s.heads % s.kv_heads != 0 {
+        if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || !s.heads.is_multiple_of(s.kv_heads) {
             return Err(err(op, format!("{} heads cannot be grouped over {} kv heads", s.heads, s.kv_heads)));
         }
         if s.causal && s.seq_q > s.seq_k {
@@ -471,7 +471,7 @@ impl Backend for Cpu {
     ) -> Result<Vec<f32>> {
         expect_len("softmax", "x", x.len(), rows * cols)?;
         if let Some(m) = mask {
-            if group == 0 || rows % group != 0 {
+            if group == 0 || !rows.is_multiple_of(group) {
                 return Err(err("softmax", format!("{rows} rows cannot share mask rows in groups of {group}")));
             }
             expect_len("softmax", "mask", m.len(), rows / group * cols)?;
@@ -616,7 +616,7 @@ impl Backend for Cpu {
     }
 
     fn embedding(&self, table: &Vec<f32>, ids: &Vec<u32>, dim: usize) -> Result<Vec<f32>> {
-        if dim == 0 || table.len() % dim != 0 {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
             return Err(err("embedding", format!("table of {} elements is not a [rows, {dim}] matrix", table.len())));
         }
         let vocab = table.len() / dim;

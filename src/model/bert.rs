@@ -303,6 +303,14 @@ pub enum HeadStyle {
     Roberta,
 }
 
+/// The head's intermediate values: the [CLS] rows, the pooler before and after tanh, the logits.
+struct HeadActs<Buf> {
+    cls: Buf,
+    pre: Buf,
+    pooled: Buf,
+    logits: Buf,
+}
+
 /// Pooler + classifier: `logits = W_c tanh(W_p h_[CLS] + b_p) + b_c`.
 #[derive(Debug, Clone)]
 pub struct ClassifierHead {
@@ -331,25 +339,19 @@ impl ClassifierHead {
         vec![(dw.into(), vec![h, h]), (db.into(), vec![h]), (ow.into(), vec![n, h]), (ob.into(), vec![n])]
     }
 
-    fn run<B: Backend>(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &Batch<B>,
-        hidden: &B::Buf,
-    ) -> Result<(B::Buf, B::Buf, B::Buf, B::Buf)> {
+    fn run<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<HeadActs<B::Buf>> {
         let [dw, db, ow, ob] = self.names();
         let h = self.hidden;
         let cls = be.embedding(hidden, &batch.cls_rows, h)?;
         let pre = be.linear(&cls, param(p, dw)?, Some(param(p, db)?), batch.batch, h, h)?;
         let pooled = be.tanh(&pre)?;
         let logits = be.linear(&pooled, param(p, ow)?, Some(param(p, ob)?), batch.batch, h, self.num_labels)?;
-        Ok((cls, pre, pooled, logits))
+        Ok(HeadActs { cls, pre, pooled, logits })
     }
 
     /// Logits `[batch, num_labels]` from the last hidden states `[batch * seq, hidden]`.
     pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<B::Buf> {
-        Ok(self.run(be, p, batch, hidden)?.3)
+        Ok(self.run(be, p, batch, hidden)?.logits)
     }
 
     pub fn backward<B: Backend>(
@@ -362,7 +364,7 @@ impl ClassifierHead {
     ) -> Result<(B::Buf, Params<B>)> {
         let [dw, db, ow, ob] = self.names();
         let (h, n, rows) = (self.hidden, self.num_labels, batch.batch);
-        let (cls, pre, pooled, _) = self.run(be, p, batch, hidden)?;
+        let HeadActs { cls, pre, pooled, .. } = self.run(be, p, batch, hidden)?;
         let shapes = self.param_shapes();
         let mut g = Params::new();
         let out = be.linear_backward(&pooled, param(p, ow)?, dlogits, rows, h, n, true, true)?;

@@ -70,7 +70,7 @@ impl BertConfig {
         };
         let hidden_size = usize_field("hidden_size")?;
         let num_attention_heads = usize_field("num_attention_heads")?;
-        if hidden_size % num_attention_heads != 0 {
+        if !hidden_size.is_multiple_of(num_attention_heads) {
             return Err(bad(format!(
                 "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
             )));
