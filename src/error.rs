@@ -65,6 +65,18 @@ pub enum Error {
     #[error("label cache {path}: {reason}")]
     LabelCache { path: PathBuf, reason: String },
 
+    /// A backend op was called with buffers that do not match the shape arguments: a bug in the
+    /// caller, reported rather than read out of bounds.
+    #[error("backend op `{op}`: {reason}")]
+    Shape { op: &'static str, reason: String },
+
+    /// A model's `config.json` or weights do not describe a model we can run.
+    #[error("model {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
     #[error("{0}")]
     Invalid(String),
 }

@@ -8,15 +8,20 @@
 //! - [`data`]: real labelled text tasks (WordNet, fortunes) as train/validation/test JSONL.
 //! - [`adapt`]: SyMerge / AdaMerging adaptation (Lambda, optimizer).
 //! - [`labels`]: the on-disk cache of expert soft labels that adaptation trains against.
+//! - [`backend`]: the numeric ops (forward and backward) behind one trait; [`backend::Cpu`] is
+//!   the reference implementation.
+//! - [`model`]: architectures as chains of blocks (BERT family), tokenization, predict/evaluate.
 
 pub mod adapt;
 pub mod atomic;
+pub mod backend;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod inspect;
 pub mod labels;
 pub mod merge;
+pub mod model;
 pub mod progress;
 pub mod sysinfo;
 

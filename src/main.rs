@@ -5,12 +5,16 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use symerge::atomic::write_atomic;
+use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
+use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
+use symerge::model::{DEFAULT_MAX_LEN, LoadOptions, NewHead, SequenceClassifier, evaluate, predict};
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -59,6 +63,32 @@ enum Command {
     },
     /// List the merge methods and their parameters.
     Methods,
+    /// Class scores for every text of a JSON-lines file (a `text` field per line).
+    Predict {
+        /// Model directory: config.json, safetensors weights, tokenizer.json.
+        model: PathBuf,
+        /// JSON lines with a `text` field (other fields are ignored).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output JSON lines, one per input in order, with `logits`, `probs` and `pred`
+        /// (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        run: InferenceArgs,
+    },
+    /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields).
+    Eval {
+        model: PathBuf,
+        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run: InferenceArgs,
+    },
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
     Generate {
         /// Shape preset (see `symerge generate --list`).
@@ -121,6 +151,45 @@ struct Tasks(Vec<Task>);
 
 fn parse_tasks(s: &str) -> Result<Tasks, String> {
     Task::parse_list(s).map(Tasks)
+}
+
+/// Options shared by the commands that run a model.
+#[derive(clap::Args)]
+struct InferenceArgs {
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Truncate texts to this many tokens (including [CLS] and [SEP]).
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    max_len: usize,
+    /// Where the math runs: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Add a new, seeded random classification head with N labels (e.g. to a bare pretrained
+    /// encoder); replaces the checkpoint's classifier if it has one.
+    #[arg(long, value_name = "N")]
+    new_head: Option<usize>,
+    /// Seed of the new head's weights.
+    #[arg(long, default_value_t = 0)]
+    head_seed: u64,
+}
+
+impl InferenceArgs {
+    fn load(&self, model: &std::path::Path) -> anyhow::Result<SequenceClassifier<Cpu>> {
+        if self.device == Device::Cuda {
+            bail!("the CUDA backend is not built yet; use --device cpu");
+        }
+        let opts =
+            LoadOptions { new_head: self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed }) };
+        let clf = SequenceClassifier::load(Cpu, model, self.max_len, opts)?;
+        if clf.model.num_labels().is_none() {
+            bail!(
+                "{} has no classification head (classifier.weight); pass --new-head N to add a seeded random one",
+                model.display()
+            );
+        }
+        Ok(clf)
+    }
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1048576`.
@@ -213,6 +282,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     params.join(", "),
                     if m.needs_base { "; needs base_model" } else { "" }
                 );
+            }
+        }
+        Command::Predict { model, inputs, out, run } => {
+            let lines = read_jsonl(&inputs)?;
+            let clf = run.load(&model)?;
+            let start = std::time::Instant::now();
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            let preds = predict(&clf, &texts, run.batch_size)?;
+            let mut text = String::new();
+            for p in &preds {
+                let best = p.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > p.probs[b] { i } else { b });
+                let row = serde_json::json!({ "logits": p.logits, "probs": p.probs, "pred": best });
+                text.push_str(&row.to_string());
+                text.push('\n');
+            }
+            write_atomic(&out, text.as_bytes())?;
+            tracing::info!(
+                "wrote {} predictions to {} in {:.1}s",
+                preds.len(),
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Command::Eval { model, inputs, json, run } => {
+            let lines = read_jsonl(&inputs)?;
+            let clf = run.load(&model)?;
+            let labels = clf.label_ids(&lines, &inputs)?;
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            let report = evaluate(&clf, &texts, &labels, run.batch_size)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            } else {
+                emit(&format!(
+                    "accuracy {:.4} ({} examples), mean cross-entropy {:.4}\n",
+                    report.accuracy, report.examples, report.mean_ce
+                ))?;
             }
         }
         Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {

@@ -3,6 +3,8 @@
 //! reference implementation of the format.
 #![allow(dead_code)]
 
+pub mod grad;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,824 @@
+//! The CPU reference backend: plain `Vec<f32>` buffers, matrix products through `matrixmultiply`
+//! (packed, SIMD kernels; any strides, so transposes are free), rows and heads spread over rayon
+//! threads. Every op checks its buffers against its shape arguments, so a caller's shape bug is an
+//! error naming the op instead of a wrong answer.
+
+use rayon::prelude::*;
+
+use super::{AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads};
+use crate::error::{Error, Result};
+
+/// The CPU backend. Stateless: threads come from rayon's global pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+/// Below this many multiply-adds a product runs on one thread: splitting costs more than it saves.
+const PAR_GEMM_FLOPS: usize = 1 << 18;
+/// Element-wise ops hand rayon at least this many elements per task.
+const MIN_PAR: usize = 1 << 14;
+
+fn err(op: &'static str, reason: impl Into<String>) -> Error {
+    Error::Shape { op, reason: reason.into() }
+}
+
+fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want { Ok(()) } else { Err(err(op, format!("{what} has {got} elements, expected {want}"))) }
+}
+
+/// A read-only strided matrix view: element (i, j) is `data[off + i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major `[rows, cols]` matrix, or its transpose when `t` (then stored `[cols, rows]`).
+    fn dense(data: &'a [f32], rows: usize, cols: usize, t: bool) -> Self {
+        if t { View { data, off: 0, rs: 1, cs: rows } } else { View { data, off: 0, rs: cols, cs: 1 } }
+    }
+
+    fn shifted(self, rows: usize) -> Self {
+        View { off: self.off + rows * self.rs, ..self }
+    }
+
+    /// Whether a `[rows, cols]` window fits in the data.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || self.off + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `c[off..] = alpha * a @ b + beta * c` for `a` `[m, k]`, `b` `[k, n]`, `c` with row stride `rsc`
+/// (unit column stride), on the calling thread. Bounds are checked before the unsafe call, which
+/// is what makes this wrapper sound.
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: View<'_>,
+    b: View<'_>,
+    beta: f32,
+    c: &mut [f32],
+    c_off: usize,
+    rsc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.fits(m, k) && b.fits(k, n), "gemm operand out of bounds");
+    assert!(c_off + (m - 1) * rsc + n <= c.len(), "gemm output out of bounds");
+    if k == 0 {
+        for i in 0..m {
+            for v in &mut c[c_off + i * rsc..c_off + i * rsc + n] {
+                *v *= beta;
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above show every element the product reads (a, b) or writes (c) lies
+    // inside its slice; `c` is borrowed mutably, so nothing else aliases it.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.data.as_ptr().add(a.off),
+            a.rs as isize,
+            a.cs as isize,
+            b.data.as_ptr().add(b.off),
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c.as_mut_ptr().add(c_off),
+            rsc as isize,
+            1,
+        );
+    }
+}
+
+/// Like [`gemm_serial`] for a contiguous `c` `[m, n]`, split by rows over threads when large.
+#[allow(clippy::too_many_arguments)]
+fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, beta: f32, c: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PAR_GEMM_FLOPS || m < 32 {
+        gemm_serial(m, n, k, alpha, a, b, beta, c, 0, n);
+        return;
+    }
+    let chunk = m.div_ceil(threads * 2).max(16);
+    c[..m * n].par_chunks_mut(chunk * n).enumerate().for_each(|(i, cc)| {
+        let rows = cc.len() / n;
+        gemm_serial(rows, n, k, alpha, a.shifted(i * chunk), b, beta, cc, 0, n);
+    });
+}
+
+fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    x.par_iter().with_min_len(MIN_PAR).map(|&v| f(v)).collect()
+}
+
+fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    a.par_iter().zip(b.par_iter()).with_min_len(MIN_PAR).map(|(&x, &y)| f(x, y)).collect()
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+fn gelu_f(x: f32, kind: Gelu) -> f32 {
+    match kind {
+        Gelu::Erf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Gelu::Tanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh()),
+    }
+}
+
+fn gelu_grad(x: f32, kind: Gelu) -> f32 {
+    match kind {
+        Gelu::Erf => {
+            let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+            cdf + x * pdf
+        }
+        Gelu::Tanh => {
+            let t = (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * x * x)
+        }
+    }
+}
+
+/// In-place softmax of one row; entries of `mask_row` are added first.
+fn softmax_row(row: &mut [f32], mask_row: Option<&[f32]>) {
+    if let Some(m) = mask_row {
+        for (v, &a) in row.iter_mut().zip(m) {
+            *v += a;
+        }
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `log(sum(exp(row)))`, computed stably in f64.
+fn logsumexp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+}
+
+impl Cpu {
+    fn check_attn(
+        op: &'static str,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        key_mask: Option<&Vec<f32>>,
+        s: &AttnShape,
+    ) -> Result<()> {
+        if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || !s.heads.is_multiple_of(s.kv_heads) {
+            return Err(err(op, format!("{} heads cannot be grouped over {} kv heads", s.heads, s.kv_heads)));
+        }
+        if s.causal && s.seq_q > s.seq_k {
+            return Err(err(op, format!("causal attention needs seq_q ({}) <= seq_k ({})", s.seq_q, s.seq_k)));
+        }
+        expect_len(op, "q", q.len(), s.q_len())?;
+        expect_len(op, "k", k.len(), s.kv_len())?;
+        expect_len(op, "v", v.len(), s.kv_len())?;
+        if let Some(m) = key_mask {
+            expect_len(op, "key mask", m.len(), s.batch * s.seq_k)?;
+        }
+        Ok(())
+    }
+
+    /// Probabilities `[seq_q, seq_k]` of query head `h` in sequence `b`.
+    fn attn_probs(q: &[f32], k: &[f32], key_mask: Option<&[f32]>, s: &AttnShape, b: usize, h: usize) -> Vec<f32> {
+        let (qs, ks) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let g = h / (s.heads / s.kv_heads);
+        let qv = View { data: q, off: b * s.seq_q * qs + h * s.head_dim, rs: qs, cs: 1 };
+        let kt = View { data: k, off: b * s.seq_k * ks + g * s.head_dim, rs: 1, cs: ks };
+        let mut p = vec![0f32; s.seq_q * s.seq_k];
+        gemm_serial(s.seq_q, s.seq_k, s.head_dim, s.scale(), qv, kt, 0.0, &mut p, 0, s.seq_k);
+        let shift = s.seq_k - s.seq_q.min(s.seq_k);
+        for (i, row) in p.chunks_mut(s.seq_k).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                let padded = key_mask.is_some_and(|m| m[b * s.seq_k + j] == 0.0);
+                if padded || (s.causal && j > i + shift) {
+                    // Hugging Face adds finfo(f32).min; |score| is far below its ulp, so setting it
+                    // is the same number, and it cannot overflow when two masks meet.
+                    *v = f32::MIN;
+                }
+            }
+            softmax_row(row, None);
+        }
+        p
+    }
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn ids_len(&self, ids: &Vec<u32>) -> usize {
+        ids.len()
+    }
+
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        beta: f32,
+        c: &mut Vec<f32>,
+    ) -> Result<()> {
+        expect_len("gemm", "a", a.len(), m * k)?;
+        expect_len("gemm", "b", b.len(), k * n)?;
+        expect_len("gemm", "c", c.len(), m * n)?;
+        gemm_par(m, n, k, alpha, View::dense(a, m, k, ta), View::dense(b, k, n, tb), beta, c);
+        Ok(())
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Vec<f32>> {
+        expect_len("linear", "x", x.len(), rows * inp)?;
+        expect_len("linear", "weight", w.len(), out * inp)?;
+        let mut y = vec![0f32; rows * out];
+        let beta = match bias {
+            Some(b) => {
+                expect_len("linear", "bias", b.len(), out)?;
+                for r in y.chunks_mut(out.max(1)) {
+                    r.copy_from_slice(b);
+                }
+                1.0
+            }
+            None => 0.0,
+        };
+        gemm_par(rows, out, inp, 1.0, View::dense(x, rows, inp, false), View::dense(w, inp, out, true), beta, &mut y);
+        Ok(y)
+    }
+
+    fn linear_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        need_dx: bool,
+        has_bias: bool,
+    ) -> Result<LinearGrads<Vec<f32>>> {
+        expect_len("linear_backward", "x", x.len(), rows * inp)?;
+        expect_len("linear_backward", "weight", w.len(), out * inp)?;
+        expect_len("linear_backward", "dy", dy.len(), rows * out)?;
+        let dx = need_dx.then(|| {
+            let mut dx = vec![0f32; rows * inp];
+            gemm_par(
+                rows,
+                inp,
+                out,
+                1.0,
+                View::dense(dy, rows, out, false),
+                View::dense(w, out, inp, false),
+                0.0,
+                &mut dx,
+            );
+            dx
+        });
+        let mut dw = vec![0f32; out * inp];
+        gemm_par(out, inp, rows, 1.0, View::dense(dy, out, rows, true), View::dense(x, rows, inp, false), 0.0, &mut dw);
+        let db = has_bias.then(|| {
+            dy.par_chunks(out.max(1))
+                .with_min_len(64)
+                .fold(
+                    || vec![0f32; out],
+                    |mut acc, r| {
+                        for (a, &v) in acc.iter_mut().zip(r) {
+                            *a += v;
+                        }
+                        acc
+                    },
+                )
+                .reduce(
+                    || vec![0f32; out],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(&b) {
+                            *x += y;
+                        }
+                        a
+                    },
+                )
+        });
+        Ok(LinearGrads { dx, dw, db })
+    }
+
+    fn add(&self, a: &Vec<f32>, b: &Vec<f32>) -> Result<Vec<f32>> {
+        expect_len("add", "b", b.len(), a.len())?;
+        Ok(map2(a, b, |x, y| x + y))
+    }
+
+    fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        expect_len("add_assign", "b", b.len(), a.len())?;
+        a.par_iter_mut().zip(b.par_iter()).with_min_len(MIN_PAR).for_each(|(x, &y)| *x += y);
+        Ok(())
+    }
+
+    fn layernorm(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<Vec<f32>> {
+        expect_len("layernorm", "x", x.len(), rows * dim)?;
+        expect_len("layernorm", "gamma", gamma.len(), dim)?;
+        expect_len("layernorm", "beta", beta.len(), dim)?;
+        let mut y = vec![0f32; rows * dim];
+        y.par_chunks_mut(dim.max(1)).zip(x.par_chunks(dim.max(1))).for_each(|(yr, xr)| {
+            let (mean, rstd) = moments(xr, eps);
+            for j in 0..dim {
+                yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+            }
+        });
+        Ok(y)
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        dy: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<NormGrads<Vec<f32>>> {
+        expect_len("layernorm_backward", "x", x.len(), rows * dim)?;
+        expect_len("layernorm_backward", "gamma", gamma.len(), dim)?;
+        expect_len("layernorm_backward", "dy", dy.len(), rows * dim)?;
+        let d = dim.max(1);
+        let mut dx = vec![0f32; rows * dim];
+        let (dgamma, dbeta) = dx
+            .par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+            .with_min_len(8)
+            .fold(
+                || (vec![0f32; dim], vec![0f32; dim]),
+                |(mut dg, mut db), (dxr, (xr, dyr))| {
+                    let (mean, rstd) = moments(xr, eps);
+                    let mut s1 = 0f32;
+                    let mut s2 = 0f32;
+                    for j in 0..dim {
+                        let xhat = (xr[j] - mean) * rstd;
+                        let g = dyr[j] * gamma[j];
+                        s1 += g;
+                        s2 += g * xhat;
+                        dg[j] += dyr[j] * xhat;
+                        db[j] += dyr[j];
+                    }
+                    let (m1, m2) = (s1 / dim as f32, s2 / dim as f32);
+                    for j in 0..dim {
+                        let xhat = (xr[j] - mean) * rstd;
+                        dxr[j] = rstd * (dyr[j] * gamma[j] - m1 - xhat * m2);
+                    }
+                    (dg, db)
+                },
+            )
+            .reduce(
+                || (vec![0f32; dim], vec![0f32; dim]),
+                |(mut g1, mut b1), (g2, b2)| {
+                    for j in 0..dim {
+                        g1[j] += g2[j];
+                        b1[j] += b2[j];
+                    }
+                    (g1, b1)
+                },
+            );
+        Ok(NormGrads { dx, dgamma, dbeta })
+    }
+
+    fn gelu(&self, x: &Vec<f32>, kind: Gelu) -> Result<Vec<f32>> {
+        Ok(map1(x, |v| gelu_f(v, kind)))
+    }
+
+    fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, kind: Gelu) -> Result<Vec<f32>> {
+        expect_len("gelu_backward", "dy", dy.len(), x.len())?;
+        Ok(map2(x, dy, |v, g| g * gelu_grad(v, kind)))
+    }
+
+    fn tanh(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(map1(x, f32::tanh))
+    }
+
+    fn tanh_backward(&self, x: &Vec<f32>, dy: &Vec<f32>) -> Result<Vec<f32>> {
+        expect_len("tanh_backward", "dy", dy.len(), x.len())?;
+        Ok(map2(x, dy, |v, g| {
+            let t = v.tanh();
+            g * (1.0 - t * t)
+        }))
+    }
+
+    fn softmax(
+        &self,
+        x: &Vec<f32>,
+        mask: Option<&Vec<f32>>,
+        rows: usize,
+        cols: usize,
+        group: usize,
+    ) -> Result<Vec<f32>> {
+        expect_len("softmax", "x", x.len(), rows * cols)?;
+        if let Some(m) = mask {
+            if group == 0 || !rows.is_multiple_of(group) {
+                return Err(err("softmax", format!("{rows} rows cannot share mask rows in groups of {group}")));
+            }
+            expect_len("softmax", "mask", m.len(), rows / group * cols)?;
+        }
+        let mut y = x.clone();
+        y.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, row)| {
+            softmax_row(row, mask.map(|m| &m[r / group * cols..(r / group + 1) * cols]));
+        });
+        Ok(y)
+    }
+
+    fn softmax_backward(&self, y: &Vec<f32>, dy: &Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        expect_len("softmax_backward", "y", y.len(), rows * cols)?;
+        expect_len("softmax_backward", "dy", dy.len(), rows * cols)?;
+        let mut dx = vec![0f32; rows * cols];
+        dx.par_chunks_mut(cols.max(1)).zip(y.par_chunks(cols.max(1)).zip(dy.par_chunks(cols.max(1)))).for_each(
+            |(dxr, (yr, dyr))| {
+                let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+                for j in 0..cols {
+                    dxr[j] = yr[j] * (dyr[j] - dot);
+                }
+            },
+        );
+        Ok(dx)
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        key_mask: Option<&Vec<f32>>,
+        s: AttnShape,
+    ) -> Result<Vec<f32>> {
+        Cpu::check_attn("attention", q, k, v, key_mask, &s)?;
+        let (qs, ks, hd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim);
+        let tiles: Vec<Vec<f32>> = (0..s.batch * s.heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / s.heads, bh % s.heads);
+                let g = h / (s.heads / s.kv_heads);
+                let p = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
+                let vv = View { data: v, off: b * s.seq_k * ks + g * hd, rs: ks, cs: 1 };
+                let mut o = vec![0f32; s.seq_q * hd];
+                gemm_serial(
+                    s.seq_q,
+                    hd,
+                    s.seq_k,
+                    1.0,
+                    View::dense(&p, s.seq_q, s.seq_k, false),
+                    vv,
+                    0.0,
+                    &mut o,
+                    0,
+                    hd,
+                );
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; s.q_len()];
+        for (bh, tile) in tiles.iter().enumerate() {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            for i in 0..s.seq_q {
+                let dst = (b * s.seq_q + i) * qs + h * hd;
+                out[dst..dst + hd].copy_from_slice(&tile[i * hd..(i + 1) * hd]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        key_mask: Option<&Vec<f32>>,
+        dout: &Vec<f32>,
+        s: AttnShape,
+    ) -> Result<AttnGrads<Vec<f32>>> {
+        Cpu::check_attn("attention_backward", q, k, v, key_mask, &s)?;
+        expect_len("attention_backward", "dout", dout.len(), s.q_len())?;
+        let (qs, ks, hd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim);
+        let group = s.heads / s.kv_heads;
+        let scale = s.scale();
+        // One task per (sequence, kv head): the query heads sharing a kv head add into the same
+        // dk/dv, so they run in one task and need no synchronisation.
+        let tiles: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|bg| {
+                let (b, g) = (bg / s.kv_heads, bg % s.kv_heads);
+                let mut dq = vec![0f32; group * s.seq_q * hd];
+                let mut dk = vec![0f32; s.seq_k * hd];
+                let mut dv = vec![0f32; s.seq_k * hd];
+                let kview = View { data: k, off: b * s.seq_k * ks + g * hd, rs: ks, cs: 1 };
+                let vt = View { data: v, off: b * s.seq_k * ks + g * hd, rs: 1, cs: ks };
+                for hh in 0..group {
+                    let h = g * group + hh;
+                    let p = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
+                    let pt = View::dense(&p, s.seq_k, s.seq_q, true);
+                    let dov = View { data: dout, off: b * s.seq_q * qs + h * hd, rs: qs, cs: 1 };
+                    let qv = View { data: q, off: b * s.seq_q * qs + h * hd, rs: qs, cs: 1 };
+                    // dv += p^T do
+                    gemm_serial(s.seq_k, hd, s.seq_q, 1.0, pt, dov, 1.0, &mut dv, 0, hd);
+                    // dp = do v^T, then ds = p * (dp - rowsum(dp * p))
+                    let mut ds = vec![0f32; s.seq_q * s.seq_k];
+                    gemm_serial(s.seq_q, s.seq_k, hd, 1.0, dov, vt, 0.0, &mut ds, 0, s.seq_k);
+                    for (dsr, pr) in ds.chunks_mut(s.seq_k).zip(p.chunks(s.seq_k)) {
+                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (d, &pp) in dsr.iter_mut().zip(pr) {
+                            *d = pp * (*d - dot);
+                        }
+                    }
+                    let dsv = View::dense(&ds, s.seq_q, s.seq_k, false);
+                    let dst = View::dense(&ds, s.seq_k, s.seq_q, true);
+                    // dq = scale ds k ; dk += scale ds^T q
+                    gemm_serial(s.seq_q, hd, s.seq_k, scale, dsv, kview, 0.0, &mut dq, hh * s.seq_q * hd, hd);
+                    gemm_serial(s.seq_k, hd, s.seq_q, scale, dst, qv, 1.0, &mut dk, 0, hd);
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![0f32; s.q_len()];
+        let mut dk = vec![0f32; s.kv_len()];
+        let mut dv = vec![0f32; s.kv_len()];
+        for (bg, (tq, tk, tv)) in tiles.iter().enumerate() {
+            let (b, g) = (bg / s.kv_heads, bg % s.kv_heads);
+            for hh in 0..group {
+                let h = g * group + hh;
+                for i in 0..s.seq_q {
+                    let dst = (b * s.seq_q + i) * qs + h * hd;
+                    let src = (hh * s.seq_q + i) * hd;
+                    dq[dst..dst + hd].copy_from_slice(&tq[src..src + hd]);
+                }
+            }
+            for j in 0..s.seq_k {
+                let dst = (b * s.seq_k + j) * ks + g * hd;
+                dk[dst..dst + hd].copy_from_slice(&tk[j * hd..(j + 1) * hd]);
+                dv[dst..dst + hd].copy_from_slice(&tv[j * hd..(j + 1) * hd]);
+            }
+        }
+        Ok(AttnGrads { dq, dk, dv })
+    }
+
+    fn embedding(&self, table: &Vec<f32>, ids: &Vec<u32>, dim: usize) -> Result<Vec<f32>> {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
+            return Err(err("embedding", format!("table of {} elements is not a [rows, {dim}] matrix", table.len())));
+        }
+        let vocab = table.len() / dim;
+        if let Some((pos, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+            return Err(err("embedding", format!("id {id} at position {pos} is outside the table ({vocab} rows)")));
+        }
+        let mut out = vec![0f32; ids.len() * dim];
+        out.par_chunks_mut(dim).zip(ids.par_iter()).with_min_len(64).for_each(|(o, &id)| {
+            o.copy_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
+        });
+        Ok(out)
+    }
+
+    fn embedding_backward(&self, ids: &Vec<u32>, dy: &Vec<f32>, vocab: usize, dim: usize) -> Result<Vec<f32>> {
+        expect_len("embedding_backward", "dy", dy.len(), ids.len() * dim)?;
+        if let Some((pos, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+            return Err(err(
+                "embedding_backward",
+                format!("id {id} at position {pos} is outside the table ({vocab} rows)"),
+            ));
+        }
+        let mut table = vec![0f32; vocab * dim];
+        // Serial: repeated ids add into the same row, and the rows touched are few next to the
+        // table that has to be zeroed anyway.
+        for (r, &id) in dy.chunks(dim.max(1)).zip(ids) {
+            let dst = &mut table[id as usize * dim..(id as usize + 1) * dim];
+            for (d, &g) in dst.iter_mut().zip(r) {
+                *d += g;
+            }
+        }
+        Ok(table)
+    }
+
+    fn soft_ce(&self, logits: &Vec<f32>, targets: &Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        expect_len("soft_ce", "logits", logits.len(), rows * cols)?;
+        expect_len("soft_ce", "targets", targets.len(), rows * cols)?;
+        if rows == 0 || cols == 0 {
+            return Err(err("soft_ce", "needs at least one row and one class"));
+        }
+        let total: f64 = logits
+            .par_chunks(cols)
+            .zip(targets.par_chunks(cols))
+            .map(|(z, t)| {
+                let lse = logsumexp(z);
+                z.iter().zip(t).map(|(&zj, &tj)| tj as f64 * (lse - zj as f64)).sum::<f64>()
+            })
+            .sum();
+        Ok(vec![(total / rows as f64) as f32])
+    }
+
+    fn soft_ce_backward(
+        &self,
+        logits: &Vec<f32>,
+        targets: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        expect_len("soft_ce_backward", "logits", logits.len(), rows * cols)?;
+        expect_len("soft_ce_backward", "targets", targets.len(), rows * cols)?;
+        if rows == 0 || cols == 0 {
+            return Err(err("soft_ce_backward", "needs at least one row and one class"));
+        }
+        let s = scale / rows as f32;
+        let mut g = logits.clone();
+        g.par_chunks_mut(cols).zip(targets.par_chunks(cols)).for_each(|(gr, t)| {
+            let tsum: f32 = t.iter().sum();
+            softmax_row(gr, None);
+            for (v, &tj) in gr.iter_mut().zip(t) {
+                *v = (*v * tsum - tj) * s;
+            }
+        });
+        Ok(g)
+    }
+
+    fn l1(&self, x: &Vec<f32>, target: Option<&Vec<f32>>) -> Result<Vec<f32>> {
+        if x.is_empty() {
+            return Err(err("l1", "needs at least one element"));
+        }
+        let total: f64 = match target {
+            Some(t) => {
+                expect_len("l1", "target", t.len(), x.len())?;
+                x.par_iter().zip(t.par_iter()).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum()
+            }
+            None => x.par_iter().map(|&a| (a as f64).abs()).sum(),
+        };
+        Ok(vec![(total / x.len() as f64) as f32])
+    }
+
+    fn l1_backward(&self, x: &Vec<f32>, target: Option<&Vec<f32>>, scale: f32) -> Result<Vec<f32>> {
+        if x.is_empty() {
+            return Err(err("l1_backward", "needs at least one element"));
+        }
+        let s = scale / x.len() as f32;
+        let sign = move |d: f32| {
+            if d > 0.0 {
+                s
+            } else if d < 0.0 {
+                -s
+            } else {
+                0.0
+            }
+        };
+        match target {
+            Some(t) => {
+                expect_len("l1_backward", "target", t.len(), x.len())?;
+                Ok(map2(x, t, |a, b| sign(a - b)))
+            }
+            None => Ok(map1(x, sign)),
+        }
+    }
+
+    fn entropy(&self, logits: &Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        expect_len("entropy", "logits", logits.len(), rows * cols)?;
+        if rows == 0 || cols == 0 {
+            return Err(err("entropy", "needs at least one row and one class"));
+        }
+        let total: f64 = logits.par_chunks(cols).map(row_entropy).sum();
+        Ok(vec![(total / rows as f64) as f32])
+    }
+
+    fn entropy_backward(&self, logits: &Vec<f32>, rows: usize, cols: usize, scale: f32) -> Result<Vec<f32>> {
+        expect_len("entropy_backward", "logits", logits.len(), rows * cols)?;
+        if rows == 0 || cols == 0 {
+            return Err(err("entropy_backward", "needs at least one row and one class"));
+        }
+        let s = scale / rows as f32;
+        let mut g = vec![0f32; rows * cols];
+        g.par_chunks_mut(cols).zip(logits.par_chunks(cols)).for_each(|(gr, z)| {
+            // dH/dz_j = -p_j (log p_j + H)
+            let lse = logsumexp(z);
+            let h = row_entropy(z);
+            for (gj, &zj) in gr.iter_mut().zip(z) {
+                let logp = zj as f64 - lse;
+                *gj = (-(logp.exp()) * (logp + h)) as f32 * s;
+            }
+        });
+        Ok(g)
+    }
+}
+
+/// Mean and 1/std of a row (statistics in f64: LayerNorm's variance of large activations loses
+/// digits in f32).
+fn moments(xr: &[f32], eps: f32) -> (f32, f32) {
+    let n = xr.len().max(1) as f64;
+    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// `-sum p log p` of `softmax(z)`, in f64.
+fn row_entropy(z: &[f32]) -> f64 {
+    let lse = logsumexp(z);
+    -z.iter()
+        .map(|&zj| {
+            let logp = zj as f64 - lse;
+            logp.exp() * logp
+        })
+        .sum::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The strided gemm against a naive f64 product, for every transpose combination and sizes
+    /// that cross the threading threshold.
+    #[test]
+    fn gemm_matches_naive_product() {
+        let cpu = Cpu;
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (130, 70, 65), (33, 1, 9), (2, 2, 0)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+                    let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 24.0).collect();
+                    let mut c: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+                    let c0 = c.clone();
+                    cpu.gemm(ta, tb, m, n, k, 0.5, &a, &b, 2.0, &mut c).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut s = 0f64;
+                            for p in 0..k {
+                                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                                s += av as f64 * bv as f64;
+                            }
+                            let want = 0.5 * s + 2.0 * c0[i * n + j] as f64;
+                            let got = c[i * n + j] as f64;
+                            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{m}x{n}x{k} {ta} {tb}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_op() {
+        let cpu = Cpu;
+        let e = cpu.linear(&vec![0.0; 5], &vec![0.0; 6], None, 2, 3, 2).unwrap_err().to_string();
+        assert!(e.contains("linear") && e.contains("x has 5 elements, expected 6"), "{e}");
+        let e = cpu.embedding(&vec![0.0; 6], &vec![0, 3], 2).unwrap_err().to_string();
+        assert!(e.contains("id 3 at position 1 is outside the table (3 rows)"), "{e}");
+    }
+}

@@ -1,0 +1,272 @@
+//! The numeric ops the models need, each with its backward, behind one trait so the CPU reference
+//! ([`cpu::Cpu`]) and a later CUDA implementation run the same model code.
+//!
+//! Rules that keep the trait implementable on a device:
+//! - storage is opaque ([`Backend::Buf`] for f32 data, [`Backend::Ids`] for token/row indices);
+//!   only [`Backend::upload`], [`Backend::upload_ids`] and [`Backend::download`] touch host memory;
+//! - shapes are explicit arguments (buffers are flat), all matrices are row-major;
+//! - losses return a one-element buffer, and their backward takes the upstream gradient as a host
+//!   scalar, so a training loop never has to download to take a step;
+//! - backward ops take the forward's *inputs* and recompute what they need, so a block can keep
+//!   only its input between forward and backward (the memory-lean mode the models use).
+//!
+//! All math is f32.
+
+pub mod cpu;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use cpu::Cpu;
+
+use crate::error::Result;
+
+/// Which GELU: the exact erf form (`hidden_act: gelu`) or the tanh approximation (`gelu_new`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    Erf,
+    Tanh,
+}
+
+/// Shape of a scaled dot-product attention call.
+///
+/// Queries are `[batch * seq_q, heads * head_dim]` and keys/values `[batch * seq_k,
+/// kv_heads * head_dim]`: exactly what the projections produce, so no transposes are needed.
+/// `kv_heads < heads` is grouped-query attention (query head `h` reads kv head
+/// `h / (heads / kv_heads)`); `causal` hides key `j` from query `i` when
+/// `j > i + (seq_k - seq_q)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+impl AttnShape {
+    /// Plain bidirectional multi-head attention (BERT).
+    pub fn bidirectional(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
+        AttnShape { batch, seq_q: seq, seq_k: seq, heads, kv_heads: heads, head_dim, causal: false }
+    }
+
+    /// The softmax temperature, 1 / sqrt(head_dim).
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    pub fn q_len(&self) -> usize {
+        self.batch * self.seq_q * self.heads * self.head_dim
+    }
+
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.seq_k * self.kv_heads * self.head_dim
+    }
+}
+
+/// Gradients of [`Backend::linear`].
+pub struct LinearGrads<B> {
+    /// `None` when the caller said it does not need it (e.g. the first block's input is ids).
+    pub dx: Option<B>,
+    pub dw: B,
+    /// `None` when the forward had no bias.
+    pub db: Option<B>,
+}
+
+/// Gradients of [`Backend::layernorm`].
+pub struct NormGrads<B> {
+    pub dx: B,
+    pub dgamma: B,
+    pub dbeta: B,
+}
+
+/// Gradients of [`Backend::attention`] wrt queries, keys and values.
+pub struct AttnGrads<B> {
+    pub dq: B,
+    pub dk: B,
+    pub dv: B,
+}
+
+/// The ops of a compute backend. See the module notes for the conventions.
+pub trait Backend: Send + Sync {
+    /// An f32 buffer in the backend's memory.
+    type Buf: Send + Sync;
+    /// A u32 index buffer (token ids, position ids, row indices).
+    type Ids: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // --- memory ---
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// Number of f32 elements.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn ids_len(&self, ids: &Self::Ids) -> usize;
+
+    // --- dense algebra ---
+    /// `c = alpha * op(a) @ op(b) + beta * c` with `op(a)` `[m, k]` and `op(b)` `[k, n]`; `ta`/`tb`
+    /// say `a`/`b` are stored transposed (`[k, m]` / `[n, k]`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        beta: f32,
+        c: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `y[rows, out] = x[rows, inp] @ w[out, inp]^T + bias` (PyTorch's `nn.Linear` layout).
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Self::Buf>;
+
+    /// Backward of [`Backend::linear`]: `dx = dy @ w`, `dw = dy^T @ x`, `db = sum_rows dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        need_dx: bool,
+        has_bias: bool,
+    ) -> Result<LinearGrads<Self::Buf>>;
+
+    /// Element-wise `a + b` (residual connections). Its backward is the identity for both inputs.
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// `a += b`: accumulates gradients where a value feeds two consumers.
+    fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()>;
+
+    // --- normalisation and activations ---
+    /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+    fn layernorm(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<Self::Buf>;
+    fn layernorm_backward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        dy: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<NormGrads<Self::Buf>>;
+
+    fn gelu(&self, x: &Self::Buf, kind: Gelu) -> Result<Self::Buf>;
+    fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, kind: Gelu) -> Result<Self::Buf>;
+    fn tanh(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    fn tanh_backward(&self, x: &Self::Buf, dy: &Self::Buf) -> Result<Self::Buf>;
+
+    /// Row softmax of `x + mask`, where `mask` (optional) is additive, `[rows / group, cols]`, and
+    /// row `r` of `x` uses mask row `r / group` (so one padding row can serve all heads).
+    fn softmax(
+        &self,
+        x: &Self::Buf,
+        mask: Option<&Self::Buf>,
+        rows: usize,
+        cols: usize,
+        group: usize,
+    ) -> Result<Self::Buf>;
+    /// Backward of [`Backend::softmax`] from its output `y`: `dx = y * (dy - sum(dy * y))`.
+    fn softmax_backward(&self, y: &Self::Buf, dy: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Buf>;
+
+    /// Scaled dot-product attention, `softmax(q k^T / sqrt(d) + mask) v`, per head.
+    /// `key_mask` is `[batch, seq_k]` with 1 for real tokens and 0 for padding; padded keys get
+    /// zero weight (the additive mask is `f32::MIN`, as in Hugging Face).
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: Option<&Self::Buf>,
+        shape: AttnShape,
+    ) -> Result<Self::Buf>;
+    /// Backward of [`Backend::attention`]; recomputes the probabilities from `q` and `k`.
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: Option<&Self::Buf>,
+        dout: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<AttnGrads<Self::Buf>>;
+
+    // --- gathers ---
+    /// `out[i] = table[ids[i]]` for a `[vocab, dim]` table: embedding lookup, also used to pick
+    /// rows (e.g. each sequence's [CLS] token).
+    fn embedding(&self, table: &Self::Buf, ids: &Self::Ids, dim: usize) -> Result<Self::Buf>;
+    /// Backward of [`Backend::embedding`]: scatter-add of `dy` rows into a zero `[vocab, dim]`.
+    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Buf, vocab: usize, dim: usize) -> Result<Self::Buf>;
+
+    // --- losses (one-element results; backward scaled by the upstream gradient `scale`) ---
+    /// Mean over rows of `-sum_j t_j log softmax(z)_j`; `targets` are probabilities (soft labels).
+    fn soft_ce(&self, logits: &Self::Buf, targets: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Buf>;
+    fn soft_ce_backward(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> Result<Self::Buf>;
+    /// Mean absolute difference `mean |x - t|` (`t = 0` when `target` is `None`).
+    fn l1(&self, x: &Self::Buf, target: Option<&Self::Buf>) -> Result<Self::Buf>;
+    /// Gradient wrt `x`: `sign(x - t) * scale / n` (0 where `x == t`).
+    fn l1_backward(&self, x: &Self::Buf, target: Option<&Self::Buf>, scale: f32) -> Result<Self::Buf>;
+    /// Mean over rows of the entropy `-sum p log p` of `softmax(logits)` (AdaMerging's objective).
+    fn entropy(&self, logits: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Buf>;
+    fn entropy_backward(&self, logits: &Self::Buf, rows: usize, cols: usize, scale: f32) -> Result<Self::Buf>;
+}
+
+/// Where the math runs, as chosen on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            other => Err(format!("unknown device `{other}` (expected cpu or cuda)")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}

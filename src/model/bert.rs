@@ -1,0 +1,804 @@
+//! The BERT family (BERT, MiniLM, RoBERTa) as a chain of blocks: embeddings, one block per
+//! encoder layer, and the classification head (pooler + classifier).
+//!
+//! Every block has `forward(input) -> output` and `backward(input, grad_out) -> (grad_input,
+//! grads)`; the backward recomputes the block's internals from its input, so training keeps only
+//! one activation per block alive (the memory-lean mode the streamed adaptation loop needs).
+//! Parameters and gradients are maps keyed by Hugging Face tensor names without the wrapper
+//! prefix (`encoder.layer.3.attention.self.query.weight`, `classifier.weight`), which is what
+//! the per-tensor merge coefficients are defined over. Dropout is off (eval mode).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{BertConfig, BertFamily};
+use super::tokenize::Encoded;
+use super::{Param, Params};
+use crate::backend::{AttnShape, Backend};
+use crate::checkpoint::dtype::decode;
+use crate::checkpoint::{Checkpoint, FloatDType};
+use crate::error::{Error, Result};
+use crate::merge::philox::{ElementStream, name_hash};
+
+/// One batch on the device: ids, positions, the padding mask and where each [CLS] row is.
+pub struct Batch<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: B::Ids,
+    pub token_type_ids: B::Ids,
+    pub position_ids: B::Ids,
+    /// `[batch, seq]`, 1 for real tokens and 0 for padding.
+    pub mask: B::Buf,
+    /// Row `b * seq` of the hidden states for each sequence `b`.
+    pub cls_rows: B::Ids,
+}
+
+impl<B: Backend> Batch<B> {
+    /// Number of token rows, `batch * seq`.
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+fn param<'a, B: Backend>(p: &'a Params<B>, name: &str) -> Result<&'a B::Buf> {
+    p.get(name)
+        .map(|t| &t.buf)
+        .ok_or_else(|| Error::Invalid(format!("parameter `{name}` is missing from the block's parameters")))
+}
+
+fn grad<B: Backend>(out: &mut Params<B>, name: String, shape: &[usize], buf: Option<B::Buf>) {
+    if let Some(buf) = buf {
+        out.insert(name, Param { shape: shape.to_vec(), buf });
+    }
+}
+
+/// The embedding block: word + position + token-type embeddings, then LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    pub vocab: usize,
+    pub positions: usize,
+    pub types: usize,
+    pub hidden: usize,
+    pub eps: f32,
+}
+
+impl Embeddings {
+    const WORD: &'static str = "embeddings.word_embeddings.weight";
+    const POS: &'static str = "embeddings.position_embeddings.weight";
+    const TYPE: &'static str = "embeddings.token_type_embeddings.weight";
+    const LN_W: &'static str = "embeddings.LayerNorm.weight";
+    const LN_B: &'static str = "embeddings.LayerNorm.bias";
+
+    /// Parameter names and shapes.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        vec![
+            (Self::WORD.into(), vec![self.vocab, self.hidden]),
+            (Self::POS.into(), vec![self.positions, self.hidden]),
+            (Self::TYPE.into(), vec![self.types, self.hidden]),
+            (Self::LN_W.into(), vec![self.hidden]),
+            (Self::LN_B.into(), vec![self.hidden]),
+        ]
+    }
+
+    /// The sum before LayerNorm (recomputed by the backward).
+    fn summed<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
+        let h = self.hidden;
+        let mut x = be.embedding(param(p, Self::WORD)?, &batch.input_ids, h)?;
+        be.add_assign(&mut x, &be.embedding(param(p, Self::POS)?, &batch.position_ids, h)?)?;
+        be.add_assign(&mut x, &be.embedding(param(p, Self::TYPE)?, &batch.token_type_ids, h)?)?;
+        Ok(x)
+    }
+
+    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
+        let x = self.summed(be, p, batch)?;
+        be.layernorm(&x, param(p, Self::LN_W)?, param(p, Self::LN_B)?, batch.rows(), self.hidden, self.eps)
+    }
+
+    /// Gradients of the five tensors (the input is discrete ids: there is no input gradient).
+    pub fn backward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, dy: &B::Buf) -> Result<Params<B>> {
+        let h = self.hidden;
+        let x = self.summed(be, p, batch)?;
+        let ln = be.layernorm_backward(&x, param(p, Self::LN_W)?, dy, batch.rows(), h, self.eps)?;
+        drop(x);
+        let shapes = self.param_shapes();
+        let mut g = Params::new();
+        let word = be.embedding_backward(&batch.input_ids, &ln.dx, self.vocab, h)?;
+        grad::<B>(&mut g, Self::WORD.into(), &shapes[0].1, Some(word));
+        let pos = be.embedding_backward(&batch.position_ids, &ln.dx, self.positions, h)?;
+        grad::<B>(&mut g, Self::POS.into(), &shapes[1].1, Some(pos));
+        let typ = be.embedding_backward(&batch.token_type_ids, &ln.dx, self.types, h)?;
+        grad::<B>(&mut g, Self::TYPE.into(), &shapes[2].1, Some(typ));
+        grad::<B>(&mut g, Self::LN_W.into(), &shapes[3].1, Some(ln.dgamma));
+        grad::<B>(&mut g, Self::LN_B.into(), &shapes[4].1, Some(ln.dbeta));
+        Ok(g)
+    }
+}
+
+/// One post-LayerNorm encoder layer: self-attention + residual + LayerNorm, then the GELU MLP +
+/// residual + LayerNorm.
+#[derive(Debug, Clone)]
+pub struct EncoderLayer {
+    pub index: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub act: crate::backend::Gelu,
+    pub eps: f32,
+}
+
+/// Everything the layer's forward computes, kept only inside one backward call.
+struct LayerActs<Buf> {
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    ctx: Buf,
+    r1: Buf,
+    h1: Buf,
+    u: Buf,
+    act: Buf,
+    r2: Buf,
+}
+
+impl EncoderLayer {
+    /// Tensor names relative to `encoder.layer.N.`, in checkpoint order.
+    pub const TENSORS: [&'static str; 16] = [
+        "attention.self.query.weight",
+        "attention.self.query.bias",
+        "attention.self.key.weight",
+        "attention.self.key.bias",
+        "attention.self.value.weight",
+        "attention.self.value.bias",
+        "attention.output.dense.weight",
+        "attention.output.dense.bias",
+        "attention.output.LayerNorm.weight",
+        "attention.output.LayerNorm.bias",
+        "intermediate.dense.weight",
+        "intermediate.dense.bias",
+        "output.dense.weight",
+        "output.dense.bias",
+        "output.LayerNorm.weight",
+        "output.LayerNorm.bias",
+    ];
+
+    /// Full name of one of [`Self::TENSORS`].
+    pub fn name(&self, rel: &str) -> String {
+        format!("encoder.layer.{}.{rel}", self.index)
+    }
+
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden, self.intermediate);
+        let shapes: [Vec<usize>; 16] = [
+            vec![h, h],
+            vec![h],
+            vec![h, h],
+            vec![h],
+            vec![h, h],
+            vec![h],
+            vec![h, h],
+            vec![h],
+            vec![h],
+            vec![h],
+            vec![i, h],
+            vec![i],
+            vec![h, i],
+            vec![h],
+            vec![h],
+            vec![h],
+        ];
+        Self::TENSORS.iter().zip(shapes).map(|(n, s)| (self.name(n), s)).collect()
+    }
+
+    fn attn_shape<B: Backend>(&self, batch: &Batch<B>) -> AttnShape {
+        AttnShape::bidirectional(batch.batch, batch.seq, self.heads, self.hidden / self.heads)
+    }
+
+    fn run<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        x: &B::Buf,
+    ) -> Result<(LayerActs<B::Buf>, B::Buf)> {
+        let (rows, h, i) = (batch.rows(), self.hidden, self.intermediate);
+        let w = |rel: &str| param(p, &self.name(rel));
+        let lin = |inp: &B::Buf, name: &str, fan_in: usize, fan_out: usize| -> Result<B::Buf> {
+            be.linear(inp, w(&format!("{name}.weight"))?, Some(w(&format!("{name}.bias"))?), rows, fan_in, fan_out)
+        };
+        let q = lin(x, "attention.self.query", h, h)?;
+        let k = lin(x, "attention.self.key", h, h)?;
+        let v = lin(x, "attention.self.value", h, h)?;
+        let ctx = be.attention(&q, &k, &v, Some(&batch.mask), self.attn_shape(batch))?;
+        let a = lin(&ctx, "attention.output.dense", h, h)?;
+        let r1 = be.add(&a, x)?;
+        drop(a);
+        let h1 = be.layernorm(
+            &r1,
+            w("attention.output.LayerNorm.weight")?,
+            w("attention.output.LayerNorm.bias")?,
+            rows,
+            h,
+            self.eps,
+        )?;
+        let u = lin(&h1, "intermediate.dense", h, i)?;
+        let act = be.gelu(&u, self.act)?;
+        let o = lin(&act, "output.dense", i, h)?;
+        let r2 = be.add(&o, &h1)?;
+        drop(o);
+        let y = be.layernorm(&r2, w("output.LayerNorm.weight")?, w("output.LayerNorm.bias")?, rows, h, self.eps)?;
+        Ok((LayerActs { q, k, v, ctx, r1, h1, u, act, r2 }, y))
+    }
+
+    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, x: &B::Buf) -> Result<B::Buf> {
+        Ok(self.run(be, p, batch, x)?.1)
+    }
+
+    /// Recomputes the layer from `x`, then returns `(dL/dx, dL/d params)`.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        x: &B::Buf,
+        dy: &B::Buf,
+    ) -> Result<(B::Buf, Params<B>)> {
+        let (rows, h, i) = (batch.rows(), self.hidden, self.intermediate);
+        let w = |rel: &str| param(p, &self.name(rel));
+        let (a, _) = self.run(be, p, batch, x)?;
+        let shapes: BTreeMap<String, Vec<usize>> = self.param_shapes().into_iter().collect();
+        let mut g = Params::new();
+        let mut put = |rel: &str, buf: Option<B::Buf>| {
+            let name = self.name(rel);
+            let shape = shapes[&name].clone();
+            grad::<B>(&mut g, name, &shape, buf);
+        };
+
+        let ln2 = be.layernorm_backward(&a.r2, w("output.LayerNorm.weight")?, dy, rows, h, self.eps)?;
+        put("output.LayerNorm.weight", Some(ln2.dgamma));
+        put("output.LayerNorm.bias", Some(ln2.dbeta));
+        let dr2 = ln2.dx;
+        let out = be.linear_backward(&a.act, w("output.dense.weight")?, &dr2, rows, i, h, true, true)?;
+        put("output.dense.weight", Some(out.dw));
+        put("output.dense.bias", out.db);
+        let dact = out.dx.ok_or_else(|| Error::Invalid("linear_backward returned no input gradient".into()))?;
+        let du = be.gelu_backward(&a.u, &dact, self.act)?;
+        drop(dact);
+        let inter = be.linear_backward(&a.h1, w("intermediate.dense.weight")?, &du, rows, h, i, true, true)?;
+        drop(du);
+        put("intermediate.dense.weight", Some(inter.dw));
+        put("intermediate.dense.bias", inter.db);
+        // h1 feeds both the MLP and the second residual.
+        let mut dh1 = dr2;
+        be.add_assign(&mut dh1, &inter.dx.ok_or_else(|| Error::Invalid("missing MLP input gradient".into()))?)?;
+        let ln1 = be.layernorm_backward(&a.r1, w("attention.output.LayerNorm.weight")?, &dh1, rows, h, self.eps)?;
+        drop(dh1);
+        put("attention.output.LayerNorm.weight", Some(ln1.dgamma));
+        put("attention.output.LayerNorm.bias", Some(ln1.dbeta));
+        let dr1 = ln1.dx;
+        let ao = be.linear_backward(&a.ctx, w("attention.output.dense.weight")?, &dr1, rows, h, h, true, true)?;
+        put("attention.output.dense.weight", Some(ao.dw));
+        put("attention.output.dense.bias", ao.db);
+        let dctx = ao.dx.ok_or_else(|| Error::Invalid("missing attention output gradient".into()))?;
+        let att = be.attention_backward(&a.q, &a.k, &a.v, Some(&batch.mask), &dctx, self.attn_shape(batch))?;
+        drop(dctx);
+        // x feeds the three projections and the first residual.
+        let mut dx = dr1;
+        for (name, d) in
+            [("attention.self.query", att.dq), ("attention.self.key", att.dk), ("attention.self.value", att.dv)]
+        {
+            let lg = be.linear_backward(x, w(&format!("{name}.weight"))?, &d, rows, h, h, true, true)?;
+            put(&format!("{name}.weight"), Some(lg.dw));
+            put(&format!("{name}.bias"), lg.db);
+            be.add_assign(&mut dx, &lg.dx.ok_or_else(|| Error::Invalid("missing projection input gradient".into()))?)?;
+        }
+        Ok((dx, g))
+    }
+}
+
+/// Where a classification head's tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadStyle {
+    /// `BertForSequenceClassification`: `pooler.dense` (tanh) then `classifier`.
+    Bert,
+    /// `RobertaForSequenceClassification`: `classifier.dense` (tanh) then `classifier.out_proj`.
+    Roberta,
+}
+
+/// The head's intermediate values: the [CLS] rows, the pooler before and after tanh, the logits.
+struct HeadActs<Buf> {
+    cls: Buf,
+    pre: Buf,
+    pooled: Buf,
+    logits: Buf,
+}
+
+/// Pooler + classifier: `logits = W_c tanh(W_p h_[CLS] + b_p) + b_c`.
+#[derive(Debug, Clone)]
+pub struct ClassifierHead {
+    pub style: HeadStyle,
+    pub hidden: usize,
+    pub num_labels: usize,
+}
+
+impl ClassifierHead {
+    /// (dense weight, dense bias, output weight, output bias) names.
+    pub fn names(&self) -> [&'static str; 4] {
+        match self.style {
+            HeadStyle::Bert => ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias"],
+            HeadStyle::Roberta => [
+                "classifier.dense.weight",
+                "classifier.dense.bias",
+                "classifier.out_proj.weight",
+                "classifier.out_proj.bias",
+            ],
+        }
+    }
+
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let [dw, db, ow, ob] = self.names();
+        let (h, n) = (self.hidden, self.num_labels);
+        vec![(dw.into(), vec![h, h]), (db.into(), vec![h]), (ow.into(), vec![n, h]), (ob.into(), vec![n])]
+    }
+
+    fn run<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<HeadActs<B::Buf>> {
+        let [dw, db, ow, ob] = self.names();
+        let h = self.hidden;
+        let cls = be.embedding(hidden, &batch.cls_rows, h)?;
+        let pre = be.linear(&cls, param(p, dw)?, Some(param(p, db)?), batch.batch, h, h)?;
+        let pooled = be.tanh(&pre)?;
+        let logits = be.linear(&pooled, param(p, ow)?, Some(param(p, ob)?), batch.batch, h, self.num_labels)?;
+        Ok(HeadActs { cls, pre, pooled, logits })
+    }
+
+    /// Logits `[batch, num_labels]` from the last hidden states `[batch * seq, hidden]`.
+    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<B::Buf> {
+        Ok(self.run(be, p, batch, hidden)?.logits)
+    }
+
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        hidden: &B::Buf,
+        dlogits: &B::Buf,
+    ) -> Result<(B::Buf, Params<B>)> {
+        let [dw, db, ow, ob] = self.names();
+        let (h, n, rows) = (self.hidden, self.num_labels, batch.batch);
+        let HeadActs { cls, pre, pooled, .. } = self.run(be, p, batch, hidden)?;
+        let shapes = self.param_shapes();
+        let mut g = Params::new();
+        let out = be.linear_backward(&pooled, param(p, ow)?, dlogits, rows, h, n, true, true)?;
+        grad::<B>(&mut g, ow.into(), &shapes[2].1, Some(out.dw));
+        grad::<B>(&mut g, ob.into(), &shapes[3].1, out.db);
+        let dpooled = out.dx.ok_or_else(|| Error::Invalid("missing pooled gradient".into()))?;
+        let dpre = be.tanh_backward(&pre, &dpooled)?;
+        let dense = be.linear_backward(&cls, param(p, dw)?, &dpre, rows, h, h, true, true)?;
+        grad::<B>(&mut g, dw.into(), &shapes[0].1, Some(dense.dw));
+        grad::<B>(&mut g, db.into(), &shapes[1].1, dense.db);
+        let dcls = dense.dx.ok_or_else(|| Error::Invalid("missing [CLS] gradient".into()))?;
+        let dhidden = be.embedding_backward(&batch.cls_rows, &dcls, batch.rows(), h)?;
+        Ok((dhidden, g))
+    }
+}
+
+/// One block of the chain.
+#[derive(Debug, Clone)]
+pub enum Block {
+    Embeddings(Embeddings),
+    Layer(EncoderLayer),
+    Head(ClassifierHead),
+}
+
+impl Block {
+    /// `embeddings`, `encoder.layer.N` or `head` (the layer-map names used elsewhere).
+    pub fn name(&self) -> String {
+        match self {
+            Block::Embeddings(_) => "embeddings".into(),
+            Block::Layer(l) => format!("encoder.layer.{}", l.index),
+            Block::Head(_) => "head".into(),
+        }
+    }
+
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Block::Embeddings(e) => e.param_shapes(),
+            Block::Layer(l) => l.param_shapes(),
+            Block::Head(h) => h.param_shapes(),
+        }
+    }
+
+    /// The block's output; `input` is the previous block's output (`None` for the embeddings).
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        input: Option<&B::Buf>,
+    ) -> Result<B::Buf> {
+        match self {
+            Block::Embeddings(e) => e.forward(be, p, batch),
+            Block::Layer(l) => l.forward(be, p, batch, need_input(input, self)?),
+            Block::Head(h) => h.forward(be, p, batch, need_input(input, self)?),
+        }
+    }
+
+    /// `(dL/d input, dL/d params)` from the saved input and the output gradient.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        input: Option<&B::Buf>,
+        grad_out: &B::Buf,
+    ) -> Result<(Option<B::Buf>, Params<B>)> {
+        match self {
+            Block::Embeddings(e) => Ok((None, e.backward(be, p, batch, grad_out)?)),
+            Block::Layer(l) => {
+                let (dx, g) = l.backward(be, p, batch, need_input(input, self)?, grad_out)?;
+                Ok((Some(dx), g))
+            }
+            Block::Head(h) => {
+                let (dx, g) = h.backward(be, p, batch, need_input(input, self)?, grad_out)?;
+                Ok((Some(dx), g))
+            }
+        }
+    }
+}
+
+fn need_input<'a, T>(input: Option<&'a T>, block: &Block) -> Result<&'a T> {
+    input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", block.name())))
+}
+
+/// A freshly initialised classification head, for fine-tuning from a bare encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewHead {
+    pub num_labels: usize,
+    pub seed: u64,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Replace (or add) the classifier with a seeded random one. The pooler is kept when the
+    /// checkpoint has one (a pretrained `BertModel` does).
+    pub new_head: Option<NewHead>,
+}
+
+/// The inputs each block saw during a training forward: all the backward needs.
+pub struct Saved<B: Backend> {
+    inputs: Vec<Option<B::Buf>>,
+}
+
+/// A BERT-family encoder with an optional classification head, its weights on a backend.
+pub struct Bert<B: Backend> {
+    pub config: BertConfig,
+    /// The checkpoint this came from (for messages).
+    pub path: PathBuf,
+    pub blocks: Vec<Block>,
+    /// One parameter map per block, aligned with `blocks`.
+    pub params: Vec<Params<B>>,
+    pub backend: B,
+}
+
+impl<B: Backend> Bert<B> {
+    /// Loads `config.json` and the weights of a `BertModel`, `BertForSequenceClassification` or the
+    /// RoBERTa equivalents from a model directory (or safetensors file).
+    pub fn load(backend: B, path: &Path, opts: LoadOptions) -> Result<Self> {
+        let ck = Checkpoint::open(path)?;
+        let config_path = ck.dir.join("config.json");
+        let cfg_json = ck.config.as_ref().ok_or_else(|| Error::Model {
+            path: config_path.clone(),
+            reason: "config.json is missing (needed for the architecture)".into(),
+        })?;
+        let config = BertConfig::from_json(cfg_json, &config_path)?;
+        let mut blocks = vec![Block::Embeddings(Embeddings {
+            vocab: config.vocab_size,
+            positions: config.max_position_embeddings,
+            types: config.type_vocab_size,
+            hidden: config.hidden_size,
+            eps: config.layer_norm_eps,
+        })];
+        for index in 0..config.num_hidden_layers {
+            blocks.push(Block::Layer(EncoderLayer {
+                index,
+                hidden: config.hidden_size,
+                heads: config.num_attention_heads,
+                intermediate: config.intermediate_size,
+                act: config.hidden_act,
+                eps: config.layer_norm_eps,
+            }));
+        }
+
+        let mut params = Vec::with_capacity(blocks.len() + 1);
+        for block in &blocks {
+            let mut p = Params::new();
+            for (name, shape) in block.param_shapes() {
+                let buf = load_tensor(&backend, &ck, &name, &shape)?;
+                p.insert(name, Param { shape, buf });
+            }
+            params.push(p);
+        }
+
+        let stored_head = if ck.resolve("classifier.out_proj.weight").is_some() {
+            Some(HeadStyle::Roberta)
+        } else if ck.resolve("classifier.weight").is_some() {
+            Some(HeadStyle::Bert)
+        } else {
+            None
+        };
+        match (opts.new_head, stored_head) {
+            (Some(nh), _) => {
+                if nh.num_labels == 0 {
+                    return Err(Error::Invalid("a new classification head needs at least one label".into()));
+                }
+                let style = match config.family {
+                    BertFamily::Bert => HeadStyle::Bert,
+                    BertFamily::Roberta => HeadStyle::Roberta,
+                };
+                let head = ClassifierHead { style, hidden: config.hidden_size, num_labels: nh.num_labels };
+                let mut p = Params::new();
+                let [dense_w, ..] = head.names();
+                let keep_pooler = style == HeadStyle::Bert && ck.resolve(dense_w).is_some();
+                for (i, (name, shape)) in head.param_shapes().into_iter().enumerate() {
+                    let buf = if i < 2 && keep_pooler {
+                        load_tensor(&backend, &ck, &name, &shape)?
+                    } else {
+                        backend.upload(&init_values(&name, &shape, nh.seed, config.initializer_range))?
+                    };
+                    p.insert(name, Param { shape, buf });
+                }
+                tracing::info!(
+                    "new {}-label classification head (seed {}, pooler {})",
+                    nh.num_labels,
+                    nh.seed,
+                    if keep_pooler { "from the checkpoint" } else { "new" }
+                );
+                blocks.push(Block::Head(head));
+                params.push(p);
+            }
+            (None, Some(style)) => {
+                let [_, _, out_w, _] = ClassifierHead { style, hidden: 0, num_labels: 0 }.names();
+                let meta = ck.resolve(out_w).ok_or_else(|| Error::Invalid(format!("`{out_w}` vanished")))?;
+                let num_labels = match meta.shape.as_slice() {
+                    [n, h] if *h == config.hidden_size && *n > 0 => *n,
+                    other => {
+                        return Err(Error::Model {
+                            path: ck.file_of(meta).to_path_buf(),
+                            reason: format!(
+                                "tensor `{}` has shape {other:?}, expected [num_labels, {}]",
+                                meta.name, config.hidden_size
+                            ),
+                        });
+                    }
+                };
+                let head = ClassifierHead { style, hidden: config.hidden_size, num_labels };
+                let mut p = Params::new();
+                for (name, shape) in head.param_shapes() {
+                    let buf = load_tensor(&backend, &ck, &name, &shape)?;
+                    p.insert(name, Param { shape, buf });
+                }
+                blocks.push(Block::Head(head));
+                params.push(p);
+            }
+            (None, None) => {}
+        }
+        tracing::debug!(
+            "loaded {:?}-family model: {} layers, hidden {}, {} blocks, from {}",
+            config.family,
+            config.num_hidden_layers,
+            config.hidden_size,
+            blocks.len(),
+            ck.path.display()
+        );
+        Ok(Bert { config, path: ck.path.clone(), blocks, params, backend })
+    }
+
+    /// The classification head, if the model has one.
+    pub fn head(&self) -> Option<&ClassifierHead> {
+        match self.blocks.last() {
+            Some(Block::Head(h)) => Some(h),
+            _ => None,
+        }
+    }
+
+    pub fn num_labels(&self) -> Option<usize> {
+        self.head().map(|h| h.num_labels)
+    }
+
+    /// A parameter by name, from whichever block holds it.
+    pub fn param(&self, name: &str) -> Option<&Param<B>> {
+        self.params.iter().find_map(|p| p.get(name))
+    }
+
+    /// Replaces a parameter's values (same shape), e.g. to install given head weights.
+    pub fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let be = &self.backend;
+        let p = self
+            .params
+            .iter_mut()
+            .find_map(|p| p.get_mut(name))
+            .ok_or_else(|| Error::Invalid(format!("the model has no parameter `{name}`")))?;
+        let n: usize = p.shape.iter().product();
+        if values.len() != n {
+            return Err(Error::Invalid(format!(
+                "parameter `{name}` has shape {:?} ({n} values), got {} values",
+                p.shape,
+                values.len()
+            )));
+        }
+        p.buf = be.upload(values)?;
+        Ok(())
+    }
+
+    /// Uploads a tokenized batch, with the family's position ids.
+    pub fn batch(&self, enc: &Encoded) -> Result<Batch<B>> {
+        let be = &self.backend;
+        let (n, s) = (enc.batch, enc.seq);
+        if enc.input_ids.len() != n * s || enc.token_type_ids.len() != n * s || enc.attention_mask.len() != n * s {
+            return Err(Error::Invalid(format!("encoded batch arrays do not match its shape [{n}, {s}]")));
+        }
+        if s > self.config.max_seq_len() {
+            return Err(Error::Invalid(format!(
+                "sequences of {s} tokens exceed the model's {} positions; use a smaller maximum length",
+                self.config.max_seq_len()
+            )));
+        }
+        if let Some(&t) = enc.token_type_ids.iter().find(|&&t| t as usize >= self.config.type_vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token type {t} is outside the model's {} token types",
+                self.config.type_vocab_size
+            )));
+        }
+        let offset = self.config.position_offset() as u32;
+        let mut positions = vec![0u32; n * s];
+        for (prow, mrow) in positions.chunks_mut(s.max(1)).zip(enc.attention_mask.chunks(s.max(1))) {
+            match self.config.family {
+                BertFamily::Bert => prow.iter_mut().enumerate().for_each(|(i, p)| *p = i as u32),
+                // Hugging Face's create_position_ids_from_input_ids: real tokens count up from
+                // pad + 1, padding sits at pad.
+                BertFamily::Roberta => {
+                    let mut c = 0;
+                    for (p, &m) in prow.iter_mut().zip(mrow) {
+                        if m != 0 {
+                            c += 1;
+                            *p = offset - 1 + c;
+                        } else {
+                            *p = offset - 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
+        let cls: Vec<u32> = (0..n).map(|b| (b * s) as u32).collect();
+        Ok(Batch {
+            batch: n,
+            seq: s,
+            input_ids: be.upload_ids(&enc.input_ids)?,
+            token_type_ids: be.upload_ids(&enc.token_type_ids)?,
+            position_ids: be.upload_ids(&positions)?,
+            mask: be.upload(&mask)?,
+            cls_rows: be.upload_ids(&cls)?,
+        })
+    }
+
+    /// Last hidden states `[batch * seq, hidden]` (no head).
+    pub fn hidden_states(&self, batch: &Batch<B>) -> Result<B::Buf> {
+        let mut x: Option<B::Buf> = None;
+        for (block, p) in self.blocks.iter().zip(&self.params) {
+            if matches!(block, Block::Head(_)) {
+                break;
+            }
+            x = Some(block.forward(&self.backend, p, batch, x.as_ref())?);
+        }
+        x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))
+    }
+
+    fn no_head(&self) -> Error {
+        Error::Model {
+            path: self.path.clone(),
+            reason: "no classification head (classifier.weight); load it with a new head to add one".into(),
+        }
+    }
+
+    /// Logits `[batch, num_labels]` (inference: nothing is kept).
+    pub fn logits(&self, batch: &Batch<B>) -> Result<B::Buf> {
+        let head = self.head().ok_or_else(|| self.no_head())?;
+        let hidden = self.hidden_states(batch)?;
+        let last = self.params.len() - 1;
+        head.forward(&self.backend, &self.params[last], batch, &hidden)
+    }
+
+    /// Logits plus each block's input, for [`Bert::backward`].
+    pub fn forward_saving(&self, batch: &Batch<B>) -> Result<(B::Buf, Saved<B>)> {
+        if self.head().is_none() {
+            return Err(self.no_head());
+        }
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x: Option<B::Buf> = None;
+        for (block, p) in self.blocks.iter().zip(&self.params) {
+            let y = block.forward(&self.backend, p, batch, x.as_ref())?;
+            inputs.push(x.replace(y));
+        }
+        let logits = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+        Ok((logits, Saved { inputs }))
+    }
+
+    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`. Blocks
+    /// run in reverse, each recomputing its internals from its saved input, which is freed as soon
+    /// as the block is done.
+    pub fn backward(&self, batch: &Batch<B>, saved: Saved<B>, dlogits: &B::Buf) -> Result<Vec<Params<B>>> {
+        let mut grads: Vec<Params<B>> = Vec::with_capacity(self.blocks.len());
+        let mut inputs = saved.inputs;
+        if inputs.len() != self.blocks.len() {
+            return Err(Error::Invalid("saved activations do not belong to this model".into()));
+        }
+        let mut dy: Option<B::Buf> = None;
+        for i in (0..self.blocks.len()).rev() {
+            let input = inputs.pop().flatten();
+            let g_out = dy.as_ref().unwrap_or(dlogits);
+            let (dx, g) = self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), g_out)?;
+            grads.push(g);
+            dy = dx;
+        }
+        grads.reverse();
+        Ok(grads)
+    }
+
+    /// Mean soft-label cross-entropy of the batch against `targets` (`[batch, num_labels]`
+    /// probabilities) and its gradient for every block.
+    pub fn soft_ce_grads(&self, batch: &Batch<B>, targets: &B::Buf) -> Result<(f32, Vec<Params<B>>)> {
+        let n = self.num_labels().ok_or_else(|| self.no_head())?;
+        let be = &self.backend;
+        let (logits, saved) = self.forward_saving(batch)?;
+        let loss = be.download(&be.soft_ce(&logits, targets, batch.batch, n)?)?;
+        let dlogits = be.soft_ce_backward(&logits, targets, batch.batch, n, 1.0)?;
+        drop(logits);
+        let grads = self.backward(batch, saved, &dlogits)?;
+        Ok((loss.first().copied().unwrap_or(f32::NAN), grads))
+    }
+}
+
+/// Reads one tensor as f32, checking its shape against what `config.json` implies.
+fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
+    let meta = ck.resolve(name).ok_or_else(|| Error::Model {
+        path: ck.path.clone(),
+        reason: format!("tensor `{name}` is missing (looked for it with and without a bert./roberta. prefix)"),
+    })?;
+    let file = ck.file_of(meta).to_path_buf();
+    if meta.shape != shape {
+        return Err(Error::Model {
+            path: file,
+            reason: format!("tensor `{}` has shape {:?}, but config.json implies {shape:?}", meta.name, meta.shape),
+        });
+    }
+    let dtype: FloatDType = meta.float_dtype().ok_or_else(|| Error::UnsupportedDtype {
+        path: file.clone(),
+        tensor: meta.name.clone(),
+        dtype: format!("{:?}", meta.dtype),
+    })?;
+    let mut values = vec![0f32; meta.numel()];
+    decode(dtype, ck.bytes(meta), &mut values);
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { path: file, tensor: meta.name.clone(), index: i, value: values[i] });
+    }
+    be.upload(&values)
+}
+
+/// Hugging Face's init for a new head: weights ~ N(0, std), biases 0. Seeded per tensor name
+/// (counter-based Philox), so the same seed gives the same head on any machine.
+fn init_values(name: &str, shape: &[usize], seed: u64, std: f32) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if name.ends_with(".bias") {
+        return vec![0.0; n];
+    }
+    let mut u = vec![0f32; 2 * n];
+    ElementStream::new(seed, name_hash(name), 0).fill_uniform(0, &mut u);
+    // Box-Muller; 1 - u lies in (0, 1], so the log is finite.
+    u.chunks(2)
+        .map(|c| {
+            let r = (-2.0 * (1.0 - c[0] as f64).ln()).sqrt();
+            (r * (std::f64::consts::TAU * c[1] as f64).cos()) as f32 * std
+        })
+        .collect()
+}

@@ -1,0 +1,154 @@
+//! Batched inference with a sequence classifier: `predict` (logits and probabilities per text)
+//! and `evaluate` (accuracy and mean cross-entropy against gold labels).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::bert::{Bert, LoadOptions};
+use super::tokenize::TextTokenizer;
+use crate::backend::Backend;
+use crate::data::jsonl::Example;
+use crate::error::{Error, Result};
+
+/// A model with its tokenizer.
+pub struct SequenceClassifier<B: Backend> {
+    pub model: Bert<B>,
+    pub tokenizer: TextTokenizer,
+}
+
+impl<B: Backend> SequenceClassifier<B> {
+    /// Loads the weights, `config.json` and `tokenizer.json` of a model directory; texts are
+    /// truncated to `max_len` tokens.
+    pub fn load(backend: B, path: &Path, max_len: usize, opts: LoadOptions) -> Result<Self> {
+        let model = Bert::load(backend, path, opts)?;
+        if max_len > model.config.max_seq_len() {
+            return Err(Error::Invalid(format!(
+                "maximum length {max_len} exceeds the {} positions of {}",
+                model.config.max_seq_len(),
+                path.display()
+            )));
+        }
+        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+        let tokenizer = TextTokenizer::from_dir(dir, max_len)?;
+        Ok(SequenceClassifier { model, tokenizer })
+    }
+
+    /// Class name -> index from `config.json`, if the model names its classes.
+    pub fn label2id(&self) -> Option<&BTreeMap<String, usize>> {
+        self.model.config.label2id.as_ref()
+    }
+
+    /// Class ids of labelled examples read from `path`: a label name is looked up in
+    /// config.json's `label2id` (so data files and experts may order classes differently), an
+    /// integer label or `label_id` is taken as is. Errors name the file and line.
+    pub fn label_ids(&self, examples: &[Example], path: &Path) -> Result<Vec<usize>> {
+        let n = self.model.num_labels().unwrap_or(0);
+        let err = |i: usize, reason: String| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason };
+        examples
+            .iter()
+            .enumerate()
+            .map(|(i, ex)| {
+                let id = match (&ex.label, self.label2id(), ex.label_id) {
+                    (Some(name), Some(map), _) => *map.get(name).ok_or_else(|| {
+                        let known: Vec<&str> = map.keys().map(String::as_str).collect();
+                        err(i, format!("unknown label `{name}` (config.json label2id has: {})", known.join(", ")))
+                    })?,
+                    (_, _, Some(id)) => id,
+                    (Some(name), None, None) => {
+                        return Err(err(
+                            i,
+                            format!(
+                                "unknown label `{name}`: config.json has no label2id, so labels must be class indices"
+                            ),
+                        ));
+                    }
+                    (None, _, None) => return Err(err(i, "missing the `label` field".into())),
+                };
+                if id >= n {
+                    return Err(err(i, format!("label {id} is outside the model's {n} classes")));
+                }
+                Ok(id)
+            })
+            .collect()
+    }
+}
+
+/// One text's scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub logits: Vec<f32>,
+    pub probs: Vec<f32>,
+}
+
+/// Logits and softmax probabilities for every text, in input order. Texts are batched by token
+/// length so little compute goes to padding; padding never changes a result.
+pub fn predict<B: Backend, S: AsRef<str>>(
+    clf: &SequenceClassifier<B>,
+    texts: &[S],
+    batch_size: usize,
+) -> Result<Vec<Prediction>> {
+    if batch_size == 0 {
+        return Err(Error::Invalid("batch size must be at least 1".into()));
+    }
+    let model = &clf.model;
+    let be = &model.backend;
+    let n_labels = model
+        .num_labels()
+        .ok_or_else(|| Error::Model { path: model.path.clone(), reason: "no classification head".into() })?;
+    let toks = clf.tokenizer.tokenize(texts)?;
+    let mut order: Vec<usize> = (0..toks.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
+    let mut out: Vec<Option<Prediction>> = vec![None; toks.len()];
+    for (bi, chunk) in order.chunks(batch_size).enumerate() {
+        let enc = clf.tokenizer.pad(&chunk.iter().map(|&i| &toks[i]).collect::<Vec<_>>());
+        let batch = model.batch(&enc)?;
+        let logits = model.logits(&batch)?;
+        let probs = be.softmax(&logits, None, enc.batch, n_labels, 1)?;
+        let (logits, probs) = (be.download(&logits)?, be.download(&probs)?);
+        for (j, &i) in chunk.iter().enumerate() {
+            let r = j * n_labels..(j + 1) * n_labels;
+            out[i] = Some(Prediction { logits: logits[r.clone()].to_vec(), probs: probs[r].to_vec() });
+        }
+        tracing::debug!("batch {bi}: {} texts x {} tokens", enc.batch, enc.seq);
+    }
+    out.into_iter().map(|p| p.ok_or_else(|| Error::Invalid("a text got no prediction".into()))).collect()
+}
+
+/// Accuracy and mean cross-entropy over a labelled set.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    pub examples: usize,
+    pub accuracy: f64,
+    pub mean_ce: f64,
+}
+
+/// Scores `texts` against class indices `labels`.
+pub fn evaluate<B: Backend, S: AsRef<str>>(
+    clf: &SequenceClassifier<B>,
+    texts: &[S],
+    labels: &[usize],
+    batch_size: usize,
+) -> Result<EvalReport> {
+    if texts.len() != labels.len() {
+        return Err(Error::Invalid(format!("{} texts but {} labels", texts.len(), labels.len())));
+    }
+    if texts.is_empty() {
+        return Err(Error::Invalid("nothing to evaluate: no examples".into()));
+    }
+    let n_labels = clf.model.num_labels().unwrap_or(0);
+    if let Some((i, &y)) = labels.iter().enumerate().find(|&(_, &y)| y >= n_labels) {
+        return Err(Error::Invalid(format!("example {i}: label {y} is outside the model's {n_labels} classes")));
+    }
+    let preds = predict(clf, texts, batch_size)?;
+    let mut correct = 0usize;
+    let mut ce = 0f64;
+    for (p, &y) in preds.iter().zip(labels) {
+        let best = p.logits.iter().enumerate().fold(0, |b, (i, &v)| if v > p.logits[b] { i } else { b });
+        correct += usize::from(best == y);
+        let max = p.logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + p.logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        ce += lse - p.logits[y] as f64;
+    }
+    let n = labels.len() as f64;
+    Ok(EvalReport { examples: labels.len(), accuracy: correct as f64 / n, mean_ce: ce / n })
+}

@@ -1,0 +1,30 @@
+//! Model architectures as chains of blocks over a [`crate::backend::Backend`], plus tokenization
+//! and the inference entry points (`predict`, `evaluate`).
+//!
+//! - [`bert`]: the BERT family (BERT, MiniLM, RoBERTa) with a sequence-classification head.
+//! - [`config`]: hyper-parameters from `config.json`.
+//! - [`tokenize`]: `tokenizer.json` with per-batch padding.
+//! - [`classify`]: batched prediction and evaluation of a sequence classifier.
+
+pub mod bert;
+pub mod classify;
+pub mod config;
+pub mod tokenize;
+
+use std::collections::BTreeMap;
+
+use crate::backend::Backend;
+
+pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
+pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
+pub use config::{BertConfig, BertFamily};
+pub use tokenize::{DEFAULT_MAX_LEN, Encoded, TextTokenizer};
+
+/// A named tensor on a backend (a parameter or its gradient).
+pub struct Param<B: Backend> {
+    pub shape: Vec<usize>,
+    pub buf: B::Buf,
+}
+
+/// Tensors by Hugging Face name: one block's parameters, or their gradients.
+pub type Params<B> = BTreeMap<String, Param<B>>;

@@ -1,0 +1,61 @@
+//! Finite-difference gradient checking for f32 code.
+//!
+//! A function `f(inputs) -> out` is reduced to the scalar `L = sum(out * r)` for a fixed random
+//! `r` (accumulated in f64), so the analytic gradient is the backward with `dy = r`. For random
+//! directions `u`, the central difference `(L(x + eps u) - L(x - eps u)) / 2 eps` must match
+//! `<grad, u>`; a projection tests every coordinate at once, and a large `eps` keeps f32 rounding
+//! in the forward far below the tolerance.
+#![allow(dead_code)]
+
+use super::randoms;
+
+pub fn rand_f32(seed: u64, n: usize, scale: f64) -> Vec<f32> {
+    randoms(seed, n, scale).into_iter().map(|v| v as f32).collect()
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Checks `grads[i]` (the analytic dL/d inputs[i], `None` to skip) against central differences
+/// along `dirs` random directions; returns the largest relative error seen, after asserting it is
+/// below `tol`.
+pub fn check(
+    name: &str,
+    f: &dyn Fn(&[Vec<f32>]) -> Vec<f32>,
+    inputs: &[Vec<f32>],
+    r: &[f32],
+    grads: &[Option<Vec<f32>>],
+    eps: f32,
+    tol: f64,
+) -> f64 {
+    assert_eq!(inputs.len(), grads.len());
+    let mut worst = 0f64;
+    for (i, g) in grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        assert_eq!(g.len(), inputs[i].len(), "{name}: gradient {i} has the wrong length");
+        for d in 0..3u64 {
+            let u = rand_f32(1000 + 17 * i as u64 + d, g.len(), 1.0);
+            let eval = |sign: f32| {
+                let mut xs = inputs.to_vec();
+                for (x, &uj) in xs[i].iter_mut().zip(&u) {
+                    *x += sign * eps * uj;
+                }
+                let out = f(&xs);
+                assert_eq!(out.len(), r.len(), "{name}: output length");
+                dot(&out, r)
+            };
+            let fd = (eval(1.0) - eval(-1.0)) / (2.0 * eps as f64);
+            let an = dot(g, &u);
+            let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-6);
+            worst = worst.max(rel);
+            assert!(
+                rel < tol,
+                "{name}: input {i}, direction {d}: finite difference {fd:.6e} vs analytic {an:.6e} (rel {rel:.2e})"
+            );
+        }
+    }
+    eprintln!("{name}: max relative error {worst:.2e}");
+    worst
+}
