@@ -238,7 +238,8 @@ fn cli_bad_inputs_fail_clearly_and_write_nothing() {
     write(&unknown, "{\"text\": \"great\", \"label\": \"positive\"}\n{\"text\": \"hm\", \"label\": \"maybe\"}\n");
     let (ok, _, err) = run(&["eval", n, "--inputs", unknown.to_str().unwrap(), "--new-head", "3"]);
     assert!(
-        !ok && err.contains("unknown.jsonl: line 2: unknown label `maybe`") && err.contains("negative, neutral, positive"),
+        !ok && err.contains("unknown.jsonl: line 2: unknown label `maybe`")
+            && err.contains("negative, neutral, positive"),
         "{err}"
     );
     let (ok, _, err) = run(&["eval", m, "--inputs", unknown.to_str().unwrap(), "--new-head", "3"]);
