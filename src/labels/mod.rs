@@ -4,5 +4,6 @@
 
 pub mod cache;
 pub mod fingerprint;
+pub mod produce;
 
 pub use cache::{CacheWriter, LabelCache, LabelKind, Provenance};

@@ -1,0 +1,242 @@
+//! The `symerge adapt` config (YAML). Paths are relative to the config file.
+//!
+//! ```yaml
+//! method: symerge            # or adamerging
+//! base_model: ./minilm
+//! tasks:
+//!   - name: wn-verb
+//!     expert: ./experts/wn-verb
+//!     inputs: ./data/wn-verb/test.jsonl     # unlabelled test inputs (labels are ignored)
+//!     cache: ./cache/wn-verb.labels         # expert soft labels (symerge; made by cache-labels)
+//! adapted_layer: head        # head (default) or last_block
+//! granularity: tensor        # one Lambda per task per tensor (default), or per block
+//! epochs: 500                # an epoch = one batch and one step per task, tasks shuffled
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::lambda::Granularity;
+use crate::error::{Error, Result};
+
+/// Which adaptation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Lambda jointly with one task-specific layer per task, against the experts' soft labels.
+    Symerge,
+    /// Lambda only, minimising the merged model's prediction entropy.
+    Adamerging,
+}
+
+/// SyMerge's objective.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Cross-entropy against the expert's probabilities (the paper's).
+    Soft,
+    /// Cross-entropy against the expert's argmax, keeping a sample when the expert and the merged
+    /// model agree or the expert is at least as confident (the released code's variant).
+    HardConf,
+}
+
+/// What each task keeps for itself (initialised from its expert and trained).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdaptedLayer {
+    /// The classification head (pooler + classifier).
+    Head,
+    /// The last encoder block, plus the head every task has of its own anyway.
+    LastBlock,
+}
+
+/// One task: its expert, its unlabelled inputs and their soft-label cache.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskConfig {
+    pub name: String,
+    pub expert: PathBuf,
+    pub inputs: PathBuf,
+    pub cache: Option<PathBuf>,
+}
+
+/// A validated adaptation config with every default filled in.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdaptConfig {
+    #[serde(skip)]
+    pub source: PathBuf,
+    pub method: Method,
+    pub base_model: PathBuf,
+    pub tasks: Vec<TaskConfig>,
+    pub adapted_layer: AdaptedLayer,
+    pub granularity: Granularity,
+    pub lambda_init: f32,
+    /// Keep Lambda in [0, 1] after every step.
+    pub clamp: bool,
+    pub lambda_lr: f32,
+    pub layer_lr: f32,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub loss: LossKind,
+    /// Soft loss only: drop samples whose expert confidence (top probability) is below this.
+    pub confidence: Option<f32>,
+    pub seed: u64,
+    pub max_len: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    method: String,
+    base_model: String,
+    tasks: Vec<RawTask>,
+    adapted_layer: Option<String>,
+    granularity: Option<String>,
+    lambda_init: Option<f32>,
+    clamp: Option<bool>,
+    lr: Option<f32>,
+    lambda_lr: Option<f32>,
+    layer_lr: Option<f32>,
+    batch_size: Option<usize>,
+    epochs: Option<usize>,
+    loss: Option<String>,
+    confidence: Option<f32>,
+    seed: Option<u64>,
+    max_len: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    name: String,
+    expert: String,
+    inputs: String,
+    cache: Option<String>,
+}
+
+impl AdaptConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`, read from `source` (relative paths resolve beside it).
+    pub fn parse(text: &str, source: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Config { path: source.to_path_buf(), reason };
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| err(e.to_string()))?;
+        let dir = source.parent().unwrap_or(Path::new(""));
+        let resolve = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { dir.join(p) };
+        let method = match raw.method.as_str() {
+            "symerge" => Method::Symerge,
+            "adamerging" => Method::Adamerging,
+            other => return Err(err(format!("method: unknown `{other}` (supported: symerge, adamerging)"))),
+        };
+        if raw.tasks.is_empty() {
+            return Err(err("tasks: at least one task is needed".into()));
+        }
+        let mut tasks = Vec::with_capacity(raw.tasks.len());
+        for (i, t) in raw.tasks.into_iter().enumerate() {
+            if tasks.iter().any(|o: &TaskConfig| o.name == t.name) {
+                return Err(err(format!("tasks[{i}]: task `{}` appears twice", t.name)));
+            }
+            if method == Method::Symerge && t.cache.is_none() {
+                return Err(err(format!(
+                    "tasks[{i}] ({}): `cache` is required for symerge (make it with `symerge cache-labels`)",
+                    t.name
+                )));
+            }
+            tasks.push(TaskConfig {
+                name: t.name,
+                expert: resolve(&t.expert),
+                inputs: resolve(&t.inputs),
+                cache: t.cache.as_deref().map(resolve),
+            });
+        }
+        let adapted_layer = match raw.adapted_layer.as_deref().unwrap_or("head") {
+            "head" => AdaptedLayer::Head,
+            "last_block" => AdaptedLayer::LastBlock,
+            other => return Err(err(format!("adapted_layer: unknown `{other}` (supported: head, last_block)"))),
+        };
+        let granularity = match raw.granularity.as_deref() {
+            None => Granularity::Tensor,
+            Some(g) => g.parse().map_err(|e: String| err(format!("granularity: {e}")))?,
+        };
+        let loss = match raw.loss.as_deref().unwrap_or("soft") {
+            "soft" => LossKind::Soft,
+            "hard_conf" => LossKind::HardConf,
+            other => return Err(err(format!("loss: unknown `{other}` (supported: soft, hard_conf)"))),
+        };
+        let default_lr = match method {
+            Method::Symerge => 1e-2,
+            Method::Adamerging => 1e-3,
+        };
+        let lr = raw.lr.unwrap_or(default_lr);
+        let cfg = AdaptConfig {
+            source: source.to_path_buf(),
+            method,
+            base_model: resolve(&raw.base_model),
+            tasks,
+            adapted_layer,
+            granularity,
+            lambda_init: raw.lambda_init.unwrap_or(0.3),
+            clamp: raw.clamp.unwrap_or(true),
+            lambda_lr: raw.lambda_lr.unwrap_or(lr),
+            layer_lr: raw.layer_lr.unwrap_or(lr),
+            batch_size: raw.batch_size.unwrap_or(32),
+            epochs: raw.epochs.unwrap_or(500),
+            loss,
+            confidence: raw.confidence,
+            seed: raw.seed.unwrap_or(0),
+            max_len: raw.max_len.unwrap_or(crate::model::DEFAULT_MAX_LEN),
+        };
+        for (field, v) in [("lr", cfg.lambda_lr), ("lambda_lr", cfg.lambda_lr), ("layer_lr", cfg.layer_lr)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(err(format!("{field}: must be a positive number, got {v}")));
+            }
+        }
+        if cfg.batch_size == 0 {
+            return Err(err("batch_size: must be at least 1".into()));
+        }
+        if let Some(c) = cfg.confidence
+            && !(0.0..=1.0).contains(&c)
+        {
+            return Err(err(format!("confidence: must lie in [0, 1], got {c}")));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_paths_and_errors() {
+        let src = Path::new("/cfg/adapt.yml");
+        let cfg = AdaptConfig::parse(
+            "method: symerge\nbase_model: base\ntasks:\n  - {name: a, expert: e/a, inputs: d/a.jsonl, cache: c/a}\n",
+            src,
+        )
+        .unwrap();
+        assert_eq!(cfg.base_model, PathBuf::from("/cfg/base"));
+        assert_eq!(cfg.tasks[0].cache.as_deref(), Some(Path::new("/cfg/c/a")));
+        assert_eq!((cfg.lambda_init, cfg.lambda_lr, cfg.batch_size, cfg.epochs), (0.3, 1e-2, 32, 500));
+        assert_eq!((cfg.granularity, cfg.adapted_layer, cfg.loss), (Granularity::Tensor, AdaptedLayer::Head, LossKind::Soft));
+
+        let ada = AdaptConfig::parse("method: adamerging\nbase_model: b\ntasks:\n  - {name: a, expert: e, inputs: i}\n", src)
+            .unwrap();
+        assert_eq!(ada.lambda_lr, 1e-3);
+
+        for (text, want) in [
+            ("method: foo\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}]", "method: unknown `foo`"),
+            ("method: symerge\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}]", "`cache` is required"),
+            ("method: adamerging\nbase_model: b\ntasks: []", "at least one task"),
+            ("method: adamerging\nbase_model: b\nepoch: 3\ntasks: [{name: a, expert: e, inputs: i}]", "epoch"),
+            ("method: adamerging\nbase_model: b\nlr: -1\ntasks: [{name: a, expert: e, inputs: i}]", "positive"),
+            ("method: adamerging\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}, {name: a, expert: e, inputs: i}]", "twice"),
+        ] {
+            let e = AdaptConfig::parse(text, src).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("adapt.yml"), "{text}: {e}");
+        }
+    }
+}
