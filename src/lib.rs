@@ -6,9 +6,11 @@
 //!   the streaming executor.
 //! - [`inspect`]: what a checkpoint holds.
 //! - [`data`]: real labelled text tasks (WordNet, fortunes) as train/validation/test JSONL.
+//! - [`dist`]: rank discovery, file rendezvous, collectives and data-parallel arithmetic.
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod inspect;
 pub mod merge;
