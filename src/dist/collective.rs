@@ -423,6 +423,39 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
+    /// Two thread-ranks through a real rendezvous directory.
+    fn file_pair(dir: &std::path::Path, timeout: Duration) -> (FileGroup, FileGroup) {
+        use crate::dist::rank::RankInfo;
+        use crate::dist::rendezvous::{RendezvousOptions, rendezvous};
+        let opts = RendezvousOptions { poll: Duration::from_millis(2), ..RendezvousOptions::new(dir, timeout) };
+        let o = opts.clone();
+        let r1 = std::thread::spawn(move || {
+            rendezvous(&RankInfo { rank: 1, world_size: 2, ..RankInfo::single() }, &o, &[]).unwrap()
+        });
+        let r0 = rendezvous(&RankInfo { world_size: 2, ..RankInfo::single() }, &opts, &[]).unwrap();
+        (FileGroup::new(r0, timeout), FileGroup::new(r1.join().unwrap(), timeout))
+    }
+
+    #[test]
+    fn file_group_times_out_naming_the_absent_rank_and_honours_aborts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut g0, g1) = file_pair(tmp.path(), Duration::from_millis(200));
+        let start = Instant::now();
+        let msg = g0.all_reduce_sum_f32(&mut [1.0]).unwrap_err().to_string();
+        assert!(msg.contains("file collective #0 (all_reduce) on rank 0 timed out"), "{msg}");
+        assert!(msg.contains("waiting for rank(s) 1"), "{msg}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+        drop(g1);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut g0, g1) = file_pair(tmp.path(), Duration::from_secs(30));
+        g1.abort("out of memory");
+        let start = Instant::now();
+        let msg = g0.barrier().unwrap_err().to_string();
+        assert!(msg.contains("aborted by rank 1: out of memory"), "{msg}");
+        assert!(start.elapsed() < Duration::from_secs(3), "an abort must not wait for the timeout");
+    }
+
     #[test]
     fn single_is_the_identity() {
         let mut s = Single;
