@@ -327,10 +327,12 @@ fn read_payload(path: &Path) -> Result<Option<Payload>> {
     Ok(Some(Payload { nonce: nonce.to_string(), world_size, payload: bytes[head..].to_vec() }))
 }
 
+/// `Ok(None)` when absent; NFS's "stale file handle" (a file replaced while we opened it) also
+/// just means "look again".
 fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESTALE) => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
 }
