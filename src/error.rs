@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-/// Errors from checkpoint I/O, configuration, merging and data preparation.
+/// Errors from checkpoint I/O, configuration, merging, data preparation and distributed runs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
@@ -77,8 +77,48 @@ pub enum Error {
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+
+    #[error(
+        "rendezvous in {dir} timed out after {waited_s:.1}s: rank(s) {} of {world_size} never arrived (arrived: {}){hint}",
+        fmt_ranks(.missing),
+        fmt_ranks(.arrived)
+    )]
+    RendezvousTimeout {
+        dir: PathBuf,
+        waited_s: f64,
+        world_size: usize,
+        missing: Vec<usize>,
+        arrived: Vec<usize>,
+        hint: String,
+    },
+
+    #[error("rendezvous in {dir}: {reason}")]
+    Rendezvous { dir: PathBuf, reason: String },
+
+    #[error(
+        "{backend} collective #{seq} ({op}) on rank {rank} timed out after {waited_s:.1}s waiting for rank(s) {}",
+        fmt_ranks(.missing)
+    )]
+    CollectiveTimeout { backend: String, op: String, seq: u64, rank: usize, waited_s: f64, missing: Vec<usize> },
+
+    #[error("{backend} collective: {reason}")]
+    Collective { backend: String, reason: String },
+
+    #[error("NCCL backend unavailable: {reason}")]
+    NcclUnavailable { reason: String },
+
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `0, 2, 5` or `none`, for rank lists in messages.
+fn fmt_ranks(ranks: &[usize]) -> String {
+    if ranks.is_empty() {
+        return "none".into();
+    }
+    ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 impl Error {

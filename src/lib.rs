@@ -11,12 +11,14 @@
 //! - [`backend`]: the numeric ops (forward and backward) behind one trait; [`backend::Cpu`] is
 //!   the reference implementation.
 //! - [`model`]: architectures as chains of blocks (BERT family), tokenization, predict/evaluate.
+//! - [`dist`]: rank discovery, file rendezvous, collectives and data-parallel arithmetic.
 
 pub mod adapt;
 pub mod atomic;
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod inspect;
 pub mod labels;

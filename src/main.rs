@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -11,6 +12,7 @@ use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
+use symerge::dist::{Backend, ConnectOptions, RankInfo};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
@@ -117,6 +119,34 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// Form the communicator from the launcher's environment (torchrun or SLURM variables; none
+    /// means one process), all-reduce a test tensor on every rank and check the sum.
+    DistCheck {
+        /// Directory every rank can reach (a shared filesystem across nodes); needed when the
+        /// world has more than one rank.
+        #[arg(long, value_name = "DIR")]
+        rendezvous: Option<PathBuf>,
+        /// Seconds a rank waits for the others to arrive before failing.
+        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
+        rendezvous_timeout: Duration,
+        /// Seconds a rank waits inside one collective before failing.
+        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
+        collective_timeout: Duration,
+        /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
+        /// or TORCHELASTIC_RUN_ID).
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Communicator when the world has more than one rank: file (through the rendezvous
+        /// directory, CPU) or nccl (GPUs; not implemented yet).
+        #[arg(long, default_value = "file")]
+        backend: Backend,
+        /// Elements of the test tensor.
+        #[arg(long, default_value_t = 1 << 16)]
+        elements: usize,
+        /// Print a JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +245,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("size `{s}` must be at least one byte"));
     }
     Ok(bytes as u64)
+}
+
+/// Parses a positive number of seconds (fractions allowed).
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
 }
 
 /// Writes to stdout; a closed pipe (`symerge inspect X | head`) is not an error.
@@ -350,6 +388,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
+            }
+        }
+        Command::DistCheck { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend, elements, json } => {
+            let info = RankInfo::from_env()?;
+            // Prefixing the rank makes interleaved logs from many ranks attributable.
+            let rank_label = format!("rank {}/{}", info.rank, info.world_size);
+            let opts = ConnectOptions { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend };
+            let mut coll = symerge::dist::connect(&info, &opts).with_context(|| rank_label.clone())?;
+            let report =
+                symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label.clone())?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
+            } else {
+                emit(&report.to_string())?;
             }
         }
     }

@@ -1,0 +1,110 @@
+//! `symerge dist-check`: proves on every rank that the communicator forms and that an
+//! all-reduce returns the right sum, and measures what it costs.
+
+use std::fmt;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::dist::collective::Collective;
+use crate::dist::data_parallel::verify_identical;
+use crate::dist::rank::{RankInfo, RankSource};
+use crate::error::{Error, Result};
+
+/// One rank's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub source: RankSource,
+    pub backend: String,
+    pub device: String,
+    pub host: String,
+    pub elements: usize,
+    /// Hash of the all-reduced tensor: equal on every rank when they agree bit for bit.
+    pub sum_hash: String,
+    /// Seconds of the fastest timed all-reduce.
+    pub seconds: f64,
+    /// Bytes per second of one rank's buffer (nccl-tests' `algbw`); 0 for one rank.
+    pub algbw_gb_per_s: f64,
+    /// `algbw * 2 (n - 1) / n`: the traffic a ring all-reduce puts on each link, comparable
+    /// across world sizes (nccl-tests' `busbw`).
+    pub busbw_gb_per_s: f64,
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ok: rank {}/{} (local {}, {}) host {}, device {}, backend {}: all-reduce of {} f32 correct, sum hash {}, {:.3} ms",
+            self.rank,
+            self.world_size,
+            self.local_rank,
+            self.source,
+            self.host,
+            self.device,
+            self.backend,
+            self.elements,
+            self.sum_hash,
+            self.seconds * 1e3
+        )?;
+        if self.world_size > 1 {
+            write!(f, ", bus bandwidth {:.3} GB/s (algbw {:.3} GB/s)", self.busbw_gb_per_s, self.algbw_gb_per_s)?;
+        }
+        writeln!(f)
+    }
+}
+
+/// What rank `rank` contributes at `i`: small integers, so every partial sum is exact in f32
+/// and the expected total has a closed form.
+fn test_value(rank: usize, i: usize) -> f32 {
+    (rank + 1) as f32 + (i % 7) as f32
+}
+
+/// All-reduces a test tensor of `elements` values, checks the sum on this rank, checks every
+/// rank got the same bits, and times the all-reduce.
+pub fn run_check(coll: &mut dyn Collective, info: &RankInfo, elements: usize) -> Result<CheckReport> {
+    let (rank, world) = (coll.rank(), coll.world_size());
+    let fresh = || (0..elements).map(|i| test_value(rank, i)).collect::<Vec<f32>>();
+    let mut buf = fresh();
+    coll.all_reduce_sum_f32(&mut buf)?;
+    let base = (world * (world + 1) / 2) as f32;
+    if let Some(i) = (0..elements).find(|&i| buf[i] != base + (world * (i % 7)) as f32) {
+        let reason = format!(
+            "all-reduce gave {} at element {i} on rank {rank}, expected {}",
+            buf[i],
+            base + (world * (i % 7)) as f32
+        );
+        coll.abort(&reason);
+        return Err(Error::Collective { backend: coll.backend().into(), reason });
+    }
+    let hash = verify_identical(coll, &buf)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let mut b = fresh();
+        coll.barrier()?;
+        let t = Instant::now();
+        coll.all_reduce_sum_f32(&mut b)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    // One rank moves no data, so it has no bandwidth to report.
+    let algbw = if world > 1 { (elements * 4) as f64 / best.max(1e-9) / 1e9 } else { 0.0 };
+    let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
+    coll.barrier()?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    Ok(CheckReport {
+        rank,
+        world_size: world,
+        local_rank: info.local_rank,
+        source: info.source,
+        backend: coll.backend().into(),
+        device: "cpu".into(),
+        host,
+        elements,
+        sum_hash: format!("{hash:016x}"),
+        seconds: best,
+        algbw_gb_per_s: algbw,
+        busbw_gb_per_s: busbw,
+    })
+}

@@ -1,0 +1,202 @@
+//! Which rank this process is, read from the launcher's environment.
+//!
+//! The environment is passed in as a lookup function, so tests (and callers that merge
+//! command-line overrides) never have to mutate the process environment, which is shared by
+//! every thread of a test binary.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// The launcher that set the variables a [`RankInfo`] came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RankSource {
+    /// `torchrun` / `torch.distributed.launch`, or a manual launch: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`.
+    Torchrun,
+    /// `srun`: `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`.
+    Slurm,
+    /// No launcher variables: one process, world size 1.
+    Single,
+}
+
+impl fmt::Display for RankSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RankSource::Torchrun => "torchrun",
+            RankSource::Slurm => "slurm",
+            RankSource::Single => "single",
+        })
+    }
+}
+
+/// This process's place in the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RankInfo {
+    /// Global rank, `0..world_size`.
+    pub rank: usize,
+    pub world_size: usize,
+    /// Rank on this node; picks the GPU.
+    pub local_rank: usize,
+    pub source: RankSource,
+    /// `MASTER_ADDR:MASTER_PORT` when torchrun set them (kept for a TCP rendezvous; the file
+    /// rendezvous does not need them).
+    pub master: Option<(String, u16)>,
+    /// An id the launcher gives this run (`SLURM_JOB_ID.SLURM_STEP_ID`, or torchrun's
+    /// `TORCHELASTIC_RUN_ID` plus its restart count); keeps concurrent or earlier runs that share
+    /// a rendezvous directory apart.
+    pub run_id: Option<String>,
+}
+
+impl RankInfo {
+    /// World size 1, rank 0: no launcher, no communicator needed.
+    pub fn single() -> Self {
+        RankInfo { rank: 0, world_size: 1, local_rank: 0, source: RankSource::Single, master: None, run_id: None }
+    }
+
+    /// Reads the process environment (see [`RankInfo::from_lookup`]).
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    /// Discovers the rank from variables looked up with `get`.
+    ///
+    /// Precedence: torchrun variables (`RANK`/`WORLD_SIZE`), then SLURM (`SLURM_PROCID`), else a
+    /// single process. torchrun wins because `srun torchrun ...` sets both and torchrun's ranks
+    /// are the ones its workers must use. A missing `LOCAL_RANK`/`SLURM_LOCALID` defaults to the
+    /// global rank, which is right for the only launch that omits it: several processes started
+    /// by hand on one node.
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let (rank_var, world_var, local_var, source) = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK", RankSource::Torchrun)
+        } else if get("SLURM_PROCID").is_some() {
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", RankSource::Slurm)
+        } else {
+            return Ok(Self::single());
+        };
+        let required = |var: &str, other: &str| -> Result<usize> {
+            let value = get(var).ok_or_else(|| Error::Env {
+                var: var.into(),
+                reason: format!("not set, but {other} is; a launcher sets both"),
+            })?;
+            parse_count(var, &value)
+        };
+        let rank = required(rank_var, world_var)?;
+        let world_size = required(world_var, rank_var)?;
+        if world_size == 0 {
+            return Err(Error::Env { var: world_var.into(), reason: "must be at least 1, got 0".into() });
+        }
+        if rank >= world_size {
+            return Err(Error::Env {
+                var: rank_var.into(),
+                reason: format!("rank {rank} is not below {world_var}={world_size}"),
+            });
+        }
+        let local_rank = match get(local_var) {
+            Some(v) => parse_count(local_var, &v)?,
+            None => rank,
+        };
+        if local_rank >= world_size {
+            return Err(Error::Env {
+                var: local_var.into(),
+                reason: format!("local rank {local_rank} is not below {world_var}={world_size}"),
+            });
+        }
+        let master = match source {
+            RankSource::Torchrun => master_addr(&get)?,
+            _ => None,
+        };
+        let run_id = match source {
+            RankSource::Slurm => get("SLURM_JOB_ID").map(|job| match get("SLURM_STEP_ID") {
+                Some(step) => format!("{job}.{step}"),
+                None => job,
+            }),
+            // torchrun's default run id is the literal `none`, which names no run.
+            _ => {
+                get("TORCHELASTIC_RUN_ID").filter(|id| id != "none").map(|id| match get("TORCHELASTIC_RESTART_COUNT") {
+                    Some(n) => format!("{id}.r{n}"),
+                    None => id,
+                })
+            }
+        };
+        Ok(RankInfo { rank, world_size, local_rank, source, master, run_id })
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.world_size == 1
+    }
+}
+
+impl fmt::Display for RankInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rank {}/{} (local {}, {})", self.rank, self.world_size, self.local_rank, self.source)
+    }
+}
+
+fn parse_count(var: &str, value: &str) -> Result<usize> {
+    value
+        .trim()
+        .parse::<usize>()
+        .map_err(|_| Error::Env { var: var.into(), reason: format!("`{value}` is not a non-negative integer") })
+}
+
+fn master_addr(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<(String, u16)>> {
+    match (get("MASTER_ADDR"), get("MASTER_PORT")) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(Error::Env {
+            var: "MASTER_PORT".into(),
+            reason: "not set, but MASTER_ADDR is; a launcher sets both".into(),
+        }),
+        (None, Some(_)) => Err(Error::Env {
+            var: "MASTER_ADDR".into(),
+            reason: "not set, but MASTER_PORT is; a launcher sets both".into(),
+        }),
+        (Some(addr), Some(port)) => {
+            let port = port.trim().parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| Error::Env {
+                var: "MASTER_PORT".into(),
+                reason: format!("`{port}` is not a port number (1-65535)"),
+            })?;
+            Ok(Some((addr, port)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let owned: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name| owned.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let info = RankInfo::from_lookup(&env(&[("RANK", " "), ("SLURM_PROCID", "")])).unwrap();
+        assert_eq!(info, RankInfo::single());
+    }
+
+    #[test]
+    fn slurm_step_id_joins_the_job_id() {
+        let info = RankInfo::from_lookup(&env(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_JOB_ID", "77"),
+            ("SLURM_STEP_ID", "3"),
+        ]))
+        .unwrap();
+        assert_eq!(info.run_id.as_deref(), Some("77.3"));
+    }
+
+    #[test]
+    fn torchrun_default_run_id_is_ignored() {
+        let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "none")];
+        assert_eq!(RankInfo::from_lookup(&env(&base)).unwrap().run_id, None);
+        let named =
+            [("RANK", "0"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "abc"), ("TORCHELASTIC_RESTART_COUNT", "1")];
+        assert_eq!(RankInfo::from_lookup(&env(&named)).unwrap().run_id.as_deref(), Some("abc.r1"));
+    }
+}
