@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
 use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
@@ -13,6 +15,7 @@ use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::{Backend, ConnectOptions, RankInfo};
+use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
@@ -144,6 +147,55 @@ enum Command {
         #[arg(long, default_value_t = 1 << 16)]
         elements: usize,
         /// Print a JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an expert over its task's inputs once and cache its soft labels on disk (resumable;
+    /// reused when the cache already matches the expert and the inputs).
+    CacheLabels {
+        /// The expert: a fine-tuned sequence classifier directory.
+        #[arg(long)]
+        expert: PathBuf,
+        /// Task name recorded in the cache (checked by `adapt`).
+        #[arg(long)]
+        task: String,
+        /// JSONL with a `text` field per line (labels, if any, are ignored).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// The cache file.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+        max_len: usize,
+        /// Rebuild a cache made for another expert or other inputs instead of failing.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
+    /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
+    Adapt {
+        config: PathBuf,
+        /// Output directory (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Override the config's epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Override the config's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Log a line every N steps.
+        #[arg(long, default_value_t = 10)]
+        log_every: usize,
+        /// Skip the accuracy of the adapted models on their (labelled) inputs.
+        #[arg(long)]
+        no_eval: bool,
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -388,6 +440,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
+            }
+        }
+        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json } => {
+            let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
+            let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force };
+            let summary = cache_labels(Cpu, &texts, &opts)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+            } else {
+                tracing::info!(
+                    "{} {} ({} rows x {} classes) in {:.1}s",
+                    if summary.reused { "reused" } else { "wrote" },
+                    summary.output.display(),
+                    summary.rows,
+                    summary.classes,
+                    summary.seconds
+                );
+            }
+        }
+        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json } => {
+            let mut cfg = AdaptConfig::load(&config)?;
+            cfg.epochs = epochs.unwrap_or(cfg.epochs);
+            cfg.seed = seed.unwrap_or(cfg.seed);
+            let adapter = Adapter::load(Cpu, cfg)?;
+            let summary = adapter.run(&AdaptOptions { output, force, evaluate: !no_eval, log_every })?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+            } else {
+                for t in &summary.tasks {
+                    let acc = t.accuracy.map_or("-".to_string(), |a| format!("{a:.2}%"));
+                    emit(&format!(
+                        "{:<16} accuracy {acc:>8}  final loss {:.4}  mean lambda {:.3}\n",
+                        t.name, t.final_loss, t.lambda_mean
+                    ))?;
+                }
+                if let Some(a) = summary.average_accuracy {
+                    emit(&format!("{:<16} accuracy {:>7.2}%\n", "average", a))?;
+                }
             }
         }
         Command::DistCheck { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend, elements, json } => {

@@ -221,10 +221,14 @@ mod tests {
         assert_eq!(cfg.base_model, PathBuf::from("/cfg/base"));
         assert_eq!(cfg.tasks[0].cache.as_deref(), Some(Path::new("/cfg/c/a")));
         assert_eq!((cfg.lambda_init, cfg.lambda_lr, cfg.batch_size, cfg.epochs), (0.3, 1e-2, 32, 500));
-        assert_eq!((cfg.granularity, cfg.adapted_layer, cfg.loss), (Granularity::Tensor, AdaptedLayer::Head, LossKind::Soft));
+        assert_eq!(
+            (cfg.granularity, cfg.adapted_layer, cfg.loss),
+            (Granularity::Tensor, AdaptedLayer::Head, LossKind::Soft)
+        );
 
-        let ada = AdaptConfig::parse("method: adamerging\nbase_model: b\ntasks:\n  - {name: a, expert: e, inputs: i}\n", src)
-            .unwrap();
+        let ada =
+            AdaptConfig::parse("method: adamerging\nbase_model: b\ntasks:\n  - {name: a, expert: e, inputs: i}\n", src)
+                .unwrap();
         assert_eq!(ada.lambda_lr, 1e-3);
 
         for (text, want) in [
@@ -233,7 +237,10 @@ mod tests {
             ("method: adamerging\nbase_model: b\ntasks: []", "at least one task"),
             ("method: adamerging\nbase_model: b\nepoch: 3\ntasks: [{name: a, expert: e, inputs: i}]", "epoch"),
             ("method: adamerging\nbase_model: b\nlr: -1\ntasks: [{name: a, expert: e, inputs: i}]", "positive"),
-            ("method: adamerging\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}, {name: a, expert: e, inputs: i}]", "twice"),
+            (
+                "method: adamerging\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}, {name: a, expert: e, inputs: i}]",
+                "twice",
+            ),
         ] {
             let e = AdaptConfig::parse(text, src).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("adapt.yml"), "{text}: {e}");

@@ -1,6 +1,14 @@
 //! Test-time adaptation of the merge: SyMerge (Lambda jointly with one task-specific layer per
 //! task, against the experts' cached soft labels) and AdaMerging (Lambda only, entropy).
-//! So far: the Lambda table ([`lambda`]) and the optimizer ([`adam`]).
+//!
+//! - [`config`]: the YAML config; [`train`]: the block-streamed loop and its outputs;
+//! - [`task_vectors`]: merged weights and Lambda gradients block by block (CPU twins of the
+//!   `merge` and `lambda_grad` kernels); [`objective`]: the losses;
+//! - [`lambda`]: the coefficient table (saved as a `merge` Lambda table); [`adam`]: the optimizer.
 
 pub mod adam;
+pub mod config;
 pub mod lambda;
+pub mod objective;
+pub mod task_vectors;
+pub mod train;

@@ -6,6 +6,7 @@ pub mod dtype;
 pub mod generate;
 pub mod layers;
 pub mod reader;
+pub mod side_files;
 pub mod stream;
 pub mod writer;
 

@@ -5,7 +5,7 @@
 //! written into a hidden temporary directory beside it, which is renamed into place at the end
 //! and removed on any error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -15,8 +15,9 @@ use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::{Threshold, keep_count, magnitude_threshold};
 use super::{ChunkCtx, MergeMethod};
+use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
-use crate::checkpoint::reader::{INDEX_NAME, SINGLE_NAME};
+use crate::checkpoint::side_files::copy_side_files;
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
 use crate::checkpoint::writer::BackgroundWriter;
 use crate::checkpoint::{Checkpoint, FloatDType, LayerStream, PlannedTensor, ShardWriter, TensorMeta};
@@ -327,100 +328,4 @@ fn first_out_of_range(x: &[f32], dtype: FloatDType) -> Option<usize> {
         FloatDType::F16 => x.iter().position(|v| v.is_nan() || v.abs() >= 65520.0),
         _ => first_non_finite(x),
     }
-}
-
-/// A hidden directory beside the output that becomes the output only on success.
-struct Staging {
-    dir: tempfile::TempDir,
-}
-
-impl Staging {
-    fn create(output: &Path) -> Result<Self> {
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
-        let dir = tempfile::Builder::new()
-            .prefix(&format!(".{name}.partial-"))
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
-        Ok(Staging { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Renames the staging directory to `output`, replacing an existing one if `force`.
-    fn commit(self, output: &Path, force: bool) -> Result<()> {
-        let staged = self.dir.keep();
-        let old = if output.exists() {
-            if !force {
-                let _ = std::fs::remove_dir_all(&staged);
-                return Err(Error::OutputExists { path: output.to_path_buf() });
-            }
-            let mut old = staged.clone().into_os_string();
-            old.push(".old");
-            let old = PathBuf::from(old);
-            std::fs::rename(output, &old).map_err(|e| Error::io(output, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        std::fs::rename(&staged, output).map_err(|e| Error::io(output, e))?;
-        if let Some(old) = old {
-            let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
-            removed.map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(())
-    }
-}
-
-/// Extensions of weight files that are never copied beside the merged weights.
-const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "bin", "pt", "pth", "ckpt", "h5", "msgpack", "ot", "onnx", "gguf"];
-
-/// Copies `config.json`, tokenizer files and other small non-weight files (recursively, e.g. a
-/// sentence-transformers `1_Pooling/`) from `src` into the output, updating `torch_dtype` in the
-/// top-level `config.json` when the output dtype changes.
-fn copy_side_files(src: &Path, dst: &Path, out_dtype: Option<FloatDType>) -> Result<()> {
-    copy_side_dir(src, dst, out_dtype, true)
-}
-
-fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: bool) -> Result<()> {
-    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-        let entry = entry.map_err(|e| Error::io(src, e))?;
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        let target = dst.join(&name);
-        if path.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-            copy_side_dir(&path, &target, out_dtype, false)?;
-            continue;
-        }
-        let is_weights = path.extension().is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
-        if !path.is_file() || is_weights || name == INDEX_NAME || name == SINGLE_NAME {
-            continue;
-        }
-        match (top && name == "config.json", out_dtype) {
-            (true, Some(dt)) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                let mut cfg: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| Error::BadIndex { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
-                if let Some(obj) = cfg.as_object_mut() {
-                    obj.insert("torch_dtype".into(), dt.torch_name().into());
-                }
-                let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
-                std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
-            }
-            _ => {
-                std::fs::copy(&path, &target).map_err(|e| Error::io(&path, e))?;
-            }
-        }
-    }
-    Ok(())
 }

@@ -38,38 +38,9 @@ impl<B: Backend> SequenceClassifier<B> {
         self.model.config.label2id.as_ref()
     }
 
-    /// Class ids of labelled examples read from `path`: a label name is looked up in
-    /// config.json's `label2id` (so data files and experts may order classes differently), an
-    /// integer label or `label_id` is taken as is. Errors name the file and line.
+    /// Class ids of labelled examples read from `path` (see [`label_ids`]).
     pub fn label_ids(&self, examples: &[Example], path: &Path) -> Result<Vec<usize>> {
-        let n = self.model.num_labels().unwrap_or(0);
-        let err = |i: usize, reason: String| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason };
-        examples
-            .iter()
-            .enumerate()
-            .map(|(i, ex)| {
-                let id = match (&ex.label, self.label2id(), ex.label_id) {
-                    (Some(name), Some(map), _) => *map.get(name).ok_or_else(|| {
-                        let known: Vec<&str> = map.keys().map(String::as_str).collect();
-                        err(i, format!("unknown label `{name}` (config.json label2id has: {})", known.join(", ")))
-                    })?,
-                    (_, _, Some(id)) => id,
-                    (Some(name), None, None) => {
-                        return Err(err(
-                            i,
-                            format!(
-                                "unknown label `{name}`: config.json has no label2id, so labels must be class indices"
-                            ),
-                        ));
-                    }
-                    (None, _, None) => return Err(err(i, "missing the `label` field".into())),
-                };
-                if id >= n {
-                    return Err(err(i, format!("label {id} is outside the model's {n} classes")));
-                }
-                Ok(id)
-            })
-            .collect()
+        label_ids(examples, self.label2id(), self.model.num_labels().unwrap_or(0), path)
     }
 }
 
@@ -78,6 +49,42 @@ impl<B: Backend> SequenceClassifier<B> {
 pub struct Prediction {
     pub logits: Vec<f32>,
     pub probs: Vec<f32>,
+}
+
+/// Class ids of labelled examples read from `path`: a label name is looked up in config.json's
+/// `label2id` (so data files and experts may order classes differently), an integer label or
+/// `label_id` is taken as is. Errors name the file and line.
+pub fn label_ids(
+    examples: &[Example],
+    label2id: Option<&BTreeMap<String, usize>>,
+    n: usize,
+    path: &Path,
+) -> Result<Vec<usize>> {
+    let err = |i: usize, reason: String| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason };
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| {
+            let id = match (&ex.label, label2id, ex.label_id) {
+                (Some(name), Some(map), _) => *map.get(name).ok_or_else(|| {
+                    let known: Vec<&str> = map.keys().map(String::as_str).collect();
+                    err(i, format!("unknown label `{name}` (config.json label2id has: {})", known.join(", ")))
+                })?,
+                (_, _, Some(id)) => id,
+                (Some(name), None, None) => {
+                    return Err(err(
+                        i,
+                        format!("unknown label `{name}`: config.json has no label2id, so labels must be class indices"),
+                    ));
+                }
+                (None, _, None) => return Err(err(i, "missing the `label` field".into())),
+            };
+            if id >= n {
+                return Err(err(i, format!("label {id} is outside the model's {n} classes")));
+            }
+            Ok(id)
+        })
+        .collect()
 }
 
 /// Logits and softmax probabilities for every text, in input order. Texts are batched by token

@@ -1,0 +1,478 @@
+//! The adaptation loop: SyMerge (Lambda jointly with each task's own layer, against the experts'
+//! cached soft labels) and AdaMerging (Lambda only, entropy), block-streamed.
+//!
+//! A step takes one batch of one task's unlabelled inputs. The forward builds each shared block's
+//! merged weights when it reaches it and keeps only block outputs; the backward rebuilds each
+//! block's weights in reverse, recomputes its internals from its saved input, turns the weight
+//! gradients into Lambda gradients and drops the block. The task's own blocks (its head, and with
+//! `last_block` its last encoder block) are resident, initialised from its expert, and get their
+//! own gradients and Adam steps. An epoch visits every task once, in a shuffled order, with one
+//! batch and one step each, as the released code does.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::adam::{Adam, AdamConfig};
+use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
+use super::lambda::{Granularity, Lambda};
+use super::objective::{self, LossOutput, Objective};
+use super::task_vectors::TaskVectors;
+use crate::atomic::Staging;
+use crate::backend::Backend;
+use crate::checkpoint::side_files::copy_side_files;
+use crate::checkpoint::{PlannedTensor, ShardWriter};
+use crate::data::jsonl::read_jsonl;
+use crate::error::{Error, Result};
+use crate::labels::LabelCache;
+use crate::labels::produce::provenance;
+use crate::merge::philox::{ElementStream, name_hash};
+use crate::model::classify::label_ids;
+use crate::model::tokenize::Tokens;
+use crate::model::{Bert, Block, LoadOptions, Param, Params, SequenceClassifier, TextTokenizer, evaluate};
+
+/// One task during adaptation.
+pub struct TaskState<B: Backend> {
+    pub name: String,
+    pub expert: PathBuf,
+    pub texts: Vec<String>,
+    tokens: Vec<Tokens>,
+    tokenizer: TextTokenizer,
+    /// Gold class ids, when the inputs carry labels (used only to report accuracy).
+    pub gold: Option<Vec<usize>>,
+    pub cache: Option<LabelCache>,
+    pub classes: usize,
+    /// The task's own blocks, after the shared ones.
+    pub private_blocks: Vec<Block>,
+    pub private: Vec<Params<B>>,
+    adam: Vec<BTreeMap<String, Adam>>,
+    order: Vec<usize>,
+    cursor: usize,
+    shuffles: u32,
+}
+
+/// Gradients of one batch's loss.
+pub struct StepGrads<B: Backend> {
+    pub loss: f32,
+    pub kept: usize,
+    /// `[Lambda rows, K]`, like [`Lambda::values`].
+    pub lambda: Vec<f64>,
+    /// Aligned with the task's private blocks.
+    pub private: Vec<Params<B>>,
+}
+
+/// The model being adapted.
+pub struct Adapter<B: Backend> {
+    pub cfg: AdaptConfig,
+    /// The pretrained model: its config, tokenization and the shared blocks' layout.
+    pub base: Bert<B>,
+    pub shared: Vec<Block>,
+    pub tv: TaskVectors,
+    pub lambda: Lambda,
+    lambda_adam: Adam,
+    pub tasks: Vec<TaskState<B>>,
+}
+
+/// Per-task outcome (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskReport {
+    pub name: String,
+    pub inputs: usize,
+    /// Accuracy of the adapted model on the (labelled) inputs, in percent.
+    pub accuracy: Option<f64>,
+    /// Mean loss over the last epochs' steps of this task.
+    pub final_loss: f64,
+    /// Mean of this task's Lambda column.
+    pub lambda_mean: f64,
+}
+
+/// Account of an adaptation run.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdaptSummary {
+    pub method: Method,
+    pub output: PathBuf,
+    pub epochs: usize,
+    pub steps: usize,
+    pub seconds: f64,
+    pub lambda_rows: usize,
+    pub lambda_hash: String,
+    pub tasks: Vec<TaskReport>,
+    pub average_accuracy: Option<f64>,
+}
+
+/// Where to write and how to report.
+#[derive(Debug, Clone)]
+pub struct AdaptOptions {
+    pub output: PathBuf,
+    pub force: bool,
+    /// Measure each task's accuracy on its inputs' labels at the end.
+    pub evaluate: bool,
+    /// Log a line every this many steps.
+    pub log_every: usize,
+}
+
+impl<B: Backend + Clone> Adapter<B> {
+    /// Loads the base model, the experts (their task vectors and own layers), the inputs and the
+    /// label caches, checking that each cache was made by that expert for those inputs.
+    pub fn load(backend: B, cfg: AdaptConfig) -> Result<Self> {
+        let base = Bert::load(backend.clone(), &cfg.base_model, LoadOptions::default())?;
+        let encoder_blocks = base.blocks.iter().filter(|b| !matches!(b, Block::Head(_))).count();
+        let n_shared = match cfg.adapted_layer {
+            AdaptedLayer::Head => encoder_blocks,
+            AdaptedLayer::LastBlock => encoder_blocks.saturating_sub(1),
+        };
+        if n_shared == 0 {
+            return Err(Error::Model { path: cfg.base_model.clone(), reason: "no shared blocks to merge".into() });
+        }
+        let shared: Vec<Block> = base.blocks[..n_shared].to_vec();
+        let shared_names: Vec<String> = shared.iter().map(Block::name).collect();
+        let keys: Vec<String> = match cfg.granularity {
+            Granularity::Tensor => base.params[..n_shared].iter().flat_map(|p| p.keys().cloned()).collect(),
+            Granularity::Block => shared_names.clone(),
+        };
+        let models: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
+        let lambda = Lambda::new(cfg.granularity, models, keys, cfg.lambda_init);
+
+        let mut experts = Vec::with_capacity(cfg.tasks.len());
+        let mut tasks = Vec::with_capacity(cfg.tasks.len());
+        for t in &cfg.tasks {
+            let expert = Bert::load(backend.clone(), &t.expert, LoadOptions::default())?;
+            let classes = expert.num_labels().ok_or_else(|| Error::Model {
+                path: t.expert.clone(),
+                reason: "no classification head: an expert must be a fine-tuned classifier".into(),
+            })?;
+            let names: Vec<String> = expert.blocks.iter().map(Block::name).collect();
+            let want: Vec<String> =
+                base.blocks[..encoder_blocks].iter().map(Block::name).chain(["head".into()]).collect();
+            if names != want {
+                return Err(Error::Model {
+                    path: t.expert.clone(),
+                    reason: format!("blocks {names:?} do not match the base model's {want:?}"),
+                });
+            }
+            let examples = read_jsonl(&t.inputs)?;
+            if examples.is_empty() {
+                return Err(Error::Invalid(format!("{}: no inputs for task `{}`", t.inputs.display(), t.name)));
+            }
+            let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
+            let expert_dir = if t.expert.is_dir() { t.expert.clone() } else { expert.path.clone() };
+            let tokenizer = TextTokenizer::from_dir(&expert_dir, cfg.max_len)?;
+            let tokens = tokenizer.tokenize(&texts)?;
+            let labelled = examples.iter().all(|e| e.label.is_some() || e.label_id.is_some());
+            let gold = labelled
+                .then(|| label_ids(&examples, expert.config.label2id.as_ref(), classes, &t.inputs))
+                .transpose()?;
+            let cache = match (&t.cache, cfg.method) {
+                (Some(path), Method::Symerge) => {
+                    let want = provenance(&t.expert, &t.name, cfg.max_len, &texts)?;
+                    let cache = LabelCache::open(path, Some(&want))?;
+                    if cache.classes() != classes {
+                        return Err(Error::LabelCache {
+                            path: path.clone(),
+                            reason: format!("{} classes, but the expert has {classes}", cache.classes()),
+                        });
+                    }
+                    Some(cache)
+                }
+                _ => None,
+            };
+            let private_blocks = expert.blocks[n_shared..].to_vec();
+            let mut private: Vec<Params<B>> = Vec::new();
+            for p in &expert.params[n_shared..] {
+                let mut copy = Params::new();
+                for (name, t) in p {
+                    copy.insert(
+                        name.clone(),
+                        Param { shape: t.shape.clone(), buf: backend.upload(&backend.download(&t.buf)?)? },
+                    );
+                }
+                private.push(copy);
+            }
+            let adam = private
+                .iter()
+                .map(|p| {
+                    p.iter()
+                        .map(|(n, t)| (n.clone(), Adam::new(backend.len(&t.buf), AdamConfig::with_lr(cfg.layer_lr))))
+                        .collect()
+                })
+                .collect();
+            tasks.push(TaskState {
+                name: t.name.clone(),
+                expert: expert_dir,
+                texts,
+                tokens,
+                tokenizer,
+                gold,
+                cache,
+                classes,
+                private_blocks,
+                private,
+                adam,
+                order: Vec::new(),
+                cursor: 0,
+                shuffles: 0,
+            });
+            experts.push(expert);
+        }
+        let base_params: Vec<&Params<B>> = base.params[..n_shared].iter().collect();
+        let expert_params: Vec<Vec<&Params<B>>> =
+            experts.iter().map(|e| e.params[..n_shared].iter().collect()).collect();
+        let tv = TaskVectors::new(&backend, &base_params, &expert_params, &shared_names, &lambda)?;
+        drop(experts);
+        let lambda_adam = Adam::new(lambda.values.len(), AdamConfig::with_lr(cfg.lambda_lr));
+        Ok(Adapter { cfg, base, shared, tv, lambda, lambda_adam, tasks })
+    }
+
+    fn objective(&self) -> Objective {
+        match (self.cfg.method, self.cfg.loss) {
+            (Method::Adamerging, _) => Objective::Entropy,
+            (Method::Symerge, LossKind::Soft) => Objective::Soft { min_confidence: self.cfg.confidence },
+            (Method::Symerge, LossKind::HardConf) => Objective::HardConf,
+        }
+    }
+
+    /// Loss and gradients of task `task` on its inputs `rows`, block-streamed.
+    pub fn loss_and_grads(&self, task: usize, rows: &[usize]) -> Result<StepGrads<B>> {
+        let be = &self.base.backend;
+        let t = &self.tasks[task];
+        let seqs: Vec<&Tokens> = rows.iter().map(|&i| &t.tokens[i]).collect();
+        let batch = self.base.batch(&t.tokenizer.pad(&seqs))?;
+        let n_shared = self.shared.len();
+        let total = n_shared + t.private_blocks.len();
+
+        // Forward: only block outputs are kept (each is the next block's input).
+        let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
+        for b in 0..total {
+            let y = if b < n_shared {
+                let p = self.tv.merged_block(be, b, &self.lambda)?;
+                self.shared[b].forward(be, &p, &batch, acts.last())?
+            } else {
+                t.private_blocks[b - n_shared].forward(be, &t.private[b - n_shared], &batch, acts.last())?
+            };
+            acts.push(y);
+        }
+        let logits = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+        let expert_probs = t.cache.as_ref().map(|c| c.probs_batch(rows));
+        let LossOutput { loss, dlogits, kept } =
+            objective::evaluate(be, self.objective(), &logits, expert_probs.as_deref(), batch.batch, t.classes)?;
+        drop(logits);
+
+        // Backward in reverse, rebuilding each shared block's weights.
+        let mut lambda_grad = vec![0f64; self.lambda.values.len()];
+        let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
+        let mut dy = dlogits;
+        for b in (0..total).rev() {
+            let input = if b > 0 { acts.pop() } else { None };
+            let (dx, g) = if b < n_shared {
+                let p = self.tv.merged_block(be, b, &self.lambda)?;
+                let (dx, g) = self.shared[b].backward(be, &p, &batch, input.as_ref(), &dy)?;
+                self.tv.lambda_grad(be, b, &g, &mut lambda_grad)?;
+                (dx, None)
+            } else {
+                let i = b - n_shared;
+                let (dx, g) = t.private_blocks[i].backward(be, &t.private[i], &batch, input.as_ref(), &dy)?;
+                (dx, Some(g))
+            };
+            if let Some(g) = g {
+                private.push(g);
+            }
+            match dx {
+                Some(dx) => dy = dx,
+                None => break,
+            }
+        }
+        private.reverse();
+        Ok(StepGrads { loss, kept, lambda: lambda_grad, private })
+    }
+
+    /// The next `batch_size` inputs of task `task`, walking a seeded permutation that is redrawn
+    /// each time it runs out.
+    fn next_rows(&mut self, task: usize) -> Vec<usize> {
+        let (seed, bs) = (self.cfg.seed, self.cfg.batch_size);
+        let t = &mut self.tasks[task];
+        let n = t.tokens.len();
+        let mut rows = Vec::with_capacity(bs.min(n));
+        while rows.len() < bs.min(n) {
+            if t.cursor >= t.order.len() {
+                t.order = permutation(n, seed, name_hash(&t.name), t.shuffles);
+                t.shuffles += 1;
+                t.cursor = 0;
+            }
+            rows.push(t.order[t.cursor]);
+            t.cursor += 1;
+        }
+        rows
+    }
+
+    /// One optimisation step on task `task`; returns (loss, kept samples).
+    pub fn step(&mut self, task: usize) -> Result<(f32, usize)> {
+        let rows = self.next_rows(task);
+        let g = self.loss_and_grads(task, &rows)?;
+        let lg: Vec<f32> = g.lambda.iter().map(|&v| v as f32).collect();
+        self.lambda_adam.step(&mut self.lambda.values, &lg);
+        if self.cfg.clamp {
+            self.lambda.clamp(0.0, 1.0);
+        }
+        if self.cfg.method == Method::Symerge {
+            let be = &self.base.backend;
+            let t = &mut self.tasks[task];
+            for ((params, grads), adams) in t.private.iter_mut().zip(&g.private).zip(&mut t.adam) {
+                for (name, p) in params.iter_mut() {
+                    let (Some(gr), Some(adam)) = (grads.get(name), adams.get_mut(name)) else { continue };
+                    let mut values = be.download(&p.buf)?;
+                    adam.step(&mut values, &be.download(&gr.buf)?);
+                    p.buf = be.upload(&values)?;
+                }
+            }
+        }
+        Ok((g.loss, g.kept))
+    }
+
+    /// Task `task`'s merged model: the merged shared blocks and its own (adapted) blocks.
+    pub fn task_model(&self, task: usize) -> Result<Bert<B>> {
+        let be = &self.base.backend;
+        let t = &self.tasks[task];
+        let mut params = Vec::with_capacity(self.shared.len() + t.private.len());
+        for b in 0..self.shared.len() {
+            params.push(self.tv.merged_block(be, b, &self.lambda)?);
+        }
+        for p in &t.private {
+            let mut copy = Params::new();
+            for (name, v) in p {
+                copy.insert(name.clone(), Param { shape: v.shape.clone(), buf: be.upload(&be.download(&v.buf)?)? });
+            }
+            params.push(copy);
+        }
+        let blocks = self.shared.iter().cloned().chain(t.private_blocks.iter().cloned()).collect();
+        Ok(Bert { config: self.base.config.clone(), path: t.expert.clone(), blocks, params, backend: be.clone() })
+    }
+
+    /// Trains for the configured epochs, then writes the output directory (atomically).
+    pub fn run(mut self, opts: &AdaptOptions) -> Result<AdaptSummary> {
+        let start = Instant::now();
+        if opts.output.exists() && !opts.force {
+            return Err(Error::OutputExists { path: opts.output.clone() });
+        }
+        let staging = Staging::create(&opts.output)?;
+        let log_path = staging.path().join("train_log.jsonl");
+        let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?);
+        let k = self.tasks.len();
+        let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
+        let mut steps = 0usize;
+        for epoch in 0..self.cfg.epochs {
+            for task in permutation(k, self.cfg.seed, name_hash("epoch order"), epoch as u32) {
+                let (loss, kept) = self.step(task)?;
+                if !loss.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "loss of task `{}` became {loss} at epoch {epoch}; lower the learning rate",
+                        self.tasks[task].name
+                    )));
+                }
+                steps += 1;
+                let r = &mut recent[task];
+                r.push(loss);
+                if r.len() > 10 {
+                    r.remove(0);
+                }
+                let line = serde_json::json!({
+                    "step": steps, "epoch": epoch, "task": self.tasks[task].name, "loss": loss, "kept": kept,
+                    "lambda_mean": self.task_lambda_mean(task),
+                });
+                writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
+                if opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
+                    tracing::info!(
+                        "epoch {}/{} step {steps}: {} loss {loss:.4} (kept {kept}), mean lambda {:.3}",
+                        epoch + 1,
+                        self.cfg.epochs,
+                        self.tasks[task].name,
+                        self.task_lambda_mean(task)
+                    );
+                }
+            }
+        }
+        log.flush().map_err(|e| Error::io(&log_path, e))?;
+        drop(log);
+
+        self.lambda.save(&staging.path().join("lambda.json"))?;
+        let mut reports = Vec::with_capacity(k);
+        for (task, r) in recent.iter().enumerate() {
+            let model = self.task_model(task)?;
+            let dir = staging.path().join("tasks").join(&self.tasks[task].name);
+            write_model(&model, &self.tasks[task].expert, &dir)?;
+            let t = &self.tasks[task];
+            let accuracy = match (&t.gold, opts.evaluate) {
+                (Some(gold), true) => {
+                    let tokenizer = TextTokenizer::from_dir(&t.expert, self.cfg.max_len)?;
+                    let clf = SequenceClassifier { model, tokenizer };
+                    Some(100.0 * evaluate(&clf, &t.texts, gold, self.cfg.batch_size.max(32))?.accuracy)
+                }
+                _ => None,
+            };
+            reports.push(TaskReport {
+                name: t.name.clone(),
+                inputs: t.texts.len(),
+                accuracy,
+                final_loss: r.iter().map(|&v| v as f64).sum::<f64>() / r.len().max(1) as f64,
+                lambda_mean: self.task_lambda_mean(task),
+            });
+        }
+        let accs: Vec<f64> = reports.iter().filter_map(|r| r.accuracy).collect();
+        let summary = AdaptSummary {
+            method: self.cfg.method,
+            output: opts.output.clone(),
+            epochs: self.cfg.epochs,
+            steps,
+            seconds: start.elapsed().as_secs_f64(),
+            lambda_rows: self.lambda.keys.len(),
+            lambda_hash: self.lambda.hash(),
+            average_accuracy: (accs.len() == k).then(|| accs.iter().sum::<f64>() / k as f64),
+            tasks: reports,
+        };
+        let json = serde_json::json!({"summary": summary, "config": self.cfg});
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
+        let path = staging.path().join("summary.json");
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        staging.commit(&opts.output, opts.force)?;
+        Ok(summary)
+    }
+
+    fn task_lambda_mean(&self, task: usize) -> f64 {
+        let k = self.lambda.tasks();
+        let col: Vec<f32> = self.lambda.values.iter().skip(task).step_by(k).copied().collect();
+        col.iter().map(|&v| v as f64).sum::<f64>() / col.len().max(1) as f64
+    }
+}
+
+/// A seeded permutation of `0..n` (Fisher-Yates over a Philox stream).
+fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut u = vec![0f32; n];
+    ElementStream::new(seed, stream, draw).fill_uniform(0, &mut u);
+    for i in (1..n).rev() {
+        let j = ((u[i] * (i + 1) as f32) as usize).min(i);
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Writes `model`'s weights (f32, Hugging Face names) with `expert`'s config and tokenizer files.
+fn write_model<B: Backend>(model: &Bert<B>, expert: &Path, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    copy_side_files(expert, dir, None)?;
+    let be = &model.backend;
+    let tensors: Vec<(&String, &Param<B>)> = model.params.iter().flat_map(|p| p.iter()).collect();
+    let planned = tensors
+        .iter()
+        .map(|(n, p)| PlannedTensor { name: (*n).clone(), dtype: safetensors::Dtype::F32, shape: p.shape.clone() })
+        .collect();
+    let mut writer = ShardWriter::create(dir, planned, u64::MAX)?;
+    for (name, p) in tensors {
+        let bytes: Vec<u8> = be.download(&p.buf)?.iter().flat_map(|v| v.to_le_bytes()).collect();
+        writer.write(name, &bytes)?;
+    }
+    writer.finish()?;
+    Ok(())
+}

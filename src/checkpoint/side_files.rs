@@ -1,0 +1,55 @@
+//! The small files beside a checkpoint's weights (config, tokenizer, pooling settings) that a
+//! derived checkpoint carries over.
+
+use std::path::Path;
+
+use super::FloatDType;
+use super::reader::{INDEX_NAME, SINGLE_NAME};
+use crate::error::{Error, Result};
+
+/// Extensions of weight files that are never copied beside the merged weights.
+const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "bin", "pt", "pth", "ckpt", "h5", "msgpack", "ot", "onnx", "gguf"];
+
+/// Copies `config.json`, tokenizer files and other small non-weight files (recursively, e.g. a
+/// sentence-transformers `1_Pooling/`) from `src` into the output, updating `torch_dtype` in the
+/// top-level `config.json` when the output dtype changes.
+pub fn copy_side_files(src: &Path, dst: &Path, out_dtype: Option<FloatDType>) -> Result<()> {
+    copy_side_dir(src, dst, out_dtype, true)
+}
+
+fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: bool) -> Result<()> {
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let target = dst.join(&name);
+        if path.is_dir() {
+            std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+            copy_side_dir(&path, &target, out_dtype, false)?;
+            continue;
+        }
+        let is_weights = path.extension().is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
+        if !path.is_file() || is_weights || name == INDEX_NAME || name == SINGLE_NAME {
+            continue;
+        }
+        match (top && name == "config.json", out_dtype) {
+            (true, Some(dt)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let mut cfg: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::BadIndex { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
+                if let Some(obj) = cfg.as_object_mut() {
+                    obj.insert("torch_dtype".into(), dt.torch_name().into());
+                }
+                let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
+                std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
+            }
+            _ => {
+                std::fs::copy(&path, &target).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+    }
+    Ok(())
+}

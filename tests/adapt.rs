@@ -1,0 +1,353 @@
+//! Adaptation on the real MiniLM-L6 encoder with two experts made from it (seeded perturbations
+//! of every weight and their own heads): the soft-label cache is written, reused and checked; the
+//! block-streamed Lambda gradient equals the all-resident one and a finite difference; a short
+//! SyMerge run lowers the loss, moves Lambda and the heads, and writes models that `eval` and
+//! `merge` (with the learned Lambda table) agree with.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{T, minilm_dir, randoms, read_model, run, write_model};
+use safetensors::Dtype;
+use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::objective::{self, Objective};
+use symerge::adapt::train::Adapter;
+use symerge::backend::Cpu;
+
+const TEXTS: &[&str] = &[
+    "a large natural stream of water flowing in a channel to the sea",
+    "move fast by using one's feet, with one foot off the ground at any given time",
+    "an instrument used for measuring time",
+    "the quality of being honest",
+    "cause to be embarrassed; cause to feel self-conscious",
+    "a building where travelers can pay for lodging and meals",
+    "a domesticated carnivorous mammal kept as a pet",
+    "make a mistake or be incorrect",
+    "the act of travelling by air",
+    "to express gratitude",
+    "the fruit of a tree of the rose family",
+    "a written communication addressed to a person",
+];
+
+/// An expert: MiniLM with every float weight moved by a seeded perturbation and a new head of
+/// `classes` labels; config names its labels.
+fn make_expert(dir: &Path, seed: u64, classes: usize) -> PathBuf {
+    let base = read_model(&minilm_dir());
+    let mut tensors = Vec::new();
+    for (i, (name, (dt, shape, values))) in base.iter().enumerate() {
+        if *dt != Dtype::F32 {
+            tensors.push(T::new(&format!("bert.{name}"), *dt, shape, values.clone()));
+            continue;
+        }
+        let delta = randoms(seed * 1000 + i as u64, values.len(), 0.01);
+        let v = values.iter().zip(&delta).map(|(a, d)| a + d).collect();
+        tensors.push(T::new(&format!("bert.{name}"), Dtype::F32, shape, v));
+    }
+    tensors.push(T::new("classifier.weight", Dtype::F32, &[classes, 384], randoms(seed + 77, classes * 384, 0.3)));
+    tensors.push(T::new("classifier.bias", Dtype::F32, &[classes], randoms(seed + 78, classes, 0.1)));
+    write_model(dir, &tensors);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(minilm_dir().join("config.json")).unwrap()).unwrap();
+    let labels: serde_json::Map<String, serde_json::Value> =
+        (0..classes).map(|c| (format!("class-{c}"), serde_json::json!(c))).collect();
+    cfg["label2id"] = labels.into();
+    cfg["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(minilm_dir().join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    dir.to_path_buf()
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// Two experts (3 and 4 classes), labelled inputs per task, and their label caches.
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    for (task, seed, classes) in [("alpha", 1, 3), ("beta", 2, 4)] {
+        make_expert(&root.join(format!("expert-{task}")), seed, classes);
+        let lines: String = TEXTS
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{}\n", serde_json::json!({"text": t, "label": format!("class-{}", i % classes)})))
+            .collect();
+        std::fs::write(root.join(format!("{task}.jsonl")), lines).unwrap();
+        let (ok, out, err) = run(&[
+            "cache-labels",
+            "--expert",
+            root.join(format!("expert-{task}")).to_str().unwrap(),
+            "--task",
+            task,
+            "--inputs",
+            root.join(format!("{task}.jsonl")).to_str().unwrap(),
+            "-o",
+            root.join(format!("{task}.labels")).to_str().unwrap(),
+            "--max-len",
+            "32",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (s["rows"].as_u64(), s["classes"].as_u64(), s["reused"].as_bool()),
+            (Some(12), Some(classes as u64), Some(false))
+        );
+    }
+    let cfg = format!(
+        "method: symerge\nbase_model: {}\nbatch_size: 6\nepochs: 12\nlr: 0.02\nmax_len: 32\ntasks:\n{}",
+        minilm_dir().display(),
+        ["alpha", "beta"]
+            .iter()
+            .map(|t| format!("  - {{name: {t}, expert: expert-{t}, inputs: {t}.jsonl, cache: {t}.labels}}\n"))
+            .collect::<String>()
+    );
+    std::fs::write(root.join("adapt.yml"), cfg).unwrap();
+    Fixture { _tmp: tmp, root }
+}
+
+fn adapter(f: &Fixture) -> Adapter<Cpu> {
+    Adapter::load(Cpu, AdaptConfig::load(&f.root.join("adapt.yml")).unwrap()).unwrap()
+}
+
+#[test]
+fn cache_is_reused_and_mismatches_are_rejected() {
+    let f = fixture();
+    let r = &f.root;
+    let args = |inputs: &str, out: &str| {
+        vec![
+            "cache-labels".to_string(),
+            "--expert".into(),
+            r.join("expert-alpha").display().to_string(),
+            "--task".into(),
+            "alpha".into(),
+            "--inputs".into(),
+            r.join(inputs).display().to_string(),
+            "-o".into(),
+            r.join(out).display().to_string(),
+            "--max-len".into(),
+            "32".into(),
+            "--json".into(),
+        ]
+    };
+    let a = args("alpha.jsonl", "alpha.labels");
+    let (ok, out, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["reused"], true, "second run reuses the cache: {s}");
+
+    // The cached probabilities are the expert's own predictions.
+    let (ok, _, err) = run(&[
+        "predict",
+        r.join("expert-alpha").to_str().unwrap(),
+        "--inputs",
+        r.join("alpha.jsonl").to_str().unwrap(),
+        "--out",
+        r.join("pred.jsonl").to_str().unwrap(),
+        "--max-len",
+        "32",
+    ]);
+    assert!(ok, "{err}");
+    let cache = symerge::labels::LabelCache::open(&r.join("alpha.labels"), None).unwrap();
+    for (i, line) in std::fs::read_to_string(r.join("pred.jsonl")).unwrap().lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for (c, p) in v["probs"].as_array().unwrap().iter().enumerate() {
+            assert!((cache.probs(i)[c] - p.as_f64().unwrap() as f32).abs() < 2e-3, "row {i} class {c}");
+        }
+    }
+
+    // Other inputs with the same cache path: refused, naming the cause.
+    std::fs::write(r.join("other.jsonl"), "{\"text\": \"something else\"}\n").unwrap();
+    let b = args("other.jsonl", "alpha.labels");
+    let (ok, _, err) = run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("different inputs") && err.contains("alpha.labels"), "{err}");
+
+    // adapt refuses a cache made for another task's expert.
+    std::fs::copy(r.join("beta.labels"), r.join("alpha.labels")).unwrap();
+    let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("adapt.yml")).unwrap()).err().unwrap().to_string();
+    assert!(e.contains("different task") && e.contains("alpha.labels"), "{e}");
+
+    // A corrupted cache is refused.
+    let mut bytes = std::fs::read(r.join("beta.labels")).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x10;
+    std::fs::write(r.join("beta.labels"), bytes).unwrap();
+    std::fs::copy(r.join("beta.labels"), r.join("alpha.labels")).unwrap();
+    let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("adapt.yml")).unwrap()).err().unwrap().to_string();
+    assert!(e.contains("checksum"), "{e}");
+}
+
+#[test]
+fn streamed_lambda_gradient_equals_resident_and_finite_difference() {
+    let f = fixture();
+    let mut a = adapter(&f);
+    // Move Lambda off its uniform start so every coefficient matters differently.
+    for (i, v) in a.lambda.values.iter_mut().enumerate() {
+        *v = 0.2 + 0.6 * ((i * 7919) % 101) as f32 / 100.0;
+    }
+    let rows = [0usize, 3, 5, 8, 11];
+    let task = 1;
+    let streamed = a.loss_and_grads(task, &rows).unwrap();
+    assert!(streamed.lambda.iter().any(|&g| g != 0.0));
+
+    // All resident: the whole merged model, forward and backward through the model API.
+    let be = Cpu;
+    let model = a.task_model(task).unwrap();
+    let t = &a.tasks[task];
+    let tok = symerge::model::TextTokenizer::from_dir(&t.expert, 32).unwrap();
+    let texts: Vec<&str> = rows.iter().map(|&i| TEXTS[i]).collect();
+    let batch = model.batch(&tok.encode(&texts).unwrap()).unwrap();
+    let (logits, saved) = model.forward_saving(&batch).unwrap();
+    let probs = t.cache.as_ref().unwrap().probs_batch(&rows);
+    let lo = objective::evaluate(
+        &be,
+        Objective::Soft { min_confidence: None },
+        &logits,
+        Some(&probs),
+        rows.len(),
+        t.classes,
+    )
+    .unwrap();
+    assert!((lo.loss - streamed.loss).abs() <= 1e-6 * lo.loss.abs(), "{} vs {}", lo.loss, streamed.loss);
+    let grads = model.backward(&batch, saved, &lo.dlogits).unwrap();
+    let mut resident = vec![0f64; a.lambda.values.len()];
+    for (b, g) in grads.iter().take(a.shared.len()).enumerate() {
+        a.tv.lambda_grad(&be, b, g, &mut resident).unwrap();
+    }
+    let norm: f64 = resident.iter().map(|g| g * g).sum::<f64>().sqrt();
+    let diff: f64 = resident.iter().zip(&streamed.lambda).map(|(r, s)| (r - s).powi(2)).sum::<f64>().sqrt();
+    assert!(diff <= 1e-6 * norm, "streamed vs resident: |diff| {diff} vs |g| {norm}");
+    // The head's gradients agree too.
+    for (name, g) in &grads[grads.len() - 1] {
+        let s = &streamed.private[0][name].buf;
+        let d: f32 = g.buf.iter().zip(s).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(d <= 1e-6 * g.buf.iter().map(|x| x.abs()).fold(0.0, f32::max), "{name}");
+    }
+
+    // Central difference of the loss along a random direction of Lambda.
+    let dir: Vec<f32> = randoms(5, a.lambda.values.len(), 1.0).iter().map(|&v| v.signum() as f32).collect();
+    let eps = 0.02f32;
+    let base_values = a.lambda.values.clone();
+    let mut loss_at = |s: f32| {
+        a.lambda.values = base_values.iter().zip(&dir).map(|(v, d)| v + s * d).collect();
+        a.loss_and_grads(task, &rows).unwrap().loss as f64
+    };
+    let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+    let analytic: f64 = streamed.lambda.iter().zip(&dir).map(|(g, &d)| g * d as f64).sum();
+    assert!((fd - analytic).abs() <= 0.02 * analytic.abs(), "finite difference {fd} vs analytic {analytic}");
+}
+
+#[test]
+fn symerge_run_learns_and_writes_consistent_outputs() {
+    let f = fixture();
+    let r = &f.root;
+    let out = r.join("out");
+    let (ok, stdout, err) = run(&[
+        "adapt",
+        r.join("adapt.yml").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--log-every",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["steps"], 24);
+
+    // Loss per task: the last steps below the first steps.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    for task in ["alpha", "beta"] {
+        let losses: Vec<f64> = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["task"] == task)
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect();
+        assert_eq!(losses.len(), 12);
+        let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+        let last: f64 = losses[9..].iter().sum::<f64>() / 3.0;
+        assert!(last < 0.8 * first, "{task}: loss {first:.4} -> {last:.4}");
+    }
+
+    // Lambda moved, stayed in [0, 1], and is a merge Lambda table.
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lambda.json")).unwrap()).unwrap();
+    let values: Vec<f64> = table["lambda"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|v| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+        .collect();
+    assert_eq!(values.len(), 2 * 101, "one coefficient per task per encoder tensor");
+    assert!(values.iter().all(|v| (0.0..=1.0).contains(v)));
+    assert!(values.iter().filter(|v| (**v - 0.3).abs() > 1e-3).count() > values.len() / 2, "Lambda moved");
+
+    // The adapted head differs from the expert's.
+    let adapted = read_model(&out.join("tasks/alpha"));
+    let expert = read_model(&r.join("expert-alpha"));
+    let (a, e) = (&adapted["classifier.weight"].2, &expert["classifier.weight"].2);
+    assert!(a.iter().zip(e).any(|(x, y)| (x - y).abs() > 1e-4), "head trained");
+
+    // `merge` with the learned table rebuilds the same merged encoder.
+    let merge_cfg = r.join("merge.yml");
+    std::fs::write(
+        &merge_cfg,
+        format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: expert-alpha\n  - model: expert-beta\nparameters: {{lambda_table: out/lambda.json}}\n",
+            minilm_dir().display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["merge", merge_cfg.to_str().unwrap(), "-o", r.join("merged").to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+    let merged = read_model(&r.join("merged"));
+    let name = "encoder.layer.3.intermediate.dense.weight";
+    let (m, t) = (&merged[name].2, &adapted[name].2);
+    let worst = m.iter().zip(t).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-6, "merge from lambda.json vs adapted model: {worst}");
+
+    // Each task's model loads and evaluates on its labelled inputs; accuracy matches the summary.
+    let (ok, stdout, err) = run(&[
+        "eval",
+        out.join("tasks/beta").to_str().unwrap(),
+        "--inputs",
+        r.join("beta.jsonl").to_str().unwrap(),
+        "--max-len",
+        "32",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let want = s["tasks"][1]["accuracy"].as_f64().unwrap();
+    assert!((e["accuracy"].as_f64().unwrap() * 100.0 - want).abs() < 1e-6, "{e} vs {want}");
+}
+
+#[test]
+fn adamerging_minimises_entropy_and_keeps_heads() {
+    let f = fixture();
+    let r = &f.root;
+    let cfg = std::fs::read_to_string(r.join("adapt.yml")).unwrap().replace("method: symerge", "method: adamerging");
+    std::fs::write(r.join("ada.yml"), cfg).unwrap();
+    let out = r.join("ada");
+    let (ok, _, err) =
+        run(&["adapt", r.join("ada.yml").to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "6", "--no-eval"]);
+    assert!(ok, "{err}");
+    let adapted = read_model(&out.join("tasks/alpha"));
+    let expert = read_model(&r.join("expert-alpha"));
+    assert_eq!(adapted["classifier.weight"].2, expert["classifier.weight"].2, "AdaMerging trains Lambda only");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    assert!(lines.iter().all(|v| v["loss"].as_f64().unwrap() >= 0.0));
+
+    // Existing output is not replaced without --force, and nothing half-written appears.
+    let (ok, _, err) =
+        run(&["adapt", r.join("ada.yml").to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1"]);
+    assert!(!ok && err.contains("--force"), "{err}");
+}
