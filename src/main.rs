@@ -19,7 +19,7 @@ use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
-use symerge::model::{DEFAULT_MAX_LEN, LoadOptions, NewHead, SequenceClassifier, evaluate, predict};
+use symerge::model::{Bert, DEFAULT_MAX_LEN, LoadOptions, NewHead, SequenceClassifier, evaluate, predict};
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -254,6 +254,10 @@ struct InferenceArgs {
     /// Seed of the new head's weights.
     #[arg(long, default_value_t = 0)]
     head_seed: u64,
+    /// Use this fine-tuned model's head (pooler, classifier, label names) on MODEL's encoder,
+    /// e.g. to score a merged encoder on one task.
+    #[arg(long, value_name = "EXPERT", conflicts_with = "new_head")]
+    head_from: Option<PathBuf>,
 }
 
 impl InferenceArgs {
@@ -263,7 +267,10 @@ impl InferenceArgs {
         }
         let opts =
             LoadOptions { new_head: self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed }) };
-        let clf = SequenceClassifier::load(Cpu, model, self.max_len, opts)?;
+        let mut clf = SequenceClassifier::load(Cpu, model, self.max_len, opts)?;
+        if let Some(expert) = &self.head_from {
+            clf.model.use_head_of(Bert::load(Cpu, expert, LoadOptions::default())?)?;
+        }
         if clf.model.num_labels().is_none() {
             bail!(
                 "{} has no classification head (classifier.weight); pass --new-head N to add a seeded random one",

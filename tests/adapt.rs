@@ -323,6 +323,23 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     let e: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let want = s["tasks"][1]["accuracy"].as_f64().unwrap();
     assert!((e["accuracy"].as_f64().unwrap() * 100.0 - want).abs() < 1e-6, "{e} vs {want}");
+
+    // The merged encoder from `merge` with the adapted head put on it scores the same.
+    let (ok, stdout, err) = run(&[
+        "eval",
+        r.join("merged").to_str().unwrap(),
+        "--head-from",
+        out.join("tasks/beta").to_str().unwrap(),
+        "--inputs",
+        r.join("beta.jsonl").to_str().unwrap(),
+        "--max-len",
+        "32",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let h: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(h["accuracy"], e["accuracy"]);
+    assert!((h["mean_ce"].as_f64().unwrap() - e["mean_ce"].as_f64().unwrap()).abs() < 1e-4, "{h} vs {e}");
 }
 
 #[test]

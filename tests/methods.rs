@@ -511,3 +511,43 @@ fn lambda_table_overrides_weights() {
     assert!(err.to_string().contains("encoder.layer.9"), "{err}");
     assert!(!tmp.path().join("o2").exists());
 }
+
+#[test]
+fn linear_with_a_base_averages_only_the_models_and_leaves_out_their_heads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = |v: [f64; 4]| T::new("encoder.w", Dtype::F32, &[4], v.to_vec());
+    let base = write_model(&tmp.path().join("base"), &[w([1.0, 1.0, 1.0, 1.0])]);
+    let a = write_model(
+        &tmp.path().join("a"),
+        &[w([2.0, 4.0, 6.0, 8.0]), T::new("classifier.weight", Dtype::F32, &[2, 4], vec![0.5; 8])],
+    );
+    let b = write_model(
+        &tmp.path().join("b"),
+        &[w([4.0, 0.0, 2.0, 0.0]), T::new("classifier.weight", Dtype::F32, &[3, 4], vec![0.5; 12])],
+    );
+    let cfg = |with_base: bool| {
+        let base_line = if with_base { format!("base_model: {}\n", base.display()) } else { String::new() };
+        format!(
+            "merge_method: linear\n{base_line}models:\n  - model: {}\n    parameters: {{weight: 3}}\n  - model: {}\n    parameters: {{weight: 1}}\n",
+            a.display(),
+            b.display()
+        )
+    };
+    let path = tmp.path().join("m.yml");
+    std::fs::write(&path, cfg(true)).unwrap();
+    let opts = |out: &str| MergeOptions {
+        output: tmp.path().join(out),
+        max_shard_bytes: u64::MAX,
+        out_dtype: None,
+        force: false,
+        progress: false,
+    };
+    merge(&MergeConfig::load(&path).unwrap(), &opts("with-base")).unwrap();
+    let merged = read_model(&tmp.path().join("with-base"));
+    assert_eq!(merged.keys().collect::<Vec<_>>(), ["encoder.w"], "heads of different shapes are left out");
+    assert_eq!(merged["encoder.w"].2, vec![2.5, 3.0, 5.0, 6.0], "(3a + b) / 4, base not averaged in");
+
+    std::fs::write(&path, cfg(false)).unwrap();
+    let err = merge(&MergeConfig::load(&path).unwrap(), &opts("no-base")).unwrap_err().to_string();
+    assert!(err.contains("classifier.weight") && err.contains("shape"), "{err}");
+}

@@ -72,16 +72,16 @@ pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> 
     }
     let method = config.build_method();
 
-    // Task-vector methods: the base is the reference and the experts are the inputs. Linear:
-    // the first model is the reference and also the first averaged model.
+    // The base, when given, is the reference: it decides which tensors the output has (experts'
+    // task heads of different shapes are left out), and task-vector methods subtract it. Linear
+    // without a base: the first model is the reference and also the first averaged model.
     let base = config.base_model.as_deref().map(Checkpoint::open).transpose()?;
     let models = config.models.iter().map(|m| Checkpoint::open(&m.path)).collect::<Result<Vec<_>>>()?;
-    let (reference, inputs): (&Checkpoint, Vec<&Checkpoint>) = if method.needs_base() {
-        let base = base.as_ref().expect("config validation requires base_model");
-        (base, models.iter().collect())
-    } else {
-        (&models[0], models[1..].iter().collect())
+    let (reference, inputs): (&Checkpoint, Vec<&Checkpoint>) = match base.as_ref() {
+        Some(base) => (base, models.iter().collect()),
+        None => (&models[0], models[1..].iter().collect()),
     };
+    let reference_is_model = base.is_none();
     let stream = LayerStream::plan(reference, inputs)?;
     if !stream.ignored.is_empty() {
         let sample: Vec<&str> = stream.ignored.iter().take(5).map(|(_, n)| n.as_str()).collect();
@@ -122,7 +122,7 @@ pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> 
 
     let mut progress = Progress::new("merge", total_input, opts.progress);
     let nblocks = stream.blocks.len();
-    let job = Job { method: method.as_ref(), stream: &stream, config, out_dtype };
+    let job = Job { method: method.as_ref(), stream: &stream, config, out_dtype, reference_is_model };
     stream.for_each_block(|bi, block| {
         let position = if nblocks > 1 { bi as f64 / (nblocks - 1) as f64 } else { 0.0 };
         for t in &block.tensors {
@@ -139,7 +139,7 @@ pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> 
     Ok(MergeSummary {
         method: method.name().to_string(),
         output: opts.output.clone(),
-        models: config.models.len() + usize::from(method.needs_base()),
+        models: config.models.len() + usize::from(!reference_is_model),
         blocks: nblocks,
         tensors: reference.tensors.len(),
         params: reference.num_params(),
@@ -177,6 +177,8 @@ struct Job<'a> {
     stream: &'a LayerStream<'a>,
     config: &'a MergeConfig,
     out_dtype: Option<FloatDType>,
+    /// The reference is the first merged model (linear without a base), not a base to subtract.
+    reference_is_model: bool,
 }
 
 /// A tensor as one input holds it.
@@ -240,7 +242,11 @@ impl Job<'_> {
             sources.push(Source { ckpt: c, meta, dtype });
         }
         let (base, experts): (Option<Source<'_>>, &[Source<'_>]) =
-            if self.method.needs_base() { (Some(sources[0]), &sources[1..]) } else { (None, &sources[..]) };
+            match (self.method.needs_base(), self.reference_is_model) {
+                (true, _) => (Some(sources[0]), &sources[1..]),
+                (false, true) => (None, &sources[..]),
+                (false, false) => (None, &sources[1..]),
+            };
 
         let params = self.config.tensor_params(&rmeta.name, &block.spec.name, position)?;
         let n = rmeta.numel();

@@ -630,6 +630,33 @@ impl<B: Backend> Bert<B> {
         Ok(())
     }
 
+    /// Puts `other`'s classification head (pooler and classifier, and its label names) on this
+    /// encoder: how every merge method is evaluated, each task with its own head on the merged
+    /// encoder. The hidden sizes must agree.
+    pub fn use_head_of(&mut self, other: Bert<B>) -> Result<()> {
+        let Bert { config, path, mut blocks, mut params, .. } = other;
+        let (Some(Block::Head(head)), Some(head_params)) = (blocks.pop(), params.pop()) else {
+            return Err(Error::Model { path, reason: "no classification head to take".into() });
+        };
+        if head.hidden != self.config.hidden_size {
+            return Err(Error::Model {
+                path,
+                reason: format!(
+                    "head of hidden size {} cannot sit on an encoder of {}",
+                    head.hidden, self.config.hidden_size
+                ),
+            });
+        }
+        if self.head().is_some() {
+            self.blocks.pop();
+            self.params.pop();
+        }
+        self.blocks.push(Block::Head(head));
+        self.params.push(head_params);
+        self.config.label2id = config.label2id;
+        Ok(())
+    }
+
     /// Uploads a tokenized batch, with the family's position ids.
     pub fn batch(&self, enc: &Encoded) -> Result<Batch<B>> {
         let be = &self.backend;
