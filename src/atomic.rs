@@ -1,7 +1,7 @@
-//! Atomic file output: every file symerge writes appears complete or not at all.
+//! Atomic output: every file and directory symerge writes appears complete or not at all.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -19,4 +19,57 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// A hidden directory beside an output directory that becomes the output only on success: it is
+/// renamed into place by [`Staging::commit`] and removed if dropped before (any error path), so
+/// a failed run never leaves a half-written model where a complete one is expected.
+pub struct Staging {
+    dir: tempfile::TempDir,
+}
+
+impl Staging {
+    /// Creates `.NAME.partial-XXXX` in the output's parent (created if needed), so the final
+    /// rename stays on one file system.
+    pub fn create(output: &Path) -> Result<Self> {
+        let parent = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{name}.partial-"))
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        Ok(Staging { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Renames the staging directory to `output`, replacing an existing one if `force`.
+    pub fn commit(self, output: &Path, force: bool) -> Result<()> {
+        let staged = self.dir.keep();
+        let old = if output.exists() {
+            if !force {
+                let _ = std::fs::remove_dir_all(&staged);
+                return Err(Error::OutputExists { path: output.to_path_buf() });
+            }
+            let mut old = staged.clone().into_os_string();
+            old.push(".old");
+            let old = PathBuf::from(old);
+            std::fs::rename(output, &old).map_err(|e| Error::io(output, e))?;
+            Some(old)
+        } else {
+            None
+        };
+        std::fs::rename(&staged, output).map_err(|e| Error::io(output, e))?;
+        if let Some(old) = old {
+            let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+            removed.map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(())
+    }
 }

@@ -15,6 +15,7 @@ use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::{Threshold, keep_count, magnitude_threshold};
 use super::{ChunkCtx, MergeMethod};
+use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::reader::{INDEX_NAME, SINGLE_NAME};
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
@@ -326,55 +327,6 @@ fn first_out_of_range(x: &[f32], dtype: FloatDType) -> Option<usize> {
         // Values from 65520 up round to infinity in f16.
         FloatDType::F16 => x.iter().position(|v| v.is_nan() || v.abs() >= 65520.0),
         _ => first_non_finite(x),
-    }
-}
-
-/// A hidden directory beside the output that becomes the output only on success.
-struct Staging {
-    dir: tempfile::TempDir,
-}
-
-impl Staging {
-    fn create(output: &Path) -> Result<Self> {
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
-        let dir = tempfile::Builder::new()
-            .prefix(&format!(".{name}.partial-"))
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
-        Ok(Staging { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Renames the staging directory to `output`, replacing an existing one if `force`.
-    fn commit(self, output: &Path, force: bool) -> Result<()> {
-        let staged = self.dir.keep();
-        let old = if output.exists() {
-            if !force {
-                let _ = std::fs::remove_dir_all(&staged);
-                return Err(Error::OutputExists { path: output.to_path_buf() });
-            }
-            let mut old = staged.clone().into_os_string();
-            old.push(".old");
-            let old = PathBuf::from(old);
-            std::fs::rename(output, &old).map_err(|e| Error::io(output, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        std::fs::rename(&staged, output).map_err(|e| Error::io(output, e))?;
-        if let Some(old) = old {
-            let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
-            removed.map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(())
     }
 }
 
