@@ -5,11 +5,13 @@
 //! - [`config`]: hyper-parameters from `config.json`.
 //! - [`tokenize`]: `tokenizer.json` with per-batch padding.
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
+//! - [`finetune`]: full fine-tuning of a sequence classifier on labelled JSONL.
 //! - [`save`]: writing a model as a Hugging Face checkpoint directory.
 
 pub mod bert;
 pub mod classify;
 pub mod config;
+pub mod finetune;
 pub mod save;
 pub mod tokenize;
 
@@ -20,6 +22,7 @@ use crate::backend::Backend;
 pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
 pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
 pub use config::{BertConfig, BertFamily};
+pub use finetune::{FinetuneOptions, FinetuneSummary, TrainLength, finetune};
 pub use save::{SaveOptions, SavedModel};
 pub use tokenize::{DEFAULT_MAX_LEN, Encoded, TextTokenizer};
 
