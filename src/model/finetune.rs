@@ -463,3 +463,44 @@ impl Trainer {
         Ok(loss)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(label: Option<&str>, id: Option<usize>) -> Example {
+        Example { text: "t".into(), label: label.map(String::from), label_id: id }
+    }
+
+    #[test]
+    fn shuffles_are_seeded_permutations() {
+        let a = shuffled(1000, 3, 0);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, shuffled(1000, 3, 0));
+        assert_ne!(a, shuffled(1000, 4, 0), "seed");
+        assert_ne!(a, shuffled(1000, 3, 1), "epoch");
+        assert_ne!(a, sorted, "actually shuffled");
+        assert!(shuffled(0, 0, 0).is_empty());
+        assert_eq!(shuffled(1, 9, 9), [0]);
+    }
+
+    #[test]
+    fn class_names_and_ids() {
+        let here = Path::new("/nonexistent/train.jsonl");
+        let data = [ex(Some("b"), None), ex(Some("a"), None), ex(Some("b"), Some(1))];
+        let names = class_names(&data, here, None).unwrap();
+        assert_eq!(names, ["a", "b"], "sorted names from the data");
+        assert_eq!(label_ids(&data, here, &names).unwrap(), [1, 0, 1]);
+        let clash = [ex(Some("b"), Some(0))];
+        let e = label_ids(&clash, here, &names).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("disagrees"), "{e}");
+        let ids = [ex(None, Some(2)), ex(None, Some(0))];
+        let names = class_names(&ids, here, None).unwrap();
+        assert_eq!(names, ["LABEL_0", "LABEL_1", "LABEL_2"]);
+        assert_eq!(label_ids(&ids, here, &names).unwrap(), [2, 0]);
+        let e = label_ids(&[ex(None, None)], here, &names).unwrap_err().to_string();
+        assert!(e.contains("missing the `label` field"), "{e}");
+    }
+}

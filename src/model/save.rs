@@ -67,7 +67,8 @@ impl<B: Backend> Bert<B> {
     }
 
     /// The architecture name and tensor-name prefix of the encoder (`bert.` / `roberta.`). A
-    /// model without a head is written as the bare encoder, without a prefix.
+    /// model without a head is written as the bare encoder, without a prefix (and without a
+    /// pooler, which [`Bert`] only holds as part of a head).
     fn layout(&self) -> (&'static str, &'static str) {
         match (self.config.family, self.head().is_some()) {
             (BertFamily::Bert, true) => ("BertForSequenceClassification", "bert."),
