@@ -284,6 +284,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
 
     let new_head = NewHead { num_labels: names.len(), seed: opts.seed };
     let mut clf = SequenceClassifier::load(backend, base, opts.max_len, LoadOptions { new_head: Some(new_head) })?;
+    // The in-memory model names its classes as the saved one will.
     clf.model.config.label2id = Some(names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect());
     let eval_before = match (&eval_set, opts.eval_before) {
         (Some((texts, ids)), true) => {
