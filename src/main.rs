@@ -14,7 +14,7 @@ use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
-use symerge::model::finetune::DEFAULT_LR;
+use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate, finetune,
     predict,
@@ -124,6 +124,12 @@ enum Command {
         /// (e.g. 1e-3) converges in fewer steps.
         #[arg(long)]
         head_lr: Option<f32>,
+        /// Learning-rate schedule after the warmup: constant, or linear (decay to 0 at the end).
+        #[arg(long, default_value = "constant")]
+        schedule: LrSchedule,
+        /// Steps of linear warmup from 0.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        warmup_steps: usize,
         /// Clip the gradient norm to this; 0 turns clipping off.
         #[arg(long, default_value_t = 1.0)]
         max_grad_norm: f32,
@@ -399,6 +405,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
             lr,
             head_lr,
+            schedule,
+            warmup_steps,
             max_grad_norm,
             max_len,
             seed,
@@ -424,6 +432,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_size,
                 lr,
                 head_lr,
+                schedule,
+                warmup_steps,
                 max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
                 max_len,
                 seed,

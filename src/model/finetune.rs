@@ -5,7 +5,8 @@
 //! cross-entropy of each batch (the `soft_ce` loss against one-hot targets). Hugging Face's
 //! Trainer defaults are kept where they matter for the result: lr 5e-5, gradient-norm clipping at
 //! 1.0, no weight decay, dropout off (the model runs in eval mode). The learning rate is
-//! constant. The classification head, new and randomly initialised, may get its own, larger
+//! constant by default, or Hugging Face's linear decay to zero; either may start with a linear
+//! warmup. The classification head, new and randomly initialised, may get its own, larger
 //! learning rate (`head_lr`) so that short runs converge.
 //!
 //! Batches are drawn from a per-epoch shuffle seeded by `seed` (which also seeds the new head),
@@ -43,6 +44,43 @@ pub enum TrainLength {
     Epochs(usize),
 }
 
+/// How the learning rate changes over the run (both scale `lr` and `head_lr` alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// The full rate after the warmup.
+    Constant,
+    /// After the warmup, down linearly to zero at the last step (Hugging Face Trainer's default).
+    Linear,
+}
+
+impl LrSchedule {
+    /// The factor on the learning rate for step `step` (0-based) of `total`, after `warmup` steps
+    /// of linear warmup, as `transformers`' `get_{constant,linear}_schedule_with_warmup` compute
+    /// it (so the first warmup step has rate 0).
+    pub fn factor(self, step: usize, total: usize, warmup: usize) -> f32 {
+        if step < warmup {
+            return step as f32 / warmup.max(1) as f32;
+        }
+        match self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear => (total.saturating_sub(step)) as f32 / total.saturating_sub(warmup).max(1) as f32,
+        }
+    }
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "constant" => Ok(LrSchedule::Constant),
+            "linear" => Ok(LrSchedule::Linear),
+            other => Err(format!("unknown learning-rate schedule `{other}` (expected constant or linear)")),
+        }
+    }
+}
+
 /// Everything [`finetune`] needs besides the base model.
 #[derive(Debug, Clone)]
 pub struct FinetuneOptions {
@@ -59,6 +97,9 @@ pub struct FinetuneOptions {
     pub lr: f32,
     /// Learning rate of the head (pooler and classifier); default `lr`.
     pub head_lr: Option<f32>,
+    pub schedule: LrSchedule,
+    /// Steps of linear warmup from 0 at the start.
+    pub warmup_steps: usize,
     /// Clip the global gradient norm to this (PyTorch's `clip_grad_norm_`); `None` disables it.
     pub max_grad_norm: Option<f32>,
     /// Truncate texts to this many tokens, special tokens included.
@@ -90,6 +131,8 @@ impl FinetuneOptions {
             batch_size: 16,
             lr: DEFAULT_LR,
             head_lr: None,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
             max_grad_norm: Some(1.0),
             max_len: super::DEFAULT_MAX_LEN,
             seed: 0,
@@ -117,6 +160,8 @@ pub struct FinetuneSummary {
     pub batch_size: usize,
     pub lr: f32,
     pub head_lr: f32,
+    pub schedule: LrSchedule,
+    pub warmup_steps: usize,
     /// Mean loss of the first (up to) 10 steps.
     pub initial_loss: f32,
     /// Mean loss of the last (up to) 10 steps.
@@ -213,6 +258,8 @@ struct Slot {
     block: usize,
     name: String,
     values: Vec<f32>,
+    /// The learning rate before the schedule's factor.
+    lr: f32,
     adam: Adam,
 }
 
@@ -304,12 +351,14 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
         TrainLength::Epochs(e) => e * steps_per_epoch,
     };
     tracing::info!(
-        "fine-tuning {} on {n} examples of {} classes: {total_steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}), max {} tokens, seed {}",
+        "fine-tuning {} on {n} examples of {} classes: {total_steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}, {:?} schedule, {} warmup steps), max {} tokens, seed {}",
         base.display(),
         names.len(),
         opts.batch_size,
         total_steps as f64 / steps_per_epoch as f64,
         opts.lr,
+        opts.schedule,
+        opts.warmup_steps,
         opts.max_len,
         opts.seed
     );
@@ -332,8 +381,9 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
         seen += chunk.len();
         let batch_tokens: Vec<&Tokens> = chunk.iter().map(|&i| &tokens[i]).collect();
         let batch_labels: Vec<usize> = chunk.iter().map(|&i| labels[i]).collect();
-        let loss =
-            trainer.step(&mut clf.model, &clf.tokenizer.pad(&batch_tokens), &batch_labels, opts.max_grad_norm)?;
+        let lr_factor = opts.schedule.factor(step - 1, total_steps, opts.warmup_steps);
+        let enc = clf.tokenizer.pad(&batch_tokens);
+        let loss = trainer.step(&mut clf.model, &enc, &batch_labels, lr_factor, opts.max_grad_norm)?;
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "training diverged at step {step}: the loss is {loss}; try a smaller learning rate"
@@ -378,6 +428,8 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
         batch_size: opts.batch_size,
         lr: opts.lr,
         head_lr,
+        schedule: opts.schedule,
+        warmup_steps: opts.warmup_steps,
         initial_loss: mean(&losses[..k]),
         final_loss: mean(&losses[losses.len() - k..]),
         losses,
@@ -407,18 +459,20 @@ impl Trainer {
             for (name, p) in params {
                 let values = model.backend.download(&p.buf)?;
                 let adam = Adam::new(values.len(), AdamConfig::with_lr(lr));
-                slots.push(Slot { block: bi, name: name.clone(), values, adam });
+                slots.push(Slot { block: bi, name: name.clone(), values, lr, adam });
             }
         }
         Ok(Trainer { slots })
     }
 
-    /// One step on one batch; returns the batch's mean loss.
+    /// One step on one batch, at `lr_factor` times each tensor's learning rate; returns the
+    /// batch's mean loss.
     fn step<B: Backend>(
         &mut self,
         model: &mut Bert<B>,
         enc: &super::Encoded,
         labels: &[usize],
+        lr_factor: f32,
         max_grad_norm: Option<f32>,
     ) -> Result<f32> {
         let classes = model.num_labels().unwrap_or(0);
@@ -453,6 +507,7 @@ impl Trainer {
             if scale < 1.0 {
                 g.iter_mut().for_each(|x| *x *= scale);
             }
+            s.adam.config.lr = s.lr * lr_factor;
             s.adam.step(&mut s.values, g);
         });
         for s in &self.slots {
@@ -485,6 +540,19 @@ mod tests {
         assert_ne!(a, sorted, "actually shuffled");
         assert!(shuffled(0, 0, 0).is_empty());
         assert_eq!(shuffled(1, 9, 9), [0]);
+    }
+
+    #[test]
+    fn schedules_match_transformers() {
+        use LrSchedule::*;
+        // No warmup: constant is 1 throughout; linear goes 1, 3/4, 1/2, 1/4 over four steps.
+        assert_eq!((0..4).map(|s| Constant.factor(s, 4, 0)).collect::<Vec<_>>(), [1.0; 4]);
+        assert_eq!((0..4).map(|s| Linear.factor(s, 4, 0)).collect::<Vec<_>>(), [1.0, 0.75, 0.5, 0.25]);
+        // Two warmup steps of six: 0, 1/2, then the schedule over the last four.
+        assert_eq!((0..6).map(|s| Linear.factor(s, 6, 2)).collect::<Vec<_>>(), [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]);
+        assert_eq!((0..3).map(|s| Constant.factor(s, 6, 2)).collect::<Vec<_>>(), [0.0, 0.5, 1.0]);
+        assert_eq!("LINEAR".parse::<LrSchedule>(), Ok(Linear));
+        assert!("cosine".parse::<LrSchedule>().is_err());
     }
 
     #[test]

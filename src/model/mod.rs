@@ -22,7 +22,7 @@ use crate::backend::Backend;
 pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
 pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
 pub use config::{BertConfig, BertFamily};
-pub use finetune::{FinetuneOptions, FinetuneSummary, TrainLength, finetune};
+pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
 pub use save::{SaveOptions, SavedModel};
 pub use tokenize::{DEFAULT_MAX_LEN, Encoded, TextTokenizer};
 
