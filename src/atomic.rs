@@ -1,4 +1,4 @@
-//! Atomic output: every file or directory symerge writes appears complete or not at all.
+//! Atomic output: every file and directory symerge writes appears complete or not at all.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,19 +21,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A hidden directory beside the output that becomes the output only on success.
+/// A hidden directory beside an output directory that becomes the output only on success: it is
+/// renamed into place by [`Staging::commit`] and removed if dropped before (any error path), so
+/// a failed run never leaves a half-written model where a complete one is expected.
 pub struct Staging {
     dir: tempfile::TempDir,
 }
 
 impl Staging {
+    /// Creates `.NAME.partial-XXXX` in the output's parent (created if needed), so the final
+    /// rename stays on one file system.
     pub fn create(output: &Path) -> Result<Self> {
         let parent = match output.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
         let dir = tempfile::Builder::new()
             .prefix(&format!(".{name}.partial-"))
             .tempdir_in(&parent)

@@ -19,7 +19,11 @@ use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
-use symerge::model::{Bert, DEFAULT_MAX_LEN, LoadOptions, NewHead, SequenceClassifier, evaluate, predict};
+use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
+use symerge::model::{
+    Bert, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate, finetune,
+    predict,
+};
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -93,6 +97,77 @@ enum Command {
         json: bool,
         #[command(flatten)]
         run: InferenceArgs,
+    },
+    /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, writing a
+    /// Hugging Face checkpoint directory (an expert for merging).
+    Finetune {
+        /// Pretrained model directory (e.g. a bare BertModel such as MiniLM); a new seeded
+        /// classification head is added, replacing any it has.
+        base: PathBuf,
+        /// Training JSON lines with `text` and `label`.
+        #[arg(long)]
+        train: PathBuf,
+        /// Output directory (written atomically: it appears only when complete).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Class names in id order, `{"labels": [...]}`; default: labels.json beside --train if
+        /// present, else the sorted label names of the data.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Optimizer steps (default: one epoch).
+        #[arg(long, conflicts_with = "epochs")]
+        steps: Option<usize>,
+        /// Passes over the training data.
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Adam learning rate of the encoder.
+        #[arg(long, default_value_t = DEFAULT_LR)]
+        lr: f32,
+        /// Learning rate of the new head (pooler and classifier); default: --lr. A larger one
+        /// (e.g. 1e-3) converges in fewer steps.
+        #[arg(long)]
+        head_lr: Option<f32>,
+        /// Learning-rate schedule after the warmup: constant, or linear (decay to 0 at the end).
+        #[arg(long, default_value = "constant")]
+        schedule: LrSchedule,
+        /// Steps of linear warmup from 0.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        warmup_steps: usize,
+        /// Clip the gradient norm to this; 0 turns clipping off.
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f32,
+        /// Truncate texts to this many tokens (including [CLS] and [SEP]).
+        #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+        max_len: usize,
+        /// Seeds the shuffling and the new head.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Train on the first N examples only.
+        #[arg(long, value_name = "N")]
+        max_examples: Option<usize>,
+        /// Labelled JSON lines to score after training (accuracy, mean cross-entropy).
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Also score --eval before training.
+        #[arg(long, requires = "eval")]
+        eval_before: bool,
+        /// Log the loss every N steps.
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        log_every: usize,
+        /// Storage dtype of the saved weights (float32, float16, bfloat16).
+        #[arg(long, default_value = "float32")]
+        dtype: FloatDType,
+        /// Where the math runs: cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
     Generate {
@@ -415,6 +490,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "accuracy {:.4} ({} examples), mean cross-entropy {:.4}\n",
                     report.accuracy, report.examples, report.mean_ce
                 ))?;
+            }
+        }
+        Command::Finetune {
+            base,
+            train,
+            output,
+            labels,
+            steps,
+            epochs,
+            batch_size,
+            lr,
+            head_lr,
+            schedule,
+            warmup_steps,
+            max_grad_norm,
+            max_len,
+            seed,
+            max_examples,
+            eval,
+            eval_before,
+            log_every,
+            dtype,
+            device,
+            force,
+            json,
+        } => {
+            if device == Device::Cuda {
+                bail!("the CUDA backend is not built yet; use --device cpu");
+            }
+            let length = match (steps, epochs) {
+                (Some(s), _) => TrainLength::Steps(s),
+                (None, e) => TrainLength::Epochs(e.unwrap_or(1)),
+            };
+            let opts = FinetuneOptions {
+                labels,
+                length,
+                batch_size,
+                lr,
+                head_lr,
+                schedule,
+                warmup_steps,
+                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+                max_len,
+                seed,
+                max_examples,
+                eval,
+                eval_before,
+                log_every,
+                dtype,
+                force,
+                ..FinetuneOptions::new(train, output)
+            };
+            let summary = finetune(Cpu, &base, &opts)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+            } else {
+                let acc =
+                    summary.eval.as_ref().map(|r| format!(", eval accuracy {:.4}", r.accuracy)).unwrap_or_default();
+                tracing::info!(
+                    "wrote {} after {} steps in {:.1}s: loss {:.4} -> {:.4}{acc}",
+                    summary.output.display(),
+                    summary.steps,
+                    summary.seconds,
+                    summary.initial_loss,
+                    summary.final_loss
+                );
             }
         }
         Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {

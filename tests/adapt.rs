@@ -305,7 +305,7 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     assert!(ok, "{err}");
     let merged = read_model(&r.join("merged"));
     let name = "encoder.layer.3.intermediate.dense.weight";
-    let (m, t) = (&merged[name].2, &adapted[name].2);
+    let (m, t) = (&merged[name].2, &adapted[&format!("bert.{name}")].2);
     let worst = m.iter().zip(t).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-6, "merge from lambda.json vs adapted model: {worst}");
 

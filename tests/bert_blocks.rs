@@ -386,3 +386,30 @@ fn saved_state_is_only_block_inputs() {
         }
     }
 }
+
+#[test]
+fn roberta_classifier_saves_with_its_own_names_and_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tiny(&src, "roberta", "roberta.", true, "gelu_new");
+    let model = Bert::load(Cpu, &src, LoadOptions::default()).unwrap();
+    let out = tmp.path().join("saved");
+    let labels = Some(vec!["neg".to_string(), "neu".into(), "pos".into()]);
+    model.save(&out, &symerge::model::SaveOptions { labels, ..Default::default() }).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "RobertaForSequenceClassification");
+    assert_eq!(cfg["model_type"], "roberta");
+    assert_eq!(cfg["id2label"]["2"], "pos");
+    let names: Vec<String> = common::read_model(&out).into_keys().collect();
+    for n in ["roberta.embeddings.word_embeddings.weight", "roberta.encoder.layer.1.output.dense.bias"] {
+        assert!(names.contains(&n.to_string()), "{n} in {names:?}");
+    }
+    for n in ["classifier.dense.weight", "classifier.out_proj.weight", "classifier.out_proj.bias"] {
+        assert!(names.contains(&n.to_string()), "{n} in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains("pooler")), "RoBERTa's classifier has no pooler: {names:?}");
+    let back = Bert::load(Cpu, &out, LoadOptions::default()).unwrap();
+    let enc = encoded(1);
+    assert_eq!(back.logits(&back.batch(&enc).unwrap()).unwrap(), model.logits(&model.batch(&enc).unwrap()).unwrap());
+}

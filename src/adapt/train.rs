@@ -23,14 +23,13 @@ use super::objective::{self, LossOutput, Objective};
 use super::task_vectors::TaskVectors;
 use crate::atomic::Staging;
 use crate::backend::Backend;
-use crate::checkpoint::side_files::copy_side_files;
-use crate::checkpoint::{PlannedTensor, ShardWriter};
 use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
 use crate::labels::LabelCache;
 use crate::labels::produce::provenance;
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::classify::label_ids;
+use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
 use crate::model::{Bert, Block, LoadOptions, Param, Params, SequenceClassifier, TextTokenizer, evaluate};
 
@@ -45,6 +44,8 @@ pub struct TaskState<B: Backend> {
     pub gold: Option<Vec<usize>>,
     pub cache: Option<LabelCache>,
     pub classes: usize,
+    /// The expert's class names (`config.json`'s `label2id`), carried into the adapted model.
+    pub label2id: Option<BTreeMap<String, usize>>,
     /// The task's own blocks, after the shared ones.
     pub private_blocks: Vec<Block>,
     pub private: Vec<Params<B>>,
@@ -208,6 +209,7 @@ impl<B: Backend + Clone> Adapter<B> {
                 gold,
                 cache,
                 classes,
+                label2id: expert.config.label2id.clone(),
                 private_blocks,
                 private,
                 adam,
@@ -347,7 +349,9 @@ impl<B: Backend + Clone> Adapter<B> {
             params.push(copy);
         }
         let blocks = self.shared.iter().cloned().chain(t.private_blocks.iter().cloned()).collect();
-        Ok(Bert { config: self.base.config.clone(), path: t.expert.clone(), blocks, params, backend: be.clone() })
+        let mut config = self.base.config.clone();
+        config.label2id = t.label2id.clone();
+        Ok(Bert { config, path: t.expert.clone(), blocks, params, backend: be.clone() })
     }
 
     /// Trains for the configured epochs, then writes the output directory (atomically).
@@ -401,7 +405,7 @@ impl<B: Backend + Clone> Adapter<B> {
         for (task, r) in recent.iter().enumerate() {
             let model = self.task_model(task)?;
             let dir = staging.path().join("tasks").join(&self.tasks[task].name);
-            write_model(&model, &self.tasks[task].expert, &dir)?;
+            write_model(&model, &dir)?;
             let t = &self.tasks[task];
             let accuracy = match (&t.gold, opts.evaluate) {
                 (Some(gold), true) => {
@@ -458,21 +462,13 @@ fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
     order
 }
 
-/// Writes `model`'s weights (f32, Hugging Face names) with `expert`'s config and tokenizer files.
-fn write_model<B: Backend>(model: &Bert<B>, expert: &Path, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    copy_side_files(expert, dir, None)?;
-    let be = &model.backend;
-    let tensors: Vec<(&String, &Param<B>)> = model.params.iter().flat_map(|p| p.iter()).collect();
-    let planned = tensors
-        .iter()
-        .map(|(n, p)| PlannedTensor { name: (*n).clone(), dtype: safetensors::Dtype::F32, shape: p.shape.clone() })
-        .collect();
-    let mut writer = ShardWriter::create(dir, planned, u64::MAX)?;
-    for (name, p) in tensors {
-        let bytes: Vec<u8> = be.download(&p.buf)?.iter().flat_map(|v| v.to_le_bytes()).collect();
-        writer.write(name, &bytes)?;
-    }
-    writer.finish()?;
+/// Writes a task's adapted model as a Hugging Face checkpoint, with the expert's class names.
+fn write_model<B: Backend>(model: &Bert<B>, dir: &Path) -> Result<()> {
+    let labels = model.config.label2id.as_ref().map(|m| {
+        let mut names: Vec<(&String, &usize)> = m.iter().collect();
+        names.sort_by_key(|(_, id)| **id);
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    });
+    model.save(dir, &SaveOptions { labels, ..SaveOptions::default() })?;
     Ok(())
 }

@@ -17,6 +17,20 @@ const PAR_GEMM_FLOPS: usize = 1 << 18;
 /// Element-wise ops hand rayon at least this many elements per task.
 const MIN_PAR: usize = 1 << 14;
 
+/// Rows per task in column reductions (bias and LayerNorm gradients). The blocks are fixed and
+/// their partial sums are added in order, so results do not depend on thread scheduling: the
+/// same training run gives bit-identical weights.
+const REDUCE_ROWS: usize = 32;
+
+/// Element-wise sum of `parts` (each `len` long), in order.
+fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    for p in parts {
+        out.iter_mut().zip(&p).for_each(|(a, &v)| *a += v);
+    }
+    out
+}
+
 fn err(op: &'static str, reason: impl Into<String>) -> Error {
     Error::Shape { op, reason: reason.into() }
 }
@@ -330,26 +344,17 @@ impl Backend for Cpu {
         let mut dw = vec![0f32; out * inp];
         gemm_par(out, inp, rows, 1.0, View::dense(dy, out, rows, true), View::dense(x, rows, inp, false), 0.0, &mut dw);
         let db = has_bias.then(|| {
-            dy.par_chunks(out.max(1))
-                .with_min_len(64)
-                .fold(
-                    || vec![0f32; out],
-                    |mut acc, r| {
-                        for (a, &v) in acc.iter_mut().zip(r) {
-                            *a += v;
-                        }
-                        acc
-                    },
-                )
-                .reduce(
-                    || vec![0f32; out],
-                    |mut a, b| {
-                        for (x, y) in a.iter_mut().zip(&b) {
-                            *x += y;
-                        }
-                        a
-                    },
-                )
+            let partials: Vec<Vec<f32>> = dy
+                .par_chunks(out.max(1) * REDUCE_ROWS)
+                .map(|block| {
+                    let mut acc = vec![0f32; out];
+                    for r in block.chunks(out.max(1)) {
+                        acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+                    }
+                    acc
+                })
+                .collect();
+            sum_in_order(partials, out)
         });
         Ok(LinearGrads { dx, dw, db })
     }
@@ -401,13 +406,12 @@ impl Backend for Cpu {
         expect_len("layernorm_backward", "dy", dy.len(), rows * dim)?;
         let d = dim.max(1);
         let mut dx = vec![0f32; rows * dim];
-        let (dgamma, dbeta) = dx
-            .par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
-            .with_min_len(8)
-            .fold(
-                || (vec![0f32; dim], vec![0f32; dim]),
-                |(mut dg, mut db), (dxr, (xr, dyr))| {
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(d * REDUCE_ROWS)
+            .zip(x.par_chunks(d * REDUCE_ROWS).zip(dy.par_chunks(d * REDUCE_ROWS)))
+            .map(|(dxb, (xb, dyb))| {
+                let (mut dg, mut db) = (vec![0f32; dim], vec![0f32; dim]);
+                for (dxr, (xr, dyr)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(dyb.chunks(d))) {
                     let (mean, rstd) = moments(xr, eps);
                     let mut s1 = 0f32;
                     let mut s2 = 0f32;
@@ -424,19 +428,12 @@ impl Backend for Cpu {
                         let xhat = (xr[j] - mean) * rstd;
                         dxr[j] = rstd * (dyr[j] * gamma[j] - m1 - xhat * m2);
                     }
-                    (dg, db)
-                },
-            )
-            .reduce(
-                || (vec![0f32; dim], vec![0f32; dim]),
-                |(mut g1, mut b1), (g2, b2)| {
-                    for j in 0..dim {
-                        g1[j] += g2[j];
-                        b1[j] += b2[j];
-                    }
-                    (g1, b1)
-                },
-            );
+                }
+                (dg, db)
+            })
+            .collect();
+        let (dg, db): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().unzip();
+        let (dgamma, dbeta) = (sum_in_order(dg, dim), sum_in_order(db, dim));
         Ok(NormGrads { dx, dgamma, dbeta })
     }
 

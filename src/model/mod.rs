@@ -5,10 +5,14 @@
 //! - [`config`]: hyper-parameters from `config.json`.
 //! - [`tokenize`]: `tokenizer.json` with per-batch padding.
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
+//! - [`finetune`]: full fine-tuning of a sequence classifier on labelled JSONL.
+//! - [`save`]: writing a model as a Hugging Face checkpoint directory.
 
 pub mod bert;
 pub mod classify;
 pub mod config;
+pub mod finetune;
+pub mod save;
 pub mod tokenize;
 
 use std::collections::BTreeMap;
@@ -18,6 +22,8 @@ use crate::backend::Backend;
 pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
 pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
 pub use config::{BertConfig, BertFamily};
+pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
+pub use save::{SaveOptions, SavedModel};
 pub use tokenize::{DEFAULT_MAX_LEN, Encoded, TextTokenizer};
 
 /// A named tensor on a backend (a parameter or its gradient).

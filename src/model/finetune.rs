@@ -1,0 +1,575 @@
+//! Full fine-tuning of a BERT-family sequence classifier on labelled JSONL: the way to make the
+//! expert checkpoints that merging combines, from a pretrained encoder (e.g. MiniLM) and a task.
+//!
+//! Every weight trains (embeddings, all layers, pooler, classifier) with Adam on the mean
+//! cross-entropy of each batch (the `soft_ce` loss against one-hot targets). Hugging Face's
+//! Trainer defaults are kept where they matter for the result: lr 5e-5, gradient-norm clipping at
+//! 1.0, no weight decay, dropout off (the model runs in eval mode). The learning rate is
+//! constant by default, or Hugging Face's linear decay to zero; either may start with a linear
+//! warmup. The classification head, new and randomly initialised, may get its own, larger
+//! learning rate (`head_lr`) so that short runs converge.
+//!
+//! Batches are drawn from a per-epoch shuffle seeded by `seed` (which also seeds the new head),
+//! and padded to their own longest text, so short texts cost little. Same data, options and seed
+//! give bit-identical weights.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::bert::{Bert, LoadOptions, NewHead};
+use super::classify::{EvalReport, SequenceClassifier, evaluate};
+use super::save::{SaveOptions, SavedModel};
+use super::tokenize::Tokens;
+use crate::adapt::adam::{Adam, AdamConfig};
+use crate::backend::Backend;
+use crate::checkpoint::FloatDType;
+use crate::data::jsonl::{Example, read_jsonl};
+use crate::error::{Error, Result};
+use crate::merge::philox::philox4x32_10;
+
+/// Default learning rate of the encoder (Hugging Face Trainer's).
+pub const DEFAULT_LR: f32 = 5e-5;
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainLength {
+    /// Optimizer steps (one batch each), over as many epochs as that takes.
+    Steps(usize),
+    /// Passes over the training set; the last batch of an epoch may be smaller.
+    Epochs(usize),
+}
+
+/// How the learning rate changes over the run (both scale `lr` and `head_lr` alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// The full rate after the warmup.
+    Constant,
+    /// After the warmup, down linearly to zero at the last step (Hugging Face Trainer's default).
+    Linear,
+}
+
+impl LrSchedule {
+    /// The factor on the learning rate for step `step` (0-based) of `total`, after `warmup` steps
+    /// of linear warmup, as `transformers`' `get_{constant,linear}_schedule_with_warmup` compute
+    /// it (so the first warmup step has rate 0).
+    pub fn factor(self, step: usize, total: usize, warmup: usize) -> f32 {
+        if step < warmup {
+            return step as f32 / warmup.max(1) as f32;
+        }
+        match self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear => (total.saturating_sub(step)) as f32 / total.saturating_sub(warmup).max(1) as f32,
+        }
+    }
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "constant" => Ok(LrSchedule::Constant),
+            "linear" => Ok(LrSchedule::Linear),
+            other => Err(format!("unknown learning-rate schedule `{other}` (expected constant or linear)")),
+        }
+    }
+}
+
+/// Everything [`finetune`] needs besides the base model.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    /// Labelled JSONL (`text`, `label`).
+    pub train: PathBuf,
+    /// `labels.json` (`{"labels": [names in id order]}`); default: the one beside `train`, if
+    /// any, else the sorted class names found in the data.
+    pub labels: Option<PathBuf>,
+    /// The output model directory (written atomically).
+    pub output: PathBuf,
+    pub length: TrainLength,
+    pub batch_size: usize,
+    /// Learning rate of the encoder (embeddings and layers).
+    pub lr: f32,
+    /// Learning rate of the head (pooler and classifier); default `lr`.
+    pub head_lr: Option<f32>,
+    pub schedule: LrSchedule,
+    /// Steps of linear warmup from 0 at the start.
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (PyTorch's `clip_grad_norm_`); `None` disables it.
+    pub max_grad_norm: Option<f32>,
+    /// Truncate texts to this many tokens, special tokens included.
+    pub max_len: usize,
+    /// Seeds the shuffle and the new head.
+    pub seed: u64,
+    /// Train on the first N examples only (prepared files mix the classes, so a prefix has all).
+    pub max_examples: Option<usize>,
+    /// Labelled JSONL to score at the end.
+    pub eval: Option<PathBuf>,
+    /// Also score `eval` before training (the untrained head's baseline).
+    pub eval_before: bool,
+    /// Log the mean loss every this many steps.
+    pub log_every: usize,
+    /// Storage dtype of the saved weights.
+    pub dtype: FloatDType,
+    /// Replace an existing output directory.
+    pub force: bool,
+}
+
+impl FinetuneOptions {
+    /// The defaults: one epoch, batch 16, lr 5e-5 everywhere, clipping at 1.0, 128 tokens, seed 0.
+    pub fn new(train: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
+        FinetuneOptions {
+            train: train.into(),
+            labels: None,
+            output: output.into(),
+            length: TrainLength::Epochs(1),
+            batch_size: 16,
+            lr: DEFAULT_LR,
+            head_lr: None,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            max_grad_norm: Some(1.0),
+            max_len: super::DEFAULT_MAX_LEN,
+            seed: 0,
+            max_examples: None,
+            eval: None,
+            eval_before: false,
+            log_every: 10,
+            dtype: FloatDType::F32,
+            force: false,
+        }
+    }
+}
+
+/// What a fine-tuning run did (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneSummary {
+    pub base: PathBuf,
+    pub output: PathBuf,
+    /// Class names in id order (the saved `id2label`).
+    pub labels: Vec<String>,
+    pub train_examples: usize,
+    pub steps: usize,
+    /// Passes over the training examples (fractional when training by steps).
+    pub epochs: f64,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub head_lr: f32,
+    pub schedule: LrSchedule,
+    pub warmup_steps: usize,
+    /// Mean loss of the first (up to) 10 steps.
+    pub initial_loss: f32,
+    /// Mean loss of the last (up to) 10 steps.
+    pub final_loss: f32,
+    /// The loss of every step.
+    #[serde(skip)]
+    pub losses: Vec<f32>,
+    /// Score on the eval set before training (with `eval_before`).
+    pub eval_before: Option<EvalReport>,
+    /// Score on the eval set after training.
+    pub eval: Option<EvalReport>,
+    /// Time spent in training steps.
+    pub train_seconds: f64,
+    /// The whole run: loading, training, evaluation and saving.
+    pub seconds: f64,
+    pub saved: SavedModel,
+}
+
+/// Reads the class names of a `labels.json`: `{"labels": [...]}` (what `data prepare` writes) or
+/// a plain array of names.
+pub fn read_labels_file(path: &Path) -> Result<Vec<String>> {
+    let bad = |reason: String| Error::BadIndex { path: path.to_path_buf(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let list = v
+        .get("labels")
+        .unwrap_or(&v)
+        .as_array()
+        .ok_or_else(|| bad("expected {\"labels\": [class names in id order]} or an array of class names".into()))?;
+    let names = list
+        .iter()
+        .enumerate()
+        .map(|(i, l)| l.as_str().map(String::from).ok_or_else(|| bad(format!("label {i} is not a string: {l}"))))
+        .collect::<Result<Vec<_>>>()?;
+    if names.is_empty() {
+        return Err(bad("no labels".into()));
+    }
+    let mut seen = BTreeMap::new();
+    for (i, n) in names.iter().enumerate() {
+        if let Some(j) = seen.insert(n.as_str(), i) {
+            return Err(bad(format!("label `{n}` appears twice (ids {j} and {i})")));
+        }
+    }
+    Ok(names)
+}
+
+/// The class names for training on `train`: from `labels_file`, else from a `labels.json`
+/// beside `train`, else from the data (sorted names, or `LABEL_i` when the data only has ids).
+pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path>) -> Result<Vec<String>> {
+    let beside = train.parent().unwrap_or(Path::new(".")).join("labels.json");
+    if let Some(path) = labels_file.or(beside.is_file().then_some(beside.as_path())) {
+        let names = read_labels_file(path)?;
+        tracing::info!("{} classes from {}", names.len(), path.display());
+        return Ok(names);
+    }
+    let named: std::collections::BTreeSet<&str> = examples.iter().filter_map(|e| e.label.as_deref()).collect();
+    if !named.is_empty() {
+        return Ok(named.into_iter().map(String::from).collect());
+    }
+    let n = examples.iter().filter_map(|e| e.label_id).max().map_or(0, |m| m + 1);
+    Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
+}
+
+/// Class ids of `examples` (read from `path`) under `names`: a `label` name must be one of
+/// `names`, and a `label_id` given beside it must agree; a bare id must be in range.
+pub fn label_ids(examples: &[Example], path: &Path, names: &[String]) -> Result<Vec<usize>> {
+    let index: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let err = |i: usize, reason: String| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason };
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| match (&ex.label, ex.label_id) {
+            (Some(name), id) => {
+                let &k = index.get(name.as_str()).ok_or_else(|| {
+                    err(i, format!("label `{name}` is not one of the {} classes ({})", names.len(), names.join(", ")))
+                })?;
+                match id {
+                    Some(id) if id != k => Err(err(
+                        i,
+                        format!("`label_id` {id} disagrees with the labels file, where `{name}` is class {k}"),
+                    )),
+                    _ => Ok(k),
+                }
+            }
+            (None, Some(id)) if id < names.len() => Ok(id),
+            (None, Some(id)) => Err(err(i, format!("label {id} is outside the {} classes", names.len()))),
+            (None, None) => Err(err(i, "missing the `label` field".into())),
+        })
+        .collect()
+}
+
+/// One trainable tensor: its host copy, Adam state and place in the model.
+struct Slot {
+    block: usize,
+    name: String,
+    values: Vec<f32>,
+    /// The learning rate before the schedule's factor.
+    lr: f32,
+    adam: Adam,
+}
+
+/// A random permutation of `0..n` for `epoch` under `seed` (Fisher-Yates over counter-based
+/// Philox draws, so it does not depend on anything but the three numbers).
+fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let key = [seed as u32, (seed >> 32) as u32];
+    for i in (1..n).rev() {
+        let r = philox4x32_10([i as u32, (i >> 32) as u32, epoch as u32, 0x5348_5546], key);
+        let j = ((r[0] as u64) << 32 | r[1] as u64) % (i as u64 + 1);
+        order.swap(i, j as usize);
+    }
+    order
+}
+
+fn mean(xs: &[f32]) -> f32 {
+    xs.iter().map(|&x| x as f64).sum::<f64>() as f32 / xs.len().max(1) as f32
+}
+
+/// Fine-tunes `base` (a `BertModel`, or a classifier whose head is replaced) on `opts.train` and
+/// saves the result to `opts.output`. Inputs are all checked before training starts, and the
+/// output appears only when complete.
+pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> Result<FinetuneSummary> {
+    let start = Instant::now();
+    if opts.output.exists() && !opts.force {
+        return Err(Error::OutputExists { path: opts.output.clone() });
+    }
+    if opts.batch_size == 0 {
+        return Err(Error::Invalid("batch size must be at least 1".into()));
+    }
+    if matches!(opts.length, TrainLength::Steps(0) | TrainLength::Epochs(0)) {
+        return Err(Error::Invalid("nothing to train: the number of steps or epochs must be at least 1".into()));
+    }
+    let head_lr = opts.head_lr.unwrap_or(opts.lr);
+    for (what, lr) in [("learning rate", opts.lr), ("head learning rate", head_lr)] {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(Error::Invalid(format!("{what} must be a positive number, got {lr}")));
+        }
+    }
+
+    let mut examples = read_jsonl(&opts.train)?;
+    if let Some(n) = opts.max_examples {
+        examples.truncate(n);
+    }
+    if examples.is_empty() {
+        return Err(Error::Invalid(format!("{}: no training examples", opts.train.display())));
+    }
+    let names = class_names(&examples, &opts.train, opts.labels.as_deref())?;
+    let labels = label_ids(&examples, &opts.train, &names)?;
+    if names.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: a classifier needs at least two classes, found {}",
+            opts.train.display(),
+            names.len()
+        )));
+    }
+    let eval_set = match &opts.eval {
+        Some(path) => {
+            let ex = read_jsonl(path)?;
+            if ex.is_empty() {
+                return Err(Error::Invalid(format!("{}: no evaluation examples", path.display())));
+            }
+            let ids = label_ids(&ex, path, &names)?;
+            Some((ex.into_iter().map(|e| e.text).collect::<Vec<_>>(), ids))
+        }
+        None => None,
+    };
+
+    let new_head = NewHead { num_labels: names.len(), seed: opts.seed };
+    let mut clf = SequenceClassifier::load(backend, base, opts.max_len, LoadOptions { new_head: Some(new_head) })?;
+    // The in-memory model names its classes as the saved one will.
+    clf.model.config.label2id = Some(names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect());
+    let eval_before = match (&eval_set, opts.eval_before) {
+        (Some((texts, ids)), true) => {
+            let r = evaluate(&clf, texts, ids, EVAL_BATCH)?;
+            tracing::info!("before training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
+            Some(r)
+        }
+        _ => None,
+    };
+
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let tokens = clf.tokenizer.tokenize(&texts)?;
+    let n = tokens.len();
+    let steps_per_epoch = n.div_ceil(opts.batch_size);
+    let total_steps = match opts.length {
+        TrainLength::Steps(s) => s,
+        TrainLength::Epochs(e) => e * steps_per_epoch,
+    };
+    tracing::info!(
+        "fine-tuning {} on {n} examples of {} classes: {total_steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}, {:?} schedule, {} warmup steps), max {} tokens, seed {}",
+        base.display(),
+        names.len(),
+        opts.batch_size,
+        total_steps as f64 / steps_per_epoch as f64,
+        opts.lr,
+        opts.schedule,
+        opts.warmup_steps,
+        opts.max_len,
+        opts.seed
+    );
+
+    let train_start = Instant::now();
+    let mut trainer = Trainer::new(&clf.model, opts.lr, head_lr)?;
+    let mut losses = Vec::with_capacity(total_steps);
+    let mut seen = 0usize;
+    let (mut epoch, mut order, mut cursor) = (0usize, shuffled(n, opts.seed, 0), 0usize);
+    // When, at which step and after how many examples the last loss line was logged.
+    let mut last_log = (Instant::now(), 0usize, 0usize);
+    for step in 1..=total_steps {
+        if cursor >= n {
+            epoch += 1;
+            order = shuffled(n, opts.seed, epoch);
+            cursor = 0;
+        }
+        let chunk = &order[cursor..(cursor + opts.batch_size).min(n)];
+        cursor += chunk.len();
+        seen += chunk.len();
+        let batch_tokens: Vec<&Tokens> = chunk.iter().map(|&i| &tokens[i]).collect();
+        let batch_labels: Vec<usize> = chunk.iter().map(|&i| labels[i]).collect();
+        let lr_factor = opts.schedule.factor(step - 1, total_steps, opts.warmup_steps);
+        let enc = clf.tokenizer.pad(&batch_tokens);
+        let loss = trainer.step(&mut clf.model, &enc, &batch_labels, lr_factor, opts.max_grad_norm)?;
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "training diverged at step {step}: the loss is {loss}; try a smaller learning rate"
+            )));
+        }
+        losses.push(loss);
+        if step % opts.log_every.max(1) == 0 || step == total_steps {
+            let secs = last_log.0.elapsed().as_secs_f64();
+            let done = train_start.elapsed().as_secs_f64();
+            tracing::info!(
+                "step {step}/{total_steps} epoch {:.2}: loss {:.4} ({:.1} examples/s, {:.0}s elapsed, eta {:.0}s)",
+                seen as f64 / n as f64,
+                mean(&losses[last_log.1..]),
+                (seen - last_log.2) as f64 / secs.max(1e-9),
+                done,
+                done / step as f64 * (total_steps - step) as f64
+            );
+            last_log = (Instant::now(), step, seen);
+        }
+    }
+    let train_seconds = train_start.elapsed().as_secs_f64();
+
+    let eval = match &eval_set {
+        Some((texts, ids)) => {
+            let r = evaluate(&clf, texts, ids, EVAL_BATCH)?;
+            tracing::info!("after training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
+            Some(r)
+        }
+        None => None,
+    };
+    let saved = clf
+        .model
+        .save(&opts.output, &SaveOptions { dtype: opts.dtype, labels: Some(names.clone()), force: opts.force })?;
+    let k = losses.len().min(10);
+    Ok(FinetuneSummary {
+        base: base.to_path_buf(),
+        output: opts.output.clone(),
+        labels: names,
+        train_examples: n,
+        steps: total_steps,
+        epochs: seen as f64 / n as f64,
+        batch_size: opts.batch_size,
+        lr: opts.lr,
+        head_lr,
+        schedule: opts.schedule,
+        warmup_steps: opts.warmup_steps,
+        initial_loss: mean(&losses[..k]),
+        final_loss: mean(&losses[losses.len() - k..]),
+        losses,
+        eval_before,
+        eval,
+        train_seconds,
+        seconds: start.elapsed().as_secs_f64(),
+        saved,
+    })
+}
+
+/// Texts per forward pass when evaluating.
+const EVAL_BATCH: usize = 64;
+
+/// The optimizer side of training: host copies of every weight with their Adam state. The
+/// update runs on the host, tensor by tensor in parallel (each tensor's Adam is independent, so
+/// the result does not depend on the thread count).
+struct Trainer {
+    slots: Vec<Slot>,
+}
+
+impl Trainer {
+    fn new<B: Backend>(model: &Bert<B>, lr: f32, head_lr: f32) -> Result<Self> {
+        let mut slots = Vec::new();
+        for (bi, (block, params)) in model.blocks.iter().zip(&model.params).enumerate() {
+            let lr = if matches!(block, super::Block::Head(_)) { head_lr } else { lr };
+            for (name, p) in params {
+                let values = model.backend.download(&p.buf)?;
+                let adam = Adam::new(values.len(), AdamConfig::with_lr(lr));
+                slots.push(Slot { block: bi, name: name.clone(), values, lr, adam });
+            }
+        }
+        Ok(Trainer { slots })
+    }
+
+    /// One step on one batch, at `lr_factor` times each tensor's learning rate; returns the
+    /// batch's mean loss.
+    fn step<B: Backend>(
+        &mut self,
+        model: &mut Bert<B>,
+        enc: &super::Encoded,
+        labels: &[usize],
+        lr_factor: f32,
+        max_grad_norm: Option<f32>,
+    ) -> Result<f32> {
+        let classes = model.num_labels().unwrap_or(0);
+        let mut onehot = vec![0f32; labels.len() * classes];
+        for (row, &y) in onehot.chunks_mut(classes.max(1)).zip(labels) {
+            row[y] = 1.0;
+        }
+        let batch = model.batch(enc)?;
+        let targets = model.backend.upload(&onehot)?;
+        let (loss, mut block_grads) = model.soft_ce_grads(&batch, &targets)?;
+        drop(batch);
+        let mut grads: Vec<Vec<f32>> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let g = block_grads[s.block].remove(&s.name).ok_or_else(|| {
+                    Error::Invalid(format!("internal: the backward produced no gradient for `{}`", s.name))
+                })?;
+                model.backend.download(&g.buf)
+            })
+            .collect::<Result<_>>()?;
+        let scale = match max_grad_norm {
+            Some(max) => {
+                let sq: Vec<f64> =
+                    grads.par_iter().map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect();
+                let norm = sq.iter().sum::<f64>().sqrt();
+                (max as f64 / (norm + 1e-6)).min(1.0) as f32
+            }
+            None => 1.0,
+        };
+        self.slots.par_iter_mut().zip(grads.par_iter_mut()).for_each(|(s, g)| {
+            if scale < 1.0 {
+                g.iter_mut().for_each(|x| *x *= scale);
+            }
+            s.adam.config.lr = s.lr * lr_factor;
+            s.adam.step(&mut s.values, g);
+        });
+        for s in &self.slots {
+            let p = model.params[s.block]
+                .get_mut(&s.name)
+                .ok_or_else(|| Error::Invalid(format!("internal: parameter `{}` vanished", s.name)))?;
+            p.buf = model.backend.upload(&s.values)?;
+        }
+        Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(label: Option<&str>, id: Option<usize>) -> Example {
+        Example { text: "t".into(), label: label.map(String::from), label_id: id }
+    }
+
+    #[test]
+    fn shuffles_are_seeded_permutations() {
+        let a = shuffled(1000, 3, 0);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, shuffled(1000, 3, 0));
+        assert_ne!(a, shuffled(1000, 4, 0), "seed");
+        assert_ne!(a, shuffled(1000, 3, 1), "epoch");
+        assert_ne!(a, sorted, "actually shuffled");
+        assert!(shuffled(0, 0, 0).is_empty());
+        assert_eq!(shuffled(1, 9, 9), [0]);
+    }
+
+    #[test]
+    fn schedules_match_transformers() {
+        use LrSchedule::*;
+        // No warmup: constant is 1 throughout; linear goes 1, 3/4, 1/2, 1/4 over four steps.
+        assert_eq!((0..4).map(|s| Constant.factor(s, 4, 0)).collect::<Vec<_>>(), [1.0; 4]);
+        assert_eq!((0..4).map(|s| Linear.factor(s, 4, 0)).collect::<Vec<_>>(), [1.0, 0.75, 0.5, 0.25]);
+        // Two warmup steps of six: 0, 1/2, then the schedule over the last four.
+        assert_eq!((0..6).map(|s| Linear.factor(s, 6, 2)).collect::<Vec<_>>(), [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]);
+        assert_eq!((0..3).map(|s| Constant.factor(s, 6, 2)).collect::<Vec<_>>(), [0.0, 0.5, 1.0]);
+        assert_eq!("LINEAR".parse::<LrSchedule>(), Ok(Linear));
+        assert!("cosine".parse::<LrSchedule>().is_err());
+    }
+
+    #[test]
+    fn class_names_and_ids() {
+        let here = Path::new("/nonexistent/train.jsonl");
+        let data = [ex(Some("b"), None), ex(Some("a"), None), ex(Some("b"), Some(1))];
+        let names = class_names(&data, here, None).unwrap();
+        assert_eq!(names, ["a", "b"], "sorted names from the data");
+        assert_eq!(label_ids(&data, here, &names).unwrap(), [1, 0, 1]);
+        let clash = [ex(Some("b"), Some(0))];
+        let e = label_ids(&clash, here, &names).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("disagrees"), "{e}");
+        let ids = [ex(None, Some(2)), ex(None, Some(0))];
+        let names = class_names(&ids, here, None).unwrap();
+        assert_eq!(names, ["LABEL_0", "LABEL_1", "LABEL_2"]);
+        assert_eq!(label_ids(&ids, here, &names).unwrap(), [2, 0]);
+        let e = label_ids(&[ex(None, None)], here, &names).unwrap_err().to_string();
+        assert!(e.contains("missing the `label` field"), "{e}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Writing a [`Bert`] back out as a Hugging Face checkpoint directory that `transformers` (and
+//! [`Bert::load`]) read: `model.safetensors` with `BertForSequenceClassification` /
+//! `RobertaForSequenceClassification` tensor names, a `config.json` naming the classes, and the
+//! source model's tokenizer files.
+//!
+//! The directory is assembled in a hidden staging directory and renamed into place at the end,
+//! so an error (or a crash) never leaves a half-written model at the output path.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::Params;
+use super::bert::{Bert, Block, HeadStyle};
+use super::config::BertFamily;
+use crate::atomic::Staging;
+use crate::backend::Backend;
+use crate::checkpoint::dtype::encode_into;
+use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
+use crate::error::{Error, Result};
+
+/// Tokenizer files copied from the source model when present: whatever a `transformers`
+/// tokenizer of the BERT family (WordPiece, BPE, SentencePiece) may need.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+];
+
+/// How to write a model.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Storage dtype of the weights (`config.json`'s `torch_dtype` says the same).
+    pub dtype: FloatDType,
+    /// Class names in id order, written as `id2label` / `label2id`; `None` writes Hugging Face's
+    /// defaults (`LABEL_0`, ...).
+    pub labels: Option<Vec<String>>,
+    /// Replace an existing output directory.
+    pub force: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions { dtype: FloatDType::F32, labels: None, force: false }
+    }
+}
+
+/// What [`Bert::save`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SavedModel {
+    pub dir: PathBuf,
+    pub tensors: usize,
+    pub params: u64,
+    pub bytes: u64,
+}
+
+impl<B: Backend> Bert<B> {
+    /// The directory holding the source checkpoint's `config.json` and tokenizer files.
+    pub fn source_dir(&self) -> &Path {
+        if self.path.is_dir() { &self.path } else { self.path.parent().unwrap_or(Path::new(".")) }
+    }
+
+    /// The architecture name and tensor-name prefix of the encoder (`bert.` / `roberta.`). A
+    /// model without a head is written as the bare encoder, without a prefix (and without a
+    /// pooler, which [`Bert`] only holds as part of a head).
+    fn layout(&self) -> (&'static str, &'static str) {
+        match (self.config.family, self.head().is_some()) {
+            (BertFamily::Bert, true) => ("BertForSequenceClassification", "bert."),
+            (BertFamily::Roberta, true) => ("RobertaForSequenceClassification", "roberta."),
+            (BertFamily::Bert, false) => ("BertModel", ""),
+            (BertFamily::Roberta, false) => ("RobertaModel", ""),
+        }
+    }
+
+    /// The checkpoint name of a parameter: the encoder and BERT's pooler get the wrapper prefix,
+    /// the classifier keeps its own (`classifier.weight`, `classifier.out_proj.weight`).
+    fn checkpoint_name(&self, block: &Block, name: &str) -> String {
+        let prefix = self.layout().1;
+        match block {
+            Block::Head(h) if h.style == HeadStyle::Bert && name.starts_with("pooler.") => format!("{prefix}{name}"),
+            Block::Head(_) => name.to_string(),
+            _ => format!("{prefix}{name}"),
+        }
+    }
+
+    /// Writes the model into the directory `output` (see the module notes). Fails if `output`
+    /// exists and `opts.force` is off, or if a weight is not finite (a diverged run).
+    pub fn save(&self, output: &Path, opts: &SaveOptions) -> Result<SavedModel> {
+        if output.exists() && !opts.force {
+            return Err(Error::OutputExists { path: output.to_path_buf() });
+        }
+        if let (Some(labels), Some(n)) = (&opts.labels, self.num_labels())
+            && labels.len() != n
+        {
+            return Err(Error::Invalid(format!("{} label names given for a model with {n} classes", labels.len())));
+        }
+        let dtype = opts.dtype;
+        let mut planned = Vec::new();
+        for block in &self.blocks {
+            for (name, shape) in block.param_shapes() {
+                let name = self.checkpoint_name(block, &name);
+                planned.push(PlannedTensor { name, dtype: dtype.to_safetensors(), shape });
+            }
+        }
+        let staging = Staging::create(output)?;
+        let config = self.hf_config(opts)?;
+        let config_path = staging.path().join("config.json");
+        let text = serde_json::to_string_pretty(&config).expect("JSON value") + "\n";
+        std::fs::write(&config_path, text).map_err(|e| Error::io(&config_path, e))?;
+        for name in TOKENIZER_FILES {
+            let src = self.source_dir().join(name);
+            if src.is_file() {
+                let dst = staging.path().join(name);
+                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+
+        let tensors = planned.len();
+        let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+        let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
+        for (block, params) in self.blocks.iter().zip(&self.params) {
+            self.write_block(&mut writer, block, params, dtype)?;
+        }
+        let written = writer.finish()?;
+        staging.commit(output, opts.force)?;
+        tracing::info!("saved {tensors} tensors ({params} parameters, {dtype}) to {}", output.display());
+        Ok(SavedModel { dir: output.to_path_buf(), tensors, params, bytes: written.bytes })
+    }
+
+    fn write_block(
+        &self,
+        writer: &mut ShardWriter,
+        block: &Block,
+        params: &Params<B>,
+        dtype: FloatDType,
+    ) -> Result<()> {
+        let mut bytes = Vec::new();
+        for (name, _) in block.param_shapes() {
+            let p = params.get(&name).ok_or_else(|| {
+                Error::Invalid(format!("parameter `{name}` is missing from block `{}`", block.name()))
+            })?;
+            let values = self.backend.download(&p.buf)?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "parameter `{name}` holds a non-finite value ({}) at element {i}; not saving a diverged model",
+                    values[i]
+                )));
+            }
+            bytes.resize(values.len() * dtype.size(), 0);
+            encode_into(dtype, &values, &mut bytes);
+            writer.write(&self.checkpoint_name(block, &name), &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The source `config.json` with the architecture, classes and dtype of this model.
+    fn hf_config(&self, opts: &SaveOptions) -> Result<Value> {
+        let path = self.source_dir().join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let mut cfg: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Model { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
+        let obj = cfg
+            .as_object_mut()
+            .ok_or_else(|| Error::Model { path: path.clone(), reason: "config.json is not a JSON object".into() })?;
+        obj.insert("architectures".into(), Value::from(vec![self.layout().0]));
+        obj.insert("torch_dtype".into(), opts.dtype.torch_name().into());
+        match self.num_labels() {
+            Some(n) => {
+                let names: Vec<String> = match &opts.labels {
+                    Some(l) => l.clone(),
+                    None => (0..n).map(|i| format!("LABEL_{i}")).collect(),
+                };
+                let id2label: Map<String, Value> =
+                    names.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect();
+                let label2id: Map<String, Value> =
+                    names.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
+                if label2id.len() != names.len() {
+                    return Err(Error::Invalid(format!("class names are not distinct: {names:?}")));
+                }
+                obj.insert("num_labels".into(), n.into());
+                obj.insert("id2label".into(), id2label.into());
+                obj.insert("label2id".into(), label2id.into());
+                obj.insert("problem_type".into(), "single_label_classification".into());
+            }
+            None => {
+                for key in ["num_labels", "id2label", "label2id", "problem_type"] {
+                    obj.remove(key);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
