@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 PROFILE=${PROFILE:-cpu}
 TASKS=${TASKS:-"wn-noun wn-verb fortune-topic lang-id"}
 case "$PROFILE" in
-  cpu)  FT_STEPS=${FT_STEPS:-400}; FT_BS=16; MAXLEN=64; TEST_N=400; VAL_N=200; EPOCHS=${EPOCHS:-40}; SEEDS=${SEEDS:-"0 1 2"} ;;
+  cpu)  FT_STEPS=${FT_STEPS:-250}; FT_BS=16; MAXLEN=64; TEST_N=400; VAL_N=200; EPOCHS=${EPOCHS:-40}; SEEDS=${SEEDS:-"0 1 2"} ;;
   full) FT_STEPS=${FT_STEPS:-3000}; FT_BS=32; MAXLEN=128; TEST_N=100000; VAL_N=1000; EPOCHS=${EPOCHS:-500}; SEEDS=${SEEDS:-"0 1 2"} ;;
   *) echo "PROFILE must be cpu or full" >&2; exit 2 ;;
 esac
@@ -39,7 +39,7 @@ for t in $TASKS; do
   if [ ! -f "$W/experts/$t/model.safetensors" ]; then
     log "fine-tuning the $t expert ($FT_STEPS steps)"
     run $BIN finetune "$BASE" --train "$W/data/$t/train.jsonl" --labels "$W/data/$t/labels.json" \
-      -o "$W/experts/$t" --steps "$FT_STEPS" --batch-size "$FT_BS" --max-len "$MAXLEN" --seed 0 --force >/dev/null
+      -o "$W/experts/$t" --steps "$FT_STEPS" --batch-size "$FT_BS" --max-len "$MAXLEN" --lr 1e-4 --head-lr 1e-3 --seed 0 --force >/dev/null
   fi
 done
 
