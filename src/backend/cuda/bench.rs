@@ -1,0 +1,1 @@
+//! `symerge bench-cuda` (filled in below).

@@ -1,0 +1,1 @@
+//! Streaming merge on the GPU (filled in below).
