@@ -25,7 +25,12 @@ fn every_kernel_compiles_for_sm90() {
         }
     }
     if let Err(reason) = nvrtc::ensure_nvrtc() {
-        println!("SKIPPED: NVRTC not found ({reason}); run scripts/fetch-assets.sh to unpack it into target/nvrtc/");
+        // Straight to the stderr handle: libtest's capture would hide a println.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("SKIPPED: NVRTC not found ({reason}); scripts/fetch-assets.sh unpacks it into target/nvrtc/\n")
+                .as_bytes(),
+        );
         return;
     }
     assert_eq!(MODULES.len(), ENTRIES.len());

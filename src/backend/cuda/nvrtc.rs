@@ -105,8 +105,14 @@ fn preload_from(dir: &std::path::Path) -> std::result::Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{NVRTC_DIR_ENV}={}: {e}", dir.display()))?;
     let mut libs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libnvrtc")))
-        .filter(|p| !p.to_string_lossy().contains(".alt."))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                // Shared objects only (a toolkit's lib64 also holds static archives), and not the
+                // `.alt` variants the wheel ships beside the regular ones.
+                n.starts_with("libnvrtc") && n.contains(".so") && !n.contains(".alt.")
+            })
+        })
         .collect();
     // The builtins library first: libnvrtc opens it by soname when it compiles.
     libs.sort_by_key(|p| !p.to_string_lossy().contains("builtins"));
@@ -122,10 +128,13 @@ fn preload_from(dir: &std::path::Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// PTX by (unit, architecture), shared by every context of the process.
+type PtxCache = HashMap<(&'static str, String), Arc<String>>;
+
 /// Compiles `unit` for `arch`, or returns the PTX compiled earlier in this process (or found in
 /// the on-disk cache).
 pub fn compile(unit: &KernelSource, arch: &str) -> Result<Arc<String>> {
-    static CACHE: OnceLock<Mutex<HashMap<(&'static str, String), Arc<String>>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<PtxCache>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (unit.name, arch.to_string());
     if let Some(ptx) = cache.lock().map_err(|_| Error::cuda("ptx cache", "poisoned"))?.get(&key) {
