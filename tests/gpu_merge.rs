@@ -48,11 +48,12 @@ fn config(dir: &Path, method: &str, experts: u32, extra: &str) -> MergeConfig {
     if method == "linear" {
         y.push_str("  - model: base\n    parameters: {weight: 0.5}\n");
     }
+    let sparse = method == "ties" || method.starts_with("dare");
     for k in 1..=experts {
+        let density = if sparse { format!(", density: {:.2}", [0.5, 0.3, 0.8][k as usize % 3]) } else { String::new() };
         y.push_str(&format!(
-            "  - model: expert-{k}\n    parameters: {{weight: {:.2}, density: {:.2}}}\n",
-            0.2 + 0.15 * k as f64,
-            [0.5, 0.3, 0.8][k as usize % 3]
+            "  - model: expert-{k}\n    parameters: {{weight: {:.2}{density}}}\n",
+            0.2 + 0.15 * k as f64
         ));
     }
     y.push_str(extra);
@@ -74,20 +75,28 @@ fn assert_same(gpu_out: &Path, cpu_out: &Path, what: &str) {
 
 #[test]
 fn every_method_matches_cpu_through_a_tiny_ring() {
-    let Some(gpu) = gpu() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
     write_family(&spec, 5, 3, 0.01, tmp.path(), 200_000).unwrap();
-    for (method, extra) in [
+    // The CPU references first (cheap): their configs are then checked on every machine.
+    let methods = [
         ("task_arithmetic", "parameters: {lambda: 0.7}\n"),
         ("ties", "parameters: {lambda: 1.0}\n"),
         ("dare_linear", "parameters: {seed: 11}\n"),
         ("dare_ties", "parameters: {seed: 12}\ndtype: float32\n"),
         ("linear", ""),
-    ] {
-        let cfg = config(tmp.path(), method, 3, extra);
+    ];
+    let cfgs: Vec<_> = methods
+        .iter()
+        .map(|(method, extra)| {
+            let cfg = config(tmp.path(), method, 3, extra);
+            merge(&cfg, &opts(&tmp.path().join(format!("{method}-cpu")))).unwrap();
+            (*method, cfg)
+        })
+        .collect();
+    let Some(gpu) = gpu() else { return };
+    for (method, cfg) in cfgs {
         let cpu_out = tmp.path().join(format!("{method}-cpu"));
-        merge(&cfg, &opts(&cpu_out)).unwrap();
         for unit in [64 << 10, 1 << 30] {
             let gpu_out = tmp.path().join(format!("{method}-gpu-{unit}"));
             let mut engine = CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), ..Default::default() });
@@ -104,13 +113,13 @@ fn every_method_matches_cpu_through_a_tiny_ring() {
 
 #[test]
 fn resident_inputs_are_reused_across_runs() {
-    let Some(gpu) = gpu() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
     write_family(&spec, 6, 2, 0.01, tmp.path(), 1 << 30).unwrap();
     let cfg = config(tmp.path(), "task_arithmetic", 2, "");
     let cpu_out = tmp.path().join("cpu");
     merge(&cfg, &opts(&cpu_out)).unwrap();
+    let Some(gpu) = gpu() else { return };
     let mut engine = CudaEngine::new(&gpu, CudaOptions { device_mem: Some(4 << 30), ..Default::default() });
     for run in 0..2 {
         let out = tmp.path().join(format!("gpu-{run}"));
@@ -124,7 +133,6 @@ fn resident_inputs_are_reused_across_runs() {
 
 #[test]
 fn non_finite_input_gives_the_cpu_error() {
-    let Some(gpu) = gpu() else { return };
     use common::T;
     use safetensors::Dtype;
     let tmp = tempfile::tempdir().unwrap();
@@ -136,12 +144,13 @@ fn non_finite_input_gives_the_cpu_error() {
     common::write_model(&tmp.path().join("expert-1"), &[T::new("w", Dtype::BF16, &[50, 100], bad)]);
     let cfg = config(tmp.path(), "task_arithmetic", 1, "");
     let cpu = merge(&cfg, &opts(&tmp.path().join("cpu"))).unwrap_err().to_string();
+    assert!(cpu.contains("4321"), "{cpu}");
+    let Some(gpu) = gpu() else { return };
     let gpu_err =
         symerge::backend::cuda::stream_merge::merge(&cfg, &opts(&tmp.path().join("gpu")), &gpu, CudaOptions::default())
             .unwrap_err()
             .to_string();
     assert_eq!(gpu_err, cpu);
-    assert!(cpu.contains("4321"), "{cpu}");
     assert!(!tmp.path().join("gpu").exists(), "no partial output");
 }
 

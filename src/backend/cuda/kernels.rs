@@ -248,6 +248,15 @@ impl Kernels {
         offset: usize,
         bad: u64,
     ) -> Result<()> {
+        if experts.len() != plan.inputs.len() || base.is_some() != plan.has_base() {
+            return Err(Error::Invalid(format!(
+                "internal: merge planned for {} inputs (base: {}), launched with {} (base: {})",
+                plan.inputs.len(),
+                plan.has_base(),
+                experts.len(),
+                base.is_some()
+            )));
+        }
         if n == 0 {
             return Ok(());
         }

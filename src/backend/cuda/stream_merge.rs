@@ -155,6 +155,20 @@ impl<'g> CudaEngine<'g> {
     }
 }
 
+/// Every output tensor in stream order, resolved, with the name of its block.
+fn resolve_items<'j>(job: &'j MergeJob<'_>) -> Result<(Vec<TensorWork<'j>>, Vec<&'j str>)> {
+    let items = job
+        .stream
+        .blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(bi, b)| b.tensors.iter().map(move |t| (bi, b, t)))
+        .map(|(bi, b, t)| job.tensor(b, t, job.position(bi)))
+        .collect::<Result<_>>()?;
+    let block_of = job.stream.blocks.iter().flat_map(|b| b.tensors.iter().map(move |_| b.spec.name.as_str())).collect();
+    Ok((items, block_of))
+}
+
 /// Cuts the tensors into units of about `target` input bytes. Tensors that need whole-tensor
 /// statistics (TIES thresholds) are never split.
 fn plan_units(items: &[TensorWork<'_>], target: usize, split: bool) -> Vec<Unit> {
@@ -277,16 +291,7 @@ impl MergeEngine for CudaEngine<'_> {
         let Some(form) = job.method.kernel_form() else {
             return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method.name())));
         };
-        let items: Vec<TensorWork<'_>> = job
-            .stream
-            .blocks
-            .iter()
-            .enumerate()
-            .flat_map(|(bi, b)| b.tensors.iter().map(move |t| (bi, b, t)))
-            .map(|(bi, b, t)| job.tensor(b, t, job.position(bi)))
-            .collect::<Result<_>>()?;
-        let block_of: Vec<&str> =
-            job.stream.blocks.iter().flat_map(|b| b.tensors.iter().map(move |_| b.spec.name.as_str())).collect();
+        let (items, block_of) = resolve_items(job)?;
         let plans: Vec<Option<MergeLaunch>> = items
             .iter()
             .map(|w| match w {
@@ -421,28 +426,8 @@ impl MergeEngine for CudaEngine<'_> {
                     if flag != 0 {
                         return Ok(Some(j));
                     }
-                    for p in &unit.pieces {
-                        match p {
-                            Piece::Raw { item } => {
-                                if let TensorWork::Raw { name, bytes } = &items_ref[*item] {
-                                    if !discard {
-                                        writer.write(name, bytes)?;
-                                    }
-                                    progress.advance(block_of[*item], (bytes.len() * models) as u64);
-                                }
-                            }
-                            Piece::Float { item, len, out, .. } => {
-                                if let TensorWork::Float(tj) = &items_ref[*item] {
-                                    let size = tj.out_dtype.size();
-                                    if !discard {
-                                        writer.write(tj.name, &bytes[*out..*out + len * size])?;
-                                    }
-                                    let share = tj.input_bytes() * *len as u64 / tj.n as u64;
-                                    progress.advance(block_of[*item], share);
-                                }
-                            }
-                        }
-                    }
+                    let sink = if discard { None } else { Some(&mut *writer) };
+                    write_unit(items_ref, unit, bytes, sink, progress, &block_of, models)?;
                     if free_out_tx.send(slot).is_err() {
                         break;
                     }
@@ -561,6 +546,41 @@ impl MergeEngine for CudaEngine<'_> {
     }
 }
 
+/// Hands one unit's merged bytes (laid out by `plan_units`) to the shard writer in stream
+/// order, raw tensors from the reference's bytes, and advances the progress by input bytes.
+fn write_unit(
+    items: &[TensorWork<'_>],
+    unit: &Unit,
+    bytes: &[u8],
+    mut writer: Option<&mut ShardWriter>,
+    progress: &mut Progress,
+    block_of: &[&str],
+    models: usize,
+) -> Result<()> {
+    for p in &unit.pieces {
+        match p {
+            Piece::Raw { item } => {
+                if let TensorWork::Raw { name, bytes } = &items[*item] {
+                    if let Some(w) = writer.as_deref_mut() {
+                        w.write(name, bytes)?;
+                    }
+                    progress.advance(block_of[*item], (bytes.len() * models) as u64);
+                }
+            }
+            Piece::Float { item, len, out, .. } => {
+                if let TensorWork::Float(tj) = &items[*item] {
+                    let size = tj.out_dtype.size();
+                    if let Some(w) = writer.as_deref_mut() {
+                        w.write(tj.name, &bytes[*out..*out + len * size])?;
+                    }
+                    progress.advance(block_of[*item], tj.input_bytes() * *len as u64 / tj.n as u64);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// TIES thresholds of one tensor from its device copy (the whole tensor is in one unit).
 fn gpu_thresholds(
     gpu: &Gpu,
@@ -589,4 +609,111 @@ fn cpu_error(job: &MergeJob<'_>, items: &[TensorWork<'_>], unit: &Unit) -> Error
         }
     }
     Error::Invalid("the GPU flagged a non-finite value that the CPU path does not reproduce".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::bench::compare_outputs;
+    use crate::checkpoint::FloatDType;
+    use crate::checkpoint::dtype::{decode, encode_into};
+    use crate::checkpoint::generate::{SyntheticSpec, write_family};
+    use crate::merge::ChunkCtx;
+    use crate::merge::executor::{Source, merge};
+
+    /// The GPU engine's host side with the device replaced by the CPU method reading the staged
+    /// bytes: checks unit planning, the staging layout and the output assembly without a GPU.
+    struct Loopback {
+        target: usize,
+        units: usize,
+    }
+
+    impl MergeEngine for Loopback {
+        fn device(&self) -> String {
+            "loopback".into()
+        }
+
+        fn run(&mut self, job: &MergeJob<'_>, writer: &mut ShardWriter, progress: &mut Progress) -> Result<()> {
+            let (items, block_of) = resolve_items(job)?;
+            let units = plan_units(&items, self.target, !job.method.needs_thresholds());
+            self.units = units.len();
+            let models = 1 + job.stream.inputs.len();
+            for unit in &units {
+                let mut staged = vec![0u8; unit.in_bytes];
+                fill_unit(&items, unit, &mut staged);
+                let mut out = vec![0xffu8; unit.out_bytes + 4];
+                for p in &unit.pieces {
+                    let Piece::Float { item, start, len, inputs, out: at } = p else { continue };
+                    let TensorWork::Float(tj) = &items[*item] else { continue };
+                    assert!(inputs.iter().chain([at]).all(|o| o % ALIGN == 0), "aligned");
+                    let sources: Vec<Source<'_>> = tj.base.iter().chain(&tj.experts).copied().collect();
+                    let vals: Vec<Vec<f32>> = sources
+                        .iter()
+                        .zip(inputs)
+                        .map(|(s, &o)| {
+                            let mut v = vec![0f32; *len];
+                            decode(s.dtype, &staged[o..o + len * s.dtype.size()], &mut v);
+                            v
+                        })
+                        .collect();
+                    let th = if job.method.needs_thresholds() { tj.cpu_thresholds()? } else { Vec::new() };
+                    let ctx = ChunkCtx { offset: *start, params: &tj.params, thresholds: &th, name_hash: tj.name_hash };
+                    let (base, experts) =
+                        if tj.base.is_some() { (Some(vals[0].as_slice()), &vals[1..]) } else { (None, &vals[..]) };
+                    let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+                    let mut o = vec![0f32; *len];
+                    job.method.merge_chunk(&ctx, base, &views, &mut o, &mut Vec::new());
+                    let osize = tj.out_dtype.size();
+                    encode_into(tj.out_dtype, &o, &mut out[*at..*at + len * osize]);
+                }
+                write_unit(&items, unit, &out, Some(writer), progress, &block_of, models)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn units_stage_and_reassemble_every_method_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+        write_family(&spec, 3, 3, 0.01, tmp.path(), 150_000).unwrap();
+        for (method, extra) in [
+            ("task_arithmetic", "parameters: {lambda: 0.7}\n"),
+            ("ties", ""),
+            ("dare_ties", "parameters: {seed: 5}\ndtype: float32\n"),
+            ("linear", ""),
+        ] {
+            let mut y = format!("merge_method: {method}\n");
+            if method != "linear" {
+                y.push_str("base_model: base\n");
+            }
+            y.push_str("models:\n");
+            let sparse = method == "ties" || method.starts_with("dare");
+            for k in 1..=3 {
+                let density = if sparse { format!(", density: 0.{}", k + 4) } else { String::new() };
+                y.push_str(&format!("  - model: expert-{k}\n    parameters: {{weight: 0.{k}{density}}}\n"));
+            }
+            y.push_str(extra);
+            let path = tmp.path().join(format!("{method}.yml"));
+            std::fs::write(&path, y).unwrap();
+            let cfg = MergeConfig::load(&path).unwrap();
+            let opts = |name: &str| MergeOptions {
+                output: tmp.path().join(name),
+                max_shard_bytes: 100_000,
+                out_dtype: None,
+                force: true,
+                progress: false,
+            };
+            merge(&cfg, &opts("cpu")).unwrap();
+            for target in [20_000, 1 << 30] {
+                let mut engine = Loopback { target, units: 0 };
+                merge_with(&cfg, &opts("loop"), &mut engine).unwrap();
+                if target < 1 << 20 {
+                    assert!(engine.units > 10, "{method}: {} units", engine.units);
+                }
+                let (differing, worst) = compare_outputs(&tmp.path().join("loop"), &tmp.path().join("cpu")).unwrap();
+                assert_eq!((differing, worst), (0, 0.0), "{method}, units of {target} bytes");
+            }
+        }
+    }
 }
