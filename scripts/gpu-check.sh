@@ -5,6 +5,7 @@
 #   2. tests/gpu_kernels.rs      every kernel vs its CPU twin, lambda_grad determinism
 #   3. tests/gpu_merge.rs        merge --device cuda vs cpu (tiny ring, resident, errors,
 #                                llama-1b base + 3 experts = 8.8 GB through the CLI)
+#      tests/device_flag.rs    --device auto (on the GPU) gives exactly the CPU's output
 #   4. symerge bench-cuda        copy ceilings, kernels as a fraction of device copy, streaming
 #                                merge of llama-7b + 2 experts (40 GB in: the 64 GB disk also
 #                                holds one 13.5 GB output at a time) vs pinned H2D and vs the CPU
@@ -59,6 +60,7 @@ step() { # name, timeout, command...  (stdout and stderr to $OUT/name.log)
 step kernels_compile 90 "$BIN/kernels_compile" --nocapture
 step gpu_kernels 200 "$BIN/gpu_kernels" --nocapture --test-threads=1
 step gpu_merge 220 "$BIN/gpu_merge" --nocapture --test-threads=1
+step device_flag 60 "$BIN/device_flag" --nocapture
 if [ -z "${SKIP_BENCH:-}" ]; then
   SPLIT=1 step bench 600 "$BIN/symerge" bench-cuda --preset "${BENCH_PRESET:-llama-7b}" \
     --experts "${BENCH_EXPERTS:-2}" --dir /tmp/symerge-bench --report "$OUT/bench.json" ${BENCH_ARGS:-}
@@ -66,5 +68,5 @@ fi
 rm -rf /tmp/symerge-bench
 echo "== summary ($(($(date +%s) - start))s)"
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
-grep -h -E "test result|SKIPPED|panicked|bit-identical|differ" "$OUT"/gpu_*.log "$OUT"/kernels_compile.log 2>/dev/null | head -40
+grep -h -E "test result|SKIPPED|panicked|bit-identical|differ" "$OUT"/gpu_*.log "$OUT"/kernels_compile.log "$OUT"/device_flag.log 2>/dev/null | head -40
 cat "$OUT/bench.txt" 2>/dev/null

@@ -345,7 +345,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
             let opts =
                 MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !quiet };
-            let summary = match symerge::backend::cuda::resolve(device)? {
+            let resolved = match (device, symerge::backend::cuda::stream_merge::unsupported(&cfg)) {
+                (DeviceSpec::Auto, Some(why)) => {
+                    tracing::info!("--device auto: using the CPU ({why})");
+                    Resolved::Cpu { reason: Some(why) }
+                }
+                (DeviceSpec::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
+                _ => symerge::backend::cuda::resolve(device)?,
+            };
+            let summary = match resolved {
                 Resolved::Cpu { .. } => merge(&cfg, &opts)?,
                 Resolved::Cuda(gpu) => symerge::backend::cuda::stream_merge::merge(
                     &cfg,

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::device::{Gpu, cu};
-use super::kernels::{MergeLaunch, addr};
+use super::kernels::{MAX_INPUTS, MergeLaunch, addr};
 use crate::checkpoint::ShardWriter;
 use crate::error::{Error, Result};
 use crate::merge::config::MergeConfig;
@@ -72,6 +72,16 @@ pub struct StreamStats {
     pub reused_resident: bool,
     /// From the first copy to the last write.
     pub seconds: f64,
+}
+
+/// Why the GPU engine cannot run `config`, if it cannot (`--device auto` then uses the CPU).
+pub fn unsupported(config: &MergeConfig) -> Option<String> {
+    let method = config.build_method();
+    if method.kernel_form().is_none() {
+        return Some(format!("method {} has no GPU kernel", method.name()));
+    }
+    let inputs = config.models.len();
+    (inputs > MAX_INPUTS).then(|| format!("the GPU merge takes at most {MAX_INPUTS} models, the config has {inputs}"))
 }
 
 /// Merges on `gpu`: the CPU executor's plan and writer with [`CudaEngine`] for the blocks.
