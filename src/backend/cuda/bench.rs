@@ -398,7 +398,11 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
             CudaOptions { discard_output: true, device_mem: Some(free as u64 - (1 << 30)), ..Default::default() },
         );
         for _ in 0..2 {
-            let _ = merge_with(&config, &mopts(&scratch), &mut engine);
+            if let Err(e) = merge_with(&config, &mopts(&scratch), &mut engine)
+                && !e.to_string().contains("incomplete")
+            {
+                tracing::warn!("resident run failed: {e}");
+            }
             let _ = std::fs::remove_dir_all(&scratch);
         }
         engine.last.as_ref().filter(|l| l.reused_resident).map(|l| l.seconds)
