@@ -17,6 +17,12 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check-out}"
 mkdir -p "$OUT"
 BIN="$PWD/.devbin"
+for exe in symerge kernels_compile gpu_kernels gpu_merge device_flag; do
+  if [ ! -x "$BIN/$exe" ]; then
+    echo "missing $BIN/$exe: run scripts/gpu-prepare.sh on the build machine and carry .devbin" >&2
+    exit 2
+  fi
+done
 start=$(date +%s)
 deadline="${DEADLINE:-540}"
 left() { echo $((deadline - ($(date +%s) - start))); }
