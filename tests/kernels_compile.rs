@@ -24,6 +24,9 @@ fn every_kernel_compiles_for_sm90() {
             unsafe { std::env::set_var(nvrtc::NVRTC_DIR_ENV, &local) };
         }
     }
+    // Compile for real: no PTX from a disk cache.
+    // SAFETY: as above, no other thread reads the environment.
+    unsafe { std::env::set_var(nvrtc::PTX_CACHE_ENV, "off") };
     if let Err(reason) = nvrtc::ensure_nvrtc() {
         // Straight to the stderr handle: libtest's capture would hide a println.
         let _ = std::io::Write::write_all(

@@ -207,6 +207,7 @@ fn dev_alloc(gpu: &Gpu, bytes: usize) -> Result<CudaSlice<u8>> {
 pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<BenchReport> {
     let s = &gpu.stream;
     let reps = opts.repeats;
+    gpu.kernels.load_all()?;
 
     // Ceiling 1: device copy, 1 GiB each way.
     let copy_bytes = 1usize << 30;

@@ -2,10 +2,11 @@
 //! many tensors into one buffer), plus host-buffer conveniences on [`Gpu`] that upload, poison
 //! the output, launch, check and download: what the parity tests and the benchmark call.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::device::{Gpu, cu};
@@ -178,15 +179,13 @@ impl MergeLaunch {
     }
 }
 
-/// The loaded kernel functions.
+/// The kernel functions, each unit compiled and loaded on first use: a merge never pays for
+/// compiling lambda_grad, and the unrolled lambda_grad unit is the largest.
 pub struct Kernels {
-    merge: CudaFunction,
-    lambda_grad: [CudaFunction; 4],
-    lambda_grad_finish: CudaFunction,
-    abs_histogram: CudaFunction,
-    count_equal: CudaFunction,
-    dare_uniform: CudaFunction,
-    dare_sparsify: CudaFunction,
+    ctx: Arc<CudaContext>,
+    arch: String,
+    modules: [OnceLock<Arc<CudaModule>>; 4],
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
 fn grid(groups: usize) -> Result<LaunchConfig> {
@@ -197,36 +196,48 @@ fn grid(groups: usize) -> Result<LaunchConfig> {
 }
 
 impl Kernels {
-    /// Compiles (or fetches) every unit for `arch` and loads its functions.
+    /// Prepares lazy loading for `arch` and loads the merge unit now, so that a missing or broken
+    /// NVRTC is reported when the device is opened (and `--device auto` can fall back).
     pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
-        let module = |unit: &nvrtc::KernelSource| -> Result<Arc<cudarc::driver::CudaModule>> {
-            let ptx = nvrtc::compile(unit, arch)?;
-            cu(
-                &format!("loading kernels/{}.cu", unit.name),
-                ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str())),
-            )
+        let k = Kernels {
+            ctx: ctx.clone(),
+            arch: arch.to_string(),
+            modules: Default::default(),
+            functions: Mutex::new(HashMap::new()),
         };
-        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
-            cu(&format!("finding kernel {name}"), m.load_function(name))
-        };
-        let merge = module(&nvrtc::MERGE)?;
-        let lg = module(&nvrtc::LAMBDA_GRAD)?;
-        let ties = module(&nvrtc::TIES)?;
-        let dare = module(&nvrtc::DARE)?;
-        Ok(Kernels {
-            merge: f(&merge, "gta_merge")?,
-            lambda_grad: [
-                f(&lg, "lambda_grad_k4")?,
-                f(&lg, "lambda_grad_k8")?,
-                f(&lg, "lambda_grad_k16")?,
-                f(&lg, "lambda_grad_k32")?,
-            ],
-            lambda_grad_finish: f(&lg, "lambda_grad_finish")?,
-            abs_histogram: f(&ties, "abs_histogram")?,
-            count_equal: f(&ties, "count_equal")?,
-            dare_uniform: f(&dare, "dare_uniform")?,
-            dare_sparsify: f(&dare, "dare_sparsify")?,
-        })
+        k.function(&nvrtc::MERGE, "gta_merge")?;
+        Ok(k)
+    }
+
+    /// Compiles every unit now (the compile test and the benchmark want all of them up front).
+    pub fn load_all(&self) -> Result<()> {
+        for unit in nvrtc::MODULES {
+            self.module(unit)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, unit: &nvrtc::KernelSource) -> Result<Arc<CudaModule>> {
+        let slot = nvrtc::MODULES.iter().position(|u| u.name == unit.name).expect("a listed unit");
+        if let Some(m) = self.modules[slot].get() {
+            return Ok(m.clone());
+        }
+        let ptx = nvrtc::compile(unit, &self.arch)?;
+        let m = cu(
+            &format!("loading kernels/{}.cu", unit.name),
+            self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str())),
+        )?;
+        // Two threads may race to load the same unit; either module works, one is kept.
+        Ok(self.modules[slot].get_or_init(|| m).clone())
+    }
+
+    fn function(&self, unit: &nvrtc::KernelSource, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().map_err(|_| Error::cuda("kernel table", "poisoned"))?.get(name) {
+            return Ok(f.clone());
+        }
+        let f = cu(&format!("finding kernel {name}"), self.module(unit)?.load_function(name))?;
+        self.functions.lock().map_err(|_| Error::cuda("kernel table", "poisoned"))?.insert(name, f.clone());
+        Ok(f)
     }
 
     /// Merges `n` elements (the tensor's elements `offset..offset + n`) into `out`.
@@ -268,7 +279,8 @@ impl Kernels {
         let k = plan.inputs.len() as u32;
         let out_dt = dtype_code(out_dtype);
         let (n64, off64) = (n as u64, offset as u64);
-        let mut b = stream.launch_builder(&self.merge);
+        let f = self.function(&nvrtc::MERGE, "gta_merge")?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&base_ptr).arg(&base_dt).arg(&ins).arg(&k).arg(&out).arg(&out_dt).arg(&n64).arg(&off64);
         b.arg(&plan.flags).arg(&plan.lambda).arg(&plan.div_all).arg(&plan.seed).arg(&plan.name_hash).arg(&bad);
         // SAFETY: argument types and order match `gta_merge`; addresses are the caller's promise.
@@ -312,12 +324,17 @@ impl Kernels {
         let ctas = Self::lambda_grad_ctas(n) as u32;
         let (base_ptr, dt, k32, n64) = (base.unwrap_or(0), dtype_code(dtype), k as u32, n as u64);
         let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut b = stream.launch_builder(&self.lambda_grad[which]);
+        let f = self.function(
+            &nvrtc::LAMBDA_GRAD,
+            ["lambda_grad_k4", "lambda_grad_k8", "lambda_grad_k16", "lambda_grad_k32"][which],
+        )?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&grad).arg(&ptrs).arg(&base_ptr).arg(&dt).arg(&k32).arg(&n64).arg(&partials);
         // SAFETY: matches `lambda_grad_kN`; addresses are the caller's promise.
         cu("launching lambda_grad", unsafe { b.launch(cfg) })?;
         let cfg = LaunchConfig { grid_dim: (k32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut b = stream.launch_builder(&self.lambda_grad_finish);
+        let f = self.function(&nvrtc::LAMBDA_GRAD, "lambda_grad_finish")?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&partials).arg(&ctas).arg(&k32).arg(&out);
         // SAFETY: matches `lambda_grad_finish`.
         cu("launching lambda_grad_finish", unsafe { b.launch(cfg) }).map(|_| ())
@@ -342,7 +359,8 @@ impl Kernels {
         let ctas = (n.div_ceil(THREADS as usize) as u64).clamp(1, max_ctas.max(1) as u64) as u32;
         let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (bd, ed, n64, bk) = (dtype_code(base.1), dtype_code(expert.1), n as u64, bucket.unwrap_or(u32::MAX));
-        let mut b = stream.launch_builder(&self.abs_histogram);
+        let f = self.function(&nvrtc::TIES, "abs_histogram")?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&base.0).arg(&bd).arg(&expert.0).arg(&ed).arg(&n64).arg(&bk).arg(&hist);
         // SAFETY: matches `abs_histogram`.
         cu("launching abs_histogram", unsafe { b.launch(cfg) }).map(|_| ())
@@ -366,7 +384,8 @@ impl Kernels {
         let tiles = n.div_ceil(tile).max(1) as u32;
         let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (bd, ed, n64, t64) = (dtype_code(base.1), dtype_code(expert.1), n as u64, tile as u64);
-        let mut b = stream.launch_builder(&self.count_equal);
+        let f = self.function(&nvrtc::TIES, "count_equal")?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&base.0).arg(&bd).arg(&expert.0).arg(&ed).arg(&n64).arg(&t_bits).arg(&t64).arg(&counts);
         // SAFETY: matches `count_equal`.
         cu("launching count_equal", unsafe { b.launch(cfg) }).map(|_| ())
@@ -584,7 +603,8 @@ impl Gpu {
         let s = &self.stream;
         let out = cu("allocating", s.clone_htod(&vec![f32::NAN; n.max(1)]))?;
         let (o, n64, ptr) = (offset as u64, n as u64, addr(&out, s));
-        let mut b = s.launch_builder(&self.kernels.dare_uniform);
+        let f = self.kernels.function(&nvrtc::DARE, "dare_uniform")?;
+        let mut b = s.launch_builder(&f);
         b.arg(&seed).arg(&tensor).arg(&task).arg(&o).arg(&n64).arg(&ptr);
         // SAFETY: matches `dare_uniform`; `out` holds n f32.
         cu("launching dare_uniform", unsafe { b.launch(grid(n.div_ceil(VEC))?) })?;
@@ -613,7 +633,8 @@ impl Gpu {
         let out = cu("allocating", s.clone_htod(&vec![f32::NAN; n.max(1)]))?;
         let (bp, bd, ep, ed) = (addr(&b, s), dtype_code(base.dtype), addr(&e, s), dtype_code(expert.dtype));
         let (n64, o64, op) = (n as u64, offset as u64, addr(&out, s));
-        let mut l = s.launch_builder(&self.kernels.dare_sparsify);
+        let f = self.kernels.function(&nvrtc::DARE, "dare_sparsify")?;
+        let mut l = s.launch_builder(&f);
         l.arg(&bp).arg(&bd).arg(&ep).arg(&ed).arg(&n64).arg(&o64).arg(&seed).arg(&tensor).arg(&task);
         l.arg(&density).arg(&scale).arg(&op);
         // SAFETY: matches `dare_sparsify`; buffers hold n values.

@@ -1,6 +1,7 @@
 //! Run-time compilation of the kernels in `kernels/*.cu` with NVRTC, for the device's own
-//! architecture, once per process (in memory) and optionally across processes (PTX files keyed
-//! by BLAKE3 of the expanded source, the options and the architecture, in `$SYMERGE_PTX_CACHE`).
+//! architecture, once per process (in memory) and across processes (PTX files keyed by BLAKE3 of
+//! the expanded source, the options and the architecture, in [`cache_dir`]; a changed kernel
+//! gets a new key, so a stale file is never used).
 //!
 //! The sources are embedded with `include_str!`; `#include "x.cuh"` lines are expanded here, so
 //! NVRTC needs no include path and no CUDA headers. NVRTC itself needs no GPU, which is what lets
@@ -37,7 +38,8 @@ pub const MODULES: &[KernelSource] = &[MERGE, LAMBDA_GRAD, TIES, DARE];
 /// Environment variable naming a directory holding `libnvrtc.so.*` (e.g. unpacked from the
 /// `nvidia-cuda-nvrtc` wheel) when it is not on the loader's path.
 pub const NVRTC_DIR_ENV: &str = "SYMERGE_NVRTC_LIB_DIR";
-/// Environment variable naming a directory for compiled PTX, reused by later processes.
+/// Environment variable naming a directory for compiled PTX, reused by later processes (`off`
+/// disables the disk cache).
 pub const PTX_CACHE_ENV: &str = "SYMERGE_PTX_CACHE";
 
 /// The unit's source with its `#include "..."` lines replaced by the headers (each once).
@@ -204,8 +206,21 @@ pub fn resource_report(unit: &KernelSource, arch: &str) -> Result<String> {
     Ok(text)
 }
 
+/// The on-disk cache directory: `$SYMERGE_PTX_CACHE` (`off` disables it), else
+/// `$XDG_CACHE_HOME/symerge/ptx`, else `~/.cache/symerge/ptx`.
+pub fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os(PTX_CACHE_ENV) {
+        Some(v) if v == "off" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("symerge").join("ptx")),
+    }
+}
+
 fn disk_path(unit: &KernelSource, source: &str, opts: &[String], arch: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var_os(PTX_CACHE_ENV)?);
+    let dir = cache_dir()?;
     let mut h = blake3::Hasher::new();
     h.update(source.as_bytes());
     for o in opts {
