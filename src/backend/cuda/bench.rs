@@ -261,18 +261,19 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
     let s = &gpu.stream;
     let n = opts.kernel_elems;
     let k = 3usize;
+    let kmax = 8usize;
     let base_h = random_bf16(n, 1, 0.0, 0.08);
-    let experts_h: Vec<Vec<u8>> = (0..k).map(|i| random_bf16(n, 10 + i as u64, 0.0, 0.08)).collect();
+    let experts_h: Vec<Vec<u8>> = (0..kmax).map(|i| random_bf16(n, 10 + i as u64, 0.0, 0.08)).collect();
     let base = gpu.upload(&base_h)?;
     let experts: Vec<CudaSlice<u8>> = experts_h.iter().map(|e| gpu.upload(e)).collect::<Result<_>>()?;
     let out = dev_alloc(gpu, n * 2)?;
     let bad = cu("allocating", s.alloc_zeros::<u32>(1))?;
-    let ptrs: Vec<u64> = experts.iter().map(|e| addr(e, s)).collect();
+    let all_ptrs: Vec<u64> = experts.iter().map(|e| addr(e, s)).collect();
+    let ptrs = &all_ptrs[..k];
     let bf = FloatDType::BF16;
-    let merge_bytes = ((k + 1) * 2 * n + 2 * n) as u64;
-    let params = |density: f32, normalize: bool| TensorParams {
-        weights: vec![0.5; k],
-        densities: vec![density; k],
+    let params = |kk: usize, density: f32, normalize: bool| TensorParams {
+        weights: vec![0.5; kk],
+        densities: vec![density; kk],
         lambda: 1.0,
         normalize,
     };
@@ -280,7 +281,7 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
     let ti = ties::method(false);
     let dt = dare::method(true, true, 7);
     // TIES thresholds from the GPU selection itself, so the timed kernel keeps half.
-    let ths: Vec<Threshold> = experts_h
+    let ths: Vec<Threshold> = experts_h[..k]
         .iter()
         .map(|e| {
             gpu.magnitude_threshold_host(
@@ -290,21 +291,34 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
             )
         })
         .collect::<Result<_>>()?;
-    let cases: Vec<(&str, KernelForm<'_>, TensorParams, Vec<Threshold>)> = vec![
-        ("merge task_arithmetic K=3", KernelForm::Gta(&ta), params(1.0, false), vec![]),
-        ("merge ties K=3", KernelForm::Gta(&ti), params(0.5, true), ths),
-        ("merge dare_ties K=3", KernelForm::Gta(&dt), params(0.5, false), vec![]),
+    let cases: Vec<(&str, usize, KernelForm<'_>, TensorParams, Vec<Threshold>)> = vec![
+        ("merge task_arithmetic K=1", 1, KernelForm::Gta(&ta), params(1, 1.0, false), vec![]),
+        ("merge task_arithmetic K=3", 3, KernelForm::Gta(&ta), params(3, 1.0, false), vec![]),
+        ("merge task_arithmetic K=8", 8, KernelForm::Gta(&ta), params(8, 1.0, false), vec![]),
+        ("merge ties K=3", 3, KernelForm::Gta(&ti), params(3, 0.5, true), ths),
+        ("merge dare_ties K=3", 3, KernelForm::Gta(&dt), params(3, 0.5, false), vec![]),
     ];
     let mut rows = Vec::new();
-    for (name, form, p, th) in cases {
-        let plan = MergeLaunch::plan(form, &p, &th, 0x1234, &[bf; 3])?;
+    for (name, kk, form, p, th) in cases {
+        let plan = MergeLaunch::plan(form, &p, &th, 0x1234, &vec![bf; kk])?;
+        let experts_k = &all_ptrs[..kk];
         let ms = time_ms(gpu, opts.repeats, || {
             // SAFETY: every buffer holds n bf16 values.
             unsafe {
-                gpu.kernels.merge(s, &plan, Some((addr(&base, s), bf)), &ptrs, addr(&out, s), bf, n, 0, addr(&bad, s))
+                gpu.kernels.merge(
+                    s,
+                    &plan,
+                    Some((addr(&base, s), bf)),
+                    experts_k,
+                    addr(&out, s),
+                    bf,
+                    n,
+                    0,
+                    addr(&bad, s),
+                )
             }
         })?;
-        rows.push(row(name, merge_bytes, ms, copy_gb_s));
+        rows.push(row(name, ((kk + 2) * 2 * n) as u64, ms, copy_gb_s));
     }
     drop(out);
 
@@ -314,8 +328,8 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
         g
     };
     let grad_d = cu("copying", s.clone_htod(&grad))?;
-    let partials = dev_alloc(gpu, Kernels::lambda_grad_ctas(n) * k * 4)?;
-    let res = cu("allocating", s.alloc_zeros::<f64>(k))?;
+    let partials = dev_alloc(gpu, Kernels::lambda_grad_ctas(n) * kmax * 4)?;
+    let res = cu("allocating", s.alloc_zeros::<f64>(kmax))?;
     let lg_bytes = (4 * n + 2 * n * (k + 1)) as u64;
     let ms = time_ms(gpu, opts.repeats, || {
         // SAFETY: sizes as lambda_grad requires.
@@ -323,7 +337,7 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
             gpu.kernels.lambda_grad(
                 s,
                 addr(&grad_d, s),
-                &ptrs,
+                ptrs,
                 Some(addr(&base, s)),
                 bf,
                 n,
@@ -336,9 +350,26 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
     let lg_bytes = (4 * n + 2 * n * k) as u64;
     let ms = time_ms(gpu, opts.repeats, || {
         // SAFETY: as above.
-        unsafe { gpu.kernels.lambda_grad(s, addr(&grad_d, s), &ptrs, None, bf, n, addr(&partials, s), addr(&res, s)) }
+        unsafe { gpu.kernels.lambda_grad(s, addr(&grad_d, s), ptrs, None, bf, n, addr(&partials, s), addr(&res, s)) }
     })?;
     rows.push(row("lambda_grad K=3 (tau)", lg_bytes, ms, copy_gb_s));
+    let lg_bytes = (4 * n + 2 * n * (kmax + 1)) as u64;
+    let ms = time_ms(gpu, opts.repeats, || {
+        // SAFETY: as above; partials and res were sized for kmax tasks.
+        unsafe {
+            gpu.kernels.lambda_grad(
+                s,
+                addr(&grad_d, s),
+                &all_ptrs,
+                Some(addr(&base, s)),
+                bf,
+                n,
+                addr(&partials, s),
+                addr(&res, s),
+            )
+        }
+    })?;
+    rows.push(row("lambda_grad K=8 (+base)", lg_bytes, ms, copy_gb_s));
     Ok(rows)
 }
 
