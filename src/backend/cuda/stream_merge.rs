@@ -154,7 +154,13 @@ impl<'g> CudaEngine<'g> {
         } else {
             unsafe { self.gpu.ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
         };
-        Ok(HostSlot { mem: cu("allocating pinned host memory", mem)?, done: self.event()? })
+        // Host threads wait on `done`: a blocking-sync event sleeps instead of spinning a core
+        // that the parallel staging copy could use.
+        let done = cu(
+            "creating an event",
+            self.gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)),
+        )?;
+        Ok(HostSlot { mem: cu("allocating pinned host memory", mem)?, done })
     }
 
     fn device_buf(&self, bytes: usize) -> Result<CudaSlice<u8>> {
