@@ -37,6 +37,18 @@ fn every_kernel_compiles_for_sm90() {
         return;
     }
     assert_eq!(MODULES.len(), ENTRIES.len());
+    // The disk cache: the first call compiles and writes a file keyed by source and arch, the
+    // second reads it back unchanged; another arch gets its own file.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = &MODULES[0];
+    let first = nvrtc::compile_with_disk_cache(unit, "sm_90", Some(dir.path())).unwrap();
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::write(&files[0], format!("{first}// from the cache\n")).unwrap();
+    let second = nvrtc::compile_with_disk_cache(unit, "sm_90", Some(dir.path())).unwrap();
+    assert_eq!(second, format!("{first}// from the cache\n"), "second call reads the file");
+    nvrtc::compile_with_disk_cache(unit, "sm_80", Some(dir.path())).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "one file per arch");
     for unit in MODULES {
         let ptx = nvrtc::compile(unit, "sm_90").unwrap_or_else(|e| panic!("{e}"));
         let (_, names) = ENTRIES.iter().find(|(n, _)| *n == unit.name).expect("unit listed");

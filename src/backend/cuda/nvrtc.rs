@@ -8,7 +8,7 @@
 //! `tests/kernels_compile.rs` check every kernel on a machine without one.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
@@ -142,24 +142,7 @@ pub fn compile(unit: &KernelSource, arch: &str) -> Result<Arc<String>> {
     if let Some(ptx) = cache.lock().map_err(|_| Error::cuda("ptx cache", "poisoned"))?.get(&key) {
         return Ok(ptx.clone());
     }
-    let source = expand(unit)?;
-    let opts = options(arch);
-    let disk = disk_path(unit, &source, &opts, arch);
-    let ptx = match disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        Some(ptx) => {
-            tracing::debug!("kernels/{}.cu: PTX for {arch} from the disk cache", unit.name);
-            ptx
-        }
-        None => {
-            let start = std::time::Instant::now();
-            let ptx = compile_uncached(unit.name, &source, &opts)?;
-            tracing::debug!("kernels/{}.cu: compiled for {arch} in {:.2}s", unit.name, start.elapsed().as_secs_f64());
-            if let Some(p) = &disk {
-                store_atomically(p, &ptx);
-            }
-            ptx
-        }
-    };
+    let ptx = compile_with_disk_cache(unit, arch, cache_dir().as_deref())?;
     let ptx = Arc::new(ptx);
     cache.lock().map_err(|_| Error::cuda("ptx cache", "poisoned"))?.insert(key, ptx.clone());
     Ok(ptx)
@@ -219,8 +202,27 @@ pub fn cache_dir() -> Option<PathBuf> {
     }
 }
 
-fn disk_path(unit: &KernelSource, source: &str, opts: &[String], arch: &str) -> Option<PathBuf> {
-    let dir = cache_dir()?;
+/// Compiles `unit` for `arch` through the PTX files in `dir` (none: always compile), without the
+/// in-memory cache.
+pub fn compile_with_disk_cache(unit: &KernelSource, arch: &str, dir: Option<&Path>) -> Result<String> {
+    let source = expand(unit)?;
+    let opts = options(arch);
+    let disk = dir.map(|d| disk_path(d, unit, &source, &opts, arch));
+    if let Some(ptx) = disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        tracing::debug!("kernels/{}.cu: PTX for {arch} from the disk cache", unit.name);
+        return Ok(ptx);
+    }
+    let start = std::time::Instant::now();
+    let ptx = compile_uncached(unit.name, &source, &opts)?;
+    tracing::debug!("kernels/{}.cu: compiled for {arch} in {:.2}s", unit.name, start.elapsed().as_secs_f64());
+    if let Some(p) = &disk {
+        store_atomically(p, &ptx);
+    }
+    Ok(ptx)
+}
+
+/// `DIR/<unit>-<arch>-<BLAKE3 of source and options, 16 hex>.ptx`.
+pub fn disk_path(dir: &Path, unit: &KernelSource, source: &str, opts: &[String], arch: &str) -> PathBuf {
     let mut h = blake3::Hasher::new();
     h.update(source.as_bytes());
     for o in opts {
@@ -228,7 +230,7 @@ fn disk_path(unit: &KernelSource, source: &str, opts: &[String], arch: &str) -> 
         h.update(o.as_bytes());
     }
     let hex = h.finalize().to_hex();
-    Some(dir.join(format!("{}-{arch}-{}.ptx", unit.name, &hex.as_str()[..16])))
+    dir.join(format!("{}-{arch}-{}.ptx", unit.name, &hex.as_str()[..16]))
 }
 
 /// Best effort: a cache that cannot be written only costs a recompile next time.
