@@ -7,6 +7,9 @@
 #   target/assets/debian/  the Debian packages below, unpacked with `dpkg -x` (nothing is installed
 #                          system-wide): usr/share/wordnet/data.* and usr/share/games/fortunes/...,
 #                          the sources of `symerge data prepare`.
+#   target/nvrtc/          libnvrtc.so.13 + libnvrtc-builtins.so.13.0 (PyPI nvidia-cuda-nvrtc,
+#                          CUDA 13.0), so tests/kernels_compile.rs compiles every kernel with
+#                          NVRTC on a machine without a GPU. Optional: a failure only warns.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 assets="$root/target/assets"
@@ -67,4 +70,29 @@ if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "${debs[*]}" ]; then
   echo "${debs[*]}" >"$tmp/root/.fetched"
   rm -rf "$debian"
   mv "$tmp/root" "$debian"
+fi
+
+nvrtc="$root/target/nvrtc"
+if [ ! -f "$nvrtc/libnvrtc.so.13" ] && [ "$(uname -m)" = "x86_64" ]; then
+  echo "fetching nvidia-cuda-nvrtc (CUDA 13.0) from PyPI into $nvrtc" >&2
+  ntmp="$(mktemp -d "$root/target/.nvrtc.XXXXXX")"
+  if python3 -m pip download --no-deps --only-binary=:all: -q -d "$ntmp" "nvidia-cuda-nvrtc==13.0.88" \
+    && python3 - "$ntmp" <<'PY'
+import sys, zipfile, glob, os
+tmp = sys.argv[1]
+whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
+out = os.path.join(tmp, "lib")
+os.makedirs(out)
+with zipfile.ZipFile(whl) as z:
+    for name in ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cu13/lib/libnvrtc-builtins.so.13.0"):
+        with z.open(name) as src, open(os.path.join(out, os.path.basename(name)), "wb") as dst:
+            dst.write(src.read())
+PY
+  then
+    rm -rf "$nvrtc"
+    mv "$ntmp/lib" "$nvrtc"
+  else
+    echo "warning: could not fetch NVRTC; tests/kernels_compile.rs will print SKIPPED" >&2
+  fi
+  rm -rf "$ntmp"
 fi

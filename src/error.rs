@@ -109,6 +109,10 @@ pub enum Error {
     #[error("NCCL backend unavailable: {reason}")]
     NcclUnavailable { reason: String },
 
+    /// The CUDA driver, NVRTC or a device call failed; `what` names the step.
+    #[error("CUDA {what}: {reason}")]
+    Cuda { what: String, reason: String },
+
     #[error("{0}")]
     Invalid(String),
 }
@@ -125,6 +129,13 @@ impl Error {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+impl Error {
+    /// A CUDA failure at step `what`.
+    pub fn cuda(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Cuda { what: what.into(), reason: reason.to_string() }
     }
 }
 

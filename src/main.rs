@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
+use symerge::backend::cuda::stream_merge::CudaOptions;
+use symerge::backend::cuda::{DeviceSpec, Resolved};
 use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
@@ -69,6 +71,48 @@ enum Command {
         /// No progress bar or progress lines.
         #[arg(short, long)]
         quiet: bool,
+        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda, cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// Device memory the GPU merge may use, e.g. 20GB (default: what is free, less 2 GB).
+        /// When it holds every input, inputs stay resident on the device.
+        #[arg(long, value_parser = parse_size)]
+        device_mem: Option<u64>,
+    },
+    /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
+    BenchCuda {
+        /// Synthetic family for the streaming merge (see `symerge generate --list`).
+        #[arg(long, default_value = "llama-7b")]
+        preset: String,
+        #[arg(long, default_value_t = 2)]
+        experts: u32,
+        /// Where the family is generated (reused when present) and merged.
+        #[arg(long, default_value = "/tmp/symerge-bench")]
+        dir: PathBuf,
+        /// Elements per tensor in the kernel timings.
+        #[arg(long, default_value_t = 1 << 27)]
+        kernel_elems: usize,
+        /// Timed repeats per kernel (median reported).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        /// Kernels and copy rates only.
+        #[arg(long)]
+        skip_stream: bool,
+        /// Skip the CPU merge (wall time and output comparison).
+        #[arg(long)]
+        skip_cpu: bool,
+        /// Keep the merged outputs.
+        #[arg(long)]
+        keep_outputs: bool,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// List the merge methods and their parameters.
     Methods,
@@ -422,13 +466,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&info.to_string())?;
             }
         }
-        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet } => {
+        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet, device, device_mem } => {
             let cfg = MergeConfig::load(&config)?;
             tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
-            let summary = merge(
-                &cfg,
-                &MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !quiet },
-            )?;
+            let opts =
+                MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !quiet };
+            let resolved = match (device, symerge::backend::cuda::stream_merge::unsupported(&cfg)) {
+                (DeviceSpec::Auto, Some(why)) => {
+                    tracing::info!("--device auto: using the CPU ({why})");
+                    Resolved::Cpu { reason: Some(why) }
+                }
+                (DeviceSpec::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
+                _ => symerge::backend::cuda::resolve(device)?,
+            };
+            let summary = match resolved {
+                Resolved::Cpu { .. } => merge(&cfg, &opts)?,
+                Resolved::Cuda(gpu) => symerge::backend::cuda::stream_merge::merge(
+                    &cfg,
+                    &opts,
+                    &gpu,
+                    CudaOptions { device_mem, ..Default::default() },
+                )?,
+            };
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -441,6 +500,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     summary.bytes_read as f64 / 1e9,
                     summary.read_gb_per_s
                 );
+            }
+        }
+        Command::BenchCuda {
+            preset,
+            experts,
+            dir,
+            kernel_elems,
+            repeats,
+            skip_stream,
+            skip_cpu,
+            keep_outputs,
+            gpu,
+            json,
+            report: report_path,
+        } => {
+            let gpu = match symerge::backend::cuda::resolve(DeviceSpec::Cuda(gpu))? {
+                Resolved::Cuda(g) => g,
+                Resolved::Cpu { .. } => bail!("bench-cuda needs a CUDA device"),
+            };
+            let opts = symerge::backend::cuda::bench::BenchOptions {
+                preset,
+                experts,
+                dir,
+                kernel_elems,
+                skip_stream,
+                skip_cpu,
+                keep_outputs,
+                repeats,
+            };
+            let report = symerge::backend::cuda::bench::run(&gpu, &opts)?;
+            if let Some(path) = report_path {
+                write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            } else {
+                emit(&report.to_string())?;
             }
         }
         Command::Methods => {

@@ -13,6 +13,7 @@
 //! All math is f32.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt;
 use std::str::FromStr;

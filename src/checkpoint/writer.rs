@@ -245,7 +245,7 @@ fn start_writeback(file: &File) {
 pub struct BackgroundWriter {
     tx: Option<Sender<(String, Vec<u8>)>>,
     free: Receiver<Vec<u8>>,
-    handle: Option<JoinHandle<Result<WrittenCheckpoint>>>,
+    handle: Option<JoinHandle<Result<ShardWriter>>>,
 }
 
 impl BackgroundWriter {
@@ -258,7 +258,7 @@ impl BackgroundWriter {
                 writer.write(&name, &buf)?;
                 let _ = free_tx.try_send(buf);
             }
-            writer.finish()
+            Ok(writer)
         });
         BackgroundWriter { tx: Some(tx), free, handle: Some(handle) }
     }
@@ -277,12 +277,12 @@ impl BackgroundWriter {
         if sent { Ok(()) } else { Err(self.join().err().unwrap_or_else(closed)) }
     }
 
-    /// Waits for every queued write, then finishes the checkpoint (shards synced, index written).
-    pub fn finish(mut self) -> Result<WrittenCheckpoint> {
+    /// Waits for every queued write and hands the writer back (to [`ShardWriter::finish`]).
+    pub fn finish(mut self) -> Result<ShardWriter> {
         self.join()
     }
 
-    fn join(&mut self) -> Result<WrittenCheckpoint> {
+    fn join(&mut self) -> Result<ShardWriter> {
         self.tx = None;
         match self.handle.take() {
             Some(h) => h.join().map_err(|_| Error::Invalid("the output writer thread panicked".into()))?,

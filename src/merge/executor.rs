@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::{Threshold, keep_count, magnitude_threshold};
-use super::{ChunkCtx, MergeMethod};
+use super::{ChunkCtx, MergeMethod, TensorParams};
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::side_files::copy_side_files;
@@ -49,6 +49,8 @@ pub struct MergeOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct MergeSummary {
     pub method: String,
+    /// Where the math ran.
+    pub device: String,
     pub output: PathBuf,
     pub models: usize,
     pub blocks: usize,
@@ -64,8 +66,58 @@ pub struct MergeSummary {
     pub ignored_tensors: usize,
 }
 
-/// Merges the models of `config` into `opts.output`.
+/// Merges the models of `config` into `opts.output` on the CPU.
 pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> {
+    merge_with(config, opts, &mut CpuEngine)
+}
+
+/// Runs the blocks of a planned merge: the part that differs between the CPU and a device.
+/// Everything else (opening and checking the inputs, the output plan, staging, side files,
+/// the summary) is shared in [`merge_with`].
+pub trait MergeEngine {
+    /// Where the math runs, for the summary (`cpu`, `cuda:0 (NVIDIA H100 ...)`).
+    fn device(&self) -> String;
+
+    /// Merges every block of `job.stream` in order, writing each planned tensor to `writer`
+    /// in stream order and advancing `progress` by each block's input bytes; hands the writer
+    /// back for [`ShardWriter::finish`].
+    fn run(&mut self, job: &MergeJob<'_>, writer: ShardWriter, progress: &mut Progress) -> Result<ShardWriter>;
+}
+
+/// The reference engine: rayon over chunks of each tensor, one block at a time.
+pub struct CpuEngine;
+
+impl MergeEngine for CpuEngine {
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    /// Writing runs on its own thread, so encoding the next span overlaps with the kernel
+    /// copying (and throttling) the previous one.
+    fn run(&mut self, job: &MergeJob<'_>, writer: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
+        let mut writer = BackgroundWriter::spawn(writer, 2);
+        job.stream.for_each_block(|bi, block| {
+            let position = job.position(bi);
+            for t in &block.tensors {
+                match job.tensor(block, t, position)? {
+                    TensorWork::Raw { name, bytes } => writer.write(name, bytes.to_vec())?,
+                    TensorWork::Float(tj) => {
+                        job.merge_tensor_cpu(&tj, writer.buffer(), &mut |bytes| {
+                            writer.write(tj.name, bytes)?;
+                            Ok(writer.buffer())
+                        })?;
+                    }
+                }
+            }
+            progress.advance(&block.spec.name, job.stream.block_input_bytes(block));
+            Ok(())
+        })?;
+        writer.finish()
+    }
+}
+
+/// Merges the models of `config` into `opts.output`, running the blocks on `engine`.
+pub fn merge_with(config: &MergeConfig, opts: &MergeOptions, engine: &mut dyn MergeEngine) -> Result<MergeSummary> {
     let start = Instant::now();
     if opts.output.exists() && !opts.force {
         return Err(Error::OutputExists { path: opts.output.clone() });
@@ -118,19 +170,11 @@ pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> 
     copy_side_files(side_src, staging.path(), out_dtype)?;
     let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
     let shards = writer.num_shards();
-    let mut writer = BackgroundWriter::spawn(writer, 2);
 
     let mut progress = Progress::new("merge", total_input, opts.progress);
     let nblocks = stream.blocks.len();
-    let job = Job { method: method.as_ref(), stream: &stream, config, out_dtype, reference_is_model };
-    stream.for_each_block(|bi, block| {
-        let position = if nblocks > 1 { bi as f64 / (nblocks - 1) as f64 } else { 0.0 };
-        for t in &block.tensors {
-            job.merge_tensor(block, t, position, &mut writer)?;
-        }
-        progress.advance(&block.spec.name, stream.block_input_bytes(block));
-        Ok(())
-    })?;
+    let job = MergeJob { method: method.as_ref(), stream: &stream, config, out_dtype, reference_is_model };
+    let writer = engine.run(&job, writer, &mut progress)?;
     progress.finish();
     let written = writer.finish()?;
     staging.commit(&opts.output, opts.force)?;
@@ -138,6 +182,7 @@ pub fn merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergeSummary> 
     let seconds = start.elapsed().as_secs_f64();
     Ok(MergeSummary {
         method: method.name().to_string(),
+        device: engine.device(),
         output: opts.output.clone(),
         models: config.models.len() + usize::from(!reference_is_model),
         blocks: nblocks,
@@ -171,27 +216,32 @@ fn check_lambda_table(config: &MergeConfig, stream: &LayerStream<'_>) -> Result<
     Ok(())
 }
 
-/// The fixed parts of one merge, shared by every tensor.
-struct Job<'a> {
-    method: &'a dyn MergeMethod,
-    stream: &'a LayerStream<'a>,
-    config: &'a MergeConfig,
-    out_dtype: Option<FloatDType>,
-    /// The reference is the first merged model (linear without a base), not a base to subtract.
-    reference_is_model: bool,
+/// The fixed parts of one merge, shared by every tensor and every engine.
+pub struct MergeJob<'a> {
+    pub method: &'a dyn MergeMethod,
+    pub stream: &'a LayerStream<'a>,
+    pub config: &'a MergeConfig,
+    pub out_dtype: Option<FloatDType>,
+    /// The reference is the first merged model (linear without a base), not a base.
+    pub reference_is_model: bool,
 }
 
 /// A tensor as one input holds it.
 #[derive(Clone, Copy)]
-struct Source<'a> {
-    ckpt: &'a Checkpoint,
-    meta: &'a TensorMeta,
-    dtype: FloatDType,
+pub struct Source<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub meta: &'a TensorMeta,
+    pub dtype: FloatDType,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    /// The tensor's raw bytes in the mmap.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.ckpt.bytes(self.meta)
+    }
+
     /// Decodes elements `offset .. offset + out.len()` and rejects NaN/Inf, naming the file.
-    fn read(&self, offset: usize, out: &mut [f32]) -> Result<()> {
+    pub fn read(&self, offset: usize, out: &mut [f32]) -> Result<()> {
         let size = self.dtype.size();
         let bytes = &self.ckpt.bytes(self.meta)[offset * size..(offset + out.len()) * size];
         decode(self.dtype, bytes, out);
@@ -207,6 +257,54 @@ impl Source<'_> {
     }
 }
 
+/// What to do for one output tensor.
+pub enum TensorWork<'a> {
+    /// Integer/bool buffers (e.g. position ids) are not weights: copied from the reference.
+    Raw {
+        name: &'a str,
+        bytes: &'a [u8],
+    },
+    Float(TensorJob<'a>),
+}
+
+/// A floating-point tensor to merge: its inputs and resolved parameters.
+pub struct TensorJob<'a> {
+    pub name: &'a str,
+    pub n: usize,
+    /// Present iff the method works on task vectors.
+    pub base: Option<Source<'a>>,
+    pub experts: Vec<Source<'a>>,
+    pub params: TensorParams,
+    pub out_dtype: FloatDType,
+    pub name_hash: u32,
+}
+
+impl TensorJob<'_> {
+    /// Bytes of all inputs of this tensor.
+    pub fn input_bytes(&self) -> u64 {
+        self.base.iter().chain(&self.experts).map(|s| s.meta.nbytes() as u64).sum()
+    }
+
+    /// Exact per-expert magnitude thresholds at the configured densities, on the CPU.
+    pub fn cpu_thresholds(&self) -> Result<Vec<Threshold>> {
+        let base = self.base.expect("threshold methods use a base");
+        let n = self.n;
+        self.experts
+            .iter()
+            .zip(&self.params.densities)
+            .map(|(e, &d)| {
+                magnitude_threshold(n, keep_count(d as f64, n), |off, out| {
+                    let mut b = vec![0f32; out.len()];
+                    base.read(off, &mut b)?;
+                    e.read(off, out)?;
+                    out.iter_mut().zip(&b).for_each(|(x, y)| *x -= y);
+                    Ok(())
+                })
+            })
+            .collect()
+    }
+}
+
 /// Per-thread buffers for one chunk.
 #[derive(Default)]
 struct Scratch {
@@ -216,21 +314,21 @@ struct Scratch {
     method: Vec<f32>,
 }
 
-impl Job<'_> {
-    fn merge_tensor(
-        &self,
-        block: &StreamBlock,
-        t: &StreamTensor,
-        position: f64,
-        writer: &mut BackgroundWriter,
-    ) -> Result<()> {
+impl<'a> MergeJob<'a> {
+    /// Where block `bi` sits in the stream, in [0, 1] (for gradient parameters).
+    pub fn position(&self, bi: usize) -> f64 {
+        let nblocks = self.stream.blocks.len();
+        if nblocks > 1 { bi as f64 / (nblocks - 1) as f64 } else { 0.0 }
+    }
+
+    /// Resolves one tensor of a block: its sources in every input and its parameters.
+    pub fn tensor(&self, block: &StreamBlock, t: &StreamTensor, position: f64) -> Result<TensorWork<'a>> {
         let reference = self.stream.reference;
         let rmeta = &reference.tensors[t.reference];
         let Some(ref_dtype) = rmeta.float_dtype() else {
-            // Integer/bool buffers (e.g. position ids) are not weights: copied from the reference.
-            return writer.write(&rmeta.name, reference.bytes(rmeta).to_vec());
+            return Ok(TensorWork::Raw { name: &rmeta.name, bytes: reference.bytes(rmeta) });
         };
-        let mut sources: Vec<Source<'_>> = Vec::with_capacity(t.inputs.len() + 1);
+        let mut sources: Vec<Source<'a>> = Vec::with_capacity(t.inputs.len() + 1);
         sources.push(Source { ckpt: reference, meta: rmeta, dtype: ref_dtype });
         for (c, &i) in self.stream.inputs.iter().zip(&t.inputs) {
             let meta = &c.tensors[i];
@@ -241,49 +339,51 @@ impl Job<'_> {
             })?;
             sources.push(Source { ckpt: c, meta, dtype });
         }
-        let (base, experts): (Option<Source<'_>>, &[Source<'_>]) =
-            match (self.method.needs_base(), self.reference_is_model) {
-                (true, _) => (Some(sources[0]), &sources[1..]),
-                (false, true) => (None, &sources[..]),
-                (false, false) => (None, &sources[1..]),
-            };
-
-        let params = self.config.tensor_params(&rmeta.name, &block.spec.name, position)?;
-        let n = rmeta.numel();
-        let thresholds = if self.method.needs_thresholds() {
-            let base = base.expect("threshold methods use a base");
-            experts
-                .iter()
-                .zip(&params.densities)
-                .map(|(e, &d)| {
-                    magnitude_threshold(n, keep_count(d as f64, n), |off, out| {
-                        let mut b = vec![0f32; out.len()];
-                        base.read(off, &mut b)?;
-                        e.read(off, out)?;
-                        out.iter_mut().zip(&b).for_each(|(x, y)| *x -= y);
-                        Ok(())
-                    })
-                })
-                .collect::<Result<Vec<Threshold>>>()?
-        } else {
-            Vec::new()
+        // The reference is a base (subtracted, or only naming the tensors for linear) unless it
+        // is the first merged model itself.
+        let base = match (self.method.needs_base(), self.reference_is_model) {
+            (true, _) => Some(sources.remove(0)),
+            (false, false) => {
+                sources.remove(0);
+                None
+            }
+            (false, true) => None,
         };
+        let params = self.config.tensor_params(&rmeta.name, &block.spec.name, position)?;
+        Ok(TensorWork::Float(TensorJob {
+            name: &rmeta.name,
+            n: rmeta.numel(),
+            base,
+            experts: sources,
+            params,
+            out_dtype: self.out_dtype.unwrap_or(ref_dtype),
+            name_hash: name_hash(&rmeta.name),
+        }))
+    }
 
-        let out_dtype = self.out_dtype.unwrap_or(ref_dtype);
-        let osize = out_dtype.size();
-        let name_hash = name_hash(&rmeta.name);
+    /// Merges one tensor on the CPU into `out_buf`, handing each span's bytes to `sink`, which
+    /// returns the buffer for the next span (the same one, or a recycled one when the bytes are
+    /// kept, e.g. queued for a writer thread).
+    pub fn merge_tensor_cpu(
+        &self,
+        tj: &TensorJob<'_>,
+        mut out_buf: Vec<u8>,
+        sink: &mut dyn FnMut(Vec<u8>) -> Result<Vec<u8>>,
+    ) -> Result<()> {
+        let thresholds = if self.method.needs_thresholds() { tj.cpu_thresholds()? } else { Vec::new() };
+        let n = tj.n;
+        let osize = tj.out_dtype.size();
         let mut span_start = 0;
         while span_start < n {
             let span = SPAN.min(n - span_start);
-            let mut out_buf = writer.buffer();
             out_buf.resize(span * osize, 0);
             out_buf.par_chunks_mut(CHUNK * osize).enumerate().try_for_each_init(Scratch::default, |s, (ci, ob)| {
                 let offset = span_start + ci * CHUNK;
                 let len = ob.len() / osize;
-                let ctx = ChunkCtx { offset, params: &params, thresholds: &thresholds, name_hash };
-                self.merge_chunk(&ctx, base, experts, s, len, out_dtype, ob, &rmeta.name)
+                let ctx = ChunkCtx { offset, params: &tj.params, thresholds: &thresholds, name_hash: tj.name_hash };
+                self.merge_chunk(&ctx, tj.base, &tj.experts, s, len, tj.out_dtype, ob, tj.name)
             })?;
-            writer.write(&rmeta.name, out_buf)?;
+            out_buf = sink(out_buf)?;
             span_start += span;
         }
         Ok(())

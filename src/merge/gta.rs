@@ -5,7 +5,7 @@
 //! Every loop runs over one expert's contiguous chunk at a time so it vectorises.
 
 use super::philox::ElementStream;
-use super::{ChunkCtx, MergeMethod};
+use super::{ChunkCtx, KernelForm, MergeMethod};
 
 /// How each task vector is thinned before mixing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,10 @@ impl MergeMethod for Gta {
 
     fn needs_thresholds(&self) -> bool {
         self.sparsify == Sparsify::Magnitude
+    }
+
+    fn kernel_form(&self) -> Option<KernelForm<'_>> {
+        Some(KernelForm::Gta(self))
     }
 
     fn merge_chunk(

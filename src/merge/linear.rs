@@ -1,7 +1,7 @@
 //! Linear merge ("model soup"): the weighted average of the models' weights, normalised by the
 //! sum of weights unless `normalize: false`. No base model is needed.
 
-use super::{ChunkCtx, MergeMethod, MethodInfo};
+use super::{ChunkCtx, KernelForm, MergeMethod, MethodInfo};
 
 pub const INFO: MethodInfo = MethodInfo {
     name: "linear",
@@ -22,6 +22,10 @@ impl MergeMethod for Linear {
 
     fn needs_base(&self) -> bool {
         false
+    }
+
+    fn kernel_form(&self) -> Option<KernelForm<'_>> {
+        Some(KernelForm::Linear)
     }
 
     fn merge_chunk(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dare;
 pub mod executor;
 pub mod gta;
+pub mod lambda_grad;
 pub mod linear;
 pub mod params;
 pub mod philox;
@@ -45,6 +46,13 @@ pub struct ChunkCtx<'a> {
     pub name_hash: u32,
 }
 
+/// The form in which a method runs on the GPU merge kernel (`kernels/merge.cu`).
+#[derive(Debug, Clone, Copy)]
+pub enum KernelForm<'a> {
+    Linear,
+    Gta(&'a gta::Gta),
+}
+
 /// A training-free merge method.
 pub trait MergeMethod: Send + Sync {
     fn name(&self) -> &'static str;
@@ -56,6 +64,11 @@ pub trait MergeMethod: Send + Sync {
     /// configured densities before merging a tensor.
     fn needs_thresholds(&self) -> bool {
         false
+    }
+
+    /// How the GPU runs this method; `None` keeps it on the CPU.
+    fn kernel_form(&self) -> Option<KernelForm<'_>> {
+        None
     }
 
     /// Writes `out` (same length as each input) from `base` (present iff [`Self::needs_base`])

@@ -92,7 +92,8 @@ where
 
 /// From the top bin down, the bin holding the k-th largest and how many lie above it.
 /// Callers guarantee `k` does not exceed the counted values, so the walk always stops inside.
-fn walk_down(hist: &[u64], k: usize, mut above: usize) -> (usize, usize) {
+/// Public so the GPU threshold (whose histograms come from the device) walks identically.
+pub fn walk_down(hist: &[u64], k: usize, mut above: usize) -> (usize, usize) {
     for b in (1..hist.len()).rev() {
         let c = hist[b] as usize;
         if above + c >= k {

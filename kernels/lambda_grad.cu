@@ -1,0 +1,113 @@
+// dL/dLambda for one tensor: g_k = sum_i grad_i * tau_k,i for every task k in one pass (grad
+// and each task vector are read once). tau_k is given directly, or as theta_k - base.
+//
+// Deterministic by construction: CTA c always owns elements [c * TILE, (c + 1) * TILE) whatever
+// the device, reduces them in a fixed tree (warp shuffles, then warps in order) into
+// partials[c][k], and `lambda_grad_finish` sums the partials in a fixed order in f64. No atomics
+// on floats, so two runs give the same bits. The CPU twin is src/merge/lambda_grad.rs.
+#include "common.cuh"
+
+#define LG_THREADS 256
+#define LG_STEPS 4
+#define LG_TILE (LG_THREADS * VEC * LG_STEPS)
+#define LG_MAX_TASKS 32
+
+// Device addresses of the task vectors (or expert weights), passed by value.
+struct TaskPtrs {
+    u64 p[LG_MAX_TASKS];
+};
+
+template <int KMAX>
+__device__ void lambda_grad_body(const float* grad, const TaskPtrs& taus, const void* base, u32 dtype, u32 num_tasks,
+                                 u64 n, float* partials) {
+    __shared__ float s_warp[LG_THREADS / 32][KMAX];
+    float acc[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; k++) acc[k] = 0.0f;
+
+    u64 tile = (u64)blockIdx.x * LG_TILE;
+#pragma unroll 1
+    for (int step = 0; step < LG_STEPS; step++) {
+        u64 i = tile + ((u64)step * LG_THREADS + threadIdx.x) * VEC;
+        if (i >= n) break;
+        int count = n - i >= VEC ? VEC : (int)(n - i);
+        float g[VEC], b[VEC];
+        if (count == VEC) {
+            load8(grad, DT_F32, i, g);
+        } else {
+            load_tail(grad, DT_F32, i, count, g);
+        }
+        if (base) {
+            if (count == VEC) {
+                load8(base, dtype, i, b);
+            } else {
+                load_tail(base, dtype, i, count, b);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; j++) b[j] = 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < KMAX; k++) {
+            if (k < (int)num_tasks) {
+                float t[VEC];
+                const void* p = (const void*)taus.p[k];
+                if (count == VEC) {
+                    load8(p, dtype, i, t);
+                } else {
+                    load_tail(p, dtype, i, count, t);
+                }
+                float part = 0.0f;
+#pragma unroll
+                for (int j = 0; j < VEC; j++) part = __fmaf_rn(g[j], t[j] - b[j], part);
+                acc[k] += part;
+            }
+        }
+    }
+
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int k = 0; k < KMAX; k++) {
+        float v = acc[k];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0) s_warp[warp][k] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < num_tasks) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < LG_THREADS / 32; w++) v += s_warp[w][threadIdx.x];
+        partials[(u64)blockIdx.x * num_tasks + threadIdx.x] = v;
+    }
+}
+
+// One instance per register budget: the launcher picks the smallest KMAX >= K, so the
+// accumulators stay in registers (a run-time-indexed array would live in local memory).
+#define LAMBDA_GRAD(KMAX)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(LG_THREADS, 2)                                                \
+        lambda_grad_k##KMAX(const float* grad, const __grid_constant__ TaskPtrs taus, const void* base, u32 dtype, u32 num_tasks, \
+                            u64 n, float* partials) {                                                         \
+        lambda_grad_body<KMAX>(grad, taus, base, dtype, num_tasks, n, partials);                              \
+    }
+LAMBDA_GRAD(4)
+LAMBDA_GRAD(8)
+LAMBDA_GRAD(16)
+LAMBDA_GRAD(32)
+
+// out[k] = sum over CTAs c of partials[c][k], one CTA per task, fixed order: thread t sums
+// c = t, t + 256, ... in f64, then a fixed tree over the threads.
+extern "C" __global__ void __launch_bounds__(256) lambda_grad_finish(const float* partials, u32 num_ctas,
+                                                                     u32 num_tasks, double* out) {
+    __shared__ double s[256];
+    u32 k = blockIdx.x;
+    double v = 0.0;
+    for (u32 c = threadIdx.x; c < num_ctas; c += blockDim.x) v += (double)partials[(u64)c * num_tasks + k];
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (u32 half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) s[threadIdx.x] += s[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[k] = s[0];
+}

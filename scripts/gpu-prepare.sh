@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds, on any x86-64 machine (no GPU or CUDA needed), what scripts/gpu-check.sh runs on the
+# GPU machine, and copies it into .devbin/ (git-ignored; carry it to the device):
+#   .devbin/symerge                      the CLI (bench-cuda, merge --device cuda)
+#   .devbin/{gpu_kernels,gpu_merge,kernels_compile,device_flag}   the GPU test executables
+# Usage: scripts/gpu-prepare.sh            (JOBS=1 to limit parallel compilation)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+jobs=()
+[ -n "${JOBS:-}" ] && jobs=(-j "$JOBS")
+cargo build --release --bin symerge "${jobs[@]}"
+mkdir -p .devbin
+rm -f .devbin/*
+cargo test --release --no-run --message-format=json "${jobs[@]}" \
+  --test gpu_kernels --test gpu_merge --test kernels_compile --test device_flag |
+  python3 -c '
+import json, shutil, sys
+wanted = {"gpu_kernels", "gpu_merge", "kernels_compile", "device_flag"}
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["name"] in wanted:
+        shutil.copy(msg["executable"], ".devbin/" + msg["target"]["name"])
+        wanted.discard(msg["target"]["name"])
+if wanted:
+    sys.exit("missing test executables: " + ", ".join(sorted(wanted)))
+'
+cp "$CARGO_TARGET_DIR/release/symerge" .devbin/symerge
+# Debug symbols are not needed there, and the tree that travels is limited to 64 MiB.
+strip .devbin/* 2>/dev/null || true
+cp scripts/gpu-check.sh .devbin/
+ls -la .devbin
+du -sh .devbin

@@ -1,0 +1,196 @@
+//! Finding and opening a GPU: the probe behind `--device auto`, the `--device` spelling, and the
+//! [`Gpu`] handle (context, compute stream, compiled kernels).
+//!
+//! cudarc loads `libcuda` at run time and panics when a symbol is missing; every first contact
+//! with the driver is therefore checked with `is_culib_present` and wrapped in `catch_unwind`,
+//! so a machine without CUDA gets a sentence, never a crash.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream, sys};
+
+use super::kernels::Kernels;
+use crate::error::{Error, Result};
+
+/// Where a merge runs: `auto` (a GPU when one is usable, else the CPU), `cpu`, `cuda[:N]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => return Ok(DeviceSpec::Auto),
+            "cpu" => return Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => return Ok(DeviceSpec::Cuda(0)),
+            _ => {}
+        }
+        let ordinal = t.strip_prefix("cuda:").or_else(|| t.strip_prefix("gpu:"));
+        match ordinal.map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+            _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// How many CUDA devices this process can use, or why it can use none.
+pub fn probe() -> std::result::Result<usize, String> {
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver: libcuda.so could not be loaded".into());
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Err(_) => Err("the CUDA driver library lacks symbols this build needs (driver older than CUDA 13?)".into()),
+        Ok(Err(e)) => Err(format!("the CUDA driver did not initialise: {e:?}")),
+        Ok(Ok(0)) => Err("the CUDA driver found no device".into()),
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+    }
+}
+
+/// What a device name resolved to.
+pub enum Resolved {
+    /// Run on the CPU; `reason` says why when a GPU was wanted (`auto`) but not usable.
+    Cpu {
+        reason: Option<String>,
+    },
+    Cuda(Box<Gpu>),
+}
+
+/// Resolves `--device`: `auto` falls back to the CPU with one info line saying why, `cuda[:N]`
+/// fails with the reason.
+pub fn resolve(spec: DeviceSpec) -> Result<Resolved> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Resolved::Cpu { reason: None }),
+        DeviceSpec::Auto => {
+            let opened = probe().map_err(|r| Error::cuda("device", r)).and_then(|_| Gpu::open(0));
+            match opened {
+                Ok(gpu) => Ok(Resolved::Cuda(Box::new(gpu))),
+                Err(e) => {
+                    let reason = match e {
+                        Error::Cuda { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    tracing::info!("--device auto: using the CPU ({reason})");
+                    Ok(Resolved::Cpu { reason: Some(reason) })
+                }
+            }
+        }
+        DeviceSpec::Cuda(n) => {
+            let count = probe().map_err(|r| Error::cuda("device", format!("{r}; use --device cpu")))?;
+            if n >= count {
+                return Err(Error::cuda("device", format!("cuda:{n} requested but only {count} device(s) exist")));
+            }
+            Ok(Resolved::Cuda(Box::new(Gpu::open(n)?)))
+        }
+    }
+}
+
+/// Facts about the device that the kernels and the executor size themselves by.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// NVRTC target, `sm_XY` from the compute capability (sm_90 on Hopper).
+    pub arch: String,
+    pub multiprocessors: u32,
+    pub total_mem: usize,
+}
+
+/// An opened device with its compute stream and compiled kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    /// Stream for kernels and for the host-buffer conveniences.
+    pub stream: Arc<CudaStream>,
+    pub info: GpuInfo,
+    pub kernels: Kernels,
+}
+
+/// Maps a driver error (or a cudarc panic) to ours, naming the step.
+pub(crate) fn cu<T>(what: &str, r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(|e| Error::cuda(what, format!("{e:?}")))
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles (or fetches from cache) every kernel for it.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let ctx = catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| Error::cuda("opening the device", "the driver library lacks a needed symbol"))?;
+        let ctx = cu("opening the device", ctx)?;
+        // Streams are synchronised with explicit events here; cudarc's automatic per-buffer
+        // tracking would add a wait and a record to every launch.
+        // SAFETY: no buffer exists yet, so none relies on tracking.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = cu("creating a stream", ctx.new_stream())?;
+        let (major, minor) = cu("reading the compute capability", ctx.compute_capability())?;
+        let info = GpuInfo {
+            ordinal,
+            name: cu("reading the device name", ctx.name())?,
+            arch: format!("sm_{major}{minor}"),
+            multiprocessors: cu(
+                "reading the multiprocessor count",
+                ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+            )?
+            .max(1) as u32,
+            total_mem: cu("reading the memory size", ctx.total_mem())?,
+        };
+        let kernels = catch_unwind(AssertUnwindSafe(|| Kernels::load(&ctx, &info.arch)))
+            .map_err(|_| Error::cuda("loading kernels", "cudarc panicked (NVRTC library incomplete?)"))??;
+        tracing::info!(
+            "CUDA device {ordinal}: {} ({}, {} SMs, {:.1} GiB)",
+            info.name,
+            info.arch,
+            info.multiprocessors,
+            info.total_mem as f64 / (1u64 << 30) as f64
+        );
+        Ok(Gpu { ctx, stream, info, kernels })
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        cu("reading free memory", self.ctx.mem_get_info())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("auto".parse::<DeviceSpec>(), Ok(DeviceSpec::Auto));
+        assert_eq!("CPU".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn probe_gives_a_reason_or_a_count() {
+        match probe() {
+            Ok(n) => assert!(n > 0),
+            Err(reason) => assert!(!reason.is_empty()),
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! Typed launches of the NVRTC kernels, on raw device addresses (the streaming executor packs
+//! many tensors into one buffer), plus host-buffer conveniences on [`Gpu`] that upload, poison
+//! the output, launch, check and download: what the parity tests and the benchmark call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+
+use super::device::{Gpu, cu};
+use super::nvrtc;
+use crate::checkpoint::FloatDType;
+use crate::checkpoint::dtype::decode;
+use crate::error::{Error, Result};
+use crate::merge::gta::Sparsify;
+use crate::merge::select::{CHUNK, Threshold, walk_down};
+use crate::merge::{KernelForm, TensorParams};
+
+/// Most experts one merge launch takes (the by-value parameter block holds this many).
+pub const MAX_INPUTS: usize = 64;
+/// Most tasks one lambda_grad launch takes.
+pub const LG_MAX_TASKS: usize = 32;
+/// Elements per CTA of lambda_grad: the same tiles as the CPU twin.
+pub const LG_TILE: usize = crate::merge::lambda_grad::TILE;
+const THREADS: u32 = 256;
+const VEC: usize = 8;
+
+const MODE_ALL: u32 = 0;
+const MODE_MAGNITUDE: u32 = 1;
+const MODE_RANDOM: u32 = 2;
+const FLAG_CONSENSUS: u32 = 1;
+const FLAG_NORMALIZE: u32 = 2;
+const FLAG_HAS_BASE: u32 = 4;
+
+/// The kernels' dtype code.
+pub fn dtype_code(d: FloatDType) -> u32 {
+    match d {
+        FloatDType::F32 => 0,
+        FloatDType::F16 => 1,
+        FloatDType::BF16 => 2,
+    }
+}
+
+/// One expert of a merge launch; layout of `struct MergeInput` in `kernels/merge.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MergeInput {
+    pub ptr: u64,
+    pub cutoff: u64,
+    pub coef: f32,
+    pub weight: f32,
+    pub thresh: f32,
+    pub density: f32,
+    pub mode: u32,
+    pub dtype: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MergeInputs {
+    inputs: [MergeInput; MAX_INPUTS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TaskPtrs {
+    p: [u64; LG_MAX_TASKS],
+}
+
+// SAFETY: plain `repr(C)` data whose layout matches the kernels' parameter structs.
+unsafe impl DeviceRepr for MergeInput {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for MergeInputs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TaskPtrs {}
+
+/// Everything a merge launch needs for one tensor except the addresses: the CPU method's
+/// per-tensor arithmetic, resolved to per-expert modes and coefficients exactly as
+/// `Gta::merge_chunk` / `Linear::merge_chunk` compute them (same f32 expressions).
+#[derive(Debug, Clone)]
+pub struct MergeLaunch {
+    pub inputs: Vec<MergeInput>,
+    pub flags: u32,
+    pub lambda: f32,
+    pub div_all: f32,
+    pub seed: u64,
+    pub name_hash: u32,
+}
+
+impl MergeLaunch {
+    pub fn plan(
+        form: KernelForm<'_>,
+        params: &TensorParams,
+        thresholds: &[Threshold],
+        name_hash: u32,
+        dtypes: &[FloatDType],
+    ) -> Result<Self> {
+        if dtypes.len() > MAX_INPUTS {
+            return Err(Error::Invalid(format!(
+                "the GPU merge takes at most {MAX_INPUTS} models, got {}; use --device cpu",
+                dtypes.len()
+            )));
+        }
+        let p = params;
+        match form {
+            KernelForm::Linear => {
+                let wsum: f32 = p.weights.iter().sum();
+                let div = if p.normalize && wsum.abs() >= 1e-8 { wsum } else { 1.0 };
+                let inputs = dtypes
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &dt)| MergeInput {
+                        coef: p.weights[k] / div,
+                        weight: p.weights[k],
+                        dtype: dtype_code(dt),
+                        ..Default::default()
+                    })
+                    .collect();
+                Ok(MergeLaunch { inputs, flags: 0, lambda: 1.0, div_all: 1.0, seed: 0, name_hash })
+            }
+            KernelForm::Gta(g) => {
+                let inputs = dtypes
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &dt)| {
+                        let w = p.weights[k];
+                        let density = p.densities[k];
+                        let scale = if g.rescale && density > 0.0 && density < 1.0 { w / density } else { w };
+                        let mut m = MergeInput { weight: w, dtype: dtype_code(dt), ..Default::default() };
+                        match g.sparsify {
+                            Sparsify::None => {
+                                m.mode = MODE_ALL;
+                                m.coef = w;
+                            }
+                            Sparsify::Random if density >= 1.0 => {
+                                m.mode = MODE_ALL;
+                                m.coef = w;
+                            }
+                            Sparsify::Random => {
+                                m.mode = MODE_RANDOM;
+                                m.coef = scale;
+                                m.density = density;
+                            }
+                            Sparsify::Magnitude => {
+                                let th = thresholds.get(k).copied().unwrap_or(Threshold::KEEP_ALL);
+                                m.mode = MODE_MAGNITUDE;
+                                m.coef = scale;
+                                m.thresh = th.t;
+                                m.cutoff = th.cutoff as u64;
+                            }
+                        }
+                        m
+                    })
+                    .collect();
+                let wsum: f32 = p.weights.iter().sum();
+                let mut flags = FLAG_HAS_BASE;
+                if g.consensus {
+                    flags |= FLAG_CONSENSUS;
+                }
+                if p.normalize {
+                    flags |= FLAG_NORMALIZE;
+                }
+                Ok(MergeLaunch {
+                    inputs,
+                    flags,
+                    lambda: p.lambda,
+                    div_all: if wsum.abs() < 1e-8 { 1.0 } else { wsum },
+                    seed: g.seed,
+                    name_hash,
+                })
+            }
+        }
+    }
+
+    pub fn has_base(&self) -> bool {
+        self.flags & FLAG_HAS_BASE != 0
+    }
+}
+
+/// The kernel functions, each unit compiled and loaded on first use: a merge never pays for
+/// compiling lambda_grad, and the unrolled lambda_grad unit is the largest.
+pub struct Kernels {
+    ctx: Arc<CudaContext>,
+    arch: String,
+    modules: [OnceLock<Arc<CudaModule>>; 4],
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+fn grid(groups: usize) -> Result<LaunchConfig> {
+    let blocks = groups.div_ceil(THREADS as usize).max(1);
+    let blocks =
+        u32::try_from(blocks).map_err(|_| Error::Invalid(format!("{groups} thread groups overflow a grid")))?;
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+impl Kernels {
+    /// Prepares lazy loading for `arch` and loads the merge unit now, so that a missing or broken
+    /// NVRTC is reported when the device is opened (and `--device auto` can fall back).
+    pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let k = Kernels {
+            ctx: ctx.clone(),
+            arch: arch.to_string(),
+            modules: Default::default(),
+            functions: Mutex::new(HashMap::new()),
+        };
+        k.function(&nvrtc::MERGE, "gta_merge")?;
+        Ok(k)
+    }
+
+    /// Compiles every unit now (the compile test and the benchmark want all of them up front).
+    pub fn load_all(&self) -> Result<()> {
+        for unit in nvrtc::MODULES {
+            self.module(unit)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, unit: &nvrtc::KernelSource) -> Result<Arc<CudaModule>> {
+        let slot = nvrtc::MODULES.iter().position(|u| u.name == unit.name).expect("a listed unit");
+        if let Some(m) = self.modules[slot].get() {
+            return Ok(m.clone());
+        }
+        let ptx = nvrtc::compile(unit, &self.arch)?;
+        let m = cu(
+            &format!("loading kernels/{}.cu", unit.name),
+            self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str())),
+        )?;
+        // Two threads may race to load the same unit; either module works, one is kept.
+        Ok(self.modules[slot].get_or_init(|| m).clone())
+    }
+
+    fn function(&self, unit: &nvrtc::KernelSource, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().map_err(|_| Error::cuda("kernel table", "poisoned"))?.get(name) {
+            return Ok(f.clone());
+        }
+        let f = cu(&format!("finding kernel {name}"), self.module(unit)?.load_function(name))?;
+        self.functions.lock().map_err(|_| Error::cuda("kernel table", "poisoned"))?.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Merges `n` elements (the tensor's elements `offset..offset + n`) into `out`.
+    ///
+    /// # Safety
+    /// Every address must be a live device allocation of this context holding `n` elements of
+    /// its dtype, 16-byte aligned; `bad` a live `u32`. `offset` should be a multiple of 8 for
+    /// the vectorised Philox path (any value is correct).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn merge(
+        &self,
+        stream: &CudaStream,
+        plan: &MergeLaunch,
+        base: Option<(u64, FloatDType)>,
+        experts: &[u64],
+        out: u64,
+        out_dtype: FloatDType,
+        n: usize,
+        offset: usize,
+        bad: u64,
+    ) -> Result<()> {
+        if experts.len() != plan.inputs.len() || base.is_some() != plan.has_base() {
+            return Err(Error::Invalid(format!(
+                "internal: merge planned for {} inputs (base: {}), launched with {} (base: {})",
+                plan.inputs.len(),
+                plan.has_base(),
+                experts.len(),
+                base.is_some()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut ins = MergeInputs { inputs: [MergeInput::default(); MAX_INPUTS] };
+        for ((slot, m), &ptr) in ins.inputs.iter_mut().zip(&plan.inputs).zip(experts) {
+            *slot = MergeInput { ptr, ..*m };
+        }
+        let (base_ptr, base_dt) = base.map_or((0u64, 0u32), |(p, d)| (p, dtype_code(d)));
+        let k = plan.inputs.len() as u32;
+        let out_dt = dtype_code(out_dtype);
+        let (n64, off64) = (n as u64, offset as u64);
+        let f = self.function(&nvrtc::MERGE, "gta_merge")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&base_ptr).arg(&base_dt).arg(&ins).arg(&k).arg(&out).arg(&out_dt).arg(&n64).arg(&off64);
+        b.arg(&plan.flags).arg(&plan.lambda).arg(&plan.div_all).arg(&plan.seed).arg(&plan.name_hash).arg(&bad);
+        // SAFETY: argument types and order match `gta_merge`; addresses are the caller's promise.
+        cu("launching gta_merge", unsafe { b.launch(grid(n.div_ceil(VEC))?) }).map(|_| ())
+    }
+
+    /// CTAs (and partials rows) a lambda_grad over `n` elements uses.
+    pub fn lambda_grad_ctas(n: usize) -> usize {
+        n.div_ceil(LG_TILE).max(1)
+    }
+
+    /// `out[k] = sum_i grad_i * (tau_k,i - base_i)` in f64 (base optional).
+    ///
+    /// # Safety
+    /// `grad` holds `n` f32, each task and the base `n` values of `dtype`, `partials` at least
+    /// `lambda_grad_ctas(n) * K` f32 and `out` K f64, all live and 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn lambda_grad(
+        &self,
+        stream: &CudaStream,
+        grad: u64,
+        tasks: &[u64],
+        base: Option<u64>,
+        dtype: FloatDType,
+        n: usize,
+        partials: u64,
+        out: u64,
+    ) -> Result<()> {
+        let k = tasks.len();
+        if k == 0 || k > LG_MAX_TASKS {
+            return Err(Error::Invalid(format!("lambda_grad takes 1 to {LG_MAX_TASKS} tasks, got {k}")));
+        }
+        let which = match k {
+            1..=4 => 0,
+            5..=8 => 1,
+            9..=16 => 2,
+            _ => 3,
+        };
+        let mut ptrs = TaskPtrs { p: [0; LG_MAX_TASKS] };
+        ptrs.p[..k].copy_from_slice(tasks);
+        let ctas = Self::lambda_grad_ctas(n) as u32;
+        let (base_ptr, dt, k32, n64) = (base.unwrap_or(0), dtype_code(dtype), k as u32, n as u64);
+        let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let f = self.function(
+            &nvrtc::LAMBDA_GRAD,
+            ["lambda_grad_k4", "lambda_grad_k8", "lambda_grad_k16", "lambda_grad_k32"][which],
+        )?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&grad).arg(&ptrs).arg(&base_ptr).arg(&dt).arg(&k32).arg(&n64).arg(&partials);
+        // SAFETY: matches `lambda_grad_kN`; addresses are the caller's promise.
+        cu("launching lambda_grad", unsafe { b.launch(cfg) })?;
+        let cfg = LaunchConfig { grid_dim: (k32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let f = self.function(&nvrtc::LAMBDA_GRAD, "lambda_grad_finish")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&partials).arg(&ctas).arg(&k32).arg(&out);
+        // SAFETY: matches `lambda_grad_finish`.
+        cu("launching lambda_grad_finish", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
+    /// Histogram of |expert - base| bits: high 16 bits (`bucket == None`) or the low 16 bits of
+    /// the values in `bucket`, added into `hist` (65536 u32).
+    ///
+    /// # Safety
+    /// Addresses live, of `n` values of their dtype; `hist` 65536 u32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn abs_histogram(
+        &self,
+        stream: &CudaStream,
+        base: (u64, FloatDType),
+        expert: (u64, FloatDType),
+        n: usize,
+        bucket: Option<u32>,
+        hist: u64,
+        max_ctas: u32,
+    ) -> Result<()> {
+        let ctas = (n.div_ceil(THREADS as usize) as u64).clamp(1, max_ctas.max(1) as u64) as u32;
+        let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (bd, ed, n64, bk) = (dtype_code(base.1), dtype_code(expert.1), n as u64, bucket.unwrap_or(u32::MAX));
+        let f = self.function(&nvrtc::TIES, "abs_histogram")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&base.0).arg(&bd).arg(&expert.0).arg(&ed).arg(&n64).arg(&bk).arg(&hist);
+        // SAFETY: matches `abs_histogram`.
+        cu("launching abs_histogram", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
+    /// Per-tile counts of values whose |expert - base| has bits `t_bits`.
+    ///
+    /// # Safety
+    /// As [`Self::abs_histogram`]; `counts` holds `n.div_ceil(tile)` u32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn count_equal(
+        &self,
+        stream: &CudaStream,
+        base: (u64, FloatDType),
+        expert: (u64, FloatDType),
+        n: usize,
+        t_bits: u32,
+        tile: usize,
+        counts: u64,
+    ) -> Result<()> {
+        let tiles = n.div_ceil(tile).max(1) as u32;
+        let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (bd, ed, n64, t64) = (dtype_code(base.1), dtype_code(expert.1), n as u64, tile as u64);
+        let f = self.function(&nvrtc::TIES, "count_equal")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&base.0).arg(&bd).arg(&expert.0).arg(&ed).arg(&n64).arg(&t_bits).arg(&t64).arg(&counts);
+        // SAFETY: matches `count_equal`.
+        cu("launching count_equal", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+}
+
+/// A host tensor handed to the conveniences: raw little-endian bytes and their dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct HostTensor<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: FloatDType,
+}
+
+impl HostTensor<'_> {
+    pub fn len(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Output bytes of a merge and whether the kernel saw a non-finite input or output.
+#[derive(Debug, Clone)]
+pub struct MergeOutput {
+    pub bytes: Vec<u8>,
+    pub bad: bool,
+}
+
+/// Device address of a buffer (event tracking is off, so no synchronisation is implied).
+pub fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+impl Gpu {
+    /// Copies bytes to a new device buffer (allocations are 256-byte aligned).
+    pub fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        cu("copying to the device", self.stream.clone_htod(bytes))
+    }
+
+    /// Copies a device buffer back, after the stream's work.
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+        let v = cu("copying from the device", self.stream.clone_dtoh(s))?;
+        cu("synchronising", self.stream.synchronize())?;
+        Ok(v)
+    }
+
+    fn poisoned(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.upload(&vec![0xffu8; bytes.max(1)])
+    }
+
+    /// Runs the merge kernel on host tensors (each `n` elements, tensor elements
+    /// `offset..offset + n`), output poisoned with NaN bits before the launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_host(
+        &self,
+        form: KernelForm<'_>,
+        params: &TensorParams,
+        thresholds: &[Threshold],
+        name_hash: u32,
+        base: Option<HostTensor<'_>>,
+        experts: &[HostTensor<'_>],
+        out_dtype: FloatDType,
+        offset: usize,
+    ) -> Result<MergeOutput> {
+        let n = experts.first().map_or(0, HostTensor::len);
+        let dtypes: Vec<FloatDType> = experts.iter().map(|e| e.dtype).collect();
+        let plan = MergeLaunch::plan(form, params, thresholds, name_hash, &dtypes)?;
+        let base_dev = base.map(|b| self.upload(b.bytes)).transpose()?;
+        let experts_dev = experts.iter().map(|e| self.upload(e.bytes)).collect::<Result<Vec<_>>>()?;
+        let out = self.poisoned(n * out_dtype.size())?;
+        let bad = cu("allocating", self.stream.alloc_zeros::<u32>(1))?;
+        let s = &self.stream;
+        let base_arg = base_dev.as_ref().zip(base).map(|(d, b)| (addr(d, s), b.dtype));
+        let ptrs: Vec<u64> = experts_dev.iter().map(|d| addr(d, s)).collect();
+        // SAFETY: every buffer above is live and holds `n` elements of its dtype.
+        unsafe { self.kernels.merge(s, &plan, base_arg, &ptrs, addr(&out, s), out_dtype, n, offset, addr(&bad, s))? };
+        let mut bytes = self.download(&out)?;
+        bytes.truncate(n * out_dtype.size());
+        Ok(MergeOutput { bytes, bad: self.download(&bad)?[0] != 0 })
+    }
+
+    /// lambda_grad on host data: f32 gradient, tasks (or expert weights with `base`) of one dtype.
+    pub fn lambda_grad_host(
+        &self,
+        grad: &[f32],
+        base: Option<HostTensor<'_>>,
+        tasks: &[HostTensor<'_>],
+    ) -> Result<Vec<f64>> {
+        let n = grad.len();
+        let dtype = tasks.first().map_or(FloatDType::F32, |t| t.dtype);
+        if tasks.iter().any(|t| t.len() != n || t.dtype != dtype)
+            || base.is_some_and(|b| b.len() != n || b.dtype != dtype)
+        {
+            return Err(Error::Shape { op: "lambda_grad", reason: "inputs differ in length or dtype".into() });
+        }
+        let s = &self.stream;
+        let grad_dev = cu("copying to the device", s.clone_htod(grad))?;
+        let base_dev = base.map(|b| self.upload(b.bytes)).transpose()?;
+        let tasks_dev = tasks.iter().map(|t| self.upload(t.bytes)).collect::<Result<Vec<_>>>()?;
+        let k = tasks.len();
+        let partials = cu("allocating", s.clone_htod(&vec![f32::NAN; Kernels::lambda_grad_ctas(n) * k.max(1)]))?;
+        let out = cu("allocating", s.clone_htod(&vec![f64::NAN; k.max(1)]))?;
+        let ptrs: Vec<u64> = tasks_dev.iter().map(|d| addr(d, s)).collect();
+        // SAFETY: buffers sized as the launch requires, all live until the download below.
+        unsafe {
+            self.kernels.lambda_grad(
+                s,
+                addr(&grad_dev, s),
+                &ptrs,
+                base_dev.as_ref().map(|b| addr(b, s)),
+                dtype,
+                n,
+                addr(&partials, s),
+                addr(&out, s),
+            )?
+        };
+        let mut v = self.download(&out)?;
+        v.truncate(k);
+        Ok(v)
+    }
+
+    /// The exact TIES threshold keeping the `k` largest |expert - base| of `n` device values,
+    /// identical to `select::magnitude_threshold` on the same data.
+    pub fn magnitude_threshold_dev(
+        &self,
+        base: (u64, FloatDType),
+        expert: (u64, FloatDType),
+        n: usize,
+        k: usize,
+    ) -> Result<Threshold> {
+        if k >= n {
+            return Ok(Threshold::KEEP_ALL);
+        }
+        if k == 0 {
+            return Ok(Threshold::KEEP_NONE);
+        }
+        let s = &self.stream;
+        let max_ctas = self.info.multiprocessors * 8;
+        let mut hist = cu("allocating", s.alloc_zeros::<u32>(1 << 16))?;
+        // SAFETY: `hist` holds 65536 u32; the inputs are the caller's live buffers.
+        unsafe { self.kernels.abs_histogram(s, base, expert, n, None, addr(&hist, s), max_ctas)? };
+        let hi: Vec<u64> = self.download(&hist)?.into_iter().map(u64::from).collect();
+        let (bucket, above_bucket) = walk_down(&hi, k, 0);
+        cu("clearing", s.memset_zeros(&mut hist))?;
+        // SAFETY: as above.
+        unsafe { self.kernels.abs_histogram(s, base, expert, n, Some(bucket as u32), addr(&hist, s), max_ctas)? };
+        let lo: Vec<u64> = self.download(&hist)?.into_iter().map(u64::from).collect();
+        let (low, above) = walk_down(&lo, k, above_bucket);
+        let t_bits = ((bucket as u32) << 16) | low as u32;
+        let t = f32::from_bits(t_bits);
+        let equal = lo[low] as usize;
+        let need = k - above;
+        if need == equal {
+            return Ok(Threshold { t, cutoff: n });
+        }
+        // Ties at the threshold: count per tile on the device, then scan the one tile that holds
+        // the need-th tied value on the host.
+        let tiles = n.div_ceil(CHUNK);
+        let counts = cu("allocating", s.alloc_zeros::<u32>(tiles))?;
+        // SAFETY: `counts` holds one u32 per tile.
+        unsafe { self.kernels.count_equal(s, base, expert, n, t_bits, CHUNK, addr(&counts, s))? };
+        let counts = self.download(&counts)?;
+        let mut seen = 0usize;
+        for (tile, &c) in counts.iter().enumerate() {
+            if seen + c as usize >= need {
+                let start = tile * CHUNK;
+                let len = CHUNK.min(n - start);
+                let b = self.read_range(base, start, len)?;
+                let e = self.read_range(expert, start, len)?;
+                for (i, (x, y)) in e.iter().zip(&b).enumerate() {
+                    if (x - y).abs().to_bits() == t_bits {
+                        seen += 1;
+                        if seen == need {
+                            return Ok(Threshold { t, cutoff: start + i + 1 });
+                        }
+                    }
+                }
+                break;
+            }
+            seen += c as usize;
+        }
+        Err(Error::Invalid(format!("GPU threshold: {equal} values tied at the threshold, the tile scan found {seen}")))
+    }
+
+    /// Elements `start..start + len` of a device tensor, decoded to f32.
+    fn read_range(&self, t: (u64, FloatDType), start: usize, len: usize) -> Result<Vec<f32>> {
+        let size = t.1.size();
+        let mut bytes = vec![0u8; len * size];
+        // SAFETY: the range lies inside the caller's live tensor; the copy is synchronous.
+        cu("copying from the device", unsafe {
+            cudarc::driver::result::memcpy_dtoh_sync(&mut bytes, t.0 + (start * size) as u64)
+        })?;
+        let mut out = vec![0f32; len];
+        decode(t.1, &bytes, &mut out);
+        Ok(out)
+    }
+
+    /// [`Self::magnitude_threshold_dev`] on host tensors.
+    pub fn magnitude_threshold_host(
+        &self,
+        base: HostTensor<'_>,
+        expert: HostTensor<'_>,
+        k: usize,
+    ) -> Result<Threshold> {
+        let b = self.upload(base.bytes)?;
+        let e = self.upload(expert.bytes)?;
+        let s = &self.stream;
+        self.magnitude_threshold_dev((addr(&b, s), base.dtype), (addr(&e, s), expert.dtype), expert.len(), k)
+    }
+
+    /// The Philox uniforms of stream (seed, tensor, task) for elements `offset..offset + n`.
+    pub fn dare_uniform_host(&self, seed: u64, tensor: u32, task: u32, offset: usize, n: usize) -> Result<Vec<f32>> {
+        let s = &self.stream;
+        let out = cu("allocating", s.clone_htod(&vec![f32::NAN; n.max(1)]))?;
+        let (o, n64, ptr) = (offset as u64, n as u64, addr(&out, s));
+        let f = self.kernels.function(&nvrtc::DARE, "dare_uniform")?;
+        let mut b = s.launch_builder(&f);
+        b.arg(&seed).arg(&tensor).arg(&task).arg(&o).arg(&n64).arg(&ptr);
+        // SAFETY: matches `dare_uniform`; `out` holds n f32.
+        cu("launching dare_uniform", unsafe { b.launch(grid(n.div_ceil(VEC))?) })?;
+        let mut v = self.download(&out)?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    /// DARE drop-and-rescale of one task vector, in f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dare_sparsify_host(
+        &self,
+        base: HostTensor<'_>,
+        expert: HostTensor<'_>,
+        offset: usize,
+        seed: u64,
+        tensor: u32,
+        task: u32,
+        density: f32,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let n = expert.len();
+        let s = &self.stream;
+        let b = self.upload(base.bytes)?;
+        let e = self.upload(expert.bytes)?;
+        let out = cu("allocating", s.clone_htod(&vec![f32::NAN; n.max(1)]))?;
+        let (bp, bd, ep, ed) = (addr(&b, s), dtype_code(base.dtype), addr(&e, s), dtype_code(expert.dtype));
+        let (n64, o64, op) = (n as u64, offset as u64, addr(&out, s));
+        let f = self.kernels.function(&nvrtc::DARE, "dare_sparsify")?;
+        let mut l = s.launch_builder(&f);
+        l.arg(&bp).arg(&bd).arg(&ep).arg(&ed).arg(&n64).arg(&o64).arg(&seed).arg(&tensor).arg(&task);
+        l.arg(&density).arg(&scale).arg(&op);
+        // SAFETY: matches `dare_sparsify`; buffers hold n values.
+        cu("launching dare_sparsify", unsafe { l.launch(grid(n)?) })?;
+        let mut v = self.download(&out)?;
+        v.truncate(n);
+        Ok(v)
+    }
+}

@@ -1,0 +1,736 @@
+//! `symerge merge --device cuda`: the streaming executor on the GPU.
+//!
+//! The stream of tensors is cut into *units* of at most a few hundred MB of input. Three
+//! threads and three CUDA streams keep every stage busy at once:
+//!
+//! ```text
+//!  filler thread   mmaps --memcpy--> pinned slot A | B            (host staging ring, 2 slots)
+//!  copy stream     pinned slot --H2D--> device input  0 | 1        (waits: compute done with it)
+//!  compute stream  thresholds, gta_merge --> device output 0 | 1   (waits: H2D done, D2H done)
+//!  d2h stream      device output --D2H--> pinned out slot A | B    (waits: compute done)
+//!  writer thread   pinned out slot --> ShardWriter                 (waits: D2H done)
+//! ```
+//!
+//! Events order the streams; nothing but the active unit and the incoming one is on the device.
+//! With a `--device-mem` budget large enough for every input, the inputs stay resident and a
+//! later merge of the same checkpoints on the same engine skips the host side entirely.
+//!
+//! The math is the CPU's bit for bit (see `kernels/merge.cu`). A kernel that meets a non-finite
+//! value raises a flag that travels back with the unit's output; the unit's tensors are then
+//! re-run on the CPU, which reports the exact file, tensor and element.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice, result as cuda};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::device::{Gpu, cu};
+use super::kernels::{MAX_INPUTS, MergeLaunch, addr};
+use crate::checkpoint::ShardWriter;
+use crate::error::{Error, Result};
+use crate::merge::config::MergeConfig;
+use crate::merge::executor::{MergeEngine, MergeJob, MergeOptions, MergeSummary, TensorJob, TensorWork, merge_with};
+use crate::merge::select::{CHUNK, Threshold, keep_count};
+use crate::progress::Progress;
+
+/// Input bytes per unit when the budget allows: large enough that per-unit costs (launches,
+/// events, one host wakeup) vanish, small enough that filling and draining the pipeline is short.
+pub const DEFAULT_UNIT_BYTES: u64 = 512 << 20;
+/// Alignment of every tensor inside a staging buffer: 16-byte vector loads need 16; 256 matches
+/// the allocator and keeps every tensor on its own cache lines.
+const ALIGN: usize = 256;
+/// Split points of a large tensor: a multiple of 8 (the kernel's vector width, and Philox's
+/// 4-element blocks) and of the CPU's chunk size.
+const SPLIT: usize = CHUNK;
+
+/// Settings of the GPU executor.
+#[derive(Debug, Clone, Default)]
+pub struct CudaOptions {
+    /// Device memory the merge may use, in bytes (`--device-mem`); default: most of what is free.
+    /// When it covers every input, inputs stay resident on the device.
+    pub device_mem: Option<u64>,
+    /// Input bytes per unit; default [`DEFAULT_UNIT_BYTES`] (smaller when the budget is small).
+    pub unit_bytes: Option<u64>,
+    /// Benchmarks only: run everything but hand nothing to the shard writer, so the rate
+    /// measured is the pipeline's rather than the disk's. The output is then incomplete.
+    pub discard_output: bool,
+}
+
+/// What the last run of the engine did, for the benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStats {
+    pub units: usize,
+    pub unit_input_bytes: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    /// Inputs were kept on the device (budget large enough).
+    pub resident: bool,
+    /// Inputs were already on the device from an earlier run: no host copy at all.
+    pub reused_resident: bool,
+    /// From the first copy to the last write.
+    pub seconds: f64,
+}
+
+/// Why the GPU engine cannot run `config`, if it cannot (`--device auto` then uses the CPU).
+pub fn unsupported(config: &MergeConfig) -> Option<String> {
+    let method = config.build_method();
+    if method.kernel_form().is_none() {
+        return Some(format!("method {} has no GPU kernel", method.name()));
+    }
+    let inputs = config.models.len();
+    (inputs > MAX_INPUTS).then(|| format!("the GPU merge takes at most {MAX_INPUTS} models, the config has {inputs}"))
+}
+
+/// Merges on `gpu`: the CPU executor's plan and writer with [`CudaEngine`] for the blocks.
+pub fn merge(config: &MergeConfig, opts: &MergeOptions, gpu: &Gpu, cuda_opts: CudaOptions) -> Result<MergeSummary> {
+    merge_with(config, opts, &mut CudaEngine::new(gpu, cuda_opts))
+}
+
+/// The GPU engine; keeps resident inputs between runs when the budget allows.
+pub struct CudaEngine<'g> {
+    gpu: &'g Gpu,
+    opts: CudaOptions,
+    resident: Option<Resident>,
+    pub last: Option<StreamStats>,
+}
+
+/// Inputs kept on the device, and which plan they belong to.
+struct Resident {
+    key: blake3::Hash,
+    buf: CudaSlice<u8>,
+}
+
+/// One tensor's part in a unit.
+#[derive(Debug, Clone)]
+enum Piece {
+    /// A non-float tensor, written from the reference's bytes.
+    Raw { item: usize },
+    /// Elements `start..start + len` of float tensor `item`: where each source sits in the
+    /// unit's input buffer (base first when there is one) and where the output goes.
+    Float { item: usize, start: usize, len: usize, inputs: Vec<usize>, out: usize },
+}
+
+#[derive(Debug, Clone, Default)]
+struct Unit {
+    pieces: Vec<Piece>,
+    in_bytes: usize,
+    out_bytes: usize,
+    /// Offset of the unit in the resident buffer.
+    resident_at: usize,
+}
+
+fn align(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// A pinned host buffer and the event that marks the last device copy touching it.
+struct HostSlot {
+    mem: PinnedHostSlice<u8>,
+    done: CudaEvent,
+}
+
+impl<'g> CudaEngine<'g> {
+    pub fn new(gpu: &'g Gpu, opts: CudaOptions) -> Self {
+        CudaEngine { gpu, opts, resident: None, last: None }
+    }
+
+    fn event(&self) -> Result<CudaEvent> {
+        cu("creating an event", self.gpu.ctx.new_event(None))
+    }
+
+    fn stream(&self) -> Result<Arc<CudaStream>> {
+        cu("creating a stream", self.gpu.ctx.new_stream())
+    }
+
+    fn host_slot(&self, bytes: usize, for_upload: bool) -> Result<HostSlot> {
+        // Write-combined memory is fast for the host to write and the device to read, and very
+        // slow for the host to read: upload slots only.
+        // SAFETY: the memory is only read after it has been written (by us or by a copy).
+        let mem = if for_upload {
+            unsafe { self.gpu.ctx.alloc_pinned::<u8>(bytes.max(1)) }
+        } else {
+            unsafe { self.gpu.ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
+        };
+        // Host threads wait on `done`: a blocking-sync event sleeps instead of spinning a core
+        // that the parallel staging copy could use.
+        let done = cu(
+            "creating an event",
+            self.gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)),
+        )?;
+        Ok(HostSlot { mem: cu("allocating pinned host memory", mem)?, done })
+    }
+
+    fn device_buf(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: every byte read from these buffers is first written by a copy or a kernel.
+        cu(&format!("allocating {} MB on the device", bytes >> 20), unsafe {
+            self.gpu.stream.alloc::<u8>(bytes.max(1))
+        })
+    }
+}
+
+/// Every output tensor in stream order, resolved, with the name of its block.
+fn resolve_items<'j>(job: &'j MergeJob<'_>) -> Result<(Vec<TensorWork<'j>>, Vec<&'j str>)> {
+    let items = job
+        .stream
+        .blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(bi, b)| b.tensors.iter().map(move |t| (bi, b, t)))
+        .map(|(bi, b, t)| job.tensor(b, t, job.position(bi)))
+        .collect::<Result<_>>()?;
+    let block_of = job.stream.blocks.iter().flat_map(|b| b.tensors.iter().map(move |_| b.spec.name.as_str())).collect();
+    Ok((items, block_of))
+}
+
+/// Cuts the tensors into units of about `target` input bytes. Tensors that need whole-tensor
+/// statistics (TIES thresholds) are never split.
+fn plan_units(items: &[TensorWork<'_>], target: usize, split: bool) -> Vec<Unit> {
+    let mut units = vec![Unit::default()];
+    for (item, w) in items.iter().enumerate() {
+        let TensorWork::Float(tj) = w else {
+            units.last_mut().expect("one unit").pieces.push(Piece::Raw { item });
+            continue;
+        };
+        if tj.n == 0 {
+            continue;
+        }
+        let per_elem: usize = tj.base.iter().chain(&tj.experts).map(|s| s.dtype.size()).sum();
+        let chunk = if split { (target / per_elem.max(1)).max(SPLIT) / SPLIT * SPLIT } else { tj.n };
+        let mut start = 0;
+        while start < tj.n {
+            let len = chunk.min(tj.n - start);
+            let need = len * per_elem + ALIGN * (tj.experts.len() + 1);
+            let unit = units.last_mut().expect("one unit");
+            let unit = if unit.in_bytes > 0 && unit.in_bytes + need > target {
+                units.push(Unit::default());
+                units.last_mut().expect("just pushed")
+            } else {
+                unit
+            };
+            let mut inputs = Vec::new();
+            for s in tj.base.iter().chain(&tj.experts) {
+                inputs.push(unit.in_bytes);
+                unit.in_bytes = align(unit.in_bytes + len * s.dtype.size());
+            }
+            let out = unit.out_bytes;
+            unit.out_bytes = align(unit.out_bytes + len * tj.out_dtype.size());
+            unit.pieces.push(Piece::Float { item, start, len, inputs, out });
+            start += len;
+        }
+    }
+    let mut at = 0;
+    for u in &mut units {
+        u.resident_at = at;
+        at += u.in_bytes;
+    }
+    units
+}
+
+/// Identifies a plan's inputs, so resident buffers are reused only for the same data layout.
+fn plan_key(job: &MergeJob<'_>, items: &[TensorWork<'_>], units: &[Unit]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for c in std::iter::once(job.stream.reference).chain(job.stream.inputs.iter().copied()) {
+        h.update(c.path.to_string_lossy().as_bytes());
+        for s in &c.shards {
+            let meta = std::fs::metadata(&s.path).ok();
+            let stamp = meta.map(|m| (m.len(), m.modified().ok())).map(|x| format!("{x:?}")).unwrap_or_default();
+            h.update(stamp.as_bytes());
+        }
+    }
+    for u in units {
+        for p in &u.pieces {
+            if let Piece::Float { item, start, len, inputs, .. } = p
+                && let TensorWork::Float(tj) = &items[*item]
+            {
+                h.update(format!("{}:{start}:{len}:{inputs:?};", tj.name).as_bytes());
+            }
+        }
+    }
+    h.finalize()
+}
+
+/// Copies a unit's inputs from the mmaps into `dst`, in parallel: a single thread cannot
+/// keep up with a pinned upload.
+fn fill_unit(items: &[TensorWork<'_>], unit: &Unit, dst: &mut [u8]) {
+    const PART: usize = 4 << 20;
+    let mut copies: Vec<(usize, &[u8])> = Vec::new();
+    for p in &unit.pieces {
+        if let Piece::Float { item, start, len, inputs, .. } = p
+            && let TensorWork::Float(tj) = &items[*item]
+        {
+            for (s, &at) in tj.base.iter().chain(&tj.experts).zip(inputs) {
+                let size = s.dtype.size();
+                let src = &s.bytes()[start * size..(start + len) * size];
+                for (i, part) in src.chunks(PART).enumerate() {
+                    copies.push((at + i * PART, part));
+                }
+            }
+        }
+    }
+    let base = dst.as_mut_ptr() as usize;
+    let cap = dst.len();
+    copies.par_iter().for_each(|&(at, src)| {
+        assert!(at + src.len() <= cap, "unit layout exceeds its staging slot");
+        // SAFETY: the ranges [at, at + len) of different copies are disjoint by construction of
+        // the unit layout, and lie inside `dst` (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (base + at) as *mut u8, src.len()) };
+    });
+}
+
+/// Advises the kernel to read a unit's input pages ahead, or drops them once copied.
+fn advise(items: &[TensorWork<'_>], unit: &Unit, release: bool) {
+    for p in &unit.pieces {
+        if let Piece::Float { item, start, len, .. } = p
+            && let TensorWork::Float(tj) = &items[*item]
+        {
+            let last = start + len == tj.n;
+            for s in tj.base.iter().chain(&tj.experts) {
+                if release && last {
+                    s.ckpt.release(s.meta);
+                } else if !release && *start == 0 {
+                    s.ckpt.will_need(s.meta);
+                }
+            }
+        }
+    }
+}
+
+impl MergeEngine for CudaEngine<'_> {
+    fn device(&self) -> String {
+        format!("cuda:{} ({})", self.gpu.info.ordinal, self.gpu.info.name)
+    }
+
+    fn run(&mut self, job: &MergeJob<'_>, mut owned: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
+        let writer = &mut owned;
+        let Some(form) = job.method.kernel_form() else {
+            return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method.name())));
+        };
+        let (items, block_of) = resolve_items(job)?;
+        let plans: Vec<Option<MergeLaunch>> = items
+            .iter()
+            .map(|w| match w {
+                TensorWork::Float(tj) => {
+                    let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
+                    MergeLaunch::plan(form, &tj.params, &[], tj.name_hash, &dtypes).map(Some)
+                }
+                TensorWork::Raw { .. } => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+
+        let (free, _) = self.gpu.mem_info()?;
+        let budget = self.opts.device_mem.unwrap_or((free as u64).saturating_sub(2 << 30)) as usize;
+        let total_in: usize = items
+            .iter()
+            .map(|w| match w {
+                TensorWork::Float(tj) => tj.input_bytes() as usize,
+                TensorWork::Raw { .. } => 0,
+            })
+            .sum();
+        let target = self.opts.unit_bytes.unwrap_or(DEFAULT_UNIT_BYTES).min((budget / 6).max(16 << 20) as u64) as usize;
+        let units = plan_units(&items, target, !job.method.needs_thresholds());
+        let max_in = units.iter().map(|u| u.in_bytes).max().unwrap_or(0);
+        let max_out = units.iter().map(|u| u.out_bytes).max().unwrap_or(0) + ALIGN;
+        let all_in: usize = units.iter().map(|u| u.in_bytes).sum();
+        let resident = self.opts.device_mem.is_some() && all_in + 2 * max_out + (1 << 30) <= budget;
+        let streaming_need = 2 * max_in + 2 * max_out;
+        if !resident && streaming_need > budget {
+            return Err(Error::cuda(
+                "planning the merge",
+                format!(
+                    "the largest unit needs {:.2} GB of device memory double-buffered, more than the {:.2} GB budget; \
+                     raise --device-mem or use --device cpu",
+                    streaming_need as f64 / 1e9,
+                    budget as f64 / 1e9
+                ),
+            ));
+        }
+        let key = plan_key(job, &items, &units);
+        let reuse = resident && self.resident.as_ref().is_some_and(|r| r.key == key);
+        tracing::info!(
+            "GPU merge: {} units of up to {:.0} MB, {:.2} GB in, {}",
+            units.len(),
+            max_in as f64 / 1e6,
+            total_in as f64 / 1e9,
+            if reuse {
+                "inputs already resident"
+            } else if resident {
+                "inputs kept resident"
+            } else {
+                "streamed through 2 pinned slots"
+            }
+        );
+
+        if resident && !reuse {
+            self.resident = None;
+            self.resident = Some(Resident { key, buf: self.device_buf(all_in)? });
+        } else if !resident {
+            self.resident = None;
+        }
+        let ring_in = if resident { Vec::new() } else { vec![self.device_buf(max_in)?, self.device_buf(max_in)?] };
+        let dev_out = [self.device_buf(max_out)?, self.device_buf(max_out)?];
+        let host_in =
+            if reuse { Vec::new() } else { vec![self.host_slot(max_in, true)?, self.host_slot(max_in, true)?] };
+        let host_out = [self.host_slot(max_out, false)?, self.host_slot(max_out, false)?];
+        let copy = self.stream()?;
+        let d2h = self.stream()?;
+        let compute = self.gpu.stream.clone();
+        cu("synchronising", self.gpu.ctx.synchronize())?;
+        let in_ready = [self.event()?, self.event()?];
+        let in_free = [self.event()?, self.event()?];
+        let computed = [self.event()?, self.event()?];
+        let out_free = [self.event()?, self.event()?];
+
+        let resident_buf = self.resident.as_ref();
+        let in_addr = |j: usize| -> u64 {
+            match resident_buf {
+                Some(r) => addr(&r.buf, &compute) + units[j].resident_at as u64,
+                None => addr(&ring_in[j % 2], &compute),
+            }
+        };
+        let out_addr = |j: usize| addr(&dev_out[j % 2], &compute);
+
+        let start = Instant::now();
+        let discard = self.opts.discard_output;
+        let models = 1 + job.stream.inputs.len();
+        let gpu: &Gpu = self.gpu;
+        let mut bad_unit: Option<usize> = None;
+        let result: Result<()> = std::thread::scope(|scope| {
+            // Filler: mmaps -> pinned upload slots, one unit ahead of the copies.
+            let (free_in_tx, free_in_rx) = bounded::<HostSlot>(2);
+            let (full_tx, full_rx) = bounded::<(usize, HostSlot)>(2);
+            for s in host_in {
+                free_in_tx.send(s).expect("receiver alive");
+            }
+            let items_ref = &items;
+            let units_ref = &units;
+            let filler = (!reuse).then(|| {
+                scope.spawn(move || -> Result<()> {
+                    // Pinned memory is freed in whichever thread drops it last: bind the context.
+                    cu("binding the context", gpu.ctx.bind_to_thread())?;
+                    for (j, unit) in units_ref.iter().enumerate() {
+                        if let Some(next) = units_ref.get(j + 1) {
+                            advise(items_ref, next, false);
+                        }
+                        let Ok(mut slot) = free_in_rx.recv() else { return Ok(()) };
+                        cu("waiting for an upload slot", slot.done.synchronize())?;
+                        let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
+                        fill_unit(items_ref, unit, &mut dst[..unit.in_bytes]);
+                        advise(items_ref, unit, true);
+                        if full_tx.send((j, slot)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(())
+                })
+            });
+
+            // Writer: pinned output slots -> shard writer, in unit order.
+            let (out_tx, out_rx) = bounded::<(usize, HostSlot)>(2);
+            let (free_out_tx, free_out_rx) = bounded::<HostSlot>(2);
+            for s in host_out {
+                free_out_tx.send(s).expect("receiver alive");
+            }
+            let writer_thread = scope.spawn(move || -> Result<Option<usize>> {
+                cu("binding the context", gpu.ctx.bind_to_thread())?;
+                for (j, slot) in out_rx.iter() {
+                    let unit = &units_ref[j];
+                    cu("waiting for a download", slot.done.synchronize())?;
+                    let bytes = cu("mapping a pinned slot", slot.mem.as_slice())?;
+                    let flag = u32::from_le_bytes(bytes[unit.out_bytes..unit.out_bytes + 4].try_into().expect("4"));
+                    if flag != 0 {
+                        return Ok(Some(j));
+                    }
+                    let sink = if discard { None } else { Some(&mut *writer) };
+                    write_unit(items_ref, unit, bytes, sink, progress, &block_of, models)?;
+                    if free_out_tx.send(slot).is_err() {
+                        break;
+                    }
+                }
+                Ok(None)
+            });
+
+            // Main: H2D, kernels, D2H, in unit order, each on its stream.
+            let main = (|| -> Result<()> {
+                for (j, unit) in units.iter().enumerate() {
+                    let p = j % 2;
+                    if !reuse {
+                        let Ok((jj, slot)) = full_rx.recv() else { return Ok(()) };
+                        debug_assert_eq!(jj, j);
+                        if !resident {
+                            cu("ordering streams", copy.wait(&in_free[p]))?;
+                        }
+                        let src = cu("mapping a pinned slot", slot.mem.as_slice())?;
+                        // SAFETY: the destination holds `in_bytes` bytes (unit layout); the pinned
+                        // source stays alive and untouched until `slot.done` completes.
+                        if unit.in_bytes > 0 {
+                            cu("copying to the device", unsafe {
+                                cuda::memcpy_htod_async(in_addr(j), &src[..unit.in_bytes], copy.cu_stream())
+                            })?;
+                        }
+                        cu("recording an event", slot.done.record(&copy))?;
+                        cu("recording an event", in_ready[p].record(&copy))?;
+                        if free_in_tx.send(slot).is_err() {
+                            return Ok(());
+                        }
+                        cu("ordering streams", compute.wait(&in_ready[p]))?;
+                    }
+                    cu("ordering streams", compute.wait(&out_free[p]))?;
+                    let flag = out_addr(j) + unit.out_bytes as u64;
+                    // SAFETY: the output buffer has room for the flag after the unit's outputs.
+                    cu("clearing a flag", unsafe { cuda::memset_d8_async(flag, 0, 4, compute.cu_stream()) })?;
+                    for piece in &unit.pieces {
+                        let Piece::Float { item, start, len, inputs, out } = piece else { continue };
+                        let (TensorWork::Float(tj), Some(plan)) = (&items[*item], &plans[*item]) else { continue };
+                        let at = |k: usize| in_addr(j) + inputs[k] as u64;
+                        let (base, first) = match tj.base {
+                            Some(b) => (Some((at(0), b.dtype)), 1),
+                            None => (None, 0),
+                        };
+                        let experts: Vec<u64> = (first..inputs.len()).map(at).collect();
+                        let plan = if job.method.needs_thresholds() {
+                            let th = gpu_thresholds(gpu, tj, base, &experts)?;
+                            let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
+                            MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes)?
+                        } else {
+                            plan.clone()
+                        };
+                        // SAFETY: every address lies in a live buffer laid out by `plan_units`.
+                        unsafe {
+                            gpu.kernels.merge(
+                                &compute,
+                                &plan,
+                                base,
+                                &experts,
+                                out_addr(j) + *out as u64,
+                                tj.out_dtype,
+                                *len,
+                                *start,
+                                flag,
+                            )?
+                        };
+                    }
+                    cu("recording an event", computed[p].record(&compute))?;
+                    cu("recording an event", in_free[p].record(&compute))?;
+                    let Ok(mut slot) = free_out_rx.recv() else { return Ok(()) };
+                    cu("ordering streams", d2h.wait(&computed[p]))?;
+                    let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
+                    // SAFETY: the pinned slot holds `max_out` >= out_bytes + 4 bytes and is not
+                    // read until `slot.done` completes.
+                    cu("copying from the device", unsafe {
+                        cuda::memcpy_dtoh_async(&mut dst[..unit.out_bytes + 4], out_addr(j), d2h.cu_stream())
+                    })?;
+                    cu("recording an event", slot.done.record(&d2h))?;
+                    cu("recording an event", out_free[p].record(&d2h))?;
+                    if out_tx.send((j, slot)).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            })();
+            drop(out_tx);
+            drop(free_in_tx);
+            drop(full_rx);
+            drop(free_out_rx);
+            let written = writer_thread.join().map_err(|_| Error::Invalid("GPU writer thread panicked".into()))?;
+            let filled = match filler {
+                Some(f) => f.join().map_err(|_| Error::Invalid("GPU staging thread panicked".into()))?,
+                None => Ok(()),
+            };
+            main?;
+            filled?;
+            bad_unit = written?;
+            Ok(())
+        });
+        let sync = cu("synchronising", self.gpu.ctx.synchronize());
+        result?;
+        sync?;
+        if let Some(j) = bad_unit {
+            return Err(cpu_error(job, &items, &units[j]));
+        }
+        self.last = Some(StreamStats {
+            units: units.len(),
+            unit_input_bytes: max_in as u64,
+            input_bytes: total_in as u64,
+            output_bytes: units.iter().map(|u| u.out_bytes as u64).sum(),
+            resident,
+            reused_resident: reuse,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+        Ok(owned)
+    }
+}
+
+/// Hands one unit's merged bytes (laid out by `plan_units`) to the shard writer in stream
+/// order, raw tensors from the reference's bytes, and advances the progress by input bytes.
+fn write_unit(
+    items: &[TensorWork<'_>],
+    unit: &Unit,
+    bytes: &[u8],
+    mut writer: Option<&mut ShardWriter>,
+    progress: &mut Progress,
+    block_of: &[&str],
+    models: usize,
+) -> Result<()> {
+    for p in &unit.pieces {
+        match p {
+            Piece::Raw { item } => {
+                if let TensorWork::Raw { name, bytes } = &items[*item] {
+                    if let Some(w) = writer.as_deref_mut() {
+                        w.write(name, bytes)?;
+                    }
+                    progress.advance(block_of[*item], (bytes.len() * models) as u64);
+                }
+            }
+            Piece::Float { item, len, out, .. } => {
+                if let TensorWork::Float(tj) = &items[*item] {
+                    let size = tj.out_dtype.size();
+                    if let Some(w) = writer.as_deref_mut() {
+                        w.write(tj.name, &bytes[*out..*out + len * size])?;
+                    }
+                    progress.advance(block_of[*item], tj.input_bytes() * *len as u64 / tj.n as u64);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// TIES thresholds of one tensor from its device copy (the whole tensor is in one unit).
+fn gpu_thresholds(
+    gpu: &Gpu,
+    tj: &TensorJob<'_>,
+    base: Option<(u64, crate::checkpoint::FloatDType)>,
+    experts: &[u64],
+) -> Result<Vec<Threshold>> {
+    let base = base.ok_or_else(|| Error::Invalid("threshold methods need a base model".into()))?;
+    tj.experts
+        .iter()
+        .zip(experts)
+        .zip(&tj.params.densities)
+        .map(|((s, &e), &d)| gpu.magnitude_threshold_dev(base, (e, s.dtype), tj.n, keep_count(d as f64, tj.n)))
+        .collect()
+}
+
+/// The exact error for a unit the GPU flagged, from the CPU path over the same tensors.
+fn cpu_error(job: &MergeJob<'_>, items: &[TensorWork<'_>], unit: &Unit) -> Error {
+    for p in &unit.pieces {
+        if let Piece::Float { item, .. } = p
+            && let TensorWork::Float(tj) = &items[*item]
+            && let Err(e) = job.merge_tensor_cpu(tj, Vec::new(), &mut Ok)
+        {
+            return e;
+        }
+    }
+    Error::Invalid("the GPU flagged a non-finite value that the CPU path does not reproduce".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::bench::compare_outputs;
+    use crate::checkpoint::FloatDType;
+    use crate::checkpoint::dtype::{decode, encode_into};
+    use crate::checkpoint::generate::{SyntheticSpec, write_family};
+    use crate::merge::ChunkCtx;
+    use crate::merge::executor::{Source, merge};
+
+    /// The GPU engine's host side with the device replaced by the CPU method reading the staged
+    /// bytes: checks unit planning, the staging layout and the output assembly without a GPU.
+    struct Loopback {
+        target: usize,
+        units: usize,
+    }
+
+    impl MergeEngine for Loopback {
+        fn device(&self) -> String {
+            "loopback".into()
+        }
+
+        fn run(&mut self, job: &MergeJob<'_>, mut owned: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
+            let writer = &mut owned;
+            let (items, block_of) = resolve_items(job)?;
+            let units = plan_units(&items, self.target, !job.method.needs_thresholds());
+            self.units = units.len();
+            let models = 1 + job.stream.inputs.len();
+            for unit in &units {
+                let mut staged = vec![0u8; unit.in_bytes];
+                fill_unit(&items, unit, &mut staged);
+                let mut out = vec![0xffu8; unit.out_bytes + 4];
+                for p in &unit.pieces {
+                    let Piece::Float { item, start, len, inputs, out: at } = p else { continue };
+                    let TensorWork::Float(tj) = &items[*item] else { continue };
+                    assert!(inputs.iter().chain([at]).all(|o| o % ALIGN == 0), "aligned");
+                    let sources: Vec<Source<'_>> = tj.base.iter().chain(&tj.experts).copied().collect();
+                    let vals: Vec<Vec<f32>> = sources
+                        .iter()
+                        .zip(inputs)
+                        .map(|(s, &o)| {
+                            let mut v = vec![0f32; *len];
+                            decode(s.dtype, &staged[o..o + len * s.dtype.size()], &mut v);
+                            v
+                        })
+                        .collect();
+                    let th = if job.method.needs_thresholds() { tj.cpu_thresholds()? } else { Vec::new() };
+                    let ctx = ChunkCtx { offset: *start, params: &tj.params, thresholds: &th, name_hash: tj.name_hash };
+                    let (base, experts) =
+                        if tj.base.is_some() { (Some(vals[0].as_slice()), &vals[1..]) } else { (None, &vals[..]) };
+                    let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+                    let mut o = vec![0f32; *len];
+                    job.method.merge_chunk(&ctx, base, &views, &mut o, &mut Vec::new());
+                    let osize = tj.out_dtype.size();
+                    encode_into(tj.out_dtype, &o, &mut out[*at..*at + len * osize]);
+                }
+                write_unit(&items, unit, &out, Some(&mut *writer), progress, &block_of, models)?;
+            }
+            Ok(owned)
+        }
+    }
+
+    #[test]
+    fn units_stage_and_reassemble_every_method_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+        write_family(&spec, 3, 3, 0.01, tmp.path(), 150_000).unwrap();
+        for (method, extra) in [
+            ("task_arithmetic", "parameters: {lambda: 0.7}\n"),
+            ("ties", ""),
+            ("dare_ties", "parameters: {seed: 5}\ndtype: float32\n"),
+            ("linear", ""),
+        ] {
+            let mut y = format!("merge_method: {method}\n");
+            if method != "linear" {
+                y.push_str("base_model: base\n");
+            }
+            y.push_str("models:\n");
+            let sparse = method == "ties" || method.starts_with("dare");
+            for k in 1..=3 {
+                let density = if sparse { format!(", density: 0.{}", k + 4) } else { String::new() };
+                y.push_str(&format!("  - model: expert-{k}\n    parameters: {{weight: 0.{k}{density}}}\n"));
+            }
+            y.push_str(extra);
+            let path = tmp.path().join(format!("{method}.yml"));
+            std::fs::write(&path, y).unwrap();
+            let cfg = MergeConfig::load(&path).unwrap();
+            let opts = |name: &str| MergeOptions {
+                output: tmp.path().join(name),
+                max_shard_bytes: 100_000,
+                out_dtype: None,
+                force: true,
+                progress: false,
+            };
+            merge(&cfg, &opts("cpu")).unwrap();
+            for target in [20_000, 1 << 30] {
+                let mut engine = Loopback { target, units: 0 };
+                merge_with(&cfg, &opts("loop"), &mut engine).unwrap();
+                if target < 1 << 20 {
+                    assert!(engine.units > 10, "{method}: {} units", engine.units);
+                }
+                let (differing, worst) = compare_outputs(&tmp.path().join("loop"), &tmp.path().join("cpu")).unwrap();
+                assert_eq!((differing, worst), (0, 0.0), "{method}, units of {target} bytes");
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! dL/dLambda for one tensor, the CPU twin of `kernels/lambda_grad.cu`: for every task k,
+//! `g_k = sum_i grad_i * tau_k,i`, with `tau_k = theta_k - base` (or given directly).
+//!
+//! The sum is deterministic whatever the thread count: the tensor is cut into fixed tiles of
+//! [`TILE`] elements, each tile is summed in index order in f64, and the tile sums are added in
+//! tile order. The task-vector difference is taken in f32, as the merge and the kernel take it.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Elements per tile: the kernel's per-CTA tile, so both cut the tensor in the same places.
+pub const TILE: usize = 8192;
+
+/// `g_k` for every input. `grad`, `base` and each input must have the same length.
+pub fn lambda_grad(grad: &[f32], base: Option<&[f32]>, inputs: &[&[f32]]) -> Result<Vec<f64>> {
+    let n = grad.len();
+    let bad_len = |what: &str, len: usize| Error::Shape {
+        op: "lambda_grad",
+        reason: format!("{what} has {len} elements but the gradient has {n}"),
+    };
+    if let Some(b) = base
+        && b.len() != n
+    {
+        return Err(bad_len("the base", b.len()));
+    }
+    if let Some((k, t)) = inputs.iter().enumerate().find(|(_, t)| t.len() != n) {
+        return Err(bad_len(&format!("input {k}"), t.len()));
+    }
+    let k_count = inputs.len();
+    let tiles: Vec<Vec<f64>> = (0..n.div_ceil(TILE))
+        .into_par_iter()
+        .map(|t| {
+            let range = t * TILE..((t + 1) * TILE).min(n);
+            let g = &grad[range.clone()];
+            inputs
+                .iter()
+                .map(|input| {
+                    let x = &input[range.clone()];
+                    match base {
+                        Some(b) => {
+                            let b = &b[range.clone()];
+                            g.iter().zip(x).zip(b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
+                        }
+                        None => g.iter().zip(x).map(|(&g, &x)| g as f64 * x as f64).sum(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0f64; k_count];
+    for tile in &tiles {
+        for (o, v) in out.iter_mut().zip(tile) {
+            *o += v;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_naive_f64_sum() {
+        for (n, k) in [(1, 1), (8191, 3), (8193, 8), (100_003, 3), (0, 2)] {
+            let grad = values(n, 1);
+            let base = values(n, 2);
+            let inputs: Vec<Vec<f32>> = (0..k).map(|i| values(n, 10 + i as u64)).collect();
+            let views: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let got = lambda_grad(&grad, Some(&base), &views).unwrap();
+            let direct = lambda_grad(&grad, None, &views).unwrap();
+            for kk in 0..k {
+                let want: f64 = (0..n).map(|i| grad[i] as f64 * (inputs[kk][i] - base[i]) as f64).sum::<f64>();
+                let want_direct: f64 = (0..n).map(|i| grad[i] as f64 * inputs[kk][i] as f64).sum::<f64>();
+                let scale: f64 = (0..n).map(|i| (grad[i] as f64 * inputs[kk][i] as f64).abs()).sum::<f64>() + 1e-30;
+                assert!((got[kk] - want).abs() / scale < 1e-12, "n {n} k {kk}: {} vs {want}", got[kk]);
+                assert!((direct[kk] - want_direct).abs() / scale < 1e-12, "n {n} k {kk}");
+            }
+        }
+    }
+
+    #[test]
+    fn same_bits_for_any_thread_count() {
+        let n = 5 * TILE + 77;
+        let grad = values(n, 3);
+        let inputs: Vec<Vec<f32>> = (0..3).map(|i| values(n, 20 + i)).collect();
+        let views: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        let many = lambda_grad(&grad, None, &views).unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| lambda_grad(&grad, None, &views).unwrap());
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&many), bits(&one));
+    }
+
+    #[test]
+    fn rejects_mismatched_lengths() {
+        let g = vec![0.5f32; 10];
+        let x = vec![1f32; 9];
+        assert!(lambda_grad(&g, None, &[&x]).is_err());
+        assert!(lambda_grad(&g, Some(&x), &[&g]).is_err());
+    }
+}

@@ -1,0 +1,377 @@
+//! Every CUDA kernel against its CPU twin, on fresh random inputs of awkward sizes (not
+//! multiples of the block or vector size), K = 1, 3, 8 (and more), outputs poisoned with NaN bits
+//! before each launch. Without a CUDA device each test prints `SKIPPED: no CUDA device (...)`.
+
+use symerge::backend::cuda::kernels::HostTensor;
+use symerge::backend::cuda::{Gpu, probe};
+use symerge::checkpoint::FloatDType;
+use symerge::checkpoint::dtype::{decode, encode_into};
+use symerge::merge::lambda_grad::lambda_grad;
+use symerge::merge::linear::Linear;
+use symerge::merge::philox::{ElementStream, name_hash};
+use symerge::merge::select::{Threshold, keep_count, magnitude_threshold};
+use symerge::merge::{ChunkCtx, MergeMethod, TensorParams, dare, task_arithmetic, ties};
+
+const DTYPES: [FloatDType; 3] = [FloatDType::F32, FloatDType::F16, FloatDType::BF16];
+const SIZES: [usize; 5] = [1, 7, 13, 4099, 300_007];
+
+fn gpu() -> Option<Gpu> {
+    match probe() {
+        Err(reason) => {
+            // Straight to the stderr handle: libtest's capture would hide a println.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIPPED: no CUDA device ({reason})\n").as_bytes(),
+            );
+            None
+        }
+        Ok(_) => Some(Gpu::open(0).unwrap_or_else(|e| panic!("a CUDA device exists but could not be opened: {e}"))),
+    }
+}
+
+/// Fresh values for every call: the seed mixes in a counter and the clock.
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn uniform(n: usize, seed: u64, center: f32, spread: f32) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            center + spread * ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        })
+        .collect()
+}
+
+fn encode(dtype: FloatDType, v: &[f32]) -> Vec<u8> {
+    let mut b = vec![0u8; v.len() * dtype.size()];
+    encode_into(dtype, v, &mut b);
+    b
+}
+
+fn decoded(dtype: FloatDType, b: &[u8]) -> Vec<f32> {
+    let mut v = vec![0f32; b.len() / dtype.size()];
+    decode(dtype, b, &mut v);
+    v
+}
+
+/// `||a - b|| / ||b||` in f64; NaN anywhere gives NaN (which fails every `<=`).
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (num, den) =
+        a.iter().zip(b).fold((0f64, 0f64), |(n, d), (&x, &y)| (n + ((x - y) as f64).powi(2), d + (y as f64).powi(2)));
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// A family of inputs: base and K experts as bytes of `dtype`, plus their decoded values.
+struct Inputs {
+    dtype: FloatDType,
+    base: Vec<u8>,
+    experts: Vec<Vec<u8>>,
+}
+
+fn inputs(dtype: FloatDType, n: usize, k: usize) -> Inputs {
+    let seed = fresh_seed();
+    let base = uniform(n, seed, 0.0, 0.08);
+    let experts = (0..k)
+        .map(|i| {
+            let d = uniform(n, seed ^ ((i as u64 + 1) * 7919), 0.0, 0.02);
+            encode(dtype, &base.iter().zip(&d).map(|(b, d)| b + d).collect::<Vec<_>>())
+        })
+        .collect();
+    Inputs { dtype, base: encode(dtype, &base), experts }
+}
+
+/// The CPU twin: the method's own `merge_chunk` over the whole range, then the output encoding.
+#[allow(clippy::too_many_arguments)]
+fn cpu_merge(
+    method: &dyn MergeMethod,
+    p: &TensorParams,
+    th: &[Threshold],
+    hash: u32,
+    inp: &Inputs,
+    out_dtype: FloatDType,
+    offset: usize,
+) -> Vec<u8> {
+    let base = decoded(inp.dtype, &inp.base);
+    let experts: Vec<Vec<f32>> = inp.experts.iter().map(|e| decoded(inp.dtype, e)).collect();
+    let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+    let mut out = vec![0f32; base.len()];
+    let ctx = ChunkCtx { offset, params: p, thresholds: th, name_hash: hash };
+    let b = method.needs_base().then_some(base.as_slice());
+    method.merge_chunk(&ctx, b, &views, &mut out, &mut Vec::new());
+    encode(out_dtype, &out)
+}
+
+fn cpu_thresholds(inp: &Inputs, densities: &[f32]) -> Vec<Threshold> {
+    let base = decoded(inp.dtype, &inp.base);
+    inp.experts
+        .iter()
+        .zip(densities)
+        .map(|(e, &d)| {
+            let e = decoded(inp.dtype, e);
+            let n = e.len();
+            magnitude_threshold(n, keep_count(d as f64, n), |off, out| {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = e[off + i] - base[off + i];
+                }
+                Ok(())
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn merge_kernel_matches_cpu_for_every_method() {
+    // The CPU twins run everywhere (so this test's own setup is checked on every machine);
+    // the GPU comparisons only where a device exists.
+    let gpu = gpu();
+    let ta = task_arithmetic::method();
+    let ti = ties::method(false);
+    let dl = dare::method(false, true, 1234);
+    let dt = dare::method(true, true, 99);
+    let methods: Vec<(&str, &dyn MergeMethod)> =
+        vec![("linear", &Linear), ("task_arithmetic", &ta), ("ties", &ti), ("dare_linear", &dl), ("dare_ties", &dt)];
+    let mut identical = 0usize;
+    let mut cases = 0usize;
+    for dtype in DTYPES {
+        for k in [1usize, 3, 8] {
+            for &n in &SIZES {
+                let inp = inputs(dtype, n, k);
+                for (name, method) in &methods {
+                    let p = TensorParams {
+                        weights: (0..k).map(|i| 0.3 + 0.2 * i as f32).collect(),
+                        densities: (0..k).map(|i| [0.5, 0.3, 0.9][i % 3]).collect(),
+                        lambda: 0.8,
+                        normalize: *name == "linear" || *name == "ties",
+                    };
+                    let th = if method.needs_thresholds() { cpu_thresholds(&inp, &p.densities) } else { vec![] };
+                    if let (true, Some(gpu)) = (method.needs_thresholds(), &gpu) {
+                        // The GPU's own selection must pick the same thresholds.
+                        for (e, (want, &d)) in inp.experts.iter().zip(th.iter().zip(&p.densities)) {
+                            let got = gpu
+                                .magnitude_threshold_host(
+                                    HostTensor { bytes: &inp.base, dtype },
+                                    HostTensor { bytes: e, dtype },
+                                    keep_count(d as f64, n),
+                                )
+                                .unwrap();
+                            assert_eq!(got, *want, "{name} {dtype} n={n} k={k}: GPU threshold");
+                        }
+                    }
+                    for out_dtype in [dtype, FloatDType::F32] {
+                        for offset in [0usize, 65536 * 3, 5] {
+                            let hash = name_hash(name);
+                            let base = method.needs_base().then_some(HostTensor { bytes: &inp.base, dtype });
+                            let mut experts: Vec<HostTensor<'_>> =
+                                inp.experts.iter().map(|e| HostTensor { bytes: e, dtype }).collect();
+                            let (want, p2) = if method.needs_base() {
+                                (cpu_merge(*method, &p, &th, hash, &inp, out_dtype, offset), p.clone())
+                            } else {
+                                // Linear averages the base too, as one more model.
+                                experts.insert(0, HostTensor { bytes: &inp.base, dtype });
+                                let mut p2 = p.clone();
+                                p2.weights.insert(0, 0.25);
+                                p2.densities.insert(0, 1.0);
+                                let mut all = vec![inp.base.clone()];
+                                all.extend(inp.experts.iter().cloned());
+                                let lin = Inputs { dtype, base: inp.base.clone(), experts: all };
+                                (cpu_merge(*method, &p2, &[], hash, &lin, out_dtype, offset), p2)
+                            };
+                            let form = method.kernel_form().expect("every method has a GPU form");
+                            let Some(gpu) = &gpu else { continue };
+                            let got = gpu.merge_host(form, &p2, &th, hash, base, &experts, out_dtype, offset).unwrap();
+                            assert!(!got.bad, "{name}: flagged bad on finite data");
+                            let (g, w) = (decoded(out_dtype, &got.bytes), decoded(out_dtype, &want));
+                            let err = rel_err(&g, &w);
+                            let tol = 4.0 * out_dtype.epsilon();
+                            assert!(
+                                err <= tol,
+                                "{name} {dtype}->{out_dtype} n={n} k={k} offset={offset}: rel err {err:e} > {tol:e}"
+                            );
+                            cases += 1;
+                            identical += usize::from(got.bytes == want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if gpu.is_some() {
+        println!("merge: {identical}/{cases} cases bit-identical to the CPU");
+    }
+}
+
+#[test]
+fn merge_kernel_takes_many_experts() {
+    let Some(gpu) = gpu() else { return };
+    let ta = task_arithmetic::method();
+    for k in [32usize, 64] {
+        let inp = inputs(FloatDType::BF16, 10_001, k);
+        let p =
+            TensorParams { weights: vec![1.0 / k as f32; k], densities: vec![1.0; k], lambda: 1.0, normalize: false };
+        let want = cpu_merge(&ta, &p, &[], 1, &inp, FloatDType::BF16, 0);
+        let experts: Vec<HostTensor<'_>> =
+            inp.experts.iter().map(|e| HostTensor { bytes: e, dtype: FloatDType::BF16 }).collect();
+        let got = gpu
+            .merge_host(
+                ta.kernel_form().unwrap(),
+                &p,
+                &[],
+                1,
+                Some(HostTensor { bytes: &inp.base, dtype: FloatDType::BF16 }),
+                &experts,
+                FloatDType::BF16,
+                0,
+            )
+            .unwrap();
+        let err = rel_err(&decoded(FloatDType::BF16, &got.bytes), &decoded(FloatDType::BF16, &want));
+        assert!(err <= 4.0 * FloatDType::BF16.epsilon(), "K={k}: {err:e}");
+    }
+}
+
+#[test]
+fn merge_kernel_flags_non_finite_values() {
+    let Some(gpu) = gpu() else { return };
+    let ta = task_arithmetic::method();
+    let p = TensorParams { weights: vec![1.0], densities: vec![1.0], lambda: 1.0, normalize: false };
+    let mut e = vec![0.5f32; 1001];
+    e[777] = f32::NAN;
+    let base = encode(FloatDType::F32, &vec![0.25; 1001]);
+    let ex = encode(FloatDType::F32, &e);
+    let run = |b: &[u8], x: &[u8], out| {
+        gpu.merge_host(
+            ta.kernel_form().unwrap(),
+            &p,
+            &[],
+            0,
+            Some(HostTensor { bytes: b, dtype: FloatDType::F32 }),
+            &[HostTensor { bytes: x, dtype: FloatDType::F32 }],
+            out,
+            0,
+        )
+        .unwrap()
+    };
+    assert!(run(&base, &ex, FloatDType::F32).bad, "NaN input");
+    let big = encode(FloatDType::F32, &vec![70_000.0; 1001]);
+    assert!(run(&base, &big, FloatDType::F16).bad, "f16 overflow");
+    assert!(!run(&base, &big, FloatDType::F32).bad, "fits in f32");
+}
+
+#[test]
+fn lambda_grad_matches_cpu_and_is_deterministic() {
+    let Some(gpu) = gpu() else { return };
+    for dtype in DTYPES {
+        for k in [1usize, 3, 8, 20] {
+            for n in [1usize, 8191, 8193, 1_000_003] {
+                let seed = fresh_seed();
+                let grad = uniform(n, seed, 0.0, 2.0);
+                let base_f = uniform(n, seed ^ 1, 0.0, 0.08);
+                let base = encode(dtype, &base_f);
+                let tasks: Vec<Vec<u8>> =
+                    (0..k).map(|i| encode(dtype, &uniform(n, seed ^ ((i as u64 + 2) * 31), 0.0, 0.08))).collect();
+                let views: Vec<HostTensor<'_>> = tasks.iter().map(|t| HostTensor { bytes: t, dtype }).collect();
+                let dec: Vec<Vec<f32>> = tasks.iter().map(|t| decoded(dtype, t)).collect();
+                let dec_views: Vec<&[f32]> = dec.iter().map(Vec::as_slice).collect();
+                let base_dec = decoded(dtype, &base);
+                for with_base in [false, true] {
+                    let b = with_base.then_some(HostTensor { bytes: &base, dtype });
+                    let got = gpu.lambda_grad_host(&grad, b, &views).unwrap();
+                    let again = gpu.lambda_grad_host(&grad, b, &views).unwrap();
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&again), "lambda_grad not deterministic ({dtype}, K={k}, n={n})");
+                    let want = lambda_grad(&grad, with_base.then_some(base_dec.as_slice()), &dec_views).unwrap();
+                    for kk in 0..k {
+                        let scale: f64 = grad
+                            .iter()
+                            .zip(dec[kk].iter().zip(&base_dec))
+                            .map(|(&g, (&t, &b))| (g as f64 * if with_base { (t - b) as f64 } else { t as f64 }).abs())
+                            .sum::<f64>()
+                            + 1e-30;
+                        let err = (got[kk] - want[kk]).abs() / scale;
+                        assert!(
+                            err < 1e-5,
+                            "{dtype} K={k} n={n} base={with_base} task {kk}: {} vs {}",
+                            got[kk],
+                            want[kk]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ties_threshold_matches_cpu_with_heavy_ties() {
+    let Some(gpu) = gpu() else { return };
+    let n = 150_001;
+    // Values from a tiny set: many exact ties at every threshold.
+    let base = vec![0f32; n];
+    let e: Vec<f32> = (0..n).map(|i| [0.5, -0.5, 0.25, 0.0, -1.0][i % 5] * ((i % 3) as f32)).collect();
+    let inp = Inputs {
+        dtype: FloatDType::BF16,
+        base: encode(FloatDType::BF16, &base),
+        experts: vec![encode(FloatDType::BF16, &e)],
+    };
+    for k in [0usize, 1, 29_999, 30_000, 30_001, 77_777, 149_999, n] {
+        let want_direct = magnitude_threshold(n, k, |off, out| {
+            out.copy_from_slice(&e[off..off + out.len()]);
+            Ok(())
+        })
+        .unwrap();
+        let got = gpu
+            .magnitude_threshold_host(
+                HostTensor { bytes: &inp.base, dtype: FloatDType::BF16 },
+                HostTensor { bytes: &inp.experts[0], dtype: FloatDType::BF16 },
+                k,
+            )
+            .unwrap();
+        assert_eq!(got, want_direct, "k={k}");
+    }
+}
+
+#[test]
+fn dare_philox_is_bit_identical_to_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (seed, offset, n) in [(0u64, 0usize, 1usize), (42, 3, 1001), (u64::MAX, 65536 * 7, 300_007), (7, 5, 9)] {
+        let tensor = name_hash("model.layers.3.mlp.up_proj.weight");
+        for task in [0u32, 2, 31] {
+            let got = gpu.dare_uniform_host(seed, tensor, task, offset, n).unwrap();
+            let mut want = vec![0f32; n];
+            ElementStream::new(seed, tensor, task).fill_uniform(offset, &mut want);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "seed {seed} offset {offset} task {task}"
+            );
+        }
+        let inp = inputs(FloatDType::BF16, n, 1);
+        let (b, e) = (decoded(FloatDType::BF16, &inp.base), decoded(FloatDType::BF16, &inp.experts[0]));
+        let mut u = vec![0f32; n];
+        ElementStream::new(seed, tensor, 1).fill_uniform(offset, &mut u);
+        let want: Vec<f32> = (0..n).map(|i| if u[i] < 0.3 { (0.5f32 / 0.3) * (e[i] - b[i]) } else { 0.0 }).collect();
+        let got = gpu
+            .dare_sparsify_host(
+                HostTensor { bytes: &inp.base, dtype: FloatDType::BF16 },
+                HostTensor { bytes: &inp.experts[0], dtype: FloatDType::BF16 },
+                offset,
+                seed,
+                tensor,
+                1,
+                0.3,
+                0.5 / 0.3,
+            )
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}

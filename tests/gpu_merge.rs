@@ -1,0 +1,191 @@
+//! `merge --device cuda` end to end against `--device cpu`: every method on a small family cut
+//! into many tiny units (the staging ring turns over hundreds of times), resident inputs reused
+//! across runs, the exact CPU error for a non-finite input, and a multi-GB Llama-shaped family
+//! through the CLI. Without a CUDA device each test prints `SKIPPED: no CUDA device (...)`.
+
+mod common;
+
+use std::path::Path;
+
+use symerge::backend::cuda::bench::compare_outputs;
+use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
+use symerge::backend::cuda::{Gpu, probe};
+use symerge::checkpoint::FloatDType;
+use symerge::checkpoint::generate::{SyntheticSpec, write_family};
+use symerge::merge::config::MergeConfig;
+use symerge::merge::executor::{MergeOptions, merge, merge_with};
+
+fn gpu() -> Option<Gpu> {
+    match probe() {
+        Err(reason) => {
+            // Straight to the stderr handle: libtest's capture would hide a println.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIPPED: no CUDA device ({reason})\n").as_bytes(),
+            );
+            None
+        }
+        Ok(_) => Some(Gpu::open(0).unwrap_or_else(|e| panic!("a CUDA device exists but could not be opened: {e}"))),
+    }
+}
+
+/// The CLI binary: `$SYMERGE_BIN` when the tests run away from the build tree (the GPU check
+/// copies prebuilt executables to the device machine), else the one cargo built.
+fn symerge_bin() -> std::path::PathBuf {
+    std::env::var_os("SYMERGE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_symerge").into(), Into::into)
+}
+
+fn opts(out: &Path) -> MergeOptions {
+    MergeOptions { output: out.to_path_buf(), max_shard_bytes: 300_000, out_dtype: None, force: true, progress: false }
+}
+
+fn config(dir: &Path, method: &str, experts: u32, extra: &str) -> MergeConfig {
+    let mut y = format!("merge_method: {method}\n");
+    if method != "linear" {
+        y.push_str("base_model: base\n");
+    }
+    y.push_str("models:\n");
+    if method == "linear" {
+        y.push_str("  - model: base\n    parameters: {weight: 0.5}\n");
+    }
+    let sparse = method == "ties" || method.starts_with("dare");
+    for k in 1..=experts {
+        let density = if sparse { format!(", density: {:.2}", [0.5, 0.3, 0.8][k as usize % 3]) } else { String::new() };
+        y.push_str(&format!(
+            "  - model: expert-{k}\n    parameters: {{weight: {:.2}{density}}}\n",
+            0.2 + 0.15 * k as f64
+        ));
+    }
+    y.push_str(extra);
+    let path = dir.join(format!("{method}.yml"));
+    std::fs::write(&path, y).unwrap();
+    MergeConfig::load(&path).unwrap()
+}
+
+/// GPU and CPU outputs must be identical bit for bit (the kernels are compiled without FMA
+/// contraction and compute in the CPU's order); the bound allows one bf16 rounding in case a
+/// conversion differs somewhere.
+fn assert_same(gpu_out: &Path, cpu_out: &Path, what: &str) {
+    let (differing, worst) = compare_outputs(gpu_out, cpu_out).unwrap();
+    assert!(worst <= FloatDType::BF16.epsilon(), "{what}: {differing} tensors differ, max rel diff {worst:e}");
+    if differing > 0 {
+        eprintln!("{what}: {differing} tensors differ within bf16 rounding (max {worst:e})");
+    }
+}
+
+#[test]
+fn every_method_matches_cpu_through_a_tiny_ring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    write_family(&spec, 5, 3, 0.01, tmp.path(), 200_000).unwrap();
+    // The CPU references first (cheap): their configs are then checked on every machine.
+    let methods = [
+        ("task_arithmetic", "parameters: {lambda: 0.7}\n"),
+        ("ties", "parameters: {lambda: 1.0}\n"),
+        ("dare_linear", "parameters: {seed: 11}\n"),
+        ("dare_ties", "parameters: {seed: 12}\ndtype: float32\n"),
+        ("linear", ""),
+    ];
+    let cfgs: Vec<_> = methods
+        .iter()
+        .map(|(method, extra)| {
+            let cfg = config(tmp.path(), method, 3, extra);
+            merge(&cfg, &opts(&tmp.path().join(format!("{method}-cpu")))).unwrap();
+            (*method, cfg)
+        })
+        .collect();
+    let Some(gpu) = gpu() else { return };
+    for (method, cfg) in cfgs {
+        let cpu_out = tmp.path().join(format!("{method}-cpu"));
+        for unit in [64 << 10, 1 << 30] {
+            let gpu_out = tmp.path().join(format!("{method}-gpu-{unit}"));
+            let mut engine = CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), ..Default::default() });
+            let summary = merge_with(&cfg, &opts(&gpu_out), &mut engine).unwrap();
+            assert!(summary.device.starts_with("cuda"), "{}", summary.device);
+            let stats = engine.last.clone().unwrap();
+            if unit < 1 << 20 && method != "ties" {
+                assert!(stats.units > 10, "{method}: only {} units", stats.units);
+            }
+            assert_same(&gpu_out, &cpu_out, &format!("{method} unit {unit}"));
+        }
+    }
+}
+
+#[test]
+fn resident_inputs_are_reused_across_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    write_family(&spec, 6, 2, 0.01, tmp.path(), 1 << 30).unwrap();
+    let cfg = config(tmp.path(), "task_arithmetic", 2, "");
+    let cpu_out = tmp.path().join("cpu");
+    merge(&cfg, &opts(&cpu_out)).unwrap();
+    let Some(gpu) = gpu() else { return };
+    let mut engine = CudaEngine::new(&gpu, CudaOptions { device_mem: Some(4 << 30), ..Default::default() });
+    for run in 0..2 {
+        let out = tmp.path().join(format!("gpu-{run}"));
+        merge_with(&cfg, &opts(&out), &mut engine).unwrap();
+        let stats = engine.last.clone().unwrap();
+        assert!(stats.resident);
+        assert_eq!(stats.reused_resident, run == 1);
+        assert_same(&out, &cpu_out, &format!("resident run {run}"));
+    }
+}
+
+#[test]
+fn non_finite_input_gives_the_cpu_error() {
+    use common::T;
+    use safetensors::Dtype;
+    let tmp = tempfile::tempdir().unwrap();
+    let n = 5000;
+    let vals = |s: u64| common::randoms(s, n, 0.1);
+    common::write_model(&tmp.path().join("base"), &[T::new("w", Dtype::BF16, &[50, 100], vals(1))]);
+    let mut bad = vals(2);
+    bad[4321] = f64::NAN;
+    common::write_model(&tmp.path().join("expert-1"), &[T::new("w", Dtype::BF16, &[50, 100], bad)]);
+    let cfg = config(tmp.path(), "task_arithmetic", 1, "");
+    let cpu = merge(&cfg, &opts(&tmp.path().join("cpu"))).unwrap_err().to_string();
+    assert!(cpu.contains("4321"), "{cpu}");
+    let Some(gpu) = gpu() else { return };
+    let gpu_err =
+        symerge::backend::cuda::stream_merge::merge(&cfg, &opts(&tmp.path().join("gpu")), &gpu, CudaOptions::default())
+            .unwrap_err()
+            .to_string();
+    assert_eq!(gpu_err, cpu);
+    assert!(!tmp.path().join("gpu").exists(), "no partial output");
+}
+
+/// The end-to-end check: a generated multi-GB Llama-shaped family (llama-1b shapes,
+/// base + 3 experts in bf16: 8.8 GB in) merged by the CLI on both devices.
+#[test]
+fn cli_merge_on_a_multi_gb_checkpoint_matches_cpu() {
+    let Some(_gpu) = gpu() else { return };
+    let dir = std::env::var_os("SYMERGE_GPU_TEST_DIR").map_or_else(std::env::temp_dir, Into::into);
+    let tmp = tempfile::tempdir_in(dir).unwrap();
+    let fam = tmp.path().join("fam");
+    let spec = SyntheticSpec::preset("llama-1b", FloatDType::BF16).unwrap();
+    write_family(&spec, 0, 3, 0.01, &fam, 2_000_000_000).unwrap();
+    let cfg = config(&fam, "task_arithmetic", 3, "parameters: {lambda: 0.9}\n");
+    let cfg_path = cfg.source.clone();
+    for device in ["cuda", "cpu"] {
+        let out = tmp.path().join(device);
+        let run = std::process::Command::new(symerge_bin())
+            .args([
+                "merge",
+                cfg_path.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--device",
+                device,
+                "--json",
+                "-q",
+            ])
+            .output()
+            .unwrap();
+        let (stdout, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        assert!(run.status.success(), "{device}: {err}");
+        let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        eprintln!("{device}: {:.2}s, {:.2} GB/s", summary["seconds"], summary["read_gb_per_s"]);
+        assert!(summary["device"].as_str().unwrap().starts_with(device));
+    }
+    assert_same(&tmp.path().join("cuda"), &tmp.path().join("cpu"), "llama-1b task_arithmetic");
+}
