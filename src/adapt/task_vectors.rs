@@ -4,19 +4,19 @@
 //! Training never holds a merged model: [`TaskVectors::merged_block`] builds one block's weights
 //! `theta_pre + sum_k lambda_k tau_k` when the forward (or the recomputing backward) reaches it,
 //! and [`TaskVectors::lambda_grad`] turns that block's weight gradients into Lambda gradients,
-//! `dL/dlambda_k = <dL/dtheta, tau_k>`, before the block is dropped. These are the CPU twins of
-//! the `merge` and `lambda_grad` kernels.
+//! `dL/dlambda_k = <dL/dtheta, tau_k>` (with [`crate::merge::lambda_grad`], the CPU twin of the
+//! `lambda_grad` kernel), before the block is dropped.
 
 use rayon::prelude::*;
 
 use super::lambda::Lambda;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::merge::lambda_grad::lambda_grad;
 use crate::model::{Param, Params};
 
-/// Elements per partial sum of a Lambda gradient. Fixed, so the reduction order (and the
-/// result, to the bit) never depends on the thread count.
-const DOT_CHUNK: usize = 1 << 14;
+/// Elements per parallel piece of a merge.
+const MERGE_CHUNK: usize = 1 << 14;
 
 /// One shared tensor.
 pub struct SharedTensor {
@@ -96,7 +96,8 @@ impl TaskVectors {
                 .ok_or_else(|| Error::Invalid(format!("internal: no gradient for shared tensor `{}`", t.name)))?;
             let g = be.download(&g.buf)?;
             let k = t.taus.len();
-            for (j, dot) in lambda_grad(&g, &t.taus).into_iter().enumerate() {
+            let taus: Vec<&[f32]> = t.taus.iter().map(Vec::as_slice).collect();
+            for (j, dot) in lambda_grad(&g, None, &taus)?.into_iter().enumerate() {
                 out[t.row * k + j] += dot;
             }
         }
@@ -107,8 +108,8 @@ impl TaskVectors {
 /// `base + sum_k lambda_k tau_k`, accumulated in f32 in task order.
 pub fn merge_tensor(base: &[f32], taus: &[Vec<f32>], lambda: &[f32]) -> Vec<f32> {
     let mut out = base.to_vec();
-    out.par_chunks_mut(DOT_CHUNK).enumerate().for_each(|(c, o)| {
-        let (start, len) = (c * DOT_CHUNK, o.len());
+    out.par_chunks_mut(MERGE_CHUNK).enumerate().for_each(|(c, o)| {
+        let (start, len) = (c * MERGE_CHUNK, o.len());
         for (tau, &l) in taus.iter().zip(lambda) {
             for (v, &t) in o.iter_mut().zip(&tau[start..start + len]) {
                 *v += l * t;
@@ -118,49 +119,29 @@ pub fn merge_tensor(base: &[f32], taus: &[Vec<f32>], lambda: &[f32]) -> Vec<f32>
     out
 }
 
-/// `<grad, tau_k>` for every k in one pass over `grad`: f64 partial sums over fixed chunks, added
-/// in chunk order, so the result is the same on every run and thread count.
-pub fn lambda_grad(grad: &[f32], taus: &[Vec<f32>]) -> Vec<f64> {
-    let k = taus.len();
-    let partials: Vec<Vec<f64>> = grad
-        .par_chunks(DOT_CHUNK)
-        .enumerate()
-        .map(|(c, g)| {
-            let start = c * DOT_CHUNK;
-            taus.iter()
-                .map(|tau| g.iter().zip(&tau[start..start + g.len()]).map(|(&a, &b)| a as f64 * b as f64).sum())
-                .collect()
-        })
-        .collect();
-    let mut out = vec![0f64; k];
-    for p in partials {
-        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn merge_and_grad_match_naive_sums() {
-        let n = 3 * DOT_CHUNK + 17;
+        let n = 3 * MERGE_CHUNK + 17;
         let wave = |s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
         let base = wave(0.37);
         let taus = vec![wave(1.1), wave(2.3), wave(0.7)];
         let lambda = [0.3f32, -0.2, 0.9];
         let merged = merge_tensor(&base, &taus, &lambda);
-        for i in [0, 5, DOT_CHUNK, n - 1] {
+        for i in [0, 5, MERGE_CHUNK, n - 1] {
             let want = base[i] + lambda.iter().zip(&taus).map(|(l, t)| l * t[i]).sum::<f32>();
             assert!((merged[i] - want).abs() < 1e-6);
         }
         let g = wave(0.05);
-        let dots = lambda_grad(&g, &taus);
+        let views: Vec<&[f32]> = taus.iter().map(Vec::as_slice).collect();
+        let dots = lambda_grad(&g, None, &views).unwrap();
         for (j, tau) in taus.iter().enumerate() {
             let naive: f64 = g.iter().zip(tau).map(|(&a, &b)| a as f64 * b as f64).sum();
             assert!((dots[j] - naive).abs() <= 1e-9 * naive.abs().max(1.0), "{} vs {naive}", dots[j]);
         }
-        assert_eq!(dots, lambda_grad(&g, &taus), "deterministic");
+        assert_eq!(dots, lambda_grad(&g, None, &views).unwrap(), "deterministic");
     }
 }
