@@ -551,3 +551,29 @@ fn linear_with_a_base_averages_only_the_models_and_leaves_out_their_heads() {
     let err = merge(&MergeConfig::load(&path).unwrap(), &opts("no-base")).unwrap_err().to_string();
     assert!(err.contains("classifier.weight") && err.contains("shape"), "{err}");
 }
+
+#[test]
+fn experts_without_integer_buffers_merge_with_the_base_ones() {
+    // Recent `transformers` no longer saves BERT's `embeddings.position_ids`; the base has it.
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = || T::new(POSITION_IDS, Dtype::I64, &[1, 4], vec![0.0, 1.0, 2.0, 3.0]);
+    let base = write_model(&tmp.path().join("base"), &[T::new("w", Dtype::F32, &[2], vec![1.0, 2.0]), ids()]);
+    let expert = write_model(&tmp.path().join("e"), &[T::new("bert.w", Dtype::F32, &[2], vec![3.0, 2.0])]);
+    let path = tmp.path().join("m.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\nparameters: {{lambda: 0.5}}\n",
+            base.display(),
+            expert.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let opts =
+        MergeOptions { output: out.clone(), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false };
+    merge(&MergeConfig::load(&path).unwrap(), &opts).unwrap();
+    let merged = read_model(&out);
+    assert_eq!(merged["w"].2, vec![2.0, 2.0]);
+    assert_eq!(merged[POSITION_IDS].2, vec![0.0, 1.0, 2.0, 3.0]);
+}

@@ -17,7 +17,8 @@ pub struct StreamTensor {
     pub name: String,
     /// Index into the reference checkpoint's `tensors`.
     pub reference: usize,
-    /// Index into each input checkpoint's `tensors`, in input order.
+    /// Index into each input checkpoint's `tensors`, in input order; empty for integer buffers,
+    /// which come from the reference alone.
     pub inputs: Vec<usize>,
 }
 
@@ -45,6 +46,19 @@ impl<'a> LayerStream<'a> {
         let mut used: Vec<Vec<bool>> = inputs.iter().map(|c| vec![false; c.tensors.len()]).collect();
         for t in &reference.tensors {
             let mut per_input = Vec::with_capacity(inputs.len());
+            if t.float_dtype().is_none() {
+                // Integer buffers (e.g. BERT's position ids) are copied from the reference and
+                // never read from the inputs, which need not have them (recent `transformers`
+                // versions no longer save them); one an input has must still agree.
+                for (ii, input) in inputs.iter().enumerate() {
+                    if let Some(m) = input.resolve(&t.name) {
+                        check_compatible(t, m, input)?;
+                        used[ii][input.tensor_index(&m.name)] = true;
+                    }
+                }
+                resolved.push(per_input);
+                continue;
+            }
             for (ii, input) in inputs.iter().enumerate() {
                 let m = input.resolve(&t.name).ok_or_else(|| Error::MissingTensor {
                     path: input.path.clone(),
