@@ -31,15 +31,19 @@ acc() { python3 -c 'import json,sys; print(round(100*json.load(sys.stdin)["accur
 
 cargo build --release -q
 scripts/fetch-assets.sh >/dev/null
-[ -d "$W/data" ] || run $BIN data prepare --out "$W/data" >/dev/null
+# Steps whose outputs exist are skipped on a rerun, but still recorded among the commands.
+if [ -d "$W/data" ]; then echo "$BIN data prepare --out $W/data" >>"$CMDS"; else run $BIN data prepare --out "$W/data" >/dev/null; fi
 
 for t in $TASKS; do
   head -n "$TEST_N" "$W/data/$t/test.jsonl" >"$W/sets/$t.test.jsonl"
   head -n "$VAL_N" "$W/data/$t/validation.jsonl" >"$W/sets/$t.val.jsonl"
-  if [ ! -f "$W/experts/$t/model.safetensors" ]; then
+  ft=($BIN finetune "$BASE" --train "$W/data/$t/train.jsonl" --labels "$W/data/$t/labels.json"
+    -o "$W/experts/$t" --steps "$FT_STEPS" --batch-size "$FT_BS" --max-len "$MAXLEN" --lr 1e-4 --head-lr 1e-3 --seed 0 --force)
+  if [ -f "$W/experts/$t/model.safetensors" ]; then
+    echo "${ft[*]}" >>"$CMDS"
+  else
     log "fine-tuning the $t expert ($FT_STEPS steps)"
-    run $BIN finetune "$BASE" --train "$W/data/$t/train.jsonl" --labels "$W/data/$t/labels.json" \
-      -o "$W/experts/$t" --steps "$FT_STEPS" --batch-size "$FT_BS" --max-len "$MAXLEN" --lr 1e-4 --head-lr 1e-3 --seed 0 --force >/dev/null
+    run "${ft[@]}" >/dev/null
   fi
 done
 
