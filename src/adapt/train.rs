@@ -464,11 +464,6 @@ fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
 
 /// Writes a task's adapted model as a Hugging Face checkpoint, with the expert's class names.
 fn write_model<B: Backend>(model: &Bert<B>, dir: &Path) -> Result<()> {
-    let labels = model.config.label2id.as_ref().map(|m| {
-        let mut names: Vec<(&String, &usize)> = m.iter().collect();
-        names.sort_by_key(|(_, id)| **id);
-        names.into_iter().map(|(n, _)| n.clone()).collect()
-    });
-    model.save(dir, &SaveOptions { labels, ..SaveOptions::default() })?;
+    model.save(dir, &SaveOptions { labels: model.config.label_names(), ..SaveOptions::default() })?;
     Ok(())
 }

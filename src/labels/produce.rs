@@ -86,17 +86,7 @@ pub fn cache_labels<B: Backend, S: AsRef<str>>(
         path: opts.expert.clone(),
         reason: "no classification head (classifier.weight): an expert must be a fine-tuned classifier".into(),
     })?;
-    let labels = clf
-        .model
-        .config
-        .label2id
-        .as_ref()
-        .map(|m| {
-            let mut names: Vec<(&String, &usize)> = m.iter().collect();
-            names.sort_by_key(|(_, id)| **id);
-            names.into_iter().map(|(n, _)| n.clone()).collect()
-        })
-        .unwrap_or_default();
+    let labels = clf.model.config.label_names().unwrap_or_default();
     let mut writer =
         CacheWriter::create(&opts.output, prov, LabelKind::Classification { classes }, texts.len(), labels)?;
     let resumed_rows = writer.rows_written();

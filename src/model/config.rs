@@ -38,6 +38,15 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
+    /// Class names in id order, when the checkpoint names its labels.
+    pub fn label_names(&self) -> Option<Vec<String>> {
+        self.label2id.as_ref().map(|m| {
+            let mut names: Vec<(&String, &usize)> = m.iter().collect();
+            names.sort_by_key(|(_, id)| **id);
+            names.into_iter().map(|(n, _)| n.clone()).collect()
+        })
+    }
+
     /// Parses a `config.json` value; `path` is only for error messages.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
