@@ -3,7 +3,9 @@
 //! before each launch. Without a CUDA device each test prints `SKIPPED: no CUDA device (...)`.
 
 use symerge::backend::cuda::kernels::HostTensor;
-use symerge::backend::cuda::{Gpu, probe};
+mod common;
+
+use common::gpu;
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::dtype::{decode, encode_into};
 use symerge::merge::lambda_grad::lambda_grad;
@@ -14,20 +16,6 @@ use symerge::merge::{ChunkCtx, MergeMethod, TensorParams, dare, task_arithmetic,
 
 const DTYPES: [FloatDType; 3] = [FloatDType::F32, FloatDType::F16, FloatDType::BF16];
 const SIZES: [usize; 5] = [1, 7, 13, 4099, 300_007];
-
-fn gpu() -> Option<Gpu> {
-    match probe() {
-        Err(reason) => {
-            // Straight to the stderr handle: libtest's capture would hide a println.
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIPPED: no CUDA device ({reason})\n").as_bytes(),
-            );
-            None
-        }
-        Ok(_) => Some(Gpu::open(0).unwrap_or_else(|e| panic!("a CUDA device exists but could not be opened: {e}"))),
-    }
-}
 
 /// Fresh values for every call: the seed mixes in a counter and the clock.
 fn fresh_seed() -> u64 {

@@ -5,29 +5,16 @@
 
 mod common;
 
+use common::gpu;
+
 use std::path::Path;
 
 use symerge::backend::cuda::bench::compare_outputs;
 use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
-use symerge::backend::cuda::{Gpu, probe};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{SyntheticSpec, write_family};
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge, merge_with};
-
-fn gpu() -> Option<Gpu> {
-    match probe() {
-        Err(reason) => {
-            // Straight to the stderr handle: libtest's capture would hide a println.
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIPPED: no CUDA device ({reason})\n").as_bytes(),
-            );
-            None
-        }
-        Ok(_) => Some(Gpu::open(0).unwrap_or_else(|e| panic!("a CUDA device exists but could not be opened: {e}"))),
-    }
-}
 
 /// The CLI binary: `$SYMERGE_BIN` when the tests run away from the build tree (the GPU check
 /// copies prebuilt executables to the device machine), else the one cargo built.

@@ -148,3 +148,22 @@ pub fn debian_dir() -> PathBuf {
     );
     dir
 }
+
+/// The first CUDA device, or `None` after printing why the GPU test is skipped (so a CPU-only
+/// run says it did not test the GPU rather than passing silently).
+pub fn gpu() -> Option<symerge::backend::cuda::Gpu> {
+    match symerge::backend::cuda::probe() {
+        Err(reason) => {
+            // Straight to the stderr handle: libtest's capture would hide a println.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIPPED: no CUDA device ({reason})\n").as_bytes(),
+            );
+            None
+        }
+        Ok(_) => Some(
+            symerge::backend::cuda::Gpu::open(0)
+                .unwrap_or_else(|e| panic!("a CUDA device exists but could not be opened: {e}")),
+        ),
+    }
+}
