@@ -89,13 +89,25 @@ fn minilm_matches_transformers() {
     println!("vs transformers: [CLS] hidden {e_cls:.2e}, logits {e_logits:.2e}, loss {e_loss:.2e}");
     assert!(e_cls < TOL && e_logits < TOL && e_loss < TOL, "cls {e_cls:e} logits {e_logits:e} loss {e_loss:e}");
 
+    // The fixture keeps an evenly strided sample of each gradient (see the script).
+    let strides: HashMap<String, usize> = serde_json::from_str(&meta["grad_strides"]).unwrap();
     let mut checked = 0;
     let mut worst = 0f64;
-    for (key, (shape, reference)) in &t {
+    for (key, (_, reference)) in &t {
         let Some(name) = key.strip_prefix("grad.") else { continue };
         let g = grads.iter().find_map(|p| p.get(name)).unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert_eq!(&g.shape, shape, "{name}");
-        let e = rel_err(&g.buf, reference);
+        let sample: Vec<f32> = g.buf.iter().step_by(strides[name]).copied().collect();
+        assert_eq!(sample.len(), reference.len(), "{name}: sample size");
+        // The key bias cannot change attention (it shifts every score of a query equally), so
+        // its true gradient is zero: the reference holds f64 round-off, ours f32 round-off.
+        let ref_max = reference.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        if ref_max < 1e-12 {
+            let ours_max = sample.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+            assert!(ours_max < 1e-6, "gradient of {name} should vanish, max |g| = {ours_max:e}");
+            checked += 1;
+            continue;
+        }
+        let e = rel_err(&sample, reference);
         worst = worst.max(e);
         assert!(e < TOL, "gradient of {name}: relative error {e:e}");
         checked += 1;

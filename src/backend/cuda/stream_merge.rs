@@ -397,6 +397,8 @@ impl MergeEngine for CudaEngine<'_> {
         let models = 1 + job.stream.inputs.len();
         let gpu: &Gpu = self.gpu;
         let mut bad_unit: Option<usize> = None;
+        // Upload slots the filler no longer takes back; freed after the final synchronise.
+        let mut retired: Vec<HostSlot> = Vec::new();
         let result: Result<()> = std::thread::scope(|scope| {
             // Filler: mmaps -> pinned upload slots, one unit ahead of the copies.
             let (free_in_tx, free_in_rx) = bounded::<HostSlot>(2);
@@ -445,9 +447,9 @@ impl MergeEngine for CudaEngine<'_> {
                     }
                     let sink = if discard { None } else { Some(&mut *writer) };
                     write_unit(items_ref, unit, bytes, sink, progress, &block_of, models)?;
-                    if free_out_tx.send(slot).is_err() {
-                        break;
-                    }
+                    // Once the main loop has queued its last download it takes no more slots;
+                    // the units still queued here must be written all the same.
+                    let _ = free_out_tx.send(slot);
                 }
                 Ok(None)
             });
@@ -472,8 +474,10 @@ impl MergeEngine for CudaEngine<'_> {
                         }
                         cu("recording an event", slot.done.record(&copy))?;
                         cu("recording an event", in_ready[p].record(&copy))?;
-                        if free_in_tx.send(slot).is_err() {
-                            return Ok(());
+                        // The filler stops listening once it has staged the last unit; the slot
+                        // then waits out its copy here instead of being recycled.
+                        if let Err(back) = free_in_tx.send(slot) {
+                            retired.push(back.into_inner());
                         }
                         cu("ordering streams", compute.wait(&in_ready[p]))?;
                     }
@@ -545,6 +549,7 @@ impl MergeEngine for CudaEngine<'_> {
             Ok(())
         });
         let sync = cu("synchronising", self.gpu.ctx.synchronize());
+        drop(retired);
         result?;
         sync?;
         if let Some(j) = bad_unit {
