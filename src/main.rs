@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
 use symerge::backend::cuda::stream_merge::CudaOptions;
@@ -132,10 +133,19 @@ enum Command {
     },
     /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields).
     Eval {
+        /// A classifier checkpoint, or the output directory of `symerge adapt` (then every task
+        /// is scored with its own checkpoint and, for comparison, its expert).
         model: PathBuf,
         /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index).
+        /// Not needed for an adapt output: each task's recorded inputs are used.
         #[arg(long)]
-        inputs: PathBuf,
+        inputs: Option<PathBuf>,
+        /// Adapt output only: labelled data for one task instead of its recorded inputs.
+        #[arg(long, value_name = "TASK=PATH", value_parser = parse_task_path)]
+        task_inputs: Vec<(String, PathBuf)>,
+        /// Adapt output only: skip scoring the experts.
+        #[arg(long)]
+        no_experts: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -400,6 +410,14 @@ impl InferenceArgs {
     }
 }
 
+/// Parses `TASK=PATH`.
+fn parse_task_path(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((task, path)) if !task.is_empty() && !path.is_empty() => Ok((task.to_string(), PathBuf::from(path))),
+        _ => Err(format!("`{s}` is not TASK=PATH")),
+    }
+}
+
 /// Parses `5GB`, `500MB`, `2GiB`, `1048576`.
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -573,7 +591,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
-        Command::Eval { model, inputs, json, run } => {
+        Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_adapt_output(&model) => {
+            if inputs.is_some() {
+                bail!("{} is an adapt output: name data per task with --task-inputs TASK=PATH", model.display());
+            }
+            if run.device == Device::Cuda {
+                bail!("the CUDA backend is not built yet; use --device cpu");
+            }
+            let opts = ReportOptions {
+                data: task_inputs.into_iter().collect(),
+                experts: !no_experts,
+                batch_size: run.batch_size,
+                max_len: run.max_len,
+            };
+            let report = evaluate_adapted(Cpu, &model, &opts)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            } else {
+                emit(&report.to_string())?;
+            }
+        }
+        Command::Eval { model, inputs, task_inputs, no_experts, json, run } => {
+            if !task_inputs.is_empty() || no_experts {
+                bail!("--task-inputs and --no-experts apply to an adapt output directory only");
+            }
+            let Some(inputs) = inputs else {
+                bail!("--inputs DATA.jsonl is required (labelled JSON lines to score {} on)", model.display());
+            };
             let lines = read_jsonl(&inputs)?;
             let clf = run.load(&model)?;
             let labels = clf.label_ids(&lines, &inputs)?;

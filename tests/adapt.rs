@@ -340,6 +340,40 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     let h: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(h["accuracy"], e["accuracy"]);
     assert!((h["mean_ce"].as_f64().unwrap() - e["mean_ce"].as_f64().unwrap()).abs() < 1e-4, "{h} vs {e}");
+
+    // `eval` over the whole output: every task with its own checkpoint and its expert, in one call.
+    let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--max-len", "32", "--json"]);
+    assert!(ok, "{err}");
+    let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let tasks = all["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    for (i, t) in tasks.iter().enumerate() {
+        assert_eq!(t["task"], s["tasks"][i]["name"]);
+        let want = s["tasks"][i]["accuracy"].as_f64().unwrap();
+        assert!((t["adapted"]["accuracy"].as_f64().unwrap() * 100.0 - want).abs() < 1e-6, "{t} vs {want}");
+        assert!(t["expert"]["accuracy"].is_f64(), "{t}");
+    }
+    assert_eq!(tasks[1]["adapted"], e, "same scores as `eval` on the task's checkpoint");
+    let mean = (tasks[0]["adapted"]["accuracy"].as_f64().unwrap() + e["accuracy"].as_f64().unwrap()) / 2.0;
+    assert!((all["average_adapted"].as_f64().unwrap() - mean).abs() < 1e-12);
+    // The expert's score is what `eval` gives the expert itself.
+    let (ok, stdout, err) = run(&[
+        "eval",
+        r.join("expert-alpha").to_str().unwrap(),
+        "--inputs",
+        r.join("alpha.jsonl").to_str().unwrap(),
+        "--max-len",
+        "32",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let x: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(tasks[0]["expert"], x);
+    // Text table and a clear error for an unknown task name.
+    let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--max-len", "32", "--no-experts"]);
+    assert!(ok && stdout.contains("average") && !stdout.contains("expert"), "{stdout} {err}");
+    let (ok, _, err) = run(&["eval", out.to_str().unwrap(), "--task-inputs", "gamma=x.jsonl"]);
+    assert!(!ok && err.contains("gamma") && err.contains("alpha"), "{err}");
 }
 
 #[test]

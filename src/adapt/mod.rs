@@ -4,11 +4,13 @@
 //! - [`config`]: the YAML config; [`train`]: the block-streamed loop and its outputs;
 //! - [`task_vectors`]: merged weights and Lambda gradients block by block (CPU twins of the
 //!   `merge` and `lambda_grad` kernels); [`objective`]: the losses;
-//! - [`lambda`]: the coefficient table (saved as a `merge` Lambda table); [`adam`]: the optimizer.
+//! - [`lambda`]: the coefficient table (saved as a `merge` Lambda table); [`adam`]: the optimizer;
+//! - [`report`]: `symerge eval` over an adaptation's output, every task against its expert.
 
 pub mod adam;
 pub mod config;
 pub mod lambda;
 pub mod objective;
+pub mod report;
 pub mod task_vectors;
 pub mod train;

@@ -87,6 +87,10 @@ pub struct StreamReport {
     pub pipeline_seconds: f64,
     pub pipeline_gb_per_s: f64,
     pub pipeline_fraction_of_h2d: f64,
+    /// Part of the pipeline time the device side spent waiting for the host to stage a unit.
+    pub pipeline_fill_wait_seconds: f64,
+    /// The host side alone (mmaps -> pinned memory, all cores): a ceiling for the pipeline.
+    pub staging_gb_per_s: f64,
     /// End to end `merge --device cuda` (plan, pipeline, shard writer, rename).
     pub gpu_wall_seconds: f64,
     pub gpu_wall_gb_per_s: f64,
@@ -141,6 +145,11 @@ impl fmt::Display for BenchReport {
                 s.pipeline_seconds,
                 s.pipeline_gb_per_s,
                 100.0 * s.pipeline_fraction_of_h2d
+            )?;
+            writeln!(
+                f,
+                "  (waiting for host staging {:.2} s; host staging alone {:.1} GB/s)",
+                s.pipeline_fill_wait_seconds, s.staging_gb_per_s
             )?;
             writeln!(f, "  gpu wall      {:>8.2} s {:>8.1} GB/s", s.gpu_wall_seconds, s.gpu_wall_gb_per_s)?;
             if let Some(r) = s.resident_seconds {
@@ -420,7 +429,24 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
     }
     let pipe = engine.last.clone().ok_or_else(|| Error::Invalid("pipeline run produced no stats".into()))?;
     let pipeline_gb_s = pipe.input_bytes as f64 / pipe.seconds / 1e9;
-    tracing::info!("pipeline: {:.2}s, {pipeline_gb_s:.1} GB/s", pipe.seconds);
+    tracing::info!(
+        "pipeline: {:.2}s, {pipeline_gb_s:.1} GB/s, {:.2}s of it waiting for staged units",
+        pipe.seconds,
+        pipe.fill_wait_seconds
+    );
+
+    // The host side alone: mmaps -> pinned slot, no device work. Its rate bounds the pipeline.
+    let mut engine = CudaEngine::new(gpu, CudaOptions { staging_only: true, ..Default::default() });
+    let staged = merge_with(&config, &mopts(&scratch), &mut engine);
+    let _ = std::fs::remove_dir_all(&scratch);
+    if let Err(e) = &staged
+        && !e.to_string().contains("incomplete")
+    {
+        return Err(Error::Invalid(format!("staging-only run failed: {e}")));
+    }
+    let staging = engine.last.clone().ok_or_else(|| Error::Invalid("staging run produced no stats".into()))?;
+    let staging_gb_s = staging.input_bytes as f64 / staging.seconds / 1e9;
+    tracing::info!("host staging alone: {:.2}s, {staging_gb_s:.1} GB/s", staging.seconds);
 
     // Resident rerun: a budget covering every input, run twice; the second run reuses them.
     let (free, _) = gpu.mem_info()?;
@@ -465,6 +491,8 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
         pipeline_seconds: pipe.seconds,
         pipeline_gb_per_s: pipeline_gb_s,
         pipeline_fraction_of_h2d: pipeline_gb_s / h2d,
+        pipeline_fill_wait_seconds: pipe.fill_wait_seconds,
+        staging_gb_per_s: staging_gb_s,
         gpu_wall_seconds: gpu_wall,
         gpu_wall_gb_per_s: summary.bytes_read as f64 / gpu_wall / 1e9,
         resident_seconds,

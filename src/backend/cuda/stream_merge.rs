@@ -57,6 +57,9 @@ pub struct CudaOptions {
     /// Benchmarks only: run everything but hand nothing to the shard writer, so the rate
     /// measured is the pipeline's rather than the disk's. The output is then incomplete.
     pub discard_output: bool,
+    /// Benchmarks only: stage every unit into pinned memory and stop there (no device work), to
+    /// measure the host side's own ceiling. The output is then incomplete.
+    pub staging_only: bool,
 }
 
 /// What the last run of the engine did, for the benchmark.
@@ -72,6 +75,9 @@ pub struct StreamStats {
     pub reused_resident: bool,
     /// From the first copy to the last write.
     pub seconds: f64,
+    /// Time the device side waited for the host to stage a unit: near `seconds` means the
+    /// pipeline runs at the staging rate.
+    pub fill_wait_seconds: f64,
 }
 
 /// Why the GPU engine cannot run `config`, if it cannot (`--device auto` then uses the CPU).
@@ -347,6 +353,30 @@ impl MergeEngine for CudaEngine<'_> {
                 ),
             ));
         }
+        if self.opts.staging_only {
+            let mut slot = self.host_slot(max_in, true)?;
+            let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
+            let start = Instant::now();
+            for (j, unit) in units.iter().enumerate() {
+                if let Some(next) = units.get(j + 1) {
+                    advise(&items, next, false);
+                }
+                fill_unit(&items, unit, &mut dst[..unit.in_bytes]);
+                advise(&items, unit, true);
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            self.last = Some(StreamStats {
+                units: units.len(),
+                unit_input_bytes: max_in as u64,
+                input_bytes: total_in as u64,
+                output_bytes: 0,
+                resident: false,
+                reused_resident: false,
+                seconds,
+                fill_wait_seconds: seconds,
+            });
+            return Ok(owned);
+        }
         let key = plan_key(job, &items, &units);
         let reuse = resident && self.resident.as_ref().is_some_and(|r| r.key == key);
         tracing::info!(
@@ -397,6 +427,7 @@ impl MergeEngine for CudaEngine<'_> {
         let models = 1 + job.stream.inputs.len();
         let gpu: &Gpu = self.gpu;
         let mut bad_unit: Option<usize> = None;
+        let mut fill_wait = 0f64;
         // Upload slots the filler no longer takes back; freed after the final synchronise.
         let mut retired: Vec<HostSlot> = Vec::new();
         let result: Result<()> = std::thread::scope(|scope| {
@@ -459,7 +490,9 @@ impl MergeEngine for CudaEngine<'_> {
                 for (j, unit) in units.iter().enumerate() {
                     let p = j % 2;
                     if !reuse {
+                        let waited = Instant::now();
                         let Ok((jj, slot)) = full_rx.recv() else { return Ok(()) };
+                        fill_wait += waited.elapsed().as_secs_f64();
                         debug_assert_eq!(jj, j);
                         if !resident {
                             cu("ordering streams", copy.wait(&in_free[p]))?;
@@ -563,6 +596,7 @@ impl MergeEngine for CudaEngine<'_> {
             resident,
             reused_resident: reuse,
             seconds: start.elapsed().as_secs_f64(),
+            fill_wait_seconds: fill_wait,
         });
         Ok(owned)
     }
