@@ -84,16 +84,18 @@ fn every_method_matches_cpu_through_a_tiny_ring() {
     let Some(gpu) = gpu() else { return };
     for (method, cfg) in cfgs {
         let cpu_out = tmp.path().join(format!("{method}-cpu"));
-        for unit in [64 << 10, 1 << 30] {
-            let gpu_out = tmp.path().join(format!("{method}-gpu-{unit}"));
-            let mut engine = CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), ..Default::default() });
+        // Staged through pinned slots (small and large units), and straight from page-locked maps.
+        for (unit, register_inputs) in [(64 << 10, false), (1 << 30, false), (64 << 10, true)] {
+            let gpu_out = tmp.path().join(format!("{method}-gpu-{unit}-{register_inputs}"));
+            let mut engine =
+                CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), register_inputs, ..Default::default() });
             let summary = merge_with(&cfg, &opts(&gpu_out), &mut engine).unwrap();
             assert!(summary.device.starts_with("cuda"), "{}", summary.device);
             let stats = engine.last.clone().unwrap();
             if unit < 1 << 20 && method != "ties" {
                 assert!(stats.units > 10, "{method}: only {} units", stats.units);
             }
-            assert_same(&gpu_out, &cpu_out, &format!("{method} unit {unit}"));
+            assert_same(&gpu_out, &cpu_out, &format!("{method} unit {unit} register {register_inputs}"));
         }
     }
 }

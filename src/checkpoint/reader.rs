@@ -26,6 +26,13 @@ pub struct Shard {
     mmap: Mmap,
 }
 
+impl Shard {
+    /// The whole read-only mapping (header included), e.g. to page-lock it for device copies.
+    pub fn mapped(&self) -> &[u8] {
+        &self.mmap
+    }
+}
+
 /// Where one tensor lives and what it is.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {

@@ -60,6 +60,10 @@ pub struct CudaOptions {
     /// Benchmarks only: stage every unit into pinned memory and stop there (no device work), to
     /// measure the host side's own ceiling. The output is then incomplete.
     pub staging_only: bool,
+    /// Page-lock the checkpoints' file mappings in place (`cuMemHostRegister`, read-only) and
+    /// copy to the device straight from them, skipping the staging copy through pinned buffers.
+    /// Falls back to staging when the driver refuses.
+    pub register_inputs: bool,
 }
 
 /// What the last run of the engine did, for the benchmark.
@@ -176,6 +180,63 @@ impl<'g> CudaEngine<'g> {
         })
     }
 }
+
+/// Shard mappings page-locked in place for the length of a merge; unlocked on drop.
+struct Registered {
+    ptrs: Vec<usize>,
+}
+
+impl Registered {
+    /// Page-locks every shard of `ckpts` (in parallel: the driver walks every page), or returns
+    /// the driver's refusal.
+    fn lock(ckpts: &[&crate::checkpoint::Checkpoint]) -> Result<Self> {
+        let maps: Vec<&[u8]> =
+            ckpts.iter().flat_map(|c| c.shards.iter().map(|s| s.mapped())).filter(|m| !m.is_empty()).collect();
+        let results: Vec<(usize, Result<()>)> = maps
+            .par_iter()
+            .map(|m| {
+                let ptr = m.as_ptr() as usize;
+                // The mapping covers whole pages; the tail of the last page is mapped too.
+                let len = m.len().div_ceil(PAGE) * PAGE;
+                // SAFETY: `ptr..ptr + len` is a live read-only mapping (page-aligned by mmap) that
+                // outlives this registration: `Registered` is dropped before the checkpoints.
+                let r = unsafe {
+                    cudarc::driver::sys::cuMemHostRegister_v2(
+                        ptr as *mut std::ffi::c_void,
+                        len,
+                        cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
+                    )
+                };
+                (ptr, cu("page-locking a mapped shard", r.result()))
+            })
+            .collect();
+        let mut locked = Registered { ptrs: Vec::new() };
+        let mut first_err = None;
+        for (ptr, r) in results {
+            match r {
+                Ok(()) => locked.ptrs.push(ptr),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(locked),
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        for &ptr in &self.ptrs {
+            // SAFETY: registered by `lock`; every copy from it finished (the engine synchronises
+            // before dropping). A failure leaves the pages locked until exit: nothing to do.
+            let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(ptr as *mut std::ffi::c_void) };
+        }
+    }
+}
+
+/// Host page size assumed for rounding registrations (x86-64 and most aarch64 kernels).
+const PAGE: usize = 4096;
 
 /// Every output tensor in stream order, resolved, with the name of its block.
 fn resolve_items<'j>(job: &'j MergeJob<'_>) -> Result<(Vec<TensorWork<'j>>, Vec<&'j str>)> {
@@ -399,10 +460,35 @@ impl MergeEngine for CudaEngine<'_> {
         } else if !resident {
             self.resident = None;
         }
+        let start = Instant::now();
+        let registered = if self.opts.register_inputs && !reuse {
+            let ckpts: Vec<_> =
+                std::iter::once(job.stream.reference).chain(job.stream.inputs.iter().copied()).collect();
+            match Registered::lock(&ckpts) {
+                Ok(r) => {
+                    tracing::info!(
+                        "page-locked {} mapped shards in {:.2}s",
+                        r.ptrs.len(),
+                        start.elapsed().as_secs_f64()
+                    );
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::warn!("copying through pinned staging buffers: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let direct = registered.is_some();
         let ring_in = if resident { Vec::new() } else { vec![self.device_buf(max_in)?, self.device_buf(max_in)?] };
         let dev_out = [self.device_buf(max_out)?, self.device_buf(max_out)?];
-        let host_in =
-            if reuse { Vec::new() } else { vec![self.host_slot(max_in, true)?, self.host_slot(max_in, true)?] };
+        let host_in = if reuse || direct {
+            Vec::new()
+        } else {
+            vec![self.host_slot(max_in, true)?, self.host_slot(max_in, true)?]
+        };
         let host_out = [self.host_slot(max_out, false)?, self.host_slot(max_out, false)?];
         let copy = self.stream()?;
         let d2h = self.stream()?;
@@ -422,7 +508,6 @@ impl MergeEngine for CudaEngine<'_> {
         };
         let out_addr = |j: usize| addr(&dev_out[j % 2], &compute);
 
-        let start = Instant::now();
         let discard = self.opts.discard_output;
         let models = 1 + job.stream.inputs.len();
         let gpu: &Gpu = self.gpu;
@@ -439,7 +524,7 @@ impl MergeEngine for CudaEngine<'_> {
             }
             let items_ref = &items;
             let units_ref = &units;
-            let filler = (!reuse).then(|| {
+            let filler = (!reuse && !direct).then(|| {
                 scope.spawn(move || -> Result<()> {
                     // Pinned memory is freed in whichever thread drops it last: bind the context.
                     cu("binding the context", gpu.ctx.bind_to_thread())?;
@@ -489,7 +574,27 @@ impl MergeEngine for CudaEngine<'_> {
             let main = (|| -> Result<()> {
                 for (j, unit) in units.iter().enumerate() {
                     let p = j % 2;
-                    if !reuse {
+                    if direct {
+                        // Straight from the page-locked mappings: one copy per tensor piece.
+                        if !resident {
+                            cu("ordering streams", copy.wait(&in_free[p]))?;
+                        }
+                        for piece in &unit.pieces {
+                            let Piece::Float { item, start, len, inputs, .. } = piece else { continue };
+                            let TensorWork::Float(tj) = &items[*item] else { continue };
+                            for (s, &at) in tj.base.iter().chain(&tj.experts).zip(inputs) {
+                                let size = s.dtype.size();
+                                let src = &s.bytes()[start * size..(start + len) * size];
+                                // SAFETY: the destination range lies in the unit's input buffer
+                                // (unit layout); the source stays mapped and locked until the end.
+                                cu("copying to the device", unsafe {
+                                    cuda::memcpy_htod_async(in_addr(j) + at as u64, src, copy.cu_stream())
+                                })?;
+                            }
+                        }
+                        cu("recording an event", in_ready[p].record(&copy))?;
+                        cu("ordering streams", compute.wait(&in_ready[p]))?;
+                    } else if !reuse {
                         let waited = Instant::now();
                         let Ok((jj, slot)) = full_rx.recv() else { return Ok(()) };
                         fill_wait += waited.elapsed().as_secs_f64();
@@ -583,6 +688,7 @@ impl MergeEngine for CudaEngine<'_> {
         });
         let sync = cu("synchronising", self.gpu.ctx.synchronize());
         drop(retired);
+        drop(registered);
         result?;
         sync?;
         if let Some(j) = bad_unit {
