@@ -472,18 +472,37 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
     let staging_gb_s = staging.input_bytes as f64 / staging.seconds / 1e9;
     tracing::info!("host staging alone: {:.2}s, {staging_gb_s:.1} GB/s", staging.seconds);
 
-    // The same pipeline copying straight from the page-locked mappings (no staging copy).
-    let mut engine =
-        CudaEngine::new(gpu, CudaOptions { discard_output: true, register_inputs: true, ..Default::default() });
-    let direct = merge_with(&config, &mopts(&scratch), &mut engine);
-    let _ = std::fs::remove_dir_all(&scratch);
-    let pipeline_registered_seconds = match &direct {
-        Err(e) if !e.to_string().contains("incomplete") => {
-            tracing::warn!("page-locked pipeline run failed: {e}");
-            None
+    // The same pipeline copying straight from the page-locked mappings (no staging copy); the
+    // host's memory bandwidth is shared and noisy, so staged and direct runs alternate and the
+    // faster of two is kept for each.
+    let mut pipeline_registered_seconds: Option<f64> = None;
+    let mut pipe = pipe;
+    for round in 0..2 {
+        let mut engine =
+            CudaEngine::new(gpu, CudaOptions { discard_output: true, register_inputs: true, ..Default::default() });
+        let direct = merge_with(&config, &mopts(&scratch), &mut engine);
+        let _ = std::fs::remove_dir_all(&scratch);
+        match &direct {
+            Err(e) if !e.to_string().contains("incomplete") => tracing::warn!("page-locked pipeline run failed: {e}"),
+            _ => {
+                if let Some(t) = engine.last.as_ref().map(|l| l.seconds) {
+                    pipeline_registered_seconds = Some(pipeline_registered_seconds.map_or(t, |b| b.min(t)));
+                }
+            }
         }
-        _ => engine.last.as_ref().map(|l| l.seconds),
-    };
+        if round == 0 {
+            let mut engine = CudaEngine::new(gpu, CudaOptions { discard_output: true, ..Default::default() });
+            let again = merge_with(&config, &mopts(&scratch), &mut engine);
+            let _ = std::fs::remove_dir_all(&scratch);
+            if let (Err(e), Some(l)) = (&again, engine.last.clone())
+                && e.to_string().contains("incomplete")
+                && l.seconds < pipe.seconds
+            {
+                pipe = l;
+            }
+        }
+    }
+    let pipeline_gb_s = pipe.input_bytes as f64 / pipe.seconds / 1e9;
     if let Some(t) = pipeline_registered_seconds {
         tracing::info!("pipeline from page-locked mappings: {t:.2}s, {:.1} GB/s", pipe.input_bytes as f64 / t / 1e9);
     }

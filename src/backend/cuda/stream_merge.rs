@@ -189,13 +189,17 @@ struct Registered {
 impl Registered {
     /// Page-locks every shard of `ckpts` (in parallel: the driver walks every page), or returns
     /// the driver's refusal.
-    fn lock(ckpts: &[&crate::checkpoint::Checkpoint]) -> Result<Self> {
+    fn lock(gpu: &Gpu, ckpts: &[&crate::checkpoint::Checkpoint]) -> Result<Self> {
         let maps: Vec<&[u8]> =
             ckpts.iter().flat_map(|c| c.shards.iter().map(|s| s.mapped())).filter(|m| !m.is_empty()).collect();
         let results: Vec<(usize, Result<()>)> = maps
             .par_iter()
             .map(|m| {
                 let ptr = m.as_ptr() as usize;
+                // Registration needs the context current on this pool thread.
+                if let Err(e) = cu("binding the context", gpu.ctx.bind_to_thread()) {
+                    return (ptr, Err(e));
+                }
                 // The mapping covers whole pages; the tail of the last page is mapped too.
                 let len = m.len().div_ceil(PAGE) * PAGE;
                 // SAFETY: `ptr..ptr + len` is a live read-only mapping (page-aligned by mmap) that
@@ -464,7 +468,7 @@ impl MergeEngine for CudaEngine<'_> {
         let registered = if self.opts.register_inputs && !reuse {
             let ckpts: Vec<_> =
                 std::iter::once(job.stream.reference).chain(job.stream.inputs.iter().copied()).collect();
-            match Registered::lock(&ckpts) {
+            match Registered::lock(self.gpu, &ckpts) {
                 Ok(r) => {
                     tracing::info!(
                         "page-locked {} mapped shards in {:.2}s",
