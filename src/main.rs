@@ -23,8 +23,8 @@ use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
-    Bert, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate, finetune,
-    predict,
+    Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
+    evaluate_lm, finetune, is_causal_lm_dir, predict,
 };
 
 #[derive(Parser)]
@@ -130,10 +130,12 @@ enum Command {
         #[command(flatten)]
         run: InferenceArgs,
     },
-    /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields).
+    /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields);
+    /// for a causal LM (Llama, Mistral, Qwen2), perplexity and mean next-token loss over `text`.
     Eval {
         model: PathBuf,
-        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index).
+        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index);
+        /// a causal LM needs only `text`.
         #[arg(long)]
         inputs: PathBuf,
         /// Print JSON instead of text.
@@ -380,6 +382,16 @@ struct InferenceArgs {
 }
 
 impl InferenceArgs {
+    fn load_lm(&self, model: &std::path::Path) -> anyhow::Result<CausalLm<Cpu>> {
+        if self.device == Device::Cuda {
+            bail!("the CUDA backend is not built yet; use --device cpu");
+        }
+        if self.new_head.is_some() || self.head_from.is_some() {
+            bail!("{} is a causal LM: --new-head and --head-from apply to classifiers only", model.display());
+        }
+        Ok(CausalLm::load(Cpu, model, self.max_len)?)
+    }
+
     fn load(&self, model: &std::path::Path) -> anyhow::Result<SequenceClassifier<Cpu>> {
         if self.device == Device::Cuda {
             bail!("the CUDA backend is not built yet; use --device cpu");
@@ -572,6 +584,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display(),
                 start.elapsed().as_secs_f64()
             );
+        }
+        Command::Eval { model, inputs, json, run } if is_causal_lm_dir(&model)? => {
+            let lines = read_jsonl(&inputs)?;
+            let lm = run.load_lm(&model)?;
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            let report = evaluate_lm(&lm, &texts, run.batch_size)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            } else {
+                emit(&format!(
+                    "perplexity {:.4}, mean loss {:.4} ({} tokens predicted in {} texts)\n",
+                    report.perplexity, report.mean_loss, report.tokens, report.texts
+                ))?;
+            }
         }
         Command::Eval { model, inputs, json, run } => {
             let lines = read_jsonl(&inputs)?;
