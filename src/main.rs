@@ -565,6 +565,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Predict { model, inputs, out, run } => {
+            if is_causal_lm_dir(&model)? {
+                bail!(
+                    "{} is a causal LM: predict scores sequence classifiers; `symerge eval` reports its perplexity",
+                    model.display()
+                );
+            }
             let lines = read_jsonl(&inputs)?;
             let clf = run.load(&model)?;
             let start = std::time::Instant::now();

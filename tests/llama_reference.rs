@@ -168,4 +168,16 @@ fn eval_perplexity_matches_transformers() {
     let (ok, out, err) = run(&["eval", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()]);
     assert!(ok && out.starts_with("perplexity "), "{out}{err}");
     println!("eval vs transformers: mean loss rel error {e:.2e}; {}", out.trim());
+
+    let preds = tmp.path().join("preds.jsonl");
+    let (ok, _, err) = run(&[
+        "predict",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        preds.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("is a causal LM") && err.contains("symerge eval"), "{err}");
+    assert!(!preds.exists());
 }
