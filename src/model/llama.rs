@@ -578,7 +578,9 @@ impl<B: Backend> Llama<B> {
         Ok(grads)
     }
 
-    /// The rows of `logits` the loss reads, and one-hot targets for them.
+    /// The rows of `logits` the loss reads, and one-hot targets for them: the loss runs on the
+    /// backend's existing row gather and soft-label cross-entropy, at the cost of a `[targets,
+    /// vocab]` host-built buffer the size of the picked logits (a sparse-label op would avoid it).
     fn picked(&self, batch: &LmBatch<B>, logits: &B::Buf) -> Result<(B::Buf, B::Buf)> {
         let (n, vocab) = (batch.labels.len(), self.config.vocab_size);
         if n == 0 {
