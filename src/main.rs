@@ -24,8 +24,8 @@ use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{MergeOptions, merge};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
-    Bert, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate, finetune,
-    predict,
+    Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
+    evaluate_lm, finetune, is_causal_lm_dir, predict,
 };
 
 #[derive(Parser)]
@@ -131,13 +131,15 @@ enum Command {
         #[command(flatten)]
         run: InferenceArgs,
     },
-    /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields).
+    /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields);
+    /// for a causal LM (Llama, Mistral, Qwen2), perplexity and mean next-token loss over `text`.
     Eval {
         /// A classifier checkpoint, or the output directory of `symerge adapt` (then every task
         /// is scored with its own checkpoint and, for comparison, its expert).
         model: PathBuf,
-        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index).
-        /// Not needed for an adapt output: each task's recorded inputs are used.
+        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index);
+        /// a causal LM needs only `text`. Not needed for an adapt output: each task's recorded
+        /// inputs are used.
         #[arg(long)]
         inputs: Option<PathBuf>,
         /// Adapt output only: labelled data for one task instead of its recorded inputs.
@@ -390,6 +392,16 @@ struct InferenceArgs {
 }
 
 impl InferenceArgs {
+    fn load_lm(&self, model: &std::path::Path) -> anyhow::Result<CausalLm<Cpu>> {
+        if self.device == Device::Cuda {
+            bail!("the CUDA backend is not built yet; use --device cpu");
+        }
+        if self.new_head.is_some() || self.head_from.is_some() {
+            bail!("{} is a causal LM: --new-head and --head-from apply to classifiers only", model.display());
+        }
+        Ok(CausalLm::load(Cpu, model, self.max_len)?)
+    }
+
     fn load(&self, model: &std::path::Path) -> anyhow::Result<SequenceClassifier<Cpu>> {
         if self.device == Device::Cuda {
             bail!("the CUDA backend is not built yet; use --device cpu");
@@ -408,6 +420,19 @@ impl InferenceArgs {
         }
         Ok(clf)
     }
+}
+
+/// The data file of an `eval` on one model (not an adapt output), rejecting adapt-only flags.
+fn plain_eval_inputs(
+    model: &std::path::Path,
+    inputs: Option<PathBuf>,
+    task_inputs: &[(String, PathBuf)],
+    no_experts: bool,
+) -> anyhow::Result<PathBuf> {
+    if !task_inputs.is_empty() || no_experts {
+        bail!("--task-inputs and --no-experts apply to an adapt output directory only");
+    }
+    inputs.ok_or_else(|| anyhow::anyhow!("--inputs DATA.jsonl is required (JSON lines to score {} on)", model.display()))
 }
 
 /// Parses `TASK=PATH`.
@@ -571,6 +596,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Predict { model, inputs, out, run } => {
+            if is_causal_lm_dir(&model)? {
+                bail!(
+                    "{} is a causal LM: predict scores sequence classifiers; `symerge eval` reports its perplexity",
+                    model.display()
+                );
+            }
             let lines = read_jsonl(&inputs)?;
             let clf = run.load(&model)?;
             let start = std::time::Instant::now();
@@ -611,13 +642,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&report.to_string())?;
             }
         }
-        Command::Eval { model, inputs, task_inputs, no_experts, json, run } => {
-            if !task_inputs.is_empty() || no_experts {
-                bail!("--task-inputs and --no-experts apply to an adapt output directory only");
+        Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_causal_lm_dir(&model)? => {
+            let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
+            let lines = read_jsonl(&inputs)?;
+            let lm = run.load_lm(&model)?;
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            let report = evaluate_lm(&lm, &texts, run.batch_size)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            } else {
+                emit(&format!(
+                    "perplexity {:.4}, mean loss {:.4} ({} tokens predicted in {} texts)\n",
+                    report.perplexity, report.mean_loss, report.tokens, report.texts
+                ))?;
             }
-            let Some(inputs) = inputs else {
-                bail!("--inputs DATA.jsonl is required (labelled JSON lines to score {} on)", model.display());
-            };
+        }
+        Command::Eval { model, inputs, task_inputs, no_experts, json, run } => {
+            let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
             let lines = read_jsonl(&inputs)?;
             let clf = run.load(&model)?;
             let labels = clf.label_ids(&lines, &inputs)?;

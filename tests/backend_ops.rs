@@ -301,3 +301,108 @@ fn losses_values_and_gradients() {
     let g = cpu.soft_ce_backward(&logt, &t, rows, cols, 1.0).unwrap();
     assert!(dot(&g, &g) < 1e-12);
 }
+
+#[test]
+fn rmsnorm_values_and_gradients() {
+    let cpu = Cpu;
+    let (rows, dim) = (5, 16);
+    let x: Vec<f32> = rand_f32(61, rows * dim, 2.0).iter().map(|v| v + 1.0).collect();
+    let gamma: Vec<f32> = rand_f32(62, dim, 0.5).iter().map(|v| v + 1.0).collect();
+    let eps = 1e-5f32;
+    let y = cpu.rmsnorm(&x, &gamma, rows, dim, eps).unwrap();
+    for (r, (yr, xr)) in y.chunks(dim).zip(x.chunks(dim)).enumerate() {
+        let ms: f64 = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / dim as f64;
+        for j in 0..dim {
+            let want = xr[j] as f64 / (ms + eps as f64).sqrt() * gamma[j] as f64;
+            assert!((yr[j] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "row {r} col {j}: {} vs {want}", yr[j]);
+        }
+    }
+    for eps in [1e-6f32, 0.5] {
+        let r = rand_f32(63, rows * dim, 1.0);
+        let (dx, dg) = cpu.rmsnorm_backward(&x, &gamma, &r, rows, dim, eps).unwrap();
+        let f = |xs: &[Vec<f32>]| cpu.rmsnorm(&xs[0], &xs[1], rows, dim, eps).unwrap();
+        check(&format!("rmsnorm eps {eps}"), &f, &[x.clone(), gamma.clone()], &r, &[Some(dx), Some(dg)], 1e-2, TOL);
+    }
+    // More rows than one reduction block, so the dgamma partial sums are combined.
+    let rows = 70;
+    let x = rand_f32(64, rows * dim, 1.0);
+    let r = rand_f32(65, rows * dim, 1.0);
+    let (dx, dg) = cpu.rmsnorm_backward(&x, &gamma, &r, rows, dim, 1e-6).unwrap();
+    let f = |xs: &[Vec<f32>]| cpu.rmsnorm(&xs[0], &xs[1], rows, dim, 1e-6).unwrap();
+    check("rmsnorm (blocks)", &f, &[x, gamma.clone()], &r, &[Some(dx), Some(dg)], 1e-2, TOL);
+    assert!(cpu.rmsnorm(&vec![0.0; 7], &gamma, 1, dim, 1e-6).is_err());
+}
+
+/// Rotary embedding in f64 from the definition: pairs (i, i + d/2) rotated by
+/// `position / scale * theta^(-2i/d)`.
+fn rope_reference(x: &[f32], pos: &[u32], heads: usize, d: usize, theta: f64, scale: f64) -> Vec<f64> {
+    let mut out = vec![0f64; x.len()];
+    let half = d / 2;
+    for (r, &p) in pos.iter().enumerate() {
+        for h in 0..heads {
+            let base = r * heads * d + h * d;
+            for i in 0..half {
+                let a = p as f64 / scale * theta.powf(-((2 * i) as f64) / d as f64);
+                let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
+                out[base + i] = x1 * a.cos() - x2 * a.sin();
+                out[base + i + half] = x2 * a.cos() + x1 * a.sin();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rope_rotates_pairs_and_backward_is_the_inverse() {
+    let cpu = Cpu;
+    let (heads, d) = (3, 8);
+    let pos: Vec<u32> = vec![0, 1, 2, 7, 0, 30];
+    let x = rand_f32(71, pos.len() * heads * d, 1.0);
+    for (theta, scale) in [(10000.0f32, 1.0f32), (500.0, 2.0), (1e6, 4.0)] {
+        let y = cpu.rope(&x, &pos, heads, d, theta, scale).unwrap();
+        let want = rope_reference(&x, &pos, heads, d, theta as f64, scale as f64);
+        for (i, (&a, &b)) in y.iter().zip(&want).enumerate() {
+            assert!((a as f64 - b).abs() < 2e-5, "theta {theta} scale {scale} element {i}: {a} vs {b}");
+        }
+        // Position 0 is the identity; rotations keep each pair's norm.
+        assert_eq!(y[..heads * d], x[..heads * d]);
+        let back = cpu.rope_backward(&y, &pos, heads, d, theta, scale).unwrap();
+        for (a, b) in back.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5, "inverse rotation: {a} vs {b}");
+        }
+        let r = rand_f32(72, x.len(), 1.0);
+        let dx = cpu.rope_backward(&r, &pos, heads, d, theta, scale).unwrap();
+        let f = |xs: &[Vec<f32>]| cpu.rope(&xs[0], &pos, heads, d, theta, scale).unwrap();
+        check(&format!("rope theta {theta} scale {scale}"), &f, std::slice::from_ref(&x), &r, &[Some(dx)], 1e-2, TOL);
+    }
+    // Linear scaling by 2 at position 2p is no scaling at position p.
+    let a = cpu.rope(&x[..heads * d].to_vec(), &vec![14], heads, d, 10000.0, 2.0).unwrap();
+    let b = cpu.rope(&x[..heads * d].to_vec(), &vec![7], heads, d, 10000.0, 1.0).unwrap();
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() < 1e-6);
+    }
+    let e = cpu.rope(&x, &pos, heads * d / 3, 3, 10000.0, 1.0).unwrap_err().to_string();
+    assert!(e.contains("rope") && e.contains("even"), "{e}");
+    assert!(cpu.rope(&x, &pos[..5].to_vec(), heads, d, 10000.0, 1.0).is_err());
+}
+
+#[test]
+fn swiglu_values_and_gradients() {
+    let cpu = Cpu;
+    let y = cpu.swiglu(&vec![1.0, -2.0, 0.0], &vec![2.0, 3.0, 5.0]).unwrap();
+    // silu(1) = 0.7310586, silu(-2) = -0.2384058
+    let want = [2.0 * 0.731_058_6, 3.0 * -0.238_405_8, 0.0];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{y:?}");
+    }
+    // Far tails stay finite: silu(-100) = 0, silu(100) = 100.
+    let y = cpu.swiglu(&vec![-100.0, 100.0], &vec![1.0, 1.0]).unwrap();
+    assert!(y[0].abs() < 1e-30 && (y[1] - 100.0).abs() < 1e-4, "{y:?}");
+    let gate = rand_f32(81, 96, 3.0);
+    let up = rand_f32(82, 96, 1.0);
+    let r = rand_f32(83, 96, 1.0);
+    let (dg, du) = cpu.swiglu_backward(&gate, &up, &r).unwrap();
+    let f = |xs: &[Vec<f32>]| cpu.swiglu(&xs[0], &xs[1]).unwrap();
+    check("swiglu", &f, &[gate.clone(), up], &r, &[Some(dg), Some(du)], 1e-3, TOL);
+    assert!(cpu.swiglu(&gate, &vec![0.0; 3]).is_err());
+}

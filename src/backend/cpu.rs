@@ -437,6 +437,104 @@ impl Backend for Cpu {
         Ok(NormGrads { dx, dgamma, dbeta })
     }
 
+    fn rmsnorm(&self, x: &Vec<f32>, gamma: &Vec<f32>, rows: usize, dim: usize, eps: f32) -> Result<Vec<f32>> {
+        expect_len("rmsnorm", "x", x.len(), rows * dim)?;
+        expect_len("rmsnorm", "gamma", gamma.len(), dim)?;
+        let mut y = vec![0f32; rows * dim];
+        y.par_chunks_mut(dim.max(1)).zip(x.par_chunks(dim.max(1))).for_each(|(yr, xr)| {
+            let r = rms_rstd(xr, eps);
+            // Hugging Face's order: normalise, then scale by the weight.
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(gamma) {
+                *o = g * (v * r);
+            }
+        });
+        Ok(y)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        dy: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        expect_len("rmsnorm_backward", "x", x.len(), rows * dim)?;
+        expect_len("rmsnorm_backward", "gamma", gamma.len(), dim)?;
+        expect_len("rmsnorm_backward", "dy", dy.len(), rows * dim)?;
+        let d = dim.max(1);
+        let mut dx = vec![0f32; rows * dim];
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d * REDUCE_ROWS)
+            .zip(x.par_chunks(d * REDUCE_ROWS).zip(dy.par_chunks(d * REDUCE_ROWS)))
+            .map(|(dxb, (xb, dyb))| {
+                let mut dg = vec![0f32; dim];
+                for (dxr, (xr, dyr)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(dyb.chunks(d))) {
+                    let r = rms_rstd(xr, eps);
+                    // y_j = g_j x_j r with r = (mean(x^2) + eps)^(-1/2), so
+                    // dx_j = r g_j dy_j - x_j r^3 / dim * sum_k dy_k g_k x_k.
+                    let mut s = 0f64;
+                    for j in 0..dim {
+                        s += dyr[j] as f64 * gamma[j] as f64 * xr[j] as f64;
+                        dg[j] += dyr[j] * xr[j] * r;
+                    }
+                    let c = (s * (r as f64).powi(3) / dim as f64) as f32;
+                    for j in 0..dim {
+                        dxr[j] = r * gamma[j] * dyr[j] - xr[j] * c;
+                    }
+                }
+                dg
+            })
+            .collect();
+        Ok((dx, sum_in_order(partials, dim)))
+    }
+
+    fn rope(
+        &self,
+        x: &Vec<f32>,
+        positions: &Vec<u32>,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        rotate("rope", x, positions, heads, head_dim, theta, scale, 1.0)
+    }
+
+    fn rope_backward(
+        &self,
+        dy: &Vec<f32>,
+        positions: &Vec<u32>,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        rotate("rope_backward", dy, positions, heads, head_dim, theta, scale, -1.0)
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Result<Vec<f32>> {
+        expect_len("swiglu", "up", up.len(), gate.len())?;
+        Ok(map2(gate, up, |g, u| g * sigmoid(g) * u))
+    }
+
+    fn swiglu_backward(&self, gate: &Vec<f32>, up: &Vec<f32>, dy: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        expect_len("swiglu_backward", "up", up.len(), gate.len())?;
+        expect_len("swiglu_backward", "dy", dy.len(), gate.len())?;
+        let (dgate, dup): (Vec<f32>, Vec<f32>) = gate
+            .par_iter()
+            .zip(up.par_iter().zip(dy.par_iter()))
+            .with_min_len(MIN_PAR)
+            .map(|(&g, (&u, &d))| {
+                let s = sigmoid(g);
+                // silu'(g) = s (1 + g (1 - s))
+                (d * u * s * (1.0 + g * (1.0 - s)), d * g * s)
+            })
+            .unzip();
+        Ok((dgate, dup))
+    }
+
     fn gelu(&self, x: &Vec<f32>, kind: Gelu) -> Result<Vec<f32>> {
         Ok(map1(x, |v| gelu_f(v, kind)))
     }
@@ -753,6 +851,61 @@ impl Backend for Cpu {
         });
         Ok(g)
     }
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of a row, the sum of squares in f64.
+fn rms_rstd(xr: &[f32], eps: f32) -> f32 {
+    let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / xr.len().max(1) as f64;
+    (1.0 / (ms + eps as f64).sqrt()) as f32
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Rotary embedding of every head of every row by its position's angles; `sign` -1 rotates back
+/// (the backward: a rotation's transpose is its inverse). The angles are computed in f32 the way
+/// Hugging Face does: `inv_freq = 1 / theta^(2i / head_dim)`, divided by the linear scaling factor,
+/// then `position * inv_freq`, so cos and sin agree with transformers to the last bit or two.
+#[allow(clippy::too_many_arguments)]
+fn rotate(
+    op: &'static str,
+    x: &[f32],
+    positions: &[u32],
+    heads: usize,
+    head_dim: usize,
+    theta: f32,
+    scale: f32,
+    sign: f32,
+) -> Result<Vec<f32>> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(err(op, format!("head_dim {head_dim} must be even and positive")));
+    }
+    if !(theta > 0.0 && theta.is_finite() && scale > 0.0 && scale.is_finite()) {
+        return Err(err(op, format!("theta ({theta}) and scale ({scale}) must be positive and finite")));
+    }
+    let width = heads * head_dim;
+    expect_len(op, "x", x.len(), positions.len() * width)?;
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32) / scale).collect();
+    let mut out = vec![0f32; x.len()];
+    if width == 0 {
+        return Ok(out);
+    }
+    out.par_chunks_mut(width).zip(x.par_chunks(width)).zip(positions.par_iter()).with_min_len(16).for_each(
+        |((o, xr), &pos)| {
+            let (sin, cos): (Vec<f32>, Vec<f32>) =
+                inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).map(|(s, c)| (sign * s, c)).unzip();
+            for (oh, xh) in o.chunks_mut(head_dim).zip(xr.chunks(head_dim)) {
+                for i in 0..half {
+                    let (x1, x2) = (xh[i], xh[i + half]);
+                    oh[i] = x1 * cos[i] - x2 * sin[i];
+                    oh[i + half] = x2 * cos[i] + x1 * sin[i];
+                }
+            }
+        },
+    );
+    Ok(out)
 }
 
 /// Mean and 1/std of a row (statistics in f64: LayerNorm's variance of large activations loses

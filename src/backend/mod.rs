@@ -177,6 +177,46 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<NormGrads<Self::Buf>>;
 
+    /// RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * gamma (Llama's; gamma multiplies after normalising).
+    fn rmsnorm(&self, x: &Self::Buf, gamma: &Self::Buf, rows: usize, dim: usize, eps: f32) -> Result<Self::Buf>;
+    /// Returns (dx, dgamma).
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        dy: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// Rotary embedding, Hugging Face's rotate_half convention, on x = [rows, heads * head_dim] where row r has position positions[r];
+    /// inv_freq_i = theta^(-2i/head_dim), angle = (position / scale) * inv_freq_i (scale = linear rope_scaling factor, 1.0 for none).
+    fn rope(
+        &self,
+        x: &Self::Buf,
+        positions: &Self::Ids,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        scale: f32,
+    ) -> Result<Self::Buf>;
+    /// Backward of rope (the inverse rotation applied to dy).
+    fn rope_backward(
+        &self,
+        dy: &Self::Buf,
+        positions: &Self::Ids,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        scale: f32,
+    ) -> Result<Self::Buf>;
+
+    /// SwiGLU: silu(gate) * up, element-wise.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf>;
+    /// Returns (dgate, dup).
+    fn swiglu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dy: &Self::Buf) -> Result<(Self::Buf, Self::Buf)>;
+
     fn gelu(&self, x: &Self::Buf, kind: Gelu) -> Result<Self::Buf>;
     fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, kind: Gelu) -> Result<Self::Buf>;
     fn tanh(&self, x: &Self::Buf) -> Result<Self::Buf>;

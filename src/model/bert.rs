@@ -787,10 +787,10 @@ impl<B: Backend> Bert<B> {
 }
 
 /// Reads one tensor as f32, checking its shape against what `config.json` implies.
-fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
+pub(super) fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
     let meta = ck.resolve(name).ok_or_else(|| Error::Model {
         path: ck.path.clone(),
-        reason: format!("tensor `{name}` is missing (looked for it with and without a bert./roberta. prefix)"),
+        reason: format!("tensor `{name}` is missing (also looked for it with a wrapper prefix such as bert. or model. added or removed)"),
     })?;
     let file = ck.file_of(meta).to_path_buf();
     if meta.shape != shape {

@@ -2,6 +2,8 @@
 //! and the inference entry points (`predict`, `evaluate`).
 //!
 //! - [`bert`]: the BERT family (BERT, MiniLM, RoBERTa) with a sequence-classification head.
+//! - [`llama`]: the Llama family (Llama, Mistral, Qwen2) as causal LMs; [`llama_config`] reads
+//!   their `config.json`, [`lm`] evaluates them (perplexity).
 //! - [`config`]: hyper-parameters from `config.json`.
 //! - [`tokenize`]: `tokenizer.json` with per-batch padding.
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
@@ -12,6 +14,9 @@ pub mod bert;
 pub mod classify;
 pub mod config;
 pub mod finetune;
+pub mod llama;
+pub mod llama_config;
+pub mod lm;
 pub mod save;
 pub mod tokenize;
 
@@ -23,6 +28,9 @@ pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
 pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
 pub use config::{BertConfig, BertFamily};
 pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
+pub use llama::{Llama, LlamaBlock, LmBatch};
+pub use llama_config::{LlamaConfig, LlamaFamily};
+pub use lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm, is_causal_lm_dir};
 pub use save::{SaveOptions, SavedModel};
 pub use tokenize::{DEFAULT_MAX_LEN, Encoded, TextTokenizer};
 

@@ -1,0 +1,639 @@
+//! The Llama family (Llama, Mistral, Qwen2) as a chain of blocks: the token embedding, one block
+//! per decoder layer, and the head (final RMSNorm + `lm_head`).
+//!
+//! Same contract as [`super::bert`]: every block has `forward(input) -> output` and
+//! `backward(input, grad_out) -> (grad_input, grads)`, the backward recomputing the block's
+//! internals from its input, so training keeps one activation per block. Parameters are keyed by
+//! their Hugging Face names (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`).
+//!
+//! With tied embeddings the head's weight *is* `model.embed_tokens.weight`: the embedding block and
+//! the head each hold a copy under that name and each report a gradient for it; the gradient of
+//! the tensor is their sum ([`Llama::total_grads`]), and [`Llama::set_param`] updates both copies.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::bert::load_tensor;
+use super::llama_config::LlamaConfig;
+use super::tokenize::Encoded;
+use super::{Param, Params};
+use crate::backend::{AttnShape, Backend};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+/// One batch of right-padded sequences on the device, with the next-token targets of the loss.
+pub struct LmBatch<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: B::Ids,
+    /// `0..seq` in every sequence: right padding leaves the real tokens' positions as if alone.
+    pub positions: B::Ids,
+    /// `[batch, seq]`, 1 for real tokens and 0 for padding.
+    pub mask: B::Buf,
+    /// Rows `b * seq + t` whose next token `t + 1` is real: where the loss is taken.
+    pub label_rows: B::Ids,
+    /// The next token of each of `label_rows`, on the host.
+    pub labels: Vec<u32>,
+}
+
+impl<B: Backend> LmBatch<B> {
+    /// Number of token rows, `batch * seq`.
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+fn param<'a, B: Backend>(p: &'a Params<B>, name: &str) -> Result<&'a B::Buf> {
+    p.get(name)
+        .map(|t| &t.buf)
+        .ok_or_else(|| Error::Invalid(format!("parameter `{name}` is missing from the block's parameters")))
+}
+
+fn need<T>(x: Option<T>, what: &str) -> Result<T> {
+    x.ok_or_else(|| Error::Invalid(format!("backward returned no {what} gradient")))
+}
+
+/// The token embedding `model.embed_tokens`.
+#[derive(Debug, Clone)]
+pub struct TokenEmbedding {
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+impl TokenEmbedding {
+    pub const WEIGHT: &'static str = "model.embed_tokens.weight";
+
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        vec![(Self::WEIGHT.into(), vec![self.vocab, self.hidden])]
+    }
+
+    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>) -> Result<B::Buf> {
+        be.embedding(param(p, Self::WEIGHT)?, &batch.input_ids, self.hidden)
+    }
+
+    /// The table's gradient (the input is discrete ids: there is no input gradient).
+    pub fn backward<B: Backend>(&self, be: &B, batch: &LmBatch<B>, dy: &B::Buf) -> Result<Params<B>> {
+        let g = be.embedding_backward(&batch.input_ids, dy, self.vocab, self.hidden)?;
+        let mut out = Params::new();
+        out.insert(Self::WEIGHT.into(), Param { shape: vec![self.vocab, self.hidden], buf: g });
+        Ok(out)
+    }
+}
+
+/// One pre-norm decoder layer: `x + attn(rmsnorm(x))`, then `+ mlp(rmsnorm(.))`, with causal
+/// grouped-query attention on rotary-embedded queries and keys and a SwiGLU MLP.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub index: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub rope_theta: f32,
+    pub rope_scale: f32,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// Everything the layer's forward computes that its backward needs, kept only inside one call.
+struct LayerActs<Buf> {
+    /// `rmsnorm(x)`, the projections' input.
+    h: Buf,
+    /// Queries and keys after the rotary embedding.
+    qr: Buf,
+    kr: Buf,
+    v: Buf,
+    ctx: Buf,
+    /// `x + attention`, the MLP's residual input.
+    r1: Buf,
+    h2: Buf,
+    gate: Buf,
+    up: Buf,
+    act: Buf,
+}
+
+impl DecoderLayer {
+    /// Full name of a tensor of this layer, e.g. `self_attn.q_proj.weight`.
+    pub fn name(&self, rel: &str) -> String {
+        format!("model.layers.{}.{rel}", self.index)
+    }
+
+    /// `(relative name, fan_in, fan_out, has bias)` of the seven projections.
+    fn projections(&self) -> [(&'static str, usize, usize, bool); 7] {
+        let (h, i) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        [
+            ("self_attn.q_proj", h, q, self.qkv_bias),
+            ("self_attn.k_proj", h, kv, self.qkv_bias),
+            ("self_attn.v_proj", h, kv, self.qkv_bias),
+            ("self_attn.o_proj", q, h, self.o_bias),
+            ("mlp.gate_proj", h, i, self.mlp_bias),
+            ("mlp.up_proj", h, i, self.mlp_bias),
+            ("mlp.down_proj", i, h, self.mlp_bias),
+        ]
+    }
+
+    /// Parameter names and shapes, in Hugging Face's order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = vec![(self.name("input_layernorm.weight"), vec![self.hidden])];
+        for (k, (rel, fan_in, fan_out, bias)) in self.projections().into_iter().enumerate() {
+            if k == 4 {
+                out.push((self.name("post_attention_layernorm.weight"), vec![self.hidden]));
+            }
+            out.push((self.name(&format!("{rel}.weight")), vec![fan_out, fan_in]));
+            if bias {
+                out.push((self.name(&format!("{rel}.bias")), vec![fan_out]));
+            }
+        }
+        out
+    }
+
+    fn attn_shape<B: Backend>(&self, batch: &LmBatch<B>) -> AttnShape {
+        AttnShape {
+            batch: batch.batch,
+            seq_q: batch.seq,
+            seq_k: batch.seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            causal: true,
+        }
+    }
+
+    fn linear<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, k: usize, rows: usize) -> Result<B::Buf> {
+        let (rel, fan_in, fan_out, bias) = self.projections()[k];
+        let b = if bias { Some(param(p, &self.name(&format!("{rel}.bias")))?) } else { None };
+        be.linear(x, param(p, &self.name(&format!("{rel}.weight")))?, b, rows, fan_in, fan_out)
+    }
+
+    fn run<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        x: &B::Buf,
+    ) -> Result<(LayerActs<B::Buf>, B::Buf)> {
+        let (rows, hd) = (batch.rows(), self.head_dim);
+        let h = be.rmsnorm(x, param(p, &self.name("input_layernorm.weight"))?, rows, self.hidden, self.eps)?;
+        let q = self.linear(be, p, &h, 0, rows)?;
+        let qr = be.rope(&q, &batch.positions, self.heads, hd, self.rope_theta, self.rope_scale)?;
+        drop(q);
+        let k = self.linear(be, p, &h, 1, rows)?;
+        let kr = be.rope(&k, &batch.positions, self.kv_heads, hd, self.rope_theta, self.rope_scale)?;
+        drop(k);
+        let v = self.linear(be, p, &h, 2, rows)?;
+        let ctx = be.attention(&qr, &kr, &v, Some(&batch.mask), self.attn_shape(batch))?;
+        let a = self.linear(be, p, &ctx, 3, rows)?;
+        let r1 = be.add(x, &a)?;
+        drop(a);
+        let h2 =
+            be.rmsnorm(&r1, param(p, &self.name("post_attention_layernorm.weight"))?, rows, self.hidden, self.eps)?;
+        let gate = self.linear(be, p, &h2, 4, rows)?;
+        let up = self.linear(be, p, &h2, 5, rows)?;
+        let act = be.swiglu(&gate, &up)?;
+        let m = self.linear(be, p, &act, 6, rows)?;
+        let y = be.add(&r1, &m)?;
+        Ok((LayerActs { h, qr, kr, v, ctx, r1, h2, gate, up, act }, y))
+    }
+
+    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, x: &B::Buf) -> Result<B::Buf> {
+        Ok(self.run(be, p, batch, x)?.1)
+    }
+
+    /// Recomputes the layer from `x`, then returns `(dL/dx, dL/d params)`.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        x: &B::Buf,
+        dy: &B::Buf,
+    ) -> Result<(B::Buf, Params<B>)> {
+        let (rows, hd) = (batch.rows(), self.head_dim);
+        let (a, _) = self.run(be, p, batch, x)?;
+        let shapes: BTreeMap<String, Vec<usize>> = self.param_shapes().into_iter().collect();
+        let mut g = Params::new();
+        let mut put = |name: String, buf: B::Buf| -> Result<()> {
+            let shape = shapes.get(&name).ok_or_else(|| Error::Invalid(format!("no shape for `{name}`")))?.clone();
+            g.insert(name, Param { shape, buf });
+            Ok(())
+        };
+        // Backward of projection k with input `inp`: stores the weight and bias gradients and
+        // returns the input gradient.
+        let mut proj = |k: usize, inp: &B::Buf, d: &B::Buf| -> Result<B::Buf> {
+            let (rel, fan_in, fan_out, bias) = self.projections()[k];
+            let w = param(p, &self.name(&format!("{rel}.weight")))?;
+            let lg = be.linear_backward(inp, w, d, rows, fan_in, fan_out, true, bias)?;
+            put(self.name(&format!("{rel}.weight")), lg.dw)?;
+            if let Some(db) = lg.db {
+                put(self.name(&format!("{rel}.bias")), db)?;
+            }
+            need(lg.dx, "projection input")
+        };
+
+        // MLP: y = r1 + down(swiglu(gate(h2), up(h2))), h2 = rmsnorm(r1).
+        let dact = proj(6, &a.act, dy)?;
+        let (dgate, dup) = be.swiglu_backward(&a.gate, &a.up, &dact)?;
+        drop(dact);
+        let mut dh2 = proj(4, &a.h2, &dgate)?;
+        be.add_assign(&mut dh2, &proj(5, &a.h2, &dup)?)?;
+        drop((dgate, dup));
+        let post_w = param(p, &self.name("post_attention_layernorm.weight"))?;
+        let (dr1_norm, dpost) = be.rmsnorm_backward(&a.r1, post_w, &dh2, rows, self.hidden, self.eps)?;
+        drop(dh2);
+        // r1 feeds the post-attention norm and the second residual.
+        let mut dr1 = dr1_norm;
+        be.add_assign(&mut dr1, dy)?;
+
+        // Attention: r1 = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = rmsnorm(x).
+        let dctx = proj(3, &a.ctx, &dr1)?;
+        let att = be.attention_backward(&a.qr, &a.kr, &a.v, Some(&batch.mask), &dctx, self.attn_shape(batch))?;
+        drop(dctx);
+        let dq = be.rope_backward(&att.dq, &batch.positions, self.heads, hd, self.rope_theta, self.rope_scale)?;
+        let dk = be.rope_backward(&att.dk, &batch.positions, self.kv_heads, hd, self.rope_theta, self.rope_scale)?;
+        let mut dh = proj(0, &a.h, &dq)?;
+        be.add_assign(&mut dh, &proj(1, &a.h, &dk)?)?;
+        be.add_assign(&mut dh, &proj(2, &a.h, &att.dv)?)?;
+        let in_w = param(p, &self.name("input_layernorm.weight"))?;
+        let (dx_norm, din) = be.rmsnorm_backward(x, in_w, &dh, rows, self.hidden, self.eps)?;
+        // x feeds the input norm and the first residual.
+        let mut dx = dr1;
+        be.add_assign(&mut dx, &dx_norm)?;
+        put(self.name("post_attention_layernorm.weight"), dpost)?;
+        put(self.name("input_layernorm.weight"), din)?;
+        Ok((dx, g))
+    }
+}
+
+/// The final RMSNorm and the vocabulary projection.
+#[derive(Debug, Clone)]
+pub struct LmHead {
+    pub hidden: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    /// The projection is `model.embed_tokens.weight` (tied embeddings).
+    pub tied: bool,
+}
+
+impl LmHead {
+    pub const NORM: &'static str = "model.norm.weight";
+
+    /// Name of the projection weight: `lm_head.weight`, or the embedding's when tied.
+    pub fn weight_name(&self) -> &'static str {
+        if self.tied { TokenEmbedding::WEIGHT } else { "lm_head.weight" }
+    }
+
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        vec![(Self::NORM.into(), vec![self.hidden]), (self.weight_name().into(), vec![self.vocab, self.hidden])]
+    }
+
+    /// Logits `[rows, vocab]` from the last hidden states `[rows, hidden]`.
+    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, rows: usize, x: &B::Buf) -> Result<B::Buf> {
+        let hn = be.rmsnorm(x, param(p, Self::NORM)?, rows, self.hidden, self.eps)?;
+        be.linear(&hn, param(p, self.weight_name())?, None, rows, self.hidden, self.vocab)
+    }
+
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        rows: usize,
+        x: &B::Buf,
+        dlogits: &B::Buf,
+    ) -> Result<(B::Buf, Params<B>)> {
+        let (h, v) = (self.hidden, self.vocab);
+        let norm_w = param(p, Self::NORM)?;
+        let hn = be.rmsnorm(x, norm_w, rows, h, self.eps)?;
+        let lg = be.linear_backward(&hn, param(p, self.weight_name())?, dlogits, rows, h, v, true, false)?;
+        drop(hn);
+        let (dx, dnorm) = be.rmsnorm_backward(x, norm_w, &need(lg.dx, "hidden state")?, rows, h, self.eps)?;
+        let mut g = Params::new();
+        g.insert(Self::NORM.into(), Param { shape: vec![h], buf: dnorm });
+        g.insert(self.weight_name().into(), Param { shape: vec![v, h], buf: lg.dw });
+        Ok((dx, g))
+    }
+}
+
+/// One block of the chain.
+#[derive(Debug, Clone)]
+pub enum LlamaBlock {
+    Embedding(TokenEmbedding),
+    Layer(DecoderLayer),
+    Head(LmHead),
+}
+
+impl LlamaBlock {
+    /// `embeddings`, `model.layers.N` or `head` (the layer-map names used elsewhere).
+    pub fn name(&self) -> String {
+        match self {
+            LlamaBlock::Embedding(_) => "embeddings".into(),
+            LlamaBlock::Layer(l) => format!("model.layers.{}", l.index),
+            LlamaBlock::Head(_) => "head".into(),
+        }
+    }
+
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            LlamaBlock::Embedding(e) => e.param_shapes(),
+            LlamaBlock::Layer(l) => l.param_shapes(),
+            LlamaBlock::Head(h) => h.param_shapes(),
+        }
+    }
+
+    /// The block's output; `input` is the previous block's output (`None` for the embedding).
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        input: Option<&B::Buf>,
+    ) -> Result<B::Buf> {
+        match self {
+            LlamaBlock::Embedding(e) => e.forward(be, p, batch),
+            LlamaBlock::Layer(l) => l.forward(be, p, batch, self.need_input(input)?),
+            LlamaBlock::Head(h) => h.forward(be, p, batch.rows(), self.need_input(input)?),
+        }
+    }
+
+    /// `(dL/d input, dL/d params)` from the saved input and the output gradient.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        input: Option<&B::Buf>,
+        grad_out: &B::Buf,
+    ) -> Result<(Option<B::Buf>, Params<B>)> {
+        match self {
+            LlamaBlock::Embedding(e) => Ok((None, e.backward(be, batch, grad_out)?)),
+            LlamaBlock::Layer(l) => {
+                let (dx, g) = l.backward(be, p, batch, self.need_input(input)?, grad_out)?;
+                Ok((Some(dx), g))
+            }
+            LlamaBlock::Head(h) => {
+                let (dx, g) = h.backward(be, p, batch.rows(), self.need_input(input)?, grad_out)?;
+                Ok((Some(dx), g))
+            }
+        }
+    }
+
+    fn need_input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
+        input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", self.name())))
+    }
+}
+
+/// The inputs each block saw during a training forward: all the backward needs.
+pub struct LmSaved<B: Backend> {
+    inputs: Vec<Option<B::Buf>>,
+}
+
+/// A Llama-family causal LM, its weights on a backend.
+pub struct Llama<B: Backend> {
+    pub config: LlamaConfig,
+    /// The checkpoint this came from (for messages).
+    pub path: PathBuf,
+    pub blocks: Vec<LlamaBlock>,
+    /// One parameter map per block, aligned with `blocks`.
+    pub params: Vec<Params<B>>,
+    pub backend: B,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads `config.json` and the weights of a `LlamaForCausalLM`, `MistralForCausalLM` or
+    /// `Qwen2ForCausalLM` from a model directory (or safetensors file).
+    pub fn load(backend: B, path: &Path) -> Result<Self> {
+        let ck = Checkpoint::open(path)?;
+        let config_path = ck.dir.join("config.json");
+        let cfg_json = ck.config.as_ref().ok_or_else(|| Error::Model {
+            path: config_path.clone(),
+            reason: "config.json is missing (needed for the architecture)".into(),
+        })?;
+        let config = LlamaConfig::from_json(cfg_json, &config_path)?;
+        let c = &config;
+        let mut blocks = vec![LlamaBlock::Embedding(TokenEmbedding { vocab: c.vocab_size, hidden: c.hidden_size })];
+        for index in 0..c.num_hidden_layers {
+            blocks.push(LlamaBlock::Layer(DecoderLayer {
+                index,
+                hidden: c.hidden_size,
+                intermediate: c.intermediate_size,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                eps: c.rms_norm_eps,
+                rope_theta: c.rope_theta,
+                rope_scale: c.rope_scale,
+                qkv_bias: c.qkv_bias,
+                o_bias: c.o_bias,
+                mlp_bias: c.mlp_bias,
+            }));
+        }
+        blocks.push(LlamaBlock::Head(LmHead {
+            hidden: c.hidden_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps,
+            tied: c.tie_word_embeddings,
+        }));
+        if !c.tie_word_embeddings && ck.resolve("lm_head.weight").is_none() {
+            return Err(Error::Model {
+                path: ck.path.clone(),
+                reason: "tensor `lm_head.weight` is missing and config.json does not set tie_word_embeddings".into(),
+            });
+        }
+        let mut params = Vec::with_capacity(blocks.len());
+        for block in &blocks {
+            let mut p = Params::new();
+            for (name, shape) in block.param_shapes() {
+                let buf = load_tensor(&backend, &ck, &name, &shape)?;
+                p.insert(name, Param { shape, buf });
+            }
+            params.push(p);
+        }
+        tracing::debug!(
+            "loaded {:?} causal LM: {} layers, hidden {}, heads {}/{}, from {}",
+            c.family,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            ck.path.display()
+        );
+        Ok(Llama { config, path: ck.path.clone(), blocks, params, backend })
+    }
+
+    /// A parameter by name, from the first block that holds it.
+    pub fn param(&self, name: &str) -> Option<&Param<B>> {
+        self.params.iter().find_map(|p| p.get(name))
+    }
+
+    /// Replaces a parameter's values (same shape) in every block that holds it (both copies of a
+    /// tied embedding).
+    pub fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let mut found = false;
+        for p in self.params.iter_mut().filter_map(|p| p.get_mut(name)) {
+            let n: usize = p.shape.iter().product();
+            if values.len() != n {
+                return Err(Error::Invalid(format!(
+                    "parameter `{name}` has shape {:?} ({n} values), got {} values",
+                    p.shape,
+                    values.len()
+                )));
+            }
+            p.buf = self.backend.upload(values)?;
+            found = true;
+        }
+        if found { Ok(()) } else { Err(Error::Invalid(format!("the model has no parameter `{name}`"))) }
+    }
+
+    /// Uploads a right-padded tokenized batch and its next-token targets.
+    pub fn batch(&self, enc: &Encoded) -> Result<LmBatch<B>> {
+        let be = &self.backend;
+        let (n, s) = (enc.batch, enc.seq);
+        if enc.input_ids.len() != n * s || enc.attention_mask.len() != n * s {
+            return Err(Error::Invalid(format!("encoded batch arrays do not match its shape [{n}, {s}]")));
+        }
+        if let Some(w) = self.config.sliding_window
+            && s > w
+        {
+            return Err(Error::Invalid(format!(
+                "sequences of {s} tokens exceed the model's sliding attention window of {w} tokens, which is not \
+                 implemented; use a maximum length of at most {w}"
+            )));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((i, &id)) = enc.input_ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {id} (sequence {}, position {}) is outside the model's vocabulary of {vocab}",
+                i / s,
+                i % s
+            )));
+        }
+        let mut label_rows = Vec::new();
+        let mut labels = Vec::new();
+        for (b, m) in enc.attention_mask.chunks(s.max(1)).enumerate() {
+            let len = m.iter().take_while(|&&v| v != 0).count();
+            if m[len..].iter().any(|&v| v != 0) {
+                return Err(Error::Invalid(format!(
+                    "sequence {b} is not right-padded (its attention mask has a real token after padding)"
+                )));
+            }
+            for t in 0..len.saturating_sub(1) {
+                label_rows.push((b * s + t) as u32);
+                labels.push(enc.input_ids[b * s + t + 1]);
+            }
+        }
+        let positions: Vec<u32> = (0..n * s).map(|i| (i % s.max(1)) as u32).collect();
+        let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
+        Ok(LmBatch {
+            batch: n,
+            seq: s,
+            input_ids: be.upload_ids(&enc.input_ids)?,
+            positions: be.upload_ids(&positions)?,
+            mask: be.upload(&mask)?,
+            label_rows: be.upload_ids(&label_rows)?,
+            labels,
+        })
+    }
+
+    /// Logits `[batch * seq, vocab]` (inference: nothing is kept).
+    pub fn logits(&self, batch: &LmBatch<B>) -> Result<B::Buf> {
+        let mut x: Option<B::Buf> = None;
+        for (block, p) in self.blocks.iter().zip(&self.params) {
+            x = Some(block.forward(&self.backend, p, batch, x.as_ref())?);
+        }
+        x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))
+    }
+
+    /// Logits plus each block's input, for [`Llama::backward`].
+    pub fn forward_saving(&self, batch: &LmBatch<B>) -> Result<(B::Buf, LmSaved<B>)> {
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x: Option<B::Buf> = None;
+        for (block, p) in self.blocks.iter().zip(&self.params) {
+            let y = block.forward(&self.backend, p, batch, x.as_ref())?;
+            inputs.push(x.replace(y));
+        }
+        let logits = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+        Ok((logits, LmSaved { inputs }))
+    }
+
+    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`. Blocks
+    /// run in reverse, each recomputing its internals from its saved input.
+    pub fn backward(&self, batch: &LmBatch<B>, saved: LmSaved<B>, dlogits: &B::Buf) -> Result<Vec<Params<B>>> {
+        let mut inputs = saved.inputs;
+        if inputs.len() != self.blocks.len() {
+            return Err(Error::Invalid("saved activations do not belong to this model".into()));
+        }
+        let mut grads = Vec::with_capacity(self.blocks.len());
+        let mut dy: Option<B::Buf> = None;
+        for i in (0..self.blocks.len()).rev() {
+            let input = inputs.pop().flatten();
+            let g_out = dy.as_ref().unwrap_or(dlogits);
+            let (dx, g) = self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), g_out)?;
+            grads.push(g);
+            dy = dx;
+        }
+        grads.reverse();
+        Ok(grads)
+    }
+
+    /// The rows of `logits` the loss reads, and one-hot targets for them: the loss runs on the
+    /// backend's existing row gather and soft-label cross-entropy, at the cost of a `[targets,
+    /// vocab]` host-built buffer the size of the picked logits (a sparse-label op would avoid it).
+    fn picked(&self, batch: &LmBatch<B>, logits: &B::Buf) -> Result<(B::Buf, B::Buf)> {
+        let (n, vocab) = (batch.labels.len(), self.config.vocab_size);
+        if n == 0 {
+            return Err(Error::Invalid("no next-token targets: every sequence has fewer than two tokens".into()));
+        }
+        let picked = self.backend.embedding(logits, &batch.label_rows, vocab)?;
+        let mut onehot = vec![0f32; n * vocab];
+        for (row, &t) in onehot.chunks_mut(vocab).zip(&batch.labels) {
+            row[t as usize] = 1.0;
+        }
+        Ok((picked, self.backend.upload(&onehot)?))
+    }
+
+    /// Mean next-token cross-entropy over the batch's real tokens (each sequence's last token has
+    /// no target).
+    pub fn lm_loss(&self, batch: &LmBatch<B>) -> Result<f32> {
+        let logits = self.logits(batch)?;
+        let (picked, targets) = self.picked(batch, &logits)?;
+        let n = batch.labels.len();
+        let loss = self.backend.download(&self.backend.soft_ce(&picked, &targets, n, self.config.vocab_size)?)?;
+        loss.first().copied().ok_or_else(|| Error::Invalid("the loss op returned nothing".into()))
+    }
+
+    /// [`Llama::lm_loss`] and its gradient for every block (aligned with `blocks`; see
+    /// [`Llama::total_grads`] for one gradient per tensor).
+    pub fn lm_loss_grads(&self, batch: &LmBatch<B>) -> Result<(f32, Vec<Params<B>>)> {
+        let be = &self.backend;
+        let (n, vocab) = (batch.labels.len(), self.config.vocab_size);
+        let (logits, saved) = self.forward_saving(batch)?;
+        let (picked, targets) = self.picked(batch, &logits)?;
+        drop(logits);
+        let loss = be.download(&be.soft_ce(&picked, &targets, n, vocab)?)?;
+        let dpicked = be.soft_ce_backward(&picked, &targets, n, vocab, 1.0)?;
+        drop((picked, targets));
+        let dlogits = be.embedding_backward(&batch.label_rows, &dpicked, batch.rows(), vocab)?;
+        drop(dpicked);
+        let grads = self.backward(batch, saved, &dlogits)?;
+        Ok((loss.first().copied().unwrap_or(f32::NAN), grads))
+    }
+
+    /// One gradient per tensor name: per-block gradients with a tied embedding's two summed.
+    pub fn total_grads(&self, grads: Vec<Params<B>>) -> Result<Params<B>> {
+        let mut out = Params::new();
+        for g in grads {
+            for (name, t) in g {
+                match out.get_mut(&name) {
+                    Some(acc) => self.backend.add_assign(&mut acc.buf, &t.buf)?,
+                    None => {
+                        out.insert(name, t);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,110 @@
+//! Batched evaluation of a causal LM: mean next-token loss and perplexity over texts.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::llama::Llama;
+use super::llama_config::LlamaFamily;
+use super::tokenize::TextTokenizer;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+/// Whether `config.json` (a value) describes a causal LM we run, rather than a classifier.
+pub fn is_causal_lm(config: &Value) -> bool {
+    LlamaFamily::of_config(config).is_some()
+}
+
+/// Whether the model directory (or safetensors file) at `path` holds a causal LM: reads only its
+/// `config.json`; `false` when there is none.
+pub fn is_causal_lm_dir(path: &Path) -> Result<bool> {
+    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+    let cfg = dir.join("config.json");
+    if !cfg.is_file() {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Model { path: cfg.clone(), reason: format!("not valid JSON: {e}") })?;
+    Ok(is_causal_lm(&v))
+}
+
+/// A causal LM with its tokenizer.
+pub struct CausalLm<B: Backend> {
+    pub model: Llama<B>,
+    pub tokenizer: TextTokenizer,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Loads the weights, `config.json` and `tokenizer.json` of a model directory; texts are
+    /// truncated to `max_len` tokens.
+    pub fn load(backend: B, path: &Path, max_len: usize) -> Result<Self> {
+        let model = Llama::load(backend, path)?;
+        if let Some(w) = model.config.sliding_window
+            && max_len > w
+        {
+            return Err(Error::Invalid(format!(
+                "maximum length {max_len} exceeds the sliding attention window ({w} tokens) of {}, which is not \
+                 implemented; pass a maximum length of at most {w}",
+                path.display()
+            )));
+        }
+        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+        let tokenizer = TextTokenizer::from_dir(dir, max_len)?;
+        Ok(CausalLm { model, tokenizer })
+    }
+}
+
+/// Mean next-token loss over a set of texts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LmEvalReport {
+    pub texts: usize,
+    /// Predicted tokens: every real token but each text's first.
+    pub tokens: usize,
+    /// Mean cross-entropy per predicted token, in nats.
+    pub mean_loss: f64,
+    /// `exp(mean_loss)`.
+    pub perplexity: f64,
+}
+
+/// Scores `texts` (each tokenized with the tokenizer's special tokens, truncated to its maximum
+/// length): every token is weighted equally, so long texts count more than short ones. Texts are
+/// batched by length; the loss is summed in f64 on the host.
+pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
+    lm: &CausalLm<B>,
+    texts: &[S],
+    batch_size: usize,
+) -> Result<LmEvalReport> {
+    if batch_size == 0 {
+        return Err(Error::Invalid("batch size must be at least 1".into()));
+    }
+    if texts.is_empty() {
+        return Err(Error::Invalid("nothing to evaluate: no texts".into()));
+    }
+    let model = &lm.model;
+    let vocab = model.config.vocab_size;
+    let toks = lm.tokenizer.tokenize(texts)?;
+    let mut order: Vec<usize> = (0..toks.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
+    let (mut total, mut tokens) = (0f64, 0usize);
+    for chunk in order.chunks(batch_size) {
+        let enc = lm.tokenizer.pad(&chunk.iter().map(|&i| &toks[i]).collect::<Vec<_>>());
+        let batch = model.batch(&enc)?;
+        if batch.labels.is_empty() {
+            continue;
+        }
+        let logits =
+            model.backend.download(&model.backend.embedding(&model.logits(&batch)?, &batch.label_rows, vocab)?)?;
+        for (z, &t) in logits.chunks(vocab).zip(&batch.labels) {
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            total += lse - z[t as usize] as f64;
+        }
+        tokens += batch.labels.len();
+    }
+    if tokens == 0 {
+        return Err(Error::Invalid("nothing to evaluate: every text has fewer than two tokens".into()));
+    }
+    let mean_loss = total / tokens as f64;
+    Ok(LmEvalReport { texts: texts.len(), tokens, mean_loss, perplexity: mean_loss.exp() })
+}
