@@ -244,24 +244,8 @@ enum Command {
     /// Form the communicator from the launcher's environment (torchrun or SLURM variables; none
     /// means one process), all-reduce a test tensor on every rank and check the sum.
     DistCheck {
-        /// Directory every rank can reach (a shared filesystem across nodes); needed when the
-        /// world has more than one rank.
-        #[arg(long, value_name = "DIR")]
-        rendezvous: Option<PathBuf>,
-        /// Seconds a rank waits for the others to arrive before failing.
-        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
-        rendezvous_timeout: Duration,
-        /// Seconds a rank waits inside one collective before failing.
-        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
-        collective_timeout: Duration,
-        /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
-        /// or TORCHELASTIC_RUN_ID).
-        #[arg(long)]
-        job_id: Option<String>,
-        /// Communicator when the world has more than one rank: file (through the rendezvous
-        /// directory, CPU) or nccl (GPUs; not implemented yet).
-        #[arg(long, default_value = "file")]
-        backend: Backend,
+        #[command(flatten)]
+        dist: DistArgs,
         /// Elements of the test tensor.
         #[arg(long, default_value_t = 1 << 16)]
         elements: usize,
@@ -317,6 +301,9 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
+        /// Data-parallel over the launcher's ranks: each takes its share of every batch.
+        #[command(flatten)]
+        dist: DistArgs,
     },
 }
 
@@ -344,6 +331,46 @@ enum DataCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How the ranks of a multi-process run find each other. Ignored without launcher variables
+/// (`RANK`/`WORLD_SIZE` from torchrun, or `SLURM_PROCID`/`SLURM_NTASKS` from srun).
+#[derive(clap::Args)]
+struct DistArgs {
+    /// Directory every rank can reach (a shared filesystem across nodes); needed when the
+    /// world has more than one rank.
+    #[arg(long, value_name = "DIR")]
+    rendezvous: Option<PathBuf>,
+    /// Seconds a rank waits for the others to arrive before failing.
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
+    rendezvous_timeout: Duration,
+    /// Seconds a rank waits inside one collective before failing.
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
+    collective_timeout: Duration,
+    /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
+    /// or TORCHELASTIC_RUN_ID).
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Communicator when the world has more than one rank: file (through the rendezvous
+    /// directory, CPU) or nccl (GPUs; not implemented yet).
+    #[arg(long, default_value = "file")]
+    backend: Backend,
+}
+
+impl DistArgs {
+    /// This process's rank and its communicator ([`symerge::dist::Single`] without a launcher).
+    fn connect(self) -> anyhow::Result<(RankInfo, Box<dyn symerge::dist::Collective>)> {
+        let info = RankInfo::from_env()?;
+        let DistArgs { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend } = self;
+        let opts = ConnectOptions { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend };
+        let coll = symerge::dist::connect(&info, &opts).with_context(|| rank_label(&info))?;
+        Ok((info, coll))
+    }
+}
+
+/// Prefixing the rank makes interleaved logs from many ranks attributable.
+fn rank_label(info: &RankInfo) -> String {
+    format!("rank {}/{}", info.rank, info.world_size)
 }
 
 /// The tasks `--task` selects (a newtype, so clap takes the list as one value).
@@ -703,13 +730,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json } => {
+        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json, dist } => {
             let mut cfg = AdaptConfig::load(&config)?;
             cfg.epochs = epochs.unwrap_or(cfg.epochs);
             cfg.seed = seed.unwrap_or(cfg.seed);
-            let adapter = Adapter::load(Cpu, cfg)?;
-            let summary = adapter.run(&AdaptOptions { output, force, evaluate: !no_eval, log_every })?;
-            if json {
+            let (info, mut coll) = dist.connect()?;
+            let label = rank_label(&info);
+            let adapter = match Adapter::load(Cpu, cfg) {
+                Ok(a) => a,
+                Err(e) => {
+                    coll.abort(&e.to_string());
+                    return Err(anyhow::Error::new(e).context(label));
+                }
+            };
+            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            let summary = adapter.run_in(&opts, coll.as_mut()).with_context(|| label.clone())?;
+            if info.rank != 0 {
+                tracing::info!("{label}: done; rank 0 wrote {}", summary.output.display());
+            } else if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
                 for t in &summary.tasks {
@@ -724,14 +762,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::DistCheck { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend, elements, json } => {
-            let info = RankInfo::from_env()?;
-            // Prefixing the rank makes interleaved logs from many ranks attributable.
-            let rank_label = format!("rank {}/{}", info.rank, info.world_size);
-            let opts = ConnectOptions { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend };
-            let mut coll = symerge::dist::connect(&info, &opts).with_context(|| rank_label.clone())?;
+        Command::DistCheck { dist, elements, json } => {
+            let (info, mut coll) = dist.connect()?;
             let report =
-                symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label.clone())?;
+                symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string(&report)?))?;
             } else {
