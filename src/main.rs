@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
-use symerge::backend::cuda::stream_merge::CudaOptions;
+use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
 use symerge::backend::cuda::{DeviceSpec, Resolved};
 use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
@@ -17,10 +17,10 @@ use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::{Backend, ConnectOptions, RankInfo};
-use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
+use symerge::labels::produce::{CacheLabelsOptions, cache_labels_in};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
-use symerge::merge::executor::{MergeOptions, merge};
+use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     Bert, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate, finetune,
@@ -78,6 +78,10 @@ enum Command {
         /// When it holds every input, inputs stay resident on the device.
         #[arg(long, value_parser = parse_size)]
         device_mem: Option<u64>,
+        /// Split the blocks over the launcher's ranks (each on GPU LOCAL_RANK with a CUDA
+        /// device); rank 0 assembles the shards and the index.
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda {
@@ -277,6 +281,9 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
+        /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
@@ -493,7 +500,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&info.to_string())?;
             }
         }
-        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet, device, device_mem } => {
+        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet, device, device_mem, dist } => {
             let cfg = MergeConfig::load(&config)?;
             tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
             let opts =
@@ -506,15 +513,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (DeviceSpec::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
                 _ => symerge::backend::cuda::resolve(device)?,
             };
+            let (info, mut coll) = dist.connect()?;
+            // Several ranks on a node: each takes the GPU of its local rank.
+            let resolved = match resolved {
+                Resolved::Cuda(_)
+                    if info.world_size > 1 && matches!(device, DeviceSpec::Auto | DeviceSpec::Cuda(0)) =>
+                {
+                    symerge::backend::cuda::resolve(DeviceSpec::Cuda(info.local_rank))?
+                }
+                other => other,
+            };
             let summary = match resolved {
-                Resolved::Cpu { .. } => merge(&cfg, &opts)?,
-                Resolved::Cuda(gpu) => symerge::backend::cuda::stream_merge::merge(
+                Resolved::Cpu { .. } => merge_with_in(&cfg, &opts, &mut CpuEngine, coll.as_mut()),
+                Resolved::Cuda(gpu) => merge_with_in(
                     &cfg,
                     &opts,
-                    &gpu,
-                    CudaOptions { device_mem, ..Default::default() },
-                )?,
-            };
+                    &mut CudaEngine::new(&gpu, CudaOptions { device_mem, ..Default::default() }),
+                    coll.as_mut(),
+                ),
+            }
+            .with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -713,10 +731,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
-        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json } => {
+        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json, dist } => {
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
             let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force };
-            let summary = cache_labels(Cpu, &texts, &opts)?;
+            let (info, mut coll) = dist.connect()?;
+            let summary = cache_labels_in(Cpu, &texts, &opts, coll.as_mut()).with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
