@@ -358,8 +358,8 @@ struct DistArgs {
     /// or TORCHELASTIC_RUN_ID).
     #[arg(long)]
     job_id: Option<String>,
-    /// Communicator when the world has more than one rank: file (through the rendezvous
-    /// directory, CPU) or nccl (GPUs; not implemented yet).
+    /// Communicator: file (through the rendezvous directory, CPU; one rank needs none) or nccl
+    /// (one GPU per rank, LOCAL_RANK picks it; with one rank a real one-GPU communicator).
     #[arg(long, default_value = "file")]
     backend: Backend,
 }
