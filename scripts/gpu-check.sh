@@ -67,6 +67,7 @@ step kernels_compile 90 "$BIN/kernels_compile" --nocapture
 step gpu_kernels 200 "$BIN/gpu_kernels" --nocapture --test-threads=1
 step gpu_merge 220 "$BIN/gpu_merge" --nocapture --test-threads=1
 step device_flag 60 "$BIN/device_flag" --nocapture
+step gpu_nccl 90 "$BIN/gpu_nccl" --nocapture --test-threads=1
 if [ -z "${SKIP_BENCH:-}" ]; then
   SPLIT=1 step bench 600 "$BIN/symerge" bench-cuda --preset "${BENCH_PRESET:-llama-7b}" \
     --experts "${BENCH_EXPERTS:-2}" --dir /tmp/symerge-bench --report "$OUT/bench.json" ${BENCH_ARGS:-}
@@ -74,5 +75,5 @@ fi
 rm -rf /tmp/symerge-bench
 echo "== summary ($(($(date +%s) - start))s)"
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
-grep -h -E "test result|SKIPPED|panicked|bit-identical|differ" "$OUT"/gpu_*.log "$OUT"/kernels_compile.log "$OUT"/device_flag.log 2>/dev/null | head -40
+grep -h -E "test result|SKIPPED|panicked|bit-identical|differ" "$OUT"/gpu_*.log "$OUT"/kernels_compile.log "$OUT"/device_flag.log "$OUT"/gpu_nccl.log 2>/dev/null | head -40
 cat "$OUT/bench.txt" 2>/dev/null

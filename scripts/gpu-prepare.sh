@@ -2,7 +2,7 @@
 # Builds, on any x86-64 machine (no GPU or CUDA needed), what scripts/gpu-check.sh runs on the
 # GPU machine, and copies it into .devbin/ (git-ignored; carry it to the device):
 #   .devbin/symerge                      the CLI (bench-cuda, merge --device cuda)
-#   .devbin/{gpu_kernels,gpu_merge,kernels_compile,device_flag}   the GPU test executables
+#   .devbin/{gpu_kernels,gpu_merge,kernels_compile,device_flag,gpu_nccl}   the GPU test executables
 # Usage: scripts/gpu-prepare.sh            (JOBS=1 to limit parallel compilation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +13,10 @@ cargo build --release --bin symerge "${jobs[@]}"
 mkdir -p .devbin
 rm -f .devbin/*
 cargo test --release --no-run --message-format=json "${jobs[@]}" \
-  --test gpu_kernels --test gpu_merge --test kernels_compile --test device_flag |
+  --test gpu_kernels --test gpu_merge --test kernels_compile --test device_flag --test gpu_nccl |
   python3 -c '
 import json, shutil, sys
-wanted = {"gpu_kernels", "gpu_merge", "kernels_compile", "device_flag"}
+wanted = {"gpu_kernels", "gpu_merge", "kernels_compile", "device_flag", "gpu_nccl"}
 for line in sys.stdin:
     try:
         msg = json.loads(line)

@@ -10,7 +10,7 @@ use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
-use symerge::backend::cuda::stream_merge::CudaOptions;
+use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
 use symerge::backend::cuda::{DeviceSpec, Resolved};
 use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
@@ -18,10 +18,10 @@ use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::{Backend, ConnectOptions, RankInfo};
-use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
+use symerge::labels::produce::{CacheLabelsOptions, cache_labels_in};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
-use symerge::merge::executor::{MergeOptions, merge};
+use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
@@ -79,6 +79,10 @@ enum Command {
         /// When it holds every input, inputs stay resident on the device.
         #[arg(long, value_parser = parse_size)]
         device_mem: Option<u64>,
+        /// Split the blocks over the launcher's ranks (each on GPU LOCAL_RANK with a CUDA
+        /// device); rank 0 assembles the shards and the index.
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda {
@@ -256,24 +260,8 @@ enum Command {
     /// Form the communicator from the launcher's environment (torchrun or SLURM variables; none
     /// means one process), all-reduce a test tensor on every rank and check the sum.
     DistCheck {
-        /// Directory every rank can reach (a shared filesystem across nodes); needed when the
-        /// world has more than one rank.
-        #[arg(long, value_name = "DIR")]
-        rendezvous: Option<PathBuf>,
-        /// Seconds a rank waits for the others to arrive before failing.
-        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
-        rendezvous_timeout: Duration,
-        /// Seconds a rank waits inside one collective before failing.
-        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
-        collective_timeout: Duration,
-        /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
-        /// or TORCHELASTIC_RUN_ID).
-        #[arg(long)]
-        job_id: Option<String>,
-        /// Communicator when the world has more than one rank: file (through the rendezvous
-        /// directory, CPU) or nccl (GPUs; not implemented yet).
-        #[arg(long, default_value = "file")]
-        backend: Backend,
+        #[command(flatten)]
+        dist: DistArgs,
         /// Elements of the test tensor.
         #[arg(long, default_value_t = 1 << 16)]
         elements: usize,
@@ -305,6 +293,9 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
+        /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
@@ -329,6 +320,9 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
+        /// Data-parallel over the launcher's ranks: each takes its share of every batch.
+        #[command(flatten)]
+        dist: DistArgs,
     },
 }
 
@@ -356,6 +350,46 @@ enum DataCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How the ranks of a multi-process run find each other. Ignored without launcher variables
+/// (`RANK`/`WORLD_SIZE` from torchrun, or `SLURM_PROCID`/`SLURM_NTASKS` from srun).
+#[derive(clap::Args)]
+struct DistArgs {
+    /// Directory every rank can reach (a shared filesystem across nodes); needed when the
+    /// world has more than one rank.
+    #[arg(long, value_name = "DIR")]
+    rendezvous: Option<PathBuf>,
+    /// Seconds a rank waits for the others to arrive before failing.
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
+    rendezvous_timeout: Duration,
+    /// Seconds a rank waits inside one collective before failing.
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
+    collective_timeout: Duration,
+    /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
+    /// or TORCHELASTIC_RUN_ID).
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Communicator: file (through the rendezvous directory, CPU; one rank needs none) or nccl
+    /// (one GPU per rank, LOCAL_RANK picks it; with one rank a real one-GPU communicator).
+    #[arg(long, default_value = "file")]
+    backend: Backend,
+}
+
+impl DistArgs {
+    /// This process's rank and its communicator ([`symerge::dist::Single`] without a launcher).
+    fn connect(self) -> anyhow::Result<(RankInfo, Box<dyn symerge::dist::Collective>)> {
+        let info = RankInfo::from_env()?;
+        let DistArgs { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend } = self;
+        let opts = ConnectOptions { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend };
+        let coll = symerge::dist::connect(&info, &opts).with_context(|| rank_label(&info))?;
+        Ok((info, coll))
+    }
+}
+
+/// Prefixing the rank makes interleaved logs from many ranks attributable.
+fn rank_label(info: &RankInfo) -> String {
+    format!("rank {}/{}", info.rank, info.world_size)
 }
 
 /// The tasks `--task` selects (a newtype, so clap takes the list as one value).
@@ -509,7 +543,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&info.to_string())?;
             }
         }
-        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet, device, device_mem } => {
+        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet, device, device_mem, dist } => {
             let cfg = MergeConfig::load(&config)?;
             tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
             let opts =
@@ -522,15 +556,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (DeviceSpec::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
                 _ => symerge::backend::cuda::resolve(device)?,
             };
+            let (info, mut coll) = dist.connect()?;
+            // Several ranks on a node: each takes the GPU of its local rank.
+            let resolved = match resolved {
+                Resolved::Cuda(_)
+                    if info.world_size > 1 && matches!(device, DeviceSpec::Auto | DeviceSpec::Cuda(0)) =>
+                {
+                    symerge::backend::cuda::resolve(DeviceSpec::Cuda(info.local_rank))?
+                }
+                other => other,
+            };
             let summary = match resolved {
-                Resolved::Cpu { .. } => merge(&cfg, &opts)?,
-                Resolved::Cuda(gpu) => symerge::backend::cuda::stream_merge::merge(
+                Resolved::Cpu { .. } => merge_with_in(&cfg, &opts, &mut CpuEngine, coll.as_mut()),
+                Resolved::Cuda(gpu) => merge_with_in(
                     &cfg,
                     &opts,
-                    &gpu,
-                    CudaOptions { device_mem, ..Default::default() },
-                )?,
-            };
+                    &mut CudaEngine::new(&gpu, CudaOptions { device_mem, ..Default::default() }),
+                    coll.as_mut(),
+                ),
+            }
+            .with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -771,10 +816,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
-        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json } => {
+        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json, dist } => {
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
             let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force };
-            let summary = cache_labels(Cpu, &texts, &opts)?;
+            let (info, mut coll) = dist.connect()?;
+            let summary = cache_labels_in(Cpu, &texts, &opts, coll.as_mut()).with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -788,13 +834,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json } => {
+        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json, dist } => {
             let mut cfg = AdaptConfig::load(&config)?;
             cfg.epochs = epochs.unwrap_or(cfg.epochs);
             cfg.seed = seed.unwrap_or(cfg.seed);
-            let adapter = Adapter::load(Cpu, cfg)?;
-            let summary = adapter.run(&AdaptOptions { output, force, evaluate: !no_eval, log_every })?;
-            if json {
+            let (info, mut coll) = dist.connect()?;
+            let label = rank_label(&info);
+            let adapter = match Adapter::load(Cpu, cfg) {
+                Ok(a) => a,
+                Err(e) => {
+                    coll.abort(&e.to_string());
+                    return Err(anyhow::Error::new(e).context(label));
+                }
+            };
+            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            let summary = adapter.run_in(&opts, coll.as_mut()).with_context(|| label.clone())?;
+            if info.rank != 0 {
+                tracing::info!("{label}: done; rank 0 wrote {}", summary.output.display());
+            } else if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
                 for t in &summary.tasks {
@@ -809,14 +866,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::DistCheck { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend, elements, json } => {
-            let info = RankInfo::from_env()?;
-            // Prefixing the rank makes interleaved logs from many ranks attributable.
-            let rank_label = format!("rank {}/{}", info.rank, info.world_size);
-            let opts = ConnectOptions { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend };
-            let mut coll = symerge::dist::connect(&info, &opts).with_context(|| rank_label.clone())?;
+        Command::DistCheck { dist, elements, json } => {
+            let (info, mut coll) = dist.connect()?;
             let report =
-                symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label.clone())?;
+                symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string(&report)?))?;
             } else {

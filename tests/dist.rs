@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{randoms, symerge};
 use symerge::Error;
-use symerge::dist::data_parallel::{average_gradients, param_hash, shard_range, verify_identical};
+use symerge::dist::data_parallel::{average_gradients, param_hash, shard_range, verify_digest, verify_identical};
 use symerge::dist::{Collective, LocalGroup, LocalRank, RankInfo, RankSource};
 
 // ---------------------------------------------------------------- rank discovery
@@ -436,5 +436,24 @@ fn diverged_parameters_are_caught_on_every_rank() {
         assert_eq!(same, Ok(expected));
         let msg = diverged.unwrap_err();
         assert!(msg.contains("parameters differ across ranks: 1 rank(s)"), "{msg}");
+    }
+}
+
+#[test]
+fn differing_digests_are_named_on_every_rank() {
+    let results = on_ranks(3, Duration::from_secs(10), |c| {
+        let mut digest = [7u8; 32];
+        let same = verify_digest(c, "Lambda", &digest).map_err(|e| e.to_string());
+        if c.rank() == 2 {
+            digest[31] = 8;
+        }
+        (same, verify_digest(c, "Lambda", &digest).map_err(|e| e.to_string()))
+    });
+    for (rank, (same, differ)) in results.into_iter().enumerate() {
+        assert_eq!(same, Ok(()));
+        let msg = differ.unwrap_err();
+        assert!(msg.contains("Lambda differs across ranks: rank(s) 2 disagree with rank 0"), "{msg}");
+        let held = if rank == 2 { "08" } else { "07" };
+        assert!(msg.ends_with(&format!("rank {rank} holds {}{held}", "07".repeat(31))), "{msg}");
     }
 }

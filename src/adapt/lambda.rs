@@ -79,8 +79,13 @@ impl Lambda {
 
     /// BLAKE3 of the coefficients' bits: equal on every rank iff the ranks agree exactly.
     pub fn hash(&self) -> String {
+        blake3::Hash::from_bytes(self.digest()).to_hex().to_string()
+    }
+
+    /// The raw 32 bytes behind [`Lambda::hash`].
+    pub fn digest(&self) -> [u8; 32] {
         let bytes: Vec<u8> = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        blake3::hash(&bytes).to_hex().to_string()
+        *blake3::hash(&bytes).as_bytes()
     }
 
     /// The Lambda table JSON `symerge merge` reads.

@@ -31,8 +31,26 @@ fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
 }
 
-/// Evaluates `objective` on `logits` `[rows, cols]`; `expert_probs` (same shape) are required
-/// for the SyMerge objectives.
+/// A batch's targets and loss before the mean is taken: what data-parallel ranks sum before
+/// they agree on the denominator.
+pub struct Prepared {
+    /// Per-sample targets (`None` for the entropy).
+    targets: Option<Vec<f32>>,
+    /// The loss averaged over all `rows` (filtered samples count as 0).
+    row_mean: f32,
+    pub kept: usize,
+    pub rows: usize,
+}
+
+impl Prepared {
+    /// The sum of the per-sample losses over this batch's kept samples.
+    pub fn loss_sum(&self) -> f64 {
+        self.row_mean as f64 * self.rows as f64
+    }
+}
+
+/// Evaluates `objective` on `logits` `[rows, cols]` as a mean over the kept samples;
+/// `expert_probs` (same shape) are required for the SyMerge objectives.
 pub fn evaluate<B: Backend>(
     be: &B,
     objective: Objective,
@@ -41,14 +59,27 @@ pub fn evaluate<B: Backend>(
     rows: usize,
     cols: usize,
 ) -> Result<LossOutput<B>> {
+    let p = prepare(be, objective, logits, expert_probs, rows, cols)?;
+    let kept = p.kept;
+    finish(be, p, logits, cols, kept)
+}
+
+/// Targets, kept samples and the loss of one batch (or one rank's shard of it).
+pub fn prepare<B: Backend>(
+    be: &B,
+    objective: Objective,
+    logits: &B::Buf,
+    expert_probs: Option<&[f32]>,
+    rows: usize,
+    cols: usize,
+) -> Result<Prepared> {
     let expert = || {
         expert_probs.ok_or_else(|| crate::error::Error::Invalid("this objective needs the expert's soft labels".into()))
     };
     let targets: Vec<f32> = match objective {
         Objective::Entropy => {
-            let loss = be.download(&be.entropy(logits, rows, cols)?)?[0];
-            let dlogits = be.entropy_backward(logits, rows, cols, 1.0)?;
-            return Ok(LossOutput { loss, dlogits, kept: rows });
+            let row_mean = be.download(&be.entropy(logits, rows, cols)?)?[0];
+            return Ok(Prepared { targets: None, row_mean, kept: rows, rows });
         }
         Objective::Soft { min_confidence } => {
             let mut t = expert()?.to_vec();
@@ -74,16 +105,34 @@ pub fn evaluate<B: Backend>(
         }
     };
     // Filtered samples have all-zero targets: they add nothing to the sum of the cross-entropy
-    // nor to its gradient, so rescaling by rows / kept makes both a mean over the kept samples.
+    // nor to its gradient, so a mean over all rows rescaled by rows / kept is a mean over the
+    // kept samples.
     let kept = targets.chunks(cols).filter(|r| r.iter().any(|&v| v != 0.0)).count();
-    let targets_buf = be.upload(&targets)?;
-    if kept == 0 {
-        return Ok(LossOutput { loss: 0.0, dlogits: be.zeros(rows * cols)?, kept });
+    let row_mean =
+        if kept == 0 { 0.0 } else { be.download(&be.soft_ce(logits, &be.upload(&targets)?, rows, cols)?)?[0] };
+    Ok(Prepared { targets: Some(targets), row_mean, kept, rows })
+}
+
+/// The loss and its logits gradient as this batch's share of a mean over `denominator` kept
+/// samples: the batch's own kept count alone, or the kept count summed over data-parallel
+/// ranks, whose shares then add up to the full batch's mean and gradient.
+pub fn finish<B: Backend>(
+    be: &B,
+    p: Prepared,
+    logits: &B::Buf,
+    cols: usize,
+    denominator: usize,
+) -> Result<LossOutput<B>> {
+    let rows = p.rows;
+    if denominator == 0 || p.kept == 0 {
+        return Ok(LossOutput { loss: 0.0, dlogits: be.zeros(rows * cols)?, kept: p.kept });
     }
-    let scale = rows as f32 / kept as f32;
-    let loss = be.download(&be.soft_ce(logits, &targets_buf, rows, cols)?)?[0] * scale;
-    let dlogits = be.soft_ce_backward(logits, &targets_buf, rows, cols, scale)?;
-    Ok(LossOutput { loss, dlogits, kept })
+    let scale = rows as f32 / denominator as f32;
+    let dlogits = match &p.targets {
+        None => be.entropy_backward(logits, rows, cols, scale)?,
+        Some(t) => be.soft_ce_backward(logits, &be.upload(t)?, rows, cols, scale)?,
+    };
+    Ok(LossOutput { loss: p.row_mean * scale, dlogits, kept: p.kept })
 }
 
 #[cfg(test)]

@@ -19,11 +19,14 @@ use serde::Serialize;
 use super::adam::{Adam, AdamConfig};
 use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
 use super::lambda::{Granularity, Lambda};
-use super::objective::{self, LossOutput, Objective};
+use super::objective::{self, Objective};
 use super::task_vectors::TaskVectors;
 use crate::atomic::Staging;
 use crate::backend::Backend;
 use crate::data::jsonl::read_jsonl;
+use crate::dist::Collective;
+use crate::dist::Single;
+use crate::dist::data_parallel::{shard_range, verify_digest};
 use crate::error::{Error, Result};
 use crate::labels::LabelCache;
 use crate::labels::produce::provenance;
@@ -98,6 +101,8 @@ pub struct AdaptSummary {
     pub epochs: usize,
     pub steps: usize,
     pub seconds: f64,
+    /// Data-parallel ranks that trained (1 without a launcher).
+    pub world_size: usize,
     pub lambda_rows: usize,
     pub lambda_hash: String,
     pub tasks: Vec<TaskReport>,
@@ -238,56 +243,123 @@ impl<B: Backend + Clone> Adapter<B> {
 
     /// Loss and gradients of task `task` on its inputs `rows`, block-streamed.
     pub fn loss_and_grads(&self, task: usize, rows: &[usize]) -> Result<StepGrads<B>> {
+        self.loss_and_grads_in(task, rows, &mut Single)
+    }
+
+    /// Loss and gradients of task `task` on the batch `rows`, computed data-parallel: this rank
+    /// takes its [`shard_range`] of the rows, and after each block's backward its Lambda rows
+    /// (or the adapted block's gradients) are all-reduced, so every rank returns the full
+    /// batch's mean loss and gradients. Each rank's logits gradient is scaled by its kept
+    /// samples over the kept samples of all ranks (one small all-reduce after the forward), so
+    /// uneven shards and filtered samples count each sample once. With one rank this is the
+    /// plain single-process computation and makes no collective call.
+    pub fn loss_and_grads_in(&self, task: usize, rows: &[usize], coll: &mut dyn Collective) -> Result<StepGrads<B>> {
+        let (rank, world) = (coll.rank(), coll.world_size());
+        let mine = &rows[shard_range(rows.len(), rank, world)];
         let be = &self.base.backend;
         let t = &self.tasks[task];
-        let seqs: Vec<&Tokens> = rows.iter().map(|&i| &t.tokens[i]).collect();
-        let batch = self.base.batch(&t.tokenizer.pad(&seqs))?;
         let n_shared = self.shared.len();
         let total = n_shared + t.private_blocks.len();
 
-        // Forward: only block outputs are kept (each is the next block's input).
+        // Forward (skipped by a rank whose shard is empty): only block outputs are kept (each
+        // is the next block's input).
         let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
-        for b in 0..total {
-            let y = if b < n_shared {
-                let p = self.tv.merged_block(be, b, &self.lambda)?;
-                self.shared[b].forward(be, &p, &batch, acts.last())?
-            } else {
-                t.private_blocks[b - n_shared].forward(be, &t.private[b - n_shared], &batch, acts.last())?
-            };
-            acts.push(y);
+        let mut local = None;
+        if !mine.is_empty() {
+            let seqs: Vec<&Tokens> = mine.iter().map(|&i| &t.tokens[i]).collect();
+            let batch = self.base.batch(&t.tokenizer.pad(&seqs))?;
+            for b in 0..total {
+                let y = if b < n_shared {
+                    let p = self.tv.merged_block(be, b, &self.lambda)?;
+                    self.shared[b].forward(be, &p, &batch, acts.last())?
+                } else {
+                    t.private_blocks[b - n_shared].forward(be, &t.private[b - n_shared], &batch, acts.last())?
+                };
+                acts.push(y);
+            }
+            let logits = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+            let expert_probs = t.cache.as_ref().map(|c| c.probs_batch(mine));
+            let p = objective::prepare(be, self.objective(), &logits, expert_probs.as_deref(), batch.batch, t.classes)?;
+            local = Some((batch, logits, p));
         }
-        let logits = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
-        let expert_probs = t.cache.as_ref().map(|c| c.probs_batch(rows));
-        let LossOutput { loss, dlogits, kept } =
-            objective::evaluate(be, self.objective(), &logits, expert_probs.as_deref(), batch.batch, t.classes)?;
-        drop(logits);
+        let (local_kept, local_sum) = local.as_ref().map_or((0, 0.0), |(_, _, p)| (p.kept, p.loss_sum()));
+        let (kept, loss) = if world == 1 {
+            (local_kept, None)
+        } else {
+            // Counts below 2^24 are exact in f32.
+            let mut totals = [local_kept as f32, local_sum as f32];
+            coll.all_reduce_sum_f32(&mut totals)?;
+            let kept = totals[0] as usize;
+            (kept, Some(if kept == 0 { 0.0 } else { totals[1] / kept as f32 }))
+        };
+        let (batch, mut dy, local_loss) = match local {
+            Some((batch, logits, p)) => {
+                let out = objective::finish(be, p, &logits, t.classes, kept)?;
+                (Some(batch), Some(out.dlogits), out.loss)
+            }
+            None => (None, None, 0.0),
+        };
+        let loss = loss.unwrap_or(local_loss);
 
-        // Backward in reverse, rebuilding each shared block's weights.
+        // Backward in reverse, rebuilding each shared block's weights. Blocks the gradient no
+        // longer reaches (and every block of a rank without rows) contribute zeros, so every
+        // rank makes the same all-reduce calls.
         let mut lambda_grad = vec![0f64; self.lambda.values.len()];
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
-        let mut dy = dlogits;
         for b in (0..total).rev() {
             let input = if b > 0 { acts.pop() } else { None };
-            let (dx, g) = if b < n_shared {
-                let p = self.tv.merged_block(be, b, &self.lambda)?;
-                let (dx, g) = self.shared[b].backward(be, &p, &batch, input.as_ref(), &dy)?;
-                self.tv.lambda_grad(be, b, &g, &mut lambda_grad)?;
-                (dx, None)
+            let reached = batch.as_ref().zip(dy.take());
+            if b < n_shared {
+                if let Some((batch, d)) = reached {
+                    let p = self.tv.merged_block(be, b, &self.lambda)?;
+                    let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), &d)?;
+                    self.tv.lambda_grad(be, b, &g, &mut lambda_grad)?;
+                    dy = dx;
+                }
+                if world > 1 {
+                    self.all_reduce_lambda_rows(coll, b, &mut lambda_grad)?;
+                }
             } else {
                 let i = b - n_shared;
-                let (dx, g) = t.private_blocks[i].backward(be, &t.private[i], &batch, input.as_ref(), &dy)?;
-                (dx, Some(g))
-            };
-            if let Some(g) = g {
+                let mut g = match reached {
+                    Some((batch, d)) => {
+                        let (dx, g) = t.private_blocks[i].backward(be, &t.private[i], batch, input.as_ref(), &d)?;
+                        dy = dx;
+                        g
+                    }
+                    None => zeros_like(be, &t.private[i])?,
+                };
+                if world > 1 {
+                    all_reduce_params(be, coll, &mut g)?;
+                }
                 private.push(g);
-            }
-            match dx {
-                Some(dx) => dy = dx,
-                None => break,
             }
         }
         private.reverse();
         Ok(StepGrads { loss, kept, lambda: lambda_grad, private })
+    }
+
+    /// Sums block `b`'s Lambda rows of `grad` over the ranks. Each f64 value travels as an f32
+    /// and the f32 of its remainder: per-rank sums of a batch's samples often cancel, and one
+    /// f32 per rank would leave an error relative to the (larger) per-rank values rather than
+    /// to their sum.
+    fn all_reduce_lambda_rows(&self, coll: &mut dyn Collective, b: usize, grad: &mut [f64]) -> Result<()> {
+        let k = self.lambda.tasks();
+        let mut rows: Vec<usize> = self.tv.blocks[b].iter().map(|t| t.row).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let values: Vec<f64> = rows.iter().flat_map(|&r| grad[r * k..(r + 1) * k].iter().copied()).collect();
+        let mut buf: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        buf.extend(values.iter().map(|&v| (v - v as f32 as f64) as f32));
+        coll.all_reduce_sum_f32(&mut buf)?;
+        let (hi, lo) = buf.split_at(values.len());
+        let mut sums = hi.iter().zip(lo).map(|(&h, &l)| h as f64 + l as f64);
+        for &r in &rows {
+            for (g, s) in grad[r * k..(r + 1) * k].iter_mut().zip(&mut sums) {
+                *g = s;
+            }
+        }
+        Ok(())
     }
 
     /// The next `batch_size` inputs of task `task`, walking a seeded permutation that is redrawn
@@ -311,8 +383,14 @@ impl<B: Backend + Clone> Adapter<B> {
 
     /// One optimisation step on task `task`; returns (loss, kept samples).
     pub fn step(&mut self, task: usize) -> Result<(f32, usize)> {
+        self.step_in(task, &mut Single)
+    }
+
+    /// One data-parallel step: every rank draws the same batch, computes its shard, and applies
+    /// the same all-reduced gradients, so the ranks' parameters stay bit-identical.
+    pub fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)> {
         let rows = self.next_rows(task);
-        let g = self.loss_and_grads(task, &rows)?;
+        let g = self.loss_and_grads_in(task, &rows, coll)?;
         let lg: Vec<f32> = g.lambda.iter().map(|&v| v as f32).collect();
         self.lambda_adam.step(&mut self.lambda.values, &lg);
         if self.cfg.clamp {
@@ -355,20 +433,40 @@ impl<B: Backend + Clone> Adapter<B> {
     }
 
     /// Trains for the configured epochs, then writes the output directory (atomically).
-    pub fn run(mut self, opts: &AdaptOptions) -> Result<AdaptSummary> {
+    pub fn run(self, opts: &AdaptOptions) -> Result<AdaptSummary> {
+        self.run_in(opts, &mut Single)
+    }
+
+    /// [`Adapter::run`] as one rank of a data-parallel job: every rank trains on its shard of
+    /// each batch; at the end the ranks check that they hold bit-identical Lambda and adapted
+    /// layers (BLAKE3), and only rank 0 evaluates and writes the output directory. A rank that
+    /// fails tells the others through [`Collective::abort`] so they stop at once.
+    pub fn run_in(mut self, opts: &AdaptOptions, coll: &mut dyn Collective) -> Result<AdaptSummary> {
+        let result = self.train_and_write(opts, coll);
+        if let Err(e) = &result {
+            coll.abort(&e.to_string());
+        }
+        result
+    }
+
+    fn train_and_write(&mut self, opts: &AdaptOptions, coll: &mut dyn Collective) -> Result<AdaptSummary> {
         let start = Instant::now();
-        if opts.output.exists() && !opts.force {
+        let writer = coll.rank() == 0;
+        if writer && opts.output.exists() && !opts.force {
             return Err(Error::OutputExists { path: opts.output.clone() });
         }
-        let staging = Staging::create(&opts.output)?;
-        let log_path = staging.path().join("train_log.jsonl");
-        let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?);
+        let staging = if writer { Some(Staging::create(&opts.output)?) } else { None };
+        let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
+        let mut log = match &log_path {
+            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
+            None => None,
+        };
         let k = self.tasks.len();
         let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
         let mut steps = 0usize;
         for epoch in 0..self.cfg.epochs {
             for task in permutation(k, self.cfg.seed, name_hash("epoch order"), epoch as u32) {
-                let (loss, kept) = self.step(task)?;
+                let (loss, kept) = self.step_in(task, coll)?;
                 if !loss.is_finite() {
                     return Err(Error::Invalid(format!(
                         "loss of task `{}` became {loss} at epoch {epoch}; lower the learning rate",
@@ -381,12 +479,14 @@ impl<B: Backend + Clone> Adapter<B> {
                 if r.len() > 10 {
                     r.remove(0);
                 }
-                let line = serde_json::json!({
-                    "step": steps, "epoch": epoch, "task": self.tasks[task].name, "loss": loss, "kept": kept,
-                    "lambda_mean": self.task_lambda_mean(task),
-                });
-                writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
-                if opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
+                if let (Some(log), Some(path)) = (log.as_mut(), &log_path) {
+                    let line = serde_json::json!({
+                        "step": steps, "epoch": epoch, "task": self.tasks[task].name, "loss": loss, "kept": kept,
+                        "lambda_mean": self.task_lambda_mean(task),
+                    });
+                    writeln!(log, "{line}").map_err(|e| Error::io(path, e))?;
+                }
+                if writer && opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
                     tracing::info!(
                         "epoch {}/{} step {steps}: {} loss {loss:.4} (kept {kept}), mean lambda {:.3}",
                         epoch + 1,
@@ -397,24 +497,28 @@ impl<B: Backend + Clone> Adapter<B> {
                 }
             }
         }
-        log.flush().map_err(|e| Error::io(&log_path, e))?;
-        drop(log);
+        if let (Some(mut log), Some(path)) = (log, &log_path) {
+            log.flush().map_err(|e| Error::io(path, e))?;
+        }
+        if coll.world_size() > 1 {
+            verify_digest(coll, "Lambda", &self.lambda.digest())?;
+            verify_digest(coll, "adapted layers", &self.private_digest()?)?;
+            tracing::info!("rank {}: Lambda and adapted layers agree on all {} ranks", coll.rank(), coll.world_size());
+        }
 
-        self.lambda.save(&staging.path().join("lambda.json"))?;
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
-            let model = self.task_model(task)?;
-            let dir = staging.path().join("tasks").join(&self.tasks[task].name);
-            write_model(&model, &dir)?;
             let t = &self.tasks[task];
-            let accuracy = match (&t.gold, opts.evaluate) {
-                (Some(gold), true) => {
+            let mut accuracy = None;
+            if let Some(staging) = &staging {
+                let model = self.task_model(task)?;
+                write_model(&model, &staging.path().join("tasks").join(&t.name))?;
+                if let (Some(gold), true) = (&t.gold, opts.evaluate) {
                     let tokenizer = TextTokenizer::from_dir(&t.expert, self.cfg.max_len)?;
                     let clf = SequenceClassifier { model, tokenizer };
-                    Some(100.0 * evaluate(&clf, &t.texts, gold, self.cfg.batch_size.max(32))?.accuracy)
+                    accuracy = Some(100.0 * evaluate(&clf, &t.texts, gold, self.cfg.batch_size.max(32))?.accuracy);
                 }
-                _ => None,
-            };
+            }
             reports.push(TaskReport {
                 name: t.name.clone(),
                 inputs: t.texts.len(),
@@ -430,17 +534,35 @@ impl<B: Backend + Clone> Adapter<B> {
             epochs: self.cfg.epochs,
             steps,
             seconds: start.elapsed().as_secs_f64(),
+            world_size: coll.world_size(),
             lambda_rows: self.lambda.keys.len(),
             lambda_hash: self.lambda.hash(),
             average_accuracy: (accs.len() == k).then(|| accs.iter().sum::<f64>() / k as f64),
             tasks: reports,
         };
-        let json = serde_json::json!({"summary": summary, "config": self.cfg});
-        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
-        let path = staging.path().join("summary.json");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-        staging.commit(&opts.output, opts.force)?;
+        if let Some(staging) = staging {
+            self.lambda.save(&staging.path().join("lambda.json"))?;
+            let json = serde_json::json!({"summary": summary, "config": self.cfg});
+            let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
+            let path = staging.path().join("summary.json");
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            staging.commit(&opts.output, opts.force)?;
+        }
         Ok(summary)
+    }
+
+    /// BLAKE3 of every task's adapted layers, in task, block and tensor-name order.
+    fn private_digest(&self) -> Result<[u8; 32]> {
+        let be = &self.base.backend;
+        let mut h = blake3::Hasher::new();
+        for t in &self.tasks {
+            for p in t.private.iter().flat_map(|p| p.values()) {
+                for v in be.download(&p.buf)? {
+                    h.update(&v.to_le_bytes());
+                }
+            }
+        }
+        Ok(*h.finalize().as_bytes())
     }
 
     fn task_lambda_mean(&self, task: usize) -> f64 {
@@ -448,6 +570,31 @@ impl<B: Backend + Clone> Adapter<B> {
         let col: Vec<f32> = self.lambda.values.iter().skip(task).step_by(k).copied().collect();
         col.iter().map(|&v| v as f64).sum::<f64>() / col.len().max(1) as f64
     }
+}
+
+/// Zeros shaped like `params`: the gradient of a rank whose shard is empty.
+fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
+    let mut out = Params::new();
+    for (name, p) in params {
+        out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.zeros(be.len(&p.buf))? });
+    }
+    Ok(out)
+}
+
+/// Sums a block's gradients over the ranks in one all-reduce (tensors in name order).
+fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut Params<B>) -> Result<()> {
+    let mut flat = Vec::new();
+    for p in grads.values() {
+        flat.extend(be.download(&p.buf)?);
+    }
+    coll.all_reduce_sum_f32(&mut flat)?;
+    let mut at = 0;
+    for p in grads.values_mut() {
+        let n = be.len(&p.buf);
+        p.buf = be.upload(&flat[at..at + n])?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// A seeded permutation of `0..n` (Fisher-Yates over a Philox stream).

@@ -50,6 +50,8 @@ pub struct ShardWriter {
     bytes_written: u64,
     /// Bytes written to the open shard since its writeback was last started.
     unflushed: u64,
+    /// Write `model.safetensors.index.json` when there is more than one shard.
+    write_index: bool,
 }
 
 /// Dirty output is handed to the disk in pieces of this size while the merge runs, so the
@@ -67,40 +69,54 @@ impl ShardWriter {
     /// Plans shards of at most `max_shard_bytes` of tensor data (a single larger tensor gets a
     /// shard of its own) and prepares to write into `dir`, which must exist.
     pub fn create(dir: &Path, tensors: Vec<PlannedTensor>, max_shard_bytes: u64) -> Result<Self> {
-        let mut bounds: Vec<(usize, usize)> = Vec::new();
-        let mut start = 0;
-        let mut size = 0u64;
-        for (i, t) in tensors.iter().enumerate() {
-            let b = t.nbytes();
-            if i > start && size + b > max_shard_bytes {
-                bounds.push((start, i));
-                start = i;
-                size = 0;
-            }
-            size += b;
-        }
-        if !tensors.is_empty() || bounds.is_empty() {
-            bounds.push((start, tensors.len()));
+        let mut bounds = plan_shards(&tensors, max_shard_bytes);
+        // An empty checkpoint still gets its one (empty) file.
+        if bounds.is_empty() {
+            bounds.push((0, 0));
         }
         let n = bounds.len();
+        let names = (0..n).map(|si| shard_file_name(si, n)).collect();
+        Ok(Self::with_plan(dir, tensors, bounds, names, true))
+    }
+
+    /// One rank's part of a checkpoint written by several: its tensors in shards planned as
+    /// [`plan_shards`] does, named by `names` (one per shard, numbered across all ranks); no
+    /// index, which the rank that assembles the parts writes.
+    pub fn create_part(
+        dir: &Path,
+        tensors: Vec<PlannedTensor>,
+        max_shard_bytes: u64,
+        names: Vec<String>,
+    ) -> Result<Self> {
+        let bounds = plan_shards(&tensors, max_shard_bytes);
+        if bounds.len() != names.len() {
+            return Err(Error::Invalid(format!(
+                "internal: {} shard names for {} planned shards",
+                names.len(),
+                bounds.len()
+            )));
+        }
+        Ok(Self::with_plan(dir, tensors, bounds, names, false))
+    }
+
+    fn with_plan(
+        dir: &Path,
+        tensors: Vec<PlannedTensor>,
+        bounds: Vec<(usize, usize)>,
+        names: Vec<String>,
+        write_index: bool,
+    ) -> Self {
         let mut shard_of = vec![0; tensors.len()];
         let shards = bounds
             .into_iter()
+            .zip(names)
             .enumerate()
-            .map(|(si, (first, end))| {
+            .map(|(si, ((first, end), file_name))| {
                 shard_of[first..end].iter_mut().for_each(|s| *s = si);
-                ShardPlan {
-                    file_name: if n == 1 {
-                        SINGLE_NAME.to_string()
-                    } else {
-                        format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
-                    },
-                    first,
-                    end,
-                }
+                ShardPlan { file_name, first, end }
             })
             .collect();
-        Ok(ShardWriter {
+        ShardWriter {
             dir: dir.to_path_buf(),
             tensors,
             shards,
@@ -110,7 +126,8 @@ impl ShardWriter {
             out: None,
             bytes_written: 0,
             unflushed: 0,
-        })
+            write_index,
+        }
     }
 
     /// Number of shard files the plan produces.
@@ -204,25 +221,55 @@ impl ShardWriter {
             }
         }
         let mut files: Vec<PathBuf> = self.shards.iter().map(|s| self.dir.join(&s.file_name)).collect();
-        if self.shards.len() > 1 {
-            let total: u64 = self.tensors.iter().map(PlannedTensor::nbytes).sum();
-            let weight_map: serde_json::Map<String, serde_json::Value> = self
-                .tensors
-                .iter()
-                .zip(&self.shard_of)
-                .map(|(t, &s)| (t.name.clone(), self.shards[s].file_name.clone().into()))
-                .collect();
-            let index = serde_json::json!({
-                "metadata": {"total_size": total},
-                "weight_map": weight_map,
-            });
-            let path = self.dir.join(INDEX_NAME);
-            let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers");
-            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-            files.push(path);
+        if self.write_index && self.shards.len() > 1 {
+            let of: Vec<&str> = self.shard_of.iter().map(|&s| self.shards[s].file_name.as_str()).collect();
+            files.push(write_index(&self.dir, &self.tensors, &of)?);
         }
         Ok(WrittenCheckpoint { files, bytes: self.bytes_written })
     }
+}
+
+/// Shard bounds `(first, end)` over `tensors` in order: at most `max_shard_bytes` of data each,
+/// except that a single larger tensor gets a shard of its own. No tensors, no shards.
+pub fn plan_shards(tensors: &[PlannedTensor], max_shard_bytes: u64) -> Vec<(usize, usize)> {
+    let mut bounds: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0;
+    let mut size = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let b = t.nbytes();
+        if i > start && size + b > max_shard_bytes {
+            bounds.push((start, i));
+            start = i;
+            size = 0;
+        }
+        size += b;
+    }
+    if !tensors.is_empty() {
+        bounds.push((start, tensors.len()));
+    }
+    bounds
+}
+
+/// The Hugging Face name of shard `si` of `n`: `model.safetensors` alone, else
+/// `model-00001-of-00005.safetensors`.
+pub fn shard_file_name(si: usize, n: usize) -> String {
+    if n == 1 { SINGLE_NAME.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) }
+}
+
+/// Writes `dir/model.safetensors.index.json` mapping each of `tensors` to its file in `files`
+/// (aligned); returns its path.
+pub fn write_index(dir: &Path, tensors: &[PlannedTensor], files: &[&str]) -> Result<PathBuf> {
+    let total: u64 = tensors.iter().map(PlannedTensor::nbytes).sum();
+    let weight_map: serde_json::Map<String, serde_json::Value> =
+        tensors.iter().zip(files).map(|(t, &f)| (t.name.clone(), f.into())).collect();
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    let path = dir.join(INDEX_NAME);
+    let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers");
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
 }
 
 /// Asks the kernel to start writing a file's dirty pages without waiting for them (Linux

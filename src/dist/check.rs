@@ -99,7 +99,7 @@ pub fn run_check(coll: &mut dyn Collective, info: &RankInfo, elements: usize) ->
         local_rank: info.local_rank,
         source: info.source,
         backend: coll.backend().into(),
-        device: "cpu".into(),
+        device: coll.device(),
         host,
         elements,
         sum_hash: format!("{hash:016x}"),

@@ -2,7 +2,7 @@
 //! process ([`Single`]), on threads in one process ([`LocalGroup`]: tests, and later several
 //! local GPUs driven by one process), across processes through a shared directory
 //! ([`FileGroup`]: CPU clusters and `dist-check`), and on GPUs through NCCL
-//! ([`crate::dist::nccl`], not implemented yet).
+//! ([`crate::dist::nccl`]).
 //!
 //! Every implementation gives all ranks bit-identical results, and the CPU ones sum in rank
 //! order, so a run is reproducible whatever order the ranks arrive in. Every wait has a
@@ -21,6 +21,10 @@ pub trait Collective: Send {
     fn backend(&self) -> &'static str;
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// Where the data is reduced, for reports: `cpu`, or `cuda:N (name)`.
+    fn device(&self) -> String {
+        "cpu".into()
+    }
     /// Replaces `buf` on every rank with the element-wise sum over ranks.
     fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<()>;
     /// Copies `root`'s `buf` into every rank's `buf`.

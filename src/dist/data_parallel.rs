@@ -85,6 +85,38 @@ pub fn verify_identical(coll: &mut dyn Collective, params: &[f32]) -> Result<u64
     Ok(mine)
 }
 
+/// Checks that every rank computed the same `digest` of `what` (a BLAKE3 hash of its
+/// parameters, say) and errors on every rank, naming the ranks that differ from rank 0, if not.
+///
+/// One all-reduce is an all-gather here: each rank writes its digest's bytes into its own slot
+/// of a zeroed `[world, len]` buffer, and bytes are exact in f32, so every rank receives every
+/// digest bit for bit.
+pub fn verify_digest(coll: &mut dyn Collective, what: &str, digest: &[u8]) -> Result<()> {
+    let (rank, world, len) = (coll.rank(), coll.world_size(), digest.len());
+    // Digests of different lengths make buffers of different lengths, which the all-reduce refuses.
+    let width = len;
+    let mut all = vec![0f32; world * width];
+    for (o, &b) in all[rank * width..(rank + 1) * width].iter_mut().zip(digest) {
+        *o = f32::from(b);
+    }
+    coll.all_reduce_sum_f32(&mut all)?;
+    let differing: Vec<usize> = (1..world).filter(|&r| all[r * width..(r + 1) * width] != all[..width]).collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    let hex =
+        |r: usize| -> String { all[r * width..(r + 1) * width].iter().map(|&b| format!("{:02x}", b as u8)).collect() };
+    Err(Error::Collective {
+        backend: coll.backend().into(),
+        reason: format!(
+            "{what} differs across ranks: rank(s) {} disagree with rank 0 ({}); rank {rank} holds {}",
+            differing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+            hex(0),
+            hex(rank)
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

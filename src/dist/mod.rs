@@ -5,7 +5,7 @@
 //!   unique id) and every wait ends in a timeout naming the missing ranks.
 //! - [`collective`]: the [`Collective`] trait and its CPU implementations (single process,
 //!   threads in one process, files in the rendezvous directory).
-//! - [`nccl`]: where the GPU backend goes; an explicit error until it exists.
+//! - [`nccl`]: NCCL on CUDA devices, the id shared through the rendezvous.
 //! - [`data_parallel`]: batch sharding, gradient averaging, parameter hashes.
 //! - [`check`]: what `symerge dist-check` runs on every rank.
 //!
@@ -62,11 +62,14 @@ pub struct ConnectOptions {
     pub backend: Backend,
 }
 
-/// The communicator for this rank: [`Single`] for world size 1, else the rendezvous followed by
-/// the chosen backend.
+/// The communicator for this rank: [`Single`] for world size 1 (a one-rank NCCL communicator
+/// when NCCL is asked for), else the rendezvous followed by the chosen backend.
 pub fn connect(info: &RankInfo, opts: &ConnectOptions) -> Result<Box<dyn Collective>> {
     if info.is_single() {
-        return Ok(Box::new(Single));
+        return match opts.backend {
+            Backend::File => Ok(Box::new(Single)),
+            Backend::Nccl => Ok(Box::new(nccl::connect(info, None, opts.collective_timeout)?)),
+        };
     }
     let Some(dir) = &opts.rendezvous else {
         return Err(Error::Invalid(format!(
@@ -74,13 +77,11 @@ pub fn connect(info: &RankInfo, opts: &ConnectOptions) -> Result<Box<dyn Collect
             info.world_size
         )));
     };
+    let ropts =
+        RendezvousOptions { job_id: opts.job_id.clone(), ..RendezvousOptions::new(dir, opts.rendezvous_timeout) };
     match opts.backend {
-        Backend::Nccl => Ok(Box::new(nccl::connect(info)?)),
+        Backend::Nccl => Ok(Box::new(nccl::connect(info, Some(&ropts), opts.collective_timeout)?)),
         Backend::File => {
-            let ropts = RendezvousOptions {
-                job_id: opts.job_id.clone(),
-                ..RendezvousOptions::new(dir, opts.rendezvous_timeout)
-            };
             let rdzv = rendezvous::rendezvous(info, &ropts, &[])?;
             Ok(Box::new(FileGroup::new(rdzv, opts.collective_timeout)))
         }

@@ -185,23 +185,26 @@ impl CacheWriter {
     /// Appends classification rows: `probs` and `logits` are row-major `[n, classes]`.
     pub fn append_classification(&mut self, probs: &[f32], logits: &[f32]) -> Result<()> {
         let LabelKind::Classification { classes } = self.header.kind;
-        if probs.len() != logits.len() || !probs.len().is_multiple_of(classes) {
-            return Err(cache_err(
-                &self.path,
-                format!("rows of {} probs and {} logits are not whole rows of {classes}", probs.len(), logits.len()),
-            ));
+        let bytes = encode_classification(probs, logits, classes).map_err(|reason| cache_err(&self.path, reason))?;
+        self.append_encoded(&bytes)
+    }
+
+    /// Bytes of one row as [`CacheWriter::append_classification`] encodes it.
+    pub fn row_bytes(&self) -> usize {
+        self.header.row_bytes()
+    }
+
+    /// Appends whole rows already encoded (another rank's part of the cache).
+    pub fn append_encoded(&mut self, bytes: &[u8]) -> Result<()> {
+        let rb = self.header.row_bytes();
+        if !bytes.len().is_multiple_of(rb) {
+            return Err(cache_err(&self.path, format!("{} bytes are not whole rows of {rb} bytes", bytes.len())));
         }
-        let n = probs.len() / classes;
+        let n = bytes.len() / rb;
         if self.written + n > self.header.rows {
             return Err(cache_err(&self.path, format!("more than the planned {} rows", self.header.rows)));
         }
-        let mut bytes = Vec::with_capacity(n * self.header.row_bytes());
-        for (p, l) in probs.chunks_exact(classes).zip(logits.chunks_exact(classes)) {
-            for &v in p.iter().chain(l) {
-                bytes.extend_from_slice(&f16::from_f32(v).to_le_bytes());
-            }
-        }
-        self.out.write_all(&bytes).map_err(|e| Error::io(&self.partial, e))?;
+        self.out.write_all(bytes).map_err(|e| Error::io(&self.partial, e))?;
         self.written += n;
         Ok(())
     }
@@ -236,6 +239,25 @@ impl CacheWriter {
         std::fs::rename(&self.partial, &self.path).map_err(|e| Error::io(&self.path, e))?;
         Ok(self.path)
     }
+}
+
+/// Classification rows as the cache stores them: each row's probabilities then logits, as
+/// little-endian f16. `probs` and `logits` are row-major `[n, classes]`.
+pub fn encode_classification(probs: &[f32], logits: &[f32], classes: usize) -> std::result::Result<Vec<u8>, String> {
+    if probs.len() != logits.len() || classes == 0 || !probs.len().is_multiple_of(classes) {
+        return Err(format!(
+            "rows of {} probs and {} logits are not whole rows of {classes}",
+            probs.len(),
+            logits.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(probs.len() * 4);
+    for (p, l) in probs.chunks_exact(classes).zip(logits.chunks_exact(classes)) {
+        for &v in p.iter().chain(l) {
+            bytes.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    }
+    Ok(bytes)
 }
 
 /// Whole rows of a partial cache that can be continued, if its header matches `want`.

@@ -5,7 +5,7 @@
 //! written into a hidden temporary directory beside it, which is renamed into place at the end
 //! and removed on any error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -19,8 +19,10 @@ use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::side_files::copy_side_files;
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
-use crate::checkpoint::writer::BackgroundWriter;
+use crate::checkpoint::writer::{BackgroundWriter, plan_shards, shard_file_name, write_index};
 use crate::checkpoint::{Checkpoint, FloatDType, LayerStream, PlannedTensor, ShardWriter, TensorMeta};
+use crate::dist::data_parallel::shard_range;
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::sysinfo::peak_rss_bytes;
@@ -118,6 +120,46 @@ impl MergeEngine for CpuEngine {
 
 /// Merges the models of `config` into `opts.output`, running the blocks on `engine`.
 pub fn merge_with(config: &MergeConfig, opts: &MergeOptions, engine: &mut dyn MergeEngine) -> Result<MergeSummary> {
+    merge_with_in(config, opts, engine, &mut Single)
+}
+
+/// [`merge_with`] as one rank of several (each with its own engine: a CPU, or its own GPU).
+///
+/// The blocks are divided between the ranks in contiguous [`shard_range`]s. Every rank plans
+/// the same stream and so knows every rank's shards; it writes its own, numbered across all
+/// ranks, into `<output>.rank-<r>-of-<n>.partial/`. After a barrier rank 0 moves every rank's
+/// shards into its staging directory with the side files and `model.safetensors.index.json`
+/// and renames it into place (atomically, as alone); a second barrier makes every rank return
+/// only once the output exists. The summary's bytes and seconds are this rank's share.
+pub fn merge_with_in(
+    config: &MergeConfig,
+    opts: &MergeOptions,
+    engine: &mut dyn MergeEngine,
+    coll: &mut dyn Collective,
+) -> Result<MergeSummary> {
+    let result = merge_ranked(config, opts, engine, coll);
+    if let Err(e) = &result {
+        coll.abort(&e.to_string());
+        if coll.world_size() > 1 {
+            let _ = std::fs::remove_dir_all(rank_dir(&opts.output, coll.rank(), coll.world_size()));
+        }
+    }
+    result
+}
+
+/// Where rank `rank` of `world` writes its shards before rank 0 gathers them.
+pub fn rank_dir(output: &Path, rank: usize, world: usize) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(format!(".rank-{rank}-of-{world}.partial"));
+    PathBuf::from(p)
+}
+
+fn merge_ranked(
+    config: &MergeConfig,
+    opts: &MergeOptions,
+    engine: &mut dyn MergeEngine,
+    coll: &mut dyn Collective,
+) -> Result<MergeSummary> {
     let start = Instant::now();
     if opts.output.exists() && !opts.force {
         return Err(Error::OutputExists { path: opts.output.clone() });
@@ -164,20 +206,101 @@ pub fn merge_with(config: &MergeConfig, opts: &MergeOptions, engine: &mut dyn Me
         .collect();
     let total_input: u64 = stream.blocks.iter().map(|b| stream.block_input_bytes(b)).sum();
 
-    let staging = Staging::create(&opts.output)?;
-    // config.json and tokenizer files come from the base model when there is one.
-    let side_src = base.as_ref().map_or(&reference.dir, |b| &b.dir);
-    copy_side_files(side_src, staging.path(), out_dtype)?;
-    let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
-    let shards = writer.num_shards();
-
-    let mut progress = Progress::new("merge", total_input, opts.progress);
     let nblocks = stream.blocks.len();
-    let job = MergeJob { method: method.as_ref(), stream: &stream, config, out_dtype, reference_is_model };
-    let writer = engine.run(&job, writer, &mut progress)?;
-    progress.finish();
-    let written = writer.finish()?;
-    staging.commit(&opts.output, opts.force)?;
+    let (rank, world) = (coll.rank(), coll.world_size());
+    let (shards, written, input_bytes) = if world == 1 {
+        let staging = Staging::create(&opts.output)?;
+        // config.json and tokenizer files come from the base model when there is one.
+        let side_src = base.as_ref().map_or(&reference.dir, |b| &b.dir);
+        copy_side_files(side_src, staging.path(), out_dtype)?;
+        let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
+        let shards = writer.num_shards();
+
+        let mut progress = Progress::new("merge", total_input, opts.progress);
+        let job = MergeJob {
+            method: method.as_ref(),
+            stream: &stream,
+            config,
+            out_dtype,
+            reference_is_model,
+            first_block: 0,
+            total_blocks: nblocks,
+        };
+        let writer = engine.run(&job, writer, &mut progress)?;
+        progress.finish();
+        let written = writer.finish()?;
+        staging.commit(&opts.output, opts.force)?;
+        (shards, written.bytes, total_input)
+    } else {
+        // Tensor `i` of `planned` belongs to block `block_of[i]`.
+        let block_of: Vec<usize> =
+            stream.blocks.iter().enumerate().flat_map(|(bi, b)| std::iter::repeat_n(bi, b.tensors.len())).collect();
+        let tensors_of = |r: usize| -> Vec<PlannedTensor> {
+            let blocks = shard_range(nblocks, r, world);
+            planned.iter().zip(&block_of).filter(|(_, b)| blocks.contains(b)).map(|(t, _)| t.clone()).collect()
+        };
+        let counts: Vec<usize> = (0..world).map(|r| plan_shards(&tensors_of(r), opts.max_shard_bytes).len()).collect();
+        let total_shards: usize = counts.iter().sum();
+        let first_shard: usize = counts[..rank].iter().sum();
+        let names: Vec<String> =
+            (first_shard..first_shard + counts[rank]).map(|g| shard_file_name(g, total_shards)).collect();
+
+        let dir = rank_dir(&opts.output, rank, world);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mine = shard_range(nblocks, rank, world);
+        let part = LayerStream {
+            reference: stream.reference,
+            inputs: stream.inputs.clone(),
+            blocks: stream.blocks[mine.clone()].to_vec(),
+            ignored: Vec::new(),
+        };
+        let input_bytes: u64 = part.blocks.iter().map(|b| stream.block_input_bytes(b)).sum();
+        let writer = ShardWriter::create_part(&dir, tensors_of(rank), opts.max_shard_bytes, names)?;
+        let mut progress = Progress::new("merge", input_bytes, opts.progress && rank == 0);
+        let job = MergeJob {
+            method: method.as_ref(),
+            stream: &part,
+            config,
+            out_dtype,
+            reference_is_model,
+            first_block: mine.start,
+            total_blocks: nblocks,
+        };
+        let writer = engine.run(&job, writer, &mut progress)?;
+        progress.finish();
+        let written = writer.finish()?;
+        coll.barrier()?;
+        if rank == 0 {
+            let staging = Staging::create(&opts.output)?;
+            let side_src = base.as_ref().map_or(&reference.dir, |b| &b.dir);
+            copy_side_files(side_src, staging.path(), out_dtype)?;
+            let mut files: Vec<String> = Vec::with_capacity(planned.len());
+            for r in 0..world {
+                let first: usize = counts[..r].iter().sum();
+                let from = rank_dir(&opts.output, r, world);
+                for (si, (a, b)) in plan_shards(&tensors_of(r), opts.max_shard_bytes).into_iter().enumerate() {
+                    let name = shard_file_name(first + si, total_shards);
+                    let (src, dst) = (from.join(&name), staging.path().join(&name));
+                    std::fs::rename(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                    files.extend(std::iter::repeat_n(name, b - a));
+                }
+            }
+            if total_shards > 1 {
+                let of: Vec<&str> = files.iter().map(String::as_str).collect();
+                write_index(staging.path(), &planned, &of)?;
+            }
+            staging.commit(&opts.output, opts.force)?;
+            for r in 0..world {
+                let d = rank_dir(&opts.output, r, world);
+                std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+            }
+        }
+        coll.barrier()?;
+        (total_shards, written.bytes, input_bytes)
+    };
 
     let seconds = start.elapsed().as_secs_f64();
     Ok(MergeSummary {
@@ -189,10 +312,10 @@ pub fn merge_with(config: &MergeConfig, opts: &MergeOptions, engine: &mut dyn Me
         tensors: reference.tensors.len(),
         params: reference.num_params(),
         shards,
-        bytes_read: total_input,
-        bytes_written: written.bytes,
+        bytes_read: input_bytes,
+        bytes_written: written,
         seconds,
-        read_gb_per_s: total_input as f64 / seconds / 1e9,
+        read_gb_per_s: input_bytes as f64 / seconds / 1e9,
         peak_rss_bytes: peak_rss_bytes(),
         ignored_tensors: stream.ignored.len(),
     })
@@ -224,6 +347,10 @@ pub struct MergeJob<'a> {
     pub out_dtype: Option<FloatDType>,
     /// The reference is the first merged model (linear without a base), not a base.
     pub reference_is_model: bool,
+    /// Index of `stream`'s first block in the whole model (non-zero for a rank's part).
+    pub first_block: usize,
+    /// Blocks of the whole model, which layer-position schedules are relative to.
+    pub total_blocks: usize,
 }
 
 /// A tensor as one input holds it.
@@ -317,7 +444,8 @@ struct Scratch {
 impl<'a> MergeJob<'a> {
     /// Where block `bi` sits in the stream, in [0, 1] (for gradient parameters).
     pub fn position(&self, bi: usize) -> f64 {
-        let nblocks = self.stream.blocks.len();
+        let nblocks = self.total_blocks;
+        let bi = self.first_block + bi;
         if nblocks > 1 { bi as f64 / (nblocks - 1) as f64 } else { 0.0 }
     }
 

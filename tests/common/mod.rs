@@ -3,6 +3,7 @@
 //! reference implementation of the format.
 #![allow(dead_code)]
 
+pub mod adapt_fixture;
 pub mod grad;
 
 use std::path::{Path, PathBuf};

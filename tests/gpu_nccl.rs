@@ -1,0 +1,67 @@
+//! NCCL on a real GPU: a one-rank communicator runs a real all-reduce and broadcast, and
+//! `dist-check --backend nccl` reports the rank, world, device and bus bandwidth. Without a
+//! GPU (or NCCL) the tests print SKIPPED and pass.
+
+use std::time::Duration;
+
+use symerge::dist::nccl::{connect, cuda_device_count};
+use symerge::dist::{Collective, RankInfo};
+
+/// Whether a GPU is there; prints why not, as the other GPU tests do.
+fn have_gpu() -> bool {
+    match cuda_device_count() {
+        Ok(n) if n > 0 => true,
+        Ok(_) => skip("the driver reports 0 devices"),
+        Err(why) => skip(&why),
+    }
+}
+
+/// The CLI: `$SYMERGE_BIN` when run away from the build tree (scripts/gpu-check.sh).
+fn symerge() -> std::process::Command {
+    let bin = std::env::var_os("SYMERGE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_symerge").into(), Into::into);
+    std::process::Command::new::<std::ffi::OsString>(bin)
+}
+
+fn skip(why: &str) -> bool {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED: no CUDA device ({why})\n").as_bytes());
+    false
+}
+
+#[test]
+fn one_rank_communicator_all_reduces_and_broadcasts() {
+    if !have_gpu() {
+        return;
+    }
+    let mut g = connect(&RankInfo::single(), None, Duration::from_secs(60)).expect("NCCL communicator of one rank");
+    assert_eq!((g.backend(), g.rank(), g.world_size()), ("nccl", 0, 1));
+    assert!(g.device().starts_with("cuda:0"), "{}", g.device());
+    let n = 1 << 20;
+    let data: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5 - 7.0).collect();
+    let mut buf = data.clone();
+    g.all_reduce_sum_f32(&mut buf).unwrap();
+    // The sum over one rank is that rank's data, bit for bit, after a round trip through NCCL.
+    assert!(buf.iter().zip(&data).all(|(a, b)| a.to_bits() == b.to_bits()), "all-reduce changed the data");
+    g.broadcast_f32(&mut buf, 0).unwrap();
+    assert_eq!(buf, data);
+    assert!(g.broadcast_f32(&mut buf, 1).is_err(), "root 1 does not exist");
+    g.barrier().unwrap();
+    let mut empty: [f32; 0] = [];
+    g.all_reduce_sum_f32(&mut empty).unwrap();
+}
+
+#[test]
+fn dist_check_with_nccl_reports_device_and_bandwidth() {
+    if !have_gpu() {
+        return;
+    }
+    let out = symerge().args(["dist-check", "--backend", "nccl", "--elements", "4194304", "--json"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r["backend"].as_str(), r["world_size"].as_u64(), r["rank"].as_u64()), (Some("nccl"), Some(1), Some(0)));
+    assert!(r["device"].as_str().unwrap().starts_with("cuda:0"), "{r}");
+    assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+    // One rank moves nothing over links: nccl-tests' busbw factor 2(n-1)/n is 0.
+    assert_eq!(r["busbw_gb_per_s"].as_f64(), Some(0.0), "{r}");
+    eprintln!("dist-check nccl: {r}");
+}
