@@ -466,7 +466,8 @@ fn plain_eval_inputs(
     if !task_inputs.is_empty() || no_experts {
         bail!("--task-inputs and --no-experts apply to an adapt output directory only");
     }
-    inputs.ok_or_else(|| anyhow::anyhow!("--inputs DATA.jsonl is required (JSON lines to score {} on)", model.display()))
+    inputs
+        .ok_or_else(|| anyhow::anyhow!("--inputs DATA.jsonl is required (JSON lines to score {} on)", model.display()))
 }
 
 /// Parses `TASK=PATH`.
