@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::config::MergeConfig;
 use super::philox::name_hash;
-use super::select::{Threshold, keep_count, magnitude_threshold};
+use super::select::{Threshold, keep_count, magnitude_thresholds};
 use super::{ChunkCtx, MergeMethod, TensorParams};
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
@@ -416,19 +416,18 @@ impl TensorJob<'_> {
     pub fn cpu_thresholds(&self) -> Result<Vec<Threshold>> {
         let base = self.base.expect("threshold methods use a base");
         let n = self.n;
-        self.experts
-            .iter()
-            .zip(&self.params.densities)
-            .map(|(e, &d)| {
-                magnitude_threshold(n, keep_count(d as f64, n), |off, out| {
-                    let mut b = vec![0f32; out.len()];
-                    base.read(off, &mut b)?;
-                    e.read(off, out)?;
-                    out.iter_mut().zip(&b).for_each(|(x, y)| *x -= y);
-                    Ok(())
-                })
-            })
-            .collect()
+        let ks: Vec<usize> = self.params.densities.iter().map(|&d| keep_count(d as f64, n)).collect();
+        // All experts' task vectors per pass: the base is decoded once per chunk, not once per expert.
+        magnitude_thresholds(n, &ks, |off, bufs| {
+            let (taus, scratch) = bufs.split_at_mut(ks.len());
+            let b = &mut scratch[0];
+            base.read(off, b)?;
+            for (e, tau) in self.experts.iter().zip(taus) {
+                e.read(off, tau)?;
+                tau.iter_mut().zip(b.iter()).for_each(|(x, y)| *x -= y);
+            }
+            Ok(())
+        })
     }
 }
 

@@ -77,9 +77,22 @@ impl MergeMethod for Gta {
                 }
                 Sparsify::Magnitude => {
                     let th = ctx.thresholds[k];
-                    for (i, ((d, &e), &b)) in d.iter_mut().zip(*expert).zip(base).enumerate() {
-                        let tau = e - b;
-                        *d = if th.keep(tau, ctx.offset + i) { scale * tau } else { 0.0 };
+                    // Values tied at the threshold are kept below index `cutoff`: only a chunk
+                    // that straddles it needs the index; elsewhere the test is one compare, and
+                    // the loop is branch-free so it vectorises. Same decisions as `Threshold::keep`.
+                    if th.cutoff > ctx.offset && th.cutoff < ctx.offset + n {
+                        for (i, ((d, &e), &b)) in d.iter_mut().zip(*expert).zip(base).enumerate() {
+                            let tau = e - b;
+                            *d = if th.keep(tau, ctx.offset + i) { scale * tau } else { 0.0 };
+                        }
+                    } else {
+                        let keep_ties = th.cutoff >= ctx.offset + n;
+                        for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
+                            let tau = e - b;
+                            let a = tau.abs();
+                            let keep = (a > th.t) | (keep_ties & (a == th.t));
+                            *d = if keep { scale * tau } else { 0.0 };
+                        }
                     }
                 }
                 Sparsify::Random if density >= 1.0 => {
@@ -112,11 +125,10 @@ impl MergeMethod for Gta {
                 for (((o, dv), &d), &s) in
                     out.iter_mut().zip(div.iter_mut()).zip(&deltas[k * n..(k + 1) * n]).zip(aux.iter())
                 {
-                    let agree = (d > 0.0 && s >= 0.0) || (d < 0.0 && s < 0.0);
-                    if agree {
-                        *o += d;
-                        *dv += w;
-                    }
+                    // Non-short-circuit logic and selects instead of a branch: vectorises.
+                    let agree = ((d > 0.0) & (s >= 0.0)) | ((d < 0.0) & (s < 0.0));
+                    *o += if agree { d } else { 0.0 };
+                    *dv += if agree { w } else { 0.0 };
                 }
             }
             for dv in div.iter_mut() {

@@ -51,43 +51,92 @@ pub fn magnitude_threshold<F>(n: usize, k: usize, fill: F) -> Result<Threshold>
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync,
 {
-    if k >= n {
-        return Ok(Threshold::KEEP_ALL);
+    let th = magnitude_thresholds(n, &[k], |offset, bufs| {
+        let (first, _) = bufs.split_at_mut(1);
+        let len = first[0].len();
+        fill(offset, &mut first[0][..len])
+    })?;
+    Ok(th[0])
+}
+
+/// Thresholds of several value streams over the same `n` indices at once (TIES: one task
+/// vector per expert), the `s`-th keeping its `ks[s]` largest magnitudes. Each level of the
+/// radix select is one pass that reads every stream once, so data shared by the streams (the
+/// base weights) is decoded once per pass instead of once per stream.
+///
+/// `fill(offset, bufs)` gets `ks.len() + 1` buffers, each `len` long (the chunk at `offset`):
+/// it must write stream `s`'s values into `bufs[s]`; the last buffer is scratch for its own use.
+pub fn magnitude_thresholds<F>(n: usize, ks: &[usize], fill: F) -> Result<Vec<Threshold>>
+where
+    F: Fn(usize, &mut [Vec<f32>]) -> Result<()> + Sync,
+{
+    let mut out: Vec<Option<Threshold>> = ks
+        .iter()
+        .map(|&k| {
+            if k >= n {
+                Some(Threshold::KEEP_ALL)
+            } else if k == 0 {
+                Some(Threshold::KEEP_NONE)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let open: Vec<usize> = (0..ks.len()).filter(|&s| out[s].is_none()).collect();
+    if open.is_empty() {
+        return Ok(out.into_iter().map(|t| t.expect("all decided")).collect());
     }
-    if k == 0 {
-        return Ok(Threshold::KEEP_NONE);
+    let streams = ks.len();
+    let hi = histograms(n, streams, &open, &fill, |_, bits| Some((bits >> 16) as usize))?;
+    let buckets: Vec<(usize, usize)> = open.iter().zip(&hi).map(|(&s, h)| walk_down(h, ks[s], 0)).collect();
+    let mut bucket_of = vec![usize::MAX; streams];
+    for (&s, &(b, _)) in open.iter().zip(&buckets) {
+        bucket_of[s] = b;
     }
-    let hi = histogram(n, &fill, |bits| Some((bits >> 16) as usize))?;
-    let (bucket, above_bucket) = walk_down(&hi, k, 0);
-    let lo = histogram(n, &fill, |bits| ((bits >> 16) as usize == bucket).then_some((bits & 0xffff) as usize))?;
-    let (low, above) = walk_down(&lo, k, above_bucket);
-    let t_bits = ((bucket as u32) << 16) | low as u32;
-    let t = f32::from_bits(t_bits);
-    let equal = lo[low] as usize;
-    let need = k - above;
-    if need == equal {
-        return Ok(Threshold { t, cutoff: n });
+    let lo = histograms(n, streams, &open, &fill, |s, bits| {
+        ((bits >> 16) as usize == bucket_of[s]).then_some((bits & 0xffff) as usize)
+    })?;
+    // Streams where more values tie at the threshold than may be kept: (stream, bits, need).
+    let mut ties = Vec::new();
+    for (i, &s) in open.iter().enumerate() {
+        let (bucket, above_bucket) = buckets[i];
+        let (low, above) = walk_down(&lo[i], ks[s], above_bucket);
+        let t_bits = ((bucket as u32) << 16) | low as u32;
+        let (equal, need) = (lo[i][low] as usize, ks[s] - above);
+        out[s] = Some(Threshold { t: f32::from_bits(t_bits), cutoff: n });
+        if need < equal {
+            ties.push((s, t_bits, need, 0usize));
+        }
     }
-    // More values tie at the threshold than may be kept: find the index of the need-th one.
-    let mut seen = 0usize;
-    let mut buf = vec![0f32; CHUNK.min(n)];
+    // The index of each such stream's need-th tied value, in one ordered scan.
+    let mut bufs = vec![vec![0f32; CHUNK.min(n)]; streams + 1];
     let mut offset = 0;
-    while offset < n {
+    while offset < n && ties.iter().any(|t| t.3 < t.2) {
         let len = CHUNK.min(n - offset);
-        fill(offset, &mut buf[..len])?;
-        for (i, &x) in buf[..len].iter().enumerate() {
-            if x.abs().to_bits() == t_bits {
-                seen += 1;
-                if seen == need {
-                    return Ok(Threshold { t, cutoff: offset + i + 1 });
+        bufs.iter_mut().for_each(|b| b.resize(len, 0.0));
+        fill(offset, &mut bufs)?;
+        for (s, t_bits, need, seen) in ties.iter_mut() {
+            if *seen == *need {
+                continue;
+            }
+            for (i, &x) in bufs[*s].iter().enumerate() {
+                if x.abs().to_bits() == *t_bits {
+                    *seen += 1;
+                    if *seen == *need {
+                        out[*s] = Some(Threshold { t: f32::from_bits(*t_bits), cutoff: offset + i + 1 });
+                        break;
+                    }
                 }
             }
         }
         offset += len;
     }
-    Err(crate::error::Error::Invalid(format!(
-        "tensor data changed while merging: {equal} values tied at the threshold, a rescan found {seen}"
-    )))
+    if let Some((_, _, need, seen)) = ties.iter().find(|t| t.3 < t.2) {
+        return Err(crate::error::Error::Invalid(format!(
+            "tensor data changed while merging: {need} values tied at the threshold were expected, a rescan found {seen}"
+        )));
+    }
+    Ok(out.into_iter().map(|t| t.expect("every stream decided")).collect())
 }
 
 /// From the top bin down, the bin holding the k-th largest and how many lie above it.
@@ -104,36 +153,41 @@ pub fn walk_down(hist: &[u64], k: usize, mut above: usize) -> (usize, usize) {
     (0, above)
 }
 
-fn histogram<F, B>(n: usize, fill: &F, bin: B) -> Result<Vec<u64>>
+/// One 2^16-bin histogram per stream in `open`, over all `n` values (chunks in parallel,
+/// each stream's counts summed in a fixed order, so the result does not depend on threads).
+fn histograms<F, B>(n: usize, streams: usize, open: &[usize], fill: &F, bin: B) -> Result<Vec<Vec<u64>>>
 where
-    F: Fn(usize, &mut [f32]) -> Result<()> + Sync,
-    B: Fn(u32) -> Option<usize> + Sync,
+    F: Fn(usize, &mut [Vec<f32>]) -> Result<()> + Sync,
+    B: Fn(usize, u32) -> Option<usize> + Sync,
 {
     let chunks = n.div_ceil(CHUNK);
+    let zero = || vec![vec![0u64; 1 << 16]; open.len()];
     (0..chunks)
         .into_par_iter()
         .try_fold(
-            || (vec![0u64; 1 << 16], vec![0f32; CHUNK]),
-            |(mut hist, mut buf), c| {
+            || (zero(), vec![Vec::<f32>::with_capacity(CHUNK); streams + 1]),
+            |(mut hist, mut bufs), c| {
                 let offset = c * CHUNK;
                 let len = CHUNK.min(n - offset);
-                fill(offset, &mut buf[..len])?;
-                for &x in &buf[..len] {
-                    if let Some(b) = bin(x.abs().to_bits()) {
-                        hist[b] += 1;
+                bufs.iter_mut().for_each(|b| b.resize(len, 0.0));
+                fill(offset, &mut bufs)?;
+                for (h, &s) in hist.iter_mut().zip(open) {
+                    for &x in &bufs[s] {
+                        if let Some(b) = bin(s, x.abs().to_bits()) {
+                            h[b] += 1;
+                        }
                     }
                 }
-                Ok((hist, buf))
+                Ok((hist, bufs))
             },
         )
         .map(|r| r.map(|(h, _)| h))
-        .try_reduce(
-            || vec![0u64; 1 << 16],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                Ok(a)
-            },
-        )
+        .try_reduce(zero, |mut a, b| {
+            for (x, y) in a.iter_mut().zip(&b) {
+                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+            }
+            Ok(a)
+        })
 }
 
 #[cfg(test)]
@@ -173,5 +227,40 @@ mod tests {
             check(&tied, k);
         }
         check(&[0.0; 10], 3);
+    }
+
+    #[test]
+    fn several_streams_at_once_equal_one_at_a_time() {
+        let n = 150_001;
+        let streams: Vec<Vec<f32>> = (0..4)
+            .map(|s| {
+                (0..n)
+                    .map(|i| {
+                        let h = ((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15).rotate_left(17 + s) >> 40;
+                        // Stream 2 is heavily tied (few distinct values), as bf16 deltas are.
+                        if s == 2 { [0.5, -0.25, 0.0, 1.0][(h % 4) as usize] } else { h as f32 / 1e6 - 8.0 }
+                    })
+                    .collect()
+            })
+            .collect();
+        let ks = [1, 0, 37_501, n, 150_000];
+        let idx = [0, 1, 2, 3, 0];
+        let got = magnitude_thresholds(n, &ks, |off, bufs| {
+            for (b, &s) in bufs.iter_mut().zip(&idx) {
+                let len = b.len();
+                b.copy_from_slice(&streams[s][off..off + len]);
+            }
+            Ok(())
+        })
+        .unwrap();
+        for (j, (&k, &s)) in ks.iter().zip(&idx).enumerate() {
+            let one = magnitude_threshold(n, k, |off, out| {
+                out.copy_from_slice(&streams[s][off..off + out.len()]);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(got[j], one, "stream {j}");
+            assert_eq!((0..n).filter(|&i| got[j].keep(streams[s][i], i)).count(), k, "stream {j} keeps k");
+        }
     }
 }
