@@ -18,7 +18,7 @@ use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::{Backend, ConnectOptions, RankInfo};
-use symerge::labels::produce::{CacheLabelsOptions, cache_labels_in};
+use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
@@ -272,7 +272,8 @@ enum Command {
     /// Run an expert over its task's inputs once and cache its soft labels on disk (resumable;
     /// reused when the cache already matches the expert and the inputs).
     CacheLabels {
-        /// The expert: a fine-tuned sequence classifier directory.
+        /// The expert: a fine-tuned sequence classifier directory, or a causal LM (Llama, Mistral,
+        /// Qwen2), whose cache keeps the top-k next tokens of every predicted position.
         #[arg(long)]
         expert: PathBuf,
         /// Task name recorded in the cache (checked by `adapt`).
@@ -291,6 +292,9 @@ enum Command {
         /// Rebuild a cache made for another expert or other inputs instead of failing.
         #[arg(long)]
         force: bool,
+        /// Causal LM experts: next tokens kept per position (capped at the vocabulary).
+        #[arg(long, default_value_t = DEFAULT_TOP_K)]
+        top_k: usize,
         #[arg(long)]
         json: bool,
         /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
@@ -466,7 +470,8 @@ fn plain_eval_inputs(
     if !task_inputs.is_empty() || no_experts {
         bail!("--task-inputs and --no-experts apply to an adapt output directory only");
     }
-    inputs.ok_or_else(|| anyhow::anyhow!("--inputs DATA.jsonl is required (JSON lines to score {} on)", model.display()))
+    inputs
+        .ok_or_else(|| anyhow::anyhow!("--inputs DATA.jsonl is required (JSON lines to score {} on)", model.display()))
 }
 
 /// Parses `TASK=PATH`.
@@ -816,20 +821,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
-        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json, dist } => {
+        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, top_k, json, dist } => {
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
-            let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force };
+            let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force, top_k };
             let (info, mut coll) = dist.connect()?;
             let summary = cache_labels_in(Cpu, &texts, &opts, coll.as_mut()).with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
+                let shape = match (summary.top_k, summary.positions) {
+                    (Some(k), Some(p)) => format!("{} inputs, {p} positions x top-{k}", summary.rows),
+                    _ => format!("{} rows x {} classes", summary.rows, summary.classes),
+                };
                 tracing::info!(
-                    "{} {} ({} rows x {} classes) in {:.1}s",
+                    "{} {} ({shape}) in {:.1}s",
                     if summary.reused { "reused" } else { "wrote" },
                     summary.output.display(),
-                    summary.rows,
-                    summary.classes,
                     summary.seconds
                 );
             }

@@ -28,8 +28,8 @@ use crate::dist::Collective;
 use crate::dist::Single;
 use crate::dist::data_parallel::{shard_range, verify_digest};
 use crate::error::{Error, Result};
-use crate::labels::LabelCache;
 use crate::labels::produce::provenance;
+use crate::labels::{LabelCache, LabelKind};
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::classify::label_ids;
 use crate::model::save::SaveOptions;
@@ -176,9 +176,13 @@ impl<B: Backend + Clone> Adapter<B> {
                     let want = provenance(&t.expert, &t.name, cfg.max_len, &texts)?;
                     let cache = LabelCache::open(path, Some(&want))?;
                     if cache.classes() != classes {
+                        let what = match cache.kind() {
+                            LabelKind::Classification { classes } => format!("{classes} classes"),
+                            LabelKind::TopK { .. } => "next-token top-k labels (a causal LM's)".into(),
+                        };
                         return Err(Error::LabelCache {
                             path: path.clone(),
-                            reason: format!("{} classes, but the expert has {classes}", cache.classes()),
+                            reason: format!("{what}, but the expert is a classifier with {classes} classes"),
                         });
                     }
                     Some(cache)
