@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::lm::LmAdapter;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
@@ -303,6 +304,7 @@ enum Command {
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
+    /// A causal-LM base model adapts against the experts' top-k next-token caches.
     Adapt {
         config: PathBuf,
         /// Output directory (written atomically).
@@ -847,15 +849,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.seed = seed.unwrap_or(cfg.seed);
             let (info, mut coll) = dist.connect()?;
             let label = rank_label(&info);
-            let adapter = match Adapter::load(Cpu, cfg) {
-                Ok(a) => a,
+            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            let run = if is_causal_lm_dir(&cfg.base_model)? {
+                LmAdapter::load(Cpu, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+            } else {
+                Adapter::load(Cpu, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+            };
+            let summary = match run {
+                Ok(result) => result.with_context(|| label.clone())?,
                 Err(e) => {
                     coll.abort(&e.to_string());
                     return Err(anyhow::Error::new(e).context(label));
                 }
             };
-            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
-            let summary = adapter.run_in(&opts, coll.as_mut()).with_context(|| label.clone())?;
             if info.rank != 0 {
                 tracing::info!("{label}: done; rank 0 wrote {}", summary.output.display());
             } else if json {
