@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::lm::LmAdapter;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
@@ -18,7 +19,7 @@ use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::{Backend, ConnectOptions, RankInfo};
-use symerge::labels::produce::{CacheLabelsOptions, cache_labels_in};
+use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
@@ -272,7 +273,8 @@ enum Command {
     /// Run an expert over its task's inputs once and cache its soft labels on disk (resumable;
     /// reused when the cache already matches the expert and the inputs).
     CacheLabels {
-        /// The expert: a fine-tuned sequence classifier directory.
+        /// The expert: a fine-tuned sequence classifier directory, or a causal LM (Llama, Mistral,
+        /// Qwen2), whose cache keeps the top-k next tokens of every predicted position.
         #[arg(long)]
         expert: PathBuf,
         /// Task name recorded in the cache (checked by `adapt`).
@@ -291,6 +293,9 @@ enum Command {
         /// Rebuild a cache made for another expert or other inputs instead of failing.
         #[arg(long)]
         force: bool,
+        /// Causal LM experts: next tokens kept per position (capped at the vocabulary).
+        #[arg(long, default_value_t = DEFAULT_TOP_K)]
+        top_k: usize,
         #[arg(long)]
         json: bool,
         /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
@@ -299,6 +304,7 @@ enum Command {
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
+    /// A causal-LM base model adapts against the experts' top-k next-token caches.
     Adapt {
         config: PathBuf,
         /// Output directory (written atomically).
@@ -817,20 +823,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
-        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json, dist } => {
+        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, top_k, json, dist } => {
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
-            let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force };
+            let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force, top_k };
             let (info, mut coll) = dist.connect()?;
             let summary = cache_labels_in(Cpu, &texts, &opts, coll.as_mut()).with_context(|| rank_label(&info))?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
+                let shape = match (summary.top_k, summary.positions) {
+                    (Some(k), Some(p)) => format!("{} inputs, {p} positions x top-{k}", summary.rows),
+                    _ => format!("{} rows x {} classes", summary.rows, summary.classes),
+                };
                 tracing::info!(
-                    "{} {} ({} rows x {} classes) in {:.1}s",
+                    "{} {} ({shape}) in {:.1}s",
                     if summary.reused { "reused" } else { "wrote" },
                     summary.output.display(),
-                    summary.rows,
-                    summary.classes,
                     summary.seconds
                 );
             }
@@ -841,15 +849,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.seed = seed.unwrap_or(cfg.seed);
             let (info, mut coll) = dist.connect()?;
             let label = rank_label(&info);
-            let adapter = match Adapter::load(Cpu, cfg) {
-                Ok(a) => a,
+            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            let run = if is_causal_lm_dir(&cfg.base_model)? {
+                LmAdapter::load(Cpu, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+            } else {
+                Adapter::load(Cpu, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+            };
+            let summary = match run {
+                Ok(result) => result.with_context(|| label.clone())?,
                 Err(e) => {
                     coll.abort(&e.to_string());
                     return Err(anyhow::Error::new(e).context(label));
                 }
             };
-            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
-            let summary = adapter.run_in(&opts, coll.as_mut()).with_context(|| label.clone())?;
             if info.rank != 0 {
                 tracing::info!("{label}: done; rank 0 wrote {}", summary.output.display());
             } else if json {

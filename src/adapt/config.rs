@@ -8,10 +8,14 @@
 //!     expert: ./experts/wn-verb
 //!     inputs: ./data/wn-verb/test.jsonl     # unlabelled test inputs (labels are ignored)
 //!     cache: ./cache/wn-verb.labels         # expert soft labels (symerge; made by cache-labels)
-//! adapted_layer: head        # head (default) or last_block
+//! adapted_layer: head        # head (default) or last_block (causal LMs: final norm + lm_head)
 //! granularity: tensor        # one Lambda per task per tensor (default), or per block
 //! epochs: 500                # an epoch = one batch and one step per task, tasks shuffled
 //! ```
+//!
+//! When `base_model` is a causal LM (Llama, Mistral, Qwen2) the experts are causal LMs too, their
+//! caches top-k next-token caches, and only `method: symerge` with `loss: soft` applies
+//! ([`super::lm`]).
 
 use std::path::{Path, PathBuf};
 

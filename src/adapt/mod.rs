@@ -5,11 +5,13 @@
 //! - [`task_vectors`]: merged weights and Lambda gradients block by block (CPU twins of the
 //!   `merge` and `lambda_grad` kernels); [`objective`]: the losses;
 //! - [`lambda`]: the coefficient table (saved as a `merge` Lambda table); [`adam`]: the optimizer;
+//! - [`lm`]: the same for causal LMs, against top-k next-token caches;
 //! - [`report`]: `symerge eval` over an adaptation's output, every task against its expert.
 
 pub mod adam;
 pub mod config;
 pub mod lambda;
+pub mod lm;
 pub mod objective;
 pub mod report;
 pub mod task_vectors;

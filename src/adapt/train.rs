@@ -28,8 +28,8 @@ use crate::dist::Collective;
 use crate::dist::Single;
 use crate::dist::data_parallel::{shard_range, verify_digest};
 use crate::error::{Error, Result};
-use crate::labels::LabelCache;
 use crate::labels::produce::provenance;
+use crate::labels::{LabelCache, LabelKind};
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::classify::label_ids;
 use crate::model::save::SaveOptions;
@@ -176,9 +176,13 @@ impl<B: Backend + Clone> Adapter<B> {
                     let want = provenance(&t.expert, &t.name, cfg.max_len, &texts)?;
                     let cache = LabelCache::open(path, Some(&want))?;
                     if cache.classes() != classes {
+                        let what = match cache.kind() {
+                            LabelKind::Classification { classes } => format!("{classes} classes"),
+                            LabelKind::TopK { .. } => "next-token top-k labels (a causal LM's)".into(),
+                        };
                         return Err(Error::LabelCache {
                             path: path.clone(),
-                            reason: format!("{} classes, but the expert has {classes}", cache.classes()),
+                            reason: format!("{what}, but the expert is a classifier with {classes} classes"),
                         });
                     }
                     Some(cache)
@@ -317,7 +321,7 @@ impl<B: Backend + Clone> Adapter<B> {
                     dy = dx;
                 }
                 if world > 1 {
-                    self.all_reduce_lambda_rows(coll, b, &mut lambda_grad)?;
+                    all_reduce_lambda_rows(&self.tv, self.lambda.tasks(), coll, b, &mut lambda_grad)?;
                 }
             } else {
                 let i = b - n_shared;
@@ -337,29 +341,6 @@ impl<B: Backend + Clone> Adapter<B> {
         }
         private.reverse();
         Ok(StepGrads { loss, kept, lambda: lambda_grad, private })
-    }
-
-    /// Sums block `b`'s Lambda rows of `grad` over the ranks. Each f64 value travels as an f32
-    /// and the f32 of its remainder: per-rank sums of a batch's samples often cancel, and one
-    /// f32 per rank would leave an error relative to the (larger) per-rank values rather than
-    /// to their sum.
-    fn all_reduce_lambda_rows(&self, coll: &mut dyn Collective, b: usize, grad: &mut [f64]) -> Result<()> {
-        let k = self.lambda.tasks();
-        let mut rows: Vec<usize> = self.tv.blocks[b].iter().map(|t| t.row).collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let values: Vec<f64> = rows.iter().flat_map(|&r| grad[r * k..(r + 1) * k].iter().copied()).collect();
-        let mut buf: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        buf.extend(values.iter().map(|&v| (v - v as f32 as f64) as f32));
-        coll.all_reduce_sum_f32(&mut buf)?;
-        let (hi, lo) = buf.split_at(values.len());
-        let mut sums = hi.iter().zip(lo).map(|(&h, &l)| h as f64 + l as f64);
-        for &r in &rows {
-            for (g, s) in grad[r * k..(r + 1) * k].iter_mut().zip(&mut sums) {
-                *g = s;
-            }
-        }
-        Ok(())
     }
 
     /// The next `batch_size` inputs of task `task`, walking a seeded permutation that is redrawn
@@ -572,8 +553,36 @@ impl<B: Backend + Clone> Adapter<B> {
     }
 }
 
+/// Sums block `b`'s Lambda rows of `grad` (`k` tasks) over the ranks. Each f64 value travels as
+/// an f32 and the f32 of its remainder: per-rank sums of a batch's samples often cancel, and one
+/// f32 per rank would leave an error relative to the (larger) per-rank values rather than to
+/// their sum.
+pub(super) fn all_reduce_lambda_rows(
+    tv: &TaskVectors,
+    k: usize,
+    coll: &mut dyn Collective,
+    b: usize,
+    grad: &mut [f64],
+) -> Result<()> {
+    let mut rows: Vec<usize> = tv.blocks[b].iter().map(|t| t.row).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let values: Vec<f64> = rows.iter().flat_map(|&r| grad[r * k..(r + 1) * k].iter().copied()).collect();
+    let mut buf: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    buf.extend(values.iter().map(|&v| (v - v as f32 as f64) as f32));
+    coll.all_reduce_sum_f32(&mut buf)?;
+    let (hi, lo) = buf.split_at(values.len());
+    let mut sums = hi.iter().zip(lo).map(|(&h, &l)| h as f64 + l as f64);
+    for &r in &rows {
+        for (g, s) in grad[r * k..(r + 1) * k].iter_mut().zip(&mut sums) {
+            *g = s;
+        }
+    }
+    Ok(())
+}
+
 /// Zeros shaped like `params`: the gradient of a rank whose shard is empty.
-fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
+pub(super) fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
     let mut out = Params::new();
     for (name, p) in params {
         out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.zeros(be.len(&p.buf))? });
@@ -582,7 +591,7 @@ fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
 }
 
 /// Sums a block's gradients over the ranks in one all-reduce (tensors in name order).
-fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut Params<B>) -> Result<()> {
+pub(super) fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut Params<B>) -> Result<()> {
     let mut flat = Vec::new();
     for p in grads.values() {
         flat.extend(be.download(&p.buf)?);
@@ -598,7 +607,7 @@ fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut 
 }
 
 /// A seeded permutation of `0..n` (Fisher-Yates over a Philox stream).
-fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
+pub(super) fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut u = vec![0f32; n];
     ElementStream::new(seed, stream, draw).fill_uniform(0, &mut u);

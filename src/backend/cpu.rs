@@ -787,6 +787,73 @@ impl Backend for Cpu {
         Ok(g)
     }
 
+    fn topk_ce(
+        &self,
+        logits: &Vec<f32>,
+        ids: &Vec<u32>,
+        targets: &Vec<f32>,
+        rest: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+    ) -> Result<Vec<f32>> {
+        check_topk("topk_ce", logits, ids, targets, rest, rows, cols, k)?;
+        let total: f64 = (0..rows)
+            .into_par_iter()
+            .map(|r| {
+                let z = &logits[r * cols..(r + 1) * cols];
+                let (ids, t) = (&ids[r * k..(r + 1) * k], &targets[r * k..(r + 1) * k]);
+                let (lse, lse_out) = topk_lses(z, ids);
+                let inside: f64 = ids.iter().zip(t).map(|(&i, &tj)| tj as f64 * (lse - z[i as usize] as f64)).sum();
+                let bucket = match lse_out {
+                    Some(lo) if rest[r] != 0.0 => rest[r] as f64 * (lse - lo),
+                    _ => 0.0,
+                };
+                inside + bucket
+            })
+            .sum();
+        Ok(vec![(total / rows as f64) as f32])
+    }
+
+    fn topk_ce_backward(
+        &self,
+        logits: &Vec<f32>,
+        ids: &Vec<u32>,
+        targets: &Vec<f32>,
+        rest: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        check_topk("topk_ce_backward", logits, ids, targets, rest, rows, cols, k)?;
+        let s = scale as f64 / rows as f64;
+        let mut g = vec![0f32; rows * cols];
+        g.par_chunks_mut(cols).enumerate().for_each(|(r, gr)| {
+            let z = &logits[r * cols..(r + 1) * cols];
+            let (ids, t) = (&ids[r * k..(r + 1) * k], &targets[r * k..(r + 1) * k]);
+            let (lse, lse_out) = topk_lses(z, ids);
+            let bucket = lse_out.filter(|_| rest[r] != 0.0).map(|lo| (rest[r] as f64, lo));
+            let mass = t.iter().map(|&v| v as f64).sum::<f64>() + bucket.map_or(0.0, |(r, _)| r);
+            for (gj, &zj) in gr.iter_mut().zip(z) {
+                *gj = ((zj as f64 - lse).exp() * mass * s) as f32;
+            }
+            // Columns outside the top k share the bucket's target in proportion to the model's
+            // probabilities among them.
+            let mut inside = vec![false; cols];
+            for (&i, &tj) in ids.iter().zip(t) {
+                inside[i as usize] = true;
+                gr[i as usize] -= (tj as f64 * s) as f32;
+            }
+            if let Some((rm, lo)) = bucket {
+                for ((gj, &zj), _) in gr.iter_mut().zip(z).zip(&inside).filter(|(_, inn)| !**inn) {
+                    *gj -= (rm * (zj as f64 - lo).exp() * s) as f32;
+                }
+            }
+        });
+        Ok(g)
+    }
+
     fn l1(&self, x: &Vec<f32>, target: Option<&Vec<f32>>) -> Result<Vec<f32>> {
         if x.is_empty() {
             return Err(err("l1", "needs at least one element"));
@@ -915,6 +982,45 @@ fn moments(xr: &[f32], eps: f32) -> (f32, f32) {
     let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// Shapes and ids of a top-k cross-entropy call.
+#[allow(clippy::too_many_arguments)]
+fn check_topk(
+    op: &'static str,
+    logits: &[f32],
+    ids: &[u32],
+    targets: &[f32],
+    rest: &[f32],
+    rows: usize,
+    cols: usize,
+    k: usize,
+) -> Result<()> {
+    if rows == 0 || cols == 0 || k == 0 {
+        return Err(err(op, "needs at least one row, one column and k of at least 1"));
+    }
+    expect_len(op, "logits", logits.len(), rows * cols)?;
+    expect_len(op, "ids", ids.len(), rows * k)?;
+    expect_len(op, "targets", targets.len(), rows * k)?;
+    expect_len(op, "rest", rest.len(), rows)?;
+    if let Some((at, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= cols) {
+        return Err(err(op, format!("id {id} (row {}, entry {}) is outside the {cols} columns", at / k, at % k)));
+    }
+    Ok(())
+}
+
+/// Log-sum-exp of a row, and of its entries outside `ids` (`None` when `ids` cover the row), in f64.
+fn topk_lses(z: &[f32], ids: &[u32]) -> (f64, Option<f64>) {
+    let lse = logsumexp(z);
+    let mut inside = vec![false; z.len()];
+    ids.iter().for_each(|&i| inside[i as usize] = true);
+    let out = || z.iter().zip(&inside).filter(|(_, inn)| !**inn).map(|(&v, _)| v);
+    let max = out().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return (lse, None);
+    }
+    let max = max as f64;
+    (lse, Some(max + out().map(|v| (v as f64 - max).exp()).sum::<f64>().ln()))
 }
 
 /// `-sum p log p` of `softmax(z)`, in f64.

@@ -275,6 +275,37 @@ pub trait Backend: Send + Sync {
         cols: usize,
         scale: f32,
     ) -> Result<Self::Buf>;
+    /// Mean over rows of the cross-entropy against a top-k target with a catch-all bucket:
+    /// `-sum_j t_j log p[ids_j] - rest * log(1 - sum_j p[ids_j])` with `p = softmax(z)`; `ids` and
+    /// `targets` are `[rows, k]`, `rest` is `[rows]`. The bucket's log-probability is taken as the
+    /// log-sum-exp of the logits outside `ids`, so it stays finite however small it is; a row
+    /// whose `ids` cover every column has no bucket.
+    #[allow(clippy::too_many_arguments)]
+    fn topk_ce(
+        &self,
+        logits: &Self::Buf,
+        ids: &Self::Ids,
+        targets: &Self::Buf,
+        rest: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        k: usize,
+    ) -> Result<Self::Buf>;
+    /// Gradient of [`Backend::topk_ce`] wrt the logits: `p (sum t + rest) - t` on `ids` and
+    /// `p (sum t + rest) - rest p / p(bucket)` elsewhere (the bucket's mass spread over the other
+    /// columns in proportion to the model's own probabilities), times `scale / rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn topk_ce_backward(
+        &self,
+        logits: &Self::Buf,
+        ids: &Self::Ids,
+        targets: &Self::Buf,
+        rest: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        scale: f32,
+    ) -> Result<Self::Buf>;
     /// Mean absolute difference `mean |x - t|` (`t = 0` when `target` is `None`).
     fn l1(&self, x: &Self::Buf, target: Option<&Self::Buf>) -> Result<Self::Buf>;
     /// Gradient wrt `x`: `sign(x - t) * scale / n` (0 where `x == t`).

@@ -1,10 +1,20 @@
-//! The soft-label cache file: a fixed 4 KiB header (magic + JSON) followed by row-major f16
-//! rows, memory-mapped on read.
+//! The soft-label cache file: a fixed 4 KiB header (magic + JSON) followed by the data,
+//! memory-mapped on read.
 //!
-//! A classification row is the expert's softmax over its C classes followed by its C logits.
-//! Writing goes to `<path>.partial`; a killed run resumes from the last whole row there, and the
-//! cache appears at `<path>` only once every row is written, its checksum recorded and the file
-//! synced. Opening checks the magic, the header, the length, the checksum of the rows and,
+//! - Classification: one row per input, the expert's softmax over its C classes followed by its C
+//!   logits, as f16.
+//! - Top-k (causal LMs): inputs have one entry per *predicted position* (every real token whose
+//!   next token is real, so `len - 1` per input, as the next-token loss counts them). The data
+//!   starts with an offset table of `rows + 1` little-endian u64, entry `i` being the number of
+//!   positions before input `i`, so input `i` is sliced in O(1). Then one record per position:
+//!   the `k` token ids (u32, most probable first), their probabilities (f32) and the remaining
+//!   mass (f32, the probability summed over every other token). Probabilities are f32 because
+//!   tail probabilities of a large vocabulary fall below f16's normal range (6.1e-5), where it
+//!   keeps only a few significant bits; the ids dominate the size anyway.
+//!
+//! Writing goes to `<path>.partial`; a killed run resumes from the last whole input there, and the
+//! cache appears at `<path>` only once every input is written, its checksum recorded and the file
+//! synced. Opening checks the magic, the header, the length, the checksum of the data and,
 //! when asked, that the cache was made by the same expert, tokenizer, task and inputs.
 
 use std::fs::{File, OpenOptions};
@@ -30,13 +40,24 @@ pub const FORMAT_VERSION: u32 = 1;
 pub enum LabelKind {
     /// Softmax probabilities then logits over `classes` classes, per input.
     Classification { classes: usize },
+    /// Per predicted position of an input, the expert's `k` most probable next tokens out of
+    /// `vocab`, their probabilities and the remaining mass.
+    TopK { k: usize, vocab: usize },
 }
 
 impl LabelKind {
-    /// f16 values per row.
-    pub fn row_values(self) -> usize {
+    /// Bytes of one unit of data: a classification row, or one top-k position record.
+    pub fn unit_bytes(self) -> usize {
         match self {
-            LabelKind::Classification { classes } => 2 * classes,
+            LabelKind::Classification { classes } => 2 * 2 * classes,
+            LabelKind::TopK { k, .. } => 8 * k + 4,
+        }
+    }
+
+    fn dtype(self) -> &'static str {
+        match self {
+            LabelKind::Classification { .. } => "f16",
+            LabelKind::TopK { .. } => "f32",
         }
     }
 }
@@ -62,6 +83,9 @@ pub struct CacheHeader {
     pub kind: LabelKind,
     /// Rows the finished cache holds (one per input).
     pub rows: usize,
+    /// Top-k caches: predicted positions over all inputs (the records after the offset table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<usize>,
     /// Class names in id order, when the expert's config has them.
     #[serde(default)]
     pub labels: Vec<String>,
@@ -73,8 +97,25 @@ pub struct CacheHeader {
 }
 
 impl CacheHeader {
-    fn row_bytes(&self) -> usize {
-        self.kind.row_values() * 2
+    /// Bytes of the offset table (top-k caches) before the records.
+    fn table_bytes(&self) -> usize {
+        match self.kind {
+            LabelKind::Classification { .. } => 0,
+            LabelKind::TopK { .. } => (self.rows + 1) * 8,
+        }
+    }
+
+    /// Units of data (rows or position records) in the finished cache.
+    fn units(&self) -> usize {
+        match self.kind {
+            LabelKind::Classification { .. } => self.rows,
+            LabelKind::TopK { .. } => self.positions.unwrap_or(0),
+        }
+    }
+
+    /// Bytes after the header of the finished cache.
+    fn data_bytes(&self) -> usize {
+        self.table_bytes() + self.units() * self.kind.unit_bytes()
     }
 
     fn encode(&self, path: &Path) -> Result<Vec<u8>> {
@@ -102,8 +143,16 @@ impl CacheHeader {
                 format!("format version {} (this build reads {FORMAT_VERSION}); recreate it", header.format_version),
             ));
         }
-        if header.dtype != "f16" {
-            return Err(cache_err(path, format!("unsupported dtype `{}`", header.dtype)));
+        if header.dtype != header.kind.dtype() {
+            return Err(cache_err(path, format!("unsupported dtype `{}` for {:?}", header.dtype, header.kind)));
+        }
+        if let LabelKind::TopK { k, vocab } = header.kind
+            && (k == 0 || k > vocab || header.positions.is_none())
+        {
+            return Err(cache_err(
+                path,
+                format!("corrupt header: top-k of {k} over {vocab} tokens, positions {:?}", header.positions),
+            ));
         }
         Ok(header)
     }
@@ -120,18 +169,20 @@ pub fn partial_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Builds a cache row by row; see the module docs for resuming.
+/// Builds a cache input by input; see the module docs for resuming.
 pub struct CacheWriter {
     path: PathBuf,
     partial: PathBuf,
     header: CacheHeader,
+    /// Top-k caches: positions before each input (`rows + 1` entries), empty otherwise.
+    offsets: Vec<u64>,
     out: BufWriter<File>,
     written: usize,
 }
 
 impl CacheWriter {
-    /// Starts `path`, or resumes its `.partial` file when that was started for the same
-    /// provenance, kind and row count (anything else there is discarded).
+    /// Starts a classification cache at `path`, or resumes its `.partial` file when that was
+    /// started for the same provenance, kind and row count (anything else there is discarded).
     pub fn create(
         path: &Path,
         provenance: Provenance,
@@ -139,22 +190,44 @@ impl CacheWriter {
         rows: usize,
         labels: Vec<String>,
     ) -> Result<Self> {
-        let header = CacheHeader {
-            format_version: FORMAT_VERSION,
-            provenance,
-            kind,
-            rows,
-            labels,
-            dtype: "f16".into(),
-            complete: false,
-            data_hash: None,
-        };
+        if !matches!(kind, LabelKind::Classification { .. }) {
+            return Err(cache_err(path, "a top-k cache needs each input's positions: use CacheWriter::create_topk"));
+        }
+        Self::start(path, new_header(provenance, kind, rows, None, labels), Vec::new())
+    }
+
+    /// Starts (or resumes, as [`CacheWriter::create`]) a top-k cache whose input `i` has
+    /// `positions[i]` predicted positions.
+    pub fn create_topk(
+        path: &Path,
+        provenance: Provenance,
+        k: usize,
+        vocab: usize,
+        positions: &[usize],
+    ) -> Result<Self> {
+        if k == 0 || k > vocab {
+            return Err(cache_err(path, format!("top-k of {k} over a vocabulary of {vocab} tokens")));
+        }
+        let mut offsets = Vec::with_capacity(positions.len() + 1);
+        let mut total = 0u64;
+        offsets.push(0);
+        for &n in positions {
+            total += n as u64;
+            offsets.push(total);
+        }
+        let header =
+            new_header(provenance, LabelKind::TopK { k, vocab }, positions.len(), Some(total as usize), Vec::new());
+        Self::start(path, header, offsets)
+    }
+
+    fn start(path: &Path, header: CacheHeader, offsets: Vec<u64>) -> Result<Self> {
         let partial = partial_path(path);
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        let resumable = resumable_rows(&partial, &header);
-        // Read access too: `finish` reads the rows back for their checksum.
+        let table = encode_table(&offsets);
+        let resumable = resumable_units(&partial, &header, &table);
+        // Read access too: `finish` reads the data back for its checksum.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -162,50 +235,104 @@ impl CacheWriter {
             .truncate(resumable.is_none())
             .open(&partial)
             .map_err(|e| Error::io(&partial, e))?;
-        let written = resumable.unwrap_or(0);
-        let end = (HEADER_BYTES + written * header.row_bytes()) as u64;
-        // Drops a torn last row left by a killed run.
-        file.set_len(end).map_err(|e| Error::io(&partial, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut w = CacheWriter {
+            path: path.to_path_buf(),
+            partial,
+            header,
+            offsets,
+            out: BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+        };
+        let units = resumable.unwrap_or(0);
+        w.written = w.rows_within(units);
+        let end = w.end_of(w.written);
+        // Drops a torn last input left by a killed run.
+        w.out.get_ref().set_len(end).map_err(|e| Error::io(&w.partial, e))?;
         if resumable.is_none() {
-            out.write_all(&header.encode(path)?).map_err(|e| Error::io(&partial, e))?;
+            let head = w.header.encode(path)?;
+            w.out.write_all(&head).map_err(|e| Error::io(&w.partial, e))?;
+            w.out.write_all(&table).map_err(|e| Error::io(&w.partial, e))?;
         }
-        out.seek(SeekFrom::Start(end)).map_err(|e| Error::io(&partial, e))?;
-        if written > 0 {
-            tracing::info!("resuming {} at row {written} of {rows}", partial.display());
+        w.out.seek(SeekFrom::Start(end)).map_err(|e| Error::io(&w.partial, e))?;
+        if w.written > 0 {
+            tracing::info!("resuming {} at input {} of {}", w.partial.display(), w.written, w.header.rows);
         }
-        Ok(CacheWriter { path: path.to_path_buf(), partial, header, out, written })
+        Ok(w)
     }
 
-    /// Rows already in the cache (non-zero when resumed).
+    /// Units (rows or position records) before input `i`.
+    fn units_before(&self, i: usize) -> usize {
+        if self.offsets.is_empty() { i } else { self.offsets[i] as usize }
+    }
+
+    /// Whole inputs held by the first `units` units (the last of several equal offsets: inputs
+    /// without positions right after are complete too).
+    fn rows_within(&self, units: usize) -> usize {
+        if self.offsets.is_empty() {
+            units.min(self.header.rows)
+        } else {
+            self.offsets.partition_point(|&o| o as usize <= units).saturating_sub(1)
+        }
+    }
+
+    /// File length once the first `rows` inputs are written.
+    fn end_of(&self, rows: usize) -> u64 {
+        (HEADER_BYTES + self.header.table_bytes() + self.units_before(rows) * self.header.kind.unit_bytes()) as u64
+    }
+
+    /// Inputs already in the cache (non-zero when resumed).
     pub fn rows_written(&self) -> usize {
         self.written
     }
 
     /// Appends classification rows: `probs` and `logits` are row-major `[n, classes]`.
     pub fn append_classification(&mut self, probs: &[f32], logits: &[f32]) -> Result<()> {
-        let LabelKind::Classification { classes } = self.header.kind;
+        let LabelKind::Classification { classes } = self.header.kind else {
+            return Err(cache_err(&self.path, "classification rows appended to a top-k cache"));
+        };
         let bytes = encode_classification(probs, logits, classes).map_err(|reason| cache_err(&self.path, reason))?;
         self.append_encoded(&bytes)
     }
 
-    /// Bytes of one row as [`CacheWriter::append_classification`] encodes it.
-    pub fn row_bytes(&self) -> usize {
-        self.header.row_bytes()
+    /// Appends the top-k records of whole inputs: `ids` and `probs` are `[positions, k]`, `rest`
+    /// is `[positions]`.
+    pub fn append_topk(&mut self, ids: &[u32], probs: &[f32], rest: &[f32]) -> Result<()> {
+        let LabelKind::TopK { k, .. } = self.header.kind else {
+            return Err(cache_err(&self.path, "top-k records appended to a classification cache"));
+        };
+        let bytes = encode_topk(ids, probs, rest, k).map_err(|reason| cache_err(&self.path, reason))?;
+        self.append_encoded(&bytes)
     }
 
-    /// Appends whole rows already encoded (another rank's part of the cache).
+    /// Bytes of one unit as the `append_*` methods encode it: a classification row or a top-k
+    /// position record.
+    pub fn row_bytes(&self) -> usize {
+        self.header.kind.unit_bytes()
+    }
+
+    /// Appends units already encoded (another rank's part of the cache); they must end on an
+    /// input's boundary.
     pub fn append_encoded(&mut self, bytes: &[u8]) -> Result<()> {
-        let rb = self.header.row_bytes();
-        if !bytes.len().is_multiple_of(rb) {
-            return Err(cache_err(&self.path, format!("{} bytes are not whole rows of {rb} bytes", bytes.len())));
+        let ub = self.header.kind.unit_bytes();
+        if !bytes.len().is_multiple_of(ub) {
+            return Err(cache_err(&self.path, format!("{} bytes are not whole units of {ub} bytes", bytes.len())));
         }
-        let n = bytes.len() / rb;
-        if self.written + n > self.header.rows {
-            return Err(cache_err(&self.path, format!("more than the planned {} rows", self.header.rows)));
+        let target = self.units_before(self.written) + bytes.len() / ub;
+        if target > self.header.units() {
+            return Err(cache_err(&self.path, format!("more than the planned {} units", self.header.units())));
+        }
+        let rows = self.rows_within(target);
+        if self.units_before(rows) != target {
+            return Err(cache_err(
+                &self.path,
+                format!(
+                    "{} positions end inside input {rows}: append whole inputs",
+                    target - self.units_before(self.written)
+                ),
+            ));
         }
         self.out.write_all(bytes).map_err(|e| Error::io(&self.partial, e))?;
-        self.written += n;
+        self.written = rows;
         Ok(())
     }
 
@@ -214,7 +341,7 @@ impl CacheWriter {
         self.out.flush().map_err(|e| Error::io(&self.partial, e))
     }
 
-    /// Checks every row is there, records the checksum, syncs and moves the cache into place.
+    /// Checks every input is there, records the checksum, syncs and moves the cache into place.
     pub fn finish(mut self) -> Result<PathBuf> {
         if self.written != self.header.rows {
             return Err(cache_err(&self.path, format!("{} of {} rows written", self.written, self.header.rows)));
@@ -241,6 +368,30 @@ impl CacheWriter {
     }
 }
 
+fn new_header(
+    provenance: Provenance,
+    kind: LabelKind,
+    rows: usize,
+    positions: Option<usize>,
+    labels: Vec<String>,
+) -> CacheHeader {
+    CacheHeader {
+        format_version: FORMAT_VERSION,
+        provenance,
+        kind,
+        rows,
+        positions,
+        labels,
+        dtype: kind.dtype().into(),
+        complete: false,
+        data_hash: None,
+    }
+}
+
+fn encode_table(offsets: &[u64]) -> Vec<u8> {
+    offsets.iter().flat_map(|o| o.to_le_bytes()).collect()
+}
+
 /// Classification rows as the cache stores them: each row's probabilities then logits, as
 /// little-endian f16. `probs` and `logits` are row-major `[n, classes]`.
 pub fn encode_classification(probs: &[f32], logits: &[f32], classes: usize) -> std::result::Result<Vec<u8>, String> {
@@ -260,19 +411,56 @@ pub fn encode_classification(probs: &[f32], logits: &[f32], classes: usize) -> s
     Ok(bytes)
 }
 
-/// Whole rows of a partial cache that can be continued, if its header matches `want`.
-fn resumable_rows(partial: &Path, want: &CacheHeader) -> Option<usize> {
+/// Top-k position records as the cache stores them: per position its `k` ids (u32), their
+/// probabilities (f32) and the remaining mass (f32), little-endian.
+pub fn encode_topk(ids: &[u32], probs: &[f32], rest: &[f32], k: usize) -> std::result::Result<Vec<u8>, String> {
+    let n = rest.len();
+    if k == 0 || ids.len() != n * k || probs.len() != n * k {
+        return Err(format!("{} ids and {} probabilities are not {n} positions of top-{k}", ids.len(), probs.len()));
+    }
+    let mut bytes = Vec::with_capacity(n * (8 * k + 4));
+    for ((i, p), r) in ids.chunks_exact(k).zip(probs.chunks_exact(k)).zip(rest) {
+        i.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+        p.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+        bytes.extend_from_slice(&r.to_le_bytes());
+    }
+    Ok(bytes)
+}
+
+/// Whole units of a partial cache that can be continued, if its header (and offset table)
+/// matches `want`.
+fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<usize> {
     let mut file = File::open(partial).ok()?;
-    let mut head = vec![0u8; HEADER_BYTES];
+    let mut head = vec![0u8; HEADER_BYTES + table.len()];
     file.read_exact(&mut head).ok()?;
     let have = CacheHeader::decode(&head, partial).ok()?;
     let same = have.provenance == want.provenance
         && have.kind == want.kind
         && have.rows == want.rows
+        && have.positions == want.positions
         && have.labels == want.labels
+        && head[HEADER_BYTES..] == *table
         && !have.complete;
     let len = file.metadata().ok()?.len() as usize;
-    same.then(|| ((len - HEADER_BYTES) / want.row_bytes()).min(want.rows))
+    same.then(|| ((len - HEADER_BYTES - table.len()) / want.kind.unit_bytes()).min(want.units()))
+}
+
+/// One or several inputs' top-k labels, position after position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopKLabels {
+    pub k: usize,
+    /// `[positions, k]`, most probable first.
+    pub ids: Vec<u32>,
+    /// `[positions, k]`, aligned with `ids`.
+    pub probs: Vec<f32>,
+    /// `[positions]`: the expert's probability of every token outside its top k.
+    pub rest: Vec<f32>,
+}
+
+impl TopKLabels {
+    pub fn positions(&self) -> usize {
+        self.rest.len()
+    }
 }
 
 /// A finished cache, memory-mapped.
@@ -293,7 +481,7 @@ impl LabelCache {
         if !header.complete {
             return Err(cache_err(path, "incomplete (the run that wrote it did not finish)"));
         }
-        let want_len = HEADER_BYTES + header.rows * header.row_bytes();
+        let want_len = HEADER_BYTES + header.data_bytes();
         if map.len() != want_len {
             return Err(cache_err(
                 path,
@@ -307,32 +495,45 @@ impl LabelCache {
         if let Some(want) = expected {
             check_provenance(path, &header.provenance, want)?;
         }
-        Ok(LabelCache { path: path.to_path_buf(), header, map })
+        let cache = LabelCache { path: path.to_path_buf(), header, map };
+        if let LabelKind::TopK { .. } = cache.header.kind {
+            let ends = (0..=cache.rows()).map(|i| cache.offset(i));
+            let monotone = ends.clone().zip(ends.skip(1)).all(|(a, b)| a <= b);
+            if cache.offset(0) != 0 || !monotone || cache.offset(cache.rows()) != cache.header.units() {
+                return Err(cache_err(path, "corrupt offset table"));
+            }
+        }
+        Ok(cache)
     }
 
     pub fn rows(&self) -> usize {
         self.header.rows
     }
 
-    /// Number of classes of a classification cache.
+    pub fn kind(&self) -> LabelKind {
+        self.header.kind
+    }
+
+    /// Number of classes of a classification cache (0 for a top-k cache).
     pub fn classes(&self) -> usize {
         match self.header.kind {
             LabelKind::Classification { classes } => classes,
+            LabelKind::TopK { .. } => 0,
         }
     }
 
     fn row_values(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
-        let rb = self.header.row_bytes();
+        let rb = 4 * self.classes();
         let start = HEADER_BYTES + i * rb;
         self.map[start..start + rb].chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
     }
 
-    /// The expert's probabilities for input `i`.
+    /// The expert's probabilities for input `i` (empty for a top-k cache).
     pub fn probs(&self, i: usize) -> Vec<f32> {
         self.row_values(i).take(self.classes()).collect()
     }
 
-    /// The expert's logits for input `i`.
+    /// The expert's logits for input `i` (empty for a top-k cache).
     pub fn logits(&self, i: usize) -> Vec<f32> {
         self.row_values(i).skip(self.classes()).collect()
     }
@@ -340,6 +541,52 @@ impl LabelCache {
     /// Probabilities of several inputs, row-major `[rows.len(), classes]` (a training batch).
     pub fn probs_batch(&self, rows: &[usize]) -> Vec<f32> {
         rows.iter().flat_map(|&i| self.probs(i)).collect()
+    }
+
+    /// Top-k caches: positions before input `i` (entry `i` of the offset table).
+    fn offset(&self, i: usize) -> usize {
+        let at = HEADER_BYTES + 8 * i;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.map[at..at + 8]);
+        u64::from_le_bytes(b) as usize
+    }
+
+    /// Predicted positions of input `i` in a top-k cache (0 for a classification cache).
+    pub fn positions(&self, i: usize) -> usize {
+        match self.header.kind {
+            LabelKind::TopK { .. } if i < self.rows() => self.offset(i + 1) - self.offset(i),
+            _ => 0,
+        }
+    }
+
+    /// The top-k labels of inputs `rows`, concatenated in that order (a training batch).
+    pub fn topk_batch(&self, rows: &[usize]) -> Result<TopKLabels> {
+        let LabelKind::TopK { k, .. } = self.header.kind else {
+            return Err(cache_err(&self.path, "holds classification labels, not next-token top-k labels"));
+        };
+        let rec = self.header.kind.unit_bytes();
+        let data = HEADER_BYTES + self.header.table_bytes();
+        let mut out = TopKLabels { k, ids: Vec::new(), probs: Vec::new(), rest: Vec::new() };
+        let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+        for &i in rows {
+            if i >= self.rows() {
+                return Err(cache_err(&self.path, format!("input {i} is past the cache's {} inputs", self.rows())));
+            }
+            let (start, end) = (data + self.offset(i) * rec, data + self.offset(i + 1) * rec);
+            for r in self.map[start..end].chunks_exact(rec) {
+                let (ids, tail) = r.split_at(4 * k);
+                let (probs, rest) = tail.split_at(4 * k);
+                out.ids.extend(ids.chunks_exact(4).map(|b| u32::from_le_bytes(word(b))));
+                out.probs.extend(probs.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
+                out.rest.push(f32::from_le_bytes(word(rest)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The top-k labels of input `i`.
+    pub fn topk(&self, i: usize) -> Result<TopKLabels> {
+        self.topk_batch(&[i])
     }
 }
 

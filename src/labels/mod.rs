@@ -6,4 +6,4 @@ pub mod cache;
 pub mod fingerprint;
 pub mod produce;
 
-pub use cache::{CacheWriter, LabelCache, LabelKind, Provenance};
+pub use cache::{CacheWriter, LabelCache, LabelKind, Provenance, TopKLabels};

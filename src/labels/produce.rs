@@ -1,5 +1,6 @@
 //! `symerge cache-labels`: runs one expert over its task's inputs once and stores its soft labels,
-//! so adaptation never needs the expert loaded again.
+//! so adaptation never needs the expert loaded again. A sequence classifier gets a classification
+//! cache; a causal LM (by its `config.json`) a top-k cache of its next-token distributions.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::cache::{CacheWriter, LabelCache, LabelKind, Provenance, encode_classification};
+use super::cache::{CacheWriter, LabelCache, LabelKind, Provenance, encode_classification, encode_topk};
 use super::fingerprint::{checkpoint_hash, file_hash, texts_hash};
 use crate::atomic::write_atomic;
 use crate::backend::Backend;
@@ -15,10 +16,14 @@ use crate::checkpoint::Checkpoint;
 use crate::dist::data_parallel::shard_range;
 use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
-use crate::model::{LoadOptions, SequenceClassifier, predict};
+use crate::model::tokenize::Tokens;
+use crate::model::{CausalLm, LoadOptions, SequenceClassifier, is_causal_lm_dir, predict};
 
 /// Inputs per flush to the cache file: what a killed run loses at most.
 const ROWS_PER_FLUSH: usize = 256;
+
+/// Default number of next tokens a causal LM's cache keeps per position.
+pub const DEFAULT_TOP_K: usize = 64;
 
 /// What to cache.
 #[derive(Debug, Clone)]
@@ -30,6 +35,8 @@ pub struct CacheLabelsOptions {
     pub max_len: usize,
     /// Rebuild an existing cache made for other inputs or another expert instead of failing.
     pub force: bool,
+    /// Causal LM experts: next tokens kept per position (capped at the vocabulary).
+    pub top_k: usize,
 }
 
 /// Account of a `cache-labels` run (`--json`).
@@ -37,7 +44,14 @@ pub struct CacheLabelsOptions {
 pub struct CacheLabelsSummary {
     pub output: PathBuf,
     pub rows: usize,
+    /// Classes of a classification cache (0 for a top-k cache).
     pub classes: usize,
+    /// Top-k caches: tokens kept per position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Top-k caches: predicted positions over all inputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub positions: Option<usize>,
     /// The cache already existed for exactly these inputs and this expert: nothing was run.
     pub reused: bool,
     /// Rows found in a partial cache from an interrupted run.
@@ -98,63 +112,174 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
         return Err(Error::Invalid(format!("no inputs to label for task `{}`", opts.task)));
     }
     let prov = provenance(&opts.expert, &opts.task, opts.max_len, texts)?;
+    let summary = |cache: &LabelCache, reused: bool, resumed_rows: usize| {
+        let (top_k, positions) = match cache.kind() {
+            LabelKind::TopK { k, .. } => (Some(k), cache.header.positions),
+            LabelKind::Classification { .. } => (None, None),
+        };
+        CacheLabelsSummary {
+            output: opts.output.clone(),
+            rows: cache.rows(),
+            classes: cache.classes(),
+            top_k,
+            positions,
+            reused,
+            resumed_rows,
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    };
     if opts.output.exists() {
-        match LabelCache::open(&opts.output, Some(&prov)) {
+        let opened = LabelCache::open(&opts.output, Some(&prov)).and_then(|cache| match cache.kind() {
+            LabelKind::TopK { k, vocab } if k != opts.top_k.min(vocab) => Err(Error::LabelCache {
+                path: opts.output.clone(),
+                reason: format!("holds the top {k} tokens per position, this run asks for {}", opts.top_k.min(vocab)),
+            }),
+            _ => Ok(cache),
+        });
+        match opened {
             Ok(cache) => {
                 tracing::info!("{} already holds these labels; reusing it", opts.output.display());
-                return Ok(CacheLabelsSummary {
-                    output: opts.output.clone(),
-                    rows: cache.rows(),
-                    classes: cache.classes(),
-                    reused: true,
-                    resumed_rows: 0,
-                    seconds: start.elapsed().as_secs_f64(),
-                });
+                return Ok(summary(&cache, true, 0));
             }
             Err(e) if !opts.force => return Err(e),
             Err(e) => tracing::warn!("rebuilding: {e}"),
         }
     }
-    let clf = SequenceClassifier::load(backend, &opts.expert, opts.max_len, LoadOptions::default())?;
-    let classes = clf.model.num_labels().ok_or_else(|| Error::Model {
-        path: opts.expert.clone(),
-        reason: "no classification head (classifier.weight): an expert must be a fine-tuned classifier".into(),
-    })?;
-    let labels = clf.model.config.label_names().unwrap_or_default();
+    let labeller = Labeller::load(backend, texts, opts)?;
     if coll.world_size() > 1 {
-        let output = stitch_ranks(&clf, texts, opts, coll, prov, classes, labels)?;
-        return Ok(CacheLabelsSummary {
-            output,
-            rows: texts.len(),
-            classes,
-            reused: false,
-            resumed_rows: 0,
-            seconds: start.elapsed().as_secs_f64(),
-        });
+        stitch_ranks(&labeller, texts, opts, coll, prov)?;
+        return Ok(summary(&LabelCache::open(&opts.output, None)?, false, 0));
     }
-    let mut writer =
-        CacheWriter::create(&opts.output, prov, LabelKind::Classification { classes }, texts.len(), labels)?;
+    let mut writer = labeller.writer(&opts.output, prov, texts.len())?;
     let resumed_rows = writer.rows_written();
     let mut done = resumed_rows;
     while done < texts.len() {
         let end = (done + ROWS_PER_FLUSH).min(texts.len());
-        let preds = predict(&clf, &texts[done..end], opts.batch_size)?;
-        let probs: Vec<f32> = preds.iter().flat_map(|p| p.probs.iter().copied()).collect();
-        let logits: Vec<f32> = preds.iter().flat_map(|p| p.logits.iter().copied()).collect();
-        writer.append_classification(&probs, &logits)?;
+        writer.append_encoded(&labeller.label(texts, done..end, opts)?)?;
         writer.flush()?;
         done = end;
         tracing::info!("cache-labels {}: {done}/{} inputs", opts.task, texts.len());
     }
     let output = writer.finish()?;
-    Ok(CacheLabelsSummary {
-        output,
-        rows: texts.len(),
-        classes,
-        reused: false,
-        resumed_rows,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(summary(&LabelCache::open(&output, None)?, false, resumed_rows))
+}
+
+/// The expert that makes the labels.
+enum Labeller<B: Backend> {
+    Classifier {
+        clf: SequenceClassifier<B>,
+        classes: usize,
+        labels: Vec<String>,
+    },
+    /// A causal LM with every input tokenized up front (the cache's offset table needs each
+    /// input's positions before the first record).
+    Lm {
+        lm: CausalLm<B>,
+        k: usize,
+        tokens: Vec<Tokens>,
+    },
+}
+
+impl<B: Backend> Labeller<B> {
+    fn load<S: AsRef<str>>(backend: B, texts: &[S], opts: &CacheLabelsOptions) -> Result<Self> {
+        if is_causal_lm_dir(&opts.expert)? {
+            if opts.top_k == 0 {
+                return Err(Error::Invalid("--top-k must be at least 1".into()));
+            }
+            let lm = CausalLm::load(backend, &opts.expert, opts.max_len)?;
+            let k = opts.top_k.min(lm.model.config.vocab_size);
+            let tokens = lm.tokenizer.tokenize(texts)?;
+            if tokens.iter().all(|t| t.ids.len() < 2) {
+                return Err(Error::Invalid(format!(
+                    "no next-token positions to label for task `{}`: every input has fewer than two tokens",
+                    opts.task
+                )));
+            }
+            return Ok(Labeller::Lm { lm, k, tokens });
+        }
+        let clf = SequenceClassifier::load(backend, &opts.expert, opts.max_len, LoadOptions::default())?;
+        let classes = clf.model.num_labels().ok_or_else(|| Error::Model {
+            path: opts.expert.clone(),
+            reason: "no classification head (classifier.weight): an expert must be a fine-tuned classifier or a \
+                     causal LM"
+                .into(),
+        })?;
+        let labels = clf.model.config.label_names().unwrap_or_default();
+        Ok(Labeller::Classifier { clf, classes, labels })
+    }
+
+    fn writer(&self, output: &Path, prov: Provenance, rows: usize) -> Result<CacheWriter> {
+        match self {
+            Labeller::Classifier { classes, labels, .. } => {
+                CacheWriter::create(output, prov, LabelKind::Classification { classes: *classes }, rows, labels.clone())
+            }
+            Labeller::Lm { lm, k, tokens } => {
+                let positions: Vec<usize> = tokens.iter().map(|t| t.ids.len().saturating_sub(1)).collect();
+                CacheWriter::create_topk(output, prov, *k, lm.model.config.vocab_size, &positions)
+            }
+        }
+    }
+
+    /// Cache units (rows or positions) of inputs `rows`.
+    fn units(&self, rows: Range<usize>) -> usize {
+        match self {
+            Labeller::Classifier { .. } => rows.len(),
+            Labeller::Lm { tokens, .. } => tokens[rows].iter().map(|t| t.ids.len().saturating_sub(1)).sum(),
+        }
+    }
+
+    /// The encoded cache units of inputs `rows`, computed in `batch_size` batches from its start.
+    fn label<S: AsRef<str>>(&self, texts: &[S], rows: Range<usize>, opts: &CacheLabelsOptions) -> Result<Vec<u8>> {
+        let err = |reason| Error::LabelCache { path: opts.output.clone(), reason };
+        match self {
+            Labeller::Classifier { clf, classes, .. } => {
+                let preds = predict(clf, &texts[rows], opts.batch_size)?;
+                let probs: Vec<f32> = preds.iter().flat_map(|p| p.probs.iter().copied()).collect();
+                let logits: Vec<f32> = preds.iter().flat_map(|p| p.logits.iter().copied()).collect();
+                encode_classification(&probs, &logits, *classes).map_err(err)
+            }
+            Labeller::Lm { lm, k, tokens } => {
+                let (model, vocab) = (&lm.model, lm.model.config.vocab_size);
+                let be = &model.backend;
+                let (mut ids, mut probs, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+                for chunk in rows.clone().step_by(opts.batch_size.max(1)) {
+                    let end = (chunk + opts.batch_size.max(1)).min(rows.end);
+                    let seqs: Vec<&Tokens> = tokens[chunk..end].iter().collect();
+                    let batch = model.batch(&lm.tokenizer.pad(&seqs))?;
+                    if batch.labels.is_empty() {
+                        continue;
+                    }
+                    let picked = be.download(&be.embedding(&model.logits(&batch)?, &batch.label_rows, vocab)?)?;
+                    for z in picked.chunks_exact(vocab) {
+                        let (i, p, r) = top_k(z, *k);
+                        ids.extend(i);
+                        probs.extend(p);
+                        rest.push(r);
+                    }
+                }
+                encode_topk(&ids, &probs, &rest, *k).map_err(err)
+            }
+        }
+    }
+}
+
+/// The `k` most probable entries of `softmax(z)` (ids and probabilities, most probable first,
+/// ties to the lower id) and the probability of all the others, summed directly in f64 rather
+/// than as `1 - sum`, which would cancel when the top k hold nearly all the mass.
+pub fn top_k(z: &[f32], k: usize) -> (Vec<u32>, Vec<f32>, f32) {
+    let k = k.min(z.len());
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    let mut order: Vec<u32> = (0..z.len() as u32).collect();
+    let desc = |a: &u32, b: &u32| z[*b as usize].total_cmp(&z[*a as usize]).then(a.cmp(b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k, desc);
+    }
+    let (top, others) = order.split_at_mut(k);
+    top.sort_unstable_by(desc);
+    let probs = top.iter().map(|&i| (z[i as usize] as f64 - lse).exp() as f32).collect();
+    let rest = others.iter().map(|&i| (z[i as usize] as f64 - lse).exp()).sum::<f64>() as f32;
+    (top.to_vec(), probs, rest)
 }
 
 /// The batches one process runs, in order: [`ROWS_PER_FLUSH`] rows at a time, each cut into
@@ -178,26 +303,18 @@ pub fn part_path(output: &Path, rank: usize, world: usize) -> PathBuf {
 
 /// This rank's share of the cache, then (rank 0) the stitched cache; see [`cache_labels_in`].
 fn stitch_ranks<B: Backend, S: AsRef<str>>(
-    clf: &SequenceClassifier<B>,
+    labeller: &Labeller<B>,
     texts: &[S],
     opts: &CacheLabelsOptions,
     coll: &mut dyn Collective,
     prov: Provenance,
-    classes: usize,
-    labels: Vec<String>,
 ) -> Result<PathBuf> {
     let (rank, world) = (coll.rank(), coll.world_size());
     let all = batches(texts.len(), opts.batch_size);
     let mine = &all[shard_range(all.len(), rank, world)];
     let mut bytes = Vec::new();
     for (i, b) in mine.iter().enumerate() {
-        let preds = predict(clf, &texts[b.clone()], opts.batch_size)?;
-        let probs: Vec<f32> = preds.iter().flat_map(|p| p.probs.iter().copied()).collect();
-        let logits: Vec<f32> = preds.iter().flat_map(|p| p.logits.iter().copied()).collect();
-        bytes.extend(
-            encode_classification(&probs, &logits, classes)
-                .map_err(|reason| Error::LabelCache { path: opts.output.clone(), reason })?,
-        );
+        bytes.extend(labeller.label(texts, b.clone(), opts)?);
         if (i + 1) % 8 == 0 || i + 1 == mine.len() {
             tracing::info!("cache-labels {} rank {rank}/{world}: {}/{} batches", opts.task, i + 1, mine.len());
         }
@@ -208,16 +325,15 @@ fn stitch_ranks<B: Backend, S: AsRef<str>>(
     write_atomic(&part_path(&opts.output, rank, world), &bytes)?;
     coll.barrier()?;
     if rank == 0 {
-        let mut writer =
-            CacheWriter::create(&opts.output, prov, LabelKind::Classification { classes }, texts.len(), labels)?;
+        let mut writer = labeller.writer(&opts.output, prov, texts.len())?;
         for r in 0..world {
             let part = part_path(&opts.output, r, world);
-            let rows: usize = all[shard_range(all.len(), r, world)].iter().map(|b| b.len()).sum();
             let data = std::fs::read(&part).map_err(|e| Error::io(&part, e))?;
-            if data.len() != rows * writer.row_bytes() {
+            let units: usize = all[shard_range(all.len(), r, world)].iter().map(|b| labeller.units(b.clone())).sum();
+            if data.len() != units * writer.row_bytes() {
                 return Err(Error::LabelCache {
                     path: part,
-                    reason: format!("rank {r}'s part has {} bytes, expected {rows} rows", data.len()),
+                    reason: format!("rank {r}'s part has {} bytes, expected {units} units", data.len()),
                 });
             }
             writer.append_encoded(&data)?;

@@ -20,6 +20,52 @@ use super::{Param, Params};
 use crate::backend::{AttnShape, Backend};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::labels::TopKLabels;
+
+/// An expert's top-k labels for a batch's next-token positions, on the device.
+pub struct TopKTargets<B: Backend> {
+    pub positions: usize,
+    pub k: usize,
+    pub ids: B::Ids,
+    pub probs: B::Buf,
+    pub rest: B::Buf,
+}
+
+impl<B: Backend> TopKTargets<B> {
+    /// Uploads `labels`, which must hold one position per next-token target of `batch`.
+    pub fn upload(be: &B, batch: &LmBatch<B>, labels: &TopKLabels) -> Result<Self> {
+        if labels.positions() != batch.labels.len() {
+            return Err(Error::Invalid(format!(
+                "the top-k labels hold {} positions but the batch has {} next-token targets (were they cached with \
+                 another tokenizer or maximum length?)",
+                labels.positions(),
+                batch.labels.len()
+            )));
+        }
+        if labels.positions() == 0 {
+            return Err(Error::Invalid("no next-token targets: every sequence has fewer than two tokens".into()));
+        }
+        Ok(TopKTargets {
+            positions: labels.positions(),
+            k: labels.k,
+            ids: be.upload_ids(&labels.ids)?,
+            probs: be.upload(&labels.probs)?,
+            rest: be.upload(&labels.rest)?,
+        })
+    }
+
+    /// The mean loss over the positions of `picked` (`[positions, vocab]` logits).
+    pub fn loss(&self, be: &B, picked: &B::Buf, vocab: usize) -> Result<f32> {
+        let l =
+            be.download(&be.topk_ce(picked, &self.ids, &self.probs, &self.rest, self.positions, vocab, self.k)?)?;
+        l.first().copied().ok_or_else(|| Error::Invalid("the loss op returned nothing".into()))
+    }
+
+    /// Gradient of [`TopKTargets::loss`] wrt `picked`, times `scale`.
+    pub fn backward(&self, be: &B, picked: &B::Buf, vocab: usize, scale: f32) -> Result<B::Buf> {
+        be.topk_ce_backward(picked, &self.ids, &self.probs, &self.rest, self.positions, vocab, self.k, scale)
+    }
+}
 
 /// One batch of right-padded sequences on the device, with the next-token targets of the loss.
 pub struct LmBatch<B: Backend> {
@@ -619,6 +665,30 @@ impl<B: Backend> Llama<B> {
         drop(dpicked);
         let grads = self.backward(batch, saved, &dlogits)?;
         Ok((loss.first().copied().unwrap_or(f32::NAN), grads))
+    }
+
+    /// Mean cross-entropy of the next-token distributions against an expert's top-k labels (one
+    /// position per next-token target of `batch`, in its order), with the expert's remaining mass
+    /// as a catch-all bucket: see [`Backend::topk_ce`].
+    pub fn topk_loss(&self, batch: &LmBatch<B>, labels: &TopKLabels) -> Result<f32> {
+        let picked = self.backend.embedding(&self.logits(batch)?, &batch.label_rows, self.config.vocab_size)?;
+        let t = TopKTargets::upload(&self.backend, batch, labels)?;
+        t.loss(&self.backend, &picked, self.config.vocab_size)
+    }
+
+    /// [`Llama::topk_loss`] and its gradient for every block (aligned with `blocks`).
+    pub fn topk_loss_grads(&self, batch: &LmBatch<B>, labels: &TopKLabels) -> Result<(f32, Vec<Params<B>>)> {
+        let (be, vocab) = (&self.backend, self.config.vocab_size);
+        let t = TopKTargets::upload(be, batch, labels)?;
+        let (logits, saved) = self.forward_saving(batch)?;
+        let picked = be.embedding(&logits, &batch.label_rows, vocab)?;
+        drop(logits);
+        let loss = t.loss(be, &picked, vocab)?;
+        let dpicked = t.backward(be, &picked, vocab, 1.0)?;
+        drop(picked);
+        let dlogits = be.embedding_backward(&batch.label_rows, &dpicked, batch.rows(), vocab)?;
+        drop(dpicked);
+        Ok((loss, self.backward(batch, saved, &dlogits)?))
     }
 
     /// One gradient per tensor name: per-block gradients with a tied embedding's two summed.

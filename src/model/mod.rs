@@ -28,7 +28,7 @@ pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
 pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
 pub use config::{BertConfig, BertFamily};
 pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
-pub use llama::{Llama, LlamaBlock, LmBatch};
+pub use llama::{Llama, LlamaBlock, LmBatch, TopKTargets};
 pub use llama_config::{LlamaConfig, LlamaFamily};
 pub use lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm, is_causal_lm_dir};
 pub use save::{SaveOptions, SavedModel};

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use super::Params;
 use super::bert::{Bert, Block, HeadStyle};
 use super::config::BertFamily;
+use super::llama::{Llama, LlamaBlock};
 use crate::atomic::Staging;
 use crate::backend::Backend;
 use crate::checkpoint::dtype::encode_into;
@@ -195,5 +196,82 @@ impl<B: Backend> Bert<B> {
             }
         }
         Ok(cfg)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Writes the model as a Hugging Face causal-LM directory that [`Llama::load`] and
+    /// `transformers` read: `model.safetensors` in f32 (a tied embedding once), the source
+    /// `config.json` with `tie_word_embeddings` as this model's head has it, and the source's
+    /// tokenizer files. Atomic, and refuses non-finite weights, like [`Bert::save`].
+    pub fn save(&self, output: &Path, force: bool) -> Result<SavedModel> {
+        if output.exists() && !force {
+            return Err(Error::OutputExists { path: output.to_path_buf() });
+        }
+        let source =
+            if self.path.is_dir() { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
+        let mut tensors: Vec<(String, Vec<usize>, &B::Buf)> = Vec::new();
+        let mut tied = false;
+        for (block, params) in self.blocks.iter().zip(&self.params) {
+            if let LlamaBlock::Head(h) = block {
+                tied = h.tied;
+            }
+            for (name, shape) in block.param_shapes() {
+                if tensors.iter().any(|(n, _, _)| *n == name) {
+                    continue;
+                }
+                let p = params.get(&name).ok_or_else(|| {
+                    Error::Invalid(format!("parameter `{name}` is missing from block `{}`", block.name()))
+                })?;
+                tensors.push((name, shape, &p.buf));
+            }
+        }
+        let staging = Staging::create(output)?;
+        let config_path = source.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let mut cfg: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Model { path: config_path.clone(), reason: format!("invalid JSON: {e}") })?;
+        let obj = cfg.as_object_mut().ok_or_else(|| Error::Model {
+            path: config_path.clone(),
+            reason: "config.json is not a JSON object".into(),
+        })?;
+        obj.insert("tie_word_embeddings".into(), tied.into());
+        obj.insert("torch_dtype".into(), FloatDType::F32.torch_name().into());
+        let out_config = staging.path().join("config.json");
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON value") + "\n";
+        std::fs::write(&out_config, text).map_err(|e| Error::io(&out_config, e))?;
+        for name in TOKENIZER_FILES {
+            let src = source.join(name);
+            if src.is_file() {
+                let dst = staging.path().join(name);
+                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        let planned: Vec<PlannedTensor> = tensors
+            .iter()
+            .map(|(name, shape, _)| PlannedTensor {
+                name: name.clone(),
+                dtype: FloatDType::F32.to_safetensors(),
+                shape: shape.clone(),
+            })
+            .collect();
+        let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+        let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
+        let mut bytes = Vec::new();
+        for (name, _, buf) in &tensors {
+            let values = self.backend.download(buf)?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "parameter `{name}` holds a non-finite value ({}) at element {i}; not saving a diverged model",
+                    values[i]
+                )));
+            }
+            bytes.resize(values.len() * 4, 0);
+            encode_into(FloatDType::F32, &values, &mut bytes);
+            writer.write(name, &bytes)?;
+        }
+        let written = writer.finish()?;
+        staging.commit(output, force)?;
+        Ok(SavedModel { dir: output.to_path_buf(), tensors: tensors.len(), params, bytes: written.bytes })
     }
 }

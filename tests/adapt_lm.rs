@@ -1,0 +1,230 @@
+//! `symerge adapt` for causal LMs on two experts made from the tiny `llama_gqa` fixture (seeded
+//! perturbations of every weight) with top-k label caches: the block-streamed Lambda gradient
+//! matches finite differences and splits over ranks, training lowers both tasks' losses and moves
+//! Lambda, `last_block` adapts the last layer, and the CLI writes models that load and evaluate.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{T, from_bytes, randoms, run, write_file};
+use safetensors::SafeTensors;
+use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::lm::LmAdapter;
+use symerge::backend::Cpu;
+use symerge::dist::LocalGroup;
+use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
+use symerge::model::{CausalLm, LlamaBlock};
+
+const TEXTS: [&str; 8] = [
+    "the cat sat on the mat",
+    "a river flows to the sea",
+    "merging models by task arithmetic",
+    "hello world",
+    "an instrument used for measuring time",
+    "x",
+    "the quality of being honest",
+    "to express gratitude to a friend",
+];
+
+fn base_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa")
+}
+
+/// The fixture with every weight moved by a seeded perturbation of half its init scale.
+fn make_expert(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let data = std::fs::read(base_dir().join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&data).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let tensors: Vec<T> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let v = st.tensor(name).unwrap();
+            let values = from_bytes(v.dtype(), v.data());
+            let d = randoms(seed * 1000 + i as u64, values.len(), 0.01);
+            T::new(name, v.dtype(), v.shape(), values.iter().zip(&d).map(|(a, b)| a + b).collect())
+        })
+        .collect();
+    write_file(&dir.join("model.safetensors"), &tensors);
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(base_dir().join(f), dir.join(f)).unwrap();
+    }
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// Two experts, their inputs (halves of the texts, shifted) and top-k caches, and `adapt.yml`.
+fn fixture(adapted_layer: &str) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let mut tasks = String::new();
+    for (task, seed) in [("alpha", 1u64), ("beta", 2)] {
+        make_expert(&root.join(format!("expert-{task}")), seed);
+        let texts: Vec<&str> = TEXTS.iter().cycle().skip(seed as usize * 3).take(6).copied().collect();
+        let lines: String = texts.iter().map(|t| format!("{}\n", serde_json::json!({ "text": t }))).collect();
+        std::fs::write(root.join(format!("{task}.jsonl")), lines).unwrap();
+        let opts = CacheLabelsOptions {
+            expert: root.join(format!("expert-{task}")),
+            task: task.into(),
+            output: root.join(format!("{task}.labels")),
+            batch_size: 4,
+            max_len: 32,
+            force: false,
+            top_k: 16,
+        };
+        cache_labels(Cpu, &texts, &opts).unwrap();
+        tasks.push_str(&format!(
+            "  - {{name: {task}, expert: expert-{task}, inputs: {task}.jsonl, cache: {task}.labels}}\n"
+        ));
+    }
+    let yml = format!(
+        "method: symerge\nbase_model: {}\nadapted_layer: {adapted_layer}\nmax_len: 32\nbatch_size: 4\nlambda_lr: 0.05\nlayer_lr: 0.002\n\
+         epochs: 3\ntasks:\n{tasks}",
+        base_dir().display()
+    );
+    std::fs::write(root.join("adapt.yml"), yml).unwrap();
+    Fixture { _tmp: tmp, root }
+}
+
+fn adapter(f: &Fixture) -> LmAdapter<Cpu> {
+    LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("adapt.yml")).unwrap()).unwrap()
+}
+
+#[test]
+fn lambda_gradient_matches_finite_differences_and_splits_over_ranks() {
+    let f = fixture("head");
+    let mut a = adapter(&f);
+    // Embedding + 2 layers shared; the head is each task's own.
+    assert_eq!(a.shared.len(), 3);
+    assert!(matches!(a.tasks[0].private_blocks[..], [LlamaBlock::Head(ref h)] if !h.tied));
+    let rows = [0, 2, 3, 5];
+    let g = a.loss_and_grads(1, &rows).unwrap();
+    assert!(g.loss > 0.0 && g.kept > 0);
+    let n = a.lambda.values.len();
+    let mut checked = 0;
+    for j in (0..n).step_by((n / 9).max(1)) {
+        let base = a.lambda.values[j];
+        let mut at = |h: f32| {
+            a.lambda.values[j] = base + h;
+            a.loss_and_grads(1, &rows).unwrap().loss as f64
+        };
+        let central = |at: &mut dyn FnMut(f32) -> f64, h: f32| (at(h) - at(-h)) / (2.0 * h as f64);
+        let fd = (4.0 * central(&mut at, 0.05) - central(&mut at, 0.1)) / 3.0;
+        a.lambda.values[j] = base;
+        let an = g.lambda[j];
+        assert!(
+            (fd - an).abs() <= 1e-2 * an.abs() + 2e-5,
+            "Lambda {j} ({}): fd {fd:e} vs {an:e}",
+            a.lambda.keys[j / 2]
+        );
+        checked += (an != 0.0) as usize;
+    }
+    assert!(checked > 3, "most checked coefficients have a gradient");
+
+    // Three ranks (shards of 2, 1 and 1 inputs) give the same loss and gradients.
+    let ranks = LocalGroup::ranks(3, std::time::Duration::from_secs(60));
+    let a = &a;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> =
+            ranks.into_iter().map(|mut r| s.spawn(move || a.loss_and_grads_in(1, &rows, &mut r).unwrap())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r.kept, g.kept);
+        assert!((r.loss - g.loss).abs() < 1e-5, "{} vs {}", r.loss, g.loss);
+        for (x, y) in r.lambda.iter().zip(&g.lambda) {
+            assert!((x - y).abs() <= 1e-4 * y.abs() + 1e-7, "{x} vs {y}");
+        }
+        let (gp, rp) = (&g.private[0]["lm_head.weight"].buf, &r.private[0]["lm_head.weight"].buf);
+        assert!(gp.iter().zip(rp).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs() + 1e-7));
+    }
+}
+
+/// The expert's own loss against its cache: the entropy of its coarsened distribution, the
+/// floor a merged model approaches.
+fn expert_floor(a: &LmAdapter<Cpu>, task: usize) -> f32 {
+    let t = &a.tasks[task];
+    let lm = CausalLm::load(Cpu, &t.expert, 32).unwrap();
+    let all: Vec<usize> = (0..t.texts.len()).collect();
+    let batch = lm.model.batch(&lm.tokenizer.encode(&t.texts).unwrap()).unwrap();
+    lm.model.topk_loss(&batch, &t.cache.topk_batch(&all).unwrap()).unwrap()
+}
+
+#[test]
+fn training_lowers_the_loss_and_moves_lambda() {
+    let f = fixture("head");
+    let mut a = adapter(&f);
+    let all: Vec<usize> = (0..6).collect();
+    let floor: Vec<f32> = (0..2).map(|t| expert_floor(&a, t)).collect();
+    let before: Vec<f32> = (0..2).map(|t| a.loss_and_grads(t, &all).unwrap().loss).collect();
+    for _ in 0..15 {
+        for t in 0..2 {
+            a.step(t).unwrap();
+        }
+    }
+    let after: Vec<f32> = (0..2).map(|t| a.loss_and_grads(t, &all).unwrap().loss).collect();
+    eprintln!("floor {floor:?} losses {before:?} -> {after:?}");
+    // The excess over the floor (the KL to the coarsened expert) at least halves.
+    for t in 0..2 {
+        assert!(
+            after[t] - floor[t] < 0.5 * (before[t] - floor[t]),
+            "task {t}: loss {} -> {}, floor {}",
+            before[t],
+            after[t],
+            floor[t]
+        );
+    }
+    assert!(a.lambda.values.iter().any(|&v| (v - 0.3).abs() > 1e-2), "Lambda moved");
+    assert!(a.lambda.values.iter().all(|&v| (0.0..=1.0).contains(&v)), "clamped");
+}
+
+#[test]
+fn last_block_adapts_the_last_layer_and_the_cli_writes_loadable_models() {
+    let f = fixture("last_block");
+    let a = adapter(&f);
+    assert_eq!(a.shared.len(), 2);
+    let names: Vec<String> = a.tasks[0].private_blocks.iter().map(LlamaBlock::name).collect();
+    assert_eq!(names, ["model.layers.1", "head"]);
+    assert!(a.lambda.keys.iter().all(|k| !k.contains("layers.1.")), "the last layer has no Lambda");
+    drop(a);
+
+    let out = f.root.join("out");
+    let (ok, stdout, err) =
+        run(&["adapt", f.root.join("adapt.yml").to_str().unwrap(), "-o", out.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["steps"], 6);
+    assert!(out.join("lambda.json").is_file() && out.join("train_log.jsonl").is_file());
+    for task in ["alpha", "beta"] {
+        let dir = out.join("tasks").join(task);
+        let lm = CausalLm::load(Cpu, &dir, 32).unwrap();
+        assert!(!lm.model.config.tie_word_embeddings);
+        let (ok, text, err) = run(&[
+            "eval",
+            dir.to_str().unwrap(),
+            "--inputs",
+            f.root.join(format!("{task}.jsonl")).to_str().unwrap(),
+            "--max-len",
+            "32",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(report["perplexity"].as_f64().unwrap().is_finite(), "{report}");
+    }
+
+    // A classification cache, or another task's inputs, are refused naming the cache.
+    let yml = std::fs::read_to_string(f.root.join("adapt.yml")).unwrap();
+    std::fs::write(f.root.join("bad.yml"), yml.replace("inputs: alpha.jsonl", "inputs: beta.jsonl")).unwrap();
+    let e = LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("bad.yml")).unwrap()).err().unwrap().to_string();
+    assert!(e.contains("alpha.labels") && e.contains("different inputs"), "{e}");
+    std::fs::write(f.root.join("bad.yml"), yml.replace("symerge", "adamerging")).unwrap();
+    let e = LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("bad.yml")).unwrap()).err().unwrap().to_string();
+    assert!(e.contains("adamerging of causal LMs"), "{e}");
+}
