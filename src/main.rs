@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
+use symerge::backend::Device;
 use symerge::backend::cuda::stream_merge::CudaOptions;
 use symerge::backend::cuda::{DeviceSpec, Resolved};
-use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
@@ -26,6 +26,7 @@ use symerge::model::{
     Bert, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate, finetune,
     predict,
 };
+use symerge::with_backend;
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -293,6 +294,9 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
+        /// Where the math runs: cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
@@ -317,6 +321,9 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
+        /// Where the math runs: cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
 }
 
@@ -380,15 +387,16 @@ struct InferenceArgs {
 }
 
 impl InferenceArgs {
-    fn load(&self, model: &std::path::Path) -> anyhow::Result<SequenceClassifier<Cpu>> {
-        if self.device == Device::Cuda {
-            bail!("the CUDA backend is not built yet; use --device cpu");
-        }
+    fn load<B: symerge::backend::Backend + Clone>(
+        &self,
+        be: B,
+        model: &std::path::Path,
+    ) -> anyhow::Result<SequenceClassifier<B>> {
         let opts =
             LoadOptions { new_head: self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed }) };
-        let mut clf = SequenceClassifier::load(Cpu, model, self.max_len, opts)?;
+        let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len, opts)?;
         if let Some(expert) = &self.head_from {
-            clf.model.use_head_of(Bert::load(Cpu, expert, LoadOptions::default())?)?;
+            clf.model.use_head_of(Bert::load(be, expert, LoadOptions::default())?)?;
         }
         if clf.model.num_labels().is_none() {
             bail!(
@@ -554,10 +562,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Predict { model, inputs, out, run } => {
             let lines = read_jsonl(&inputs)?;
-            let clf = run.load(&model)?;
             let start = std::time::Instant::now();
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let preds = predict(&clf, &texts, run.batch_size)?;
+            let preds = with_backend!(run.device, |be| predict(&run.load(be, &model)?, &texts, run.batch_size)?);
             let mut text = String::new();
             for p in &preds {
                 let best = p.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > p.probs[b] { i } else { b });
@@ -575,10 +582,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval { model, inputs, json, run } => {
             let lines = read_jsonl(&inputs)?;
-            let clf = run.load(&model)?;
-            let labels = clf.label_ids(&lines, &inputs)?;
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let report = evaluate(&clf, &texts, &labels, run.batch_size)?;
+            let report = with_backend!(run.device, |be| {
+                let clf = run.load(be, &model)?;
+                evaluate(&clf, &texts, &clf.label_ids(&lines, &inputs)?, run.batch_size)?
+            });
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
@@ -612,9 +620,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             json,
         } => {
-            if device == Device::Cuda {
-                bail!("the CUDA backend is not built yet; use --device cpu");
-            }
             let length = match (steps, epochs) {
                 (Some(s), _) => TrainLength::Steps(s),
                 (None, e) => TrainLength::Epochs(e.unwrap_or(1)),
@@ -638,7 +643,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 ..FinetuneOptions::new(train, output)
             };
-            let summary = finetune(Cpu, &base, &opts)?;
+            let summary = with_backend!(device, |be| finetune(be, &base, &opts)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -686,10 +691,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
-        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json } => {
+        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, json, device } => {
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
             let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force };
-            let summary = cache_labels(Cpu, &texts, &opts)?;
+            let summary = with_backend!(device, |be| cache_labels(be, &texts, &opts)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -703,12 +708,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json } => {
+        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json, device } => {
             let mut cfg = AdaptConfig::load(&config)?;
             cfg.epochs = epochs.unwrap_or(cfg.epochs);
             cfg.seed = seed.unwrap_or(cfg.seed);
-            let adapter = Adapter::load(Cpu, cfg)?;
-            let summary = adapter.run(&AdaptOptions { output, force, evaluate: !no_eval, log_every })?;
+            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            let summary = with_backend!(device, |be| Adapter::load(be, cfg)?.run(&opts)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
