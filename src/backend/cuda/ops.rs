@@ -113,7 +113,7 @@ pub struct CudaIds {
 
 /// A row-major matrix operand of a (batched) product: device address, row stride in elements,
 /// whether it is stored transposed, and the distance between consecutive batch entries.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Mat {
     ptr: u64,
     ld: usize,
@@ -139,6 +139,230 @@ impl Mat {
     fn batch_stride(self, stride: usize) -> Self {
         Mat { stride, ..self }
     }
+}
+
+/// One column-major cuBLAS sgemm, `c = alpha op(a) op(b) + beta c` with `op(a)` `[m, k]`
+/// (strided-batched when `batch > 1`); `beta = 0` never reads `c`. The products are planned as
+/// lists of these (pure functions of shapes and addresses), so the unit tests can replay a plan
+/// on the host and compare it with the CPU backend.
+#[derive(Debug, Clone, Copy)]
+struct BlasCall {
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: Mat,
+    batch: usize,
+}
+
+impl BlasCall {
+    /// Row-major `c = alpha op(a) op(b) + beta c` (`op(a)` `[m, k]`, `op(b)` `[k, n]`), each
+    /// operand advancing by its own stride over `batch` entries: column-major cuBLAS computes
+    /// `c^T = op(b)^T op(a)^T`, reading each row-major operand as its transpose for free.
+    #[allow(clippy::too_many_arguments)]
+    fn row_major(m: usize, n: usize, k: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: Mat, batch: usize) -> Self {
+        BlasCall { m: n, n: m, k, alpha, a: b, b: a, beta, c, batch }
+    }
+}
+
+/// [`Backend::gemm`] on dense row-major buffers (`ta`/`tb`: stored transposed).
+#[allow(clippy::too_many_arguments)]
+fn dense_plan(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: u64,
+    b: u64,
+    beta: f32,
+    c: u64,
+) -> BlasCall {
+    let am = Mat { ptr: a, ld: if ta { m } else { k }, t: ta, stride: 0 };
+    let bm = Mat { ptr: b, ld: if tb { k } else { n }, t: tb, stride: 0 };
+    BlasCall::row_major(m, n, k, alpha, am, bm, beta, Mat::new(c, n), 1)
+}
+
+/// Where one attention call's operands live (device addresses; unused ones 0).
+#[derive(Debug, Clone, Copy, Default)]
+struct AttnPtrs {
+    q: u64,
+    k: u64,
+    v: u64,
+    /// Probabilities `[batch * heads * seq_q, seq_k]`, row `(b * heads + h) * seq_q + i`.
+    p: u64,
+    /// Their gradient, same layout.
+    ds: u64,
+    dout: u64,
+    /// The output (forward) or dq (backward), laid out like q.
+    out: u64,
+    dk: u64,
+    dv: u64,
+}
+
+/// Operand builders of one attention call: query head `h = g * group + hh` reads kv head `g`, so
+/// each product is one cuBLAS call per (sequence `b`, `hh`), batched over the kv heads `g`.
+struct AttnPlan {
+    s: AttnShape,
+    group: usize,
+    qs: usize,
+    ks: usize,
+}
+
+impl AttnPlan {
+    fn new(s: &AttnShape) -> Self {
+        AttnPlan { s: *s, group: s.heads / s.kv_heads, qs: s.heads * s.head_dim, ks: s.kv_heads * s.head_dim }
+    }
+
+    /// `[seq_q, head_dim]` of query heads `g * group + hh` of sequence `b` in a q-shaped buffer.
+    fn head(&self, ptr: u64, b: usize, hh: usize) -> Mat {
+        let s = &self.s;
+        Mat::new(ptr, self.qs).at(b * s.seq_q * self.qs + hh * s.head_dim).batch_stride(self.group * s.head_dim)
+    }
+
+    /// `[seq_k, head_dim]` of kv heads `g` of sequence `b` in a k-shaped buffer.
+    fn kv(&self, ptr: u64, b: usize) -> Mat {
+        let s = &self.s;
+        Mat::new(ptr, self.ks).at(b * s.seq_k * self.ks).batch_stride(s.head_dim)
+    }
+
+    /// `[seq_q, seq_k]` probabilities of query heads `g * group + hh` of sequence `b`.
+    fn probs(&self, ptr: u64, b: usize, hh: usize) -> Mat {
+        let s = &self.s;
+        let tile = s.seq_q * s.seq_k;
+        Mat::new(ptr, s.seq_k).at((b * s.heads + hh) * tile).batch_stride(self.group * tile)
+    }
+
+    fn each(&self, mut f: impl FnMut(usize, usize, f32) -> [Option<BlasCall>; 2]) -> Vec<BlasCall> {
+        let mut calls = Vec::new();
+        for b in 0..self.s.batch {
+            for hh in 0..self.group {
+                // The query heads sharing a kv head add into its dk and dv, in order of hh.
+                let acc = if hh == 0 { 0.0 } else { 1.0 };
+                calls.extend(f(b, hh, acc).into_iter().flatten());
+            }
+        }
+        calls
+    }
+
+    /// `p = scale q k^T` (before the masked softmax).
+    fn scores(&self, x: &AttnPtrs) -> Vec<BlasCall> {
+        let s = self.s;
+        self.each(|b, hh, _| {
+            let call = BlasCall::row_major(
+                s.seq_q,
+                s.seq_k,
+                s.head_dim,
+                s.scale(),
+                self.head(x.q, b, hh),
+                self.kv(x.k, b).t(),
+                0.0,
+                self.probs(x.p, b, hh),
+                s.kv_heads,
+            );
+            [Some(call), None]
+        })
+    }
+
+    /// `out = p v`.
+    fn context(&self, x: &AttnPtrs) -> Vec<BlasCall> {
+        let s = self.s;
+        self.each(|b, hh, _| {
+            let call = BlasCall::row_major(
+                s.seq_q,
+                s.head_dim,
+                s.seq_k,
+                1.0,
+                self.probs(x.p, b, hh),
+                self.kv(x.v, b),
+                0.0,
+                self.head(x.out, b, hh),
+                s.kv_heads,
+            );
+            [Some(call), None]
+        })
+    }
+
+    /// `dv += p^T dout` and `ds = dout v^T` (the gradient of p, before the softmax backward).
+    fn grad_values(&self, x: &AttnPtrs) -> Vec<BlasCall> {
+        let s = self.s;
+        let (sq, sk, hd) = (s.seq_q, s.seq_k, s.head_dim);
+        self.each(|b, hh, acc| {
+            let dv = BlasCall::row_major(
+                sk,
+                hd,
+                sq,
+                1.0,
+                self.probs(x.p, b, hh).t(),
+                self.head(x.dout, b, hh),
+                acc,
+                self.kv(x.dv, b),
+                s.kv_heads,
+            );
+            let dp = BlasCall::row_major(
+                sq,
+                sk,
+                hd,
+                1.0,
+                self.head(x.dout, b, hh),
+                self.kv(x.v, b).t(),
+                0.0,
+                self.probs(x.ds, b, hh),
+                s.kv_heads,
+            );
+            [Some(dv), Some(dp)]
+        })
+    }
+
+    /// `dq = scale ds k` and `dk += scale ds^T q`.
+    fn grad_qk(&self, x: &AttnPtrs) -> Vec<BlasCall> {
+        let s = self.s;
+        let (sq, sk, hd, scale) = (s.seq_q, s.seq_k, s.head_dim, s.scale());
+        self.each(|b, hh, acc| {
+            let dq = BlasCall::row_major(
+                sq,
+                hd,
+                sk,
+                scale,
+                self.probs(x.ds, b, hh),
+                self.kv(x.k, b),
+                0.0,
+                self.head(x.out, b, hh),
+                s.kv_heads,
+            );
+            let dk = BlasCall::row_major(
+                sk,
+                hd,
+                sq,
+                scale,
+                self.probs(x.ds, b, hh).t(),
+                self.head(x.q, b, hh),
+                acc,
+                self.kv(x.dk, b),
+                s.kv_heads,
+            );
+            [Some(dq), Some(dk)]
+        })
+    }
+}
+
+/// `y [rows, out] = x [rows, inp] @ w [out, inp]^T + beta y`.
+fn linear_plan(rows: usize, inp: usize, out: usize, x: u64, w: u64, beta: f32, y: u64) -> BlasCall {
+    BlasCall::row_major(rows, out, inp, 1.0, Mat::new(x, inp), Mat::new(w, inp).t(), beta, Mat::new(y, out), 1)
+}
+
+/// `dx [rows, inp] = dy [rows, out] @ w [out, inp]`.
+fn linear_dx_plan(rows: usize, inp: usize, out: usize, dy: u64, w: u64, dx: u64) -> BlasCall {
+    BlasCall::row_major(rows, inp, out, 1.0, Mat::new(dy, out), Mat::new(w, inp), 0.0, Mat::new(dx, inp), 1)
+}
+
+/// `dw [out, inp] = dy [rows, out]^T @ x [rows, inp]`.
+fn linear_dw_plan(rows: usize, inp: usize, out: usize, dy: u64, x: u64, dw: u64) -> BlasCall {
+    BlasCall::row_major(out, inp, rows, 1.0, Mat::new(dy, out).t(), Mat::new(x, inp), 0.0, Mat::new(dw, inp), 1)
 }
 
 fn elems_cfg(n: usize) -> LaunchConfig {
@@ -264,47 +488,32 @@ impl Cuda {
         cu("copying to the device", s.clone_htod(v))
     }
 
-    /// Row-major `c = alpha op(a) op(b) + beta c` (`op(a)` `[m, k]`, `op(b)` `[k, n]`) for `batch`
-    /// entries, each operand advancing by its own stride; through column-major cuBLAS as
-    /// `c^T = op(b)^T op(a)^T`, which reads each row-major operand as its transpose for free.
-    /// `beta = 0` never reads `c`. Needs `m, n, k > 0`.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_raw(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: Mat,
-        b: Mat,
-        beta: f32,
-        c: Mat,
-        batch: usize,
-    ) -> Result<()> {
+    /// Runs one cuBLAS call on the stream.
+    fn blas(&self, c: &BlasCall) -> Result<()> {
         let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
-        let (mi, ni, ki) = (int(m)?, int(n)?, int(k)?);
-        let (lda, ldb, ldc) = (int(a.ld.max(1))?, int(b.ld.max(1))?, int(c.ld.max(1))?);
+        let (m, n, k) = (int(c.m)?, int(c.n)?, int(c.k)?);
+        let (lda, ldb, ldc) = (int(c.a.ld.max(1))?, int(c.b.ld.max(1))?, int(c.c.ld.max(1))?);
         let inner = &*self.inner;
         cu("binding the context", inner.gpu.ctx.bind_to_thread())?;
         let handle = *inner.blas.handle();
-        let r = if batch == 1 {
+        let r = if c.batch == 1 {
             // SAFETY: the callers check every operand's extent against its buffer; alpha and beta
             // are host scalars (the handle's default pointer mode).
             unsafe {
                 cudarc::cublas::result::sgemm(
                     handle,
-                    op(b.t),
-                    op(a.t),
-                    ni,
-                    mi,
-                    ki,
-                    &alpha,
-                    b.ptr as *const f32,
-                    ldb,
-                    a.ptr as *const f32,
+                    op(c.a.t),
+                    op(c.b.t),
+                    m,
+                    n,
+                    k,
+                    &c.alpha,
+                    c.a.ptr as *const f32,
                     lda,
-                    &beta,
-                    c.ptr as *mut f32,
+                    c.b.ptr as *const f32,
+                    ldb,
+                    &c.beta,
+                    c.c.ptr as *mut f32,
                     ldc,
                 )
             }
@@ -313,52 +522,42 @@ impl Cuda {
             unsafe {
                 cudarc::cublas::result::sgemm_strided_batched(
                     handle,
-                    op(b.t),
-                    op(a.t),
-                    ni,
-                    mi,
-                    ki,
-                    &alpha,
-                    b.ptr as *const f32,
-                    ldb,
-                    b.stride as i64,
-                    a.ptr as *const f32,
+                    op(c.a.t),
+                    op(c.b.t),
+                    m,
+                    n,
+                    k,
+                    &c.alpha,
+                    c.a.ptr as *const f32,
                     lda,
-                    a.stride as i64,
-                    &beta,
-                    c.ptr as *mut f32,
+                    c.a.stride as i64,
+                    c.b.ptr as *const f32,
+                    ldb,
+                    c.b.stride as i64,
+                    &c.beta,
+                    c.c.ptr as *mut f32,
                     ldc,
-                    c.stride as i64,
-                    int(batch)?,
+                    c.c.stride as i64,
+                    int(c.batch)?,
                 )
             }
         };
-        r.map_err(|e| Error::cuda(format!("cuBLAS sgemm {m}x{n}x{k} (batch {batch})"), format!("{e:?}")))
+        r.map_err(|e| {
+            Error::cuda(format!("cuBLAS sgemm {}x{}x{} (batch {})", c.m, c.n, c.k, c.batch), format!("{e:?}"))
+        })
+    }
+
+    fn blas_all(&self, calls: &[BlasCall]) -> Result<()> {
+        calls.iter().try_for_each(|c| self.blas(c))
     }
 
     /// Scores `scale q k^T`, masked and softmaxed: `[batch * heads * seq_q, seq_k]`, row
     /// `(b * heads + h) * seq_q + i`. Needs `seq_q, seq_k > 0`.
     fn attn_probs(&self, q: &CudaBuf, k: &CudaBuf, key_mask: Option<&CudaBuf>, s: &AttnShape) -> Result<CudaBuf> {
-        let (sq, sk, hd, group) = (s.seq_q, s.seq_k, s.head_dim, s.heads / s.kv_heads);
-        let (qs, ks) = (s.heads * hd, s.kv_heads * hd);
+        let (sq, sk) = (s.seq_q, s.seq_k);
         let p = self.alloc(s.batch * s.heads * sq * sk)?;
-        let (qm, km, pm) = (Mat::new(self.ptr(q), qs), Mat::new(self.ptr(k), ks), Mat::new(self.ptr(&p), sk));
-        // Query head h = g * group + hh reads kv head g: one call per (sequence, hh), batched over g.
-        for b in 0..s.batch {
-            for hh in 0..group {
-                self.gemm_raw(
-                    sq,
-                    sk,
-                    hd,
-                    s.scale(),
-                    qm.at(b * sq * qs + hh * hd).batch_stride(group * hd),
-                    km.at(b * sk * ks).t().batch_stride(hd),
-                    0.0,
-                    pm.at((b * s.heads + hh) * sq * sk).batch_stride(group * sq * sk),
-                    s.kv_heads,
-                )?;
-            }
-        }
+        let x = AttnPtrs { q: self.ptr(q), k: self.ptr(k), p: self.ptr(&p), ..Default::default() };
+        self.blas_all(&AttnPlan::new(s).scores(&x))?;
         let op = "attention";
         let rows = s.batch * s.heads * sq;
         let (pp, mask) = (self.ptr(&p), key_mask.map_or(0, |m| self.ptr(m)));
@@ -440,9 +639,7 @@ impl Backend for Cuda {
             let (cp, len) = (self.ptr(c), (m * n) as u64);
             return launch!(self, scale_f32, elems_cfg(m * n); cp, len, beta);
         }
-        let am = Mat { ptr: self.ptr(a), ld: if ta { m } else { k }, t: ta, stride: 0 };
-        let bm = Mat { ptr: self.ptr(b), ld: if tb { k } else { n }, t: tb, stride: 0 };
-        self.gemm_raw(m, n, k, alpha, am, bm, beta, Mat::new(self.ptr(c), n), 1)
+        self.blas(&dense_plan(ta, tb, m, n, k, alpha, self.ptr(a), self.ptr(b), beta, self.ptr(c)))
     }
 
     fn linear(
@@ -472,8 +669,7 @@ impl Backend for Cuda {
             None => (self.alloc(n)?, 0.0),
         };
         if n > 0 && inp > 0 {
-            let (xm, wm) = (Mat::new(self.ptr(x), inp), Mat::new(self.ptr(w), inp).t());
-            self.gemm_raw(rows, out, inp, 1.0, xm, wm, beta, Mat::new(self.ptr(&y), out), 1)?;
+            self.blas(&linear_plan(rows, inp, out, self.ptr(x), self.ptr(w), beta, self.ptr(&y)))?;
         }
         Ok(y)
     }
@@ -493,13 +689,11 @@ impl Backend for Cuda {
         expect_len(op, "x", x.len, rows * inp)?;
         expect_len(op, "weight", w.len, out * inp)?;
         expect_len(op, "dy", dy.len, rows * out)?;
-        let dym = Mat::new(self.ptr(dy), out);
         let dx = if need_dx {
             // dx [rows, inp] = dy [rows, out] @ w [out, inp]
             if rows * inp > 0 && out > 0 {
                 let dx = self.alloc(rows * inp)?;
-                let wm = Mat::new(self.ptr(w), inp);
-                self.gemm_raw(rows, inp, out, 1.0, dym, wm, 0.0, Mat::new(self.ptr(&dx), inp), 1)?;
+                self.blas(&linear_dx_plan(rows, inp, out, self.ptr(dy), self.ptr(w), self.ptr(&dx)))?;
                 Some(dx)
             } else {
                 Some(self.alloc_zeros(rows * inp)?)
@@ -510,8 +704,7 @@ impl Backend for Cuda {
         // dw [out, inp] = dy^T [out, rows] @ x [rows, inp]
         let dw = if out * inp > 0 && rows > 0 {
             let dw = self.alloc(out * inp)?;
-            let xm = Mat::new(self.ptr(x), inp);
-            self.gemm_raw(out, inp, rows, 1.0, dym.t(), xm, 0.0, Mat::new(self.ptr(&dw), inp), 1)?;
+            self.blas(&linear_dw_plan(rows, inp, out, self.ptr(dy), self.ptr(x), self.ptr(&dw)))?;
             dw
         } else {
             self.alloc_zeros(out * inp)?
@@ -677,27 +870,10 @@ impl Backend for Cuda {
         if s.q_len() == 0 || s.seq_k == 0 {
             return self.alloc_zeros(s.q_len());
         }
-        let (sq, sk, hd, group) = (s.seq_q, s.seq_k, s.head_dim, s.heads / s.kv_heads);
-        let (qs, ks) = (s.heads * hd, s.kv_heads * hd);
         let p = self.attn_probs(q, k, key_mask, &s)?;
         let out = self.alloc(s.q_len())?;
-        let (pm, vm, om) = (Mat::new(self.ptr(&p), sk), Mat::new(self.ptr(v), ks), Mat::new(self.ptr(&out), qs));
-        for b in 0..s.batch {
-            for hh in 0..group {
-                // out_bh [seq_q, hd] = p_bh [seq_q, seq_k] @ v_bg [seq_k, hd], written in place.
-                self.gemm_raw(
-                    sq,
-                    hd,
-                    sk,
-                    1.0,
-                    pm.at((b * s.heads + hh) * sq * sk).batch_stride(group * sq * sk),
-                    vm.at(b * sk * ks).batch_stride(hd),
-                    0.0,
-                    om.at(b * sq * qs + hh * hd).batch_stride(group * hd),
-                    s.kv_heads,
-                )?;
-            }
-        }
+        let x = AttnPtrs { p: self.ptr(&p), v: self.ptr(v), out: self.ptr(&out), ..Default::default() };
+        self.blas_all(&AttnPlan::new(&s).context(&x))?;
         Ok(out)
     }
 
@@ -718,42 +894,26 @@ impl Backend for Cuda {
                 (self.alloc_zeros(s.q_len())?, self.alloc_zeros(s.kv_len())?, self.alloc_zeros(s.kv_len())?);
             return Ok(AttnGrads { dq, dk, dv });
         }
-        let (sq, sk, hd, group) = (s.seq_q, s.seq_k, s.head_dim, s.heads / s.kv_heads);
-        let (qs, ks) = (s.heads * hd, s.kv_heads * hd);
-        let scale = s.scale();
         let p = self.attn_probs(q, k, key_mask, &s)?;
         let ds = self.alloc(p.len)?;
         let (dq, dk, dv) = (self.alloc(s.q_len())?, self.alloc(s.kv_len())?, self.alloc(s.kv_len())?);
-        let pm = Mat::new(self.ptr(&p), sk);
-        let dsm = Mat::new(self.ptr(&ds), sk);
-        let (qm, dom, dqm) = (Mat::new(self.ptr(q), qs), Mat::new(self.ptr(dout), qs), Mat::new(self.ptr(&dq), qs));
-        let (km, vm) = (Mat::new(self.ptr(k), ks), Mat::new(self.ptr(v), ks));
-        let (dkm, dvm) = (Mat::new(self.ptr(&dk), ks), Mat::new(self.ptr(&dv), ks));
-        // Operands of query heads g * group + hh (batched over g) in sequence b.
-        let head = |m: Mat, b: usize, hh: usize| m.at(b * sq * qs + hh * hd).batch_stride(group * hd);
-        let kv = |m: Mat, b: usize| m.at(b * sk * ks).batch_stride(hd);
-        let probs = |m: Mat, b: usize, hh: usize| m.at((b * s.heads + hh) * sq * sk).batch_stride(group * sq * sk);
-        for b in 0..s.batch {
-            for hh in 0..group {
-                // The query heads sharing a kv head add into its dk and dv, in order of hh.
-                let acc = if hh == 0 { 0.0 } else { 1.0 };
-                // dv_bg [seq_k, hd] += p_bh^T @ do_bh
-                self.gemm_raw(sk, hd, sq, 1.0, probs(pm, b, hh).t(), head(dom, b, hh), acc, kv(dvm, b), s.kv_heads)?;
-                // dp_bh [seq_q, seq_k] = do_bh @ v_bg^T
-                self.gemm_raw(sq, sk, hd, 1.0, head(dom, b, hh), kv(vm, b).t(), 0.0, probs(dsm, b, hh), s.kv_heads)?;
-            }
-        }
+        let x = AttnPtrs {
+            q: self.ptr(q),
+            k: self.ptr(k),
+            v: self.ptr(v),
+            p: self.ptr(&p),
+            ds: self.ptr(&ds),
+            dout: self.ptr(dout),
+            out: self.ptr(&dq),
+            dk: self.ptr(&dk),
+            dv: self.ptr(&dv),
+        };
+        let plan = AttnPlan::new(&s);
+        self.blas_all(&plan.grad_values(&x))?;
         // ds = p * (dp - rowsum(dp * p)), in place.
-        let (pp, dsp, sk32) = (self.ptr(&p), self.ptr(&ds), u32_dim(op, "seq_k", sk)?);
-        launch!(self, softmax_bwd_rows, rows_cfg(op, s.batch * s.heads * sq)?; pp, dsp, sk32, dsp)?;
-        for b in 0..s.batch {
-            for hh in 0..group {
-                let acc = if hh == 0 { 0.0 } else { 1.0 };
-                // dq_bh = scale ds_bh @ k_bg ; dk_bg += scale ds_bh^T @ q_bh
-                self.gemm_raw(sq, hd, sk, scale, probs(dsm, b, hh), kv(km, b), 0.0, head(dqm, b, hh), s.kv_heads)?;
-                self.gemm_raw(sk, hd, sq, scale, probs(dsm, b, hh).t(), head(qm, b, hh), acc, kv(dkm, b), s.kv_heads)?;
-            }
-        }
+        let (pp, dsp, sk32) = (x.p, x.ds, u32_dim(op, "seq_k", s.seq_k)?);
+        launch!(self, softmax_bwd_rows, rows_cfg(op, s.batch * s.heads * s.seq_q)?; pp, dsp, sk32, dsp)?;
+        self.blas_all(&plan.grad_qk(&x))?;
         Ok(AttnGrads { dq, dk, dv })
     }
 
@@ -920,6 +1080,229 @@ mod tests {
         let (order, starts, uniq) = group_by_id(&[]);
         assert!(order.is_empty() && uniq.is_empty());
         assert_eq!(starts, [0]);
+    }
+
+    /// Host memory standing in for the device: buffers at fake addresses with gaps between them;
+    /// replaying a plan asserts that every element a product touches lies inside the buffer its
+    /// operand starts in.
+    struct Arena {
+        data: Vec<f32>,
+        regions: Vec<(usize, usize)>,
+    }
+
+    const BASE: u64 = 1 << 40;
+
+    impl Arena {
+        fn new() -> Self {
+            Arena { data: vec![f32::NAN; 16], regions: Vec::new() }
+        }
+
+        fn put(&mut self, v: &[f32]) -> u64 {
+            let at = self.data.len();
+            self.data.extend_from_slice(v);
+            self.regions.push((at, v.len()));
+            self.data.extend([f32::NAN; 16]);
+            BASE + (at * 4) as u64
+        }
+
+        /// An output buffer: NaN, so a product with beta = 0 that read it would show.
+        fn out(&mut self, n: usize) -> u64 {
+            self.put(&vec![f32::NAN; n])
+        }
+
+        fn index(ptr: u64) -> usize {
+            assert!(ptr >= BASE && (ptr - BASE).is_multiple_of(4), "bad address {ptr:#x}");
+            ((ptr - BASE) / 4) as usize
+        }
+
+        fn end_of(&self, ptr: u64) -> usize {
+            let i = Self::index(ptr);
+            let (s, l) = self.regions.iter().copied().find(|&(s, l)| i >= s && i < s + l).expect("operand in a buffer");
+            s + l
+        }
+
+        fn get(&self, ptr: u64, n: usize) -> Vec<f32> {
+            let i = Self::index(ptr);
+            self.data[i..i + n].to_vec()
+        }
+
+        /// The column-major product cuBLAS computes (in f64), element by element.
+        fn run(&mut self, c: &BlasCall) {
+            let (ea, eb, ec) = (self.end_of(c.a.ptr), self.end_of(c.b.ptr), self.end_of(c.c.ptr));
+            for e in 0..c.batch {
+                let a0 = Self::index(c.a.ptr) + e * c.a.stride;
+                let b0 = Self::index(c.b.ptr) + e * c.b.stride;
+                let c0 = Self::index(c.c.ptr) + e * c.c.stride;
+                for j in 0..c.n {
+                    for i in 0..c.m {
+                        let mut acc = 0f64;
+                        for l in 0..c.k {
+                            let ai = a0 + if c.a.t { l + i * c.a.ld } else { i + l * c.a.ld };
+                            let bi = b0 + if c.b.t { j + l * c.b.ld } else { l + j * c.b.ld };
+                            assert!(ai < ea && bi < eb, "operand read out of its buffer: {c:?}");
+                            acc += self.data[ai] as f64 * self.data[bi] as f64;
+                        }
+                        let ci = c0 + i + j * c.c.ld;
+                        assert!(ci < ec, "output written out of its buffer: {c:?}");
+                        let old = if c.beta == 0.0 { 0.0 } else { c.beta as f64 * self.data[ci] as f64 };
+                        self.data[ci] = (c.alpha as f64 * acc + old) as f32;
+                    }
+                }
+            }
+        }
+
+        fn run_all(&mut self, calls: &[BlasCall]) {
+            calls.iter().for_each(|c| self.run(c));
+        }
+
+        fn slice_mut(&mut self, ptr: u64, n: usize) -> &mut [f32] {
+            let i = Self::index(ptr);
+            &mut self.data[i..i + n]
+        }
+    }
+
+    fn values(seed: u32, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let (num, den) = a
+            .iter()
+            .zip(b)
+            .fold((0f64, 0f64), |(n, d), (&x, &y)| (n + (x as f64 - y as f64).powi(2), d + (y as f64).powi(2)));
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    /// What `attn_softmax` does, on the host, in the layout the plan assumes.
+    fn attn_softmax_host(p: &mut [f32], mask: Option<&[f32]>, s: &AttnShape) {
+        let shift = s.seq_k - s.seq_q.min(s.seq_k);
+        for (r, row) in p.chunks_mut(s.seq_k).enumerate() {
+            let (b, i) = (r / (s.heads * s.seq_q), r % s.seq_q);
+            for (j, v) in row.iter_mut().enumerate() {
+                if mask.is_some_and(|m| m[b * s.seq_k + j] == 0.0) || (s.causal && j > i + shift) {
+                    *v = f32::MIN;
+                }
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+
+    /// The CUDA attention's products and softmax kernels replayed on the host, against the CPU
+    /// backend: checks every address, stride and leading dimension of the plan.
+    #[test]
+    fn attention_plan_replayed_on_the_host_matches_cpu() {
+        use crate::backend::{Backend, Cpu};
+        let shape = |batch, seq_q, seq_k, heads, kv_heads, head_dim, causal| AttnShape {
+            batch,
+            seq_q,
+            seq_k,
+            heads,
+            kv_heads,
+            head_dim,
+            causal,
+        };
+        let mask_of = |seq_k: usize, real: &[usize]| -> Vec<f32> {
+            real.iter().flat_map(|&n| (0..seq_k).map(move |j| if j < n { 1.0 } else { 0.0 })).collect()
+        };
+        let cases = [
+            (AttnShape::bidirectional(3, 13, 4, 6), Some(mask_of(13, &[12, 8, 13]))),
+            (shape(2, 7, 11, 6, 2, 5, true), Some(mask_of(11, &[11, 6]))),
+            (shape(1, 9, 9, 8, 4, 4, false), None),
+            (shape(4, 5, 5, 3, 1, 7, true), Some(mask_of(5, &[5, 0, 2, 4]))),
+            (shape(2, 3, 17, 2, 2, 3, false), None),
+        ];
+        for (i, (s, mask)) in cases.into_iter().enumerate() {
+            let seed = 10 * i as u32;
+            let (q, k, v, dout) = (
+                values(seed, s.q_len()),
+                values(seed + 1, s.kv_len()),
+                values(seed + 2, s.kv_len()),
+                values(seed + 3, s.q_len()),
+            );
+            let rows = s.batch * s.heads * s.seq_q;
+            let mut m = Arena::new();
+            let mut x = AttnPtrs {
+                q: m.put(&q),
+                k: m.put(&k),
+                v: m.put(&v),
+                p: m.out(rows * s.seq_k),
+                ds: m.out(rows * s.seq_k),
+                dout: m.put(&dout),
+                out: m.out(s.q_len()),
+                dk: m.out(s.kv_len()),
+                dv: m.out(s.kv_len()),
+            };
+            let plan = AttnPlan::new(&s);
+            m.run_all(&plan.scores(&x));
+            attn_softmax_host(m.slice_mut(x.p, rows * s.seq_k), mask.as_deref(), &s);
+            m.run_all(&plan.context(&x));
+            let want = Cpu.attention(&q, &k, &v, mask.as_ref(), s).unwrap();
+            let e = rel_err(&m.get(x.out, s.q_len()), &want);
+            assert!(e < 1e-5, "case {i} {s:?}: forward rel err {e:e}");
+
+            x.out = m.out(s.q_len());
+            m.run_all(&plan.grad_values(&x));
+            let p = m.get(x.p, rows * s.seq_k);
+            for (ds, pr) in m.slice_mut(x.ds, rows * s.seq_k).chunks_mut(s.seq_k).zip(p.chunks(s.seq_k)) {
+                let dot: f32 = ds.iter().zip(pr).map(|(a, b)| a * b).sum();
+                ds.iter_mut().zip(pr).for_each(|(d, &pp)| *d = pp * (*d - dot));
+            }
+            m.run_all(&plan.grad_qk(&x));
+            let g = Cpu.attention_backward(&q, &k, &v, mask.as_ref(), &dout, s).unwrap();
+            for (name, got, want) in [
+                ("dq", m.get(x.out, s.q_len()), g.dq),
+                ("dk", m.get(x.dk, s.kv_len()), g.dk),
+                ("dv", m.get(x.dv, s.kv_len()), g.dv),
+            ] {
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-5, "case {i} {s:?}: {name} rel err {e:e}");
+            }
+        }
+    }
+
+    /// The dense and linear products' plans replayed on the host, against the CPU backend.
+    #[test]
+    fn dense_and_linear_plans_replayed_on_the_host_match_cpu() {
+        use crate::backend::{Backend, Cpu};
+        for &(mm, nn, kk) in &[(5, 7, 3), (1, 9, 4), (6, 1, 2)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let (a, b, c) = (values(1, mm * kk), values(2, kk * nn), values(3, mm * nn));
+                    let mut m = Arena::new();
+                    let (ap, bp, cp) = (m.put(&a), m.put(&b), m.put(&c));
+                    m.run(&dense_plan(ta, tb, mm, nn, kk, 0.5, ap, bp, 1.5, cp));
+                    let mut want = c.clone();
+                    Cpu.gemm(ta, tb, mm, nn, kk, 0.5, &a, &b, 1.5, &mut want).unwrap();
+                    let e = rel_err(&m.get(cp, mm * nn), &want);
+                    assert!(e < 1e-6, "gemm {mm}x{nn}x{kk} ta={ta} tb={tb}: rel err {e:e}");
+                }
+            }
+        }
+        let (rows, inp, out) = (5, 7, 3);
+        let (x, w, dy) = (values(4, rows * inp), values(5, out * inp), values(6, rows * out));
+        let mut m = Arena::new();
+        let (xp, wp, dyp) = (m.put(&x), m.put(&w), m.put(&dy));
+        let (yp, dxp, dwp) = (m.out(rows * out), m.out(rows * inp), m.out(out * inp));
+        m.run(&linear_plan(rows, inp, out, xp, wp, 0.0, yp));
+        m.run(&linear_dx_plan(rows, inp, out, dyp, wp, dxp));
+        m.run(&linear_dw_plan(rows, inp, out, dyp, xp, dwp));
+        let y = Cpu.linear(&x, &w, None, rows, inp, out).unwrap();
+        let g = Cpu.linear_backward(&x, &w, &dy, rows, inp, out, true, false).unwrap();
+        assert!(rel_err(&m.get(yp, rows * out), &y) < 1e-6, "linear");
+        assert!(rel_err(&m.get(dxp, rows * inp), &g.dx.unwrap()) < 1e-6, "linear dx");
+        assert!(rel_err(&m.get(dwp, out * inp), &g.dw) < 1e-6, "linear dw");
     }
 
     #[test]
