@@ -1128,6 +1128,10 @@ mod tests {
 
         /// The column-major product cuBLAS computes (in f64), element by element.
         fn run(&mut self, c: &BlasCall) {
+            // cuBLAS refuses leading dimensions below the stored operands' row counts.
+            let rows_a = if c.a.t { c.k } else { c.m };
+            let rows_b = if c.b.t { c.n } else { c.k };
+            assert!(c.a.ld >= rows_a.max(1) && c.b.ld >= rows_b.max(1) && c.c.ld >= c.m.max(1), "bad ld: {c:?}");
             let (ea, eb, ec) = (self.end_of(c.a.ptr), self.end_of(c.b.ptr), self.end_of(c.c.ptr));
             for e in 0..c.batch {
                 let a0 = Self::index(c.a.ptr) + e * c.a.stride;
