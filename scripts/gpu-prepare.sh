@@ -2,7 +2,11 @@
 # Builds, on any x86-64 machine (no GPU or CUDA needed), what scripts/gpu-check.sh runs on the
 # GPU machine, and copies it into .devbin/ (git-ignored; carry it to the device):
 #   .devbin/symerge                      the CLI (bench-cuda, merge --device cuda)
-#   .devbin/{gpu_kernels,gpu_merge,kernels_compile,device_flag,gpu_nccl}   the GPU test executables
+#   .devbin/{gpu_kernels,gpu_merge,kernels_compile,device_flag,gpu_backend,gpu_nccl}   the GPU test executables
+#   .devbin/minilm.tar.xz                the real MiniLM-L6 for tests/gpu_backend.rs, in bf16 and
+#                                        xz-compressed (32 MB instead of 91: it travels with the
+#                                        executables under the 64 MiB limit; CPU and GPU read the same
+#                                        weights, so the half precision costs the comparison nothing)
 # Usage: scripts/gpu-prepare.sh            (JOBS=1 to limit parallel compilation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +17,10 @@ cargo build --release --bin symerge "${jobs[@]}"
 mkdir -p .devbin
 rm -f .devbin/*
 cargo test --release --no-run --message-format=json "${jobs[@]}" \
-  --test gpu_kernels --test gpu_merge --test kernels_compile --test device_flag --test gpu_nccl |
+  --test gpu_kernels --test gpu_merge --test kernels_compile --test device_flag --test gpu_backend --test gpu_nccl |
   python3 -c '
 import json, shutil, sys
-wanted = {"gpu_kernels", "gpu_merge", "kernels_compile", "device_flag", "gpu_nccl"}
+wanted = {"gpu_kernels", "gpu_merge", "kernels_compile", "device_flag", "gpu_backend", "gpu_nccl"}
 for line in sys.stdin:
     try:
         msg = json.loads(line)
@@ -31,6 +35,17 @@ if wanted:
 cp "$CARGO_TARGET_DIR/release/symerge" .devbin/symerge
 # Debug symbols are not needed there, and the tree that travels is limited to 64 MiB.
 strip .devbin/* 2>/dev/null || true
+minilm="${SYMERGE_MINILM:-$PWD/target/assets/minilm}"
+if [ -f "$minilm/model.safetensors" ]; then
+  # A one-model linear merge is the identity: it rewrites the weights in bf16.
+  tmp=$(mktemp -d)
+  printf 'merge_method: linear\nmodels:\n  - model: %s\n    parameters: {weight: 1.0}\n' "$minilm" >"$tmp/m.yml"
+  "$CARGO_TARGET_DIR/release/symerge" merge "$tmp/m.yml" -o "$tmp/minilm" --dtype bfloat16 --device cpu -q
+  tar -cJf .devbin/minilm.tar.xz -C "$tmp/minilm" model.safetensors config.json tokenizer.json
+  rm -rf "$tmp"
+else
+  echo "warning: no MiniLM at $minilm (run scripts/fetch-assets.sh): gpu_backend's model tests will fail" >&2
+fi
 cp scripts/gpu-check.sh .devbin/
 ls -la .devbin
 du -sh .devbin

@@ -11,9 +11,9 @@ use symerge::adapt::lm::LmAdapter;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::{AdaptOptions, Adapter};
 use symerge::atomic::write_atomic;
+use symerge::backend::Device;
 use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
 use symerge::backend::cuda::{DeviceSpec, Resolved};
-use symerge::backend::{Cpu, Device};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
@@ -28,6 +28,7 @@ use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
     evaluate_lm, finetune, is_causal_lm_dir, predict,
 };
+use symerge::with_backend;
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -301,6 +302,9 @@ enum Command {
         /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
         #[command(flatten)]
         dist: DistArgs,
+        /// Where the math runs: cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
@@ -329,6 +333,9 @@ enum Command {
         /// Data-parallel over the launcher's ranks: each takes its share of every batch.
         #[command(flatten)]
         dist: DistArgs,
+        /// Where the math runs: cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
 }
 
@@ -432,25 +439,27 @@ struct InferenceArgs {
 }
 
 impl InferenceArgs {
-    fn load_lm(&self, model: &std::path::Path) -> anyhow::Result<CausalLm<Cpu>> {
-        if self.device == Device::Cuda {
-            bail!("the CUDA backend is not built yet; use --device cpu");
-        }
+    fn load_lm<B: symerge::backend::Backend + Clone>(
+        &self,
+        be: B,
+        model: &std::path::Path,
+    ) -> anyhow::Result<CausalLm<B>> {
         if self.new_head.is_some() || self.head_from.is_some() {
             bail!("{} is a causal LM: --new-head and --head-from apply to classifiers only", model.display());
         }
-        Ok(CausalLm::load(Cpu, model, self.max_len)?)
+        Ok(CausalLm::load(be, model, self.max_len)?)
     }
 
-    fn load(&self, model: &std::path::Path) -> anyhow::Result<SequenceClassifier<Cpu>> {
-        if self.device == Device::Cuda {
-            bail!("the CUDA backend is not built yet; use --device cpu");
-        }
+    fn load<B: symerge::backend::Backend + Clone>(
+        &self,
+        be: B,
+        model: &std::path::Path,
+    ) -> anyhow::Result<SequenceClassifier<B>> {
         let opts =
             LoadOptions { new_head: self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed }) };
-        let mut clf = SequenceClassifier::load(Cpu, model, self.max_len, opts)?;
+        let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len, opts)?;
         if let Some(expert) = &self.head_from {
-            clf.model.use_head_of(Bert::load(Cpu, expert, LoadOptions::default())?)?;
+            clf.model.use_head_of(Bert::load(be, expert, LoadOptions::default())?)?;
         }
         if clf.model.num_labels().is_none() {
             bail!(
@@ -655,10 +664,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let lines = read_jsonl(&inputs)?;
-            let clf = run.load(&model)?;
             let start = std::time::Instant::now();
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let preds = predict(&clf, &texts, run.batch_size)?;
+            let preds = with_backend!(run.device, |be| predict(&run.load(be, &model)?, &texts, run.batch_size)?);
             let mut text = String::new();
             for p in &preds {
                 let best = p.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > p.probs[b] { i } else { b });
@@ -678,16 +686,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if inputs.is_some() {
                 bail!("{} is an adapt output: name data per task with --task-inputs TASK=PATH", model.display());
             }
-            if run.device == Device::Cuda {
-                bail!("the CUDA backend is not built yet; use --device cpu");
-            }
             let opts = ReportOptions {
                 data: task_inputs.into_iter().collect(),
                 experts: !no_experts,
                 batch_size: run.batch_size,
                 max_len: run.max_len,
             };
-            let report = evaluate_adapted(Cpu, &model, &opts)?;
+            let report = with_backend!(run.device, |be| evaluate_adapted(be, &model, &opts)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
@@ -697,9 +702,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_causal_lm_dir(&model)? => {
             let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
             let lines = read_jsonl(&inputs)?;
-            let lm = run.load_lm(&model)?;
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let report = evaluate_lm(&lm, &texts, run.batch_size)?;
+            let report =
+                with_backend!(run.device, |be| evaluate_lm(&run.load_lm(be, &model)?, &texts, run.batch_size)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
@@ -712,10 +717,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { model, inputs, task_inputs, no_experts, json, run } => {
             let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
             let lines = read_jsonl(&inputs)?;
-            let clf = run.load(&model)?;
-            let labels = clf.label_ids(&lines, &inputs)?;
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let report = evaluate(&clf, &texts, &labels, run.batch_size)?;
+            let report = with_backend!(run.device, |be| {
+                let clf = run.load(be, &model)?;
+                evaluate(&clf, &texts, &clf.label_ids(&lines, &inputs)?, run.batch_size)?
+            });
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
@@ -749,9 +755,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             json,
         } => {
-            if device == Device::Cuda {
-                bail!("the CUDA backend is not built yet; use --device cpu");
-            }
             let length = match (steps, epochs) {
                 (Some(s), _) => TrainLength::Steps(s),
                 (None, e) => TrainLength::Epochs(e.unwrap_or(1)),
@@ -775,7 +778,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 ..FinetuneOptions::new(train, output)
             };
-            let summary = finetune(Cpu, &base, &opts)?;
+            let summary = with_backend!(device, |be| finetune(be, &base, &opts)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -823,11 +826,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
             }
         }
-        Command::CacheLabels { expert, task, inputs, output, batch_size, max_len, force, top_k, json, dist } => {
+        Command::CacheLabels {
+            expert,
+            task,
+            inputs,
+            output,
+            batch_size,
+            max_len,
+            force,
+            top_k,
+            json,
+            dist,
+            device,
+        } => {
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
             let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force, top_k };
             let (info, mut coll) = dist.connect()?;
-            let summary = cache_labels_in(Cpu, &texts, &opts, coll.as_mut()).with_context(|| rank_label(&info))?;
+            let summary = with_backend!(device, |be| cache_labels_in(be, &texts, &opts, coll.as_mut())
+                .with_context(|| rank_label(&info))?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
@@ -843,18 +859,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json, dist } => {
+        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json, dist, device } => {
             let mut cfg = AdaptConfig::load(&config)?;
             cfg.epochs = epochs.unwrap_or(cfg.epochs);
             cfg.seed = seed.unwrap_or(cfg.seed);
             let (info, mut coll) = dist.connect()?;
             let label = rank_label(&info);
             let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
-            let run = if is_causal_lm_dir(&cfg.base_model)? {
-                LmAdapter::load(Cpu, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+            let run = with_backend!(device, |be| if is_causal_lm_dir(&cfg.base_model)? {
+                LmAdapter::load(be, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
             } else {
-                Adapter::load(Cpu, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
-            };
+                Adapter::load(be, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+            });
             let summary = match run {
                 Ok(result) => result.with_context(|| label.clone())?,
                 Err(e) => {

@@ -31,11 +31,12 @@ fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     out
 }
 
-fn err(op: &'static str, reason: impl Into<String>) -> Error {
+/// A shape error naming the op (shared with the CUDA backend, so both report the same words).
+pub(crate) fn err(op: &'static str, reason: impl Into<String>) -> Error {
     Error::Shape { op, reason: reason.into() }
 }
 
-fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got == want { Ok(()) } else { Err(err(op, format!("{what} has {got} elements, expected {want}"))) }
 }
 
@@ -187,6 +188,30 @@ fn logsumexp(row: &[f32]) -> f64 {
     max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
 }
 
+/// Checks an attention call's shape and buffer lengths (`mask` is the key mask's length).
+pub(crate) fn check_attn(
+    op: &'static str,
+    q: usize,
+    k: usize,
+    v: usize,
+    mask: Option<usize>,
+    s: &AttnShape,
+) -> Result<()> {
+    if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || !s.heads.is_multiple_of(s.kv_heads) {
+        return Err(err(op, format!("{} heads cannot be grouped over {} kv heads", s.heads, s.kv_heads)));
+    }
+    if s.causal && s.seq_q > s.seq_k {
+        return Err(err(op, format!("causal attention needs seq_q ({}) <= seq_k ({})", s.seq_q, s.seq_k)));
+    }
+    expect_len(op, "q", q, s.q_len())?;
+    expect_len(op, "k", k, s.kv_len())?;
+    expect_len(op, "v", v, s.kv_len())?;
+    if let Some(m) = mask {
+        expect_len(op, "key mask", m, s.batch * s.seq_k)?;
+    }
+    Ok(())
+}
+
 impl Cpu {
     fn check_attn(
         op: &'static str,
@@ -196,19 +221,7 @@ impl Cpu {
         key_mask: Option<&Vec<f32>>,
         s: &AttnShape,
     ) -> Result<()> {
-        if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || !s.heads.is_multiple_of(s.kv_heads) {
-            return Err(err(op, format!("{} heads cannot be grouped over {} kv heads", s.heads, s.kv_heads)));
-        }
-        if s.causal && s.seq_q > s.seq_k {
-            return Err(err(op, format!("causal attention needs seq_q ({}) <= seq_k ({})", s.seq_q, s.seq_k)));
-        }
-        expect_len(op, "q", q.len(), s.q_len())?;
-        expect_len(op, "k", k.len(), s.kv_len())?;
-        expect_len(op, "v", v.len(), s.kv_len())?;
-        if let Some(m) = key_mask {
-            expect_len(op, "key mask", m.len(), s.batch * s.seq_k)?;
-        }
-        Ok(())
+        check_attn(op, q.len(), k.len(), v.len(), key_mask.map(Vec::len), s)
     }
 
     /// Probabilities `[seq_q, seq_k]` of query head `h` in sequence `b`.

@@ -1,5 +1,5 @@
 //! The numeric ops the models need, each with its backward, behind one trait so the CPU reference
-//! ([`cpu::Cpu`]) and a later CUDA implementation run the same model code.
+//! ([`cpu::Cpu`]) and the CUDA implementation ([`cuda::Cuda`]) run the same model code.
 //!
 //! Rules that keep the trait implementable on a device:
 //! - storage is opaque ([`Backend::Buf`] for f32 data, [`Backend::Ids`] for token/row indices);
@@ -313,6 +313,26 @@ pub trait Backend: Send + Sync {
     /// Mean over rows of the entropy `-sum p log p` of `softmax(logits)` (AdaMerging's objective).
     fn entropy(&self, logits: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Buf>;
     fn entropy_backward(&self, logits: &Self::Buf, rows: usize, cols: usize, scale: f32) -> Result<Self::Buf>;
+}
+
+/// Evaluates `$body` with `$be` bound to the backend a [`Device`] names: [`Cpu`], or [`cuda::Cuda`]
+/// on the first CUDA device (failing with the probe's reason when there is none). The body is
+/// compiled once per backend type, so it may call any function generic over [`Backend`]; `?`
+/// inside it and on opening the device converts into the caller's error type.
+#[macro_export]
+macro_rules! with_backend {
+    ($device:expr, |$be:ident| $body:expr) => {
+        match $device {
+            $crate::backend::Device::Cpu => {
+                let $be = $crate::backend::Cpu;
+                $body
+            }
+            $crate::backend::Device::Cuda => {
+                let $be = $crate::backend::cuda::Cuda::open(0)?;
+                $body
+            }
+        }
+    };
 }
 
 /// Where the math runs, as chosen on the command line.

@@ -29,7 +29,9 @@ pub fn make_expert(dir: &Path, seed: u64, classes: usize) -> PathBuf {
     let base = read_model(&minilm_dir());
     let mut tensors = Vec::new();
     for (i, (name, (dt, shape, values))) in base.iter().enumerate() {
-        if *dt != Dtype::F32 {
+        // Float weights are perturbed (and written as F32, whatever the base stores, so a
+        // half-precision copy of MiniLM makes experts too); integer buffers are copied.
+        if !matches!(dt, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             tensors.push(T::new(&format!("bert.{name}"), *dt, shape, values.clone()));
             continue;
         }

@@ -107,8 +107,13 @@ pub fn randoms(seed: u64, n: usize, scale: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The CLI: `$SYMERGE_BIN` when set (test executables run away from the build tree, as
+/// scripts/gpu-check.sh does on a GPU machine), else the one cargo built.
 pub fn symerge() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_symerge"))
+    match std::env::var_os("SYMERGE_BIN") {
+        Some(bin) => Command::new(bin),
+        None => Command::new(env!("CARGO_BIN_EXE_symerge")),
+    }
 }
 
 /// Runs the CLI; returns (success, stdout, stderr).

@@ -184,7 +184,7 @@ impl MergeLaunch {
 pub struct Kernels {
     ctx: Arc<CudaContext>,
     arch: String,
-    modules: [OnceLock<Arc<CudaModule>>; 4],
+    modules: [OnceLock<Arc<CudaModule>>; nvrtc::MODULES.len()],
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
@@ -231,7 +231,7 @@ impl Kernels {
         Ok(self.modules[slot].get_or_init(|| m).clone())
     }
 
-    fn function(&self, unit: &nvrtc::KernelSource, name: &'static str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, unit: &nvrtc::KernelSource, name: &'static str) -> Result<CudaFunction> {
         if let Some(f) = self.functions.lock().map_err(|_| Error::cuda("kernel table", "poisoned"))?.get(name) {
             return Ok(f.clone());
         }

@@ -7,6 +7,7 @@
 //! - [`nvrtc`]: compile and cache the kernels.
 //! - [`kernels`]: typed launches (merge, lambda_grad, TIES threshold, DARE) and host-buffer
 //!   conveniences used by the parity tests and the benchmark.
+//! - [`ops`]: [`Cuda`], the [`crate::backend::Backend`] the models run on with `--device cuda`.
 //! - [`stream_merge`]: `symerge merge --device cuda`.
 //! - [`bench`]: `symerge bench-cuda`.
 
@@ -14,6 +15,8 @@ pub mod bench;
 pub mod device;
 pub mod kernels;
 pub mod nvrtc;
+pub mod ops;
 pub mod stream_merge;
 
 pub use device::{DeviceSpec, Gpu, Resolved, probe, resolve};
+pub use ops::Cuda;

@@ -1,0 +1,597 @@
+//! The CUDA backend against the CPU reference: every op forward and backward on fresh random
+//! inputs of awkward sizes (not multiples of 32 or of the kernels' block size; grouped-query and
+//! causal attention; padding masks with padded tails and a fully padded sequence); two runs give
+//! identical bits; the real MiniLM-L6 sequence classifier's logits and gradients; a few SyMerge
+//! adaptation steps; the CLI with `--device cuda`.
+//!
+//! Tolerance: `||gpu - cpu|| / ||cpu||` (f64) per output. 1e-5 for every op (both sides are f32
+//! with different summation orders, about 1e-6 apart); 0 (bit-identical) where both compute the
+//! same f32 operations in the same order (add, embedding and its scatter-add, the L1 gradient).
+//! Whole-model checks allow 1e-4 for logits and a batch's loss, 1e-3 for gradients and for losses
+//! after optimiser steps (six layers of rounding differences); Lambda after four adaptation steps
+//! may differ in at most 1% of its coefficients (see the test). Every comparison prints its error, and a test reports all its failures
+//! at once. Without a CUDA device each GPU test prints `SKIPPED: no CUDA device (...)`.
+
+mod common;
+
+use common::adapt_fixture::{TEXTS, fixture};
+use common::{gpu, minilm_dir, randoms};
+use symerge::adapt::config::AdaptConfig;
+use symerge::adapt::train::Adapter;
+use symerge::backend::cuda::Cuda;
+use symerge::backend::{AttnShape, Backend, Cpu, Gelu};
+use symerge::model::{LoadOptions, NewHead, Params, SequenceClassifier};
+
+const OP_TOL: f64 = 1e-5;
+const MODEL_TOL: f64 = 1e-4;
+const GRAD_TOL: f64 = 1e-3;
+
+fn cuda() -> Option<Cuda> {
+    gpu().map(|g| Cuda::new(g).unwrap_or_else(|e| panic!("the CUDA backend could not start: {e}")))
+}
+
+/// Fresh values for every run: the clock mixed with a counter (printed, to replay a failure).
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn rand(seed: u64, n: usize, scale: f64) -> Vec<f32> {
+    randoms(seed, n, scale).into_iter().map(|v| v as f32).collect()
+}
+
+/// `||a - b|| / ||b||` in f64; NaN anywhere gives NaN, which fails every `<=`.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (num, den) = a
+        .iter()
+        .zip(b)
+        .fold((0f64, 0f64), |(n, d), (&x, &y)| (n + (x as f64 - y as f64).powi(2), d + (y as f64).powi(2)));
+    if num == 0.0 { 0.0 } else { (num / den.max(1e-30)).sqrt() }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
+}
+
+/// Collects comparisons; `finish` fails the test with every failure listed.
+struct Report {
+    cuda: Cuda,
+    seed: u64,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn new(cuda: Cuda) -> Self {
+        let seed = fresh_seed();
+        eprintln!("seed {seed}");
+        Report { cuda, seed, failures: Vec::new() }
+    }
+
+    /// Fresh random values (each call a new stream from the run's seed).
+    fn rand(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        self.seed = self.seed.wrapping_add(0x9E37_79B9);
+        rand(self.seed, n, scale)
+    }
+
+    fn up(&self, v: &[f32]) -> <Cuda as Backend>::Buf {
+        self.cuda.upload(v).unwrap()
+    }
+
+    fn down(&self, b: &<Cuda as Backend>::Buf) -> Vec<f32> {
+        self.cuda.download(b).unwrap()
+    }
+
+    /// Compares host values; prints the error; records a failure above `tol`.
+    fn values(&mut self, name: &str, gpu: &[f32], cpu: &[f32], tol: f64) -> f64 {
+        if gpu.len() != cpu.len() {
+            self.failures.push(format!("{name}: {} elements on the GPU, {} on the CPU", gpu.len(), cpu.len()));
+            return f64::NAN;
+        }
+        let e = rel_err(gpu, cpu);
+        let ok = e <= tol;
+        eprintln!(
+            "{name:<48} rel err {e:.2e}  max abs {:.2e}  n {:>8}  tol {tol:.0e}{}",
+            max_abs(gpu, cpu),
+            cpu.len(),
+            if ok { "" } else { "  FAILED" }
+        );
+        if !ok {
+            self.failures.push(format!("{name}: rel err {e:.3e} > {tol:.0e}"));
+        }
+        e
+    }
+
+    fn buf(&mut self, name: &str, gpu: &<Cuda as Backend>::Buf, cpu: &[f32], tol: f64) -> f64 {
+        let g = self.down(gpu);
+        self.values(name, &g, cpu, tol)
+    }
+
+    fn check(&mut self, name: &str, ok: bool, what: String) {
+        eprintln!("{name:<48} {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            self.failures.push(format!("{name}: {what}"));
+        }
+    }
+
+    fn finish(self) {
+        assert!(self.failures.is_empty(), "{} failure(s):\n{}", self.failures.len(), self.failures.join("\n"));
+    }
+}
+
+#[test]
+fn gemm_and_linear_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda);
+    let cpu = Cpu;
+    for &(m, n, k) in &[(37, 53, 29), (1, 77, 130), (129, 1, 3), (65, 33, 0), (300, 257, 191)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let (a, b, c0) = (r.rand(m * k, 1.0), r.rand(k * n, 1.0), r.rand(m * n, 1.0));
+                let mut c = c0.clone();
+                cpu.gemm(ta, tb, m, n, k, 0.7, &a, &b, 1.3, &mut c).unwrap();
+                let mut cg = r.up(&c0);
+                r.cuda.gemm(ta, tb, m, n, k, 0.7, &r.up(&a), &r.up(&b), 1.3, &mut cg).unwrap();
+                r.buf(&format!("gemm {m}x{n}x{k} ta={ta} tb={tb}"), &cg, &c, OP_TOL);
+            }
+        }
+    }
+    for &(rows, inp, out) in &[(37, 91, 45), (1, 384, 7), (130, 33, 1), (5, 0, 3)] {
+        let (x, w, b, dy) =
+            (r.rand(rows * inp, 1.0), r.rand(out * inp, 0.3), r.rand(out, 0.5), r.rand(rows * out, 1.0));
+        let (xg, wg, bg, dyg) = (r.up(&x), r.up(&w), r.up(&b), r.up(&dy));
+        let name = format!("linear {rows}x{inp}->{out}");
+        for bias in [true, false] {
+            let y = cpu.linear(&x, &w, bias.then_some(&b), rows, inp, out).unwrap();
+            let yg = r.cuda.linear(&xg, &wg, bias.then_some(&bg), rows, inp, out).unwrap();
+            r.buf(&format!("{name} bias={bias}"), &yg, &y, OP_TOL);
+        }
+        for (need_dx, has_bias) in [(true, true), (false, false)] {
+            let g = cpu.linear_backward(&x, &w, &dy, rows, inp, out, need_dx, has_bias).unwrap();
+            let gg = r.cuda.linear_backward(&xg, &wg, &dyg, rows, inp, out, need_dx, has_bias).unwrap();
+            r.buf(&format!("{name} backward dw"), &gg.dw, &g.dw, OP_TOL);
+            match (g.dx, gg.dx) {
+                (Some(c), Some(gv)) => _ = r.buf(&format!("{name} backward dx"), &gv, &c, OP_TOL),
+                (None, None) => {}
+                _ => r.check(&format!("{name} backward dx"), false, "dx present on one side only".into()),
+            }
+            match (g.db, gg.db) {
+                (Some(c), Some(gv)) => _ = r.buf(&format!("{name} backward db"), &gv, &c, OP_TOL),
+                (None, None) => {}
+                _ => r.check(&format!("{name} backward db"), false, "db present on one side only".into()),
+            }
+        }
+    }
+    // Shape errors are the CPU's.
+    let e = r.cuda.linear(&r.up(&[0.0; 5]), &r.up(&[0.0; 6]), None, 2, 3, 2).err().map(|e| e.to_string());
+    r.check(
+        "linear shape error",
+        e.as_deref().is_some_and(|e| e.contains("x has 5 elements, expected 6")),
+        format!("{e:?}"),
+    );
+    r.finish();
+}
+
+#[test]
+fn elementwise_layernorm_and_softmax_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda);
+    let cpu = Cpu;
+    let n = 10_007;
+    let (x, y) = (r.rand(n, 4.0), r.rand(n, 1.0));
+    let (xg, yg) = (r.up(&x), r.up(&y));
+    r.buf("add", &r.cuda.add(&xg, &yg).unwrap(), &cpu.add(&x, &y).unwrap(), 0.0);
+    let mut acc = r.up(&x);
+    r.cuda.add_assign(&mut acc, &yg).unwrap();
+    r.buf("add_assign", &acc, &cpu.add(&x, &y).unwrap(), 0.0);
+    for kind in [Gelu::Erf, Gelu::Tanh] {
+        r.buf(&format!("gelu {kind:?}"), &r.cuda.gelu(&xg, kind).unwrap(), &cpu.gelu(&x, kind).unwrap(), OP_TOL);
+        let (g, c) = (r.cuda.gelu_backward(&xg, &yg, kind).unwrap(), cpu.gelu_backward(&x, &y, kind).unwrap());
+        r.buf(&format!("gelu {kind:?} backward"), &g, &c, OP_TOL);
+    }
+    r.buf("tanh", &r.cuda.tanh(&xg).unwrap(), &cpu.tanh(&x).unwrap(), OP_TOL);
+    r.buf("tanh backward", &r.cuda.tanh_backward(&xg, &yg).unwrap(), &cpu.tanh_backward(&x, &y).unwrap(), OP_TOL);
+
+    for &(rows, dim) in &[(37, 383), (3, 1031), (5, 1), (300, 384)] {
+        for eps in [1e-12f32, 1e-5] {
+            let x: Vec<f32> = r.rand(rows * dim, 2.0).iter().map(|v| v + 3.0).collect();
+            let (gamma, beta, dy) = (r.rand(dim, 1.0), r.rand(dim, 1.0), r.rand(rows * dim, 1.0));
+            let (xg, gg, bg, dyg) = (r.up(&x), r.up(&gamma), r.up(&beta), r.up(&dy));
+            let name = format!("layernorm {rows}x{dim} eps {eps:e}");
+            let yc = cpu.layernorm(&x, &gamma, &beta, rows, dim, eps).unwrap();
+            r.buf(&name, &r.cuda.layernorm(&xg, &gg, &bg, rows, dim, eps).unwrap(), &yc, OP_TOL);
+            let c = cpu.layernorm_backward(&x, &gamma, &dy, rows, dim, eps).unwrap();
+            let g = r.cuda.layernorm_backward(&xg, &gg, &dyg, rows, dim, eps).unwrap();
+            r.buf(&format!("{name} backward dx"), &g.dx, &c.dx, OP_TOL);
+            r.buf(&format!("{name} backward dgamma"), &g.dgamma, &c.dgamma, OP_TOL);
+            r.buf(&format!("{name} backward dbeta"), &g.dbeta, &c.dbeta, OP_TOL);
+        }
+    }
+
+    for &(rows, cols, group) in &[(60, 77, 3), (7, 1, 7), (12, 300, 4)] {
+        let x = r.rand(rows * cols, 3.0);
+        // Mask rows: zeros, f32::MIN at a few columns, and one row hiding every column.
+        let mut mask = vec![0f32; rows / group * cols];
+        for (i, m) in mask.iter_mut().enumerate() {
+            if i % 5 == 3 {
+                *m = f32::MIN;
+            }
+        }
+        mask[..cols].fill(f32::MIN);
+        let dy = r.rand(rows * cols, 1.0);
+        let (xg, mg, dyg) = (r.up(&x), r.up(&mask), r.up(&dy));
+        let name = format!("softmax {rows}x{cols}");
+        for masked in [false, true] {
+            let m = masked.then_some(&mask);
+            let yc = cpu.softmax(&x, m, rows, cols, group).unwrap();
+            let yg = r.cuda.softmax(&xg, masked.then_some(&mg), rows, cols, group).unwrap();
+            r.buf(&format!("{name} mask={masked}"), &yg, &yc, OP_TOL);
+            let dc = cpu.softmax_backward(&yc, &dy, rows, cols).unwrap();
+            let dg = r.cuda.softmax_backward(&r.up(&yc), &dyg, rows, cols).unwrap();
+            r.buf(&format!("{name} mask={masked} backward"), &dg, &dc, OP_TOL);
+        }
+    }
+    r.finish();
+}
+
+/// `[batch, seq_k]` key mask: sequence b has `real[b]` real tokens, then padding.
+fn key_mask(seq_k: usize, real: &[usize]) -> Vec<f32> {
+    real.iter().flat_map(|&n| (0..seq_k).map(move |j| if j < n { 1.0 } else { 0.0 })).collect()
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda);
+    let cpu = Cpu;
+    let shape = |batch, seq_q, seq_k, heads, kv_heads, head_dim, causal| AttnShape {
+        batch,
+        seq_q,
+        seq_k,
+        heads,
+        kv_heads,
+        head_dim,
+        causal,
+    };
+    let cases: Vec<(&str, AttnShape, Option<Vec<f32>>)> = vec![
+        ("bert padded tails", AttnShape::bidirectional(3, 13, 4, 24), Some(key_mask(13, &[12, 8, 13]))),
+        ("bert no mask", AttnShape::bidirectional(2, 37, 12, 32), None),
+        ("gqa causal padded", shape(2, 7, 11, 6, 2, 13, true), Some(key_mask(11, &[11, 6]))),
+        ("gqa no mask", shape(1, 33, 33, 8, 4, 64, false), None),
+        ("mqa causal, one sequence all padding", shape(4, 5, 5, 3, 1, 7, true), Some(key_mask(5, &[5, 0, 2, 4]))),
+        ("long keys", shape(2, 3, 300, 2, 2, 16, false), Some(key_mask(300, &[257, 300]))),
+    ];
+    for (name, s, mask) in cases {
+        let (q, k, v, dout) =
+            (r.rand(s.q_len(), 1.5), r.rand(s.kv_len(), 1.5), r.rand(s.kv_len(), 1.0), r.rand(s.q_len(), 1.0));
+        let (qg, kg, vg, dg) = (r.up(&q), r.up(&k), r.up(&v), r.up(&dout));
+        let mg = mask.as_ref().map(|m| r.up(m));
+        let name = format!("attention {name} {s:?}");
+        let oc = cpu.attention(&q, &k, &v, mask.as_ref(), s).unwrap();
+        r.buf(&name, &r.cuda.attention(&qg, &kg, &vg, mg.as_ref(), s).unwrap(), &oc, OP_TOL);
+        let c = cpu.attention_backward(&q, &k, &v, mask.as_ref(), &dout, s).unwrap();
+        let g = r.cuda.attention_backward(&qg, &kg, &vg, mg.as_ref(), &dg, s).unwrap();
+        r.buf("  backward dq", &g.dq, &c.dq, OP_TOL);
+        r.buf("  backward dk", &g.dk, &c.dk, OP_TOL);
+        r.buf("  backward dv", &g.dv, &c.dv, OP_TOL);
+        // Padded keys get exactly zero gradient, as on the CPU.
+        if let Some(m) = &mask {
+            let (dk, dv) = (r.down(&g.dk), r.down(&g.dv));
+            let ks = s.kv_heads * s.head_dim;
+            let leaked = m.iter().enumerate().filter(|&(_, &mv)| mv == 0.0).any(|(row, _)| {
+                dk[row * ks..(row + 1) * ks].iter().chain(&dv[row * ks..(row + 1) * ks]).any(|&x| x != 0.0)
+            });
+            // A sequence with every key padded has uniform weights, hence gradients, on both sides.
+            let all_padded = m.chunks(s.seq_k).any(|row| row.iter().all(|&x| x == 0.0));
+            if !all_padded {
+                r.check("  padded keys get zero gradient", !leaked, "nonzero dk/dv on a padded key".into());
+            }
+        }
+    }
+    let bad = AttnShape { kv_heads: 3, ..AttnShape::bidirectional(1, 2, 4, 2) };
+    let z = r.up(&vec![0.0; bad.q_len()]);
+    let e = r.cuda.attention(&z, &r.up(&vec![0.0; bad.kv_len()]), &r.up(&vec![0.0; bad.kv_len()]), None, bad).err();
+    r.check("attention shape error", e.is_some_and(|e| e.to_string().contains("cannot be grouped")), "accepted".into());
+    r.finish();
+}
+
+#[test]
+fn gathers_and_losses_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda);
+    let cpu = Cpu;
+    let (vocab, dim, n) = (1001, 37, 300);
+    let table = r.rand(vocab * dim, 1.0);
+    // Repeated ids (only 50 distinct of 1001), in a scrambled order.
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 % 50) * 13 % vocab as u32).collect();
+    let dy = r.rand(n * dim, 1.0);
+    let (tg, ig, dyg) = (r.up(&table), r.cuda.upload_ids(&ids).unwrap(), r.up(&dy));
+    r.buf("embedding", &r.cuda.embedding(&tg, &ig, dim).unwrap(), &cpu.embedding(&table, &ids, dim).unwrap(), 0.0);
+    let c = cpu.embedding_backward(&ids, &dy, vocab, dim).unwrap();
+    r.buf("embedding backward (scatter-add)", &r.cuda.embedding_backward(&ig, &dyg, vocab, dim).unwrap(), &c, 0.0);
+    let bad = r.cuda.upload_ids(&[0, 1001]).unwrap();
+    let e = r.cuda.embedding(&tg, &bad, dim).err().map(|e| e.to_string());
+    r.check("embedding id error", e.as_deref().is_some_and(|e| e.contains("id 1001 at position 1")), format!("{e:?}"));
+
+    for &(rows, cols) in &[(37, 7), (1, 2), (300, 19)] {
+        let z = r.rand(rows * cols, 3.0);
+        let mut t: Vec<f32> = r.rand(rows * cols, 1.0).iter().map(|v| v.abs() + 0.05).collect();
+        for row in t.chunks_mut(cols) {
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= s);
+        }
+        t[..cols].fill(0.0); // a filtered sample: all-zero targets
+        let (zg, tg) = (r.up(&z), r.up(&t));
+        let name = format!("{rows}x{cols}");
+        r.buf(
+            &format!("soft_ce {name}"),
+            &r.cuda.soft_ce(&zg, &tg, rows, cols).unwrap(),
+            &cpu.soft_ce(&z, &t, rows, cols).unwrap(),
+            OP_TOL,
+        );
+        let c = cpu.soft_ce_backward(&z, &t, rows, cols, 0.7).unwrap();
+        r.buf(
+            &format!("soft_ce {name} backward"),
+            &r.cuda.soft_ce_backward(&zg, &tg, rows, cols, 0.7).unwrap(),
+            &c,
+            OP_TOL,
+        );
+        r.buf(
+            &format!("entropy {name}"),
+            &r.cuda.entropy(&zg, rows, cols).unwrap(),
+            &cpu.entropy(&z, rows, cols).unwrap(),
+            OP_TOL,
+        );
+        let c = cpu.entropy_backward(&z, rows, cols, 0.7).unwrap();
+        r.buf(&format!("entropy {name} backward"), &r.cuda.entropy_backward(&zg, rows, cols, 0.7).unwrap(), &c, OP_TOL);
+    }
+    for n in [1, 4095, 10_007] {
+        let (x, t) = (r.rand(n, 1.0), r.rand(n, 1.0));
+        let (xg, tg) = (r.up(&x), r.up(&t));
+        r.buf(&format!("l1 n={n}"), &r.cuda.l1(&xg, Some(&tg)).unwrap(), &cpu.l1(&x, Some(&t)).unwrap(), OP_TOL);
+        r.buf(&format!("l1 n={n} no target"), &r.cuda.l1(&xg, None).unwrap(), &cpu.l1(&x, None).unwrap(), OP_TOL);
+        let c = cpu.l1_backward(&x, Some(&t), 0.7).unwrap();
+        r.buf(&format!("l1 n={n} backward"), &r.cuda.l1_backward(&xg, Some(&tg), 0.7).unwrap(), &c, 0.0);
+        let c = cpu.l1_backward(&x, None, 0.7).unwrap();
+        r.buf(&format!("l1 n={n} backward no target"), &r.cuda.l1_backward(&xg, None, 0.7).unwrap(), &c, 0.0);
+    }
+    r.finish();
+}
+
+/// Every op with a reduction, on fixed inputs: all outputs, downloaded.
+fn reduction_outputs(cuda: &Cuda, seed: u64) -> Vec<Vec<f32>> {
+    let up = |v: &[f32]| cuda.upload(v).unwrap();
+    let down = |b: &<Cuda as Backend>::Buf| cuda.download(b).unwrap();
+    let mut out = Vec::new();
+    let (rows, inp, o) = (257, 384, 1536);
+    let (x, w, dy) =
+        (up(&rand(seed, rows * inp, 1.0)), up(&rand(seed + 1, o * inp, 0.1)), up(&rand(seed + 2, rows * o, 1.0)));
+    let g = cuda.linear_backward(&x, &w, &dy, rows, inp, o, true, true).unwrap();
+    out.extend([down(&g.dx.unwrap()), down(&g.dw), down(&g.db.unwrap())]);
+    let (gamma, dyn_) = (up(&rand(seed + 3, inp, 1.0)), up(&rand(seed + 4, rows * inp, 1.0)));
+    let n = cuda.layernorm_backward(&x, &gamma, &dyn_, rows, inp, 1e-12).unwrap();
+    out.extend([down(&n.dx), down(&n.dgamma), down(&n.dbeta)]);
+    let s = AttnShape { batch: 3, seq_q: 41, seq_k: 41, heads: 6, kv_heads: 2, head_dim: 32, causal: false };
+    let (q, k, v, d) = (
+        up(&rand(seed + 5, s.q_len(), 1.0)),
+        up(&rand(seed + 6, s.kv_len(), 1.0)),
+        up(&rand(seed + 7, s.kv_len(), 1.0)),
+        up(&rand(seed + 8, s.q_len(), 1.0)),
+    );
+    let mask = up(&key_mask(41, &[41, 30, 1]));
+    out.push(down(&cuda.attention(&q, &k, &v, Some(&mask), s).unwrap()));
+    let a = cuda.attention_backward(&q, &k, &v, Some(&mask), &d, s).unwrap();
+    out.extend([down(&a.dq), down(&a.dk), down(&a.dv)]);
+    let ids: Vec<u32> = (0..rows as u32).map(|i| i * 31 % 97).collect();
+    out.push(down(&cuda.embedding_backward(&cuda.upload_ids(&ids).unwrap(), &x, 100, inp).unwrap()));
+    let z = up(&rand(seed + 9, 64 * 9, 3.0));
+    let t = up(&rand(seed + 10, 64 * 9, 1.0).iter().map(|v| v.abs()).collect::<Vec<_>>());
+    out.extend([
+        down(&cuda.soft_ce(&z, &t, 64, 9).unwrap()),
+        down(&cuda.soft_ce_backward(&z, &t, 64, 9, 1.0).unwrap()),
+        down(&cuda.entropy(&z, 64, 9).unwrap()),
+        down(&cuda.entropy_backward(&z, 64, 9, 1.0).unwrap()),
+        down(&cuda.l1(&x, Some(&dyn_)).unwrap()),
+        down(&cuda.softmax(&x, None, rows, inp, 1).unwrap()),
+    ]);
+    out
+}
+
+#[test]
+fn two_runs_give_identical_bits() {
+    let Some(cuda) = cuda() else { return };
+    let seed = fresh_seed();
+    let first = reduction_outputs(&cuda, seed);
+    let second = reduction_outputs(&cuda, seed);
+    let differing: Vec<usize> = first
+        .iter()
+        .zip(&second)
+        .enumerate()
+        .filter(|(_, (a, b))| a.iter().map(|v| v.to_bits()).ne(b.iter().map(|v| v.to_bits())))
+        .map(|(i, _)| i)
+        .collect();
+    eprintln!("{} outputs compared bit for bit; differing: {differing:?}", first.len());
+    assert!(differing.is_empty(), "outputs {differing:?} differ between two identical runs (seed {seed})");
+}
+
+fn new_head(seed: u64) -> LoadOptions {
+    LoadOptions { new_head: Some(NewHead { num_labels: 3, seed }) }
+}
+
+/// Compares every gradient tensor of every block.
+fn compare_grads(r: &mut Report, what: &str, gpu: &[Params<Cuda>], cpu: &[Params<Cpu>], tol: f64) {
+    if gpu.len() != cpu.len() {
+        r.check(what, false, format!("{} blocks of gradients on the GPU, {} on the CPU", gpu.len(), cpu.len()));
+        return;
+    }
+    for (b, (gb, cb)) in gpu.iter().zip(cpu).enumerate() {
+        let names: Vec<&String> = cb.keys().collect();
+        r.check(
+            &format!("{what} block {b}: same tensors"),
+            gb.keys().collect::<Vec<_>>() == names,
+            format!("{names:?}"),
+        );
+        for (name, c) in cb {
+            if let Some(g) = gb.get(name) {
+                let gv = r.down(&g.buf);
+                r.values(&format!("{what} {name}"), &gv, &c.buf, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn minilm_classifier_logits_and_gradients_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda.clone());
+    let texts = &TEXTS[..7];
+    let c = SequenceClassifier::load(Cpu, &minilm_dir(), 128, new_head(5)).unwrap();
+    let g = SequenceClassifier::load(cuda.clone(), &minilm_dir(), 128, new_head(5)).unwrap();
+    let enc = c.tokenizer.encode(texts).unwrap();
+    let lens = enc.lengths();
+    eprintln!("{} texts of {lens:?} tokens (padded to {})", enc.batch, enc.seq);
+    let (bc, bg) = (c.model.batch(&enc).unwrap(), g.model.batch(&enc).unwrap());
+    let hc = c.model.hidden_states(&bc).unwrap();
+    r.buf("minilm last hidden states", &g.model.hidden_states(&bg).unwrap(), &hc, MODEL_TOL);
+    let lc = c.model.logits(&bc).unwrap();
+    r.buf("minilm logits", &g.model.logits(&bg).unwrap(), &lc, MODEL_TOL);
+
+    let mut t = rand(fresh_seed(), enc.batch * 3, 1.0).iter().map(|v| v.abs() + 0.1).collect::<Vec<_>>();
+    for row in t.chunks_mut(3) {
+        let s: f32 = row.iter().sum();
+        row.iter_mut().for_each(|v| *v /= s);
+    }
+    let (loss_c, grads_c) = c.model.soft_ce_grads(&bc, &t).unwrap();
+    let (loss_g, grads_g) = g.model.soft_ce_grads(&bg, &cuda.upload(&t).unwrap()).unwrap();
+    r.values("minilm soft-CE loss", &[loss_g], &[loss_c], MODEL_TOL);
+    compare_grads(&mut r, "minilm grad", &grads_g, &grads_c, GRAD_TOL);
+    r.finish();
+}
+
+#[test]
+fn adaptation_steps_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda.clone());
+    let f = fixture();
+    let cfg = AdaptConfig::load(&f.root.join("adapt.yml")).unwrap();
+    let mut ac = Adapter::load(Cpu, cfg.clone()).unwrap();
+    let mut ag = Adapter::load(cuda, cfg).unwrap();
+
+    // One batch's loss and gradients (Lambda and the task's own head).
+    let rows = [0usize, 3, 5, 8, 11];
+    let gc = ac.loss_and_grads(1, &rows).unwrap();
+    let gg = ag.loss_and_grads(1, &rows).unwrap();
+    r.values("adapt loss", &[gg.loss], &[gc.loss], MODEL_TOL);
+    let (lc, lg): (Vec<f32>, Vec<f32>) = gc.lambda.iter().zip(&gg.lambda).map(|(&c, &g)| (c as f32, g as f32)).unzip();
+    r.values("adapt Lambda gradient", &lg, &lc, GRAD_TOL);
+    compare_grads(&mut r, "adapt head grad", &gg.private, &gc.private, GRAD_TOL);
+
+    // A few optimiser steps on both tasks: losses and Lambda stay together. Adam's first steps
+    // move each coefficient by about lr * sign(gradient), so a gradient within rounding of zero
+    // can send one coefficient another way: more than one in a hundred moving apart is a failure,
+    // and the losses (which such a coefficient barely moves) must agree to the gradient tolerance.
+    for step in 0..4 {
+        let task = step % 2;
+        let (c, _) = ac.step(task).unwrap();
+        let (g, _) = ag.step(task).unwrap();
+        r.values(&format!("adapt step {step} (task {task}) loss"), &[g], &[c], GRAD_TOL);
+    }
+    let (lg, lc) = (&ag.lambda.values, &ac.lambda.values);
+    eprintln!("adapt Lambda after 4 steps: rel err {:.2e}, max abs {:.2e}", rel_err(lg, lc), max_abs(lg, lc));
+    let apart = lg.iter().zip(lc).filter(|(g, c)| (*g - *c).abs() > 1e-3).count();
+    let total = lc.len();
+    r.check(
+        &format!("adapt Lambda: {apart} of {total} coefficients apart by > 1e-3"),
+        apart * 100 <= total,
+        String::new(),
+    );
+    r.finish();
+}
+
+/// Runs the CLI (`$SYMERGE_BIN` away from the build tree).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let o = common::symerge().args(args).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_device_cuda_matches_cpu_or_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.jsonl");
+    let lines: String = TEXTS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{}\n", serde_json::json!({"text": t, "label": i % 2})))
+        .collect();
+    std::fs::write(&inputs, lines).unwrap();
+    let m = minilm_dir();
+    let (m, i) = (m.to_str().unwrap(), inputs.to_str().unwrap());
+    let out = |name: &str| tmp.path().join(name).display().to_string();
+    let predict =
+        |device: &str, o: &str| cli(&["predict", m, "--inputs", i, "--out", o, "--new-head", "2", "--device", device]);
+    let finetune = |device: &str, o: &str| {
+        cli(&[
+            "finetune",
+            m,
+            "--train",
+            i,
+            "-o",
+            o,
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-len",
+            "32",
+            "--json",
+            "--device",
+            device,
+        ])
+    };
+    if let Err(reason) = symerge::backend::cuda::probe() {
+        for (what, (ok, _, err)) in
+            [("predict", predict("cuda", &out("p.jsonl"))), ("finetune", finetune("cuda", &out("ft")))]
+        {
+            assert!(!ok && err.contains("use --device cpu") && err.contains(&reason), "{what}: {err}");
+        }
+        assert!(!tmp.path().join("p.jsonl").exists() && !tmp.path().join("ft").exists(), "nothing written");
+        eprintln!("SKIPPED: no CUDA device ({reason}); --device cuda fails clearly");
+        return;
+    }
+    let (ok, _, err) = predict("cpu", &out("cpu.jsonl"));
+    assert!(ok, "{err}");
+    let (ok, _, err) = predict("cuda", &out("cuda.jsonl"));
+    assert!(ok, "{err}");
+    let read = |p: String| -> Vec<f32> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .flat_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (c, g) = (read(out("cpu.jsonl")), read(out("cuda.jsonl")));
+    let e = rel_err(&g, &c);
+    eprintln!("predict --device cuda vs cpu: logits rel err {e:.2e}");
+    assert!(e <= MODEL_TOL, "predict logits differ: {e:e}");
+
+    let (ok, cpu_json, err) = finetune("cpu", &out("ft-cpu"));
+    assert!(ok, "{err}");
+    let (ok, cuda_json, err) = finetune("cuda", &out("ft-cuda"));
+    assert!(ok, "{err}");
+    let losses = |s: &str| -> Vec<f32> {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let (lc, lg) = (losses(&cpu_json), losses(&cuda_json));
+    let e = rel_err(&lg, &lc);
+    eprintln!("finetune --device cuda vs cpu: losses {lg:?} vs {lc:?}, rel err {e:.2e}");
+    assert!(lc.len() == 2 && e <= MODEL_TOL, "finetune losses differ: {e:e}");
+}
