@@ -14,7 +14,6 @@
 //! all ranks.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -23,8 +22,8 @@ use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
 use super::lambda::{Granularity, Lambda};
 use super::task_vectors::TaskVectors;
 use super::train::{
-    AdaptOptions, AdaptSummary, StepGrads, TaskReport, all_reduce_lambda_rows, all_reduce_params, permutation,
-    zeros_like,
+    AdaptOptions, AdaptSummary, StepGrads, TaskReport, Trainee, all_reduce_lambda_rows, all_reduce_params, permutation,
+    train_epochs, zeros_like,
 };
 use crate::atomic::Staging;
 use crate::backend::Backend;
@@ -386,49 +385,9 @@ impl<B: Backend + Clone> LmAdapter<B> {
         }
         let staging = if writer { Some(Staging::create(&opts.output)?) } else { None };
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
-        let mut log = match &log_path {
-            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
-            None => None,
-        };
         let k = self.tasks.len();
-        let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
-        let mut steps = 0usize;
-        for epoch in 0..self.cfg.epochs {
-            for task in permutation(k, self.cfg.seed, name_hash("epoch order"), epoch as u32) {
-                let (loss, positions) = self.step_in(task, coll)?;
-                if !loss.is_finite() {
-                    return Err(Error::Invalid(format!(
-                        "loss of task `{}` became {loss} at epoch {epoch}; lower the learning rate",
-                        self.tasks[task].name
-                    )));
-                }
-                steps += 1;
-                let r = &mut recent[task];
-                r.push(loss);
-                if r.len() > 10 {
-                    r.remove(0);
-                }
-                if let (Some(log), Some(path)) = (log.as_mut(), &log_path) {
-                    let line = serde_json::json!({
-                        "step": steps, "epoch": epoch, "task": self.tasks[task].name, "loss": loss,
-                        "positions": positions, "lambda_mean": self.task_lambda_mean(task),
-                    });
-                    writeln!(log, "{line}").map_err(|e| Error::io(path, e))?;
-                }
-                if writer && opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
-                    tracing::info!(
-                        "epoch {}/{} step {steps}: {} loss {loss:.4} ({positions} positions), mean lambda {:.3}",
-                        epoch + 1,
-                        self.cfg.epochs,
-                        self.tasks[task].name,
-                        self.task_lambda_mean(task)
-                    );
-                }
-            }
-        }
-        if let (Some(mut log), Some(path)) = (log, &log_path) {
-            log.flush().map_err(|e| Error::io(path, e))?;
-        }
+        let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
+        let (steps, recent) = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref())?;
         if coll.world_size() > 1 {
             verify_digest(coll, "Lambda", &self.lambda.digest())?;
             verify_digest(coll, "adapted layers", &self.private_digest()?)?;
@@ -489,5 +448,25 @@ impl<B: Backend + Clone> LmAdapter<B> {
         let k = self.lambda.tasks();
         let col: Vec<f32> = self.lambda.values.iter().skip(task).step_by(k).copied().collect();
         col.iter().map(|&v| v as f64).sum::<f64>() / col.len().max(1) as f64
+    }
+}
+
+impl<B: Backend + Clone> Trainee for LmAdapter<B> {
+    const COUNT_KEY: &'static str = "positions";
+
+    fn task_name(&self, task: usize) -> &str {
+        &self.tasks[task].name
+    }
+
+    fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)> {
+        LmAdapter::step_in(self, task, coll)
+    }
+
+    fn task_lambda_mean(&self, task: usize) -> f64 {
+        LmAdapter::task_lambda_mean(self, task)
+    }
+
+    fn describe_count(n: usize) -> String {
+        format!("{n} positions")
     }
 }

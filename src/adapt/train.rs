@@ -438,49 +438,9 @@ impl<B: Backend + Clone> Adapter<B> {
         }
         let staging = if writer { Some(Staging::create(&opts.output)?) } else { None };
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
-        let mut log = match &log_path {
-            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
-            None => None,
-        };
         let k = self.tasks.len();
-        let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
-        let mut steps = 0usize;
-        for epoch in 0..self.cfg.epochs {
-            for task in permutation(k, self.cfg.seed, name_hash("epoch order"), epoch as u32) {
-                let (loss, kept) = self.step_in(task, coll)?;
-                if !loss.is_finite() {
-                    return Err(Error::Invalid(format!(
-                        "loss of task `{}` became {loss} at epoch {epoch}; lower the learning rate",
-                        self.tasks[task].name
-                    )));
-                }
-                steps += 1;
-                let r = &mut recent[task];
-                r.push(loss);
-                if r.len() > 10 {
-                    r.remove(0);
-                }
-                if let (Some(log), Some(path)) = (log.as_mut(), &log_path) {
-                    let line = serde_json::json!({
-                        "step": steps, "epoch": epoch, "task": self.tasks[task].name, "loss": loss, "kept": kept,
-                        "lambda_mean": self.task_lambda_mean(task),
-                    });
-                    writeln!(log, "{line}").map_err(|e| Error::io(path, e))?;
-                }
-                if writer && opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
-                    tracing::info!(
-                        "epoch {}/{} step {steps}: {} loss {loss:.4} (kept {kept}), mean lambda {:.3}",
-                        epoch + 1,
-                        self.cfg.epochs,
-                        self.tasks[task].name,
-                        self.task_lambda_mean(task)
-                    );
-                }
-            }
-        }
-        if let (Some(mut log), Some(path)) = (log, &log_path) {
-            log.flush().map_err(|e| Error::io(path, e))?;
-        }
+        let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
+        let (steps, recent) = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref())?;
         if coll.world_size() > 1 {
             verify_digest(coll, "Lambda", &self.lambda.digest())?;
             verify_digest(coll, "adapted layers", &self.private_digest()?)?;
@@ -553,6 +513,78 @@ impl<B: Backend + Clone> Adapter<B> {
     }
 }
 
+/// What [`train_epochs`] drives: one adapter (classifiers or causal LMs).
+pub(super) trait Trainee {
+    fn task_name(&self, task: usize) -> &str;
+    /// One optimiser step on task `task`: its loss and how many samples it counted.
+    fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)>;
+    fn task_lambda_mean(&self, task: usize) -> f64;
+    /// Key of the step's sample count in the training log.
+    const COUNT_KEY: &'static str;
+    /// The step's sample count as the progress line says it.
+    fn describe_count(n: usize) -> String;
+}
+
+/// The epoch loop both adapters share: every epoch visits the `k` tasks in a seeded shuffled
+/// order, one step each; a JSON line per step goes to `log` (rank 0), a progress line every
+/// `opts.log_every` steps. Returns the number of steps and each task's last (up to 10) losses.
+pub(super) fn train_epochs<T: Trainee>(
+    t: &mut T,
+    k: usize,
+    epochs: usize,
+    seed: u64,
+    opts: &AdaptOptions,
+    coll: &mut dyn Collective,
+    log_path: Option<&Path>,
+) -> Result<(usize, Vec<Vec<f32>>)> {
+    let writer = coll.rank() == 0;
+    let mut log = match log_path {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
+        None => None,
+    };
+    let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
+    let mut steps = 0usize;
+    for epoch in 0..epochs {
+        for task in permutation(k, seed, name_hash("epoch order"), epoch as u32) {
+            let (loss, count) = t.step_in(task, coll)?;
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "loss of task `{}` became {loss} at epoch {epoch}; lower the learning rate",
+                    t.task_name(task)
+                )));
+            }
+            steps += 1;
+            let r = &mut recent[task];
+            r.push(loss);
+            if r.len() > 10 {
+                r.remove(0);
+            }
+            if let (Some(log), Some(path)) = (log.as_mut(), log_path) {
+                let mut line = serde_json::json!({
+                    "step": steps, "epoch": epoch, "task": t.task_name(task), "loss": loss,
+                });
+                line[T::COUNT_KEY] = count.into();
+                line["lambda_mean"] = t.task_lambda_mean(task).into();
+                writeln!(log, "{line}").map_err(|e| Error::io(path, e))?;
+            }
+            if writer && opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
+                tracing::info!(
+                    "epoch {}/{} step {steps}: {} loss {loss:.4} ({}), mean lambda {:.3}",
+                    epoch + 1,
+                    epochs,
+                    t.task_name(task),
+                    T::describe_count(count),
+                    t.task_lambda_mean(task)
+                );
+            }
+        }
+    }
+    if let (Some(mut log), Some(path)) = (log, log_path) {
+        log.flush().map_err(|e| Error::io(path, e))?;
+    }
+    Ok((steps, recent))
+}
+
 /// Sums block `b`'s Lambda rows of `grad` (`k` tasks) over the ranks. Each f64 value travels as
 /// an f32 and the f32 of its remainder: per-rank sums of a batch's samples often cancel, and one
 /// f32 per rank would leave an error relative to the (larger) per-rank values rather than to
@@ -622,4 +654,24 @@ pub(super) fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<us
 fn write_model<B: Backend>(model: &Bert<B>, dir: &Path) -> Result<()> {
     model.save(dir, &SaveOptions { labels: model.config.label_names(), ..SaveOptions::default() })?;
     Ok(())
+}
+
+impl<B: Backend + Clone> Trainee for Adapter<B> {
+    const COUNT_KEY: &'static str = "kept";
+
+    fn task_name(&self, task: usize) -> &str {
+        &self.tasks[task].name
+    }
+
+    fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)> {
+        Adapter::step_in(self, task, coll)
+    }
+
+    fn task_lambda_mean(&self, task: usize) -> f64 {
+        Adapter::task_lambda_mean(self, task)
+    }
+
+    fn describe_count(n: usize) -> String {
+        format!("kept {n}")
+    }
 }
