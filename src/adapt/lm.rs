@@ -22,10 +22,9 @@ use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
 use super::lambda::{Granularity, Lambda};
 use super::task_vectors::TaskVectors;
 use super::train::{
-    AdaptOptions, AdaptSummary, StepGrads, TaskReport, Trainee, all_reduce_lambda_rows, all_reduce_params, permutation,
-    train_epochs, zeros_like,
+    AdaptOptions, AdaptSummary, StepGrads, TaskReport, Trainee, all_reduce_lambda_rows, all_reduce_params,
+    commit_output, open_output, permutation, train_epochs, zeros_like,
 };
-use crate::atomic::Staging;
 use crate::backend::Backend;
 use crate::data::jsonl::read_jsonl;
 use crate::dist::data_parallel::{shard_range, verify_digest};
@@ -379,11 +378,7 @@ impl<B: Backend + Clone> LmAdapter<B> {
 
     fn train_and_write(&mut self, opts: &AdaptOptions, coll: &mut dyn Collective) -> Result<AdaptSummary> {
         let start = Instant::now();
-        let writer = coll.rank() == 0;
-        if writer && opts.output.exists() && !opts.force {
-            return Err(Error::OutputExists { path: opts.output.clone() });
-        }
-        let staging = if writer { Some(Staging::create(&opts.output)?) } else { None };
+        let staging = open_output(opts, coll)?;
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
         let k = self.tasks.len();
         let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
@@ -419,12 +414,7 @@ impl<B: Backend + Clone> LmAdapter<B> {
             tasks: reports,
         };
         if let Some(staging) = staging {
-            self.lambda.save(&staging.path().join("lambda.json"))?;
-            let json = serde_json::json!({"summary": summary, "config": self.cfg});
-            let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
-            let path = staging.path().join("summary.json");
-            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-            staging.commit(&opts.output, opts.force)?;
+            commit_output(staging, &self.lambda, &summary, &self.cfg, opts)?;
         }
         Ok(summary)
     }

@@ -432,11 +432,7 @@ impl<B: Backend + Clone> Adapter<B> {
 
     fn train_and_write(&mut self, opts: &AdaptOptions, coll: &mut dyn Collective) -> Result<AdaptSummary> {
         let start = Instant::now();
-        let writer = coll.rank() == 0;
-        if writer && opts.output.exists() && !opts.force {
-            return Err(Error::OutputExists { path: opts.output.clone() });
-        }
-        let staging = if writer { Some(Staging::create(&opts.output)?) } else { None };
+        let staging = open_output(opts, coll)?;
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
         let k = self.tasks.len();
         let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
@@ -482,12 +478,7 @@ impl<B: Backend + Clone> Adapter<B> {
             tasks: reports,
         };
         if let Some(staging) = staging {
-            self.lambda.save(&staging.path().join("lambda.json"))?;
-            let json = serde_json::json!({"summary": summary, "config": self.cfg});
-            let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
-            let path = staging.path().join("summary.json");
-            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-            staging.commit(&opts.output, opts.force)?;
+            commit_output(staging, &self.lambda, &summary, &self.cfg, opts)?;
         }
         Ok(summary)
     }
@@ -511,6 +502,35 @@ impl<B: Backend + Clone> Adapter<B> {
         let col: Vec<f32> = self.lambda.values.iter().skip(task).step_by(k).copied().collect();
         col.iter().map(|&v| v as f64).sum::<f64>() / col.len().max(1) as f64
     }
+}
+
+/// Rank 0's staging directory for the output (refusing an existing one without `force`);
+/// `None` on the other ranks, which write nothing.
+pub(super) fn open_output(opts: &AdaptOptions, coll: &dyn Collective) -> Result<Option<Staging>> {
+    if coll.rank() != 0 {
+        return Ok(None);
+    }
+    if opts.output.exists() && !opts.force {
+        return Err(Error::OutputExists { path: opts.output.clone() });
+    }
+    Ok(Some(Staging::create(&opts.output)?))
+}
+
+/// Writes `lambda.json` and `summary.json` (the summary with the config) into the staging
+/// directory and renames it into place.
+pub(super) fn commit_output(
+    staging: Staging,
+    lambda: &Lambda,
+    summary: &AdaptSummary,
+    cfg: &AdaptConfig,
+    opts: &AdaptOptions,
+) -> Result<()> {
+    lambda.save(&staging.path().join("lambda.json"))?;
+    let json = serde_json::json!({"summary": summary, "config": cfg});
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
+    let path = staging.path().join("summary.json");
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    staging.commit(&opts.output, opts.force)
 }
 
 /// What [`train_epochs`] drives: one adapter (classifiers or causal LMs).
