@@ -7,36 +7,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{from_bytes, run};
-use safetensors::SafeTensors;
+use common::reference::{read, rel_err};
+use common::run;
 use symerge::backend::Cpu;
 use symerge::model::{CausalLm, Encoded, Llama, LlamaFamily, evaluate_lm};
 
 /// Relative tolerance: max |ours - reference| / max |reference|, per tensor.
 const TOL: f64 = 1e-4;
-
-type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
-
-fn read(path: &Path) -> (Tensors, HashMap<String, String>) {
-    let data = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&data).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&data).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| (name, (v.shape().to_vec(), from_bytes(v.dtype(), v.data()))))
-        .collect();
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
-fn rel_err(ours: &[f32], reference: &[f64]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-30);
-    ours.iter().zip(reference).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max) / scale
-}
 
 /// The fixture directory, or `None` after saying the test is skipped.
 fn fixture(name: &str) -> Option<PathBuf> {

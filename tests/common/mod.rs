@@ -5,6 +5,7 @@
 
 pub mod adapt_fixture;
 pub mod grad;
+pub mod reference;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
