@@ -586,8 +586,7 @@ impl Backend for Cuda {
     // after the kernels were written, and the results are the CPU's exactly. Device kernels for
     // them are the next step (see kernels/NOTES.md); the round trip costs PCIe time, not accuracy.
     fn rmsnorm(&self, x: &CudaBuf, gamma: &CudaBuf, rows: usize, dim: usize, eps: f32) -> Result<CudaBuf> {
-        let c = Cpu;
-        let y = c.rmsnorm(&self.download(x)?, &self.download(gamma)?, rows, dim, eps)?;
+        let y = Cpu.rmsnorm(&self.download(x)?, &self.download(gamma)?, rows, dim, eps)?;
         self.upload(&y)
     }
 
@@ -600,9 +599,8 @@ impl Backend for Cuda {
         dim: usize,
         eps: f32,
     ) -> Result<(CudaBuf, CudaBuf)> {
-        let c = Cpu;
         let (dx, dg) =
-            c.rmsnorm_backward(&self.download(x)?, &self.download(gamma)?, &self.download(dy)?, rows, dim, eps)?;
+            Cpu.rmsnorm_backward(&self.download(x)?, &self.download(gamma)?, &self.download(dy)?, rows, dim, eps)?;
         Ok((self.upload(&dx)?, self.upload(&dg)?))
     }
 
@@ -615,8 +613,7 @@ impl Backend for Cuda {
         theta: f32,
         scale: f32,
     ) -> Result<CudaBuf> {
-        let c = Cpu;
-        let y = c.rope(&self.download(x)?, &positions.host, heads, head_dim, theta, scale)?;
+        let y = Cpu.rope(&self.download(x)?, &positions.host, heads, head_dim, theta, scale)?;
         self.upload(&y)
     }
 
@@ -629,8 +626,7 @@ impl Backend for Cuda {
         theta: f32,
         scale: f32,
     ) -> Result<CudaBuf> {
-        let c = Cpu;
-        let dx = c.rope_backward(&self.download(dy)?, &positions.host, heads, head_dim, theta, scale)?;
+        let dx = Cpu.rope_backward(&self.download(dy)?, &positions.host, heads, head_dim, theta, scale)?;
         self.upload(&dx)
     }
 
