@@ -78,6 +78,20 @@ extern "C" __global__ void add_f32(const float* a, const float* b, u64 n, float*
     for (u64 i = gtid(); i < n; i += gstride()) out[i] = a[i] + b[i];
 }
 
+// One Adam update (PyTorch's), the twin of `stored_ops::adam_update`: the same f32 operations in
+// the same order (the module is compiled with --fmad=false), so parameters match the CPU's bits.
+extern "C" __global__ void adam_step(float* p, const float* g, float* m, float* v, u64 n, float beta1, float beta2,
+                                     float one_b1, float one_b2, float step_size, float c2_sqrt, float eps) {
+    for (u64 i = gtid(); i < n; i += gstride()) {
+        float gi = g[i];
+        float mi = beta1 * m[i] + one_b1 * gi;
+        float vi = beta2 * v[i] + one_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] - step_size * mi / (sqrtf(vi) / c2_sqrt + eps);
+    }
+}
+
 // c *= beta: a product with an empty inner dimension.
 extern "C" __global__ void scale_f32(float* c, u64 n, float beta) {
     for (u64 i = gtid(); i < n; i += gstride()) c[i] = c[i] * beta;

@@ -336,6 +336,14 @@ enum Command {
         /// Where the math runs: cpu or cuda.
         #[arg(long, default_value = "cpu")]
         device: Device,
+        /// With --device cpu: host memory for keeping shared blocks' checkpoint pages mapped
+        /// between visits (e.g. 8GB; 0 streams every block). Default: half the available memory.
+        #[arg(long, value_parser = parse_size)]
+        host_mem: Option<u64>,
+        /// With --device cuda: device memory for keeping shared blocks' bytes on the GPU between
+        /// visits (0 streams every block). Default: half the free device memory.
+        #[arg(long, value_parser = parse_size)]
+        device_mem: Option<u64>,
     },
 }
 
@@ -859,17 +867,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Adapt { config, output, epochs, seed, log_every, no_eval, force, json, dist, device } => {
+        Command::Adapt {
+            config,
+            output,
+            epochs,
+            seed,
+            log_every,
+            no_eval,
+            force,
+            json,
+            dist,
+            device,
+            host_mem,
+            device_mem,
+        } => {
             let mut cfg = AdaptConfig::load(&config)?;
             cfg.epochs = epochs.unwrap_or(cfg.epochs);
             cfg.seed = seed.unwrap_or(cfg.seed);
             let (info, mut coll) = dist.connect()?;
             let label = rank_label(&info);
             let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            let budget = match device {
+                Device::Cpu => host_mem,
+                Device::Cuda => device_mem,
+            };
             let run = with_backend!(device, |be| if is_causal_lm_dir(&cfg.base_model)? {
-                LmAdapter::load(be, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+                LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
             } else {
-                Adapter::load(be, cfg).map(|a| a.run_in(&opts, coll.as_mut()))
+                Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
             });
             let summary = match run {
                 Ok(result) => result.with_context(|| label.clone())?,
@@ -893,6 +918,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(a) = summary.average_accuracy {
                     emit(&format!("{:<16} accuracy {:>7.2}%\n", "average", a))?;
                 }
+                let s = &summary.streaming;
+                emit(&format!(
+                    "shared blocks    {} ({} of {} kept, {:.1} MB kept of {:.1} MB), {:.1} MB streamed per step\n",
+                    s.mode,
+                    s.kept_blocks,
+                    s.blocks,
+                    s.kept_bytes as f64 / 1e6,
+                    s.shared_bytes as f64 / 1e6,
+                    summary.bytes_streamed_per_step as f64 / 1e6
+                ))?;
             }
         }
         Command::DistCheck { dist, elements, json } => {

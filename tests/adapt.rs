@@ -119,7 +119,7 @@ fn streamed_lambda_gradient_equals_resident_and_finite_difference() {
     let grads = model.backward(&batch, saved, &lo.dlogits).unwrap();
     let mut resident = vec![0f64; a.lambda.values.len()];
     for (b, g) in grads.iter().take(a.shared.len()).enumerate() {
-        a.tv.lambda_grad(&be, b, g, &mut resident).unwrap();
+        a.weights.visit(&be, b, None).unwrap().lambda_grad(&be, g, &mut resident).unwrap();
     }
     let norm: f64 = resident.iter().map(|g| g * g).sum::<f64>().sqrt();
     let diff: f64 = resident.iter().zip(&streamed.lambda).map(|(r, s)| (r - s).powi(2)).sum::<f64>().sqrt();
@@ -306,4 +306,47 @@ fn adamerging_minimises_entropy_and_keeps_heads() {
     let (ok, _, err) =
         run(&["adapt", r.join("ada.yml").to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1"]);
     assert!(!ok && err.contains("--force"), "{err}");
+}
+
+/// Streaming every shared block from the mappings, keeping all of them staged, or keeping only
+/// the first: the same bits for the loss, Lambda's and the heads' gradients and, after steps, for
+/// Lambda and the heads (the merge and the dot products run the same code on the same bytes; only
+/// when the bytes are read differs). Streaming reads every shared block twice per step.
+#[test]
+fn streamed_resident_and_mixed_adaptation_agree_bit_for_bit() {
+    let f = fixture();
+    let load = |budget| Adapter::load_with(Cpu, AdaptConfig::load(&f.root.join("adapt.yml")).unwrap(), budget).unwrap();
+    let first = load(Some(0)).weights.blocks[0].bytes();
+    let mut runs = [load(Some(0)), load(Some(u64::MAX)), load(Some(first))];
+    let modes: Vec<String> = runs.iter().map(|a| a.weights.report().mode).collect();
+    assert_eq!(modes, ["streamed", "resident", "mixed"]);
+    let rows = [1usize, 4, 6, 9];
+    let grads: Vec<_> = runs.iter().map(|a| a.loss_and_grads(1, &rows).unwrap()).collect();
+    for g in &grads[1..] {
+        assert_eq!(g.loss.to_bits(), grads[0].loss.to_bits());
+        assert_eq!(common::bits64(&g.lambda), common::bits64(&grads[0].lambda));
+        for (name, p) in &g.private[0] {
+            assert_eq!(common::bits(&p.buf), common::bits(&grads[0].private[0][name].buf), "{name}");
+        }
+    }
+    for a in runs.iter_mut() {
+        for task in [0, 1, 0] {
+            a.step(task).unwrap();
+        }
+    }
+    for a in &runs[1..] {
+        assert_eq!(common::bits(&a.lambda.values), common::bits(&runs[0].lambda.values));
+        for (t, t0) in a.tasks.iter().zip(&runs[0].tasks) {
+            for (name, p) in &t.private[0] {
+                assert_eq!(common::bits(&p.buf), common::bits(&t0.private[0][name].buf), "{} {name}", t.name);
+            }
+        }
+    }
+    assert!(runs[0].lambda.values.iter().any(|&v| v != 0.3), "Lambda moved");
+    let shared = runs[0].weights.report().shared_bytes;
+    assert_eq!(runs[0].weights.bytes_streamed(), 4 * 2 * shared, "streamed: every block twice a step");
+    assert_eq!(runs[1].weights.bytes_streamed(), shared, "resident: every block once");
+    let mixed = runs[2].weights.report();
+    assert_eq!(mixed.kept_blocks, 1);
+    assert_eq!(runs[2].weights.bytes_streamed(), first + 4 * 2 * (shared - first));
 }

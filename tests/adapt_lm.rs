@@ -228,3 +228,42 @@ fn last_block_adapts_the_last_layer_and_the_cli_writes_loadable_models() {
     let e = LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("bad.yml")).unwrap()).err().unwrap().to_string();
     assert!(e.contains("adamerging of causal LMs"), "{e}");
 }
+
+/// Streamed, resident and mixed shared blocks give the same bits for a causal LM too, for both
+/// adapted-layer choices, and streaming reads every shared block twice per step.
+#[test]
+fn streamed_resident_and_mixed_adaptation_agree_bit_for_bit() {
+    for layer in ["head", "last_block"] {
+        let f = fixture(layer);
+        let cfg = || AdaptConfig::load(&f.root.join("adapt.yml")).unwrap();
+        let first = LmAdapter::load_with(Cpu, cfg(), Some(0)).unwrap().weights.blocks[0].bytes();
+        let mut runs: Vec<LmAdapter<Cpu>> =
+            [Some(0), Some(u64::MAX), Some(first)].map(|b| LmAdapter::load_with(Cpu, cfg(), b).unwrap()).into();
+        let modes: Vec<String> = runs.iter().map(|a| a.weights.report().mode).collect();
+        assert_eq!(modes, ["streamed", "resident", "mixed"], "{layer}");
+        let rows = [0usize, 2, 5];
+        let grads: Vec<_> = runs.iter().map(|a| a.loss_and_grads(0, &rows).unwrap()).collect();
+        for g in &grads[1..] {
+            assert_eq!(g.loss.to_bits(), grads[0].loss.to_bits(), "{layer}");
+            assert_eq!(common::bits64(&g.lambda), common::bits64(&grads[0].lambda), "{layer}");
+        }
+        for a in runs.iter_mut() {
+            for task in [0, 1, 1] {
+                a.step(task).unwrap();
+            }
+        }
+        for a in &runs[1..] {
+            assert_eq!(common::bits(&a.lambda.values), common::bits(&runs[0].lambda.values), "{layer}");
+            for (t, t0) in a.tasks.iter().zip(&runs[0].tasks) {
+                for (p, p0) in t.private.iter().zip(&t0.private) {
+                    for (name, v) in p {
+                        assert_eq!(common::bits(&v.buf), common::bits(&p0[name].buf), "{layer} {} {name}", t.name);
+                    }
+                }
+            }
+        }
+        let shared = runs[0].weights.report().shared_bytes;
+        assert_eq!(runs[0].weights.bytes_streamed(), 4 * 2 * shared, "{layer}");
+        assert_eq!(runs[1].weights.bytes_streamed(), shared, "{layer}");
+    }
+}

@@ -1,6 +1,12 @@
 //! Adam (Kingma & Ba), as PyTorch's `torch.optim.Adam` computes it (bias-corrected moments,
 //! `eps` added after the square root, no weight decay), over flat f32 parameter slices. The
 //! released SyMerge and AdaMerging code use it for both Lambda and the adapted layers.
+//! [`Adam`] keeps host state (Lambda: a few hundred values); [`BufAdam`] keeps it on the backend
+//! (the adapted layers). Both run the same update, [`adam_update`] or its kernel twin.
+
+use crate::backend::stored_ops::adam_update;
+use crate::backend::{AdamStep, Backend};
+use crate::error::Result;
 
 /// Adam's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,16 +48,35 @@ impl Adam {
         assert_eq!(params.len(), self.m.len(), "Adam state and parameters differ in length");
         assert_eq!(grads.len(), self.m.len(), "Adam state and gradients differ in length");
         self.step += 1;
-        let AdamConfig { lr, beta1, beta2, eps } = self.config;
-        let c1 = 1.0 - beta1.powi(self.step);
-        let c2 = 1.0 - beta2.powi(self.step);
-        let step_size = lr / c1;
-        let c2_sqrt = c2.sqrt();
-        for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            *m = beta1 * *m + (1.0 - beta1) * g;
-            *v = beta2 * *v + (1.0 - beta2) * g * g;
-            *p -= step_size * *m / (v.sqrt() / c2_sqrt + eps);
-        }
+        adam_update(params, grads, &mut self.m, &mut self.v, &self.config.scalars(self.step));
+    }
+}
+
+impl AdamConfig {
+    /// The update scalars of step `t` (1-based).
+    pub fn scalars(&self, t: i32) -> AdamStep {
+        AdamStep::new(self.lr, self.beta1, self.beta2, self.eps, t)
+    }
+}
+
+/// Adam's state for one tensor on a backend: the moments live where the tensor does and a step
+/// is one fused backend op ([`Backend::adam_step`]), so an adapted layer never leaves the device.
+pub struct BufAdam<B: Backend> {
+    pub config: AdamConfig,
+    step: i32,
+    m: B::Buf,
+    v: B::Buf,
+}
+
+impl<B: Backend> BufAdam<B> {
+    pub fn new(be: &B, len: usize, config: AdamConfig) -> Result<Self> {
+        Ok(BufAdam { config, step: 0, m: be.zeros(len)?, v: be.zeros(len)? })
+    }
+
+    /// One update of `params` from `grads`.
+    pub fn step(&mut self, be: &B, params: &mut B::Buf, grads: &B::Buf) -> Result<()> {
+        self.step += 1;
+        be.adam_step(params, grads, &mut self.m, &mut self.v, &self.config.scalars(self.step))
     }
 }
 

@@ -14,16 +14,17 @@
 //! all ranks.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::adam::{Adam, AdamConfig};
+use super::adam::{Adam, AdamConfig, BufAdam};
 use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
-use super::lambda::{Granularity, Lambda};
-use super::task_vectors::TaskVectors;
+use super::lambda::Lambda;
+use super::shared::SharedWeights;
 use super::train::{
     AdaptOptions, AdaptSummary, StepGrads, TaskReport, Trainee, all_reduce_lambda_rows, all_reduce_params,
-    commit_output, open_output, permutation, train_epochs, zeros_like,
+    commit_output, copy_params, lambda_keys, layouts, open_output, permutation, private_adams, step_private,
+    train_epochs, zeros_like,
 };
 use crate::backend::Backend;
 use crate::data::jsonl::read_jsonl;
@@ -35,7 +36,7 @@ use crate::labels::{LabelCache, LabelKind};
 use crate::merge::philox::name_hash;
 use crate::model::llama::LmHead;
 use crate::model::tokenize::Tokens;
-use crate::model::{Llama, LlamaBlock, Param, Params, TextTokenizer, TopKTargets};
+use crate::model::{Llama, LlamaBlock, Params, TextTokenizer, TopKTargets};
 
 /// One task during adaptation.
 pub struct LmTask<B: Backend> {
@@ -48,7 +49,7 @@ pub struct LmTask<B: Backend> {
     /// The task's own blocks, after the shared ones (the head untied).
     pub private_blocks: Vec<LlamaBlock>,
     pub private: Vec<Params<B>>,
-    adam: Vec<BTreeMap<String, Adam>>,
+    adam: Vec<BTreeMap<String, BufAdam<B>>>,
     order: Vec<usize>,
     cursor: usize,
     shuffles: u32,
@@ -60,25 +61,23 @@ pub struct LmAdapter<B: Backend> {
     /// The pretrained model: its config and the shared blocks' layout.
     pub base: Llama<B>,
     pub shared: Vec<LlamaBlock>,
-    pub tv: TaskVectors,
+    /// The shared blocks' weights, streamed from the checkpoints.
+    pub weights: SharedWeights<B>,
     pub lambda: Lambda,
     lambda_adam: Adam,
     pub tasks: Vec<LmTask<B>>,
-}
-
-/// A copy of `params` on the backend (the task's own, trained apart from the expert's).
-fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
-    let mut out = Params::new();
-    for (name, p) in params {
-        out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.upload(&be.download(&p.buf)?)? });
-    }
-    Ok(out)
 }
 
 impl<B: Backend + Clone> LmAdapter<B> {
     /// Loads the base model, the experts (their task vectors and own blocks), the inputs and the
     /// top-k caches, checking that each cache was made by that expert for those inputs.
     pub fn load(backend: B, cfg: AdaptConfig) -> Result<Self> {
+        Self::load_with(backend, cfg, None)
+    }
+
+    /// [`LmAdapter::load`] with a memory budget for keeping shared blocks staged between visits
+    /// (default: half the backend's free memory; `Some(0)` streams every block).
+    pub fn load_with(backend: B, cfg: AdaptConfig, budget: Option<u64>) -> Result<Self> {
         let cfg_err = |reason: &str| Error::Config { path: cfg.source.clone(), reason: reason.into() };
         if cfg.method != Method::Symerge {
             return Err(cfg_err("method: adamerging of causal LMs is not implemented; use symerge"));
@@ -86,7 +85,8 @@ impl<B: Backend + Clone> LmAdapter<B> {
         if cfg.loss != LossKind::Soft || cfg.confidence.is_some() {
             return Err(cfg_err("loss: causal LMs train with the top-k soft loss only (no hard_conf, no confidence)"));
         }
-        let base = Llama::load(backend.clone(), &cfg.base_model)?;
+        // The pretrained model's weights are streamed, never loaded: only its layout is.
+        let base = Llama::load_partial(backend.clone(), &cfg.base_model, usize::MAX)?;
         let layers = base.config.num_hidden_layers;
         let n_shared = match cfg.adapted_layer {
             AdaptedLayer::Head => 1 + layers,
@@ -96,19 +96,14 @@ impl<B: Backend + Clone> LmAdapter<B> {
             }
         };
         let shared: Vec<LlamaBlock> = base.blocks[..n_shared].to_vec();
-        let shared_names: Vec<String> = shared.iter().map(LlamaBlock::name).collect();
-        let keys: Vec<String> = match cfg.granularity {
-            Granularity::Tensor => base.params[..n_shared].iter().flat_map(|p| p.keys().cloned()).collect(),
-            Granularity::Block => shared_names.clone(),
-        };
+        let layout = layouts(shared.iter().map(|b| (b.name(), b.param_shapes())));
         let models: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
-        let lambda = Lambda::new(cfg.granularity, models, keys, cfg.lambda_init);
+        let lambda = Lambda::new(cfg.granularity, models, lambda_keys(&layout, cfg.granularity), cfg.lambda_init);
         let base_names: Vec<String> = base.blocks.iter().map(LlamaBlock::name).collect();
 
-        let mut experts = Vec::with_capacity(cfg.tasks.len());
         let mut tasks = Vec::with_capacity(cfg.tasks.len());
         for t in &cfg.tasks {
-            let expert = Llama::load(backend.clone(), &t.expert)?;
+            let mut expert = Llama::load_partial(backend.clone(), &t.expert, n_shared)?;
             let names: Vec<String> = expert.blocks.iter().map(LlamaBlock::name).collect();
             if names != base_names || expert.config.vocab_size != base.config.vocab_size {
                 return Err(Error::Model {
@@ -149,8 +144,7 @@ impl<B: Backend + Clone> LmAdapter<B> {
             }
             let mut private_blocks = Vec::new();
             let mut private = Vec::new();
-            for (block, p) in expert.blocks[n_shared..].iter().zip(&expert.params[n_shared..]) {
-                let mut copy = copy_params(&backend, p)?;
+            for (block, mut copy) in expert.blocks[n_shared..].iter().zip(expert.params.drain(n_shared..)) {
                 let block = match block {
                     LlamaBlock::Head(h) if h.tied => {
                         let head = LmHead { tied: false, ..h.clone() };
@@ -164,14 +158,7 @@ impl<B: Backend + Clone> LmAdapter<B> {
                 private_blocks.push(block);
                 private.push(copy);
             }
-            let adam = private
-                .iter()
-                .map(|p| {
-                    p.iter()
-                        .map(|(n, t)| (n.clone(), Adam::new(backend.len(&t.buf), AdamConfig::with_lr(cfg.layer_lr))))
-                        .collect()
-                })
-                .collect();
+            let adam = private_adams(&backend, &private, cfg.layer_lr)?;
             tasks.push(LmTask {
                 name: t.name.clone(),
                 expert: expert_dir,
@@ -186,15 +173,11 @@ impl<B: Backend + Clone> LmAdapter<B> {
                 cursor: 0,
                 shuffles: 0,
             });
-            experts.push(expert);
         }
-        let base_params: Vec<&Params<B>> = base.params[..n_shared].iter().collect();
-        let expert_params: Vec<Vec<&Params<B>>> =
-            experts.iter().map(|e| e.params[..n_shared].iter().collect()).collect();
-        let tv = TaskVectors::new(&backend, &base_params, &expert_params, &shared_names, &lambda)?;
-        drop(experts);
+        let expert_paths: Vec<PathBuf> = cfg.tasks.iter().map(|t| t.expert.clone()).collect();
+        let weights = SharedWeights::open(&backend, &cfg.base_model, &expert_paths, &layout, &lambda, budget)?;
         let lambda_adam = Adam::new(lambda.values.len(), AdamConfig::with_lr(cfg.lambda_lr));
-        Ok(LmAdapter { cfg, base, shared, tv, lambda, lambda_adam, tasks })
+        Ok(LmAdapter { cfg, base, shared, weights, lambda, lambda_adam, tasks })
     }
 
     /// Loss and gradients of task `task` on its inputs `rows`, block-streamed.
@@ -226,7 +209,8 @@ impl<B: Backend + Clone> LmAdapter<B> {
             if !batch.labels.is_empty() {
                 for b in 0..total {
                     let y = if b < n_shared {
-                        let p = self.tv.merged_block(be, b, &self.lambda)?;
+                        let next = Some(self.weights.next_block(b, true));
+                        let p = self.weights.visit(be, b, next)?.merged(be, &self.lambda)?;
                         self.shared[b].forward(be, &p, &batch, acts.last())?
                     } else {
                         t.private_blocks[b - n_shared].forward(be, &t.private[b - n_shared], &batch, acts.last())?
@@ -268,13 +252,14 @@ impl<B: Backend + Clone> LmAdapter<B> {
             let reached = batch.as_ref().zip(dy.take());
             if b < n_shared {
                 if let Some((batch, d)) = reached {
-                    let p = self.tv.merged_block(be, b, &self.lambda)?;
+                    let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, false)))?;
+                    let p = visit.merged(be, &self.lambda)?;
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), &d)?;
-                    self.tv.lambda_grad(be, b, &g, &mut lambda_grad)?;
+                    visit.lambda_grad(be, &g, &mut lambda_grad)?;
                     dy = dx;
                 }
                 if world > 1 {
-                    all_reduce_lambda_rows(&self.tv, self.lambda.tasks(), coll, b, &mut lambda_grad)?;
+                    all_reduce_lambda_rows(&self.weights, self.lambda.tasks(), coll, b, &mut lambda_grad)?;
                 }
             } else {
                 let i = b - n_shared;
@@ -330,27 +315,17 @@ impl<B: Backend + Clone> LmAdapter<B> {
         if self.cfg.clamp {
             self.lambda.clamp(0.0, 1.0);
         }
-        let be = &self.base.backend;
         let t = &mut self.tasks[task];
-        for ((params, grads), adams) in t.private.iter_mut().zip(&g.private).zip(&mut t.adam) {
-            for (name, p) in params.iter_mut() {
-                let (Some(gr), Some(adam)) = (grads.get(name), adams.get_mut(name)) else { continue };
-                let mut values = be.download(&p.buf)?;
-                adam.step(&mut values, &be.download(&gr.buf)?);
-                p.buf = be.upload(&values)?;
-            }
-        }
+        step_private(&self.base.backend, &mut t.private, &g.private, &mut t.adam)?;
         Ok((g.loss, g.kept))
     }
 
-    /// Task `task`'s merged model: the merged shared blocks and its own (adapted, untied) blocks.
-    pub fn task_model(&self, task: usize) -> Result<Llama<B>> {
+    /// Task `task`'s model with the shared blocks' parameters left empty and a copy of its own
+    /// (adapted, untied) blocks: filled by [`LmAdapter::task_model`], or written block by block.
+    fn task_skeleton(&self, task: usize) -> Result<Llama<B>> {
         let be = &self.base.backend;
         let t = &self.tasks[task];
-        let mut params = Vec::with_capacity(self.shared.len() + t.private.len());
-        for b in 0..self.shared.len() {
-            params.push(self.tv.merged_block(be, b, &self.lambda)?);
-        }
+        let mut params: Vec<Params<B>> = (0..self.shared.len()).map(|_| Params::new()).collect();
         for p in &t.private {
             params.push(copy_params(be, p)?);
         }
@@ -358,6 +333,26 @@ impl<B: Backend + Clone> LmAdapter<B> {
         let mut config = self.base.config.clone();
         config.tie_word_embeddings = false;
         Ok(Llama { config, path: t.expert.clone(), blocks, params, backend: be.clone() })
+    }
+
+    /// Task `task`'s merged model: the merged shared blocks and its own (adapted, untied) blocks.
+    pub fn task_model(&self, task: usize) -> Result<Llama<B>> {
+        let mut model = self.task_skeleton(task)?;
+        for b in 0..self.shared.len() {
+            model.params[b] = self.weights.merged_block(&self.base.backend, b, &self.lambda)?;
+        }
+        Ok(model)
+    }
+
+    /// Writes task `task`'s model, merging one shared block at a time.
+    fn write_task(&self, task: usize, dir: &Path) -> Result<()> {
+        let model = self.task_skeleton(task)?;
+        let be = &self.base.backend;
+        let n = self.shared.len();
+        model.save_with(dir, false, &mut |b| {
+            if b < n { self.weights.merged_block(be, b, &self.lambda).map(Some) } else { Ok(None) }
+        })?;
+        Ok(())
     }
 
     /// Trains for the configured epochs, then writes the output directory (atomically):
@@ -383,6 +378,7 @@ impl<B: Backend + Clone> LmAdapter<B> {
         let k = self.tasks.len();
         let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
         let (steps, recent) = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref())?;
+        let streaming = self.weights.report();
         if coll.world_size() > 1 {
             verify_digest(coll, "Lambda", &self.lambda.digest())?;
             verify_digest(coll, "adapted layers", &self.private_digest()?)?;
@@ -390,8 +386,7 @@ impl<B: Backend + Clone> LmAdapter<B> {
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
             if let Some(staging) = &staging {
-                let dir = staging.path().join("tasks").join(&self.tasks[task].name);
-                self.task_model(task)?.save(&dir, false)?;
+                self.write_task(task, &staging.path().join("tasks").join(&self.tasks[task].name))?;
             }
             reports.push(TaskReport {
                 name: self.tasks[task].name.clone(),
@@ -412,6 +407,9 @@ impl<B: Backend + Clone> LmAdapter<B> {
             lambda_hash: self.lambda.hash(),
             average_accuracy: None,
             tasks: reports,
+            bytes_streamed_per_step: streaming.bytes_streamed / steps.max(1) as u64,
+            streaming,
+            peak_rss_bytes: crate::sysinfo::peak_rss_bytes(),
         };
         if let Some(staging) = staging {
             commit_output(staging, &self.lambda, &summary, &self.cfg, opts)?;

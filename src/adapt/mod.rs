@@ -2,8 +2,8 @@
 //! task, against the experts' cached soft labels) and AdaMerging (Lambda only, entropy).
 //!
 //! - [`config`]: the YAML config; [`train`]: the block-streamed loop and its outputs;
-//! - [`task_vectors`]: merged weights and Lambda gradients block by block (CPU twins of the
-//!   `merge` and `lambda_grad` kernels); [`objective`]: the losses;
+//! - [`shared`]: the shared blocks' weights streamed from the checkpoints: merged weights and
+//!   Lambda gradients block by block on the backend; [`objective`]: the losses;
 //! - [`lambda`]: the coefficient table (saved as a `merge` Lambda table); [`adam`]: the optimizer;
 //! - [`lm`]: the same for causal LMs, against top-k next-token caches;
 //! - [`report`]: `symerge eval` over an adaptation's output, every task against its expert.
@@ -14,5 +14,5 @@ pub mod lambda;
 pub mod lm;
 pub mod objective;
 pub mod report;
-pub mod task_vectors;
+pub mod shared;
 pub mod train;

@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::adam::{Adam, AdamConfig};
+use super::adam::{Adam, AdamConfig, BufAdam};
 use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
 use super::lambda::{Granularity, Lambda};
 use super::objective::{self, Objective};
-use super::task_vectors::TaskVectors;
+use super::shared::{BlockLayout, SharedWeights, StreamReport};
 use crate::atomic::Staging;
 use crate::backend::Backend;
 use crate::data::jsonl::read_jsonl;
@@ -52,7 +52,7 @@ pub struct TaskState<B: Backend> {
     /// The task's own blocks, after the shared ones.
     pub private_blocks: Vec<Block>,
     pub private: Vec<Params<B>>,
-    adam: Vec<BTreeMap<String, Adam>>,
+    adam: Vec<BTreeMap<String, BufAdam<B>>>,
     order: Vec<usize>,
     cursor: usize,
     shuffles: u32,
@@ -74,7 +74,8 @@ pub struct Adapter<B: Backend> {
     /// The pretrained model: its config, tokenization and the shared blocks' layout.
     pub base: Bert<B>,
     pub shared: Vec<Block>,
-    pub tv: TaskVectors,
+    /// The shared blocks' weights, streamed from the checkpoints.
+    pub weights: SharedWeights<B>,
     pub lambda: Lambda,
     lambda_adam: Adam,
     pub tasks: Vec<TaskState<B>>,
@@ -107,6 +108,12 @@ pub struct AdaptSummary {
     pub lambda_hash: String,
     pub tasks: Vec<TaskReport>,
     pub average_accuracy: Option<f64>,
+    /// How the shared blocks were held and how many bytes were staged.
+    pub streaming: StreamReport,
+    /// Bytes staged from the checkpoints per step, on average.
+    pub bytes_streamed_per_step: u64,
+    /// Peak resident set of the process (`VmHWM`), where the system reports it.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Where to write and how to report.
@@ -120,11 +127,67 @@ pub struct AdaptOptions {
     pub log_every: usize,
 }
 
+/// The shared blocks' layout (names and shapes, tensors in name order) of `blocks`.
+pub(super) fn layouts(names_shapes: impl Iterator<Item = (String, Vec<(String, Vec<usize>)>)>) -> Vec<BlockLayout> {
+    names_shapes
+        .map(|(name, mut params)| {
+            params.sort_by(|a, b| a.0.cmp(&b.0));
+            BlockLayout { name, params }
+        })
+        .collect()
+}
+
+/// Lambda's keys: every shared tensor, or every shared block.
+pub(super) fn lambda_keys(layout: &[BlockLayout], granularity: Granularity) -> Vec<String> {
+    match granularity {
+        Granularity::Tensor => layout.iter().flat_map(|l| l.params.iter().map(|(n, _)| n.clone())).collect(),
+        Granularity::Block => layout.iter().map(|l| l.name.clone()).collect(),
+    }
+}
+
+/// Adam states for a task's own blocks, on the backend.
+pub(super) fn private_adams<B: Backend>(
+    be: &B,
+    private: &[Params<B>],
+    lr: f32,
+) -> Result<Vec<BTreeMap<String, BufAdam<B>>>> {
+    private
+        .iter()
+        .map(|p| {
+            p.iter().map(|(n, t)| Ok((n.clone(), BufAdam::new(be, be.len(&t.buf), AdamConfig::with_lr(lr))?))).collect()
+        })
+        .collect()
+}
+
+/// One Adam step on each of a task's own tensors that has a gradient.
+pub(super) fn step_private<B: Backend>(
+    be: &B,
+    private: &mut [Params<B>],
+    grads: &[Params<B>],
+    adams: &mut [BTreeMap<String, BufAdam<B>>],
+) -> Result<()> {
+    for ((params, grads), adams) in private.iter_mut().zip(grads).zip(adams) {
+        for (name, p) in params.iter_mut() {
+            if let (Some(g), Some(adam)) = (grads.get(name), adams.get_mut(name)) {
+                adam.step(be, &mut p.buf, &g.buf)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl<B: Backend + Clone> Adapter<B> {
     /// Loads the base model, the experts (their task vectors and own layers), the inputs and the
     /// label caches, checking that each cache was made by that expert for those inputs.
     pub fn load(backend: B, cfg: AdaptConfig) -> Result<Self> {
-        let base = Bert::load(backend.clone(), &cfg.base_model, LoadOptions::default())?;
+        Self::load_with(backend, cfg, None)
+    }
+
+    /// [`Adapter::load`] with a memory budget for keeping shared blocks staged between visits
+    /// (default: half the backend's free memory; `Some(0)` streams every block).
+    pub fn load_with(backend: B, cfg: AdaptConfig, budget: Option<u64>) -> Result<Self> {
+        // The pretrained model's weights are streamed, never loaded: only its layout is.
+        let base = Bert::load_partial(backend.clone(), &cfg.base_model, LoadOptions::default(), usize::MAX)?;
         let encoder_blocks = base.blocks.iter().filter(|b| !matches!(b, Block::Head(_))).count();
         let n_shared = match cfg.adapted_layer {
             AdaptedLayer::Head => encoder_blocks,
@@ -134,18 +197,13 @@ impl<B: Backend + Clone> Adapter<B> {
             return Err(Error::Model { path: cfg.base_model.clone(), reason: "no shared blocks to merge".into() });
         }
         let shared: Vec<Block> = base.blocks[..n_shared].to_vec();
-        let shared_names: Vec<String> = shared.iter().map(Block::name).collect();
-        let keys: Vec<String> = match cfg.granularity {
-            Granularity::Tensor => base.params[..n_shared].iter().flat_map(|p| p.keys().cloned()).collect(),
-            Granularity::Block => shared_names.clone(),
-        };
+        let layout = layouts(shared.iter().map(|b| (b.name(), b.param_shapes())));
         let models: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
-        let lambda = Lambda::new(cfg.granularity, models, keys, cfg.lambda_init);
+        let lambda = Lambda::new(cfg.granularity, models, lambda_keys(&layout, cfg.granularity), cfg.lambda_init);
 
-        let mut experts = Vec::with_capacity(cfg.tasks.len());
         let mut tasks = Vec::with_capacity(cfg.tasks.len());
         for t in &cfg.tasks {
-            let expert = Bert::load(backend.clone(), &t.expert, LoadOptions::default())?;
+            let mut expert = Bert::load_partial(backend.clone(), &t.expert, LoadOptions::default(), n_shared)?;
             let classes = expert.num_labels().ok_or_else(|| Error::Model {
                 path: t.expert.clone(),
                 reason: "no classification head: an expert must be a fine-tuned classifier".into(),
@@ -190,25 +248,8 @@ impl<B: Backend + Clone> Adapter<B> {
                 _ => None,
             };
             let private_blocks = expert.blocks[n_shared..].to_vec();
-            let mut private: Vec<Params<B>> = Vec::new();
-            for p in &expert.params[n_shared..] {
-                let mut copy = Params::new();
-                for (name, t) in p {
-                    copy.insert(
-                        name.clone(),
-                        Param { shape: t.shape.clone(), buf: backend.upload(&backend.download(&t.buf)?)? },
-                    );
-                }
-                private.push(copy);
-            }
-            let adam = private
-                .iter()
-                .map(|p| {
-                    p.iter()
-                        .map(|(n, t)| (n.clone(), Adam::new(backend.len(&t.buf), AdamConfig::with_lr(cfg.layer_lr))))
-                        .collect()
-                })
-                .collect();
+            let private: Vec<Params<B>> = expert.params.drain(n_shared..).collect();
+            let adam = private_adams(&backend, &private, cfg.layer_lr)?;
             tasks.push(TaskState {
                 name: t.name.clone(),
                 expert: expert_dir,
@@ -226,15 +267,11 @@ impl<B: Backend + Clone> Adapter<B> {
                 cursor: 0,
                 shuffles: 0,
             });
-            experts.push(expert);
         }
-        let base_params: Vec<&Params<B>> = base.params[..n_shared].iter().collect();
-        let expert_params: Vec<Vec<&Params<B>>> =
-            experts.iter().map(|e| e.params[..n_shared].iter().collect()).collect();
-        let tv = TaskVectors::new(&backend, &base_params, &expert_params, &shared_names, &lambda)?;
-        drop(experts);
+        let expert_paths: Vec<PathBuf> = cfg.tasks.iter().map(|t| t.expert.clone()).collect();
+        let weights = SharedWeights::open(&backend, &cfg.base_model, &expert_paths, &layout, &lambda, budget)?;
         let lambda_adam = Adam::new(lambda.values.len(), AdamConfig::with_lr(cfg.lambda_lr));
-        Ok(Adapter { cfg, base, shared, tv, lambda, lambda_adam, tasks })
+        Ok(Adapter { cfg, base, shared, weights, lambda, lambda_adam, tasks })
     }
 
     fn objective(&self) -> Objective {
@@ -274,7 +311,8 @@ impl<B: Backend + Clone> Adapter<B> {
             let batch = self.base.batch(&t.tokenizer.pad(&seqs))?;
             for b in 0..total {
                 let y = if b < n_shared {
-                    let p = self.tv.merged_block(be, b, &self.lambda)?;
+                    let p =
+                        self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?.merged(be, &self.lambda)?;
                     self.shared[b].forward(be, &p, &batch, acts.last())?
                 } else {
                     t.private_blocks[b - n_shared].forward(be, &t.private[b - n_shared], &batch, acts.last())?
@@ -315,13 +353,14 @@ impl<B: Backend + Clone> Adapter<B> {
             let reached = batch.as_ref().zip(dy.take());
             if b < n_shared {
                 if let Some((batch, d)) = reached {
-                    let p = self.tv.merged_block(be, b, &self.lambda)?;
+                    let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, false)))?;
+                    let p = visit.merged(be, &self.lambda)?;
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), &d)?;
-                    self.tv.lambda_grad(be, b, &g, &mut lambda_grad)?;
+                    visit.lambda_grad(be, &g, &mut lambda_grad)?;
                     dy = dx;
                 }
                 if world > 1 {
-                    all_reduce_lambda_rows(&self.tv, self.lambda.tasks(), coll, b, &mut lambda_grad)?;
+                    all_reduce_lambda_rows(&self.weights, self.lambda.tasks(), coll, b, &mut lambda_grad)?;
                 }
             } else {
                 let i = b - n_shared;
@@ -378,39 +417,47 @@ impl<B: Backend + Clone> Adapter<B> {
             self.lambda.clamp(0.0, 1.0);
         }
         if self.cfg.method == Method::Symerge {
-            let be = &self.base.backend;
             let t = &mut self.tasks[task];
-            for ((params, grads), adams) in t.private.iter_mut().zip(&g.private).zip(&mut t.adam) {
-                for (name, p) in params.iter_mut() {
-                    let (Some(gr), Some(adam)) = (grads.get(name), adams.get_mut(name)) else { continue };
-                    let mut values = be.download(&p.buf)?;
-                    adam.step(&mut values, &be.download(&gr.buf)?);
-                    p.buf = be.upload(&values)?;
-                }
-            }
+            step_private(&self.base.backend, &mut t.private, &g.private, &mut t.adam)?;
         }
         Ok((g.loss, g.kept))
     }
 
-    /// Task `task`'s merged model: the merged shared blocks and its own (adapted) blocks.
-    pub fn task_model(&self, task: usize) -> Result<Bert<B>> {
+    /// Task `task`'s model with the shared blocks' parameters left empty and a copy of its own
+    /// (adapted) blocks: filled by [`Adapter::task_model`], or written block by block.
+    fn task_skeleton(&self, task: usize) -> Result<Bert<B>> {
         let be = &self.base.backend;
         let t = &self.tasks[task];
-        let mut params = Vec::with_capacity(self.shared.len() + t.private.len());
-        for b in 0..self.shared.len() {
-            params.push(self.tv.merged_block(be, b, &self.lambda)?);
-        }
+        let mut params: Vec<Params<B>> = (0..self.shared.len()).map(|_| Params::new()).collect();
         for p in &t.private {
-            let mut copy = Params::new();
-            for (name, v) in p {
-                copy.insert(name.clone(), Param { shape: v.shape.clone(), buf: be.upload(&be.download(&v.buf)?)? });
-            }
-            params.push(copy);
+            params.push(copy_params(be, p)?);
         }
         let blocks = self.shared.iter().cloned().chain(t.private_blocks.iter().cloned()).collect();
         let mut config = self.base.config.clone();
         config.label2id = t.label2id.clone();
         Ok(Bert { config, path: t.expert.clone(), blocks, params, backend: be.clone() })
+    }
+
+    /// Task `task`'s merged model: the merged shared blocks and its own (adapted) blocks.
+    pub fn task_model(&self, task: usize) -> Result<Bert<B>> {
+        let mut model = self.task_skeleton(task)?;
+        for b in 0..self.shared.len() {
+            model.params[b] = self.weights.merged_block(&self.base.backend, b, &self.lambda)?;
+        }
+        Ok(model)
+    }
+
+    /// Writes task `task`'s model as a Hugging Face checkpoint with the expert's class names,
+    /// merging one shared block at a time.
+    fn write_task(&self, task: usize, dir: &Path) -> Result<()> {
+        let model = self.task_skeleton(task)?;
+        let opts = SaveOptions { labels: model.config.label_names(), ..SaveOptions::default() };
+        let be = &self.base.backend;
+        let n = self.shared.len();
+        model.save_with(dir, &opts, &mut |b| {
+            if b < n { self.weights.merged_block(be, b, &self.lambda).map(Some) } else { Ok(None) }
+        })?;
+        Ok(())
     }
 
     /// Trains for the configured epochs, then writes the output directory (atomically).
@@ -437,6 +484,7 @@ impl<B: Backend + Clone> Adapter<B> {
         let k = self.tasks.len();
         let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
         let (steps, recent) = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref())?;
+        let streaming = self.weights.report();
         if coll.world_size() > 1 {
             verify_digest(coll, "Lambda", &self.lambda.digest())?;
             verify_digest(coll, "adapted layers", &self.private_digest()?)?;
@@ -448,9 +496,9 @@ impl<B: Backend + Clone> Adapter<B> {
             let t = &self.tasks[task];
             let mut accuracy = None;
             if let Some(staging) = &staging {
-                let model = self.task_model(task)?;
-                write_model(&model, &staging.path().join("tasks").join(&t.name))?;
+                self.write_task(task, &staging.path().join("tasks").join(&t.name))?;
                 if let (Some(gold), true) = (&t.gold, opts.evaluate) {
+                    let model = self.task_model(task)?;
                     let tokenizer = TextTokenizer::from_dir(&t.expert, self.cfg.max_len)?;
                     let clf = SequenceClassifier { model, tokenizer };
                     accuracy = Some(100.0 * evaluate(&clf, &t.texts, gold, self.cfg.batch_size.max(32))?.accuracy);
@@ -476,6 +524,9 @@ impl<B: Backend + Clone> Adapter<B> {
             lambda_hash: self.lambda.hash(),
             average_accuracy: (accs.len() == k).then(|| accs.iter().sum::<f64>() / k as f64),
             tasks: reports,
+            bytes_streamed_per_step: streaming.bytes_streamed / steps.max(1) as u64,
+            streaming,
+            peak_rss_bytes: crate::sysinfo::peak_rss_bytes(),
         };
         if let Some(staging) = staging {
             commit_output(staging, &self.lambda, &summary, &self.cfg, opts)?;
@@ -609,14 +660,14 @@ pub(super) fn train_epochs<T: Trainee>(
 /// an f32 and the f32 of its remainder: per-rank sums of a batch's samples often cancel, and one
 /// f32 per rank would leave an error relative to the (larger) per-rank values rather than to
 /// their sum.
-pub(super) fn all_reduce_lambda_rows(
-    tv: &TaskVectors,
+pub(super) fn all_reduce_lambda_rows<B: Backend>(
+    weights: &SharedWeights<B>,
     k: usize,
     coll: &mut dyn Collective,
     b: usize,
     grad: &mut [f64],
 ) -> Result<()> {
-    let mut rows: Vec<usize> = tv.blocks[b].iter().map(|t| t.row).collect();
+    let mut rows: Vec<usize> = weights.blocks[b].tensors.iter().map(|t| t.row).collect();
     rows.sort_unstable();
     rows.dedup();
     let values: Vec<f64> = rows.iter().flat_map(|&r| grad[r * k..(r + 1) * k].iter().copied()).collect();
@@ -670,10 +721,13 @@ pub(super) fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<us
     order
 }
 
-/// Writes a task's adapted model as a Hugging Face checkpoint, with the expert's class names.
-fn write_model<B: Backend>(model: &Bert<B>, dir: &Path) -> Result<()> {
-    model.save(dir, &SaveOptions { labels: model.config.label_names(), ..SaveOptions::default() })?;
-    Ok(())
+/// A copy of `params` on the backend (the task's own, trained apart from the expert's).
+pub(super) fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
+    let mut out = Params::new();
+    for (name, p) in params {
+        out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.upload(&be.download(&p.buf)?)? });
+    }
+    Ok(out)
 }
 
 impl<B: Backend + Clone> Trainee for Adapter<B> {

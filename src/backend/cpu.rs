@@ -5,7 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::{AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads};
+use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, stored_ops};
+use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
@@ -251,6 +252,7 @@ impl Cpu {
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
+    type Stored = StoredTensor;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -930,6 +932,45 @@ impl Backend for Cpu {
             }
         });
         Ok(g)
+    }
+
+    fn free_memory(&self) -> Option<u64> {
+        crate::sysinfo::available_memory_bytes()
+    }
+
+    fn stage(&self, t: &StoredTensor) -> Result<StoredTensor> {
+        Ok(t.clone())
+    }
+
+    fn staged_bytes(&self, _t: &StoredTensor) -> u64 {
+        0
+    }
+
+    fn merge_stored(&self, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) -> Result<Vec<f32>> {
+        stored_ops::merge_stored(base, experts, coefs)
+    }
+
+    fn lambda_grad_stored(&self, grad: &Vec<f32>, base: &StoredTensor, experts: &[&StoredTensor]) -> Result<Vec<f64>> {
+        stored_ops::lambda_grad_stored(grad, base, experts)
+    }
+
+    fn adam_step(
+        &self,
+        params: &mut Vec<f32>,
+        grads: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        step: &AdamStep,
+    ) -> Result<()> {
+        let n = params.len();
+        if grads.len() != n || m.len() != n || v.len() != n {
+            return Err(err(
+                "adam_step",
+                format!("params {n}, grads {}, moments {} and {} elements", grads.len(), m.len(), v.len()),
+            ));
+        }
+        stored_ops::adam_update(params, grads, m, v, step);
+        Ok(())
     }
 }
 

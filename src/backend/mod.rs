@@ -14,12 +14,15 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod stored_ops;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use cpu::Cpu;
+pub use stored_ops::AdamStep;
 
+use crate::checkpoint::StoredTensor;
 use crate::error::Result;
 
 /// Which GELU: the exact erf form (`hidden_act: gelu`) or the tanh approximation (`gelu_new`).
@@ -96,6 +99,9 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     /// A u32 index buffer (token ids, position ids, row indices).
     type Ids: Send + Sync;
+    /// A checkpoint tensor's stored bytes, staged for [`Backend::merge_stored`] and
+    /// [`Backend::lambda_grad_stored`].
+    type Stored: Send + Sync;
 
     fn name(&self) -> &'static str;
 
@@ -313,6 +319,29 @@ pub trait Backend: Send + Sync {
     /// Mean over rows of the entropy `-sum p log p` of `softmax(logits)` (AdaMerging's objective).
     fn entropy(&self, logits: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Buf>;
     fn entropy_backward(&self, logits: &Self::Buf, rows: usize, cols: usize, scale: f32) -> Result<Self::Buf>;
+
+    // --- adaptation on stored weights (CPU twins in [`stored_ops`]) ---
+    /// Bytes free for keeping staged weights resident (host memory on the CPU, device memory on
+    /// a GPU); `None` when unknown.
+    fn free_memory(&self) -> Option<u64>;
+    /// Makes a checkpoint tensor's stored bytes (its own dtype) available to the ops below: the
+    /// CPU reads the mapping in place, a GPU copies the bytes to the device.
+    fn stage(&self, t: &StoredTensor) -> Result<Self::Stored>;
+    /// Bytes a staged tensor holds in the backend's memory (0 when it reads the mapping).
+    fn staged_bytes(&self, t: &Self::Stored) -> u64;
+    /// The merged weights `base + sum_k coefs[k] (expert_k - base)` in f32 (the merge kernel).
+    fn merge_stored(&self, base: &Self::Stored, experts: &[&Self::Stored], coefs: &[f32]) -> Result<Self::Buf>;
+    /// `dL/dcoef_k = <grad, expert_k - base>` for every expert, in f64 (the lambda_grad kernel).
+    fn lambda_grad_stored(&self, grad: &Self::Buf, base: &Self::Stored, experts: &[&Self::Stored]) -> Result<Vec<f64>>;
+    /// One fused Adam update of `params` with moments `m` and `v`, where they live.
+    fn adam_step(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        step: &AdamStep,
+    ) -> Result<()>;
 }
 
 /// Evaluates `$body` with `$be` bound to the backend a [`Device`] names: [`Cpu`], or [`cuda::Cuda`]

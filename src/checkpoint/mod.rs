@@ -7,11 +7,13 @@ pub mod generate;
 pub mod layers;
 pub mod reader;
 pub mod side_files;
+pub mod stored;
 pub mod stream;
 pub mod writer;
 
 pub use dtype::FloatDType;
 pub use layers::{BlockKind, BlockSpec, group_blocks};
 pub use reader::{Checkpoint, TensorMeta};
+pub use stored::StoredTensor;
 pub use stream::LayerStream;
 pub use writer::{PlannedTensor, ShardWriter};

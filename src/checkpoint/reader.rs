@@ -8,11 +8,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use memmap2::{Advice, Mmap, UncheckedAdvice};
+use memmap2::{Advice, Mmap};
 use serde::Deserialize;
 
 use super::dtype::FloatDType;
+use super::stored::{MappedRange, StoredTensor};
 use crate::error::{Error, Result};
 
 /// File name of a Hugging Face shard index.
@@ -23,7 +25,8 @@ pub const SINGLE_NAME: &str = "model.safetensors";
 /// One memory-mapped `.safetensors` file.
 pub struct Shard {
     pub path: PathBuf,
-    mmap: Mmap,
+    /// Shared with the [`StoredTensor`] views handed out, which outlive the checkpoint.
+    mmap: Arc<Mmap>,
 }
 
 impl Shard {
@@ -178,39 +181,45 @@ impl Checkpoint {
         &self.shards[t.shard].mmap[t.start..t.end]
     }
 
+    /// The tensor's byte range in its shard's mapping.
+    fn range(&self, t: &TensorMeta) -> MappedRange<'_> {
+        MappedRange { map: &self.shards[t.shard].mmap, start: t.start, end: t.end }
+    }
+
     /// Asks the kernel to read a tensor's pages ahead (used by the prefetch thread).
     pub fn will_need(&self, t: &TensorMeta) {
-        if t.end > t.start {
-            // Advisory only: a failure costs speed, not correctness.
-            let _ = self.shards[t.shard].mmap.advise_range(Advice::WillNeed, t.start, t.end - t.start);
-        }
+        self.range(t).will_need();
     }
 
     /// Maps a tensor's pages into this process ahead of use (called by the prefetch thread), so
-    /// the merge threads never stop on page faults. One `MADV_POPULATE_READ` call maps the whole
-    /// range; faulting it page by page cost more than the merge itself (8.8 GB = 2M faults).
-    /// Kernels before 5.14 lack the advice: there, one byte per page is read instead.
+    /// the merge threads never stop on page faults. See [`MappedRange::populate`].
     pub fn populate(&self, t: &TensorMeta) {
-        if t.end == t.start {
-            return;
-        }
-        self.will_need(t);
-        let populated = self.shards[t.shard].mmap.advise_range(Advice::PopulateRead, t.start, t.end - t.start);
-        if populated.is_err() {
-            touch_pages(self.bytes(t));
-        }
+        self.range(t).populate();
     }
 
     /// Drops a tensor's pages from this process's resident set once it is merged. The data stays
     /// in the page cache, and the map stays valid: a later read faults the pages back in.
     pub fn release(&self, t: &TensorMeta) {
-        if t.end > t.start {
-            // SAFETY: the map is a read-only, file-backed mapping; MADV_DONTNEED on it only drops
-            // page-table entries, and later accesses re-read the unchanged file contents.
-            let _ = unsafe {
-                self.shards[t.shard].mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.end - t.start)
-            };
-        }
+        self.range(t).release();
+    }
+
+    /// A float tensor's stored bytes as a view that shares the mapping (zero-copy, cheap to
+    /// clone, valid after the checkpoint is dropped). Fails, naming file and tensor, for a
+    /// non-float tensor.
+    pub fn stored(&self, t: &TensorMeta) -> Result<StoredTensor> {
+        let dtype = t.float_dtype().ok_or_else(|| Error::UnsupportedDtype {
+            path: self.file_of(t).to_path_buf(),
+            tensor: t.name.clone(),
+            dtype: format!("{:?}", t.dtype),
+        })?;
+        Ok(StoredTensor::new(
+            t.name.clone(),
+            self.file_of(t).to_path_buf(),
+            dtype,
+            t.shape.clone(),
+            self.shards[t.shard].mmap.clone(),
+            t.start..t.end,
+        ))
     }
 
     /// Total bytes of tensor data.
@@ -232,16 +241,6 @@ impl Checkpoint {
 /// Prefixes that task-specific Hugging Face heads wrap a base model's names in.
 const WRAPPER_PREFIXES: &[&str] =
     &["bert.", "roberta.", "distilbert.", "electra.", "deberta.", "xlm_roberta.", "model.", "transformer."];
-
-/// Reads one byte per page so the pages are faulted in (and read from disk) off the hot thread.
-fn touch_pages(bytes: &[u8]) {
-    let mut acc = 0u8;
-    for i in (0..bytes.len()).step_by(4096) {
-        // SAFETY: `i` is in bounds; volatile keeps the otherwise unused read.
-        acc ^= unsafe { std::ptr::read_volatile(bytes.as_ptr().add(i)) };
-    }
-    std::hint::black_box(acc);
-}
 
 fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
@@ -336,7 +335,7 @@ fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>
         .collect();
     metas.sort_by(|a, b| (a.start, &a.name).cmp(&(b.start, &b.name)));
     let _ = mmap.advise(Advice::Sequential);
-    Ok((Shard { path: path.to_path_buf(), mmap }, metas))
+    Ok((Shard { path: path.to_path_buf(), mmap: Arc::new(mmap) }, metas))
 }
 
 fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {

@@ -484,6 +484,12 @@ impl<B: Backend> Bert<B> {
     /// Loads `config.json` and the weights of a `BertModel`, `BertForSequenceClassification` or the
     /// RoBERTa equivalents from a model directory (or safetensors file).
     pub fn load(backend: B, path: &Path, opts: LoadOptions) -> Result<Self> {
+        Self::load_partial(backend, path, opts, 0)
+    }
+
+    /// [`Bert::load`] leaving the parameters of the first `skip_blocks` encoder blocks unloaded
+    /// (empty maps): for adaptation, which streams those from the checkpoints itself.
+    pub fn load_partial(backend: B, path: &Path, opts: LoadOptions, skip_blocks: usize) -> Result<Self> {
         let ck = Checkpoint::open(path)?;
         let config_path = ck.dir.join("config.json");
         let cfg_json = ck.config.as_ref().ok_or_else(|| Error::Model {
@@ -510,9 +516,9 @@ impl<B: Backend> Bert<B> {
         }
 
         let mut params = Vec::with_capacity(blocks.len() + 1);
-        for block in &blocks {
+        for (i, block) in blocks.iter().enumerate() {
             let mut p = Params::new();
-            for (name, shape) in block.param_shapes() {
+            for (name, shape) in block.param_shapes().into_iter().filter(|_| i >= skip_blocks) {
                 let buf = load_tensor(&backend, &ck, &name, &shape)?;
                 p.insert(name, Param { shape, buf });
             }

@@ -52,6 +52,9 @@ impl Default for SaveOptions {
     }
 }
 
+/// Supplies a block's parameters while a model is written (`None`: the model's own).
+pub type BlockFetch<'a, B> = dyn FnMut(usize) -> Result<Option<Params<B>>> + 'a;
+
 /// What [`Bert::save`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SavedModel {
@@ -93,6 +96,13 @@ impl<B: Backend> Bert<B> {
     /// Writes the model into the directory `output` (see the module notes). Fails if `output`
     /// exists and `opts.force` is off, or if a weight is not finite (a diverged run).
     pub fn save(&self, output: &Path, opts: &SaveOptions) -> Result<SavedModel> {
+        self.save_with(output, opts, &mut |_| Ok(None))
+    }
+
+    /// [`Bert::save`] where `fetch(b)` may supply block `b`'s parameters (`Some`) instead of
+    /// [`Bert::params`]: adaptation writes merged blocks one at a time this way, never holding
+    /// the whole merged model.
+    pub fn save_with(&self, output: &Path, opts: &SaveOptions, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
         if output.exists() && !opts.force {
             return Err(Error::OutputExists { path: output.to_path_buf() });
         }
@@ -125,8 +135,11 @@ impl<B: Backend> Bert<B> {
         let tensors = planned.len();
         let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
         let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
-        for (block, params) in self.blocks.iter().zip(&self.params) {
-            self.write_block(&mut writer, block, params, dtype)?;
+        for (b, (block, params)) in self.blocks.iter().zip(&self.params).enumerate() {
+            match fetch(b)? {
+                Some(p) => self.write_block(&mut writer, block, &p, dtype)?,
+                None => self.write_block(&mut writer, block, params, dtype)?,
+            }
         }
         let written = writer.finish()?;
         staging.commit(output, opts.force)?;
@@ -205,28 +218,65 @@ impl<B: Backend> Llama<B> {
     /// `config.json` with `tie_word_embeddings` as this model's head has it, and the source's
     /// tokenizer files. Atomic, and refuses non-finite weights, like [`Bert::save`].
     pub fn save(&self, output: &Path, force: bool) -> Result<SavedModel> {
+        self.save_with(output, force, &mut |_| Ok(None))
+    }
+
+    /// [`Llama::save`] where `fetch(b)` may supply block `b`'s parameters (`Some`) instead of
+    /// [`Llama::params`], one block at a time (adaptation's merged blocks).
+    pub fn save_with(&self, output: &Path, force: bool, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
         if output.exists() && !force {
             return Err(Error::OutputExists { path: output.to_path_buf() });
         }
         let source =
             if self.path.is_dir() { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
-        let mut tensors: Vec<(String, Vec<usize>, &B::Buf)> = Vec::new();
+        // Each tensor once, in block order (a tied embedding is written with the embedding).
+        let mut planned: Vec<PlannedTensor> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
         let mut tied = false;
-        for (block, params) in self.blocks.iter().zip(&self.params) {
+        for (b, block) in self.blocks.iter().enumerate() {
             if let LlamaBlock::Head(h) = block {
                 tied = h.tied;
             }
             for (name, shape) in block.param_shapes() {
-                if tensors.iter().any(|(n, _, _)| *n == name) {
-                    continue;
+                if planned.iter().all(|t| t.name != name) {
+                    planned.push(PlannedTensor { name, dtype: FloatDType::F32.to_safetensors(), shape });
+                    owner.push(b);
                 }
-                let p = params.get(&name).ok_or_else(|| {
-                    Error::Invalid(format!("parameter `{name}` is missing from block `{}`", block.name()))
-                })?;
-                tensors.push((name, shape, &p.buf));
             }
         }
         let staging = Staging::create(output)?;
+        self.write_lm_side_files(source, staging.path(), tied)?;
+        let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+        let tensors: Vec<(String, usize)> = planned.iter().map(|t| t.name.clone()).zip(owner).collect();
+        let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
+        let mut bytes = Vec::new();
+        for (b, (block, own)) in self.blocks.iter().zip(&self.params).enumerate() {
+            let fetched = fetch(b)?;
+            let p = fetched.as_ref().unwrap_or(own);
+            for (name, _) in tensors.iter().filter(|(_, o)| *o == b) {
+                let t = p.get(name).ok_or_else(|| {
+                    Error::Invalid(format!("parameter `{name}` is missing from block `{}`", block.name()))
+                })?;
+                let values = self.backend.download(&t.buf)?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::Invalid(format!(
+                        "parameter `{name}` holds a non-finite value ({}) at element {i}; not saving a diverged model",
+                        values[i]
+                    )));
+                }
+                bytes.resize(values.len() * 4, 0);
+                encode_into(FloatDType::F32, &values, &mut bytes);
+                writer.write(name, &bytes)?;
+            }
+        }
+        let written = writer.finish()?;
+        staging.commit(output, force)?;
+        Ok(SavedModel { dir: output.to_path_buf(), tensors: tensors.len(), params, bytes: written.bytes })
+    }
+
+    /// `config.json` (with `tie_word_embeddings` as this model's head has it, f32) and the
+    /// source's tokenizer files.
+    fn write_lm_side_files(&self, source: &Path, dir: &Path, tied: bool) -> Result<()> {
         let config_path = source.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let mut cfg: Value = serde_json::from_str(&text)
@@ -237,41 +287,16 @@ impl<B: Backend> Llama<B> {
         })?;
         obj.insert("tie_word_embeddings".into(), tied.into());
         obj.insert("torch_dtype".into(), FloatDType::F32.torch_name().into());
-        let out_config = staging.path().join("config.json");
+        let out_config = dir.join("config.json");
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value") + "\n";
         std::fs::write(&out_config, text).map_err(|e| Error::io(&out_config, e))?;
         for name in TOKENIZER_FILES {
             let src = source.join(name);
             if src.is_file() {
-                let dst = staging.path().join(name);
+                let dst = dir.join(name);
                 std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
             }
         }
-        let planned: Vec<PlannedTensor> = tensors
-            .iter()
-            .map(|(name, shape, _)| PlannedTensor {
-                name: name.clone(),
-                dtype: FloatDType::F32.to_safetensors(),
-                shape: shape.clone(),
-            })
-            .collect();
-        let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
-        let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
-        let mut bytes = Vec::new();
-        for (name, _, buf) in &tensors {
-            let values = self.backend.download(buf)?;
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "parameter `{name}` holds a non-finite value ({}) at element {i}; not saving a diverged model",
-                    values[i]
-                )));
-            }
-            bytes.resize(values.len() * 4, 0);
-            encode_into(FloatDType::F32, &values, &mut bytes);
-            writer.write(name, &bytes)?;
-        }
-        let written = writer.finish()?;
-        staging.commit(output, force)?;
-        Ok(SavedModel { dir: output.to_path_buf(), tensors: tensors.len(), params, bytes: written.bytes })
+        Ok(())
     }
 }

@@ -174,3 +174,13 @@ pub fn gpu() -> Option<symerge::backend::cuda::Gpu> {
         ),
     }
 }
+
+/// The bits of f32 values, for exact comparisons with readable failures.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The bits of f64 values.
+pub fn bits64(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}

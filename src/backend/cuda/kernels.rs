@@ -90,6 +90,31 @@ pub struct MergeLaunch {
 }
 
 impl MergeLaunch {
+    /// Adaptation's merge: `base + sum_k coefs[k] (theta_k - base)`, every entry kept, the outer
+    /// lambda 1 (the plan `task_arithmetic` with weights `coefs` gets), so the kernel computes
+    /// exactly what `stored_ops::merge_stored` does.
+    pub fn weighted_deltas(coefs: &[f32], dtypes: &[FloatDType]) -> Result<Self> {
+        if dtypes.len() > MAX_INPUTS || coefs.len() != dtypes.len() {
+            return Err(Error::Invalid(format!(
+                "the GPU merge takes at most {MAX_INPUTS} models with one coefficient each, got {} and {}",
+                dtypes.len(),
+                coefs.len()
+            )));
+        }
+        let inputs = coefs
+            .iter()
+            .zip(dtypes)
+            .map(|(&coef, &dt)| MergeInput {
+                coef,
+                weight: coef,
+                mode: MODE_ALL,
+                dtype: dtype_code(dt),
+                ..Default::default()
+            })
+            .collect();
+        Ok(MergeLaunch { inputs, flags: FLAG_HAS_BASE, lambda: 1.0, div_all: 1.0, seed: 0, name_hash: 0 })
+    }
+
     pub fn plan(
         form: KernelForm<'_>,
         params: &TensorParams,

@@ -8,6 +8,7 @@
 //! - [`kernels`]: typed launches (merge, lambda_grad, TIES threshold, DARE) and host-buffer
 //!   conveniences used by the parity tests and the benchmark.
 //! - [`ops`]: [`Cuda`], the [`crate::backend::Backend`] the models run on with `--device cuda`.
+//! - `stored`: adaptation's ops on staged checkpoint bytes (merge, lambda_grad, Adam).
 //! - [`stream_merge`]: `symerge merge --device cuda`.
 //! - [`bench`]: `symerge bench-cuda`.
 
@@ -16,6 +17,7 @@ pub mod device;
 pub mod kernels;
 pub mod nvrtc;
 pub mod ops;
+mod stored;
 pub mod stream_merge;
 
 pub use device::{DeviceSpec, Gpu, Resolved, probe, resolve};

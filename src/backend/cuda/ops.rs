@@ -17,8 +17,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use super::device::{DeviceSpec, Gpu, Resolved, cu, resolve};
 use super::kernels::addr;
 use super::nvrtc;
+use super::stored::CudaStored;
 use crate::backend::cpu::{check_attn, err, expect_len};
-use crate::backend::{AttnGrads, AttnShape, Backend, Cpu, Gelu, LinearGrads, NormGrads};
+use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Cpu, Gelu, LinearGrads, NormGrads};
+use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
 
 /// Threads of the 1-D launches (`OPS_THREADS` in the kernels: the row reductions assume it).
@@ -47,6 +49,7 @@ macro_rules! kernel_table {
 }
 
 kernel_table!(
+    adam_step,
     fill_rows,
     add_f32,
     scale_f32,
@@ -461,6 +464,20 @@ impl Cuda {
         addr(&b.data, &self.inner.gpu.stream)
     }
 
+    /// A buffer's device address (for the sibling modules' launches).
+    pub(super) fn buf_ptr(&self, b: &CudaBuf) -> u64 {
+        self.ptr(b)
+    }
+
+    pub(super) fn buf_len(&self, b: &CudaBuf) -> usize {
+        b.len
+    }
+
+    /// An uninitialised buffer of `len` f32 that the caller's kernel fills.
+    pub(super) fn alloc_buf(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(len)
+    }
+
     fn ids_ptr(&self, b: &CudaIds) -> u64 {
         addr(&b.data, &self.inner.gpu.stream)
     }
@@ -577,6 +594,7 @@ impl Cuda {
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type Ids = CudaIds;
+    type Stored = CudaStored;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -1161,6 +1179,50 @@ impl Backend for Cuda {
         let (lp, rows64, cols32, gp) = (self.ptr(logits), rows as u64, u32_dim(op, "cols", cols)?, self.ptr(&g));
         launch!(self, entropy_grad, elems_cfg(rows); lp, rows64, cols32, s, gp)?;
         Ok(g)
+    }
+
+    fn free_memory(&self) -> Option<u64> {
+        self.free_device_memory()
+    }
+
+    fn stage(&self, t: &StoredTensor) -> Result<CudaStored> {
+        self.stage_stored(t)
+    }
+
+    fn staged_bytes(&self, t: &CudaStored) -> u64 {
+        t.bytes()
+    }
+
+    fn merge_stored(&self, base: &CudaStored, experts: &[&CudaStored], coefs: &[f32]) -> Result<CudaBuf> {
+        self.merge_stored_dev(base, experts, coefs)
+    }
+
+    fn lambda_grad_stored(&self, grad: &CudaBuf, base: &CudaStored, experts: &[&CudaStored]) -> Result<Vec<f64>> {
+        self.lambda_grad_stored_dev(grad, base, experts)
+    }
+
+    fn adam_step(
+        &self,
+        params: &mut CudaBuf,
+        grads: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        step: &AdamStep,
+    ) -> Result<()> {
+        let n = params.len;
+        if grads.len != n || m.len != n || v.len != n {
+            return Err(err(
+                "adam_step",
+                format!("params {n}, grads {}, moments {} and {} elements", grads.len, m.len, v.len),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (pp, gp, mp, vp, n64) = (self.ptr(params), self.ptr(grads), self.ptr(m), self.ptr(v), n as u64);
+        let AdamStep { beta1, beta2, eps, step_size, c2_sqrt } = *step;
+        let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
+        launch!(self, adam_step, elems_cfg(n); pp, gp, mp, vp, n64, beta1, beta2, one_b1, one_b2, step_size, c2_sqrt, eps)
     }
 }
 

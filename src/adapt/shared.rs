@@ -1,0 +1,345 @@
+//! The shared part of the merged model during adaptation, streamed from the checkpoints.
+//!
+//! For every tensor of the shared blocks this holds zero-copy views ([`StoredTensor`]) of its
+//! stored bytes in the base and in each expert; nothing is decoded up front and no task vector
+//! is ever materialised. When the forward (or the recomputing backward) reaches block `b`,
+//! [`SharedWeights::visit`] stages its bytes on the backend (the CPU reads the mapping in place,
+//! CUDA copies the bytes to the device), [`BlockVisit::merged`] builds the merged weights
+//! `theta_pre + sum_k lambda_k tau_k` with [`Backend::merge_stored`], and in the backward
+//! [`BlockVisit::lambda_grad`] turns the block's weight gradients into Lambda gradients with
+//! [`Backend::lambda_grad_stored`] from the same staged bytes.
+//!
+//! A memory budget decides which blocks stay staged between visits ("kept": their pages stay
+//! mapped on the CPU, their bytes stay on the device with CUDA) and which are streamed: staged at
+//! each visit and released after it, while a prefetch thread maps the next block in the
+//! direction of travel (forward 0..L, backward L..0). With everything kept (small models) a step
+//! reads nothing twice; with nothing kept, resident memory is about two blocks of stored bytes
+//! whatever the model size.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use serde::Serialize;
+
+use super::lambda::Lambda;
+use crate::backend::Backend;
+use crate::checkpoint::{Checkpoint, StoredTensor};
+use crate::error::{Error, Result};
+use crate::model::{Param, Params};
+
+/// One shared tensor: where it is stored in the base and in each expert.
+pub struct SharedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Its Lambda row.
+    pub row: usize,
+    /// The base's view first, then each expert's, in Lambda's model order.
+    pub stored: Vec<StoredTensor>,
+}
+
+/// One shared block's tensors.
+pub struct SharedBlock {
+    pub name: String,
+    pub tensors: Vec<SharedTensor>,
+}
+
+impl SharedBlock {
+    /// Stored bytes of the block over the base and every expert.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().flat_map(|t| &t.stored).map(|s| s.nbytes() as u64).sum()
+    }
+
+    fn views(&self) -> impl Iterator<Item = &StoredTensor> {
+        self.tensors.iter().flat_map(|t| &t.stored)
+    }
+}
+
+/// The shape of a block as the model defines it: its name and its parameters' names and shapes.
+pub struct BlockLayout {
+    pub name: String,
+    pub params: Vec<(String, Vec<usize>)>,
+}
+
+/// How the shared blocks were held, for the run's summary.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamReport {
+    /// `resident` (every block kept), `streamed` (none kept) or `mixed`.
+    pub mode: String,
+    pub blocks: usize,
+    pub kept_blocks: usize,
+    /// Stored bytes of the shared blocks over the base and all experts.
+    pub shared_bytes: u64,
+    pub kept_bytes: u64,
+    /// The memory budget for kept blocks.
+    pub budget_bytes: u64,
+    /// Bytes staged from the checkpoints over the whole run (kept blocks count once).
+    pub bytes_streamed: u64,
+}
+
+/// A block's staged tensors: per tensor, the base's then each expert's.
+type StagedBlock<B> = Vec<Vec<<B as Backend>::Stored>>;
+
+/// The shared blocks' stored weights (see the module notes).
+pub struct SharedWeights<B: Backend> {
+    pub blocks: Vec<SharedBlock>,
+    /// Staged blocks kept between visits (`None`: streamed), filled on first use.
+    kept: Vec<Option<OnceLock<StagedBlock<B>>>>,
+    prefetch: Option<Prefetcher>,
+    streamed: AtomicU64,
+    budget: u64,
+}
+
+/// A block being worked on: its staged bytes, released (when streamed) on drop.
+pub struct BlockVisit<'a, B: Backend> {
+    block: &'a SharedBlock,
+    staged: Staged<'a, B>,
+    /// Drop the block's pages afterwards (streamed, and not needed again right away).
+    release: bool,
+}
+
+enum Staged<'a, B: Backend> {
+    Kept(&'a [Vec<B::Stored>]),
+    Owned(StagedBlock<B>),
+}
+
+impl<B: Backend> SharedWeights<B> {
+    /// Resolves every shared tensor of `layout` in the base checkpoint and each expert's (a
+    /// wrapper prefix such as `bert.` may differ), checking shapes and dtypes, and decides which
+    /// blocks to keep: blocks in order while their stored bytes fit in `budget` (default: half
+    /// the backend's free memory).
+    pub fn open(
+        be: &B,
+        base: &Path,
+        experts: &[PathBuf],
+        layout: &[BlockLayout],
+        lambda: &Lambda,
+        budget: Option<u64>,
+    ) -> Result<Self> {
+        let base_ck = Checkpoint::open(base)?;
+        let expert_cks = experts.iter().map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+        let mut blocks = Vec::with_capacity(layout.len());
+        for l in layout {
+            let mut tensors = Vec::with_capacity(l.params.len());
+            for (name, shape) in &l.params {
+                let row = lambda.row_of(name, &l.name).ok_or_else(|| {
+                    Error::Invalid(format!("internal: shared tensor `{name}` has no Lambda coefficients"))
+                })?;
+                let stored = std::iter::once(&base_ck)
+                    .chain(&expert_cks)
+                    .map(|ck| stored_view(ck, name, shape))
+                    .collect::<Result<Vec<_>>>()?;
+                tensors.push(SharedTensor { name: name.clone(), shape: shape.clone(), row, stored });
+            }
+            blocks.push(SharedBlock { name: l.name.clone(), tensors });
+        }
+        let budget = budget.unwrap_or_else(|| be.free_memory().unwrap_or(0) / 2);
+        let mut left = budget;
+        let mut kept = Vec::with_capacity(blocks.len());
+        for b in &blocks {
+            let fits = b.bytes() <= left && kept.iter().all(Option::is_some);
+            if fits {
+                left -= b.bytes();
+            }
+            kept.push(fits.then(OnceLock::new));
+        }
+        let streamed_views: Vec<Vec<StoredTensor>> = blocks
+            .iter()
+            .zip(&kept)
+            .map(|(b, k)| if k.is_some() { Vec::new() } else { b.views().cloned().collect() })
+            .collect();
+        let prefetch = kept.iter().any(Option::is_none).then(|| Prefetcher::start(streamed_views));
+        Ok(SharedWeights { blocks, kept, prefetch, streamed: AtomicU64::new(0), budget })
+    }
+
+    /// Stages block `b` for use; `next` is the block to be visited after it (the prefetch
+    /// target), `Some(b)` when `b` is needed again right away (the turn from forward to
+    /// backward), which keeps its pages.
+    pub fn visit(&self, be: &B, b: usize, next: Option<usize>) -> Result<BlockVisit<'_, B>> {
+        let block = &self.blocks[b];
+        if let Some(p) = &self.prefetch {
+            p.wait_and_request(next.filter(|&n| n != b && self.kept[n].is_none()));
+        }
+        let staged = match &self.kept[b] {
+            Some(cell) => {
+                if cell.get().is_none() {
+                    self.streamed.fetch_add(block.bytes(), Ordering::Relaxed);
+                    // Two threads may stage it at once; either copy serves.
+                    let _ = cell.set(stage_block(be, block)?);
+                }
+                Staged::Kept(cell.get().map(Vec::as_slice).unwrap_or_default())
+            }
+            None => {
+                self.streamed.fetch_add(block.bytes(), Ordering::Relaxed);
+                Staged::Owned(stage_block(be, block)?)
+            }
+        };
+        Ok(BlockVisit { block, staged, release: self.kept[b].is_none() && next != Some(b) })
+    }
+
+    /// The next block in the direction of travel: forward `b + 1`, backward `b - 1`, and at the
+    /// ends the same block (it is visited again at once: the turn, or the next step's start).
+    pub fn next_block(&self, b: usize, forward: bool) -> usize {
+        match forward {
+            true if b + 1 < self.blocks.len() => b + 1,
+            false if b > 0 => b - 1,
+            _ => b,
+        }
+    }
+
+    /// Block `b`'s merged weights, visited on its own (writing a task's model, tests).
+    pub fn merged_block(&self, be: &B, b: usize, lambda: &Lambda) -> Result<Params<B>> {
+        self.visit(be, b, Some(self.next_block(b, true)))?.merged(be, lambda)
+    }
+
+    /// Bytes staged from the checkpoints so far.
+    pub fn bytes_streamed(&self) -> u64 {
+        self.streamed.load(Ordering::Relaxed)
+    }
+
+    pub fn report(&self) -> StreamReport {
+        let kept_blocks = self.kept.iter().filter(|k| k.is_some()).count();
+        let mode = match kept_blocks {
+            k if k == self.blocks.len() => "resident",
+            0 => "streamed",
+            _ => "mixed",
+        };
+        StreamReport {
+            mode: mode.into(),
+            blocks: self.blocks.len(),
+            kept_blocks,
+            shared_bytes: self.blocks.iter().map(SharedBlock::bytes).sum(),
+            kept_bytes: self.blocks.iter().zip(&self.kept).filter(|(_, k)| k.is_some()).map(|(b, _)| b.bytes()).sum(),
+            budget_bytes: self.budget,
+            bytes_streamed: self.bytes_streamed(),
+        }
+    }
+}
+
+impl<B: Backend> BlockVisit<'_, B> {
+    fn staged(&self) -> &[Vec<B::Stored>] {
+        match &self.staged {
+            Staged::Kept(s) => s,
+            Staged::Owned(s) => s,
+        }
+    }
+
+    /// The block's merged weights `base + sum_k lambda_k (theta_k - base)`, on the backend.
+    pub fn merged(&self, be: &B, lambda: &Lambda) -> Result<Params<B>> {
+        let mut out = Params::new();
+        for (t, s) in self.block.tensors.iter().zip(self.staged()) {
+            let experts: Vec<&B::Stored> = s[1..].iter().collect();
+            let buf = be.merge_stored(&s[0], &experts, lambda.row(t.row))?;
+            out.insert(t.name.clone(), Param { shape: t.shape.clone(), buf });
+        }
+        Ok(out)
+    }
+
+    /// Adds the block's Lambda gradients to `out` (`[rows, K]`, like Lambda's values) from the
+    /// gradients of its merged weights.
+    pub fn lambda_grad(&self, be: &B, grads: &Params<B>, out: &mut [f64]) -> Result<()> {
+        for (t, s) in self.block.tensors.iter().zip(self.staged()) {
+            let g = grads
+                .get(&t.name)
+                .ok_or_else(|| Error::Invalid(format!("internal: no gradient for shared tensor `{}`", t.name)))?;
+            let experts: Vec<&B::Stored> = s[1..].iter().collect();
+            let k = experts.len();
+            for (j, dot) in be.lambda_grad_stored(&g.buf, &s[0], &experts)?.into_iter().enumerate() {
+                out[t.row * k + j] += dot;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Drop for BlockVisit<'_, B> {
+    fn drop(&mut self) {
+        if self.release {
+            self.block.views().for_each(StoredTensor::release);
+        }
+    }
+}
+
+fn stage_block<B: Backend>(be: &B, block: &SharedBlock) -> Result<StagedBlock<B>> {
+    block.tensors.iter().map(|t| t.stored.iter().map(|s| be.stage(s)).collect()).collect()
+}
+
+/// `name` in `ck` (allowing a wrapper prefix), checked against the model's shape and for a
+/// float dtype.
+fn stored_view(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<StoredTensor> {
+    let meta = ck.resolve(name).ok_or_else(|| Error::Model {
+        path: ck.path.clone(),
+        reason: format!(
+            "tensor `{name}` is missing (also looked for it with a wrapper prefix such as bert. or model. added \
+             or removed)"
+        ),
+    })?;
+    if meta.shape != shape {
+        return Err(Error::Model {
+            path: ck.file_of(meta).to_path_buf(),
+            reason: format!("tensor `{}` has shape {:?}, but config.json implies {shape:?}", meta.name, meta.shape),
+        });
+    }
+    ck.stored(meta)
+}
+
+/// A thread that maps a streamed block's pages in while the previous block is computed. At most
+/// one request is in flight: a visit first waits for the outstanding one (normally the block it
+/// is about to read), so a block is never released while it is being mapped.
+struct Prefetcher {
+    state: Mutex<PrefetchState>,
+    worker: Option<JoinHandle<()>>,
+}
+
+struct PrefetchState {
+    requests: Option<Sender<usize>>,
+    done: Receiver<usize>,
+    pending: Option<usize>,
+}
+
+impl Prefetcher {
+    fn start(blocks: Vec<Vec<StoredTensor>>) -> Self {
+        let (requests, rx) = unbounded::<usize>();
+        let (done_tx, done) = unbounded::<usize>();
+        let worker = std::thread::Builder::new()
+            .name("adapt-prefetch".into())
+            .spawn(move || {
+                for b in rx {
+                    blocks[b].iter().for_each(StoredTensor::populate);
+                    if done_tx.send(b).is_err() {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        let requests = worker.as_ref().map(|_| requests);
+        Prefetcher { state: Mutex::new(PrefetchState { requests, done, pending: None }), worker }
+    }
+
+    /// Waits for the outstanding request, then asks for `next` (if any).
+    fn wait_and_request(&self, next: Option<usize>) {
+        // A poisoned lock only means another thread panicked; prefetching is advisory.
+        let Ok(mut s) = self.state.lock() else { return };
+        if s.pending.take().is_some() {
+            let _ = s.done.recv();
+        }
+        if let (Some(n), Some(tx)) = (next, &s.requests)
+            && tx.send(n).is_ok()
+        {
+            s.pending = Some(n);
+        }
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.requests = None;
+        }
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

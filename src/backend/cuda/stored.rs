@@ -1,0 +1,124 @@
+//! Adaptation's ops on the CUDA backend: a checkpoint tensor's bytes are staged on the device in
+//! their stored dtype, merged there by `gta_merge` (kernels/merge.cu) and, in the backward,
+//! turned into Lambda gradients by `lambda_grad` (kernels/lambda_grad.cu) from the same device
+//! bytes. The merged weights and their gradients never leave the device; only the K dot products
+//! of each tensor come back. CPU twins: [`crate::backend::stored_ops`].
+
+use cudarc::driver::CudaSlice;
+
+use super::device::cu;
+use super::kernels::{Kernels, MergeLaunch, addr};
+use super::ops::{Cuda, CudaBuf};
+use crate::backend::stored_ops::{self, check_stored};
+use crate::checkpoint::{FloatDType, StoredTensor};
+use crate::error::{Error, Result};
+
+/// A tensor's stored bytes on the device, with the host view (for shapes, names and, when the
+/// kernel flags a non-finite value, the CPU's exact error).
+pub struct CudaStored {
+    data: CudaSlice<u8>,
+    host: StoredTensor,
+}
+
+impl CudaStored {
+    pub fn bytes(&self) -> u64 {
+        self.host.nbytes() as u64
+    }
+}
+
+impl Cuda {
+    /// Copies a tensor's stored bytes to the device.
+    pub(super) fn stage_stored(&self, t: &StoredTensor) -> Result<CudaStored> {
+        let gpu = self.gpu();
+        let data = if t.nbytes() == 0 { gpu.upload(&[0u8])? } else { gpu.upload(t.bytes())? };
+        Ok(CudaStored { data, host: t.clone() })
+    }
+
+    pub(super) fn free_device_memory(&self) -> Option<u64> {
+        self.gpu().ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+
+    /// `base + sum_k coefs[k] (expert_k - base)` in f32 on the device.
+    pub(super) fn merge_stored_dev(
+        &self,
+        base: &CudaStored,
+        experts: &[&CudaStored],
+        coefs: &[f32],
+    ) -> Result<CudaBuf> {
+        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
+        check_stored("merge_stored", &base.host, &hosts, Some(coefs.len()))?;
+        let n = base.host.numel();
+        let gpu = self.gpu();
+        let s = &gpu.stream;
+        let dtypes: Vec<FloatDType> = hosts.iter().map(|h| h.dtype).collect();
+        let plan = MergeLaunch::weighted_deltas(coefs, &dtypes)?;
+        let out = self.alloc_buf(n)?;
+        let bad = cu("allocating", s.alloc_zeros::<u32>(1))?;
+        let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
+        let base_arg = Some((addr(&base.data, s), base.host.dtype));
+        // SAFETY: every staged buffer holds the tensor's `n` elements in its dtype (shapes were
+        // checked above), `out` holds `n` f32 and `bad` one u32; all are 256-byte aligned.
+        unsafe {
+            gpu.kernels.merge(s, &plan, base_arg, &ptrs, self.buf_ptr(&out), FloatDType::F32, n, 0, addr(&bad, s))?
+        };
+        if gpu.download(&bad)?[0] != 0 {
+            // The CPU twin names the input and element (or the overflow).
+            return Err(stored_ops::merge_stored(&base.host, &hosts, coefs).err().unwrap_or_else(|| {
+                Error::Invalid(format!("merging `{}` on the GPU gave a non-finite value", base.host.name))
+            }));
+        }
+        Ok(out)
+    }
+
+    /// `<grad, expert_k - base>` for every expert, f64 on the device; K values come back.
+    pub(super) fn lambda_grad_stored_dev(
+        &self,
+        grad: &CudaBuf,
+        base: &CudaStored,
+        experts: &[&CudaStored],
+    ) -> Result<Vec<f64>> {
+        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
+        check_stored("lambda_grad_stored", &base.host, &hosts, None)?;
+        let n = base.host.numel();
+        if self.buf_len(grad) != n {
+            return Err(Error::Shape {
+                op: "lambda_grad_stored",
+                reason: format!("the gradient has {} elements but `{}` has {n}", self.buf_len(grad), base.host.name),
+            });
+        }
+        let dtype = base.host.dtype;
+        if let Some(h) = hosts.iter().find(|h| h.dtype != dtype) {
+            return Err(Error::Invalid(format!(
+                "lambda_grad on the GPU reads one dtype: `{}` is {} in {} but {dtype} in the base; convert the \
+                 experts to the base's dtype or use --device cpu",
+                h.name,
+                h.dtype,
+                h.file.display()
+            )));
+        }
+        let k = experts.len();
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let gpu = self.gpu();
+        let s = &gpu.stream;
+        let partials = cu("allocating", s.alloc_zeros::<f32>(Kernels::lambda_grad_ctas(n) * k))?;
+        let out = cu("allocating", s.alloc_zeros::<f64>(k))?;
+        let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
+        // SAFETY: `grad` holds `n` f32, the staged tensors `n` values of `dtype`, `partials` one
+        // row per CTA, `out` K f64; all live until the download below.
+        unsafe {
+            gpu.kernels.lambda_grad(
+                s,
+                self.buf_ptr(grad),
+                &ptrs,
+                Some(addr(&base.data, s)),
+                dtype,
+                n,
+                addr(&partials, s),
+                addr(&out, s),
+            )?
+        };
+        gpu.download(&out)
+    }
+}

@@ -1,0 +1,279 @@
+//! The ops adaptation runs on stored weights, on the CPU: the reference twins of the CUDA
+//! backend's `merge_stored` (kernel `gta_merge` of `kernels/merge.cu` with a base, every task
+//! kept, coefficient lambda_k and an outer lambda of 1), `lambda_grad_stored` (`kernels/
+//! lambda_grad.cu`, cut into the same tiles as [`crate::merge::lambda_grad`]) and `adam_step`
+//! (`adam_step` of `kernels/ops.cu`).
+//!
+//! Inputs are [`StoredTensor`] views into the checkpoints' mappings, decoded chunk by chunk, so
+//! neither the base nor any task vector is ever held whole in f32.
+
+use rayon::prelude::*;
+
+use crate::checkpoint::StoredTensor;
+use crate::error::{Error, Result};
+use crate::merge::lambda_grad::TILE;
+
+/// Elements per parallel piece of a merge (a multiple of the kernels' 8-element vectors).
+const MERGE_CHUNK: usize = 1 << 14;
+
+/// One Adam update's scalars, computed once per step on the host as PyTorch's `Adam` does
+/// (bias corrections folded into `step_size` and `c2_sqrt`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub c2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// The scalars of step `t` (1-based).
+    pub fn new(lr: f32, beta1: f32, beta2: f32, eps: f32, t: i32) -> Self {
+        let c1 = 1.0 - beta1.powi(t);
+        let c2 = 1.0 - beta2.powi(t);
+        AdamStep { beta1, beta2, eps, step_size: lr / c1, c2_sqrt: c2.sqrt() }
+    }
+}
+
+/// One Adam update of `params` in place (moments `m`, `v`), element by element in the order the
+/// kernel computes it.
+pub fn adam_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep) {
+    let AdamStep { beta1, beta2, eps, step_size, c2_sqrt } = *s;
+    let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
+    params
+        .par_chunks_mut(MERGE_CHUNK)
+        .zip(grads.par_chunks(MERGE_CHUNK))
+        .zip(m.par_chunks_mut(MERGE_CHUNK))
+        .zip(v.par_chunks_mut(MERGE_CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = beta1 * *m + one_b1 * g;
+                *v = beta2 * *v + one_b2 * g * g;
+                *p -= step_size * *m / (v.sqrt() / c2_sqrt + eps);
+            }
+        });
+}
+
+/// Checks that `experts` (and `coefs`, when given) match `base` in shape.
+pub fn check_stored(
+    op: &'static str,
+    base: &StoredTensor,
+    experts: &[&StoredTensor],
+    coefs: Option<usize>,
+) -> Result<()> {
+    if let Some(e) = experts.iter().find(|e| e.shape != base.shape) {
+        return Err(Error::Shape {
+            op,
+            reason: format!(
+                "`{}` in {} has shape {:?}, the base's `{}` {:?}",
+                e.name,
+                e.file.display(),
+                e.shape,
+                base.name,
+                base.shape
+            ),
+        });
+    }
+    if let Some(n) = coefs
+        && n != experts.len()
+    {
+        return Err(Error::Shape { op, reason: format!("{n} coefficients for {} experts", experts.len()) });
+    }
+    Ok(())
+}
+
+/// `base + sum_k coefs[k] (expert_k - base)`, as the merge kernel computes it: the weighted
+/// differences summed in f32 in expert order from zero, then added to the base. A non-finite
+/// result is an error naming the input (file, tensor, element) that holds a non-finite value,
+/// or the coefficients when the inputs are finite and the sum overflowed.
+pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) -> Result<Vec<f32>> {
+    check_stored("merge_stored", base, experts, Some(coefs.len()))?;
+    let n = base.numel();
+    let mut out = vec![0f32; n];
+    let bad = out
+        .par_chunks_mut(MERGE_CHUNK)
+        .enumerate()
+        .filter_map(|(c, o)| {
+            let start = c * MERGE_CHUNK;
+            let mut b = vec![0f32; o.len()];
+            let mut e = vec![0f32; o.len()];
+            base.decode_into(start, &mut b);
+            o.fill(0.0);
+            for (x, &coef) in experts.iter().zip(coefs) {
+                x.decode_into(start, &mut e);
+                for ((acc, &e), &b) in o.iter_mut().zip(&e).zip(&b) {
+                    *acc += coef * (e - b);
+                }
+            }
+            for (acc, &b) in o.iter_mut().zip(&b) {
+                *acc += b;
+            }
+            o.iter().position(|v| !v.is_finite()).map(|i| start + i)
+        })
+        .min();
+    match bad {
+        None => Ok(out),
+        Some(i) => Err(non_finite(base, experts, coefs, i, out[i])),
+    }
+}
+
+/// The error for a non-finite merged element `i`: the first input that is non-finite there, or
+/// the overflowing combination.
+fn non_finite(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32], i: usize, value: f32) -> Error {
+    for t in std::iter::once(base).chain(experts.iter().copied()) {
+        let mut v = [0f32];
+        t.decode_into(i, &mut v);
+        if !v[0].is_finite() {
+            return Error::NonFinite { path: t.file.clone(), tensor: t.name.clone(), index: i, value: v[0] };
+        }
+    }
+    Error::Invalid(format!(
+        "merging `{}` with coefficients {coefs:?} overflowed to {value} at element {i}; lower the learning rate",
+        base.name
+    ))
+}
+
+/// `g_k = sum_i grad_i (expert_k,i - base_i)` for every expert, in f64: each [`TILE`] of
+/// elements summed in index order, the tiles in tile order, so the result is the bits of
+/// [`crate::merge::lambda_grad`] over the decoded values whatever the thread count.
+pub fn lambda_grad_stored(grad: &[f32], base: &StoredTensor, experts: &[&StoredTensor]) -> Result<Vec<f64>> {
+    check_stored("lambda_grad_stored", base, experts, None)?;
+    let n = base.numel();
+    if grad.len() != n {
+        return Err(Error::Shape {
+            op: "lambda_grad_stored",
+            reason: format!("the gradient has {} elements but `{}` has {n}", grad.len(), base.name),
+        });
+    }
+    let tiles: Vec<Vec<f64>> = (0..n.div_ceil(TILE))
+        .into_par_iter()
+        .map(|t| {
+            let start = t * TILE;
+            let g = &grad[start..(start + TILE).min(n)];
+            let mut b = vec![0f32; g.len()];
+            let mut x = vec![0f32; g.len()];
+            base.decode_into(start, &mut b);
+            experts
+                .iter()
+                .map(|e| {
+                    e.decode_into(start, &mut x);
+                    g.iter().zip(&x).zip(&b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0f64; experts.len()];
+    for tile in &tiles {
+        for (o, v) in out.iter_mut().zip(tile) {
+            *o += v;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+    use crate::merge::lambda_grad::lambda_grad;
+
+    fn wave(n: usize, s: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * s).sin()).collect()
+    }
+
+    fn stored_f32(name: &str, v: &[f32]) -> StoredTensor {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        StoredTensor::from_bytes(name, crate::checkpoint::FloatDType::F32, &[v.len()], &bytes).unwrap()
+    }
+
+    fn stored_bf16(name: &str, v: &[f32]) -> (StoredTensor, Vec<f32>) {
+        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        let bytes: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t = StoredTensor::from_bytes(name, crate::checkpoint::FloatDType::BF16, &[v.len()], &bytes).unwrap();
+        (t, h.iter().map(|x| x.to_f32()).collect())
+    }
+
+    #[test]
+    fn merge_matches_the_kernel_order_and_an_f64_sum() {
+        let n = 2 * MERGE_CHUNK + 13;
+        let base = wave(n, 0.37);
+        let experts: Vec<Vec<f32>> = [1.1, 2.3, 0.7].iter().map(|&s| wave(n, s)).collect();
+        let coefs = [0.3f32, -0.2, 0.9];
+        let bs = stored_f32("w", &base);
+        let es: Vec<StoredTensor> = experts.iter().map(|e| stored_f32("w", e)).collect();
+        let views: Vec<&StoredTensor> = es.iter().collect();
+        let got = merge_stored(&bs, &views, &coefs).unwrap();
+        for i in 0..n {
+            let mut acc = 0f32;
+            for (e, c) in experts.iter().zip(coefs) {
+                acc += c * (e[i] - base[i]);
+            }
+            assert_eq!(got[i].to_bits(), (base[i] + acc).to_bits(), "element {i}");
+            let exact = base[i] as f64
+                + experts.iter().zip(coefs).map(|(e, c)| c as f64 * (e[i] as f64 - base[i] as f64)).sum::<f64>();
+            assert!((got[i] as f64 - exact).abs() <= 4e-7 * (1.0 + exact.abs()), "element {i}");
+        }
+    }
+
+    #[test]
+    fn lambda_grad_is_the_f32_twin_on_decoded_values() {
+        let n = 3 * TILE + 5;
+        let grad = wave(n, 0.05);
+        let (bs, base) = stored_bf16("w", &wave(n, 0.37));
+        let pairs: Vec<(StoredTensor, Vec<f32>)> = [1.1, 2.3].iter().map(|&s| stored_bf16("w", &wave(n, s))).collect();
+        let views: Vec<&StoredTensor> = pairs.iter().map(|p| &p.0).collect();
+        let decoded: Vec<&[f32]> = pairs.iter().map(|p| p.1.as_slice()).collect();
+        let got = lambda_grad_stored(&grad, &bs, &views).unwrap();
+        let want = lambda_grad(&grad, Some(&base), &decoded).unwrap();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn non_finite_inputs_and_bad_shapes_are_named() {
+        let mut e = wave(100, 1.0);
+        e[42] = f32::NAN;
+        let bs = stored_f32("layer.w", &wave(100, 0.5));
+        let es = stored_f32("layer.w", &e);
+        let err = merge_stored(&bs, &[&es], &[0.5]).unwrap_err().to_string();
+        assert!(err.contains("layer.w") && err.contains("42"), "{err}");
+        let short = stored_f32("layer.w", &wave(99, 1.0));
+        let err = merge_stored(&bs, &[&short], &[0.5]).unwrap_err().to_string();
+        assert!(err.contains("[99]") && err.contains("[100]"), "{err}");
+        assert!(merge_stored(&bs, &[&es], &[0.5, 0.1]).is_err());
+        assert!(lambda_grad_stored(&[0.0; 7], &bs, &[&bs]).is_err());
+        let huge = stored_f32("layer.w", &[3e38f32; 4]);
+        let err = merge_stored(&stored_f32("layer.w", &[0.0; 4]), &[&huge], &[2.0]).unwrap_err().to_string();
+        assert!(err.contains("overflowed"), "{err}");
+    }
+
+    /// The update's operations one element at a time, as `kernels/ops.cu` writes them.
+    #[test]
+    fn adam_update_is_the_element_formula_in_kernel_order() {
+        let n = MERGE_CHUNK + 3;
+        let (mut p, mut m, mut v) = (wave(n, 0.2), vec![0f32; n], vec![0f32; n]);
+        let (mut pe, mut me, mut ve) = (p.clone(), m.clone(), v.clone());
+        for t in 1..=3 {
+            let g = wave(n, 0.3 * t as f32);
+            let s = AdamStep::new(0.01, 0.9, 0.999, 1e-8, t);
+            adam_update(&mut p, &g, &mut m, &mut v, &s);
+            for i in 0..n {
+                let mi = s.beta1 * me[i] + (1.0 - s.beta1) * g[i];
+                let vi = s.beta2 * ve[i] + (1.0 - s.beta2) * g[i] * g[i];
+                me[i] = mi;
+                ve[i] = vi;
+                pe[i] -= s.step_size * mi / (vi.sqrt() / s.c2_sqrt + s.eps);
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p), bits(&pe));
+        assert_eq!(bits(&v), bits(&ve));
+        assert!(p.iter().zip(wave(n, 0.2)).any(|(a, b)| a != &b), "parameters moved");
+    }
+}
