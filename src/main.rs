@@ -338,11 +338,11 @@ enum Command {
         device: Device,
         /// With --device cpu: host memory for keeping shared blocks' checkpoint pages mapped
         /// between visits (e.g. 8GB; 0 streams every block). Default: half the available memory.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_budget)]
         host_mem: Option<u64>,
         /// With --device cuda: device memory for keeping shared blocks' bytes on the GPU between
         /// visits (0 streams every block). Default: half the free device memory.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_budget)]
         device_mem: Option<u64>,
     },
 }
@@ -524,6 +524,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("size `{s}` must be at least one byte"));
     }
     Ok(bytes as u64)
+}
+
+/// [`parse_size`] that also takes `0` (a memory budget that keeps nothing).
+fn parse_budget(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" { Ok(0) } else { parse_size(s) }
 }
 
 /// Parses a positive number of seconds (fractions allowed).

@@ -1,6 +1,7 @@
 //! Bounded memory: merging a generated multi-gigabyte checkpoint keeps the merge process's peak
 //! resident set (VmHWM, reported by the child process itself) under about four blocks' worth of
-//! input, whatever the model size.
+//! input, whatever the model size; streamed adaptation of the same family stays under a bound
+//! derived from the blocks in flight and the adapted heads.
 
 mod common;
 
@@ -60,5 +61,115 @@ fn merge_of_2gb_checkpoint_keeps_rss_under_four_blocks() {
         assert!(peak < 4 * block_bytes, "{method}: peak RSS {peak} >= 4 blocks ({block_bytes} each)");
         assert_eq!(s["bytes_read"].as_u64().unwrap(), total);
         std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// Streamed adaptation of a causal LM: `adapt --host-mem 0` over the same 2.1 GB family (base +
+/// 2 experts, bf16, 26 layers) trains four SyMerge steps and writes both tasks' models with a
+/// peak RSS under a bound derived from what must be resident at once:
+/// - stored bytes of the blocks in flight: the one being merged and the one being prefetched,
+///   over the three models (2 x the largest shared block);
+/// - the merged f32 weights of a block, their gradients, and the copy a backward or a write
+///   makes (3 x the largest block in f32);
+/// - each task's own head (`lm_head` + norm, f32) with its gradient and Adam's two moments (4x),
+///   and one copy while its model is written;
+/// - 200 MB for the binary, the tokenizer, threads' stacks, activations and label caches.
+///
+/// The old path held every task vector in host f32: 8.56 GB on this family.
+#[test]
+fn streamed_adapt_of_2gb_llm_family_keeps_rss_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-rss", FloatDType::BF16).unwrap();
+    let dirs = write_family(&spec, 12, 2, 0.01, tmp.path(), 300_000_000).unwrap();
+    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa/tokenizer.json");
+    for d in &dirs {
+        std::fs::copy(&tokenizer, d.join("tokenizer.json")).unwrap();
+    }
+    let base = Checkpoint::open(&dirs[0]).unwrap();
+    let (vocab, hidden) = (8000u64, 1024u64);
+    let blocks = group_blocks(base.tensors.iter().map(|t| t.name.as_str()));
+    let block_bytes = |b: &symerge::checkpoint::BlockSpec| -> u64 {
+        b.tensors.iter().map(|n| base.get(n).unwrap().nbytes() as u64).sum()
+    };
+    // Shared: the embedding and the decoder layers (bf16 = 2 bytes an element, 3 models).
+    let largest = blocks.iter().filter(|b| !b.tensors.iter().any(|n| n.starts_with("lm_head"))).map(block_bytes).max();
+    let largest_stored = 3 * largest.unwrap();
+    let largest_f32 = largest_stored / 3 * 2;
+    let head_f32 = 4 * (vocab * hidden + hidden);
+    let bound = 2 * largest_stored + 3 * largest_f32 + 2 * 5 * head_f32 + 200_000_000;
+    drop(base);
+
+    let texts = ["the cat sat on the mat", "a river flows to the sea", "hello world", "to measure time"];
+    let mut tasks = String::new();
+    for (k, task) in ["alpha", "beta"].iter().enumerate() {
+        let inputs = tmp.path().join(format!("{task}.jsonl"));
+        let lines: String = texts.iter().skip(k).map(|t| format!("{}\n", serde_json::json!({ "text": t }))).collect();
+        std::fs::write(&inputs, lines).unwrap();
+        let cache = tmp.path().join(format!("{task}.labels"));
+        let expert = dirs[k + 1].to_str().unwrap();
+        let (ok, _, err) = run(&[
+            "cache-labels",
+            "--expert",
+            expert,
+            "--task",
+            task,
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "-o",
+            cache.to_str().unwrap(),
+            "--max-len",
+            "16",
+            "--top-k",
+            "8",
+        ]);
+        assert!(ok, "{err}");
+        tasks.push_str(&format!(
+            "  - {{name: {task}, expert: {expert}, inputs: {}, cache: {}}}\n",
+            inputs.display(),
+            cache.display()
+        ));
+    }
+    let cfg = tmp.path().join("adapt.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "method: symerge\nbase_model: {}\nmax_len: 16\nbatch_size: 2\nepochs: 2\ntasks:\n{tasks}",
+            dirs[0].display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("adapted");
+    let (ok, stdout, err) = run(&[
+        "adapt",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+        "--host-mem",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let peak = s["peak_rss_bytes"].as_u64().expect("VmHWM is available on Linux");
+    let shared = s["streaming"]["shared_bytes"].as_u64().unwrap();
+    eprintln!(
+        "adapt: {} steps, shared blocks {:.2} GB streamed ({} per step), peak RSS {:.0} MB, bound {:.0} MB, {:.1} s",
+        s["steps"],
+        shared as f64 / 1e9,
+        s["bytes_streamed_per_step"],
+        peak as f64 / 1e6,
+        bound as f64 / 1e6,
+        s["seconds"].as_f64().unwrap()
+    );
+    assert_eq!(s["streaming"]["mode"], "streamed");
+    assert_eq!(s["steps"], 4);
+    assert_eq!(s["bytes_streamed_per_step"].as_u64().unwrap(), 2 * shared, "every shared block twice a step");
+    assert!(peak < bound, "peak RSS {peak} >= bound {bound}");
+    assert!(peak < 1_000_000_000, "peak RSS {peak} is not under 1 GB");
+    for task in ["alpha", "beta"] {
+        let model = Checkpoint::open(out.join("tasks").join(task)).unwrap();
+        assert_eq!(model.tensors.len(), 1 + 26 * 9 + 2, "{task}: embedding, 26 layers, norm and head");
     }
 }

@@ -8,7 +8,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
 /// BLAKE3 of every tensor (name, dtype, shape, bytes) in name order: the same weights give the
-/// same hash whatever the sharding or file order. Large tensors are hashed on all cores.
+/// same hash whatever the sharding or file order. Large tensors are hashed on all cores, and
+/// each tensor's pages are dropped from the process once hashed, so fingerprinting a checkpoint
+/// larger than memory keeps the resident set at about one tensor.
 pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
     let mut tensors: Vec<_> = ckpt.tensors.iter().collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
@@ -18,6 +20,7 @@ pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
         h.update(t.name.as_bytes());
         h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
         h.update_rayon(ckpt.bytes(t));
+        ckpt.release(t);
     }
     h.finalize().to_hex().to_string()
 }
