@@ -599,6 +599,7 @@ pub(super) trait Trainee {
 /// The epoch loop both adapters share: every epoch visits the `k` tasks in a seeded shuffled
 /// order, one step each; a JSON line per step goes to `log` (rank 0), a progress line every
 /// `opts.log_every` steps. Returns the number of steps and each task's last (up to 10) losses.
+/// Each log line carries the seconds since training began, so a step's time can be read off.
 pub(super) fn train_epochs<T: Trainee>(
     t: &mut T,
     k: usize,
@@ -615,6 +616,7 @@ pub(super) fn train_epochs<T: Trainee>(
     };
     let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
     let mut steps = 0usize;
+    let started = Instant::now();
     for epoch in 0..epochs {
         for task in permutation(k, seed, name_hash("epoch order"), epoch as u32) {
             let (loss, count) = t.step_in(task, coll)?;
@@ -633,6 +635,7 @@ pub(super) fn train_epochs<T: Trainee>(
             if let (Some(log), Some(path)) = (log.as_mut(), log_path) {
                 let mut line = serde_json::json!({
                     "step": steps, "epoch": epoch, "task": t.task_name(task), "loss": loss,
+                    "seconds": started.elapsed().as_secs_f64(),
                 });
                 line[T::COUNT_KEY] = count.into();
                 line["lambda_mean"] = t.task_lambda_mean(task).into();
