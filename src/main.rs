@@ -894,7 +894,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
             let budget = match device {
                 Device::Cpu => host_mem,
-                Device::Cuda => device_mem,
+                Device::Cuda(_) => device_mem,
             };
             let run = with_backend!(device, |be| if is_causal_lm_dir(&cfg.base_model)? {
                 LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))

@@ -345,7 +345,7 @@ pub trait Backend: Send + Sync {
 }
 
 /// Evaluates `$body` with `$be` bound to the backend a [`Device`] names: [`Cpu`], or [`cuda::Cuda`]
-/// on the first CUDA device (failing with the probe's reason when there is none). The body is
+/// on its CUDA device (failing with the probe's reason when there is none). The body is
 /// compiled once per backend type, so it may call any function generic over [`Backend`]; `?`
 /// inside it and on opening the device converts into the caller's error type.
 #[macro_export]
@@ -356,38 +356,55 @@ macro_rules! with_backend {
                 let $be = $crate::backend::Cpu;
                 $body
             }
-            $crate::backend::Device::Cuda => {
-                let $be = $crate::backend::cuda::Cuda::open(0)?;
+            $crate::backend::Device::Cuda(ordinal) => {
+                let $be = $crate::backend::cuda::Cuda::open($crate::backend::Device::cuda_ordinal(ordinal))?;
                 $body
             }
         }
     };
 }
 
-/// Where the math runs, as chosen on the command line.
+/// Where the math runs, as chosen on the command line: `cpu`, `cuda` (under a launcher, the GPU
+/// of the rank's `LOCAL_RANK`; GPU 0 without one) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
-    Cuda,
+    Cuda(Option<usize>),
+}
+
+impl Device {
+    /// The GPU a `cuda` device means here: the given ordinal, else the launcher's local rank
+    /// (as NCCL takes it), else 0.
+    pub fn cuda_ordinal(ordinal: Option<usize>) -> usize {
+        ordinal.unwrap_or_else(|| crate::dist::RankInfo::from_env().map_or(0, |r| r.local_rank))
+    }
 }
 
 impl FromStr for Device {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
+        let lower = s.to_ascii_lowercase();
+        if let Some(n) = lower.strip_prefix("cuda:") {
+            return n
+                .parse()
+                .map(|n| Device::Cuda(Some(n)))
+                .map_err(|_| format!("`{s}`: the GPU ordinal must be a number"));
+        }
+        match lower.as_str() {
             "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda),
-            other => Err(format!("unknown device `{other}` (expected cpu or cuda)")),
+            "cuda" | "gpu" => Ok(Device::Cuda(None)),
+            other => Err(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)")),
         }
     }
 }
 
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        })
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(None) => f.write_str("cuda"),
+            Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
     }
 }
