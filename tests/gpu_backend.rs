@@ -19,7 +19,8 @@ use common::{gpu, minilm_dir, randoms};
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::train::Adapter;
 use symerge::backend::cuda::Cuda;
-use symerge::backend::{AttnShape, Backend, Cpu, Gelu};
+use symerge::backend::{AdamStep, AttnShape, Backend, Cpu, Gelu};
+use symerge::checkpoint::{FloatDType, StoredTensor};
 use symerge::model::{LoadOptions, NewHead, Params, SequenceClassifier};
 
 const OP_TOL: f64 = 1e-5;
@@ -467,6 +468,79 @@ fn minilm_classifier_logits_and_gradients_match_cpu() {
     r.values("minilm soft-CE loss", &[loss_g], &[loss_c], MODEL_TOL);
     compare_grads(&mut r, "minilm grad", &grads_g, &grads_c, GRAD_TOL);
     r.finish();
+}
+
+/// `values` stored in `dtype` (rounded), as a view the backends stage.
+fn stored(name: &str, dtype: FloatDType, values: &[f32]) -> (StoredTensor, Vec<f32>) {
+    let mut bytes = vec![0u8; values.len() * dtype.size()];
+    symerge::checkpoint::dtype::encode_into(dtype, values, &mut bytes);
+    let t = StoredTensor::from_bytes(name, dtype, &[values.len()], &bytes).unwrap();
+    let mut decoded = vec![0f32; values.len()];
+    t.decode_into(0, &mut decoded);
+    (t, decoded)
+}
+
+/// Adaptation's ops on staged checkpoint bytes: the merge (every dtype mix) and Adam give the
+/// CPU twin's bits; the Lambda gradient (f32 partials on the device, f64 tiles on the CPU)
+/// agrees to 1e-6 relative.
+#[test]
+fn stored_ops_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda.clone());
+    let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
+    for n in [1usize, 7, 8, 8191, 100_003] {
+        for (i, &bd) in dts.iter().enumerate() {
+            let ed = dts[(i + 1) % 3];
+            let base = r.rand(n, 1.0);
+            let (bs, _) = stored("w", bd, &base);
+            let experts: Vec<StoredTensor> = (0..3).map(|_| stored("w", ed, &r.rand(n, 1.0)).0).collect();
+            let coefs = [0.3f32, -0.7, 1.1];
+            let cpu_in: Vec<&StoredTensor> = experts.iter().collect();
+            let want = Cpu.merge_stored(&bs, &cpu_in, &coefs).unwrap();
+            let gb = cuda.stage(&bs).unwrap();
+            let ge: Vec<_> = experts.iter().map(|e| cuda.stage(e).unwrap()).collect();
+            let refs: Vec<_> = ge.iter().collect();
+            let got = cuda.merge_stored(&gb, &refs, &coefs).unwrap();
+            r.buf(&format!("merge_stored n {n} {bd}/{ed}"), &got, &want, 0.0);
+
+            let (same, _) = stored("w", bd, &r.rand(n, 1.0));
+            let grad = r.rand(n, 1.0);
+            let want = Cpu.lambda_grad_stored(&grad, &bs, &[&same, &bs]).unwrap();
+            let gs = cuda.stage(&same).unwrap();
+            let got = cuda.lambda_grad_stored(&r.up(&grad), &gb, &[&gs, &gb]).unwrap();
+            let (w32, g32): (Vec<f32>, Vec<f32>) = want.iter().zip(&got).map(|(&w, &g)| (w as f32, g as f32)).unzip();
+            r.values(&format!("lambda_grad_stored n {n} {bd}"), &g32, &w32, 1e-6);
+        }
+        let (mut p, mut m, mut v) = (r.rand(n, 1.0), vec![0f32; n], vec![0f32; n]);
+        let (mut pg, mut mg, mut vg) = (r.up(&p), r.up(&m), r.up(&v));
+        for t in 1..=3 {
+            let g = r.rand(n, 0.1);
+            let step = AdamStep::new(0.01, 0.9, 0.999, 1e-8, t);
+            Cpu.adam_step(&mut p, &g, &mut m, &mut v, &step).unwrap();
+            cuda.adam_step(&mut pg, &r.up(&g), &mut mg, &mut vg, &step).unwrap();
+        }
+        r.buf(&format!("adam_step n {n} params"), &pg, &p, 0.0);
+        r.buf(&format!("adam_step n {n} second moment"), &vg, &v, 0.0);
+    }
+    r.finish();
+}
+
+/// Streamed on the GPU (`budget 0`: every block staged to the device at each visit) equals the
+/// kept-on-device run bit for bit.
+#[test]
+fn streamed_adaptation_on_the_gpu_equals_resident() {
+    let Some(cuda) = cuda() else { return };
+    let f = fixture();
+    let cfg = AdaptConfig::load(&f.root.join("adapt.yml")).unwrap();
+    let mut runs = [Some(0), Some(u64::MAX)].map(|b| Adapter::load_with(cuda.clone(), cfg.clone(), b).unwrap());
+    for a in runs.iter_mut() {
+        for task in [0, 1, 0] {
+            a.step(task).unwrap();
+        }
+    }
+    assert_eq!(runs[0].weights.report().mode, "streamed");
+    assert_eq!(runs[1].weights.report().mode, "resident");
+    assert_eq!(common::bits(&runs[0].lambda.values), common::bits(&runs[1].lambda.values));
 }
 
 #[test]
