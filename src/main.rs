@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use symerge::adapt::classifier::Adapter;
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::lm::LmAdapter;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
-use symerge::adapt::train::{AdaptOptions, Adapter};
+use symerge::adapt::train::AdaptOptions;
 use symerge::atomic::write_atomic;
 use symerge::backend::Device;
 use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};

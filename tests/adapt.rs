@@ -8,9 +8,9 @@ mod common;
 
 use common::adapt_fixture::{Fixture, TEXTS, fixture};
 use common::{minilm_dir, randoms, read_model, run};
+use symerge::adapt::classifier::Adapter;
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::objective::{self, Objective};
-use symerge::adapt::train::Adapter;
 use symerge::backend::Cpu;
 
 fn adapter(f: &Fixture) -> Adapter<Cpu> {
@@ -105,14 +105,14 @@ fn streamed_lambda_gradient_equals_resident_and_finite_difference() {
     let texts: Vec<&str> = rows.iter().map(|&i| TEXTS[i]).collect();
     let batch = model.batch(&tok.encode(&texts).unwrap()).unwrap();
     let (logits, saved) = model.forward_saving(&batch).unwrap();
-    let probs = t.cache.as_ref().unwrap().probs_batch(&rows);
+    let probs = t.data.cache.as_ref().unwrap().probs_batch(&rows);
     let lo = objective::evaluate(
         &be,
         Objective::Soft { min_confidence: None },
         &logits,
         Some(&probs),
         rows.len(),
-        t.classes,
+        t.data.classes,
     )
     .unwrap();
     assert!((lo.loss - streamed.loss).abs() <= 1e-6 * lo.loss.abs(), "{} vs {}", lo.loss, streamed.loss);

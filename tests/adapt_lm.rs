@@ -153,7 +153,7 @@ fn expert_floor(a: &LmAdapter<Cpu>, task: usize) -> f32 {
     let lm = CausalLm::load(Cpu, &t.expert, 32).unwrap();
     let all: Vec<usize> = (0..t.texts.len()).collect();
     let batch = lm.model.batch(&lm.tokenizer.encode(&t.texts).unwrap()).unwrap();
-    lm.model.topk_loss(&batch, &t.cache.topk_batch(&all).unwrap()).unwrap()
+    lm.model.topk_loss(&batch, &t.data.cache.topk_batch(&all).unwrap()).unwrap()
 }
 
 #[test]

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::adapt_fixture::{Fixture, fixture};
 use common::{read_model, symerge};
+use symerge::adapt::classifier::Adapter;
 use symerge::adapt::config::AdaptConfig;
-use symerge::adapt::train::Adapter;
 use symerge::backend::Cpu;
 use symerge::dist::{Collective, LocalGroup};
 

@@ -16,8 +16,8 @@ mod common;
 
 use common::adapt_fixture::{TEXTS, fixture};
 use common::{gpu, minilm_dir, randoms};
+use symerge::adapt::classifier::Adapter;
 use symerge::adapt::config::AdaptConfig;
-use symerge::adapt::train::Adapter;
 use symerge::backend::cuda::Cuda;
 use symerge::backend::{AdamStep, AttnShape, Backend, Cpu, Gelu};
 use symerge::checkpoint::{FloatDType, StoredTensor};

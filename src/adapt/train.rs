@@ -1,13 +1,18 @@
-//! The adaptation loop: SyMerge (Lambda jointly with each task's own layer, against the experts'
-//! cached soft labels) and AdaMerging (Lambda only, entropy), block-streamed.
+//! The adaptation loop every model family shares: SyMerge (Lambda jointly with each task's own
+//! layer, against the experts' cached labels) and AdaMerging (Lambda only, entropy),
+//! block-streamed.
 //!
 //! A step takes one batch of one task's unlabelled inputs. The forward builds each shared block's
-//! merged weights when it reaches it and keeps only block outputs; the backward rebuilds each
-//! block's weights in reverse, recomputes its internals from its saved input, turns the weight
-//! gradients into Lambda gradients and drops the block. The task's own blocks (its head, and with
-//! `last_block` its last encoder block) are resident, initialised from its expert, and get their
-//! own gradients and Adam steps. An epoch visits every task once, in a shuffled order, with one
-//! batch and one step each, as the released code does.
+//! merged weights when it reaches it ([`SharedWeights`]) and keeps only block outputs; the
+//! backward rebuilds each block's weights in reverse, recomputes its internals from its saved
+//! input, turns the weight gradients into Lambda gradients and drops the block. The task's own
+//! blocks (its head, and with `last_block` its last block) are resident, initialised from its
+//! expert, and get their own gradients and Adam steps. An epoch visits every task once, in a
+//! shuffled order, with one batch and one step each, as the released code does.
+//!
+//! What differs between model families (how a batch is made, the loss at the end of the chain,
+//! how a task's model is written) is a [`Family`]: [`super::classifier`] for the BERT family,
+//! [`super::lm`] for causal LMs. A new family is one more implementation, not another loop.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,50 +22,166 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::adam::{Adam, AdamConfig, BufAdam};
-use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
+use super::config::{AdaptConfig, Method};
 use super::lambda::{Granularity, Lambda};
-use super::objective::{self, Objective};
 use super::shared::{BlockLayout, SharedWeights, StreamReport};
 use crate::atomic::Staging;
 use crate::backend::Backend;
-use crate::data::jsonl::read_jsonl;
-use crate::dist::Collective;
-use crate::dist::Single;
 use crate::dist::data_parallel::{shard_range, verify_digest};
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
-use crate::labels::produce::provenance;
-use crate::labels::{LabelCache, LabelKind};
 use crate::merge::philox::{ElementStream, name_hash};
-use crate::model::classify::label_ids;
-use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
-use crate::model::{Bert, Block, LoadOptions, Param, Params, SequenceClassifier, TextTokenizer, evaluate};
+use crate::model::{Batch, Block, LlamaBlock, LmBatch, Param, Params, TextTokenizer};
+
+/// A block of a model family's chain, as adaptation drives it.
+pub trait AdaptBlock<B: Backend>: Clone {
+    /// The family's uploaded batch.
+    type Batch;
+    fn name(&self) -> String;
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// The block's output; `input` is the previous block's output (`None` for the first).
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, input: Option<&B::Buf>) -> Result<B::Buf>;
+    /// `(dL/d input, dL/d params)` from the saved input and the output gradient.
+    fn backward(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        input: Option<&B::Buf>,
+        grad_out: &B::Buf,
+    ) -> Result<(Option<B::Buf>, Params<B>)>;
+}
+
+macro_rules! adapt_block {
+    ($block:ty, $batch:ident) => {
+        impl<B: Backend> AdaptBlock<B> for $block {
+            type Batch = $batch<B>;
+            fn name(&self) -> String {
+                <$block>::name(self)
+            }
+            fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+                <$block>::param_shapes(self)
+            }
+            fn forward(&self, be: &B, p: &Params<B>, batch: &$batch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
+                <$block>::forward(self, be, p, batch, input)
+            }
+            fn backward(
+                &self,
+                be: &B,
+                p: &Params<B>,
+                batch: &$batch<B>,
+                input: Option<&B::Buf>,
+                grad_out: &B::Buf,
+            ) -> Result<(Option<B::Buf>, Params<B>)> {
+                <$block>::backward(self, be, p, batch, input, grad_out)
+            }
+        }
+    };
+}
+adapt_block!(Block, Batch);
+adapt_block!(LlamaBlock, LmBatch);
+
+/// The uploaded batch of a family.
+pub type BatchOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Batch;
+
+/// What a model family brings to adaptation (see the module notes).
+pub trait Family<B: Backend>: Sized {
+    type Block: AdaptBlock<B>;
+    /// A task's data beyond what every family keeps (labels, caches, class names).
+    type TaskData;
+    /// The loss's state between the forward and the backward.
+    type Pending;
+    /// Key of a step's sample count in the training log.
+    const COUNT_KEY: &'static str;
+    /// A step's sample count as the progress line says it.
+    fn describe_count(n: usize) -> String;
+
+    fn backend(&self) -> &B;
+    /// The batch of `rows` of `task`; `None` when it has nothing to predict.
+    fn batch(&self, task: &Task<B, Self>, rows: &[usize]) -> Result<Option<BatchOf<B, Self>>>;
+    /// The loss of the chain's output `out` on `rows`: its state, this rank's sample count and
+    /// its loss summed over those samples.
+    fn loss(
+        &self,
+        cfg: &AdaptConfig,
+        task: &Task<B, Self>,
+        batch: &BatchOf<B, Self>,
+        out: B::Buf,
+        rows: &[usize],
+    ) -> Result<(Self::Pending, usize, f64)>;
+    /// The gradient wrt the chain's output of the mean over `total` samples of all ranks, and
+    /// this rank's mean loss.
+    fn loss_backward(
+        &self,
+        task: &Task<B, Self>,
+        batch: &BatchOf<B, Self>,
+        pending: Self::Pending,
+        total: usize,
+    ) -> Result<(B::Buf, f32)>;
+    /// Writes task `task`'s model into `dir` (when given) and, when asked and possible, its
+    /// accuracy on its inputs in percent.
+    fn finish_task(a: &Adaptation<B, Self>, task: usize, dir: Option<&Path>, evaluate: bool) -> Result<Option<f64>>;
+}
 
 /// One task during adaptation.
-pub struct TaskState<B: Backend> {
+pub struct Task<B: Backend, F: Family<B>> {
     pub name: String,
+    /// The expert's directory (config, tokenizer).
     pub expert: PathBuf,
     pub texts: Vec<String>,
-    tokens: Vec<Tokens>,
-    tokenizer: TextTokenizer,
-    /// Gold class ids, when the inputs carry labels (used only to report accuracy).
-    pub gold: Option<Vec<usize>>,
-    pub cache: Option<LabelCache>,
-    pub classes: usize,
-    /// The expert's class names (`config.json`'s `label2id`), carried into the adapted model.
-    pub label2id: Option<BTreeMap<String, usize>>,
+    pub tokens: Vec<Tokens>,
+    pub tokenizer: TextTokenizer,
     /// The task's own blocks, after the shared ones.
-    pub private_blocks: Vec<Block>,
+    pub private_blocks: Vec<F::Block>,
     pub private: Vec<Params<B>>,
+    pub data: F::TaskData,
     adam: Vec<BTreeMap<String, BufAdam<B>>>,
     order: Vec<usize>,
     cursor: usize,
     shuffles: u32,
 }
 
+impl<B: Backend, F: Family<B>> Task<B, F> {
+    /// A task with Adam states for its own blocks (learning rate `lr`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        be: &B,
+        name: String,
+        expert: PathBuf,
+        texts: Vec<String>,
+        tokenizer: TextTokenizer,
+        private_blocks: Vec<F::Block>,
+        private: Vec<Params<B>>,
+        lr: f32,
+        data: F::TaskData,
+    ) -> Result<Self> {
+        let tokens = tokenizer.tokenize(&texts)?;
+        let adam = private_adams(be, &private, lr)?;
+        Ok(Task {
+            name,
+            expert,
+            texts,
+            tokens,
+            tokenizer,
+            private_blocks,
+            private,
+            data,
+            adam,
+            order: Vec::new(),
+            cursor: 0,
+            shuffles: 0,
+        })
+    }
+}
+
+/// A task's chain: its blocks and their parameters (the shared ones left empty).
+pub type Skeleton<B, F> = (Vec<<F as Family<B>>::Block>, Vec<Params<B>>);
+
 /// Gradients of one batch's loss.
 pub struct StepGrads<B: Backend> {
     pub loss: f32,
+    /// Samples (classifiers) or predicted positions (causal LMs) counted.
     pub kept: usize,
     /// `[Lambda rows, K]`, like [`Lambda::values`].
     pub lambda: Vec<f64>,
@@ -68,17 +189,17 @@ pub struct StepGrads<B: Backend> {
     pub private: Vec<Params<B>>,
 }
 
-/// The model being adapted.
-pub struct Adapter<B: Backend> {
+/// A model being adapted: the shared blocks (streamed), Lambda, and every task's own blocks.
+pub struct Adaptation<B: Backend, F: Family<B>> {
     pub cfg: AdaptConfig,
-    /// The pretrained model: its config, tokenization and the shared blocks' layout.
-    pub base: Bert<B>,
-    pub shared: Vec<Block>,
+    /// The family's view of the pretrained model (its layout, batching, loss).
+    pub family: F,
+    pub shared: Vec<F::Block>,
     /// The shared blocks' weights, streamed from the checkpoints.
     pub weights: SharedWeights<B>,
     pub lambda: Lambda,
     lambda_adam: Adam,
-    pub tasks: Vec<TaskState<B>>,
+    pub tasks: Vec<Task<B, F>>,
 }
 
 /// Per-task outcome (`--json`).
@@ -127,159 +248,24 @@ pub struct AdaptOptions {
     pub log_every: usize,
 }
 
-/// The shared blocks' layout (names and shapes, tensors in name order) of `blocks`.
-pub(super) fn layouts(names_shapes: impl Iterator<Item = (String, Vec<(String, Vec<usize>)>)>) -> Vec<BlockLayout> {
-    names_shapes
-        .map(|(name, mut params)| {
-            params.sort_by(|a, b| a.0.cmp(&b.0));
-            BlockLayout { name, params }
-        })
-        .collect()
-}
-
-/// Lambda's keys: every shared tensor, or every shared block.
-pub(super) fn lambda_keys(layout: &[BlockLayout], granularity: Granularity) -> Vec<String> {
-    match granularity {
-        Granularity::Tensor => layout.iter().flat_map(|l| l.params.iter().map(|(n, _)| n.clone())).collect(),
-        Granularity::Block => layout.iter().map(|l| l.name.clone()).collect(),
-    }
-}
-
-/// Adam states for a task's own blocks, on the backend.
-pub(super) fn private_adams<B: Backend>(
-    be: &B,
-    private: &[Params<B>],
-    lr: f32,
-) -> Result<Vec<BTreeMap<String, BufAdam<B>>>> {
-    private
-        .iter()
-        .map(|p| {
-            p.iter().map(|(n, t)| Ok((n.clone(), BufAdam::new(be, be.len(&t.buf), AdamConfig::with_lr(lr))?))).collect()
-        })
-        .collect()
-}
-
-/// One Adam step on each of a task's own tensors that has a gradient.
-pub(super) fn step_private<B: Backend>(
-    be: &B,
-    private: &mut [Params<B>],
-    grads: &[Params<B>],
-    adams: &mut [BTreeMap<String, BufAdam<B>>],
-) -> Result<()> {
-    for ((params, grads), adams) in private.iter_mut().zip(grads).zip(adams) {
-        for (name, p) in params.iter_mut() {
-            if let (Some(g), Some(adam)) = (grads.get(name), adams.get_mut(name)) {
-                adam.step(be, &mut p.buf, &g.buf)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-impl<B: Backend + Clone> Adapter<B> {
-    /// Loads the base model, the experts (their task vectors and own layers), the inputs and the
-    /// label caches, checking that each cache was made by that expert for those inputs.
-    pub fn load(backend: B, cfg: AdaptConfig) -> Result<Self> {
-        Self::load_with(backend, cfg, None)
-    }
-
-    /// [`Adapter::load`] with a memory budget for keeping shared blocks staged between visits
-    /// (default: half the backend's free memory; `Some(0)` streams every block).
-    pub fn load_with(backend: B, cfg: AdaptConfig, budget: Option<u64>) -> Result<Self> {
-        // The pretrained model's weights are streamed, never loaded: only its layout is.
-        let base = Bert::load_partial(backend.clone(), &cfg.base_model, LoadOptions::default(), usize::MAX)?;
-        let encoder_blocks = base.blocks.iter().filter(|b| !matches!(b, Block::Head(_))).count();
-        let n_shared = match cfg.adapted_layer {
-            AdaptedLayer::Head => encoder_blocks,
-            AdaptedLayer::LastBlock => encoder_blocks.saturating_sub(1),
-        };
-        if n_shared == 0 {
-            return Err(Error::Model { path: cfg.base_model.clone(), reason: "no shared blocks to merge".into() });
-        }
-        let shared: Vec<Block> = base.blocks[..n_shared].to_vec();
+impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
+    /// Puts a loaded family together: Lambda over the shared blocks of `layout` (initialised
+    /// from the config), the shared weights opened from the base and the experts (`budget`: see
+    /// [`SharedWeights::open`]).
+    pub fn assemble(
+        cfg: AdaptConfig,
+        family: F,
+        shared: Vec<F::Block>,
+        tasks: Vec<Task<B, F>>,
+        budget: Option<u64>,
+    ) -> Result<Self> {
         let layout = layouts(shared.iter().map(|b| (b.name(), b.param_shapes())));
         let models: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
         let lambda = Lambda::new(cfg.granularity, models, lambda_keys(&layout, cfg.granularity), cfg.lambda_init);
-
-        let mut tasks = Vec::with_capacity(cfg.tasks.len());
-        for t in &cfg.tasks {
-            let mut expert = Bert::load_partial(backend.clone(), &t.expert, LoadOptions::default(), n_shared)?;
-            let classes = expert.num_labels().ok_or_else(|| Error::Model {
-                path: t.expert.clone(),
-                reason: "no classification head: an expert must be a fine-tuned classifier".into(),
-            })?;
-            let names: Vec<String> = expert.blocks.iter().map(Block::name).collect();
-            let want: Vec<String> =
-                base.blocks[..encoder_blocks].iter().map(Block::name).chain(["head".into()]).collect();
-            if names != want {
-                return Err(Error::Model {
-                    path: t.expert.clone(),
-                    reason: format!("blocks {names:?} do not match the base model's {want:?}"),
-                });
-            }
-            let examples = read_jsonl(&t.inputs)?;
-            if examples.is_empty() {
-                return Err(Error::Invalid(format!("{}: no inputs for task `{}`", t.inputs.display(), t.name)));
-            }
-            let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
-            let expert_dir = if t.expert.is_dir() { t.expert.clone() } else { expert.path.clone() };
-            let tokenizer = TextTokenizer::from_dir(&expert_dir, cfg.max_len)?;
-            let tokens = tokenizer.tokenize(&texts)?;
-            let labelled = examples.iter().all(|e| e.label.is_some() || e.label_id.is_some());
-            let gold = labelled
-                .then(|| label_ids(&examples, expert.config.label2id.as_ref(), classes, &t.inputs))
-                .transpose()?;
-            let cache = match (&t.cache, cfg.method) {
-                (Some(path), Method::Symerge) => {
-                    let want = provenance(&t.expert, &t.name, cfg.max_len, &texts)?;
-                    let cache = LabelCache::open(path, Some(&want))?;
-                    if cache.classes() != classes {
-                        let what = match cache.kind() {
-                            LabelKind::Classification { classes } => format!("{classes} classes"),
-                            LabelKind::TopK { .. } => "next-token top-k labels (a causal LM's)".into(),
-                        };
-                        return Err(Error::LabelCache {
-                            path: path.clone(),
-                            reason: format!("{what}, but the expert is a classifier with {classes} classes"),
-                        });
-                    }
-                    Some(cache)
-                }
-                _ => None,
-            };
-            let private_blocks = expert.blocks[n_shared..].to_vec();
-            let private: Vec<Params<B>> = expert.params.drain(n_shared..).collect();
-            let adam = private_adams(&backend, &private, cfg.layer_lr)?;
-            tasks.push(TaskState {
-                name: t.name.clone(),
-                expert: expert_dir,
-                texts,
-                tokens,
-                tokenizer,
-                gold,
-                cache,
-                classes,
-                label2id: expert.config.label2id.clone(),
-                private_blocks,
-                private,
-                adam,
-                order: Vec::new(),
-                cursor: 0,
-                shuffles: 0,
-            });
-        }
-        let expert_paths: Vec<PathBuf> = cfg.tasks.iter().map(|t| t.expert.clone()).collect();
-        let weights = SharedWeights::open(&backend, &cfg.base_model, &expert_paths, &layout, &lambda, budget)?;
+        let experts: Vec<PathBuf> = cfg.tasks.iter().map(|t| t.expert.clone()).collect();
+        let weights = SharedWeights::open(family.backend(), &cfg.base_model, &experts, &layout, &lambda, budget)?;
         let lambda_adam = Adam::new(lambda.values.len(), AdamConfig::with_lr(cfg.lambda_lr));
-        Ok(Adapter { cfg, base, shared, weights, lambda, lambda_adam, tasks })
-    }
-
-    fn objective(&self) -> Objective {
-        match (self.cfg.method, self.cfg.loss) {
-            (Method::Adamerging, _) => Objective::Entropy,
-            (Method::Symerge, LossKind::Soft) => Objective::Soft { min_confidence: self.cfg.confidence },
-            (Method::Symerge, LossKind::HardConf) => Objective::HardConf,
-        }
+        Ok(Adaptation { cfg, family, shared, weights, lambda, lambda_adam, tasks })
     }
 
     /// Loss and gradients of task `task` on its inputs `rows`, block-streamed.
@@ -290,62 +276,51 @@ impl<B: Backend + Clone> Adapter<B> {
     /// Loss and gradients of task `task` on the batch `rows`, computed data-parallel: this rank
     /// takes its [`shard_range`] of the rows, and after each block's backward its Lambda rows
     /// (or the adapted block's gradients) are all-reduced, so every rank returns the full
-    /// batch's mean loss and gradients. Each rank's logits gradient is scaled by its kept
-    /// samples over the kept samples of all ranks (one small all-reduce after the forward), so
-    /// uneven shards and filtered samples count each sample once. With one rank this is the
-    /// plain single-process computation and makes no collective call.
+    /// batch's mean loss and gradients. Each rank's output gradient is scaled by its counted
+    /// samples over those of all ranks (one small all-reduce after the forward), so uneven
+    /// shards and filtered samples count each sample once. With one rank this is the plain
+    /// single-process computation and makes no collective call.
     pub fn loss_and_grads_in(&self, task: usize, rows: &[usize], coll: &mut dyn Collective) -> Result<StepGrads<B>> {
         let (rank, world) = (coll.rank(), coll.world_size());
         let mine = &rows[shard_range(rows.len(), rank, world)];
-        let be = &self.base.backend;
+        let be = self.family.backend();
         let t = &self.tasks[task];
-        let n_shared = self.shared.len();
-        let total = n_shared + t.private_blocks.len();
+        let total = self.shared.len() + t.private_blocks.len();
 
-        // Forward (skipped by a rank whose shard is empty): only block outputs are kept (each
-        // is the next block's input).
+        // Forward (skipped by a rank with nothing to predict): only block outputs are kept.
         let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
         let mut local = None;
-        if !mine.is_empty() {
-            let seqs: Vec<&Tokens> = mine.iter().map(|&i| &t.tokens[i]).collect();
-            let batch = self.base.batch(&t.tokenizer.pad(&seqs))?;
+        if let Some(batch) = if mine.is_empty() { None } else { self.family.batch(t, mine)? } {
             for b in 0..total {
-                let y = if b < n_shared {
-                    let p =
-                        self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?.merged(be, &self.lambda)?;
-                    self.shared[b].forward(be, &p, &batch, acts.last())?
-                } else {
-                    t.private_blocks[b - n_shared].forward(be, &t.private[b - n_shared], &batch, acts.last())?
-                };
+                let y = self.block_forward(t, b, &batch, acts.last())?;
                 acts.push(y);
             }
-            let logits = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
-            let expert_probs = t.cache.as_ref().map(|c| c.probs_batch(mine));
-            let p = objective::prepare(be, self.objective(), &logits, expert_probs.as_deref(), batch.batch, t.classes)?;
-            local = Some((batch, logits, p));
+            let out = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+            let (pending, n, sum) = self.family.loss(&self.cfg, t, &batch, out, mine)?;
+            local = Some((batch, pending, n, sum));
         }
-        let (local_kept, local_sum) = local.as_ref().map_or((0, 0.0), |(_, _, p)| (p.kept, p.loss_sum()));
-        let (kept, loss) = if world == 1 {
-            (local_kept, None)
+        let (local_n, local_sum) = local.as_ref().map_or((0, 0.0), |l| (l.2, l.3));
+        let (count, loss) = if world == 1 {
+            (local_n, None)
         } else {
             // Counts below 2^24 are exact in f32.
-            let mut totals = [local_kept as f32, local_sum as f32];
+            let mut totals = [local_n as f32, local_sum as f32];
             coll.all_reduce_sum_f32(&mut totals)?;
-            let kept = totals[0] as usize;
-            (kept, Some(if kept == 0 { 0.0 } else { totals[1] / kept as f32 }))
+            let n = totals[0] as usize;
+            (n, Some(if n == 0 { 0.0 } else { totals[1] / n as f32 }))
         };
         let (batch, mut dy, local_loss) = match local {
-            Some((batch, logits, p)) => {
-                let out = objective::finish(be, p, &logits, t.classes, kept)?;
-                (Some(batch), Some(out.dlogits), out.loss)
+            Some((batch, pending, ..)) => {
+                let (d, l) = self.family.loss_backward(t, &batch, pending, count)?;
+                (Some(batch), Some(d), l)
             }
             None => (None, None, 0.0),
         };
-        let loss = loss.unwrap_or(local_loss);
 
         // Backward in reverse, rebuilding each shared block's weights. Blocks the gradient no
         // longer reaches (and every block of a rank without rows) contribute zeros, so every
         // rank makes the same all-reduce calls.
+        let n_shared = self.shared.len();
         let mut lambda_grad = vec![0f64; self.lambda.values.len()];
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
         for b in (0..total).rev() {
@@ -379,7 +354,19 @@ impl<B: Backend + Clone> Adapter<B> {
             }
         }
         private.reverse();
-        Ok(StepGrads { loss, kept, lambda: lambda_grad, private })
+        Ok(StepGrads { loss: loss.unwrap_or(local_loss), kept: count, lambda: lambda_grad, private })
+    }
+
+    /// Block `b` of task `t`'s chain forward: a shared block merged on arrival, or its own.
+    fn block_forward(&self, t: &Task<B, F>, b: usize, batch: &BatchOf<B, F>, x: Option<&B::Buf>) -> Result<B::Buf> {
+        let be = self.family.backend();
+        match b.checked_sub(self.shared.len()) {
+            None => {
+                let p = self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?.merged(be, &self.lambda)?;
+                self.shared[b].forward(be, &p, batch, x)
+            }
+            Some(i) => t.private_blocks[i].forward(be, &t.private[i], batch, x),
+        }
     }
 
     /// The next `batch_size` inputs of task `task`, walking a seeded permutation that is redrawn
@@ -401,7 +388,7 @@ impl<B: Backend + Clone> Adapter<B> {
         rows
     }
 
-    /// One optimisation step on task `task`; returns (loss, kept samples).
+    /// One optimisation step on task `task`; returns (loss, counted samples).
     pub fn step(&mut self, task: usize) -> Result<(f32, usize)> {
         self.step_in(task, &mut Single)
     }
@@ -416,56 +403,51 @@ impl<B: Backend + Clone> Adapter<B> {
         if self.cfg.clamp {
             self.lambda.clamp(0.0, 1.0);
         }
+        // AdaMerging learns Lambda alone.
         if self.cfg.method == Method::Symerge {
             let t = &mut self.tasks[task];
-            step_private(&self.base.backend, &mut t.private, &g.private, &mut t.adam)?;
+            step_private(self.family.backend(), &mut t.private, &g.private, &mut t.adam)?;
         }
         Ok((g.loss, g.kept))
     }
 
-    /// Task `task`'s model with the shared blocks' parameters left empty and a copy of its own
-    /// (adapted) blocks: filled by [`Adapter::task_model`], or written block by block.
-    fn task_skeleton(&self, task: usize) -> Result<Bert<B>> {
-        let be = &self.base.backend;
+    /// Task `task`'s blocks with the shared blocks' parameters left empty and a copy of its own:
+    /// filled by [`Adaptation::merged_params`], or written block by block.
+    pub fn task_skeleton(&self, task: usize) -> Result<Skeleton<B, F>> {
+        let be = self.family.backend();
         let t = &self.tasks[task];
         let mut params: Vec<Params<B>> = (0..self.shared.len()).map(|_| Params::new()).collect();
         for p in &t.private {
             params.push(copy_params(be, p)?);
         }
-        let blocks = self.shared.iter().cloned().chain(t.private_blocks.iter().cloned()).collect();
-        let mut config = self.base.config.clone();
-        config.label2id = t.label2id.clone();
-        Ok(Bert { config, path: t.expert.clone(), blocks, params, backend: be.clone() })
+        Ok((self.shared.iter().cloned().chain(t.private_blocks.iter().cloned()).collect(), params))
     }
 
-    /// Task `task`'s merged model: the merged shared blocks and its own (adapted) blocks.
-    pub fn task_model(&self, task: usize) -> Result<Bert<B>> {
-        let mut model = self.task_skeleton(task)?;
-        for b in 0..self.shared.len() {
-            model.params[b] = self.weights.merged_block(&self.base.backend, b, &self.lambda)?;
+    /// Block `b`'s merged weights under the current Lambda, when `b` is shared (`None` for a
+    /// task's own block): what a model writer fetches block by block.
+    pub fn merged_params(&self, b: usize) -> Result<Option<Params<B>>> {
+        if b < self.shared.len() {
+            self.weights.merged_block(self.family.backend(), b, &self.lambda).map(Some)
+        } else {
+            Ok(None)
         }
-        Ok(model)
     }
 
-    /// Writes task `task`'s model as a Hugging Face checkpoint with the expert's class names,
-    /// merging one shared block at a time.
-    fn write_task(&self, task: usize, dir: &Path) -> Result<()> {
-        let model = self.task_skeleton(task)?;
-        let opts = SaveOptions { labels: model.config.label_names(), ..SaveOptions::default() };
-        let be = &self.base.backend;
-        let n = self.shared.len();
-        model.save_with(dir, &opts, &mut |b| {
-            if b < n { self.weights.merged_block(be, b, &self.lambda).map(Some) } else { Ok(None) }
-        })?;
+    /// Puts every shared block's merged weights into `params` (a task's chain).
+    pub fn fill_merged(&self, params: &mut [Params<B>]) -> Result<()> {
+        for (b, slot) in params.iter_mut().enumerate().take(self.shared.len()) {
+            *slot = self.weights.merged_block(self.family.backend(), b, &self.lambda)?;
+        }
         Ok(())
     }
 
-    /// Trains for the configured epochs, then writes the output directory (atomically).
+    /// Trains for the configured epochs, then writes the output directory (atomically):
+    /// `lambda.json`, `tasks/<task>/` models, `train_log.jsonl` and `summary.json`.
     pub fn run(self, opts: &AdaptOptions) -> Result<AdaptSummary> {
         self.run_in(opts, &mut Single)
     }
 
-    /// [`Adapter::run`] as one rank of a data-parallel job: every rank trains on its shard of
+    /// [`Adaptation::run`] as one rank of a data-parallel job: every rank trains on its shard of
     /// each batch; at the end the ranks check that they hold bit-identical Lambda and adapted
     /// layers (BLAKE3), and only rank 0 evaluates and writes the output directory. A rank that
     /// fails tells the others through [`Collective::abort`] so they stop at once.
@@ -494,16 +476,12 @@ impl<B: Backend + Clone> Adapter<B> {
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
             let t = &self.tasks[task];
-            let mut accuracy = None;
-            if let Some(staging) = &staging {
-                self.write_task(task, &staging.path().join("tasks").join(&t.name))?;
-                if let (Some(gold), true) = (&t.gold, opts.evaluate) {
-                    let model = self.task_model(task)?;
-                    let tokenizer = TextTokenizer::from_dir(&t.expert, self.cfg.max_len)?;
-                    let clf = SequenceClassifier { model, tokenizer };
-                    accuracy = Some(100.0 * evaluate(&clf, &t.texts, gold, self.cfg.batch_size.max(32))?.accuracy);
+            let accuracy = match &staging {
+                Some(staging) => {
+                    F::finish_task(self, task, Some(&staging.path().join("tasks").join(&t.name)), opts.evaluate)?
                 }
-            }
+                None => None,
+            };
             reports.push(TaskReport {
                 name: t.name.clone(),
                 inputs: t.texts.len(),
@@ -536,7 +514,7 @@ impl<B: Backend + Clone> Adapter<B> {
 
     /// BLAKE3 of every task's adapted layers, in task, block and tensor-name order.
     fn private_digest(&self) -> Result<[u8; 32]> {
-        let be = &self.base.backend;
+        let be = self.family.backend();
         let mut h = blake3::Hasher::new();
         for t in &self.tasks {
             for p in t.private.iter().flat_map(|p| p.values()) {
@@ -548,16 +526,62 @@ impl<B: Backend + Clone> Adapter<B> {
         Ok(*h.finalize().as_bytes())
     }
 
-    fn task_lambda_mean(&self, task: usize) -> f64 {
+    /// Mean of task `task`'s Lambda column.
+    pub fn task_lambda_mean(&self, task: usize) -> f64 {
         let k = self.lambda.tasks();
         let col: Vec<f32> = self.lambda.values.iter().skip(task).step_by(k).copied().collect();
         col.iter().map(|&v| v as f64).sum::<f64>() / col.len().max(1) as f64
     }
 }
 
+/// The shared blocks' layout (names and shapes, tensors in name order) of `blocks`.
+fn layouts(names_shapes: impl Iterator<Item = (String, Vec<(String, Vec<usize>)>)>) -> Vec<BlockLayout> {
+    names_shapes
+        .map(|(name, mut params)| {
+            params.sort_by(|a, b| a.0.cmp(&b.0));
+            BlockLayout { name, params }
+        })
+        .collect()
+}
+
+/// Lambda's keys: every shared tensor, or every shared block.
+fn lambda_keys(layout: &[BlockLayout], granularity: Granularity) -> Vec<String> {
+    match granularity {
+        Granularity::Tensor => layout.iter().flat_map(|l| l.params.iter().map(|(n, _)| n.clone())).collect(),
+        Granularity::Block => layout.iter().map(|l| l.name.clone()).collect(),
+    }
+}
+
+/// Adam states for a task's own blocks, on the backend.
+fn private_adams<B: Backend>(be: &B, private: &[Params<B>], lr: f32) -> Result<Vec<BTreeMap<String, BufAdam<B>>>> {
+    private
+        .iter()
+        .map(|p| {
+            p.iter().map(|(n, t)| Ok((n.clone(), BufAdam::new(be, be.len(&t.buf), AdamConfig::with_lr(lr))?))).collect()
+        })
+        .collect()
+}
+
+/// One Adam step on each of a task's own tensors that has a gradient.
+fn step_private<B: Backend>(
+    be: &B,
+    private: &mut [Params<B>],
+    grads: &[Params<B>],
+    adams: &mut [BTreeMap<String, BufAdam<B>>],
+) -> Result<()> {
+    for ((params, grads), adams) in private.iter_mut().zip(grads).zip(adams) {
+        for (name, p) in params.iter_mut() {
+            if let (Some(g), Some(adam)) = (grads.get(name), adams.get_mut(name)) {
+                adam.step(be, &mut p.buf, &g.buf)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Rank 0's staging directory for the output (refusing an existing one without `force`);
 /// `None` on the other ranks, which write nothing.
-pub(super) fn open_output(opts: &AdaptOptions, coll: &dyn Collective) -> Result<Option<Staging>> {
+fn open_output(opts: &AdaptOptions, coll: &dyn Collective) -> Result<Option<Staging>> {
     if coll.rank() != 0 {
         return Ok(None);
     }
@@ -569,7 +593,7 @@ pub(super) fn open_output(opts: &AdaptOptions, coll: &dyn Collective) -> Result<
 
 /// Writes `lambda.json` and `summary.json` (the summary with the config) into the staging
 /// directory and renames it into place.
-pub(super) fn commit_output(
+fn commit_output(
     staging: Staging,
     lambda: &Lambda,
     summary: &AdaptSummary,
@@ -584,24 +608,12 @@ pub(super) fn commit_output(
     staging.commit(&opts.output, opts.force)
 }
 
-/// What [`train_epochs`] drives: one adapter (classifiers or causal LMs).
-pub(super) trait Trainee {
-    fn task_name(&self, task: usize) -> &str;
-    /// One optimiser step on task `task`: its loss and how many samples it counted.
-    fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)>;
-    fn task_lambda_mean(&self, task: usize) -> f64;
-    /// Key of the step's sample count in the training log.
-    const COUNT_KEY: &'static str;
-    /// The step's sample count as the progress line says it.
-    fn describe_count(n: usize) -> String;
-}
-
-/// The epoch loop both adapters share: every epoch visits the `k` tasks in a seeded shuffled
+/// The epoch loop: every epoch visits the `k` tasks in a seeded shuffled
 /// order, one step each; a JSON line per step goes to `log` (rank 0), a progress line every
 /// `opts.log_every` steps. Returns the number of steps and each task's last (up to 10) losses.
 /// Each log line carries the seconds since training began, so a step's time can be read off.
-pub(super) fn train_epochs<T: Trainee>(
-    t: &mut T,
+fn train_epochs<B: Backend + Clone, F: Family<B>>(
+    t: &mut Adaptation<B, F>,
     k: usize,
     epochs: usize,
     seed: u64,
@@ -623,7 +635,7 @@ pub(super) fn train_epochs<T: Trainee>(
             if !loss.is_finite() {
                 return Err(Error::Invalid(format!(
                     "loss of task `{}` became {loss} at epoch {epoch}; lower the learning rate",
-                    t.task_name(task)
+                    &t.tasks[task].name
                 )));
             }
             steps += 1;
@@ -634,10 +646,10 @@ pub(super) fn train_epochs<T: Trainee>(
             }
             if let (Some(log), Some(path)) = (log.as_mut(), log_path) {
                 let mut line = serde_json::json!({
-                    "step": steps, "epoch": epoch, "task": t.task_name(task), "loss": loss,
+                    "step": steps, "epoch": epoch, "task": &t.tasks[task].name, "loss": loss,
                     "seconds": started.elapsed().as_secs_f64(),
                 });
-                line[T::COUNT_KEY] = count.into();
+                line[F::COUNT_KEY] = count.into();
                 line["lambda_mean"] = t.task_lambda_mean(task).into();
                 writeln!(log, "{line}").map_err(|e| Error::io(path, e))?;
             }
@@ -646,8 +658,8 @@ pub(super) fn train_epochs<T: Trainee>(
                     "epoch {}/{} step {steps}: {} loss {loss:.4} ({}), mean lambda {:.3}",
                     epoch + 1,
                     epochs,
-                    t.task_name(task),
-                    T::describe_count(count),
+                    &t.tasks[task].name,
+                    F::describe_count(count),
                     t.task_lambda_mean(task)
                 );
             }
@@ -663,7 +675,7 @@ pub(super) fn train_epochs<T: Trainee>(
 /// an f32 and the f32 of its remainder: per-rank sums of a batch's samples often cancel, and one
 /// f32 per rank would leave an error relative to the (larger) per-rank values rather than to
 /// their sum.
-pub(super) fn all_reduce_lambda_rows<B: Backend>(
+fn all_reduce_lambda_rows<B: Backend>(
     weights: &SharedWeights<B>,
     k: usize,
     coll: &mut dyn Collective,
@@ -688,7 +700,7 @@ pub(super) fn all_reduce_lambda_rows<B: Backend>(
 }
 
 /// Zeros shaped like `params`: the gradient of a rank whose shard is empty.
-pub(super) fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
+fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
     let mut out = Params::new();
     for (name, p) in params {
         out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.zeros(be.len(&p.buf))? });
@@ -697,7 +709,7 @@ pub(super) fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Param
 }
 
 /// Sums a block's gradients over the ranks in one all-reduce (tensors in name order).
-pub(super) fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut Params<B>) -> Result<()> {
+fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut Params<B>) -> Result<()> {
     let mut flat = Vec::new();
     for p in grads.values() {
         flat.extend(be.download(&p.buf)?);
@@ -713,7 +725,7 @@ pub(super) fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, g
 }
 
 /// A seeded permutation of `0..n` (Fisher-Yates over a Philox stream).
-pub(super) fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
+fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut u = vec![0f32; n];
     ElementStream::new(seed, stream, draw).fill_uniform(0, &mut u);
@@ -725,30 +737,10 @@ pub(super) fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<us
 }
 
 /// A copy of `params` on the backend (the task's own, trained apart from the expert's).
-pub(super) fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
+fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
     let mut out = Params::new();
     for (name, p) in params {
         out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.upload(&be.download(&p.buf)?)? });
     }
     Ok(out)
-}
-
-impl<B: Backend + Clone> Trainee for Adapter<B> {
-    const COUNT_KEY: &'static str = "kept";
-
-    fn task_name(&self, task: usize) -> &str {
-        &self.tasks[task].name
-    }
-
-    fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)> {
-        Adapter::step_in(self, task, coll)
-    }
-
-    fn task_lambda_mean(&self, task: usize) -> f64 {
-        Adapter::task_lambda_mean(self, task)
-    }
-
-    fn describe_count(n: usize) -> String {
-        format!("kept {n}")
-    }
 }
