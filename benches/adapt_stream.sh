@@ -7,7 +7,8 @@
 #           same files measured in the same run; peak RSS.
 #   minilm  real MiniLM-L6, the four real tasks, experts briefly fine-tuned (speed, not quality),
 #           batch 32, max length 64: seconds per step of this binary (resident and streamed)
-#           next to OLD_BIN (a build of an earlier commit, e.g. the host-f32 task-vector path).
+#           next to OLD_BIN (a build of an earlier commit, e.g. the host-f32 task-vector path)
+#           and to benches/adapt_torch.py (eager PyTorch, same step) when torch is installed.
 #
 #   benches/adapt_stream.sh [llm|minilm|all]      # OLD_BIN=path/to/old/symerge for the anchor
 #
@@ -109,6 +110,14 @@ minilm() {
   marginal resident "$BIN"
   marginal streamed "$BIN" --host-mem 0
   if [ -n "${OLD_BIN:-}" ]; then marginal old "$OLD_BIN"; fi
+  # The eager PyTorch anchor of the same step, same experts and inputs, same thread count.
+  if python3 -c "import torch, safetensors, tokenizers" 2>/dev/null; then
+    local args=()
+    for t in wn-noun wn-verb fortune-topic lang-id; do args+=(--task "$t=$W/experts/$t:$W/$t.test.jsonl"); done
+    python3 benches/adapt_torch.py --base "$M" "${args[@]}" --threads "$(nproc)" --steps 16 | tee -a "$W/results.jsonl"
+  else
+    log "no torch/safetensors/tokenizers for python3: PyTorch anchor skipped (pip install torch safetensors tokenizers)"
+  fi
 }
 
 case "$PART" in

@@ -21,6 +21,55 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output path that is, contains, or lies inside one of `inputs` (a model directory
+/// or file, a cache, a data file), whether or not it exists yet and with or without `--force`:
+/// replacing it would destroy an input, and writing inside it would change one. Paths are
+/// compared after resolving symbolic links and `..`, so another spelling of an input is caught.
+pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let out = resolve(output);
+    for input in inputs {
+        let Ok(inp) = std::fs::canonicalize(input) else { continue };
+        if out == inp || inp.starts_with(&out) || out.starts_with(&inp) {
+            return Err(Error::OutputOverlapsInput { output: output.to_path_buf(), input: input.to_path_buf() });
+        }
+    }
+    Ok(())
+}
+
+/// `path` made absolute with symbolic links and `..` resolved, for a path that need not exist:
+/// its longest existing prefix is canonicalised and the rest appended.
+fn resolve(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            let mut out = c;
+            for part in rest.iter().rev() {
+                match part {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    other => out.push(other),
+                }
+            }
+            return out;
+        }
+        match (cur.parent(), cur.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 /// A hidden directory beside an output directory that becomes the output only on success: it is
 /// renamed into place by [`Staging::commit`] and removed if dropped before (any error path), so
 /// a failed run never leaves a half-written model where a complete one is expected.

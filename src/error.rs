@@ -54,6 +54,12 @@ pub enum Error {
     #[error("output {path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
 
+    #[error(
+        "output {output} is, contains or lies inside the input {input}; writing there would destroy or change an \
+         input, so choose another output path (--force does not allow it)"
+    )]
+    OutputOverlapsInput { output: PathBuf, input: PathBuf },
+
     #[error("{path}: line {line}: {reason}")]
     BadLine { path: PathBuf, line: usize, reason: String },
 

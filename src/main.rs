@@ -853,6 +853,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dist,
             device,
         } => {
+            symerge::atomic::check_output_apart(&output, &[&expert, &inputs])?;
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
             let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force, top_k };
             let (info, mut coll) = dist.connect()?;

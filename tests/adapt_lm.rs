@@ -267,3 +267,19 @@ fn streamed_resident_and_mixed_adaptation_agree_bit_for_bit() {
         assert_eq!(runs[1].weights.bytes_streamed(), shared, "{layer}");
     }
 }
+
+/// `adapt` refuses an output over an expert or a cache, with `--force` too, before training;
+/// the expert's files stay as they were.
+#[test]
+fn adapt_refuses_outputs_over_its_inputs() {
+    let f = fixture("head");
+    let expert = f.root.join("expert-alpha");
+    let weights = std::fs::read(expert.join("model.safetensors")).unwrap();
+    for out in [expert.clone(), expert.join("adapted"), f.root.join("alpha.labels"), f.root.clone()] {
+        let (ok, _, err) =
+            run(&["adapt", f.root.join("adapt.yml").to_str().unwrap(), "-o", out.to_str().unwrap(), "--force"]);
+        assert!(!ok && err.contains("lies inside the input"), "{}: {err}", out.display());
+    }
+    assert_eq!(std::fs::read(expert.join("model.safetensors")).unwrap(), weights);
+    assert!(!expert.join("adapted").exists());
+}

@@ -461,6 +461,11 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
 
     fn train_and_write(&mut self, opts: &AdaptOptions, coll: &mut dyn Collective) -> Result<AdaptSummary> {
         let start = Instant::now();
+        let mut inputs: Vec<&Path> = vec![self.cfg.base_model.as_path()];
+        for t in &self.cfg.tasks {
+            inputs.extend([t.expert.as_path(), t.inputs.as_path()].into_iter().chain(t.cache.as_deref()));
+        }
+        crate::atomic::check_output_apart(&opts.output, &inputs)?;
         let staging = open_output(opts, coll)?;
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
         let k = self.tasks.len();

@@ -108,6 +108,7 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
     coll: &mut dyn Collective,
 ) -> Result<CacheLabelsSummary> {
     let start = Instant::now();
+    crate::atomic::check_output_apart(&opts.output, &[opts.expert.as_path()])?;
     if texts.is_empty() {
         return Err(Error::Invalid(format!("no inputs to label for task `{}`", opts.task)));
     }

@@ -15,7 +15,7 @@ use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::{Threshold, keep_count, magnitude_thresholds};
 use super::{ChunkCtx, MergeMethod, TensorParams};
-use crate::atomic::Staging;
+use crate::atomic::{Staging, check_output_apart};
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::side_files::copy_side_files;
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
@@ -161,6 +161,9 @@ fn merge_ranked(
     coll: &mut dyn Collective,
 ) -> Result<MergeSummary> {
     let start = Instant::now();
+    let inputs: Vec<&Path> =
+        config.base_model.as_deref().into_iter().chain(config.models.iter().map(|m| m.path.as_path())).collect();
+    check_output_apart(&opts.output, &inputs)?;
     if opts.output.exists() && !opts.force {
         return Err(Error::OutputExists { path: opts.output.clone() });
     }

@@ -285,6 +285,8 @@ fn mean(xs: &[f32]) -> f32 {
 /// output appears only when complete.
 pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> Result<FinetuneSummary> {
     let start = Instant::now();
+    let inputs: Vec<&Path> = [base, opts.train.as_path()].into_iter().chain(opts.labels.as_deref()).collect();
+    crate::atomic::check_output_apart(&opts.output, &inputs)?;
     if opts.output.exists() && !opts.force {
         return Err(Error::OutputExists { path: opts.output.clone() });
     }
