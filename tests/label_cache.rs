@@ -158,3 +158,60 @@ fn bad_caches_are_rejected_with_the_cause() {
     assert!(!short.exists());
     assert!(open_err(&short, None).contains("short.cache"));
 }
+
+/// Rewrites a finished cache's header (as JSON) and data, with a freshly computed checksum: what
+/// a lying but self-consistent file looks like.
+fn rewrite(path: &std::path::Path, edit: impl Fn(&mut serde_json::Value, &mut Vec<u8>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let (head, data) = bytes.split_at(4096);
+    let start = head.iter().position(|&b| b == b'{').unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(head[start..].trim_ascii_end()).unwrap();
+    let mut data = data.to_vec();
+    edit(&mut json, &mut data);
+    json["data_hash"] = blake3::hash(&data).to_hex().to_string().into();
+    let mut out = head[..start].to_vec();
+    out.extend(serde_json::to_vec(&json).unwrap());
+    out.resize(4096, b' ');
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn lying_headers_and_values_that_are_not_distributions_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.cache");
+    let fresh = || {
+        write_all(&path, 6);
+        LabelCache::open(&path, None).unwrap();
+    };
+    type Edit = Box<dyn Fn(&mut serde_json::Value, &mut Vec<u8>)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("overflow", Box::new(|h, _| h["rows"] = (1u64 << 61).into())),
+        ("bytes, but", Box::new(|h, _| h["rows"] = 0.into())),
+        ("not in [0, 1]", Box::new(|_, d| d[..2].copy_from_slice(&half::f16::from_f32(-5.0).to_le_bytes()))),
+        ("not in [0, 1]", Box::new(|_, d| d[2..4].copy_from_slice(&half::f16::from_f32(7.0).to_le_bytes()))),
+        (
+            "sum to",
+            Box::new(|_, d| {
+                for c in 0..C {
+                    d[2 * c..2 * c + 2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+                }
+            }),
+        ),
+        ("logit", Box::new(|_, d| d[4 * C - 2..4 * C].copy_from_slice(&half::f16::INFINITY.to_le_bytes()))),
+        ("class names", Box::new(|h, _| h["labels"] = serde_json::json!(["a", "b", "c", "d", "e", "f"]))),
+    ];
+    for (want, edit) in &cases {
+        fresh();
+        rewrite(&path, edit);
+        let e = open_err(&path, None);
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    // A consistent cache of fewer rows opens; `adapt` compares its rows with its inputs.
+    fresh();
+    rewrite(&path, |h: &mut serde_json::Value, d: &mut Vec<u8>| {
+        h["rows"] = 5.into();
+        d.truncate(5 * 4 * C);
+    });
+    assert_eq!(LabelCache::open(&path, None).unwrap().rows(), 5);
+}

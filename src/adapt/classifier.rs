@@ -134,6 +134,12 @@ fn open_cache(
     classes: usize,
 ) -> Result<LabelCache> {
     let cache = LabelCache::open(path, Some(&provenance(expert, task, max_len, texts)?))?;
+    if cache.rows() != texts.len() {
+        return Err(Error::LabelCache {
+            path: path.to_path_buf(),
+            reason: format!("holds {} rows for {} inputs (corrupt header)", cache.rows(), texts.len()),
+        });
+    }
     if cache.classes() != classes {
         let what = match cache.kind() {
             LabelKind::Classification { classes } => format!("{classes} classes"),

@@ -151,6 +151,9 @@ fn check_cache(cache: &LabelCache, path: &Path, vocab: usize, tokens: &[Tokens])
                 .into()));
         }
     }
+    if cache.rows() != tokens.len() {
+        return Err(bad(format!("holds {} inputs for {} inputs here (corrupt header)", cache.rows(), tokens.len())));
+    }
     let targets = |i: usize| tokens[i].ids.len().saturating_sub(1);
     if let Some(i) = (0..tokens.len()).find(|&i| cache.positions(i) != targets(i)) {
         return Err(bad(format!(

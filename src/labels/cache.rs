@@ -113,9 +113,15 @@ impl CacheHeader {
         }
     }
 
-    /// Bytes after the header of the finished cache.
-    fn data_bytes(&self) -> usize {
-        self.table_bytes() + self.units() * self.kind.unit_bytes()
+    /// Bytes after the header of the finished cache, computed with checked arithmetic: `None`
+    /// when the header's sizes overflow (a lying header must not wrap around to the file's
+    /// length).
+    fn data_bytes_checked(&self) -> Option<usize> {
+        let (unit, table) = match self.kind {
+            LabelKind::Classification { classes } => (classes.checked_mul(4)?, 0),
+            LabelKind::TopK { k, .. } => (k.checked_mul(8)?.checked_add(4)?, self.rows.checked_add(1)?.checked_mul(8)?),
+        };
+        table.checked_add(self.units().checked_mul(unit)?)
     }
 
     fn encode(&self, path: &Path) -> Result<Vec<u8>> {
@@ -481,7 +487,12 @@ impl LabelCache {
         if !header.complete {
             return Err(cache_err(path, "incomplete (the run that wrote it did not finish)"));
         }
-        let want_len = HEADER_BYTES + header.data_bytes();
+        let Some(want_len) = header.data_bytes_checked().and_then(|d| d.checked_add(HEADER_BYTES)) else {
+            return Err(cache_err(
+                path,
+                format!("corrupt header: {} rows of {:?} overflow any file size", header.rows, header.kind),
+            ));
+        };
         if map.len() != want_len {
             return Err(cache_err(
                 path,
@@ -503,7 +514,45 @@ impl LabelCache {
                 return Err(cache_err(path, "corrupt offset table"));
             }
         }
+        cache.check_values()?;
         Ok(cache)
+    }
+
+    /// Every stored label is a distribution: finite probabilities in [0, 1] summing to 1 (within
+    /// the storage dtype's rounding), finite logits, token ids inside the vocabulary, as many
+    /// class names as classes. A checksum only says the bytes are the ones written; this says
+    /// they are labels a training run can use.
+    fn check_values(&self) -> Result<()> {
+        let bad = |what: String| Err(cache_err(&self.path, format!("corrupt labels: {what}")));
+        match self.header.kind {
+            LabelKind::Classification { classes } => {
+                if !self.header.labels.is_empty() && self.header.labels.len() != classes {
+                    return bad(format!("{} class names for {classes} classes", self.header.labels.len()));
+                }
+                for i in 0..self.rows() {
+                    let p = self.probs(i);
+                    if let Some(e) = distribution_error(&p, 0.0, 1e-2) {
+                        return bad(format!("input {i}: {e}"));
+                    }
+                    if self.logits(i).iter().any(|v| !v.is_finite()) {
+                        return bad(format!("input {i}: a logit is not finite"));
+                    }
+                }
+            }
+            LabelKind::TopK { vocab, .. } => {
+                let all: Vec<usize> = (0..self.rows()).collect();
+                let l = self.topk_batch(&all)?;
+                if let Some(id) = l.ids.iter().find(|&&id| id as usize >= vocab) {
+                    return bad(format!("token id {id} outside the vocabulary of {vocab}"));
+                }
+                for (pos, (p, &rest)) in l.probs.chunks(l.k.max(1)).zip(&l.rest).enumerate() {
+                    if let Some(e) = distribution_error(p, rest, 1e-3) {
+                        return bad(format!("position {pos}: {e}"));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn rows(&self) -> usize {
@@ -588,6 +637,16 @@ impl LabelCache {
     pub fn topk(&self, i: usize) -> Result<TopKLabels> {
         self.topk_batch(&[i])
     }
+}
+
+/// Why `probs` plus `rest` is not a probability distribution (each value finite and in [0, 1],
+/// the total 1 within `tol`), or `None`.
+fn distribution_error(probs: &[f32], rest: f32, tol: f64) -> Option<String> {
+    if let Some(v) = probs.iter().chain([&rest]).find(|v| !v.is_finite() || **v < -1e-6 || **v > 1.0 + tol as f32) {
+        return Some(format!("probability {v} is not in [0, 1]"));
+    }
+    let total: f64 = probs.iter().map(|&v| v as f64).sum::<f64>() + rest as f64;
+    ((total - 1.0).abs() > tol).then(|| format!("probabilities sum to {total}, not 1"))
 }
 
 fn check_provenance(path: &Path, have: &Provenance, want: &Provenance) -> Result<()> {
