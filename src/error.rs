@@ -51,6 +51,9 @@ pub enum Error {
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    #[error("{path}: not a usable GGUF file: {reason}")]
+    BadGguf { path: PathBuf, reason: String },
+
     #[error("output {path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
 

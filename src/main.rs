@@ -232,6 +232,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A Llama-family GGUF file (llama.cpp) as a Hugging Face checkpoint directory: weights
+    /// dequantized to f32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0), config.json, tokenizer.json.
+    ImportGguf {
+        file: PathBuf,
+        /// Output directory (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
     Generate {
         /// Shape preset (see `symerge generate --list`).
@@ -806,6 +818,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     summary.initial_loss,
                     summary.final_loss
                 );
+            }
+        }
+        Command::ImportGguf { file, output, force, json } => {
+            let s = symerge::model::import::import_gguf(&file, &output, force)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
+            } else {
+                emit(&format!(
+                    "wrote {} ({} tensors, {} parameters, vocab {}, {} embeddings)\n",
+                    s.output.display(),
+                    s.tensors,
+                    s.params,
+                    s.vocab,
+                    if s.tied_embeddings { "tied" } else { "untied" }
+                ))?;
             }
         }
         Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {

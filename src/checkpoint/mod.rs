@@ -1,9 +1,11 @@
-//! Checkpoint I/O: memory-mapped safetensors reading (single file or sharded), dtype views,
+//! Checkpoint I/O: memory-mapped safetensors reading (single file or sharded), GGUF reading,
+//! dtype views,
 //! the layer map, the block-by-block stream, the streaming shard writer, and a generator of
 //! synthetic checkpoints for tests and benchmarks.
 
 pub mod dtype;
 pub mod generate;
+pub mod gguf;
 pub mod layers;
 pub mod reader;
 pub mod side_files;

