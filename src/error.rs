@@ -51,6 +51,9 @@ pub enum Error {
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    #[error("{path} is {kind}, not a regular file; symerge reads its inputs from regular files")]
+    NotAFile { path: PathBuf, kind: &'static str },
+
     #[error("{path}: not a usable GGUF file: {reason}")]
     BadGguf { path: PathBuf, reason: String },
 

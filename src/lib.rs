@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod input_file;
 pub mod inspect;
 pub mod labels;
 pub mod merge;

@@ -233,3 +233,56 @@ fn broken_shard_index() {
     let cfg = c.config("task_arithmetic", "");
     c.expect_failure(&cfg, &["model.safetensors.index.json", "model-00001-of-00002.safetensors", "does not exist"]);
 }
+
+/// Runs the CLI, killing it after `secs` (a hang fails the test instead of stalling it).
+fn run_bounded(args: &[&str], secs: u64) -> (bool, String) {
+    let mut child = common::symerge()
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return (status.success(), err);
+        }
+        if start.elapsed().as_secs() >= secs {
+            child.kill().unwrap();
+            panic!("symerge {args:?} hung for {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// FIFOs (and directories) where a checkpoint, a config, a label cache or an inputs file belongs
+/// are refused at once, naming the path and what it is; nothing blocks waiting for a writer.
+#[test]
+fn fifos_and_directories_as_inputs_are_refused_without_hanging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("pipe.safetensors");
+    let ok = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success();
+    assert!(ok, "mkfifo failed");
+    let f = fifo.to_str().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let dir = tmp.path().to_str().unwrap();
+    let out = tmp.path().join("elsewhere").join("out");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["inspect", f], "a FIFO"),
+        (vec!["merge", f, "-o", o], "a FIFO"),
+        (vec!["adapt", f, "-o", o], "a FIFO"),
+        (vec!["import-gguf", f, "-o", o], "a FIFO"),
+        (vec!["eval", fixture.to_str().unwrap(), "--inputs", f], "a FIFO"),
+        (vec!["cache-labels", "--expert", fixture.to_str().unwrap(), "--task", "t", "--inputs", f, "-o", o], "a FIFO"),
+        (vec!["eval", fixture.to_str().unwrap(), "--inputs", dir], "a directory"),
+    ];
+    for (args, what) in cases {
+        let (ok, err) = run_bounded(&args, 20);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(what) && (err.contains(f) || err.contains(dir)), "{args:?}: {err}");
+    }
+}

@@ -120,7 +120,7 @@ struct RawTask {
 
 impl AdaptConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input_file::read_to_string(path)?;
         Self::parse(&text, path)
     }
 

@@ -6,7 +6,6 @@
 //! [`crate::model::import`] turns a Llama-family GGUF into a Hugging Face checkpoint directory.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -207,10 +206,7 @@ impl<'a> Cursor<'a> {
 impl Gguf {
     /// Opens and parses a GGUF file (versions 2 and 3).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        if !file.metadata().map_err(|e| Error::io(path, e))?.is_file() {
-            return Err(Error::BadGguf { path: path.to_path_buf(), reason: "not a regular file".into() });
-        }
+        let file = crate::input_file::open(path)?;
         // SAFETY: read-only map; like every mmap reader we rely on the file not being truncated.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let mut c = Cursor { bytes: &map, at: 0, path };

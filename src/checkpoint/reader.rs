@@ -6,7 +6,6 @@
 //! being worked on rather than by the model size.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -136,7 +135,7 @@ impl Checkpoint {
 
         let config_path = dir.join("config.json");
         let config = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let text = crate::input_file::read_to_string(&config_path)?;
             Some(
                 serde_json::from_str(&text)
                     .map_err(|e| Error::BadIndex { path: config_path.clone(), reason: format!("invalid JSON: {e}") })?,
@@ -256,7 +255,7 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::input_file::read_to_string(index)?;
     let parsed: IndexFile = serde_json::from_str(&text)
         .map_err(|e| Error::BadIndex { path: index.to_path_buf(), reason: format!("not a valid shard index: {e}") })?;
     let dir = index.parent().unwrap_or_else(|| Path::new("."));
@@ -284,7 +283,7 @@ fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn check_index_matches(index: &Path, tensors: &[TensorMeta], shards: &[Shard]) -> Result<()> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::input_file::read_to_string(index)?;
     let parsed: IndexFile = serde_json::from_str(&text)
         .map_err(|e| Error::BadIndex { path: index.to_path_buf(), reason: format!("not a valid shard index: {e}") })?;
     let located: HashMap<&str, &Path> =
@@ -312,7 +311,7 @@ fn check_index_matches(index: &Path, tensors: &[TensorMeta], shards: &[Shard]) -
 }
 
 fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::input_file::open(path)?;
     // SAFETY: the file is opened read-only; like every mmap-based reader we rely on nobody
     // truncating checkpoint files while they are being merged.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

@@ -32,7 +32,7 @@ pub struct Record<'a> {
 
 /// Reads a JSONL file; blank lines are skipped.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let content = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let content = crate::input_file::read_to_string(path)?;
     let mut out = Vec::new();
     for (i, line) in content.lines().enumerate() {
         if line.trim().is_empty() {

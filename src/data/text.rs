@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Reads a text file as UTF-8, or as Latin-1 when it is not valid UTF-8.
 ///
@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// a valid Latin-1 character, so the fallback never fails, and for those files it is the right
 /// decoding, where a lossy UTF-8 decode would turn each accented letter into U+FFFD.
 pub fn read_text_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     Ok(match String::from_utf8(bytes) {
         Ok(s) => s,
         Err(e) => {

@@ -480,7 +480,7 @@ impl LabelCache {
     /// Opens and verifies a cache; with `expected`, also that it belongs to that expert,
     /// tokenizer, task and inputs (the first differing field is named in the error).
     pub fn open(path: &Path, expected: Option<&Provenance>) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::input_file::open(path)?;
         // SAFETY: read-only map of a file we finished writing; nobody rewrites finished caches.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let header = CacheHeader::decode(&map, path)?;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// BLAKE3 of every tensor (name, dtype, shape, bytes) in name order: the same weights give the
 /// same hash whatever the sharding or file order. Large tensors are hashed on all cores, and
@@ -39,7 +39,7 @@ pub fn texts_hash<S: AsRef<str>>(texts: &[S]) -> String {
 /// BLAKE3 of a file's bytes plus the settings that change what it produces (e.g. the tokenizer
 /// file and the maximum sequence length).
 pub fn file_hash(path: &Path, settings: &str) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     let mut h = blake3::Hasher::new();
     h.update(&bytes);
     h.update(settings.as_bytes());

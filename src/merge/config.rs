@@ -87,7 +87,7 @@ pub struct LambdaTable {
 
 impl LambdaTable {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input_file::read_to_string(path)?;
         let mut t: LambdaTable = serde_json::from_str(&text)
             .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("not a Lambda table: {e}") })?;
         t.path = path.to_path_buf();
@@ -102,7 +102,7 @@ fn config_err(path: &Path, reason: impl Into<String>) -> Error {
 impl MergeConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input_file::read_to_string(path)?;
         Self::parse(&text, path)
     }
 

@@ -184,7 +184,7 @@ pub struct FinetuneSummary {
 /// a plain array of names.
 pub fn read_labels_file(path: &Path) -> Result<Vec<String>> {
     let bad = |reason: String| Error::BadIndex { path: path.to_path_buf(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input_file::read_to_string(path)?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let list = v
         .get("labels")
