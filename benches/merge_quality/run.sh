@@ -6,17 +6,28 @@
 #
 #   benches/merge_quality/run.sh              # PROFILE=cpu: small settings, about an hour on 2 cores
 #   PROFILE=full benches/merge_quality/run.sh # the paper-like settings (GPU-sized)
+#   PROFILE=demo / quick                       # scripts/demo.sh (and its --quick test size)
 #
 # Everything lands in target/quality/$PROFILE/; the table is printed and written, with the exact
 # commands, to target/quality/$PROFILE/quality.json (copy it to benches/results/quality.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PROFILE=${PROFILE:-cpu}
+USER_TASKS=${TASKS:-}
 TASKS=${TASKS:-"wn-noun wn-verb fortune-topic lang-id"}
+# TA_GRID / TIES_GRID: lambdas tried on validation; EXTRA: also run adamerging and symerge's
+# hard_conf loss (the benchmark does, the demo does not).
+TA_GRID="0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1.0"; TIES_GRID="0.2 0.4 0.6 0.8 1.0 1.2"; EXTRA=1
 case "$PROFILE" in
   cpu)  FT_STEPS=${FT_STEPS:-250}; FT_BS=16; MAXLEN=64; TEST_N=400; VAL_N=200; EPOCHS=${EPOCHS:-40}; SEEDS=${SEEDS:-"0 1 2"} ;;
   full) FT_STEPS=${FT_STEPS:-3000}; FT_BS=32; MAXLEN=128; TEST_N=100000; VAL_N=1000; EPOCHS=${EPOCHS:-500}; SEEDS=${SEEDS:-"0 1 2"} ;;
-  *) echo "PROFILE must be cpu or full" >&2; exit 2 ;;
+  # scripts/demo.sh: three tasks, short fine-tunes, one SyMerge seed (about 10 minutes on 2 cores).
+  demo) TASKS=${USER_TASKS:-"wn-verb fortune-topic lang-id"}; FT_STEPS=${FT_STEPS:-60}; FT_BS=16; MAXLEN=64; TEST_N=200
+        VAL_N=100; EPOCHS=${EPOCHS:-30}; SEEDS=0; TA_GRID="0.3 0.5 0.7 1.0"; TIES_GRID="0.6 1.0"; EXTRA=0 ;;
+  # `scripts/demo.sh --quick` (tests/demo.rs): every step on tiny sizes, numbers meaningless.
+  quick) TASKS=${USER_TASKS:-"wn-verb lang-id"}; FT_STEPS=3; FT_BS=4; MAXLEN=32; TEST_N=8; VAL_N=4; EPOCHS=2; SEEDS=0
+         TA_GRID="0.5 1.0"; TIES_GRID="1.0"; EXTRA=0 ;;
+  *) echo "PROFILE must be cpu, full, demo or quick" >&2; exit 2 ;;
 esac
 W=target/quality/$PROFILE
 BIN=target/release/symerge
@@ -98,9 +109,9 @@ for t in $TASKS; do
 done
 do_merge linear linear 1.0
 for t in $TASKS; do score linear "$t" "$W/merged/linear" --head-from "$W/experts/$t"; done
-ta=$(tune task_arithmetic "" 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1.0)
+ta=$(tune task_arithmetic "" $TA_GRID)
 for t in $TASKS; do score task_arithmetic "$t" "$W/merged/task_arithmetic-$ta" --head-from "$W/experts/$t"; done
-ties=$(tune ties 0.2 0.4 0.6 0.8 1.0 1.2)
+ties=$(tune ties 0.2 $TIES_GRID)
 for t in $TASKS; do score ties "$t" "$W/merged/ties-$ties" --head-from "$W/experts/$t"; done
 
 for t in $TASKS; do
@@ -129,9 +140,9 @@ for t in s["tasks"]:
     print(sys.argv[2], t["name"], round(t["accuracy"], 2))
 PY
 }
-adapt adamerging adamerging soft 0
+if [ "$EXTRA" = 1 ]; then adapt adamerging adamerging soft 0; fi
 for s in $SEEDS; do adapt "symerge-seed$s" symerge soft "$s"; done
-adapt symerge-hard_conf symerge hard_conf 0
+if [ "$EXTRA" = 1 ]; then adapt symerge-hard_conf symerge hard_conf 0; fi
 
 python3 - "$W" "$PROFILE" "$ta" "$ties" "$EPOCHS" "$SEEDS" <<'PY'
 import json, statistics, sys, platform
@@ -144,7 +155,7 @@ seed_runs = [m for m in acc if m.startswith("symerge-seed")]
 tasks = list(acc["experts"])
 acc["symerge"] = acc[seed_runs[0]]
 out = {
-    "accuracy": {m: acc[m] for m in ["pretrained", "experts", "linear", "task_arithmetic", "ties", "adamerging", "symerge"]},
+    "accuracy": {m: acc[m] for m in ["pretrained", "experts", "linear", "task_arithmetic", "ties", "adamerging", "symerge"] if m in acc},
     "symerge_seeds": {m: acc[m] for m in seed_runs},
     "symerge_hard_conf": acc.get("symerge-hard_conf"),
     "symerge_seed_mean_std": {
