@@ -3,8 +3,8 @@
 # MiniLM-L6 and the Debian text data, prepares three real tasks, fine-tunes one expert per task
 # (briefly), then merges them training-free (task arithmetic and TIES, lambda chosen on
 # validation) and learned (SyMerge: Lambda + each task's head against the experts' cached soft
-# labels), and prints every method's test accuracy per task. About 10 minutes on 2 cores; a second
-# run reuses the fine-tuned experts and data.
+# labels), and prints every method's test accuracy per task. About 6 minutes on 2 cores once built
+# (README has the measured table); a second run reuses the fine-tuned experts and data.
 #
 #   scripts/demo.sh           # the demo (outputs in target/quality/demo/)
 #   scripts/demo.sh --quick   # every step at toy sizes (a smoke test, numbers meaningless)
