@@ -981,6 +981,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    symerge::atomic::remove_partials_on_interrupt();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

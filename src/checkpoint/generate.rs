@@ -174,9 +174,16 @@ pub enum Variant {
     Expert { index: u32, scale: f32 },
 }
 
-/// Writes one synthetic model into `dir` (created), sharded at `shard_bytes`.
+/// Writes one synthetic model into `dir`, sharded at `shard_bytes`; it appears complete or not at
+/// all (built in a staging directory, then replacing `dir`).
 pub fn write_model(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Path, shard_bytes: u64) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let staging = crate::atomic::Staging::create(dir)?;
+    write_model_into(spec, seed, variant, staging.path(), shard_bytes)?;
+    staging.commit(dir, true)?;
+    Ok(dir.to_path_buf())
+}
+
+fn write_model_into(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Path, shard_bytes: u64) -> Result<()> {
     let tensors = spec.tensors();
     let planned = tensors
         .iter()
@@ -223,7 +230,7 @@ pub fn write_model(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Path
     let cfg = dir.join("config.json");
     std::fs::write(&cfg, serde_json::to_string_pretty(&spec.config_json()).expect("JSON"))
         .map_err(|e| Error::io(&cfg, e))?;
-    Ok(dir.to_path_buf())
+    Ok(())
 }
 
 /// Writes `dir/base` and `dir/expert-1 .. expert-K`; returns their paths.
