@@ -215,3 +215,32 @@ fn lying_headers_and_values_that_are_not_distributions_are_rejected() {
     });
     assert_eq!(LabelCache::open(&path, None).unwrap().rows(), 5);
 }
+
+/// A partial whose rows were overwritten (here row 3's first probability with f16's largest
+/// value) is resumed only up to the last valid row, and the finished cache equals one written in
+/// one go: corrupt rows are recomputed, never sealed with a fresh checksum.
+#[test]
+fn a_corrupted_partial_resumes_after_its_last_valid_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.cache");
+    write_all(&whole, 12);
+    let path = dir.path().join("resumed.cache");
+    let (p, l) = rows(12, 7);
+    let kind = LabelKind::Classification { classes: C };
+    {
+        let mut w = CacheWriter::create(&path, provenance("wn-verb"), kind, 12, vec![]).unwrap();
+        w.append_classification(&p[..8 * C], &l[..8 * C]).unwrap();
+        w.flush().unwrap();
+    }
+    let partial = partial_path(&path);
+    let mut bytes = std::fs::read(&partial).unwrap();
+    let row3 = 4096 + 3 * 4 * C;
+    bytes[row3..row3 + 2].copy_from_slice(&half::f16::MAX.to_le_bytes());
+    std::fs::write(&partial, bytes).unwrap();
+
+    let mut w = CacheWriter::create(&path, provenance("wn-verb"), kind, 12, vec![]).unwrap();
+    assert_eq!(w.rows_written(), 3, "rows 0-2 are kept, row 3 and after are recomputed");
+    w.append_classification(&p[3 * C..], &l[3 * C..]).unwrap();
+    w.finish().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&whole).unwrap());
+}

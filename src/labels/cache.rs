@@ -448,7 +448,43 @@ fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<u
         && head[HEADER_BYTES..] == *table
         && !have.complete;
     let len = file.metadata().ok()?.len() as usize;
-    same.then(|| ((len - HEADER_BYTES - table.len()) / want.kind.unit_bytes()).min(want.units()))
+    if !same {
+        return None;
+    }
+    let units = ((len - HEADER_BYTES - table.len()) / want.kind.unit_bytes()).min(want.units());
+    // The rows are not checksummed until the cache is finished: check each before trusting it,
+    // and resume after the last good one (a corrupted partial is recomputed from there).
+    let mut data = vec![0u8; units * want.kind.unit_bytes()];
+    file.read_exact(&mut data).ok()?;
+    let good = valid_units(want.kind, &data);
+    if good < units {
+        tracing::warn!(
+            "{}: unit {good} of {units} written is not a valid label; resuming from there",
+            partial.display()
+        );
+    }
+    Some(good)
+}
+
+/// How many leading units (classification rows, or top-k position records) of `data` are labels
+/// a finished cache would accept (see [`LabelCache::check_values`]).
+fn valid_units(kind: LabelKind, data: &[u8]) -> usize {
+    let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+    data.chunks_exact(kind.unit_bytes())
+        .take_while(|u| match kind {
+            LabelKind::Classification { classes } => {
+                let v: Vec<f32> = u.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+                distribution_error(&v[..classes], 0.0, 1e-2).is_none() && v[classes..].iter().all(|x| x.is_finite())
+            }
+            LabelKind::TopK { k, vocab } => {
+                let (ids, tail) = u.split_at(4 * k);
+                let probs: Vec<f32> = tail[..4 * k].chunks_exact(4).map(|b| f32::from_le_bytes(word(b))).collect();
+                let rest = f32::from_le_bytes(word(&tail[4 * k..]));
+                ids.chunks_exact(4).all(|b| (u32::from_le_bytes(word(b)) as usize) < vocab)
+                    && distribution_error(&probs, rest, 1e-3).is_none()
+            }
+        })
+        .count()
 }
 
 /// One or several inputs' top-k labels, position after position.
