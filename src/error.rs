@@ -6,12 +6,10 @@ use std::path::PathBuf;
 /// Errors from checkpoint I/O, configuration, merging, data preparation and distributed runs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message (not a `source`), so a report that prints the
+    /// error chain says it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 
     #[error("{path}: not a valid safetensors file: {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
@@ -138,9 +136,18 @@ fn fmt_ranks(ranks: &[usize]) -> String {
 }
 
 impl Error {
-    /// Wraps an I/O error with the path it happened on.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    /// Wraps an I/O error with the path it happened on; a path that is a symbolic link to
+    /// nothing says so instead of "no such file".
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        let path = path.into();
+        let error = match (error.kind(), std::fs::read_link(&path)) {
+            (std::io::ErrorKind::NotFound, Ok(target)) => std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("a broken symbolic link (its target {} does not exist)", target.display()),
+            ),
+            _ => error,
+        };
+        Error::Io { path, error }
     }
 }
 

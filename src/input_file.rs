@@ -46,8 +46,15 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-/// A regular file's text.
+/// A regular file's text; invalid UTF-8 is an error naming the line.
 pub fn read_to_string(path: &Path) -> Result<String> {
-    check_regular(path)?;
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    let bytes = read(path)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        Error::Io {
+            path: path.to_path_buf(),
+            error: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("line {line} is not valid UTF-8")),
+        }
+    })
 }

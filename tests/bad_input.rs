@@ -286,3 +286,31 @@ fn fifos_and_directories_as_inputs_are_refused_without_hanging() {
         assert!(err.contains(what) && (err.contains(f) || err.contains(dir)), "{args:?}: {err}");
     }
 }
+
+/// Messages name the file and say what is wrong once: an OS error is not repeated, a dangling
+/// symbolic link says so, an empty inputs file is named, invalid UTF-8 gives its line.
+#[test]
+fn messages_name_the_file_and_the_cause_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let link = tmp.path().join("broken");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &link).unwrap();
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n\xff\xfe\n").unwrap();
+    let missing = tmp.path().join("missing");
+    let fx = fixture.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["inspect", missing.to_str().unwrap()], "No such file"),
+        (vec!["inspect", link.to_str().unwrap()], "broken symbolic link"),
+        (vec!["eval", fx, "--inputs", empty.to_str().unwrap()], "no records"),
+        (vec!["eval", fx, "--inputs", bad.to_str().unwrap()], "line 3 is not valid UTF-8"),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = run(&args);
+        let path = args.iter().find(|a| a.starts_with(tmp.path().to_str().unwrap())).unwrap();
+        assert!(!ok && err.contains(want) && err.contains(path), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && err.matches("os error").count() <= 1, "{args:?}: {err}");
+    }
+}

@@ -223,7 +223,7 @@ fn bad_input_is_reported_and_leaves_no_output() {
     let empty = data.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     let (ok, _, err) = run(&["finetune", base, "--train", empty.to_str().unwrap(), "-o", out_s, "--steps", "1"]);
-    assert!(!ok && err.contains("no training examples") && err.contains("empty.jsonl"), "{err}");
+    assert!(!ok && err.contains("no records") && err.contains("empty.jsonl"), "{err}");
 
     // A label that labels.json (found beside the training file) does not list.
     std::fs::write(data.join("labels.json"), r#"{"labels": ["pos", "neg"]}"#).unwrap();

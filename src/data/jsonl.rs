@@ -30,7 +30,8 @@ pub struct Record<'a> {
     pub label_id: usize,
 }
 
-/// Reads a JSONL file; blank lines are skipped.
+/// Reads a JSONL file; blank lines are skipped, and a file without any record is an error
+/// naming it (every caller needs at least one).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     let content = crate::input_file::read_to_string(path)?;
     let mut out = Vec::new();
@@ -41,6 +42,9 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         let example =
             parse_line(line).map_err(|reason| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason })?;
         out.push(example);
+    }
+    if out.is_empty() {
+        return Err(Error::Invalid(format!("{}: no records (the file is empty or blank)", path.display())));
     }
     Ok(out)
 }
