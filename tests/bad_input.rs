@@ -314,3 +314,62 @@ fn messages_name_the_file_and_the_cause_once() {
         assert!(!err.contains("panicked") && err.matches("os error").count() <= 1, "{args:?}: {err}");
     }
 }
+
+/// Degenerate merges are errors naming the config, and a model whose config.json disagrees with
+/// the base's architecture (or is no JSON object, or is a directory) is refused naming the file.
+#[test]
+fn degenerate_configs_and_disagreeing_architectures_are_refused() {
+    use symerge::checkpoint::FloatDType;
+    use symerge::checkpoint::generate::{SyntheticSpec, write_family};
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::F32).unwrap();
+    let dirs = write_family(&spec, 9, 2, 0.01, &tmp.path().join("m"), 1 << 30).unwrap();
+    // Writes `NAME.yml` (base + the two experts with weights w1, w2, then `body`) and merges it.
+    let merge = |name: &str, body: &str, w1: &str, w2: &str| {
+        let cfg = tmp.path().join(format!("{name}.yml"));
+        let text = format!(
+            "base_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: {w1}}}\n  - model: {}\n    \
+             parameters: {{weight: {w2}}}\n{body}",
+            dirs[0].display(),
+            dirs[1].display(),
+            dirs[2].display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let out = tmp.path().join(format!("out-{name}"));
+        let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"]);
+        (ok, err, cfg)
+    };
+    let cases = [
+        ("linear0", "merge_method: linear\n", "0.0", "0.0", Some("every weight is 0")),
+        ("tanorm", "merge_method: task_arithmetic\nparameters: {normalize: true}\n", "1.0", "-1.0", Some("sum to 0")),
+        ("tiesnorm", "merge_method: ties\nparameters: {normalize: true, density: 0.5}\n", "1.0", "-1.0", None),
+        ("plain", "merge_method: task_arithmetic\n", "0.5", "0.5", None),
+    ];
+    for (name, body, w1, w2, want) in cases {
+        let (ok, err, cfg) = merge(name, body, w1, w2);
+        match want {
+            Some(w) => assert!(!ok && err.contains(w) && err.contains(cfg.to_str().unwrap()), "{name}: {err}"),
+            None => assert!(ok, "{name}: {err}"),
+        }
+    }
+
+    // An expert whose config.json cuts the same hidden size into other heads.
+    let expert_cfg = dirs[2].join("config.json");
+    let original = std::fs::read_to_string(&expert_cfg).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+    v["num_attention_heads"] = (v["num_attention_heads"].as_u64().unwrap() * 2).into();
+    std::fs::write(&expert_cfg, v.to_string()).unwrap();
+    let plain = tmp.path().join("plain.yml");
+    let out = tmp.path().join("out-arch");
+    let args = ["merge", plain.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"];
+    let (ok, _, err) = run(&args);
+    assert!(!ok && err.contains("num_attention_heads") && err.contains(expert_cfg.to_str().unwrap()), "{err}");
+    // config.json that is no JSON object, or a directory.
+    std::fs::write(&expert_cfg, "[1, 2]").unwrap();
+    let (ok, _, err) = run(&args);
+    assert!(!ok && err.contains("not a JSON object") && err.contains(expert_cfg.to_str().unwrap()), "{err}");
+    std::fs::remove_file(&expert_cfg).unwrap();
+    std::fs::create_dir(&expert_cfg).unwrap();
+    let (ok, _, err) = run(&args);
+    assert!(!ok && err.contains("a directory") && err.contains(expert_cfg.to_str().unwrap()), "{err}");
+}

@@ -134,12 +134,16 @@ impl Checkpoint {
         }
 
         let config_path = dir.join("config.json");
-        let config = if config_path.is_file() {
+        // A config.json that is there must be a readable JSON object (a directory or a dangling
+        // link named config.json is an error, not "no config").
+        let config = if config_path.symlink_metadata().is_ok() {
             let text = crate::input_file::read_to_string(&config_path)?;
-            Some(
-                serde_json::from_str(&text)
-                    .map_err(|e| Error::BadIndex { path: config_path.clone(), reason: format!("invalid JSON: {e}") })?,
-            )
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::BadIndex { path: config_path.clone(), reason: format!("invalid JSON: {e}") })?;
+            if !value.is_object() {
+                return Err(Error::BadIndex { path: config_path, reason: "not a JSON object".into() });
+            }
+            Some(value)
         } else {
             None
         };

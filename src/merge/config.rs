@@ -306,12 +306,29 @@ impl MergeConfig {
             densities.push(d as f32);
         }
         let lambda = self.parameters.get("lambda").and_then(|v| v.number_for(tensor, position)).unwrap_or(1.0) as f32;
-        Ok(TensorParams {
-            weights,
-            densities,
-            lambda,
-            normalize: self.global_bool("normalize", self.default_normalize()),
-        })
+        let normalize = self.global_bool("normalize", self.default_normalize());
+        self.check_weights(tensor, &weights, normalize)?;
+        Ok(TensorParams { weights, densities, lambda, normalize })
+    }
+
+    /// Weights that make a degenerate merge are errors (mergekit divides by their zero sum, or
+    /// writes zeros): a linear merge whose weights are all 0, and a normalised sum of weights
+    /// that is 0 (linear, task_arithmetic, dare_linear; TIES-style consensus normalises by the
+    /// agreeing weights of each element instead).
+    fn check_weights(&self, tensor: &str, weights: &[f32], normalize: bool) -> Result<()> {
+        let name = self.method.name;
+        let sum: f32 = weights.iter().sum();
+        let problem = if name == "linear" && weights.iter().all(|&w| w == 0.0) {
+            Some("every weight is 0, so the output would be all zeros".to_string())
+        } else if normalize && matches!(name, "linear" | "task_arithmetic" | "dare_linear") && sum.abs() < 1e-8 {
+            Some(format!("the weights {weights:?} sum to 0, and `normalize: true` divides by their sum"))
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(config_err(&self.source, format!("{name} at tensor `{tensor}`: {p}"))),
+            None => Ok(()),
+        }
     }
 }
 

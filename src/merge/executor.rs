@@ -147,6 +147,43 @@ pub fn merge_with_in(
     result
 }
 
+/// Architecture fields of `config.json` that must agree between the reference and every input
+/// that states them: equal tensor shapes do not imply an equal architecture (the same hidden
+/// size can be cut into other numbers of heads).
+const ARCHITECTURE_KEYS: &[&str] = &[
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+];
+
+fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint]) -> Result<()> {
+    let Some(want) = reference.config.as_ref() else {
+        tracing::warn!("{} has no config.json: the output will have none either", reference.path.display());
+        return Ok(());
+    };
+    for input in inputs {
+        let Some(have) = input.config.as_ref() else { continue };
+        for key in ARCHITECTURE_KEYS {
+            if let (Some(w), Some(h)) = (want.get(*key), have.get(*key))
+                && w != h
+            {
+                return Err(Error::Model {
+                    path: input.dir.join("config.json"),
+                    reason: format!(
+                        "`{key}` is {h}, but {} says {w}: not the same architecture",
+                        reference.dir.join("config.json").display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where rank `rank` of `world` writes its shards before rank 0 gathers them.
 pub fn rank_dir(output: &Path, rank: usize, world: usize) -> PathBuf {
     let mut p = output.as_os_str().to_owned();
@@ -179,6 +216,7 @@ fn merge_ranked(
         None => (&models[0], models[1..].iter().collect()),
     };
     let reference_is_model = base.is_none();
+    check_configs_agree(reference, &inputs)?;
     let stream = LayerStream::plan(reference, inputs)?;
     if !stream.ignored.is_empty() {
         let sample: Vec<&str> = stream.ignored.iter().take(5).map(|(_, n)| n.as_str()).collect();
