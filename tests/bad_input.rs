@@ -373,3 +373,23 @@ fn degenerate_configs_and_disagreeing_architectures_are_refused() {
     let (ok, _, err) = run(&args);
     assert!(!ok && err.contains("a directory") && err.contains(expert_cfg.to_str().unwrap()), "{err}");
 }
+
+/// A header whose tensor's shape and dtype do not fill its byte range names that tensor (the
+/// `safetensors` crate only says "invalid shape, data type, or offset for tensor").
+#[test]
+fn inconsistent_tensor_info_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.safetensors");
+    let mut header =
+        br#"{"a.ok":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"layer.w":{"dtype":"F32","shape":[2,3],"data_offsets":[8,28]}}"#
+            .to_vec();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(&header);
+    bytes.extend([0u8; 28]);
+    std::fs::write(&file, bytes).unwrap();
+    let (ok, _, err) = run(&["inspect", file.to_str().unwrap()]);
+    assert!(!ok && err.contains("`layer.w`") && err.contains("needs 24 bytes"), "{err}");
+}

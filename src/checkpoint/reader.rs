@@ -321,7 +321,7 @@ fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
         path: path.to_path_buf(),
-        reason: describe_safetensors_error(&e, mmap.len()),
+        reason: describe_safetensors_error(&e, &mmap),
     })?;
     let data_start = 8 + header_len;
     let infos = metadata.tensors();
@@ -341,13 +341,56 @@ fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>
     Ok((Shard { path: path.to_path_buf(), mmap: Arc::new(mmap) }, metas))
 }
 
-fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+fn describe_safetensors_error(e: &safetensors::SafeTensorError, file: &[u8]) -> String {
     use safetensors::SafeTensorError as E;
+    let file_len = file.len();
     match e {
         E::HeaderTooSmall => format!("file is {file_len} bytes, too short to hold a header"),
         E::InvalidHeaderLength => "header length points past the end of the file (truncated or not safetensors)".into(),
         E::MetadataIncompleteBuffer => "tensor data does not match the file size (truncated or padded file)".into(),
         E::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
+        E::TensorInvalidInfo => match first_inconsistent_tensor(file) {
+            Some(what) => what,
+            None => format!("{e}"),
+        },
         other => format!("{other}"),
     }
+}
+
+/// The first tensor of the header whose shape and dtype do not fill its byte range (the
+/// `safetensors` crate rejects the file without naming it).
+fn first_inconsistent_tensor(file: &[u8]) -> Option<String> {
+    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(file.get(8..8usize.checked_add(len)?)?).ok()?;
+    let mut named: Vec<(&String, &serde_json::Value)> = header.iter().filter(|(k, _)| *k != "__metadata__").collect();
+    named.sort_by_key(|(k, _)| *k);
+    for (name, info) in named {
+        let dtype = info.get("dtype")?.as_str()?;
+        let size = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            _ => continue,
+        };
+        let shape: Option<Vec<u64>> = info.get("shape")?.as_array()?.iter().map(|v| v.as_u64()).collect();
+        let offsets: Option<Vec<u64>> = info.get("data_offsets")?.as_array()?.iter().map(|v| v.as_u64()).collect();
+        let (Some(shape), Some(offsets)) = (shape, offsets) else {
+            return Some(format!("tensor `{name}`: shape or data_offsets are not lists of non-negative integers"));
+        };
+        let need = shape.iter().try_fold(size as u64, |a, &d| a.checked_mul(d));
+        let span = match offsets.as_slice() {
+            [a, b] if a <= b => Some(b - a),
+            _ => None,
+        };
+        if need.is_none() || span.is_none() || need != span {
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} needs {} bytes but its data_offsets {offsets:?} span {}",
+                need.map_or("more than 2^64".into(), |n| n.to_string()),
+                span.map_or("nothing valid".into(), |n| n.to_string())
+            ));
+        }
+    }
+    None
 }
