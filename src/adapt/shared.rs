@@ -129,7 +129,7 @@ impl<B: Backend> SharedWeights<B> {
                 })?;
                 let stored = std::iter::once(&base_ck)
                     .chain(&expert_cks)
-                    .map(|ck| stored_view(ck, name, shape))
+                    .map(|ck| ck.stored_shaped(name, shape))
                     .collect::<Result<Vec<_>>>()?;
                 tensors.push(SharedTensor { name: name.clone(), shape: shape.clone(), row, stored });
             }
@@ -264,25 +264,6 @@ impl<B: Backend> Drop for BlockVisit<'_, B> {
 
 fn stage_block<B: Backend>(be: &B, block: &SharedBlock) -> Result<StagedBlock<B>> {
     block.tensors.iter().map(|t| t.stored.iter().map(|s| be.stage(s)).collect()).collect()
-}
-
-/// `name` in `ck` (allowing a wrapper prefix), checked against the model's shape and for a
-/// float dtype.
-fn stored_view(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<StoredTensor> {
-    let meta = ck.resolve(name).ok_or_else(|| Error::Model {
-        path: ck.path.clone(),
-        reason: format!(
-            "tensor `{name}` is missing (also looked for it with a wrapper prefix such as bert. or model. added \
-             or removed)"
-        ),
-    })?;
-    if meta.shape != shape {
-        return Err(Error::Model {
-            path: ck.file_of(meta).to_path_buf(),
-            reason: format!("tensor `{}` has shape {:?}, but config.json implies {shape:?}", meta.name, meta.shape),
-        });
-    }
-    ck.stored(meta)
 }
 
 /// A thread that maps a streamed block's pages in while the previous block is computed. At most

@@ -206,6 +206,25 @@ impl Checkpoint {
         self.range(t).release();
     }
 
+    /// The float tensor `name` (a wrapper prefix such as `bert.` may differ) as a stored view,
+    /// checked to have the `shape` the model's config implies; errors name the file and tensor.
+    pub fn stored_shaped(&self, name: &str, shape: &[usize]) -> Result<StoredTensor> {
+        let meta = self.resolve(name).ok_or_else(|| Error::Model {
+            path: self.path.clone(),
+            reason: format!(
+                "tensor `{name}` is missing (also looked for it with a wrapper prefix such as bert. or model. \
+                 added or removed)"
+            ),
+        })?;
+        if meta.shape != shape {
+            return Err(Error::Model {
+                path: self.file_of(meta).to_path_buf(),
+                reason: format!("tensor `{}` has shape {:?}, but config.json implies {shape:?}", meta.name, meta.shape),
+            });
+        }
+        self.stored(meta)
+    }
+
     /// A float tensor's stored bytes as a view that shares the mapping (zero-copy, cheap to
     /// clone, valid after the checkpoint is dropped). Fails, naming file and tensor, for a
     /// non-float tensor.

@@ -15,8 +15,7 @@ use super::config::{BertConfig, BertFamily};
 use super::tokenize::Encoded;
 use super::{Param, Params};
 use crate::backend::{AttnShape, Backend};
-use crate::checkpoint::dtype::decode;
-use crate::checkpoint::{Checkpoint, FloatDType};
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
 
@@ -794,26 +793,11 @@ impl<B: Backend> Bert<B> {
 
 /// Reads one tensor as f32, checking its shape against what `config.json` implies.
 pub(super) fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
-    let meta = ck.resolve(name).ok_or_else(|| Error::Model {
-        path: ck.path.clone(),
-        reason: format!("tensor `{name}` is missing (also looked for it with a wrapper prefix such as bert. or model. added or removed)"),
-    })?;
-    let file = ck.file_of(meta).to_path_buf();
-    if meta.shape != shape {
-        return Err(Error::Model {
-            path: file,
-            reason: format!("tensor `{}` has shape {:?}, but config.json implies {shape:?}", meta.name, meta.shape),
-        });
-    }
-    let dtype: FloatDType = meta.float_dtype().ok_or_else(|| Error::UnsupportedDtype {
-        path: file.clone(),
-        tensor: meta.name.clone(),
-        dtype: format!("{:?}", meta.dtype),
-    })?;
-    let mut values = vec![0f32; meta.numel()];
-    decode(dtype, ck.bytes(meta), &mut values);
+    let t = ck.stored_shaped(name, shape)?;
+    let mut values = vec![0f32; t.numel()];
+    t.decode_into(0, &mut values);
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite { path: file, tensor: meta.name.clone(), index: i, value: values[i] });
+        return Err(Error::NonFinite { path: t.file, tensor: t.name, index: i, value: values[i] });
     }
     be.upload(&values)
 }
