@@ -383,18 +383,15 @@ impl Device {
 impl FromStr for Device {
     type Err = String;
 
+    /// `cpu`, `cuda`/`gpu` (the launcher's GPU), or an ordinal as `merge --device` spells it.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let lower = s.to_ascii_lowercase();
-        if let Some(n) = lower.strip_prefix("cuda:") {
-            return n
-                .parse()
-                .map(|n| Device::Cuda(Some(n)))
-                .map_err(|_| format!("`{s}`: the GPU ordinal must be a number"));
+        if matches!(s.trim().to_ascii_lowercase().as_str(), "cuda" | "gpu") {
+            return Ok(Device::Cuda(None));
         }
-        match lower.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda(None)),
-            other => Err(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)")),
+        match s.parse::<cuda::DeviceSpec>() {
+            Ok(cuda::DeviceSpec::Cpu) => Ok(Device::Cpu),
+            Ok(cuda::DeviceSpec::Cuda(n)) => Ok(Device::Cuda(Some(n))),
+            _ => Err(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
         }
     }
 }
