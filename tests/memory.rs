@@ -102,56 +102,11 @@ fn streamed_adapt_of_2gb_llm_family_keeps_rss_bounded() {
     let texts = ["the cat sat on the mat", "a river flows to the sea", "hello world", "to measure time"];
     let mut tasks = String::new();
     for (k, task) in ["alpha", "beta"].iter().enumerate() {
-        let inputs = tmp.path().join(format!("{task}.jsonl"));
-        let lines: String = texts.iter().skip(k).map(|t| format!("{}\n", serde_json::json!({ "text": t }))).collect();
-        std::fs::write(&inputs, lines).unwrap();
-        let cache = tmp.path().join(format!("{task}.labels"));
-        let expert = dirs[k + 1].to_str().unwrap();
-        let (ok, _, err) = run(&[
-            "cache-labels",
-            "--expert",
-            expert,
-            "--task",
-            task,
-            "--inputs",
-            inputs.to_str().unwrap(),
-            "-o",
-            cache.to_str().unwrap(),
-            "--max-len",
-            "16",
-            "--top-k",
-            "8",
-        ]);
-        assert!(ok, "{err}");
-        tasks.push_str(&format!(
-            "  - {{name: {task}, expert: {expert}, inputs: {}, cache: {}}}\n",
-            inputs.display(),
-            cache.display()
-        ));
+        tasks += &common::lm_task(tmp.path(), task, &dirs[k + 1], &texts[k..], 16, 8);
     }
-    let cfg = tmp.path().join("adapt.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "method: symerge\nbase_model: {}\nmax_len: 16\nbatch_size: 2\nepochs: 2\ntasks:\n{tasks}",
-            dirs[0].display()
-        ),
-    )
-    .unwrap();
+    let settings = format!("base_model: {}\nmax_len: 16\nbatch_size: 2\nepochs: 2\n", dirs[0].display());
+    let s = common::adapt_streamed(tmp.path(), &settings, &tasks);
     let out = tmp.path().join("adapted");
-    let (ok, stdout, err) = run(&[
-        "adapt",
-        cfg.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-        "--device",
-        "cpu",
-        "--host-mem",
-        "0",
-    ]);
-    assert!(ok, "{err}");
-    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let peak = s["peak_rss_bytes"].as_u64().expect("VmHWM is available on Linux");
     let shared = s["streaming"]["shared_bytes"].as_u64().unwrap();
     eprintln!(

@@ -141,56 +141,14 @@ fn streamed_symerge_on_real_smollm2_lowers_the_loss() {
     for (k, task) in ["alpha", "beta"].iter().enumerate() {
         let expert = tmp.path().join(format!("expert-{task}"));
         perturbed_expert(&base, &expert, 10 + k as u64, 0.004);
-        let inputs = tmp.path().join(format!("{task}.jsonl"));
-        let lines: String = texts.iter().map(|t| format!("{}\n", serde_json::json!({ "text": t }))).collect();
-        std::fs::write(&inputs, lines).unwrap();
-        let cache = tmp.path().join(format!("{task}.labels"));
-        let (ok, _, err) = run(&[
-            "cache-labels",
-            "--expert",
-            expert.to_str().unwrap(),
-            "--task",
-            task,
-            "--inputs",
-            inputs.to_str().unwrap(),
-            "-o",
-            cache.to_str().unwrap(),
-            "--max-len",
-            "24",
-            "--top-k",
-            "16",
-        ]);
-        assert!(ok, "{err}");
-        tasks.push_str(&format!(
-            "  - {{name: {task}, expert: {}, inputs: {}, cache: {}}}\n",
-            expert.display(),
-            inputs.display(),
-            cache.display()
-        ));
+        tasks += &common::lm_task(tmp.path(), task, &expert, &texts, 24, 16);
     }
-    let cfg = tmp.path().join("adapt.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "method: symerge\nbase_model: {}\nmax_len: 24\nbatch_size: 4\nepochs: 3\nlambda_lr: 0.05\nlayer_lr: 0.0005\ntasks:\n{tasks}",
-            base.display()
-        ),
-    )
-    .unwrap();
+    let settings = format!(
+        "base_model: {}\nmax_len: 24\nbatch_size: 4\nepochs: 3\nlambda_lr: 0.05\nlayer_lr: 0.0005\n",
+        base.display()
+    );
+    let s = common::adapt_streamed(tmp.path(), &settings, &tasks);
     let out = tmp.path().join("adapted");
-    let (ok, stdout, err) = run(&[
-        "adapt",
-        cfg.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-        "--device",
-        "cpu",
-        "--host-mem",
-        "0",
-    ]);
-    assert!(ok, "{err}");
-    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!((s["steps"].as_u64(), s["streaming"]["mode"].as_str()), (Some(6), Some("streamed")));
     let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
         .unwrap()

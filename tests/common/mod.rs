@@ -198,3 +198,48 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
 pub fn bits64(v: &[f64]) -> Vec<u64> {
     v.iter().map(|x| x.to_bits()).collect()
 }
+
+/// One causal-LM adaptation task in `dir`: `texts` written as `TASK.jsonl`, `expert`'s top-k
+/// cache of them made with `symerge cache-labels` as `TASK.labels`; returns the task's line of
+/// an adapt.yml.
+pub fn lm_task(dir: &Path, task: &str, expert: &Path, texts: &[&str], max_len: usize, top_k: usize) -> String {
+    let inputs = dir.join(format!("{task}.jsonl"));
+    let lines: String = texts.iter().map(|t| format!("{}\n", serde_json::json!({ "text": t }))).collect();
+    std::fs::write(&inputs, lines).unwrap();
+    let cache = dir.join(format!("{task}.labels"));
+    let (max_len, top_k) = (max_len.to_string(), top_k.to_string());
+    let (ok, _, err) = run(&[
+        "cache-labels",
+        "--expert",
+        expert.to_str().unwrap(),
+        "--task",
+        task,
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "-o",
+        cache.to_str().unwrap(),
+        "--max-len",
+        &max_len,
+        "--top-k",
+        &top_k,
+    ]);
+    assert!(ok, "{err}");
+    format!(
+        "  - {{name: {task}, expert: {}, inputs: {}, cache: {}}}\n",
+        expert.display(),
+        inputs.display(),
+        cache.display()
+    )
+}
+
+/// Writes `dir/adapt.yml` (`settings` lines, then `tasks`) and runs `adapt` on the CPU with every
+/// shared block streamed (`--host-mem 0`) into `dir/adapted`; returns the `--json` summary.
+pub fn adapt_streamed(dir: &Path, settings: &str, tasks: &str) -> serde_json::Value {
+    let cfg = dir.join("adapt.yml");
+    std::fs::write(&cfg, format!("method: symerge\n{settings}tasks:\n{tasks}")).unwrap();
+    let out = dir.join("adapted");
+    let args = ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json", "--device", "cpu"];
+    let (ok, stdout, err) = run(&[&args[..], &["--host-mem", "0"]].concat());
+    assert!(ok, "{err}");
+    serde_json::from_str(&stdout).unwrap()
+}
