@@ -327,14 +327,7 @@ fn degenerate_configs_and_disagreeing_architectures_are_refused() {
     // Writes `NAME.yml` (base + the two experts with weights w1, w2, then `body`) and merges it.
     let merge = |name: &str, body: &str, w1: &str, w2: &str| {
         let cfg = tmp.path().join(format!("{name}.yml"));
-        let text = format!(
-            "base_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: {w1}}}\n  - model: {}\n    \
-             parameters: {{weight: {w2}}}\n{body}",
-            dirs[0].display(),
-            dirs[1].display(),
-            dirs[2].display()
-        );
-        std::fs::write(&cfg, text).unwrap();
+        common::write_merge_config(&cfg, &dirs, &[w1, w2], body);
         let out = tmp.path().join(format!("out-{name}"));
         let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"]);
         (ok, err, cfg)

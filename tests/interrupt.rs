@@ -45,17 +45,7 @@ fn interrupted_runs_leave_no_partial_output() {
     let spec = SyntheticSpec::preset("llama-rss", FloatDType::BF16).unwrap();
     let dirs = write_family(&spec, 5, 2, 0.01, &tmp.path().join("models"), 300_000_000).unwrap();
     let cfg = tmp.path().join("ta.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  \
-             - model: {}\n    parameters: {{weight: 0.5}}\n",
-            dirs[0].display(),
-            dirs[1].display(),
-            dirs[2].display()
-        ),
-    )
-    .unwrap();
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
     let outdir = tmp.path().join("out");
     std::fs::create_dir_all(&outdir).unwrap();
     let out = outdir.join("merged");

@@ -31,17 +31,7 @@ fn merge_refuses_outputs_over_its_inputs() {
     let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
     let dirs = write_family(&spec, 3, 2, 0.01, &root, 1 << 30).unwrap();
     let cfg = tmp.path().join("ta.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  \
-             - model: {}\n    parameters: {{weight: 0.5}}\n",
-            dirs[0].display(),
-            dirs[1].display(),
-            dirs[2].display()
-        ),
-    )
-    .unwrap();
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
     let before: Vec<_> = dirs.iter().map(|d| digest(d)).collect();
     std::os::unix::fs::symlink(&dirs[1], tmp.path().join("link")).unwrap();
     let spellings = [

@@ -243,3 +243,13 @@ pub fn adapt_streamed(dir: &Path, settings: &str, tasks: &str) -> serde_json::Va
     assert!(ok, "{err}");
     serde_json::from_str(&stdout).unwrap()
 }
+
+/// Writes a merge config at `path`: `dirs[0]` as the base, each further directory a model with
+/// its entry of `weights`, then `extra` (the method and its parameters).
+pub fn write_merge_config(path: &Path, dirs: &[PathBuf], weights: &[&str], extra: &str) {
+    let mut text = format!("base_model: {}\nmodels:\n", dirs[0].display());
+    for (d, w) in dirs[1..].iter().zip(weights) {
+        text += &format!("  - model: {}\n    parameters: {{weight: {w}}}\n", d.display());
+    }
+    std::fs::write(path, text + extra).unwrap();
+}
