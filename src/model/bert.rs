@@ -19,23 +19,48 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
 
-/// One batch on the device: ids, positions, the padding mask and where each [CLS] row is.
+/// One batch on the device, packed: the chain's activations hold real tokens only (`tokens`
+/// rows, sequence after sequence), so padding costs no work in the projections, the MLP and the
+/// norms. Only attention sees the padded `[batch, seq]` layout: it scatters its inputs there and
+/// gathers its output back (skipped when no token is padding).
 pub struct Batch<B: Backend> {
     pub batch: usize,
     pub seq: usize,
+    /// Number of real tokens: the activations' row count.
+    pub tokens: usize,
+    /// Per real token, in packed order.
     pub input_ids: B::Ids,
     pub token_type_ids: B::Ids,
     pub position_ids: B::Ids,
     /// `[batch, seq]`, 1 for real tokens and 0 for padding.
     pub mask: B::Buf,
-    /// Row `b * seq` of the hidden states for each sequence `b`.
+    /// Each real token's row in the padded `[batch * seq]` layout; `None` when nothing is padded
+    /// (packed and padded layouts are then the same).
+    pub padded_rows: Option<B::Ids>,
+    /// Each sequence's [CLS] row in the packed layout.
     pub cls_rows: B::Ids,
 }
 
 impl<B: Backend> Batch<B> {
-    /// Number of token rows, `batch * seq`.
+    /// Number of activation rows: the real tokens.
     pub fn rows(&self) -> usize {
-        self.batch * self.seq
+        self.tokens
+    }
+
+    /// Packed rows `x` (`[tokens, width]`) in the padded layout, padding rows zero.
+    pub fn padded(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
+        match &self.padded_rows {
+            Some(rows) => be.embedding_backward(rows, &x, self.batch * self.seq, width),
+            None => Ok(x),
+        }
+    }
+
+    /// Padded rows `x` (`[batch * seq, width]`) packed: the real tokens' rows only.
+    pub fn packed(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
+        match &self.padded_rows {
+            Some(rows) => be.embedding(&x, rows, width),
+            None => Ok(x),
+        }
     }
 }
 
@@ -203,10 +228,11 @@ impl EncoderLayer {
         let lin = |inp: &B::Buf, name: &str, fan_in: usize, fan_out: usize| -> Result<B::Buf> {
             be.linear(inp, w(&format!("{name}.weight"))?, Some(w(&format!("{name}.bias"))?), rows, fan_in, fan_out)
         };
-        let q = lin(x, "attention.self.query", h, h)?;
-        let k = lin(x, "attention.self.key", h, h)?;
-        let v = lin(x, "attention.self.value", h, h)?;
-        let ctx = be.attention(&q, &k, &v, Some(&batch.mask), self.attn_shape(batch))?;
+        // Attention runs on the padded layout; q, k and v are kept there for its backward.
+        let q = batch.padded(be, lin(x, "attention.self.query", h, h)?, h)?;
+        let k = batch.padded(be, lin(x, "attention.self.key", h, h)?, h)?;
+        let v = batch.padded(be, lin(x, "attention.self.value", h, h)?, h)?;
+        let ctx = batch.packed(be, be.attention(&q, &k, &v, Some(&batch.mask), self.attn_shape(batch))?, h)?;
         let a = lin(&ctx, "attention.output.dense", h, h)?;
         let r1 = be.add(&a, x)?;
         drop(a);
@@ -277,6 +303,7 @@ impl EncoderLayer {
         put("attention.output.dense.weight", Some(ao.dw));
         put("attention.output.dense.bias", ao.db);
         let dctx = ao.dx.ok_or_else(|| Error::Invalid("missing attention output gradient".into()))?;
+        let dctx = batch.padded(be, dctx, h)?;
         let att = be.attention_backward(&a.q, &a.k, &a.v, Some(&batch.mask), &dctx, self.attn_shape(batch))?;
         drop(dctx);
         // x feeds the three projections and the first residual.
@@ -284,6 +311,7 @@ impl EncoderLayer {
         for (name, d) in
             [("attention.self.query", att.dq), ("attention.self.key", att.dk), ("attention.self.value", att.dv)]
         {
+            let d = batch.packed(be, d, h)?;
             let lg = be.linear_backward(x, w(&format!("{name}.weight"))?, &d, rows, h, h, true, true)?;
             put(&format!("{name}.weight"), Some(lg.dw));
             put(&format!("{name}.bias"), lg.db);
@@ -348,7 +376,7 @@ impl ClassifierHead {
         Ok(HeadActs { cls, pre, pooled, logits })
     }
 
-    /// Logits `[batch, num_labels]` from the last hidden states `[batch * seq, hidden]`.
+    /// Logits `[batch, num_labels]` from the last hidden states of the real tokens (packed).
     pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<B::Buf> {
         Ok(self.run(be, p, batch, hidden)?.logits)
     }
@@ -681,6 +709,36 @@ impl<B: Backend> Bert<B> {
                 self.config.type_vocab_size
             )));
         }
+        let positions = self.position_ids(enc);
+        let real = |i: usize| enc.attention_mask[i] != 0;
+        let padded_rows: Vec<u32> = (0..n * s).filter(|&i| real(i)).map(|i| i as u32).collect();
+        let mut cls = Vec::with_capacity(n);
+        for b in 0..n {
+            // Packed index of the sequence's first token, which must be real ([CLS]).
+            if !real(b * s) {
+                return Err(Error::Invalid(format!("sequence {b} of the batch starts with padding (left padding)")));
+            }
+            cls.push(padded_rows.partition_point(|&r| (r as usize) < b * s) as u32);
+        }
+        let pick = |v: &[u32]| -> Vec<u32> { padded_rows.iter().map(|&r| v[r as usize]).collect() };
+        let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
+        let tokens = padded_rows.len();
+        Ok(Batch {
+            batch: n,
+            seq: s,
+            tokens,
+            input_ids: be.upload_ids(&pick(&enc.input_ids))?,
+            token_type_ids: be.upload_ids(&pick(&enc.token_type_ids))?,
+            position_ids: be.upload_ids(&pick(&positions))?,
+            mask: be.upload(&mask)?,
+            padded_rows: if tokens == n * s { None } else { Some(be.upload_ids(&padded_rows)?) },
+            cls_rows: be.upload_ids(&cls)?,
+        })
+    }
+
+    /// Position ids of every padded slot, as the family numbers them.
+    fn position_ids(&self, enc: &Encoded) -> Vec<u32> {
+        let (n, s) = (enc.batch, enc.seq);
         let offset = self.config.position_offset() as u32;
         let mut positions = vec![0u32; n * s];
         for (prow, mrow) in positions.chunks_mut(s.max(1)).zip(enc.attention_mask.chunks(s.max(1))) {
@@ -701,21 +759,17 @@ impl<B: Backend> Bert<B> {
                 }
             }
         }
-        let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
-        let cls: Vec<u32> = (0..n).map(|b| (b * s) as u32).collect();
-        Ok(Batch {
-            batch: n,
-            seq: s,
-            input_ids: be.upload_ids(&enc.input_ids)?,
-            token_type_ids: be.upload_ids(&enc.token_type_ids)?,
-            position_ids: be.upload_ids(&positions)?,
-            mask: be.upload(&mask)?,
-            cls_rows: be.upload_ids(&cls)?,
-        })
+        positions
     }
 
-    /// Last hidden states `[batch * seq, hidden]` (no head).
+    /// Last hidden states `[batch * seq, hidden]` (no head), padding rows zero.
     pub fn hidden_states(&self, batch: &Batch<B>) -> Result<B::Buf> {
+        let packed = self.packed_hidden_states(batch)?;
+        batch.padded(&self.backend, packed, self.config.hidden_size)
+    }
+
+    /// Last hidden states of the real tokens, `[batch.tokens, hidden]`.
+    fn packed_hidden_states(&self, batch: &Batch<B>) -> Result<B::Buf> {
         let mut x: Option<B::Buf> = None;
         for (block, p) in self.blocks.iter().zip(&self.params) {
             if matches!(block, Block::Head(_)) {
@@ -736,7 +790,7 @@ impl<B: Backend> Bert<B> {
     /// Logits `[batch, num_labels]` (inference: nothing is kept).
     pub fn logits(&self, batch: &Batch<B>) -> Result<B::Buf> {
         let head = self.head().ok_or_else(|| self.no_head())?;
-        let hidden = self.hidden_states(batch)?;
+        let hidden = self.packed_hidden_states(batch)?;
         let last = self.params.len() - 1;
         head.forward(&self.backend, &self.params[last], batch, &hidden)
     }
