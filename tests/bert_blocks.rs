@@ -111,7 +111,14 @@ fn encoder_layer_gradients_match_finite_differences() {
     assert_eq!(names.len(), 16);
     let x = rand_f32(7, batch.rows() * HIDDEN, 1.0);
     let r = rand_f32(8, batch.rows() * HIDDEN, 1.0);
-    let (dx, g) = layer.backward(&Cpu, &model.params[1], &batch, &x, &r).unwrap();
+    let (dx, g) = layer.backward(&Cpu, &model.params[1], &batch, &x, None, &r).unwrap();
+    // Internals kept by the forward give the same gradients, bit for bit, without recomputing.
+    let (y, kept) = layer.forward_keeping(&Cpu, &model.params[1], &batch, &x).unwrap();
+    assert_eq!(y, layer.forward(&Cpu, &model.params[1], &batch, &x).unwrap());
+    assert!(kept.len(&Cpu) > 4 * x.len(), "internals hold the layer's activations");
+    let (dx2, g2) = layer.backward(&Cpu, &model.params[1], &batch, &x, Some(kept), &r).unwrap();
+    assert_eq!(dx, dx2);
+    assert!(g.iter().all(|(n, v)| v.buf == g2[n].buf) && g.len() == g2.len());
     assert_eq!(g.len(), 16, "one gradient per tensor");
     // A key bias adds the same score to every key of a query: softmax cancels it exactly.
     let kb = &g["encoder.layer.0.attention.self.key.bias"].buf;
@@ -374,7 +381,7 @@ fn saved_state_is_only_block_inputs() {
     }
     let mut dy = dl.clone();
     for i in (0..model.blocks.len()).rev() {
-        let (dx, g) = model.blocks[i].backward(&Cpu, &model.params[i], &batch, acts[i].as_ref(), &dy).unwrap();
+        let (dx, g) = model.blocks[i].backward(&Cpu, &model.params[i], &batch, acts[i].as_ref(), None, &dy).unwrap();
         for (name, t) in &g {
             assert_eq!(t.buf, grads[i][name].buf, "{name}");
         }

@@ -202,11 +202,19 @@ fn two_and_three_processes_learn_the_single_process_lambda() {
         // Lambda moved, so the comparison means something.
         assert!(want_lambda.iter().flat_map(|(_, v)| v).any(|x| (x - 0.3).abs() > 1e-3));
 
-        // The adapted heads agree too, and only rank 0 wrote: one output, no leftovers.
+        // The adapted heads agree too, and only rank 0 wrote: one output, no leftovers. Adam
+        // turns the shards' rounding into step-sized differences on near-zero gradients, so the
+        // bound is relative to how far training moved the head from the expert's (1%).
+        let expert = read_model(&f.root.join("expert-beta"));
         let (a, b) = (read_model(&single.join("tasks/beta")), read_model(&out.join("tasks/beta")));
-        let (a, b) = (&a["classifier.weight"].2, &b["classifier.weight"].2);
+        let (e, a, b) = (&expert["classifier.weight"].2, &a["classifier.weight"].2, &b["classifier.weight"].2);
         let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-        assert!(worst <= 1e-4, "world {world}: adapted head differs by {worst}");
+        let moved = a.iter().zip(e).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        eprintln!("world {world}: adapted head differs by {worst:e}; training moved it by {moved:e}");
+        assert!(
+            moved > 1e-3 && worst <= 1e-2 * moved,
+            "world {world}: adapted head differs by {worst} (moved {moved})"
+        );
         let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
         assert_eq!(log.lines().count(), want["steps"].as_u64().unwrap() as usize);
         let partial: Vec<_> = std::fs::read_dir(&f.root)

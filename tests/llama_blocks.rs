@@ -100,7 +100,14 @@ fn layer_case(qwen2: bool) {
     assert_eq!(names.len(), if qwen2 { 12 } else { 9 });
     let x = rand_f32(7, batch.rows() * HIDDEN, 1.0);
     let r = rand_f32(8, batch.rows() * HIDDEN, 1.0);
-    let (dx, g) = layer.backward(&Cpu, &model.params[2], &batch, &x, &r).unwrap();
+    let (dx, g) = layer.backward(&Cpu, &model.params[2], &batch, &x, None, &r).unwrap();
+    // Internals kept by the forward give the same gradients, bit for bit, without recomputing.
+    let (y, kept) = layer.forward_keeping(&Cpu, &model.params[2], &batch, &x).unwrap();
+    assert_eq!(y, layer.forward(&Cpu, &model.params[2], &batch, &x).unwrap());
+    assert!(kept.len(&Cpu) > 4 * x.len(), "internals hold the layer's activations");
+    let (dx2, g2) = layer.backward(&Cpu, &model.params[2], &batch, &x, Some(kept), &r).unwrap();
+    assert_eq!(dx, dx2);
+    assert!(g.iter().all(|(n, v)| v.buf == g2[n].buf) && g.len() == g2.len());
     assert_eq!(g.len(), names.len(), "one gradient per tensor");
     let mut inputs = vec![x];
     inputs.extend(values_of(&model.params[2], &names));

@@ -194,6 +194,12 @@ impl<B: Backend> SharedWeights<B> {
         self.visit(be, b, Some(self.next_block(b, true)))?.merged(be, lambda)
     }
 
+    /// The budget left after the kept blocks: room a step may fill with forward internals
+    /// (kept for the backward instead of recomputed).
+    pub fn spare_bytes(&self) -> u64 {
+        self.budget.saturating_sub(self.report().kept_bytes)
+    }
+
     /// Bytes staged from the checkpoints so far.
     pub fn bytes_streamed(&self) -> u64 {
         self.streamed.load(Ordering::Relaxed)

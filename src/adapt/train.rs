@@ -38,25 +38,40 @@ use crate::model::{Batch, Block, LlamaBlock, LmBatch, Param, Params, TextTokeniz
 pub trait AdaptBlock<B: Backend>: Clone {
     /// The family's uploaded batch.
     type Batch;
+    /// Forward internals a backward can reuse instead of recomputing them.
+    type Internals: Send;
     fn name(&self) -> String;
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
     /// The block's output; `input` is the previous block's output (`None` for the first).
     fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, input: Option<&B::Buf>) -> Result<B::Buf>;
-    /// `(dL/d input, dL/d params)` from the saved input and the output gradient.
+    /// [`Self::forward`] plus its internals, when the block has any worth keeping.
+    fn forward_keeping(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        input: Option<&B::Buf>,
+    ) -> Result<(B::Buf, Option<Self::Internals>)>;
+    /// f32 elements the internals hold.
+    fn internals_len(be: &B, internals: &Self::Internals) -> usize;
+    /// `(dL/d input, dL/d params)` from the saved input, the kept internals (recomputed when
+    /// `None`) and the output gradient.
     fn backward(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &Self::Batch,
         input: Option<&B::Buf>,
+        kept: Option<Self::Internals>,
         grad_out: &B::Buf,
     ) -> Result<(Option<B::Buf>, Params<B>)>;
 }
 
 macro_rules! adapt_block {
-    ($block:ty, $batch:ident) => {
+    ($block:ty, $batch:ident, $internals:ty) => {
         impl<B: Backend> AdaptBlock<B> for $block {
             type Batch = $batch<B>;
+            type Internals = $internals;
             fn name(&self) -> String {
                 <$block>::name(self)
             }
@@ -66,21 +81,38 @@ macro_rules! adapt_block {
             fn forward(&self, be: &B, p: &Params<B>, batch: &$batch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
                 <$block>::forward(self, be, p, batch, input)
             }
+            fn forward_keeping(
+                &self,
+                be: &B,
+                p: &Params<B>,
+                batch: &$batch<B>,
+                input: Option<&B::Buf>,
+            ) -> Result<(B::Buf, Option<$internals>)> {
+                <$block>::forward_keeping(self, be, p, batch, input)
+            }
+            fn internals_len(be: &B, internals: &$internals) -> usize {
+                internals.len(be)
+            }
             fn backward(
                 &self,
                 be: &B,
                 p: &Params<B>,
                 batch: &$batch<B>,
                 input: Option<&B::Buf>,
+                kept: Option<$internals>,
                 grad_out: &B::Buf,
             ) -> Result<(Option<B::Buf>, Params<B>)> {
-                <$block>::backward(self, be, p, batch, input, grad_out)
+                <$block>::backward(self, be, p, batch, input, kept, grad_out)
             }
         }
     };
 }
-adapt_block!(Block, Batch);
-adapt_block!(LlamaBlock, LmBatch);
+adapt_block!(Block, Batch, crate::model::bert::Internals<B::Buf>);
+adapt_block!(LlamaBlock, LmBatch, crate::model::llama::Internals<B::Buf>);
+
+/// A block's kept internals, by the family's block type.
+type InternalsOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Internals;
+type KeptOf<B, F> = Option<InternalsOf<B, F>>;
 
 /// The uploaded batch of a family.
 pub type BatchOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Batch;
@@ -287,12 +319,19 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let t = &self.tasks[task];
         let total = self.shared.len() + t.private_blocks.len();
 
-        // Forward (skipped by a rank with nothing to predict): only block outputs are kept.
+        // Forward (skipped by a rank with nothing to predict): block outputs are kept, and each
+        // block's internals while the memory budget has room for them (else the backward
+        // recomputes them).
         let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
+        let mut internals: Vec<KeptOf<B, F>> = Vec::with_capacity(total);
+        let mut room = self.weights.spare_bytes();
         let mut local = None;
         if let Some(batch) = if mine.is_empty() { None } else { self.family.batch(t, mine)? } {
             for b in 0..total {
-                let y = self.block_forward(t, b, &batch, acts.last())?;
+                let (y, kept) = self.block_forward(t, b, &batch, acts.last(), room > 0)?;
+                let bytes = kept.as_ref().map_or(0, |k| 4 * F::Block::internals_len(be, k) as u64);
+                internals.push(kept.filter(|_| bytes <= room));
+                room = room.saturating_sub(bytes);
                 acts.push(y);
             }
             let out = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
@@ -325,12 +364,13 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
         for b in (0..total).rev() {
             let input = if b > 0 { acts.pop() } else { None };
+            let kept = internals.pop().flatten();
             let reached = batch.as_ref().zip(dy.take());
             if b < n_shared {
                 if let Some((batch, d)) = reached {
                     let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, false)))?;
                     let p = visit.merged(be, &self.lambda)?;
-                    let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), &d)?;
+                    let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), kept, &d)?;
                     visit.lambda_grad(be, &g, &mut lambda_grad)?;
                     dy = dx;
                 }
@@ -341,7 +381,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 let i = b - n_shared;
                 let mut g = match reached {
                     Some((batch, d)) => {
-                        let (dx, g) = t.private_blocks[i].backward(be, &t.private[i], batch, input.as_ref(), &d)?;
+                        let (dx, g) =
+                            t.private_blocks[i].backward(be, &t.private[i], batch, input.as_ref(), kept, &d)?;
                         dy = dx;
                         g
                     }
@@ -357,15 +398,26 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         Ok(StepGrads { loss: loss.unwrap_or(local_loss), kept: count, lambda: lambda_grad, private })
     }
 
-    /// Block `b` of task `t`'s chain forward: a shared block merged on arrival, or its own.
-    fn block_forward(&self, t: &Task<B, F>, b: usize, batch: &BatchOf<B, F>, x: Option<&B::Buf>) -> Result<B::Buf> {
+    /// Block `b` of task `t`'s chain forward (a shared block merged on arrival, or its own), with
+    /// its internals when `keep`.
+    fn block_forward(
+        &self,
+        t: &Task<B, F>,
+        b: usize,
+        batch: &BatchOf<B, F>,
+        x: Option<&B::Buf>,
+        keep: bool,
+    ) -> Result<(B::Buf, KeptOf<B, F>)> {
         let be = self.family.backend();
+        let run = |block: &F::Block, p: &Params<B>| {
+            if keep { block.forward_keeping(be, p, batch, x) } else { Ok((block.forward(be, p, batch, x)?, None)) }
+        };
         match b.checked_sub(self.shared.len()) {
             None => {
                 let p = self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?.merged(be, &self.lambda)?;
-                self.shared[b].forward(be, &p, batch, x)
+                run(&self.shared[b], &p)
             }
-            Some(i) => t.private_blocks[i].forward(be, &t.private[i], batch, x),
+            Some(i) => run(&t.private_blocks[i], &t.private[i]),
         }
     }
 

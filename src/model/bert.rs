@@ -150,7 +150,7 @@ pub struct EncoderLayer {
     pub eps: f32,
 }
 
-/// Everything the layer's forward computes, kept only inside one backward call.
+/// Everything the layer's forward computes that its backward needs.
 struct LayerActs<Buf> {
     q: Buf,
     k: Buf,
@@ -161,6 +161,21 @@ struct LayerActs<Buf> {
     u: Buf,
     act: Buf,
     r2: Buf,
+}
+
+/// A layer's forward internals, kept for a backward that then does not recompute them (the
+/// trade of memory for a quarter of the step's work that adaptation makes when its budget allows).
+pub struct Internals<Buf>(LayerActs<Buf>);
+
+/// A block's output and the internals its forward kept, if any.
+pub type Keeping<B> = (<B as Backend>::Buf, Option<Internals<<B as Backend>::Buf>>);
+
+impl<Buf> Internals<Buf> {
+    /// f32 elements held.
+    pub fn len<B: Backend<Buf = Buf>>(&self, be: &B) -> usize {
+        let a = &self.0;
+        [&a.q, &a.k, &a.v, &a.ctx, &a.r1, &a.h1, &a.u, &a.act, &a.r2].iter().map(|b| be.len(b)).sum()
+    }
 }
 
 impl EncoderLayer {
@@ -257,18 +272,34 @@ impl EncoderLayer {
         Ok(self.run(be, p, batch, x)?.1)
     }
 
-    /// Recomputes the layer from `x`, then returns `(dL/dx, dL/d params)`.
+    /// The output and the internals a later [`Self::backward`] can reuse.
+    pub fn forward_keeping<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        x: &B::Buf,
+    ) -> Result<(B::Buf, Internals<B::Buf>)> {
+        let (a, y) = self.run(be, p, batch, x)?;
+        Ok((y, Internals(a)))
+    }
+
+    /// `(dL/dx, dL/d params)`; the internals are recomputed from `x` unless `kept` has them.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &Batch<B>,
         x: &B::Buf,
+        kept: Option<Internals<B::Buf>>,
         dy: &B::Buf,
     ) -> Result<(B::Buf, Params<B>)> {
         let (rows, h, i) = (batch.rows(), self.hidden, self.intermediate);
         let w = |rel: &str| param(p, &self.name(rel));
-        let (a, _) = self.run(be, p, batch, x)?;
+        let a = match kept {
+            Some(Internals(a)) => a,
+            None => self.run(be, p, batch, x)?.0,
+        };
         let shapes: BTreeMap<String, Vec<usize>> = self.param_shapes().into_iter().collect();
         let mut g = Params::new();
         let mut put = |rel: &str, buf: Option<B::Buf>| {
@@ -449,19 +480,39 @@ impl Block {
         }
     }
 
-    /// `(dL/d input, dL/d params)` from the saved input and the output gradient.
+    /// [`Self::forward`] plus what [`Self::backward`] can reuse (an encoder layer's internals;
+    /// the embeddings and the head are cheap to recompute and keep nothing).
+    pub fn forward_keeping<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Batch<B>,
+        input: Option<&B::Buf>,
+    ) -> Result<Keeping<B>> {
+        match self {
+            Block::Layer(l) => {
+                let (y, kept) = l.forward_keeping(be, p, batch, need_input(input, self)?)?;
+                Ok((y, Some(kept)))
+            }
+            _ => Ok((self.forward(be, p, batch, input)?, None)),
+        }
+    }
+
+    /// `(dL/d input, dL/d params)` from the saved input (and the internals `kept` by
+    /// [`Self::forward_keeping`], if any) and the output gradient.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &Batch<B>,
         input: Option<&B::Buf>,
+        kept: Option<Internals<B::Buf>>,
         grad_out: &B::Buf,
     ) -> Result<(Option<B::Buf>, Params<B>)> {
         match self {
             Block::Embeddings(e) => Ok((None, e.backward(be, p, batch, grad_out)?)),
             Block::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, need_input(input, self)?, grad_out)?;
+                let (dx, g) = l.backward(be, p, batch, need_input(input, self)?, kept, grad_out)?;
                 Ok((Some(dx), g))
             }
             Block::Head(h) => {
@@ -823,7 +874,8 @@ impl<B: Backend> Bert<B> {
         for i in (0..self.blocks.len()).rev() {
             let input = inputs.pop().flatten();
             let g_out = dy.as_ref().unwrap_or(dlogits);
-            let (dx, g) = self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), g_out)?;
+            let (dx, g) =
+                self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), None, g_out)?;
             grads.push(g);
             dy = dx;
         }

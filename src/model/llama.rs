@@ -144,7 +144,7 @@ pub struct DecoderLayer {
     pub mlp_bias: bool,
 }
 
-/// Everything the layer's forward computes that its backward needs, kept only inside one call.
+/// Everything the layer's forward computes that its backward needs.
 struct LayerActs<Buf> {
     /// `rmsnorm(x)`, the projections' input.
     h: Buf,
@@ -159,6 +159,20 @@ struct LayerActs<Buf> {
     gate: Buf,
     up: Buf,
     act: Buf,
+}
+
+/// A layer's forward internals, kept for a backward that then does not recompute them.
+pub struct Internals<Buf>(LayerActs<Buf>);
+
+/// A block's output and the internals its forward kept, if any.
+pub type Keeping<B> = (<B as Backend>::Buf, Option<Internals<<B as Backend>::Buf>>);
+
+impl<Buf> Internals<Buf> {
+    /// f32 elements held.
+    pub fn len<B: Backend<Buf = Buf>>(&self, be: &B) -> usize {
+        let a = &self.0;
+        [&a.h, &a.qr, &a.kr, &a.v, &a.ctx, &a.r1, &a.h2, &a.gate, &a.up, &a.act].iter().map(|b| be.len(b)).sum()
+    }
 }
 
 impl DecoderLayer {
@@ -249,17 +263,33 @@ impl DecoderLayer {
         Ok(self.run(be, p, batch, x)?.1)
     }
 
-    /// Recomputes the layer from `x`, then returns `(dL/dx, dL/d params)`.
+    /// The output and the internals a later [`Self::backward`] can reuse.
+    pub fn forward_keeping<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        x: &B::Buf,
+    ) -> Result<(B::Buf, Internals<B::Buf>)> {
+        let (a, y) = self.run(be, p, batch, x)?;
+        Ok((y, Internals(a)))
+    }
+
+    /// `(dL/dx, dL/d params)`; the internals are recomputed from `x` unless `kept` has them.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &LmBatch<B>,
         x: &B::Buf,
+        kept: Option<Internals<B::Buf>>,
         dy: &B::Buf,
     ) -> Result<(B::Buf, Params<B>)> {
         let (rows, hd) = (batch.rows(), self.head_dim);
-        let (a, _) = self.run(be, p, batch, x)?;
+        let a = match kept {
+            Some(Internals(a)) => a,
+            None => self.run(be, p, batch, x)?.0,
+        };
         let shapes: BTreeMap<String, Vec<usize>> = self.param_shapes().into_iter().collect();
         let mut g = Params::new();
         let mut put = |name: String, buf: B::Buf| -> Result<()> {
@@ -404,19 +434,39 @@ impl LlamaBlock {
         }
     }
 
-    /// `(dL/d input, dL/d params)` from the saved input and the output gradient.
+    /// [`Self::forward`] plus what [`Self::backward`] can reuse (a decoder layer's internals;
+    /// the embedding and the head keep nothing).
+    pub fn forward_keeping<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        input: Option<&B::Buf>,
+    ) -> Result<Keeping<B>> {
+        match self {
+            LlamaBlock::Layer(l) => {
+                let (y, kept) = l.forward_keeping(be, p, batch, self.need_input(input)?)?;
+                Ok((y, Some(kept)))
+            }
+            _ => Ok((self.forward(be, p, batch, input)?, None)),
+        }
+    }
+
+    /// `(dL/d input, dL/d params)` from the saved input (and the internals `kept` by
+    /// [`Self::forward_keeping`], if any) and the output gradient.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &LmBatch<B>,
         input: Option<&B::Buf>,
+        kept: Option<Internals<B::Buf>>,
         grad_out: &B::Buf,
     ) -> Result<(Option<B::Buf>, Params<B>)> {
         match self {
             LlamaBlock::Embedding(e) => Ok((None, e.backward(be, batch, grad_out)?)),
             LlamaBlock::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, self.need_input(input)?, grad_out)?;
+                let (dx, g) = l.backward(be, p, batch, self.need_input(input)?, kept, grad_out)?;
                 Ok((Some(dx), g))
             }
             LlamaBlock::Head(h) => {
@@ -622,7 +672,8 @@ impl<B: Backend> Llama<B> {
         for i in (0..self.blocks.len()).rev() {
             let input = inputs.pop().flatten();
             let g_out = dy.as_ref().unwrap_or(dlogits);
-            let (dx, g) = self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), g_out)?;
+            let (dx, g) =
+                self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), None, g_out)?;
             grads.push(g);
             dy = dx;
         }
