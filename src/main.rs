@@ -350,11 +350,13 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: Device,
         /// With --device cpu: host memory for keeping shared blocks' checkpoint pages mapped
-        /// between visits (e.g. 8GB; 0 streams every block). Default: half the available memory.
+        /// between visits, then layers' forward internals for the backward (e.g. 8GB; 0 streams
+        /// every block and recomputes every layer). Default: half the available memory.
         #[arg(long, value_parser = parse_budget)]
         host_mem: Option<u64>,
         /// With --device cuda: device memory for keeping shared blocks' bytes on the GPU between
-        /// visits (0 streams every block). Default: half the free device memory.
+        /// visits, then layers' forward internals (0 streams every block and recomputes every
+        /// layer). Default: half the free device memory.
         #[arg(long, value_parser = parse_budget)]
         device_mem: Option<u64>,
     },
