@@ -3,9 +3,10 @@
 //! block-streamed.
 //!
 //! A step takes one batch of one task's unlabelled inputs. The forward builds each shared block's
-//! merged weights when it reaches it ([`SharedWeights`]) and keeps only block outputs; the
-//! backward rebuilds each block's weights in reverse, recomputes its internals from its saved
-//! input, turns the weight gradients into Lambda gradients and drops the block. The task's own
+//! merged weights when it reaches it ([`SharedWeights`]) and keeps block outputs, plus each
+//! block's internals and merged weights while the memory budget has room; the backward visits
+//! the blocks in reverse, rebuilds what was not kept (weights merged again, internals recomputed
+//! from the block's input), turns the weight gradients into Lambda gradients and drops the block. The task's own
 //! blocks (its head, and with `last_block` its last block) are resident, initialised from its
 //! expert, and get their own gradients and Adam steps. An epoch visits every task once, in a
 //! shuffled order, with one batch and one step each, as the released code does.
@@ -113,6 +114,35 @@ adapt_block!(LlamaBlock, LmBatch, crate::model::llama::Internals<B::Buf>);
 /// A block's kept internals, by the family's block type.
 type InternalsOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Internals;
 type KeptOf<B, F> = Option<InternalsOf<B, F>>;
+
+/// What a block's forward leaves for its backward beyond its input: its internals and (shared
+/// blocks) its merged weights, each `None` when not kept.
+struct KeptBlock<B: Backend, F: Family<B>> {
+    internals: KeptOf<B, F>,
+    merged: Option<Params<B>>,
+}
+
+impl<B: Backend, F: Family<B>> Default for KeptBlock<B, F> {
+    fn default() -> Self {
+        KeptBlock { internals: None, merged: None }
+    }
+}
+
+impl<B: Backend, F: Family<B>> KeptBlock<B, F> {
+    /// Keeps what fits in `room` (internals first: they save the most work), taking it from there.
+    fn within(self, be: &B, room: &mut u64) -> Self {
+        let mut take = |bytes: u64| {
+            let fits = bytes <= *room;
+            if fits {
+                *room -= bytes;
+            }
+            fits
+        };
+        let internals = self.internals.filter(|k| take(4 * F::Block::internals_len(be, k) as u64));
+        let merged = self.merged.filter(|p| take(4 * p.values().map(|t| be.len(&t.buf) as u64).sum::<u64>()));
+        KeptBlock { internals, merged }
+    }
+}
 
 /// The uploaded batch of a family.
 pub type BatchOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Batch;
@@ -320,18 +350,16 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let total = self.shared.len() + t.private_blocks.len();
 
         // Forward (skipped by a rank with nothing to predict): block outputs are kept, and each
-        // block's internals while the memory budget has room for them (else the backward
-        // recomputes them).
+        // block's internals and merged weights while the memory budget has room for them (else
+        // the backward rebuilds them).
         let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
-        let mut internals: Vec<KeptOf<B, F>> = Vec::with_capacity(total);
+        let mut kept: Vec<KeptBlock<B, F>> = Vec::with_capacity(total);
         let mut room = self.weights.spare_bytes();
         let mut local = None;
         if let Some(batch) = if mine.is_empty() { None } else { self.family.batch(t, mine)? } {
             for b in 0..total {
-                let (y, kept) = self.block_forward(t, b, &batch, acts.last(), room > 0)?;
-                let bytes = kept.as_ref().map_or(0, |k| 4 * F::Block::internals_len(be, k) as u64);
-                internals.push(kept.filter(|_| bytes <= room));
-                room = room.saturating_sub(bytes);
+                let (y, k) = self.block_forward(t, b, &batch, acts.last(), room > 0)?;
+                kept.push(k.within(be, &mut room));
                 acts.push(y);
             }
             let out = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
@@ -364,12 +392,15 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
         for b in (0..total).rev() {
             let input = if b > 0 { acts.pop() } else { None };
-            let kept = internals.pop().flatten();
+            let KeptBlock { internals: kept, merged } = kept.pop().unwrap_or_default();
             let reached = batch.as_ref().zip(dy.take());
             if b < n_shared {
                 if let Some((batch, d)) = reached {
                     let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, false)))?;
-                    let p = visit.merged(be, &self.lambda)?;
+                    let p = match merged {
+                        Some(p) => p,
+                        None => visit.merged(be, &self.lambda)?,
+                    };
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), kept, &d)?;
                     visit.lambda_grad(be, &g, &mut lambda_grad)?;
                     dy = dx;
@@ -399,7 +430,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
     }
 
     /// Block `b` of task `t`'s chain forward (a shared block merged on arrival, or its own), with
-    /// its internals when `keep`.
+    /// its internals and merged weights when `keep`.
     fn block_forward(
         &self,
         t: &Task<B, F>,
@@ -407,7 +438,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         batch: &BatchOf<B, F>,
         x: Option<&B::Buf>,
         keep: bool,
-    ) -> Result<(B::Buf, KeptOf<B, F>)> {
+    ) -> Result<(B::Buf, KeptBlock<B, F>)> {
         let be = self.family.backend();
         let run = |block: &F::Block, p: &Params<B>| {
             if keep { block.forward_keeping(be, p, batch, x) } else { Ok((block.forward(be, p, batch, x)?, None)) }
@@ -415,9 +446,13 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         match b.checked_sub(self.shared.len()) {
             None => {
                 let p = self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?.merged(be, &self.lambda)?;
-                run(&self.shared[b], &p)
+                let (y, internals) = run(&self.shared[b], &p)?;
+                Ok((y, KeptBlock { internals, merged: keep.then_some(p) }))
             }
-            Some(i) => run(&t.private_blocks[i], &t.private[i]),
+            Some(i) => {
+                let (y, internals) = run(&t.private_blocks[i], &t.private[i])?;
+                Ok((y, KeptBlock { internals, merged: None }))
+            }
         }
     }
 
