@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, stored_ops};
+use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, stored_ops, vmath};
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
 
@@ -132,12 +132,22 @@ fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, 
     });
 }
 
+/// `f` of every element, in chunks of plain loops (which the compiler vectorises when `f` is
+/// branch-free arithmetic).
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    x.par_iter().with_min_len(MIN_PAR).map(|&v| f(v)).collect()
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(MIN_PAR).zip(x.par_chunks(MIN_PAR)).for_each(|(o, x)| {
+        o.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+    });
+    out
 }
 
 fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    a.par_iter().zip(b.par_iter()).with_min_len(MIN_PAR).map(|(&x, &y)| f(x, y)).collect()
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(MIN_PAR).zip(a.par_chunks(MIN_PAR).zip(b.par_chunks(MIN_PAR))).for_each(|(o, (a, b))| {
+        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+    });
+    out
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -145,7 +155,7 @@ const GELU_A: f32 = 0.044_715;
 
 fn gelu_f(x: f32, kind: Gelu) -> f32 {
     match kind {
-        Gelu::Erf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Gelu::Erf => 0.5 * x * (1.0 + vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2)),
         Gelu::Tanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh()),
     }
 }
@@ -153,8 +163,9 @@ fn gelu_f(x: f32, kind: Gelu) -> f32 {
 fn gelu_grad(x: f32, kind: Gelu) -> f32 {
     match kind {
         Gelu::Erf => {
-            let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = (-0.5 * x * x).exp() * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+            let cdf = 0.5 * (1.0 + vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf =
+                vmath::exp(-0.5 * x * x) * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
             cdf + x * pdf
         }
         Gelu::Tanh => {

@@ -15,6 +15,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod stored_ops;
+pub mod vmath;
 
 use std::fmt;
 use std::str::FromStr;
