@@ -575,9 +575,6 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up worker threads")?;
-    }
     match cli.command {
         Command::Inspect { path, json } => {
             let info = symerge::inspect::inspect(&path)?;
@@ -982,6 +979,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // First: it may set this process's environment, which is sound only before other threads.
+    if let Err(e) = symerge::backend::cpu::set_worker_threads(cli.threads) {
+        eprintln!("error: setting up worker threads: {e}");
+        return ExitCode::FAILURE;
+    }
     init_logging(cli.verbose);
     symerge::atomic::remove_partials_on_interrupt();
     match run(cli) {
