@@ -133,3 +133,33 @@ fn reader_opens_files_written_by_the_reference_writer() {
     assert!(ck.resolve("embed_tokens.weight").is_some());
     assert!(ck.resolve("nope.weight").is_none());
 }
+
+/// An empty tensor may be written explicitly (zero bytes, as a copy loop does) or not at all,
+/// wherever it falls: between others, last, or several in a row. Both give the same file.
+#[test]
+fn empty_tensors_may_be_written_or_skipped() {
+    let ts = [
+        T::new("a", Dtype::F32, &[2], vec![1.0, 2.0]),
+        T::new("empty.0", Dtype::I64, &[0, 2], vec![]),
+        T::new("empty.1", Dtype::F16, &[3, 0], vec![]),
+        T::new("b", Dtype::BF16, &[], vec![0.5]),
+        T::new("empty.last", Dtype::F32, &[0], vec![]),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    // Each run leaves out the writes of these empty tensors.
+    let all: &[&str] = &["empty.0", "empty.1", "empty.last"];
+    for (run, left_out) in [("explicit", &[][..]), ("skipped", all), ("some", &["empty.0"][..])] {
+        let dir = tmp.path().join(run);
+        std::fs::create_dir(&dir).unwrap();
+        let planned = ts.iter().map(|t| PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() });
+        let mut w = ShardWriter::create(&dir, planned.collect(), 1 << 30).unwrap();
+        for t in ts.iter().filter(|t| !left_out.contains(&t.name.as_str())) {
+            w.write(&t.name, &to_bytes(t.dtype, &t.values)).unwrap_or_else(|e| panic!("{run}: {e}"));
+        }
+        w.finish().unwrap();
+        assert_eq!(read_model(&dir).len(), ts.len(), "{run}");
+        files.push(std::fs::read(dir.join("model.safetensors")).unwrap());
+    }
+    assert!(files.iter().all(|f| *f == files[0]));
+}

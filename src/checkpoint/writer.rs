@@ -137,8 +137,9 @@ impl ShardWriter {
 
     /// Appends `bytes` to tensor `name`, which must be the tensor currently due. A tensor is
     /// complete once all its bytes have arrived; the next call then starts the following one.
+    /// Empty tensors need no call, but may get one (with no bytes), as a copy loop makes it.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        self.skip_empty();
+        self.skip_empty(Some(name));
         let Some(t) = self.tensors.get(self.next) else {
             return Err(Error::Invalid(format!("internal: tensor `{name}` written after the last planned tensor")));
         };
@@ -195,16 +196,19 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Zero-byte tensors have nothing to write: they are complete as soon as they are due.
-    fn skip_empty(&mut self) {
-        while self.written == 0 && self.next < self.tensors.len() && self.tensors[self.next].nbytes() == 0 {
+    /// Zero-byte tensors have nothing to write: they are complete as soon as they are due,
+    /// except `named`, which is being written (a write of its zero bytes completes it).
+    fn skip_empty(&mut self, named: Option<&str>) {
+        while self.written == 0
+            && self.tensors.get(self.next).is_some_and(|t| t.nbytes() == 0 && Some(t.name.as_str()) != named)
+        {
             self.next += 1;
         }
     }
 
     /// Checks every planned byte arrived, closes and syncs the shards and writes the index.
     pub fn finish(mut self) -> Result<WrittenCheckpoint> {
-        self.skip_empty();
+        self.skip_empty(None);
         if self.next != self.tensors.len() {
             return Err(Error::Invalid(format!(
                 "internal: output incomplete, tensor `{}` was never written in full",
