@@ -42,6 +42,12 @@ pub enum Error {
     NonFiniteOutput { tensor: String, index: usize, value: f32 },
 
     #[error(
+        "merge produced {value} in tensor `{tensor}` at element {index}, which overflows the output dtype {dtype} \
+         (largest finite value {max}); check the method's weights or choose a wider dtype"
+    )]
+    OutputOverflow { tensor: String, index: usize, value: f32, dtype: String, max: f32 },
+
+    #[error(
         "{path}: unsupported dtype {dtype} for tensor `{tensor}` (floating-point tensors must be F32, F16 or BF16)"
     )]
     UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },

@@ -582,7 +582,7 @@ impl<'a> MergeJob<'a> {
         let views: Vec<&[f32]> = s.experts.iter().map(Vec::as_slice).collect();
         self.method.merge_chunk(ctx, base.map(|_| s.base.as_slice()), &views, &mut s.out, &mut s.method);
         if let Some(i) = first_out_of_range(&s.out, out_dtype) {
-            return Err(Error::NonFiniteOutput { tensor: tensor.to_string(), index: ctx.offset + i, value: s.out[i] });
+            return Err(out_of_range(tensor, ctx.offset + i, s.out[i], out_dtype));
         }
         encode_into(out_dtype, &s.out, out_bytes);
         Ok(())
@@ -597,9 +597,33 @@ fn first_non_finite(x: &[f32]) -> Option<usize> {
 
 /// Index of the first value that is not finite or would overflow the output dtype.
 fn first_out_of_range(x: &[f32], dtype: FloatDType) -> Option<usize> {
+    let Some(limit) = overflow_threshold(dtype) else { return first_non_finite(x) };
+    let out = |v: &f32| v.is_nan() | (v.abs() >= limit);
+    // A branch-free scan first, as in first_non_finite.
+    if x.iter().fold(false, |acc, v| acc | out(v)) { x.iter().position(out) } else { None }
+}
+
+/// The smallest magnitude that rounds to infinity in `dtype`: half an ulp above f16's largest
+/// value. bf16 shares f32's range (only the last half ulp below f32's largest value rounds to
+/// inf, which the GPU kernels, matching this, do not flag either).
+fn overflow_threshold(dtype: FloatDType) -> Option<f32> {
     match dtype {
-        // Values from 65520 up round to infinity in f16.
-        FloatDType::F16 => x.iter().position(|v| v.is_nan() || v.abs() >= 65520.0),
-        _ => first_non_finite(x),
+        FloatDType::F16 => Some(65520.0),
+        FloatDType::BF16 | FloatDType::F32 => None,
     }
+}
+
+/// The error for an output value that is NaN or infinite, or finite but too large for the
+/// output dtype (which needs its own message: it is no bug in the inputs).
+fn out_of_range(tensor: &str, index: usize, value: f32, dtype: FloatDType) -> Error {
+    let tensor = tensor.to_string();
+    if !value.is_finite() {
+        return Error::NonFiniteOutput { tensor, index, value };
+    }
+    let max = match dtype {
+        FloatDType::F16 => half::f16::MAX.to_f32(),
+        FloatDType::BF16 => half::bf16::MAX.to_f32(),
+        FloatDType::F32 => f32::MAX,
+    };
+    Error::OutputOverflow { tensor, index, value, dtype: format!("{dtype} ({})", dtype.safetensors_name()), max }
 }
