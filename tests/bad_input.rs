@@ -371,22 +371,85 @@ fn degenerate_configs_and_disagreeing_architectures_are_refused() {
     assert!(!ok && err.contains("a directory") && err.contains(expert_cfg.to_str().unwrap()), "{err}");
 }
 
-/// A header whose tensor's shape and dtype do not fill its byte range names that tensor (the
-/// `safetensors` crate only says "invalid shape, data type, or offset for tensor").
-#[test]
-fn inconsistent_tensor_info_names_the_tensor() {
-    let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("bad.safetensors");
-    let mut header =
-        br#"{"a.ok":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"layer.w":{"dtype":"F32","shape":[2,3],"data_offsets":[8,28]}}"#
-            .to_vec();
+/// Writes a safetensors file with this header (padded) and `data` zero bytes of data.
+fn write_raw(file: &Path, header: &str, data: usize) {
+    let mut header = header.as_bytes().to_vec();
     while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend(&header);
-    bytes.extend([0u8; 28]);
-    std::fs::write(&file, bytes).unwrap();
-    let (ok, _, err) = run(&["inspect", file.to_str().unwrap()]);
-    assert!(!ok && err.contains("`layer.w`") && err.contains("needs 24 bytes"), "{err}");
+    bytes.extend(vec![0u8; data]);
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// A header whose tensor's shape and dtype do not fill its byte range names that tensor (the
+/// `safetensors` crate only says "invalid shape, data type, or offset for tensor"), whatever the
+/// dtype (sizes come from the crate, so C64 and the sub-byte F4 are covered too) and also when
+/// the sizes overflow.
+#[test]
+fn inconsistent_tensor_info_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.safetensors");
+    let cases = [
+        (
+            r#""layer.w":{"dtype":"F32","shape":[2,3],"data_offsets":[8,28]}"#,
+            28,
+            "`layer.w`: shape [2, 3] of F32 needs 24 bytes",
+        ),
+        (
+            r#""layer.c":{"dtype":"C64","shape":[2],"data_offsets":[8,16]}"#,
+            16,
+            "`layer.c`: shape [2] of C64 needs 16 bytes",
+        ),
+        (r#""layer.q":{"dtype":"F4","shape":[3],"data_offsets":[8,10]}"#, 10, "`layer.q`: shape [3] of F4 is 12 bits"),
+        (
+            r#""layer.o":{"dtype":"U8","shape":[4611686018427387904,4611686018427387904,0],"data_offsets":[8,8]}"#,
+            8,
+            "`layer.o`: shape [4611686018427387904, 4611686018427387904, 0] of U8 needs more than 2^64 bytes",
+        ),
+    ];
+    for (entry, data, want) in cases {
+        write_raw(&file, &format!(r#"{{"a.ok":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},{entry}}}"#), data);
+        let (ok, _, err) = run(&["inspect", file.to_str().unwrap()]);
+        assert!(!ok && err.contains(want) && err.contains(file.to_str().unwrap()), "{want}: {err}");
+    }
+}
+
+/// What stands where a checkpoint's files belong is described as what it is: a dangling link or
+/// a directory named model.safetensors, an index that is a directory, a shard the index names
+/// that is a directory, and an index that lists no tensors are errors naming the path, never
+/// "no checkpoint found" or an empty checkpoint.
+#[test]
+fn checkpoint_files_that_are_no_files_say_what_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let make = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    };
+    let dangling = make("dangling");
+    std::os::unix::fs::symlink(tmp.path().join("gone.safetensors"), dangling.join("model.safetensors")).unwrap();
+    let dir_weights = make("dir-weights");
+    std::fs::create_dir(dir_weights.join("model.safetensors")).unwrap();
+    let dir_index = make("dir-index");
+    std::fs::create_dir(dir_index.join("model.safetensors.index.json")).unwrap();
+    let dir_shard = make("dir-shard");
+    let index = r#"{"weight_map": {"w": "model-00001-of-00001.safetensors"}}"#;
+    std::fs::write(dir_shard.join("model.safetensors.index.json"), index).unwrap();
+    std::fs::create_dir(dir_shard.join("model-00001-of-00001.safetensors")).unwrap();
+    let empty = make("empty-index");
+    std::fs::write(empty.join("model.safetensors.index.json"), r#"{"weight_map": {}}"#).unwrap();
+    let cases = [
+        (&dangling, "model.safetensors: a broken symbolic link"),
+        (&dir_weights, "model.safetensors is a directory"),
+        (&dir_index, "model.safetensors.index.json is a directory"),
+        (&dir_shard, "model-00001-of-00001.safetensors is a directory"),
+        (&empty, "model.safetensors.index.json: lists no tensors"),
+    ];
+    for (dir, want) in cases {
+        let (ok, _, err) = run(&["inspect", dir.to_str().unwrap()]);
+        assert!(!ok && err.contains(want) && err.contains(dir.to_str().unwrap()), "{want}: {err}");
+        assert!(!err.contains("no checkpoint found"), "{err}");
+    }
 }

@@ -6,7 +6,7 @@
 //! being worked on rather than by the model size.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::{Advice, Mmap};
@@ -89,10 +89,12 @@ impl Checkpoint {
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         let (dir, files, index) = if meta.is_dir() {
             let index = path.join(INDEX_NAME);
-            if index.is_file() {
+            // Whatever stands at these names is meant as the checkpoint: a dangling link or a
+            // directory there is an error saying so, not "no checkpoint found".
+            if index.symlink_metadata().is_ok() {
                 let files = shard_files_from_index(&index)?;
                 (path.clone(), files, Some(index))
-            } else if path.join(SINGLE_NAME).is_file() {
+            } else if path.join(SINGLE_NAME).symlink_metadata().is_ok() {
                 (path.clone(), vec![path.join(SINGLE_NAME)], None)
             } else {
                 let found = list_safetensors(&path)?;
@@ -269,7 +271,7 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let p = entry.path();
-        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+        if p.extension().is_some_and(|e| e == "safetensors") {
             found.push(p);
         }
     }
@@ -281,28 +283,33 @@ fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = crate::input_file::read_to_string(index)?;
     let parsed: IndexFile = serde_json::from_str(&text)
         .map_err(|e| Error::BadIndex { path: index.to_path_buf(), reason: format!("not a valid shard index: {e}") })?;
+    if parsed.weight_map.is_empty() {
+        return Err(Error::BadIndex {
+            path: index.to_path_buf(),
+            reason: "lists no tensors (weight_map is empty)".into(),
+        });
+    }
     let dir = index.parent().unwrap_or_else(|| Path::new("."));
     let mut names: Vec<&String> = parsed.weight_map.values().collect();
     names.sort();
     names.dedup();
-    let mut files = Vec::with_capacity(names.len());
-    for n in names {
-        if n.contains('/') || n.contains("..") {
-            return Err(Error::BadIndex {
-                path: index.to_path_buf(),
-                reason: format!("shard name `{n}` must be a plain file name"),
-            });
-        }
-        let f = dir.join(n);
-        if !f.is_file() {
-            return Err(Error::BadIndex {
-                path: index.to_path_buf(),
-                reason: format!("shard `{n}` listed in the index does not exist"),
-            });
-        }
-        files.push(f);
+    names.into_iter().map(|n| shard_path(index, dir, n)).collect()
+}
+
+/// The file of a shard the index names: a plain file name (no directory part, nothing that
+/// leads out of the checkpoint's directory) of a regular file there.
+fn shard_path(index: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
+    let bad = |reason: String| Error::BadIndex { path: index.to_path_buf(), reason };
+    let plain = matches!(Path::new(name).components().collect::<Vec<_>>()[..], [Component::Normal(_)]);
+    if !plain || name.contains('/') || name.contains('\0') {
+        return Err(bad(format!("shard name `{name}` must be a plain file name")));
     }
-    Ok(files)
+    let file = dir.join(name);
+    if file.symlink_metadata().is_err() {
+        return Err(bad(format!("shard `{name}` listed in the index does not exist")));
+    }
+    crate::input_file::check_regular(&file).map_err(|e| bad(format!("shard `{name}` listed in the index: {e}")))?;
+    Ok(file)
 }
 
 fn check_index_matches(index: &Path, tensors: &[TensorMeta], shards: &[Shard]) -> Result<()> {
@@ -368,10 +375,9 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError, file: &[u8]) -> 
         E::InvalidHeaderLength => "header length points past the end of the file (truncated or not safetensors)".into(),
         E::MetadataIncompleteBuffer => "tensor data does not match the file size (truncated or padded file)".into(),
         E::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
-        E::TensorInvalidInfo => match first_inconsistent_tensor(file) {
-            Some(what) => what,
-            None => format!("{e}"),
-        },
+        E::TensorInvalidInfo | E::ValidationOverflow | E::MisalignedSlice => {
+            first_inconsistent_tensor(file).unwrap_or_else(|| format!("{e}"))
+        }
         other => format!("{other}"),
     }
 }
@@ -379,37 +385,37 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError, file: &[u8]) -> 
 /// The first tensor of the header whose shape and dtype do not fill its byte range (the
 /// `safetensors` crate rejects the file without naming it).
 fn first_inconsistent_tensor(file: &[u8]) -> Option<String> {
-    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?) as usize;
+    let len = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(file.get(8..8usize.checked_add(len)?)?).ok()?;
     let mut named: Vec<(&String, &serde_json::Value)> = header.iter().filter(|(k, _)| *k != "__metadata__").collect();
     named.sort_by_key(|(k, _)| *k);
-    for (name, info) in named {
-        let dtype = info.get("dtype")?.as_str()?;
-        let size = match dtype {
-            "F64" | "I64" | "U64" => 8,
-            "F32" | "I32" | "U32" => 4,
-            "F16" | "BF16" | "I16" | "U16" => 2,
-            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
-            _ => continue,
-        };
-        let shape: Option<Vec<u64>> = info.get("shape")?.as_array()?.iter().map(|v| v.as_u64()).collect();
-        let offsets: Option<Vec<u64>> = info.get("data_offsets")?.as_array()?.iter().map(|v| v.as_u64()).collect();
-        let (Some(shape), Some(offsets)) = (shape, offsets) else {
-            return Some(format!("tensor `{name}`: shape or data_offsets are not lists of non-negative integers"));
-        };
-        let need = shape.iter().try_fold(size as u64, |a, &d| a.checked_mul(d));
-        let span = match offsets.as_slice() {
-            [a, b] if a <= b => Some(b - a),
-            _ => None,
-        };
-        if need.is_none() || span.is_none() || need != span {
-            return Some(format!(
-                "tensor `{name}`: shape {shape:?} of {dtype} needs {} bytes but its data_offsets {offsets:?} span {}",
-                need.map_or("more than 2^64".into(), |n| n.to_string()),
-                span.map_or("nothing valid".into(), |n| n.to_string())
-            ));
-        }
+    named.into_iter().find_map(|(name, info)| inconsistency(name, info))
+}
+
+/// Why one header entry's shape and dtype do not fill its byte range, if they do not. The
+/// dtype's size comes from the `safetensors` crate, so every dtype it knows is covered.
+fn inconsistency(name: &str, info: &serde_json::Value) -> Option<String> {
+    let dtype: safetensors::Dtype = serde_json::from_value(info.get("dtype")?.clone()).ok()?;
+    let numbers = |key: &str| -> Option<Vec<u64>> { info.get(key)?.as_array()?.iter().map(|v| v.as_u64()).collect() };
+    let (Some(shape), Some(offsets)) = (numbers("shape"), numbers("data_offsets")) else {
+        return Some(format!("tensor `{name}`: shape or data_offsets are not lists of non-negative integers"));
+    };
+    let bits = shape.iter().try_fold(dtype.bitsize() as u64, |a, &d| a.checked_mul(d));
+    if let Some(b) = bits.filter(|b| b % 8 != 0) {
+        return Some(format!("tensor `{name}`: shape {shape:?} of {dtype:?} is {b} bits, not whole bytes"));
     }
-    None
+    let need = bits.map(|b| b / 8);
+    let span = match offsets.as_slice() {
+        [a, b] if a <= b => Some(b - a),
+        _ => None,
+    };
+    if need.is_some() && need == span {
+        return None;
+    }
+    Some(format!(
+        "tensor `{name}`: shape {shape:?} of {dtype:?} needs {} bytes but its data_offsets {offsets:?} span {}",
+        need.map_or("more than 2^64".into(), |n| n.to_string()),
+        span.map_or("nothing valid".into(), |n| n.to_string())
+    ))
 }
