@@ -453,3 +453,51 @@ fn checkpoint_files_that_are_no_files_say_what_they_are() {
         assert!(!err.contains("no checkpoint found"), "{err}");
     }
 }
+
+/// A label cache where a directory or a FIFO stands is refused naming it and what it is: as an
+/// adapt task's cache, as cache-labels' output (with or without --force, before any labelling),
+/// and as the partial file a resumed cache-labels would read.
+#[test]
+fn label_cache_paths_that_are_no_files_say_what_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let (fx, dir) = (fixture.to_str().unwrap(), tmp.path().join("cachedir"));
+    std::fs::create_dir(&dir).unwrap();
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
+    let cfg = tmp.path().join("adapt.yml");
+    let task = format!("{{name: t, expert: {fx}, inputs: {}, cache: {}}}", inputs.display(), dir.display());
+    std::fs::write(&cfg, format!("method: symerge\nbase_model: {fx}\nepochs: 1\ntasks:\n  - {task}\n")).unwrap();
+    let out = tmp.path().join("out");
+    let (i, o, d) = (inputs.to_str().unwrap(), out.to_str().unwrap(), dir.to_str().unwrap());
+    let (ok, _, err) = run(&["adapt", cfg.to_str().unwrap(), "-o", o, "--device", "cpu"]);
+    assert!(!ok && err.contains(&format!("{d} is a directory")), "{err}");
+    let label = ["cache-labels", "--expert", fx, "--task", "t", "--inputs", i, "-o"];
+    for force in [&[][..], &["--force"]] {
+        let (ok, _, err) = run(&[&label[..], &[d], force].concat());
+        assert!(!ok && err.contains(&format!("{d}: is a directory, not a cache file")), "{force:?}: {err}");
+    }
+    let target = tmp.path().join("t.labels");
+    let partial = tmp.path().join("t.labels.partial");
+    assert!(std::process::Command::new("mkfifo").arg(&partial).status().unwrap().success());
+    let (ok, err) = run_bounded(&[&label[..], &[target.to_str().unwrap()]].concat(), 20);
+    assert!(!ok && err.contains(&format!("{} is a FIFO", partial.display())), "{err}");
+}
+
+/// A tokenizer.json that is a directory says so (it was "not found").
+#[test]
+fn a_tokenizer_that_is_a_directory_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    std::fs::create_dir(model.join("tokenizer.json")).unwrap();
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
+    let (ok, _, err) = run(&["eval", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()]);
+    let want = format!("{} is a directory", model.join("tokenizer.json").display());
+    assert!(!ok && err.contains(&want) && !err.contains("not found"), "{err}");
+}

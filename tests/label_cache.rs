@@ -200,6 +200,13 @@ fn lying_headers_and_values_that_are_not_distributions_are_rejected() {
         ),
         ("logit", Box::new(|_, d| d[4 * C - 2..4 * C].copy_from_slice(&half::f16::INFINITY.to_le_bytes()))),
         ("class names", Box::new(|h, _| h["labels"] = serde_json::json!(["a", "b", "c", "d", "e", "f"]))),
+        (
+            "zero classes",
+            Box::new(|h, d| {
+                h["kind"] = serde_json::json!({"classification": {"classes": 0}});
+                d.clear();
+            }),
+        ),
     ];
     for (want, edit) in &cases {
         fresh();
@@ -243,4 +250,13 @@ fn a_corrupted_partial_resumes_after_its_last_valid_row() {
     w.append_classification(&p[3 * C..], &l[3 * C..]).unwrap();
     w.finish().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&whole).unwrap());
+}
+
+/// A cache path that is a directory is refused naming it and saying what it is (mapping it gave
+/// "No such device").
+#[test]
+fn a_directory_is_no_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open_err(dir.path(), None);
+    assert!(e.contains(&format!("{} is a directory", dir.path().display())), "{e}");
 }

@@ -152,15 +152,14 @@ impl CacheHeader {
         if header.dtype != header.kind.dtype() {
             return Err(cache_err(path, format!("unsupported dtype `{}` for {:?}", header.dtype, header.kind)));
         }
-        if let LabelKind::TopK { k, vocab } = header.kind
-            && (k == 0 || k > vocab || header.positions.is_none())
-        {
-            return Err(cache_err(
+        match header.kind {
+            LabelKind::Classification { classes: 0 } => Err(cache_err(path, "corrupt header: zero classes")),
+            LabelKind::TopK { k, vocab } if k == 0 || k > vocab || header.positions.is_none() => Err(cache_err(
                 path,
                 format!("corrupt header: top-k of {k} over {vocab} tokens, positions {:?}", header.positions),
-            ));
+            )),
+            _ => Ok(header),
         }
-        Ok(header)
     }
 }
 
@@ -228,6 +227,10 @@ impl CacheWriter {
 
     fn start(path: &Path, header: CacheHeader, offsets: Vec<u64>) -> Result<Self> {
         let partial = partial_path(path);
+        // A resume reads the partial file: a FIFO there would block the read.
+        if partial.symlink_metadata().is_ok() {
+            crate::input_file::check_regular(&partial)?;
+        }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }

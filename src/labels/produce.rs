@@ -109,6 +109,14 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
 ) -> Result<CacheLabelsSummary> {
     let start = Instant::now();
     crate::atomic::check_output_apart(&opts.output, &[opts.expert.as_path()])?;
+    if opts.output.exists()
+        && let Err(Error::NotAFile { kind, .. }) = crate::input_file::check_regular(&opts.output)
+    {
+        return Err(Error::LabelCache {
+            path: opts.output.clone(),
+            reason: format!("is {kind}, not a cache file; choose another output path (--force replaces only a cache)"),
+        });
+    }
     if texts.is_empty() {
         return Err(Error::Invalid(format!("no inputs to label for task `{}`", opts.task)));
     }

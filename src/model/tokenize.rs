@@ -54,6 +54,7 @@ impl TextTokenizer {
         if max_len < 2 {
             return Err(bad(format!("maximum length {max_len} leaves no room for the special tokens")));
         }
+        crate::input_file::check_regular(path)?;
         let mut inner = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
         let pad_id = inner
             .get_padding()
@@ -71,7 +72,8 @@ impl TextTokenizer {
     /// Loads `dir/tokenizer.json`.
     pub fn from_dir(dir: &Path, max_len: usize) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.is_file() {
+        // Only a missing file is "not found"; a directory or a dangling link there says so.
+        if path.symlink_metadata().is_err() {
             return Err(Error::Tokenizer {
                 path,
                 reason: "not found (the model directory needs a Hugging Face tokenizer.json)".into(),

@@ -589,7 +589,7 @@ fn registered_rates(gpu: &Gpu, model_dir: &Path) -> Result<RegisteredRates> {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .ok_or_else(|| Error::Invalid(format!("no shard in {}", model_dir.display())))?;
-    let file = std::fs::File::open(&shard).map_err(|e| Error::io(&shard, e))?;
+    let file = crate::input_file::open(&shard)?;
     // SAFETY: a read-only map of a file nobody writes during the benchmark.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&shard, e))?;
     let bytes = map.len();
