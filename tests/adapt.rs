@@ -119,7 +119,7 @@ fn streamed_lambda_gradient_equals_resident_and_finite_difference() {
     let grads = model.backward(&batch, saved, &lo.dlogits).unwrap();
     let mut resident = vec![0f64; a.lambda.values.len()];
     for (b, g) in grads.iter().take(a.shared.len()).enumerate() {
-        a.weights.visit(&be, b, None).unwrap().lambda_grad(&be, g, &mut resident).unwrap();
+        a.weights.visit(&be, b, None).unwrap().lambda_grad(&be, g, &[], &mut resident).unwrap();
     }
     let norm: f64 = resident.iter().map(|g| g * g).sum::<f64>().sqrt();
     let diff: f64 = resident.iter().zip(&streamed.lambda).map(|(r, s)| (r - s).powi(2)).sum::<f64>().sqrt();

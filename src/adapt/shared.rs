@@ -234,30 +234,54 @@ impl<B: Backend> BlockVisit<'_, B> {
 
     /// The block's merged weights `base + sum_k lambda_k (theta_k - base)`, on the backend.
     pub fn merged(&self, be: &B, lambda: &Lambda) -> Result<Params<B>> {
+        self.merged_rows(be, lambda, &[])
+    }
+
+    /// [`Self::merged`] with the lookup tables named in `lookups` merged only on the rows listed
+    /// there (the rows a batch reads; the rest of the table is zero).
+    pub fn merged_rows(&self, be: &B, lambda: &Lambda, lookups: &[TableRows]) -> Result<Params<B>> {
         let mut out = Params::new();
         for (t, s) in self.block.tensors.iter().zip(self.staged()) {
             let experts: Vec<&B::Stored> = s[1..].iter().collect();
-            let buf = be.merge_stored(&s[0], &experts, lambda.row(t.row))?;
+            let coefs = lambda.row(t.row);
+            let buf = match lookup_of(lookups, t) {
+                Some((rows, row_len)) => be.merge_stored_rows(&s[0], &experts, coefs, rows, row_len)?,
+                None => be.merge_stored(&s[0], &experts, coefs)?,
+            };
             out.insert(t.name.clone(), Param { shape: t.shape.clone(), buf });
         }
         Ok(out)
     }
 
     /// Adds the block's Lambda gradients to `out` (`[rows, K]`, like Lambda's values) from the
-    /// gradients of its merged weights.
-    pub fn lambda_grad(&self, be: &B, grads: &Params<B>, out: &mut [f64]) -> Result<()> {
+    /// gradients of its merged weights; a lookup table in `lookups` has gradient only on its
+    /// listed rows, and only those are read.
+    pub fn lambda_grad(&self, be: &B, grads: &Params<B>, lookups: &[TableRows], out: &mut [f64]) -> Result<()> {
         for (t, s) in self.block.tensors.iter().zip(self.staged()) {
             let g = grads
                 .get(&t.name)
                 .ok_or_else(|| Error::Invalid(format!("internal: no gradient for shared tensor `{}`", t.name)))?;
             let experts: Vec<&B::Stored> = s[1..].iter().collect();
             let k = experts.len();
-            for (j, dot) in be.lambda_grad_stored(&g.buf, &s[0], &experts)?.into_iter().enumerate() {
+            let dots = match lookup_of(lookups, t) {
+                Some((rows, row_len)) => be.lambda_grad_stored_rows(&g.buf, &s[0], &experts, rows, row_len)?,
+                None => be.lambda_grad_stored(&g.buf, &s[0], &experts)?,
+            };
+            for (j, dot) in dots.into_iter().enumerate() {
                 out[t.row * k + j] += dot;
             }
         }
         Ok(())
     }
+}
+
+/// A lookup table's name and the rows (sorted, unique) a batch reads from it.
+pub type TableRows = (String, Vec<u32>);
+
+/// The rows and row length of `t` when `lookups` lists it.
+fn lookup_of<'a>(lookups: &'a [TableRows], t: &SharedTensor) -> Option<(&'a [u32], usize)> {
+    let (_, rows) = lookups.iter().find(|(name, _)| *name == t.name)?;
+    Some((rows, t.shape.iter().skip(1).product()))
 }
 
 impl<B: Backend> Drop for BlockVisit<'_, B> {

@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::adam::{Adam, AdamConfig, BufAdam};
 use super::config::{AdaptConfig, Method};
 use super::lambda::{Granularity, Lambda};
-use super::shared::{BlockLayout, SharedWeights, StreamReport};
+use super::shared::{BlockLayout, SharedWeights, StreamReport, TableRows};
 use crate::atomic::Staging;
 use crate::backend::Backend;
 use crate::dist::data_parallel::{shard_range, verify_digest};
@@ -55,6 +55,9 @@ pub trait AdaptBlock<B: Backend>: Clone {
     ) -> Result<(B::Buf, Option<Self::Internals>)>;
     /// f32 elements the internals hold.
     fn internals_len(be: &B, internals: &Self::Internals) -> usize;
+    /// The tensors the block reads only by row lookups (embedding tables), with the rows `batch`
+    /// reads: only those rows are merged, and only they carry gradient.
+    fn lookup_rows(&self, batch: &Self::Batch) -> Vec<TableRows>;
     /// `(dL/d input, dL/d params)` from the saved input, the kept internals (recomputed when
     /// `None`) and the output gradient.
     fn backward(
@@ -93,6 +96,9 @@ macro_rules! adapt_block {
             }
             fn internals_len(be: &B, internals: &$internals) -> usize {
                 internals.len(be)
+            }
+            fn lookup_rows(&self, batch: &$batch<B>) -> Vec<TableRows> {
+                <$block>::lookup_rows(self, batch)
             }
             fn backward(
                 &self,
@@ -397,12 +403,13 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             if b < n_shared {
                 if let Some((batch, d)) = reached {
                     let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, false)))?;
+                    let lookups = self.shared[b].lookup_rows(batch);
                     let p = match merged {
                         Some(p) => p,
-                        None => visit.merged(be, &self.lambda)?,
+                        None => visit.merged_rows(be, &self.lambda, &lookups)?,
                     };
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), kept, &d)?;
-                    visit.lambda_grad(be, &g, &mut lambda_grad)?;
+                    visit.lambda_grad(be, &g, &lookups, &mut lambda_grad)?;
                     dy = dx;
                 }
                 if world > 1 {
@@ -445,7 +452,9 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         };
         match b.checked_sub(self.shared.len()) {
             None => {
-                let p = self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?.merged(be, &self.lambda)?;
+                let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?;
+                let p = visit.merged_rows(be, &self.lambda, &self.shared[b].lookup_rows(batch))?;
+                drop(visit);
                 let (y, internals) = run(&self.shared[b], &p)?;
                 Ok((y, KeptBlock { internals, merged: keep.then_some(p) }))
             }

@@ -993,6 +993,28 @@ impl Backend for Cpu {
         stored_ops::lambda_grad_stored(grad, base, experts)
     }
 
+    fn merge_stored_rows(
+        &self,
+        base: &StoredTensor,
+        experts: &[&StoredTensor],
+        coefs: &[f32],
+        rows: &[u32],
+        row_len: usize,
+    ) -> Result<Vec<f32>> {
+        stored_ops::merge_stored_rows(base, experts, coefs, rows, row_len)
+    }
+
+    fn lambda_grad_stored_rows(
+        &self,
+        grad: &Vec<f32>,
+        base: &StoredTensor,
+        experts: &[&StoredTensor],
+        rows: &[u32],
+        row_len: usize,
+    ) -> Result<Vec<f64>> {
+        stored_ops::lambda_grad_stored_rows(grad, base, experts, rows, row_len)
+    }
+
     fn adam_step(
         &self,
         params: &mut Vec<f32>,

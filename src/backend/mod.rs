@@ -334,6 +334,25 @@ pub trait Backend: Send + Sync {
     fn merge_stored(&self, base: &Self::Stored, experts: &[&Self::Stored], coefs: &[f32]) -> Result<Self::Buf>;
     /// `dL/dcoef_k = <grad, expert_k - base>` for every expert, in f64 (the lambda_grad kernel).
     fn lambda_grad_stored(&self, grad: &Self::Buf, base: &Self::Stored, experts: &[&Self::Stored]) -> Result<Vec<f64>>;
+    /// [`Backend::merge_stored`] of only `rows` (sorted, unique) of a table of `row_len` columns,
+    /// the other rows zero: a lookup table of which a batch reads a few rows.
+    fn merge_stored_rows(
+        &self,
+        base: &Self::Stored,
+        experts: &[&Self::Stored],
+        coefs: &[f32],
+        rows: &[u32],
+        row_len: usize,
+    ) -> Result<Self::Buf>;
+    /// [`Backend::lambda_grad_stored`] of a gradient that is zero outside `rows`.
+    fn lambda_grad_stored_rows(
+        &self,
+        grad: &Self::Buf,
+        base: &Self::Stored,
+        experts: &[&Self::Stored],
+        rows: &[u32],
+        row_len: usize,
+    ) -> Result<Vec<f64>>;
     /// One fused Adam update of `params` with moments `m` and `v`, where they live.
     fn adam_step(
         &self,

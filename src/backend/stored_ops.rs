@@ -98,17 +98,16 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
         .enumerate()
         .filter_map(|(c, o)| {
             let start = c * MERGE_CHUNK;
-            let mut b = vec![0f32; o.len()];
-            let mut e = vec![0f32; o.len()];
-            base.decode_into(start, &mut b);
+            let (mut bs, mut es) = (Vec::new(), Vec::new());
+            let b = base.f32s(start, o.len(), &mut bs);
             o.fill(0.0);
             for (x, &coef) in experts.iter().zip(coefs) {
-                x.decode_into(start, &mut e);
-                for ((acc, &e), &b) in o.iter_mut().zip(&e).zip(&b) {
+                let e = x.f32s(start, o.len(), &mut es);
+                for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
                     *acc += coef * (e - b);
                 }
             }
-            for (acc, &b) in o.iter_mut().zip(&b) {
+            for (acc, &b) in o.iter_mut().zip(b) {
                 *acc += b;
             }
             o.iter().position(|v| !v.is_finite()).map(|i| start + i)
@@ -118,6 +117,101 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
         None => Ok(out),
         Some(i) => Err(non_finite(base, experts, coefs, i, out[i])),
     }
+}
+
+/// Checks that `rows` (sorted, unique) index rows of `base` seen as a table of `row_len` columns.
+fn check_rows(op: &'static str, base: &StoredTensor, rows: &[u32], row_len: usize) -> Result<()> {
+    let n = base.numel();
+    if row_len == 0 || !n.is_multiple_of(row_len) {
+        return Err(Error::Shape { op, reason: format!("`{}` of {n} elements has no rows of {row_len}", base.name) });
+    }
+    if rows.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::Shape { op, reason: "rows must be sorted and unique".into() });
+    }
+    if let Some(&r) = rows.last().filter(|&&r| r as usize >= n / row_len) {
+        return Err(Error::Shape { op, reason: format!("row {r} is outside `{}`'s {} rows", base.name, n / row_len) });
+    }
+    Ok(())
+}
+
+/// [`merge_stored`] of only the rows `rows` (sorted, unique) of a table of `row_len` columns, in
+/// a full-size result whose other rows are zero: for lookup tables (embeddings), of which a
+/// batch reads a few rows. Each computed element is bit-identical to [`merge_stored`]'s; the
+/// untouched rows of the result are never written (fresh zero pages stay unmapped).
+pub fn merge_stored_rows(
+    base: &StoredTensor,
+    experts: &[&StoredTensor],
+    coefs: &[f32],
+    rows: &[u32],
+    row_len: usize,
+) -> Result<Vec<f32>> {
+    check_stored("merge_stored_rows", base, experts, Some(coefs.len()))?;
+    check_rows("merge_stored_rows", base, rows, row_len)?;
+    let mut packed = vec![0f32; rows.len() * row_len];
+    packed.par_chunks_mut(row_len).zip(rows.par_iter()).for_each(|(o, &r)| {
+        let start = r as usize * row_len;
+        let (mut bs, mut es) = (Vec::new(), Vec::new());
+        let b = base.f32s(start, row_len, &mut bs);
+        for (x, &coef) in experts.iter().zip(coefs) {
+            let e = x.f32s(start, row_len, &mut es);
+            for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
+                *acc += coef * (e - b);
+            }
+        }
+        for (acc, &b) in o.iter_mut().zip(b) {
+            *acc += b;
+        }
+    });
+    if let Some(i) = packed.iter().position(|v| !v.is_finite()) {
+        let at = rows[i / row_len] as usize * row_len + i % row_len;
+        return Err(non_finite(base, experts, coefs, at, packed[i]));
+    }
+    let mut out = vec![0f32; base.numel()];
+    for (p, &r) in packed.chunks(row_len).zip(rows) {
+        out[r as usize * row_len..(r as usize + 1) * row_len].copy_from_slice(p);
+    }
+    Ok(out)
+}
+
+/// [`lambda_grad_stored`] for a gradient that is zero outside `rows` (sorted, unique; a table of
+/// `row_len` columns): only those rows are read. Equal to the full op up to the order of the f64
+/// sums (row by row here, tile by tile there).
+pub fn lambda_grad_stored_rows(
+    grad: &[f32],
+    base: &StoredTensor,
+    experts: &[&StoredTensor],
+    rows: &[u32],
+    row_len: usize,
+) -> Result<Vec<f64>> {
+    check_stored("lambda_grad_stored_rows", base, experts, None)?;
+    check_rows("lambda_grad_stored_rows", base, rows, row_len)?;
+    if grad.len() != base.numel() {
+        return Err(Error::Shape {
+            op: "lambda_grad_stored_rows",
+            reason: format!("the gradient has {} elements but `{}` has {}", grad.len(), base.name, base.numel()),
+        });
+    }
+    let per_row: Vec<Vec<f64>> = rows
+        .par_iter()
+        .map(|&r| {
+            let start = r as usize * row_len;
+            let g = &grad[start..start + row_len];
+            let (mut bs, mut xs) = (Vec::new(), Vec::new());
+            let b = base.f32s(start, row_len, &mut bs);
+            experts
+                .iter()
+                .map(|e| {
+                    let x = e.f32s(start, row_len, &mut xs);
+                    g.iter().zip(x).zip(b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0f64; experts.len()];
+    for row in &per_row {
+        out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+    }
+    Ok(out)
 }
 
 /// The error for a non-finite merged element `i`: the first input that is non-finite there, or
@@ -153,14 +247,13 @@ pub fn lambda_grad_stored(grad: &[f32], base: &StoredTensor, experts: &[&StoredT
         .map(|t| {
             let start = t * TILE;
             let g = &grad[start..(start + TILE).min(n)];
-            let mut b = vec![0f32; g.len()];
-            let mut x = vec![0f32; g.len()];
-            base.decode_into(start, &mut b);
+            let (mut bs, mut xs) = (Vec::new(), Vec::new());
+            let b = base.f32s(start, g.len(), &mut bs);
             experts
                 .iter()
                 .map(|e| {
-                    e.decode_into(start, &mut x);
-                    g.iter().zip(&x).zip(&b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
+                    let x = e.f32s(start, g.len(), &mut xs);
+                    g.iter().zip(x).zip(b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
                 })
                 .collect()
         })
@@ -251,6 +344,44 @@ mod tests {
         let huge = stored_f32("layer.w", &[3e38f32; 4]);
         let err = merge_stored(&stored_f32("layer.w", &[0.0; 4]), &[&huge], &[2.0]).unwrap_err().to_string();
         assert!(err.contains("overflowed"), "{err}");
+    }
+
+    #[test]
+    fn row_ops_equal_the_full_ops_on_their_rows() {
+        let (rows_n, row_len) = (300, 37);
+        let n = rows_n * row_len;
+        let (bs, _) = stored_bf16("emb", &wave(n, 0.37));
+        let pairs: Vec<(StoredTensor, Vec<f32>)> =
+            [1.1, 2.3].iter().map(|&s| stored_bf16("emb", &wave(n, s))).collect();
+        let views: Vec<&StoredTensor> = pairs.iter().map(|p| &p.0).collect();
+        let rows = [0u32, 5, 6, 150, 299];
+        let coefs = [0.3f32, -0.7];
+        let full = merge_stored(&bs, &views, &coefs).unwrap();
+        let sparse = merge_stored_rows(&bs, &views, &coefs, &rows, row_len).unwrap();
+        for r in 0..rows_n {
+            let span = r * row_len..(r + 1) * row_len;
+            if rows.contains(&(r as u32)) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&sparse[span.clone()]), bits(&full[span]), "row {r}");
+            } else {
+                assert!(sparse[span].iter().all(|&v| v == 0.0), "row {r}");
+            }
+        }
+        // A gradient living on those rows: the row op reads only them and agrees with the full op.
+        let mut grad = vec![0f32; n];
+        for &r in &rows {
+            grad[r as usize * row_len..(r as usize + 1) * row_len].copy_from_slice(&wave(row_len, 0.1 + r as f32));
+        }
+        let want = lambda_grad_stored(&grad, &bs, &views).unwrap();
+        let got = lambda_grad_stored_rows(&grad, &bs, &views, &rows, row_len).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        // Rows out of range, unsorted or not dividing the tensor are shape errors.
+        assert!(merge_stored_rows(&bs, &views, &coefs, &[300], row_len).is_err());
+        assert!(merge_stored_rows(&bs, &views, &coefs, &[5, 5], row_len).is_err());
+        assert!(lambda_grad_stored_rows(&grad, &bs, &views, &[2, 1], row_len).is_err());
+        assert!(merge_stored_rows(&bs, &views, &coefs, &[1], 7).is_err());
     }
 
     /// The update's operations one element at a time, as `kernels/ops.cu` writes them.

@@ -142,6 +142,28 @@ impl StoredTensor {
         decode(self.dtype, &self.bytes()[start * size..(start + out.len()) * size], out);
     }
 
+    /// Elements `start..start + len` as f32 in place, when they are stored as aligned f32 (no
+    /// decoding or copy needed); `None` otherwise.
+    pub fn f32_slice(&self, start: usize, len: usize) -> Option<&[f32]> {
+        if self.dtype != FloatDType::F32 || cfg!(target_endian = "big") {
+            return None;
+        }
+        bytemuck::try_cast_slice(&self.bytes()[start * 4..(start + len) * 4]).ok()
+    }
+
+    /// Elements `start..start + len` as f32: borrowed in place when stored as aligned f32, else
+    /// decoded into `scratch` (resized to `len`).
+    pub fn f32s<'a>(&'a self, start: usize, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        match self.f32_slice(start, len) {
+            Some(s) => s,
+            None => {
+                scratch.resize(len, 0.0);
+                self.decode_into(start, scratch);
+                scratch
+            }
+        }
+    }
+
     /// The file this view reads (for messages).
     pub fn file(&self) -> &Path {
         &self.file
@@ -168,6 +190,21 @@ impl StoredTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_f32_is_read_in_place_and_others_decoded() {
+        let values = [1.5f32, -2.0, 0.25, 7.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = StoredTensor::from_bytes("t", FloatDType::F32, &[4], &bytes).unwrap();
+        assert_eq!(t.f32_slice(1, 2), Some(&values[1..3]));
+        let mut scratch = Vec::new();
+        assert_eq!(t.f32s(1, 3, &mut scratch), &values[1..]);
+        assert!(scratch.is_empty(), "read in place");
+        let halves: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let h = StoredTensor::from_bytes("h", FloatDType::F16, &[4], &halves).unwrap();
+        assert_eq!(h.f32_slice(0, 4), None);
+        assert_eq!(h.f32s(0, 4, &mut scratch), &values);
+    }
 
     #[test]
     fn views_decode_their_own_bytes() {

@@ -39,6 +39,8 @@ pub struct Batch<B: Backend> {
     pub padded_rows: Option<B::Ids>,
     /// Each sequence's [CLS] row in the packed layout.
     pub cls_rows: B::Ids,
+    /// The rows of the embedding tables the batch reads (table name, sorted unique rows).
+    pub lookups: Vec<(String, Vec<u32>)>,
 }
 
 impl<B: Backend> Batch<B> {
@@ -523,6 +525,16 @@ impl Block {
     }
 }
 
+impl Block {
+    /// The tensors this block reads only by row lookups, with the rows `batch` reads.
+    pub fn lookup_rows<B: Backend>(&self, batch: &Batch<B>) -> Vec<(String, Vec<u32>)> {
+        match self {
+            Block::Embeddings(_) => batch.lookups.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 fn need_input<'a, T>(input: Option<&'a T>, block: &Block) -> Result<&'a T> {
     input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", block.name())))
 }
@@ -774,16 +786,22 @@ impl<B: Backend> Bert<B> {
         let pick = |v: &[u32]| -> Vec<u32> { padded_rows.iter().map(|&r| v[r as usize]).collect() };
         let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
         let tokens = padded_rows.len();
+        let (ids, types, positions) = (pick(&enc.input_ids), pick(&enc.token_type_ids), pick(&positions));
+        let lookups = [(Embeddings::WORD, &ids), (Embeddings::POS, &positions), (Embeddings::TYPE, &types)]
+            .iter()
+            .map(|(name, v)| (name.to_string(), super::distinct_rows(v)))
+            .collect();
         Ok(Batch {
             batch: n,
             seq: s,
             tokens,
-            input_ids: be.upload_ids(&pick(&enc.input_ids))?,
-            token_type_ids: be.upload_ids(&pick(&enc.token_type_ids))?,
-            position_ids: be.upload_ids(&pick(&positions))?,
+            input_ids: be.upload_ids(&ids)?,
+            token_type_ids: be.upload_ids(&types)?,
+            position_ids: be.upload_ids(&positions)?,
             mask: be.upload(&mask)?,
             padded_rows: if tokens == n * s { None } else { Some(be.upload_ids(&padded_rows)?) },
             cls_rows: be.upload_ids(&cls)?,
+            lookups,
         })
     }
 

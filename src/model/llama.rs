@@ -80,6 +80,8 @@ pub struct LmBatch<B: Backend> {
     pub label_rows: B::Ids,
     /// The next token of each of `label_rows`, on the host.
     pub labels: Vec<u32>,
+    /// The rows of the token embedding the batch reads (sorted, unique).
+    pub embedding_rows: Vec<u32>,
 }
 
 impl<B: Backend> LmBatch<B> {
@@ -476,6 +478,14 @@ impl LlamaBlock {
         }
     }
 
+    /// The tensors this block reads only by row lookups, with the rows `batch` reads.
+    pub fn lookup_rows<B: Backend>(&self, batch: &LmBatch<B>) -> Vec<(String, Vec<u32>)> {
+        match self {
+            LlamaBlock::Embedding(_) => vec![(TokenEmbedding::WEIGHT.into(), batch.embedding_rows.clone())],
+            _ => Vec::new(),
+        }
+    }
+
     fn need_input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
         input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", self.name())))
     }
@@ -632,6 +642,7 @@ impl<B: Backend> Llama<B> {
             batch: n,
             seq: s,
             input_ids: be.upload_ids(&enc.input_ids)?,
+            embedding_rows: super::distinct_rows(&enc.input_ids),
             positions: be.upload_ids(&positions)?,
             mask: be.upload(&mask)?,
             label_rows: be.upload_ids(&label_rows)?,

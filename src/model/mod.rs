@@ -44,3 +44,11 @@ pub struct Param<B: Backend> {
 
 /// Tensors by Hugging Face name: one block's parameters, or their gradients.
 pub type Params<B> = BTreeMap<String, Param<B>>;
+
+/// The distinct values of `ids`, sorted: the rows of a lookup table a batch reads.
+pub fn distinct_rows(ids: &[u32]) -> Vec<u32> {
+    let mut rows = ids.to_vec();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
