@@ -162,6 +162,7 @@ fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, 
 
 /// `f` of every element, in chunks of plain loops (which the compiler vectorises when `f` is
 /// branch-free arithmetic).
+#[inline(always)]
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(MIN_PAR).zip(x.par_chunks(MIN_PAR)).for_each(|(o, x)| {
@@ -170,6 +171,7 @@ fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
+#[inline(always)]
 fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     out.par_chunks_mut(MIN_PAR).zip(a.par_chunks(MIN_PAR).zip(b.par_chunks(MIN_PAR))).for_each(|(o, (a, b))| {
@@ -181,6 +183,7 @@ fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
 
+#[inline(always)]
 fn gelu_f(x: f32, kind: Gelu) -> f32 {
     match kind {
         Gelu::Erf => 0.5 * x * (1.0 + vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2)),
@@ -188,6 +191,7 @@ fn gelu_f(x: f32, kind: Gelu) -> f32 {
     }
 }
 
+#[inline(always)]
 fn gelu_grad(x: f32, kind: Gelu) -> f32 {
     match kind {
         Gelu::Erf => {
@@ -590,12 +594,19 @@ impl Backend for Cpu {
     }
 
     fn gelu(&self, x: &Vec<f32>, kind: Gelu) -> Result<Vec<f32>> {
-        Ok(map1(x, |v| gelu_f(v, kind)))
+        // One loop per kind: a branch inside would keep the loop from vectorising.
+        Ok(match kind {
+            Gelu::Erf => map1(x, |v| gelu_f(v, Gelu::Erf)),
+            Gelu::Tanh => map1(x, |v| gelu_f(v, Gelu::Tanh)),
+        })
     }
 
     fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, kind: Gelu) -> Result<Vec<f32>> {
         expect_len("gelu_backward", "dy", dy.len(), x.len())?;
-        Ok(map2(x, dy, |v, g| g * gelu_grad(v, kind)))
+        Ok(match kind {
+            Gelu::Erf => map2(x, dy, |v, g| g * gelu_grad(v, Gelu::Erf)),
+            Gelu::Tanh => map2(x, dy, |v, g| g * gelu_grad(v, Gelu::Tanh)),
+        })
     }
 
     fn tanh(&self, x: &Vec<f32>) -> Result<Vec<f32>> {

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
-use crate::merge::lambda_grad::TILE;
+use crate::merge::lambda_grad::{TILE, dot_f64};
 
 /// Elements per parallel piece of a merge (a multiple of the kernels' 8-element vectors).
 const MERGE_CHUNK: usize = 1 << 14;
@@ -202,7 +202,7 @@ pub fn lambda_grad_stored_rows(
                 .iter()
                 .map(|e| {
                     let x = e.f32s(start, row_len, &mut xs);
-                    g.iter().zip(x).zip(b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
+                    dot_f64(g, x, Some(b))
                 })
                 .collect()
         })
@@ -253,7 +253,7 @@ pub fn lambda_grad_stored(grad: &[f32], base: &StoredTensor, experts: &[&StoredT
                 .iter()
                 .map(|e| {
                     let x = e.f32s(start, g.len(), &mut xs);
-                    g.iter().zip(x).zip(b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
+                    dot_f64(g, x, Some(b))
                 })
                 .collect()
         })

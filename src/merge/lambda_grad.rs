@@ -2,8 +2,9 @@
 //! `g_k = sum_i grad_i * tau_k,i`, with `tau_k = theta_k - base` (or given directly).
 //!
 //! The sum is deterministic whatever the thread count: the tensor is cut into fixed tiles of
-//! [`TILE`] elements, each tile is summed in index order in f64, and the tile sums are added in
-//! tile order. The task-vector difference is taken in f32, as the merge and the kernel take it.
+//! [`TILE`] elements, each tile is summed in f64 by [`dot_f64`] (eight interleaved lanes, added
+//! in a fixed order), and the tile sums are added in tile order. The task-vector difference is
+//! taken in f32, as the merge and the kernel take it.
 
 use rayon::prelude::*;
 
@@ -38,11 +39,8 @@ pub fn lambda_grad(grad: &[f32], base: Option<&[f32]>, inputs: &[&[f32]]) -> Res
                 .map(|input| {
                     let x = &input[range.clone()];
                     match base {
-                        Some(b) => {
-                            let b = &b[range.clone()];
-                            g.iter().zip(x).zip(b).map(|((&g, &x), &b)| g as f64 * (x - b) as f64).sum()
-                        }
-                        None => g.iter().zip(x).map(|(&g, &x)| g as f64 * x as f64).sum(),
+                        Some(b) => dot_f64(g, x, Some(&b[range.clone()])),
+                        None => dot_f64(g, x, None),
                     }
                 })
                 .collect()
@@ -55,6 +53,43 @@ pub fn lambda_grad(grad: &[f32], base: Option<&[f32]>, inputs: &[&[f32]]) -> Res
         }
     }
     Ok(out)
+}
+
+/// Lanes of [`dot_f64`]: independent sums the compiler can keep in vector registers.
+const LANES: usize = 8;
+
+/// `sum_i g_i * (x_i - b_i)` (or `g_i * x_i` without `b`) in f64: element `i` goes to lane
+/// `i % 8`, and the lanes are added in order at the end. A fixed order (deterministic, the same
+/// for every caller) that does not chain every addition on the previous one.
+pub fn dot_f64(g: &[f32], x: &[f32], b: Option<&[f32]>) -> f64 {
+    let n = g.len().min(x.len());
+    let mut acc = [0f64; LANES];
+    let full = n / LANES * LANES;
+    match b {
+        Some(b) => {
+            for ((g, x), b) in
+                g[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)).zip(b.chunks_exact(LANES))
+            {
+                for l in 0..LANES {
+                    acc[l] += g[l] as f64 * (x[l] - b[l]) as f64;
+                }
+            }
+            for i in full..n {
+                acc[i % LANES] += g[i] as f64 * (x[i] - b[i]) as f64;
+            }
+        }
+        None => {
+            for (g, x) in g[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += g[l] as f64 * x[l] as f64;
+                }
+            }
+            for i in full..n {
+                acc[i % LANES] += g[i] as f64 * x[i] as f64;
+            }
+        }
+    }
+    acc.iter().sum()
 }
 
 #[cfg(test)]
