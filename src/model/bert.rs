@@ -51,18 +51,12 @@ impl<B: Backend> Batch<B> {
 
     /// Packed rows `x` (`[tokens, width]`) in the padded layout, padding rows zero.
     pub fn padded(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
-        match &self.padded_rows {
-            Some(rows) => be.embedding_backward(rows, &x, self.batch * self.seq, width),
-            None => Ok(x),
-        }
+        super::to_padded(be, self.padded_rows.as_ref(), self.batch * self.seq, x, width)
     }
 
     /// Padded rows `x` (`[batch * seq, width]`) packed: the real tokens' rows only.
     pub fn packed(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
-        match &self.padded_rows {
-            Some(rows) => be.embedding(&x, rows, width),
-            None => Ok(x),
-        }
+        super::to_packed(be, self.padded_rows.as_ref(), x, width)
     }
 }
 

@@ -67,16 +67,23 @@ impl<B: Backend> TopKTargets<B> {
     }
 }
 
-/// One batch of right-padded sequences on the device, with the next-token targets of the loss.
+/// One batch of right-padded sequences on the device, packed as BERT's are (see
+/// [`super::bert::Batch`]): activations hold the real tokens only, sequence after sequence, and
+/// only attention sees the padded `[batch, seq]` layout. With the next-token targets of the loss.
 pub struct LmBatch<B: Backend> {
     pub batch: usize,
     pub seq: usize,
+    /// Number of real tokens: the activations' row count.
+    pub tokens: usize,
+    /// Per real token, in packed order.
     pub input_ids: B::Ids,
-    /// `0..seq` in every sequence: right padding leaves the real tokens' positions as if alone.
+    /// Each real token's position in its sequence (right padding leaves them as if alone).
     pub positions: B::Ids,
     /// `[batch, seq]`, 1 for real tokens and 0 for padding.
     pub mask: B::Buf,
-    /// Rows `b * seq + t` whose next token `t + 1` is real: where the loss is taken.
+    /// Each real token's row in the padded layout; `None` when nothing is padded.
+    pub padded_rows: Option<B::Ids>,
+    /// Packed rows of the tokens whose next token is real: where the loss is taken.
     pub label_rows: B::Ids,
     /// The next token of each of `label_rows`, on the host.
     pub labels: Vec<u32>,
@@ -85,9 +92,19 @@ pub struct LmBatch<B: Backend> {
 }
 
 impl<B: Backend> LmBatch<B> {
-    /// Number of token rows, `batch * seq`.
+    /// Number of activation rows: the real tokens.
     pub fn rows(&self) -> usize {
-        self.batch * self.seq
+        self.tokens
+    }
+
+    /// Packed rows `x` (`[tokens, width]`) in the padded layout, padding rows zero.
+    pub fn padded(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
+        super::to_padded(be, self.padded_rows.as_ref(), self.batch * self.seq, x, width)
+    }
+
+    /// Padded rows `x` packed: the real tokens' rows only.
+    pub fn packed(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
+        super::to_packed(be, self.padded_rows.as_ref(), x, width)
     }
 }
 
@@ -240,14 +257,22 @@ impl DecoderLayer {
     ) -> Result<(LayerActs<B::Buf>, B::Buf)> {
         let (rows, hd) = (batch.rows(), self.head_dim);
         let h = be.rmsnorm(x, param(p, &self.name("input_layernorm.weight"))?, rows, self.hidden, self.eps)?;
+        // Attention runs on the padded layout; the rotated queries and keys and the values are
+        // kept there for its backward.
+        let (qw, kw) = (self.heads * hd, self.kv_heads * hd);
         let q = self.linear(be, p, &h, 0, rows)?;
-        let qr = be.rope(&q, &batch.positions, self.heads, hd, self.rope_theta, self.rope_scale)?;
+        let qr =
+            batch.padded(be, be.rope(&q, &batch.positions, self.heads, hd, self.rope_theta, self.rope_scale)?, qw)?;
         drop(q);
         let k = self.linear(be, p, &h, 1, rows)?;
-        let kr = be.rope(&k, &batch.positions, self.kv_heads, hd, self.rope_theta, self.rope_scale)?;
+        let kr = batch.padded(
+            be,
+            be.rope(&k, &batch.positions, self.kv_heads, hd, self.rope_theta, self.rope_scale)?,
+            kw,
+        )?;
         drop(k);
-        let v = self.linear(be, p, &h, 2, rows)?;
-        let ctx = be.attention(&qr, &kr, &v, Some(&batch.mask), self.attn_shape(batch))?;
+        let v = batch.padded(be, self.linear(be, p, &h, 2, rows)?, kw)?;
+        let ctx = batch.packed(be, be.attention(&qr, &kr, &v, Some(&batch.mask), self.attn_shape(batch))?, qw)?;
         let a = self.linear(be, p, &ctx, 3, rows)?;
         let r1 = be.add(x, &a)?;
         drop(a);
@@ -327,14 +352,16 @@ impl DecoderLayer {
         be.add_assign(&mut dr1, dy)?;
 
         // Attention: r1 = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = rmsnorm(x).
-        let dctx = proj(3, &a.ctx, &dr1)?;
+        let (qw, kw) = (self.heads * hd, self.kv_heads * hd);
+        let dctx = batch.padded(be, proj(3, &a.ctx, &dr1)?, qw)?;
         let att = be.attention_backward(&a.qr, &a.kr, &a.v, Some(&batch.mask), &dctx, self.attn_shape(batch))?;
         drop(dctx);
-        let dq = be.rope_backward(&att.dq, &batch.positions, self.heads, hd, self.rope_theta, self.rope_scale)?;
-        let dk = be.rope_backward(&att.dk, &batch.positions, self.kv_heads, hd, self.rope_theta, self.rope_scale)?;
+        let (dq, dk) = (batch.packed(be, att.dq, qw)?, batch.packed(be, att.dk, kw)?);
+        let dq = be.rope_backward(&dq, &batch.positions, self.heads, hd, self.rope_theta, self.rope_scale)?;
+        let dk = be.rope_backward(&dk, &batch.positions, self.kv_heads, hd, self.rope_theta, self.rope_scale)?;
         let mut dh = proj(0, &a.h, &dq)?;
         be.add_assign(&mut dh, &proj(1, &a.h, &dk)?)?;
-        be.add_assign(&mut dh, &proj(2, &a.h, &att.dv)?)?;
+        be.add_assign(&mut dh, &proj(2, &a.h, &batch.packed(be, att.dv, kw)?)?)?;
         let in_w = param(p, &self.name("input_layernorm.weight"))?;
         let (dx_norm, din) = be.rmsnorm_backward(x, in_w, &dh, rows, self.hidden, self.eps)?;
         // x feeds the input norm and the first residual.
@@ -622,8 +649,7 @@ impl<B: Backend> Llama<B> {
                 i % s
             )));
         }
-        let mut label_rows = Vec::new();
-        let mut labels = Vec::new();
+        let (mut label_rows, mut labels, mut padded_rows) = (Vec::new(), Vec::new(), Vec::new());
         for (b, m) in enc.attention_mask.chunks(s.max(1)).enumerate() {
             let len = m.iter().take_while(|&&v| v != 0).count();
             if m[len..].iter().any(|&v| v != 0) {
@@ -632,25 +658,31 @@ impl<B: Backend> Llama<B> {
                 )));
             }
             for t in 0..len.saturating_sub(1) {
-                label_rows.push((b * s + t) as u32);
+                label_rows.push((padded_rows.len() + t) as u32);
                 labels.push(enc.input_ids[b * s + t + 1]);
             }
+            padded_rows.extend((b * s..b * s + len).map(|r| r as u32));
         }
-        let positions: Vec<u32> = (0..n * s).map(|i| (i % s.max(1)) as u32).collect();
+        let ids: Vec<u32> = padded_rows.iter().map(|&r| enc.input_ids[r as usize]).collect();
+        let positions: Vec<u32> = padded_rows.iter().map(|&r| r % s.max(1) as u32).collect();
         let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
+        let tokens = padded_rows.len();
         Ok(LmBatch {
             batch: n,
             seq: s,
-            input_ids: be.upload_ids(&enc.input_ids)?,
-            embedding_rows: super::distinct_rows(&enc.input_ids),
+            tokens,
+            input_ids: be.upload_ids(&ids)?,
+            embedding_rows: super::distinct_rows(&ids),
             positions: be.upload_ids(&positions)?,
             mask: be.upload(&mask)?,
+            padded_rows: if tokens == n * s { None } else { Some(be.upload_ids(&padded_rows)?) },
             label_rows: be.upload_ids(&label_rows)?,
             labels,
         })
     }
 
-    /// Logits `[batch * seq, vocab]` (inference: nothing is kept).
+    /// Logits `[batch.tokens, vocab]` of the real tokens, sequence after sequence (the packed
+    /// layout; inference: nothing is kept).
     pub fn logits(&self, batch: &LmBatch<B>) -> Result<B::Buf> {
         let mut x: Option<B::Buf> = None;
         for (block, p) in self.blocks.iter().zip(&self.params) {

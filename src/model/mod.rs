@@ -52,3 +52,31 @@ pub fn distinct_rows(ids: &[u32]) -> Vec<u32> {
     rows.dedup();
     rows
 }
+
+/// Packed rows `x` (`[tokens, width]`, real tokens only) scattered to the padded layout of
+/// `padded_len` rows, padding rows zero; `x` itself when nothing is padded (`rows` is `None`).
+pub(crate) fn to_padded<B: crate::backend::Backend>(
+    be: &B,
+    rows: Option<&B::Ids>,
+    padded_len: usize,
+    x: B::Buf,
+    width: usize,
+) -> crate::error::Result<B::Buf> {
+    match rows {
+        Some(rows) => be.embedding_backward(rows, &x, padded_len, width),
+        None => Ok(x),
+    }
+}
+
+/// Padded rows `x` gathered to the real tokens' rows (the inverse of [`to_padded`]).
+pub(crate) fn to_packed<B: crate::backend::Backend>(
+    be: &B,
+    rows: Option<&B::Ids>,
+    x: B::Buf,
+    width: usize,
+) -> crate::error::Result<B::Buf> {
+    match rows {
+        Some(rows) => be.embedding(&x, rows, width),
+        None => Ok(x),
+    }
+}
