@@ -37,6 +37,104 @@ pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// The file every directory output symerge writes carries (a one-line JSON naming the tool,
+/// its version and the command), so `--force` can tell a previous symerge output, which it may
+/// replace, from a directory holding anything else, which it must never delete.
+pub const OUTPUT_MARKER: &str = ".symerge-output";
+
+/// Largest marker read back: ours are one short line; anything bigger is not ours.
+const MARKER_MAX_BYTES: u64 = 1 << 20;
+
+/// The marker's text: the tool, its version and this process's command line.
+fn marker_text() -> String {
+    let command: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    let json = serde_json::json!({
+        "written_by": "symerge",
+        "version": env!("CARGO_PKG_VERSION"),
+        "command": command,
+    });
+    format!("{json}\n")
+}
+
+/// Whether `dir` holds our marker: a regular file (not a link) whose JSON says symerge wrote it.
+pub fn has_output_marker(dir: &Path) -> bool {
+    let path = dir.join(OUTPUT_MARKER);
+    let Ok(meta) = std::fs::symlink_metadata(&path) else { return false };
+    if !meta.is_file() || meta.len() > MARKER_MAX_BYTES {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(&path) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["written_by"] == "symerge")
+}
+
+/// Checks, before any work, that a directory output may be written at `output`: nothing is
+/// there, or (`force`) a directory a previous symerge run wrote (it holds [`OUTPUT_MARKER`]) or
+/// an empty one. Anything else (a directory of the user's files, a file, a symbolic link,
+/// whatever it points to) is refused: `--force` must never delete what symerge did not write.
+/// A link is refused rather than followed because replacing it would swap the link itself for a
+/// directory, and judging it by its target would invite deleting through it.
+pub fn check_output_dir(output: &Path, force: bool) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(output) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(output, e)),
+    };
+    if !force {
+        return Err(Error::OutputExists { path: output.to_path_buf() });
+    }
+    let not_ours = |reason: String| Err(Error::OutputNotOurs { path: output.to_path_buf(), reason });
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        return not_ours("is a symbolic link (never replaced, whatever it points to)".into());
+    }
+    if !kind.is_dir() {
+        return not_ours(format!("is {}, not a directory symerge wrote", describe(&kind)));
+    }
+    if has_output_marker(output) {
+        return Ok(());
+    }
+    let mut entries = std::fs::read_dir(output).map_err(|e| Error::io(output, e))?;
+    if entries.next().is_none() {
+        return Ok(());
+    }
+    not_ours(format!("is not empty and was not written by symerge (no {OUTPUT_MARKER} marker)"))
+}
+
+/// Checks, before any work, that `--force` may replace the file output `output`: nothing is
+/// there, or a regular file that `is_ours` recognises (e.g. a label cache by its magic). A
+/// symbolic link is refused, as in [`check_output_dir`]; `what` names our kind of file.
+pub fn check_output_file(output: &Path, what: &str, is_ours: impl Fn(&Path) -> bool) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(output) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(output, e)),
+    };
+    let kind = meta.file_type();
+    let reason = if kind.is_symlink() {
+        "is a symbolic link (never replaced, whatever it points to)".to_string()
+    } else if !kind.is_file() {
+        format!("is {}, not {what}", describe(&kind))
+    } else if is_ours(output) {
+        return Ok(());
+    } else {
+        format!("exists and is not {what} (symerge did not write it)")
+    };
+    Err(Error::OutputNotOurs { path: output.to_path_buf(), reason })
+}
+
+/// What a file type is, in words, for messages.
+fn describe(kind: &std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_file() {
+        "a regular file"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
+}
+
 /// `path` made absolute with symbolic links and `..` resolved, for a path that need not exist:
 /// its longest existing prefix is canonicalised and the rest appended.
 fn resolve(path: &Path) -> PathBuf {
@@ -159,9 +257,11 @@ impl Staging {
         self.dir.as_ref().expect("a staging directory until committed").path()
     }
 
-    /// Renames the staging directory to `output`, replacing an existing one if `force`. If the
-    /// rename fails (e.g. `output` is a mount point), the previous output is put back and the
-    /// staging directory removed.
+    /// Writes [`OUTPUT_MARKER`] into the staging directory and renames it to `output`. With
+    /// `force`, an existing output is replaced only where [`check_output_dir`] allows it
+    /// (checked again here: callers check at their start, but the path may have changed since).
+    /// If the rename fails (e.g. `output` is a mount point), the previous output is put back and
+    /// the staging directory removed.
     pub fn commit(mut self, output: &Path, force: bool) -> Result<()> {
         let dir = self.dir.take().expect("a staging directory until committed");
         let staged = dir.path().to_path_buf();
@@ -172,10 +272,14 @@ impl Staging {
             Err(e)
         };
         let _ = dir.keep();
-        let old = if output.exists() {
-            if !force {
-                return fail(Error::OutputExists { path: output.to_path_buf() });
-            }
+        let marker = staged.join(OUTPUT_MARKER);
+        if let Err(e) = std::fs::write(&marker, marker_text()) {
+            return fail(Error::io(&marker, e));
+        }
+        if let Err(e) = check_output_dir(output, force) {
+            return fail(e);
+        }
+        let old = if output.symlink_metadata().is_ok() {
             let mut old = staged.clone().into_os_string();
             old.push(".old");
             let old = PathBuf::from(old);

@@ -64,6 +64,14 @@ pub enum Error {
     #[error("output {path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
 
+    /// Something symerge did not write stands at the output path: `--force` (and `data
+    /// prepare`, which always rewrites its own output) must not delete the user's files.
+    #[error(
+        "output {path} {reason}; symerge replaces only what it wrote itself: remove it yourself or choose another \
+         output"
+    )]
+    OutputNotOurs { path: PathBuf, reason: String },
+
     #[error(
         "output {output} is, contains or lies inside the input {input}; writing there would destroy or change an \
          input, so choose another output path (--force does not allow it)"

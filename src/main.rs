@@ -66,7 +66,8 @@ enum Command {
         /// Largest shard, e.g. 5GB, 500MB, 2GiB.
         #[arg(long, default_value = "5GB", value_parser = parse_size)]
         out_shard_size: u64,
-        /// Replace an existing output directory.
+        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+        /// that is empty; anything else is refused.
         #[arg(long)]
         force: bool,
         /// Print a JSON summary on stdout.
@@ -225,7 +226,8 @@ enum Command {
         /// Where the math runs: cpu or cuda.
         #[arg(long, default_value = "cpu")]
         device: Device,
-        /// Replace an existing output directory.
+        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+        /// that is empty; anything else is refused.
         #[arg(long)]
         force: bool,
         /// Print a JSON summary on stdout.
@@ -239,6 +241,8 @@ enum Command {
         /// Output directory (written atomically).
         #[arg(short, long)]
         output: PathBuf,
+        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+        /// that is empty; anything else is refused.
         #[arg(long)]
         force: bool,
         #[arg(long)]
@@ -339,6 +343,8 @@ enum Command {
         /// Skip the accuracy of the adapted models on their (labelled) inputs.
         #[arg(long)]
         no_eval: bool,
+        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+        /// that is empty; anything else is refused.
         #[arg(long)]
         force: bool,
         #[arg(long)]
@@ -920,6 +926,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (info, mut coll) = dist.connect()?;
             let label = rank_label(&info);
             let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
+            // Before any model is loaded: a refused output should cost nothing.
+            if let Err(e) = symerge::adapt::train::check_output(&cfg, &opts, info.rank) {
+                coll.abort(&e.to_string());
+                return Err(anyhow::Error::new(e).context(label));
+            }
             let budget = match device {
                 Device::Cpu => host_mem,
                 Device::Cuda(_) => device_mem,

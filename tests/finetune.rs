@@ -261,13 +261,26 @@ fn bad_input_is_reported_and_leaves_no_output() {
     assert!(!err.contains("step 1/1"), "no training ran: {err}");
     assert_eq!(entries(&outs), ["model"]);
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
-    // Replaced with it; by epochs here: two examples in batches of 16 are one step an epoch.
+    // With --force too: symerge did not write it, so it is not deleted, and no training runs.
     let by_epochs =
         ["finetune", base, "--train", train.to_str().unwrap(), "-o", out_s, "--epochs", "2", "--max-len", "8"];
+    let (ok, _, err) = run(&[&by_epochs[..], &["--force", "--json"]].concat());
+    assert!(!ok && err.contains("was not written by symerge") && err.contains(out_s), "{err}");
+    assert!(!err.contains("step 1/"), "no training ran: {err}");
+    assert_eq!(entries(&outs), ["model"]);
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    // Emptied, it is replaced; by epochs here: two examples in batches of 16 are one step an epoch.
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
     let (ok, stdout, err) = run(&[&by_epochs[..], &["--force", "--json"]].concat());
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!((v["steps"].as_u64(), v["epochs"].as_f64()), (Some(2), Some(2.0)));
-    assert!(out.join("model.safetensors").is_file() && !out.join("keep.txt").exists());
+    assert!(out.join("model.safetensors").is_file() && out.join(".symerge-output").is_file());
+    assert_eq!(entries(&outs), ["model"], "no staging directory left behind");
+    // A symerge output is replaced by the next --force run.
+    let first = std::fs::read(out.join("model.safetensors")).unwrap();
+    let (ok, _, err) = run(&[&args[..], &["--force"]].concat());
+    assert!(ok, "{err}");
+    assert_ne!(std::fs::read(out.join("model.safetensors")).unwrap(), first, "one step, not two: other weights");
     assert_eq!(entries(&outs), ["model"], "no staging directory left behind");
 }

@@ -309,6 +309,7 @@ pub struct AdaptSummary {
 #[derive(Debug, Clone)]
 pub struct AdaptOptions {
     pub output: PathBuf,
+    /// Replace an existing output directory, if a previous symerge run wrote it or it is empty.
     pub force: bool,
     /// Measure each task's accuracy on its inputs' labels at the end.
     pub evaluate: bool,
@@ -557,11 +558,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
 
     fn train_and_write(&mut self, opts: &AdaptOptions, coll: &mut dyn Collective) -> Result<AdaptSummary> {
         let start = Instant::now();
-        let mut inputs: Vec<&Path> = vec![self.cfg.base_model.as_path()];
-        for t in &self.cfg.tasks {
-            inputs.extend([t.expert.as_path(), t.inputs.as_path()].into_iter().chain(t.cache.as_deref()));
-        }
-        crate::atomic::check_output_apart(&opts.output, &inputs)?;
+        check_output(&self.cfg, opts, coll.rank())?;
         let staging = open_output(opts, coll)?;
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
         let k = self.tasks.len();
@@ -680,14 +677,26 @@ fn step_private<B: Backend>(
     Ok(())
 }
 
-/// Rank 0's staging directory for the output (refusing an existing one without `force`);
-/// `None` on the other ranks, which write nothing.
+/// Refuses an output that overlaps an input of `cfg` and, on rank 0 (the one that writes), an
+/// existing output without `force` or, with it, one symerge did not write. The command calls it
+/// before loading any model, so a refused output costs nothing; training calls it again.
+pub fn check_output(cfg: &AdaptConfig, opts: &AdaptOptions, rank: usize) -> Result<()> {
+    let mut inputs: Vec<&Path> = vec![cfg.base_model.as_path()];
+    for t in &cfg.tasks {
+        inputs.extend([t.expert.as_path(), t.inputs.as_path()].into_iter().chain(t.cache.as_deref()));
+    }
+    crate::atomic::check_output_apart(&opts.output, &inputs)?;
+    if rank == 0 {
+        crate::atomic::check_output_dir(&opts.output, opts.force)?;
+    }
+    Ok(())
+}
+
+/// Rank 0's staging directory for the output (checked by [`check_output`]); `None` on the other
+/// ranks, which write nothing.
 fn open_output(opts: &AdaptOptions, coll: &dyn Collective) -> Result<Option<Staging>> {
     if coll.rank() != 0 {
         return Ok(None);
-    }
-    if opts.output.exists() && !opts.force {
-        return Err(Error::OutputExists { path: opts.output.clone() });
     }
     Ok(Some(Staging::create(&opts.output)?))
 }

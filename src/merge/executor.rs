@@ -15,7 +15,7 @@ use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::{Threshold, keep_count, magnitude_thresholds};
 use super::{ChunkCtx, MergeMethod, TensorParams};
-use crate::atomic::{Staging, check_output_apart};
+use crate::atomic::{Staging, check_output_apart, check_output_dir};
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::side_files::copy_side_files;
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
@@ -41,7 +41,8 @@ pub struct MergeOptions {
     pub max_shard_bytes: u64,
     /// Overrides the config's dtype.
     pub out_dtype: Option<FloatDType>,
-    /// Replace an existing output.
+    /// Replace an existing output directory, if a previous symerge run wrote it or it is empty
+    /// (see [`crate::atomic::check_output_dir`]).
     pub force: bool,
     /// Show a progress bar (TTY) or log lines.
     pub progress: bool,
@@ -201,9 +202,7 @@ fn merge_ranked(
     let inputs: Vec<&Path> =
         config.base_model.as_deref().into_iter().chain(config.models.iter().map(|m| m.path.as_path())).collect();
     check_output_apart(&opts.output, &inputs)?;
-    if opts.output.exists() && !opts.force {
-        return Err(Error::OutputExists { path: opts.output.clone() });
-    }
+    check_output_dir(&opts.output, opts.force)?;
     let method = config.build_method();
 
     // The base, when given, is the reference: it decides which tensors the output has (experts'

@@ -116,7 +116,8 @@ pub struct FinetuneOptions {
     pub log_every: usize,
     /// Storage dtype of the saved weights.
     pub dtype: FloatDType,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory, if a previous symerge run wrote it or it is empty
+    /// (see [`crate::atomic::check_output_dir`]).
     pub force: bool,
 }
 
@@ -287,9 +288,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     let start = Instant::now();
     let inputs: Vec<&Path> = [base, opts.train.as_path()].into_iter().chain(opts.labels.as_deref()).collect();
     crate::atomic::check_output_apart(&opts.output, &inputs)?;
-    if opts.output.exists() && !opts.force {
-        return Err(Error::OutputExists { path: opts.output.clone() });
-    }
+    crate::atomic::check_output_dir(&opts.output, opts.force)?;
     if opts.batch_size == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }

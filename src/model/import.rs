@@ -126,12 +126,11 @@ fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Opt
     Some(out)
 }
 
-/// Imports `gguf_path` into the directory `output` (atomically; `force` replaces it).
+/// Imports `gguf_path` into the directory `output` (atomically; `force` replaces a previous
+/// symerge output or an empty directory there).
 pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<ImportSummary> {
     crate::atomic::check_output_apart(output, &[gguf_path])?;
-    if output.exists() && !force {
-        return Err(Error::OutputExists { path: output.to_path_buf() });
-    }
+    crate::atomic::check_output_dir(output, force)?;
     let g = Gguf::open(gguf_path)?;
     let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("").to_string();
     if arch != "llama" {

@@ -42,7 +42,8 @@ pub struct SaveOptions {
     /// Class names in id order, written as `id2label` / `label2id`; `None` writes Hugging Face's
     /// defaults (`LABEL_0`, ...).
     pub labels: Option<Vec<String>>,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory, if a previous symerge run wrote it or it is empty
+    /// (see [`crate::atomic::check_output_dir`]).
     pub force: bool,
 }
 
@@ -94,7 +95,8 @@ impl<B: Backend> Bert<B> {
     }
 
     /// Writes the model into the directory `output` (see the module notes). Fails if `output`
-    /// exists and `opts.force` is off, or if a weight is not finite (a diverged run).
+    /// exists and `opts.force` is off or it is not ours to replace, or if a weight is not finite
+    /// (a diverged run).
     pub fn save(&self, output: &Path, opts: &SaveOptions) -> Result<SavedModel> {
         self.save_with(output, opts, &mut |_| Ok(None))
     }
@@ -103,9 +105,7 @@ impl<B: Backend> Bert<B> {
     /// [`Bert::params`]: adaptation writes merged blocks one at a time this way, never holding
     /// the whole merged model.
     pub fn save_with(&self, output: &Path, opts: &SaveOptions, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
-        if output.exists() && !opts.force {
-            return Err(Error::OutputExists { path: output.to_path_buf() });
-        }
+        crate::atomic::check_output_dir(output, opts.force)?;
         if let (Some(labels), Some(n)) = (&opts.labels, self.num_labels())
             && labels.len() != n
         {
@@ -224,9 +224,7 @@ impl<B: Backend> Llama<B> {
     /// [`Llama::save`] where `fetch(b)` may supply block `b`'s parameters (`Some`) instead of
     /// [`Llama::params`], one block at a time (adaptation's merged blocks).
     pub fn save_with(&self, output: &Path, force: bool, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
-        if output.exists() && !force {
-            return Err(Error::OutputExists { path: output.to_path_buf() });
-        }
+        crate::atomic::check_output_dir(output, force)?;
         let source =
             if self.path.is_dir() { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
         // Each tensor once, in block order (a tied embedding is written with the embedding).
