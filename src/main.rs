@@ -253,7 +253,8 @@ enum Command {
         /// Shape preset (see `symerge generate --list`).
         #[arg(long, default_value = "llama-tiny")]
         preset: String,
-        /// Output directory; gets base/ and expert-1/ .. expert-K/.
+        /// Output directory; gets base/ and expert-1/ .. expert-K/ (each replaces only an earlier
+        /// symerge output or an empty directory).
         #[arg(short, long, required_unless_present = "list")]
         output: Option<PathBuf>,
         #[arg(long, default_value = "bfloat16")]
@@ -376,7 +377,8 @@ enum DataCommand {
         /// Directory the packages were extracted into (`/` for a system install).
         #[arg(long, default_value = "target/assets/debian")]
         source: PathBuf,
-        /// Output directory; each task gets OUT/<task>/{train,validation,test}.jsonl and labels.json.
+        /// Output directory; each task gets OUT/<task>/{train,validation,test}.jsonl and labels.json
+        /// (replacing only an earlier `data prepare` output there, or an empty directory).
         #[arg(long)]
         out: PathBuf,
         /// wn-noun, wn-verb, fortune-topic, lang-id, a comma-separated list, or all.
@@ -860,6 +862,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Data { command: DataCommand::Prepare { source, out, task, max_chars, max_per_class, json } } => {
             let opts = PrepareOptions { source, out, max_chars, max_per_class };
+            // Every task's directory before the first is written: a refusal leaves nothing half done.
+            for &t in &task.0 {
+                symerge::data::check_output(t, &opts)?;
+            }
             let mut summaries = Vec::new();
             for t in task.0 {
                 let summary = symerge::data::prepare(t, &opts)?;

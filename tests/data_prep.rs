@@ -220,13 +220,18 @@ fn lang_id_has_six_languages_capped_by_hash() {
     }
 }
 
-/// All files under `dir`, relative path -> bytes.
+/// All files under `dir`, relative path -> bytes, except each task's `.symerge-output` marker
+/// (checked present): it records the command line, which differs between processes.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
     for task in std::fs::read_dir(dir).unwrap() {
         let task = task.unwrap().path();
+        assert!(task.join(".symerge-output").is_file(), "{} has no marker", task.display());
         for f in std::fs::read_dir(&task).unwrap() {
             let f = f.unwrap().path();
+            if f.file_name().is_some_and(|n| n == ".symerge-output") {
+                continue;
+            }
             out.insert(f.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&f).unwrap());
         }
     }
@@ -348,4 +353,20 @@ fn cli_prepares_a_task_and_reports_it() {
     assert!(!ok && stderr.contains("fetch-assets.sh") && stderr.contains("wordnet-base"), "{stderr}");
     let (ok, _, stderr) = common::run(&["data", "prepare", "--out", "x", "--task", "sentiment"]);
     assert!(!ok && stderr.contains("unknown task `sentiment`"), "{stderr}");
+
+    // A task folder symerge did not write is refused before any task is written.
+    let fresh = tempfile::tempdir().unwrap();
+    let mine = fresh.path().join("wn-verb");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("train.jsonl"), "my own data\n").unwrap();
+    let args = ["data", "prepare", "--source", source.to_str().unwrap(), "--out", fresh.path().to_str().unwrap()];
+    let (ok, _, stderr) = common::run(&[&args[..], &["--task", "fortune-topic,wn-verb"]].concat());
+    assert!(
+        !ok && stderr.contains(&format!("output {} is not empty and was not written by symerge", mine.display())),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(mine.join("train.jsonl")).unwrap(), "my own data\n");
+    assert!(!fresh.path().join("fortune-topic").exists(), "a task was written before the refusal");
+    let leftovers: Vec<_> = std::fs::read_dir(fresh.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, ["wn-verb"], "nothing else written");
 }

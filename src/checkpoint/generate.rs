@@ -175,8 +175,10 @@ pub enum Variant {
 }
 
 /// Writes one synthetic model into `dir`, sharded at `shard_bytes`; it appears complete or not at
-/// all (built in a staging directory, then replacing `dir`).
+/// all (built in a staging directory, then replacing `dir`). Only an earlier symerge output or an
+/// empty directory at `dir` is replaced (see [`crate::atomic::check_output_dir`]).
 pub fn write_model(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Path, shard_bytes: u64) -> Result<PathBuf> {
+    crate::atomic::check_output_dir(dir, true)?;
     let staging = crate::atomic::Staging::create(dir)?;
     write_model_into(spec, seed, variant, staging.path(), shard_bytes)?;
     staging.commit(dir, true)?;
@@ -233,7 +235,8 @@ fn write_model_into(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Pat
     Ok(())
 }
 
-/// Writes `dir/base` and `dir/expert-1 .. expert-K`; returns their paths.
+/// Writes `dir/base` and `dir/expert-1 .. expert-K`; returns their paths. Every model directory
+/// is checked before the first is written, so a refused one leaves the others as they were.
 pub fn write_family(
     spec: &SyntheticSpec,
     seed: u64,
@@ -242,15 +245,13 @@ pub fn write_family(
     dir: &Path,
     shard_bytes: u64,
 ) -> Result<Vec<PathBuf>> {
-    let mut out = vec![write_model(spec, seed, Variant::Base, &dir.join("base"), shard_bytes)?];
-    for k in 1..=experts {
-        out.push(write_model(
-            spec,
-            seed,
-            Variant::Expert { index: k, scale: delta_scale },
-            &dir.join(format!("expert-{k}")),
-            shard_bytes,
-        )?);
+    let models: Vec<(Variant, PathBuf)> = std::iter::once((Variant::Base, dir.join("base")))
+        .chain(
+            (1..=experts).map(|k| (Variant::Expert { index: k, scale: delta_scale }, dir.join(format!("expert-{k}")))),
+        )
+        .collect();
+    for (_, d) in &models {
+        crate::atomic::check_output_dir(d, true)?;
     }
-    Ok(out)
+    models.iter().map(|(variant, d)| write_model(spec, seed, *variant, d, shard_bytes)).collect()
 }

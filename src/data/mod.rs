@@ -4,8 +4,8 @@
 //! Every task goes through the same steps: normalise whitespace, drop empty (and, for fortunes,
 //! mostly non-letter) entries, cap the length, drop duplicate texts (a text seen under two labels
 //! is dropped entirely: it cannot be classified), drop too-small classes, cap class sizes, and
-//! split by a stable hash of the text ([`split`]). Outputs are written atomically, and the same
-//! sources always give byte-identical files.
+//! split by a stable hash of the text ([`split`]). Each task's directory is written atomically
+//! (built beside it, renamed into place), and the same sources always give byte-identical files.
 //!
 //! - [`wordnet`]: `wn-noun`, `wn-verb` (gloss -> supersense).
 //! - [`fortune`]: `fortune-topic` (entry -> category), `lang-id` (entry -> language).
@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use jsonl::{Record, to_jsonl};
 
-use crate::atomic::write_atomic;
+use crate::atomic::Staging;
 use split::{Split, cap_order, stable_hash};
 use wordnet::Pos;
 
@@ -241,8 +241,22 @@ impl fmt::Display for TaskSummary {
     }
 }
 
-/// Prepares `task` from `opts.source` into `opts.out/<task>/`.
+/// Where `task` is written: `opts.out/<task>/`.
+pub fn output_dir(task: Task, opts: &PrepareOptions) -> PathBuf {
+    opts.out.join(task.name())
+}
+
+/// Refuses, before any work, a task directory that `prepare` may not replace: preparing always
+/// rewrites its own earlier output (the files are the same for the same sources), but never a
+/// directory symerge did not write (see [`crate::atomic::check_output_dir`]).
+pub fn check_output(task: Task, opts: &PrepareOptions) -> Result<()> {
+    crate::atomic::check_output_dir(&output_dir(task, opts), true)
+}
+
+/// Prepares `task` from `opts.source` into `opts.out/<task>/`, which appears complete or not at
+/// all and replaces only an earlier `prepare` output there (or an empty directory).
 pub fn prepare(task: Task, opts: &PrepareOptions) -> Result<TaskSummary> {
+    check_output(task, opts)?;
     if opts.max_chars == 0 {
         return Err(Error::Invalid("--max-chars must be at least 1".into()));
     }
@@ -401,7 +415,7 @@ fn assemble(
     rows.sort_unstable_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
 
     let dir = out.join(task.name());
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let staging = Staging::create(&dir)?;
     let mut counts = Counts::default();
     for split in Split::ALL {
         counts.get_mut(split).extend(labels.iter().map(|l| (l.clone(), 0)));
@@ -412,13 +426,16 @@ fn assemble(
             Record { text, label: &labels[*id], label_id: *id }
         });
         let bytes = to_jsonl(records)?;
-        write_atomic(&dir.join(format!("{split}.jsonl")), &bytes)?;
+        let path = staging.path().join(format!("{split}.jsonl"));
+        std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
     }
     let labels_file = LabelsFile { task: task.name(), labels: &labels, counts: &counts, stats: &stats };
     let mut json = serde_json::to_vec_pretty(&labels_file)
         .map_err(|e| Error::Invalid(format!("{task}: serialising labels.json: {e}")))?;
     json.push(b'\n');
-    write_atomic(&dir.join("labels.json"), &json)?;
+    let path = staging.path().join("labels.json");
+    std::fs::write(&path, &json).map_err(|e| Error::io(&path, e))?;
+    staging.commit(&dir, true)?;
 
     let rows = Split::ALL.iter().map(|&s| (s, counts.rows(s))).collect();
     tracing::debug!("{task}: wrote {}", dir.display());
