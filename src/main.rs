@@ -309,7 +309,8 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
         max_len: usize,
-        /// Rebuild a cache made for another expert or other inputs instead of failing.
+        /// Rebuild a cache made for another expert or other inputs instead of failing (only a
+        /// label cache is ever replaced; any other file is refused).
         #[arg(long)]
         force: bool,
         /// Causal LM experts: next tokens kept per position (capped at the vocabulary).

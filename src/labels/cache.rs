@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"SYMLBL\x00\x01";
+/// What a label cache is, in messages about an output path.
+pub const CACHE_KIND: &str = "a symerge label cache";
 /// Header bytes, magic included; the JSON is padded with spaces to fill it so it can be
 /// rewritten in place when the cache is finished.
 const HEADER_BYTES: usize = 4096;
@@ -165,6 +167,16 @@ impl CacheHeader {
 
 fn cache_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::LabelCache { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Whether `path` is a regular file that starts with a label cache's magic: one `--force` may
+/// replace (even a damaged or outdated cache), as opposed to a file of the user's.
+pub fn is_label_cache(path: &Path) -> bool {
+    if crate::input_file::check_regular(path).is_err() {
+        return false;
+    }
+    let mut magic = [0u8; MAGIC.len()];
+    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == MAGIC
 }
 
 /// The partial file a cache is built in.
@@ -372,6 +384,8 @@ impl CacheWriter {
         file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(&self.partial, e))?;
         file.write_all(&self.header.encode(&self.path)?).map_err(|e| Error::io(&self.partial, e))?;
         file.sync_all().map_err(|e| Error::io(&self.partial, e))?;
+        // Callers check at their start; checked again as the rename would replace anything.
+        crate::atomic::check_output_file(&self.path, CACHE_KIND, is_label_cache)?;
         std::fs::rename(&self.partial, &self.path).map_err(|e| Error::io(&self.path, e))?;
         Ok(self.path)
     }

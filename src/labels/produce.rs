@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::cache::{CacheWriter, LabelCache, LabelKind, Provenance, encode_classification, encode_topk};
+use super::cache::{
+    CACHE_KIND, CacheWriter, LabelCache, LabelKind, Provenance, encode_classification, encode_topk, is_label_cache,
+};
 use super::fingerprint::{checkpoint_hash, file_hash, texts_hash};
 use crate::atomic::write_atomic;
 use crate::backend::Backend;
@@ -33,7 +35,8 @@ pub struct CacheLabelsOptions {
     pub output: PathBuf,
     pub batch_size: usize,
     pub max_len: usize,
-    /// Rebuild an existing cache made for other inputs or another expert instead of failing.
+    /// Rebuild an existing cache made for other inputs or another expert instead of failing;
+    /// a file that is no label cache is refused all the same.
     pub force: bool,
     /// Causal LM experts: next tokens kept per position (capped at the vocabulary).
     pub top_k: usize,
@@ -116,6 +119,11 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
             path: opts.output.clone(),
             reason: format!("is {kind}, not a cache file; choose another output path (--force replaces only a cache)"),
         });
+    }
+    // Without --force an existing file is only ever reused or refused below; with it, only a
+    // cache of ours may be rebuilt over.
+    if opts.force {
+        crate::atomic::check_output_file(&opts.output, CACHE_KIND, is_label_cache)?;
     }
     if texts.is_empty() {
         return Err(Error::Invalid(format!("no inputs to label for task `{}`", opts.task)));
