@@ -1,6 +1,10 @@
 //! An output path that is, contains or lies inside an input is refused before anything is
 //! written, with or without `--force`, however the path is spelt (relative, `..`, a symbolic
 //! link), for `merge`, `cache-labels` and `adapt`; the inputs' bytes stay the same.
+//!
+//! `--force` replaces only what symerge wrote: a directory holding the `.symerge-output` marker
+//! (which every fresh output carries), an empty directory, or (`cache-labels`) a label cache.
+//! A directory of the user's files, a plain file or a symbolic link is refused, untouched.
 
 mod common;
 
@@ -87,4 +91,227 @@ fn cache_labels_refuses_to_write_over_its_inputs() {
     }
     assert_eq!(std::fs::read(&inputs).unwrap(), text);
     assert!(!fixture.join("labels").exists());
+}
+
+/// Every file under `dir` (recursively, hidden ones included) with its bytes; links are listed
+/// with their target, not followed.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_symlink() {
+                out.push((p.clone(), std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes()));
+            } else if meta.is_dir() {
+                out.push((p.clone(), b"<dir>".to_vec()));
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The marker of a fresh output: one JSON line naming symerge, its version and the command (an
+/// argument of which contains `command`).
+fn assert_marker(dir: &Path, command: &str) {
+    let text = std::fs::read_to_string(dir.join(".symerge-output"))
+        .unwrap_or_else(|e| panic!("{} has no .symerge-output: {e}", dir.display()));
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["written_by"], "symerge", "{text}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{text}");
+    let args: Vec<&str> = v["command"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.iter().any(|a| a.contains(command)), "{text}");
+}
+
+#[test]
+fn merge_force_replaces_only_what_symerge_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    let dirs = write_family(&spec, 4, 2, 0.01, &tmp.path().join("models"), 1 << 30).unwrap();
+    for d in &dirs {
+        assert_marker(d, "output_guard"); // written by this test process
+    }
+    let cfg = tmp.path().join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let merge = |out: &Path, force: bool| {
+        let mut args = vec!["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu", "-q"];
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+
+    // A fresh output carries the marker.
+    let ours = work.join("merged");
+    let (ok, _, err) = merge(&ours, false);
+    assert!(ok, "{err}");
+    assert_marker(&ours, "merge");
+    let weights = std::fs::read(ours.join("model.safetensors")).unwrap();
+    // (a) Over a previous symerge output: refused without --force, replaced with it (a file
+    // added to it since goes with it).
+    std::fs::write(ours.join("stale.txt"), "left over").unwrap();
+    let (ok, _, err) = merge(&ours, false);
+    assert!(!ok && err.contains("already exists") && err.contains("--force"), "{err}");
+    let (ok, _, err) = merge(&ours, true);
+    assert!(ok, "{err}");
+    assert!(!ours.join("stale.txt").exists(), "the old output was not replaced");
+    assert_eq!(std::fs::read(ours.join("model.safetensors")).unwrap(), weights);
+    assert_marker(&ours, "--force");
+
+    // (c) An empty directory is replaced.
+    let empty = work.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, err) = merge(&empty, true);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(empty.join("model.safetensors")).unwrap(), weights);
+    assert_marker(&empty, "merge");
+
+    // (b) A directory of the user's files without the marker, (d) a plain file, a symbolic link
+    // to a directory (the user's, or even a symerge output), and a marker that is no marker:
+    // refused with --force, naming the path and why; nothing changes anywhere under `work`.
+    let user = work.join("user-dir");
+    std::fs::create_dir_all(user.join("sub")).unwrap();
+    std::fs::write(user.join("notes.txt"), "precious").unwrap();
+    std::fs::write(user.join("sub/data.bin"), [1u8, 2, 3]).unwrap();
+    let file = work.join("user-file");
+    std::fs::write(&file, "precious too").unwrap();
+    let link_user = work.join("link-to-user-dir");
+    std::os::unix::fs::symlink(&user, &link_user).unwrap();
+    let link_ours = work.join("link-to-output");
+    std::os::unix::fs::symlink(&ours, &link_ours).unwrap();
+    let fake = work.join("fake-marker");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(fake.join(".symerge-output"), "not json").unwrap();
+    std::fs::write(fake.join("notes.txt"), "precious").unwrap();
+    let before = tree(&work);
+    for (out, why) in [
+        (&user, "is not empty and was not written by symerge (no .symerge-output marker)"),
+        (&file, "is a regular file, not a directory symerge wrote"),
+        (&link_user, "is a symbolic link"),
+        (&link_ours, "is a symbolic link"),
+        (&fake, "is not empty and was not written by symerge"),
+    ] {
+        let (ok, _, err) = merge(out, true);
+        assert!(!ok, "{} was replaced", out.display());
+        assert!(err.contains(&format!("output {} {why}", out.display())), "{}: {err}", out.display());
+        assert!(err.contains("remove it yourself or choose another output"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(tree(&work), before, "a refused --force changed something (or left a partial)");
+}
+
+#[test]
+fn cache_labels_force_replaces_only_label_caches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
+    let other = tmp.path().join("other.jsonl");
+    std::fs::write(&other, "{\"text\": \"hello\"}\n{\"text\": \"world again\"}\n").unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let label = |texts: &Path, out: &Path, force: bool| {
+        let mut args = vec![
+            "cache-labels",
+            "--expert",
+            fixture.to_str().unwrap(),
+            "--task",
+            "t",
+            "--inputs",
+            texts.to_str().unwrap(),
+            "--top-k",
+            "4",
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+    let rows = |stdout: &str| serde_json::from_str::<serde_json::Value>(stdout).unwrap()["rows"].as_u64().unwrap();
+
+    // (a) A cache of ours made for other inputs: refused without --force, rebuilt with it.
+    let cache = work.join("t.labels");
+    let (ok, stdout, err) = label(&inputs, &cache, false);
+    assert!(ok, "{err}");
+    assert_eq!(rows(&stdout), 1);
+    assert!(std::fs::read(&cache).unwrap().starts_with(b"SYMLBL"));
+    let (ok, _, err) = label(&other, &cache, false);
+    assert!(!ok, "a cache for other inputs was replaced without --force: {err}");
+    let (ok, stdout, err) = label(&other, &cache, true);
+    assert!(ok, "{err}");
+    assert_eq!(rows(&stdout), 2, "rebuilt for the other inputs");
+    // A damaged cache (header intact) is still ours to rebuild.
+    let mut bytes = std::fs::read(&cache).unwrap();
+    bytes.truncate(bytes.len() - 3);
+    std::fs::write(&cache, &bytes).unwrap();
+    let (ok, stdout, err) = label(&inputs, &cache, true);
+    assert!(ok, "{err}");
+    assert_eq!(rows(&stdout), 1);
+
+    // (b) A directory holding the user's file, an empty directory (a cache is a file), (d) plain
+    // files (text, empty, a cache's magic only halfway) and a symbolic link to a cache: refused
+    // with --force, untouched, no partial file left.
+    let user = work.join("user-dir");
+    std::fs::create_dir(&user).unwrap();
+    std::fs::write(user.join("notes.txt"), "precious").unwrap();
+    let empty = work.join("empty-dir");
+    std::fs::create_dir(&empty).unwrap();
+    let text = work.join("notes.txt");
+    std::fs::write(&text, "precious").unwrap();
+    let blank = work.join("blank");
+    std::fs::write(&blank, "").unwrap();
+    let half = work.join("half-magic");
+    std::fs::write(&half, "SYMLBL").unwrap();
+    let link = work.join("link.labels");
+    std::os::unix::fs::symlink(&cache, &link).unwrap();
+    let before = tree(&work);
+    for (out, why) in [
+        (&user, "is a directory, not a cache file".to_string()),
+        (&empty, "is a directory, not a cache file".to_string()),
+        (&text, format!("output {} exists and is not a symerge label cache", text.display())),
+        (&blank, format!("output {} exists and is not a symerge label cache", blank.display())),
+        (&half, format!("output {} exists and is not a symerge label cache", half.display())),
+        (&link, format!("output {} is a symbolic link", link.display())),
+    ] {
+        let (ok, _, err) = label(&inputs, out, true);
+        assert!(!ok, "{} was replaced", out.display());
+        assert!(err.contains(&why), "{}: {err}", out.display());
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(tree(&work), before, "a refused --force changed something (or left a partial)");
+}
+
+/// `generate` rewrites its own models, refuses a model directory it did not write before writing
+/// any, and its fresh models carry the marker.
+#[test]
+fn generate_replaces_only_its_own_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("fam");
+    let gen_args = ["generate", "--preset", "llama-tiny", "--experts", "2", "-o", root.to_str().unwrap()];
+    let (ok, _, err) = run(&gen_args);
+    assert!(ok, "{err}");
+    for d in ["base", "expert-1", "expert-2"] {
+        assert_marker(&root.join(d), "generate");
+    }
+    let (ok, _, err) = run(&gen_args);
+    assert!(ok, "a second generate over its own output: {err}");
+    std::fs::remove_dir_all(root.join("expert-2")).unwrap();
+    std::fs::create_dir(root.join("expert-2")).unwrap();
+    std::fs::write(root.join("expert-2/mine.txt"), "precious").unwrap();
+    let before = tree(&root);
+    let (ok, _, err) = run(&gen_args);
+    assert!(!ok && err.contains("was not written by symerge"), "{err}");
+    assert!(err.contains(&root.join("expert-2").display().to_string()), "{err}");
+    assert_eq!(tree(&root), before, "base and expert-1 were rewritten before the refusal");
 }
