@@ -20,7 +20,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::bert::{Bert, LoadOptions, NewHead};
+use super::Params;
+use super::bert::{LoadOptions, NewHead};
 use super::classify::{EvalReport, SequenceClassifier, evaluate};
 use super::save::{SaveOptions, SavedModel};
 use super::tokenize::Tokens;
@@ -254,16 +255,6 @@ pub fn label_ids(examples: &[Example], path: &Path, names: &[String]) -> Result<
         .collect()
 }
 
-/// One trainable tensor: its host copy, Adam state and place in the model.
-struct Slot {
-    block: usize,
-    name: String,
-    values: Vec<f32>,
-    /// The learning rate before the schedule's factor.
-    lr: f32,
-    adam: Adam,
-}
-
 /// A random permutation of `0..n` for `epoch` under `seed` (Fisher-Yates over counter-based
 /// Philox draws, so it does not depend on anything but the three numbers).
 fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
@@ -281,13 +272,17 @@ fn mean(xs: &[f32]) -> f32 {
     xs.iter().map(|&x| x as f64).sum::<f64>() as f32 / xs.len().max(1) as f32
 }
 
-/// Fine-tunes `base` (a `BertModel`, or a classifier whose head is replaced) on `opts.train` and
-/// saves the result to `opts.output`. Inputs are all checked before training starts, and the
-/// output appears only when complete.
-pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> Result<FinetuneSummary> {
-    let start = Instant::now();
-    let inputs: Vec<&Path> = [base, opts.train.as_path()].into_iter().chain(opts.labels.as_deref()).collect();
-    crate::atomic::check_output_apart(&opts.output, &inputs)?;
+/// Mean loss of the first and of the last (up to) 10 steps, each at most half the run so that a
+/// short run's two numbers do not average the same steps.
+pub(super) fn loss_ends(losses: &[f32]) -> (f32, f32) {
+    let k = (losses.len() / 2).clamp(1, 10).min(losses.len());
+    (mean(&losses[..k]), mean(&losses[losses.len() - k..]))
+}
+
+/// The checks on options every model family shares, made before anything is loaded; `inputs`
+/// are the paths the output must stay apart from.
+pub(super) fn check_options(opts: &FinetuneOptions, inputs: &[&Path]) -> Result<()> {
+    crate::atomic::check_output_apart(&opts.output, inputs)?;
     crate::atomic::check_output_dir(&opts.output, opts.force)?;
     if opts.batch_size == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
@@ -295,13 +290,16 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     if matches!(opts.length, TrainLength::Steps(0) | TrainLength::Epochs(0)) {
         return Err(Error::Invalid("nothing to train: the number of steps or epochs must be at least 1".into()));
     }
-    let head_lr = opts.head_lr.unwrap_or(opts.lr);
-    for (what, lr) in [("learning rate", opts.lr), ("head learning rate", head_lr)] {
+    for (what, lr) in [("learning rate", opts.lr), ("head learning rate", opts.head_lr.unwrap_or(opts.lr))] {
         if !(lr.is_finite() && lr > 0.0) {
             return Err(Error::Invalid(format!("{what} must be a positive number, got {lr}")));
         }
     }
+    Ok(())
+}
 
+/// The training examples of `opts.train` (the first `max_examples`), at least one.
+pub(super) fn read_examples(opts: &FinetuneOptions) -> Result<Vec<Example>> {
     let mut examples = read_jsonl(&opts.train)?;
     if let Some(n) = opts.max_examples {
         examples.truncate(n);
@@ -309,6 +307,31 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     if examples.is_empty() {
         return Err(Error::Invalid(format!("{}: no training examples", opts.train.display())));
     }
+    Ok(examples)
+}
+
+/// Optimizer steps for `n` examples.
+pub(super) fn total_steps(opts: &FinetuneOptions, n: usize) -> usize {
+    match opts.length {
+        TrainLength::Steps(s) => s,
+        TrainLength::Epochs(e) => e * n.div_ceil(opts.batch_size),
+    }
+}
+
+/// Fine-tunes `base` (a `BertModel`, or a classifier whose head is replaced) on `opts.train` and
+/// saves the result to `opts.output`. Inputs are all checked before training starts, and the
+/// output appears only when complete. Causal LMs train with [`super::finetune_lm::finetune_lm`].
+pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> Result<FinetuneSummary> {
+    let start = Instant::now();
+    let inputs: Vec<&Path> = [base, opts.train.as_path()].into_iter().chain(opts.labels.as_deref()).collect();
+    check_options(opts, &inputs)?;
+    if super::lm::is_causal_lm_dir(base)? {
+        return Err(Error::Invalid(format!(
+            "{} is a causal LM: it fine-tunes on texts with finetune_lm, not as a classifier",
+            base.display()
+        )));
+    }
+    let examples = read_examples(opts)?;
     let names = class_names(&examples, &opts.train, opts.labels.as_deref())?;
     let labels = label_ids(&examples, &opts.train, &names)?;
     if names.len() < 2 {
@@ -318,60 +341,148 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
             names.len()
         )));
     }
-    let eval_set = match &opts.eval {
-        Some(path) => {
-            let ex = read_jsonl(path)?;
-            if ex.is_empty() {
-                return Err(Error::Invalid(format!("{}: no evaluation examples", path.display())));
-            }
-            let ids = label_ids(&ex, path, &names)?;
-            Some((ex.into_iter().map(|e| e.text).collect::<Vec<_>>(), ids))
-        }
-        None => None,
-    };
+    let eval_set = opts.eval.as_deref().map(|path| labelled_texts(path, &names)).transpose()?;
 
     let new_head = NewHead { num_labels: names.len(), seed: opts.seed };
     let mut clf = SequenceClassifier::load(backend, base, opts.max_len, LoadOptions { new_head: Some(new_head) })?;
     // The in-memory model names its classes as the saved one will.
     clf.model.config.label2id = Some(names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect());
-    let eval_before = match (&eval_set, opts.eval_before) {
-        (Some((texts, ids)), true) => {
-            let r = evaluate(&clf, texts, ids, EVAL_BATCH)?;
-            tracing::info!("before training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
-            Some(r)
-        }
-        _ => None,
+    let score = |clf: &SequenceClassifier<B>, when: &str| -> Result<Option<EvalReport>> {
+        let Some((texts, ids)) = &eval_set else { return Ok(None) };
+        let r = evaluate(clf, texts, ids, EVAL_BATCH)?;
+        tracing::info!("{when} training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
+        Ok(Some(r))
     };
+    let eval_before = if opts.eval_before { score(&clf, "before")? } else { None };
 
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let tokens = clf.tokenizer.tokenize(&texts)?;
     let n = tokens.len();
-    let steps_per_epoch = n.div_ceil(opts.batch_size);
-    let total_steps = match opts.length {
-        TrainLength::Steps(s) => s,
-        TrainLength::Epochs(e) => e * steps_per_epoch,
-    };
+    let head_lr = opts.head_lr.unwrap_or(opts.lr);
+    let steps = total_steps(opts, n);
     tracing::info!(
-        "fine-tuning {} on {n} examples of {} classes: {total_steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}, {:?} schedule, {} warmup steps), max {} tokens, seed {}",
+        "fine-tuning {} on {n} examples of {} classes: {steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}, {:?} schedule, {} warmup steps), max {} tokens, seed {}",
         base.display(),
         names.len(),
         opts.batch_size,
-        total_steps as f64 / steps_per_epoch as f64,
+        steps as f64 / n.div_ceil(opts.batch_size) as f64,
         opts.lr,
         opts.schedule,
         opts.warmup_steps,
         opts.max_len,
         opts.seed
     );
+    let is_head: Vec<bool> = clf.model.blocks.iter().map(|b| matches!(b, super::Block::Head(_))).collect();
+    let mut trainer =
+        Trainer::new(&clf.model.backend, &clf.model.params, |b| if is_head[b] { head_lr } else { opts.lr })?;
+    let run =
+        train(&mut ClassifierObjective { clf: &mut clf, tokens: &tokens, labels: &labels }, &mut trainer, n, opts)?;
 
-    let train_start = Instant::now();
-    let mut trainer = Trainer::new(&clf.model, opts.lr, head_lr)?;
-    let mut losses = Vec::with_capacity(total_steps);
+    let eval = score(&clf, "after")?;
+    let saved = clf
+        .model
+        .save(&opts.output, &SaveOptions { dtype: opts.dtype, labels: Some(names.clone()), force: opts.force })?;
+    let (initial_loss, final_loss) = loss_ends(&run.losses);
+    Ok(FinetuneSummary {
+        base: base.to_path_buf(),
+        output: opts.output.clone(),
+        labels: names,
+        train_examples: n,
+        steps,
+        epochs: run.seen as f64 / n as f64,
+        batch_size: opts.batch_size,
+        lr: opts.lr,
+        head_lr,
+        schedule: opts.schedule,
+        warmup_steps: opts.warmup_steps,
+        initial_loss,
+        final_loss,
+        losses: run.losses,
+        eval_before,
+        eval,
+        train_seconds: run.seconds,
+        seconds: start.elapsed().as_secs_f64(),
+        saved,
+    })
+}
+
+/// The texts of a labelled JSONL and their class ids under `names`.
+fn labelled_texts(path: &Path, names: &[String]) -> Result<(Vec<String>, Vec<usize>)> {
+    let ex = read_jsonl(path)?;
+    let ids = label_ids(&ex, path, names)?;
+    Ok((ex.into_iter().map(|e| e.text).collect(), ids))
+}
+
+/// Texts per forward pass when evaluating.
+pub(super) const EVAL_BATCH: usize = 64;
+
+/// What differs between model families in training: the loss of a batch of training examples
+/// with its gradients, and writing updated weights back. Everything else (batch order, the
+/// schedule, clipping, Adam, logging) is [`train`]'s, shared.
+pub(super) trait Objective<B: Backend> {
+    fn backend(&self) -> &B;
+    /// The mean loss of the training examples `chunk` (indices) and one gradient per trainable
+    /// tensor, by name (a tensor held twice, like a tied embedding, has one, summed).
+    fn loss_grads(&mut self, chunk: &[usize]) -> Result<(f32, Params<B>)>;
+    /// Replaces a trained tensor's values wherever the model holds it.
+    fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()>;
+}
+
+/// The classifier's objective: mean cross-entropy against the class of each text.
+struct ClassifierObjective<'a, B: Backend> {
+    clf: &'a mut SequenceClassifier<B>,
+    tokens: &'a [Tokens],
+    labels: &'a [usize],
+}
+
+impl<B: Backend> Objective<B> for ClassifierObjective<'_, B> {
+    fn backend(&self) -> &B {
+        &self.clf.model.backend
+    }
+
+    fn loss_grads(&mut self, chunk: &[usize]) -> Result<(f32, Params<B>)> {
+        let model = &self.clf.model;
+        let classes = model.num_labels().unwrap_or(0).max(1);
+        let mut onehot = vec![0f32; chunk.len() * classes];
+        for (row, &i) in onehot.chunks_mut(classes).zip(chunk) {
+            row[self.labels[i]] = 1.0;
+        }
+        let enc = self.clf.tokenizer.pad(&chunk.iter().map(|&i| &self.tokens[i]).collect::<Vec<_>>());
+        let batch = model.batch(&enc)?;
+        let targets = model.backend.upload(&onehot)?;
+        let (loss, block_grads) = model.soft_ce_grads(&batch, &targets)?;
+        Ok((loss, block_grads.into_iter().flatten().collect()))
+    }
+
+    fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.clf.model.set_param(name, values)
+    }
+}
+
+/// What [`train`] did.
+pub(super) struct TrainRun {
+    /// The loss of every step.
+    pub losses: Vec<f32>,
+    /// Examples drawn, repeats counted.
+    pub seen: usize,
+    pub seconds: f64,
+}
+
+/// The shared training loop: `total_steps` Adam steps over `n` examples in seeded per-epoch
+/// shuffles, `batch_size` at a time, with the learning-rate schedule and clipping of `opts`.
+pub(super) fn train<B: Backend, O: Objective<B>>(
+    obj: &mut O,
+    trainer: &mut Trainer,
+    n: usize,
+    opts: &FinetuneOptions,
+) -> Result<TrainRun> {
+    let start = Instant::now();
+    let total = total_steps(opts, n);
+    let mut losses = Vec::with_capacity(total);
     let mut seen = 0usize;
     let (mut epoch, mut order, mut cursor) = (0usize, shuffled(n, opts.seed, 0), 0usize);
-    // When, at which step and after how many examples the last loss line was logged.
-    let mut last_log = (Instant::now(), 0usize, 0usize);
-    for step in 1..=total_steps {
+    let mut log = ProgressLog::new(n, total);
+    for step in 1..=total {
         if cursor >= n {
             epoch += 1;
             order = shuffled(n, opts.seed, epoch);
@@ -380,130 +491,106 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
         let chunk = &order[cursor..(cursor + opts.batch_size).min(n)];
         cursor += chunk.len();
         seen += chunk.len();
-        let batch_tokens: Vec<&Tokens> = chunk.iter().map(|&i| &tokens[i]).collect();
-        let batch_labels: Vec<usize> = chunk.iter().map(|&i| labels[i]).collect();
-        let lr_factor = opts.schedule.factor(step - 1, total_steps, opts.warmup_steps);
-        let enc = clf.tokenizer.pad(&batch_tokens);
-        let loss = trainer.step(&mut clf.model, &enc, &batch_labels, lr_factor, opts.max_grad_norm)?;
+        let lr_factor = opts.schedule.factor(step - 1, total, opts.warmup_steps);
+        let loss = trainer.step(obj, chunk, lr_factor, opts.max_grad_norm)?;
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "training diverged at step {step}: the loss is {loss}; try a smaller learning rate"
             )));
         }
         losses.push(loss);
-        if step % opts.log_every.max(1) == 0 || step == total_steps {
-            let secs = last_log.0.elapsed().as_secs_f64();
-            let done = train_start.elapsed().as_secs_f64();
-            tracing::info!(
-                "step {step}/{total_steps} epoch {:.2}: loss {:.4} ({:.1} examples/s, {:.0}s elapsed, eta {:.0}s)",
-                seen as f64 / n as f64,
-                mean(&losses[last_log.1..]),
-                (seen - last_log.2) as f64 / secs.max(1e-9),
-                done,
-                done / step as f64 * (total_steps - step) as f64
-            );
-            last_log = (Instant::now(), step, seen);
+        if step % opts.log_every.max(1) == 0 || step == total {
+            log.line(step, seen, &losses, start);
         }
     }
-    let train_seconds = train_start.elapsed().as_secs_f64();
-
-    let eval = match &eval_set {
-        Some((texts, ids)) => {
-            let r = evaluate(&clf, texts, ids, EVAL_BATCH)?;
-            tracing::info!("after training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
-            Some(r)
-        }
-        None => None,
-    };
-    let saved = clf
-        .model
-        .save(&opts.output, &SaveOptions { dtype: opts.dtype, labels: Some(names.clone()), force: opts.force })?;
-    let k = losses.len().min(10);
-    Ok(FinetuneSummary {
-        base: base.to_path_buf(),
-        output: opts.output.clone(),
-        labels: names,
-        train_examples: n,
-        steps: total_steps,
-        epochs: seen as f64 / n as f64,
-        batch_size: opts.batch_size,
-        lr: opts.lr,
-        head_lr,
-        schedule: opts.schedule,
-        warmup_steps: opts.warmup_steps,
-        initial_loss: mean(&losses[..k]),
-        final_loss: mean(&losses[losses.len() - k..]),
-        losses,
-        eval_before,
-        eval,
-        train_seconds,
-        seconds: start.elapsed().as_secs_f64(),
-        saved,
-    })
+    Ok(TrainRun { losses, seen, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// Texts per forward pass when evaluating.
-const EVAL_BATCH: usize = 64;
+/// The loss lines of a run: when, at which step and after how many examples the last one was.
+struct ProgressLog {
+    n: usize,
+    total: usize,
+    last: (Instant, usize, usize),
+}
+
+impl ProgressLog {
+    fn new(n: usize, total: usize) -> Self {
+        ProgressLog { n, total, last: (Instant::now(), 0, 0) }
+    }
+
+    fn line(&mut self, step: usize, seen: usize, losses: &[f32], start: Instant) {
+        let secs = self.last.0.elapsed().as_secs_f64();
+        let done = start.elapsed().as_secs_f64();
+        tracing::info!(
+            "step {step}/{} epoch {:.2}: loss {:.4} ({:.1} examples/s, {:.0}s elapsed, eta {:.0}s)",
+            self.total,
+            seen as f64 / self.n as f64,
+            mean(&losses[self.last.1..]),
+            (seen - self.last.2) as f64 / secs.max(1e-9),
+            done,
+            done / step as f64 * (self.total - step) as f64
+        );
+        self.last = (Instant::now(), step, seen);
+    }
+}
+
+/// One trainable tensor: its host copy, Adam state and name in the model.
+struct Slot {
+    name: String,
+    values: Vec<f32>,
+    /// The learning rate before the schedule's factor.
+    lr: f32,
+    adam: Adam,
+}
 
 /// The optimizer side of training: host copies of every weight with their Adam state. The
 /// update runs on the host, tensor by tensor in parallel (each tensor's Adam is independent, so
 /// the result does not depend on the thread count).
-struct Trainer {
+pub(super) struct Trainer {
     slots: Vec<Slot>,
 }
 
 impl Trainer {
-    fn new<B: Backend>(model: &Bert<B>, lr: f32, head_lr: f32) -> Result<Self> {
-        let mut slots = Vec::new();
-        for (bi, (block, params)) in model.blocks.iter().zip(&model.params).enumerate() {
-            let lr = if matches!(block, super::Block::Head(_)) { head_lr } else { lr };
+    /// Every tensor of `blocks` (one parameter map per block), at learning rate `lr_of(block)`;
+    /// a name held by two blocks (a tied embedding) trains once, at its first block's rate.
+    pub(super) fn new<B: Backend>(be: &B, blocks: &[Params<B>], lr_of: impl Fn(usize) -> f32) -> Result<Self> {
+        let mut slots: Vec<Slot> = Vec::new();
+        for (bi, params) in blocks.iter().enumerate() {
             for (name, p) in params {
-                let values = model.backend.download(&p.buf)?;
+                if slots.iter().any(|s| &s.name == name) {
+                    continue;
+                }
+                let values = be.download(&p.buf)?;
+                let lr = lr_of(bi);
                 let adam = Adam::new(values.len(), AdamConfig::with_lr(lr));
-                slots.push(Slot { block: bi, name: name.clone(), values, lr, adam });
+                slots.push(Slot { name: name.clone(), values, lr, adam });
             }
         }
         Ok(Trainer { slots })
     }
 
-    /// One step on one batch, at `lr_factor` times each tensor's learning rate; returns the
-    /// batch's mean loss.
-    fn step<B: Backend>(
+    /// One step on the examples `chunk`, at `lr_factor` times each tensor's learning rate;
+    /// returns the batch's mean loss.
+    fn step<B: Backend, O: Objective<B>>(
         &mut self,
-        model: &mut Bert<B>,
-        enc: &super::Encoded,
-        labels: &[usize],
+        obj: &mut O,
+        chunk: &[usize],
         lr_factor: f32,
         max_grad_norm: Option<f32>,
     ) -> Result<f32> {
-        let classes = model.num_labels().unwrap_or(0);
-        let mut onehot = vec![0f32; labels.len() * classes];
-        for (row, &y) in onehot.chunks_mut(classes.max(1)).zip(labels) {
-            row[y] = 1.0;
-        }
-        let batch = model.batch(enc)?;
-        let targets = model.backend.upload(&onehot)?;
-        let (loss, mut block_grads) = model.soft_ce_grads(&batch, &targets)?;
-        drop(batch);
+        let (loss, mut named) = obj.loss_grads(chunk)?;
         let mut grads: Vec<Vec<f32>> = self
             .slots
             .iter()
             .map(|s| {
-                let g = block_grads[s.block].remove(&s.name).ok_or_else(|| {
+                let g = named.remove(&s.name).ok_or_else(|| {
                     Error::Invalid(format!("internal: the backward produced no gradient for `{}`", s.name))
                 })?;
-                model.backend.download(&g.buf)
+                obj.backend().download(&g.buf)
             })
             .collect::<Result<_>>()?;
-        let scale = match max_grad_norm {
-            Some(max) => {
-                let sq: Vec<f64> =
-                    grads.par_iter().map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect();
-                let norm = sq.iter().sum::<f64>().sqrt();
-                (max as f64 / (norm + 1e-6)).min(1.0) as f32
-            }
-            None => 1.0,
-        };
+        drop(named);
+        let scale = max_grad_norm.map_or(1.0, |max| clip_scale(&grads, max));
         self.slots.par_iter_mut().zip(grads.par_iter_mut()).for_each(|(s, g)| {
             if scale < 1.0 {
                 g.iter_mut().for_each(|x| *x *= scale);
@@ -512,13 +599,18 @@ impl Trainer {
             s.adam.step(&mut s.values, g);
         });
         for s in &self.slots {
-            let p = model.params[s.block]
-                .get_mut(&s.name)
-                .ok_or_else(|| Error::Invalid(format!("internal: parameter `{}` vanished", s.name)))?;
-            p.buf = model.backend.upload(&s.values)?;
+            obj.set_param(&s.name, &s.values)?;
         }
         Ok(loss)
     }
+}
+
+/// The factor that brings the global norm of `grads` down to `max` (PyTorch's
+/// `clip_grad_norm_`), or 1 when it is below.
+fn clip_scale(grads: &[Vec<f32>], max: f32) -> f32 {
+    let sq: Vec<f64> = grads.par_iter().map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect();
+    let norm = sq.iter().sum::<f64>().sqrt();
+    (max as f64 / (norm + 1e-6)).min(1.0) as f32
 }
 
 #[cfg(test)]
