@@ -27,7 +27,7 @@ use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
-    evaluate_lm, finetune, is_causal_lm_dir, predict,
+    evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
 };
 use symerge::with_backend;
 
@@ -162,20 +162,22 @@ enum Command {
         #[command(flatten)]
         run: InferenceArgs,
     },
-    /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, writing a
-    /// Hugging Face checkpoint directory (an expert for merging).
+    /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, or of a
+    /// Llama-family causal LM on texts (next-token loss), writing a Hugging Face checkpoint
+    /// directory (an expert for merging).
     Finetune {
-        /// Pretrained model directory (e.g. a bare BertModel such as MiniLM); a new seeded
-        /// classification head is added, replacing any it has.
+        /// Pretrained model directory: a BERT-family encoder (e.g. MiniLM), which gets a new
+        /// seeded classification head replacing any it has, or a Llama-family causal LM (its
+        /// config.json's model_type says which).
         base: PathBuf,
-        /// Training JSON lines with `text` and `label`.
+        /// Training JSON lines with `text` and `label` (a causal LM reads only `text`).
         #[arg(long)]
         train: PathBuf,
         /// Output directory (written atomically: it appears only when complete).
         #[arg(short, long)]
         output: PathBuf,
         /// Class names in id order, `{"labels": [...]}`; default: labels.json beside --train if
-        /// present, else the sorted label names of the data.
+        /// present, else the sorted label names of the data. Classifiers only.
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Optimizer steps (default: one epoch).
@@ -190,7 +192,7 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_LR)]
         lr: f32,
         /// Learning rate of the new head (pooler and classifier); default: --lr. A larger one
-        /// (e.g. 1e-3) converges in fewer steps.
+        /// (e.g. 1e-3) converges in fewer steps. Classifiers only.
         #[arg(long)]
         head_lr: Option<f32>,
         /// Learning-rate schedule after the warmup: constant, or linear (decay to 0 at the end).
@@ -211,7 +213,8 @@ enum Command {
         /// Train on the first N examples only.
         #[arg(long, value_name = "N")]
         max_examples: Option<usize>,
-        /// Labelled JSON lines to score after training (accuracy, mean cross-entropy).
+        /// JSON lines to score after training: labelled for a classifier (accuracy, mean
+        /// cross-entropy), texts for a causal LM (mean next-token loss).
         #[arg(long)]
         eval: Option<PathBuf>,
         /// Also score --eval before training.
@@ -220,7 +223,7 @@ enum Command {
         /// Log the loss every N steps.
         #[arg(long, default_value_t = 10, value_name = "N")]
         log_every: usize,
-        /// Storage dtype of the saved weights (float32, float16, bfloat16).
+        /// Storage dtype of the saved weights (float32, float16, bfloat16; causal LMs: float32).
         #[arg(long, default_value = "float32")]
         dtype: FloatDType,
         /// Where the math runs: cpu or cuda.
@@ -812,6 +815,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 ..FinetuneOptions::new(train, output)
             };
+            if is_causal_lm_dir(&base)? {
+                let summary = with_backend!(device, |be| finetune_lm(be, &base, &opts)?);
+                report_lm_finetune(&summary, json)?;
+                return Ok(());
+            }
             let summary = with_backend!(device, |be| finetune(be, &base, &opts)?);
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
@@ -992,6 +1000,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The end of `finetune` on a causal LM: the summary as JSON, or one log line.
+fn report_lm_finetune(s: &symerge::model::LmFinetuneSummary, json: bool) -> anyhow::Result<()> {
+    if json {
+        return emit(&format!("{}\n", serde_json::to_string_pretty(s)?));
+    }
+    let eval = s.eval.as_ref().map(|r| format!(", eval loss {:.4}", r.mean_loss)).unwrap_or_default();
+    tracing::info!(
+        "wrote {} after {} steps in {:.1}s: next-token loss {:.4} -> {:.4}{eval}",
+        s.output.display(),
+        s.steps,
+        s.seconds,
+        s.initial_loss,
+        s.final_loss
+    );
     Ok(())
 }
 

@@ -325,12 +325,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     let start = Instant::now();
     let inputs: Vec<&Path> = [base, opts.train.as_path()].into_iter().chain(opts.labels.as_deref()).collect();
     check_options(opts, &inputs)?;
-    if super::lm::is_causal_lm_dir(base)? {
-        return Err(Error::Invalid(format!(
-            "{} is a causal LM: it fine-tunes on texts with finetune_lm, not as a classifier",
-            base.display()
-        )));
-    }
+    check_classifier_base(base)?;
     let examples = read_examples(opts)?;
     let names = class_names(&examples, &opts.train, opts.labels.as_deref())?;
     let labels = label_ids(&examples, &opts.train, &names)?;
@@ -403,6 +398,30 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
         train_seconds: run.seconds,
         seconds: start.elapsed().as_secs_f64(),
         saved,
+    })
+}
+
+/// Refuses a causal LM, or a base of neither family (naming both, since `finetune` takes
+/// either), before anything heavy is loaded; a missing config.json is left to the loader.
+fn check_classifier_base(base: &Path) -> Result<()> {
+    if super::lm::is_causal_lm_dir(base)? {
+        return Err(Error::Invalid(format!(
+            "{} is a causal LM: it fine-tunes on texts with finetune_lm, not as a classifier",
+            base.display()
+        )));
+    }
+    let dir = if base.is_dir() { base } else { base.parent().unwrap_or(Path::new(".")) };
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = crate::input_file::read_to_string(&path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Model { path: path.clone(), reason: format!("not valid JSON: {e}") })?;
+    super::BertConfig::from_json(&v, &path).map(drop).map_err(|e| {
+        Error::Invalid(format!(
+            "{e}; fine-tuning takes a BERT-family encoder (bert, roberta, xlm-roberta) or a Llama-family causal LM (llama, mistral, qwen2)"
+        ))
     })
 }
 

@@ -8,6 +8,7 @@
 //! - [`tokenize`]: `tokenizer.json` with per-batch padding.
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
 //! - [`finetune`]: full fine-tuning of a sequence classifier on labelled JSONL.
+//! - [`finetune_lm`]: full fine-tuning of a causal LM on texts (next-token loss).
 //! - [`save`]: writing a model as a Hugging Face checkpoint directory.
 //! - [`import`]: a Llama-family GGUF file as a Hugging Face checkpoint directory.
 
@@ -15,6 +16,7 @@ pub mod bert;
 pub mod classify;
 pub mod config;
 pub mod finetune;
+pub mod finetune_lm;
 pub mod import;
 pub mod llama;
 pub mod llama_config;
@@ -30,6 +32,7 @@ pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
 pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
 pub use config::{BertConfig, BertFamily};
 pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
+pub use finetune_lm::{LmFinetuneSummary, finetune_lm};
 pub use llama::{Llama, LlamaBlock, LmBatch, TopKTargets};
 pub use llama_config::{LlamaConfig, LlamaFamily};
 pub use lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm, is_causal_lm_dir};
