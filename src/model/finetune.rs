@@ -420,7 +420,7 @@ fn check_classifier_base(base: &Path) -> Result<()> {
         .map_err(|e| Error::Model { path: path.clone(), reason: format!("not valid JSON: {e}") })?;
     super::BertConfig::from_json(&v, &path).map(drop).map_err(|e| {
         Error::Invalid(format!(
-            "{e}; fine-tuning takes a BERT-family encoder (bert, roberta, xlm-roberta) or a Llama-family causal LM (llama, mistral, qwen2)"
+            "{e}; nor is it a Llama-family causal LM (llama, mistral, qwen2), the other kind fine-tuning takes"
         ))
     })
 }
