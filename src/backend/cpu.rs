@@ -215,11 +215,14 @@ fn softmax_row(row: &mut [f32], mask_row: Option<&[f32]>) {
         }
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
+    // The exponentials in a loop of their own (it vectorises), then the sum in order. Below
+    // e^-87 the weight is flushed to zero: masked scores (f32::MIN) get exactly 0, as before,
+    // without libm's slow underflow path.
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        let d = *v - max;
+        *v = if d < -87.0 { 0.0 } else { vmath::exp(d) };
     }
+    let sum: f32 = row.iter().sum();
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
