@@ -37,6 +37,9 @@ struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// No progress bars or progress lines, and warnings and errors only, for every command.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -73,9 +76,6 @@ enum Command {
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
-        /// No progress bar or progress lines.
-        #[arg(short, long)]
-        quiet: bool,
         /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda, cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceSpec,
@@ -575,9 +575,10 @@ fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
+        _ if quiet => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",
@@ -596,11 +597,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&info.to_string())?;
             }
         }
-        Command::Merge { config, output, dtype, out_shard_size, force, json, quiet, device, device_mem, dist } => {
+        Command::Merge { config, output, dtype, out_shard_size, force, json, device, device_mem, dist } => {
             let cfg = MergeConfig::load(&config)?;
             tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
             let opts =
-                MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !quiet };
+                MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !cli.quiet };
             let resolved = match (device, symerge::backend::cuda::stream_merge::unsupported(&cfg)) {
                 (DeviceSpec::Auto, Some(why)) => {
                     tracing::info!("--device auto: using the CPU ({why})");
@@ -1027,7 +1028,7 @@ fn main() -> ExitCode {
         eprintln!("error: setting up worker threads: {e}");
         return ExitCode::FAILURE;
     }
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.quiet);
     symerge::atomic::remove_partials_on_interrupt();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,7 +26,7 @@ fn device_flag_behaves_on_this_machine() {
         let bin = std::env::var_os("SYMERGE_BIN")
             .map_or_else(|| env!("CARGO_BIN_EXE_symerge").into(), std::path::PathBuf::from);
         let o = std::process::Command::new(bin)
-            .args(["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", device, "-q"])
+            .args(["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", device])
             .output()
             .unwrap();
         let r = (
