@@ -361,13 +361,14 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: Device,
         /// With --device cpu: host memory for keeping shared blocks' checkpoint pages mapped
-        /// between visits, then layers' forward internals for the backward (e.g. 8GB; 0 streams
-        /// every block and recomputes every layer). Default: half the available memory.
+        /// between visits (at most half of it) and layers' forward internals for the backward
+        /// (e.g. 8GB; 0 streams every block and recomputes every layer). Default: half the
+        /// available memory.
         #[arg(long, value_parser = parse_budget)]
         host_mem: Option<u64>,
         /// With --device cuda: device memory for keeping shared blocks' bytes on the GPU between
-        /// visits, then layers' forward internals (0 streams every block and recomputes every
-        /// layer). Default: half the free device memory.
+        /// visits (at most half of it) and layers' forward internals (0 streams every block and
+        /// recomputes every layer). Default: half the free device memory.
         #[arg(long, value_parser = parse_budget)]
         device_mem: Option<u64>,
     },

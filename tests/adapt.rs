@@ -316,8 +316,10 @@ fn adamerging_minimises_entropy_and_keeps_heads() {
 fn streamed_resident_and_mixed_adaptation_agree_bit_for_bit() {
     let f = fixture();
     let load = |budget| Adapter::load_with(Cpu, AdaptConfig::load(&f.root.join("adapt.yml")).unwrap(), budget).unwrap();
+    // Kept blocks get half the budget (the other half is for a step's internals).
     let first = load(Some(0)).weights.blocks[0].bytes();
-    let mut runs = [load(Some(0)), load(Some(u64::MAX)), load(Some(first))];
+    let mut runs = [load(Some(0)), load(Some(u64::MAX)), load(Some(2 * first))];
+    assert_eq!(load(Some(2 * first - 1)).weights.report().kept_blocks, 0, "the first block takes half");
     let modes: Vec<String> = runs.iter().map(|a| a.weights.report().mode).collect();
     assert_eq!(modes, ["streamed", "resident", "mixed"]);
     let rows = [1usize, 4, 6, 9];

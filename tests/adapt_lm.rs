@@ -238,7 +238,7 @@ fn streamed_resident_and_mixed_adaptation_agree_bit_for_bit() {
         let cfg = || AdaptConfig::load(&f.root.join("adapt.yml")).unwrap();
         let first = LmAdapter::load_with(Cpu, cfg(), Some(0)).unwrap().weights.blocks[0].bytes();
         let mut runs: Vec<LmAdapter<Cpu>> =
-            [Some(0), Some(u64::MAX), Some(first)].map(|b| LmAdapter::load_with(Cpu, cfg(), b).unwrap()).into();
+            [Some(0), Some(u64::MAX), Some(2 * first)].map(|b| LmAdapter::load_with(Cpu, cfg(), b).unwrap()).into();
         let modes: Vec<String> = runs.iter().map(|a| a.weights.report().mode).collect();
         assert_eq!(modes, ["streamed", "resident", "mixed"], "{layer}");
         let rows = [0usize, 2, 5];

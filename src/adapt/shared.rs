@@ -73,7 +73,7 @@ pub struct StreamReport {
     /// Stored bytes of the shared blocks over the base and all experts.
     pub shared_bytes: u64,
     pub kept_bytes: u64,
-    /// The memory budget for kept blocks.
+    /// The memory budget: kept blocks take at most half, a step's internals the rest.
     pub budget_bytes: u64,
     /// Bytes staged from the checkpoints over the whole run (kept blocks count once).
     pub bytes_streamed: u64,
@@ -108,8 +108,11 @@ enum Staged<'a, B: Backend> {
 impl<B: Backend> SharedWeights<B> {
     /// Resolves every shared tensor of `layout` in the base checkpoint and each expert's (a
     /// wrapper prefix such as `bert.` may differ), checking shapes and dtypes, and decides which
-    /// blocks to keep: blocks in order while their stored bytes fit in `budget` (default: half
-    /// the backend's free memory).
+    /// blocks to keep: blocks in order while their stored bytes fit in half of `budget` (default:
+    /// half the backend's free memory). The other half is left for each step's layer internals
+    /// and merged weights ([`Self::spare_bytes`]): kept blocks only save re-reading bytes, kept
+    /// internals save a quarter of a step's compute, so a model too big to keep whole does not
+    /// give all of the budget to its first blocks.
     pub fn open(
         be: &B,
         base: &Path,
@@ -136,7 +139,7 @@ impl<B: Backend> SharedWeights<B> {
             blocks.push(SharedBlock { name: l.name.clone(), tensors });
         }
         let budget = budget.unwrap_or_else(|| be.free_memory().unwrap_or(0) / 2);
-        let mut left = budget;
+        let mut left = budget / 2;
         let mut kept = Vec::with_capacity(blocks.len());
         for b in &blocks {
             let fits = b.bytes() <= left && kept.iter().all(Option::is_some);
