@@ -98,18 +98,7 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
         .enumerate()
         .filter_map(|(c, o)| {
             let start = c * MERGE_CHUNK;
-            let (mut bs, mut es) = (Vec::new(), Vec::new());
-            let b = base.f32s(start, o.len(), &mut bs);
-            o.fill(0.0);
-            for (x, &coef) in experts.iter().zip(coefs) {
-                let e = x.f32s(start, o.len(), &mut es);
-                for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
-                    *acc += coef * (e - b);
-                }
-            }
-            for (acc, &b) in o.iter_mut().zip(b) {
-                *acc += b;
-            }
+            merge_into(o, start, base, experts, coefs);
             o.iter().position(|v| !v.is_finite()).map(|i| start + i)
         })
         .min();
@@ -117,6 +106,48 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
         None => Ok(out),
         Some(i) => Err(non_finite(base, experts, coefs, i, out[i])),
     }
+}
+
+/// Elements `start..start + o.len()` of the merge into `o`, in the kernel's order: the weighted
+/// differences summed in f32 in expert order from zero, then added to the base.
+fn merge_into(o: &mut [f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) {
+    let (mut bs, mut es) = (Vec::new(), Vec::new());
+    let b = base.f32s(start, o.len(), &mut bs);
+    o.fill(0.0);
+    for (x, &coef) in experts.iter().zip(coefs) {
+        let e = x.f32s(start, o.len(), &mut es);
+        for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
+            *acc += coef * (e - b);
+        }
+    }
+    for (acc, &b) in o.iter_mut().zip(b) {
+        *acc += b;
+    }
+}
+
+/// `<g, expert_k - base>` over elements `start..start + g.len()`, for every expert.
+fn dots(g: &[f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor]) -> Vec<f64> {
+    let (mut bs, mut xs) = (Vec::new(), Vec::new());
+    let b = base.f32s(start, g.len(), &mut bs);
+    experts.iter().map(|e| dot_f64(g, e.f32s(start, g.len(), &mut xs), Some(b))).collect()
+}
+
+/// Partial sums (one per tile or row, each with a value per expert) added in order.
+fn sum_in_order(parts: &[Vec<f64>], experts: usize) -> Vec<f64> {
+    let mut out = vec![0f64; experts];
+    for part in parts {
+        out.iter_mut().zip(part).for_each(|(o, v)| *o += v);
+    }
+    out
+}
+
+/// Checks that a gradient has `base`'s element count.
+fn check_grad(op: &'static str, grad: &[f32], base: &StoredTensor) -> Result<()> {
+    if grad.len() == base.numel() {
+        return Ok(());
+    }
+    let reason = format!("the gradient has {} elements but `{}` has {}", grad.len(), base.name, base.numel());
+    Err(Error::Shape { op, reason })
 }
 
 /// Checks that `rows` (sorted, unique) index rows of `base` seen as a table of `row_len` columns.
@@ -149,18 +180,7 @@ pub fn merge_stored_rows(
     check_rows("merge_stored_rows", base, rows, row_len)?;
     let mut packed = vec![0f32; rows.len() * row_len];
     packed.par_chunks_mut(row_len).zip(rows.par_iter()).for_each(|(o, &r)| {
-        let start = r as usize * row_len;
-        let (mut bs, mut es) = (Vec::new(), Vec::new());
-        let b = base.f32s(start, row_len, &mut bs);
-        for (x, &coef) in experts.iter().zip(coefs) {
-            let e = x.f32s(start, row_len, &mut es);
-            for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
-                *acc += coef * (e - b);
-            }
-        }
-        for (acc, &b) in o.iter_mut().zip(b) {
-            *acc += b;
-        }
+        merge_into(o, r as usize * row_len, base, experts, coefs);
     });
     if let Some(i) = packed.iter().position(|v| !v.is_finite()) {
         let at = rows[i / row_len] as usize * row_len + i % row_len;
@@ -185,33 +205,15 @@ pub fn lambda_grad_stored_rows(
 ) -> Result<Vec<f64>> {
     check_stored("lambda_grad_stored_rows", base, experts, None)?;
     check_rows("lambda_grad_stored_rows", base, rows, row_len)?;
-    if grad.len() != base.numel() {
-        return Err(Error::Shape {
-            op: "lambda_grad_stored_rows",
-            reason: format!("the gradient has {} elements but `{}` has {}", grad.len(), base.name, base.numel()),
-        });
-    }
+    check_grad("lambda_grad_stored_rows", grad, base)?;
     let per_row: Vec<Vec<f64>> = rows
         .par_iter()
         .map(|&r| {
             let start = r as usize * row_len;
-            let g = &grad[start..start + row_len];
-            let (mut bs, mut xs) = (Vec::new(), Vec::new());
-            let b = base.f32s(start, row_len, &mut bs);
-            experts
-                .iter()
-                .map(|e| {
-                    let x = e.f32s(start, row_len, &mut xs);
-                    dot_f64(g, x, Some(b))
-                })
-                .collect()
+            dots(&grad[start..start + row_len], start, base, experts)
         })
         .collect();
-    let mut out = vec![0f64; experts.len()];
-    for row in &per_row {
-        out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-    }
-    Ok(out)
+    Ok(sum_in_order(&per_row, experts.len()))
 }
 
 /// The error for a non-finite merged element `i`: the first input that is non-finite there, or
@@ -235,36 +237,16 @@ fn non_finite(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32], i: 
 /// [`crate::merge::lambda_grad`] over the decoded values whatever the thread count.
 pub fn lambda_grad_stored(grad: &[f32], base: &StoredTensor, experts: &[&StoredTensor]) -> Result<Vec<f64>> {
     check_stored("lambda_grad_stored", base, experts, None)?;
-    let n = base.numel();
-    if grad.len() != n {
-        return Err(Error::Shape {
-            op: "lambda_grad_stored",
-            reason: format!("the gradient has {} elements but `{}` has {n}", grad.len(), base.name),
-        });
-    }
+    check_grad("lambda_grad_stored", grad, base)?;
+    let n = grad.len();
     let tiles: Vec<Vec<f64>> = (0..n.div_ceil(TILE))
         .into_par_iter()
         .map(|t| {
             let start = t * TILE;
-            let g = &grad[start..(start + TILE).min(n)];
-            let (mut bs, mut xs) = (Vec::new(), Vec::new());
-            let b = base.f32s(start, g.len(), &mut bs);
-            experts
-                .iter()
-                .map(|e| {
-                    let x = e.f32s(start, g.len(), &mut xs);
-                    dot_f64(g, x, Some(b))
-                })
-                .collect()
+            dots(&grad[start..(start + TILE).min(n)], start, base, experts)
         })
         .collect();
-    let mut out = vec![0f64; experts.len()];
-    for tile in &tiles {
-        for (o, v) in out.iter_mut().zip(tile) {
-            *o += v;
-        }
-    }
-    Ok(out)
+    Ok(sum_in_order(&tiles, experts.len()))
 }
 
 #[cfg(test)]

@@ -476,6 +476,14 @@ impl Block {
         }
     }
 
+    /// The tensors this block reads only by row lookups, with the rows `batch` reads.
+    pub fn lookup_rows<B: Backend>(&self, batch: &Batch<B>) -> Vec<(String, Vec<u32>)> {
+        match self {
+            Block::Embeddings(_) => batch.lookups.clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// [`Self::forward`] plus what [`Self::backward`] can reuse (an encoder layer's internals;
     /// the embeddings and the head are cheap to recompute and keep nothing).
     pub fn forward_keeping<B: Backend>(
@@ -515,16 +523,6 @@ impl Block {
                 let (dx, g) = h.backward(be, p, batch, need_input(input, self)?, grad_out)?;
                 Ok((Some(dx), g))
             }
-        }
-    }
-}
-
-impl Block {
-    /// The tensors this block reads only by row lookups, with the rows `batch` reads.
-    pub fn lookup_rows<B: Backend>(&self, batch: &Batch<B>) -> Vec<(String, Vec<u32>)> {
-        match self {
-            Block::Embeddings(_) => batch.lookups.clone(),
-            _ => Vec::new(),
         }
     }
 }
