@@ -1,5 +1,5 @@
-//! The CPU reference backend: plain `Vec<f32>` buffers, matrix products through `matrixmultiply`
-//! (packed, SIMD kernels; any strides, so transposes are free), rows and heads spread over rayon
+//! The CPU reference backend: plain `Vec<f32>` buffers, matrix products through the `gemm` crate
+//! (packed SIMD kernels chosen at run time, AVX-512 included; any strides, so transposes are free), rows and heads spread over rayon
 //! threads. Every op checks its buffers against its shape arguments, so a caller's shape bug is an
 //! error naming the op instead of a wrong answer.
 
@@ -56,10 +56,6 @@ impl<'a> View<'a> {
         if t { View { data, off: 0, rs: 1, cs: rows } } else { View { data, off: 0, rs: cols, cs: 1 } }
     }
 
-    fn shifted(self, rows: usize) -> Self {
-        View { off: self.off + rows * self.rs, ..self }
-    }
-
     /// Whether a `[rows, cols]` window fits in the data.
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || self.off + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
@@ -67,10 +63,11 @@ impl<'a> View<'a> {
 }
 
 /// `c[off..] = alpha * a @ b + beta * c` for `a` `[m, k]`, `b` `[k, n]`, `c` with row stride `rsc`
-/// (unit column stride), on the calling thread. Bounds are checked before the unsafe call, which
-/// is what makes this wrapper sound.
+/// (unit column stride), on `threads` workers of rayon's pool (1: the calling thread). Bounds are
+/// checked before the unsafe call, which is what makes this wrapper sound.
 #[allow(clippy::too_many_arguments)]
-fn gemm_serial(
+fn gemm_on(
+    threads: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -95,45 +92,56 @@ fn gemm_serial(
         }
         return;
     }
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above show every element the product reads (a, b) or writes (c) lies
-    // inside its slice; `c` is borrowed mutably, so nothing else aliases it.
+    // inside its slice; `c` is borrowed mutably, so nothing else aliases it. The crate computes
+    // `dst = alpha * dst + beta * lhs @ rhs`, reading `dst` only when asked (so `beta == 0` here
+    // ignores whatever `c` held, NaN included, as BLAS does).
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             m,
-            k,
             n,
-            alpha,
-            a.data.as_ptr().add(a.off),
-            a.rs as isize,
-            a.cs as isize,
-            b.data.as_ptr().add(b.off),
-            b.rs as isize,
-            b.cs as isize,
-            beta,
+            k,
             c.as_mut_ptr().add(c_off),
-            rsc as isize,
             1,
+            rsc as isize,
+            beta != 0.0,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
         );
     }
 }
 
-/// matrixmultiply's own thread pool (its `threading` feature) packs each operand panel once and
-/// shares it, which measured 1.3-1.5x faster on MiniLM's shapes (2 cores) than rayon tasks over
-/// row blocks that each pack their own copy. It uses at most this many threads, so wider pools
-/// split rows over rayon instead (with matrixmultiply single-threaded: [`set_worker_threads`]).
-const MATMUL_MAX_THREADS: usize = 4;
+/// [`gemm_on`] on the calling thread: products inside an already parallel loop (attention heads).
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: View<'_>,
+    b: View<'_>,
+    beta: f32,
+    c: &mut [f32],
+    c_off: usize,
+    rsc: usize,
+) {
+    gemm_on(1, m, n, k, alpha, a, b, beta, c, c_off, rsc);
+}
 
-/// Sizes the worker pools once, before any work: rayon's global pool (`threads`, default all
-/// cores) and matrixmultiply's (`MATMUL_NUM_THREADS`, unless the environment sets it: the same
-/// count up to 4, else 1 since rows are then split over rayon). Call it first thing in `main`.
+/// Sizes rayon's global pool once, before any work (`threads`, default all cores); the products
+/// run on it too. Call it first thing in `main`.
 pub fn set_worker_threads(threads: Option<usize>) -> Result<()> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        let mm = if n <= MATMUL_MAX_THREADS { n } else { 1 };
-        // SAFETY: called at start-up, before this process reads its environment from any other
-        // thread (no pool exists yet, no product has run).
-        unsafe { std::env::set_var("MATMUL_NUM_THREADS", mm.to_string()) };
-    }
     if let Some(t) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -143,21 +151,14 @@ pub fn set_worker_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Like [`gemm_serial`] for a contiguous `c` `[m, n]`: one call (matrixmultiply threads it) up
-/// to [`MATMUL_MAX_THREADS`] workers, split by rows over rayon beyond. Either way every element
-/// is summed in the same order, so results do not depend on the thread count.
+/// [`gemm_on`] for a contiguous `c` `[m, n]` over the whole pool when the product is big enough to
+/// pay for it. The crate splits the output into blocks, never the sum over `k`, so every element
+/// is summed in the same order and results do not depend on the thread count (tested).
 #[allow(clippy::too_many_arguments)]
 fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, beta: f32, c: &mut [f32]) {
-    let threads = rayon::current_num_threads();
-    if threads <= MATMUL_MAX_THREADS || m.saturating_mul(n).saturating_mul(k) < PAR_GEMM_FLOPS || m < 32 {
-        gemm_serial(m, n, k, alpha, a, b, beta, c, 0, n);
-        return;
-    }
-    let chunk = m.div_ceil(threads * 2).max(16);
-    c[..m * n].par_chunks_mut(chunk * n).enumerate().for_each(|(i, cc)| {
-        let rows = cc.len() / n;
-        gemm_serial(rows, n, k, alpha, a.shifted(i * chunk), b, beta, cc, 0, n);
-    });
+    let big = m.saturating_mul(n).saturating_mul(k) >= PAR_GEMM_FLOPS;
+    let threads = if big { rayon::current_num_threads() } else { 1 };
+    gemm_on(threads, m, n, k, alpha, a, b, beta, c, 0, n);
 }
 
 /// `f` of every element, in chunks of plain loops (which the compiler vectorises when `f` is
@@ -1195,6 +1196,33 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn gemm_ignores_output_when_beta_is_zero() {
+        let a = [1.0f32, 2.0, 3.0, 4.0];
+        let mut c = [f32::NAN; 4];
+        gemm_serial(2, 2, 2, 1.0, View::dense(&a, 2, 2, false), View::dense(&a, 2, 2, false), 0.0, &mut c, 0, 2);
+        assert_eq!(c, [7.0, 10.0, 15.0, 22.0]);
+    }
+
+    #[test]
+    fn gemm_bits_do_not_depend_on_threads() {
+        let (m, n, k) = (257, 301, 1031);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1009) as f32 * 1e-3 - 0.5).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729 % 997) as f32 * 1e-3 - 0.5).cos()).collect();
+        let run = |threads: usize| {
+            let mut c = vec![0f32; m * n];
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                gemm_par(m, n, k, 1.0, View::dense(&a, m, k, false), View::dense(&b, k, n, true), 0.0, &mut c)
+            });
+            c
+        };
+        let one = run(1);
+        for t in [2, 3, 4] {
+            assert!(one.iter().zip(run(t)).all(|(x, y)| x.to_bits() == y.to_bits()), "{t} threads");
         }
     }
 
