@@ -386,7 +386,8 @@ enum DataCommand {
         /// (replacing only an earlier `data prepare` output there, or an empty directory).
         #[arg(long)]
         out: PathBuf,
-        /// wn-noun, wn-verb, fortune-topic, lang-id, a comma-separated list, or all.
+        /// wn-noun, wn-verb, fortune-topic, lang-id; lm-de, lm-it, lm-pl, lm-eo, lm-gloss (texts for a
+        /// causal LM); a comma-separated list; `all` (the four classification tasks) or `lm`.
         #[arg(long, default_value = "all", value_parser = parse_tasks)]
         task: Tasks,
         /// Cut longer entries to this many characters.

@@ -9,6 +9,9 @@
 //!
 //! - [`wordnet`]: `wn-noun`, `wn-verb` (gloss -> supersense).
 //! - [`fortune`]: `fortune-topic` (entry -> category), `lang-id` (entry -> language).
+//! - Language-modelling tasks (texts for causal-LM fine-tuning and evaluation; one class, the
+//!   language): `lm-de`, `lm-it`, `lm-pl`, `lm-eo` (that language's fortunes) and `lm-gloss`
+//!   (English WordNet noun and verb glosses).
 //! - [`jsonl`]: the JSONL format, reader and atomic writer.
 
 pub mod fortune;
@@ -38,6 +41,10 @@ pub const DEFAULT_MAX_CHARS: usize = 512;
 /// German (~18k) do not swamp Esperanto (~2.6k).
 pub const LANG_ID_MAX_PER_CLASS: usize = 3000;
 
+/// Texts kept per language-modelling task (deterministically chosen by [`cap_order`]) when
+/// `--max-per-class` is not given: enough to fine-tune and evaluate a small LM on a CPU.
+pub const LM_MAX_TEXTS: usize = 3000;
+
 /// `fortune-topic` keeps the categories with at least this many entries after filtering and
 /// deduplication; fewer leave too few validation and test rows to measure a class.
 pub const TOPIC_MIN_ENTRIES: usize = 250;
@@ -57,10 +64,23 @@ pub enum Task {
     WnVerb,
     FortuneTopic,
     LangId,
+    /// Fortunes of one language (its ISO 639-1 code in [`fortune::LANGUAGES`]), for an LM.
+    LmFortunes(&'static str),
+    /// English WordNet glosses (nouns and verbs), for an LM.
+    LmGloss,
 }
 
 impl Task {
-    pub const ALL: [Task; 4] = [Task::WnNoun, Task::WnVerb, Task::FortuneTopic, Task::LangId];
+    /// The classification tasks (`all`).
+    pub const CLASSIFICATION: [Task; 4] = [Task::WnNoun, Task::WnVerb, Task::FortuneTopic, Task::LangId];
+    /// The language-modelling tasks (`lm`).
+    pub const LANGUAGE_MODELLING: [Task; 5] =
+        [Task::LmFortunes("de"), Task::LmFortunes("it"), Task::LmFortunes("pl"), Task::LmFortunes("eo"), Task::LmGloss];
+
+    /// Every task, classification first.
+    pub fn every() -> impl Iterator<Item = Task> {
+        Task::CLASSIFICATION.into_iter().chain(Task::LANGUAGE_MODELLING)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -68,19 +88,34 @@ impl Task {
             Task::WnVerb => "wn-verb",
             Task::FortuneTopic => "fortune-topic",
             Task::LangId => "lang-id",
+            Task::LmFortunes("de") => "lm-de",
+            Task::LmFortunes("it") => "lm-it",
+            Task::LmFortunes("pl") => "lm-pl",
+            Task::LmFortunes("eo") => "lm-eo",
+            Task::LmFortunes(_) => "lm-fortunes",
+            Task::LmGloss => "lm-gloss",
         }
     }
 
-    /// Parses `all`, one task name, or a comma-separated list of them.
+    /// Whether the task's texts are for a language model (one class) rather than a classifier.
+    pub fn is_lm(self) -> bool {
+        matches!(self, Task::LmFortunes(_) | Task::LmGloss)
+    }
+
+    /// Parses `all` (the classification tasks), `lm` (the language-modelling ones), one task
+    /// name, or a comma-separated list of these.
     pub fn parse_list(s: &str) -> Result<Vec<Task>, String> {
-        if s.trim() == "all" {
-            return Ok(Task::ALL.to_vec());
-        }
         let mut out = Vec::new();
         for part in s.split(',') {
-            let task: Task = part.trim().parse()?;
-            if !out.contains(&task) {
-                out.push(task);
+            let tasks: Vec<Task> = match part.trim() {
+                "all" => Task::CLASSIFICATION.to_vec(),
+                "lm" => Task::LANGUAGE_MODELLING.to_vec(),
+                name => vec![name.parse()?],
+            };
+            for task in tasks {
+                if !out.contains(&task) {
+                    out.push(task);
+                }
             }
         }
         Ok(out)
@@ -97,9 +132,9 @@ impl FromStr for Task {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Task::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
-            format!("unknown task `{s}` (available: {}, all)", names.join(", "))
+        Task::every().find(|t| t.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Task::every().map(|t| t.name()).collect();
+            format!("unknown task `{s}` (available: {}, all, lm)", names.join(", "))
         })
     }
 }
@@ -264,7 +299,27 @@ pub fn prepare(task: Task, opts: &PrepareOptions) -> Result<TaskSummary> {
         return Err(Error::Invalid("--max-per-class must be at least 1".into()));
     }
     tracing::info!("preparing {task} from {}", opts.source.display());
-    let (collected, label_order, min_class, max_per_class) = match task {
+    let Collected { collector, label_order, min_class, max_per_class } = collect(task, opts)?;
+    let (classes, stats) = collector.finish();
+    let summary = assemble(task, &opts.out, label_order, classes, stats, min_class, max_per_class)?;
+    if summary.labels.is_empty() {
+        return Err(Error::Invalid(format!("{task}: no examples found under {}", opts.source.display())));
+    }
+    Ok(summary)
+}
+
+/// A task's texts as read, with how `assemble` should treat its classes.
+struct Collected {
+    collector: Collector,
+    label_order: Vec<String>,
+    min_class: usize,
+    max_per_class: Option<usize>,
+}
+
+/// Reads a task's sources into a [`Collector`].
+fn collect(task: Task, opts: &PrepareOptions) -> Result<Collected> {
+    let lm_cap = Some(opts.max_per_class.unwrap_or(LM_MAX_TEXTS));
+    Ok(match task {
         Task::WnNoun | Task::WnVerb => {
             let pos = if task == Task::WnNoun { Pos::Noun } else { Pos::Verb };
             let mut c = Collector::new(opts.max_chars, false);
@@ -272,53 +327,78 @@ pub fn prepare(task: Task, opts: &PrepareOptions) -> Result<TaskSummary> {
                 c.add(&synset.gloss, synset.lexname);
             }
             let order = pos.labels().into_iter().map(String::from).collect();
-            (c, order, 1, opts.max_per_class)
+            Collected { collector: c, label_order: order, min_class: 1, max_per_class: opts.max_per_class }
         }
-        Task::FortuneTopic => {
-            let mut c = Collector::new(opts.max_chars, true);
-            let mut order = Vec::new();
-            for (name, path) in fortune::english_files(&opts.source)? {
-                if TOPIC_EXCLUDED.contains(&name.as_str()) {
-                    continue;
-                }
-                for entry in fortune::read_entries(&path)? {
-                    c.add(&entry, &name);
-                }
-                order.push(name);
+        Task::FortuneTopic => collect_topics(opts)?,
+        Task::LangId => collect_languages(fortune::LANGUAGES.iter().collect(), opts, LANG_ID_MAX_PER_CLASS)?,
+        Task::LmFortunes(code) => {
+            let lang = fortune::LANGUAGES
+                .iter()
+                .find(|l| l.code == code)
+                .ok_or_else(|| Error::Invalid(format!("{task}: no fortunes language `{code}`")))?;
+            let c = collect_languages(vec![lang], opts, LM_MAX_TEXTS)?;
+            if c.label_order.is_empty() {
+                return Err(Error::MissingSource {
+                    path: opts.source.join(fortune::GAMES_DIR),
+                    package: lang.package.into(),
+                });
             }
-            order.sort();
-            (c, order, TOPIC_MIN_ENTRIES, opts.max_per_class)
+            c
         }
-        Task::LangId => {
-            let mut c = Collector::new(opts.max_chars, true);
-            let mut order = Vec::new();
-            for lang in fortune::LANGUAGES {
-                let files = fortune::language_files(&opts.source, lang)?;
-                if files.is_empty() {
-                    let why = format!("no `{}` fortunes (package {})", lang.code, lang.package);
-                    if lang.optional {
-                        tracing::debug!("lang-id: {why}, skipping");
-                    } else {
-                        tracing::warn!("lang-id: {why} under {}, skipping", opts.source.display());
-                    }
-                    continue;
+        Task::LmGloss => {
+            let mut c = Collector::new(opts.max_chars, false);
+            for pos in [Pos::Noun, Pos::Verb] {
+                for synset in wordnet::read_synsets(&opts.source, pos)? {
+                    c.add(&synset.gloss, "en");
                 }
-                for (_, path) in files {
-                    for entry in fortune::read_entries(&path)? {
-                        c.add(&entry, lang.code);
-                    }
-                }
-                order.push(lang.code.to_string());
             }
-            (c, order, 1, Some(opts.max_per_class.unwrap_or(LANG_ID_MAX_PER_CLASS)))
+            Collected { collector: c, label_order: vec!["en".into()], min_class: 1, max_per_class: lm_cap }
         }
-    };
-    let (classes, stats) = collected.finish();
-    let summary = assemble(task, &opts.out, label_order, classes, stats, min_class, max_per_class)?;
-    if summary.labels.is_empty() {
-        return Err(Error::Invalid(format!("{task}: no examples found under {}", opts.source.display())));
+    })
+}
+
+/// `fortune-topic`: English fortunes by category.
+fn collect_topics(opts: &PrepareOptions) -> Result<Collected> {
+    let mut c = Collector::new(opts.max_chars, true);
+    let mut order = Vec::new();
+    for (name, path) in fortune::english_files(&opts.source)? {
+        if TOPIC_EXCLUDED.contains(&name.as_str()) {
+            continue;
+        }
+        for entry in fortune::read_entries(&path)? {
+            c.add(&entry, &name);
+        }
+        order.push(name);
     }
-    Ok(summary)
+    order.sort();
+    Ok(Collected { collector: c, label_order: order, min_class: TOPIC_MIN_ENTRIES, max_per_class: opts.max_per_class })
+}
+
+/// Fortunes labelled by language, the languages without files skipped (with a warning unless
+/// optional); `default_cap` applies unless `--max-per-class` is given.
+fn collect_languages(langs: Vec<&fortune::Language>, opts: &PrepareOptions, default_cap: usize) -> Result<Collected> {
+    let mut c = Collector::new(opts.max_chars, true);
+    let mut order = Vec::new();
+    for lang in langs {
+        let files = fortune::language_files(&opts.source, lang)?;
+        if files.is_empty() {
+            let why = format!("no `{}` fortunes (package {})", lang.code, lang.package);
+            if lang.optional {
+                tracing::debug!("{why}, skipping");
+            } else {
+                tracing::warn!("{why} under {}, skipping", opts.source.display());
+            }
+            continue;
+        }
+        for (_, path) in files {
+            for entry in fortune::read_entries(&path)? {
+                c.add(&entry, lang.code);
+            }
+        }
+        order.push(lang.code.to_string());
+    }
+    let cap = Some(opts.max_per_class.unwrap_or(default_cap));
+    Ok(Collected { collector: c, label_order: order, min_class: 1, max_per_class: cap })
 }
 
 /// Normalises, filters, caps and deduplicates entries as they are read.
