@@ -140,7 +140,8 @@ enum Command {
         run: InferenceArgs,
     },
     /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields);
-    /// for a causal LM (Llama, Mistral, Qwen2), perplexity and mean next-token loss over `text`.
+    /// for a causal LM (Llama, Mistral, Qwen2), perplexity, mean next-token loss and top-1
+    /// next-token accuracy over `text`.
     Eval {
         /// A classifier checkpoint, or the output directory of `symerge adapt` (then every task
         /// is scored with its own checkpoint and, for comparison, its expert).
@@ -749,8 +750,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
                 emit(&format!(
-                    "perplexity {:.4}, mean loss {:.4} ({} tokens predicted in {} texts)\n",
-                    report.perplexity, report.mean_loss, report.tokens, report.texts
+                    "perplexity {:.4}, mean loss {:.4}, top-1 accuracy {:.2}% ({} tokens predicted in {} texts)\n",
+                    report.perplexity,
+                    report.mean_loss,
+                    100.0 * report.top1_accuracy,
+                    report.tokens,
+                    report.texts
                 ))?;
             }
         }

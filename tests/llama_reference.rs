@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::reference::{read, rel_err};
 use common::run;
-use symerge::backend::Cpu;
+use symerge::backend::{Backend, Cpu};
 use symerge::model::{CausalLm, Encoded, Llama, LlamaFamily, evaluate_lm};
 
 /// Relative tolerance: max |ours - reference| / max |reference|, per tensor.
@@ -128,6 +128,21 @@ fn eval_perplexity_matches_transformers() {
     assert!(e < TOL, "mean loss {} vs {want} (rel {e:e})", report.mean_loss);
     assert!((report.perplexity - want.exp()).abs() / want.exp() < 2.0 * TOL);
 
+    // Top-1 accuracy, counted here text by text (no padding) with an argmax of our own.
+    let (mut hits, mut n, v) = (0usize, 0usize, lm.model.config.vocab_size);
+    for toks in lm.tokenizer.tokenize(&texts).unwrap() {
+        let batch = lm.model.batch(&lm.tokenizer.pad(&[&toks])).unwrap();
+        let z = Cpu.download(&lm.model.logits(&batch).unwrap()).unwrap();
+        for (row, next) in z.chunks(v).zip(&toks.ids[1..]) {
+            let best = (0..v).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            hits += usize::from(best == *next as usize);
+            n += 1;
+        }
+    }
+    assert_eq!(n, tokens);
+    assert!(hits > 0, "a seeded model that never predicts a token makes this check empty");
+    assert_eq!(report.top1_accuracy, hits as f64 / n as f64);
+
     // The command line.
     let tmp = tempfile::tempdir().unwrap();
     let inputs = tmp.path().join("texts.jsonl");
@@ -140,6 +155,7 @@ fn eval_perplexity_matches_transformers() {
     let cli_loss = v["mean_loss"].as_f64().unwrap();
     assert!((cli_loss - want).abs() / want < TOL, "{out}");
     assert_eq!(v["tokens"].as_u64(), Some(tokens as u64));
+    assert_eq!(v["top1_accuracy"].as_f64(), Some(report.top1_accuracy));
     let (ok, out, err) = run(&["eval", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()]);
     assert!(ok && out.starts_with("perplexity "), "{out}{err}");
     println!("eval vs transformers: mean loss rel error {e:.2e}; {}", out.trim());

@@ -1,4 +1,5 @@
-//! Batched evaluation of a causal LM: mean next-token loss and perplexity over texts.
+//! Batched evaluation of a causal LM: mean next-token loss, perplexity and top-1 next-token
+//! accuracy over texts.
 
 use std::path::Path;
 
@@ -65,6 +66,9 @@ pub struct LmEvalReport {
     pub mean_loss: f64,
     /// `exp(mean_loss)`.
     pub perplexity: f64,
+    /// Fraction of predicted tokens that are the model's most likely next token (the first
+    /// highest logit on ties).
+    pub top1_accuracy: f64,
 }
 
 /// Scores `texts` (each tokenized with the tokenizer's special tokens, truncated to its maximum
@@ -86,7 +90,7 @@ pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
     let toks = lm.tokenizer.tokenize(texts)?;
     let mut order: Vec<usize> = (0..toks.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
-    let (mut total, mut tokens) = (0f64, 0usize);
+    let (mut total, mut tokens, mut hits) = (0f64, 0usize, 0usize);
     for chunk in order.chunks(batch_size) {
         let enc = lm.tokenizer.pad(&chunk.iter().map(|&i| &toks[i]).collect::<Vec<_>>());
         let batch = model.batch(&enc)?;
@@ -99,6 +103,7 @@ pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
             let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
             total += lse - z[t as usize] as f64;
+            hits += usize::from(z.iter().position(|&v| v as f64 == max) == Some(t as usize));
         }
         tokens += batch.labels.len();
     }
@@ -106,5 +111,6 @@ pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
         return Err(Error::Invalid("nothing to evaluate: every text has fewer than two tokens".into()));
     }
     let mean_loss = total / tokens as f64;
-    Ok(LmEvalReport { texts: texts.len(), tokens, mean_loss, perplexity: mean_loss.exp() })
+    let top1_accuracy = hits as f64 / tokens as f64;
+    Ok(LmEvalReport { texts: texts.len(), tokens, mean_loss, perplexity: mean_loss.exp(), top1_accuracy })
 }
