@@ -11,6 +11,8 @@
 //! adapted_layer: head        # head (default) or last_block (causal LMs: final norm + lm_head)
 //! granularity: tensor        # one Lambda per task per tensor (default), or per block
 //! epochs: 500                # an epoch = one batch and one step per task, tasks shuffled
+//! lr: 0.01                   # Lambda's and the adapted layers' Adam rate (lambda_lr, layer_lr
+//!                            # set them apart; a causal LM's layer_lr defaults to 1e-5)
 //! ```
 //!
 //! When `base_model` is a causal LM (Llama, Mistral, Qwen2) the experts are causal LMs too, their
@@ -23,6 +25,10 @@ use serde::Deserialize;
 
 use super::lambda::Granularity;
 use crate::error::{Error, Result};
+
+/// The adapted layer's learning rate for causal LMs when the config sets neither `layer_lr` nor
+/// `lr` (classifier heads use `lr`).
+pub const LM_LAYER_LR: f32 = 1e-5;
 
 /// Which adaptation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -175,17 +181,22 @@ impl AdaptConfig {
             Method::Adamerging => 1e-3,
         };
         let lr = raw.lr.unwrap_or(default_lr);
+        // A causal LM's adapted layer holds its vocabulary projection (tens of millions of
+        // weights the expert already tuned): a classifier head's rate rewrites it in one Adam step.
+        let base_model = resolve(&raw.base_model);
+        let lm = crate::model::lm::is_causal_lm_dir(&base_model).unwrap_or(false);
+        let default_layer_lr = if lm && raw.lr.is_none() { LM_LAYER_LR } else { lr };
         let cfg = AdaptConfig {
             source: source.to_path_buf(),
             method,
-            base_model: resolve(&raw.base_model),
+            base_model,
             tasks,
             adapted_layer,
             granularity,
             lambda_init: raw.lambda_init.unwrap_or(0.3),
             clamp: raw.clamp.unwrap_or(true),
             lambda_lr: raw.lambda_lr.unwrap_or(lr),
-            layer_lr: raw.layer_lr.unwrap_or(lr),
+            layer_lr: raw.layer_lr.unwrap_or(default_layer_lr),
             batch_size: raw.batch_size.unwrap_or(32),
             epochs: raw.epochs.unwrap_or(500),
             loss,
@@ -229,6 +240,21 @@ mod tests {
             (cfg.granularity, cfg.adapted_layer, cfg.loss),
             (Granularity::Tensor, AdaptedLayer::Head, LossKind::Soft)
         );
+
+        assert_eq!(cfg.layer_lr, 1e-2, "a classifier head's rate is lr");
+
+        // A causal-LM base: the adapted layer's own small default, unless lr or layer_lr is set.
+        let lm_base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+        let lm_cfg = |extra: &str| {
+            let text = format!(
+                "method: symerge\nbase_model: {}\n{extra}tasks:\n  - {{name: a, expert: e, inputs: i, cache: c}}\n",
+                lm_base.display()
+            );
+            AdaptConfig::parse(&text, src).unwrap()
+        };
+        assert_eq!((lm_cfg("").lambda_lr, lm_cfg("").layer_lr), (1e-2, LM_LAYER_LR));
+        assert_eq!(lm_cfg("lr: 0.001\n").layer_lr, 1e-3);
+        assert_eq!(lm_cfg("layer_lr: 0.0002\n").layer_lr, 2e-4);
 
         let ada =
             AdaptConfig::parse("method: adamerging\nbase_model: b\ntasks:\n  - {name: a, expert: e, inputs: i}\n", src)
