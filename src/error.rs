@@ -170,6 +170,14 @@ impl Error {
     pub fn cuda(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
         Error::Cuda { what: what.into(), reason: reason.to_string() }
     }
+
+    /// A CUDA failure's reason alone (for "using the CPU (REASON)" lines), else the message.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Cuda { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -12,9 +12,9 @@ use symerge::adapt::lm::LmAdapter;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::AdaptOptions;
 use symerge::atomic::write_atomic;
-use symerge::backend::Device;
+use symerge::backend::cuda::Resolved;
 use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
-use symerge::backend::cuda::{DeviceSpec, Resolved};
+use symerge::backend::{Backend as _, Device};
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
@@ -78,7 +78,7 @@ enum Command {
         json: bool,
         /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda, cuda:N.
         #[arg(long, default_value = "auto")]
-        device: DeviceSpec,
+        device: Device,
         /// Device memory the GPU merge may use, e.g. 20GB (default: what is free, less 2 GB).
         /// When it holds every input, inputs stay resident on the device.
         #[arg(long, value_parser = parse_size)]
@@ -227,8 +227,9 @@ enum Command {
         /// Storage dtype of the saved weights (float32, float16, bfloat16; causal LMs: float32).
         #[arg(long, default_value = "float32")]
         dtype: FloatDType,
-        /// Where the math runs: cpu or cuda.
-        #[arg(long, default_value = "cpu")]
+        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+        /// launcher the GPU of LOCAL_RANK), cuda:N.
+        #[arg(long, default_value = "auto")]
         device: Device,
         /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
         /// that is empty; anything else is refused.
@@ -325,8 +326,9 @@ enum Command {
         /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
         #[command(flatten)]
         dist: DistArgs,
-        /// Where the math runs: cpu or cuda.
-        #[arg(long, default_value = "cpu")]
+        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+        /// launcher the GPU of LOCAL_RANK), cuda:N.
+        #[arg(long, default_value = "auto")]
         device: Device,
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
@@ -358,16 +360,17 @@ enum Command {
         /// Data-parallel over the launcher's ranks: each takes its share of every batch.
         #[command(flatten)]
         dist: DistArgs,
-        /// Where the math runs: cpu or cuda.
-        #[arg(long, default_value = "cpu")]
+        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+        /// launcher the GPU of LOCAL_RANK), cuda:N.
+        #[arg(long, default_value = "auto")]
         device: Device,
-        /// With --device cpu: host memory for keeping shared blocks' checkpoint pages mapped
+        /// On the CPU: host memory for keeping shared blocks' checkpoint pages mapped
         /// between visits (at most half of it) and layers' forward internals for the backward
         /// (e.g. 8GB; 0 streams every block and recomputes every layer). Default: half the
         /// available memory.
         #[arg(long, value_parser = parse_budget)]
         host_mem: Option<u64>,
-        /// With --device cuda: device memory for keeping shared blocks' bytes on the GPU between
+        /// On a GPU: device memory for keeping shared blocks' bytes on the GPU between
         /// visits (at most half of it) and layers' forward internals (0 streams every block and
         /// recomputes every layer). Default: half the free device memory.
         #[arg(long, value_parser = parse_budget)]
@@ -460,8 +463,9 @@ struct InferenceArgs {
     /// Truncate texts to this many tokens (including [CLS] and [SEP]).
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     max_len: usize,
-    /// Where the math runs: cpu or cuda.
-    #[arg(long, default_value = "cpu")]
+    /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+    /// launcher the GPU of LOCAL_RANK), cuda:N.
+    #[arg(long, default_value = "auto")]
     device: Device,
     /// Add a new, seeded random classification head with N labels (e.g. to a bare pretrained
     /// encoder); replaces the checkpoint's classifier if it has one.
@@ -606,23 +610,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts =
                 MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !cli.quiet };
             let resolved = match (device, symerge::backend::cuda::stream_merge::unsupported(&cfg)) {
-                (DeviceSpec::Auto, Some(why)) => {
+                (Device::Auto, Some(why)) => {
                     tracing::info!("--device auto: using the CPU ({why})");
                     Resolved::Cpu { reason: Some(why) }
                 }
-                (DeviceSpec::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
+                (Device::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
                 _ => symerge::backend::cuda::resolve(device)?,
             };
+            // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
             let (info, mut coll) = dist.connect()?;
-            // Several ranks on a node: each takes the GPU of its local rank.
-            let resolved = match resolved {
-                Resolved::Cuda(_)
-                    if info.world_size > 1 && matches!(device, DeviceSpec::Auto | DeviceSpec::Cuda(0)) =>
-                {
-                    symerge::backend::cuda::resolve(DeviceSpec::Cuda(info.local_rank))?
-                }
-                other => other,
-            };
             let summary = match resolved {
                 Resolved::Cpu { .. } => merge_with_in(&cfg, &opts, &mut CpuEngine, coll.as_mut()),
                 Resolved::Cuda(gpu) => merge_with_in(
@@ -660,7 +656,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             report: report_path,
         } => {
-            let gpu = match symerge::backend::cuda::resolve(DeviceSpec::Cuda(gpu))? {
+            let gpu = match symerge::backend::cuda::resolve(Device::Cuda(Some(gpu)))? {
                 Resolved::Cuda(g) => g,
                 Resolved::Cpu { .. } => bail!("bench-cuda needs a CUDA device"),
             };
@@ -954,14 +950,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 coll.abort(&e.to_string());
                 return Err(anyhow::Error::new(e).context(label));
             }
-            let budget = match device {
-                Device::Cpu => host_mem,
-                Device::Cuda(_) => device_mem,
-            };
-            let run = with_backend!(device, |be| if is_causal_lm_dir(&cfg.base_model)? {
-                LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
-            } else {
-                Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
+            let run = with_backend!(device, |be| {
+                // The budget of the memory the backend keeps blocks in.
+                let budget = if be.name() == "cpu" { host_mem } else { device_mem };
+                if is_causal_lm_dir(&cfg.base_model)? {
+                    LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
+                } else {
+                    Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
+                }
             });
             let summary = match run {
                 Ok(result) => result.with_context(|| label.clone())?,

@@ -63,3 +63,38 @@ fn device_flag_behaves_on_this_machine() {
 fn err_line_once(stderr: &str, needle: &str) -> bool {
     stderr.lines().filter(|l| l.contains(needle)).count() == 1
 }
+
+/// Every other command takes the same `--device` spelling with the same default (`auto`).
+#[test]
+fn every_command_defaults_to_auto_and_spells_devices_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let texts = tmp.path().join("t.jsonl");
+    std::fs::write(&texts, "{\"text\": \"the cat sat on the mat\"}\n").unwrap();
+    let eval = |device: Option<&str>| {
+        let mut args = vec!["eval", model.to_str().unwrap(), "--inputs", texts.to_str().unwrap(), "--json"];
+        if let Some(d) = device {
+            args.extend(["--device", d]);
+        }
+        common::run(&args)
+    };
+    let (ok, cpu, err) = eval(Some("cpu"));
+    assert!(ok, "{err}");
+    assert!(!err.contains("--device auto"), "cpu does not probe: {err}");
+    let (ok, default, err) = eval(None);
+    assert!(ok, "{err}");
+    // With a GPU the default runs there (f32 sums in another order): the same loss to 1e-5.
+    let loss = |out: &str| serde_json::from_str::<serde_json::Value>(out).unwrap()["mean_loss"].as_f64().unwrap();
+    assert!((loss(&default) - loss(&cpu)).abs() <= 1e-5 * loss(&cpu), "{default} vs {cpu}");
+    let (ok, _, err) = eval(Some("tpu"));
+    assert!(!ok && err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    if let Err(reason) = probe() {
+        assert!(err_line_once(&err_of(eval(None)), "--device auto: using the CPU"), "the default says why once");
+        let (ok, _, err) = eval(Some("cuda:1"));
+        assert!(!ok && err.contains(&reason) && err.contains("use --device cpu"), "{err}");
+    }
+}
+
+fn err_of(r: (bool, String, String)) -> String {
+    r.2
+}

@@ -24,7 +24,7 @@ pub use cpu::Cpu;
 pub use stored_ops::AdamStep;
 
 use crate::checkpoint::StoredTensor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Which GELU: the exact erf form (`hidden_act: gelu`) or the tanh approximation (`gelu_new`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,29 +365,52 @@ pub trait Backend: Send + Sync {
 }
 
 /// Evaluates `$body` with `$be` bound to the backend a [`Device`] names: [`Cpu`], or [`cuda::Cuda`]
-/// on its CUDA device (failing with the probe's reason when there is none). The body is
-/// compiled once per backend type, so it may call any function generic over [`Backend`]; `?`
-/// inside it and on opening the device converts into the caller's error type.
+/// on its CUDA device (see [`open_cuda`]: `auto` falls back to the CPU with one log line, an
+/// explicit `cuda` fails with the reason). The body is compiled once per backend type, so it may
+/// call any function generic over [`Backend`]; `?` inside it and on opening the device converts
+/// into the caller's error type.
 #[macro_export]
 macro_rules! with_backend {
     ($device:expr, |$be:ident| $body:expr) => {
-        match $device {
-            $crate::backend::Device::Cpu => {
+        match $crate::backend::open_cuda($device)? {
+            None => {
                 let $be = $crate::backend::Cpu;
                 $body
             }
-            $crate::backend::Device::Cuda(ordinal) => {
-                let $be = $crate::backend::cuda::Cuda::open($crate::backend::Device::cuda_ordinal(ordinal))?;
-                $body
-            }
+            Some($be) => $body,
         }
     };
 }
 
-/// Where the math runs, as chosen on the command line: `cpu`, `cuda` (under a launcher, the GPU
-/// of the rank's `LOCAL_RANK`; GPU 0 without one) or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The CUDA backend a device asks for, or `None` for the CPU: `cpu` never touches CUDA, `cuda[:N]`
+/// fails with the reason when the GPU cannot be opened, and `auto` opens the launcher's GPU when
+/// it can and otherwise logs why it runs on the CPU.
+pub fn open_cuda(device: Device) -> Result<Option<cuda::Cuda>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(ordinal) => cuda::Cuda::open(Device::cuda_ordinal(ordinal)).map(Some),
+        Device::Auto => {
+            let opened = cuda::probe()
+                .map_err(|r| Error::cuda("device", r))
+                .and_then(|_| cuda::Cuda::open(Device::cuda_ordinal(None)));
+            match opened {
+                Ok(be) => Ok(Some(be)),
+                Err(e) => {
+                    tracing::info!("--device auto: using the CPU ({})", e.reason());
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Where the math runs, as chosen on the command line (every command spells it the same way):
+/// `auto` (the default: a usable GPU, else the CPU), `cpu`, `cuda` (under a launcher the GPU of
+/// the rank's `LOCAL_RANK`, else GPU 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
+    #[default]
+    Auto,
     Cpu,
     Cuda(Option<usize>),
 }
@@ -403,15 +426,18 @@ impl Device {
 impl FromStr for Device {
     type Err = String;
 
-    /// `cpu`, `cuda`/`gpu` (the launcher's GPU), or an ordinal as `merge --device` spells it.
+    /// `auto`, `cpu`, `cuda`/`gpu` (the launcher's GPU), or `cuda:N`/`gpu:N`; any case.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if matches!(s.trim().to_ascii_lowercase().as_str(), "cuda" | "gpu") {
-            return Ok(Device::Cuda(None));
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => return Ok(Device::Auto),
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" | "gpu" => return Ok(Device::Cuda(None)),
+            _ => {}
         }
-        match s.parse::<cuda::DeviceSpec>() {
-            Ok(cuda::DeviceSpec::Cpu) => Ok(Device::Cpu),
-            Ok(cuda::DeviceSpec::Cuda(n)) => Ok(Device::Cuda(Some(n))),
-            _ => Err(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
+        match t.strip_prefix("cuda:").or_else(|| t.strip_prefix("gpu:")).map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(Some(n))),
+            _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda or cuda:N)")),
         }
     }
 }
@@ -419,6 +445,7 @@ impl FromStr for Device {
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Device::Auto => f.write_str("auto"),
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(None) => f.write_str("cuda"),
             Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),

@@ -5,53 +5,14 @@
 //! with the driver is therefore checked with `is_culib_present` and wrapped in `catch_unwind`,
 //! so a machine without CUDA gets a sentence, never a crash.
 
-use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, sys};
 
 use super::kernels::Kernels;
+use crate::backend::Device;
 use crate::error::{Error, Result};
-
-/// Where a merge runs: `auto` (a GPU when one is usable, else the CPU), `cpu`, `cuda[:N]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceSpec {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let t = s.trim().to_ascii_lowercase();
-        match t.as_str() {
-            "auto" => return Ok(DeviceSpec::Auto),
-            "cpu" => return Ok(DeviceSpec::Cpu),
-            "cuda" | "gpu" => return Ok(DeviceSpec::Cuda(0)),
-            _ => {}
-        }
-        let ordinal = t.strip_prefix("cuda:").or_else(|| t.strip_prefix("gpu:"));
-        match ordinal.map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
-            _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda or cuda:N)")),
-        }
-    }
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceSpec::Auto => f.write_str("auto"),
-            DeviceSpec::Cpu => f.write_str("cpu"),
-            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
 
 /// How many CUDA devices this process can use, or why it can use none.
 pub fn probe() -> std::result::Result<usize, String> {
@@ -76,26 +37,25 @@ pub enum Resolved {
     Cuda(Box<Gpu>),
 }
 
-/// Resolves `--device`: `auto` falls back to the CPU with one info line saying why, `cuda[:N]`
-/// fails with the reason.
-pub fn resolve(spec: DeviceSpec) -> Result<Resolved> {
-    match spec {
-        DeviceSpec::Cpu => Ok(Resolved::Cpu { reason: None }),
-        DeviceSpec::Auto => {
-            let opened = probe().map_err(|r| Error::cuda("device", r)).and_then(|_| Gpu::open(0));
+/// Resolves `--device` for the merge engine: `auto` falls back to the CPU with one info line
+/// saying why, `cuda[:N]` fails with the reason; `cuda` alone is the launcher's GPU.
+pub fn resolve(device: Device) -> Result<Resolved> {
+    match device {
+        Device::Cpu => Ok(Resolved::Cpu { reason: None }),
+        Device::Auto => {
+            let opened =
+                probe().map_err(|r| Error::cuda("device", r)).and_then(|_| Gpu::open(Device::cuda_ordinal(None)));
             match opened {
                 Ok(gpu) => Ok(Resolved::Cuda(Box::new(gpu))),
                 Err(e) => {
-                    let reason = match e {
-                        Error::Cuda { reason, .. } => reason,
-                        other => other.to_string(),
-                    };
+                    let reason = e.reason();
                     tracing::info!("--device auto: using the CPU ({reason})");
                     Ok(Resolved::Cpu { reason: Some(reason) })
                 }
             }
         }
-        DeviceSpec::Cuda(n) => {
+        Device::Cuda(ordinal) => {
+            let n = Device::cuda_ordinal(ordinal);
             let count = probe().map_err(|r| Error::cuda("device", format!("{r}; use --device cpu")))?;
             if n >= count {
                 return Err(Error::cuda("device", format!("cuda:{n} requested but only {count} device(s) exist")));
@@ -177,13 +137,18 @@ mod tests {
 
     #[test]
     fn parses_device_names() {
-        assert_eq!("auto".parse::<DeviceSpec>(), Ok(DeviceSpec::Auto));
-        assert_eq!("CPU".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
-        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
-        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
-        assert!("cuda:x".parse::<DeviceSpec>().is_err());
-        assert!("tpu".parse::<DeviceSpec>().is_err());
-        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+        assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
+        assert_eq!(Device::default(), Device::Auto);
+        assert_eq!("CPU".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(None)));
+        assert_eq!(" GPU:3".parse::<Device>(), Ok(Device::Cuda(Some(3))));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(Some(3))));
+        assert!("cuda:x".parse::<Device>().is_err());
+        let e = "tpu".parse::<Device>().unwrap_err();
+        assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
+        for d in ["auto", "cpu", "cuda", "cuda:2"] {
+            assert_eq!(d.parse::<Device>().unwrap().to_string(), d);
+        }
     }
 
     #[test]

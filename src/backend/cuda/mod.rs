@@ -20,5 +20,5 @@ pub mod ops;
 mod stored;
 pub mod stream_merge;
 
-pub use device::{DeviceSpec, Gpu, Resolved, probe, resolve};
+pub use device::{Gpu, Resolved, probe, resolve};
 pub use ops::Cuda;

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::device::{DeviceSpec, Gpu, Resolved, cu, resolve};
+use super::device::{Gpu, Resolved, cu, resolve};
 use super::kernels::addr;
 use super::nvrtc;
 use super::stored::CudaStored;
+use crate::backend::Device;
 use crate::backend::cpu::{check_attn, err, expect_len};
 use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Cpu, Gelu, LinearGrads, NormGrads};
 use crate::checkpoint::StoredTensor;
@@ -447,7 +448,7 @@ impl Cuda {
 
     /// Opens device `ordinal` (a clear error, ending in "use --device cpu", when there is none).
     pub fn open(ordinal: usize) -> Result<Self> {
-        match resolve(DeviceSpec::Cuda(ordinal))? {
+        match resolve(Device::Cuda(Some(ordinal)))? {
             Resolved::Cuda(gpu) => Cuda::new(*gpu),
             Resolved::Cpu { reason } => {
                 Err(Error::cuda("device", reason.unwrap_or_else(|| "not a CUDA device".into())))
