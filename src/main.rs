@@ -24,6 +24,7 @@ use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_i
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
+use symerge::merge::registry::{Fallback, Scope};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
@@ -614,6 +615,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tracing::info!("--device auto: using the CPU ({why})");
                     Resolved::Cpu { reason: Some(why) }
                 }
+                (Device::Cuda(_), Some(why)) if symerge::backend::cuda::stream_merge::no_kernel(&cfg).is_some() => {
+                    tracing::warn!("--device cuda: {why}; merging on the CPU");
+                    Resolved::Cpu { reason: Some(why) }
+                }
                 (Device::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
                 _ => symerge::backend::cuda::resolve(device)?,
             };
@@ -682,15 +687,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Methods => {
             for m in METHODS {
-                let mut params: Vec<&str> = m.global_params.to_vec();
-                params.extend(m.model_params);
-                println!("{:<16} {}", m.name, m.summary);
-                println!(
-                    "{:<16} parameters: {}{}",
-                    "",
-                    params.join(", "),
-                    if m.needs_base { "; needs base_model" } else { "" }
-                );
+                let base = if m.needs_base() { "needs base_model" } else { "no base_model" };
+                let count = match (m.min_models, m.max_models) {
+                    (lo, Some(hi)) if lo == hi => format!("{lo} model(s)"),
+                    (lo, Some(hi)) => format!("{lo}-{hi} models"),
+                    (lo, None) => format!("{lo}+ models"),
+                };
+                println!("{:<16} {} ({base}, {count})", m.name, m.summary);
+                for p in m.params {
+                    let scope = match p.scope {
+                        Scope::Global => "",
+                        Scope::PerModel => ", per model",
+                    };
+                    let default = match p.default {
+                        Fallback::Bool(b) => format!("default {b}"),
+                        Fallback::Number(x) => format!("default {x}"),
+                        Fallback::Required => "required".to_string(),
+                        Fallback::Unset => "optional".to_string(),
+                    };
+                    println!("{:<18} {:<13} {} ({default}{scope})", "", p.name, p.doc);
+                }
             }
         }
         Command::Predict { model, inputs, out, run } => {

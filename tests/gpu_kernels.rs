@@ -90,7 +90,7 @@ fn cpu_merge(
     let experts: Vec<Vec<f32>> = inp.experts.iter().map(|e| decoded(inp.dtype, e)).collect();
     let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
     let mut out = vec![0f32; base.len()];
-    let ctx = ChunkCtx { offset, params: p, thresholds: th, name_hash: hash };
+    let ctx = ChunkCtx::new(offset, p, th, hash);
     let b = method.needs_base().then_some(base.as_slice());
     method.merge_chunk(&ctx, b, &views, &mut out, &mut Vec::new());
     encode(out_dtype, &out)
@@ -138,6 +138,7 @@ fn merge_kernel_matches_cpu_for_every_method() {
                         densities: (0..k).map(|i| [0.5, 0.3, 0.9][i % 3]).collect(),
                         lambda: 0.8,
                         normalize: *name == "linear" || *name == "ties",
+                        ..Default::default()
                     };
                     let th = if method.needs_thresholds() { cpu_thresholds(&inp, &p.densities) } else { vec![] };
                     if let (true, Some(gpu)) = (method.needs_thresholds(), &gpu) {
@@ -202,8 +203,13 @@ fn merge_kernel_takes_many_experts() {
     let ta = task_arithmetic::method();
     for k in [32usize, 64] {
         let inp = inputs(FloatDType::BF16, 10_001, k);
-        let p =
-            TensorParams { weights: vec![1.0 / k as f32; k], densities: vec![1.0; k], lambda: 1.0, normalize: false };
+        let p = TensorParams {
+            weights: vec![1.0 / k as f32; k],
+            densities: vec![1.0; k],
+            lambda: 1.0,
+            normalize: false,
+            ..Default::default()
+        };
         let want = cpu_merge(&ta, &p, &[], 1, &inp, FloatDType::BF16, 0);
         let experts: Vec<HostTensor<'_>> =
             inp.experts.iter().map(|e| HostTensor { bytes: e, dtype: FloatDType::BF16 }).collect();
@@ -228,7 +234,8 @@ fn merge_kernel_takes_many_experts() {
 fn merge_kernel_flags_non_finite_values() {
     let Some(gpu) = gpu() else { return };
     let ta = task_arithmetic::method();
-    let p = TensorParams { weights: vec![1.0], densities: vec![1.0], lambda: 1.0, normalize: false };
+    let p =
+        TensorParams { weights: vec![1.0], densities: vec![1.0], lambda: 1.0, normalize: false, ..Default::default() };
     let mut e = vec![0.5f32; 1001];
     e[777] = f32::NAN;
     let base = encode(FloatDType::F32, &vec![0.25; 1001]);

@@ -18,10 +18,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::gta::Gta;
 use super::params::ParamValue;
-use super::{MergeMethod, MethodInfo, TensorParams};
-use super::{dare, linear, method_info, method_names, task_arithmetic, ties};
+use super::registry::{Fallback, Kind, MethodDef, ParamSpec, Scope, Settings};
+use super::{MergeMethod, TensorParams, method_def, method_names};
 use crate::checkpoint::FloatDType;
 use crate::error::{Error, Result};
 
@@ -61,7 +60,7 @@ pub struct ModelEntry {
 pub struct MergeConfig {
     /// The file it came from (for error messages).
     pub source: PathBuf,
-    pub method: &'static MethodInfo,
+    pub method: &'static MethodDef,
     pub base_model: Option<PathBuf>,
     /// The models merged: experts for task-vector methods (the base is never among them),
     /// every averaged model for `linear`.
@@ -109,14 +108,14 @@ impl MergeConfig {
     /// Parses YAML text; `source` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| config_err(source, e.to_string()))?;
-        let method = method_info(&raw.merge_method).ok_or_else(|| {
+        let method = method_def(&raw.merge_method).ok_or_else(|| {
             config_err(source, format!("unknown merge_method `{}` (supported: {})", raw.merge_method, method_names()))
         })?;
         let base_dir = source.parent().unwrap_or_else(|| Path::new("."));
         let locate = |p: &str, field: &str| locate_model(p, base_dir, source, field);
 
         let base_model = raw.base_model.as_deref().map(|p| locate(p, "base_model")).transpose()?;
-        if method.needs_base && base_model.is_none() {
+        if method.needs_base() && base_model.is_none() {
             return Err(config_err(
                 source,
                 format!(
@@ -129,65 +128,53 @@ impl MergeConfig {
         let mut models = Vec::new();
         for (i, m) in raw.models.into_iter().enumerate() {
             let path = locate(&m.model, &format!("models[{i}].model"))?;
-            for key in m.parameters.keys() {
-                if !method.model_params.contains(&key.as_str()) {
-                    return Err(config_err(
+            for (key, v) in &m.parameters {
+                let spec = method.param(key).filter(|p| p.scope == Scope::PerModel).ok_or_else(|| {
+                    let per_model: Vec<&str> =
+                        method.params.iter().filter(|p| p.scope == Scope::PerModel).map(|p| p.name).collect();
+                    config_err(
                         source,
                         format!(
                             "models[{i}].parameters.{key}: `{}` takes no per-model parameter `{key}` (supported: {})",
                             method.name,
-                            method.model_params.join(", ")
+                            per_model.join(", ")
                         ),
-                    ));
-                }
+                    )
+                })?;
+                check_value(spec, v).map_err(|e| {
+                    config_err(source, format!("models[{i}].parameters.{key} ({}): {e}", path.display()))
+                })?;
             }
-            let same_as_base = method.needs_base && base_model.as_ref().is_some_and(|b| same_path(b, &path));
+            let same_as_base = method.needs_base() && base_model.as_ref().is_some_and(|b| same_path(b, &path));
             if same_as_base {
                 // mergekit configs often list the base among the models; it is not an expert.
                 continue;
             }
             models.push(ModelEntry { path, parameters: m.parameters });
         }
-        if models.is_empty() {
-            return Err(config_err(source, "`models` lists no model to merge (besides the base model)"));
-        }
+        check_model_count(method, models.len(), source)?;
 
-        for key in raw.parameters.keys() {
-            let k = key.as_str();
-            if !method.global_params.contains(&k) && !method.model_params.contains(&k) {
-                let mut allowed: Vec<&str> = method.global_params.to_vec();
-                allowed.extend(method.model_params);
-                return Err(config_err(
+        for (key, v) in &raw.parameters {
+            let spec = method.param(key).ok_or_else(|| {
+                config_err(
                     source,
                     format!(
                         "parameters.{key}: `{}` has no parameter `{key}` (supported: {})",
                         method.name,
-                        allowed.join(", ")
+                        method.param_names()
                     ),
+                )
+            })?;
+            check_value(spec, v).map_err(|e| config_err(source, format!("parameters.{key}: {e}")))?;
+        }
+        for spec in method.params.iter().filter(|p| p.default == Fallback::Required) {
+            let everywhere = raw.parameters.contains_key(spec.name)
+                || (spec.scope == Scope::PerModel && models.iter().all(|m| m.parameters.contains_key(spec.name)));
+            if !everywhere {
+                return Err(config_err(
+                    source,
+                    format!("parameters.{}: `{}` needs `{}` ({})", spec.name, method.name, spec.name, spec.doc),
                 ));
-            }
-        }
-        let check_number =
-            |where_: &str, v: &ParamValue| v.check_numeric().map_err(|e| config_err(source, format!("{where_}: {e}")));
-        for (key, v) in &raw.parameters {
-            match key.as_str() {
-                "normalize" | "rescale" | "int8_mask" if v.as_bool().is_none() => {
-                    return Err(config_err(source, format!("parameters.{key}: expected true or false")));
-                }
-                "seed" => match v {
-                    ParamValue::Number(x) if *x >= 0.0 && x.fract() == 0.0 => {}
-                    _ => return Err(config_err(source, "parameters.seed: expected a whole number >= 0")),
-                },
-                "lambda_table" if !matches!(v, ParamValue::Text(_)) => {
-                    return Err(config_err(source, "parameters.lambda_table: expected a path to a JSON file"));
-                }
-                "weight" | "density" | "lambda" => check_number(&format!("parameters.{key}"), v)?,
-                _ => {}
-            }
-        }
-        for (i, m) in models.iter().enumerate() {
-            for (key, v) in &m.parameters {
-                check_number(&format!("models[{i}].parameters.{key} ({})", m.path.display()), v)?;
             }
         }
 
@@ -241,36 +228,9 @@ impl MergeConfig {
         })
     }
 
-    fn global_bool(&self, key: &str, default: bool) -> bool {
-        self.parameters.get(key).and_then(ParamValue::as_bool).unwrap_or(default)
-    }
-
     /// Builds the configured method.
     pub fn build_method(&self) -> Box<dyn MergeMethod> {
-        match self.method.name {
-            "linear" => Box::new(linear::Linear),
-            "task_arithmetic" => Box::new(task_arithmetic::method()),
-            "ties" => Box::new(ties::method(self.global_bool("rescale", ties::DEFAULT_RESCALE))),
-            name @ ("dare_linear" | "dare_ties") => {
-                let seed = match self.parameters.get("seed") {
-                    Some(ParamValue::Number(x)) => *x as u64,
-                    _ => dare::DEFAULT_SEED,
-                };
-                let gta: Gta =
-                    dare::method(name == "dare_ties", self.global_bool("rescale", dare::DEFAULT_RESCALE), seed);
-                Box::new(gta)
-            }
-            other => unreachable!("method `{other}` is in the registry but not built"),
-        }
-    }
-
-    fn default_normalize(&self) -> bool {
-        match self.method.name {
-            "linear" => linear::DEFAULT_NORMALIZE,
-            "task_arithmetic" => task_arithmetic::DEFAULT_NORMALIZE,
-            "ties" => ties::DEFAULT_NORMALIZE,
-            _ => dare::DEFAULT_NORMALIZE,
-        }
+        (self.method.build)(&Settings { def: self.method, values: &self.parameters })
     }
 
     /// The parameters for one tensor of block `block`, whose block sits at `position` in
@@ -284,43 +244,91 @@ impl MergeConfig {
                 densities: vec![1.0; self.models.len()],
                 lambda: 1.0,
                 normalize: false,
+                extra: Default::default(),
             });
         }
-        let lookup = |m: &ModelEntry, key: &str, default: f64| -> f64 {
-            m.parameters
-                .get(key)
-                .or_else(|| self.parameters.get(key))
-                .and_then(|v| v.number_for(tensor, position))
-                .unwrap_or(default)
+        let mut weights = Vec::new();
+        let mut densities = Vec::new();
+        let mut lambda = 1.0;
+        let mut extra = std::collections::BTreeMap::new();
+        for spec in self.method.params.iter().filter(|p| p.kind == Kind::Number) {
+            let values = self.resolve(spec, tensor, position)?;
+            match spec.name {
+                "weight" => weights = values,
+                "density" => densities = values,
+                "lambda" => lambda = values.first().copied().unwrap_or(1.0),
+                _ if !values.is_empty() => {
+                    extra.insert(spec.name, values);
+                }
+                _ => {}
+            }
+        }
+        let k = self.models.len();
+        if weights.is_empty() {
+            weights = vec![1.0; k];
+        }
+        if densities.is_empty() {
+            densities = vec![1.0; k];
+        }
+        let normalize = self.settings().flag("normalize");
+        self.check_weights(tensor, &weights, normalize)?;
+        let params = TensorParams { weights, densities, lambda, normalize, extra };
+        (self.method.validate)(&params)
+            .map_err(|e| config_err(&self.source, format!("{} at tensor `{tensor}`: {e}", self.method.name)))?;
+        Ok(params)
+    }
+
+    fn settings(&self) -> Settings<'_> {
+        Settings { def: self.method, values: &self.parameters }
+    }
+
+    /// One numeric parameter for `tensor`: a single value for a global one, one per model for
+    /// a per-model one (a model's own value, else the top-level one, else the default); empty
+    /// when unset without a default. Values outside the parameter's range are errors.
+    fn resolve(&self, spec: &ParamSpec, tensor: &str, position: f64) -> Result<Vec<f32>> {
+        let default = match spec.default {
+            Fallback::Number(x) => Some(x),
+            _ => None,
         };
-        let weights: Vec<f32> = self.models.iter().map(|m| lookup(m, "weight", 1.0) as f32).collect();
-        let mut densities = Vec::with_capacity(self.models.len());
-        for m in &self.models {
-            let d = lookup(m, "density", 1.0);
-            if !(0.0..=1.0).contains(&d) {
+        let global = self.parameters.get(spec.name);
+        let one = |v: Option<&ParamValue>, whose: &str| -> Result<Option<f32>> {
+            let x = v.and_then(|v| v.number_for(tensor, position)).or(default);
+            if let (Some(x), Some((lo, hi))) = (x, spec.range)
+                && !(lo..=hi).contains(&x)
+            {
                 return Err(config_err(
                     &self.source,
-                    format!("density {d} for {} at tensor `{tensor}` is outside [0, 1]", m.path.display()),
+                    format!("{} {x}{whose} at tensor `{tensor}` is outside [{lo}, {hi}]", spec.name),
                 ));
             }
-            densities.push(d as f32);
+            Ok(x.map(|x| x as f32))
+        };
+        match spec.scope {
+            Scope::Global => Ok(one(global, "")?.into_iter().collect()),
+            Scope::PerModel => {
+                let mut out = Vec::with_capacity(self.models.len());
+                for m in &self.models {
+                    let whose = format!(" for {}", m.path.display());
+                    match one(m.parameters.get(spec.name).or(global), &whose)? {
+                        Some(x) => out.push(x),
+                        None => return Ok(Vec::new()),
+                    }
+                }
+                Ok(out)
+            }
         }
-        let lambda = self.parameters.get("lambda").and_then(|v| v.number_for(tensor, position)).unwrap_or(1.0) as f32;
-        let normalize = self.global_bool("normalize", self.default_normalize());
-        self.check_weights(tensor, &weights, normalize)?;
-        Ok(TensorParams { weights, densities, lambda, normalize })
     }
 
     /// Weights that make a degenerate merge are errors (mergekit divides by their zero sum, or
     /// writes zeros): a linear merge whose weights are all 0, and a normalised sum of weights
-    /// that is 0 (linear, task_arithmetic, dare_linear; TIES-style consensus normalises by the
+    /// that is 0 (methods that sum weights: linear, task_arithmetic, dare_linear, ...; TIES-style consensus normalises by the
     /// agreeing weights of each element instead).
     fn check_weights(&self, tensor: &str, weights: &[f32], normalize: bool) -> Result<()> {
         let name = self.method.name;
         let sum: f32 = weights.iter().sum();
         let problem = if name == "linear" && weights.iter().all(|&w| w == 0.0) {
             Some("every weight is 0, so the output would be all zeros".to_string())
-        } else if normalize && matches!(name, "linear" | "task_arithmetic" | "dare_linear") && sum.abs() < 1e-8 {
+        } else if normalize && self.method.sums_weights && sum.abs() < 1e-8 {
             Some(format!("the weights {weights:?} sum to 0, and `normalize: true` divides by their sum"))
         } else {
             None
@@ -358,5 +366,40 @@ fn same_path(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
+    }
+}
+
+/// Checks a parameter's value has the kind its method declares.
+fn check_value(spec: &ParamSpec, v: &ParamValue) -> std::result::Result<(), String> {
+    match spec.kind {
+        Kind::Bool if v.as_bool().is_none() => Err("expected true or false".into()),
+        Kind::Count => match v {
+            ParamValue::Number(x) if *x >= 0.0 && x.fract() == 0.0 && *x < 2f64.powi(53) => Ok(()),
+            _ => Err("expected a whole number >= 0".into()),
+        },
+        Kind::Path if !matches!(v, ParamValue::Text(_)) => Err("expected a path to a JSON file".into()),
+        Kind::Number => v.check_numeric(),
+        _ => Ok(()),
+    }
+}
+
+/// The number of merged models (the base excluded) must be what the method takes.
+fn check_model_count(method: &MethodDef, n: usize, source: &Path) -> Result<()> {
+    let besides = if method.needs_base() { " besides the base model" } else { "" };
+    if n == 0 {
+        return Err(config_err(source, format!("`models` lists no model to merge{besides}")));
+    }
+    let wanted = match (method.min_models, method.max_models) {
+        (lo, Some(hi)) if lo == hi && n != lo => Some(format!("exactly {lo}")),
+        (lo, _) if n < lo => Some(format!("at least {lo}")),
+        (_, Some(hi)) if n > hi => Some(format!("at most {hi}")),
+        _ => None,
+    };
+    match wanted {
+        Some(w) => Err(config_err(
+            source,
+            format!("models: `{}` merges {w} model(s){besides}, the config lists {n}", method.name),
+        )),
+        None => Ok(()),
     }
 }

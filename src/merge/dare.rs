@@ -2,24 +2,41 @@
 //! rescale the survivors by `1 / density`, then mix linearly (`dare_linear`) or with TIES sign
 //! election (`dare_ties`). Masks come from Philox keyed by (seed, tensor name, expert), so a
 //! seed reproduces the same merge on any machine, thread count or backend.
+//!
+//! mergekit 0.1.5 rescales by the l1 norm instead of `1 / density` (same expectation, other
+//! values); symerge keeps the paper's rescale, which its GPU kernel implements.
 
-use super::MethodInfo;
 use super::gta::{Gta, Sparsify};
+use super::registry::{self, BasePolicy, DENSITY, INT8_MASK, LAMBDA, MethodDef, ParamSpec, SEED, WEIGHT};
 
-pub const INFO_LINEAR: MethodInfo = MethodInfo {
+const PARAMS: &[ParamSpec] = &[
+    LAMBDA,
+    registry::normalize(DEFAULT_NORMALIZE),
+    registry::rescale(DEFAULT_RESCALE, "divide kept entries by density"),
+    SEED,
+    INT8_MASK,
+    WEIGHT,
+    DENSITY,
+];
+
+pub const DEF_LINEAR: MethodDef = MethodDef {
     name: "dare_linear",
     summary: "random drop to density with 1/density rescale, weighted sum, lambda (seeded)",
-    needs_base: true,
-    global_params: &["lambda", "normalize", "rescale", "seed", "int8_mask"],
-    model_params: &["weight", "density"],
+    base: BasePolicy::Required,
+    min_models: 1,
+    max_models: None,
+    params: PARAMS,
+    sums_weights: true,
+    validate: registry::no_check,
+    build: |s| Box::new(method(false, s.flag("rescale"), s.count("seed"))),
 };
 
-pub const INFO_TIES: MethodInfo = MethodInfo {
+pub const DEF_TIES: MethodDef = MethodDef {
     name: "dare_ties",
     summary: "random drop to density with 1/density rescale, TIES sign election, lambda (seeded)",
-    needs_base: true,
-    global_params: &["lambda", "normalize", "rescale", "seed", "int8_mask"],
-    model_params: &["weight", "density"],
+    build: |s| Box::new(method(true, s.flag("rescale"), s.count("seed"))),
+    sums_weights: false,
+    ..DEF_LINEAR
 };
 
 /// mergekit's defaults for both variants.
@@ -30,7 +47,7 @@ pub const DEFAULT_SEED: u64 = 0;
 
 pub fn method(ties: bool, rescale: bool, seed: u64) -> Gta {
     Gta {
-        name: if ties { INFO_TIES.name } else { INFO_LINEAR.name },
+        name: if ties { DEF_TIES.name } else { DEF_LINEAR.name },
         sparsify: Sparsify::Random,
         consensus: ties,
         rescale,

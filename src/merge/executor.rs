@@ -13,8 +13,9 @@ use serde::Serialize;
 
 use super::config::MergeConfig;
 use super::philox::name_hash;
-use super::select::{Threshold, keep_count, magnitude_thresholds};
-use super::{ChunkCtx, MergeMethod, TensorParams};
+use super::select::Threshold;
+use super::stats::TensorPass;
+use super::{ChunkCtx, MergeMethod, TensorParams, density_thresholds};
 use crate::atomic::{Staging, check_output_apart, check_output_dir};
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::side_files::copy_side_files;
@@ -444,6 +445,8 @@ pub struct TensorJob<'a> {
     pub params: TensorParams,
     pub out_dtype: FloatDType,
     pub name_hash: u32,
+    /// Length of the last dimension (rows of this length are contiguous).
+    pub row_len: usize,
 }
 
 impl TensorJob<'_> {
@@ -454,20 +457,54 @@ impl TensorJob<'_> {
 
     /// Exact per-expert magnitude thresholds at the configured densities, on the CPU.
     pub fn cpu_thresholds(&self) -> Result<Vec<Threshold>> {
-        let base = self.base.expect("threshold methods use a base");
-        let n = self.n;
-        let ks: Vec<usize> = self.params.densities.iter().map(|&d| keep_count(d as f64, n)).collect();
-        // All experts' task vectors per pass: the base is decoded once per chunk, not once per expert.
-        magnitude_thresholds(n, &ks, |off, bufs| {
-            let (taus, scratch) = bufs.split_at_mut(ks.len());
-            let b = &mut scratch[0];
-            base.read(off, b)?;
-            for (e, tau) in self.experts.iter().zip(taus) {
-                e.read(off, tau)?;
-                tau.iter_mut().zip(b.iter()).for_each(|(x, y)| *x -= y);
-            }
-            Ok(())
-        })
+        density_thresholds(&JobPass { job: self, chunk: super::select::CHUNK })
+    }
+
+    /// Elements a merge or statistics chunk holds: about `target`, whole rows when `rows`.
+    fn chunk_len(&self, target: usize, rows: bool) -> usize {
+        if rows && self.row_len > 0 { (target / self.row_len).max(1) * self.row_len } else { target }
+    }
+}
+
+/// A [`TensorJob`]'s inputs as a [`TensorPass`] for a method's statistics.
+struct JobPass<'j, 'a> {
+    job: &'j TensorJob<'a>,
+    chunk: usize,
+}
+
+impl TensorPass for JobPass<'_, '_> {
+    fn len(&self) -> usize {
+        self.job.n
+    }
+
+    fn row_len(&self) -> usize {
+        self.job.row_len
+    }
+
+    fn chunk_len(&self) -> usize {
+        self.chunk
+    }
+
+    fn params(&self) -> &TensorParams {
+        &self.job.params
+    }
+
+    fn name_hash(&self) -> u32 {
+        self.job.name_hash
+    }
+
+    fn experts(&self) -> usize {
+        self.job.experts.len()
+    }
+
+    fn read(&self, offset: usize, base: &mut [f32], experts: &mut [Vec<f32>]) -> Result<()> {
+        if let Some(b) = self.job.base {
+            b.read(offset, base)?;
+        }
+        for (out, e) in experts.iter_mut().zip(&self.job.experts) {
+            e.read(offset, out)?;
+        }
+        Ok(())
     }
 }
 
@@ -525,6 +562,7 @@ impl<'a> MergeJob<'a> {
             params,
             out_dtype: self.out_dtype.unwrap_or(ref_dtype),
             name_hash: name_hash(&rmeta.name),
+            row_len: rmeta.shape.last().copied().unwrap_or(1),
         }))
     }
 
@@ -537,17 +575,28 @@ impl<'a> MergeJob<'a> {
         mut out_buf: Vec<u8>,
         sink: &mut dyn FnMut(Vec<u8>) -> Result<Vec<u8>>,
     ) -> Result<()> {
-        let thresholds = if self.method.needs_thresholds() { tj.cpu_thresholds()? } else { Vec::new() };
+        let rows = self.method.whole_rows();
+        let stats_chunk = tj.chunk_len(super::select::CHUNK, rows);
+        let stats = self.method.prepare(&JobPass { job: tj, chunk: stats_chunk })?;
         let n = tj.n;
         let osize = tj.out_dtype.size();
+        let chunk = tj.chunk_len(CHUNK, rows);
+        let span_len = (SPAN / chunk).max(1) * chunk;
         let mut span_start = 0;
         while span_start < n {
-            let span = SPAN.min(n - span_start);
+            let span = span_len.min(n - span_start);
             out_buf.resize(span * osize, 0);
-            out_buf.par_chunks_mut(CHUNK * osize).enumerate().try_for_each_init(Scratch::default, |s, (ci, ob)| {
-                let offset = span_start + ci * CHUNK;
+            out_buf.par_chunks_mut(chunk * osize).enumerate().try_for_each_init(Scratch::default, |s, (ci, ob)| {
+                let offset = span_start + ci * chunk;
                 let len = ob.len() / osize;
-                let ctx = ChunkCtx { offset, params: &tj.params, thresholds: &thresholds, name_hash: tj.name_hash };
+                let ctx = ChunkCtx {
+                    offset,
+                    params: &tj.params,
+                    thresholds: &stats.thresholds,
+                    name_hash: tj.name_hash,
+                    scalars: &stats.scalars,
+                    row_len: tj.row_len,
+                };
                 self.merge_chunk(&ctx, tj.base, &tj.experts, s, len, tj.out_dtype, ob, tj.name)
             })?;
             out_buf = sink(out_buf)?;

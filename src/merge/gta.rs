@@ -3,9 +3,17 @@
 //! and keep only agreeing entries, sum, optionally normalise, scale by lambda, add to the base.
 //!
 //! Every loop runs over one expert's contiguous chunk at a time so it vectorises.
+//!
+//! Breadcrumbs and DELLA sparsify through the same core ([`Sparsify::Outliers`],
+//! [`Sparsify::MagPrune`]); their `rescale` is mergekit 0.1.5's l1 rescale (the kept entries
+//! are scaled so the task vector keeps its l1 norm), whereas DARE's `rescale` stays the
+//! DARE paper's `1 / density`, which the GPU kernel implements.
 
 use super::philox::ElementStream;
-use super::{ChunkCtx, KernelForm, MergeMethod};
+use super::select::Threshold;
+use super::stats::{TensorPass, TensorStats, map_chunks, sum_in_order, thresholds};
+use super::{ChunkCtx, KernelForm, MergeMethod, density_thresholds};
+use crate::error::Result;
 
 /// How each task vector is thinned before mixing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +23,12 @@ pub enum Sparsify {
     Magnitude,
     /// Keep each entry with probability `density` (DARE "drop").
     Random,
+    /// Drop the `gamma` fraction of largest magnitudes and the smallest ones, keeping a
+    /// `density` fraction (Model Breadcrumbs).
+    Outliers,
+    /// Keep each entry with a probability that grows with its magnitude rank in its row,
+    /// from `density - epsilon` to `density + epsilon` (DELLA's MagPrune).
+    MagPrune,
 }
 
 /// A configured generalized-task-arithmetic method.
@@ -43,8 +57,26 @@ impl MergeMethod for Gta {
         self.sparsify == Sparsify::Magnitude
     }
 
+    fn whole_rows(&self) -> bool {
+        self.sparsify == Sparsify::MagPrune
+    }
+
+    fn prepare(&self, pass: &dyn TensorPass) -> Result<TensorStats> {
+        let thresholds = match self.sparsify {
+            Sparsify::Magnitude => density_thresholds(pass)?,
+            Sparsify::Outliers => outlier_thresholds(pass)?,
+            _ => Vec::new(),
+        };
+        let l1 = self.rescale && matches!(self.sparsify, Sparsify::Outliers | Sparsify::MagPrune);
+        let scalars = if l1 { self.l1_factors(pass, &thresholds)? } else { Vec::new() };
+        Ok(TensorStats { thresholds, scalars })
+    }
+
     fn kernel_form(&self) -> Option<KernelForm<'_>> {
-        Some(KernelForm::Gta(self))
+        match self.sparsify {
+            Sparsify::None | Sparsify::Magnitude | Sparsify::Random => Some(KernelForm::Gta(self)),
+            Sparsify::Outliers | Sparsify::MagPrune => None,
+        }
     }
 
     fn merge_chunk(
@@ -106,6 +138,14 @@ impl MergeMethod for Gta {
                         *d = if u < density { scale * (e - b) } else { 0.0 };
                     }
                 }
+                Sparsify::Outliers | Sparsify::MagPrune => {
+                    for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
+                        *d = e - b;
+                    }
+                    self.mask(ctx, k, d, aux);
+                    let factor = if self.rescale { ctx.scalars.get(k).map_or(1.0, |&f| f as f32) } else { 1.0 };
+                    d.iter_mut().for_each(|x| *x = (*x * factor) * w);
+                }
             }
         }
 
@@ -157,4 +197,122 @@ impl MergeMethod for Gta {
             }
         }
     }
+}
+
+impl Gta {
+    /// Zeroes the entries of expert `k`'s task vector chunk `tau` that Outliers or MagPrune
+    /// drop. `aux` is scratch as long as `tau`.
+    fn mask(&self, ctx: &ChunkCtx<'_>, k: usize, tau: &mut [f32], aux: &mut [f32]) {
+        let density = ctx.params.densities[k];
+        if density >= 1.0 {
+            return;
+        }
+        match self.sparsify {
+            Sparsify::Outliers => {
+                let half = ctx.thresholds.len() / 2;
+                let (keep, top) = (ctx.thresholds[k], ctx.thresholds[half + k]);
+                for (i, x) in tau.iter_mut().enumerate() {
+                    let at = ctx.offset + i;
+                    if !keep.keep(*x, at) || top.keep(*x, at) {
+                        *x = 0.0;
+                    }
+                }
+            }
+            Sparsify::MagPrune if density <= 0.0 => tau.fill(0.0),
+            Sparsify::MagPrune => {
+                let epsilon = ctx.params.of_model("epsilon", k, 0.0);
+                ElementStream::new(self.seed, ctx.name_hash, k as u32).fill_uniform(ctx.offset, aux);
+                let row = ctx.row_len.clamp(1, tau.len().max(1));
+                let mut order: Vec<u32> = Vec::with_capacity(row);
+                for (r, u) in tau.chunks_mut(row).zip(aux.chunks(row)) {
+                    magprune_row(r, u, density, epsilon, &mut order);
+                }
+            }
+            Sparsify::None | Sparsify::Magnitude | Sparsify::Random => {}
+        }
+    }
+
+    /// Per expert, the factor that restores the task vector's l1 norm after masking
+    /// (mergekit's `rescaled_masked_tensor` with the l1 norm; 1 when either norm is below 1e-7).
+    fn l1_factors(&self, pass: &dyn TensorPass, thresholds: &[Threshold]) -> Result<Vec<f64>> {
+        let kk = pass.experts();
+        let params = pass.params();
+        let parts = map_chunks(pass, |offset, base, experts| {
+            let mut sums = vec![0f64; 2 * kk];
+            let mut tau = vec![0f32; base.len()];
+            let mut aux = vec![0f32; base.len()];
+            let ctx = ChunkCtx {
+                offset,
+                params,
+                thresholds,
+                name_hash: pass.name_hash(),
+                scalars: &[],
+                row_len: pass.row_len(),
+            };
+            for (k, e) in experts.iter().enumerate() {
+                tau.iter_mut().zip(e.iter().zip(base)).for_each(|(t, (x, b))| *t = x - b);
+                sums[k] += tau.iter().map(|x| x.abs() as f64).sum::<f64>();
+                self.mask(&ctx, k, &mut tau, &mut aux);
+                sums[kk + k] += tau.iter().map(|x| x.abs() as f64).sum::<f64>();
+            }
+            sums
+        })?;
+        let sums = sum_in_order(parts, 2 * kk);
+        Ok((0..kk)
+            .map(|k| {
+                let (before, after) = (sums[k], sums[kk + k]);
+                if before < 1e-7 || after < 1e-7 { 1.0 } else { before / after }
+            })
+            .collect())
+    }
+}
+
+/// MagPrune on one row: the entry of ascending magnitude rank `r` (0-based, ties by index)
+/// among `c` is kept when its uniform draw is below `density - epsilon + 2 epsilon r / (c - 1)`.
+fn magprune_row(row: &mut [f32], uniforms: &[f32], density: f32, epsilon: f32, order: &mut Vec<u32>) {
+    let c = row.len();
+    order.clear();
+    order.extend(0..c as u32);
+    order.sort_by(|&a, &b| row[a as usize].abs().total_cmp(&row[b as usize].abs()).then(a.cmp(&b)));
+    let span = (c.max(2) - 1) as f32;
+    let mut keep = vec![false; c];
+    for (rank, &i) in order.iter().enumerate() {
+        let p = (density - epsilon) + (rank as f32 / span).clamp(0.0, 1.0) * 2.0 * epsilon;
+        keep[i as usize] = uniforms[i as usize] < p;
+    }
+    for (x, k) in row.iter_mut().zip(keep) {
+        if !k {
+            *x = 0.0;
+        }
+    }
+}
+
+/// Breadcrumbs' two thresholds per expert: `[keep_0..keep_K, top_0..top_K]`. An entry is kept
+/// when it is among the `n - n_bot` largest magnitudes but not among the `n - n_bot - target`
+/// largest, where `target = floor(density n)` and `n_bot = max(0, n - target - floor(gamma n))`
+/// (mergekit's `magnitude_outliers`; ties broken by index).
+fn outlier_thresholds(pass: &dyn TensorPass) -> Result<Vec<Threshold>> {
+    let n = pass.len();
+    let p = pass.params();
+    let kk = pass.experts();
+    let mut ks = vec![0usize; 2 * kk];
+    for k in 0..kk {
+        let density = p.densities[k] as f64;
+        if density >= 1.0 {
+            ks[k] = n;
+            continue;
+        }
+        let target = ((density * n as f64).floor() as usize).min(n);
+        let top = (p.of_model("gamma", k, 0.0) as f64 * n as f64).floor() as usize;
+        let bottom = n.saturating_sub(target + top);
+        ks[k] = n - bottom;
+        ks[kk + k] = n - bottom - target;
+    }
+    thresholds(pass, &ks, |base, experts, out| {
+        let (keep, top) = out.split_at_mut(kk);
+        for (e, (a, b)) in experts.iter().zip(keep.iter_mut().zip(top.iter_mut())) {
+            a.iter_mut().zip(e.iter().zip(base)).for_each(|(o, (x, y))| *o = x - y);
+            b.copy_from_slice(a);
+        }
+    })
 }

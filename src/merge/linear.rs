@@ -1,14 +1,19 @@
 //! Linear merge ("model soup"): the weighted average of the models' weights, normalised by the
 //! sum of weights unless `normalize: false`. No base model is needed.
 
-use super::{ChunkCtx, KernelForm, MergeMethod, MethodInfo};
+use super::registry::{self, BasePolicy, MethodDef, WEIGHT};
+use super::{ChunkCtx, KernelForm, MergeMethod};
 
-pub const INFO: MethodInfo = MethodInfo {
+pub const DEF: MethodDef = MethodDef {
     name: "linear",
     summary: "weighted average of the models' weights",
-    needs_base: false,
-    global_params: &["normalize"],
-    model_params: &["weight"],
+    base: BasePolicy::Unused,
+    min_models: 1,
+    max_models: None,
+    params: &[registry::normalize(DEFAULT_NORMALIZE), WEIGHT],
+    sums_weights: true,
+    validate: registry::no_check,
+    build: |_| Box::new(Linear),
 };
 
 pub const DEFAULT_NORMALIZE: bool = true;
@@ -17,7 +22,7 @@ pub struct Linear;
 
 impl MergeMethod for Linear {
     fn name(&self) -> &'static str {
-        INFO.name
+        DEF.name
     }
 
     fn needs_base(&self) -> bool {

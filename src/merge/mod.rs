@@ -3,26 +3,41 @@
 //!
 //! A method is a pure function from a chunk of the base and expert tensors (decoded to f32) to
 //! the same chunk of the output; everything else (I/O, dtype conversion, threads, shards) is
-//! the executor's. Chunks carry their element offset, so methods that need randomness (DARE)
-//! or whole-tensor statistics (TIES thresholds, computed by the executor) stay exact under any
-//! chunking.
+//! the executor's. Chunks carry their element offset, so methods that need randomness (DARE,
+//! DELLA) stay exact under any chunking; whole-tensor statistics (thresholds, norms, dot
+//! products) come from a pre-pass the method asks for in [`MergeMethod::prepare`], and methods
+//! that work row by row get chunks of whole rows ([`MergeMethod::whole_rows`]).
 
+pub mod breadcrumbs;
 pub mod config;
 pub mod dare;
+pub mod della;
 pub mod executor;
 pub mod gta;
 pub mod lambda_grad;
 pub mod linear;
+pub mod model_stock;
+pub mod nearswap;
 pub mod params;
+pub mod passthrough;
 pub mod philox;
+pub mod registry;
 pub mod select;
+pub mod slerp;
+pub mod stats;
 pub mod task_arithmetic;
 pub mod ties;
 
+use std::collections::BTreeMap;
+
+pub use registry::{METHODS, MethodDef, method_def, method_names};
 use select::Threshold;
+use stats::{TensorPass, TensorStats};
+
+use crate::error::Result;
 
 /// Per-tensor parameters, resolved from the config for one tensor.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TensorParams {
     /// One weight per expert (per input model for `linear`).
     pub weights: Vec<f32>,
@@ -32,6 +47,21 @@ pub struct TensorParams {
     pub lambda: f32,
     /// Divide by the sum of (contributing) weights.
     pub normalize: bool,
+    /// Every other numeric parameter of the method's registry entry, by name: one value for
+    /// a global parameter, one per expert for a per-model one.
+    pub extra: BTreeMap<&'static str, Vec<f32>>,
+}
+
+impl TensorParams {
+    /// A global numeric parameter, or `fallback` when the config leaves it unset.
+    pub fn global(&self, name: &str, fallback: f32) -> f32 {
+        self.extra.get(name).and_then(|v| v.first().copied()).unwrap_or(fallback)
+    }
+
+    /// A per-model numeric parameter for expert `k`, or `fallback` when unset.
+    pub fn of_model(&self, name: &str, k: usize, fallback: f32) -> f32 {
+        self.extra.get(name).and_then(|v| v.get(k).copied()).unwrap_or(fallback)
+    }
 }
 
 /// Where a chunk sits and what it needs beyond its data.
@@ -40,10 +70,22 @@ pub struct ChunkCtx<'a> {
     /// Element index of the chunk's first value within the tensor.
     pub offset: usize,
     pub params: &'a TensorParams,
-    /// Per-expert magnitude thresholds (filled when [`MergeMethod::needs_thresholds`]).
+    /// Magnitude thresholds from [`MergeMethod::prepare`] (TIES: one per expert).
     pub thresholds: &'a [Threshold],
     /// Identifies the tensor in the random stream (see [`philox::name_hash`]).
     pub name_hash: u32,
+    /// Whole-tensor scalars from [`MergeMethod::prepare`].
+    pub scalars: &'a [f64],
+    /// Length of the tensor's last dimension; with [`MergeMethod::whole_rows`] the chunk
+    /// starts on a row and holds whole rows.
+    pub row_len: usize,
+}
+
+impl<'a> ChunkCtx<'a> {
+    /// A context with no pre-pass scalars and rows as long as the chunk.
+    pub fn new(offset: usize, params: &'a TensorParams, thresholds: &'a [Threshold], name_hash: u32) -> Self {
+        ChunkCtx { offset, params, thresholds, name_hash, scalars: &[], row_len: usize::MAX }
+    }
 }
 
 /// The form in which a method runs on the GPU merge kernel (`kernels/merge.cu`).
@@ -60,10 +102,24 @@ pub trait MergeMethod: Send + Sync {
     /// Whether the method works on task vectors and so needs `base_model`.
     fn needs_base(&self) -> bool;
 
-    /// Whether the executor must compute exact per-expert magnitude thresholds at the
-    /// configured densities before merging a tensor.
+    /// Whether the method's only statistics are exact per-expert magnitude thresholds at the
+    /// configured densities (TIES): the GPU engine computes those on the device.
     fn needs_thresholds(&self) -> bool {
         false
+    }
+
+    /// Whether each chunk must hold whole rows (of the last dimension).
+    fn whole_rows(&self) -> bool {
+        false
+    }
+
+    /// Whole-tensor statistics every chunk needs, from a pass over the tensor's inputs.
+    fn prepare(&self, pass: &dyn TensorPass) -> Result<TensorStats> {
+        if self.needs_thresholds() {
+            Ok(TensorStats { thresholds: density_thresholds(pass)?, scalars: Vec::new() })
+        } else {
+            Ok(TensorStats::default())
+        }
     }
 
     /// How the GPU runs this method; `None` keeps it on the CPU.
@@ -83,28 +139,13 @@ pub trait MergeMethod: Send + Sync {
     );
 }
 
-/// What the registry knows about a method: its name, what it needs, which parameters it takes.
-#[derive(Debug)]
-pub struct MethodInfo {
-    pub name: &'static str,
-    pub summary: &'static str,
-    pub needs_base: bool,
-    /// Keys allowed under the config's top-level `parameters`.
-    pub global_params: &'static [&'static str],
-    /// Keys allowed under each model's `parameters` (also accepted globally as defaults).
-    pub model_params: &'static [&'static str],
-}
-
-/// Every method, in the order the CLI lists them.
-pub const METHODS: &[MethodInfo] =
-    &[linear::INFO, task_arithmetic::INFO, ties::INFO, dare::INFO_LINEAR, dare::INFO_TIES];
-
-/// Looks a method up by name.
-pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
-    METHODS.iter().find(|m| m.name == name)
-}
-
-/// Names of all methods, comma separated (for error messages).
-pub fn method_names() -> String {
-    METHODS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+/// Per-expert thresholds keeping each task vector's largest `density` fraction (TIES).
+pub fn density_thresholds(pass: &dyn TensorPass) -> Result<Vec<Threshold>> {
+    let n = pass.len();
+    let ks: Vec<usize> = pass.params().densities.iter().map(|&d| select::keep_count(d as f64, n)).collect();
+    stats::thresholds(pass, &ks, |base, experts, out| {
+        for (o, e) in out.iter_mut().zip(experts) {
+            o.iter_mut().zip(e.iter().zip(base)).for_each(|(o, (x, b))| *o = x - b);
+        }
+    })
 }

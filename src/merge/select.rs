@@ -31,14 +31,15 @@ impl Threshold {
     }
 }
 
-/// How many elements a density keeps: `floor(density * n)`, as mergekit does.
+/// How many elements a density keeps: `floor(density * n)`, but at least one of a non-empty
+/// tensor when the density is positive, as mergekit 0.1.5's `magnitude` does.
 pub fn keep_count(density: f64, n: usize) -> usize {
     if density >= 1.0 {
         n
     } else if density <= 0.0 {
         0
     } else {
-        ((density * n as f64).floor() as usize).min(n)
+        ((density * n as f64).floor() as usize).clamp(n.min(1), n)
     }
 }
 

@@ -3,20 +3,35 @@
 //! The per-tensor coefficients may come from a Lambda table (`parameters.lambda_table`), the
 //! layer-wise Lambda that `symerge adapt` learns; see [`super::config::LambdaTable`].
 
-use super::MethodInfo;
 use super::gta::{Gta, Sparsify};
+use super::registry::{self, BasePolicy, Fallback, INT8_MASK, Kind, LAMBDA, MethodDef, ParamSpec, WEIGHT};
 
-pub const INFO: MethodInfo = MethodInfo {
+pub const DEF: MethodDef = MethodDef {
     name: "task_arithmetic",
     summary: "base + lambda * sum_k weight_k * (expert_k - base); per-tensor Lambda from a table",
-    needs_base: true,
-    global_params: &["lambda", "normalize", "lambda_table", "int8_mask"],
-    model_params: &["weight"],
+    base: BasePolicy::Required,
+    min_models: 1,
+    max_models: None,
+    params: &[
+        LAMBDA,
+        registry::normalize(DEFAULT_NORMALIZE),
+        ParamSpec::global(
+            "lambda_table",
+            Kind::Path,
+            Fallback::Unset,
+            "JSON of per-tensor coefficients (symerge adapt)",
+        ),
+        INT8_MASK,
+        WEIGHT,
+    ],
+    sums_weights: true,
+    validate: registry::no_check,
+    build: |_| Box::new(method()),
 };
 
 /// mergekit's default: no normalisation.
 pub const DEFAULT_NORMALIZE: bool = false;
 
 pub fn method() -> Gta {
-    Gta { name: INFO.name, sparsify: Sparsify::None, consensus: false, rescale: false, seed: 0 }
+    Gta { name: DEF.name, sparsify: Sparsify::None, consensus: false, rescale: false, seed: 0 }
 }

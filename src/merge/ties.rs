@@ -2,15 +2,26 @@
 //! magnitude, elect a sign per element by summed mass, average the agreeing entries (disjoint
 //! mean), scale by lambda.
 
-use super::MethodInfo;
 use super::gta::{Gta, Sparsify};
+use super::registry::{self, BasePolicy, DENSITY, INT8_MASK, LAMBDA, MethodDef, WEIGHT};
 
-pub const INFO: MethodInfo = MethodInfo {
+pub const DEF: MethodDef = MethodDef {
     name: "ties",
     summary: "trim to density by magnitude, elect sign by mass, disjoint mean, lambda",
-    needs_base: true,
-    global_params: &["lambda", "normalize", "rescale", "int8_mask"],
-    model_params: &["weight", "density"],
+    base: BasePolicy::Required,
+    min_models: 1,
+    max_models: None,
+    params: &[
+        LAMBDA,
+        registry::normalize(DEFAULT_NORMALIZE),
+        registry::rescale(DEFAULT_RESCALE, "divide kept entries by density"),
+        INT8_MASK,
+        WEIGHT,
+        DENSITY,
+    ],
+    sums_weights: false,
+    validate: registry::no_check,
+    build: |s| Box::new(method(s.flag("rescale"))),
 };
 
 /// mergekit's defaults: normalise by contributing weights, no rescale.
@@ -18,5 +29,5 @@ pub const DEFAULT_NORMALIZE: bool = true;
 pub const DEFAULT_RESCALE: bool = false;
 
 pub fn method(rescale: bool) -> Gta {
-    Gta { name: INFO.name, sparsify: Sparsify::Magnitude, consensus: true, rescale, seed: 0 }
+    Gta { name: DEF.name, sparsify: Sparsify::Magnitude, consensus: true, rescale, seed: 0 }
 }

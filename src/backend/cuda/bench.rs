@@ -309,6 +309,7 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
         densities: vec![density; kk],
         lambda: 1.0,
         normalize,
+        ..Default::default()
     };
     let ta = task_arithmetic::method();
     let ti = ties::method(false);

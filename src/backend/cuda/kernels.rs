@@ -145,6 +145,9 @@ impl MergeLaunch {
                     .collect();
                 Ok(MergeLaunch { inputs, flags: 0, lambda: 1.0, div_all: 1.0, seed: 0, name_hash })
             }
+            KernelForm::Gta(g) if matches!(g.sparsify, Sparsify::Outliers | Sparsify::MagPrune) => {
+                Err(Error::Invalid(format!("{} has no GPU kernel; use --device cpu", g.name)))
+            }
             KernelForm::Gta(g) => {
                 let inputs = dtypes
                     .iter()
@@ -168,6 +171,8 @@ impl MergeLaunch {
                                 m.coef = scale;
                                 m.density = density;
                             }
+                            // Refused above: no kernel form is ever built for these.
+                            Sparsify::Outliers | Sparsify::MagPrune => {}
                             Sparsify::Magnitude => {
                                 let th = thresholds.get(k).copied().unwrap_or(Threshold::KEEP_ALL);
                                 m.mode = MODE_MAGNITUDE;

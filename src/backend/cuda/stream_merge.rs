@@ -84,11 +84,17 @@ pub struct StreamStats {
     pub fill_wait_seconds: f64,
 }
 
+/// Why the GPU engine cannot run `config`'s method at all, if it cannot: such a merge runs on
+/// the CPU even under `--device cuda`.
+pub fn no_kernel(config: &MergeConfig) -> Option<String> {
+    let method = config.build_method();
+    method.kernel_form().is_none().then(|| format!("method {} has no GPU kernel", method.name()))
+}
+
 /// Why the GPU engine cannot run `config`, if it cannot (`--device auto` then uses the CPU).
 pub fn unsupported(config: &MergeConfig) -> Option<String> {
-    let method = config.build_method();
-    if method.kernel_form().is_none() {
-        return Some(format!("method {} has no GPU kernel", method.name()));
+    if let Some(why) = no_kernel(config) {
+        return Some(why);
     }
     let inputs = config.models.len();
     (inputs > MAX_INPUTS).then(|| format!("the GPU merge takes at most {MAX_INPUTS} models, the config has {inputs}"))
@@ -823,7 +829,7 @@ mod tests {
                         })
                         .collect();
                     let th = if job.method.needs_thresholds() { tj.cpu_thresholds()? } else { Vec::new() };
-                    let ctx = ChunkCtx { offset: *start, params: &tj.params, thresholds: &th, name_hash: tj.name_hash };
+                    let ctx = ChunkCtx::new(*start, &tj.params, &th, tj.name_hash);
                     let (base, experts) =
                         if tj.base.is_some() { (Some(vals[0].as_slice()), &vals[1..]) } else { (None, &vals[..]) };
                     let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
