@@ -1,0 +1,297 @@
+//! The registry's methods against mergekit 0.1.5 itself, on a tiny Llama checkpoint and
+//! mergekit's own outputs (tests/reference/make_mergekit_fixtures.py), plus what a fixture
+//! cannot show: exactness under chunking, DELLA's random masks by their statistics, and the
+//! registry's errors.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::{T, randoms, read_model, write_model};
+use safetensors::Dtype;
+use symerge::merge::config::MergeConfig;
+use symerge::merge::executor::{MergeOptions, merge};
+use symerge::merge::philox::name_hash;
+use symerge::merge::stats::InMemory;
+use symerge::merge::{ChunkCtx, select};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit")
+}
+
+fn opts(out: &Path) -> MergeOptions {
+    MergeOptions {
+        output: out.to_path_buf(),
+        max_shard_bytes: u64::MAX,
+        out_dtype: None,
+        force: false,
+        progress: false,
+    }
+}
+
+/// Writes `yaml` to `dir/name.yml`, merges it into `dir/name`, and reads the result back.
+fn merge_yaml(dir: &Path, name: &str, yaml: &str) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)> {
+    let cfg = dir.join(format!("{name}.yml"));
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = dir.join(name);
+    let config = MergeConfig::load(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
+    merge(&config, &opts(&out)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    read_model(&out)
+}
+
+/// Largest `|ours - theirs| / max(|theirs|, 1e-3)` over a case's tensors (the floor keeps
+/// entries mergekit zeroes, or that cancel to ~0, from dividing by nothing).
+fn max_relative_error(
+    ours: &BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)>,
+    theirs: &BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)>,
+    case: &str,
+) -> f64 {
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{case}: tensor names");
+    let mut worst = 0f64;
+    for (name, (_, shape, want)) in theirs {
+        let (_, got_shape, got) = &ours[name];
+        assert_eq!(got_shape, shape, "{case} {name}");
+        for (&a, &b) in got.iter().zip(want) {
+            worst = worst.max((a - b).abs() / b.abs().max(1e-3));
+        }
+    }
+    worst
+}
+
+#[test]
+fn every_method_matches_mergekit_0_1_5() {
+    let dir = fixtures();
+    let cases: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    assert!(cases.len() >= 14, "fixture cases: {}", cases.len());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    for (case, yaml) in &cases {
+        let mut yaml = yaml.replace("{base}", dir.join("base").to_str().unwrap());
+        for e in 1..=3 {
+            yaml = yaml.replace(&format!("{{expert-{e}}}"), dir.join(format!("expert-{e}")).to_str().unwrap());
+        }
+        let ours = merge_yaml(tmp.path(), case, &yaml);
+        let theirs = read_file(&dir.join("out").join(format!("{case}.safetensors")));
+        let err = max_relative_error(&ours, &theirs, case);
+        report.push((case.clone(), err));
+    }
+    let line: Vec<String> = report.iter().map(|(c, e)| format!("{c}: {e:.2e}")).collect();
+    eprintln!("max relative error per case: {}", line.join(", "));
+    let bad: Vec<&String> = report.iter().filter(|(_, e)| e.is_nan() || *e > 1e-5).map(|(c, _)| c).collect();
+    assert!(bad.is_empty(), "cases off mergekit by more than 1e-5 relative: {bad:?}");
+}
+
+/// One safetensors file, read like [`read_model`] reads a directory.
+fn read_file(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)> {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(path, tmp.path().join("model.safetensors")).unwrap();
+    read_model(tmp.path())
+}
+
+/// A base and `experts` fine-tunes with tensors large enough that merges, statistics passes
+/// and rows span many chunks (rows of 40000 cross the 4096-element merge chunks).
+fn big_family(dir: &Path, experts: usize) -> Vec<PathBuf> {
+    let shapes: [(&str, &[usize]); 3] = [("a.weight", &[70_001]), ("b.weight", &[3, 40_000]), ("c.weight", &[5, 7])];
+    (0..=experts)
+        .map(|m| {
+            let tensors: Vec<T> = shapes
+                .iter()
+                .enumerate()
+                .map(|(ti, (name, shape))| {
+                    let n: usize = shape.iter().product();
+                    let base = randoms(100 + ti as u64, n, 0.5);
+                    let common = randoms(200 + ti as u64, n, 0.03);
+                    let values = if m == 0 {
+                        base
+                    } else {
+                        let own = randoms(300 + (m * 10 + ti) as u64, n, 0.03 * m as f64);
+                        base.iter().zip(&common).zip(&own).map(|((b, c), o)| b + c + o).collect()
+                    };
+                    T::new(name, Dtype::F32, shape, values)
+                })
+                .collect();
+            let name = if m == 0 { "base".to_string() } else { format!("e{m}") };
+            write_model(&dir.join(name), &tensors)
+        })
+        .collect()
+}
+
+fn yaml_for(method: &str, paths: &[PathBuf], model_params: &str, params: &str) -> String {
+    let mut y = format!("merge_method: {method}\nbase_model: {}\nmodels:\n", paths[0].display());
+    for p in &paths[1..] {
+        y += &format!("  - model: {}\n    parameters: {{{model_params}}}\n", p.display());
+    }
+    if !params.is_empty() {
+        y += &format!("parameters: {{{params}}}\n");
+    }
+    y
+}
+
+/// The streamed merge (statistics pre-pass, 4096-element or whole-row chunks, threads) gives
+/// the same bits as one call of the method over each whole tensor.
+#[test]
+fn statistics_methods_are_exact_under_chunking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 3);
+    let inputs: Vec<_> = paths.iter().map(|p| read_model(p)).collect();
+    let cases = [
+        ("slerp", 1, "", "t: 0.35"),
+        ("model_stock", 3, "", ""),
+        ("model_stock", 3, "", "filter_wise: true"),
+        ("breadcrumbs", 3, "weight: 0.6, density: 0.4, gamma: 0.05", "rescale: true"),
+        ("breadcrumbs_ties", 3, "weight: 0.6, density: 0.4", ""),
+        ("della", 3, "weight: 0.6, density: 0.4, epsilon: 0.2", "seed: 5"),
+        ("della_linear", 2, "weight: 0.5, density: 0.7", "seed: 9, rescale: false"),
+    ];
+    for (i, (method, k, mp, gp)) in cases.iter().enumerate() {
+        let yaml = yaml_for(method, &paths[..=*k], mp, gp);
+        let out = merge_yaml(tmp.path(), &format!("{method}-{i}"), &yaml);
+        let config = MergeConfig::load(&tmp.path().join(format!("{method}-{i}.yml"))).unwrap();
+        let m = config.build_method();
+        for (name, (_, shape, got)) in &out {
+            let f32s = |v: &Vec<f64>| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let base = f32s(&inputs[0][name].2);
+            let experts: Vec<Vec<f32>> = inputs[1..=*k].iter().map(|x| f32s(&x[name].2)).collect();
+            let params = config.tensor_params(name, "", 0.0).unwrap();
+            let row_len = *shape.last().unwrap();
+            let chunk_len = if m.whole_rows() { (select::CHUNK / row_len).max(1) * row_len } else { select::CHUNK };
+            let pass = InMemory {
+                base: Some(&base),
+                experts: experts.iter().map(Vec::as_slice).collect(),
+                row_len,
+                chunk_len,
+                params: &params,
+                name_hash: name_hash(name),
+            };
+            let stats = m.prepare(&pass).unwrap();
+            let ctx = ChunkCtx {
+                offset: 0,
+                params: &params,
+                thresholds: &stats.thresholds,
+                name_hash: name_hash(name),
+                scalars: &stats.scalars,
+                row_len,
+            };
+            let mut whole = vec![0f32; base.len()];
+            let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+            m.merge_chunk(&ctx, Some(&base), &views, &mut whole, &mut Vec::new());
+            let got: Vec<u32> = got.iter().map(|&x| (x as f32).to_bits()).collect();
+            let want: Vec<u32> = whole.iter().map(|x| x.to_bits()).collect();
+            assert!(got == want, "{method} ({gp}) {name}: streamed merge differs from the whole-tensor call");
+        }
+    }
+}
+
+/// DELLA's masks cannot match torch's generator, so they are checked by what they must be:
+/// kept fraction `density`, keep probability rising with magnitude rank from
+/// `density - epsilon` to `density + epsilon`, the l1 rescale exact, and the seed in control.
+#[test]
+fn della_masks_have_the_right_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 1);
+    let (density, epsilon) = (0.4, 0.2);
+    let mp = format!("weight: 1.0, density: {density}, epsilon: {epsilon}");
+    let plain = merge_yaml(tmp.path(), "plain", &yaml_for("della_linear", &paths, &mp, "seed: 3, rescale: false"));
+    let scaled = merge_yaml(tmp.path(), "scaled", &yaml_for("della_linear", &paths, &mp, "seed: 3"));
+    let other = merge_yaml(tmp.path(), "other", &yaml_for("della_linear", &paths, &mp, "seed: 4"));
+    let (base, expert) = (read_model(&paths[0]), read_model(&paths[1]));
+    let name = "b.weight";
+    let f32s = |v: &Vec<f64>| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let (b, e, p, s) = (f32s(&base[name].2), f32s(&expert[name].2), f32s(&plain[name].2), f32s(&scaled[name].2));
+    let tau: Vec<f32> = e.iter().zip(&b).map(|(x, y)| x - y).collect();
+    let kept: Vec<bool> = p.iter().zip(&b).map(|(x, y)| x != y).collect();
+    // Without rescale a kept entry is base + tau exactly.
+    for i in 0..tau.len() {
+        if kept[i] {
+            assert_eq!(p[i], b[i] + tau[i], "kept entry {i}");
+        }
+    }
+    for row in 0..3 {
+        let r = row * 40_000..(row + 1) * 40_000;
+        let frac = kept[r.clone()].iter().filter(|&&k| k).count() as f64 / 40_000.0;
+        assert!((frac - density).abs() < 0.01, "row {row}: kept {frac}");
+        let mut order: Vec<usize> = r.clone().collect();
+        order.sort_by(|&x, &y| tau[x].abs().total_cmp(&tau[y].abs()));
+        let tenth = |part: &[usize]| part.iter().filter(|&&i| kept[i]).count() as f64 / part.len() as f64;
+        // Mean keep probability of the lowest and highest tenth of ranks: d -+ 0.9 epsilon.
+        let (low, high) = (tenth(&order[..4000]), tenth(&order[36_000..]));
+        assert!((low - (density - 0.9 * epsilon)).abs() < 0.025, "row {row}: low tenth kept {low}");
+        assert!((high - (density + 0.9 * epsilon)).abs() < 0.025, "row {row}: high tenth kept {high}");
+    }
+    // Same seed, same mask; the rescale restores the l1 norm of the task vector exactly.
+    let before: f64 = tau.iter().map(|x| x.abs() as f64).sum();
+    let after: f64 = tau.iter().zip(&kept).filter(|(_, k)| **k).map(|(x, _)| x.abs() as f64).sum();
+    let factor = (before / after) as f32;
+    for i in 0..tau.len() {
+        let want = if kept[i] { b[i] + (tau[i] * factor) } else { b[i] };
+        assert!((s[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "rescaled entry {i}: {} vs {want}", s[i]);
+    }
+    assert_ne!(other[name].2, scaled[name].2, "another seed, another mask");
+}
+
+fn config_error(dir: &Path, yaml: &str) -> String {
+    let cfg = dir.join("bad.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    match MergeConfig::load(&cfg) {
+        Err(e) => e.to_string(),
+        Ok(c) => merge(&c, &opts(&dir.join("bad-out"))).map(|_| String::new()).unwrap_or_else(|e| e.to_string()),
+    }
+}
+
+#[test]
+fn registry_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 2);
+    let two = &paths[..];
+    let one = &paths[..2];
+    let cases: Vec<(String, &[&str])> = vec![
+        (yaml_for("slurp", one, "", ""), &["unknown merge_method `slurp`", "slerp"]),
+        (yaml_for("slerp", one, "", "t: 0.5, tt: 1"), &["parameters.tt", "no parameter `tt`"]),
+        (yaml_for("slerp", one, "", ""), &["parameters.t", "needs `t`"]),
+        (yaml_for("slerp", one, "", "t: yes"), &["parameters.t", "expected a number"]),
+        (yaml_for("slerp", one, "weight: 1", "t: 0.5"), &["models[0].parameters.weight", "per-model"]),
+        (yaml_for("slerp", two, "", "t: 0.5"), &["exactly 1 model", "lists 2"]),
+        (yaml_for("model_stock", one, "", ""), &["at least 2 model", "lists 1"]),
+        (yaml_for("ties", one, "density: 0.5", "int8_mask: 3"), &["parameters.int8_mask", "true or false"]),
+        (yaml_for("della", one, "density: 0.5", "seed: -1"), &["parameters.seed", "whole number"]),
+        (yaml_for("breadcrumbs", one, "density: 0.5, gamma: 1.5", ""), &["gamma 1.5", "outside [0, 1]"]),
+        (yaml_for("della", one, "density: 0.9, epsilon: 0.15", ""), &["epsilon 0.15", "density 0.9"]),
+        (yaml_for("nearswap", one, "", "t: 0.1, filter_wise: true"), &["parameters.filter_wise"]),
+    ];
+    for (yaml, needles) in cases {
+        let err = config_error(tmp.path(), &yaml);
+        for n in needles {
+            assert!(err.contains(n), "error for\n{yaml}\nlacks `{n}`: {err}");
+        }
+    }
+    assert!(!tmp.path().join("bad-out").exists(), "nothing written");
+}
+
+/// `int8_mask` is accepted for mergekit's configs: symerge never stores masks, so it cannot
+/// change the merge (the parity cases set it); here, the same bits either way.
+#[test]
+fn int8_mask_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 2);
+    let a = merge_yaml(tmp.path(), "a", &yaml_for("ties", &paths, "density: 0.3", "int8_mask: true"));
+    let b = merge_yaml(tmp.path(), "b", &yaml_for("ties", &paths, "density: 0.3", "int8_mask: false"));
+    assert_eq!(a, b);
+}
+
+/// A method without a GPU kernel asked to run on CUDA runs on the CPU and says so once.
+#[test]
+fn cuda_request_for_a_cpu_method_falls_back_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 1);
+    let cfg = tmp.path().join("s.yml");
+    std::fs::write(&cfg, yaml_for("slerp", &paths, "", "t: 0.5")).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = common::run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cuda"]);
+    assert!(ok, "{err}");
+    let lines = err.lines().filter(|l| l.contains("slerp has no GPU kernel")).count();
+    assert_eq!(lines, 1, "one line says why: {err}");
+    let cpu = merge_yaml(tmp.path(), "cpu", &yaml_for("slerp", &paths, "", "t: 0.5"));
+    assert_eq!(read_model(&out), cpu);
+}

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""mergekit 0.1.5's merges of a tiny Llama checkpoint, for tests/mergekit_parity.rs.
+
+Writes under tests/fixtures/mergekit/:
+  base/, expert-1/, expert-2/, expert-3/   config.json + model.safetensors (float32): a seeded
+      tiny Llama (hidden 16, 2 layers, GQA 2/1, vocab 32) and three fine-tunes of it, each the
+      base plus a shared direction and a direction of its own (so task vectors have cosines
+      near 0.5 and SLERP, Model Stock and TIES see non-trivial geometry)
+  cases.json       per case: the merge config as YAML with {base} and {expert-N} placeholders
+  out/<case>.safetensors   mergekit's output for that case
+
+Methods whose masks are random (della at density < 1, dare) are left out: mergekit draws from
+torch's generator, which symerge's Philox streams do not reproduce; della is compared at
+density 1, where it is deterministic, and tested by its statistics in the Rust test.
+
+    python3 -m venv --system-site-packages /work/venv-mk
+    /work/venv-mk/bin/pip install mergekit==0.1.5
+    /work/venv-mk/bin/python tests/reference/make_mergekit_fixtures.py [--out tests/fixtures/mergekit]
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+import tempfile
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "vocab_size": 32,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+}
+
+
+
+def shapes():
+    h, i, v, kv = 16, 32, 32, 8
+    out = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        out.update(
+            {
+                p + "input_layernorm.weight": [h],
+                p + "post_attention_layernorm.weight": [h],
+                p + "self_attn.q_proj.weight": [h, h],
+                p + "self_attn.k_proj.weight": [kv, h],
+                p + "self_attn.v_proj.weight": [kv, h],
+                p + "self_attn.o_proj.weight": [h, h],
+                p + "mlp.gate_proj.weight": [i, h],
+                p + "mlp.up_proj.weight": [i, h],
+                p + "mlp.down_proj.weight": [h, i],
+            }
+        )
+    return out
+
+
+def write_model(path, tensors):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path / "model.safetensors"))
+
+
+def make_inputs(out):
+    g = torch.Generator().manual_seed(1234)
+    base = {}
+    for name, shape in shapes().items():
+        if "norm" in name:
+            base[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            base[name] = 0.5 * torch.randn(shape, generator=g)
+    common = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    write_model(out / "base", base)
+    for e in range(1, 4):
+        scale = 0.02 * e
+        expert = {k: v + scale * (common[k] + torch.randn(v.shape, generator=g)) for k, v in base.items()}
+        write_model(out / f"expert-{e}", expert)
+
+
+def models(*entries):
+    return [{"model": m, "parameters": p} if p else {"model": m} for m, p in entries]
+
+
+E1, E2, E3 = "{expert-1}", "{expert-2}", "{expert-3}"
+
+CASES = {
+    "slerp": {"merge_method": "slerp", "base_model": "{base}", "models": models(("{base}", None), (E2, None)),
+              "parameters": {"t": 0.3}},
+    "slerp_filtered": {"merge_method": "slerp", "base_model": "{base}", "models": models(("{base}", None), (E3, None)),
+                       "parameters": {"t": [{"filter": "self_attn", "value": 0.8}, {"filter": "mlp", "value": 0.25},
+                                            {"value": 0.6}]}},
+    "nearswap": {"merge_method": "nearswap", "base_model": "{base}", "models": models(("{base}", None), (E2, None)),
+                 "parameters": {"t": 0.03}},
+    "passthrough": {"merge_method": "passthrough", "models": models((E1, {"scale": 0.5}))},
+    "model_stock": {"merge_method": "model_stock", "base_model": "{base}",
+                    "models": models((E1, None), (E2, None), (E3, None))},
+    "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": "{base}",
+                                "models": models((E1, None), (E2, None), (E3, None)),
+                                "parameters": {"filter_wise": True}},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": "{base}",
+                    "models": models((E1, {"weight": 1.0, "density": 0.5, "gamma": 0.1}),
+                                     (E2, {"weight": 0.5, "density": 0.6, "gamma": 0.05}),
+                                     (E3, {"weight": 0.7, "density": 0.3, "gamma": 0.2}))},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "{base}",
+                         "models": models((E1, {"weight": 1.0, "density": 0.4}), (E2, {"weight": 0.8, "density": 0.5}),
+                                          (E3, {"weight": 0.6, "density": 0.7})),
+                         "parameters": {"gamma": 0.1, "lambda": 0.9}},
+    "breadcrumbs_rescale": {"merge_method": "breadcrumbs", "base_model": "{base}",
+                            "models": models((E1, {"weight": 0.6}), (E2, {"weight": 0.4})),
+                            "parameters": {"density": 0.5, "gamma": 0.1, "rescale": True, "normalize": True}},
+    "della_density1": {"merge_method": "della", "base_model": "{base}",
+                       "models": models((E1, {"weight": 1.0, "density": 1.0}), (E2, {"weight": 0.5, "density": 1.0}),
+                                        (E3, {"weight": 0.3, "density": 1.0})),
+                       "parameters": {"lambda": 1.1, "int8_mask": True}},
+    "della_linear_density1": {"merge_method": "della_linear", "base_model": "{base}",
+                              "models": models((E1, {"weight": 0.7}), (E2, {"weight": 0.3})),
+                              "parameters": {"density": 1.0, "epsilon": 0.05}},
+    "ties": {"merge_method": "ties", "base_model": "{base}",
+             "models": models((E1, {"weight": 1.0, "density": 0.3}), (E2, {"weight": 0.6, "density": 0.5}),
+                              (E3, {"weight": 0.4, "density": 0.05})),
+             "parameters": {"int8_mask": True}},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "{base}",
+                        "models": models((E1, {"weight": 0.5}), (E2, {"weight": -0.25})),
+                        "parameters": {"lambda": 0.8}},
+    "linear": {"merge_method": "linear", "models": models((E1, {"weight": 0.2}), (E2, {"weight": 0.3}),
+                                                          (E3, {"weight": 0.5}))},
+}
+
+
+def fill(obj, paths):
+    if isinstance(obj, str):
+        for k, v in paths.items():
+            obj = obj.replace("{" + k + "}", v)
+        return obj
+    if isinstance(obj, list):
+        return [fill(x, paths) for x in obj]
+    if isinstance(obj, dict):
+        return {k: fill(v, paths) for k, v in obj.items()}
+    return obj
+
+
+def run_case(name, case, out):
+    paths = {n: str(out / n) for n in ("base", "expert-1", "expert-2", "expert-3")}
+    cfg = dict(fill(case, paths), dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_merge(
+            MergeConfiguration.model_validate(cfg),
+            tmp,
+            MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0),
+        )
+        tensors = {}
+        for f in sorted(pathlib.Path(tmp).glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+    (out / "out").mkdir(exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in sorted(tensors.items())}, str(out / "out" / f"{name}.safetensors"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures/mergekit")
+    out = pathlib.Path(ap.parse_args().out).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    make_inputs(out)
+    cases = {}
+    for name, case in CASES.items():
+        run_case(name, case, out)
+        cases[name] = yaml.safe_dump(case, sort_keys=False)
+    (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
