@@ -22,6 +22,7 @@ pub mod params;
 pub mod passthrough;
 pub mod philox;
 pub mod registry;
+pub mod sce;
 pub mod select;
 pub mod slerp;
 pub mod stats;

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use super::TensorParams;
 use super::params::ParamValue;
 use super::{
-    MergeMethod, breadcrumbs, dare, della, linear, model_stock, nearswap, passthrough, slerp, task_arithmetic, ties,
+    MergeMethod, breadcrumbs, dare, della, linear, model_stock, nearswap, passthrough, sce, slerp, task_arithmetic,
+    ties,
 };
 
 /// Every method, in the order `symerge methods` lists them.
@@ -26,6 +27,7 @@ pub const METHODS: &[&MethodDef] = &[
     &model_stock::DEF,
     &nearswap::DEF,
     &passthrough::DEF,
+    &sce::DEF,
 ];
 
 /// Looks a method up by name.
