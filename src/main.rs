@@ -24,7 +24,7 @@ use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_i
 use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
-use symerge::merge::registry::{Fallback, Scope};
+use symerge::merge::registry::{BasePolicy, Fallback, Scope};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
@@ -687,7 +687,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Methods => {
             for m in METHODS {
-                let base = if m.needs_base() { "needs base_model" } else { "no base_model" };
+                let base = match m.base {
+                    BasePolicy::Required => "needs base_model",
+                    BasePolicy::Optional => "base_model optional",
+                    BasePolicy::Unused => "no base_model",
+                };
                 let count = match (m.min_models, m.max_models) {
                     (lo, Some(hi)) if lo == hi => format!("{lo} model(s)"),
                     (lo, Some(hi)) => format!("{lo}-{hi} models"),

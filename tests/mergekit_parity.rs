@@ -64,7 +64,7 @@ fn every_method_matches_mergekit_0_1_5() {
     let dir = fixtures();
     let cases: BTreeMap<String, String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert!(cases.len() >= 16, "fixture cases: {}", cases.len());
+    assert!(cases.len() >= 19, "fixture cases: {}", cases.len());
     let tmp = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
     for (case, yaml) in &cases {
@@ -145,6 +145,9 @@ fn statistics_methods_are_exact_under_chunking() {
         ("della", 3, "weight: 0.6, density: 0.4, epsilon: 0.2", "seed: 5"),
         ("della_linear", 2, "weight: 0.5, density: 0.7", "seed: 9, rescale: false"),
         ("sce", 3, "", "select_topk: 0.3"),
+        ("nuslerp", 2, "weight: 0.5", ""),
+        ("nuslerp", 2, "weight: 0.5", "nuslerp_flatten: false"),
+        ("nuslerp", 2, "weight: 0.5", "nuslerp_flatten: false, nuslerp_row_wise: true"),
     ];
     for (i, (method, k, mp, gp)) in cases.iter().enumerate() {
         let yaml = yaml_for(method, &paths[..=*k], mp, gp);

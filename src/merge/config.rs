@@ -145,7 +145,7 @@ impl MergeConfig {
                     config_err(source, format!("models[{i}].parameters.{key} ({}): {e}", path.display()))
                 })?;
             }
-            let same_as_base = method.needs_base() && base_model.as_ref().is_some_and(|b| same_path(b, &path));
+            let same_as_base = method.uses_base() && base_model.as_ref().is_some_and(|b| same_path(b, &path));
             if same_as_base {
                 // mergekit configs often list the base among the models; it is not an expert.
                 continue;
@@ -230,7 +230,11 @@ impl MergeConfig {
 
     /// Builds the configured method.
     pub fn build_method(&self) -> Box<dyn MergeMethod> {
-        (self.method.build)(&Settings { def: self.method, values: &self.parameters })
+        (self.method.build)(&Settings {
+            def: self.method,
+            values: &self.parameters,
+            has_base: self.base_model.is_some(),
+        })
     }
 
     /// The parameters for one tensor of block `block`, whose block sits at `position` in
@@ -279,7 +283,7 @@ impl MergeConfig {
     }
 
     fn settings(&self) -> Settings<'_> {
-        Settings { def: self.method, values: &self.parameters }
+        Settings { def: self.method, values: &self.parameters, has_base: self.base_model.is_some() }
     }
 
     /// One numeric parameter for `tensor`: a single value for a global one, one per model for
@@ -385,7 +389,7 @@ fn check_value(spec: &ParamSpec, v: &ParamValue) -> std::result::Result<(), Stri
 
 /// The number of merged models (the base excluded) must be what the method takes.
 fn check_model_count(method: &MethodDef, n: usize, source: &Path) -> Result<()> {
-    let besides = if method.needs_base() { " besides the base model" } else { "" };
+    let besides = if method.uses_base() { " besides the base model" } else { "" };
     if n == 0 {
         return Err(config_err(source, format!("`models` lists no model to merge{besides}")));
     }

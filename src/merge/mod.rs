@@ -18,6 +18,7 @@ pub mod lambda_grad;
 pub mod linear;
 pub mod model_stock;
 pub mod nearswap;
+pub mod nuslerp;
 pub mod params;
 pub mod passthrough;
 pub mod philox;

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use super::TensorParams;
 use super::params::ParamValue;
 use super::{
-    MergeMethod, breadcrumbs, dare, della, linear, model_stock, nearswap, passthrough, sce, slerp, task_arithmetic,
-    ties,
+    MergeMethod, breadcrumbs, dare, della, linear, model_stock, nearswap, nuslerp, passthrough, sce, slerp,
+    task_arithmetic, ties,
 };
 
 /// Every method, in the order `symerge methods` lists them.
@@ -28,6 +28,7 @@ pub const METHODS: &[&MethodDef] = &[
     &nearswap::DEF,
     &passthrough::DEF,
     &sce::DEF,
+    &nuslerp::DEF,
 ];
 
 /// Looks a method up by name.
@@ -107,6 +108,8 @@ pub enum BasePolicy {
     /// Works on the models' weights; a `base_model` only names the output's tensors and side
     /// files.
     Unused,
+    /// Works on task vectors when a `base_model` is given, on the weights otherwise.
+    Optional,
 }
 
 /// Everything the registry knows about a method.
@@ -140,6 +143,11 @@ impl MethodDef {
         self.base == BasePolicy::Required
     }
 
+    /// Whether a given `base_model` is subtracted (and so is not among the merged models).
+    pub fn uses_base(&self) -> bool {
+        self.base != BasePolicy::Unused
+    }
+
     pub fn param(&self, name: &str) -> Option<&'static ParamSpec> {
         self.params.iter().find(|p| p.name == name)
     }
@@ -155,6 +163,8 @@ impl MethodDef {
 pub struct Settings<'a> {
     pub def: &'static MethodDef,
     pub values: &'a BTreeMap<String, ParamValue>,
+    /// The config names a `base_model`.
+    pub has_base: bool,
 }
 
 impl Settings<'_> {
