@@ -26,6 +26,7 @@ pub mod labels;
 pub mod merge;
 pub mod model;
 pub mod progress;
+pub mod report;
 pub mod sysinfo;
 
 pub use error::{Error, Result};

@@ -27,9 +27,11 @@ use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
 use symerge::merge::registry::{BasePolicy, Fallback, Scope};
 use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
-    Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, SequenceClassifier, TrainLength, evaluate,
-    evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
+    Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, PredictSummary, SequenceClassifier,
+    TrainLength, check_predictions_output, evaluate, evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
+    write_predictions,
 };
+use symerge::report::{emit, emit_json, emit_report};
 use symerge::with_backend;
 
 #[derive(Parser)]
@@ -137,6 +139,12 @@ enum Command {
         /// (written atomically).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out, when it is an earlier predictions file.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run: InferenceArgs,
     },
@@ -575,14 +583,6 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 /// Writes to stdout; a closed pipe (`symerge inspect X | head`) is not an error.
-fn emit(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
-}
-
 fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -599,11 +599,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect { path, json } => {
             let info = symerge::inspect::inspect(&path)?;
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&info)?))?;
-            } else {
-                emit(&info.to_string())?;
-            }
+            emit_report(&info, json)?;
         }
         Command::Merge { config, output, dtype, out_shard_size, force, json, device, device_mem, dist } => {
             let cfg = MergeConfig::load(&config)?;
@@ -634,19 +630,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
             .with_context(|| rank_label(&info))?;
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
-            } else {
-                tracing::info!(
-                    "wrote {} ({} tensors, {} shard(s)) in {:.1}s, read {:.2} GB at {:.2} GB/s",
-                    summary.output.display(),
-                    summary.tensors,
-                    summary.shards,
-                    summary.seconds,
-                    summary.bytes_read as f64 / 1e9,
-                    summary.read_gb_per_s
-                );
-            }
+            emit_report(&summary, json)?;
         }
         Command::BenchCuda {
             preset,
@@ -679,11 +663,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(path) = report_path {
                 write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
             }
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
-            } else {
-                emit(&report.to_string())?;
-            }
+            emit_report(&report, json)?;
         }
         Command::Methods => {
             for m in METHODS {
@@ -713,31 +693,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Predict { model, inputs, out, run } => {
+        Command::Predict { model, inputs, out, force, json, run } => {
             if is_causal_lm_dir(&model)? {
                 bail!(
                     "{} is a causal LM: predict scores sequence classifiers; `symerge eval` reports its perplexity",
                     model.display()
                 );
             }
+            check_predictions_output(&out, &[&model, &inputs], force)?;
             let lines = read_jsonl(&inputs)?;
             let start = std::time::Instant::now();
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
             let preds = with_backend!(run.device, |be| predict(&run.load(be, &model)?, &texts, run.batch_size)?);
-            let mut text = String::new();
-            for p in &preds {
-                let best = p.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > p.probs[b] { i } else { b });
-                let row = serde_json::json!({ "logits": p.logits, "probs": p.probs, "pred": best });
-                text.push_str(&row.to_string());
-                text.push('\n');
-            }
-            write_atomic(&out, text.as_bytes())?;
-            tracing::info!(
-                "wrote {} predictions to {} in {:.1}s",
-                preds.len(),
-                out.display(),
-                start.elapsed().as_secs_f64()
-            );
+            write_predictions(&out, &preds)?;
+            let summary =
+                PredictSummary { output: out, predictions: preds.len(), seconds: start.elapsed().as_secs_f64() };
+            emit_report(&summary, json)?;
         }
         Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_adapt_output(&model) => {
             if inputs.is_some() {
@@ -750,11 +721,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_len: run.max_len,
             };
             let report = with_backend!(run.device, |be| evaluate_adapted(be, &model, &opts)?);
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
-            } else {
-                emit(&report.to_string())?;
-            }
+            emit_report(&report, json)?;
         }
         Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_causal_lm_dir(&model)? => {
             let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
@@ -762,18 +729,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
             let report =
                 with_backend!(run.device, |be| evaluate_lm(&run.load_lm(be, &model)?, &texts, run.batch_size)?);
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
-            } else {
-                emit(&format!(
-                    "perplexity {:.4}, mean loss {:.4}, top-1 accuracy {:.2}% ({} tokens predicted in {} texts)\n",
-                    report.perplexity,
-                    report.mean_loss,
-                    100.0 * report.top1_accuracy,
-                    report.tokens,
-                    report.texts
-                ))?;
-            }
+            emit_report(&report, json)?;
         }
         Command::Eval { model, inputs, task_inputs, no_experts, json, run } => {
             let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
@@ -783,14 +739,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let clf = run.load(be, &model)?;
                 evaluate(&clf, &texts, &clf.label_ids(&lines, &inputs)?, run.batch_size)?
             });
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
-            } else {
-                emit(&format!(
-                    "accuracy {:.4} ({} examples), mean cross-entropy {:.4}\n",
-                    report.accuracy, report.examples, report.mean_ce
-                ))?;
-            }
+            emit_report(&report, json)?;
         }
         Command::Finetune {
             base,
@@ -841,39 +790,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if is_causal_lm_dir(&base)? {
                 let summary = with_backend!(device, |be| finetune_lm(be, &base, &opts)?);
-                report_lm_finetune(&summary, json)?;
-                return Ok(());
+                return Ok(emit_report(&summary, json)?);
             }
             let summary = with_backend!(device, |be| finetune(be, &base, &opts)?);
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
-            } else {
-                let acc =
-                    summary.eval.as_ref().map(|r| format!(", eval accuracy {:.4}", r.accuracy)).unwrap_or_default();
-                tracing::info!(
-                    "wrote {} after {} steps in {:.1}s: loss {:.4} -> {:.4}{acc}",
-                    summary.output.display(),
-                    summary.steps,
-                    summary.seconds,
-                    summary.initial_loss,
-                    summary.final_loss
-                );
-            }
+            emit_report(&summary, json)?;
         }
         Command::ImportGguf { file, output, force, json } => {
-            let s = symerge::model::import::import_gguf(&file, &output, force)?;
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
-            } else {
-                emit(&format!(
-                    "wrote {} ({} tensors, {} parameters, vocab {}, {} embeddings)\n",
-                    s.output.display(),
-                    s.tensors,
-                    s.params,
-                    s.vocab,
-                    if s.tied_embeddings { "tied" } else { "untied" }
-                ))?;
-            }
+            emit_report(&symerge::model::import::import_gguf(&file, &output, force)?, json)?;
         }
         Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {
             if list {
@@ -908,7 +831,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summaries.push(summary);
             }
             if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&summaries)?))?;
+                emit_json(&summaries)?;
             }
         }
         Command::CacheLabels {
@@ -930,20 +853,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (info, mut coll) = dist.connect()?;
             let summary = with_backend!(device, |be| cache_labels_in(be, &texts, &opts, coll.as_mut())
                 .with_context(|| rank_label(&info))?);
-            if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
-            } else {
-                let shape = match (summary.top_k, summary.positions) {
-                    (Some(k), Some(p)) => format!("{} inputs, {p} positions x top-{k}", summary.rows),
-                    _ => format!("{} rows x {} classes", summary.rows, summary.classes),
-                };
-                tracing::info!(
-                    "{} {} ({shape}) in {:.1}s",
-                    if summary.reused { "reused" } else { "wrote" },
-                    summary.output.display(),
-                    summary.seconds
-                );
-            }
+            emit_report(&summary, json)?;
         }
         Command::Adapt {
             config,
@@ -988,59 +898,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if info.rank != 0 {
                 tracing::info!("{label}: done; rank 0 wrote {}", summary.output.display());
-            } else if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
             } else {
-                for t in &summary.tasks {
-                    let acc = t.accuracy.map_or("-".to_string(), |a| format!("{a:.2}%"));
-                    emit(&format!(
-                        "{:<16} accuracy {acc:>8}  final loss {:.4}  mean lambda {:.3}\n",
-                        t.name, t.final_loss, t.lambda_mean
-                    ))?;
-                }
-                if let Some(a) = summary.average_accuracy {
-                    emit(&format!("{:<16} accuracy {:>7.2}%\n", "average", a))?;
-                }
-                let s = &summary.streaming;
-                emit(&format!(
-                    "shared blocks    {} ({} of {} kept, {:.1} MB kept of {:.1} MB), {:.1} MB streamed per step\n",
-                    s.mode,
-                    s.kept_blocks,
-                    s.blocks,
-                    s.kept_bytes as f64 / 1e6,
-                    s.shared_bytes as f64 / 1e6,
-                    summary.bytes_streamed_per_step as f64 / 1e6
-                ))?;
+                emit_report(&summary, json)?;
             }
         }
         Command::DistCheck { dist, elements, json } => {
             let (info, mut coll) = dist.connect()?;
             let report =
                 symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label(&info))?;
-            if json {
-                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
-            } else {
-                emit(&report.to_string())?;
-            }
+            emit_report(&report, json)?;
         }
     }
-    Ok(())
-}
-
-/// The end of `finetune` on a causal LM: the summary as JSON, or one log line.
-fn report_lm_finetune(s: &symerge::model::LmFinetuneSummary, json: bool) -> anyhow::Result<()> {
-    if json {
-        return emit(&format!("{}\n", serde_json::to_string_pretty(s)?));
-    }
-    let eval = s.eval.as_ref().map(|r| format!(", eval loss {:.4}", r.mean_loss)).unwrap_or_default();
-    tracing::info!(
-        "wrote {} after {} steps in {:.1}s: next-token loss {:.4} -> {:.4}{eval}",
-        s.output.display(),
-        s.steps,
-        s.seconds,
-        s.initial_loss,
-        s.final_loss
-    );
     Ok(())
 }
 

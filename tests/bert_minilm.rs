@@ -176,6 +176,21 @@ fn cli_predict_and_eval_on_a_new_head() {
         expect_correct += usize::from(pred == k % 3);
     }
 
+    // An existing --out is kept without --force; --force replaces it (a predictions file) and
+    // --json reports what was written; never a file that is not one of ours, nor an input.
+    let mut again = vec!["predict", m, "--inputs", i, "--out", o];
+    again.extend(head);
+    let (ok, _, err) = run(&again);
+    assert!(!ok && err.contains("already exists") && err.contains("--force"), "{err}");
+    again.extend(["--force", "--json"]);
+    let (ok, stdout, err) = run(&again);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["predictions"], TEXTS.len());
+    let (ok, _, err) = run(&["predict", m, "--inputs", i, "--out", i, "--new-head", "3", "--force"]);
+    assert!(!ok && err.contains("in.jsonl"), "predicting over the inputs: {err}");
+    assert!(std::fs::read_to_string(&inputs).unwrap() == lines, "inputs untouched");
+
     let mut args = vec!["eval", m, "--inputs", i, "--json"];
     args.extend(head);
     let (ok, stdout, err) = run(&args);

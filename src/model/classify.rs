@@ -51,6 +51,53 @@ pub struct Prediction {
     pub probs: Vec<f32>,
 }
 
+impl Prediction {
+    /// The predicted class: the most probable, the first on ties.
+    pub fn class(&self) -> usize {
+        self.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > self.probs[b] { i } else { b })
+    }
+}
+
+/// What `predict` wrote (`--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PredictSummary {
+    pub output: std::path::PathBuf,
+    pub predictions: usize,
+    pub seconds: f64,
+}
+
+/// Checks, before any work, that predictions may be written to `out`: never over `inputs` (the
+/// model, the data), and over an existing file only with `force` and only when it is an earlier
+/// predictions file (its first line has `logits`, `probs` and `pred`).
+pub fn check_predictions_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    crate::atomic::check_output_apart(out, inputs)?;
+    if !force {
+        return match std::fs::symlink_metadata(out) {
+            Ok(_) => Err(Error::OutputExists { path: out.to_path_buf() }),
+            Err(_) => Ok(()),
+        };
+    }
+    crate::atomic::check_output_file(out, "a predictions file", is_predictions_file)
+}
+
+fn is_predictions_file(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    let first = text.lines().next().unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(first)
+        .is_ok_and(|v| ["logits", "probs", "pred"].iter().all(|k| v.get(k).is_some()))
+}
+
+/// Writes one JSON line per prediction (`logits`, `probs`, `pred`), atomically.
+pub fn write_predictions(out: &Path, preds: &[Prediction]) -> Result<()> {
+    let mut text = String::new();
+    for p in preds {
+        let row = serde_json::json!({ "logits": p.logits, "probs": p.probs, "pred": p.class() });
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    crate::atomic::write_atomic(out, text.as_bytes())
+}
+
 /// Class ids of labelled examples read from `path`: a label name is looked up in config.json's
 /// `label2id` (so data files and experts may order classes differently), an integer label or
 /// `label_id` is taken as is. Errors name the file and line.

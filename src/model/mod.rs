@@ -29,7 +29,10 @@ use std::collections::BTreeMap;
 use crate::backend::Backend;
 
 pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
-pub use classify::{EvalReport, Prediction, SequenceClassifier, evaluate, predict};
+pub use classify::{
+    EvalReport, PredictSummary, Prediction, SequenceClassifier, check_predictions_output, evaluate, predict,
+    write_predictions,
+};
 pub use config::{BertConfig, BertFamily};
 pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
 pub use finetune_lm::{LmFinetuneSummary, finetune_lm};

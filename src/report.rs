@@ -1,0 +1,206 @@
+//! What a command prints when it is done: the summary as JSON with `--json`, otherwise its
+//! human form, either lines on stdout (tables, scores) or one log line (for commands whose
+//! result is a written artifact). Every command goes through [`emit_report`], so `--json`
+//! means the same thing everywhere and a closed pipe (`| head`) is never an error.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::adapt::report::AdaptReport;
+use crate::adapt::train::AdaptSummary;
+use crate::error::{Error, Result};
+use crate::labels::produce::CacheLabelsSummary;
+use crate::merge::executor::MergeSummary;
+use crate::model::import::ImportSummary;
+use crate::model::{EvalReport, FinetuneSummary, LmEvalReport, LmFinetuneSummary, PredictSummary};
+
+/// The human form of a command's result.
+pub enum Human {
+    /// Printed on stdout as is.
+    Stdout(String),
+    /// Logged at info level (hidden by `-q`): the command's output is a file or directory.
+    Log(String),
+}
+
+/// A command's result.
+pub trait Report: Serialize {
+    fn human(&self) -> Human;
+}
+
+/// Writes `text` to stdout; a reader that went away is not an error.
+pub fn emit(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(|e| Error::io("stdout", e)),
+    }
+}
+
+/// Prints `value` as pretty JSON (`json`) or in its human form.
+pub fn emit_report<T: Report + ?Sized>(value: &T, json: bool) -> Result<()> {
+    if json {
+        return emit_json(value);
+    }
+    match value.human() {
+        Human::Stdout(text) => emit(&text),
+        Human::Log(line) => {
+            tracing::info!("{line}");
+            Ok(())
+        }
+    }
+}
+
+/// Prints any serialisable value as pretty JSON and a newline.
+pub fn emit_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(format!("serialising the summary: {e}")))?;
+    emit(&format!("{text}\n"))
+}
+
+impl Report for MergeSummary {
+    fn human(&self) -> Human {
+        Human::Log(format!(
+            "wrote {} ({} tensors, {} shard(s)) in {:.1}s, read {:.2} GB at {:.2} GB/s",
+            self.output.display(),
+            self.tensors,
+            self.shards,
+            self.seconds,
+            self.bytes_read as f64 / 1e9,
+            self.read_gb_per_s
+        ))
+    }
+}
+
+impl Report for EvalReport {
+    fn human(&self) -> Human {
+        Human::Stdout(format!(
+            "accuracy {:.4} ({} examples), mean cross-entropy {:.4}\n",
+            self.accuracy, self.examples, self.mean_ce
+        ))
+    }
+}
+
+impl Report for LmEvalReport {
+    fn human(&self) -> Human {
+        Human::Stdout(format!(
+            "perplexity {:.4}, mean loss {:.4}, top-1 accuracy {:.2}% ({} tokens predicted in {} texts)\n",
+            self.perplexity,
+            self.mean_loss,
+            100.0 * self.top1_accuracy,
+            self.tokens,
+            self.texts
+        ))
+    }
+}
+
+impl Report for FinetuneSummary {
+    fn human(&self) -> Human {
+        let acc = self.eval.as_ref().map(|r| format!(", eval accuracy {:.4}", r.accuracy)).unwrap_or_default();
+        Human::Log(format!(
+            "wrote {} after {} steps in {:.1}s: loss {:.4} -> {:.4}{acc}",
+            self.output.display(),
+            self.steps,
+            self.seconds,
+            self.initial_loss,
+            self.final_loss
+        ))
+    }
+}
+
+impl Report for LmFinetuneSummary {
+    fn human(&self) -> Human {
+        let eval = self.eval.as_ref().map(|r| format!(", eval loss {:.4}", r.mean_loss)).unwrap_or_default();
+        Human::Log(format!(
+            "wrote {} after {} steps in {:.1}s: next-token loss {:.4} -> {:.4}{eval}",
+            self.output.display(),
+            self.steps,
+            self.seconds,
+            self.initial_loss,
+            self.final_loss
+        ))
+    }
+}
+
+impl Report for PredictSummary {
+    fn human(&self) -> Human {
+        Human::Log(format!(
+            "wrote {} predictions to {} in {:.1}s",
+            self.predictions,
+            self.output.display(),
+            self.seconds
+        ))
+    }
+}
+
+impl Report for ImportSummary {
+    fn human(&self) -> Human {
+        Human::Stdout(format!(
+            "wrote {} ({} tensors, {} parameters, vocab {}, {} embeddings)\n",
+            self.output.display(),
+            self.tensors,
+            self.params,
+            self.vocab,
+            if self.tied_embeddings { "tied" } else { "untied" }
+        ))
+    }
+}
+
+impl Report for CacheLabelsSummary {
+    fn human(&self) -> Human {
+        let shape = match (self.top_k, self.positions) {
+            (Some(k), Some(p)) => format!("{} inputs, {p} positions x top-{k}", self.rows),
+            _ => format!("{} rows x {} classes", self.rows, self.classes),
+        };
+        Human::Log(format!(
+            "{} {} ({shape}) in {:.1}s",
+            if self.reused { "reused" } else { "wrote" },
+            self.output.display(),
+            self.seconds
+        ))
+    }
+}
+
+impl Report for AdaptSummary {
+    fn human(&self) -> Human {
+        let mut out = String::new();
+        for t in &self.tasks {
+            let acc = t.accuracy.map_or("-".to_string(), |a| format!("{a:.2}%"));
+            out += &format!(
+                "{:<16} accuracy {acc:>8}  final loss {:.4}  mean lambda {:.3}\n",
+                t.name, t.final_loss, t.lambda_mean
+            );
+        }
+        if let Some(a) = self.average_accuracy {
+            out += &format!("{:<16} accuracy {:>7.2}%\n", "average", a);
+        }
+        let s = &self.streaming;
+        out += &format!(
+            "shared blocks    {} ({} of {} kept, {:.1} MB kept of {:.1} MB), {:.1} MB streamed per step\n",
+            s.mode,
+            s.kept_blocks,
+            s.blocks,
+            s.kept_bytes as f64 / 1e6,
+            s.shared_bytes as f64 / 1e6,
+            self.bytes_streamed_per_step as f64 / 1e6
+        );
+        Human::Stdout(out)
+    }
+}
+
+/// Implements [`Report`] for results whose `Display` is their human form on stdout.
+macro_rules! stdout_display {
+    ($($t:ty),*) => {
+        $(impl Report for $t {
+            fn human(&self) -> Human {
+                Human::Stdout(self.to_string())
+            }
+        })*
+    };
+}
+
+stdout_display!(
+    AdaptReport,
+    crate::inspect::Inspection,
+    crate::dist::check::CheckReport,
+    crate::backend::cuda::bench::BenchReport
+);
