@@ -25,10 +25,9 @@ use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
 use symerge::merge::registry::{BasePolicy, Fallback, Scope};
-use symerge::model::finetune::{DEFAULT_LR, LrSchedule};
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, PredictSummary, SequenceClassifier,
-    TrainLength, check_predictions_output, evaluate, evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
+    check_predictions_output, evaluate, evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
     write_predictions,
 };
 use symerge::report::{emit, emit_json, emit_report};
@@ -180,70 +179,12 @@ enum Command {
         /// seeded classification head replacing any it has, or a Llama-family causal LM (its
         /// config.json's model_type says which).
         base: PathBuf,
-        /// Training JSON lines with `text` and `label` (a causal LM reads only `text`).
-        #[arg(long)]
-        train: PathBuf,
-        /// Output directory (written atomically: it appears only when complete).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Class names in id order, `{"labels": [...]}`; default: labels.json beside --train if
-        /// present, else the sorted label names of the data. Classifiers only.
-        #[arg(long)]
-        labels: Option<PathBuf>,
-        /// Optimizer steps (default: one epoch).
-        #[arg(long, conflicts_with = "epochs")]
-        steps: Option<usize>,
-        /// Passes over the training data.
-        #[arg(long)]
-        epochs: Option<usize>,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        /// Adam learning rate of the encoder.
-        #[arg(long, default_value_t = DEFAULT_LR)]
-        lr: f32,
-        /// Learning rate of the new head (pooler and classifier); default: --lr. A larger one
-        /// (e.g. 1e-3) converges in fewer steps. Classifiers only.
-        #[arg(long)]
-        head_lr: Option<f32>,
-        /// Learning-rate schedule after the warmup: constant, or linear (decay to 0 at the end).
-        #[arg(long, default_value = "constant")]
-        schedule: LrSchedule,
-        /// Steps of linear warmup from 0.
-        #[arg(long, default_value_t = 0, value_name = "N")]
-        warmup_steps: usize,
-        /// Clip the gradient norm to this; 0 turns clipping off.
-        #[arg(long, default_value_t = 1.0)]
-        max_grad_norm: f32,
-        /// Truncate texts to this many tokens (including [CLS] and [SEP]).
-        #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
-        max_len: usize,
-        /// Seeds the shuffling and the new head.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Train on the first N examples only.
-        #[arg(long, value_name = "N")]
-        max_examples: Option<usize>,
-        /// JSON lines to score after training: labelled for a classifier (accuracy, mean
-        /// cross-entropy), texts for a causal LM (mean next-token loss).
-        #[arg(long)]
-        eval: Option<PathBuf>,
-        /// Also score --eval before training.
-        #[arg(long, requires = "eval")]
-        eval_before: bool,
-        /// Log the loss every N steps.
-        #[arg(long, default_value_t = 10, value_name = "N")]
-        log_every: usize,
-        /// Storage dtype of the saved weights (float32, float16, bfloat16; causal LMs: float32).
-        #[arg(long, default_value = "float32")]
-        dtype: FloatDType,
+        #[command(flatten)]
+        opts: FinetuneOptions,
         /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
         /// launcher the GPU of LOCAL_RANK), cuda:N.
         #[arg(long, default_value = "auto")]
         device: Device,
-        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
-        /// that is empty; anything else is refused.
-        #[arg(long)]
-        force: bool,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -741,53 +682,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             emit_report(&report, json)?;
         }
-        Command::Finetune {
-            base,
-            train,
-            output,
-            labels,
-            steps,
-            epochs,
-            batch_size,
-            lr,
-            head_lr,
-            schedule,
-            warmup_steps,
-            max_grad_norm,
-            max_len,
-            seed,
-            max_examples,
-            eval,
-            eval_before,
-            log_every,
-            dtype,
-            device,
-            force,
-            json,
-        } => {
-            let length = match (steps, epochs) {
-                (Some(s), _) => TrainLength::Steps(s),
-                (None, e) => TrainLength::Epochs(e.unwrap_or(1)),
-            };
-            let opts = FinetuneOptions {
-                labels,
-                length,
-                batch_size,
-                lr,
-                head_lr,
-                schedule,
-                warmup_steps,
-                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
-                max_len,
-                seed,
-                max_examples,
-                eval,
-                eval_before,
-                log_every,
-                dtype,
-                force,
-                ..FinetuneOptions::new(train, output)
-            };
+        Command::Finetune { base, opts, device, json } => {
             if is_causal_lm_dir(&base)? {
                 let summary = with_backend!(device, |be| finetune_lm(be, &base, &opts)?);
                 return Ok(emit_report(&summary, json)?);

@@ -66,7 +66,7 @@ fn tiny_llama_and_qwen2_learn_their_texts() {
     for (base, tied) in [(fixture("llama_gqa"), false), (tied_qwen2(&tmp.path().join("qwen2")), true)] {
         let out = tmp.path().join(format!("out-{tied}"));
         let opts = FinetuneOptions {
-            length: TrainLength::Steps(8),
+            length: TrainLength::steps(8),
             batch_size: 4,
             lr: 1e-3,
             max_len: 32,

@@ -153,7 +153,9 @@ pub fn set_worker_threads(threads: Option<usize>) -> Result<()> {
 
 /// [`gemm_on`] for a contiguous `c` `[m, n]` over the whole pool when the product is big enough to
 /// pay for it. The crate splits the output into blocks, never the sum over `k`, so every element
-/// is summed in the same order and results do not depend on the thread count (tested).
+/// is summed in the same order and results do not depend on the thread count (tested). They do
+/// depend, in the last bits, on the product's shape (the crate sizes its `k` blocks by `m`, `n`
+/// and `k`), as BLAS results do: a text's logits may differ by an ulp between batch sizes.
 #[allow(clippy::too_many_arguments)]
 fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, beta: f32, c: &mut [f32]) {
     let big = m.saturating_mul(n).saturating_mul(k) >= PAR_GEMM_FLOPS;
