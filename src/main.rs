@@ -13,18 +13,15 @@ use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::AdaptOptions;
 use symerge::atomic::write_atomic;
 use symerge::backend::cuda::Resolved;
-use symerge::backend::cuda::stream_merge::{CudaEngine, CudaOptions};
 use symerge::backend::{Backend as _, Device};
 use symerge::checkpoint::FloatDType;
-use symerge::checkpoint::generate::{PRESETS, SyntheticSpec, write_family};
+use symerge::checkpoint::generate::{GenerateSummary, PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::{Backend, ConnectOptions, RankInfo};
 use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
-use symerge::merge::METHODS;
 use symerge::merge::config::MergeConfig;
-use symerge::merge::executor::{CpuEngine, MergeOptions, merge_with_in};
-use symerge::merge::registry::{BasePolicy, Fallback, Scope};
+use symerge::merge::executor::MergeOptions;
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, PredictSummary, SequenceClassifier,
     check_predictions_output, evaluate, evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
@@ -126,7 +123,11 @@ enum Command {
         report: Option<PathBuf>,
     },
     /// List the merge methods and their parameters.
-    Methods,
+    Methods {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Class scores for every text of a JSON-lines file (a `text` field per line).
     Predict {
         /// Model directory: config.json, safetensors weights, tokenizer.json.
@@ -226,6 +227,9 @@ enum Command {
         /// List the presets.
         #[arg(long)]
         list: bool,
+        /// Print a JSON summary on stdout (the model directories otherwise, one per line).
+        #[arg(long)]
+        json: bool,
     },
     /// Labelled text data sets.
     Data {
@@ -547,30 +551,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
             let opts =
                 MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !cli.quiet };
-            let resolved = match (device, symerge::backend::cuda::stream_merge::unsupported(&cfg)) {
-                (Device::Auto, Some(why)) => {
-                    tracing::info!("--device auto: using the CPU ({why})");
-                    Resolved::Cpu { reason: Some(why) }
-                }
-                (Device::Cuda(_), Some(why)) if symerge::backend::cuda::stream_merge::no_kernel(&cfg).is_some() => {
-                    tracing::warn!("--device cuda: {why}; merging on the CPU");
-                    Resolved::Cpu { reason: Some(why) }
-                }
-                (Device::Cuda(_), Some(why)) => bail!("{why}; use --device cpu"),
-                _ => symerge::backend::cuda::resolve(device)?,
-            };
             // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
             let (info, mut coll) = dist.connect()?;
-            let summary = match resolved {
-                Resolved::Cpu { .. } => merge_with_in(&cfg, &opts, &mut CpuEngine, coll.as_mut()),
-                Resolved::Cuda(gpu) => merge_with_in(
-                    &cfg,
-                    &opts,
-                    &mut CudaEngine::new(&gpu, CudaOptions { device_mem, ..Default::default() }),
-                    coll.as_mut(),
-                ),
-            }
-            .with_context(|| rank_label(&info))?;
+            let summary = symerge::merge::engine::merge_on(&cfg, &opts, device, device_mem, coll.as_mut())
+                .with_context(|| rank_label(&info))?;
             emit_report(&summary, json)?;
         }
         Command::BenchCuda {
@@ -606,34 +590,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             emit_report(&report, json)?;
         }
-        Command::Methods => {
-            for m in METHODS {
-                let base = match m.base {
-                    BasePolicy::Required => "needs base_model",
-                    BasePolicy::Optional => "base_model optional",
-                    BasePolicy::Unused => "no base_model",
-                };
-                let count = match (m.min_models, m.max_models) {
-                    (lo, Some(hi)) if lo == hi => format!("{lo} model(s)"),
-                    (lo, Some(hi)) => format!("{lo}-{hi} models"),
-                    (lo, None) => format!("{lo}+ models"),
-                };
-                println!("{:<16} {} ({base}, {count})", m.name, m.summary);
-                for p in m.params {
-                    let scope = match p.scope {
-                        Scope::Global => "",
-                        Scope::PerModel => ", per model",
-                    };
-                    let default = match p.default {
-                        Fallback::Bool(b) => format!("default {b}"),
-                        Fallback::Number(x) => format!("default {x}"),
-                        Fallback::Required => "required".to_string(),
-                        Fallback::Unset => "optional".to_string(),
-                    };
-                    println!("{:<18} {:<13} {} ({default}{scope})", "", p.name, p.doc);
-                }
-            }
-        }
+        Command::Methods { json } => emit_report(&symerge::merge::catalog::catalog(), json)?,
         Command::Predict { model, inputs, out, force, json, run } => {
             if is_causal_lm_dir(&model)? {
                 bail!(
@@ -693,7 +650,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ImportGguf { file, output, force, json } => {
             emit_report(&symerge::model::import::import_gguf(&file, &output, force)?, json)?;
         }
-        Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list } => {
+        Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list, json } => {
             if list {
                 for (name, what) in PRESETS {
                     println!("{name:<12} {what}");
@@ -706,10 +663,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("unknown preset `{preset}` (available: {})", names.join(", "));
             };
             tracing::info!("writing {} params x {} models to {}", spec.num_params(), experts + 1, output.display());
-            let dirs = write_family(&spec, seed, experts, delta_scale, &output, out_shard_size)?;
-            for d in dirs {
-                println!("{}", d.display());
-            }
+            let models = write_family(&spec, seed, experts, delta_scale, &output, out_shard_size)?;
+            emit_report(&GenerateSummary { preset, params: spec.num_params(), models }, json)?;
         }
         Command::Data { command: DataCommand::Prepare { source, out, task, max_chars, max_per_class, json } } => {
             let opts = PrepareOptions { source, out, max_chars, max_per_class };

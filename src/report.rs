@@ -200,6 +200,8 @@ macro_rules! stdout_display {
 
 stdout_display!(
     AdaptReport,
+    crate::checkpoint::generate::GenerateSummary,
+    crate::merge::catalog::Catalog,
     crate::inspect::Inspection,
     crate::dist::check::CheckReport,
     crate::backend::cuda::bench::BenchReport

@@ -32,3 +32,47 @@ fn quiet_silences_every_command_and_refuses_verbose() {
     let (ok, _, err) = run(&["-q", "-v", "inspect", &dir("quiet/base")]);
     assert!(!ok && err.contains("--quiet") && err.contains("--verbose"), "{err}");
 }
+
+/// `--help` and a bad flag exit as clap does on every command, and `--json` output parses on the
+/// commands that are quick to run here.
+#[test]
+fn every_command_has_help_refuses_bad_flags_and_prints_json() {
+    let commands = [
+        "inspect",
+        "merge",
+        "bench-cuda",
+        "methods",
+        "predict",
+        "eval",
+        "finetune",
+        "import-gguf",
+        "generate",
+        "data",
+        "dist-check",
+        "cache-labels",
+        "adapt",
+    ];
+    for c in commands {
+        let (ok, out, err) = run(&[c, "--help"]);
+        assert!(ok && out.contains("Usage: symerge"), "{c} --help: {err}");
+        let (ok, _, err) = run(&[c, "--no-such-flag"]);
+        assert!(!ok && err.contains("unexpected argument '--no-such-flag'"), "{c}: {err}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("fam");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = run(args);
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+    };
+    let g = json(&["generate", "--experts", "1", "-o", out_dir.to_str().unwrap(), "--json", "-q"]);
+    assert_eq!(g["models"].as_array().map(Vec::len), Some(2), "{g}");
+    let m = json(&["methods", "--json"]);
+    let names: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"ties") && names.contains(&"slerp"), "{names:?}");
+    let base = out_dir.join("base");
+    let i = json(&["inspect", base.to_str().unwrap(), "--json"]);
+    assert!(i["tensors"].as_u64().unwrap() > 0, "{i}");
+    let d = json(&["dist-check", "--json"]);
+    assert_eq!(d["world_size"], 1, "{d}");
+}

@@ -235,6 +235,22 @@ fn write_model_into(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Pat
     Ok(())
 }
 
+/// What `generate` wrote (`--json`); its text form is one model directory per line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateSummary {
+    pub preset: String,
+    /// Parameters per model.
+    pub params: u64,
+    /// `base` first, then `expert-1 .. expert-K`.
+    pub models: Vec<PathBuf>,
+}
+
+impl std::fmt::Display for GenerateSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.models.iter().try_for_each(|d| writeln!(f, "{}", d.display()))
+    }
+}
+
 /// Writes `dir/base` and `dir/expert-1 .. expert-K`; returns their paths. Every model directory
 /// is checked before the first is written, so a refused one leaves the others as they were.
 pub fn write_family(

@@ -9,9 +9,11 @@
 //! that work row by row get chunks of whole rows ([`MergeMethod::whole_rows`]).
 
 pub mod breadcrumbs;
+pub mod catalog;
 pub mod config;
 pub mod dare;
 pub mod della;
+pub mod engine;
 pub mod executor;
 pub mod gta;
 pub mod lambda_grad;

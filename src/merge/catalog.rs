@@ -1,0 +1,100 @@
+//! `symerge methods`: the registry as a table or as JSON, so a script can discover every method
+//! and its parameters with their defaults.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::registry::{BasePolicy, Fallback, METHODS, MethodDef, ParamSpec, Scope};
+
+/// Every method of the registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Catalog {
+    pub methods: Vec<MethodEntry>,
+}
+
+/// One method: what it does, what it needs, its parameters.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodEntry {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// `required`, `optional` or `unused`.
+    pub base_model: &'static str,
+    pub min_models: usize,
+    pub max_models: Option<usize>,
+    pub parameters: Vec<ParamEntry>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParamEntry {
+    pub name: &'static str,
+    pub doc: &'static str,
+    /// Given once for the merge (`global`) or per model (`per_model`).
+    pub scope: &'static str,
+    /// The value used when the config gives none; `null` when required or optional.
+    pub default: Option<serde_json::Value>,
+    pub required: bool,
+}
+
+/// The registry, in `symerge methods` order.
+pub fn catalog() -> Catalog {
+    Catalog { methods: METHODS.iter().map(|m| entry(m)).collect() }
+}
+
+fn entry(m: &MethodDef) -> MethodEntry {
+    let base_model = match m.base {
+        BasePolicy::Required => "required",
+        BasePolicy::Optional => "optional",
+        BasePolicy::Unused => "unused",
+    };
+    let parameters = m.params.iter().map(param).collect();
+    MethodEntry {
+        name: m.name,
+        summary: m.summary,
+        base_model,
+        min_models: m.min_models,
+        max_models: m.max_models,
+        parameters,
+    }
+}
+
+fn param(p: &ParamSpec) -> ParamEntry {
+    let default = match p.default {
+        Fallback::Bool(b) => Some(serde_json::json!(b)),
+        Fallback::Number(x) => Some(serde_json::json!(x)),
+        Fallback::Required | Fallback::Unset => None,
+    };
+    let scope = match p.scope {
+        Scope::Global => "global",
+        Scope::PerModel => "per_model",
+    };
+    ParamEntry { name: p.name, doc: p.doc, scope, default, required: matches!(p.default, Fallback::Required) }
+}
+
+impl fmt::Display for Catalog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for m in &self.methods {
+            let base = match m.base_model {
+                "required" => "needs base_model",
+                "optional" => "base_model optional",
+                _ => "no base_model",
+            };
+            let count = match (m.min_models, m.max_models) {
+                (lo, Some(hi)) if lo == hi => format!("{lo} model(s)"),
+                (lo, Some(hi)) => format!("{lo}-{hi} models"),
+                (lo, None) => format!("{lo}+ models"),
+            };
+            writeln!(f, "{:<16} {} ({base}, {count})", m.name, m.summary)?;
+            for p in &m.parameters {
+                let scope = if p.scope == "per_model" { ", per model" } else { "" };
+                let default = match (&p.default, p.required) {
+                    (Some(v), _) => format!("default {v}"),
+                    (None, true) => "required".to_string(),
+                    (None, false) => "optional".to_string(),
+                };
+                writeln!(f, "{:<18} {:<13} {} ({default}{scope})", "", p.name, p.doc)?;
+            }
+        }
+        Ok(())
+    }
+}
