@@ -49,6 +49,22 @@ fn stack_position(name: &str) -> Option<(String, usize)> {
     None
 }
 
+/// The layer stack a tensor lies in and its index there: `model.layers.7.mlp.up_proj.weight`
+/// gives (`model.layers`, 7), so slices can pick layers by index and renumber them.
+pub fn layer_of(name: &str) -> Option<(String, usize)> {
+    let (prefix, idx) = stack_position(name)?;
+    let stack = prefix.rsplit_once('.').map_or(prefix.clone(), |(s, _)| s.to_string());
+    Some((stack, idx))
+}
+
+/// `name` moved to layer `index` of its stack (`model.layers.7.x` -> `model.layers.2.x`);
+/// `None` when it lies in no stack.
+pub fn renumber(name: &str, index: usize) -> Option<String> {
+    let (stack, old) = layer_of(name)?;
+    let rest = &name[stack.len() + 1 + old.to_string().len()..];
+    Some(format!("{stack}.{index}{rest}"))
+}
+
 fn classify_loose(name: &str) -> BlockKind {
     let n = name.to_ascii_lowercase();
     let has = |s: &str| n.contains(s);
@@ -190,6 +206,20 @@ mod tests {
         assert_eq!(names_of(&b), ["embeddings", "model.layers.0", "model.layers.1", "final_norm", "head"]);
         let b = group_blocks(["bert.encoder.layer.0.x.weight", "bert.embeddings.a.weight"]);
         assert_eq!(names_of(&b), ["embeddings", "bert.encoder.layer.0"]);
+    }
+
+    #[test]
+    fn layers_renumber_within_their_stack() {
+        assert_eq!(layer_of("model.layers.7.mlp.up_proj.weight"), Some(("model.layers".into(), 7)));
+        assert_eq!(
+            renumber("model.layers.7.mlp.up_proj.weight", 12).as_deref(),
+            Some("model.layers.12.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            renumber("encoder.layer.10.output.dense.bias", 3).as_deref(),
+            Some("encoder.layer.3.output.dense.bias")
+        );
+        assert_eq!(renumber("model.norm.weight", 1), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
 
 /// One memory-mapped `.safetensors` file.
+#[derive(Clone)]
 pub struct Shard {
     pub path: PathBuf,
     /// Shared with the [`StoredTensor`] views handed out, which outlive the checkpoint.
@@ -151,6 +152,34 @@ impl Checkpoint {
         };
 
         Ok(Checkpoint { dir, path, shards, tensors, by_name, config })
+    }
+
+    /// A checkpoint made of tensors of others under new names, sharing their mappings (nothing
+    /// is copied): what one input of a `slices` merge presents to the executor, e.g. layer
+    /// `a + i` of a source as output layer `n + i`. `label` names it in errors; `dir` is where
+    /// its side files come from.
+    pub fn compose(
+        label: PathBuf,
+        dir: PathBuf,
+        parts: &[(&Checkpoint, &TensorMeta, String)],
+        config: Option<serde_json::Value>,
+    ) -> Result<Checkpoint> {
+        let mut shards: Vec<Shard> = Vec::new();
+        let mut shard_of: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut tensors = Vec::with_capacity(parts.len());
+        let mut by_name = HashMap::with_capacity(parts.len());
+        for (ckpt, meta, name) in parts {
+            let key = (*ckpt as *const Checkpoint as usize, meta.shard);
+            let shard = *shard_of.entry(key).or_insert_with(|| {
+                shards.push(ckpt.shards[meta.shard].clone());
+                shards.len() - 1
+            });
+            if by_name.insert(name.clone(), tensors.len()).is_some() {
+                return Err(Error::BadIndex { path: label, reason: format!("tensor `{name}` is planned twice") });
+            }
+            tensors.push(TensorMeta { name: name.clone(), shard, ..(*meta).clone() });
+        }
+        Ok(Checkpoint { dir, path: label, shards, tensors, by_name, config })
     }
 
     /// Looks a tensor up by exact name.

@@ -53,3 +53,17 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: boo
     }
     Ok(())
 }
+
+/// Rewrites `dir/config.json` with `edit` applied; nothing when there is no `config.json`.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::BadIndex { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
+    edit(&mut cfg);
+    let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+}

@@ -38,6 +38,40 @@ struct RawConfig {
     dtype: Option<String>,
     #[serde(default)]
     out_dtype: Option<String>,
+    #[serde(default)]
+    slices: Option<Vec<RawSlice>>,
+    #[serde(default)]
+    tokenizer_source: Option<String>,
+    #[serde(default)]
+    chat_template: Option<String>,
+    /// mergekit keys symerge refuses with a reason (rather than as unknown keys).
+    #[serde(default)]
+    tokenizer: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    modules: Option<serde_yaml_ng::Value>,
+}
+
+/// One output slice: layers taken from each source, merged with the config's method.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlice {
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    base_model: Option<String>,
+    /// Accepted for mergekit's sake, which ignores it too (0.1.5 never reads it).
+    #[serde(default)]
+    residual_weight: Option<f64>,
+    #[serde(default)]
+    parameters: BTreeMap<String, ParamValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    model: String,
+    layer_range: [usize; 2],
+    #[serde(default)]
+    parameters: BTreeMap<String, ParamValue>,
 }
 
 #[derive(Deserialize)]
@@ -68,7 +102,60 @@ pub struct MergeConfig {
     pub parameters: BTreeMap<String, ParamValue>,
     /// Output dtype (`out_dtype`, else `dtype`); `None` keeps each tensor's own dtype.
     pub out_dtype: Option<FloatDType>,
+    /// mergekit's `dtype`: inputs are rounded to it before the math (which runs in f32).
+    pub compute_dtype: Option<FloatDType>,
     pub lambda_table: Option<LambdaTable>,
+    /// The `slices` form; empty for the `models` form. `models` and `base_model` then hold
+    /// the first slice's experts and the top-level base.
+    pub slices: Vec<SliceDef>,
+    /// Whose tokenizer files the output gets (`tokenizer_source`).
+    pub tokenizer_source: Option<TokenizerSource>,
+    /// `chat_template`: a template's text, or `auto` (the most common one among the inputs).
+    pub chat_template: Option<String>,
+}
+
+/// The models one tensor merges and the `parameters` between theirs and the top-level ones.
+struct Group<'a> {
+    models: &'a [ModelEntry],
+    slice: Option<&'a BTreeMap<String, ParamValue>>,
+}
+
+/// One input of a slice: layers `layers.0 .. layers.1` of a model.
+#[derive(Debug, Clone)]
+pub struct SourceDef {
+    pub model: ModelEntry,
+    pub layers: (usize, usize),
+}
+
+/// One output slice of the `slices` form.
+#[derive(Debug, Clone)]
+pub struct SliceDef {
+    /// The sources in merge order: the base first when the method subtracts one.
+    pub sources: Vec<SourceDef>,
+    /// Whether `sources[0]` is the base (subtracted, never among `experts`).
+    pub has_base: bool,
+    /// The merged models, with their parameters (the sources without the base).
+    pub experts: Vec<ModelEntry>,
+    /// The slice's own `parameters`, between the sources' and the top-level ones.
+    pub parameters: BTreeMap<String, ParamValue>,
+}
+
+impl SliceDef {
+    /// Layers the slice contributes to the output.
+    pub fn len(&self) -> usize {
+        self.sources[0].layers.1 - self.sources[0].layers.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `tokenizer_source`: the base model's tokenizer, or a given model's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerSource {
+    Base,
+    Model(PathBuf),
 }
 
 /// Per-tensor (or per-block) merge coefficients, one per expert, e.g. the Lambda learned by
@@ -107,116 +194,53 @@ impl MergeConfig {
 
     /// Parses YAML text; `source` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| config_err(source, e.to_string()))?;
+        let mut raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| config_err(source, e.to_string()))?;
+        refuse_unsupported(&raw, source)?;
         let method = method_def(&raw.merge_method).ok_or_else(|| {
             config_err(source, format!("unknown merge_method `{}` (supported: {})", raw.merge_method, method_names()))
         })?;
         let base_dir = source.parent().unwrap_or_else(|| Path::new("."));
-        let locate = |p: &str, field: &str| locate_model(p, base_dir, source, field);
-
-        let base_model = raw.base_model.as_deref().map(|p| locate(p, "base_model")).transpose()?;
-        if method.needs_base() && base_model.is_none() {
-            return Err(config_err(
-                source,
-                format!(
-                    "merge_method `{}` needs `base_model` (the pretrained model the experts were fine-tuned from)",
-                    method.name
-                ),
-            ));
-        }
-
-        let mut models = Vec::new();
-        for (i, m) in raw.models.into_iter().enumerate() {
-            let path = locate(&m.model, &format!("models[{i}].model"))?;
-            for (key, v) in &m.parameters {
-                let spec = method.param(key).filter(|p| p.scope == Scope::PerModel).ok_or_else(|| {
-                    let per_model: Vec<&str> =
-                        method.params.iter().filter(|p| p.scope == Scope::PerModel).map(|p| p.name).collect();
-                    config_err(
-                        source,
-                        format!(
-                            "models[{i}].parameters.{key}: `{}` takes no per-model parameter `{key}` (supported: {})",
-                            method.name,
-                            per_model.join(", ")
-                        ),
-                    )
-                })?;
-                check_value(spec, v).map_err(|e| {
-                    config_err(source, format!("models[{i}].parameters.{key} ({}): {e}", path.display()))
-                })?;
+        let base_model =
+            raw.base_model.as_deref().map(|p| locate_model(p, base_dir, source, "base_model")).transpose()?;
+        let slices = match raw.slices.take() {
+            Some(_) if !raw.models.is_empty() => {
+                return Err(config_err(source, "give either `models` or `slices`, not both"));
             }
-            let same_as_base = method.uses_base() && base_model.as_ref().is_some_and(|b| same_path(b, &path));
-            if same_as_base {
-                // mergekit configs often list the base among the models; it is not an expert.
-                continue;
-            }
-            models.push(ModelEntry { path, parameters: m.parameters });
+            Some(raw_slices) => parse_slices(method, raw_slices, base_model.as_deref(), base_dir, source)?,
+            None => Vec::new(),
+        };
+        let models = if slices.is_empty() {
+            parse_models(method, std::mem::take(&mut raw.models), base_model.as_deref(), base_dir, source)?
+        } else {
+            slices[0].experts.clone()
+        };
+        check_params(method, &raw.parameters, source, "parameters")?;
+        if slices.is_empty() {
+            check_required(method, &raw.parameters, &BTreeMap::new(), &models, source, "")?;
         }
-        check_model_count(method, models.len(), source)?;
-
-        for (key, v) in &raw.parameters {
-            let spec = method.param(key).ok_or_else(|| {
-                config_err(
-                    source,
-                    format!(
-                        "parameters.{key}: `{}` has no parameter `{key}` (supported: {})",
-                        method.name,
-                        method.param_names()
-                    ),
-                )
-            })?;
-            check_value(spec, v).map_err(|e| config_err(source, format!("parameters.{key}: {e}")))?;
+        for (i, s) in slices.iter().enumerate() {
+            check_required(method, &raw.parameters, &s.parameters, &s.experts, source, &format!("slices[{i}]: "))?;
         }
-        for spec in method.params.iter().filter(|p| p.default == Fallback::Required) {
-            let everywhere = raw.parameters.contains_key(spec.name)
-                || (spec.scope == Scope::PerModel && models.iter().all(|m| m.parameters.contains_key(spec.name)));
-            if !everywhere {
+        let (out_dtype, compute_dtype) = parse_dtypes(&raw, source)?;
+        let lambda_table = match raw.parameters.get("lambda_table") {
+            Some(_) if !slices.is_empty() => {
                 return Err(config_err(
                     source,
-                    format!("parameters.{}: `{}` needs `{}` ({})", spec.name, method.name, spec.name, spec.doc),
+                    "parameters.lambda_table: a Lambda table merges `models`, not `slices`",
                 ));
             }
-        }
-
-        let out_dtype = raw
-            .out_dtype
-            .as_deref()
-            .or(raw.dtype.as_deref())
-            .map(|d| d.parse::<FloatDType>().map_err(|e| config_err(source, format!("dtype: {e}"))))
-            .transpose()?;
-
-        let lambda_table = match raw.parameters.get("lambda_table") {
-            Some(ParamValue::Text(p)) => {
-                let path = resolve_relative(p, base_dir);
-                let table = LambdaTable::load(&path)?;
-                if let Some(names) = &table.models
-                    && names.len() != models.len()
-                {
-                    return Err(config_err(
-                        &path,
-                        format!("the table names {} models but the config merges {}", names.len(), models.len()),
-                    ));
-                }
-                for (name, values) in &table.lambda {
-                    if values.len() != models.len() {
-                        return Err(config_err(
-                            &path,
-                            format!(
-                                "entry `{name}` has {} coefficients but the config merges {} experts",
-                                values.len(),
-                                models.len()
-                            ),
-                        ));
-                    }
-                    if let Some(x) = values.iter().find(|x| !x.is_finite()) {
-                        return Err(config_err(&path, format!("entry `{name}` holds {x}, not a finite number")));
-                    }
-                }
-                Some(table)
-            }
+            Some(ParamValue::Text(p)) => Some(load_lambda_table(&resolve_relative(p, base_dir), models.len())?),
             _ => None,
         };
-
+        let tokenizer_source = match raw.tokenizer_source.as_deref() {
+            None => None,
+            Some("base") => Some(TokenizerSource::Base),
+            Some("union") => return Err(config_err(source, UNION_REFUSED)),
+            Some(p) => Some(TokenizerSource::Model(locate_model(p, base_dir, source, "tokenizer_source")?)),
+        };
+        if tokenizer_source == Some(TokenizerSource::Base) && base_model.is_none() {
+            return Err(config_err(source, "tokenizer_source: `base` needs a top-level `base_model`"));
+        }
         Ok(MergeConfig {
             source: source.to_path_buf(),
             method,
@@ -224,22 +248,50 @@ impl MergeConfig {
             models,
             parameters: raw.parameters,
             out_dtype,
+            compute_dtype,
             lambda_table,
+            slices,
+            tokenizer_source,
+            chat_template: raw.chat_template,
         })
     }
 
     /// Builds the configured method.
     pub fn build_method(&self) -> Box<dyn MergeMethod> {
-        (self.method.build)(&Settings {
-            def: self.method,
-            values: &self.parameters,
-            has_base: self.base_model.is_some(),
-        })
+        (self.method.build)(&self.settings())
     }
 
-    /// The parameters for one tensor of block `block`, whose block sits at `position` in
-    /// [0, 1] of the stream (for gradients).
+    /// Whether the merged models are task vectors over a base (every slice agrees).
+    pub fn has_base(&self) -> bool {
+        match self.slices.first() {
+            Some(s) => s.has_base,
+            None => self.base_model.is_some(),
+        }
+    }
+
+    /// Every model the config reads, once each, in order of first mention.
+    pub fn referenced_models(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        let all = self.base_model.iter().chain(self.models.iter().map(|m| &m.path));
+        let sliced = self.slices.iter().flat_map(|s| s.sources.iter().map(|x| &x.model.path));
+        for p in all.chain(sliced) {
+            if !out.iter().any(|q| same_path(q, p)) {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// The parameters for one tensor of block `block` (of the `models` form, or of slice 0),
+    /// at gradient position `position` in [0, 1].
     pub fn tensor_params(&self, tensor: &str, block: &str, position: f64) -> Result<TensorParams> {
+        self.tensor_params_in(0, tensor, block, position)
+    }
+
+    /// The parameters for one tensor of slice `slice` (0 for the `models` form): a model's
+    /// own value, else the slice's, else the top-level one, else the default (mergekit's
+    /// precedence).
+    pub fn tensor_params_in(&self, slice: usize, tensor: &str, block: &str, position: f64) -> Result<TensorParams> {
         if let Some(table) = &self.lambda_table
             && let Some(values) = table.lambda.get(tensor).or_else(|| table.lambda.get(block))
         {
@@ -251,12 +303,13 @@ impl MergeConfig {
                 extra: Default::default(),
             });
         }
+        let group = self.group(slice);
         let mut weights = Vec::new();
         let mut densities = Vec::new();
         let mut lambda = 1.0;
         let mut extra = std::collections::BTreeMap::new();
         for spec in self.method.params.iter().filter(|p| p.kind == Kind::Number) {
-            let values = self.resolve(spec, tensor, position)?;
+            let values = self.resolve(&group, spec, tensor, position)?;
             match spec.name {
                 "weight" => weights = values,
                 "density" => densities = values,
@@ -267,7 +320,7 @@ impl MergeConfig {
                 _ => {}
             }
         }
-        let k = self.models.len();
+        let k = group.models.len();
         if weights.is_empty() {
             weights = vec![1.0; k];
         }
@@ -283,18 +336,26 @@ impl MergeConfig {
     }
 
     fn settings(&self) -> Settings<'_> {
-        Settings { def: self.method, values: &self.parameters, has_base: self.base_model.is_some() }
+        Settings { def: self.method, values: &self.parameters, has_base: self.has_base() }
+    }
+
+    /// The merged models and the slice's parameters of slice `slice`.
+    fn group(&self, slice: usize) -> Group<'_> {
+        match self.slices.get(slice) {
+            Some(s) => Group { models: &s.experts, slice: Some(&s.parameters) },
+            None => Group { models: &self.models, slice: None },
+        }
     }
 
     /// One numeric parameter for `tensor`: a single value for a global one, one per model for
-    /// a per-model one (a model's own value, else the top-level one, else the default); empty
-    /// when unset without a default. Values outside the parameter's range are errors.
-    fn resolve(&self, spec: &ParamSpec, tensor: &str, position: f64) -> Result<Vec<f32>> {
+    /// a per-model one; empty when unset without a default. Values outside the parameter's
+    /// range are errors.
+    fn resolve(&self, group: &Group<'_>, spec: &ParamSpec, tensor: &str, position: f64) -> Result<Vec<f32>> {
         let default = match spec.default {
             Fallback::Number(x) => Some(x),
             _ => None,
         };
-        let global = self.parameters.get(spec.name);
+        let global = group.slice.and_then(|s| s.get(spec.name)).or_else(|| self.parameters.get(spec.name));
         let one = |v: Option<&ParamValue>, whose: &str| -> Result<Option<f32>> {
             let x = v.and_then(|v| v.number_for(tensor, position)).or(default);
             if let (Some(x), Some((lo, hi))) = (x, spec.range)
@@ -310,8 +371,8 @@ impl MergeConfig {
         match spec.scope {
             Scope::Global => Ok(one(global, "")?.into_iter().collect()),
             Scope::PerModel => {
-                let mut out = Vec::with_capacity(self.models.len());
-                for m in &self.models {
+                let mut out = Vec::with_capacity(group.models.len());
+                for m in group.models {
                     let whose = format!(" for {}", m.path.display());
                     match one(m.parameters.get(spec.name).or(global), &whose)? {
                         Some(x) => out.push(x),
@@ -342,6 +403,261 @@ impl MergeConfig {
             None => Ok(()),
         }
     }
+}
+
+const UNION_REFUSED: &str = "tokenizer_source: `union` builds a new vocabulary and resizes every embedding; symerge does \
+     not (give `base` or a model path whose tokenizer every input shares)";
+
+/// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.
+fn refuse_unsupported(raw: &RawConfig, source: &Path) -> Result<()> {
+    if raw.modules.is_some() {
+        return Err(config_err(source, "modules: multi-module merges are not supported (use `models` or `slices`)"));
+    }
+    if raw.tokenizer.is_some() {
+        return Err(config_err(
+            source,
+            "tokenizer: token surgery (added tokens, vocabulary padding) resizes embeddings, which symerge does not; \
+             use `tokenizer_source: base` or a model path",
+        ));
+    }
+    if let Some(slices) = &raw.slices
+        && slices.iter().any(|s| s.residual_weight.is_some())
+    {
+        tracing::warn!("slices[].residual_weight is ignored (mergekit 0.1.5 ignores it too)");
+    }
+    Ok(())
+}
+
+/// `dtype` and `out_dtype`: the output gets `out_dtype`, else `dtype`, else each tensor's own.
+fn parse_dtypes(raw: &RawConfig, source: &Path) -> Result<(Option<FloatDType>, Option<FloatDType>)> {
+    let parse = |d: &Option<String>, key: &str| {
+        d.as_deref().map(|d| d.parse::<FloatDType>().map_err(|e| config_err(source, format!("{key}: {e}")))).transpose()
+    };
+    let compute = parse(&raw.dtype, "dtype")?;
+    let out = parse(&raw.out_dtype, "out_dtype")?;
+    Ok((out.or(compute), compute))
+}
+
+/// The `models` form: every model with its checked parameters; the base, when the method
+/// subtracts it, is left out (mergekit configs often list it among the models).
+fn parse_models(
+    method: &'static MethodDef,
+    raw: Vec<RawModel>,
+    base_model: Option<&Path>,
+    base_dir: &Path,
+    source: &Path,
+) -> Result<Vec<ModelEntry>> {
+    if method.needs_base() && base_model.is_none() {
+        return Err(config_err(
+            source,
+            format!(
+                "merge_method `{}` needs `base_model` (the pretrained model the experts were fine-tuned from)",
+                method.name
+            ),
+        ));
+    }
+    let mut models = Vec::new();
+    for (i, m) in raw.into_iter().enumerate() {
+        let path = locate_model(&m.model, base_dir, source, &format!("models[{i}].model"))?;
+        check_model_params(method, &m.parameters, source, &format!("models[{i}]"), &path)?;
+        if method.uses_base() && base_model.is_some_and(|b| same_path(b, &path)) {
+            continue;
+        }
+        models.push(ModelEntry { path, parameters: m.parameters });
+    }
+    check_model_count(method, models.len(), source, "")?;
+    Ok(models)
+}
+
+/// The `slices` form, checked as mergekit checks it: sources of one slice span equally many
+/// layers and are distinct models; a base the method uses is one of each slice's sources.
+/// symerge also needs every slice to have equally many sources (the executor merges a fixed
+/// number of inputs).
+fn parse_slices(
+    method: &'static MethodDef,
+    raw: Vec<RawSlice>,
+    base_model: Option<&Path>,
+    base_dir: &Path,
+    source: &Path,
+) -> Result<Vec<SliceDef>> {
+    if raw.is_empty() {
+        return Err(config_err(source, "slices: lists no slice"));
+    }
+    let mut out: Vec<SliceDef> = Vec::with_capacity(raw.len());
+    for (i, s) in raw.into_iter().enumerate() {
+        let here = format!("slices[{i}]");
+        let slice_base = s
+            .base_model
+            .as_deref()
+            .map(|p| locate_model(p, base_dir, source, &format!("{here}.base_model")))
+            .transpose()?;
+        let base = if method.uses_base() { slice_base.as_deref().or(base_model) } else { None };
+        check_params(method, &s.parameters, source, &format!("{here}.parameters"))?;
+        if let Some(key) = s.parameters.keys().find(|k| method.param(k).is_some_and(|p| p.kind != Kind::Number)) {
+            return Err(config_err(
+                source,
+                format!(
+                    "{here}.parameters.{key}: `{key}` holds for the whole merge; set it in the top-level `parameters`"
+                ),
+            ));
+        }
+        let slice = parse_slice(method, s, base, base_dir, source, &here)?;
+        if let Some(first) = out.first()
+            && (first.sources.len() != slice.sources.len() || first.has_base != slice.has_base)
+        {
+            return Err(config_err(
+                source,
+                format!(
+                    "{here}: {} source(s){}, but slices[0] has {}{}; symerge merges the same number of inputs in every slice",
+                    slice.sources.len(),
+                    if slice.has_base { " with a base" } else { "" },
+                    first.sources.len(),
+                    if first.has_base { " with a base" } else { "" },
+                ),
+            ));
+        }
+        out.push(slice);
+    }
+    Ok(out)
+}
+
+/// One slice: its sources located and checked, the base moved first.
+fn parse_slice(
+    method: &'static MethodDef,
+    s: RawSlice,
+    base: Option<&Path>,
+    base_dir: &Path,
+    source: &Path,
+    here: &str,
+) -> Result<SliceDef> {
+    let mut sources = Vec::with_capacity(s.sources.len());
+    for (j, src) in s.sources.into_iter().enumerate() {
+        let at = format!("{here}.sources[{j}]");
+        let path = locate_model(&src.model, base_dir, source, &format!("{at}.model"))?;
+        check_model_params(method, &src.parameters, source, &at, &path)?;
+        let [a, b] = src.layer_range;
+        if a >= b {
+            return Err(config_err(source, format!("{at}.layer_range: [{a}, {b}] holds no layer")));
+        }
+        if sources.iter().any(|x: &SourceDef| same_path(&x.model.path, &path)) {
+            return Err(config_err(source, format!("{at}.model: {} is already a source of {here}", path.display())));
+        }
+        sources.push(SourceDef { model: ModelEntry { path, parameters: src.parameters }, layers: (a, b) });
+    }
+    let Some(first) = sources.first() else {
+        return Err(config_err(source, format!("{here}.sources: lists no model")));
+    };
+    let len = first.layers.1 - first.layers.0;
+    if let Some((j, s)) = sources.iter().enumerate().find(|(_, s)| s.layers.1 - s.layers.0 != len) {
+        return Err(config_err(
+            source,
+            format!("{here}.sources[{j}].layer_range spans {} layers, sources[0] spans {len}", s.layers.1 - s.layers.0),
+        ));
+    }
+    let base_at = match base {
+        Some(b) => Some(sources.iter().position(|s| same_path(&s.model.path, b)).ok_or_else(|| {
+            config_err(source, format!("{here}: the base model {} is not one of the slice's sources", b.display()))
+        })?),
+        None if method.needs_base() => {
+            return Err(config_err(source, format!("{here}: merge_method `{}` needs `base_model`", method.name)));
+        }
+        None => None,
+    };
+    if let Some(k) = base_at {
+        let b = sources.remove(k);
+        sources.insert(0, b);
+    }
+    let has_base = base_at.is_some();
+    let experts: Vec<ModelEntry> = sources[usize::from(has_base)..].iter().map(|s| s.model.clone()).collect();
+    check_model_count(method, experts.len(), source, &format!("{here}: "))?;
+    Ok(SliceDef { sources, has_base, experts, parameters: s.parameters })
+}
+
+/// A model's (or source's) `parameters`: per-model parameters of the method, of the right kind.
+fn check_model_params(
+    method: &MethodDef,
+    params: &BTreeMap<String, ParamValue>,
+    source: &Path,
+    at: &str,
+    path: &Path,
+) -> Result<()> {
+    for (key, v) in params {
+        let spec = method.param(key).filter(|p| p.scope == Scope::PerModel).ok_or_else(|| {
+            let per_model: Vec<&str> =
+                method.params.iter().filter(|p| p.scope == Scope::PerModel).map(|p| p.name).collect();
+            config_err(
+                source,
+                format!(
+                    "{at}.parameters.{key}: `{}` takes no per-model parameter `{key}` (supported: {})",
+                    method.name,
+                    per_model.join(", ")
+                ),
+            )
+        })?;
+        check_value(spec, v)
+            .map_err(|e| config_err(source, format!("{at}.parameters.{key} ({}): {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// A top-level or slice `parameters` block: parameters of the method, of the right kind.
+fn check_params(method: &MethodDef, params: &BTreeMap<String, ParamValue>, source: &Path, at: &str) -> Result<()> {
+    for (key, v) in params {
+        let spec = method.param(key).ok_or_else(|| {
+            config_err(
+                source,
+                format!("{at}.{key}: `{}` has no parameter `{key}` (supported: {})", method.name, method.param_names()),
+            )
+        })?;
+        check_value(spec, v).map_err(|e| config_err(source, format!("{at}.{key}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A parameter without a default must be given for every model: at the top level, for the
+/// slice, or (per-model ones) by every model.
+fn check_required(
+    method: &MethodDef,
+    global: &BTreeMap<String, ParamValue>,
+    slice: &BTreeMap<String, ParamValue>,
+    models: &[ModelEntry],
+    source: &Path,
+    at: &str,
+) -> Result<()> {
+    for spec in method.params.iter().filter(|p| p.default == Fallback::Required) {
+        let everywhere = global.contains_key(spec.name)
+            || slice.contains_key(spec.name)
+            || (spec.scope == Scope::PerModel && models.iter().all(|m| m.parameters.contains_key(spec.name)));
+        if !everywhere {
+            return Err(config_err(
+                source,
+                format!("{at}parameters.{}: `{}` needs `{}` ({})", spec.name, method.name, spec.name, spec.doc),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A Lambda table whose entries each hold one finite coefficient per merged model.
+fn load_lambda_table(path: &Path, models: usize) -> Result<LambdaTable> {
+    let table = LambdaTable::load(path)?;
+    if let Some(names) = &table.models
+        && names.len() != models
+    {
+        return Err(config_err(path, format!("the table names {} models but the config merges {models}", names.len())));
+    }
+    for (name, values) in &table.lambda {
+        if values.len() != models {
+            return Err(config_err(
+                path,
+                format!("entry `{name}` has {} coefficients but the config merges {models} experts", values.len()),
+            ));
+        }
+        if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+            return Err(config_err(path, format!("entry `{name}` holds {x}, not a finite number")));
+        }
+    }
+    Ok(table)
 }
 
 fn resolve_relative(p: &str, base_dir: &Path) -> PathBuf {
@@ -388,10 +704,10 @@ fn check_value(spec: &ParamSpec, v: &ParamValue) -> std::result::Result<(), Stri
 }
 
 /// The number of merged models (the base excluded) must be what the method takes.
-fn check_model_count(method: &MethodDef, n: usize, source: &Path) -> Result<()> {
+fn check_model_count(method: &MethodDef, n: usize, source: &Path, at: &str) -> Result<()> {
     let besides = if method.uses_base() { " besides the base model" } else { "" };
     if n == 0 {
-        return Err(config_err(source, format!("`models` lists no model to merge{besides}")));
+        return Err(config_err(source, format!("{at}`models` lists no model to merge{besides}")));
     }
     let wanted = match (method.min_models, method.max_models) {
         (lo, Some(hi)) if lo == hi && n != lo => Some(format!("exactly {lo}")),
@@ -402,7 +718,7 @@ fn check_model_count(method: &MethodDef, n: usize, source: &Path) -> Result<()> 
     match wanted {
         Some(w) => Err(config_err(
             source,
-            format!("models: `{}` merges {w} model(s){besides}, the config lists {n}", method.name),
+            format!("{at}models: `{}` merges {w} model(s){besides}, the config lists {n}", method.name),
         )),
         None => Ok(()),
     }

@@ -14,11 +14,13 @@ use serde::Serialize;
 use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::Threshold;
+use super::slices::{self, Placement};
 use super::stats::TensorPass;
 use super::{ChunkCtx, MergeMethod, TensorParams, density_thresholds};
 use crate::atomic::{Staging, check_output_apart, check_output_dir};
 use crate::checkpoint::dtype::{decode, encode_into};
-use crate::checkpoint::side_files::copy_side_files;
+use crate::checkpoint::layers::BlockKind;
+use crate::checkpoint::side_files::{copy_side_files, edit_config};
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
 use crate::checkpoint::writer::{BackgroundWriter, plan_shards, shard_file_name, write_index};
 use crate::checkpoint::{Checkpoint, FloatDType, LayerStream, PlannedTensor, ShardWriter, TensorMeta};
@@ -200,22 +202,18 @@ fn merge_ranked(
     coll: &mut dyn Collective,
 ) -> Result<MergeSummary> {
     let start = Instant::now();
-    let inputs: Vec<&Path> =
-        config.base_model.as_deref().into_iter().chain(config.models.iter().map(|m| m.path.as_path())).collect();
+    let paths = config.referenced_models();
+    let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_output_apart(&opts.output, &inputs)?;
     check_output_dir(&opts.output, opts.force)?;
     let method = config.build_method();
 
-    // The base, when given, is the reference: it decides which tensors the output has (experts'
-    // task heads of different shapes are left out), and task-vector methods subtract it. Linear
-    // without a base: the first model is the reference and also the first averaged model.
-    let base = config.base_model.as_deref().map(Checkpoint::open).transpose()?;
-    let models = config.models.iter().map(|m| Checkpoint::open(&m.path)).collect::<Result<Vec<_>>>()?;
-    let (reference, inputs): (&Checkpoint, Vec<&Checkpoint>) = match base.as_ref() {
-        Some(base) => (base, models.iter().collect()),
-        None => (&models[0], models[1..].iter().collect()),
-    };
-    let reference_is_model = base.is_none();
+    // The reference decides which tensors the output has (experts' task heads of different
+    // shapes are left out) and is subtracted by task-vector methods: the base when there is
+    // one, else the first merged model, which is then also merged.
+    let opened = Opened::open(config)?;
+    let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
+    let reference_is_model = !config.has_base();
     check_configs_agree(reference, &inputs)?;
     let stream = LayerStream::plan(reference, inputs)?;
     if !stream.ignored.is_empty() {
@@ -226,6 +224,7 @@ fn merge_ranked(
             sample.join(", ")
         );
     }
+    let placements = placements(&stream, opened.slice_layers.as_deref(), config.slices.len());
     let out_dtype = opts.out_dtype.or(config.out_dtype);
     check_lambda_table(config, &stream)?;
 
@@ -251,9 +250,7 @@ fn merge_ranked(
     let (rank, world) = (coll.rank(), coll.world_size());
     let (shards, written, input_bytes) = if world == 1 {
         let staging = Staging::create(&opts.output)?;
-        // config.json and tokenizer files come from the base model when there is one.
-        let side_src = base.as_ref().map_or(&reference.dir, |b| &b.dir);
-        copy_side_files(side_src, staging.path(), out_dtype)?;
+        opened.write_side_files(config, staging.path(), out_dtype)?;
         let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
         let shards = writer.num_shards();
 
@@ -265,7 +262,8 @@ fn merge_ranked(
             out_dtype,
             reference_is_model,
             first_block: 0,
-            total_blocks: nblocks,
+            placements: &placements,
+            round_inputs: round_inputs(config, &stream),
         };
         let writer = engine.run(&job, writer, &mut progress)?;
         progress.finish();
@@ -308,7 +306,8 @@ fn merge_ranked(
             out_dtype,
             reference_is_model,
             first_block: mine.start,
-            total_blocks: nblocks,
+            placements: &placements,
+            round_inputs: round_inputs(config, &stream),
         };
         let writer = engine.run(&job, writer, &mut progress)?;
         progress.finish();
@@ -316,8 +315,7 @@ fn merge_ranked(
         coll.barrier()?;
         if rank == 0 {
             let staging = Staging::create(&opts.output)?;
-            let side_src = base.as_ref().map_or(&reference.dir, |b| &b.dir);
-            copy_side_files(side_src, staging.path(), out_dtype)?;
+            opened.write_side_files(config, staging.path(), out_dtype)?;
             let mut files: Vec<String> = Vec::with_capacity(planned.len());
             for r in 0..world {
                 let first: usize = counts[..r].iter().sum();
@@ -348,7 +346,7 @@ fn merge_ranked(
         method: method.name().to_string(),
         device: engine.device(),
         output: opts.output.clone(),
-        models: config.models.len() + usize::from(!reference_is_model),
+        models: paths.len(),
         blocks: nblocks,
         tensors: reference.tensors.len(),
         params: reference.num_params(),
@@ -360,6 +358,90 @@ fn merge_ranked(
         peak_rss_bytes: peak_rss_bytes(),
         ignored_tensors: stream.ignored.len(),
     })
+}
+
+/// The checkpoints a merge reads, the reference first: the base (when the config has one)
+/// and the models, or a slices config's views.
+struct Opened {
+    ckpts: Vec<Checkpoint>,
+    /// A slices config's output layers: (slice, gradient position) each.
+    slice_layers: Option<Vec<(usize, f64)>>,
+    /// Where `config.json` and the tokenizer come from.
+    donor: PathBuf,
+}
+
+impl Opened {
+    fn open(config: &MergeConfig) -> Result<Self> {
+        if !config.slices.is_empty() {
+            let plan = slices::plan(config)?;
+            return Ok(Opened { ckpts: plan.views, slice_layers: Some(plan.layers), donor: plan.donor });
+        }
+        let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
+        let ckpts = paths.map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+        let donor = ckpts[0].dir.clone();
+        Ok(Opened { ckpts, slice_layers: None, donor })
+    }
+
+    /// `config.json` (with the output's dtype and layer count) and the other side files.
+    fn write_side_files(&self, config: &MergeConfig, dst: &Path, out_dtype: Option<FloatDType>) -> Result<()> {
+        let donor = if self.donor.is_dir() {
+            self.donor.clone()
+        } else {
+            self.donor.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        };
+        copy_side_files(&donor, dst, out_dtype)?;
+        if let Some(layers) = &self.slice_layers {
+            let n = layers.len();
+            edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n).unwrap_or_default())?;
+        }
+        super::tokenizer::apply(config, dst)
+    }
+}
+
+/// Each block's slice and gradient position, as mergekit places them: a layer at `i / (n - 1)`
+/// of its slice (of its stack, for a `models` config); the embeddings in the first slice and
+/// every other tensor outside the stack in the last, both at 0.
+fn placements(stream: &LayerStream<'_>, slice_layers: Option<&[(usize, f64)]>, nslices: usize) -> Vec<Placement> {
+    let last = nslices.saturating_sub(1);
+    let stack_of = |name: &str| name.rsplit_once('.').map_or(name.to_string(), |(s, _)| s.to_string());
+    let layer_blocks: Vec<String> =
+        stream.blocks.iter().filter(|b| b.spec.kind == BlockKind::Layer).map(|b| stack_of(&b.spec.name)).collect();
+    let mut seen: Vec<String> = Vec::new();
+    stream
+        .blocks
+        .iter()
+        .map(|b| match (b.spec.kind, slice_layers) {
+            (BlockKind::Layer, Some(layers)) => {
+                let (slice, t) = b.spec.index.and_then(|i| layers.get(i)).copied().unwrap_or((last, 0.0));
+                Placement { slice, t }
+            }
+            (BlockKind::Layer, None) => {
+                let stack = stack_of(&b.spec.name);
+                let i = seen.iter().filter(|s| **s == stack).count();
+                let n = layer_blocks.iter().filter(|s| **s == stack).count();
+                seen.push(stack);
+                Placement { slice: 0, t: if n > 1 { i as f64 / (n - 1) as f64 } else { 1.0 } }
+            }
+            (BlockKind::Embeddings, _) => Placement { slice: 0, t: 0.0 },
+            _ => Placement { slice: last, t: 0.0 },
+        })
+        .collect()
+}
+
+/// The compute `dtype` when some float input is wider (then values are rounded on reading).
+fn round_inputs(config: &MergeConfig, stream: &LayerStream<'_>) -> Option<FloatDType> {
+    let d = config.compute_dtype?;
+    let wider = |c: &Checkpoint| c.tensors.iter().filter_map(TensorMeta::float_dtype).any(|t| t.size() > d.size());
+    (wider(stream.reference) || stream.inputs.iter().any(|c| wider(c))).then_some(d)
+}
+
+/// Rounds f32 values to `dtype`'s precision in place (mergekit casts its inputs to `dtype`).
+fn round_to(dtype: FloatDType, x: &mut [f32]) {
+    match dtype {
+        FloatDType::BF16 => x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        FloatDType::F16 => x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        FloatDType::F32 => {}
+    }
 }
 
 /// Every Lambda-table entry must name a tensor or block of the model: a typo would otherwise
@@ -390,8 +472,10 @@ pub struct MergeJob<'a> {
     pub reference_is_model: bool,
     /// Index of `stream`'s first block in the whole model (non-zero for a rank's part).
     pub first_block: usize,
-    /// Blocks of the whole model, which layer-position schedules are relative to.
-    pub total_blocks: usize,
+    /// Where each block of the whole model sits: its slice and gradient position.
+    pub placements: &'a [Placement],
+    /// `dtype` when it is narrower than some input: inputs are rounded to it as they are read.
+    pub round_inputs: Option<FloatDType>,
 }
 
 /// A tensor as one input holds it.
@@ -400,6 +484,8 @@ pub struct Source<'a> {
     pub ckpt: &'a Checkpoint,
     pub meta: &'a TensorMeta,
     pub dtype: FloatDType,
+    /// mergekit's compute `dtype`, when narrower than `dtype`: values are rounded to it.
+    pub round: Option<FloatDType>,
 }
 
 impl<'a> Source<'a> {
@@ -413,6 +499,11 @@ impl<'a> Source<'a> {
         let size = self.dtype.size();
         let bytes = &self.ckpt.bytes(self.meta)[offset * size..(offset + out.len()) * size];
         decode(self.dtype, bytes, out);
+        if let Some(d) = self.round
+            && d.size() < self.dtype.size()
+        {
+            round_to(d, out);
+        }
         if let Some(i) = first_non_finite(out) {
             return Err(Error::NonFinite {
                 path: self.ckpt.file_of(self.meta).to_path_buf(),
@@ -518,22 +609,21 @@ struct Scratch {
 }
 
 impl<'a> MergeJob<'a> {
-    /// Where block `bi` sits in the stream, in [0, 1] (for gradient parameters).
-    pub fn position(&self, bi: usize) -> f64 {
-        let nblocks = self.total_blocks;
-        let bi = self.first_block + bi;
-        if nblocks > 1 { bi as f64 / (nblocks - 1) as f64 } else { 0.0 }
+    /// Where block `bi` of `stream` sits: its slice and gradient position.
+    pub fn position(&self, bi: usize) -> Placement {
+        self.placements.get(self.first_block + bi).copied().unwrap_or(Placement { slice: 0, t: 0.0 })
     }
 
     /// Resolves one tensor of a block: its sources in every input and its parameters.
-    pub fn tensor(&self, block: &StreamBlock, t: &StreamTensor, position: f64) -> Result<TensorWork<'a>> {
+    pub fn tensor(&self, block: &StreamBlock, t: &StreamTensor, at: Placement) -> Result<TensorWork<'a>> {
         let reference = self.stream.reference;
         let rmeta = &reference.tensors[t.reference];
         let Some(ref_dtype) = rmeta.float_dtype() else {
             return Ok(TensorWork::Raw { name: &rmeta.name, bytes: reference.bytes(rmeta) });
         };
         let mut sources: Vec<Source<'a>> = Vec::with_capacity(t.inputs.len() + 1);
-        sources.push(Source { ckpt: reference, meta: rmeta, dtype: ref_dtype });
+        let round = self.round_inputs;
+        sources.push(Source { ckpt: reference, meta: rmeta, dtype: ref_dtype, round });
         for (c, &i) in self.stream.inputs.iter().zip(&t.inputs) {
             let meta = &c.tensors[i];
             let dtype = meta.float_dtype().ok_or_else(|| Error::UnsupportedDtype {
@@ -541,7 +631,7 @@ impl<'a> MergeJob<'a> {
                 tensor: meta.name.clone(),
                 dtype: format!("{:?}", meta.dtype),
             })?;
-            sources.push(Source { ckpt: c, meta, dtype });
+            sources.push(Source { ckpt: c, meta, dtype, round });
         }
         // The reference is a base (subtracted, or only naming the tensors for linear) unless it
         // is the first merged model itself.
@@ -553,7 +643,7 @@ impl<'a> MergeJob<'a> {
             }
             (false, true) => None,
         };
-        let params = self.config.tensor_params(&rmeta.name, &block.spec.name, position)?;
+        let params = self.config.tensor_params_in(at.slice, &rmeta.name, &block.spec.name, at.t)?;
         Ok(TensorWork::Float(TensorJob {
             name: &rmeta.name,
             n: rmeta.numel(),

@@ -28,9 +28,11 @@ pub mod registry;
 pub mod sce;
 pub mod select;
 pub mod slerp;
+pub mod slices;
 pub mod stats;
 pub mod task_arithmetic;
 pub mod ties;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 

@@ -156,6 +156,38 @@ CASES = {
 }
 
 
+def src(model, a, b, params=None):
+    out = {"model": model, "layer_range": [a, b]}
+    if params:
+        out["parameters"] = params
+    return out
+
+
+B = "{base}"
+
+# The `slices` form (output config.json saved beside the tensors as out/<case>.config.json),
+# a gradient in the `models` form, and the compute dtype.
+CASES.update({
+    "slices_passthrough": {"merge_method": "passthrough",
+                           "slices": [{"sources": [src(E1, 0, 2)]}, {"sources": [src(E2, 1, 2)]},
+                                      {"sources": [src(B, 0, 1)]}]},
+    "slices_slerp": {"merge_method": "slerp", "base_model": B,
+                     "slices": [{"sources": [src(B, 0, 1), src(E1, 1, 2)], "parameters": {"t": 0.3}},
+                                {"sources": [src(E2, 0, 2), src(B, 0, 2)]}],
+                     "parameters": {"t": [0.2, 0.9]}},
+    "slices_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": B,
+                               "slices": [{"sources": [src(B, 0, 2), src(E1, 0, 2, {"weight": 0.7}),
+                                                       src(E2, 0, 2, {"weight": 0.3})]},
+                                          {"base_model": E3, "parameters": {"lambda": 0.5},
+                                           "sources": [src(E1, 0, 1, {"weight": 0.5}), src(E3, 1, 2),
+                                                       src(E2, 1, 2, {"weight": [1.0, 2.0]})]}]},
+    "slerp_gradient": {"merge_method": "slerp", "base_model": B, "models": models((B, None), (E1, None)),
+                       "parameters": {"t": [0.1, 0.9]}},
+    "dtype_bfloat16": {"merge_method": "linear", "dtype": "bfloat16",
+                       "models": models((E1, {"weight": 0.25}), (E2, {"weight": 0.75}))},
+})
+
+
 def fill(obj, paths):
     if isinstance(obj, str):
         for k, v in paths.items():
@@ -170,7 +202,7 @@ def fill(obj, paths):
 
 def run_case(name, case, out):
     paths = {n: str(out / n) for n in ("base", "expert-1", "expert-2", "expert-3")}
-    cfg = dict(fill(case, paths), dtype="float32")
+    cfg = dict({"dtype": "float32"}, **fill(case, paths))
     with tempfile.TemporaryDirectory() as tmp:
         run_merge(
             MergeConfiguration.model_validate(cfg),
@@ -180,8 +212,13 @@ def run_case(name, case, out):
         tensors = {}
         for f in sorted(pathlib.Path(tmp).glob("*.safetensors")):
             tensors.update(load_file(str(f)))
-    (out / "out").mkdir(exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in sorted(tensors.items())}, str(out / "out" / f"{name}.safetensors"))
+        (out / "out").mkdir(exist_ok=True)
+        if "slices" in case:
+            shutil.copy(pathlib.Path(tmp) / "config.json", out / "out" / f"{name}.config.json")
+    # Outputs keep their dtype when the case sets one.
+    keep = "dtype" in case
+    save_file({k: (v if keep else v.float()).contiguous() for k, v in sorted(tensors.items())},
+              str(out / "out" / f"{name}.safetensors"))
 
 
 def main():

@@ -87,6 +87,9 @@ pub struct StreamStats {
 /// Why the GPU engine cannot run `config`'s method at all, if it cannot: such a merge runs on
 /// the CPU even under `--device cuda`.
 pub fn no_kernel(config: &MergeConfig) -> Option<String> {
+    if !config.slices.is_empty() {
+        return Some("a `slices` config merges on the CPU engine only".into());
+    }
     let method = config.build_method();
     method.kernel_form().is_none().then(|| format!("method {} has no GPU kernel", method.name()))
 }
@@ -385,6 +388,11 @@ impl MergeEngine for CudaEngine<'_> {
         let Some(form) = job.method.kernel_form() else {
             return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method.name())));
         };
+        if let Some(d) = job.round_inputs {
+            // The kernels read the stored bits; rounding inputs to `dtype` first is the CPU's.
+            tracing::warn!("dtype {d} is narrower than some inputs: merging on the CPU, which rounds them to it");
+            return crate::merge::executor::CpuEngine.run(job, owned, progress);
+        }
         let (items, block_of) = resolve_items(job)?;
         let plans: Vec<Option<MergeLaunch>> = items
             .iter()

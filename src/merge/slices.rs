@@ -1,0 +1,168 @@
+//! The `slices` form of a config (mergekit's frankenmerges and per-slice merges): each output
+//! slice takes layers `a .. b` of each of its sources, merges them with the config's method
+//! and appends them to the output, which numbers its layers consecutively.
+//!
+//! As in mergekit 0.1.5 (`plan.py`), the tensors outside the layer stack come from the slices
+//! at its ends: the embeddings merged over the first slice's sources, the final norm, heads
+//! and everything else over the last slice's. Gradients run over each slice's layers (layer
+//! `i` of `n` at `i / (n - 1)`, a one-layer slice at 1); tensors outside the stack sit at 0.
+//!
+//! The plan presents each merge input as a [`Checkpoint::compose`]d view under the output's
+//! tensor names (input `p` holds every slice's `p`-th source, the base first), so the
+//! executor merges a slices config exactly as it merges a `models` config.
+
+use std::path::{Path, PathBuf};
+
+use super::config::{MergeConfig, SliceDef};
+use crate::checkpoint::layers::{BlockKind, group_blocks, layer_of, renumber};
+use crate::checkpoint::{Checkpoint, TensorMeta};
+use crate::error::{Error, Result};
+
+/// Keys of `config.json` that count a model's layers, in the order they are looked for.
+pub const LAYER_COUNT_KEYS: &[&str] = &["num_hidden_layers", "n_layer", "num_layers", "n_layers"];
+
+/// A slices config, resolved against its models.
+pub struct SlicePlan {
+    /// One view per merge input, the reference first.
+    pub views: Vec<Checkpoint>,
+    /// For each output layer: its slice and its gradient position.
+    pub layers: Vec<(usize, f64)>,
+    /// The model whose `config.json` and side files the output takes: the top-level base,
+    /// else the first source of the first slice.
+    pub donor: PathBuf,
+}
+
+/// Where one block of the output sits: the slice whose models and parameters merge it, and
+/// its position in [0, 1] for gradient parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    pub slice: usize,
+    pub t: f64,
+}
+
+/// Opens every model of `config` once and builds the views of its slices.
+pub fn plan(config: &MergeConfig) -> Result<SlicePlan> {
+    let paths = config.referenced_models();
+    let models = paths.iter().map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+    let find = |p: &Path| -> &Checkpoint {
+        let i = paths.iter().position(|q| same_file(q, p)).unwrap_or(0);
+        &models[i]
+    };
+    let slices = &config.slices;
+    let (first, last) = match (slices.first(), slices.last()) {
+        (Some(f), Some(l)) => (f, l),
+        _ => return Err(Error::Config { path: config.source.clone(), reason: "slices: lists no slice".into() }),
+    };
+    let total: usize = slices.iter().map(SliceDef::len).sum();
+    let mut views = Vec::with_capacity(first.sources.len());
+    for p in 0..first.sources.len() {
+        let pre = find(&first.sources[p].model.path);
+        let post = find(&last.sources[p].model.path);
+        let mut parts = outside_stack(pre, |k| k == BlockKind::Embeddings);
+        let mut n = 0;
+        for (si, s) in slices.iter().enumerate() {
+            let src = &s.sources[p];
+            parts.extend(layer_tensors(find(&src.model.path), src.layers, n, si, config)?);
+            n += s.len();
+        }
+        parts.extend(outside_stack(post, |k| k != BlockKind::Embeddings));
+        let refs: Vec<(&Checkpoint, &TensorMeta, String)> = parts.iter().map(|(c, m, n)| (*c, *m, n.clone())).collect();
+        let label = PathBuf::from(format!("{} (slices input {p})", pre.path.display()));
+        views.push(Checkpoint::compose(label, pre.dir.clone(), &refs, with_layer_count(pre.config.clone(), total))?);
+    }
+    let layers = slices
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            let n = s.len();
+            (0..n).map(move |i| (si, if n > 1 { i as f64 / (n - 1) as f64 } else { 1.0 }))
+        })
+        .collect();
+    let donor = config.base_model.clone().unwrap_or_else(|| first_source(config));
+    Ok(SlicePlan { views, layers, donor })
+}
+
+/// The first source of the first slice as written (before the base was moved first).
+fn first_source(config: &MergeConfig) -> PathBuf {
+    let s = &config.slices[0];
+    let k = usize::from(s.has_base && s.sources.len() > 1);
+    s.sources.get(k).map_or_else(|| s.sources[0].model.path.clone(), |x| x.model.path.clone())
+}
+
+/// The tensors of `ckpt` outside any layer stack whose block kind passes `keep`, by name.
+fn outside_stack(ckpt: &Checkpoint, keep: impl Fn(BlockKind) -> bool) -> Vec<(&Checkpoint, &TensorMeta, String)> {
+    let blocks = group_blocks(ckpt.tensors.iter().map(|t| t.name.as_str()));
+    blocks
+        .into_iter()
+        .filter(|b| b.kind != BlockKind::Layer && keep(b.kind))
+        .flat_map(|b| b.tensors)
+        .filter_map(|name| ckpt.get(&name).map(|m| (ckpt, m, name)))
+        .collect()
+}
+
+/// Layers `range` of `ckpt`, renamed to output layers from `first_out` on; every layer must
+/// exist and the model must have exactly one layer stack.
+fn layer_tensors<'c>(
+    ckpt: &'c Checkpoint,
+    range: (usize, usize),
+    first_out: usize,
+    slice: usize,
+    config: &MergeConfig,
+) -> Result<Vec<(&'c Checkpoint, &'c TensorMeta, String)>> {
+    let err =
+        |reason: String| Error::Config { path: config.source.clone(), reason: format!("slices[{slice}]: {reason}") };
+    let mut stacks: Vec<String> = Vec::new();
+    let mut count = 0;
+    for t in &ckpt.tensors {
+        if let Some((stack, i)) = layer_of(&t.name) {
+            if !stacks.contains(&stack) {
+                stacks.push(stack);
+            }
+            count = count.max(i + 1);
+        }
+    }
+    if stacks.len() != 1 {
+        return Err(err(format!(
+            "{} has {} layer stacks ({}); slices need a model with exactly one",
+            ckpt.path.display(),
+            stacks.len(),
+            stacks.join(", ")
+        )));
+    }
+    if range.1 > count {
+        return Err(err(format!(
+            "layer_range [{}, {}] of {} reaches past its {count} layers",
+            range.0,
+            range.1,
+            ckpt.path.display()
+        )));
+    }
+    let mut out = Vec::new();
+    for t in &ckpt.tensors {
+        if let Some((_, i)) = layer_of(&t.name)
+            && (range.0..range.1).contains(&i)
+            && let Some(name) = renumber(&t.name, first_out + i - range.0)
+        {
+            out.push((ckpt, t, name));
+        }
+    }
+    Ok(out)
+}
+
+/// `config.json` with its layer count set to the output's.
+pub fn with_layer_count(config: Option<serde_json::Value>, layers: usize) -> Option<serde_json::Value> {
+    let mut config = config?;
+    if let Some(obj) = config.as_object_mut()
+        && let Some(key) = LAYER_COUNT_KEYS.iter().find(|k| obj.contains_key(**k))
+    {
+        obj.insert((*key).to_string(), layers.into());
+    }
+    Some(config)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}

@@ -1,0 +1,180 @@
+//! `tokenizer_source` and `chat_template`, as mergekit 0.1.5 applies them after the weights.
+//!
+//! mergekit builds the output tokenizer from the source and permutes every input's embedding
+//! rows into its vocabulary. symerge copies the source's tokenizer files instead, which is the
+//! same result exactly when no permutation or resizing happens: every input with a
+//! `tokenizer.json` has the source's vocabulary, and the output's `vocab_size` equals it.
+//! Anything else is refused, naming the key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::config::{MergeConfig, TokenizerSource};
+use crate::error::{Error, Result};
+
+/// Tokenizer files mergekit copies from the donor model.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+fn err(config: &MergeConfig, reason: String) -> Error {
+    Error::Config { path: config.source.clone(), reason }
+}
+
+/// Applies `tokenizer_source` and `chat_template` to the output staged in `out`.
+pub fn apply(config: &MergeConfig, out: &Path) -> Result<()> {
+    if let Some(src) = &config.tokenizer_source {
+        let dir = match src {
+            TokenizerSource::Base => config.base_model.clone().unwrap_or_default(),
+            TokenizerSource::Model(p) => p.clone(),
+        };
+        copy_tokenizer(config, &model_dir(&dir), out)?;
+    }
+    if let Some(template) = &config.chat_template {
+        set_chat_template(config, template, out)?;
+    }
+    Ok(())
+}
+
+fn model_dir(p: &Path) -> PathBuf {
+    if p.is_dir() { p.to_path_buf() } else { p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) }
+}
+
+/// The vocabulary of `dir/tokenizer.json`, if it has one.
+fn vocab(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, u32>>> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let tok = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| err(config, format!("tokenizer_source: cannot read {}: {e}", path.display())))?;
+    Ok(Some(tok.get_vocab(true)))
+}
+
+/// Copies the source's tokenizer files after checking no embedding would change in mergekit.
+fn copy_tokenizer(config: &MergeConfig, src: &Path, out: &Path) -> Result<()> {
+    let Some(want) = vocab(config, src)? else {
+        return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", src.display())));
+    };
+    for model in config.referenced_models() {
+        if let Some(have) = vocab(config, &model_dir(&model))?
+            && have != want
+        {
+            return Err(err(
+                config,
+                format!(
+                    "tokenizer_source: {} has another vocabulary than {}; mergekit would permute and resize \
+                     the embeddings, which symerge does not",
+                    model.display(),
+                    src.display()
+                ),
+            ));
+        }
+    }
+    let rows = read_json(&out.join("config.json"))?.and_then(|c| c.get("vocab_size").and_then(|v| v.as_u64()));
+    if let Some(rows) = rows
+        && rows != want.len() as u64
+    {
+        return Err(err(
+            config,
+            format!(
+                "tokenizer_source: the tokenizer of {} has {} tokens but the embeddings have {rows} rows; mergekit \
+                 would resize them, which symerge does not",
+                src.display(),
+                want.len()
+            ),
+        ));
+    }
+    for name in TOKENIZER_FILES {
+        let (from, to) = (src.join(name), out.join(name));
+        if from.is_file() {
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        } else if to.is_file() {
+            std::fs::remove_file(&to).map_err(|e| Error::io(&to, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::BadIndex { path: path.to_path_buf(), reason: format!("invalid JSON: {e}") })
+}
+
+/// The chat template a model's tokenizer carries: `chat_template.jinja`, else the
+/// `chat_template` of `tokenizer_config.json` (its `default` entry when it is a table).
+fn template_of(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja).map(Some).map_err(|e| Error::io(&jinja, e));
+    }
+    let cfg = read_json(&dir.join("tokenizer_config.json"))?;
+    let t = cfg.as_ref().and_then(|c| c.get("chat_template"));
+    Ok(match t {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|e| e.get("template").and_then(|t| t.as_str()).map(str::to_string)),
+        _ => None,
+    })
+}
+
+/// Sets the output's chat template: `auto` takes the inputs' most common one (the first
+/// mentioned on a tie), a text with `{` is the template itself. mergekit's bundled named
+/// templates (`chatml`, `llama3`, ...) are refused: symerge does not ship them.
+fn set_chat_template(config: &MergeConfig, template: &str, out: &Path) -> Result<()> {
+    let text = if template == "auto" {
+        let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (i, m) in config.referenced_models().iter().enumerate() {
+            if let Some(t) = template_of(&model_dir(m))? {
+                let e = counts.entry(t.trim().to_string()).or_insert((0, i));
+                e.0 += 1;
+            }
+        }
+        let best = counts.into_iter().max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1)));
+        match best {
+            Some((t, _)) => t,
+            None => return Ok(()),
+        }
+    } else if template.len() >= 20 && template.contains('{') {
+        template.to_string()
+    } else {
+        return Err(err(
+            config,
+            format!(
+                "chat_template: `{template}` is neither `auto` nor a Jinja template; mergekit's named templates \
+                 are not bundled with symerge (paste the template's text)"
+            ),
+        ));
+    };
+    if !out.join("tokenizer_config.json").is_file() {
+        tracing::warn!("chat_template: the output has no tokenizer, so the template is not saved (as mergekit)");
+        return Ok(());
+    }
+    let jinja = out.join("chat_template.jinja");
+    std::fs::write(&jinja, text).map_err(|e| Error::io(&jinja, e))?;
+    let tc = out.join("tokenizer_config.json");
+    if let Some(mut cfg) = read_json(&tc)?
+        && let Some(obj) = cfg.as_object_mut()
+        && obj.remove("chat_template").is_some()
+    {
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
+        std::fs::write(&tc, text).map_err(|e| Error::io(&tc, e))?;
+    }
+    Ok(())
+}
