@@ -78,7 +78,8 @@ fn config_yaml(spec: &Spec<'_>, paths: &[std::path::PathBuf], out_dtype: Option<
         y += &format!("parameters: {{{}}}\n", params.join(", "));
     }
     if let Some(d) = out_dtype {
-        y += &format!("dtype: {d}\n");
+        // `out_dtype` converts the output only; `dtype` would also round the inputs (mergekit).
+        y += &format!("out_dtype: {d}\n");
     }
     y
 }
@@ -430,13 +431,13 @@ fn per_layer_and_filtered_parameters() {
     )
     .unwrap();
     let (m, b, e) = (read_model(&out), read_model(&paths[0]), read_model(&paths[1]));
-    // Blocks in stream order: embeddings (0), layer.0 (1/3), layer.1 (2/3), pooler (1).
+    // mergekit's placement: layer i of n at i / (n - 1); embeddings and pooler at 0.
     let expect = [
         ("embeddings.word_embeddings.weight", 0.0),
-        ("encoder.layer.0.attention.self.query.weight", 1.0 / 3.0),
-        ("encoder.layer.1.attention.self.query.weight", 2.0 / 3.0),
+        ("encoder.layer.0.attention.self.query.weight", 0.0),
+        ("encoder.layer.1.attention.self.query.weight", 1.0),
         ("encoder.layer.1.output.LayerNorm.bias", 0.5),
-        ("pooler.dense.weight", 1.0),
+        ("pooler.dense.weight", 0.0),
     ];
     for (name, w) in expect {
         for i in 0..m[name].2.len() {
