@@ -110,13 +110,16 @@ fn shard_gradients_all_reduce_to_the_full_batch_gradient() {
                     full.loss
                 );
                 let diff: f64 = g.lambda.iter().zip(&full.lambda).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
-                assert!(diff <= 1e-5 * norm, "{what}: Lambda gradient off by {diff:e} of {norm:e}");
+                // Rounding only: a shard's products have other shapes than the full batch's, and
+                // the gemm crate's k blocks (so an element's last bits) follow the shape. Measured
+                // up to 1.2e-5 (Lambda) and 1.3e-5 (adapted layers) relative, one text per rank.
+                assert!(diff <= 3e-5 * norm, "{what}: Lambda gradient off by {diff:e} of {norm:e}");
                 assert_eq!(g.lambda, results[0].1.lambda, "{what}: ranks hold different Lambda gradients");
                 for (name, p) in &full.private[0] {
                     let (want, got) = (&p.buf, &g.private[0][name].buf);
                     let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max);
                     let worst = want.iter().zip(got).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-                    assert!(worst <= 1e-5 * scale, "{what}: {name} off by {worst} of {scale}");
+                    assert!(worst <= 3e-5 * scale, "{what}: {name} off by {worst} of {scale}");
                     assert_eq!(got, &results[0].1.private[0][name].buf, "{what}: {name} differs across ranks");
                 }
             }
@@ -176,9 +179,10 @@ fn two_and_three_processes_learn_the_single_process_lambda() {
         let got_lambda = lambda_values(&out);
         assert_eq!(got_lambda.len(), want_lambda.len());
         // Shards sum in another order than one batch (and Adam rescales small gradients), so the
-        // values agree to rounding, not bit for bit: 2e-5 relative over the whole table, 1e-4 for
+        // values agree to rounding, not bit for bit: 3e-5 relative over the whole table, 2e-4 for
         // any one coefficient. (Measured: 7.5e-6 with the merge summing into the base element by
-        // element, 1.0e-5 with the kernel's order, differences summed first: the size of this
+        // element, 1.0e-5 with the kernel's order, differences summed first, 1.27e-5 (worst
+        // coefficient 1.14e-4) with the gemm crate's shape-dependent k blocks: the size of this
         // noise follows the rounding pattern, not a bug.) The key biases are left out: their gradient is zero in exact
         // arithmetic (softmax ignores a constant added to every score of a query), so Adam turns
         // whatever rounding noise they get into lr-sized steps, in any summation order.
@@ -190,7 +194,7 @@ fn two_and_three_processes_learn_the_single_process_lambda() {
             }
             for (x, y) in w.iter().zip(g) {
                 let rel = (x - y).abs() / x.abs().max(1e-2);
-                assert!(rel <= 1e-4, "world {world} {kw}: {y} vs single {x}");
+                assert!(rel <= 2e-4, "world {world} {kw}: {y} vs single {x}");
                 worst = worst.max(rel);
                 diff += (x - y).powi(2);
                 norm += x * x;
@@ -198,7 +202,7 @@ fn two_and_three_processes_learn_the_single_process_lambda() {
         }
         let rel = (diff / norm).sqrt();
         eprintln!("world {world}: Lambda relative difference {rel:e} (worst coefficient {worst:e})");
-        assert!(rel <= 2e-5, "world {world}: relative Lambda difference {rel:e}");
+        assert!(rel <= 3e-5, "world {world}: relative Lambda difference {rel:e}");
         // Lambda moved, so the comparison means something.
         assert!(want_lambda.iter().flat_map(|(_, v)| v).any(|x| (x - 0.3).abs() > 1e-3));
 
