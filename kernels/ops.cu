@@ -376,15 +376,16 @@ extern "C" __global__ void soft_ce_grad(const float* logits, const float* target
         const float* z = logits + r * cols;
         const float* t = targets + r * cols;
         float* gr = g + r * cols;
-        float tsum = 0.0f, m = neg_inf(), sum = 0.0f;
+        float tsum = 0.0f, m = neg_inf();
+        double sum = 0.0;  // as the CPU: an f32 sum over a vocabulary loses its smallest weights
         for (u32 j = 0; j < cols; j++) tsum += t[j];
         for (u32 j = 0; j < cols; j++) m = fmaxf(m, z[j]);
         for (u32 j = 0; j < cols; j++) {
             float e = expf(z[j] - m);
             gr[j] = e;
-            sum += e;
+            sum += (double)e;
         }
-        float inv = 1.0f / sum;
+        float inv = (float)(1.0 / sum);
         for (u32 j = 0; j < cols; j++) gr[j] = (gr[j] * inv * tsum - t[j]) * s;
     }
 }
