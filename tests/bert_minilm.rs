@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::reference::max_rel;
+
 use std::path::Path;
 
 use common::{minilm_dir, run};
@@ -22,12 +24,6 @@ const TEXTS: [&str; 5] = [
     "Stocks fell sharply.",
     "Merging fine-tuned models without training data is surprisingly effective.",
 ];
-
-fn max_rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().map(|v| v.abs() as f64).fold(0.0, f64::max).max(1e-30);
-    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max) / scale
-}
 
 #[test]
 fn tokenizer_pads_per_batch_and_truncates() {

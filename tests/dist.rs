@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::reference::norm_rel;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -383,12 +385,6 @@ impl Problem {
     }
 }
 
-fn rel_err(a: &[f32], b: &[f64]) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum::<f64>().sqrt();
-    let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    diff / norm
-}
-
 #[test]
 fn averaged_shard_gradients_equal_the_full_batch_gradient() {
     for (batch, world) in [(12, 2), (12, 3), (12, 4), (10, 3), (11, 4), (7, 2), (3, 4)] {
@@ -403,7 +399,7 @@ fn averaged_shard_gradients_equal_the_full_batch_gradient() {
             g
         });
         for (rank, g) in results.iter().enumerate() {
-            let err = rel_err(g, &full);
+            let err = norm_rel(g, &full);
             assert!(err <= 1e-6, "batch {batch} world {world} rank {rank}: relative error {err:e}");
             assert_eq!(param_hash(g), param_hash(&results[0]), "ranks hold different gradients");
         }
@@ -415,7 +411,7 @@ fn averaged_shard_gradients_equal_the_full_batch_gradient() {
                 })
                 .collect();
             let naive32: Vec<f32> = naive.iter().map(|&v| v as f32).collect();
-            assert!(rel_err(&naive32, &full) > 1e-4, "batch {batch} world {world}: the naive mean should differ");
+            assert!(norm_rel(&naive32, &full) > 1e-4, "batch {batch} world {world}: the naive mean should differ");
         }
     }
 }

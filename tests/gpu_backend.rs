@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::reference::norm_rel;
+
 use common::adapt_fixture::{TEXTS, fixture};
 use common::{gpu, minilm_dir, randoms};
 use symerge::adapt::classifier::Adapter;
@@ -41,15 +43,6 @@ fn fresh_seed() -> u64 {
 
 fn rand(seed: u64, n: usize, scale: f64) -> Vec<f32> {
     randoms(seed, n, scale).into_iter().map(|v| v as f32).collect()
-}
-
-/// `||a - b|| / ||b||` in f64; NaN anywhere gives NaN, which fails every `<=`.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let (num, den) = a
-        .iter()
-        .zip(b)
-        .fold((0f64, 0f64), |(n, d), (&x, &y)| (n + (x as f64 - y as f64).powi(2), d + (y as f64).powi(2)));
-    if num == 0.0 { 0.0 } else { (num / den.max(1e-30)).sqrt() }
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f64 {
@@ -90,7 +83,7 @@ impl Report {
             self.failures.push(format!("{name}: {} elements on the GPU, {} on the CPU", gpu.len(), cpu.len()));
             return f64::NAN;
         }
-        let e = rel_err(gpu, cpu);
+        let e = norm_rel(gpu, cpu);
         let ok = e <= tol;
         eprintln!(
             "{name:<48} rel err {e:.2e}  max abs {:.2e}  n {:>8}  tol {tol:.0e}{}",
@@ -572,7 +565,7 @@ fn adaptation_steps_match_cpu() {
         r.values(&format!("adapt step {step} (task {task}) loss"), &[g], &[c], GRAD_TOL);
     }
     let (lg, lc) = (&ag.lambda.values, &ac.lambda.values);
-    eprintln!("adapt Lambda after 4 steps: rel err {:.2e}, max abs {:.2e}", rel_err(lg, lc), max_abs(lg, lc));
+    eprintln!("adapt Lambda after 4 steps: rel err {:.2e}, max abs {:.2e}", norm_rel(lg, lc), max_abs(lg, lc));
     let apart = lg.iter().zip(lc).filter(|(g, c)| (*g - *c).abs() > 1e-3).count();
     let total = lc.len();
     r.check(
@@ -652,7 +645,7 @@ fn cli_device_cuda_matches_cpu_or_fails_clearly() {
             .collect()
     };
     let (c, g) = (read(out("cpu.jsonl")), read(out("cuda.jsonl")));
-    let e = rel_err(&g, &c);
+    let e = norm_rel(&g, &c);
     eprintln!("predict --device cuda vs cpu: logits rel err {e:.2e}");
     assert!(e <= MODEL_TOL, "predict logits differ: {e:e}");
 
@@ -665,7 +658,7 @@ fn cli_device_cuda_matches_cpu_or_fails_clearly() {
         v["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
     };
     let (lc, lg) = (losses(&cpu_json), losses(&cuda_json));
-    let e = rel_err(&lg, &lc);
+    let e = norm_rel(&lg, &lc);
     eprintln!("finetune --device cuda vs cpu: losses {lg:?} vs {lc:?}, rel err {e:.2e}");
     assert!(lc.len() == 2 && e <= MODEL_TOL, "finetune losses differ: {e:e}");
 }

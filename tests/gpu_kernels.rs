@@ -5,6 +5,8 @@
 use symerge::backend::cuda::kernels::HostTensor;
 mod common;
 
+use common::reference::norm_rel;
+
 use common::gpu;
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::dtype::{decode, encode_into};
@@ -47,13 +49,6 @@ fn decoded(dtype: FloatDType, b: &[u8]) -> Vec<f32> {
     let mut v = vec![0f32; b.len() / dtype.size()];
     decode(dtype, b, &mut v);
     v
-}
-
-/// `||a - b|| / ||b||` in f64; NaN anywhere gives NaN (which fails every `<=`).
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let (num, den) =
-        a.iter().zip(b).fold((0f64, 0f64), |(n, d), (&x, &y)| (n + ((x - y) as f64).powi(2), d + (y as f64).powi(2)));
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// A family of inputs: base and K experts as bytes of `dtype`, plus their decoded values.
@@ -178,7 +173,7 @@ fn merge_kernel_matches_cpu_for_every_method() {
                             let got = gpu.merge_host(form, &p2, &th, hash, base, &experts, out_dtype, offset).unwrap();
                             assert!(!got.bad, "{name}: flagged bad on finite data");
                             let (g, w) = (decoded(out_dtype, &got.bytes), decoded(out_dtype, &want));
-                            let err = rel_err(&g, &w);
+                            let err = norm_rel(&g, &w);
                             let tol = 4.0 * out_dtype.epsilon();
                             assert!(
                                 err <= tol,
@@ -225,7 +220,7 @@ fn merge_kernel_takes_many_experts() {
                 0,
             )
             .unwrap();
-        let err = rel_err(&decoded(FloatDType::BF16, &got.bytes), &decoded(FloatDType::BF16, &want));
+        let err = norm_rel(&decoded(FloatDType::BF16, &got.bytes), &decoded(FloatDType::BF16, &want));
         assert!(err <= 4.0 * FloatDType::BF16.epsilon(), "K={k}: {err:e}");
     }
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::reference::{read, rel_err};
+use common::reference::{max_rel, read};
 use common::run;
 use symerge::backend::{Backend, Cpu};
 use symerge::model::{CausalLm, Encoded, Llama, LlamaFamily, evaluate_lm};
@@ -50,9 +50,9 @@ fn check_model(name: &str, family: LlamaFamily) -> Option<(f64, f64, f64)> {
     // Logits come packed: the real tokens' rows only, in order.
     let real = model.logits(&batch).unwrap();
     assert_eq!(real.len(), enc.attention_mask.iter().filter(|&&m| m != 0).count() * vocab);
-    let e_logits = rel_err(&real, &t["logits"].1);
+    let e_logits = max_rel(&real, &t["logits"].1);
     let (loss, grads) = model.lm_loss_grads(&batch).unwrap();
-    let e_loss = rel_err(&[loss], &t["loss"].1);
+    let e_loss = max_rel(&[loss], &t["loss"].1);
     assert!(
         e_logits < TOL && e_loss < TOL,
         "{name}: logits {e_logits:e}, loss {e_loss:e} ({loss} vs {})",
@@ -69,7 +69,7 @@ fn check_model(name: &str, family: LlamaFamily) -> Option<(f64, f64, f64)> {
         let Some(tensor) = key.strip_prefix("grad.") else { continue };
         let g = grads.get(tensor).unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
         assert_eq!(&g.shape, shape, "{name}: {tensor}");
-        let e = rel_err(&g.buf, reference);
+        let e = max_rel(&g.buf, reference);
         worst = worst.max(e);
         assert!(e < TOL, "{name}: gradient of {tensor}: relative error {e:e}");
         checked += 1;

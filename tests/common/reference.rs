@@ -1,5 +1,5 @@
 //! Reading the reference fixtures that `tests/reference/*.py` write with transformers, and the
-//! relative error the parity tests compare with.
+//! relative errors every test compares with.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,9 +24,28 @@ pub fn read(path: &Path) -> (Tensors, HashMap<String, String>) {
     (tensors, meta.metadata().clone().unwrap_or_default())
 }
 
-/// max |ours - reference| / max |reference|.
-pub fn rel_err(ours: &[f32], reference: &[f64]) -> f64 {
+/// `max |ours - reference| / max |reference|`: the worst element against the tensor's scale.
+/// The tests' one element-wise relative error (with [`norm_rel`]); NaN anywhere gives NaN, which
+/// fails every `<=`.
+pub fn max_rel<R: Copy + Into<f64>>(ours: &[f32], reference: &[R]) -> f64 {
     assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-30);
-    ours.iter().zip(reference).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max) / scale
+    let scale = reference.iter().map(|&v| v.into().abs()).fold(0.0, f64::max).max(1e-30);
+    let worst = ours.iter().zip(reference).map(|(&a, &b)| (a as f64 - b.into()).abs()).fold(0.0, nan_max);
+    worst / scale
+}
+
+/// `||ours - reference|| / ||reference||` in f64: the error's norm against the tensor's; NaN
+/// anywhere gives NaN.
+pub fn norm_rel<R: Copy + Into<f64>>(ours: &[f32], reference: &[R]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let (num, den) = ours.iter().zip(reference).fold((0f64, 0f64), |(n, d), (&a, &b)| {
+        let b = b.into();
+        (n + (a as f64 - b).powi(2), d + b * b)
+    });
+    if num == 0.0 { 0.0 } else { (num / den.max(1e-30)).sqrt() }
+}
+
+/// `f64::max` that keeps a NaN instead of dropping it.
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) }
 }
