@@ -489,29 +489,15 @@ fn parse_task_path(s: &str) -> Result<(String, PathBuf), String> {
     }
 }
 
-/// Parses `5GB`, `500MB`, `2GiB`, `1048576`.
+/// A byte size: `5GB`, `500MB`, `2GiB`, `1.5 TB` (the `bytesize` crate's units: K/M/G/T decimal,
+/// KiB/MiB/GiB/TiB binary), at least one byte.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 500MB, 2GiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024f64.powi(2),
-        "gib" => 1024f64.powi(3),
-        "tib" => 1024f64.powi(4),
-        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
-    };
-    let bytes = value * mult;
-    if bytes < 1.0 {
+    let size: bytesize::ByteSize =
+        s.parse().map_err(|e| format!("`{s}` is not a size (e.g. 5GB, 500MB, 2GiB): {e}"))?;
+    if size.as_u64() == 0 {
         return Err(format!("size `{s}` must be at least one byte"));
     }
-    Ok(bytes as u64)
+    Ok(size.as_u64())
 }
 
 /// [`parse_size`] that also takes `0` (a memory budget that keeps nothing).

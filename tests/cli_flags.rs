@@ -73,6 +73,10 @@ fn every_command_has_help_refuses_bad_flags_and_prints_json() {
     let base = out_dir.join("base");
     let i = json(&["inspect", base.to_str().unwrap(), "--json"]);
     assert!(i["tensors"].as_u64().unwrap() > 0, "{i}");
+    for (size, why) in [("0", "at least one byte"), ("5XB", "is not a size")] {
+        let (ok, _, err) = run(&["generate", "-o", out_dir.to_str().unwrap(), "--out-shard-size", size]);
+        assert!(!ok && err.contains("--out-shard-size") && err.contains(why), "{size}: {err}");
+    }
     let d = json(&["dist-check", "--json"]);
     assert_eq!(d["world_size"], 1, "{d}");
 }
