@@ -173,6 +173,8 @@ fn statistics_methods_are_exact_under_chunking() {
         ("nuslerp", 2, "weight: 0.5", ""),
         ("nuslerp", 2, "weight: 0.5", "nuslerp_flatten: false"),
         ("nuslerp", 2, "weight: 0.5", "nuslerp_flatten: false, nuslerp_row_wise: true"),
+        ("multislerp", 3, "weight: 0.4", ""),
+        ("karcher", 2, "", "tol: 0"),
     ];
     for (i, (method, k, mp, gp)) in cases.iter().enumerate() {
         let yaml = yaml_for(method, &paths[..=*k], mp, gp);
@@ -288,6 +290,8 @@ fn registry_errors_name_the_key() {
         (yaml_for("breadcrumbs", one, "density: 0.5, gamma: 1.5", ""), &["gamma 1.5", "outside [0, 1]"]),
         (yaml_for("della", one, "density: 0.9, epsilon: 0.15", ""), &["epsilon 0.15", "density 0.9"]),
         (yaml_for("nearswap", one, "", "t: 0.1, filter_wise: true"), &["parameters.filter_wise"]),
+        (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
+        (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
     ];
     for (yaml, needles) in cases {
         let err = config_error(tmp.path(), &yaml);

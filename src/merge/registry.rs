@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use super::TensorParams;
 use super::params::ParamValue;
 use super::{
-    MergeMethod, breadcrumbs, dare, della, linear, model_stock, nearswap, nuslerp, passthrough, sce, slerp,
-    task_arithmetic, ties,
+    MergeMethod, breadcrumbs, dare, della, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough,
+    sce, slerp, task_arithmetic, ties,
 };
 
 /// Every method, in the order `symerge methods` lists them.
@@ -29,6 +29,8 @@ pub const METHODS: &[&MethodDef] = &[
     &passthrough::DEF,
     &sce::DEF,
     &nuslerp::DEF,
+    &multislerp::DEF,
+    &karcher::DEF,
 ];
 
 /// Looks a method up by name.

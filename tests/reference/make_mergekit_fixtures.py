@@ -187,6 +187,20 @@ CASES.update({
                        "models": models((E1, {"weight": 0.25}), (E2, {"weight": 0.75}))},
 })
 
+# Spherical means: multislerp over weights and over task vectors; karcher over nearly parallel
+# weights (its default stops on `tol` after a step or two) and with `tol: 0`, which runs every
+# one of `max_iter` steps, with a base_model (which mergekit averages as one more model).
+CASES.update({
+    "multislerp": {"merge_method": "multislerp",
+                   "models": models((E1, {"weight": 0.2}), (E2, {"weight": 0.3}), (E3, {"weight": 0.5}))},
+    "multislerp_base": {"merge_method": "multislerp", "base_model": B,
+                        "models": models((E1, {"weight": 1.0}), (E2, {"weight": 0.5}), (E3, {"weight": 0.25})),
+                        "parameters": {"normalize_weights": False}},
+    "karcher": {"merge_method": "karcher", "models": models((E1, None), (E2, None), (E3, None))},
+    "karcher_tol0": {"merge_method": "karcher", "base_model": B, "models": models((E1, None), (E3, None)),
+                     "parameters": {"max_iter": 4, "tol": 0.0}},
+})
+
 
 def fill(obj, paths):
     if isinstance(obj, str):
