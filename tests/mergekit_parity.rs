@@ -175,6 +175,7 @@ fn statistics_methods_are_exact_under_chunking() {
         ("nuslerp", 2, "weight: 0.5", "nuslerp_flatten: false, nuslerp_row_wise: true"),
         ("multislerp", 3, "weight: 0.4", ""),
         ("karcher", 2, "", "tol: 0"),
+        ("arcee_fusion", 1, "", ""),
     ];
     for (i, (method, k, mp, gp)) in cases.iter().enumerate() {
         let yaml = yaml_for(method, &paths[..=*k], mp, gp);
@@ -292,6 +293,7 @@ fn registry_errors_name_the_key() {
         (yaml_for("nearswap", one, "", "t: 0.1, filter_wise: true"), &["parameters.filter_wise"]),
         (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
         (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
+        (yaml_for("arcee_fusion", two, "", ""), &["exactly 1 model", "lists 2"]),
     ];
     for (yaml, needles) in cases {
         let err = config_error(tmp.path(), &yaml);

@@ -8,6 +8,7 @@
 //! products) come from a pre-pass the method asks for in [`MergeMethod::prepare`], and methods
 //! that work row by row get chunks of whole rows ([`MergeMethod::whole_rows`]).
 
+pub mod arcee_fusion;
 pub mod breadcrumbs;
 pub mod catalog;
 pub mod config;

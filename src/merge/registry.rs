@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use super::TensorParams;
 use super::params::ParamValue;
 use super::{
-    MergeMethod, breadcrumbs, dare, della, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough,
-    sce, slerp, task_arithmetic, ties,
+    MergeMethod, arcee_fusion, breadcrumbs, dare, della, karcher, linear, model_stock, multislerp, nearswap, nuslerp,
+    passthrough, sce, slerp, task_arithmetic, ties,
 };
 
 /// Every method, in the order `symerge methods` lists them.
@@ -31,6 +31,7 @@ pub const METHODS: &[&MethodDef] = &[
     &nuslerp::DEF,
     &multislerp::DEF,
     &karcher::DEF,
+    &arcee_fusion::DEF,
 ];
 
 /// Looks a method up by name.

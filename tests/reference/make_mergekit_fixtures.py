@@ -201,6 +201,11 @@ CASES.update({
                      "parameters": {"max_iter": 4, "tol": 0.0}},
 })
 
+# Arcee Fusion: a model's changes kept where their importance is an upper outlier.
+CASES.update({
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": models((E3, None))},
+})
+
 
 def fill(obj, paths):
     if isinstance(obj, str):
