@@ -176,6 +176,7 @@ fn statistics_methods_are_exact_under_chunking() {
         ("multislerp", 3, "weight: 0.4", ""),
         ("karcher", 2, "", "tol: 0"),
         ("arcee_fusion", 1, "", ""),
+        ("ramplus_tl", 3, "", "epsilon: 0.03, r: 0.5, alpha: 0.8"),
     ];
     for (i, (method, k, mp, gp)) in cases.iter().enumerate() {
         let yaml = yaml_for(method, &paths[..=*k], mp, gp);

@@ -27,6 +27,7 @@ pub mod nuslerp;
 pub mod params;
 pub mod passthrough;
 pub mod philox;
+pub mod ram;
 pub mod registry;
 pub mod sce;
 pub mod select;

@@ -9,7 +9,7 @@ use super::TensorParams;
 use super::params::ParamValue;
 use super::{
     MergeMethod, arcee_fusion, breadcrumbs, dare, della, karcher, linear, model_stock, multislerp, nearswap, nuslerp,
-    passthrough, sce, slerp, task_arithmetic, ties,
+    passthrough, ram, sce, slerp, task_arithmetic, ties,
 };
 
 /// Every method, in the order `symerge methods` lists them.
@@ -32,6 +32,8 @@ pub const METHODS: &[&MethodDef] = &[
     &multislerp::DEF,
     &karcher::DEF,
     &arcee_fusion::DEF,
+    &ram::DEF,
+    &ram::DEF_PLUS,
 ];
 
 /// Looks a method up by name.

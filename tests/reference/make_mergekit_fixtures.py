@@ -206,6 +206,14 @@ CASES.update({
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": models((E3, None))},
 })
 
+# RAM: epsilon at the task vectors' scale, so entries have 0, 1 or several contributors.
+CASES.update({
+    "ram": {"merge_method": "ram", "base_model": B, "models": models((E1, None), (E2, None), (E3, None)),
+            "parameters": {"epsilon": 0.04}},
+    "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": B, "models": models((E1, None), (E2, None), (E3, None)),
+                   "parameters": {"epsilon": 0.04, "r": 0.5, "alpha": 0.8}},
+})
+
 
 def fill(obj, paths):
     if isinstance(obj, str):
