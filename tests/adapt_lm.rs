@@ -153,7 +153,7 @@ fn expert_floor(a: &LmAdapter<Cpu>, task: usize) -> f32 {
     let lm = CausalLm::load(Cpu, &t.expert, 32).unwrap();
     let all: Vec<usize> = (0..t.texts.len()).collect();
     let batch = lm.model.batch(&lm.tokenizer.encode(&t.texts).unwrap()).unwrap();
-    lm.model.topk_loss(&batch, &t.data.cache.topk_batch(&all).unwrap()).unwrap()
+    lm.model.topk_loss(&batch, &t.data.cache.as_ref().unwrap().topk_batch(&all).unwrap()).unwrap()
 }
 
 #[test]
@@ -224,9 +224,62 @@ fn last_block_adapts_the_last_layer_and_the_cli_writes_loadable_models() {
     std::fs::write(f.root.join("bad.yml"), yml.replace("inputs: alpha.jsonl", "inputs: beta.jsonl")).unwrap();
     let e = LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("bad.yml")).unwrap()).err().unwrap().to_string();
     assert!(e.contains("alpha.labels") && e.contains("different inputs"), "{e}");
-    std::fs::write(f.root.join("bad.yml"), yml.replace("symerge", "adamerging")).unwrap();
+    std::fs::write(f.root.join("bad.yml"), yml.replace("epochs: 3", "epochs: 3\nloss: hard_conf")).unwrap();
     let e = LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("bad.yml")).unwrap()).err().unwrap().to_string();
-    assert!(e.contains("adamerging of causal LMs"), "{e}");
+    assert!(e.contains("top-k soft loss only"), "{e}");
+}
+
+/// AdaMerging on a causal LM, without label caches: its Lambda gradient is the entropy's (finite
+/// differences), training lowers the mean next-token entropy of both tasks, and each task's head
+/// stays its expert's.
+#[test]
+fn adamerging_learns_lambda_by_next_token_entropy_with_the_heads_frozen() {
+    let f = fixture("head");
+    let yml = std::fs::read_to_string(f.root.join("adapt.yml")).unwrap();
+    let yml = yml.replace("method: symerge", "method: adamerging").replace(", cache: alpha.labels", "");
+    let yml = yml.replace(", cache: beta.labels", "");
+    std::fs::write(f.root.join("ada.yml"), &yml).unwrap();
+    let mut a = LmAdapter::load(Cpu, AdaptConfig::load(&f.root.join("ada.yml")).unwrap()).unwrap();
+    assert!(a.tasks.iter().all(|t| t.data.cache.is_none()));
+    let rows = [0, 2, 3, 5];
+    let g = a.loss_and_grads(0, &rows).unwrap();
+    let positions: usize = rows.iter().map(|&i| a.tasks[0].tokens[i].ids.len() - 1).sum();
+    assert_eq!(g.kept, positions);
+    // The entropy of a distribution over the fixture's vocabulary lies in (0, ln V].
+    assert!(g.loss > 0.0 && (g.loss as f64) < (a.family.base.config.vocab_size as f64).ln());
+    let n = a.lambda.values.len();
+    let mut checked = 0;
+    for j in (0..n).step_by((n / 7).max(1)) {
+        let base = a.lambda.values[j];
+        let mut at = |h: f32| {
+            a.lambda.values[j] = base + h;
+            a.loss_and_grads(0, &rows).unwrap().loss as f64
+        };
+        let central = |at: &mut dyn FnMut(f32) -> f64, h: f32| (at(h) - at(-h)) / (2.0 * h as f64);
+        let fd = (4.0 * central(&mut at, 0.05) - central(&mut at, 0.1)) / 3.0;
+        a.lambda.values[j] = base;
+        let an = g.lambda[j];
+        assert!((fd - an).abs() <= 1e-2 * an.abs() + 2e-5, "Lambda {j}: fd {fd:e} vs {an:e}");
+        checked += (an != 0.0) as usize;
+    }
+    assert!(checked > 3, "most checked coefficients have a gradient");
+
+    let head = |a: &LmAdapter<Cpu>, t: usize| a.tasks[t].private[0]["lm_head.weight"].buf.clone();
+    let heads: Vec<Vec<f32>> = (0..2).map(|t| head(&a, t)).collect();
+    let all: Vec<usize> = (0..6).collect();
+    let before: Vec<f32> = (0..2).map(|t| a.loss_and_grads(t, &all).unwrap().loss).collect();
+    for _ in 0..15 {
+        for t in 0..2 {
+            a.step(t).unwrap();
+        }
+    }
+    let after: Vec<f32> = (0..2).map(|t| a.loss_and_grads(t, &all).unwrap().loss).collect();
+    eprintln!("entropy {before:?} -> {after:?}");
+    for t in 0..2 {
+        assert!(after[t] < before[t] - 1e-3, "task {t}: entropy {} -> {}", before[t], after[t]);
+        assert!(head(&a, t) == heads[t], "task {t}'s head is frozen");
+    }
+    assert!(a.lambda.values.iter().any(|&v| (v - 0.3).abs() > 1e-2), "Lambda moved");
 }
 
 /// Streamed, resident and mixed shared blocks give the same bits for a causal LM too, for both

@@ -3,9 +3,11 @@
 # fine-tuned per language-modelling task (`data prepare --task lm`: German, Italian, Polish and
 # Esperanto fortunes by default), then per-task held-out perplexity and top-1 next-token accuracy
 # of: the pretrained model, each expert, linear, task_arithmetic and TIES (lambda chosen on the
-# validation texts' mean loss), and SyMerge (adapted lm_head over several seeds, and last_block)
-# trained on the unlabelled test texts against the experts' cached top-k next tokens.
-# (AdaMerging is classifier-only in symerge: its entropy objective is not defined for an LM here.)
+# validation texts' mean loss), AdaMerging (Lambda alone, each task's head frozen at its expert's,
+# minimising the next-token entropy; Lambda's learning rate SyMerge's 1e-2, since these runs are
+# ~50 steps where AdaMerging's 1e-3 moves Lambda by at most 0.05), and SyMerge (adapted lm_head
+# over several seeds, and last_block), both trained on the unlabelled test texts, SyMerge against
+# the experts' cached top-k next tokens.
 #
 #   benches/merge_quality_lm/run.sh               # PROFILE=cpu: small settings, ~1 hour on 2 cores
 #   PROFILE=full benches/merge_quality_lm/run.sh  # larger settings (GPU-sized)
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PROFILE=${PROFILE:-cpu}
 TASKS=${TASKS:-"lm-de lm-it lm-pl lm-eo"}
-TA_GRID="0.2 0.4 0.6 0.8 1.0"; TIES_GRID="0.4 0.8 1.2"; TOPK=64; LAST_BLOCK=1
+TA_GRID="0.1 0.2 0.4 0.6 0.8 1.0"; TIES_GRID="0.4 0.8 1.2"; TOPK=64; LAST_BLOCK=1
 case "$PROFILE" in
   cpu)   FT_STEPS=${FT_STEPS:-40}; FT_BS=8; FT_LR=2e-4; MAXLEN=64; TEST_N=64; VAL_N=32; EPOCHS=${EPOCHS:-12}
          AD_BS=16; SEEDS=${SEEDS:-"0 1"} ;;
@@ -116,17 +118,19 @@ for t in $TASKS; do
   skip_or_run "$W/cache/$t.labels" $BIN cache-labels --expert "$W/experts/$t" --task "$t" \
     --inputs "$W/sets/$t.test.jsonl" -o "$W/cache/$t.labels" --max-len "$MAXLEN" --top-k "$TOPK" -q
 done
-adapt() {  # NAME LAYER SEED
-  local name=$1
+adapt() {  # NAME LAYER SEED [METHOD]
+  local name=$1 method=${4:-symerge}
   {
-    echo "method: symerge"
+    echo "method: $method"
     echo "base_model: $PWD/$BASE"
     echo "adapted_layer: $2"
     echo "max_len: $MAXLEN"
     echo "batch_size: $AD_BS"
+    [ "$method" = symerge ] || echo "lambda_lr: 1e-2"
     echo "tasks:"
     for t in $TASKS; do
-      echo "  - {name: $t, expert: $PWD/$W/experts/$t, inputs: $PWD/$W/sets/$t.test.jsonl, cache: $PWD/$W/cache/$t.labels}"
+      if [ "$method" = symerge ]; then cache=", cache: $PWD/$W/cache/$t.labels"; else cache=""; fi
+      echo "  - {name: $t, expert: $PWD/$W/experts/$t, inputs: $PWD/$W/sets/$t.test.jsonl$cache}"
     done
   } >"$W/adapt/$name.yml"
   [ -e "$W/adapt/$name/summary.json" ] || log "adapt $name ($EPOCHS epochs)"
@@ -134,6 +138,7 @@ adapt() {  # NAME LAYER SEED
     --seed "$3" --no-eval --force -q
   for t in $TASKS; do score "$name" "$t" "$W/adapt/$name/tasks/$t"; done
 }
+adapt adamerging head 0 adamerging
 for s in $SEEDS; do adapt "symerge-seed$s" head "$s"; done
 if [ "$LAST_BLOCK" = 1 ]; then adapt symerge-last_block last_block 0; fi
 
@@ -149,7 +154,7 @@ seeds = [m for m in ppl if m.startswith("symerge-seed")]
 tasks = list(ppl["experts"])
 for d in (ppl, top1):
     d["symerge"] = d[seeds[0]]
-order = ["pretrained", "experts", "linear", "task_arithmetic", "ties", "symerge"]
+order = ["pretrained", "experts", "linear", "task_arithmetic", "ties", "adamerging", "symerge"]
 gmean = lambda d: math.exp(sum(math.log(v) for v in d.values()) / len(d))
 out = {
     "metric": "perplexity",

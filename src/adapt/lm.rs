@@ -4,6 +4,10 @@
 //! expert's cached top-k next-token labels with the bucket cross-entropy
 //! ([`crate::backend::Backend::topk_ce`]), a mean over predicted positions.
 //!
+//! AdaMerging is the same chain with each task's own layers frozen at its expert's, as the
+//! AdaMerging paper keeps each task's classifier head: Lambda alone learns, by minimising the
+//! mean entropy of the next-token distributions at the predicting positions. It needs no cache.
+//!
 //! A task's head is untied from the embedding even when the models tie them: the embedding is
 //! shared and merged, the head is the task's own (initialised from its expert's embedding), and
 //! the adapted model is written with `tie_word_embeddings: false`.
@@ -14,6 +18,7 @@
 use std::path::Path;
 
 use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method, TaskConfig};
+use super::objective::{self, Objective, Prepared};
 use super::train::{Adaptation, Family, Task};
 use crate::backend::Backend;
 use crate::data::jsonl::read_jsonl;
@@ -29,9 +34,18 @@ pub struct CausalLmFamily<B: Backend> {
     pub base: Llama<B>,
 }
 
-/// A causal-LM task's own data: the expert's top-k next-token labels.
+/// A causal-LM task's own data: the expert's top-k next-token labels (SyMerge; AdaMerging needs
+/// none).
 pub struct LmTaskData {
-    pub cache: LabelCache,
+    pub cache: Option<LabelCache>,
+}
+
+/// A batch's loss state between the forward and the backward.
+pub enum LmLoss<B: Backend> {
+    /// SyMerge: the expert's top-k targets and this rank's mean loss.
+    TopK(TopKTargets<B>, f32),
+    /// AdaMerging: the mean entropy over the predicting positions.
+    Entropy(Prepared),
 }
 
 /// Adaptation of a causal LM.
@@ -48,10 +62,7 @@ impl<B: Backend + Clone> Adaptation<B, CausalLmFamily<B>> {
     /// (default: half the backend's free memory; `Some(0)` streams every block).
     pub fn load_with(backend: B, cfg: AdaptConfig, budget: Option<u64>) -> Result<Self> {
         let cfg_err = |reason: &str| Error::Config { path: cfg.source.clone(), reason: reason.into() };
-        if cfg.method != Method::Symerge {
-            return Err(cfg_err("method: adamerging of causal LMs is not implemented; use symerge"));
-        }
-        if cfg.loss != LossKind::Soft || cfg.confidence.is_some() {
+        if cfg.method == Method::Symerge && (cfg.loss != LossKind::Soft || cfg.confidence.is_some()) {
             return Err(cfg_err("loss: causal LMs train with the top-k soft loss only (no hard_conf, no confidence)"));
         }
         // The pretrained model's weights are streamed, never loaded: only its layout is.
@@ -116,9 +127,15 @@ fn load_task<B: Backend + Clone>(
     let expert_dir = if t.expert.is_dir() { t.expert.clone() } else { expert.path.clone() };
     let tokenizer = TextTokenizer::from_dir(&expert_dir, cfg.max_len)?;
     let tokens = tokenizer.tokenize(&texts)?;
-    let path = t.cache.as_ref().ok_or_else(|| cfg_err("every task needs a `cache` (symerge cache-labels)"))?;
-    let cache = LabelCache::open(path, Some(&provenance(&t.expert, &t.name, cfg.max_len, &texts)?))?;
-    check_cache(&cache, path, expert.config.vocab_size, &tokens)?;
+    let cache = match cfg.method {
+        Method::Adamerging => None,
+        Method::Symerge => {
+            let path = t.cache.as_ref().ok_or_else(|| cfg_err("every task needs a `cache` (symerge cache-labels)"))?;
+            let cache = LabelCache::open(path, Some(&provenance(&t.expert, &t.name, cfg.max_len, &texts)?))?;
+            check_cache(&cache, path, expert.config.vocab_size, &tokens)?;
+            Some(cache)
+        }
+    };
     let mut private_blocks = Vec::new();
     let mut private: Vec<Params<B>> = Vec::new();
     for (block, mut params) in expert.blocks[n_shared..].iter().zip(expert.params.drain(n_shared..)) {
@@ -168,8 +185,8 @@ fn check_cache(cache: &LabelCache, path: &Path, vocab: usize, tokens: &[Tokens])
 impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
     type Block = LlamaBlock;
     type TaskData = LmTaskData;
-    /// The logits of the predicting positions, their targets, and this rank's mean loss.
-    type Pending = (B::Buf, TopKTargets<B>, f32);
+    /// The logits of the predicting positions and their loss state.
+    type Pending = (B::Buf, LmLoss<B>);
     const COUNT_KEY: &'static str = "positions";
 
     fn describe_count(n: usize) -> String {
@@ -198,21 +215,35 @@ impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
         let (be, vocab) = (self.backend(), self.base.config.vocab_size);
         let picked = be.embedding(&logits, &batch.label_rows, vocab)?;
         drop(logits);
-        let targets = TopKTargets::upload(be, batch, &task.data.cache.topk_batch(rows)?)?;
+        let Some(cache) = &task.data.cache else {
+            let n = batch.labels.len();
+            let p = objective::prepare(be, Objective::Entropy, &picked, None, n, vocab)?;
+            let sum = p.loss_sum();
+            return Ok(((picked, LmLoss::Entropy(p)), n, sum));
+        };
+        let targets = TopKTargets::upload(be, batch, &cache.topk_batch(rows)?)?;
         let loss = targets.loss(be, &picked, vocab)?;
         let n = targets.positions;
-        Ok(((picked, targets, loss), n, loss as f64 * n as f64))
+        Ok(((picked, LmLoss::TopK(targets, loss)), n, loss as f64 * n as f64))
     }
 
     fn loss_backward(
         &self,
         _task: &Task<B, Self>,
         batch: &LmBatch<B>,
-        (picked, targets, loss): Self::Pending,
+        (picked, state): Self::Pending,
         total: usize,
     ) -> Result<(B::Buf, f32)> {
         let (be, vocab) = (self.backend(), self.base.config.vocab_size);
-        let dpicked = targets.backward(be, &picked, vocab, targets.positions as f32 / total as f32)?;
+        let (dpicked, loss) = match state {
+            LmLoss::TopK(targets, loss) => {
+                (targets.backward(be, &picked, vocab, targets.positions as f32 / total as f32)?, loss)
+            }
+            LmLoss::Entropy(p) => {
+                let out = objective::finish(be, p, &picked, vocab, total)?;
+                (out.dlogits, out.loss)
+            }
+        };
         Ok((be.embedding_backward(&batch.label_rows, &dpicked, batch.rows(), vocab)?, loss))
     }
 
