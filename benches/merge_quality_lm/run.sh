@@ -31,7 +31,7 @@ case "$PROFILE" in
   *) echo "PROFILE must be cpu, full or quick" >&2; exit 2 ;;
 esac
 W=target/quality-lm/$PROFILE
-BIN=target/release/symerge
+BIN=${BIN:-target/release/symerge}  # a copy keeps a long run on one build while the tree changes
 BASE=$W/smollm2
 CMDS=$W/commands.txt
 mkdir -p "$W"/{sets,experts,merged,cache,adapt,scores}
