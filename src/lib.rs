@@ -23,6 +23,7 @@ pub mod error;
 pub mod input_file;
 pub mod inspect;
 pub mod labels;
+pub mod logits;
 pub mod merge;
 pub mod model;
 pub mod progress;

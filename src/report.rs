@@ -4,6 +4,7 @@
 //! means the same thing everywhere and a closed pipe (`| head`) is never an error.
 
 use std::io::Write;
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -96,29 +97,25 @@ impl Report for LmEvalReport {
 impl Report for FinetuneSummary {
     fn human(&self) -> Human {
         let acc = self.eval.as_ref().map(|r| format!(", eval accuracy {:.4}", r.accuracy)).unwrap_or_default();
-        Human::Log(format!(
-            "wrote {} after {} steps in {:.1}s: loss {:.4} -> {:.4}{acc}",
-            self.output.display(),
-            self.steps,
-            self.seconds,
-            self.initial_loss,
-            self.final_loss
-        ))
+        let s = self;
+        finetune_line(&s.output, s.steps, s.seconds, "loss", [s.initial_loss, s.final_loss], &acc)
     }
 }
 
 impl Report for LmFinetuneSummary {
     fn human(&self) -> Human {
         let eval = self.eval.as_ref().map(|r| format!(", eval loss {:.4}", r.mean_loss)).unwrap_or_default();
-        Human::Log(format!(
-            "wrote {} after {} steps in {:.1}s: next-token loss {:.4} -> {:.4}{eval}",
-            self.output.display(),
-            self.steps,
-            self.seconds,
-            self.initial_loss,
-            self.final_loss
-        ))
+        let s = self;
+        finetune_line(&s.output, s.steps, s.seconds, "next-token loss", [s.initial_loss, s.final_loss], &eval)
     }
+}
+
+/// The line both fine-tuning summaries print; `tail` is the held-out evaluation, if any.
+fn finetune_line(output: &Path, steps: usize, seconds: f64, loss: &str, [first, last]: [f32; 2], tail: &str) -> Human {
+    Human::Log(format!(
+        "wrote {} after {steps} steps in {seconds:.1}s: {loss} {first:.4} -> {last:.4}{tail}",
+        output.display()
+    ))
 }
 
 impl Report for PredictSummary {

@@ -5,6 +5,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
+use crate::logits::argmax;
 
 /// What the loss compares the merged model's logits with.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,10 +26,6 @@ pub struct LossOutput<B: Backend> {
     pub loss: f32,
     pub dlogits: B::Buf,
     pub kept: usize,
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
 }
 
 /// A batch's targets and loss before the mean is taken: what data-parallel ranks sum before

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, stored_ops, vmath};
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
+use crate::logits::logsumexp;
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Debug, Clone, Copy, Default)]
@@ -232,12 +233,6 @@ fn softmax_row(row: &mut [f32], mask_row: Option<&[f32]>) {
     for v in row.iter_mut() {
         *v *= inv;
     }
-}
-
-/// `log(sum(exp(row)))`, computed stably in f64.
-fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
 }
 
 /// Checks an attention call's shape and buffer lengths (`mask` is the key mask's length).

@@ -18,8 +18,7 @@ pub struct Catalog {
 pub struct MethodEntry {
     pub name: &'static str,
     pub summary: &'static str,
-    /// `required`, `optional` or `unused`.
-    pub base_model: &'static str,
+    pub base_model: BasePolicy,
     pub min_models: usize,
     pub max_models: Option<usize>,
     pub parameters: Vec<ParamEntry>,
@@ -29,8 +28,7 @@ pub struct MethodEntry {
 pub struct ParamEntry {
     pub name: &'static str,
     pub doc: &'static str,
-    /// Given once for the merge (`global`) or per model (`per_model`).
-    pub scope: &'static str,
+    pub scope: Scope,
     /// The value used when the config gives none; `null` when required or optional.
     pub default: Option<serde_json::Value>,
     pub required: bool,
@@ -42,16 +40,11 @@ pub fn catalog() -> Catalog {
 }
 
 fn entry(m: &MethodDef) -> MethodEntry {
-    let base_model = match m.base {
-        BasePolicy::Required => "required",
-        BasePolicy::Optional => "optional",
-        BasePolicy::Unused => "unused",
-    };
     let parameters = m.params.iter().map(param).collect();
     MethodEntry {
         name: m.name,
         summary: m.summary,
-        base_model,
+        base_model: m.base,
         min_models: m.min_models,
         max_models: m.max_models,
         parameters,
@@ -64,20 +57,16 @@ fn param(p: &ParamSpec) -> ParamEntry {
         Fallback::Number(x) => Some(serde_json::json!(x)),
         Fallback::Required | Fallback::Unset => None,
     };
-    let scope = match p.scope {
-        Scope::Global => "global",
-        Scope::PerModel => "per_model",
-    };
-    ParamEntry { name: p.name, doc: p.doc, scope, default, required: matches!(p.default, Fallback::Required) }
+    ParamEntry { name: p.name, doc: p.doc, scope: p.scope, default, required: matches!(p.default, Fallback::Required) }
 }
 
 impl fmt::Display for Catalog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for m in &self.methods {
             let base = match m.base_model {
-                "required" => "needs base_model",
-                "optional" => "base_model optional",
-                _ => "no base_model",
+                BasePolicy::Required => "needs base_model",
+                BasePolicy::Optional => "base_model optional",
+                BasePolicy::Unused => "no base_model",
             };
             let count = match (m.min_models, m.max_models) {
                 (lo, Some(hi)) if lo == hi => format!("{lo} model(s)"),
@@ -86,7 +75,7 @@ impl fmt::Display for Catalog {
             };
             writeln!(f, "{:<16} {} ({base}, {count})", m.name, m.summary)?;
             for p in &m.parameters {
-                let scope = if p.scope == "per_model" { ", per model" } else { "" };
+                let scope = if p.scope == Scope::PerModel { ", per model" } else { "" };
                 let default = match (&p.default, p.required) {
                     (Some(v), _) => format!("default {v}"),
                     (None, true) => "required".to_string(),

@@ -46,8 +46,9 @@ pub fn method_names() -> String {
     METHODS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
-/// Where a parameter may be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a parameter may be written (`symerge methods --json`: `global` or `per_model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// Only under the config's top-level `parameters`.
     Global,
@@ -105,8 +106,10 @@ impl ParamSpec {
     }
 }
 
-/// Whether a method subtracts a base model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether a method subtracts a base model (`symerge methods --json`: `required`, `unused` or
+/// `optional`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BasePolicy {
     /// Works on task vectors: `base_model` is required and is never among the merged models.
     Required,

@@ -9,6 +9,7 @@ use super::tokenize::TextTokenizer;
 use crate::backend::Backend;
 use crate::data::jsonl::Example;
 use crate::error::{Error, Result};
+use crate::logits::logsumexp;
 
 /// A model with its tokenizer.
 pub struct SequenceClassifier<B: Backend> {
@@ -52,9 +53,9 @@ pub struct Prediction {
 }
 
 impl Prediction {
-    /// The predicted class: the most probable, the first on ties.
+    /// The predicted class: the largest logit, the first on ties.
     pub fn class(&self) -> usize {
-        self.probs.iter().enumerate().fold(0, |b, (i, &v)| if v > self.probs[b] { i } else { b })
+        crate::logits::argmax(&self.logits)
     }
 }
 
@@ -197,11 +198,8 @@ pub fn evaluate<B: Backend, S: AsRef<str>>(
     let mut correct = 0usize;
     let mut ce = 0f64;
     for (p, &y) in preds.iter().zip(labels) {
-        let best = p.logits.iter().enumerate().fold(0, |b, (i, &v)| if v > p.logits[b] { i } else { b });
-        correct += usize::from(best == y);
-        let max = p.logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + p.logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-        ce += lse - p.logits[y] as f64;
+        correct += usize::from(p.class() == y);
+        ce += logsumexp(&p.logits) - p.logits[y] as f64;
     }
     let n = labels.len() as f64;
     Ok(EvalReport { examples: labels.len(), accuracy: correct as f64 / n, mean_ce: ce / n })

@@ -10,6 +10,7 @@ use super::llama_config::LlamaFamily;
 use super::tokenize::TextTokenizer;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::logits::{argmax, logsumexp};
 
 /// Whether `config.json` (a value) describes a causal LM we run, rather than a classifier.
 pub fn is_causal_lm(config: &Value) -> bool {
@@ -100,10 +101,8 @@ pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
         let logits =
             model.backend.download(&model.backend.embedding(&model.logits(&batch)?, &batch.label_rows, vocab)?)?;
         for (z, &t) in logits.chunks(vocab).zip(&batch.labels) {
-            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-            total += lse - z[t as usize] as f64;
-            hits += usize::from(z.iter().position(|&v| v as f64 == max) == Some(t as usize));
+            total += logsumexp(z) - z[t as usize] as f64;
+            hits += usize::from(argmax(z) == t as usize);
         }
         tokens += batch.labels.len();
     }
