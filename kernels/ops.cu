@@ -458,3 +458,196 @@ extern "C" __global__ void l1_grad(const float* x, const float* t, u64 n, float 
         g[i] = d > 0.0f ? s : (d < 0.0f ? -s : 0.0f);
     }
 }
+
+// ---------------------------------------------------------------- Llama family
+
+// 1 / sqrt(mean(x^2) + eps) of a row, the squares summed in f64 as the CPU's `rms_rstd`.
+__device__ __forceinline__ float row_rstd(const float* xr, u32 dim, float eps, double* sh) {
+    double s = 0.0;
+    for (u32 j = threadIdx.x; j < dim; j += OPS_THREADS) s += (double)xr[j] * (double)xr[j];
+    double ms = block_sum_d(s, sh) / (dim > 0 ? (double)dim : 1.0);
+    return (float)(1.0 / sqrt(ms + (double)eps));
+}
+
+// One CTA per row: y = gamma * (x * rstd) (Hugging Face's order: normalise, then scale).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rmsnorm_fwd(const float* x, const float* gamma, u32 dim, float eps, float* y) {
+    __shared__ double sh[OPS_THREADS];
+    u64 r = blockIdx.x;
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    float rs = row_rstd(xr, dim, eps, sh);
+    for (u32 j = threadIdx.x; j < dim; j += OPS_THREADS) yr[j] = gamma[j] * (xr[j] * rs);
+}
+
+// One CTA per row: dx_j = r g_j dy_j - x_j c with c = r^3 / dim * sum_k dy_k g_k x_k (f64), and
+// the row's r into rstd[r] for rmsnorm_bwd_params.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rmsnorm_bwd_dx(const float* x, const float* gamma, const float* dy, u32 dim, float eps, float* dx, float* rstd) {
+    __shared__ double sh[OPS_THREADS];
+    u64 r = blockIdx.x;
+    const float* xr = x + r * dim;
+    const float* dyr = dy + r * dim;
+    float* dxr = dx + r * dim;
+    float rs = row_rstd(xr, dim, eps, sh);
+    double s = 0.0;
+    for (u32 j = threadIdx.x; j < dim; j += OPS_THREADS) s += (double)dyr[j] * (double)gamma[j] * (double)xr[j];
+    s = block_sum_d(s, sh);
+    double rd = (double)rs;
+    float c = (float)(s * (rd * rd * rd) / (double)dim);
+    for (u32 j = threadIdx.x; j < dim; j += OPS_THREADS) dxr[j] = rs * gamma[j] * dyr[j] - xr[j] * c;
+    if (threadIdx.x == 0) rstd[r] = rs;
+}
+
+// dgamma = sum_r dy * x * rstd[r], in the column scheme of layernorm_bwd_params.
+extern "C" __global__ void __launch_bounds__(COL_X * COL_Y)
+    rmsnorm_bwd_params(const float* x, const float* dy, const float* rstd, u64 rows, u32 dim, float* dgamma) {
+    __shared__ float sg[COL_Y][COL_X + 1];
+    u32 col = blockIdx.x * COL_X + threadIdx.x;
+    float ag = 0.0f;
+    if (col < dim) {
+        for (u64 r = threadIdx.y; r < rows; r += COL_Y) ag += dy[r * dim + col] * x[r * dim + col] * rstd[r];
+    }
+    sg[threadIdx.y][threadIdx.x] = ag;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < dim) {
+        float g = 0.0f;
+        for (int k = 0; k < COL_Y; k++) g += sg[k][threadIdx.x];
+        dgamma[col] = g;
+    }
+}
+
+// Rotary embedding, one thread per rotated pair (row, head, i < half): angles position *
+// inv_freq[i] in f32 (inv_freq computed on the host exactly as the CPU does), sin times `sign`
+// (-1 rotates back: the backward).
+extern "C" __global__ void rope_rotate(const float* x, const u32* positions, const float* inv_freq, u64 rows,
+                                       u32 heads, u32 head_dim, float sign, float* out) {
+    u32 half = head_dim / 2;
+    u64 pairs = rows * heads * half;
+    for (u64 e = gtid(); e < pairs; e += gstride()) {
+        u32 i = (u32)(e % half);
+        u64 rh = e / half;  // row * heads + head
+        u64 r = rh / heads;
+        float s, c;
+        sincosf((float)positions[r] * inv_freq[i], &s, &c);
+        s = sign * s;
+        u64 at = rh * head_dim + i;
+        float x1 = x[at], x2 = x[at + half];
+        out[at] = x1 * c - x2 * s;
+        out[at + half] = x2 * c + x1 * s;
+    }
+}
+
+__device__ __forceinline__ float sigmoid_f(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+// y = silu(gate) * up = gate * sigmoid(gate) * up.
+extern "C" __global__ void swiglu_fwd(const float* gate, const float* up, u64 n, float* y) {
+    for (u64 i = gtid(); i < n; i += gstride()) {
+        float g = gate[i];
+        y[i] = g * sigmoid_f(g) * up[i];
+    }
+}
+
+// dgate = dy up s (1 + g (1 - s)), dup = dy g s with s = sigmoid(g).
+extern "C" __global__ void swiglu_bwd(const float* gate, const float* up, const float* dy, u64 n, float* dgate,
+                                      float* dup) {
+    for (u64 i = gtid(); i < n; i += gstride()) {
+        float g = gate[i], u = up[i], d = dy[i];
+        float s = sigmoid_f(g);
+        dgate[i] = d * u * s * (1.0f + g * (1.0f - s));
+        dup[i] = d * g * s;
+    }
+}
+
+// ---------------------------------------------------------------- top-k cross-entropy
+
+// The row's log-sum-exp over every column (lse) and over the columns outside its top-k ids
+// (lse_out; has_out = 0 when the ids cover the row), both in f64 after an f32 max, as the CPU's
+// `topk_lses`. `inside` is a shared bitmap of cols bits, set from the row's ids.
+__device__ __forceinline__ void topk_row_lses(const float* z, const u32* ids, u32 cols, u32 k, u32* inside, float* shf,
+                              double* shd, double* lse, double* lse_out, bool* has_out) {
+    u32 words = (cols + 31) / 32;
+    for (u32 w = threadIdx.x; w < words; w += OPS_THREADS) inside[w] = 0u;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (u32 j = 0; j < k; j++) inside[ids[j] / 32] |= 1u << (ids[j] % 32);
+    }
+    __syncthreads();
+    float m = neg_inf(), mo = neg_inf();
+    for (u32 j = threadIdx.x; j < cols; j += OPS_THREADS) {
+        m = fmaxf(m, z[j]);
+        if (!((inside[j / 32] >> (j % 32)) & 1u)) mo = fmaxf(mo, z[j]);
+    }
+    m = block_max_f(m, shf);
+    mo = block_max_f(mo, shf);
+    double md = (double)m, mod = (double)mo, s = 0.0, so = 0.0;
+    bool out = mo != neg_inf();
+    for (u32 j = threadIdx.x; j < cols; j += OPS_THREADS) {
+        s += exp((double)z[j] - md);
+        if (out && !((inside[j / 32] >> (j % 32)) & 1u)) so += exp((double)z[j] - mod);
+    }
+    s = block_sum_d(s, shd);
+    so = block_sum_d(so, shd);
+    *lse = md + log(s);
+    *lse_out = out ? mod + log(so) : 0.0;
+    *has_out = out;
+}
+
+// One CTA per row, dynamic shared memory: a bitmap of ceil(cols / 32) words. row_loss[r] =
+// sum_j t_j (lse - z[id_j]) + rest (lse - lse_out) (the bucket only when it has columns and
+// mass), in f64; l1_finish then takes the mean in a fixed order.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    topk_ce_rows(const float* logits, const u32* ids, const float* targets, const float* rest, u32 cols, u32 k,
+                 double* row_loss) {
+    extern __shared__ u32 inside[];
+    __shared__ float shf[OPS_THREADS];
+    __shared__ double shd[OPS_THREADS];
+    u64 r = blockIdx.x;
+    const float* z = logits + r * cols;
+    const u32* id = ids + r * k;
+    const float* t = targets + r * k;
+    double lse, lo;
+    bool has_out;
+    topk_row_lses(z, id, cols, k, inside, shf, shd, &lse, &lo, &has_out);
+    if (threadIdx.x == 0) {
+        double acc = 0.0;
+        for (u32 j = 0; j < k; j++) acc += (double)t[j] * (lse - (double)z[id[j]]);
+        double bucket = (has_out && rest[r] != 0.0f) ? (double)rest[r] * (lse - lo) : 0.0;
+        row_loss[r] = acc + bucket;
+    }
+}
+
+// One CTA per row, dynamic shared memory as topk_ce_rows: the CPU's gradient, element by element
+// in its order: p_j * mass * s for every column, minus t * s at each id (in id order, by one
+// thread), minus rest * exp(z_j - lse_out) * s outside the ids when the bucket counts.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    topk_ce_grad(const float* logits, const u32* ids, const float* targets, const float* rest, u32 cols, u32 k,
+                 double s, float* g) {
+    extern __shared__ u32 inside[];
+    __shared__ float shf[OPS_THREADS];
+    __shared__ double shd[OPS_THREADS];
+    u64 r = blockIdx.x;
+    const float* z = logits + r * cols;
+    const u32* id = ids + r * k;
+    const float* t = targets + r * k;
+    float* gr = g + r * cols;
+    double lse, lo;
+    bool has_out;
+    topk_row_lses(z, id, cols, k, inside, shf, shd, &lse, &lo, &has_out);
+    bool bucket = has_out && rest[r] != 0.0f;
+    double rm = (double)rest[r];
+    double mass = 0.0;
+    for (u32 j = 0; j < k; j++) mass += (double)t[j];
+    if (bucket) mass += rm;
+    for (u32 j = threadIdx.x; j < cols; j += OPS_THREADS) gr[j] = (float)(exp((double)z[j] - lse) * mass * s);
+    if (bucket) {
+        // The same thread owns the same columns as in the loop above.
+        for (u32 j = threadIdx.x; j < cols; j += OPS_THREADS) {
+            if (!((inside[j / 32] >> (j % 32)) & 1u)) gr[j] -= (float)(rm * exp((double)z[j] - lo) * s);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (u32 j = 0; j < k; j++) gr[id[j]] -= (float)((double)t[j] * s);
+    }
+}

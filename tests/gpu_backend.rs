@@ -353,6 +353,113 @@ fn gathers_and_losses_match_cpu() {
     r.finish();
 }
 
+/// The Llama family's ops (RMSNorm, rotary embedding, SwiGLU) and the top-k cross-entropy, forward
+/// and backward, on awkward sizes: dims that are not multiples of the block size, a head_dim of
+/// 2, positions far beyond the sine's fast range, a 49152-token vocabulary, rows whose ids cover
+/// every column, rows without a bucket; then a whole causal LM's loss and gradients.
+#[test]
+fn llama_ops_and_top_k_loss_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda);
+    let cpu = Cpu;
+    for &(rows, dim, eps) in &[(37, 383, 1e-5f32), (3, 1031, 1e-6), (5, 1, 1e-5), (300, 576, 1e-5)] {
+        let (x, gamma, dy) = (r.rand(rows * dim, 2.0), r.rand(dim, 1.0), r.rand(rows * dim, 1.0));
+        let (xg, gg, dyg) = (r.up(&x), r.up(&gamma), r.up(&dy));
+        let name = format!("rmsnorm {rows}x{dim}");
+        r.buf(
+            &name,
+            &r.cuda.rmsnorm(&xg, &gg, rows, dim, eps).unwrap(),
+            &cpu.rmsnorm(&x, &gamma, rows, dim, eps).unwrap(),
+            OP_TOL,
+        );
+        let (dx, dgamma) = cpu.rmsnorm_backward(&x, &gamma, &dy, rows, dim, eps).unwrap();
+        let (dxg, dgg) = r.cuda.rmsnorm_backward(&xg, &gg, &dyg, rows, dim, eps).unwrap();
+        r.buf(&format!("{name} dx"), &dxg, &dx, OP_TOL);
+        r.buf(&format!("{name} dgamma"), &dgg, &dgamma, OP_TOL);
+    }
+    for &(rows, heads, head_dim, theta, scale) in
+        &[(37, 3, 64, 10_000f32, 1f32), (5, 9, 2, 100_000.0, 1.0), (300, 2, 130, 500_000.0, 2.0)]
+    {
+        let x = r.rand(rows * heads * head_dim, 1.0);
+        // Positions up to 200k: angles past 105615 take sinf's slow argument reduction.
+        let positions: Vec<u32> = (0..rows as u32).map(|i| (i * 7919 + 3) % 200_000).collect();
+        let (xg, pg) = (r.up(&x), r.cuda.upload_ids(&positions).unwrap());
+        let name = format!("rope {rows}x{heads}x{head_dim} theta {theta} scale {scale}");
+        let c = cpu.rope(&x, &positions, heads, head_dim, theta, scale).unwrap();
+        r.buf(&name, &r.cuda.rope(&xg, &pg, heads, head_dim, theta, scale).unwrap(), &c, OP_TOL);
+        let c = cpu.rope_backward(&x, &positions, heads, head_dim, theta, scale).unwrap();
+        r.buf(
+            &format!("{name} backward"),
+            &r.cuda.rope_backward(&xg, &pg, heads, head_dim, theta, scale).unwrap(),
+            &c,
+            OP_TOL,
+        );
+    }
+    let e = r
+        .cuda
+        .rope(&r.up(&[0.0; 6]), &r.cuda.upload_ids(&[0, 1]).unwrap(), 1, 3, 1e4, 1.0)
+        .err()
+        .map(|e| e.to_string());
+    r.check("rope odd head_dim error", e.as_deref().is_some_and(|e| e.contains("must be even")), format!("{e:?}"));
+    for n in [1, 1000, 4097] {
+        let (g, u, dy) = (r.rand(n, 4.0), r.rand(n, 1.0), r.rand(n, 1.0));
+        let (gg, ug, dyg) = (r.up(&g), r.up(&u), r.up(&dy));
+        r.buf(&format!("swiglu n={n}"), &r.cuda.swiglu(&gg, &ug).unwrap(), &cpu.swiglu(&g, &u).unwrap(), OP_TOL);
+        let (dg, du) = cpu.swiglu_backward(&g, &u, &dy).unwrap();
+        let (dgg, dug) = r.cuda.swiglu_backward(&gg, &ug, &dyg).unwrap();
+        r.buf(&format!("swiglu n={n} dgate"), &dgg, &dg, OP_TOL);
+        r.buf(&format!("swiglu n={n} dup"), &dug, &du, OP_TOL);
+    }
+    for &(rows, cols, k) in &[(37, 1001, 16), (3, 8, 8), (5, 49_152, 64), (130, 33, 1)] {
+        let z = r.rand(rows * cols, 4.0);
+        // Distinct ids per row (a stride coprime to cols walks distinct columns).
+        let ids: Vec<u32> = (0..rows).flat_map(|i| (0..k).map(move |j| ((i * 31 + j * 7) % cols) as u32)).collect();
+        let ids = if cols % 7 == 0 { (0..rows).flat_map(|_| 0..k as u32).collect() } else { ids };
+        let mut t: Vec<f32> = r.rand(rows * k, 1.0).iter().map(|v| v.abs() + 0.01).collect();
+        let mut rest: Vec<f32> = r.rand(rows, 0.3).iter().map(|v| v.abs()).collect();
+        rest[0] = 0.0; // no bucket on the first row
+        for (row, rm) in t.chunks_mut(k).zip(&rest) {
+            let s: f32 = row.iter().sum::<f32>() / (1.0 - rm);
+            row.iter_mut().for_each(|v| *v /= s);
+        }
+        let (zg, ig, tg, rg) = (r.up(&z), r.cuda.upload_ids(&ids).unwrap(), r.up(&t), r.up(&rest));
+        let name = format!("topk_ce {rows}x{cols} k {k}");
+        let c = cpu.topk_ce(&z, &ids, &t, &rest, rows, cols, k).unwrap();
+        r.buf(&name, &r.cuda.topk_ce(&zg, &ig, &tg, &rg, rows, cols, k).unwrap(), &c, OP_TOL);
+        let c = cpu.topk_ce_backward(&z, &ids, &t, &rest, rows, cols, k, 0.7).unwrap();
+        let g = r.cuda.topk_ce_backward(&zg, &ig, &tg, &rg, rows, cols, k, 0.7).unwrap();
+        r.buf(&format!("{name} backward"), &g, &c, OP_TOL);
+    }
+    let bad = r.cuda.upload_ids(&[0, 9]).unwrap();
+    let (z, t, rest) = (r.up(&[0.0; 8]), r.up(&[0.5, 0.5]), r.up(&[0.0]));
+    let e = r.cuda.topk_ce(&z, &bad, &t, &rest, 1, 8, 2).err().map(|e| e.to_string());
+    r.check("topk_ce id error", e.as_deref().is_some_and(|e| e.contains("id 9")), format!("{e:?}"));
+
+    // A whole causal LM (grouped-query attention, tied embeddings): loss and every gradient.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let texts = ["the cat sat on the mat", "x", "merging models by task arithmetic, again and again"];
+    let run = |lm: &symerge::model::CausalLm<_>| {
+        let batch = lm.model.batch(&lm.tokenizer.encode(&texts).unwrap()).unwrap();
+        let (loss, grads) = lm.model.lm_loss_grads(&batch).unwrap();
+        (loss, lm.model.total_grads(grads).unwrap())
+    };
+    let (lc, gc) = run(&symerge::model::CausalLm::load(Cpu, &dir, 32).unwrap());
+    let lm = symerge::model::CausalLm::load(r.cuda.clone(), &dir, 32).unwrap();
+    let batch = lm.model.batch(&lm.tokenizer.encode(&texts).unwrap()).unwrap();
+    let (lg, gg) = lm.model.lm_loss_grads(&batch).unwrap();
+    let gg = lm.model.total_grads(gg).unwrap();
+    r.values("causal LM loss", &[lg], &[lc], MODEL_TOL);
+    for (name, t) in &gc {
+        match gg.get(name) {
+            Some(g) => {
+                r.buf(&format!("causal LM grad {name}"), &g.buf, &t.buf, GRAD_TOL);
+            }
+            None => r.check(&format!("causal LM grad {name}"), false, "missing on the GPU".into()),
+        }
+    }
+    r.finish();
+}
+
 /// Every op with a reduction, on fixed inputs: all outputs, downloaded.
 fn reduction_outputs(cuda: &Cuda, seed: u64) -> Vec<Vec<f32>> {
     let up = |v: &[f32]| cuda.upload(v).unwrap();

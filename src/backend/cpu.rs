@@ -865,7 +865,7 @@ impl Backend for Cpu {
         cols: usize,
         k: usize,
     ) -> Result<Vec<f32>> {
-        check_topk("topk_ce", logits, ids, targets, rest, rows, cols, k)?;
+        check_topk("topk_ce", [logits.len(), targets.len(), rest.len()], ids, [rows, cols, k])?;
         let total: f64 = (0..rows)
             .into_par_iter()
             .map(|r| {
@@ -894,7 +894,7 @@ impl Backend for Cpu {
         k: usize,
         scale: f32,
     ) -> Result<Vec<f32>> {
-        check_topk("topk_ce_backward", logits, ids, targets, rest, rows, cols, k)?;
+        check_topk("topk_ce_backward", [logits.len(), targets.len(), rest.len()], ids, [rows, cols, k])?;
         let s = scale as f64 / rows as f64;
         let mut g = vec![0f32; rows * cols];
         g.par_chunks_mut(cols).enumerate().for_each(|(r, gr)| {
@@ -1059,6 +1059,18 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// The rotary embedding's `head_dim / 2` inverse frequencies in f32, Hugging Face's way (also
+/// the CUDA backend's, so both rotate by the same angles), after checking the op's parameters.
+pub(crate) fn rope_inv_freq(op: &'static str, head_dim: usize, theta: f32, scale: f32) -> Result<Vec<f32>> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(err(op, format!("head_dim {head_dim} must be even and positive")));
+    }
+    if !(theta > 0.0 && theta.is_finite() && scale > 0.0 && scale.is_finite()) {
+        return Err(err(op, format!("theta ({theta}) and scale ({scale}) must be positive and finite")));
+    }
+    Ok((0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32) / scale).collect())
+}
+
 /// Rotary embedding of every head of every row by its position's angles; `sign` -1 rotates back
 /// (the backward: a rotation's transpose is its inverse). The angles are computed in f32 the way
 /// Hugging Face does: `inv_freq = 1 / theta^(2i / head_dim)`, divided by the linear scaling factor,
@@ -1074,16 +1086,10 @@ fn rotate(
     scale: f32,
     sign: f32,
 ) -> Result<Vec<f32>> {
-    if head_dim == 0 || !head_dim.is_multiple_of(2) {
-        return Err(err(op, format!("head_dim {head_dim} must be even and positive")));
-    }
-    if !(theta > 0.0 && theta.is_finite() && scale > 0.0 && scale.is_finite()) {
-        return Err(err(op, format!("theta ({theta}) and scale ({scale}) must be positive and finite")));
-    }
+    let inv_freq = rope_inv_freq(op, head_dim, theta, scale)?;
     let width = heads * head_dim;
     expect_len(op, "x", x.len(), positions.len() * width)?;
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32) / scale).collect();
     let mut out = vec![0f32; x.len()];
     if width == 0 {
         return Ok(out);
@@ -1113,25 +1119,21 @@ fn moments(xr: &[f32], eps: f32) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
-/// Shapes and ids of a top-k cross-entropy call.
-#[allow(clippy::too_many_arguments)]
-fn check_topk(
+/// Shapes and ids of a top-k cross-entropy call (`lens`: of the logits, targets and rest; shared
+/// with the CUDA backend, whose buffers live on the device).
+pub(crate) fn check_topk(
     op: &'static str,
-    logits: &[f32],
+    [logits, targets, rest]: [usize; 3],
     ids: &[u32],
-    targets: &[f32],
-    rest: &[f32],
-    rows: usize,
-    cols: usize,
-    k: usize,
+    [rows, cols, k]: [usize; 3],
 ) -> Result<()> {
     if rows == 0 || cols == 0 || k == 0 {
         return Err(err(op, "needs at least one row, one column and k of at least 1"));
     }
-    expect_len(op, "logits", logits.len(), rows * cols)?;
+    expect_len(op, "logits", logits, rows * cols)?;
     expect_len(op, "ids", ids.len(), rows * k)?;
-    expect_len(op, "targets", targets.len(), rows * k)?;
-    expect_len(op, "rest", rest.len(), rows)?;
+    expect_len(op, "targets", targets, rows * k)?;
+    expect_len(op, "rest", rest, rows)?;
     if let Some((at, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= cols) {
         return Err(err(op, format!("id {id} (row {}, entry {}) is outside the {cols} columns", at / k, at % k)));
     }

@@ -19,8 +19,8 @@ use super::kernels::addr;
 use super::nvrtc;
 use super::stored::CudaStored;
 use crate::backend::Device;
-use crate::backend::cpu::{check_attn, err, expect_len};
-use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Cpu, Gelu, LinearGrads, NormGrads};
+use crate::backend::cpu::{check_attn, check_topk, err, expect_len, rope_inv_freq};
+use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads};
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
 
@@ -33,6 +33,9 @@ const COL_Y: u32 = 16;
 const L1_TILE: usize = 4096;
 /// Most CTAs of a grid-stride launch.
 const MAX_BLOCKS: usize = 1 << 16;
+/// Bytes of the top-k kernels' column bitmap: with their 3 KB of static shared memory, within
+/// the 48 KB a CTA gets without opting in (vocabularies up to 360K tokens).
+const TOPK_BITMAP_MAX: usize = 45 * 1024;
 
 macro_rules! kernel_table {
     ($($name:ident),* $(,)?) => {
@@ -74,6 +77,14 @@ kernel_table!(
     l1_partial,
     l1_finish,
     l1_grad,
+    rmsnorm_fwd,
+    rmsnorm_bwd_dx,
+    rmsnorm_bwd_params,
+    rope_rotate,
+    swiglu_fwd,
+    swiglu_bwd,
+    topk_ce_rows,
+    topk_ce_grad,
 );
 
 /// Launches kernel `$f` of `$be` with `$cfg`; the arguments are local variables (the launch
@@ -590,6 +601,58 @@ impl Cuda {
     fn elementwise_ok(&self, op: &'static str, a: &CudaBuf, b: &CudaBuf, what: &str) -> Result<()> {
         expect_len(op, what, b.len, a.len)
     }
+
+    /// Rotary embedding of every head of every row (`sign` -1: the backward), with the CPU's
+    /// checks and its f32 inverse frequencies.
+    #[allow(clippy::too_many_arguments)]
+    fn rotate(
+        &self,
+        op: &'static str,
+        x: &CudaBuf,
+        positions: &CudaIds,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        scale: f32,
+        sign: f32,
+    ) -> Result<CudaBuf> {
+        let inv_freq = rope_inv_freq(op, head_dim, theta, scale)?;
+        let rows = positions.host.len();
+        expect_len(op, "x", x.len, rows * heads * head_dim)?;
+        let out = self.alloc(x.len)?;
+        if x.len > 0 {
+            let freq = self.upload(&inv_freq)?;
+            let (xp, pp, fp, op_) = (self.ptr(x), self.ids_ptr(positions), self.ptr(&freq), self.ptr(&out));
+            let (rows64, h32, hd32) = (rows as u64, u32_dim(op, "heads", heads)?, u32_dim(op, "head_dim", head_dim)?);
+            launch!(self, rope_rotate, elems_cfg(x.len / 2); xp, pp, fp, rows64, h32, hd32, sign, op_)?;
+        }
+        Ok(out)
+    }
+
+    /// Checks a top-k cross-entropy call as the CPU does and sizes its launch: one CTA per row
+    /// with a shared bitmap of the row's columns.
+    fn topk_cfg(
+        &self,
+        op: &'static str,
+        logits: &CudaBuf,
+        ids: &CudaIds,
+        targets: &CudaBuf,
+        rest: &CudaBuf,
+        [rows, cols, k]: [usize; 3],
+    ) -> Result<LaunchConfig> {
+        check_topk(op, [logits.len, targets.len, rest.len], &ids.host, [rows, cols, k])?;
+        let (_, _) = (u32_dim(op, "cols", cols)?, u32_dim(op, "k", k)?);
+        let bitmap = cols.div_ceil(32) * 4;
+        if bitmap > TOPK_BITMAP_MAX {
+            return Err(err(
+                op,
+                format!("{cols} columns exceed the kernel's {} (shared-memory bitmap)", TOPK_BITMAP_MAX * 8),
+            ));
+        }
+        let mut cfg = rows_cfg(op, rows)?;
+        cfg.shared_mem_bytes = bitmap as u32;
+        Ok(cfg)
+    }
 }
 
 impl Backend for Cuda {
@@ -601,12 +664,16 @@ impl Backend for Cuda {
         "cuda"
     }
 
-    // The Llama-family and top-k ops run on the CPU twin through a host round trip: they came
-    // after the kernels were written, and the results are the CPU's exactly. Device kernels for
-    // them are the next step (see kernels/NOTES.md); the round trip costs PCIe time, not accuracy.
     fn rmsnorm(&self, x: &CudaBuf, gamma: &CudaBuf, rows: usize, dim: usize, eps: f32) -> Result<CudaBuf> {
-        let y = Cpu.rmsnorm(&self.download(x)?, &self.download(gamma)?, rows, dim, eps)?;
-        self.upload(&y)
+        let op = "rmsnorm";
+        expect_len(op, "x", x.len, rows * dim)?;
+        expect_len(op, "gamma", gamma.len, dim)?;
+        let y = self.alloc(rows * dim)?;
+        if rows * dim > 0 {
+            let (xp, gp, yp, dim32) = (self.ptr(x), self.ptr(gamma), self.ptr(&y), u32_dim(op, "dim", dim)?);
+            launch!(self, rmsnorm_fwd, rows_cfg(op, rows)?; xp, gp, dim32, eps, yp)?;
+        }
+        Ok(y)
     }
 
     fn rmsnorm_backward(
@@ -618,9 +685,20 @@ impl Backend for Cuda {
         dim: usize,
         eps: f32,
     ) -> Result<(CudaBuf, CudaBuf)> {
-        let (dx, dg) =
-            Cpu.rmsnorm_backward(&self.download(x)?, &self.download(gamma)?, &self.download(dy)?, rows, dim, eps)?;
-        Ok((self.upload(&dx)?, self.upload(&dg)?))
+        let op = "rmsnorm_backward";
+        expect_len(op, "x", x.len, rows * dim)?;
+        expect_len(op, "gamma", gamma.len, dim)?;
+        expect_len(op, "dy", dy.len, rows * dim)?;
+        if rows == 0 || dim == 0 {
+            return Ok((self.alloc(0)?, self.alloc_zeros(dim)?));
+        }
+        let (dx, rstd, dgamma) = (self.alloc(rows * dim)?, self.alloc(rows)?, self.alloc(dim)?);
+        let (xp, gp, dyp, dxp, rp, dim32) =
+            (self.ptr(x), self.ptr(gamma), self.ptr(dy), self.ptr(&dx), self.ptr(&rstd), u32_dim(op, "dim", dim)?);
+        launch!(self, rmsnorm_bwd_dx, rows_cfg(op, rows)?; xp, gp, dyp, dim32, eps, dxp, rp)?;
+        let (rows64, dgp) = (rows as u64, self.ptr(&dgamma));
+        launch!(self, rmsnorm_bwd_params, cols_cfg(dim); xp, dyp, rp, rows64, dim32, dgp)?;
+        Ok((dx, dgamma))
     }
 
     fn rope(
@@ -632,8 +710,7 @@ impl Backend for Cuda {
         theta: f32,
         scale: f32,
     ) -> Result<CudaBuf> {
-        let y = Cpu.rope(&self.download(x)?, &positions.host, heads, head_dim, theta, scale)?;
-        self.upload(&y)
+        self.rotate("rope", x, positions, heads, head_dim, theta, scale, 1.0)
     }
 
     fn rope_backward(
@@ -645,18 +722,29 @@ impl Backend for Cuda {
         theta: f32,
         scale: f32,
     ) -> Result<CudaBuf> {
-        let dx = Cpu.rope_backward(&self.download(dy)?, &positions.host, heads, head_dim, theta, scale)?;
-        self.upload(&dx)
+        self.rotate("rope_backward", dy, positions, heads, head_dim, theta, scale, -1.0)
     }
 
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf) -> Result<CudaBuf> {
-        let y = Cpu.swiglu(&self.download(gate)?, &self.download(up)?)?;
-        self.upload(&y)
+        self.elementwise_ok("swiglu", gate, up, "up")?;
+        let y = self.alloc(gate.len)?;
+        if gate.len > 0 {
+            let (gp, up_, n, yp) = (self.ptr(gate), self.ptr(up), gate.len as u64, self.ptr(&y));
+            launch!(self, swiglu_fwd, elems_cfg(gate.len); gp, up_, n, yp)?;
+        }
+        Ok(y)
     }
 
     fn swiglu_backward(&self, gate: &CudaBuf, up: &CudaBuf, dy: &CudaBuf) -> Result<(CudaBuf, CudaBuf)> {
-        let (dg, du) = Cpu.swiglu_backward(&self.download(gate)?, &self.download(up)?, &self.download(dy)?)?;
-        Ok((self.upload(&dg)?, self.upload(&du)?))
+        self.elementwise_ok("swiglu_backward", gate, up, "up")?;
+        self.elementwise_ok("swiglu_backward", gate, dy, "dy")?;
+        let (dg, du) = (self.alloc(gate.len)?, self.alloc(gate.len)?);
+        if gate.len > 0 {
+            let (gp, up_, dyp, n) = (self.ptr(gate), self.ptr(up), self.ptr(dy), gate.len as u64);
+            let (dgp, dup) = (self.ptr(&dg), self.ptr(&du));
+            launch!(self, swiglu_bwd, elems_cfg(gate.len); gp, up_, dyp, n, dgp, dup)?;
+        }
+        Ok((dg, du))
     }
 
     fn topk_ce(
@@ -669,16 +757,19 @@ impl Backend for Cuda {
         cols: usize,
         k: usize,
     ) -> Result<CudaBuf> {
-        let l = Cpu.topk_ce(
-            &self.download(logits)?,
-            &ids.host,
-            &self.download(targets)?,
-            &self.download(rest)?,
-            rows,
-            cols,
-            k,
-        )?;
-        self.upload(&l)
+        let op = "topk_ce";
+        let cfg = self.topk_cfg(op, logits, ids, targets, rest, [rows, cols, k])?;
+        let s = &self.inner.gpu.stream;
+        // SAFETY: topk_ce_rows writes every row's loss.
+        let row_loss = cu("allocating", unsafe { s.alloc::<f64>(rows) })?;
+        let out = self.alloc(1)?;
+        let (lp, ip, tp, rp) = (self.ptr(logits), self.ids_ptr(ids), self.ptr(targets), self.ptr(rest));
+        let (cols32, k32, lossp) = (cols as u32, k as u32, addr(&row_loss, s));
+        launch!(self, topk_ce_rows, cfg; lp, ip, tp, rp, cols32, k32, lossp)?;
+        let (rows32, rows64, outp) = (u32_dim(op, "rows", rows)?, rows as u64, self.ptr(&out));
+        launch!(self, l1_finish, single_cta(); lossp, rows32, rows64, outp)?;
+        drop(row_loss);
+        Ok(out)
     }
 
     fn topk_ce_backward(
@@ -692,17 +783,13 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> Result<CudaBuf> {
-        let g = Cpu.topk_ce_backward(
-            &self.download(logits)?,
-            &ids.host,
-            &self.download(targets)?,
-            &self.download(rest)?,
-            rows,
-            cols,
-            k,
-            scale,
-        )?;
-        self.upload(&g)
+        let cfg = self.topk_cfg("topk_ce_backward", logits, ids, targets, rest, [rows, cols, k])?;
+        let g = self.alloc(rows * cols)?;
+        let (lp, ip, tp, rp, gp) =
+            (self.ptr(logits), self.ids_ptr(ids), self.ptr(targets), self.ptr(rest), self.ptr(&g));
+        let (cols32, k32, s) = (cols as u32, k as u32, scale as f64 / rows as f64);
+        launch!(self, topk_ce_grad, cfg; lp, ip, tp, rp, cols32, k32, s, gp)?;
+        Ok(g)
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
