@@ -118,8 +118,8 @@ for t in $TASKS; do
   skip_or_run "$W/cache/$t.labels" $BIN cache-labels --expert "$W/experts/$t" --task "$t" \
     --inputs "$W/sets/$t.test.jsonl" -o "$W/cache/$t.labels" --max-len "$MAXLEN" --top-k "$TOPK" -q
 done
-adapt() {  # NAME LAYER SEED [METHOD]
-  local name=$1 method=${4:-symerge}
+adapt() {  # NAME LAYER SEED [METHOD [EPOCHS]]
+  local name=$1 method=${4:-symerge} epochs=${5:-$EPOCHS}
   {
     echo "method: $method"
     echo "base_model: $PWD/$BASE"
@@ -133,11 +133,14 @@ adapt() {  # NAME LAYER SEED [METHOD]
       echo "  - {name: $t, expert: $PWD/$W/experts/$t, inputs: $PWD/$W/sets/$t.test.jsonl$cache}"
     done
   } >"$W/adapt/$name.yml"
-  [ -e "$W/adapt/$name/summary.json" ] || log "adapt $name ($EPOCHS epochs)"
-  skip_or_run "$W/adapt/$name/summary.json" $BIN adapt "$W/adapt/$name.yml" -o "$W/adapt/$name" --epochs "$EPOCHS" \
+  [ -e "$W/adapt/$name/summary.json" ] || log "adapt $name ($epochs epochs)"
+  skip_or_run "$W/adapt/$name/summary.json" $BIN adapt "$W/adapt/$name.yml" -o "$W/adapt/$name" --epochs "$epochs" \
     --seed "$3" --no-eval --force -q
   for t in $TASKS; do score "$name" "$t" "$W/adapt/$name/tasks/$t"; done
 }
+# Ablation: each expert's own head with Lambda left at its initial 0.3 (no training): how much of
+# SyMerge's gain the per-task head alone gives.
+adapt heads-untrained head 0 symerge 0
 adapt adamerging head 0 adamerging
 for s in $SEEDS; do adapt "symerge-seed$s" head "$s"; done
 if [ "$LAST_BLOCK" = 1 ]; then adapt symerge-last_block last_block 0; fi
@@ -162,6 +165,7 @@ out = {
     "top1_accuracy": {m: top1[m] for m in order},
     "symerge_seeds": {m: ppl[m] for m in seeds},
     "symerge_last_block": ppl.get("symerge-last_block"),
+    "ablation_expert_heads_untrained_lambda": ppl.get("heads-untrained"),
     "symerge_last_block_top1": top1.get("symerge-last_block"),
     "tuned": {"task_arithmetic_lambda": float(ta), "ties_lambda": float(ties), "ties_density": 0.2},
     "profile": profile, "epochs": int(epochs),
@@ -169,7 +173,7 @@ out = {
     "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
 }
 json.dump(out, open(f"{W}/quality_lm.json", "w"), indent=1)
-rows = [m for m in order if m != "symerge"] + seeds + (["symerge-last_block"] if "symerge-last_block" in ppl else [])
+rows = [m for m in order if m != "symerge"] + seeds + [m for m in ("symerge-last_block", "heads-untrained") if m in ppl]
 print("perplexity (lower is better; average = geometric mean) / top-1 next-token accuracy %")
 print("| method | " + " | ".join(tasks) + " | average |")
 print("| --- " * (len(tasks) + 2) + "|")
