@@ -111,3 +111,39 @@ extern "C" __global__ void __launch_bounds__(256) lambda_grad_finish(const float
     }
     if (threadIdx.x == 0) out[k] = s[0];
 }
+
+// dL/dLambda of a lookup table whose gradient is zero outside the listed rows (sorted, unique,
+// checked on the host): CTA r reads only row rows[r] and writes partials[r * K + k] =
+// sum_c grad_i (theta_k,i - base_i) in f64 (the difference in f32, as the CPU's `dot_f64`), a
+// fixed tree per task; lambda_grad_rows_finish adds the rows in order.
+extern "C" __global__ void __launch_bounds__(LG_THREADS)
+    lambda_grad_rows(const float* grad, const __grid_constant__ TaskPtrs taus, const void* base, u32 dtype,
+                     u32 num_tasks, const u32* rows, u32 row_len, double* partials) {
+    __shared__ double sh[LG_THREADS];
+    u64 start = (u64)rows[blockIdx.x] * row_len;
+    for (u32 k = 0; k < num_tasks; k++) {
+        double acc = 0.0;
+        for (u32 c = threadIdx.x; c < row_len; c += LG_THREADS) {
+            u64 i = start + c;
+            float b = base ? load1(base, dtype, i) : 0.0f;
+            acc += (double)grad[i] * (double)(load1((const void*)taus.p[k], dtype, i) - b);
+        }
+        sh[threadIdx.x] = acc;
+        __syncthreads();
+        for (u32 half = LG_THREADS / 2; half > 0; half >>= 1) {
+            if (threadIdx.x < half) sh[threadIdx.x] += sh[threadIdx.x + half];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) partials[(u64)blockIdx.x * num_tasks + k] = sh[0];
+        __syncthreads();
+    }
+}
+
+// One thread per task: out[k] = sum over the rows, in order, of partials[r * K + k].
+extern "C" __global__ void lambda_grad_rows_finish(const double* partials, u32 nrows, u32 num_tasks, double* out) {
+    u32 k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= num_tasks) return;
+    double acc = 0.0;
+    for (u32 r = 0; r < nrows; r++) acc += partials[(u64)r * num_tasks + k];
+    out[k] = acc;
+}

@@ -185,3 +185,25 @@ extern "C" __global__ void __launch_bounds__(256, 4) gta_merge(const void* base,
     }
     if (nonfinite) atomicOr(bad, 1u);
 }
+
+// The rows of a lookup table a batch reads (rows[0..nrows), sorted, unique, checked on the host):
+// one thread per element, out[i] = base + sum_k coef_k (theta_k - base) for i = row * row_len + c,
+// in the CPU's `merge_into` order (the weighted differences summed from zero in expert order, then
+// the base added) with scalar loads (a row need not start on a 16-byte boundary). The other rows
+// of `out` are left as they are (zeroed by the caller). A non-finite result sets *bad.
+extern "C" __global__ void merge_rows(const void* base, u32 base_dtype, const __grid_constant__ MergeInputs ins,
+                                      u32 num_inputs, const u32* rows, u64 nrows, u32 row_len, float* out,
+                                      u32* bad) {
+    u64 total = nrows * row_len;
+    for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (u64)gridDim.x * blockDim.x) {
+        u64 i = (u64)rows[e / row_len] * row_len + e % row_len;
+        float b = load1(base, base_dtype, i);
+        float acc = 0.0f;
+        for (u32 k = 0; k < num_inputs; k++) {
+            acc += ins.in[k].coef * (load1((const void*)ins.in[k].ptr, ins.in[k].dtype, i) - b);
+        }
+        acc += b;
+        if (is_nonfinite(acc)) *bad = 1u;
+        out[i] = acc;
+    }
+}

@@ -625,6 +625,50 @@ fn stored_ops_match_cpu() {
     r.finish();
 }
 
+/// The row-wise ops of lookup tables: only the listed rows merged (bit-identical to the CPU twin,
+/// the rest zero) and reduced (1e-6 relative), on row lengths that break 16-byte alignment, for
+/// every dtype; no rows; an unsorted row list refused with the CPU's words.
+#[test]
+fn stored_row_ops_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda.clone());
+    let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
+    for &(n_rows, row_len) in &[(1001usize, 37usize), (64, 576), (3, 1)] {
+        for &dt in &dts {
+            let n = n_rows * row_len;
+            let (bs, _) = stored("embed", dt, &r.rand(n, 1.0));
+            let experts: Vec<StoredTensor> = (0..2).map(|_| stored("embed", dt, &r.rand(n, 1.0)).0).collect();
+            let cpu_in: Vec<&StoredTensor> = experts.iter().collect();
+            let (gb, ge) =
+                (cuda.stage(&bs).unwrap(), experts.iter().map(|e| cuda.stage(e).unwrap()).collect::<Vec<_>>());
+            let refs: Vec<_> = ge.iter().collect();
+            let coefs = [0.3f32, 0.9];
+            for rows in [(0..n_rows as u32).step_by(3).collect::<Vec<_>>(), vec![n_rows as u32 - 1], vec![]] {
+                let name = format!("rows {}/{n_rows} x {row_len} {dt}", rows.len());
+                let want = Cpu.merge_stored_rows(&bs, &cpu_in, &coefs, &rows, row_len).unwrap();
+                let got = cuda.merge_stored_rows(&gb, &refs, &coefs, &rows, row_len).unwrap();
+                r.buf(&format!("merge_stored_rows {name}"), &got, &want, 0.0);
+                let mut grad = vec![0f32; n];
+                let fill = r.rand(rows.len() * row_len, 1.0);
+                for (i, &row) in rows.iter().enumerate() {
+                    let at = row as usize * row_len;
+                    grad[at..at + row_len].copy_from_slice(&fill[i * row_len..(i + 1) * row_len]);
+                }
+                let want = Cpu.lambda_grad_stored_rows(&grad, &bs, &cpu_in, &rows, row_len).unwrap();
+                let got = cuda.lambda_grad_stored_rows(&r.up(&grad), &gb, &refs, &rows, row_len).unwrap();
+                let (w32, g32): (Vec<f32>, Vec<f32>) =
+                    want.iter().zip(&got).map(|(&w, &g)| (w as f32, g as f32)).unzip();
+                r.values(&format!("lambda_grad_stored_rows {name}"), &g32, &w32, 1e-6);
+            }
+        }
+    }
+    let (bs, _) = stored("embed", FloatDType::F32, &r.rand(40, 1.0));
+    let gb = cuda.stage(&bs).unwrap();
+    let e = cuda.merge_stored_rows(&gb, &[&gb], &[0.5], &[3, 1], 4).err().map(|e| e.to_string());
+    r.check("unsorted rows refused", e.as_deref().is_some_and(|e| e.contains("sorted and unique")), format!("{e:?}"));
+    r.finish();
+}
+
 /// Streamed on the GPU (`budget 0`: every block staged to the device at each visit) equals the
 /// kept-on-device run bit for bit.
 #[test]

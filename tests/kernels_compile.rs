@@ -9,8 +9,19 @@ use symerge::backend::cuda::nvrtc::{self, MODULES};
 
 /// Kernels each unit must export.
 const ENTRIES: &[(&str, &[&str])] = &[
-    ("merge", &["gta_merge"]),
-    ("lambda_grad", &["lambda_grad_k4", "lambda_grad_k8", "lambda_grad_k16", "lambda_grad_k32", "lambda_grad_finish"]),
+    ("merge", &["gta_merge", "merge_rows"]),
+    (
+        "lambda_grad",
+        &[
+            "lambda_grad_k4",
+            "lambda_grad_k8",
+            "lambda_grad_k16",
+            "lambda_grad_k32",
+            "lambda_grad_finish",
+            "lambda_grad_rows",
+            "lambda_grad_rows_finish",
+        ],
+    ),
     ("ties", &["abs_histogram", "count_equal"]),
     ("dare", &["dare_uniform", "dare_sparsify"]),
     (

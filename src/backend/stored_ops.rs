@@ -151,7 +151,7 @@ fn check_grad(op: &'static str, grad: &[f32], base: &StoredTensor) -> Result<()>
 }
 
 /// Checks that `rows` (sorted, unique) index rows of `base` seen as a table of `row_len` columns.
-fn check_rows(op: &'static str, base: &StoredTensor, rows: &[u32], row_len: usize) -> Result<()> {
+pub(crate) fn check_rows(op: &'static str, base: &StoredTensor, rows: &[u32], row_len: usize) -> Result<()> {
     let n = base.numel();
     if row_len == 0 || !n.is_multiple_of(row_len) {
         return Err(Error::Shape { op, reason: format!("`{}` of {n} elements has no rows of {row_len}", base.name) });

@@ -317,6 +317,94 @@ impl Kernels {
         cu("launching gta_merge", unsafe { b.launch(grid(n.div_ceil(VEC))?) }).map(|_| ())
     }
 
+    /// [`Self::merge`]'s weighted deltas over only the `nrows` rows listed at `rows` (device u32,
+    /// sorted, unique, in range) of a table of `row_len` columns, into the full-size f32 `out`
+    /// (other rows untouched).
+    ///
+    /// # Safety
+    /// The base and every expert hold the whole table in their dtypes, `rows` `nrows` u32, `out`
+    /// the table's element count of f32, `bad` one u32; all live.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn merge_rows(
+        &self,
+        stream: &CudaStream,
+        plan: &MergeLaunch,
+        base: (u64, FloatDType),
+        experts: &[u64],
+        rows: (u64, usize),
+        row_len: usize,
+        out: u64,
+        bad: u64,
+    ) -> Result<()> {
+        if experts.len() != plan.inputs.len() {
+            return Err(Error::Invalid(format!(
+                "internal: row merge planned for {} inputs, launched with {}",
+                plan.inputs.len(),
+                experts.len()
+            )));
+        }
+        let total = rows.1 * row_len;
+        if total == 0 {
+            return Ok(());
+        }
+        let mut ins = MergeInputs { inputs: [MergeInput::default(); MAX_INPUTS] };
+        for ((slot, m), &ptr) in ins.inputs.iter_mut().zip(&plan.inputs).zip(experts) {
+            *slot = MergeInput { ptr, ..*m };
+        }
+        let (base_ptr, base_dt, k) = (base.0, dtype_code(base.1), plan.inputs.len() as u32);
+        let (rows_ptr, nrows, len32) = (rows.0, rows.1 as u64, u32::try_from(row_len).map_err(|_| too_long(row_len))?);
+        let f = self.function(&nvrtc::MERGE, "merge_rows")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&base_ptr).arg(&base_dt).arg(&ins).arg(&k).arg(&rows_ptr).arg(&nrows).arg(&len32).arg(&out).arg(&bad);
+        let blocks = total.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types and order match `merge_rows`; addresses are the caller's promise.
+        cu("launching merge_rows", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
+    /// [`Self::lambda_grad`] of a gradient that is zero outside the `nrows` rows listed at `rows`
+    /// (device u32) of a table of `row_len` columns: only those rows are read.
+    ///
+    /// # Safety
+    /// `grad` and the tables hold the whole table, `rows` `nrows` u32, `partials` `nrows * K`
+    /// f64 and `out` K f64; all live.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn lambda_grad_rows(
+        &self,
+        stream: &CudaStream,
+        grad: u64,
+        tasks: &[u64],
+        base: (u64, FloatDType),
+        rows: (u64, usize),
+        row_len: usize,
+        partials: u64,
+        out: u64,
+    ) -> Result<()> {
+        let k = tasks.len();
+        if k == 0 || k > LG_MAX_TASKS {
+            return Err(Error::Invalid(format!("lambda_grad takes 1 to {LG_MAX_TASKS} tasks, got {k}")));
+        }
+        let mut ptrs = TaskPtrs { p: [0; LG_MAX_TASKS] };
+        ptrs.p[..k].copy_from_slice(tasks);
+        let nrows = u32::try_from(rows.1).map_err(|_| too_long(rows.1))?;
+        let (base_ptr, dt, k32, rows_ptr) = (base.0, dtype_code(base.1), k as u32, rows.0);
+        let len32 = u32::try_from(row_len).map_err(|_| too_long(row_len))?;
+        if nrows > 0 {
+            let cfg = LaunchConfig { grid_dim: (nrows, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let f = self.function(&nvrtc::LAMBDA_GRAD, "lambda_grad_rows")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&grad).arg(&ptrs).arg(&base_ptr).arg(&dt).arg(&k32).arg(&rows_ptr).arg(&len32).arg(&partials);
+            // SAFETY: matches `lambda_grad_rows`; addresses are the caller's promise.
+            cu("launching lambda_grad_rows", unsafe { b.launch(cfg) })?;
+        }
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (LG_MAX_TASKS as u32, 1, 1), shared_mem_bytes: 0 };
+        let f = self.function(&nvrtc::LAMBDA_GRAD, "lambda_grad_rows_finish")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&partials).arg(&nrows).arg(&k32).arg(&out);
+        // SAFETY: matches `lambda_grad_rows_finish`.
+        cu("launching lambda_grad_rows_finish", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
     /// CTAs (and partials rows) a lambda_grad over `n` elements uses.
     pub fn lambda_grad_ctas(n: usize) -> usize {
         n.div_ceil(LG_TILE).max(1)
@@ -673,4 +761,9 @@ impl Gpu {
         v.truncate(n);
         Ok(v)
     }
+}
+
+/// A count the row kernels take as u32 that does not fit.
+fn too_long(n: usize) -> Error {
+    Error::Invalid(format!("{n} exceeds the row kernels' 32-bit index"))
 }

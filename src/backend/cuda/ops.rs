@@ -490,6 +490,10 @@ impl Cuda {
         self.alloc(len)
     }
 
+    pub(super) fn zeros_buf(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc_zeros(len)
+    }
+
     fn ids_ptr(&self, b: &CudaIds) -> u64 {
         addr(&b.data, &self.inner.gpu.stream)
     }
@@ -1289,30 +1293,26 @@ impl Backend for Cuda {
         self.lambda_grad_stored_dev(grad, base, experts)
     }
 
-    /// No row kernel yet: the whole table is merged (its `rows` equal the CPU twin's), logged once.
     fn merge_stored_rows(
         &self,
         base: &CudaStored,
         experts: &[&CudaStored],
         coefs: &[f32],
-        _rows: &[u32],
-        _row_len: usize,
+        rows: &[u32],
+        row_len: usize,
     ) -> Result<CudaBuf> {
-        log_rows_fallback();
-        self.merge_stored_dev(base, experts, coefs)
+        self.merge_stored_rows_dev(base, experts, coefs, rows, row_len)
     }
 
-    /// No row kernel yet: the whole gradient is reduced (zero outside the rows), logged once.
     fn lambda_grad_stored_rows(
         &self,
         grad: &CudaBuf,
         base: &CudaStored,
         experts: &[&CudaStored],
-        _rows: &[u32],
-        _row_len: usize,
+        rows: &[u32],
+        row_len: usize,
     ) -> Result<Vec<f64>> {
-        log_rows_fallback();
-        self.lambda_grad_stored_dev(grad, base, experts)
+        self.lambda_grad_stored_rows_dev(grad, base, experts, rows, row_len)
     }
 
     fn adam_step(
@@ -1338,12 +1338,6 @@ impl Backend for Cuda {
         let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
         launch!(self, adam_step, elems_cfg(n); pp, gp, mp, vp, n64, beta1, beta2, one_b1, one_b2, step_size, c2_sqrt, eps)
     }
-}
-
-/// Says once that lookup tables are merged whole on the GPU (the row-wise ops have no kernel).
-fn log_rows_fallback() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| tracing::info!("CUDA: embedding tables are merged and reduced whole (no row-wise kernel yet)"));
 }
 
 fn gelu_code(kind: Gelu) -> u32 {

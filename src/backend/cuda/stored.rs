@@ -2,14 +2,15 @@
 //! their stored dtype, merged there by `gta_merge` (kernels/merge.cu) and, in the backward,
 //! turned into Lambda gradients by `lambda_grad` (kernels/lambda_grad.cu) from the same device
 //! bytes. The merged weights and their gradients never leave the device; only the K dot products
-//! of each tensor come back. CPU twins: [`crate::backend::stored_ops`].
+//! of each tensor come back. Lookup tables (embeddings) are merged and reduced only over the rows
+//! a batch reads (`merge_rows`, `lambda_grad_rows`). CPU twins: [`crate::backend::stored_ops`].
 
 use cudarc::driver::CudaSlice;
 
 use super::device::cu;
 use super::kernels::{Kernels, MergeLaunch, addr};
 use super::ops::{Cuda, CudaBuf};
-use crate::backend::stored_ops::{self, check_stored};
+use crate::backend::stored_ops::{self, check_rows, check_stored};
 use crate::checkpoint::{FloatDType, StoredTensor};
 use crate::error::{Error, Result};
 
@@ -120,5 +121,114 @@ impl Cuda {
             )?
         };
         gpu.download(&out)
+    }
+
+    /// [`Self::merge_stored_dev`] of only the rows `rows` (sorted, unique) of a table of
+    /// `row_len` columns, in a full-size result whose other rows are zero.
+    pub(super) fn merge_stored_rows_dev(
+        &self,
+        base: &CudaStored,
+        experts: &[&CudaStored],
+        coefs: &[f32],
+        rows: &[u32],
+        row_len: usize,
+    ) -> Result<CudaBuf> {
+        let op = "merge_stored_rows";
+        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
+        check_stored(op, &base.host, &hosts, Some(coefs.len()))?;
+        check_rows(op, &base.host, rows, row_len)?;
+        let gpu = self.gpu();
+        let s = &gpu.stream;
+        let dtypes: Vec<FloatDType> = hosts.iter().map(|h| h.dtype).collect();
+        let plan = MergeLaunch::weighted_deltas(coefs, &dtypes)?;
+        let out = self.zeros_buf(base.host.numel())?;
+        let bad = cu("allocating", s.alloc_zeros::<u32>(1))?;
+        let rows_dev = self.rows_on_device(rows)?;
+        let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
+        // SAFETY: every staged buffer holds the whole table in its dtype (checked above), `rows`
+        // its `rows.len()` in-range ids, `out` the table's f32, `bad` one u32.
+        unsafe {
+            gpu.kernels.merge_rows(
+                s,
+                &plan,
+                (addr(&base.data, s), base.host.dtype),
+                &ptrs,
+                (addr(&rows_dev, s), rows.len()),
+                row_len,
+                self.buf_ptr(&out),
+                addr(&bad, s),
+            )?
+        };
+        if gpu.download(&bad)?[0] != 0 {
+            return Err(stored_ops::merge_stored_rows(&base.host, &hosts, coefs, rows, row_len).err().unwrap_or_else(
+                || Error::Invalid(format!("merging `{}` on the GPU gave a non-finite value", base.host.name)),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// [`Self::lambda_grad_stored_dev`] for a gradient that is zero outside `rows` (sorted,
+    /// unique) of a table of `row_len` columns: only those rows are read.
+    pub(super) fn lambda_grad_stored_rows_dev(
+        &self,
+        grad: &CudaBuf,
+        base: &CudaStored,
+        experts: &[&CudaStored],
+        rows: &[u32],
+        row_len: usize,
+    ) -> Result<Vec<f64>> {
+        let op = "lambda_grad_stored_rows";
+        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
+        check_stored(op, &base.host, &hosts, None)?;
+        check_rows(op, &base.host, rows, row_len)?;
+        let n = base.host.numel();
+        if self.buf_len(grad) != n {
+            let reason = format!("the gradient has {} elements but `{}` has {n}", self.buf_len(grad), base.host.name);
+            return Err(Error::Shape { op, reason });
+        }
+        let dtype = base.host.dtype;
+        if let Some(h) = hosts.iter().find(|h| h.dtype != dtype) {
+            return Err(Error::Invalid(format!(
+                "lambda_grad on the GPU reads one dtype: `{}` is {} in {} but {dtype} in the base; convert the \
+                 experts to the base's dtype or use --device cpu",
+                h.name,
+                h.dtype,
+                h.file.display()
+            )));
+        }
+        let k = experts.len();
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let gpu = self.gpu();
+        let s = &gpu.stream;
+        let partials = cu("allocating", s.alloc_zeros::<f64>(rows.len().max(1) * k))?;
+        let out = cu("allocating", s.alloc_zeros::<f64>(k))?;
+        let rows_dev = self.rows_on_device(rows)?;
+        let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
+        // SAFETY: `grad` and the staged tensors hold the whole table, `rows` its in-range ids,
+        // `partials` one row of K per listed row, `out` K f64; all live until the download.
+        unsafe {
+            gpu.kernels.lambda_grad_rows(
+                s,
+                self.buf_ptr(grad),
+                &ptrs,
+                (addr(&base.data, s), dtype),
+                (addr(&rows_dev, s), rows.len()),
+                row_len,
+                addr(&partials, s),
+                addr(&out, s),
+            )?
+        };
+        gpu.download(&out)
+    }
+
+    /// Row ids as a device u32 buffer (one element when empty: the driver refuses empty ones).
+    fn rows_on_device(&self, rows: &[u32]) -> Result<CudaSlice<u32>> {
+        let s = &self.gpu().stream;
+        if rows.is_empty() {
+            return cu("allocating", s.alloc_zeros::<u32>(1));
+        }
+        cu("copying to the device", s.clone_htod(rows))
     }
 }
