@@ -80,3 +80,80 @@ fn every_command_has_help_refuses_bad_flags_and_prints_json() {
     let d = json(&["dist-check", "--json"]);
     assert_eq!(d["world_size"], 1, "{d}");
 }
+
+/// The commands whose `--help` is pinned in tests/fixtures/cli_help.txt.
+const HELP_COMMANDS: [&[&str]; 15] = [
+    &[],
+    &["inspect"],
+    &["merge"],
+    &["bench-cuda"],
+    &["methods"],
+    &["predict"],
+    &["eval"],
+    &["finetune"],
+    &["import-gguf"],
+    &["generate"],
+    &["data"],
+    &["data", "prepare"],
+    &["dist-check"],
+    &["cache-labels"],
+    &["adapt"],
+];
+
+/// One command's help as sorted `ARG :: HELP` lines after its about line: every argument's name,
+/// short form, value name, default and help text, and which are required, but not the order clap
+/// lists them in, so moving a flag into another struct stays free while renaming, rewording or
+/// requiring one does not.
+fn help_entries(help: &str) -> Vec<String> {
+    let about = help.lines().next().unwrap_or_default().to_string();
+    let mut entries: Vec<String> = Vec::new();
+    let mut in_list = false;
+    for line in help.lines() {
+        if let Some(usage) = line.strip_prefix("Usage: ") {
+            // Which flags are required: the usage line's words, in any order.
+            let mut words: Vec<&str> = usage.split_whitespace().collect();
+            words.sort_unstable();
+            entries.push(format!("Usage :: {}", words.join(" ")));
+        } else if line.ends_with(':') && !line.starts_with(' ') {
+            in_list = matches!(line, "Arguments:" | "Options:" | "Commands:");
+        } else if in_list && matches!(line.len() - line.trim_start().len(), 2 | 6) {
+            let (arg, text) = line.trim().split_once("  ").unwrap_or((line.trim(), ""));
+            entries.push(format!("{arg} :: {}", text.trim()));
+        } else if in_list && !line.trim().is_empty() {
+            let last = entries.last_mut().expect("a continuation line follows an entry");
+            if !last.ends_with(":: ") {
+                last.push(' ');
+            }
+            last.push_str(line.trim());
+        }
+    }
+    entries.sort();
+    std::iter::once(about).chain(entries).collect()
+}
+
+/// Users' scripts and habits rely on every flag's name, short form and default, and the help
+/// text is the documentation: both are pinned per command, whichever struct defines them.
+/// `SYMERGE_BLESS_HELP=1` rewrites the fixture after an intended change.
+#[test]
+fn every_flag_keeps_its_name_default_and_help() {
+    let mut got = String::new();
+    for cmd in HELP_COMMANDS {
+        let args: Vec<&str> = cmd.iter().copied().chain(["--help"]).collect();
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{cmd:?} --help: {err}");
+        got.push_str(&format!("## {}\n", cmd.join(" ")));
+        for entry in help_entries(&out) {
+            got.push_str(&entry);
+            got.push('\n');
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cli_help.txt");
+    if std::env::var_os("SYMERGE_BLESS_HELP").is_some() {
+        std::fs::write(&path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap();
+    for (g, w) in got.lines().zip(want.lines()) {
+        assert_eq!(g, w, "help differs from {} (first difference shown)", path.display());
+    }
+    assert_eq!(got.lines().count(), want.lines().count(), "help has other entries than {}", path.display());
+}
