@@ -137,6 +137,12 @@ pub enum Error {
     #[error("CUDA {what}: {reason}")]
     Cuda { what: String, reason: String },
 
+    /// An error on one rank of a multi-process run: prefixing the rank makes interleaved logs
+    /// from many ranks attributable. The inner error is part of the message, not a `source`, so
+    /// a report that prints the chain says it once.
+    #[error("rank {rank}/{world_size}: {error}")]
+    OnRank { rank: usize, world_size: usize, error: Box<Error> },
+
     #[error("{0}")]
     Invalid(String),
 }

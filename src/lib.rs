@@ -12,6 +12,7 @@
 //!   the reference implementation.
 //! - [`model`]: architectures as chains of blocks (BERT family), tokenization, predict/evaluate.
 //! - [`dist`]: rank discovery, file rendezvous, collectives and data-parallel arithmetic.
+//! - [`units`]: the sizes and durations flags take.
 
 pub mod adapt;
 pub mod atomic;
@@ -29,5 +30,6 @@ pub mod model;
 pub mod progress;
 pub mod report;
 pub mod sysinfo;
+pub mod units;
 
 pub use error::{Error, Result};

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -18,7 +17,8 @@ use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{GenerateSummary, PRESETS, SyntheticSpec, write_family};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
-use symerge::dist::{Backend, ConnectOptions, RankInfo};
+use symerge::dist::ConnectOptions;
+use symerge::dist::check::CheckOptions;
 use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
 use symerge::merge::config::MergeConfig;
 use symerge::merge::executor::MergeOptions;
@@ -28,6 +28,7 @@ use symerge::model::{
     write_predictions,
 };
 use symerge::report::{emit, emit_json, emit_report};
+use symerge::units::{parse_budget, parse_size};
 use symerge::with_backend;
 
 #[derive(Parser)]
@@ -85,7 +86,7 @@ enum Command {
         /// Split the blocks over the launcher's ranks (each on GPU LOCAL_RANK with a CUDA
         /// device); rank 0 assembles the shards and the index.
         #[command(flatten)]
-        dist: DistArgs,
+        dist: ConnectOptions,
     },
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda {
@@ -240,10 +241,7 @@ enum Command {
     /// means one process), all-reduce a test tensor on every rank and check the sum.
     DistCheck {
         #[command(flatten)]
-        dist: DistArgs,
-        /// Elements of the test tensor.
-        #[arg(long, default_value_t = 1 << 16)]
-        elements: usize,
+        opts: CheckOptions,
         /// Print a JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -279,7 +277,7 @@ enum Command {
         json: bool,
         /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
         #[command(flatten)]
-        dist: DistArgs,
+        dist: ConnectOptions,
         /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
         /// launcher the GPU of LOCAL_RANK), cuda:N.
         #[arg(long, default_value = "auto")]
@@ -313,7 +311,7 @@ enum Command {
         json: bool,
         /// Data-parallel over the launcher's ranks: each takes its share of every batch.
         #[command(flatten)]
-        dist: DistArgs,
+        dist: ConnectOptions,
         /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
         /// launcher the GPU of LOCAL_RANK), cuda:N.
         #[arg(long, default_value = "auto")]
@@ -358,46 +356,6 @@ enum DataCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// How the ranks of a multi-process run find each other. Ignored without launcher variables
-/// (`RANK`/`WORLD_SIZE` from torchrun, or `SLURM_PROCID`/`SLURM_NTASKS` from srun).
-#[derive(clap::Args)]
-struct DistArgs {
-    /// Directory every rank can reach (a shared filesystem across nodes); needed when the
-    /// world has more than one rank.
-    #[arg(long, value_name = "DIR")]
-    rendezvous: Option<PathBuf>,
-    /// Seconds a rank waits for the others to arrive before failing.
-    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
-    rendezvous_timeout: Duration,
-    /// Seconds a rank waits inside one collective before failing.
-    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
-    collective_timeout: Duration,
-    /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
-    /// or TORCHELASTIC_RUN_ID).
-    #[arg(long)]
-    job_id: Option<String>,
-    /// Communicator: file (through the rendezvous directory, CPU; one rank needs none) or nccl
-    /// (one GPU per rank, LOCAL_RANK picks it; with one rank a real one-GPU communicator).
-    #[arg(long, default_value = "file")]
-    backend: Backend,
-}
-
-impl DistArgs {
-    /// This process's rank and its communicator ([`symerge::dist::Single`] without a launcher).
-    fn connect(self) -> anyhow::Result<(RankInfo, Box<dyn symerge::dist::Collective>)> {
-        let info = RankInfo::from_env()?;
-        let DistArgs { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend } = self;
-        let opts = ConnectOptions { rendezvous, rendezvous_timeout, collective_timeout, job_id, backend };
-        let coll = symerge::dist::connect(&info, &opts).with_context(|| rank_label(&info))?;
-        Ok((info, coll))
-    }
-}
-
-/// Prefixing the rank makes interleaved logs from many ranks attributable.
-fn rank_label(info: &RankInfo) -> String {
-    format!("rank {}/{}", info.rank, info.world_size)
 }
 
 /// The tasks `--task` selects (a newtype, so clap takes the list as one value).
@@ -489,30 +447,6 @@ fn parse_task_path(s: &str) -> Result<(String, PathBuf), String> {
     }
 }
 
-/// A byte size: `5GB`, `500MB`, `2GiB`, `1.5 TB` (the `bytesize` crate's units: K/M/G/T decimal,
-/// KiB/MiB/GiB/TiB binary), at least one byte.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let size: bytesize::ByteSize =
-        s.parse().map_err(|e| format!("`{s}` is not a size (e.g. 5GB, 500MB, 2GiB): {e}"))?;
-    if size.as_u64() == 0 {
-        return Err(format!("size `{s}` must be at least one byte"));
-    }
-    Ok(size.as_u64())
-}
-
-/// [`parse_size`] that also takes `0` (a memory budget that keeps nothing).
-fn parse_budget(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" { Ok(0) } else { parse_size(s) }
-}
-
-/// Parses a positive number of seconds (fractions allowed).
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("`{s}` is not a positive number of seconds")),
-    }
-}
-
 /// Writes to stdout; a closed pipe (`symerge inspect X | head`) is not an error.
 fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
@@ -538,9 +472,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts =
                 MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !cli.quiet };
             // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
-            let (info, mut coll) = dist.connect()?;
+            let (info, mut coll) = dist.connect_from_env()?;
             let summary = symerge::merge::engine::merge_on(&cfg, &opts, device, device_mem, coll.as_mut())
-                .with_context(|| rank_label(&info))?;
+                .map_err(|e| info.tag(e))?;
             emit_report(&summary, json)?;
         }
         Command::BenchCuda {
@@ -686,9 +620,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             symerge::atomic::check_output_apart(&output, &[&expert, &inputs])?;
             let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
             let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force, top_k };
-            let (info, mut coll) = dist.connect()?;
+            let (info, mut coll) = dist.connect_from_env()?;
             let summary = with_backend!(device, |be| cache_labels_in(be, &texts, &opts, coll.as_mut())
-                .with_context(|| rank_label(&info))?);
+                .map_err(|e| info.tag(e))?);
             emit_report(&summary, json)?;
         }
         Command::Adapt {
@@ -708,8 +642,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = AdaptConfig::load(&config)?;
             cfg.epochs = epochs.unwrap_or(cfg.epochs);
             cfg.seed = seed.unwrap_or(cfg.seed);
-            let (info, mut coll) = dist.connect()?;
-            let label = rank_label(&info);
+            let (info, mut coll) = dist.connect_from_env()?;
+            let label = info.label();
             let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
             // Before any model is loaded: a refused output should cost nothing.
             if let Err(e) = symerge::adapt::train::check_output(&cfg, &opts, info.rank) {
@@ -738,12 +672,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit_report(&summary, json)?;
             }
         }
-        Command::DistCheck { dist, elements, json } => {
-            let (info, mut coll) = dist.connect()?;
-            let report =
-                symerge::dist::check::run_check(coll.as_mut(), &info, elements).with_context(|| rank_label(&info))?;
-            emit_report(&report, json)?;
-        }
+        Command::DistCheck { opts, json } => emit_report(&opts.run()?, json)?,
     }
     Ok(())
 }

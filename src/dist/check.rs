@@ -6,10 +6,38 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::dist::ConnectOptions;
 use crate::dist::collective::Collective;
 use crate::dist::data_parallel::verify_identical;
 use crate::dist::rank::{RankInfo, RankSource};
 use crate::error::{Error, Result};
+
+/// `symerge dist-check`'s flags: how to connect, and the size of the test tensor.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CheckOptions {
+    #[command(flatten)]
+    pub dist: ConnectOptions,
+    /// Elements of the test tensor.
+    #[arg(long, default_value_t = DEFAULT_ELEMENTS)]
+    pub elements: usize,
+}
+
+/// 64 Ki f32: enough to see a wrong sum, small enough to check in milliseconds.
+pub const DEFAULT_ELEMENTS: usize = 1 << 16;
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions { dist: ConnectOptions::default(), elements: DEFAULT_ELEMENTS }
+    }
+}
+
+impl CheckOptions {
+    /// Connects this process as the launcher's environment says and runs [`run_check`] on it.
+    pub fn run(&self) -> Result<CheckReport> {
+        let (info, mut coll) = self.dist.connect_from_env()?;
+        run_check(coll.as_mut(), &info, self.elements).map_err(|e| info.tag(e))
+    }
+}
 
 /// One rank's result.
 #[derive(Clone, Debug, Serialize)]
@@ -107,4 +135,26 @@ pub fn run_check(coll: &mut dyn Collective, info: &RankInfo, elements: usize) ->
         algbw_gb_per_s: algbw,
         busbw_gb_per_s: busbw,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            opts: CheckOptions,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
+        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", CheckOptions::default()));
+    }
+
+    #[test]
+    fn one_process_checks_its_own_sum() {
+        let report = run_check(&mut crate::dist::Single, &RankInfo::single(), 100).unwrap();
+        assert_eq!((report.world_size, report.elements), (1, 100));
+    }
 }

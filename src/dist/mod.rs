@@ -28,6 +28,7 @@ pub use rank::{RankInfo, RankSource};
 pub use rendezvous::{Rendezvous, RendezvousOptions};
 
 use crate::error::{Error, Result};
+use crate::units::parse_secs;
 
 /// Which communicator carries collectives when the world has more than one rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,17 +50,55 @@ impl FromStr for Backend {
     }
 }
 
-/// How ranks find each other and how long they wait.
-#[derive(Clone, Debug)]
+/// How the ranks of a multi-process run find each other and how long they wait; also the flags
+/// of every command that runs on several ranks. Ignored without launcher variables
+/// (`RANK`/`WORLD_SIZE` from torchrun, or `SLURM_PROCID`/`SLURM_NTASKS` from srun).
+#[derive(Clone, Debug, clap::Args)]
 pub struct ConnectOptions {
-    /// Shared directory for the rendezvous; required when the world has more than one rank.
+    /// Directory every rank can reach (a shared filesystem across nodes); needed when the
+    /// world has more than one rank.
+    #[arg(long, value_name = "DIR")]
     pub rendezvous: Option<PathBuf>,
+    /// Seconds a rank waits for the others to arrive before failing.
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
     pub rendezvous_timeout: Duration,
-    /// Longest wait inside one collective before naming the ranks that never arrived.
+    /// Seconds a rank waits inside one collective before failing.
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
     pub collective_timeout: Duration,
-    /// Overrides the launcher's run id as the key that keeps runs sharing a directory apart.
+    /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID
+    /// or TORCHELASTIC_RUN_ID).
+    #[arg(long)]
     pub job_id: Option<String>,
+    /// Communicator: file (through the rendezvous directory, CPU; one rank needs none) or nccl
+    /// (one GPU per rank, LOCAL_RANK picks it; with one rank a real one-GPU communicator).
+    #[arg(long, default_value = "file")]
     pub backend: Backend,
+}
+
+/// The default wait for the other ranks, at the rendezvous and inside a collective.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Default for ConnectOptions {
+    /// No rendezvous directory, 300 s timeouts, the file backend: the flags' defaults.
+    fn default() -> Self {
+        ConnectOptions {
+            rendezvous: None,
+            rendezvous_timeout: DEFAULT_TIMEOUT,
+            collective_timeout: DEFAULT_TIMEOUT,
+            job_id: None,
+            backend: Backend::File,
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// This process's rank, from the launcher's variables, and its communicator ([`Single`]
+    /// without a launcher); a failure to connect names the rank.
+    pub fn connect_from_env(&self) -> Result<(RankInfo, Box<dyn Collective>)> {
+        let info = RankInfo::from_env()?;
+        let coll = connect(&info, self).map_err(|e| info.tag(e))?;
+        Ok((info, coll))
+    }
 }
 
 /// The communicator for this rank: [`Single`] for world size 1 (a one-rank NCCL communicator
@@ -85,5 +124,26 @@ pub fn connect(info: &RankInfo, opts: &ConnectOptions) -> Result<Box<dyn Collect
             let rdzv = rendezvous::rendezvous(info, &ropts, &[])?;
             Ok(Box::new(FileGroup::new(rdzv, opts.collective_timeout)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            opts: ConnectOptions,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
+        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", ConnectOptions::default()));
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--rendezvous-timeout", "1.5", "--backend", "nccl"]);
+        let opts = cli.unwrap().opts;
+        assert_eq!((opts.rendezvous_timeout, opts.backend), (Duration::from_millis(1500), Backend::Nccl));
+        let bad = <Cli as clap::Parser>::try_parse_from(["x", "--collective-timeout", "0"]).err().unwrap();
+        assert!(bad.to_string().contains("not a positive number of seconds"), "{bad}");
     }
 }

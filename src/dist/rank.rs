@@ -128,6 +128,16 @@ impl RankInfo {
     pub fn is_single(&self) -> bool {
         self.world_size == 1
     }
+
+    /// `rank R/N`, the prefix of this rank's messages.
+    pub fn label(&self) -> String {
+        format!("rank {}/{}", self.rank, self.world_size)
+    }
+
+    /// `error` as this rank's ([`Error::OnRank`]), so that it can be told from the others'.
+    pub fn tag(&self, error: Error) -> Error {
+        Error::OnRank { rank: self.rank, world_size: self.world_size, error: Box::new(error) }
+    }
 }
 
 impl fmt::Display for RankInfo {

@@ -1,0 +1,51 @@
+//! Values people type on the command line, parsed once for every command that takes them: byte
+//! sizes (`--out-shard-size`, `--host-mem`, `--device-mem`) and seconds (the timeouts). They are
+//! clap value parsers, so a bad value is refused by clap naming the flag.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A byte size: `5GB`, `500MB`, `2GiB`, `1.5 TB` (the `bytesize` crate's units: K/M/G/T decimal,
+/// KiB/MiB/GiB/TiB binary), at least one byte.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let size: bytesize::ByteSize =
+        s.parse().map_err(|e| Error::Invalid(format!("`{s}` is not a size (e.g. 5GB, 500MB, 2GiB): {e}")))?;
+    if size.as_u64() == 0 {
+        return Err(Error::Invalid(format!("size `{s}` must be at least one byte")));
+    }
+    Ok(size.as_u64())
+}
+
+/// [`parse_size`] that also takes `0`: a memory budget that keeps nothing.
+pub fn parse_budget(s: &str) -> Result<u64> {
+    if s.trim() == "0" { Ok(0) } else { parse_size(s) }
+}
+
+/// A positive number of seconds (fractions allowed).
+pub fn parse_secs(s: &str) -> Result<Duration> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        _ => Err(Error::Invalid(format!("`{s}` is not a positive number of seconds"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_budgets_and_seconds() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5 TB").unwrap(), 1_500_000_000_000);
+        assert!(parse_size("0").unwrap_err().to_string().contains("at least one byte"));
+        assert!(parse_size("5XB").unwrap_err().to_string().contains("is not a size"));
+        assert_eq!(parse_budget("0").unwrap(), 0);
+        assert_eq!(parse_budget("8GB").unwrap(), 8_000_000_000);
+        assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));
+        for bad in ["0", "-1", "inf", "NaN", "x"] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+    }
+}
