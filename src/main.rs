@@ -20,8 +20,7 @@ use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::ConnectOptions;
 use symerge::dist::check::CheckOptions;
 use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
-use symerge::merge::config::MergeConfig;
-use symerge::merge::executor::MergeOptions;
+use symerge::merge::engine::MergeArgs;
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, PredictSummary, SequenceClassifier,
     check_predictions_output, evaluate, evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
@@ -59,34 +58,11 @@ enum Command {
     },
     /// Training-free merge from a mergekit-style YAML config.
     Merge {
-        config: PathBuf,
-        /// Output directory (written atomically: it appears only when complete).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Output dtype (float32, float16, bfloat16); default: the config's, else the inputs'.
-        #[arg(long)]
-        dtype: Option<FloatDType>,
-        /// Largest shard, e.g. 5GB, 500MB, 2GiB.
-        #[arg(long, default_value = "5GB", value_parser = parse_size)]
-        out_shard_size: u64,
-        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
-        /// that is empty; anything else is refused.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        args: MergeArgs,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
-        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda, cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: Device,
-        /// Device memory the GPU merge may use, e.g. 20GB (default: what is free, less 2 GB).
-        /// When it holds every input, inputs stay resident on the device.
-        #[arg(long, value_parser = parse_size)]
-        device_mem: Option<u64>,
-        /// Split the blocks over the launcher's ranks (each on GPU LOCAL_RANK with a CUDA
-        /// device); rank 0 assembles the shards and the index.
-        #[command(flatten)]
-        dist: ConnectOptions,
     },
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda {
@@ -466,16 +442,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let info = symerge::inspect::inspect(&path)?;
             emit_report(&info, json)?;
         }
-        Command::Merge { config, output, dtype, out_shard_size, force, json, device, device_mem, dist } => {
-            let cfg = MergeConfig::load(&config)?;
-            tracing::info!("merging {} model(s) with {} into {}", cfg.models.len(), cfg.method.name, output.display());
-            let opts =
-                MergeOptions { output, max_shard_bytes: out_shard_size, out_dtype: dtype, force, progress: !cli.quiet };
-            // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
-            let (info, mut coll) = dist.connect_from_env()?;
-            let summary = symerge::merge::engine::merge_on(&cfg, &opts, device, device_mem, coll.as_mut())
-                .map_err(|e| info.tag(e))?;
-            emit_report(&summary, json)?;
+        Command::Merge { mut args, json } => {
+            args.opts.progress = !cli.quiet;
+            emit_report(&args.run()?, json)?;
         }
         Command::BenchCuda {
             preset,

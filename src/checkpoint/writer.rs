@@ -56,6 +56,13 @@ pub struct ShardWriter {
 
 /// Dirty output is handed to the disk in pieces of this size while the merge runs, so the
 /// final `fsync` waits for one piece instead of the whole shard.
+/// The largest shard unless told otherwise (`--out-shard-size`), as Hugging Face's
+/// `save_pretrained` and mergekit write them: a size every loader and file system takes.
+pub const DEFAULT_SHARD_SIZE: &str = "5GB";
+
+/// [`DEFAULT_SHARD_SIZE`] in bytes.
+pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
+
 const WRITEBACK_BYTES: u64 = 256 << 20;
 
 /// What [`ShardWriter::finish`] produced.

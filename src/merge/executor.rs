@@ -22,13 +22,16 @@ use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::layers::BlockKind;
 use crate::checkpoint::side_files::{copy_side_files, edit_config};
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
-use crate::checkpoint::writer::{BackgroundWriter, plan_shards, shard_file_name, write_index};
+use crate::checkpoint::writer::{
+    BackgroundWriter, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, plan_shards, shard_file_name, write_index,
+};
 use crate::checkpoint::{Checkpoint, FloatDType, LayerStream, PlannedTensor, ShardWriter, TensorMeta};
 use crate::dist::data_parallel::shard_range;
 use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::sysinfo::peak_rss_bytes;
+use crate::units::parse_size;
 
 /// Elements per output write: bounds the output buffer to a few MB whatever the tensor size.
 const SPAN: usize = 1 << 22;
@@ -37,18 +40,44 @@ const SPAN: usize = 1 << 22;
 /// the method's scratch stay in L2 (measured: 35% less CPU time than 64Ki-element chunks).
 const CHUNK: usize = 1 << 12;
 
-/// How and where to write the merge.
-#[derive(Debug, Clone)]
+/// How and where to write the merge; also `symerge merge`'s output flags (their defaults are
+/// [`MergeOptions::new`]'s).
+#[derive(Debug, Clone, clap::Args)]
 pub struct MergeOptions {
+    /// Output directory (written atomically: it appears only when complete).
+    #[arg(short, long)]
     pub output: PathBuf,
-    pub max_shard_bytes: u64,
-    /// Overrides the config's dtype.
+    /// Output dtype (float32, float16, bfloat16); default: the config's, else the inputs'.
+    #[arg(long = "dtype", value_name = "DTYPE")]
     pub out_dtype: Option<FloatDType>,
-    /// Replace an existing output directory, if a previous symerge run wrote it or it is empty
-    /// (see [`crate::atomic::check_output_dir`]).
+    /// Largest shard, e.g. 5GB, 500MB, 2GiB.
+    #[arg(
+        long = "out-shard-size",
+        value_name = "OUT_SHARD_SIZE",
+        default_value = DEFAULT_SHARD_SIZE,
+        value_parser = parse_size
+    )]
+    pub max_shard_bytes: u64,
+    /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+    /// that is empty; anything else is refused.
+    #[arg(long)]
     pub force: bool,
-    /// Show a progress bar (TTY) or log lines.
+    /// Show a progress bar (TTY) or log lines (the command line's `-q` turns it off).
+    #[arg(skip = true)]
     pub progress: bool,
+}
+
+impl MergeOptions {
+    /// The defaults: the config's dtype, 5 GB shards, no replacing, progress shown.
+    pub fn new(output: impl Into<PathBuf>) -> Self {
+        MergeOptions {
+            output: output.into(),
+            out_dtype: None,
+            max_shard_bytes: DEFAULT_SHARD_BYTES,
+            force: false,
+            progress: true,
+        }
+    }
 }
 
 /// Machine-readable account of a merge (`--json`).
