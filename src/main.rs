@@ -13,8 +13,7 @@ use symerge::adapt::train::AdaptOptions;
 use symerge::atomic::write_atomic;
 use symerge::backend::cuda::Resolved;
 use symerge::backend::{Backend as _, Device};
-use symerge::checkpoint::FloatDType;
-use symerge::checkpoint::generate::{GenerateSummary, PRESETS, SyntheticSpec, write_family};
+use symerge::checkpoint::generate::{GenerateOptions, preset_list};
 use symerge::data::jsonl::read_jsonl;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::ConnectOptions;
@@ -27,7 +26,7 @@ use symerge::model::{
     write_predictions,
 };
 use symerge::report::{emit, emit_json, emit_report};
-use symerge::units::{parse_budget, parse_size};
+use symerge::units::parse_budget;
 use symerge::with_backend;
 
 #[derive(Parser)]
@@ -183,27 +182,8 @@ enum Command {
     },
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
     Generate {
-        /// Shape preset (see `symerge generate --list`).
-        #[arg(long, default_value = "llama-tiny")]
-        preset: String,
-        /// Output directory; gets base/ and expert-1/ .. expert-K/ (each replaces only an earlier
-        /// symerge output or an empty directory).
-        #[arg(short, long, required_unless_present = "list")]
-        output: Option<PathBuf>,
-        #[arg(long, default_value = "bfloat16")]
-        dtype: FloatDType,
-        #[arg(long, default_value_t = 3)]
-        experts: u32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Size of the experts' task vectors (uniform in +-scale).
-        #[arg(long, default_value_t = 0.01)]
-        delta_scale: f32,
-        #[arg(long, default_value = "5GB", value_parser = parse_size)]
-        out_shard_size: u64,
-        /// List the presets.
-        #[arg(long)]
-        list: bool,
+        #[command(flatten)]
+        opts: GenerateOptions,
         /// Print a JSON summary on stdout (the model directories otherwise, one per line).
         #[arg(long)]
         json: bool,
@@ -539,22 +519,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ImportGguf { file, output, force, json } => {
             emit_report(&symerge::model::import::import_gguf(&file, &output, force)?, json)?;
         }
-        Command::Generate { preset, output, dtype, experts, seed, delta_scale, out_shard_size, list, json } => {
-            if list {
-                for (name, what) in PRESETS {
-                    println!("{name:<12} {what}");
-                }
-                return Ok(());
-            }
-            let Some(output) = output else { bail!("--output is required") };
-            let Some(spec) = SyntheticSpec::preset(&preset, dtype) else {
-                let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
-                bail!("unknown preset `{preset}` (available: {})", names.join(", "));
-            };
-            tracing::info!("writing {} params x {} models to {}", spec.num_params(), experts + 1, output.display());
-            let models = write_family(&spec, seed, experts, delta_scale, &output, out_shard_size)?;
-            emit_report(&GenerateSummary { preset, params: spec.num_params(), models }, json)?;
-        }
+        Command::Generate { opts, json: _ } if opts.list => emit(&preset_list())?,
+        Command::Generate { opts, json } => emit_report(&opts.generate()?, json)?,
         Command::Data { command: DataCommand::Prepare { source, out, task, max_chars, max_per_class, json } } => {
             let opts = PrepareOptions { source, out, max_chars, max_per_class };
             // Every task's directory before the first is written: a refusal leaves nothing half done.

@@ -9,9 +9,10 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use super::dtype::{FloatDType, encode_into};
-use super::writer::{PlannedTensor, ShardWriter};
+use super::writer::{DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
+use crate::units::parse_size;
 
 /// Family of tensor names and config to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +236,74 @@ fn write_model_into(spec: &SyntheticSpec, seed: u64, variant: Variant, dir: &Pat
     Ok(())
 }
 
+/// `symerge generate`'s flags: which family to write and where (their defaults are
+/// [`GenerateOptions::default`]'s).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateOptions {
+    /// Shape preset (see `symerge generate --list`).
+    #[arg(long, default_value = "llama-tiny")]
+    pub preset: String,
+    /// Output directory; gets base/ and expert-1/ .. expert-K/ (each replaces only an earlier
+    /// symerge output or an empty directory).
+    #[arg(short, long, required_unless_present = "list")]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value = "bfloat16")]
+    pub dtype: FloatDType,
+    #[arg(long, default_value_t = 3)]
+    pub experts: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Size of the experts' task vectors (uniform in +-scale).
+    #[arg(long, default_value_t = 0.01)]
+    pub delta_scale: f32,
+    #[arg(long, default_value = DEFAULT_SHARD_SIZE, value_parser = parse_size)]
+    pub out_shard_size: u64,
+    /// List the presets.
+    #[arg(long)]
+    pub list: bool,
+}
+
+impl Default for GenerateOptions {
+    /// `llama-tiny` in bfloat16, three experts, seed 0, task vectors of 0.01, 5 GB shards, and no
+    /// output directory yet.
+    fn default() -> Self {
+        GenerateOptions {
+            preset: "llama-tiny".into(),
+            output: None,
+            dtype: FloatDType::BF16,
+            experts: 3,
+            seed: 0,
+            delta_scale: 0.01,
+            out_shard_size: DEFAULT_SHARD_BYTES,
+            list: false,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// The preset's shape in the chosen dtype; an unknown name lists the known ones.
+    pub fn spec(&self) -> Result<SyntheticSpec> {
+        SyntheticSpec::preset(&self.preset, self.dtype).ok_or_else(|| {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+            Error::Invalid(format!("unknown preset `{}` (available: {})", self.preset, names.join(", ")))
+        })
+    }
+
+    /// Writes the base model and the experts into the output directory (see [`write_family`]).
+    pub fn generate(&self) -> Result<GenerateSummary> {
+        let output = self.output.as_deref().ok_or_else(|| Error::Invalid("--output is required".into()))?;
+        let spec = self.spec()?;
+        tracing::info!("writing {} params x {} models to {}", spec.num_params(), self.experts + 1, output.display());
+        let models = write_family(&spec, self.seed, self.experts, self.delta_scale, output, self.out_shard_size)?;
+        Ok(GenerateSummary { preset: self.preset.clone(), params: spec.num_params(), models })
+    }
+}
+
+/// The presets and what they are, one per line (`symerge generate --list`).
+pub fn preset_list() -> String {
+    PRESETS.iter().map(|(name, what)| format!("{name:<12} {what}\n")).collect()
+}
+
 /// What `generate` wrote (`--json`); its text form is one model directory per line.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GenerateSummary {
@@ -270,4 +339,34 @@ pub fn write_family(
         crate::atomic::check_output_dir(d, true)?;
     }
     models.iter().map(|(variant, d)| write_model(spec, seed, *variant, d, shard_bytes)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: GenerateOptions,
+    }
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "-o", "out"]).unwrap();
+        let want = GenerateOptions { output: Some("out".into()), ..GenerateOptions::default() };
+        assert_eq!(format!("{:?}", cli.opts), format!("{want:?}"));
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--list"]).unwrap();
+        assert!(cli.opts.list && cli.opts.output.is_none(), "--list needs no output");
+        assert!(<Cli as clap::Parser>::try_parse_from(["x"]).is_err(), "--output is required otherwise");
+    }
+
+    #[test]
+    fn unknown_presets_and_missing_outputs_are_refused() {
+        let opts = GenerateOptions { preset: "llama-huge".into(), ..GenerateOptions::default() };
+        let e = opts.spec().unwrap_err().to_string();
+        assert!(e.contains("llama-huge") && e.contains("llama-tiny"), "{e}");
+        assert!(GenerateOptions::default().generate().unwrap_err().to_string().contains("--output"));
+        assert_eq!(preset_list().lines().count(), PRESETS.len());
+    }
 }
