@@ -14,8 +14,8 @@ use symerge::atomic::write_atomic;
 use symerge::backend::cuda::Resolved;
 use symerge::backend::{Backend as _, Device};
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
+use symerge::data::PrepareArgs;
 use symerge::data::jsonl::read_jsonl;
-use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::dist::ConnectOptions;
 use symerge::dist::check::CheckOptions;
 use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
@@ -291,35 +291,12 @@ enum DataCommand {
     /// Build train/validation/test JSONL files for real text tasks from unpacked Debian packages
     /// (wordnet-base, fortunes, fortunes-{de,it,pl,cs,eo}; scripts/fetch-assets.sh fetches them).
     Prepare {
-        /// Directory the packages were extracted into (`/` for a system install).
-        #[arg(long, default_value = "target/assets/debian")]
-        source: PathBuf,
-        /// Output directory; each task gets OUT/<task>/{train,validation,test}.jsonl and labels.json
-        /// (replacing only an earlier `data prepare` output there, or an empty directory).
-        #[arg(long)]
-        out: PathBuf,
-        /// wn-noun, wn-verb, fortune-topic, lang-id; lm-de, lm-it, lm-pl, lm-eo, lm-gloss (texts for a
-        /// causal LM); a comma-separated list; `all` (the four classification tasks) or `lm`.
-        #[arg(long, default_value = "all", value_parser = parse_tasks)]
-        task: Tasks,
-        /// Cut longer entries to this many characters.
-        #[arg(long, default_value_t = DEFAULT_MAX_CHARS)]
-        max_chars: usize,
-        /// Keep at most N texts per class (default: no cap, except 3000 for lang-id).
-        #[arg(long, value_name = "N")]
-        max_per_class: Option<usize>,
+        #[command(flatten)]
+        args: PrepareArgs,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
     },
-}
-
-/// The tasks `--task` selects (a newtype, so clap takes the list as one value).
-#[derive(Clone)]
-struct Tasks(Vec<Task>);
-
-fn parse_tasks(s: &str) -> Result<Tasks, String> {
-    Task::parse_list(s).map(Tasks)
 }
 
 /// Options shared by the commands that run a model.
@@ -521,20 +498,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate { opts, json: _ } if opts.list => emit(&preset_list())?,
         Command::Generate { opts, json } => emit_report(&opts.generate()?, json)?,
-        Command::Data { command: DataCommand::Prepare { source, out, task, max_chars, max_per_class, json } } => {
-            let opts = PrepareOptions { source, out, max_chars, max_per_class };
-            // Every task's directory before the first is written: a refusal leaves nothing half done.
-            for &t in &task.0 {
-                symerge::data::check_output(t, &opts)?;
-            }
-            let mut summaries = Vec::new();
-            for t in task.0 {
-                let summary = symerge::data::prepare(t, &opts)?;
-                if !json {
-                    emit(&summary.to_string())?;
-                }
-                summaries.push(summary);
-            }
+        Command::Data { command: DataCommand::Prepare { args, json } } => {
+            let summaries = args.run(|s| if json { Ok(()) } else { emit(&s.to_string()) })?;
             if json {
                 emit_json(&summaries)?;
             }

@@ -139,17 +139,102 @@ impl FromStr for Task {
     }
 }
 
-/// Where to read, where to write, and the limits.
-#[derive(Debug, Clone)]
+/// Where to read, where to write, and the limits; also `symerge data prepare`'s flags (their
+/// defaults are [`PrepareOptions::new`]'s).
+#[derive(Debug, Clone, clap::Args)]
 pub struct PrepareOptions {
-    /// The directory the Debian packages were extracted into (`/` for a system install).
+    /// Directory the packages were extracted into (`/` for a system install).
+    #[arg(long, default_value = DEFAULT_SOURCE)]
     pub source: PathBuf,
-    /// Each task is written to `out/<task>/`.
+    /// Output directory; each task gets OUT/<task>/{train,validation,test}.jsonl and labels.json
+    /// (replacing only an earlier `data prepare` output there, or an empty directory).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Cut longer entries to this many characters.
+    #[arg(long, default_value_t = DEFAULT_MAX_CHARS)]
     pub max_chars: usize,
-    /// Keep at most this many texts per class (chosen by hash, see [`split::cap_order`]); `None`
-    /// means no cap, except [`LANG_ID_MAX_PER_CLASS`] for `lang-id`.
+    /// Keep at most N texts per class (default: no cap, except 3000 for lang-id).
+    // The texts kept are chosen by hash (split::cap_order); `None` also caps each
+    // language-modelling task at LM_MAX_TEXTS.
+    #[arg(long, value_name = "N")]
     pub max_per_class: Option<usize>,
+}
+
+/// Where scripts/fetch-assets.sh unpacks the Debian packages.
+pub const DEFAULT_SOURCE: &str = "target/assets/debian";
+
+impl PrepareOptions {
+    /// The defaults: sources where scripts/fetch-assets.sh puts them, entries cut at 512
+    /// characters, no class cap beyond each task's own.
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        PrepareOptions {
+            source: DEFAULT_SOURCE.into(),
+            out: out.into(),
+            max_chars: DEFAULT_MAX_CHARS,
+            max_per_class: None,
+        }
+    }
+
+    /// Refuses limits that would leave nothing: zero characters, or zero texts per class.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_chars == 0 {
+            return Err(Error::Invalid("--max-chars must be at least 1".into()));
+        }
+        if self.max_per_class == Some(0) {
+            return Err(Error::Invalid("--max-per-class must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The tasks `--task` selects (see [`Task::parse_list`]): one value holding a list, so clap
+/// takes `wn-noun,lang-id` as one argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskList(pub Vec<Task>);
+
+impl Default for TaskList {
+    /// `all`: the classification tasks.
+    fn default() -> Self {
+        TaskList(Task::CLASSIFICATION.to_vec())
+    }
+}
+
+impl FromStr for TaskList {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Task::parse_list(s).map(TaskList).map_err(Error::Invalid)
+    }
+}
+
+/// `symerge data prepare`'s flags: the [`PrepareOptions`] and the tasks that share them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrepareArgs {
+    #[command(flatten)]
+    pub opts: PrepareOptions,
+    /// wn-noun, wn-verb, fortune-topic, lang-id; lm-de, lm-it, lm-pl, lm-eo, lm-gloss (texts for a
+    /// causal LM); a comma-separated list; `all` (the four classification tasks) or `lm`.
+    #[arg(long, default_value = "all")]
+    pub task: TaskList,
+}
+
+impl PrepareArgs {
+    /// Prepares every task in order, calling `done` with each one's summary as it is written.
+    /// Every task's directory is checked before the first is written, so a refusal leaves
+    /// nothing half done.
+    pub fn run(&self, mut done: impl FnMut(&TaskSummary) -> Result<()>) -> Result<Vec<TaskSummary>> {
+        self.opts.validate()?;
+        for &task in &self.task.0 {
+            check_output(task, &self.opts)?;
+        }
+        let mut summaries = Vec::new();
+        for &task in &self.task.0 {
+            let summary = prepare(task, &self.opts)?;
+            done(&summary)?;
+            summaries.push(summary);
+        }
+        Ok(summaries)
+    }
 }
 
 /// What happened to the entries read. `read` = `empty + filtered + duplicates + conflicting +`
@@ -292,12 +377,7 @@ pub fn check_output(task: Task, opts: &PrepareOptions) -> Result<()> {
 /// all and replaces only an earlier `prepare` output there (or an empty directory).
 pub fn prepare(task: Task, opts: &PrepareOptions) -> Result<TaskSummary> {
     check_output(task, opts)?;
-    if opts.max_chars == 0 {
-        return Err(Error::Invalid("--max-chars must be at least 1".into()));
-    }
-    if opts.max_per_class == Some(0) {
-        return Err(Error::Invalid("--max-per-class must be at least 1".into()));
-    }
+    opts.validate()?;
     tracing::info!("preparing {task} from {}", opts.source.display());
     let Collected { collector, label_order, min_class, max_per_class } = collect(task, opts)?;
     let (classes, stats) = collector.finish();
@@ -520,4 +600,35 @@ fn assemble(
     let rows = Split::ALL.iter().map(|&s| (s, counts.rows(s))).collect();
     tracing::debug!("{task}: wrote {}", dir.display());
     Ok(TaskSummary { task: task.name().to_string(), dir, labels, rows, counts, stats, small_classes, max_per_class })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: PrepareArgs,
+    }
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--out", "data"]).unwrap();
+        let want = PrepareArgs { opts: PrepareOptions::new("data"), task: TaskList::default() };
+        assert_eq!(format!("{:?}", cli.args), format!("{want:?}"));
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--out", "d", "--task", "lm-de,wn-noun"]).unwrap();
+        assert_eq!(cli.args.task, TaskList(vec![Task::LmFortunes("de"), Task::WnNoun]));
+        let bad = <Cli as clap::Parser>::try_parse_from(["x", "--out", "d", "--task", "wn-adj"]).err().unwrap();
+        assert!(bad.to_string().contains("unknown task `wn-adj`"), "{bad}");
+    }
+
+    #[test]
+    fn limits_that_leave_nothing_are_refused() {
+        assert!(PrepareOptions::new("d").validate().is_ok());
+        let zero_chars = PrepareOptions { max_chars: 0, ..PrepareOptions::new("d") };
+        assert!(zero_chars.validate().unwrap_err().to_string().contains("--max-chars"));
+        let zero_cap = PrepareOptions { max_per_class: Some(0), ..PrepareOptions::new("d") };
+        assert!(zero_cap.validate().unwrap_err().to_string().contains("--max-per-class"));
+    }
 }
