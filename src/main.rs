@@ -18,7 +18,7 @@ use symerge::data::PrepareArgs;
 use symerge::data::jsonl::read_jsonl;
 use symerge::dist::ConnectOptions;
 use symerge::dist::check::CheckOptions;
-use symerge::labels::produce::{CacheLabelsOptions, DEFAULT_TOP_K, cache_labels_in};
+use symerge::labels::produce::CacheLabelsArgs;
 use symerge::merge::engine::MergeArgs;
 use symerge::model::{
     Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, PredictSummary, SequenceClassifier,
@@ -205,39 +205,10 @@ enum Command {
     /// Run an expert over its task's inputs once and cache its soft labels on disk (resumable;
     /// reused when the cache already matches the expert and the inputs).
     CacheLabels {
-        /// The expert: a fine-tuned sequence classifier directory, or a causal LM (Llama, Mistral,
-        /// Qwen2), whose cache keeps the top-k next tokens of every predicted position.
-        #[arg(long)]
-        expert: PathBuf,
-        /// Task name recorded in the cache (checked by `adapt`).
-        #[arg(long)]
-        task: String,
-        /// JSONL with a `text` field per line (labels, if any, are ignored).
-        #[arg(long)]
-        inputs: PathBuf,
-        /// The cache file.
-        #[arg(short, long)]
-        output: PathBuf,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
-        #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
-        max_len: usize,
-        /// Rebuild a cache made for another expert or other inputs instead of failing (only a
-        /// label cache is ever replaced; any other file is refused).
-        #[arg(long)]
-        force: bool,
-        /// Causal LM experts: next tokens kept per position (capped at the vocabulary).
-        #[arg(long, default_value_t = DEFAULT_TOP_K)]
-        top_k: usize,
+        #[command(flatten)]
+        args: CacheLabelsArgs,
         #[arg(long)]
         json: bool,
-        /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
-        #[command(flatten)]
-        dist: ConnectOptions,
-        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
-        /// launcher the GPU of LOCAL_RANK), cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: Device,
     },
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
@@ -504,27 +475,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit_json(&summaries)?;
             }
         }
-        Command::CacheLabels {
-            expert,
-            task,
-            inputs,
-            output,
-            batch_size,
-            max_len,
-            force,
-            top_k,
-            json,
-            dist,
-            device,
-        } => {
-            symerge::atomic::check_output_apart(&output, &[&expert, &inputs])?;
-            let texts: Vec<String> = read_jsonl(&inputs)?.into_iter().map(|e| e.text).collect();
-            let opts = CacheLabelsOptions { expert, task, output, batch_size, max_len, force, top_k };
-            let (info, mut coll) = dist.connect_from_env()?;
-            let summary = with_backend!(device, |be| cache_labels_in(be, &texts, &opts, coll.as_mut())
-                .map_err(|e| info.tag(e))?);
-            emit_report(&summary, json)?;
-        }
+        Command::CacheLabels { args, json } => emit_report(&args.run()?, json)?,
         Command::Adapt {
             config,
             output,

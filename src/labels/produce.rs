@@ -13,13 +13,14 @@ use super::cache::{
 };
 use super::fingerprint::{checkpoint_hash, file_hash, texts_hash};
 use crate::atomic::write_atomic;
-use crate::backend::Backend;
+use crate::backend::{Backend, Device};
 use crate::checkpoint::Checkpoint;
+use crate::data::jsonl::read_jsonl;
 use crate::dist::data_parallel::shard_range;
-use crate::dist::{Collective, Single};
+use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::model::tokenize::Tokens;
-use crate::model::{CausalLm, LoadOptions, SequenceClassifier, is_causal_lm_dir, predict};
+use crate::model::{CausalLm, DEFAULT_MAX_LEN, LoadOptions, SequenceClassifier, is_causal_lm_dir, predict};
 
 /// Inputs per flush to the cache file: what a killed run loses at most.
 const ROWS_PER_FLUSH: usize = 256;
@@ -27,19 +28,85 @@ const ROWS_PER_FLUSH: usize = 256;
 /// Default number of next tokens a causal LM's cache keeps per position.
 pub const DEFAULT_TOP_K: usize = 64;
 
-/// What to cache.
-#[derive(Debug, Clone)]
+/// What to cache; also `symerge cache-labels`' flags (their defaults are
+/// [`CacheLabelsOptions::new`]'s).
+#[derive(Debug, Clone, clap::Args)]
 pub struct CacheLabelsOptions {
+    /// The expert: a fine-tuned sequence classifier directory, or a causal LM (Llama, Mistral,
+    /// Qwen2), whose cache keeps the top-k next tokens of every predicted position.
+    #[arg(long)]
     pub expert: PathBuf,
+    /// Task name recorded in the cache (checked by `adapt`).
+    #[arg(long)]
     pub task: String,
+    /// The cache file.
+    #[arg(short, long)]
     pub output: PathBuf,
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     pub max_len: usize,
-    /// Rebuild an existing cache made for other inputs or another expert instead of failing;
-    /// a file that is no label cache is refused all the same.
+    /// Rebuild a cache made for another expert or other inputs instead of failing (only a
+    /// label cache is ever replaced; any other file is refused).
+    #[arg(long)]
     pub force: bool,
     /// Causal LM experts: next tokens kept per position (capped at the vocabulary).
+    #[arg(long, default_value_t = DEFAULT_TOP_K)]
     pub top_k: usize,
+}
+
+/// Texts per forward pass unless told otherwise.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+impl CacheLabelsOptions {
+    /// The defaults: batches of 32, 128 tokens, the top 64 next tokens, no rebuilding.
+    pub fn new(expert: impl Into<PathBuf>, task: impl Into<String>, output: impl Into<PathBuf>) -> Self {
+        CacheLabelsOptions {
+            expert: expert.into(),
+            task: task.into(),
+            output: output.into(),
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_len: DEFAULT_MAX_LEN,
+            force: false,
+            top_k: DEFAULT_TOP_K,
+        }
+    }
+}
+
+/// `symerge cache-labels`' arguments: the [`CacheLabelsOptions`], the inputs they label, the
+/// launcher's ranks and where the math runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheLabelsArgs {
+    #[command(flatten)]
+    pub opts: CacheLabelsOptions,
+    /// JSONL with a `text` field per line (labels, if any, are ignored).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Split the rows over the launcher's ranks; rank 0 stitches the parts into one cache.
+    #[command(flatten)]
+    pub dist: ConnectOptions,
+    /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+    /// launcher the GPU of LOCAL_RANK), cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+impl CacheLabelsArgs {
+    /// The defaults: [`CacheLabelsOptions::new`], `--device auto`, one process unless a
+    /// launcher says otherwise.
+    pub fn new(opts: CacheLabelsOptions, inputs: impl Into<PathBuf>) -> Self {
+        CacheLabelsArgs { opts, inputs: inputs.into(), dist: ConnectOptions::default(), device: Device::Auto }
+    }
+
+    /// Reads the inputs' texts, joins the launcher's ranks and caches this rank's share (see
+    /// [`cache_labels_in`]).
+    pub fn run(&self) -> Result<CacheLabelsSummary> {
+        crate::atomic::check_output_apart(&self.opts.output, &[&self.opts.expert, &self.inputs])?;
+        let texts: Vec<String> = read_jsonl(&self.inputs)?.into_iter().map(|e| e.text).collect();
+        let (info, mut coll) = self.dist.connect_from_env()?;
+        let cached = crate::with_backend!(self.device, |be| cache_labels_in(be, &texts, &self.opts, coll.as_mut()));
+        cached.map_err(|e| info.tag(e))
+    }
 }
 
 /// Account of a `cache-labels` run (`--json`).
@@ -363,4 +430,22 @@ fn stitch_ranks<B: Backend, S: AsRef<str>>(
     }
     coll.barrier()?;
     Ok(opts.output.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CacheLabelsArgs,
+        }
+        let argv = ["x", "--expert", "e", "--task", "t", "--inputs", "i.jsonl", "-o", "c.bin"];
+        let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        let want = CacheLabelsArgs::new(CacheLabelsOptions::new("e", "t", "c.bin"), "i.jsonl");
+        assert_eq!(format!("{:?}", cli.args), format!("{want:?}"));
+    }
 }
