@@ -3,20 +3,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
-use symerge::adapt::classifier::Adapter;
-use symerge::adapt::config::AdaptConfig;
-use symerge::adapt::lm::LmAdapter;
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
-use symerge::adapt::train::AdaptOptions;
+use symerge::adapt::train::AdaptArgs;
 use symerge::atomic::write_atomic;
+use symerge::backend::Device;
 use symerge::backend::cuda::Resolved;
-use symerge::backend::{Backend as _, Device};
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
 use symerge::data::PrepareArgs;
 use symerge::data::jsonl::read_jsonl;
-use symerge::dist::ConnectOptions;
 use symerge::dist::check::CheckOptions;
 use symerge::labels::produce::CacheLabelsArgs;
 use symerge::merge::engine::MergeArgs;
@@ -26,7 +22,6 @@ use symerge::model::{
     write_predictions,
 };
 use symerge::report::{emit, emit_json, emit_report};
-use symerge::units::parse_budget;
 use symerge::with_backend;
 
 #[derive(Parser)]
@@ -214,46 +209,10 @@ enum Command {
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
     /// A causal-LM base model adapts against the experts' top-k next-token caches.
     Adapt {
-        config: PathBuf,
-        /// Output directory (written atomically).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Override the config's epochs.
-        #[arg(long)]
-        epochs: Option<usize>,
-        /// Override the config's seed.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Log a line every N steps.
-        #[arg(long, default_value_t = 10)]
-        log_every: usize,
-        /// Skip the accuracy of the adapted models on their (labelled) inputs.
-        #[arg(long)]
-        no_eval: bool,
-        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
-        /// that is empty; anything else is refused.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        args: AdaptArgs,
         #[arg(long)]
         json: bool,
-        /// Data-parallel over the launcher's ranks: each takes its share of every batch.
-        #[command(flatten)]
-        dist: ConnectOptions,
-        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
-        /// launcher the GPU of LOCAL_RANK), cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: Device,
-        /// On the CPU: host memory for keeping shared blocks' checkpoint pages mapped
-        /// between visits (at most half of it) and layers' forward internals for the backward
-        /// (e.g. 8GB; 0 streams every block and recomputes every layer). Default: half the
-        /// available memory.
-        #[arg(long, value_parser = parse_budget)]
-        host_mem: Option<u64>,
-        /// On a GPU: device memory for keeping shared blocks' bytes on the GPU between
-        /// visits (at most half of it) and layers' forward internals (0 streams every block and
-        /// recomputes every layer). Default: half the free device memory.
-        #[arg(long, value_parser = parse_budget)]
-        device_mem: Option<u64>,
     },
 }
 
@@ -476,50 +435,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::CacheLabels { args, json } => emit_report(&args.run()?, json)?,
-        Command::Adapt {
-            config,
-            output,
-            epochs,
-            seed,
-            log_every,
-            no_eval,
-            force,
-            json,
-            dist,
-            device,
-            host_mem,
-            device_mem,
-        } => {
-            let mut cfg = AdaptConfig::load(&config)?;
-            cfg.epochs = epochs.unwrap_or(cfg.epochs);
-            cfg.seed = seed.unwrap_or(cfg.seed);
-            let (info, mut coll) = dist.connect_from_env()?;
-            let label = info.label();
-            let opts = AdaptOptions { output, force, evaluate: !no_eval, log_every };
-            // Before any model is loaded: a refused output should cost nothing.
-            if let Err(e) = symerge::adapt::train::check_output(&cfg, &opts, info.rank) {
-                coll.abort(&e.to_string());
-                return Err(anyhow::Error::new(e).context(label));
-            }
-            let run = with_backend!(device, |be| {
-                // The budget of the memory the backend keeps blocks in.
-                let budget = if be.name() == "cpu" { host_mem } else { device_mem };
-                if is_causal_lm_dir(&cfg.base_model)? {
-                    LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
-                } else {
-                    Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&opts, coll.as_mut()))
-                }
-            });
-            let summary = match run {
-                Ok(result) => result.with_context(|| label.clone())?,
-                Err(e) => {
-                    coll.abort(&e.to_string());
-                    return Err(anyhow::Error::new(e).context(label));
-                }
-            };
-            if info.rank != 0 {
-                tracing::info!("{label}: done; rank 0 wrote {}", summary.output.display());
-            } else {
+        Command::Adapt { args, json } => {
+            // Only rank 0 has a summary: it wrote the output.
+            if let Some(summary) = args.run()? {
                 emit_report(&summary, json)?;
             }
         }

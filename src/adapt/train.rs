@@ -23,17 +23,20 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::adam::{Adam, AdamConfig, BufAdam};
+use super::classifier::Adapter;
 use super::config::{AdaptConfig, Method};
 use super::lambda::{Granularity, Lambda};
+use super::lm::LmAdapter;
 use super::shared::{BlockLayout, SharedWeights, StreamReport, TableRows};
 use crate::atomic::Staging;
-use crate::backend::Backend;
+use crate::backend::{Backend, Device};
 use crate::dist::data_parallel::{shard_range, verify_digest};
-use crate::dist::{Collective, Single};
+use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::tokenize::Tokens;
-use crate::model::{Batch, Block, LlamaBlock, LmBatch, Param, Params, TextTokenizer};
+use crate::model::{Batch, Block, LlamaBlock, LmBatch, Param, Params, TextTokenizer, is_causal_lm_dir};
+use crate::units::parse_budget;
 
 /// A block of a model family's chain, as adaptation drives it.
 pub trait AdaptBlock<B: Backend>: Clone {
@@ -305,16 +308,132 @@ pub struct AdaptSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Where to write and how to report.
-#[derive(Debug, Clone)]
+/// Where to write and how to report; also `symerge adapt`'s output flags (their defaults are
+/// [`AdaptOptions::new`]'s).
+#[derive(Debug, Clone, clap::Args)]
 pub struct AdaptOptions {
+    /// Output directory (written atomically).
+    #[arg(short, long)]
     pub output: PathBuf,
-    /// Replace an existing output directory, if a previous symerge run wrote it or it is empty.
-    pub force: bool,
-    /// Measure each task's accuracy on its inputs' labels at the end.
-    pub evaluate: bool,
-    /// Log a line every this many steps.
+    /// Log a line every N steps.
+    #[arg(long, default_value_t = 10)]
     pub log_every: usize,
+    /// Skip the accuracy of the adapted models on their (labelled) inputs.
+    // The flag is `--no-eval`: `true` (the default) measures each task's accuracy at the end.
+    #[arg(long = "no-eval", action = clap::ArgAction::SetFalse)]
+    pub evaluate: bool,
+    /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+    /// that is empty; anything else is refused.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl AdaptOptions {
+    /// The defaults: a log line every 10 steps, accuracy measured at the end, no replacing.
+    pub fn new(output: impl Into<PathBuf>) -> Self {
+        AdaptOptions { output: output.into(), log_every: 10, evaluate: true, force: false }
+    }
+}
+
+/// `symerge adapt`'s arguments: the config and its overrides, the [`AdaptOptions`], the
+/// launcher's ranks, the device and its memory budgets.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdaptArgs {
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub opts: AdaptOptions,
+    /// Override the config's epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override the config's seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Data-parallel over the launcher's ranks: each takes its share of every batch.
+    #[command(flatten)]
+    pub dist: ConnectOptions,
+    /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+    /// launcher the GPU of LOCAL_RANK), cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// On the CPU: host memory for keeping shared blocks' checkpoint pages mapped
+    /// between visits (at most half of it) and layers' forward internals for the backward
+    /// (e.g. 8GB; 0 streams every block and recomputes every layer). Default: half the
+    /// available memory.
+    #[arg(long, value_parser = parse_budget)]
+    pub host_mem: Option<u64>,
+    /// On a GPU: device memory for keeping shared blocks' bytes on the GPU between
+    /// visits (at most half of it) and layers' forward internals (0 streams every block and
+    /// recomputes every layer). Default: half the free device memory.
+    #[arg(long, value_parser = parse_budget)]
+    pub device_mem: Option<u64>,
+}
+
+impl AdaptArgs {
+    /// The defaults: [`AdaptOptions::new`], the config's epochs and seed, `--device auto`, half
+    /// the memory, one process unless a launcher says otherwise.
+    pub fn new(config: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
+        AdaptArgs {
+            config: config.into(),
+            opts: AdaptOptions::new(output),
+            epochs: None,
+            seed: None,
+            dist: ConnectOptions::default(),
+            device: Device::Auto,
+            host_mem: None,
+            device_mem: None,
+        }
+    }
+
+    /// The config file with `--epochs` and `--seed` applied.
+    pub fn config(&self) -> Result<AdaptConfig> {
+        let mut cfg = AdaptConfig::load(&self.config)?;
+        cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
+        cfg.seed = self.seed.unwrap_or(cfg.seed);
+        Ok(cfg)
+    }
+
+    /// Adapts as this rank of the launcher's job. Rank 0 writes the output and returns its
+    /// summary; the other ranks log that they are done and return `None`. A rank that fails
+    /// before training aborts the group, so no other rank waits for it.
+    pub fn run(&self) -> Result<Option<AdaptSummary>> {
+        let cfg = self.config()?;
+        let (info, mut coll) = self.dist.connect_from_env()?;
+        // Before any model is loaded: a refused output should cost nothing.
+        if let Err(e) = check_output(&cfg, &self.opts, info.rank) {
+            coll.abort(&e.to_string());
+            return Err(info.tag(e));
+        }
+        let loaded = crate::with_backend!(self.device, |be| self.load_and_run(be, cfg, coll.as_mut()));
+        let summary = match loaded {
+            Ok(trained) => trained.map_err(|e| info.tag(e))?,
+            Err(e) => {
+                coll.abort(&e.to_string());
+                return Err(info.tag(e));
+            }
+        };
+        if info.rank != 0 {
+            tracing::info!("{}: done; rank 0 wrote {}", info.label(), summary.output.display());
+            return Ok(None);
+        }
+        Ok(Some(summary))
+    }
+
+    /// Loads the family the base model belongs to and runs it: the outer error is a failed load
+    /// (the caller aborts the group), the inner one the run's (which has aborted it already).
+    fn load_and_run<B: Backend + Clone>(
+        &self,
+        be: B,
+        cfg: AdaptConfig,
+        coll: &mut dyn Collective,
+    ) -> Result<Result<AdaptSummary>> {
+        // The budget of the memory the backend keeps blocks in.
+        let budget = if be.name() == "cpu" { self.host_mem } else { self.device_mem };
+        if is_causal_lm_dir(&cfg.base_model)? {
+            LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))
+        } else {
+            Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))
+        }
+    }
 }
 
 impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
@@ -853,4 +972,23 @@ fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
         out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.upload(&be.download(&p.buf)?)? });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AdaptArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "a.yml", "-o", "out"]).unwrap();
+        assert_eq!(format!("{:?}", cli.args), format!("{:?}", AdaptArgs::new("a.yml", "out")));
+        let cli = <Cli as clap::Parser>::try_parse_from(["x", "a.yml", "-o", "o", "--no-eval", "--host-mem", "0"]);
+        let args = cli.unwrap().args;
+        assert_eq!((args.opts.evaluate, args.host_mem), (false, Some(0)), "--no-eval clears evaluate; 0 is a budget");
+    }
 }
