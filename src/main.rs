@@ -7,9 +7,8 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::AdaptArgs;
-use symerge::atomic::write_atomic;
 use symerge::backend::Device;
-use symerge::backend::cuda::Resolved;
+use symerge::backend::cuda::bench::BenchOptions;
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
 use symerge::data::PrepareArgs;
 use symerge::data::jsonl::read_jsonl;
@@ -60,38 +59,11 @@ enum Command {
     },
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda {
-        /// Synthetic family for the streaming merge (see `symerge generate --list`).
-        #[arg(long, default_value = "llama-7b")]
-        preset: String,
-        #[arg(long, default_value_t = 2)]
-        experts: u32,
-        /// Where the family is generated (reused when present) and merged.
-        #[arg(long, default_value = "/tmp/symerge-bench")]
-        dir: PathBuf,
-        /// Elements per tensor in the kernel timings.
-        #[arg(long, default_value_t = 1 << 27)]
-        kernel_elems: usize,
-        /// Timed repeats per kernel (median reported).
-        #[arg(long, default_value_t = 20)]
-        repeats: usize,
-        /// Kernels and copy rates only.
-        #[arg(long)]
-        skip_stream: bool,
-        /// Skip the CPU merge (wall time and output comparison).
-        #[arg(long)]
-        skip_cpu: bool,
-        /// Keep the merged outputs.
-        #[arg(long)]
-        keep_outputs: bool,
-        /// CUDA device ordinal.
-        #[arg(long, default_value_t = 0)]
-        gpu: usize,
+        #[command(flatten)]
+        opts: BenchOptions,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Also write the JSON report to this file.
-        #[arg(long)]
-        report: Option<PathBuf>,
     },
     /// List the merge methods and their parameters.
     Methods {
@@ -333,39 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             args.opts.progress = !cli.quiet;
             emit_report(&args.run()?, json)?;
         }
-        Command::BenchCuda {
-            preset,
-            experts,
-            dir,
-            kernel_elems,
-            repeats,
-            skip_stream,
-            skip_cpu,
-            keep_outputs,
-            gpu,
-            json,
-            report: report_path,
-        } => {
-            let gpu = match symerge::backend::cuda::resolve(Device::Cuda(Some(gpu)))? {
-                Resolved::Cuda(g) => g,
-                Resolved::Cpu { .. } => bail!("bench-cuda needs a CUDA device"),
-            };
-            let opts = symerge::backend::cuda::bench::BenchOptions {
-                preset,
-                experts,
-                dir,
-                kernel_elems,
-                skip_stream,
-                skip_cpu,
-                keep_outputs,
-                repeats,
-            };
-            let report = symerge::backend::cuda::bench::run(&gpu, &opts)?;
-            if let Some(path) = report_path {
-                write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-            }
-            emit_report(&report, json)?;
-        }
+        Command::BenchCuda { opts, json } => emit_report(&opts.run()?, json)?,
         Command::Methods { json } => emit_report(&symerge::merge::catalog::catalog(), json)?,
         Command::Predict { model, inputs, out, force, json, run } => {
             if is_causal_lm_dir(&model)? {

@@ -24,6 +24,7 @@ use super::kernels::{HostTensor, Kernels, MergeLaunch, addr};
 use super::stream_merge::{CudaEngine, CudaOptions};
 use crate::checkpoint::dtype::{decode, encode_into};
 use crate::checkpoint::generate::{SyntheticSpec, write_family};
+use crate::checkpoint::writer::DEFAULT_SHARD_BYTES;
 use crate::checkpoint::{Checkpoint, FloatDType};
 use crate::error::{Error, Result};
 use crate::merge::config::MergeConfig;
@@ -31,37 +32,77 @@ use crate::merge::executor::{MergeOptions, merge, merge_with};
 use crate::merge::select::Threshold;
 use crate::merge::{KernelForm, TensorParams, dare, task_arithmetic, ties};
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run; also `symerge bench-cuda`'s flags (their defaults are
+/// [`BenchOptions::default`]'s).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    /// Synthetic family for the streaming merge (`symerge generate --list`).
+    /// Synthetic family for the streaming merge (see `symerge generate --list`).
+    #[arg(long, default_value = "llama-7b")]
     pub preset: String,
+    #[arg(long, default_value_t = 2)]
     pub experts: u32,
-    /// Where the family and the outputs go (reused when already generated).
+    /// Where the family is generated (reused when present) and merged.
+    #[arg(long, default_value = DEFAULT_DIR)]
     pub dir: PathBuf,
-    /// Elements per tensor in the kernel benchmarks.
+    /// Elements per tensor in the kernel timings.
+    #[arg(long, default_value_t = 1 << 27)]
     pub kernel_elems: usize,
-    /// Kernel and copy numbers only.
-    pub skip_stream: bool,
-    /// Skip the CPU merge (its wall time and the output comparison).
-    pub skip_cpu: bool,
-    /// Keep the merged outputs (they are removed by default: disks on GPU machines are small).
-    pub keep_outputs: bool,
+    /// Timed repeats per kernel (median reported).
+    #[arg(long, default_value_t = 20)]
     pub repeats: usize,
+    /// Kernels and copy rates only.
+    #[arg(long)]
+    pub skip_stream: bool,
+    /// Skip the CPU merge (wall time and output comparison).
+    #[arg(long)]
+    pub skip_cpu: bool,
+    /// Keep the merged outputs.
+    // They are removed by default: disks on GPU machines are small.
+    #[arg(long)]
+    pub keep_outputs: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
+
+/// Where the family is generated and merged unless told otherwise.
+pub const DEFAULT_DIR: &str = "/tmp/symerge-bench";
 
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             preset: "llama-7b".into(),
             experts: 2,
-            dir: std::env::temp_dir().join("symerge-bench"),
+            dir: DEFAULT_DIR.into(),
             kernel_elems: 1 << 27,
+            repeats: 20,
             skip_stream: false,
             skip_cpu: false,
             keep_outputs: false,
-            repeats: 20,
+            gpu: 0,
+            report: None,
         }
+    }
+}
+
+impl BenchOptions {
+    /// Opens GPU `gpu`, runs the benchmark on it ([`run`]) and writes the report to `report`
+    /// when asked; a machine without a usable GPU is an error, not a CPU run.
+    pub fn run(&self) -> Result<BenchReport> {
+        let gpu = match super::resolve(crate::backend::Device::Cuda(Some(self.gpu)))? {
+            super::Resolved::Cuda(gpu) => gpu,
+            super::Resolved::Cpu { .. } => return Err(Error::Invalid("bench-cuda needs a CUDA device".into())),
+        };
+        let report = run(&gpu, self)?;
+        if let Some(path) = &self.report {
+            let json = serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::Invalid(format!("serialising the report: {e}")))?;
+            crate::atomic::write_atomic(path, json.as_bytes())?;
+        }
+        Ok(report)
     }
 }
 
@@ -420,7 +461,7 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
     if !family.join(format!("expert-{}", opts.experts)).join("config.json").exists() {
         tracing::info!("generating {} + {} experts into {}", opts.preset, opts.experts, family.display());
         let t = Instant::now();
-        write_family(&spec, 0, opts.experts, 0.01, &family, 5_000_000_000)?;
+        write_family(&spec, 0, opts.experts, 0.01, &family, DEFAULT_SHARD_BYTES)?;
         tracing::info!("generated in {:.1}s", t.elapsed().as_secs_f64());
     }
     let config_path = family.join("merge.yml");
@@ -435,7 +476,7 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
     let out_cpu = opts.dir.join("out-cpu");
     let mopts = |output: &Path| MergeOptions {
         output: output.to_path_buf(),
-        max_shard_bytes: 5_000_000_000,
+        max_shard_bytes: DEFAULT_SHARD_BYTES,
         out_dtype: None,
         force: true,
         progress: false,
@@ -655,4 +696,20 @@ pub fn compare_outputs(a: &Path, b: &Path) -> Result<(usize, f64)> {
         }
     }
     Ok((differing, worst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            opts: BenchOptions,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
+        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", BenchOptions::default()));
+    }
 }
