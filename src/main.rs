@@ -3,23 +3,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::bail;
 use clap::{Parser, Subcommand};
-use symerge::adapt::report::{ReportOptions, evaluate_adapted, is_adapt_output};
 use symerge::adapt::train::AdaptArgs;
 use symerge::backend::Device;
 use symerge::backend::cuda::bench::BenchOptions;
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
 use symerge::data::PrepareArgs;
-use symerge::data::jsonl::read_jsonl;
 use symerge::dist::check::CheckOptions;
 use symerge::labels::produce::CacheLabelsArgs;
 use symerge::merge::engine::MergeArgs;
-use symerge::model::{
-    Bert, CausalLm, DEFAULT_MAX_LEN, FinetuneOptions, LoadOptions, NewHead, PredictSummary, SequenceClassifier,
-    check_predictions_output, evaluate, evaluate_lm, finetune, finetune_lm, is_causal_lm_dir, predict,
-    write_predictions,
-};
+use symerge::model::infer::{EvalArgs, PredictArgs};
+use symerge::model::{FinetuneOptions, finetune, finetune_lm, is_causal_lm_dir};
 use symerge::report::{emit, emit_json, emit_report};
 use symerge::with_backend;
 
@@ -73,47 +67,21 @@ enum Command {
     },
     /// Class scores for every text of a JSON-lines file (a `text` field per line).
     Predict {
-        /// Model directory: config.json, safetensors weights, tokenizer.json.
-        model: PathBuf,
-        /// JSON lines with a `text` field (other fields are ignored).
-        #[arg(long)]
-        inputs: PathBuf,
-        /// Output JSON lines, one per input in order, with `logits`, `probs` and `pred`
-        /// (written atomically).
-        #[arg(long)]
-        out: PathBuf,
-        /// Replace an existing --out, when it is an earlier predictions file.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        args: PredictArgs,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        run: InferenceArgs,
     },
     /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields);
     /// for a causal LM (Llama, Mistral, Qwen2), perplexity, mean next-token loss and top-1
     /// next-token accuracy over `text`.
     Eval {
-        /// A classifier checkpoint, or the output directory of `symerge adapt` (then every task
-        /// is scored with its own checkpoint and, for comparison, its expert).
-        model: PathBuf,
-        /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index);
-        /// a causal LM needs only `text`. Not needed for an adapt output: each task's recorded
-        /// inputs are used.
-        #[arg(long)]
-        inputs: Option<PathBuf>,
-        /// Adapt output only: labelled data for one task instead of its recorded inputs.
-        #[arg(long, value_name = "TASK=PATH", value_parser = parse_task_path)]
-        task_inputs: Vec<(String, PathBuf)>,
-        /// Adapt output only: skip scoring the experts.
-        #[arg(long)]
-        no_experts: bool,
+        #[command(flatten)]
+        args: EvalArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        run: InferenceArgs,
     },
     /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, or of a
     /// Llama-family causal LM on texts (next-token loss), writing a Hugging Face checkpoint
@@ -201,88 +169,7 @@ enum DataCommand {
     },
 }
 
-/// Options shared by the commands that run a model.
-#[derive(clap::Args)]
-struct InferenceArgs {
-    /// Texts per forward pass.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Truncate texts to this many tokens (including [CLS] and [SEP]).
-    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
-    max_len: usize,
-    /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
-    /// launcher the GPU of LOCAL_RANK), cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: Device,
-    /// Add a new, seeded random classification head with N labels (e.g. to a bare pretrained
-    /// encoder); replaces the checkpoint's classifier if it has one.
-    #[arg(long, value_name = "N")]
-    new_head: Option<usize>,
-    /// Seed of the new head's weights.
-    #[arg(long, default_value_t = 0)]
-    head_seed: u64,
-    /// Use this fine-tuned model's head (pooler, classifier, label names) on MODEL's encoder,
-    /// e.g. to score a merged encoder on one task.
-    #[arg(long, value_name = "EXPERT", conflicts_with = "new_head")]
-    head_from: Option<PathBuf>,
-}
-
-impl InferenceArgs {
-    fn load_lm<B: symerge::backend::Backend + Clone>(
-        &self,
-        be: B,
-        model: &std::path::Path,
-    ) -> anyhow::Result<CausalLm<B>> {
-        if self.new_head.is_some() || self.head_from.is_some() {
-            bail!("{} is a causal LM: --new-head and --head-from apply to classifiers only", model.display());
-        }
-        Ok(CausalLm::load(be, model, self.max_len)?)
-    }
-
-    fn load<B: symerge::backend::Backend + Clone>(
-        &self,
-        be: B,
-        model: &std::path::Path,
-    ) -> anyhow::Result<SequenceClassifier<B>> {
-        let opts =
-            LoadOptions { new_head: self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed }) };
-        let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len, opts)?;
-        if let Some(expert) = &self.head_from {
-            clf.model.use_head_of(Bert::load(be, expert, LoadOptions::default())?)?;
-        }
-        if clf.model.num_labels().is_none() {
-            bail!(
-                "{} has no classification head (classifier.weight); pass --new-head N to add a seeded random one",
-                model.display()
-            );
-        }
-        Ok(clf)
-    }
-}
-
-/// The data file of an `eval` on one model (not an adapt output), rejecting adapt-only flags.
-fn plain_eval_inputs(
-    model: &std::path::Path,
-    inputs: Option<PathBuf>,
-    task_inputs: &[(String, PathBuf)],
-    no_experts: bool,
-) -> anyhow::Result<PathBuf> {
-    if !task_inputs.is_empty() || no_experts {
-        bail!("--task-inputs and --no-experts apply to an adapt output directory only");
-    }
-    inputs
-        .ok_or_else(|| anyhow::anyhow!("--inputs DATA.jsonl is required (JSON lines to score {} on)", model.display()))
-}
-
-/// Parses `TASK=PATH`.
-fn parse_task_path(s: &str) -> Result<(String, PathBuf), String> {
-    match s.split_once('=') {
-        Some((task, path)) if !task.is_empty() && !path.is_empty() => Ok((task.to_string(), PathBuf::from(path))),
-        _ => Err(format!("`{s}` is not TASK=PATH")),
-    }
-}
-
-/// Writes to stdout; a closed pipe (`symerge inspect X | head`) is not an error.
+/// Logs go to stderr, so stdout carries only a command's result (a table, JSON).
 fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -307,54 +194,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchCuda { opts, json } => emit_report(&opts.run()?, json)?,
         Command::Methods { json } => emit_report(&symerge::merge::catalog::catalog(), json)?,
-        Command::Predict { model, inputs, out, force, json, run } => {
-            if is_causal_lm_dir(&model)? {
-                bail!(
-                    "{} is a causal LM: predict scores sequence classifiers; `symerge eval` reports its perplexity",
-                    model.display()
-                );
-            }
-            check_predictions_output(&out, &[&model, &inputs], force)?;
-            let lines = read_jsonl(&inputs)?;
-            let start = std::time::Instant::now();
-            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let preds = with_backend!(run.device, |be| predict(&run.load(be, &model)?, &texts, run.batch_size)?);
-            write_predictions(&out, &preds)?;
-            let summary =
-                PredictSummary { output: out, predictions: preds.len(), seconds: start.elapsed().as_secs_f64() };
-            emit_report(&summary, json)?;
-        }
-        Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_adapt_output(&model) => {
-            if inputs.is_some() {
-                bail!("{} is an adapt output: name data per task with --task-inputs TASK=PATH", model.display());
-            }
-            let opts = ReportOptions {
-                data: task_inputs.into_iter().collect(),
-                experts: !no_experts,
-                batch_size: run.batch_size,
-                max_len: run.max_len,
-            };
-            let report = with_backend!(run.device, |be| evaluate_adapted(be, &model, &opts)?);
-            emit_report(&report, json)?;
-        }
-        Command::Eval { model, inputs, task_inputs, no_experts, json, run } if is_causal_lm_dir(&model)? => {
-            let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
-            let lines = read_jsonl(&inputs)?;
-            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let report =
-                with_backend!(run.device, |be| evaluate_lm(&run.load_lm(be, &model)?, &texts, run.batch_size)?);
-            emit_report(&report, json)?;
-        }
-        Command::Eval { model, inputs, task_inputs, no_experts, json, run } => {
-            let inputs = plain_eval_inputs(&model, inputs, &task_inputs, no_experts)?;
-            let lines = read_jsonl(&inputs)?;
-            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            let report = with_backend!(run.device, |be| {
-                let clf = run.load(be, &model)?;
-                evaluate(&clf, &texts, &clf.label_ids(&lines, &inputs)?, run.batch_size)?
-            });
-            emit_report(&report, json)?;
-        }
+        Command::Predict { args, json } => emit_report(&args.run()?, json)?,
+        Command::Eval { args, json } => emit_report(&args.run()?, json)?,
         Command::Finetune { base, opts, device, json } => {
             if is_causal_lm_dir(&base)? {
                 let summary = with_backend!(device, |be| finetune_lm(be, &base, &opts)?);

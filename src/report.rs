@@ -118,6 +118,17 @@ fn finetune_line(output: &Path, steps: usize, seconds: f64, loss: &str, [first, 
     ))
 }
 
+impl Report for crate::model::infer::EvalOutcome {
+    fn human(&self) -> Human {
+        use crate::model::infer::EvalOutcome;
+        match self {
+            EvalOutcome::Adapted(r) => r.human(),
+            EvalOutcome::Lm(r) => r.human(),
+            EvalOutcome::Classifier(r) => r.human(),
+        }
+    }
+}
+
 impl Report for PredictSummary {
     fn human(&self) -> Human {
         Human::Log(format!(

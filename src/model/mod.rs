@@ -11,6 +11,7 @@
 //! - [`finetune_lm`]: full fine-tuning of a causal LM on texts (next-token loss).
 //! - [`save`]: writing a model as a Hugging Face checkpoint directory.
 //! - [`import`]: a Llama-family GGUF file as a Hugging Face checkpoint directory.
+//! - [`infer`]: `symerge predict` and `symerge eval`: their flags and which model they run.
 
 pub mod bert;
 pub mod classify;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod finetune;
 pub mod finetune_lm;
 pub mod import;
+pub mod infer;
 pub mod llama;
 pub mod llama_config;
 pub mod lm;

@@ -1,0 +1,297 @@
+//! `symerge predict` and `symerge eval`: their flags and what they run. Which model a path holds
+//! decides the work: a sequence classifier is scored against labels (or predicts), a causal LM
+//! gets its perplexity, and an adaptation's output has every task scored against its expert.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::bert::{Bert, LoadOptions, NewHead};
+use super::classify::{
+    EvalReport, PredictSummary, SequenceClassifier, check_predictions_output, evaluate, predict, write_predictions,
+};
+use super::lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm_dir};
+use super::tokenize::DEFAULT_MAX_LEN;
+use crate::adapt::report::{AdaptReport, ReportOptions, evaluate_adapted, is_adapt_output};
+use crate::backend::{Backend, Device};
+use crate::data::jsonl::read_jsonl;
+use crate::error::{Error, Result};
+
+/// Texts per forward pass unless told otherwise.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// How to load and batch a model for inference: the flags `predict` and `eval` share (their
+/// defaults are [`InferenceOptions::default`]'s).
+#[derive(Debug, Clone, clap::Args)]
+pub struct InferenceOptions {
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Truncate texts to this many tokens (including [CLS] and [SEP]).
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    pub max_len: usize,
+    /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+    /// launcher the GPU of LOCAL_RANK), cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// Add a new, seeded random classification head with N labels (e.g. to a bare pretrained
+    /// encoder); replaces the checkpoint's classifier if it has one.
+    #[arg(long, value_name = "N")]
+    pub new_head: Option<usize>,
+    /// Seed of the new head's weights.
+    #[arg(long, default_value_t = 0)]
+    pub head_seed: u64,
+    /// Use this fine-tuned model's head (pooler, classifier, label names) on MODEL's encoder,
+    /// e.g. to score a merged encoder on one task.
+    #[arg(long, value_name = "EXPERT", conflicts_with = "new_head")]
+    pub head_from: Option<PathBuf>,
+}
+
+impl Default for InferenceOptions {
+    /// Batches of 32, 128 tokens, `--device auto`, the checkpoint's own head.
+    fn default() -> Self {
+        InferenceOptions {
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_len: DEFAULT_MAX_LEN,
+            device: Device::Auto,
+            new_head: None,
+            head_seed: 0,
+            head_from: None,
+        }
+    }
+}
+
+impl InferenceOptions {
+    /// The classifier at `model`, with the new or borrowed head asked for; a model left without
+    /// a head is refused here rather than failing at the first batch.
+    pub fn load_classifier<B: Backend + Clone>(&self, be: B, model: &Path) -> Result<SequenceClassifier<B>> {
+        let new_head = self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed });
+        let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len, LoadOptions { new_head })?;
+        if let Some(expert) = &self.head_from {
+            clf.model.use_head_of(Bert::load(be, expert, LoadOptions::default())?)?;
+        }
+        if clf.model.num_labels().is_none() {
+            return Err(Error::Invalid(format!(
+                "{} has no classification head (classifier.weight); pass --new-head N to add a seeded random one",
+                model.display()
+            )));
+        }
+        Ok(clf)
+    }
+
+    /// The causal LM at `model`; the head flags, which mean nothing for it, are refused.
+    pub fn load_lm<B: Backend>(&self, be: B, model: &Path) -> Result<CausalLm<B>> {
+        if self.new_head.is_some() || self.head_from.is_some() {
+            return Err(Error::Invalid(format!(
+                "{} is a causal LM: --new-head and --head-from apply to classifiers only",
+                model.display()
+            )));
+        }
+        CausalLm::load(be, model, self.max_len)
+    }
+}
+
+/// `symerge predict`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PredictArgs {
+    /// Model directory: config.json, safetensors weights, tokenizer.json.
+    pub model: PathBuf,
+    /// JSON lines with a `text` field (other fields are ignored).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Output JSON lines, one per input in order, with `logits`, `probs` and `pred`
+    /// (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing --out, when it is an earlier predictions file.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub infer: InferenceOptions,
+}
+
+impl PredictArgs {
+    /// The defaults: no replacing, [`InferenceOptions::default`].
+    pub fn new(model: impl Into<PathBuf>, inputs: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        let (model, inputs, out) = (model.into(), inputs.into(), out.into());
+        PredictArgs { model, inputs, out, force: false, infer: InferenceOptions::default() }
+    }
+
+    /// Scores every input text and writes the predictions file; the output is checked before
+    /// the model is loaded, so a refused one costs nothing.
+    pub fn run(&self) -> Result<PredictSummary> {
+        if is_causal_lm_dir(&self.model)? {
+            return Err(Error::Invalid(format!(
+                "{} is a causal LM: predict scores sequence classifiers; `symerge eval` reports its perplexity",
+                self.model.display()
+            )));
+        }
+        check_predictions_output(&self.out, &[&self.model, &self.inputs], self.force)?;
+        let lines = read_jsonl(&self.inputs)?;
+        let start = Instant::now();
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        let infer = &self.infer;
+        let preds = crate::with_backend!(infer.device, |be| predict(
+            &infer.load_classifier(be, &self.model)?,
+            &texts,
+            infer.batch_size
+        )?);
+        write_predictions(&self.out, &preds)?;
+        Ok(PredictSummary {
+            output: self.out.clone(),
+            predictions: preds.len(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// `symerge eval`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// A classifier checkpoint, or the output directory of `symerge adapt` (then every task
+    /// is scored with its own checkpoint and, for comparison, its expert).
+    pub model: PathBuf,
+    /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index);
+    /// a causal LM needs only `text`. Not needed for an adapt output: each task's recorded
+    /// inputs are used.
+    #[arg(long)]
+    pub inputs: Option<PathBuf>,
+    /// Adapt output only: labelled data for one task instead of its recorded inputs.
+    #[arg(long, value_name = "TASK=PATH", value_parser = parse_task_path)]
+    pub task_inputs: Vec<(String, PathBuf)>,
+    /// Adapt output only: skip scoring the experts.
+    #[arg(long)]
+    pub no_experts: bool,
+    #[command(flatten)]
+    pub infer: InferenceOptions,
+}
+
+/// What `eval` measured, which depends on what the model is (`--json` prints the inner report).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EvalOutcome {
+    Adapted(AdaptReport),
+    Lm(LmEvalReport),
+    Classifier(EvalReport),
+}
+
+impl EvalArgs {
+    /// The defaults: each task's recorded inputs, experts scored, [`InferenceOptions::default`].
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        EvalArgs {
+            model: model.into(),
+            inputs: None,
+            task_inputs: Vec::new(),
+            no_experts: false,
+            infer: InferenceOptions::default(),
+        }
+    }
+
+    /// Scores the model on its data: every task of an adapt output, a causal LM's texts, or a
+    /// classifier's labelled examples.
+    pub fn run(&self) -> Result<EvalOutcome> {
+        if is_adapt_output(&self.model) {
+            return self.adapted().map(EvalOutcome::Adapted);
+        }
+        let causal = is_causal_lm_dir(&self.model)?;
+        let inputs = self.plain_inputs()?;
+        let lines = read_jsonl(inputs)?;
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        let (infer, model) = (&self.infer, self.model.as_path());
+        if causal {
+            let report = crate::with_backend!(infer.device, |be| evaluate_lm(
+                &infer.load_lm(be, model)?,
+                &texts,
+                infer.batch_size
+            )?);
+            return Ok(EvalOutcome::Lm(report));
+        }
+        let report = crate::with_backend!(infer.device, |be| {
+            let clf = infer.load_classifier(be, model)?;
+            evaluate(&clf, &texts, &clf.label_ids(&lines, inputs)?, infer.batch_size)?
+        });
+        Ok(EvalOutcome::Classifier(report))
+    }
+
+    /// Every task of an adapt output, on the data `--task-inputs` names or else the recorded one.
+    fn adapted(&self) -> Result<AdaptReport> {
+        if self.inputs.is_some() {
+            return Err(Error::Invalid(format!(
+                "{} is an adapt output: name data per task with --task-inputs TASK=PATH",
+                self.model.display()
+            )));
+        }
+        let opts = ReportOptions {
+            data: self.task_inputs.iter().cloned().collect(),
+            experts: !self.no_experts,
+            batch_size: self.infer.batch_size,
+            max_len: self.infer.max_len,
+        };
+        crate::with_backend!(self.infer.device, |be| evaluate_adapted(be, &self.model, &opts))
+    }
+
+    /// The data file of an `eval` on one model (not an adapt output), refusing adapt-only flags.
+    fn plain_inputs(&self) -> Result<&Path> {
+        if !self.task_inputs.is_empty() || self.no_experts {
+            return Err(Error::Invalid(
+                "--task-inputs and --no-experts apply to an adapt output directory only".into(),
+            ));
+        }
+        self.inputs.as_deref().ok_or_else(|| {
+            Error::Invalid(format!("--inputs DATA.jsonl is required (JSON lines to score {} on)", self.model.display()))
+        })
+    }
+}
+
+/// Parses `TASK=PATH` (`--task-inputs`).
+pub fn parse_task_path(s: &str) -> Result<(String, PathBuf)> {
+    match s.split_once('=') {
+        Some((task, path)) if !task.is_empty() && !path.is_empty() => Ok((task.to_string(), PathBuf::from(path))),
+        _ => Err(Error::Invalid(format!("`{s}` is not TASK=PATH"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    enum Cli {
+        Predict(PredictArgs),
+        Eval(EvalArgs),
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_defaults_are_the_library_defaults() {
+        let Ok(Cli::Predict(p)) = parse(&["predict", "m", "--inputs", "i.jsonl", "--out", "p.jsonl"]) else {
+            panic!("predict parses")
+        };
+        assert_eq!(format!("{p:?}"), format!("{:?}", PredictArgs::new("m", "i.jsonl", "p.jsonl")));
+        let Ok(Cli::Eval(e)) = parse(&["eval", "m"]) else { panic!("eval parses") };
+        assert_eq!(format!("{e:?}"), format!("{:?}", EvalArgs::new("m")));
+    }
+
+    #[test]
+    fn flags_that_contradict_are_refused() {
+        let both = parse(&["eval", "m", "--new-head", "2", "--head-from", "e"]).err().unwrap();
+        assert!(both.to_string().contains("cannot be used with"), "{both}");
+        let bad = parse(&["eval", "m", "--task-inputs", "noequals"]).err().unwrap();
+        assert!(bad.to_string().contains("is not TASK=PATH"), "{bad}");
+        let Ok(Cli::Eval(e)) = parse(&["eval", "m", "--task-inputs", "a=x.jsonl", "--inputs", "d"]) else {
+            panic!("eval parses")
+        };
+        assert_eq!(e.task_inputs, [("a".to_string(), PathBuf::from("x.jsonl"))]);
+        let e = e.plain_inputs().unwrap_err().to_string();
+        assert!(e.contains("adapt output directory only"), "{e}");
+        let e = EvalArgs::new("m").plain_inputs().unwrap_err().to_string();
+        assert!(e.contains("--inputs DATA.jsonl is required"), "{e}");
+        let lm_head = InferenceOptions { new_head: Some(2), ..InferenceOptions::default() };
+        let e = lm_head.load_lm(crate::backend::Cpu, Path::new("m")).err().unwrap().to_string();
+        assert!(e.contains("apply to classifiers only"), "{e}");
+    }
+}
