@@ -5,17 +5,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use symerge::adapt::train::AdaptArgs;
-use symerge::backend::Device;
 use symerge::backend::cuda::bench::BenchOptions;
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
 use symerge::data::PrepareArgs;
 use symerge::dist::check::CheckOptions;
 use symerge::labels::produce::CacheLabelsArgs;
 use symerge::merge::engine::MergeArgs;
+use symerge::model::finetune::FinetuneArgs;
+use symerge::model::import::ImportOptions;
 use symerge::model::infer::{EvalArgs, PredictArgs};
-use symerge::model::{FinetuneOptions, finetune, finetune_lm, is_causal_lm_dir};
 use symerge::report::{emit, emit_json, emit_report};
-use symerge::with_backend;
 
 #[derive(Parser)]
 #[command(name = "symerge", version, about = "Merge fine-tuned transformer checkpoints at LLM scale")]
@@ -87,16 +86,8 @@ enum Command {
     /// Llama-family causal LM on texts (next-token loss), writing a Hugging Face checkpoint
     /// directory (an expert for merging).
     Finetune {
-        /// Pretrained model directory: a BERT-family encoder (e.g. MiniLM), which gets a new
-        /// seeded classification head replacing any it has, or a Llama-family causal LM (its
-        /// config.json's model_type says which).
-        base: PathBuf,
         #[command(flatten)]
-        opts: FinetuneOptions,
-        /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
-        /// launcher the GPU of LOCAL_RANK), cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: Device,
+        args: FinetuneArgs,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -104,14 +95,8 @@ enum Command {
     /// A Llama-family GGUF file (llama.cpp) as a Hugging Face checkpoint directory: weights
     /// dequantized to f32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0), config.json, tokenizer.json.
     ImportGguf {
-        file: PathBuf,
-        /// Output directory (written atomically).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
-        /// that is empty; anything else is refused.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        opts: ImportOptions,
         #[arg(long)]
         json: bool,
     },
@@ -196,17 +181,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Methods { json } => emit_report(&symerge::merge::catalog::catalog(), json)?,
         Command::Predict { args, json } => emit_report(&args.run()?, json)?,
         Command::Eval { args, json } => emit_report(&args.run()?, json)?,
-        Command::Finetune { base, opts, device, json } => {
-            if is_causal_lm_dir(&base)? {
-                let summary = with_backend!(device, |be| finetune_lm(be, &base, &opts)?);
-                return Ok(emit_report(&summary, json)?);
-            }
-            let summary = with_backend!(device, |be| finetune(be, &base, &opts)?);
-            emit_report(&summary, json)?;
-        }
-        Command::ImportGguf { file, output, force, json } => {
-            emit_report(&symerge::model::import::import_gguf(&file, &output, force)?, json)?;
-        }
+        Command::Finetune { args, json } => emit_report(&args.run()?, json)?,
+        Command::ImportGguf { opts, json } => emit_report(&opts.run()?, json)?,
         Command::Generate { opts, json: _ } if opts.list => emit(&preset_list())?,
         Command::Generate { opts, json } => emit_report(&opts.generate()?, json)?,
         Command::Data { command: DataCommand::Prepare { args, json } } => {

@@ -118,6 +118,16 @@ fn finetune_line(output: &Path, steps: usize, seconds: f64, loss: &str, [first, 
     ))
 }
 
+impl Report for crate::model::finetune::FinetuneOutcome {
+    fn human(&self) -> Human {
+        use crate::model::finetune::FinetuneOutcome;
+        match self {
+            FinetuneOutcome::Classifier(s) => s.human(),
+            FinetuneOutcome::Lm(s) => s.human(),
+        }
+    }
+}
+
 impl Report for crate::model::infer::EvalOutcome {
     fn human(&self) -> Human {
         use crate::model::infer::EvalOutcome;

@@ -23,10 +23,12 @@ use serde::Serialize;
 use super::Params;
 use super::bert::{LoadOptions, NewHead};
 use super::classify::{EvalReport, SequenceClassifier, evaluate};
+use super::finetune_lm::{LmFinetuneSummary, finetune_lm};
+use super::lm::is_causal_lm_dir;
 use super::save::{SaveOptions, SavedModel};
 use super::tokenize::Tokens;
 use crate::adapt::adam::{Adam, AdamConfig};
-use crate::backend::Backend;
+use crate::backend::{Backend, Device};
 use crate::checkpoint::FloatDType;
 use crate::data::jsonl::{Example, read_jsonl};
 use crate::error::{Error, Result};
@@ -186,6 +188,42 @@ impl FinetuneOptions {
             dtype: FloatDType::F32,
             force: false,
         }
+    }
+}
+
+/// `symerge finetune`'s arguments: the base model, the [`FinetuneOptions`] and the device.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FinetuneArgs {
+    /// Pretrained model directory: a BERT-family encoder (e.g. MiniLM), which gets a new
+    /// seeded classification head replacing any it has, or a Llama-family causal LM (its
+    /// config.json's model_type says which).
+    pub base: PathBuf,
+    #[command(flatten)]
+    pub opts: FinetuneOptions,
+    /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
+    /// launcher the GPU of LOCAL_RANK), cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+/// What `finetune` trained, which depends on the base model (`--json` prints the inner summary).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum FinetuneOutcome {
+    Classifier(FinetuneSummary),
+    Lm(LmFinetuneSummary),
+}
+
+impl FinetuneArgs {
+    /// Fine-tunes the base model as what its config.json says it is: a causal LM with
+    /// [`finetune_lm`], else a classifier with [`finetune`].
+    pub fn run(&self) -> Result<FinetuneOutcome> {
+        let (base, opts) = (self.base.as_path(), &self.opts);
+        if is_causal_lm_dir(base)? {
+            let summary = crate::with_backend!(self.device, |be| finetune_lm(be, base, opts)?);
+            return Ok(FinetuneOutcome::Lm(summary));
+        }
+        Ok(FinetuneOutcome::Classifier(crate::with_backend!(self.device, |be| finetune(be, base, opts)?)))
     }
 }
 
@@ -691,6 +729,14 @@ mod tests {
         assert_eq!((cli.opts.length, cli.opts.length.total_steps(100, 16)), (TrainLength::steps(3), 3));
         assert_eq!(TrainLength::default().total_steps(100, 16), 7);
         assert_eq!(TrainLength::epochs(2).total_steps(100, 16), 14);
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: FinetuneArgs,
+        }
+        let cmd = <Command as clap::Parser>::try_parse_from(["x", "base", "--train", "t", "-o", "o"]).unwrap();
+        let want = FinetuneArgs { base: "base".into(), opts: FinetuneOptions::new("t", "o"), device: Device::Auto };
+        assert_eq!(format!("{:?}", cmd.args), format!("{want:?}"));
     }
 
     fn ex(label: Option<&str>, id: Option<usize>) -> Example {

@@ -19,6 +19,26 @@ use crate::checkpoint::gguf::{Gguf, GgufTensor};
 use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
 
+/// `symerge import-gguf`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImportOptions {
+    pub file: PathBuf,
+    /// Output directory (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
+    /// that is empty; anything else is refused.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl ImportOptions {
+    /// Imports `file` into `output` ([`import_gguf`]).
+    pub fn run(&self) -> Result<ImportSummary> {
+        import_gguf(&self.file, &self.output, self.force)
+    }
+}
+
 /// What an import wrote (`--json`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImportSummary {
