@@ -153,7 +153,7 @@ pub struct PrepareOptions {
     /// Cut longer entries to this many characters.
     #[arg(long, default_value_t = DEFAULT_MAX_CHARS)]
     pub max_chars: usize,
-    /// Keep at most N texts per class (default: no cap, except 3000 for lang-id).
+    /// Keep at most N texts per class (default: no cap, except 3000 for lang-id and 3000 texts per lm-* task).
     // The texts kept are chosen by hash (split::cap_order); `None` also caps each
     // language-modelling task at LM_MAX_TEXTS.
     #[arg(long, value_name = "N")]
