@@ -9,6 +9,7 @@
 //! are scaled so the task vector keeps its l1 norm), whereas DARE's `rescale` stays the
 //! DARE paper's `1 / density`, which the GPU kernel implements.
 
+use super::magprune::RowPruner;
 use super::philox::ElementStream;
 use super::select::Threshold;
 use super::stats::{TensorPass, TensorStats, map_chunks, sum_in_order, thresholds};
@@ -223,9 +224,9 @@ impl Gta {
                 let epsilon = ctx.params.of_model("epsilon", k, 0.0);
                 ElementStream::new(self.seed, ctx.name_hash, k as u32).fill_uniform(ctx.offset, aux);
                 let row = ctx.row_len.clamp(1, tau.len().max(1));
-                let mut order: Vec<u32> = Vec::with_capacity(row);
+                let mut pruner = RowPruner::default();
                 for (r, u) in tau.chunks_mut(row).zip(aux.chunks(row)) {
-                    magprune_row(r, u, density, epsilon, &mut order);
+                    pruner.prune(r, u, density, epsilon);
                 }
             }
             Sparsify::None | Sparsify::Magnitude | Sparsify::Random => {}
@@ -264,26 +265,6 @@ impl Gta {
                 if before < 1e-7 || after < 1e-7 { 1.0 } else { before / after }
             })
             .collect())
-    }
-}
-
-/// MagPrune on one row: the entry of ascending magnitude rank `r` (0-based, ties by index)
-/// among `c` is kept when its uniform draw is below `density - epsilon + 2 epsilon r / (c - 1)`.
-fn magprune_row(row: &mut [f32], uniforms: &[f32], density: f32, epsilon: f32, order: &mut Vec<u32>) {
-    let c = row.len();
-    order.clear();
-    order.extend(0..c as u32);
-    order.sort_by(|&a, &b| row[a as usize].abs().total_cmp(&row[b as usize].abs()).then(a.cmp(&b)));
-    let span = (c.max(2) - 1) as f32;
-    let mut keep = vec![false; c];
-    for (rank, &i) in order.iter().enumerate() {
-        let p = (density - epsilon) + (rank as f32 / span).clamp(0.0, 1.0) * 2.0 * epsilon;
-        keep[i as usize] = uniforms[i as usize] < p;
-    }
-    for (x, k) in row.iter_mut().zip(keep) {
-        if !k {
-            *x = 0.0;
-        }
     }
 }
 

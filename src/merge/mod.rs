@@ -20,6 +20,7 @@ pub mod gta;
 pub mod karcher;
 pub mod lambda_grad;
 pub mod linear;
+pub mod magprune;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
