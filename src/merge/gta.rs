@@ -9,12 +9,19 @@
 //! are scaled so the task vector keeps its l1 norm), whereas DARE's `rescale` stays the
 //! DARE paper's `1 / density`, which the GPU kernel implements.
 
+use std::cell::RefCell;
+
 use super::magprune::RowPruner;
 use super::philox::ElementStream;
 use super::select::Threshold;
 use super::stats::{TensorPass, TensorStats, map_chunks, sum_in_order, thresholds};
 use super::{ChunkCtx, KernelForm, MergeMethod, density_thresholds};
 use crate::error::Result;
+
+thread_local! {
+    /// MagPrune's scratch, kept per thread: merge chunks hold only a row or two.
+    static PRUNER: RefCell<RowPruner> = RefCell::new(RowPruner::default());
+}
 
 /// How each task vector is thinned before mixing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,10 +231,11 @@ impl Gta {
                 let epsilon = ctx.params.of_model("epsilon", k, 0.0);
                 ElementStream::new(self.seed, ctx.name_hash, k as u32).fill_uniform(ctx.offset, aux);
                 let row = ctx.row_len.clamp(1, tau.len().max(1));
-                let mut pruner = RowPruner::default();
-                for (r, u) in tau.chunks_mut(row).zip(aux.chunks(row)) {
-                    pruner.prune(r, u, density, epsilon);
-                }
+                PRUNER.with_borrow_mut(|pruner| {
+                    for (r, u) in tau.chunks_mut(row).zip(aux.chunks(row)) {
+                        pruner.prune(r, u, density, epsilon);
+                    }
+                });
             }
             Sparsify::None | Sparsify::Magnitude | Sparsify::Random => {}
         }
@@ -239,9 +247,9 @@ impl Gta {
         let kk = pass.experts();
         let params = pass.params();
         let parts = map_chunks(pass, |offset, base, experts| {
-            let mut sums = vec![0f64; 2 * kk];
-            let mut tau = vec![0f32; base.len()];
-            let mut aux = vec![0f32; base.len()];
+            let n = base.len();
+            let mut taus = vec![0f32; kk * n];
+            let mut aux = vec![0f32; n];
             let ctx = ChunkCtx {
                 offset,
                 params,
@@ -250,12 +258,14 @@ impl Gta {
                 scalars: &[],
                 row_len: pass.row_len(),
             };
-            for (k, e) in experts.iter().enumerate() {
+            for (tau, e) in taus.chunks_mut(n.max(1)).zip(experts) {
                 tau.iter_mut().zip(e.iter().zip(base)).for_each(|(t, (x, b))| *t = x - b);
-                sums[k] += tau.iter().map(|x| x.abs() as f64).sum::<f64>();
-                self.mask(&ctx, k, &mut tau, &mut aux);
-                sums[kk + k] += tau.iter().map(|x| x.abs() as f64).sum::<f64>();
             }
+            let mut sums = abs_sums(&taus, kk, n);
+            for (k, tau) in taus.chunks_mut(n.max(1)).enumerate() {
+                self.mask(&ctx, k, tau, &mut aux);
+            }
+            sums.extend(abs_sums(&taus, kk, n));
             sums
         })?;
         let sums = sum_in_order(parts, 2 * kk);
@@ -266,6 +276,24 @@ impl Gta {
             })
             .collect())
     }
+}
+
+/// Per run of `n` in `taus` (`runs` of them), the f64 sum of its magnitudes, added in element order from zero
+/// (so the same bits as summing each run on its own). One run's sum is a chain of dependent
+/// additions, four cycles each; the runs advance together, a block at a time, so that their
+/// chains overlap.
+fn abs_sums(taus: &[f32], runs: usize, n: usize) -> Vec<f64> {
+    const BLOCK: usize = 16;
+    let mut acc = vec![0f64; runs];
+    for start in (0..n).step_by(BLOCK) {
+        let end = (start + BLOCK).min(n);
+        for (k, a) in acc.iter_mut().enumerate() {
+            for &x in &taus[k * n + start..k * n + end] {
+                *a += x.abs() as f64;
+            }
+        }
+    }
+    acc
 }
 
 /// Breadcrumbs' two thresholds per expert: `[keep_0..keep_K, top_0..top_K]`. An entry is kept

@@ -27,10 +27,11 @@ pub struct RowPruner {
     /// Per bucket, the rank of its first entry (an exclusive prefix sum of the histogram),
     /// then the row length.
     starts: Vec<u32>,
-    /// Per bucket, the keep probabilities of its first and last rank.
+    /// Per bucket, the keep probabilities of its first and last rank (may run past the last
+    /// bucket; never cleared).
     bounds: Vec<[f32; 2]>,
-    /// Indices of the entries the bounds leave undecided (one spare slot for branch-free
-    /// appends).
+    /// Indices of the entries the bounds leave undecided, at its start (one spare slot for
+    /// branch-free appends; longer than the list, never cleared).
     undecided: Vec<u32>,
     /// Entry indices grouped by bucket, in index order within a bucket.
     members: Vec<u32>,
@@ -107,10 +108,10 @@ impl RowPruner {
         }
         self.histogram(buckets);
         self.bucket_bounds(span, density, epsilon);
-        self.decide_bounded(buckets, row, uniforms);
-        if !self.undecided.is_empty() {
+        let undecided = self.decide_bounded(buckets, row, uniforms);
+        if undecided > 0 {
             self.group_members(buckets);
-            self.decide_grouped(buckets, row, uniforms, span, density, epsilon);
+            self.decide_grouped(buckets, undecided, row, uniforms, span, density, epsilon);
         }
     }
 
@@ -133,21 +134,20 @@ impl RowPruner {
     /// buckets, which no entry reads).
     fn bucket_bounds(&mut self, span: f32, d: f32, e: f32) {
         let count = self.starts.len() - 1;
-        self.bounds.clear();
-        self.bounds.resize(count, [0.0; 2]);
+        let bounds = at_least(&mut self.bounds, count);
         let (firsts, nexts) = (&self.starts[..count], &self.starts[1..]);
-        for ((p, &first), &next) in self.bounds.iter_mut().zip(firsts).zip(nexts) {
+        for ((p, &first), &next) in bounds.iter_mut().zip(firsts).zip(nexts) {
             let last = next.saturating_sub(1);
             *p = [keep_probability(first as usize, span, d, e), keep_probability(last as usize, span, d, e)];
         }
     }
 
-    /// Decides every entry whose bucket's rank bounds decide it and lists the others in
-    /// `undecided`. Branch-free (the draws make every outcome unpredictable): a dropped entry's
-    /// bits are masked off, and every index is written with only the undecided ones advancing.
-    fn decide_bounded(&mut self, buckets: Buckets, row: &mut [f32], uniforms: &[f32]) {
-        self.undecided.clear();
-        self.undecided.resize(row.len() + 1, 0);
+    /// Decides every entry whose bucket's rank bounds decide it and lists the others at the
+    /// start of `undecided`; returns how many. Branch-free (the draws make every outcome
+    /// unpredictable): a dropped entry's bits are masked off, and every index is written with
+    /// only the undecided ones advancing.
+    fn decide_bounded(&mut self, buckets: Buckets, row: &mut [f32], uniforms: &[f32]) -> usize {
+        at_least(&mut self.undecided, row.len() + 1);
         let mut n = 0;
         for (i, ((x, &u), &k)) in row.iter_mut().zip(uniforms).zip(&self.keys).enumerate() {
             let [p_lo, p_hi] = self.bounds[buckets.of(k)];
@@ -156,13 +156,12 @@ impl RowPruner {
             self.undecided[n] = i as u32;
             n += usize::from(undecided);
         }
-        self.undecided.truncate(n);
+        n
     }
 
     /// `members`: entry indices grouped by bucket, in index order within each bucket.
     fn group_members(&mut self, buckets: Buckets) {
-        self.members.clear();
-        self.members.resize(self.keys.len(), 0);
+        at_least(&mut self.members, self.keys.len());
         self.cursor.clear();
         self.cursor.extend_from_slice(&self.starts);
         for (i, &k) in self.keys.iter().enumerate() {
@@ -174,9 +173,19 @@ impl RowPruner {
 
     /// Decides the undecided entries by their exact ranks, bucket by bucket: the bucket's
     /// first rank plus the rank within it, by counting in small buckets or busy ones sorted.
-    fn decide_grouped(&mut self, buckets: Buckets, row: &mut [f32], uniforms: &[f32], span: f32, d: f32, e: f32) {
+    #[allow(clippy::too_many_arguments)]
+    fn decide_grouped(
+        &mut self,
+        buckets: Buckets,
+        undecided: usize,
+        row: &mut [f32],
+        uniforms: &[f32],
+        span: f32,
+        d: f32,
+        e: f32,
+    ) {
         self.pending.clear();
-        self.pending.extend(self.undecided.iter().map(|&i| (buckets.of(self.keys[i as usize]) as u32, i)));
+        self.pending.extend(self.undecided[..undecided].iter().map(|&i| (buckets.of(self.keys[i as usize]) as u32, i)));
         self.pending.sort_unstable();
         let keys = &self.keys;
         let packed = |j: u32| (u64::from(keys[j as usize]) << 32) | u64::from(j);
@@ -202,6 +211,15 @@ impl RowPruner {
             }
         }
     }
+}
+
+/// `v` grown to at least `len` entries (never cleared: callers overwrite what they read), as
+/// a slice of `len`.
+fn at_least<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
 }
 
 /// MagPrune by a full sort of the row, as symerge did it before [`RowPruner`]: the definition
