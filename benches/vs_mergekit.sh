@@ -5,15 +5,24 @@
 #
 #   benches/vs_mergekit.sh [METHOD...]      # default: task_arithmetic ties slerp della
 #
+# Methods: task_arithmetic ties slerp della della_linear dare_ties breadcrumbs breadcrumbs_ties
+# sce model_stock nuslerp (METHODS="..." works as well as arguments).
+#
 # mergekit comes from its own virtual environment (VENV, default target/venv-mergekit, created
 # with --system-site-packages so torch is reused); without pip access it says so and stops.
+# FAMILY points at an existing family (relative or absolute) instead of generating one.
+# OLD_BIN=path/to/symerge also times another symerge build on the same YAML, in the same run
+# (old vs new after a change); its seconds go into the line as symerge_old_s.
+# Each line has wall seconds (_s) and CPU seconds, user + system (_cpu_s): on a shared machine
+# the CPU seconds say more about the work done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-METHODS=${*:-"task_arithmetic ties slerp della"}
+METHODS=${*:-${METHODS:-"task_arithmetic ties slerp della"}}
 W=target/vs-mergekit
 F=${FAMILY:-target/adapt-stream/llama-1b}
 VENV=${VENV:-target/venv-mergekit}
 BIN=target/release/symerge
+OLD_BIN=${OLD_BIN:-}
 THREADS=$(nproc)
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 mkdir -p "$W"
@@ -27,31 +36,71 @@ if [ ! -f "$F/expert-3/config.json" ]; then
   $BIN generate --preset llama-1b --experts 3 -o "$F" -q >/dev/null
 fi
 cat "$F"/*/*.safetensors >/dev/null  # page cache warm
+model_params() {  # METHOD -> the per-model parameters of each expert
+  case $1 in
+    ties|della|della_linear|dare_ties) echo 'weight: 1.0, density: 0.5' ;;
+    breadcrumbs|breadcrumbs_ties) echo 'weight: 1.0, density: 0.5, gamma: 0.01' ;;
+    model_stock) echo '' ;;
+    *) echo 'weight: 1.0' ;;
+  esac
+}
+global_params() {  # METHOD -> its global parameters, if any
+  case $1 in
+    della|della_linear) echo 'epsilon: 0.1, lambda: 1.0' ;;
+    sce) echo 'select_topk: 0.5' ;;
+  esac
+}
 config() {  # METHOD -> mergekit YAML (which symerge reads unchanged)
-  local P=$PWD/$F
+  local P
+  P=$(cd "$F" && pwd)
   case $1 in
     slerp) printf 'merge_method: slerp\nbase_model: %s/base\nmodels:\n  - model: %s/base\n  - model: %s/expert-1\nparameters: {t: 0.5}\ndtype: bfloat16\n' "$P" "$P" "$P" ;;
+    nuslerp) printf 'merge_method: nuslerp\nmodels:\n  - model: %s/expert-1\n    parameters: {weight: 0.5}\n  - model: %s/expert-2\n    parameters: {weight: 0.5}\ndtype: bfloat16\n' "$P" "$P" ;;
     *) printf 'merge_method: %s\nbase_model: %s/base\nmodels:\n' "$1" "$P"
-       for k in 1 2 3; do printf '  - model: %s/expert-%s\n    parameters: {weight: 1.0%s}\n' "$P" "$k" \
-         "$( [ "$1" = ties ] || [ "$1" = della ] && echo ', density: 0.5' )"; done
-       [ "$1" = della ] && printf 'parameters: {epsilon: 0.1, lambda: 1.0}\n'
+       local mp gp
+       mp=$(model_params "$1")
+       gp=$(global_params "$1")
+       for k in 1 2 3; do
+         printf '  - model: %s/expert-%s\n' "$P" "$k"
+         if [ -n "$mp" ]; then printf '    parameters: {%s}\n' "$mp"; fi
+       done
+       if [ -n "$gp" ]; then printf 'parameters: {%s}\n' "$gp"; fi
        printf 'dtype: bfloat16\n' ;;
   esac
+}
+timed() {  # OUT_FILE COMMAND... -> runs it; "wall cpu" seconds into OUT_FILE
+  /usr/bin/time -f '%e %U %S' -o "$W/time" "${@:2}"
+  tail -1 "$W/time" | awk '{printf "%s %.2f\n", $1, $2 + $3}' >"$1"
 }
 input_gb() { python3 -c "import os,sys; print(sum(os.path.getsize(os.path.join(d,f)) for d in sys.argv[1:] for f in os.listdir(d) if f.endswith('.safetensors'))/1e9)" "$@"; }
 for m in $METHODS; do
   config "$m" >"$W/$m.yml"
-  if [ "$m" = slerp ]; then gb=$(input_gb "$F/base" "$F/expert-1"); else gb=$(input_gb "$F"/base "$F"/expert-*); fi
+  case $m in
+    slerp) gb=$(input_gb "$F/base" "$F/expert-1") ;;
+    nuslerp) gb=$(input_gb "$F/expert-1" "$F/expert-2") ;;
+    *) gb=$(input_gb "$F"/base "$F"/expert-*) ;;
+  esac
   rm -rf "$W/out-symerge" "$W/out-mergekit"
   log "$m: symerge"
-  /usr/bin/time -f %e -o "$W/time" $BIN merge "$W/$m.yml" -o "$W/out-symerge" --device cpu --threads "$THREADS" -q
-  s=$(tail -1 "$W/time")
+  timed "$W/t-new" $BIN merge "$W/$m.yml" -o "$W/out-symerge" --device cpu --threads "$THREADS" -q
   rm -rf "$W/out-symerge"
+  echo "0 0" >"$W/t-old"
+  if [ -n "$OLD_BIN" ]; then
+    log "$m: symerge $OLD_BIN"
+    timed "$W/t-old" "$OLD_BIN" merge "$W/$m.yml" -o "$W/out-symerge" --device cpu --threads "$THREADS" -q
+    rm -rf "$W/out-symerge"
+  fi
   log "$m: mergekit (log in $W/$m.mergekit.log)"
-  OMP_NUM_THREADS=$THREADS /usr/bin/time -f %e -o "$W/time" "$VENV/bin/mergekit-yaml" "$W/$m.yml" "$W/out-mergekit" \
+  OMP_NUM_THREADS=$THREADS timed "$W/t-mk" "$VENV/bin/mergekit-yaml" "$W/$m.yml" "$W/out-mergekit" \
     --lazy-unpickle --out-shard-size 5B >"$W/$m.mergekit.log" 2>&1
-  k=$(tail -1 "$W/time")
   rm -rf "$W/out-mergekit"
-  python3 -c "import json; s,k,g=$s,$k,$gb; print(json.dumps({'method':'$m','input_gb':round(g,3),'symerge_s':s,'mergekit_s':k,'symerge_gb_per_s':round(g/s,3),'mergekit_gb_per_s':round(g/k,3),'speedup':round(k/s,2),'threads':$THREADS}))" |
-    tee -a "$W/results.jsonl"
+  read -r s sc <"$W/t-new"
+  read -r o oc <"$W/t-old"
+  read -r k kc <"$W/t-mk"
+  python3 -c "import json
+s,sc,o,oc,k,kc,g=$s,$sc,$o,$oc,$k,$kc,$gb
+r={'method':'$m','input_gb':round(g,3),'symerge_s':s,'mergekit_s':k,'symerge_gb_per_s':round(g/s,3),
+   'mergekit_gb_per_s':round(g/k,3),'speedup':round(k/s,2),'threads':$THREADS,'symerge_cpu_s':sc,'mergekit_cpu_s':kc}
+if o: r.update(symerge_old_s=o, symerge_old_cpu_s=oc, speedup_vs_old=round(o/s,2))
+print(json.dumps(r))" | tee -a "$W/results.jsonl"
 done
