@@ -40,7 +40,7 @@ model_params() {  # METHOD -> the per-model parameters of each expert
   case $1 in
     ties|della|della_linear|dare_ties) echo 'weight: 1.0, density: 0.5' ;;
     breadcrumbs|breadcrumbs_ties) echo 'weight: 1.0, density: 0.5, gamma: 0.01' ;;
-    model_stock) echo '' ;;
+    model_stock|sce) echo '' ;;
     *) echo 'weight: 1.0' ;;
   esac
 }
