@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::TensorParams;
+use super::lambda_grad::dot_f64;
 use super::select::{Threshold, magnitude_thresholds};
 use crate::error::Result;
 
@@ -99,19 +100,20 @@ pub fn gram(pass: &dyn TensorPass, vectors: Vectors) -> Result<Vec<f64>> {
         Vectors::TaskVectors => k,
     };
     let parts = map_chunks(pass, |_, base, experts| {
-        let vs: Vec<Vec<f64>> = match vectors {
-            Vectors::BaseAndExperts => std::iter::once(base)
-                .chain(experts.iter().map(Vec::as_slice))
-                .map(|v| v.iter().map(|&x| x as f64).collect())
-                .collect(),
+        // f32 vectors (task vectors rounded to f32 as before) and f64 products summed in 8 lanes
+        // (`dot_f64`): no f64 copy of the chunk, no chain of dependent additions.
+        let tvs: Vec<Vec<f32>>;
+        let vs: Vec<&[f32]> = match vectors {
+            Vectors::BaseAndExperts => std::iter::once(base).chain(experts.iter().map(Vec::as_slice)).collect(),
             Vectors::TaskVectors => {
-                experts.iter().map(|e| e.iter().zip(base).map(|(&x, &b)| (x - b) as f64).collect()).collect()
+                tvs = experts.iter().map(|e| e.iter().zip(base).map(|(&x, &b)| x - b).collect()).collect();
+                tvs.iter().map(Vec::as_slice).collect()
             }
         };
         let mut g = vec![0f64; m * m];
         for i in 0..m {
             for j in i..m {
-                let d: f64 = vs[i].iter().zip(&vs[j]).map(|(a, b)| a * b).sum();
+                let d = dot_f64(vs[i], vs[j], None);
                 g[i * m + j] = d;
                 g[j * m + i] = d;
             }
