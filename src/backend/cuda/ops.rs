@@ -512,6 +512,11 @@ impl Cuda {
         Ok(CudaBuf { data, len })
     }
 
+    /// Ids as a device u32 buffer, for the sibling modules' launches.
+    pub(super) fn upload_ids_dev(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        self.upload_u32(v)
+    }
+
     fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
         let s = &self.inner.gpu.stream;
         if v.is_empty() {

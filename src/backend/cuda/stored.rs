@@ -78,25 +78,8 @@ impl Cuda {
         base: &CudaStored,
         experts: &[&CudaStored],
     ) -> Result<Vec<f64>> {
-        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
-        check_stored("lambda_grad_stored", &base.host, &hosts, None)?;
+        let dtype = self.check_lambda_grad("lambda_grad_stored", grad, base, experts)?;
         let n = base.host.numel();
-        if self.buf_len(grad) != n {
-            return Err(Error::Shape {
-                op: "lambda_grad_stored",
-                reason: format!("the gradient has {} elements but `{}` has {n}", self.buf_len(grad), base.host.name),
-            });
-        }
-        let dtype = base.host.dtype;
-        if let Some(h) = hosts.iter().find(|h| h.dtype != dtype) {
-            return Err(Error::Invalid(format!(
-                "lambda_grad on the GPU reads one dtype: `{}` is {} in {} but {dtype} in the base; convert the \
-                 experts to the base's dtype or use --device cpu",
-                h.name,
-                h.dtype,
-                h.file.display()
-            )));
-        }
         let k = experts.len();
         if k == 0 {
             return Ok(Vec::new());
@@ -143,7 +126,7 @@ impl Cuda {
         let plan = MergeLaunch::weighted_deltas(coefs, &dtypes)?;
         let out = self.zeros_buf(base.host.numel())?;
         let bad = cu("allocating", s.alloc_zeros::<u32>(1))?;
-        let rows_dev = self.rows_on_device(rows)?;
+        let rows_dev = self.upload_ids_dev(rows)?;
         let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
         // SAFETY: every staged buffer holds the whole table in its dtype (checked above), `rows`
         // its `rows.len()` in-range ids, `out` the table's f32, `bad` one u32.
@@ -178,24 +161,8 @@ impl Cuda {
         row_len: usize,
     ) -> Result<Vec<f64>> {
         let op = "lambda_grad_stored_rows";
-        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
-        check_stored(op, &base.host, &hosts, None)?;
+        let dtype = self.check_lambda_grad(op, grad, base, experts)?;
         check_rows(op, &base.host, rows, row_len)?;
-        let n = base.host.numel();
-        if self.buf_len(grad) != n {
-            let reason = format!("the gradient has {} elements but `{}` has {n}", self.buf_len(grad), base.host.name);
-            return Err(Error::Shape { op, reason });
-        }
-        let dtype = base.host.dtype;
-        if let Some(h) = hosts.iter().find(|h| h.dtype != dtype) {
-            return Err(Error::Invalid(format!(
-                "lambda_grad on the GPU reads one dtype: `{}` is {} in {} but {dtype} in the base; convert the \
-                 experts to the base's dtype or use --device cpu",
-                h.name,
-                h.dtype,
-                h.file.display()
-            )));
-        }
         let k = experts.len();
         if k == 0 {
             return Ok(Vec::new());
@@ -204,7 +171,7 @@ impl Cuda {
         let s = &gpu.stream;
         let partials = cu("allocating", s.alloc_zeros::<f64>(rows.len().max(1) * k))?;
         let out = cu("allocating", s.alloc_zeros::<f64>(k))?;
-        let rows_dev = self.rows_on_device(rows)?;
+        let rows_dev = self.upload_ids_dev(rows)?;
         let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
         // SAFETY: `grad` and the staged tensors hold the whole table, `rows` its in-range ids,
         // `partials` one row of K per listed row, `out` K f64; all live until the download.
@@ -223,12 +190,32 @@ impl Cuda {
         gpu.download(&out)
     }
 
-    /// Row ids as a device u32 buffer (one element when empty: the driver refuses empty ones).
-    fn rows_on_device(&self, rows: &[u32]) -> Result<CudaSlice<u32>> {
-        let s = &self.gpu().stream;
-        if rows.is_empty() {
-            return cu("allocating", s.alloc_zeros::<u32>(1));
+    /// The Lambda-gradient ops' checks (shapes, the gradient's length, one stored dtype for the
+    /// kernel); returns that dtype.
+    fn check_lambda_grad(
+        &self,
+        op: &'static str,
+        grad: &CudaBuf,
+        base: &CudaStored,
+        experts: &[&CudaStored],
+    ) -> Result<FloatDType> {
+        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
+        check_stored(op, &base.host, &hosts, None)?;
+        let n = base.host.numel();
+        if self.buf_len(grad) != n {
+            let reason = format!("the gradient has {} elements but `{}` has {n}", self.buf_len(grad), base.host.name);
+            return Err(Error::Shape { op, reason });
         }
-        cu("copying to the device", s.clone_htod(rows))
+        let dtype = base.host.dtype;
+        if let Some(h) = hosts.iter().find(|h| h.dtype != dtype) {
+            return Err(Error::Invalid(format!(
+                "lambda_grad on the GPU reads one dtype: `{}` is {} in {} but {dtype} in the base; convert the \
+                 experts to the base's dtype or use --device cpu",
+                h.name,
+                h.dtype,
+                h.file.display()
+            )));
+        }
+        Ok(dtype)
     }
 }
