@@ -1,9 +1,12 @@
-//! NCCL on a real GPU: a one-rank communicator runs a real all-reduce and broadcast, and
-//! `dist-check --backend nccl` reports the rank, world, device and bus bandwidth. Without a
-//! GPU (or NCCL) the tests print SKIPPED and pass.
+//! NCCL on a real GPU: a one-rank communicator runs a real all-reduce and broadcast, on host
+//! slices and on the CUDA backend's own device buffers, and `dist-check --backend nccl` reports
+//! the rank, world, device and bus bandwidth. Without a GPU (or NCCL) the tests print SKIPPED
+//! and pass.
 
 use std::time::Duration;
 
+use symerge::backend::Backend;
+use symerge::backend::cuda::Cuda;
 use symerge::dist::nccl::{connect, cuda_device_count};
 use symerge::dist::{Collective, RankInfo};
 
@@ -47,6 +50,28 @@ fn one_rank_communicator_all_reduces_and_broadcasts() {
     g.barrier().unwrap();
     let mut empty: [f32; 0] = [];
     g.all_reduce_sum_f32(&mut empty).unwrap();
+}
+
+#[test]
+fn backend_buffers_are_reduced_on_the_device_after_the_kernels_that_wrote_them() {
+    if !have_gpu() {
+        return;
+    }
+    let be = Cuda::open(0).expect("CUDA backend on GPU 0");
+    let mut g = connect(&RankInfo::single(), None, Duration::from_secs(60)).expect("NCCL communicator of one rank");
+    let n = (1 << 22) + 3;
+    let a: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.25 - 3.0).collect();
+    let b: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 1e-3).collect();
+    // A kernel writes `x` just before the reduction, on the backend's stream: NCCL's own stream
+    // must wait for it, or it would reduce stale memory.
+    let mut x = be.add(&be.upload(&a).unwrap(), &be.upload(&b).unwrap()).unwrap();
+    let mut empty = be.zeros(0).unwrap();
+    let mut one = be.upload(&[3.5]).unwrap();
+    be.all_reduce_sum(&mut g, &mut [&mut x, &mut empty, &mut one]).unwrap();
+    let want: Vec<f32> = a.iter().zip(&b).map(|(p, q)| p + q).collect();
+    let got = be.download(&x).unwrap();
+    assert!(got.iter().zip(&want).all(|(p, q)| p.to_bits() == q.to_bits()), "device all-reduce changed the data");
+    assert_eq!((be.download(&empty).unwrap().len(), be.download(&one).unwrap()), (0, vec![3.5]));
 }
 
 #[test]

@@ -937,20 +937,10 @@ fn zeros_like<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
     Ok(out)
 }
 
-/// Sums a block's gradients over the ranks in one all-reduce (tensors in name order).
+/// Sums a block's gradients over the ranks (tensors in name order, the same on every rank).
 fn all_reduce_params<B: Backend>(be: &B, coll: &mut dyn Collective, grads: &mut Params<B>) -> Result<()> {
-    let mut flat = Vec::new();
-    for p in grads.values() {
-        flat.extend(be.download(&p.buf)?);
-    }
-    coll.all_reduce_sum_f32(&mut flat)?;
-    let mut at = 0;
-    for p in grads.values_mut() {
-        let n = be.len(&p.buf);
-        p.buf = be.upload(&flat[at..at + n])?;
-        at += n;
-    }
-    Ok(())
+    let mut bufs: Vec<&mut B::Buf> = grads.values_mut().map(|p| &mut p.buf).collect();
+    be.all_reduce_sum(coll, &mut bufs)
 }
 
 /// A seeded permutation of `0..n` (Fisher-Yates over a Philox stream).

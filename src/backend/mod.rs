@@ -24,6 +24,7 @@ pub use cpu::Cpu;
 pub use stored_ops::AdamStep;
 
 use crate::checkpoint::StoredTensor;
+use crate::dist::collective::Collective;
 use crate::error::{Error, Result};
 
 /// Which GELU: the exact erf form (`hidden_act: gelu`) or the tanh approximation (`gelu_new`).
@@ -362,6 +363,34 @@ pub trait Backend: Send + Sync {
         v: &mut Self::Buf,
         step: &AdamStep,
     ) -> Result<()>;
+    /// Sums each of `bufs` element-wise over the ranks of `coll`, in place (every rank passes
+    /// the same buffers in the same order). By default one flat all-reduce through host memory
+    /// ([`all_reduce_via_host`]); CUDA with an NCCL group on its own GPU reduces device memory
+    /// where it is.
+    fn all_reduce_sum(&self, coll: &mut dyn Collective, bufs: &mut [&mut Self::Buf]) -> Result<()> {
+        all_reduce_via_host(self, coll, bufs)
+    }
+}
+
+/// [`Backend::all_reduce_sum`] through host memory: the buffers go down into one flat vector,
+/// one all-reduce (one message per rank, whatever the number of buffers), and back up.
+pub fn all_reduce_via_host<B: Backend + ?Sized>(
+    be: &B,
+    coll: &mut dyn Collective,
+    bufs: &mut [&mut B::Buf],
+) -> Result<()> {
+    let mut flat = Vec::new();
+    for b in bufs.iter() {
+        flat.extend(be.download(b)?);
+    }
+    coll.all_reduce_sum_f32(&mut flat)?;
+    let mut at = 0;
+    for b in bufs.iter_mut() {
+        let n = be.len(b);
+        **b = be.upload(&flat[at..at + n])?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Evaluates `$body` with `$be` bound to the backend a [`Device`] names: [`Cpu`], or [`cuda::Cuda`]

@@ -34,6 +34,12 @@ pub trait Collective: Send {
     /// Best effort: tells the other ranks this one failed, so they stop waiting for it now
     /// rather than at their timeout. Backends whose failure is already visible do nothing.
     fn abort(&self, _reason: &str) {}
+    /// The NCCL communicator behind this collective, if it is one: device buffers on its GPU
+    /// can then be reduced where they are ([`crate::backend::Backend::all_reduce_sum`]) instead of
+    /// through host memory.
+    fn nccl(&mut self) -> Option<&mut crate::dist::nccl::NcclGroup> {
+        None
+    }
 }
 
 /// Element-wise sum, adding rank 0, then 1, then 2...: the fixed order is what makes the result

@@ -7,11 +7,12 @@
 //!    [`rendezvous`] (written atomically by rank 0, waited for with a timeout naming the missing
 //!    ranks by the others); every rank then calls `ncclCommInitRank(world_size, id, rank)`.
 //!    World size 1 makes its own id and needs no directory.
-//! 3. [`NcclGroup`] implements [`Collective`] on host buffers: each call copies the data to a
-//!    device buffer, runs `ncclAllReduce` (sum) or `ncclBroadcast` in place, and copies it back
-//!    (a first slice: the training loop's gradients live on the host today; a device-buffer
-//!    entry point can skip the copies once the CUDA backend holds them). A barrier is an
-//!    all-reduce of one element.
+//! 3. [`NcclGroup`] implements [`Collective`] on host buffers (each call copies the data to a
+//!    device buffer, runs `ncclAllReduce` (sum) or `ncclBroadcast` in place, and copies it back;
+//!    a barrier is an all-reduce of one element), and [`NcclGroup::all_reduce_device`] sums
+//!    buffers that already live on its GPU in place, with no host hop: the CUDA backend's
+//!    [`crate::backend::Backend::all_reduce_sum`] takes that path for the adapted layers'
+//!    gradients.
 //!
 //! Timeouts: the rendezvous has one; `ncclCommInitRank` only starts once every rank has
 //! arrived there. Inside a collective, this rank polls an event recorded after the NCCL call and
@@ -24,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtrMut};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use crate::dist::collective::Collective;
@@ -172,6 +173,30 @@ impl NcclGroup {
     }
 }
 
+impl NcclGroup {
+    /// The CUDA device this rank's communicator runs on.
+    pub fn ordinal(&self) -> usize {
+        self.comm.ordinal()
+    }
+
+    /// Sums each of `bufs` (memory on this group's GPU) over the ranks in place: no copy through
+    /// the host. The reductions start after everything `producer` queued before this call (the
+    /// kernels that wrote the buffers; the group runs on its own stream) and are complete when
+    /// this returns, so `producer` may read the sums at once. Buffers are reduced in the order
+    /// given, which must be the same on every rank.
+    pub fn all_reduce_device<R: DevicePtrMut<f32>>(&mut self, bufs: &mut [R], producer: &CudaStream) -> Result<()> {
+        let ready = producer.record_event(None).map_err(|e| failed("recording the producer's event", e))?;
+        self.stream.wait(&ready).map_err(|e| failed("waiting for the producer's event", e))?;
+        for buf in bufs.iter_mut() {
+            if buf.is_empty() {
+                continue;
+            }
+            self.comm.all_reduce_in_place(buf, &ReduceOp::Sum).map_err(|e| failed("ncclAllReduce", e))?;
+        }
+        self.wait("ncclAllReduce (device buffers)")
+    }
+}
+
 impl Collective for NcclGroup {
     fn backend(&self) -> &'static str {
         "nccl"
@@ -200,5 +225,8 @@ impl Collective for NcclGroup {
     }
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_sum_f32(&mut [0.0])
+    }
+    fn nccl(&mut self) -> Option<&mut NcclGroup> {
+        Some(self)
     }
 }

@@ -20,8 +20,9 @@ use super::nvrtc;
 use super::stored::CudaStored;
 use crate::backend::Device;
 use crate::backend::cpu::{check_attn, check_topk, err, expect_len, rope_inv_freq};
-use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads};
+use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, all_reduce_via_host};
 use crate::checkpoint::StoredTensor;
+use crate::dist::collective::Collective;
 use crate::error::{Error, Result};
 
 /// Threads of the 1-D launches (`OPS_THREADS` in the kernels: the row reductions assume it).
@@ -1342,6 +1343,28 @@ impl Backend for Cuda {
         let AdamStep { beta1, beta2, eps, step_size, c2_sqrt } = *step;
         let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
         launch!(self, adam_step, elems_cfg(n); pp, gp, mp, vp, n64, beta1, beta2, one_b1, one_b2, step_size, c2_sqrt, eps)
+    }
+
+    /// With an NCCL group on this GPU the buffers are reduced where they are; a group on another
+    /// GPU is an error (the launcher and `--device` disagree); a host collective (file, local)
+    /// goes through host memory, said once in the log.
+    fn all_reduce_sum(&self, coll: &mut dyn Collective, bufs: &mut [&mut CudaBuf]) -> Result<()> {
+        let ordinal = self.inner.gpu.info.ordinal;
+        if let Some(group) = coll.nccl() {
+            if group.ordinal() != ordinal {
+                return Err(err(
+                    "all_reduce_sum",
+                    format!("the NCCL group runs on cuda:{}, the backend on cuda:{ordinal}", group.ordinal()),
+                ));
+            }
+            let mut views: Vec<_> = bufs.iter_mut().map(|b| b.data.slice_mut(0..b.len)).collect();
+            return group.all_reduce_device(&mut views, &self.inner.gpu.stream);
+        }
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!("a {} collective on --device cuda: gradients are summed through host memory", coll.backend())
+        });
+        all_reduce_via_host(self, coll, bufs)
     }
 }
 
