@@ -52,6 +52,11 @@ impl SharedBlock {
         self.tensors.iter().flat_map(|t| &t.stored).map(|s| s.nbytes() as u64).sum()
     }
 
+    /// Bytes of the block's merged weights in f32.
+    pub fn f32_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| 4 * t.shape.iter().product::<usize>() as u64).sum()
+    }
+
     fn views(&self) -> impl Iterator<Item = &StoredTensor> {
         self.tensors.iter().flat_map(|t| &t.stored)
     }

@@ -27,7 +27,7 @@ use super::classifier::Adapter;
 use super::config::{AdaptConfig, Method};
 use super::lambda::{Granularity, Lambda};
 use super::lm::LmAdapter;
-use super::shared::{BlockLayout, SharedWeights, StreamReport, TableRows};
+use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport, TableRows};
 use crate::atomic::Staging;
 use crate::backend::{Backend, Device};
 use crate::dist::data_parallel::{shard_range, verify_digest};
@@ -530,6 +530,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                     };
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), kept, &d)?;
                     visit.lambda_grad(be, &g, &lookups, &mut lambda_grad)?;
+                    recycle(be, p);
+                    recycle(be, g);
                     dy = dx;
                 }
                 if world > 1 {
@@ -576,7 +578,13 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 let p = visit.merged_rows(be, &self.lambda, &self.shared[b].lookup_rows(batch))?;
                 drop(visit);
                 let (y, internals) = run(&self.shared[b], &p)?;
-                Ok((y, KeptBlock { internals, merged: keep.then_some(p) }))
+                let merged = if keep {
+                    Some(p)
+                } else {
+                    recycle(be, p);
+                    None
+                };
+                Ok((y, KeptBlock { internals, merged }))
             }
             Some(i) => {
                 let (y, internals) = run(&t.private_blocks[i], &t.private[i])?;
@@ -682,7 +690,13 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let log_path = staging.as_ref().map(|s| s.path().join("train_log.jsonl"));
         let k = self.tasks.len();
         let (epochs, seed) = (self.cfg.epochs, self.cfg.seed);
-        let (steps, recent) = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref())?;
+        // Room to recycle a block's merged weights and their gradients from visit to visit.
+        let be = self.family.backend();
+        let largest = self.weights.blocks.iter().map(SharedBlock::f32_bytes).max().unwrap_or(0);
+        be.scratch_limit(usize::try_from(2 * largest).unwrap_or(usize::MAX));
+        let trained = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref());
+        self.family.backend().scratch_limit(0);
+        let (steps, recent) = trained?;
         let streaming = self.weights.report();
         if coll.world_size() > 1 {
             verify_digest(coll, "Lambda", &self.lambda.digest())?;
@@ -926,6 +940,11 @@ fn all_reduce_lambda_rows<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// Hands `params`' buffers back to the backend for later outputs of the same size.
+fn recycle<B: Backend>(be: &B, params: Params<B>) {
+    params.into_values().for_each(|p| be.recycle(p.buf));
 }
 
 /// Zeros shaped like `params`: the gradient of a rank whose shard is empty.

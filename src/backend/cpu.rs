@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, stored_ops, vmath};
+use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, scratch, stored_ops, vmath};
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
 use crate::logits::logsumexp;
@@ -87,9 +87,9 @@ fn gemm_on(
     assert!(c_off + (m - 1) * rsc + n <= c.len(), "gemm output out of bounds");
     if k == 0 {
         for i in 0..m {
-            for v in &mut c[c_off + i * rsc..c_off + i * rsc + n] {
-                *v *= beta;
-            }
+            let row = &mut c[c_off + i * rsc..c_off + i * rsc + n];
+            // As BLAS: `beta == 0` never reads `c` (a recycled buffer may hold anything).
+            if beta == 0.0 { row.fill(0.0) } else { row.iter_mut().for_each(|v| *v *= beta) }
         }
         return;
     }
@@ -402,7 +402,7 @@ impl Backend for Cpu {
             );
             dx
         });
-        let mut dw = vec![0f32; out * inp];
+        let mut dw = scratch::take(out * inp);
         gemm_par(out, inp, rows, 1.0, View::dense(dy, out, rows, true), View::dense(x, rows, inp, false), 0.0, &mut dw);
         let db = has_bias.then(|| {
             let partials: Vec<Vec<f32>> = dy
@@ -1027,6 +1027,14 @@ impl Backend for Cpu {
         row_len: usize,
     ) -> Result<Vec<f64>> {
         stored_ops::lambda_grad_stored_rows(grad, base, experts, rows, row_len)
+    }
+
+    fn recycle(&self, buf: Vec<f32>) {
+        scratch::give(buf);
+    }
+
+    fn scratch_limit(&self, bytes: usize) {
+        scratch::set_limit(bytes);
     }
 
     fn adam_step(

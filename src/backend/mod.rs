@@ -14,6 +14,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod scratch;
 pub mod stored_ops;
 pub mod vmath;
 
@@ -370,6 +371,11 @@ pub trait Backend: Send + Sync {
     fn all_reduce_sum(&self, coll: &mut dyn Collective, bufs: &mut [&mut Self::Buf]) -> Result<()> {
         all_reduce_via_host(self, coll, bufs)
     }
+    /// Takes back a buffer its owner is done with, so its memory can hold a later output (the
+    /// CPU's [`scratch`] pool); by default it is dropped.
+    fn recycle(&self, _buf: Self::Buf) {}
+    /// Lets the backend keep up to `bytes` of recycled buffers; 0 releases them.
+    fn scratch_limit(&self, _bytes: usize) {}
 }
 
 /// [`Backend::all_reduce_sum`] through host memory: the buffers go down into one flat vector,

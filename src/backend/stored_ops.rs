@@ -92,7 +92,8 @@ pub fn check_stored(
 pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) -> Result<Vec<f32>> {
     check_stored("merge_stored", base, experts, Some(coefs.len()))?;
     let n = base.numel();
-    let mut out = vec![0f32; n];
+    // Every element is written below (merge_into fills its chunk).
+    let mut out = crate::backend::scratch::take(n);
     let bad = out
         .par_chunks_mut(MERGE_CHUNK)
         .enumerate()
