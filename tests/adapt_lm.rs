@@ -195,16 +195,19 @@ fn last_block_adapts_the_last_layer_and_the_cli_writes_loadable_models() {
     drop(a);
 
     let out = f.root.join("out");
+    let cfg = f.root.join("adapt.yml");
     let (ok, stdout, err) =
-        run(&["adapt", f.root.join("adapt.yml").to_str().unwrap(), "-o", out.to_str().unwrap(), "--json"]);
+        run(&["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json", "--out-dtype", "bf16"]);
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(summary["steps"], 6);
+    assert_eq!((&summary["steps"], &summary["out_dtype"]), (&6.into(), &"bfloat16".into()));
     assert!(out.join("lambda.json").is_file() && out.join("train_log.jsonl").is_file());
     for task in ["alpha", "beta"] {
         let dir = out.join("tasks").join(task);
         let lm = CausalLm::load(Cpu, &dir, 32).unwrap();
         assert!(!lm.model.config.tie_word_embeddings);
+        let stored = symerge::checkpoint::Checkpoint::open(&dir).unwrap();
+        assert!(stored.tensors.iter().all(|t| t.dtype == safetensors::Dtype::BF16), "{task}: --out-dtype bf16");
         let (ok, text, err) = run(&[
             "eval",
             dir.to_str().unwrap(),

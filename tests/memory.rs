@@ -123,8 +123,10 @@ fn streamed_adapt_of_2gb_llm_family_keeps_rss_bounded() {
     assert_eq!(s["bytes_streamed_per_step"].as_u64().unwrap(), 2 * shared, "every shared block twice a step");
     assert!(peak < bound, "peak RSS {peak} >= bound {bound}");
     assert!(peak < 1_000_000_000, "peak RSS {peak} is not under 1 GB");
+    assert_eq!(s["out_dtype"], "bfloat16", "the models are written in the base's dtype");
     for task in ["alpha", "beta"] {
         let model = Checkpoint::open(out.join("tasks").join(task)).unwrap();
         assert_eq!(model.tensors.len(), 1 + 26 * 9 + 2, "{task}: embedding, 26 layers, norm and head");
+        assert!(model.tensors.iter().all(|t| t.dtype == safetensors::Dtype::BF16), "{task}");
     }
 }

@@ -11,6 +11,7 @@ use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
 use super::objective::{self, Objective, Prepared};
 use super::train::{Adaptation, Family, Task};
 use crate::backend::Backend;
+use crate::checkpoint::FloatDType;
 use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
@@ -213,11 +214,17 @@ impl<B: Backend + Clone> Family<B> for Classifier<B> {
         Ok((out.dlogits, out.loss))
     }
 
-    fn finish_task(a: &Adapter<B>, task: usize, dir: Option<&Path>, evaluate_it: bool) -> Result<Option<f64>> {
+    fn finish_task(
+        a: &Adapter<B>,
+        task: usize,
+        dir: Option<&Path>,
+        dtype: FloatDType,
+        evaluate_it: bool,
+    ) -> Result<Option<f64>> {
         let t = &a.tasks[task];
         if let Some(dir) = dir {
             let model = a.task_bert(task)?;
-            let opts = SaveOptions { labels: model.config.label_names(), ..SaveOptions::default() };
+            let opts = SaveOptions { dtype, labels: model.config.label_names(), force: false };
             model.save_with(dir, &opts, &mut |b| a.merged_params(b))?;
         }
         let (Some(gold), true) = (&t.data.gold, evaluate_it) else { return Ok(None) };

@@ -21,11 +21,13 @@ use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method, TaskConfig};
 use super::objective::{self, Objective, Prepared};
 use super::train::{Adaptation, Family, Task};
 use crate::backend::Backend;
+use crate::checkpoint::FloatDType;
 use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
 use crate::labels::{LabelCache, LabelKind};
 use crate::model::llama::LmHead;
+use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
 use crate::model::{Llama, LlamaBlock, LmBatch, Params, TextTokenizer, TopKTargets};
 
@@ -247,9 +249,16 @@ impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
         Ok((be.embedding_backward(&batch.label_rows, &dpicked, batch.rows(), vocab)?, loss))
     }
 
-    fn finish_task(a: &LmAdapter<B>, task: usize, dir: Option<&Path>, _evaluate: bool) -> Result<Option<f64>> {
+    fn finish_task(
+        a: &LmAdapter<B>,
+        task: usize,
+        dir: Option<&Path>,
+        dtype: FloatDType,
+        _evaluate: bool,
+    ) -> Result<Option<f64>> {
         if let Some(dir) = dir {
-            a.task_llama(task)?.save_with(dir, false, &mut |b| a.merged_params(b))?;
+            let opts = SaveOptions { dtype, ..SaveOptions::default() };
+            a.task_llama(task)?.save_with(dir, &opts, &mut |b| a.merged_params(b))?;
         }
         Ok(None)
     }

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::lambda::Lambda;
 use crate::backend::Backend;
-use crate::checkpoint::{Checkpoint, StoredTensor};
+use crate::checkpoint::{Checkpoint, FloatDType, StoredTensor};
 use crate::error::{Error, Result};
 use crate::model::{Param, Params};
 
@@ -111,6 +111,18 @@ enum Staged<'a, B: Backend> {
 }
 
 impl<B: Backend> SharedWeights<B> {
+    /// The dtype most of the base's shared weights (by element) are stored in; f32 without any.
+    pub fn base_dtype(&self) -> FloatDType {
+        let mut count: Vec<(FloatDType, usize)> = Vec::new();
+        for s in self.blocks.iter().flat_map(|b| &b.tensors).filter_map(|t| t.stored.first()) {
+            match count.iter_mut().find(|(d, _)| *d == s.dtype) {
+                Some((_, n)) => *n += s.numel(),
+                None => count.push((s.dtype, s.numel())),
+            }
+        }
+        count.into_iter().max_by_key(|&(_, n)| n).map_or(FloatDType::F32, |(d, _)| d)
+    }
+
     /// Resolves every shared tensor of `layout` in the base checkpoint and each expert's (a
     /// wrapper prefix such as `bert.` may differ), checking shapes and dtypes, and decides which
     /// blocks to keep: blocks in order while their stored bytes fit in half of `budget` (default:

@@ -15,6 +15,7 @@
 //! how a task's model is written) is a [`Family`]: [`super::classifier`] for the BERT family,
 //! [`super::lm`] for causal LMs. A new family is one more implementation, not another loop.
 
+use crate::checkpoint::FloatDType;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -190,9 +191,15 @@ pub trait Family<B: Backend>: Sized {
         pending: Self::Pending,
         total: usize,
     ) -> Result<(B::Buf, f32)>;
-    /// Writes task `task`'s model into `dir` (when given) and, when asked and possible, its
-    /// accuracy on its inputs in percent.
-    fn finish_task(a: &Adaptation<B, Self>, task: usize, dir: Option<&Path>, evaluate: bool) -> Result<Option<f64>>;
+    /// Writes task `task`'s model into `dir` (when given) with its weights in `dtype` and, when
+    /// asked and possible, its accuracy on its inputs in percent.
+    fn finish_task(
+        a: &Adaptation<B, Self>,
+        task: usize,
+        dir: Option<&Path>,
+        dtype: FloatDType,
+        evaluate: bool,
+    ) -> Result<Option<f64>>;
 }
 
 /// One task during adaptation.
@@ -298,6 +305,8 @@ pub struct AdaptSummary {
     pub world_size: usize,
     pub lambda_rows: usize,
     pub lambda_hash: String,
+    /// Storage dtype of the written models (`torch_dtype` spelling).
+    pub out_dtype: String,
     pub tasks: Vec<TaskReport>,
     pub average_accuracy: Option<f64>,
     /// How the shared blocks were held and how many bytes were staged.
@@ -326,12 +335,16 @@ pub struct AdaptOptions {
     /// that is empty; anything else is refused.
     #[arg(long)]
     pub force: bool,
+    /// Storage dtype of the written models (f32, bf16, f16); default: the dtype most of the
+    /// base checkpoint's shared weights are stored in (training itself is f32 either way).
+    #[arg(long, value_name = "DTYPE")]
+    pub out_dtype: Option<FloatDType>,
 }
 
 impl AdaptOptions {
     /// The defaults: a log line every 10 steps, accuracy measured at the end, no replacing.
     pub fn new(output: impl Into<PathBuf>) -> Self {
-        AdaptOptions { output: output.into(), log_every: 10, evaluate: true, force: false }
+        AdaptOptions { output: output.into(), log_every: 10, evaluate: true, force: false, out_dtype: None }
     }
 }
 
@@ -704,12 +717,14 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             tracing::info!("rank {}: Lambda and adapted layers agree on all {} ranks", coll.rank(), coll.world_size());
         }
 
+        let out_dtype = opts.out_dtype.unwrap_or_else(|| self.weights.base_dtype());
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
             let t = &self.tasks[task];
             let accuracy = match &staging {
                 Some(staging) => {
-                    F::finish_task(self, task, Some(&staging.path().join("tasks").join(&t.name)), opts.evaluate)?
+                    let dir = staging.path().join("tasks").join(&t.name);
+                    F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?
                 }
                 None => None,
             };
@@ -731,6 +746,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             world_size: coll.world_size(),
             lambda_rows: self.lambda.keys.len(),
             lambda_hash: self.lambda.hash(),
+            out_dtype: out_dtype.to_string(),
             average_accuracy: (accs.len() == k).then(|| accs.iter().sum::<f64>() / k as f64),
             tasks: reports,
             bytes_streamed_per_step: streaming.bytes_streamed / steps.max(1) as u64,

@@ -214,16 +214,19 @@ impl<B: Backend> Bert<B> {
 
 impl<B: Backend> Llama<B> {
     /// Writes the model as a Hugging Face causal-LM directory that [`Llama::load`] and
-    /// `transformers` read: `model.safetensors` in f32 (a tied embedding once), the source
+    /// `transformers` read: `model.safetensors` in f32 (a tied embedding once; [`Llama::save_with`]
+    /// takes another dtype), the source
     /// `config.json` with `tie_word_embeddings` as this model's head has it, and the source's
     /// tokenizer files. Atomic, and refuses non-finite weights, like [`Bert::save`].
     pub fn save(&self, output: &Path, force: bool) -> Result<SavedModel> {
-        self.save_with(output, force, &mut |_| Ok(None))
+        self.save_with(output, &SaveOptions { force, ..SaveOptions::default() }, &mut |_| Ok(None))
     }
 
-    /// [`Llama::save`] where `fetch(b)` may supply block `b`'s parameters (`Some`) instead of
-    /// [`Llama::params`], one block at a time (adaptation's merged blocks).
-    pub fn save_with(&self, output: &Path, force: bool, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
+    /// [`Llama::save`] in `opts.dtype` (its `labels` do not apply), where `fetch(b)` may supply
+    /// block `b`'s parameters (`Some`) instead of [`Llama::params`], one block at a time
+    /// (adaptation's merged blocks).
+    pub fn save_with(&self, output: &Path, opts: &SaveOptions, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
+        let (dtype, force) = (opts.dtype, opts.force);
         crate::atomic::check_output_dir(output, force)?;
         let source =
             if self.path.is_dir() { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
@@ -237,13 +240,13 @@ impl<B: Backend> Llama<B> {
             }
             for (name, shape) in block.param_shapes() {
                 if planned.iter().all(|t| t.name != name) {
-                    planned.push(PlannedTensor { name, dtype: FloatDType::F32.to_safetensors(), shape });
+                    planned.push(PlannedTensor { name, dtype: dtype.to_safetensors(), shape });
                     owner.push(b);
                 }
             }
         }
         let staging = Staging::create(output)?;
-        self.write_lm_side_files(source, staging.path(), tied)?;
+        self.write_lm_side_files(source, staging.path(), tied, dtype)?;
         let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
         let tensors: Vec<(String, usize)> = planned.iter().map(|t| t.name.clone()).zip(owner).collect();
         let mut writer = ShardWriter::create(staging.path(), planned, u64::MAX)?;
@@ -262,8 +265,8 @@ impl<B: Backend> Llama<B> {
                         values[i]
                     )));
                 }
-                bytes.resize(values.len() * 4, 0);
-                encode_into(FloatDType::F32, &values, &mut bytes);
+                bytes.resize(values.len() * dtype.size(), 0);
+                encode_into(dtype, &values, &mut bytes);
                 writer.write(name, &bytes)?;
             }
         }
@@ -272,9 +275,9 @@ impl<B: Backend> Llama<B> {
         Ok(SavedModel { dir: output.to_path_buf(), tensors: tensors.len(), params, bytes: written.bytes })
     }
 
-    /// `config.json` (with `tie_word_embeddings` as this model's head has it, f32) and the
-    /// source's tokenizer files.
-    fn write_lm_side_files(&self, source: &Path, dir: &Path, tied: bool) -> Result<()> {
+    /// `config.json` (with `tie_word_embeddings` as this model's head has it, and `dtype`) and
+    /// the source's tokenizer files.
+    fn write_lm_side_files(&self, source: &Path, dir: &Path, tied: bool, dtype: FloatDType) -> Result<()> {
         let config_path = source.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let mut cfg: Value = serde_json::from_str(&text)
@@ -284,7 +287,7 @@ impl<B: Backend> Llama<B> {
             reason: "config.json is not a JSON object".into(),
         })?;
         obj.insert("tie_word_embeddings".into(), tied.into());
-        obj.insert("torch_dtype".into(), FloatDType::F32.torch_name().into());
+        obj.insert("torch_dtype".into(), dtype.torch_name().into());
         let out_config = dir.join("config.json");
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value") + "\n";
         std::fs::write(&out_config, text).map_err(|e| Error::io(&out_config, e))?;
