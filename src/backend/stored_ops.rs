@@ -16,6 +16,13 @@ use crate::merge::lambda_grad::{TILE, dot_f64};
 /// Elements per parallel piece of a merge (a multiple of the kernels' 8-element vectors).
 const MERGE_CHUNK: usize = 1 << 14;
 
+thread_local! {
+    /// This worker's decoding buffers (the base's piece, an expert's piece), kept from piece to
+    /// piece: fresh ones were allocated and zero-filled for every piece before being decoded
+    /// into, a memset as large as the decoding itself.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// One Adam update's scalars, computed once per step on the host as PyTorch's `Adam` does
 /// (bias corrections folded into `step_size` and `c2_sqrt`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,25 +119,27 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
 /// Elements `start..start + o.len()` of the merge into `o`, in the kernel's order: the weighted
 /// differences summed in f32 in expert order from zero, then added to the base.
 fn merge_into(o: &mut [f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) {
-    let (mut bs, mut es) = (Vec::new(), Vec::new());
-    let b = base.f32s(start, o.len(), &mut bs);
-    o.fill(0.0);
-    for (x, &coef) in experts.iter().zip(coefs) {
-        let e = x.f32s(start, o.len(), &mut es);
-        for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
-            *acc += coef * (e - b);
+    SCRATCH.with_borrow_mut(|(bs, es)| {
+        let b = base.f32s(start, o.len(), bs);
+        o.fill(0.0);
+        for (x, &coef) in experts.iter().zip(coefs) {
+            let e = x.f32s(start, o.len(), es);
+            for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
+                *acc += coef * (e - b);
+            }
         }
-    }
-    for (acc, &b) in o.iter_mut().zip(b) {
-        *acc += b;
-    }
+        for (acc, &b) in o.iter_mut().zip(b) {
+            *acc += b;
+        }
+    })
 }
 
 /// `<g, expert_k - base>` over elements `start..start + g.len()`, for every expert.
 fn dots(g: &[f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor]) -> Vec<f64> {
-    let (mut bs, mut xs) = (Vec::new(), Vec::new());
-    let b = base.f32s(start, g.len(), &mut bs);
-    experts.iter().map(|e| dot_f64(g, e.f32s(start, g.len(), &mut xs), Some(b))).collect()
+    SCRATCH.with_borrow_mut(|(bs, xs)| {
+        let b = base.f32s(start, g.len(), bs);
+        experts.iter().map(|e| dot_f64(g, e.f32s(start, g.len(), xs), Some(b))).collect()
+    })
 }
 
 /// Partial sums (one per tile or row, each with a value per expert) added in order.
