@@ -41,12 +41,17 @@ pub fn ratio(g: &[f64], k: usize) -> f64 {
     if den.abs() < 1e-6 { 0.0 } else { k as f64 * cos / den }
 }
 
-/// `t * mean(experts) + (1 - t) * base` over one stretch of elements.
+/// `t * mean(experts) + (1 - t) * base` over one stretch of elements. The sum runs expert by
+/// expert over the stretch (each element still adds its experts in order from zero), so the
+/// loops vectorise.
 fn blend(t: f32, base: &[f32], experts: &[&[f32]], out: &mut [f32]) {
     let count = experts.len() as f32;
-    for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-        let sum = experts.iter().fold(0.0f32, |s, e| s + e[i]);
-        *o = t * (sum / count) + (1.0 - t) * b;
+    out.fill(0.0);
+    for e in experts {
+        out.iter_mut().zip(*e).for_each(|(o, &x)| *o += x);
+    }
+    for (o, &b) in out.iter_mut().zip(base) {
+        *o = t * (*o / count) + (1.0 - t) * b;
     }
 }
 
