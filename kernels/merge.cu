@@ -2,6 +2,7 @@
 // the GPU twin of `Gta::merge_chunk` and `Linear::merge_chunk` in src/merge/.
 //
 //   d_k   = coef_k * sparsify_k(theta_k - base)        (mode: keep all, magnitude, random)
+//         = (outliers_k(theta_k - base) * factor_k) * coef_k    (outliers: Breadcrumbs' band)
 //   mixed = sum_k d_k                       / div_all   (plain)
 //         = sum_k [sign(d_k) agrees with sign(sum_j d_j)] d_k / sum of those w_k   (consensus)
 //   out   = base + lambda * mixed          (or sum_k coef_k * theta_k without a base: linear)
@@ -17,6 +18,7 @@
 #define MODE_ALL 0u
 #define MODE_MAGNITUDE 1u
 #define MODE_RANDOM 2u
+#define MODE_OUTLIERS 3u
 
 #define FLAG_CONSENSUS 1u
 #define FLAG_NORMALIZE 2u
@@ -26,15 +28,18 @@
 struct MergeInput {
     u64 ptr;       // device address of the expert's values (dtype below), 16-byte aligned
     u64 cutoff;    // magnitude mode: values equal to thresh are kept when their index is below this
+    u64 cutoff2;   // outliers mode: values equal to thresh2 are dropped when their index is below this
     float coef;    // multiplier of a kept tau (or of theta for linear)
     float weight;  // w_k, added to the consensus divisor where the entry agrees
     float thresh;  // magnitude mode: |tau| above this is kept
     float density; // random mode: keep probability
+    float thresh2; // outliers mode: |tau| above this (the top band) is dropped
+    float factor;  // outliers mode: the l1 rescale factor from the CPU pre-pass (1 without rescale)
     u32 mode;
     u32 dtype;
 };
 
-// Passed by value (kernel parameter space, 2.5 KB): no per-tensor upload before a launch.
+// Passed by value (kernel parameter space, 3.5 KB): no per-tensor upload before a launch.
 struct MergeInputs {
     MergeInput in[MAX_INPUTS];
 };
@@ -51,6 +56,18 @@ __device__ __forceinline__ void sparsify8(const MergeInput& in, u32 k, const flo
             float a = fabsf(tau);
             bool keep = a > in.thresh || (a == in.thresh && idx + j < in.cutoff);
             d[j] = keep ? in.coef * tau : 0.0f;
+        }
+    } else if (in.mode == MODE_OUTLIERS) {
+        // Breadcrumbs (`Gta::mask`, Outliers): kept inside the band of the two CPU thresholds,
+        // then scaled as the CPU does, (tau * factor) * w, masked entries included.
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            float tau = e[j] - b[j];
+            float a = fabsf(tau);
+            bool in_band = a > in.thresh || (a == in.thresh && idx + j < in.cutoff);
+            bool top = a > in.thresh2 || (a == in.thresh2 && idx + j < in.cutoff2);
+            float x = in_band && !top ? tau : 0.0f;
+            d[j] = (x * in.factor) * in.coef;
         }
     } else {
         float u[VEC];

@@ -2,12 +2,15 @@
 # The GPU check, run ON the GPU machine in the repository root over the executables that
 # scripts/gpu-prepare.sh left in .devbin/ (nothing is compiled there):
 #   1. tests/kernels_compile.rs  NVRTC compile + ptxas resource report for sm_90
-#   2. tests/gpu_kernels.rs      every kernel vs its CPU twin, lambda_grad determinism
+#   2. tests/gpu_kernels.rs      every kernel vs its CPU twin, lambda_grad determinism; the
+#                                slerp/breadcrumbs/sce kernels byte for byte
+#                                (prepared_kernels_match_cpu_bit_for_bit)
 #   3. tests/gpu_backend.rs      the CUDA Backend (model ops) vs the CPU: every op forward and
 #                                backward, bit-identical repeats, real MiniLM logits and gradients,
 #                                adaptation steps, predict/finetune --device cuda
 #      tests/gpu_merge.rs        merge --device cuda vs cpu (tiny ring, resident, errors,
-#                                llama-1b base + 3 experts = 8.8 GB through the CLI)
+#                                llama-1b base + 3 experts = 8.8 GB through the CLI; slerp,
+#                                breadcrumbs(_ties), sce: prepared_methods_match_cpu_bit_for_bit)
 #      tests/device_flag.rs    --device auto (on the GPU) gives exactly the CPU's output
 #   4. symerge bench-cuda        copy ceilings, kernels as a fraction of device copy, streaming
 #                                merge of llama-7b + 2 experts (40 GB in: the 64 GB disk also

@@ -13,8 +13,11 @@ use symerge::checkpoint::dtype::{decode, encode_into};
 use symerge::merge::lambda_grad::lambda_grad;
 use symerge::merge::linear::Linear;
 use symerge::merge::philox::{ElementStream, name_hash};
+use symerge::merge::sce::Sce;
 use symerge::merge::select::{Threshold, keep_count, magnitude_threshold};
-use symerge::merge::{ChunkCtx, MergeMethod, TensorParams, dare, task_arithmetic, ties};
+use symerge::merge::slerp::Slerp;
+use symerge::merge::stats::{InMemory, TensorStats};
+use symerge::merge::{ChunkCtx, MergeMethod, TensorParams, breadcrumbs, dare, task_arithmetic, ties};
 
 const DTYPES: [FloatDType; 3] = [FloatDType::F32, FloatDType::F16, FloatDType::BF16];
 const SIZES: [usize; 5] = [1, 7, 13, 4099, 300_007];
@@ -363,5 +366,107 @@ fn dare_philox_is_bit_identical_to_cpu() {
             got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         );
+    }
+}
+
+/// Elements `from..` of a host tensor.
+fn tail_of(t: HostTensor<'_>, from: usize) -> HostTensor<'_> {
+    HostTensor { bytes: &t.bytes[from * t.dtype.size()..], dtype: t.dtype }
+}
+
+/// The CPU twin of a kernel that takes the CPU pre-pass's statistics: `prepare` over the whole
+/// inputs, then `merge_chunk` over the whole tensor with them.
+fn cpu_prepared(method: &dyn MergeMethod, p: &TensorParams, hash: u32, inp: &Inputs) -> (TensorStats, Vec<f32>) {
+    let base = decoded(inp.dtype, &inp.base);
+    let experts: Vec<Vec<f32>> = inp.experts.iter().map(|e| decoded(inp.dtype, e)).collect();
+    let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+    let n = base.len();
+    let pass =
+        InMemory { base: Some(&base), experts: views.clone(), row_len: n, chunk_len: 4096, params: p, name_hash: hash };
+    let stats = method.prepare(&pass).unwrap();
+    let ctx = ChunkCtx {
+        offset: 0,
+        params: p,
+        thresholds: &stats.thresholds,
+        name_hash: hash,
+        scalars: &stats.scalars,
+        row_len: n,
+    };
+    let mut out = vec![0f32; n];
+    method.merge_chunk(&ctx, Some(&base), &views, &mut out, &mut Vec::new());
+    (stats, out)
+}
+
+/// SLERP, Breadcrumbs (with and without l1 rescale, with and without TIES) and SCE kernels
+/// against their CPU twins, given the CPU pre-pass's statistics (the GPU engine computes them
+/// the same way): elementwise f32 in the CPU's order without FMA, so every byte must match,
+/// for the whole tensor and for its second half launched alone at its tensor offset (thresholds
+/// with ties broken by index see tensor indices).
+#[test]
+fn prepared_kernels_match_cpu_bit_for_bit() {
+    let gpu = gpu();
+    let methods: Vec<(&str, Box<dyn MergeMethod>)> = vec![
+        ("slerp", Box::new(Slerp)),
+        ("breadcrumbs", Box::new(breadcrumbs::method(false, false))),
+        ("breadcrumbs_rescale", Box::new(breadcrumbs::method(false, true))),
+        ("breadcrumbs_ties", Box::new(breadcrumbs::method(true, true))),
+        ("sce", Box::new(Sce)),
+    ];
+    let mut cases = 0usize;
+    for dtype in DTYPES {
+        for &n in &SIZES {
+            for (name, method) in &methods {
+                for k in if *name == "slerp" { vec![1usize] } else { vec![1, 3, 8] } {
+                    let inp = inputs(dtype, n, k);
+                    let mut p = TensorParams {
+                        weights: (0..k).map(|i| 0.3 + 0.2 * i as f32).collect(),
+                        densities: (0..k).map(|i| [0.5, 0.3, 1.0][i % 3]).collect(),
+                        lambda: 0.8,
+                        normalize: name.ends_with("ties"),
+                        ..Default::default()
+                    };
+                    p.extra.insert("gamma", (0..k).map(|i| [0.01, 0.05, 0.0][i % 3]).collect());
+                    p.extra.insert("t", vec![0.3]);
+                    p.extra.insert("select_topk", vec![0.5]);
+                    let hash = name_hash(name);
+                    let (stats, want) = cpu_prepared(method.as_ref(), &p, hash, &inp);
+                    let form = method.kernel_form().expect("a GPU form");
+                    let Some(gpu) = &gpu else { continue };
+                    let half = n / 2 / 8 * 8;
+                    for out_dtype in [dtype, FloatDType::F32] {
+                        let want = encode(out_dtype, &want);
+                        let base = HostTensor { bytes: &inp.base, dtype };
+                        let experts: Vec<HostTensor<'_>> =
+                            inp.experts.iter().map(|e| HostTensor { bytes: e, dtype }).collect();
+                        let got =
+                            gpu.merge_host_stats(form, &p, &stats, hash, Some(base), &experts, out_dtype, 0).unwrap();
+                        assert!(!got.bad, "{name}: flagged bad on finite data");
+                        assert!(got.bytes == want, "{name} {dtype}->{out_dtype} n={n} k={k}: not the CPU's bytes");
+                        let experts: Vec<HostTensor<'_>> = experts.iter().map(|&e| tail_of(e, half)).collect();
+                        let got = gpu
+                            .merge_host_stats(
+                                form,
+                                &p,
+                                &stats,
+                                hash,
+                                Some(tail_of(base, half)),
+                                &experts,
+                                out_dtype,
+                                half,
+                            )
+                            .unwrap();
+                        let osize = out_dtype.size();
+                        assert!(
+                            got.bytes == want[half * osize..],
+                            "{name} {dtype}->{out_dtype} n={n} k={k}: second half"
+                        );
+                        cases += 2;
+                    }
+                }
+            }
+        }
+    }
+    if gpu.is_some() {
+        println!("prepared kernels: {cases} cases bit-identical to the CPU");
     }
 }

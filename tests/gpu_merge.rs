@@ -178,3 +178,52 @@ fn cli_merge_on_a_multi_gb_checkpoint_matches_cpu() {
     }
     assert_same(&tmp.path().join("cuda"), &tmp.path().join("cpu"), "llama-1b task_arithmetic");
 }
+
+/// The methods whose kernels take the CPU pre-pass's statistics (SLERP, Breadcrumbs with and
+/// without TIES, SCE), end to end against the CPU engine: tensors cut into many small units and
+/// in one large unit. Their kernels are elementwise in the CPU's order, so the bytes must match.
+#[test]
+fn prepared_methods_match_cpu_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    write_family(&spec, 7, 3, 0.01, tmp.path(), 200_000).unwrap();
+    let crumbs = |method: &str, rescale: bool| {
+        let mut y = format!("merge_method: {method}\nbase_model: base\nmodels:\n");
+        for (k, (d, g)) in [(0.5, 0.01), (0.3, 0.05), (0.8, 0.02)].iter().enumerate() {
+            y += &format!(
+                "  - model: expert-{}\n    parameters: {{weight: 0.{}, density: {d}, gamma: {g}}}\n",
+                k + 1,
+                k + 4
+            );
+        }
+        y + &format!("parameters: {{rescale: {rescale}}}\n")
+    };
+    let configs = [
+        ("slerp", "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: expert-1\nparameters: {t: 0.3}\n".to_string()),
+        ("breadcrumbs", crumbs("breadcrumbs", false)),
+        ("breadcrumbs_rescale", crumbs("breadcrumbs", true)),
+        ("breadcrumbs_ties", crumbs("breadcrumbs_ties", true)),
+        ("sce", "merge_method: sce\nbase_model: base\nmodels:\n  - model: expert-1\n  - model: expert-2\n  - model: expert-3\nparameters: {select_topk: 0.5}\ndtype: float32\n".to_string()),
+    ];
+    let cfgs: Vec<_> = configs
+        .iter()
+        .map(|(name, yaml)| {
+            let path = tmp.path().join(format!("{name}.yml"));
+            std::fs::write(&path, yaml).unwrap();
+            let cfg = MergeConfig::load(&path).unwrap();
+            merge(&cfg, &opts(&tmp.path().join(format!("{name}-cpu")))).unwrap();
+            (*name, cfg)
+        })
+        .collect();
+    let Some(gpu) = gpu() else { return };
+    for (name, cfg) in cfgs {
+        for unit in [64 << 10, 1 << 30] {
+            let gpu_out = tmp.path().join(format!("{name}-gpu-{unit}"));
+            let mut engine = CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), ..Default::default() });
+            let summary = merge_with(&cfg, &opts(&gpu_out), &mut engine).unwrap();
+            assert!(summary.device.starts_with("cuda"), "{name}: {}", summary.device);
+            let (differing, worst) = compare_outputs(&gpu_out, &tmp.path().join(format!("{name}-cpu"))).unwrap();
+            assert_eq!((differing, worst), (0, 0.0), "{name}, units of {unit} bytes");
+        }
+    }
+}

@@ -60,6 +60,7 @@ const ENTRIES: &[(&str, &[&str])] = &[
             "topk_ce_grad",
         ],
     ),
+    ("prepared", &["slerp_merge", "sce_merge"]),
 ];
 
 #[test]

@@ -15,7 +15,7 @@ use super::config::MergeConfig;
 use super::philox::name_hash;
 use super::select::Threshold;
 use super::slices::{self, Placement};
-use super::stats::TensorPass;
+use super::stats::{TensorPass, TensorStats};
 use super::{ChunkCtx, MergeMethod, TensorParams, density_thresholds};
 use crate::atomic::{Staging, check_output_apart, check_output_dir};
 use crate::checkpoint::dtype::{decode, encode_into};
@@ -578,6 +578,14 @@ impl TensorJob<'_> {
     /// Exact per-expert magnitude thresholds at the configured densities, on the CPU.
     pub fn cpu_thresholds(&self) -> Result<Vec<Threshold>> {
         density_thresholds(&JobPass { job: self, chunk: super::select::CHUNK })
+    }
+
+    /// `method`'s whole-tensor statistics from its CPU pre-pass over the mapped inputs, chunked
+    /// as the CPU merge chunks it (so the same bits): what the GPU kernels that take the CPU's
+    /// statistics get.
+    pub fn cpu_stats(&self, method: &dyn MergeMethod) -> Result<TensorStats> {
+        let chunk = self.chunk_len(super::select::CHUNK, method.whole_rows());
+        method.prepare(&JobPass { job: self, chunk })
     }
 
     /// Elements a merge or statistics chunk holds: about `target`, whole rows when `rows`.

@@ -82,8 +82,8 @@ impl MergeMethod for Gta {
 
     fn kernel_form(&self) -> Option<KernelForm<'_>> {
         match self.sparsify {
-            Sparsify::None | Sparsify::Magnitude | Sparsify::Random => Some(KernelForm::Gta(self)),
-            Sparsify::Outliers | Sparsify::MagPrune => None,
+            Sparsify::None | Sparsify::Magnitude | Sparsify::Random | Sparsify::Outliers => Some(KernelForm::Gta(self)),
+            Sparsify::MagPrune => None,
         }
     }
 

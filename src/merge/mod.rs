@@ -104,6 +104,24 @@ impl<'a> ChunkCtx<'a> {
 pub enum KernelForm<'a> {
     Linear,
     Gta(&'a gta::Gta),
+    /// `kernels/prepared.cu`'s `slerp_merge`.
+    Slerp,
+    /// `kernels/prepared.cu`'s `sce_merge`.
+    Sce,
+}
+
+impl KernelForm<'_> {
+    /// Whether the kernel takes the statistics of the CPU's own pre-pass
+    /// ([`MergeMethod::prepare`] over the mapped inputs): exact whole-tensor reductions and
+    /// selections are the CPU twin's bits that way, and the kernel only does the elementwise
+    /// merge. TIES' thresholds are computed on the device instead.
+    pub fn cpu_stats(&self) -> bool {
+        match self {
+            KernelForm::Linear => false,
+            KernelForm::Gta(g) => g.sparsify == gta::Sparsify::Outliers,
+            KernelForm::Slerp | KernelForm::Sce => true,
+        }
+    }
 }
 
 /// A training-free merge method.

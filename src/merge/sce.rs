@@ -9,7 +9,7 @@
 use super::registry::{BasePolicy, Fallback, INT8_MASK, Kind, MethodDef, ParamSpec};
 use super::select::Threshold;
 use super::stats::{TensorPass, TensorStats, map_chunks, sum_in_order, thresholds};
-use super::{ChunkCtx, MergeMethod, TensorParams};
+use super::{ChunkCtx, KernelForm, MergeMethod, TensorParams};
 use crate::error::Result;
 
 pub const DEF: MethodDef = MethodDef {
@@ -77,6 +77,10 @@ impl MergeMethod for Sce {
         let weights =
             if total.abs() < 1e-6 { vec![1.0 / kk as f64; kk] } else { squares.iter().map(|s| s / total).collect() };
         Ok(TensorStats { thresholds: vec![select], scalars: weights })
+    }
+
+    fn kernel_form(&self) -> Option<KernelForm<'_>> {
+        Some(KernelForm::Sce)
     }
 
     fn merge_chunk(

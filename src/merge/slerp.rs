@@ -5,7 +5,7 @@
 
 use super::registry::{self, BasePolicy, Fallback, Kind, MethodDef, ParamSpec};
 use super::stats::{TensorPass, TensorStats, Vectors, gram};
-use super::{ChunkCtx, MergeMethod};
+use super::{ChunkCtx, KernelForm, MergeMethod};
 use crate::error::Result;
 
 pub const DEF: MethodDef = MethodDef {
@@ -53,6 +53,10 @@ impl MergeMethod for Slerp {
         let t = pass.params().global("t", 0.5) as f64;
         let (a, b) = coefficients(t, g[0], g[1], g[3]);
         Ok(TensorStats { thresholds: Vec::new(), scalars: vec![a, b] })
+    }
+
+    fn kernel_form(&self) -> Option<KernelForm<'_>> {
+        Some(KernelForm::Slerp)
     }
 
     fn merge_chunk(

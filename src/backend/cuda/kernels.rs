@@ -16,6 +16,7 @@ use crate::checkpoint::dtype::decode;
 use crate::error::{Error, Result};
 use crate::merge::gta::Sparsify;
 use crate::merge::select::{CHUNK, Threshold, walk_down};
+use crate::merge::stats::TensorStats;
 use crate::merge::{KernelForm, TensorParams};
 
 /// Most experts one merge launch takes (the by-value parameter block holds this many).
@@ -30,6 +31,7 @@ const VEC: usize = 8;
 const MODE_ALL: u32 = 0;
 const MODE_MAGNITUDE: u32 = 1;
 const MODE_RANDOM: u32 = 2;
+const MODE_OUTLIERS: u32 = 3;
 const FLAG_CONSENSUS: u32 = 1;
 const FLAG_NORMALIZE: u32 = 2;
 const FLAG_HAS_BASE: u32 = 4;
@@ -49,12 +51,30 @@ pub fn dtype_code(d: FloatDType) -> u32 {
 pub struct MergeInput {
     pub ptr: u64,
     pub cutoff: u64,
+    pub cutoff2: u64,
     pub coef: f32,
     pub weight: f32,
     pub thresh: f32,
     pub density: f32,
+    pub thresh2: f32,
+    pub factor: f32,
     pub mode: u32,
     pub dtype: u32,
+}
+
+/// One expert of an SCE launch; layout of `struct SceInput` in `kernels/prepared.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SceInput {
+    ptr: u64,
+    weight: f32,
+    dtype: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SceInputs {
+    inputs: [SceInput; MAX_INPUTS],
 }
 
 #[repr(C)]
@@ -75,12 +95,26 @@ unsafe impl DeviceRepr for MergeInput {}
 unsafe impl DeviceRepr for MergeInputs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for TaskPtrs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for SceInputs {}
+
+/// Which kernel a [`MergeLaunch`] runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LaunchKernel {
+    /// `gta_merge` (`kernels/merge.cu`): linear, task arithmetic, TIES, DARE, Breadcrumbs.
+    Gta,
+    /// `slerp_merge`: `a * base + b * other`, the coefficients from the CPU's Gram pre-pass.
+    Slerp { a: f32, b: f32 },
+    /// `sce_merge`: the CPU pre-pass's variance threshold; the weights are the inputs' `weight`.
+    Sce { select: Threshold },
+}
 
 /// Everything a merge launch needs for one tensor except the addresses: the CPU method's
 /// per-tensor arithmetic, resolved to per-expert modes and coefficients exactly as
 /// `Gta::merge_chunk` / `Linear::merge_chunk` compute them (same f32 expressions).
 #[derive(Debug, Clone)]
 pub struct MergeLaunch {
+    pub kernel: LaunchKernel,
     pub inputs: Vec<MergeInput>,
     pub flags: u32,
     pub lambda: f32,
@@ -112,9 +146,18 @@ impl MergeLaunch {
                 ..Default::default()
             })
             .collect();
-        Ok(MergeLaunch { inputs, flags: FLAG_HAS_BASE, lambda: 1.0, div_all: 1.0, seed: 0, name_hash: 0 })
+        Ok(MergeLaunch {
+            kernel: LaunchKernel::Gta,
+            inputs,
+            flags: FLAG_HAS_BASE,
+            lambda: 1.0,
+            div_all: 1.0,
+            seed: 0,
+            name_hash: 0,
+        })
     }
 
+    /// The launch for a form whose only statistics are device thresholds (TIES) or none.
     pub fn plan(
         form: KernelForm<'_>,
         params: &TensorParams,
@@ -122,6 +165,20 @@ impl MergeLaunch {
         name_hash: u32,
         dtypes: &[FloatDType],
     ) -> Result<Self> {
+        let stats = TensorStats { thresholds: thresholds.to_vec(), scalars: Vec::new() };
+        Self::plan_stats(form, params, &stats, name_hash, dtypes)
+    }
+
+    /// The launch for any form, with the method's whole-tensor statistics (the CPU pre-pass's
+    /// for [`KernelForm::cpu_stats`] forms).
+    pub fn plan_stats(
+        form: KernelForm<'_>,
+        params: &TensorParams,
+        stats: &TensorStats,
+        name_hash: u32,
+        dtypes: &[FloatDType],
+    ) -> Result<Self> {
+        let thresholds = stats.thresholds.as_slice();
         if dtypes.len() > MAX_INPUTS {
             return Err(Error::Invalid(format!(
                 "the GPU merge takes at most {MAX_INPUTS} models, got {}; use --device cpu",
@@ -143,9 +200,19 @@ impl MergeLaunch {
                         ..Default::default()
                     })
                     .collect();
-                Ok(MergeLaunch { inputs, flags: 0, lambda: 1.0, div_all: 1.0, seed: 0, name_hash })
+                Ok(MergeLaunch {
+                    kernel: LaunchKernel::Gta,
+                    inputs,
+                    flags: 0,
+                    lambda: 1.0,
+                    div_all: 1.0,
+                    seed: 0,
+                    name_hash,
+                })
             }
-            KernelForm::Gta(g) if matches!(g.sparsify, Sparsify::Outliers | Sparsify::MagPrune) => {
+            KernelForm::Slerp => Self::slerp(stats, dtypes),
+            KernelForm::Sce => Self::sce(stats, dtypes),
+            KernelForm::Gta(g) if g.sparsify == Sparsify::MagPrune => {
                 Err(Error::Invalid(format!("{} has no GPU kernel; use --device cpu", g.name)))
             }
             KernelForm::Gta(g) => {
@@ -171,8 +238,9 @@ impl MergeLaunch {
                                 m.coef = scale;
                                 m.density = density;
                             }
-                            // Refused above: no kernel form is ever built for these.
-                            Sparsify::Outliers | Sparsify::MagPrune => {}
+                            // Refused above: no kernel form is ever built for it.
+                            Sparsify::MagPrune => {}
+                            Sparsify::Outliers => outliers(&mut m, g.rescale, density, stats, k),
                             Sparsify::Magnitude => {
                                 let th = thresholds.get(k).copied().unwrap_or(Threshold::KEEP_ALL);
                                 m.mode = MODE_MAGNITUDE;
@@ -193,6 +261,7 @@ impl MergeLaunch {
                     flags |= FLAG_NORMALIZE;
                 }
                 Ok(MergeLaunch {
+                    kernel: LaunchKernel::Gta,
                     inputs,
                     flags,
                     lambda: p.lambda,
@@ -207,6 +276,53 @@ impl MergeLaunch {
     pub fn has_base(&self) -> bool {
         self.flags & FLAG_HAS_BASE != 0
     }
+
+    /// SLERP: the base's and the other model's coefficients, as `Slerp::merge_chunk` rounds them.
+    fn slerp(stats: &TensorStats, dtypes: &[FloatDType]) -> Result<Self> {
+        let (&[a, b], &[dt]) = (stats.scalars.as_slice(), dtypes) else {
+            return Err(Error::Invalid("internal: slerp launch without its two coefficients and one model".into()));
+        };
+        let inputs = vec![MergeInput { coef: b as f32, dtype: dtype_code(dt), ..Default::default() }];
+        let kernel = LaunchKernel::Slerp { a: a as f32, b: b as f32 };
+        Ok(MergeLaunch { kernel, inputs, flags: FLAG_HAS_BASE, lambda: 1.0, div_all: 1.0, seed: 0, name_hash: 0 })
+    }
+
+    /// SCE: the variance threshold and the per-model weights, as `Sce::merge_chunk` reads them.
+    fn sce(stats: &TensorStats, dtypes: &[FloatDType]) -> Result<Self> {
+        let Some(&select) = stats.thresholds.first() else {
+            return Err(Error::Invalid("internal: sce launch without its selection threshold".into()));
+        };
+        let weight = |k: usize| stats.scalars.get(k).map_or(0.0, |&w| w as f32);
+        let inputs = dtypes
+            .iter()
+            .enumerate()
+            .map(|(k, &dt)| MergeInput {
+                weight: weight(k),
+                coef: weight(k),
+                dtype: dtype_code(dt),
+                ..Default::default()
+            })
+            .collect();
+        let kernel = LaunchKernel::Sce { select };
+        Ok(MergeLaunch { kernel, inputs, flags: FLAG_HAS_BASE, lambda: 1.0, div_all: 1.0, seed: 0, name_hash: 0 })
+    }
+}
+
+/// Breadcrumbs' band for expert `k` of `stats` (`[keep_0..keep_K, top_0..top_K]` and the l1
+/// factors), as `Gta::mask` applies it: no cut at density 1, `(tau * factor) * w` after it.
+fn outliers(m: &mut MergeInput, rescale: bool, density: f32, stats: &TensorStats, k: usize) {
+    let half = stats.thresholds.len() / 2;
+    let (keep, top) = match (stats.thresholds.get(k), stats.thresholds.get(half + k)) {
+        (Some(&keep), Some(&top)) if density < 1.0 => (keep, top),
+        _ => (Threshold::KEEP_ALL, Threshold::KEEP_NONE),
+    };
+    m.mode = MODE_OUTLIERS;
+    m.coef = m.weight;
+    m.thresh = keep.t;
+    m.cutoff = keep.cutoff as u64;
+    m.thresh2 = top.t;
+    m.cutoff2 = top.cutoff as u64;
+    m.factor = if rescale { stats.scalars.get(k).map_or(1.0, |&f| f as f32) } else { 1.0 };
 }
 
 /// The kernel functions, each unit compiled and loaded on first use: a merge never pays for
@@ -301,14 +417,38 @@ impl Kernels {
         if n == 0 {
             return Ok(());
         }
+        let (base_ptr, base_dt) = base.map_or((0u64, 0u32), |(p, d)| (p, dtype_code(d)));
+        let (out_dt, n64, off64) = (dtype_code(out_dtype), n as u64, offset as u64);
+        match plan.kernel {
+            LaunchKernel::Gta => {}
+            LaunchKernel::Slerp { a, b } => {
+                let (other, other_dt) = (experts[0], plan.inputs[0].dtype);
+                let f = self.function(&nvrtc::PREPARED, "slerp_merge")?;
+                let mut l = stream.launch_builder(&f);
+                l.arg(&base_ptr).arg(&base_dt).arg(&other).arg(&other_dt).arg(&out).arg(&out_dt).arg(&n64);
+                l.arg(&a).arg(&b).arg(&bad);
+                // SAFETY: argument types and order match `slerp_merge`; addresses are the caller's.
+                return cu("launching slerp_merge", unsafe { l.launch(grid(n.div_ceil(VEC))?) }).map(|_| ());
+            }
+            LaunchKernel::Sce { select } => {
+                let mut ins = SceInputs { inputs: [SceInput::default(); MAX_INPUTS] };
+                for ((slot, m), &ptr) in ins.inputs.iter_mut().zip(&plan.inputs).zip(experts) {
+                    *slot = SceInput { ptr, weight: m.weight, dtype: m.dtype };
+                }
+                let (k, cutoff) = (plan.inputs.len() as u32, select.cutoff as u64);
+                let f = self.function(&nvrtc::PREPARED, "sce_merge")?;
+                let mut l = stream.launch_builder(&f);
+                l.arg(&base_ptr).arg(&base_dt).arg(&ins).arg(&k).arg(&out).arg(&out_dt).arg(&n64).arg(&off64);
+                l.arg(&select.t).arg(&cutoff).arg(&bad);
+                // SAFETY: argument types and order match `sce_merge`; addresses are the caller's.
+                return cu("launching sce_merge", unsafe { l.launch(grid(n.div_ceil(VEC))?) }).map(|_| ());
+            }
+        }
         let mut ins = MergeInputs { inputs: [MergeInput::default(); MAX_INPUTS] };
         for ((slot, m), &ptr) in ins.inputs.iter_mut().zip(&plan.inputs).zip(experts) {
             *slot = MergeInput { ptr, ..*m };
         }
-        let (base_ptr, base_dt) = base.map_or((0u64, 0u32), |(p, d)| (p, dtype_code(d)));
         let k = plan.inputs.len() as u32;
-        let out_dt = dtype_code(out_dtype);
-        let (n64, off64) = (n as u64, offset as u64);
         let f = self.function(&nvrtc::MERGE, "gta_merge")?;
         let mut b = stream.launch_builder(&f);
         b.arg(&base_ptr).arg(&base_dt).arg(&ins).arg(&k).arg(&out).arg(&out_dt).arg(&n64).arg(&off64);
@@ -570,9 +710,27 @@ impl Gpu {
         out_dtype: FloatDType,
         offset: usize,
     ) -> Result<MergeOutput> {
+        let stats = TensorStats { thresholds: thresholds.to_vec(), scalars: Vec::new() };
+        self.merge_host_stats(form, params, &stats, name_hash, base, experts, out_dtype, offset)
+    }
+
+    /// [`Self::merge_host`] with the method's whole-tensor statistics (the CPU pre-pass's, for
+    /// the forms that take them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_host_stats(
+        &self,
+        form: KernelForm<'_>,
+        params: &TensorParams,
+        stats: &TensorStats,
+        name_hash: u32,
+        base: Option<HostTensor<'_>>,
+        experts: &[HostTensor<'_>],
+        out_dtype: FloatDType,
+        offset: usize,
+    ) -> Result<MergeOutput> {
         let n = experts.first().map_or(0, HostTensor::len);
         let dtypes: Vec<FloatDType> = experts.iter().map(|e| e.dtype).collect();
-        let plan = MergeLaunch::plan(form, params, thresholds, name_hash, &dtypes)?;
+        let plan = MergeLaunch::plan_stats(form, params, stats, name_hash, &dtypes)?;
         let base_dev = base.map(|b| self.upload(b.bytes)).transpose()?;
         let experts_dev = experts.iter().map(|e| self.upload(e.bytes)).collect::<Result<Vec<_>>>()?;
         let out = self.poisoned(n * out_dtype.size())?;
@@ -766,4 +924,92 @@ impl Gpu {
 /// A count the row kernels take as u32 that does not fit.
 fn too_long(n: usize) -> Error {
     Error::Invalid(format!("{n} exceeds the row kernels' 32-bit index"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::{MergeMethod, breadcrumbs, della, sce::Sce, slerp::Slerp};
+
+    const BF: FloatDType = FloatDType::BF16;
+
+    fn params(k: usize, densities: &[f32]) -> TensorParams {
+        TensorParams {
+            weights: (0..k).map(|i| 0.5 + i as f32).collect(),
+            densities: densities.to_vec(),
+            lambda: 1.0,
+            ..Default::default()
+        }
+    }
+
+    /// `struct MergeInput` in merge.cu: 3 u64, 6 f32, 2 u32, no padding.
+    #[test]
+    fn merge_input_layout_matches_the_kernel() {
+        assert_eq!(std::mem::size_of::<MergeInput>(), 56);
+        assert_eq!(std::mem::size_of::<SceInput>(), 16);
+        assert!(std::mem::size_of::<MergeInputs>() <= 4096 - 128, "kernel parameter space");
+    }
+
+    /// Breadcrumbs' band and l1 factor per expert, as `Gta::mask` applies them; no cut at
+    /// density 1 whatever the thresholds say.
+    #[test]
+    fn breadcrumbs_plan_takes_the_cpu_band_and_factors() {
+        let keep = |t: f32, cutoff| Threshold { t, cutoff };
+        let stats = TensorStats {
+            thresholds: vec![keep(0.1, 7), keep(0.2, 0), keep(0.9, 3), keep(0.8, 0)],
+            scalars: vec![1.5, 2.5],
+        };
+        let p = params(2, &[0.5, 1.0]);
+        for rescale in [false, true] {
+            let m = breadcrumbs::method(true, rescale);
+            let form = m.kernel_form().unwrap();
+            assert!(form.cpu_stats());
+            let plan = MergeLaunch::plan_stats(form, &p, &stats, 9, &[BF, BF]).unwrap();
+            let [a, b] = [plan.inputs[0], plan.inputs[1]];
+            assert_eq!((a.mode, a.thresh, a.cutoff, a.thresh2, a.cutoff2), (MODE_OUTLIERS, 0.1, 7, 0.9, 3));
+            assert_eq!((a.coef, a.factor), (0.5, if rescale { 1.5 } else { 1.0 }));
+            assert_eq!((b.thresh, b.thresh2, b.cutoff2), (Threshold::KEEP_ALL.t, f32::INFINITY, 0));
+            assert_eq!(plan.flags & FLAG_CONSENSUS, FLAG_CONSENSUS);
+        }
+    }
+
+    #[test]
+    fn slerp_and_sce_plans_round_the_cpu_statistics_as_the_cpu_does() {
+        let stats = TensorStats { thresholds: Vec::new(), scalars: vec![0.7000000001, 0.3] };
+        let plan = MergeLaunch::plan_stats(Slerp.kernel_form().unwrap(), &params(1, &[1.0]), &stats, 0, &[BF]).unwrap();
+        assert_eq!(plan.kernel, LaunchKernel::Slerp { a: 0.7000000001f64 as f32, b: 0.3f64 as f32 });
+        assert!(
+            MergeLaunch::plan_stats(
+                Slerp.kernel_form().unwrap(),
+                &params(1, &[1.0]),
+                &TensorStats::default(),
+                0,
+                &[BF]
+            )
+            .is_err()
+        );
+        let select = Threshold { t: 0.25, cutoff: 11 };
+        let stats = TensorStats { thresholds: vec![select], scalars: vec![0.25, 0.75] };
+        let plan =
+            MergeLaunch::plan_stats(Sce.kernel_form().unwrap(), &params(2, &[1.0; 2]), &stats, 0, &[BF, BF]).unwrap();
+        assert_eq!(plan.kernel, LaunchKernel::Sce { select });
+        assert_eq!((plan.inputs[0].weight, plan.inputs[1].weight), (0.25, 0.75));
+        assert!(
+            MergeLaunch::plan_stats(
+                Sce.kernel_form().unwrap(),
+                &params(2, &[1.0; 2]),
+                &TensorStats::default(),
+                0,
+                &[BF, BF]
+            )
+            .is_err()
+        );
+    }
+
+    /// DELLA has no kernel: `--device cuda` merges it on the CPU.
+    #[test]
+    fn della_has_no_kernel_form() {
+        assert!(della::method(true, true, 1).kernel_form().is_none());
+        assert!(della::method(false, true, 1).kernel_form().is_none());
+    }
 }

@@ -31,11 +31,14 @@ pub const LAMBDA_GRAD: KernelSource =
     KernelSource { name: "lambda_grad", text: include_str!("../../../kernels/lambda_grad.cu") };
 pub const TIES: KernelSource = KernelSource { name: "ties", text: include_str!("../../../kernels/ties.cu") };
 pub const DARE: KernelSource = KernelSource { name: "dare", text: include_str!("../../../kernels/dare.cu") };
+/// Merges that take the CPU pre-pass's statistics (SLERP, SCE).
+pub const PREPARED: KernelSource =
+    KernelSource { name: "prepared", text: include_str!("../../../kernels/prepared.cu") };
 /// The transformer ops of the CUDA [`crate::backend::Backend`] (everything but the matmuls).
 pub const OPS: KernelSource = KernelSource { name: "ops", text: include_str!("../../../kernels/ops.cu") };
 
 /// Every unit, in the order they are loaded.
-pub const MODULES: &[KernelSource] = &[MERGE, LAMBDA_GRAD, TIES, DARE, OPS];
+pub const MODULES: &[KernelSource] = &[MERGE, LAMBDA_GRAD, TIES, DARE, OPS, PREPARED];
 
 /// Environment variable naming a directory holding `libnvrtc.so.*` (e.g. unpacked from the
 /// `nvidia-cuda-nvrtc` wheel) when it is not on the loader's path.

@@ -31,6 +31,7 @@ use super::device::{Gpu, cu};
 use super::kernels::{MAX_INPUTS, MergeLaunch, addr};
 use crate::checkpoint::ShardWriter;
 use crate::error::{Error, Result};
+use crate::merge::KernelForm;
 use crate::merge::config::MergeConfig;
 use crate::merge::executor::{MergeEngine, MergeJob, MergeOptions, MergeSummary, TensorJob, TensorWork, merge_with};
 use crate::merge::select::{CHUNK, Threshold, keep_count};
@@ -397,11 +398,12 @@ impl MergeEngine for CudaEngine<'_> {
         let plans: Vec<Option<MergeLaunch>> = items
             .iter()
             .map(|w| match w {
-                TensorWork::Float(tj) => {
+                // The CPU pre-pass's statistics come tensor by tensor in the loop below.
+                TensorWork::Float(tj) if !form.cpu_stats() => {
                     let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
                     MergeLaunch::plan(form, &tj.params, &[], tj.name_hash, &dtypes).map(Some)
                 }
-                TensorWork::Raw { .. } => Ok(None),
+                _ => Ok(None),
             })
             .collect::<Result<_>>()?;
 
@@ -590,6 +592,8 @@ impl MergeEngine for CudaEngine<'_> {
 
             // Main: H2D, kernels, D2H, in unit order, each on its stream.
             let main = (|| -> Result<()> {
+                // The last tensor's launch from the CPU pre-pass: its later pieces reuse it.
+                let mut prepared: Option<(usize, MergeLaunch)> = None;
                 for (j, unit) in units.iter().enumerate() {
                     let p = j % 2;
                     if direct {
@@ -643,7 +647,7 @@ impl MergeEngine for CudaEngine<'_> {
                     cu("clearing a flag", unsafe { cuda::memset_d8_async(flag, 0, 4, compute.cu_stream()) })?;
                     for piece in &unit.pieces {
                         let Piece::Float { item, start, len, inputs, out } = piece else { continue };
-                        let (TensorWork::Float(tj), Some(plan)) = (&items[*item], &plans[*item]) else { continue };
+                        let TensorWork::Float(tj) = &items[*item] else { continue };
                         let at = |k: usize| in_addr(j) + inputs[k] as u64;
                         let (base, first) = match tj.base {
                             Some(b) => (Some((at(0), b.dtype)), 1),
@@ -654,8 +658,19 @@ impl MergeEngine for CudaEngine<'_> {
                             let th = gpu_thresholds(gpu, tj, base, &experts)?;
                             let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
                             MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes)?
+                        } else if form.cpu_stats() {
+                            match &prepared {
+                                Some((i, p)) if i == item => p.clone(),
+                                _ => {
+                                    let p = prepared_launch(job, form, tj)?;
+                                    prepared = Some((*item, p.clone()));
+                                    p
+                                }
+                            }
                         } else {
-                            plan.clone()
+                            plans[*item]
+                                .clone()
+                                .ok_or_else(|| Error::Invalid("internal: tensor without a launch".into()))?
                         };
                         // SAFETY: every address lies in a live buffer laid out by `plan_units`.
                         unsafe {
@@ -759,6 +774,16 @@ fn write_unit(
         }
     }
     Ok(())
+}
+
+/// The launch of a [`KernelForm::cpu_stats`] form for one tensor: the method's own CPU
+/// pre-pass over the mapped inputs (the CPU merge's statistics, bit for bit), then the plan.
+/// First design: the pre-pass runs on the main thread before the tensor's first piece is
+/// launched, so it overlaps only the copies and the writer, not the kernels before it.
+fn prepared_launch(job: &MergeJob<'_>, form: KernelForm<'_>, tj: &TensorJob<'_>) -> Result<MergeLaunch> {
+    let stats = tj.cpu_stats(job.method)?;
+    let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
+    MergeLaunch::plan_stats(form, &tj.params, &stats, tj.name_hash, &dtypes)
 }
 
 /// TIES thresholds of one tensor from its device copy (the whole tensor is in one unit).
