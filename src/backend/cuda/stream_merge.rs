@@ -824,6 +824,7 @@ mod tests {
     use crate::checkpoint::generate::{SyntheticSpec, write_family};
     use crate::merge::ChunkCtx;
     use crate::merge::executor::{Source, merge};
+    use crate::merge::stats::TensorStats;
 
     /// The GPU engine's host side with the device replaced by the CPU method reading the staged
     /// bytes: checks unit planning, the staging layout and the output assembly without a GPU.
@@ -861,8 +862,24 @@ mod tests {
                             v
                         })
                         .collect();
-                    let th = if job.method.needs_thresholds() { tj.cpu_thresholds()? } else { Vec::new() };
-                    let ctx = ChunkCtx::new(*start, &tj.params, &th, tj.name_hash);
+                    // The statistics the GPU engine gives each form: device thresholds (here the
+                    // CPU's), the CPU pre-pass's, or none.
+                    let form = job.method.kernel_form().expect("a GPU form");
+                    let stats = if form.cpu_stats() {
+                        tj.cpu_stats(job.method)?
+                    } else if job.method.needs_thresholds() {
+                        TensorStats { thresholds: tj.cpu_thresholds()?, scalars: Vec::new() }
+                    } else {
+                        TensorStats::default()
+                    };
+                    let ctx = ChunkCtx {
+                        offset: *start,
+                        params: &tj.params,
+                        thresholds: &stats.thresholds,
+                        name_hash: tj.name_hash,
+                        scalars: &stats.scalars,
+                        row_len: tj.row_len,
+                    };
                     let (base, experts) =
                         if tj.base.is_some() { (Some(vals[0].as_slice()), &vals[1..]) } else { (None, &vals[..]) };
                     let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
@@ -899,26 +916,55 @@ mod tests {
                 y.push_str(&format!("  - model: expert-{k}\n    parameters: {{weight: 0.{k}{density}}}\n"));
             }
             y.push_str(extra);
-            let path = tmp.path().join(format!("{method}.yml"));
-            std::fs::write(&path, y).unwrap();
-            let cfg = MergeConfig::load(&path).unwrap();
-            let opts = |name: &str| MergeOptions {
-                output: tmp.path().join(name),
-                max_shard_bytes: 100_000,
-                out_dtype: None,
-                force: true,
-                progress: false,
-            };
-            merge(&cfg, &opts("cpu")).unwrap();
-            for target in [20_000, 1 << 30] {
-                let mut engine = Loopback { target, units: 0 };
-                merge_with(&cfg, &opts("loop"), &mut engine).unwrap();
-                if target < 1 << 20 {
-                    assert!(engine.units > 10, "{method}: {} units", engine.units);
-                }
-                let (differing, worst) = compare_outputs(&tmp.path().join("loop"), &tmp.path().join("cpu")).unwrap();
-                assert_eq!((differing, worst), (0, 0.0), "{method}, units of {target} bytes");
-            }
+            loopback_matches_cpu(tmp.path(), method, &y);
         }
+    }
+
+    /// `yaml` merged by the CPU engine and by [`Loopback`] in tiny and in whole-tensor units
+    /// must give the same bytes.
+    fn loopback_matches_cpu(dir: &std::path::Path, method: &str, yaml: &str) {
+        let path = dir.join(format!("{method}.yml"));
+        std::fs::write(&path, yaml).unwrap();
+        let cfg = MergeConfig::load(&path).unwrap();
+        let opts = |name: &str| MergeOptions {
+            output: dir.join(name),
+            max_shard_bytes: 100_000,
+            out_dtype: None,
+            force: true,
+            progress: false,
+        };
+        merge(&cfg, &opts("cpu")).unwrap();
+        for target in [20_000, 1 << 30] {
+            let mut engine = Loopback { target, units: 0 };
+            merge_with(&cfg, &opts("loop"), &mut engine).unwrap();
+            if target < 1 << 20 {
+                assert!(engine.units > 10, "{method}: {} units", engine.units);
+            }
+            let (differing, worst) = compare_outputs(&dir.join("loop"), &dir.join("cpu")).unwrap();
+            assert_eq!((differing, worst), (0, 0.0), "{method}, units of {target} bytes");
+        }
+    }
+
+    /// The forms that take the CPU pre-pass's statistics, with tensors split across units: the
+    /// whole-tensor statistics and the pieces' tensor offsets must give the CPU's bytes.
+    #[test]
+    fn units_reassemble_the_prepared_methods_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+        write_family(&spec, 4, 3, 0.01, tmp.path(), 150_000).unwrap();
+        let slerp = "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: expert-1\nparameters: {t: 0.3}\n";
+        loopback_matches_cpu(tmp.path(), "slerp", slerp);
+        for method in ["breadcrumbs", "breadcrumbs_ties"] {
+            let mut y = format!("merge_method: {method}\nbase_model: base\nmodels:\n");
+            for k in 1..=3 {
+                y += &format!(
+                    "  - model: expert-{k}\n    parameters: {{weight: 0.{k}, density: 0.{}, gamma: 0.02}}\n",
+                    k + 3
+                );
+            }
+            loopback_matches_cpu(tmp.path(), method, &(y + "parameters: {rescale: true}\n"));
+        }
+        let sce = "merge_method: sce\nbase_model: base\nmodels:\n  - model: expert-1\n  - model: expert-2\n  - model: expert-3\nparameters: {select_topk: 0.4}\n";
+        loopback_matches_cpu(tmp.path(), "sce", sce);
     }
 }
