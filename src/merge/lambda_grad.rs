@@ -56,7 +56,7 @@ pub fn lambda_grad(grad: &[f32], base: Option<&[f32]>, inputs: &[&[f32]]) -> Res
 }
 
 /// Lanes of [`dot_f64`]: independent sums the compiler can keep in vector registers.
-const LANES: usize = 8;
+pub const LANES: usize = 8;
 
 /// `sum_i g_i * (x_i - b_i)` (or `g_i * x_i` without `b`) in f64: element `i` goes to lane
 /// `i % 8`, and the lanes are added in order at the end. A fixed order (deterministic, the same
@@ -78,18 +78,25 @@ pub fn dot_f64(g: &[f32], x: &[f32], b: Option<&[f32]>) -> f64 {
                 acc[i % LANES] += g[i] as f64 * (x[i] - b[i]) as f64;
             }
         }
-        None => {
-            for (g, x) in g[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    acc[l] += g[l] as f64 * x[l] as f64;
-                }
-            }
-            for i in full..n {
-                acc[i % LANES] += g[i] as f64 * x[i] as f64;
-            }
-        }
+        None => dot_lanes(&mut acc, g, x),
     }
     acc.iter().sum()
+}
+
+/// [`dot_f64`]'s lanes without a base, added onto `acc`: element `i` of the slices goes to lane
+/// `i % 8`. Consecutive stretches that start on multiples of 8 accumulate exactly as one call
+/// over their concatenation would.
+pub fn dot_lanes(acc: &mut [f64; LANES], g: &[f32], x: &[f32]) {
+    let n = g.len().min(x.len());
+    let full = n / LANES * LANES;
+    for (g, x) in g[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += g[l] as f64 * x[l] as f64;
+        }
+    }
+    for i in full..n {
+        acc[i % LANES] += g[i] as f64 * x[i] as f64;
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::TensorParams;
-use super::lambda_grad::dot_f64;
+use super::lambda_grad::{LANES, dot_lanes};
 use super::select::{Threshold, magnitude_thresholds};
 use crate::error::Result;
 
@@ -101,19 +101,34 @@ pub fn gram(pass: &dyn TensorPass, vectors: Vectors) -> Result<Vec<f64>> {
     };
     let parts = map_chunks(pass, |_, base, experts| {
         // f32 vectors (task vectors rounded to f32 as before) and f64 products summed in 8 lanes
-        // (`dot_f64`): no f64 copy of the chunk, no chain of dependent additions.
-        let tvs: Vec<Vec<f32>>;
-        let vs: Vec<&[f32]> = match vectors {
-            Vectors::BaseAndExperts => std::iter::once(base).chain(experts.iter().map(Vec::as_slice)).collect(),
-            Vectors::TaskVectors => {
-                tvs = experts.iter().map(|e| e.iter().zip(base).map(|(&x, &b)| x - b).collect()).collect();
-                tvs.iter().map(Vec::as_slice).collect()
+        // (`dot_f64`'s order over the chunk), a cache-sized stretch at a time: the chunk is read
+        // once for all pairs instead of once per pair, and the task vectors never leave L1.
+        let n = base.len();
+        let mut acc = vec![[0f64; LANES]; m * m];
+        let mut tv = vec![0f32; m * GRAM_STRETCH];
+        for s in (0..n).step_by(GRAM_STRETCH) {
+            let e = (s + GRAM_STRETCH).min(n);
+            let vs: Vec<&[f32]> = match vectors {
+                Vectors::BaseAndExperts => {
+                    std::iter::once(&base[s..e]).chain(experts.iter().map(|x| &x[s..e])).collect()
+                }
+                Vectors::TaskVectors => {
+                    for (t, x) in tv.chunks_mut(GRAM_STRETCH).zip(experts) {
+                        t.iter_mut().zip(&x[s..e]).zip(&base[s..e]).for_each(|((t, &x), &b)| *t = x - b);
+                    }
+                    tv.chunks(GRAM_STRETCH).map(|t| &t[..e - s]).collect()
+                }
+            };
+            for i in 0..m {
+                for j in i..m {
+                    dot_lanes(&mut acc[i * m + j], vs[i], vs[j]);
+                }
             }
-        };
+        }
         let mut g = vec![0f64; m * m];
         for i in 0..m {
             for j in i..m {
-                let d = dot_f64(vs[i], vs[j], None);
+                let d: f64 = acc[i * m + j].iter().sum();
                 g[i * m + j] = d;
                 g[j * m + i] = d;
             }
@@ -122,6 +137,10 @@ pub fn gram(pass: &dyn TensorPass, vectors: Vectors) -> Result<Vec<f64>> {
     })?;
     Ok(sum_in_order(parts, m * m))
 }
+
+/// Elements of a Gram chunk handled at a time: a multiple of [`LANES`], so the lanes carry
+/// over exactly; the task vectors of a stretch (16 KB each) stay in L1.
+const GRAM_STRETCH: usize = 4096;
 
 /// Exact magnitude thresholds of `ks.len()` value streams, stream `s` keeping its `ks[s]`
 /// largest magnitudes. `values(base, experts, out)` writes each stream's values for a chunk
