@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use serde::Deserialize;
 use serde_json::Value;
 
+use super::hf_config::{ModelKind, Positive, parse, present};
 use crate::backend::Gelu;
 use crate::error::{Error, Result};
 
@@ -15,6 +17,22 @@ pub enum BertFamily {
     Bert,
     /// RoBERTa and XLM-R: positions start at `pad_token_id + 1` and skip padding.
     Roberta,
+}
+
+impl BertFamily {
+    /// The family from `model_type`, else from `architectures`; an error for any other model.
+    fn of_kind(kind: &ModelKind) -> std::result::Result<Self, String> {
+        match kind.model_type() {
+            "bert" => Ok(BertFamily::Bert),
+            "roberta" | "xlm-roberta" | "camembert" => Ok(BertFamily::Roberta),
+            "" if kind.has_arch(&["Roberta", "XLMRoberta"]) => Ok(BertFamily::Roberta),
+            "" if kind.has_arch(&["Bert"]) => Ok(BertFamily::Bert),
+            other => Err(format!(
+                "model_type `{other}` (architectures {:?}) is not a BERT-family encoder (bert, roberta, xlm-roberta)",
+                kind.arch_list()
+            )),
+        }
+    }
 }
 
 /// The fields of `config.json` the encoder needs.
@@ -47,85 +65,13 @@ impl BertConfig {
         })
     }
 
-    /// Parses a `config.json` value; `path` is only for error messages.
+    /// Parses a `config.json` value; `path` is only for error messages. The family is decided
+    /// first, so that another kind of model is refused as such rather than for a missing field.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let archs: Vec<&str> = v
-            .get("architectures")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let family = match model_type {
-            "bert" => BertFamily::Bert,
-            "roberta" | "xlm-roberta" | "camembert" => BertFamily::Roberta,
-            "" if archs.iter().any(|a| a.starts_with("Roberta") || a.starts_with("XLMRoberta")) => BertFamily::Roberta,
-            "" if archs.iter().any(|a| a.starts_with("Bert")) => BertFamily::Bert,
-            other => {
-                return Err(bad(format!(
-                    "model_type `{other}` (architectures {archs:?}) is not a BERT-family encoder (bert, roberta, xlm-roberta)"
-                )));
-            }
-        };
-        let usize_field = |name: &str| -> Result<usize> {
-            match v.get(name) {
-                Some(x) => x
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| bad(format!("field `{name}` must be a positive integer, got {x}"))),
-                None => Err(bad(format!("field `{name}` is missing"))),
-            }
-        };
-        let hidden_size = usize_field("hidden_size")?;
-        let num_attention_heads = usize_field("num_attention_heads")?;
-        if !hidden_size.is_multiple_of(num_attention_heads) {
-            return Err(bad(format!(
-                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
-            )));
-        }
-        let hidden_act = match v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu") {
-            "gelu" => Gelu::Erf,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Gelu::Tanh,
-            other => {
-                return Err(bad(format!("field `hidden_act`: `{other}` is not supported (gelu, gelu_new)")));
-            }
-        };
-        if let Some(p) = v.get("position_embedding_type").and_then(Value::as_str)
-            && p != "absolute"
-        {
-            return Err(bad(format!("field `position_embedding_type`: `{p}` is not supported (absolute)")));
-        }
-        let layer_norm_eps = match v.get("layer_norm_eps") {
-            Some(x) => {
-                x.as_f64().ok_or_else(|| bad(format!("field `layer_norm_eps` must be a number, got {x}")))? as f32
-            }
-            None => 1e-12,
-        };
-        let pad_token_id = match v.get("pad_token_id") {
-            Some(Value::Null) | None => match family {
-                BertFamily::Bert => 0,
-                BertFamily::Roberta => 1,
-            },
-            Some(x) => {
-                x.as_u64().ok_or_else(|| bad(format!("field `pad_token_id` must be an integer, got {x}")))? as u32
-            }
-        };
-        Ok(BertConfig {
-            family,
-            vocab_size: usize_field("vocab_size")?,
-            hidden_size,
-            num_hidden_layers: usize_field("num_hidden_layers")?,
-            num_attention_heads,
-            intermediate_size: usize_field("intermediate_size")?,
-            hidden_act,
-            max_position_embeddings: usize_field("max_position_embeddings")?,
-            type_vocab_size: v.get("type_vocab_size").and_then(Value::as_u64).map(|n| n as usize).unwrap_or(2),
-            layer_norm_eps,
-            pad_token_id,
-            initializer_range: v.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.02) as f32,
-            label2id: parse_labels(v).map_err(bad)?,
-        })
+        let family = BertFamily::of_kind(&parse(v, path)?).map_err(bad)?;
+        let raw: RawBertConfig = parse(v, path)?;
+        raw.validate(family).map_err(bad)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -146,24 +92,161 @@ impl BertConfig {
     }
 }
 
+/// `config.json` as written: field types and positivity are checked while deserializing,
+/// the rules that join fields (and the defaults Hugging Face uses) in [`RawBertConfig::validate`].
+#[derive(Deserialize)]
+struct RawBertConfig {
+    vocab_size: Positive,
+    hidden_size: Positive,
+    num_hidden_layers: Positive,
+    num_attention_heads: Positive,
+    intermediate_size: Positive,
+    max_position_embeddings: Positive,
+    hidden_act: Option<String>,
+    position_embedding_type: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    layer_norm_eps: Option<f64>,
+    type_vocab_size: Option<usize>,
+    pad_token_id: Option<u32>,
+    initializer_range: Option<f64>,
+    label2id: Option<BTreeMap<String, usize>>,
+    id2label: Option<BTreeMap<String, String>>,
+}
+
+impl RawBertConfig {
+    /// The encoder's hyper-parameters, or why the encoder cannot run this config.
+    fn validate(self, family: BertFamily) -> std::result::Result<BertConfig, String> {
+        let (hidden_size, num_attention_heads) = (self.hidden_size.0, self.num_attention_heads.0);
+        if !hidden_size.is_multiple_of(num_attention_heads) {
+            return Err(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+            ));
+        }
+        let hidden_act = match self.hidden_act.as_deref().unwrap_or("gelu") {
+            "gelu" => Gelu::Erf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Gelu::Tanh,
+            other => return Err(format!("field `hidden_act`: `{other}` is not supported (gelu, gelu_new)")),
+        };
+        if let Some(p) = self.position_embedding_type.as_deref()
+            && p != "absolute"
+        {
+            return Err(format!("field `position_embedding_type`: `{p}` is not supported (absolute)"));
+        }
+        let label2id = labels(self.label2id, self.id2label)?;
+        Ok(BertConfig {
+            family,
+            vocab_size: self.vocab_size.0,
+            hidden_size,
+            num_hidden_layers: self.num_hidden_layers.0,
+            num_attention_heads,
+            intermediate_size: self.intermediate_size.0,
+            hidden_act,
+            max_position_embeddings: self.max_position_embeddings.0,
+            type_vocab_size: self.type_vocab_size.unwrap_or(2),
+            layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-12) as f32,
+            pad_token_id: self.pad_token_id.unwrap_or(match family {
+                BertFamily::Bert => 0,
+                BertFamily::Roberta => 1,
+            }),
+            initializer_range: self.initializer_range.unwrap_or(0.02) as f32,
+            label2id,
+        })
+    }
+}
+
 /// `label2id`, or the inverse of `id2label` when only that is given.
-fn parse_labels(v: &Value) -> std::result::Result<Option<BTreeMap<String, usize>>, String> {
-    if let Some(obj) = v.get("label2id").and_then(Value::as_object) {
-        let mut out = BTreeMap::new();
-        for (name, id) in obj {
-            let id = id.as_u64().ok_or_else(|| format!("field `label2id`: `{name}` maps to {id}, not an index"))?;
-            out.insert(name.clone(), id as usize);
-        }
-        return Ok(Some(out));
+fn labels(
+    label2id: Option<BTreeMap<String, usize>>,
+    id2label: Option<BTreeMap<String, String>>,
+) -> std::result::Result<Option<BTreeMap<String, usize>>, String> {
+    if label2id.is_some() {
+        return Ok(label2id);
     }
-    if let Some(obj) = v.get("id2label").and_then(Value::as_object) {
-        let mut out = BTreeMap::new();
-        for (id, name) in obj {
-            let id: usize = id.parse().map_err(|_| format!("field `id2label`: key `{id}` is not an index"))?;
-            let name = name.as_str().ok_or_else(|| format!("field `id2label`: label {id} is not a string"))?;
-            out.insert(name.to_string(), id);
-        }
-        return Ok(Some(out));
+    let Some(id2label) = id2label else { return Ok(None) };
+    let mut out = BTreeMap::new();
+    for (id, name) in id2label {
+        let id: usize = id.parse().map_err(|_| format!("field `id2label`: key `{id}` is not an index"))?;
+        out.insert(name, id);
     }
-    Ok(None)
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn minilm() -> Value {
+        json!({
+            "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
+            "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+            "max_position_embeddings": 512, "hidden_act": "gelu", "gradient_checkpointing": false,
+            "transformers_version": "4.8.2", "attention_probs_dropout_prob": 0.1
+        })
+    }
+
+    /// The error of parsing `minilm()` after `edit`, as printed.
+    fn error_after(edit: impl FnOnce(&mut Value)) -> String {
+        let mut v = minilm();
+        edit(&mut v);
+        let e = BertConfig::from_json(&v, Path::new("m/config.json")).err().map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("m/config.json"), "names the file: {e}");
+        e
+    }
+
+    #[test]
+    fn unknown_keys_pass_and_missing_optional_fields_take_hugging_face_defaults() {
+        let c = BertConfig::from_json(&minilm(), Path::new("config.json")).unwrap();
+        assert_eq!((c.family, c.hidden_size, c.num_attention_heads, c.head_dim()), (BertFamily::Bert, 384, 12, 32));
+        assert_eq!((c.type_vocab_size, c.pad_token_id, c.layer_norm_eps, c.initializer_range), (2, 0, 1e-12, 0.02));
+        assert!(c.label2id.is_none());
+        let mut v = minilm();
+        v["model_type"] = "roberta".into();
+        v["pad_token_id"] = Value::Null;
+        v["id2label"] = json!({"1": "pos", "0": "neg"});
+        let c = BertConfig::from_json(&v, Path::new("config.json")).unwrap();
+        assert_eq!((c.family, c.pad_token_id, c.position_offset()), (BertFamily::Roberta, 1, 2));
+        assert_eq!(c.label_names().unwrap(), ["neg", "pos"]);
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let e = error_after(|v| drop(v.as_object_mut().unwrap().remove("num_hidden_layers")));
+        assert!(e.contains("missing field `num_hidden_layers`"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_typed_field_is_named() {
+        let e = error_after(|v| v["intermediate_size"] = "1536".into());
+        assert!(e.contains("field `intermediate_size`") && e.contains("a positive integer"), "{e}");
+        let e = error_after(|v| v["layer_norm_eps"] = Value::Null);
+        assert!(e.contains("field `layer_norm_eps`") && e.contains("null"), "{e}");
+        let e = error_after(|v| v["label2id"] = json!({"pos": 1, "neg": "zero"}));
+        assert!(e.contains("field `label2id.neg`"), "{e}");
+        let e = error_after(|v| v["id2label"] = json!({"first": "pos"}));
+        assert!(e.contains("field `id2label`") && e.contains("`first` is not an index"), "{e}");
+    }
+
+    #[test]
+    fn an_out_of_range_value_is_named() {
+        let e = error_after(|v| v["vocab_size"] = 0.into());
+        assert!(e.contains("field `vocab_size`") && e.contains("a positive integer"), "{e}");
+        let e = error_after(|v| v["num_attention_heads"] = (-4).into());
+        assert!(e.contains("field `num_attention_heads`") && e.contains("-4"), "{e}");
+        let e = error_after(|v| v["num_attention_heads"] = 5.into());
+        assert!(e.contains("hidden_size 384 is not divisible by num_attention_heads 5"), "{e}");
+        let e = error_after(|v| v["hidden_act"] = "relu".into());
+        assert!(e.contains("field `hidden_act`: `relu` is not supported"), "{e}");
+        let e = error_after(|v| v["position_embedding_type"] = "relative_key".into());
+        assert!(e.contains("field `position_embedding_type`"), "{e}");
+    }
+
+    #[test]
+    fn another_kind_of_model_is_refused_as_such_before_its_fields() {
+        let e = error_after(|v| *v = json!({"model_type": "gpt2", "n_embd": 768}));
+        assert!(e.contains("model_type `gpt2`") && e.contains("not a BERT-family encoder"), "{e}");
+        let e = error_after(|v| *v = json!({"architectures": ["GPT2LMHeadModel"]}));
+        assert!(e.contains("GPT2LMHeadModel") && e.contains("not a BERT-family encoder"), "{e}");
+    }
 }

@@ -6,8 +6,10 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
 use serde_json::Value;
 
+use super::hf_config::{ModelKind, Positive, PositiveF64, parse};
 use crate::error::{Error, Result};
 
 /// Which member of the family: they share the decoder and differ in biases and attention windows.
@@ -22,15 +24,18 @@ impl LlamaFamily {
     /// The family of a `config.json`, from `model_type` or else `architectures`; `None` when it is
     /// not a Llama-family causal LM.
     pub fn of_config(v: &Value) -> Option<Self> {
-        match v.get("model_type").and_then(Value::as_str).unwrap_or("") {
+        Self::of_kind(&ModelKind::deserialize(v).ok()?)
+    }
+
+    fn of_kind(kind: &ModelKind) -> Option<Self> {
+        match kind.model_type() {
             "llama" => return Some(LlamaFamily::Llama),
             "mistral" => return Some(LlamaFamily::Mistral),
             "qwen2" => return Some(LlamaFamily::Qwen2),
             "" => {}
             _ => return None,
         }
-        let archs = v.get("architectures").and_then(Value::as_array)?;
-        archs.iter().filter_map(Value::as_str).find_map(|a| {
+        kind.arch_list().iter().find_map(|a| {
             if a.starts_with("Llama") {
                 Some(LlamaFamily::Llama)
             } else if a.starts_with("Mistral") {
@@ -74,108 +79,20 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Parses a `config.json` value; `path` is only for error messages.
+    /// Parses a `config.json` value; `path` is only for error messages. The family is decided
+    /// first, so that another kind of model is refused as such rather than for a missing field.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
-        let family = LlamaFamily::of_config(v).ok_or_else(|| {
+        let kind: ModelKind = parse(v, path)?;
+        let family = LlamaFamily::of_kind(&kind).ok_or_else(|| {
             bad(format!(
                 "model_type {} (architectures {}) is not a Llama-family causal LM (llama, mistral, qwen2)",
                 v.get("model_type").unwrap_or(&Value::Null),
                 v.get("architectures").unwrap_or(&Value::Null)
             ))
         })?;
-        let positive = |name: &str, x: &Value| -> Result<usize> {
-            x.as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| n as usize)
-                .ok_or_else(|| bad(format!("field `{name}` must be a positive integer, got {x}")))
-        };
-        let required = |name: &str| -> Result<usize> {
-            match v.get(name) {
-                Some(x) => positive(name, x),
-                None => Err(bad(format!("field `{name}` is missing"))),
-            }
-        };
-        let optional = |name: &str| -> Result<Option<usize>> {
-            match v.get(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => positive(name, x).map(Some),
-            }
-        };
-        let number = |name: &str, x: &Value| -> Result<f32> {
-            x.as_f64()
-                .filter(|f| f.is_finite() && *f > 0.0)
-                .map(|f| f as f32)
-                .ok_or_else(|| bad(format!("field `{name}` must be a positive number, got {x}")))
-        };
-        let flag = |name: &str, default: bool| -> Result<bool> {
-            match v.get(name) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_bool().ok_or_else(|| bad(format!("field `{name}` must be true or false, got {x}"))),
-            }
-        };
-
-        let hidden_size = required("hidden_size")?;
-        let num_attention_heads = required("num_attention_heads")?;
-        let num_key_value_heads = optional("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
-            return Err(bad(format!(
-                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
-            )));
-        }
-        let head_dim = match optional("head_dim")? {
-            Some(d) => d,
-            None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
-            None => {
-                return Err(bad(format!(
-                    "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} \
-                     (and there is no head_dim)"
-                )));
-            }
-        };
-        if !head_dim.is_multiple_of(2) {
-            return Err(bad(format!("head_dim {head_dim} is odd; rotary embeddings need an even head_dim")));
-        }
-        match v.get("hidden_act").and_then(Value::as_str) {
-            None | Some("silu") | Some("swish") => {}
-            Some(other) => return Err(bad(format!("field `hidden_act`: `{other}` is not supported (silu)"))),
-        }
-        let rms_norm_eps = match v.get("rms_norm_eps") {
-            None | Some(Value::Null) => 1e-6,
-            Some(x) => number("rms_norm_eps", x)?,
-        };
-        let (rope_theta, rope_scale) = parse_rope(v).map_err(bad)?;
-
-        let attention_bias = flag("attention_bias", false)?;
-        let (qkv_bias, o_bias, mlp_bias) = match family {
-            LlamaFamily::Llama => (attention_bias, attention_bias, flag("mlp_bias", false)?),
-            LlamaFamily::Mistral => (false, false, false),
-            LlamaFamily::Qwen2 => (true, false, false),
-        };
-        let sliding_window = match family {
-            LlamaFamily::Llama => None,
-            LlamaFamily::Mistral => optional("sliding_window")?,
-            LlamaFamily::Qwen2 if flag("use_sliding_window", false)? => optional("sliding_window")?,
-            LlamaFamily::Qwen2 => None,
-        };
-        Ok(LlamaConfig {
-            family,
-            vocab_size: required("vocab_size")?,
-            hidden_size,
-            intermediate_size: required("intermediate_size")?,
-            num_hidden_layers: required("num_hidden_layers")?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            rms_norm_eps,
-            rope_theta,
-            rope_scale,
-            tie_word_embeddings: flag("tie_word_embeddings", false)?,
-            qkv_bias,
-            o_bias,
-            mlp_bias,
-            sliding_window,
-        })
+        let raw: RawLlamaConfig = parse(v, path)?;
+        raw.validate(family).map_err(bad)
     }
 
     /// Width of the query projection, `heads * head_dim`.
@@ -189,47 +106,246 @@ impl LlamaConfig {
     }
 }
 
-/// `(rope_theta, linear scaling factor)` from either transformers 4's `rope_theta` + `rope_scaling`
-/// or transformers 5's `rope_parameters` (which holds both).
-fn parse_rope(v: &Value) -> std::result::Result<(f32, f32), String> {
-    let params = v.get("rope_parameters").filter(|p| !p.is_null());
-    let scaling = v.get("rope_scaling").filter(|p| !p.is_null());
-    let theta_value = params.and_then(|p| p.get("rope_theta")).or_else(|| v.get("rope_theta"));
-    let theta = match theta_value {
-        None | Some(Value::Null) => 10000.0,
-        Some(x) => x
-            .as_f64()
-            .filter(|f| f.is_finite() && *f > 0.0)
-            .ok_or_else(|| format!("field `rope_theta` must be a positive number, got {x}"))?,
-    };
-    let mut scale = 1.0f64;
-    for (field, spec) in [("rope_parameters", params), ("rope_scaling", scaling)] {
-        let Some(spec) = spec else { continue };
-        let obj = spec.as_object().ok_or_else(|| format!("field `{field}` must be an object or null, got {spec}"))?;
-        let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
-        match kind {
-            "default" => {}
-            "linear" => {
-                let f = obj.get("factor").ok_or_else(|| format!("field `{field}`: linear scaling needs a `factor`"))?;
-                scale = f
-                    .as_f64()
-                    .filter(|x| x.is_finite() && *x > 0.0)
-                    .ok_or_else(|| format!("field `{field}`: `factor` must be a positive number, got {f}"))?;
+/// `config.json` as written: field types and positivity are checked while deserializing,
+/// the rules that join fields (and the defaults Hugging Face uses) in [`RawLlamaConfig::validate`].
+#[derive(Deserialize)]
+struct RawLlamaConfig {
+    vocab_size: Positive,
+    hidden_size: Positive,
+    intermediate_size: Positive,
+    num_hidden_layers: Positive,
+    num_attention_heads: Positive,
+    num_key_value_heads: Option<Positive>,
+    head_dim: Option<Positive>,
+    hidden_act: Option<String>,
+    rms_norm_eps: Option<PositiveF64>,
+    rope_theta: Option<PositiveF64>,
+    /// transformers 4's scaling; transformers 5 holds theta and scaling in `rope_parameters`.
+    rope_scaling: Option<RopeSpec>,
+    rope_parameters: Option<RopeSpec>,
+    partial_rotary_factor: Option<f64>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    use_sliding_window: Option<bool>,
+    /// Read only by the families that use it, so its range is checked there.
+    sliding_window: Option<u64>,
+}
+
+/// One of `rope_scaling` / `rope_parameters`.
+#[derive(Deserialize)]
+struct RopeSpec {
+    rope_type: Option<String>,
+    /// transformers 4's older name for `rope_type`.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    factor: Option<PositiveF64>,
+    rope_theta: Option<PositiveF64>,
+    partial_rotary_factor: Option<f64>,
+}
+
+impl RawLlamaConfig {
+    /// The decoder's hyper-parameters, or why the decoder cannot run this config.
+    fn validate(self, family: LlamaFamily) -> std::result::Result<LlamaConfig, String> {
+        let (hidden_size, num_attention_heads) = (self.hidden_size.0, self.num_attention_heads.0);
+        let num_key_value_heads = self.num_key_value_heads.map_or(num_attention_heads, |p| p.0);
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+            return Err(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d.0,
+            None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
+            None => {
+                return Err(format!(
+                    "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} \
+                     (and there is no head_dim)"
+                ));
             }
-            other => {
-                return Err(format!("field `{field}`: RoPE type `{other}` is not supported (default or linear)"));
+        };
+        if !head_dim.is_multiple_of(2) {
+            return Err(format!("head_dim {head_dim} is odd; rotary embeddings need an even head_dim"));
+        }
+        match self.hidden_act.as_deref() {
+            None | Some("silu") | Some("swish") => {}
+            Some(other) => return Err(format!("field `hidden_act`: `{other}` is not supported (silu)")),
+        }
+        let (rope_theta, rope_scale) = self.rope()?;
+        let (qkv_bias, o_bias, mlp_bias) = self.biases(family);
+        Ok(LlamaConfig {
+            family,
+            vocab_size: self.vocab_size.0,
+            hidden_size,
+            intermediate_size: self.intermediate_size.0,
+            num_hidden_layers: self.num_hidden_layers.0,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps.map_or(1e-6, |e| e.0 as f32),
+            rope_theta,
+            rope_scale,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            sliding_window: self.sliding_window(family)?,
+        })
+    }
+
+    /// `(qkv, o, mlp)` biases: Qwen2 always has qkv ones, Llama as its flags say, Mistral none.
+    fn biases(&self, family: LlamaFamily) -> (bool, bool, bool) {
+        let attention = self.attention_bias.unwrap_or(false);
+        match family {
+            LlamaFamily::Llama => (attention, attention, self.mlp_bias.unwrap_or(false)),
+            LlamaFamily::Mistral => (false, false, false),
+            LlamaFamily::Qwen2 => (true, false, false),
+        }
+    }
+
+    /// Mistral's window, Qwen2's when `use_sliding_window`; Llama has none.
+    fn sliding_window(&self, family: LlamaFamily) -> std::result::Result<Option<usize>, String> {
+        let used = match family {
+            LlamaFamily::Llama => false,
+            LlamaFamily::Mistral => true,
+            LlamaFamily::Qwen2 => self.use_sliding_window.unwrap_or(false),
+        };
+        match self.sliding_window {
+            Some(w) if used => match usize::try_from(w) {
+                Ok(w) if w > 0 => Ok(Some(w)),
+                _ => Err(format!("field `sliding_window` must be a positive integer, got {w}")),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// `(rope_theta, linear scaling factor)`: `rope_parameters` (which holds both) wins over the
+    /// top-level `rope_theta`; anything but default or linear scaling is refused.
+    fn rope(&self) -> std::result::Result<(f32, f32), String> {
+        let params = self.rope_parameters.as_ref();
+        let theta = params.and_then(|p| p.rope_theta).or(self.rope_theta).map_or(10000.0, |t| t.0);
+        let mut scale = 1.0f64;
+        for (field, spec) in [("rope_parameters", params), ("rope_scaling", self.rope_scaling.as_ref())] {
+            let Some(spec) = spec else { continue };
+            match spec.rope_type.as_deref().or(spec.kind.as_deref()).unwrap_or("default") {
+                "default" => {}
+                "linear" => {
+                    scale = spec.factor.ok_or_else(|| format!("field `{field}`: linear scaling needs a `factor`"))?.0;
+                }
+                other => {
+                    return Err(format!("field `{field}`: RoPE type `{other}` is not supported (default or linear)"));
+                }
+            }
+            if let Some(p) = spec.partial_rotary_factor
+                && p != 1.0
+            {
+                return Err(format!("field `{field}`: partial_rotary_factor {p} is not supported (1.0)"));
             }
         }
-        if let Some(p) = obj.get("partial_rotary_factor").and_then(Value::as_f64)
+        if let Some(p) = self.partial_rotary_factor
             && p != 1.0
         {
-            return Err(format!("field `{field}`: partial_rotary_factor {p} is not supported (1.0)"));
+            return Err(format!("field `partial_rotary_factor`: {p} is not supported (1.0)"));
         }
+        Ok((theta as f32, scale as f32))
     }
-    if let Some(p) = v.get("partial_rotary_factor").and_then(Value::as_f64)
-        && p != 1.0
-    {
-        return Err(format!("field `partial_rotary_factor`: {p} is not supported (1.0)"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn smollm() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 100000,
+            "rope_scaling": null, "tie_word_embeddings": true, "torch_dtype": "bfloat16", "use_cache": true,
+            "bos_token_id": 0, "eos_token_id": 0, "pretraining_tp": 1
+        })
     }
-    Ok((theta as f32, scale as f32))
+
+    /// The error of parsing `smollm()` after `edit`, as printed.
+    fn error_after(edit: impl FnOnce(&mut Value)) -> String {
+        let mut v = smollm();
+        edit(&mut v);
+        let e = LlamaConfig::from_json(&v, Path::new("lm/config.json")).err().map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("lm/config.json"), "names the file: {e}");
+        e
+    }
+
+    fn parsed(v: &Value) -> LlamaConfig {
+        LlamaConfig::from_json(v, Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn unknown_keys_pass_and_missing_optional_fields_take_hugging_face_defaults() {
+        let c = parsed(&smollm());
+        assert_eq!((c.head_dim, c.num_key_value_heads, c.rope_theta, c.rope_scale), (64, 3, 1e5, 1.0));
+        assert_eq!((c.rms_norm_eps, c.tie_word_embeddings, c.qkv_bias, c.sliding_window), (1e-5, true, false, None));
+        let mut v = json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": false, "sliding_window": 0});
+        for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"] {
+            v[k] = smollm()[k].clone();
+        }
+        let c = parsed(&v);
+        assert_eq!((c.family, c.num_key_value_heads, c.rms_norm_eps, c.rope_theta), (LlamaFamily::Qwen2, 9, 1e-6, 1e4));
+        assert_eq!((c.qkv_bias, c.o_bias, c.tie_word_embeddings, c.sliding_window), (true, false, false, None));
+        v["model_type"] = "mistral".into();
+        v["sliding_window"] = 4096.into();
+        v["rope_parameters"] = json!({"rope_type": "linear", "factor": 2, "rope_theta": 5e5});
+        let c = parsed(&v);
+        assert_eq!(
+            (c.family, c.sliding_window, c.rope_theta, c.rope_scale),
+            (LlamaFamily::Mistral, Some(4096), 5e5, 2.0)
+        );
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let e = error_after(|v| drop(v.as_object_mut().unwrap().remove("intermediate_size")));
+        assert!(e.contains("missing field `intermediate_size`"), "{e}");
+        let e = error_after(|v| v["rope_scaling"] = json!({"type": "linear"}));
+        assert!(e.contains("field `rope_scaling`: linear scaling needs a `factor`"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_typed_field_is_named() {
+        let e = error_after(|v| v["tie_word_embeddings"] = "yes".into());
+        assert!(e.contains("field `tie_word_embeddings`") && e.contains("boolean"), "{e}");
+        let e = error_after(|v| v["rope_scaling"] = json!({"rope_type": "linear", "factor": "2"}));
+        assert!(e.contains("field `rope_scaling.factor`") && e.contains("a positive number"), "{e}");
+        let e = error_after(|v| v["num_hidden_layers"] = 2.5.into());
+        assert!(e.contains("field `num_hidden_layers`") && e.contains("a positive integer"), "{e}");
+    }
+
+    #[test]
+    fn an_out_of_range_value_is_named() {
+        let e = error_after(|v| v["rms_norm_eps"] = 0.into());
+        assert!(e.contains("field `rms_norm_eps`") && e.contains("a positive number"), "{e}");
+        let e = error_after(|v| v["num_key_value_heads"] = 0.into());
+        assert!(e.contains("field `num_key_value_heads`") && e.contains("a positive integer"), "{e}");
+        let e = error_after(|v| v["head_dim"] = 63.into());
+        assert!(e.contains("head_dim 63 is odd"), "{e}");
+        let e = error_after(|v| {
+            v["model_type"] = "mistral".into();
+            v["sliding_window"] = 0.into();
+        });
+        assert!(e.contains("field `sliding_window` must be a positive integer, got 0"), "{e}");
+        let e = error_after(|v| v["partial_rotary_factor"] = 0.5.into());
+        assert!(e.contains("field `partial_rotary_factor`"), "{e}");
+    }
+
+    #[test]
+    fn another_kind_of_model_is_refused_as_such_before_its_fields() {
+        let e = error_after(|v| *v = json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}));
+        assert!(e.contains("\"gpt2\"") && e.contains("not a Llama-family causal LM"), "{e}");
+        assert_eq!(
+            LlamaFamily::of_config(&json!({"architectures": ["MistralForCausalLM"]})),
+            Some(LlamaFamily::Mistral)
+        );
+        assert_eq!(LlamaFamily::of_config(&json!([1, 2])), None);
+        assert_eq!(LlamaFamily::of_config(&json!({"model_type": "bert"})), None);
+    }
 }

@@ -18,6 +18,7 @@ pub mod classify;
 pub mod config;
 pub mod finetune;
 pub mod finetune_lm;
+mod hf_config;
 pub mod import;
 pub mod infer;
 pub mod llama;
