@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use symerge::adapt::train::AdaptArgs;
 use symerge::backend::cuda::bench::BenchOptions;
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
@@ -28,6 +28,9 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Print the result as JSON on stdout instead of text, for every command.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,76 +41,28 @@ enum Command {
     Inspect {
         /// A .safetensors file, a *.index.json, or a model directory.
         path: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
     },
     /// Training-free merge from a mergekit-style YAML config.
-    Merge {
-        #[command(flatten)]
-        args: MergeArgs,
-        /// Print a JSON summary on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Merge(MergeArgs),
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
-    BenchCuda {
-        #[command(flatten)]
-        opts: BenchOptions,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    BenchCuda(BenchOptions),
     /// List the merge methods and their parameters.
-    Methods {
-        /// Print the list as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Methods,
     /// Class scores for every text of a JSON-lines file (a `text` field per line).
-    Predict {
-        #[command(flatten)]
-        args: PredictArgs,
-        /// Print a JSON summary on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Predict(PredictArgs),
     /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields);
     /// for a causal LM (Llama, Mistral, Qwen2), perplexity, mean next-token loss and top-1
     /// next-token accuracy over `text`.
-    Eval {
-        #[command(flatten)]
-        args: EvalArgs,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Eval(EvalArgs),
     /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, or of a
     /// Llama-family causal LM on texts (next-token loss), writing a Hugging Face checkpoint
     /// directory (an expert for merging).
-    Finetune {
-        #[command(flatten)]
-        args: FinetuneArgs,
-        /// Print a JSON summary on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Finetune(FinetuneArgs),
     /// A Llama-family GGUF file (llama.cpp) as a Hugging Face checkpoint directory: weights
     /// dequantized to f32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0), config.json, tokenizer.json.
-    ImportGguf {
-        #[command(flatten)]
-        opts: ImportOptions,
-        #[arg(long)]
-        json: bool,
-    },
+    ImportGguf(ImportOptions),
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
-    Generate {
-        #[command(flatten)]
-        opts: GenerateOptions,
-        /// Print a JSON summary on stdout (the model directories otherwise, one per line).
-        #[arg(long)]
-        json: bool,
-    },
+    Generate(GenerateOptions),
     /// Labelled text data sets.
     Data {
         #[command(subcommand)]
@@ -115,43 +70,21 @@ enum Command {
     },
     /// Form the communicator from the launcher's environment (torchrun or SLURM variables; none
     /// means one process), all-reduce a test tensor on every rank and check the sum.
-    DistCheck {
-        #[command(flatten)]
-        opts: CheckOptions,
-        /// Print a JSON line instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    DistCheck(CheckOptions),
     /// Run an expert over its task's inputs once and cache its soft labels on disk (resumable;
     /// reused when the cache already matches the expert and the inputs).
-    CacheLabels {
-        #[command(flatten)]
-        args: CacheLabelsArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    CacheLabels(CacheLabelsArgs),
     /// SyMerge (Lambda + one layer per task, expert soft labels) or AdaMerging (Lambda, entropy)
     /// from a YAML config; writes lambda.json, tasks/<task>/ models, train_log.jsonl, summary.json.
     /// A causal-LM base model adapts against the experts' top-k next-token caches.
-    Adapt {
-        #[command(flatten)]
-        args: AdaptArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Adapt(AdaptArgs),
 }
 
 #[derive(Subcommand)]
 enum DataCommand {
     /// Build train/validation/test JSONL files for real text tasks from unpacked Debian packages
     /// (wordnet-base, fortunes, fortunes-{de,it,pl,cs,eo}; scripts/fetch-assets.sh fetches them).
-    Prepare {
-        #[command(flatten)]
-        args: PrepareArgs,
-        /// Print a JSON summary on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Prepare(PrepareArgs),
 }
 
 /// Logs go to stderr, so stdout carries only a command's result (a table, JSON).
@@ -168,43 +101,52 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
     match cli.command {
-        Command::Inspect { path, json } => {
-            let info = symerge::inspect::inspect(&path)?;
-            emit_report(&info, json)?;
-        }
-        Command::Merge { mut args, json } => {
+        Command::Inspect { path } => emit_report(&symerge::inspect::inspect(&path)?, json)?,
+        Command::Merge(mut args) => {
             args.opts.progress = !cli.quiet;
             emit_report(&args.run()?, json)?;
         }
-        Command::BenchCuda { opts, json } => emit_report(&opts.run()?, json)?,
-        Command::Methods { json } => emit_report(&symerge::merge::catalog::catalog(), json)?,
-        Command::Predict { args, json } => emit_report(&args.run()?, json)?,
-        Command::Eval { args, json } => emit_report(&args.run()?, json)?,
-        Command::Finetune { args, json } => emit_report(&args.run()?, json)?,
-        Command::ImportGguf { opts, json } => emit_report(&opts.run()?, json)?,
-        Command::Generate { opts, json: _ } if opts.list => emit(&preset_list())?,
-        Command::Generate { opts, json } => emit_report(&opts.generate()?, json)?,
-        Command::Data { command: DataCommand::Prepare { args, json } } => {
+        Command::BenchCuda(opts) => emit_report(&opts.run()?, json)?,
+        Command::Methods => emit_report(&symerge::merge::catalog::catalog(), json)?,
+        Command::Predict(args) => emit_report(&args.run()?, json)?,
+        Command::Eval(args) => emit_report(&args.run()?, json)?,
+        Command::Finetune(args) => emit_report(&args.run()?, json)?,
+        Command::ImportGguf(opts) => emit_report(&opts.run()?, json)?,
+        Command::Generate(opts) if opts.list => emit_report(&preset_list(), json)?,
+        Command::Generate(opts) => emit_report(&opts.generate()?, json)?,
+        Command::Data { command: DataCommand::Prepare(args) } => {
             let summaries = args.run(|s| if json { Ok(()) } else { emit(&s.to_string()) })?;
             if json {
                 emit_json(&summaries)?;
             }
         }
-        Command::CacheLabels { args, json } => emit_report(&args.run()?, json)?,
-        Command::Adapt { args, json } => {
+        Command::CacheLabels(args) => emit_report(&args.run()?, json)?,
+        Command::Adapt(args) => {
             // Only rank 0 has a summary: it wrote the output.
             if let Some(summary) = args.run()? {
                 emit_report(&summary, json)?;
             }
         }
-        Command::DistCheck { opts, json } => emit_report(&opts.run()?, json)?,
+        Command::DistCheck(opts) => emit_report(&opts.run()?, json)?,
     }
     Ok(())
 }
 
+/// Parses the command line. clap refuses `-q` with `-v` only when both stand on the same side
+/// of the command's name, so the other case is refused here, with clap's own error.
+fn parse_cli<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(args: I) -> Result<Cli, clap::Error> {
+    let cli = Cli::try_parse_from(args)?;
+    if cli.quiet && cli.verbose > 0 {
+        let msg = "the argument '--quiet' cannot be used with '--verbose'";
+        return Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg));
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // First: it may set this process's environment, which is sound only before other threads.
     if let Err(e) = symerge::backend::cpu::set_worker_threads(cli.threads) {
         eprintln!("error: setting up worker threads: {e}");
@@ -217,6 +159,57 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command (and `generate --list`) with the arguments it requires.
+    const COMMANDS: [&[&str]; 14] = [
+        &["inspect", "m"],
+        &["merge", "c.yml", "--output", "out"],
+        &["bench-cuda"],
+        &["methods"],
+        &["predict", "m", "--inputs", "i.jsonl", "--out", "p.jsonl"],
+        &["eval", "m"],
+        &["finetune", "m", "--train", "t.jsonl", "--output", "out"],
+        &["import-gguf", "f.gguf", "--output", "out"],
+        &["generate", "--output", "out"],
+        &["generate", "--list"],
+        &["data", "prepare", "--out", "d"],
+        &["dist-check"],
+        &["cache-labels", "--expert", "e", "--task", "t", "--inputs", "i.jsonl", "--output", "c"],
+        &["adapt", "a.yml", "--output", "out"],
+    ];
+
+    fn parse(before: &[&str], cmd: &[&str], after: &[&str]) -> Result<Cli, clap::Error> {
+        parse_cli(["symerge"].iter().chain(before).chain(cmd).chain(after))
+    }
+
+    /// `-q`, `-v`, `--json` and `--threads` are one set of flags, taken by every command before or
+    /// after its name (issue 16: `generate -q` used to be refused).
+    #[test]
+    fn every_command_takes_the_global_flags_before_or_after_its_name() {
+        let flags = ["-q", "--json", "--threads", "3"];
+        for cmd in COMMANDS {
+            for (before, after) in [(&flags[..], &[][..]), (&[][..], &flags[..])] {
+                let cli = parse(before, cmd, after).unwrap_or_else(|e| panic!("{cmd:?} {flags:?}: {e}"));
+                assert!(cli.quiet && cli.json && cli.threads == Some(3) && cli.verbose == 0, "{cmd:?}");
+            }
+            // (clap counts a global flag's occurrences on one side of the name, not both.)
+            for (before, after) in [(&["-vv"][..], &[][..]), (&[][..], &["-vv"][..])] {
+                let cli = parse(before, cmd, after).unwrap_or_else(|e| panic!("{cmd:?} -vv: {e}"));
+                assert!(cli.verbose == 2 && !cli.quiet && !cli.json && cli.threads.is_none(), "{cmd:?}");
+            }
+            for (before, after) in
+                [(&["-q", "-v"][..], &[][..]), (&["-q"][..], &["-v"][..]), (&[][..], &["-v", "-q"][..])]
+            {
+                let e = parse(before, cmd, after).err().map(|e| e.kind());
+                assert_eq!(e, Some(clap::error::ErrorKind::ArgumentConflict), "{cmd:?}: {before:?} {after:?}");
+            }
         }
     }
 }

@@ -219,6 +219,7 @@ macro_rules! stdout_display {
 stdout_display!(
     AdaptReport,
     crate::checkpoint::generate::GenerateSummary,
+    crate::checkpoint::generate::PresetList,
     crate::merge::catalog::Catalog,
     crate::inspect::Inspection,
     crate::dist::check::CheckReport,

@@ -67,7 +67,9 @@ fn every_command_has_help_refuses_bad_flags_and_prints_json() {
     };
     let g = json(&["generate", "--experts", "1", "-o", out_dir.to_str().unwrap(), "--json", "-q"]);
     assert_eq!(g["models"].as_array().map(Vec::len), Some(2), "{g}");
-    let m = json(&["methods", "--json"]);
+    let p = json(&["--json", "generate", "--list"]);
+    assert_eq!(p["presets"][0]["name"], "llama-tiny", "{p}");
+    let m = json(&["--json", "methods"]);
     let names: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"ties") && names.contains(&"slerp"), "{names:?}");
     let base = out_dir.join("base");

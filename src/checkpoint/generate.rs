@@ -299,9 +299,29 @@ impl GenerateOptions {
     }
 }
 
-/// The presets and what they are, one per line (`symerge generate --list`).
-pub fn preset_list() -> String {
-    PRESETS.iter().map(|(name, what)| format!("{name:<12} {what}\n")).collect()
+/// The presets and what they are (`symerge generate --list`; `--json` prints them as JSON).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PresetList {
+    pub presets: Vec<PresetInfo>,
+}
+
+/// One preset: its name and what it is shaped like.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PresetInfo {
+    pub name: &'static str,
+    pub about: &'static str,
+}
+
+/// Every preset, in [`PRESETS`] order.
+pub fn preset_list() -> PresetList {
+    PresetList { presets: PRESETS.iter().map(|&(name, about)| PresetInfo { name, about }).collect() }
+}
+
+/// One preset per line, name then what it is.
+impl std::fmt::Display for PresetList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.presets.iter().try_for_each(|p| writeln!(f, "{:<12} {}", p.name, p.about))
+    }
 }
 
 /// What `generate` wrote (`--json`); its text form is one model directory per line.
@@ -367,6 +387,6 @@ mod tests {
         let e = opts.spec().unwrap_err().to_string();
         assert!(e.contains("llama-huge") && e.contains("llama-tiny"), "{e}");
         assert!(GenerateOptions::default().generate().unwrap_err().to_string().contains("--output"));
-        assert_eq!(preset_list().lines().count(), PRESETS.len());
+        assert_eq!(preset_list().to_string().lines().count(), PRESETS.len());
     }
 }
