@@ -5,12 +5,14 @@
 //! shard each tensor goes to, its offsets, the final file names) is planned up front and each
 //! shard's header is written before its data: no tensor is ever buffered whole.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
+use safetensors::tensor::{Metadata, TensorInfo};
 
 use super::reader::{INDEX_NAME, SINGLE_NAME};
 use crate::error::{Error, Result};
@@ -181,12 +183,12 @@ impl ShardWriter {
     fn open_shard(&mut self, si: usize) -> Result<()> {
         self.close_current()?;
         let plan = &self.shards[si];
+        let header = header_json(&self.tensors[plan.first..plan.end])?;
         let path = self.dir.join(&plan.file_name);
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = BufWriter::with_capacity(8 << 20, file);
-        let header = header_json(&self.tensors[plan.first..plan.end]);
         w.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|_| w.write_all(header.as_bytes()))
+            .and_then(|_| w.write_all(&header))
             .map_err(|e| Error::io(&path, e))?;
         self.bytes_written += 8 + header.len() as u64;
         self.out = Some((si, w));
@@ -361,26 +363,69 @@ fn closed() -> Error {
     Error::Invalid("internal: the output writer was already closed".into())
 }
 
-/// The safetensors header for a shard, padded with spaces to a multiple of 8 bytes so the data
-/// that follows is aligned.
-fn header_json(tensors: &[PlannedTensor]) -> String {
-    let mut s = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut offset = 0u64;
+/// The safetensors header for a shard, as the `safetensors` crate's [`Metadata`] serializes it
+/// (`__metadata__` first, then the tensors in file order), padded with spaces to a multiple of
+/// 8 bytes as the crate pads it, so the data that follows is aligned. `Metadata::new` also checks
+/// that every tensor's offsets span its dtype and shape.
+fn header_json(tensors: &[PlannedTensor]) -> Result<Vec<u8>> {
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let end = offset + t.nbytes();
-        s.push_str(&format!(
-            ",{}:{{\"dtype\":{},\"shape\":{},\"data_offsets\":[{},{}]}}",
-            serde_json::to_string(&t.name).expect("string"),
-            serde_json::to_string(&t.dtype).expect("dtype"),
-            serde_json::to_string(&t.shape).expect("shape"),
-            offset,
-            end
-        ));
+        let end = offset + t.nbytes() as usize;
+        infos
+            .push((t.name.clone(), TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, end) }));
         offset = end;
     }
-    s.push('}');
-    while (8 + s.len()) % 8 != 0 {
-        s.push(' ');
+    let format = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let internal = |e: &dyn std::fmt::Display| Error::Invalid(format!("internal: planning a safetensors header: {e}"));
+    let metadata = Metadata::new(Some(format), infos).map_err(|e| internal(&e))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| internal(&e))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::{Dtype, SafeTensors};
+
+    fn planned(name: &str, dtype: Dtype, shape: &[usize]) -> PlannedTensor {
+        PlannedTensor { name: name.into(), dtype, shape: shape.to_vec() }
     }
-    s
+
+    /// The header the hand-written formatter produced before the crate's types built it: the
+    /// bytes must stay the same, so outputs stay byte-identical to earlier releases'.
+    #[test]
+    fn header_is_the_one_written_by_hand_before() {
+        let tensors = [
+            planned("b.weight", Dtype::BF16, &[3, 2]),
+            planned("a \"quoted\" é", Dtype::F32, &[2]),
+            planned("empty", Dtype::F16, &[0, 4]),
+            planned("scalar", Dtype::I64, &[]),
+        ];
+        let header = header_json(&tensors).unwrap();
+        let want = concat!(
+            r#"{"__metadata__":{"format":"pt"},"b.weight":{"dtype":"BF16","shape":[3,2],"data_offsets":[0,12]},"#,
+            r#""a \"quoted\" é":{"dtype":"F32","shape":[2],"data_offsets":[12,20]},"#,
+            r#""empty":{"dtype":"F16","shape":[0,4],"data_offsets":[20,20]},"#,
+            r#""scalar":{"dtype":"I64","shape":[],"data_offsets":[20,28]}}"#
+        );
+        let text = String::from_utf8(header.clone()).unwrap();
+        assert_eq!(text.trim_end_matches(' '), want);
+        assert!(header.len().is_multiple_of(8) && header.len() - want.len() < 8, "padded to 8: {}", header.len());
+        // The crate reads it back, in file order.
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(&header);
+        file.resize(file.len() + 28, 0);
+        let (_, metadata) = SafeTensors::read_metadata(&file).unwrap();
+        assert_eq!(metadata.offset_keys(), ["b.weight", "a \"quoted\" é", "empty", "scalar"]);
+        assert_eq!(SafeTensors::deserialize(&file).unwrap().tensor("scalar").unwrap().data().len(), 8);
+    }
+
+    /// A tensor whose bits do not fill whole bytes has no valid layout: an error, not a file.
+    #[test]
+    fn a_tensor_of_partial_bytes_is_refused() {
+        let e = header_json(&[planned("w", Dtype::F4, &[3])]).unwrap_err().to_string();
+        assert!(e.contains("safetensors header"), "{e}");
+    }
 }
