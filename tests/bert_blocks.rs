@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::grad::{check, dot, rand_f32};
+use common::reference::rel_diff;
 use common::{T, randoms, write_file};
 use safetensors::Dtype;
 use symerge::backend::{Backend, Cpu};
@@ -244,7 +245,7 @@ fn whole_model_case(family: &str, prefix: &str, act: &str, pad: u32) {
         for ((n, _), b) in names.iter().zip(&base) {
             model.set_param(n, b).unwrap();
         }
-        let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-6);
+        let rel = rel_diff(fd, an, 1e-6);
         worst = worst.max(rel);
         assert!(rel < 1e-2, "{family} block {}: fd {fd:e} vs analytic {an:e} (rel {rel:.2e})", block.name());
     }

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::adapt_fixture::{Fixture, fixture};
+use common::reference::rel_diff;
 use common::{read_model, symerge};
 use symerge::adapt::classifier::Adapter;
 use symerge::adapt::config::AdaptConfig;
@@ -193,7 +194,7 @@ fn two_and_three_processes_learn_the_single_process_lambda() {
                 continue;
             }
             for (x, y) in w.iter().zip(g) {
-                let rel = (x - y).abs() / x.abs().max(1e-2);
+                let rel = rel_diff(*x, *y, 1e-2);
                 assert!(rel <= 2e-4, "world {world} {kw}: {y} vs single {x}");
                 worst = worst.max(rel);
                 diff += (x - y).powi(2);

@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::grad::{check, check_extrapolated, dot, rand_f32};
+use common::reference::rel_diff;
 use common::{T, randoms, write_file};
 use safetensors::Dtype;
 use symerge::backend::Cpu;
@@ -180,7 +181,7 @@ fn whole_model_case(qwen2: bool) {
         // with a small first derivative (e.g. o_proj) dominates at any step f32 noise allows.
         let fd = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
         model.set_param(name, &base).unwrap();
-        let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-4);
+        let rel = rel_diff(fd, an, 1e-4);
         worst = worst.max(rel);
         assert!(rel < 1e-2, "{name}: fd {fd:e} vs analytic {an:e} (rel {rel:.2e})");
     }

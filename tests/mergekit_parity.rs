@@ -8,6 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::reference::{nan_max, rel_diff};
 use common::{T, randoms, read_model, write_model};
 use safetensors::Dtype;
 use symerge::merge::config::MergeConfig;
@@ -40,8 +41,8 @@ fn merge_yaml(dir: &Path, name: &str, yaml: &str) -> BTreeMap<String, (Dtype, Ve
     read_model(&out)
 }
 
-/// Largest `|ours - theirs| / max(|theirs|, 1e-3)` over a case's tensors (the floor keeps
-/// entries mergekit zeroes, or that cancel to ~0, from dividing by nothing).
+/// Largest [`rel_diff`] of ours and mergekit's entries over a case's tensors, floored at 1e-3
+/// (entries mergekit zeroes, or that cancel to ~0, count absolutely); NaN anywhere gives NaN.
 fn max_relative_error(
     ours: &BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)>,
     theirs: &BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)>,
@@ -53,7 +54,7 @@ fn max_relative_error(
         let (_, got_shape, got) = &ours[name];
         assert_eq!(got_shape, shape, "{case} {name}");
         for (&a, &b) in got.iter().zip(want) {
-            worst = worst.max((a - b).abs() / b.abs().max(1e-3));
+            worst = nan_max(worst, rel_diff(a, b, 1e-3));
         }
     }
     worst

@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::grad::{dot, rand_f32};
+use common::reference::rel_diff;
 use symerge::backend::{Backend, Cpu};
 use symerge::dist::LocalGroup;
 use symerge::labels::cache::partial_path;
@@ -343,7 +344,7 @@ fn model_topk_loss_gradients_match_finite_differences() {
         // Most directional derivatives here are ~1e-3; the first layer's q_proj (init scale
         // 0.02) gives ~5e-5, where the f32 noise of the differences is a few percent, so errors
         // are relative to at least 1e-3.
-        let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-3);
+        let rel = rel_diff(fd, an, 1e-3);
         worst = worst.max(rel);
         assert!(rel < 1e-2, "{name}: fd {fd:e} vs analytic {an:e} (rel {rel:.2e})");
     }

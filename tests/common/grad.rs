@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 use super::randoms;
+use super::reference::rel_diff;
 
 pub fn rand_f32(seed: u64, n: usize, scale: f64) -> Vec<f32> {
     randoms(seed, n, scale).into_iter().map(|v| v as f32).collect()
@@ -83,7 +84,7 @@ fn check_impl(
             // derivative that the difference's f32 noise swamps, while a wrong gradient is off by
             // about |g|.
             let floor = 0.05 * dot(g, g).sqrt();
-            let rel = (fd - an).abs() / fd.abs().max(an.abs()).max(floor).max(1e-6);
+            let rel = rel_diff(fd, an, floor.max(1e-6));
             worst = worst.max(rel);
             assert!(
                 rel < tol,

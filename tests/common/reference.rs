@@ -1,5 +1,6 @@
 //! Reading the reference fixtures that `tests/reference/*.py` write with transformers, and the
-//! relative errors every test compares with.
+//! relative errors every test compares with: [`max_rel`] and [`norm_rel`] for whole tensors,
+//! [`rel_diff`] for one pair of numbers.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -45,7 +46,15 @@ pub fn norm_rel<R: Copy + Into<f64>>(ours: &[f32], reference: &[R]) -> f64 {
     if num == 0.0 { 0.0 } else { (num / den.max(1e-30)).sqrt() }
 }
 
+/// `|a - b| / max(|a|, |b|, floor)`: two numbers' difference relative to the larger of them, for
+/// pairs of scalars or elements (a finite difference and an analytic derivative, ours and a
+/// reference's entry). Symmetric, so neither side has to be the reference; the floor sets the
+/// magnitude below which values count as noise, compared absolutely against it. NaN gives NaN.
+pub fn rel_diff(a: f64, b: f64, floor: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(floor)
+}
+
 /// `f64::max` that keeps a NaN instead of dropping it.
-fn nan_max(a: f64, b: f64) -> f64 {
+pub fn nan_max(a: f64, b: f64) -> f64 {
     if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) }
 }
