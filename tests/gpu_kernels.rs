@@ -102,7 +102,7 @@ fn cpu_thresholds(inp: &Inputs, densities: &[f32]) -> Vec<Threshold> {
         .map(|(e, &d)| {
             let e = decoded(inp.dtype, e);
             let n = e.len();
-            magnitude_threshold(n, keep_count(d as f64, n), |off, out| {
+            magnitude_threshold(n, keep_count(d, n), |off, out| {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = e[off + i] - base[off + i];
                 }
@@ -146,7 +146,7 @@ fn merge_kernel_matches_cpu_for_every_method() {
                                 .magnitude_threshold_host(
                                     HostTensor { bytes: &inp.base, dtype },
                                     HostTensor { bytes: e, dtype },
-                                    keep_count(d as f64, n),
+                                    keep_count(d, n),
                                 )
                                 .unwrap();
                             assert_eq!(got, *want, "{name} {dtype} n={n} k={k}: GPU threshold");

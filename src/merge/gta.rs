@@ -13,7 +13,7 @@ use std::cell::RefCell;
 
 use super::magprune::RowPruner;
 use super::philox::ElementStream;
-use super::select::Threshold;
+use super::select::{self, Threshold};
 use super::stats::{TensorPass, TensorStats, map_chunks, sum_in_order, thresholds};
 use super::{ChunkCtx, KernelForm, MergeMethod, density_thresholds};
 use crate::error::Result;
@@ -306,13 +306,13 @@ fn outlier_thresholds(pass: &dyn TensorPass) -> Result<Vec<Threshold>> {
     let kk = pass.experts();
     let mut ks = vec![0usize; 2 * kk];
     for k in 0..kk {
-        let density = p.densities[k] as f64;
+        let density = p.densities[k];
         if density >= 1.0 {
             ks[k] = n;
             continue;
         }
-        let target = ((density * n as f64).floor() as usize).min(n);
-        let top = (p.of_model("gamma", k, 0.0) as f64 * n as f64).floor() as usize;
+        let target = select::floor_fraction(density, n).min(n);
+        let top = select::floor_fraction(p.of_model("gamma", k, 0.0), n);
         let bottom = n.saturating_sub(target + top);
         ks[k] = n - bottom;
         ks[kk + k] = n - bottom - target;

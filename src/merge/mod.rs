@@ -171,7 +171,7 @@ pub trait MergeMethod: Send + Sync {
 /// Per-expert thresholds keeping each task vector's largest `density` fraction (TIES).
 pub fn density_thresholds(pass: &dyn TensorPass) -> Result<Vec<Threshold>> {
     let n = pass.len();
-    let ks: Vec<usize> = pass.params().densities.iter().map(|&d| select::keep_count(d as f64, n)).collect();
+    let ks: Vec<usize> = pass.params().densities.iter().map(|&d| select::keep_count(d, n)).collect();
     stats::thresholds(pass, &ks, |base, experts, out| {
         for (o, e) in out.iter_mut().zip(experts) {
             o.iter_mut().zip(e.iter().zip(base)).for_each(|(o, (x, b))| *o = x - b);

@@ -33,14 +33,23 @@ impl Threshold {
 
 /// How many elements a density keeps: `floor(density * n)`, but at least one of a non-empty
 /// tensor when the density is positive, as mergekit 0.1.5's `magnitude` does.
-pub fn keep_count(density: f64, n: usize) -> usize {
+pub fn keep_count(density: f32, n: usize) -> usize {
     if density >= 1.0 {
         n
     } else if density <= 0.0 {
         0
     } else {
-        ((density * n as f64).floor() as usize).clamp(n.min(1), n)
+        floor_fraction(density, n).clamp(n.min(1), n)
     }
+}
+
+/// `floor(fraction * n)` for a fraction from the config (a density, gamma), as mergekit computes
+/// it from the f64 the YAML holds. Parameters are kept as f32, and `0.9f32 * 800` is 719.99998,
+/// one short of mergekit's 720; the shortest decimal that round-trips to the f32 is the number
+/// as written (up to 6 significant digits), so the product is taken of that decimal as f64.
+pub fn floor_fraction(fraction: f32, n: usize) -> usize {
+    let written: f64 = fraction.to_string().parse().unwrap_or(f64::from(fraction));
+    (written * n as f64).floor() as usize
 }
 
 /// Elements per chunk handed to `fill`.
@@ -194,6 +203,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The count mergekit takes: floor of the written density times n in f64, not of the f32.
+    #[test]
+    fn keep_counts_use_the_density_as_written() {
+        assert_eq!(0.9f32 as f64 * 800.0, 719.9999809265137, "the f32 falls short");
+        assert_eq!(keep_count(0.9, 800), 720);
+        assert_eq!(keep_count(0.2, 800), 160);
+        assert_eq!(keep_count(0.3, 10), 3);
+        assert_eq!(keep_count(0.7, 1000), 700);
+        assert_eq!(
+            (keep_count(0.001, 10), keep_count(0.0, 10), keep_count(1.0, 10), keep_count(0.5, 0)),
+            (1, 0, 10, 0)
+        );
+        assert_eq!((floor_fraction(0.999_999, 1_000_000), floor_fraction(-0.1, 10)), (999_999, 0));
+    }
 
     fn check(values: &[f32], k: usize) {
         let th = magnitude_threshold(values.len(), k, |off, out| {

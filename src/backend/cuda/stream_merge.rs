@@ -798,7 +798,7 @@ fn gpu_thresholds(
         .iter()
         .zip(experts)
         .zip(&tj.params.densities)
-        .map(|((s, &e), &d)| gpu.magnitude_threshold_dev(base, (e, s.dtype), tj.n, keep_count(d as f64, tj.n)))
+        .map(|((s, &e), &d)| gpu.magnitude_threshold_dev(base, (e, s.dtype), tj.n, keep_count(d, tj.n)))
         .collect()
 }
 
