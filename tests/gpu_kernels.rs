@@ -8,6 +8,7 @@ mod common;
 use common::reference::norm_rel;
 
 use common::gpu;
+use rand::Rng;
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::dtype::{decode, encode_into};
 use symerge::merge::lambda_grad::lambda_grad;
@@ -31,15 +32,8 @@ fn fresh_seed() -> u64 {
 }
 
 fn uniform(n: usize, seed: u64, center: f32, spread: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            center + spread * ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-        })
-        .collect()
+    let mut rng = common::seeded(seed);
+    (0..n).map(|_| center + spread * (rng.random::<f32>() - 0.5)).collect()
 }
 
 fn encode(dtype: FloatDType, v: &[f32]) -> Vec<u8> {

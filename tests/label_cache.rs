@@ -2,6 +2,7 @@
 //! stopped and produces the same bytes as an uninterrupted one, and corrupt, truncated,
 //! unfinished or mismatched caches are rejected with an error naming the cause.
 
+use rand::{Rng, SeedableRng};
 use symerge::labels::cache::partial_path;
 use symerge::labels::fingerprint::texts_hash;
 use symerge::labels::{CacheWriter, LabelCache, LabelKind, Provenance};
@@ -19,14 +20,8 @@ fn provenance(task: &str) -> Provenance {
 
 /// Seeded rows: logits in [-8, 8) and their softmax.
 fn rows(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut logits = Vec::with_capacity(n * C);
-    for _ in 0..n * C {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        logits.push(((s >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0);
-    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let logits: Vec<f32> = (0..n * C).map(|_| rng.random_range(-8.0..8.0)).collect();
     let mut probs = logits.clone();
     for r in probs.chunks_exact_mut(C) {
         let m = r.iter().cloned().fold(f32::MIN, f32::max);

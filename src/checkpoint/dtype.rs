@@ -180,10 +180,9 @@ mod tests {
 
     #[test]
     fn bf16_rounding_matches_half_crate() {
-        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0x1234_5678_9abc_def0);
         for _ in 0..100_000 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let v = f32::from_bits((state >> 32) as u32);
+            let v = f32::from_bits(rand::RngCore::next_u32(&mut rng));
             if v.is_nan() {
                 continue;
             }

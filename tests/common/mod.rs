@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use half::{bf16, f16};
+use rand::Rng;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
@@ -95,17 +96,16 @@ pub fn read_model(dir: &Path) -> std::collections::BTreeMap<String, (Dtype, Vec<
     out
 }
 
-/// Deterministic pseudo-random values in [-scale, scale).
+/// Deterministic pseudo-random values, uniform in [-scale, scale).
 pub fn randoms(seed: u64, n: usize, scale: f64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = seeded(seed);
+    (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale).collect()
+}
+
+/// The tests' random generator: ChaCha8, whose stream for a seed is fixed across platforms and
+/// `rand` releases, so a seed reproduces a test's data anywhere.
+pub fn seeded(seed: u64) -> rand_chacha::ChaCha8Rng {
+    rand::SeedableRng::seed_from_u64(seed)
 }
 
 /// The CLI: `$SYMERGE_BIN` when set (test executables run away from the build tree, as

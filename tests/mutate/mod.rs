@@ -8,25 +8,24 @@ pub mod cache;
 pub mod index;
 pub mod safetensors;
 
-/// splitmix64: tiny, fast and good enough to choose mutations; no crate needed.
-pub struct Rng(u64);
+use rand::{Rng as _, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The mutator's choices, from a seeded ChaCha8 (the same stream on every platform).
+pub struct Rng(ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(ChaCha8Rng::seed_from_u64(seed))
     }
 
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 { 0 } else { self.0.random_range(0..n) }
     }
 
     /// True with probability `num / den`.
@@ -39,12 +38,14 @@ impl Rng {
     }
 
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
+        let mut b = vec![0; n];
+        self.0.fill_bytes(&mut b);
+        b
     }
 
     /// A small finite float in [-2, 2).
     pub fn small_float(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        self.0.random_range(-2.0..2.0)
     }
 }
 

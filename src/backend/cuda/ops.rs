@@ -1474,15 +1474,8 @@ mod tests {
     }
 
     fn values(seed: u32, n: usize) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed.into());
+        (0..n).map(|_| rand::Rng::random_range(&mut rng, -1.0..1.0)).collect()
     }
 
     fn rel_err(a: &[f32], b: &[f32]) -> f64 {
