@@ -4,7 +4,7 @@
 #   llm     llama-1b family (bf16 base + 3 experts, 8.8 GB, generated): `adapt --host-mem 0`
 #           (every shared block streamed from the mappings twice a step), seconds per step from
 #           train_log.jsonl next to the floor: bytes streamed per step / the `cat` rate of the
-#           same files measured in the same run; peak RSS.
+#           same files measured in the same run; peak RSS; and the same for OLD_BIN when set.
 #   minilm  real MiniLM-L6, the four real tasks, experts briefly fine-tuned (speed, not quality),
 #           batch 32, max length 64: seconds per step of this binary (resident and streamed)
 #           next to OLD_BIN (a build of an earlier commit, e.g. the host-f32 task-vector path)
@@ -59,23 +59,26 @@ llm() {
   bytes=$(cat "$F"/base/*.safetensors "$F"/expert-*/*.safetensors | wc -c)
   t0=$(date +%s.%N); cat "$F"/base/*.safetensors "$F"/expert-*/*.safetensors >/dev/null; t1=$(date +%s.%N)
   cat_rate=$(python3 -c "print($bytes / ($t1 - $t0))")
-  log "adapt --host-mem 0 (6 steps)"
-  $BIN adapt "$W/llm.yml" -o "$W/llm-out" --force --json --no-eval --device cpu --host-mem 0 >"$W/llm.json"
-  local step
-  step=$(per_step "$W/llm-out/train_log.jsonl")
-  python3 - "$W/llm.json" "$step" "$cat_rate" "$bytes" <<'PY' | tee -a "$W/results.jsonl"
+  local name bin step
+  for name in this ${OLD_BIN:+old}; do
+    bin=$BIN; [ "$name" = old ] && bin=$OLD_BIN
+    log "adapt --host-mem 0 (6 steps), $name build"
+    $bin adapt "$W/llm.yml" -o "$W/llm-out" --force --json --no-eval --device cpu --host-mem 0 >"$W/llm.json"
+    step=$(per_step "$W/llm-out/train_log.jsonl")
+    python3 - "$W/llm.json" "$step" "$cat_rate" "$bytes" "$name" <<'PY' | tee -a "$W/results.jsonl"
 import json, sys
 s = json.load(open(sys.argv[1]))
 step, cat, total = float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 per = s["bytes_streamed_per_step"]
 print(json.dumps({
-    "part": "llm", "family": "llama-1b bf16 base + 3 experts", "input_gb": total / 1e9,
+    "part": "llm", "build": sys.argv[5], "family": "llama-1b bf16 base + 3 experts", "input_gb": total / 1e9,
     "mode": s["streaming"]["mode"], "gb_streamed_per_step": per / 1e9, "seconds_per_step": step,
     "cat_gb_per_s": cat / 1e9, "floor_seconds_per_step": per / cat, "ratio_to_floor": step / (per / cat),
     "peak_rss_gb": s["peak_rss_bytes"] / 1e9, "run_seconds": s["seconds"],
 }))
 PY
-  rm -rf "$W/llm-out"
+    rm -rf "$W/llm-out"
+  done
 }
 
 minilm() {

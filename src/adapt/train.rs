@@ -15,7 +15,6 @@
 //! how a task's model is written) is a [`Family`]: [`super::classifier`] for the BERT family,
 //! [`super::lm`] for causal LMs. A new family is one more implementation, not another loop.
 
-use crate::checkpoint::FloatDType;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +30,7 @@ use super::lm::LmAdapter;
 use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport, TableRows};
 use crate::atomic::Staging;
 use crate::backend::{Backend, Device};
+use crate::checkpoint::FloatDType;
 use crate::dist::data_parallel::{shard_range, verify_digest};
 use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
