@@ -32,4 +32,7 @@ pub mod report;
 pub mod sysinfo;
 pub mod units;
 
+#[cfg(test)]
+mod testing;
+
 pub use error::{Error, Result};

@@ -1002,18 +1002,13 @@ fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: AdaptArgs,
-        }
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "a.yml", "-o", "out"]).unwrap();
-        assert_eq!(format!("{:?}", cli.args), format!("{:?}", AdaptArgs::new("a.yml", "out")));
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "a.yml", "-o", "o", "--no-eval", "--host-mem", "0"]);
-        let args = cli.unwrap().args;
+        let args: AdaptArgs = parse_args(&["a.yml", "-o", "out"]).unwrap();
+        assert_eq!(format!("{args:?}"), format!("{:?}", AdaptArgs::new("a.yml", "out")));
+        let args: AdaptArgs = parse_args(&["a.yml", "-o", "o", "--no-eval", "--host-mem", "0"]).unwrap();
         assert_eq!((args.opts.evaluate, args.host_mem), (false, Some(0)), "--no-eval clears evaluate; 0 is a budget");
     }
 }

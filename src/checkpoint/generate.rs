@@ -364,21 +364,16 @@ pub fn write_family(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        opts: GenerateOptions,
-    }
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "-o", "out"]).unwrap();
+        let opts: GenerateOptions = parse_args(&["-o", "out"]).unwrap();
         let want = GenerateOptions { output: Some("out".into()), ..GenerateOptions::default() };
-        assert_eq!(format!("{:?}", cli.opts), format!("{want:?}"));
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--list"]).unwrap();
-        assert!(cli.opts.list && cli.opts.output.is_none(), "--list needs no output");
-        assert!(<Cli as clap::Parser>::try_parse_from(["x"]).is_err(), "--output is required otherwise");
+        assert_eq!(format!("{opts:?}"), format!("{want:?}"));
+        let opts: GenerateOptions = parse_args(&["--list"]).unwrap();
+        assert!(opts.list && opts.output.is_none(), "--list needs no output");
+        assert!(parse_args::<GenerateOptions>(&[]).is_err(), "--output is required otherwise");
     }
 
     #[test]

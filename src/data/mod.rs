@@ -605,21 +605,16 @@ fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: PrepareArgs,
-    }
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--out", "data"]).unwrap();
+        let args: PrepareArgs = parse_args(&["--out", "data"]).unwrap();
         let want = PrepareArgs { opts: PrepareOptions::new("data"), task: TaskList::default() };
-        assert_eq!(format!("{:?}", cli.args), format!("{want:?}"));
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--out", "d", "--task", "lm-de,wn-noun"]).unwrap();
-        assert_eq!(cli.args.task, TaskList(vec![Task::LmFortunes("de"), Task::WnNoun]));
-        let bad = <Cli as clap::Parser>::try_parse_from(["x", "--out", "d", "--task", "wn-adj"]).err().unwrap();
+        assert_eq!(format!("{args:?}"), format!("{want:?}"));
+        let args: PrepareArgs = parse_args(&["--out", "d", "--task", "lm-de,wn-noun"]).unwrap();
+        assert_eq!(args.task, TaskList(vec![Task::LmFortunes("de"), Task::WnNoun]));
+        let bad = parse_args::<PrepareArgs>(&["--out", "d", "--task", "wn-adj"]).err().unwrap();
         assert!(bad.to_string().contains("unknown task `wn-adj`"), "{bad}");
     }
 

@@ -140,16 +140,12 @@ pub fn run_check(coll: &mut dyn Collective, info: &RankInfo, elements: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            opts: CheckOptions,
-        }
-        let cli = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
-        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", CheckOptions::default()));
+        let opts: CheckOptions = parse_args(&[]).unwrap();
+        assert_eq!(format!("{opts:?}"), format!("{:?}", CheckOptions::default()));
     }
 
     #[test]

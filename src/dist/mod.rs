@@ -130,20 +130,15 @@ pub fn connect(info: &RankInfo, opts: &ConnectOptions) -> Result<Box<dyn Collect
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            opts: ConnectOptions,
-        }
-        let cli = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
-        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", ConnectOptions::default()));
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--rendezvous-timeout", "1.5", "--backend", "nccl"]);
-        let opts = cli.unwrap().opts;
+        let opts: ConnectOptions = parse_args(&[]).unwrap();
+        assert_eq!(format!("{opts:?}"), format!("{:?}", ConnectOptions::default()));
+        let opts: ConnectOptions = parse_args(&["--rendezvous-timeout", "1.5", "--backend", "nccl"]).unwrap();
         assert_eq!((opts.rendezvous_timeout, opts.backend), (Duration::from_millis(1500), Backend::Nccl));
-        let bad = <Cli as clap::Parser>::try_parse_from(["x", "--collective-timeout", "0"]).err().unwrap();
+        let bad = parse_args::<ConnectOptions>(&["--collective-timeout", "0"]).err().unwrap();
         assert!(bad.to_string().contains("not a positive number of seconds"), "{bad}");
     }
 }

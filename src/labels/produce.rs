@@ -435,17 +435,13 @@ fn stitch_ranks<B: Backend, S: AsRef<str>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: CacheLabelsArgs,
-        }
-        let argv = ["x", "--expert", "e", "--task", "t", "--inputs", "i.jsonl", "-o", "c.bin"];
-        let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        let argv = ["--expert", "e", "--task", "t", "--inputs", "i.jsonl", "-o", "c.bin"];
+        let args: CacheLabelsArgs = parse_args(&argv).unwrap();
         let want = CacheLabelsArgs::new(CacheLabelsOptions::new("e", "t", "c.bin"), "i.jsonl");
-        assert_eq!(format!("{:?}", cli.args), format!("{want:?}"));
+        assert_eq!(format!("{args:?}"), format!("{want:?}"));
     }
 }

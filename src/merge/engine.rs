@@ -100,29 +100,24 @@ fn choose(config: &MergeConfig, device: Device) -> Result<Resolved> {
 mod tests {
     use super::*;
     use crate::checkpoint::FloatDType;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: MergeArgs,
-    }
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "m.yml", "-o", "out"]).unwrap();
-        assert_eq!(format!("{:?}", cli.args), format!("{:?}", MergeArgs::new("m.yml", "out")));
+        let args: MergeArgs = parse_args(&["m.yml", "-o", "out"]).unwrap();
+        assert_eq!(format!("{args:?}"), format!("{:?}", MergeArgs::new("m.yml", "out")));
     }
 
     #[test]
     fn sizes_and_dtype_parse_under_their_flag_names() {
-        let args = ["x", "m.yml", "-o", "o", "--out-shard-size", "2GiB", "--dtype", "float16", "--device-mem", "1GB"];
-        let cli = <Cli as clap::Parser>::try_parse_from(args).unwrap();
-        let opts = &cli.args.opts;
+        let argv = ["m.yml", "-o", "o", "--out-shard-size", "2GiB", "--dtype", "float16", "--device-mem", "1GB"];
+        let args: MergeArgs = parse_args(&argv).unwrap();
+        let opts = &args.opts;
         assert_eq!(
-            (opts.max_shard_bytes, opts.out_dtype, cli.args.device_mem),
+            (opts.max_shard_bytes, opts.out_dtype, args.device_mem),
             (2 << 30, Some(FloatDType::F16), Some(1_000_000_000))
         );
-        let bad = <Cli as clap::Parser>::try_parse_from(["x", "m.yml", "-o", "o", "--out-shard-size", "0"]);
+        let bad = parse_args::<MergeArgs>(&["m.yml", "-o", "o", "--out-shard-size", "0"]);
         let e = bad.err().unwrap().to_string();
         assert!(e.contains("--out-shard-size") && e.contains("at least one byte"), "{e}");
     }

@@ -712,31 +712,21 @@ fn clip_scale(grads: &[Vec<f32>], max: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            opts: FinetuneOptions,
-        }
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--train", "t.jsonl", "-o", "out"]).unwrap();
-        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", FinetuneOptions::new("t.jsonl", "out")));
-        let both =
-            <Cli as clap::Parser>::try_parse_from(["x", "--train", "t", "-o", "o", "--steps", "3", "--epochs", "2"]);
+        let opts: FinetuneOptions = parse_args(&["--train", "t.jsonl", "-o", "out"]).unwrap();
+        assert_eq!(format!("{opts:?}"), format!("{:?}", FinetuneOptions::new("t.jsonl", "out")));
+        let both = parse_args::<FinetuneOptions>(&["--train", "t", "-o", "o", "--steps", "3", "--epochs", "2"]);
         assert!(both.is_err(), "--steps and --epochs exclude each other");
-        let cli = <Cli as clap::Parser>::try_parse_from(["x", "--train", "t", "-o", "o", "--steps", "3"]).unwrap();
-        assert_eq!((cli.opts.length, cli.opts.length.total_steps(100, 16)), (TrainLength::steps(3), 3));
+        let opts: FinetuneOptions = parse_args(&["--train", "t", "-o", "o", "--steps", "3"]).unwrap();
+        assert_eq!((opts.length, opts.length.total_steps(100, 16)), (TrainLength::steps(3), 3));
         assert_eq!(TrainLength::default().total_steps(100, 16), 7);
         assert_eq!(TrainLength::epochs(2).total_steps(100, 16), 14);
-        #[derive(clap::Parser)]
-        struct Command {
-            #[command(flatten)]
-            args: FinetuneArgs,
-        }
-        let cmd = <Command as clap::Parser>::try_parse_from(["x", "base", "--train", "t", "-o", "o"]).unwrap();
+        let args: FinetuneArgs = parse_args(&["base", "--train", "t", "-o", "o"]).unwrap();
         let want = FinetuneArgs { base: "base".into(), opts: FinetuneOptions::new("t", "o"), device: Device::Auto };
-        assert_eq!(format!("{:?}", cmd.args), format!("{want:?}"));
+        assert_eq!(format!("{args:?}"), format!("{want:?}"));
     }
 
     fn ex(label: Option<&str>, id: Option<usize>) -> Example {

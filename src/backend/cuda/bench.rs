@@ -701,15 +701,11 @@ pub fn compare_outputs(a: &Path, b: &Path) -> Result<(usize, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::parse_args;
 
     #[test]
     fn cli_defaults_are_the_library_defaults() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            opts: BenchOptions,
-        }
-        let cli = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap();
-        assert_eq!(format!("{:?}", cli.opts), format!("{:?}", BenchOptions::default()));
+        let opts: BenchOptions = parse_args(&[]).unwrap();
+        assert_eq!(format!("{opts:?}"), format!("{:?}", BenchOptions::default()));
     }
 }
