@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::TensorParams;
-use super::lambda_grad::{LANES, dot_lanes};
+use super::lambda_grad::LANES;
 use super::select::{Threshold, magnitude_thresholds};
 use crate::error::Result;
 
@@ -100,28 +100,28 @@ pub fn gram(pass: &dyn TensorPass, vectors: Vectors) -> Result<Vec<f64>> {
         Vectors::TaskVectors => k,
     };
     let parts = map_chunks(pass, |_, base, experts| {
-        // f32 vectors (task vectors rounded to f32 as before) and f64 products summed in 8 lanes
-        // (`dot_f64`'s order over the chunk), a cache-sized stretch at a time: the chunk is read
-        // once for all pairs instead of once per pair, and the task vectors never leave L1.
+        // f32 vectors (task vectors rounded to f32 as before) widened to f64 once per stretch,
+        // then every pair's products summed in 8 lanes (`dot_f64`'s order over the chunk). A
+        // product of two f32 values is exact in f64, so this is the same sum, bit for bit, as
+        // widening inside each dot; the stretch's vectors stay in L1/L2 for all pairs.
         let n = base.len();
         let mut acc = vec![[0f64; LANES]; m * m];
-        let mut tv = vec![0f32; m * GRAM_STRETCH];
+        let mut wide = vec![0f64; m * GRAM_STRETCH];
         for s in (0..n).step_by(GRAM_STRETCH) {
             let e = (s + GRAM_STRETCH).min(n);
-            let vs: Vec<&[f32]> = match vectors {
-                Vectors::BaseAndExperts => {
-                    std::iter::once(&base[s..e]).chain(experts.iter().map(|x| &x[s..e])).collect()
+            let len = e - s;
+            for (v, w) in wide.chunks_mut(GRAM_STRETCH).enumerate() {
+                let w = &mut w[..len];
+                match (vectors, v) {
+                    (Vectors::BaseAndExperts, 0) => widen(w, &base[s..e]),
+                    (Vectors::BaseAndExperts, v) => widen(w, &experts[v - 1][s..e]),
+                    (Vectors::TaskVectors, v) => widen_diff(w, &experts[v][s..e], &base[s..e]),
                 }
-                Vectors::TaskVectors => {
-                    for (t, x) in tv.chunks_mut(GRAM_STRETCH).zip(experts) {
-                        t.iter_mut().zip(&x[s..e]).zip(&base[s..e]).for_each(|((t, &x), &b)| *t = x - b);
-                    }
-                    tv.chunks(GRAM_STRETCH).map(|t| &t[..e - s]).collect()
-                }
-            };
+            }
+            let ws: Vec<&[f64]> = wide.chunks(GRAM_STRETCH).map(|w| &w[..len]).collect();
             for i in 0..m {
                 for j in i..m {
-                    dot_lanes(&mut acc[i * m + j], vs[i], vs[j]);
+                    dot_lanes_f64(&mut acc[i * m + j], ws[i], ws[j]);
                 }
             }
         }
@@ -138,9 +138,32 @@ pub fn gram(pass: &dyn TensorPass, vectors: Vectors) -> Result<Vec<f64>> {
     Ok(sum_in_order(parts, m * m))
 }
 
+fn widen(out: &mut [f64], x: &[f32]) {
+    out.iter_mut().zip(x).for_each(|(o, &x)| *o = x as f64);
+}
+
+/// `x - b` rounded to f32 (the task vector as stored in f32), then widened.
+fn widen_diff(out: &mut [f64], x: &[f32], b: &[f32]) {
+    out.iter_mut().zip(x).zip(b).for_each(|((o, &x), &b)| *o = (x - b) as f64);
+}
+
+/// [`dot_lanes`] over values already widened: element `i` to lane `i % 8`, the same sums.
+fn dot_lanes_f64(acc: &mut [f64; LANES], a: &[f64], b: &[f64]) {
+    let n = a.len().min(b.len());
+    let full = n / LANES * LANES;
+    for (a, b) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    for i in full..n {
+        acc[i % LANES] += a[i] * b[i];
+    }
+}
+
 /// Elements of a Gram chunk handled at a time: a multiple of [`LANES`], so the lanes carry
-/// over exactly; the task vectors of a stretch (16 KB each) stay in L1.
-const GRAM_STRETCH: usize = 4096;
+/// over exactly; a stretch's widened vectors (8 KB each) stay in L1.
+const GRAM_STRETCH: usize = 1024;
 
 /// Exact magnitude thresholds of `ks.len()` value streams, stream `s` keeping its `ks[s]`
 /// largest magnitudes. `values(base, experts, out)` writes each stream's values for a chunk
@@ -204,5 +227,50 @@ impl TensorPass for InMemory<'_> {
             out.copy_from_slice(&e[offset..end]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::lambda_grad::dot_f64;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        (0..n).map(|_| rand::Rng::random::<f32>(&mut rng) - 0.5).collect()
+    }
+
+    /// The Gram matrix is each pair's `dot_f64` per chunk (task vectors rounded to f32 first),
+    /// summed in chunk order: exactly, for chunks that are not multiples of the stretch and a
+    /// tail that is not a multiple of the lanes.
+    #[test]
+    fn gram_is_the_chunked_f64_dot_of_every_pair() {
+        let (n, chunk, k) = (12_345, 5_000, 3);
+        let base = values(n, 1);
+        let experts: Vec<Vec<f32>> = (0..k).map(|e| values(n, 10 + e as u64)).collect();
+        let params = TensorParams::default();
+        let pass = InMemory {
+            base: Some(&base),
+            experts: experts.iter().map(Vec::as_slice).collect(),
+            row_len: n,
+            chunk_len: chunk,
+            params: &params,
+            name_hash: 0,
+        };
+        let tv: Vec<Vec<f32>> = experts.iter().map(|e| e.iter().zip(&base).map(|(x, b)| x - b).collect()).collect();
+        let all: Vec<&Vec<f32>> = std::iter::once(&base).chain(&experts).collect();
+        for (vectors, vs) in [(Vectors::TaskVectors, tv.iter().collect::<Vec<_>>()), (Vectors::BaseAndExperts, all)] {
+            let m = vs.len();
+            let g = gram(&pass, vectors).unwrap();
+            for i in 0..m {
+                for j in 0..m {
+                    let want = (0..n).step_by(chunk).fold(0.0, |acc, s| {
+                        let e = (s + chunk).min(n);
+                        acc + dot_f64(&vs[i][s..e], &vs[j][s..e], None)
+                    });
+                    assert_eq!(g[i * m + j].to_bits(), want.to_bits(), "{vectors:?} ({i}, {j})");
+                }
+            }
+        }
     }
 }
