@@ -146,6 +146,13 @@ fn parse_cli<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(arg
 }
 
 fn main() -> ExitCode {
+    if let Some(f) = symerge::sysinfo::missing_cpu_feature() {
+        eprintln!(
+            "error: this symerge was built for x86-64-v3 CPUs and this CPU lacks `{f}`; rebuild with \
+             RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build --release"
+        );
+        return ExitCode::FAILURE;
+    }
     let cli = parse_cli(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // First: it may set this process's environment, which is sound only before other threads.
     if let Err(e) = symerge::backend::cpu::set_worker_threads(cli.threads) {

@@ -26,3 +26,24 @@ pub fn available_memory_bytes() -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|k| k * 1024)
 }
+
+/// The first CPU feature this build was compiled to use (`.cargo/config.toml` targets
+/// x86-64-v3) that the machine running it lacks: a clear message at start-up instead of an
+/// illegal-instruction crash somewhere later. No allocation, so it runs before anything that
+/// could already use those instructions.
+pub fn missing_cpu_feature() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! first_missing {
+            ($($f:tt),*) => {
+                $(
+                    if cfg!(target_feature = $f) && !std::arch::is_x86_feature_detected!($f) {
+                        return Some($f);
+                    }
+                )*
+            };
+        }
+        first_missing!("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "lzcnt", "movbe");
+    }
+    None
+}
