@@ -17,9 +17,9 @@ pub struct StreamTensor {
     pub name: String,
     /// Index into the reference checkpoint's `tensors`.
     pub reference: usize,
-    /// Index into each input checkpoint's `tensors`, in input order; empty for integer buffers,
-    /// which come from the reference alone.
-    pub inputs: Vec<usize>,
+    /// Index into each input checkpoint's `tensors`, in input order (`None` where a partial
+    /// input lacks the tensor); empty for integer buffers, which come from the reference alone.
+    pub inputs: Vec<Option<usize>>,
 }
 
 /// A block of tensors visited together.
@@ -42,7 +42,18 @@ impl<'a> LayerStream<'a> {
     /// Resolves every reference tensor in every input and checks shapes and dtypes, so that a
     /// bad input is reported before any output is written.
     pub fn plan(reference: &'a Checkpoint, inputs: Vec<&'a Checkpoint>) -> Result<Self> {
-        let mut resolved: Vec<Vec<usize>> = Vec::with_capacity(reference.tensors.len());
+        Self::plan_with(reference, inputs, true)
+    }
+
+    /// [`Self::plan`] for inputs that may each lack some of the reference's tensors (a slices
+    /// config's views: a slice with fewer sources leaves the later views without its layers);
+    /// a tensor an input has must still agree with the reference.
+    pub fn plan_partial(reference: &'a Checkpoint, inputs: Vec<&'a Checkpoint>) -> Result<Self> {
+        Self::plan_with(reference, inputs, false)
+    }
+
+    fn plan_with(reference: &'a Checkpoint, inputs: Vec<&'a Checkpoint>, complete: bool) -> Result<Self> {
+        let mut resolved: Vec<Vec<Option<usize>>> = Vec::with_capacity(reference.tensors.len());
         let mut used: Vec<Vec<bool>> = inputs.iter().map(|c| vec![false; c.tensors.len()]).collect();
         for t in &reference.tensors {
             let mut per_input = Vec::with_capacity(inputs.len());
@@ -60,15 +71,21 @@ impl<'a> LayerStream<'a> {
                 continue;
             }
             for (ii, input) in inputs.iter().enumerate() {
-                let m = input.resolve(&t.name).ok_or_else(|| Error::MissingTensor {
-                    path: input.path.clone(),
-                    tensor: t.name.clone(),
-                    base: reference.path.clone(),
-                })?;
+                let Some(m) = input.resolve(&t.name) else {
+                    if complete {
+                        return Err(Error::MissingTensor {
+                            path: input.path.clone(),
+                            tensor: t.name.clone(),
+                            base: reference.path.clone(),
+                        });
+                    }
+                    per_input.push(None);
+                    continue;
+                };
                 check_compatible(t, m, input)?;
                 let idx = input.tensor_index(&m.name);
                 used[ii][idx] = true;
-                per_input.push(idx);
+                per_input.push(Some(idx));
             }
             resolved.push(per_input);
         }
@@ -101,7 +118,7 @@ impl<'a> LayerStream<'a> {
     fn block_tensors<'s>(&'s self, b: &'s StreamBlock) -> impl Iterator<Item = (&'a Checkpoint, &'a TensorMeta)> + 's {
         b.tensors.iter().flat_map(move |t| {
             std::iter::once((self.reference, &self.reference.tensors[t.reference]))
-                .chain(self.inputs.iter().zip(&t.inputs).map(|(c, &i)| (*c, &c.tensors[i])))
+                .chain(self.inputs.iter().zip(&t.inputs).filter_map(|(c, i)| i.map(|i| (*c, &c.tensors[i]))))
         })
     }
 

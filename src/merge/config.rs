@@ -116,7 +116,7 @@ pub struct MergeConfig {
 
 /// The models one tensor merges and the `parameters` between theirs and the top-level ones.
 struct Group<'a> {
-    models: &'a [ModelEntry],
+    models: Vec<&'a ModelEntry>,
     slice: Option<&'a BTreeMap<String, ParamValue>>,
 }
 
@@ -125,6 +125,10 @@ struct Group<'a> {
 pub struct SourceDef {
     pub model: ModelEntry,
     pub layers: (usize, usize),
+    /// Its index in the slice's `sources` as written (before the base was moved first):
+    /// mergekit merges the tensors after the layer stack over the last slice's sources up to
+    /// the first slice's source count in this order.
+    pub written: usize,
 }
 
 /// One output slice of the `slices` form.
@@ -148,6 +152,15 @@ impl SliceDef {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether source `p` (in merge order) of this, the last slice, takes part in the tensors
+    /// after the layer stack (final norm, head) when the first slice has `first_count` sources.
+    /// mergekit 0.1.5 (`plan_module`) pairs the last slice's models with one weight per source
+    /// of the *first* slice and `zip`s the two lists, so only the last slice's first
+    /// `first_count` sources as written take part.
+    pub fn in_tail(&self, p: usize, first_count: usize) -> bool {
+        self.sources.get(p).is_some_and(|s| s.written < first_count)
     }
 }
 
@@ -292,6 +305,21 @@ impl MergeConfig {
     /// own value, else the slice's, else the top-level one, else the default (mergekit's
     /// precedence).
     pub fn tensor_params_in(&self, slice: usize, tensor: &str, block: &str, position: f64) -> Result<TensorParams> {
+        let all: Vec<usize> = (0..self.group(slice, None).models.len()).collect();
+        self.tensor_params_among(slice, &all, tensor, block, position)
+    }
+
+    /// [`Self::tensor_params_in`] for a tensor that only some of the slice's merged models hold
+    /// (`among`: their indices in the slice's `experts`), as mergekit resolves it: per-model
+    /// values for those models only, so weights normalise over the models that take part.
+    pub fn tensor_params_among(
+        &self,
+        slice: usize,
+        among: &[usize],
+        tensor: &str,
+        block: &str,
+        position: f64,
+    ) -> Result<TensorParams> {
         if let Some(table) = &self.lambda_table
             && let Some(values) = table.lambda.get(tensor).or_else(|| table.lambda.get(block))
         {
@@ -303,7 +331,7 @@ impl MergeConfig {
                 extra: Default::default(),
             });
         }
-        let group = self.group(slice);
+        let group = self.group(slice, Some(among));
         let mut weights = Vec::new();
         let mut densities = Vec::new();
         let mut lambda = 1.0;
@@ -339,12 +367,18 @@ impl MergeConfig {
         Settings { def: self.method, values: &self.parameters, has_base: self.has_base() }
     }
 
-    /// The merged models and the slice's parameters of slice `slice`.
-    fn group(&self, slice: usize) -> Group<'_> {
-        match self.slices.get(slice) {
-            Some(s) => Group { models: &s.experts, slice: Some(&s.parameters) },
-            None => Group { models: &self.models, slice: None },
-        }
+    /// The merged models (those at indices `among`, else all) and the parameters of slice
+    /// `slice`.
+    fn group(&self, slice: usize, among: Option<&[usize]>) -> Group<'_> {
+        let (models, params) = match self.slices.get(slice) {
+            Some(s) => (&s.experts, Some(&s.parameters)),
+            None => (&self.models, None),
+        };
+        let models = match among {
+            Some(idx) => idx.iter().filter_map(|&i| models.get(i)).collect(),
+            None => models.iter().collect(),
+        };
+        Group { models, slice: params }
     }
 
     /// One numeric parameter for `tensor`: a single value for a global one, one per model for
@@ -372,7 +406,7 @@ impl MergeConfig {
             Scope::Global => Ok(one(global, "")?.into_iter().collect()),
             Scope::PerModel => {
                 let mut out = Vec::with_capacity(group.models.len());
-                for m in group.models {
+                for m in &group.models {
                     let whose = format!(" for {}", m.path.display());
                     match one(m.parameters.get(spec.name).or(global), &whose)? {
                         Some(x) => out.push(x),
@@ -471,8 +505,10 @@ fn parse_models(
 
 /// The `slices` form, checked as mergekit checks it: sources of one slice span equally many
 /// layers and are distinct models; a base the method uses is one of each slice's sources.
-/// symerge also needs every slice to have equally many sources (the executor merges a fixed
-/// number of inputs).
+/// Slices may merge different numbers of models (each tensor is merged over its own slice's
+/// sources); the tensors after the layer stack must be mergeable from the last slice's sources
+/// that take part in them (see [`SliceDef::in_tail`]). symerge builds the method once, so
+/// either every slice has a base or none has.
 fn parse_slices(
     method: &'static MethodDef,
     raw: Vec<RawSlice>,
@@ -503,22 +539,44 @@ fn parse_slices(
         }
         let slice = parse_slice(method, s, base, base_dir, source, &here)?;
         if let Some(first) = out.first()
-            && (first.sources.len() != slice.sources.len() || first.has_base != slice.has_base)
+            && first.has_base != slice.has_base
         {
+            let with = |b: bool| if b { "with a base" } else { "without a base" };
             return Err(config_err(
                 source,
                 format!(
-                    "{here}: {} source(s){}, but slices[0] has {}{}; symerge merges the same number of inputs in every slice",
-                    slice.sources.len(),
-                    if slice.has_base { " with a base" } else { "" },
-                    first.sources.len(),
-                    if first.has_base { " with a base" } else { "" },
+                    "{here}: merges {}, but slices[0] merges {}; symerge needs every slice with a base or none",
+                    with(slice.has_base),
+                    with(first.has_base),
                 ),
             ));
         }
         out.push(slice);
     }
+    check_tail(&out, source)?;
     Ok(out)
+}
+
+/// The tensors after the layer stack merge the last slice's sources that [`SliceDef::in_tail`]
+/// keeps, which must include its base (mergekit fails on such a config too, but only once it
+/// reaches those tensors). They are as many as the first slice's sources, so the method takes
+/// their number of models.
+fn check_tail(slices: &[SliceDef], source: &Path) -> Result<()> {
+    let (Some(first), Some(last)) = (slices.first(), slices.last()) else { return Ok(()) };
+    let n0 = first.sources.len();
+    if !last.has_base || last.in_tail(0, n0) {
+        return Ok(());
+    }
+    Err(config_err(
+        source,
+        format!(
+            "slices[{}].sources[{}]: the base model {} is not among the first {n0} source(s) of the last slice as written, \
+             over which mergekit merges the final norm and head (slices[0] has {n0}); list it earlier",
+            slices.len() - 1,
+            last.sources[0].written,
+            last.sources[0].model.path.display()
+        ),
+    ))
 }
 
 /// One slice: its sources located and checked, the base moved first.
@@ -542,7 +600,7 @@ fn parse_slice(
         if sources.iter().any(|x: &SourceDef| same_path(&x.model.path, &path)) {
             return Err(config_err(source, format!("{at}.model: {} is already a source of {here}", path.display())));
         }
-        sources.push(SourceDef { model: ModelEntry { path, parameters: src.parameters }, layers: (a, b) });
+        sources.push(SourceDef { model: ModelEntry { path, parameters: src.parameters }, layers: (a, b), written: j });
     }
     let Some(first) = sources.first() else {
         return Err(config_err(source, format!("{here}.sources: lists no model")));
@@ -721,5 +779,103 @@ fn check_model_count(method: &MethodDef, n: usize, source: &Path, at: &str) -> R
             format!("{at}models: `{}` merges {w} model(s){besides}, the config lists {n}", method.name),
         )),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `yaml` with `{a}`, `{b}`, ... replaced by empty model directories (parsing only
+    /// checks that models exist).
+    fn parse(yaml: &str) -> Result<MergeConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = yaml.to_string();
+        for m in ["base", "a", "b", "c"] {
+            std::fs::create_dir(dir.path().join(m)).unwrap();
+            text = text.replace(&format!("{{{m}}}"), dir.path().join(m).to_str().unwrap());
+        }
+        MergeConfig::parse(&text, &dir.path().join("merge.yml"))
+    }
+
+    const FRANKEN: &str = "merge_method: linear
+slices:
+  - sources:
+      - {model: '{a}', layer_range: [0, 1], parameters: {weight: 0.3}}
+      - {model: '{b}', layer_range: [0, 1], parameters: {weight: 0.7}}
+  - sources:
+      - {model: '{c}', layer_range: [1, 2], parameters: {weight: 2.0}}
+";
+
+    #[test]
+    fn slices_may_merge_different_numbers_of_models() {
+        let c = parse(FRANKEN).unwrap();
+        let counts: Vec<usize> = c.slices.iter().map(|s| s.experts.len()).collect();
+        assert_eq!(counts, [2, 1]);
+        assert!(c.slices[1].in_tail(0, 2));
+        let p = c.tensor_params_in(1, "model.layers.1.mlp.up_proj.weight", "model.layers.1", 0.0).unwrap();
+        assert_eq!(p.weights, [2.0]);
+    }
+
+    /// The final norm and head take the last slice's first sources as written, as many as the
+    /// first slice has; their weights are those models' only.
+    #[test]
+    fn the_tail_takes_the_last_slices_first_sources_as_written() {
+        let yaml = "merge_method: task_arithmetic
+base_model: '{base}'
+slices:
+  - sources:
+      - {model: '{base}', layer_range: [0, 2]}
+      - {model: '{a}', layer_range: [0, 2], parameters: {weight: 0.5}}
+  - sources:
+      - {model: '{b}', layer_range: [1, 2], parameters: {weight: 0.25}}
+      - {model: '{base}', layer_range: [1, 2]}
+      - {model: '{c}', layer_range: [1, 2], parameters: {weight: 0.75}}
+";
+        let c = parse(yaml).unwrap();
+        let last = &c.slices[1];
+        let written: Vec<usize> = last.sources.iter().map(|s| s.written).collect();
+        assert_eq!(written, [1, 0, 2], "the base first in merge order");
+        let tail: Vec<bool> = (0..3).map(|p| last.in_tail(p, 2)).collect();
+        assert_eq!(tail, [true, true, false]);
+        let p = c.tensor_params_among(1, &[0], "model.norm.weight", "model.norm", 0.0).unwrap();
+        assert_eq!(p.weights, [0.25]);
+        assert_eq!(c.tensor_params_in(1, "x", "x", 0.0).unwrap().weights, [0.25, 0.75]);
+    }
+
+    #[test]
+    fn a_base_outside_the_tail_is_refused_naming_its_source() {
+        let yaml = "merge_method: task_arithmetic
+base_model: '{base}'
+parameters: {weight: 1.0}
+slices:
+  - sources:
+      - {model: '{base}', layer_range: [0, 2]}
+      - {model: '{a}', layer_range: [0, 2]}
+  - sources:
+      - {model: '{b}', layer_range: [1, 2]}
+      - {model: '{c}', layer_range: [1, 2]}
+      - {model: '{base}', layer_range: [1, 2]}
+";
+        let e = parse(yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("slices[1].sources[2]: the base model"), "{e}");
+        assert!(e.contains("first 2 source(s) of the last slice"), "{e}");
+    }
+
+    #[test]
+    fn slices_with_and_without_a_base_are_refused() {
+        let yaml = "merge_method: multislerp
+parameters: {weight: 1.0}
+slices:
+  - sources:
+      - {model: '{a}', layer_range: [0, 1]}
+      - {model: '{b}', layer_range: [0, 1]}
+  - base_model: '{base}'
+    sources:
+      - {model: '{base}', layer_range: [1, 2]}
+      - {model: '{c}', layer_range: [1, 2]}
+";
+        let e = parse(yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("slices[1]: merges with a base, but slices[0] merges without a base"), "{e}");
     }
 }

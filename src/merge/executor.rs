@@ -244,7 +244,11 @@ fn merge_ranked(
     let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
     let reference_is_model = !config.has_base();
     check_configs_agree(reference, &inputs)?;
-    let stream = LayerStream::plan(reference, inputs)?;
+    // A slices config's views lack the layers of slices with fewer sources than theirs.
+    let stream = match opened.slice_layers {
+        Some(_) => LayerStream::plan_partial(reference, inputs)?,
+        None => LayerStream::plan(reference, inputs)?,
+    };
     if !stream.ignored.is_empty() {
         let sample: Vec<&str> = stream.ignored.iter().take(5).map(|(_, n)| n.as_str()).collect();
         tracing::warn!(
@@ -659,9 +663,14 @@ impl<'a> MergeJob<'a> {
             return Ok(TensorWork::Raw { name: &rmeta.name, bytes: reference.bytes(rmeta) });
         };
         let mut sources: Vec<Source<'a>> = Vec::with_capacity(t.inputs.len() + 1);
+        // Each source's input: 0 the reference, `i + 1` the stream's input `i`.
+        let mut slots: Vec<usize> = Vec::with_capacity(t.inputs.len() + 1);
         let round = self.round_inputs;
         sources.push(Source { ckpt: reference, meta: rmeta, dtype: ref_dtype, round });
-        for (c, &i) in self.stream.inputs.iter().zip(&t.inputs) {
+        slots.push(0);
+        for (slot, (c, i)) in self.stream.inputs.iter().zip(&t.inputs).enumerate() {
+            // A slices view lacks the tensors of slices with fewer sources.
+            let Some(i) = *i else { continue };
             let meta = &c.tensors[i];
             let dtype = meta.float_dtype().ok_or_else(|| Error::UnsupportedDtype {
                 path: c.file_of(meta).to_path_buf(),
@@ -669,6 +678,7 @@ impl<'a> MergeJob<'a> {
                 dtype: format!("{:?}", meta.dtype),
             })?;
             sources.push(Source { ckpt: c, meta, dtype, round });
+            slots.push(slot + 1);
         }
         // The reference is a base (subtracted, or only naming the tensors for linear) unless it
         // is the first merged model itself.
@@ -680,7 +690,11 @@ impl<'a> MergeJob<'a> {
             }
             (false, true) => None,
         };
-        let params = self.config.tensor_params_in(at.slice, &rmeta.name, &block.spec.name, at.t)?;
+        // The merged models' indices among the slice's (or the config's) models: inputs are
+        // numbered from the reference on, which is a model only when it is not removed above.
+        let first = usize::from(!self.reference_is_model || self.method.needs_base());
+        let among: Vec<usize> = slots.into_iter().filter(|&s| s >= first).map(|s| s - first).collect();
+        let params = self.config.tensor_params_among(at.slice, &among, &rmeta.name, &block.spec.name, at.t)?;
         Ok(TensorWork::Float(TensorJob {
             name: &rmeta.name,
             n: rmeta.numel(),

@@ -9,7 +9,12 @@
 //!
 //! The plan presents each merge input as a [`Checkpoint::compose`]d view under the output's
 //! tensor names (input `p` holds every slice's `p`-th source, the base first), so the
-//! executor merges a slices config exactly as it merges a `models` config.
+//! executor merges a slices config as it merges a `models` config. Slices may have different
+//! numbers of sources: view `p` then lacks the layers of the slices with `p` sources or fewer,
+//! and the executor merges each tensor over the views that hold it (view 0, the reference,
+//! holds every tensor). As in mergekit, the embeddings merge the first slice's sources and
+//! the tensors after the stack the last slice's first sources as written, as many as the
+//! first slice has ([`SliceDef::in_tail`]).
 
 use std::path::{Path, PathBuf};
 
@@ -54,21 +59,29 @@ pub fn plan(config: &MergeConfig) -> Result<SlicePlan> {
         _ => return Err(Error::Config { path: config.source.clone(), reason: "slices: lists no slice".into() }),
     };
     let total: usize = slices.iter().map(SliceDef::len).sum();
-    let mut views = Vec::with_capacity(first.sources.len());
-    for p in 0..first.sources.len() {
-        let pre = find(&first.sources[p].model.path);
-        let post = find(&last.sources[p].model.path);
-        let mut parts = outside_stack(pre, |k| k == BlockKind::Embeddings);
+    let inputs = slices.iter().map(|s| s.sources.len()).max().unwrap_or(0);
+    let n0 = first.sources.len();
+    let mut views = Vec::with_capacity(inputs);
+    for p in 0..inputs {
+        let mut parts = Vec::new();
+        if let Some(src) = first.sources.get(p) {
+            parts.extend(outside_stack(find(&src.model.path), |k| k == BlockKind::Embeddings));
+        }
         let mut n = 0;
         for (si, s) in slices.iter().enumerate() {
-            let src = &s.sources[p];
-            parts.extend(layer_tensors(find(&src.model.path), src.layers, n, si, config)?);
+            if let Some(src) = s.sources.get(p) {
+                parts.extend(layer_tensors(find(&src.model.path), src.layers, n, si, config)?);
+            }
             n += s.len();
         }
-        parts.extend(outside_stack(post, |k| k != BlockKind::Embeddings));
+        if last.in_tail(p, n0) {
+            parts.extend(outside_stack(find(&last.sources[p].model.path), |k| k != BlockKind::Embeddings));
+        }
+        // The view takes its directory and config.json from its first source.
+        let Some(head) = slices.iter().find_map(|s| s.sources.get(p)).map(|s| find(&s.model.path)) else { break };
         let refs: Vec<(&Checkpoint, &TensorMeta, String)> = parts.iter().map(|(c, m, n)| (*c, *m, n.clone())).collect();
-        let label = PathBuf::from(format!("{} (slices input {p})", pre.path.display()));
-        views.push(Checkpoint::compose(label, pre.dir.clone(), &refs, with_layer_count(pre.config.clone(), total))?);
+        let label = PathBuf::from(format!("{} (slices input {p})", head.path.display()));
+        views.push(Checkpoint::compose(label, head.dir.clone(), &refs, with_layer_count(head.config.clone(), total))?);
     }
     let layers = slices
         .iter()
@@ -85,8 +98,7 @@ pub fn plan(config: &MergeConfig) -> Result<SlicePlan> {
 /// The first source of the first slice as written (before the base was moved first).
 fn first_source(config: &MergeConfig) -> PathBuf {
     let s = &config.slices[0];
-    let k = usize::from(s.has_base && s.sources.len() > 1);
-    s.sources.get(k).map_or_else(|| s.sources[0].model.path.clone(), |x| x.model.path.clone())
+    s.sources.iter().find(|x| x.written == 0).unwrap_or(&s.sources[0]).model.path.clone()
 }
 
 /// The tensors of `ckpt` outside any layer stack whose block kind passes `keep`, by name.
