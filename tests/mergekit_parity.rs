@@ -73,7 +73,7 @@ fn every_method_matches_mergekit_0_1_5() {
     let dir = fixtures();
     let cases: BTreeMap<String, String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert!(cases.len() >= 24, "fixture cases: {}", cases.len());
+    assert!(cases.len() >= 34, "fixture cases: {}", cases.len());
     let tmp = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
     for (case, yaml) in &cases {
@@ -334,6 +334,29 @@ fn cuda_request_for_a_cpu_method_falls_back_with_one_line() {
     assert_eq!(read_model(&out), cpu);
 }
 
+/// Slices merging different numbers of models under `--device cuda`: the CPU engine merges
+/// them (the GPU engine takes no slices config) and one line says so.
+#[test]
+fn cuda_request_for_unequal_slices_falls_back_with_one_line() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let (e1, e2, e3) = (dir.join("expert-1"), dir.join("expert-2"), dir.join("expert-3"));
+    let yaml = format!(
+        "merge_method: linear\nparameters: {{weight: 1.0}}\nslices:\n  - sources:\n      - {{model: {}, layer_range: [0, 1]}}\n      - {{model: {}, layer_range: [0, 1]}}\n  - sources:\n      - {{model: {}, layer_range: [1, 2]}}\n",
+        e1.display(),
+        e2.display(),
+        e3.display()
+    );
+    let cfg = tmp.path().join("u.yml");
+    std::fs::write(&cfg, &yaml).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = common::run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cuda"]);
+    assert!(ok, "{err}");
+    let lines = err.lines().filter(|l| l.contains("a `slices` config merges on the CPU engine only")).count();
+    assert_eq!(lines, 1, "one line says why: {err}");
+    assert_eq!(read_model(&out), merge_yaml(tmp.path(), "cpu", &yaml));
+}
+
 /// A slices config's mistakes are refused before anything is written, naming the key.
 #[test]
 fn slices_errors_name_the_key() {
@@ -366,9 +389,15 @@ fn slices_errors_name_the_key() {
         ),
         (
             format!(
-                "merge_method: linear\nslices:\n  - sources:\n      - {{model: {e1}, layer_range: [0, 1]}}\n      - {{model: {e2}, layer_range: [0, 1]}}\n  - sources:\n      - {{model: {e1}, layer_range: [1, 2]}}\n"
+                "merge_method: multislerp\nparameters: {{weight: 1.0}}\nslices:\n  - sources:\n      - {{model: {e1}, layer_range: [0, 1]}}\n      - {{model: {e2}, layer_range: [0, 1]}}\n  - base_model: {b}\n    sources:\n      - {{model: {b}, layer_range: [1, 2]}}\n      - {{model: {e1}, layer_range: [1, 2]}}\n"
             ),
-            "slices[1]: 1 source(s), but slices[0] has 2",
+            "slices[1]: merges with a base, but slices[0] merges without a base",
+        ),
+        (
+            format!(
+                "merge_method: task_arithmetic\nbase_model: {b}\nparameters: {{weight: 1.0}}\nslices:\n  - sources:\n      - {{model: {b}, layer_range: [0, 1]}}\n      - {{model: {e1}, layer_range: [0, 1]}}\n  - sources:\n      - {{model: {e1}, layer_range: [1, 2]}}\n      - {{model: {e2}, layer_range: [1, 2]}}\n      - {{model: {b}, layer_range: [1, 2]}}\n"
+            ),
+            "slices[1].sources[2]: the base model",
         ),
         (
             format!(

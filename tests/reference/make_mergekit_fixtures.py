@@ -187,6 +187,28 @@ CASES.update({
                        "models": models((E1, {"weight": 0.25}), (E2, {"weight": 0.75}))},
 })
 
+# Slices with different numbers of sources: each tensor merges its own slice's sources, the
+# embeddings the first slice's, and the final norm and head the last slice's first sources as
+# written, as many as the first slice has (mergekit's plan_module zips the two lists), with
+# weights normalised over those.
+CASES.update({
+    "slices_unequal_linear": {"merge_method": "linear",
+                              "slices": [{"sources": [src(E1, 0, 1, {"weight": 0.3}), src(E2, 0, 1, {"weight": 0.7})]},
+                                         {"sources": [src(E3, 1, 2, {"weight": 1.0})]},
+                                         {"sources": [src(E2, 1, 2, {"weight": 0.25}), src(E3, 0, 1, {"weight": 0.75}),
+                                                      src(E1, 1, 2, {"weight": 0.5})]}]},
+    "slices_unequal_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": B,
+                                       "parameters": {"lambda": 0.9},
+                                       "slices": [{"sources": [src(B, 0, 2), src(E1, 0, 2, {"weight": 0.5}),
+                                                               src(E2, 0, 2, {"weight": 0.3}),
+                                                               src(E3, 0, 2, {"weight": 0.2})]},
+                                                  {"sources": [src(E3, 1, 2, {"weight": 0.8}), src(B, 1, 2)]}]},
+    "slices_unequal_ties": {"merge_method": "ties", "base_model": B, "parameters": {"int8_mask": True},
+                            "slices": [{"sources": [src(B, 0, 1), src(E1, 0, 1, {"weight": 1.0, "density": 0.5}),
+                                                    src(E2, 0, 1, {"weight": 0.6, "density": 0.3})]},
+                                       {"sources": [src(B, 1, 2), src(E3, 1, 2, {"weight": 0.7, "density": 0.4})]}]},
+})
+
 # Spherical means: multislerp over weights and over task vectors; karcher over nearly parallel
 # weights (its default stops on `tol` after a step or two) and with `tol: 0`, which runs every
 # one of `max_iter` steps, with a base_model (which mergekit averages as one more model).
