@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # symerge merge vs mergekit 0.1.5 on the same files, one run, same thread count, page cache warm:
 # wall time and input GB/s per method, on the generated llama-1b family (bf16 base + 3 experts,
-# 8.8 GB; slerp merges the base with expert-1).
+# 8.8 GB; slerp, nearswap and arcee_fusion merge the base with expert-1; nuslerp merges
+# expert-1 and expert-2; linear, multislerp and karcher average the three experts without the
+# base; passthrough stacks expert-1's first three quarters of the layers on expert-2's last
+# three quarters, a slices frankenmerge, and counts its output's bytes as its input).
 #
 #   benches/vs_mergekit.sh [METHOD...]      # default: task_arithmetic ties slerp della
 #
-# Methods: task_arithmetic ties slerp della della_linear dare_ties breadcrumbs breadcrumbs_ties
-# sce model_stock nuslerp (METHODS="..." works as well as arguments).
+# Methods: every one both tools have (all of mergekit 0.1.5's registry): linear
+# task_arithmetic ties dare_ties dare_linear breadcrumbs breadcrumbs_ties della della_linear sce
+# model_stock slerp nuslerp multislerp karcher nearswap arcee_fusion ram ramplus_tl passthrough
+# (METHODS="..." works as well as arguments). Parameters are mergekit's documented typical ones.
 #
 # mergekit comes from its own virtual environment (VENV, default target/venv-mergekit, created
 # with --system-site-packages so torch is reused); without pip access it says so and stops.
@@ -38,9 +43,9 @@ fi
 cat "$F"/*/*.safetensors >/dev/null  # page cache warm
 model_params() {  # METHOD -> the per-model parameters of each expert
   case $1 in
-    ties|della|della_linear|dare_ties) echo 'weight: 1.0, density: 0.5' ;;
+    ties|della|della_linear|dare_ties|dare_linear) echo 'weight: 1.0, density: 0.5' ;;
     breadcrumbs|breadcrumbs_ties) echo 'weight: 1.0, density: 0.5, gamma: 0.01' ;;
-    model_stock|sce) echo '' ;;
+    model_stock|sce|karcher|ram|ramplus_tl) echo '' ;;
     *) echo 'weight: 1.0' ;;
   esac
 }
@@ -48,13 +53,39 @@ global_params() {  # METHOD -> its global parameters, if any
   case $1 in
     della|della_linear) echo 'epsilon: 0.1, lambda: 1.0' ;;
     sce) echo 'select_topk: 0.5' ;;
+    karcher) echo 'max_iter: 10, tol: 1.0e-5' ;;
+    ram) echo 'epsilon: 1.0e-5' ;;
+    ramplus_tl) echo 'epsilon: 1.0e-5, r: 0.1, alpha: 0.2' ;;
   esac
+}
+experts_only() {  # METHOD MODEL_PARAMS GLOBAL_PARAMS -> YAML merging the three experts, no base
+  local k
+  printf 'merge_method: %s\nmodels:\n' "$1"
+  for k in 1 2 3; do
+    printf '  - model: %s/expert-%s\n' "$P" "$k"
+    if [ -n "$2" ]; then printf '    parameters: {%s}\n' "$2"; fi
+  done
+  if [ -n "$3" ]; then printf 'parameters: {%s}\n' "$3"; fi
+  printf 'dtype: bfloat16\n'
+}
+frankenmerge() {  # -> passthrough slices: expert-1's layers [0, 3L/4) then expert-2's [L/4, L)
+  local L
+  L=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$P/base/config.json")
+  printf 'merge_method: passthrough\nslices:\n'
+  printf '  - sources:\n      - model: %s/expert-1\n        layer_range: [0, %s]\n' "$P" $((L * 3 / 4))
+  printf '  - sources:\n      - model: %s/expert-2\n        layer_range: [%s, %s]\n' "$P" $((L / 4)) "$L"
+  printf 'dtype: bfloat16\n'
 }
 config() {  # METHOD -> mergekit YAML (which symerge reads unchanged)
   local P
   P=$(cd "$F" && pwd)
   case $1 in
     slerp) printf 'merge_method: slerp\nbase_model: %s/base\nmodels:\n  - model: %s/base\n  - model: %s/expert-1\nparameters: {t: 0.5}\ndtype: bfloat16\n' "$P" "$P" "$P" ;;
+    nearswap) printf 'merge_method: nearswap\nbase_model: %s/base\nmodels:\n  - model: %s/base\n  - model: %s/expert-1\nparameters: {t: 0.0001}\ndtype: bfloat16\n' "$P" "$P" "$P" ;;
+    arcee_fusion) printf 'merge_method: arcee_fusion\nbase_model: %s/base\nmodels:\n  - model: %s/base\n  - model: %s/expert-1\ndtype: bfloat16\n' "$P" "$P" "$P" ;;
+    linear|multislerp) experts_only "$1" 'weight: 1.0' '' ;;
+    karcher) experts_only "$1" '' "$(global_params "$1")" ;;
+    passthrough) frankenmerge ;;
     nuslerp) printf 'merge_method: nuslerp\nmodels:\n  - model: %s/expert-1\n    parameters: {weight: 0.5}\n  - model: %s/expert-2\n    parameters: {weight: 0.5}\ndtype: bfloat16\n' "$P" "$P" ;;
     *) printf 'merge_method: %s\nbase_model: %s/base\nmodels:\n' "$1" "$P"
        local mp gp
@@ -76,13 +107,16 @@ input_gb() { python3 -c "import os,sys; print(sum(os.path.getsize(os.path.join(d
 for m in $METHODS; do
   config "$m" >"$W/$m.yml"
   case $m in
-    slerp) gb=$(input_gb "$F/base" "$F/expert-1") ;;
+    slerp|nearswap|arcee_fusion) gb=$(input_gb "$F/base" "$F/expert-1") ;;
     nuslerp) gb=$(input_gb "$F/expert-1" "$F/expert-2") ;;
+    linear|multislerp|karcher) gb=$(input_gb "$F"/expert-*) ;;
+    passthrough) gb=0 ;;  # the output's size, below
     *) gb=$(input_gb "$F"/base "$F"/expert-*) ;;
   esac
   rm -rf "$W/out-symerge" "$W/out-mergekit"
   log "$m: symerge"
   timed "$W/t-new" $BIN merge "$W/$m.yml" -o "$W/out-symerge" --device cpu --threads "$THREADS" -q
+  if [ "$m" = passthrough ]; then gb=$(input_gb "$W/out-symerge"); fi
   rm -rf "$W/out-symerge"
   echo "0 0" >"$W/t-old"
   if [ -n "$OLD_BIN" ]; then
@@ -99,8 +133,9 @@ for m in $METHODS; do
   read -r k kc <"$W/t-mk"
   python3 -c "import json
 s,sc,o,oc,k,kc,g=$s,$sc,$o,$oc,$k,$kc,$gb
-r={'method':'$m','input_gb':round(g,3),'symerge_s':s,'mergekit_s':k,'symerge_gb_per_s':round(g/s,3),
-   'mergekit_gb_per_s':round(g/k,3),'speedup':round(k/s,2),'threads':$THREADS,'symerge_cpu_s':sc,'mergekit_cpu_s':kc}
-if o: r.update(symerge_old_s=o, symerge_old_cpu_s=oc, speedup_vs_old=round(o/s,2))
+q=lambda a,b,n: round(a/b,n) if b else None  # a tiny family can take 0.00 s
+r={'method':'$m','input_gb':round(g,3),'symerge_s':s,'mergekit_s':k,'symerge_gb_per_s':q(g,s,3),
+   'mergekit_gb_per_s':q(g,k,3),'speedup':q(k,s,2),'threads':$THREADS,'symerge_cpu_s':sc,'mergekit_cpu_s':kc}
+if o: r.update(symerge_old_s=o, symerge_old_cpu_s=oc, speedup_vs_old=q(o,s,2))
 print(json.dumps(r))" | tee -a "$W/results.jsonl"
 done
