@@ -61,6 +61,7 @@ const ENTRIES: &[(&str, &[&str])] = &[
         ],
     ),
     ("prepared", &["slerp_merge", "sce_merge"]),
+    ("della", &["della_merge"]),
 ];
 
 #[test]

@@ -34,11 +34,13 @@ pub const DARE: KernelSource = KernelSource { name: "dare", text: include_str!("
 /// Merges that take the CPU pre-pass's statistics (SLERP, SCE).
 pub const PREPARED: KernelSource =
     KernelSource { name: "prepared", text: include_str!("../../../kernels/prepared.cu") };
+/// DELLA's MagPrune (a per-row sort in shared memory) and mix.
+pub const DELLA: KernelSource = KernelSource { name: "della", text: include_str!("../../../kernels/della.cu") };
 /// The transformer ops of the CUDA [`crate::backend::Backend`] (everything but the matmuls).
 pub const OPS: KernelSource = KernelSource { name: "ops", text: include_str!("../../../kernels/ops.cu") };
 
 /// Every unit, in the order they are loaded.
-pub const MODULES: &[KernelSource] = &[MERGE, LAMBDA_GRAD, TIES, DARE, OPS, PREPARED];
+pub const MODULES: &[KernelSource] = &[MERGE, LAMBDA_GRAD, TIES, DARE, OPS, PREPARED, DELLA];
 
 /// Environment variable naming a directory holding `libnvrtc.so.*` (e.g. unpacked from the
 /// `nvidia-cuda-nvrtc` wheel) when it is not on the loader's path.
