@@ -2,7 +2,7 @@
 //! multiples of the block or vector size), K = 1, 3, 8 (and more), outputs poisoned with NaN bits
 //! before each launch. Without a CUDA device each test prints `SKIPPED: no CUDA device (...)`.
 
-use symerge::backend::cuda::kernels::HostTensor;
+use symerge::backend::cuda::kernels::{HostTensor, MergeLaunch};
 mod common;
 
 use common::reference::norm_rel;
@@ -18,7 +18,7 @@ use symerge::merge::sce::Sce;
 use symerge::merge::select::{Threshold, keep_count, magnitude_threshold};
 use symerge::merge::slerp::Slerp;
 use symerge::merge::stats::{InMemory, TensorStats};
-use symerge::merge::{ChunkCtx, MergeMethod, TensorParams, breadcrumbs, dare, task_arithmetic, ties};
+use symerge::merge::{ChunkCtx, MergeMethod, TensorParams, breadcrumbs, dare, della, task_arithmetic, ties};
 
 const DTYPES: [FloatDType; 3] = [FloatDType::F32, FloatDType::F16, FloatDType::BF16];
 const SIZES: [usize; 5] = [1, 7, 13, 4099, 300_007];
@@ -463,4 +463,126 @@ fn prepared_kernels_match_cpu_bit_for_bit() {
     if gpu.is_some() {
         println!("prepared kernels: {cases} cases bit-identical to the CPU");
     }
+}
+
+/// DELLA inputs with ties in the magnitudes: every fifth base value is 0 and the experts
+/// there are +-0.015 (one bf16 or f32 value, so |tau| ties across the row with both signs),
+/// and expert 0 equals the base at every seventh element (ties at zero).
+fn della_inputs(dtype: FloatDType, n: usize, k: usize) -> Inputs {
+    let seed = fresh_seed();
+    let mut base = uniform(n, seed, 0.0, 0.08);
+    let mut experts: Vec<Vec<f32>> = (0..k)
+        .map(|i| {
+            let d = uniform(n, seed ^ ((i as u64 + 1) * 7919), 0.0, 0.02);
+            base.iter().zip(&d).map(|(b, d)| b + d).collect()
+        })
+        .collect();
+    for i in (0..n).step_by(5) {
+        base[i] = 0.0;
+        for (e, x) in experts.iter_mut().enumerate() {
+            x[i] = if e % 2 == 0 { 0.015 } else { -0.015 };
+        }
+    }
+    for i in (0..n).step_by(7) {
+        experts[0][i] = base[i];
+    }
+    Inputs { dtype, base: encode(dtype, &base), experts: experts.iter().map(|e| encode(dtype, e)).collect() }
+}
+
+/// The CPU DELLA over rows of `row_len`: the l1 pre-pass, then `merge_chunk` over the whole
+/// tensor, from the values as stored.
+fn cpu_della(
+    method: &dyn MergeMethod,
+    p: &TensorParams,
+    hash: u32,
+    inp: &Inputs,
+    row_len: usize,
+) -> (TensorStats, Vec<f32>) {
+    let base = decoded(inp.dtype, &inp.base);
+    let experts: Vec<Vec<f32>> = inp.experts.iter().map(|e| decoded(inp.dtype, e)).collect();
+    let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+    let chunk_len = (4096 / row_len).max(1) * row_len;
+    let pass = InMemory { base: Some(&base), experts: views.clone(), row_len, chunk_len, params: p, name_hash: hash };
+    let stats = method.prepare(&pass).unwrap();
+    let ctx = ChunkCtx {
+        offset: 0,
+        params: p,
+        thresholds: &stats.thresholds,
+        name_hash: hash,
+        scalars: &stats.scalars,
+        row_len,
+    };
+    let mut out = vec![0f32; base.len()];
+    method.merge_chunk(&ctx, Some(&base), &views, &mut out, &mut Vec::new());
+    (stats, out)
+}
+
+/// `della_merge` against the CPU's DELLA (`della` and `della_linear`, with and without the l1
+/// rescale), every byte: rows of 1, odd rows, 4096 and 16384 (the longest row the H100/H200
+/// sort takes with K = 3), K = 1 and 3 (densities 0.5, 0.3 and 1: pruned and kept whole), ties
+/// in magnitude, f32 and bf16 in, both out; the whole tensor and its later rows launched alone
+/// at their tensor offset (Philox sees tensor indices). Rows too long for the sort are refused
+/// (the engine merges those tensors on the CPU).
+#[test]
+fn della_kernel_matches_cpu_bit_for_bit() {
+    let gpu = gpu();
+    let shapes = [(5usize, 1usize), (3, 7), (4, 1001), (2, 4096), (1, 16384)];
+    let mut cases = 0usize;
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        for &(rows, row_len) in &shapes {
+            for k in [1usize, 3] {
+                for (ties, rescale) in [(true, true), (false, true), (true, false)] {
+                    let n = rows * row_len;
+                    let inp = della_inputs(dtype, n, k);
+                    let mut p = TensorParams {
+                        weights: (0..k).map(|i| 0.3 + 0.2 * i as f32).collect(),
+                        densities: (0..k).map(|i| [0.5, 0.3, 1.0][i % 3]).collect(),
+                        lambda: 0.8,
+                        normalize: ties,
+                        ..Default::default()
+                    };
+                    p.extra.insert("epsilon", (0..k).map(|i| [0.1, 0.2, 0.05][i % 3]).collect());
+                    let method = della::method(ties, rescale, 42);
+                    let hash = name_hash("model.layers.0.mlp.down_proj.weight");
+                    let (stats, want) = cpu_della(&method, &p, hash, &inp, row_len);
+                    let Some(gpu) = &gpu else { continue };
+                    let dtypes = vec![dtype; k];
+                    let form = method.kernel_form().expect("della has a GPU form");
+                    let plan = MergeLaunch::plan_stats(form, &p, &stats, hash, &dtypes).unwrap().for_rows(row_len);
+                    let what = format!("della ties={ties} rescale={rescale} {dtype} rows {rows}x{row_len} k={k}");
+                    for out_dtype in [dtype, FloatDType::F32] {
+                        let want = encode(out_dtype, &want);
+                        let base = HostTensor { bytes: &inp.base, dtype };
+                        let experts: Vec<HostTensor<'_>> =
+                            inp.experts.iter().map(|e| HostTensor { bytes: e, dtype }).collect();
+                        let got = gpu.merge_host_plan(&plan, Some(base), &experts, out_dtype, 0).unwrap();
+                        assert!(!got.bad, "{what}: flagged bad on finite data");
+                        assert!(got.bytes == want, "{what} -> {out_dtype}: not the CPU's bytes");
+                        let from = rows / 2 * row_len;
+                        let experts: Vec<HostTensor<'_>> = experts.iter().map(|&e| tail_of(e, from)).collect();
+                        let got =
+                            gpu.merge_host_plan(&plan, Some(tail_of(base, from)), &experts, out_dtype, from).unwrap();
+                        let osize = out_dtype.size();
+                        assert!(got.bytes == want[from * osize..], "{what} -> {out_dtype}: rows from {from}");
+                        cases += 2;
+                    }
+                }
+            }
+        }
+    }
+    let Some(gpu) = &gpu else { return };
+    let long = 16385;
+    assert!(!gpu.kernels.della_fits(long, 3), "a row of {long} with K = 3 fits: raise the test's row");
+    let inp = della_inputs(FloatDType::BF16, long, 3);
+    let p = TensorParams { weights: vec![1.0; 3], densities: vec![0.5; 3], lambda: 1.0, ..Default::default() };
+    let method = della::method(true, false, 1);
+    let plan =
+        MergeLaunch::plan_stats(method.kernel_form().unwrap(), &p, &TensorStats::default(), 1, &[FloatDType::BF16; 3])
+            .unwrap()
+            .for_rows(long);
+    let base = HostTensor { bytes: &inp.base, dtype: FloatDType::BF16 };
+    let experts: Vec<HostTensor<'_>> =
+        inp.experts.iter().map(|e| HostTensor { bytes: e, dtype: FloatDType::BF16 }).collect();
+    assert!(gpu.merge_host_plan(&plan, Some(base), &experts, FloatDType::BF16, 0).is_err(), "rows too long refused");
+    println!("della kernel: {cases} cases bit-identical to the CPU");
 }

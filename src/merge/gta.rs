@@ -80,11 +80,9 @@ impl MergeMethod for Gta {
         Ok(TensorStats { thresholds, scalars })
     }
 
+    /// Every sparsification has a kernel: `gta_merge` (merge.cu), DELLA's `della_merge` (della.cu).
     fn kernel_form(&self) -> Option<KernelForm<'_>> {
-        match self.sparsify {
-            Sparsify::None | Sparsify::Magnitude | Sparsify::Random | Sparsify::Outliers => Some(KernelForm::Gta(self)),
-            Sparsify::MagPrune => None,
-        }
+        Some(KernelForm::Gta(self))
     }
 
     fn merge_chunk(

@@ -118,7 +118,12 @@ impl KernelForm<'_> {
     pub fn cpu_stats(&self) -> bool {
         match self {
             KernelForm::Linear => false,
-            KernelForm::Gta(g) => g.sparsify == gta::Sparsify::Outliers,
+            KernelForm::Gta(g) => match g.sparsify {
+                gta::Sparsify::Outliers => true,
+                // DELLA's l1 factors; without rescale it has no statistics.
+                gta::Sparsify::MagPrune => g.rescale,
+                _ => false,
+            },
             KernelForm::Slerp | KernelForm::Sce => true,
         }
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys,
 };
 
 use super::device::{Gpu, cu};
@@ -14,7 +15,7 @@ use super::nvrtc;
 use crate::checkpoint::FloatDType;
 use crate::checkpoint::dtype::decode;
 use crate::error::{Error, Result};
-use crate::merge::gta::Sparsify;
+use crate::merge::gta::{Gta, Sparsify};
 use crate::merge::select::{CHUNK, Threshold, walk_down};
 use crate::merge::stats::TensorStats;
 use crate::merge::{KernelForm, TensorParams};
@@ -32,6 +33,8 @@ const MODE_ALL: u32 = 0;
 const MODE_MAGNITUDE: u32 = 1;
 const MODE_RANDOM: u32 = 2;
 const MODE_OUTLIERS: u32 = 3;
+/// DELLA's MagPrune: planned as a [`MergeInput`], launched as `della_merge`'s [`DellaInput`].
+const MODE_MAGPRUNE: u32 = 4;
 const FLAG_CONSENSUS: u32 = 1;
 const FLAG_NORMALIZE: u32 = 2;
 const FLAG_HAS_BASE: u32 = 4;
@@ -45,7 +48,8 @@ pub fn dtype_code(d: FloatDType) -> u32 {
     }
 }
 
-/// One expert of a merge launch; layout of `struct MergeInput` in `kernels/merge.cu`.
+/// One expert of a merge launch; layout of `struct MergeInput` in `kernels/merge.cu`. A DELLA
+/// plan ([`MODE_MAGPRUNE`]) carries its epsilon in `thresh`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MergeInput {
@@ -77,6 +81,25 @@ struct SceInputs {
     inputs: [SceInput; MAX_INPUTS],
 }
 
+/// One expert of a DELLA launch; layout of `struct DellaInput` in `kernels/della.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct DellaInput {
+    ptr: u64,
+    weight: f32,
+    density: f32,
+    epsilon: f32,
+    factor: f32,
+    dtype: u32,
+    pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DellaInputs {
+    inputs: [DellaInput; MAX_INPUTS],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct MergeInputs {
@@ -97,6 +120,8 @@ unsafe impl DeviceRepr for MergeInputs {}
 unsafe impl DeviceRepr for TaskPtrs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for SceInputs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for DellaInputs {}
 
 /// Which kernel a [`MergeLaunch`] runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,6 +132,15 @@ pub enum LaunchKernel {
     Slerp { a: f32, b: f32 },
     /// `sce_merge`: the CPU pre-pass's variance threshold; the weights are the inputs' `weight`.
     Sce { select: Threshold },
+    /// `della_merge` (`kernels/della.cu`): MagPrune within rows of `row_len` (set by
+    /// [`MergeLaunch::for_rows`]; 0 until then), the l1 factors from the CPU pre-pass.
+    Della { row_len: usize },
+}
+
+/// Dynamic shared memory `della_merge` needs for rows of `row_len` with `k` experts: the sort
+/// buffer (u64 keys, a power of two) and one keep bit per element and expert.
+pub fn della_shared_bytes(row_len: usize, k: usize) -> usize {
+    8 * row_len.next_power_of_two() + 4 * k * row_len.div_ceil(32)
 }
 
 /// Everything a merge launch needs for one tensor except the addresses: the CPU method's
@@ -212,9 +246,7 @@ impl MergeLaunch {
             }
             KernelForm::Slerp => Self::slerp(stats, dtypes),
             KernelForm::Sce => Self::sce(stats, dtypes),
-            KernelForm::Gta(g) if g.sparsify == Sparsify::MagPrune => {
-                Err(Error::Invalid(format!("{} has no GPU kernel; use --device cpu", g.name)))
-            }
+            KernelForm::Gta(g) if g.sparsify == Sparsify::MagPrune => Ok(Self::della(g, p, stats, name_hash, dtypes)),
             KernelForm::Gta(g) => {
                 let inputs = dtypes
                     .iter()
@@ -238,7 +270,7 @@ impl MergeLaunch {
                                 m.coef = scale;
                                 m.density = density;
                             }
-                            // Refused above: no kernel form is ever built for it.
+                            // Planned by `Self::della` above.
                             Sparsify::MagPrune => {}
                             Sparsify::Outliers => outliers(&mut m, g.rescale, density, stats, k),
                             Sparsify::Magnitude => {
@@ -252,25 +284,55 @@ impl MergeLaunch {
                         m
                     })
                     .collect();
-                let wsum: f32 = p.weights.iter().sum();
-                let mut flags = FLAG_HAS_BASE;
-                if g.consensus {
-                    flags |= FLAG_CONSENSUS;
-                }
-                if p.normalize {
-                    flags |= FLAG_NORMALIZE;
-                }
+                let (flags, div_all) = gta_mix(g, p);
                 Ok(MergeLaunch {
                     kernel: LaunchKernel::Gta,
                     inputs,
                     flags,
                     lambda: p.lambda,
-                    div_all: if wsum.abs() < 1e-8 { 1.0 } else { wsum },
+                    div_all,
                     seed: g.seed,
                     name_hash,
                 })
             }
         }
+    }
+
+    /// DELLA: per expert its weight, density, epsilon and l1 factor, as `Gta::merge_chunk` and
+    /// `Gta::mask` read them; the mix as the other task-arithmetic forms. Rows come from
+    /// [`Self::for_rows`].
+    fn della(g: &Gta, p: &TensorParams, stats: &TensorStats, name_hash: u32, dtypes: &[FloatDType]) -> Self {
+        let inputs = dtypes
+            .iter()
+            .enumerate()
+            .map(|(k, &dt)| MergeInput {
+                coef: p.weights[k],
+                weight: p.weights[k],
+                density: p.densities[k],
+                thresh: p.of_model("epsilon", k, 0.0),
+                factor: if g.rescale { stats.scalars.get(k).map_or(1.0, |&f| f as f32) } else { 1.0 },
+                mode: MODE_MAGPRUNE,
+                dtype: dtype_code(dt),
+                ..Default::default()
+            })
+            .collect();
+        let (flags, div_all) = gta_mix(g, p);
+        let kernel = LaunchKernel::Della { row_len: 0 };
+        MergeLaunch { kernel, inputs, flags, lambda: p.lambda, div_all, seed: g.seed, name_hash }
+    }
+
+    /// The row length of a DELLA launch (every launched range must hold whole rows of it);
+    /// other launches are returned unchanged.
+    pub fn for_rows(mut self, row_len: usize) -> Self {
+        if let LaunchKernel::Della { row_len: r } = &mut self.kernel {
+            *r = row_len;
+        }
+        self
+    }
+
+    /// Whether the launch ranks entries within rows (DELLA), so its ranges must hold whole rows.
+    pub fn by_rows(&self) -> bool {
+        matches!(self.kernel, LaunchKernel::Della { .. })
     }
 
     pub fn has_base(&self) -> bool {
@@ -329,6 +391,8 @@ fn outliers(m: &mut MergeInput, rescale: bool, density: f32, stats: &TensorStats
 /// compiling lambda_grad, and the unrolled lambda_grad unit is the largest.
 pub struct Kernels {
     ctx: Arc<CudaContext>,
+    /// Dynamic shared memory a CTA may opt into (bytes): bounds DELLA's row sort.
+    max_shared: usize,
     arch: String,
     modules: [OnceLock<Arc<CudaModule>>; nvrtc::MODULES.len()],
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -345,14 +409,22 @@ impl Kernels {
     /// Prepares lazy loading for `arch` and loads the merge unit now, so that a missing or broken
     /// NVRTC is reported when the device is opened (and `--device auto` can fall back).
     pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let optin = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let k = Kernels {
             ctx: ctx.clone(),
+            max_shared: cu("reading the shared memory limit", ctx.attribute(optin))?.max(0) as usize,
             arch: arch.to_string(),
             modules: Default::default(),
             functions: Mutex::new(HashMap::new()),
         };
         k.function(&nvrtc::MERGE, "gta_merge")?;
         Ok(k)
+    }
+
+    /// Whether `della_merge` takes rows of `row_len` with `k` experts (its sort fits in shared
+    /// memory); the engine merges the tensors it does not take on the host.
+    pub fn della_fits(&self, row_len: usize, k: usize) -> bool {
+        row_len > 0 && row_len < 1 << 30 && della_shared_bytes(row_len, k) <= self.max_shared
     }
 
     /// Compiles every unit now (the compile test and the benchmark want all of them up front).
@@ -430,6 +502,11 @@ impl Kernels {
                 // SAFETY: argument types and order match `slerp_merge`; addresses are the caller's.
                 return cu("launching slerp_merge", unsafe { l.launch(grid(n.div_ceil(VEC))?) }).map(|_| ());
             }
+            LaunchKernel::Della { row_len } => {
+                let base = base.ok_or_else(|| Error::Invalid("internal: della launch without a base".into()))?;
+                // SAFETY: the caller's promise for `merge` covers the same buffers.
+                return unsafe { self.della(stream, plan, row_len, base, experts, (out, out_dtype), n, offset, bad) };
+            }
             LaunchKernel::Sce { select } => {
                 let mut ins = SceInputs { inputs: [SceInput::default(); MAX_INPUTS] };
                 for ((slot, m), &ptr) in ins.inputs.iter_mut().zip(&plan.inputs).zip(experts) {
@@ -455,6 +532,60 @@ impl Kernels {
         b.arg(&plan.flags).arg(&plan.lambda).arg(&plan.div_all).arg(&plan.seed).arg(&plan.name_hash).arg(&bad);
         // SAFETY: argument types and order match `gta_merge`; addresses are the caller's promise.
         cu("launching gta_merge", unsafe { b.launch(grid(n.div_ceil(VEC))?) }).map(|_| ())
+    }
+
+    /// `della_merge` over whole rows of `row_len`: one CTA per row (grid-stride past 2^31 rows),
+    /// dynamic shared memory for the row sort and the keep bits.
+    ///
+    /// # Safety
+    /// As [`Self::merge`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn della(
+        &self,
+        stream: &CudaStream,
+        plan: &MergeLaunch,
+        row_len: usize,
+        base: (u64, FloatDType),
+        experts: &[u64],
+        out: (u64, FloatDType),
+        n: usize,
+        offset: usize,
+        bad: u64,
+    ) -> Result<()> {
+        let k = plan.inputs.len();
+        if row_len == 0 || !n.is_multiple_of(row_len) {
+            return Err(Error::Invalid(format!("internal: della launch of {n} elements in rows of {row_len}")));
+        }
+        if !self.della_fits(row_len, k) {
+            return Err(Error::Invalid(format!(
+                "internal: della rows of {row_len} with {k} models need {} bytes of shared memory, the device has {}",
+                della_shared_bytes(row_len, k),
+                self.max_shared
+            )));
+        }
+        let mut ins = DellaInputs { inputs: [DellaInput::default(); MAX_INPUTS] };
+        for ((slot, m), &ptr) in ins.inputs.iter_mut().zip(&plan.inputs).zip(experts) {
+            let (weight, density, epsilon, factor, dtype) = (m.weight, m.density, m.thresh, m.factor, m.dtype);
+            *slot = DellaInput { ptr, weight, density, epsilon, factor, dtype, pad: 0 };
+        }
+        let shared = della_shared_bytes(row_len, k);
+        let sort_len = row_len.next_power_of_two() as u32;
+        let threads = (sort_len / 2).clamp(32, 1024);
+        let blocks = (n / row_len).clamp(1, i32::MAX as usize) as u32;
+        let f = self.function(&nvrtc::DELLA, "della_merge")?;
+        let max_dynamic = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        cu("raising della_merge's shared memory", f.set_attribute(max_dynamic, shared as i32))?;
+        let (base_ptr, base_dt, k32, out_ptr, out_dt) =
+            (base.0, dtype_code(base.1), k as u32, out.0, dtype_code(out.1));
+        let (n64, off64, row32) = (n as u64, offset as u64, row_len as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&base_ptr).arg(&base_dt).arg(&ins).arg(&k32).arg(&out_ptr).arg(&out_dt).arg(&n64).arg(&off64);
+        b.arg(&row32).arg(&sort_len).arg(&plan.flags).arg(&plan.lambda).arg(&plan.div_all).arg(&plan.seed);
+        b.arg(&plan.name_hash).arg(&bad);
+        let cfg =
+            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared as u32 };
+        // SAFETY: argument types and order match `della_merge`; addresses are the caller's promise.
+        cu("launching della_merge", unsafe { b.launch(cfg) }).map(|_| ())
     }
 
     /// [`Self::merge`]'s weighted deltas over only the `nrows` rows listed at `rows` (device u32,
@@ -728,9 +859,21 @@ impl Gpu {
         out_dtype: FloatDType,
         offset: usize,
     ) -> Result<MergeOutput> {
-        let n = experts.first().map_or(0, HostTensor::len);
         let dtypes: Vec<FloatDType> = experts.iter().map(|e| e.dtype).collect();
         let plan = MergeLaunch::plan_stats(form, params, stats, name_hash, &dtypes)?;
+        self.merge_host_plan(&plan, base, experts, out_dtype, offset)
+    }
+
+    /// [`Self::merge_host`] with a ready plan (DELLA's with its rows: [`MergeLaunch::for_rows`]).
+    pub fn merge_host_plan(
+        &self,
+        plan: &MergeLaunch,
+        base: Option<HostTensor<'_>>,
+        experts: &[HostTensor<'_>],
+        out_dtype: FloatDType,
+        offset: usize,
+    ) -> Result<MergeOutput> {
+        let n = experts.first().map_or(0, HostTensor::len);
         let base_dev = base.map(|b| self.upload(b.bytes)).transpose()?;
         let experts_dev = experts.iter().map(|e| self.upload(e.bytes)).collect::<Result<Vec<_>>>()?;
         let out = self.poisoned(n * out_dtype.size())?;
@@ -739,7 +882,7 @@ impl Gpu {
         let base_arg = base_dev.as_ref().zip(base).map(|(d, b)| (addr(d, s), b.dtype));
         let ptrs: Vec<u64> = experts_dev.iter().map(|d| addr(d, s)).collect();
         // SAFETY: every buffer above is live and holds `n` elements of its dtype.
-        unsafe { self.kernels.merge(s, &plan, base_arg, &ptrs, addr(&out, s), out_dtype, n, offset, addr(&bad, s))? };
+        unsafe { self.kernels.merge(s, plan, base_arg, &ptrs, addr(&out, s), out_dtype, n, offset, addr(&bad, s))? };
         let mut bytes = self.download(&out)?;
         bytes.truncate(n * out_dtype.size());
         Ok(MergeOutput { bytes, bad: self.download(&bad)?[0] != 0 })
@@ -921,6 +1064,19 @@ impl Gpu {
     }
 }
 
+/// The mix flags and plain divisor of a task-arithmetic form, as `Gta::merge_chunk` mixes.
+fn gta_mix(g: &Gta, p: &TensorParams) -> (u32, f32) {
+    let mut flags = FLAG_HAS_BASE;
+    if g.consensus {
+        flags |= FLAG_CONSENSUS;
+    }
+    if p.normalize {
+        flags |= FLAG_NORMALIZE;
+    }
+    let wsum: f32 = p.weights.iter().sum();
+    (flags, if wsum.abs() < 1e-8 { 1.0 } else { wsum })
+}
+
 /// A count the row kernels take as u32 that does not fit.
 fn too_long(n: usize) -> Error {
     Error::Invalid(format!("{n} exceeds the row kernels' 32-bit index"))
@@ -1006,10 +1162,51 @@ mod tests {
         );
     }
 
-    /// DELLA has no kernel: `--device cuda` merges it on the CPU.
+    /// DELLA's plan: per expert the weight, density, epsilon (in `thresh`) and, with rescale, the
+    /// CPU pre-pass's l1 factor rounded as `Gta::merge_chunk` rounds it; the TIES mix only for
+    /// `della`; rows set afterwards.
     #[test]
-    fn della_has_no_kernel_form() {
-        assert!(della::method(true, true, 1).kernel_form().is_none());
-        assert!(della::method(false, true, 1).kernel_form().is_none());
+    fn della_plan_takes_epsilons_and_l1_factors() {
+        let mut p = params(2, &[0.5, 1.0]);
+        p.extra.insert("epsilon", vec![0.1, 0.2]);
+        p.normalize = true;
+        let stats = TensorStats { thresholds: Vec::new(), scalars: vec![1.2500000001, 3.0] };
+        for (ties, rescale) in [(true, true), (false, true), (true, false)] {
+            let m = della::method(ties, rescale, 7);
+            let form = m.kernel_form().expect("della has a GPU form");
+            assert_eq!(form.cpu_stats(), rescale, "the pre-pass only for the l1 factors");
+            let plan = MergeLaunch::plan_stats(form, &p, &stats, 9, &[BF, BF]).unwrap();
+            assert_eq!(plan.kernel, LaunchKernel::Della { row_len: 0 });
+            assert!(plan.by_rows());
+            let [a, b] = [plan.inputs[0], plan.inputs[1]];
+            assert_eq!((a.mode, a.weight, a.density, a.thresh), (MODE_MAGPRUNE, 0.5, 0.5, 0.1));
+            assert_eq!((b.weight, b.density, b.thresh), (1.5, 1.0, 0.2));
+            let factors = if rescale { (1.2500000001f64 as f32, 3.0) } else { (1.0, 1.0) };
+            assert_eq!((a.factor, b.factor), factors);
+            assert_eq!(plan.flags & FLAG_CONSENSUS != 0, ties);
+            assert_eq!(
+                (plan.flags & FLAG_NORMALIZE, plan.div_all, plan.seed, plan.name_hash),
+                (FLAG_NORMALIZE, 2.0, 7, 9)
+            );
+            assert_eq!(plan.for_rows(96).kernel, LaunchKernel::Della { row_len: 96 });
+        }
+        // Other launches ignore rows.
+        let ta = crate::merge::task_arithmetic::method();
+        let plan = MergeLaunch::plan(ta.kernel_form().unwrap(), &p, &[], 0, &[BF, BF]).unwrap().for_rows(5);
+        assert_eq!(plan.kernel, LaunchKernel::Gta);
+    }
+
+    /// `struct DellaInput` in della.cu, and the shared memory of the sort plus keep bits: the
+    /// H100/H200 opt-in limit (227 KB) takes rows up to 16384 with K = 3, not 16385.
+    #[test]
+    fn della_input_layout_and_shared_memory() {
+        assert_eq!(std::mem::size_of::<DellaInput>(), 32);
+        assert!(std::mem::size_of::<DellaInputs>() <= 4096 - 128, "kernel parameter space");
+        assert_eq!(della_shared_bytes(1, 1), 8 + 4);
+        assert_eq!(della_shared_bytes(33, 3), 8 * 64 + 4 * 3 * 2);
+        let h100 = 227 * 1024;
+        assert!(della_shared_bytes(16384, 3) <= h100);
+        assert!(della_shared_bytes(16385, 3) > h100);
+        assert!(della_shared_bytes(8192, 64) <= h100 && della_shared_bytes(16384, 64) > h100, "K shrinks the rows");
     }
 }

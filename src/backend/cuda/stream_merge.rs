@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::merge::KernelForm;
 use crate::merge::config::MergeConfig;
 use crate::merge::executor::{MergeEngine, MergeJob, MergeOptions, MergeSummary, TensorJob, TensorWork, merge_with};
+use crate::merge::gta::Sparsify;
 use crate::merge::select::{CHUNK, Threshold, keep_count};
 use crate::progress::Progress;
 
@@ -131,6 +132,27 @@ enum Piece {
     /// Elements `start..start + len` of float tensor `item`: where each source sits in the
     /// unit's input buffer (base first when there is one) and where the output goes.
     Float { item: usize, start: usize, len: usize, inputs: Vec<usize>, out: usize },
+    /// A float tensor the kernel does not take (DELLA rows longer than its shared-memory sort):
+    /// merged by the CPU method on the writer thread, in stream order, nothing staged.
+    Host { item: usize },
+}
+
+/// How [`plan_units`] may cut a method's tensors.
+#[derive(Clone, Copy)]
+struct Cut<'a> {
+    /// Tensors may be split across units (not for device thresholds, which need the whole
+    /// tensor in one unit).
+    split: bool,
+    /// Pieces hold whole rows of the last dimension (DELLA ranks within rows).
+    rows: bool,
+    /// Whether the kernel takes a tensor; the others become [`Piece::Host`].
+    device: &'a dyn Fn(&TensorJob<'_>) -> bool,
+}
+
+impl<'a> Cut<'a> {
+    fn of(method: &dyn crate::merge::MergeMethod, device: &'a dyn Fn(&TensorJob<'_>) -> bool) -> Self {
+        Cut { split: !method.needs_thresholds(), rows: method.whole_rows(), device }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -267,8 +289,8 @@ fn resolve_items<'j>(job: &'j MergeJob<'_>) -> Result<(Vec<TensorWork<'j>>, Vec<
 }
 
 /// Cuts the tensors into units of about `target` input bytes. Tensors that need whole-tensor
-/// statistics (TIES thresholds) are never split.
-fn plan_units(items: &[TensorWork<'_>], target: usize, split: bool) -> Vec<Unit> {
+/// statistics (TIES thresholds) are never split; row-wise methods are split between rows.
+fn plan_units(items: &[TensorWork<'_>], target: usize, cut: Cut<'_>) -> Vec<Unit> {
     let mut units = vec![Unit::default()];
     for (item, w) in items.iter().enumerate() {
         let TensorWork::Float(tj) = w else {
@@ -278,8 +300,12 @@ fn plan_units(items: &[TensorWork<'_>], target: usize, split: bool) -> Vec<Unit>
         if tj.n == 0 {
             continue;
         }
+        if !(cut.device)(tj) {
+            units.last_mut().expect("one unit").pieces.push(Piece::Host { item });
+            continue;
+        }
         let per_elem: usize = tj.base.iter().chain(&tj.experts).map(|s| s.dtype.size()).sum();
-        let chunk = if split { (target / per_elem.max(1)).max(SPLIT) / SPLIT * SPLIT } else { tj.n };
+        let chunk = piece_len(tj, target / per_elem.max(1), cut);
         let mut start = 0;
         while start < tj.n {
             let len = chunk.min(tj.n - start);
@@ -308,6 +334,18 @@ fn plan_units(items: &[TensorWork<'_>], target: usize, split: bool) -> Vec<Unit>
         at += u.in_bytes;
     }
     units
+}
+
+/// Elements per piece of `tj` for about `elems` elements per unit: multiples of [`SPLIT`], or
+/// of the row length for row-wise methods (Philox and the DELLA kernel take any row start).
+fn piece_len(tj: &TensorJob<'_>, elems: usize, cut: Cut<'_>) -> usize {
+    if !cut.split {
+        tj.n
+    } else if cut.rows && tj.row_len > 0 {
+        (elems / tj.row_len).max(1) * tj.row_len
+    } else {
+        elems.max(SPLIT) / SPLIT * SPLIT
+    }
 }
 
 /// Identifies a plan's inputs, so resident buffers are reused only for the same data layout.
@@ -417,7 +455,11 @@ impl MergeEngine for CudaEngine<'_> {
             })
             .sum();
         let target = self.opts.unit_bytes.unwrap_or(DEFAULT_UNIT_BYTES).min((budget / 6).max(16 << 20) as u64) as usize;
-        let units = plan_units(&items, target, !job.method.needs_thresholds());
+        let della = matches!(form, KernelForm::Gta(g) if g.sparsify == Sparsify::MagPrune);
+        let kernels = &self.gpu.kernels;
+        let device = |tj: &TensorJob<'_>| !della || kernels.della_fits(tj.row_len, tj.experts.len());
+        let units = plan_units(&items, target, Cut::of(job.method, &device));
+        log_host_tensors(&items, &units, job.method.name());
         let max_in = units.iter().map(|u| u.in_bytes).max().unwrap_or(0);
         let max_out = units.iter().map(|u| u.out_bytes).max().unwrap_or(0) + ALIGN;
         let all_in: usize = units.iter().map(|u| u.in_bytes).sum();
@@ -582,7 +624,7 @@ impl MergeEngine for CudaEngine<'_> {
                         return Ok(Some(j));
                     }
                     let sink = if discard { None } else { Some(&mut *writer) };
-                    write_unit(items_ref, unit, bytes, sink, progress, &block_of, models)?;
+                    write_unit(job, items_ref, unit, bytes, sink, progress, &block_of, models)?;
                     // Once the main loop has queued its last download it takes no more slots;
                     // the units still queued here must be written all the same.
                     let _ = free_out_tx.send(slot);
@@ -672,6 +714,7 @@ impl MergeEngine for CudaEngine<'_> {
                                 .clone()
                                 .ok_or_else(|| Error::Invalid("internal: tensor without a launch".into()))?
                         };
+                        let plan = plan.for_rows(tj.row_len);
                         // SAFETY: every address lies in a live buffer laid out by `plan_units`.
                         unsafe {
                             gpu.kernels.merge(
@@ -742,8 +785,11 @@ impl MergeEngine for CudaEngine<'_> {
 }
 
 /// Hands one unit's merged bytes (laid out by `plan_units`) to the shard writer in stream
-/// order, raw tensors from the reference's bytes, and advances the progress by input bytes.
+/// order, raw tensors from the reference's bytes, host tensors merged by the CPU method here,
+/// and advances the progress by input bytes.
+#[allow(clippy::too_many_arguments)]
 fn write_unit(
+    job: &MergeJob<'_>,
     items: &[TensorWork<'_>],
     unit: &Unit,
     bytes: &[u8],
@@ -762,6 +808,17 @@ fn write_unit(
                     progress.advance(block_of[*item], (bytes.len() * models) as u64);
                 }
             }
+            Piece::Host { item } => {
+                if let TensorWork::Float(tj) = &items[*item] {
+                    if let Some(w) = writer.as_deref_mut() {
+                        job.merge_tensor_cpu(tj, Vec::new(), &mut |bytes| {
+                            w.write(tj.name, &bytes)?;
+                            Ok(bytes)
+                        })?;
+                    }
+                    progress.advance(block_of[*item], tj.input_bytes());
+                }
+            }
             Piece::Float { item, len, out, .. } => {
                 if let TensorWork::Float(tj) = &items[*item] {
                     let size = tj.out_dtype.size();
@@ -774,6 +831,29 @@ fn write_unit(
         }
     }
     Ok(())
+}
+
+/// One log line when some tensors go to the host ([`Piece::Host`]): how many, and the longest
+/// of their rows. Never silent: those tensors cost CPU time under `--device cuda`.
+fn log_host_tensors(items: &[TensorWork<'_>], units: &[Unit], method: &str) {
+    let host: Vec<&TensorJob<'_>> = units
+        .iter()
+        .flat_map(|u| &u.pieces)
+        .filter_map(|p| match p {
+            Piece::Host { item } => match &items[*item] {
+                TensorWork::Float(tj) => Some(tj),
+                TensorWork::Raw { .. } => None,
+            },
+            _ => None,
+        })
+        .collect();
+    if let Some(longest) = host.iter().map(|tj| tj.row_len).max() {
+        tracing::warn!(
+            "{method}: {} tensors have rows longer than the GPU kernel's shared-memory sort takes \
+             (longest {longest}): merging them on the CPU",
+            host.len()
+        );
+    }
 }
 
 /// The launch of a [`KernelForm::cpu_stats`] form for one tensor: the method's own CPU
@@ -831,6 +911,10 @@ mod tests {
     struct Loopback {
         target: usize,
         units: usize,
+        /// Tensors the plan left to the host.
+        host: usize,
+        /// Longest row the "device" takes (the others are host pieces).
+        max_row: usize,
     }
 
     impl MergeEngine for Loopback {
@@ -841,8 +925,10 @@ mod tests {
         fn run(&mut self, job: &MergeJob<'_>, mut owned: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
             let writer = &mut owned;
             let (items, block_of) = resolve_items(job)?;
-            let units = plan_units(&items, self.target, !job.method.needs_thresholds());
+            let device = |tj: &TensorJob<'_>| tj.row_len <= self.max_row;
+            let units = plan_units(&items, self.target, Cut::of(job.method, &device));
             self.units = units.len();
+            self.host = units.iter().flat_map(|u| &u.pieces).filter(|p| matches!(p, Piece::Host { .. })).count();
             let models = 1 + job.stream.inputs.len();
             for unit in &units {
                 let mut staged = vec![0u8; unit.in_bytes];
@@ -852,6 +938,13 @@ mod tests {
                     let Piece::Float { item, start, len, inputs, out: at } = p else { continue };
                     let TensorWork::Float(tj) = &items[*item] else { continue };
                     assert!(inputs.iter().chain([at]).all(|o| o % ALIGN == 0), "aligned");
+                    if job.method.whole_rows() {
+                        assert!(
+                            start.is_multiple_of(tj.row_len) && len.is_multiple_of(tj.row_len),
+                            "{}: whole rows",
+                            tj.name
+                        );
+                    }
                     let sources: Vec<Source<'_>> = tj.base.iter().chain(&tj.experts).copied().collect();
                     let vals: Vec<Vec<f32>> = sources
                         .iter()
@@ -888,7 +981,7 @@ mod tests {
                     let osize = tj.out_dtype.size();
                     encode_into(tj.out_dtype, &o, &mut out[*at..*at + len * osize]);
                 }
-                write_unit(&items, unit, &out, Some(&mut *writer), progress, &block_of, models)?;
+                write_unit(job, &items, unit, &out, Some(&mut *writer), progress, &block_of, models)?;
             }
             Ok(owned)
         }
@@ -923,6 +1016,11 @@ mod tests {
     /// `yaml` merged by the CPU engine and by [`Loopback`] in tiny and in whole-tensor units
     /// must give the same bytes.
     fn loopback_matches_cpu(dir: &std::path::Path, method: &str, yaml: &str) {
+        loopback_rows_match_cpu(dir, method, yaml, usize::MAX);
+    }
+
+    /// [`loopback_matches_cpu`] with the "device" taking rows up to `max_row` only.
+    fn loopback_rows_match_cpu(dir: &std::path::Path, method: &str, yaml: &str, max_row: usize) {
         let path = dir.join(format!("{method}.yml"));
         std::fs::write(&path, yaml).unwrap();
         let cfg = MergeConfig::load(&path).unwrap();
@@ -935,8 +1033,9 @@ mod tests {
         };
         merge(&cfg, &opts("cpu")).unwrap();
         for target in [20_000, 1 << 30] {
-            let mut engine = Loopback { target, units: 0 };
+            let mut engine = Loopback { target, units: 0, host: 0, max_row };
             merge_with(&cfg, &opts("loop"), &mut engine).unwrap();
+            assert_eq!(engine.host > 0, max_row < usize::MAX, "{method}: {} host tensors", engine.host);
             if target < 1 << 20 {
                 assert!(engine.units > 10, "{method}: {} units", engine.units);
             }
@@ -966,5 +1065,29 @@ mod tests {
         }
         let sce = "merge_method: sce\nbase_model: base\nmodels:\n  - model: expert-1\n  - model: expert-2\n  - model: expert-3\nparameters: {select_topk: 0.4}\n";
         loopback_matches_cpu(tmp.path(), "sce", sce);
+    }
+
+    /// DELLA (`della` with TIES, `della_linear`, with and without the l1 rescale) through the
+    /// unit planner: pieces cut between rows, the pre-pass's factors per tensor, and tensors
+    /// whose rows the kernel does not take (here rows over 100: the MLP's 176) merged on the
+    /// host in stream order, all giving the CPU's bytes.
+    #[test]
+    fn units_reassemble_della_by_rows_and_host_tensors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+        write_family(&spec, 5, 3, 0.01, tmp.path(), 150_000).unwrap();
+        for (method, rescale) in [("della", true), ("della_linear", true), ("della", false)] {
+            let mut y = format!("merge_method: {method}\nbase_model: base\nmodels:\n");
+            for (k, (d, e)) in [(0.5, 0.1), (0.3, 0.2), (1.0, 0.0)].iter().enumerate() {
+                y += &format!(
+                    "  - model: expert-{}\n    parameters: {{weight: 0.{}, density: {d}, epsilon: {e}}}\n",
+                    k + 1,
+                    k + 4
+                );
+            }
+            y += &format!("parameters: {{rescale: {rescale}, seed: 11}}\n");
+            loopback_rows_match_cpu(tmp.path(), method, &y, usize::MAX);
+            loopback_rows_match_cpu(tmp.path(), method, &y, 100);
+        }
     }
 }
