@@ -323,11 +323,11 @@ impl BackgroundWriter {
         BackgroundWriter { tx: Some(tx), free, handle: Some(handle) }
     }
 
-    /// An empty buffer, recycled from an earlier write when one is back.
+    /// A buffer recycled from an earlier write when one is back (else a new, empty one). It
+    /// still holds that write's bytes: the caller sizes it and overwrites every byte, so that
+    /// `resize` to the usual span length zero-fills nothing.
     pub fn buffer(&self) -> Vec<u8> {
-        let mut b = self.free.try_recv().unwrap_or_default();
-        b.clear();
-        b
+        self.free.try_recv().unwrap_or_default()
     }
 
     /// Queues `bytes` for tensor `name` (see [`ShardWriter::write`]). A failed write on the

@@ -709,7 +709,7 @@ impl<'a> MergeJob<'a> {
 
     /// Merges one tensor on the CPU into `out_buf`, handing each span's bytes to `sink`, which
     /// returns the buffer for the next span (the same one, or a recycled one when the bytes are
-    /// kept, e.g. queued for a writer thread).
+    /// kept, e.g. queued for a writer thread). Whatever a buffer holds is overwritten.
     pub fn merge_tensor_cpu(
         &self,
         tj: &TensorJob<'_>,
