@@ -102,8 +102,11 @@ fn step(s: &Sphere<'_>, mean: &[f64], valid: &[usize], alpha: f64, tol: f64) -> 
         let f = alpha * theta / theta.sin();
         tangent.iter_mut().zip(unit.iter().zip(mean)).for_each(|(t, (u, m))| *t += f * (u - dot * m));
     }
+    // A tangent of exactly 0 (two models, stepping from their midpoint) has converged even at
+    // `tol: 0`: mergekit's f32 tangent there is rounding noise and its step changes nothing,
+    // where ours would divide 0 by 0.
     let tn = s.norm(&tangent);
-    if tn < tol {
+    if tn < tol || tn == 0.0 {
         return None;
     }
     let next: Vec<f64> = mean.iter().zip(&tangent).map(|(m, t)| tn.cos() * m + tn.sin() * t / tn).collect();
@@ -171,6 +174,15 @@ mod tests {
                 assert!((g - w).abs() < 1e-12, "max_iter {steps}: {got:?} vs {w}");
             }
         }
+    }
+
+    /// Two models at `tol: 0`: the first step from their midpoint has a zero tangent, which
+    /// stops the iteration instead of dividing 0 by 0.
+    #[test]
+    fn two_models_at_zero_tol_stay_finite() {
+        let g = [4.0, 1.0, 1.0, 1.0];
+        let c = coefficients(&g, 4, 0.0);
+        assert!(c.iter().all(|x| x.is_finite()), "{c:?}");
     }
 
     /// All-zero models merge to zeros, as mergekit's constant-zero branch.
