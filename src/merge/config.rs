@@ -269,14 +269,28 @@ impl MergeConfig {
         })
     }
 
-    /// Builds the configured method.
+    /// Builds the configured method as the `models` form (or slice 0) uses it: the one an
+    /// engine that takes no `slices` config runs.
     pub fn build_method(&self) -> Box<dyn MergeMethod> {
-        (self.method.build)(&self.settings())
+        self.build_method_in(0)
     }
 
-    /// Whether the merged models are task vectors over a base (every slice agrees).
-    pub fn has_base(&self) -> bool {
-        match self.slices.first() {
+    /// Builds the method as slice `slice` (0 for the `models` form) uses it: with or without
+    /// a base, which slices of one config may differ in (mergekit resolves the base per slice).
+    pub fn build_method_in(&self, slice: usize) -> Box<dyn MergeMethod> {
+        (self.method.build)(&self.settings(slice))
+    }
+
+    /// One method per slice (one for the `models` form), in order, so each tensor merges
+    /// with its own slice's notion of a base.
+    pub fn build_methods(&self) -> Vec<Box<dyn MergeMethod>> {
+        (0..self.slices.len().max(1)).map(|s| self.build_method_in(s)).collect()
+    }
+
+    /// Whether slice `slice`'s (for the `models` form, the config's) merged models are task
+    /// vectors over a base, the merge's first input.
+    pub fn has_base_in(&self, slice: usize) -> bool {
+        match self.slices.get(slice) {
             Some(s) => s.has_base,
             None => self.base_model.is_some(),
         }
@@ -355,7 +369,7 @@ impl MergeConfig {
         if densities.is_empty() {
             densities = vec![1.0; k];
         }
-        let normalize = self.settings().flag("normalize");
+        let normalize = self.settings(slice).flag("normalize");
         self.check_weights(tensor, &weights, normalize)?;
         let params = TensorParams { weights, densities, lambda, normalize, extra };
         (self.method.validate)(&params)
@@ -363,8 +377,8 @@ impl MergeConfig {
         Ok(params)
     }
 
-    fn settings(&self) -> Settings<'_> {
-        Settings { def: self.method, values: &self.parameters, has_base: self.has_base() }
+    fn settings(&self, slice: usize) -> Settings<'_> {
+        Settings { def: self.method, values: &self.parameters, has_base: self.has_base_in(slice) }
     }
 
     /// The merged models (those at indices `among`, else all) and the parameters of slice
@@ -507,8 +521,8 @@ fn parse_models(
 /// layers and are distinct models; a base the method uses is one of each slice's sources.
 /// Slices may merge different numbers of models (each tensor is merged over its own slice's
 /// sources); the tensors after the layer stack must be mergeable from the last slice's sources
-/// that take part in them (see [`SliceDef::in_tail`]). symerge builds the method once, so
-/// either every slice has a base or none has.
+/// that take part in them (see [`SliceDef::in_tail`]). With a method whose base is optional,
+/// some slices may merge with a base and others without, each tensor as its slice says.
 fn parse_slices(
     method: &'static MethodDef,
     raw: Vec<RawSlice>,
@@ -537,21 +551,7 @@ fn parse_slices(
                 ),
             ));
         }
-        let slice = parse_slice(method, s, base, base_dir, source, &here)?;
-        if let Some(first) = out.first()
-            && first.has_base != slice.has_base
-        {
-            let with = |b: bool| if b { "with a base" } else { "without a base" };
-            return Err(config_err(
-                source,
-                format!(
-                    "{here}: merges {}, but slices[0] merges {}; symerge needs every slice with a base or none",
-                    with(slice.has_base),
-                    with(first.has_base),
-                ),
-            ));
-        }
-        out.push(slice);
+        out.push(parse_slice(method, s, base, base_dir, source, &here)?);
     }
     check_tail(&out, source)?;
     Ok(out)
@@ -862,20 +862,81 @@ slices:
         assert!(e.contains("first 2 source(s) of the last slice"), "{e}");
     }
 
+    const MIXED: &str = "merge_method: multislerp
+parameters: {weight: 1.0}
+slices:
+  - sources:
+      - {model: '{a}', layer_range: [0, 1], parameters: {weight: 0.25}}
+      - {model: '{b}', layer_range: [0, 1]}
+  - base_model: '{base}'
+    sources:
+      - {model: '{c}', layer_range: [1, 2], parameters: {weight: 0.5}}
+      - {model: '{base}', layer_range: [1, 2]}
+      - {model: '{a}', layer_range: [1, 2]}
+";
+
+    /// As in mergekit, a method whose base is optional may merge some slices with a base and
+    /// others without: each slice keeps its own base, its own merged models and its own method.
     #[test]
-    fn slices_with_and_without_a_base_are_refused() {
+    fn slices_may_merge_with_and_without_a_base() {
+        let c = parse(MIXED).unwrap();
+        let bases: Vec<bool> = c.slices.iter().map(|s| s.has_base).collect();
+        assert_eq!(bases, [false, true]);
+        assert_eq!((c.has_base_in(0), c.has_base_in(1)), (false, true));
+        assert!(c.slices[1].sources[0].model.path.ends_with("base"), "the base first in merge order");
+        let experts: Vec<usize> = c.slices.iter().map(|s| s.experts.len()).collect();
+        assert_eq!(experts, [2, 2]);
+        let t = "model.layers.0.mlp.up_proj.weight";
+        assert_eq!(c.tensor_params_in(0, t, "model.layers.0", 0.0).unwrap().weights, [0.25, 1.0]);
+        assert_eq!(c.tensor_params_in(1, t, "model.layers.1", 0.0).unwrap().weights, [0.5, 1.0]);
+        let methods = c.build_methods();
+        let subtracts: Vec<bool> = methods.iter().map(|m| m.needs_base()).collect();
+        assert_eq!(subtracts, [false, true]);
+    }
+
+    /// The `models` form asks the top-level base; a slices config without any base builds one
+    /// baseless method per slice.
+    #[test]
+    fn has_base_in_follows_the_form() {
+        let models = "merge_method: nuslerp
+base_model: '{base}'
+models:
+  - {model: '{a}', parameters: {weight: 0.5}}
+  - {model: '{b}', parameters: {weight: 0.5}}
+";
+        let c = parse(models).unwrap();
+        assert!(c.has_base_in(0));
+        assert_eq!(c.build_methods().len(), 1);
+        let c = parse(FRANKEN).unwrap();
+        assert_eq!((c.has_base_in(0), c.has_base_in(1)), (false, false));
+        assert_eq!(c.build_methods().len(), 2);
+    }
+
+    /// Mixing is no excuse to skip the other checks: a slice's base must still be one of its
+    /// sources, named by the slice's path.
+    #[test]
+    fn a_mixed_slice_without_its_base_among_its_sources_is_refused() {
+        let yaml = MIXED.replace("      - {model: '{base}', layer_range: [1, 2]}\n", "");
+        let e = parse(&yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("slices[1]: the base model"), "{e}");
+        assert!(e.contains("is not one of the slice's sources"), "{e}");
+    }
+
+    /// The final norm and head merge with the last slice's base, which must be among its
+    /// first sources as written (as many as the first slice has).
+    #[test]
+    fn a_mixed_last_slice_base_outside_the_tail_is_refused() {
         let yaml = "merge_method: multislerp
 parameters: {weight: 1.0}
 slices:
   - sources:
       - {model: '{a}', layer_range: [0, 1]}
-      - {model: '{b}', layer_range: [0, 1]}
   - base_model: '{base}'
     sources:
-      - {model: '{base}', layer_range: [1, 2]}
       - {model: '{c}', layer_range: [1, 2]}
+      - {model: '{base}', layer_range: [1, 2]}
 ";
         let e = parse(yaml).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("slices[1]: merges with a base, but slices[0] merges without a base"), "{e}");
+        assert!(e.contains("slices[1].sources[1]: the base model"), "{e}");
     }
 }

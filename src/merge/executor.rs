@@ -235,14 +235,14 @@ fn merge_ranked(
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_output_apart(&opts.output, &inputs)?;
     check_output_dir(&opts.output, opts.force)?;
-    let method = config.build_method();
+    // One method per slice: slices of one config may merge with a base and without.
+    let methods = config.build_methods();
 
     // The reference decides which tensors the output has (experts' task heads of different
     // shapes are left out) and is subtracted by task-vector methods: the base when there is
-    // one, else the first merged model, which is then also merged.
+    // one, else the first merged model, which is then also merged (see `MergeJob::tensor`).
     let opened = Opened::open(config)?;
     let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
-    let reference_is_model = !config.has_base();
     check_configs_agree(reference, &inputs)?;
     // A slices config's views lack the layers of slices with fewer sources than theirs.
     let stream = match opened.slice_layers {
@@ -289,11 +289,10 @@ fn merge_ranked(
 
         let mut progress = Progress::new("merge", total_input, opts.progress);
         let job = MergeJob {
-            method: method.as_ref(),
+            methods: &methods,
             stream: &stream,
             config,
             out_dtype,
-            reference_is_model,
             first_block: 0,
             placements: &placements,
             round_inputs: round_inputs(config, &stream),
@@ -333,11 +332,10 @@ fn merge_ranked(
         let writer = ShardWriter::create_part(&dir, tensors_of(rank), opts.max_shard_bytes, names)?;
         let mut progress = Progress::new("merge", input_bytes, opts.progress && rank == 0);
         let job = MergeJob {
-            method: method.as_ref(),
+            methods: &methods,
             stream: &part,
             config,
             out_dtype,
-            reference_is_model,
             first_block: mine.start,
             placements: &placements,
             round_inputs: round_inputs(config, &stream),
@@ -376,7 +374,7 @@ fn merge_ranked(
 
     let seconds = start.elapsed().as_secs_f64();
     Ok(MergeSummary {
-        method: method.name().to_string(),
+        method: methods.first().map_or(config.method.name, |m| m.name()).to_string(),
         device: engine.device(),
         output: opts.output.clone(),
         models: paths.len(),
@@ -497,12 +495,12 @@ fn check_lambda_table(config: &MergeConfig, stream: &LayerStream<'_>) -> Result<
 
 /// The fixed parts of one merge, shared by every tensor and every engine.
 pub struct MergeJob<'a> {
-    pub method: &'a dyn MergeMethod,
+    /// The method as each slice uses it ([`MergeConfig::build_methods`]), one for the
+    /// `models` form: slices may differ in whether they merge with a base.
+    pub methods: &'a [Box<dyn MergeMethod>],
     pub stream: &'a LayerStream<'a>,
     pub config: &'a MergeConfig,
     pub out_dtype: Option<FloatDType>,
-    /// The reference is the first merged model (linear without a base), not a base.
-    pub reference_is_model: bool,
     /// Index of `stream`'s first block in the whole model (non-zero for a rank's part).
     pub first_block: usize,
     /// Where each block of the whole model sits: its slice and gradient position.
@@ -561,6 +559,8 @@ pub enum TensorWork<'a> {
 
 /// A floating-point tensor to merge: its inputs and resolved parameters.
 pub struct TensorJob<'a> {
+    /// The method of the tensor's slice.
+    pub method: &'a dyn MergeMethod,
     pub name: &'a str,
     pub n: usize,
     /// Present iff the method works on task vectors.
@@ -584,12 +584,12 @@ impl TensorJob<'_> {
         density_thresholds(&JobPass { job: self, chunk: super::select::CHUNK })
     }
 
-    /// `method`'s whole-tensor statistics from its CPU pre-pass over the mapped inputs, chunked
-    /// as the CPU merge chunks it (so the same bits): what the GPU kernels that take the CPU's
-    /// statistics get.
-    pub fn cpu_stats(&self, method: &dyn MergeMethod) -> Result<TensorStats> {
-        let chunk = self.chunk_len(super::select::CHUNK, method.whole_rows());
-        method.prepare(&JobPass { job: self, chunk })
+    /// The method's whole-tensor statistics from its CPU pre-pass over the mapped inputs,
+    /// chunked as the CPU merge chunks it (so the same bits): what the GPU kernels that take
+    /// the CPU's statistics get.
+    pub fn cpu_stats(&self) -> Result<TensorStats> {
+        let chunk = self.chunk_len(super::select::CHUNK, self.method.whole_rows());
+        self.method.prepare(&JobPass { job: self, chunk })
     }
 
     /// Elements a merge or statistics chunk holds: about `target`, whole rows when `rows`.
@@ -650,6 +650,18 @@ struct Scratch {
 }
 
 impl<'a> MergeJob<'a> {
+    /// The method of the `models` form (or of slice 0): what an engine that takes no `slices`
+    /// config runs.
+    pub fn method(&self) -> &'a dyn MergeMethod {
+        self.method_in(0)
+    }
+
+    /// The method of slice `slice` (0 for the `models` form).
+    pub fn method_in(&self, slice: usize) -> &'a dyn MergeMethod {
+        let m = self.methods.get(slice).or(self.methods.first());
+        m.expect("MergeConfig::build_methods builds at least one method").as_ref()
+    }
+
     /// Where block `bi` of `stream` sits: its slice and gradient position.
     pub fn position(&self, bi: usize) -> Placement {
         self.placements.get(self.first_block + bi).copied().unwrap_or(Placement { slice: 0, t: 0.0 })
@@ -681,8 +693,11 @@ impl<'a> MergeJob<'a> {
             slots.push(slot + 1);
         }
         // The reference is a base (subtracted, or only naming the tensors for linear) unless it
-        // is the first merged model itself.
-        let base = match (self.method.needs_base(), self.reference_is_model) {
+        // is the first merged model itself: the slice has no base (for the `models` form, the
+        // config has none). A slices view holds each slice's base, or first model, as input 0.
+        let method = self.method_in(at.slice);
+        let reference_is_model = !self.config.has_base_in(at.slice);
+        let base = match (method.needs_base(), reference_is_model) {
             (true, _) => Some(sources.remove(0)),
             (false, false) => {
                 sources.remove(0);
@@ -692,10 +707,11 @@ impl<'a> MergeJob<'a> {
         };
         // The merged models' indices among the slice's (or the config's) models: inputs are
         // numbered from the reference on, which is a model only when it is not removed above.
-        let first = usize::from(!self.reference_is_model || self.method.needs_base());
+        let first = usize::from(!reference_is_model || method.needs_base());
         let among: Vec<usize> = slots.into_iter().filter(|&s| s >= first).map(|s| s - first).collect();
         let params = self.config.tensor_params_among(at.slice, &among, &rmeta.name, &block.spec.name, at.t)?;
         Ok(TensorWork::Float(TensorJob {
+            method,
             name: &rmeta.name,
             n: rmeta.numel(),
             base,
@@ -716,9 +732,9 @@ impl<'a> MergeJob<'a> {
         mut out_buf: Vec<u8>,
         sink: &mut dyn FnMut(Vec<u8>) -> Result<Vec<u8>>,
     ) -> Result<()> {
-        let rows = self.method.whole_rows();
+        let rows = tj.method.whole_rows();
         let stats_chunk = tj.chunk_len(super::select::CHUNK, rows);
-        let stats = self.method.prepare(&JobPass { job: tj, chunk: stats_chunk })?;
+        let stats = tj.method.prepare(&JobPass { job: tj, chunk: stats_chunk })?;
         let n = tj.n;
         let osize = tj.out_dtype.size();
         let chunk = tj.chunk_len(CHUNK, rows);
@@ -729,7 +745,6 @@ impl<'a> MergeJob<'a> {
             out_buf.resize(span * osize, 0);
             out_buf.par_chunks_mut(chunk * osize).enumerate().try_for_each_init(Scratch::default, |s, (ci, ob)| {
                 let offset = span_start + ci * chunk;
-                let len = ob.len() / osize;
                 let ctx = ChunkCtx {
                     offset,
                     params: &tj.params,
@@ -738,44 +753,36 @@ impl<'a> MergeJob<'a> {
                     scalars: &stats.scalars,
                     row_len: tj.row_len,
                 };
-                self.merge_chunk(&ctx, tj.base, &tj.experts, s, len, tj.out_dtype, ob, tj.name)
+                merge_chunk(tj, &ctx, s, ob)
             })?;
             out_buf = sink(out_buf)?;
             span_start += span;
         }
         Ok(())
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn merge_chunk(
-        &self,
-        ctx: &ChunkCtx<'_>,
-        base: Option<Source<'_>>,
-        experts: &[Source<'_>],
-        s: &mut Scratch,
-        len: usize,
-        out_dtype: FloatDType,
-        out_bytes: &mut [u8],
-        tensor: &str,
-    ) -> Result<()> {
-        s.experts.resize_with(experts.len(), Vec::new);
-        if let Some(b) = base {
-            s.base.resize(len, 0.0);
-            b.read(ctx.offset, &mut s.base)?;
-        }
-        for (buf, e) in s.experts.iter_mut().zip(experts) {
-            buf.resize(len, 0.0);
-            e.read(ctx.offset, buf)?;
-        }
-        s.out.resize(len, 0.0);
-        let views: Vec<&[f32]> = s.experts.iter().map(Vec::as_slice).collect();
-        self.method.merge_chunk(ctx, base.map(|_| s.base.as_slice()), &views, &mut s.out, &mut s.method);
-        if let Some(i) = first_out_of_range(&s.out, out_dtype) {
-            return Err(out_of_range(tensor, ctx.offset + i, s.out[i], out_dtype));
-        }
-        encode_into(out_dtype, &s.out, out_bytes);
-        Ok(())
+/// Merges the chunk of `tj` at `ctx.offset` that `out_bytes` holds, with the tensor's method.
+fn merge_chunk(tj: &TensorJob<'_>, ctx: &ChunkCtx<'_>, s: &mut Scratch, out_bytes: &mut [u8]) -> Result<()> {
+    let (base, experts, out_dtype) = (tj.base, &tj.experts, tj.out_dtype);
+    let len = out_bytes.len() / out_dtype.size();
+    s.experts.resize_with(experts.len(), Vec::new);
+    if let Some(b) = base {
+        s.base.resize(len, 0.0);
+        b.read(ctx.offset, &mut s.base)?;
     }
+    for (buf, e) in s.experts.iter_mut().zip(experts) {
+        buf.resize(len, 0.0);
+        e.read(ctx.offset, buf)?;
+    }
+    s.out.resize(len, 0.0);
+    let views: Vec<&[f32]> = s.experts.iter().map(Vec::as_slice).collect();
+    tj.method.merge_chunk(ctx, base.map(|_| s.base.as_slice()), &views, &mut s.out, &mut s.method);
+    if let Some(i) = first_out_of_range(&s.out, out_dtype) {
+        return Err(out_of_range(tj.name, ctx.offset + i, s.out[i], out_dtype));
+    }
+    encode_into(out_dtype, &s.out, out_bytes);
+    Ok(())
 }
 
 /// Index of the first NaN/Inf, with a branch-free scan first (the common case is none).

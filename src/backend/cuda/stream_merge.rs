@@ -424,8 +424,8 @@ impl MergeEngine for CudaEngine<'_> {
 
     fn run(&mut self, job: &MergeJob<'_>, mut owned: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
         let writer = &mut owned;
-        let Some(form) = job.method.kernel_form() else {
-            return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method.name())));
+        let Some(form) = job.method().kernel_form() else {
+            return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method().name())));
         };
         if let Some(d) = job.round_inputs {
             // The kernels read the stored bits; rounding inputs to `dtype` first is the CPU's.
@@ -458,8 +458,8 @@ impl MergeEngine for CudaEngine<'_> {
         let della = matches!(form, KernelForm::Gta(g) if g.sparsify == Sparsify::MagPrune);
         let kernels = &self.gpu.kernels;
         let device = |tj: &TensorJob<'_>| !della || kernels.della_fits(tj.row_len, tj.experts.len());
-        let units = plan_units(&items, target, Cut::of(job.method, &device));
-        log_host_tensors(&items, &units, job.method.name());
+        let units = plan_units(&items, target, Cut::of(job.method(), &device));
+        log_host_tensors(&items, &units, job.method().name());
         let max_in = units.iter().map(|u| u.in_bytes).max().unwrap_or(0);
         let max_out = units.iter().map(|u| u.out_bytes).max().unwrap_or(0) + ALIGN;
         let all_in: usize = units.iter().map(|u| u.in_bytes).sum();
@@ -696,7 +696,7 @@ impl MergeEngine for CudaEngine<'_> {
                             None => (None, 0),
                         };
                         let experts: Vec<u64> = (first..inputs.len()).map(at).collect();
-                        let plan = if job.method.needs_thresholds() {
+                        let plan = if job.method().needs_thresholds() {
                             let th = gpu_thresholds(gpu, tj, base, &experts)?;
                             let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
                             MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes)?
@@ -704,7 +704,7 @@ impl MergeEngine for CudaEngine<'_> {
                             match &prepared {
                                 Some((i, p)) if i == item => p.clone(),
                                 _ => {
-                                    let p = prepared_launch(job, form, tj)?;
+                                    let p = prepared_launch(form, tj)?;
                                     prepared = Some((*item, p.clone()));
                                     p
                                 }
@@ -860,8 +860,8 @@ fn log_host_tensors(items: &[TensorWork<'_>], units: &[Unit], method: &str) {
 /// pre-pass over the mapped inputs (the CPU merge's statistics, bit for bit), then the plan.
 /// First design: the pre-pass runs on the main thread before the tensor's first piece is
 /// launched, so it overlaps only the copies and the writer, not the kernels before it.
-fn prepared_launch(job: &MergeJob<'_>, form: KernelForm<'_>, tj: &TensorJob<'_>) -> Result<MergeLaunch> {
-    let stats = tj.cpu_stats(job.method)?;
+fn prepared_launch(form: KernelForm<'_>, tj: &TensorJob<'_>) -> Result<MergeLaunch> {
+    let stats = tj.cpu_stats()?;
     let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
     MergeLaunch::plan_stats(form, &tj.params, &stats, tj.name_hash, &dtypes)
 }
@@ -926,7 +926,7 @@ mod tests {
             let writer = &mut owned;
             let (items, block_of) = resolve_items(job)?;
             let device = |tj: &TensorJob<'_>| tj.row_len <= self.max_row;
-            let units = plan_units(&items, self.target, Cut::of(job.method, &device));
+            let units = plan_units(&items, self.target, Cut::of(job.method(), &device));
             self.units = units.len();
             self.host = units.iter().flat_map(|u| &u.pieces).filter(|p| matches!(p, Piece::Host { .. })).count();
             let models = 1 + job.stream.inputs.len();
@@ -938,7 +938,7 @@ mod tests {
                     let Piece::Float { item, start, len, inputs, out: at } = p else { continue };
                     let TensorWork::Float(tj) = &items[*item] else { continue };
                     assert!(inputs.iter().chain([at]).all(|o| o % ALIGN == 0), "aligned");
-                    if job.method.whole_rows() {
+                    if job.method().whole_rows() {
                         assert!(
                             start.is_multiple_of(tj.row_len) && len.is_multiple_of(tj.row_len),
                             "{}: whole rows",
@@ -957,10 +957,10 @@ mod tests {
                         .collect();
                     // The statistics the GPU engine gives each form: device thresholds (here the
                     // CPU's), the CPU pre-pass's, or none.
-                    let form = job.method.kernel_form().expect("a GPU form");
+                    let form = job.method().kernel_form().expect("a GPU form");
                     let stats = if form.cpu_stats() {
-                        tj.cpu_stats(job.method)?
-                    } else if job.method.needs_thresholds() {
+                        tj.cpu_stats()?
+                    } else if job.method().needs_thresholds() {
                         TensorStats { thresholds: tj.cpu_thresholds()?, scalars: Vec::new() }
                     } else {
                         TensorStats::default()
@@ -977,7 +977,7 @@ mod tests {
                         if tj.base.is_some() { (Some(vals[0].as_slice()), &vals[1..]) } else { (None, &vals[..]) };
                     let views: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
                     let mut o = vec![0f32; *len];
-                    job.method.merge_chunk(&ctx, base, &views, &mut o, &mut Vec::new());
+                    job.method().merge_chunk(&ctx, base, &views, &mut o, &mut Vec::new());
                     let osize = tj.out_dtype.size();
                     encode_into(tj.out_dtype, &o, &mut out[*at..*at + len * osize]);
                 }
