@@ -209,6 +209,27 @@ CASES.update({
                                        {"sources": [src(B, 1, 2), src(E3, 1, 2, {"weight": 0.7, "density": 0.4})]}]},
 })
 
+# Slices with a base and without (methods whose base is optional): each slice's layers merge
+# with or without that slice's base, the embeddings with the first slice's, the final norm and
+# head with the last slice's (over its first sources as written, as many as the first slice has).
+CASES.update({
+    "slices_mixed_base_multislerp": {"merge_method": "multislerp",
+                                     "slices": [{"sources": [src(E1, 0, 1, {"weight": 0.3}),
+                                                             src(E2, 0, 1, {"weight": 0.7})]},
+                                                {"base_model": B,
+                                                 "sources": [src(B, 1, 2), src(E3, 1, 2, {"weight": 0.6}),
+                                                             src(E1, 1, 2, {"weight": 0.4})]}]},
+    "slices_mixed_base_nuslerp": {"merge_method": "nuslerp",
+                                  "slices": [{"base_model": B,
+                                              "sources": [src(E2, 0, 2, {"weight": 0.4}), src(B, 0, 2),
+                                                          src(E3, 0, 2, {"weight": 0.6})]},
+                                             {"sources": [src(E1, 1, 2, {"weight": 0.3}),
+                                                          src(E3, 1, 2, {"weight": 0.7})]}]},
+    "slices_mixed_base_karcher": {"merge_method": "karcher", "parameters": {"max_iter": 4, "tol": 0.0},
+                                  "slices": [{"sources": [src(E1, 0, 1), src(E2, 0, 1)]},
+                                             {"base_model": B, "sources": [src(B, 1, 2), src(E3, 1, 2)]}]},
+})
+
 # Spherical means: multislerp over weights and over task vectors; karcher over nearly parallel
 # weights (its default stops on `tol` after a step or two) and with `tol: 0`, which runs every
 # one of `max_iter` steps, with a base_model (which mergekit averages as one more model).
