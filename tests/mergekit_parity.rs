@@ -321,14 +321,14 @@ fn int8_mask_changes_nothing() {
 #[test]
 fn cuda_request_for_a_cpu_method_falls_back_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let paths = big_family(tmp.path(), 1);
+    let paths = big_family(tmp.path(), 2);
     let cfg = tmp.path().join("s.yml");
-    let yaml = yaml_for("della", &paths, "weight: 1.0, density: 0.5", "epsilon: 0.1, seed: 3");
+    let yaml = yaml_for("model_stock", &paths, "", "");
     std::fs::write(&cfg, &yaml).unwrap();
     let out = tmp.path().join("out");
     let (ok, _, err) = common::run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cuda"]);
     assert!(ok, "{err}");
-    let lines = err.lines().filter(|l| l.contains("della has no GPU kernel")).count();
+    let lines = err.lines().filter(|l| l.contains("model_stock has no GPU kernel")).count();
     assert_eq!(lines, 1, "one line says why: {err}");
     let cpu = merge_yaml(tmp.path(), "cpu", &yaml);
     assert_eq!(read_model(&out), cpu);
