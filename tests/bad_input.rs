@@ -188,6 +188,31 @@ fn non_finite_values() {
     }
 }
 
+/// Passthrough copies stored bytes without decoding them (see `MergeMethod::copies_model`),
+/// and still refuses a NaN, naming the file, the tensor and the element.
+#[test]
+fn non_finite_value_in_a_copied_tensor() {
+    let c = case();
+    let mut v = randoms(5, 64, 0.5);
+    v[41] = f64::NAN;
+    let t = vec![
+        T::new("encoder.layer.0.attention.self.query.weight", Dtype::BF16, &[8, 8], v),
+        T::new("encoder.layer.0.output.dense.bias", Dtype::BF16, &[8], randoms(6, 8, 0.5)),
+    ];
+    write_model(&c.expert, &t);
+    let cfg = c.tmp.path().join("passthrough.yml");
+    std::fs::write(&cfg, format!("merge_method: passthrough\nmodels:\n  - model: {}\n", c.expert.display())).unwrap();
+    c.expect_failure(
+        &cfg,
+        &[
+            c.weights(&c.expert).to_str().unwrap(),
+            "encoder.layer.0.attention.self.query.weight",
+            "non-finite",
+            "element 41",
+        ],
+    );
+}
+
 /// A finite merged value too large for f16 is an overflow of the output dtype (named, with its
 /// largest value), not a "non-finite value".
 #[test]

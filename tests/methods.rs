@@ -578,3 +578,49 @@ fn experts_without_integer_buffers_merge_with_the_base_ones() {
     assert_eq!(merged["w"].2, vec![2.0, 2.0]);
     assert_eq!(merged[POSITION_IDS].2, vec![0.0, 1.0, 2.0, 3.0]);
 }
+
+/// Passthrough without a scale copies each tensor's stored bytes (bf16, f16, f32 alike); with
+/// a scale, or another output dtype, it computes as every other method does.
+#[test]
+fn passthrough_copies_stored_bytes_and_computes_otherwise() {
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = make_family(tmp.path(), dtype, 1);
+        let run = |name: &str, extra: &str| {
+            let yaml = format!("merge_method: passthrough\nmodels:\n  - model: {}\n{extra}", paths[1].display());
+            let cfg = tmp.path().join(format!("{name}.yml"));
+            std::fs::write(&cfg, yaml).unwrap();
+            let out = tmp.path().join(name);
+            let opts = MergeOptions {
+                output: out.clone(),
+                max_shard_bytes: 5_000_000_000,
+                out_dtype: None,
+                force: false,
+                progress: false,
+            };
+            merge(&MergeConfig::load(&cfg).unwrap(), &opts).unwrap();
+            out
+        };
+        let bytes_of = |dir: &Path| {
+            let data = std::fs::read(dir.join("model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+            let mut m: BTreeMap<String, Vec<u8>> =
+                st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec())).collect();
+            m.remove(POSITION_IDS);
+            m
+        };
+        let expert = bytes_of(&paths[1]);
+        assert_eq!(bytes_of(&run("plain", "")), expert, "{dtype:?}: the stored bytes");
+
+        let values = read_model(&paths[1]);
+        let scaled = read_model(&run("scaled", "    parameters: {scale: 2.0}\n"));
+        let wide = read_model(&run("wide", "out_dtype: float32\n"));
+        for (name, _) in SHAPES {
+            let x = &values[*name].2;
+            let twice: Vec<f64> = x.iter().map(|v| 2.0 * v).collect();
+            assert_eq!(scaled[*name].2, twice, "{dtype:?} {name}: times a power of two is exact");
+            assert_eq!(wide[*name].0, Dtype::F32);
+            assert_eq!(&wide[*name].2, x, "{dtype:?} {name}: widening is exact");
+        }
+    }
+}

@@ -592,6 +592,15 @@ impl TensorJob<'_> {
         self.method.prepare(&JobPass { job: self, chunk })
     }
 
+    /// The one input whose stored bytes are the output's (see [`MergeMethod::copies_model`]):
+    /// same dtype, no rounding to a narrower compute dtype.
+    fn verbatim(&self) -> Option<&Source<'_>> {
+        let [src] = self.experts.as_slice() else { return None };
+        let rounded = src.round.is_some_and(|d| d.size() < src.dtype.size());
+        let same = self.base.is_none() && src.dtype == self.out_dtype && !rounded;
+        (same && self.method.copies_model(&self.params)).then_some(src)
+    }
+
     /// Elements a merge or statistics chunk holds: about `target`, whole rows when `rows`.
     fn chunk_len(&self, target: usize, rows: bool) -> usize {
         if rows && self.row_len > 0 { (target / self.row_len).max(1) * self.row_len } else { target }
@@ -732,6 +741,9 @@ impl<'a> MergeJob<'a> {
         mut out_buf: Vec<u8>,
         sink: &mut dyn FnMut(Vec<u8>) -> Result<Vec<u8>>,
     ) -> Result<()> {
+        if let Some(src) = tj.verbatim() {
+            return copy_verbatim(tj.name, src, out_buf, sink);
+        }
         let rows = tj.method.whole_rows();
         let stats_chunk = tj.chunk_len(super::select::CHUNK, rows);
         let stats = tj.method.prepare(&JobPass { job: tj, chunk: stats_chunk })?;
@@ -783,6 +795,50 @@ fn merge_chunk(tj: &TensorJob<'_>, ctx: &ChunkCtx<'_>, s: &mut Scratch, out_byte
     }
     encode_into(out_dtype, &s.out, out_bytes);
     Ok(())
+}
+
+/// Hands `src`'s stored bytes to `sink` span by span, after the NaN/Inf check every read
+/// makes (on the bits: a float is non-finite when its exponent is all ones).
+fn copy_verbatim(
+    name: &str,
+    src: &Source<'_>,
+    mut out_buf: Vec<u8>,
+    sink: &mut dyn FnMut(Vec<u8>) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let bytes = src.bytes();
+    let size = src.dtype.size();
+    let bad = bytes
+        .par_chunks(CHUNK * size)
+        .enumerate()
+        .find_map_first(|(c, b)| first_non_finite_stored(src.dtype, b).map(|i| c * CHUNK + i));
+    if let Some(index) = bad {
+        let mut value = [0f32];
+        decode(src.dtype, &bytes[index * size..(index + 1) * size], &mut value);
+        return Err(Error::NonFinite {
+            path: src.ckpt.file_of(src.meta).to_path_buf(),
+            tensor: name.to_string(),
+            index,
+            value: value[0],
+        });
+    }
+    for span in bytes.chunks((SPAN * size).max(1)) {
+        out_buf.clear();
+        out_buf.extend_from_slice(span);
+        out_buf = sink(out_buf)?;
+    }
+    Ok(())
+}
+
+/// Index of the first stored NaN/Inf in `bytes` of `dtype`, from the bits alone.
+fn first_non_finite_stored(dtype: FloatDType, bytes: &[u8]) -> Option<usize> {
+    let size = dtype.size();
+    let exp_all_ones = |c: &[u8]| match dtype {
+        FloatDType::F32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000,
+        FloatDType::BF16 => u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80,
+        FloatDType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00,
+    };
+    let any = bytes.chunks_exact(size).fold(false, |acc, c| acc | exp_all_ones(c));
+    if any { bytes.chunks_exact(size).position(exp_all_ones) } else { None }
 }
 
 /// Index of the first NaN/Inf, with a branch-free scan first (the common case is none).

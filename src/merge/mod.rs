@@ -156,6 +156,13 @@ pub trait MergeMethod: Send + Sync {
         }
     }
 
+    /// Whether, with these parameters, the output is the one merged model's values unchanged
+    /// (passthrough without a scale): the CPU engine then copies the stored bytes when the
+    /// output dtype is theirs, which decoding and encoding again would reproduce bit for bit.
+    fn copies_model(&self, _params: &TensorParams) -> bool {
+        false
+    }
+
     /// How the GPU runs this method; `None` keeps it on the CPU.
     fn kernel_form(&self) -> Option<KernelForm<'_>> {
         None

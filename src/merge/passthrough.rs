@@ -1,9 +1,9 @@
 //! Passthrough: one model's tensors, optionally multiplied by a per-model `scale` (mergekit's
-//! `passthrough`, used to rescale or re-export a model; layer stacking needs mergekit's
-//! `slices`, which symerge does not read).
+//! `passthrough`, used to rescale or re-export a model, and to stack layers with `slices`).
+//! Without a scale each tensor's stored bytes are copied when the output keeps their dtype.
 
 use super::registry::{self, BasePolicy, Fallback, MethodDef, ParamSpec};
-use super::{ChunkCtx, MergeMethod};
+use super::{ChunkCtx, MergeMethod, TensorParams};
 
 pub const DEF: MethodDef = MethodDef {
     name: "passthrough",
@@ -26,6 +26,10 @@ impl MergeMethod for Passthrough {
 
     fn needs_base(&self) -> bool {
         false
+    }
+
+    fn copies_model(&self, params: &TensorParams) -> bool {
+        !params.extra.contains_key("scale")
     }
 
     fn merge_chunk(
