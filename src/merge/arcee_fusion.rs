@@ -28,23 +28,56 @@ pub const DEF: MethodDef = MethodDef {
 pub struct ArceeFusion;
 
 /// `sum p log(p / q)` over one row, `p` and `q` the softmaxes of the model's and the base's
-/// row plus 1e-8 (mergekit's smoothing).
-fn row_kl(x: &[f32], b: &[f32]) -> f32 {
-    let softmax = |v: &[f32]| -> Vec<f64> {
-        let m = v.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a)) as f64;
-        let e: Vec<f64> = v.iter().map(|&a| (a as f64 - m).exp()).collect();
-        let s: f64 = e.iter().sum();
-        e.iter().map(|a| a / s + 1e-8).collect()
-    };
-    let (p, q) = (softmax(x), softmax(b));
-    p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>() as f32
+/// row plus 1e-8 (mergekit's smoothing). `scratch` holds the exponentials between the passes.
+fn row_kl(x: &[f32], b: &[f32], scratch: &mut Vec<f64>) -> f32 {
+    let n = x.len();
+    scratch.resize(2 * n, 0.0);
+    let (ex, eb) = scratch.split_at_mut(n);
+    let max = |v: &[f32]| v.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a)) as f64;
+    let (mx, mb) = (max(x), max(b));
+    ex.iter_mut().zip(x).for_each(|(e, &a)| *e = (a as f64 - mx).exp());
+    eb.iter_mut().zip(b).for_each(|(e, &a)| *e = (a as f64 - mb).exp());
+    let (sx, sb): (f64, f64) = (ex.iter().sum(), eb.iter().sum());
+    let kl: f64 = ex
+        .iter()
+        .zip(eb.iter())
+        .map(|(&e, &f)| {
+            let (p, q) = (e / sx + 1e-8, f / sb + 1e-8);
+            p * (p / q).ln()
+        })
+        .sum();
+    kl as f32
+}
+
+/// The stretches of `len` elements from tensor index `offset` on that lie in one row each:
+/// `(range within the stretch, row)`, so a row's divergence is looked up once.
+fn row_spans(offset: usize, row: usize, len: usize) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        (i < len).then(|| {
+            let r = (offset + i) / row;
+            let end = ((r + 1) * row - offset).min(len);
+            let span = (i..end, r);
+            i = end;
+            span
+        })
+    })
+}
+
+/// Writes the importances `|x - b| * kl[row]` of the elements from tensor index `offset` on.
+fn importances(offset: usize, row: usize, x: &[f32], b: &[f32], kl: &[f32], out: &mut [f32]) {
+    for (s, r) in row_spans(offset, row, out.len()) {
+        let k = kl[r];
+        out[s.clone()].iter_mut().zip(&x[s.clone()]).zip(&b[s]).for_each(|((o, &x), &b)| *o = (x - b).abs() * k);
+    }
 }
 
 /// The per-row divergences of the whole tensor (chunks hold whole rows).
 fn divergences(pass: &dyn TensorPass) -> Result<Vec<f32>> {
     let row = pass.row_len().max(1);
     let parts = map_chunks(pass, |_, base, experts| {
-        base.chunks(row).zip(experts[0].chunks(row)).map(|(b, x)| row_kl(x, b)).collect::<Vec<f32>>()
+        let mut scratch = Vec::new();
+        base.chunks(row).zip(experts[0].chunks(row)).map(|(b, x)| row_kl(x, b, &mut scratch)).collect::<Vec<f32>>()
     })?;
     Ok(parts.concat())
 }
@@ -62,19 +95,19 @@ fn order_stats(pass: &dyn TensorPass, kl: &[f32], idx: &[usize]) -> Result<Vec<f
         let mut experts = vec![vec![0f32; len]];
         pass.read(offset, &mut base, &mut experts)?;
         // The same values for each of the three streams (the last buffer is scratch).
-        for buf in bufs.iter_mut().take(ks.len()) {
-            for (i, o) in buf.iter_mut().enumerate() {
-                *o = (experts[0][i] - base[i]).abs() * kl[(offset + i) / row];
-            }
+        let (first, rest) = bufs.split_at_mut(1);
+        importances(offset, row, &experts[0], &base, kl, &mut first[0]);
+        for buf in rest.iter_mut().take(ks.len() - 1) {
+            buf.copy_from_slice(&first[0]);
         }
         Ok(())
     })?;
     // k = n (position 0) leaves no threshold: the smallest importance.
     let min = || -> Result<f32> {
         let parts = map_chunks(pass, |offset, base, experts| {
-            (0..base.len())
-                .map(|i| (experts[0][i] - base[i]).abs() * kl[(offset + i) / row])
-                .fold(f32::INFINITY, f32::min)
+            let mut v = vec![0f32; base.len()];
+            importances(offset, row, &experts[0], base, kl, &mut v);
+            v.into_iter().fold(f32::INFINITY, f32::min)
         })?;
         Ok(parts.into_iter().fold(f32::INFINITY, f32::min))
     };
@@ -119,11 +152,13 @@ impl MergeMethod for ArceeFusion {
             out.fill(f32::NAN);
             return;
         };
-        let row = ctx.row_len.max(1);
-        for (i, o) in out.iter_mut().enumerate() {
-            let d = x[i] - b[i];
-            let keep = d.abs() * kl[(ctx.offset + i) / row] as f32 >= t as f32;
-            *o = if keep { b[i] + d } else { b[i] };
+        let (row, t) = (ctx.row_len.max(1), t as f32);
+        for (s, r) in row_spans(ctx.offset, row, out.len()) {
+            let k = kl[r] as f32;
+            for ((o, &x), &b) in out[s.clone()].iter_mut().zip(&x[s.clone()]).zip(&b[s]) {
+                let d = x - b;
+                *o = if d.abs() * k >= t { b + d } else { b };
+            }
         }
     }
 }
@@ -150,7 +185,7 @@ mod tests {
             name_hash: 0,
         };
         let kl = divergences(&pass).unwrap_or_default();
-        assert_eq!(kl, vec![row_kl(&expert, &base)]);
+        assert_eq!(kl, vec![row_kl(&expert, &base, &mut Vec::new())]);
         assert!(kl[0] > 0.0);
         let v = order_stats(&pass, &kl, &[0, 1, 2]).unwrap_or_default();
         assert_eq!(v, vec![0.1 * kl[0], kl[0], kl[0]]);
