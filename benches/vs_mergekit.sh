@@ -114,6 +114,12 @@ for m in $METHODS; do
     *) gb=$(input_gb "$F"/base "$F"/expert-*) ;;
   esac
   rm -rf "$W/out-symerge" "$W/out-mergekit"
+  # An untimed run first: on a VM the first output written after a while pays for fresh
+  # page-cache pages (seen: 6 s instead of 4 for task arithmetic), which would fall on whichever
+  # tool ran first; after it every timed run writes into pages the last deletion freed.
+  log "$m: symerge (warm-up, untimed)"
+  $BIN merge "$W/$m.yml" -o "$W/out-symerge" --device cpu --threads "$THREADS" -q
+  rm -rf "$W/out-symerge"
   log "$m: symerge"
   timed "$W/t-new" $BIN merge "$W/$m.yml" -o "$W/out-symerge" --device cpu --threads "$THREADS" -q
   if [ "$m" = passthrough ]; then gb=$(input_gb "$W/out-symerge"); fi
