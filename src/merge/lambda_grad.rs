@@ -85,17 +85,18 @@ pub fn dot_f64(g: &[f32], x: &[f32], b: Option<&[f32]>) -> f64 {
 
 /// [`dot_f64`]'s lanes without a base, added onto `acc`: element `i` of the slices goes to lane
 /// `i % 8`. Consecutive stretches that start on multiples of 8 accumulate exactly as one call
-/// over their concatenation would.
-pub fn dot_lanes(acc: &mut [f64; LANES], g: &[f32], x: &[f32]) {
+/// over their concatenation would. Values already widened to f64 sum to the same bits as their
+/// f32 originals (a product of two f32 is exact in f64).
+pub fn dot_lanes<T: Copy + Into<f64>>(acc: &mut [f64; LANES], g: &[T], x: &[T]) {
     let n = g.len().min(x.len());
     let full = n / LANES * LANES;
     for (g, x) in g[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] += g[l] as f64 * x[l] as f64;
+            acc[l] += g[l].into() * x[l].into();
         }
     }
     for i in full..n {
-        acc[i % LANES] += g[i] as f64 * x[i] as f64;
+        acc[i % LANES] += g[i].into() * x[i].into();
     }
 }
 

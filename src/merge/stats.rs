@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::TensorParams;
-use super::lambda_grad::LANES;
+use super::lambda_grad::{LANES, dot_lanes};
 use super::select::{Threshold, magnitude_thresholds};
 use crate::error::Result;
 
@@ -121,7 +121,7 @@ pub fn gram(pass: &dyn TensorPass, vectors: Vectors) -> Result<Vec<f64>> {
             let ws: Vec<&[f64]> = wide.chunks(GRAM_STRETCH).map(|w| &w[..len]).collect();
             for i in 0..m {
                 for j in i..m {
-                    dot_lanes_f64(&mut acc[i * m + j], ws[i], ws[j]);
+                    dot_lanes(&mut acc[i * m + j], ws[i], ws[j]);
                 }
             }
         }
@@ -145,20 +145,6 @@ fn widen(out: &mut [f64], x: &[f32]) {
 /// `x - b` rounded to f32 (the task vector as stored in f32), then widened.
 fn widen_diff(out: &mut [f64], x: &[f32], b: &[f32]) {
     out.iter_mut().zip(x).zip(b).for_each(|((o, &x), &b)| *o = (x - b) as f64);
-}
-
-/// [`dot_lanes`] over values already widened: element `i` to lane `i % 8`, the same sums.
-fn dot_lanes_f64(acc: &mut [f64; LANES], a: &[f64], b: &[f64]) {
-    let n = a.len().min(b.len());
-    let full = n / LANES * LANES;
-    for (a, b) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    for i in full..n {
-        acc[i % LANES] += a[i] * b[i];
-    }
 }
 
 /// Elements of a Gram chunk handled at a time: a multiple of [`LANES`], so the lanes carry
