@@ -205,27 +205,7 @@ fn prepared_methods_match_cpu_bit_for_bit() {
         ("breadcrumbs_ties", crumbs("breadcrumbs_ties", true)),
         ("sce", "merge_method: sce\nbase_model: base\nmodels:\n  - model: expert-1\n  - model: expert-2\n  - model: expert-3\nparameters: {select_topk: 0.5}\ndtype: float32\n".to_string()),
     ];
-    let cfgs: Vec<_> = configs
-        .iter()
-        .map(|(name, yaml)| {
-            let path = tmp.path().join(format!("{name}.yml"));
-            std::fs::write(&path, yaml).unwrap();
-            let cfg = MergeConfig::load(&path).unwrap();
-            merge(&cfg, &opts(&tmp.path().join(format!("{name}-cpu")))).unwrap();
-            (*name, cfg)
-        })
-        .collect();
-    let Some(gpu) = gpu() else { return };
-    for (name, cfg) in cfgs {
-        for unit in [64 << 10, 1 << 30] {
-            let gpu_out = tmp.path().join(format!("{name}-gpu-{unit}"));
-            let mut engine = CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), ..Default::default() });
-            let summary = merge_with(&cfg, &opts(&gpu_out), &mut engine).unwrap();
-            assert!(summary.device.starts_with("cuda"), "{name}: {}", summary.device);
-            let (differing, worst) = compare_outputs(&gpu_out, &tmp.path().join(format!("{name}-cpu"))).unwrap();
-            assert_eq!((differing, worst), (0, 0.0), "{name}, units of {unit} bytes");
-        }
-    }
+    merges_match_cpu_bit_for_bit(tmp.path(), &configs);
 }
 
 /// DELLA end to end (`della` with and without rescale, `della_linear`, K = 1 and 3) against the
@@ -267,24 +247,30 @@ fn della_methods_match_cpu_bit_for_bit() {
         ("della_k1", della("della", 1, true, "tiny")),
         ("della_wide", della("della", 3, true, "wide")),
     ];
+    merges_match_cpu_bit_for_bit(tmp.path(), &configs);
+}
+
+/// Merges each `(name, yaml)` on the CPU (in `dir`), then, with a GPU, on the CUDA engine in
+/// many small units and in one, and asserts the output bytes are the CPU's.
+fn merges_match_cpu_bit_for_bit(dir: &Path, configs: &[(&str, String)]) {
     let cfgs: Vec<_> = configs
         .iter()
         .map(|(name, yaml)| {
-            let path = tmp.path().join(format!("{name}.yml"));
+            let path = dir.join(format!("{name}.yml"));
             std::fs::write(&path, yaml).unwrap();
             let cfg = MergeConfig::load(&path).unwrap();
-            merge(&cfg, &opts(&tmp.path().join(format!("{name}-cpu")))).unwrap();
+            merge(&cfg, &opts(&dir.join(format!("{name}-cpu")))).unwrap();
             (*name, cfg)
         })
         .collect();
     let Some(gpu) = gpu() else { return };
     for (name, cfg) in cfgs {
         for unit in [64 << 10, 1 << 30] {
-            let gpu_out = tmp.path().join(format!("{name}-gpu-{unit}"));
+            let gpu_out = dir.join(format!("{name}-gpu-{unit}"));
             let mut engine = CudaEngine::new(&gpu, CudaOptions { unit_bytes: Some(unit), ..Default::default() });
             let summary = merge_with(&cfg, &opts(&gpu_out), &mut engine).unwrap();
             assert!(summary.device.starts_with("cuda"), "{name}: {}", summary.device);
-            let (differing, worst) = compare_outputs(&gpu_out, &tmp.path().join(format!("{name}-cpu"))).unwrap();
+            let (differing, worst) = compare_outputs(&gpu_out, &dir.join(format!("{name}-cpu"))).unwrap();
             assert_eq!((differing, worst), (0, 0.0), "{name}, units of {unit} bytes");
         }
     }
