@@ -6,14 +6,13 @@
 //! shard's header is written before its data: no tensor is ever buffered whole.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use safetensors::tensor::{Metadata, TensorInfo};
 
+use super::output_file::{OutputFile, OutputIo};
 use super::reader::{INDEX_NAME, SINGLE_NAME};
 use crate::error::{Error, Result};
 
@@ -48,24 +47,19 @@ pub struct ShardWriter {
     /// Tensor currently being written and how many of its bytes have arrived.
     next: usize,
     written: u64,
-    out: Option<(usize, BufWriter<File>)>,
+    out: Option<(usize, OutputFile)>,
     bytes_written: u64,
-    /// Bytes written to the open shard since its writeback was last started.
-    unflushed: u64,
+    io: OutputIo,
     /// Write `model.safetensors.index.json` when there is more than one shard.
     write_index: bool,
 }
 
-/// Dirty output is handed to the disk in pieces of this size while the merge runs, so the
-/// final `fsync` waits for one piece instead of the whole shard.
 /// The largest shard unless told otherwise (`--out-shard-size`), as Hugging Face's
 /// `save_pretrained` and mergekit write them: a size every loader and file system takes.
 pub const DEFAULT_SHARD_SIZE: &str = "5GB";
 
 /// [`DEFAULT_SHARD_SIZE`] in bytes.
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
-
-const WRITEBACK_BYTES: u64 = 256 << 20;
 
 /// What [`ShardWriter::finish`] produced.
 #[derive(Debug, Clone)]
@@ -134,9 +128,16 @@ impl ShardWriter {
             written: 0,
             out: None,
             bytes_written: 0,
-            unflushed: 0,
+            io: OutputIo::Auto,
             write_index,
         }
+    }
+
+    /// Writes through the page cache even where direct writes are possible (see
+    /// [`OutputFile`]).
+    pub fn buffered(mut self) -> Self {
+        self.io = OutputIo::Buffered;
+        self
     }
 
     /// Number of shard files the plan produces.
@@ -164,15 +165,9 @@ impl ShardWriter {
             self.open_shard(si)?;
         }
         let (_, w) = self.out.as_mut().expect("shard opened above");
-        let path = self.dir.join(&self.shards[si].file_name);
-        w.write_all(bytes).map_err(|e| Error::io(&path, e))?;
+        w.write_all(bytes)?;
         self.written += bytes.len() as u64;
         self.bytes_written += bytes.len() as u64;
-        self.unflushed += bytes.len() as u64;
-        if self.unflushed >= WRITEBACK_BYTES {
-            self.unflushed = 0;
-            start_writeback(w.get_ref());
-        }
         if self.written == total {
             self.next += 1;
             self.written = 0;
@@ -185,22 +180,17 @@ impl ShardWriter {
         let plan = &self.shards[si];
         let header = header_json(&self.tensors[plan.first..plan.end])?;
         let path = self.dir.join(&plan.file_name);
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = BufWriter::with_capacity(8 << 20, file);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|_| w.write_all(&header))
-            .map_err(|e| Error::io(&path, e))?;
+        let mut w = OutputFile::create(&path, self.io)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
         self.bytes_written += 8 + header.len() as u64;
         self.out = Some((si, w));
-        self.unflushed = 0;
         Ok(())
     }
 
     fn close_current(&mut self) -> Result<()> {
-        if let Some((si, w)) = self.out.take() {
-            let path = self.dir.join(&self.shards[si].file_name);
-            let file = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        if let Some((_, w)) = self.out.take() {
+            w.finish()?;
         }
         Ok(())
     }
@@ -285,55 +275,73 @@ pub fn write_index(dir: &Path, tensors: &[PlannedTensor], files: &[&str]) -> Res
     Ok(path)
 }
 
-/// Asks the kernel to start writing a file's dirty pages without waiting for them (Linux
-/// `sync_file_range`); elsewhere a no-op, and the shard's `fsync` does all the work.
-fn start_writeback(file: &File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on an open descriptor; offset 0 and length 0 mean the whole file.
-        // Advisory: a failure only leaves the work to the final fsync.
-        let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
-}
-
 /// A [`ShardWriter`] on its own thread: the merge hands it finished spans and goes on computing
 /// the next ones while the kernel copies (and throttles) the writes. Buffers come back through
 /// [`Self::buffer`] for reuse, so the steady state allocates nothing.
 pub struct BackgroundWriter {
-    tx: Option<Sender<(String, Vec<u8>)>>,
+    tx: Option<Sender<(String, Vec<u8>, bool)>>,
     free: Receiver<Vec<u8>>,
+    /// Buffers sent to the thread, and received back from it.
+    sent: usize,
+    recovered: usize,
     handle: Option<JoinHandle<Result<ShardWriter>>>,
 }
 
 impl BackgroundWriter {
     /// Starts the thread; at most `depth` spans wait to be written.
     pub fn spawn(mut writer: ShardWriter, depth: usize) -> Self {
-        let (tx, rx) = bounded::<(String, Vec<u8>)>(depth);
+        // Every recycled buffer comes back: at most `depth` queued and one being written are
+        // out, so the channel back never drops one.
+        let (tx, rx) = bounded::<(String, Vec<u8>, bool)>(depth);
         let (free_tx, free) = bounded::<Vec<u8>>(depth + 1);
         let handle = std::thread::spawn(move || {
-            for (name, buf) in rx {
+            for (name, buf, recycle) in rx {
                 writer.write(&name, &buf)?;
-                let _ = free_tx.try_send(buf);
+                if recycle {
+                    let _ = free_tx.try_send(buf);
+                }
             }
             Ok(writer)
         });
-        BackgroundWriter { tx: Some(tx), free, handle: Some(handle) }
+        BackgroundWriter { tx: Some(tx), free, sent: 0, recovered: 0, handle: Some(handle) }
     }
 
-    /// A buffer recycled from an earlier write when one is back (else a new, empty one). It
-    /// still holds that write's bytes: the caller sizes it and overwrites every byte, so that
-    /// `resize` to the usual span length zero-fills nothing.
-    pub fn buffer(&self) -> Vec<u8> {
-        self.free.try_recv().unwrap_or_default()
+    /// A buffer recycled from an earlier write: one that is back; else, while a write waits in
+    /// the queue behind the one being written (so the thread stays busy), the next one the
+    /// thread finishes with; else a new, empty one. The steady state so allocates, and faults
+    /// in, no fresh memory. It still holds that write's bytes: the caller sizes it and
+    /// overwrites every byte, so that `resize` to the usual span length zero-fills nothing.
+    pub fn buffer(&mut self) -> Vec<u8> {
+        let back = match self.free.try_recv() {
+            Ok(b) => Some(b),
+            // A stopped thread sends nothing back (`recv` fails); the next `write` says why.
+            Err(_) if self.sent - self.recovered >= 2 => self.free.recv().ok(),
+            Err(_) => None,
+        };
+        match back {
+            Some(b) => {
+                self.recovered += 1;
+                b
+            }
+            None => Vec::new(),
+        }
     }
 
-    /// Queues `bytes` for tensor `name` (see [`ShardWriter::write`]). A failed write on the
-    /// thread is reported here, at the next call.
+    /// Queues `bytes` for tensor `name` (see [`ShardWriter::write`]); the buffer comes back
+    /// through [`Self::buffer`]. A failed write on the thread is reported here, at the next call.
     pub fn write(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send((name.to_string(), bytes)).is_ok());
+        self.send(name, bytes, true)?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Queues a copy of `bytes` (a tensor copied as stored), whose buffer is not recycled.
+    pub fn write_copy(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.send(name, bytes.to_vec(), false)
+    }
+
+    fn send(&mut self, name: &str, bytes: Vec<u8>, recycle: bool) -> Result<()> {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send((name.to_string(), bytes, recycle)).is_ok());
         if sent { Ok(()) } else { Err(self.join().err().unwrap_or_else(closed)) }
     }
 
@@ -427,5 +435,51 @@ mod tests {
     fn a_tensor_of_partial_bytes_is_refused() {
         let e = header_json(&[planned("w", Dtype::F4, &[3])]).unwrap_err().to_string();
         assert!(e.contains("safetensors header"), "{e}");
+    }
+
+    /// The background writer's buffer recycling never waits for a buffer that will not come
+    /// back: the caller drops the last buffer of every tensor and mixes in copies that are not
+    /// recycled, as the CPU engine does; the file holds every byte, through either route.
+    #[test]
+    fn background_writes_recycle_buffers_without_waiting_forever() {
+        let tensors: Vec<PlannedTensor> =
+            (0..40).map(|i| planned(&format!("t{i}"), Dtype::U8, &[1000 + 3 * i, 7])).collect();
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (0..t.nbytes() as usize).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        for buffered in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (planned, payload) = (tensors.clone(), data.clone());
+            let path = dir.path().to_path_buf();
+            let (done_tx, done) = crossbeam_channel::bounded(1);
+            std::thread::spawn(move || {
+                let writer = ShardWriter::create(&path, planned.clone(), u64::MAX).unwrap();
+                let mut w = BackgroundWriter::spawn(if buffered { writer.buffered() } else { writer }, 2);
+                for (t, bytes) in planned.iter().zip(&payload) {
+                    if t.name.ends_with('3') {
+                        w.write_copy(&t.name, bytes).unwrap();
+                        continue;
+                    }
+                    let mut buf = w.buffer();
+                    for span in bytes.chunks(2000) {
+                        buf.clear();
+                        buf.extend_from_slice(span);
+                        w.write(&t.name, buf).unwrap();
+                        buf = w.buffer();
+                    }
+                    drop(buf);
+                }
+                let _ = done_tx.send(w.finish().and_then(ShardWriter::finish).map(|_| ()));
+            });
+            let result = done.recv_timeout(std::time::Duration::from_secs(60)).expect("the writer waits forever");
+            result.unwrap();
+            let file = std::fs::read(dir.path().join(SINGLE_NAME)).unwrap();
+            let st = SafeTensors::deserialize(&file).unwrap();
+            for (t, bytes) in tensors.iter().zip(&data) {
+                assert_eq!(st.tensor(&t.name).unwrap().data(), bytes.as_slice(), "{} (buffered {buffered})", t.name);
+            }
+        }
     }
 }
