@@ -135,7 +135,7 @@ impl MergeEngine for CpuEngine {
             let position = job.position(bi);
             for t in &block.tensors {
                 match job.tensor(block, t, position)? {
-                    TensorWork::Raw { name, bytes } => writer.write(name, bytes.to_vec())?,
+                    TensorWork::Raw { name, bytes } => writer.write_copy(name, bytes)?,
                     TensorWork::Float(tj) => {
                         job.merge_tensor_cpu(&tj, writer.buffer(), &mut |bytes| {
                             writer.write(tj.name, bytes)?;
@@ -797,8 +797,12 @@ fn merge_chunk(tj: &TensorJob<'_>, ctx: &ChunkCtx<'_>, s: &mut Scratch, out_byte
     Ok(())
 }
 
-/// Hands `src`'s stored bytes to `sink` span by span, after the NaN/Inf check every read
-/// makes (on the bits: a float is non-finite when its exponent is all ones).
+/// Bytes of a verbatim copy that one thread checks and copies at a time.
+const VERBATIM_PIECE: usize = 1 << 18;
+
+/// Hands `src`'s stored bytes to `sink` span by span, with the NaN/Inf check every read makes
+/// (on the bits: a float is non-finite when its exponent is all ones), both threads checking
+/// and copying pieces of each span in one pass.
 fn copy_verbatim(
     name: &str,
     src: &Source<'_>,
@@ -807,38 +811,55 @@ fn copy_verbatim(
 ) -> Result<()> {
     let bytes = src.bytes();
     let size = src.dtype.size();
-    let bad = bytes
-        .par_chunks(CHUNK * size)
-        .enumerate()
-        .find_map_first(|(c, b)| first_non_finite_stored(src.dtype, b).map(|i| c * CHUNK + i));
-    if let Some(index) = bad {
-        let mut value = [0f32];
-        decode(src.dtype, &bytes[index * size..(index + 1) * size], &mut value);
-        return Err(Error::NonFinite {
-            path: src.ckpt.file_of(src.meta).to_path_buf(),
-            tensor: name.to_string(),
-            index,
-            value: value[0],
-        });
-    }
-    for span in bytes.chunks((SPAN * size).max(1)) {
-        out_buf.clear();
-        out_buf.extend_from_slice(span);
+    let (span_bytes, piece) = (SPAN * size, VERBATIM_PIECE.next_multiple_of(size));
+    for (si, span) in bytes.chunks(span_bytes).enumerate() {
+        out_buf.resize(span.len(), 0);
+        let bad = out_buf
+            .par_chunks_mut(piece)
+            .zip(span.par_chunks(piece))
+            .enumerate()
+            .filter_map(|(c, (out, b))| {
+                out.copy_from_slice(b);
+                first_non_finite_stored(src.dtype, b).map(|i| (si * span_bytes + c * piece) / size + i)
+            })
+            .min();
+        if let Some(index) = bad {
+            let mut value = [0f32];
+            decode(src.dtype, &bytes[index * size..(index + 1) * size], &mut value);
+            return Err(Error::NonFinite {
+                path: src.ckpt.file_of(src.meta).to_path_buf(),
+                tensor: name.to_string(),
+                index,
+                value: value[0],
+            });
+        }
         out_buf = sink(out_buf)?;
     }
     Ok(())
 }
 
-/// Index of the first stored NaN/Inf in `bytes` of `dtype`, from the bits alone.
+/// Index of the first stored NaN/Inf in `bytes` of `dtype`, from the bits alone: a scan of
+/// fixed-size blocks that compiles to vector compares first (the common case is none).
 fn first_non_finite_stored(dtype: FloatDType, bytes: &[u8]) -> Option<usize> {
-    let size = dtype.size();
-    let exp_all_ones = |c: &[u8]| match dtype {
-        FloatDType::F32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000,
-        FloatDType::BF16 => u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80,
-        FloatDType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00,
+    match dtype {
+        FloatDType::F32 => first_exp_all_ones::<4>(bytes, 0x7f80_0000),
+        FloatDType::BF16 => first_exp_all_ones::<2>(bytes, 0x7f80),
+        FloatDType::F16 => first_exp_all_ones::<2>(bytes, 0x7c00),
+    }
+}
+
+/// Index of the first little-endian `N`-byte word of `bytes` with every bit of `mask` set.
+fn first_exp_all_ones<const N: usize>(bytes: &[u8], mask: u32) -> Option<usize> {
+    let hit = |c: &[u8]| {
+        let mut word = [0u8; 4];
+        word[..N].copy_from_slice(&c[..N]);
+        u32::from_le_bytes(word) & mask == mask
     };
-    let any = bytes.chunks_exact(size).fold(false, |acc, c| acc | exp_all_ones(c));
-    if any { bytes.chunks_exact(size).position(exp_all_ones) } else { None }
+    const BLOCK: usize = 64;
+    let mut blocks = bytes.chunks_exact(BLOCK * N);
+    let clean = blocks.by_ref().take_while(|b| !b.chunks_exact(N).fold(false, |acc, c| acc | hit(c))).count();
+    let rest = &bytes[clean * BLOCK * N..];
+    rest.chunks_exact(N).position(hit).map(|i| clean * BLOCK + i)
 }
 
 /// Index of the first NaN/Inf, with a branch-free scan first (the common case is none).
@@ -878,4 +899,34 @@ fn out_of_range(tensor: &str, index: usize, value: f32, dtype: FloatDType) -> Er
         FloatDType::F32 => f32::MAX,
     };
     Error::OutputOverflow { tensor, index, value, dtype: format!("{dtype} ({})", dtype.safetensors_name()), max }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The block scan finds the first stored NaN/Inf at any position (inside a block, on its
+    /// edges, in the remainder), as an element-by-element scan does.
+    #[test]
+    fn stored_non_finite_scan_finds_the_first_one() {
+        let n = 64 * 5 + 13;
+        for dtype in [FloatDType::F32, FloatDType::BF16, FloatDType::F16] {
+            let finite: Vec<f32> = (0..n).map(|i| (i as f32 - 150.0) * 0.37).collect();
+            for at in [0, 1, 63, 64, 65, 200, 64 * 5 - 1, 64 * 5, n - 1] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut values = finite.clone();
+                    values[at] = bad;
+                    if at + 7 < n {
+                        values[at + 7] = f32::NAN;
+                    }
+                    let mut bytes = vec![0u8; n * dtype.size()];
+                    encode_into(dtype, &values, &mut bytes);
+                    assert_eq!(first_non_finite_stored(dtype, &bytes), Some(at), "{dtype:?} {bad} at {at}");
+                }
+            }
+            let mut bytes = vec![0u8; n * dtype.size()];
+            encode_into(dtype, &finite, &mut bytes);
+            assert_eq!(first_non_finite_stored(dtype, &bytes), None, "{dtype:?}");
+        }
+    }
 }
