@@ -80,6 +80,17 @@ pub fn magnitude_thresholds<F>(n: usize, ks: &[usize], fill: F) -> Result<Vec<Th
 where
     F: Fn(usize, &mut [Vec<f32>]) -> Result<()> + Sync,
 {
+    let stream_of: Vec<usize> = (0..ks.len()).collect();
+    magnitude_thresholds_of(n, ks, &stream_of, fill)
+}
+
+/// [`magnitude_thresholds`] where threshold `i` keeps the `ks[i]` largest magnitudes of stream
+/// `stream_of[i]`: several counts on one stream (order statistics such as quartiles) share its
+/// buffer and its high-bits histogram. `fill` gets one buffer per stream, plus scratch.
+pub fn magnitude_thresholds_of<F>(n: usize, ks: &[usize], stream_of: &[usize], fill: F) -> Result<Vec<Threshold>>
+where
+    F: Fn(usize, &mut [Vec<f32>]) -> Result<()> + Sync,
+{
     let mut out: Vec<Option<Threshold>> = ks
         .iter()
         .map(|&k| {
@@ -96,17 +107,23 @@ where
     if open.is_empty() {
         return Ok(out.into_iter().map(|t| t.expect("all decided")).collect());
     }
-    let streams = ks.len();
-    let hi = histograms(n, streams, &open, &fill, |_, bits| Some((bits >> 16) as usize))?;
-    let buckets: Vec<(usize, usize)> = open.iter().zip(&hi).map(|(&s, h)| walk_down(h, ks[s], 0)).collect();
-    let mut bucket_of = vec![usize::MAX; streams];
+    let streams = stream_of.iter().max().map_or(0, |&m| m + 1);
+    let mut hi_streams: Vec<usize> = open.iter().map(|&s| stream_of[s]).collect();
+    hi_streams.sort_unstable();
+    hi_streams.dedup();
+    let hi_reads: Vec<(usize, usize)> = hi_streams.iter().map(|&b| (b, b)).collect();
+    let hi = histograms(n, streams, &hi_reads, &fill, |_, bits| Some((bits >> 16) as usize))?;
+    let hist_of = |s: usize| &hi[hi_streams.binary_search(&stream_of[s]).expect("an open stream")];
+    let buckets: Vec<(usize, usize)> = open.iter().map(|&s| walk_down(hist_of(s), ks[s], 0)).collect();
+    let mut bucket_of = vec![usize::MAX; ks.len()];
     for (&s, &(b, _)) in open.iter().zip(&buckets) {
         bucket_of[s] = b;
     }
-    let lo = histograms(n, streams, &open, &fill, |s, bits| {
+    let lo_reads: Vec<(usize, usize)> = open.iter().map(|&s| (s, stream_of[s])).collect();
+    let lo = histograms(n, streams, &lo_reads, &fill, |s, bits| {
         ((bits >> 16) as usize == bucket_of[s]).then_some((bits & 0xffff) as usize)
     })?;
-    // Streams where more values tie at the threshold than may be kept: (stream, bits, need).
+    // Thresholds where more values tie than may be kept: (threshold, bits, need, seen).
     let mut ties = Vec::new();
     for (i, &s) in open.iter().enumerate() {
         let (bucket, above_bucket) = buckets[i];
@@ -118,7 +135,7 @@ where
             ties.push((s, t_bits, need, 0usize));
         }
     }
-    // The index of each such stream's need-th tied value, in one ordered scan.
+    // The index of each such threshold's need-th tied value, in one ordered scan.
     let mut bufs = vec![vec![0f32; CHUNK.min(n)]; streams + 1];
     let mut offset = 0;
     while offset < n && ties.iter().any(|t| t.3 < t.2) {
@@ -129,7 +146,7 @@ where
             if *seen == *need {
                 continue;
             }
-            for (i, &x) in bufs[*s].iter().enumerate() {
+            for (i, &x) in bufs[stream_of[*s]].iter().enumerate() {
                 if x.abs().to_bits() == *t_bits {
                     *seen += 1;
                     if *seen == *need {
@@ -163,15 +180,16 @@ pub fn walk_down(hist: &[u64], k: usize, mut above: usize) -> (usize, usize) {
     (0, above)
 }
 
-/// One 2^16-bin histogram per stream in `open`, over all `n` values (chunks in parallel,
-/// each stream's counts summed in a fixed order, so the result does not depend on threads).
-fn histograms<F, B>(n: usize, streams: usize, open: &[usize], fill: &F, bin: B) -> Result<Vec<Vec<u64>>>
+/// One 2^16-bin histogram per `(id, stream)` in `reads`, of `bin(id, bits)` over stream's `n`
+/// values (chunks in parallel, counts summed in a fixed order, so the result does not depend
+/// on threads).
+fn histograms<F, B>(n: usize, streams: usize, reads: &[(usize, usize)], fill: &F, bin: B) -> Result<Vec<Vec<u64>>>
 where
     F: Fn(usize, &mut [Vec<f32>]) -> Result<()> + Sync,
     B: Fn(usize, u32) -> Option<usize> + Sync,
 {
     let chunks = n.div_ceil(CHUNK);
-    let zero = || vec![vec![0u64; 1 << 16]; open.len()];
+    let zero = || vec![vec![0u64; 1 << 16]; reads.len()];
     (0..chunks)
         .into_par_iter()
         .try_fold(
@@ -181,9 +199,9 @@ where
                 let len = CHUNK.min(n - offset);
                 bufs.iter_mut().for_each(|b| b.resize(len, 0.0));
                 fill(offset, &mut bufs)?;
-                for (h, &s) in hist.iter_mut().zip(open) {
+                for (h, &(id, s)) in hist.iter_mut().zip(reads) {
                     for &x in &bufs[s] {
-                        if let Some(b) = bin(s, x.abs().to_bits()) {
+                        if let Some(b) = bin(id, x.abs().to_bits()) {
                             h[b] += 1;
                         }
                     }
@@ -282,6 +300,26 @@ mod tests {
             .unwrap();
             assert_eq!(got[j], one, "stream {j}");
             assert_eq!((0..n).filter(|&i| got[j].keep(streams[s][i], i)).count(), k, "stream {j} keeps k");
+        }
+        // Several counts on one stream (order statistics), with ties on stream 2: each
+        // threshold is the one selected alone, and `fill` sees one buffer per stream.
+        let (ks, idx) = ([1, 37_501, 75_000, n, 0, 150_000, 80_000], [0, 0, 0, 2, 2, 2, 2]);
+        let shared = magnitude_thresholds_of(n, &ks, &idx, |off, bufs| {
+            assert_eq!(bufs.len(), 4, "streams 0 to 2 and scratch");
+            for s in [0, 2] {
+                let len = bufs[s].len();
+                bufs[s].copy_from_slice(&streams[s][off..off + len]);
+            }
+            Ok(())
+        })
+        .unwrap();
+        for (j, (&k, &s)) in ks.iter().zip(&idx).enumerate() {
+            let one = magnitude_threshold(n, k, |off, out| {
+                out.copy_from_slice(&streams[s][off..off + out.len()]);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(shared[j], one, "count {k} of stream {s}");
         }
     }
 }
