@@ -765,9 +765,9 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let mut h = blake3::Hasher::new();
         for t in &self.tasks {
             for p in t.private.iter().flat_map(|p| p.values()) {
-                for v in be.download(&p.buf)? {
-                    h.update(&v.to_le_bytes());
-                }
+                // One update per tensor: blake3 per 4-byte value costs seconds on an LM head.
+                let bytes: Vec<u8> = be.download(&p.buf)?.iter().flat_map(|v| v.to_le_bytes()).collect();
+                h.update(&bytes);
             }
         }
         Ok(*h.finalize().as_bytes())

@@ -101,7 +101,10 @@ fn open_direct(path: &Path) -> Option<File> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(path).ok()
+        let opened = OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(path);
+        opened
+            .map_err(|e| tracing::debug!(path = %path.display(), error = %e, "O_DIRECT refused; writing through the page cache"))
+            .ok()
     }
     #[cfg(not(target_os = "linux"))]
     {

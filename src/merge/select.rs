@@ -282,6 +282,13 @@ mod tests {
                     .collect()
             })
             .collect();
+        let alone = |k: usize, s: usize| {
+            magnitude_threshold(n, k, |off, out| {
+                out.copy_from_slice(&streams[s][off..off + out.len()]);
+                Ok(())
+            })
+            .unwrap()
+        };
         let ks = [1, 0, 37_501, n, 150_000];
         let idx = [0, 1, 2, 3, 0];
         let got = magnitude_thresholds(n, &ks, |off, bufs| {
@@ -293,12 +300,7 @@ mod tests {
         })
         .unwrap();
         for (j, (&k, &s)) in ks.iter().zip(&idx).enumerate() {
-            let one = magnitude_threshold(n, k, |off, out| {
-                out.copy_from_slice(&streams[s][off..off + out.len()]);
-                Ok(())
-            })
-            .unwrap();
-            assert_eq!(got[j], one, "stream {j}");
+            assert_eq!(got[j], alone(k, s), "stream {j}");
             assert_eq!((0..n).filter(|&i| got[j].keep(streams[s][i], i)).count(), k, "stream {j} keeps k");
         }
         // Several counts on one stream (order statistics), with ties on stream 2: each
@@ -314,12 +316,7 @@ mod tests {
         })
         .unwrap();
         for (j, (&k, &s)) in ks.iter().zip(&idx).enumerate() {
-            let one = magnitude_threshold(n, k, |off, out| {
-                out.copy_from_slice(&streams[s][off..off + out.len()]);
-                Ok(())
-            })
-            .unwrap();
-            assert_eq!(shared[j], one, "count {k} of stream {s}");
+            assert_eq!(shared[j], alone(k, s), "count {k} of stream {s}");
         }
     }
 }
