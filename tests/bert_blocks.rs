@@ -12,7 +12,7 @@ use common::{T, randoms, write_file};
 use safetensors::Dtype;
 use symerge::backend::{Backend, Cpu};
 use symerge::model::bert::{Batch, Block};
-use symerge::model::{Bert, Encoded, LoadOptions, NewHead, Param, Params};
+use symerge::model::{Bert, ChainBlock, Encoded, LoadOptions, NewHead, Param, Params};
 
 const HIDDEN: usize = 8;
 const INTER: usize = 12;

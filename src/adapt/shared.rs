@@ -28,6 +28,7 @@ use super::lambda::Lambda;
 use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, FloatDType, StoredTensor};
 use crate::error::{Error, Result};
+use crate::model::chain::TableRows;
 use crate::model::{Param, Params};
 
 /// One shared tensor: where it is stored in the base and in each expert.
@@ -294,9 +295,6 @@ impl<B: Backend> BlockVisit<'_, B> {
         Ok(())
     }
 }
-
-/// A lookup table's name and the rows (sorted, unique) a batch reads from it.
-pub type TableRows = (String, Vec<u32>);
 
 /// The rows and row length of `t` when `lookups` lists it.
 fn lookup_of<'a>(lookups: &'a [TableRows], t: &SharedTensor) -> Option<(&'a [u32], usize)> {

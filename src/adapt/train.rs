@@ -27,7 +27,7 @@ use super::classifier::Adapter;
 use super::config::{AdaptConfig, Method};
 use super::lambda::{Granularity, Lambda};
 use super::lm::LmAdapter;
-use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport, TableRows};
+use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport};
 use crate::atomic::Staging;
 use crate::backend::{Backend, Device};
 use crate::checkpoint::FloatDType;
@@ -36,93 +36,11 @@ use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::tokenize::Tokens;
-use crate::model::{Batch, Block, LlamaBlock, LmBatch, Param, Params, TextTokenizer, is_causal_lm_dir};
+use crate::model::{ChainBlock, Param, Params, TextTokenizer, is_causal_lm_dir};
 use crate::units::parse_budget;
 
-/// A block of a model family's chain, as adaptation drives it.
-pub trait AdaptBlock<B: Backend>: Clone {
-    /// The family's uploaded batch.
-    type Batch;
-    /// Forward internals a backward can reuse instead of recomputing them.
-    type Internals: Send;
-    fn name(&self) -> String;
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
-    /// The block's output; `input` is the previous block's output (`None` for the first).
-    fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, input: Option<&B::Buf>) -> Result<B::Buf>;
-    /// [`Self::forward`] plus its internals, when the block has any worth keeping.
-    fn forward_keeping(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &Self::Batch,
-        input: Option<&B::Buf>,
-    ) -> Result<(B::Buf, Option<Self::Internals>)>;
-    /// f32 elements the internals hold.
-    fn internals_len(be: &B, internals: &Self::Internals) -> usize;
-    /// The tensors the block reads only by row lookups (embedding tables), with the rows `batch`
-    /// reads: only those rows are merged, and only they carry gradient.
-    fn lookup_rows(&self, batch: &Self::Batch) -> Vec<TableRows>;
-    /// `(dL/d input, dL/d params)` from the saved input, the kept internals (recomputed when
-    /// `None`) and the output gradient.
-    fn backward(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &Self::Batch,
-        input: Option<&B::Buf>,
-        kept: Option<Self::Internals>,
-        grad_out: &B::Buf,
-    ) -> Result<(Option<B::Buf>, Params<B>)>;
-}
-
-macro_rules! adapt_block {
-    ($block:ty, $batch:ident, $internals:ty) => {
-        impl<B: Backend> AdaptBlock<B> for $block {
-            type Batch = $batch<B>;
-            type Internals = $internals;
-            fn name(&self) -> String {
-                <$block>::name(self)
-            }
-            fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-                <$block>::param_shapes(self)
-            }
-            fn forward(&self, be: &B, p: &Params<B>, batch: &$batch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
-                <$block>::forward(self, be, p, batch, input)
-            }
-            fn forward_keeping(
-                &self,
-                be: &B,
-                p: &Params<B>,
-                batch: &$batch<B>,
-                input: Option<&B::Buf>,
-            ) -> Result<(B::Buf, Option<$internals>)> {
-                <$block>::forward_keeping(self, be, p, batch, input)
-            }
-            fn internals_len(be: &B, internals: &$internals) -> usize {
-                internals.len(be)
-            }
-            fn lookup_rows(&self, batch: &$batch<B>) -> Vec<TableRows> {
-                <$block>::lookup_rows(self, batch)
-            }
-            fn backward(
-                &self,
-                be: &B,
-                p: &Params<B>,
-                batch: &$batch<B>,
-                input: Option<&B::Buf>,
-                kept: Option<$internals>,
-                grad_out: &B::Buf,
-            ) -> Result<(Option<B::Buf>, Params<B>)> {
-                <$block>::backward(self, be, p, batch, input, kept, grad_out)
-            }
-        }
-    };
-}
-adapt_block!(Block, Batch, crate::model::bert::Internals<B::Buf>);
-adapt_block!(LlamaBlock, LmBatch, crate::model::llama::Internals<B::Buf>);
-
 /// A block's kept internals, by the family's block type.
-type InternalsOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Internals;
+type InternalsOf<B, F> = <<F as Family<B>>::Block as ChainBlock<B>>::Internals;
 type KeptOf<B, F> = Option<InternalsOf<B, F>>;
 
 /// What a block's forward leaves for its backward beyond its input: its internals and (shared
@@ -155,11 +73,11 @@ impl<B: Backend, F: Family<B>> KeptBlock<B, F> {
 }
 
 /// The uploaded batch of a family.
-pub type BatchOf<B, F> = <<F as Family<B>>::Block as AdaptBlock<B>>::Batch;
+pub type BatchOf<B, F> = <<F as Family<B>>::Block as ChainBlock<B>>::Batch;
 
 /// What a model family brings to adaptation (see the module notes).
 pub trait Family<B: Backend>: Sized {
-    type Block: AdaptBlock<B>;
+    type Block: ChainBlock<B>;
     /// A task's data beyond what every family keeps (labels, caches, class names).
     type TaskData;
     /// The loss's state between the forward and the backward.

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::chain::{self, ChainBlock, Saved, TableRows, load_tensor, need_input, param_buf};
 use super::config::{BertConfig, BertFamily};
 use super::tokenize::Encoded;
 use super::{Param, Params};
@@ -60,12 +61,6 @@ impl<B: Backend> Batch<B> {
     }
 }
 
-fn param<'a, B: Backend>(p: &'a Params<B>, name: &str) -> Result<&'a B::Buf> {
-    p.get(name)
-        .map(|t| &t.buf)
-        .ok_or_else(|| Error::Invalid(format!("parameter `{name}` is missing from the block's parameters")))
-}
-
 fn grad<B: Backend>(out: &mut Params<B>, name: String, shape: &[usize], buf: Option<B::Buf>) {
     if let Some(buf) = buf {
         out.insert(name, Param { shape: shape.to_vec(), buf });
@@ -103,22 +98,22 @@ impl Embeddings {
     /// The sum before LayerNorm (recomputed by the backward).
     fn summed<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
         let h = self.hidden;
-        let mut x = be.embedding(param(p, Self::WORD)?, &batch.input_ids, h)?;
-        be.add_assign(&mut x, &be.embedding(param(p, Self::POS)?, &batch.position_ids, h)?)?;
-        be.add_assign(&mut x, &be.embedding(param(p, Self::TYPE)?, &batch.token_type_ids, h)?)?;
+        let mut x = be.embedding(param_buf(p, Self::WORD)?, &batch.input_ids, h)?;
+        be.add_assign(&mut x, &be.embedding(param_buf(p, Self::POS)?, &batch.position_ids, h)?)?;
+        be.add_assign(&mut x, &be.embedding(param_buf(p, Self::TYPE)?, &batch.token_type_ids, h)?)?;
         Ok(x)
     }
 
     pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
         let x = self.summed(be, p, batch)?;
-        be.layernorm(&x, param(p, Self::LN_W)?, param(p, Self::LN_B)?, batch.rows(), self.hidden, self.eps)
+        be.layernorm(&x, param_buf(p, Self::LN_W)?, param_buf(p, Self::LN_B)?, batch.rows(), self.hidden, self.eps)
     }
 
     /// Gradients of the five tensors (the input is discrete ids: there is no input gradient).
     pub fn backward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, dy: &B::Buf) -> Result<Params<B>> {
         let h = self.hidden;
         let x = self.summed(be, p, batch)?;
-        let ln = be.layernorm_backward(&x, param(p, Self::LN_W)?, dy, batch.rows(), h, self.eps)?;
+        let ln = be.layernorm_backward(&x, param_buf(p, Self::LN_W)?, dy, batch.rows(), h, self.eps)?;
         drop(x);
         let shapes = self.param_shapes();
         let mut g = Params::new();
@@ -162,9 +157,6 @@ struct LayerActs<Buf> {
 /// A layer's forward internals, kept for a backward that then does not recompute them (the
 /// trade of memory for a quarter of the step's work that adaptation makes when its budget allows).
 pub struct Internals<Buf>(LayerActs<Buf>);
-
-/// A block's output and the internals its forward kept, if any.
-pub type Keeping<B> = (<B as Backend>::Buf, Option<Internals<<B as Backend>::Buf>>);
 
 impl<Buf> Internals<Buf> {
     /// f32 elements held.
@@ -235,7 +227,7 @@ impl EncoderLayer {
         x: &B::Buf,
     ) -> Result<(LayerActs<B::Buf>, B::Buf)> {
         let (rows, h, i) = (batch.rows(), self.hidden, self.intermediate);
-        let w = |rel: &str| param(p, &self.name(rel));
+        let w = |rel: &str| param_buf(p, &self.name(rel));
         let lin = |inp: &B::Buf, name: &str, fan_in: usize, fan_out: usize| -> Result<B::Buf> {
             be.linear(inp, w(&format!("{name}.weight"))?, Some(w(&format!("{name}.bias"))?), rows, fan_in, fan_out)
         };
@@ -291,7 +283,7 @@ impl EncoderLayer {
         dy: &B::Buf,
     ) -> Result<(B::Buf, Params<B>)> {
         let (rows, h, i) = (batch.rows(), self.hidden, self.intermediate);
-        let w = |rel: &str| param(p, &self.name(rel));
+        let w = |rel: &str| param_buf(p, &self.name(rel));
         let a = match kept {
             Some(Internals(a)) => a,
             None => self.run(be, p, batch, x)?.0,
@@ -397,9 +389,9 @@ impl ClassifierHead {
         let [dw, db, ow, ob] = self.names();
         let h = self.hidden;
         let cls = be.embedding(hidden, &batch.cls_rows, h)?;
-        let pre = be.linear(&cls, param(p, dw)?, Some(param(p, db)?), batch.batch, h, h)?;
+        let pre = be.linear(&cls, param_buf(p, dw)?, Some(param_buf(p, db)?), batch.batch, h, h)?;
         let pooled = be.tanh(&pre)?;
-        let logits = be.linear(&pooled, param(p, ow)?, Some(param(p, ob)?), batch.batch, h, self.num_labels)?;
+        let logits = be.linear(&pooled, param_buf(p, ow)?, Some(param_buf(p, ob)?), batch.batch, h, self.num_labels)?;
         Ok(HeadActs { cls, pre, pooled, logits })
     }
 
@@ -421,12 +413,12 @@ impl ClassifierHead {
         let HeadActs { cls, pre, pooled, .. } = self.run(be, p, batch, hidden)?;
         let shapes = self.param_shapes();
         let mut g = Params::new();
-        let out = be.linear_backward(&pooled, param(p, ow)?, dlogits, rows, h, n, true, true)?;
+        let out = be.linear_backward(&pooled, param_buf(p, ow)?, dlogits, rows, h, n, true, true)?;
         grad::<B>(&mut g, ow.into(), &shapes[2].1, Some(out.dw));
         grad::<B>(&mut g, ob.into(), &shapes[3].1, out.db);
         let dpooled = out.dx.ok_or_else(|| Error::Invalid("missing pooled gradient".into()))?;
         let dpre = be.tanh_backward(&pre, &dpooled)?;
-        let dense = be.linear_backward(&cls, param(p, dw)?, &dpre, rows, h, h, true, true)?;
+        let dense = be.linear_backward(&cls, param_buf(p, dw)?, &dpre, rows, h, h, true, true)?;
         grad::<B>(&mut g, dw.into(), &shapes[0].1, Some(dense.dw));
         grad::<B>(&mut g, db.into(), &shapes[1].1, dense.db);
         let dcls = dense.dx.ok_or_else(|| Error::Invalid("missing [CLS] gradient".into()))?;
@@ -461,50 +453,61 @@ impl Block {
         }
     }
 
-    /// The block's output; `input` is the previous block's output (`None` for the embeddings).
-    pub fn forward<B: Backend>(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &Batch<B>,
-        input: Option<&B::Buf>,
-    ) -> Result<B::Buf> {
+    fn input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
+        need_input(input, &self.name())
+    }
+}
+
+impl<B: Backend> ChainBlock<B> for Block {
+    type Batch = Batch<B>;
+    type Internals = Internals<B::Buf>;
+
+    fn name(&self) -> String {
+        Block::name(self)
+    }
+
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        Block::param_shapes(self)
+    }
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Batch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
         match self {
             Block::Embeddings(e) => e.forward(be, p, batch),
-            Block::Layer(l) => l.forward(be, p, batch, need_input(input, self)?),
-            Block::Head(h) => h.forward(be, p, batch, need_input(input, self)?),
+            Block::Layer(l) => l.forward(be, p, batch, self.input(input)?),
+            Block::Head(h) => h.forward(be, p, batch, self.input(input)?),
         }
     }
 
-    /// The tensors this block reads only by row lookups, with the rows `batch` reads.
-    pub fn lookup_rows<B: Backend>(&self, batch: &Batch<B>) -> Vec<(String, Vec<u32>)> {
-        match self {
-            Block::Embeddings(_) => batch.lookups.clone(),
-            _ => Vec::new(),
-        }
-    }
-
-    /// [`Self::forward`] plus what [`Self::backward`] can reuse (an encoder layer's internals;
-    /// the embeddings and the head are cheap to recompute and keep nothing).
-    pub fn forward_keeping<B: Backend>(
+    /// An encoder layer keeps its internals; the embeddings and the head are cheap to recompute
+    /// and keep nothing.
+    fn forward_keeping(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &Batch<B>,
         input: Option<&B::Buf>,
-    ) -> Result<Keeping<B>> {
+    ) -> Result<(B::Buf, Option<Internals<B::Buf>>)> {
         match self {
             Block::Layer(l) => {
-                let (y, kept) = l.forward_keeping(be, p, batch, need_input(input, self)?)?;
+                let (y, kept) = l.forward_keeping(be, p, batch, self.input(input)?)?;
                 Ok((y, Some(kept)))
             }
             _ => Ok((self.forward(be, p, batch, input)?, None)),
         }
     }
 
-    /// `(dL/d input, dL/d params)` from the saved input (and the internals `kept` by
-    /// [`Self::forward_keeping`], if any) and the output gradient.
-    pub fn backward<B: Backend>(
+    fn internals_len(be: &B, internals: &Internals<B::Buf>) -> usize {
+        internals.len(be)
+    }
+
+    fn lookup_rows(&self, batch: &Batch<B>) -> Vec<TableRows> {
+        match self {
+            Block::Embeddings(_) => batch.lookups.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
@@ -516,19 +519,15 @@ impl Block {
         match self {
             Block::Embeddings(e) => Ok((None, e.backward(be, p, batch, grad_out)?)),
             Block::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, need_input(input, self)?, kept, grad_out)?;
+                let (dx, g) = l.backward(be, p, batch, self.input(input)?, kept, grad_out)?;
                 Ok((Some(dx), g))
             }
             Block::Head(h) => {
-                let (dx, g) = h.backward(be, p, batch, need_input(input, self)?, grad_out)?;
+                let (dx, g) = h.backward(be, p, batch, self.input(input)?, grad_out)?;
                 Ok((Some(dx), g))
             }
         }
     }
-}
-
-fn need_input<'a, T>(input: Option<&'a T>, block: &Block) -> Result<&'a T> {
-    input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", block.name())))
 }
 
 /// A freshly initialised classification head, for fine-tuning from a bare encoder.
@@ -544,11 +543,6 @@ pub struct LoadOptions {
     /// Replace (or add) the classifier with a seeded random one. The pooler is kept when the
     /// checkpoint has one (a pretrained `BertModel` does).
     pub new_head: Option<NewHead>,
-}
-
-/// The inputs each block saw during a training forward: all the backward needs.
-pub struct Saved<B: Backend> {
-    inputs: Vec<Option<B::Buf>>,
 }
 
 /// A BERT-family encoder with an optional classification head, its weights on a backend.
@@ -597,15 +591,7 @@ impl<B: Backend> Bert<B> {
             }));
         }
 
-        let mut params = Vec::with_capacity(blocks.len() + 1);
-        for (i, block) in blocks.iter().enumerate() {
-            let mut p = Params::new();
-            for (name, shape) in block.param_shapes().into_iter().filter(|_| i >= skip_blocks) {
-                let buf = load_tensor(&backend, &ck, &name, &shape)?;
-                p.insert(name, Param { shape, buf });
-            }
-            params.push(p);
-        }
+        let mut params = chain::load_params(&backend, &ck, &blocks, skip_blocks)?;
 
         let stored_head = if ck.resolve("classifier.out_proj.weight").is_some() {
             Some(HeadStyle::Roberta)
@@ -695,27 +681,12 @@ impl<B: Backend> Bert<B> {
 
     /// A parameter by name, from whichever block holds it.
     pub fn param(&self, name: &str) -> Option<&Param<B>> {
-        self.params.iter().find_map(|p| p.get(name))
+        chain::param(&self.params, name)
     }
 
     /// Replaces a parameter's values (same shape), e.g. to install given head weights.
     pub fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        let be = &self.backend;
-        let p = self
-            .params
-            .iter_mut()
-            .find_map(|p| p.get_mut(name))
-            .ok_or_else(|| Error::Invalid(format!("the model has no parameter `{name}`")))?;
-        let n: usize = p.shape.iter().product();
-        if values.len() != n {
-            return Err(Error::Invalid(format!(
-                "parameter `{name}` has shape {:?} ({n} values), got {} values",
-                p.shape,
-                values.len()
-            )));
-        }
-        p.buf = be.upload(values)?;
-        Ok(())
+        chain::set_param(&self.backend, &mut self.params, name, values)
     }
 
     /// Puts `other`'s classification head (pooler and classifier, and its label names) on this
@@ -831,14 +802,8 @@ impl<B: Backend> Bert<B> {
 
     /// Last hidden states of the real tokens, `[batch.tokens, hidden]`.
     fn packed_hidden_states(&self, batch: &Batch<B>) -> Result<B::Buf> {
-        let mut x: Option<B::Buf> = None;
-        for (block, p) in self.blocks.iter().zip(&self.params) {
-            if matches!(block, Block::Head(_)) {
-                break;
-            }
-            x = Some(block.forward(&self.backend, p, batch, x.as_ref())?);
-        }
-        x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))
+        let encoder = self.blocks.iter().take_while(|b| !matches!(b, Block::Head(_))).count();
+        chain::forward(&self.backend, &self.blocks[..encoder], &self.params, batch)
     }
 
     fn no_head(&self) -> Error {
@@ -861,36 +826,13 @@ impl<B: Backend> Bert<B> {
         if self.head().is_none() {
             return Err(self.no_head());
         }
-        let mut inputs = Vec::with_capacity(self.blocks.len());
-        let mut x: Option<B::Buf> = None;
-        for (block, p) in self.blocks.iter().zip(&self.params) {
-            let y = block.forward(&self.backend, p, batch, x.as_ref())?;
-            inputs.push(x.replace(y));
-        }
-        let logits = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
-        Ok((logits, Saved { inputs }))
+        chain::forward_saving(&self.backend, &self.blocks, &self.params, batch)
     }
 
-    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`. Blocks
-    /// run in reverse, each recomputing its internals from its saved input, which is freed as soon
-    /// as the block is done.
+    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`
+    /// ([`chain::backward`]).
     pub fn backward(&self, batch: &Batch<B>, saved: Saved<B>, dlogits: &B::Buf) -> Result<Vec<Params<B>>> {
-        let mut grads: Vec<Params<B>> = Vec::with_capacity(self.blocks.len());
-        let mut inputs = saved.inputs;
-        if inputs.len() != self.blocks.len() {
-            return Err(Error::Invalid("saved activations do not belong to this model".into()));
-        }
-        let mut dy: Option<B::Buf> = None;
-        for i in (0..self.blocks.len()).rev() {
-            let input = inputs.pop().flatten();
-            let g_out = dy.as_ref().unwrap_or(dlogits);
-            let (dx, g) =
-                self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), None, g_out)?;
-            grads.push(g);
-            dy = dx;
-        }
-        grads.reverse();
-        Ok(grads)
+        chain::backward(&self.backend, &self.blocks, &self.params, batch, saved, dlogits)
     }
 
     /// Mean soft-label cross-entropy of the batch against `targets` (`[batch, num_labels]`
@@ -905,17 +847,6 @@ impl<B: Backend> Bert<B> {
         let grads = self.backward(batch, saved, &dlogits)?;
         Ok((loss.first().copied().unwrap_or(f32::NAN), grads))
     }
-}
-
-/// Reads one tensor as f32, checking its shape against what `config.json` implies.
-pub(super) fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
-    let t = ck.stored_shaped(name, shape)?;
-    let mut values = vec![0f32; t.numel()];
-    t.decode_into(0, &mut values);
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite { path: t.file, tensor: t.name, index: i, value: values[i] });
-    }
-    be.upload(&values)
 }
 
 /// Hugging Face's init for a new head: weights ~ N(0, std), biases 0. Seeded per tensor name

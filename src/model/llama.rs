@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::bert::load_tensor;
+use super::chain::{self, ChainBlock, Saved, TableRows, need_input, param_buf};
 use super::llama_config::LlamaConfig;
 use super::tokenize::Encoded;
 use super::{Param, Params};
@@ -108,12 +108,6 @@ impl<B: Backend> LmBatch<B> {
     }
 }
 
-fn param<'a, B: Backend>(p: &'a Params<B>, name: &str) -> Result<&'a B::Buf> {
-    p.get(name)
-        .map(|t| &t.buf)
-        .ok_or_else(|| Error::Invalid(format!("parameter `{name}` is missing from the block's parameters")))
-}
-
 fn need<T>(x: Option<T>, what: &str) -> Result<T> {
     x.ok_or_else(|| Error::Invalid(format!("backward returned no {what} gradient")))
 }
@@ -133,7 +127,7 @@ impl TokenEmbedding {
     }
 
     pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>) -> Result<B::Buf> {
-        be.embedding(param(p, Self::WEIGHT)?, &batch.input_ids, self.hidden)
+        be.embedding(param_buf(p, Self::WEIGHT)?, &batch.input_ids, self.hidden)
     }
 
     /// The table's gradient (the input is discrete ids: there is no input gradient).
@@ -182,9 +176,6 @@ struct LayerActs<Buf> {
 
 /// A layer's forward internals, kept for a backward that then does not recompute them.
 pub struct Internals<Buf>(LayerActs<Buf>);
-
-/// A block's output and the internals its forward kept, if any.
-pub type Keeping<B> = (<B as Backend>::Buf, Option<Internals<<B as Backend>::Buf>>);
 
 impl<Buf> Internals<Buf> {
     /// f32 elements held.
@@ -244,8 +235,8 @@ impl DecoderLayer {
 
     fn linear<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, k: usize, rows: usize) -> Result<B::Buf> {
         let (rel, fan_in, fan_out, bias) = self.projections()[k];
-        let b = if bias { Some(param(p, &self.name(&format!("{rel}.bias")))?) } else { None };
-        be.linear(x, param(p, &self.name(&format!("{rel}.weight")))?, b, rows, fan_in, fan_out)
+        let b = if bias { Some(param_buf(p, &self.name(&format!("{rel}.bias")))?) } else { None };
+        be.linear(x, param_buf(p, &self.name(&format!("{rel}.weight")))?, b, rows, fan_in, fan_out)
     }
 
     fn run<B: Backend>(
@@ -256,7 +247,7 @@ impl DecoderLayer {
         x: &B::Buf,
     ) -> Result<(LayerActs<B::Buf>, B::Buf)> {
         let (rows, hd) = (batch.rows(), self.head_dim);
-        let h = be.rmsnorm(x, param(p, &self.name("input_layernorm.weight"))?, rows, self.hidden, self.eps)?;
+        let h = be.rmsnorm(x, param_buf(p, &self.name("input_layernorm.weight"))?, rows, self.hidden, self.eps)?;
         // Attention runs on the padded layout; the rotated queries and keys and the values are
         // kept there for its backward.
         let (qw, kw) = (self.heads * hd, self.kv_heads * hd);
@@ -277,7 +268,7 @@ impl DecoderLayer {
         let r1 = be.add(x, &a)?;
         drop(a);
         let h2 =
-            be.rmsnorm(&r1, param(p, &self.name("post_attention_layernorm.weight"))?, rows, self.hidden, self.eps)?;
+            be.rmsnorm(&r1, param_buf(p, &self.name("post_attention_layernorm.weight"))?, rows, self.hidden, self.eps)?;
         let gate = self.linear(be, p, &h2, 4, rows)?;
         let up = self.linear(be, p, &h2, 5, rows)?;
         let act = be.swiglu(&gate, &up)?;
@@ -328,7 +319,7 @@ impl DecoderLayer {
         // returns the input gradient.
         let mut proj = |k: usize, inp: &B::Buf, d: &B::Buf| -> Result<B::Buf> {
             let (rel, fan_in, fan_out, bias) = self.projections()[k];
-            let w = param(p, &self.name(&format!("{rel}.weight")))?;
+            let w = param_buf(p, &self.name(&format!("{rel}.weight")))?;
             let lg = be.linear_backward(inp, w, d, rows, fan_in, fan_out, true, bias)?;
             put(self.name(&format!("{rel}.weight")), lg.dw)?;
             if let Some(db) = lg.db {
@@ -344,7 +335,7 @@ impl DecoderLayer {
         let mut dh2 = proj(4, &a.h2, &dgate)?;
         be.add_assign(&mut dh2, &proj(5, &a.h2, &dup)?)?;
         drop((dgate, dup));
-        let post_w = param(p, &self.name("post_attention_layernorm.weight"))?;
+        let post_w = param_buf(p, &self.name("post_attention_layernorm.weight"))?;
         let (dr1_norm, dpost) = be.rmsnorm_backward(&a.r1, post_w, &dh2, rows, self.hidden, self.eps)?;
         drop(dh2);
         // r1 feeds the post-attention norm and the second residual.
@@ -362,7 +353,7 @@ impl DecoderLayer {
         let mut dh = proj(0, &a.h, &dq)?;
         be.add_assign(&mut dh, &proj(1, &a.h, &dk)?)?;
         be.add_assign(&mut dh, &proj(2, &a.h, &batch.packed(be, att.dv, kw)?)?)?;
-        let in_w = param(p, &self.name("input_layernorm.weight"))?;
+        let in_w = param_buf(p, &self.name("input_layernorm.weight"))?;
         let (dx_norm, din) = be.rmsnorm_backward(x, in_w, &dh, rows, self.hidden, self.eps)?;
         // x feeds the input norm and the first residual.
         let mut dx = dr1;
@@ -397,8 +388,8 @@ impl LmHead {
 
     /// Logits `[rows, vocab]` from the last hidden states `[rows, hidden]`.
     pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, rows: usize, x: &B::Buf) -> Result<B::Buf> {
-        let hn = be.rmsnorm(x, param(p, Self::NORM)?, rows, self.hidden, self.eps)?;
-        be.linear(&hn, param(p, self.weight_name())?, None, rows, self.hidden, self.vocab)
+        let hn = be.rmsnorm(x, param_buf(p, Self::NORM)?, rows, self.hidden, self.eps)?;
+        be.linear(&hn, param_buf(p, self.weight_name())?, None, rows, self.hidden, self.vocab)
     }
 
     pub fn backward<B: Backend>(
@@ -410,9 +401,9 @@ impl LmHead {
         dlogits: &B::Buf,
     ) -> Result<(B::Buf, Params<B>)> {
         let (h, v) = (self.hidden, self.vocab);
-        let norm_w = param(p, Self::NORM)?;
+        let norm_w = param_buf(p, Self::NORM)?;
         let hn = be.rmsnorm(x, norm_w, rows, h, self.eps)?;
-        let lg = be.linear_backward(&hn, param(p, self.weight_name())?, dlogits, rows, h, v, true, false)?;
+        let lg = be.linear_backward(&hn, param_buf(p, self.weight_name())?, dlogits, rows, h, v, true, false)?;
         drop(hn);
         let (dx, dnorm) = be.rmsnorm_backward(x, norm_w, &need(lg.dx, "hidden state")?, rows, h, self.eps)?;
         let mut g = Params::new();
@@ -448,42 +439,60 @@ impl LlamaBlock {
         }
     }
 
-    /// The block's output; `input` is the previous block's output (`None` for the embedding).
-    pub fn forward<B: Backend>(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &LmBatch<B>,
-        input: Option<&B::Buf>,
-    ) -> Result<B::Buf> {
+    fn input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
+        need_input(input, &self.name())
+    }
+}
+
+impl<B: Backend> ChainBlock<B> for LlamaBlock {
+    type Batch = LmBatch<B>;
+    type Internals = Internals<B::Buf>;
+
+    fn name(&self) -> String {
+        LlamaBlock::name(self)
+    }
+
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        LlamaBlock::param_shapes(self)
+    }
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
         match self {
             LlamaBlock::Embedding(e) => e.forward(be, p, batch),
-            LlamaBlock::Layer(l) => l.forward(be, p, batch, self.need_input(input)?),
-            LlamaBlock::Head(h) => h.forward(be, p, batch.rows(), self.need_input(input)?),
+            LlamaBlock::Layer(l) => l.forward(be, p, batch, self.input(input)?),
+            LlamaBlock::Head(h) => h.forward(be, p, batch.rows(), self.input(input)?),
         }
     }
 
-    /// [`Self::forward`] plus what [`Self::backward`] can reuse (a decoder layer's internals;
-    /// the embedding and the head keep nothing).
-    pub fn forward_keeping<B: Backend>(
+    /// A decoder layer keeps its internals; the embedding and the head keep nothing.
+    fn forward_keeping(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &LmBatch<B>,
         input: Option<&B::Buf>,
-    ) -> Result<Keeping<B>> {
+    ) -> Result<(B::Buf, Option<Internals<B::Buf>>)> {
         match self {
             LlamaBlock::Layer(l) => {
-                let (y, kept) = l.forward_keeping(be, p, batch, self.need_input(input)?)?;
+                let (y, kept) = l.forward_keeping(be, p, batch, self.input(input)?)?;
                 Ok((y, Some(kept)))
             }
             _ => Ok((self.forward(be, p, batch, input)?, None)),
         }
     }
 
-    /// `(dL/d input, dL/d params)` from the saved input (and the internals `kept` by
-    /// [`Self::forward_keeping`], if any) and the output gradient.
-    pub fn backward<B: Backend>(
+    fn internals_len(be: &B, internals: &Internals<B::Buf>) -> usize {
+        internals.len(be)
+    }
+
+    fn lookup_rows(&self, batch: &LmBatch<B>) -> Vec<TableRows> {
+        match self {
+            LlamaBlock::Embedding(_) => vec![(TokenEmbedding::WEIGHT.into(), batch.embedding_rows.clone())],
+            _ => Vec::new(),
+        }
+    }
+
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
@@ -495,32 +504,15 @@ impl LlamaBlock {
         match self {
             LlamaBlock::Embedding(e) => Ok((None, e.backward(be, batch, grad_out)?)),
             LlamaBlock::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, self.need_input(input)?, kept, grad_out)?;
+                let (dx, g) = l.backward(be, p, batch, self.input(input)?, kept, grad_out)?;
                 Ok((Some(dx), g))
             }
             LlamaBlock::Head(h) => {
-                let (dx, g) = h.backward(be, p, batch.rows(), self.need_input(input)?, grad_out)?;
+                let (dx, g) = h.backward(be, p, batch.rows(), self.input(input)?, grad_out)?;
                 Ok((Some(dx), g))
             }
         }
     }
-
-    /// The tensors this block reads only by row lookups, with the rows `batch` reads.
-    pub fn lookup_rows<B: Backend>(&self, batch: &LmBatch<B>) -> Vec<(String, Vec<u32>)> {
-        match self {
-            LlamaBlock::Embedding(_) => vec![(TokenEmbedding::WEIGHT.into(), batch.embedding_rows.clone())],
-            _ => Vec::new(),
-        }
-    }
-
-    fn need_input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
-        input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", self.name())))
-    }
-}
-
-/// The inputs each block saw during a training forward: all the backward needs.
-pub struct LmSaved<B: Backend> {
-    inputs: Vec<Option<B::Buf>>,
 }
 
 /// A Llama-family causal LM, its weights on a backend.
@@ -581,15 +573,7 @@ impl<B: Backend> Llama<B> {
                 reason: "tensor `lm_head.weight` is missing and config.json does not set tie_word_embeddings".into(),
             });
         }
-        let mut params = Vec::with_capacity(blocks.len());
-        for (i, block) in blocks.iter().enumerate() {
-            let mut p = Params::new();
-            for (name, shape) in block.param_shapes().into_iter().filter(|_| i >= skip_blocks) {
-                let buf = load_tensor(&backend, &ck, &name, &shape)?;
-                p.insert(name, Param { shape, buf });
-            }
-            params.push(p);
-        }
+        let params = chain::load_params(&backend, &ck, &blocks, skip_blocks)?;
         tracing::debug!(
             "loaded {:?} causal LM: {} layers, hidden {}, heads {}/{}, from {}",
             c.family,
@@ -604,26 +588,13 @@ impl<B: Backend> Llama<B> {
 
     /// A parameter by name, from the first block that holds it.
     pub fn param(&self, name: &str) -> Option<&Param<B>> {
-        self.params.iter().find_map(|p| p.get(name))
+        chain::param(&self.params, name)
     }
 
     /// Replaces a parameter's values (same shape) in every block that holds it (both copies of a
     /// tied embedding).
     pub fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        let mut found = false;
-        for p in self.params.iter_mut().filter_map(|p| p.get_mut(name)) {
-            let n: usize = p.shape.iter().product();
-            if values.len() != n {
-                return Err(Error::Invalid(format!(
-                    "parameter `{name}` has shape {:?} ({n} values), got {} values",
-                    p.shape,
-                    values.len()
-                )));
-            }
-            p.buf = self.backend.upload(values)?;
-            found = true;
-        }
-        if found { Ok(()) } else { Err(Error::Invalid(format!("the model has no parameter `{name}`"))) }
+        chain::set_param(&self.backend, &mut self.params, name, values)
     }
 
     /// Uploads a right-padded tokenized batch and its next-token targets.
@@ -684,44 +655,18 @@ impl<B: Backend> Llama<B> {
     /// Logits `[batch.tokens, vocab]` of the real tokens, sequence after sequence (the packed
     /// layout; inference: nothing is kept).
     pub fn logits(&self, batch: &LmBatch<B>) -> Result<B::Buf> {
-        let mut x: Option<B::Buf> = None;
-        for (block, p) in self.blocks.iter().zip(&self.params) {
-            x = Some(block.forward(&self.backend, p, batch, x.as_ref())?);
-        }
-        x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))
+        chain::forward(&self.backend, &self.blocks, &self.params, batch)
     }
 
     /// Logits plus each block's input, for [`Llama::backward`].
-    pub fn forward_saving(&self, batch: &LmBatch<B>) -> Result<(B::Buf, LmSaved<B>)> {
-        let mut inputs = Vec::with_capacity(self.blocks.len());
-        let mut x: Option<B::Buf> = None;
-        for (block, p) in self.blocks.iter().zip(&self.params) {
-            let y = block.forward(&self.backend, p, batch, x.as_ref())?;
-            inputs.push(x.replace(y));
-        }
-        let logits = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
-        Ok((logits, LmSaved { inputs }))
+    pub fn forward_saving(&self, batch: &LmBatch<B>) -> Result<(B::Buf, Saved<B>)> {
+        chain::forward_saving(&self.backend, &self.blocks, &self.params, batch)
     }
 
-    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`. Blocks
-    /// run in reverse, each recomputing its internals from its saved input.
-    pub fn backward(&self, batch: &LmBatch<B>, saved: LmSaved<B>, dlogits: &B::Buf) -> Result<Vec<Params<B>>> {
-        let mut inputs = saved.inputs;
-        if inputs.len() != self.blocks.len() {
-            return Err(Error::Invalid("saved activations do not belong to this model".into()));
-        }
-        let mut grads = Vec::with_capacity(self.blocks.len());
-        let mut dy: Option<B::Buf> = None;
-        for i in (0..self.blocks.len()).rev() {
-            let input = inputs.pop().flatten();
-            let g_out = dy.as_ref().unwrap_or(dlogits);
-            let (dx, g) =
-                self.blocks[i].backward(&self.backend, &self.params[i], batch, input.as_ref(), None, g_out)?;
-            grads.push(g);
-            dy = dx;
-        }
-        grads.reverse();
-        Ok(grads)
+    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`
+    /// ([`chain::backward`]).
+    pub fn backward(&self, batch: &LmBatch<B>, saved: Saved<B>, dlogits: &B::Buf) -> Result<Vec<Params<B>>> {
+        chain::backward(&self.backend, &self.blocks, &self.params, batch, saved, dlogits)
     }
 
     /// The rows of `logits` the loss reads, and one-hot targets for them: the loss runs on the

@@ -1,6 +1,8 @@
 //! Model architectures as chains of blocks over a [`crate::backend::Backend`], plus tokenization
 //! and the inference entry points (`predict`, `evaluate`).
 //!
+//! - [`chain`]: what every family shares: the [`ChainBlock`] trait, parameter loading, the
+//!   chain's forward and its reverse-order backward.
 //! - [`bert`]: the BERT family (BERT, MiniLM, RoBERTa) with a sequence-classification head.
 //! - [`llama`]: the Llama family (Llama, Mistral, Qwen2) as causal LMs; [`llama_config`] reads
 //!   their `config.json`, [`lm`] evaluates them (perplexity).
@@ -14,6 +16,7 @@
 //! - [`infer`]: `symerge predict` and `symerge eval`: their flags and which model they run.
 
 pub mod bert;
+pub mod chain;
 pub mod classify;
 pub mod config;
 pub mod finetune;
@@ -32,6 +35,7 @@ use std::collections::BTreeMap;
 use crate::backend::Backend;
 
 pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
+pub use chain::ChainBlock;
 pub use classify::{
     EvalReport, PredictSummary, Prediction, SequenceClassifier, check_predictions_output, evaluate, predict,
     write_predictions,

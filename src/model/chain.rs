@@ -1,0 +1,184 @@
+//! What every model family shares: a model is a chain of blocks (an embedding, its layers, a
+//! head), each with its own parameter map keyed by Hugging Face names. A family brings its block
+//! type (a [`ChainBlock`]: forward, backward, the tensors it reads by row) and its batch; loading
+//! the parameters, running the chain, saving each block's input and the reverse sweep of the
+//! backward are written once here, and adaptation drives any [`ChainBlock`] the same way.
+
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+use super::{Param, Params};
+
+/// A lookup table's name and the rows (sorted, unique) a batch reads from it.
+pub type TableRows = (String, Vec<u32>);
+
+/// One block of a family's chain.
+pub trait ChainBlock<B: Backend>: Clone {
+    /// The family's uploaded batch.
+    type Batch;
+    /// Forward internals a backward can reuse instead of recomputing them.
+    type Internals: Send;
+    /// `embeddings`, a layer's prefix (`encoder.layer.3`, `model.layers.3`) or `head`: the
+    /// layer-map names used elsewhere.
+    fn name(&self) -> String;
+    /// Full tensor names and shapes, in checkpoint order.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// The block's output; `input` is the previous block's output (`None` for the first).
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, input: Option<&B::Buf>) -> Result<B::Buf>;
+    /// [`Self::forward`] plus its internals, when the block has any worth keeping.
+    fn forward_keeping(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        input: Option<&B::Buf>,
+    ) -> Result<(B::Buf, Option<Self::Internals>)>;
+    /// f32 elements the internals hold.
+    fn internals_len(be: &B, internals: &Self::Internals) -> usize;
+    /// The tensors the block reads only by row lookups (embedding tables), with the rows `batch`
+    /// reads: adaptation merges only those rows, and only they carry gradient.
+    fn lookup_rows(&self, batch: &Self::Batch) -> Vec<TableRows>;
+    /// `(dL/d input, dL/d params)` from the saved input, the kept internals (recomputed when
+    /// `None`) and the output gradient.
+    fn backward(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        input: Option<&B::Buf>,
+        kept: Option<Self::Internals>,
+        grad_out: &B::Buf,
+    ) -> Result<(Option<B::Buf>, Params<B>)>;
+}
+
+/// The inputs each block saw during a training forward: all the backward needs.
+pub struct Saved<B: Backend> {
+    inputs: Vec<Option<B::Buf>>,
+}
+
+/// Each block's parameters read from `ck` as f32 (aligned with `blocks`), those of the first
+/// `skip` blocks left empty: adaptation streams those from the checkpoints itself.
+pub fn load_params<B: Backend, K: ChainBlock<B>>(
+    be: &B,
+    ck: &Checkpoint,
+    blocks: &[K],
+    skip: usize,
+) -> Result<Vec<Params<B>>> {
+    let mut params = Vec::with_capacity(blocks.len());
+    for (i, block) in blocks.iter().enumerate() {
+        let mut p = Params::new();
+        for (name, shape) in block.param_shapes().into_iter().filter(|_| i >= skip) {
+            let buf = load_tensor(be, ck, &name, &shape)?;
+            p.insert(name, Param { shape, buf });
+        }
+        params.push(p);
+    }
+    Ok(params)
+}
+
+/// Reads one tensor as f32, checking its shape against what `config.json` implies and refusing
+/// NaN/Inf (naming the element).
+pub(super) fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
+    let t = ck.stored_shaped(name, shape)?;
+    let mut values = vec![0f32; t.numel()];
+    t.decode_into(0, &mut values);
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { path: t.file, tensor: t.name, index: i, value: values[i] });
+    }
+    be.upload(&values)
+}
+
+/// A parameter by name, from the first block that holds it.
+pub fn param<'a, B: Backend>(params: &'a [Params<B>], name: &str) -> Option<&'a Param<B>> {
+    params.iter().find_map(|p| p.get(name))
+}
+
+/// Replaces a parameter's values (same shape) in every block that holds it (both copies of a
+/// tied embedding).
+pub fn set_param<B: Backend>(be: &B, params: &mut [Params<B>], name: &str, values: &[f32]) -> Result<()> {
+    let mut found = false;
+    for p in params.iter_mut().filter_map(|p| p.get_mut(name)) {
+        let n: usize = p.shape.iter().product();
+        if values.len() != n {
+            return Err(Error::Invalid(format!(
+                "parameter `{name}` has shape {:?} ({n} values), got {} values",
+                p.shape,
+                values.len()
+            )));
+        }
+        p.buf = be.upload(values)?;
+        found = true;
+    }
+    if found { Ok(()) } else { Err(Error::Invalid(format!("the model has no parameter `{name}`"))) }
+}
+
+/// The output of `blocks` run in order (inference: nothing is kept).
+pub fn forward<B: Backend, K: ChainBlock<B>>(
+    be: &B,
+    blocks: &[K],
+    params: &[Params<B>],
+    batch: &K::Batch,
+) -> Result<B::Buf> {
+    let mut x: Option<B::Buf> = None;
+    for (block, p) in blocks.iter().zip(params) {
+        x = Some(block.forward(be, p, batch, x.as_ref())?);
+    }
+    x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))
+}
+
+/// [`forward`] plus each block's input, for [`backward`].
+pub fn forward_saving<B: Backend, K: ChainBlock<B>>(
+    be: &B,
+    blocks: &[K],
+    params: &[Params<B>],
+    batch: &K::Batch,
+) -> Result<(B::Buf, Saved<B>)> {
+    let mut inputs = Vec::with_capacity(blocks.len());
+    let mut x: Option<B::Buf> = None;
+    for (block, p) in blocks.iter().zip(params) {
+        let y = block.forward(be, p, batch, x.as_ref())?;
+        inputs.push(x.replace(y));
+    }
+    let out = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+    Ok((out, Saved { inputs }))
+}
+
+/// Gradients of every block's parameters (aligned with `blocks`) given the gradient of the
+/// chain's output. Blocks run in reverse, each recomputing its internals from its saved input,
+/// which is freed as soon as the block is done.
+pub fn backward<B: Backend, K: ChainBlock<B>>(
+    be: &B,
+    blocks: &[K],
+    params: &[Params<B>],
+    batch: &K::Batch,
+    saved: Saved<B>,
+    dout: &B::Buf,
+) -> Result<Vec<Params<B>>> {
+    let mut inputs = saved.inputs;
+    if inputs.len() != blocks.len() {
+        return Err(Error::Invalid("saved activations do not belong to this model".into()));
+    }
+    let mut grads = Vec::with_capacity(blocks.len());
+    let mut dy: Option<B::Buf> = None;
+    for i in (0..blocks.len()).rev() {
+        let input = inputs.pop().flatten();
+        let (dx, g) = blocks[i].backward(be, &params[i], batch, input.as_ref(), None, dy.as_ref().unwrap_or(dout))?;
+        grads.push(g);
+        dy = dx;
+    }
+    grads.reverse();
+    Ok(grads)
+}
+
+/// One block parameter's buffer, or an error naming it.
+pub(super) fn param_buf<'a, B: Backend>(p: &'a Params<B>, name: &str) -> Result<&'a B::Buf> {
+    p.get(name)
+        .map(|t| &t.buf)
+        .ok_or_else(|| Error::Invalid(format!("parameter `{name}` is missing from the block's parameters")))
+}
+
+/// The previous block's output, which every block but the first needs.
+pub(super) fn need_input<'a, T>(input: Option<&'a T>, block: &str) -> Result<&'a T> {
+    input.ok_or_else(|| Error::Invalid(format!("block `{block}` needs the previous block's output")))
+}
