@@ -178,8 +178,8 @@ static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 const OWNER: &str = ".symerge-owner";
 
 /// Installs the handler that removes this process's partial outputs on SIGINT, SIGTERM or SIGHUP
-/// and exits with 130. SIGKILL cannot be caught: the next run at the same output removes what a
-/// killed run left (see [`Staging::create`]).
+/// and exits with 130, and ignores SIGXFSZ. SIGKILL cannot be caught: the next run at the same
+/// output removes what a killed run left (see [`Staging::create`]).
 pub fn remove_partials_on_interrupt() {
     let installed = ctrlc::set_handler(|| {
         let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
@@ -191,6 +191,13 @@ pub fn remove_partials_on_interrupt() {
     });
     if let Err(e) = installed {
         tracing::warn!("no interrupt handler ({e}): an interrupted run leaves its partial output");
+    }
+    // Past a file-size limit (`ulimit -f`) a write then fails with EFBIG, reported and cleaned up
+    // after like a full disk, instead of SIGXFSZ killing the process with its partial output.
+    // SAFETY: SIG_IGN installs no handler; nothing else in the process handles SIGXFSZ.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

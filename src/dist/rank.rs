@@ -134,8 +134,12 @@ impl RankInfo {
         format!("rank {}/{}", self.rank, self.world_size)
     }
 
-    /// `error` as this rank's ([`Error::OnRank`]), so that it can be told from the others'.
+    /// `error` as this rank's ([`Error::OnRank`]), so that it can be told from the others'; a
+    /// single process's error as it is (there is no other rank to tell it from).
     pub fn tag(&self, error: Error) -> Error {
+        if self.is_single() {
+            return error;
+        }
         Error::OnRank { rank: self.rank, world_size: self.world_size, error: Box::new(error) }
     }
 }

@@ -1,0 +1,100 @@
+//! A write that fails part-way (the disk full, a quota, a file-size limit) ends the run with an
+//! error naming the file being written, a non-zero exit and no partial output; the inputs are
+//! untouched. The failure is made real with `RLIMIT_FSIZE`: past the limit `write(2)` fails with
+//! EFBIG, as it fails with ENOSPC on a full disk, on whichever route (direct or page cache) the
+//! shard writer takes. symerge ignores SIGXFSZ so the limit is an error it reports and cleans up
+//! after, not a signal that kills it with the partial output left behind.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use symerge::checkpoint::FloatDType;
+use symerge::checkpoint::generate::{Family, SyntheticSpec, write_family};
+
+/// `symerge args` with every file it writes limited to `limit` bytes.
+fn run_limited(args: &[&str], limit: u64) -> Output {
+    let mut cmd = common::symerge();
+    cmd.args(args);
+    // SAFETY: setrlimit(2) only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// Everything in `dir`, recursively, with its bytes: to show the inputs are untouched.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_write_failing_mid_merge_is_reported_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec {
+        family: Family::Llama,
+        vocab: 4000,
+        hidden: 256,
+        intermediate: 704,
+        layers: 6,
+        heads: 4,
+        kv_heads: 4,
+        dtype: FloatDType::BF16,
+    };
+    // One shard of about 14 MB a model. The limits below fall inside the first 8 MB write of the
+    // direct route, and after it (that write succeeds, the next one fails part-way).
+    let dirs = write_family(&spec, 3, 2, 0.01, &tmp.path().join("models"), 50_000_000).unwrap();
+    let inputs = snapshot(&tmp.path().join("models"));
+    let cfg = tmp.path().join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let outdir = tmp.path().join("out");
+    std::fs::create_dir_all(&outdir).unwrap();
+    let out = outdir.join("merged");
+    let args = ["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"];
+    for limit in [1_000_000u64, 10_000_000] {
+        let res = run_limited(&args, limit);
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "limit {limit}: the merge succeeded");
+        assert!(res.status.code().is_some(), "limit {limit}: killed by a signal: {:?}", res.status);
+        assert!(!stderr.contains("panicked"), "limit {limit}: {stderr}");
+        assert!(
+            stderr.contains(".safetensors") && stderr.to_lowercase().contains("file too large"),
+            "limit {limit}: the error names neither the file nor the cause: {stderr}"
+        );
+        assert!(!stderr.contains("rank 0/1"), "a single process's error names a rank: {stderr}");
+        assert!(entries(&outdir).is_empty(), "limit {limit} left {:?}", entries(&outdir));
+    }
+    assert!(snapshot(&tmp.path().join("models")) == inputs, "an input changed");
+    // Without the limit the same merge completes: the failures above came from the limit.
+    let res = run_limited(&args, libc::RLIM_INFINITY);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(out.join("config.json").exists());
+}
