@@ -98,3 +98,18 @@ fn a_write_failing_mid_merge_is_reported_and_leaves_nothing() {
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(out.join("config.json").exists());
 }
+
+#[test]
+fn a_write_failing_mid_generate_leaves_no_model_and_no_empty_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("family");
+    let args = ["generate", "--preset", "llama-tiny", "--experts", "1", "-o", out.to_str().unwrap()];
+    let res = run_limited(&args, 4096);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.code() == Some(1), "{:?}: {stderr}", res.status);
+    assert!(stderr.contains(".safetensors") && stderr.to_lowercase().contains("file too large"), "{stderr}");
+    assert!(entries(tmp.path()).is_empty(), "left {:?}", entries(tmp.path()));
+    let res = run_limited(&args, libc::RLIM_INFINITY);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(entries(&out), ["base", "expert-1"]);
+}

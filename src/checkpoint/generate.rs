@@ -341,7 +341,8 @@ impl std::fmt::Display for GenerateSummary {
 }
 
 /// Writes `dir/base` and `dir/expert-1 .. expert-K`; returns their paths. Every model directory
-/// is checked before the first is written, so a refused one leaves the others as they were.
+/// is checked before the first is written, so a refused one leaves the others as they were; a
+/// model whose writing fails leaves nothing (the ones before it stay, complete).
 pub fn write_family(
     spec: &SyntheticSpec,
     seed: u64,
@@ -358,7 +359,15 @@ pub fn write_family(
     for (_, d) in &models {
         crate::atomic::check_output_dir(d, true)?;
     }
-    models.iter().map(|(variant, d)| write_model(spec, seed, *variant, d, shard_bytes)).collect()
+    let existed = dir.exists();
+    let written: Result<Vec<PathBuf>> =
+        models.iter().map(|(variant, d)| write_model(spec, seed, *variant, d, shard_bytes)).collect();
+    // A failure leaves the models written before it (each complete), and no empty family
+    // directory this run created.
+    if written.is_err() && !existed {
+        let _ = std::fs::remove_dir(dir);
+    }
+    written
 }
 
 #[cfg(test)]
