@@ -1,7 +1,8 @@
 //! Branch-free f32 `erf` and `exp` for the CPU backend's element-wise loops (GELU and its
-//! gradient), and f64 `exp` and `ln` for the merge statistics (Arcee Fusion's row divergences). libm's are scalar calls that keep the compiler from vectorising a loop; these are
-//! plain arithmetic on the value (a rational function, a range reduction and a polynomial), so a
-//! loop over a slice compiles to SIMD code. Their errors are bounded by the tests below.
+//! gradient), and f64 `exp` and `ln` for the merge statistics (Arcee Fusion's row divergences).
+//! libm's are scalar calls that keep the compiler from vectorising a loop; these are plain
+//! arithmetic on the value (a rational function, a range reduction and a polynomial), so a loop
+//! over a slice compiles to SIMD code. Their errors are bounded by the tests below.
 
 /// Beyond this `erf` rounds to ±1 in f32 (erf(3.92) = 1 - 1.5e-8).
 const ERF_CLAMP: f32 = 3.92;

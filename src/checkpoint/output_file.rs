@@ -52,9 +52,13 @@ enum Route {
 impl OutputFile {
     /// Creates (or truncates) `path`.
     pub fn create(path: &Path, io: OutputIo) -> Result<Self> {
-        let route = match (io, open_direct(path)) {
-            (OutputIo::Auto, Some(file)) => Route::Direct(Direct::new(file)),
-            _ => {
+        let direct = match io {
+            OutputIo::Auto => open_direct(path),
+            OutputIo::Buffered => None,
+        };
+        let route = match direct {
+            Some(file) => Route::Direct(Direct::new(file)),
+            None => {
                 let file = File::create(path).map_err(|e| Error::io(path, e))?;
                 Route::Buffered { w: BufWriter::with_capacity(8 << 20, file), unflushed: 0 }
             }

@@ -7,6 +7,7 @@
 //! (exact selection). mergekit samples 1e6 importances with replacement from larger tensors,
 //! so there its quartiles are estimates; below that size both take the same elements.
 
+use super::lambda_grad::LANES;
 use super::registry::{self, BasePolicy, MethodDef};
 use super::select::{Threshold, magnitude_thresholds_of};
 use super::stats::{TensorPass, TensorStats, map_chunks};
@@ -51,10 +52,8 @@ fn row_kl(x: &[f32], b: &[f32], scratch: &mut Vec<f64>) -> f32 {
     sum_lanes(ex) as f32
 }
 
-/// Lanes of [`sum_lanes`]: 8 f64 accumulators, two AVX2 registers.
-const LANES: usize = 8;
-
-/// `sum v` with element `i` added into lane `i % LANES`, the lanes summed at the end.
+/// `sum v` with element `i` added into lane `i % LANES` (8 f64 accumulators, two AVX2
+/// registers, as the Lambda dot products use), the lanes summed at the end.
 fn sum_lanes(v: &[f64]) -> f64 {
     let mut acc = [0f64; LANES];
     let mut chunks = v.chunks_exact(LANES);
