@@ -51,11 +51,11 @@ enum Command {
     /// Class scores for every text of a JSON-lines file (a `text` field per line).
     Predict(PredictArgs),
     /// Accuracy and mean cross-entropy on a labelled JSON-lines file (`text` and `label` fields);
-    /// for a causal LM (Llama, Mistral, Qwen2), perplexity, mean next-token loss and top-1
+    /// for a causal LM (Llama, Mistral, Qwen2, GPT-2), perplexity, mean next-token loss and top-1
     /// next-token accuracy over `text`.
     Eval(EvalArgs),
-    /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, or of a
-    /// Llama-family causal LM on texts (next-token loss), writing a Hugging Face checkpoint
+    /// Fine-tune every weight of a BERT-family classifier on labelled JSON lines, or of a causal
+    /// LM (Llama family, GPT-2) on texts (next-token loss), writing a Hugging Face checkpoint
     /// directory (an expert for merging).
     Finetune(FinetuneArgs),
     /// A Llama-family GGUF file (llama.cpp) as a Hugging Face checkpoint directory: weights

@@ -83,7 +83,7 @@ fn tiny_llama_and_qwen2_learn_their_texts() {
         assert_eq!((s.steps, s.losses.len(), s.train_texts, s.epochs), (8, 8, 8, 4.0));
 
         // Reloaded, the saved model scores as the trained one did.
-        let lm = CausalLm::load(Cpu, &out, 32).unwrap();
+        let lm = CausalLm::<Cpu>::load(Cpu, &out, 32).unwrap();
         let again = evaluate_lm(&lm, &TEXTS, 64).unwrap().mean_loss;
         assert!((again - after).abs() <= 1e-9 * after, "{again} vs {after}");
         let (saved, orig) = (weights(&out), weights(&base));
@@ -159,11 +159,14 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     let blank = write_texts(&tmp.path().join("blank.jsonl"), &["", ""]);
     let labels = tmp.path().join("labels.json");
     std::fs::write(&labels, r#"{"labels": ["a", "b"]}"#).unwrap();
-    let other = tmp.path().join("gpt2");
+    let other = tmp.path().join("t5");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::copy(fixture("llama_gqa").join("model.safetensors"), other.join("model.safetensors")).unwrap();
-    std::fs::write(other.join("config.json"), r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#)
-        .unwrap();
+    std::fs::write(
+        other.join("config.json"),
+        r#"{"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}"#,
+    )
+    .unwrap();
     let before = names(tmp.path());
     let llama = fixture("llama_gqa");
     let cases: [(&Path, &Path, &[&str], &[&str]); 5] = [
@@ -171,7 +174,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         (&llama, &blank, &[], &["blank.jsonl", "two tokens"]),
         (&llama, &train, &["--labels", labels.to_str().unwrap()], &["causal LM", "--labels", "classifiers"]),
         (&llama, &train, &["--dtype", "float16"], &["float32"]),
-        (&other, &train, &[], &["gpt2", "BERT-family", "Llama-family"]),
+        (&other, &train, &[], &["t5", "BERT-family", "Llama family", "GPT-2"]),
     ];
     for (base, data, extra, want) in cases {
         let out = tmp.path().join("out");

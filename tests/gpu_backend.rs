@@ -23,7 +23,7 @@ use symerge::adapt::config::AdaptConfig;
 use symerge::backend::cuda::Cuda;
 use symerge::backend::{AdamStep, AttnShape, Backend, Cpu, Gelu};
 use symerge::checkpoint::{FloatDType, StoredTensor};
-use symerge::model::{LoadOptions, NewHead, Params, SequenceClassifier};
+use symerge::model::{CausalLm, Gpt2Config, LlamaConfig, LmArch, LoadOptions, NewHead, Params, SequenceClassifier};
 
 const OP_TOL: f64 = 1e-5;
 const MODEL_TOL: f64 = 1e-4;
@@ -435,29 +435,35 @@ fn llama_ops_and_top_k_loss_match_cpu() {
     let e = r.cuda.topk_ce(&z, &bad, &t, &rest, 1, 8, 2).err().map(|e| e.to_string());
     r.check("topk_ce id error", e.as_deref().is_some_and(|e| e.contains("id 9")), format!("{e:?}"));
 
-    // A whole causal LM (grouped-query attention, tied embeddings): loss and every gradient.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    // Whole causal LMs of both families: Llama (grouped-query attention) and GPT-2 (learned
+    // positions, fused Conv1D projections, tied embeddings).
+    causal_lm_matches::<LlamaConfig>(&mut r, "llama_gqa");
+    causal_lm_matches::<Gpt2Config>(&mut r, "gpt2");
+    r.finish();
+}
+
+/// The fixture causal LM `name` of family `A`: its loss and every gradient on the GPU against
+/// the CPU.
+fn causal_lm_matches<A: LmArch<Cpu> + LmArch<Cuda>>(r: &mut Report, name: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     let texts = ["the cat sat on the mat", "x", "merging models by task arithmetic, again and again"];
-    let run = |lm: &symerge::model::CausalLm<_>| {
-        let batch = lm.model.batch(&lm.tokenizer.encode(&texts).unwrap()).unwrap();
-        let (loss, grads) = lm.model.lm_loss_grads(&batch).unwrap();
-        (loss, lm.model.total_grads(grads).unwrap())
-    };
-    let (lc, gc) = run(&symerge::model::CausalLm::load(Cpu, &dir, 32).unwrap());
-    let lm = symerge::model::CausalLm::load(r.cuda.clone(), &dir, 32).unwrap();
+    let cpu = CausalLm::<Cpu, A>::load(Cpu, &dir, 32).unwrap();
+    let batch = cpu.model.batch(&cpu.tokenizer.encode(&texts).unwrap()).unwrap();
+    let (lc, gc) = cpu.model.lm_loss_grads(&batch).unwrap();
+    let gc = cpu.model.total_grads(gc).unwrap();
+    let lm = CausalLm::<Cuda, A>::load(r.cuda.clone(), &dir, 32).unwrap();
     let batch = lm.model.batch(&lm.tokenizer.encode(&texts).unwrap()).unwrap();
     let (lg, gg) = lm.model.lm_loss_grads(&batch).unwrap();
     let gg = lm.model.total_grads(gg).unwrap();
-    r.values("causal LM loss", &[lg], &[lc], MODEL_TOL);
-    for (name, t) in &gc {
-        match gg.get(name) {
+    r.values(&format!("{name} loss"), &[lg], &[lc], MODEL_TOL);
+    for (tensor, t) in &gc {
+        match gg.get(tensor) {
             Some(g) => {
-                r.buf(&format!("causal LM grad {name}"), &g.buf, &t.buf, GRAD_TOL);
+                r.buf(&format!("{name} grad {tensor}"), &g.buf, &t.buf, GRAD_TOL);
             }
-            None => r.check(&format!("causal LM grad {name}"), false, "missing on the GPU".into()),
+            None => r.check(&format!("{name} grad {tensor}"), false, "missing on the GPU".into()),
         }
     }
-    r.finish();
 }
 
 /// Every op with a reduction, on fixed inputs: all outputs, downloaded.

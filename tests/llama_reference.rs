@@ -121,7 +121,7 @@ fn eval_perplexity_matches_transformers() {
     let want = t["eval_loss"].1[0];
 
     // The library, with batches of two (so texts of different lengths share a padded batch).
-    let lm = CausalLm::load(Cpu, &dir, 128).unwrap();
+    let lm = CausalLm::<Cpu>::load(Cpu, &dir, 128).unwrap();
     let report = evaluate_lm(&lm, &texts, 2).unwrap();
     assert_eq!((report.texts, report.tokens), (texts.len(), tokens));
     let e = (report.mean_loss - want).abs() / want;

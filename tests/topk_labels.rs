@@ -66,7 +66,7 @@ fn cached_top_k_is_the_models_own_softmax_top_k() {
     assert!(!summary.reused);
     assert_eq!((summary.rows, summary.top_k, summary.classes), (TEXTS.len(), Some(k), 0));
 
-    let lm = CausalLm::load(Cpu, &fixture(), MAX_LEN).unwrap();
+    let lm = CausalLm::<Cpu>::load(Cpu, &fixture(), MAX_LEN).unwrap();
     let vocab = lm.model.config.vocab_size;
     let want = provenance(&fixture(), "lm", MAX_LEN, &TEXTS).unwrap();
     let cache = LabelCache::open(&out, Some(&want)).unwrap();
@@ -315,7 +315,7 @@ fn model_topk_loss_gradients_match_finite_differences() {
     let texts = &TEXTS[..3];
     cache_labels(Cpu, texts, &opts(&out, 6, 3)).unwrap();
     let cache = LabelCache::open(&out, None).unwrap();
-    let mut lm = CausalLm::load(Cpu, &fixture(), MAX_LEN).unwrap();
+    let mut lm = CausalLm::<Cpu>::load(Cpu, &fixture(), MAX_LEN).unwrap();
     // Move the student away from the expert so the loss has a gradient worth checking.
     for name in ["lm_head.weight", "model.layers.1.mlp.up_proj.weight"] {
         let v = Cpu.download(&lm.model.param(name).unwrap().buf).unwrap();

@@ -15,8 +15,8 @@
 //!                            # set them apart; a causal LM's layer_lr defaults to 1e-5)
 //! ```
 //!
-//! When `base_model` is a causal LM (Llama, Mistral, Qwen2) the experts are causal LMs too, their
-//! caches top-k next-token caches, and only `method: symerge` with `loss: soft` applies
+//! When `base_model` is a causal LM (Llama, Mistral, Qwen2, GPT-2) the experts are causal LMs too,
+//! their caches top-k next-token caches, and only `method: symerge` with `loss: soft` applies
 //! ([`super::lm`]).
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! `symerge adapt` for causal LMs (Llama, Mistral, Qwen2): SyMerge with Lambda over the shared
+//! `symerge adapt` for causal LMs (any [`LmArch`] family: Llama, Mistral, Qwen2, GPT-2): SyMerge with Lambda over the shared
 //! blocks (the token embedding and the decoder layers) and, per task, its own head (final norm and
 //! `lm_head`) or, with `last_block`, its last decoder layer plus head, trained against the
 //! expert's cached top-k next-token labels with the bucket cross-entropy
@@ -26,14 +26,13 @@ use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
 use crate::labels::{LabelCache, LabelKind};
-use crate::model::llama::LmHead;
 use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
-use crate::model::{Llama, LlamaBlock, LmBatch, Params, TextTokenizer, TopKTargets};
+use crate::model::{ChainBlock, LlamaConfig, LmArch, LmBatch, LmModel, Params, TextTokenizer, TopKTargets};
 
-/// The Llama family during adaptation: the pretrained model's layout (no weights: they stream).
-pub struct CausalLmFamily<B: Backend> {
-    pub base: Llama<B>,
+/// A causal-LM family during adaptation: the pretrained model's layout (no weights: they stream).
+pub struct CausalLmFamily<B: Backend, A: LmArch<B>> {
+    pub base: LmModel<B, A>,
 }
 
 /// A causal-LM task's own data: the expert's top-k next-token labels (SyMerge; AdaMerging needs
@@ -50,10 +49,10 @@ pub enum LmLoss<B: Backend> {
     Entropy(Prepared),
 }
 
-/// Adaptation of a causal LM.
-pub type LmAdapter<B> = Adaptation<B, CausalLmFamily<B>>;
+/// Adaptation of a causal LM of family `A`.
+pub type LmAdapter<B, A = LlamaConfig> = Adaptation<B, CausalLmFamily<B, A>>;
 
-impl<B: Backend + Clone> Adaptation<B, CausalLmFamily<B>> {
+impl<B: Backend + Clone, A: LmArch<B>> Adaptation<B, CausalLmFamily<B, A>> {
     /// Loads the base model's layout, the experts' own blocks, the inputs and the top-k caches,
     /// checking that each cache was made by that expert for those inputs.
     pub fn load(backend: B, cfg: AdaptConfig) -> Result<Self> {
@@ -68,8 +67,8 @@ impl<B: Backend + Clone> Adaptation<B, CausalLmFamily<B>> {
             return Err(cfg_err("loss: causal LMs train with the top-k soft loss only (no hard_conf, no confidence)"));
         }
         // The pretrained model's weights are streamed, never loaded: only its layout is.
-        let base = Llama::load_partial(backend.clone(), &cfg.base_model, usize::MAX)?;
-        let layers = base.config.num_hidden_layers;
+        let base = LmModel::<B, A>::load_partial(backend.clone(), &cfg.base_model, usize::MAX)?;
+        let layers = base.config.num_layers();
         let n_shared = match cfg.adapted_layer {
             AdaptedLayer::Head => 1 + layers,
             AdaptedLayer::LastBlock if layers > 0 => layers,
@@ -84,41 +83,42 @@ impl<B: Backend + Clone> Adaptation<B, CausalLmFamily<B>> {
     }
 
     /// Task `task`'s merged model: the merged shared blocks and its own (adapted, untied) blocks.
-    pub fn task_model(&self, task: usize) -> Result<Llama<B>> {
-        let mut model = self.task_llama(task)?;
+    pub fn task_model(&self, task: usize) -> Result<LmModel<B, A>> {
+        let mut model = self.task_lm(task)?;
         self.fill_merged(&mut model.params)?;
         Ok(model)
     }
 
     /// Task `task`'s model with the shared blocks left empty and the head untied.
-    fn task_llama(&self, task: usize) -> Result<Llama<B>> {
+    fn task_lm(&self, task: usize) -> Result<LmModel<B, A>> {
         let (blocks, params) = self.task_skeleton(task)?;
         let mut config = self.family.base.config.clone();
-        config.tie_word_embeddings = false;
+        config.set_tied(false);
         let backend = self.family.base.backend.clone();
-        Ok(Llama { config, path: self.tasks[task].expert.clone(), blocks, params, backend })
+        Ok(LmModel { config, path: self.tasks[task].expert.clone(), blocks, params, backend })
     }
 }
 
 /// One task: the expert's own blocks (checked against the base's layout, the head untied), its
 /// inputs and its top-k cache (checked against the inputs' positions).
-fn load_task<B: Backend + Clone>(
+fn load_task<B: Backend + Clone, A: LmArch<B>>(
     backend: &B,
     cfg: &AdaptConfig,
     t: &TaskConfig,
-    base: &Llama<B>,
+    base: &LmModel<B, A>,
     n_shared: usize,
-) -> Result<Task<B, CausalLmFamily<B>>> {
+) -> Result<Task<B, CausalLmFamily<B, A>>> {
     let cfg_err = |reason: &str| Error::Config { path: cfg.source.clone(), reason: reason.into() };
-    let mut expert = Llama::load_partial(backend.clone(), &t.expert, n_shared)?;
-    let names: Vec<String> = expert.blocks.iter().map(LlamaBlock::name).collect();
-    let base_names: Vec<String> = base.blocks.iter().map(LlamaBlock::name).collect();
-    if names != base_names || expert.config.vocab_size != base.config.vocab_size {
+    let mut expert = LmModel::<B, A>::load_partial(backend.clone(), &t.expert, n_shared)?;
+    let names: Vec<String> = expert.blocks.iter().map(ChainBlock::name).collect();
+    let base_names: Vec<String> = base.blocks.iter().map(ChainBlock::name).collect();
+    if names != base_names || expert.vocab() != base.vocab() {
         return Err(Error::Model {
             path: t.expert.clone(),
             reason: format!(
                 "blocks {names:?} over {} tokens do not match the base model's {base_names:?} over {}",
-                expert.config.vocab_size, base.config.vocab_size
+                expert.vocab(),
+                base.vocab()
             ),
         });
     }
@@ -134,24 +134,14 @@ fn load_task<B: Backend + Clone>(
         Method::Symerge => {
             let path = t.cache.as_ref().ok_or_else(|| cfg_err("every task needs a `cache` (symerge cache-labels)"))?;
             let cache = LabelCache::open(path, Some(&provenance(&t.expert, &t.name, cfg.max_len, &texts)?))?;
-            check_cache(&cache, path, expert.config.vocab_size, &tokens)?;
+            check_cache(&cache, path, expert.vocab(), &tokens)?;
             Some(cache)
         }
     };
     let mut private_blocks = Vec::new();
     let mut private: Vec<Params<B>> = Vec::new();
     for (block, mut params) in expert.blocks[n_shared..].iter().zip(expert.params.drain(n_shared..)) {
-        let block = match block {
-            LlamaBlock::Head(h) if h.tied => {
-                let head = LmHead { tied: false, ..h.clone() };
-                if let Some(w) = params.remove(h.weight_name()) {
-                    params.insert(head.weight_name().into(), w);
-                }
-                LlamaBlock::Head(head)
-            }
-            other => other.clone(),
-        };
-        private_blocks.push(block);
+        private_blocks.push(A::untie(block, &mut params));
         private.push(params);
     }
     let data = LmTaskData { cache };
@@ -184,8 +174,8 @@ fn check_cache(cache: &LabelCache, path: &Path, vocab: usize, tokens: &[Tokens])
     Ok(())
 }
 
-impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
-    type Block = LlamaBlock;
+impl<B: Backend + Clone, A: LmArch<B>> Family<B> for CausalLmFamily<B, A> {
+    type Block = A::Block;
     type TaskData = LmTaskData;
     /// The logits of the predicting positions and their loss state.
     type Pending = (B::Buf, LmLoss<B>);
@@ -214,7 +204,7 @@ impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
         logits: B::Buf,
         rows: &[usize],
     ) -> Result<(Self::Pending, usize, f64)> {
-        let (be, vocab) = (self.backend(), self.base.config.vocab_size);
+        let (be, vocab) = (self.backend(), self.base.vocab());
         let picked = be.embedding(&logits, &batch.label_rows, vocab)?;
         drop(logits);
         let Some(cache) = &task.data.cache else {
@@ -236,7 +226,7 @@ impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
         (picked, state): Self::Pending,
         total: usize,
     ) -> Result<(B::Buf, f32)> {
-        let (be, vocab) = (self.backend(), self.base.config.vocab_size);
+        let (be, vocab) = (self.backend(), self.base.vocab());
         let (dpicked, loss) = match state {
             LmLoss::TopK(targets, loss) => {
                 (targets.backward(be, &picked, vocab, targets.positions as f32 / total as f32)?, loss)
@@ -250,7 +240,7 @@ impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
     }
 
     fn finish_task(
-        a: &LmAdapter<B>,
+        a: &LmAdapter<B, A>,
         task: usize,
         dir: Option<&Path>,
         dtype: FloatDType,
@@ -258,7 +248,7 @@ impl<B: Backend + Clone> Family<B> for CausalLmFamily<B> {
     ) -> Result<Option<f64>> {
         if let Some(dir) = dir {
             let opts = SaveOptions { dtype, ..SaveOptions::default() };
-            a.task_llama(task)?.save_with(dir, &opts, &mut |b| a.merged_params(b))?;
+            a.task_lm(task)?.save_with(dir, &opts, &mut |b| a.merged_params(b))?;
         }
         Ok(None)
     }

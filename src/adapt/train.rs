@@ -36,7 +36,7 @@ use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::tokenize::Tokens;
-use crate::model::{ChainBlock, Param, Params, TextTokenizer, is_causal_lm_dir};
+use crate::model::{ChainBlock, LmKind, Param, Params, TextTokenizer};
 use crate::units::parse_budget;
 
 /// A block's kept internals, by the family's block type.
@@ -359,10 +359,11 @@ impl AdaptArgs {
     ) -> Result<Result<AdaptSummary>> {
         // The budget of the memory the backend keeps blocks in.
         let budget = if be.name() == "cpu" { self.host_mem } else { self.device_mem };
-        if is_causal_lm_dir(&cfg.base_model)? {
-            LmAdapter::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))
-        } else {
-            Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))
+        match LmKind::of_dir(&cfg.base_model)? {
+            Some(kind) => crate::with_lm_arch!(kind, A => {
+                LmAdapter::<B, A>::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))
+            }),
+            None => Adapter::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll)),
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::dist::data_parallel::shard_range;
 use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::model::tokenize::Tokens;
-use crate::model::{CausalLm, DEFAULT_MAX_LEN, LoadOptions, SequenceClassifier, is_causal_lm_dir, predict};
+use crate::model::{CausalLm, DEFAULT_MAX_LEN, LlamaConfig, LmArch, LmKind, LoadOptions, SequenceClassifier, predict};
 
 /// Inputs per flush to the cache file: what a killed run loses at most.
 const ROWS_PER_FLUSH: usize = 256;
@@ -33,7 +33,7 @@ pub const DEFAULT_TOP_K: usize = 64;
 #[derive(Debug, Clone, clap::Args)]
 pub struct CacheLabelsOptions {
     /// The expert: a fine-tuned sequence classifier directory, or a causal LM (Llama, Mistral,
-    /// Qwen2), whose cache keeps the top-k next tokens of every predicted position.
+    /// Qwen2, GPT-2), whose cache keeps the top-k next tokens of every predicted position.
     #[arg(long)]
     pub expert: PathBuf,
     /// Task name recorded in the cache (checked by `adapt`).
@@ -229,10 +229,26 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
             Err(e) => tracing::warn!("rebuilding: {e}"),
         }
     }
-    let labeller = Labeller::load(backend, texts, opts)?;
+    let (output, resumed_rows) = match LmKind::of_dir(&opts.expert)? {
+        Some(kind) => crate::with_lm_arch!(kind, A => {
+            write_labels(&Labeller::<B, A>::load_lm(backend, texts, opts)?, texts, opts, coll, prov)?
+        }),
+        None => write_labels(&Labeller::<B>::load_classifier(backend, opts)?, texts, opts, coll, prov)?,
+    };
+    Ok(summary(&LabelCache::open(&output, None)?, false, resumed_rows))
+}
+
+/// Runs `labeller` over `texts` into the cache (resuming a partial one, or as one rank of
+/// several): the cache's path and the rows a partial cache already held.
+fn write_labels<B: Backend, A: LmArch<B>, S: AsRef<str>>(
+    labeller: &Labeller<B, A>,
+    texts: &[S],
+    opts: &CacheLabelsOptions,
+    coll: &mut dyn Collective,
+    prov: Provenance,
+) -> Result<(PathBuf, usize)> {
     if coll.world_size() > 1 {
-        stitch_ranks(&labeller, texts, opts, coll, prov)?;
-        return Ok(summary(&LabelCache::open(&opts.output, None)?, false, 0));
+        return Ok((stitch_ranks(labeller, texts, opts, coll, prov)?, 0));
     }
     let mut writer = labeller.writer(&opts.output, prov, texts.len())?;
     let resumed_rows = writer.rows_written();
@@ -244,12 +260,11 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
         done = end;
         tracing::info!("cache-labels {}: {done}/{} inputs", opts.task, texts.len());
     }
-    let output = writer.finish()?;
-    Ok(summary(&LabelCache::open(&output, None)?, false, resumed_rows))
+    Ok((writer.finish()?, resumed_rows))
 }
 
 /// The expert that makes the labels.
-enum Labeller<B: Backend> {
+enum Labeller<B: Backend, A: LmArch<B> = LlamaConfig> {
     Classifier {
         clf: SequenceClassifier<B>,
         classes: usize,
@@ -258,29 +273,30 @@ enum Labeller<B: Backend> {
     /// A causal LM with every input tokenized up front (the cache's offset table needs each
     /// input's positions before the first record).
     Lm {
-        lm: CausalLm<B>,
+        lm: CausalLm<B, A>,
         k: usize,
         tokens: Vec<Tokens>,
     },
 }
 
-impl<B: Backend> Labeller<B> {
-    fn load<S: AsRef<str>>(backend: B, texts: &[S], opts: &CacheLabelsOptions) -> Result<Self> {
-        if is_causal_lm_dir(&opts.expert)? {
-            if opts.top_k == 0 {
-                return Err(Error::Invalid("--top-k must be at least 1".into()));
-            }
-            let lm = CausalLm::load(backend, &opts.expert, opts.max_len)?;
-            let k = opts.top_k.min(lm.model.config.vocab_size);
-            let tokens = lm.tokenizer.tokenize(texts)?;
-            if tokens.iter().all(|t| t.ids.len() < 2) {
-                return Err(Error::Invalid(format!(
-                    "no next-token positions to label for task `{}`: every input has fewer than two tokens",
-                    opts.task
-                )));
-            }
-            return Ok(Labeller::Lm { lm, k, tokens });
+impl<B: Backend, A: LmArch<B>> Labeller<B, A> {
+    fn load_lm<S: AsRef<str>>(backend: B, texts: &[S], opts: &CacheLabelsOptions) -> Result<Self> {
+        if opts.top_k == 0 {
+            return Err(Error::Invalid("--top-k must be at least 1".into()));
         }
+        let lm = CausalLm::<B, A>::load(backend, &opts.expert, opts.max_len)?;
+        let k = opts.top_k.min(lm.model.vocab());
+        let tokens = lm.tokenizer.tokenize(texts)?;
+        if tokens.iter().all(|t| t.ids.len() < 2) {
+            return Err(Error::Invalid(format!(
+                "no next-token positions to label for task `{}`: every input has fewer than two tokens",
+                opts.task
+            )));
+        }
+        Ok(Labeller::Lm { lm, k, tokens })
+    }
+
+    fn load_classifier(backend: B, opts: &CacheLabelsOptions) -> Result<Self> {
         let clf = SequenceClassifier::load(backend, &opts.expert, opts.max_len, LoadOptions::default())?;
         let classes = clf.model.num_labels().ok_or_else(|| Error::Model {
             path: opts.expert.clone(),
@@ -299,7 +315,7 @@ impl<B: Backend> Labeller<B> {
             }
             Labeller::Lm { lm, k, tokens } => {
                 let positions: Vec<usize> = tokens.iter().map(|t| t.ids.len().saturating_sub(1)).collect();
-                CacheWriter::create_topk(output, prov, *k, lm.model.config.vocab_size, &positions)
+                CacheWriter::create_topk(output, prov, *k, lm.model.vocab(), &positions)
             }
         }
     }
@@ -323,7 +339,7 @@ impl<B: Backend> Labeller<B> {
                 encode_classification(&probs, &logits, *classes).map_err(err)
             }
             Labeller::Lm { lm, k, tokens } => {
-                let (model, vocab) = (&lm.model, lm.model.config.vocab_size);
+                let (model, vocab) = (&lm.model, lm.model.vocab());
                 let be = &model.backend;
                 let (mut ids, mut probs, mut rest) = (Vec::new(), Vec::new(), Vec::new());
                 for chunk in rows.clone().step_by(opts.batch_size.max(1)) {
@@ -386,8 +402,8 @@ pub fn part_path(output: &Path, rank: usize, world: usize) -> PathBuf {
 }
 
 /// This rank's share of the cache, then (rank 0) the stitched cache; see [`cache_labels_in`].
-fn stitch_ranks<B: Backend, S: AsRef<str>>(
-    labeller: &Labeller<B>,
+fn stitch_ranks<B: Backend, A: LmArch<B>, S: AsRef<str>>(
+    labeller: &Labeller<B, A>,
     texts: &[S],
     opts: &CacheLabelsOptions,
     coll: &mut dyn Collective,

@@ -195,7 +195,7 @@ impl FinetuneOptions {
 #[derive(Debug, Clone, clap::Args)]
 pub struct FinetuneArgs {
     /// Pretrained model directory: a BERT-family encoder (e.g. MiniLM), which gets a new
-    /// seeded classification head replacing any it has, or a Llama-family causal LM (its
+    /// seeded classification head replacing any it has, or a causal LM (its
     /// config.json's model_type says which).
     pub base: PathBuf,
     #[command(flatten)]
@@ -496,7 +496,8 @@ fn check_classifier_base(base: &Path) -> Result<()> {
         .map_err(|e| Error::Model { path: path.clone(), reason: format!("not valid JSON: {e}") })?;
     super::BertConfig::from_json(&v, &path).map(drop).map_err(|e| {
         Error::Invalid(format!(
-            "{e}; nor is it a Llama-family causal LM (llama, mistral, qwen2), the other kind fine-tuning takes"
+            "{e}; nor is it a causal LM of the {}, the other kind fine-tuning takes",
+            super::LmKind::all()
         ))
     })
 }

@@ -12,11 +12,12 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::Params;
+use super::causal::{LmArch, LmKind};
 use super::finetune::{
     EVAL_BATCH, FinetuneOptions, LrSchedule, Objective, Trainer, check_options, loss_ends, read_examples, total_steps,
     train,
 };
-use super::lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm_dir};
+use super::lm::{CausalLm, LmEvalReport, evaluate_lm};
 use super::save::SavedModel;
 use super::tokenize::Tokens;
 use crate::backend::Backend;
@@ -58,12 +59,12 @@ pub struct LmFinetuneSummary {
 }
 
 /// The causal LM's objective: mean next-token cross-entropy over the batch's real tokens.
-struct NextToken<'a, B: Backend> {
-    lm: &'a mut CausalLm<B>,
+struct NextToken<'a, B: Backend, A: LmArch<B>> {
+    lm: &'a mut CausalLm<B, A>,
     tokens: &'a [Tokens],
 }
 
-impl<B: Backend> Objective<B> for NextToken<'_, B> {
+impl<B: Backend, A: LmArch<B>> Objective<B> for NextToken<'_, B, A> {
     fn backend(&self) -> &B {
         &self.lm.model.backend
     }
@@ -80,8 +81,8 @@ impl<B: Backend> Objective<B> for NextToken<'_, B> {
     }
 }
 
-/// The options a causal LM cannot use, refused rather than ignored.
-fn check_lm_options(base: &Path, opts: &FinetuneOptions) -> Result<()> {
+/// The options a causal LM cannot use, refused rather than ignored; the family of `base`.
+fn check_lm_options(base: &Path, opts: &FinetuneOptions) -> Result<LmKind> {
     let refuse = |what: &str| {
         Err(Error::Invalid(format!(
             "{} is a causal LM, which trains on the texts alone: {what} is for classifiers",
@@ -100,26 +101,31 @@ fn check_lm_options(base: &Path, opts: &FinetuneOptions) -> Result<()> {
             opts.dtype
         )));
     }
-    if !is_causal_lm_dir(base)? {
-        return Err(Error::Invalid(format!(
-            "{}: config.json does not describe a Llama-family causal LM (llama, mistral, qwen2)",
-            base.display()
-        )));
-    }
-    Ok(())
+    LmKind::of_dir(base)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: config.json does not describe a causal LM of the {}",
+            base.display(),
+            LmKind::all()
+        ))
+    })
 }
 
 /// Fine-tunes the causal LM `base` on the texts of `opts.train` (their labels, if any, are
-/// ignored) and saves it to `opts.output` as [`super::Llama::save`] writes models. Options are
+/// ignored) and saves it to `opts.output` as [`super::LmModel::save`] writes models. Options are
 /// checked before loading, the output appears only when complete.
 pub fn finetune_lm<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> Result<LmFinetuneSummary> {
-    let start = Instant::now();
     check_options(opts, &[base, opts.train.as_path()])?;
-    check_lm_options(base, opts)?;
+    let kind = check_lm_options(base, opts)?;
+    crate::with_lm_arch!(kind, A => finetune_as::<B, A>(backend, base, opts))
+}
+
+/// [`finetune_lm`] for a model of family `A`, the options checked.
+fn finetune_as<B: Backend, A: LmArch<B>>(backend: B, base: &Path, opts: &FinetuneOptions) -> Result<LmFinetuneSummary> {
+    let start = Instant::now();
     let examples = read_examples(opts)?;
     let eval_texts = opts.eval.as_deref().map(texts_of).transpose()?;
-    let mut lm = CausalLm::load(backend, base, opts.max_len)?;
-    let score = |lm: &CausalLm<B>, when: &str| -> Result<Option<LmEvalReport>> {
+    let mut lm = CausalLm::<B, A>::load(backend, base, opts.max_len)?;
+    let score = |lm: &CausalLm<B, A>, when: &str| -> Result<Option<LmEvalReport>> {
         let Some(texts) = &eval_texts else { return Ok(None) };
         let r = evaluate_lm(lm, texts, EVAL_BATCH)?;
         tracing::info!("{when} training: mean next-token loss {:.4} (perplexity {:.2})", r.mean_loss, r.perplexity);

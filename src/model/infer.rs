@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::bert::{Bert, LoadOptions, NewHead};
+use super::causal::{LmArch, LmKind};
 use super::classify::{
     EvalReport, PredictSummary, SequenceClassifier, check_predictions_output, evaluate, predict, write_predictions,
 };
@@ -81,14 +82,14 @@ impl InferenceOptions {
     }
 
     /// The causal LM at `model`; the head flags, which mean nothing for it, are refused.
-    pub fn load_lm<B: Backend>(&self, be: B, model: &Path) -> Result<CausalLm<B>> {
+    pub fn load_lm<B: Backend, A: LmArch<B>>(&self, be: B, model: &Path) -> Result<CausalLm<B, A>> {
         if self.new_head.is_some() || self.head_from.is_some() {
             return Err(Error::Invalid(format!(
                 "{} is a causal LM: --new-head and --head-from apply to classifiers only",
                 model.display()
             )));
         }
-        CausalLm::load(be, model, self.max_len)
+        CausalLm::<B, A>::load(be, model, self.max_len)
     }
 }
 
@@ -194,17 +195,17 @@ impl EvalArgs {
         if is_adapt_output(&self.model) {
             return self.adapted().map(EvalOutcome::Adapted);
         }
-        let causal = is_causal_lm_dir(&self.model)?;
+        let causal = LmKind::of_dir(&self.model)?;
         let inputs = self.plain_inputs()?;
         let lines = read_jsonl(inputs)?;
         let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
         let (infer, model) = (&self.infer, self.model.as_path());
-        if causal {
-            let report = crate::with_backend!(infer.device, |be| evaluate_lm(
-                &infer.load_lm(be, model)?,
+        if let Some(kind) = causal {
+            let report = crate::with_lm_arch!(kind, A => crate::with_backend!(infer.device, |be| evaluate_lm(
+                &infer.load_lm::<_, A>(be, model)?,
                 &texts,
                 infer.batch_size
-            )?);
+            )?));
             return Ok(EvalOutcome::Lm(report));
         }
         let report = crate::with_backend!(infer.device, |be| {
@@ -291,7 +292,11 @@ mod tests {
         let e = EvalArgs::new("m").plain_inputs().unwrap_err().to_string();
         assert!(e.contains("--inputs DATA.jsonl is required"), "{e}");
         let lm_head = InferenceOptions { new_head: Some(2), ..InferenceOptions::default() };
-        let e = lm_head.load_lm(crate::backend::Cpu, Path::new("m")).err().unwrap().to_string();
+        let e = lm_head
+            .load_lm::<_, crate::model::LlamaConfig>(crate::backend::Cpu, Path::new("m"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("apply to classifiers only"), "{e}");
     }
 }

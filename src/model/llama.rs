@@ -6,107 +6,18 @@
 //! internals from its input, so training keeps one activation per block. Parameters are keyed by
 //! their Hugging Face names (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`).
 //!
-//! With tied embeddings the head's weight *is* `model.embed_tokens.weight`: the embedding block and
-//! the head each hold a copy under that name and each report a gradient for it; the gradient of
-//! the tensor is their sum ([`Llama::total_grads`]), and [`Llama::set_param`] updates both copies.
+//! With tied embeddings the head's weight *is* `model.embed_tokens.weight` (see
+//! [`super::causal`] for how the two copies are kept one).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
-use super::chain::{self, ChainBlock, Saved, TableRows, need_input, param_buf};
+use super::causal::{LmArch, LmBatch, LmModel};
+use super::chain::{ChainBlock, TableRows, need_input, param_buf};
 use super::llama_config::LlamaConfig;
-use super::tokenize::Encoded;
 use super::{Param, Params};
 use crate::backend::{AttnShape, Backend};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::labels::TopKLabels;
-
-/// An expert's top-k labels for a batch's next-token positions, on the device.
-pub struct TopKTargets<B: Backend> {
-    pub positions: usize,
-    pub k: usize,
-    pub ids: B::Ids,
-    pub probs: B::Buf,
-    pub rest: B::Buf,
-}
-
-impl<B: Backend> TopKTargets<B> {
-    /// Uploads `labels`, which must hold one position per next-token target of `batch`.
-    pub fn upload(be: &B, batch: &LmBatch<B>, labels: &TopKLabels) -> Result<Self> {
-        if labels.positions() != batch.labels.len() {
-            return Err(Error::Invalid(format!(
-                "the top-k labels hold {} positions but the batch has {} next-token targets (were they cached with \
-                 another tokenizer or maximum length?)",
-                labels.positions(),
-                batch.labels.len()
-            )));
-        }
-        if labels.positions() == 0 {
-            return Err(Error::Invalid("no next-token targets: every sequence has fewer than two tokens".into()));
-        }
-        Ok(TopKTargets {
-            positions: labels.positions(),
-            k: labels.k,
-            ids: be.upload_ids(&labels.ids)?,
-            probs: be.upload(&labels.probs)?,
-            rest: be.upload(&labels.rest)?,
-        })
-    }
-
-    /// The mean loss over the positions of `picked` (`[positions, vocab]` logits).
-    pub fn loss(&self, be: &B, picked: &B::Buf, vocab: usize) -> Result<f32> {
-        let l =
-            be.download(&be.topk_ce(picked, &self.ids, &self.probs, &self.rest, self.positions, vocab, self.k)?)?;
-        l.first().copied().ok_or_else(|| Error::Invalid("the loss op returned nothing".into()))
-    }
-
-    /// Gradient of [`TopKTargets::loss`] wrt `picked`, times `scale`.
-    pub fn backward(&self, be: &B, picked: &B::Buf, vocab: usize, scale: f32) -> Result<B::Buf> {
-        be.topk_ce_backward(picked, &self.ids, &self.probs, &self.rest, self.positions, vocab, self.k, scale)
-    }
-}
-
-/// One batch of right-padded sequences on the device, packed as BERT's are (see
-/// [`super::bert::Batch`]): activations hold the real tokens only, sequence after sequence, and
-/// only attention sees the padded `[batch, seq]` layout. With the next-token targets of the loss.
-pub struct LmBatch<B: Backend> {
-    pub batch: usize,
-    pub seq: usize,
-    /// Number of real tokens: the activations' row count.
-    pub tokens: usize,
-    /// Per real token, in packed order.
-    pub input_ids: B::Ids,
-    /// Each real token's position in its sequence (right padding leaves them as if alone).
-    pub positions: B::Ids,
-    /// `[batch, seq]`, 1 for real tokens and 0 for padding.
-    pub mask: B::Buf,
-    /// Each real token's row in the padded layout; `None` when nothing is padded.
-    pub padded_rows: Option<B::Ids>,
-    /// Packed rows of the tokens whose next token is real: where the loss is taken.
-    pub label_rows: B::Ids,
-    /// The next token of each of `label_rows`, on the host.
-    pub labels: Vec<u32>,
-    /// The rows of the token embedding the batch reads (sorted, unique).
-    pub embedding_rows: Vec<u32>,
-}
-
-impl<B: Backend> LmBatch<B> {
-    /// Number of activation rows: the real tokens.
-    pub fn rows(&self) -> usize {
-        self.tokens
-    }
-
-    /// Packed rows `x` (`[tokens, width]`) in the padded layout, padding rows zero.
-    pub fn padded(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
-        super::to_padded(be, self.padded_rows.as_ref(), self.batch * self.seq, x, width)
-    }
-
-    /// Padded rows `x` packed: the real tokens' rows only.
-    pub fn packed(&self, be: &B, x: B::Buf, width: usize) -> Result<B::Buf> {
-        super::to_packed(be, self.padded_rows.as_ref(), x, width)
-    }
-}
 
 fn need<T>(x: Option<T>, what: &str) -> Result<T> {
     x.ok_or_else(|| Error::Invalid(format!("backward returned no {what} gradient")))
@@ -516,34 +427,13 @@ impl<B: Backend> ChainBlock<B> for LlamaBlock {
 }
 
 /// A Llama-family causal LM, its weights on a backend.
-pub struct Llama<B: Backend> {
-    pub config: LlamaConfig,
-    /// The checkpoint this came from (for messages).
-    pub path: PathBuf,
-    pub blocks: Vec<LlamaBlock>,
-    /// One parameter map per block, aligned with `blocks`.
-    pub params: Vec<Params<B>>,
-    pub backend: B,
-}
+pub type Llama<B> = LmModel<B, LlamaConfig>;
 
-impl<B: Backend> Llama<B> {
-    /// Loads `config.json` and the weights of a `LlamaForCausalLM`, `MistralForCausalLM` or
-    /// `Qwen2ForCausalLM` from a model directory (or safetensors file).
-    pub fn load(backend: B, path: &Path) -> Result<Self> {
-        Self::load_partial(backend, path, 0)
-    }
+impl<B: Backend> LmArch<B> for LlamaConfig {
+    type Block = LlamaBlock;
 
-    /// [`Llama::load`] leaving the parameters of the first `skip_blocks` blocks unloaded (empty
-    /// maps): for adaptation, which streams those from the checkpoints itself.
-    pub fn load_partial(backend: B, path: &Path, skip_blocks: usize) -> Result<Self> {
-        let ck = Checkpoint::open(path)?;
-        let config_path = ck.dir.join("config.json");
-        let cfg_json = ck.config.as_ref().ok_or_else(|| Error::Model {
-            path: config_path.clone(),
-            reason: "config.json is missing (needed for the architecture)".into(),
-        })?;
-        let config = LlamaConfig::from_json(cfg_json, &config_path)?;
-        let c = &config;
+    fn chain(&self, ck: &Checkpoint) -> Result<Vec<LlamaBlock>> {
+        let c = self;
         let mut blocks = vec![LlamaBlock::Embedding(TokenEmbedding { vocab: c.vocab_size, hidden: c.hidden_size })];
         for index in 0..c.num_hidden_layers {
             blocks.push(LlamaBlock::Layer(DecoderLayer {
@@ -573,182 +463,19 @@ impl<B: Backend> Llama<B> {
                 reason: "tensor `lm_head.weight` is missing and config.json does not set tie_word_embeddings".into(),
             });
         }
-        let params = chain::load_params(&backend, &ck, &blocks, skip_blocks)?;
-        tracing::debug!(
-            "loaded {:?} causal LM: {} layers, hidden {}, heads {}/{}, from {}",
-            c.family,
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            ck.path.display()
-        );
-        Ok(Llama { config, path: ck.path.clone(), blocks, params, backend })
+        Ok(blocks)
     }
 
-    /// A parameter by name, from the first block that holds it.
-    pub fn param(&self, name: &str) -> Option<&Param<B>> {
-        chain::param(&self.params, name)
-    }
-
-    /// Replaces a parameter's values (same shape) in every block that holds it (both copies of a
-    /// tied embedding).
-    pub fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        chain::set_param(&self.backend, &mut self.params, name, values)
-    }
-
-    /// Uploads a right-padded tokenized batch and its next-token targets.
-    pub fn batch(&self, enc: &Encoded) -> Result<LmBatch<B>> {
-        let be = &self.backend;
-        let (n, s) = (enc.batch, enc.seq);
-        if enc.input_ids.len() != n * s || enc.attention_mask.len() != n * s {
-            return Err(Error::Invalid(format!("encoded batch arrays do not match its shape [{n}, {s}]")));
-        }
-        if let Some(w) = self.config.sliding_window
-            && s > w
-        {
-            return Err(Error::Invalid(format!(
-                "sequences of {s} tokens exceed the model's sliding attention window of {w} tokens, which is not \
-                 implemented; use a maximum length of at most {w}"
-            )));
-        }
-        let vocab = self.config.vocab_size;
-        if let Some((i, &id)) = enc.input_ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
-            return Err(Error::Invalid(format!(
-                "token id {id} (sequence {}, position {}) is outside the model's vocabulary of {vocab}",
-                i / s,
-                i % s
-            )));
-        }
-        let (mut label_rows, mut labels, mut padded_rows) = (Vec::new(), Vec::new(), Vec::new());
-        for (b, m) in enc.attention_mask.chunks(s.max(1)).enumerate() {
-            let len = m.iter().take_while(|&&v| v != 0).count();
-            if m[len..].iter().any(|&v| v != 0) {
-                return Err(Error::Invalid(format!(
-                    "sequence {b} is not right-padded (its attention mask has a real token after padding)"
-                )));
-            }
-            for t in 0..len.saturating_sub(1) {
-                label_rows.push((padded_rows.len() + t) as u32);
-                labels.push(enc.input_ids[b * s + t + 1]);
-            }
-            padded_rows.extend((b * s..b * s + len).map(|r| r as u32));
-        }
-        let ids: Vec<u32> = padded_rows.iter().map(|&r| enc.input_ids[r as usize]).collect();
-        let positions: Vec<u32> = padded_rows.iter().map(|&r| r % s.max(1) as u32).collect();
-        let mask: Vec<f32> = enc.attention_mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
-        let tokens = padded_rows.len();
-        Ok(LmBatch {
-            batch: n,
-            seq: s,
-            tokens,
-            input_ids: be.upload_ids(&ids)?,
-            embedding_rows: super::distinct_rows(&ids),
-            positions: be.upload_ids(&positions)?,
-            mask: be.upload(&mask)?,
-            padded_rows: if tokens == n * s { None } else { Some(be.upload_ids(&padded_rows)?) },
-            label_rows: be.upload_ids(&label_rows)?,
-            labels,
-        })
-    }
-
-    /// Logits `[batch.tokens, vocab]` of the real tokens, sequence after sequence (the packed
-    /// layout; inference: nothing is kept).
-    pub fn logits(&self, batch: &LmBatch<B>) -> Result<B::Buf> {
-        chain::forward(&self.backend, &self.blocks, &self.params, batch)
-    }
-
-    /// Logits plus each block's input, for [`Llama::backward`].
-    pub fn forward_saving(&self, batch: &LmBatch<B>) -> Result<(B::Buf, Saved<B>)> {
-        chain::forward_saving(&self.backend, &self.blocks, &self.params, batch)
-    }
-
-    /// Gradients of every block's parameters (aligned with `blocks`) given `dL/dlogits`
-    /// ([`chain::backward`]).
-    pub fn backward(&self, batch: &LmBatch<B>, saved: Saved<B>, dlogits: &B::Buf) -> Result<Vec<Params<B>>> {
-        chain::backward(&self.backend, &self.blocks, &self.params, batch, saved, dlogits)
-    }
-
-    /// The rows of `logits` the loss reads, and one-hot targets for them: the loss runs on the
-    /// backend's existing row gather and soft-label cross-entropy, at the cost of a `[targets,
-    /// vocab]` host-built buffer the size of the picked logits (a sparse-label op would avoid it).
-    fn picked(&self, batch: &LmBatch<B>, logits: &B::Buf) -> Result<(B::Buf, B::Buf)> {
-        let (n, vocab) = (batch.labels.len(), self.config.vocab_size);
-        if n == 0 {
-            return Err(Error::Invalid("no next-token targets: every sequence has fewer than two tokens".into()));
-        }
-        let picked = self.backend.embedding(logits, &batch.label_rows, vocab)?;
-        let mut onehot = vec![0f32; n * vocab];
-        for (row, &t) in onehot.chunks_mut(vocab).zip(&batch.labels) {
-            row[t as usize] = 1.0;
-        }
-        Ok((picked, self.backend.upload(&onehot)?))
-    }
-
-    /// Mean next-token cross-entropy over the batch's real tokens (each sequence's last token has
-    /// no target).
-    pub fn lm_loss(&self, batch: &LmBatch<B>) -> Result<f32> {
-        let logits = self.logits(batch)?;
-        let (picked, targets) = self.picked(batch, &logits)?;
-        let n = batch.labels.len();
-        let loss = self.backend.download(&self.backend.soft_ce(&picked, &targets, n, self.config.vocab_size)?)?;
-        loss.first().copied().ok_or_else(|| Error::Invalid("the loss op returned nothing".into()))
-    }
-
-    /// [`Llama::lm_loss`] and its gradient for every block (aligned with `blocks`; see
-    /// [`Llama::total_grads`] for one gradient per tensor).
-    pub fn lm_loss_grads(&self, batch: &LmBatch<B>) -> Result<(f32, Vec<Params<B>>)> {
-        let be = &self.backend;
-        let (n, vocab) = (batch.labels.len(), self.config.vocab_size);
-        let (logits, saved) = self.forward_saving(batch)?;
-        let (picked, targets) = self.picked(batch, &logits)?;
-        drop(logits);
-        let loss = be.download(&be.soft_ce(&picked, &targets, n, vocab)?)?;
-        let dpicked = be.soft_ce_backward(&picked, &targets, n, vocab, 1.0)?;
-        drop((picked, targets));
-        let dlogits = be.embedding_backward(&batch.label_rows, &dpicked, batch.rows(), vocab)?;
-        drop(dpicked);
-        let grads = self.backward(batch, saved, &dlogits)?;
-        Ok((loss.first().copied().unwrap_or(f32::NAN), grads))
-    }
-
-    /// Mean cross-entropy of the next-token distributions against an expert's top-k labels (one
-    /// position per next-token target of `batch`, in its order), with the expert's remaining mass
-    /// as a catch-all bucket: see [`Backend::topk_ce`].
-    pub fn topk_loss(&self, batch: &LmBatch<B>, labels: &TopKLabels) -> Result<f32> {
-        let picked = self.backend.embedding(&self.logits(batch)?, &batch.label_rows, self.config.vocab_size)?;
-        let t = TopKTargets::upload(&self.backend, batch, labels)?;
-        t.loss(&self.backend, &picked, self.config.vocab_size)
-    }
-
-    /// [`Llama::topk_loss`] and its gradient for every block (aligned with `blocks`).
-    pub fn topk_loss_grads(&self, batch: &LmBatch<B>, labels: &TopKLabels) -> Result<(f32, Vec<Params<B>>)> {
-        let (be, vocab) = (&self.backend, self.config.vocab_size);
-        let t = TopKTargets::upload(be, batch, labels)?;
-        let (logits, saved) = self.forward_saving(batch)?;
-        let picked = be.embedding(&logits, &batch.label_rows, vocab)?;
-        drop(logits);
-        let loss = t.loss(be, &picked, vocab)?;
-        let dpicked = t.backward(be, &picked, vocab, 1.0)?;
-        drop(picked);
-        let dlogits = be.embedding_backward(&batch.label_rows, &dpicked, batch.rows(), vocab)?;
-        drop(dpicked);
-        Ok((loss, self.backward(batch, saved, &dlogits)?))
-    }
-
-    /// One gradient per tensor name: per-block gradients with a tied embedding's two summed.
-    pub fn total_grads(&self, grads: Vec<Params<B>>) -> Result<Params<B>> {
-        let mut out = Params::new();
-        for g in grads {
-            for (name, t) in g {
-                match out.get_mut(&name) {
-                    Some(acc) => self.backend.add_assign(&mut acc.buf, &t.buf)?,
-                    None => {
-                        out.insert(name, t);
-                    }
+    fn untie(block: &LlamaBlock, params: &mut Params<B>) -> LlamaBlock {
+        match block {
+            LlamaBlock::Head(h) if h.tied => {
+                let head = LmHead { tied: false, ..h.clone() };
+                if let Some(w) = params.remove(h.weight_name()) {
+                    params.insert(head.weight_name().into(), w);
                 }
+                LlamaBlock::Head(head)
             }
+            other => other.clone(),
         }
-        Ok(out)
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::causal::LmConfig;
 use super::hf_config::{ModelKind, Positive, PositiveF64, parse};
 use crate::error::{Error, Result};
 
@@ -103,6 +104,45 @@ impl LlamaConfig {
     /// Width of the key and value projections, `kv_heads * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
+    }
+}
+
+impl LmConfig for LlamaConfig {
+    const FAMILY: &'static str = "Llama family (llama, mistral, qwen2)";
+
+    fn detects(config: &Value) -> bool {
+        LlamaFamily::of_config(config).is_some()
+    }
+
+    fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        LlamaConfig::from_json(v, path)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn max_tokens(&self) -> Option<(usize, &'static str)> {
+        self.sliding_window.map(|w| (w, "sliding attention window"))
+    }
+
+    fn tied(&self) -> bool {
+        self.tie_word_embeddings
+    }
+
+    fn set_tied(&mut self, tied: bool) {
+        self.tie_word_embeddings = tied;
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:?}, {} layers, hidden {}, heads {}/{}",
+            self.family, self.num_hidden_layers, self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        )
     }
 }
 

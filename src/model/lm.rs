@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::llama::Llama;
-use super::llama_config::LlamaFamily;
+use super::causal::{LmArch, LmKind, LmModel};
+use super::llama_config::LlamaConfig;
 use super::tokenize::TextTokenizer;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -14,40 +14,31 @@ use crate::logits::{argmax, logsumexp};
 
 /// Whether `config.json` (a value) describes a causal LM we run, rather than a classifier.
 pub fn is_causal_lm(config: &Value) -> bool {
-    LlamaFamily::of_config(config).is_some()
+    LmKind::of(config).is_some()
 }
 
 /// Whether the model directory (or safetensors file) at `path` holds a causal LM: reads only its
 /// `config.json`; `false` when there is none.
 pub fn is_causal_lm_dir(path: &Path) -> Result<bool> {
-    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
-    let cfg = dir.join("config.json");
-    if !cfg.is_file() {
-        return Ok(false);
-    }
-    let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Model { path: cfg.clone(), reason: format!("not valid JSON: {e}") })?;
-    Ok(is_causal_lm(&v))
+    Ok(LmKind::of_dir(path)?.is_some())
 }
 
 /// A causal LM with its tokenizer.
-pub struct CausalLm<B: Backend> {
-    pub model: Llama<B>,
+pub struct CausalLm<B: Backend, A: LmArch<B> = LlamaConfig> {
+    pub model: LmModel<B, A>,
     pub tokenizer: TextTokenizer,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: Backend, A: LmArch<B>> CausalLm<B, A> {
     /// Loads the weights, `config.json` and `tokenizer.json` of a model directory; texts are
     /// truncated to `max_len` tokens.
     pub fn load(backend: B, path: &Path, max_len: usize) -> Result<Self> {
-        let model = Llama::load(backend, path)?;
-        if let Some(w) = model.config.sliding_window
+        let model = LmModel::<B, A>::load(backend, path)?;
+        if let Some((w, what)) = model.config.max_tokens()
             && max_len > w
         {
             return Err(Error::Invalid(format!(
-                "maximum length {max_len} exceeds the sliding attention window ({w} tokens) of {}, which is not \
-                 implemented; pass a maximum length of at most {w}",
+                "maximum length {max_len} exceeds the {what} ({w} tokens) of {}; pass a maximum length of at most {w}",
                 path.display()
             )));
         }
@@ -75,8 +66,8 @@ pub struct LmEvalReport {
 /// Scores `texts` (each tokenized with the tokenizer's special tokens, truncated to its maximum
 /// length): every token is weighted equally, so long texts count more than short ones. Texts are
 /// batched by length; the loss is summed in f64 on the host.
-pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
-    lm: &CausalLm<B>,
+pub fn evaluate_lm<B: Backend, A: LmArch<B>, S: AsRef<str>>(
+    lm: &CausalLm<B, A>,
     texts: &[S],
     batch_size: usize,
 ) -> Result<LmEvalReport> {
@@ -87,7 +78,7 @@ pub fn evaluate_lm<B: Backend, S: AsRef<str>>(
         return Err(Error::Invalid("nothing to evaluate: no texts".into()));
     }
     let model = &lm.model;
-    let vocab = model.config.vocab_size;
+    let vocab = model.vocab();
     let toks = lm.tokenizer.tokenize(texts)?;
     let mut order: Vec<usize> = (0..toks.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));

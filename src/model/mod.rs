@@ -3,9 +3,13 @@
 //!
 //! - [`chain`]: what every family shares: the [`ChainBlock`] trait, parameter loading, the
 //!   chain's forward and its reverse-order backward.
+//! - [`causal`]: what every causal-LM family shares: the [`LmArch`] trait, the model, the batch of
+//!   next-token targets, and the registry of families ([`LmKind`]).
 //! - [`bert`]: the BERT family (BERT, MiniLM, RoBERTa) with a sequence-classification head.
 //! - [`llama`]: the Llama family (Llama, Mistral, Qwen2) as causal LMs; [`llama_config`] reads
-//!   their `config.json`, [`lm`] evaluates them (perplexity).
+//!   their `config.json`.
+//! - [`gpt2`]: GPT-2 as a causal LM, its `config.json` reader included.
+//! - [`lm`]: a causal LM with its tokenizer, and its evaluation (perplexity).
 //! - [`config`]: hyper-parameters from `config.json`.
 //! - [`tokenize`]: `tokenizer.json` with per-batch padding.
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
@@ -16,11 +20,13 @@
 //! - [`infer`]: `symerge predict` and `symerge eval`: their flags and which model they run.
 
 pub mod bert;
+pub mod causal;
 pub mod chain;
 pub mod classify;
 pub mod config;
 pub mod finetune;
 pub mod finetune_lm;
+pub mod gpt2;
 mod hf_config;
 pub mod import;
 pub mod infer;
@@ -35,6 +41,7 @@ use std::collections::BTreeMap;
 use crate::backend::Backend;
 
 pub use bert::{Batch, Bert, Block, LoadOptions, NewHead};
+pub use causal::{LmArch, LmBatch, LmConfig, LmKind, LmModel, TopKTargets};
 pub use chain::ChainBlock;
 pub use classify::{
     EvalReport, PredictSummary, Prediction, SequenceClassifier, check_predictions_output, evaluate, predict,
@@ -43,7 +50,8 @@ pub use classify::{
 pub use config::{BertConfig, BertFamily};
 pub use finetune::{FinetuneOptions, FinetuneSummary, LrSchedule, TrainLength, finetune};
 pub use finetune_lm::{LmFinetuneSummary, finetune_lm};
-pub use llama::{Llama, LlamaBlock, LmBatch, TopKTargets};
+pub use gpt2::{Gpt2, Gpt2Block, Gpt2Config};
+pub use llama::{Llama, LlamaBlock};
 pub use llama_config::{LlamaConfig, LlamaFamily};
 pub use lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm, is_causal_lm_dir};
 pub use save::{SaveOptions, SavedModel};

@@ -12,8 +12,9 @@ use serde_json::{Map, Value};
 
 use super::Params;
 use super::bert::{Bert, Block, HeadStyle};
+use super::causal::{LmArch, LmModel};
+use super::chain::ChainBlock;
 use super::config::BertFamily;
-use super::llama::{Llama, LlamaBlock};
 use crate::atomic::Staging;
 use crate::backend::Backend;
 use crate::checkpoint::dtype::encode_into;
@@ -212,18 +213,18 @@ impl<B: Backend> Bert<B> {
     }
 }
 
-impl<B: Backend> Llama<B> {
-    /// Writes the model as a Hugging Face causal-LM directory that [`Llama::load`] and
-    /// `transformers` read: `model.safetensors` in f32 (a tied embedding once; [`Llama::save_with`]
-    /// takes another dtype), the source
-    /// `config.json` with `tie_word_embeddings` as this model's head has it, and the source's
-    /// tokenizer files. Atomic, and refuses non-finite weights, like [`Bert::save`].
+impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
+    /// Writes the model as a Hugging Face causal-LM directory that [`LmModel::load`] and
+    /// `transformers` read: `model.safetensors` in f32 (a tied embedding once;
+    /// [`LmModel::save_with`] takes another dtype), the source `config.json` with
+    /// `tie_word_embeddings` as this model's config has it, and the source's tokenizer files.
+    /// Atomic, and refuses non-finite weights, like [`Bert::save`].
     pub fn save(&self, output: &Path, force: bool) -> Result<SavedModel> {
         self.save_with(output, &SaveOptions { force, ..SaveOptions::default() }, &mut |_| Ok(None))
     }
 
-    /// [`Llama::save`] in `opts.dtype` (its `labels` do not apply), where `fetch(b)` may supply
-    /// block `b`'s parameters (`Some`) instead of [`Llama::params`], one block at a time
+    /// [`LmModel::save`] in `opts.dtype` (its `labels` do not apply), where `fetch(b)` may supply
+    /// block `b`'s parameters (`Some`) instead of [`LmModel::params`], one block at a time
     /// (adaptation's merged blocks).
     pub fn save_with(&self, output: &Path, opts: &SaveOptions, fetch: &mut BlockFetch<'_, B>) -> Result<SavedModel> {
         let (dtype, force) = (opts.dtype, opts.force);
@@ -233,11 +234,8 @@ impl<B: Backend> Llama<B> {
         // Each tensor once, in block order (a tied embedding is written with the embedding).
         let mut planned: Vec<PlannedTensor> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
-        let mut tied = false;
+        let tied = self.config.tied();
         for (b, block) in self.blocks.iter().enumerate() {
-            if let LlamaBlock::Head(h) = block {
-                tied = h.tied;
-            }
             for (name, shape) in block.param_shapes() {
                 if planned.iter().all(|t| t.name != name) {
                     planned.push(PlannedTensor { name, dtype: dtype.to_safetensors(), shape });
