@@ -117,6 +117,7 @@ def main():
         gen = torch.Generator().manual_seed(2000 + k)
         randomize(model, gen)
 
+        config.architectures = ["GPT2LMHeadModel"]
         config.save_pretrained(out)
         weights = {
             n: p.detach().bfloat16().contiguous()
