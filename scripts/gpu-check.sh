@@ -56,6 +56,8 @@ done
 nvidia-smi >>"$OUT/env.txt" 2>&1
 export SYMERGE_BIN="$BIN/symerge" SYMERGE_PTX_CACHE=/tmp/symerge-ptx RUST_BACKTRACE=1
 export SYMERGE_GPU_TEST_DIR=/tmp
+# The committed fixtures, read from this checkout (the path baked into the tests is the build machine's).
+export SYMERGE_REPO="$PWD"
 # The bf16 MiniLM that gpu-prepare.sh packed, for tests/gpu_backend.rs.
 if [ -f "$BIN/minilm.tar.xz" ]; then
   rm -rf /tmp/symerge-minilm && mkdir -p /tmp/symerge-minilm

@@ -68,7 +68,7 @@ fn err_line_once(stderr: &str, needle: &str) -> bool {
 #[test]
 fn every_command_defaults_to_auto_and_spells_devices_alike() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let model = common::fixture_dir("llama_gqa");
     let texts = tmp.path().join("t.jsonl");
     std::fs::write(&texts, "{\"text\": \"the cat sat on the mat\"}\n").unwrap();
     let eval = |device: Option<&str>| {

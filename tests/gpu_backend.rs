@@ -445,7 +445,7 @@ fn llama_ops_and_top_k_loss_match_cpu() {
 /// The fixture causal LM `name` of family `A`: its loss and every gradient on the GPU against
 /// the CPU.
 fn causal_lm_matches<A: LmArch<Cpu> + LmArch<Cuda>>(r: &mut Report, name: &str) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let dir = common::fixture_dir(name);
     let texts = ["the cat sat on the mat", "x", "merging models by task arithmetic, again and again"];
     let cpu = CausalLm::<Cpu, A>::load(Cpu, &dir, 32).unwrap();
     let batch = cpu.model.batch(&cpu.tokenizer.encode(&texts).unwrap()).unwrap();

@@ -127,6 +127,15 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The committed fixture `name` (`tests/fixtures/<name>`): under `$SYMERGE_REPO` when set (test
+/// executables run away from the build tree, as on the GPU machine, where the source path baked
+/// in at compile time does not exist), else in this source tree.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    let root =
+        std::env::var_os("SYMERGE_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    root.join("tests/fixtures").join(name)
+}
+
 /// The packaged real MiniLM-L6 checkpoint (see scripts/fetch-assets.sh). Tests that need it
 /// fail loudly when it is missing rather than passing without having run.
 pub fn minilm_dir() -> PathBuf {
