@@ -14,7 +14,7 @@ use symerge::adapt::lm::LmAdapter;
 use symerge::backend::Cpu;
 use symerge::dist::LocalGroup;
 use symerge::labels::produce::{CacheLabelsOptions, cache_labels};
-use symerge::model::{CausalLm, Gpt2Block, Gpt2Config, LlamaBlock, LmArch};
+use symerge::model::{CausalLm, ChainBlock, Gpt2Block, Gpt2Config, LlamaBlock, LmArch};
 
 const TEXTS: [&str; 8] = [
     "the cat sat on the mat",
@@ -406,6 +406,23 @@ fn gpt2_adapts_through_the_same_adapter() {
     }
     assert_eq!(common::bits(&a.lambda.values), common::bits(&resident.lambda.values), "streamed == resident");
     drop((a, resident));
+
+    // `last_block`: the last GPT-2 block and the head are each task's own, streamed == resident.
+    let lb = fixture_of("gpt2", "last_block");
+    let cfg = || AdaptConfig::load(&lb.root.join("adapt.yml")).unwrap();
+    let mut runs = [Some(0), Some(u64::MAX)].map(|b| LmAdapter::<Cpu, Gpt2Config>::load_with(Cpu, cfg(), b).unwrap());
+    let names: Vec<String> = runs[0].tasks[0].private_blocks.iter().map(ChainBlock::<Cpu>::name).collect();
+    assert_eq!(names, ["transformer.h.1", "head"]);
+    for a in runs.iter_mut() {
+        for task in [0, 1, 0] {
+            a.step(task).unwrap();
+        }
+    }
+    assert_eq!(common::bits(&runs[0].lambda.values), common::bits(&runs[1].lambda.values));
+    let block = "transformer.h.1.attn.c_attn.weight";
+    let (p0, p1) = (&runs[0].tasks[0].private[0][block].buf, &runs[1].tasks[0].private[0][block].buf);
+    assert_eq!(common::bits(p0), common::bits(p1), "the adapted block trains alike");
+    drop(runs);
 
     let out = f.root.join("out");
     let (ok, _, err) = run(&["adapt", f.root.join("adapt.yml").to_str().unwrap(), "-o", out.to_str().unwrap()]);
