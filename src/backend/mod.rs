@@ -199,7 +199,7 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<(Self::Buf, Self::Buf)>;
 
-    /// Rotary embedding, Hugging Face's rotate_half convention, on x = [rows, heads * head_dim] where row r has position positions[r];
+    /// Rotary embedding, Hugging Face's rotate_half convention, on x = `[rows, heads * head_dim]` where row r has position `positions[r]`;
     /// inv_freq_i = theta^(-2i/head_dim), angle = (position / scale) * inv_freq_i (scale = linear rope_scaling factor, 1.0 for none).
     fn rope(
         &self,
@@ -268,7 +268,7 @@ pub trait Backend: Send + Sync {
 
     // --- gathers ---
     /// `out[i] = table[ids[i]]` for a `[vocab, dim]` table: embedding lookup, also used to pick
-    /// rows (e.g. each sequence's [CLS] token).
+    /// rows (e.g. each sequence's `[CLS]` token).
     fn embedding(&self, table: &Self::Buf, ids: &Self::Ids, dim: usize) -> Result<Self::Buf>;
     /// Backward of [`Backend::embedding`]: scatter-add of `dy` rows into a zero `[vocab, dim]`.
     fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Buf, vocab: usize, dim: usize) -> Result<Self::Buf>;

@@ -226,7 +226,7 @@ impl Checkpoint {
     }
 
     /// Maps a tensor's pages into this process ahead of use (called by the prefetch thread), so
-    /// the merge threads never stop on page faults. See [`MappedRange::populate`].
+    /// the merge threads never stop on page faults. See `MappedRange::populate`.
     pub fn populate(&self, t: &TensorMeta) {
         self.range(t).populate();
     }

@@ -151,7 +151,7 @@ fn is_category_file(path: &Path) -> Result<bool> {
     Ok(meta.file_type().is_file() && !name.starts_with('.') && !name.ends_with(".dat") && !name.ends_with(".u8"))
 }
 
-/// The category files in `dir` (see [`is_category_file`]), sorted by name.
+/// The category files in `dir` (see `is_category_file`), sorted by name.
 pub fn category_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {

@@ -48,7 +48,7 @@ impl ElementStream {
     }
 
     /// Uniform [0, 1) numbers for elements `start .. start + out.len()`: whole groups of
-    /// [`LANES`] blocks at once (they vectorise), the ragged ends one block at a time.
+    /// `LANES` blocks at once (they vectorise), the ragged ends one block at a time.
     pub fn fill_uniform(&self, start: usize, out: &mut [f32]) {
         let end = start + out.len();
         let head = ((LANES * 4 - start % (LANES * 4)) % (LANES * 4)).min(out.len());

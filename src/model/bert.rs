@@ -38,7 +38,7 @@ pub struct Batch<B: Backend> {
     /// Each real token's row in the padded `[batch * seq]` layout; `None` when nothing is padded
     /// (packed and padded layouts are then the same).
     pub padded_rows: Option<B::Ids>,
-    /// Each sequence's [CLS] row in the packed layout.
+    /// Each sequence's `[CLS]` row in the packed layout.
     pub cls_rows: B::Ids,
     /// The rows of the embedding tables the batch reads (table name, sorted unique rows).
     pub lookups: Vec<(String, Vec<u32>)>,

@@ -1,7 +1,7 @@
 //! Full fine-tuning of a Llama-family causal LM on a JSONL of texts: every weight trains with
 //! Adam on the mean next-token cross-entropy over the real tokens of each batch.
 //!
-//! It shares [`super::finetune`]'s options, seeded batch order, schedule, clipping and Adam
+//! It shares [`super::finetune`](mod@super::finetune)'s options, seeded batch order, schedule, clipping and Adam
 //! (only the batch's loss differs), so the same data, options and seed give bit-identical
 //! weights. Texts are right-padded per batch, and the packed [`super::LmBatch`] makes padding
 //! cost nothing; texts of fewer than two tokens predict nothing and are left out.

@@ -13,8 +13,8 @@
 //! - [`config`]: hyper-parameters from `config.json`.
 //! - [`tokenize`]: `tokenizer.json` with per-batch padding.
 //! - [`classify`]: batched prediction and evaluation of a sequence classifier.
-//! - [`finetune`]: full fine-tuning of a sequence classifier on labelled JSONL.
-//! - [`finetune_lm`]: full fine-tuning of a causal LM on texts (next-token loss).
+//! - [`finetune`](mod@finetune): full fine-tuning of a sequence classifier on labelled JSONL.
+//! - [`finetune_lm`](mod@finetune_lm): full fine-tuning of a causal LM on texts (next-token loss).
 //! - [`save`]: writing a model as a Hugging Face checkpoint directory.
 //! - [`import`]: a Llama-family GGUF file as a Hugging Face checkpoint directory.
 //! - [`infer`]: `symerge predict` and `symerge eval`: their flags and which model they run.

@@ -11,7 +11,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{Error, Result};
 
-/// Default truncation length, in tokens including [CLS]/[SEP].
+/// Default truncation length, in tokens including `[CLS]`/`[SEP]`.
 pub const DEFAULT_MAX_LEN: usize = 128;
 
 /// A batch of tokenized texts, padded to the longest, row-major `[batch, seq]`.

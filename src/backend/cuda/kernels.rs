@@ -49,7 +49,7 @@ pub fn dtype_code(d: FloatDType) -> u32 {
 }
 
 /// One expert of a merge launch; layout of `struct MergeInput` in `kernels/merge.cu`. A DELLA
-/// plan ([`MODE_MAGPRUNE`]) carries its epsilon in `thresh`.
+/// plan (`MODE_MAGPRUNE`) carries its epsilon in `thresh`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MergeInput {

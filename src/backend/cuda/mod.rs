@@ -10,7 +10,7 @@
 //! - [`ops`]: [`Cuda`], the [`crate::backend::Backend`] the models run on with `--device cuda`.
 //! - `stored`: adaptation's ops on staged checkpoint bytes (merge, lambda_grad, Adam).
 //! - [`stream_merge`]: `symerge merge --device cuda`.
-//! - [`bench`]: `symerge bench-cuda`.
+//! - `bench`: `symerge bench-cuda`.
 
 pub mod bench;
 pub mod device;
