@@ -102,6 +102,20 @@ fn adapter(f: &Fixture) -> LmAdapter<Cpu> {
     LmAdapter::<Cpu>::load(Cpu, AdaptConfig::load(&f.root.join("adapt.yml")).unwrap()).unwrap()
 }
 
+/// The loss's derivative in Lambda coefficient `j` on task `task`'s `rows`: Richardson-extrapolated
+/// central differences (steps 0.05 and 0.1), Lambda restored afterwards.
+fn lambda_fd<A: LmArch<Cpu>>(a: &mut LmAdapter<Cpu, A>, task: usize, rows: &[usize], j: usize) -> f64 {
+    let base = a.lambda.values[j];
+    let mut at = |h: f32| {
+        a.lambda.values[j] = base + h;
+        a.loss_and_grads(task, rows).unwrap().loss as f64
+    };
+    let central = |at: &mut dyn FnMut(f32) -> f64, h: f32| (at(h) - at(-h)) / (2.0 * h as f64);
+    let fd = (4.0 * central(&mut at, 0.05) - central(&mut at, 0.1)) / 3.0;
+    a.lambda.values[j] = base;
+    fd
+}
+
 #[test]
 fn lambda_gradient_matches_finite_differences_and_splits_over_ranks() {
     let f = fixture("head");
@@ -115,14 +129,7 @@ fn lambda_gradient_matches_finite_differences_and_splits_over_ranks() {
     let n = a.lambda.values.len();
     let mut checked = 0;
     for j in (0..n).step_by((n / 9).max(1)) {
-        let base = a.lambda.values[j];
-        let mut at = |h: f32| {
-            a.lambda.values[j] = base + h;
-            a.loss_and_grads(1, &rows).unwrap().loss as f64
-        };
-        let central = |at: &mut dyn FnMut(f32) -> f64, h: f32| (at(h) - at(-h)) / (2.0 * h as f64);
-        let fd = (4.0 * central(&mut at, 0.05) - central(&mut at, 0.1)) / 3.0;
-        a.lambda.values[j] = base;
+        let fd = lambda_fd(&mut a, 1, &rows, j);
         let an = g.lambda[j];
         assert!(
             (fd - an).abs() <= 1e-2 * an.abs() + 2e-5,
@@ -259,14 +266,7 @@ fn adamerging_learns_lambda_by_next_token_entropy_with_the_heads_frozen() {
     let n = a.lambda.values.len();
     let mut checked = 0;
     for j in (0..n).step_by((n / 7).max(1)) {
-        let base = a.lambda.values[j];
-        let mut at = |h: f32| {
-            a.lambda.values[j] = base + h;
-            a.loss_and_grads(0, &rows).unwrap().loss as f64
-        };
-        let central = |at: &mut dyn FnMut(f32) -> f64, h: f32| (at(h) - at(-h)) / (2.0 * h as f64);
-        let fd = (4.0 * central(&mut at, 0.05) - central(&mut at, 0.1)) / 3.0;
-        a.lambda.values[j] = base;
+        let fd = lambda_fd(&mut a, 0, &rows, j);
         let an = g.lambda[j];
         assert!((fd - an).abs() <= 1e-2 * an.abs() + 2e-5, "Lambda {j}: fd {fd:e} vs {an:e}");
         checked += (an != 0.0) as usize;
@@ -373,14 +373,7 @@ fn gpt2_adapts_through_the_same_adapter() {
     let n = a.lambda.values.len();
     let mut checked = Vec::new();
     for j in 0..n {
-        let base = a.lambda.values[j];
-        let mut at = |h: f32| {
-            a.lambda.values[j] = base + h;
-            a.loss_and_grads(1, &rows).unwrap().loss as f64
-        };
-        let central = |at: &mut dyn FnMut(f32) -> f64, h: f32| (at(h) - at(-h)) / (2.0 * h as f64);
-        let fd = (4.0 * central(&mut at, 0.05) - central(&mut at, 0.1)) / 3.0;
-        a.lambda.values[j] = base;
+        let fd = lambda_fd(&mut a, 1, &rows, j);
         let an = g.lambda[j];
         let key = &a.lambda.keys[j / 2];
         assert!((fd - an).abs() <= 1e-2 * an.abs() + 2e-5, "Lambda {j} ({key}): fd {fd:e} vs {an:e}");
