@@ -14,6 +14,8 @@ use safetensors::Dtype;
 use symerge::backend::Cpu;
 use symerge::checkpoint::FloatDType;
 use symerge::checkpoint::generate::{SyntheticSpec, Variant, write_model};
+use symerge::model::chain::{HeadPart, LayerPart, PartTensors};
+use symerge::model::llama::DecoderLayer;
 use symerge::model::{Encoded, Llama, LlamaBlock, Param, Params};
 
 const HIDDEN: usize = 16;
@@ -105,7 +107,7 @@ fn layer_case(qwen2: bool) {
     // Internals kept by the forward give the same gradients, bit for bit, without recomputing.
     let (y, kept) = layer.forward_keeping(&Cpu, &model.params[2], &batch, &x).unwrap();
     assert_eq!(y, layer.forward(&Cpu, &model.params[2], &batch, &x).unwrap());
-    assert!(kept.len(&Cpu) > 4 * x.len(), "internals hold the layer's activations");
+    assert!(DecoderLayer::internals_len(&Cpu, &kept) > 4 * x.len(), "internals hold the layer's activations");
     let (dx2, g2) = layer.backward(&Cpu, &model.params[2], &batch, &x, Some(kept), &r).unwrap();
     assert_eq!(dx, dx2);
     assert!(g.iter().all(|(n, v)| v.buf == g2[n].buf) && g.len() == g2.len());
@@ -140,12 +142,12 @@ fn head_gradients_match_finite_differences() {
     let names = head.param_shapes();
     let x = rand_f32(12, batch.rows() * HIDDEN, 1.0);
     let r = rand_f32(13, batch.rows() * VOCAB, 1.0);
-    let (dx, g) = head.backward(&Cpu, &model.params[last], batch.rows(), &x, &r).unwrap();
+    let (dx, g) = head.backward(&Cpu, &model.params[last], &batch, &x, &r).unwrap();
     let mut inputs = vec![x];
     inputs.extend(values_of(&model.params[last], &names));
     let mut grads = vec![Some(dx)];
     grads.extend(grads_of(&g, &names));
-    let f = |xs: &[Vec<f32>]| head.forward(&Cpu, &to_params(&names, &xs[1..]), batch.rows(), &xs[0]).unwrap();
+    let f = |xs: &[Vec<f32>]| head.forward(&Cpu, &to_params(&names, &xs[1..]), &batch, &xs[0]).unwrap();
     check("lm head", &f, &inputs, &r, &grads, 3e-3, 1e-2);
 }
 

@@ -11,7 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::chain::{self, ChainBlock, Saved, TableRows, load_tensor, need_input, param_buf};
+use super::chain::{
+    self, EmbeddingPart, HeadPart, LayerName, LayerPart, Part, PartTensors, Saved, TableRows, load_tensor, param_buf,
+};
 use super::config::{BertConfig, BertFamily};
 use super::tokenize::Encoded;
 use super::{Param, Params};
@@ -84,17 +86,6 @@ impl Embeddings {
     const LN_W: &'static str = "embeddings.LayerNorm.weight";
     const LN_B: &'static str = "embeddings.LayerNorm.bias";
 
-    /// Parameter names and shapes.
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        vec![
-            (Self::WORD.into(), vec![self.vocab, self.hidden]),
-            (Self::POS.into(), vec![self.positions, self.hidden]),
-            (Self::TYPE.into(), vec![self.types, self.hidden]),
-            (Self::LN_W.into(), vec![self.hidden]),
-            (Self::LN_B.into(), vec![self.hidden]),
-        ]
-    }
-
     /// The sum before LayerNorm (recomputed by the backward).
     fn summed<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
         let h = self.hidden;
@@ -103,14 +94,31 @@ impl Embeddings {
         be.add_assign(&mut x, &be.embedding(param_buf(p, Self::TYPE)?, &batch.token_type_ids, h)?)?;
         Ok(x)
     }
+}
 
-    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
+impl PartTensors for Embeddings {
+    /// Parameter names and shapes.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        vec![
+            (Self::WORD.into(), vec![self.vocab, self.hidden]),
+            (Self::POS.into(), vec![self.positions, self.hidden]),
+            (Self::TYPE.into(), vec![self.types, self.hidden]),
+            (Self::LN_W.into(), vec![self.hidden]),
+            (Self::LN_B.into(), vec![self.hidden]),
+        ]
+    }
+}
+
+impl<B: Backend> EmbeddingPart<B> for Embeddings {
+    type Batch = Batch<B>;
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Batch<B>) -> Result<B::Buf> {
         let x = self.summed(be, p, batch)?;
         be.layernorm(&x, param_buf(p, Self::LN_W)?, param_buf(p, Self::LN_B)?, batch.rows(), self.hidden, self.eps)
     }
 
     /// Gradients of the five tensors (the input is discrete ids: there is no input gradient).
-    pub fn backward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, dy: &B::Buf) -> Result<Params<B>> {
+    fn backward(&self, be: &B, p: &Params<B>, batch: &Batch<B>, dy: &B::Buf) -> Result<Params<B>> {
         let h = self.hidden;
         let x = self.summed(be, p, batch)?;
         let ln = be.layernorm_backward(&x, param_buf(p, Self::LN_W)?, dy, batch.rows(), h, self.eps)?;
@@ -126,6 +134,10 @@ impl Embeddings {
         grad::<B>(&mut g, Self::LN_W.into(), &shapes[3].1, Some(ln.dgamma));
         grad::<B>(&mut g, Self::LN_B.into(), &shapes[4].1, Some(ln.dbeta));
         Ok(g)
+    }
+
+    fn lookup_rows(&self, batch: &Batch<B>) -> Vec<TableRows> {
+        batch.lookups.clone()
     }
 }
 
@@ -158,14 +170,6 @@ struct LayerActs<Buf> {
 /// trade of memory for a quarter of the step's work that adaptation makes when its budget allows).
 pub struct Internals<Buf>(LayerActs<Buf>);
 
-impl<Buf> Internals<Buf> {
-    /// f32 elements held.
-    pub fn len<B: Backend<Buf = Buf>>(&self, be: &B) -> usize {
-        let a = &self.0;
-        [&a.q, &a.k, &a.v, &a.ctx, &a.r1, &a.h1, &a.u, &a.act, &a.r2].iter().map(|b| be.len(b)).sum()
-    }
-}
-
 impl EncoderLayer {
     /// Tensor names relative to `encoder.layer.N.`, in checkpoint order.
     pub const TENSORS: [&'static str; 16] = [
@@ -190,29 +194,6 @@ impl EncoderLayer {
     /// Full name of one of [`Self::TENSORS`].
     pub fn name(&self, rel: &str) -> String {
         format!("encoder.layer.{}.{rel}", self.index)
-    }
-
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i) = (self.hidden, self.intermediate);
-        let shapes: [Vec<usize>; 16] = [
-            vec![h, h],
-            vec![h],
-            vec![h, h],
-            vec![h],
-            vec![h, h],
-            vec![h],
-            vec![h, h],
-            vec![h],
-            vec![h],
-            vec![h],
-            vec![i, h],
-            vec![i],
-            vec![h, i],
-            vec![h],
-            vec![h],
-            vec![h],
-        ];
-        Self::TENSORS.iter().zip(shapes).map(|(n, s)| (self.name(n), s)).collect()
     }
 
     fn attn_shape<B: Backend>(&self, batch: &Batch<B>) -> AttnShape {
@@ -255,25 +236,60 @@ impl EncoderLayer {
         let y = be.layernorm(&r2, w("output.LayerNorm.weight")?, w("output.LayerNorm.bias")?, rows, h, self.eps)?;
         Ok((LayerActs { q, k, v, ctx, r1, h1, u, act, r2 }, y))
     }
+}
 
-    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, x: &B::Buf) -> Result<B::Buf> {
-        Ok(self.run(be, p, batch, x)?.1)
+impl PartTensors for EncoderLayer {
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden, self.intermediate);
+        let shapes: [Vec<usize>; 16] = [
+            vec![h, h],
+            vec![h],
+            vec![h, h],
+            vec![h],
+            vec![h, h],
+            vec![h],
+            vec![h, h],
+            vec![h],
+            vec![h],
+            vec![h],
+            vec![i, h],
+            vec![i],
+            vec![h, i],
+            vec![h],
+            vec![h],
+            vec![h],
+        ];
+        Self::TENSORS.iter().zip(shapes).map(|(n, s)| (self.name(n), s)).collect()
     }
+}
 
-    /// The output and the internals a later [`Self::backward`] can reuse.
-    pub fn forward_keeping<B: Backend>(
+impl LayerName for EncoderLayer {
+    fn block_name(&self) -> String {
+        format!("encoder.layer.{}", self.index)
+    }
+}
+
+impl<B: Backend> LayerPart<B> for EncoderLayer {
+    type Batch = Batch<B>;
+    type Internals = Internals<B::Buf>;
+
+    fn forward_keeping(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &Batch<B>,
         x: &B::Buf,
-    ) -> Result<(B::Buf, Internals<B::Buf>)> {
+    ) -> Result<(B::Buf, Self::Internals)> {
         let (a, y) = self.run(be, p, batch, x)?;
         Ok((y, Internals(a)))
     }
 
-    /// `(dL/dx, dL/d params)`; the internals are recomputed from `x` unless `kept` has them.
-    pub fn backward<B: Backend>(
+    fn internals_len(be: &B, internals: &Self::Internals) -> usize {
+        let a = &internals.0;
+        [&a.q, &a.k, &a.v, &a.ctx, &a.r1, &a.h1, &a.u, &a.act, &a.r2].iter().map(|b| be.len(b)).sum()
+    }
+
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
@@ -379,12 +395,6 @@ impl ClassifierHead {
         }
     }
 
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let [dw, db, ow, ob] = self.names();
-        let (h, n) = (self.hidden, self.num_labels);
-        vec![(dw.into(), vec![h, h]), (db.into(), vec![h]), (ow.into(), vec![n, h]), (ob.into(), vec![n])]
-    }
-
     fn run<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<HeadActs<B::Buf>> {
         let [dw, db, ow, ob] = self.names();
         let h = self.hidden;
@@ -394,13 +404,25 @@ impl ClassifierHead {
         let logits = be.linear(&pooled, param_buf(p, ow)?, Some(param_buf(p, ob)?), batch.batch, h, self.num_labels)?;
         Ok(HeadActs { cls, pre, pooled, logits })
     }
+}
+
+impl PartTensors for ClassifierHead {
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let [dw, db, ow, ob] = self.names();
+        let (h, n) = (self.hidden, self.num_labels);
+        vec![(dw.into(), vec![h, h]), (db.into(), vec![h]), (ow.into(), vec![n, h]), (ob.into(), vec![n])]
+    }
+}
+
+impl<B: Backend> HeadPart<B> for ClassifierHead {
+    type Batch = Batch<B>;
 
     /// Logits `[batch, num_labels]` from the last hidden states of the real tokens (packed).
-    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<B::Buf> {
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Batch<B>, hidden: &B::Buf) -> Result<B::Buf> {
         Ok(self.run(be, p, batch, hidden)?.logits)
     }
 
-    pub fn backward<B: Backend>(
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
@@ -427,108 +449,8 @@ impl ClassifierHead {
     }
 }
 
-/// One block of the chain.
-#[derive(Debug, Clone)]
-pub enum Block {
-    Embeddings(Embeddings),
-    Layer(EncoderLayer),
-    Head(ClassifierHead),
-}
-
-impl Block {
-    /// `embeddings`, `encoder.layer.N` or `head` (the layer-map names used elsewhere).
-    pub fn name(&self) -> String {
-        match self {
-            Block::Embeddings(_) => "embeddings".into(),
-            Block::Layer(l) => format!("encoder.layer.{}", l.index),
-            Block::Head(_) => "head".into(),
-        }
-    }
-
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        match self {
-            Block::Embeddings(e) => e.param_shapes(),
-            Block::Layer(l) => l.param_shapes(),
-            Block::Head(h) => h.param_shapes(),
-        }
-    }
-
-    fn input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
-        need_input(input, &self.name())
-    }
-}
-
-impl<B: Backend> ChainBlock<B> for Block {
-    type Batch = Batch<B>;
-    type Internals = Internals<B::Buf>;
-
-    fn name(&self) -> String {
-        Block::name(self)
-    }
-
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        Block::param_shapes(self)
-    }
-
-    fn forward(&self, be: &B, p: &Params<B>, batch: &Batch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
-        match self {
-            Block::Embeddings(e) => e.forward(be, p, batch),
-            Block::Layer(l) => l.forward(be, p, batch, self.input(input)?),
-            Block::Head(h) => h.forward(be, p, batch, self.input(input)?),
-        }
-    }
-
-    /// An encoder layer keeps its internals; the embeddings and the head are cheap to recompute
-    /// and keep nothing.
-    fn forward_keeping(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &Batch<B>,
-        input: Option<&B::Buf>,
-    ) -> Result<(B::Buf, Option<Internals<B::Buf>>)> {
-        match self {
-            Block::Layer(l) => {
-                let (y, kept) = l.forward_keeping(be, p, batch, self.input(input)?)?;
-                Ok((y, Some(kept)))
-            }
-            _ => Ok((self.forward(be, p, batch, input)?, None)),
-        }
-    }
-
-    fn internals_len(be: &B, internals: &Internals<B::Buf>) -> usize {
-        internals.len(be)
-    }
-
-    fn lookup_rows(&self, batch: &Batch<B>) -> Vec<TableRows> {
-        match self {
-            Block::Embeddings(_) => batch.lookups.clone(),
-            _ => Vec::new(),
-        }
-    }
-
-    fn backward(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &Batch<B>,
-        input: Option<&B::Buf>,
-        kept: Option<Internals<B::Buf>>,
-        grad_out: &B::Buf,
-    ) -> Result<(Option<B::Buf>, Params<B>)> {
-        match self {
-            Block::Embeddings(e) => Ok((None, e.backward(be, p, batch, grad_out)?)),
-            Block::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, self.input(input)?, kept, grad_out)?;
-                Ok((Some(dx), g))
-            }
-            Block::Head(h) => {
-                let (dx, g) = h.backward(be, p, batch, self.input(input)?, grad_out)?;
-                Ok((Some(dx), g))
-            }
-        }
-    }
-}
+/// One block of the chain: the embeddings, an encoder layer (`encoder.layer.N`) or the head.
+pub type Block = Part<Embeddings, EncoderLayer, ClassifierHead>;
 
 /// A freshly initialised classification head, for fine-tuning from a bare encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -573,7 +495,7 @@ impl<B: Backend> Bert<B> {
             reason: "config.json is missing (needed for the architecture)".into(),
         })?;
         let config = BertConfig::from_json(cfg_json, &config_path)?;
-        let mut blocks = vec![Block::Embeddings(Embeddings {
+        let mut blocks = vec![Block::Embedding(Embeddings {
             vocab: config.vocab_size,
             positions: config.max_position_embeddings,
             types: config.type_vocab_size,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::chain::{self, ChainBlock, Saved};
+use super::chain::{self, ChainBlock, Part, Saved};
 use super::tokenize::Encoded;
 use super::{Param, Params};
 use crate::backend::Backend;
@@ -53,6 +53,27 @@ pub trait LmArch<B: Backend>: LmConfig {
     /// `block` reading its own head weight when it is a head tied to the embedding, that weight
     /// moved in `params` to its untied name; other blocks as they are.
     fn untie(block: &Self::Block, params: &mut Params<B>) -> Self::Block;
+}
+
+/// A causal LM's head that can read the token table as its projection (tied embeddings).
+pub trait TiedHead: Sized {
+    /// When the head reads the token table: the same head reading its own weight, the table's
+    /// name and the own weight's name.
+    fn untied(&self) -> Option<(Self, String, String)>;
+}
+
+/// [`LmArch::untie`] for a chain of [`Part`]s: a tied head untied, its weight moved in `params`
+/// to the untied name; other blocks as they are.
+pub fn untie_head<B: Backend, E: Clone, L: Clone, H: TiedHead + Clone>(
+    block: &Part<E, L, H>,
+    params: &mut Params<B>,
+) -> Part<E, L, H> {
+    let Part::Head(head) = block else { return block.clone() };
+    let Some((own, tied, untied)) = head.untied() else { return block.clone() };
+    if let Some(w) = params.remove(&tied) {
+        params.insert(untied, w);
+    }
+    Part::Head(own)
 }
 
 /// The causal-LM families we run: the registry [`crate::with_lm_arch!`] dispatches on.

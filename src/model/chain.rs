@@ -1,8 +1,9 @@
 //! What every model family shares: a model is a chain of blocks (an embedding, its layers, a
-//! head), each with its own parameter map keyed by Hugging Face names. A family brings its block
-//! type (a [`ChainBlock`]: forward, backward, the tensors it reads by row) and its batch; loading
-//! the parameters, running the chain, saving each block's input and the reverse sweep of the
-//! backward are written once here, and adaptation drives any [`ChainBlock`] the same way.
+//! head), each with its own parameter map keyed by Hugging Face names. A family brings its three
+//! parts ([`EmbeddingPart`], [`LayerPart`], [`HeadPart`]: forward, backward, the tensors it reads
+//! by row) and its batch; its block is `Part<E, L, H>`, whose [`ChainBlock`] dispatch is written
+//! once here, as are loading the parameters, running the chain, saving each block's input and the
+//! reverse sweep of the backward. Adaptation drives any [`ChainBlock`] the same way.
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
@@ -179,6 +180,174 @@ pub(super) fn param_buf<'a, B: Backend>(p: &'a Params<B>, name: &str) -> Result<
 }
 
 /// The previous block's output, which every block but the first needs.
-pub(super) fn need_input<'a, T>(input: Option<&'a T>, block: &str) -> Result<&'a T> {
-    input.ok_or_else(|| Error::Invalid(format!("block `{block}` needs the previous block's output")))
+fn need_input<T>(input: Option<&T>, block: impl FnOnce() -> String) -> Result<&T> {
+    input.ok_or_else(|| Error::Invalid(format!("block `{}` needs the previous block's output", block())))
+}
+
+/// The three kinds of block every family's chain is made of: an embedding, its layers, a head. A
+/// family brings one type per kind ([`EmbeddingPart`], [`LayerPart`], [`HeadPart`]) and names its
+/// block `Part<ItsEmbedding, ItsLayer, ItsHead>`; the [`ChainBlock`] dispatch is written here once.
+#[derive(Debug, Clone)]
+pub enum Part<E, L, H> {
+    Embedding(E),
+    Layer(L),
+    Head(H),
+}
+
+/// A part's tensors, known without a backend.
+pub trait PartTensors {
+    /// Full tensor names and shapes, in checkpoint order.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
+}
+
+/// The first block: table lookups of the batch's ids, so it has no input and no input gradient.
+pub trait EmbeddingPart<B: Backend>: PartTensors + Clone {
+    type Batch;
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch) -> Result<B::Buf>;
+    /// The tables' gradients.
+    fn backward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, dy: &B::Buf) -> Result<Params<B>>;
+    /// The tables and the rows `batch` reads (see [`ChainBlock::lookup_rows`]).
+    fn lookup_rows(&self, batch: &Self::Batch) -> Vec<TableRows>;
+}
+
+/// A layer's name in the layer map, known without a backend.
+pub trait LayerName {
+    /// The layer's prefix (`encoder.layer.3`, `model.layers.3`, `transformer.h.3`).
+    fn block_name(&self) -> String;
+}
+
+/// A layer: the only part worth keeping internals for (the embedding and the head are cheap to
+/// recompute).
+pub trait LayerPart<B: Backend>: PartTensors + LayerName + Clone {
+    type Batch;
+    type Internals: Send;
+    /// The output and the internals a later [`Self::backward`] can reuse.
+    fn forward_keeping(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        x: &B::Buf,
+    ) -> Result<(B::Buf, Self::Internals)>;
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, x: &B::Buf) -> Result<B::Buf> {
+        Ok(self.forward_keeping(be, p, batch, x)?.0)
+    }
+    /// f32 elements the internals hold.
+    fn internals_len(be: &B, internals: &Self::Internals) -> usize;
+    /// `(dL/dx, dL/d params)`; the internals are recomputed from `x` unless `kept` has them.
+    fn backward(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        x: &B::Buf,
+        kept: Option<Self::Internals>,
+        dy: &B::Buf,
+    ) -> Result<(B::Buf, Params<B>)>;
+}
+
+/// The last block: the final hidden states to the chain's output (logits).
+pub trait HeadPart<B: Backend>: PartTensors + Clone {
+    type Batch;
+    fn forward(&self, be: &B, p: &Params<B>, batch: &Self::Batch, x: &B::Buf) -> Result<B::Buf>;
+    /// `(dL/dx, dL/d params)`.
+    fn backward(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &Self::Batch,
+        x: &B::Buf,
+        dy: &B::Buf,
+    ) -> Result<(B::Buf, Params<B>)>;
+}
+
+impl<E: PartTensors, L: PartTensors + LayerName, H: PartTensors> Part<E, L, H> {
+    /// `embeddings`, the layer's prefix or `head`: the layer-map names used elsewhere.
+    pub fn name(&self) -> String {
+        match self {
+            Part::Embedding(_) => "embeddings".into(),
+            Part::Layer(l) => l.block_name(),
+            Part::Head(_) => "head".into(),
+        }
+    }
+
+    /// Full tensor names and shapes, in checkpoint order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Part::Embedding(e) => e.param_shapes(),
+            Part::Layer(l) => l.param_shapes(),
+            Part::Head(h) => h.param_shapes(),
+        }
+    }
+}
+
+impl<B, E, L, H> ChainBlock<B> for Part<E, L, H>
+where
+    B: Backend,
+    E: EmbeddingPart<B>,
+    L: LayerPart<B, Batch = E::Batch>,
+    H: HeadPart<B, Batch = E::Batch>,
+{
+    type Batch = E::Batch;
+    type Internals = L::Internals;
+
+    fn name(&self) -> String {
+        Part::name(self)
+    }
+
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        Part::param_shapes(self)
+    }
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &E::Batch, input: Option<&B::Buf>) -> Result<B::Buf> {
+        match self {
+            Part::Embedding(e) => e.forward(be, p, batch),
+            Part::Layer(l) => l.forward(be, p, batch, need_input(input, || l.block_name())?),
+            Part::Head(h) => h.forward(be, p, batch, need_input(input, || "head".into())?),
+        }
+    }
+
+    fn forward_keeping(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &E::Batch,
+        input: Option<&B::Buf>,
+    ) -> Result<(B::Buf, Option<L::Internals>)> {
+        match self {
+            Part::Layer(l) => {
+                let (y, kept) = l.forward_keeping(be, p, batch, need_input(input, || l.block_name())?)?;
+                Ok((y, Some(kept)))
+            }
+            _ => Ok((self.forward(be, p, batch, input)?, None)),
+        }
+    }
+
+    fn internals_len(be: &B, internals: &L::Internals) -> usize {
+        L::internals_len(be, internals)
+    }
+
+    fn lookup_rows(&self, batch: &E::Batch) -> Vec<TableRows> {
+        match self {
+            Part::Embedding(e) => e.lookup_rows(batch),
+            _ => Vec::new(),
+        }
+    }
+
+    fn backward(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &E::Batch,
+        input: Option<&B::Buf>,
+        kept: Option<L::Internals>,
+        grad_out: &B::Buf,
+    ) -> Result<(Option<B::Buf>, Params<B>)> {
+        let (dx, g) = match self {
+            Part::Embedding(e) => return Ok((None, e.backward(be, p, batch, grad_out)?)),
+            Part::Layer(l) => l.backward(be, p, batch, need_input(input, || l.block_name())?, kept, grad_out)?,
+            Part::Head(h) => h.backward(be, p, batch, need_input(input, || "head".into())?, grad_out)?,
+        };
+        Ok((Some(dx), g))
+    }
 }

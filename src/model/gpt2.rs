@@ -19,8 +19,8 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::causal::{LmArch, LmBatch, LmConfig, LmModel};
-use super::chain::{ChainBlock, TableRows, need_input, param_buf};
+use super::causal::{LmArch, LmBatch, LmConfig, LmModel, TiedHead, untie_head};
+use super::chain::{EmbeddingPart, HeadPart, LayerName, LayerPart, Part, PartTensors, TableRows, param_buf};
 use super::hf_config::{ModelKind, Positive, PositiveF64, parse};
 use super::{Param, Params};
 use crate::backend::{AttnShape, Backend, Gelu};
@@ -223,24 +223,34 @@ impl Embedding {
     fn wpe(&self) -> String {
         format!("{}wpe.weight", self.prefix)
     }
+}
 
+impl PartTensors for Embedding {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         vec![(self.wte(), vec![self.vocab, self.hidden]), (self.wpe(), vec![self.positions, self.hidden])]
     }
+}
 
-    fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>) -> Result<B::Buf> {
+impl<B: Backend> EmbeddingPart<B> for Embedding {
+    type Batch = LmBatch<B>;
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>) -> Result<B::Buf> {
         let mut x = be.embedding(param_buf(p, &self.wte())?, &batch.input_ids, self.hidden)?;
         be.add_assign(&mut x, &be.embedding(param_buf(p, &self.wpe())?, &batch.positions, self.hidden)?)?;
         Ok(x)
     }
 
-    fn backward<B: Backend>(&self, be: &B, batch: &LmBatch<B>, dy: &B::Buf) -> Result<Params<B>> {
+    fn backward(&self, be: &B, _: &Params<B>, batch: &LmBatch<B>, dy: &B::Buf) -> Result<Params<B>> {
         let mut g = Params::new();
         let dwte = be.embedding_backward(&batch.input_ids, dy, self.vocab, self.hidden)?;
         g.insert(self.wte(), Param { shape: vec![self.vocab, self.hidden], buf: dwte });
         let dwpe = be.embedding_backward(&batch.positions, dy, self.positions, self.hidden)?;
         g.insert(self.wpe(), Param { shape: vec![self.positions, self.hidden], buf: dwpe });
         Ok(g)
+    }
+
+    fn lookup_rows(&self, batch: &LmBatch<B>) -> Vec<TableRows> {
+        vec![(self.wte(), batch.embedding_rows.clone()), (self.wpe(), batch.position_rows.clone())]
     }
 }
 
@@ -285,22 +295,6 @@ impl Layer {
     fn projections(&self) -> [(&'static str, usize, usize); 4] {
         let (h, i) = (self.hidden, self.inner);
         [("attn.c_attn", h, 3 * h), ("attn.c_proj", h, h), ("mlp.c_fc", h, i), ("mlp.c_proj", i, h)]
-    }
-
-    /// Parameter names and shapes, in Hugging Face's order.
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let h = self.hidden;
-        let mut out = Vec::new();
-        for (k, (rel, fan_in, fan_out)) in self.projections().into_iter().enumerate() {
-            if k % 2 == 0 {
-                let ln = if k == 0 { "ln_1" } else { "ln_2" };
-                out.push((self.name(&format!("{ln}.weight")), vec![h]));
-                out.push((self.name(&format!("{ln}.bias")), vec![h]));
-            }
-            out.push((self.name(&format!("{rel}.weight")), vec![fan_in, fan_out]));
-            out.push((self.name(&format!("{rel}.bias")), vec![fan_out]));
-        }
-        out
     }
 
     fn attn_shape<B: Backend>(&self, batch: &LmBatch<B>) -> AttnShape {
@@ -352,8 +346,53 @@ impl Layer {
         let y = be.add(&r1, &m)?;
         Ok((Internals { h: hn, q, k, v, ctx, r1, h2, fc, act }, y))
     }
+}
 
-    fn backward<B: Backend>(
+impl PartTensors for Layer {
+    /// Parameter names and shapes, in Hugging Face's order.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden;
+        let mut out = Vec::new();
+        for (k, (rel, fan_in, fan_out)) in self.projections().into_iter().enumerate() {
+            if k % 2 == 0 {
+                let ln = if k == 0 { "ln_1" } else { "ln_2" };
+                out.push((self.name(&format!("{ln}.weight")), vec![h]));
+                out.push((self.name(&format!("{ln}.bias")), vec![h]));
+            }
+            out.push((self.name(&format!("{rel}.weight")), vec![fan_in, fan_out]));
+            out.push((self.name(&format!("{rel}.bias")), vec![fan_out]));
+        }
+        out
+    }
+}
+
+impl LayerName for Layer {
+    /// `transformer.h.N` (`h.N` without the wrapper).
+    fn block_name(&self) -> String {
+        format!("{}h.{}", self.prefix, self.index)
+    }
+}
+
+impl<B: Backend> LayerPart<B> for Layer {
+    type Batch = LmBatch<B>;
+    type Internals = Internals<B::Buf>;
+
+    fn forward_keeping(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        batch: &LmBatch<B>,
+        x: &B::Buf,
+    ) -> Result<(B::Buf, Self::Internals)> {
+        let (a, y) = self.run(be, p, batch, x, &Gathers::new(be, batch.rows())?)?;
+        Ok((y, a))
+    }
+
+    fn internals_len(be: &B, a: &Self::Internals) -> usize {
+        [&a.h, &a.q, &a.k, &a.v, &a.ctx, &a.r1, &a.h2, &a.fc, &a.act].iter().map(|b| be.len(b)).sum()
+    }
+
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
@@ -441,30 +480,44 @@ impl Head {
         if self.tied { format!("{}wte.weight", self.prefix) } else { "lm_head.weight".into() }
     }
 
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let h = self.hidden;
-        vec![(self.norm("weight"), vec![h]), (self.norm("bias"), vec![h]), (self.weight_name(), vec![self.vocab, h])]
-    }
-
     fn normed<B: Backend>(&self, be: &B, p: &Params<B>, rows: usize, x: &B::Buf) -> Result<B::Buf> {
         let (w, b) = (param_buf(p, &self.norm("weight"))?, param_buf(p, &self.norm("bias"))?);
         be.layernorm(x, w, b, rows, self.hidden, self.eps)
     }
+}
 
-    fn forward<B: Backend>(&self, be: &B, p: &Params<B>, rows: usize, x: &B::Buf) -> Result<B::Buf> {
+impl PartTensors for Head {
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden;
+        vec![(self.norm("weight"), vec![h]), (self.norm("bias"), vec![h]), (self.weight_name(), vec![self.vocab, h])]
+    }
+}
+
+impl TiedHead for Head {
+    fn untied(&self) -> Option<(Self, String, String)> {
+        let own = Head { tied: false, ..self.clone() };
+        self.tied.then(|| (own.clone(), self.weight_name(), own.weight_name()))
+    }
+}
+
+impl<B: Backend> HeadPart<B> for Head {
+    type Batch = LmBatch<B>;
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, x: &B::Buf) -> Result<B::Buf> {
+        let rows = batch.rows();
         let hn = self.normed(be, p, rows, x)?;
         be.linear(&hn, param_buf(p, &self.weight_name())?, None, rows, self.hidden, self.vocab)
     }
 
-    fn backward<B: Backend>(
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
-        rows: usize,
+        batch: &LmBatch<B>,
         x: &B::Buf,
         dlogits: &B::Buf,
     ) -> Result<(B::Buf, Params<B>)> {
-        let (h, v) = (self.hidden, self.vocab);
+        let (rows, h, v) = (batch.rows(), self.hidden, self.vocab);
         let hn = self.normed(be, p, rows, x)?;
         let lg = be.linear_backward(&hn, param_buf(p, &self.weight_name())?, dlogits, rows, h, v, true, false)?;
         drop(hn);
@@ -478,95 +531,8 @@ impl Head {
     }
 }
 
-/// One block of the chain.
-#[derive(Debug, Clone)]
-pub enum Gpt2Block {
-    Embedding(Embedding),
-    Layer(Layer),
-    Head(Head),
-}
-
-impl<B: Backend> ChainBlock<B> for Gpt2Block {
-    type Batch = LmBatch<B>;
-    type Internals = Internals<B::Buf>;
-
-    /// `embeddings`, `transformer.h.N` (`h.N` without the wrapper) or `head`.
-    fn name(&self) -> String {
-        match self {
-            Gpt2Block::Embedding(_) => "embeddings".into(),
-            Gpt2Block::Layer(l) => format!("{}h.{}", l.prefix, l.index),
-            Gpt2Block::Head(_) => "head".into(),
-        }
-    }
-
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        match self {
-            Gpt2Block::Embedding(e) => e.param_shapes(),
-            Gpt2Block::Layer(l) => l.param_shapes(),
-            Gpt2Block::Head(h) => h.param_shapes(),
-        }
-    }
-
-    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
-        Ok(self.forward_keeping(be, p, batch, input)?.0)
-    }
-
-    /// A layer keeps its internals; the embedding and the head keep nothing.
-    fn forward_keeping(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &LmBatch<B>,
-        input: Option<&B::Buf>,
-    ) -> Result<(B::Buf, Option<Internals<B::Buf>>)> {
-        let name = || ChainBlock::<B>::name(self);
-        match self {
-            Gpt2Block::Embedding(e) => Ok((e.forward(be, p, batch)?, None)),
-            Gpt2Block::Layer(l) => {
-                let gathers = Gathers::new(be, batch.rows())?;
-                let (a, y) = l.run(be, p, batch, need_input(input, &name())?, &gathers)?;
-                Ok((y, Some(a)))
-            }
-            Gpt2Block::Head(h) => Ok((h.forward(be, p, batch.rows(), need_input(input, &name())?)?, None)),
-        }
-    }
-
-    fn internals_len(be: &B, a: &Internals<B::Buf>) -> usize {
-        [&a.h, &a.q, &a.k, &a.v, &a.ctx, &a.r1, &a.h2, &a.fc, &a.act].iter().map(|b| be.len(b)).sum()
-    }
-
-    fn lookup_rows(&self, batch: &LmBatch<B>) -> Vec<TableRows> {
-        match self {
-            Gpt2Block::Embedding(e) => {
-                vec![(e.wte(), batch.embedding_rows.clone()), (e.wpe(), batch.position_rows.clone())]
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    fn backward(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &LmBatch<B>,
-        input: Option<&B::Buf>,
-        kept: Option<Internals<B::Buf>>,
-        grad_out: &B::Buf,
-    ) -> Result<(Option<B::Buf>, Params<B>)> {
-        let name = || ChainBlock::<B>::name(self);
-        match self {
-            Gpt2Block::Embedding(e) => Ok((None, e.backward(be, batch, grad_out)?)),
-            Gpt2Block::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, need_input(input, &name())?, kept, grad_out)?;
-                Ok((Some(dx), g))
-            }
-            Gpt2Block::Head(h) => {
-                let (dx, g) = h.backward(be, p, batch.rows(), need_input(input, &name())?, grad_out)?;
-                Ok((Some(dx), g))
-            }
-        }
-    }
-}
+/// One block of the chain: the embedding, a layer (`transformer.h.N`) or the head.
+pub type Gpt2Block = Part<Embedding, Layer, Head>;
 
 /// A GPT-2 causal LM, its weights on a backend.
 pub type Gpt2<B> = LmModel<B, Gpt2Config>;
@@ -578,14 +544,14 @@ impl<B: Backend> LmArch<B> for Gpt2Config {
         let c = self;
         // OpenAI's checkpoints are the bare `GPT2Model`: no `transformer.` wrapper.
         let prefix = if ck.get("wte.weight").is_some() { "" } else { "transformer." }.to_string();
-        let mut blocks = vec![Gpt2Block::Embedding(Embedding {
+        let mut blocks = vec![Part::Embedding(Embedding {
             prefix: prefix.clone(),
             vocab: c.vocab_size,
             positions: c.n_positions,
             hidden: c.n_embd,
         })];
         for index in 0..c.n_layer {
-            blocks.push(Gpt2Block::Layer(Layer {
+            blocks.push(Part::Layer(Layer {
                 prefix: prefix.clone(),
                 index,
                 hidden: c.n_embd,
@@ -601,7 +567,7 @@ impl<B: Backend> LmArch<B> for Gpt2Config {
                 reason: "tensor `lm_head.weight` is missing and config.json sets tie_word_embeddings to false".into(),
             });
         }
-        blocks.push(Gpt2Block::Head(Head {
+        blocks.push(Part::Head(Head {
             prefix,
             hidden: c.n_embd,
             vocab: c.vocab_size,
@@ -612,15 +578,6 @@ impl<B: Backend> LmArch<B> for Gpt2Config {
     }
 
     fn untie(block: &Gpt2Block, params: &mut Params<B>) -> Gpt2Block {
-        match block {
-            Gpt2Block::Head(h) if h.tied => {
-                let head = Head { tied: false, ..h.clone() };
-                if let Some(w) = params.remove(&h.weight_name()) {
-                    params.insert(head.weight_name(), w);
-                }
-                Gpt2Block::Head(head)
-            }
-            other => other.clone(),
-        }
+        untie_head(block, params)
     }
 }

@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use super::causal::{LmArch, LmBatch, LmModel};
-use super::chain::{ChainBlock, TableRows, need_input, param_buf};
+use super::causal::{LmArch, LmBatch, LmModel, TiedHead, untie_head};
+use super::chain::{EmbeddingPart, HeadPart, LayerName, LayerPart, Part, PartTensors, TableRows, param_buf};
 use super::llama_config::LlamaConfig;
 use super::{Param, Params};
 use crate::backend::{AttnShape, Backend};
@@ -32,21 +32,30 @@ pub struct TokenEmbedding {
 
 impl TokenEmbedding {
     pub const WEIGHT: &'static str = "model.embed_tokens.weight";
+}
 
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+impl PartTensors for TokenEmbedding {
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         vec![(Self::WEIGHT.into(), vec![self.vocab, self.hidden])]
     }
+}
 
-    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>) -> Result<B::Buf> {
+impl<B: Backend> EmbeddingPart<B> for TokenEmbedding {
+    type Batch = LmBatch<B>;
+
+    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>) -> Result<B::Buf> {
         be.embedding(param_buf(p, Self::WEIGHT)?, &batch.input_ids, self.hidden)
     }
 
-    /// The table's gradient (the input is discrete ids: there is no input gradient).
-    pub fn backward<B: Backend>(&self, be: &B, batch: &LmBatch<B>, dy: &B::Buf) -> Result<Params<B>> {
+    fn backward(&self, be: &B, _: &Params<B>, batch: &LmBatch<B>, dy: &B::Buf) -> Result<Params<B>> {
         let g = be.embedding_backward(&batch.input_ids, dy, self.vocab, self.hidden)?;
         let mut out = Params::new();
         out.insert(Self::WEIGHT.into(), Param { shape: vec![self.vocab, self.hidden], buf: g });
         Ok(out)
+    }
+
+    fn lookup_rows(&self, batch: &LmBatch<B>) -> Vec<TableRows> {
+        vec![(Self::WEIGHT.into(), batch.embedding_rows.clone())]
     }
 }
 
@@ -88,14 +97,6 @@ struct LayerActs<Buf> {
 /// A layer's forward internals, kept for a backward that then does not recompute them.
 pub struct Internals<Buf>(LayerActs<Buf>);
 
-impl<Buf> Internals<Buf> {
-    /// f32 elements held.
-    pub fn len<B: Backend<Buf = Buf>>(&self, be: &B) -> usize {
-        let a = &self.0;
-        [&a.h, &a.qr, &a.kr, &a.v, &a.ctx, &a.r1, &a.h2, &a.gate, &a.up, &a.act].iter().map(|b| be.len(b)).sum()
-    }
-}
-
 impl DecoderLayer {
     /// Full name of a tensor of this layer, e.g. `self_attn.q_proj.weight`.
     pub fn name(&self, rel: &str) -> String {
@@ -115,21 +116,6 @@ impl DecoderLayer {
             ("mlp.up_proj", h, i, self.mlp_bias),
             ("mlp.down_proj", i, h, self.mlp_bias),
         ]
-    }
-
-    /// Parameter names and shapes, in Hugging Face's order.
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut out = vec![(self.name("input_layernorm.weight"), vec![self.hidden])];
-        for (k, (rel, fan_in, fan_out, bias)) in self.projections().into_iter().enumerate() {
-            if k == 4 {
-                out.push((self.name("post_attention_layernorm.weight"), vec![self.hidden]));
-            }
-            out.push((self.name(&format!("{rel}.weight")), vec![fan_out, fan_in]));
-            if bias {
-                out.push((self.name(&format!("{rel}.bias")), vec![fan_out]));
-            }
-        }
-        out
     }
 
     fn attn_shape<B: Backend>(&self, batch: &LmBatch<B>) -> AttnShape {
@@ -187,25 +173,52 @@ impl DecoderLayer {
         let y = be.add(&r1, &m)?;
         Ok((LayerActs { h, qr, kr, v, ctx, r1, h2, gate, up, act }, y))
     }
+}
 
-    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, x: &B::Buf) -> Result<B::Buf> {
-        Ok(self.run(be, p, batch, x)?.1)
+impl PartTensors for DecoderLayer {
+    /// Parameter names and shapes, in Hugging Face's order.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = vec![(self.name("input_layernorm.weight"), vec![self.hidden])];
+        for (k, (rel, fan_in, fan_out, bias)) in self.projections().into_iter().enumerate() {
+            if k == 4 {
+                out.push((self.name("post_attention_layernorm.weight"), vec![self.hidden]));
+            }
+            out.push((self.name(&format!("{rel}.weight")), vec![fan_out, fan_in]));
+            if bias {
+                out.push((self.name(&format!("{rel}.bias")), vec![fan_out]));
+            }
+        }
+        out
     }
+}
 
-    /// The output and the internals a later [`Self::backward`] can reuse.
-    pub fn forward_keeping<B: Backend>(
+impl LayerName for DecoderLayer {
+    fn block_name(&self) -> String {
+        format!("model.layers.{}", self.index)
+    }
+}
+
+impl<B: Backend> LayerPart<B> for DecoderLayer {
+    type Batch = LmBatch<B>;
+    type Internals = Internals<B::Buf>;
+
+    fn forward_keeping(
         &self,
         be: &B,
         p: &Params<B>,
         batch: &LmBatch<B>,
         x: &B::Buf,
-    ) -> Result<(B::Buf, Internals<B::Buf>)> {
+    ) -> Result<(B::Buf, Self::Internals)> {
         let (a, y) = self.run(be, p, batch, x)?;
         Ok((y, Internals(a)))
     }
 
-    /// `(dL/dx, dL/d params)`; the internals are recomputed from `x` unless `kept` has them.
-    pub fn backward<B: Backend>(
+    fn internals_len(be: &B, internals: &Self::Internals) -> usize {
+        let a = &internals.0;
+        [&a.h, &a.qr, &a.kr, &a.v, &a.ctx, &a.r1, &a.h2, &a.gate, &a.up, &a.act].iter().map(|b| be.len(b)).sum()
+    }
+
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
@@ -292,26 +305,40 @@ impl LmHead {
     pub fn weight_name(&self) -> &'static str {
         if self.tied { TokenEmbedding::WEIGHT } else { "lm_head.weight" }
     }
+}
 
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+impl PartTensors for LmHead {
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         vec![(Self::NORM.into(), vec![self.hidden]), (self.weight_name().into(), vec![self.vocab, self.hidden])]
     }
+}
+
+impl TiedHead for LmHead {
+    fn untied(&self) -> Option<(Self, String, String)> {
+        let own = LmHead { tied: false, ..self.clone() };
+        self.tied.then(|| (own, self.weight_name().into(), "lm_head.weight".into()))
+    }
+}
+
+impl<B: Backend> HeadPart<B> for LmHead {
+    type Batch = LmBatch<B>;
 
     /// Logits `[rows, vocab]` from the last hidden states `[rows, hidden]`.
-    pub fn forward<B: Backend>(&self, be: &B, p: &Params<B>, rows: usize, x: &B::Buf) -> Result<B::Buf> {
+    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, x: &B::Buf) -> Result<B::Buf> {
+        let rows = batch.rows();
         let hn = be.rmsnorm(x, param_buf(p, Self::NORM)?, rows, self.hidden, self.eps)?;
         be.linear(&hn, param_buf(p, self.weight_name())?, None, rows, self.hidden, self.vocab)
     }
 
-    pub fn backward<B: Backend>(
+    fn backward(
         &self,
         be: &B,
         p: &Params<B>,
-        rows: usize,
+        batch: &LmBatch<B>,
         x: &B::Buf,
         dlogits: &B::Buf,
     ) -> Result<(B::Buf, Params<B>)> {
-        let (h, v) = (self.hidden, self.vocab);
+        let (rows, h, v) = (batch.rows(), self.hidden, self.vocab);
         let norm_w = param_buf(p, Self::NORM)?;
         let hn = be.rmsnorm(x, norm_w, rows, h, self.eps)?;
         let lg = be.linear_backward(&hn, param_buf(p, self.weight_name())?, dlogits, rows, h, v, true, false)?;
@@ -324,107 +351,8 @@ impl LmHead {
     }
 }
 
-/// One block of the chain.
-#[derive(Debug, Clone)]
-pub enum LlamaBlock {
-    Embedding(TokenEmbedding),
-    Layer(DecoderLayer),
-    Head(LmHead),
-}
-
-impl LlamaBlock {
-    /// `embeddings`, `model.layers.N` or `head` (the layer-map names used elsewhere).
-    pub fn name(&self) -> String {
-        match self {
-            LlamaBlock::Embedding(_) => "embeddings".into(),
-            LlamaBlock::Layer(l) => format!("model.layers.{}", l.index),
-            LlamaBlock::Head(_) => "head".into(),
-        }
-    }
-
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        match self {
-            LlamaBlock::Embedding(e) => e.param_shapes(),
-            LlamaBlock::Layer(l) => l.param_shapes(),
-            LlamaBlock::Head(h) => h.param_shapes(),
-        }
-    }
-
-    fn input<'a, T>(&self, input: Option<&'a T>) -> Result<&'a T> {
-        need_input(input, &self.name())
-    }
-}
-
-impl<B: Backend> ChainBlock<B> for LlamaBlock {
-    type Batch = LmBatch<B>;
-    type Internals = Internals<B::Buf>;
-
-    fn name(&self) -> String {
-        LlamaBlock::name(self)
-    }
-
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        LlamaBlock::param_shapes(self)
-    }
-
-    fn forward(&self, be: &B, p: &Params<B>, batch: &LmBatch<B>, input: Option<&B::Buf>) -> Result<B::Buf> {
-        match self {
-            LlamaBlock::Embedding(e) => e.forward(be, p, batch),
-            LlamaBlock::Layer(l) => l.forward(be, p, batch, self.input(input)?),
-            LlamaBlock::Head(h) => h.forward(be, p, batch.rows(), self.input(input)?),
-        }
-    }
-
-    /// A decoder layer keeps its internals; the embedding and the head keep nothing.
-    fn forward_keeping(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &LmBatch<B>,
-        input: Option<&B::Buf>,
-    ) -> Result<(B::Buf, Option<Internals<B::Buf>>)> {
-        match self {
-            LlamaBlock::Layer(l) => {
-                let (y, kept) = l.forward_keeping(be, p, batch, self.input(input)?)?;
-                Ok((y, Some(kept)))
-            }
-            _ => Ok((self.forward(be, p, batch, input)?, None)),
-        }
-    }
-
-    fn internals_len(be: &B, internals: &Internals<B::Buf>) -> usize {
-        internals.len(be)
-    }
-
-    fn lookup_rows(&self, batch: &LmBatch<B>) -> Vec<TableRows> {
-        match self {
-            LlamaBlock::Embedding(_) => vec![(TokenEmbedding::WEIGHT.into(), batch.embedding_rows.clone())],
-            _ => Vec::new(),
-        }
-    }
-
-    fn backward(
-        &self,
-        be: &B,
-        p: &Params<B>,
-        batch: &LmBatch<B>,
-        input: Option<&B::Buf>,
-        kept: Option<Internals<B::Buf>>,
-        grad_out: &B::Buf,
-    ) -> Result<(Option<B::Buf>, Params<B>)> {
-        match self {
-            LlamaBlock::Embedding(e) => Ok((None, e.backward(be, batch, grad_out)?)),
-            LlamaBlock::Layer(l) => {
-                let (dx, g) = l.backward(be, p, batch, self.input(input)?, kept, grad_out)?;
-                Ok((Some(dx), g))
-            }
-            LlamaBlock::Head(h) => {
-                let (dx, g) = h.backward(be, p, batch.rows(), self.input(input)?, grad_out)?;
-                Ok((Some(dx), g))
-            }
-        }
-    }
-}
+/// One block of the chain: the token embedding, a decoder layer (`model.layers.N`) or the head.
+pub type LlamaBlock = Part<TokenEmbedding, DecoderLayer, LmHead>;
 
 /// A Llama-family causal LM, its weights on a backend.
 pub type Llama<B> = LmModel<B, LlamaConfig>;
@@ -467,15 +395,6 @@ impl<B: Backend> LmArch<B> for LlamaConfig {
     }
 
     fn untie(block: &LlamaBlock, params: &mut Params<B>) -> LlamaBlock {
-        match block {
-            LlamaBlock::Head(h) if h.tied => {
-                let head = LmHead { tied: false, ..h.clone() };
-                if let Some(w) = params.remove(h.weight_name()) {
-                    params.insert(head.weight_name().into(), w);
-                }
-                LlamaBlock::Head(head)
-            }
-            other => other.clone(),
-        }
+        untie_head(block, params)
     }
 }
