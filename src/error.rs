@@ -52,6 +52,13 @@ pub enum Error {
     )]
     UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
 
+    #[error(
+        "{path}: the output needs {} but the file system holding it has {} free; nothing was written",
+        bytesize::ByteSize(*need),
+        bytesize::ByteSize(*free)
+    )]
+    NoSpace { path: PathBuf, need: u64, free: u64 },
+
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 

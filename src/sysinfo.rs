@@ -27,6 +27,21 @@ pub fn available_memory_bytes() -> Option<u64> {
         .map(|k| k * 1024)
 }
 
+/// Bytes an unprivileged process can still write on the file system holding `path` (its
+/// nearest existing ancestor when `path` does not exist yet), from `statvfs`.
+pub fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let dir = if existing.as_os_str().is_empty() { std::path::Path::new(".") } else { existing };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// The first CPU feature this build was compiled to use (`.cargo/config.toml` targets
 /// x86-64-v3) that the machine running it lacks: a clear message at start-up instead of an
 /// illegal-instruction crash somewhere later. No allocation, so it runs before anything that

@@ -526,3 +526,36 @@ fn a_tokenizer_that_is_a_directory_says_so() {
     let want = format!("{} is a directory", model.join("tokenizer.json").display());
     assert!(!ok && err.contains(&want) && !err.contains("not found"), "{err}");
 }
+
+/// A merge whose output the disk cannot hold fails before it writes anything, saying what it
+/// needs and what is free. The model is a sparse file declaring 8 TiB of bf16: it takes no disk
+/// space, and nothing reads its data.
+#[test]
+fn an_output_larger_than_the_free_disk_is_refused_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n: u64 = 1 << 42;
+    let free = symerge::sysinfo::free_disk_bytes(tmp.path()).expect("statvfs of the temporary directory");
+    if free >= 2 * n {
+        eprintln!("SKIPPED: {free} bytes free, more than the sparse model's 8 TiB");
+        return;
+    }
+    let dir = tmp.path().join("huge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model.safetensors");
+    write_raw(&file, &format!(r#"{{"w":{{"dtype":"BF16","shape":[{n}],"data_offsets":[0,{}]}}}}"#, 2 * n), 0);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len + 2 * n).unwrap();
+    let cfg = tmp.path().join("m.yml");
+    let yaml =
+        format!("merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n", dir.display());
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, err) = run_bounded(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"], 60);
+    assert!(!ok, "merge should fail");
+    let parent = tmp.path().to_str().unwrap();
+    assert!(err.contains(parent) && err.contains("needs 8.0 TiB") && err.contains("free"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "no output after the refusal");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only the model and the config remain: {left:?}");
+}

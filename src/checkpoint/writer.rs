@@ -72,6 +72,7 @@ impl ShardWriter {
     /// Plans shards of at most `max_shard_bytes` of tensor data (a single larger tensor gets a
     /// shard of its own) and prepares to write into `dir`, which must exist.
     pub fn create(dir: &Path, tensors: Vec<PlannedTensor>, max_shard_bytes: u64) -> Result<Self> {
+        check_space(dir, &tensors)?;
         let mut bounds = plan_shards(&tensors, max_shard_bytes);
         // An empty checkpoint still gets its one (empty) file.
         if bounds.is_empty() {
@@ -91,6 +92,7 @@ impl ShardWriter {
         max_shard_bytes: u64,
         names: Vec<String>,
     ) -> Result<Self> {
+        check_space(dir, &tensors)?;
         let bounds = plan_shards(&tensors, max_shard_bytes);
         if bounds.len() != names.len() {
             return Err(Error::Invalid(format!(
@@ -251,6 +253,19 @@ pub fn plan_shards(tensors: &[PlannedTensor], max_shard_bytes: u64) -> Vec<(usiz
         bounds.push((start, tensors.len()));
     }
     bounds
+}
+
+/// Refuses a plan whose tensor data the file system holding `dir` has no room for, before
+/// anything is written: a merge that would fill the disk an hour in fails at once instead.
+fn check_space(dir: &Path, tensors: &[PlannedTensor]) -> Result<()> {
+    let need: u64 = tensors.iter().map(PlannedTensor::nbytes).sum();
+    match crate::sysinfo::free_disk_bytes(dir) {
+        // The folder the output goes into: `dir` is usually a staging directory inside it.
+        Some(free) if need > free => {
+            Err(Error::NoSpace { path: dir.parent().unwrap_or(dir).to_path_buf(), need, free })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The Hugging Face name of shard `si` of `n`: `model.safetensors` alone, else
