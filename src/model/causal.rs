@@ -103,7 +103,7 @@ impl LmKind {
         if !cfg.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+        let text = crate::input_file::read_to_string(&cfg)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::Model { path: cfg.clone(), reason: format!("not valid JSON: {e}") })?;
         Ok(Self::of(&v))
