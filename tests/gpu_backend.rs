@@ -784,7 +784,7 @@ fn cli_device_cuda_matches_cpu_or_fails_clearly() {
             assert!(!ok && err.contains("use --device cpu") && err.contains(&reason), "{what}: {err}");
         }
         assert!(!tmp.path().join("p.jsonl").exists() && !tmp.path().join("ft").exists(), "nothing written");
-        eprintln!("SKIPPED: no CUDA device ({reason}); --device cuda fails clearly");
+        common::skip_gpu_test(&format!("no CUDA device ({reason}); --device cuda fails clearly"));
         return;
     }
     let (ok, _, err) = predict("cpu", &out("cpu.jsonl"));

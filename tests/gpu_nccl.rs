@@ -3,6 +3,8 @@
 //! the rank, world, device and bus bandwidth. Without a GPU (or NCCL) the tests print SKIPPED
 //! and pass.
 
+mod common;
+
 use std::time::Duration;
 
 use symerge::backend::Backend;
@@ -26,7 +28,7 @@ fn symerge() -> std::process::Command {
 }
 
 fn skip(why: &str) -> bool {
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED: no CUDA device ({why})\n").as_bytes());
+    common::skip_gpu_test(&format!("no CUDA device ({why})"));
     false
 }
 

@@ -3,6 +3,8 @@
 //! through `SYMERGE_NVRTC_LIB_DIR`, else `target/nvrtc/` (where `scripts/fetch-assets.sh` unpacks
 //! the `nvidia-cuda-nvrtc` wheel), else the loader path; without it the test prints SKIPPED.
 
+mod common;
+
 use std::path::Path;
 
 use symerge::backend::cuda::nvrtc::{self, MODULES};
@@ -77,12 +79,9 @@ fn every_kernel_compiles_for_sm90() {
     // SAFETY: as above, no other thread reads the environment.
     unsafe { std::env::set_var(nvrtc::PTX_CACHE_ENV, "off") };
     if let Err(reason) = nvrtc::ensure_nvrtc() {
-        // Straight to the stderr handle: libtest's capture would hide a println.
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            format!("SKIPPED: NVRTC not found ({reason}); scripts/fetch-assets.sh unpacks it into target/nvrtc/\n")
-                .as_bytes(),
-        );
+        common::skip_gpu_test(&format!(
+            "NVRTC not found ({reason}); scripts/fetch-assets.sh unpacks it into target/nvrtc/"
+        ));
         return;
     }
     assert_eq!(MODULES.len(), ENTRIES.len());

@@ -83,7 +83,10 @@ pub fn connect(info: &RankInfo, rdzv: Option<&RendezvousOptions>, timeout: Durat
     // loads, which keeps cudarc from panicking where NCCL is not installed.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
         return Err(unavailable(
-            "the NCCL library (libnccl.so) is not installed or not on LD_LIBRARY_PATH; use --backend file".into(),
+            "the NCCL library is not found: cudarc opens `libnccl.so`, which is not on LD_LIBRARY_PATH \
+             (the nvidia-nccl wheel and the libnccl2 package ship only libnccl.so.2: link it as libnccl.so \
+             in a directory on LD_LIBRARY_PATH); or use --backend file"
+                .into(),
         ));
     }
     let ctx = CudaContext::new(info.local_rank).map_err(|e| failed("opening the CUDA device", e))?;

@@ -179,16 +179,25 @@ pub fn debian_dir() -> PathBuf {
     dir
 }
 
+/// Set (to anything) on the GPU machine (scripts/gpu-check.sh): a GPU test that would skip fails
+/// instead, so a device the program cannot use (no driver library, no NCCL) is not a green run.
+pub const REQUIRE_GPU_ENV: &str = "SYMERGE_REQUIRE_GPU";
+
+/// Says a GPU test is skipped and why; panics instead under [`REQUIRE_GPU_ENV`].
+pub fn skip_gpu_test(why: &str) {
+    if std::env::var_os(REQUIRE_GPU_ENV).is_some() {
+        panic!("{REQUIRE_GPU_ENV} is set, but this GPU test would be skipped: {why}");
+    }
+    // Straight to the stderr handle: libtest's capture would hide a println.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED: {why}\n").as_bytes());
+}
+
 /// The first CUDA device, or `None` after printing why the GPU test is skipped (so a CPU-only
 /// run says it did not test the GPU rather than passing silently).
 pub fn gpu() -> Option<symerge::backend::cuda::Gpu> {
     match symerge::backend::cuda::probe() {
         Err(reason) => {
-            // Straight to the stderr handle: libtest's capture would hide a println.
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIPPED: no CUDA device ({reason})\n").as_bytes(),
-            );
+            skip_gpu_test(&format!("no CUDA device ({reason})"));
             None
         }
         Ok(_) => Some(
