@@ -105,26 +105,9 @@ fn bad_environments_name_the_variable() {
 
 // ---------------------------------------------------------------- dist-check across processes
 
-/// Variables from the test's own environment (a CI job under SLURM, say) that would change
-/// which rank a child thinks it is.
-const LAUNCHER_VARS: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-    "SLURM_JOB_ID",
-    "SLURM_STEP_ID",
-];
-
 fn dist_check(env: &[(&str, String)], args: &[&str]) -> Command {
     let mut cmd = symerge();
-    for v in LAUNCHER_VARS {
+    for v in symerge::dist::rank::LAUNCHER_VARS {
         cmd.env_remove(v);
     }
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));

@@ -17,26 +17,10 @@ use symerge::adapt::config::AdaptConfig;
 use symerge::backend::Cpu;
 use symerge::dist::{Collective, LocalGroup};
 
-/// Launcher variables of the test's own environment that would change a child's rank.
-const LAUNCHER_VARS: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-    "SLURM_JOB_ID",
-    "SLURM_STEP_ID",
-];
-
 /// `symerge adapt` as rank `rank` of `world` (no launcher variables for world 1).
 fn adapt_rank(rank: usize, world: usize, cfg: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = symerge();
-    for v in LAUNCHER_VARS {
+    for v in symerge::dist::rank::LAUNCHER_VARS {
         cmd.env_remove(v);
     }
     if world > 1 {

@@ -10,27 +10,12 @@ use std::process::{Child, Command, Stdio};
 use common::adapt_fixture::fixture;
 use common::{read_model, run, symerge};
 
-const LAUNCHER_VARS: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-    "SLURM_JOB_ID",
-    "SLURM_STEP_ID",
-];
-
 /// Runs `args` as every rank of a world of `world` through `rdzv`; panics naming a failed rank.
 fn run_ranks(world: usize, rdzv: &Path, args: &[&str]) {
     let children: Vec<Child> = (0..world)
         .map(|r| {
             let mut cmd: Command = symerge();
-            for v in LAUNCHER_VARS {
+            for v in symerge::dist::rank::LAUNCHER_VARS {
                 cmd.env_remove(v);
             }
             cmd.env("RANK", r.to_string()).env("WORLD_SIZE", world.to_string());

@@ -10,6 +10,23 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+/// Every environment variable a [`RankInfo`] reads: a launcher that spawns ranks as children
+/// (or a test doing so from inside a SLURM job) clears these before setting its own.
+pub const LAUNCHER_VARS: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_ID",
+];
+
 /// The launcher that set the variables a [`RankInfo`] came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -185,6 +202,35 @@ mod tests {
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let owned: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name| owned.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// Every name `from_lookup` asks for, under torchrun's and SLURM's full sets of variables,
+    /// is in [`LAUNCHER_VARS`] (which launchers and tests clear for their children).
+    #[test]
+    fn launcher_vars_name_every_variable_read() {
+        let full = [
+            vec![("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")],
+            vec![("TORCHELASTIC_RUN_ID", "r"), ("TORCHELASTIC_RESTART_COUNT", "0")],
+            vec![("MASTER_ADDR", "h"), ("MASTER_PORT", "29500")],
+            vec![("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "1")],
+            vec![("SLURM_JOB_ID", "7"), ("SLURM_STEP_ID", "0")],
+        ];
+        let torchrun_only = ["RANK", "WORLD_SIZE", "LOCAL_RANK"];
+        for torchrun in [true, false] {
+            let pairs: Vec<(&str, &str)> =
+                full.iter().flatten().copied().filter(|(k, _)| torchrun || !torchrun_only.contains(k)).collect();
+            let lookup = env(&pairs);
+            let asked = std::cell::RefCell::new(Vec::new());
+            let get = |name: &str| {
+                asked.borrow_mut().push(name.to_string());
+                lookup(name)
+            };
+            let info = RankInfo::from_lookup(&get).unwrap();
+            assert_eq!(info.source, if torchrun { RankSource::Torchrun } else { RankSource::Slurm });
+            for name in asked.into_inner() {
+                assert!(LAUNCHER_VARS.contains(&name.as_str()), "`{name}` is read but not in LAUNCHER_VARS");
+            }
+        }
     }
 
     #[test]
