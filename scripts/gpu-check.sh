@@ -85,6 +85,13 @@ if ! nvidia-smi >>"$OUT/env.txt" 2>&1 && [ -z "${DRY:-}" ]; then
   echo "nvidia-smi failed: no usable GPU here" | tee -a "$OUT/env.txt"
   exit 3
 fi
+# NVRTC 13's PTX needs a CUDA 13 driver (R580 or later) to load: stop before spending the time.
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+echo "driver ${driver:-unknown}" | tee -a "$OUT/env.txt"
+if [ -z "${DRY:-}" ] && [ "${driver%%.*}" -lt 580 ] 2>/dev/null; then
+  echo "driver $driver is older than R580 (CUDA 13): the kernels' PTX would not load" | tee -a "$OUT/env.txt"
+  exit 4
+fi
 export SYMERGE_BIN="$BIN/symerge" SYMERGE_PTX_CACHE=/tmp/symerge-ptx RUST_BACKTRACE=1
 [ -z "${DRY:-}" ] && export SYMERGE_REQUIRE_GPU=1
 # The tests' scratch (llama-1b inputs: 8.8 GB), emptied after each step: a step killed by its

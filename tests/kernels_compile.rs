@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 
 use symerge::backend::cuda::nvrtc::{self, MODULES};
+use symerge::backend::cuda::ops::OPS_ENTRIES;
 
 /// Kernels each unit must export.
 const ENTRIES: &[(&str, &[&str])] = &[
@@ -26,42 +27,7 @@ const ENTRIES: &[(&str, &[&str])] = &[
     ),
     ("ties", &["abs_histogram", "count_equal"]),
     ("dare", &["dare_uniform", "dare_sparsify"]),
-    (
-        "ops",
-        &[
-            "fill_rows",
-            "add_f32",
-            "scale_f32",
-            "gelu_fwd",
-            "gelu_bwd",
-            "tanh_fwd",
-            "tanh_bwd",
-            "softmax_rows",
-            "softmax_bwd_rows",
-            "attn_softmax",
-            "layernorm_fwd",
-            "layernorm_bwd_dx",
-            "layernorm_bwd_params",
-            "col_sum",
-            "gather_rows",
-            "scatter_rows",
-            "soft_ce_loss",
-            "soft_ce_grad",
-            "entropy_loss",
-            "entropy_grad",
-            "l1_partial",
-            "l1_finish",
-            "l1_grad",
-            "rmsnorm_fwd",
-            "rmsnorm_bwd_dx",
-            "rmsnorm_bwd_params",
-            "rope_rotate",
-            "swiglu_fwd",
-            "swiglu_bwd",
-            "topk_ce_rows",
-            "topk_ce_grad",
-        ],
-    ),
+    ("ops", OPS_ENTRIES),
     ("prepared", &["slerp_merge", "sce_merge"]),
     ("della", &["della_merge"]),
 ];

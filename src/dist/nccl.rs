@@ -141,7 +141,9 @@ impl NcclGroup {
     fn wait(&self, op: &str) -> Result<()> {
         let event = self.stream.record_event(None).map_err(|e| failed("recording an event", e))?;
         let start = Instant::now();
-        while !event.is_complete() {
+        // `try_is_complete`, not `is_complete`: an error behind the event (a faulting kernel) is
+        // reported now instead of spinning until the timeout and blaming another rank.
+        while !event.try_is_complete().map_err(|e| failed(op, e))? {
             if start.elapsed() >= self.timeout {
                 return Err(Error::Collective {
                     backend: "nccl".into(),

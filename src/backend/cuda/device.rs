@@ -122,12 +122,41 @@ impl Gpu {
             info.multiprocessors,
             info.total_mem as f64 / (1u64 << 30) as f64
         );
+        keep_freed_memory(ordinal);
         Ok(Gpu { ctx, stream, info, kernels })
     }
 
-    /// Free and total device memory in bytes.
+    /// Free and total device memory in bytes, counting what the allocation pool keeps as free.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        if let Some(pool) = default_pool(self.info.ordinal) {
+            // SAFETY: the device's own default pool; trimming only returns unused memory.
+            let _ = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+        }
         cu("reading free memory", self.ctx.mem_get_info())
+    }
+}
+
+/// The device's default allocation pool, which cudarc's stream-ordered allocations use.
+fn default_pool(ordinal: usize) -> Option<sys::CUmemoryPool> {
+    let dev = cudarc::driver::result::device::get(i32::try_from(ordinal).ok()?).ok()?;
+    // SAFETY: `dev` came from `device::get`.
+    unsafe { cudarc::driver::result::device::get_default_mem_pool(dev) }.ok()
+}
+
+/// Keeps freed device memory in the pool instead of handing it back to the driver at every
+/// synchronisation (the pool's default): a training step frees and allocates the same
+/// block-sized buffers each time. Failing costs only speed, so it is logged.
+fn keep_freed_memory(ordinal: usize) {
+    let Some(pool) = default_pool(ordinal) else {
+        tracing::debug!("CUDA device {ordinal}: no default memory pool; freed memory goes back to the driver");
+        return;
+    };
+    let mut threshold = u64::MAX;
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    // SAFETY: a valid pool, and the attribute takes a u64.
+    let r = unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&raw mut threshold).cast()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        tracing::warn!("CUDA device {ordinal}: could not keep freed memory in the pool ({r:?})");
     }
 }
 

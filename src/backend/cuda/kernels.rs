@@ -396,6 +396,9 @@ pub struct Kernels {
     arch: String,
     modules: [OnceLock<Arc<CudaModule>>; nvrtc::MODULES.len()],
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// `della_merge` with its dynamic shared memory limit raised to [`Self::max_shared`], once:
+    /// raising it per launch to that launch's need could lower it under another thread's launch.
+    della: OnceLock<CudaFunction>,
 }
 
 fn grid(groups: usize) -> Result<LaunchConfig> {
@@ -416,6 +419,7 @@ impl Kernels {
             arch: arch.to_string(),
             modules: Default::default(),
             functions: Mutex::new(HashMap::new()),
+            della: OnceLock::new(),
         };
         k.function(&nvrtc::MERGE, "gta_merge")?;
         Ok(k)
@@ -425,6 +429,18 @@ impl Kernels {
     /// memory); the engine merges the tensors it does not take on the host.
     pub fn della_fits(&self, row_len: usize, k: usize) -> bool {
         row_len > 0 && row_len < 1 << 30 && della_shared_bytes(row_len, k) <= self.max_shared
+    }
+
+    /// `della_merge`, allowed all the dynamic shared memory a CTA may opt into.
+    fn della_merge(&self) -> Result<CudaFunction> {
+        if let Some(f) = self.della.get() {
+            return Ok(f.clone());
+        }
+        let f = self.function(&nvrtc::DELLA, "della_merge")?;
+        let max_dynamic = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let limit = i32::try_from(self.max_shared).unwrap_or(i32::MAX);
+        cu("raising della_merge's shared memory", f.set_attribute(max_dynamic, limit))?;
+        Ok(self.della.get_or_init(|| f).clone())
     }
 
     /// Compiles every unit now (the compile test and the benchmark want all of them up front).
@@ -572,9 +588,7 @@ impl Kernels {
         let sort_len = row_len.next_power_of_two() as u32;
         let threads = (sort_len / 2).clamp(32, 1024);
         let blocks = (n / row_len).clamp(1, i32::MAX as usize) as u32;
-        let f = self.function(&nvrtc::DELLA, "della_merge")?;
-        let max_dynamic = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        cu("raising della_merge's shared memory", f.set_attribute(max_dynamic, shared as i32))?;
+        let f = self.della_merge()?;
         let (base_ptr, base_dt, k32, out_ptr, out_dt) =
             (base.0, dtype_code(base.1), k as u32, out.0, dtype_code(out.1));
         let (n64, off64, row32) = (n as u64, offset as u64, row_len as u32);

@@ -40,6 +40,10 @@ const TOPK_BITMAP_MAX: usize = 45 * 1024;
 
 macro_rules! kernel_table {
     ($($name:ident),* $(,)?) => {
+        /// The names of the functions of `kernels/ops.cu` this backend launches (the compile
+        /// test checks that each is exported).
+        pub const OPS_ENTRIES: &[&str] = &[$(stringify!($name)),*];
+
         /// The functions of `kernels/ops.cu`, looked up once.
         struct Fns {
             $($name: CudaFunction,)*
@@ -390,8 +394,8 @@ fn elems_cfg(n: usize) -> LaunchConfig {
 fn rows_cfg(op: &'static str, rows: usize) -> Result<LaunchConfig> {
     let blocks = u32::try_from(rows)
         .ok()
-        .filter(|&b| b <= i32::MAX as u32)
-        .ok_or_else(|| err(op, format!("{rows} rows exceed one CUDA grid")))?;
+        .filter(|&b| b > 0 && b <= i32::MAX as u32)
+        .ok_or_else(|| err(op, format!("{rows} rows: a grid needs 1 to 2^31 - 1 blocks")))?;
     Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
@@ -856,6 +860,10 @@ impl Backend for Cuda {
             return Ok(());
         }
         if k == 0 {
+            // beta * c, except that beta 0 clears c (NaN or garbage times 0 is not 0), as on the CPU.
+            if beta == 0.0 {
+                return cu("clearing a product", self.inner.gpu.stream.memset_zeros(&mut c.data));
+            }
             let (cp, len) = (self.ptr(c), (m * n) as u64);
             return launch!(self, scale_f32, elems_cfg(m * n); cp, len, beta);
         }

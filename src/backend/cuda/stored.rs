@@ -36,7 +36,7 @@ impl Cuda {
     }
 
     pub(super) fn free_device_memory(&self) -> Option<u64> {
-        self.gpu().ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+        self.gpu().mem_info().ok().map(|(free, _)| free as u64)
     }
 
     /// `base + sum_k coefs[k] (expert_k - base)` in f32 on the device.
