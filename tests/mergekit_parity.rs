@@ -21,6 +21,12 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit")
 }
 
+/// Inputs with different vocabularies and mergekit's merges of them under `tokenizer_source`
+/// (tests/reference/make_vocab_fixtures.py).
+fn vocab_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit_vocab")
+}
+
 fn opts(out: &Path) -> MergeOptions {
     MergeOptions {
         output: out.to_path_buf(),
@@ -70,18 +76,50 @@ fn tolerance(case: &str) -> f64 {
 
 #[test]
 fn every_method_matches_mergekit_0_1_5() {
-    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    check_cases(&fixtures(), tmp.path(), 37);
+}
+
+/// `tokenizer_source` over experts that added tokens and one that numbers two tokens the other
+/// way round: every input's embeddings and head are permuted into the source's vocabulary
+/// (rows for tokens an input lacks from the one input that has them, the base, their mean or
+/// zeros) before the merge, as mergekit does; the output's tokenizer and `vocab_size` are the
+/// source's.
+#[test]
+fn differing_vocabularies_are_permuted_as_mergekit_does() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    check_cases(&dir, tmp.path(), 4);
+    let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p.join("tokenizer.json")).unwrap().get_vocab(true);
+    for (case, source) in [
+        ("vocab_linear_expert1", "expert-1"),
+        ("vocab_ties_base", "base"),
+        ("vocab_task_arithmetic_expert1", "expert-1"),
+        ("vocab_slerp_expert2", "expert-2"),
+    ] {
+        assert_eq!(vocab(&tmp.path().join(case)), vocab(&dir.join(source)), "{case}: the source's tokenizer");
+    }
+    // No hidden directory of permuted tensors is left beside the outputs.
+    let hidden: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}
+
+/// Merges every case of `dir/cases.json` into `tmp` and compares it with mergekit's output.
+fn check_cases(dir: &Path, tmp: &Path, min_cases: usize) {
     let cases: BTreeMap<String, String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert!(cases.len() >= 37, "fixture cases: {}", cases.len());
-    let tmp = tempfile::tempdir().unwrap();
+    assert!(cases.len() >= min_cases, "fixture cases: {}", cases.len());
     let mut report = Vec::new();
     for (case, yaml) in &cases {
         let mut yaml = yaml.replace("{base}", dir.join("base").to_str().unwrap());
         for e in 1..=3 {
             yaml = yaml.replace(&format!("{{expert-{e}}}"), dir.join(format!("expert-{e}")).to_str().unwrap());
         }
-        let ours = merge_yaml(tmp.path(), case, &yaml);
+        let ours = merge_yaml(tmp, case, &yaml);
         let theirs = read_file(&dir.join("out").join(format!("{case}.safetensors")));
         for (name, (dtype, _, _)) in &theirs {
             assert_eq!(ours.get(name).map(|t| t.0), Some(*dtype), "{case} {name}: dtype");
@@ -90,7 +128,7 @@ fn every_method_matches_mergekit_0_1_5() {
         report.push((case.clone(), err));
         let their_config = dir.join("out").join(format!("{case}.config.json"));
         if their_config.exists() {
-            check_config(&tmp.path().join(case).join("config.json"), &their_config, case);
+            check_config(&tmp.join(case).join("config.json"), &their_config, case);
         }
     }
     let line: Vec<String> = report.iter().map(|(c, e)| format!("{c}: {e:.2e}")).collect();
@@ -472,7 +510,40 @@ fn tokenizer_source_and_chat_template() {
         a.display(),
         c.display()
     );
+    // c shares no token with the base: every row of its permuted embeddings is the base's (the
+    // one model that has the token), as in mergekit.
     let got = config_error(tmp.path(), &yaml);
-    assert!(got.contains("has another vocabulary than"), "{got}");
-    assert!(!out.exists());
+    assert!(got.is_empty(), "{got}");
+    let (merged, base) = (read_model(&out), read_model(&a));
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        assert_eq!(merged[name].2, base[name].2, "{name}: the base's rows");
+    }
+    let tok = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap());
+    assert_eq!(tok.unwrap()["model"]["unk_token"], "w0", "the base's tokenizer");
+}
+
+/// A tokenizer whose ids run past its model's embedding rows is an error naming the model and
+/// the tensor, and leaves no output or hidden directory behind.
+#[test]
+fn a_tokenizer_beyond_its_embedding_rows_is_refused() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let short = tmp.path().join("short");
+    std::fs::create_dir_all(&short).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.join("expert-1").join(f), short.join(f)).unwrap();
+    }
+    // The base's 32 rows under expert-1's 34 tokens (and its vocab_size of 34).
+    std::fs::copy(dir.join("base/model.safetensors"), short.join("model.safetensors")).unwrap();
+    let yaml = format!(
+        "merge_method: linear\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
+        short.display(),
+        short.display(),
+        dir.join("expert-2").display()
+    );
+    let got = config_error(tmp.path(), &yaml);
+    assert!(got.contains(short.to_str().unwrap()) && got.contains("`lm_head.weight` has shape [32, 16]"), "{got}");
+    assert!(got.contains("no row 32"), "{got}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only the model and the config remain: {left:?}");
 }

@@ -453,8 +453,8 @@ impl MergeConfig {
     }
 }
 
-const UNION_REFUSED: &str = "tokenizer_source: `union` builds a new vocabulary and resizes every embedding; symerge does \
-     not (give `base` or a model path whose tokenizer every input shares)";
+const UNION_REFUSED: &str = "tokenizer_source: `union` builds a new tokenizer from all the inputs'; symerge does not \
+     (give `base` or a model path: the inputs' embeddings are permuted into its vocabulary)";
 
 /// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.
 fn refuse_unsupported(raw: &RawConfig, source: &Path) -> Result<()> {

@@ -38,6 +38,7 @@ pub mod stats;
 pub mod task_arithmetic;
 pub mod ties;
 pub mod tokenizer;
+pub mod vocab;
 
 use std::collections::BTreeMap;
 

@@ -1,10 +1,10 @@
 //! `tokenizer_source` and `chat_template`, as mergekit 0.1.5 applies them after the weights.
 //!
 //! mergekit builds the output tokenizer from the source and permutes every input's embedding
-//! rows into its vocabulary. symerge copies the source's tokenizer files instead, which is the
-//! same result exactly when no permutation or resizing happens: every input with a
-//! `tokenizer.json` has the source's vocabulary, and the output's `vocab_size` equals it.
-//! Anything else is refused, naming the key.
+//! rows into its vocabulary. symerge permutes the rows the same way before the merge
+//! ([`super::vocab`]) and copies the source's tokenizer files after it; the output's
+//! `vocab_size` must then equal the source's vocabulary, else the merge is refused naming the
+//! key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,14 +30,15 @@ fn err(config: &MergeConfig, reason: String) -> Error {
     Error::Config { path: config.source.clone(), reason }
 }
 
-/// Applies `tokenizer_source` and `chat_template` to the output staged in `out`.
-pub fn apply(config: &MergeConfig, out: &Path) -> Result<()> {
+/// Applies `tokenizer_source` and `chat_template` to the output staged in `out`; `aligned`
+/// when the inputs' embeddings were permuted into the source's vocabulary ([`super::vocab`]).
+pub fn apply(config: &MergeConfig, out: &Path, aligned: bool) -> Result<()> {
     if let Some(src) = &config.tokenizer_source {
         let dir = match src {
             TokenizerSource::Base => config.base_model.clone().unwrap_or_default(),
             TokenizerSource::Model(p) => p.clone(),
         };
-        copy_tokenizer(config, &model_dir(&dir), out)?;
+        copy_tokenizer(config, &model_dir(&dir), out, aligned)?;
     }
     if let Some(template) = &config.chat_template {
         set_chat_template(config, template, out)?;
@@ -60,12 +61,12 @@ fn vocab(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, u32>
     Ok(Some(tok.get_vocab(true)))
 }
 
-/// Copies the source's tokenizer files after checking no embedding would change in mergekit.
-fn copy_tokenizer(config: &MergeConfig, src: &Path, out: &Path) -> Result<()> {
+/// Copies the source's tokenizer files after checking that the embeddings fit its vocabulary.
+fn copy_tokenizer(config: &MergeConfig, src: &Path, out: &Path, aligned: bool) -> Result<()> {
     let Some(want) = vocab(config, src)? else {
         return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", src.display())));
     };
-    for model in config.referenced_models() {
+    for model in config.referenced_models().into_iter().filter(|_| !aligned) {
         if let Some(have) = vocab(config, &model_dir(&model))?
             && have != want
         {

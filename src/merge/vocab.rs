@@ -1,0 +1,281 @@
+//! `tokenizer_source` over inputs whose vocabularies differ (an expert that added chat tokens, a
+//! model with another tokenizer): as mergekit 0.1.5 does, every input's token-indexed tensors
+//! (embeddings and untied heads) are first permuted into the output tokenizer's vocabulary,
+//! then merged like any other tensor.
+//!
+//! The output vocabulary is the source tokenizer's (`base`: the base model's, without tokens at
+//! ids beyond its `vocab_size`; a model: that model's). Row `j` of an input's permuted tensor is
+//! its own row for token `j` when it has the token; otherwise a row every input lacking it
+//! shares: the one input that has it, else the base's when the base has it, else the mean over
+//! the inputs that have it (in f32, in input order), else zeros. The permuted tensors are
+//! written in each input's dtype to a hidden directory beside the output (removed with it), so
+//! memory stays bounded; the mean of rows is rounded once to that dtype, where mergekit adds
+//! in the promoted dtype (identical in f32). `union` is refused (see [`super::tokenizer`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::atomic::Staging;
+use crate::checkpoint::dtype::{decode, encode_into};
+use crate::checkpoint::{Checkpoint, FloatDType, PlannedTensor, ShardWriter, TensorMeta};
+use crate::error::{Error, Result};
+
+use super::config::{MergeConfig, TokenizerSource};
+
+/// Name endings of the tensors indexed by token id (mergekit's `vocabulary_axis` 0 tensors of
+/// the architectures we load).
+const VOCAB_TENSORS: &[&str] =
+    &["embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight", "embed_out.weight"];
+
+/// The inputs' vocabularies mapped onto the output's.
+struct Plan {
+    /// Output tokens in id order.
+    len: usize,
+    /// Per input: its row for each output token, if it has the token.
+    perms: Vec<Vec<Option<usize>>>,
+}
+
+/// What [`align`] made: the permuted tensors' directory (kept until the merge is done) and the
+/// output vocabulary size.
+pub struct Aligned {
+    _scratch: Staging,
+    pub vocab_size: usize,
+}
+
+fn err(config: &MergeConfig, reason: String) -> Error {
+    Error::Config { path: config.source.clone(), reason }
+}
+
+/// Permutes the token-indexed tensors of `ckpts` (the base first when there is one, in
+/// [`MergeConfig`] order) into the `tokenizer_source` vocabulary when some input's differs from
+/// it; `None` (and `ckpts` untouched) when they all agree or no `tokenizer_source` is set.
+pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> Result<Option<Aligned>> {
+    let Some(source) = &config.tokenizer_source else { return Ok(None) };
+    if !config.slices.is_empty() || ckpts.is_empty() {
+        return Ok(None);
+    }
+    let base_dir = config.base_model.as_ref().map(|_| ckpts[0].dir.clone());
+    let out_vocab = match source {
+        TokenizerSource::Base => {
+            let dir =
+                base_dir.clone().ok_or_else(|| err(config, "tokenizer_source: base needs a base_model".into()))?;
+            let limit = vocab_size(&ckpts[0]);
+            vocab_of(config, &dir)?.map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
+        }
+        TokenizerSource::Model(p) => vocab_of(config, &model_dir(p))?,
+    };
+    let Some(out_vocab) = out_vocab else { return Ok(None) };
+    let plan = plan(config, ckpts, &out_vocab)?;
+    let names = vocab_tensors(&ckpts[0]);
+    let unchanged = plan.perms.iter().zip(ckpts.iter()).all(|(p, ck)| {
+        p.iter().enumerate().all(|(j, r)| *r == Some(j))
+            && names.iter().all(|n| ck.get(n).is_none_or(|t| t.shape.first() == Some(&plan.len)))
+    });
+    if names.is_empty() || unchanged {
+        return Ok(None);
+    }
+    let scratch = Staging::create(&output.with_file_name(format!(
+        "{}.vocab",
+        output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned())
+    )))?;
+    let has_base = config.base_model.is_some();
+    let permuted = (0..ckpts.len())
+        .map(|i| write_permuted(config, ckpts, i, &plan, &names, has_base, &scratch.path().join(format!("m{i}"))))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, file) in permuted.into_iter().enumerate() {
+        ckpts[i] = compose(&ckpts[i], &file, plan.len)?;
+    }
+    tracing::info!("tokenizer_source: {} tensors per model permuted into a vocabulary of {}", names.len(), plan.len);
+    Ok(Some(Aligned { _scratch: scratch, vocab_size: plan.len }))
+}
+
+fn model_dir(p: &Path) -> PathBuf {
+    if p.is_dir() { p.to_path_buf() } else { p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) }
+}
+
+/// `dir/tokenizer.json`'s tokens and ids, added tokens included.
+fn vocab_of(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, usize>>> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let tok = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| err(config, format!("tokenizer_source: cannot read {}: {e}", path.display())))?;
+    Ok(Some(tok.get_vocab(true).into_iter().map(|(t, id)| (t, id as usize)).collect()))
+}
+
+fn vocab_size(ck: &Checkpoint) -> Option<usize> {
+    ck.config.as_ref()?.get("vocab_size")?.as_u64().map(|n| n as usize)
+}
+
+/// Each input's row for every output token; an input without a tokenizer is taken to have the
+/// first input's (mergekit: "assuming same as" the base), and tokens at ids beyond an input's
+/// `vocab_size` are taken as absent.
+fn plan(config: &MergeConfig, ckpts: &[Checkpoint], out_vocab: &HashMap<String, usize>) -> Result<Plan> {
+    let len = out_vocab.len();
+    let mut by_id = vec![None; len];
+    for (tok, &id) in out_vocab {
+        let slot = by_id.get_mut(id).ok_or_else(|| {
+            err(config, format!("tokenizer_source: token {tok:?} has id {id}, beyond the {len} tokens"))
+        })?;
+        *slot = Some(tok.as_str());
+    }
+    let first = vocab_of(config, &ckpts[0].dir)?;
+    let mut perms = Vec::with_capacity(ckpts.len());
+    for ck in ckpts {
+        let own = vocab_of(config, &ck.dir)?;
+        let Some(vocab) = own.as_ref().or(first.as_ref()) else {
+            return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", ck.dir.display())));
+        };
+        let limit = vocab_size(ck).unwrap_or(usize::MAX);
+        perms.push(by_id.iter().map(|t| t.and_then(|t| vocab.get(t).copied()).filter(|&r| r < limit)).collect());
+    }
+    Ok(Plan { len, perms })
+}
+
+/// The reference's 2-D token-indexed tensors.
+fn vocab_tensors(ck: &Checkpoint) -> Vec<String> {
+    ck.tensors
+        .iter()
+        .filter(|t| {
+            t.shape.len() == 2 && t.float_dtype().is_some() && VOCAB_TENSORS.iter().any(|s| t.name.ends_with(s))
+        })
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+/// Where the row of output token `j` that inputs lacking it share comes from.
+enum Fill {
+    Own,
+    From(usize),
+    Mean(Vec<usize>),
+    Zero,
+}
+
+fn fill(plan: &Plan, j: usize, has_base: bool) -> Fill {
+    let present: Vec<usize> = (0..plan.perms.len()).filter(|&i| plan.perms[i][j].is_some()).collect();
+    match present.len() {
+        n if n == plan.perms.len() => Fill::Own,
+        0 => Fill::Zero,
+        1 => Fill::From(present[0]),
+        _ if has_base && present[0] == 0 => Fill::From(0),
+        _ => Fill::Mean(present),
+    }
+}
+
+/// Writes input `i`'s permuted token-indexed tensors into `dir` and opens them.
+fn write_permuted(
+    config: &MergeConfig,
+    ckpts: &[Checkpoint],
+    i: usize,
+    plan: &Plan,
+    names: &[String],
+    has_base: bool,
+    dir: &Path,
+) -> Result<Checkpoint> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let ck = &ckpts[i];
+    let mut planned = Vec::new();
+    for name in names {
+        let t = tensor(config, ck, name)?;
+        planned.push(PlannedTensor { name: name.clone(), dtype: t.dtype, shape: vec![plan.len, t.shape[1]] });
+    }
+    let mut writer = ShardWriter::create(dir, planned, u64::MAX)?;
+    for name in names {
+        let t = tensor(config, ck, name)?;
+        let (dtype, width) = (float(t)?, t.shape[1]);
+        let row_bytes = width * dtype.size();
+        let mut out = vec![0u8; plan.len * row_bytes];
+        let mut row = vec![0f32; width];
+        for (j, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
+            let src = match plan.perms[i][j] {
+                Some(r) => Some((i, r)),
+                None => match fill(plan, j, has_base) {
+                    Fill::From(d) => plan.perms[d][j].map(|r| (d, r)),
+                    Fill::Own | Fill::Zero => None,
+                    Fill::Mean(from) => {
+                        mean_row(config, ckpts, &from, plan, j, name, &mut row)?;
+                        encode_into(dtype, &row, dst);
+                        continue;
+                    }
+                },
+            };
+            if let Some((d, r)) = src {
+                read_row(config, &ckpts[d], name, r, &mut row)?;
+                encode_into(dtype, &row, dst);
+            }
+        }
+        writer.write(name, &out)?;
+    }
+    writer.finish()?;
+    Checkpoint::open(dir)
+}
+
+fn tensor<'a>(config: &MergeConfig, ck: &'a Checkpoint, name: &str) -> Result<&'a TensorMeta> {
+    ck.get(name).filter(|t| t.shape.len() == 2).ok_or_else(|| {
+        err(config, format!("tokenizer_source: {} has no 2-D tensor `{name}` to permute", ck.path.display()))
+    })
+}
+
+fn float(t: &TensorMeta) -> Result<FloatDType> {
+    t.float_dtype().ok_or_else(|| Error::Invalid(format!("tensor `{}` is not a float tensor", t.name)))
+}
+
+/// Row `r` of `ck`'s tensor `name`, decoded to f32.
+fn read_row(config: &MergeConfig, ck: &Checkpoint, name: &str, r: usize, out: &mut [f32]) -> Result<()> {
+    let t = tensor(config, ck, name)?;
+    if t.shape[1] != out.len() || r >= t.shape[0] {
+        return Err(err(
+            config,
+            format!(
+                "tokenizer_source: {} tensor `{name}` has shape {:?}: no row {r} of width {} for its tokenizer",
+                ck.path.display(),
+                t.shape,
+                out.len()
+            ),
+        ));
+    }
+    let dtype = float(t)?;
+    let size = dtype.size() * out.len();
+    decode(dtype, &ck.bytes(t)[r * size..(r + 1) * size], out);
+    Ok(())
+}
+
+/// The mean over inputs `from` of their rows for output token `j`, summed in input order.
+fn mean_row(
+    config: &MergeConfig,
+    ckpts: &[Checkpoint],
+    from: &[usize],
+    plan: &Plan,
+    j: usize,
+    name: &str,
+    out: &mut [f32],
+) -> Result<()> {
+    out.fill(0.0);
+    let mut row = vec![0f32; out.len()];
+    for &d in from {
+        let r = plan.perms[d][j].expect("present");
+        read_row(config, &ckpts[d], name, r, &mut row)?;
+        out.iter_mut().zip(&row).for_each(|(o, x)| *o += x);
+    }
+    let n = from.len() as f32;
+    out.iter_mut().for_each(|o| *o /= n);
+    Ok(())
+}
+
+/// `ck` with its token-indexed tensors read from `permuted` and `vocab_size` set to `len`.
+fn compose(ck: &Checkpoint, permuted: &Checkpoint, len: usize) -> Result<Checkpoint> {
+    let parts: Vec<(&Checkpoint, &TensorMeta, String)> = ck
+        .tensors
+        .iter()
+        .map(|t| match permuted.get(&t.name) {
+            Some(p) => (permuted, p, t.name.clone()),
+            None => (ck, t, t.name.clone()),
+        })
+        .collect();
+    let mut config = ck.config.clone();
+    if let Some(c) = config.as_mut().and_then(|c| c.as_object_mut()) {
+        c.insert("vocab_size".into(), len.into());
+    }
+    Checkpoint::compose(ck.path.clone(), ck.dir.clone(), &parts, config)
+}

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""mergekit 0.1.5's merges of tiny Llama checkpoints whose vocabularies differ, for
+tests/mergekit_parity.rs (`tokenizer_source` with embedding permutation).
+
+Writes under tests/fixtures/mergekit_vocab/:
+  base/      a seeded tiny Llama (hidden 16, 2 layers, vocab 32: tokens t0..t31 of a WordLevel
+             tokenizer), float32
+  expert-1/  the base fine-tuned, plus two added tokens <|im_start|> <|im_end|> (ids 32, 33) and
+             their embedding and head rows (34 rows)
+  expert-2/  the base fine-tuned, plus <|im_end|> alone (id 32; 33 rows)
+  expert-3/  the base fine-tuned under a tokenizer that numbers t5 and t7 the other way round,
+             its embedding and head rows swapped to match (32 rows)
+  cases.json       per case: the merge config as YAML with {base} and {expert-N} placeholders
+  out/<case>.safetensors, out/<case>.config.json   mergekit's output tensors and config
+
+    python3 -m venv --system-site-packages target/venv-mergekit
+    target/venv-mergekit/bin/pip install mergekit==0.1.5
+    target/venv-mergekit/bin/python tests/reference/make_vocab_fixtures.py
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+import tempfile
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+H, I, KV, V = 16, 32, 8, 32
+
+
+def config(vocab):
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
+        "intermediate_size": I, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 8, "vocab_size": vocab, "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": "float32",
+    }
+
+
+def shapes():
+    out = {"model.embed_tokens.weight": [V, H], "model.norm.weight": [H], "lm_head.weight": [V, H]}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        out.update({
+            p + "input_layernorm.weight": [H], p + "post_attention_layernorm.weight": [H],
+            p + "self_attn.q_proj.weight": [H, H], p + "self_attn.k_proj.weight": [KV, H],
+            p + "self_attn.v_proj.weight": [KV, H], p + "self_attn.o_proj.weight": [H, H],
+            p + "mlp.gate_proj.weight": [I, H], p + "mlp.up_proj.weight": [I, H],
+            p + "mlp.down_proj.weight": [H, I],
+        })
+    return out
+
+
+def tokenizer(vocab, added):
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if added:
+        tok.add_special_tokens(added)
+    return tok
+
+
+def write_model(path, tensors, tok):
+    path.mkdir(parents=True, exist_ok=True)
+    rows = tensors["model.embed_tokens.weight"].shape[0]
+    (path / "config.json").write_text(json.dumps(config(rows), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path / "model.safetensors"))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
+
+
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def make_inputs(out):
+    g = torch.Generator().manual_seed(4321)
+    base = {}
+    for name, shape in shapes().items():
+        base[name] = (1.0 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name else 0.5 * torch.randn(shape, generator=g)
+    words = {f"t{i}": i for i in range(V)}
+    write_model(out / "base", base, tokenizer(words, []))
+
+    def expert(scale):
+        return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+    def grow(t, n):
+        return {k: torch.cat([v, 0.5 * torch.randn(n, H, generator=g)]) if k in VOCAB_ROWS else v for k, v in t.items()}
+
+    write_model(out / "expert-1", grow(expert(0.02), 2), tokenizer(words, ["<|im_start|>", "<|im_end|>"]))
+    write_model(out / "expert-2", grow(expert(0.04), 1), tokenizer(words, ["<|im_end|>"]))
+    e3 = expert(0.06)
+    order = list(range(V))
+    order[5], order[7] = 7, 5
+    e3 = {k: v[order] if k in VOCAB_ROWS else v for k, v in e3.items()}
+    swapped = dict(words, t5=7, t7=5)
+    write_model(out / "expert-3", e3, tokenizer(swapped, []))
+
+
+def models_(*entries):
+    return [{"model": m, "parameters": p} if p else {"model": m} for m, p in entries]
+
+
+B, E1, E2, E3 = "{base}", "{expert-1}", "{expert-2}", "{expert-3}"
+
+CASES = {
+    # Output vocabulary of expert-1: <|im_start|> from expert-1 alone (its row for the others),
+    # <|im_end|> from expert-1 and expert-2 (their mean for expert-3), t5/t7 permuted for expert-3.
+    "vocab_linear_expert1": {"merge_method": "linear", "tokenizer_source": E1,
+                             "models": models_((E1, {"weight": 0.2}), (E2, {"weight": 0.3}), (E3, {"weight": 0.5}))},
+    # The base's vocabulary: the added rows dropped, expert-3's rows put back in the base's order.
+    "vocab_ties_base": {"merge_method": "ties", "base_model": B, "tokenizer_source": "base",
+                        "models": models_((E1, {"weight": 1.0, "density": 0.5}), (E2, {"weight": 0.6, "density": 0.7}),
+                                          (E3, {"weight": 0.4, "density": 0.3}))},
+    # With a base that lacks both added tokens: <|im_end|> is the mean of expert-1's and
+    # expert-2's rows for the base and expert-3.
+    "vocab_task_arithmetic_expert1": {"merge_method": "task_arithmetic", "base_model": B, "tokenizer_source": E1,
+                                      "models": models_((E1, {"weight": 0.5}), (E2, {"weight": 0.3}),
+                                                        (E3, {"weight": 0.2})),
+                                      "parameters": {"lambda": 0.9}},
+    # A model that is not merged supplies the vocabulary (expert-2's order, 33 tokens).
+    "vocab_slerp_expert2": {"merge_method": "slerp", "base_model": B, "tokenizer_source": E2,
+                            "models": models_((B, None), (E3, None)), "parameters": {"t": 0.4}},
+}
+
+
+def fill(obj, paths):
+    if isinstance(obj, str):
+        for k, v in paths.items():
+            obj = obj.replace("{" + k + "}", v)
+        return obj
+    if isinstance(obj, list):
+        return [fill(x, paths) for x in obj]
+    if isinstance(obj, dict):
+        return {k: fill(v, paths) for k, v in obj.items()}
+    return obj
+
+
+def run_case(name, case, out):
+    paths = {n: str(out / n) for n in ("base", "expert-1", "expert-2", "expert-3")}
+    cfg = dict({"dtype": "float32"}, **fill(case, paths))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_merge(MergeConfiguration.model_validate(cfg), tmp,
+                  MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True, random_seed=0))
+        tensors = {}
+        for f in sorted(pathlib.Path(tmp).glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        (out / "out").mkdir(exist_ok=True)
+        shutil.copy(pathlib.Path(tmp) / "config.json", out / "out" / f"{name}.config.json")
+    save_file({k: v.float().contiguous() for k, v in sorted(tensors.items())}, str(out / "out" / f"{name}.safetensors"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures/mergekit_vocab")
+    out = pathlib.Path(ap.parse_args().out).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    make_inputs(out)
+    cases = {}
+    for name, case in CASES.items():
+        run_case(name, case, out)
+        cases[name] = yaml.safe_dump(case, sort_keys=False)
+    (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
