@@ -80,24 +80,22 @@ fn every_method_matches_mergekit_0_1_5() {
     check_cases(&fixtures(), tmp.path(), 37);
 }
 
-/// `tokenizer_source` over experts that added tokens and one that numbers two tokens the other
-/// way round: every input's embeddings and head are permuted into the source's vocabulary
-/// (rows for tokens an input lacks from the one input that has them, the base, their mean or
-/// zeros) before the merge, as mergekit does; the output's tokenizer and `vocab_size` are the
-/// source's.
+/// `tokenizer_source` (a model, `base` or `union`) over experts that added tokens and one that
+/// numbers two tokens the other way round: every input's embeddings and head are permuted into
+/// the output vocabulary (rows for tokens an input lacks from the one input that has them, the
+/// base, their mean or zeros) before the merge, as mergekit does; the output's tokenizer
+/// vocabulary and `vocab_size` are mergekit's.
 #[test]
 fn differing_vocabularies_are_permuted_as_mergekit_does() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&dir, tmp.path(), 4);
-    let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p.join("tokenizer.json")).unwrap().get_vocab(true);
-    for (case, source) in [
-        ("vocab_linear_expert1", "expert-1"),
-        ("vocab_ties_base", "base"),
-        ("vocab_task_arithmetic_expert1", "expert-1"),
-        ("vocab_slerp_expert2", "expert-2"),
-    ] {
-        assert_eq!(vocab(&tmp.path().join(case)), vocab(&dir.join(source)), "{case}: the source's tokenizer");
+    check_cases(&dir, tmp.path(), 5);
+    let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p).unwrap().get_vocab(true);
+    for entry in std::fs::read_dir(dir.join("out")).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(case) = path.file_name().unwrap().to_str().unwrap().strip_suffix(".tokenizer.json") else { continue };
+        let ours = vocab(&tmp.path().join(case).join("tokenizer.json"));
+        assert_eq!(ours, vocab(&path), "{case}: mergekit's output vocabulary");
     }
     // No hidden directory of permuted tensors is left beside the outputs.
     let hidden: Vec<_> = std::fs::read_dir(tmp.path())
@@ -444,10 +442,6 @@ fn slices_errors_name_the_key() {
             "slices[0].parameters.normalize",
         ),
         (
-            format!("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {e1}\n"),
-            "tokenizer_source: `union`",
-        ),
-        (
             format!("merge_method: linear\ntokenizer: {{source: base}}\nmodels:\n  - model: {e1}\n"),
             "tokenizer: token surgery",
         ),
@@ -520,6 +514,34 @@ fn tokenizer_source_and_chat_template() {
     }
     let tok = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap());
     assert_eq!(tok.unwrap()["model"]["unk_token"], "w0", "the base's tokenizer");
+}
+
+/// `union` without a base starts from the first model's tokenizer in config order (mergekit
+/// starts from an arbitrary one: its models are a Python set) and adds the others' new tokens
+/// after it; every model's rows follow their tokens.
+#[test]
+fn union_without_a_base_starts_from_the_first_model() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let (e1, e2) = (dir.join("expert-1"), dir.join("expert-2"));
+    let yaml = format!(
+        "merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    parameters: {{weight: 0.0}}\n",
+        e2.display(),
+        e1.display()
+    );
+    let out = merge_yaml(tmp.path(), "u", &yaml);
+    let vocab = tokenizers::Tokenizer::from_file(tmp.path().join("u/tokenizer.json")).unwrap().get_vocab(true);
+    assert_eq!((vocab.len(), vocab["<|im_end|>"], vocab["<|im_start|>"]), (34, 32, 33), "expert-2's order first");
+    // Weight 1 on expert-2: its own rows, and expert-1's row for the token only expert-1 has.
+    let (theirs1, theirs2) = (read_model(&e1), read_model(&e2));
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let row = |t: &[f64], r: usize| t[r * 16..(r + 1) * 16].to_vec();
+        let got = &out[name].2;
+        assert_eq!(out[name].1, vec![34, 16], "{name}");
+        assert_eq!(row(got, 32), row(&theirs2[name].2, 32), "{name}: <|im_end|> is expert-2's row 32");
+        assert_eq!(row(got, 33), row(&theirs1[name].2, 32), "{name}: <|im_start|> is expert-1's row 32");
+        assert_eq!(row(got, 5), row(&theirs2[name].2, 5), "{name}: t5");
+    }
 }
 
 /// A tokenizer whose ids run past its model's embedding rows is an error naming the model and

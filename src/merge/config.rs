@@ -169,6 +169,8 @@ impl SliceDef {
 pub enum TokenizerSource {
     Base,
     Model(PathBuf),
+    /// The base's tokenizer (else the first model's) plus every token of the others it lacks.
+    Union,
 }
 
 /// Per-tensor (or per-block) merge coefficients, one per expert, e.g. the Lambda learned by
@@ -248,7 +250,7 @@ impl MergeConfig {
         let tokenizer_source = match raw.tokenizer_source.as_deref() {
             None => None,
             Some("base") => Some(TokenizerSource::Base),
-            Some("union") => return Err(config_err(source, UNION_REFUSED)),
+            Some("union") => Some(TokenizerSource::Union),
             Some(p) => Some(TokenizerSource::Model(locate_model(p, base_dir, source, "tokenizer_source")?)),
         };
         if tokenizer_source == Some(TokenizerSource::Base) && base_model.is_none() {
@@ -452,9 +454,6 @@ impl MergeConfig {
         }
     }
 }
-
-const UNION_REFUSED: &str = "tokenizer_source: `union` builds a new tokenizer from all the inputs'; symerge does not \
-     (give `base` or a model path: the inputs' embeddings are permuted into its vocabulary)";
 
 /// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.
 fn refuse_unsupported(raw: &RawConfig, source: &Path) -> Result<()> {

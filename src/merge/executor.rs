@@ -243,8 +243,7 @@ fn merge_ranked(
     // one, else the first merged model, which is then also merged (see `MergeJob::tensor`).
     let mut opened = Opened::open(config)?;
     // Inputs whose vocabularies differ from `tokenizer_source`'s read permuted embeddings.
-    let aligned = super::vocab::align(config, &mut opened.ckpts, &opts.output)?;
-    opened.vocab_size = aligned.as_ref().map(|a| a.vocab_size);
+    opened.aligned = super::vocab::align(config, &mut opened.ckpts, &opts.output)?;
     let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
     check_configs_agree(reference, &inputs)?;
     // A slices config's views lack the layers of slices with fewer sources than theirs.
@@ -402,25 +401,20 @@ struct Opened {
     slice_layers: Option<Vec<(usize, f64)>>,
     /// Where `config.json` and the tokenizer come from.
     donor: PathBuf,
-    /// The output vocabulary's size when the inputs' embeddings were permuted into it.
-    vocab_size: Option<usize>,
+    /// The inputs' embeddings permuted into the output vocabulary, when they had to be.
+    aligned: Option<super::vocab::Aligned>,
 }
 
 impl Opened {
     fn open(config: &MergeConfig) -> Result<Self> {
         if !config.slices.is_empty() {
             let plan = slices::plan(config)?;
-            return Ok(Opened {
-                ckpts: plan.views,
-                slice_layers: Some(plan.layers),
-                donor: plan.donor,
-                vocab_size: None,
-            });
+            return Ok(Opened { ckpts: plan.views, slice_layers: Some(plan.layers), donor: plan.donor, aligned: None });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
         let ckpts = paths.map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
         let donor = ckpts[0].dir.clone();
-        Ok(Opened { ckpts, slice_layers: None, donor, vocab_size: None })
+        Ok(Opened { ckpts, slice_layers: None, donor, aligned: None })
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.
@@ -435,14 +429,15 @@ impl Opened {
             let n = layers.len();
             edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n).unwrap_or_default())?;
         }
-        if let Some(n) = self.vocab_size {
+        if let Some(n) = self.aligned.as_ref().map(|a| a.vocab_size) {
             edit_config(dst, |cfg| {
                 if let Some(c) = cfg.as_object_mut() {
                     c.insert("vocab_size".into(), n.into());
                 }
             })?;
         }
-        super::tokenizer::apply(config, dst, self.vocab_size.is_some())
+        let built = self.aligned.as_ref().and_then(|a| a.tokenizer.as_ref());
+        super::tokenizer::apply(config, dst, self.aligned.is_some(), built)
     }
 }
 

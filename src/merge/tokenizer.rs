@@ -31,14 +31,24 @@ fn err(config: &MergeConfig, reason: String) -> Error {
 }
 
 /// Applies `tokenizer_source` and `chat_template` to the output staged in `out`; `aligned`
-/// when the inputs' embeddings were permuted into the source's vocabulary ([`super::vocab`]).
-pub fn apply(config: &MergeConfig, out: &Path, aligned: bool) -> Result<()> {
+/// when the inputs' embeddings were permuted into the source's vocabulary ([`super::vocab`]),
+/// `built` the `union` tokenizer when it differs from the base's.
+pub fn apply(config: &MergeConfig, out: &Path, aligned: bool, built: Option<&tokenizers::Tokenizer>) -> Result<()> {
     if let Some(src) = &config.tokenizer_source {
+        let first = || config.referenced_models().into_iter().next().unwrap_or_default();
         let dir = match src {
             TokenizerSource::Base => config.base_model.clone().unwrap_or_default(),
             TokenizerSource::Model(p) => p.clone(),
+            TokenizerSource::Union => config.base_model.clone().unwrap_or_else(first),
         };
-        copy_tokenizer(config, &model_dir(&dir), out, aligned)?;
+        match built {
+            Some(tok) => {
+                copy_tokenizer_files(&model_dir(&dir), out)?;
+                let path = out.join("tokenizer.json");
+                tok.save(&path, false).map_err(|e| err(config, format!("writing {}: {e}", path.display())))?;
+            }
+            None => copy_tokenizer(config, &model_dir(&dir), out, aligned)?,
+        }
     }
     if let Some(template) = &config.chat_template {
         set_chat_template(config, template, out)?;
@@ -95,6 +105,11 @@ fn copy_tokenizer(config: &MergeConfig, src: &Path, out: &Path, aligned: bool) -
             ),
         ));
     }
+    copy_tokenizer_files(src, out)
+}
+
+/// The donor's tokenizer files in place of the output's.
+fn copy_tokenizer_files(src: &Path, out: &Path) -> Result<()> {
     for name in TOKENIZER_FILES {
         let (from, to) = (src.join(name), out.join(name));
         if from.is_file() {

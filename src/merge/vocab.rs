@@ -4,16 +4,21 @@
 //! then merged like any other tensor.
 //!
 //! The output vocabulary is the source tokenizer's (`base`: the base model's, without tokens at
-//! ids beyond its `vocab_size`; a model: that model's). Row `j` of an input's permuted tensor is
+//! ids beyond its `vocab_size`; a model: that model's; `union`: the base's, else the first
+//! model's, plus every token of the others it lacks, added as mergekit adds them: the plain
+//! tokens first, input by input in id order (mergekit takes each input's in hash-map order,
+//! which only matters when one input brings several), then the added tokens). Row `j` of an input's permuted tensor is
 //! its own row for token `j` when it has the token; otherwise a row every input lacking it
 //! shares: the one input that has it, else the base's when the base has it, else the mean over
 //! the inputs that have it (in f32, in input order), else zeros. The permuted tensors are
 //! written in each input's dtype to a hidden directory beside the output (removed with it), so
 //! memory stays bounded; the mean of rows is rounded once to that dtype, where mergekit adds
-//! in the promoted dtype (identical in f32). `union` is refused (see [`super::tokenizer`]).
+//! in the promoted dtype (identical in f32).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
@@ -35,11 +40,12 @@ struct Plan {
     perms: Vec<Vec<Option<usize>>>,
 }
 
-/// What [`align`] made: the permuted tensors' directory (kept until the merge is done) and the
-/// output vocabulary size.
+/// What [`align`] made: the permuted tensors' directory (kept until the merge is done), the
+/// output vocabulary size and, for `union`, the output tokenizer.
 pub struct Aligned {
     _scratch: Staging,
     pub vocab_size: usize,
+    pub tokenizer: Option<Tokenizer>,
 }
 
 fn err(config: &MergeConfig, reason: String) -> Error {
@@ -55,6 +61,7 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
         return Ok(None);
     }
     let base_dir = config.base_model.as_ref().map(|_| ckpts[0].dir.clone());
+    let mut built = None;
     let out_vocab = match source {
         TokenizerSource::Base => {
             let dir =
@@ -63,6 +70,12 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
             vocab_of(config, &dir)?.map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
         }
         TokenizerSource::Model(p) => vocab_of(config, &model_dir(p))?,
+        TokenizerSource::Union => {
+            let tok = union_tokenizer(config, ckpts)?;
+            let vocab = tok.as_ref().map(|t| t.get_vocab(true).into_iter().map(|(t, id)| (t, id as usize)).collect());
+            built = tok;
+            vocab
+        }
     };
     let Some(out_vocab) = out_vocab else { return Ok(None) };
     let plan = plan(config, ckpts, &out_vocab)?;
@@ -86,7 +99,64 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
         ckpts[i] = compose(&ckpts[i], &file, plan.len)?;
     }
     tracing::info!("tokenizer_source: {} tensors per model permuted into a vocabulary of {}", names.len(), plan.len);
-    Ok(Some(Aligned { _scratch: scratch, vocab_size: plan.len }))
+    Ok(Some(Aligned { _scratch: scratch, vocab_size: plan.len, tokenizer: built }))
+}
+
+/// The `union` tokenizer: the first input's (the base when there is one) plus the tokens of the
+/// others it lacks, ids past an input's `vocab_size` left out; `None` without tokenizers.
+fn union_tokenizer(config: &MergeConfig, ckpts: &[Checkpoint]) -> Result<Option<Tokenizer>> {
+    let read = |dir: &Path| -> Result<Option<Tokenizer>> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        Tokenizer::from_file(&path)
+            .map(Some)
+            .map_err(|e| err(config, format!("tokenizer_source: union: cannot read {}: {e}", path.display())))
+    };
+    let Some(mut out) = read(&ckpts[0].dir)? else { return Ok(None) };
+    let limit = vocab_size(&ckpts[0]).unwrap_or(usize::MAX);
+    if let Some((tok, id)) = out.get_vocab(true).into_iter().find(|&(_, id)| id as usize >= limit) {
+        return Err(err(
+            config,
+            format!(
+                "tokenizer_source: union: {} numbers token {tok:?} {id}, past its vocab_size {limit}; symerge does not \
+                 strip such tokens from a base tokenizer",
+                ckpts[0].dir.display()
+            ),
+        ));
+    }
+    let have = out.get_vocab(true);
+    let (mut plain, mut added): (Vec<String>, Vec<AddedToken>) = (Vec::new(), Vec::new());
+    let mut seen_dirs: Vec<&Path> = Vec::new();
+    for ck in ckpts {
+        if seen_dirs.contains(&ck.dir.as_path()) {
+            continue;
+        }
+        seen_dirs.push(&ck.dir);
+        let Some(tok) = read(&ck.dir)? else { continue };
+        let limit = vocab_size(ck).unwrap_or(usize::MAX) as u32;
+        let mut specials: Vec<(u32, AddedToken)> = tok.get_added_tokens_decoder().into_iter().collect();
+        specials.sort_by_key(|(id, _)| *id);
+        let mut words: Vec<(String, u32)> = tok.get_vocab(true).into_iter().collect();
+        words.sort_by_key(|(_, id)| *id);
+        for (word, id) in words {
+            let is_added = specials.iter().any(|(_, a)| a.content == word);
+            if id < limit && !is_added && !have.contains_key(&word) && !plain.contains(&word) {
+                plain.push(word);
+            }
+        }
+        for (id, a) in specials {
+            if id < limit && !added.iter().any(|b| b.content == a.content) {
+                added.push(a);
+            }
+        }
+    }
+    plain.retain(|w| !added.iter().any(|a| &a.content == w));
+    let adding = |e: tokenizers::Error| err(config, format!("tokenizer_source: union: adding tokens: {e}"));
+    out.add_tokens(plain.into_iter().map(|w| AddedToken::from(w, false)).collect::<Vec<_>>()).map_err(adding)?;
+    out.add_tokens(added).map_err(adding)?;
+    Ok(Some(out))
 }
 
 fn model_dir(p: &Path) -> PathBuf {

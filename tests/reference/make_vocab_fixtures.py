@@ -11,7 +11,8 @@ Writes under tests/fixtures/mergekit_vocab/:
   expert-3/  the base fine-tuned under a tokenizer that numbers t5 and t7 the other way round,
              its embedding and head rows swapped to match (32 rows)
   cases.json       per case: the merge config as YAML with {base} and {expert-N} placeholders
-  out/<case>.safetensors, out/<case>.config.json   mergekit's output tensors and config
+  out/<case>.safetensors, .config.json, .tokenizer.json   mergekit's output tensors, config and
+             tokenizer
 
     python3 -m venv --system-site-packages target/venv-mergekit
     target/venv-mergekit/bin/pip install mergekit==0.1.5
@@ -128,6 +129,13 @@ CASES = {
     # A model that is not merged supplies the vocabulary (expert-2's order, 33 tokens).
     "vocab_slerp_expert2": {"merge_method": "slerp", "base_model": B, "tokenizer_source": E2,
                             "models": models_((B, None), (E3, None)), "parameters": {"t": 0.4}},
+    # The union: the base's 32 tokens, then <|im_start|> and <|im_end|> (expert-1's added tokens;
+    # only one model brings new tokens, so mergekit's order of the others, a Python set's, which
+    # varies between runs, does not show). Without a base, mergekit starts the union from an
+    # arbitrary model of that set: no fixture.
+    "vocab_ties_union": {"merge_method": "ties", "base_model": B, "tokenizer_source": "union",
+                         "models": models_((E2, {"weight": 0.6, "density": 0.5}), (E1, {"weight": 1.0, "density": 0.4}),
+                                           (E3, {"weight": 0.4, "density": 0.6}))},
 }
 
 
@@ -154,6 +162,7 @@ def run_case(name, case, out):
             tensors.update(load_file(str(f)))
         (out / "out").mkdir(exist_ok=True)
         shutil.copy(pathlib.Path(tmp) / "config.json", out / "out" / f"{name}.config.json")
+        shutil.copy(pathlib.Path(tmp) / "tokenizer.json", out / "out" / f"{name}.tokenizer.json")
     save_file({k: v.float().contiguous() for k, v in sorted(tensors.items())}, str(out / "out" / f"{name}.safetensors"))
 
 
