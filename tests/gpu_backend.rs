@@ -21,7 +21,7 @@ use common::{gpu, minilm_dir, randoms};
 use symerge::adapt::classifier::Adapter;
 use symerge::adapt::config::AdaptConfig;
 use symerge::backend::cuda::Cuda;
-use symerge::backend::{AdamStep, AttnShape, Backend, Cpu, Gelu};
+use symerge::backend::{AdamStep, AttnShape, Backend, Cpu, Gelu, StoredGrad, StoredMerge};
 use symerge::checkpoint::{FloatDType, StoredTensor};
 use symerge::model::{CausalLm, Gpt2Config, LlamaConfig, LmArch, LoadOptions, NewHead, Params, SequenceClassifier};
 
@@ -672,6 +672,73 @@ fn stored_row_ops_match_cpu() {
     let gb = cuda.stage(&bs).unwrap();
     let e = cuda.merge_stored_rows(&gb, &[&gb], &[0.5], &[3, 1], 4).err().map(|e| e.to_string());
     r.check("unsorted rows refused", e.as_deref().is_some_and(|e| e.contains("sorted and unique")), format!("{e:?}"));
+    r.finish();
+}
+
+/// A block's tensors merged and reduced in one batch (one wait for the device each) give what
+/// the CPU twins give one at a time, a lookup table's rows included; a non-finite value in the
+/// second tensor is the CPU's error naming that tensor.
+#[test]
+fn stored_ops_in_batches_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda.clone());
+    let shapes = [(3usize, FloatDType::BF16), (8191, FloatDType::F32), (1001 * 37, FloatDType::F16)];
+    let host: Vec<(StoredTensor, Vec<StoredTensor>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, dt))| {
+            let name = format!("t{i}");
+            (stored(&name, dt, &r.rand(n, 1.0)).0, (0..2).map(|_| stored(&name, dt, &r.rand(n, 1.0)).0).collect())
+        })
+        .collect();
+    let dev: Vec<_> = host
+        .iter()
+        .map(|(b, e)| (cuda.stage(b).unwrap(), e.iter().map(|x| cuda.stage(x).unwrap()).collect::<Vec<_>>()))
+        .collect();
+    let coefs = [0.4f32, -0.6];
+    let rows: Vec<u32> = (0..1001).step_by(7).collect();
+    let rows_of = |i: usize| (i == 2).then_some((rows.as_slice(), 37usize));
+    let cpu_jobs: Vec<StoredMerge<'_, StoredTensor>> = host
+        .iter()
+        .enumerate()
+        .map(|(i, (b, e))| StoredMerge { base: b, experts: e.iter().collect(), coefs: &coefs, rows: rows_of(i) })
+        .collect();
+    let gpu_jobs: Vec<StoredMerge<'_, _>> = dev
+        .iter()
+        .enumerate()
+        .map(|(i, (b, e))| StoredMerge { base: b, experts: e.iter().collect(), coefs: &coefs, rows: rows_of(i) })
+        .collect();
+    let want = Cpu.merge_stored_many(&cpu_jobs).unwrap();
+    let got = cuda.merge_stored_many(&gpu_jobs).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        r.buf(&format!("merge_stored_many job {i}"), g, w, 0.0);
+    }
+    let grads: Vec<Vec<f32>> = want.iter().map(|w| r.rand(w.len(), 1.0)).collect();
+    let up: Vec<_> = grads.iter().map(|g| r.up(g)).collect();
+    let cpu_g: Vec<StoredGrad<'_, StoredTensor, Vec<f32>>> = cpu_jobs
+        .iter()
+        .zip(&grads)
+        .map(|(j, g)| StoredGrad { grad: g, base: j.base, experts: j.experts.clone(), rows: j.rows })
+        .collect();
+    let gpu_g: Vec<StoredGrad<'_, _, _>> = gpu_jobs
+        .iter()
+        .zip(&up)
+        .map(|(j, g)| StoredGrad { grad: g, base: j.base, experts: j.experts.clone(), rows: j.rows })
+        .collect();
+    let want = Cpu.lambda_grad_stored_many(&cpu_g).unwrap();
+    let got = cuda.lambda_grad_stored_many(&gpu_g).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let (g32, w32): (Vec<f32>, Vec<f32>) = g.iter().zip(w).map(|(&g, &w)| (g as f32, w as f32)).unzip();
+        r.values(&format!("lambda_grad_stored_many job {i}"), &g32, &w32, 1e-6);
+    }
+    let mut poisoned = r.rand(8191, 1.0);
+    poisoned[77] = f32::NAN;
+    let (bad, _) = stored("t1", FloatDType::F32, &poisoned);
+    let bad_dev = cuda.stage(&bad).unwrap();
+    let mut jobs = gpu_jobs;
+    jobs[1].experts[1] = &bad_dev;
+    let e = cuda.merge_stored_many(&jobs).err().map(|e| e.to_string());
+    r.check("a NaN in job 1 names it", e.as_deref().is_some_and(|e| e.contains("`t1`")), format!("{e:?}"));
     r.finish();
 }
 

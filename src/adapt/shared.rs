@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use serde::Serialize;
 
 use super::lambda::Lambda;
-use crate::backend::Backend;
+use crate::backend::{Backend, StoredGrad, StoredMerge};
 use crate::checkpoint::{Checkpoint, FloatDType, StoredTensor};
 use crate::error::{Error, Result};
 use crate::model::chain::TableRows;
@@ -261,14 +261,21 @@ impl<B: Backend> BlockVisit<'_, B> {
     /// [`Self::merged`] with the lookup tables named in `lookups` merged only on the rows listed
     /// there (the rows a batch reads; the rest of the table is zero).
     pub fn merged_rows(&self, be: &B, lambda: &Lambda, lookups: &[TableRows]) -> Result<Params<B>> {
+        let jobs: Vec<StoredMerge<'_, B::Stored>> = self
+            .block
+            .tensors
+            .iter()
+            .zip(self.staged())
+            .map(|(t, s)| StoredMerge {
+                base: &s[0],
+                experts: s[1..].iter().collect(),
+                coefs: lambda.row(t.row),
+                rows: lookup_of(lookups, t),
+            })
+            .collect();
+        let bufs = be.merge_stored_many(&jobs)?;
         let mut out = Params::new();
-        for (t, s) in self.block.tensors.iter().zip(self.staged()) {
-            let experts: Vec<&B::Stored> = s[1..].iter().collect();
-            let coefs = lambda.row(t.row);
-            let buf = match lookup_of(lookups, t) {
-                Some((rows, row_len)) => be.merge_stored_rows(&s[0], &experts, coefs, rows, row_len)?,
-                None => be.merge_stored(&s[0], &experts, coefs)?,
-            };
+        for (t, buf) in self.block.tensors.iter().zip(bufs) {
             out.insert(t.name.clone(), Param { shape: t.shape.clone(), buf });
         }
         Ok(out)
@@ -278,16 +285,21 @@ impl<B: Backend> BlockVisit<'_, B> {
     /// gradients of its merged weights; a lookup table in `lookups` has gradient only on its
     /// listed rows, and only those are read.
     pub fn lambda_grad(&self, be: &B, grads: &Params<B>, lookups: &[TableRows], out: &mut [f64]) -> Result<()> {
+        let mut jobs: Vec<StoredGrad<'_, B::Stored, B::Buf>> = Vec::with_capacity(self.block.tensors.len());
         for (t, s) in self.block.tensors.iter().zip(self.staged()) {
             let g = grads
                 .get(&t.name)
                 .ok_or_else(|| Error::Invalid(format!("internal: no gradient for shared tensor `{}`", t.name)))?;
-            let experts: Vec<&B::Stored> = s[1..].iter().collect();
-            let k = experts.len();
-            let dots = match lookup_of(lookups, t) {
-                Some((rows, row_len)) => be.lambda_grad_stored_rows(&g.buf, &s[0], &experts, rows, row_len)?,
-                None => be.lambda_grad_stored(&g.buf, &s[0], &experts)?,
-            };
+            jobs.push(StoredGrad {
+                grad: &g.buf,
+                base: &s[0],
+                experts: s[1..].iter().collect(),
+                rows: lookup_of(lookups, t),
+            });
+        }
+        let all = be.lambda_grad_stored_many(&jobs)?;
+        for ((t, job), dots) in self.block.tensors.iter().zip(&jobs).zip(all) {
+            let k = job.experts.len();
             for (j, dot) in dots.into_iter().enumerate() {
                 out[t.row * k + j] += dot;
             }

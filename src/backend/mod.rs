@@ -96,6 +96,24 @@ pub struct AttnGrads<B> {
     pub dv: B,
 }
 
+/// One tensor of [`Backend::merge_stored_many`]: `base + sum_k coefs[k] (expert_k - base)`, on
+/// `rows` of `row_len` columns only when given.
+pub struct StoredMerge<'a, S> {
+    pub base: &'a S,
+    pub experts: Vec<&'a S>,
+    pub coefs: &'a [f32],
+    pub rows: Option<(&'a [u32], usize)>,
+}
+
+/// One tensor of [`Backend::lambda_grad_stored_many`]: `<grad, expert_k - base>`, over `rows`
+/// of `row_len` columns only when given.
+pub struct StoredGrad<'a, S, Buf> {
+    pub grad: &'a Buf,
+    pub base: &'a S,
+    pub experts: Vec<&'a S>,
+    pub rows: Option<(&'a [u32], usize)>,
+}
+
 /// The ops of a compute backend. See the module notes for the conventions.
 pub trait Backend: Send + Sync {
     /// An f32 buffer in the backend's memory.
@@ -355,6 +373,25 @@ pub trait Backend: Send + Sync {
         rows: &[u32],
         row_len: usize,
     ) -> Result<Vec<f64>>;
+    /// [`Backend::merge_stored`] (or `_rows`) of every job, in order: a device backend waits
+    /// for the device once for all of them (a block's tensors) instead of once each.
+    fn merge_stored_many(&self, jobs: &[StoredMerge<'_, Self::Stored>]) -> Result<Vec<Self::Buf>> {
+        jobs.iter()
+            .map(|j| match j.rows {
+                Some((rows, row_len)) => self.merge_stored_rows(j.base, &j.experts, j.coefs, rows, row_len),
+                None => self.merge_stored(j.base, &j.experts, j.coefs),
+            })
+            .collect()
+    }
+    /// [`Backend::lambda_grad_stored`] (or `_rows`) of every job, in order, likewise.
+    fn lambda_grad_stored_many(&self, jobs: &[StoredGrad<'_, Self::Stored, Self::Buf>]) -> Result<Vec<Vec<f64>>> {
+        jobs.iter()
+            .map(|j| match j.rows {
+                Some((rows, row_len)) => self.lambda_grad_stored_rows(j.grad, j.base, &j.experts, rows, row_len),
+                None => self.lambda_grad_stored(j.grad, j.base, &j.experts),
+            })
+            .collect()
+    }
     /// One fused Adam update of `params` with moments `m` and `v`, where they live.
     fn adam_step(
         &self,

@@ -20,7 +20,9 @@ use super::nvrtc;
 use super::stored::CudaStored;
 use crate::backend::Device;
 use crate::backend::cpu::{check_attn, check_topk, err, expect_len, rope_inv_freq};
-use crate::backend::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, all_reduce_via_host};
+use crate::backend::{
+    AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, StoredGrad, StoredMerge, all_reduce_via_host,
+};
 use crate::checkpoint::StoredTensor;
 use crate::dist::collective::Collective;
 use crate::error::{Error, Result};
@@ -1327,6 +1329,14 @@ impl Backend for Cuda {
         row_len: usize,
     ) -> Result<Vec<f64>> {
         self.lambda_grad_stored_rows_dev(grad, base, experts, rows, row_len)
+    }
+
+    fn merge_stored_many(&self, jobs: &[StoredMerge<'_, CudaStored>]) -> Result<Vec<CudaBuf>> {
+        self.merge_stored_many_dev(jobs)
+    }
+
+    fn lambda_grad_stored_many(&self, jobs: &[StoredGrad<'_, CudaStored, CudaBuf>]) -> Result<Vec<Vec<f64>>> {
+        self.lambda_grad_stored_many_dev(jobs)
     }
 
     fn adam_step(
