@@ -56,19 +56,25 @@ pub fn apply(config: &MergeConfig, out: &Path, aligned: bool, built: Option<&tok
     Ok(())
 }
 
-fn model_dir(p: &Path) -> PathBuf {
+/// The directory holding a model given as a directory or as one of its files.
+pub(super) fn model_dir(p: &Path) -> PathBuf {
     if p.is_dir() { p.to_path_buf() } else { p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) }
 }
 
-/// The vocabulary of `dir/tokenizer.json`, if it has one.
-fn vocab(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, u32>>> {
+/// `dir/tokenizer.json`, if there is one.
+pub(super) fn read_tokenizer(config: &MergeConfig, dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
     let path = dir.join("tokenizer.json");
     if !path.is_file() {
         return Ok(None);
     }
-    let tok = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| err(config, format!("tokenizer_source: cannot read {}: {e}", path.display())))?;
-    Ok(Some(tok.get_vocab(true)))
+    tokenizers::Tokenizer::from_file(&path)
+        .map(Some)
+        .map_err(|e| err(config, format!("tokenizer_source: cannot read {}: {e}", path.display())))
+}
+
+/// The vocabulary (added tokens included) of `dir/tokenizer.json`, if it has one.
+pub(super) fn vocab(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, u32>>> {
+    Ok(read_tokenizer(config, dir)?.map(|t| t.get_vocab(true)))
 }
 
 /// Copies the source's tokenizer files after checking that the embeddings fit its vocabulary.

@@ -16,7 +16,7 @@
 //! in the promoted dtype (identical in f32).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -26,6 +26,7 @@ use crate::checkpoint::{Checkpoint, FloatDType, PlannedTensor, ShardWriter, Tens
 use crate::error::{Error, Result};
 
 use super::config::{MergeConfig, TokenizerSource};
+use super::tokenizer::{model_dir, read_tokenizer, vocab};
 
 /// Name endings of the tensors indexed by token id (mergekit's `vocabulary_axis` 0 tensors of
 /// the architectures we load).
@@ -105,15 +106,7 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
 /// The `union` tokenizer: the first input's (the base when there is one) plus the tokens of the
 /// others it lacks, ids past an input's `vocab_size` left out; `None` without tokenizers.
 fn union_tokenizer(config: &MergeConfig, ckpts: &[Checkpoint]) -> Result<Option<Tokenizer>> {
-    let read = |dir: &Path| -> Result<Option<Tokenizer>> {
-        let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            return Ok(None);
-        }
-        Tokenizer::from_file(&path)
-            .map(Some)
-            .map_err(|e| err(config, format!("tokenizer_source: union: cannot read {}: {e}", path.display())))
-    };
+    let read = |dir: &Path| read_tokenizer(config, dir);
     let Some(mut out) = read(&ckpts[0].dir)? else { return Ok(None) };
     let limit = vocab_size(&ckpts[0]).unwrap_or(usize::MAX);
     if let Some((tok, id)) = out.get_vocab(true).into_iter().find(|&(_, id)| id as usize >= limit) {
@@ -159,19 +152,9 @@ fn union_tokenizer(config: &MergeConfig, ckpts: &[Checkpoint]) -> Result<Option<
     Ok(Some(out))
 }
 
-fn model_dir(p: &Path) -> PathBuf {
-    if p.is_dir() { p.to_path_buf() } else { p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) }
-}
-
 /// `dir/tokenizer.json`'s tokens and ids, added tokens included.
 fn vocab_of(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, usize>>> {
-    let path = dir.join("tokenizer.json");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let tok = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| err(config, format!("tokenizer_source: cannot read {}: {e}", path.display())))?;
-    Ok(Some(tok.get_vocab(true).into_iter().map(|(t, id)| (t, id as usize)).collect()))
+    Ok(vocab(config, dir)?.map(|v| v.into_iter().map(|(t, id)| (t, id as usize)).collect()))
 }
 
 fn vocab_size(ck: &Checkpoint) -> Option<usize> {

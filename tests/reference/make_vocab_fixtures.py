@@ -23,6 +23,7 @@ import argparse
 import json
 import pathlib
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -33,6 +34,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from make_mergekit_fixtures import fill, models as models_  # noqa: E402
 
 H, I, KV, V = 16, 32, 8, 32
 
@@ -105,10 +109,6 @@ def make_inputs(out):
     write_model(out / "expert-3", e3, tokenizer(swapped, []))
 
 
-def models_(*entries):
-    return [{"model": m, "parameters": p} if p else {"model": m} for m, p in entries]
-
-
 B, E1, E2, E3 = "{base}", "{expert-1}", "{expert-2}", "{expert-3}"
 
 CASES = {
@@ -129,26 +129,13 @@ CASES = {
     # A model that is not merged supplies the vocabulary (expert-2's order, 33 tokens).
     "vocab_slerp_expert2": {"merge_method": "slerp", "base_model": B, "tokenizer_source": E2,
                             "models": models_((B, None), (E3, None)), "parameters": {"t": 0.4}},
-    # The union: the base's 32 tokens, then <|im_start|> and <|im_end|> (expert-1's added tokens;
-    # only one model brings new tokens, so mergekit's order of the others, a Python set's, which
-    # varies between runs, does not show). Without a base, mergekit starts the union from an
-    # arbitrary model of that set: no fixture.
+    # The union: the base's 32 tokens, then <|im_start|> and <|im_end|>, expert-1's added tokens.
+    # Only one model may bring new tokens here: mergekit visits the others in a Python set's
+    # order, which varies between runs (with expert-2 too, <|im_end|> came first in one run and
+    # second in the next). Without a base it also starts from an arbitrary model: no fixture.
     "vocab_ties_union": {"merge_method": "ties", "base_model": B, "tokenizer_source": "union",
-                         "models": models_((E2, {"weight": 0.6, "density": 0.5}), (E1, {"weight": 1.0, "density": 0.4}),
-                                           (E3, {"weight": 0.4, "density": 0.6}))},
+                         "models": models_((E3, {"weight": 0.6, "density": 0.5}), (E1, {"weight": 1.0, "density": 0.4}))},
 }
-
-
-def fill(obj, paths):
-    if isinstance(obj, str):
-        for k, v in paths.items():
-            obj = obj.replace("{" + k + "}", v)
-        return obj
-    if isinstance(obj, list):
-        return [fill(x, paths) for x in obj]
-    if isinstance(obj, dict):
-        return {k: fill(v, paths) for k, v in obj.items()}
-    return obj
 
 
 def run_case(name, case, out):
