@@ -47,6 +47,7 @@ start=$(date +%s)
 deadline="${DEADLINE:-390}"
 left() { echo $((deadline - ($(date +%s) - start))); }
 status=()
+failed=0
 
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
 # NVRTC from the CUDA toolkit or the nvidia-cuda-nvrtc wheel, whichever is there.
@@ -127,6 +128,7 @@ step() { # name, timeout, command...  (stdout and stderr to $OUT/name.log)
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   fi
   local rc=$?
+  [ "$rc" -ne 0 ] && failed=1
   rm -rf "$SYMERGE_GPU_TEST_DIR" && mkdir -p "$SYMERGE_GPU_TEST_DIR"
   status+=("$name: rc=$rc in $(($(date +%s) - t0))s")
   echo "== $name rc=$rc"
@@ -155,3 +157,4 @@ cat "$OUT/bench.txt" 2>/dev/null
 if [ -n "$logs" ]; then
   (cd "$OUT" && tar -czf logs.tgz $logs && rm -f $logs)
 fi
+exit "$failed"
