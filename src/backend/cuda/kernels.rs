@@ -1009,10 +1009,14 @@ impl Gpu {
     fn read_range(&self, t: (u64, FloatDType), start: usize, len: usize) -> Result<Vec<f32>> {
         let size = t.1.size();
         let mut bytes = vec![0u8; len * size];
-        // SAFETY: the range lies inside the caller's live tensor; the copy is synchronous.
+        // On the compute stream, after the kernels that wrote the tensor (a plain synchronous
+        // copy runs on the legacy stream, which does not wait for cudarc's streams).
+        // SAFETY: the range lies inside the caller's live tensor, and `bytes` outlives the copy:
+        // the stream is synchronised before it is read.
         cu("copying from the device", unsafe {
-            cudarc::driver::result::memcpy_dtoh_sync(&mut bytes, t.0 + (start * size) as u64)
+            cudarc::driver::result::memcpy_dtoh_async(&mut bytes, t.0 + (start * size) as u64, self.stream.cu_stream())
         })?;
+        cu("waiting for the copy", self.stream.synchronize())?;
         let mut out = vec![0f32; len];
         decode(t.1, &bytes, &mut out);
         Ok(out)
