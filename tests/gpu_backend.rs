@@ -682,7 +682,7 @@ fn stored_row_ops_match_cpu() {
 fn stored_ops_in_batches_match_cpu() {
     let Some(cuda) = cuda() else { return };
     let mut r = Report::new(cuda.clone());
-    let shapes = [(3usize, FloatDType::BF16), (8191, FloatDType::F32), (1001 * 37, FloatDType::F16)];
+    let shapes = [(64usize, FloatDType::BF16), (8191, FloatDType::F32), (1001 * 37, FloatDType::F16)];
     let host: Vec<(StoredTensor, Vec<StoredTensor>)> = shapes
         .iter()
         .enumerate()

@@ -122,12 +122,14 @@ impl Gpu {
             info.multiprocessors,
             info.total_mem as f64 / (1u64 << 30) as f64
         );
-        keep_freed_memory(ordinal);
+        keep_freed_memory(ordinal, info.total_mem as u64 / 8);
         Ok(Gpu { ctx, stream, info, kernels })
     }
 
-    /// Free and total device memory in bytes, counting what the allocation pool keeps as free.
+    /// Free and total device memory in bytes, counting what the allocation pool keeps as free
+    /// (the stream is synchronised first, so frees still queued on it count too).
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        cu("waiting for the device", self.stream.synchronize())?;
         if let Some(pool) = default_pool(self.info.ordinal) {
             // SAFETY: the device's own default pool; trimming only returns unused memory.
             let _ = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
@@ -143,15 +145,17 @@ fn default_pool(ordinal: usize) -> Option<sys::CUmemoryPool> {
     unsafe { cudarc::driver::result::device::get_default_mem_pool(dev) }.ok()
 }
 
-/// Keeps freed device memory in the pool instead of handing it back to the driver at every
-/// synchronisation (the pool's default): a training step frees and allocates the same
-/// block-sized buffers each time. Failing costs only speed, so it is logged.
-fn keep_freed_memory(ordinal: usize) {
+/// Keeps up to `bytes` of freed device memory in the pool instead of handing it back to the
+/// driver at every synchronisation (the pool's default): a training step frees and allocates the
+/// same block-sized buffers each time. Capped, because what the pool holds is unavailable to
+/// allocations outside it (NCCL, cuBLAS workspaces, other processes). Failing costs only
+/// speed, so it is logged.
+fn keep_freed_memory(ordinal: usize, bytes: u64) {
     let Some(pool) = default_pool(ordinal) else {
         tracing::debug!("CUDA device {ordinal}: no default memory pool; freed memory goes back to the driver");
         return;
     };
-    let mut threshold = u64::MAX;
+    let mut threshold = bytes;
     let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
     // SAFETY: a valid pool, and the attribute takes a u64.
     let r = unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&raw mut threshold).cast()) };

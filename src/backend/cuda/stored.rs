@@ -55,6 +55,15 @@ impl Cuda {
     /// Every job's merge launched, then one download of their non-finite flags: one wait for
     /// the device per block instead of one per tensor.
     pub(super) fn merge_stored_many_dev(&self, jobs: &[StoredMerge<'_, CudaStored>]) -> Result<Vec<CudaBuf>> {
+        // Every job's shapes first, so that a bad job is refused before any kernel runs (and a
+        // non-finite value below is reported as it would be one tensor at a time).
+        for job in jobs {
+            let hosts: Vec<&StoredTensor> = job.experts.iter().map(|e| &e.host).collect();
+            check_stored("merge_stored", &job.base.host, &hosts, Some(job.coefs.len()))?;
+            if let Some((rows, row_len)) = job.rows {
+                check_rows("merge_stored_rows", &job.base.host, rows, row_len)?;
+            }
+        }
         let gpu = self.gpu();
         let bad = cu("allocating", gpu.stream.alloc_zeros::<u32>(jobs.len().max(1)))?;
         let base_ptr = addr(&bad, &gpu.stream);
