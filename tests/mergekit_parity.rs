@@ -569,3 +569,26 @@ fn a_tokenizer_beyond_its_embedding_rows_is_refused() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "only the model and the config remain: {left:?}");
 }
+
+/// An input with only a `tokenizer.model` (which mergekit would read) is refused by name, not
+/// taken to share the first input's vocabulary.
+#[test]
+fn a_tokenizer_symerge_cannot_read_is_refused() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let spm = tmp.path().join("spm-only");
+    std::fs::create_dir_all(&spm).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join("expert-1").join(f), spm.join(f)).unwrap();
+    }
+    std::fs::write(spm.join("tokenizer.model"), b"not read").unwrap();
+    let yaml = format!(
+        "merge_method: linear\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
+        dir.join("expert-1").display(),
+        dir.join("expert-1").display(),
+        spm.display()
+    );
+    let got = config_error(tmp.path(), &yaml);
+    assert!(got.contains("tokenizer.model but no tokenizer.json") && got.contains("spm-only"), "{got}");
+    assert!(!tmp.path().join("bad-out").exists());
+}

@@ -10,10 +10,12 @@
 //! which only matters when one input brings several), then the added tokens). Row `j` of an input's permuted tensor is
 //! its own row for token `j` when it has the token; otherwise a row every input lacking it
 //! shares: the one input that has it, else the base's when the base has it, else the mean over
-//! the inputs that have it (in f32, in input order), else zeros. The permuted tensors are
-//! written in each input's dtype to a hidden directory beside the output (removed with it), so
-//! memory stays bounded; the mean of rows is rounded once to that dtype, where mergekit adds
-//! in the promoted dtype (identical in f32).
+//! the inputs that have it (in input order), else zeros. Rows are computed and stored in
+//! mergekit's dtype for them: the config's `dtype`, else the inputs' promoted dtype, the mean
+//! rounded to it at every step as torch adds tensors of that dtype. The permuted tensors are
+//! written to a hidden directory beside the output (removed with it), so memory stays bounded.
+//! Tensors are recognised by name (embeddings, heads and their biases); one outside the layers
+//! with as many rows as the vocabulary under another name is refused rather than left unpermuted.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,6 +24,7 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
+use crate::checkpoint::layers::layer_of;
 use crate::checkpoint::{Checkpoint, FloatDType, PlannedTensor, ShardWriter, TensorMeta};
 use crate::error::{Error, Result};
 
@@ -30,8 +33,18 @@ use super::tokenizer::{model_dir, read_tokenizer, vocab};
 
 /// Name endings of the tensors indexed by token id (mergekit's `vocabulary_axis` 0 tensors of
 /// the architectures we load).
-const VOCAB_TENSORS: &[&str] =
-    &["embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight", "embed_out.weight"];
+const VOCAB_TENSORS: &[&str] = &[
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "lm_head.bias",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_out.weight",
+    "embed_out.bias",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+    "output_layer.weight",
+];
 
 /// The inputs' vocabularies mapped onto the output's.
 struct Plan {
@@ -80,7 +93,7 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
     };
     let Some(out_vocab) = out_vocab else { return Ok(None) };
     let plan = plan(config, ckpts, &out_vocab)?;
-    let names = vocab_tensors(&ckpts[0]);
+    let names = vocab_tensors(config, &ckpts[0])?;
     let unchanged = plan.perms.iter().zip(ckpts.iter()).all(|(p, ck)| {
         p.iter().enumerate().all(|(j, r)| *r == Some(j))
             && names.iter().all(|n| ck.get(n).is_none_or(|t| t.shape.first() == Some(&plan.len)))
@@ -166,17 +179,31 @@ fn vocab_size(ck: &Checkpoint) -> Option<usize> {
 /// `vocab_size` are taken as absent.
 fn plan(config: &MergeConfig, ckpts: &[Checkpoint], out_vocab: &HashMap<String, usize>) -> Result<Plan> {
     let len = out_vocab.len();
-    let mut by_id = vec![None; len];
+    let mut by_id: Vec<Option<&str>> = vec![None; len];
     for (tok, &id) in out_vocab {
         let slot = by_id.get_mut(id).ok_or_else(|| {
             err(config, format!("tokenizer_source: token {tok:?} has id {id}, beyond the {len} tokens"))
         })?;
-        *slot = Some(tok.as_str());
+        if let Some(other) = slot.replace(tok.as_str()) {
+            return Err(err(config, format!("tokenizer_source: tokens {other:?} and {tok:?} share id {id}")));
+        }
     }
     let first = vocab_of(config, &ckpts[0].dir)?;
     let mut perms = Vec::with_capacity(ckpts.len());
     for ck in ckpts {
         let own = vocab_of(config, &ck.dir)?;
+        if own.is_none()
+            && let Some(f) = ["tokenizer.model", "vocab.json", "vocab.txt"].iter().find(|f| ck.dir.join(f).is_file())
+        {
+            return Err(err(
+                config,
+                format!(
+                    "tokenizer_source: {} has a {f} but no tokenizer.json, the only tokenizer format symerge reads \
+                     (save it with a fast tokenizer)",
+                    ck.dir.display()
+                ),
+            ));
+        }
         let Some(vocab) = own.as_ref().or(first.as_ref()) else {
             return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", ck.dir.display())));
         };
@@ -186,15 +213,49 @@ fn plan(config: &MergeConfig, ckpts: &[Checkpoint], out_vocab: &HashMap<String, 
     Ok(Plan { len, perms })
 }
 
-/// The reference's 2-D token-indexed tensors.
-fn vocab_tensors(ck: &Checkpoint) -> Vec<String> {
-    ck.tensors
-        .iter()
-        .filter(|t| {
-            t.shape.len() == 2 && t.float_dtype().is_some() && VOCAB_TENSORS.iter().any(|s| t.name.ends_with(s))
-        })
-        .map(|t| t.name.clone())
-        .collect()
+/// The reference's token-indexed tensors (1-D or 2-D, rows first), or an error naming a tensor
+/// outside the layer stack with as many rows as the vocabulary that symerge does not know to be
+/// token-indexed (left as it is, it would no longer match the permuted ones).
+fn vocab_tensors(config: &MergeConfig, ck: &Checkpoint) -> Result<Vec<String>> {
+    let known = |n: &str| n == "output.weight" || VOCAB_TENSORS.iter().any(|s| n.ends_with(s));
+    let rows = vocab_size(ck);
+    let mut names = Vec::new();
+    for t in ck.tensors.iter().filter(|t| t.float_dtype().is_some() && (1..=2).contains(&t.shape.len())) {
+        if known(&t.name) {
+            names.push(t.name.clone());
+        } else if rows.is_some_and(|r| r > 1 && t.shape[0] == r) && layer_of(&t.name).is_none() {
+            return Err(err(
+                config,
+                format!(
+                    "tokenizer_source: tensor `{}` of {} has {} rows, as many as the vocabulary, but symerge does not \
+                     know it as token-indexed and cannot permute it",
+                    t.name,
+                    ck.path.display(),
+                    t.shape[0]
+                ),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// The dtype a tensor's permuted rows are computed and stored in, as mergekit computes them: the
+/// config's `dtype` when set (mergekit casts its inputs to it), else the inputs' promoted dtype
+/// (f32 as soon as they differ).
+fn row_dtype(config: &MergeConfig, ckpts: &[Checkpoint], name: &str) -> FloatDType {
+    if let Some(d) = config.compute_dtype {
+        return d;
+    }
+    let mut dtypes = ckpts.iter().filter_map(|c| c.get(name)).filter_map(TensorMeta::float_dtype);
+    let first = dtypes.next().unwrap_or(FloatDType::F32);
+    if dtypes.all(|d| d == first) { first } else { FloatDType::F32 }
+}
+
+/// `x` rounded to `dtype`'s precision.
+fn rounded(dtype: FloatDType, x: &mut [f32]) {
+    let mut bytes = vec![0u8; x.len() * dtype.size()];
+    encode_into(dtype, x, &mut bytes);
+    decode(dtype, &bytes, x);
 }
 
 /// Where the row of output token `j` that inputs lacking it share comes from.
@@ -231,12 +292,15 @@ fn write_permuted(
     let mut planned = Vec::new();
     for name in names {
         let t = tensor(config, ck, name)?;
-        planned.push(PlannedTensor { name: name.clone(), dtype: t.dtype, shape: vec![plan.len, t.shape[1]] });
+        let mut shape = t.shape.clone();
+        shape[0] = plan.len;
+        let dtype = row_dtype(config, ckpts, name).to_safetensors();
+        planned.push(PlannedTensor { name: name.clone(), dtype, shape });
     }
     let mut writer = ShardWriter::create(dir, planned, u64::MAX)?;
     for name in names {
         let t = tensor(config, ck, name)?;
-        let (dtype, width) = (float(t)?, t.shape[1]);
+        let (dtype, width) = (row_dtype(config, ckpts, name), row_width(t));
         let row_bytes = width * dtype.size();
         let mut out = vec![0u8; plan.len * row_bytes];
         let mut row = vec![0f32; width];
@@ -247,7 +311,7 @@ fn write_permuted(
                     Fill::From(d) => plan.perms[d][j].map(|r| (d, r)),
                     Fill::Own | Fill::Zero => None,
                     Fill::Mean(from) => {
-                        mean_row(config, ckpts, &from, plan, j, name, &mut row)?;
+                        mean_row(config, ckpts, (&from, dtype), plan, j, name, &mut row)?;
                         encode_into(dtype, &row, dst);
                         continue;
                     }
@@ -264,10 +328,20 @@ fn write_permuted(
     Checkpoint::open(dir)
 }
 
+/// `ck`'s token-indexed tensor `name`: one or two dimensions, rows first, rows not empty.
 fn tensor<'a>(config: &MergeConfig, ck: &'a Checkpoint, name: &str) -> Result<&'a TensorMeta> {
-    ck.get(name).filter(|t| t.shape.len() == 2).ok_or_else(|| {
-        err(config, format!("tokenizer_source: {} has no 2-D tensor `{name}` to permute", ck.path.display()))
-    })
+    let t = ck.get(name).filter(|t| (1..=2).contains(&t.shape.len())).ok_or_else(|| {
+        err(config, format!("tokenizer_source: {} has no 1-D or 2-D tensor `{name}` to permute", ck.path.display()))
+    })?;
+    if row_width(t) == 0 {
+        return Err(err(config, format!("tokenizer_source: tensor `{name}` of {} has empty rows", ck.path.display())));
+    }
+    Ok(t)
+}
+
+/// Elements per row (1 for a bias).
+fn row_width(t: &TensorMeta) -> usize {
+    t.shape[1..].iter().product()
 }
 
 fn float(t: &TensorMeta) -> Result<FloatDType> {
@@ -277,7 +351,7 @@ fn float(t: &TensorMeta) -> Result<FloatDType> {
 /// Row `r` of `ck`'s tensor `name`, decoded to f32.
 fn read_row(config: &MergeConfig, ck: &Checkpoint, name: &str, r: usize, out: &mut [f32]) -> Result<()> {
     let t = tensor(config, ck, name)?;
-    if t.shape[1] != out.len() || r >= t.shape[0] {
+    if row_width(t) != out.len() || r >= t.shape[0] {
         return Err(err(
             config,
             format!(
@@ -294,11 +368,12 @@ fn read_row(config: &MergeConfig, ck: &Checkpoint, name: &str, r: usize, out: &m
     Ok(())
 }
 
-/// The mean over inputs `from` of their rows for output token `j`, summed in input order.
+/// The mean over inputs `from` of their rows for output token `j`, summed in input order with
+/// every step rounded to `dtype`, as mergekit sums tensors of that dtype.
 fn mean_row(
     config: &MergeConfig,
     ckpts: &[Checkpoint],
-    from: &[usize],
+    (from, dtype): (&[usize], FloatDType),
     plan: &Plan,
     j: usize,
     name: &str,
@@ -309,10 +384,13 @@ fn mean_row(
     for &d in from {
         let r = plan.perms[d][j].expect("present");
         read_row(config, &ckpts[d], name, r, &mut row)?;
+        rounded(dtype, &mut row);
         out.iter_mut().zip(&row).for_each(|(o, x)| *o += x);
+        rounded(dtype, out);
     }
     let n = from.len() as f32;
     out.iter_mut().for_each(|o| *o /= n);
+    rounded(dtype, out);
     Ok(())
 }
 
