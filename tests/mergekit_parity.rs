@@ -592,3 +592,40 @@ fn a_tokenizer_symerge_cannot_read_is_refused() {
     assert!(got.contains("tokenizer.model but no tokenizer.json") && got.contains("spm-only"), "{got}");
     assert!(!tmp.path().join("bad-out").exists());
 }
+
+/// A 1-D vocabulary tensor (a head's bias) is permuted like the rows of the embeddings: expert-3
+/// numbers t5 and t7 the other way round, so its stored bias has those entries swapped, and the
+/// merge in the base's vocabulary averages each token's own entries.
+#[test]
+fn a_head_bias_is_permuted_with_its_tokens() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, c) = (randoms(11, 32, 0.5), randoms(12, 32, 0.5));
+    let mut stored_c = c.clone();
+    stored_c.swap(5, 7);
+    for (name, bias) in [("base", &b), ("expert-3", &stored_c)] {
+        let to = tmp.path().join(name);
+        let mut tensors: Vec<T> = read_model(&dir.join(name))
+            .into_iter()
+            .map(|(n, (dtype, shape, values))| T::new(&n, dtype, &shape, values))
+            .collect();
+        tensors.push(T::new("lm_head.bias", Dtype::F32, &[32], bias.clone()));
+        write_model(&to, &tensors);
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(dir.join(name).join(f), to.join(f)).unwrap();
+        }
+    }
+    let (base, e3) = (tmp.path().join("base"), tmp.path().join("expert-3"));
+    let yaml = format!(
+        "merge_method: linear\nbase_model: {}\ntokenizer_source: base\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
+        base.display(),
+        base.display(),
+        e3.display()
+    );
+    let out = merge_yaml(tmp.path(), "biased", &yaml);
+    let got = &out["lm_head.bias"].2;
+    for t in 0..32 {
+        let want = (b[t] + c[t]) / 2.0;
+        assert!((got[t] - want).abs() <= 1e-6 * want.abs().max(1.0), "token t{t}: {} vs {want}", got[t]);
+    }
+}
