@@ -59,9 +59,10 @@ impl Cuda {
         // non-finite value below is reported as it would be one tensor at a time).
         for job in jobs {
             let hosts: Vec<&StoredTensor> = job.experts.iter().map(|e| &e.host).collect();
-            check_stored("merge_stored", &job.base.host, &hosts, Some(job.coefs.len()))?;
+            let op = if job.rows.is_some() { "merge_stored_rows" } else { "merge_stored" };
+            check_stored(op, &job.base.host, &hosts, Some(job.coefs.len()))?;
             if let Some((rows, row_len)) = job.rows {
-                check_rows("merge_stored_rows", &job.base.host, rows, row_len)?;
+                check_rows(op, &job.base.host, rows, row_len)?;
             }
         }
         let gpu = self.gpu();
@@ -95,19 +96,18 @@ impl Cuda {
     }
 
     /// Queues `base + sum_k coefs[k] (expert_k - base)`; a non-finite value sets the u32 at `bad`.
+    /// The shapes were checked by [`Self::merge_stored_many_dev`], the only caller.
     fn launch_merge(&self, base: &CudaStored, experts: &[&CudaStored], coefs: &[f32], bad: u64) -> Result<CudaBuf> {
-        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
-        check_stored("merge_stored", &base.host, &hosts, Some(coefs.len()))?;
         let n = base.host.numel();
         let gpu = self.gpu();
         let s = &gpu.stream;
-        let dtypes: Vec<FloatDType> = hosts.iter().map(|h| h.dtype).collect();
+        let dtypes: Vec<FloatDType> = experts.iter().map(|e| e.host.dtype).collect();
         let plan = MergeLaunch::weighted_deltas(coefs, &dtypes)?;
         let out = self.alloc_buf(n)?;
         let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
         let base_arg = Some((addr(&base.data, s), base.host.dtype));
-        // SAFETY: every staged buffer holds the tensor's `n` elements in its dtype (shapes were
-        // checked above), `out` holds `n` f32 and `bad` is the caller's live u32; all aligned.
+        // SAFETY: every staged buffer holds the tensor's `n` elements in its dtype (the caller
+        // checked the shapes), `out` holds `n` f32 and `bad` is the caller's live u32; all aligned.
         unsafe { gpu.kernels.merge(s, &plan, base_arg, &ptrs, self.buf_ptr(&out), FloatDType::F32, n, 0, bad)? };
         Ok(out)
     }
@@ -196,7 +196,8 @@ impl Cuda {
         Ok(self.merge_stored_many_dev(std::slice::from_ref(&job))?.remove(0))
     }
 
-    /// Queues [`Self::merge_stored_rows_dev`]; a non-finite value sets the u32 at `bad`.
+    /// Queues [`Self::merge_stored_rows_dev`]; a non-finite value sets the u32 at `bad`. The
+    /// shapes and rows were checked by [`Self::merge_stored_many_dev`], the only caller.
     fn launch_merge_rows(
         &self,
         base: &CudaStored,
@@ -206,20 +207,16 @@ impl Cuda {
         row_len: usize,
         bad: u64,
     ) -> Result<CudaBuf> {
-        let op = "merge_stored_rows";
-        let hosts: Vec<&StoredTensor> = experts.iter().map(|e| &e.host).collect();
-        check_stored(op, &base.host, &hosts, Some(coefs.len()))?;
-        check_rows(op, &base.host, rows, row_len)?;
         let gpu = self.gpu();
         let s = &gpu.stream;
-        let dtypes: Vec<FloatDType> = hosts.iter().map(|h| h.dtype).collect();
+        let dtypes: Vec<FloatDType> = experts.iter().map(|e| e.host.dtype).collect();
         let plan = MergeLaunch::weighted_deltas(coefs, &dtypes)?;
         let out = self.zeros_buf(base.host.numel())?;
         let rows_dev = self.upload_ids_dev(rows)?;
         let ptrs: Vec<u64> = experts.iter().map(|e| addr(&e.data, s)).collect();
-        // SAFETY: every staged buffer holds the whole table in its dtype (checked above), `rows`
-        // its `rows.len()` in-range ids (freed in stream order), `out` the table's f32, `bad`
-        // the caller's live u32.
+        // SAFETY: every staged buffer holds the whole table in its dtype (the caller checked),
+        // `rows` its `rows.len()` in-range ids (freed in stream order), `out` the table's f32,
+        // `bad` the caller's live u32.
         unsafe {
             gpu.kernels.merge_rows(
                 s,
