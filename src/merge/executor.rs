@@ -436,8 +436,7 @@ impl Opened {
                 }
             })?;
         }
-        let built = self.aligned.as_ref().and_then(|a| a.tokenizer.as_ref());
-        super::tokenizer::apply(config, dst, self.aligned.is_some(), built)
+        super::tokenizer::apply(config, dst, self.aligned.as_ref())
     }
 }
 

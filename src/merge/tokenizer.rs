@@ -31,9 +31,9 @@ fn err(config: &MergeConfig, reason: String) -> Error {
 }
 
 /// Applies `tokenizer_source` and `chat_template` to the output staged in `out`; `aligned`
-/// when the inputs' embeddings were permuted into the source's vocabulary ([`super::vocab`]),
-/// `built` the `union` tokenizer when it differs from the base's.
-pub fn apply(config: &MergeConfig, out: &Path, aligned: bool, built: Option<&tokenizers::Tokenizer>) -> Result<()> {
+/// when the inputs' embeddings were permuted into the output vocabulary ([`super::vocab`]),
+/// with the `union` tokenizer when that differs from the base's.
+pub fn apply(config: &MergeConfig, out: &Path, aligned: Option<&super::vocab::Aligned>) -> Result<()> {
     if let Some(src) = &config.tokenizer_source {
         let first = || config.referenced_models().into_iter().next().unwrap_or_default();
         let dir = match src {
@@ -41,13 +41,13 @@ pub fn apply(config: &MergeConfig, out: &Path, aligned: bool, built: Option<&tok
             TokenizerSource::Model(p) => p.clone(),
             TokenizerSource::Union => config.base_model.clone().unwrap_or_else(first),
         };
-        match built {
+        match aligned.and_then(|a| a.tokenizer.as_ref()) {
             Some(tok) => {
                 copy_tokenizer_files(&model_dir(&dir), out)?;
                 let path = out.join("tokenizer.json");
                 tok.save(&path, false).map_err(|e| err(config, format!("writing {}: {e}", path.display())))?;
             }
-            None => copy_tokenizer(config, &model_dir(&dir), out, aligned)?,
+            None => copy_tokenizer(config, &model_dir(&dir), out, aligned.is_some())?,
         }
     }
     if let Some(template) = &config.chat_template {
