@@ -59,21 +59,26 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Eight steps of 4 texts at lr 1e-3, evaluated on the training texts before and after.
+fn eight_steps(train: &Path, out: &Path) -> FinetuneOptions {
+    FinetuneOptions {
+        length: TrainLength::steps(8),
+        batch_size: 4,
+        lr: 1e-3,
+        max_len: 32,
+        eval: Some(train.to_path_buf()),
+        eval_before: true,
+        ..FinetuneOptions::new(train, out)
+    }
+}
+
 #[test]
 fn tiny_llama_and_qwen2_learn_their_texts() {
     let tmp = tempfile::tempdir().unwrap();
     let train = write_texts(&tmp.path().join("train.jsonl"), &TEXTS);
     for (base, tied) in [(fixture("llama_gqa"), false), (tied_qwen2(&tmp.path().join("qwen2")), true)] {
         let out = tmp.path().join(format!("out-{tied}"));
-        let opts = FinetuneOptions {
-            length: TrainLength::steps(8),
-            batch_size: 4,
-            lr: 1e-3,
-            max_len: 32,
-            eval: Some(train.clone()),
-            eval_before: true,
-            ..FinetuneOptions::new(&train, &out)
-        };
+        let opts = eight_steps(&train, &out);
         let s = finetune_lm(Cpu, &base, &opts).unwrap();
         let (before, after) = (s.eval_before.as_ref().unwrap().mean_loss, s.eval.as_ref().unwrap().mean_loss);
         eprintln!("{}: loss {before:.3} -> {after:.3}, steps {:?}", base.display(), s.losses);
@@ -158,15 +163,7 @@ fn tiny_gpt2_learns_its_texts_through_the_same_entry_point() {
     let tmp = tempfile::tempdir().unwrap();
     let train = write_texts(&tmp.path().join("train.jsonl"), &TEXTS);
     let (base, out) = (fixture("gpt2"), tmp.path().join("out"));
-    let opts = FinetuneOptions {
-        length: TrainLength::steps(8),
-        batch_size: 4,
-        lr: 1e-3,
-        max_len: 32,
-        eval: Some(train.clone()),
-        eval_before: true,
-        ..FinetuneOptions::new(&train, &out)
-    };
+    let opts = eight_steps(&train, &out);
     let s = finetune_lm(Cpu, &base, &opts).unwrap();
     let (before, after) = (s.eval_before.as_ref().unwrap().mean_loss, s.eval.as_ref().unwrap().mean_loss);
     eprintln!("gpt2: loss {before:.3} -> {after:.3}, steps {:?}", s.losses);

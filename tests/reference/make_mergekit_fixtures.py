@@ -291,19 +291,20 @@ def run_case(name, case, out):
               str(out / "out" / f"{name}.safetensors"))
 
 
-def main():
+def write_fixtures(default_out, make_inputs, cases, run_case):
+    """Writes the inputs, every case's mergekit output and cases.json under --out (emptied first)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/fixtures/mergekit")
+    ap.add_argument("--out", default=default_out)
     out = pathlib.Path(ap.parse_args().out).resolve()
     if out.exists():
         shutil.rmtree(out)
     make_inputs(out)
-    cases = {}
-    for name, case in CASES.items():
+    yamls = {}
+    for name, case in cases.items():
         run_case(name, case, out)
-        cases[name] = yaml.safe_dump(case, sort_keys=False)
-    (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
+        yamls[name] = yaml.safe_dump(case, sort_keys=False)
+    (out / "cases.json").write_text(json.dumps(yamls, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    write_fixtures("tests/fixtures/mergekit", make_inputs, CASES, run_case)

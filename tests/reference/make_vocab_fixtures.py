@@ -19,7 +19,6 @@ Writes under tests/fixtures/mergekit_vocab/:
     target/venv-mergekit/bin/python tests/reference/make_vocab_fixtures.py
 """
 
-import argparse
 import json
 import pathlib
 import shutil
@@ -27,7 +26,6 @@ import sys
 import tempfile
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -36,7 +34,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from make_mergekit_fixtures import fill, models as models_  # noqa: E402
+from make_mergekit_fixtures import fill, models as models_, write_fixtures  # noqa: E402
 
 H, I, KV, V = 16, 32, 8, 32
 
@@ -153,19 +151,5 @@ def run_case(name, case, out):
     save_file({k: v.float().contiguous() for k, v in sorted(tensors.items())}, str(out / "out" / f"{name}.safetensors"))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/fixtures/mergekit_vocab")
-    out = pathlib.Path(ap.parse_args().out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    make_inputs(out)
-    cases = {}
-    for name, case in CASES.items():
-        run_case(name, case, out)
-        cases[name] = yaml.safe_dump(case, sort_keys=False)
-    (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    write_fixtures("tests/fixtures/mergekit_vocab", make_inputs, CASES, run_case)
