@@ -74,19 +74,18 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
     if !config.slices.is_empty() || ckpts.is_empty() {
         return Ok(None);
     }
-    let base_dir = config.base_model.as_ref().map(|_| ckpts[0].dir.clone());
     let mut built = None;
     let out_vocab = match source {
         TokenizerSource::Base => {
-            let dir =
-                base_dir.clone().ok_or_else(|| err(config, "tokenizer_source: base needs a base_model".into()))?;
+            let dir = (config.base_model.as_ref().map(|_| &ckpts[0].dir))
+                .ok_or_else(|| err(config, "tokenizer_source: base needs a base_model".into()))?;
             let limit = vocab_size(&ckpts[0]);
-            vocab_of(config, &dir)?.map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
+            vocab_of(config, dir)?.map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
         }
         TokenizerSource::Model(p) => vocab_of(config, &model_dir(p))?,
         TokenizerSource::Union => {
             let tok = union_tokenizer(config, ckpts)?;
-            let vocab = tok.as_ref().map(|t| t.get_vocab(true).into_iter().map(|(t, id)| (t, id as usize)).collect());
+            let vocab = tok.as_ref().map(|t| with_usize_ids(t.get_vocab(true)));
             built = tok;
             vocab
         }
@@ -167,7 +166,11 @@ fn union_tokenizer(config: &MergeConfig, ckpts: &[Checkpoint]) -> Result<Option<
 
 /// `dir/tokenizer.json`'s tokens and ids, added tokens included.
 fn vocab_of(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, usize>>> {
-    Ok(vocab(config, dir)?.map(|v| v.into_iter().map(|(t, id)| (t, id as usize)).collect()))
+    Ok(vocab(config, dir)?.map(with_usize_ids))
+}
+
+fn with_usize_ids(vocab: HashMap<String, u32>) -> HashMap<String, usize> {
+    vocab.into_iter().map(|(t, id)| (t, id as usize)).collect()
 }
 
 fn vocab_size(ck: &Checkpoint) -> Option<usize> {
