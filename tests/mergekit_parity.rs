@@ -544,6 +544,50 @@ fn union_without_a_base_starts_from_the_first_model() {
     }
 }
 
+/// A `union` output's `tokenizer_config.json` (`added_tokens_decoder`) and `added_tokens.json`
+/// list the new tokens of its `tokenizer.json`, as transformers writes them for mergekit; files
+/// and keys the donor lacks are not made up.
+#[test]
+fn a_union_lists_its_new_tokens_in_the_tokenizer_config() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(dir.join("base").join(f), base.join(f)).unwrap();
+    }
+    let cfg = r#"{"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": {}}"#;
+    std::fs::write(base.join("tokenizer_config.json"), cfg).unwrap();
+    std::fs::write(base.join("added_tokens.json"), "{}").unwrap();
+    let yaml = |base: &Path| {
+        format!(
+            "merge_method: task_arithmetic\nbase_model: {}\ntokenizer_source: union\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
+            base.display(),
+            dir.join("expert-1").display(),
+            dir.join("expert-2").display()
+        )
+    };
+    merge_yaml(tmp.path(), "u", &yaml(&base));
+    let json = |p: PathBuf| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let out = tmp.path().join("u");
+    let tokens = json(out.join("tokenizer.json"))["added_tokens"].clone();
+    let decoder = json(out.join("tokenizer_config.json"))["added_tokens_decoder"].clone();
+    let listed: Vec<(String, serde_json::Value)> =
+        tokens.as_array().unwrap().iter().map(|t| (t["id"].to_string(), t["content"].clone())).collect();
+    assert_eq!(listed.len(), 2, "{tokens}");
+    for (id, content) in &listed {
+        assert_eq!(decoder[id]["content"], *content, "{decoder}");
+        assert_eq!(decoder[id]["special"], true, "{decoder}");
+    }
+    let extra = json(out.join("added_tokens.json"));
+    assert_eq!(extra, serde_json::json!({"<|im_start|>": 32, "<|im_end|>": 33}));
+    // The fixture base has neither: the output has neither.
+    merge_yaml(tmp.path(), "plain", &yaml(&dir.join("base")));
+    let plain = tmp.path().join("plain");
+    assert!(json(plain.join("tokenizer_config.json")).get("added_tokens_decoder").is_none());
+    assert!(!plain.join("added_tokens.json").exists());
+}
+
 /// A tokenizer whose ids run past its model's embedding rows is an error naming the model and
 /// the tensor, and leaves no output or hidden directory behind.
 #[test]

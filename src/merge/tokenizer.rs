@@ -46,6 +46,7 @@ pub fn apply(config: &MergeConfig, out: &Path, aligned: Option<&super::vocab::Al
                 copy_tokenizer_files(&model_dir(&dir), out)?;
                 let path = out.join("tokenizer.json");
                 tok.save(&path, false).map_err(|e| err(config, format!("writing {}: {e}", path.display())))?;
+                sync_added_tokens(tok, out)?;
             }
             None => copy_tokenizer(config, &model_dir(&dir), out, aligned.is_some())?,
         }
@@ -127,6 +128,42 @@ fn copy_tokenizer_files(src: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes the copied donor's `tokenizer_config.json` (`added_tokens_decoder`) and
+/// `added_tokens.json` list the added tokens of the built `tok`, as transformers'
+/// `save_pretrained` of mergekit's union tokenizer lists them; without it the new tokens would be
+/// in `tokenizer.json` only, and a slow tokenizer loaded from these files would lack them. Files
+/// the donor lacks are not created.
+fn sync_added_tokens(tok: &tokenizers::Tokenizer, out: &Path) -> Result<()> {
+    let added = tok.get_added_tokens_decoder();
+    let tc = out.join("tokenizer_config.json");
+    if let Some(mut cfg) = read_json(&tc)?
+        && let Some(decoder) = cfg.get_mut("added_tokens_decoder").and_then(|d| d.as_object_mut())
+    {
+        for (id, a) in &added {
+            decoder.entry(id.to_string()).or_insert_with(|| {
+                serde_json::json!({
+                    "content": a.content, "lstrip": a.lstrip, "normalized": a.normalized,
+                    "rstrip": a.rstrip, "single_word": a.single_word, "special": a.special,
+                })
+            });
+        }
+        write_json(&tc, &cfg)?;
+    }
+    let extra = out.join("added_tokens.json");
+    if extra.is_file() {
+        let base = tok.get_vocab_size(false) as u32;
+        let map: serde_json::Map<String, serde_json::Value> =
+            added.iter().filter(|(id, _)| **id >= base).map(|(id, a)| (a.content.clone(), (*id).into())).collect();
+        write_json(&extra, &serde_json::Value::Object(map))?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON value") + "\n";
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
@@ -195,8 +232,7 @@ fn set_chat_template(config: &MergeConfig, template: &str, out: &Path) -> Result
         && let Some(obj) = cfg.as_object_mut()
         && obj.remove("chat_template").is_some()
     {
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
-        std::fs::write(&tc, text).map_err(|e| Error::io(&tc, e))?;
+        write_json(&tc, &cfg)?;
     }
     Ok(())
 }
