@@ -83,13 +83,14 @@ fn every_method_matches_mergekit_0_1_5() {
 /// `tokenizer_source` (a model, `base` or `union`) over experts that added tokens and one that
 /// numbers two tokens the other way round: every input's embeddings and head are permuted into
 /// the output vocabulary (rows for tokens an input lacks from the one input that has them, the
-/// base, their mean or zeros) before the merge, as mergekit does; the output's tokenizer
-/// vocabulary and `vocab_size` are mergekit's.
+/// base, their mean or zeros) before the merge, as mergekit does; under `slices`, over the
+/// models of the slice each tensor comes from. The output's tokenizer vocabulary and
+/// `vocab_size` are mergekit's.
 #[test]
 fn differing_vocabularies_are_permuted_as_mergekit_does() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&dir, tmp.path(), 5);
+    check_cases(&dir, tmp.path(), 9);
     let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p).unwrap().get_vocab(true);
     for entry in std::fs::read_dir(dir.join("out")).unwrap() {
         let path = entry.unwrap().path();

@@ -241,9 +241,7 @@ fn merge_ranked(
     // The reference decides which tensors the output has (experts' task heads of different
     // shapes are left out) and is subtracted by task-vector methods: the base when there is
     // one, else the first merged model, which is then also merged (see `MergeJob::tensor`).
-    let mut opened = Opened::open(config)?;
-    // Inputs whose vocabularies differ from `tokenizer_source`'s read permuted embeddings.
-    opened.aligned = super::vocab::align(config, &mut opened.ckpts, &opts.output)?;
+    let opened = Opened::open(config, &opts.output)?;
     let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
     check_configs_agree(reference, &inputs)?;
     // A slices config's views lack the layers of slices with fewer sources than theirs.
@@ -406,15 +404,19 @@ struct Opened {
 }
 
 impl Opened {
-    fn open(config: &MergeConfig) -> Result<Self> {
+    /// Inputs whose vocabularies differ from `tokenizer_source`'s read permuted embeddings
+    /// (scratch beside `output`).
+    fn open(config: &MergeConfig, output: &Path) -> Result<Self> {
         if !config.slices.is_empty() {
-            let plan = slices::plan(config)?;
-            return Ok(Opened { ckpts: plan.views, slice_layers: Some(plan.layers), donor: plan.donor, aligned: None });
+            let plan = slices::plan(config, output)?;
+            let aligned = plan.aligned;
+            return Ok(Opened { ckpts: plan.views, slice_layers: Some(plan.layers), donor: plan.donor, aligned });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
-        let ckpts = paths.map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+        let mut ckpts = paths.map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
         let donor = ckpts[0].dir.clone();
-        Ok(Opened { ckpts, slice_layers: None, donor, aligned: None })
+        let aligned = super::vocab::align(config, &mut ckpts, output)?;
+        Ok(Opened { ckpts, slice_layers: None, donor, aligned })
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.

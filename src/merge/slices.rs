@@ -19,6 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use super::config::{MergeConfig, SliceDef};
+use super::vocab;
 use crate::checkpoint::layers::{BlockKind, group_blocks, layer_of, renumber};
 use crate::checkpoint::{Checkpoint, TensorMeta};
 use crate::error::{Error, Result};
@@ -35,6 +36,8 @@ pub struct SlicePlan {
     /// The model whose `config.json` and side files the output takes: the top-level base,
     /// else the first source of the first slice.
     pub donor: PathBuf,
+    /// The models' embeddings permuted into the output vocabulary, when they had to be.
+    pub aligned: Option<vocab::Aligned>,
 }
 
 /// Where one block of the output sits: the slice whose models and parameters merge it, and
@@ -46,13 +49,14 @@ pub struct Placement {
 }
 
 /// Opens every model of `config` once and builds the views of its slices.
-pub fn plan(config: &MergeConfig) -> Result<SlicePlan> {
+/// With `tokenizer_source`, the models' token-indexed tensors are first permuted into its
+/// vocabulary ([`vocab::align_slices`], scratch beside `output`).
+pub fn plan(config: &MergeConfig, output: &Path) -> Result<SlicePlan> {
     let paths = config.referenced_models();
-    let models = paths.iter().map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
-    let find = |p: &Path| -> &Checkpoint {
-        let i = paths.iter().position(|q| same_file(q, p)).unwrap_or(0);
-        &models[i]
-    };
+    let mut models = paths.iter().map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+    let index = |p: &Path| paths.iter().position(|q| same_file(q, p)).unwrap_or(0);
+    let aligned = vocab::align_slices(config, &mut models, index, output)?;
+    let find = |p: &Path| -> &Checkpoint { &models[index(p)] };
     let slices = &config.slices;
     let (first, last) = match (slices.first(), slices.last()) {
         (Some(f), Some(l)) => (f, l),
@@ -92,7 +96,7 @@ pub fn plan(config: &MergeConfig) -> Result<SlicePlan> {
         })
         .collect();
     let donor = config.base_model.clone().unwrap_or_else(|| first_source(config));
-    Ok(SlicePlan { views, layers, donor })
+    Ok(SlicePlan { views, layers, donor, aligned })
 }
 
 /// The first source of the first slice as written (before the base was moved first).

@@ -2,9 +2,8 @@
 //!
 //! mergekit builds the output tokenizer from the source and permutes every input's embedding
 //! rows into its vocabulary. symerge permutes the rows the same way before the merge
-//! ([`super::vocab`]) and copies the source's tokenizer files after it; the output's
-//! `vocab_size` must then equal the source's vocabulary, else the merge is refused naming the
-//! key.
+//! ([`super::vocab`]), which also sets the output's `vocab_size` to the source vocabulary's,
+//! and copies the source's tokenizer files (or writes the `union` one) after it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,14 +40,14 @@ pub fn apply(config: &MergeConfig, out: &Path, aligned: Option<&super::vocab::Al
             TokenizerSource::Model(p) => p.clone(),
             TokenizerSource::Union => config.base_model.clone().unwrap_or_else(first),
         };
-        match aligned.and_then(|a| a.tokenizer.as_ref()) {
-            Some(tok) => {
-                copy_tokenizer_files(&model_dir(&dir), out)?;
-                let path = out.join("tokenizer.json");
-                tok.save(&path, false).map_err(|e| err(config, format!("writing {}: {e}", path.display())))?;
-                sync_added_tokens(tok, out)?;
-            }
-            None => copy_tokenizer(config, &model_dir(&dir), out, aligned.is_some())?,
+        if aligned.is_none() {
+            return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", model_dir(&dir).display())));
+        }
+        copy_tokenizer_files(&model_dir(&dir), out)?;
+        if let Some(tok) = aligned.and_then(|a| a.tokenizer.as_ref()) {
+            let path = out.join("tokenizer.json");
+            tok.save(&path, false).map_err(|e| err(config, format!("writing {}: {e}", path.display())))?;
+            sync_added_tokens(tok, out)?;
         }
     }
     if let Some(template) = &config.chat_template {
@@ -76,43 +75,6 @@ pub(super) fn read_tokenizer(config: &MergeConfig, dir: &Path) -> Result<Option<
 /// The vocabulary (added tokens included) of `dir/tokenizer.json`, if it has one.
 pub(super) fn vocab(config: &MergeConfig, dir: &Path) -> Result<Option<HashMap<String, u32>>> {
     Ok(read_tokenizer(config, dir)?.map(|t| t.get_vocab(true)))
-}
-
-/// Copies the source's tokenizer files after checking that the embeddings fit its vocabulary.
-fn copy_tokenizer(config: &MergeConfig, src: &Path, out: &Path, aligned: bool) -> Result<()> {
-    let Some(want) = vocab(config, src)? else {
-        return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", src.display())));
-    };
-    for model in config.referenced_models().into_iter().filter(|_| !aligned) {
-        if let Some(have) = vocab(config, &model_dir(&model))?
-            && have != want
-        {
-            return Err(err(
-                config,
-                format!(
-                    "tokenizer_source: {} has another vocabulary than {}; mergekit would permute and resize \
-                     the embeddings, which symerge does not",
-                    model.display(),
-                    src.display()
-                ),
-            ));
-        }
-    }
-    let rows = read_json(&out.join("config.json"))?.and_then(|c| c.get("vocab_size").and_then(|v| v.as_u64()));
-    if let Some(rows) = rows
-        && rows != want.len() as u64
-    {
-        return Err(err(
-            config,
-            format!(
-                "tokenizer_source: the tokenizer of {} has {} tokens but the embeddings have {rows} rows; mergekit \
-                 would resize them, which symerge does not",
-                src.display(),
-                want.len()
-            ),
-        ));
-    }
-    copy_tokenizer_files(src, out)
 }
 
 /// The donor's tokenizer files in place of the output's.

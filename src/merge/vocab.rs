@@ -24,11 +24,11 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::{decode, encode_into};
-use crate::checkpoint::layers::layer_of;
+use crate::checkpoint::layers::{BlockKind, group_blocks, layer_of};
 use crate::checkpoint::{Checkpoint, FloatDType, PlannedTensor, ShardWriter, TensorMeta};
 use crate::error::{Error, Result};
 
-use super::config::{MergeConfig, TokenizerSource};
+use super::config::{MergeConfig, SliceDef, TokenizerSource};
 use super::tokenizer::{model_dir, read_tokenizer, vocab};
 
 /// Name endings of the tensors indexed by token id (mergekit's `vocabulary_axis` 0 tensors of
@@ -54,10 +54,11 @@ struct Plan {
     perms: Vec<Vec<Option<usize>>>,
 }
 
-/// What [`align`] made: the permuted tensors' directory (kept until the merge is done), the
-/// output vocabulary size and, for `union`, the output tokenizer.
+/// What [`align`] made: the permuted tensors' directory (kept until the merge is done; none
+/// when every input already had the output vocabulary), the output vocabulary size and, for
+/// `union`, the output tokenizer.
 pub struct Aligned {
-    _scratch: Staging,
+    _scratch: Option<Staging>,
     pub vocab_size: usize,
     pub tokenizer: Option<Tokenizer>,
 }
@@ -66,21 +67,90 @@ fn err(config: &MergeConfig, reason: String) -> Error {
     Error::Config { path: config.source.clone(), reason }
 }
 
+/// The inputs one token-indexed tensor is merged over (indices into the checkpoints, each once)
+/// and the base among them: a token several of them hold takes the base's row when it has one
+/// (mergekit's `PermutedVocabulary` over one tensor's models).
+#[derive(Clone, Debug)]
+struct Group {
+    members: Vec<usize>,
+    base: Option<usize>,
+}
+
 /// Permutes the token-indexed tensors of `ckpts` (the base first when there is one, in
-/// [`MergeConfig`] order) into the `tokenizer_source` vocabulary when some input's differs from
-/// it; `None` (and `ckpts` untouched) when they all agree or no `tokenizer_source` is set.
+/// [`MergeConfig`] order) into the `tokenizer_source` vocabulary where some input's differs from
+/// it; `None` when no `tokenizer_source` is set or its tokenizer cannot be found.
 pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> Result<Option<Aligned>> {
-    let Some(source) = &config.tokenizer_source else { return Ok(None) };
-    if !config.slices.is_empty() || ckpts.is_empty() {
+    if config.tokenizer_source.is_none() || !config.slices.is_empty() || ckpts.is_empty() {
         return Ok(None);
     }
+    let base = config.base_model.as_ref().map(|_| 0);
+    let group = Group { members: (0..ckpts.len()).collect(), base };
+    let names = vocab_tensors(config, &ckpts[0])?.into_iter().map(|n| (n, group.clone())).collect();
+    align_groups(config, ckpts, base, names, output)
+}
+
+/// [`align`] for a `slices` config, on its models opened in [`MergeConfig::referenced_models`]
+/// order (`index` finds a source's): as in mergekit, the embeddings are permuted over the first
+/// slice's sources and the tensors after the layer stack over the last slice's sources that
+/// merge them ([`SliceDef::in_tail`]), each with its slice's base.
+pub fn align_slices(
+    config: &MergeConfig,
+    models: &mut [Checkpoint],
+    index: impl Fn(&Path) -> usize,
+    output: &Path,
+) -> Result<Option<Aligned>> {
+    let (Some(first), Some(last)) = (config.slices.first(), config.slices.last()) else { return Ok(None) };
+    if config.tokenizer_source.is_none() || models.is_empty() {
+        return Ok(None);
+    }
+    let top_base = config.base_model.as_ref().map(|_| 0);
+    let group = |slice: &SliceDef, take: &dyn Fn(usize) -> bool| {
+        let mut members: Vec<usize> = Vec::new();
+        for (_, src) in slice.sources.iter().enumerate().filter(|(p, _)| take(*p)) {
+            let i = index(&src.model.path);
+            if !members.contains(&i) {
+                members.push(i);
+            }
+        }
+        let base = if slice.has_base { Some(index(&slice.sources[0].model.path)) } else { top_base };
+        Group { base: base.filter(|b| members.contains(b)), members }
+    };
+    let n0 = first.sources.len();
+    let (head, tail) = (group(first, &|_| true), group(last, &|p| last.in_tail(p, n0)));
+    let mut names = Vec::new();
+    for (g, embeddings) in [(head, true), (tail, false)] {
+        let Some(&m) = g.members.first() else { continue };
+        let emb = embedding_names(&models[m]);
+        for n in vocab_tensors(config, &models[m])?.into_iter().filter(|n| emb.contains(n) == embeddings) {
+            names.push((n, g.clone()));
+        }
+    }
+    align_groups(config, models, top_base, names, output)
+}
+
+/// Names of `ck`'s tensors in its embeddings block.
+fn embedding_names(ck: &Checkpoint) -> Vec<String> {
+    let blocks = group_blocks(ck.tensors.iter().map(|t| t.name.as_str()));
+    blocks.into_iter().filter(|b| b.kind == BlockKind::Embeddings).flat_map(|b| b.tensors).collect()
+}
+
+/// Permutes each of `names`' tensors of its group's members into the source vocabulary; `base`
+/// is the config's base among `ckpts`.
+fn align_groups(
+    config: &MergeConfig,
+    ckpts: &mut [Checkpoint],
+    base: Option<usize>,
+    names: Vec<(String, Group)>,
+    output: &Path,
+) -> Result<Option<Aligned>> {
+    let Some(source) = &config.tokenizer_source else { return Ok(None) };
     let mut built = None;
     let out_vocab = match source {
         TokenizerSource::Base => {
-            let dir = (config.base_model.as_ref().map(|_| &ckpts[0].dir))
-                .ok_or_else(|| err(config, "tokenizer_source: base needs a base_model".into()))?;
-            let limit = vocab_size(&ckpts[0]);
-            vocab_of(config, dir)?.map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
+            let b = base.ok_or_else(|| err(config, "tokenizer_source: base needs a base_model".into()))?;
+            let limit = vocab_size(&ckpts[b]);
+            vocab_of(config, &ckpts[b].dir)?
+                .map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
         }
         TokenizerSource::Model(p) => vocab_of(config, &model_dir(p))?,
         TokenizerSource::Union => {
@@ -92,27 +162,32 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
     };
     let Some(out_vocab) = out_vocab else { return Ok(None) };
     let plan = plan(config, ckpts, &out_vocab)?;
-    let names = vocab_tensors(config, &ckpts[0])?;
-    let unchanged = plan.perms.iter().zip(ckpts.iter()).all(|(p, ck)| {
-        p.iter().enumerate().all(|(j, r)| *r == Some(j))
-            && names.iter().all(|n| ck.get(n).is_none_or(|t| t.shape.first() == Some(&plan.len)))
+    let unchanged = names.iter().all(|(n, g)| {
+        g.members.iter().all(|&i| {
+            plan.perms[i].iter().enumerate().all(|(j, r)| *r == Some(j))
+                && ckpts[i].get(n).is_none_or(|t| t.shape.first() == Some(&plan.len))
+        })
     });
     if names.is_empty() || unchanged {
-        return Ok(None);
+        return Ok(Some(Aligned { _scratch: None, vocab_size: plan.len, tokenizer: built }));
     }
     let scratch = Staging::create(&output.with_file_name(format!(
         "{}.vocab",
         output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned())
     )))?;
-    let has_base = config.base_model.is_some();
-    let permuted = (0..ckpts.len())
-        .map(|i| write_permuted(config, ckpts, i, &plan, &names, has_base, &scratch.path().join(format!("m{i}"))))
-        .collect::<Result<Vec<_>>>()?;
-    for (i, file) in permuted.into_iter().enumerate() {
-        ckpts[i] = compose(&ckpts[i], &file, plan.len)?;
+    let mut permuted = Vec::with_capacity(ckpts.len());
+    for i in 0..ckpts.len() {
+        let mine: Vec<&(String, Group)> = names.iter().filter(|(_, g)| g.members.contains(&i)).collect();
+        let dir = scratch.path().join(format!("m{i}"));
+        permuted.push(if mine.is_empty() { None } else { Some(write_permuted(config, ckpts, i, &plan, &mine, &dir)?) });
     }
-    tracing::info!("tokenizer_source: {} tensors per model permuted into a vocabulary of {}", names.len(), plan.len);
-    Ok(Some(Aligned { _scratch: scratch, vocab_size: plan.len, tokenizer: built }))
+    for (i, file) in permuted.into_iter().enumerate() {
+        if let Some(file) = file {
+            ckpts[i] = compose(&ckpts[i], &file, plan.len)?;
+        }
+    }
+    tracing::info!("tokenizer_source: {} tensors permuted into a vocabulary of {}", names.len(), plan.len);
+    Ok(Some(Aligned { _scratch: Some(scratch), vocab_size: plan.len, tokenizer: built }))
 }
 
 /// The `union` tokenizer: the first input's (the base when there is one) plus the tokens of the
@@ -245,11 +320,11 @@ fn vocab_tensors(config: &MergeConfig, ck: &Checkpoint) -> Result<Vec<String>> {
 /// The dtype a tensor's permuted rows are computed and stored in, as mergekit computes them: the
 /// config's `dtype` when set (mergekit casts its inputs to it), else the inputs' promoted dtype
 /// (f32 as soon as they differ).
-fn row_dtype(config: &MergeConfig, ckpts: &[Checkpoint], name: &str) -> FloatDType {
+fn row_dtype(config: &MergeConfig, ckpts: &[Checkpoint], group: &Group, name: &str) -> FloatDType {
     if let Some(d) = config.compute_dtype {
         return d;
     }
-    let mut dtypes = ckpts.iter().filter_map(|c| c.get(name)).filter_map(TensorMeta::float_dtype);
+    let mut dtypes = group.members.iter().filter_map(|&i| ckpts[i].get(name)).filter_map(TensorMeta::float_dtype);
     let first = dtypes.next().unwrap_or(FloatDType::F32);
     if dtypes.all(|d| d == first) { first } else { FloatDType::F32 }
 }
@@ -269,14 +344,16 @@ enum Fill {
     Zero,
 }
 
-fn fill(plan: &Plan, j: usize, has_base: bool) -> Fill {
-    let present: Vec<usize> = (0..plan.perms.len()).filter(|&i| plan.perms[i][j].is_some()).collect();
+fn fill(plan: &Plan, j: usize, group: &Group) -> Fill {
+    let present: Vec<usize> = group.members.iter().copied().filter(|&i| plan.perms[i][j].is_some()).collect();
     match present.len() {
-        n if n == plan.perms.len() => Fill::Own,
+        n if n == group.members.len() => Fill::Own,
         0 => Fill::Zero,
         1 => Fill::From(present[0]),
-        _ if has_base && present[0] == 0 => Fill::From(0),
-        _ => Fill::Mean(present),
+        _ => match group.base.filter(|b| present.contains(b)) {
+            Some(b) => Fill::From(b),
+            None => Fill::Mean(present),
+        },
     }
 }
 
@@ -286,31 +363,30 @@ fn write_permuted(
     ckpts: &[Checkpoint],
     i: usize,
     plan: &Plan,
-    names: &[String],
-    has_base: bool,
+    names: &[&(String, Group)],
     dir: &Path,
 ) -> Result<Checkpoint> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let ck = &ckpts[i];
     let mut planned = Vec::new();
-    for name in names {
+    for (name, group) in names {
         let t = tensor(config, ck, name)?;
         let mut shape = t.shape.clone();
         shape[0] = plan.len;
-        let dtype = row_dtype(config, ckpts, name).to_safetensors();
+        let dtype = row_dtype(config, ckpts, group, name).to_safetensors();
         planned.push(PlannedTensor { name: name.clone(), dtype, shape });
     }
     let mut writer = ShardWriter::create(dir, planned, u64::MAX)?;
-    for name in names {
+    for (name, group) in names {
         let t = tensor(config, ck, name)?;
-        let (dtype, width) = (row_dtype(config, ckpts, name), row_width(t));
+        let (dtype, width) = (row_dtype(config, ckpts, group, name), row_width(t));
         let row_bytes = width * dtype.size();
         let mut out = vec![0u8; plan.len * row_bytes];
         let mut row = vec![0f32; width];
         for (j, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
             let src = match plan.perms[i][j] {
                 Some(r) => Some((i, r)),
-                None => match fill(plan, j, has_base) {
+                None => match fill(plan, j, group) {
                     Fill::From(d) => plan.perms[d][j].map(|r| (d, r)),
                     Fill::Own | Fill::Zero => None,
                     Fill::Mean(from) => {

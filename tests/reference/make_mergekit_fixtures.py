@@ -13,6 +13,14 @@ Methods whose masks are random (della at density < 1, dare) are left out: mergek
 torch's generator, which symerge's Philox streams do not reproduce; della is compared at
 density 1, where it is deterministic, and tested by its statistics in the Rust test.
 
+The outputs of karcher (`torch.dot`, MKL's SDOT) and non-flattened nuslerp (`torch.acos`, MKL's
+vector math) depend on the code path MKL picks for the CPU: regenerated on another machine, five
+cases (karcher, karcher_tol0, slices_mixed_base_karcher, nuslerp_base_rows/columns) differ from
+the committed ones by 1-2 ulp (at most 5e-6 relative by the test's measure, against its 2e-5),
+while two runs on one machine agree bit for bit; thread counts and MKL_CBWR change nothing.
+Compare regenerated fixtures within the test's tolerance, not byte for byte.
+`provenance.json` records the torch, MKL and mergekit versions and the CPU of the last run.
+
     python3 -m venv --system-site-packages /work/venv-mk
     /work/venv-mk/bin/pip install mergekit==0.1.5
     /work/venv-mk/bin/python tests/reference/make_mergekit_fixtures.py [--out tests/fixtures/mergekit]
@@ -304,6 +312,18 @@ def write_fixtures(default_out, make_inputs, cases, run_case):
         run_case(name, case, out)
         yamls[name] = yaml.safe_dump(case, sort_keys=False)
     (out / "cases.json").write_text(json.dumps(yamls, indent=1) + "\n")
+    (out / "provenance.json").write_text(json.dumps(provenance(), indent=1) + "\n")
+
+
+def provenance():
+    """What produced the fixtures: outputs of some methods depend on the CPU's MKL path."""
+    import platform
+    from importlib.metadata import version
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
+    mkl = next((ln.strip(" -") for ln in torch.__config__.show().splitlines() if "Math Kernel Library" in ln), None)
+    return {"mergekit": version("mergekit"), "torch": torch.__version__, "mkl": mkl, "cpu": cpu,
+            "machine": platform.machine()}
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from make_mergekit_fixtures import fill, models as models_, write_fixtures  # noqa: E402
+from make_mergekit_fixtures import fill, models as models_, src, write_fixtures  # noqa: E402
 
 H, I, KV, V = 16, 32, 8, 32
 
@@ -133,6 +133,27 @@ CASES = {
     # second in the next). Without a base it also starts from an arbitrary model: no fixture.
     "vocab_ties_union": {"merge_method": "ties", "base_model": B, "tokenizer_source": "union",
                          "models": models_((E3, {"weight": 0.6, "density": 0.5}), (E1, {"weight": 1.0, "density": 0.4}))},
+    # `slices`: the embeddings are permuted over the first slice's sources, the head over the
+    # last slice's. A frankenmerge: the head is expert-2's alone, which lacks <|im_start|> (a
+    # zero row) and has <|im_end|> at 32 (moved to 33).
+    "vocab_slices_passthrough_expert1": {"merge_method": "passthrough", "tokenizer_source": E1,
+                                         "slices": [{"sources": [src(E1, 0, 2)]}, {"sources": [src(E2, 1, 2)]}]},
+    # Each slice with the base: <|im_end|> from expert-1 alone in the embeddings and from
+    # expert-2 alone in the head; <|im_start|> is in no model of the head's slice (zeros).
+    "vocab_slices_ties_expert1": {"merge_method": "ties", "base_model": B, "tokenizer_source": E1,
+                                  "slices": [{"sources": [src(B, 0, 1), src(E1, 0, 1, {"weight": 1.0, "density": 0.5}),
+                                                          src(E3, 0, 1, {"weight": 0.4, "density": 0.3})]},
+                                             {"sources": [src(B, 1, 2), src(E2, 1, 2, {"weight": 0.6, "density": 0.7}),
+                                                          src(E3, 1, 2, {"weight": 0.4, "density": 0.3})]}]},
+    # The union (the base's tokens plus expert-1's two) with a base outside the slices: expert-1's
+    # rows for expert-3, t5 and t7 put back in order for it.
+    "vocab_slices_linear_union": {"merge_method": "linear", "base_model": B, "tokenizer_source": "union",
+                                  "slices": [{"sources": [src(E3, 0, 1, {"weight": 0.5}), src(E1, 0, 1, {"weight": 0.5})]},
+                                             {"sources": [src(E1, 1, 2, {"weight": 0.3}), src(E3, 1, 2, {"weight": 0.7})]}]},
+    # The union is expert-1's vocabulary, so nothing is permuted, but the output still takes the
+    # union tokenizer and its vocab_size (34), not the base's (32).
+    "vocab_slices_passthrough_union": {"merge_method": "passthrough", "base_model": B, "tokenizer_source": "union",
+                                       "slices": [{"sources": [src(E1, 0, 1)]}, {"sources": [src(E1, 1, 2)]}]},
 }
 
 
