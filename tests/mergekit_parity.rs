@@ -589,6 +589,42 @@ fn a_union_lists_its_new_tokens_in_the_tokenizer_config() {
     assert!(!plain.join("added_tokens.json").exists());
 }
 
+/// An expert whose head is tied to its embeddings (no `lm_head.weight`) merged with a base that
+/// stores one lends its embedding table as its head, as mergekit's `tied_names` do (checked by
+/// hand: bit-identical to mergekit 0.1.5's output for this config); before, the merge stopped
+/// with "`lm_head.weight` is missing".
+#[test]
+fn an_expert_with_a_tied_head_lends_its_embeddings() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let e1 = read_model(&dir.join("expert-1"));
+    let tensors: Vec<T> = e1
+        .iter()
+        .filter(|(n, _)| *n != "lm_head.weight")
+        .map(|(n, (dtype, shape, values))| T::new(n, *dtype, shape, values.clone()))
+        .collect();
+    let tied = write_model(&tmp.path().join("tied"), &tensors);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expert-1/config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(tied.join("config.json"), cfg.to_string()).unwrap();
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.25}}\n",
+        dir.join("base").display(),
+        tied.display(),
+        dir.join("expert-2").display()
+    );
+    let out = merge_yaml(tmp.path(), "t", &yaml);
+    let (base, e2) = (read_model(&dir.join("base")), read_model(&dir.join("expert-2")));
+    let (b, emb, h2) = (&base["lm_head.weight"].2, &e1["model.embed_tokens.weight"].2, &e2["lm_head.weight"].2);
+    let got = &out["lm_head.weight"].2;
+    for i in 0..b.len() {
+        let want = b[i] + 0.5 * (emb[i] - b[i]) + 0.25 * (h2[i] - b[i]);
+        assert!((got[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "lm_head[{i}]: {} vs {want}", got[i]);
+    }
+    assert_ne!(emb, &e1["lm_head.weight"].2, "the fixture's untied head differs from its embeddings");
+}
+
 /// A tokenizer whose ids run past its model's embedding rows is an error naming the model and
 /// the tensor, and leaves no output or hidden directory behind.
 #[test]

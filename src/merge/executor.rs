@@ -413,7 +413,15 @@ impl Opened {
             return Ok(Opened { ckpts: plan.views, slice_layers: Some(plan.layers), donor: plan.donor, aligned });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
-        let mut ckpts = paths.map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+        let mut opened = paths.map(Checkpoint::open);
+        let reference = opened
+            .next()
+            .ok_or_else(|| Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() })??;
+        let mut ckpts = vec![];
+        for ck in opened {
+            ckpts.push(super::tied::with_tied_heads(&reference, ck?)?);
+        }
+        ckpts.insert(0, reference);
         let donor = ckpts[0].dir.clone();
         let aligned = super::vocab::align(config, &mut ckpts, output)?;
         Ok(Opened { ckpts, slice_layers: None, donor, aligned })

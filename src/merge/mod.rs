@@ -36,6 +36,7 @@ pub mod slerp;
 pub mod slices;
 pub mod stats;
 pub mod task_arithmetic;
+pub mod tied;
 pub mod ties;
 pub mod tokenizer;
 pub mod vocab;
