@@ -90,7 +90,7 @@ fn every_method_matches_mergekit_0_1_5() {
 fn differing_vocabularies_are_permuted_as_mergekit_does() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&dir, tmp.path(), 9);
+    check_cases(&dir, tmp.path(), 11);
     let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p).unwrap().get_vocab(true);
     for entry in std::fs::read_dir(dir.join("out")).unwrap() {
         let path = entry.unwrap().path();
@@ -443,8 +443,34 @@ fn slices_errors_name_the_key() {
             "slices[0].parameters.normalize",
         ),
         (
-            format!("merge_method: linear\ntokenizer: {{source: base}}\nmodels:\n  - model: {e1}\n"),
-            "tokenizer: token surgery",
+            format!(
+                "merge_method: linear\ntokenizer: {{source: {e1}}}\ntokenizer_source: {e1}\nmodels:\n  - model: {e1}\n"
+            ),
+            "tokenizer and tokenizer_source",
+        ),
+        (
+            format!("merge_method: linear\ntokenizer: {{tokens: {{a: {{force: true}}}}}}\nmodels:\n  - model: {e1}\n"),
+            "tokenizer.tokens.\"a\": needs a `source`",
+        ),
+        (
+            format!(
+                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: mean}}}}}}}}\nmodels:\n  - model: {e1}\n"
+            ),
+            "unknown kind `mean`",
+        ),
+        (
+            format!(
+                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: model_token, model: {e1}}}}}}}}}\nmodels:\n  - model: {e1}\n"
+            ),
+            "model_token needs a `model` and one of `token`, `token_id`",
+        ),
+        (
+            format!("merge_method: linear\ntokenizer: {{pad_to_multiple_of: 0}}\nmodels:\n  - model: {e1}\n"),
+            "tokenizer.pad_to_multiple_of: must be at least 1",
+        ),
+        (
+            format!("merge_method: linear\ntokenizer: {{source: {e1}, padding: 8}}\nmodels:\n  - model: {e1}\n"),
+            "unknown field `padding`",
         ),
         (format!("merge_method: linear\nmodules: {{}}\nmodels:\n  - model: {e1}\n"), "modules: multi-module"),
         (format!("merge_method: linear\nchat_template: chatml\nmodels:\n  - model: {e1}\n"), "chat_template: `chatml`"),
@@ -623,6 +649,24 @@ fn an_expert_with_a_tied_head_lends_its_embeddings() {
         assert!((got[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "lm_head[{i}]: {} vs {want}", got[i]);
     }
     assert_ne!(emb, &e1["lm_head.weight"].2, "the fixture's untied head differs from its embeddings");
+}
+
+/// A `tokenizer.tokens` source must be one of the models merging the token's rows, as in
+/// mergekit; the error names the token and nothing is written.
+#[test]
+fn a_token_source_outside_the_merge_is_refused() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "merge_method: linear\ntokenizer:\n  source: {e1}\n  tokens:\n    \"<|im_start|>\": {{source: {e3}}}\nmodels:\n  - model: {e1}\n  - model: {e2}\n",
+        e1 = dir.join("expert-1").display(),
+        e2 = dir.join("expert-2").display(),
+        e3 = dir.join("expert-3").display(),
+    );
+    let got = config_error(tmp.path(), &yaml);
+    assert!(got.contains("tokenizer.tokens.\"<|im_start|>\"") && got.contains("not one of the merged models"), "{got}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "only the config remains: {left:?}");
 }
 
 /// A tokenizer whose ids run past its model's embedding rows is an error naming the model and

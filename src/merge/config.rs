@@ -44,11 +44,48 @@ struct RawConfig {
     tokenizer_source: Option<String>,
     #[serde(default)]
     chat_template: Option<String>,
+    #[serde(default)]
+    tokenizer: Option<RawTokenizer>,
     /// mergekit keys symerge refuses with a reason (rather than as unknown keys).
     #[serde(default)]
-    tokenizer: Option<serde_yaml_ng::Value>,
-    #[serde(default)]
     modules: Option<serde_yaml_ng::Value>,
+}
+
+/// mergekit's `tokenizer:` block (`TokenizerConfig`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenizer {
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    tokens: BTreeMap<String, RawTokenEmbedding>,
+    #[serde(default)]
+    pad_to_multiple_of: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenEmbedding {
+    #[serde(default)]
+    source: Option<RawEmbedSource>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// A model path, or `{kind: zero}`, or `{kind: model_token, model, token | token_id}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawEmbedSource {
+    Model(String),
+    Kind {
+        kind: String,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        token_id: Option<usize>,
+    },
 }
 
 /// One output slice: layers taken from each source, merged with the config's method.
@@ -108,8 +145,13 @@ pub struct MergeConfig {
     /// The `slices` form; empty for the `models` form. `models` and `base_model` then hold
     /// the first slice's experts and the top-level base.
     pub slices: Vec<SliceDef>,
-    /// Whose tokenizer files the output gets (`tokenizer_source`).
+    /// Whose tokenizer files the output gets (`tokenizer_source`, or `tokenizer.source`).
     pub tokenizer_source: Option<TokenizerSource>,
+    /// `tokenizer.tokens`: where given tokens' embedding rows come from.
+    pub tokens: BTreeMap<String, TokenEmbedding>,
+    /// `tokenizer.pad_to_multiple_of`: the output's rows rounded up to a multiple of it, the
+    /// padding rows each model's mean row.
+    pub pad_to_multiple_of: Option<usize>,
     /// `chat_template`: a template's text, or `auto` (the most common one among the inputs).
     pub chat_template: Option<String>,
 }
@@ -162,6 +204,33 @@ impl SliceDef {
     pub fn in_tail(&self, p: usize, first_count: usize) -> bool {
         self.sources.get(p).is_some_and(|s| s.written < first_count)
     }
+}
+
+/// One `tokenizer.tokens` entry: where the token's rows come from for the models that lack it
+/// (for every model when `force`d).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEmbedding {
+    pub source: EmbedSource,
+    pub force: bool,
+}
+
+/// Where a configured token's row comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedSource {
+    /// That model's row for the same token.
+    Model(PathBuf),
+    Zero,
+    /// That model's row for another token of its own vocabulary.
+    ModelToken {
+        model: PathBuf,
+        token: TokenRef,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenRef {
+    Id(usize),
+    Text(String),
 }
 
 /// `tokenizer_source`: the base model's tokenizer, or a given model's.
@@ -247,12 +316,7 @@ impl MergeConfig {
             Some(ParamValue::Text(p)) => Some(load_lambda_table(&resolve_relative(p, base_dir), models.len())?),
             _ => None,
         };
-        let tokenizer_source = match raw.tokenizer_source.as_deref() {
-            None => None,
-            Some("base") => Some(TokenizerSource::Base),
-            Some("union") => Some(TokenizerSource::Union),
-            Some(p) => Some(TokenizerSource::Model(locate_model(p, base_dir, source, "tokenizer_source")?)),
-        };
+        let (tokenizer_source, tokens, pad_to_multiple_of) = parse_tokenizer(&mut raw, base_dir, source)?;
         if tokenizer_source == Some(TokenizerSource::Base) && base_model.is_none() {
             return Err(config_err(source, "tokenizer_source: `base` needs a top-level `base_model`"));
         }
@@ -267,6 +331,8 @@ impl MergeConfig {
             lambda_table,
             slices,
             tokenizer_source,
+            tokens,
+            pad_to_multiple_of,
             chat_template: raw.chat_template,
         })
     }
@@ -455,17 +521,61 @@ impl MergeConfig {
     }
 }
 
+/// `tokenizer_source`, or the `tokenizer:` block (whose `source` defaults to `union`, as in
+/// mergekit): the source, the configured tokens and the padding multiple.
+type TokenizerParts = (Option<TokenizerSource>, BTreeMap<String, TokenEmbedding>, Option<usize>);
+
+fn parse_tokenizer(raw: &mut RawConfig, base_dir: &Path, source: &Path) -> Result<TokenizerParts> {
+    let block = raw.tokenizer.take();
+    let named = match &block {
+        Some(b) => Some(b.source.clone().unwrap_or_else(|| "union".into())),
+        None => raw.tokenizer_source.clone(),
+    };
+    let field = if block.is_some() { "tokenizer.source" } else { "tokenizer_source" };
+    let src = match named.as_deref() {
+        None => None,
+        Some("base") => Some(TokenizerSource::Base),
+        Some("union") => Some(TokenizerSource::Union),
+        Some(p) => Some(TokenizerSource::Model(locate_model(p, base_dir, source, field)?)),
+    };
+    let Some(block) = block else { return Ok((src, BTreeMap::new(), None)) };
+    if block.pad_to_multiple_of == Some(0) {
+        return Err(config_err(source, "tokenizer.pad_to_multiple_of: must be at least 1"));
+    }
+    let mut tokens = BTreeMap::new();
+    for (token, t) in block.tokens {
+        let field = format!("tokenizer.tokens.{token:?}");
+        let bad = |why: &str| config_err(source, format!("{field}: {why}"));
+        let model = |p: &str| locate_model(p, base_dir, source, &format!("{field}.source"));
+        let source = match t.source {
+            None => return Err(bad("needs a `source` (a model, {kind: zero} or {kind: model_token, ...})")),
+            Some(RawEmbedSource::Model(p)) => EmbedSource::Model(model(&p)?),
+            Some(RawEmbedSource::Kind { kind, model: m, token, token_id }) => match (kind.as_str(), m, token, token_id)
+            {
+                ("zero", None, None, None) => EmbedSource::Zero,
+                ("model_token", Some(m), Some(t), None) => {
+                    EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Text(t) }
+                }
+                ("model_token", Some(m), None, Some(id)) => {
+                    EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Id(id) }
+                }
+                ("model_token", ..) => return Err(bad("model_token needs a `model` and one of `token`, `token_id`")),
+                ("zero", ..) => return Err(bad("kind zero takes no other field")),
+                (k, ..) => return Err(bad(&format!("unknown kind `{k}` (zero, model_token)"))),
+            },
+        };
+        tokens.insert(token, TokenEmbedding { source, force: t.force });
+    }
+    Ok((src, tokens, block.pad_to_multiple_of))
+}
+
 /// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.
 fn refuse_unsupported(raw: &RawConfig, source: &Path) -> Result<()> {
     if raw.modules.is_some() {
         return Err(config_err(source, "modules: multi-module merges are not supported (use `models` or `slices`)"));
     }
-    if raw.tokenizer.is_some() {
-        return Err(config_err(
-            source,
-            "tokenizer: token surgery (added tokens, vocabulary padding) resizes embeddings, which symerge does not; \
-             use `tokenizer_source: base` or a model path",
-        ));
+    if raw.tokenizer.is_some() && raw.tokenizer_source.is_some() {
+        return Err(config_err(source, "tokenizer and tokenizer_source: give one of them, not both (as mergekit)"));
     }
     if let Some(slices) = &raw.slices
         && slices.iter().any(|s| s.residual_weight.is_some())

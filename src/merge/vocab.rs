@@ -28,7 +28,7 @@ use crate::checkpoint::layers::{BlockKind, group_blocks, layer_of};
 use crate::checkpoint::{Checkpoint, FloatDType, PlannedTensor, ShardWriter, TensorMeta};
 use crate::error::{Error, Result};
 
-use super::config::{MergeConfig, SliceDef, TokenizerSource};
+use super::config::{EmbedSource, MergeConfig, SliceDef, TokenRef, TokenizerSource};
 use super::tokenizer::{model_dir, read_tokenizer, vocab};
 
 /// Name endings of the tensors indexed by token id (mergekit's `vocabulary_axis` 0 tensors of
@@ -50,8 +50,19 @@ const VOCAB_TENSORS: &[&str] = &[
 struct Plan {
     /// Output tokens in id order.
     len: usize,
+    /// Rows of the permuted tensors: `len` rounded up to `tokenizer.pad_to_multiple_of`.
+    rows: usize,
     /// Per input: its row for each output token, if it has the token.
     perms: Vec<Vec<Option<usize>>>,
+    /// `tokenizer.tokens`, by output id.
+    overrides: HashMap<usize, Override>,
+}
+
+/// A `tokenizer.tokens` entry resolved against the inputs.
+struct Override {
+    token: String,
+    source: Fill,
+    force: bool,
 }
 
 /// What [`align`] made: the permuted tensors' directory (kept until the merge is done; none
@@ -162,14 +173,16 @@ fn align_groups(
     };
     let Some(out_vocab) = out_vocab else { return Ok(None) };
     let plan = plan(config, ckpts, &out_vocab)?;
-    let unchanged = names.iter().all(|(n, g)| {
-        g.members.iter().all(|&i| {
-            plan.perms[i].iter().enumerate().all(|(j, r)| *r == Some(j))
-                && ckpts[i].get(n).is_none_or(|t| t.shape.first() == Some(&plan.len))
-        })
-    });
+    let unchanged = plan.rows == plan.len
+        && !plan.overrides.values().any(|o| o.force)
+        && names.iter().all(|(n, g)| {
+            g.members.iter().all(|&i| {
+                plan.perms[i].iter().enumerate().all(|(j, r)| *r == Some(j))
+                    && ckpts[i].get(n).is_none_or(|t| t.shape.first() == Some(&plan.len))
+            })
+        });
     if names.is_empty() || unchanged {
-        return Ok(Some(Aligned { _scratch: None, vocab_size: plan.len, tokenizer: built }));
+        return Ok(Some(Aligned { _scratch: None, vocab_size: plan.rows, tokenizer: built }));
     }
     let scratch = Staging::create(&output.with_file_name(format!(
         "{}.vocab",
@@ -183,11 +196,11 @@ fn align_groups(
     }
     for (i, file) in permuted.into_iter().enumerate() {
         if let Some(file) = file {
-            ckpts[i] = compose(&ckpts[i], &file, plan.len)?;
+            ckpts[i] = compose(&ckpts[i], &file, plan.rows)?;
         }
     }
     tracing::info!("tokenizer_source: {} tensors permuted into a vocabulary of {}", names.len(), plan.len);
-    Ok(Some(Aligned { _scratch: Some(scratch), vocab_size: plan.len, tokenizer: built }))
+    Ok(Some(Aligned { _scratch: Some(scratch), vocab_size: plan.rows, tokenizer: built }))
 }
 
 /// The `union` tokenizer: the first input's (the base when there is one) plus the tokens of the
@@ -288,7 +301,50 @@ fn plan(config: &MergeConfig, ckpts: &[Checkpoint], out_vocab: &HashMap<String, 
         let limit = vocab_size(ck).unwrap_or(usize::MAX);
         perms.push(by_id.iter().map(|t| t.and_then(|t| vocab.get(t).copied()).filter(|&r| r < limit)).collect());
     }
-    Ok(Plan { len, perms })
+    let rows = config.pad_to_multiple_of.map_or(len, |m| len.div_ceil(m) * m);
+    let overrides = overrides(config, ckpts, out_vocab)?;
+    Ok(Plan { len, rows, perms, overrides })
+}
+
+/// `tokenizer.tokens` entries for tokens of the output vocabulary, their models found among
+/// `ckpts`.
+fn overrides(
+    config: &MergeConfig,
+    ckpts: &[Checkpoint],
+    out_vocab: &HashMap<String, usize>,
+) -> Result<HashMap<usize, Override>> {
+    let find = |p: &Path, token: &str| {
+        let dir = model_dir(p).canonicalize().unwrap_or_else(|_| model_dir(p));
+        ckpts.iter().position(|c| c.dir.canonicalize().is_ok_and(|d| d == dir)).ok_or_else(|| {
+            err(config, format!("tokenizer.tokens.{token:?}: {} is not one of the merged models", p.display()))
+        })
+    };
+    let mut out = HashMap::new();
+    for (token, t) in &config.tokens {
+        let Some(&j) = out_vocab.get(token) else { continue };
+        let source = match &t.source {
+            EmbedSource::Zero => Fill::Zero,
+            EmbedSource::Model(p) => Fill::From(find(p, token)?),
+            EmbedSource::ModelToken { model, token: from } => {
+                let i = find(model, token)?;
+                let row = match from {
+                    TokenRef::Id(id) => *id,
+                    TokenRef::Text(text) => *vocab_of(config, &ckpts[i].dir)?
+                        .and_then(|v| v.get(text).copied())
+                        .as_ref()
+                        .ok_or_else(|| {
+                            err(
+                                config,
+                                format!("tokenizer.tokens.{token:?}: token {text:?} is not in {}", model.display()),
+                            )
+                        })?,
+                };
+                Fill::Row(i, row)
+            }
+        };
+        out.insert(j, Override { token: token.clone(), source, force: t.force });
+    }
+    Ok(out)
 }
 
 /// The reference's token-indexed tensors (1-D or 2-D, rows first), or an error naming a tensor
@@ -339,14 +395,37 @@ fn rounded(dtype: FloatDType, x: &mut [f32]) {
 /// Where the row of output token `j` that inputs lacking it share comes from.
 enum Fill {
     Own,
+    /// That input's row for the token.
     From(usize),
+    /// That input's row `.1` (a `model_token` source).
+    Row(usize, usize),
     Mean(Vec<usize>),
     Zero,
 }
 
-fn fill(plan: &Plan, j: usize, group: &Group) -> Fill {
+/// The shared row of output token `j` among `group`'s members, as mergekit assigns it: a
+/// configured source when the token has one, else the one member holding the token, the base,
+/// the mean of the members holding it, or zeros. A configured source must be a member (and
+/// hold the token, when it is a model's row for it).
+fn fill(config: &MergeConfig, plan: &Plan, j: usize, group: &Group, name: &str) -> Result<Fill> {
     let present: Vec<usize> = group.members.iter().copied().filter(|&i| plan.perms[i][j].is_some()).collect();
-    match present.len() {
+    if let Some(o) = plan.overrides.get(&j) {
+        let (who, needs_token) = match o.source {
+            Fill::From(i) => (Some(i), true),
+            Fill::Row(i, _) => (Some(i), false),
+            _ => (None, false),
+        };
+        if let Some(i) = who.filter(|i| !group.members.contains(i) || (needs_token && !present.contains(i))) {
+            let why = if group.members.contains(&i) { "lacks the token" } else { "is not among the models merging it" };
+            return Err(err(config, format!("tokenizer.tokens.{:?}: for `{name}`, input {i} {why}", o.token)));
+        }
+        return Ok(match &o.source {
+            Fill::From(i) => Fill::From(*i),
+            Fill::Row(i, r) => Fill::Row(*i, *r),
+            _ => Fill::Zero,
+        });
+    }
+    Ok(match present.len() {
         n if n == group.members.len() => Fill::Own,
         0 => Fill::Zero,
         1 => Fill::From(present[0]),
@@ -354,7 +433,7 @@ fn fill(plan: &Plan, j: usize, group: &Group) -> Fill {
             Some(b) => Fill::From(b),
             None => Fill::Mean(present),
         },
-    }
+    })
 }
 
 /// Writes input `i`'s permuted token-indexed tensors into `dir` and opens them.
@@ -372,7 +451,7 @@ fn write_permuted(
     for (name, group) in names {
         let t = tensor(config, ck, name)?;
         let mut shape = t.shape.clone();
-        shape[0] = plan.len;
+        shape[0] = plan.rows;
         let dtype = row_dtype(config, ckpts, group, name).to_safetensors();
         planned.push(PlannedTensor { name: name.clone(), dtype, shape });
     }
@@ -381,13 +460,15 @@ fn write_permuted(
         let t = tensor(config, ck, name)?;
         let (dtype, width) = (row_dtype(config, ckpts, group, name), row_width(t));
         let row_bytes = width * dtype.size();
-        let mut out = vec![0u8; plan.len * row_bytes];
+        let mut out = vec![0u8; plan.rows * row_bytes];
         let mut row = vec![0f32; width];
-        for (j, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
-            let src = match plan.perms[i][j] {
+        for (j, dst) in out[..plan.len * row_bytes].chunks_exact_mut(row_bytes).enumerate() {
+            let forced = plan.overrides.get(&j).is_some_and(|o| o.force);
+            let src = match plan.perms[i][j].filter(|_| !forced) {
                 Some(r) => Some((i, r)),
-                None => match fill(plan, j, group) {
+                None => match fill(config, plan, j, group, name)? {
                     Fill::From(d) => plan.perms[d][j].map(|r| (d, r)),
+                    Fill::Row(d, r) => Some((d, r)),
                     Fill::Own | Fill::Zero => None,
                     Fill::Mean(from) => {
                         mean_row(config, ckpts, (&from, dtype), plan, j, name, &mut row)?;
@@ -401,10 +482,31 @@ fn write_permuted(
                 encode_into(dtype, &row, dst);
             }
         }
+        pad_with_mean(&mut out, plan.len, dtype, width);
         writer.write(name, &out)?;
     }
     writer.finish()?;
     Checkpoint::open(dir)
+}
+
+/// Rows `len..` of `out` (rows of `width` in `dtype`) set to the mean of rows `..len`, as
+/// mergekit fills `pad_to_multiple_of`'s padding.
+fn pad_with_mean(out: &mut [u8], len: usize, dtype: FloatDType, width: usize) {
+    let row_bytes = width * dtype.size();
+    if out.len() <= len * row_bytes || len == 0 {
+        return;
+    }
+    let (real, pad) = out.split_at_mut(len * row_bytes);
+    let mut sum = vec![0f64; width];
+    let mut row = vec![0f32; width];
+    for r in real.chunks_exact(row_bytes) {
+        decode(dtype, r, &mut row);
+        sum.iter_mut().zip(&row).for_each(|(s, &x)| *s += f64::from(x));
+    }
+    let mean: Vec<f32> = sum.iter().map(|s| (s / len as f64) as f32).collect();
+    for dst in pad.chunks_exact_mut(row_bytes) {
+        encode_into(dtype, &mean, dst);
+    }
 }
 
 /// `ck`'s token-indexed tensor `name`: one or two dimensions, rows first, rows not empty.

@@ -154,6 +154,21 @@ CASES = {
     # union tokenizer and its vocab_size (34), not the base's (32).
     "vocab_slices_passthrough_union": {"merge_method": "passthrough", "base_model": B, "tokenizer_source": "union",
                                        "slices": [{"sources": [src(E1, 0, 1)]}, {"sources": [src(E1, 1, 2)]}]},
+    # The `tokenizer:` block. Padding: the union's 34 rows rounded up to 40, the padding rows each
+    # model's mean row (so the merged padding is the merge of the means).
+    "vocab_tokenizer_pad": {"merge_method": "ties", "base_model": B,
+                            "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+                            "models": models_((E3, {"weight": 0.6, "density": 0.5}), (E1, {"weight": 1.0, "density": 0.4}))},
+    # Configured tokens: <|im_start|> zero where a model lacks it; <|im_end|> forced to expert-2's
+    # row for every model; t5 forced to expert-3's own row of t7 (its row 5); t9 configured but
+    # held by every model, so left alone.
+    "vocab_tokenizer_tokens": {"merge_method": "linear",
+                               "tokenizer": {"source": E1, "tokens": {
+                                   "<|im_start|>": {"source": {"kind": "zero"}},
+                                   "<|im_end|>": {"source": E2, "force": True},
+                                   "t5": {"source": {"kind": "model_token", "model": E3, "token": "t7"}, "force": True},
+                                   "t9": {"source": {"kind": "model_token", "model": E1, "token_id": 3}}}},
+                               "models": models_((E1, {"weight": 0.2}), (E2, {"weight": 0.3}), (E3, {"weight": 0.5}))},
 }
 
 
