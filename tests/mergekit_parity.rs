@@ -107,6 +107,68 @@ fn differing_vocabularies_are_permuted_as_mergekit_does() {
     assert!(hidden.is_empty(), "{hidden:?}");
 }
 
+/// mergekit's `model+lora` references: PEFT LoRA adapters (plain, rsLoRA with an
+/// `alpha_pattern`, an embedding adapter, a head in `modules_to_save`) applied to their models
+/// before the merge, also to the base; fixtures from tests/reference/make_lora_fixtures.py.
+#[test]
+fn lora_adapters_are_applied_as_mergekit_does() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit_lora");
+    let tmp = tempfile::tempdir().unwrap();
+    check_cases(&dir, tmp.path(), 3);
+    // The adapted tensors' scratch directory is gone with the merge.
+    let hidden: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    // The adapter changes what it targets: the merge of the adapted base alone is not the base.
+    let (alone, base) = (read_model(&tmp.path().join("lora_linear_alone")), read_model(&dir.join("base")));
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight"] {
+        assert_ne!(alone[name].2, base[name].2, "{name}");
+    }
+    assert_eq!(alone["model.layers.0.mlp.up_proj.weight"].2, base["model.layers.0.mlp.up_proj.weight"].2);
+}
+
+/// A bad `model+lora` reference is an error naming the adapter or the part that does not
+/// exist, before anything is written.
+#[test]
+fn bad_lora_references_are_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit_lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, lora) = (dir.join("base"), dir.join("lora-1"));
+    let dora = tmp.path().join("dora");
+    std::fs::create_dir_all(&dora).unwrap();
+    std::fs::copy(lora.join("adapter_model.safetensors"), dora.join("adapter_model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(lora.join("adapter_config.json")).unwrap();
+    std::fs::write(dora.join("adapter_config.json"), cfg.replace("\"use_dora\": false", "\"use_dora\": true")).unwrap();
+    let pickled = tmp.path().join("pickled");
+    std::fs::create_dir_all(&pickled).unwrap();
+    std::fs::write(pickled.join("adapter_config.json"), &cfg).unwrap();
+    std::fs::write(pickled.join("adapter_model.bin"), b"not read").unwrap();
+    let yaml = |adapter: &Path| {
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
+            base.display(),
+            adapter.display()
+        )
+    };
+    let cases = [
+        (yaml(&dora), "a DoRA adapter".to_string()),
+        (yaml(&pickled), "no adapter_model.safetensors".to_string()),
+        (yaml(&tmp.path().join("absent")), format!("{} does not exist", tmp.path().join("absent").display())),
+    ];
+    for (yaml, want) in cases {
+        let got = config_error(tmp.path(), &yaml);
+        assert!(got.contains(&want), "expected `{want}` in: {got}");
+        assert!(!tmp.path().join("bad-out").exists());
+        let hidden = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'));
+        assert_eq!(hidden.count(), 0, "{want}: scratch left behind");
+    }
+}
+
 /// Merges every case of `dir/cases.json` into `tmp` and compares it with mergekit's output.
 fn check_cases(dir: &Path, tmp: &Path, min_cases: usize) {
     let cases: BTreeMap<String, String> =
@@ -117,6 +179,7 @@ fn check_cases(dir: &Path, tmp: &Path, min_cases: usize) {
         let mut yaml = yaml.replace("{base}", dir.join("base").to_str().unwrap());
         for e in 1..=3 {
             yaml = yaml.replace(&format!("{{expert-{e}}}"), dir.join(format!("expert-{e}")).to_str().unwrap());
+            yaml = yaml.replace(&format!("{{lora-{e}}}"), dir.join(format!("lora-{e}")).to_str().unwrap());
         }
         let ours = merge_yaml(tmp, case, &yaml);
         let theirs = read_file(&dir.join("out").join(format!("{case}.safetensors")));

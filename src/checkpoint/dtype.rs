@@ -174,6 +174,13 @@ pub fn round_trip(dtype: FloatDType, v: f32) -> f32 {
     }
 }
 
+/// Rounds f32 values to `dtype`'s precision in place, as [`round_trip`] rounds one.
+pub fn round_all(dtype: FloatDType, x: &mut [f32]) {
+    if dtype != FloatDType::F32 {
+        x.iter_mut().for_each(|v| *v = round_trip(dtype, *v));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

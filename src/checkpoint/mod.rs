@@ -7,6 +7,7 @@ pub mod dtype;
 pub mod generate;
 pub mod gguf;
 pub mod layers;
+pub mod lora;
 pub mod output_file;
 pub mod reader;
 pub mod side_files;

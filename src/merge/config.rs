@@ -834,19 +834,37 @@ fn resolve_relative(p: &str, base_dir: &Path) -> PathBuf {
 
 /// A model path as written: relative to the working directory if it exists there, else to the
 /// config's directory. Hub ids are not downloaded.
+/// A model path as given, relative ones resolved against the config's directory; mergekit's
+/// `model+lora` form resolves both parts, which must exist ([`crate::checkpoint::lora`]).
 fn locate_model(p: &str, base_dir: &Path, source: &Path, field: &str) -> Result<PathBuf> {
     let path = resolve_relative(p, base_dir);
     if path.exists() {
-        Ok(path)
-    } else {
-        Err(config_err(
-            source,
-            format!(
-                "{field}: `{p}` is not a local file or directory (looked in the working directory and in {}); symerge never downloads models",
-                base_dir.display()
-            ),
-        ))
+        return Ok(path);
     }
+    let lora = p
+        .match_indices('+')
+        .map(|(i, _)| (resolve_relative(&p[..i], base_dir), resolve_relative(&p[i + 1..], base_dir)));
+    if let Some((m, a)) = lora.clone().find(|(m, a)| m.exists() && a.exists()) {
+        return Ok(PathBuf::from(format!("{}+{}", m.display(), a.display())));
+    }
+    let dir = if base_dir.as_os_str().is_empty() { Path::new(".") } else { base_dir };
+    let what = match lora.clone().next() {
+        Some((m, a)) => format!(
+            "`{p}` is neither a local file or directory nor a model+lora pair of them ({} {}, {} {})",
+            m.display(),
+            if m.exists() { "exists" } else { "does not exist" },
+            a.display(),
+            if a.exists() { "exists" } else { "does not exist" }
+        ),
+        None => format!("`{p}` is not a local file or directory"),
+    };
+    Err(config_err(
+        source,
+        format!(
+            "{field}: {what} (looked in the working directory and in {}); symerge never downloads models",
+            dir.display()
+        ),
+    ))
 }
 
 fn same_path(a: &Path, b: &Path) -> bool {

@@ -12,13 +12,14 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::config::MergeConfig;
+use super::inputs::{Inputs, read_paths};
 use super::philox::name_hash;
 use super::select::Threshold;
 use super::slices::{self, Placement};
 use super::stats::{TensorPass, TensorStats};
 use super::{ChunkCtx, MergeMethod, TensorParams, density_thresholds};
 use crate::atomic::{Staging, check_output_apart, check_output_dir};
-use crate::checkpoint::dtype::{decode, encode_into};
+use crate::checkpoint::dtype::{decode, encode_into, round_all};
 use crate::checkpoint::layers::BlockKind;
 use crate::checkpoint::side_files::{copy_side_files, edit_config};
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
@@ -231,7 +232,7 @@ fn merge_ranked(
     coll: &mut dyn Collective,
 ) -> Result<MergeSummary> {
     let start = Instant::now();
-    let paths = config.referenced_models();
+    let paths: Vec<PathBuf> = config.referenced_models().iter().flat_map(|p| read_paths(p)).collect();
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_output_apart(&opts.output, &inputs)?;
     check_output_dir(&opts.output, opts.force)?;
@@ -401,6 +402,8 @@ struct Opened {
     donor: PathBuf,
     /// The inputs' embeddings permuted into the output vocabulary, when they had to be.
     aligned: Option<super::vocab::Aligned>,
+    /// Holds the adapted tensors of `model+lora` inputs.
+    _inputs: Inputs,
 }
 
 impl Opened {
@@ -408,12 +411,15 @@ impl Opened {
     /// (scratch beside `output`).
     fn open(config: &MergeConfig, output: &Path) -> Result<Self> {
         if !config.slices.is_empty() {
-            let plan = slices::plan(config, output)?;
+            let mut inputs = Inputs::new(output);
+            let plan = slices::plan(config, &mut inputs, output)?;
             let aligned = plan.aligned;
-            return Ok(Opened { ckpts: plan.views, slice_layers: Some(plan.layers), donor: plan.donor, aligned });
+            let (ckpts, slice_layers, donor) = (plan.views, Some(plan.layers), plan.donor);
+            return Ok(Opened { ckpts, slice_layers, donor, aligned, _inputs: inputs });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
-        let mut opened = paths.map(Checkpoint::open);
+        let mut inputs = Inputs::new(output);
+        let mut opened = paths.map(|p| inputs.open(p));
         let reference = opened
             .next()
             .ok_or_else(|| Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() })??;
@@ -424,7 +430,7 @@ impl Opened {
         ckpts.insert(0, reference);
         let donor = ckpts[0].dir.clone();
         let aligned = super::vocab::align(config, &mut ckpts, output)?;
-        Ok(Opened { ckpts, slice_layers: None, donor, aligned })
+        Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs })
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.
@@ -487,15 +493,6 @@ fn round_inputs(config: &MergeConfig, stream: &LayerStream<'_>) -> Option<FloatD
     (wider(stream.reference) || stream.inputs.iter().any(|c| wider(c))).then_some(d)
 }
 
-/// Rounds f32 values to `dtype`'s precision in place (mergekit casts its inputs to `dtype`).
-fn round_to(dtype: FloatDType, x: &mut [f32]) {
-    match dtype {
-        FloatDType::BF16 => x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
-        FloatDType::F16 => x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
-        FloatDType::F32 => {}
-    }
-}
-
 /// Every Lambda-table entry must name a tensor or block of the model: a typo would otherwise
 /// silently fall back to the config's weights.
 fn check_lambda_table(config: &MergeConfig, stream: &LayerStream<'_>) -> Result<()> {
@@ -554,7 +551,7 @@ impl<'a> Source<'a> {
         if let Some(d) = self.round
             && d.size() < self.dtype.size()
         {
-            round_to(d, out);
+            round_all(d, out);
         }
         if let Some(i) = first_non_finite(out) {
             return Err(Error::NonFinite {

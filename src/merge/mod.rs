@@ -17,6 +17,7 @@ pub mod della;
 pub mod engine;
 pub mod executor;
 pub mod gta;
+pub mod inputs;
 pub mod karcher;
 pub mod lambda_grad;
 pub mod linear;

@@ -19,6 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use super::config::{MergeConfig, SliceDef};
+use super::inputs::Inputs;
 use super::vocab;
 use crate::checkpoint::layers::{BlockKind, group_blocks, layer_of, renumber};
 use crate::checkpoint::{Checkpoint, TensorMeta};
@@ -51,9 +52,9 @@ pub struct Placement {
 /// Opens every model of `config` once and builds the views of its slices.
 /// With `tokenizer_source`, the models' token-indexed tensors are first permuted into its
 /// vocabulary ([`vocab::align_slices`], scratch beside `output`).
-pub fn plan(config: &MergeConfig, output: &Path) -> Result<SlicePlan> {
+pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<SlicePlan> {
     let paths = config.referenced_models();
-    let mut models = paths.iter().map(Checkpoint::open).collect::<Result<Vec<_>>>()?;
+    let mut models = paths.iter().map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
     let index = |p: &Path| paths.iter().position(|q| same_file(q, p)).unwrap_or(0);
     let aligned = vocab::align_slices(config, &mut models, index, output)?;
     let find = |p: &Path| -> &Checkpoint { &models[index(p)] };

@@ -58,6 +58,9 @@ pub fn apply(config: &MergeConfig, out: &Path, aligned: Option<&super::vocab::Al
 
 /// The directory holding a model given as a directory or as one of its files.
 pub(super) fn model_dir(p: &Path) -> PathBuf {
+    if let Some((model, _)) = crate::checkpoint::lora::split_ref(p) {
+        return model_dir(&model);
+    }
     if p.is_dir() { p.to_path_buf() } else { p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) }
 }
 

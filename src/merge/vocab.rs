@@ -23,7 +23,7 @@ use std::path::Path;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::atomic::Staging;
-use crate::checkpoint::dtype::{decode, encode_into};
+use crate::checkpoint::dtype::{decode, encode_into, round_all};
 use crate::checkpoint::layers::{BlockKind, group_blocks, layer_of};
 use crate::checkpoint::{Checkpoint, FloatDType, PlannedTensor, ShardWriter, TensorMeta};
 use crate::error::{Error, Result};
@@ -385,13 +385,6 @@ fn row_dtype(config: &MergeConfig, ckpts: &[Checkpoint], group: &Group, name: &s
     if dtypes.all(|d| d == first) { first } else { FloatDType::F32 }
 }
 
-/// `x` rounded to `dtype`'s precision.
-fn rounded(dtype: FloatDType, x: &mut [f32]) {
-    let mut bytes = vec![0u8; x.len() * dtype.size()];
-    encode_into(dtype, x, &mut bytes);
-    decode(dtype, &bytes, x);
-}
-
 /// Where the row of output token `j` that inputs lacking it share comes from.
 enum Fill {
     Own,
@@ -565,13 +558,13 @@ fn mean_row(
     for &d in from {
         let r = plan.perms[d][j].expect("present");
         read_row(config, &ckpts[d], name, r, &mut row)?;
-        rounded(dtype, &mut row);
+        round_all(dtype, &mut row);
         out.iter_mut().zip(&row).for_each(|(o, x)| *o += x);
-        rounded(dtype, out);
+        round_all(dtype, out);
     }
     let n = from.len() as f32;
     out.iter_mut().for_each(|o| *o /= n);
-    rounded(dtype, out);
+    round_all(dtype, out);
     Ok(())
 }
 

@@ -1,0 +1,226 @@
+//! mergekit's `model+lora` references: a PEFT LoRA adapter applied to its base before the merge,
+//! as mergekit 0.1.5 does with PEFT's `merge_and_unload` (`W + (B @ A) * alpha / r`, with
+//! `alpha / sqrt(r)` under `use_rslora`, `alpha_pattern` per module, `fan_in_fan_out` and
+//! embedding adapters transposed; tensors the adapter stores whole, such as `modules_to_save`,
+//! replace the base's). As in PEFT, the adapter's factors are first cast to the base tensor's
+//! dtype, their product is taken in f32 and rounded to that dtype, then added in it.
+//!
+//! Only the tensors the adapter touches are computed, one at a time, and written to a scratch
+//! directory; the result is the base checkpoint with those tensors read from there, so memory
+//! stays bounded by the largest tensor. DoRA and other PEFT methods are refused by name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::dtype::{decode, encode_into, round_all};
+use super::{Checkpoint, PlannedTensor, ShardWriter, TensorMeta};
+use crate::backend::{Backend, cpu::Cpu};
+use crate::error::{Error, Result};
+
+/// The parts of `model+lora` when `p` names no file itself and both parts exist (the first
+/// such `+` when several could split it).
+pub fn split_ref(p: &Path) -> Option<(PathBuf, PathBuf)> {
+    if p.exists() {
+        return None;
+    }
+    let s = p.to_str()?;
+    s.match_indices('+').find_map(|(i, _)| {
+        let (model, lora) = (PathBuf::from(&s[..i]), PathBuf::from(&s[i + 1..]));
+        (model.exists() && lora.exists()).then_some((model, lora))
+    })
+}
+
+/// `adapter_config.json`, the fields the merge reads.
+#[derive(serde::Deserialize)]
+struct AdapterConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    alpha_pattern: BTreeMap<String, f64>,
+}
+
+/// A low-rank update: `W += scale * B @ A`, `transposed` for `fan_in_fan_out` and embeddings
+/// (`(B @ A)^T`).
+struct Product<'a> {
+    a: &'a TensorMeta,
+    b: &'a TensorMeta,
+    scale: f32,
+    transposed: bool,
+}
+
+/// One change to a base tensor: the adapter's whole copy in its place (`modules_to_save`, a
+/// saved `base_layer`), then its low-rank update, either or both.
+#[derive(Default)]
+struct Change<'a> {
+    replace: Option<&'a TensorMeta>,
+    product: Option<Product<'a>>,
+}
+
+fn bad(path: &Path, reason: String) -> Error {
+    Error::BadIndex { path: path.to_path_buf(), reason }
+}
+
+/// `base` with the adapter in `lora_dir` applied; the changed tensors are written to `scratch`
+/// (created here), which must outlive the returned checkpoint's use.
+pub fn apply(base: Checkpoint, lora_dir: &Path, scratch: &Path) -> Result<Checkpoint> {
+    let cfg_path = lora_dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, format!("invalid: {e}")))?;
+    if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") || cfg.use_dora {
+        let kind = if cfg.use_dora { "DoRA".into() } else { cfg.peft_type.clone().unwrap_or_default() };
+        return Err(bad(&cfg_path, format!("a {kind} adapter; symerge applies LoRA adapters only")));
+    }
+    if cfg.r == 0 {
+        return Err(bad(&cfg_path, "r is 0".into()));
+    }
+    let file = lora_dir.join("adapter_model.safetensors");
+    if !file.is_file() {
+        return Err(bad(lora_dir, "no adapter_model.safetensors (a pickled adapter_model.bin is not read)".into()));
+    }
+    let adapter = Checkpoint::open(&file)?;
+    let changes = plan(&base, &adapter, &cfg, &file)?;
+    let planned = changes
+        .iter()
+        .map(|(name, _)| {
+            let t = base.get(name).expect("planned from the base");
+            PlannedTensor { name: name.clone(), dtype: t.dtype, shape: t.shape.clone() }
+        })
+        .collect();
+    std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+    let mut writer = ShardWriter::create(scratch, planned, u64::MAX)?;
+    for (name, change) in &changes {
+        let t = base.get(name).expect("planned from the base");
+        writer.write(name, &changed(&base, t, &adapter, change)?)?;
+    }
+    writer.finish()?;
+    let done = Checkpoint::open(scratch)?;
+    let parts: Vec<(&Checkpoint, &TensorMeta, String)> = base
+        .tensors
+        .iter()
+        .map(|t| (done.get(&t.name).map_or((&base, t), |d| (&done, d)), t.name.clone()))
+        .map(|((c, m), n)| (c, m, n))
+        .collect();
+    let label = PathBuf::from(format!("{}+{}", base.path.display(), lora_dir.display()));
+    tracing::info!("{}: {} tensors changed by the adapter", label.display(), changes.len());
+    Checkpoint::compose(label, base.dir.clone(), &parts, base.config.clone())
+}
+
+/// Every base tensor the adapter changes, and how, checked against the base's shapes.
+fn plan<'a>(
+    base: &Checkpoint,
+    adapter: &'a Checkpoint,
+    cfg: &AdapterConfig,
+    file: &Path,
+) -> Result<Vec<(String, Change<'a>)>> {
+    let mut out: BTreeMap<String, Change<'a>> = BTreeMap::new();
+    for t in &adapter.tensors {
+        let key = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name).replace(".base_layer.", ".");
+        if key.contains("lora_magnitude_vector") {
+            return Err(bad(
+                file,
+                format!("tensor `{}` belongs to a DoRA adapter, which symerge does not apply", t.name),
+            ));
+        }
+        let (module, embedding) = if let Some(m) = key.strip_suffix(".lora_A.weight") {
+            (m, false)
+        } else if let Some(m) = key.strip_suffix(".lora_embedding_A") {
+            (m, true)
+        } else if key.ends_with(".lora_B.weight") || key.ends_with(".lora_embedding_B") {
+            continue;
+        } else if key.contains(".lora_") {
+            return Err(bad(file, format!("tensor `{}`: an adapter part symerge does not know", t.name)));
+        } else {
+            out.entry(key).or_default().replace = Some(t);
+            continue;
+        };
+        let (a_part, b_part) = if embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A", "lora_B") };
+        let b_name = t.name.replace(a_part, b_part);
+        let b = adapter.get(&b_name).ok_or_else(|| bad(file, format!("`{}` has no `{b_name}`", t.name)))?;
+        let r = t.shape.first().copied().unwrap_or(0);
+        let alpha = alpha_for(module, cfg);
+        let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let transposed = embedding || cfg.fan_in_fan_out;
+        let product = Product { a: t, b, scale: scale as f32, transposed };
+        out.entry(format!("{module}.weight")).or_default().product = Some(product);
+    }
+    let mut changes = Vec::with_capacity(out.len());
+    for (name, change) in out {
+        let w = base.get(&name).ok_or_else(|| {
+            bad(file, format!("the adapter changes `{name}`, which the base model {} lacks", base.path.display()))
+        })?;
+        let mut shapes = Vec::new();
+        if let Some(t) = change.replace {
+            shapes.push(t.shape.clone());
+        }
+        if let Some(Product { a, b, transposed, .. }) = &change.product {
+            let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.shape[0] == b.shape[1] && a.shape[0] > 0;
+            if !ok {
+                return Err(bad(
+                    file,
+                    format!("`{}` {:?} and `{}` {:?} do not multiply", b.name, b.shape, a.name, a.shape),
+                ));
+            }
+            shapes.push(if *transposed { vec![a.shape[1], b.shape[0]] } else { vec![b.shape[0], a.shape[1]] });
+        }
+        if let Some(want) = shapes.iter().find(|s| **s != w.shape).or(w.float_dtype().is_none().then_some(&w.shape)) {
+            return Err(bad(
+                file,
+                format!("the adapter gives `{name}` shape {want:?}, but the base's is {:?} {:?}", w.shape, w.dtype),
+            ));
+        }
+        changes.push((name, change));
+    }
+    Ok(changes)
+}
+
+/// `alpha_pattern`'s value for `module` (a key matching it as a dotted-name suffix), else
+/// `lora_alpha`.
+fn alpha_for(module: &str, cfg: &AdapterConfig) -> f64 {
+    let hit = cfg.alpha_pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")));
+    hit.map_or(cfg.lora_alpha, |(_, a)| *a)
+}
+
+/// Tensor `w` of `base` after `change`, in its stored dtype.
+fn changed(base: &Checkpoint, w: &TensorMeta, adapter: &Checkpoint, change: &Change<'_>) -> Result<Vec<u8>> {
+    let dtype = w.float_dtype().expect("checked float");
+    let read = |ck: &Checkpoint, t: &TensorMeta| -> Result<Vec<f32>> {
+        let from =
+            t.float_dtype().ok_or_else(|| bad(&ck.path, format!("tensor `{}` is not a float tensor", t.name)))?;
+        let mut v = vec![0f32; t.numel()];
+        decode(from, ck.bytes(t), &mut v);
+        round_all(dtype, &mut v);
+        Ok(v)
+    };
+    let mut wv = match change.replace {
+        Some(t) => read(adapter, t)?,
+        None => {
+            let mut v = vec![0f32; w.numel()];
+            decode(dtype, base.bytes(w), &mut v);
+            v
+        }
+    };
+    if let Some(Product { a, b, scale, transposed }) = &change.product {
+        let (av, bv) = (read(adapter, a)?, read(adapter, b)?);
+        let (r, inp, outp) = (a.shape[0], a.shape[1], b.shape[0]);
+        let mut delta = vec![0f32; inp * outp];
+        if *transposed {
+            Cpu.gemm(true, true, inp, outp, r, 1.0, &av, &bv, 0.0, &mut delta)?;
+        } else {
+            Cpu.gemm(false, false, outp, inp, r, 1.0, &bv, &av, 0.0, &mut delta)?;
+        }
+        delta.iter_mut().for_each(|d| *d *= scale);
+        round_all(dtype, &mut delta);
+        wv.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
+    }
+    let mut out = vec![0u8; w.nbytes()];
+    encode_into(dtype, &wv, &mut out);
+    Ok(out)
+}

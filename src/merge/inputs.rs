@@ -1,0 +1,41 @@
+//! Opening a merge's inputs: checkpoints, and mergekit's `model+lora` references, whose adapted
+//! tensors go to a hidden directory beside the output (removed with it, signals included).
+
+use std::path::{Path, PathBuf};
+
+use crate::atomic::Staging;
+use crate::checkpoint::{Checkpoint, lora};
+use crate::error::Result;
+
+/// Opens inputs for a merge into `output`; holds the adapted tensors until it is dropped.
+pub struct Inputs {
+    output: PathBuf,
+    scratch: Option<Staging>,
+    adapted: usize,
+}
+
+impl Inputs {
+    pub fn new(output: &Path) -> Self {
+        Inputs { output: output.to_path_buf(), scratch: None, adapted: 0 }
+    }
+
+    /// The checkpoint at `p`, with its adapter applied when `p` is `model+lora`.
+    pub fn open(&mut self, p: &Path) -> Result<Checkpoint> {
+        let Some((model, adapter)) = lora::split_ref(p) else { return Checkpoint::open(p) };
+        if self.scratch.is_none() {
+            let name = self.output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+            self.scratch = Some(Staging::create(&self.output.with_file_name(format!("{name}.lora")))?);
+        }
+        let dir = self.scratch.as_ref().expect("created above").path().join(format!("a{}", self.adapted));
+        self.adapted += 1;
+        lora::apply(Checkpoint::open(&model)?, &adapter, &dir)
+    }
+}
+
+/// The paths `p` reads: the model and the adapter of a `model+lora` reference, else `p`.
+pub fn read_paths(p: &Path) -> Vec<PathBuf> {
+    match lora::split_ref(p) {
+        Some((m, a)) => vec![m, a],
+        None => vec![p.to_path_buf()],
+    }
+}
