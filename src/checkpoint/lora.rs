@@ -2,8 +2,8 @@
 //! as mergekit 0.1.5 does with PEFT's `merge_and_unload` (`W + (B @ A) * alpha / r`, with
 //! `alpha / sqrt(r)` under `use_rslora`, `alpha_pattern` per module, `fan_in_fan_out` and
 //! embedding adapters transposed; tensors the adapter stores whole, such as `modules_to_save`,
-//! replace the base's). As in PEFT, the adapter's factors are first cast to the base tensor's
-//! dtype, their product is taken in f32 and rounded to that dtype, then added in it.
+//! replace the base's). As in PEFT (whose adapters stay in f32 over a bf16 or f16 model), the
+//! update is computed in f32 and added to the stored weight in f32, rounded once to its dtype.
 //!
 //! Only the tensors the adapter touches are computed, one at a time, and written to a scratch
 //! directory; the result is the base checkpoint with those tensors read from there, so memory
@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::dtype::{decode, encode_into, round_all};
+use super::dtype::{decode, encode_into};
 use super::{Checkpoint, PlannedTensor, ShardWriter, TensorMeta};
 use crate::backend::{Backend, cpu::Cpu};
 use crate::error::{Error, Result};
@@ -196,7 +196,6 @@ fn changed(base: &Checkpoint, w: &TensorMeta, adapter: &Checkpoint, change: &Cha
             t.float_dtype().ok_or_else(|| bad(&ck.path, format!("tensor `{}` is not a float tensor", t.name)))?;
         let mut v = vec![0f32; t.numel()];
         decode(from, ck.bytes(t), &mut v);
-        round_all(dtype, &mut v);
         Ok(v)
     };
     let mut wv = match change.replace {
@@ -217,7 +216,6 @@ fn changed(base: &Checkpoint, w: &TensorMeta, adapter: &Checkpoint, change: &Cha
             Cpu.gemm(false, false, outp, inp, r, 1.0, &bv, &av, 0.0, &mut delta)?;
         }
         delta.iter_mut().for_each(|d| *d *= scale);
-        round_all(dtype, &mut delta);
         wv.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
     }
     let mut out = vec![0u8; w.nbytes()];

@@ -4,6 +4,7 @@ merge), for tests/mergekit_parity.rs.
 
 Writes under tests/fixtures/mergekit_lora/:
   base/, expert-1/, expert-2/   copies of tests/fixtures/mergekit's tiny Llama and two experts
+  expert-3/ expert-1 stored in bf16
   lora-1/   a PEFT LoRA adapter of the base (r 4, alpha 8, q/v/down projections), random A and B
   lora-2/   r 2, alpha 5 with use_rslora, alpha_pattern v_proj: 3, an embedding adapter on
             embed_tokens and lm_head in modules_to_save (stored whole)
@@ -40,6 +41,10 @@ LORAS = {
 def make_inputs(out):
     for name in ("base", "expert-1", "expert-2"):
         shutil.copytree(SRC / name, out / name)
+    # expert-3: expert-1 stored in bf16 (PEFT keeps a LoRA in f32 over it and rounds once).
+    shutil.copytree(SRC / "expert-1", out / "expert-3")
+    t = load_file(str(out / "expert-3" / "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in t.items()}, str(out / "expert-3" / "model.safetensors"))
     for i, (name, spec) in enumerate(LORAS.items()):
         torch.manual_seed(100 + i)
         model = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
@@ -51,6 +56,7 @@ def make_inputs(out):
                 elif "modules_to_save" in n:
                     p.add_(0.05 * torch.randn_like(p))
         peft.save_pretrained(str(out / name))
+        (out / name / "README.md").unlink(missing_ok=True)
 
 
 L1, L2 = "{lora-1}", "{lora-2}"
@@ -59,6 +65,7 @@ CASES = {
     "lora_linear_alone": {"merge_method": "linear", "models": models(("{base}+" + L2, {"weight": 1.0}))},
     "lora_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "{base}",
                              "models": models(("{expert-1}+" + L1, {"weight": 0.6}), ("{expert-2}+" + L2, {"weight": 0.4}))},
+    "lora_bf16_alone": {"merge_method": "linear", "dtype": "float32", "models": models(("{expert-3}+" + L1, {"weight": 1.0}))},
     "lora_ties_base": {"merge_method": "ties", "base_model": "{base}+" + L1,
                        "models": models(("{expert-1}", {"weight": 1.0, "density": 0.5}),
                                         ("{expert-2}+" + L2, {"weight": 0.7, "density": 0.6}))},
@@ -66,7 +73,7 @@ CASES = {
 
 
 def run_case(name, case, out):
-    paths = {n: str(out / n) for n in ("base", "expert-1", "expert-2", "lora-1", "lora-2")}
+    paths = {n: str(out / n) for n in ("base", "expert-1", "expert-2", "expert-3", "lora-1", "lora-2")}
     cfg = dict({"dtype": "float32"}, **fill(case, paths))
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cache:
         run_merge(MergeConfiguration.model_validate(cfg), tmp,
