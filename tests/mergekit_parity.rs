@@ -732,6 +732,39 @@ fn a_token_source_outside_the_merge_is_refused() {
     assert_eq!(left.len(), 1, "only the config remains: {left:?}");
 }
 
+/// As mergekit's, the output carries its merge config verbatim (`mergekit_config.yml`) and a model
+/// card naming the merged models and the method; the base's own card, merge config and weight
+/// indexes stay behind.
+#[test]
+fn the_output_carries_its_config_and_a_card_not_the_donors() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join("base").join(f), base.join(f)).unwrap();
+    }
+    std::fs::write(base.join("README.md"), "# the base model's own card\n").unwrap();
+    std::fs::write(base.join("mergekit_config.yml"), "merge_method: made-the-base\n").unwrap();
+    std::fs::write(base.join("pytorch_model.bin.index.json"), "{}").unwrap();
+    std::fs::write(base.join("generation_config.json"), "{}").unwrap();
+    let yaml = format!(
+        "# my merge\nmerge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
+        base.display(),
+        dir.join("expert-1").display()
+    );
+    merge_yaml(tmp.path(), "m", &yaml);
+    let out = tmp.path().join("m");
+    assert_eq!(std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(), yaml);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nbase_model:\n"), "{card}");
+    assert!(card.contains("`task_arithmetic`") && card.contains(&dir.join("expert-1").display().to_string()), "{card}");
+    assert!(card.contains("# my merge"), "the config is in the card: {card}");
+    assert!(!card.contains("own card"), "{card}");
+    assert!(!out.join("pytorch_model.bin.index.json").exists());
+    assert!(out.join("generation_config.json").exists(), "other side files are still copied");
+}
+
 /// A tokenizer whose ids run past its model's embedding rows is an error naming the model and
 /// the tensor, and leaves no output or hidden directory behind.
 #[test]

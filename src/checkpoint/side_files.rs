@@ -10,9 +10,14 @@ use crate::error::{Error, Result};
 /// Extensions of weight files that are never copied beside the merged weights.
 const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "bin", "pt", "pth", "ckpt", "h5", "msgpack", "ot", "onnx", "gguf"];
 
+/// Files that describe the donor model rather than a model derived from it (its model card, the
+/// merge config that made it), never carried over; nor is any weight index (`*.index.json`).
+const DONOR_ONLY: &[&str] = &["README.md", "mergekit_config.yml"];
+
 /// Copies `config.json`, tokenizer files and other small non-weight files (recursively, e.g. a
 /// sentence-transformers `1_Pooling/`) from `src` into the output, updating `torch_dtype` in the
-/// top-level `config.json` when the output dtype changes.
+/// top-level `config.json` when the output dtype changes; the donor's own model card and merge
+/// config stay behind.
 pub fn copy_side_files(src: &Path, dst: &Path, out_dtype: Option<FloatDType>) -> Result<()> {
     copy_side_dir(src, dst, out_dtype, true)
 }
@@ -32,7 +37,8 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: boo
             continue;
         }
         let is_weights = path.extension().is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
-        if !path.is_file() || is_weights || name == INDEX_NAME || name == SINGLE_NAME {
+        let donor_only = top && (DONOR_ONLY.contains(&name.as_str()) || name.ends_with(".index.json"));
+        if !path.is_file() || is_weights || donor_only || name == INDEX_NAME || name == SINGLE_NAME {
             continue;
         }
         match (top && name == "config.json", out_dtype) {

@@ -154,6 +154,8 @@ pub struct MergeConfig {
     pub pad_to_multiple_of: Option<usize>,
     /// `chat_template`: a template's text, or `auto` (the most common one among the inputs).
     pub chat_template: Option<String>,
+    /// The config's text as given (written beside the output as `mergekit_config.yml`).
+    pub text: String,
 }
 
 /// The models one tensor merges and the `parameters` between theirs and the top-level ones.
@@ -334,6 +336,7 @@ impl MergeConfig {
             tokens,
             pad_to_multiple_of,
             chat_template: raw.chat_template,
+            text: text.to_string(),
         })
     }
 

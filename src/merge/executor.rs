@@ -452,7 +452,8 @@ impl Opened {
                 }
             })?;
         }
-        super::tokenizer::apply(config, dst, self.aligned.as_ref())
+        super::tokenizer::apply(config, dst, self.aligned.as_ref())?;
+        super::card::write(config, dst)
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod arcee_fusion;
 pub mod breadcrumbs;
+pub mod card;
 pub mod catalog;
 pub mod config;
 pub mod dare;
