@@ -27,6 +27,7 @@ pub mod labels;
 pub mod logits;
 pub mod merge;
 pub mod model;
+pub mod ordered_map;
 pub mod progress;
 pub mod report;
 pub mod sysinfo;

@@ -90,7 +90,7 @@ fn every_method_matches_mergekit_0_1_5() {
 fn differing_vocabularies_are_permuted_as_mergekit_does() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&dir, tmp.path(), 11);
+    check_cases(&dir, tmp.path(), 12);
     let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p).unwrap().get_vocab(true);
     for entry in std::fs::read_dir(dir.join("out")).unwrap() {
         let path = entry.unwrap().path();
@@ -512,10 +512,6 @@ fn slices_errors_name_the_key() {
             "tokenizer and tokenizer_source",
         ),
         (
-            format!("merge_method: linear\ntokenizer: {{tokens: {{a: {{force: true}}}}}}\nmodels:\n  - model: {e1}\n"),
-            "tokenizer.tokens.\"a\": needs a `source`",
-        ),
-        (
             format!(
                 "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: mean}}}}}}}}\nmodels:\n  - model: {e1}\n"
             ),
@@ -528,8 +524,16 @@ fn slices_errors_name_the_key() {
             "model_token needs a `model` and one of `token`, `token_id`",
         ),
         (
-            format!("merge_method: linear\ntokenizer: {{pad_to_multiple_of: 0}}\nmodels:\n  - model: {e1}\n"),
-            "tokenizer.pad_to_multiple_of: must be at least 1",
+            format!(
+                "merge_method: linear\ntokenizer: {{pad_to_multiple_of: 18446744073709551615}}\nmodels:\n  - model: {e1}\n"
+            ),
+            "tokenizer.pad_to_multiple_of: 18446744073709551615 is more than 65536",
+        ),
+        (
+            format!(
+                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {e1}}}, a: {{force: true}}}}}}\nmodels:\n  - model: {e1}\n"
+            ),
+            "given twice",
         ),
         (
             format!("merge_method: linear\ntokenizer: {{source: {e1}, padding: 8}}\nmodels:\n  - model: {e1}\n"),
@@ -712,6 +716,19 @@ fn an_expert_with_a_tied_head_lends_its_embeddings() {
         assert!((got[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "lm_head[{i}]: {} vs {want}", got[i]);
     }
     assert_ne!(emb, &e1["lm_head.weight"].2, "the fixture's untied head differs from its embeddings");
+    // The tied model as the base: the output still gets a merged head, the base's embeddings as
+    // its head (mergekit plans every tensor any input stores).
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.25}}\n",
+        tied.display(),
+        dir.join("expert-2").display()
+    );
+    let out = merge_yaml(tmp.path(), "t2", &yaml);
+    let got = &out["lm_head.weight"].2;
+    for i in 0..b.len() {
+        let want = emb[i] + 0.25 * (h2[i] - emb[i]);
+        assert!((got[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "lm_head[{i}]: {} vs {want}", got[i]);
+    }
 }
 
 /// A `tokenizer.tokens` source must be one of the models merging the token's rows, as in
@@ -757,12 +774,45 @@ fn the_output_carries_its_config_and_a_card_not_the_donors() {
     let out = tmp.path().join("m");
     assert_eq!(std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(), yaml);
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model:\n"), "{card}");
+    assert!(card.starts_with("---\nlibrary_name: transformers\n"), "{card}");
     assert!(card.contains("`task_arithmetic`") && card.contains(&dir.join("expert-1").display().to_string()), "{card}");
     assert!(card.contains("# my merge"), "the config is in the card: {card}");
     assert!(!card.contains("own card"), "{card}");
     assert!(!out.join("pytorch_model.bin.index.json").exists());
     assert!(out.join("generation_config.json").exists(), "other side files are still copied");
+}
+
+/// A multimodal config states its vocabulary in `text_config.vocab_size`: that is where the
+/// output's goes (mergekit's `vocab_size_config_key`), and a top-level key is not made up.
+#[test]
+fn a_vocabulary_under_text_config_is_read_and_set_there() {
+    let dir = vocab_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for m in ["base", "expert-1"] {
+        let to = tmp.path().join(m);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(dir.join(m).join(f), to.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(m).join("config.json")).unwrap()).unwrap();
+        let n = cfg.as_object_mut().unwrap().remove("vocab_size").unwrap();
+        cfg["text_config"] = serde_json::json!({ "vocab_size": n });
+        std::fs::write(to.join("config.json"), cfg.to_string()).unwrap();
+        paths.push(to);
+    }
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {b}\ntokenizer_source: {e}\nmodels:\n  - model: {e}\n    parameters: {{weight: 0.5}}\n",
+        b = paths[0].display(),
+        e = paths[1].display()
+    );
+    let out = merge_yaml(tmp.path(), "mm", &yaml);
+    assert_eq!(out["model.embed_tokens.weight"].1, vec![34, 16]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("mm/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["text_config"]["vocab_size"], 34, "{cfg}");
+    assert!(cfg.get("vocab_size").is_none(), "{cfg}");
 }
 
 /// A tokenizer whose ids run past its model's embedding rows is an error naming the model and

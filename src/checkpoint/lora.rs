@@ -1,6 +1,6 @@
 //! mergekit's `model+lora` references: a PEFT LoRA adapter applied to its base before the merge,
 //! as mergekit 0.1.5 does with PEFT's `merge_and_unload` (`W + (B @ A) * alpha / r`, with
-//! `alpha / sqrt(r)` under `use_rslora`, `alpha_pattern` per module, `fan_in_fan_out` and
+//! `alpha / sqrt(r)` under `use_rslora`, `alpha_pattern` per module, GPT-2 `Conv1D` and
 //! embedding adapters transposed; tensors the adapter stores whole, such as `modules_to_save`,
 //! replace the base's). As in PEFT (whose adapters stay in f32 over a bf16 or f16 model), the
 //! update is computed in f32 and added to the stored weight in f32, rounded once to its dtype.
@@ -41,10 +41,12 @@ struct AdapterConfig {
     use_rslora: bool,
     #[serde(default)]
     use_dora: bool,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    alpha_pattern: BTreeMap<String, f64>,
+    /// PEFT's `rank_pattern` and `alpha_pattern`, in order: a module takes the first key of
+    /// either that matches it (its rank is the factors' own).
+    #[serde(default, deserialize_with = "crate::ordered_map::entries")]
+    rank_pattern: Vec<(String, serde_json::Value)>,
+    #[serde(default, deserialize_with = "crate::ordered_map::entries")]
+    alpha_pattern: Vec<(String, f64)>,
 }
 
 /// A low-rank update: `W += scale * B @ A`, `transposed` for `fan_in_fan_out` and embeddings
@@ -145,9 +147,9 @@ fn plan<'a>(
         let b_name = t.name.replace(a_part, b_part);
         let b = adapter.get(&b_name).ok_or_else(|| bad(file, format!("`{}` has no `{b_name}`", t.name)))?;
         let r = t.shape.first().copied().unwrap_or(0);
-        let alpha = alpha_for(module, cfg);
+        let alpha = alpha_for(module, cfg).map_err(|e| bad(file, e))?;
         let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        let transposed = embedding || cfg.fan_in_fan_out;
+        let transposed = embedding || is_conv1d(module);
         let product = Product { a: t, b, scale: scale as f32, transposed };
         out.entry(format!("{module}.weight")).or_default().product = Some(product);
     }
@@ -181,11 +183,26 @@ fn plan<'a>(
     Ok(changes)
 }
 
-/// `alpha_pattern`'s value for `module` (a key matching it as a dotted-name suffix), else
-/// `lora_alpha`.
-fn alpha_for(module: &str, cfg: &AdapterConfig) -> f64 {
-    let hit = cfg.alpha_pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")));
-    hit.map_or(cfg.lora_alpha, |(_, a)| *a)
+/// The alpha PEFT gives `module`: the first key of `rank_pattern` then `alpha_pattern` matching
+/// it as PEFT's `get_pattern_key` matches (`(.*\.)?(KEY)$`, KEY a regular expression) decides,
+/// and its `alpha_pattern` value (else `lora_alpha`) applies.
+fn alpha_for(module: &str, cfg: &AdapterConfig) -> std::result::Result<f64, String> {
+    let keys = cfg.rank_pattern.iter().map(|(k, _)| k).chain(cfg.alpha_pattern.iter().map(|(k, _)| k));
+    for key in keys {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
+            format!("rank_pattern/alpha_pattern key {key:?} is not a regular expression symerge reads: {e}")
+        })?;
+        if re.is_match(module) {
+            return Ok(cfg.alpha_pattern.iter().find(|(k, _)| k == key).map_or(cfg.lora_alpha, |(_, a)| *a));
+        }
+    }
+    Ok(cfg.lora_alpha)
+}
+
+/// Whether PEFT wraps `module` as a GPT-2 style `Conv1D` (weights stored `[in, out]`), for which
+/// it transposes the update whatever `fan_in_fan_out` says (and ignores the flag elsewhere).
+fn is_conv1d(module: &str) -> bool {
+    module.rsplit('.').next().is_some_and(|last| last.starts_with("c_"))
 }
 
 /// Tensor `w` of `base` after `change`, in its stored dtype.

@@ -19,11 +19,9 @@ pub fn write(config: &MergeConfig, dst: &Path) -> Result<()> {
 
 fn card_text(config: &MergeConfig, yaml: &str) -> String {
     let models = config.referenced_models();
-    let mut out = String::from("---\nbase_model:\n");
-    for m in &models {
-        let _ = writeln!(out, "- {}", yaml_string(&m.display().to_string()));
-    }
-    out.push_str("library_name: transformers\ntags:\n- mergekit\n- merge\n- symerge\n---\n");
+    // No `base_model` metadata: the Hub takes only its own model ids there, and symerge's inputs
+    // are local paths (mergekit lists only the ids among its models).
+    let mut out = String::from("---\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- symerge\n---\n");
     let name = config.source.file_stem().map_or_else(|| "merge".into(), |s| s.to_string_lossy().into_owned());
     let _ = writeln!(out, "# {name}\n");
     out.push_str("A merge of pretrained language models, made with symerge from a mergekit configuration.\n\n");
@@ -40,19 +38,4 @@ fn card_text(config: &MergeConfig, yaml: &str) -> String {
     }
     let _ = write!(out, "\n## Configuration\n\n```yaml\n{}\n```\n", yaml.trim_end());
     out
-}
-
-/// `s` as a YAML scalar that stays one string whatever it holds.
-fn yaml_string(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serialises")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn odd_paths_stay_one_yaml_string() {
-        assert_eq!(yaml_string("a: b # c"), "\"a: b # c\"");
-    }
 }

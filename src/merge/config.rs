@@ -57,8 +57,8 @@ struct RawConfig {
 struct RawTokenizer {
     #[serde(default)]
     source: Option<String>,
-    #[serde(default)]
-    tokens: BTreeMap<String, RawTokenEmbedding>,
+    #[serde(default, deserialize_with = "crate::ordered_map::entries")]
+    tokens: Vec<(String, RawTokenEmbedding)>,
     #[serde(default)]
     pad_to_multiple_of: Option<usize>,
 }
@@ -72,13 +72,15 @@ struct RawTokenEmbedding {
     force: bool,
 }
 
-/// A model path, or `{kind: zero}`, or `{kind: model_token, model, token | token_id}`.
+/// A model path (or `{model: path}`), or `{kind: zero}`, or
+/// `{kind: model_token, model, token | token_id}`.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawEmbedSource {
     Model(String),
     Kind {
-        kind: String,
+        #[serde(default)]
+        kind: Option<String>,
         #[serde(default)]
         model: Option<String>,
         #[serde(default)]
@@ -147,8 +149,9 @@ pub struct MergeConfig {
     pub slices: Vec<SliceDef>,
     /// Whose tokenizer files the output gets (`tokenizer_source`, or `tokenizer.source`).
     pub tokenizer_source: Option<TokenizerSource>,
-    /// `tokenizer.tokens`: where given tokens' embedding rows come from.
-    pub tokens: BTreeMap<String, TokenEmbedding>,
+    /// `tokenizer.tokens` in the order written: tokens the output vocabulary lacks are added to
+    /// it in that order, and where given tokens' embedding rows come from.
+    pub tokens: Vec<(String, TokenEmbedding)>,
     /// `tokenizer.pad_to_multiple_of`: the output's rows rounded up to a multiple of it, the
     /// padding rows each model's mean row.
     pub pad_to_multiple_of: Option<usize>,
@@ -212,7 +215,9 @@ impl SliceDef {
 /// (for every model when `force`d).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEmbedding {
-    pub source: EmbedSource,
+    /// `None`: the token's rows are the usual ones, and an error where it needs a configured one
+    /// (as in mergekit).
+    pub source: Option<EmbedSource>,
     pub force: bool,
 }
 
@@ -524,9 +529,13 @@ impl MergeConfig {
     }
 }
 
+/// Largest `pad_to_multiple_of` taken (mergekit's users pad to 8 .. 128): a larger one would add
+/// more padding rows than any vocabulary has tokens.
+const MAX_PAD_MULTIPLE: usize = 1 << 16;
+
 /// `tokenizer_source`, or the `tokenizer:` block (whose `source` defaults to `union`, as in
 /// mergekit): the source, the configured tokens and the padding multiple.
-type TokenizerParts = (Option<TokenizerSource>, BTreeMap<String, TokenEmbedding>, Option<usize>);
+type TokenizerParts = (Option<TokenizerSource>, Vec<(String, TokenEmbedding)>, Option<usize>);
 
 fn parse_tokenizer(raw: &mut RawConfig, base_dir: &Path, source: &Path) -> Result<TokenizerParts> {
     let block = raw.tokenizer.take();
@@ -541,35 +550,44 @@ fn parse_tokenizer(raw: &mut RawConfig, base_dir: &Path, source: &Path) -> Resul
         Some("union") => Some(TokenizerSource::Union),
         Some(p) => Some(TokenizerSource::Model(locate_model(p, base_dir, source, field)?)),
     };
-    let Some(block) = block else { return Ok((src, BTreeMap::new(), None)) };
-    if block.pad_to_multiple_of == Some(0) {
-        return Err(config_err(source, "tokenizer.pad_to_multiple_of: must be at least 1"));
+    let Some(block) = block else { return Ok((src, Vec::new(), None)) };
+    if let Some(m) = block.pad_to_multiple_of.filter(|m| *m > MAX_PAD_MULTIPLE) {
+        return Err(config_err(source, format!("tokenizer.pad_to_multiple_of: {m} is more than {MAX_PAD_MULTIPLE}")));
     }
-    let mut tokens = BTreeMap::new();
+    let mut tokens: Vec<(String, TokenEmbedding)> = Vec::new();
     for (token, t) in block.tokens {
         let field = format!("tokenizer.tokens.{token:?}");
         let bad = |why: &str| config_err(source, format!("{field}: {why}"));
+        if tokens.iter().any(|(t, _)| *t == token) {
+            return Err(bad("given twice"));
+        }
         let model = |p: &str| locate_model(p, base_dir, source, &format!("{field}.source"));
         let source = match t.source {
-            None => return Err(bad("needs a `source` (a model, {kind: zero} or {kind: model_token, ...})")),
-            Some(RawEmbedSource::Model(p)) => EmbedSource::Model(model(&p)?),
-            Some(RawEmbedSource::Kind { kind, model: m, token, token_id }) => match (kind.as_str(), m, token, token_id)
-            {
-                ("zero", None, None, None) => EmbedSource::Zero,
-                ("model_token", Some(m), Some(t), None) => {
-                    EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Text(t) }
-                }
-                ("model_token", Some(m), None, Some(id)) => {
-                    EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Id(id) }
-                }
-                ("model_token", ..) => return Err(bad("model_token needs a `model` and one of `token`, `token_id`")),
-                ("zero", ..) => return Err(bad("kind zero takes no other field")),
-                (k, ..) => return Err(bad(&format!("unknown kind `{k}` (zero, model_token)"))),
-            },
+            None => None,
+            Some(RawEmbedSource::Model(p)) => Some(EmbedSource::Model(model(&p)?)),
+            Some(RawEmbedSource::Kind { kind, model: m, token, token_id }) => {
+                Some(match (kind.as_deref(), m, token, token_id) {
+                    (None, Some(m), None, None) => EmbedSource::Model(model(&m)?),
+                    (Some("zero"), None, None, None) => EmbedSource::Zero,
+                    (Some("model_token"), Some(m), Some(t), None) => {
+                        EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Text(t) }
+                    }
+                    (Some("model_token"), Some(m), None, Some(id)) => {
+                        EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Id(id) }
+                    }
+                    (Some("model_token"), ..) => {
+                        return Err(bad("model_token needs a `model` and one of `token`, `token_id`"));
+                    }
+                    (Some("zero"), ..) => return Err(bad("kind zero takes no other field")),
+                    (None, ..) => return Err(bad("a source without `kind` is a model: give only `model`")),
+                    (Some(k), ..) => return Err(bad(&format!("unknown kind `{k}` (zero, model_token)"))),
+                })
+            }
         };
-        tokens.insert(token, TokenEmbedding { source, force: t.force });
+        tokens.push((token, TokenEmbedding { source, force: t.force }));
     }
-    Ok((src, tokens, block.pad_to_multiple_of))
+    // mergekit pads only to a positive multiple.
+    Ok((src, tokens, block.pad_to_multiple_of.filter(|m| *m > 0)))
 }
 
 /// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.

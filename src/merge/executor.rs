@@ -419,16 +419,11 @@ impl Opened {
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
         let mut inputs = Inputs::new(output);
-        let mut opened = paths.map(|p| inputs.open(p));
-        let reference = opened
-            .next()
-            .ok_or_else(|| Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() })??;
-        let mut ckpts = vec![];
-        for ck in opened {
-            ckpts.push(super::tied::with_tied_heads(&reference, ck?)?);
-        }
-        ckpts.insert(0, reference);
-        let donor = ckpts[0].dir.clone();
+        let opened = paths.map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
+        let mut ckpts = super::tied::tie_missing_heads(opened)?;
+        let Some(donor) = ckpts.first().map(|c| c.dir.clone()) else {
+            return Err(Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() });
+        };
         let aligned = super::vocab::align(config, &mut ckpts, output)?;
         Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs })
     }
@@ -446,11 +441,7 @@ impl Opened {
             edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n).unwrap_or_default())?;
         }
         if let Some(n) = self.aligned.as_ref().map(|a| a.vocab_size) {
-            edit_config(dst, |cfg| {
-                if let Some(c) = cfg.as_object_mut() {
-                    c.insert("vocab_size".into(), n.into());
-                }
-            })?;
+            edit_config(dst, |cfg| super::vocab::set_vocab_size(cfg, n))?;
         }
         super::tokenizer::apply(config, dst, self.aligned.as_ref())?;
         super::card::write(config, dst)

@@ -54,7 +54,8 @@ pub struct Placement {
 /// vocabulary ([`vocab::align_slices`], scratch beside `output`).
 pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<SlicePlan> {
     let paths = config.referenced_models();
-    let mut models = paths.iter().map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
+    let opened = paths.iter().map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
+    let mut models = super::tied::tie_missing_heads(opened)?;
     let index = |p: &Path| paths.iter().position(|q| same_file(q, p)).unwrap_or(0);
     let aligned = vocab::align_slices(config, &mut models, index, output)?;
     let find = |p: &Path| -> &Checkpoint { &models[index(p)] };

@@ -1,26 +1,42 @@
-//! mergekit's `tied_names`: an input whose head is tied to its token embeddings (it stores no
-//! `lm_head.weight`) merged with inputs that store one gives the merge its embedding table as
-//! its head, as mergekit 0.1.5's loader resolves a missing head to its tied name.
+//! mergekit's `tied_names`: inputs whose head is tied to their token embeddings (they store no
+//! `lm_head.weight`) merged with inputs that store one give the merge their embedding table as
+//! their head, as mergekit 0.1.5's loader resolves a missing head to its tied name whenever some
+//! input stores it (also when the base is the tied one: the output then has a merged head).
 
 use crate::checkpoint::{Checkpoint, TensorMeta};
 use crate::error::Result;
 
 /// Heads and the embedding names mergekit's architecture files tie them to, for the families
-/// symerge loads.
+/// whose tensor names these are.
 const TIED: &[(&str, &[&str])] = &[
     (
         "lm_head.weight",
-        &["model.embed_tokens.weight", "transformer.wte.weight", "model.tok_embeddings.weight", "wte.weight"],
+        &[
+            "model.embed_tokens.weight",
+            "transformer.wte.weight",
+            "model.tok_embeddings.weight",
+            "wte.weight",
+            "model.language_model.embed_tokens.weight",
+            "backbone.embeddings.weight",
+        ],
     ),
+    ("output.weight", &["model.tok_embeddings.weight"]),
     ("cls.predictions.decoder.weight", &["bert.embeddings.word_embeddings.weight"]),
 ];
 
-/// `ck`, with each head that `reference` stores and `ck` lacks read from `ck`'s tied embedding;
-/// `ck` itself (unchanged) when there is none to add.
-pub fn with_tied_heads(reference: &Checkpoint, ck: Checkpoint) -> Result<Checkpoint> {
+/// `ckpts`, each reading a head that another of them stores from its own tied embedding where
+/// it stores none.
+pub fn tie_missing_heads(ckpts: Vec<Checkpoint>) -> Result<Vec<Checkpoint>> {
+    let stored: Vec<&str> = TIED.iter().map(|(h, _)| *h).filter(|h| ckpts.iter().any(|c| c.get(h).is_some())).collect();
+    ckpts.into_iter().map(|ck| with_tied_heads(&stored, ck)).collect()
+}
+
+/// `ck`, with each of `heads` it lacks read from its tied embedding; `ck` itself when there is
+/// none to add.
+fn with_tied_heads(heads: &[&str], ck: Checkpoint) -> Result<Checkpoint> {
     let missing: Vec<(&str, &TensorMeta)> = TIED
         .iter()
-        .filter(|(head, _)| reference.get(head).is_some() && ck.get(head).is_none())
+        .filter(|(head, _)| heads.contains(head) && ck.get(head).is_none())
         .filter_map(|(head, tied)| tied.iter().find_map(|t| ck.get(t)).map(|m| (*head, m)))
         .collect();
     if missing.is_empty() {

@@ -61,7 +61,9 @@ struct Plan {
 /// A `tokenizer.tokens` entry resolved against the inputs.
 struct Override {
     token: String,
-    source: Fill,
+    /// The row's source, or why there is none (an error only where a row is needed, as in
+    /// mergekit).
+    source: std::result::Result<Fill, String>,
     force: bool,
 }
 
@@ -172,6 +174,11 @@ fn align_groups(
         }
     };
     let Some(out_vocab) = out_vocab else { return Ok(None) };
+    let source_dir = match source {
+        TokenizerSource::Model(p) => model_dir(p),
+        _ => base.map_or_else(|| ckpts[0].dir.clone(), |b| ckpts[b].dir.clone()),
+    };
+    let (out_vocab, built) = with_added_tokens(config, &source_dir, out_vocab, built)?;
     let plan = plan(config, ckpts, &out_vocab)?;
     let unchanged = plan.rows == plan.len
         && !plan.overrides.values().any(|o| o.force)
@@ -194,13 +201,50 @@ fn align_groups(
         let dir = scratch.path().join(format!("m{i}"));
         permuted.push(if mine.is_empty() { None } else { Some(write_permuted(config, ckpts, i, &plan, &mine, &dir)?) });
     }
+    // Every input, permuted or not, states the output vocabulary: a slices view takes its config
+    // from a model that may merge no token-indexed tensor.
     for (i, file) in permuted.into_iter().enumerate() {
-        if let Some(file) = file {
-            ckpts[i] = compose(&ckpts[i], &file, plan.rows)?;
-        }
+        ckpts[i] = compose(&ckpts[i], file.as_ref(), plan.rows)?;
     }
     tracing::info!("tokenizer_source: {} tensors permuted into a vocabulary of {}", names.len(), plan.len);
     Ok(Some(Aligned { _scratch: Some(scratch), vocab_size: plan.rows, tokenizer: built }))
+}
+
+/// The output vocabulary with the `tokenizer.tokens` it lacks added as mergekit adds them (plain
+/// added tokens, in the order written), and then the tokenizer to write (`built`, the union's,
+/// else the source's from `dir`).
+fn with_added_tokens(
+    config: &MergeConfig,
+    dir: &Path,
+    vocab: HashMap<String, usize>,
+    built: Option<Tokenizer>,
+) -> Result<(HashMap<String, usize>, Option<Tokenizer>)> {
+    let missing: Vec<AddedToken> = config
+        .tokens
+        .iter()
+        .filter(|(t, _)| !vocab.contains_key(t))
+        .map(|(t, _)| AddedToken::from(t.clone(), false))
+        .collect();
+    if missing.is_empty() {
+        return Ok((vocab, built));
+    }
+    let mut tok = match built {
+        Some(t) => t,
+        None => read_tokenizer(config, dir)?
+            .ok_or_else(|| err(config, format!("tokenizer.tokens: {} has no tokenizer.json", dir.display())))?,
+    };
+    if tok.get_vocab(true).len() != vocab.len() {
+        return Err(err(
+            config,
+            format!(
+                "tokenizer.tokens: the tokenizer of {} numbers tokens past its model's vocab_size; symerge does not strip \
+                 them to add tokens after the others",
+                dir.display()
+            ),
+        ));
+    }
+    tok.add_tokens(missing).map_err(|e| err(config, format!("tokenizer.tokens: adding tokens: {e}")))?;
+    Ok((with_usize_ids(tok.get_vocab(true)), Some(tok)))
 }
 
 /// The `union` tokenizer: the first input's (the base when there is one) plus the tokens of the
@@ -262,7 +306,25 @@ fn with_usize_ids(vocab: HashMap<String, u32>) -> HashMap<String, usize> {
 }
 
 fn vocab_size(ck: &Checkpoint) -> Option<usize> {
-    ck.config.as_ref()?.get("vocab_size")?.as_u64().map(|n| n as usize)
+    vocab_size_of(ck.config.as_ref()?)
+}
+
+/// A config's vocabulary size: `vocab_size`, else a multimodal model's `text_config.vocab_size`
+/// (where mergekit's `vocab_size_config_key` points for those architectures).
+pub fn vocab_size_of(config: &serde_json::Value) -> Option<usize> {
+    let n = config.get("vocab_size").or_else(|| config.get("text_config")?.get("vocab_size"))?;
+    n.as_u64().map(|n| n as usize)
+}
+
+/// Sets the vocabulary size where [`vocab_size_of`] reads it (top-level when the config states
+/// none).
+pub fn set_vocab_size(config: &mut serde_json::Value, n: usize) {
+    let nested =
+        config.get("vocab_size").is_none() && config.get("text_config").is_some_and(|t| t.get("vocab_size").is_some());
+    let target = if nested { config.get_mut("text_config") } else { Some(config) };
+    if let Some(obj) = target.and_then(|c| c.as_object_mut()) {
+        obj.insert("vocab_size".into(), n.into());
+    }
 }
 
 /// Each input's row for every output token; an input without a tokenizer is taken to have the
@@ -313,34 +375,28 @@ fn overrides(
     ckpts: &[Checkpoint],
     out_vocab: &HashMap<String, usize>,
 ) -> Result<HashMap<usize, Override>> {
-    let find = |p: &Path, token: &str| {
+    let find = |p: &Path| {
         let dir = model_dir(p).canonicalize().unwrap_or_else(|_| model_dir(p));
-        ckpts.iter().position(|c| c.dir.canonicalize().is_ok_and(|d| d == dir)).ok_or_else(|| {
-            err(config, format!("tokenizer.tokens.{token:?}: {} is not one of the merged models", p.display()))
-        })
+        let i = ckpts.iter().position(|c| c.dir.canonicalize().is_ok_and(|d| d == dir));
+        i.ok_or_else(|| format!("{} is not one of the merged models", p.display()))
     };
     let mut out = HashMap::new();
     for (token, t) in &config.tokens {
         let Some(&j) = out_vocab.get(token) else { continue };
         let source = match &t.source {
-            EmbedSource::Zero => Fill::Zero,
-            EmbedSource::Model(p) => Fill::From(find(p, token)?),
-            EmbedSource::ModelToken { model, token: from } => {
-                let i = find(model, token)?;
-                let row = match from {
-                    TokenRef::Id(id) => *id,
-                    TokenRef::Text(text) => *vocab_of(config, &ckpts[i].dir)?
-                        .and_then(|v| v.get(text).copied())
-                        .as_ref()
-                        .ok_or_else(|| {
-                            err(
-                                config,
-                                format!("tokenizer.tokens.{token:?}: token {text:?} is not in {}", model.display()),
-                            )
-                        })?,
-                };
-                Fill::Row(i, row)
-            }
+            None => Err("it has no `source`".to_string()),
+            Some(EmbedSource::Zero) => Ok(Fill::Zero),
+            Some(EmbedSource::Model(p)) => find(p).map(Fill::From),
+            Some(EmbedSource::ModelToken { model, token: from }) => match (find(model), from) {
+                (Err(e), _) => Err(e),
+                (Ok(i), TokenRef::Id(id)) => Ok(Fill::Row(i, *id)),
+                (Ok(i), TokenRef::Text(text)) => {
+                    match vocab_of(config, &ckpts[i].dir)?.and_then(|v| v.get(text).copied()) {
+                        Some(r) => Ok(Fill::Row(i, r)),
+                        None => Err(format!("token {text:?} is not in {}", model.display())),
+                    }
+                }
+            },
         };
         out.insert(j, Override { token: token.clone(), source, force: t.force });
     }
@@ -403,7 +459,10 @@ enum Fill {
 fn fill(config: &MergeConfig, plan: &Plan, j: usize, group: &Group, name: &str) -> Result<Fill> {
     let present: Vec<usize> = group.members.iter().copied().filter(|&i| plan.perms[i][j].is_some()).collect();
     if let Some(o) = plan.overrides.get(&j) {
-        let (who, needs_token) = match o.source {
+        let source = o.source.as_ref().map_err(|why| {
+            err(config, format!("tokenizer.tokens.{:?}: `{name}` needs a row for it, but {why}", o.token))
+        })?;
+        let (who, needs_token) = match *source {
             Fill::From(i) => (Some(i), true),
             Fill::Row(i, _) => (Some(i), false),
             _ => (None, false),
@@ -412,7 +471,7 @@ fn fill(config: &MergeConfig, plan: &Plan, j: usize, group: &Group, name: &str) 
             let why = if group.members.contains(&i) { "lacks the token" } else { "is not among the models merging it" };
             return Err(err(config, format!("tokenizer.tokens.{:?}: for `{name}`, input {i} {why}", o.token)));
         }
-        return Ok(match &o.source {
+        return Ok(match source {
             Fill::From(i) => Fill::From(*i),
             Fill::Row(i, r) => Fill::Row(*i, *r),
             _ => Fill::Zero,
@@ -568,19 +627,20 @@ fn mean_row(
     Ok(())
 }
 
-/// `ck` with its token-indexed tensors read from `permuted` and `vocab_size` set to `len`.
-fn compose(ck: &Checkpoint, permuted: &Checkpoint, len: usize) -> Result<Checkpoint> {
+/// `ck` with its token-indexed tensors read from `permuted` (when it has some) and `vocab_size`
+/// set to `len`.
+fn compose(ck: &Checkpoint, permuted: Option<&Checkpoint>, len: usize) -> Result<Checkpoint> {
     let parts: Vec<(&Checkpoint, &TensorMeta, String)> = ck
         .tensors
         .iter()
-        .map(|t| match permuted.get(&t.name) {
-            Some(p) => (permuted, p, t.name.clone()),
+        .map(|t| match permuted.and_then(|p| p.get(&t.name).map(|m| (p, m))) {
+            Some((p, m)) => (p, m, t.name.clone()),
             None => (ck, t, t.name.clone()),
         })
         .collect();
     let mut config = ck.config.clone();
-    if let Some(c) = config.as_mut().and_then(|c| c.as_object_mut()) {
-        c.insert("vocab_size".into(), len.into());
+    if let Some(c) = config.as_mut() {
+        set_vocab_size(c, len);
     }
     Checkpoint::compose(ck.path.clone(), ck.dir.clone(), &parts, config)
 }

@@ -6,7 +6,8 @@ Writes under tests/fixtures/mergekit_lora/:
   base/, expert-1/, expert-2/   copies of tests/fixtures/mergekit's tiny Llama and two experts
   expert-3/ expert-1 stored in bf16
   lora-1/   a PEFT LoRA adapter of the base (r 4, alpha 8, q/v/down projections), random A and B
-  lora-2/   r 2, alpha 5 with use_rslora, alpha_pattern v_proj: 3, an embedding adapter on
+  lora-2/   r 2, alpha 5 with use_rslora, alpha_pattern (a regular expression for layer 0's q_proj:
+            7, v_proj: 3), an embedding adapter on
             embed_tokens and lm_head in modules_to_save (stored whole)
   cases.json, out/<case>.safetensors   as make_mergekit_fixtures.py writes them
 
@@ -33,7 +34,7 @@ from make_mergekit_fixtures import fill, models, write_fixtures  # noqa: E402
 SRC = pathlib.Path("tests/fixtures/mergekit")
 LORAS = {
     "lora-1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "lora-2": dict(r=2, lora_alpha=5, use_rslora=True, alpha_pattern={"v_proj": 3},
+    "lora-2": dict(r=2, lora_alpha=5, use_rslora=True, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 7, "v_proj": 3},
                    target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"]),
 }
 

@@ -169,6 +169,15 @@ CASES = {
                                    "t5": {"source": {"kind": "model_token", "model": E3, "token": "t7"}, "force": True},
                                    "t9": {"source": {"kind": "model_token", "model": E1, "token_id": 3}}}},
                                "models": models_((E1, {"weight": 0.2}), (E2, {"weight": 0.3}), (E3, {"weight": 0.5}))},
+    # Configured tokens no input has are added to the output vocabulary in the order written
+    # (after the union's 34: <|new_b|> 34, <|new_a|> 35), their rows zeros and expert-1's own
+    # <|im_start|> row. (With `source: base` or a model, mergekit 0.1.5 adds them to that
+    # model's own tokenizer object too, then fails with a KeyError building its permutation.)
+    "vocab_tokenizer_new_tokens": {"merge_method": "task_arithmetic", "base_model": B,
+                                   "tokenizer": {"source": "union", "tokens": {
+                                       "<|new_b|>": {"source": {"kind": "zero"}},
+                                       "<|new_a|>": {"source": {"kind": "model_token", "model": E1, "token": "<|im_start|>"}}}},
+                                   "models": models_((E1, {"weight": 0.7}), (E3, {"weight": 0.4}))},
 }
 
 
