@@ -155,9 +155,21 @@ impl AdaptConfig {
                     t.name
                 )));
             }
+            let expert = resolve(&t.expert);
+            if let Some((model, adapter)) = crate::checkpoint::lora::split_ref(&expert) {
+                return Err(err(format!(
+                    "tasks[{i}] ({}): expert `{}` is a model+lora reference, which adapt does not apply; write \
+                     the adapted expert first: `symerge merge` a config with `merge_method: linear` and the one \
+                     model `{}+{}`",
+                    t.name,
+                    t.expert,
+                    model.display(),
+                    adapter.display()
+                )));
+            }
             tasks.push(TaskConfig {
                 name: t.name,
-                expert: resolve(&t.expert),
+                expert,
                 inputs: resolve(&t.inputs),
                 cache: t.cache.as_deref().map(resolve),
             });
@@ -275,5 +287,14 @@ mod tests {
             let e = AdaptConfig::parse(text, src).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("adapt.yml"), "{text}: {e}");
         }
+        // A model+lora expert is refused with the way to make it a model.
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let text = format!(
+            "method: adamerging\nbase_model: b\ntasks: [{{name: a, expert: {}+{}, inputs: i}}]",
+            fx.join("mergekit_lora/base").display(),
+            fx.join("mergekit_lora/lora-1").display()
+        );
+        let e = AdaptConfig::parse(&text, src).unwrap_err().to_string();
+        assert!(e.contains("model+lora reference") && e.contains("merge_method: linear"), "{e}");
     }
 }
