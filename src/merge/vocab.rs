@@ -189,6 +189,9 @@ fn align_groups(
             })
         });
     if names.is_empty() || unchanged {
+        for ck in ckpts.iter_mut() {
+            *ck = compose(ck, None, plan.rows)?;
+        }
         return Ok(Some(Aligned { _scratch: None, vocab_size: plan.rows, tokenizer: built }));
     }
     let scratch = Staging::create(&output.with_file_name(format!(
@@ -442,6 +445,7 @@ fn row_dtype(config: &MergeConfig, ckpts: &[Checkpoint], group: &Group, name: &s
 }
 
 /// Where the row of output token `j` that inputs lacking it share comes from.
+#[derive(Clone)]
 enum Fill {
     Own,
     /// That input's row for the token.
@@ -456,7 +460,7 @@ enum Fill {
 /// configured source when the token has one, else the one member holding the token, the base,
 /// the mean of the members holding it, or zeros. A configured source must be a member (and
 /// hold the token, when it is a model's row for it).
-fn fill(config: &MergeConfig, plan: &Plan, j: usize, group: &Group, name: &str) -> Result<Fill> {
+fn fill(config: &MergeConfig, ckpts: &[Checkpoint], plan: &Plan, j: usize, group: &Group, name: &str) -> Result<Fill> {
     let present: Vec<usize> = group.members.iter().copied().filter(|&i| plan.perms[i][j].is_some()).collect();
     if let Some(o) = plan.overrides.get(&j) {
         let source = o.source.as_ref().map_err(|why| {
@@ -469,13 +473,10 @@ fn fill(config: &MergeConfig, plan: &Plan, j: usize, group: &Group, name: &str) 
         };
         if let Some(i) = who.filter(|i| !group.members.contains(i) || (needs_token && !present.contains(i))) {
             let why = if group.members.contains(&i) { "lacks the token" } else { "is not among the models merging it" };
-            return Err(err(config, format!("tokenizer.tokens.{:?}: for `{name}`, input {i} {why}", o.token)));
+            let model = ckpts[i].path.display();
+            return Err(err(config, format!("tokenizer.tokens.{:?}: for `{name}`, {model} {why}", o.token)));
         }
-        return Ok(match source {
-            Fill::From(i) => Fill::From(*i),
-            Fill::Row(i, r) => Fill::Row(*i, *r),
-            _ => Fill::Zero,
-        });
+        return Ok(source.clone());
     }
     Ok(match present.len() {
         n if n == group.members.len() => Fill::Own,
@@ -518,7 +519,7 @@ fn write_permuted(
             let forced = plan.overrides.get(&j).is_some_and(|o| o.force);
             let src = match plan.perms[i][j].filter(|_| !forced) {
                 Some(r) => Some((i, r)),
-                None => match fill(config, plan, j, group, name)? {
+                None => match fill(config, ckpts, plan, j, group, name)? {
                     Fill::From(d) => plan.perms[d][j].map(|r| (d, r)),
                     Fill::Row(d, r) => Some((d, r)),
                     Fill::Own | Fill::Zero => None,
