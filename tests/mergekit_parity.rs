@@ -209,6 +209,14 @@ fn check_config(ours: &Path, theirs: &Path, case: &str) {
     }
 }
 
+/// Copies `files` of the model directory `from` into `to` (made here).
+fn copy_files(from: &Path, to: &Path, files: &[&str]) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in files {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
 /// One safetensors file, read like [`read_model`] reads a directory.
 fn read_file(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)> {
     let tmp = tempfile::tempdir().unwrap();
@@ -568,10 +576,7 @@ fn tokenizer_source_and_chat_template() {
         [("a", "", "{{ A }} template text"), ("b", "", "{{ B }} template text"), ("c", "x", "")]
     {
         let m = tmp.path().join(name);
-        std::fs::create_dir_all(&m).unwrap();
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(dir.join("expert-1").join(f), m.join(f)).unwrap();
-        }
+        copy_files(&dir.join("expert-1"), &m, &["config.json", "model.safetensors"]);
         std::fs::write(m.join("tokenizer.json"), vocab(words)).unwrap();
         let tc = serde_json::json!({"chat_template": template, "from": name});
         std::fs::write(m.join("tokenizer_config.json"), tc.to_string()).unwrap();
@@ -646,10 +651,7 @@ fn a_union_lists_its_new_tokens_in_the_tokenizer_config() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    std::fs::create_dir_all(&base).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(dir.join("base").join(f), base.join(f)).unwrap();
-    }
+    copy_files(&dir.join("base"), &base, &["config.json", "model.safetensors", "tokenizer.json"]);
     let cfg = r#"{"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": {}}"#;
     std::fs::write(base.join("tokenizer_config.json"), cfg).unwrap();
     std::fs::write(base.join("added_tokens.json"), "{}").unwrap();
@@ -757,10 +759,7 @@ fn the_output_carries_its_config_and_a_card_not_the_donors() {
     let dir = fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    std::fs::create_dir_all(&base).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(dir.join("base").join(f), base.join(f)).unwrap();
-    }
+    copy_files(&dir.join("base"), &base, &["config.json", "model.safetensors"]);
     std::fs::write(base.join("README.md"), "# the base model's own card\n").unwrap();
     std::fs::write(base.join("mergekit_config.yml"), "merge_method: made-the-base\n").unwrap();
     std::fs::write(base.join("pytorch_model.bin.index.json"), "{}").unwrap();
@@ -791,10 +790,7 @@ fn a_vocabulary_under_text_config_is_read_and_set_there() {
     let mut paths = Vec::new();
     for m in ["base", "expert-1"] {
         let to = tmp.path().join(m);
-        std::fs::create_dir_all(&to).unwrap();
-        for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(dir.join(m).join(f), to.join(f)).unwrap();
-        }
+        copy_files(&dir.join(m), &to, &["model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
         let mut cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join(m).join("config.json")).unwrap()).unwrap();
         let n = cfg.as_object_mut().unwrap().remove("vocab_size").unwrap();
@@ -822,10 +818,7 @@ fn a_tokenizer_beyond_its_embedding_rows_is_refused() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let short = tmp.path().join("short");
-    std::fs::create_dir_all(&short).unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(dir.join("expert-1").join(f), short.join(f)).unwrap();
-    }
+    copy_files(&dir.join("expert-1"), &short, &["config.json", "tokenizer.json", "tokenizer_config.json"]);
     // The base's 32 rows under expert-1's 34 tokens (and its vocab_size of 34).
     std::fs::copy(dir.join("base/model.safetensors"), short.join("model.safetensors")).unwrap();
     let yaml = format!(
@@ -848,10 +841,7 @@ fn a_tokenizer_symerge_cannot_read_is_refused() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let spm = tmp.path().join("spm-only");
-    std::fs::create_dir_all(&spm).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(dir.join("expert-1").join(f), spm.join(f)).unwrap();
-    }
+    copy_files(&dir.join("expert-1"), &spm, &["config.json", "model.safetensors"]);
     std::fs::write(spm.join("tokenizer.model"), b"not read").unwrap();
     let yaml = format!(
         "merge_method: linear\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
