@@ -776,6 +776,7 @@ fn the_output_carries_its_config_and_a_card_not_the_donors() {
     assert!(card.starts_with("---\nlibrary_name: transformers\n"), "{card}");
     assert!(card.contains("`task_arithmetic`") && card.contains(&dir.join("expert-1").display().to_string()), "{card}");
     assert!(card.contains("# my merge"), "the config is in the card: {card}");
+    assert!(card.contains("\n# m\n"), "titled with the output's name: {card}");
     assert!(!card.contains("own card"), "{card}");
     assert!(!out.join("pytorch_model.bin.index.json").exists());
     assert!(out.join("generation_config.json").exists(), "other side files are still copied");

@@ -9,21 +9,21 @@ use std::path::Path;
 use super::config::MergeConfig;
 use crate::error::{Error, Result};
 
-/// Writes `README.md` and `mergekit_config.yml` into the output staged in `dst`.
-pub fn write(config: &MergeConfig, dst: &Path) -> Result<()> {
+/// Writes `README.md` (titled `title`, the output's name) and `mergekit_config.yml` into the
+/// output staged in `dst`.
+pub fn write(config: &MergeConfig, dst: &Path, title: &str) -> Result<()> {
     let copy = dst.join("mergekit_config.yml");
     std::fs::write(&copy, &config.text).map_err(|e| Error::io(&copy, e))?;
     let card = dst.join("README.md");
-    std::fs::write(&card, card_text(config, &config.text)).map_err(|e| Error::io(&card, e))
+    std::fs::write(&card, card_text(config, &config.text, title)).map_err(|e| Error::io(&card, e))
 }
 
-fn card_text(config: &MergeConfig, yaml: &str) -> String {
+fn card_text(config: &MergeConfig, yaml: &str, title: &str) -> String {
     let models = config.referenced_models();
     // No `base_model` metadata: the Hub takes only its own model ids there, and symerge's inputs
     // are local paths (mergekit lists only the ids among its models).
     let mut out = String::from("---\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- symerge\n---\n");
-    let name = config.source.file_stem().map_or_else(|| "merge".into(), |s| s.to_string_lossy().into_owned());
-    let _ = writeln!(out, "# {name}\n");
+    let _ = writeln!(out, "# {title}\n");
     out.push_str("A merge of pretrained language models, made with symerge from a mergekit configuration.\n\n");
     let _ = write!(out, "## Method\n\n`{}`", config.method.name);
     match &config.base_model {

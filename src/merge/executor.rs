@@ -404,6 +404,8 @@ struct Opened {
     aligned: Option<super::vocab::Aligned>,
     /// Holds the adapted tensors of `model+lora` inputs.
     _inputs: Inputs,
+    /// The output directory's name, the model card's title.
+    title: String,
 }
 
 impl Opened {
@@ -415,7 +417,7 @@ impl Opened {
             let plan = slices::plan(config, &mut inputs, output)?;
             let aligned = plan.aligned;
             let (ckpts, slice_layers, donor) = (plan.views, Some(plan.layers), plan.donor);
-            return Ok(Opened { ckpts, slice_layers, donor, aligned, _inputs: inputs });
+            return Ok(Opened { ckpts, slice_layers, donor, aligned, _inputs: inputs, title: title(output) });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
         let mut inputs = Inputs::new(output);
@@ -425,7 +427,7 @@ impl Opened {
             return Err(Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() });
         };
         let aligned = super::vocab::align(config, &mut ckpts, output)?;
-        Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs })
+        Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs, title: title(output) })
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.
@@ -444,8 +446,12 @@ impl Opened {
             edit_config(dst, |cfg| super::vocab::set_vocab_size(cfg, n))?;
         }
         super::tokenizer::apply(config, dst, self.aligned.as_ref())?;
-        super::card::write(config, dst)
+        super::card::write(config, dst, &self.title)
     }
+}
+
+fn title(output: &Path) -> String {
+    output.file_name().map_or_else(|| "merge".into(), |n| n.to_string_lossy().into_owned())
 }
 
 /// Each block's slice and gradient position, as mergekit places them: a layer at `i / (n - 1)`
