@@ -90,7 +90,7 @@ fn every_method_matches_mergekit_0_1_5() {
 fn differing_vocabularies_are_permuted_as_mergekit_does() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&dir, tmp.path(), 12);
+    check_cases(&dir, tmp.path(), 13);
     let vocab = |p: &Path| tokenizers::Tokenizer::from_file(p).unwrap().get_vocab(true);
     for entry in std::fs::read_dir(dir.join("out")).unwrap() {
         let path = entry.unwrap().path();

@@ -189,6 +189,9 @@ pub struct SliceDef {
     pub experts: Vec<ModelEntry>,
     /// The slice's own `parameters`, between the sources' and the top-level ones.
     pub parameters: BTreeMap<String, ParamValue>,
+    /// The slice's `base_model`, else the top-level one, whether or not the method subtracts
+    /// it: mergekit gives a token several sources hold the base's row.
+    pub base_model: Option<PathBuf>,
 }
 
 impl SliceDef {
@@ -681,7 +684,9 @@ fn parse_slices(
                 ),
             ));
         }
-        out.push(parse_slice(method, s, base, base_dir, source, &here)?);
+        let mut slice = parse_slice(method, s, base, base_dir, source, &here)?;
+        slice.base_model = slice_base.or_else(|| base_model.map(Path::to_path_buf));
+        out.push(slice);
     }
     check_tail(&out, source)?;
     Ok(out)
@@ -758,7 +763,7 @@ fn parse_slice(
     let has_base = base_at.is_some();
     let experts: Vec<ModelEntry> = sources[usize::from(has_base)..].iter().map(|s| s.model.clone()).collect();
     check_model_count(method, experts.len(), source, &format!("{here}: "))?;
-    Ok(SliceDef { sources, has_base, experts, parameters: s.parameters })
+    Ok(SliceDef { sources, has_base, experts, parameters: s.parameters, base_model: None })
 }
 
 /// A model's (or source's) `parameters`: per-model parameters of the method, of the right kind.

@@ -56,9 +56,9 @@ pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<
     let paths = config.referenced_models();
     let opened = paths.iter().map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
     let mut models = super::tied::tie_missing_heads(opened)?;
-    let index = |p: &Path| paths.iter().position(|q| same_file(q, p)).unwrap_or(0);
+    let index = |p: &Path| paths.iter().position(|q| same_file(q, p));
     let aligned = vocab::align_slices(config, &mut models, index, output)?;
-    let find = |p: &Path| -> &Checkpoint { &models[index(p)] };
+    let find = |p: &Path| -> &Checkpoint { &models[index(p).unwrap_or(0)] };
     let slices = &config.slices;
     let (first, last) = match (slices.first(), slices.last()) {
         (Some(f), Some(l)) => (f, l),

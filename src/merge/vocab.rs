@@ -103,13 +103,13 @@ pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> R
 }
 
 /// [`align`] for a `slices` config, on its models opened in [`MergeConfig::referenced_models`]
-/// order (`index` finds a source's): as in mergekit, the embeddings are permuted over the first
+/// order (`index` finds a model's): as in mergekit, the embeddings are permuted over the first
 /// slice's sources and the tensors after the layer stack over the last slice's sources that
 /// merge them ([`SliceDef::in_tail`]), each with its slice's base.
 pub fn align_slices(
     config: &MergeConfig,
     models: &mut [Checkpoint],
-    index: impl Fn(&Path) -> usize,
+    index: impl Fn(&Path) -> Option<usize>,
     output: &Path,
 ) -> Result<Option<Aligned>> {
     let (Some(first), Some(last)) = (config.slices.first(), config.slices.last()) else { return Ok(None) };
@@ -120,12 +120,11 @@ pub fn align_slices(
     let group = |slice: &SliceDef, take: &dyn Fn(usize) -> bool| {
         let mut members: Vec<usize> = Vec::new();
         for (_, src) in slice.sources.iter().enumerate().filter(|(p, _)| take(*p)) {
-            let i = index(&src.model.path);
-            if !members.contains(&i) {
+            if let Some(i) = index(&src.model.path).filter(|i| !members.contains(i)) {
                 members.push(i);
             }
         }
-        let base = if slice.has_base { Some(index(&slice.sources[0].model.path)) } else { top_base };
+        let base = slice.base_model.as_deref().and_then(&index);
         Group { base: base.filter(|b| members.contains(b)), members }
     };
     let n0 = first.sources.len();

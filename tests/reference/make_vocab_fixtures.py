@@ -154,6 +154,13 @@ CASES = {
     # union tokenizer and its vocab_size (34), not the base's (32).
     "vocab_slices_passthrough_union": {"merge_method": "passthrough", "base_model": B, "tokenizer_source": "union",
                                        "slices": [{"sources": [src(E1, 0, 1)]}, {"sources": [src(E1, 1, 2)]}]},
+    # A slice's own base_model decides a shared token's row even for a method that does not
+    # subtract it: <|im_end|> (expert-1 and expert-2 have it) is expert-2's row for expert-3,
+    # not their mean.
+    "vocab_slices_linear_slice_base": {"merge_method": "linear", "tokenizer_source": E1,
+                                       "slices": [{"base_model": E2, "sources": [
+                                           src(E1, 0, 2, {"weight": 0.3}), src(E2, 0, 2, {"weight": 0.3}),
+                                           src(E3, 0, 2, {"weight": 0.4})]}]},
     # The `tokenizer:` block. Padding: the union's 34 rows rounded up to 40, the padding rows each
     # model's mean row (so the merged padding is the merge of the means).
     "vocab_tokenizer_pad": {"merge_method": "ties", "base_model": B,
