@@ -16,6 +16,12 @@
 //! written to a hidden directory beside the output (removed with it), so memory stays bounded.
 //! Tensors are recognised by name (embeddings, heads and their biases); one outside the layers
 //! with as many rows as the vocabulary under another name is refused rather than left unpermuted.
+//!
+//! Each tensor is permuted over the models that merge it (a `Group`: every input, or under
+//! `slices` the first slice's sources for the embeddings and the last slice's for the head),
+//! with that group's base. The `tokenizer:` block adds its listed tokens the vocabulary lacks,
+//! gives listed tokens their configured rows (`force`: for every model) and pads the rows to a
+//! multiple with each model's mean row.
 
 use std::collections::HashMap;
 use std::path::Path;
