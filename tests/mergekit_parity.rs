@@ -128,6 +128,16 @@ fn lora_adapters_are_applied_as_mergekit_does() {
         assert_ne!(alone[name].2, base[name].2, "{name}");
     }
     assert_eq!(alone["model.layers.0.mlp.up_proj.weight"].2, base["model.layers.0.mlp.up_proj.weight"].2);
+    // An adapter that stores no tensor changes nothing (and writes no scratch file).
+    let empty = tmp.path().join("empty-adapter");
+    copy_files(&dir.join("lora-1"), &empty, &["adapter_config.json"]);
+    common::write_file(&empty.join("adapter_model.safetensors"), &[]);
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
+        dir.join("base").display(),
+        empty.display()
+    );
+    assert_eq!(merge_yaml(tmp.path(), "unchanged", &yaml), base);
 }
 
 /// A bad `model+lora` reference is an error naming the adapter or the part that does not

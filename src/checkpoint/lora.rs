@@ -74,7 +74,7 @@ fn bad(path: &Path, reason: String) -> Error {
 /// (created here), which must outlive the returned checkpoint's use.
 pub fn apply(base: Checkpoint, lora_dir: &Path, scratch: &Path) -> Result<Checkpoint> {
     let cfg_path = lora_dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::input_file::read_to_string(&cfg_path)?;
     let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, format!("invalid: {e}")))?;
     if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") || cfg.use_dora {
         let kind = if cfg.use_dora { "DoRA".into() } else { cfg.peft_type.clone().unwrap_or_default() };
@@ -89,6 +89,10 @@ pub fn apply(base: Checkpoint, lora_dir: &Path, scratch: &Path) -> Result<Checkp
     }
     let adapter = Checkpoint::open(&file)?;
     let changes = plan(&base, &adapter, &cfg, &file)?;
+    if changes.is_empty() {
+        tracing::warn!("{}: the adapter changes no tensor of {}", file.display(), base.path.display());
+        return Ok(base);
+    }
     let planned = changes
         .iter()
         .map(|(name, _)| {
