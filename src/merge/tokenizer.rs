@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::config::{MergeConfig, TokenizerSource};
+use super::config::MergeConfig;
 use crate::error::{Error, Result};
 
 /// Tokenizer files mergekit copies from the donor model.
@@ -29,22 +29,13 @@ fn err(config: &MergeConfig, reason: String) -> Error {
     Error::Config { path: config.source.clone(), reason }
 }
 
-/// Applies `tokenizer_source` and `chat_template` to the output staged in `out`; `aligned`
-/// when the inputs' embeddings were permuted into the output vocabulary ([`super::vocab`]),
-/// with the `union` tokenizer when that differs from the base's.
+/// Applies `tokenizer_source` (as [`super::vocab::align`] resolved it into `aligned`: whose
+/// tokenizer files, and the tokenizer it built, if any) and `chat_template` to the output
+/// staged in `out`.
 pub fn apply(config: &MergeConfig, out: &Path, aligned: Option<&super::vocab::Aligned>) -> Result<()> {
-    if let Some(src) = &config.tokenizer_source {
-        let first = || config.referenced_models().into_iter().next().unwrap_or_default();
-        let dir = match src {
-            TokenizerSource::Base => config.base_model.clone().unwrap_or_default(),
-            TokenizerSource::Model(p) => p.clone(),
-            TokenizerSource::Union => config.base_model.clone().unwrap_or_else(first),
-        };
-        if aligned.is_none() {
-            return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", model_dir(&dir).display())));
-        }
-        copy_tokenizer_files(&model_dir(&dir), out)?;
-        if let Some(tok) = aligned.and_then(|a| a.tokenizer.as_ref()) {
+    if let Some(a) = aligned {
+        copy_tokenizer_files(&a.source_dir, out)?;
+        if let Some(tok) = &a.tokenizer {
             let path = out.join("tokenizer.json");
             tok.save(&path, false).map_err(|e| err(config, format!("writing {}: {e}", path.display())))?;
             sync_added_tokens(tok, out)?;

@@ -24,7 +24,7 @@
 //! multiple with each model's mean row.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -74,11 +74,13 @@ struct Override {
 }
 
 /// What [`align`] made: the permuted tensors' directory (kept until the merge is done; none
-/// when every input already had the output vocabulary), the output vocabulary size and, for
-/// `union`, the output tokenizer.
+/// when every input already had the output vocabulary), the output vocabulary size, where the
+/// tokenizer files come from and, when one was built (`union`, added tokens), the tokenizer.
 pub struct Aligned {
     _scratch: Option<Staging>,
     pub vocab_size: usize,
+    /// The directory whose tokenizer files the output takes.
+    pub source_dir: PathBuf,
     pub tokenizer: Option<Tokenizer>,
 }
 
@@ -97,7 +99,8 @@ struct Group {
 
 /// Permutes the token-indexed tensors of `ckpts` (the base first when there is one, in
 /// [`MergeConfig`] order) into the `tokenizer_source` vocabulary where some input's differs from
-/// it; `None` when no `tokenizer_source` is set or its tokenizer cannot be found.
+/// it; `None` when no `tokenizer_source` is set, an error naming the directory when its
+/// tokenizer cannot be found.
 pub fn align(config: &MergeConfig, ckpts: &mut [Checkpoint], output: &Path) -> Result<Option<Aligned>> {
     if config.tokenizer_source.is_none() || !config.slices.is_empty() || ckpts.is_empty() {
         return Ok(None);
@@ -162,15 +165,21 @@ fn align_groups(
     output: &Path,
 ) -> Result<Option<Aligned>> {
     let Some(source) = &config.tokenizer_source else { return Ok(None) };
+    // Where the output's tokenizer files come from: the source model, else the base (`union`
+    // without one: the first model).
+    let source_dir = match (source, base) {
+        (TokenizerSource::Model(p), _) => model_dir(p),
+        (TokenizerSource::Base, None) => return Err(err(config, "tokenizer_source: base needs a base_model".into())),
+        (_, b) => ckpts[b.unwrap_or(0)].dir.clone(),
+    };
     let mut built = None;
     let out_vocab = match source {
         TokenizerSource::Base => {
-            let b = base.ok_or_else(|| err(config, "tokenizer_source: base needs a base_model".into()))?;
-            let limit = vocab_size(&ckpts[b]);
-            vocab_of(config, &ckpts[b].dir)?
+            let limit = vocab_size(&ckpts[base.unwrap_or(0)]);
+            vocab_of(config, &source_dir)?
                 .map(|v| v.into_iter().filter(|(_, id)| limit.is_none_or(|n| *id < n)).collect())
         }
-        TokenizerSource::Model(p) => vocab_of(config, &model_dir(p))?,
+        TokenizerSource::Model(_) => vocab_of(config, &source_dir)?,
         TokenizerSource::Union => {
             let tok = union_tokenizer(config, ckpts)?;
             let vocab = tok.as_ref().map(|t| with_usize_ids(t.get_vocab(true)));
@@ -178,10 +187,8 @@ fn align_groups(
             vocab
         }
     };
-    let Some(out_vocab) = out_vocab else { return Ok(None) };
-    let source_dir = match source {
-        TokenizerSource::Model(p) => model_dir(p),
-        _ => base.map_or_else(|| ckpts[0].dir.clone(), |b| ckpts[b].dir.clone()),
+    let Some(out_vocab) = out_vocab else {
+        return Err(err(config, format!("tokenizer_source: {} has no tokenizer.json", source_dir.display())));
     };
     let (out_vocab, built) = with_added_tokens(config, &source_dir, out_vocab, built)?;
     let plan = plan(config, ckpts, &out_vocab)?;
@@ -197,7 +204,7 @@ fn align_groups(
         for ck in ckpts.iter_mut() {
             *ck = compose(ck, None, plan.rows)?;
         }
-        return Ok(Some(Aligned { _scratch: None, vocab_size: plan.rows, tokenizer: built }));
+        return Ok(Some(Aligned { _scratch: None, vocab_size: plan.rows, source_dir, tokenizer: built }));
     }
     let scratch = Staging::create(&output.with_file_name(format!(
         "{}.vocab",
@@ -215,7 +222,7 @@ fn align_groups(
         ckpts[i] = compose(&ckpts[i], file.as_ref(), plan.rows)?;
     }
     tracing::info!("tokenizer_source: {} tensors permuted into a vocabulary of {}", names.len(), plan.len);
-    Ok(Some(Aligned { _scratch: Some(scratch), vocab_size: plan.rows, tokenizer: built }))
+    Ok(Some(Aligned { _scratch: Some(scratch), vocab_size: plan.rows, source_dir, tokenizer: built }))
 }
 
 /// The output vocabulary with the `tokenizer.tokens` it lacks added as mergekit adds them (plain
