@@ -564,33 +564,35 @@ fn parse_tokenizer(raw: &mut RawConfig, base_dir: &Path, source: &Path) -> Resul
         if tokens.iter().any(|(t, _)| *t == token) {
             return Err(bad("given twice"));
         }
-        let model = |p: &str| locate_model(p, base_dir, source, &format!("{field}.source"));
-        let source = match t.source {
-            None => None,
-            Some(RawEmbedSource::Model(p)) => Some(EmbedSource::Model(model(&p)?)),
-            Some(RawEmbedSource::Kind { kind, model: m, token, token_id }) => {
-                Some(match (kind.as_deref(), m, token, token_id) {
-                    (None, Some(m), None, None) => EmbedSource::Model(model(&m)?),
-                    (Some("zero"), None, None, None) => EmbedSource::Zero,
-                    (Some("model_token"), Some(m), Some(t), None) => {
-                        EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Text(t) }
-                    }
-                    (Some("model_token"), Some(m), None, Some(id)) => {
-                        EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Id(id) }
-                    }
-                    (Some("model_token"), ..) => {
-                        return Err(bad("model_token needs a `model` and one of `token`, `token_id`"));
-                    }
-                    (Some("zero"), ..) => return Err(bad("kind zero takes no other field")),
-                    (None, ..) => return Err(bad("a source without `kind` is a model: give only `model`")),
-                    (Some(k), ..) => return Err(bad(&format!("unknown kind `{k}` (zero, model_token)"))),
-                })
-            }
-        };
+        let source = t.source.map(|raw| parse_embed_source(raw, &field, base_dir, source)).transpose()?;
         tokens.push((token, TokenEmbedding { source, force: t.force }));
     }
     // mergekit pads only to a positive multiple.
     Ok((src, tokens, block.pad_to_multiple_of.filter(|m| *m > 0)))
+}
+
+/// One `tokenizer.tokens` entry's `source` (at `field`), its model located.
+fn parse_embed_source(raw: RawEmbedSource, field: &str, base_dir: &Path, source: &Path) -> Result<EmbedSource> {
+    let bad = |why: &str| config_err(source, format!("{field}: {why}"));
+    let model = |p: &str| locate_model(p, base_dir, source, &format!("{field}.source"));
+    let (kind, m, token, token_id) = match raw {
+        RawEmbedSource::Model(p) => return Ok(EmbedSource::Model(model(&p)?)),
+        RawEmbedSource::Kind { kind, model, token, token_id } => (kind, model, token, token_id),
+    };
+    Ok(match (kind.as_deref(), m, token, token_id) {
+        (None, Some(m), None, None) => EmbedSource::Model(model(&m)?),
+        (Some("zero"), None, None, None) => EmbedSource::Zero,
+        (Some("model_token"), Some(m), Some(t), None) => {
+            EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Text(t) }
+        }
+        (Some("model_token"), Some(m), None, Some(id)) => {
+            EmbedSource::ModelToken { model: model(&m)?, token: TokenRef::Id(id) }
+        }
+        (Some("model_token"), ..) => return Err(bad("model_token needs a `model` and one of `token`, `token_id`")),
+        (Some("zero"), ..) => return Err(bad("kind zero takes no other field")),
+        (None, ..) => return Err(bad("a source without `kind` is a model: give only `model`")),
+        (Some(k), ..) => return Err(bad(&format!("unknown kind `{k}` (zero, model_token)"))),
+    })
 }
 
 /// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.

@@ -412,22 +412,21 @@ impl Opened {
     /// Inputs whose vocabularies differ from `tokenizer_source`'s read permuted embeddings
     /// (scratch beside `output`).
     fn open(config: &MergeConfig, output: &Path) -> Result<Self> {
+        let mut inputs = Inputs::new(output);
+        let title = title(output);
         if !config.slices.is_empty() {
-            let mut inputs = Inputs::new(output);
             let plan = slices::plan(config, &mut inputs, output)?;
-            let aligned = plan.aligned;
-            let (ckpts, slice_layers, donor) = (plan.views, Some(plan.layers), plan.donor);
-            return Ok(Opened { ckpts, slice_layers, donor, aligned, _inputs: inputs, title: title(output) });
+            let (ckpts, slice_layers, donor, aligned) = (plan.views, Some(plan.layers), plan.donor, plan.aligned);
+            return Ok(Opened { ckpts, slice_layers, donor, aligned, _inputs: inputs, title });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
-        let mut inputs = Inputs::new(output);
         let opened = paths.map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
         let mut ckpts = super::tied::tie_missing_heads(opened)?;
         let Some(donor) = ckpts.first().map(|c| c.dir.clone()) else {
             return Err(Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() });
         };
         let aligned = super::vocab::align(config, &mut ckpts, output)?;
-        Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs, title: title(output) })
+        Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs, title })
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.
