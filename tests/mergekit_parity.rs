@@ -99,11 +99,7 @@ fn differing_vocabularies_are_permuted_as_mergekit_does() {
         assert_eq!(ours, vocab(&path), "{case}: mergekit's output vocabulary");
     }
     // No hidden directory of permuted tensors is left beside the outputs.
-    let hidden: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let hidden: Vec<String> = entries(tmp.path()).into_iter().filter(|n| n.starts_with('.')).collect();
     assert!(hidden.is_empty(), "{hidden:?}");
 }
 
@@ -116,11 +112,7 @@ fn lora_adapters_are_applied_as_mergekit_does() {
     let tmp = tempfile::tempdir().unwrap();
     check_cases(&dir, tmp.path(), 3);
     // The adapted tensors' scratch directory is gone with the merge.
-    let hidden: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let hidden: Vec<String> = entries(tmp.path()).into_iter().filter(|n| n.starts_with('.')).collect();
     assert!(hidden.is_empty(), "{hidden:?}");
     // The adapter changes what it targets: the merge of the adapted base alone is not the base.
     let (alone, base) = (read_model(&tmp.path().join("lora_linear_alone")), read_model(&dir.join("base")));
@@ -172,9 +164,7 @@ fn bad_lora_references_are_refused() {
         let got = config_error(tmp.path(), &yaml);
         assert!(got.contains(&want), "expected `{want}` in: {got}");
         assert!(!tmp.path().join("bad-out").exists());
-        let hidden = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'));
+        let hidden = entries(tmp.path()).into_iter().filter(|n| n.starts_with('.'));
         assert_eq!(hidden.count(), 0, "{want}: scratch left behind");
     }
 }
@@ -217,6 +207,11 @@ fn check_config(ours: &Path, theirs: &Path, case: &str) {
     for key in ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"] {
         assert_eq!(ours[key], theirs[key], "{case}: config.json `{key}`");
     }
+}
+
+/// The names in `dir`.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
 }
 
 /// Copies `files` of the model directory `from` into `to` (made here).
@@ -757,7 +752,7 @@ fn a_token_source_outside_the_merge_is_refused() {
     );
     let got = config_error(tmp.path(), &yaml);
     assert!(got.contains("tokenizer.tokens.\"<|im_start|>\"") && got.contains("not one of the merged models"), "{got}");
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left = entries(tmp.path());
     assert_eq!(left.len(), 1, "only the config remains: {left:?}");
 }
 
@@ -841,7 +836,7 @@ fn a_tokenizer_beyond_its_embedding_rows_is_refused() {
     let got = config_error(tmp.path(), &yaml);
     assert!(got.contains(short.to_str().unwrap()) && got.contains("`lm_head.weight` has shape [32, 16]"), "{got}");
     assert!(got.contains("no row 32"), "{got}");
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left = entries(tmp.path());
     assert_eq!(left.len(), 2, "only the model and the config remain: {left:?}");
 }
 
