@@ -16,6 +16,8 @@
 #define COL_Y 16
 // Elements per CTA of the L1 partial sums (fixed, so the sum order does not depend on the device).
 #define L1_TILE 4096
+// Elements per CTA of the sums of squares (a gradient norm: large buffers, few partials to read back).
+#define SUMSQ_TILE 65536
 
 #define SQRT_2_OVER_PI 0.7978846f
 #define GELU_A 0.044715f
@@ -80,10 +82,11 @@ extern "C" __global__ void add_f32(const float* a, const float* b, u64 n, float*
 
 // One Adam update (PyTorch's), the twin of `stored_ops::adam_update`: the same f32 operations in
 // the same order (the module is compiled with --fmad=false), so parameters match the CPU's bits.
+// `gs` scales each gradient first (gradient-norm clipping; 1 leaves it as it is).
 extern "C" __global__ void adam_step(float* p, const float* g, float* m, float* v, u64 n, float beta1, float beta2,
-                                     float one_b1, float one_b2, float step_size, float c2_sqrt, float eps) {
+                                     float one_b1, float one_b2, float step_size, float c2_sqrt, float eps, float gs) {
     for (u64 i = gtid(); i < n; i += gstride()) {
-        float gi = g[i];
+        float gi = g[i] * gs;
         float mi = beta1 * m[i] + one_b1 * gi;
         float vi = beta2 * v[i] + one_b2 * gi * gi;
         m[i] = mi;
@@ -436,6 +439,21 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     for (u64 i = start + threadIdx.x; i < start + L1_TILE && i < n; i += OPS_THREADS) {
         double d = t ? (double)x[i] - (double)t[i] : (double)x[i];
         acc += fabs(d);
+    }
+    acc = block_sum_d(acc, sh);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// CTA c sums x^2 over elements [c * SUMSQ_TILE, (c + 1) * SUMSQ_TILE) in f64; the host adds the
+// partials in order (Backend::sum_squares).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    sumsq_partial(const float* x, u64 n, double* partials) {
+    __shared__ double sh[OPS_THREADS];
+    u64 start = (u64)blockIdx.x * SUMSQ_TILE;
+    double acc = 0.0;
+    for (u64 i = start + threadIdx.x; i < start + SUMSQ_TILE && i < n; i += OPS_THREADS) {
+        double d = (double)x[i];
+        acc += d * d;
     }
     acc = block_sum_d(acc, sh);
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::grad::{check, dot, rand_f32};
-use symerge::backend::{AttnShape, Backend, Cpu, Gelu};
+use symerge::backend::{AdamStep, AttnShape, Backend, Cpu, Gelu};
 
 const TOL: f64 = 1e-2;
 
@@ -405,4 +405,25 @@ fn swiglu_values_and_gradients() {
     let f = |xs: &[Vec<f32>]| cpu.swiglu(&xs[0], &xs[1]).unwrap();
     check("swiglu", &f, &[gate.clone(), up], &r, &[Some(dg), Some(du)], 1e-3, TOL);
     assert!(cpu.swiglu(&gate, &vec![0.0; 3]).is_err());
+}
+
+/// The optimizer's ops: Adam with a gradient scale is Adam on the scaled gradients, bit for bit;
+/// sums of squares are per buffer (empty ones 0); a copy is the buffer.
+#[test]
+fn optimizer_ops_scale_sum_and_copy() {
+    let be = Cpu;
+    let g: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+    let scaled: Vec<f32> = g.iter().map(|x| x * 0.4).collect();
+    let p0: Vec<f32> = (0..1000).map(|i| (i as f32).sin()).collect();
+    let step = AdamStep::new(1e-2, 0.9, 0.999, 1e-8, 1);
+    let (mut a, mut ma, mut va) = (p0.clone(), vec![0f32; 1000], vec![0f32; 1000]);
+    be.adam_step(&mut a, &g, &mut ma, &mut va, &step.with_grad_scale(0.4)).unwrap();
+    let (mut b, mut mb, mut vb) = (p0.clone(), vec![0f32; 1000], vec![0f32; 1000]);
+    be.adam_step(&mut b, &scaled, &mut mb, &mut vb, &step).unwrap();
+    assert_eq!(a, b, "scaled in the step == scaled before it");
+    assert_ne!(a, p0);
+    let sums = be.sum_squares(&[&g, &Vec::new(), &vec![3.0, 4.0]]).unwrap();
+    let want: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
+    assert_eq!(sums, [want, 0.0, 25.0]);
+    assert_eq!(be.copy(&g).unwrap(), g);
 }

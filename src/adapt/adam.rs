@@ -75,8 +75,14 @@ impl<B: Backend> BufAdam<B> {
 
     /// One update of `params` from `grads`.
     pub fn step(&mut self, be: &B, params: &mut B::Buf, grads: &B::Buf) -> Result<()> {
+        self.step_scaled(be, params, grads, 1.0)
+    }
+
+    /// One update from `grads` times `grad_scale` (gradient-norm clipping), scaled in the kernel.
+    pub fn step_scaled(&mut self, be: &B, params: &mut B::Buf, grads: &B::Buf, grad_scale: f32) -> Result<()> {
         self.step += 1;
-        be.adam_step(params, grads, &mut self.m, &mut self.v, &self.config.scalars(self.step))
+        let s = self.config.scalars(self.step).with_grad_scale(grad_scale);
+        be.adam_step(params, grads, &mut self.m, &mut self.v, &s)
     }
 }
 

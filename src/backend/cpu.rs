@@ -324,6 +324,10 @@ impl Backend for Cpu {
         Ok((0..len).into_par_iter().map(|_| 0.0).collect())
     }
 
+    fn copy(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
@@ -1058,6 +1062,10 @@ impl Backend for Cpu {
         }
         stored_ops::adam_update(params, grads, m, v, step);
         Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&Vec<f32>]) -> Result<Vec<f64>> {
+        Ok(bufs.par_iter().map(|b| b.iter().map(|&x| x as f64 * x as f64).sum()).collect())
     }
 }
 

@@ -131,6 +131,8 @@ pub trait Backend: Send + Sync {
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A copy of `buf`, bit for bit, where it lives (a tied weight's second holder).
+    fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
     /// Number of f32 elements.
     fn len(&self, buf: &Self::Buf) -> usize;
     fn ids_len(&self, ids: &Self::Ids) -> usize;
@@ -401,6 +403,9 @@ pub trait Backend: Send + Sync {
         v: &mut Self::Buf,
         step: &AdamStep,
     ) -> Result<()>;
+    /// The sum of squares of each of `bufs`, in f64 (a global gradient norm for clipping): one
+    /// wait for all of them on a device. The CPU sums each buffer in element order.
+    fn sum_squares(&self, bufs: &[&Self::Buf]) -> Result<Vec<f64>>;
     /// Sums each of `bufs` element-wise over the ranks of `coll`, in place (every rank passes
     /// the same buffers in the same order). By default one flat all-reduce through host memory
     /// ([`all_reduce_via_host`]); CUDA with an NCCL group on its own GPU reduces device memory

@@ -34,6 +34,9 @@ pub struct AdamStep {
     pub step_size: f32,
     /// `sqrt(1 - beta2^t)`.
     pub c2_sqrt: f32,
+    /// Each gradient is multiplied by this first: gradient-norm clipping's factor, applied where
+    /// the gradients are (1 leaves them as they are, bit for bit).
+    pub grad_scale: f32,
 }
 
 impl AdamStep {
@@ -41,14 +44,19 @@ impl AdamStep {
     pub fn new(lr: f32, beta1: f32, beta2: f32, eps: f32, t: i32) -> Self {
         let c1 = 1.0 - beta1.powi(t);
         let c2 = 1.0 - beta2.powi(t);
-        AdamStep { beta1, beta2, eps, step_size: lr / c1, c2_sqrt: c2.sqrt() }
+        AdamStep { beta1, beta2, eps, step_size: lr / c1, c2_sqrt: c2.sqrt(), grad_scale: 1.0 }
+    }
+
+    /// The same step on gradients scaled by `s` first (`clip_grad_norm_` before the step).
+    pub fn with_grad_scale(self, s: f32) -> Self {
+        AdamStep { grad_scale: s, ..self }
     }
 }
 
 /// One Adam update of `params` in place (moments `m`, `v`), element by element in the order the
 /// kernel computes it.
 pub fn adam_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep) {
-    let AdamStep { beta1, beta2, eps, step_size, c2_sqrt } = *s;
+    let AdamStep { beta1, beta2, eps, step_size, c2_sqrt, grad_scale } = *s;
     let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
     params
         .par_chunks_mut(MERGE_CHUNK)
@@ -57,6 +65,7 @@ pub fn adam_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f3
         .zip(v.par_chunks_mut(MERGE_CHUNK))
         .for_each(|(((p, g), m), v)| {
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * grad_scale;
                 *m = beta1 * *m + one_b1 * g;
                 *v = beta2 * *v + one_b2 * g * g;
                 *p -= step_size * *m / (v.sqrt() / c2_sqrt + eps);
@@ -384,11 +393,14 @@ mod tests {
         let (mut pe, mut me, mut ve) = (p.clone(), m.clone(), v.clone());
         for t in 1..=3 {
             let g = wave(n, 0.3 * t as f32);
-            let s = AdamStep::new(0.01, 0.9, 0.999, 1e-8, t);
+            // The second step clips: its gradients are scaled first.
+            let gs = if t == 2 { 0.37 } else { 1.0 };
+            let s = AdamStep::new(0.01, 0.9, 0.999, 1e-8, t).with_grad_scale(gs);
             adam_update(&mut p, &g, &mut m, &mut v, &s);
             for i in 0..n {
-                let mi = s.beta1 * me[i] + (1.0 - s.beta1) * g[i];
-                let vi = s.beta2 * ve[i] + (1.0 - s.beta2) * g[i] * g[i];
+                let gi = g[i] * gs;
+                let mi = s.beta1 * me[i] + (1.0 - s.beta1) * gi;
+                let vi = s.beta2 * ve[i] + (1.0 - s.beta2) * gi * gi;
                 me[i] = mi;
                 ve[i] = vi;
                 pe[i] -= s.step_size * mi / (vi.sqrt() / s.c2_sqrt + s.eps);

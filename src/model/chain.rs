@@ -114,6 +114,23 @@ pub fn set_param<B: Backend>(be: &B, params: &mut [Params<B>], name: &str, value
     if found { Ok(()) } else { Err(Error::Invalid(format!("the model has no parameter `{name}`"))) }
 }
 
+/// Updates a parameter where it lives: `update` changes its first holder's buffer in place and
+/// every other holder (the second copy of a tied embedding) gets a device copy of the result.
+pub fn update_param<B: Backend>(
+    be: &B,
+    params: &mut [Params<B>],
+    name: &str,
+    update: impl FnOnce(&mut B::Buf) -> Result<()>,
+) -> Result<()> {
+    let mut holders = params.iter_mut().filter_map(|p| p.get_mut(name));
+    let first = holders.next().ok_or_else(|| Error::Invalid(format!("the model has no parameter `{name}`")))?;
+    update(&mut first.buf)?;
+    for other in holders {
+        other.buf = be.copy(&first.buf)?;
+    }
+    Ok(())
+}
+
 /// The output of `blocks` run in order (inference: nothing is kept).
 pub fn forward<B: Backend, K: ChainBlock<B>>(
     be: &B,
@@ -349,5 +366,37 @@ where
             Part::Head(h) => h.backward(be, p, batch, need_input(input, || "head".into())?, grad_out)?,
         };
         Ok((Some(dx), g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+
+    fn block(entries: &[(&str, Vec<f32>)]) -> Params<Cpu> {
+        entries.iter().map(|(n, v)| (n.to_string(), Param { shape: vec![v.len()], buf: v.clone() })).collect()
+    }
+
+    /// A tied weight is updated once, in its first holder, and the other holder gets the result;
+    /// other parameters are untouched; an unknown name is an error naming it.
+    #[test]
+    fn update_param_reaches_every_holder() {
+        let mut params = vec![
+            block(&[("emb", vec![1.0, 2.0]), ("a", vec![5.0])]),
+            block(&[("emb", vec![1.0, 2.0]), ("b", vec![7.0])]),
+        ];
+        let mut calls = 0;
+        update_param(&Cpu, &mut params, "emb", |p| {
+            calls += 1;
+            p.iter_mut().for_each(|x| *x *= 10.0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
+        assert_eq!((params[0]["emb"].buf.clone(), params[1]["emb"].buf.clone()), (vec![10.0, 20.0], vec![10.0, 20.0]));
+        assert_eq!((params[0]["a"].buf[0], params[1]["b"].buf[0]), (5.0, 7.0));
+        let e = update_param(&Cpu, &mut params, "nope", |_| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("`nope`"), "{e}");
     }
 }

@@ -17,17 +17,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
-use super::Params;
 use super::bert::{LoadOptions, NewHead};
 use super::classify::{EvalReport, SequenceClassifier, evaluate};
 use super::finetune_lm::{LmFinetuneSummary, finetune_lm};
 use super::lm::is_causal_lm_dir;
 use super::save::{SaveOptions, SavedModel};
 use super::tokenize::Tokens;
-use crate::adapt::adam::{Adam, AdamConfig};
+use super::{Params, chain};
+use crate::adapt::adam::{AdamConfig, BufAdam};
 use crate::backend::{Backend, Device};
 use crate::checkpoint::FloatDType;
 use crate::data::jsonl::{Example, read_jsonl};
@@ -520,8 +519,9 @@ pub(super) trait Objective<B: Backend> {
     /// The mean loss of the training examples `chunk` (indices) and one gradient per trainable
     /// tensor, by name (a tensor held twice, like a tied embedding, has one, summed).
     fn loss_grads(&mut self, chunk: &[usize]) -> Result<(f32, Params<B>)>;
-    /// Replaces a trained tensor's values wherever the model holds it.
-    fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()>;
+    /// The backend and the model's parameters (one map per block), for the optimizer to update
+    /// in place.
+    fn backend_and_params(&mut self) -> (&B, &mut [Params<B>]);
 }
 
 /// The classifier's objective: mean cross-entropy against the class of each text.
@@ -550,8 +550,9 @@ impl<B: Backend> Objective<B> for ClassifierObjective<'_, B> {
         Ok((loss, block_grads.into_iter().flatten().collect()))
     }
 
-    fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        self.clf.model.set_param(name, values)
+    fn backend_and_params(&mut self) -> (&B, &mut [Params<B>]) {
+        let m = &mut self.clf.model;
+        (&m.backend, &mut m.params)
     }
 }
 
@@ -568,7 +569,7 @@ pub(super) struct TrainRun {
 /// shuffles, `batch_size` at a time, with the learning-rate schedule and clipping of `opts`.
 pub(super) fn train<B: Backend, O: Objective<B>>(
     obj: &mut O,
-    trainer: &mut Trainer,
+    trainer: &mut Trainer<B>,
     n: usize,
     opts: &FinetuneOptions,
 ) -> Result<TrainRun> {
@@ -631,36 +632,34 @@ impl ProgressLog {
     }
 }
 
-/// One trainable tensor: its host copy, Adam state and name in the model.
-struct Slot {
+/// One trainable tensor: its name in the model and its Adam state, on the backend.
+struct Slot<B: Backend> {
     name: String,
-    values: Vec<f32>,
     /// The learning rate before the schedule's factor.
     lr: f32,
-    adam: Adam,
+    adam: BufAdam<B>,
 }
 
-/// The optimizer side of training: host copies of every weight with their Adam state. The
-/// update runs on the host, tensor by tensor in parallel (each tensor's Adam is independent, so
-/// the result does not depend on the thread count).
-pub(super) struct Trainer {
-    slots: Vec<Slot>,
+/// The optimizer side of training: every weight's Adam state where the weights are. A step
+/// brings back only the loss (and, when clipping, one sum of squares per tensor): weights,
+/// gradients and moments stay on the device.
+pub(super) struct Trainer<B: Backend> {
+    slots: Vec<Slot<B>>,
 }
 
-impl Trainer {
+impl<B: Backend> Trainer<B> {
     /// Every tensor of `blocks` (one parameter map per block), at learning rate `lr_of(block)`;
     /// a name held by two blocks (a tied embedding) trains once, at its first block's rate.
-    pub(super) fn new<B: Backend>(be: &B, blocks: &[Params<B>], lr_of: impl Fn(usize) -> f32) -> Result<Self> {
-        let mut slots: Vec<Slot> = Vec::new();
+    pub(super) fn new(be: &B, blocks: &[Params<B>], lr_of: impl Fn(usize) -> f32) -> Result<Self> {
+        let mut slots: Vec<Slot<B>> = Vec::new();
         for (bi, params) in blocks.iter().enumerate() {
             for (name, p) in params {
                 if slots.iter().any(|s| &s.name == name) {
                     continue;
                 }
-                let values = be.download(&p.buf)?;
                 let lr = lr_of(bi);
-                let adam = Adam::new(values.len(), AdamConfig::with_lr(lr));
-                slots.push(Slot { name: name.clone(), values, lr, adam });
+                let adam = BufAdam::new(be, be.len(&p.buf), AdamConfig::with_lr(lr))?;
+                slots.push(Slot { name: name.clone(), lr, adam });
             }
         }
         Ok(Trainer { slots })
@@ -668,7 +667,7 @@ impl Trainer {
 
     /// One step on the examples `chunk`, at `lr_factor` times each tensor's learning rate;
     /// returns the batch's mean loss.
-    fn step<B: Backend, O: Objective<B>>(
+    fn step<O: Objective<B>>(
         &mut self,
         obj: &mut O,
         chunk: &[usize],
@@ -676,36 +675,32 @@ impl Trainer {
         max_grad_norm: Option<f32>,
     ) -> Result<f32> {
         let (loss, mut named) = obj.loss_grads(chunk)?;
-        let mut grads: Vec<Vec<f32>> = self
+        let grads: Vec<B::Buf> = self
             .slots
             .iter()
             .map(|s| {
-                let g = named.remove(&s.name).ok_or_else(|| {
+                named.remove(&s.name).map(|g| g.buf).ok_or_else(|| {
                     Error::Invalid(format!("internal: the backward produced no gradient for `{}`", s.name))
-                })?;
-                obj.backend().download(&g.buf)
+                })
             })
             .collect::<Result<_>>()?;
         drop(named);
-        let scale = max_grad_norm.map_or(1.0, |max| clip_scale(&grads, max));
-        self.slots.par_iter_mut().zip(grads.par_iter_mut()).for_each(|(s, g)| {
-            if scale < 1.0 {
-                g.iter_mut().for_each(|x| *x *= scale);
-            }
+        let scale = match max_grad_norm {
+            Some(max) => clip_scale(&obj.backend().sum_squares(&grads.iter().collect::<Vec<_>>())?, max),
+            None => 1.0,
+        };
+        for (s, g) in self.slots.iter_mut().zip(&grads) {
             s.adam.config.lr = s.lr * lr_factor;
-            s.adam.step(&mut s.values, g);
-        });
-        for s in &self.slots {
-            obj.set_param(&s.name, &s.values)?;
+            let (be, params) = obj.backend_and_params();
+            chain::update_param(be, params, &s.name, |p| s.adam.step_scaled(be, p, g, scale))?;
         }
         Ok(loss)
     }
 }
 
-/// The factor that brings the global norm of `grads` down to `max` (PyTorch's
-/// `clip_grad_norm_`), or 1 when it is below.
-fn clip_scale(grads: &[Vec<f32>], max: f32) -> f32 {
-    let sq: Vec<f64> = grads.par_iter().map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect();
+/// The factor that brings the global norm of the gradients, whose squares sum to `sq` per
+/// tensor, down to `max` (PyTorch's `clip_grad_norm_`), or 1 when it is below.
+fn clip_scale(sq: &[f64], max: f32) -> f32 {
     let norm = sq.iter().sum::<f64>().sqrt();
     (max as f64 / (norm + 1e-6)).min(1.0) as f32
 }

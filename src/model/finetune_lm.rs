@@ -76,8 +76,9 @@ impl<B: Backend, A: LmArch<B>> Objective<B> for NextToken<'_, B, A> {
         Ok((loss, model.total_grads(grads)?))
     }
 
-    fn set_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        self.lm.model.set_param(name, values)
+    fn backend_and_params(&mut self) -> (&B, &mut [Params<B>]) {
+        let m = &mut self.lm.model;
+        (&m.backend, &mut m.params)
     }
 }
 

@@ -34,6 +34,8 @@ const COL_X: u32 = 32;
 const COL_Y: u32 = 16;
 /// Elements per CTA of the L1 partial sums (`L1_TILE`).
 const L1_TILE: usize = 4096;
+/// Elements per CTA of the sums of squares (`SUMSQ_TILE`).
+const SUMSQ_TILE: usize = 65536;
 /// Most CTAs of a grid-stride launch.
 const MAX_BLOCKS: usize = 1 << 16;
 /// Bytes of the top-k kernels' column bitmap: with their 3 KB of static shared memory, within
@@ -61,6 +63,7 @@ macro_rules! kernel_table {
 
 kernel_table!(
     adam_step,
+    sumsq_partial,
     fill_rows,
     add_f32,
     scale_f32,
@@ -834,6 +837,11 @@ impl Backend for Cuda {
         self.alloc_zeros(len)
     }
 
+    fn copy(&self, buf: &CudaBuf) -> Result<CudaBuf> {
+        let data = cu("copying on the device", self.inner.gpu.stream.clone_dtod(&buf.data))?;
+        Ok(CudaBuf { data, len: buf.len })
+    }
+
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len
     }
@@ -1358,9 +1366,48 @@ impl Backend for Cuda {
             return Ok(());
         }
         let (pp, gp, mp, vp, n64) = (self.ptr(params), self.ptr(grads), self.ptr(m), self.ptr(v), n as u64);
-        let AdamStep { beta1, beta2, eps, step_size, c2_sqrt } = *step;
+        let AdamStep { beta1, beta2, eps, step_size, c2_sqrt, grad_scale } = *step;
         let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
-        launch!(self, adam_step, elems_cfg(n); pp, gp, mp, vp, n64, beta1, beta2, one_b1, one_b2, step_size, c2_sqrt, eps)
+        launch!(self, adam_step, elems_cfg(n); pp, gp, mp, vp, n64, beta1, beta2, one_b1, one_b2, step_size, c2_sqrt, eps, grad_scale)
+    }
+
+    /// Every buffer's partial sums go into one allocation and come back in one copy; the host
+    /// adds each buffer's partials in order, so the result does not depend on the device.
+    fn sum_squares(&self, bufs: &[&CudaBuf]) -> Result<Vec<f64>> {
+        let op = "sum_squares";
+        let tiles: Vec<usize> = bufs.iter().map(|b| b.len.div_ceil(SUMSQ_TILE)).collect();
+        let total: usize = tiles.iter().sum();
+        if total == 0 {
+            return Ok(vec![0.0; bufs.len()]);
+        }
+        let s = &self.inner.gpu.stream;
+        // SAFETY: sumsq_partial writes every partial of every non-empty buffer, and empty
+        // buffers own no partials.
+        let partials = cu("allocating", unsafe { s.alloc::<f64>(total) })?;
+        let base = addr(&partials, s);
+        let mut offset = 0usize;
+        for (b, &t) in bufs.iter().zip(&tiles) {
+            if t > 0 {
+                let (xp, n64, pp) = (self.ptr(b), b.len as u64, base + (offset * size_of::<f64>()) as u64);
+                let cfg = LaunchConfig {
+                    grid_dim: (u32_dim(op, "tiles", t)?, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(self, sumsq_partial, cfg; xp, n64, pp)?;
+            }
+            offset += t;
+        }
+        let host = cu("copying from the device", s.clone_dtoh(&partials))?;
+        cu("synchronising", s.synchronize())?;
+        let mut sums = Vec::with_capacity(bufs.len());
+        let mut rest = host.as_slice();
+        for &t in &tiles {
+            let (mine, tail) = rest.split_at(t);
+            sums.push(mine.iter().sum());
+            rest = tail;
+        }
+        Ok(sums)
     }
 
     /// With an NCCL group on this GPU the buffers are reduced where they are; a group on another
