@@ -913,7 +913,7 @@ fn permutation(n: usize, seed: u64, stream: u32, draw: u32) -> Vec<usize> {
 fn copy_params<B: Backend>(be: &B, params: &Params<B>) -> Result<Params<B>> {
     let mut out = Params::new();
     for (name, p) in params {
-        out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.upload(&be.download(&p.buf)?)? });
+        out.insert(name.clone(), Param { shape: p.shape.clone(), buf: be.copy(&p.buf)? });
     }
     Ok(out)
 }
