@@ -90,11 +90,10 @@ fn bench_merge(c: &mut Criterion) {
     for method in ["task_arithmetic", "ties"] {
         let cfg = config(method, &dirs);
         let opts = MergeOptions {
-            output: out.clone(),
             max_shard_bytes: 5_000_000_000,
-            out_dtype: None,
             force: true,
             progress: false,
+            ..MergeOptions::new(out.clone())
         };
         group.bench_function(method, |b| b.iter(|| merge(&cfg, &opts).expect("merge")));
     }

@@ -26,7 +26,7 @@ struct Cli {
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
     /// Worker threads (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, short = 'j', alias = "num-threads", global = true)]
     threads: Option<usize>,
     /// Print the result as JSON on stdout instead of text, for every command.
     #[arg(long, global = true)]

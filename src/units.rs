@@ -17,6 +17,25 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(size.as_u64())
 }
 
+/// A shard size: [`parse_size`]'s units, and mergekit's `--out-shard-size` spelling, where a
+/// whole number followed by `B` alone counts billions of bytes (its default `5B` is 5 GB; a
+/// shard of a few bytes is never what such a value means). `K` and `M` agree in both.
+pub fn parse_shard_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    if let Some(digits) = t.strip_suffix(['B', 'b'])
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        let n: u64 = digits.parse().map_err(|e| Error::Invalid(format!("`{s}` is not a size: {e}")))?;
+        return match n.checked_mul(1_000_000_000) {
+            Some(0) => Err(Error::Invalid(format!("size `{s}` must be at least one byte"))),
+            Some(bytes) => Ok(bytes),
+            None => Err(Error::Invalid(format!("size `{s}` is too large"))),
+        };
+    }
+    parse_size(t)
+}
+
 /// [`parse_size`] that also takes `0`: a memory budget that keeps nothing.
 pub fn parse_budget(s: &str) -> Result<u64> {
     if s.trim() == "0" { Ok(0) } else { parse_size(s) }
@@ -41,6 +60,14 @@ mod tests {
         assert_eq!(parse_size("1.5 TB").unwrap(), 1_500_000_000_000);
         assert!(parse_size("0").unwrap_err().to_string().contains("at least one byte"));
         assert!(parse_size("5XB").unwrap_err().to_string().contains("is not a size"));
+        // mergekit's shard sizes: B is billions, K and M as bytesize reads them.
+        for (mk, bytes) in [("5B", 5_000_000_000u64), ("1b", 1_000_000_000), ("500M", 500_000_000), ("100K", 100_000)] {
+            assert_eq!(parse_shard_size(mk).unwrap(), bytes, "{mk}");
+        }
+        assert_eq!(parse_shard_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_shard_size("1000").unwrap(), 1000);
+        assert!(parse_shard_size("0B").unwrap_err().to_string().contains("at least one byte"));
+        assert!(parse_shard_size("99999999999B").unwrap_err().to_string().contains("too large"));
         assert_eq!(parse_budget("0").unwrap(), 0);
         assert_eq!(parse_budget("8GB").unwrap(), 8_000_000_000);
         assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));

@@ -23,7 +23,7 @@ fn symerge_bin() -> std::path::PathBuf {
 }
 
 fn opts(out: &Path) -> MergeOptions {
-    MergeOptions { output: out.to_path_buf(), max_shard_bytes: 300_000, out_dtype: None, force: true, progress: false }
+    MergeOptions { max_shard_bytes: 300_000, force: true, progress: false, ..MergeOptions::new(out) }
 }
 
 fn config(dir: &Path, method: &str, experts: u32, extra: &str) -> MergeConfig {

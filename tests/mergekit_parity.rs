@@ -28,13 +28,7 @@ fn vocab_fixtures() -> PathBuf {
 }
 
 fn opts(out: &Path) -> MergeOptions {
-    MergeOptions {
-        output: out.to_path_buf(),
-        max_shard_bytes: u64::MAX,
-        out_dtype: None,
-        force: false,
-        progress: false,
-    }
+    MergeOptions { max_shard_bytes: u64::MAX, force: false, progress: false, ..MergeOptions::new(out.to_path_buf()) }
 }
 
 /// Writes `yaml` to `dir/name.yml`, merges it into `dir/name`, and reads the result back.
@@ -895,4 +889,100 @@ fn a_head_bias_is_permuted_with_its_tokens() {
         let want = (b[t] + c[t]) / 2.0;
         assert!((got[t] - want).abs() <= 1e-6 * want.abs().max(1.0), "token t{t}: {} vs {want}", got[t]);
     }
+}
+
+/// `mergekit-yaml CONFIG OUT` with mergekit's flags runs unchanged: the output after the config,
+/// `--random-seed` as the seed of a randomized method whose config sets none (the same merge as
+/// `seed:` in the config, another than the default seed's), `--out-shard-size 1B` as 10^9 bytes,
+/// `--no-copy-tokenizer` and `--no-write-model-card`, `-j`, and flags without effect here.
+#[test]
+fn a_mergekit_command_line_runs_unchanged() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    copy_files(&dir.join("base"), &base, &["config.json", "model.safetensors"]);
+    std::fs::write(base.join("tokenizer_config.json"), "{}").unwrap();
+    std::fs::write(base.join("special_tokens_map.json"), "{}").unwrap();
+    let models = |seed: &str| {
+        let experts: Vec<String> = (1..=2)
+            .map(|k| {
+                format!(
+                    "  - model: {}\n    parameters: {{weight: 0.5, density: 0.5}}\n",
+                    dir.join(format!("expert-{k}")).display()
+                )
+            })
+            .collect();
+        format!("merge_method: dare_ties\nbase_model: {}\n{seed}models:\n{}", base.display(), experts.concat())
+    };
+    let run = |name: &str, yaml: &str, flags: &[&str]| {
+        let cfg = tmp.path().join(format!("{name}.yml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let out = tmp.path().join(name);
+        let o = common::symerge()
+            .args(["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let flags = [
+        "--random-seed",
+        "7",
+        "--out-shard-size",
+        "1B",
+        "--copy-tokenizer",
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+        "-j",
+        "2",
+        "--lazy-unpickle",
+        "--lora-merge-cache",
+        "/nonexistent",
+        "--trust-remote-code",
+    ];
+    let cli = run("cli", &models(""), &flags);
+    let in_config = run("in-config", &models("parameters: {seed: 7}\n"), &[]);
+    let default_seed = run("default", &models(""), &[]);
+    assert_eq!(read_model(&cli), read_model(&in_config), "--random-seed 7 is `seed: 7`");
+    assert_ne!(read_model(&cli), read_model(&default_seed), "and not the default seed");
+    let files = entries(&cli);
+    assert!(files.contains(&"model.safetensors".to_string()), "one shard under 10^9 bytes: {files:?}");
+    for absent in ["tokenizer_config.json", "special_tokens_map.json", "README.md"] {
+        assert!(!files.iter().any(|f| f == absent), "{absent} in {files:?}");
+    }
+    assert!(entries(&in_config).contains(&"tokenizer_config.json".to_string()), "copied by default");
+    assert!(entries(&in_config).contains(&"README.md".to_string()), "a card by default");
+    // A config's own seed wins over --random-seed.
+    let seeded_both = run("both", &models("parameters: {seed: 7}\n"), &["--random-seed", "9"]);
+    assert_eq!(read_model(&seeded_both), read_model(&in_config));
+}
+
+/// Inputs of another `model_type` are refused unless `--allow-crimes` (mergekit's rule for
+/// mixed architectures), naming the input and the flag; with it the merge runs.
+#[test]
+fn mixing_model_types_needs_allow_crimes() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other");
+    copy_files(&dir.join("expert-1"), &other, &["config.json", "model.safetensors"]);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama", "the fixture is a Llama");
+    cfg["model_type"] = "mistral".into();
+    std::fs::write(other.join("config.json"), cfg.to_string()).unwrap();
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n",
+        dir.join("base").display(),
+        other.display()
+    );
+    let cfg_path = tmp.path().join("m.yml");
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let out = tmp.path().join("out");
+    let e = merge(&MergeConfig::load(&cfg_path).unwrap(), &opts(&out)).unwrap_err().to_string();
+    assert!(e.contains("--allow-crimes") && e.contains("mistral") && e.contains("other"), "{e}");
+    assert!(!out.exists());
+    let allowed = MergeOptions { allow_crimes: true, ..opts(&out) };
+    merge(&MergeConfig::load(&cfg_path).unwrap(), &allowed).unwrap();
+    assert!(out.join("model.safetensors").exists());
 }

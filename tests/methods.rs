@@ -179,11 +179,10 @@ fn run_and_check(spec: &Spec<'_>, in_dtype: Dtype, out_dtype: Option<(&str, Dtyp
     merge(
         &config,
         &MergeOptions {
-            output: out.clone(),
             max_shard_bytes: 5_000_000_000,
-            out_dtype: None,
             force: false,
             progress: false,
+            ..MergeOptions::new(out.clone())
         },
     )
     .unwrap();
@@ -249,13 +248,7 @@ fn run_linear(spec: &Spec<'_>, dt: Dtype) {
     let config = MergeConfig::load(&cfg_path).unwrap();
     merge(
         &config,
-        &MergeOptions {
-            output: out.clone(),
-            max_shard_bytes: u64::MAX,
-            out_dtype: None,
-            force: false,
-            progress: false,
-        },
+        &MergeOptions { max_shard_bytes: u64::MAX, force: false, progress: false, ..MergeOptions::new(out.clone()) },
     )
     .unwrap();
     let inputs: Vec<BTreeMap<_, _>> = paths.iter().map(|p| read_model(p)).collect();
@@ -382,13 +375,7 @@ fn dare_is_reproducible_per_seed() {
         let o = tmp.path().join(out);
         merge(
             &MergeConfig::load(&cfg).unwrap(),
-            &MergeOptions {
-                output: o.clone(),
-                max_shard_bytes: u64::MAX,
-                out_dtype: None,
-                force: false,
-                progress: false,
-            },
+            &MergeOptions { max_shard_bytes: u64::MAX, force: false, progress: false, ..MergeOptions::new(o.clone()) },
         )
         .unwrap();
         std::fs::read(o.join("model.safetensors")).unwrap()
@@ -421,13 +408,7 @@ fn per_layer_and_filtered_parameters() {
     let out = tmp.path().join("out");
     merge(
         &MergeConfig::load(&cfg).unwrap(),
-        &MergeOptions {
-            output: out.clone(),
-            max_shard_bytes: u64::MAX,
-            out_dtype: None,
-            force: false,
-            progress: false,
-        },
+        &MergeOptions { max_shard_bytes: u64::MAX, force: false, progress: false, ..MergeOptions::new(out.clone()) },
     )
     .unwrap();
     let (m, b, e) = (read_model(&out), read_model(&paths[0]), read_model(&paths[1]));
@@ -471,13 +452,7 @@ fn lambda_table_overrides_weights() {
     let out = tmp.path().join("out");
     merge(
         &MergeConfig::load(&cfg).unwrap(),
-        &MergeOptions {
-            output: out.clone(),
-            max_shard_bytes: u64::MAX,
-            out_dtype: None,
-            force: false,
-            progress: false,
-        },
+        &MergeOptions { max_shard_bytes: u64::MAX, force: false, progress: false, ..MergeOptions::new(out.clone()) },
     )
     .unwrap();
     let m = read_model(&out);
@@ -501,11 +476,10 @@ fn lambda_table_overrides_weights() {
     let err = merge(
         &MergeConfig::load(&cfg).unwrap(),
         &MergeOptions {
-            output: tmp.path().join("o2"),
             max_shard_bytes: u64::MAX,
-            out_dtype: None,
             force: false,
             progress: false,
+            ..MergeOptions::new(tmp.path().join("o2"))
         },
     )
     .unwrap_err();
@@ -537,11 +511,10 @@ fn linear_with_a_base_averages_only_the_models_and_leaves_out_their_heads() {
     let path = tmp.path().join("m.yml");
     std::fs::write(&path, cfg(true)).unwrap();
     let opts = |out: &str| MergeOptions {
-        output: tmp.path().join(out),
         max_shard_bytes: u64::MAX,
-        out_dtype: None,
         force: false,
         progress: false,
+        ..MergeOptions::new(tmp.path().join(out))
     };
     merge(&MergeConfig::load(&path).unwrap(), &opts("with-base")).unwrap();
     let merged = read_model(&tmp.path().join("with-base"));
@@ -571,8 +544,7 @@ fn experts_without_integer_buffers_merge_with_the_base_ones() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let opts =
-        MergeOptions { output: out.clone(), max_shard_bytes: u64::MAX, out_dtype: None, force: false, progress: false };
+    let opts = MergeOptions { max_shard_bytes: u64::MAX, progress: false, ..MergeOptions::new(out.clone()) };
     merge(&MergeConfig::load(&path).unwrap(), &opts).unwrap();
     let merged = read_model(&out);
     assert_eq!(merged["w"].2, vec![2.0, 2.0]);
@@ -592,11 +564,10 @@ fn passthrough_copies_stored_bytes_and_computes_otherwise() {
             std::fs::write(&cfg, yaml).unwrap();
             let out = tmp.path().join(name);
             let opts = MergeOptions {
-                output: out.clone(),
                 max_shard_bytes: 5_000_000_000,
-                out_dtype: None,
                 force: false,
                 progress: false,
+                ..MergeOptions::new(out.clone())
             };
             merge(&MergeConfig::load(&cfg).unwrap(), &opts).unwrap();
             out

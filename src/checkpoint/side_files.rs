@@ -17,12 +17,13 @@ const DONOR_ONLY: &[&str] = &["README.md", "mergekit_config.yml"];
 /// Copies `config.json`, tokenizer files and other small non-weight files (recursively, e.g. a
 /// sentence-transformers `1_Pooling/`) from `src` into the output, updating `torch_dtype` in the
 /// top-level `config.json` when the output dtype changes; the donor's own model card and merge
-/// config stay behind.
-pub fn copy_side_files(src: &Path, dst: &Path, out_dtype: Option<FloatDType>) -> Result<()> {
-    copy_side_dir(src, dst, out_dtype, true)
+/// config stay behind, and so do the top-level files named in `skip`.
+pub fn copy_side_files(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, skip: &[&str]) -> Result<()> {
+    copy_side_dir(src, dst, out_dtype, Some(skip))
 }
 
-fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: bool) -> Result<()> {
+/// `top` holds the names the top level leaves out; `None` below it.
+fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: Option<&[&str]>) -> Result<()> {
     for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let entry = entry.map_err(|e| Error::io(src, e))?;
         let path = entry.path();
@@ -33,15 +34,17 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: boo
         let target = dst.join(&name);
         if path.is_dir() {
             std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-            copy_side_dir(&path, &target, out_dtype, false)?;
+            copy_side_dir(&path, &target, out_dtype, None)?;
             continue;
         }
         let is_weights = path.extension().is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
-        let donor_only = top && (DONOR_ONLY.contains(&name.as_str()) || name.ends_with(".index.json"));
+        let donor_only = top.is_some_and(|skip| {
+            DONOR_ONLY.contains(&name.as_str()) || name.ends_with(".index.json") || skip.contains(&name.as_str())
+        });
         if !path.is_file() || is_weights || donor_only || name == INDEX_NAME || name == SINGLE_NAME {
             continue;
         }
-        match (top && name == "config.json", out_dtype) {
+        match (top.is_some() && name == "config.json", out_dtype) {
             (true, Some(dt)) => {
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 let mut cfg: serde_json::Value = serde_json::from_str(&text)

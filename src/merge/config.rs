@@ -375,6 +375,20 @@ impl MergeConfig {
         }
     }
 
+    /// The config with `seed: <seed>` among its top-level parameters, when its method takes a
+    /// seed and neither the top level nor a slice sets one (mergekit's `--random-seed`);
+    /// `None` when nothing would change.
+    pub fn with_default_seed(&self, seed: u64) -> Option<MergeConfig> {
+        let takes_seed = self.method.params.iter().any(|p| p.name == "seed");
+        let set = self.parameters.contains_key("seed") || self.slices.iter().any(|s| s.parameters.contains_key("seed"));
+        if !takes_seed || set {
+            return None;
+        }
+        let mut c = self.clone();
+        c.parameters.insert("seed".into(), ParamValue::Number(seed as f64));
+        Some(c)
+    }
+
     /// Every model the config reads, once each, in order of first mention.
     pub fn referenced_models(&self) -> Vec<PathBuf> {
         let mut out: Vec<PathBuf> = Vec::new();

@@ -17,10 +17,19 @@ use crate::error::{Error, Result};
 use crate::units::parse_size;
 
 /// `symerge merge`'s arguments: the config, how to write ([`MergeOptions`]), which engine, and
-/// the launcher's ranks to split the blocks over.
+/// the launcher's ranks to split the blocks over. `mergekit-yaml`'s command line works too:
+/// `symerge merge CONFIG OUT --cuda --random-seed 1 ...` ([`MergekitFlags`]).
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("out").required(true).multiple(false)))]
 pub struct MergeArgs {
+    /// The merge config (mergekit's YAML format; paths relative to it).
     pub config: PathBuf,
+    /// Output directory (written atomically: it appears only when complete).
+    #[arg(short, long, group = "out")]
+    pub output: Option<PathBuf>,
+    /// The output directory given after the config, as `mergekit-yaml CONFIG OUT` takes it.
+    #[arg(group = "out", value_name = "OUTPUT")]
+    pub out_path: Option<PathBuf>,
     #[command(flatten)]
     pub opts: MergeOptions,
     /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda, cuda:N.
@@ -30,33 +39,162 @@ pub struct MergeArgs {
     /// When it holds every input, inputs stay resident on the device.
     #[arg(long, value_parser = parse_size)]
     pub device_mem: Option<u64>,
+    #[command(flatten)]
+    pub mergekit: MergekitFlags,
     /// Split the blocks over the launcher's ranks (each on GPU LOCAL_RANK with a CUDA
     /// device); rank 0 assembles the shards and the index.
     #[command(flatten)]
     pub dist: ConnectOptions,
 }
 
+/// `mergekit-yaml`'s flags that are not symerge's own, so a mergekit command line runs as it
+/// is (hidden from `--help`; README "From mergekit"). `--cuda` and `--gpu-rich` mean
+/// `--device cuda`. Those about loading and writing strategies have no effect: symerge always
+/// streams the inputs from memory maps and writes safetensors as blocks finish. Those that would
+/// change the output in a way symerge cannot are refused.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MergekitFlags {
+    /// `--device cuda`.
+    #[arg(long, hide = true, conflicts_with = "device")]
+    pub cuda: bool,
+    /// mergekit's alias for `--cuda --low-cpu-memory --read-to-gpu --multi-gpu`.
+    #[arg(long, hide = true, conflicts_with = "device")]
+    pub gpu_rich: bool,
+    #[arg(long, hide = true)]
+    pub lazy_unpickle: bool,
+    #[arg(long, hide = true)]
+    pub no_lazy_unpickle: bool,
+    #[arg(long, hide = true)]
+    pub low_cpu_memory: bool,
+    #[arg(long, hide = true)]
+    pub no_low_cpu_memory: bool,
+    #[arg(long, hide = true)]
+    pub read_to_gpu: bool,
+    #[arg(long, hide = true)]
+    pub no_read_to_gpu: bool,
+    #[arg(long, hide = true)]
+    pub multi_gpu: bool,
+    #[arg(long, hide = true)]
+    pub no_multi_gpu: bool,
+    #[arg(long, hide = true)]
+    pub clone_tensors: bool,
+    #[arg(long, hide = true)]
+    pub no_clone_tensors: bool,
+    #[arg(long, hide = true)]
+    pub trust_remote_code: bool,
+    #[arg(long, hide = true)]
+    pub no_trust_remote_code: bool,
+    #[arg(long, hide = true)]
+    pub async_write: bool,
+    #[arg(long, hide = true)]
+    pub no_async_write: bool,
+    #[arg(long, hide = true, value_name = "N")]
+    pub write_threads: Option<usize>,
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub transformers_cache: Option<PathBuf>,
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub lora_merge_cache: Option<PathBuf>,
+    /// The defaults, spelled out (the later of `--copy-tokenizer` and `--no-copy-tokenizer`
+    /// wins, as in mergekit).
+    #[arg(long = "copy-tokenizer", id = "mk_copy_tokenizer", hide = true, overrides_with = "copy_tokenizer")]
+    pub copy_tokenizer: bool,
+    #[arg(long = "write-model-card", id = "mk_write_model_card", hide = true, overrides_with = "write_model_card")]
+    pub write_model_card: bool,
+    #[arg(long, hide = true)]
+    pub safe_serialization: bool,
+    #[arg(long, hide = true)]
+    pub no_allow_crimes: bool,
+    #[arg(long, hide = true)]
+    pub no_cuda: bool,
+    /// Refused: symerge writes only safetensors.
+    #[arg(long, hide = true)]
+    pub no_safe_serialization: bool,
+    /// Refused: permute embeddings with `tokenizer_source` instead.
+    #[arg(long, hide = true)]
+    pub unsafe_truncate_embeddings: bool,
+    /// Refused: an adapter is applied in the model's stored dtype.
+    #[arg(long, hide = true, value_name = "DTYPE")]
+    pub lora_merge_dtype: Option<String>,
+}
 impl MergeArgs {
     /// The defaults: [`MergeOptions::new`], `--device auto`, the GPU's free memory, one process
     /// unless a launcher says otherwise.
     pub fn new(config: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
+        let output = output.into();
         MergeArgs {
             config: config.into(),
+            output: Some(output.clone()),
+            out_path: None,
             opts: MergeOptions::new(output),
             device: Device::Auto,
             device_mem: None,
+            mergekit: MergekitFlags::default(),
             dist: ConnectOptions::default(),
         }
     }
 
+    /// The write options with the output directory however the command line gave it.
+    pub fn options(&self) -> MergeOptions {
+        let output = self.output.as_ref().or(self.out_path.as_ref()).unwrap_or(&self.opts.output);
+        MergeOptions { output: output.clone(), ..self.opts.clone() }
+    }
+
     /// Loads the config, joins the launcher's ranks and merges as this rank ([`merge_on`]).
     pub fn run(&self) -> Result<MergeSummary> {
+        let device = self.mergekit.check(self.device)?;
+        let opts = self.options();
         let cfg = MergeConfig::load(&self.config)?;
-        let (n, method, out) = (cfg.models.len(), &cfg.method.name, self.opts.output.display());
+        let (n, method, out) = (cfg.models.len(), &cfg.method.name, opts.output.display());
         tracing::info!("merging {n} model(s) with {method} into {out}");
         // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
         let (info, mut coll) = self.dist.connect_from_env()?;
-        merge_on(&cfg, &self.opts, self.device, self.device_mem, coll.as_mut()).map_err(|e| info.tag(e))
+        merge_on(&cfg, &opts, device, self.device_mem, coll.as_mut()).map_err(|e| info.tag(e))
+    }
+}
+
+impl MergekitFlags {
+    /// The device to use (`--cuda` and `--gpu-rich` mean `cuda`), after refusing the flags
+    /// symerge cannot honour and logging, once, those that change nothing here.
+    pub fn check(&self, device: Device) -> Result<Device> {
+        let refuse = |flag: &str, why: &str| Err(Error::Invalid(format!("{flag}: {why}")));
+        if self.no_safe_serialization {
+            return refuse("--no-safe-serialization", "symerge writes only safetensors");
+        }
+        if self.unsafe_truncate_embeddings {
+            return refuse(
+                "--unsafe-truncate-embeddings",
+                "not supported; set `tokenizer_source` (or a `tokenizer:` block) in the config to align vocabularies",
+            );
+        }
+        if self.lora_merge_dtype.is_some() {
+            return refuse(
+                "--lora-merge-dtype",
+                "not supported; a LoRA adapter is applied in the model's stored dtype",
+            );
+        }
+        let no_effect: Vec<&str> = [
+            (self.lazy_unpickle || self.no_lazy_unpickle, "--[no-]lazy-unpickle"),
+            (self.low_cpu_memory || self.no_low_cpu_memory, "--[no-]low-cpu-memory"),
+            (self.read_to_gpu || self.no_read_to_gpu, "--[no-]read-to-gpu"),
+            (self.multi_gpu || self.no_multi_gpu, "--[no-]multi-gpu"),
+            (self.clone_tensors || self.no_clone_tensors, "--[no-]clone-tensors"),
+            (self.trust_remote_code || self.no_trust_remote_code, "--[no-]trust-remote-code"),
+            (self.async_write || self.no_async_write, "--[no-]async-write"),
+            (self.write_threads.is_some(), "--write-threads"),
+            (self.transformers_cache.is_some(), "--transformers-cache"),
+            (self.lora_merge_cache.is_some(), "--lora-merge-cache"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect();
+        if !no_effect.is_empty() {
+            tracing::info!(
+                "mergekit flags without effect in symerge (it streams inputs from memory maps, runs no model code and \
+                 writes as blocks finish; LoRA scratch sits beside the output): {}",
+                no_effect.join(", ")
+            );
+        }
+        Ok(if self.cuda || self.gpu_rich { Device::Cuda(None) } else { device })
     }
 }
 
@@ -105,7 +243,60 @@ mod tests {
     #[test]
     fn cli_defaults_are_the_library_defaults() {
         let args: MergeArgs = parse_args(&["m.yml", "-o", "out"]).unwrap();
-        assert_eq!(format!("{args:?}"), format!("{:?}", MergeArgs::new("m.yml", "out")));
+        let lib = MergeArgs::new("m.yml", "out");
+        assert_eq!(format!("{:?}", args.options()), format!("{:?}", lib.options()));
+        assert_eq!(format!("{:?}", (&args.device, &args.mergekit)), format!("{:?}", (&lib.device, &lib.mergekit)));
+    }
+
+    /// `mergekit-yaml CONFIG OUT` and its flags: the output after the config, `--cuda`, the
+    /// write switches, mergekit's shard sizes; flags without effect pass, unsupported ones are
+    /// refused naming the flag; `-o` and a second output, or none, are usage errors.
+    #[test]
+    fn a_mergekit_command_line_parses() {
+        let argv = [
+            "m.yml",
+            "out",
+            "--cuda",
+            "--out-shard-size",
+            "1B",
+            "--random-seed",
+            "42",
+            "--allow-crimes",
+            "--copy-tokenizer",
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--lazy-unpickle",
+            "--lora-merge-cache",
+            "/tmp/c",
+            "--write-threads",
+            "2",
+        ];
+        let args: MergeArgs = parse_args(&argv).unwrap();
+        let opts = args.options();
+        assert_eq!(opts.output, PathBuf::from("out"));
+        assert_eq!(opts.max_shard_bytes, 1_000_000_000);
+        assert_eq!(opts.random_seed, Some(42));
+        assert!(opts.allow_crimes && !opts.copy_tokenizer && !opts.write_model_card);
+        assert_eq!(args.mergekit.check(args.device).unwrap(), Device::Cuda(None));
+        let later: MergeArgs = parse_args(&["m.yml", "out", "--no-copy-tokenizer", "--copy-tokenizer"]).unwrap();
+        assert!(later.options().copy_tokenizer, "the later of the pair wins");
+        let plain: MergeArgs = parse_args(&["m.yml", "out"]).unwrap();
+        assert_eq!(plain.mergekit.check(Device::Cpu).unwrap(), Device::Cpu);
+        assert!(plain.options().copy_tokenizer && plain.options().write_model_card && !plain.options().allow_crimes);
+        for (flag, value) in [
+            ("--no-safe-serialization", None),
+            ("--unsafe-truncate-embeddings", None),
+            ("--lora-merge-dtype", Some("bf16")),
+        ] {
+            let mut argv = vec!["m.yml", "out", flag];
+            argv.extend(value);
+            let args: MergeArgs = parse_args(&argv).unwrap();
+            let e = args.mergekit.check(Device::Auto).unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{e}");
+        }
+        for bad in [&["m.yml", "out", "-o", "out2"][..], &["m.yml"], &["m.yml", "out", "--cuda", "--device", "cpu"]] {
+            assert!(parse_args::<MergeArgs>(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

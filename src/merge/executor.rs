@@ -32,7 +32,7 @@ use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::sysinfo::peak_rss_bytes;
-use crate::units::parse_size;
+use crate::units::parse_shard_size;
 
 /// Elements per output write: bounds the output buffer to a few MB whatever the tensor size.
 const SPAN: usize = 1 << 22;
@@ -45,18 +45,20 @@ const CHUNK: usize = 1 << 12;
 /// [`MergeOptions::new`]'s).
 #[derive(Debug, Clone, clap::Args)]
 pub struct MergeOptions {
-    /// Output directory (written atomically: it appears only when complete).
-    #[arg(short, long)]
+    /// Output directory (written atomically: it appears only when complete); on the command
+    /// line `-o DIR` or the argument after the config, as `mergekit-yaml CONFIG OUT` takes it.
+    #[arg(skip)]
     pub output: PathBuf,
     /// Output dtype (float32, float16, bfloat16); default: the config's, else the inputs'.
     #[arg(long = "dtype", value_name = "DTYPE")]
     pub out_dtype: Option<FloatDType>,
-    /// Largest shard, e.g. 5GB, 500MB, 2GiB.
+    /// Largest shard, e.g. 5GB, 500MB, 2GiB, or mergekit's 5B / 500M (billions / millions of
+    /// bytes).
     #[arg(
         long = "out-shard-size",
         value_name = "OUT_SHARD_SIZE",
         default_value = DEFAULT_SHARD_SIZE,
-        value_parser = parse_size
+        value_parser = parse_shard_size
     )]
     pub max_shard_bytes: u64,
     /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
@@ -66,6 +68,21 @@ pub struct MergeOptions {
     /// Show a progress bar (TTY) or log lines (the command line's `-q` turns it off).
     #[arg(skip = true)]
     pub progress: bool,
+    /// Leave the donor's tokenizer files out of the output (mergekit's `--no-copy-tokenizer`);
+    /// a `tokenizer_source` or `tokenizer:` block still writes its tokenizer.
+    #[arg(long = "no-copy-tokenizer", action = clap::ArgAction::SetFalse, overrides_with = "mk_copy_tokenizer")]
+    pub copy_tokenizer: bool,
+    /// Write no model card `README.md` (mergekit's `--no-write-model-card`).
+    #[arg(long = "no-write-model-card", action = clap::ArgAction::SetFalse, overrides_with = "mk_write_model_card")]
+    pub write_model_card: bool,
+    /// Merge inputs whose `config.json` names different model types (mergekit's name for
+    /// mixing architectures); without it they are refused.
+    #[arg(long)]
+    pub allow_crimes: bool,
+    /// Seed of the randomized methods (DARE, DELLA, ...) where the config sets no `seed`
+    /// (mergekit's `--random-seed`; symerge's masks come from its own Philox streams).
+    #[arg(long, value_name = "SEED", value_parser = clap::value_parser!(u64).range(..=1u64 << 53))]
+    pub random_seed: Option<u64>,
 }
 
 impl MergeOptions {
@@ -77,6 +94,10 @@ impl MergeOptions {
             max_shard_bytes: DEFAULT_SHARD_BYTES,
             force: false,
             progress: true,
+            copy_tokenizer: true,
+            write_model_card: true,
+            allow_crimes: false,
+            random_seed: None,
         }
     }
 }
@@ -194,13 +215,31 @@ const ARCHITECTURE_KEYS: &[&str] = &[
     "head_dim",
 ];
 
-fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint]) -> Result<()> {
+/// Also refuses inputs of another `model_type` (Llama and Mistral weights can have the same
+/// names and shapes) unless `allow_crimes`, as mergekit refuses mixed architectures without
+/// `--allow-crimes`; a head on the same model (`BertModel` and `BertForSequenceClassification`)
+/// is one model type.
+fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint], allow_crimes: bool) -> Result<()> {
     let Some(want) = reference.config.as_ref() else {
         tracing::warn!("{} has no config.json: the output will have none either", reference.path.display());
         return Ok(());
     };
     for input in inputs {
         let Some(have) = input.config.as_ref() else { continue };
+        if let (Some(w), Some(h)) = (want.get("model_type"), have.get("model_type"))
+            && w != h
+        {
+            if !allow_crimes {
+                return Err(Error::Model {
+                    path: input.dir.join("config.json"),
+                    reason: format!(
+                        "model_type {h} differs from {w} in {}: mixing architectures needs --allow-crimes (as in mergekit)",
+                        reference.dir.join("config.json").display()
+                    ),
+                });
+            }
+            tracing::warn!("--allow-crimes: merging model_type {h} ({}) into {w}", input.dir.display());
+        }
         for key in ARCHITECTURE_KEYS {
             if let (Some(w), Some(h)) = (want.get(*key), have.get(*key))
                 && w != h
@@ -232,6 +271,8 @@ fn merge_ranked(
     coll: &mut dyn Collective,
 ) -> Result<MergeSummary> {
     let start = Instant::now();
+    let seeded = opts.random_seed.and_then(|seed| config.with_default_seed(seed));
+    let config = seeded.as_ref().unwrap_or(config);
     let paths: Vec<PathBuf> = config.referenced_models().iter().flat_map(|p| read_paths(p)).collect();
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_output_apart(&opts.output, &inputs)?;
@@ -244,7 +285,7 @@ fn merge_ranked(
     // one, else the first merged model, which is then also merged (see `MergeJob::tensor`).
     let opened = Opened::open(config, &opts.output)?;
     let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
-    check_configs_agree(reference, &inputs)?;
+    check_configs_agree(reference, &inputs, opts.allow_crimes)?;
     // A slices config's views lack the layers of slices with fewer sources than theirs.
     let stream = match opened.slice_layers {
         Some(_) => LayerStream::plan_partial(reference, inputs)?,
@@ -284,7 +325,7 @@ fn merge_ranked(
     let (rank, world) = (coll.rank(), coll.world_size());
     let (shards, written, input_bytes) = if world == 1 {
         let staging = Staging::create(&opts.output)?;
-        opened.write_side_files(config, staging.path(), out_dtype)?;
+        opened.write_side_files(config, opts, staging.path(), out_dtype)?;
         let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
         let shards = writer.num_shards();
 
@@ -347,7 +388,7 @@ fn merge_ranked(
         coll.barrier()?;
         if rank == 0 {
             let staging = Staging::create(&opts.output)?;
-            opened.write_side_files(config, staging.path(), out_dtype)?;
+            opened.write_side_files(config, opts, staging.path(), out_dtype)?;
             let mut files: Vec<String> = Vec::with_capacity(planned.len());
             for r in 0..world {
                 let first: usize = counts[..r].iter().sum();
@@ -430,13 +471,22 @@ impl Opened {
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.
-    fn write_side_files(&self, config: &MergeConfig, dst: &Path, out_dtype: Option<FloatDType>) -> Result<()> {
+    /// `--no-copy-tokenizer` leaves the donor's tokenizer files behind (a built or permuted
+    /// vocabulary still writes its tokenizer); `--no-write-model-card` the card.
+    fn write_side_files(
+        &self,
+        config: &MergeConfig,
+        opts: &MergeOptions,
+        dst: &Path,
+        out_dtype: Option<FloatDType>,
+    ) -> Result<()> {
         let donor = if self.donor.is_dir() {
             self.donor.clone()
         } else {
             self.donor.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
         };
-        copy_side_files(&donor, dst, out_dtype)?;
+        let skip = if opts.copy_tokenizer { &[][..] } else { super::tokenizer::TOKENIZER_FILES };
+        copy_side_files(&donor, dst, out_dtype, skip)?;
         if let Some(layers) = &self.slice_layers {
             let n = layers.len();
             edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n).unwrap_or_default())?;
@@ -445,7 +495,7 @@ impl Opened {
             edit_config(dst, |cfg| super::vocab::set_vocab_size(cfg, n))?;
         }
         super::tokenizer::apply(config, dst, self.aligned.as_ref())?;
-        super::card::write(config, dst, &self.title)
+        if opts.write_model_card { super::card::write(config, dst, &self.title) } else { Ok(()) }
     }
 }
 

@@ -12,7 +12,7 @@ use super::config::MergeConfig;
 use crate::error::{Error, Result};
 
 /// Tokenizer files mergekit copies from the donor model.
-const TOKENIZER_FILES: &[&str] = &[
+pub(super) const TOKENIZER_FILES: &[&str] = &[
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.json",

@@ -475,11 +475,10 @@ fn stream_report(gpu: &Gpu, opts: &BenchOptions, h2d: f64) -> Result<StreamRepor
     let out_gpu = opts.dir.join("out-gpu");
     let out_cpu = opts.dir.join("out-cpu");
     let mopts = |output: &Path| MergeOptions {
-        output: output.to_path_buf(),
         max_shard_bytes: DEFAULT_SHARD_BYTES,
-        out_dtype: None,
         force: true,
         progress: false,
+        ..MergeOptions::new(output.to_path_buf())
     };
 
     // Pipeline only: same engine, nothing handed to the writer (the output is discarded).

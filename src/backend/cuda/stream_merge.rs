@@ -1025,11 +1025,10 @@ mod tests {
         std::fs::write(&path, yaml).unwrap();
         let cfg = MergeConfig::load(&path).unwrap();
         let opts = |name: &str| MergeOptions {
-            output: dir.join(name),
             max_shard_bytes: 100_000,
-            out_dtype: None,
             force: true,
             progress: false,
+            ..MergeOptions::new(dir.join(name))
         };
         merge(&cfg, &opts("cpu")).unwrap();
         for target in [20_000, 1 << 30] {
