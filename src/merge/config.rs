@@ -489,16 +489,24 @@ impl MergeConfig {
     }
 
     /// One numeric parameter for `tensor`: a single value for a global one, one per model for
-    /// a per-model one; empty when unset without a default. Values outside the parameter's
-    /// range are errors.
+    /// a per-model one; empty when unset without a default. As in mergekit, the model's
+    /// `parameters` come first, then the slice's, then the top level's, and a level whose
+    /// setting gives no value for this tensor (a filtered list none of whose filters match)
+    /// passes to the next. Values outside the parameter's range are errors.
     fn resolve(&self, group: &Group<'_>, spec: &ParamSpec, tensor: &str, position: f64) -> Result<Vec<f32>> {
         let default = match spec.default {
             Fallback::Number(x) => Some(x),
             _ => None,
         };
-        let global = group.slice.and_then(|s| s.get(spec.name)).or_else(|| self.parameters.get(spec.name));
-        let one = |v: Option<&ParamValue>, whose: &str| -> Result<Option<f32>> {
-            let x = v.and_then(|v| v.number_for(tensor, position)).or(default);
+        let value = |model: Option<&BTreeMap<String, ParamValue>>| {
+            model
+                .into_iter()
+                .chain(group.slice)
+                .chain([&self.parameters])
+                .find_map(|p| p.get(spec.name).and_then(|v| v.number_for(tensor, position)))
+                .or(default)
+        };
+        let checked = |x: Option<f64>, whose: &str| -> Result<Option<f32>> {
             if let (Some(x), Some((lo, hi))) = (x, spec.range)
                 && !(lo..=hi).contains(&x)
             {
@@ -510,12 +518,12 @@ impl MergeConfig {
             Ok(x.map(|x| x as f32))
         };
         match spec.scope {
-            Scope::Global => Ok(one(global, "")?.into_iter().collect()),
+            Scope::Global => Ok(checked(value(None), "")?.into_iter().collect()),
             Scope::PerModel => {
                 let mut out = Vec::with_capacity(group.models.len());
                 for m in &group.models {
                     let whose = format!(" for {}", m.path.display());
-                    match one(m.parameters.get(spec.name).or(global), &whose)? {
+                    match checked(value(Some(&m.parameters)), &whose)? {
                         Some(x) => out.push(x),
                         None => return Ok(Vec::new()),
                     }

@@ -252,6 +252,19 @@ CASES.update({
                      "parameters": {"max_iter": 4, "tol": 0.0}},
 })
 
+# Parameter fall-through: a level (model, slice, top) whose filtered list matches no filter for a
+# tensor gives no value, and the next level's is taken (mergekit's resolve_parameter).
+CASES.update({
+    "filter_fallthrough": {"merge_method": "task_arithmetic", "base_model": B,
+                           "models": models((E1, {"weight": [{"filter": "mlp", "value": 0.2}]}), (E2, {"weight": 0.5})),
+                           "parameters": {"weight": 0.7, "lambda": [{"filter": "self_attn", "value": 0.6}]}},
+    "slices_filter_fallthrough": {"merge_method": "ties", "base_model": B, "parameters": {"weight": 0.4, "density": 0.6},
+                                  "slices": [{"sources": [src(B, 0, 2),
+                                                          src(E1, 0, 2, {"weight": [{"filter": "mlp", "value": 1.0}]}),
+                                                          src(E3, 0, 2, {"density": [{"filter": "q_proj", "value": 0.2}]})],
+                                              "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}]}}]},
+})
+
 # Arcee Fusion: a model's changes kept where their importance is an upper outlier.
 CASES.update({
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": models((E3, None))},
@@ -300,10 +313,26 @@ def run_case(name, case, out):
 
 
 def write_fixtures(default_out, make_inputs, cases, run_case):
-    """Writes the inputs, every case's mergekit output and cases.json under --out (emptied first)."""
+    """Writes the inputs, every case's mergekit output and cases.json under --out (emptied first).
+    With --only NAME (repeatable), runs just those cases on the inputs already there and adds
+    them to cases.json, leaving the other outputs as they are (regenerating all of them moves
+    a few MKL-dependent cases by an ulp or two); provenance.json records which were added so."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=default_out)
-    out = pathlib.Path(ap.parse_args().out).resolve()
+    ap.add_argument("--only", action="append", default=[], choices=sorted(cases))
+    args = ap.parse_args()
+    out = pathlib.Path(args.out).resolve()
+    if args.only:
+        yamls = json.loads((out / "cases.json").read_text())
+        prov_path = out / "provenance.json"
+        prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+        for name in args.only:
+            run_case(name, cases[name], out)
+            yamls[name] = yaml.safe_dump(cases[name], sort_keys=False)
+            prov.setdefault("added_later", {})[name] = provenance()
+        (out / "cases.json").write_text(json.dumps(yamls, indent=1) + "\n")
+        (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+        return
     if out.exists():
         shutil.rmtree(out)
     make_inputs(out)
