@@ -14,7 +14,8 @@ pub enum ParamValue {
     Filtered(Vec<FilteredValue>),
 }
 
-/// `{filter: "self_attn", value: 0.5}`; an entry without `filter` matches every tensor.
+/// `{filter: "self_attn", value: 0.5}`; an entry without `filter`, or with `filter: "*"`, matches
+/// every tensor (mergekit's wildcard).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FilteredValue {
@@ -34,7 +35,7 @@ impl ParamValue {
             ParamValue::Gradient(points) => Some(interpolate(points, position)),
             ParamValue::Filtered(items) => items
                 .iter()
-                .find(|it| it.filter.as_deref().is_none_or(|f| tensor.contains(f)))
+                .find(|it| it.filter.as_deref().is_none_or(|f| f == "*" || tensor.contains(f)))
                 .and_then(|it| it.value.number_for(tensor, position)),
         }
     }

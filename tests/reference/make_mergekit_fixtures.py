@@ -263,6 +263,12 @@ CASES.update({
                                                           src(E1, 0, 2, {"weight": [{"filter": "mlp", "value": 1.0}]}),
                                                           src(E3, 0, 2, {"density": [{"filter": "q_proj", "value": 0.2}]})],
                                               "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}]}}]},
+    # `filter: "*"` matches every tensor; gradients inside filtered entries and over three points.
+    "filter_wildcard_gradients": {"merge_method": "task_arithmetic", "base_model": B,
+                                  "models": models((E1, {"weight": [{"filter": "mlp", "value": [0.1, 0.9]},
+                                                                    {"filter": "*", "value": 0.3}]}),
+                                                   (E2, {"weight": [0.5, 1.0, 0.2]})),
+                                  "parameters": {"lambda": [{"filter": "layers.1", "value": [0.9, 0.4]}, {"value": 1.0}]}},
 })
 
 # Arcee Fusion: a model's changes kept where their importance is an upper outlier.
