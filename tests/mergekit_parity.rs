@@ -392,14 +392,17 @@ fn registry_errors_name_the_key() {
         (yaml_for("slerp", one, "", "t: 0.5, tt: 1"), &["parameters.tt", "no parameter `tt`"]),
         (yaml_for("slerp", one, "", ""), &["parameters.t", "needs `t`"]),
         (yaml_for("slerp", one, "", "t: yes"), &["parameters.t", "expected a number"]),
-        (yaml_for("slerp", one, "weight: 1", "t: 0.5"), &["models[0].parameters.weight", "per-model"]),
+        (yaml_for("slerp", one, "wieght: 1", "t: 0.5"), &["models[0].parameters.wieght", "no merge method takes"]),
         (yaml_for("slerp", two, "", "t: 0.5"), &["exactly 1 model", "lists 2"]),
         (yaml_for("model_stock", one, "", ""), &["at least 2 model", "lists 1"]),
         (yaml_for("ties", one, "density: 0.5", "int8_mask: 3"), &["parameters.int8_mask", "true or false"]),
         (yaml_for("della", one, "density: 0.5", "seed: -1"), &["parameters.seed", "whole number"]),
         (yaml_for("breadcrumbs", one, "density: 0.5, gamma: 1.5", ""), &["gamma 1.5", "outside [0, 1]"]),
         (yaml_for("della", one, "density: 0.9, epsilon: 0.15", ""), &["epsilon 0.15", "density 0.9"]),
-        (yaml_for("nearswap", one, "", "t: 0.1, filter_wise: true"), &["parameters.filter_wise"]),
+        (
+            yaml_for("nearswap", one, "", "t: 0.1, filterwise: true"),
+            &["parameters.filterwise", "no merge method takes"],
+        ),
         (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
         (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
         (yaml_for("arcee_fusion", two, "", ""), &["exactly 1 model", "lists 2"]),
@@ -411,6 +414,34 @@ fn registry_errors_name_the_key() {
         }
     }
     assert!(!tmp.path().join("bad-out").exists(), "nothing written");
+}
+
+/// A parameter another method takes, where this method cannot use it (`density` left under
+/// `task_arithmetic`, a per-model `weight` for `slerp`, `filter_wise` for `nearswap`, the global
+/// `normalize` per model), is ignored with a warning, as mergekit ignores it: the merge is the
+/// one without it.
+#[test]
+fn parameters_of_other_methods_are_ignored_as_mergekit_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 2);
+    let cases = [
+        (
+            "task_arithmetic",
+            &paths[..],
+            "weight: 0.5, density: 0.3, normalize: true",
+            "lambda: 0.9, gamma: 0.1",
+            "weight: 0.5",
+            "lambda: 0.9",
+        ),
+        ("slerp", &paths[..2], "weight: 1", "t: 0.3, filter_wise: true", "", "t: 0.3"),
+        ("nearswap", &paths[..2], "density: 0.5", "t: 0.1, filter_wise: true", "", "t: 0.1"),
+    ];
+    for (i, (method, models, stray_model, stray_top, clean_model, clean_top)) in cases.into_iter().enumerate() {
+        let with = merge_yaml(tmp.path(), &format!("with-{i}"), &yaml_for(method, models, stray_model, stray_top));
+        let without =
+            merge_yaml(tmp.path(), &format!("without-{i}"), &yaml_for(method, models, clean_model, clean_top));
+        assert_eq!(with, without, "{method}");
+    }
 }
 
 /// `int8_mask` is accepted for mergekit's configs: symerge never stores masks, so it cannot

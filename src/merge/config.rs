@@ -308,7 +308,7 @@ impl MergeConfig {
         } else {
             slices[0].experts.clone()
         };
-        check_params(method, &raw.parameters, source, "parameters")?;
+        check_params(method, &mut raw.parameters, source, "parameters")?;
         if slices.is_empty() {
             check_required(method, &raw.parameters, &BTreeMap::new(), &models, source, "")?;
         }
@@ -662,9 +662,9 @@ fn parse_models(
         ));
     }
     let mut models = Vec::new();
-    for (i, m) in raw.into_iter().enumerate() {
+    for (i, mut m) in raw.into_iter().enumerate() {
         let path = locate_model(&m.model, base_dir, source, &format!("models[{i}].model"))?;
-        check_model_params(method, &m.parameters, source, &format!("models[{i}]"), &path)?;
+        check_model_params(method, &mut m.parameters, source, &format!("models[{i}]"), &path)?;
         if method.uses_base() && base_model.is_some_and(|b| same_path(b, &path)) {
             continue;
         }
@@ -691,7 +691,7 @@ fn parse_slices(
         return Err(config_err(source, "slices: lists no slice"));
     }
     let mut out: Vec<SliceDef> = Vec::with_capacity(raw.len());
-    for (i, s) in raw.into_iter().enumerate() {
+    for (i, mut s) in raw.into_iter().enumerate() {
         let here = format!("slices[{i}]");
         let slice_base = s
             .base_model
@@ -699,7 +699,7 @@ fn parse_slices(
             .map(|p| locate_model(p, base_dir, source, &format!("{here}.base_model")))
             .transpose()?;
         let base = if method.uses_base() { slice_base.as_deref().or(base_model) } else { None };
-        check_params(method, &s.parameters, source, &format!("{here}.parameters"))?;
+        check_params(method, &mut s.parameters, source, &format!("{here}.parameters"))?;
         if let Some(key) = s.parameters.keys().find(|k| method.param(k).is_some_and(|p| p.kind != Kind::Number)) {
             return Err(config_err(
                 source,
@@ -748,10 +748,10 @@ fn parse_slice(
     here: &str,
 ) -> Result<SliceDef> {
     let mut sources = Vec::with_capacity(s.sources.len());
-    for (j, src) in s.sources.into_iter().enumerate() {
+    for (j, mut src) in s.sources.into_iter().enumerate() {
         let at = format!("{here}.sources[{j}]");
         let path = locate_model(&src.model, base_dir, source, &format!("{at}.model"))?;
-        check_model_params(method, &src.parameters, source, &at, &path)?;
+        check_model_params(method, &mut src.parameters, source, &at, &path)?;
         let [a, b] = src.layer_range;
         if a >= b {
             return Err(config_err(source, format!("{at}.layer_range: [{a}, {b}] holds no layer")));
@@ -793,24 +793,20 @@ fn parse_slice(
 /// A model's (or source's) `parameters`: per-model parameters of the method, of the right kind.
 fn check_model_params(
     method: &MethodDef,
-    params: &BTreeMap<String, ParamValue>,
+    params: &mut BTreeMap<String, ParamValue>,
     source: &Path,
     at: &str,
     path: &Path,
 ) -> Result<()> {
-    for (key, v) in params {
-        let spec = method.param(key).filter(|p| p.scope == Scope::PerModel).ok_or_else(|| {
-            let per_model: Vec<&str> =
-                method.params.iter().filter(|p| p.scope == Scope::PerModel).map(|p| p.name).collect();
-            config_err(
-                source,
-                format!(
-                    "{at}.parameters.{key}: `{}` takes no per-model parameter `{key}` (supported: {})",
-                    method.name,
-                    per_model.join(", ")
-                ),
-            )
-        })?;
+    let per_model = |key: &str| method.param(key).filter(|p| p.scope == Scope::PerModel);
+    let why = |key: &str| {
+        let names: Vec<&str> = method.params.iter().filter(|p| p.scope == Scope::PerModel).map(|p| p.name).collect();
+        let names = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+        format!("{at}.parameters.{key}: `{}` takes no per-model parameter `{key}` (supported: {names})", method.name)
+    };
+    drop_foreign(params, |k| per_model(k).is_some(), why, source)?;
+    for (key, v) in params.iter() {
+        let spec = per_model(key).expect("foreign parameters dropped");
         check_value(spec, v)
             .map_err(|e| config_err(source, format!("{at}.parameters.{key} ({}): {e}", path.display())))?;
     }
@@ -818,15 +814,35 @@ fn check_model_params(
 }
 
 /// A top-level or slice `parameters` block: parameters of the method, of the right kind.
-fn check_params(method: &MethodDef, params: &BTreeMap<String, ParamValue>, source: &Path, at: &str) -> Result<()> {
-    for (key, v) in params {
-        let spec = method.param(key).ok_or_else(|| {
-            config_err(
-                source,
-                format!("{at}.{key}: `{}` has no parameter `{key}` (supported: {})", method.name, method.param_names()),
-            )
-        })?;
+fn check_params(method: &MethodDef, params: &mut BTreeMap<String, ParamValue>, source: &Path, at: &str) -> Result<()> {
+    let why = |key: &str| {
+        format!("{at}.{key}: `{}` has no parameter `{key}` (supported: {})", method.name, method.param_names())
+    };
+    drop_foreign(params, |k| method.param(k).is_some(), why, source)?;
+    for (key, v) in params.iter() {
+        let spec = method.param(key).expect("foreign parameters dropped");
         check_value(spec, v).map_err(|e| config_err(source, format!("{at}.{key}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Parameters the method cannot use where they are written: mergekit ignores them, and a config
+/// written for one method often carries another's (`density` left under `task_arithmetic`), so
+/// a name some method takes is dropped with a warning; a name no method knows (a typo) is an
+/// error, `why` saying what the method takes.
+fn drop_foreign(
+    params: &mut BTreeMap<String, ParamValue>,
+    usable: impl Fn(&str) -> bool,
+    why: impl Fn(&str) -> String,
+    source: &Path,
+) -> Result<()> {
+    let foreign: Vec<String> = params.keys().filter(|k| !usable(k)).cloned().collect();
+    for key in foreign {
+        if !super::registry::any_method_takes(&key) {
+            return Err(config_err(source, format!("{}; no merge method takes `{key}`", why(&key))));
+        }
+        tracing::warn!("{}: ignored, as mergekit ignores it", why(&key));
+        params.remove(&key);
     }
     Ok(())
 }

@@ -41,6 +41,11 @@ pub fn method_def(name: &str) -> Option<&'static MethodDef> {
     METHODS.iter().copied().find(|m| m.name == name)
 }
 
+/// Whether any registered method takes a parameter called `name`.
+pub fn any_method_takes(name: &str) -> bool {
+    METHODS.iter().any(|m| m.param(name).is_some())
+}
+
 /// Names of all methods, comma separated (for error messages).
 pub fn method_names() -> String {
     METHODS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
