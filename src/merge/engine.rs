@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use super::config::MergeConfig;
 use super::executor::{CpuEngine, MergeOptions, MergeSummary, merge_with_in};
+use super::mergekit_flags::MergekitFlags;
 use crate::backend::Device;
 use crate::backend::cuda::stream_merge::{CudaEngine, CudaOptions, no_kernel, unsupported};
 use crate::backend::cuda::{Resolved, resolve};
@@ -47,75 +48,6 @@ pub struct MergeArgs {
     pub dist: ConnectOptions,
 }
 
-/// `mergekit-yaml`'s flags that are not symerge's own, so a mergekit command line runs as it
-/// is (hidden from `--help`; README "From mergekit"). `--cuda` and `--gpu-rich` mean
-/// `--device cuda`. Those about loading and writing strategies have no effect: symerge always
-/// streams the inputs from memory maps and writes safetensors as blocks finish. Those that would
-/// change the output in a way symerge cannot are refused.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct MergekitFlags {
-    /// `--device cuda`.
-    #[arg(long, hide = true, conflicts_with = "device")]
-    pub cuda: bool,
-    /// mergekit's alias for `--cuda --low-cpu-memory --read-to-gpu --multi-gpu`.
-    #[arg(long, hide = true, conflicts_with = "device")]
-    pub gpu_rich: bool,
-    #[arg(long, hide = true)]
-    pub lazy_unpickle: bool,
-    #[arg(long, hide = true)]
-    pub no_lazy_unpickle: bool,
-    #[arg(long, hide = true)]
-    pub low_cpu_memory: bool,
-    #[arg(long, hide = true)]
-    pub no_low_cpu_memory: bool,
-    #[arg(long, hide = true)]
-    pub read_to_gpu: bool,
-    #[arg(long, hide = true)]
-    pub no_read_to_gpu: bool,
-    #[arg(long, hide = true)]
-    pub multi_gpu: bool,
-    #[arg(long, hide = true)]
-    pub no_multi_gpu: bool,
-    #[arg(long, hide = true)]
-    pub clone_tensors: bool,
-    #[arg(long, hide = true)]
-    pub no_clone_tensors: bool,
-    #[arg(long, hide = true)]
-    pub trust_remote_code: bool,
-    #[arg(long, hide = true)]
-    pub no_trust_remote_code: bool,
-    #[arg(long, hide = true)]
-    pub async_write: bool,
-    #[arg(long, hide = true)]
-    pub no_async_write: bool,
-    #[arg(long, hide = true, value_name = "N")]
-    pub write_threads: Option<usize>,
-    #[arg(long, hide = true, value_name = "DIR")]
-    pub transformers_cache: Option<PathBuf>,
-    #[arg(long, hide = true, value_name = "DIR")]
-    pub lora_merge_cache: Option<PathBuf>,
-    /// The defaults, spelled out (the later of `--copy-tokenizer` and `--no-copy-tokenizer`
-    /// wins, as in mergekit).
-    #[arg(long = "copy-tokenizer", id = "mk_copy_tokenizer", hide = true, overrides_with = "copy_tokenizer")]
-    pub copy_tokenizer: bool,
-    #[arg(long = "write-model-card", id = "mk_write_model_card", hide = true, overrides_with = "write_model_card")]
-    pub write_model_card: bool,
-    #[arg(long, hide = true)]
-    pub safe_serialization: bool,
-    #[arg(long, hide = true)]
-    pub no_allow_crimes: bool,
-    #[arg(long, hide = true)]
-    pub no_cuda: bool,
-    /// Refused: symerge writes only safetensors.
-    #[arg(long, hide = true)]
-    pub no_safe_serialization: bool,
-    /// Refused: permute embeddings with `tokenizer_source` instead.
-    #[arg(long, hide = true)]
-    pub unsafe_truncate_embeddings: bool,
-    /// Refused: an adapter is applied in the model's stored dtype.
-    #[arg(long, hide = true, value_name = "DTYPE")]
-    pub lora_merge_dtype: Option<String>,
-}
 impl MergeArgs {
     /// The defaults: [`MergeOptions::new`], `--device auto`, the GPU's free memory, one process
     /// unless a launcher says otherwise.
@@ -149,52 +81,6 @@ impl MergeArgs {
         // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
         let (info, mut coll) = self.dist.connect_from_env()?;
         merge_on(&cfg, &opts, device, self.device_mem, coll.as_mut()).map_err(|e| info.tag(e))
-    }
-}
-
-impl MergekitFlags {
-    /// The device to use (`--cuda` and `--gpu-rich` mean `cuda`), after refusing the flags
-    /// symerge cannot honour and logging, once, those that change nothing here.
-    pub fn check(&self, device: Device) -> Result<Device> {
-        let refuse = |flag: &str, why: &str| Err(Error::Invalid(format!("{flag}: {why}")));
-        if self.no_safe_serialization {
-            return refuse("--no-safe-serialization", "symerge writes only safetensors");
-        }
-        if self.unsafe_truncate_embeddings {
-            return refuse(
-                "--unsafe-truncate-embeddings",
-                "not supported; set `tokenizer_source` (or a `tokenizer:` block) in the config to align vocabularies",
-            );
-        }
-        if self.lora_merge_dtype.is_some() {
-            return refuse(
-                "--lora-merge-dtype",
-                "not supported; a LoRA adapter is applied in the model's stored dtype",
-            );
-        }
-        let no_effect: Vec<&str> = [
-            (self.lazy_unpickle || self.no_lazy_unpickle, "--[no-]lazy-unpickle"),
-            (self.low_cpu_memory || self.no_low_cpu_memory, "--[no-]low-cpu-memory"),
-            (self.read_to_gpu || self.no_read_to_gpu, "--[no-]read-to-gpu"),
-            (self.multi_gpu || self.no_multi_gpu, "--[no-]multi-gpu"),
-            (self.clone_tensors || self.no_clone_tensors, "--[no-]clone-tensors"),
-            (self.trust_remote_code || self.no_trust_remote_code, "--[no-]trust-remote-code"),
-            (self.async_write || self.no_async_write, "--[no-]async-write"),
-            (self.write_threads.is_some(), "--write-threads"),
-            (self.transformers_cache.is_some(), "--transformers-cache"),
-            (self.lora_merge_cache.is_some(), "--lora-merge-cache"),
-        ]
-        .into_iter()
-        .filter_map(|(given, flag)| given.then_some(flag))
-        .collect();
-        if !no_effect.is_empty() {
-            tracing::info!(
-                "mergekit flags without effect in symerge (it streams inputs from memory maps, runs no model code and \
-                 writes as blocks finish; LoRA scratch sits beside the output): {}",
-                no_effect.join(", ")
-            );
-        }
-        Ok(if self.cuda || self.gpu_rich { Device::Cuda(None) } else { device })
     }
 }
 
@@ -282,6 +168,8 @@ mod tests {
         assert!(later.options().copy_tokenizer, "the later of the pair wins");
         let plain: MergeArgs = parse_args(&["m.yml", "out"]).unwrap();
         assert_eq!(plain.mergekit.check(Device::Cpu).unwrap(), Device::Cpu);
+        let no_cuda: MergeArgs = parse_args(&["m.yml", "out", "--no-cuda"]).unwrap();
+        assert_eq!(no_cuda.mergekit.check(no_cuda.device).unwrap(), Device::Cpu, "mergekit's default device");
         assert!(plain.options().copy_tokenizer && plain.options().write_model_card && !plain.options().allow_crimes);
         for (flag, value) in [
             ("--no-safe-serialization", None),
@@ -294,7 +182,13 @@ mod tests {
             let e = args.mergekit.check(Device::Auto).unwrap_err().to_string();
             assert!(e.starts_with(flag), "{e}");
         }
-        for bad in [&["m.yml", "out", "-o", "out2"][..], &["m.yml"], &["m.yml", "out", "--cuda", "--device", "cpu"]] {
+        let bad: [&[&str]; 4] = [
+            &["m.yml", "out", "-o", "out2"],
+            &["m.yml"],
+            &["m.yml", "out", "--cuda", "--device", "cpu"],
+            &["m.yml", "out", "--cuda", "--no-cuda"],
+        ];
+        for bad in bad {
             assert!(parse_args::<MergeArgs>(bad).is_err(), "{bad:?}");
         }
     }

@@ -23,6 +23,7 @@ pub mod karcher;
 pub mod lambda_grad;
 pub mod linear;
 pub mod magprune;
+pub mod mergekit_flags;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
