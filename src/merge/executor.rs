@@ -215,10 +215,6 @@ const ARCHITECTURE_KEYS: &[&str] = &[
     "head_dim",
 ];
 
-/// Also refuses inputs of another `model_type` (Llama and Mistral weights can have the same
-/// names and shapes) unless `allow_crimes`, as mergekit refuses mixed architectures without
-/// `--allow-crimes`; a head on the same model (`BertModel` and `BertForSequenceClassification`)
-/// is one model type.
 fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint], allow_crimes: bool) -> Result<()> {
     let Some(want) = reference.config.as_ref() else {
         tracing::warn!("{} has no config.json: the output will have none either", reference.path.display());
@@ -226,20 +222,7 @@ fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint], allow_cri
     };
     for input in inputs {
         let Some(have) = input.config.as_ref() else { continue };
-        if let (Some(w), Some(h)) = (want.get("model_type"), have.get("model_type"))
-            && w != h
-        {
-            if !allow_crimes {
-                return Err(Error::Model {
-                    path: input.dir.join("config.json"),
-                    reason: format!(
-                        "model_type {h} differs from {w} in {}: mixing architectures needs --allow-crimes (as in mergekit)",
-                        reference.dir.join("config.json").display()
-                    ),
-                });
-            }
-            tracing::warn!("--allow-crimes: merging model_type {h} ({}) into {w}", input.dir.display());
-        }
+        check_model_type(reference, input, allow_crimes)?;
         for key in ARCHITECTURE_KEYS {
             if let (Some(w), Some(h)) = (want.get(*key), have.get(*key))
                 && w != h
@@ -254,6 +237,29 @@ fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint], allow_cri
             }
         }
     }
+    Ok(())
+}
+
+/// Inputs of another `model_type` (Llama and Mistral weights can have the same names and
+/// shapes) are refused unless `allow_crimes`, as mergekit refuses mixed architectures without
+/// `--allow-crimes`; a head on the same model (`BertModel` and `BertForSequenceClassification`)
+/// is one model type.
+fn check_model_type(reference: &Checkpoint, input: &Checkpoint, allow_crimes: bool) -> Result<()> {
+    let model_type = |c: &Checkpoint| c.config.as_ref().and_then(|c| c.get("model_type")).cloned();
+    let (Some(w), Some(h)) = (model_type(reference), model_type(input)) else { return Ok(()) };
+    if w == h {
+        return Ok(());
+    }
+    if !allow_crimes {
+        return Err(Error::Model {
+            path: input.dir.join("config.json"),
+            reason: format!(
+                "model_type {h} differs from {w} in {}: mixing architectures needs --allow-crimes (as in mergekit)",
+                reference.dir.join("config.json").display()
+            ),
+        });
+    }
+    tracing::warn!("--allow-crimes: merging model_type {h} ({}) into {w}", input.dir.display());
     Ok(())
 }
 
