@@ -73,6 +73,10 @@ fn merges_real_checkpoint_with_modified_copies() {
     let a = write_model(&tmp.path().join("expert-a"), &perturbed(&base, 1, Dtype::F32, "bert.", true));
     // Expert B: stored in bf16, plain names.
     let b = write_model(&tmp.path().join("expert-b"), &perturbed(&base, 2, Dtype::BF16, "", false));
+    // Fine-tuned copies of MiniLM carry its config.json (a BERT model type, like the base's).
+    for expert in [&a, &b] {
+        std::fs::copy(dir.join("config.json"), expert.join("config.json")).unwrap();
+    }
     let cfg = tmp.path().join("ta.yml");
     std::fs::write(
         &cfg,
