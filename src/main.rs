@@ -43,6 +43,8 @@ enum Command {
         path: PathBuf,
     },
     /// Training-free merge from a mergekit-style YAML config.
+    // clap lists the output group before the config; the config comes first.
+    #[command(override_usage = "symerge merge [OPTIONS] <CONFIG> <OUTPUT | -o OUTPUT>")]
     Merge(MergeArgs),
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda(BenchOptions),
