@@ -71,7 +71,7 @@ fn tolerance(case: &str) -> f64 {
 #[test]
 fn every_method_matches_mergekit_0_1_5() {
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&fixtures(), tmp.path(), 40);
+    check_cases(&fixtures(), tmp.path(), 42);
 }
 
 /// `tokenizer_source` (a model, `base` or `union`) over experts that added tokens and one that
@@ -577,7 +577,42 @@ fn slices_errors_name_the_key() {
             format!("merge_method: linear\ntokenizer: {{source: {e1}, padding: 8}}\nmodels:\n  - model: {e1}\n"),
             "unknown field `padding`",
         ),
-        (format!("merge_method: linear\nmodules: {{}}\nmodels:\n  - model: {e1}\n"), "modules: multi-module"),
+        (
+            format!(
+                "merge_method: linear\nmodules: {{text: {{models: [{{model: {e1}}}]}}, vision: {{models: [{{model: {e1}}}]}}}}\n"
+            ),
+            "modules: lists 2 modules (text, vision)",
+        ),
+        (
+            format!("merge_method: linear\nmodules: {{text_decoder: {{models: [{{model: {e1}}}]}}}}\n"),
+            "modules.text_decoder: the model families symerge loads have one module",
+        ),
+        (
+            format!(
+                "merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}}}]}}}}\nmodels:\n  - model: {e1}\n"
+            ),
+            "give one of `models`, `slices` or `modules`",
+        ),
+        (
+            "merge_method: linear\nmodules: {default: {parameters: {weight: 1}}}\n".to_string(),
+            "modules.default: give either",
+        ),
+        (
+            format!(
+                "merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}, parameters: {{desnity: 1}}}}]}}}}\n"
+            ),
+            "modules.default.models[0].parameters.desnity",
+        ),
+        (
+            format!(
+                "merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}}}], parameters: {{wieght: 1}}}}}}\n"
+            ),
+            "modules.default.parameters.wieght",
+        ),
+        (
+            format!("merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}}}], layers: 2}}}}\n"),
+            "unknown field `layers`",
+        ),
         (format!("merge_method: linear\nchat_template: chatml\nmodels:\n  - model: {e1}\n"), "chat_template: `chatml`"),
         (format!("merge_method: linear\nout_dtype: float64\nmodels:\n  - model: {e1}\n"), "out_dtype:"),
     ];

@@ -46,9 +46,23 @@ struct RawConfig {
     chat_template: Option<String>,
     #[serde(default)]
     tokenizer: Option<RawTokenizer>,
-    /// mergekit keys symerge refuses with a reason (rather than as unknown keys).
+    /// mergekit's `modules:` form; single-module models (every family symerge loads) call
+    /// their one module `default`.
+    #[serde(default, deserialize_with = "crate::ordered_map::entries")]
+    modules: Vec<(String, RawModule)>,
+}
+
+/// One output module (mergekit's `OutputModuleDefinition`): `models` or `slices`, and the
+/// `parameters` between a slice's and the top-level ones.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModule {
     #[serde(default)]
-    modules: Option<serde_yaml_ng::Value>,
+    models: Vec<RawModel>,
+    #[serde(default)]
+    slices: Option<Vec<RawSlice>>,
+    #[serde(default)]
+    parameters: BTreeMap<String, ParamValue>,
 }
 
 /// mergekit's `tokenizer:` block (`TokenizerConfig`).
@@ -139,6 +153,9 @@ pub struct MergeConfig {
     /// every averaged model for `linear`.
     pub models: Vec<ModelEntry>,
     pub parameters: BTreeMap<String, ParamValue>,
+    /// The numeric `parameters` of the `modules:` form's one module: resolved after a slice's
+    /// and before the top-level ones (its merge-wide switches are folded into `parameters`).
+    pub module_parameters: BTreeMap<String, ParamValue>,
     /// Output dtype (`out_dtype`, else `dtype`); `None` keeps each tensor's own dtype.
     pub out_dtype: Option<FloatDType>,
     /// mergekit's `dtype`: inputs are rounded to it before the math (which runs in f32).
@@ -293,27 +310,31 @@ impl MergeConfig {
         let method = method_def(&raw.merge_method).ok_or_else(|| {
             config_err(source, format!("unknown merge_method `{}` (supported: {})", raw.merge_method, method_names()))
         })?;
+        let (prefix, module) = take_module(&mut raw, source)?;
         let base_dir = source.parent().unwrap_or_else(|| Path::new("."));
         let base_model =
             raw.base_model.as_deref().map(|p| locate_model(p, base_dir, source, "base_model")).transpose()?;
         let slices = match raw.slices.take() {
             Some(_) if !raw.models.is_empty() => {
-                return Err(config_err(source, "give either `models` or `slices`, not both"));
+                return Err(config_err(source, format!("{prefix}give either `models` or `slices`, not both")));
             }
-            Some(raw_slices) => parse_slices(method, raw_slices, base_model.as_deref(), base_dir, source)?,
+            Some(raw_slices) => parse_slices(method, raw_slices, base_model.as_deref(), base_dir, source, prefix)?,
             None => Vec::new(),
         };
         let models = if slices.is_empty() {
-            parse_models(method, std::mem::take(&mut raw.models), base_model.as_deref(), base_dir, source)?
+            parse_models(method, std::mem::take(&mut raw.models), base_model.as_deref(), base_dir, source, prefix)?
         } else {
             slices[0].experts.clone()
         };
         check_params(method, &mut raw.parameters, source, "parameters")?;
+        let module_parameters = split_module_params(method, module, &mut raw.parameters, source)?;
+        let mut merge_wide = raw.parameters.clone();
+        merge_wide.extend(module_parameters.clone());
         if slices.is_empty() {
-            check_required(method, &raw.parameters, &BTreeMap::new(), &models, source, "")?;
+            check_required(method, &merge_wide, &BTreeMap::new(), &models, source, prefix)?;
         }
         for (i, s) in slices.iter().enumerate() {
-            check_required(method, &raw.parameters, &s.parameters, &s.experts, source, &format!("slices[{i}]: "))?;
+            check_required(method, &merge_wide, &s.parameters, &s.experts, source, &format!("{prefix}slices[{i}]: "))?;
         }
         let (out_dtype, compute_dtype) = parse_dtypes(&raw, source)?;
         let lambda_table = match raw.parameters.get("lambda_table") {
@@ -336,6 +357,7 @@ impl MergeConfig {
             base_model,
             models,
             parameters: raw.parameters,
+            module_parameters,
             out_dtype,
             compute_dtype,
             lambda_table,
@@ -490,7 +512,7 @@ impl MergeConfig {
 
     /// One numeric parameter for `tensor`: a single value for a global one, one per model for
     /// a per-model one; empty when unset without a default. As in mergekit, the model's
-    /// `parameters` come first, then the slice's, then the top level's, and a level whose
+    /// `parameters` come first, then the slice's, the module's, the top level's, and a level whose
     /// setting gives no value for this tensor (a filtered list none of whose filters match)
     /// passes to the next. Values outside the parameter's range are errors.
     fn resolve(&self, group: &Group<'_>, spec: &ParamSpec, tensor: &str, position: f64) -> Result<Vec<f32>> {
@@ -502,7 +524,7 @@ impl MergeConfig {
             model
                 .into_iter()
                 .chain(group.slice)
-                .chain([&self.parameters])
+                .chain([&self.module_parameters, &self.parameters])
                 .find_map(|p| p.get(spec.name).and_then(|v| v.number_for(tensor, position)))
                 .or(default)
         };
@@ -617,11 +639,70 @@ fn parse_embed_source(raw: RawEmbedSource, field: &str, base_dir: &Path, source:
     })
 }
 
+/// The one module mergekit gives a single-module architecture (every family symerge loads).
+const MODULE: &str = "default";
+
+/// Module parameters as written, before [`split_module_params`].
+type ModuleParams = Option<BTreeMap<String, ParamValue>>;
+
+/// mergekit's `modules:` form: the module's `models` or `slices` move to the config's, and its
+/// `parameters` are returned for [`split_module_params`], with the prefix that names the moved
+/// fields in errors. `modules: {}` counts as absent, as in mergekit.
+fn take_module(raw: &mut RawConfig, source: &Path) -> Result<(&'static str, ModuleParams)> {
+    let mut modules = std::mem::take(&mut raw.modules);
+    match modules.len() {
+        0 => return Ok(("", None)),
+        1 => {}
+        n => {
+            let names: Vec<&str> = modules.iter().map(|(k, _)| k.as_str()).collect();
+            return Err(config_err(
+                source,
+                format!(
+                    "modules: lists {n} modules ({}); the model families symerge loads have one, which mergekit calls `{MODULE}`",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    let (name, module) = modules.remove(0);
+    if name != MODULE {
+        return Err(config_err(
+            source,
+            format!(
+                "modules.{name}: the model families symerge loads have one module, which mergekit calls `{MODULE}`"
+            ),
+        ));
+    }
+    if !raw.models.is_empty() || raw.slices.is_some() {
+        return Err(config_err(source, "modules: give one of `models`, `slices` or `modules` (as mergekit)"));
+    }
+    if module.models.is_empty() == module.slices.is_none() {
+        return Err(config_err(source, format!("modules.{MODULE}: give either `models` or `slices` (as mergekit)")));
+    }
+    raw.models = module.models;
+    raw.slices = module.slices;
+    Ok(("modules.default.", Some(module.parameters)))
+}
+
+/// The module's `parameters`, checked: numeric ones stay a level of their own (after a slice's,
+/// before the top level's, as mergekit resolves them); merge-wide switches and counts override
+/// the top level's, since the one module is the whole merge.
+fn split_module_params(
+    method: &MethodDef,
+    module: ModuleParams,
+    top: &mut BTreeMap<String, ParamValue>,
+    source: &Path,
+) -> Result<BTreeMap<String, ParamValue>> {
+    let Some(mut params) = module else { return Ok(BTreeMap::new()) };
+    check_params(method, &mut params, source, &format!("modules.{MODULE}.parameters"))?;
+    let (numeric, switches): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        params.into_iter().partition(|(k, _)| method.param(k).is_some_and(|p| p.kind == Kind::Number));
+    top.extend(switches);
+    Ok(numeric)
+}
+
 /// mergekit keys symerge knows but does not implement: refused by name, not as unknown keys.
 fn refuse_unsupported(raw: &RawConfig, source: &Path) -> Result<()> {
-    if raw.modules.is_some() {
-        return Err(config_err(source, "modules: multi-module merges are not supported (use `models` or `slices`)"));
-    }
     if raw.tokenizer.is_some() && raw.tokenizer_source.is_some() {
         return Err(config_err(source, "tokenizer and tokenizer_source: give one of them, not both (as mergekit)"));
     }
@@ -651,6 +732,7 @@ fn parse_models(
     base_model: Option<&Path>,
     base_dir: &Path,
     source: &Path,
+    prefix: &str,
 ) -> Result<Vec<ModelEntry>> {
     if method.needs_base() && base_model.is_none() {
         return Err(config_err(
@@ -663,14 +745,14 @@ fn parse_models(
     }
     let mut models = Vec::new();
     for (i, mut m) in raw.into_iter().enumerate() {
-        let path = locate_model(&m.model, base_dir, source, &format!("models[{i}].model"))?;
-        check_model_params(method, &mut m.parameters, source, &format!("models[{i}]"), &path)?;
+        let path = locate_model(&m.model, base_dir, source, &format!("{prefix}models[{i}].model"))?;
+        check_model_params(method, &mut m.parameters, source, &format!("{prefix}models[{i}]"), &path)?;
         if method.uses_base() && base_model.is_some_and(|b| same_path(b, &path)) {
             continue;
         }
         models.push(ModelEntry { path, parameters: m.parameters });
     }
-    check_model_count(method, models.len(), source, "")?;
+    check_model_count(method, models.len(), source, prefix)?;
     Ok(models)
 }
 
@@ -686,13 +768,14 @@ fn parse_slices(
     base_model: Option<&Path>,
     base_dir: &Path,
     source: &Path,
+    prefix: &str,
 ) -> Result<Vec<SliceDef>> {
     if raw.is_empty() {
-        return Err(config_err(source, "slices: lists no slice"));
+        return Err(config_err(source, format!("{prefix}slices: lists no slice")));
     }
     let mut out: Vec<SliceDef> = Vec::with_capacity(raw.len());
     for (i, mut s) in raw.into_iter().enumerate() {
-        let here = format!("slices[{i}]");
+        let here = format!("{prefix}slices[{i}]");
         let slice_base = s
             .base_model
             .as_deref()

@@ -271,6 +271,25 @@ CASES.update({
                                   "parameters": {"lambda": [{"filter": "layers.1", "value": [0.9, 0.4]}, {"value": 1.0}]}},
 })
 
+# The `modules:` form's one module (`default`): its parameters resolve after a slice's and before
+# the top level's, a filtered list matching nothing passes on, and its switches (`normalize`)
+# override the top level's.
+CASES.update({
+    "modules_models_fallthrough": {
+        "merge_method": "task_arithmetic", "base_model": B, "parameters": {"weight": 0.7, "lambda": 0.5},
+        "modules": {"default": {
+            "models": models((E1, {"weight": [{"filter": "mlp", "value": 0.2}]}), (E2, None)),
+            "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}], "lambda": 0.8}}}},
+    "modules_slices_fallthrough": {
+        "merge_method": "ties", "base_model": B, "parameters": {"weight": 0.4, "density": 0.6, "normalize": True},
+        "modules": {"default": {
+            "slices": [{"sources": [src(B, 0, 2), src(E1, 0, 2, {"weight": [{"filter": "q_proj", "value": 1.0}]}),
+                                    src(E3, 0, 2)],
+                        "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}]}}],
+            "parameters": {"weight": [{"filter": "mlp", "value": 0.3}],
+                           "density": [{"filter": "layers.1", "value": 0.8}], "normalize": False}}}},
+})
+
 # Arcee Fusion: a model's changes kept where their importance is an upper outlier.
 CASES.update({
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": models((E3, None))},
