@@ -297,19 +297,56 @@ fn merge_ranked(
         Some(_) => LayerStream::plan_partial(reference, inputs)?,
         None => LayerStream::plan(reference, inputs)?,
     };
-    if !stream.ignored.is_empty() {
-        let sample: Vec<&str> = stream.ignored.iter().take(5).map(|(_, n)| n.as_str()).collect();
-        tracing::warn!(
-            "{} tensors of the inputs are not in the reference model and are left out (e.g. {})",
-            stream.ignored.len(),
-            sample.join(", ")
-        );
-    }
+    warn_ignored(&stream);
     let placements = placements(&stream, opened.slice_layers.as_deref(), config.slices.len());
     let out_dtype = opts.out_dtype.or(config.out_dtype);
     check_lambda_table(config, &stream)?;
 
-    let planned: Vec<PlannedTensor> = stream
+    let planned = planned_tensors(&stream, reference, out_dtype);
+    let total_input: u64 = stream.blocks.iter().map(|b| stream.block_input_bytes(b)).sum();
+
+    let job = MergeJob {
+        methods: &methods,
+        stream: &stream,
+        config,
+        out_dtype,
+        first_block: 0,
+        placements: &placements,
+        round_inputs: round_inputs(config, &stream),
+    };
+    let (shards, written, input_bytes) = if coll.world_size() == 1 {
+        let (shards, written) = merge_whole(&job, engine, &opened, opts, planned, total_input)?;
+        (shards, written, total_input)
+    } else {
+        merge_part(&job, engine, coll, &opened, opts, &planned)?
+    };
+
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(MergeSummary {
+        method: methods.first().map_or(config.method.name, |m| m.name()).to_string(),
+        device: engine.device(),
+        output: opts.output.clone(),
+        models: paths.len(),
+        blocks: stream.blocks.len(),
+        tensors: reference.tensors.len(),
+        params: reference.num_params(),
+        shards,
+        bytes_read: input_bytes,
+        bytes_written: written,
+        seconds,
+        read_gb_per_s: input_bytes as f64 / seconds / 1e9,
+        peak_rss_bytes: peak_rss_bytes(),
+        ignored_tensors: stream.ignored.len(),
+    })
+}
+
+/// The output's tensors in stream order, float ones in `out_dtype` when one is set.
+fn planned_tensors(
+    stream: &LayerStream<'_>,
+    reference: &Checkpoint,
+    out_dtype: Option<FloatDType>,
+) -> Vec<PlannedTensor> {
+    stream
         .blocks
         .iter()
         .flat_map(|b| &b.tensors)
@@ -324,119 +361,133 @@ fn merge_ranked(
                 shape: m.shape.clone(),
             }
         })
-        .collect();
-    let total_input: u64 = stream.blocks.iter().map(|b| stream.block_input_bytes(b)).sum();
+        .collect()
+}
 
+/// One line for the inputs' tensors the reference lacks (left out of the output).
+fn warn_ignored(stream: &LayerStream<'_>) {
+    if stream.ignored.is_empty() {
+        return;
+    }
+    let sample: Vec<&str> = stream.ignored.iter().take(5).map(|(_, n)| n.as_str()).collect();
+    tracing::warn!(
+        "{} tensors of the inputs are not in the reference model and are left out (e.g. {})",
+        stream.ignored.len(),
+        sample.join(", ")
+    );
+}
+
+/// One process: the whole stream into a staging directory, committed at the end. Returns the
+/// shard count and the bytes written.
+fn merge_whole(
+    job: &MergeJob<'_>,
+    engine: &mut dyn MergeEngine,
+    opened: &Opened,
+    opts: &MergeOptions,
+    planned: Vec<PlannedTensor>,
+    total_input: u64,
+) -> Result<(usize, u64)> {
+    let staging = Staging::create(&opts.output)?;
+    opened.write_side_files(job.config, opts, staging.path(), job.out_dtype)?;
+    let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
+    let shards = writer.num_shards();
+    let mut progress = Progress::new("merge", total_input, opts.progress);
+    let writer = engine.run(job, writer, &mut progress)?;
+    progress.finish();
+    let written = writer.finish()?;
+    staging.commit(&opts.output, opts.force)?;
+    Ok((shards, written.bytes))
+}
+
+/// This rank's share of the blocks into shards of its own directory, named as in the final
+/// output; rank 0 then gathers every rank's into the output ([`gather_parts`]). Returns the
+/// output's shard count, the bytes this rank wrote and the bytes it read.
+fn merge_part(
+    job: &MergeJob<'_>,
+    engine: &mut dyn MergeEngine,
+    coll: &mut dyn Collective,
+    opened: &Opened,
+    opts: &MergeOptions,
+    planned: &[PlannedTensor],
+) -> Result<(usize, u64, u64)> {
+    let stream = job.stream;
     let nblocks = stream.blocks.len();
     let (rank, world) = (coll.rank(), coll.world_size());
-    let (shards, written, input_bytes) = if world == 1 {
-        let staging = Staging::create(&opts.output)?;
-        opened.write_side_files(config, opts, staging.path(), out_dtype)?;
-        let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
-        let shards = writer.num_shards();
-
-        let mut progress = Progress::new("merge", total_input, opts.progress);
-        let job = MergeJob {
-            methods: &methods,
-            stream: &stream,
-            config,
-            out_dtype,
-            first_block: 0,
-            placements: &placements,
-            round_inputs: round_inputs(config, &stream),
-        };
-        let writer = engine.run(&job, writer, &mut progress)?;
-        progress.finish();
-        let written = writer.finish()?;
-        staging.commit(&opts.output, opts.force)?;
-        (shards, written.bytes, total_input)
-    } else {
-        // Tensor `i` of `planned` belongs to block `block_of[i]`.
-        let block_of: Vec<usize> =
-            stream.blocks.iter().enumerate().flat_map(|(bi, b)| std::iter::repeat_n(bi, b.tensors.len())).collect();
-        let tensors_of = |r: usize| -> Vec<PlannedTensor> {
-            let blocks = shard_range(nblocks, r, world);
-            planned.iter().zip(&block_of).filter(|(_, b)| blocks.contains(b)).map(|(t, _)| t.clone()).collect()
-        };
-        let counts: Vec<usize> = (0..world).map(|r| plan_shards(&tensors_of(r), opts.max_shard_bytes).len()).collect();
-        let total_shards: usize = counts.iter().sum();
-        let first_shard: usize = counts[..rank].iter().sum();
-        let names: Vec<String> =
-            (first_shard..first_shard + counts[rank]).map(|g| shard_file_name(g, total_shards)).collect();
-
-        let dir = rank_dir(&opts.output, rank, world);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mine = shard_range(nblocks, rank, world);
-        let part = LayerStream {
-            reference: stream.reference,
-            inputs: stream.inputs.clone(),
-            blocks: stream.blocks[mine.clone()].to_vec(),
-            ignored: Vec::new(),
-        };
-        let input_bytes: u64 = part.blocks.iter().map(|b| stream.block_input_bytes(b)).sum();
-        let writer = ShardWriter::create_part(&dir, tensors_of(rank), opts.max_shard_bytes, names)?;
-        let mut progress = Progress::new("merge", input_bytes, opts.progress && rank == 0);
-        let job = MergeJob {
-            methods: &methods,
-            stream: &part,
-            config,
-            out_dtype,
-            first_block: mine.start,
-            placements: &placements,
-            round_inputs: round_inputs(config, &stream),
-        };
-        let writer = engine.run(&job, writer, &mut progress)?;
-        progress.finish();
-        let written = writer.finish()?;
-        coll.barrier()?;
-        if rank == 0 {
-            let staging = Staging::create(&opts.output)?;
-            opened.write_side_files(config, opts, staging.path(), out_dtype)?;
-            let mut files: Vec<String> = Vec::with_capacity(planned.len());
-            for r in 0..world {
-                let first: usize = counts[..r].iter().sum();
-                let from = rank_dir(&opts.output, r, world);
-                for (si, (a, b)) in plan_shards(&tensors_of(r), opts.max_shard_bytes).into_iter().enumerate() {
-                    let name = shard_file_name(first + si, total_shards);
-                    let (src, dst) = (from.join(&name), staging.path().join(&name));
-                    std::fs::rename(&src, &dst).map_err(|e| Error::io(&src, e))?;
-                    files.extend(std::iter::repeat_n(name, b - a));
-                }
-            }
-            if total_shards > 1 {
-                let of: Vec<&str> = files.iter().map(String::as_str).collect();
-                write_index(staging.path(), &planned, &of)?;
-            }
-            staging.commit(&opts.output, opts.force)?;
-            for r in 0..world {
-                let d = rank_dir(&opts.output, r, world);
-                std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-            }
-        }
-        coll.barrier()?;
-        (total_shards, written.bytes, input_bytes)
+    // Tensor `i` of `planned` belongs to block `block_of[i]`.
+    let block_of: Vec<usize> =
+        stream.blocks.iter().enumerate().flat_map(|(bi, b)| std::iter::repeat_n(bi, b.tensors.len())).collect();
+    let tensors_of = |r: usize| -> Vec<PlannedTensor> {
+        let blocks = shard_range(nblocks, r, world);
+        planned.iter().zip(&block_of).filter(|(_, b)| blocks.contains(b)).map(|(t, _)| t.clone()).collect()
     };
+    let counts: Vec<usize> = (0..world).map(|r| plan_shards(&tensors_of(r), opts.max_shard_bytes).len()).collect();
+    let total_shards: usize = counts.iter().sum();
+    let first_shard: usize = counts[..rank].iter().sum();
+    let names: Vec<String> =
+        (first_shard..first_shard + counts[rank]).map(|g| shard_file_name(g, total_shards)).collect();
 
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(MergeSummary {
-        method: methods.first().map_or(config.method.name, |m| m.name()).to_string(),
-        device: engine.device(),
-        output: opts.output.clone(),
-        models: paths.len(),
-        blocks: nblocks,
-        tensors: reference.tensors.len(),
-        params: reference.num_params(),
-        shards,
-        bytes_read: input_bytes,
-        bytes_written: written,
-        seconds,
-        read_gb_per_s: input_bytes as f64 / seconds / 1e9,
-        peak_rss_bytes: peak_rss_bytes(),
-        ignored_tensors: stream.ignored.len(),
-    })
+    let dir = rank_dir(&opts.output, rank, world);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mine = shard_range(nblocks, rank, world);
+    let part = LayerStream {
+        reference: stream.reference,
+        inputs: stream.inputs.clone(),
+        blocks: stream.blocks[mine.clone()].to_vec(),
+        ignored: Vec::new(),
+    };
+    let input_bytes: u64 = part.blocks.iter().map(|b| stream.block_input_bytes(b)).sum();
+    let writer = ShardWriter::create_part(&dir, tensors_of(rank), opts.max_shard_bytes, names)?;
+    let mut progress = Progress::new("merge", input_bytes, opts.progress && rank == 0);
+    let part_job = MergeJob { stream: &part, first_block: mine.start, ..*job };
+    let writer = engine.run(&part_job, writer, &mut progress)?;
+    progress.finish();
+    let written = writer.finish()?;
+    coll.barrier()?;
+    if rank == 0 {
+        gather_parts(job, opened, opts, planned, &counts, &tensors_of, world)?;
+    }
+    coll.barrier()?;
+    Ok((total_shards, written.bytes, input_bytes))
+}
+
+/// Rank 0, once every rank has written its part: the side files, every rank's shards and the
+/// index into a staging directory, committed as the output; the rank directories removed.
+fn gather_parts(
+    job: &MergeJob<'_>,
+    opened: &Opened,
+    opts: &MergeOptions,
+    planned: &[PlannedTensor],
+    counts: &[usize],
+    tensors_of: &dyn Fn(usize) -> Vec<PlannedTensor>,
+    world: usize,
+) -> Result<()> {
+    let total_shards: usize = counts.iter().sum();
+    let staging = Staging::create(&opts.output)?;
+    opened.write_side_files(job.config, opts, staging.path(), job.out_dtype)?;
+    let mut files: Vec<String> = Vec::with_capacity(planned.len());
+    for r in 0..world {
+        let first: usize = counts[..r].iter().sum();
+        let from = rank_dir(&opts.output, r, world);
+        for (si, (a, b)) in plan_shards(&tensors_of(r), opts.max_shard_bytes).into_iter().enumerate() {
+            let name = shard_file_name(first + si, total_shards);
+            let (src, dst) = (from.join(&name), staging.path().join(&name));
+            std::fs::rename(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            files.extend(std::iter::repeat_n(name, b - a));
+        }
+    }
+    if total_shards > 1 {
+        let of: Vec<&str> = files.iter().map(String::as_str).collect();
+        write_index(staging.path(), planned, &of)?;
+    }
+    staging.commit(&opts.output, opts.force)?;
+    for r in 0..world {
+        let d = rank_dir(&opts.output, r, world);
+        std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    Ok(())
 }
 
 /// The checkpoints a merge reads, the reference first: the base (when the config has one)
