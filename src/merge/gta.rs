@@ -95,103 +95,29 @@ impl MergeMethod for Gta {
     ) {
         let base = base.expect("task-arithmetic methods are only run with a base model");
         let n = out.len();
-        let k_count = experts.len();
-        let p = ctx.params;
-        scratch.resize((k_count + 2) * n, 0.0);
-        let (deltas, rest) = scratch.split_at_mut(k_count * n);
-        let (aux, div) = rest.split_at_mut(n);
-
-        // Weighted, sparsified task vectors d_k = w_k * sparsify(theta_k - base).
-        for (k, expert) in experts.iter().enumerate() {
-            let d = &mut deltas[k * n..(k + 1) * n];
-            let w = p.weights[k];
-            let density = p.densities[k];
-            let scale = if self.rescale && density > 0.0 && density < 1.0 { w / density } else { w };
-            match self.sparsify {
-                Sparsify::None => {
-                    for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
-                        *d = w * (e - b);
-                    }
-                }
-                Sparsify::Magnitude => {
-                    let th = ctx.thresholds[k];
-                    // Values tied at the threshold are kept below index `cutoff`: only a chunk
-                    // that straddles it needs the index; elsewhere the test is one compare, and
-                    // the loop is branch-free so it vectorises. Same decisions as `Threshold::keep`.
-                    if th.cutoff > ctx.offset && th.cutoff < ctx.offset + n {
-                        for (i, ((d, &e), &b)) in d.iter_mut().zip(*expert).zip(base).enumerate() {
-                            let tau = e - b;
-                            *d = if th.keep(tau, ctx.offset + i) { scale * tau } else { 0.0 };
-                        }
-                    } else {
-                        let keep_ties = th.cutoff >= ctx.offset + n;
-                        for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
-                            let tau = e - b;
-                            let a = tau.abs();
-                            let keep = (a > th.t) | (keep_ties & (a == th.t));
-                            *d = if keep { scale * tau } else { 0.0 };
-                        }
-                    }
-                }
-                Sparsify::Random if density >= 1.0 => {
-                    for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
-                        *d = w * (e - b);
-                    }
-                }
-                Sparsify::Random => {
-                    ElementStream::new(self.seed, ctx.name_hash, k as u32).fill_uniform(ctx.offset, aux);
-                    for (((d, &e), &b), &u) in d.iter_mut().zip(*expert).zip(base).zip(aux.iter()) {
-                        *d = if u < density { scale * (e - b) } else { 0.0 };
-                    }
-                }
-                Sparsify::Outliers | Sparsify::MagPrune => {
-                    for ((d, &e), &b) in d.iter_mut().zip(*expert).zip(base) {
-                        *d = e - b;
-                    }
-                    self.mask(ctx, k, d, aux);
-                    let factor = if self.rescale { ctx.scalars.get(k).map_or(1.0, |&f| f as f32) } else { 1.0 };
-                    d.iter_mut().for_each(|x| *x = (*x * factor) * w);
-                }
-            }
+        if n == 0 {
+            return;
         }
-
+        let p = ctx.params;
+        scratch.resize((experts.len() + 2) * n, 0.0);
+        let (deltas, rest) = scratch.split_at_mut(experts.len() * n);
+        let (aux, div) = rest.split_at_mut(n);
+        for (k, (expert, d)) in experts.iter().zip(deltas.chunks_exact_mut(n)).enumerate() {
+            self.weighted_delta(ctx, k, expert, base, d, aux);
+        }
         // Mixed delta into `out`, the matching sum of weights into `div`.
-        out.fill(0.0);
-        div.fill(0.0);
         if self.consensus {
-            // Elected sign: that of the summed mass (>= 0 counts as positive).
-            aux.fill(0.0);
-            for k in 0..k_count {
-                for (s, &d) in aux.iter_mut().zip(&deltas[k * n..(k + 1) * n]) {
-                    *s += d;
-                }
-            }
-            for k in 0..k_count {
-                let w = p.weights[k];
-                for (((o, dv), &d), &s) in
-                    out.iter_mut().zip(div.iter_mut()).zip(&deltas[k * n..(k + 1) * n]).zip(aux.iter())
-                {
-                    // Non-short-circuit logic and selects instead of a branch: vectorises.
-                    let agree = ((d > 0.0) & (s >= 0.0)) | ((d < 0.0) & (s < 0.0));
-                    *o += if agree { d } else { 0.0 };
-                    *dv += if agree { w } else { 0.0 };
-                }
-            }
-            for dv in div.iter_mut() {
-                if *dv == 0.0 {
-                    *dv = 1.0;
-                }
-            }
+            consensus_mix(&p.weights, deltas, out, div, aux);
         } else {
-            for k in 0..k_count {
-                for (o, &d) in out.iter_mut().zip(&deltas[k * n..(k + 1) * n]) {
+            out.fill(0.0);
+            for d in deltas.chunks_exact(n) {
+                for (o, &d) in out.iter_mut().zip(d) {
                     *o += d;
                 }
             }
             let wsum: f32 = p.weights.iter().sum();
             div.fill(if wsum.abs() < 1e-8 { 1.0 } else { wsum });
         }
-
         let lambda = p.lambda;
         if p.normalize {
             for ((o, &dv), &b) in out.iter_mut().zip(div.iter()).zip(base) {
@@ -205,7 +131,102 @@ impl MergeMethod for Gta {
     }
 }
 
+/// TIES's disjoint mix: each element's elected sign is that of the summed mass (>= 0 counts as
+/// positive); `out` sums the deltas that agree with it and `div` their weights (1 where none
+/// does). `aux` is scratch as long as `out`.
+fn consensus_mix(weights: &[f32], deltas: &[f32], out: &mut [f32], div: &mut [f32], aux: &mut [f32]) {
+    let n = out.len();
+    if n == 0 {
+        return;
+    }
+    out.fill(0.0);
+    div.fill(0.0);
+    aux.fill(0.0);
+    for d in deltas.chunks_exact(n) {
+        for (s, &d) in aux.iter_mut().zip(d) {
+            *s += d;
+        }
+    }
+    for (d, &w) in deltas.chunks_exact(n).zip(weights) {
+        for (((o, dv), &d), &s) in out.iter_mut().zip(div.iter_mut()).zip(d).zip(aux.iter()) {
+            // Non-short-circuit logic and selects instead of a branch: vectorises.
+            let agree = ((d > 0.0) & (s >= 0.0)) | ((d < 0.0) & (s < 0.0));
+            *o += if agree { d } else { 0.0 };
+            *dv += if agree { w } else { 0.0 };
+        }
+    }
+    for dv in div.iter_mut() {
+        if *dv == 0.0 {
+            *dv = 1.0;
+        }
+    }
+}
+
 impl Gta {
+    /// Expert `k`'s weighted, sparsified task vector over the chunk:
+    /// `d = w_k * sparsify(expert - base)`. `aux` is scratch as long as `d`.
+    fn weighted_delta(
+        &self,
+        ctx: &ChunkCtx<'_>,
+        k: usize,
+        expert: &[f32],
+        base: &[f32],
+        d: &mut [f32],
+        aux: &mut [f32],
+    ) {
+        let n = d.len();
+        let p = ctx.params;
+        let w = p.weights[k];
+        let density = p.densities[k];
+        let scale = if self.rescale && density > 0.0 && density < 1.0 { w / density } else { w };
+        match self.sparsify {
+            Sparsify::None => {
+                for ((d, &e), &b) in d.iter_mut().zip(expert).zip(base) {
+                    *d = w * (e - b);
+                }
+            }
+            Sparsify::Magnitude => {
+                let th = ctx.thresholds[k];
+                // Values tied at the threshold are kept below index `cutoff`: only a chunk
+                // that straddles it needs the index; elsewhere the test is one compare, and
+                // the loop is branch-free so it vectorises. Same decisions as `Threshold::keep`.
+                if th.cutoff > ctx.offset && th.cutoff < ctx.offset + n {
+                    for (i, ((d, &e), &b)) in d.iter_mut().zip(expert).zip(base).enumerate() {
+                        let tau = e - b;
+                        *d = if th.keep(tau, ctx.offset + i) { scale * tau } else { 0.0 };
+                    }
+                } else {
+                    let keep_ties = th.cutoff >= ctx.offset + n;
+                    for ((d, &e), &b) in d.iter_mut().zip(expert).zip(base) {
+                        let tau = e - b;
+                        let a = tau.abs();
+                        let keep = (a > th.t) | (keep_ties & (a == th.t));
+                        *d = if keep { scale * tau } else { 0.0 };
+                    }
+                }
+            }
+            Sparsify::Random if density >= 1.0 => {
+                for ((d, &e), &b) in d.iter_mut().zip(expert).zip(base) {
+                    *d = w * (e - b);
+                }
+            }
+            Sparsify::Random => {
+                ElementStream::new(self.seed, ctx.name_hash, k as u32).fill_uniform(ctx.offset, aux);
+                for (((d, &e), &b), &u) in d.iter_mut().zip(expert).zip(base).zip(aux.iter()) {
+                    *d = if u < density { scale * (e - b) } else { 0.0 };
+                }
+            }
+            Sparsify::Outliers | Sparsify::MagPrune => {
+                for ((d, &e), &b) in d.iter_mut().zip(expert).zip(base) {
+                    *d = e - b;
+                }
+                self.mask(ctx, k, d, aux);
+                let factor = if self.rescale { ctx.scalars.get(k).map_or(1.0, |&f| f as f32) } else { 1.0 };
+                d.iter_mut().for_each(|x| *x = (*x * factor) * w);
+            }
+        }
+    }
+
     /// Zeroes the entries of expert `k`'s task vector chunk `tau` that Outliers or MagPrune
     /// drop. `aux` is scratch as long as `tau`.
     fn mask(&self, ctx: &ChunkCtx<'_>, k: usize, tau: &mut [f32], aux: &mut [f32]) {
