@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{Receiver, Sender, bounded};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice, result as cuda};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -417,26 +417,28 @@ fn advise(items: &[TensorWork<'_>], unit: &Unit, release: bool) {
     }
 }
 
-impl MergeEngine for CudaEngine<'_> {
-    fn device(&self) -> String {
-        format!("cuda:{} ({})", self.gpu.info.ordinal, self.gpu.info.name)
-    }
+/// How a run cuts the stream and uses device memory ([`CudaEngine::layout`]).
+struct Layout {
+    /// Each float tensor's launch when it needs no statistics (else `None`).
+    plans: Vec<Option<MergeLaunch>>,
+    units: Vec<Unit>,
+    total_in: usize,
+    /// Largest unit's input and output bytes (the output with room for the flag).
+    max_in: usize,
+    max_out: usize,
+    all_in: usize,
+    /// Every input fits the `--device-mem` budget: kept on the device.
+    resident: bool,
+}
 
-    fn run(&mut self, job: &MergeJob<'_>, mut owned: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
-        let writer = &mut owned;
-        let Some(form) = job.method().kernel_form() else {
-            return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method().name())));
-        };
-        if let Some(d) = job.round_inputs {
-            // The kernels read the stored bits; rounding inputs to `dtype` first is the CPU's.
-            tracing::warn!("dtype {d} is narrower than some inputs: merging on the CPU, which rounds them to it");
-            return crate::merge::executor::CpuEngine.run(job, owned, progress);
-        }
-        let (items, block_of) = resolve_items(job)?;
+impl CudaEngine<'_> {
+    /// Launch plans, units sized to the device-memory budget, and whether the inputs stay
+    /// resident; an error when the largest unit does not fit double-buffered.
+    fn layout(&self, job: &MergeJob<'_>, form: KernelForm<'_>, items: &[TensorWork<'_>]) -> Result<Layout> {
         let plans: Vec<Option<MergeLaunch>> = items
             .iter()
             .map(|w| match w {
-                // The CPU pre-pass's statistics come tensor by tensor in the loop below.
+                // The CPU pre-pass's statistics come tensor by tensor in the run's loop.
                 TensorWork::Float(tj) if !form.cpu_stats() => {
                     let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
                     MergeLaunch::plan(form, &tj.params, &[], tj.name_hash, &dtypes).map(Some)
@@ -444,7 +446,6 @@ impl MergeEngine for CudaEngine<'_> {
                 _ => Ok(None),
             })
             .collect::<Result<_>>()?;
-
         let (free, _) = self.gpu.mem_info()?;
         let budget = self.opts.device_mem.unwrap_or((free as u64).saturating_sub(2 << 30)) as usize;
         let total_in: usize = items
@@ -458,8 +459,8 @@ impl MergeEngine for CudaEngine<'_> {
         let della = matches!(form, KernelForm::Gta(g) if g.sparsify == Sparsify::MagPrune);
         let kernels = &self.gpu.kernels;
         let device = |tj: &TensorJob<'_>| !della || kernels.della_fits(tj.row_len, tj.experts.len());
-        let units = plan_units(&items, target, Cut::of(job.method(), &device));
-        log_host_tensors(&items, &units, job.method().name());
+        let units = plan_units(items, target, Cut::of(job.method(), &device));
+        log_host_tensors(items, &units, job.method().name());
         let max_in = units.iter().map(|u| u.in_bytes).max().unwrap_or(0);
         let max_out = units.iter().map(|u| u.out_bytes).max().unwrap_or(0) + ALIGN;
         let all_in: usize = units.iter().map(|u| u.in_bytes).sum();
@@ -476,28 +477,183 @@ impl MergeEngine for CudaEngine<'_> {
                 ),
             ));
         }
-        if self.opts.staging_only {
-            let mut slot = self.host_slot(max_in, true)?;
-            let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
-            let start = Instant::now();
-            for (j, unit) in units.iter().enumerate() {
-                if let Some(next) = units.get(j + 1) {
-                    advise(&items, next, false);
-                }
-                fill_unit(&items, unit, &mut dst[..unit.in_bytes]);
-                advise(&items, unit, true);
+        Ok(Layout { plans, units, total_in, max_in, max_out, all_in, resident })
+    }
+
+    /// `staging_only`: every unit staged into one pinned slot and nothing more (the host side's
+    /// own ceiling, for the benchmark).
+    fn stage_only(&mut self, items: &[TensorWork<'_>], units: &[Unit], max_in: usize, total_in: usize) -> Result<()> {
+        let mut slot = self.host_slot(max_in, true)?;
+        let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
+        let start = Instant::now();
+        for (j, unit) in units.iter().enumerate() {
+            if let Some(next) = units.get(j + 1) {
+                advise(items, next, false);
             }
-            let seconds = start.elapsed().as_secs_f64();
-            self.last = Some(StreamStats {
-                units: units.len(),
-                unit_input_bytes: max_in as u64,
-                input_bytes: total_in as u64,
-                output_bytes: 0,
-                resident: false,
-                reused_resident: false,
-                seconds,
-                fill_wait_seconds: seconds,
-            });
+            fill_unit(items, unit, &mut dst[..unit.in_bytes]);
+            advise(items, unit, true);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        self.last = Some(StreamStats {
+            units: units.len(),
+            unit_input_bytes: max_in as u64,
+            input_bytes: total_in as u64,
+            output_bytes: 0,
+            resident: false,
+            reused_resident: false,
+            seconds,
+            fill_wait_seconds: seconds,
+        });
+        Ok(())
+    }
+
+    /// `register_inputs`: every input shard page-locked in place, or `None` (with one line)
+    /// when the driver refuses, and the run stages through pinned buffers instead.
+    fn lock_inputs(&self, job: &MergeJob<'_>) -> Option<Registered> {
+        let start = Instant::now();
+        let ckpts: Vec<_> = std::iter::once(job.stream.reference).chain(job.stream.inputs.iter().copied()).collect();
+        match Registered::lock(self.gpu, &ckpts) {
+            Ok(r) => {
+                tracing::info!("page-locked {} mapped shards in {:.2}s", r.ptrs.len(), start.elapsed().as_secs_f64());
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!("copying through pinned staging buffers: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// Copies each float piece of `unit` from the page-locked mappings to its place after `dst`
+/// (one copy per source and piece), on `copy`.
+///
+/// # Safety
+/// `dst` must be the unit's live device input buffer, and the mappings must stay page-locked
+/// until the copies complete.
+unsafe fn upload_direct(items: &[TensorWork<'_>], unit: &Unit, dst: u64, copy: &CudaStream) -> Result<()> {
+    for piece in &unit.pieces {
+        let Piece::Float { item, start, len, inputs, .. } = piece else { continue };
+        let TensorWork::Float(tj) = &items[*item] else { continue };
+        for (s, &at) in tj.base.iter().chain(&tj.experts).zip(inputs) {
+            let size = s.dtype.size();
+            let src = &s.bytes()[start * size..(start + len) * size];
+            // SAFETY: the destination range lies in the unit's input buffer (unit layout), as
+            // the caller guarantees; the source is locked until the copy completes.
+            cu("copying to the device", unsafe { cuda::memcpy_htod_async(dst + at as u64, src, copy.cu_stream()) })?;
+        }
+    }
+    Ok(())
+}
+
+/// What the merge kernels of every unit share.
+struct Launches<'a, 'j> {
+    gpu: &'a Gpu,
+    job: &'a MergeJob<'j>,
+    form: KernelForm<'a>,
+    plans: &'a [Option<MergeLaunch>],
+    items: &'a [TensorWork<'a>],
+    stream: &'a CudaStream,
+}
+
+impl Launches<'_, '_> {
+    /// Queues the merge kernel of every float piece of `unit`, reading at `inp` and writing at
+    /// `outp`; a non-finite value sets the u32 at `flag`.
+    ///
+    /// # Safety
+    /// `inp` must hold the unit's inputs (laid out by `plan_units`) once the stream gets there,
+    /// `outp` room for its outputs, and `flag` a live u32.
+    unsafe fn unit(
+        &self,
+        unit: &Unit,
+        inp: u64,
+        outp: u64,
+        flag: u64,
+        prepared: &mut Option<(usize, MergeLaunch)>,
+    ) -> Result<()> {
+        for piece in &unit.pieces {
+            let Piece::Float { item, start, len, inputs, out } = piece else { continue };
+            let TensorWork::Float(tj) = &self.items[*item] else { continue };
+            let at = |k: usize| inp + inputs[k] as u64;
+            let (base, first) = match tj.base {
+                Some(b) => (Some((at(0), b.dtype)), 1),
+                None => (None, 0),
+            };
+            let experts: Vec<u64> = (first..inputs.len()).map(at).collect();
+            let plan = piece_launch(self.gpu, self.job, self.form, self.plans, prepared, *item, tj, base, &experts)?;
+            let plan = plan.for_rows(tj.row_len);
+            // SAFETY: every address lies in a live buffer laid out by `plan_units` (the caller's
+            // guarantee).
+            unsafe {
+                self.gpu.kernels.merge(
+                    self.stream,
+                    &plan,
+                    base,
+                    &experts,
+                    outp + *out as u64,
+                    tj.out_dtype,
+                    *len,
+                    *start,
+                    flag,
+                )?
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The launch for a piece of float tensor `item`: TIES thresholds from its device copy, a
+/// statistics form's CPU pre-pass (once per tensor: `prepared` keeps the last one for its
+/// later pieces), or the plan [`CudaEngine::layout`] made.
+#[allow(clippy::too_many_arguments)]
+fn piece_launch(
+    gpu: &Gpu,
+    job: &MergeJob<'_>,
+    form: KernelForm<'_>,
+    plans: &[Option<MergeLaunch>],
+    prepared: &mut Option<(usize, MergeLaunch)>,
+    item: usize,
+    tj: &TensorJob<'_>,
+    base: Option<(u64, crate::checkpoint::FloatDType)>,
+    experts: &[u64],
+) -> Result<MergeLaunch> {
+    if job.method().needs_thresholds() {
+        let th = gpu_thresholds(gpu, tj, base, experts)?;
+        let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
+        return MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes);
+    }
+    if form.cpu_stats() {
+        if let Some((i, p)) = prepared.as_ref()
+            && *i == item
+        {
+            return Ok(p.clone());
+        }
+        let p = prepared_launch(form, tj)?;
+        *prepared = Some((item, p.clone()));
+        return Ok(p);
+    }
+    plans[item].clone().ok_or_else(|| Error::Invalid("internal: tensor without a launch".into()))
+}
+
+impl MergeEngine for CudaEngine<'_> {
+    fn device(&self) -> String {
+        format!("cuda:{} ({})", self.gpu.info.ordinal, self.gpu.info.name)
+    }
+
+    fn run(&mut self, job: &MergeJob<'_>, mut owned: ShardWriter, progress: &mut Progress) -> Result<ShardWriter> {
+        let writer = &mut owned;
+        let Some(form) = job.method().kernel_form() else {
+            return Err(Error::Invalid(format!("method {} has no GPU kernel; use --device cpu", job.method().name())));
+        };
+        if let Some(d) = job.round_inputs {
+            // The kernels read the stored bits; rounding inputs to `dtype` first is the CPU's.
+            tracing::warn!("dtype {d} is narrower than some inputs: merging on the CPU, which rounds them to it");
+            return crate::merge::executor::CpuEngine.run(job, owned, progress);
+        }
+        let (items, block_of) = resolve_items(job)?;
+        let Layout { plans, units, total_in, max_in, max_out, all_in, resident } = self.layout(job, form, &items)?;
+        if self.opts.staging_only {
+            self.stage_only(&items, &units, max_in, total_in)?;
             return Ok(owned);
         }
         let key = plan_key(job, &items, &units);
@@ -523,26 +679,7 @@ impl MergeEngine for CudaEngine<'_> {
             self.resident = None;
         }
         let start = Instant::now();
-        let registered = if self.opts.register_inputs && !reuse {
-            let ckpts: Vec<_> =
-                std::iter::once(job.stream.reference).chain(job.stream.inputs.iter().copied()).collect();
-            match Registered::lock(self.gpu, &ckpts) {
-                Ok(r) => {
-                    tracing::info!(
-                        "page-locked {} mapped shards in {:.2}s",
-                        r.ptrs.len(),
-                        start.elapsed().as_secs_f64()
-                    );
-                    Some(r)
-                }
-                Err(e) => {
-                    tracing::warn!("copying through pinned staging buffers: {e}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let registered = if self.opts.register_inputs && !reuse { self.lock_inputs(job) } else { None };
         let direct = registered.is_some();
         let ring_in = if resident { Vec::new() } else { vec![self.device_buf(max_in)?, self.device_buf(max_in)?] };
         let dev_out = [self.device_buf(max_out)?, self.device_buf(max_out)?];
@@ -586,26 +723,8 @@ impl MergeEngine for CudaEngine<'_> {
             }
             let items_ref = &items;
             let units_ref = &units;
-            let filler = (!reuse && !direct).then(|| {
-                scope.spawn(move || -> Result<()> {
-                    // Pinned memory is freed in whichever thread drops it last: bind the context.
-                    cu("binding the context", gpu.ctx.bind_to_thread())?;
-                    for (j, unit) in units_ref.iter().enumerate() {
-                        if let Some(next) = units_ref.get(j + 1) {
-                            advise(items_ref, next, false);
-                        }
-                        let Ok(mut slot) = free_in_rx.recv() else { return Ok(()) };
-                        cu("waiting for an upload slot", slot.done.synchronize())?;
-                        let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
-                        fill_unit(items_ref, unit, &mut dst[..unit.in_bytes]);
-                        advise(items_ref, unit, true);
-                        if full_tx.send((j, slot)).is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Ok(())
-                })
-            });
+            let filler = (!reuse && !direct)
+                .then(|| scope.spawn(move || fill_slots(gpu, items_ref, units_ref, free_in_rx, full_tx)));
 
             // Writer: pinned output slots -> shard writer, in unit order.
             let (out_tx, out_rx) = bounded::<(usize, HostSlot)>(2);
@@ -613,29 +732,18 @@ impl MergeEngine for CudaEngine<'_> {
             for s in host_out {
                 free_out_tx.send(s).expect("receiver alive");
             }
-            let writer_thread = scope.spawn(move || -> Result<Option<usize>> {
-                cu("binding the context", gpu.ctx.bind_to_thread())?;
-                for (j, slot) in out_rx.iter() {
-                    let unit = &units_ref[j];
-                    cu("waiting for a download", slot.done.synchronize())?;
-                    let bytes = cu("mapping a pinned slot", slot.mem.as_slice())?;
-                    let flag = u32::from_le_bytes(bytes[unit.out_bytes..unit.out_bytes + 4].try_into().expect("4"));
-                    if flag != 0 {
-                        return Ok(Some(j));
-                    }
-                    let sink = if discard { None } else { Some(&mut *writer) };
-                    write_unit(job, items_ref, unit, bytes, sink, progress, &block_of, models)?;
-                    // Once the main loop has queued its last download it takes no more slots;
-                    // the units still queued here must be written all the same.
-                    let _ = free_out_tx.send(slot);
-                }
-                Ok(None)
+            let sink = if discard { None } else { Some(&mut *writer) };
+            let (block_of, progress) = (&block_of, &mut *progress);
+            let writer_thread = scope.spawn(move || {
+                let out = Outputs { job, items: items_ref, units: units_ref, block_of, models };
+                drain_slots(gpu, &out, out_rx, free_out_tx, sink, progress)
             });
 
             // Main: H2D, kernels, D2H, in unit order, each on its stream.
             let main = (|| -> Result<()> {
                 // The last tensor's launch from the CPU pre-pass: its later pieces reuse it.
                 let mut prepared: Option<(usize, MergeLaunch)> = None;
+                let launches = Launches { gpu, job, form, plans: &plans, items: &items, stream: &compute };
                 for (j, unit) in units.iter().enumerate() {
                     let p = j % 2;
                     if direct {
@@ -643,19 +751,9 @@ impl MergeEngine for CudaEngine<'_> {
                         if !resident {
                             cu("ordering streams", copy.wait(&in_free[p]))?;
                         }
-                        for piece in &unit.pieces {
-                            let Piece::Float { item, start, len, inputs, .. } = piece else { continue };
-                            let TensorWork::Float(tj) = &items[*item] else { continue };
-                            for (s, &at) in tj.base.iter().chain(&tj.experts).zip(inputs) {
-                                let size = s.dtype.size();
-                                let src = &s.bytes()[start * size..(start + len) * size];
-                                // SAFETY: the destination range lies in the unit's input buffer
-                                // (unit layout); the source stays mapped and locked until the end.
-                                cu("copying to the device", unsafe {
-                                    cuda::memcpy_htod_async(in_addr(j) + at as u64, src, copy.cu_stream())
-                                })?;
-                            }
-                        }
+                        // SAFETY: `in_addr(j)` is the unit's input buffer; the mappings stay locked
+                        // until the final synchronise.
+                        unsafe { upload_direct(&items, unit, in_addr(j), &copy)? };
                         cu("recording an event", in_ready[p].record(&copy))?;
                         cu("ordering streams", compute.wait(&in_ready[p]))?;
                     } else if !reuse {
@@ -687,49 +785,9 @@ impl MergeEngine for CudaEngine<'_> {
                     let flag = out_addr(j) + unit.out_bytes as u64;
                     // SAFETY: the output buffer has room for the flag after the unit's outputs.
                     cu("clearing a flag", unsafe { cuda::memset_d8_async(flag, 0, 4, compute.cu_stream()) })?;
-                    for piece in &unit.pieces {
-                        let Piece::Float { item, start, len, inputs, out } = piece else { continue };
-                        let TensorWork::Float(tj) = &items[*item] else { continue };
-                        let at = |k: usize| in_addr(j) + inputs[k] as u64;
-                        let (base, first) = match tj.base {
-                            Some(b) => (Some((at(0), b.dtype)), 1),
-                            None => (None, 0),
-                        };
-                        let experts: Vec<u64> = (first..inputs.len()).map(at).collect();
-                        let plan = if job.method().needs_thresholds() {
-                            let th = gpu_thresholds(gpu, tj, base, &experts)?;
-                            let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
-                            MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes)?
-                        } else if form.cpu_stats() {
-                            match &prepared {
-                                Some((i, p)) if i == item => p.clone(),
-                                _ => {
-                                    let p = prepared_launch(form, tj)?;
-                                    prepared = Some((*item, p.clone()));
-                                    p
-                                }
-                            }
-                        } else {
-                            plans[*item]
-                                .clone()
-                                .ok_or_else(|| Error::Invalid("internal: tensor without a launch".into()))?
-                        };
-                        let plan = plan.for_rows(tj.row_len);
-                        // SAFETY: every address lies in a live buffer laid out by `plan_units`.
-                        unsafe {
-                            gpu.kernels.merge(
-                                &compute,
-                                &plan,
-                                base,
-                                &experts,
-                                out_addr(j) + *out as u64,
-                                tj.out_dtype,
-                                *len,
-                                *start,
-                                flag,
-                            )?
-                        };
-                    }
+                    // SAFETY: the unit's input is on the device once `in_ready` (waited above);
+                    // its output buffer and flag are the live ones of slot `p`.
+                    unsafe { launches.unit(unit, in_addr(j), out_addr(j), flag, &mut prepared)? };
                     cu("recording an event", computed[p].record(&compute))?;
                     cu("recording an event", in_free[p].record(&compute))?;
                     let Ok(mut slot) = free_out_rx.recv() else { return Ok(()) };
@@ -782,6 +840,70 @@ impl MergeEngine for CudaEngine<'_> {
         });
         Ok(owned)
     }
+}
+
+/// The filler thread: stages each unit from the mmaps into a free pinned upload slot, one unit
+/// ahead of the copies, and hands it on; stops when the main loop stops listening.
+fn fill_slots(
+    gpu: &Gpu,
+    items: &[TensorWork<'_>],
+    units: &[Unit],
+    free: Receiver<HostSlot>,
+    full: Sender<(usize, HostSlot)>,
+) -> Result<()> {
+    // Pinned memory is freed in whichever thread drops it last: bind the context.
+    cu("binding the context", gpu.ctx.bind_to_thread())?;
+    for (j, unit) in units.iter().enumerate() {
+        if let Some(next) = units.get(j + 1) {
+            advise(items, next, false);
+        }
+        let Ok(mut slot) = free.recv() else { return Ok(()) };
+        cu("waiting for an upload slot", slot.done.synchronize())?;
+        let dst = cu("mapping a pinned slot", slot.mem.as_mut_slice())?;
+        fill_unit(items, unit, &mut dst[..unit.in_bytes]);
+        advise(items, unit, true);
+        if full.send((j, slot)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// What the writer thread needs to hand units to the shard writer.
+struct Outputs<'a, 'j> {
+    job: &'a MergeJob<'j>,
+    items: &'a [TensorWork<'a>],
+    units: &'a [Unit],
+    block_of: &'a [&'a str],
+    models: usize,
+}
+
+/// The writer thread: takes each downloaded unit in order, stops at the first whose non-finite
+/// flag is set (returning its index), else writes it (`sink`: `None` discards) and gives the
+/// slot back.
+fn drain_slots(
+    gpu: &Gpu,
+    out: &Outputs<'_, '_>,
+    full: Receiver<(usize, HostSlot)>,
+    free: Sender<HostSlot>,
+    mut sink: Option<&mut ShardWriter>,
+    progress: &mut Progress,
+) -> Result<Option<usize>> {
+    cu("binding the context", gpu.ctx.bind_to_thread())?;
+    for (j, slot) in full.iter() {
+        let unit = &out.units[j];
+        cu("waiting for a download", slot.done.synchronize())?;
+        let bytes = cu("mapping a pinned slot", slot.mem.as_slice())?;
+        let flag = u32::from_le_bytes(bytes[unit.out_bytes..unit.out_bytes + 4].try_into().expect("4"));
+        if flag != 0 {
+            return Ok(Some(j));
+        }
+        write_unit(out.job, out.items, unit, bytes, sink.as_deref_mut(), progress, out.block_of, out.models)?;
+        // Once the main loop has queued its last download it takes no more slots; the units
+        // still queued here must be written all the same.
+        let _ = free.send(slot);
+    }
+    Ok(None)
 }
 
 /// Hands one unit's merged bytes (laid out by `plan_units`) to the shard writer in stream
