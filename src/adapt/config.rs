@@ -141,39 +141,7 @@ impl AdaptConfig {
             "adamerging" => Method::Adamerging,
             other => return Err(err(format!("method: unknown `{other}` (supported: symerge, adamerging)"))),
         };
-        if raw.tasks.is_empty() {
-            return Err(err("tasks: at least one task is needed".into()));
-        }
-        let mut tasks = Vec::with_capacity(raw.tasks.len());
-        for (i, t) in raw.tasks.into_iter().enumerate() {
-            if tasks.iter().any(|o: &TaskConfig| o.name == t.name) {
-                return Err(err(format!("tasks[{i}]: task `{}` appears twice", t.name)));
-            }
-            if method == Method::Symerge && t.cache.is_none() {
-                return Err(err(format!(
-                    "tasks[{i}] ({}): `cache` is required for symerge (make it with `symerge cache-labels`)",
-                    t.name
-                )));
-            }
-            let expert = resolve(&t.expert);
-            if let Some((model, adapter)) = crate::checkpoint::lora::split_ref(&expert) {
-                return Err(err(format!(
-                    "tasks[{i}] ({}): expert `{}` is a model+lora reference, which adapt does not apply; write \
-                     the adapted expert first: `symerge merge` a config with `merge_method: linear` and the one \
-                     model `{}+{}`",
-                    t.name,
-                    t.expert,
-                    model.display(),
-                    adapter.display()
-                )));
-            }
-            tasks.push(TaskConfig {
-                name: t.name,
-                expert,
-                inputs: resolve(&t.inputs),
-                cache: t.cache.as_deref().map(resolve),
-            });
-        }
+        let tasks = parse_tasks(raw.tasks, method, &resolve).map_err(err)?;
         let adapted_layer = match raw.adapted_layer.as_deref().unwrap_or("head") {
             "head" => AdaptedLayer::Head,
             "last_block" => AdaptedLayer::LastBlock,
@@ -188,11 +156,13 @@ impl AdaptConfig {
             "hard_conf" => LossKind::HardConf,
             other => return Err(err(format!("loss: unknown `{other}` (supported: soft, hard_conf)"))),
         };
-        let default_lr = match method {
+        if let Some(v) = raw.lr {
+            positive("lr", v).map_err(err)?;
+        }
+        let lr = raw.lr.unwrap_or(match method {
             Method::Symerge => 1e-2,
             Method::Adamerging => 1e-3,
-        };
-        let lr = raw.lr.unwrap_or(default_lr);
+        });
         // A causal LM's adapted layer holds its vocabulary projection (tens of millions of
         // weights the expert already tuned): a classifier head's rate rewrites it in one Adam step.
         let base_model = resolve(&raw.base_model);
@@ -216,21 +186,71 @@ impl AdaptConfig {
             seed: raw.seed.unwrap_or(0),
             max_len: raw.max_len.unwrap_or(crate::model::DEFAULT_MAX_LEN),
         };
-        for (field, v) in [("lr", cfg.lambda_lr), ("lambda_lr", cfg.lambda_lr), ("layer_lr", cfg.layer_lr)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(err(format!("{field}: must be a positive number, got {v}")));
-            }
-        }
-        if cfg.batch_size == 0 {
-            return Err(err("batch_size: must be at least 1".into()));
-        }
-        if let Some(c) = cfg.confidence
-            && !(0.0..=1.0).contains(&c)
-        {
-            return Err(err(format!("confidence: must lie in [0, 1], got {c}")));
-        }
+        cfg.check().map_err(err)?;
         Ok(cfg)
     }
+
+    /// The numbers a config may not hold, named by field.
+    fn check(&self) -> std::result::Result<(), String> {
+        positive("lambda_lr", self.lambda_lr)?;
+        positive("layer_lr", self.layer_lr)?;
+        if self.batch_size == 0 {
+            return Err("batch_size: must be at least 1".into());
+        }
+        if let Some(c) = self.confidence
+            && !(0.0..=1.0).contains(&c)
+        {
+            return Err(format!("confidence: must lie in [0, 1], got {c}"));
+        }
+        Ok(())
+    }
+}
+
+/// A learning rate: finite and above zero.
+fn positive(field: &str, v: f32) -> std::result::Result<(), String> {
+    if v.is_finite() && v > 0.0 { Ok(()) } else { Err(format!("{field}: must be a positive number, got {v}")) }
+}
+
+/// The tasks, each named once, with paths resolved; SyMerge needs each task's label cache.
+fn parse_tasks(
+    raw: Vec<RawTask>,
+    method: Method,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> std::result::Result<Vec<TaskConfig>, String> {
+    if raw.is_empty() {
+        return Err("tasks: at least one task is needed".into());
+    }
+    let mut tasks: Vec<TaskConfig> = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
+        if tasks.iter().any(|o| o.name == t.name) {
+            return Err(format!("tasks[{i}]: task `{}` appears twice", t.name));
+        }
+        if method == Method::Symerge && t.cache.is_none() {
+            return Err(format!(
+                "tasks[{i}] ({}): `cache` is required for symerge (make it with `symerge cache-labels`)",
+                t.name
+            ));
+        }
+        let expert = resolve(&t.expert);
+        if let Some((model, adapter)) = crate::checkpoint::lora::split_ref(&expert) {
+            return Err(format!(
+                "tasks[{i}] ({}): expert `{}` is a model+lora reference, which adapt does not apply; write \
+                 the adapted expert first: `symerge merge` a config with `merge_method: linear` and the one \
+                 model `{}+{}`",
+                t.name,
+                t.expert,
+                model.display(),
+                adapter.display()
+            ));
+        }
+        tasks.push(TaskConfig {
+            name: t.name,
+            expert,
+            inputs: resolve(&t.inputs),
+            cache: t.cache.as_deref().map(resolve),
+        });
+    }
+    Ok(tasks)
 }
 
 #[cfg(test)]
