@@ -135,7 +135,11 @@ impl AdaptConfig {
         let err = |reason: String| Error::Config { path: source.to_path_buf(), reason };
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| err(e.to_string()))?;
         let dir = source.parent().unwrap_or(Path::new(""));
-        let resolve = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { dir.join(p) };
+        // Absolute, so summary.json's paths hold from any working directory.
+        let resolve = |p: &str| {
+            let joined = if Path::new(p).is_absolute() { PathBuf::from(p) } else { dir.join(p) };
+            std::path::absolute(&joined).unwrap_or(joined)
+        };
         let method = match raw.method.as_str() {
             "symerge" => Method::Symerge,
             "adamerging" => Method::Adamerging,
@@ -211,6 +215,21 @@ fn positive(field: &str, v: f32) -> std::result::Result<(), String> {
     if v.is_finite() && v > 0.0 { Ok(()) } else { Err(format!("{field}: must be a positive number, got {v}")) }
 }
 
+/// A task's name names its directory under the output's `tasks/`: one plain path component, so
+/// no name can place a model outside the output (`..`, `/abs`) or over its other files (`.`,
+/// an empty name).
+pub fn check_task_name(name: &str) -> std::result::Result<(), String> {
+    let bad =
+        name.is_empty() || name == "." || name == ".." || name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+    if bad {
+        return Err(format!(
+            "`{}` is not a plain name (it names a directory under tasks/: no `/`, `\\`, control characters, `.` or `..`, not empty)",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// The tasks, each named once, with paths resolved; SyMerge needs each task's label cache.
 fn parse_tasks(
     raw: Vec<RawTask>,
@@ -222,6 +241,7 @@ fn parse_tasks(
     }
     let mut tasks: Vec<TaskConfig> = Vec::with_capacity(raw.len());
     for (i, t) in raw.into_iter().enumerate() {
+        check_task_name(&t.name).map_err(|e| format!("tasks[{i}].name: {e}"))?;
         if tasks.iter().any(|o| o.name == t.name) {
             return Err(format!("tasks[{i}]: task `{}` appears twice", t.name));
         }
@@ -303,6 +323,21 @@ mod tests {
                 "method: adamerging\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}, {name: a, expert: e, inputs: i}]",
                 "twice",
             ),
+            (
+                "method: adamerging\nbase_model: b\nlambda_lr: 0\ntasks: [{name: a, expert: e, inputs: i}]",
+                "lambda_lr: must",
+            ),
+            // A task's name is its directory under tasks/: nothing that leaves it or overlaps.
+            ("method: adamerging\nbase_model: b\ntasks: [{name: '../../m/x', expert: e, inputs: i}]", "tasks[0].name"),
+            ("method: adamerging\nbase_model: b\ntasks: [{name: /tmp/x, expert: e, inputs: i}]", "not a plain name"),
+            (
+                "method: adamerging\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i}, {name: '.', expert: e, inputs: i}]",
+                "tasks[1].name",
+            ),
+            ("method: adamerging\nbase_model: b\ntasks: [{name: '..', expert: e, inputs: i}]", "not a plain name"),
+            ("method: adamerging\nbase_model: b\ntasks: [{name: '', expert: e, inputs: i}]", "not a plain name"),
+            ("method: adamerging\nbase_model: b\ntasks: [{name: 'a\\b', expert: e, inputs: i}]", "not a plain name"),
+            ("method: adamerging\nbase_model: b\ntasks: [{name: \"a\\nb\", expert: e, inputs: i}]", "not a plain name"),
         ] {
             let e = AdaptConfig::parse(text, src).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("adapt.yml"), "{text}: {e}");

@@ -87,6 +87,9 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
             names.join(", ")
         )));
     }
+    if let Some(e) = recorded.config.tasks.iter().find_map(|t| super::config::check_task_name(&t.name).err()) {
+        return Err(Error::Invalid(format!("{}: task name {e}", summary_path.display())));
+    }
     let mut tasks = Vec::new();
     for t in &recorded.config.tasks {
         let data = opts.data.get(&t.name).unwrap_or(&t.inputs);

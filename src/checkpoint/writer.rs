@@ -72,6 +72,7 @@ impl ShardWriter {
     /// Plans shards of at most `max_shard_bytes` of tensor data (a single larger tensor gets a
     /// shard of its own) and prepares to write into `dir`, which must exist.
     pub fn create(dir: &Path, tensors: Vec<PlannedTensor>, max_shard_bytes: u64) -> Result<Self> {
+        check_unique(&tensors)?;
         check_space(dir, &tensors)?;
         let mut bounds = plan_shards(&tensors, max_shard_bytes);
         // An empty checkpoint still gets its one (empty) file.
@@ -92,6 +93,7 @@ impl ShardWriter {
         max_shard_bytes: u64,
         names: Vec<String>,
     ) -> Result<Self> {
+        check_unique(&tensors)?;
         check_space(dir, &tensors)?;
         let bounds = plan_shards(&tensors, max_shard_bytes);
         if bounds.len() != names.len() {
@@ -257,6 +259,16 @@ pub fn plan_shards(tensors: &[PlannedTensor], max_shard_bytes: u64) -> Vec<(usiz
 
 /// Refuses a plan whose tensor data the file system holding `dir` has no room for, before
 /// anything is written: a merge that would fill the disk an hour in fails at once instead.
+/// A safetensors file holds each name once (the header is a map): a second tensor of a name
+/// is an error naming it, before any file is opened.
+fn check_unique(tensors: &[PlannedTensor]) -> Result<()> {
+    let mut seen = std::collections::HashSet::with_capacity(tensors.len());
+    match tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
+        Some(t) => Err(Error::Invalid(format!("two output tensors are named `{}`", t.name))),
+        None => Ok(()),
+    }
+}
+
 fn check_space(dir: &Path, tensors: &[PlannedTensor]) -> Result<()> {
     let need: u64 = tensors.iter().map(PlannedTensor::nbytes).sum();
     match crate::sysinfo::free_disk_bytes(dir) {

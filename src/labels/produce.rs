@@ -195,6 +195,8 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
     if texts.is_empty() {
         return Err(Error::Invalid(format!("no inputs to label for task `{}`", opts.task)));
     }
+    // The name must be one adapt accepts: it names the task's output directory there.
+    crate::adapt::config::check_task_name(&opts.task).map_err(|e| Error::Invalid(format!("--task: {e}")))?;
     let prov = provenance(&opts.expert, &opts.task, opts.max_len, texts)?;
     let summary = |cache: &LabelCache, reused: bool, resumed_rows: usize| {
         let (top_k, positions) = match cache.kind() {

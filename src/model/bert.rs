@@ -495,6 +495,7 @@ impl<B: Backend> Bert<B> {
             reason: "config.json is missing (needed for the architecture)".into(),
         })?;
         let config = BertConfig::from_json(cfg_json, &config_path)?;
+        super::check_layer_count(&ck, config.num_hidden_layers, "num_hidden_layers")?;
         let mut blocks = vec![Block::Embedding(Embeddings {
             vocab: config.vocab_size,
             positions: config.max_position_embeddings,

@@ -542,6 +542,7 @@ impl<B: Backend> LmArch<B> for Gpt2Config {
 
     fn chain(&self, ck: &Checkpoint) -> Result<Vec<Gpt2Block>> {
         let c = self;
+        super::check_layer_count(ck, c.n_layer, "n_layer")?;
         // OpenAI's checkpoints are the bare `GPT2Model`: no `transformer.` wrapper.
         let prefix = if ck.get("wte.weight").is_some() { "" } else { "transformer." }.to_string();
         let mut blocks = vec![Part::Embedding(Embedding {

@@ -75,7 +75,15 @@ fn hyper(g: &Gguf, arch: &str) -> Result<Hyper> {
             .map(|v| v as usize)
             .ok_or_else(|| bad(g, format!("metadata `{k}` is missing")))
     };
-    let float = |key: &str, default: f64| g.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
+    // Written to config.json as they are: a NaN would become `null` there, read back as a default.
+    let float = |key: &str, default: f64| -> Result<f64> {
+        let v = g.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(bad(g, format!("metadata `{arch}.{key}` is {v}, not a positive number")))
+        }
+    };
     let (hidden, heads) = (int("embedding_length")?, int("attention.head_count")?);
     if heads == 0 || hidden % heads != 0 {
         return Err(bad(g, format!("{heads} attention heads do not divide the hidden size {hidden}")));
@@ -91,8 +99,8 @@ fn hyper(g: &Gguf, arch: &str) -> Result<Hyper> {
         heads,
         kv_heads,
         head_dim: int("rope.dimension_count").unwrap_or(hidden / heads),
-        eps: float("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta: float("rope.freq_base", 10000.0),
+        eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
+        rope_theta: float("rope.freq_base", 10000.0)?,
         context: int("context_length").unwrap_or(2048),
     })
 }
@@ -160,6 +168,9 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
     let mut tensors: Vec<(String, &GgufTensor)> = Vec::with_capacity(g.tensors.len());
     for t in &g.tensors {
         let name = hf_name(&t.name).ok_or_else(|| bad(&g, format!("tensor `{}` has no Llama counterpart", t.name)))?;
+        if let Some((_, first)) = tensors.iter().find(|(n, _)| *n == name) {
+            return Err(bad(&g, format!("tensors `{}` and `{}` are both `{name}`", first.name, t.name)));
+        }
         tensors.push((name, t));
     }
     let tied = !tensors.iter().any(|(n, _)| n == "lm_head.weight");
@@ -167,7 +178,7 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         .tensor("token_embd.weight")
         .and_then(|t| t.dims.get(1).copied())
         .ok_or_else(|| bad(&g, "tensor `token_embd.weight` is missing".into()))?;
-    let tokenizer = tokenizer_json(&g)?;
+    let tokenizer = tokenizer_json(&g, vocab)?;
 
     let staging = Staging::create(output)?;
     let planned: Vec<PlannedTensor> = tensors
@@ -210,6 +221,7 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
         std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
     }
+    verify_staged(&g, staging.path(), &tensors)?;
     staging.commit(output, force)?;
     Ok(ImportSummary {
         output: output.to_path_buf(),
@@ -219,6 +231,63 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         vocab,
         tied_embeddings: tied,
     })
+}
+
+/// The staged checkpoint read back as symerge reads a Llama model: every tensor its config's
+/// layout needs, at the shape the metadata's sizes imply, and no other; its tokenizer loads. An
+/// import is committed only once it is a model symerge can run, and a lying file is refused
+/// here, naming its tensor or key, rather than in a later command.
+fn verify_staged(g: &Gguf, dir: &Path, tensors: &[(String, &GgufTensor)]) -> Result<()> {
+    use crate::model::LmArch;
+    let gguf_name = |hf: &str| tensors.iter().find(|(n, _)| n == hf).map_or(hf, |(_, t)| t.name.as_str()).to_string();
+    let reason = |e: Error| match e {
+        Error::Model { reason, .. } => reason,
+        e => e.to_string(),
+    };
+    let ck = crate::checkpoint::Checkpoint::open(dir)?;
+    let json =
+        ck.config.as_ref().ok_or_else(|| Error::Invalid("internal: the staged config.json is missing".into()))?;
+    let config = crate::model::LlamaConfig::from_json(json, &dir.join("config.json"))
+        .map_err(|e| bad(g, format!("its metadata makes no Llama config: {}", reason(e))))?;
+    let blocks = <crate::model::LlamaConfig as LmArch<crate::backend::Cpu>>::chain(&config, &ck)
+        .map_err(|e| bad(g, format!("{} (metadata `llama.block_count`)", reason(e))))?;
+    let mut expected = std::collections::HashSet::new();
+    for (name, shape) in blocks.iter().flat_map(|b| b.param_shapes()) {
+        match ck.get(&name) {
+            None => {
+                return Err(bad(
+                    g,
+                    format!("tensor `{}` is missing ({} layers stated)", gguf_name(&name), config.num_hidden_layers),
+                ));
+            }
+            Some(m) if m.shape != shape => {
+                return Err(bad(
+                    g,
+                    format!(
+                        "tensor `{}` has shape {:?} as `{name}`, where the metadata's sizes need {shape:?}",
+                        gguf_name(&name),
+                        m.shape
+                    ),
+                ));
+            }
+            Some(_) => {
+                expected.insert(name);
+            }
+        }
+    }
+    if let Some(t) = ck.tensors.iter().find(|t| !expected.contains(&t.name)) {
+        return Err(bad(
+            g,
+            format!(
+                "tensor `{}` is not part of the {}-layer model the metadata states",
+                gguf_name(&t.name),
+                config.num_hidden_layers
+            ),
+        ));
+    }
+    crate::model::TextTokenizer::from_dir(dir, crate::model::DEFAULT_MAX_LEN)
+        .map_err(|e| bad(g, format!("its tokenizer does not load: {e}")))?;
+    Ok(())
 }
 
 fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Value {
@@ -265,7 +334,7 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 /// The file's byte-level BPE tokenizer as a `tokenizer.json` (what transformers builds from it).
-fn tokenizer_json(g: &Gguf) -> Result<Value> {
+fn tokenizer_json(g: &Gguf, rows: usize) -> Result<Value> {
     let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
     if model != "gpt2" {
         return Err(bad(g, format!("tokenizer model `{model}`: only byte-level BPE (`gpt2`) imports")));
@@ -278,6 +347,9 @@ fn tokenizer_json(g: &Gguf) -> Result<Value> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
+    if tokens.is_empty() || tokens.len() > rows {
+        return Err(bad(g, format!("`tokenizer.ggml.tokens` lists {} tokens for {rows} embedding rows", tokens.len())));
+    }
     let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = g
         .get("tokenizer.ggml.token_type")
@@ -290,7 +362,9 @@ fn tokenizer_json(g: &Gguf) -> Result<Value> {
     let mut vocab = serde_json::Map::new();
     for (id, t) in tokens.iter().enumerate() {
         let spelled = if in_alphabet(t) { t.clone() } else { t.bytes().map(|b| spell[b as usize]).collect() };
-        vocab.insert(spelled, id.into());
+        if let Some(first) = vocab.insert(spelled, id.into()) {
+            return Err(bad(g, format!("`tokenizer.ggml.tokens` lists `{t}` twice (ids {first} and {id})")));
+        }
     }
     let merges: Vec<Value> = merges
         .iter()

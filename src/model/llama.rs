@@ -362,6 +362,7 @@ impl<B: Backend> LmArch<B> for LlamaConfig {
 
     fn chain(&self, ck: &Checkpoint) -> Result<Vec<LlamaBlock>> {
         let c = self;
+        super::check_layer_count(ck, c.num_hidden_layers, "num_hidden_layers")?;
         let mut blocks = vec![LlamaBlock::Embedding(TokenEmbedding { vocab: c.vocab_size, hidden: c.hidden_size })];
         for index in 0..c.num_hidden_layers {
             blocks.push(LlamaBlock::Layer(DecoderLayer {

@@ -66,6 +66,21 @@ pub struct Param<B: Backend> {
 /// Tensors by Hugging Face name: one block's parameters, or their gradients.
 pub type Params<B> = BTreeMap<String, Param<B>>;
 
+/// config.json's layer count (`field`) against the layers the checkpoint's tensors hold: a count
+/// past them would size the model, and its memory, by a number no weight backs (a lying
+/// `num_hidden_layers: 1000000000` would exhaust memory before any tensor is looked up).
+pub fn check_layer_count(ck: &crate::checkpoint::Checkpoint, claimed: usize, field: &str) -> crate::error::Result<()> {
+    let held = ck.tensors.iter().filter_map(|t| crate::checkpoint::layers::layer_of(&t.name)).map(|(_, i)| i + 1).max();
+    let held = held.unwrap_or(0);
+    if claimed <= held {
+        return Ok(());
+    }
+    Err(crate::error::Error::Model {
+        path: ck.dir.join("config.json"),
+        reason: format!("{field} is {claimed}, but the checkpoint's tensors hold {held} layer(s)"),
+    })
+}
+
 /// The distinct values of `ids`, sorted: the rows of a lookup table a batch reads.
 pub fn distinct_rows(ids: &[u32]) -> Vec<u32> {
     let mut rows = ids.to_vec();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod adapt_fixture;
+pub mod gguf;
 pub mod grad;
 pub mod reference;
 

@@ -1,0 +1,191 @@
+//! Inputs that lie about themselves, found by a fuzzing round of the CLI (thirteenth session):
+//! a config.json's layer count that no tensor backs, GGUF metadata that disagrees with the
+//! tensors, task names that are paths. Each must end in an error naming the file and the field,
+//! key or tensor, quickly and in little memory, with no output left and nothing written outside
+//! the output.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::gguf::{Meta, TinyGguf};
+use common::{fixture_dir, minilm_dir, run};
+
+/// Copies the model directory `from` to `to` with one config.json key set to `value`.
+fn with_config(from: &Path, to: &Path, key: &str, value: serde_json::Value) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let path = to.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg[key] = value;
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
+/// Runs the CLI and returns its stderr, asserting it failed cleanly within `limit`.
+fn fails_fast(args: &[&str], limit: Duration) -> String {
+    let start = Instant::now();
+    let (ok, _, err) = run(args);
+    let took = start.elapsed();
+    assert!(!ok, "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(took < limit, "{args:?} took {took:?} before failing: {err}");
+    err
+}
+
+/// A layer count of a billion used to size the model's block list (about 60 bytes a layer:
+/// 23 GB, then the out-of-memory killer) before any tensor was looked up. It is now checked
+/// against the layers the tensors hold, in every family.
+#[test]
+fn a_layer_count_no_tensor_backs_is_refused_before_sizing_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let texts = tmp.path().join("t.jsonl");
+    std::fs::write(&texts, "{\"text\": \"hello world\", \"label\": 0}\n").unwrap();
+    let t = texts.to_str().unwrap();
+    let preds = tmp.path().join("p.jsonl");
+    let p = preds.to_str().unwrap();
+    let cases: [(_, _, &[&str]); 3] = [
+        (fixture_dir("llama_gqa"), "num_hidden_layers", &["eval", "--inputs", t]),
+        (fixture_dir("gpt2"), "n_layer", &["eval", "--inputs", t]),
+        (minilm_dir(), "num_hidden_layers", &["predict", "--new-head", "2", "--inputs", t, "--out", p]),
+    ];
+    for (i, (from, key, args)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("m{i}"));
+        with_config(from, &dir, key, serde_json::json!(1_000_000_000u64));
+        let m = dir.to_str().unwrap();
+        let cmd: Vec<&str> = args.iter().copied().chain([m, "--device", "cpu"]).collect();
+        let err = fails_fast(&cmd, Duration::from_secs(20));
+        let config = dir.join("config.json");
+        assert!(
+            err.contains(&format!("{key} is 1000000000")) && err.contains(config.to_str().unwrap()),
+            "{key}: {err}"
+        );
+        // The same model with its real count still loads (the check does not refuse good models).
+        with_config(
+            from,
+            &dir,
+            key,
+            serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap())
+                .map(|c: serde_json::Value| c[*key].clone())
+                .unwrap(),
+        );
+        let (ok, _, err) = run(&cmd);
+        assert!(ok, "{key}: the real count is refused: {err}");
+    }
+}
+
+/// The import reads the file back as a model before committing it: metadata that disagrees
+/// with the tensors (a block count, a width, a NaN epsilon), tensors the layout lacks or does
+/// not have, and token lists a tokenizer cannot be made of are refused, naming the file and the
+/// key or tensor; a tensor listed twice was a panic in the writer.
+#[test]
+fn lying_gguf_files_are_refused_at_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.gguf");
+    TinyGguf::new().write(&good);
+    let out = tmp.path().join("good-out");
+    let (ok, _, err) = run(&["import-gguf", good.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "the untouched tiny file must import: {err}");
+    let (ok, _, err) = run(&["inspect", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+
+    let tokens = |g: &TinyGguf| match &g.meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").unwrap().1 {
+        Meta::Strs(t) => t.clone(),
+        _ => unreachable!(),
+    };
+    let mut dup_tensor = TinyGguf::new();
+    dup_tensor.tensors.push(dup_tensor.tensors[1].clone());
+    let mut stray_layer = TinyGguf::new();
+    stray_layer.tensors.push(("blk.1000000.attn_norm.weight".into(), vec![8]));
+    let mut missing = TinyGguf::new();
+    missing.tensors.retain(|(n, _)| n != "blk.0.ffn_up.weight");
+    let mut dup_token = TinyGguf::new();
+    let mut toks = tokens(&dup_token);
+    toks[299] = toks[298].clone();
+    dup_token = dup_token.set("tokenizer.ggml.tokens", Meta::Strs(toks));
+    let mut too_many = TinyGguf::new();
+    let mut toks = tokens(&too_many);
+    toks.push("extra".into());
+    too_many = too_many.set("tokenizer.ggml.token_type", Meta::I32s(vec![1; toks.len()]));
+    too_many = too_many.set("tokenizer.ggml.tokens", Meta::Strs(toks));
+    let cases: Vec<(&str, TinyGguf, &str)> = vec![
+        ("layers", TinyGguf::new().set("llama.block_count", Meta::U32(100_000_000)), "llama.block_count"),
+        ("width", TinyGguf::new().set("llama.embedding_length", Meta::U32(16)), "`token_embd.weight` has shape"),
+        ("ffn", TinyGguf::new().set("llama.feed_forward_length", Meta::U32(12)), "`blk.0.ffn_gate.weight` has shape"),
+        (
+            "eps",
+            TinyGguf::new().set("llama.attention.layer_norm_rms_epsilon", Meta::F32(f32::NAN)),
+            "layer_norm_rms_epsilon` is NaN",
+        ),
+        ("rope", TinyGguf::new().set("llama.rope.freq_base", Meta::F32(f32::INFINITY)), "rope.freq_base` is inf"),
+        ("dup tensor", dup_tensor, "are both `model.layers.0.input_layernorm.weight`"),
+        ("stray layer", stray_layer, "`blk.1000000.attn_norm.weight` is not part of the 1-layer model"),
+        ("missing", missing, "`model.layers.0.mlp.up_proj.weight` is missing"),
+        ("dup token", dup_token, "lists `"),
+        ("too many tokens", too_many, "lists 301 tokens for 300 embedding rows"),
+        ("no tokens", TinyGguf::new().set("tokenizer.ggml.tokens", Meta::Strs(Vec::new())), "lists 0 tokens"),
+    ];
+    for (what, g, want) in cases {
+        let file = tmp.path().join(format!("{}.gguf", what.replace(' ', "-")));
+        g.write(&file);
+        let out = tmp.path().join(format!("{}-out", what.replace(' ', "-")));
+        let err =
+            fails_fast(&["import-gguf", file.to_str().unwrap(), "-o", out.to_str().unwrap()], Duration::from_secs(20));
+        assert!(err.contains(file.to_str().unwrap()) && err.contains(want), "{what}: expected `{want}` in: {err}");
+        assert!(!out.exists(), "{what}: left an output");
+    }
+}
+
+/// A task's name names its directory under the output's tasks/: `..`, absolute names, `.` and
+/// an empty name used to place a model outside the output (into an input model's directory)
+/// or over the output's own files. They are refused as the config is read, before any model
+/// loads; `cache-labels --task` refuses them too.
+#[test]
+fn task_names_cannot_leave_the_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let escape = root.join("escaped");
+    for (i, name) in
+        [format!("../{}", escape.display()), escape.display().to_string(), ".".into(), "".into(), "..".into()]
+            .iter()
+            .enumerate()
+    {
+        let cfg = root.join(format!("adapt-{i}.yml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "method: adamerging\nbase_model: base\ntasks:\n  - {{name: ok, expert: e1, inputs: t.jsonl}}\n  - {{name: {}, expert: e2, inputs: t.jsonl}}\n",
+                serde_json::to_string(name).unwrap()
+            ),
+        )
+        .unwrap();
+        let out = root.join(format!("out-{i}"));
+        let err = fails_fast(&["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()], Duration::from_secs(20));
+        assert!(err.contains("tasks[1].name") && err.contains("not a plain name"), "{name:?}: {err}");
+        assert!(!out.exists() && !escape.exists(), "{name:?}: wrote something");
+    }
+    let texts = root.join("t.jsonl");
+    std::fs::write(&texts, "{\"text\": \"hello\"}\n").unwrap();
+    let cache = root.join("c.labels");
+    let err = fails_fast(
+        &[
+            "cache-labels",
+            "--expert",
+            fixture_dir("llama_gqa").to_str().unwrap(),
+            "--task",
+            "../x",
+            "--inputs",
+            texts.to_str().unwrap(),
+            "-o",
+            cache.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(err.contains("--task") && err.contains("not a plain name"), "{err}");
+    assert!(!cache.exists());
+}
