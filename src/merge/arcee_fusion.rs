@@ -22,7 +22,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: Some(1),
     params: &[],
-    sums_weights: false,
     validate: registry::no_check,
     build: |_| Box::new(ArceeFusion),
 };

@@ -27,7 +27,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: None,
     params: PARAMS,
-    sums_weights: true,
     validate: registry::no_check,
     build: |s| Box::new(method(false, s.flag("rescale"))),
 };
@@ -35,7 +34,6 @@ pub const DEF: MethodDef = MethodDef {
 pub const DEF_TIES: MethodDef = MethodDef {
     name: "breadcrumbs_ties",
     summary: "breadcrumbs' cut, then TIES sign election and disjoint sum, lambda",
-    sums_weights: false,
     build: |s| Box::new(method(true, s.flag("rescale"))),
     ..DEF
 };

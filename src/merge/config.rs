@@ -22,6 +22,7 @@ use super::params::ParamValue;
 use super::registry::{Fallback, Kind, MethodDef, ParamSpec, Scope, Settings};
 use super::{MergeMethod, TensorParams, method_def, method_names};
 use crate::checkpoint::FloatDType;
+use crate::checkpoint::layers::{layer_of, renumber};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
@@ -181,6 +182,10 @@ pub struct MergeConfig {
 /// The models one tensor merges and the `parameters` between theirs and the top-level ones.
 struct Group<'a> {
     models: Vec<&'a ModelEntry>,
+    /// Each model's own name for the tensor, which its per-model parameters' filters see
+    /// (mergekit resolves them against the input tensor): in a slice that takes layers
+    /// `a .. b`, output layer `i` is the model's layer `a + i - first`.
+    input_names: Vec<String>,
     slice: Option<&'a BTreeMap<String, ParamValue>>,
 }
 
@@ -434,7 +439,8 @@ impl MergeConfig {
     /// own value, else the slice's, else the top-level one, else the default (mergekit's
     /// precedence).
     pub fn tensor_params_in(&self, slice: usize, tensor: &str, block: &str, position: f64) -> Result<TensorParams> {
-        let all: Vec<usize> = (0..self.group(slice, None).models.len()).collect();
+        let count = self.slices.get(slice).map_or(self.models.len(), |s| s.experts.len());
+        let all: Vec<usize> = (0..count).collect();
         self.tensor_params_among(slice, &all, tensor, block, position)
     }
 
@@ -460,7 +466,7 @@ impl MergeConfig {
                 extra: Default::default(),
             });
         }
-        let group = self.group(slice, Some(among));
+        let group = self.group(slice, among, tensor);
         let mut weights = Vec::new();
         let mut densities = Vec::new();
         let mut lambda = 1.0;
@@ -496,18 +502,27 @@ impl MergeConfig {
         Settings { def: self.method, values: &self.parameters, has_base: self.has_base_in(slice) }
     }
 
-    /// The merged models (those at indices `among`, else all) and the parameters of slice
-    /// `slice`.
-    fn group(&self, slice: usize, among: Option<&[usize]>) -> Group<'_> {
-        let (models, params) = match self.slices.get(slice) {
-            Some(s) => (&s.experts, Some(&s.parameters)),
-            None => (&self.models, None),
+    /// The merged models at indices `among` of slice `slice` (of the config for the `models`
+    /// form), with their names for `tensor`, and the slice's parameters.
+    fn group(&self, slice: usize, among: &[usize], tensor: &str) -> Group<'_> {
+        let Some(s) = self.slices.get(slice) else {
+            let models: Vec<&ModelEntry> = among.iter().filter_map(|&i| self.models.get(i)).collect();
+            let input_names = vec![tensor.to_string(); models.len()];
+            return Group { models, input_names, slice: None };
         };
-        let models = match among {
-            Some(idx) => idx.iter().filter_map(|&i| models.get(i)).collect(),
-            None => models.iter().collect(),
-        };
-        Group { models, slice: params }
+        let first_out: usize = self.slices[..slice].iter().map(SliceDef::len).sum();
+        let sources = &s.sources[usize::from(s.has_base)..];
+        let picked: Vec<&SourceDef> = among.iter().filter_map(|&i| sources.get(i)).collect();
+        let input_names = picked
+            .iter()
+            .map(|src| match layer_of(tensor) {
+                Some((_, i)) if i >= first_out => {
+                    renumber(tensor, src.layers.0 + i - first_out).unwrap_or_else(|| tensor.to_string())
+                }
+                _ => tensor.to_string(),
+            })
+            .collect();
+        Group { models: picked.iter().map(|src| &src.model).collect(), input_names, slice: Some(&s.parameters) }
     }
 
     /// One numeric parameter for `tensor`: a single value for a global one, one per model for
@@ -520,12 +535,13 @@ impl MergeConfig {
             Fallback::Number(x) => Some(x),
             _ => None,
         };
-        let value = |model: Option<&BTreeMap<String, ParamValue>>| {
+        // Global parameters see the output tensor's name, per-model ones the model's own.
+        let value = |model: Option<&BTreeMap<String, ParamValue>>, name: &str| {
             model
                 .into_iter()
                 .chain(group.slice)
                 .chain([&self.module_parameters, &self.parameters])
-                .find_map(|p| p.get(spec.name).and_then(|v| v.number_for(tensor, position)))
+                .find_map(|p| p.get(spec.name).and_then(|v| v.number_for(name, position)))
                 .or(default)
         };
         let checked = |x: Option<f64>, whose: &str| -> Result<Option<f32>> {
@@ -540,12 +556,12 @@ impl MergeConfig {
             Ok(x.map(|x| x as f32))
         };
         match spec.scope {
-            Scope::Global => Ok(checked(value(None), "")?.into_iter().collect()),
+            Scope::Global => Ok(checked(value(None, tensor), "")?.into_iter().collect()),
             Scope::PerModel => {
                 let mut out = Vec::with_capacity(group.models.len());
-                for m in &group.models {
+                for (m, name) in group.models.iter().zip(&group.input_names) {
                     let whose = format!(" for {}", m.path.display());
-                    match checked(value(Some(&m.parameters)), &whose)? {
+                    match checked(value(Some(&m.parameters), name), &whose)? {
                         Some(x) => out.push(x),
                         None => return Ok(Vec::new()),
                     }
@@ -555,16 +571,15 @@ impl MergeConfig {
         }
     }
 
-    /// Weights that make a degenerate merge are errors (mergekit divides by their zero sum, or
-    /// writes zeros): a linear merge whose weights are all 0, and a normalised sum of weights
-    /// that is 0 (methods that sum weights: linear, task_arithmetic, dare_linear, ...; TIES-style consensus normalises by the
-    /// agreeing weights of each element instead).
+    /// Weights that make a degenerate linear merge are errors (mergekit writes zeros, or divides
+    /// by their zero sum and writes inf): all 0, or summing to 0 under `normalize: true`. The
+    /// task-vector methods divide by 1 where the sum is 0, as mergekit's `merge_group` does.
     fn check_weights(&self, tensor: &str, weights: &[f32], normalize: bool) -> Result<()> {
         let name = self.method.name;
         let sum: f32 = weights.iter().sum();
         let problem = if name == "linear" && weights.iter().all(|&w| w == 0.0) {
             Some("every weight is 0, so the output would be all zeros".to_string())
-        } else if normalize && self.method.sums_weights && sum.abs() < 1e-8 {
+        } else if normalize && name == "linear" && sum.abs() < 1e-8 {
             Some(format!("the weights {weights:?} sum to 0, and `normalize: true` divides by their sum"))
         } else {
             None

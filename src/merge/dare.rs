@@ -26,7 +26,6 @@ pub const DEF_LINEAR: MethodDef = MethodDef {
     min_models: 1,
     max_models: None,
     params: PARAMS,
-    sums_weights: true,
     validate: registry::no_check,
     build: |s| Box::new(method(false, s.flag("rescale"), s.count("seed"))),
 };
@@ -35,7 +34,6 @@ pub const DEF_TIES: MethodDef = MethodDef {
     name: "dare_ties",
     summary: "random drop to density with 1/density rescale, TIES sign election, lambda (seeded)",
     build: |s| Box::new(method(true, s.flag("rescale"), s.count("seed"))),
-    sums_weights: false,
     ..DEF_LINEAR
 };
 

@@ -32,7 +32,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: None,
     params: PARAMS,
-    sums_weights: false,
     validate: check_epsilon,
     build: |s| Box::new(method(true, s.flag("rescale"), s.count("seed"))),
 };
@@ -51,7 +50,6 @@ pub const DEF_LINEAR: MethodDef = MethodDef {
         ParamSpec::per_model("epsilon", Fallback::Number(0.15), "half-width of the keep probabilities around density")
             .within(0.0, 1.0),
     ],
-    sums_weights: true,
     build: |s| Box::new(method(false, s.flag("rescale"), s.count("seed"))),
     ..DEF
 };

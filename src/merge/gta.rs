@@ -46,7 +46,8 @@ pub struct Gta {
     pub sparsify: Sparsify,
     /// TIES sign election by summed mass.
     pub consensus: bool,
-    /// Divide kept entries by their density (DARE's rescale).
+    /// Rescale what sparsification keeps: by 1/density for DARE's random drop (the paper's),
+    /// to the task vector's l1 norm for the others (mergekit's).
     pub rescale: bool,
     /// Seed of the DARE masks.
     pub seed: u64,
@@ -75,7 +76,7 @@ impl MergeMethod for Gta {
             Sparsify::Outliers => outlier_thresholds(pass)?,
             _ => Vec::new(),
         };
-        let l1 = self.rescale && matches!(self.sparsify, Sparsify::Outliers | Sparsify::MagPrune);
+        let l1 = self.rescale && matches!(self.sparsify, Sparsify::Magnitude | Sparsify::Outliers | Sparsify::MagPrune);
         let scalars = if l1 { self.l1_factors(pass, &thresholds)? } else { Vec::new() };
         Ok(TensorStats { thresholds, scalars })
     }
@@ -185,7 +186,7 @@ impl Gta {
                     *d = w * (e - b);
                 }
             }
-            Sparsify::Magnitude => {
+            Sparsify::Magnitude if !self.rescale => {
                 let th = ctx.thresholds[k];
                 // Values tied at the threshold are kept below index `cutoff`: only a chunk
                 // that straddles it needs the index; elsewhere the test is one compare, and
@@ -216,7 +217,9 @@ impl Gta {
                     *d = if u < density { scale * (e - b) } else { 0.0 };
                 }
             }
-            Sparsify::Outliers | Sparsify::MagPrune => {
+            // Masked, then scaled back to the task vector's l1 norm with rescale (mergekit's
+            // `rescaled_masked_tensor`; TIES's trim too), then weighted.
+            Sparsify::Magnitude | Sparsify::Outliers | Sparsify::MagPrune => {
                 for ((d, &e), &b) in d.iter_mut().zip(expert).zip(base) {
                     *d = e - b;
                 }
@@ -227,14 +230,22 @@ impl Gta {
         }
     }
 
-    /// Zeroes the entries of expert `k`'s task vector chunk `tau` that Outliers or MagPrune
-    /// drop. `aux` is scratch as long as `tau`.
+    /// Zeroes the entries of expert `k`'s task vector chunk `tau` that Magnitude, Outliers or
+    /// MagPrune drop. `aux` is scratch as long as `tau`.
     fn mask(&self, ctx: &ChunkCtx<'_>, k: usize, tau: &mut [f32], aux: &mut [f32]) {
         let density = ctx.params.densities[k];
         if density >= 1.0 {
             return;
         }
         match self.sparsify {
+            Sparsify::Magnitude => {
+                let th = ctx.thresholds[k];
+                for (i, x) in tau.iter_mut().enumerate() {
+                    if !th.keep(*x, ctx.offset + i) {
+                        *x = 0.0;
+                    }
+                }
+            }
             Sparsify::Outliers => {
                 let half = ctx.thresholds.len() / 2;
                 let (keep, top) = (ctx.thresholds[k], ctx.thresholds[half + k]);
@@ -256,7 +267,7 @@ impl Gta {
                     }
                 });
             }
-            Sparsify::None | Sparsify::Magnitude | Sparsify::Random => {}
+            Sparsify::None | Sparsify::Random => {}
         }
     }
 

@@ -26,7 +26,6 @@ pub const DEF: MethodDef = MethodDef {
         ParamSpec::global("max_iter", Kind::Count, Fallback::Number(10.0), "most gradient steps"),
         ParamSpec::global("tol", Kind::Number, Fallback::Number(TOL), "stop once the tangent is shorter than this"),
     ],
-    sums_weights: false,
     validate: registry::no_check,
     build: |s| Box::new(Karcher { max_iter: s.count("max_iter"), base: s.has_base }),
 };

@@ -11,7 +11,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: None,
     params: &[registry::normalize(DEFAULT_NORMALIZE), WEIGHT],
-    sums_weights: true,
     validate: registry::no_check,
     build: |_| Box::new(Linear),
 };

@@ -119,12 +119,14 @@ impl KernelForm<'_> {
     /// Whether the kernel takes the statistics of the CPU's own pre-pass
     /// ([`MergeMethod::prepare`] over the mapped inputs): exact whole-tensor reductions and
     /// selections are the CPU twin's bits that way, and the kernel only does the elementwise
-    /// merge. TIES' thresholds are computed on the device instead.
+    /// merge. TIES' thresholds are computed on the device instead (unless it rescales).
     pub fn cpu_stats(&self) -> bool {
         match self {
             KernelForm::Linear => false,
             KernelForm::Gta(g) => match g.sparsify {
                 gta::Sparsify::Outliers => true,
+                // TIES's l1 factors need the thresholds first: both from the pre-pass.
+                gta::Sparsify::Magnitude => g.rescale,
                 // DELLA's l1 factors; without rescale it has no statistics.
                 gta::Sparsify::MagPrune => g.rescale,
                 _ => false,

@@ -16,7 +16,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 2,
     max_models: None,
     params: &[ParamSpec::global("filter_wise", Kind::Bool, Fallback::Bool(false), "one ratio per row, not per tensor")],
-    sums_weights: false,
     validate: registry::no_check,
     build: |s| Box::new(ModelStock { filter_wise: s.flag("filter_wise") }),
 };

@@ -26,7 +26,6 @@ pub const DEF: MethodDef = MethodDef {
         ParamSpec::global("normalize_weights", Kind::Bool, Fallback::Bool(true), "divide the weights by their sum"),
         ParamSpec::global("eps", Kind::Number, Fallback::Number(EPS), "added to norms before dividing by them"),
     ],
-    sums_weights: false,
     validate: registry::no_check,
     build: |s| Box::new(MultiSlerp { base: s.has_base, normalize: s.flag("normalize_weights") }),
 };

@@ -12,7 +12,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: Some(1),
     params: &[ParamSpec::global("t", Kind::Number, Fallback::Required, "distance below which values are swapped")],
-    sums_weights: false,
     validate: registry::no_check,
     build: |_| Box::new(NearSwap),
 };

@@ -20,7 +20,6 @@ pub const DEF: MethodDef = MethodDef {
         ParamSpec::global("nuslerp_row_wise", Kind::Bool, Fallback::Bool(false), "interpolate each column on its own"),
         ParamSpec::global("nuslerp_flatten", Kind::Bool, Fallback::Bool(true), "interpolate each tensor as one vector"),
     ],
-    sums_weights: false,
     validate: |_: &TensorParams| Ok(()),
     build: |s| {
         let mode = match (s.flag("nuslerp_flatten"), s.flag("nuslerp_row_wise")) {

@@ -12,7 +12,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: Some(1),
     params: &[ParamSpec::per_model("scale", Fallback::Unset, "factor applied to every tensor (default: none)")],
-    sums_weights: false,
     validate: registry::no_check,
     build: |_| Box::new(Passthrough),
 };

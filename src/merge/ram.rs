@@ -24,7 +24,6 @@ pub const DEF: MethodDef = MethodDef {
     // Contributors are a 64-bit mask per element.
     max_models: Some(64),
     params: &[EPSILON],
-    sums_weights: false,
     validate: registry::no_check,
     build: |_| Box::new(Ram { plus: false }),
 };
@@ -41,7 +40,6 @@ pub const DEF_PLUS: MethodDef = MethodDef {
         ParamSpec::global("alpha", Kind::Number, Fallback::Number(0.2), "cap on the shared-to-unique ratio"),
         EPSILON,
     ],
-    sums_weights: false,
     validate: registry::no_check,
     build: |_| Box::new(Ram { plus: true }),
 };

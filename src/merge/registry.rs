@@ -135,9 +135,6 @@ pub struct MethodDef {
     pub min_models: usize,
     pub max_models: Option<usize>,
     pub params: &'static [ParamSpec],
-    /// Whether `normalize: true` divides by the plain sum of weights (so weights summing to
-    /// 0 are an error rather than a silent division by 1).
-    pub sums_weights: bool,
     /// Checks one tensor's resolved parameters beyond each one's range (relations between
     /// them); the error names the parameter.
     pub validate: fn(&TensorParams) -> Result<(), String>,

@@ -23,7 +23,6 @@ pub const DEF: MethodDef = MethodDef {
             .within(0.0, 1.0),
         INT8_MASK,
     ],
-    sums_weights: false,
     validate: |_: &TensorParams| Ok(()),
     build: |_| Box::new(Sce),
 };

@@ -15,7 +15,6 @@ pub const DEF: MethodDef = MethodDef {
     min_models: 1,
     max_models: Some(1),
     params: &[ParamSpec::global("t", Kind::Number, Fallback::Required, "share of the other model (0: base, 1: other)")],
-    sums_weights: false,
     validate: registry::no_check,
     build: |_| Box::new(Slerp),
 };

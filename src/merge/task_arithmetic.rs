@@ -24,7 +24,6 @@ pub const DEF: MethodDef = MethodDef {
         INT8_MASK,
         WEIGHT,
     ],
-    sums_weights: true,
     validate: registry::no_check,
     build: |_| Box::new(method()),
 };

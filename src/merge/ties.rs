@@ -14,12 +14,11 @@ pub const DEF: MethodDef = MethodDef {
     params: &[
         LAMBDA,
         registry::normalize(DEFAULT_NORMALIZE),
-        registry::rescale(DEFAULT_RESCALE, "divide kept entries by density"),
+        registry::rescale(DEFAULT_RESCALE, "scale kept entries back to the task vector's l1 norm"),
         INT8_MASK,
         WEIGHT,
         DENSITY,
     ],
-    sums_weights: false,
     validate: registry::no_check,
     build: |s| Box::new(method(s.flag("rescale"))),
 };

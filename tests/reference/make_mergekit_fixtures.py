@@ -290,6 +290,27 @@ CASES.update({
                            "density": [{"filter": "layers.1", "value": 0.8}], "normalize": False}}}},
 })
 
+# Found by probing (thirteenth session): per-model parameters' filters see each source's own
+# tensor name (its layer index, not the output's); TIES's rescale restores the l1 norm;
+# normalised weights summing to 0 divide by 1 in the task-vector methods.
+CASES.update({
+    "slices_input_name_filters": {
+        "merge_method": "linear",
+        "parameters": {"weight": [{"filter": "layers.1", "value": 3.0}, {"value": 1.0}]},
+        "slices": [{"sources": [src(E1, 0, 1), src(E2, 1, 2)]}, {"sources": [src(E1, 1, 2), src(E2, 0, 1)]}]},
+    "slices_input_name_ties": {
+        "merge_method": "ties", "base_model": B,
+        "parameters": {"density": [{"filter": "layers.0", "value": 0.3}, {"value": 0.8}], "lambda": 0.9, "weight": 0.6},
+        "slices": [{"sources": [src(B, 0, 1), src(E1, 1, 2, {"weight": [{"filter": "layers.1.mlp", "value": 0.2},
+                                                                      {"value": 0.9}]}), src(E3, 0, 1)]},
+                   {"sources": [src(B, 1, 2), src(E1, 0, 1, {"weight": [{"filter": "layers.1.mlp", "value": 0.2},
+                                                                      {"value": 0.9}]}), src(E3, 1, 2)]}]},
+    "ties_rescale": {"merge_method": "ties", "base_model": B, "parameters": {"rescale": True},
+                     "models": models((E1, {"weight": 1.0, "density": 0.3}), (E2, {"weight": 0.5, "density": 0.6}))},
+    "normalize_zero_sum": {"merge_method": "task_arithmetic", "base_model": B, "parameters": {"normalize": True},
+                           "models": models((E1, {"weight": 0.3}), (E2, {"weight": -0.3}))},
+})
+
 # Arcee Fusion: a model's changes kept where their importance is an upper outlier.
 CASES.update({
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": models((E3, None))},

@@ -273,6 +273,18 @@ impl MergeLaunch {
                             // Planned by `Self::della` above.
                             Sparsify::MagPrune => {}
                             Sparsify::Outliers => outliers(&mut m, g.rescale, density, stats, k),
+                            // TIES's l1 rescale: the outliers band with nothing cut at the top,
+                            // `(tau * factor) * w` as `Gta::merge_chunk` computes it.
+                            Sparsify::Magnitude if g.rescale => {
+                                let keep = thresholds.get(k).copied().unwrap_or(Threshold::KEEP_ALL);
+                                m.mode = MODE_OUTLIERS;
+                                m.coef = w;
+                                m.thresh = keep.t;
+                                m.cutoff = keep.cutoff as u64;
+                                m.thresh2 = Threshold::KEEP_NONE.t;
+                                m.cutoff2 = Threshold::KEEP_NONE.cutoff as u64;
+                                m.factor = stats.scalars.get(k).map_or(1.0, |&f| f as f32);
+                            }
                             Sparsify::Magnitude => {
                                 let th = thresholds.get(k).copied().unwrap_or(Threshold::KEEP_ALL);
                                 m.mode = MODE_MAGNITUDE;
@@ -1103,7 +1115,7 @@ fn too_long(n: usize) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::{MergeMethod, breadcrumbs, della, sce::Sce, slerp::Slerp};
+    use crate::merge::{MergeMethod, breadcrumbs, della, sce::Sce, slerp::Slerp, ties};
 
     const BF: FloatDType = FloatDType::BF16;
 
@@ -1144,6 +1156,26 @@ mod tests {
             assert_eq!((a.coef, a.factor), (0.5, if rescale { 1.5 } else { 1.0 }));
             assert_eq!((b.thresh, b.thresh2, b.cutoff2), (Threshold::KEEP_ALL.t, f32::INFINITY, 0));
             assert_eq!(plan.flags & FLAG_CONSENSUS, FLAG_CONSENSUS);
+        }
+    }
+
+    /// TIES with rescale: its trim as the outliers band with nothing cut at the top, and the
+    /// pre-pass's l1 factor; without rescale, the device-threshold form with the plain weight.
+    #[test]
+    fn ties_rescale_plans_the_trim_with_its_l1_factor() {
+        let stats = TensorStats { thresholds: vec![Threshold { t: 0.3, cutoff: 5 }], scalars: vec![1.75] };
+        let p = params(1, &[0.4]);
+        for rescale in [false, true] {
+            let m = ties::method(rescale);
+            let form = m.kernel_form().unwrap();
+            assert_eq!(form.cpu_stats(), rescale);
+            let a = MergeLaunch::plan_stats(form, &p, &stats, 0, &[BF]).unwrap().inputs[0];
+            assert_eq!((a.thresh, a.cutoff, a.coef), (0.3, 5, 0.5), "the weight, not weight / density");
+            if rescale {
+                assert_eq!((a.mode, a.factor, a.thresh2, a.cutoff2), (MODE_OUTLIERS, 1.75, f32::INFINITY, 0));
+            } else {
+                assert_eq!(a.mode, MODE_MAGNITUDE);
+            }
         }
     }
 

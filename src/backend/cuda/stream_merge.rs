@@ -602,9 +602,9 @@ impl Launches<'_, '_> {
     }
 }
 
-/// The launch for a piece of float tensor `item`: TIES thresholds from its device copy, a
-/// statistics form's CPU pre-pass (once per tensor: `prepared` keeps the last one for its
-/// later pieces), or the plan [`CudaEngine::layout`] made.
+/// The launch for a piece of float tensor `item`: a statistics form's CPU pre-pass (once per
+/// tensor: `prepared` keeps the last one for its later pieces), TIES thresholds from its device
+/// copy, or the plan [`CudaEngine::layout`] made.
 #[allow(clippy::too_many_arguments)]
 fn piece_launch(
     gpu: &Gpu,
@@ -617,11 +617,6 @@ fn piece_launch(
     base: Option<(u64, crate::checkpoint::FloatDType)>,
     experts: &[u64],
 ) -> Result<MergeLaunch> {
-    if job.method().needs_thresholds() {
-        let th = gpu_thresholds(gpu, tj, base, experts)?;
-        let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
-        return MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes);
-    }
     if form.cpu_stats() {
         if let Some((i, p)) = prepared.as_ref()
             && *i == item
@@ -631,6 +626,11 @@ fn piece_launch(
         let p = prepared_launch(form, tj)?;
         *prepared = Some((item, p.clone()));
         return Ok(p);
+    }
+    if job.method().needs_thresholds() {
+        let th = gpu_thresholds(gpu, tj, base, experts)?;
+        let dtypes: Vec<_> = tj.experts.iter().map(|s| s.dtype).collect();
+        return MergeLaunch::plan(form, &tj.params, &th, tj.name_hash, &dtypes);
     }
     plans[item].clone().ok_or_else(|| Error::Invalid("internal: tensor without a launch".into()))
 }
@@ -1117,6 +1117,7 @@ mod tests {
         for (method, extra) in [
             ("task_arithmetic", "parameters: {lambda: 0.7}\n"),
             ("ties", ""),
+            ("ties", "parameters: {rescale: true}\n"),
             ("dare_ties", "parameters: {seed: 5}\ndtype: float32\n"),
             ("linear", ""),
         ] {
