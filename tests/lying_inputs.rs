@@ -189,3 +189,49 @@ fn task_names_cannot_leave_the_output() {
     assert!(err.contains("--task") && err.contains("not a plain name"), "{err}");
     assert!(!cache.exists());
 }
+
+/// A class count no task has: a stray id in the training data (`label: 4000000000`) sized a
+/// 96 GB label table and aborted the process, and `predict --new-head 3000000000` likewise.
+#[test]
+fn absurd_class_counts_are_refused_by_line_or_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    std::fs::write(&train, "{\"text\": \"hello\", \"label\": 0}\n{\"text\": \"bye\", \"label\": 4000000000}\n")
+        .unwrap();
+    let out = tmp.path().join("ft");
+    let m = minilm_dir();
+    let err = fails_fast(
+        &[
+            "finetune",
+            m.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        err.contains(train.to_str().unwrap()) && err.contains("line 2") && err.contains("label 4000000000"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let preds = tmp.path().join("p.jsonl");
+    let err = fails_fast(
+        &[
+            "predict",
+            m.to_str().unwrap(),
+            "--new-head",
+            "3000000000",
+            "--inputs",
+            train.to_str().unwrap(),
+            "--out",
+            preds.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(err.contains("1 to 1048576 labels, not 3000000000"), "{err}");
+    assert!(!preds.exists());
+}

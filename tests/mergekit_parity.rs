@@ -406,6 +406,12 @@ fn registry_errors_name_the_key() {
         (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
         (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
         (yaml_for("arcee_fusion", two, "", ""), &["exactly 1 model", "lists 2"]),
+        // A required parameter whose filters miss a tensor: mergekit stops there too.
+        (yaml_for("slerp", one, "", "t: [{filter: mlp, value: 0.5}]"), &["t at tensor `", "no filter of `t` matches"]),
+        (
+            yaml_for("nuslerp", two, "weight: [{filter: self_attn, value: 0.5}]", ""),
+            &["weight for ", "no filter of `weight` matches"],
+        ),
     ];
     for (yaml, needles) in cases {
         let err = config_error(tmp.path(), &yaml);
@@ -441,6 +447,30 @@ fn parameters_of_other_methods_are_ignored_as_mergekit_does() {
         let without =
             merge_yaml(tmp.path(), &format!("without-{i}"), &yaml_for(method, models, clean_model, clean_top));
         assert_eq!(with, without, "{method}");
+    }
+}
+
+/// Spellings mergekit's pydantic config accepts: numbers written as strings (`weight: "0.5"`,
+/// `seed: "3"`) and `torch.`-prefixed dtypes; each merges as its plain form does.
+#[test]
+fn mergekit_spellings_merge_as_their_plain_forms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 2);
+    let cases = [
+        ("task_arithmetic", "weight: \"0.5\"", "lambda: \"0.9\"", "weight: 0.5", "lambda: 0.9", ""),
+        ("dare_ties", "weight: 1, density: \"0.5\"", "seed: \"3\"", "weight: 1, density: 0.5", "seed: 3", ""),
+        ("task_arithmetic", "weight: 0.5", "lambda: 0.9", "weight: 0.5", "lambda: 0.9", "dtype: torch.bfloat16\n"),
+    ];
+    for (i, (method, quoted_model, quoted_top, model, top, dtype)) in cases.into_iter().enumerate() {
+        let with = merge_yaml(
+            tmp.path(),
+            &format!("quoted-{i}"),
+            &(yaml_for(method, &paths, quoted_model, quoted_top) + dtype),
+        );
+        let plain_dtype = dtype.replace("torch.", "");
+        let plain =
+            merge_yaml(tmp.path(), &format!("plain-{i}"), &(yaml_for(method, &paths, model, top) + &plain_dtype));
+        assert_eq!(with, plain, "{method} {quoted_model} {quoted_top} {dtype}");
     }
 }
 

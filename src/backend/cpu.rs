@@ -144,6 +144,15 @@ fn gemm_serial(
 /// run on it too. Call it first thing in `main`.
 pub fn set_worker_threads(threads: Option<usize>) -> Result<()> {
     if let Some(t) = threads {
+        // Every worker spins for work: thousands of them on a few cores spend minutes
+        // contending instead of merging.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if t > 4 * cores {
+            return Err(Error::Invalid(format!(
+                "--threads {t}: at most {} (4 per core; this machine has {cores})",
+                4 * cores
+            )));
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global()

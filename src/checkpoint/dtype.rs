@@ -79,9 +79,11 @@ impl fmt::Display for FloatDType {
 impl FromStr for FloatDType {
     type Err = String;
 
-    /// Accepts mergekit/PyTorch spellings (`bfloat16`, `float16`, `float32`) and short ones.
+    /// Accepts mergekit/PyTorch spellings (`bfloat16`, `float16`, `float32`, with or without
+    /// `torch.`, as mergekit's `dtype_from_name`) and short ones.
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
+        let lower = s.to_ascii_lowercase();
+        match lower.strip_prefix("torch.").unwrap_or(&lower) {
             "float32" | "fp32" | "f32" | "float" => Ok(FloatDType::F32),
             "float16" | "fp16" | "f16" | "half" => Ok(FloatDType::F16),
             "bfloat16" | "bf16" => Ok(FloatDType::BF16),

@@ -293,6 +293,9 @@ impl GenerateOptions {
     pub fn generate(&self) -> Result<GenerateSummary> {
         let output = self.output.as_deref().ok_or_else(|| Error::Invalid("--output is required".into()))?;
         let spec = self.spec()?;
+        if !self.delta_scale.is_finite() {
+            return Err(Error::Invalid(format!("--delta-scale {}: must be a finite number", self.delta_scale)));
+        }
         tracing::info!("writing {} params x {} models to {}", spec.num_params(), self.experts + 1, output.display());
         let models = write_family(&spec, self.seed, self.experts, self.delta_scale, output, self.out_shard_size)?;
         Ok(GenerateSummary { preset: self.preset.clone(), params: spec.num_params(), models })

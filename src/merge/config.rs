@@ -553,6 +553,18 @@ impl MergeConfig {
                     format!("{} {x}{whose} at tensor `{tensor}` is outside [{lo}, {hi}]", spec.name),
                 ));
             }
+            if x.is_none() && spec.default == Fallback::Required {
+                // Given (check_required saw it), but a filtered list matches none of this
+                // tensor's names: mergekit stops here too ("Missing required parameter").
+                return Err(config_err(
+                    &self.source,
+                    format!(
+                        "{}{whose} at tensor `{tensor}`: no filter of `{}` matches this tensor and `{}` has no default; \
+                         add an entry without a filter",
+                        spec.name, spec.name, spec.name
+                    ),
+                ));
+            }
             Ok(x.map(|x| x as f32))
         };
         match spec.scope {
@@ -903,7 +915,7 @@ fn check_model_params(
         format!("{at}.parameters.{key}: `{}` takes no per-model parameter `{key}` (supported: {names})", method.name)
     };
     drop_foreign(params, |k| per_model(k).is_some(), why, source)?;
-    for (key, v) in params.iter() {
+    for (key, v) in params.iter_mut() {
         let spec = per_model(key).expect("foreign parameters dropped");
         check_value(spec, v)
             .map_err(|e| config_err(source, format!("{at}.parameters.{key} ({}): {e}", path.display())))?;
@@ -917,7 +929,7 @@ fn check_params(method: &MethodDef, params: &mut BTreeMap<String, ParamValue>, s
         format!("{at}.{key}: `{}` has no parameter `{key}` (supported: {})", method.name, method.param_names())
     };
     drop_foreign(params, |k| method.param(k).is_some(), why, source)?;
-    for (key, v) in params.iter() {
+    for (key, v) in params.iter_mut() {
         let spec = method.param(key).expect("foreign parameters dropped");
         check_value(spec, v).map_err(|e| config_err(source, format!("{at}.{key}: {e}")))?;
     }
@@ -1039,7 +1051,10 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 /// Checks a parameter's value has the kind its method declares.
-fn check_value(spec: &ParamSpec, v: &ParamValue) -> std::result::Result<(), String> {
+fn check_value(spec: &ParamSpec, v: &mut ParamValue) -> std::result::Result<(), String> {
+    if matches!(spec.kind, Kind::Number | Kind::Count) {
+        v.coerce_numeric();
+    }
     match spec.kind {
         Kind::Bool if v.as_bool().is_none() => Err("expected true or false".into()),
         Kind::Count => match v {

@@ -156,6 +156,7 @@ mod tests {
             "/tmp/c",
             "--write-threads",
             "2",
+            "--no-quiet",
         ];
         let args: MergeArgs = parse_args(&argv).unwrap();
         let opts = args.options();

@@ -63,6 +63,9 @@ pub struct MergekitFlags {
     pub safe_serialization: bool,
     #[arg(long, hide = true)]
     pub no_allow_crimes: bool,
+    /// mergekit's default, as symerge's (`-q` is the global `--quiet`).
+    #[arg(long, hide = true)]
+    pub no_quiet: bool,
     /// `--device cpu`, where mergekit's default (no `--cuda`) computes.
     #[arg(long, hide = true, conflicts_with_all = ["device", "cuda", "gpu_rich"])]
     pub no_cuda: bool,

@@ -56,6 +56,20 @@ impl ParamValue {
         }
     }
 
+    /// A number written as a string (`weight: "0.3"`) made a number, as pydantic coerces it for
+    /// mergekit; inside filtered lists too. Other strings stay as they are.
+    pub fn coerce_numeric(&mut self) {
+        match self {
+            ParamValue::Text(t) => {
+                if let Ok(x) = t.trim().parse::<f64>() {
+                    *self = ParamValue::Number(x);
+                }
+            }
+            ParamValue::Filtered(items) => items.iter_mut().for_each(|i| i.value.coerce_numeric()),
+            _ => {}
+        }
+    }
+
     pub fn as_bool(&self) -> Option<bool> {
         match self {
             ParamValue::Bool(b) => Some(*b),

@@ -452,6 +452,10 @@ impl<B: Backend> HeadPart<B> for ClassifierHead {
 /// One block of the chain: the embeddings, an encoder layer (`encoder.layer.N`) or the head.
 pub type Block = Part<Embeddings, EncoderLayer, ClassifierHead>;
 
+/// Most labels a classification head may have: far beyond any real task, far below what a
+/// typo or a stray id (`label: 4000000000`) would make the head allocate.
+pub const MAX_CLASSES: usize = 1 << 20;
+
 /// A freshly initialised classification head, for fine-tuning from a bare encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewHead {
@@ -525,8 +529,11 @@ impl<B: Backend> Bert<B> {
         };
         match (opts.new_head, stored_head) {
             (Some(nh), _) => {
-                if nh.num_labels == 0 {
-                    return Err(Error::Invalid("a new classification head needs at least one label".into()));
+                if nh.num_labels == 0 || nh.num_labels > MAX_CLASSES {
+                    return Err(Error::Invalid(format!(
+                        "a new classification head needs 1 to {MAX_CLASSES} labels, not {}",
+                        nh.num_labels
+                    )));
                 }
                 let style = match config.family {
                     BertFamily::Bert => HeadStyle::Bert,

@@ -301,7 +301,17 @@ pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path
     if !named.is_empty() {
         return Ok(named.into_iter().map(String::from).collect());
     }
-    let n = examples.iter().filter_map(|e| e.label_id).max().map_or(0, |m| m + 1);
+    let top = examples.iter().enumerate().filter_map(|(i, e)| e.label_id.map(|id| (id, i))).max();
+    if let Some((id, line)) = top
+        && id >= super::bert::MAX_CLASSES
+    {
+        return Err(Error::BadLine {
+            path: train.to_path_buf(),
+            line: line + 1,
+            reason: format!("label {id}: class ids run from 0 to {}", super::bert::MAX_CLASSES - 1),
+        });
+    }
+    let n = top.map_or(0, |(m, _)| m + 1);
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
 }
 
@@ -770,6 +780,10 @@ mod tests {
         let names = class_names(&ids, here, None).unwrap();
         assert_eq!(names, ["LABEL_0", "LABEL_1", "LABEL_2"]);
         assert_eq!(label_ids(&ids, here, &names).unwrap(), [2, 0]);
+        // A stray huge id is refused by line instead of sizing a head (it aborted the process).
+        let stray = [ex(None, Some(0)), ex(None, Some(4_000_000_000))];
+        let e = class_names(&stray, here, None).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("label 4000000000"), "{e}");
         let e = label_ids(&[ex(None, None)], here, &names).unwrap_err().to_string();
         assert!(e.contains("missing the `label` field"), "{e}");
     }
