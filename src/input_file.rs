@@ -58,3 +58,51 @@ pub fn read_to_string(path: &Path) -> Result<String> {
         }
     })
 }
+
+/// Deepest `[`/`{` nesting a YAML config may have: real configs nest a handful of levels, and
+/// the YAML parser's time grows with the square of the depth (a 200 KB file of brackets took
+/// 39 s before failing).
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// Parses a YAML config, refusing flow nesting deeper than [`MAX_YAML_DEPTH`] first (brackets
+/// inside quoted strings are not counted).
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let (mut depth, mut deepest, mut quote) = (0usize, 0usize, None::<char>);
+    for (line_no, line) in text.lines().enumerate() {
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                    if deepest > MAX_YAML_DEPTH {
+                        return Err(format!(
+                            "line {}: nests deeper than {MAX_YAML_DEPTH} levels of brackets",
+                            line_no + 1
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deep_flow_nesting_is_refused_before_parsing() {
+        let ok: serde_yaml_ng::Value = super::parse_yaml("a: [[1, 2], {b: '[[[['}]  # [[[[\n").unwrap();
+        assert!(ok.get("a").is_some());
+        let deep = format!("weight: {}1{}\n", "[".repeat(20_000), "]".repeat(20_000));
+        let start = std::time::Instant::now();
+        let e = super::parse_yaml::<serde_yaml_ng::Value>(&deep).unwrap_err();
+        assert!(e.contains("line 1") && e.contains("deeper than 64"), "{e}");
+        assert!(start.elapsed().as_secs_f64() < 1.0);
+    }
+}

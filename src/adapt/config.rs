@@ -133,7 +133,7 @@ impl AdaptConfig {
     /// Parses and validates `text`, read from `source` (relative paths resolve beside it).
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
         let err = |reason: String| Error::Config { path: source.to_path_buf(), reason };
-        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| err(e.to_string()))?;
+        let raw: RawConfig = crate::input_file::parse_yaml(text).map_err(err)?;
         let dir = source.parent().unwrap_or(Path::new(""));
         // Absolute, so summary.json's paths hold from any working directory.
         let resolve = |p: &str| {

@@ -310,7 +310,7 @@ impl MergeConfig {
 
     /// Parses YAML text; `source` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
-        let mut raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| config_err(source, e.to_string()))?;
+        let mut raw: RawConfig = crate::input_file::parse_yaml(text).map_err(|e| config_err(source, e))?;
         refuse_unsupported(&raw, source)?;
         let method = method_def(&raw.merge_method).ok_or_else(|| {
             config_err(source, format!("unknown merge_method `{}` (supported: {})", raw.merge_method, method_names()))
