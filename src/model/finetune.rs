@@ -433,6 +433,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
         tracing::info!("{when} training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
         Ok(Some(r))
     };
+    super::save::check_room(&opts.output, &clf.model.params, opts.dtype)?;
     let eval_before = if opts.eval_before { score(&clf, "before")? } else { None };
 
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();

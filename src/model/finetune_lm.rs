@@ -132,6 +132,7 @@ fn finetune_as<B: Backend, A: LmArch<B>>(backend: B, base: &Path, opts: &Finetun
         tracing::info!("{when} training: mean next-token loss {:.4} (perplexity {:.2})", r.mean_loss, r.perplexity);
         Ok(Some(r))
     };
+    super::save::check_room(&opts.output, &lm.model.params, super::SaveOptions::default().dtype)?;
     let eval_before = if opts.eval_before { score(&lm, "before")? } else { None };
 
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();

@@ -35,6 +35,23 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "spiece.model",
 ];
 
+/// Whether the file system that will hold `output` has room for `params` in `dtype`, checked
+/// before training (the write itself checks again): a full disk found only at the end costs
+/// the whole run.
+pub fn check_room<B: Backend>(output: &Path, params: &[Params<B>], dtype: FloatDType) -> Result<()> {
+    let elems = |p: &super::Param<B>| p.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+    let need = params.iter().flat_map(|p| p.values()).fold(0u64, |a, p| a.saturating_add(elems(p)));
+    let need = need.saturating_mul(dtype.size() as u64);
+    match crate::sysinfo::free_disk_bytes(output) {
+        Some(free) if need > free => Err(Error::NoSpace {
+            path: output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(),
+            need,
+            free,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// How to write a model.
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
@@ -297,5 +314,32 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::model::Param;
+
+    /// Room is counted from the parameters' shapes in the output dtype; more than any disk
+    /// holds is refused, naming the output's folder.
+    #[test]
+    fn check_room_counts_the_parameters_in_the_output_dtype() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model");
+        let mut small = Params::<Cpu>::new();
+        small.insert("w".into(), Param { shape: vec![4, 4], buf: vec![0.0; 16] });
+        check_room(&out, &[small], FloatDType::F32).unwrap();
+        let mut huge = Params::<Cpu>::new();
+        // Shapes only: nothing of this size is allocated.
+        huge.insert("w".into(), Param { shape: vec![1 << 31, 1 << 31], buf: Vec::new() });
+        match check_room(&out, &[huge], FloatDType::BF16) {
+            Err(Error::NoSpace { path, need, .. }) => {
+                assert_eq!((path.as_path(), need), (tmp.path(), 2u64 << 62));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
