@@ -406,6 +406,11 @@ fn registry_errors_name_the_key() {
         (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
         (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
         (yaml_for("arcee_fusion", two, "", ""), &["exactly 1 model", "lists 2"]),
+        ("merge_method: linear\nmodels:\n  - model: ''\n".to_string(), &["models[0].model", "names no model"]),
+        (
+            yaml_for("task_arithmetic", one, "weight: [[1, 2], [3]]", ""),
+            &["models[0].parameters", "not a parameter value"],
+        ),
         // A required parameter whose filters miss a tensor: mergekit stops there too.
         (yaml_for("slerp", one, "", "t: [{filter: mlp, value: 0.5}]"), &["t at tensor `", "no filter of `t` matches"]),
         (

@@ -1013,6 +1013,10 @@ fn resolve_relative(p: &str, base_dir: &Path) -> PathBuf {
 /// A model path as given, relative ones resolved against the config's directory; mergekit's
 /// `model+lora` form resolves both parts, which must exist ([`crate::checkpoint::lora`]).
 fn locate_model(p: &str, base_dir: &Path, source: &Path, field: &str) -> Result<PathBuf> {
+    if p.trim().is_empty() || p.trim_end_matches('+').is_empty() {
+        // An empty path would resolve to the config's own folder.
+        return Err(config_err(source, format!("{field}: `{p}` names no model")));
+    }
     let path = resolve_relative(p, base_dir);
     if path.exists() {
         return Ok(path);

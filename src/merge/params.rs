@@ -5,7 +5,10 @@ use serde::Deserialize;
 
 /// One parameter as written in a config.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "not a parameter value (a number, true or false, a list of numbers for a gradient, or a list of {filter, value} entries)"
+)]
 pub enum ParamValue {
     Bool(bool),
     Number(f64),
