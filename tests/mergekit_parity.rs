@@ -142,6 +142,14 @@ fn bad_lora_references_are_refused() {
     std::fs::create_dir_all(&pickled).unwrap();
     std::fs::write(pickled.join("adapter_config.json"), &cfg).unwrap();
     std::fs::write(pickled.join("adapter_model.bin"), b"not read").unwrap();
+    // An alpha that overflows f32 once scaled: named at the adapter (the merge would name the
+    // deleted scratch file the adapted tensors are staged in).
+    let loud = tmp.path().join("loud");
+    std::fs::create_dir_all(&loud).unwrap();
+    std::fs::copy(lora.join("adapter_model.safetensors"), loud.join("adapter_model.safetensors")).unwrap();
+    let mut loud_cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    loud_cfg["lora_alpha"] = serde_json::json!(1e300);
+    std::fs::write(loud.join("adapter_config.json"), loud_cfg.to_string()).unwrap();
     let yaml = |adapter: &Path| {
         format!(
             "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
@@ -152,6 +160,7 @@ fn bad_lora_references_are_refused() {
     let cases = [
         (yaml(&dora), "a DoRA adapter".to_string()),
         (yaml(&pickled), "no adapter_model.safetensors".to_string()),
+        (yaml(&loud), format!("{}: applied to `", loud.join("adapter_model.safetensors").display())),
         (yaml(&tmp.path().join("absent")), format!("{} does not exist", tmp.path().join("absent").display())),
     ];
     for (yaml, want) in cases {

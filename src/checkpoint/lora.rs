@@ -239,6 +239,24 @@ fn changed(base: &Checkpoint, w: &TensorMeta, adapter: &Checkpoint, change: &Cha
         delta.iter_mut().for_each(|d| *d *= scale);
         wv.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
     }
+    // Checked here, where the cause is known: the merge would name the scratch file.
+    if let Some(i) = wv.iter().position(|x| !x.is_finite()) {
+        let size = dtype.size();
+        let mut stored = [0f32];
+        decode(dtype, &base.bytes(w)[i * size..(i + 1) * size], &mut stored);
+        if change.replace.is_none() && !stored[0].is_finite() {
+            let path = base.file_of(w).to_path_buf();
+            return Err(Error::NonFinite { path, tensor: w.name.clone(), index: i, value: stored[0] });
+        }
+        return Err(bad(
+            &adapter.path,
+            format!(
+                "applied to `{}`, the adapter gives a non-finite value ({}) at element {i}: it holds one, or its \
+                 lora_alpha / r scale overflows f32",
+                w.name, wv[i]
+            ),
+        ));
+    }
     let mut out = vec![0u8; w.nbytes()];
     encode_into(dtype, &wv, &mut out);
     Ok(out)
