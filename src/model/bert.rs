@@ -575,6 +575,16 @@ impl<B: Backend> Bert<B> {
                         });
                     }
                 };
+                if let Some(names) = config.label2id.as_ref().filter(|m| m.len() != num_labels) {
+                    return Err(Error::Model {
+                        path: config_path.clone(),
+                        reason: format!(
+                            "label2id names {} classes, but the classifier `{}` has {num_labels}",
+                            names.len(),
+                            meta.name
+                        ),
+                    });
+                }
                 let head = ClassifierHead { style, hidden: config.hidden_size, num_labels };
                 let mut p = Params::new();
                 for (name, shape) in head.param_shapes() {

@@ -159,16 +159,34 @@ fn labels(
     label2id: Option<BTreeMap<String, usize>>,
     id2label: Option<BTreeMap<String, String>>,
 ) -> std::result::Result<Option<BTreeMap<String, usize>>, String> {
-    if label2id.is_some() {
-        return Ok(label2id);
+    if let Some(m) = label2id {
+        return ids_in_order(m, "label2id").map(Some);
     }
     let Some(id2label) = id2label else { return Ok(None) };
+    let given = id2label.len();
     let mut out = BTreeMap::new();
     for (id, name) in id2label {
         let id: usize = id.parse().map_err(|_| format!("field `id2label`: key `{id}` is not an index"))?;
         out.insert(name, id);
     }
-    Ok(Some(out))
+    if out.len() != given {
+        return Err(format!("field `id2label`: {given} ids name only {} distinct classes", out.len()));
+    }
+    ids_in_order(out, "id2label").map(Some)
+}
+
+/// Class ids must be 0 .. n, each once: anything else names no class for some output of the
+/// classifier, or two classes for one.
+fn ids_in_order(m: BTreeMap<String, usize>, field: &str) -> std::result::Result<BTreeMap<String, usize>, String> {
+    let mut ids: Vec<usize> = m.values().copied().collect();
+    ids.sort_unstable();
+    match ids.iter().enumerate().find(|(i, id)| *i != **id) {
+        Some((i, _)) => Err(format!(
+            "field `{field}`: class ids must be 0 to {}, each once; id {i} is missing or repeated",
+            ids.len() - 1
+        )),
+        None => Ok(m),
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +244,13 @@ mod tests {
         assert!(e.contains("field `label2id.neg`"), "{e}");
         let e = error_after(|v| v["id2label"] = json!({"first": "pos"}));
         assert!(e.contains("field `id2label`") && e.contains("`first` is not an index"), "{e}");
+        // Ids name each classifier output once.
+        let e = error_after(|v| v["label2id"] = json!({"pos": 1, "neg": 99}));
+        assert!(e.contains("field `label2id`") && e.contains("id 0 is missing"), "{e}");
+        let e = error_after(|v| v["label2id"] = json!({"pos": 0, "neg": 0}));
+        assert!(e.contains("field `label2id`") && e.contains("id 1 is missing or repeated"), "{e}");
+        let e = error_after(|v| v["id2label"] = json!({"0": "pos", "1": "pos"}));
+        assert!(e.contains("2 ids name only 1 distinct classes"), "{e}");
     }
 
     #[test]
