@@ -71,4 +71,26 @@ fn interrupted_runs_leave_no_partial_output() {
     let (ok, _) = interrupt(&gen_args, &generated, Duration::from_millis(100), libc::SIGKILL);
     assert!(!ok);
     assert!(!generated.join("base").exists(), "a killed generate left a half-written base model");
+
+    // Stopped once the base is complete (its expert is being staged), it leaves no model at all:
+    // every model is staged before any is renamed into place, so no base stands without experts.
+    let mut child = common::symerge()
+        .args(gen_args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let expert_staging = || partials(&generated).iter().any(|p| p.to_string_lossy().contains(".expert-1.partial-"));
+    while !expert_staging() {
+        assert!(child.try_wait().unwrap().is_none(), "generate finished before its expert was staged");
+        assert!(start.elapsed() < Duration::from_secs(120), "the expert's staging never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(!generated.join("base").exists() && !generated.join("expert-1").exists(), "a partial family was left");
+    assert!(partials(&generated).is_empty(), "{:?}", partials(&generated));
 }

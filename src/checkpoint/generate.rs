@@ -363,14 +363,32 @@ pub fn write_family(
         crate::atomic::check_output_dir(d, true)?;
     }
     let existed = dir.exists();
-    let written: Result<Vec<PathBuf>> =
-        models.iter().map(|(variant, d)| write_model(spec, seed, *variant, d, shard_bytes)).collect();
-    // A failure leaves the models written before it (each complete), and no empty family
-    // directory this run created.
+    // Every model is staged before any is renamed into place: a failure or an interrupt leaves
+    // no model of the family (a base without its experts looked like a finished family), and
+    // no empty family directory this run created.
+    let written = stage_and_commit(spec, seed, &models, shard_bytes);
     if written.is_err() && !existed {
         let _ = std::fs::remove_dir(dir);
     }
     written
+}
+
+fn stage_and_commit(
+    spec: &SyntheticSpec,
+    seed: u64,
+    models: &[(Variant, PathBuf)],
+    shard_bytes: u64,
+) -> Result<Vec<PathBuf>> {
+    let mut staged = Vec::with_capacity(models.len());
+    for (variant, d) in models {
+        let staging = crate::atomic::Staging::create(d)?;
+        write_model_into(spec, seed, *variant, staging.path(), shard_bytes)?;
+        staged.push(staging);
+    }
+    for (staging, (_, d)) in staged.into_iter().zip(models) {
+        staging.commit(d, true)?;
+    }
+    Ok(models.iter().map(|(_, d)| d.clone()).collect())
 }
 
 #[cfg(test)]
