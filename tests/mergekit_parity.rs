@@ -71,7 +71,7 @@ fn tolerance(case: &str) -> f64 {
 #[test]
 fn every_method_matches_mergekit_0_1_5() {
     let tmp = tempfile::tempdir().unwrap();
-    check_cases(&fixtures(), tmp.path(), 46);
+    check_cases(&fixtures(), tmp.path(), 48);
 }
 
 /// `tokenizer_source` (a model, `base` or `union`) over experts that added tokens and one that

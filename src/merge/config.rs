@@ -863,8 +863,10 @@ fn parse_slice(
         let path = locate_model(&src.model, base_dir, source, &format!("{at}.model"))?;
         check_model_params(method, &mut src.parameters, source, &at, &path)?;
         let [a, b] = src.layer_range;
-        if a >= b {
-            return Err(config_err(source, format!("{at}.layer_range: [{a}, {b}] holds no layer")));
+        // An empty range (`[n, n]`) adds no layer, as in mergekit; its sources still merge
+        // the embeddings (first slice) or the final norm and head (last slice).
+        if a > b {
+            return Err(config_err(source, format!("{at}.layer_range: [{a}, {b}] ends before it starts")));
         }
         if sources.iter().any(|x: &SourceDef| same_path(&x.model.path, &path)) {
             return Err(config_err(source, format!("{at}.model: {} is already a source of {here}", path.display())));

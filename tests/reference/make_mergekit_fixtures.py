@@ -311,6 +311,18 @@ CASES.update({
                            "models": models((E1, {"weight": 0.3}), (E2, {"weight": -0.3}))},
 })
 
+# Empty slices (`layer_range: [n, n]`): no layer, but the first slice's sources still merge the
+# embeddings and the last slice's the final norm and head (mergekit's `plan_slice`).
+CASES.update({
+    "slices_empty_middle": {"merge_method": "passthrough",
+                            "slices": [{"sources": [src(E1, 0, 1)]}, {"sources": [src(E2, 1, 1)]},
+                                       {"sources": [src(E3, 1, 2)]}]},
+    "slices_empty_ends": {"merge_method": "linear", "parameters": {"weight": [0.3, 1.0]},
+                          "slices": [{"sources": [src(E3, 0, 0), src(B, 0, 0)]},
+                                     {"sources": [src(E1, 0, 2), src(E2, 0, 2)]},
+                                     {"sources": [src(E2, 2, 2), src(E3, 2, 2)]}]},
+})
+
 # Arcee Fusion: a model's changes kept where their importance is an upper outlier.
 CASES.update({
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": B, "models": models((E3, None))},
