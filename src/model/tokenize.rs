@@ -90,17 +90,51 @@ impl TextTokenizer {
         self.pad_id
     }
 
-    /// Tokenizes `texts` (with special tokens), one unpadded sequence each.
+    /// Tokenizes `texts` (with special tokens), one unpadded sequence each. A text longer than
+    /// [`Self::prefix_bytes`] is tokenized from a prefix ([`Self::tokenize_long`]).
     pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Tokens>> {
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encs = self
+        let limit = self.prefix_bytes();
+        let short: Vec<&str> = texts.iter().map(AsRef::as_ref).filter(|t| t.len() <= limit).collect();
+        let mut encoded = self
             .inner
-            .encode_batch(inputs, true)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
-        Ok(encs
+            .encode_batch(short, true)
+            .map_err(|e| self.error(e))?
             .into_iter()
-            .map(|e| Tokens { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
-            .collect())
+            .map(|e| Tokens { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() });
+        let mut out = Vec::with_capacity(texts.len());
+        for text in texts.iter().map(AsRef::as_ref) {
+            let tokens = if text.len() <= limit { encoded.next() } else { Some(self.tokenize_long(text, limit)?) };
+            out.extend(tokens);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of a text tokenized whole: generous for `max_len` tokens of any real text.
+    fn prefix_bytes(&self) -> usize {
+        self.max_len.saturating_mul(32).max(4096)
+    }
+
+    /// Tokenizes a long text from growing prefixes that end where a word does (a character
+    /// before a space), until the prefix's tokens run past the truncation: the pre-tokenizers of
+    /// Hugging Face tokenizers (whitespace, byte-level and metaspace splits) all break a text
+    /// there, so the truncated tokens are the whole text's, while tokenizing a 10 MB line whole
+    /// would cost ~85x its size in memory. A text with no such break is tokenized whole.
+    fn tokenize_long(&self, text: &str, mut len: usize) -> Result<Tokens> {
+        while len < text.len() {
+            if let Some(cut) = word_end_before(text, len) {
+                let enc = self.inner.encode(&text[..cut], true).map_err(|e| self.error(e))?;
+                if !enc.get_overflowing().is_empty() {
+                    return Ok(Tokens { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() });
+                }
+            }
+            len = len.saturating_mul(2);
+        }
+        let enc = self.inner.encode(text, true).map_err(|e| self.error(e))?;
+        Ok(Tokens { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
+    }
+
+    fn error(&self, e: tokenizers::Error) -> Error {
+        Error::Tokenizer { path: self.path.clone(), reason: e.to_string() }
     }
 
     /// Pads sequences to the longest of them.
@@ -128,4 +162,21 @@ impl TextTokenizer {
         let toks = self.tokenize(texts)?;
         Ok(self.pad(&toks.iter().collect::<Vec<_>>()))
     }
+}
+
+/// The last position at or before `len`, and after `len / 2`, where a space follows a character
+/// that is not whitespace: a word ends there for every pre-tokenizer.
+fn word_end_before(text: &str, len: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut at = len.min(bytes.len().saturating_sub(1));
+    while at > len / 2 {
+        if bytes[at] == b' ' && text.is_char_boundary(at) {
+            let before = text[..at].chars().next_back();
+            if before.is_some_and(|c| !c.is_whitespace()) {
+                return Some(at);
+            }
+        }
+        at -= 1;
+    }
+    None
 }

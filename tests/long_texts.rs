@@ -1,0 +1,100 @@
+//! Long texts: a text far longer than the truncation is tokenized from a prefix that ends where a
+//! word does. The tokens must be exactly those of the whole text truncated (checked here against
+//! the `tokenizers` crate on the whole text, with real tokenizers: MiniLM's WordPiece, SmolLM2's
+//! byte-level BPE), and a 10 MB line must not cost the ~85x its size that tokenizing it whole does.
+//! (A prefix is used only once its tokens run past the truncation, so the word it cuts sits past
+//! the kept tokens: ending prefixes at word ends is a safety margin these texts cannot tell from
+//! a cut anywhere; the run-past check is what they test.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{debian_dir, fixture_dir, minilm_dir, run, smollm2_gguf};
+use symerge::model::tokenize::TextTokenizer;
+use tokenizers::{Tokenizer, TruncationParams};
+
+/// The whole text tokenized with the file's own tokenizer, padding off, truncated at `max_len`.
+fn whole(path: &Path, max_len: usize, text: &str) -> (Vec<u32>, Vec<u32>) {
+    let mut t = Tokenizer::from_file(path).unwrap();
+    t.with_padding(None);
+    t.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() })).unwrap();
+    let e = t.encode(text, true).unwrap();
+    (e.get_ids().to_vec(), e.get_type_ids().to_vec())
+}
+
+/// Real text (fortunes in several languages) run together, and made-up texts that stress where
+/// a prefix may end: runs of spaces, tabs and newlines, digits, no space at all, CJK, accents.
+fn texts() -> Vec<String> {
+    let games = debian_dir().join("usr/share/games");
+    let mut real = String::new();
+    for file in ["fortunes/computers", "fortunes/de/computer.u8", "fortunes/it/italia.u8", "fortunes/pl/advocacy.u8"] {
+        if let Ok(s) = std::fs::read_to_string(games.join(file)) {
+            real.push_str(&s);
+        }
+    }
+    assert!(real.len() > 50_000, "the fortunes are {} bytes", real.len());
+    let words: Vec<&str> = real.split_whitespace().collect();
+    let mut out = vec![real.chars().take(60_000).collect::<String>()];
+    out.push(words.iter().take(9_000).copied().collect::<Vec<_>>().join("   "));
+    out.push(words.iter().take(9_000).copied().collect::<Vec<_>>().join(" \t\n "));
+    out.push("1234567890 ".repeat(5_000));
+    out.push("x".repeat(40_000));
+    out.push(format!("{} {}", "y".repeat(30_000), "zz ".repeat(10_000)));
+    out.push("東京は日本の首都です。 ".repeat(2_000));
+    out.push("Ça été très déjà-vu, naïve façade! ".repeat(2_000));
+    out.push(format!("{}{}", " ".repeat(9_000), "end of it ".repeat(2_000)));
+    // Few tokens per byte (WordPiece makes each 300-letter word one [UNK]): the first prefixes
+    // hold fewer tokens than the truncation keeps.
+    out.push(format!("{} ", "abcdefghij".repeat(30)).repeat(200));
+    out
+}
+
+fn smollm2_tokenizer(dir: &Path) -> PathBuf {
+    let out = dir.join("smollm2");
+    let (ok, _, err) = run(&["import-gguf", smollm2_gguf().to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    out.join("tokenizer.json")
+}
+
+#[test]
+fn long_texts_give_the_whole_texts_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = [
+        minilm_dir().join("tokenizer.json"),
+        fixture_dir("gpt2").join("tokenizer.json"),
+        smollm2_tokenizer(tmp.path()),
+    ];
+    let texts = texts();
+    let mut prefixed = 0;
+    for file in &files {
+        for max_len in [8, 128, 512] {
+            let tok = TextTokenizer::from_file(file, max_len).unwrap();
+            let got = tok.tokenize(&texts).unwrap();
+            for (text, got) in texts.iter().zip(&got) {
+                let (ids, type_ids) = whole(file, max_len, text);
+                let head: String = text.chars().take(40).collect();
+                assert_eq!(got.ids, ids, "{} at max_len {max_len}, text {head:?}", file.display());
+                assert_eq!(got.type_ids, type_ids);
+                prefixed += usize::from(text.len() > 32 * max_len.max(128));
+            }
+        }
+    }
+    assert!(prefixed > 20, "only {prefixed} texts went through a prefix");
+}
+
+/// One 10 MB line (as one text in a data file) costs about its own size, not ~850 MB.
+#[test]
+fn a_10_mb_line_is_tokenized_in_bounded_memory() {
+    let tok = TextTokenizer::from_file(&minilm_dir().join("tokenizer.json"), 128).unwrap();
+    let line = "the quick brown fox jumps over the lazy dog ".repeat(230_000);
+    assert!(line.len() > 10_000_000);
+    let before = symerge::sysinfo::peak_rss_bytes().expect("VmHWM is available on Linux");
+    let got = tok.tokenize(&[line.as_str()]).unwrap();
+    let after = symerge::sysinfo::peak_rss_bytes().unwrap();
+    assert_eq!(got[0].ids.len(), 128);
+    // The other test in this binary tokenizes texts of at most 60 KB whole (a few MB).
+    let grown = after.saturating_sub(before);
+    eprintln!("peak RSS {:.0} MB -> {:.0} MB", before as f64 / 1e6, after as f64 / 1e6);
+    assert!(grown < 100_000_000, "peak RSS grew by {grown} bytes for a {} byte line", line.len());
+}
