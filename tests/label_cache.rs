@@ -101,6 +101,31 @@ fn killed_writer_resumes_to_identical_bytes() {
     assert_eq!(w.rows_written(), 0);
 }
 
+/// Two writers of one cache (two runs with the same `-o`): the second is refused while the first
+/// writes, so their rows never interleave in one file; once the first is done, a new writer of
+/// the same path starts (or resumes) as usual.
+#[test]
+fn a_second_writer_of_one_cache_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.cache");
+    let kind = LabelKind::Classification { classes: C };
+    let (p, l) = rows(6, 3);
+    let mut first = CacheWriter::create(&path, provenance("wn-verb"), kind, 6, vec![]).unwrap();
+    first.append_classification(&p[..2 * C], &l[..2 * C]).unwrap();
+    first.flush().unwrap();
+    let partial_before = std::fs::read(partial_path(&path)).unwrap();
+    for other in [provenance("wn-verb"), provenance("wn-noun")] {
+        let err = CacheWriter::create(&path, other, kind, 6, vec![]).err().expect("refused while the first writes");
+        assert!(err.to_string().contains("another run is writing"), "{err}");
+    }
+    assert_eq!(std::fs::read(partial_path(&path)).unwrap(), partial_before, "the refused writers left it alone");
+    first.append_classification(&p[2 * C..], &l[2 * C..]).unwrap();
+    first.finish().unwrap();
+    LabelCache::open(&path, Some(&provenance("wn-verb"))).unwrap();
+    let again = CacheWriter::create(&path, provenance("wn-noun"), kind, 6, vec![]).unwrap();
+    assert_eq!(again.rows_written(), 0);
+}
+
 fn open_err(path: &std::path::Path, want: Option<&Provenance>) -> String {
     match LabelCache::open(path, want) {
         Ok(_) => panic!("{} opened", path.display()),

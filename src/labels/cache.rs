@@ -246,16 +246,9 @@ impl CacheWriter {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
+        let file = lock_partial(&partial)?;
         let table = encode_table(&offsets);
         let resumable = resumable_units(&partial, &header, &table);
-        // Read access too: `finish` reads the data back for its checksum.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(resumable.is_none())
-            .open(&partial)
-            .map_err(|e| Error::io(&partial, e))?;
         let mut w = CacheWriter {
             path: path.to_path_buf(),
             partial,
@@ -448,6 +441,46 @@ pub fn encode_topk(ids: &[u32], probs: &[f32], rest: &[f32], k: usize) -> std::r
         bytes.extend_from_slice(&r.to_le_bytes());
     }
     Ok(bytes)
+}
+
+/// Opens (or creates) the partial file and takes an exclusive lock on it for the writer's life:
+/// two runs building one cache would otherwise interleave their rows in one file, which then
+/// passes every check under the winner's provenance. Not truncated here: a resume keeps it.
+fn lock_partial(partial: &Path) -> Result<File> {
+    // Read access too: `finish` reads the data back for its checksum.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(partial)
+        .map_err(|e| Error::io(partial, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(cache_err(
+                partial,
+                "another run is writing this cache now; wait for it to finish or write to another path",
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(partial, e)),
+    }
+    // The file may have been renamed into place by the run that held the lock between our
+    // open and our lock: then ours is the finished cache, not a partial one.
+    let same = match (file.metadata(), partial.metadata()) {
+        (Ok(a), Ok(b)) => {
+            std::os::unix::fs::MetadataExt::ino(&a) == std::os::unix::fs::MetadataExt::ino(&b)
+                && std::os::unix::fs::MetadataExt::dev(&a) == std::os::unix::fs::MetadataExt::dev(&b)
+        }
+        _ => false,
+    };
+    if !same {
+        return Err(cache_err(
+            partial,
+            "another run finished this cache while this one started; run again to reuse it",
+        ));
+    }
+    Ok(file)
 }
 
 /// Whole units of a partial cache that can be continued, if its header (and offset table)
