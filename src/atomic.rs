@@ -26,15 +26,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// or file, a cache, a data file), whether or not it exists yet and with or without `--force`:
 /// replacing it would destroy an input, and writing inside it would change one. Paths are
 /// compared after resolving symbolic links and `..`, so another spelling of an input is caught.
+/// An input directory's files are resolved too: a model whose weights are links into another
+/// directory (Hugging Face's cache layout, or links into an earlier output) lives there as well.
 pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
     let out = resolve(output);
+    let overlaps = |inp: &Path| out == inp || inp.starts_with(&out) || out.starts_with(inp);
     for input in inputs {
         let Ok(inp) = std::fs::canonicalize(input) else { continue };
-        if out == inp || inp.starts_with(&out) || out.starts_with(&inp) {
+        if overlaps(&inp) {
             return Err(Error::OutputOverlapsInput { output: output.to_path_buf(), input: input.to_path_buf() });
+        }
+        for file in linked_files(input) {
+            if let Ok(target) = std::fs::canonicalize(&file)
+                && (target == out || target.starts_with(&out))
+            {
+                return Err(Error::OutputOverlapsInput { output: output.to_path_buf(), input: file });
+            }
         }
     }
     Ok(())
+}
+
+/// The symbolic links directly inside `dir` (none when it is not a directory).
+fn linked_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_symlink())).map(|e| e.path()).collect()
 }
 
 /// The file every directory output symerge writes carries (a one-line JSON naming the tool,

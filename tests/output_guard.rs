@@ -67,6 +67,41 @@ fn merge_refuses_outputs_over_its_inputs() {
     assert!(ok, "{err}");
 }
 
+/// A model whose files are symbolic links into another directory (Hugging Face's cache layout,
+/// or links into an earlier output) lives there too: `--force` onto that directory would replace
+/// the input's weights through its links. Refused, naming the linked file (here by merge; every
+/// command shares the check).
+#[test]
+fn outputs_holding_an_inputs_linked_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    let dirs = write_family(&spec, 5, 2, 0.01, &tmp.path().join("models"), 1 << 30).unwrap();
+    let cfg = tmp.path().join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let prev = tmp.path().join("prev");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", prev.to_str().unwrap(), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    // A snapshot of the earlier output made of links, used as an expert.
+    let snap = tmp.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    for name in ["model.safetensors", "config.json"] {
+        std::os::unix::fs::symlink(prev.join(name), snap.join(name)).unwrap();
+    }
+    let cfg2 = tmp.path().join("ta2.yml");
+    let inputs = [dirs[0].clone(), dirs[1].clone(), snap.clone()];
+    common::write_merge_config(&cfg2, &inputs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let before = std::fs::read(prev.join("model.safetensors")).unwrap();
+    for target in [prev.clone(), tmp.path().join("prev/../prev")] {
+        let (ok, _, err) =
+            run(&["merge", cfg2.to_str().unwrap(), "-o", target.to_str().unwrap(), "--force", "--device", "cpu"]);
+        assert!(!ok, "{} replaced the files an input links to", target.display());
+        assert!(err.contains("lies inside the input") && err.contains("snap/model.safetensors"), "{err}");
+    }
+    assert_eq!(std::fs::read(prev.join("model.safetensors")).unwrap(), before, "the input changed");
+    let (ok, _, err) = run(&["merge", cfg2.to_str().unwrap(), "-o", tmp.path().join("new").to_str().unwrap()]);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn cache_labels_refuses_to_write_over_its_inputs() {
     let tmp = tempfile::tempdir().unwrap();
