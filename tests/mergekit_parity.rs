@@ -1096,3 +1096,45 @@ fn mixing_model_types_needs_allow_crimes() {
     merge(&MergeConfig::load(&cfg_path).unwrap(), &allowed).unwrap();
     assert!(out.join("model.safetensors").exists());
 }
+
+/// Inputs stored in different float dtypes merge into float32, as PyTorch (so mergekit, with no
+/// `dtype` set) promotes them; inputs of one dtype keep it. A bf16 base's values merge as they
+/// are (bf16 widens exactly), so the output equals the merge of an f32 copy of it.
+#[test]
+fn mixed_input_dtypes_merge_in_float32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixtures();
+    let copy_as = |name: &str, dtype: Dtype, to_f32: bool| {
+        let ts: Vec<T> = read_model(&fx.join(name))
+            .into_iter()
+            .map(|(n, (_, shape, v))| {
+                let rounded = T::new(&n, dtype, &shape, v);
+                let back = common::from_bytes(dtype, &common::to_bytes(dtype, &rounded.values));
+                T::new(&n, if to_f32 { Dtype::F32 } else { dtype }, &shape, back)
+            })
+            .collect();
+        let dir = write_model(&tmp.path().join(format!("{name}-{dtype:?}-{to_f32}")), &ts);
+        std::fs::copy(fx.join(name).join("config.json"), dir.join("config.json")).unwrap();
+        dir
+    };
+    // The base (the reference, whose dtype the output took before) in bf16, the experts in f32.
+    let base_bf16 = copy_as("base", Dtype::BF16, false);
+    let base_widened = copy_as("base", Dtype::BF16, true);
+    let (e1, e2) = (fx.join("expert-1"), fx.join("expert-2"));
+    let yaml = |b: &Path, e1: &Path, e2: &Path| {
+        format!(
+            "merge_method: ties\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.4, density: 0.7}}\n",
+            b.display(),
+            e1.display(),
+            e2.display()
+        )
+    };
+    let mixed = merge_yaml(tmp.path(), "mixed", &yaml(&base_bf16, &e1, &e2));
+    let widened = merge_yaml(tmp.path(), "widened", &yaml(&base_widened, &e1, &e2));
+    assert!(mixed.values().all(|(d, _, _)| *d == Dtype::F32), "a mixed merge is float32");
+    assert_eq!(mixed, widened);
+    // All bf16: stays bf16.
+    let (b16, e2_16) = (copy_as("base", Dtype::BF16, false), copy_as("expert-2", Dtype::BF16, false));
+    let all16 = merge_yaml(tmp.path(), "all16", &yaml(&b16, &copy_as("expert-1", Dtype::BF16, false), &e2_16));
+    assert!(all16.values().all(|(d, _, _)| *d == Dtype::BF16));
+}

@@ -50,7 +50,7 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: Opt
                 let mut cfg: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| Error::BadIndex { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
                 if let Some(obj) = cfg.as_object_mut() {
-                    obj.insert("torch_dtype".into(), dt.torch_name().into());
+                    set_dtype(obj, dt);
                 }
                 let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
                 std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
@@ -61,6 +61,18 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: Opt
         }
     }
     Ok(())
+}
+
+/// Sets a config's dtype under every key it has for it: transformers 5 writes and reads
+/// `dtype`, older versions `torch_dtype`; a stale one of the two would load the weights as
+/// another dtype. A config with neither gets `torch_dtype`, which every version reads.
+fn set_dtype(obj: &mut serde_json::Map<String, serde_json::Value>, dt: FloatDType) {
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), dt.torch_name().into());
+    }
+    if obj.contains_key("torch_dtype") || !obj.contains_key("dtype") {
+        obj.insert("torch_dtype".into(), dt.torch_name().into());
+    }
 }
 
 /// Rewrites `dir/config.json` with `edit` applied; nothing when there is no `config.json`.
@@ -75,4 +87,29 @@ pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Res
     edit(&mut cfg);
     let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(cfg: serde_json::Value, dt: FloatDType) -> serde_json::Value {
+        let mut obj = cfg.as_object().cloned().unwrap();
+        set_dtype(&mut obj, dt);
+        serde_json::Value::Object(obj)
+    }
+
+    /// transformers 5's `dtype` is updated, not left stale beside a new `torch_dtype`.
+    #[test]
+    fn every_dtype_key_a_config_has_is_set() {
+        use serde_json::json;
+        let bf = FloatDType::BF16;
+        assert_eq!(set(json!({"dtype": "float32"}), bf), json!({"dtype": "bfloat16"}));
+        assert_eq!(set(json!({"torch_dtype": "float32"}), bf), json!({"torch_dtype": "bfloat16"}));
+        assert_eq!(
+            set(json!({"dtype": "float32", "torch_dtype": "float32"}), bf),
+            json!({"dtype": "bfloat16", "torch_dtype": "bfloat16"})
+        );
+        assert_eq!(set(json!({"a": 1}), bf), json!({"a": 1, "torch_dtype": "bfloat16"}));
+    }
 }

@@ -7,6 +7,7 @@
 
 use crossbeam_channel::bounded;
 
+use super::dtype::FloatDType;
 use super::layers::{BlockSpec, group_blocks};
 use super::reader::{Checkpoint, TensorMeta};
 use crate::error::{Error, Result};
@@ -39,6 +40,16 @@ pub struct LayerStream<'a> {
 }
 
 impl<'a> LayerStream<'a> {
+    /// The dtype a merge of `t` comes out in when the config sets none: its inputs' when they
+    /// agree, else float32, as PyTorch (so mergekit) promotes mixed float dtypes; `None` for a
+    /// tensor that is not a float one.
+    pub fn natural_dtype(&self, t: &StreamTensor) -> Option<FloatDType> {
+        let first = self.reference.tensors[t.reference].float_dtype()?;
+        let inputs = self.inputs.iter().zip(&t.inputs).filter_map(|(c, i)| c.tensors[(*i)?].float_dtype());
+        let mixed = inputs.into_iter().any(|d| d != first);
+        Some(if mixed { FloatDType::F32 } else { first })
+    }
+
     /// Resolves every reference tensor in every input and checks shapes and dtypes, so that a
     /// bad input is reported before any output is written.
     pub fn plan(reference: &'a Checkpoint, inputs: Vec<&'a Checkpoint>) -> Result<Self> {

@@ -354,8 +354,9 @@ fn planned_tensors(
             let m = &reference.tensors[t.reference];
             PlannedTensor {
                 name: m.name.clone(),
-                dtype: match (m.float_dtype(), out_dtype) {
+                dtype: match (stream.natural_dtype(t), out_dtype) {
                     (Some(_), Some(o)) => o.to_safetensors(),
+                    (Some(natural), None) => natural.to_safetensors(),
                     _ => m.dtype,
                 },
                 shape: m.shape.clone(),
@@ -802,9 +803,10 @@ impl<'a> MergeJob<'a> {
     pub fn tensor(&self, block: &StreamBlock, t: &StreamTensor, at: Placement) -> Result<TensorWork<'a>> {
         let reference = self.stream.reference;
         let rmeta = &reference.tensors[t.reference];
-        let Some(ref_dtype) = rmeta.float_dtype() else {
+        let Some(natural_dtype) = self.stream.natural_dtype(t) else {
             return Ok(TensorWork::Raw { name: &rmeta.name, bytes: reference.bytes(rmeta) });
         };
+        let ref_dtype = rmeta.float_dtype().unwrap_or(natural_dtype);
         let mut sources: Vec<Source<'a>> = Vec::with_capacity(t.inputs.len() + 1);
         // Each source's input: 0 the reference, `i + 1` the stream's input `i`.
         let mut slots: Vec<usize> = Vec::with_capacity(t.inputs.len() + 1);
@@ -848,7 +850,7 @@ impl<'a> MergeJob<'a> {
             base,
             experts: sources,
             params,
-            out_dtype: self.out_dtype.unwrap_or(ref_dtype),
+            out_dtype: self.out_dtype.unwrap_or(natural_dtype),
             name_hash: name_hash(&rmeta.name),
             row_len: rmeta.shape.last().copied().unwrap_or(1),
         }))
