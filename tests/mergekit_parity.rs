@@ -124,6 +124,14 @@ fn lora_adapters_are_applied_as_mergekit_does() {
         empty.display()
     );
     assert_eq!(merge_yaml(tmp.path(), "unchanged", &yaml), base);
+    // A `model+lora` donor of a slices config (its first source) gives its model's config.json:
+    // the slices form merges as the models form does.
+    let (b, l) = (dir.join("base").display().to_string(), dir.join("lora-2").display().to_string());
+    let sliced = format!(
+        "merge_method: passthrough\nslices:\n  - sources:\n      - {{model: '{b}+{l}', layer_range: [0, 2]}}\n"
+    );
+    assert_eq!(merge_yaml(tmp.path(), "sliced", &sliced), alone);
+    assert!(tmp.path().join("sliced/config.json").is_file());
 }
 
 /// A bad `model+lora` reference is an error naming the adapter or the part that does not
@@ -1137,4 +1145,47 @@ fn mixed_input_dtypes_merge_in_float32() {
     let (b16, e2_16) = (copy_as("base", Dtype::BF16, false), copy_as("expert-2", Dtype::BF16, false));
     let all16 = merge_yaml(tmp.path(), "all16", &yaml(&b16, &copy_as("expert-1", Dtype::BF16, false), &e2_16));
     assert!(all16.values().all(|(d, _, _)| *d == Dtype::BF16));
+}
+
+/// A frankenmerge's config.json gets its layers' own `layer_types` (transformers 5 refuses a
+/// Qwen2 config whose list is another length than `num_hidden_layers`), each from its source's
+/// config at the source's layer; where a source has none, the list is left out for
+/// transformers to derive.
+#[test]
+fn frankenmerges_write_their_layers_own_layer_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    let with_types = |name: &str, types: Option<[&str; 2]>| {
+        let dir = tmp.path().join(name);
+        copy_files(&fixtures().join(name), &dir, &["model.safetensors", "config.json"]);
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        if let Some(t) = types {
+            cfg["layer_types"] = serde_json::json!(t);
+        }
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        dir
+    };
+    let e1 = with_types("expert-1", Some(["full_attention", "sliding_attention"]));
+    let e2 = with_types("expert-2", Some(["sliding_attention", "full_attention"]));
+    let yaml = |a: &Path, b: &Path| {
+        format!(
+            "merge_method: passthrough\nslices:\n  - sources: [{{model: {}, layer_range: [0, 2]}}]\n  - sources: [{{model: {}, layer_range: [0, 2]}}]\n  - sources: [{{model: {}, layer_range: [1, 2]}}]\n",
+            a.display(),
+            b.display(),
+            a.display()
+        )
+    };
+    let config = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(name).join("config.json")).unwrap()).unwrap()
+    };
+    merge_yaml(tmp.path(), "typed", &yaml(&e1, &e2));
+    let typed = config("typed");
+    assert_eq!(typed["num_hidden_layers"], 5);
+    let want = ["full_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"];
+    assert_eq!(typed["layer_types"], serde_json::json!(want));
+    let e3 = with_types("expert-3", None);
+    merge_yaml(tmp.path(), "untyped", &yaml(&e1, &e3));
+    let untyped = config("untyped");
+    assert_eq!(untyped["num_hidden_layers"], 5);
+    assert!(untyped.get("layer_types").is_none(), "{untyped}");
 }

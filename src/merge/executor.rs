@@ -497,6 +497,8 @@ struct Opened {
     ckpts: Vec<Checkpoint>,
     /// A slices config's output layers: (slice, gradient position) each.
     slice_layers: Option<Vec<(usize, f64)>>,
+    /// The output layers' `layer_types` entries (slices configs whose models have them).
+    layer_types: Option<Vec<serde_json::Value>>,
     /// Where `config.json` and the tokenizer come from.
     donor: PathBuf,
     /// The inputs' embeddings permuted into the output vocabulary, when they had to be.
@@ -516,7 +518,8 @@ impl Opened {
         if !config.slices.is_empty() {
             let plan = slices::plan(config, &mut inputs, output)?;
             let (ckpts, slice_layers, donor, aligned) = (plan.views, Some(plan.layers), plan.donor, plan.aligned);
-            return Ok(Opened { ckpts, slice_layers, donor, aligned, _inputs: inputs, title });
+            let layer_types = plan.layer_types;
+            return Ok(Opened { ckpts, slice_layers, layer_types, donor, aligned, _inputs: inputs, title });
         }
         let paths = config.base_model.iter().chain(config.models.iter().map(|m| &m.path));
         let opened = paths.map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
@@ -525,7 +528,7 @@ impl Opened {
             return Err(Error::Config { path: config.source.clone(), reason: "lists no model to merge".into() });
         };
         let aligned = super::vocab::align(config, &mut ckpts, output)?;
-        Ok(Opened { ckpts, slice_layers: None, donor, aligned, _inputs: inputs, title })
+        Ok(Opened { ckpts, slice_layers: None, layer_types: None, donor, aligned, _inputs: inputs, title })
     }
 
     /// `config.json` (with the output's dtype and layer count) and the other side files.
@@ -546,8 +549,8 @@ impl Opened {
         let skip = if opts.copy_tokenizer { &[][..] } else { super::tokenizer::TOKENIZER_FILES };
         copy_side_files(&donor, dst, out_dtype, skip)?;
         if let Some(layers) = &self.slice_layers {
-            let n = layers.len();
-            edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n).unwrap_or_default())?;
+            let (n, types) = (layers.len(), self.layer_types.as_deref());
+            edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n, types).unwrap_or_default())?;
         }
         if let Some(n) = self.aligned.as_ref().map(|a| a.vocab_size) {
             edit_config(dst, |cfg| super::vocab::set_vocab_size(cfg, n))?;

@@ -39,6 +39,8 @@ pub struct SlicePlan {
     pub donor: PathBuf,
     /// The models' embeddings permuted into the output vocabulary, when they had to be.
     pub aligned: Option<vocab::Aligned>,
+    /// Each output layer's `layer_types` entry, when the sources' configs have them.
+    pub layer_types: Option<Vec<serde_json::Value>>,
 }
 
 /// Where one block of the output sits: the slice whose models and parameters merge it, and
@@ -65,6 +67,7 @@ pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<
         _ => return Err(Error::Config { path: config.source.clone(), reason: "slices: lists no slice".into() }),
     };
     let total: usize = slices.iter().map(SliceDef::len).sum();
+    let layer_types = output_layer_types(slices, |p| find(p).config.clone());
     let inputs = slices.iter().map(|s| s.sources.len()).max().unwrap_or(0);
     let n0 = first.sources.len();
     let mut views = Vec::with_capacity(inputs);
@@ -87,7 +90,12 @@ pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<
         let Some(head) = slices.iter().find_map(|s| s.sources.get(p)).map(|s| find(&s.model.path)) else { break };
         let refs: Vec<(&Checkpoint, &TensorMeta, String)> = parts.iter().map(|(c, m, n)| (*c, *m, n.clone())).collect();
         let label = PathBuf::from(format!("{} (slices input {p})", head.path.display()));
-        views.push(Checkpoint::compose(label, head.dir.clone(), &refs, with_layer_count(head.config.clone(), total))?);
+        views.push(Checkpoint::compose(
+            label,
+            head.dir.clone(),
+            &refs,
+            with_layer_count(head.config.clone(), total, layer_types.as_deref()),
+        )?);
     }
     let layers = slices
         .iter()
@@ -98,7 +106,9 @@ pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<
         })
         .collect();
     let donor = config.base_model.clone().unwrap_or_else(|| first_source(config));
-    Ok(SlicePlan { views, layers, donor, aligned })
+    // A `model+lora` donor gives its model's config.json and side files.
+    let donor = crate::checkpoint::lora::split_ref(&donor).map_or(donor, |(model, _)| model);
+    Ok(SlicePlan { views, layers, donor, aligned, layer_types })
 }
 
 /// The first source of the first slice as written (before the base was moved first).
@@ -167,15 +177,45 @@ fn layer_tensors<'c>(
     Ok(out)
 }
 
-/// `config.json` with its layer count set to the output's.
-pub fn with_layer_count(config: Option<serde_json::Value>, layers: usize) -> Option<serde_json::Value> {
+/// `config.json` with its layer count set to the output's, and its per-layer `layer_types`
+/// (Qwen2, Gemma, ... under transformers 5, which refuses a list of another length) to the
+/// output layers' own, or left out for transformers to derive when they are not known.
+pub fn with_layer_count(
+    config: Option<serde_json::Value>,
+    layers: usize,
+    layer_types: Option<&[serde_json::Value]>,
+) -> Option<serde_json::Value> {
     let mut config = config?;
-    if let Some(obj) = config.as_object_mut()
-        && let Some(key) = LAYER_COUNT_KEYS.iter().find(|k| obj.contains_key(**k))
-    {
-        obj.insert((*key).to_string(), layers.into());
+    if let Some(obj) = config.as_object_mut() {
+        if let Some(key) = LAYER_COUNT_KEYS.iter().find(|k| obj.contains_key(**k)) {
+            obj.insert((*key).to_string(), layers.into());
+        }
+        match layer_types {
+            Some(types) if obj.contains_key("layer_types") => {
+                obj.insert("layer_types".into(), types.to_vec().into());
+            }
+            _ => {
+                obj.remove("layer_types");
+            }
+        }
     }
     Some(config)
+}
+
+/// Each output layer's `layer_types` entry, from its slice's first source's `config.json` at
+/// the source's layer; `None` when a source has no such entry.
+fn output_layer_types(
+    slices: &[SliceDef],
+    find: impl Fn(&Path) -> Option<serde_json::Value>,
+) -> Option<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for s in slices {
+        let src = s.sources.first()?;
+        let config = find(&src.model.path)?;
+        let types = config.get("layer_types")?.as_array()?.clone();
+        out.extend((src.layers.0..src.layers.1).map(|i| types.get(i).cloned()).collect::<Option<Vec<_>>>()?);
+    }
+    Some(out)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
