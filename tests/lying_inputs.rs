@@ -235,3 +235,59 @@ fn absurd_class_counts_are_refused_by_line_or_flag() {
     assert!(err.contains("1 to 1048576 labels, not 3000000000"), "{err}");
     assert!(!preds.exists());
 }
+
+/// The base decides a merge's tensors, so a base that lacks some (a sharded index that leaves
+/// out a shard, an empty header) would give an incomplete model: refused, naming the base and
+/// the tensor or field. An expert's own head that the base lacks is still left out with a
+/// warning, as before (second fuzzing round).
+#[test]
+fn a_base_missing_tensors_is_refused_by_merge() {
+    use common::{T, read_model, write_model};
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture_dir("mergekit");
+    let base = read_model(&fx.join("base"));
+    let copy = |name: &str, keep: &dyn Fn(&str) -> bool, extra: Option<&str>| {
+        let mut ts: Vec<T> =
+            base.iter().filter(|(n, _)| keep(n)).map(|(n, (d, s, v))| T::new(n, *d, s, v.clone())).collect();
+        if let Some(head) = extra {
+            ts.push(T::new(head, safetensors::Dtype::F32, &[2, 16], vec![0.5; 32]));
+        }
+        let dir = write_model(&tmp.path().join(name), &ts);
+        std::fs::copy(fx.join("base/config.json"), dir.join("config.json")).unwrap();
+        dir
+    };
+    let experts = [copy("e1", &|_| true, Some("score.weight")), copy("e2", &|_| true, Some("score.weight"))];
+    let merge_with = |base: &Path, out: &str| {
+        let cfg = tmp.path().join(format!("{out}.yml"));
+        common::write_merge_config(
+            &cfg,
+            &[base.to_path_buf(), experts[0].clone(), experts[1].clone()],
+            &["0.5", "0.5"],
+            "merge_method: task_arithmetic\n",
+        );
+        let out = tmp.path().join(out);
+        let r = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        (r, out)
+    };
+    type Keep<'a> = &'a dyn Fn(&str) -> bool;
+    let cases: [(&str, Keep, &str); 3] = [
+        ("no-mlp", &|n| n != "model.layers.0.mlp.up_proj.weight", "lacks tensor `model.layers.0.mlp.up_proj.weight`"),
+        ("no-layer-1", &|n| !n.contains("layers.1."), "num_hidden_layers is 2, but the checkpoint's tensors hold 1"),
+        ("empty", &|_| false, "holds no tensor"),
+    ];
+    for (name, keep, want) in cases {
+        let b = copy(name, keep, None);
+        let ((ok, _, err), out) = merge_with(&b, &format!("out-{name}"));
+        assert!(!ok, "{name}: merged");
+        assert!(err.contains(want) && err.contains(name), "{name}: {err}");
+        assert!(!out.exists());
+    }
+    // The experts' own head, which the base lacks, is left out with a warning.
+    let ((ok, _, err), out) = merge_with(&copy("whole", &|_| true, None), "out-whole");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("1 tensors of the inputs are not in the reference model") && err.contains("score.weight"),
+        "{err}"
+    );
+    assert!(!read_model(&out).contains_key("score.weight"));
+}

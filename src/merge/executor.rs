@@ -297,6 +297,7 @@ fn merge_ranked(
         Some(_) => LayerStream::plan_partial(reference, inputs)?,
         None => LayerStream::plan(reference, inputs)?,
     };
+    check_reference(&stream)?;
     warn_ignored(&stream);
     let placements = placements(&stream, opened.slice_layers.as_deref(), config.slices.len());
     let out_dtype = opts.out_dtype.or(config.out_dtype);
@@ -365,15 +366,50 @@ fn planned_tensors(
         .collect()
 }
 
+/// Refuses a reference (the base, else the first model) that lacks what the output needs: it
+/// decides the output's tensors, so a base whose index leaves out a shard, or whose header is
+/// empty, would give an incomplete model. An expert's task head the base lacks is fine (left
+/// out with a warning); a layer every other input has, or a layer count config.json claims
+/// beyond the tensors, is not.
+fn check_reference(stream: &LayerStream<'_>) -> Result<()> {
+    let reference = stream.reference;
+    let bad = |reason: String| Err(Error::Model { path: reference.path.clone(), reason });
+    if reference.tensors.is_empty() {
+        return bad("holds no tensor; it decides the merged model's tensors".into());
+    }
+    if let Some(cfg) = reference.config.as_ref().and_then(|c| c.as_object()) {
+        for key in super::slices::LAYER_COUNT_KEYS {
+            if let Some(n) = cfg.get(*key).and_then(serde_json::Value::as_u64) {
+                crate::model::check_layer_count(reference, n as usize, key)?;
+            }
+        }
+    }
+    let inputs = stream.inputs.len();
+    let mut holders: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (_, name) in &stream.ignored {
+        *holders.entry(name.as_str()).or_default() += 1;
+    }
+    if let Some((name, _)) =
+        holders.iter().find(|(name, n)| **n == inputs && crate::checkpoint::layers::layer_of(name).is_some())
+    {
+        return bad(format!(
+            "lacks tensor `{name}`, which every other model has: it decides the merged model's tensors \
+             (a sharded index that leaves out a shard?)"
+        ));
+    }
+    Ok(())
+}
+
 /// One line for the inputs' tensors the reference lacks (left out of the output).
 fn warn_ignored(stream: &LayerStream<'_>) {
     if stream.ignored.is_empty() {
         return;
     }
-    let sample: Vec<&str> = stream.ignored.iter().take(5).map(|(_, n)| n.as_str()).collect();
+    let names: std::collections::BTreeSet<&str> = stream.ignored.iter().map(|(_, n)| n.as_str()).collect();
+    let sample: Vec<&str> = names.iter().take(5).copied().collect();
     tracing::warn!(
         "{} tensors of the inputs are not in the reference model and are left out (e.g. {})",
-        stream.ignored.len(),
+        names.len(),
         sample.join(", ")
     );
 }
