@@ -280,3 +280,30 @@ fn a_directory_is_no_cache() {
     let e = open_err(dir.path(), None);
     assert!(e.contains(&format!("{} is a directory", dir.path().display())), "{e}");
 }
+
+/// The expert's fingerprint covers its config.json's values (activation, norm epsilon, label
+/// names change what the weights compute), not its formatting: a cache made before such an
+/// edit is not reused for the edited expert.
+#[test]
+fn the_expert_fingerprint_covers_its_config() {
+    use symerge::checkpoint::Checkpoint;
+    use symerge::labels::fingerprint::checkpoint_hash;
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit/expert-1");
+    let dir = tmp.path().join("e");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(fx.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("config.json")).unwrap()).unwrap();
+    let hash_with = |text: String| {
+        std::fs::write(dir.join("config.json"), text).unwrap();
+        checkpoint_hash(&Checkpoint::open(&dir).unwrap())
+    };
+    let pretty = hash_with(serde_json::to_string_pretty(&config).unwrap());
+    assert_eq!(hash_with(config.to_string()), pretty, "formatting alone changes nothing");
+    for (key, value) in [("hidden_act", serde_json::json!("gelu")), ("rms_norm_eps", serde_json::json!(0.5))] {
+        let mut edited = config.clone();
+        edited[key] = value;
+        assert_ne!(hash_with(edited.to_string()), pretty, "{key}");
+    }
+}

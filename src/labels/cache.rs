@@ -738,8 +738,8 @@ fn distribution_error(probs: &[f32], rest: f32, tol: f64) -> Option<String> {
 fn check_provenance(path: &Path, have: &Provenance, want: &Provenance) -> Result<()> {
     let fields = [
         ("task", &have.task, &want.task),
-        ("expert checkpoint", &have.expert_hash, &want.expert_hash),
-        ("tokenizer", &have.tokenizer_hash, &want.tokenizer_hash),
+        ("expert checkpoint (weights or config.json)", &have.expert_hash, &want.expert_hash),
+        ("tokenizer or maximum length", &have.tokenizer_hash, &want.tokenizer_hash),
         ("inputs", &have.inputs_hash, &want.inputs_hash),
     ];
     for (what, h, w) in fields {

@@ -7,8 +7,9 @@ use std::path::Path;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
-/// BLAKE3 of every tensor (name, dtype, shape, bytes) in name order: the same weights give the
-/// same hash whatever the sharding or file order. Large tensors are hashed on all cores, and
+/// BLAKE3 of every tensor (name, dtype, shape, bytes) in name order, then of `config.json`'s
+/// values: the same model gives the same hash whatever the sharding, file order or the
+/// config's formatting. Large tensors are hashed on all cores, and
 /// each tensor's pages are dropped from the process once hashed, so fingerprinting a checkpoint
 /// larger than memory keeps the resident set at about one tensor.
 pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
@@ -21,6 +22,11 @@ pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
         h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
         h.update_rayon(ckpt.bytes(t));
         ckpt.release(t);
+    }
+    // The config changes what the weights compute (activation, norm epsilon, label names).
+    if let Some(config) = &ckpt.config {
+        h.update(b"config.json");
+        h.update(config.to_string().as_bytes());
     }
     h.finalize().to_hex().to_string()
 }
