@@ -259,6 +259,12 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
         assert!(t["expert"]["accuracy"].is_f64(), "{t}");
     }
     assert_eq!(tasks[1]["adapted"], e, "same scores as `eval` on the task's checkpoint");
+    // Without --max-len, the output is scored at the length its adaptation used (32 here).
+    assert_eq!(all["max_len"], 32);
+    let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let recorded: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(recorded, all, "the recorded length, not the default 128");
     let mean = (tasks[0]["adapted"]["accuracy"].as_f64().unwrap() + e["accuracy"].as_f64().unwrap()) / 2.0;
     assert!((all["average_adapted"].as_f64().unwrap() - mean).abs() < 1e-12);
     // The expert's score is what `eval` gives the expert itself.

@@ -24,7 +24,8 @@ pub struct ReportOptions {
     /// Also score each task's expert on the same data.
     pub experts: bool,
     pub batch_size: usize,
-    pub max_len: usize,
+    /// Truncation; `None`: the length the adaptation used (recorded in `summary.json`).
+    pub max_len: Option<usize>,
 }
 
 /// One task's scores.
@@ -44,6 +45,8 @@ pub struct TaskScore {
 pub struct AdaptReport {
     pub output: PathBuf,
     pub method: String,
+    /// The truncation the scores used: `--max-len`, else the adaptation's own.
+    pub max_len: usize,
     pub tasks: Vec<TaskScore>,
     pub average_adapted: f64,
     pub average_expert: Option<f64>,
@@ -59,6 +62,7 @@ struct Recorded {
 struct RecordedConfig {
     method: String,
     tasks: Vec<RecordedTask>,
+    max_len: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -90,13 +94,14 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
     if let Some(e) = recorded.config.tasks.iter().find_map(|t| super::config::check_task_name(&t.name).err()) {
         return Err(Error::Invalid(format!("{}: task name {e}", summary_path.display())));
     }
+    let max_len = opts.max_len.or(recorded.config.max_len).unwrap_or(crate::model::DEFAULT_MAX_LEN);
     let mut tasks = Vec::new();
     for t in &recorded.config.tasks {
         let data = opts.data.get(&t.name).unwrap_or(&t.inputs);
         let examples = read_jsonl(data)?;
         let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
         let score = |model: &Path| -> Result<EvalReport> {
-            let clf = SequenceClassifier::load(backend.clone(), model, opts.max_len, LoadOptions::default())?;
+            let clf = SequenceClassifier::load(backend.clone(), model, max_len, LoadOptions::default())?;
             if clf.model.num_labels().is_none() {
                 return Err(Error::Invalid(format!("{} has no classification head", model.display())));
             }
@@ -132,6 +137,7 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
     Ok(AdaptReport {
         output: dir.to_path_buf(),
         method: recorded.config.method,
+        max_len,
         tasks,
         average_adapted,
         average_expert,

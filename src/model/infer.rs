@@ -29,9 +29,10 @@ pub struct InferenceOptions {
     /// Texts per forward pass.
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
-    /// Truncate texts to this many tokens (including [CLS] and [SEP]).
-    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
-    pub max_len: usize,
+    /// Truncate texts to this many tokens (including [CLS] and [SEP]); default 128, or for an
+    /// adapt output the length its adaptation used.
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
     /// launcher the GPU of LOCAL_RANK), cuda:N.
     #[arg(long, default_value = "auto")]
@@ -54,7 +55,7 @@ impl Default for InferenceOptions {
     fn default() -> Self {
         InferenceOptions {
             batch_size: DEFAULT_BATCH_SIZE,
-            max_len: DEFAULT_MAX_LEN,
+            max_len: None,
             device: Device::Auto,
             new_head: None,
             head_seed: 0,
@@ -64,11 +65,16 @@ impl Default for InferenceOptions {
 }
 
 impl InferenceOptions {
+    /// `--max-len`, else the default.
+    pub fn max_len(&self) -> usize {
+        self.max_len.unwrap_or(DEFAULT_MAX_LEN)
+    }
+
     /// The classifier at `model`, with the new or borrowed head asked for; a model left without
     /// a head is refused here rather than failing at the first batch.
     pub fn load_classifier<B: Backend + Clone>(&self, be: B, model: &Path) -> Result<SequenceClassifier<B>> {
         let new_head = self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed });
-        let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len, LoadOptions { new_head })?;
+        let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len(), LoadOptions { new_head })?;
         if let Some(expert) = &self.head_from {
             clf.model.use_head_of(Bert::load(be, expert, LoadOptions::default())?)?;
         }
@@ -89,7 +95,7 @@ impl InferenceOptions {
                 model.display()
             )));
         }
-        CausalLm::<B, A>::load(be, model, self.max_len)
+        CausalLm::<B, A>::load(be, model, self.max_len())
     }
 }
 
