@@ -260,6 +260,9 @@ fn broken_shard_index() {
     });
     std::fs::write(c.expert.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let cfg = c.config("task_arithmetic", "");
+    // Beside the single file, the index makes the directory ambiguous; alone, its shard is missing.
+    c.expect_failure(&cfg, &["model.safetensors.index.json", "holds two checkpoints"]);
+    std::fs::remove_file(c.expert.join("model.safetensors")).unwrap();
     c.expect_failure(&cfg, &["model.safetensors.index.json", "model-00001-of-00002.safetensors", "does not exist"]);
 }
 

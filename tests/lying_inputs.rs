@@ -291,3 +291,33 @@ fn a_base_missing_tensors_is_refused_by_merge() {
     );
     assert!(!read_model(&out).contains_key("score.weight"));
 }
+
+/// A directory holding both a single-file checkpoint and a sharded index (a stale leftover of
+/// re-sharding): transformers reads the single file, a sharded reader the index, so which
+/// weights are meant is ambiguous. Refused, naming both, rather than read one way silently.
+#[test]
+fn a_directory_with_two_checkpoints_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture_dir("mergekit").join("base");
+    let dir = tmp.path().join("both");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(fx.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(fx.join("model.safetensors"), dir.join("model-00001-of-00001.safetensors")).unwrap();
+    let names: Vec<String> = common::read_model(&fx).into_keys().collect();
+    let map: serde_json::Map<String, serde_json::Value> =
+        names.iter().map(|n| (n.clone(), "model-00001-of-00001.safetensors".into())).collect();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string())
+        .unwrap();
+    let cfg = tmp.path().join("m.yml");
+    std::fs::write(&cfg, format!("merge_method: linear\nmodels:\n  - model: {}\n", dir.display())).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(!ok, "merged an ambiguous directory");
+    assert!(err.contains("model.safetensors.index.json") && err.contains("both/model.safetensors "), "{err}");
+    assert!(!out.exists());
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+}

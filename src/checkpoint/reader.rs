@@ -92,6 +92,19 @@ impl Checkpoint {
             let index = path.join(INDEX_NAME);
             // Whatever stands at these names is meant as the checkpoint: a dangling link or a
             // directory there is an error saying so, not "no checkpoint found".
+            let single = path.join(SINGLE_NAME);
+            if index.symlink_metadata().is_ok() && single.symlink_metadata().is_ok() {
+                // transformers reads the single file, a sharded reader the index: which weights
+                // are meant is not ours to guess (a stale leftover of re-sharding, often).
+                return Err(Error::BadIndex {
+                    path: index,
+                    reason: format!(
+                        "{} is beside it: the directory holds two checkpoints (transformers reads the single file); \
+                         remove the stale one",
+                        single.display()
+                    ),
+                });
+            }
             if index.symlink_metadata().is_ok() {
                 let files = shard_files_from_index(&index)?;
                 (path.clone(), files, Some(index))
