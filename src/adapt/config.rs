@@ -98,7 +98,8 @@ pub struct AdaptConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     method: String,
-    base_model: String,
+    /// `Option`s so a YAML `null` is caught rather than read as the path "null".
+    base_model: Option<String>,
     tasks: Vec<RawTask>,
     adapted_layer: Option<String>,
     granularity: Option<String>,
@@ -119,9 +120,18 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawTask {
     name: String,
-    expert: String,
-    inputs: String,
+    expert: Option<String>,
+    inputs: Option<String>,
     cache: Option<String>,
+}
+
+/// A path a config must give: present, not null, not empty.
+fn required_path(field: &str, value: Option<&str>) -> std::result::Result<String, String> {
+    match value {
+        Some(p) if !p.trim().is_empty() => Ok(p.to_string()),
+        Some(_) => Err(format!("{field}: is empty (a path is needed)")),
+        None => Err(format!("{field}: is missing or null (a path is needed)")),
+    }
 }
 
 impl AdaptConfig {
@@ -146,6 +156,7 @@ impl AdaptConfig {
             other => return Err(err(format!("method: unknown `{other}` (supported: symerge, adamerging)"))),
         };
         let tasks = parse_tasks(raw.tasks, method, &resolve).map_err(err)?;
+        unused_under_adamerging(method, &raw.loss, raw.confidence, &tasks);
         let adapted_layer = match raw.adapted_layer.as_deref().unwrap_or("head") {
             "head" => AdaptedLayer::Head,
             "last_block" => AdaptedLayer::LastBlock,
@@ -169,7 +180,7 @@ impl AdaptConfig {
         });
         // A causal LM's adapted layer holds its vocabulary projection (tens of millions of
         // weights the expert already tuned): a classifier head's rate rewrites it in one Adam step.
-        let base_model = resolve(&raw.base_model);
+        let base_model = resolve(&required_path("base_model", raw.base_model.as_deref()).map_err(err)?);
         let lm = crate::model::lm::is_causal_lm_dir(&base_model).unwrap_or(false);
         let default_layer_lr = if lm && raw.lr.is_none() { LM_LAYER_LR } else { lr };
         let cfg = AdaptConfig {
@@ -206,7 +217,38 @@ impl AdaptConfig {
         {
             return Err(format!("confidence: must lie in [0, 1], got {c}"));
         }
+        if self.confidence.is_some() && self.loss == LossKind::HardConf && self.method == Method::Symerge {
+            return Err("confidence: `loss: hard_conf` keeps the samples where the expert is at least as \
+                 confident as the merged model and takes no threshold; use `loss: soft` with it"
+                .into());
+        }
+        let init = self.lambda_init;
+        if !init.is_finite() || (self.clamp && !(0.0..=1.0).contains(&init)) {
+            let range = if self.clamp { "in [0, 1] (clamp is on)" } else { "a finite number" };
+            return Err(format!("lambda_init: must be {range}, got {init}"));
+        }
         Ok(())
+    }
+}
+
+/// AdaMerging minimises entropy: the label cache, the loss and the confidence filter of a
+/// SyMerge config (often the same file with another `method`) take no part; said once.
+fn unused_under_adamerging(method: Method, loss: &Option<String>, confidence: Option<f32>, tasks: &[TaskConfig]) {
+    if method != Method::Adamerging {
+        return;
+    }
+    let mut unused = Vec::new();
+    if loss.is_some() {
+        unused.push("loss");
+    }
+    if confidence.is_some() {
+        unused.push("confidence");
+    }
+    if tasks.iter().any(|t| t.cache.is_some()) {
+        unused.push("tasks[].cache");
+    }
+    if !unused.is_empty() {
+        tracing::warn!("method adamerging minimises entropy without labels: {} ignored", unused.join(", "));
     }
 }
 
@@ -251,24 +293,24 @@ fn parse_tasks(
                 t.name
             ));
         }
-        let expert = resolve(&t.expert);
+        let expert = resolve(&required_path(&format!("tasks[{i}].expert"), t.expert.as_deref())?);
+        let inputs = resolve(&required_path(&format!("tasks[{i}].inputs"), t.inputs.as_deref())?);
+        let cache = match t.cache.as_deref() {
+            Some(c) => Some(resolve(&required_path(&format!("tasks[{i}].cache"), Some(c))?)),
+            None => None,
+        };
         if let Some((model, adapter)) = crate::checkpoint::lora::split_ref(&expert) {
             return Err(format!(
                 "tasks[{i}] ({}): expert `{}` is a model+lora reference, which adapt does not apply; write \
                  the adapted expert first: `symerge merge` a config with `merge_method: linear` and the one \
                  model `{}+{}`",
                 t.name,
-                t.expert,
+                t.expert.as_deref().unwrap_or_default(),
                 model.display(),
                 adapter.display()
             ));
         }
-        tasks.push(TaskConfig {
-            name: t.name,
-            expert,
-            inputs: resolve(&t.inputs),
-            cache: t.cache.as_deref().map(resolve),
-        });
+        tasks.push(TaskConfig { name: t.name, expert, inputs, cache });
     }
     Ok(tasks)
 }
@@ -338,6 +380,41 @@ mod tests {
             ("method: adamerging\nbase_model: b\ntasks: [{name: '', expert: e, inputs: i}]", "not a plain name"),
             ("method: adamerging\nbase_model: b\ntasks: [{name: 'a\\b', expert: e, inputs: i}]", "not a plain name"),
             ("method: adamerging\nbase_model: b\ntasks: [{name: \"a\\nb\", expert: e, inputs: i}]", "not a plain name"),
+            // Null or empty paths name their field (null was read as the path "null").
+            (
+                "method: adamerging\nbase_model: null\ntasks: [{name: a, expert: e, inputs: i}]",
+                "base_model: is missing",
+            ),
+            (
+                "method: adamerging\nbase_model: b\ntasks: [{name: a, expert: '', inputs: i}]",
+                "tasks[0].expert: is empty",
+            ),
+            (
+                "method: adamerging\nbase_model: b\ntasks: [{name: a, expert: e, inputs: ~}]",
+                "tasks[0].inputs: is missing",
+            ),
+            (
+                "method: symerge\nbase_model: b\ntasks: [{name: a, expert: e, inputs: i, cache: ''}]",
+                "tasks[0].cache: is empty",
+            ),
+            // lambda_init is checked where it is given, not blamed on the learning rate later.
+            (
+                "method: adamerging\nbase_model: b\nlambda_init: .nan\ntasks: [{name: a, expert: e, inputs: i}]",
+                "lambda_init",
+            ),
+            (
+                "method: adamerging\nbase_model: b\nlambda_init: -1e30\ntasks: [{name: a, expert: e, inputs: i}]",
+                "lambda_init",
+            ),
+            (
+                "method: adamerging\nbase_model: b\nclamp: false\nlambda_init: .inf\ntasks: [{name: a, expert: e, inputs: i}]",
+                "lambda_init: must be a finite number",
+            ),
+            // A confidence threshold with the loss that takes none.
+            (
+                "method: symerge\nbase_model: b\nloss: hard_conf\nconfidence: 0.5\ntasks: [{name: a, expert: e, inputs: i, cache: c}]",
+                "confidence: `loss: hard_conf`",
+            ),
         ] {
             let e = AdaptConfig::parse(text, src).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("adapt.yml"), "{text}: {e}");
