@@ -226,23 +226,79 @@ fn register(dir: &Path, live: bool) {
     }
 }
 
+/// Who writes a staging directory: the process, and where its process id means something
+/// (host, boot, PID namespace), so a run on another node of a shared file system, or in
+/// another container, never takes a live run's work for a dead run's leftovers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Owner {
+    pid: u32,
+    host: String,
+    boot: String,
+    pidns: String,
+}
+
+impl Owner {
+    fn this_process() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        let pidns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
+        Owner {
+            pid: std::process::id(),
+            host: read("/proc/sys/kernel/hostname"),
+            boot: read("/proc/sys/kernel/random/boot_id"),
+            pidns,
+        }
+    }
+
+    /// The owner file's text; a bare process id is an owner file of an earlier version, taken
+    /// as written on this host.
+    fn parse(text: &str, here: &Owner) -> Option<Self> {
+        match text.trim().parse::<u32>() {
+            Ok(pid) => Some(Owner { pid, ..here.clone() }),
+            Err(_) => serde_json::from_str(text).ok(),
+        }
+    }
+
+    /// Whether the run that wrote this is over, as far as this process can tell.
+    fn is_gone(&self, here: &Owner) -> bool {
+        if self.host != here.host || self.host.is_empty() {
+            return false;
+        }
+        if self.boot != here.boot && !self.boot.is_empty() && !here.boot.is_empty() {
+            return true; // the machine restarted since
+        }
+        self.pidns == here.pidns
+            && self.pid != here.pid
+            && Path::new("/proc/self").exists()
+            && !Path::new("/proc").join(self.pid.to_string()).exists()
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(OWNER);
+        let text = serde_json::to_string(self).expect("plain fields");
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    }
+}
+
 /// Removes `.NAME.partial-*` directories in `parent` that a process no longer running left
-/// behind (killed by SIGKILL, power loss). Directories of live processes, and any without our
-/// owner marker, are kept.
+/// behind (killed by SIGKILL, power loss), also a replaced output's `.old` copy. Directories of
+/// live processes, of runs on other hosts or in other PID namespaces, and any without our owner
+/// marker, are kept.
 fn remove_stale(parent: &Path, name: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     let prefix = format!(".{name}.partial-");
+    let here = Owner::this_process();
     for e in entries.flatten() {
         let path = e.path();
-        let ours = e.file_name().to_string_lossy().starts_with(&prefix);
-        let pid = std::fs::read_to_string(path.join(OWNER)).ok().and_then(|t| t.trim().parse::<u32>().ok());
-        if let (true, Some(pid)) = (ours, pid)
-            && pid != std::process::id()
-            && !Path::new("/proc").join(pid.to_string()).exists()
-            && Path::new("/proc/self").exists()
-        {
-            tracing::info!("removing {} left by a run that no longer exists (pid {pid})", path.display());
+        if !e.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(path.join(OWNER)) else { continue };
+        let Some(owner) = Owner::parse(&text, &here) else { continue };
+        if owner.is_gone(&here) {
+            tracing::info!("removing {} left by a run that no longer exists (pid {})", path.display(), owner.pid);
             let _ = std::fs::remove_dir_all(&path);
+        } else if owner.host != here.host || owner.pidns != here.pidns {
+            tracing::debug!("keeping {}: written by pid {} on {}", path.display(), owner.pid, owner.host);
         }
     }
 }
@@ -270,8 +326,7 @@ impl Staging {
             .prefix(&format!(".{name}.partial-"))
             .tempdir_in(&parent)
             .map_err(|e| Error::io(&parent, e))?;
-        let owner = dir.path().join(OWNER);
-        std::fs::write(&owner, std::process::id().to_string()).map_err(|e| Error::io(&owner, e))?;
+        Owner::this_process().write(dir.path())?;
         register(dir.path(), true);
         Ok(Staging { dir: Some(dir) })
     }
@@ -283,12 +338,14 @@ impl Staging {
     /// Writes [`OUTPUT_MARKER`] into the staging directory and renames it to `output`. With
     /// `force`, an existing output is replaced only where [`check_output_dir`] allows it
     /// (checked again here: callers check at their start, but the path may have changed since).
-    /// If the rename fails (e.g. `output` is a mount point), the previous output is put back and
-    /// the staging directory removed.
+    /// An existing output is swapped with the staging directory in one step
+    /// (`RENAME_EXCHANGE`), so `output` is never missing; the previous output then sits in the
+    /// staging directory, marked as ours, and is removed (by a later run, if this one is killed
+    /// first; an interrupt's handler removes it as the staging directory). Where the file system
+    /// cannot swap, it is moved aside first and put back if the rename fails.
     pub fn commit(mut self, output: &Path, force: bool) -> Result<()> {
         let dir = self.dir.take().expect("a staging directory until committed");
         let staged = dir.path().to_path_buf();
-        let _ = std::fs::remove_file(staged.join(OWNER));
         let fail = |e: Error| {
             register(&staged, false);
             let _ = std::fs::remove_dir_all(&staged);
@@ -302,23 +359,22 @@ impl Staging {
         if let Err(e) = check_output_dir(output, force) {
             return fail(e);
         }
-        let old = if output.symlink_metadata().is_ok() {
-            let mut old = staged.clone().into_os_string();
-            old.push(".old");
-            let old = PathBuf::from(old);
-            if let Err(e) = std::fs::rename(output, &old) {
+        let old = if output.symlink_metadata().is_err() {
+            if let Err(e) = std::fs::rename(&staged, output) {
                 return fail(Error::io(output, e));
             }
-            Some(old)
-        } else {
             None
-        };
-        if let Err(e) = std::fs::rename(&staged, output) {
-            if let Some(old) = &old {
-                let _ = std::fs::rename(old, output);
+        } else if exchange(&staged, output).is_ok() {
+            // `staged` now holds the previous output: ours to remove, by a later run if need be.
+            let _ = Owner::this_process().write(&staged);
+            Some(staged.clone())
+        } else {
+            match replace_aside(&staged, output) {
+                Ok(old) => Some(old),
+                Err(e) => return fail(e),
             }
-            return fail(Error::io(output, e));
-        }
+        };
+        let _ = std::fs::remove_file(output.join(OWNER));
         register(&staged, false);
         if let Some(old) = old {
             let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
@@ -328,10 +384,101 @@ impl Staging {
     }
 }
 
+/// Swaps two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Moves `output` aside to `staged.old` and `staged` into its place, putting it back if that
+/// fails; returns the old path. (Not marked as ours: a run killed between the two renames
+/// leaves the previous output there rather than risk a later run deleting it.)
+fn replace_aside(staged: &Path, output: &Path) -> Result<PathBuf> {
+    let mut old = staged.as_os_str().to_owned();
+    old.push(".old");
+    let old = PathBuf::from(old);
+    std::fs::rename(output, &old).map_err(|e| Error::io(output, e))?;
+    if let Err(e) = std::fs::rename(staged, output) {
+        let _ = std::fs::rename(&old, output);
+        return Err(Error::io(output, e));
+    }
+    Ok(old)
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         if let Some(dir) = &self.dir {
             register(dir.path(), false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    /// A staging directory is another run's leftover only where its process id can be checked:
+    /// same host and PID namespace (or a restart since); elsewhere it is kept.
+    #[test]
+    fn only_leftovers_of_runs_known_to_be_over_are_removed() {
+        let here = Owner::this_process();
+        let dead = dead_pid();
+        let tmp = tempfile::tempdir().unwrap();
+        let make = |name: &str, text: String| {
+            let dir = tmp.path().join(format!(".out.partial-{name}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join(OWNER), text).unwrap();
+            dir
+        };
+        let json = |o: Owner| serde_json::to_string(&o).unwrap();
+        let other_host = make("host", json(Owner { pid: dead, host: "elsewhere".into(), ..here.clone() }));
+        let other_ns = make("ns", json(Owner { pid: dead, pidns: "pid:[1]".into(), ..here.clone() }));
+        let alive = make("alive", json(Owner { pid: 1, ..here.clone() }));
+        let dead_here = make("dead", json(Owner { pid: dead, ..here.clone() }));
+        let rebooted = make("boot", json(Owner { pid: 1, boot: "another-boot".into(), ..here.clone() }));
+        let old_format = make("old", dead.to_string());
+        let unmarked = tmp.path().join(".out.partial-unmarked");
+        std::fs::create_dir(&unmarked).unwrap();
+        remove_stale(tmp.path(), "out");
+        for kept in [&other_host, &other_ns, &alive, &unmarked] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        for gone in [&dead_here, &rebooted, &old_format] {
+            assert!(!gone.exists(), "{} was kept", gone.display());
+        }
+    }
+
+    /// `--force` swaps the new output in: the old one is gone, no staging or `.old` copy is
+    /// left beside it, and the owner marker stays out of the output.
+    #[test]
+    fn a_forced_commit_replaces_the_output_and_leaves_nothing_beside_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        for round in 0..2 {
+            let staging = Staging::create(&out).unwrap();
+            std::fs::write(staging.path().join("weights"), format!("round {round}")).unwrap();
+            staging.commit(&out, true).unwrap();
+            assert_eq!(std::fs::read_to_string(out.join("weights")).unwrap(), format!("round {round}"));
+            assert!(!out.join(OWNER).exists() && out.join(OUTPUT_MARKER).exists());
+            let names: Vec<String> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into())
+                .collect();
+            assert_eq!(names, ["out"], "round {round}");
         }
     }
 }
