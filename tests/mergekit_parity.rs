@@ -1021,6 +1021,7 @@ fn a_mergekit_command_line_runs_unchanged() {
     copy_files(&dir.join("base"), &base, &["config.json", "model.safetensors"]);
     std::fs::write(base.join("tokenizer_config.json"), "{}").unwrap();
     std::fs::write(base.join("special_tokens_map.json"), "{}").unwrap();
+    std::fs::write(base.join("generation_config.json"), "{}").unwrap();
     let models = |seed: &str| {
         let experts: Vec<String> = (1..=2)
             .map(|k| {
@@ -1066,10 +1067,12 @@ fn a_mergekit_command_line_runs_unchanged() {
     assert_ne!(read_model(&cli), read_model(&default_seed), "and not the default seed");
     let files = entries(&cli);
     assert!(files.contains(&"model.safetensors".to_string()), "one shard under 10^9 bytes: {files:?}");
-    for absent in ["tokenizer_config.json", "special_tokens_map.json", "README.md"] {
+    // mergekit copies the generation settings only with the tokenizer.
+    for absent in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "README.md"] {
         assert!(!files.iter().any(|f| f == absent), "{absent} in {files:?}");
     }
     assert!(entries(&in_config).contains(&"tokenizer_config.json".to_string()), "copied by default");
+    assert!(entries(&in_config).contains(&"generation_config.json".to_string()), "copied by default");
     assert!(entries(&in_config).contains(&"README.md".to_string()), "a card by default");
     // A config's own seed wins over --random-seed.
     let seeded_both = run("both", &models("parameters: {seed: 7}\n"), &["--random-seed", "9"]);

@@ -582,7 +582,7 @@ impl Opened {
         } else {
             self.donor.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
         };
-        let skip = if opts.copy_tokenizer { &[][..] } else { super::tokenizer::TOKENIZER_FILES };
+        let skip = if opts.copy_tokenizer { &[][..] } else { super::tokenizer::WITH_TOKENIZER_FILES };
         copy_side_files(&donor, dst, out_dtype, skip)?;
         if let Some(layers) = &self.slice_layers {
             let (n, types) = (layers.len(), self.layer_types.as_deref());
