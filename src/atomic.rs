@@ -215,6 +215,25 @@ pub fn remove_partials_on_interrupt() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // SAFETY: the handler only calls write(2) and _exit(2), both async-signal-safe.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
+    }
+}
+
+/// Inputs are memory-mapped: one truncated while mapped makes the next read of a lost page
+/// raise SIGBUS. Say so instead of dying with a bare "Bus error"; the staging directory is left
+/// to the next run at the same output, which removes it (its owner is gone). Nothing else can
+/// run safely inside a signal handler.
+extern "C" fn on_sigbus(_: libc::c_int) {
+    const MSG: &[u8] = b"error: an input file shrank while it was being read (SIGBUS: a checkpoint was truncated or \
+rewritten during the run); the partial output is removed by the next run at the same path\n";
+    // SAFETY: write(2) of a static buffer and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(135);
+    }
 }
 
 fn register(dir: &Path, live: bool) {
