@@ -242,6 +242,15 @@ fn bad_topk_caches_and_appends_are_rejected_with_the_cause() {
     std::fs::write(&path, &relabelled).unwrap();
     assert!(open_err(&path, None).contains("unsupported dtype"));
 
+    // A token listed twice at one position (its probability would count twice) is refused.
+    let mut twice = l.clone();
+    twice.ids[4 * k + 2] = twice.ids[4 * k];
+    let mut w = CacheWriter::create_topk(&path, prov("lm"), k, vocab, &positions).unwrap();
+    w.append_topk(&twice.ids, &twice.probs, &twice.rest).unwrap();
+    w.finish().unwrap();
+    let e = open_err(&path, None);
+    assert!(e.contains("position 4") && e.contains("listed twice"), "{e}");
+
     let e = CacheWriter::create_topk(&path, prov("lm"), 0, vocab, &positions).err().unwrap().to_string();
     assert!(e.contains("top-k of 0"), "{e}");
     let e = CacheWriter::create(&path, prov("lm"), LabelKind::TopK { k, vocab }, 4, vec![]).err().unwrap().to_string();

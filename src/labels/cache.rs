@@ -636,6 +636,16 @@ impl LabelCache {
                         return bad(format!("position {pos}: {e}"));
                     }
                 }
+                // A token listed twice at one position would count its probability twice.
+                let mut ids = Vec::with_capacity(l.k);
+                for (pos, row) in l.ids.chunks(l.k.max(1)).enumerate() {
+                    ids.clear();
+                    ids.extend_from_slice(row);
+                    ids.sort_unstable();
+                    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+                        return bad(format!("position {pos}: token id {} is listed twice", w[0]));
+                    }
+                }
             }
         }
         Ok(())
