@@ -287,6 +287,34 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     assert!(!ok && err.contains("gamma") && err.contains("alpha"), "{err}");
 }
 
+/// A confidence filter that keeps no sample trains nothing: said, not silent; Lambda stays at
+/// its start.
+#[test]
+fn a_filter_that_keeps_no_sample_is_reported() {
+    let f = fixture();
+    let r = &f.root;
+    let cfg = std::fs::read_to_string(r.join("adapt.yml")).unwrap().replace("lr: 0.02", "lr: 0.02\nconfidence: 1.0");
+    std::fs::write(r.join("strict.yml"), cfg).unwrap();
+    let out = r.join("strict");
+    let (ok, _, err) = run(&[
+        "adapt",
+        r.join("strict.yml").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--no-eval",
+    ]);
+    assert!(ok, "{err}");
+    for task in ["alpha", "beta"] {
+        assert!(err.contains(&format!("task `{task}`: no sample counted")), "{err}");
+    }
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lambda.json")).unwrap()).unwrap();
+    let moved = table["lambda"].as_object().unwrap().values().flat_map(|v| v.as_array().unwrap().clone());
+    assert!(moved.map(|x| x.as_f64().unwrap()).all(|x| (x - 0.3).abs() < 1e-6));
+}
+
 #[test]
 fn adamerging_minimises_entropy_and_keeps_heads() {
     let f = fixture();

@@ -805,6 +805,7 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
         None => None,
     };
     let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
+    let mut counted = vec![0usize; k];
     let mut steps = 0usize;
     let started = Instant::now();
     for epoch in 0..epochs {
@@ -817,6 +818,7 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
                 )));
             }
             steps += 1;
+            counted[task] += count;
             let r = &mut recent[task];
             r.push(loss);
             if r.len() > 10 {
@@ -845,6 +847,15 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
     }
     if let (Some(mut log), Some(path)) = (log, log_path) {
         log.flush().map_err(|e| Error::io(path, e))?;
+    }
+    // A confidence filter that drops every sample trains nothing, silently otherwise.
+    for (task, _) in counted.iter().enumerate().filter(|(_, n)| writer && **n == 0 && epochs > 0) {
+        tracing::warn!(
+            "task `{}`: no sample counted in any step ({} 0): its Lambda and layer did not move; \
+             lower `confidence`?",
+            &t.tasks[task].name,
+            F::COUNT_KEY
+        );
     }
     Ok((steps, recent))
 }
