@@ -285,6 +285,11 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     assert!(ok && stdout.contains("average") && !stdout.contains("expert"), "{stdout} {err}");
     let (ok, _, err) = run(&["eval", out.to_str().unwrap(), "--task-inputs", "gamma=x.jsonl"]);
     assert!(!ok && err.contains("gamma") && err.contains("alpha"), "{err}");
+    // A task model that is not the one adapt wrote (here the expert's weights copied over it)
+    // is refused rather than scored as the adaptation's.
+    std::fs::copy(r.join("expert-alpha/model.safetensors"), out.join("tasks/alpha/model.safetensors")).unwrap();
+    let (ok, _, err) = run(&["eval", out.to_str().unwrap(), "--no-experts"]);
+    assert!(!ok && err.contains("not the model adapt wrote for task `alpha`"), "{err}");
 }
 
 /// A confidence filter that keeps no sample trains nothing: said, not silent; Lambda stays at

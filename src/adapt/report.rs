@@ -56,6 +56,36 @@ pub struct AdaptReport {
 #[derive(Deserialize)]
 struct Recorded {
     config: RecordedConfig,
+    summary: Option<RecordedSummary>,
+}
+
+#[derive(Deserialize)]
+struct RecordedSummary {
+    #[serde(default)]
+    tasks: Vec<RecordedReport>,
+}
+
+#[derive(Deserialize)]
+struct RecordedReport {
+    name: String,
+    model_hash: Option<String>,
+}
+
+/// Refuses a task model that is not the one adapt wrote (replaced, or a link to another model):
+/// its scores would be reported as the adaptation's. Outputs of earlier versions record no
+/// fingerprint and are taken as they are.
+fn check_task_model(recorded: &Recorded, task: &str, dir: &Path) -> Result<()> {
+    let want = recorded.summary.as_ref().and_then(|s| s.tasks.iter().find(|t| t.name == task));
+    let Some(want) = want.and_then(|t| t.model_hash.as_deref()) else { return Ok(()) };
+    let have = crate::labels::fingerprint::checkpoint_hash(&crate::checkpoint::Checkpoint::open(dir)?);
+    if have != want {
+        return Err(Error::Invalid(format!(
+            "{}: not the model adapt wrote for task `{task}` (its fingerprint differs from summary.json's); \
+             rerun adapt",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -117,6 +147,7 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
                 adapted_dir.display()
             )));
         }
+        check_task_model(&recorded, &t.name, &adapted_dir)?;
         let adapted = score(&adapted_dir)?;
         let expert = if opts.experts { Some(score(&t.expert)?) } else { None };
         tracing::info!(

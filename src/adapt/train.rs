@@ -30,7 +30,7 @@ use super::lm::LmAdapter;
 use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport};
 use crate::atomic::Staging;
 use crate::backend::{Backend, Device};
-use crate::checkpoint::FloatDType;
+use crate::checkpoint::{Checkpoint, FloatDType};
 use crate::dist::data_parallel::{shard_range, verify_digest};
 use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
@@ -209,6 +209,9 @@ pub struct TaskReport {
     pub final_loss: f64,
     /// Mean of this task's Lambda column.
     pub lambda_mean: f64,
+    /// Fingerprint of the written `tasks/<task>/` model (`eval` checks it before scoring).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
 }
 
 /// Account of an adaptation run.
@@ -640,12 +643,13 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
             let t = &self.tasks[task];
-            let accuracy = match &staging {
+            let (accuracy, model_hash) = match &staging {
                 Some(staging) => {
                     let dir = staging.path().join("tasks").join(&t.name);
-                    F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?
+                    let accuracy = F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?;
+                    (accuracy, Some(crate::labels::fingerprint::checkpoint_hash(&Checkpoint::open(&dir)?)))
                 }
-                None => None,
+                None => (None, None),
             };
             reports.push(TaskReport {
                 name: t.name.clone(),
@@ -653,6 +657,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 accuracy,
                 final_loss: r.iter().map(|&v| v as f64).sum::<f64>() / r.len().max(1) as f64,
                 lambda_mean: self.task_lambda_mean(task),
+                model_hash,
             });
         }
         let accs: Vec<f64> = reports.iter().filter_map(|r| r.accuracy).collect();
