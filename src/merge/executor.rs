@@ -582,8 +582,12 @@ impl Opened {
         } else {
             self.donor.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
         };
-        let skip = if opts.copy_tokenizer { &[][..] } else { super::tokenizer::WITH_TOKENIZER_FILES };
-        copy_side_files(&donor, dst, out_dtype, skip)?;
+        let skip: Vec<&str> = if opts.copy_tokenizer {
+            Vec::new()
+        } else {
+            [super::tokenizer::TOKENIZER_FILES, super::tokenizer::COPIED_WITH_TOKENIZER].concat()
+        };
+        copy_side_files(&donor, dst, out_dtype, &skip)?;
         if let Some(layers) = &self.slice_layers {
             let (n, types) = (layers.len(), self.layer_types.as_deref());
             edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n, types).unwrap_or_default())?;

@@ -25,22 +25,9 @@ pub(super) const TOKENIZER_FILES: &[&str] = &[
     "chat_template.json",
 ];
 
-/// What `--no-copy-tokenizer` leaves behind: the tokenizer files and the files mergekit copies
-/// only with them (`_copy_tokenizer`), the generation settings among them.
-pub(super) const WITH_TOKENIZER_FILES: &[&str] = &[
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "video_preprocessor_config.json",
-];
+/// Files mergekit copies only with the tokenizer files (`_copy_tokenizer`), so
+/// `--no-copy-tokenizer` leaves them behind too: the generation settings among them.
+pub(super) const COPIED_WITH_TOKENIZER: &[&str] = &["generation_config.json", "video_preprocessor_config.json"];
 
 fn err(config: &MergeConfig, reason: String) -> Error {
     Error::Config { path: config.source.clone(), reason }
