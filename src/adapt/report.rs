@@ -77,7 +77,7 @@ struct RecordedReport {
 fn check_task_model(recorded: &Recorded, task: &str, dir: &Path) -> Result<()> {
     let want = recorded.summary.as_ref().and_then(|s| s.tasks.iter().find(|t| t.name == task));
     let Some(want) = want.and_then(|t| t.model_hash.as_deref()) else { return Ok(()) };
-    let have = crate::labels::fingerprint::checkpoint_hash(&crate::checkpoint::Checkpoint::open(dir)?);
+    let have = crate::labels::fingerprint::model_hash(dir)?;
     if have != want {
         return Err(Error::Invalid(format!(
             "{}: not the model adapt wrote for task `{task}` (its fingerprint differs from summary.json's); \

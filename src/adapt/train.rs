@@ -30,7 +30,7 @@ use super::lm::LmAdapter;
 use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport};
 use crate::atomic::Staging;
 use crate::backend::{Backend, Device};
-use crate::checkpoint::{Checkpoint, FloatDType};
+use crate::checkpoint::FloatDType;
 use crate::dist::data_parallel::{shard_range, verify_digest};
 use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
@@ -647,7 +647,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 Some(staging) => {
                     let dir = staging.path().join("tasks").join(&t.name);
                     let accuracy = F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?;
-                    (accuracy, Some(crate::labels::fingerprint::checkpoint_hash(&Checkpoint::open(&dir)?)))
+                    (accuracy, Some(crate::labels::fingerprint::model_hash(&dir)?))
                 }
                 None => (None, None),
             };

@@ -467,11 +467,9 @@ fn lock_partial(partial: &Path) -> Result<File> {
     }
     // The file may have been renamed into place by the run that held the lock between our
     // open and our lock: then ours is the finished cache, not a partial one.
+    use std::os::unix::fs::MetadataExt;
     let same = match (file.metadata(), partial.metadata()) {
-        (Ok(a), Ok(b)) => {
-            std::os::unix::fs::MetadataExt::ino(&a) == std::os::unix::fs::MetadataExt::ino(&b)
-                && std::os::unix::fs::MetadataExt::dev(&a) == std::os::unix::fs::MetadataExt::dev(&b)
-        }
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     };
     if !same {

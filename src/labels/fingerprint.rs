@@ -31,6 +31,11 @@ pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// [`checkpoint_hash`] of the model at `path` (a directory or file [`Checkpoint::open`] takes).
+pub fn model_hash(path: &Path) -> Result<String> {
+    Ok(checkpoint_hash(&Checkpoint::open(path)?))
+}
+
 /// BLAKE3 of the texts in order, each prefixed by its length so boundaries count.
 pub fn texts_hash<S: AsRef<str>>(texts: &[S]) -> String {
     let mut h = blake3::Hasher::new();

@@ -5,6 +5,7 @@
 //! written into a hidden temporary directory beside it, which is renamed into place at the end
 //! and removed on any error.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -297,8 +298,9 @@ fn merge_ranked(
         Some(_) => LayerStream::plan_partial(reference, inputs)?,
         None => LayerStream::plan(reference, inputs)?,
     };
-    check_reference(&stream)?;
-    warn_ignored(&stream);
+    let ignored = ignored_holders(&stream);
+    check_reference(&stream, &ignored)?;
+    warn_ignored(&ignored);
     let placements = placements(&stream, opened.slice_layers.as_deref(), config.slices.len());
     let out_dtype = opts.out_dtype.or(config.out_dtype);
     check_lambda_table(config, &stream)?;
@@ -371,7 +373,7 @@ fn planned_tensors(
 /// empty, would give an incomplete model. An expert's task head the base lacks is fine (left
 /// out with a warning); a layer every other input has, or a layer count config.json claims
 /// beyond the tensors, is not.
-fn check_reference(stream: &LayerStream<'_>) -> Result<()> {
+fn check_reference(stream: &LayerStream<'_>, ignored: &BTreeMap<&str, usize>) -> Result<()> {
     let reference = stream.reference;
     let bad = |reason: String| Err(Error::Model { path: reference.path.clone(), reason });
     if reference.tensors.is_empty() {
@@ -385,12 +387,8 @@ fn check_reference(stream: &LayerStream<'_>) -> Result<()> {
         }
     }
     let inputs = stream.inputs.len();
-    let mut holders: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
-    for (_, name) in &stream.ignored {
-        *holders.entry(name.as_str()).or_default() += 1;
-    }
     if let Some((name, _)) =
-        holders.iter().find(|(name, n)| **n == inputs && crate::checkpoint::layers::layer_of(name).is_some())
+        ignored.iter().find(|(name, n)| **n == inputs && crate::checkpoint::layers::layer_of(name).is_some())
     {
         return bad(format!(
             "lacks tensor `{name}`, which every other model has: it decides the merged model's tensors \
@@ -400,16 +398,25 @@ fn check_reference(stream: &LayerStream<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The inputs' tensors the reference lacks (left out of the output), each with how many
+/// inputs hold it.
+fn ignored_holders<'s>(stream: &'s LayerStream<'_>) -> BTreeMap<&'s str, usize> {
+    let mut holders = BTreeMap::new();
+    for (_, name) in &stream.ignored {
+        *holders.entry(name.as_str()).or_default() += 1;
+    }
+    holders
+}
+
 /// One line for the inputs' tensors the reference lacks (left out of the output).
-fn warn_ignored(stream: &LayerStream<'_>) {
-    if stream.ignored.is_empty() {
+fn warn_ignored(ignored: &BTreeMap<&str, usize>) {
+    if ignored.is_empty() {
         return;
     }
-    let names: std::collections::BTreeSet<&str> = stream.ignored.iter().map(|(_, n)| n.as_str()).collect();
-    let sample: Vec<&str> = names.iter().take(5).copied().collect();
+    let sample: Vec<&str> = ignored.keys().take(5).copied().collect();
     tracing::warn!(
         "{} tensors of the inputs are not in the reference model and are left out (e.g. {})",
-        names.len(),
+        ignored.len(),
         sample.join(", ")
     );
 }
@@ -846,10 +853,9 @@ impl<'a> MergeJob<'a> {
     pub fn tensor(&self, block: &StreamBlock, t: &StreamTensor, at: Placement) -> Result<TensorWork<'a>> {
         let reference = self.stream.reference;
         let rmeta = &reference.tensors[t.reference];
-        let Some(natural_dtype) = self.stream.natural_dtype(t) else {
+        let Some(ref_dtype) = rmeta.float_dtype() else {
             return Ok(TensorWork::Raw { name: &rmeta.name, bytes: reference.bytes(rmeta) });
         };
-        let ref_dtype = rmeta.float_dtype().unwrap_or(natural_dtype);
         let mut sources: Vec<Source<'a>> = Vec::with_capacity(t.inputs.len() + 1);
         // Each source's input: 0 the reference, `i + 1` the stream's input `i`.
         let mut slots: Vec<usize> = Vec::with_capacity(t.inputs.len() + 1);
@@ -893,7 +899,7 @@ impl<'a> MergeJob<'a> {
             base,
             experts: sources,
             params,
-            out_dtype: self.out_dtype.unwrap_or(natural_dtype),
+            out_dtype: self.out_dtype.or_else(|| self.stream.natural_dtype(t)).unwrap_or(ref_dtype),
             name_hash: name_hash(&rmeta.name),
             row_len: rmeta.shape.last().copied().unwrap_or(1),
         }))

@@ -39,6 +39,12 @@ pub struct Tokens {
     pub type_ids: Vec<u32>,
 }
 
+impl From<&tokenizers::Encoding> for Tokens {
+    fn from(e: &tokenizers::Encoding) -> Self {
+        Tokens { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() }
+    }
+}
+
 /// A `tokenizer.json` with padding off and truncation at `max_len`.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -95,12 +101,8 @@ impl TextTokenizer {
     pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Tokens>> {
         let limit = self.prefix_bytes();
         let short: Vec<&str> = texts.iter().map(AsRef::as_ref).filter(|t| t.len() <= limit).collect();
-        let mut encoded = self
-            .inner
-            .encode_batch(short, true)
-            .map_err(|e| self.error(e))?
-            .into_iter()
-            .map(|e| Tokens { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() });
+        let batch = self.inner.encode_batch(short, true).map_err(|e| self.error(e))?;
+        let mut encoded = batch.iter().map(Tokens::from);
         let mut out = Vec::with_capacity(texts.len());
         for text in texts.iter().map(AsRef::as_ref) {
             let tokens = if text.len() <= limit { encoded.next() } else { Some(self.tokenize_long(text, limit)?) };
@@ -124,13 +126,12 @@ impl TextTokenizer {
             if let Some(cut) = word_end_before(text, len) {
                 let enc = self.inner.encode(&text[..cut], true).map_err(|e| self.error(e))?;
                 if !enc.get_overflowing().is_empty() {
-                    return Ok(Tokens { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() });
+                    return Ok(Tokens::from(&enc));
                 }
             }
             len = len.saturating_mul(2);
         }
-        let enc = self.inner.encode(text, true).map_err(|e| self.error(e))?;
-        Ok(Tokens { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
+        Ok(Tokens::from(&self.inner.encode(text, true).map_err(|e| self.error(e))?))
     }
 
     fn error(&self, e: tokenizers::Error) -> Error {
