@@ -113,3 +113,40 @@ fn a_write_failing_mid_generate_leaves_no_model_and_no_empty_family() {
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     assert_eq!(entries(&out), ["base", "expert-1"]);
 }
+
+/// A small output written in one piece (`predict --out`) fails the same way, naming its
+/// temporary file once: the error used to carry the path twice, once from `tempfile`'s own
+/// wrapper.
+#[test]
+fn a_write_failing_in_predict_names_its_file_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("texts.jsonl");
+    let lines: String = (0..40).map(|i| format!("{{\"text\": \"text number {i} about nothing\"}}\n")).collect();
+    std::fs::write(&inputs, lines).unwrap();
+    let outdir = tmp.path().join("out");
+    std::fs::create_dir_all(&outdir).unwrap();
+    let preds = outdir.join("p.jsonl");
+    let m = common::minilm_dir();
+    let args = [
+        "predict",
+        m.to_str().unwrap(),
+        "--new-head",
+        "3",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        preds.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    let res = run_limited(&args, 1000);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.code() == Some(1), "{:?}: {stderr}", res.status);
+    assert!(stderr.to_lowercase().contains("file too large"), "{stderr}");
+    let tmp_name = stderr.split(".tmp-").nth(1).and_then(|s| s.split([':', ' ', '"']).next()).unwrap_or("");
+    assert!(!tmp_name.is_empty(), "the error names no file: {stderr}");
+    assert_eq!(stderr.matches(tmp_name).count(), 1, "the file is named more than once: {stderr}");
+    assert!(entries(&outdir).is_empty(), "left {:?}", entries(&outdir));
+    assert!(run_limited(&args, libc::RLIM_INFINITY).status.success());
+    assert_eq!(entries(&outdir), ["p.jsonl"]);
+}
