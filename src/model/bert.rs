@@ -452,6 +452,113 @@ impl<B: Backend> HeadPart<B> for ClassifierHead {
 /// One block of the chain: the embeddings, an encoder layer (`encoder.layer.N`) or the head.
 pub type Block = Part<Embeddings, EncoderLayer, ClassifierHead>;
 
+/// The embeddings and every encoder layer `config` describes, without a head.
+fn encoder_blocks(config: &BertConfig) -> Vec<Block> {
+    let mut blocks = vec![Block::Embedding(Embeddings {
+        vocab: config.vocab_size,
+        positions: config.max_position_embeddings,
+        types: config.type_vocab_size,
+        hidden: config.hidden_size,
+        eps: config.layer_norm_eps,
+    })];
+    blocks.extend((0..config.num_hidden_layers).map(|index| {
+        Block::Layer(EncoderLayer {
+            index,
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            intermediate: config.intermediate_size,
+            act: config.hidden_act,
+            eps: config.layer_norm_eps,
+        })
+    }));
+    blocks
+}
+
+/// A seeded random classifier in the family's style; a BERT checkpoint's pooler is kept.
+fn new_head<B: Backend>(
+    backend: &B,
+    ck: &Checkpoint,
+    config: &BertConfig,
+    nh: NewHead,
+) -> Result<(ClassifierHead, Params<B>)> {
+    if nh.num_labels == 0 || nh.num_labels > MAX_CLASSES {
+        return Err(Error::Invalid(format!(
+            "a new classification head needs 1 to {MAX_CLASSES} labels, not {}",
+            nh.num_labels
+        )));
+    }
+    let style = match config.family {
+        BertFamily::Bert => HeadStyle::Bert,
+        BertFamily::Roberta => HeadStyle::Roberta,
+    };
+    let head = ClassifierHead { style, hidden: config.hidden_size, num_labels: nh.num_labels };
+    let mut p = Params::new();
+    let [dense_w, ..] = head.names();
+    let keep_pooler = style == HeadStyle::Bert && ck.resolve(dense_w).is_some();
+    for (i, (name, shape)) in head.param_shapes().into_iter().enumerate() {
+        let buf = if i < 2 && keep_pooler {
+            load_tensor(backend, ck, &name, &shape)?
+        } else {
+            backend.upload(&init_values(&name, &shape, nh.seed, config.initializer_range))?
+        };
+        p.insert(name, Param { shape, buf });
+    }
+    tracing::info!(
+        "new {}-label classification head (seed {}, pooler {})",
+        nh.num_labels,
+        nh.seed,
+        if keep_pooler { "from the checkpoint" } else { "new" }
+    );
+    Ok((head, p))
+}
+
+/// The checkpoint's own classifier (BERT or RoBERTa style), checked against config.json's
+/// labels; none for a bare encoder.
+fn stored_head<B: Backend>(
+    backend: &B,
+    ck: &Checkpoint,
+    config: &BertConfig,
+) -> Result<Option<(ClassifierHead, Params<B>)>> {
+    let style = if ck.resolve("classifier.out_proj.weight").is_some() {
+        HeadStyle::Roberta
+    } else if ck.resolve("classifier.weight").is_some() {
+        HeadStyle::Bert
+    } else {
+        return Ok(None);
+    };
+    let [_, _, out_w, _] = ClassifierHead { style, hidden: 0, num_labels: 0 }.names();
+    let meta = ck.resolve(out_w).ok_or_else(|| Error::Invalid(format!("`{out_w}` vanished")))?;
+    let num_labels = match meta.shape.as_slice() {
+        [n, h] if *h == config.hidden_size && *n > 0 => *n,
+        other => {
+            return Err(Error::Model {
+                path: ck.file_of(meta).to_path_buf(),
+                reason: format!(
+                    "tensor `{}` has shape {other:?}, expected [num_labels, {}]",
+                    meta.name, config.hidden_size
+                ),
+            });
+        }
+    };
+    if let Some(names) = config.label2id.as_ref().filter(|m| m.len() != num_labels) {
+        return Err(Error::Model {
+            path: ck.dir.join("config.json"),
+            reason: format!(
+                "label2id names {} classes, but the classifier `{}` has {num_labels}",
+                names.len(),
+                meta.name
+            ),
+        });
+    }
+    let head = ClassifierHead { style, hidden: config.hidden_size, num_labels };
+    let mut p = Params::new();
+    for (name, shape) in head.param_shapes() {
+        let buf = load_tensor(backend, ck, &name, &shape)?;
+        p.insert(name, Param { shape, buf });
+    }
+    Ok(Some((head, p)))
+}
+
 /// Most labels a classification head may have: far beyond any real task, far below what a
 /// typo or a stray id (`label: 4000000000`) would make the head allocate.
 pub const MAX_CLASSES: usize = 1 << 20;
@@ -500,101 +607,15 @@ impl<B: Backend> Bert<B> {
         })?;
         let config = BertConfig::from_json(cfg_json, &config_path)?;
         super::check_layer_count(&ck, config.num_hidden_layers, "num_hidden_layers")?;
-        let mut blocks = vec![Block::Embedding(Embeddings {
-            vocab: config.vocab_size,
-            positions: config.max_position_embeddings,
-            types: config.type_vocab_size,
-            hidden: config.hidden_size,
-            eps: config.layer_norm_eps,
-        })];
-        for index in 0..config.num_hidden_layers {
-            blocks.push(Block::Layer(EncoderLayer {
-                index,
-                hidden: config.hidden_size,
-                heads: config.num_attention_heads,
-                intermediate: config.intermediate_size,
-                act: config.hidden_act,
-                eps: config.layer_norm_eps,
-            }));
-        }
-
+        let mut blocks = encoder_blocks(&config);
         let mut params = chain::load_params(&backend, &ck, &blocks, skip_blocks)?;
-
-        let stored_head = if ck.resolve("classifier.out_proj.weight").is_some() {
-            Some(HeadStyle::Roberta)
-        } else if ck.resolve("classifier.weight").is_some() {
-            Some(HeadStyle::Bert)
-        } else {
-            None
+        let head = match opts.new_head {
+            Some(nh) => Some(new_head(&backend, &ck, &config, nh)?),
+            None => stored_head(&backend, &ck, &config)?,
         };
-        match (opts.new_head, stored_head) {
-            (Some(nh), _) => {
-                if nh.num_labels == 0 || nh.num_labels > MAX_CLASSES {
-                    return Err(Error::Invalid(format!(
-                        "a new classification head needs 1 to {MAX_CLASSES} labels, not {}",
-                        nh.num_labels
-                    )));
-                }
-                let style = match config.family {
-                    BertFamily::Bert => HeadStyle::Bert,
-                    BertFamily::Roberta => HeadStyle::Roberta,
-                };
-                let head = ClassifierHead { style, hidden: config.hidden_size, num_labels: nh.num_labels };
-                let mut p = Params::new();
-                let [dense_w, ..] = head.names();
-                let keep_pooler = style == HeadStyle::Bert && ck.resolve(dense_w).is_some();
-                for (i, (name, shape)) in head.param_shapes().into_iter().enumerate() {
-                    let buf = if i < 2 && keep_pooler {
-                        load_tensor(&backend, &ck, &name, &shape)?
-                    } else {
-                        backend.upload(&init_values(&name, &shape, nh.seed, config.initializer_range))?
-                    };
-                    p.insert(name, Param { shape, buf });
-                }
-                tracing::info!(
-                    "new {}-label classification head (seed {}, pooler {})",
-                    nh.num_labels,
-                    nh.seed,
-                    if keep_pooler { "from the checkpoint" } else { "new" }
-                );
-                blocks.push(Block::Head(head));
-                params.push(p);
-            }
-            (None, Some(style)) => {
-                let [_, _, out_w, _] = ClassifierHead { style, hidden: 0, num_labels: 0 }.names();
-                let meta = ck.resolve(out_w).ok_or_else(|| Error::Invalid(format!("`{out_w}` vanished")))?;
-                let num_labels = match meta.shape.as_slice() {
-                    [n, h] if *h == config.hidden_size && *n > 0 => *n,
-                    other => {
-                        return Err(Error::Model {
-                            path: ck.file_of(meta).to_path_buf(),
-                            reason: format!(
-                                "tensor `{}` has shape {other:?}, expected [num_labels, {}]",
-                                meta.name, config.hidden_size
-                            ),
-                        });
-                    }
-                };
-                if let Some(names) = config.label2id.as_ref().filter(|m| m.len() != num_labels) {
-                    return Err(Error::Model {
-                        path: config_path.clone(),
-                        reason: format!(
-                            "label2id names {} classes, but the classifier `{}` has {num_labels}",
-                            names.len(),
-                            meta.name
-                        ),
-                    });
-                }
-                let head = ClassifierHead { style, hidden: config.hidden_size, num_labels };
-                let mut p = Params::new();
-                for (name, shape) in head.param_shapes() {
-                    let buf = load_tensor(&backend, &ck, &name, &shape)?;
-                    p.insert(name, Param { shape, buf });
-                }
-                blocks.push(Block::Head(head));
-                params.push(p);
-            }
-            (None, None) => {}
+        if let Some((head, p)) = head {
+            blocks.push(Block::Head(head));
+            params.push(p);
         }
         tracing::debug!(
             "loaded {:?}-family model: {} layers, hidden {}, {} blocks, from {}",
