@@ -72,6 +72,36 @@ impl<B: Backend, F: Family<B>> KeptBlock<B, F> {
     }
 }
 
+/// What the forward leaves for the backward: each block's input (the outputs of all blocks but
+/// the last), what each block kept, and the loss's part.
+struct Forward<B: Backend, F: Family<B>> {
+    acts: Vec<B::Buf>,
+    kept: Vec<KeptBlock<B, F>>,
+    local: Option<Local<B, F>>,
+}
+
+/// A rank's forward result: its batch, the loss's state for the backward, its counted samples
+/// and their summed loss.
+struct Local<B: Backend, F: Family<B>> {
+    batch: BatchOf<B, F>,
+    pending: F::Pending,
+    count: usize,
+    sum: f64,
+}
+
+/// The samples counted by all ranks and, with more than one rank, their mean loss (one small
+/// all-reduce; a single process makes no collective call).
+fn global_count(coll: &mut dyn Collective, local_n: usize, local_sum: f64) -> Result<(usize, Option<f32>)> {
+    if coll.world_size() == 1 {
+        return Ok((local_n, None));
+    }
+    // Counts below 2^24 are exact in f32.
+    let mut totals = [local_n as f32, local_sum as f32];
+    coll.all_reduce_sum_f32(&mut totals)?;
+    let n = totals[0] as usize;
+    Ok((n, Some(if n == 0 { 0.0 } else { totals[1] / n as f32 })))
+}
+
 /// The uploaded batch of a family.
 pub type BatchOf<B, F> = <<F as Family<B>>::Block as ChainBlock<B>>::Batch;
 
@@ -406,55 +436,66 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
     pub fn loss_and_grads_in(&self, task: usize, rows: &[usize], coll: &mut dyn Collective) -> Result<StepGrads<B>> {
         let (rank, world) = (coll.rank(), coll.world_size());
         let mine = &rows[shard_range(rows.len(), rank, world)];
-        let be = self.family.backend();
         let t = &self.tasks[task];
-        let total = self.shared.len() + t.private_blocks.len();
-
-        // Forward (skipped by a rank with nothing to predict): block outputs are kept, and each
-        // block's internals and merged weights while the memory budget has room for them (else
-        // the backward rebuilds them).
-        let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
-        let mut kept: Vec<KeptBlock<B, F>> = Vec::with_capacity(total);
-        let mut room = self.weights.spare_bytes();
-        let mut local = None;
-        if let Some(batch) = if mine.is_empty() { None } else { self.family.batch(t, mine)? } {
-            for b in 0..total {
-                let (y, k) = self.block_forward(t, b, &batch, acts.last(), room > 0)?;
-                kept.push(k.within(be, &mut room));
-                acts.push(y);
-            }
-            let out = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
-            let (pending, n, sum) = self.family.loss(&self.cfg, t, &batch, out, mine)?;
-            local = Some((batch, pending, n, sum));
-        }
-        let (local_n, local_sum) = local.as_ref().map_or((0, 0.0), |l| (l.2, l.3));
-        let (count, loss) = if world == 1 {
-            (local_n, None)
-        } else {
-            // Counts below 2^24 are exact in f32.
-            let mut totals = [local_n as f32, local_sum as f32];
-            coll.all_reduce_sum_f32(&mut totals)?;
-            let n = totals[0] as usize;
-            (n, Some(if n == 0 { 0.0 } else { totals[1] / n as f32 }))
-        };
-        let (batch, mut dy, local_loss) = match local {
-            Some((batch, pending, ..)) => {
+        let Forward { acts, kept, local } = self.forward(t, mine)?;
+        let (local_n, local_sum) = local.as_ref().map_or((0, 0.0), |l| (l.count, l.sum));
+        let (count, loss) = global_count(coll, local_n, local_sum)?;
+        let (batch, dy, local_loss) = match local {
+            Some(Local { batch, pending, .. }) => {
                 let (d, l) = self.family.loss_backward(t, &batch, pending, count)?;
                 (Some(batch), Some(d), l)
             }
             None => (None, None, 0.0),
         };
+        let (lambda, private) = self.backward(t, batch.as_ref(), dy, acts, kept, coll)?;
+        Ok(StepGrads { loss: loss.unwrap_or(local_loss), kept: count, lambda, private })
+    }
 
-        // Backward in reverse, rebuilding each shared block's weights. Blocks the gradient no
-        // longer reaches (and every block of a rank without rows) contribute zeros, so every
-        // rank makes the same all-reduce calls.
+    /// The chain's forward on this rank's rows (nothing for a rank with nothing to predict):
+    /// every block's output but the last, each block's internals and merged weights while the
+    /// memory budget has room for them (else the backward rebuilds them), and the loss.
+    fn forward(&self, t: &Task<B, F>, mine: &[usize]) -> Result<Forward<B, F>> {
+        let be = self.family.backend();
+        let total = self.shared.len() + t.private_blocks.len();
+        let mut acts: Vec<B::Buf> = Vec::with_capacity(total);
+        let mut kept: Vec<KeptBlock<B, F>> = Vec::with_capacity(total);
+        let mut room = self.weights.spare_bytes();
+        let Some(batch) = (if mine.is_empty() { None } else { self.family.batch(t, mine)? }) else {
+            return Ok(Forward { acts, kept, local: None });
+        };
+        for b in 0..total {
+            let (y, k) = self.block_forward(t, b, &batch, acts.last(), room > 0)?;
+            kept.push(k.within(be, &mut room));
+            acts.push(y);
+        }
+        let out = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+        let (pending, count, sum) = self.family.loss(&self.cfg, t, &batch, out, mine)?;
+        Ok(Forward { acts, kept, local: Some(Local { batch, pending, count, sum }) })
+    }
+
+    /// The backward in reverse from the output gradient `dy`, rebuilding each shared block's
+    /// weights: the Lambda gradient and the task's own blocks' gradients, all-reduced over the
+    /// ranks. Blocks the gradient no longer reaches (and every block of a rank without rows)
+    /// contribute zeros, so every rank makes the same all-reduce calls.
+    fn backward(
+        &self,
+        t: &Task<B, F>,
+        batch: Option<&BatchOf<B, F>>,
+        mut dy: Option<B::Buf>,
+        mut acts: Vec<B::Buf>,
+        mut kept: Vec<KeptBlock<B, F>>,
+        coll: &mut dyn Collective,
+    ) -> Result<(Vec<f64>, Vec<Params<B>>)> {
+        let be = self.family.backend();
+        let world = coll.world_size();
         let n_shared = self.shared.len();
+        let total = n_shared + t.private_blocks.len();
         let mut lambda_grad = vec![0f64; self.lambda.values.len()];
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
         for b in (0..total).rev() {
             let input = if b > 0 { acts.pop() } else { None };
             let KeptBlock { internals: kept, merged } = kept.pop().unwrap_or_default();
-            let reached = batch.as_ref().zip(dy.take());
+            let reached = batch.zip(dy.take());
             if b < n_shared {
                 if let Some((batch, d)) = reached {
                     let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, false)))?;
@@ -490,7 +531,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             }
         }
         private.reverse();
-        Ok(StepGrads { loss: loss.unwrap_or(local_loss), kept: count, lambda: lambda_grad, private })
+        Ok((lambda_grad, private))
     }
 
     /// Block `b` of task `t`'s chain forward (a shared block merged on arrival, or its own), with
