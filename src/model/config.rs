@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::hf_config::{ModelKind, Positive, parse, present};
+use super::hf_config::{ModelKind, Positive, PositiveF64, parse, present};
 use crate::backend::Gelu;
 use crate::error::{Error, Result};
 
@@ -105,7 +105,7 @@ struct RawBertConfig {
     hidden_act: Option<String>,
     position_embedding_type: Option<String>,
     #[serde(default, deserialize_with = "present")]
-    layer_norm_eps: Option<f64>,
+    layer_norm_eps: Option<PositiveF64>,
     type_vocab_size: Option<usize>,
     pad_token_id: Option<u32>,
     initializer_range: Option<f64>,
@@ -143,7 +143,7 @@ impl RawBertConfig {
             hidden_act,
             max_position_embeddings: self.max_position_embeddings.0,
             type_vocab_size: self.type_vocab_size.unwrap_or(2),
-            layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-12) as f32,
+            layer_norm_eps: self.layer_norm_eps.map_or(1e-12, |e| e.0 as f32),
             pad_token_id: self.pad_token_id.unwrap_or(match family {
                 BertFamily::Bert => 0,
                 BertFamily::Roberta => 1,
@@ -265,6 +265,11 @@ mod tests {
         assert!(e.contains("field `hidden_act`: `relu` is not supported"), "{e}");
         let e = error_after(|v| v["position_embedding_type"] = "relative_key".into());
         assert!(e.contains("field `position_embedding_type`"), "{e}");
+        // A negative epsilon made every layer norm NaN, and `predict` wrote null logits.
+        for eps in [-0.5, 0.0] {
+            let e = error_after(|v| v["layer_norm_eps"] = eps.into());
+            assert!(e.contains("field `layer_norm_eps`") && e.contains("a positive number"), "{e}");
+        }
     }
 
     #[test]

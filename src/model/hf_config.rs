@@ -50,7 +50,9 @@ impl ModelKind {
     }
 }
 
-/// A size that must be at least 1 (layers, heads, widths): zero would make an empty model.
+/// A size that must be at least 1 (layers, heads, widths): zero would make an empty model. Sizes
+/// are also at most [`MAX_SIZE`], so that a product of two never wraps: a `head_dim` of 2^63+16
+/// times 4 heads wrapped to the real tensors' 64 columns and passed every shape check.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Positive(pub usize);
 
@@ -60,11 +62,11 @@ impl<'de> Deserialize<'de> for Positive {
         impl Visitor<'_> for V {
             type Value = Positive;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a positive integer")
+                f.write_str("a positive integer up to 2^32")
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<Positive, E> {
                 match usize::try_from(n) {
-                    Ok(n) if n > 0 => Ok(Positive(n)),
+                    Ok(n) if n > 0 && n <= MAX_SIZE => Ok(Positive(n)),
                     _ => Err(E::invalid_value(Unexpected::Unsigned(n), &self)),
                 }
             }
@@ -79,7 +81,12 @@ impl<'de> Deserialize<'de> for Positive {
     }
 }
 
-/// A finite number above 0 (epsilons, RoPE theta and factors), read as f64 like the JSON.
+/// The largest size a config.json field may give, far beyond any real model's.
+pub(crate) const MAX_SIZE: usize = 1 << 32;
+
+/// A finite number above 0 (epsilons, RoPE theta and factors), read as f64 like the JSON, that
+/// stays finite and above 0 in f32, where the model uses it: a `rope_theta` of 1e300 became
+/// infinite there and failed inside the rotary op, naming neither the file nor the field.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PositiveF64(pub f64);
 
@@ -89,10 +96,10 @@ impl<'de> Deserialize<'de> for PositiveF64 {
         impl Visitor<'_> for V {
             type Value = PositiveF64;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a positive number")
+                f.write_str("a positive number within f32's range (about 1.2e-38 to 3.4e38)")
             }
             fn visit_f64<E: de::Error>(self, x: f64) -> std::result::Result<PositiveF64, E> {
-                if x.is_finite() && x > 0.0 {
+                if x.is_finite() && x > 0.0 && (x as f32).is_finite() && (x as f32) >= f32::MIN_POSITIVE {
                     Ok(PositiveF64(x))
                 } else {
                     Err(E::invalid_value(Unexpected::Float(x), &self))

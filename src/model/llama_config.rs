@@ -375,6 +375,14 @@ mod tests {
         assert!(e.contains("field `sliding_window` must be a positive integer, got 0"), "{e}");
         let e = error_after(|v| v["partial_rotary_factor"] = 0.5.into());
         assert!(e.contains("field `partial_rotary_factor`"), "{e}");
+        // 4 heads of 2^63 + 16 wrap to 64 columns: the size is refused before any product.
+        let e = error_after(|v| v["head_dim"] = ((1u64 << 63) + 16).into());
+        assert!(e.contains("field `head_dim`") && e.contains("up to 2^32"), "{e}");
+        // Finite in f64, infinite (or zero) in the f32 the model computes with.
+        let e = error_after(|v| v["rope_theta"] = 1e300.into());
+        assert!(e.contains("field `rope_theta`") && e.contains("f32's range"), "{e}");
+        let e = error_after(|v| v["rms_norm_eps"] = 1e-300.into());
+        assert!(e.contains("field `rms_norm_eps`") && e.contains("f32's range"), "{e}");
     }
 
     #[test]
