@@ -72,7 +72,8 @@ impl Lambda {
         &self.values[r * k..(r + 1) * k]
     }
 
-    /// Keeps every coefficient in `[lo, hi]` (the released code clamps to [0, 1] after a step).
+    /// Keeps every coefficient in `[lo, hi]`, projected after each step. (The released code
+    /// clamps where Lambda is used instead and keeps the raw values; README, "Clamping".)
     pub fn clamp(&mut self, lo: f32, hi: f32) {
         self.values.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
     }

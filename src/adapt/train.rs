@@ -598,6 +598,12 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
     pub fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)> {
         let rows = self.next_rows(task);
         let g = self.loss_and_grads_in(task, &rows, coll)?;
+        // A batch whose every sample was filtered out has no loss: it takes no step (nor
+        // advances Adam's count), as the released code's gradient scaler drops a NaN-loss step;
+        // stepping on zeros would move Lambda on the moments of earlier steps.
+        if g.kept == 0 {
+            return Ok((g.loss, 0));
+        }
         let lg: Vec<f32> = g.lambda.iter().map(|&v| v as f32).collect();
         self.lambda_adam.step(&mut self.lambda.values, &lg);
         if self.cfg.clamp {
@@ -897,8 +903,8 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
     // A confidence filter that drops every sample trains nothing, silently otherwise.
     for (task, _) in counted.iter().enumerate().filter(|(_, n)| writer && **n == 0 && epochs > 0) {
         tracing::warn!(
-            "task `{}`: no sample counted in any step ({} 0): its Lambda and layer did not move; \
-             lower `confidence`?",
+            "task `{}`: no sample counted in any step ({} 0): its steps were skipped, so its layer \
+             did not move and its loss never guided Lambda; lower `confidence`?",
             &t.tasks[task].name,
             F::COUNT_KEY
         );
