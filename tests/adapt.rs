@@ -82,6 +82,13 @@ fn cache_is_reused_and_mismatches_are_rejected() {
     std::fs::copy(r.join("beta.labels"), r.join("alpha.labels")).unwrap();
     let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("adapt.yml")).unwrap()).err().unwrap().to_string();
     assert!(e.contains("checksum"), "{e}");
+    // cache-labels itself, on that cache, says how to rebuild it, and does with --force.
+    let (ok, _, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("checksum") && err.contains("pass --force to rebuild it"), "{err}");
+    let forced: Vec<&str> = a.iter().map(String::as_str).chain(["--force"]).collect();
+    let (ok, out, err) = run(&forced);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["reused"], false);
 }
 
 #[test]

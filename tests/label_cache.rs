@@ -15,6 +15,7 @@ fn provenance(task: &str) -> Provenance {
         expert_hash: "e".repeat(64),
         tokenizer_hash: "t".repeat(64),
         inputs_hash: texts_hash(&["a", "b"]),
+        max_len: Some(64),
     }
 }
 
@@ -148,7 +149,13 @@ fn bad_caches_are_rejected_with_the_cause() {
     ] {
         let err = open_err(&path, Some(&want));
         assert!(err.contains(&format!("different {field}")) && err.contains("labels.cache"), "{err}");
+        assert!(err.contains("cache-labels ... --force"), "says how to rebuild it: {err}");
     }
+    // A different maximum length is named as such, with both ways out: the hashes alone told
+    // a user nothing (walkthrough).
+    let want = Provenance { max_len: Some(128), tokenizer_hash: "x".into(), ..provenance("wn-verb") };
+    let err = open_err(&path, Some(&want));
+    assert!(err.contains("made with --max-len 64, this run uses 128") && err.contains("max_len: 64"), "{err}");
 
     let mut flipped = good.clone();
     let last = flipped.len() - 1;
@@ -306,4 +313,29 @@ fn the_expert_fingerprint_covers_its_config() {
         edited[key] = value;
         assert_ne!(hash_with(edited.to_string()), pretty, "{key}");
     }
+}
+
+/// An expert row the cache cannot hold is refused as it is appended, so a run never finishes
+/// (and renames into place) a cache that reading it back refuses: logits beyond f16, and NaN
+/// outputs, were committed first and found corrupt after (fuzzing round 3).
+#[test]
+fn rows_the_cache_cannot_hold_are_refused_before_they_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.cache");
+    let (p, l) = rows(2, 7);
+    let kind = LabelKind::Classification { classes: C };
+    let mut huge = l.clone();
+    huge[C + 1] = 1.5e5;
+    let mut nan = p.clone();
+    nan[2] = f32::NAN;
+    for (probs, logits, want) in [(&p, &huge, "logit 1.5e5 is beyond the cache's f16 range"), (&nan, &l, "NaN")] {
+        let mut w = CacheWriter::create(&path, provenance("wn-verb"), kind, 2, vec![]).unwrap();
+        let err = w.append_classification(probs, logits).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("labels.cache"), "{err}");
+        drop(w);
+        assert!(!path.exists());
+    }
+    // Top-k records likewise: a remaining mass that is not a probability.
+    let err = symerge::labels::cache::encode_topk(&[1, 2], &[0.5, 0.25], &[f32::NAN], 2).unwrap_err();
+    assert!(err.contains("position 0") && err.contains("NaN"), "{err}");
 }

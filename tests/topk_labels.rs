@@ -165,6 +165,7 @@ fn prov(task: &str) -> Provenance {
         expert_hash: "e".repeat(64),
         tokenizer_hash: "t".repeat(64),
         inputs_hash: "i".repeat(64),
+        max_len: None,
     }
 }
 

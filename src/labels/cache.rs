@@ -74,6 +74,10 @@ pub struct Provenance {
     pub tokenizer_hash: String,
     /// [`super::fingerprint::texts_hash`] of the inputs, in order.
     pub inputs_hash: String,
+    /// The maximum length the inputs were cut to (also inside `tokenizer_hash`): said plainly
+    /// when it is what differs. Caches from earlier builds have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<usize>,
 }
 
 /// The JSON header.
@@ -419,12 +423,33 @@ pub fn encode_classification(probs: &[f32], logits: &[f32], classes: usize) -> s
         ));
     }
     let mut bytes = Vec::with_capacity(probs.len() * 4);
-    for (p, l) in probs.chunks_exact(classes).zip(logits.chunks_exact(classes)) {
+    for (row, (p, l)) in probs.chunks_exact(classes).zip(logits.chunks_exact(classes)).enumerate() {
+        if let Some(e) = row_error(p, l) {
+            return Err(format!("row {row} of the batch: {e}"));
+        }
         for &v in p.iter().chain(l) {
             bytes.extend_from_slice(&f16::from_f32(v).to_le_bytes());
         }
     }
     Ok(bytes)
+}
+
+/// Why an expert's output row cannot be stored: a value that is not finite, or a logit beyond
+/// the f16 range the cache keeps. Checked before the row is written, so a finished cache never
+/// holds what reading it back refuses.
+fn row_error(probs: &[f32], logits: &[f32]) -> Option<String> {
+    if let Some(e) = distribution_error(probs, 0.0, 1e-2) {
+        return Some(format!("the expert's {e}"));
+    }
+    let limit = f16::MAX.to_f32();
+    let worst = logits.iter().copied().find(|v| !v.is_finite() || v.abs() > limit)?;
+    Some(if worst.is_finite() {
+        format!(
+            "the expert's logit {worst:e} is beyond the cache's f16 range (+-{limit}): its outputs are out of scale"
+        )
+    } else {
+        format!("the expert's output is not finite ({worst})")
+    })
 }
 
 /// Top-k position records as the cache stores them: per position its `k` ids (u32), their
@@ -435,7 +460,10 @@ pub fn encode_topk(ids: &[u32], probs: &[f32], rest: &[f32], k: usize) -> std::r
         return Err(format!("{} ids and {} probabilities are not {n} positions of top-{k}", ids.len(), probs.len()));
     }
     let mut bytes = Vec::with_capacity(n * (8 * k + 4));
-    for ((i, p), r) in ids.chunks_exact(k).zip(probs.chunks_exact(k)).zip(rest) {
+    for (pos, ((i, p), r)) in ids.chunks_exact(k).zip(probs.chunks_exact(k)).zip(rest).enumerate() {
+        if let Some(e) = distribution_error(p, *r, 1e-3) {
+            return Err(format!("position {pos} of the batch: the expert's {e}"));
+        }
         i.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
         p.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
         bytes.extend_from_slice(&r.to_le_bytes());
@@ -744,6 +772,15 @@ fn distribution_error(probs: &[f32], rest: f32, tol: f64) -> Option<String> {
 }
 
 fn check_provenance(path: &Path, have: &Provenance, want: &Provenance) -> Result<()> {
+    const REBUILD: &str = "rebuild it with `symerge cache-labels ... --force`";
+    if let (Some(h), Some(w)) = (have.max_len, want.max_len)
+        && h != w
+    {
+        return Err(cache_err(
+            path,
+            format!("made with --max-len {h}, this run uses {w}: set max_len: {h} in the adapt config, or {REBUILD}"),
+        ));
+    }
     let fields = [
         ("task", &have.task, &want.task),
         ("expert checkpoint (weights or config.json)", &have.expert_hash, &want.expert_hash),
@@ -754,7 +791,7 @@ fn check_provenance(path: &Path, have: &Provenance, want: &Provenance) -> Result
         if h != w {
             return Err(cache_err(
                 path,
-                format!("made for a different {what} (cache has {h}, this run has {w}); rerun cache-labels"),
+                format!("made for a different {what} (cache has {h}, this run has {w}); {REBUILD}"),
             ));
         }
     }

@@ -138,6 +138,7 @@ pub fn provenance<S: AsRef<str>>(expert: &Path, task: &str, max_len: usize, text
         expert_hash: checkpoint_hash(&ckpt),
         tokenizer_hash: file_hash(&tokenizer, &format!("max_len={max_len}"))?,
         inputs_hash: texts_hash(texts),
+        max_len: Some(max_len),
     })
 }
 
@@ -226,6 +227,9 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
             Ok(cache) => {
                 tracing::info!("{} already holds these labels; reusing it", opts.output.display());
                 return Ok(summary(&cache, true, 0));
+            }
+            Err(Error::LabelCache { path, reason }) if !opts.force && !reason.contains("--force") => {
+                return Err(Error::LabelCache { path, reason: format!("{reason}; pass --force to rebuild it") });
             }
             Err(e) if !opts.force => return Err(e),
             Err(e) => tracing::warn!("rebuilding: {e}"),

@@ -26,6 +26,7 @@ pub fn provenance() -> Provenance {
         expert_hash: "e".repeat(64),
         tokenizer_hash: "t".repeat(64),
         inputs_hash: "i".repeat(64),
+        max_len: Some(64),
     }
 }
 
