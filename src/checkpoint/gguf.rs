@@ -22,7 +22,7 @@ pub enum GgufValue {
     Float(f64),
     Bool(bool),
     Str(String),
-    Array(Vec<GgufValue>),
+    Array(GgufArray),
 }
 
 impl GgufValue {
@@ -50,11 +50,122 @@ impl GgufValue {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
+    pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
-            GgufValue::Array(v) => Some(v),
+            GgufValue::Array(a) => Some(a),
             _ => None,
         }
+    }
+
+    /// What the value is, for messages saying why it is not what its key needs (a string
+    /// where a size belongs is not "missing").
+    pub fn describe(&self) -> String {
+        match self {
+            GgufValue::Int(v) if *v < 0 => format!("negative ({v})"),
+            GgufValue::Int(v) => format!("the integer {v}"),
+            GgufValue::UInt(v) => format!("the integer {v}"),
+            GgufValue::Float(v) => format!("a float ({})", show_f64(*v)),
+            GgufValue::Bool(v) => format!("a bool ({v})"),
+            GgufValue::Str(_) => "a string".into(),
+            GgufValue::Array(a) => format!("an array of {} {}", a.len(), a.elem_type()),
+        }
+    }
+}
+
+/// A metadata array, kept at the width the file stores it (a `u8` array costs a byte an
+/// element, a string array its text and one offset each): arrays nobody reads, such as a
+/// hostile file's 60-million-element junk array, must not cost 32 bytes an element.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufArray {
+    /// The elements' GGUF type code.
+    ty: u32,
+    items: Items,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Items {
+    /// Fixed-width elements, as the file's little-endian bytes.
+    Fixed(Vec<u8>),
+    /// The strings one after another; `ends[i]` is where string `i` ends in `text`.
+    Str { text: String, ends: Vec<usize> },
+}
+
+impl GgufArray {
+    pub fn len(&self) -> usize {
+        match &self.items {
+            Items::Fixed(bytes) => bytes.len() / width(self.ty).unwrap_or(1),
+            Items::Str { ends, .. } => ends.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements' type as GGUF names it (`u8`, `i32`, `string`...).
+    pub fn elem_type(&self) -> &'static str {
+        type_name(self.ty)
+    }
+
+    /// The elements, decoded one at a time.
+    pub fn values(&self) -> Box<dyn Iterator<Item = GgufValue> + '_> {
+        match &self.items {
+            Items::Fixed(bytes) => {
+                let w = width(self.ty).unwrap_or(1);
+                Box::new(bytes.chunks_exact(w).map(|b| scalar(self.ty, b)))
+            }
+            Items::Str { .. } => Box::new(self.strings().into_iter().flatten().map(|s| GgufValue::Str(s.into()))),
+        }
+    }
+
+    /// The elements of a string array; `None` for an array of another type.
+    pub fn strings(&self) -> Option<impl Iterator<Item = &str>> {
+        match &self.items {
+            Items::Str { text, ends } => {
+                let starts = std::iter::once(0).chain(ends.iter().copied());
+                Some(starts.zip(ends).map(move |(start, &end)| &text[start..end]))
+            }
+            Items::Fixed(_) => None,
+        }
+    }
+}
+
+/// A float for messages: plainly when that is short, else in exponent form (1e300 would
+/// otherwise print 301 digits).
+pub fn show_f64(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() || (1e-4..1e6).contains(&v.abs()) { format!("{v}") } else { format!("{v:e}") }
+}
+
+/// The byte width of a fixed-width GGUF type (not string or array).
+fn width(ty: u32) -> Option<usize> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// A GGUF type code's name, for messages.
+pub fn type_name(ty: u32) -> &'static str {
+    const NAMES: [&str; 13] =
+        ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"];
+    NAMES.get(ty as usize).copied().unwrap_or("unknown")
+}
+
+/// Decodes one fixed-width value of type `ty` from exactly `width(ty)` little-endian bytes.
+fn scalar(ty: u32, b: &[u8]) -> GgufValue {
+    let le = |n: usize| b.iter().take(n).rev().fold(0u64, |acc, &x| (acc << 8) | x as u64);
+    match ty {
+        0 | 2 | 4 | 10 => GgufValue::UInt(le(b.len())),
+        1 => GgufValue::Int(le(1) as u8 as i8 as i64),
+        3 => GgufValue::Int(le(2) as u16 as i16 as i64),
+        5 => GgufValue::Int(le(4) as u32 as i32 as i64),
+        11 => GgufValue::Int(le(8) as i64),
+        6 => GgufValue::Float(f32::from_bits(le(4) as u32) as f64),
+        12 => GgufValue::Float(f64::from_bits(le(8))),
+        _ => GgufValue::Bool(b.first().is_some_and(|&x| x != 0)),
     }
 }
 
@@ -168,39 +279,60 @@ impl<'a> Cursor<'a> {
         Ok(n as usize)
     }
 
-    fn string(&mut self, what: &str) -> Result<String> {
+    fn str_ref(&mut self, what: &str) -> Result<&'a str> {
         let n = self.count(what, 1)?;
         let b = self.take(n, what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| self.err(&format!("{what} is not UTF-8")))
+        std::str::from_utf8(b).map_err(|_| self.err(&format!("{what} is not UTF-8")))
     }
 
-    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<GgufValue> {
-        let what = format!("value of `{key}`");
-        Ok(match ty {
-            0 => GgufValue::UInt(self.take(1, &what)?[0] as u64),
-            1 => GgufValue::Int(self.take(1, &what)?[0] as i8 as i64),
-            2 => GgufValue::UInt(u16::from_le_bytes(self.take(2, &what)?.try_into().expect("2")) as u64),
-            3 => GgufValue::Int(i16::from_le_bytes(self.take(2, &what)?.try_into().expect("2")) as i64),
-            4 => GgufValue::UInt(self.u32(&what)? as u64),
-            5 => GgufValue::Int(self.u32(&what)? as i32 as i64),
-            6 => GgufValue::Float(f32::from_bits(self.u32(&what)?) as f64),
-            7 => GgufValue::Bool(self.take(1, &what)?[0] != 0),
-            8 => GgufValue::Str(self.string(&what)?),
-            9 if depth == 0 => {
-                let inner = self.u32(&what)?;
-                let n = self.count(&what, 1)?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(inner, key, depth + 1)?);
-                }
-                GgufValue::Array(items)
-            }
-            10 => GgufValue::UInt(self.u64(&what)?),
-            11 => GgufValue::Int(self.u64(&what)? as i64),
-            12 => GgufValue::Float(f64::from_bits(self.u64(&what)?)),
-            other => return Err(self.err(&format!("{what} has unknown (or nested array) type {other}"))),
-        })
+    fn string(&mut self, what: &str) -> Result<String> {
+        self.str_ref(what).map(str::to_owned)
     }
+
+    fn value(&mut self, ty: u32, key: &str) -> Result<GgufValue> {
+        let what = format!("value of `{key}`");
+        match ty {
+            8 => Ok(GgufValue::Str(self.string(&what)?)),
+            9 => self.array(&what).map(GgufValue::Array),
+            _ => {
+                let w = width(ty).ok_or_else(|| self.err(&format!("{what} has unknown type {ty}")))?;
+                Ok(scalar(ty, self.take(w, &what)?))
+            }
+        }
+    }
+
+    /// An array, copied compactly ([`GgufArray`]); arrays of arrays are refused.
+    fn array(&mut self, what: &str) -> Result<GgufArray> {
+        let ty = self.u32(what)?;
+        if ty == 8 {
+            return self.string_array(what);
+        }
+        let w =
+            width(ty).ok_or_else(|| self.err(&format!("{what} is an array of unknown (or nested array) type {ty}")))?;
+        let n = self.count(what, w)?;
+        // `count` checked that `n * w` bytes are left.
+        let bytes = self.take(n * w, what)?.to_vec();
+        Ok(GgufArray { ty, items: Items::Fixed(bytes) })
+    }
+
+    fn string_array(&mut self, what: &str) -> Result<GgufArray> {
+        // Each string takes at least its 8-byte length.
+        let n = self.count(what, 8)?;
+        let (mut text, mut ends) = (String::new(), Vec::with_capacity(n));
+        for _ in 0..n {
+            text.push_str(self.str_ref(what)?);
+            ends.push(text.len());
+        }
+        Ok(GgufArray { ty: 8, items: Items::Str { text, ends } })
+    }
+}
+
+/// One entry of the tensor table as the file states it, before its range is checked.
+struct TableEntry {
+    name: String,
+    dims: Vec<usize>,
+    code: u32,
+    offset: u64,
 }
 
 impl Gguf {
@@ -223,42 +355,21 @@ impl Gguf {
         for _ in 0..n_kv {
             let key = c.string("metadata key")?;
             let ty = c.u32("metadata type")?;
-            let v = c.value(ty, &key, 0)?;
+            let v = c.value(ty, &key)?;
             metadata.insert(key, v);
         }
-        let mut table = Vec::with_capacity(n_tensors);
-        for _ in 0..n_tensors {
-            let name = c.string("tensor name")?;
-            let n_dims = c.u32(&format!("dimensions of `{name}`"))? as usize;
-            if n_dims == 0 || n_dims > 4 {
-                return Err(c.err(&format!("tensor `{name}` has {n_dims} dimensions")));
-            }
-            let mut dims = Vec::with_capacity(n_dims);
-            for _ in 0..n_dims {
-                let d = c.u64(&format!("a dimension of `{name}`"))?;
-                dims.push(usize::try_from(d).map_err(|_| c.err(&format!("dimension {d} of `{name}`")))?);
-            }
-            let code = c.u32(&format!("type of `{name}`"))?;
-            let offset = c.u64(&format!("offset of `{name}`"))?;
-            table.push((name, dims, code, offset));
-        }
+        let table = (0..n_tensors).map(|_| c.table_entry()).collect::<Result<Vec<_>>>()?;
         let align = match metadata.get("general.alignment") {
             None => 32,
-            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| c.err("general.alignment"))? as usize,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two())
+                .ok_or_else(|| c.err(&format!("`general.alignment` is {v:?}, not a power of two")))?
+                as usize,
         };
-        let data_start = c.at.div_ceil(align) * align;
-        let mut tensors = Vec::with_capacity(table.len());
-        for (name, dims, code, offset) in table {
-            let kind = GgmlType::from_code(code).ok_or_else(|| Error::BadGguf {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "tensor `{name}` has ggml type {code}, which this build does not dequantize \
-                                 (F32, F16, BF16, Q4_0, Q4_1, Q8_0)"
-                ),
-            })?;
-            let t = locate(path, map.len(), data_start, name, dims, kind, offset)?;
-            tensors.push(t);
-        }
+        let layout = Layout { path, file_len: map.len(), data_start: c.at.div_ceil(align) * align, align };
+        let tensors = table.into_iter().map(|e| layout.locate(e)).collect::<Result<Vec<_>>>()?;
+        layout.check_disjoint(&tensors)?;
         Ok(Gguf { path: path.to_path_buf(), version, metadata, tensors, map })
     }
 
@@ -278,31 +389,85 @@ impl Gguf {
     }
 }
 
-/// The byte range of a tensor, checked: the element count divides into blocks and the blocks lie
-/// inside the file.
-fn locate(
-    path: &Path,
+impl Cursor<'_> {
+    fn table_entry(&mut self) -> Result<TableEntry> {
+        let name = self.string("tensor name")?;
+        let n_dims = self.u32(&format!("dimensions of `{name}`"))? as usize;
+        if n_dims == 0 || n_dims > 4 {
+            return Err(self.err(&format!("tensor `{name}` has {n_dims} dimensions")));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            let d = self.u64(&format!("a dimension of `{name}`"))?;
+            dims.push(usize::try_from(d).map_err(|_| self.err(&format!("dimension {d} of `{name}`")))?);
+        }
+        let code = self.u32(&format!("type of `{name}`"))?;
+        let offset = self.u64(&format!("offset of `{name}`"))?;
+        Ok(TableEntry { name, dims, code, offset })
+    }
+}
+
+/// Where the tensor data lies, and the rules llama.cpp's reader holds a file to: every offset
+/// a multiple of the alignment, rows of whole quantization blocks, tensors inside the file and
+/// apart from one another. Overlapping tensors would let a small file import to an output
+/// hundreds of times its size; a row cut through a block is not a matrix ggml can read.
+struct Layout<'a> {
+    path: &'a Path,
     file_len: usize,
     data_start: usize,
-    name: String,
-    dims: Vec<usize>,
-    kind: GgmlType,
-    offset: u64,
-) -> Result<GgufTensor> {
-    let bad =
-        |reason: String| Error::BadGguf { path: path.to_path_buf(), reason: format!("tensor `{name}`: {reason}") };
-    let numel =
-        dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("{dims:?} overflow")))?;
-    let (per, bytes) = kind.block();
-    if numel % per != 0 {
-        return Err(bad(format!("{numel} elements are not whole {per}-element blocks of {kind:?}")));
+    align: usize,
+}
+
+impl Layout<'_> {
+    fn bad(&self, name: &str, reason: String) -> Error {
+        Error::BadGguf { path: self.path.to_path_buf(), reason: format!("tensor `{name}`: {reason}") }
     }
-    let len = (numel / per).checked_mul(bytes).ok_or_else(|| bad("size overflows".into()))?;
-    let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
-    let end = start.and_then(|s| s.checked_add(len)).filter(|&e| e <= file_len);
-    match (start, end) {
-        (Some(start), Some(end)) => Ok(GgufTensor { name, dims, kind, start, end }),
-        _ => Err(bad(format!("{len} bytes at offset {offset} lie outside the {file_len}-byte file"))),
+
+    /// The byte range of a tensor, checked.
+    fn locate(&self, e: TableEntry) -> Result<GgufTensor> {
+        let TableEntry { name, dims, code, offset } = e;
+        let kind = GgmlType::from_code(code).ok_or_else(|| {
+            let known = "F32, F16, BF16, Q4_0, Q4_1, Q8_0";
+            self.bad(&name, format!("ggml type {code}, which this build does not dequantize ({known})"))
+        })?;
+        let numel = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| self.bad(&name, format!("{dims:?} overflow")))?;
+        let (per, bytes) = kind.block();
+        let row = dims.first().copied().unwrap_or(0);
+        if row % per != 0 {
+            let msg = format!("rows of {row} elements are not whole {per}-element blocks of {kind:?}");
+            return Err(self.bad(&name, msg));
+        }
+        if offset % self.align as u64 != 0 {
+            let msg =
+                format!("data offset {offset} is not a multiple of the alignment {} (`general.alignment`)", self.align);
+            return Err(self.bad(&name, msg));
+        }
+        let len = (numel / per).checked_mul(bytes).ok_or_else(|| self.bad(&name, "size overflows".into()))?;
+        let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(self.data_start));
+        match start.and_then(|s| Some((s, s.checked_add(len).filter(|&e| e <= self.file_len)?))) {
+            Some((start, end)) => Ok(GgufTensor { name, dims, kind, start, end }),
+            None => Err(self.bad(
+                &name,
+                format!("{len} bytes at data offset {offset} run past the end of the {}-byte file", self.file_len),
+            )),
+        }
+    }
+
+    /// Refuses tensors whose bytes overlap (empty tensors occupy nothing).
+    fn check_disjoint(&self, tensors: &[GgufTensor]) -> Result<()> {
+        let mut by_start: Vec<&GgufTensor> = tensors.iter().filter(|t| t.end > t.start).collect();
+        by_start.sort_by_key(|t| (t.start, t.end));
+        match by_start.windows(2).find(|w| w[1].start < w[0].end) {
+            None => Ok(()),
+            Some(w) => {
+                let at = |t: &GgufTensor| format!("bytes {}..{}", t.start - self.data_start, t.end - self.data_start);
+                let msg = format!("its data ({}) overlaps that of `{}` ({})", at(w[1]), w[0].name, at(w[0]));
+                Err(self.bad(&w[1].name, msg))
+            }
+        }
     }
 }
 

@@ -48,6 +48,9 @@ pub struct ImportSummary {
     pub params: u64,
     pub vocab: usize,
     pub tied_embeddings: bool,
+    /// This process's peak resident set (`VmHWM`), as `merge` reports it: a hostile file's
+    /// metadata must not cost many times its size.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// The Llama hyper-parameters a GGUF file states.
@@ -230,6 +233,7 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         params,
         vocab,
         tied_embeddings: tied,
+        peak_rss_bytes: crate::sysinfo::peak_rss_bytes(),
     })
 }
 
@@ -342,9 +346,8 @@ fn tokenizer_json(g: &Gguf, rows: usize) -> Result<Value> {
     let strings = |key: &str| -> Result<Vec<String>> {
         let arr =
             g.get(key).and_then(|v| v.as_array()).ok_or_else(|| bad(g, format!("metadata `{key}` is missing")))?;
-        arr.iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(g, format!("`{key}` holds a non-string"))))
-            .collect()
+        let strings = arr.strings().ok_or_else(|| bad(g, format!("`{key}` holds a non-string")))?;
+        Ok(strings.map(str::to_string).collect())
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     if tokens.is_empty() || tokens.len() > rows {
@@ -354,7 +357,7 @@ fn tokenizer_json(g: &Gguf, rows: usize) -> Result<Value> {
     let types: Vec<u64> = g
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .map(|a| a.values().map(|v| v.as_u64().unwrap_or(1)).collect())
         .unwrap_or_default();
     let spell = bytes_to_unicode();
     let alphabet: std::collections::HashSet<char> = spell.iter().copied().collect();

@@ -7,16 +7,27 @@ use std::path::Path;
 #[derive(Clone)]
 pub enum Meta {
     U32(u32),
+    U64(u64),
+    I32(i32),
     F32(f32),
+    F64(f64),
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
+    /// An array of `.1` elements of GGUF type `.0`, as their bytes.
+    Raw(u32, u64, Vec<u8>),
 }
 
 /// A file's metadata and tensors (ggml dimension order: fastest first).
 pub struct TinyGguf {
     pub meta: Vec<(String, Meta)>,
     pub tensors: Vec<(String, Vec<u64>)>,
+    /// Tensors stored as Q8_0 rather than F32 (their element count must be whole blocks).
+    pub q8_0: Vec<String>,
+    /// Data offsets that replace the laid-out ones (relative to the data section).
+    pub moved: Vec<(String, u64)>,
+    /// Zero bytes appended after the data.
+    pub tail: usize,
 }
 
 const ALIGN: usize = 32;
@@ -87,7 +98,7 @@ impl TinyGguf {
             tensors.push((format!("blk.0.{part}.weight"), dims));
         }
         tensors.push(("output_norm.weight".into(), vec![hidden]));
-        TinyGguf { meta, tensors }
+        TinyGguf { meta, tensors, q8_0: Vec::new(), moved: Vec::new(), tail: 0 }
     }
 
     /// Replaces (or adds) one metadata entry.
@@ -113,19 +124,34 @@ impl TinyGguf {
             put_str(&mut head, name);
             head.extend((dims.len() as u32).to_le_bytes());
             dims.iter().for_each(|d| head.extend(d.to_le_bytes()));
-            head.extend(0u32.to_le_bytes()); // F32
-            head.extend((data.len() as u64).to_le_bytes());
+            let q8 = self.q8_0.contains(name);
+            head.extend(if q8 { 8u32 } else { 0 }.to_le_bytes()); // Q8_0 or F32
+            let moved = self.moved.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
+            head.extend(moved.unwrap_or(data.len() as u64).to_le_bytes());
             let numel: u64 = dims.iter().product();
             let values = super::randoms(i as u64, numel as usize, 0.1);
-            values.iter().for_each(|v| data.extend((*v as f32).to_le_bytes()));
+            if q8 {
+                put_q8_0(&mut data, &values);
+            } else {
+                values.iter().for_each(|v| data.extend((*v as f32).to_le_bytes()));
+            }
         }
         head.resize(head.len().next_multiple_of(ALIGN), 0);
         head.extend(data);
+        head.resize(head.len() + self.tail, 0);
         head
     }
 
     pub fn write(&self, path: &Path) {
         std::fs::write(path, self.bytes()).unwrap();
+    }
+}
+
+/// `values` as Q8_0 blocks (a 0.01 scale, the values over it rounded).
+fn put_q8_0(out: &mut Vec<u8>, values: &[f64]) {
+    for block in values.chunks(32) {
+        out.extend(half::f16::from_f32(0.01).to_le_bytes());
+        block.iter().for_each(|v| out.push((v / 0.01).round() as i8 as u8));
     }
 }
 
@@ -140,8 +166,20 @@ fn put_meta(out: &mut Vec<u8>, v: &Meta) {
             out.extend(4u32.to_le_bytes());
             out.extend(x.to_le_bytes());
         }
+        Meta::U64(x) => {
+            out.extend(10u32.to_le_bytes());
+            out.extend(x.to_le_bytes());
+        }
+        Meta::I32(x) => {
+            out.extend(5u32.to_le_bytes());
+            out.extend(x.to_le_bytes());
+        }
         Meta::F32(x) => {
             out.extend(6u32.to_le_bytes());
+            out.extend(x.to_le_bytes());
+        }
+        Meta::F64(x) => {
+            out.extend(12u32.to_le_bytes());
             out.extend(x.to_le_bytes());
         }
         Meta::Str(s) => {
@@ -159,6 +197,12 @@ fn put_meta(out: &mut Vec<u8>, v: &Meta) {
             out.extend(5u32.to_le_bytes());
             out.extend((items.len() as u64).to_le_bytes());
             items.iter().for_each(|x| out.extend(x.to_le_bytes()));
+        }
+        Meta::Raw(ty, count, bytes) => {
+            out.extend(9u32.to_le_bytes());
+            out.extend(ty.to_le_bytes());
+            out.extend(count.to_le_bytes());
+            out.extend(bytes);
         }
     }
 }
