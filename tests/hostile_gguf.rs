@@ -91,3 +91,119 @@ fn tensor_layouts_llama_cpp_refuses_are_refused() {
         refused(tmp.path(), name, &g.bytes(), want);
     }
 }
+
+/// A size of the wrong type used to be "missing"; a key holding numbers where strings belong
+/// too. Each now says what the value is and what the key needs.
+#[test]
+fn wrong_typed_metadata_says_what_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "llama.embedding_length",
+            Meta::Str("8".into()),
+            "`llama.embedding_length` is a string, expected an unsigned integer",
+        ),
+        ("llama.block_count", Meta::I32(-1), "`llama.block_count` is negative (-1), expected an unsigned integer"),
+        ("llama.feed_forward_length", Meta::F32(16.0), "`llama.feed_forward_length` is a float (16)"),
+        ("llama.attention.head_count_kv", Meta::Str("1".into()), "`llama.attention.head_count_kv` is a string"),
+        ("llama.rope.freq_base", Meta::Str("1e4".into()), "`llama.rope.freq_base` is a string, expected a number"),
+        ("tokenizer.ggml.tokens", Meta::I32s(vec![1; 300]), "is an array of 300 i32, expected an array of strings"),
+        ("general.architecture", Meta::U32(1), "`general.architecture` is the integer 1, expected a string"),
+    ];
+    for (i, (key, value, want)) in cases.into_iter().enumerate() {
+        let err = refused(tmp.path(), &format!("type-{i}"), &TinyGguf::new().set(key, value).bytes(), &[want]);
+        assert!(!err.contains("missing"), "{key}: {err}");
+    }
+}
+
+/// Values that pass as positive f64 but are inf or 0 in f32 (symerge's precision) failed only
+/// in a later command's rotary op, naming neither file nor key. A rotary width of 2^63 + 4
+/// made a head width whose products with the head counts wrapped to the real tensors' widths,
+/// so the import wrote a model every later command panicked on.
+#[test]
+fn sizes_and_scales_that_cannot_run_are_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = (1u64 << 63) + 4;
+    let cases = [
+        ("llama.rope.freq_base", Meta::F64(1e300), "`llama.rope.freq_base` is 1e300, which becomes inf in f32"),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F64(1e-60), "rms_epsilon` is 1e-60, which becomes 0 in f32"),
+        (
+            "llama.rope.dimension_count",
+            Meta::U64(huge),
+            "`llama.rope.dimension_count` is 9223372036854775812, but the heads are 4 wide",
+        ),
+        ("llama.rope.dimension_count", Meta::U32(2), "`llama.rope.dimension_count` is 2, but the heads are 4 wide"),
+        ("llama.attention.key_length", Meta::U64(huge), "`llama.attention.key_length` is 9223372036854775812"),
+    ];
+    for (i, (key, value, want)) in cases.into_iter().enumerate() {
+        refused(tmp.path(), &format!("value-{i}"), &TinyGguf::new().set(key, value).bytes(), &[want]);
+    }
+    // The values a real file states still import.
+    let file = tmp.path().join("fine.gguf");
+    let fine = TinyGguf::new()
+        .set("llama.rope.dimension_count", Meta::U32(4))
+        .set("llama.attention.key_length", Meta::U32(4))
+        .set("llama.rope.freq_base", Meta::F64(1e6));
+    fine.write(&file);
+    let (ok, _, err) = run(&["import-gguf", file.to_str().unwrap(), "-o", tmp.path().join("fine").to_str().unwrap()]);
+    assert!(ok, "{err}");
+}
+
+/// A merge the tokenizer cannot apply was reported by the tokenizer library as a line of the
+/// staged tokenizer.json, a file gone by the time the user reads it. It is now named by its
+/// index in `tokenizer.ggml.merges` and its text.
+#[test]
+fn a_merge_outside_the_vocabulary_is_named_by_its_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TinyGguf::new();
+    let list = |key: &str| match &g.meta.iter().find(|(k, _)| k == key).unwrap().1 {
+        Meta::Strs(t) => t.clone(),
+        _ => unreachable!(),
+    };
+    let (tokens, merges) = (list("tokenizer.ggml.tokens"), list("tokenizer.ggml.merges"));
+    // Two tokens whose concatenation is not one.
+    let (a, b) = tokens
+        .iter()
+        .flat_map(|a| tokens.iter().map(move |b| (a, b)))
+        .find(|(a, b)| !tokens.contains(&format!("{a}{b}")))
+        .unwrap();
+    for (i, (bad, want)) in
+        [("a b c".to_string(), "`b c`".to_string()), (format!("{a} {b}"), format!("`{a}{b}`"))].into_iter().enumerate()
+    {
+        let mut m = merges.clone();
+        m[3] = bad.clone();
+        let bytes = TinyGguf::new().set("tokenizer.ggml.merges", Meta::Strs(m)).bytes();
+        let err = refused(
+            tmp.path(),
+            &format!("merge-{i}"),
+            &bytes,
+            &[&format!("`tokenizer.ggml.merges[3]` (`{bad}`)"), &want],
+        );
+        assert!(!err.contains(".partial") && !err.contains("line"), "{err}");
+    }
+}
+
+/// Token types of the wrong length, type or value, and empty tokens, used to pass unnoticed
+/// (the special tokens silently dropped or misplaced).
+#[test]
+fn token_types_and_empty_tokens_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nine = vec![1; 300];
+    nine[5] = 9;
+    let mut empty = match &TinyGguf::new().meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").unwrap().1 {
+        Meta::Strs(t) => t.clone(),
+        _ => unreachable!(),
+    };
+    empty[299] = String::new();
+    let key = "tokenizer.ggml.token_type";
+    let cases = [
+        (key, Meta::I32s(vec![1; 299]), "`tokenizer.ggml.token_type` lists 299 types for 300 tokens"),
+        (key, Meta::Strs(vec!["1".into(); 300]), "`tokenizer.ggml.token_type[0]` is a string, not a token type"),
+        (key, Meta::U32(1), "`tokenizer.ggml.token_type` is the integer 1, expected an array"),
+        (key, Meta::I32s(nine), "`tokenizer.ggml.token_type[5]` is the integer 9, not a token type"),
+        ("tokenizer.ggml.tokens", Meta::Strs(empty), "`tokenizer.ggml.tokens[299]` is empty"),
+    ];
+    for (i, (key, value, want)) in cases.into_iter().enumerate() {
+        refused(tmp.path(), &format!("tokens-{i}"), &TinyGguf::new().set(key, value).bytes(), &[want]);
+    }
+}

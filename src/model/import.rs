@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::encode_into;
-use crate::checkpoint::gguf::{Gguf, GgufTensor};
+use crate::checkpoint::gguf::{Gguf, GgufTensor, show_f64};
 use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
 
@@ -70,42 +70,94 @@ fn bad(g: &Gguf, reason: String) -> Error {
     Error::BadGguf { path: g.path.clone(), reason }
 }
 
-fn hyper(g: &Gguf, arch: &str) -> Result<Hyper> {
-    let int = |key: &str| -> Result<usize> {
-        let k = format!("{arch}.{key}");
-        g.get(&k)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| bad(g, format!("metadata `{k}` is missing")))
-    };
-    // Written to config.json as they are: a NaN would become `null` there, read back as a default.
-    let float = |key: &str, default: f64| -> Result<f64> {
-        let v = g.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
-        if v.is_finite() && v > 0.0 {
-            Ok(v)
-        } else {
-            Err(bad(g, format!("metadata `{arch}.{key}` is {v}, not a positive number")))
+/// `key`'s unsigned integer, `None` when absent. A value of another type is an error saying
+/// what it is: a string or a negative number where a size belongs is not "missing".
+fn uint(g: &Gguf, key: &str) -> Result<Option<usize>> {
+    let Some(v) = g.get(key) else { return Ok(None) };
+    match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+        Some(n) => Ok(Some(n)),
+        None => Err(bad(g, format!("metadata `{key}` is {}, expected an unsigned integer", v.describe()))),
+    }
+}
+
+fn required(g: &Gguf, key: &str) -> Result<usize> {
+    uint(g, key)?.ok_or_else(|| bad(g, format!("metadata `{key}` is missing")))
+}
+
+/// `key`'s string, `None` when absent; a value of another type is an error saying what it is.
+fn text<'g>(g: &'g Gguf, key: &str) -> Result<Option<&'g str>> {
+    let Some(v) = g.get(key) else { return Ok(None) };
+    v.as_str().map(Some).ok_or_else(|| bad(g, format!("metadata `{key}` is {}, expected a string", v.describe())))
+}
+
+/// `key`'s positive number (`default` when absent). It is written to config.json as it is
+/// (a NaN would become `null` there, read back as a default), and symerge computes in f32, so
+/// a value that is inf or 0 once cast (a `rope.freq_base` of 1e300) is refused here, naming
+/// the key, rather than in a later command's rotary op.
+fn positive_f32(g: &Gguf, key: &str, default: f64) -> Result<f64> {
+    let v = match g.get(key) {
+        None => default,
+        Some(v) => {
+            v.as_f64().ok_or_else(|| bad(g, format!("metadata `{key}` is {}, expected a number", v.describe())))?
         }
     };
-    let (hidden, heads) = (int("embedding_length")?, int("attention.head_count")?);
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad(g, format!("metadata `{key}` is {}, not a positive number", show_f64(v))));
+    }
+    let f = v as f32;
+    if !f.is_finite() || f == 0.0 {
+        return Err(bad(
+            g,
+            format!("metadata `{key}` is {}, which becomes {f} in f32, the precision symerge computes in", show_f64(v)),
+        ));
+    }
+    Ok(v)
+}
+
+fn hyper(g: &Gguf, arch: &str) -> Result<Hyper> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let (hidden, heads) = (required(g, &key("embedding_length"))?, required(g, &key("attention.head_count"))?);
     if heads == 0 || hidden % heads != 0 {
         return Err(bad(g, format!("{heads} attention heads do not divide the hidden size {hidden}")));
     }
-    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+    let kv_heads = uint(g, &key("attention.head_count_kv"))?.unwrap_or(heads);
     if kv_heads == 0 || heads % kv_heads != 0 {
         return Err(bad(g, format!("{kv_heads} key/value heads do not divide {heads} heads")));
     }
     Ok(Hyper {
-        layers: int("block_count")?,
+        layers: required(g, &key("block_count"))?,
         hidden,
-        intermediate: int("feed_forward_length")?,
+        intermediate: required(g, &key("feed_forward_length"))?,
         heads,
         kv_heads,
-        head_dim: int("rope.dimension_count").unwrap_or(hidden / heads),
-        eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
-        rope_theta: float("rope.freq_base", 10000.0)?,
-        context: int("context_length").unwrap_or(2048),
+        head_dim: head_dim(g, arch, hidden, heads)?,
+        eps: positive_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-5)?,
+        rope_theta: positive_f32(g, &key("rope.freq_base"), 10000.0)?,
+        context: uint(g, &key("context_length"))?.unwrap_or(2048),
     })
+}
+
+/// The width of an attention head as llama.cpp reads it: `attention.key_length`, else the
+/// hidden size over the heads. A Llama rotates whole heads, so `rope.dimension_count` must be
+/// that width (llama.cpp refuses it otherwise). The query width `heads * head_dim` is checked:
+/// a product that wraps could match the real tensors' widths and pass every shape check, then
+/// size a rotary table of 2^62 entries (`rope.dimension_count` 2^63 + 4, fuzzing round 3).
+fn head_dim(g: &Gguf, arch: &str, hidden: usize, heads: usize) -> Result<usize> {
+    let (key_length, rope) = (format!("{arch}.attention.key_length"), format!("{arch}.rope.dimension_count"));
+    let (d, from) = match uint(g, &key_length)? {
+        Some(d) if d == 0 || d.checked_mul(heads).is_none() => {
+            return Err(bad(g, format!("metadata `{key_length}` is {d}, which does not make {heads} heads")));
+        }
+        Some(d) => (d, format!("`{key_length}`")),
+        None => (hidden / heads, format!("`{arch}.embedding_length` {hidden} over {heads} heads")),
+    };
+    match uint(g, &rope)? {
+        Some(r) if r != d => Err(bad(
+            g,
+            format!("metadata `{rope}` is {r}, but the heads are {d} wide ({from}); a Llama rotates whole heads"),
+        )),
+        _ => Ok(d),
+    }
 }
 
 /// The Hugging Face name of a llama.cpp tensor name.
@@ -163,7 +215,7 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
     crate::atomic::check_output_apart(output, &[gguf_path])?;
     crate::atomic::check_output_dir(output, force)?;
     let g = Gguf::open(gguf_path)?;
-    let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let arch = text(&g, "general.architecture")?.unwrap_or("").to_string();
     if arch != "llama" {
         return Err(bad(&g, format!("architecture `{arch}`: only `llama` (Llama, SmolLM, Mistral-style) imports")));
     }
@@ -218,7 +270,7 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         writer.write(name, &bytes)?;
     }
     writer.finish()?;
-    let config = config_json(&g, &h, vocab, tied);
+    let config = config_json(&g, &h, vocab, tied)?;
     for (file, value) in [("config.json", &config), ("tokenizer.json", &tokenizer)] {
         let path = staging.path().join(file);
         let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -294,9 +346,9 @@ fn verify_staged(g: &Gguf, dir: &Path, tensors: &[(String, &GgufTensor)]) -> Res
     Ok(())
 }
 
-fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Value {
-    let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(|v| v.as_u64());
-    json!({
+fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Result<Value> {
+    let id = |k: &str| uint(g, &format!("tokenizer.ggml.{k}"));
+    Ok(json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": h.hidden,
@@ -313,11 +365,11 @@ fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Value {
         "tie_word_embeddings": tied,
         "attention_bias": false,
         "mlp_bias": false,
-        "bos_token_id": id("bos_token_id"),
-        "eos_token_id": id("eos_token_id"),
-        "pad_token_id": id("padding_token_id"),
+        "bos_token_id": id("bos_token_id")?,
+        "eos_token_id": id("eos_token_id")?,
+        "pad_token_id": id("padding_token_id")?,
         "torch_dtype": "float32",
-    })
+    }))
 }
 
 /// GPT-2's byte-to-character table: printable bytes stand for themselves, the others for
@@ -337,44 +389,82 @@ fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
-/// The file's byte-level BPE tokenizer as a `tokenizer.json` (what transformers builds from it).
-fn tokenizer_json(g: &Gguf, rows: usize) -> Result<Value> {
-    let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
-    if model != "gpt2" {
-        return Err(bad(g, format!("tokenizer model `{model}`: only byte-level BPE (`gpt2`) imports")));
+/// The string array `key`: its type is checked, so a list of numbers is not "missing".
+fn string_array<'g>(g: &'g Gguf, key: &str) -> Result<Vec<&'g str>> {
+    let v = g.get(key).ok_or_else(|| bad(g, format!("metadata `{key}` is missing")))?;
+    let strings = v.as_array().and_then(|a| a.strings());
+    strings
+        .map(Iterator::collect)
+        .ok_or_else(|| bad(g, format!("metadata `{key}` is {}, expected an array of strings", v.describe())))
+}
+
+/// One type per token (llama.cpp's: 1 normal, 3 control, 4 user-defined, 0 to 6 in all); a
+/// file without the list has only normal tokens. A list of another length or of other values
+/// is refused: it would silently drop or misplace the special tokens.
+fn token_types(g: &Gguf, n_tokens: usize) -> Result<Vec<u64>> {
+    const KEY: &str = "tokenizer.ggml.token_type";
+    let Some(v) = g.get(KEY) else { return Ok(vec![1; n_tokens]) };
+    let a = v.as_array().ok_or_else(|| bad(g, format!("metadata `{KEY}` is {}, expected an array", v.describe())))?;
+    if a.len() != n_tokens {
+        return Err(bad(g, format!("`{KEY}` lists {} types for {n_tokens} tokens", a.len())));
     }
-    let strings = |key: &str| -> Result<Vec<String>> {
-        let arr =
-            g.get(key).and_then(|v| v.as_array()).ok_or_else(|| bad(g, format!("metadata `{key}` is missing")))?;
-        let strings = arr.strings().ok_or_else(|| bad(g, format!("`{key}` holds a non-string")))?;
-        Ok(strings.map(str::to_string).collect())
+    a.values()
+        .enumerate()
+        .map(|(i, t)| match t.as_u64() {
+            Some(ty @ 0..=6) => Ok(ty),
+            _ => Err(bad(g, format!("`{KEY}[{i}]` is {}, not a token type (0 to 6)", t.describe()))),
+        })
+        .collect()
+}
+
+/// The merges as the BPE model's pairs, each checked as the tokenizer will check it: both parts
+/// and their concatenation are tokens. Checked here, so that a bad merge is named by its index in
+/// the file rather than by a line of the staged tokenizer.json, which is gone by then.
+fn merge_pairs(g: &Gguf, merges: &[&str], vocab: &serde_json::Map<String, Value>) -> Result<Vec<Value>> {
+    let check = |i: usize, m: &str| -> Result<Value> {
+        let at = || format!("`tokenizer.ggml.merges[{i}]` (`{m}`)");
+        let (a, b) = m.split_once(' ').ok_or_else(|| bad(g, format!("{} is not a pair", at())))?;
+        let joined = format!("{a}{b}");
+        match [a, b, &joined].into_iter().find(|p| !vocab.contains_key(*p)) {
+            Some(p) => Err(bad(g, format!("{}: `{p}` is not in `tokenizer.ggml.tokens`", at()))),
+            None => Ok(json!([a, b])),
+        }
     };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    if tokens.is_empty() || tokens.len() > rows {
-        return Err(bad(g, format!("`tokenizer.ggml.tokens` lists {} tokens for {rows} embedding rows", tokens.len())));
-    }
-    let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<u64> = g
-        .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.as_array())
-        .map(|a| a.values().map(|v| v.as_u64().unwrap_or(1)).collect())
-        .unwrap_or_default();
+    merges.iter().enumerate().map(|(i, m)| check(i, m)).collect()
+}
+
+/// The vocabulary, each token spelled in GPT-2's byte alphabet (tokens already spelled so stay
+/// as they are). An empty token, which no text encodes to, or a token listed twice is refused.
+fn vocabulary(g: &Gguf, tokens: &[&str], in_alphabet: impl Fn(&str) -> bool) -> Result<serde_json::Map<String, Value>> {
     let spell = bytes_to_unicode();
-    let alphabet: std::collections::HashSet<char> = spell.iter().copied().collect();
-    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
     let mut vocab = serde_json::Map::new();
     for (id, t) in tokens.iter().enumerate() {
-        let spelled = if in_alphabet(t) { t.clone() } else { t.bytes().map(|b| spell[b as usize]).collect() };
+        if t.is_empty() {
+            return Err(bad(g, format!("`tokenizer.ggml.tokens[{id}]` is empty")));
+        }
+        let spelled = if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| spell[b as usize]).collect() };
         if let Some(first) = vocab.insert(spelled, id.into()) {
             return Err(bad(g, format!("`tokenizer.ggml.tokens` lists `{t}` twice (ids {first} and {id})")));
         }
     }
-    let merges: Vec<Value> = merges
-        .iter()
-        .map(|m| {
-            m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| bad(g, format!("merge `{m}` is not a pair")))
-        })
-        .collect::<Result<_>>()?;
+    Ok(vocab)
+}
+
+/// The file's byte-level BPE tokenizer as a `tokenizer.json` (what transformers builds from it).
+fn tokenizer_json(g: &Gguf, rows: usize) -> Result<Value> {
+    let model = text(g, "tokenizer.ggml.model")?.unwrap_or("");
+    if model != "gpt2" {
+        return Err(bad(g, format!("tokenizer model `{model}`: only byte-level BPE (`gpt2`) imports")));
+    }
+    let tokens = string_array(g, "tokenizer.ggml.tokens")?;
+    if tokens.is_empty() || tokens.len() > rows {
+        return Err(bad(g, format!("`tokenizer.ggml.tokens` lists {} tokens for {rows} embedding rows", tokens.len())));
+    }
+    let types = token_types(g, tokens.len())?;
+    let alphabet: std::collections::HashSet<char> = bytes_to_unicode().iter().copied().collect();
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let vocab = vocabulary(g, &tokens, in_alphabet)?;
+    let merges = merge_pairs(g, &string_array(g, "tokenizer.ggml.merges")?, &vocab)?;
     // Control tokens (type 3) spelled in the byte alphabet are special, user-defined ones (4) plain.
     let added: Vec<Value> = tokens
         .iter()
