@@ -207,3 +207,15 @@ fn token_types_and_empty_tokens_are_checked() {
         refused(tmp.path(), &format!("tokens-{i}"), &TinyGguf::new().set(key, value).bytes(), &[want]);
     }
 }
+
+/// `inspect` (or any checkpoint reader) given a GGUF file said its safetensors header length
+/// was implausibly large; it now says what the file is and how to convert it.
+#[test]
+fn inspect_of_a_gguf_file_points_to_import_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.gguf");
+    TinyGguf::new().write(&file);
+    let (ok, _, err) = run(&["inspect", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("is a GGUF file") && err.contains("symerge import-gguf"), "{err}");
+}

@@ -387,6 +387,16 @@ fn open_shard(path: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorMeta>
     // SAFETY: the file is opened read-only; like every mmap-based reader we rely on nobody
     // truncating checkpoint files while they are being merged.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    if mmap.starts_with(b"GGUF") {
+        // Read as safetensors, its magic is an "implausibly large" header length.
+        return Err(Error::BadSafetensors {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it is a GGUF file (llama.cpp's format); convert it first with `symerge import-gguf {} -o DIR`",
+                path.display()
+            ),
+        });
+    }
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
         path: path.to_path_buf(),
         reason: describe_safetensors_error(&e, &mmap),
