@@ -358,13 +358,35 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Rank 0 removes files an earlier run left (never temp files: another rank may be mid-write).
+/// Directories are not ours: every name the protocol uses is a file, so one is left alone with
+/// a warning (failing here would leave the other ranks waiting for their timeout), unless it
+/// takes the name `payload`, which rank 0 must write.
 fn clear_old_files(run_dir: &Path) -> Result<()> {
     let entries = fs::read_dir(run_dir).map_err(|e| Error::io(run_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(run_dir, e))?;
-        if !entry.file_name().to_string_lossy().starts_with(".tmp.") {
-            remove_if_present(&entry.path())?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(".tmp.") {
+            continue;
         }
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if name == "payload" {
+                return Err(Error::Rendezvous {
+                    dir: run_dir.to_path_buf(),
+                    reason: format!(
+                        "{} is a directory; rank 0 writes its payload file there: remove it",
+                        path.display()
+                    ),
+                });
+            }
+            tracing::warn!(
+                "{}: a directory in the rendezvous directory, not written by symerge; left alone",
+                path.display()
+            );
+            continue;
+        }
+        remove_if_present(&path)?;
     }
     Ok(())
 }
@@ -455,6 +477,26 @@ mod tests {
         let lead = rendezvous(&info(0, 2), &opts(tmp.path(), 5000), &[1]).unwrap();
         assert_eq!(lead.payload(), &[1]);
         assert_eq!(follower.join().unwrap(), vec![1]);
+    }
+
+    /// Fuzzing round 3: rank 0 failed with a bare "Is a directory" and rank 1 waited for its
+    /// timeout.
+    #[test]
+    fn a_directory_left_in_the_run_dir_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let junk = tmp.path().join("run-default").join("subdir");
+        fs::create_dir_all(&junk).unwrap();
+        fs::write(junk.join("x"), b"x").unwrap();
+        let o = opts(tmp.path(), 5000);
+        let follower = std::thread::spawn(move || rendezvous(&info(1, 2), &o, &[]).map(|r| r.payload().to_vec()));
+        let lead = rendezvous(&info(0, 2), &opts(tmp.path(), 5000), &[3]).unwrap();
+        assert_eq!(lead.payload(), &[3]);
+        assert_eq!(follower.join().unwrap().unwrap(), vec![3]);
+        assert!(junk.join("x").exists(), "the directory is not ours to remove");
+
+        fs::create_dir(tmp.path().join("run-default").join("payload")).unwrap();
+        let msg = rendezvous(&info(0, 2), &opts(tmp.path(), 200), &[]).unwrap_err().to_string();
+        assert!(msg.contains("payload is a directory"), "{msg}");
     }
 
     #[test]
