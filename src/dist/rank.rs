@@ -27,6 +27,11 @@ pub const LAUNCHER_VARS: &[&str] = &[
     "SLURM_STEP_ID",
 ];
 
+/// The largest world size accepted. Far above any job this tool runs (the file rendezvous polls
+/// one file per rank), and low enough that a garbage `WORLD_SIZE` (`2^64-1`, `1e9`) fails at
+/// once with a clear error instead of panicking on an allocation or polling for hours.
+pub const MAX_WORLD_SIZE: usize = 65_536;
+
 /// The launcher that set the variables a [`RankInfo`] came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,6 +110,12 @@ impl RankInfo {
         let world_size = required(world_var, rank_var)?;
         if world_size == 0 {
             return Err(Error::Env { var: world_var.into(), reason: "must be at least 1, got 0".into() });
+        }
+        if world_size > MAX_WORLD_SIZE {
+            return Err(Error::Env {
+                var: world_var.into(),
+                reason: format!("{world_size} ranks is more than the {MAX_WORLD_SIZE} supported"),
+            });
         }
         if rank >= world_size {
             return Err(Error::Env {
@@ -231,6 +242,24 @@ mod tests {
                 assert!(LAUNCHER_VARS.contains(&name.as_str()), "`{name}` is read but not in LAUNCHER_VARS");
             }
         }
+    }
+
+    /// Fuzzing round 3: `2^64-1` panicked on an allocation, `1e9` ignored the timeout.
+    #[test]
+    fn world_size_is_capped() {
+        for (world, ok) in [("65536", true), ("65537", false), ("18446744073709551615", false)] {
+            let got = RankInfo::from_lookup(&env(&[("RANK", "0"), ("WORLD_SIZE", world)]));
+            match (got, ok) {
+                (Ok(info), true) => assert_eq!(info.world_size, MAX_WORLD_SIZE),
+                (Err(Error::Env { var, reason }), false) => {
+                    assert_eq!(var, "WORLD_SIZE");
+                    assert!(reason.contains("more than the 65536 supported"), "{reason}");
+                }
+                (other, _) => panic!("WORLD_SIZE={world}: {other:?}"),
+            }
+        }
+        let slurm = RankInfo::from_lookup(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "100000")]));
+        assert!(matches!(slurm, Err(Error::Env { var, .. }) if var == "SLURM_NTASKS"));
     }
 
     #[test]

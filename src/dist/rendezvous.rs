@@ -29,11 +29,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::dist::rank::{RankInfo, RankSource};
+use crate::dist::rank::{MAX_WORLD_SIZE, RankInfo, RankSource};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"SYMRDZV1";
 const NONCE_LEN: usize = 16;
+/// How long a rank that timed out spends looking for the others' arrival files to name them in
+/// its error: a bound, because with thousands of ranks that is thousands of lookups.
+const REPORT_SWEEP: Duration = Duration::from_secs(1);
 
 /// Where and how long to wait.
 #[derive(Clone, Debug)]
@@ -70,6 +73,13 @@ pub struct Rendezvous {
 /// Meets the other ranks in `opts.dir`. Rank 0 shares `payload`; the other ranks' `payload`
 /// argument is ignored and they receive rank 0's.
 pub fn rendezvous(info: &RankInfo, opts: &RendezvousOptions, payload: &[u8]) -> Result<Rendezvous> {
+    // `RankInfo`'s fields are public: check here too what `from_lookup` checks, before anything
+    // is allocated per rank.
+    if info.world_size == 0 || info.world_size > MAX_WORLD_SIZE || info.rank >= info.world_size {
+        return Err(Error::Invalid(format!(
+            "{info}: a rendezvous needs a world of 1 to {MAX_WORLD_SIZE} ranks and a rank below it"
+        )));
+    }
     let key = opts.job_id.clone().or_else(|| info.run_id.clone()).unwrap_or_else(|| "default".into());
     let run_dir = opts.dir.join(format!("run-{}", sanitize(&key)));
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
@@ -106,11 +116,7 @@ impl Waiter<'_> {
         let mut arrived = vec![false; world];
         arrived[0] = true;
         loop {
-            for (r, seen) in arrived.iter_mut().enumerate() {
-                if !*seen {
-                    *seen = self.run_dir.join(arrived_name(&nonce, r)).exists();
-                }
-            }
+            sweep(self.run_dir, &nonce, &mut arrived, self.deadline);
             if arrived.iter().all(|&a| a) {
                 remove_if_present(&payload_path)?;
                 write_atomic(&self.run_dir.join(format!("{nonce}.go")), b"")?;
@@ -168,8 +174,8 @@ impl Waiter<'_> {
             if Instant::now() >= self.deadline {
                 return Err(match &joined {
                     Some((nonce, _)) => {
-                        let arrived: Vec<bool> =
-                            (0..world).map(|r| self.run_dir.join(arrived_name(nonce, r)).exists()).collect();
+                        let mut arrived = vec![false; world];
+                        sweep(self.run_dir, nonce, &mut arrived, Instant::now() + REPORT_SWEEP);
                         let (missing, arrived) = split(&arrived);
                         self.timeout_error(missing, arrived, mismatch)
                     }
@@ -203,6 +209,20 @@ impl Waiter<'_> {
             missing,
             arrived,
             hint,
+        }
+    }
+}
+
+/// Marks the ranks whose arrival file for `nonce` exists, stopping at `stop` (the ranks not
+/// looked at stay unmarked): one sweep is a lookup per rank, and the deadline must hold whatever
+/// the world size.
+fn sweep(run_dir: &Path, nonce: &str, seen: &mut [bool], stop: Instant) {
+    for (r, s) in seen.iter_mut().enumerate() {
+        if Instant::now() >= stop {
+            return;
+        }
+        if !*s {
+            *s = run_dir.join(arrived_name(nonce, r)).exists();
         }
     }
 }
@@ -497,6 +517,34 @@ mod tests {
         fs::create_dir(tmp.path().join("run-default").join("payload")).unwrap();
         let msg = rendezvous(&info(0, 2), &opts(tmp.path(), 200), &[]).unwrap_err().to_string();
         assert!(msg.contains("payload is a directory"), "{msg}");
+    }
+
+    #[test]
+    fn a_sweep_stops_at_its_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        for r in 0..3 {
+            fs::write(tmp.path().join(arrived_name("n", r)), b"").unwrap();
+        }
+        let mut seen = [false; 3];
+        sweep(tmp.path(), "n", &mut seen, Instant::now());
+        assert_eq!(seen, [false; 3], "no lookup after the deadline");
+        sweep(tmp.path(), "n", &mut seen, Instant::now() + Duration::from_secs(60));
+        assert_eq!(seen, [true; 3]);
+    }
+
+    /// Fuzzing round 3: a huge world panicked (2^64-1) or overran its timeout (1e9), and the
+    /// error listed every missing rank.
+    #[test]
+    fn the_largest_world_times_out_on_time_with_a_short_message() {
+        let tmp = tempfile::tempdir().unwrap();
+        let start = Instant::now();
+        let msg = rendezvous(&info(0, MAX_WORLD_SIZE), &opts(tmp.path(), 300), &[]).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(msg.contains("rank(s) 1-65535 (65535 ranks) of 65536 never arrived"), "{msg}");
+        assert!(msg.len() < 600, "{} bytes", msg.len());
+        let huge = RankInfo { world_size: usize::MAX, ..info(0, 1) };
+        let msg = rendezvous(&huge, &opts(tmp.path(), 300), &[]).unwrap_err().to_string();
+        assert!(msg.contains("a world of 1 to 65536 ranks"), "{msg}");
     }
 
     #[test]
