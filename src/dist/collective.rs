@@ -433,11 +433,13 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
-    /// Two thread-ranks through a real rendezvous directory.
+    /// Two thread-ranks through a real rendezvous directory; `timeout` is the collectives'
+    /// (the rendezvous gets longer: on a loaded machine 200 ms is not enough to start a thread).
     fn file_pair(dir: &std::path::Path, timeout: Duration) -> (FileGroup, FileGroup) {
         use crate::dist::rank::RankInfo;
         use crate::dist::rendezvous::{RendezvousOptions, rendezvous};
-        let opts = RendezvousOptions { poll: Duration::from_millis(2), ..RendezvousOptions::new(dir, timeout) };
+        let wait = Duration::from_secs(20);
+        let opts = RendezvousOptions { poll: Duration::from_millis(2), ..RendezvousOptions::new(dir, wait) };
         let o = opts.clone();
         let r1 = std::thread::spawn(move || {
             rendezvous(&RankInfo { rank: 1, world_size: 2, ..RankInfo::single() }, &o, &[]).unwrap()
