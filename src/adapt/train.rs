@@ -356,12 +356,22 @@ impl AdaptArgs {
         Ok(cfg)
     }
 
+    /// What this run is, for the rendezvous ([`crate::dist::run_fingerprint`]): the output and
+    /// the effective config (seed and epochs included), so that two adaptations sharing a
+    /// rendezvous directory and job id refuse each other instead of training together.
+    fn fingerprint(&self, cfg: &AdaptConfig) -> String {
+        let summary = format!("adapt -o {}", self.opts.output.display());
+        // A config that cannot be serialised still hashes its Debug form; both are stable.
+        let settings = serde_json::to_vec(cfg).unwrap_or_else(|_| format!("{cfg:?}").into_bytes());
+        crate::dist::run_fingerprint(&summary, &[&settings])
+    }
+
     /// Adapts as this rank of the launcher's job. Rank 0 writes the output and returns its
     /// summary; the other ranks log that they are done and return `None`. A rank that fails
     /// before training aborts the group, so no other rank waits for it.
     pub fn run(&self) -> Result<Option<AdaptSummary>> {
         let cfg = self.config()?;
-        let (info, mut coll) = self.dist.connect_from_env()?;
+        let (info, mut coll) = self.dist.connect_from_env(&self.fingerprint(&cfg))?;
         // Before any model is loaded: a refused output should cost nothing.
         if let Err(e) = check_output(&cfg, &self.opts, info.rank) {
             coll.abort(&e.to_string());

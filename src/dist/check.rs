@@ -34,7 +34,8 @@ impl Default for CheckOptions {
 impl CheckOptions {
     /// Connects this process as the launcher's environment says and runs [`run_check`] on it.
     pub fn run(&self) -> Result<CheckReport> {
-        let (info, mut coll) = self.dist.connect_from_env()?;
+        let run = crate::dist::run_fingerprint(&format!("dist-check --elements {}", self.elements), &[]);
+        let (info, mut coll) = self.dist.connect_from_env(&run)?;
         run_check(coll.as_mut(), &info, self.elements).map_err(|e| info.tag(e))
     }
 }

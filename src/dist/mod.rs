@@ -93,17 +93,33 @@ impl Default for ConnectOptions {
 
 impl ConnectOptions {
     /// This process's rank, from the launcher's variables, and its communicator ([`Single`]
-    /// without a launcher); a failure to connect names the rank.
-    pub fn connect_from_env(&self) -> Result<(RankInfo, Box<dyn Collective>)> {
+    /// without a launcher); a failure to connect names the rank. `run` is what the run is
+    /// ([`run_fingerprint`]): ranks of another job that meet in the same directory are refused.
+    pub fn connect_from_env(&self, run: &str) -> Result<(RankInfo, Box<dyn Collective>)> {
         let info = RankInfo::from_env()?;
-        let coll = connect(&info, self).map_err(|e| info.tag(e))?;
+        let coll = connect(&info, self, run).map_err(|e| info.tag(e))?;
         Ok((info, coll))
     }
 }
 
+/// What a run is, for the rendezvous: `summary` (the command and its output, which a person
+/// reading a refusal recognises) and a hash of `details` (the settings every rank must share,
+/// such as the effective config). Ranks of one job compute the same string; two jobs that
+/// differ in anything hashed do not, so one cannot join the other.
+pub fn run_fingerprint(summary: &str, details: &[&[u8]]) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in details {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let hex = h.finalize().to_hex();
+    format!("{summary} [{}]", &hex[..12])
+}
+
 /// The communicator for this rank: [`Single`] for world size 1 (a one-rank NCCL communicator
-/// when NCCL is asked for), else the rendezvous followed by the chosen backend.
-pub fn connect(info: &RankInfo, opts: &ConnectOptions) -> Result<Box<dyn Collective>> {
+/// when NCCL is asked for), else the rendezvous followed by the chosen backend; `run` is the
+/// run's [`run_fingerprint`].
+pub fn connect(info: &RankInfo, opts: &ConnectOptions, run: &str) -> Result<Box<dyn Collective>> {
     if info.is_single() {
         return match opts.backend {
             Backend::File => Ok(Box::new(Single)),
@@ -116,8 +132,11 @@ pub fn connect(info: &RankInfo, opts: &ConnectOptions) -> Result<Box<dyn Collect
             info.world_size
         )));
     };
-    let ropts =
-        RendezvousOptions { job_id: opts.job_id.clone(), ..RendezvousOptions::new(dir, opts.rendezvous_timeout) };
+    let ropts = RendezvousOptions {
+        job_id: opts.job_id.clone(),
+        fingerprint: run.to_string(),
+        ..RendezvousOptions::new(dir, opts.rendezvous_timeout)
+    };
     match opts.backend {
         Backend::Nccl => Ok(Box::new(nccl::connect(info, Some(&ropts), opts.collective_timeout)?)),
         Backend::File => {

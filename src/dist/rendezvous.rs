@@ -27,12 +27,19 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dist::rank::{MAX_WORLD_SIZE, RankInfo, RankSource};
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"SYMRDZV1";
+/// Version 2 added the run's fingerprint; a version-1 payload is not read (as if absent).
+const MAGIC: &[u8; 8] = b"SYMRDZV2";
+const PAYLOAD: &str = "payload";
+/// Rank 0's heartbeat file ([`Heartbeat`]).
+const ALIVE: &str = "alive";
+/// Heartbeats a watcher waits to see `alive` change before it takes a run for dead.
+const STALE_BEATS: u32 = 3;
 const NONCE_LEN: usize = 16;
 /// How long a rank that timed out spends looking for the others' arrival files to name them in
 /// its error: a bound, because with thousands of ranks that is thousands of lookups.
@@ -49,11 +56,25 @@ pub struct RendezvousOptions {
     pub poll: Duration,
     /// Keeps runs sharing `dir` apart; default: the launcher's run id, else `default`.
     pub job_id: Option<String>,
+    /// What this run is ([`crate::dist::run_fingerprint`]): every rank of one job passes the
+    /// same, so that a rank of another job that shares the directory and job id is refused at
+    /// once instead of joining this one.
+    pub fingerprint: String,
+    /// How often rank 0 rewrites `alive`; a run whose `alive` stays the same for
+    /// [`STALE_BEATS`] of these is taken for one that crashed.
+    pub heartbeat: Duration,
 }
 
 impl RendezvousOptions {
     pub fn new(dir: impl Into<PathBuf>, timeout: Duration) -> Self {
-        RendezvousOptions { dir: dir.into(), timeout, poll: Duration::from_millis(20), job_id: None }
+        RendezvousOptions {
+            dir: dir.into(),
+            timeout,
+            poll: Duration::from_millis(20),
+            job_id: None,
+            fingerprint: String::new(),
+            heartbeat: Duration::from_secs(1),
+        }
     }
 }
 
@@ -68,6 +89,8 @@ pub struct Rendezvous {
     payload: Vec<u8>,
     poll: Duration,
     seq: u64,
+    /// Rank 0's: shows the directory is in use for as long as this run lives.
+    _heartbeat: Option<Heartbeat>,
 }
 
 /// Meets the other ranks in `opts.dir`. Rank 0 shares `payload`; the other ranks' `payload`
@@ -85,46 +108,87 @@ pub fn rendezvous(info: &RankInfo, opts: &RendezvousOptions, payload: &[u8]) -> 
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     tracing::debug!("{info}: rendezvous in {}", run_dir.display());
     let deadline = Instant::now() + opts.timeout;
-    let waiter = Waiter { run_dir: &run_dir, info, start: Instant::now(), deadline, poll: opts.poll };
-    let (nonce, payload) = if info.rank == 0 { waiter.lead(payload)? } else { waiter.follow()? };
+    let waiter = Waiter { run_dir: &run_dir, info, opts, token: new_nonce(), start: Instant::now(), deadline };
+    let (nonce, payload, heartbeat) = match info.rank {
+        0 => waiter.lead(payload)?,
+        _ => waiter.follow().map(|(nonce, payload)| (nonce, payload, None))?,
+    };
     tracing::info!("{info}: rendezvous complete in {}", run_dir.display());
-    Ok(Rendezvous { run_dir, nonce, rank: info.rank, world_size: info.world_size, payload, poll: opts.poll, seq: 0 })
+    Ok(Rendezvous {
+        run_dir,
+        nonce,
+        rank: info.rank,
+        world_size: info.world_size,
+        payload,
+        poll: opts.poll,
+        seq: 0,
+        _heartbeat: heartbeat,
+    })
 }
 
 struct Waiter<'a> {
     run_dir: &'a Path,
     info: &'a RankInfo,
+    opts: &'a RendezvousOptions,
+    /// This call's own mark in the arrival file it claims, to tell its claim from another's.
+    token: String,
     start: Instant,
     deadline: Instant,
-    poll: Duration,
+}
+
+/// A payload this rank cannot join (another job's, or its rank already claimed), until it is
+/// known whether its run is live (refuse now) or a crashed run's leftover (wait for our rank 0).
+struct Suspect {
+    nonce: String,
+    reason: String,
+    since: Instant,
+    /// `alive` when the payload was first seen: a change under the same nonce means a live run.
+    alive: Option<Vec<u8>>,
+}
+
+/// A follower's view while it waits.
+#[derive(Default)]
+struct Following {
+    joined: Option<(String, Vec<u8>)>,
+    suspect: Option<Suspect>,
+    /// Generations found dead: their payloads are ignored.
+    dead: Vec<String>,
+    /// Why a payload was ignored, for the timeout error.
+    hint: String,
 }
 
 impl Waiter<'_> {
-    fn lead(&self, payload: &[u8]) -> Result<(String, Vec<u8>)> {
+    fn lead(&self, payload: &[u8]) -> Result<(String, Vec<u8>, Option<Heartbeat>)> {
+        self.refuse_a_live_run()?;
         clear_old_files(self.run_dir)?;
         let nonce = new_nonce();
+        let heartbeat = Heartbeat::start(self.run_dir, &nonce, self.opts.heartbeat)?;
+        let bytes = encode_payload(&nonce, self.info.world_size, &self.opts.fingerprint, payload);
+        write_atomic(&self.run_dir.join(PAYLOAD), &bytes)?;
+        if let Some(who) = self.claim(&nonce)? {
+            return Err(self.conflict(format!("rank 0's arrival under a new nonce is already held ({who})")));
+        }
+        self.wait_for_all(&nonce)?;
+        Ok((nonce, payload.to_vec(), Some(heartbeat)))
+    }
+
+    /// Rank 0 waits for every arrival file of `nonce`, then tells the others to go.
+    fn wait_for_all(&self, nonce: &str) -> Result<()> {
         let world = self.info.world_size;
-        let mut bytes = Vec::with_capacity(32 + payload.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(nonce.as_bytes());
-        bytes.extend_from_slice(&(world as u64).to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        let payload_path = self.run_dir.join("payload");
-        write_atomic(&payload_path, &bytes)?;
-        write_atomic(&self.run_dir.join(arrived_name(&nonce, 0)), arrival_note().as_bytes())?;
+        let payload_path = self.run_dir.join(PAYLOAD);
         let mut arrived = vec![false; world];
         arrived[0] = true;
         loop {
-            sweep(self.run_dir, &nonce, &mut arrived, self.deadline);
+            sweep(self.run_dir, nonce, &mut arrived, self.deadline);
             if arrived.iter().all(|&a| a) {
                 remove_if_present(&payload_path)?;
                 write_atomic(&self.run_dir.join(format!("{nonce}.go")), b"")?;
                 for r in 0..world {
-                    remove_if_present(&self.run_dir.join(arrived_name(&nonce, r)))?;
+                    remove_if_present(&self.run_dir.join(arrived_name(nonce, r)))?;
                 }
-                return Ok((nonce, payload.to_vec()));
+                return Ok(());
             }
+            self.check_still_lead(nonce)?;
             if Instant::now() >= self.deadline {
                 let (missing, present) = split(&arrived);
                 let err = self.timeout_error(missing, present, String::new());
@@ -133,33 +197,47 @@ impl Waiter<'_> {
                 let _ = write_atomic(&self.run_dir.join(format!("{nonce}.abort")), err.to_string().as_bytes());
                 return Err(err);
             }
-            std::thread::sleep(self.poll);
+            std::thread::sleep(self.opts.poll);
+        }
+    }
+
+    /// A second rank 0 (another job with the same directory and job id) must not clear a live
+    /// run's files. If `alive` changes while it is watched for [`STALE_BEATS`] heartbeats, its
+    /// run is live; if it stays the same, a crashed run left it and it is cleared with the rest.
+    fn refuse_a_live_run(&self) -> Result<()> {
+        let alive = self.run_dir.join(ALIVE);
+        let Some(first) = read_if_present(&alive)? else { return Ok(()) };
+        let until = Instant::now() + self.stale_after();
+        while Instant::now() < until {
+            std::thread::sleep(self.opts.poll);
+            match read_if_present(&alive)? {
+                None => return Ok(()),
+                Some(now) if now != first => {
+                    return Err(self.conflict(format!("another run is live there ({})", describe_alive(&now))));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Two rank 0s that started together both found no live run; the one whose payload the
+    /// other replaced steps back.
+    fn check_still_lead(&self, nonce: &str) -> Result<()> {
+        match read_payload(&self.run_dir.join(PAYLOAD))? {
+            Some(p) if p.nonce == nonce => Ok(()),
+            _ => Err(self.conflict("another rank 0 replaced this run's payload".into())),
         }
     }
 
     fn follow(&self) -> Result<(String, Vec<u8>)> {
-        let rank = self.info.rank;
-        let world = self.info.world_size;
-        let payload_path = self.run_dir.join("payload");
-        let mut joined: Option<(String, Vec<u8>)> = None;
-        let mut mismatch = String::new();
+        let mut st = Following::default();
         loop {
-            match read_payload(&payload_path)? {
-                Some(p) if p.world_size != world => {
-                    mismatch = format!(
-                        "; {} says world size {}, this rank has {world} (stale file, or ranks launched with different sizes?)",
-                        payload_path.display(),
-                        p.world_size
-                    );
-                }
-                Some(p) if joined.as_ref().is_none_or(|(n, _)| *n != p.nonce) => {
-                    write_atomic(&self.run_dir.join(arrived_name(&p.nonce, rank)), arrival_note().as_bytes())?;
-                    tracing::debug!("rank {rank}: joined rendezvous generation {}", p.nonce);
-                    joined = Some((p.nonce, p.payload));
-                }
-                _ => {}
+            if let Some(p) = read_payload(&self.run_dir.join(PAYLOAD))? {
+                self.consider(p, &mut st)?;
             }
-            if let Some((nonce, shared)) = &joined {
+            self.judge(&mut st)?;
+            if let Some((nonce, shared)) = &st.joined {
                 if self.run_dir.join(format!("{nonce}.go")).exists() {
                     return Ok((nonce.clone(), shared.clone()));
                 }
@@ -172,26 +250,120 @@ impl Waiter<'_> {
                 }
             }
             if Instant::now() >= self.deadline {
-                return Err(match &joined {
-                    Some((nonce, _)) => {
-                        let mut arrived = vec![false; world];
-                        sweep(self.run_dir, nonce, &mut arrived, Instant::now() + REPORT_SWEEP);
-                        let (missing, arrived) = split(&arrived);
-                        self.timeout_error(missing, arrived, mismatch)
-                    }
-                    // Without rank 0's nonce there is no generation to look for others in; all
-                    // this rank knows is that rank 0 is missing and that it is here itself.
-                    None => {
-                        let hint = if mismatch.is_empty() {
-                            "; rank 0 never wrote the rendezvous payload (other ranks not checked)".to_string()
-                        } else {
-                            mismatch
-                        };
-                        self.timeout_error(vec![0], vec![rank], hint)
-                    }
-                });
+                return Err(self.follower_timeout(st));
             }
-            std::thread::sleep(self.poll);
+            std::thread::sleep(self.opts.poll);
+        }
+    }
+
+    /// A payload not seen before is joined (this rank's arrival claimed), or suspected.
+    fn consider(&self, p: Payload, st: &mut Following) -> Result<()> {
+        let seen = st.dead.contains(&p.nonce)
+            || st.joined.as_ref().is_some_and(|(n, _)| *n == p.nonce)
+            || st.suspect.as_ref().is_some_and(|s| s.nonce == p.nonce);
+        if seen {
+            return Ok(());
+        }
+        let refusal = match self.mismatch(&p) {
+            Some(why) => Some(why),
+            None => {
+                self.claim(&p.nonce)?.map(|who| format!("another run already holds rank {} ({who})", self.info.rank))
+            }
+        };
+        match refusal {
+            None => {
+                tracing::debug!("rank {}: joined rendezvous generation {}", self.info.rank, p.nonce);
+                st.joined = Some((p.nonce, p.payload));
+                st.suspect = None;
+            }
+            Some(reason) => {
+                let alive = read_if_present(&self.run_dir.join(ALIVE))?;
+                st.suspect = Some(Suspect { nonce: p.nonce, reason, since: Instant::now(), alive });
+            }
+        }
+        Ok(())
+    }
+
+    /// Why this rank cannot belong to the run that wrote `p`, if it cannot.
+    fn mismatch(&self, p: &Payload) -> Option<String> {
+        let world = self.info.world_size;
+        if p.world_size != world {
+            return Some(format!("its rank 0 has world size {}, this rank {world}", p.world_size));
+        }
+        if p.fingerprint != self.opts.fingerprint {
+            return Some(format!(
+                "its rank 0 runs `{}`, this rank `{}`: another job",
+                p.fingerprint, self.opts.fingerprint
+            ));
+        }
+        None
+    }
+
+    /// A suspect payload's run is live when its rank 0's `alive` changes or it went ahead
+    /// without this rank: refuse at once. When nothing moves for [`STALE_BEATS`] heartbeats, a
+    /// crashed run left it: ignore it and wait for this job's rank 0 to replace it.
+    fn judge(&self, st: &mut Following) -> Result<()> {
+        let Some(s) = &st.suspect else { return Ok(()) };
+        let went_ahead = self.run_dir.join(format!("{}.go", s.nonce)).exists();
+        let beat = read_if_present(&self.run_dir.join(ALIVE))?;
+        let beating = beat.as_ref().is_some_and(|b| Some(b) != s.alive.as_ref() && alive_nonce(b) == s.nonce);
+        if went_ahead || beating {
+            return Err(self.conflict(s.reason.clone()));
+        }
+        if s.since.elapsed() >= self.stale_after() {
+            st.hint = format!("; ignored {} left by a run that is not live ({})", PAYLOAD, s.reason);
+            st.dead.push(s.nonce.clone());
+            st.suspect = None;
+        }
+        Ok(())
+    }
+
+    /// Claims this rank's arrival in generation `nonce`, exclusively: `None` when claimed, else
+    /// who holds it.
+    fn claim(&self, nonce: &str) -> Result<Option<String>> {
+        let path = self.run_dir.join(arrived_name(nonce, self.info.rank));
+        let note = format!("{} {}", self.token, host_and_pid());
+        if create_exclusive(&path, note.as_bytes())? {
+            return Ok(None);
+        }
+        let held = read_if_present(&path)?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        Ok(match held.trim().split_once(' ') {
+            Some((token, _)) if token == self.token => None,
+            Some((_, who)) => Some(who.to_string()),
+            None => Some("a process that left no note".into()),
+        })
+    }
+
+    fn follower_timeout(&self, st: Following) -> Error {
+        match &st.joined {
+            Some((nonce, _)) => {
+                let mut arrived = vec![false; self.info.world_size];
+                sweep(self.run_dir, nonce, &mut arrived, Instant::now() + REPORT_SWEEP);
+                let (missing, arrived) = split(&arrived);
+                self.timeout_error(missing, arrived, st.hint)
+            }
+            // Without rank 0's nonce there is no generation to look for others in; all this
+            // rank knows is that rank 0 is missing and that it is here itself.
+            None => {
+                let hint = if st.hint.is_empty() {
+                    "; rank 0 never wrote the rendezvous payload (other ranks not checked)".to_string()
+                } else {
+                    st.hint
+                };
+                self.timeout_error(vec![0], vec![self.info.rank], hint)
+            }
+        }
+    }
+
+    fn stale_after(&self) -> Duration {
+        self.opts.heartbeat * STALE_BEATS
+    }
+
+    /// Another job uses this run directory: the cure is a job id of its own.
+    fn conflict(&self, reason: String) -> Error {
+        Error::Rendezvous {
+            dir: self.run_dir.to_path_buf(),
+            reason: format!("{reason}; give each job its own --job-id"),
         }
     }
 
@@ -211,6 +383,61 @@ impl Waiter<'_> {
             hint,
         }
     }
+}
+
+/// Rank 0's sign of life for as long as its [`Rendezvous`] lives: `alive` rewritten every
+/// interval with the run's nonce and a counter. Another job's rank 0, or a rank that finds a
+/// payload it cannot join, watches it change to tell a live run from a crashed one's leftovers,
+/// without comparing clocks across nodes.
+#[derive(Debug)]
+struct Heartbeat {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(run_dir: &Path, nonce: &str, every: Duration) -> Result<Heartbeat> {
+        let path = run_dir.join(ALIVE);
+        let who = host_and_pid();
+        write_atomic(&path, format!("{nonce} 0 {who}").as_bytes())?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let nonce = nonce.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut beat = 0u64;
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                beat += 1;
+                if let Err(e) = write_atomic(&path, format!("{nonce} {beat} {who}").as_bytes()) {
+                    tracing::warn!("rendezvous heartbeat: {e}");
+                }
+            }
+            // Still ours: removed, so that the next run need not watch it to see it is stale.
+            if read_if_present(&path).ok().flatten().is_some_and(|b| alive_nonce(&b) == nonce) {
+                let _ = fs::remove_file(&path);
+            }
+        });
+        Ok(Heartbeat { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The nonce an `alive` file names (its first word).
+fn alive_nonce(alive: &[u8]) -> String {
+    String::from_utf8_lossy(alive).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// Who wrote an `alive` file, for messages: `rank 0 on HOST, pid PID`.
+fn describe_alive(alive: &[u8]) -> String {
+    let text = String::from_utf8_lossy(alive);
+    let who: Vec<&str> = text.split_whitespace().skip(2).collect();
+    format!("its rank 0: {}", who.join(" "))
 }
 
 /// Marks the ranks whose arrival file for `nonce` exists, stopping at `stop` (the ranks not
@@ -322,29 +549,47 @@ impl Rendezvous {
 struct Payload {
     nonce: String,
     world_size: usize,
+    fingerprint: String,
     payload: Vec<u8>,
+}
+
+/// `MAGIC`, nonce, world size, then the fingerprint and the payload, each after its length.
+fn encode_payload(nonce: &str, world_size: usize, fingerprint: &str, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(48 + fingerprint.len() + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(nonce.as_bytes());
+    bytes.extend_from_slice(&(world_size as u64).to_le_bytes());
+    for part in [fingerprint.as_bytes(), payload] {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
+    }
+    bytes
 }
 
 /// `Ok(None)` when the file is absent or not a payload (a half-updated directory is normal
 /// while rank 0 starts).
 fn read_payload(path: &Path) -> Result<Option<Payload>> {
     let Some(bytes) = read_if_present(path)? else { return Ok(None) };
-    let head = 8 + NONCE_LEN + 16;
-    if bytes.len() < head || &bytes[..8] != MAGIC {
-        return Ok(None);
+    Ok(decode_payload(&bytes))
+}
+
+fn decode_payload(bytes: &[u8]) -> Option<Payload> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let nonce = std::str::from_utf8(rest.get(..NONCE_LEN)?).ok()?.to_string();
+    let (world_size, rest) = take_word(&rest[NONCE_LEN..])?;
+    let (fp_len, rest) = take_word(rest)?;
+    let fingerprint = String::from_utf8_lossy(rest.get(..fp_len)?).into_owned();
+    let (len, rest) = take_word(&rest[fp_len..])?;
+    if rest.len() != len {
+        return None;
     }
-    let Ok(nonce) = std::str::from_utf8(&bytes[8..8 + NONCE_LEN]) else { return Ok(None) };
-    let word = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_le_bytes(w) as usize
-    };
-    let world_size = word(8 + NONCE_LEN);
-    let len = word(8 + NONCE_LEN + 8);
-    if bytes.len() - head != len {
-        return Ok(None);
-    }
-    Ok(Some(Payload { nonce: nonce.to_string(), world_size, payload: bytes[head..].to_vec() }))
+    Some(Payload { nonce, world_size, fingerprint, payload: rest.to_vec() })
+}
+
+/// A little-endian u64 from the front of `bytes`, and what follows it.
+fn take_word(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let word: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some((usize::try_from(u64::from_le_bytes(word)).ok()?, &bytes[8..]))
 }
 
 /// `Ok(None)` when absent; NFS's "stale file handle" (a file replaced while we opened it) also
@@ -364,12 +609,36 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// Writes `path` so that readers see either nothing or the whole content.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temporary name beside `path`, unique in this process (rank 0 never clears `.tmp.` files).
+fn temp_path(path: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp =
-        path.with_file_name(format!(".tmp.{name}.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    path.with_file_name(format!(".tmp.{name}.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Creates `path` holding `bytes` only if nothing is there yet (`false` if something is): a
+/// hard link from a complete temporary file fails on an existing name, also on NFS where
+/// `O_EXCL` was long unreliable, and readers never see half a file. A file system without hard
+/// links gets `O_EXCL` (create_new).
+fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = temp_path(path);
+    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(_) => match fs::OpenOptions::new().write(true).create_new(true).open(path) {
+            Ok(mut f) => std::io::Write::write_all(&mut f, bytes).map(|()| true).map_err(|e| Error::io(path, e)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(path, e)),
+        },
+    }
+}
+
+/// Writes `path` so that readers see either nothing or the whole content.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
     fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
@@ -391,7 +660,7 @@ fn clear_old_files(run_dir: &Path) -> Result<()> {
         }
         let path = entry.path();
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            if name == "payload" {
+            if name == PAYLOAD {
                 return Err(Error::Rendezvous {
                     dir: run_dir.to_path_buf(),
                     reason: format!(
@@ -415,10 +684,11 @@ fn arrived_name(nonce: &str, rank: usize) -> String {
     format!("{nonce}.arrived.{rank}")
 }
 
-/// Host and pid, so a person reading the directory can tell who arrived.
-fn arrival_note() -> String {
+/// `host HOST pid PID`, so that a person reading the directory, or an error, can tell who
+/// wrote a file.
+fn host_and_pid() -> String {
     let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{} {}\n", host.trim(), std::process::id())
+    format!("host {} pid {}", host.trim(), std::process::id())
 }
 
 /// 16 hex digits; `RandomState` is seeded from the OS, and time and pid make collisions between
@@ -446,8 +716,147 @@ mod tests {
     fn opts(dir: &Path, timeout_ms: u64) -> RendezvousOptions {
         RendezvousOptions {
             poll: Duration::from_millis(2),
+            heartbeat: Duration::from_millis(50),
             ..RendezvousOptions::new(dir, Duration::from_millis(timeout_ms))
         }
+    }
+
+    /// [`opts`] for a run that is `fingerprint`.
+    fn opts_as(dir: &Path, timeout_ms: u64, fingerprint: &str) -> RendezvousOptions {
+        RendezvousOptions { fingerprint: fingerprint.into(), ..opts(dir, timeout_ms) }
+    }
+
+    /// Runs `rendezvous` on a thread.
+    fn spawn(
+        rank: usize,
+        world: usize,
+        o: RendezvousOptions,
+    ) -> std::thread::JoinHandle<Result<(Rendezvous, Duration)>> {
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            rendezvous(&info(rank, world), &o, &[5]).map(|r| (r, start.elapsed()))
+        })
+    }
+
+    /// Waits until `path` exists.
+    fn wait_for(path: &Path) {
+        let start = Instant::now();
+        while !path.exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The arrival files in `run_dir`.
+    fn arrivals(run_dir: &Path) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(run_dir) else { return Vec::new() };
+        let names = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned());
+        names.filter(|n| n.contains(".arrived.") && !n.starts_with(".tmp.")).collect()
+    }
+
+    /// Fuzzing round 3: two jobs on one directory and job id had two processes act as rank 1.
+    /// Now the second claimant fails at once, and the first joins as if nothing happened.
+    #[test]
+    fn a_second_claimant_of_a_rank_is_refused_and_the_first_goes_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run_dir = tmp.path().join("run-default");
+        let lead = spawn(0, 3, opts(tmp.path(), 10_000));
+        let first = spawn(1, 3, opts(tmp.path(), 10_000));
+        let start = Instant::now();
+        while arrivals(&run_dir).iter().filter(|n| n.ends_with(".arrived.1")).count() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (second, took) = match spawn(1, 3, opts(tmp.path(), 10_000)).join().unwrap() {
+            Err(e) => (e.to_string(), start.elapsed()),
+            Ok(_) => panic!("a second rank 1 joined the run"),
+        };
+        assert!(second.contains("another run already holds rank 1 (host "), "{second}");
+        assert!(second.contains("give each job its own --job-id"), "{second}");
+        assert!(second.contains(&run_dir.display().to_string()), "{second}");
+        assert!(took < Duration::from_secs(5), "refused after {took:?}, not at once");
+        let last = spawn(2, 3, opts(tmp.path(), 10_000));
+        for h in [lead, first, last] {
+            assert_eq!(h.join().unwrap().unwrap().0.payload(), &[5]);
+        }
+    }
+
+    /// A rank of another job (same directory, same job id) is refused by what its run is,
+    /// naming both, well before the timeout; the right rank then joins.
+    #[test]
+    fn a_follower_of_another_job_is_refused_naming_both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lead = spawn(0, 2, opts_as(tmp.path(), 10_000, "adapt -o outA [aaaa]"));
+        wait_for(&tmp.path().join("run-default").join(PAYLOAD));
+        let msg = match spawn(1, 2, opts_as(tmp.path(), 10_000, "adapt -o outB [bbbb]")).join().unwrap() {
+            Err(e) => e.to_string(),
+            Ok((_, _)) => panic!("a rank of another job joined"),
+        };
+        assert!(msg.contains("its rank 0 runs `adapt -o outA [aaaa]`, this rank `adapt -o outB [bbbb]`"), "{msg}");
+        let right = spawn(1, 2, opts_as(tmp.path(), 10_000, "adapt -o outA [aaaa]"));
+        let (_, waited) = lead.join().unwrap().unwrap();
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        right.join().unwrap().unwrap();
+    }
+
+    /// A second rank 0 neither clears a live run's files nor replaces its payload, during the
+    /// rendezvous or after it (collectives use the directory); once the run ends, the next one
+    /// starts without waiting.
+    #[test]
+    fn a_second_rank_zero_is_refused_while_the_first_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lead = spawn(0, 2, opts(tmp.path(), 10_000));
+        wait_for(&tmp.path().join("run-default").join(PAYLOAD));
+        let msg = spawn(0, 2, opts(tmp.path(), 10_000)).join().unwrap().err().unwrap().to_string();
+        assert!(msg.contains("another run is live there (its rank 0: host "), "{msg}");
+        let follower = spawn(1, 2, opts(tmp.path(), 10_000));
+        let (mut r0, _) = lead.join().unwrap().unwrap();
+        let (mut r1, _) = follower.join().unwrap().unwrap();
+        let msg = spawn(0, 2, opts(tmp.path(), 10_000)).join().unwrap().err().unwrap().to_string();
+        assert!(msg.contains("another run is live there"), "{msg}");
+        let gather = std::thread::spawn(move || r1.barrier(Duration::from_secs(5)).map(|()| r1));
+        r0.barrier(Duration::from_secs(5)).unwrap();
+        drop(gather.join().unwrap().unwrap());
+        drop(r0);
+        assert!(!tmp.path().join("run-default").join(ALIVE).exists(), "a finished run leaves no heartbeat");
+        let msg = spawn(0, 2, opts(tmp.path(), 100)).join().unwrap().err().unwrap().to_string();
+        assert!(msg.contains("rank(s) 1 of 2 never arrived"), "{msg}");
+    }
+
+    /// A crashed run's payload, arrival files and heartbeat (nothing changes any more) do not
+    /// block the next run, whether a follower of it starts before its rank 0 or after.
+    #[test]
+    fn a_crashed_runs_leftovers_do_not_block_the_next_run() {
+        for fingerprint in ["", "an older job"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let run_dir = tmp.path().join("run-default");
+            fs::create_dir_all(&run_dir).unwrap();
+            let old = "0123456789abcdef";
+            fs::write(run_dir.join(PAYLOAD), encode_payload(old, 2, fingerprint, &[1])).unwrap();
+            fs::write(run_dir.join(ALIVE), format!("{old} 7 host gone pid 1")).unwrap();
+            for r in 0..2 {
+                fs::write(run_dir.join(arrived_name(old, r)), "token host gone pid 1").unwrap();
+            }
+            let follower = spawn(1, 2, opts(tmp.path(), 10_000));
+            std::thread::sleep(Duration::from_millis(50));
+            let lead = spawn(0, 2, opts(tmp.path(), 10_000));
+            assert_eq!(follower.join().unwrap().unwrap().0.payload(), &[5], "{fingerprint:?}");
+            lead.join().unwrap().unwrap();
+        }
+    }
+
+    #[test]
+    fn payloads_round_trip_and_garbage_is_not_one() {
+        let bytes = encode_payload("0123456789abcdef", 3, "merge -o out", &[9, 8]);
+        let p = decode_payload(&bytes).unwrap();
+        assert_eq!((p.nonce.as_str(), p.world_size, p.fingerprint.as_str()), ("0123456789abcdef", 3, "merge -o out"));
+        assert_eq!(p.payload, [9, 8]);
+        for cut in 0..bytes.len() {
+            assert!(decode_payload(&bytes[..cut]).is_none(), "{cut}");
+        }
+        let mut huge = bytes.clone();
+        huge[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_payload(&huge).is_none());
     }
 
     #[test]
@@ -484,13 +893,7 @@ mod tests {
         let run_dir = tmp.path().join("run-default");
         fs::create_dir_all(&run_dir).unwrap();
         // An earlier run that never completed left its payload behind.
-        let mut stale = Vec::new();
-        stale.extend_from_slice(MAGIC);
-        stale.extend_from_slice(b"0123456789abcdef");
-        stale.extend_from_slice(&2u64.to_le_bytes());
-        stale.extend_from_slice(&1u64.to_le_bytes());
-        stale.push(42);
-        fs::write(run_dir.join("payload"), &stale).unwrap();
+        fs::write(run_dir.join(PAYLOAD), encode_payload("0123456789abcdef", 2, "", &[42])).unwrap();
         let o = opts(tmp.path(), 5000);
         let follower = std::thread::spawn(move || rendezvous(&info(1, 2), &o, &[]).unwrap().payload().to_vec());
         std::thread::sleep(Duration::from_millis(50));
@@ -513,6 +916,7 @@ mod tests {
         assert_eq!(lead.payload(), &[3]);
         assert_eq!(follower.join().unwrap().unwrap(), vec![3]);
         assert!(junk.join("x").exists(), "the directory is not ours to remove");
+        drop(lead);
 
         fs::create_dir(tmp.path().join("run-default").join("payload")).unwrap();
         let msg = rendezvous(&info(0, 2), &opts(tmp.path(), 200), &[]).unwrap_err().to_string();

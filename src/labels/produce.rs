@@ -103,7 +103,10 @@ impl CacheLabelsArgs {
     pub fn run(&self) -> Result<CacheLabelsSummary> {
         crate::atomic::check_output_apart(&self.opts.output, &[&self.opts.expert, &self.inputs])?;
         let texts: Vec<String> = read_jsonl(&self.inputs)?.into_iter().map(|e| e.text).collect();
-        let (info, mut coll) = self.dist.connect_from_env()?;
+        let summary = format!("cache-labels -o {}", self.opts.output.display());
+        let settings = format!("{:?} {}", self.opts, self.inputs.display());
+        let run = crate::dist::run_fingerprint(&summary, &[settings.as_bytes()]);
+        let (info, mut coll) = self.dist.connect_from_env(&run)?;
         let cached = crate::with_backend!(self.device, |be| cache_labels_in(be, &texts, &self.opts, coll.as_mut()));
         cached.map_err(|e| info.tag(e))
     }

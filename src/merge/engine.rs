@@ -79,7 +79,9 @@ impl MergeArgs {
         let (n, method, out) = (cfg.models.len(), &cfg.method.name, opts.output.display());
         tracing::info!("merging {n} model(s) with {method} into {out}");
         // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
-        let (info, mut coll) = self.dist.connect_from_env()?;
+        let config = std::fs::read(&self.config).map_err(|e| Error::io(&self.config, e))?;
+        let run = crate::dist::run_fingerprint(&format!("merge -o {out}"), &[&config]);
+        let (info, mut coll) = self.dist.connect_from_env(&run)?;
         merge_on(&cfg, &opts, device, self.device_mem, coll.as_mut()).map_err(|e| info.tag(e))
     }
 }
