@@ -12,6 +12,8 @@ fn quiet_silences_every_command_and_refuses_verbose() {
     // Without -q, generate logs what it writes; with -q (after or before the command) nothing.
     let (ok, _, err) = run(&["generate", "--preset", "llama-tiny", "--experts", "1", "-o", &dir("loud")]);
     assert!(ok && err.contains("INFO"), "{err}");
+    // A log that is not a terminal (a job log, a pipe) has no colour codes.
+    assert!(!err.contains('\x1b'), "colour codes in a piped log: {err:?}");
     let (ok, _, err) = run(&["generate", "--preset", "llama-tiny", "--experts", "1", "-o", &dir("quiet"), "-q"]);
     assert!(ok && err.is_empty(), "generate -q printed: {err}");
     let (ok, out, err) = run(&["-q", "inspect", &dir("quiet/base"), "--json"]);
