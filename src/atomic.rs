@@ -191,6 +191,35 @@ fn resolve(path: &Path) -> PathBuf {
 /// SIGHUP) before it exits.
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// The output this process has put in place, once it has: an interrupt after that says so
+/// instead of reporting the run as one that left nothing.
+static COMMITTED: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Removes a staging directory with its owner marker last: a run killed part-way through leaves
+/// a directory a later run still recognises as a dead run's and removes, never an unmarked one
+/// that stays forever.
+fn remove_owned(dir: &Path) -> std::io::Result<()> {
+    remove_owned_with(
+        dir,
+        |path, is_dir| if is_dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) },
+    )
+}
+
+/// [`remove_owned`] with the removal of each entry (path, is a directory) given.
+fn remove_owned_with(dir: &Path, mut remove: impl FnMut(&Path, bool) -> std::io::Result<()>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name() != OWNER {
+            remove(&e.path(), e.file_type()?.is_dir())?;
+        }
+    }
+    match remove(&dir.join(OWNER), false) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::remove_dir(dir)
+}
+
 /// Marker inside a staging directory naming the process that writes it, so a later run can tell
 /// a dead run's leftovers from a live run's work.
 const OWNER: &str = ".symerge-owner";
@@ -202,9 +231,13 @@ pub fn remove_partials_on_interrupt() {
     let installed = ctrlc::set_handler(|| {
         let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
         for dir in &live {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = remove_owned(dir);
         }
-        eprintln!("interrupted: removed {} partial output(s)", live.len());
+        let committed = COMMITTED.lock().ok().and_then(|c| c.clone());
+        match committed {
+            Some(out) => eprintln!("interrupted after {} was complete and in place", out.display()),
+            None => eprintln!("interrupted: removed {} partial output(s)", live.len()),
+        }
         std::process::exit(130);
     });
     if let Err(e) = installed {
@@ -395,12 +428,23 @@ impl Staging {
                 Err(e) => return fail(e),
             }
         };
+        if let Ok(mut c) = COMMITTED.lock() {
+            *c = Some(output.to_path_buf());
+        }
         let _ = std::fs::remove_file(output.join(OWNER));
-        register(&staged, false);
+        // The previous output (swapped into `staged`) stays registered until it is gone, so an
+        // interrupt meanwhile finishes removing it.
         if let Some(old) = old {
-            let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+            let removed = if old == staged {
+                remove_owned(&old)
+            } else if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
             removed.map_err(|e| Error::io(&old, e))?;
         }
+        register(&staged, false);
         Ok(())
     }
 }
@@ -450,6 +494,35 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         pid
+    }
+
+    /// Whatever stops a removal part-way (a kill, an error), the owner marker is the last file
+    /// to go: an unmarked leftover would never be removed by a later run.
+    #[test]
+    fn a_staging_directory_loses_its_owner_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(".out.partial-x");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for name in [".a", OWNER, "model.safetensors", "sub/f", "z"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let mut calls = 0;
+        let stopped = remove_owned_with(&dir, |path, is_dir| {
+            calls += 1;
+            if calls == 3 {
+                return Err(std::io::Error::other("stopped"));
+            }
+            if is_dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
+        });
+        assert!(stopped.is_err() && dir.join(OWNER).exists(), "the owner marker went before the rest");
+        let mut order = Vec::new();
+        remove_owned_with(&dir, |path, is_dir| {
+            order.push(path.file_name().unwrap().to_owned());
+            if is_dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
+        })
+        .unwrap();
+        assert_eq!(order.last().map(|n| n.to_str().unwrap()), Some(OWNER));
+        assert!(!dir.exists());
     }
 
     /// A staging directory is another run's leftover only where its process id can be checked:
