@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::adapt::report::AdaptReport;
+use crate::adapt::report::AdaptEvalOutcome;
 use crate::adapt::train::AdaptSummary;
 use crate::error::{Error, Result};
 use crate::labels::produce::CacheLabelsSummary;
@@ -217,7 +217,7 @@ macro_rules! stdout_display {
 }
 
 stdout_display!(
-    AdaptReport,
+    AdaptEvalOutcome,
     crate::checkpoint::generate::GenerateSummary,
     crate::checkpoint::generate::PresetList,
     crate::merge::catalog::Catalog,

@@ -245,6 +245,58 @@ fn last_block_adapts_the_last_layer_and_the_cli_writes_loadable_models() {
     assert!(e.contains("top-k soft loss only"), "{e}");
 }
 
+/// `eval` of a causal-LM adapt output: every task's adapted model and its expert get the
+/// next-token scores `eval MODEL --inputs` gives each alone (at the adaptation's max length),
+/// averaged over tasks (mean loss, so a geometric-mean perplexity), as JSON and as a table.
+#[test]
+fn eval_of_a_causal_lm_adapt_output_scores_every_task_and_its_expert() {
+    let f = fixture("head");
+    let out = f.root.join("out");
+    let (ok, _, err) = run(&["adapt", f.root.join("adapt.yml").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(all["max_len"], 32, "the adaptation's length, not the default 128");
+    let tasks = all["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    let alone = |model: &Path, task: &str| -> serde_json::Value {
+        let data = f.root.join(format!("{task}.jsonl"));
+        let args = ["eval", model.to_str().unwrap(), "--inputs", data.to_str().unwrap(), "--max-len", "32", "--json"];
+        let (ok, text, err) = run(&args);
+        assert!(ok, "{err}");
+        serde_json::from_str(&text).unwrap()
+    };
+    for (t, task) in tasks.iter().zip(["alpha", "beta"]) {
+        assert_eq!((&t["task"], &t["examples"]), (&task.into(), &6.into()));
+        assert_eq!(t["adapted"], alone(&out.join("tasks").join(task), task), "{task}: the task's model alone");
+        assert_eq!(t["expert"], alone(&f.root.join(format!("expert-{task}")), task), "{task}: its expert alone");
+        assert!(t["adapted"]["perplexity"].as_f64().unwrap().is_finite() && t["adapted"]["top1_accuracy"].is_f64());
+    }
+    let loss = |t: &serde_json::Value, m: &str| t[m]["mean_loss"].as_f64().unwrap();
+    let mean = (loss(&tasks[0], "adapted") + loss(&tasks[1], "adapted")) / 2.0;
+    let avg = &all["average_adapted"];
+    assert!((avg["mean_loss"].as_f64().unwrap() - mean).abs() < 1e-12, "{avg}");
+    let ppl = |t: &serde_json::Value| t["adapted"]["perplexity"].as_f64().unwrap();
+    let geo = (ppl(&tasks[0]) * ppl(&tasks[1])).sqrt();
+    assert!((avg["perplexity"].as_f64().unwrap() - geo).abs() < 1e-9 * geo, "geometric mean: {avg} vs {geo}");
+    assert!(all["average_expert"]["perplexity"].is_f64(), "{all}");
+
+    // The table: a row per task with its numbers, the average, the experts' columns.
+    let (ok, table, err) = run(&["eval", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].contains("symerge loss") && lines[0].contains("perplexity") && lines[0].contains("expert"));
+    for (line, t) in lines[1..3].iter().zip(tasks) {
+        let name = t["task"].as_str().unwrap();
+        assert!(line.starts_with(name) && line.contains(&format!("{:.2}", ppl(t))), "{name}: {line}");
+    }
+    assert!(lines[3].starts_with("average") && lines[3].contains(&format!("{geo:.2}")), "{table}");
+    let (ok, table, err) = run(&["eval", out.to_str().unwrap(), "--no-experts"]);
+    assert!(ok && !table.contains("expert") && table.contains("average"), "{table} {err}");
+}
+
 /// AdaMerging on a causal LM, without label caches: its Lambda gradient is the entropy's (finite
 /// differences), training lowers the mean next-token entropy of both tasks, and each task's head
 /// stays its expert's.

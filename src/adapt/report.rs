@@ -1,10 +1,15 @@
 //! `symerge eval ADAPT_OUTPUT`: scores every task of an adaptation's output directory in one
-//! call — each task's own checkpoint (`tasks/<task>/`: the merged encoder with the task's adapted
-//! layer) and, for comparison, that task's expert — on the task's labelled data.
+//! call — each task's own checkpoint (`tasks/<task>/`: the merged model with the task's adapted
+//! layer) and, for comparison, that task's expert — on the task's data.
 //!
 //! The tasks, their experts and their inputs come from the `config` that `summary.json` records,
 //! so the default data is what the adaptation saw (the test-time setting: its unlabelled inputs
 //! are the labelled test texts without their labels). Other data can be named per task.
+//!
+//! The model family decides the scores: a classifier's accuracy on the labels, a causal LM's
+//! next-token loss, perplexity and top-1 accuracy on the texts. Each is what `symerge eval MODEL
+//! --inputs DATA` reports for that model alone ([`TaskMetric`] says how a family's scores average
+//! and print); the walk over the tasks is shared.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,9 +17,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::data::jsonl::read_jsonl;
+use crate::data::jsonl::{Example, read_jsonl};
 use crate::error::{Error, Result};
-use crate::model::{EvalReport, LoadOptions, SequenceClassifier, evaluate};
+use crate::model::{
+    CausalLm, EvalReport, LmEvalReport, LmKind, LoadOptions, SequenceClassifier, evaluate, evaluate_lm,
+};
 
 /// How to score an adaptation output.
 #[derive(Debug, Clone)]
@@ -28,28 +35,139 @@ pub struct ReportOptions {
     pub max_len: Option<usize>,
 }
 
-/// One task's scores.
+/// One task's scores: `R` is the family's single-model report ([`EvalReport`] for a classifier,
+/// [`LmEvalReport`] for a causal LM).
 #[derive(Debug, Clone, Serialize)]
-pub struct TaskScore {
+pub struct TaskScore<R> {
     pub task: String,
     pub data: PathBuf,
+    /// The data's records (a causal LM's texts).
     pub examples: usize,
     /// The task's adapted checkpoint (`tasks/<task>/`).
-    pub adapted: EvalReport,
+    pub adapted: R,
     /// The task's expert, when asked for.
-    pub expert: Option<EvalReport>,
+    pub expert: Option<R>,
 }
 
-/// Every task's scores and their averages (accuracy in [0, 1], unweighted mean over tasks).
+/// Every task's scores and their averages (an unweighted mean over tasks: see
+/// [`TaskMetric::average`]).
 #[derive(Debug, Clone, Serialize)]
-pub struct AdaptReport {
+pub struct AdaptReport<R: TaskMetric = EvalReport> {
     pub output: PathBuf,
     pub method: String,
     /// The truncation the scores used: `--max-len`, else the adaptation's own.
     pub max_len: usize,
-    pub tasks: Vec<TaskScore>,
-    pub average_adapted: f64,
-    pub average_expert: Option<f64>,
+    pub tasks: Vec<TaskScore<R>>,
+    pub average_adapted: R::Average,
+    pub average_expert: Option<R::Average>,
+}
+
+/// An adapt output's scores, as its model family gives them (`--json` prints the inner report).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum AdaptEvalOutcome {
+    Classifier(AdaptReport<EvalReport>),
+    Lm(AdaptReport<LmEvalReport>),
+}
+
+/// How a family's single-model report enters the adapt-output table: its average over tasks, a
+/// short form for the log, and its cells under one model's column group.
+pub trait TaskMetric: Serialize + Clone + std::fmt::Debug {
+    type Average: Serialize + Clone + std::fmt::Debug;
+    /// What the table's count column counts.
+    const COUNTED: &'static str;
+    /// The average row over the tasks' reports (at least one).
+    fn average(all: &[&Self]) -> Self::Average;
+    /// The scores in a log line: "51.52%".
+    fn brief(&self) -> String;
+    /// The heading of one model's columns.
+    fn header(col: Column) -> String;
+    fn cells(&self, col: Column) -> String;
+    fn average_cells(avg: &Self::Average, col: Column) -> String;
+}
+
+/// One model's column group in the table: its heading (the method, or "expert") and the width
+/// of its first column.
+#[derive(Debug, Clone, Copy)]
+pub struct Column<'a> {
+    pub label: &'a str,
+    pub width: usize,
+}
+
+/// A classifier's accuracy in percent, one column; the average is the mean accuracy in [0, 1].
+impl TaskMetric for EvalReport {
+    type Average = f64;
+    const COUNTED: &'static str = "examples";
+
+    fn average(all: &[&Self]) -> f64 {
+        all.iter().map(|r| r.accuracy).sum::<f64>() / all.len().max(1) as f64
+    }
+
+    fn brief(&self) -> String {
+        format!("{:.2}%", 100.0 * self.accuracy)
+    }
+
+    fn header(col: Column) -> String {
+        format!(" {:>w$}", col.label, w = col.width)
+    }
+
+    fn cells(&self, col: Column) -> String {
+        Self::average_cells(&self.accuracy, col)
+    }
+
+    fn average_cells(accuracy: &f64, col: Column) -> String {
+        format!(" {:>w$.2}%", 100.0 * accuracy, w = col.width.saturating_sub(1))
+    }
+}
+
+/// The average row of a causal-LM table: the tasks' mean next-token losses averaged, so its
+/// perplexity is the geometric mean of theirs (one task's easy text does not hide another's
+/// blow-up, as an arithmetic mean of perplexities would), and the mean top-1 accuracy.
+#[derive(Debug, Clone, Serialize)]
+pub struct LmAverage {
+    pub mean_loss: f64,
+    pub perplexity: f64,
+    pub top1_accuracy: f64,
+}
+
+/// A causal LM's mean next-token loss, perplexity and top-1 accuracy: three columns, the group set
+/// apart by two spaces.
+impl TaskMetric for LmEvalReport {
+    type Average = LmAverage;
+    const COUNTED: &'static str = "texts";
+
+    fn average(all: &[&Self]) -> LmAverage {
+        let n = all.len().max(1) as f64;
+        let mean_loss = all.iter().map(|r| r.mean_loss).sum::<f64>() / n;
+        let top1_accuracy = all.iter().map(|r| r.top1_accuracy).sum::<f64>() / n;
+        LmAverage { mean_loss, perplexity: mean_loss.exp(), top1_accuracy }
+    }
+
+    fn brief(&self) -> String {
+        format!("perplexity {:.2}, top-1 {:.2}%", self.perplexity, 100.0 * self.top1_accuracy)
+    }
+
+    fn header(col: Column) -> String {
+        let loss = format!("{} loss", col.label);
+        format!("  {loss:>w$}  {:>10}  {:>7}", "perplexity", "top-1", w = lm_loss_width(col))
+    }
+
+    fn cells(&self, col: Column) -> String {
+        lm_cells(self.mean_loss, self.perplexity, self.top1_accuracy, col)
+    }
+
+    fn average_cells(avg: &LmAverage, col: Column) -> String {
+        lm_cells(avg.mean_loss, avg.perplexity, avg.top1_accuracy, col)
+    }
+}
+
+/// The loss column's width: the column's, or its heading's ("symerge loss") when wider.
+fn lm_loss_width(col: Column) -> usize {
+    col.width.max(col.label.len() + " loss".len())
+}
+
+fn lm_cells(mean_loss: f64, perplexity: f64, top1: f64, col: Column) -> String {
+    format!("  {mean_loss:>w$.4}  {perplexity:>10.2}  {:>6.2}%", 100.0 * top1, w = lm_loss_width(col))
 }
 
 /// The part of `summary.json` this needs.
@@ -107,37 +225,76 @@ pub fn is_adapt_output(dir: &Path) -> bool {
     dir.join("summary.json").is_file() && dir.join("tasks").is_dir()
 }
 
-/// Scores every task of the adaptation output `dir` (see the module notes).
-pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &ReportOptions) -> Result<AdaptReport> {
-    let summary_path = dir.join("summary.json");
-    let text = std::fs::read_to_string(&summary_path).map_err(|e| Error::io(&summary_path, e))?;
-    let recorded: Recorded = serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: not an adapt summary: {e}", summary_path.display())))?;
-    let names: Vec<&str> = recorded.config.tasks.iter().map(|t| t.name.as_str()).collect();
-    if let Some(unknown) = opts.data.keys().find(|k| !names.contains(&k.as_str())) {
-        return Err(Error::Invalid(format!(
-            "--task-inputs names task `{unknown}`, which {} does not have (tasks: {})",
-            dir.display(),
-            names.join(", ")
-        )));
-    }
-    if let Some(e) = recorded.config.tasks.iter().find_map(|t| super::config::check_task_name(&t.name).err()) {
-        return Err(Error::Invalid(format!("{}: task name {e}", summary_path.display())));
-    }
+/// Scores every task of the adaptation output `dir` (see the module notes) with the scores of
+/// its model family, which the first task's checkpoint names.
+pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &ReportOptions) -> Result<AdaptEvalOutcome> {
+    let recorded = Recorded::read(dir, opts)?;
     let max_len = opts.max_len.or(recorded.config.max_len).unwrap_or(crate::model::DEFAULT_MAX_LEN);
-    let mut tasks = Vec::new();
-    for t in &recorded.config.tasks {
-        let data = opts.data.get(&t.name).unwrap_or(&t.inputs);
-        let examples = read_jsonl(data)?;
-        let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-        let score = |model: &Path| -> Result<EvalReport> {
+    let first = recorded.config.tasks.first().map(|t| dir.join("tasks").join(&t.name));
+    // No checkpoint (or config.json) there: the classifier walk reports what is missing.
+    let family = match &first {
+        Some(first) => LmKind::of_dir(first)?,
+        None => None,
+    };
+    let Some(kind) = family else {
+        let score = |model: &Path, examples: &[Example], data: &Path| -> Result<EvalReport> {
             let clf = SequenceClassifier::load(backend.clone(), model, max_len, LoadOptions::default())?;
             if clf.model.num_labels().is_none() {
                 return Err(Error::Invalid(format!("{} has no classification head", model.display())));
             }
-            let labels = clf.label_ids(&examples, data)?;
-            evaluate(&clf, &texts, &labels, opts.batch_size)
+            let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+            evaluate(&clf, &texts, &clf.label_ids(examples, data)?, opts.batch_size)
         };
+        return score_tasks(dir, recorded, opts, max_len, score).map(AdaptEvalOutcome::Classifier);
+    };
+    crate::with_lm_arch!(kind, A => {
+        let score = |model: &Path, examples: &[Example], _: &Path| -> Result<LmEvalReport> {
+            let lm = CausalLm::<B, A>::load(backend.clone(), model, max_len)?;
+            let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+            evaluate_lm(&lm, &texts, opts.batch_size)
+        };
+        score_tasks(dir, recorded, opts, max_len, score).map(AdaptEvalOutcome::Lm)
+    })
+}
+
+impl Recorded {
+    /// `summary.json` of the adapt output `dir`, checked against the task names `opts` uses.
+    fn read(dir: &Path, opts: &ReportOptions) -> Result<Self> {
+        let summary_path = dir.join("summary.json");
+        let text = std::fs::read_to_string(&summary_path).map_err(|e| Error::io(&summary_path, e))?;
+        let recorded: Recorded = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: not an adapt summary: {e}", summary_path.display())))?;
+        let names: Vec<&str> = recorded.config.tasks.iter().map(|t| t.name.as_str()).collect();
+        if let Some(unknown) = opts.data.keys().find(|k| !names.contains(&k.as_str())) {
+            return Err(Error::Invalid(format!(
+                "--task-inputs names task `{unknown}`, which {} does not have (tasks: {})",
+                dir.display(),
+                names.join(", ")
+            )));
+        }
+        if let Some(e) = recorded.config.tasks.iter().find_map(|t| super::config::check_task_name(&t.name).err()) {
+            return Err(Error::Invalid(format!("{}: task name {e}", summary_path.display())));
+        }
+        if names.is_empty() {
+            return Err(Error::Invalid(format!("{} records no tasks", summary_path.display())));
+        }
+        Ok(recorded)
+    }
+}
+
+/// Scores each task's checkpoint (checked to be the one adapt wrote) and, when asked, its expert
+/// with `score` (model, records, their file), and averages them.
+fn score_tasks<R: TaskMetric>(
+    dir: &Path,
+    recorded: Recorded,
+    opts: &ReportOptions,
+    max_len: usize,
+    score: impl Fn(&Path, &[Example], &Path) -> Result<R>,
+) -> Result<AdaptReport<R>> {
+    let mut tasks = Vec::new();
+    for t in &recorded.config.tasks {
+        let data = opts.data.get(&t.name).unwrap_or(&t.inputs);
+        let examples = read_jsonl(data)?;
         let adapted_dir = dir.join("tasks").join(&t.name);
         if !adapted_dir.is_dir() {
             return Err(Error::Invalid(format!(
@@ -148,53 +305,55 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
             )));
         }
         check_task_model(&recorded, &t.name, &adapted_dir)?;
-        let adapted = score(&adapted_dir)?;
-        let expert = if opts.experts { Some(score(&t.expert)?) } else { None };
-        tracing::info!(
-            "{}: adapted {:.2}%{}",
-            t.name,
-            100.0 * adapted.accuracy,
-            expert.as_ref().map(|e| format!(", expert {:.2}%", 100.0 * e.accuracy)).unwrap_or_default()
-        );
+        let adapted = score(&adapted_dir, &examples, data)?;
+        let expert = if opts.experts { Some(score(&t.expert, &examples, data)?) } else { None };
+        let vs_expert = expert.as_ref().map(|e| format!(", expert {}", e.brief())).unwrap_or_default();
+        tracing::info!("{}: adapted {}{vs_expert}", t.name, adapted.brief());
         tasks.push(TaskScore { task: t.name.clone(), data: data.clone(), examples: examples.len(), adapted, expert });
     }
-    if tasks.is_empty() {
-        return Err(Error::Invalid(format!("{} records no tasks", summary_path.display())));
-    }
-    let n = tasks.len() as f64;
-    let average_adapted = tasks.iter().map(|t| t.adapted.accuracy).sum::<f64>() / n;
-    let average_expert =
-        opts.experts.then(|| tasks.iter().filter_map(|t| t.expert.as_ref()).map(|e| e.accuracy).sum::<f64>() / n);
+    let adapted: Vec<&R> = tasks.iter().map(|t| &t.adapted).collect();
+    let experts: Vec<&R> = tasks.iter().filter_map(|t| t.expert.as_ref()).collect();
     Ok(AdaptReport {
         output: dir.to_path_buf(),
+        average_adapted: R::average(&adapted),
+        average_expert: opts.experts.then(|| R::average(&experts)),
         method: recorded.config.method,
         max_len,
         tasks,
-        average_adapted,
-        average_expert,
     })
 }
 
-impl std::fmt::Display for AdaptReport {
+impl<R: TaskMetric> std::fmt::Display for AdaptReport<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let width = self.tasks.iter().map(|t| t.task.len()).max().unwrap_or(4).max(7);
+        let adapted = Column { label: &self.method, width: 10 };
+        let expert = Column { label: "expert", width: 8 };
         let expert_col = self.average_expert.is_some();
-        write!(f, "{:<width$} {:>8} {:>10}", "task", "examples", self.method)?;
+        write!(f, "{:<width$} {:>8}{}", "task", R::COUNTED, R::header(adapted))?;
         if expert_col {
-            write!(f, " {:>8}", "expert")?;
+            write!(f, "{}", R::header(expert))?;
         }
         writeln!(f)?;
         for t in &self.tasks {
-            write!(f, "{:<width$} {:>8} {:>9.2}%", t.task, t.examples, 100.0 * t.adapted.accuracy)?;
+            write!(f, "{:<width$} {:>8}{}", t.task, t.examples, t.adapted.cells(adapted))?;
             if let Some(e) = &t.expert {
-                write!(f, " {:>7.2}%", 100.0 * e.accuracy)?;
+                write!(f, "{}", e.cells(expert))?;
             }
             writeln!(f)?;
         }
-        write!(f, "{:<width$} {:>8} {:>9.2}%", "average", "", 100.0 * self.average_adapted)?;
-        if let Some(e) = self.average_expert {
-            write!(f, " {:>7.2}%", 100.0 * e)?;
+        write!(f, "{:<width$} {:>8}{}", "average", "", R::average_cells(&self.average_adapted, adapted))?;
+        if let Some(e) = &self.average_expert {
+            write!(f, "{}", R::average_cells(e, expert))?;
         }
         writeln!(f)
+    }
+}
+
+impl std::fmt::Display for AdaptEvalOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdaptEvalOutcome::Classifier(r) => r.fmt(f),
+            AdaptEvalOutcome::Lm(r) => r.fmt(f),
+        }
     }
 }

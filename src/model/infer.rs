@@ -14,7 +14,7 @@ use super::classify::{
 };
 use super::lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm_dir};
 use super::tokenize::DEFAULT_MAX_LEN;
-use crate::adapt::report::{AdaptReport, ReportOptions, evaluate_adapted, is_adapt_output};
+use crate::adapt::report::{AdaptEvalOutcome, ReportOptions, evaluate_adapted, is_adapt_output};
 use crate::backend::{Backend, Device};
 use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
@@ -156,15 +156,16 @@ impl PredictArgs {
 /// `symerge eval`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// A classifier checkpoint, or the output directory of `symerge adapt` (then every task
-    /// is scored with its own checkpoint and, for comparison, its expert).
+    /// A classifier or causal-LM checkpoint, or the output directory of `symerge adapt` (then
+    /// every task is scored with its own checkpoint and, for comparison, its expert).
     pub model: PathBuf,
     /// JSON lines with `text` and `label` (a name from config.json's label2id, or an index);
     /// a causal LM needs only `text`. Not needed for an adapt output: each task's recorded
     /// inputs are used.
     #[arg(long)]
     pub inputs: Option<PathBuf>,
-    /// Adapt output only: labelled data for one task instead of its recorded inputs.
+    /// Adapt output only: data for one task (labelled for a classifier) instead of its recorded
+    /// inputs.
     #[arg(long, value_name = "TASK=PATH", value_parser = parse_task_path)]
     pub task_inputs: Vec<(String, PathBuf)>,
     /// Adapt output only: skip scoring the experts.
@@ -178,7 +179,7 @@ pub struct EvalArgs {
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum EvalOutcome {
-    Adapted(AdaptReport),
+    Adapted(AdaptEvalOutcome),
     Lm(LmEvalReport),
     Classifier(EvalReport),
 }
@@ -222,7 +223,7 @@ impl EvalArgs {
     }
 
     /// Every task of an adapt output, on the data `--task-inputs` names or else the recorded one.
-    fn adapted(&self) -> Result<AdaptReport> {
+    fn adapted(&self) -> Result<AdaptEvalOutcome> {
         if self.inputs.is_some() {
             return Err(Error::Invalid(format!(
                 "{} is an adapt output: name data per task with --task-inputs TASK=PATH",
