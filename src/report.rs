@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::adapt::report::AdaptEvalOutcome;
-use crate::adapt::train::AdaptSummary;
+use crate::adapt::train::{AdaptSummary, SummaryLabels};
 use crate::error::{Error, Result};
 use crate::labels::produce::CacheLabelsSummary;
 use crate::merge::executor::MergeSummary;
@@ -181,15 +181,19 @@ impl Report for CacheLabelsSummary {
 impl Report for AdaptSummary {
     fn human(&self) -> Human {
         let mut out = String::new();
+        let SummaryLabels { score, loss } = self.labels;
         for t in &self.tasks {
             let acc = t.accuracy.map_or("-".to_string(), |a| format!("{a:.2}%"));
+            let ppl = t.perplexity.map(|p| format!("  perplexity {p:.2}")).unwrap_or_default();
             out += &format!(
-                "{:<16} accuracy {acc:>8}  final loss {:.4}  mean lambda {:.3}\n",
+                "{:<16} {score} {acc:>8}{ppl}  {loss} {:.4}  mean lambda {:.3}\n",
                 t.name, t.final_loss, t.lambda_mean
             );
         }
         if let Some(a) = self.average_accuracy {
-            out += &format!("{:<16} accuracy {:>7.2}%\n", "average", a);
+            let ppl =
+                self.average_perplexity.map(|p| format!("  perplexity {p:.2} (geometric mean)")).unwrap_or_default();
+            out += &format!("{:<16} {score} {:>7.2}%{ppl}\n", "average", a);
         }
         let s = &self.streaming;
         out += &format!(

@@ -247,13 +247,17 @@ fn last_block_adapts_the_last_layer_and_the_cli_writes_loadable_models() {
 
 /// `eval` of a causal-LM adapt output: every task's adapted model and its expert get the
 /// next-token scores `eval MODEL --inputs` gives each alone (at the adaptation's max length),
-/// averaged over tasks (mean loss, so a geometric-mean perplexity), as JSON and as a table.
+/// averaged over tasks (mean loss, so a geometric-mean perplexity), as JSON and as a table. The
+/// adapt summary itself reports the same scores for the adapted models (in f32, as stored here).
 #[test]
 fn eval_of_a_causal_lm_adapt_output_scores_every_task_and_its_expert() {
     let f = fixture("head");
     let out = f.root.join("out");
-    let (ok, _, err) = run(&["adapt", f.root.join("adapt.yml").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let cfg = f.root.join("adapt.yml");
+    let args = ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--out-dtype", "f32"];
+    let (ok, adapt_text, err) = run(&args);
     assert!(ok, "{err}");
+    assert!(adapt_text.contains("top-k soft loss") && adapt_text.contains("perplexity"), "{adapt_text}");
     let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--json"]);
     assert!(ok, "{err}");
     let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -281,6 +285,29 @@ fn eval_of_a_causal_lm_adapt_output_scores_every_task_and_its_expert() {
     let geo = (ppl(&tasks[0]) * ppl(&tasks[1])).sqrt();
     assert!((avg["perplexity"].as_f64().unwrap() - geo).abs() < 1e-9 * geo, "geometric mean: {avg} vs {geo}");
     assert!(all["average_expert"]["perplexity"].is_f64(), "{all}");
+
+    // adapt's summary: each task's top-1 accuracy (percent), perplexity and next-token loss are
+    // eval's, up to the order of sums (adapt batches by its batch_size, eval by 32).
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary = &summary["summary"];
+    for (s, t) in summary["tasks"].as_array().unwrap().iter().zip(tasks) {
+        let (s_ppl, e_ppl) = (s["perplexity"].as_f64().unwrap(), ppl(t));
+        assert!((s_ppl - e_ppl).abs() < 1e-6 * e_ppl, "{s} vs {t}");
+        assert!((s["next_token_loss"].as_f64().unwrap() - loss(t, "adapted")).abs() < 1e-6, "{s} vs {t}");
+        let one_token = 100.0 / t["adapted"]["tokens"].as_f64().unwrap();
+        let top1 = 100.0 * t["adapted"]["top1_accuracy"].as_f64().unwrap();
+        assert!((s["accuracy"].as_f64().unwrap() - top1).abs() <= one_token + 1e-9, "{s} vs {t}");
+    }
+    assert!((summary["average_perplexity"].as_f64().unwrap() - geo).abs() < 1e-6 * geo, "{summary}");
+    assert!(summary["average_accuracy"].is_f64(), "{summary}");
+    // --no-eval: no scores, the loss still named for what it is.
+    let no_eval = f.root.join("no-eval");
+    let (ok, text, err) = run(&["adapt", cfg.to_str().unwrap(), "-o", no_eval.to_str().unwrap(), "--no-eval"]);
+    assert!(ok && text.contains("top-k soft loss") && !text.contains("perplexity"), "{text} {err}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(no_eval.join("summary.json")).unwrap()).unwrap();
+    assert!(s["summary"]["tasks"][0]["accuracy"].is_null() && s["summary"]["tasks"][0].get("perplexity").is_none());
 
     // The table: a row per task with its numbers, the average, the experts' columns.
     let (ok, table, err) = run(&["eval", out.to_str().unwrap()]);

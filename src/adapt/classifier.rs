@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method};
 use super::objective::{self, Objective, Prepared};
-use super::train::{Adaptation, Family, Task};
+use super::train::{Adaptation, Family, SummaryLabels, Task, TaskEval};
 use crate::backend::Backend;
 use crate::checkpoint::FloatDType;
 use crate::data::jsonl::read_jsonl;
@@ -220,7 +220,7 @@ impl<B: Backend + Clone> Family<B> for Classifier<B> {
         dir: Option<&Path>,
         dtype: FloatDType,
         evaluate_it: bool,
-    ) -> Result<Option<f64>> {
+    ) -> Result<Option<TaskEval>> {
         let t = &a.tasks[task];
         if let Some(dir) = dir {
             let model = a.task_bert(task)?;
@@ -230,6 +230,10 @@ impl<B: Backend + Clone> Family<B> for Classifier<B> {
         let (Some(gold), true) = (&t.data.gold, evaluate_it) else { return Ok(None) };
         let tokenizer = TextTokenizer::from_dir(&t.expert, a.cfg.max_len)?;
         let clf = SequenceClassifier { model: a.task_model(task)?, tokenizer };
-        Ok(Some(100.0 * evaluate(&clf, &t.texts, gold, a.cfg.batch_size.max(32))?.accuracy))
+        Ok(Some(TaskEval::Accuracy(100.0 * evaluate(&clf, &t.texts, gold, a.cfg.batch_size.max(32))?.accuracy)))
+    }
+
+    fn summary_labels(_cfg: &AdaptConfig) -> SummaryLabels {
+        SummaryLabels { score: "accuracy", loss: "final loss" }
     }
 }

@@ -19,16 +19,19 @@ use std::path::Path;
 
 use super::config::{AdaptConfig, AdaptedLayer, LossKind, Method, TaskConfig};
 use super::objective::{self, Objective, Prepared};
-use super::train::{Adaptation, Family, Task};
+use super::train::{Adaptation, Family, SummaryLabels, Task, TaskEval};
 use crate::backend::Backend;
 use crate::checkpoint::FloatDType;
 use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
 use crate::labels::{LabelCache, LabelKind};
+use crate::model::lm::{picked_logits, score_next_tokens};
 use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
-use crate::model::{ChainBlock, LlamaConfig, LmArch, LmBatch, LmModel, Params, TextTokenizer, TopKTargets};
+use crate::model::{
+    ChainBlock, LlamaConfig, LmArch, LmBatch, LmEvalReport, LmModel, Params, TextTokenizer, TopKTargets,
+};
 
 /// A causal-LM family during adaptation: the pretrained model's layout (no weights: they stream).
 pub struct CausalLmFamily<B: Backend, A: LmArch<B>> {
@@ -87,6 +90,22 @@ impl<B: Backend + Clone, A: LmArch<B>> Adaptation<B, CausalLmFamily<B, A>> {
         let mut model = self.task_lm(task)?;
         self.fill_merged(&mut model.params)?;
         Ok(model)
+    }
+
+    /// Task `task`'s adapted model scored on its inputs as `symerge eval` scores a causal LM (the
+    /// same batching and sums, [`score_next_tokens`]), so the summary says what the model does
+    /// rather than only its training loss. It runs the adaptation's block-streamed forward in the
+    /// run's memory budget, not a loaded copy of the merged model, which a streamed run may have
+    /// no room for; its cost is one forward pass over the inputs, small next to training's
+    /// forward and backward per step. The weights are the f32 ones: a model stored in bf16 or
+    /// f16 scores slightly differently under `eval`.
+    pub fn evaluate_task(&self, task: usize) -> Result<LmEvalReport> {
+        let vocab = self.family.base.vocab();
+        let lens: Vec<usize> = self.tasks[task].tokens.iter().map(|t| t.ids.len()).collect();
+        score_next_tokens(&lens, self.cfg.batch_size, vocab, |rows| {
+            let Some((batch, logits)) = self.infer(task, rows)? else { return Ok(None) };
+            picked_logits(self.family.backend(), &batch, &logits, vocab).map(Some)
+        })
     }
 
     /// Task `task`'s model with the shared blocks left empty and the head untied.
@@ -244,12 +263,20 @@ impl<B: Backend + Clone, A: LmArch<B>> Family<B> for CausalLmFamily<B, A> {
         task: usize,
         dir: Option<&Path>,
         dtype: FloatDType,
-        _evaluate: bool,
-    ) -> Result<Option<f64>> {
+        evaluate: bool,
+    ) -> Result<Option<TaskEval>> {
         if let Some(dir) = dir {
             let opts = SaveOptions { dtype, ..SaveOptions::default() };
             a.task_lm(task)?.save_with(dir, &opts, &mut |b| a.merged_params(b))?;
         }
-        Ok(None)
+        Ok(if evaluate { Some(TaskEval::NextToken(a.evaluate_task(task)?)) } else { None })
+    }
+
+    fn summary_labels(cfg: &AdaptConfig) -> SummaryLabels {
+        let loss = match cfg.method {
+            Method::Symerge => "top-k soft loss",
+            Method::Adamerging => "entropy",
+        };
+        SummaryLabels { score: "top-1", loss }
     }
 }

@@ -36,7 +36,7 @@ use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::merge::philox::{ElementStream, name_hash};
 use crate::model::tokenize::Tokens;
-use crate::model::{ChainBlock, LmKind, Param, Params, TextTokenizer};
+use crate::model::{ChainBlock, LmEvalReport, LmKind, Param, Params, TextTokenizer};
 use crate::units::parse_budget;
 
 /// A block's kept internals, by the family's block type.
@@ -105,6 +105,9 @@ fn global_count(coll: &mut dyn Collective, local_n: usize, local_sum: f64) -> Re
 /// The uploaded batch of a family.
 pub type BatchOf<B, F> = <<F as Family<B>>::Block as ChainBlock<B>>::Batch;
 
+/// A batch and the chain's output on it ([`Adaptation::infer`]).
+pub type Inferred<B, F> = (BatchOf<B, F>, <B as Backend>::Buf);
+
 /// What a model family brings to adaptation (see the module notes).
 pub trait Family<B: Backend>: Sized {
     type Block: ChainBlock<B>;
@@ -140,14 +143,36 @@ pub trait Family<B: Backend>: Sized {
         total: usize,
     ) -> Result<(B::Buf, f32)>;
     /// Writes task `task`'s model into `dir` (when given) with its weights in `dtype` and, when
-    /// asked and possible, its accuracy on its inputs in percent.
+    /// asked and possible, scores it on its inputs.
     fn finish_task(
         a: &Adaptation<B, Self>,
         task: usize,
         dir: Option<&Path>,
         dtype: FloatDType,
         evaluate: bool,
-    ) -> Result<Option<f64>>;
+    ) -> Result<Option<TaskEval>>;
+    /// What the summary's lines call its numbers.
+    fn summary_labels(cfg: &AdaptConfig) -> SummaryLabels;
+}
+
+/// A task's adapted model scored on its inputs at the end of a run.
+#[derive(Debug, Clone)]
+pub enum TaskEval {
+    /// A classifier's accuracy on the inputs' labels, in percent.
+    Accuracy(f64),
+    /// A causal LM's next-token scores, as `symerge eval` reports them.
+    NextToken(LmEvalReport),
+}
+
+/// What the text summary calls a task's score and its training loss (summary.json's field names
+/// say it already).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SummaryLabels {
+    /// "accuracy", or "top-1" for a causal LM's next-token accuracy.
+    pub score: &'static str,
+    /// The objective `final_loss` measures: "final loss", or for a causal LM "top-k soft loss"
+    /// (against the expert's cached top-k, not the next-token loss `eval` reports) or "entropy".
+    pub loss: &'static str,
 }
 
 /// One task during adaptation.
@@ -233,15 +258,42 @@ pub struct Adaptation<B: Backend, F: Family<B>> {
 pub struct TaskReport {
     pub name: String,
     pub inputs: usize,
-    /// Accuracy of the adapted model on the (labelled) inputs, in percent.
+    /// Accuracy of the adapted model on the (labelled) inputs, in percent; for a causal LM its
+    /// top-1 next-token accuracy on the inputs.
     pub accuracy: Option<f64>,
-    /// Mean loss over the last epochs' steps of this task.
+    /// A causal LM's perplexity on the inputs: `exp(next_token_loss)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// A causal LM's mean next-token loss on the inputs (nats), what `symerge eval` reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_token_loss: Option<f64>,
+    /// Mean training loss over the last epochs' steps of this task (for a causal LM the top-k
+    /// soft loss against the expert's cache, or the entropy: not `next_token_loss`).
     pub final_loss: f64,
     /// Mean of this task's Lambda column.
     pub lambda_mean: f64,
     /// Fingerprint of the written `tasks/<task>/` model (`eval` checks it before scoring).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_hash: Option<String>,
+}
+
+impl TaskReport {
+    /// A task's line of the summary, its scores from `eval` (none when not measured).
+    fn new(
+        name: String,
+        inputs: usize,
+        eval: Option<TaskEval>,
+        final_loss: f64,
+        lambda_mean: f64,
+        model_hash: Option<String>,
+    ) -> Self {
+        let (accuracy, perplexity, next_token_loss) = match eval {
+            Some(TaskEval::Accuracy(a)) => (Some(a), None, None),
+            Some(TaskEval::NextToken(r)) => (Some(100.0 * r.top1_accuracy), Some(r.perplexity), Some(r.mean_loss)),
+            None => (None, None, None),
+        };
+        TaskReport { name, inputs, accuracy, perplexity, next_token_loss, final_loss, lambda_mean, model_hash }
+    }
 }
 
 /// Account of an adaptation run.
@@ -260,6 +312,13 @@ pub struct AdaptSummary {
     pub out_dtype: String,
     pub tasks: Vec<TaskReport>,
     pub average_accuracy: Option<f64>,
+    /// A causal LM's geometric-mean perplexity over the tasks (the exp of their mean next-token
+    /// loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub average_perplexity: Option<f64>,
+    /// What the text summary calls its numbers.
+    #[serde(skip)]
+    pub labels: SummaryLabels,
     /// How the shared blocks were held and how many bytes were staged.
     pub streaming: StreamReport,
     /// Bytes staged from the checkpoints per step, on average.
@@ -278,8 +337,9 @@ pub struct AdaptOptions {
     /// Log a line every N steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
-    /// Skip the accuracy of the adapted models on their (labelled) inputs.
-    // The flag is `--no-eval`: `true` (the default) measures each task's accuracy at the end.
+    /// Skip scoring the adapted models on their inputs (a classifier's accuracy on the labels, a
+    /// causal LM's perplexity and top-1 next-token accuracy).
+    // The flag is `--no-eval`: `true` (the default) scores each task at the end.
     #[arg(long = "no-eval", action = clap::ArgAction::SetFalse)]
     pub evaluate: bool,
     /// Replace an existing output directory that symerge wrote (it holds .symerge-output) or
@@ -293,7 +353,7 @@ pub struct AdaptOptions {
 }
 
 impl AdaptOptions {
-    /// The defaults: a log line every 10 steps, accuracy measured at the end, no replacing.
+    /// The defaults: a log line every 10 steps, each task scored at the end, no replacing.
     pub fn new(output: impl Into<PathBuf>) -> Self {
         AdaptOptions { output: output.into(), log_every: 10, evaluate: true, force: false, out_dtype: None }
     }
@@ -544,6 +604,20 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         Ok((lambda_grad, private))
     }
 
+    /// Task `task`'s chain output on its inputs `rows` under the current Lambda, for scoring: the
+    /// training forward, block-streamed within the same memory budget (the merged model is never
+    /// held whole), keeping nothing for a backward. `None` when the rows have nothing to predict.
+    pub fn infer(&self, task: usize, rows: &[usize]) -> Result<Option<Inferred<B, F>>> {
+        let t = &self.tasks[task];
+        let Some(batch) = self.family.batch(t, rows)? else { return Ok(None) };
+        let mut x: Option<B::Buf> = None;
+        for b in 0..self.shared.len() + t.private_blocks.len() {
+            x = Some(self.block_forward(t, b, &batch, x.as_ref(), false)?.0);
+        }
+        let out = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
+        Ok(Some((batch, out)))
+    }
+
     /// Block `b` of task `t`'s chain forward (a shared block merged on arrival, or its own), with
     /// its internals and merged weights when `keep`.
     fn block_forward(
@@ -700,24 +774,20 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
             let t = &self.tasks[task];
-            let (accuracy, model_hash) = match &staging {
+            let (eval, model_hash) = match &staging {
                 Some(staging) => {
                     let dir = staging.path().join("tasks").join(&t.name);
-                    let accuracy = F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?;
-                    (accuracy, Some(crate::labels::fingerprint::model_hash(&dir)?))
+                    let eval = F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?;
+                    (eval, Some(crate::labels::fingerprint::model_hash(&dir)?))
                 }
                 None => (None, None),
             };
-            reports.push(TaskReport {
-                name: t.name.clone(),
-                inputs: t.texts.len(),
-                accuracy,
-                final_loss: r.iter().map(|&v| v as f64).sum::<f64>() / r.len().max(1) as f64,
-                lambda_mean: self.task_lambda_mean(task),
-                model_hash,
-            });
+            let final_loss = r.iter().map(|&v| v as f64).sum::<f64>() / r.len().max(1) as f64;
+            let (name, inputs, lambda_mean) = (t.name.clone(), t.texts.len(), self.task_lambda_mean(task));
+            reports.push(TaskReport::new(name, inputs, eval, final_loss, lambda_mean, model_hash));
         }
         let accs: Vec<f64> = reports.iter().filter_map(|r| r.accuracy).collect();
+        let losses: Vec<f64> = reports.iter().filter_map(|r| r.next_token_loss).collect();
         let summary = AdaptSummary {
             method: self.cfg.method,
             output: opts.output.clone(),
@@ -729,6 +799,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             lambda_hash: self.lambda.hash(),
             out_dtype: out_dtype.to_string(),
             average_accuracy: (accs.len() == k).then(|| accs.iter().sum::<f64>() / k as f64),
+            average_perplexity: (losses.len() == k).then(|| (losses.iter().sum::<f64>() / k as f64).exp()),
+            labels: F::summary_labels(&self.cfg),
             tasks: reports,
             bytes_streamed_per_step: streaming.bytes_streamed / steps.max(1) as u64,
             streaming,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::causal::{LmArch, LmKind, LmModel};
+use super::causal::{LmArch, LmBatch, LmKind, LmModel};
 use super::llama_config::LlamaConfig;
 use super::tokenize::TextTokenizer;
 use crate::backend::Backend;
@@ -64,43 +64,67 @@ pub struct LmEvalReport {
 }
 
 /// Scores `texts` (each tokenized with the tokenizer's special tokens, truncated to its maximum
-/// length): every token is weighted equally, so long texts count more than short ones. Texts are
-/// batched by length; the loss is summed in f64 on the host.
+/// length) with [`score_next_tokens`].
 pub fn evaluate_lm<B: Backend, A: LmArch<B>, S: AsRef<str>>(
     lm: &CausalLm<B, A>,
     texts: &[S],
     batch_size: usize,
 ) -> Result<LmEvalReport> {
+    let model = &lm.model;
+    let toks = lm.tokenizer.tokenize(texts)?;
+    let lens: Vec<usize> = toks.iter().map(|t| t.ids.len()).collect();
+    score_next_tokens(&lens, batch_size, model.vocab(), |rows| {
+        let batch = model.batch(&lm.tokenizer.pad(&rows.iter().map(|&i| &toks[i]).collect::<Vec<_>>()))?;
+        if batch.labels.is_empty() {
+            return Ok(None);
+        }
+        picked_logits(&model.backend, &batch, &model.logits(&batch)?, model.vocab()).map(Some)
+    })
+}
+
+/// Scores sequences of `lens` tokens in batches of `batch_size`, longest first so a batch pads
+/// little: `picked(rows)` gives the logits at the predicting positions of the sequences `rows`
+/// (`[targets, vocab]`, on the host) and their next tokens, `None` when they predict none. Every
+/// token is weighed equally, so long texts count more than short ones; the loss is summed in f64.
+/// `eval` and adaptation's end-of-run scores both come from here, so they agree.
+pub fn score_next_tokens(
+    lens: &[usize],
+    batch_size: usize,
+    vocab: usize,
+    mut picked: impl FnMut(&[usize]) -> Result<Option<(Vec<f32>, Vec<u32>)>>,
+) -> Result<LmEvalReport> {
     if batch_size == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }
-    if texts.is_empty() {
+    if lens.is_empty() {
         return Err(Error::Invalid("nothing to evaluate: no texts".into()));
     }
-    let model = &lm.model;
-    let vocab = model.vocab();
-    let toks = lm.tokenizer.tokenize(texts)?;
-    let mut order: Vec<usize> = (0..toks.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
     let (mut total, mut tokens, mut hits) = (0f64, 0usize, 0usize);
     for chunk in order.chunks(batch_size) {
-        let enc = lm.tokenizer.pad(&chunk.iter().map(|&i| &toks[i]).collect::<Vec<_>>());
-        let batch = model.batch(&enc)?;
-        if batch.labels.is_empty() {
-            continue;
-        }
-        let logits =
-            model.backend.download(&model.backend.embedding(&model.logits(&batch)?, &batch.label_rows, vocab)?)?;
-        for (z, &t) in logits.chunks(vocab).zip(&batch.labels) {
+        let Some((logits, targets)) = picked(chunk)? else { continue };
+        for (z, &t) in logits.chunks(vocab).zip(&targets) {
             total += logsumexp(z) - z[t as usize] as f64;
             hits += usize::from(argmax(z) == t as usize);
         }
-        tokens += batch.labels.len();
+        tokens += targets.len();
     }
     if tokens == 0 {
         return Err(Error::Invalid("nothing to evaluate: every text has fewer than two tokens".into()));
     }
     let mean_loss = total / tokens as f64;
     let top1_accuracy = hits as f64 / tokens as f64;
-    Ok(LmEvalReport { texts: texts.len(), tokens, mean_loss, perplexity: mean_loss.exp(), top1_accuracy })
+    Ok(LmEvalReport { texts: lens.len(), tokens, mean_loss, perplexity: mean_loss.exp(), top1_accuracy })
+}
+
+/// The rows of `logits` (`[batch.tokens, vocab]`) at `batch`'s predicting positions, on the
+/// host, with their next tokens; `batch` must have some.
+pub fn picked_logits<B: Backend>(
+    be: &B,
+    batch: &LmBatch<B>,
+    logits: &B::Buf,
+    vocab: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    Ok((be.download(&be.embedding(logits, &batch.label_rows, vocab)?)?, batch.labels.clone()))
 }
