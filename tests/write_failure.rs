@@ -134,7 +134,7 @@ fn a_write_failing_in_predict_names_its_file_once() {
         "3",
         "--inputs",
         inputs.to_str().unwrap(),
-        "--out",
+        "-o", // the short form every writing command takes
         preds.to_str().unwrap(),
         "--device",
         "cpu",

@@ -148,7 +148,7 @@ pub struct PrepareOptions {
     pub source: PathBuf,
     /// Output directory; each task gets OUT/<task>/{train,validation,test}.jsonl and labels.json
     /// (replacing only an earlier `data prepare` output there, or an empty directory).
-    #[arg(long)]
+    #[arg(short = 'o', long)]
     pub out: PathBuf,
     /// Cut longer entries to this many characters.
     #[arg(long, default_value_t = DEFAULT_MAX_CHARS)]

@@ -109,7 +109,7 @@ pub struct PredictArgs {
     pub inputs: PathBuf,
     /// Output JSON lines, one per input in order, with `logits`, `probs` and `pred`
     /// (written atomically).
-    #[arg(long)]
+    #[arg(short = 'o', long)]
     pub out: PathBuf,
     /// Replace an existing --out, when it is an earlier predictions file.
     #[arg(long)]
