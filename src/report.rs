@@ -75,8 +75,10 @@ impl Report for MergeSummary {
 impl Report for EvalReport {
     fn human(&self) -> Human {
         Human::Stdout(format!(
-            "accuracy {:.4} ({} examples), mean cross-entropy {:.4}\n",
-            self.accuracy, self.examples, self.mean_ce
+            "accuracy {:.2}% ({} examples), mean cross-entropy {:.4}\n",
+            100.0 * self.accuracy,
+            self.examples,
+            self.mean_ce
         ))
     }
 }
@@ -96,7 +98,7 @@ impl Report for LmEvalReport {
 
 impl Report for FinetuneSummary {
     fn human(&self) -> Human {
-        let acc = self.eval.as_ref().map(|r| format!(", eval accuracy {:.4}", r.accuracy)).unwrap_or_default();
+        let acc = self.eval.as_ref().map(|r| format!(", eval accuracy {:.2}%", 100.0 * r.accuracy)).unwrap_or_default();
         let s = self;
         finetune_line(&s.output, s.steps, s.seconds, "loss", [s.initial_loss, s.final_loss], &acc)
     }
@@ -183,7 +185,7 @@ impl Report for AdaptSummary {
         let mut out = String::new();
         let SummaryLabels { score, loss } = self.labels;
         for t in &self.tasks {
-            let acc = t.accuracy.map_or("-".to_string(), |a| format!("{a:.2}%"));
+            let acc = t.accuracy.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
             let ppl = t.perplexity.map(|p| format!("  perplexity {p:.2}")).unwrap_or_default();
             out += &format!(
                 "{:<16} {score} {acc:>8}{ppl}  {loss} {:.4}  mean lambda {:.3}\n",
@@ -193,7 +195,7 @@ impl Report for AdaptSummary {
         if let Some(a) = self.average_accuracy {
             let ppl =
                 self.average_perplexity.map(|p| format!("  perplexity {p:.2} (geometric mean)")).unwrap_or_default();
-            out += &format!("{:<16} {score} {:>7.2}%{ppl}\n", "average", a);
+            out += &format!("{:<16} {score} {:>7.2}%{ppl}\n", "average", 100.0 * a);
         }
         let s = &self.streaming;
         out += &format!(
@@ -229,3 +231,67 @@ stdout_display!(
     crate::dist::check::CheckReport,
     crate::backend::cuda::bench::BenchReport
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapt::shared::StreamReport;
+    use crate::adapt::train::TaskReport;
+
+    fn adapt_summary(accuracy: Option<f64>) -> AdaptSummary {
+        let task = |name: &str| TaskReport {
+            name: name.into(),
+            inputs: 10,
+            accuracy,
+            final_loss: 0.5,
+            lambda_mean: 0.3,
+            model_hash: None,
+        };
+        AdaptSummary {
+            format_version: crate::adapt::train::SUMMARY_FORMAT_VERSION,
+            method: crate::adapt::config::Method::Symerge,
+            output: "out".into(),
+            epochs: 1,
+            steps: 2,
+            seconds: 1.0,
+            world_size: 1,
+            lambda_rows: 1,
+            lambda_hash: String::new(),
+            out_dtype: "f32".into(),
+            tasks: vec![task("alpha"), task("beta")],
+            average_accuracy: accuracy,
+            streaming: StreamReport {
+                mode: "resident".into(),
+                blocks: 2,
+                kept_blocks: 2,
+                shared_bytes: 2_000_000,
+                kept_bytes: 2_000_000,
+                budget_bytes: 8_000_000,
+                bytes_streamed: 2_000_000,
+            },
+            bytes_streamed_per_step: 0,
+            peak_rss_bytes: None,
+        }
+    }
+
+    fn stdout_of(r: &impl Report) -> String {
+        match r.human() {
+            Human::Stdout(s) | Human::Log(s) => s,
+        }
+    }
+
+    /// Accuracies are fractions in the summary and percent (2 decimals) in its text.
+    #[test]
+    fn adapt_text_prints_fractions_as_percent() {
+        let text = stdout_of(&adapt_summary(Some(0.5152394775036284)));
+        assert!(text.contains("alpha            accuracy   51.52%"), "{text}");
+        assert!(text.contains("average          accuracy   51.52%"), "{text}");
+        assert!(stdout_of(&adapt_summary(None)).contains("accuracy        -"));
+    }
+
+    #[test]
+    fn eval_text_prints_percent() {
+        let r = EvalReport { examples: 1378, accuracy: 0.5152394775036284, mean_ce: 1.25 };
+        assert_eq!(stdout_of(&r), "accuracy 51.52% (1378 examples), mean cross-entropy 1.2500\n");
+    }
+}

@@ -233,8 +233,28 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     ]);
     assert!(ok, "{err}");
     let e: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // One unit in JSON: adapt's accuracy is a fraction, as eval's (format_version 2 says so).
+    assert_eq!(s["format_version"], 2);
     let want = s["tasks"][1]["accuracy"].as_f64().unwrap();
-    assert!((e["accuracy"].as_f64().unwrap() * 100.0 - want).abs() < 1e-6, "{e} vs {want}");
+    assert!((e["accuracy"].as_f64().unwrap() - want).abs() < 1e-12, "{e} vs {want}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["summary"]["tasks"][1]["accuracy"], s["tasks"][1]["accuracy"]);
+    assert_eq!(written["summary"]["format_version"], 2);
+    let mean = (s["tasks"][0]["accuracy"].as_f64().unwrap() + want) / 2.0;
+    assert!((s["average_accuracy"].as_f64().unwrap() - mean).abs() < 1e-12, "{s}");
+    // One unit in text: percent with two decimals, as adapt's and `eval ADAPT_OUT`'s tables.
+    let (ok, text, err) = run(&[
+        "eval",
+        out.join("tasks/beta").to_str().unwrap(),
+        "--inputs",
+        r.join("beta.jsonl").to_str().unwrap(),
+        "--max-len",
+        "32",
+    ]);
+    assert!(ok, "{err}");
+    let pct = format!("accuracy {:.2}% ", 100.0 * want);
+    assert!(text.starts_with(&pct), "{text:?} should start with {pct:?}");
 
     // The merged encoder from `merge` with the adapted head put on it scores the same.
     let (ok, stdout, err) = run(&[
@@ -262,7 +282,7 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     for (i, t) in tasks.iter().enumerate() {
         assert_eq!(t["task"], s["tasks"][i]["name"]);
         let want = s["tasks"][i]["accuracy"].as_f64().unwrap();
-        assert!((t["adapted"]["accuracy"].as_f64().unwrap() * 100.0 - want).abs() < 1e-6, "{t} vs {want}");
+        assert!((t["adapted"]["accuracy"].as_f64().unwrap() - want).abs() < 1e-12, "{t} vs {want}");
         assert!(t["expert"]["accuracy"].is_f64(), "{t}");
     }
     assert_eq!(tasks[1]["adapted"], e, "same scores as `eval` on the task's checkpoint");

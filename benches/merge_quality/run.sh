@@ -136,8 +136,10 @@ adapt() {  # NAME METHOD LOSS SEED
   python3 - "$W/adapt/$1.json" "$1" >>"$W/scores/test.txt" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
+# Fractions since format_version 2 (earlier builds: percent), printed in percent like acc().
+scale = 100 if s.get("format_version", 1) >= 2 else 1
 for t in s["tasks"]:
-    print(sys.argv[2], t["name"], round(t["accuracy"], 2))
+    print(sys.argv[2], t["name"], round(scale * t["accuracy"], 2))
 PY
 }
 if [ "$EXTRA" = 1 ]; then adapt adamerging adamerging soft 0; fi

@@ -230,7 +230,7 @@ impl<B: Backend + Clone> Family<B> for Classifier<B> {
         let (Some(gold), true) = (&t.data.gold, evaluate_it) else { return Ok(None) };
         let tokenizer = TextTokenizer::from_dir(&t.expert, a.cfg.max_len)?;
         let clf = SequenceClassifier { model: a.task_model(task)?, tokenizer };
-        Ok(Some(TaskEval::Accuracy(100.0 * evaluate(&clf, &t.texts, gold, a.cfg.batch_size.max(32))?.accuracy)))
+        Ok(Some(TaskEval::Accuracy(evaluate(&clf, &t.texts, gold, a.cfg.batch_size.max(32))?.accuracy)))
     }
 
     fn summary_labels(_cfg: &AdaptConfig) -> SummaryLabels {

@@ -143,7 +143,7 @@ pub trait Family<B: Backend>: Sized {
         total: usize,
     ) -> Result<(B::Buf, f32)>;
     /// Writes task `task`'s model into `dir` (when given) with its weights in `dtype` and, when
-    /// asked and possible, scores it on its inputs.
+    /// asked and possible, scores it on its inputs (accuracies as fractions in [0, 1], as `eval`'s).
     fn finish_task(
         a: &Adaptation<B, Self>,
         task: usize,
@@ -258,8 +258,9 @@ pub struct Adaptation<B: Backend, F: Family<B>> {
 pub struct TaskReport {
     pub name: String,
     pub inputs: usize,
-    /// Accuracy of the adapted model on the (labelled) inputs, in percent; for a causal LM its
-    /// top-1 next-token accuracy on the inputs.
+    /// Accuracy of the adapted model on the (labelled) inputs, a fraction in [0, 1] like
+    /// `eval`'s (percent before [`SUMMARY_FORMAT_VERSION`] 2); for a causal LM its top-1
+    /// next-token accuracy on the inputs.
     pub accuracy: Option<f64>,
     /// A causal LM's perplexity on the inputs: `exp(next_token_loss)`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -289,16 +290,23 @@ impl TaskReport {
     ) -> Self {
         let (accuracy, perplexity, next_token_loss) = match eval {
             Some(TaskEval::Accuracy(a)) => (Some(a), None, None),
-            Some(TaskEval::NextToken(r)) => (Some(100.0 * r.top1_accuracy), Some(r.perplexity), Some(r.mean_loss)),
+            Some(TaskEval::NextToken(r)) => (Some(r.top1_accuracy), Some(r.perplexity), Some(r.mean_loss)),
             None => (None, None, None),
         };
         TaskReport { name, inputs, accuracy, perplexity, next_token_loss, final_loss, lambda_mean, model_hash }
     }
 }
 
+/// Version of [`AdaptSummary`]'s JSON (`--json`, `summary.json`). 2: accuracies are fractions in
+/// [0, 1]; summaries without the field (version 1) hold them in percent. A reader tells them
+/// apart by this field, so outputs of earlier builds still read right.
+pub const SUMMARY_FORMAT_VERSION: u32 = 2;
+
 /// Account of an adaptation run.
 #[derive(Debug, Clone, Serialize)]
 pub struct AdaptSummary {
+    /// [`SUMMARY_FORMAT_VERSION`].
+    pub format_version: u32,
     pub method: Method,
     pub output: PathBuf,
     pub epochs: usize,
@@ -311,6 +319,7 @@ pub struct AdaptSummary {
     /// Storage dtype of the written models (`torch_dtype` spelling).
     pub out_dtype: String,
     pub tasks: Vec<TaskReport>,
+    /// Unweighted mean of the tasks' accuracies (a fraction), when every task has one.
     pub average_accuracy: Option<f64>,
     /// A causal LM's geometric-mean perplexity over the tasks (the exp of their mean next-token
     /// loss).
@@ -789,6 +798,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let accs: Vec<f64> = reports.iter().filter_map(|r| r.accuracy).collect();
         let losses: Vec<f64> = reports.iter().filter_map(|r| r.next_token_loss).collect();
         let summary = AdaptSummary {
+            format_version: SUMMARY_FORMAT_VERSION,
             method: self.cfg.method,
             output: opts.output.clone(),
             epochs: self.cfg.epochs,

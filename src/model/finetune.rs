@@ -430,7 +430,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     let score = |clf: &SequenceClassifier<B>, when: &str| -> Result<Option<EvalReport>> {
         let Some((texts, ids)) = &eval_set else { return Ok(None) };
         let r = evaluate(clf, texts, ids, EVAL_BATCH)?;
-        tracing::info!("{when} training: accuracy {:.4}, mean cross-entropy {:.4}", r.accuracy, r.mean_ce);
+        tracing::info!("{when} training: accuracy {:.2}%, mean cross-entropy {:.4}", 100.0 * r.accuracy, r.mean_ce);
         Ok(Some(r))
     };
     super::save::check_room(&opts.output, &clf.model.params, opts.dtype)?;
