@@ -443,3 +443,32 @@ fn a_step_that_counts_no_sample_moves_nothing() {
     let (_, kept) = a.step(1).unwrap();
     assert!(kept > 0 && a.lambda.values != lambda && head(&a) != before);
 }
+
+/// A run shorter than `--log-every` is not silent until its end: a start line says its size and
+/// memory mode, and the first and last steps are logged with the time spent and an ETA.
+#[test]
+fn adapt_logs_a_start_line_and_every_step_line_has_elapsed_and_eta() {
+    let f = fixture();
+    let r = &f.root;
+    let out = r.join("short");
+    let (ok, _, err) = run(&[
+        "adapt",
+        r.join("adapt.yml").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--log-every",
+        "10",
+        "--no-eval",
+    ]);
+    assert!(ok, "{err}");
+    let start = err.lines().position(|l| l.contains("adapting 2 tasks (alpha, beta) with symerge: 2 epochs, 4 steps"));
+    let start = start.unwrap_or_else(|| panic!("no start line: {err}"));
+    assert!(err.lines().nth(start).unwrap().contains("shared blocks resident"), "{err}");
+    let steps: Vec<&str> = err.lines().filter(|l| l.contains(" step ") && l.contains("mean lambda")).collect();
+    assert_eq!(steps.len(), 2, "the first and the last step: {err}");
+    assert!(steps[0].contains("epoch 1/2 step 1/4:") && steps[1].contains("epoch 2/2 step 4/4:"), "{err}");
+    assert!(steps.iter().all(|l| l.contains("s elapsed, eta ")), "{err}");
+    assert!(steps[1].contains("eta 0s"), "{err}");
+}

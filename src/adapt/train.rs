@@ -931,8 +931,8 @@ fn commit_output(
 }
 
 /// The epoch loop: every epoch visits the `k` tasks in a seeded shuffled
-/// order, one step each; a JSON line per step goes to `log` (rank 0), a progress line every
-/// `opts.log_every` steps. Returns the number of steps and each task's last (up to 10) losses.
+/// order, one step each; a JSON line per step goes to `log` (rank 0), a start line and progress
+/// lines (see [`StepLog`]). Returns the number of steps and each task's last (up to 10) losses.
 /// Each log line carries the seconds since training began, so a step's time can be read off.
 fn train_epochs<B: Backend + Clone, F: Family<B>>(
     t: &mut Adaptation<B, F>,
@@ -952,6 +952,10 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
     let mut counted = vec![0usize; k];
     let mut steps = 0usize;
     let started = Instant::now();
+    let progress = StepLog { total: epochs * k, every: if writer { opts.log_every } else { 0 }, started };
+    if writer {
+        log_start(t, epochs, progress.total, coll.world_size());
+    }
     for epoch in 0..epochs {
         for task in permutation(k, seed, name_hash("epoch order"), epoch as u32) {
             let (loss, count) = t.step_in(task, coll)?;
@@ -977,14 +981,16 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
                 line["lambda_mean"] = t.task_lambda_mean(task).into();
                 writeln!(log, "{line}").map_err(|e| Error::io(path, e))?;
             }
-            if writer && opts.log_every > 0 && steps.is_multiple_of(opts.log_every) {
+            if progress.due(steps) {
                 tracing::info!(
-                    "epoch {}/{} step {steps}: {} loss {loss:.4} ({}), mean lambda {:.3}",
+                    "epoch {}/{} step {steps}/{}: {} loss {loss:.4} ({}), mean lambda {:.3} ({})",
                     epoch + 1,
                     epochs,
+                    progress.total,
                     &t.tasks[task].name,
                     F::describe_count(count),
-                    t.task_lambda_mean(task)
+                    t.task_lambda_mean(task),
+                    progress.timing(steps)
                 );
             }
         }
@@ -1002,6 +1008,54 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
         );
     }
     Ok((steps, recent))
+}
+
+/// When the step lines of [`train_epochs`] come: the first step (a short run is not silent until
+/// its end), every `every` steps and the last; none with `every` 0 (and on ranks other than 0).
+struct StepLog {
+    total: usize,
+    every: usize,
+    started: Instant,
+}
+
+impl StepLog {
+    fn due(&self, step: usize) -> bool {
+        self.every > 0 && (step == 1 || step.is_multiple_of(self.every) || step == self.total)
+    }
+
+    /// Time since training began and the rest at the mean pace so far, as `finetune` logs them.
+    fn timing(&self, step: usize) -> String {
+        let done = self.started.elapsed().as_secs_f64();
+        let eta = done / step.max(1) as f64 * self.total.saturating_sub(step) as f64;
+        format!("{done:.0}s elapsed, eta {eta:.0}s")
+    }
+}
+
+/// The run's start line: what is trained, for how long, how the shared blocks are held and where
+/// the math runs, so a long run's size is known before its first step ends.
+fn log_start<B: Backend, F: Family<B>>(t: &Adaptation<B, F>, epochs: usize, total: usize, world_size: usize) {
+    let names: Vec<&str> = t.tasks.iter().map(|task| task.name.as_str()).collect();
+    let s = t.weights.report();
+    let be = t.family.backend();
+    let threads =
+        if be.name() == "cpu" { format!(", {} threads", rayon::current_num_threads()) } else { String::new() };
+    let ranks = if world_size > 1 { format!(", {world_size} ranks") } else { String::new() };
+    tracing::info!(
+        "adapting {} tasks ({}) with {}: {epochs} epochs, {total} steps; shared blocks {} ({} of {} kept, \
+         {:.1} MB of {:.1} MB); {}{threads}{ranks}",
+        names.len(),
+        names.join(", "),
+        match t.cfg.method {
+            Method::Symerge => "symerge",
+            Method::Adamerging => "adamerging",
+        },
+        s.mode,
+        s.kept_blocks,
+        s.blocks,
+        s.kept_bytes as f64 / 1e6,
+        s.shared_bytes as f64 / 1e6,
+        be.name()
+    );
 }
 
 /// Sums block `b`'s Lambda rows of `grad` (`k` tasks) over the ranks. Each f64 value travels as
