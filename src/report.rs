@@ -198,14 +198,18 @@ impl Report for AdaptSummary {
             out += &format!("{:<16} {score} {:>7.2}%{ppl}\n", "average", 100.0 * a);
         }
         let s = &self.streaming;
+        // Kept blocks are loaded once: per step, only the streamed ones are read (twice).
+        let per_step = match self.bytes_streamed_per_step {
+            0 => "nothing streamed per step".to_string(),
+            b => format!("{:.1} MB streamed per step", b as f64 / 1e6),
+        };
         out += &format!(
-            "shared blocks    {} ({} of {} kept, {:.1} MB kept of {:.1} MB), {:.1} MB streamed per step\n",
+            "shared blocks    {} ({} of {} kept, {:.1} MB kept of {:.1} MB), {per_step}\n",
             s.mode,
             s.kept_blocks,
             s.blocks,
             s.kept_bytes as f64 / 1e6,
             s.shared_bytes as f64 / 1e6,
-            self.bytes_streamed_per_step as f64 / 1e6
         );
         Human::Stdout(out)
     }
@@ -268,6 +272,7 @@ mod tests {
                 kept_bytes: 2_000_000,
                 budget_bytes: 8_000_000,
                 bytes_streamed: 2_000_000,
+                bytes_loaded_once: 2_000_000,
             },
             bytes_streamed_per_step: 0,
             peak_rss_bytes: None,
@@ -287,6 +292,16 @@ mod tests {
         assert!(text.contains("alpha            accuracy   51.52%"), "{text}");
         assert!(text.contains("average          accuracy   51.52%"), "{text}");
         assert!(stdout_of(&adapt_summary(None)).contains("accuracy        -"));
+    }
+
+    /// A resident run streams nothing per step and says so; a streamed one gives its bytes.
+    #[test]
+    fn adapt_text_says_what_is_streamed_per_step() {
+        let mut s = adapt_summary(None);
+        let text = stdout_of(&s);
+        assert!(text.contains("resident (2 of 2 kept, 2.0 MB kept of 2.0 MB), nothing streamed per step"), "{text}");
+        s.bytes_streamed_per_step = 4_000_000;
+        assert!(stdout_of(&s).contains("), 4.0 MB streamed per step"));
     }
 
     #[test]

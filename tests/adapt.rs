@@ -168,6 +168,10 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     assert!(ok, "{err}");
     let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(s["steps"], 24);
+    // Every block kept: loaded once, nothing streamed per step (it was the load / steps).
+    assert_eq!(s["streaming"]["mode"], "resident");
+    assert_eq!(s["bytes_streamed_per_step"], 0, "{s}");
+    assert_eq!(s["streaming"]["bytes_loaded_once"], s["streaming"]["shared_bytes"], "{s}");
 
     // Loss per task: the last steps below the first steps.
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
@@ -417,6 +421,9 @@ fn streamed_resident_and_mixed_adaptation_agree_bit_for_bit() {
     let mixed = runs[2].weights.report();
     assert_eq!(mixed.kept_blocks, 1);
     assert_eq!(runs[2].weights.bytes_streamed(), first + 4 * 2 * (shared - first));
+    // The one-time load of the kept blocks is told apart from what each step streams.
+    let once: Vec<u64> = runs.iter().map(|a| a.weights.report().bytes_loaded_once).collect();
+    assert_eq!(once, [0, shared, first]);
 }
 
 /// A step whose every sample is filtered out is skipped: Lambda and the task's layer stay where

@@ -83,6 +83,9 @@ pub struct StreamReport {
     pub budget_bytes: u64,
     /// Bytes staged from the checkpoints over the whole run (kept blocks count once).
     pub bytes_streamed: u64,
+    /// The part of `bytes_streamed` that was the kept blocks' one-time load (their first
+    /// visit); the rest was streamed step by step.
+    pub bytes_loaded_once: u64,
 }
 
 /// A block's staged tensors: per tensor, the base's then each expert's.
@@ -95,6 +98,8 @@ pub struct SharedWeights<B: Backend> {
     kept: Vec<Option<OnceLock<StagedBlock<B>>>>,
     prefetch: Option<Prefetcher>,
     streamed: AtomicU64,
+    /// Of `streamed`, the kept blocks' first staging: a one-time cost, not a per-step one.
+    loaded_once: AtomicU64,
     budget: u64,
 }
 
@@ -172,7 +177,14 @@ impl<B: Backend> SharedWeights<B> {
             .map(|(b, k)| if k.is_some() { Vec::new() } else { b.views().cloned().collect() })
             .collect();
         let prefetch = kept.iter().any(Option::is_none).then(|| Prefetcher::start(streamed_views));
-        Ok(SharedWeights { blocks, kept, prefetch, streamed: AtomicU64::new(0), budget })
+        Ok(SharedWeights {
+            blocks,
+            kept,
+            prefetch,
+            streamed: AtomicU64::new(0),
+            loaded_once: AtomicU64::new(0),
+            budget,
+        })
     }
 
     /// Stages block `b` for use; `next` is the block to be visited after it (the prefetch
@@ -187,6 +199,7 @@ impl<B: Backend> SharedWeights<B> {
             Some(cell) => {
                 if cell.get().is_none() {
                     self.streamed.fetch_add(block.bytes(), Ordering::Relaxed);
+                    self.loaded_once.fetch_add(block.bytes(), Ordering::Relaxed);
                     // Two threads may stage it at once; either copy serves.
                     let _ = cell.set(stage_block(be, block)?);
                 }
@@ -241,6 +254,7 @@ impl<B: Backend> SharedWeights<B> {
             kept_bytes: self.blocks.iter().zip(&self.kept).filter(|(_, k)| k.is_some()).map(|(b, _)| b.bytes()).sum(),
             budget_bytes: self.budget,
             bytes_streamed: self.bytes_streamed(),
+            bytes_loaded_once: self.loaded_once.load(Ordering::Relaxed),
         }
     }
 }

@@ -330,7 +330,9 @@ pub struct AdaptSummary {
     pub labels: SummaryLabels,
     /// How the shared blocks were held and how many bytes were staged.
     pub streaming: StreamReport,
-    /// Bytes staged from the checkpoints per step, on average.
+    /// Bytes staged from the checkpoints per step, on average, besides the kept blocks' one-time
+    /// load (`streaming.bytes_loaded_once`): 2 x the streamed blocks' bytes, 0 when every block is
+    /// kept.
     pub bytes_streamed_per_step: u64,
     /// Peak resident set of the process (`VmHWM`), where the system reports it.
     pub peak_rss_bytes: Option<u64>,
@@ -812,7 +814,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             average_perplexity: (losses.len() == k).then(|| (losses.iter().sum::<f64>() / k as f64).exp()),
             labels: F::summary_labels(&self.cfg),
             tasks: reports,
-            bytes_streamed_per_step: streaming.bytes_streamed / steps.max(1) as u64,
+            bytes_streamed_per_step: streaming.bytes_streamed.saturating_sub(streaming.bytes_loaded_once)
+                / steps.max(1) as u64,
             streaming,
             peak_rss_bytes: crate::sysinfo::peak_rss_bytes(),
         };
