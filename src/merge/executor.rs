@@ -408,17 +408,32 @@ fn ignored_holders<'s>(stream: &'s LayerStream<'_>) -> BTreeMap<&'s str, usize> 
     holders
 }
 
-/// One line for the inputs' tensors the reference lacks (left out of the output).
+/// Whether `name` belongs to a task head that fine-tuning adds on top of the base (a sequence
+/// classifier's `classifier.*` or `score.*`, DistilBERT's `pre_classifier.*`, a QA head).
+fn is_task_head(name: &str) -> bool {
+    matches!(name.split('.').next(), Some("classifier" | "pre_classifier" | "score" | "qa_outputs"))
+}
+
+/// The inputs' tensors the reference lacks (left out of the output), logged: the experts' task
+/// heads at info level, since heads are never merged and every merge of classifiers has them
+/// (a warning there reads like a fault); anything else with a warning.
 fn warn_ignored(ignored: &BTreeMap<&str, usize>) {
-    if ignored.is_empty() {
-        return;
+    let (heads, other): (Vec<&str>, Vec<&str>) = ignored.keys().copied().partition(|n| is_task_head(n));
+    if !heads.is_empty() {
+        tracing::info!(
+            "{} task-head tensors of the inputs (not in the base) are left out, as expected: heads are not merged; \
+             score a task with `eval --head-from EXPERT` (e.g. {})",
+            heads.len(),
+            heads[..heads.len().min(5)].join(", ")
+        );
     }
-    let sample: Vec<&str> = ignored.keys().take(5).copied().collect();
-    tracing::warn!(
-        "{} tensors of the inputs are not in the reference model and are left out (e.g. {})",
-        ignored.len(),
-        sample.join(", ")
-    );
+    if !other.is_empty() {
+        tracing::warn!(
+            "{} tensors of the inputs are not in the reference model and are left out (e.g. {})",
+            other.len(),
+            other[..other.len().min(5)].join(", ")
+        );
+    }
 }
 
 /// One process: the whole stream into a staging directory, committed at the end. Returns the
