@@ -222,6 +222,10 @@ fn cli_bad_inputs_fail_clearly_and_write_nothing() {
     let g = good.to_str().unwrap();
     let (ok, _, err) = run(&["predict", m, "--inputs", g, "--out", o]);
     assert!(!ok && err.contains("no classification head") && err.contains("--new-head"), "{err}");
+    // A headless encoder (a merge's output) is pointed to an expert's head before a random one.
+    let (ok, _, err) = run(&["eval", m, "--inputs", g]);
+    let (borrow, random) = (err.find("--head-from EXPERT"), err.find("--new-head N"));
+    assert!(!ok && borrow.is_some() && borrow < random, "{err}");
     // With a GPU, --device cuda runs (tests/gpu_backend.rs compares it with the CPU).
     if symerge::backend::cuda::probe().is_err() {
         let (ok, _, err) = run(&["predict", m, "--inputs", g, "--out", o, "--new-head", "2", "--device", "cuda"]);

@@ -71,7 +71,8 @@ impl InferenceOptions {
     }
 
     /// The classifier at `model`, with the new or borrowed head asked for; a model left without
-    /// a head is refused here rather than failing at the first batch.
+    /// a head is refused here rather than failing at the first batch, pointing first to
+    /// `--head-from` (a merged encoder lost its experts' heads; a random head scores at chance).
     pub fn load_classifier<B: Backend + Clone>(&self, be: B, model: &Path) -> Result<SequenceClassifier<B>> {
         let new_head = self.new_head.map(|num_labels| NewHead { num_labels, seed: self.head_seed });
         let mut clf = SequenceClassifier::load(be.clone(), model, self.max_len(), LoadOptions { new_head })?;
@@ -80,7 +81,9 @@ impl InferenceOptions {
         }
         if clf.model.num_labels().is_none() {
             return Err(Error::Invalid(format!(
-                "{} has no classification head (classifier.weight); pass --new-head N to add a seeded random one",
+                "{} has no classification head (classifier.weight); pass --head-from EXPERT to score it with a \
+                 task's fine-tuned head (a merged encoder's experts have one), or --new-head N for a seeded random \
+                 one (chance-level until trained)",
                 model.display()
             )));
         }
