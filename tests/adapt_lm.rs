@@ -506,3 +506,42 @@ fn gpt2_adapts_through_the_same_adapter() {
         assert!(lm.model.lm_loss(&batch).unwrap().is_finite());
     }
 }
+
+/// A causal-LM base with classifier experts, or the reverse, is refused as that, naming the
+/// task, before anything else about the config (a classifier's `confidence`, which causal LMs
+/// refuse, was the first error), and the message lists every supported family, GPT-2 included.
+#[test]
+fn a_base_and_experts_of_different_kinds_are_refused_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let config_only = |name: &str, config: &str| {
+        std::fs::create_dir_all(r.join(name)).unwrap();
+        std::fs::write(r.join(name).join("config.json"), config).unwrap();
+        r.join(name)
+    };
+    let classifier =
+        config_only("clf", r#"{"model_type": "bert", "architectures": ["BertForSequenceClassification"]}"#);
+    let encoder = config_only("enc", r#"{"model_type": "bert", "architectures": ["BertModel"]}"#);
+    std::fs::write(r.join("in.jsonl"), "{\"text\": \"hello world\"}\n").unwrap();
+    let adapt = |base: &Path, experts: [&Path; 2]| {
+        let cfg = r.join("adapt.yml");
+        let mut text = format!("method: symerge\nbase_model: {}\nconfidence: 0.5\ntasks:\n", base.display());
+        for (name, e) in ["a", "b"].iter().zip(experts) {
+            text += &format!("  - {{name: {name}, expert: {}, inputs: in.jsonl, cache: {name}.labels}}\n", e.display());
+        }
+        std::fs::write(&cfg, text).unwrap();
+        run(&["adapt", cfg.to_str().unwrap(), "-o", r.join("out").to_str().unwrap(), "--no-eval"])
+    };
+    let llama = base_dir("llama_gqa");
+    let (ok, _, err) = adapt(&llama, [&llama, &classifier]);
+    assert!(!ok, "{err}");
+    let want = "base_model is a causal LM (llama) but tasks[1].expert is a BERT-family classifier (bert)";
+    assert!(err.contains(want), "{err}");
+    assert!(!err.contains("confidence") && err.contains("GPT-2 (gpt2)"), "{err}");
+    assert!(!r.join("out").exists());
+    // The reverse: a BERT base, a causal-LM expert.
+    let (ok, _, err) = adapt(&encoder, [&classifier, &base_dir("gpt2")]);
+    assert!(!ok, "{err}");
+    let want = "base_model is a BERT-family encoder (bert) but tasks[1].expert is a causal LM (gpt2)";
+    assert!(err.contains(want), "{err}");
+}

@@ -282,7 +282,7 @@ fn unsupported_configs_and_inputs_are_errors_naming_the_cause() {
     let e = load_with(&|v| v["vocab_size"] = serde_json::Value::Null);
     assert!(e.contains("vocab_size"), "{e}");
     let e = load_with(&|v| v["model_type"] = "bert".into());
-    assert!(e.contains("not a Llama-family causal LM"), "{e}");
+    assert!(e.contains("not a Llama-family causal LM") && e.contains("GPT-2 (gpt2)"), "{e}");
     // Missing tensors and wrong shapes name the tensor (and both shapes).
     let e = load_with(&|v| v["model_type"] = "qwen2".into());
     assert!(e.contains("model.layers.0.self_attn.q_proj.bias") && e.contains("missing"), "{e}");

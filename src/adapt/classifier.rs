@@ -50,6 +50,7 @@ impl<B: Backend + Clone> Adaptation<B, Classifier<B>> {
     /// [`Adapter::load`] with a memory budget for keeping shared blocks staged between visits
     /// (default: half the backend's free memory; `Some(0)` streams every block).
     pub fn load_with(backend: B, cfg: AdaptConfig, budget: Option<u64>) -> Result<Self> {
+        cfg.check_model_kinds()?;
         // The pretrained model's weights are streamed, never loaded: only its layout is.
         let base = Bert::load_partial(backend.clone(), &cfg.base_model, LoadOptions::default(), usize::MAX)?;
         let encoder_blocks = base.blocks.iter().filter(|b| !matches!(b, Block::Head(_))).count();

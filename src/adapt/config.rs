@@ -231,6 +231,72 @@ impl AdaptConfig {
     }
 }
 
+impl AdaptConfig {
+    /// Refuses a base and experts of different kinds (a causal LM's base with classifier
+    /// experts, the reverse, or two causal-LM families) by name, before a family's loader fails
+    /// on something that only follows from the mix-up (a classifier's `confidence` setting, a
+    /// `model_type` it does not know). Models without a readable `config.json` are left to the
+    /// loaders, which say what is wrong with them.
+    pub fn check_model_kinds(&self) -> Result<()> {
+        let Some(base) = ModelKindOf::read(&self.base_model) else { return Ok(()) };
+        for (i, t) in self.tasks.iter().enumerate() {
+            let Some(expert) = ModelKindOf::read(&t.expert) else { continue };
+            if expert.lm != base.lm {
+                return Err(Error::Config {
+                    path: self.source.clone(),
+                    reason: format!(
+                        "base_model is {} but tasks[{i}].expert is {}: the base and every expert must be the \
+                         same kind of model (causal LMs: {}; classifiers: BERT family (bert, roberta, xlm-roberta))",
+                        base.what,
+                        expert.what,
+                        crate::model::LmKind::all()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What kind of model a checkpoint's `config.json` describes, for [`AdaptConfig::check_model_kinds`].
+struct ModelKindOf {
+    lm: Option<crate::model::LmKind>,
+    /// "a causal LM (llama)", "a BERT-family classifier (bert)"...
+    what: String,
+}
+
+impl ModelKindOf {
+    /// `None` when `path` has no `config.json` or it is not a JSON object.
+    fn read(path: &Path) -> Option<Self> {
+        let dir = if path.is_dir() { path } else { path.parent()? };
+        let config = dir.join("config.json");
+        // A FIFO or device is left to the loaders' refusal, never opened here.
+        let text = config.is_file().then(|| crate::input_file::read_to_string(&config).ok()).flatten()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let archs: Vec<&str> = v
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let model_type = match v.get("model_type").and_then(|t| t.as_str()) {
+            Some(t) if !t.is_empty() => t,
+            _ => archs.first().copied().unwrap_or("no model_type"),
+        };
+        let lm = crate::model::LmKind::of(&v);
+        let bert = matches!(model_type, "bert" | "roberta" | "xlm-roberta" | "camembert");
+        let classifier = archs.iter().any(|a| a.ends_with("ForSequenceClassification"));
+        let what = match (lm, bert, classifier) {
+            (Some(_), ..) => format!("a causal LM ({model_type})"),
+            (None, true, true) => format!("a BERT-family classifier ({model_type})"),
+            (None, true, false) => format!("a BERT-family encoder ({model_type})"),
+            (None, false, _) => format!("not a causal LM (model_type {model_type})"),
+        };
+        Some(ModelKindOf { lm, what })
+    }
+}
+
 /// AdaMerging minimises entropy: the label cache, the loss and the confidence filter of a
 /// SyMerge config (often the same file with another `method`) take no part; said once.
 fn unused_under_adamerging(method: Method, loss: &Option<String>, confidence: Option<f32>, tasks: &[TaskConfig]) {

@@ -65,6 +65,7 @@ impl<B: Backend + Clone, A: LmArch<B>> Adaptation<B, CausalLmFamily<B, A>> {
     /// [`LmAdapter::load`] with a memory budget for keeping shared blocks staged between visits
     /// (default: half the backend's free memory; `Some(0)` streams every block).
     pub fn load_with(backend: B, cfg: AdaptConfig, budget: Option<u64>) -> Result<Self> {
+        cfg.check_model_kinds()?;
         let cfg_err = |reason: &str| Error::Config { path: cfg.source.clone(), reason: reason.into() };
         if cfg.method == Method::Symerge && (cfg.loss != LossKind::Soft || cfg.confidence.is_some()) {
             return Err(cfg_err("loss: causal LMs train with the top-k soft loss only (no hard_conf, no confidence)"));

@@ -122,9 +122,10 @@ impl LmConfig for Gpt2Config {
         let kind: ModelKind = parse(v, path)?;
         if !Self::of_kind(&kind) {
             return Err(bad(format!(
-                "model_type {} (architectures {}) is not GPT-2",
+                "model_type {} (architectures {}) is not GPT-2; the causal LMs this build runs: {}",
                 v.get("model_type").unwrap_or(&Value::Null),
-                v.get("architectures").unwrap_or(&Value::Null)
+                v.get("architectures").unwrap_or(&Value::Null),
+                super::LmKind::all()
             )));
         }
         let raw: RawGpt2Config = parse(v, path)?;

@@ -87,9 +87,11 @@ impl LlamaConfig {
         let kind: ModelKind = parse(v, path)?;
         let family = LlamaFamily::of_kind(&kind).ok_or_else(|| {
             bad(format!(
-                "model_type {} (architectures {}) is not a Llama-family causal LM (llama, mistral, qwen2)",
+                "model_type {} (architectures {}) is not a Llama-family causal LM (llama, mistral, qwen2); \
+                 the causal LMs this build runs: {}",
                 v.get("model_type").unwrap_or(&Value::Null),
-                v.get("architectures").unwrap_or(&Value::Null)
+                v.get("architectures").unwrap_or(&Value::Null),
+                super::LmKind::all()
             ))
         })?;
         let raw: RawLlamaConfig = parse(v, path)?;
