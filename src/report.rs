@@ -247,6 +247,8 @@ mod tests {
             name: name.into(),
             inputs: 10,
             accuracy,
+            perplexity: None,
+            next_token_loss: None,
             final_loss: 0.5,
             lambda_mean: 0.3,
             model_hash: None,
@@ -264,6 +266,8 @@ mod tests {
             out_dtype: "f32".into(),
             tasks: vec![task("alpha"), task("beta")],
             average_accuracy: accuracy,
+            average_perplexity: None,
+            labels: crate::adapt::train::SummaryLabels { score: "accuracy", loss: "final loss" },
             streaming: StreamReport {
                 mode: "resident".into(),
                 blocks: 2,

@@ -286,7 +286,7 @@ fn eval_of_a_causal_lm_adapt_output_scores_every_task_and_its_expert() {
     assert!((avg["perplexity"].as_f64().unwrap() - geo).abs() < 1e-9 * geo, "geometric mean: {avg} vs {geo}");
     assert!(all["average_expert"]["perplexity"].is_f64(), "{all}");
 
-    // adapt's summary: each task's top-1 accuracy (percent), perplexity and next-token loss are
+    // adapt's summary: each task's top-1 accuracy (a fraction, as eval's), perplexity and next-token loss are
     // eval's, up to the order of sums (adapt batches by its batch_size, eval by 32).
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -295,8 +295,8 @@ fn eval_of_a_causal_lm_adapt_output_scores_every_task_and_its_expert() {
         let (s_ppl, e_ppl) = (s["perplexity"].as_f64().unwrap(), ppl(t));
         assert!((s_ppl - e_ppl).abs() < 1e-6 * e_ppl, "{s} vs {t}");
         assert!((s["next_token_loss"].as_f64().unwrap() - loss(t, "adapted")).abs() < 1e-6, "{s} vs {t}");
-        let one_token = 100.0 / t["adapted"]["tokens"].as_f64().unwrap();
-        let top1 = 100.0 * t["adapted"]["top1_accuracy"].as_f64().unwrap();
+        let one_token = 1.0 / t["adapted"]["tokens"].as_f64().unwrap();
+        let top1 = t["adapted"]["top1_accuracy"].as_f64().unwrap();
         assert!((s["accuracy"].as_f64().unwrap() - top1).abs() <= one_token + 1e-9, "{s} vs {t}");
     }
     assert!((summary["average_perplexity"].as_f64().unwrap() - geo).abs() < 1e-6 * geo, "{summary}");
