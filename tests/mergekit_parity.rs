@@ -158,6 +158,12 @@ fn bad_lora_references_are_refused() {
     let mut loud_cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     loud_cfg["lora_alpha"] = serde_json::json!(1e300);
     std::fs::write(loud.join("adapter_config.json"), loud_cfg.to_string()).unwrap();
+    // An adapter_model.safetensors that is a FIFO exists: it is named for what it is.
+    let fifo = tmp.path().join("fifo");
+    std::fs::create_dir_all(&fifo).unwrap();
+    std::fs::write(fifo.join("adapter_config.json"), &cfg).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(fifo.join("adapter_model.safetensors")).status().unwrap();
+    assert!(made.success(), "mkfifo failed");
     let yaml = |adapter: &Path| {
         format!(
             "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
@@ -166,6 +172,7 @@ fn bad_lora_references_are_refused() {
         )
     };
     let cases = [
+        (yaml(&fifo), format!("{} is a FIFO, not a regular file", fifo.join("adapter_model.safetensors").display())),
         (yaml(&dora), "a DoRA adapter".to_string()),
         (yaml(&pickled), "no adapter_model.safetensors".to_string()),
         (yaml(&loud), format!("{}: applied to `", loud.join("adapter_model.safetensors").display())),

@@ -84,9 +84,11 @@ pub fn apply(base: Checkpoint, lora_dir: &Path, scratch: &Path) -> Result<Checkp
         return Err(bad(&cfg_path, "r is 0".into()));
     }
     let file = lora_dir.join("adapter_model.safetensors");
-    if !file.is_file() {
+    if !file.exists() {
         return Err(bad(lora_dir, "no adapter_model.safetensors (a pickled adapter_model.bin is not read)".into()));
     }
+    // A FIFO or a directory there is not "no adapter": say what it is.
+    crate::input_file::check_regular(&file)?;
     let adapter = Checkpoint::open(&file)?;
     let changes = plan(&base, &adapter, &cfg, &file)?;
     if changes.is_empty() {
