@@ -17,6 +17,9 @@ use symerge::merge::philox::name_hash;
 use symerge::merge::stats::InMemory;
 use symerge::merge::{ChunkCtx, select};
 
+/// A checkpoint's tensors as [`read_model`] gives them: name -> (dtype, shape, values).
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)>;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit")
 }
@@ -187,6 +190,56 @@ fn bad_lora_references_are_refused() {
     }
 }
 
+/// Adapters whose tensors do not say one thing are refused naming adapter_model.safetensors and
+/// the tensor: a `lora_B` without its `lora_A` (its update was dropped silently), and one module
+/// given twice (with and without the `base_model.model.` prefix: one copy won silently).
+#[test]
+fn inconsistent_lora_adapters_are_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit_lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = dir.join("lora-1");
+    let tensors = read_file(&lora.join("adapter_model.safetensors"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap()).unwrap();
+    let q = "base_model.model.model.layers.0.self_attn.q_proj";
+    let (qa, qb) = (format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight"));
+    let variant = |name: &str, edit: &dyn Fn(&mut Tensors), cfg: &serde_json::Value| {
+        let mut t = tensors.clone();
+        edit(&mut t);
+        let out = tmp.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let list: Vec<T> = t.iter().map(|(n, (d, s, v))| T::new(n, *d, s, v.clone())).collect();
+        common::write_file(&out.join("adapter_model.safetensors"), &list);
+        std::fs::write(out.join("adapter_config.json"), cfg.to_string()).unwrap();
+        out
+    };
+    let orphan = variant("orphan", &|t| drop(t.remove(&qa)), &cfg);
+    let twice = variant(
+        "twice",
+        &|t| {
+            let (a, b) = (t[&qa].clone(), t[&qb].clone());
+            t.insert(qa.replace("base_model.model.", ""), a);
+            t.insert(qb.replace("base_model.model.", ""), b);
+        },
+        &cfg,
+    );
+    let file = |d: &Path| d.join("adapter_model.safetensors").display().to_string();
+    let cases = [
+        (&orphan, format!("{}: `{qb}` has no `{qa}`", file(&orphan))),
+        (&twice, format!("{}: `{qa}` and `{}` both give", file(&twice), qa.replace("base_model.model.", ""))),
+    ];
+    for (adapter, want) in cases {
+        let yaml = format!(
+            "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
+            dir.join("expert-1").display(),
+            adapter.display()
+        );
+        let got = config_error(tmp.path(), &yaml);
+        assert!(got.contains(&want), "expected `{want}` in: {got}");
+        assert!(!tmp.path().join("bad-out").exists());
+    }
+}
+
 /// Merges every case of `dir/cases.json` into `tmp` and compares it with mergekit's output.
 fn check_cases(dir: &Path, tmp: &Path, min_cases: usize) {
     let cases: BTreeMap<String, String> =
@@ -241,7 +294,7 @@ fn copy_files(from: &Path, to: &Path, files: &[&str]) {
 }
 
 /// One safetensors file, read like [`read_model`] reads a directory.
-fn read_file(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)> {
+fn read_file(path: &Path) -> Tensors {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(path, tmp.path().join("model.safetensors")).unwrap();
     read_model(tmp.path())

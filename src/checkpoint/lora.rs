@@ -130,63 +130,129 @@ fn plan<'a>(
 ) -> Result<Vec<(String, Change<'a>)>> {
     let mut out: BTreeMap<String, Change<'a>> = BTreeMap::new();
     for t in &adapter.tensors {
-        let key = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name).replace(".base_layer.", ".");
-        if key.contains("lora_magnitude_vector") {
-            return Err(bad(
-                file,
-                format!("tensor `{}` belongs to a DoRA adapter, which symerge does not apply", t.name),
-            ));
+        match part_of(t, file)? {
+            Part::Whole(key) => {
+                if let Some(prev) = out.entry(key.clone()).or_default().replace.replace(t) {
+                    return Err(given_twice(file, &prev.name, &t.name, &key));
+                }
+            }
+            Part::A { module, embedding } => {
+                let product = product_of(adapter, t, &module, embedding, cfg, file)?;
+                let name = format!("{module}.weight");
+                if let Some(prev) = out.entry(name.clone()).or_default().product.replace(product) {
+                    return Err(given_twice(file, &prev.a.name, &t.name, &name));
+                }
+            }
+            Part::B { embedding } => require_a(adapter, t, embedding, file)?,
         }
-        let (module, embedding) = if let Some(m) = key.strip_suffix(".lora_A.weight") {
-            (m, false)
-        } else if let Some(m) = key.strip_suffix(".lora_embedding_A") {
-            (m, true)
-        } else if key.ends_with(".lora_B.weight") || key.ends_with(".lora_embedding_B") {
-            continue;
-        } else if key.contains(".lora_") {
-            return Err(bad(file, format!("tensor `{}`: an adapter part symerge does not know", t.name)));
-        } else {
-            out.entry(key).or_default().replace = Some(t);
-            continue;
-        };
-        let (a_part, b_part) = if embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A", "lora_B") };
-        let b_name = t.name.replace(a_part, b_part);
-        let b = adapter.get(&b_name).ok_or_else(|| bad(file, format!("`{}` has no `{b_name}`", t.name)))?;
-        let r = t.shape.first().copied().unwrap_or(0);
-        let alpha = alpha_for(module, cfg).map_err(|e| bad(file, e))?;
-        let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        let transposed = embedding || is_conv1d(module);
-        let product = Product { a: t, b, scale: scale as f32, transposed };
-        out.entry(format!("{module}.weight")).or_default().product = Some(product);
     }
     let mut changes = Vec::with_capacity(out.len());
     for (name, change) in out {
-        let w = base.get(&name).ok_or_else(|| {
-            bad(file, format!("the adapter changes `{name}`, which the base model {} lacks", base.path.display()))
-        })?;
-        let mut shapes = Vec::new();
-        if let Some(t) = change.replace {
-            shapes.push(t.shape.clone());
-        }
-        if let Some(Product { a, b, transposed, .. }) = &change.product {
-            let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.shape[0] == b.shape[1] && a.shape[0] > 0;
-            if !ok {
-                return Err(bad(
-                    file,
-                    format!("`{}` {:?} and `{}` {:?} do not multiply", b.name, b.shape, a.name, a.shape),
-                ));
-            }
-            shapes.push(if *transposed { vec![a.shape[1], b.shape[0]] } else { vec![b.shape[0], a.shape[1]] });
-        }
-        if let Some(want) = shapes.iter().find(|s| **s != w.shape).or(w.float_dtype().is_none().then_some(&w.shape)) {
-            return Err(bad(
-                file,
-                format!("the adapter gives `{name}` shape {want:?}, but the base's is {:?} {:?}", w.shape, w.dtype),
-            ));
-        }
+        check_base_shape(base, &name, &change, file)?;
         changes.push((name, change));
     }
     Ok(changes)
+}
+
+/// What one adapter tensor is, read from its name without PEFT's `base_model.model.` prefix
+/// and `base_layer` level (both optional in the files PEFT and others write).
+enum Part {
+    /// A whole tensor for the base's tensor of this name (`modules_to_save`, a `base_layer`).
+    Whole(String),
+    /// The `A` factor of `module`'s update (`lora_embedding_A` for an embedding).
+    A { module: String, embedding: bool },
+    /// A `B` factor, which its `A` brings into the plan.
+    B { embedding: bool },
+}
+
+fn part_of(t: &TensorMeta, file: &Path) -> Result<Part> {
+    let key = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name).replace(".base_layer.", ".");
+    if key.contains("lora_magnitude_vector") {
+        return Err(bad(file, format!("tensor `{}` belongs to a DoRA adapter, which symerge does not apply", t.name)));
+    }
+    if let Some(m) = key.strip_suffix(".lora_A.weight") {
+        Ok(Part::A { module: m.to_string(), embedding: false })
+    } else if let Some(m) = key.strip_suffix(".lora_embedding_A") {
+        Ok(Part::A { module: m.to_string(), embedding: true })
+    } else if key.ends_with(".lora_B.weight") || key.ends_with(".lora_embedding_B") {
+        Ok(Part::B { embedding: key.ends_with(".lora_embedding_B") })
+    } else if key.contains(".lora_") {
+        Err(bad(file, format!("tensor `{}`: an adapter part symerge does not know", t.name)))
+    } else {
+        Ok(Part::Whole(key))
+    }
+}
+
+/// The factor names of a linear or an embedding adapter.
+fn factor_parts(embedding: bool) -> (&'static str, &'static str) {
+    if embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A", "lora_B") }
+}
+
+/// Two tensors that name the same module (with and without the `base_model.model.` prefix, or
+/// with and without `base_layer`): which one PEFT would load is not something to guess.
+fn given_twice(file: &Path, first: &str, second: &str, target: &str) -> Error {
+    bad(file, format!("`{first}` and `{second}` both give `{target}`; an adapter gives each module once"))
+}
+
+/// A `B` factor without its `A` would be skipped, silently dropping that module's update.
+fn require_a(adapter: &Checkpoint, b: &TensorMeta, embedding: bool, file: &Path) -> Result<()> {
+    let (a_part, b_part) = factor_parts(embedding);
+    let a_name = b.name.replace(b_part, a_part);
+    match adapter.get(&a_name) {
+        Some(_) => Ok(()),
+        None => Err(bad(file, format!("`{}` has no `{a_name}`", b.name))),
+    }
+}
+
+/// `module`'s update from its `A` factor `a` and the `B` beside it, which must multiply.
+fn product_of<'a>(
+    adapter: &'a Checkpoint,
+    a: &'a TensorMeta,
+    module: &str,
+    embedding: bool,
+    cfg: &AdapterConfig,
+    file: &Path,
+) -> Result<Product<'a>> {
+    let (a_part, b_part) = factor_parts(embedding);
+    let b_name = a.name.replace(a_part, b_part);
+    let b = adapter.get(&b_name).ok_or_else(|| bad(file, format!("`{}` has no `{b_name}`", a.name)))?;
+    if !(a.shape.len() == 2 && b.shape.len() == 2 && a.shape[0] == b.shape[1] && a.shape[0] > 0) {
+        return Err(bad(file, format!("`{}` {:?} and `{}` {:?} do not multiply", b.name, b.shape, a.name, a.shape)));
+    }
+    let r = a.shape[0];
+    let alpha = alpha_for(module, cfg).map_err(|e| bad(file, e))?;
+    let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+    Ok(Product { a, b, scale: scale as f32, transposed: embedding || is_conv1d(module) })
+}
+
+/// Fails unless what `change` writes over the base's `name` has its shape and a float dtype.
+fn check_base_shape(base: &Checkpoint, name: &str, change: &Change<'_>, file: &Path) -> Result<()> {
+    let w = base.get(name).ok_or_else(|| {
+        bad(file, format!("the adapter changes `{name}`, which the base model {} lacks", base.path.display()))
+    })?;
+    let mut shapes = Vec::new();
+    if let Some(t) = change.replace {
+        shapes.push(t.shape.clone());
+    }
+    if let Some(Product { a, b, transposed, .. }) = &change.product {
+        shapes.push(if *transposed { vec![a.shape[1], b.shape[0]] } else { vec![b.shape[0], a.shape[1]] });
+    }
+    match shapes.iter().find(|s| **s != w.shape).or(w.float_dtype().is_none().then_some(&w.shape)) {
+        Some(want) => Err(bad(
+            file,
+            format!("the adapter gives `{name}` shape {want:?}, but the base's is {:?} {:?}", w.shape, w.dtype),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `module` matches a `rank_pattern`/`alpha_pattern` key as PEFT's `get_pattern_key`
+/// matches (`(.*\.)?(KEY)$`, KEY a regular expression).
+fn pattern_matches(key: &str, module: &str) -> std::result::Result<bool, String> {
+    let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
+        format!("rank_pattern/alpha_pattern key {key:?} is not a regular expression symerge reads: {e}")
+    })?;
+    Ok(re.is_match(module))
 }
 
 /// The alpha PEFT gives `module`: the first key of `rank_pattern` then `alpha_pattern` matching
@@ -195,10 +261,7 @@ fn plan<'a>(
 fn alpha_for(module: &str, cfg: &AdapterConfig) -> std::result::Result<f64, String> {
     let keys = cfg.rank_pattern.iter().map(|(k, _)| k).chain(cfg.alpha_pattern.iter().map(|(k, _)| k));
     for key in keys {
-        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-            format!("rank_pattern/alpha_pattern key {key:?} is not a regular expression symerge reads: {e}")
-        })?;
-        if re.is_match(module) {
+        if pattern_matches(key, module)? {
             return Ok(cfg.alpha_pattern.iter().find(|(k, _)| k == key).map_or(cfg.lora_alpha, |(_, a)| *a));
         }
     }
