@@ -190,9 +190,11 @@ fn bad_lora_references_are_refused() {
     }
 }
 
-/// Adapters whose tensors do not say one thing are refused naming adapter_model.safetensors and
-/// the tensor: a `lora_B` without its `lora_A` (its update was dropped silently), and one module
-/// given twice (with and without the `base_model.model.` prefix: one copy won silently).
+/// Adapters PEFT would not load, or would load some other way than what the merge would do
+/// silently, are refused naming adapter_model.safetensors and the tensor: a `lora_B` without
+/// its `lora_A` (its update was dropped), one module given twice (with and without the
+/// `base_model.model.` prefix: one copy won), and factors whose rank is not adapter_config.json's
+/// `r` or `rank_pattern` value (PEFT refuses such tensors; the scale used the factors' rank).
 #[test]
 fn inconsistent_lora_adapters_are_refused() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit_lora");
@@ -223,10 +225,18 @@ fn inconsistent_lora_adapters_are_refused() {
         },
         &cfg,
     );
+    let mut r3 = cfg.clone();
+    r3["r"] = serde_json::json!(3);
+    let wrong_r = variant("wrong-r", &|_| {}, &r3);
+    let mut pattern = cfg.clone();
+    pattern["rank_pattern"] = serde_json::json!({"down_proj": 4, "q_proj": 8});
+    let wrong_pattern = variant("wrong-pattern", &|_| {}, &pattern);
     let file = |d: &Path| d.join("adapter_model.safetensors").display().to_string();
     let cases = [
         (&orphan, format!("{}: `{qb}` has no `{qa}`", file(&orphan))),
         (&twice, format!("{}: `{qa}` and `{}` both give", file(&twice), qa.replace("base_model.model.", ""))),
+        (&wrong_r, format!("{}: adapter_config.json's r is 3, but `", file(&wrong_r))),
+        (&wrong_pattern, format!("adapter_config.json's rank_pattern \"q_proj\" is 8, but `{qa}` [4, 16] has rank 4")),
     ];
     for (adapter, want) in cases {
         let yaml = format!(
@@ -238,6 +248,15 @@ fn inconsistent_lora_adapters_are_refused() {
         assert!(got.contains(&want), "expected `{want}` in: {got}");
         assert!(!tmp.path().join("bad-out").exists());
     }
+    // The same rank_pattern with the factors' rank is fine.
+    pattern["rank_pattern"] = serde_json::json!({"q_proj": 4});
+    let right_pattern = variant("right-pattern", &|_| {}, &pattern);
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {}+{}\n    parameters: {{weight: 1.0}}\n",
+        dir.join("expert-1").display(),
+        right_pattern.display()
+    );
+    merge_yaml(tmp.path(), "right-pattern-out", &yaml);
 }
 
 /// Merges every case of `dir/cases.json` into `tmp` and compares it with mergekit's output.

@@ -41,10 +41,11 @@ struct AdapterConfig {
     use_rslora: bool,
     #[serde(default)]
     use_dora: bool,
-    /// PEFT's `rank_pattern` and `alpha_pattern`, in order: a module takes the first key of
-    /// either that matches it (its rank is the factors' own).
+    /// PEFT's `rank_pattern` and `alpha_pattern`, in order: a module's rank is that of the
+    /// first `rank_pattern` key that matches it (else `r`), and its alpha follows the first key
+    /// of either that matches it.
     #[serde(default, deserialize_with = "crate::ordered_map::entries")]
-    rank_pattern: Vec<(String, serde_json::Value)>,
+    rank_pattern: Vec<(String, usize)>,
     #[serde(default, deserialize_with = "crate::ordered_map::entries")]
     alpha_pattern: Vec<(String, f64)>,
 }
@@ -82,6 +83,9 @@ pub fn apply(base: Checkpoint, lora_dir: &Path, scratch: &Path) -> Result<Checkp
     }
     if cfg.r == 0 {
         return Err(bad(&cfg_path, "r is 0".into()));
+    }
+    if let Some((key, _)) = cfg.rank_pattern.iter().find(|(_, r)| *r == 0) {
+        return Err(bad(&cfg_path, format!("rank_pattern {key:?} is 0")));
     }
     let file = lora_dir.join("adapter_model.safetensors");
     if !file.exists() {
@@ -204,7 +208,9 @@ fn require_a(adapter: &Checkpoint, b: &TensorMeta, embedding: bool, file: &Path)
     }
 }
 
-/// `module`'s update from its `A` factor `a` and the `B` beside it, which must multiply.
+/// `module`'s update from its `A` factor `a` and the `B` beside it: the factors must multiply,
+/// and their rank must be the one adapter_config.json gives the module (PEFT builds the factors
+/// from `r` or `rank_pattern` and refuses to load tensors of another shape).
 fn product_of<'a>(
     adapter: &'a Checkpoint,
     a: &'a TensorMeta,
@@ -220,6 +226,13 @@ fn product_of<'a>(
         return Err(bad(file, format!("`{}` {:?} and `{}` {:?} do not multiply", b.name, b.shape, a.name, a.shape)));
     }
     let r = a.shape[0];
+    let (want, field) = rank_for(module, cfg).map_err(|e| bad(file, e))?;
+    if r != want {
+        return Err(bad(
+            file,
+            format!("adapter_config.json's {field} is {want}, but `{}` {:?} has rank {r}", a.name, a.shape),
+        ));
+    }
     let alpha = alpha_for(module, cfg).map_err(|e| bad(file, e))?;
     let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
     Ok(Product { a, b, scale: scale as f32, transposed: embedding || is_conv1d(module) })
@@ -244,6 +257,17 @@ fn check_base_shape(base: &Checkpoint, name: &str, change: &Change<'_>, file: &P
         )),
         None => Ok(()),
     }
+}
+
+/// The rank PEFT (0.21) gives `module`, and the field that gives it: the first `rank_pattern`
+/// key matching it as `get_pattern_key` matches, else `r`.
+fn rank_for(module: &str, cfg: &AdapterConfig) -> std::result::Result<(usize, String), String> {
+    for (key, r) in &cfg.rank_pattern {
+        if pattern_matches(key, module)? {
+            return Ok((*r, format!("rank_pattern {key:?}")));
+        }
+    }
+    Ok((cfg.r, "r".into()))
 }
 
 /// Whether `module` matches a `rank_pattern`/`alpha_pattern` key as PEFT's `get_pattern_key`
