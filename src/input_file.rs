@@ -64,9 +64,17 @@ pub fn read_to_string(path: &Path) -> Result<String> {
 /// 39 s before failing).
 pub const MAX_YAML_DEPTH: usize = 64;
 
-/// Parses a YAML config, refusing flow nesting deeper than [`MAX_YAML_DEPTH`] first (brackets
-/// inside quoted strings are not counted).
+/// `text` without a leading UTF-8 byte order mark, which some Windows editors write: it is
+/// valid at the start of a YAML stream (PyYAML, so mergekit, skips it) and harmless before JSON
+/// Lines, but the parsers here would read it as content.
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+/// Parses a YAML config (a leading byte order mark skipped), refusing flow nesting deeper than
+/// [`MAX_YAML_DEPTH`] first (brackets inside quoted strings are not counted).
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let text = strip_bom(text);
     let (mut depth, mut deepest, mut quote) = (0usize, 0usize, None::<char>);
     for (line_no, line) in text.lines().enumerate() {
         for c in line.chars() {
@@ -95,6 +103,13 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Re
 
 #[cfg(test)]
 mod tests {
+    /// Fuzzing round 3: merge said "more than one document", adapt "missing field `tasks`".
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let v: std::collections::BTreeMap<String, u32> = super::parse_yaml("\u{feff}a: 1\nb: 2\n").unwrap();
+        assert_eq!(v.len(), 2);
+    }
+
     #[test]
     fn deep_flow_nesting_is_refused_before_parsing() {
         let ok: serde_yaml_ng::Value = super::parse_yaml("a: [[1, 2], {b: '[[[['}]  # [[[[\n").unwrap();
