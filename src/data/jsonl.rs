@@ -30,12 +30,12 @@ pub struct Record<'a> {
     pub label_id: usize,
 }
 
-/// Reads a JSONL file; blank lines are skipped, and a file without any record is an error
-/// naming it (every caller needs at least one).
+/// Reads a JSONL file; blank lines and a leading byte order mark are skipped, and a file without
+/// any record is an error naming it (every caller needs at least one).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     let content = crate::input_file::read_to_string(path)?;
     let mut out = Vec::new();
-    for (i, line) in content.lines().enumerate() {
+    for (i, line) in crate::input_file::strip_bom(&content).lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -97,6 +97,16 @@ pub fn to_jsonl<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzing round 3: a byte order mark made line 1 "not valid JSON".
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("bom.jsonl");
+        std::fs::write(&path, "\u{feff}{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        let texts: Vec<String> = read_jsonl(&path).unwrap().into_iter().map(|e| e.text).collect();
+        assert_eq!(texts, ["a", "b"]);
+    }
 
     #[test]
     fn labels_as_names_or_ids() {
