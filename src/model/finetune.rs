@@ -59,9 +59,10 @@ impl TrainLength {
         TrainLength { steps: None, epochs: Some(n) }
     }
 
-    /// Optimizer steps for `n` examples in batches of `batch_size`.
+    /// Optimizer steps for `n` examples in batches of `batch_size`; a product past `usize::MAX`
+    /// (`--epochs 2^64-1`) saturates: a run that long never ends anyway, and must not wrap.
     pub fn total_steps(&self, n: usize, batch_size: usize) -> usize {
-        self.steps.unwrap_or_else(|| self.epochs.unwrap_or(1) * n.div_ceil(batch_size))
+        self.steps.unwrap_or_else(|| self.epochs.unwrap_or(1).saturating_mul(n.div_ceil(batch_size)))
     }
 }
 
@@ -586,7 +587,9 @@ pub(super) fn train<B: Backend, O: Objective<B>>(
 ) -> Result<TrainRun> {
     let start = Instant::now();
     let total = total_steps(opts, n);
-    let mut losses = Vec::with_capacity(total);
+    // Not sized by `total`: `--steps 2^64-1` overflowed the capacity and `1e10` aborted on a
+    // 40 GB allocation before the first step (fuzzing round 3). The history grows as it runs.
+    let mut losses = Vec::new();
     let mut seen = 0usize;
     let (mut epoch, mut order, mut cursor) = (0usize, shuffled(n, opts.seed, 0), 0usize);
     let mut log = ProgressLog::new(n, total);
@@ -718,6 +721,14 @@ fn clip_scale(sq: &[f64], max: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    /// Fuzzing round 3: `--epochs 2^64-1` wrapped (release) or overflowed (debug).
+    #[test]
+    fn total_steps_saturate() {
+        assert_eq!(TrainLength::epochs(usize::MAX).total_steps(3, 1), usize::MAX);
+        assert_eq!(TrainLength::epochs(2).total_steps(3, 2), 4);
+        assert_eq!(TrainLength::steps(usize::MAX).total_steps(3, 1), usize::MAX);
+    }
+
     use super::*;
     use crate::testing::parse_args;
 
