@@ -116,7 +116,7 @@ fn wrong_typed_metadata_says_what_it_is() {
     }
 }
 
-/// Values that pass as positive f64 but are inf or 0 in f32 (symerge's precision) failed only
+/// Values that pass as positive f64 but are inf, 0 or subnormal in f32 (symerge's precision) failed only
 /// in a later command's rotary op, naming neither file nor key. A rotary width of 2^63 + 4
 /// made a head width whose products with the head counts wrapped to the real tensors' widths,
 /// so the import wrote a model every later command panicked on.
@@ -125,8 +125,15 @@ fn sizes_and_scales_that_cannot_run_are_refused_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let huge = (1u64 << 63) + 4;
     let cases = [
-        ("llama.rope.freq_base", Meta::F64(1e300), "`llama.rope.freq_base` is 1e300, which becomes inf in f32"),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F64(1e-60), "rms_epsilon` is 1e-60, which becomes 0 in f32"),
+        (
+            "llama.rope.freq_base",
+            Meta::F64(1e300),
+            "`llama.rope.freq_base` is 1e300, not a positive number within f32's range",
+        ),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F64(1e-60), "rms_epsilon` is 1e-60, not a positive number"),
+        // Subnormal in f32: config.json's reader refuses it, so the import must too, or it
+        // writes a model no later command loads.
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F64(1e-40), "rms_epsilon` is 1e-40, not a positive number"),
         (
             "llama.rope.dimension_count",
             Meta::U64(huge),

@@ -90,20 +90,26 @@ pub(crate) const MAX_SIZE: usize = 1 << 32;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PositiveF64(pub f64);
 
+/// What [`PositiveF64`] accepts, also asked of GGUF metadata that `import-gguf` writes into a
+/// config.json: finite, above 0, and a normal f32 once cast (a subnormal epsilon would pass
+/// the import and then be refused by every command that reads the imported config).
+pub(crate) fn positive_in_f32(x: f64) -> bool {
+    x.is_finite() && x > 0.0 && (x as f32).is_finite() && (x as f32) >= f32::MIN_POSITIVE
+}
+
+/// How the rule reads in messages.
+pub(crate) const POSITIVE_IN_F32: &str = "a positive number within f32's range (about 1.2e-38 to 3.4e38)";
+
 impl<'de> Deserialize<'de> for PositiveF64 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
             type Value = PositiveF64;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a positive number within f32's range (about 1.2e-38 to 3.4e38)")
+                f.write_str(POSITIVE_IN_F32)
             }
             fn visit_f64<E: de::Error>(self, x: f64) -> std::result::Result<PositiveF64, E> {
-                if x.is_finite() && x > 0.0 && (x as f32).is_finite() && (x as f32) >= f32::MIN_POSITIVE {
-                    Ok(PositiveF64(x))
-                } else {
-                    Err(E::invalid_value(Unexpected::Float(x), &self))
-                }
+                if positive_in_f32(x) { Ok(PositiveF64(x)) } else { Err(E::invalid_value(Unexpected::Float(x), &self)) }
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<PositiveF64, E> {
                 self.visit_f64(n as f64)

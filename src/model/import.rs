@@ -18,6 +18,7 @@ use crate::checkpoint::dtype::encode_into;
 use crate::checkpoint::gguf::{Gguf, GgufTensor, show_f64};
 use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
+use crate::model::hf_config::{POSITIVE_IN_F32, positive_in_f32};
 
 /// `symerge import-gguf`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -92,8 +93,8 @@ fn text<'g>(g: &'g Gguf, key: &str) -> Result<Option<&'g str>> {
 
 /// `key`'s positive number (`default` when absent). It is written to config.json as it is
 /// (a NaN would become `null` there, read back as a default), and symerge computes in f32, so
-/// a value that is inf or 0 once cast (a `rope.freq_base` of 1e300) is refused here, naming
-/// the key, rather than in a later command's rotary op.
+/// a value config.json's reader would refuse (a `rope.freq_base` of 1e300, inf once cast) is
+/// refused here, naming the key, rather than by a later command.
 fn positive_f32(g: &Gguf, key: &str, default: f64) -> Result<f64> {
     let v = match g.get(key) {
         None => default,
@@ -101,14 +102,10 @@ fn positive_f32(g: &Gguf, key: &str, default: f64) -> Result<f64> {
             v.as_f64().ok_or_else(|| bad(g, format!("metadata `{key}` is {}, expected a number", v.describe())))?
         }
     };
-    if !(v.is_finite() && v > 0.0) {
-        return Err(bad(g, format!("metadata `{key}` is {}, not a positive number", show_f64(v))));
-    }
-    let f = v as f32;
-    if !f.is_finite() || f == 0.0 {
+    if !positive_in_f32(v) {
         return Err(bad(
             g,
-            format!("metadata `{key}` is {}, which becomes {f} in f32, the precision symerge computes in", show_f64(v)),
+            format!("metadata `{key}` is {}, not {POSITIVE_IN_F32}, the precision symerge computes in", show_f64(v)),
         ));
     }
     Ok(v)
