@@ -41,9 +41,9 @@ struct AdapterConfig {
     use_rslora: bool,
     #[serde(default)]
     use_dora: bool,
-    /// PEFT's `rank_pattern` and `alpha_pattern`, in order: a module's rank is that of the
-    /// first `rank_pattern` key that matches it (else `r`), and its alpha follows the first key
-    /// of either that matches it.
+    /// PEFT's `rank_pattern` and `alpha_pattern`, in order, each read on its own: a module's
+    /// rank is that of the first `rank_pattern` key that matches it (else `r`), its alpha that
+    /// of the first `alpha_pattern` key that matches it (else `lora_alpha`).
     #[serde(default, deserialize_with = "crate::ordered_map::entries")]
     rank_pattern: Vec<(String, usize)>,
     #[serde(default, deserialize_with = "crate::ordered_map::entries")]
@@ -279,14 +279,14 @@ fn pattern_matches(key: &str, module: &str) -> std::result::Result<bool, String>
     Ok(re.is_match(module))
 }
 
-/// The alpha PEFT gives `module`: the first key of `rank_pattern` then `alpha_pattern` matching
-/// it as PEFT's `get_pattern_key` matches (`(.*\.)?(KEY)$`, KEY a regular expression) decides,
-/// and its `alpha_pattern` value (else `lora_alpha`) applies.
+/// The alpha PEFT (0.21) gives `module`: that of the first `alpha_pattern` key matching it as
+/// `get_pattern_key` matches, else `lora_alpha`. `rank_pattern` plays no part: older PEFT took
+/// the first key of `rank_pattern` then `alpha_pattern` that matched, so a matching
+/// `rank_pattern` key hid a more specific `alpha_pattern` one.
 fn alpha_for(module: &str, cfg: &AdapterConfig) -> std::result::Result<f64, String> {
-    let keys = cfg.rank_pattern.iter().map(|(k, _)| k).chain(cfg.alpha_pattern.iter().map(|(k, _)| k));
-    for key in keys {
+    for (key, alpha) in &cfg.alpha_pattern {
         if pattern_matches(key, module)? {
-            return Ok(cfg.alpha_pattern.iter().find(|(k, _)| k == key).map_or(cfg.lora_alpha, |(_, a)| *a));
+            return Ok(*alpha);
         }
     }
     Ok(cfg.lora_alpha)
@@ -349,4 +349,39 @@ fn changed(base: &Checkpoint, w: &TensorMeta, adapter: &Checkpoint, change: &Cha
     let mut out = vec![0u8; w.nbytes()];
     encode_into(dtype, &wv, &mut out);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(rank_pattern: &[(&str, usize)], alpha_pattern: &[(&str, f64)]) -> AdapterConfig {
+        AdapterConfig {
+            peft_type: None,
+            r: 4,
+            lora_alpha: 8.0,
+            use_rslora: false,
+            use_dora: false,
+            rank_pattern: rank_pattern.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            alpha_pattern: alpha_pattern.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    /// Fuzzing round 3: a matching `rank_pattern` key decided the alpha too (older PEFT's
+    /// reading), so `q_proj` of layer 0 got `lora_alpha` 8 here; PEFT 0.21 (checked with its
+    /// `get_peft_model`: r 2, alpha 7, scaling 3.5) gives it its `alpha_pattern` value.
+    #[test]
+    fn alpha_pattern_is_read_apart_from_rank_pattern() {
+        let cfg = config(&[("q_proj", 2)], &[(r"layers\.0\.self_attn\.q_proj", 7.0), ("v_proj", 3.0)]);
+        let at = |module: &str| (rank_for(module, &cfg).unwrap().0, alpha_for(module, &cfg).unwrap());
+        assert_eq!(at("model.layers.0.self_attn.q_proj"), (2, 7.0));
+        assert_eq!(at("model.layers.1.self_attn.q_proj"), (2, 8.0));
+        assert_eq!(at("model.layers.0.self_attn.v_proj"), (4, 3.0));
+        // The first matching alpha_pattern key wins, as in `get_pattern_key`.
+        let cfg = config(&[], &[("q_proj", 5.0), (r"layers\.0\.self_attn\.q_proj", 7.0)]);
+        assert_eq!(alpha_for("model.layers.0.self_attn.q_proj", &cfg).unwrap(), 5.0);
+        // A key matches whole dot-separated names only: `proj` is not `v_proj`.
+        let cfg = config(&[], &[("proj", 3.0)]);
+        assert_eq!(alpha_for("model.layers.0.self_attn.v_proj", &cfg).unwrap(), 8.0);
+    }
 }
