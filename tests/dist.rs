@@ -66,6 +66,7 @@ fn torchrun_wins_over_slurm_and_nothing_means_single() {
         ("RANK", "2"),
         ("WORLD_SIZE", "16"),
         ("LOCAL_RANK", "2"),
+        ("TORCHELASTIC_RESTART_COUNT", "0"),
         ("SLURM_PROCID", "0"),
         ("SLURM_NTASKS", "2"),
     ])
@@ -158,7 +159,7 @@ fn three_processes_rendezvous_and_agree_on_the_sum() {
     for r in &reports {
         assert_eq!(r["world_size"], 3);
         assert_eq!(r["backend"], "file");
-        assert_eq!(r["source"], "torchrun");
+        assert_eq!(r["source"], "env", "RANK/WORLD_SIZE without torchrun's TORCHELASTIC_* variables");
         assert_eq!(r["sum_hash"], reports[0]["sum_hash"], "ranks disagree on the sum");
     }
     // The hash is of the expected sum: rank r contributes (r + 1) + i % 7.
@@ -211,9 +212,14 @@ fn one_process_needs_no_launcher() {
 #[test]
 fn several_ranks_need_a_directory_and_nccl_says_why_not() {
     let env = [("SLURM_PROCID", "0".to_string()), ("SLURM_NTASKS", "2".to_string())];
-    let f = finish(dist_check(&env, &[]).spawn().unwrap());
-    assert!(!f.ok);
-    assert!(f.stderr.contains("--rendezvous DIR"), "{}", f.stderr);
+    let by_hand = [("RANK", "0".to_string()), ("WORLD_SIZE", "2".to_string())];
+    for env in [&env, &by_hand] {
+        let f = finish(dist_check(env, &[]).spawn().unwrap());
+        assert!(!f.ok);
+        assert!(f.stderr.contains("rank 0/2: a world of 2 ranks needs --rendezvous DIR"), "{}", f.stderr);
+        // Fuzzing round 3: the rank was named twice (`rank 0/2: rank 0/2 (local 0, torchrun): ...`).
+        assert_eq!(f.stderr.matches("rank 0/2").count(), 1, "{}", f.stderr);
+    }
 
     let tmp = tempfile::tempdir().unwrap();
     let f =

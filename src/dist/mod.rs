@@ -118,7 +118,7 @@ pub fn run_fingerprint(summary: &str, details: &[&[u8]]) -> String {
 
 /// The communicator for this rank: [`Single`] for world size 1 (a one-rank NCCL communicator
 /// when NCCL is asked for), else the rendezvous followed by the chosen backend; `run` is the
-/// run's [`run_fingerprint`].
+/// run's [`run_fingerprint`]. Its errors do not name the rank: [`RankInfo::tag`] does that once.
 pub fn connect(info: &RankInfo, opts: &ConnectOptions, run: &str) -> Result<Box<dyn Collective>> {
     if info.is_single() {
         return match opts.backend {
@@ -128,7 +128,7 @@ pub fn connect(info: &RankInfo, opts: &ConnectOptions, run: &str) -> Result<Box<
     }
     let Some(dir) = &opts.rendezvous else {
         return Err(Error::Invalid(format!(
-            "{info}: a world of {} ranks needs --rendezvous DIR, a directory every rank can reach (a shared filesystem across nodes)",
+            "a world of {} ranks needs --rendezvous DIR, a directory every rank can reach (a shared filesystem across nodes)",
             info.world_size
         )));
     };

@@ -75,7 +75,7 @@ pub fn connect(info: &RankInfo, rdzv: Option<&RendezvousOptions>, timeout: Durat
     };
     if info.local_rank >= devices {
         return Err(unavailable(format!(
-            "{info}: local rank {} needs GPU {}, but this node has {devices} CUDA device(s); start at most one rank per GPU",
+            "local rank {} needs GPU {}, but this node has {devices} CUDA device(s); start at most one rank per GPU",
             info.local_rank, info.local_rank
         )));
     }
@@ -97,7 +97,7 @@ pub fn connect(info: &RankInfo, rdzv: Option<&RendezvousOptions>, timeout: Durat
     } else {
         let Some(opts) = rdzv else {
             return Err(Error::Invalid(format!(
-                "{info}: a world of {} ranks needs --rendezvous DIR to share the NCCL id",
+                "a world of {} ranks needs --rendezvous DIR to share the NCCL id",
                 info.world_size
             )));
         };

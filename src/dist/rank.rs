@@ -36,8 +36,12 @@ pub const MAX_WORLD_SIZE: usize = 65_536;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RankSource {
-    /// `torchrun` / `torch.distributed.launch`, or a manual launch: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`.
+    /// `torchrun` / `torch.distributed.launch`: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` beside the
+    /// `TORCHELASTIC_*` variables its agent sets.
     Torchrun,
+    /// `RANK` and `WORLD_SIZE` without torchrun's `TORCHELASTIC_*`: a launch by hand or by
+    /// another launcher (DeepSpeed, mpirun scripts), which must not be called torchrun.
+    Env,
     /// `srun`: `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`.
     Slurm,
     /// No launcher variables: one process, world size 1.
@@ -48,6 +52,7 @@ impl fmt::Display for RankSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             RankSource::Torchrun => "torchrun",
+            RankSource::Env => "env",
             RankSource::Slurm => "slurm",
             RankSource::Single => "single",
         })
@@ -85,15 +90,16 @@ impl RankInfo {
 
     /// Discovers the rank from variables looked up with `get`.
     ///
-    /// Precedence: torchrun variables (`RANK`/`WORLD_SIZE`), then SLURM (`SLURM_PROCID`), else a
-    /// single process. torchrun wins because `srun torchrun ...` sets both and torchrun's ranks
-    /// are the ones its workers must use. A missing `LOCAL_RANK`/`SLURM_LOCALID` defaults to the
+    /// Precedence: `RANK`/`WORLD_SIZE` (torchrun's when a `TORCHELASTIC_*` variable is there too,
+    /// else [`RankSource::Env`]), then SLURM (`SLURM_PROCID`), else a single process. torchrun
+    /// wins because `srun torchrun ...` sets both and torchrun's ranks are the ones its workers
+    /// must use. A missing `LOCAL_RANK`/`SLURM_LOCALID` defaults to the
     /// global rank, which is right for the only launch that omits it: several processes started
     /// by hand on one node.
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let (rank_var, world_var, local_var, source) = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
-            ("RANK", "WORLD_SIZE", "LOCAL_RANK", RankSource::Torchrun)
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK", rank_env_source(&get))
         } else if get("SLURM_PROCID").is_some() {
             ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", RankSource::Slurm)
         } else {
@@ -134,7 +140,7 @@ impl RankInfo {
             });
         }
         let master = match source {
-            RankSource::Torchrun => master_addr(&get)?,
+            RankSource::Torchrun | RankSource::Env => master_addr(&get)?,
             _ => None,
         };
         let run_id = match source {
@@ -175,6 +181,15 @@ impl RankInfo {
 impl fmt::Display for RankInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "rank {}/{} (local {}, {})", self.rank, self.world_size, self.local_rank, self.source)
+    }
+}
+
+/// torchrun's agent always sets `TORCHELASTIC_RUN_ID` (`none` by default) and
+/// `TORCHELASTIC_RESTART_COUNT`; `RANK`/`WORLD_SIZE` alone come from someone else.
+fn rank_env_source(get: &dyn Fn(&str) -> Option<String>) -> RankSource {
+    match get("TORCHELASTIC_RUN_ID").or_else(|| get("TORCHELASTIC_RESTART_COUNT")) {
+        Some(_) => RankSource::Torchrun,
+        None => RankSource::Env,
     }
 }
 
@@ -260,6 +275,21 @@ mod tests {
         }
         let slurm = RankInfo::from_lookup(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "100000")]));
         assert!(matches!(slurm, Err(Error::Env { var, .. }) if var == "SLURM_NTASKS"));
+    }
+
+    /// Fuzzing round 3: `RANK`/`WORLD_SIZE` set by hand were reported as torchrun's.
+    #[test]
+    fn only_torchrun_is_called_torchrun() {
+        let by_hand = [("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")];
+        assert_eq!(RankInfo::from_lookup(&env(&by_hand[..2])).unwrap().source, RankSource::Env);
+        assert_eq!(RankInfo::from_lookup(&env(&by_hand)).unwrap().source, RankSource::Env);
+        for var in ["TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"] {
+            let torchrun = [by_hand.as_slice(), &[(var, "none")]].concat();
+            assert_eq!(RankInfo::from_lookup(&env(&torchrun)).unwrap().source, RankSource::Torchrun, "{var}");
+        }
+        let info = RankInfo::from_lookup(&env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")]));
+        assert!(matches!(info, Err(Error::Env { var, .. }) if var == "MASTER_PORT"), "MASTER_* still read");
+        assert_eq!(serde_json::to_value(RankSource::Env).unwrap(), "env");
     }
 
     #[test]
