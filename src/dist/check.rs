@@ -17,13 +17,19 @@ use crate::error::{Error, Result};
 pub struct CheckOptions {
     #[command(flatten)]
     pub dist: ConnectOptions,
-    /// Elements of the test tensor.
-    #[arg(long, default_value_t = DEFAULT_ELEMENTS)]
+    /// Elements of the test tensor (f32; at most 2^30 = 1073741824, 4 GiB).
+    #[arg(long, default_value_t = DEFAULT_ELEMENTS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(..=MAX_ELEMENTS as u64))]
     pub elements: usize,
 }
 
 /// 64 Ki f32: enough to see a wrong sum, small enough to check in milliseconds.
 pub const DEFAULT_ELEMENTS: usize = 1 << 16;
+
+/// The largest test tensor: 4 GiB of f32 per buffer (nccl-tests' usual largest size is of this
+/// order), of which a rank holds a few copies. A larger `--elements` failed on an allocation
+/// (`2^64-1`: a capacity-overflow panic) or would exhaust the host's memory.
+pub const MAX_ELEMENTS: usize = 1 << 30;
 
 impl Default for CheckOptions {
     fn default() -> Self {
@@ -94,6 +100,11 @@ fn test_value(rank: usize, i: usize) -> f32 {
 /// All-reduces a test tensor of `elements` values, checks the sum on this rank, checks every
 /// rank got the same bits, and times the all-reduce.
 pub fn run_check(coll: &mut dyn Collective, info: &RankInfo, elements: usize) -> Result<CheckReport> {
+    if elements > MAX_ELEMENTS {
+        return Err(Error::Invalid(format!(
+            "--elements {elements} is more than the {MAX_ELEMENTS} (2^30, 4 GiB of f32) a check allocates at most"
+        )));
+    }
     let (rank, world) = (coll.rank(), coll.world_size());
     let fresh = || (0..elements).map(|i| test_value(rank, i)).collect::<Vec<f32>>();
     let mut buf = fresh();
@@ -147,6 +158,19 @@ mod tests {
     fn cli_defaults_are_the_library_defaults() {
         let opts: CheckOptions = parse_args(&[]).unwrap();
         assert_eq!(format!("{opts:?}"), format!("{:?}", CheckOptions::default()));
+    }
+
+    /// Fuzzing round 3: `--elements 2^64-1` panicked with a capacity overflow.
+    #[test]
+    fn elements_are_bounded() {
+        let at_most: CheckOptions = parse_args(&["--elements", "1073741824"]).unwrap();
+        assert_eq!(at_most.elements, MAX_ELEMENTS);
+        for huge in ["1073741825", "18446744073709551615"] {
+            let err = parse_args::<CheckOptions>(&["--elements", huge]).err().unwrap().to_string();
+            assert!(err.contains("--elements") && err.contains("1073741824"), "{err}");
+        }
+        let err = run_check(&mut crate::dist::Single, &RankInfo::single(), usize::MAX).unwrap_err().to_string();
+        assert!(err.contains("--elements 18446744073709551615 is more than the 1073741824"), "{err}");
     }
 
     #[test]
