@@ -41,10 +41,13 @@ pub fn parse_budget(s: &str) -> Result<u64> {
     if s.trim() == "0" { Ok(0) } else { parse_size(s) }
 }
 
-/// A positive number of seconds (fractions allowed).
+/// A positive number of seconds (fractions allowed). A value too large for a `Duration`
+/// (`2^64-1`, `1e300`, `inf`) saturates to [`Duration::MAX`]: people write a huge timeout to
+/// mean "wait forever", and the waits treat one past any representable instant as no deadline.
 pub fn parse_secs(s: &str) -> Result<Duration> {
     match s.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        // `!(v > 0)` also refuses NaN.
+        Ok(v) if v > 0.0 => Ok(Duration::try_from_secs_f64(v).unwrap_or(Duration::MAX)),
         _ => Err(Error::Invalid(format!("`{s}` is not a positive number of seconds"))),
     }
 }
@@ -71,7 +74,12 @@ mod tests {
         assert_eq!(parse_budget("0").unwrap(), 0);
         assert_eq!(parse_budget("8GB").unwrap(), 8_000_000_000);
         assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));
-        for bad in ["0", "-1", "inf", "NaN", "x"] {
+        // Fuzzing round 3: 2^64-1 panicked ("cannot convert float seconds to Duration").
+        for forever in ["18446744073709551615", "1e300", "inf"] {
+            assert_eq!(parse_secs(forever).unwrap(), Duration::MAX, "{forever}");
+        }
+        assert_eq!(parse_secs("1e19").unwrap(), Duration::from_secs(10_000_000_000_000_000_000));
+        for bad in ["0", "-1", "-inf", "NaN", "x", "-0"] {
             assert!(parse_secs(bad).is_err(), "{bad}");
         }
     }

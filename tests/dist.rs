@@ -185,6 +185,27 @@ fn a_missing_rank_times_out_naming_it() {
     assert!(elapsed < Duration::from_secs(8), "took {elapsed:?} for a 2 s timeout");
 }
 
+/// Fuzzing round 3: `--rendezvous-timeout 1e19` panicked adding it to an instant, and
+/// `2^64-1` seconds converting it to a duration. A timeout that large (or `inf`) waits without
+/// limit.
+#[test]
+fn a_huge_timeout_means_no_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (max, dir) = ("18446744073709551615", tmp.path().to_str().unwrap());
+    let timeouts = [["1e19", max], [max, "inf"]];
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            let env = [("RANK", r.to_string()), ("WORLD_SIZE", "2".to_string())];
+            let [rdzv, coll] = timeouts[r];
+            let args = ["--rendezvous", dir, "--rendezvous-timeout", rdzv, "--collective-timeout", coll];
+            dist_check(&env, &args).spawn().unwrap()
+        })
+        .collect();
+    for f in children.into_iter().map(finish) {
+        assert!(f.ok && !f.stderr.contains("panicked"), "{}", f.stderr);
+    }
+}
+
 #[test]
 fn a_missing_rank_zero_is_named_too() {
     let tmp = tempfile::tempdir().unwrap();

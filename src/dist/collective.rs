@@ -179,26 +179,32 @@ impl LocalRank {
         }
     }
 
-    /// Waits on the condition variable until `done(state)` or the deadline.
+    /// Waits on the condition variable until `done(state)` or the deadline (none: no limit).
     fn wait<'a>(
         &'a self,
         mut state: MutexGuard<'a, State>,
-        deadline: Instant,
+        deadline: Option<Instant>,
         done: impl Fn(&State) -> bool,
     ) -> (MutexGuard<'a, State>, bool) {
         while !done(&state) && state.broken.is_none() {
-            let now = Instant::now();
-            if now >= deadline {
-                return (state, false);
-            }
-            state = self.shared.cv.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            state = match deadline {
+                None => self.shared.cv.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return (state, false);
+                    }
+                    self.shared.cv.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
         }
         (state, true)
     }
 
     fn run(&mut self, op: Op, data: &[f32]) -> Result<Vec<f32>> {
         let start = Instant::now();
-        let deadline = start + self.shared.timeout;
+        // A timeout too long for an `Instant` ("forever") is no deadline.
+        let deadline = start.checked_add(self.shared.timeout);
         let seq = self.seq;
         let state = self.lock();
         let (mut state, ok) = self.wait(state, deadline, |s| s.seq == seq);
@@ -419,6 +425,24 @@ mod tests {
         for h in handles {
             let msg = h.join().unwrap();
             assert!(msg.contains("lengths differ"), "{msg}");
+        }
+    }
+
+    /// Fuzzing round 3: a timeout past any `Instant` panicked on `start + timeout`.
+    #[test]
+    fn a_timeout_past_any_instant_waits_without_limit() {
+        let handles: Vec<_> = LocalGroup::ranks(2, Duration::MAX)
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20 * c.rank() as u64));
+                    let mut buf = [1.0f32];
+                    c.all_reduce_sum_f32(&mut buf).map(|()| buf[0])
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().unwrap(), 2.0);
         }
     }
 

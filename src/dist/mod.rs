@@ -21,7 +21,7 @@ pub mod rendezvous;
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use collective::{Collective, FileGroup, LocalGroup, LocalRank, Single};
 pub use rank::{RankInfo, RankSource};
@@ -29,6 +29,17 @@ pub use rendezvous::{Rendezvous, RendezvousOptions};
 
 use crate::error::{Error, Result};
 use crate::units::parse_secs;
+
+/// The instant a wait of `timeout` from now ends; `None` when no instant is that far (a timeout
+/// given as "forever", such as `2^64-1` seconds): no deadline.
+pub(crate) fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// Whether `deadline` has passed; never, without one.
+pub(crate) fn passed(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
 
 /// Which communicator carries collectives when the world has more than one rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,10 +70,12 @@ pub struct ConnectOptions {
     /// world has more than one rank.
     #[arg(long, value_name = "DIR")]
     pub rendezvous: Option<PathBuf>,
-    /// Seconds a rank waits for the others to arrive before failing.
+    /// Seconds a rank waits for the others to arrive before failing (a huge value, or inf, waits
+    /// without limit).
     #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
     pub rendezvous_timeout: Duration,
-    /// Seconds a rank waits inside one collective before failing.
+    /// Seconds a rank waits inside one collective before failing (a huge value, or inf, waits
+    /// without limit).
     #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_secs)]
     pub collective_timeout: Duration,
     /// Keeps runs that share the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID

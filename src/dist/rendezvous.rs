@@ -31,6 +31,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dist::rank::{MAX_WORLD_SIZE, RankInfo, RankSource};
+use crate::dist::{deadline_after, passed};
 use crate::error::{Error, Result};
 
 /// Version 2 added the run's fingerprint; a version-1 payload is not read (as if absent).
@@ -107,7 +108,7 @@ pub fn rendezvous(info: &RankInfo, opts: &RendezvousOptions, payload: &[u8]) -> 
     let run_dir = opts.dir.join(format!("run-{}", sanitize(&key)));
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     tracing::debug!("{info}: rendezvous in {}", run_dir.display());
-    let deadline = Instant::now() + opts.timeout;
+    let deadline = deadline_after(opts.timeout);
     let waiter = Waiter { run_dir: &run_dir, info, opts, token: new_nonce(), start: Instant::now(), deadline };
     let (nonce, payload, heartbeat) = match info.rank {
         0 => waiter.lead(payload)?,
@@ -133,7 +134,8 @@ struct Waiter<'a> {
     /// This call's own mark in the arrival file it claims, to tell its claim from another's.
     token: String,
     start: Instant,
-    deadline: Instant,
+    /// `None`: a timeout too long for an `Instant` waits without limit.
+    deadline: Option<Instant>,
 }
 
 /// A payload this rank cannot join (another job's, or its rank already claimed), until it is
@@ -189,7 +191,7 @@ impl Waiter<'_> {
                 return Ok(());
             }
             self.check_still_lead(nonce)?;
-            if Instant::now() >= self.deadline {
+            if passed(self.deadline) {
                 let (missing, present) = split(&arrived);
                 let err = self.timeout_error(missing, present, String::new());
                 // Late ranks must not join a run rank 0 has given up on.
@@ -249,7 +251,7 @@ impl Waiter<'_> {
                     });
                 }
             }
-            if Instant::now() >= self.deadline {
+            if passed(self.deadline) {
                 return Err(self.follower_timeout(st));
             }
             std::thread::sleep(self.opts.poll);
@@ -338,7 +340,7 @@ impl Waiter<'_> {
         match &st.joined {
             Some((nonce, _)) => {
                 let mut arrived = vec![false; self.info.world_size];
-                sweep(self.run_dir, nonce, &mut arrived, Instant::now() + REPORT_SWEEP);
+                sweep(self.run_dir, nonce, &mut arrived, deadline_after(REPORT_SWEEP));
                 let (missing, arrived) = split(&arrived);
                 self.timeout_error(missing, arrived, st.hint)
             }
@@ -443,9 +445,9 @@ fn describe_alive(alive: &[u8]) -> String {
 /// Marks the ranks whose arrival file for `nonce` exists, stopping at `stop` (the ranks not
 /// looked at stay unmarked): one sweep is a lookup per rank, and the deadline must hold whatever
 /// the world size.
-fn sweep(run_dir: &Path, nonce: &str, seen: &mut [bool], stop: Instant) {
+fn sweep(run_dir: &Path, nonce: &str, seen: &mut [bool], stop: Option<Instant>) {
     for (r, s) in seen.iter_mut().enumerate() {
-        if Instant::now() >= stop {
+        if passed(stop) {
             return;
         }
         if !*s {
@@ -930,9 +932,9 @@ mod tests {
             fs::write(tmp.path().join(arrived_name("n", r)), b"").unwrap();
         }
         let mut seen = [false; 3];
-        sweep(tmp.path(), "n", &mut seen, Instant::now());
+        sweep(tmp.path(), "n", &mut seen, Some(Instant::now()));
         assert_eq!(seen, [false; 3], "no lookup after the deadline");
-        sweep(tmp.path(), "n", &mut seen, Instant::now() + Duration::from_secs(60));
+        sweep(tmp.path(), "n", &mut seen, deadline_after(Duration::from_secs(60)));
         assert_eq!(seen, [true; 3]);
     }
 
@@ -949,6 +951,24 @@ mod tests {
         let huge = RankInfo { world_size: usize::MAX, ..info(0, 1) };
         let msg = rendezvous(&huge, &opts(tmp.path(), 300), &[]).unwrap_err().to_string();
         assert!(msg.contains("a world of 1 to 65536 ranks"), "{msg}");
+    }
+
+    /// Fuzzing round 3: a timeout of 1e19 s panicked ("overflow when adding duration to
+    /// instant"); one too long for an `Instant` is no deadline, in the rendezvous and the
+    /// collectives after it.
+    #[test]
+    fn a_timeout_past_any_instant_waits_without_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let forever = |rank| {
+            let o = RendezvousOptions { timeout: Duration::MAX, ..opts(tmp.path(), 0) };
+            std::thread::spawn(move || {
+                let mut r = rendezvous(&info(rank, 2), &o, &[4])?;
+                r.barrier(Duration::MAX).map(|()| r.payload().to_vec())
+            })
+        };
+        let (lead, follower) = (forever(0), forever(1));
+        assert_eq!(lead.join().unwrap().unwrap(), [4]);
+        assert_eq!(follower.join().unwrap().unwrap(), [4]);
     }
 
     #[test]
