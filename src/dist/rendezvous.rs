@@ -3,7 +3,8 @@
 //!
 //! Why files: every cluster has a shared filesystem, and it needs no open port, no address
 //! agreement and no extra service. The protocol, inside `DIR/run-<job key>/`:
-//! 1. Rank 0 removes what an earlier run left there, picks a random generation nonce and writes
+//! 1. Rank 0 removes what an earlier run left there (but not the files of a generation that may
+//!    still be finishing its last collective), picks a random generation nonce and writes
 //!    `payload` (nonce, world size, the bytes to share: the NCCL unique id) atomically
 //!    (temp file + rename, so nobody reads half a file).
 //! 2. Every rank reads `payload` and writes `<nonce>.arrived.<rank>`. A rank that read a stale
@@ -648,38 +649,77 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Rank 0 removes files an earlier run left (never temp files: another rank may be mid-write).
+/// Rank 0 removes files an earlier run left (never temp files: another rank may be mid-write),
+/// except the files of a generation that may still be finishing ([`KEEP_FINISHING`]).
 /// Directories are not ours: every name the protocol uses is a file, so one is left alone with
 /// a warning (failing here would leave the other ranks waiting for their timeout), unless it
 /// takes the name `payload`, which rank 0 must write.
 fn clear_old_files(run_dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    for entry in entries {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(run_dir).map_err(|e| Error::io(run_dir, e))? {
         let entry = entry.map_err(|e| Error::io(run_dir, e))?;
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with(".tmp.") {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp.") {
             continue;
         }
-        let path = entry.path();
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            if name == PAYLOAD {
-                return Err(Error::Rendezvous {
-                    dir: run_dir.to_path_buf(),
-                    reason: format!(
-                        "{} is a directory; rank 0 writes its payload file there: remove it",
-                        path.display()
-                    ),
-                });
-            }
-            tracing::warn!(
-                "{}: a directory in the rendezvous directory, not written by symerge; left alone",
-                path.display()
-            );
+            skip_dir(run_dir, &name)?;
             continue;
         }
-        remove_if_present(&path)?;
+        let modified = entry.metadata().and_then(|m| m.modified()).ok();
+        files.push((name, entry.path(), modified));
+    }
+    let finishing = finishing_generations(&files);
+    for (name, path, _) in &files {
+        if generation_of(name).is_none_or(|nonce| !finishing.contains(&nonce)) {
+            remove_if_present(path)?;
+        }
     }
     Ok(())
+}
+
+/// A directory in the run directory: left alone with a warning, or an error if it takes the
+/// name `payload`.
+fn skip_dir(run_dir: &Path, name: &str) -> Result<()> {
+    let path = run_dir.join(name);
+    if name == PAYLOAD {
+        return Err(Error::Rendezvous {
+            dir: run_dir.to_path_buf(),
+            reason: format!("{} is a directory; rank 0 writes its payload file there: remove it", path.display()),
+        });
+    }
+    tracing::warn!("{}: a directory in the rendezvous directory, not written by symerge; left alone", path.display());
+    Ok(())
+}
+
+/// How long after its newest file a generation's files (`<nonce>.*`) survive a new run's
+/// clearing. A run is over for rank 0 once its last collective has every rank's file, and rank 0
+/// then removes `alive`; but the other ranks may not have read rank 0's file of that collective
+/// yet (fuzzing round 3: a new job's rank 0 deleted it and the old run's rank 1 timed out in its
+/// last barrier). Nothing tells the new rank 0 when they have: they write no heartbeat, and
+/// `alive` is gone. The newest file of a generation is the last rank's entry into its latest
+/// collective (or rendezvous), after which the others need only see the files; an hour covers
+/// slow NFS lookups, stalled processes and clock skew between the nodes that stamp the files
+/// and this one. Keeping them costs nothing: a new run uses a new nonce, and a later run
+/// removes them.
+const KEEP_FINISHING: Duration = Duration::from_secs(3600);
+
+/// The nonces of the generations whose newest file is younger than [`KEEP_FINISHING`] (a file
+/// stamped in the future, by a node whose clock runs ahead, counts as young).
+fn finishing_generations(files: &[(String, PathBuf, Option<SystemTime>)]) -> Vec<&str> {
+    let now = SystemTime::now();
+    let young = |t: &Option<SystemTime>| t.is_some_and(|t| now.duration_since(t).unwrap_or_default() < KEEP_FINISHING);
+    let mut nonces: Vec<&str> =
+        files.iter().filter(|(_, _, t)| young(t)).filter_map(|(name, _, _)| generation_of(name)).collect();
+    nonces.sort_unstable();
+    nonces.dedup();
+    nonces
+}
+
+/// The nonce a generation's file name starts with (`<nonce>.go`, `<nonce>.op3.1`, ...).
+fn generation_of(name: &str) -> Option<&str> {
+    let (nonce, rest) = name.split_at_checked(NONCE_LEN)?;
+    (nonce.bytes().all(|b| b.is_ascii_hexdigit()) && rest.starts_with('.')).then_some(nonce)
 }
 
 fn arrived_name(nonce: &str, rank: usize) -> String {
@@ -951,6 +991,66 @@ mod tests {
         let huge = RankInfo { world_size: usize::MAX, ..info(0, 1) };
         let msg = rendezvous(&huge, &opts(tmp.path(), 300), &[]).unwrap_err().to_string();
         assert!(msg.contains("a world of 1 to 65536 ranks"), "{msg}");
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    /// Writes `name` in `dir`, stamped `age` ago.
+    fn file_aged(dir: &Path, name: &str, age: Duration) {
+        let path = dir.join(name);
+        fs::write(&path, b"").unwrap();
+        let f = fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    /// Fuzzing round 3: clearing removed every file, also those of a run whose other ranks were
+    /// still reading its last collective. A generation is kept while its newest file is recent
+    /// (however old its others: rank 0 may have waited hours in that collective).
+    #[test]
+    fn clearing_keeps_the_files_of_a_generation_that_may_be_finishing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (finishing, done) = ("00000000000000aa", "00000000000000bb");
+        let hours = Duration::from_secs(2 * 3600);
+        file_aged(tmp.path(), &format!("{finishing}.op9.0"), hours);
+        file_aged(tmp.path(), &format!("{finishing}.op9.1"), Duration::ZERO);
+        file_aged(tmp.path(), &format!("{finishing}.go"), hours);
+        for name in [format!("{done}.op3.0"), format!("{done}.abort"), "payload".into(), "alive".into()] {
+            file_aged(tmp.path(), &name, hours);
+        }
+        for name in ["payload", "alive", "0000000000000zzz.op1.0", ".tmp.payload.1.0"] {
+            file_aged(tmp.path(), name, Duration::ZERO);
+        }
+        clear_old_files(tmp.path()).unwrap();
+        let kept = [".tmp.payload.1.0", "00000000000000aa.go", "00000000000000aa.op9.0", "00000000000000aa.op9.1"];
+        assert_eq!(names(tmp.path()), kept);
+    }
+
+    /// The race itself: rank 1 of a run is still polling for rank 0's file of their last barrier
+    /// when rank 0 has finished (its `alive` gone) and a new job's rank 0 clears the directory.
+    /// Rank 1 must still complete, not time out.
+    #[test]
+    fn a_new_run_does_not_break_the_last_barrier_of_the_previous_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let follower = spawn(1, 2, opts(tmp.path(), 10_000));
+        let (mut r0, _) = spawn(0, 2, opts(tmp.path(), 10_000)).join().unwrap().unwrap();
+        let (mut r1, _) = follower.join().unwrap().unwrap();
+        // Rank 1 looks for rank 0's file once, before rank 0 writes it, and then not for 2 s.
+        r1.poll = Duration::from_secs(2);
+        let mine = tmp.path().join("run-default").join(r1.op_name(0, 1));
+        let last = std::thread::spawn(move || r1.barrier(Duration::from_millis(500)));
+        wait_for(&mine);
+        std::thread::sleep(Duration::from_millis(100));
+        r0.barrier(Duration::from_secs(5)).unwrap();
+        drop(r0);
+        let next = rendezvous(&info(0, 2), &opts(tmp.path(), 50), &[]).unwrap_err().to_string();
+        assert!(next.contains("rank(s) 1 of 2 never arrived"), "{next}");
+        last.join().unwrap().unwrap();
     }
 
     /// Fuzzing round 3: a timeout of 1e19 s panicked ("overflow when adding duration to
