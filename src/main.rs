@@ -61,7 +61,9 @@ enum Command {
     /// directory (an expert for merging).
     Finetune(FinetuneArgs),
     /// A Llama-family GGUF file (llama.cpp) as a Hugging Face checkpoint directory: weights
-    /// dequantized to f32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0), config.json, tokenizer.json.
+    /// dequantized to f32 (F32, F16, BF16, Q4_0, Q4_1, Q8_0), config.json, tokenizer.json, and
+    /// the special tokens and chat template for transformers (tokenizer_config.json,
+    /// generation_config.json).
     ImportGguf(ImportOptions),
     /// Write a seeded synthetic base model and experts (for tests and benchmarks).
     Generate(GenerateOptions),

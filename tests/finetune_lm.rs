@@ -42,6 +42,7 @@ fn tied_qwen2(dir: &Path) -> PathBuf {
         std::fs::copy(fixture("qwen2").join(f), dir.join(f)).unwrap();
     }
     std::fs::copy(fixture("llama_gqa").join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::write(dir.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 3]}"#).unwrap();
     dir.to_path_buf()
 }
 
@@ -106,6 +107,9 @@ fn tiny_llama_and_qwen2_learn_their_texts() {
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["tie_word_embeddings"], tied);
         assert!(out.join(".symerge-output").is_file(), "marked as symerge's own output");
+        // Where generation stops (an imported GGUF's end-of-turn token) is carried over too.
+        let generation = |d: &Path| std::fs::read(d.join("generation_config.json")).ok();
+        assert_eq!(generation(&out), generation(&base));
     }
 }
 

@@ -3,7 +3,9 @@
 //! rows cut through quantization blocks), metadata of the wrong type or out of f32's range, a
 //! head width whose products with the head counts wrap, merges and token types that do not fit
 //! the vocabulary. Each is refused naming the file and the key, tensor or list element, with no
-//! output left; the memory case imports in memory about its size.
+//! output left; the memory case imports in memory about its size. Also what a good file's
+//! special tokens and chat template become beside the weights (tokenizer_config.json,
+//! generation_config.json).
 
 mod common;
 
@@ -225,4 +227,84 @@ fn inspect_of_a_gguf_file_points_to_import_gguf() {
     let (ok, _, err) = run(&["inspect", file.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("is a GGUF file") && err.contains("symerge import-gguf"), "{err}");
+}
+
+/// The tiny file's token list.
+fn tiny_tokens() -> Vec<String> {
+    match &TinyGguf::new().meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").unwrap().1 {
+        Meta::Strs(t) => t.clone(),
+        _ => unreachable!(),
+    }
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An import wrote config.json, model.safetensors and tokenizer.json only: transformers then saw
+/// no BOS, EOS or PAD and no chat template. It now writes tokenizer_config.json (the special
+/// tokens by name as the file lists them, add_bos/add_eos, the chat template, the context length)
+/// and generation_config.json (with the end-of-turn token among the EOS ids, as llama.cpp stops
+/// there), and a file that adds BOS gets it from tokenizer.json, which transformers 5 and
+/// symerge's own tokenizer read.
+#[test]
+fn special_tokens_and_chat_template_reach_the_side_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tiny_tokens();
+    let mut types = vec![1; tokens.len()];
+    types[296..299].fill(3);
+    let template = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
+    let g = TinyGguf::new()
+        .set("tokenizer.ggml.token_type", Meta::I32s(types))
+        .set("tokenizer.ggml.bos_token_id", Meta::U32(296))
+        .set("tokenizer.ggml.eos_token_id", Meta::U32(297))
+        .set("tokenizer.ggml.eot_token_id", Meta::U32(298))
+        .set("tokenizer.ggml.padding_token_id", Meta::U32(297))
+        .set("tokenizer.ggml.unknown_token_id", Meta::U32(0))
+        .set("tokenizer.ggml.add_bos_token", Meta::Bool(true))
+        .set("tokenizer.ggml.add_eos_token", Meta::Bool(false))
+        .set("tokenizer.chat_template", Meta::Str(template.into()));
+    let (file, out) = (tmp.path().join("m.gguf"), tmp.path().join("m"));
+    g.write(&file);
+    let (ok, _, err) = run(&["import-gguf", file.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    let want = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokens[296], "eos_token": tokens[297], "pad_token": tokens[297], "unk_token": tokens[0],
+        "add_bos_token": true, "add_eos_token": false, "chat_template": template, "model_max_length": 64,
+    });
+    assert_eq!(tc, want);
+    let generation = read_json(&out.join("generation_config.json"));
+    assert_eq!(generation, serde_json::json!({"bos_token_id": 296, "eos_token_id": [297, 298], "pad_token_id": 297}));
+    let config = read_json(&out.join("config.json"));
+    assert_eq!((&config["bos_token_id"], &config["eos_token_id"]), (&296.into(), &297.into()));
+
+    let tok = symerge::model::TextTokenizer::from_dir(&out, 16).unwrap();
+    let ids = &tok.tokenize(&["ab"]).unwrap()[0].ids;
+    assert_eq!(ids.first(), Some(&296), "BOS added: {ids:?}");
+    assert_ne!(ids.last(), Some(&297), "no EOS added: {ids:?}");
+}
+
+/// A special token id past the token list is left out with a warning naming the key, as
+/// llama.cpp leaves it out, instead of naming a token transformers cannot index; a flag of the
+/// wrong type is refused naming its key.
+#[test]
+fn special_token_ids_outside_the_vocabulary_are_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, out) = (tmp.path().join("m.gguf"), tmp.path().join("m"));
+    TinyGguf::new()
+        .set("tokenizer.ggml.bos_token_id", Meta::U32(1))
+        .set("tokenizer.ggml.padding_token_id", Meta::U32(5000))
+        .write(&file);
+    let (ok, _, err) = run(&["import-gguf", file.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("`tokenizer.ggml.padding_token_id` is 5000, past the 300 tokens"), "{err}");
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    assert!(tc.get("pad_token").is_none() && tc["bos_token"] == tiny_tokens()[1], "{tc}");
+    assert_eq!(read_json(&out.join("config.json"))["pad_token_id"], serde_json::Value::Null);
+
+    let flag = TinyGguf::new().set("tokenizer.ggml.add_bos_token", Meta::U32(1)).bytes();
+    refused(tmp.path(), "flag", &flag, &["`tokenizer.ggml.add_bos_token` is the integer 1, expected a bool"]);
 }

@@ -218,3 +218,49 @@ fn streamed_symerge_on_real_smollm2_lowers_the_loss() {
     }
     assert!(s["tasks"].as_array().unwrap().iter().any(|t| (t["lambda_mean"].as_f64().unwrap() - 0.3).abs() > 1e-3));
 }
+
+/// The Python that reads an import back through transformers: `$SYMERGE_PYTHON`, else the
+/// project's `target/venv-mergekit`; `None` when neither has transformers.
+fn transformers_python() -> Option<std::path::PathBuf> {
+    let py = std::env::var_os("SYMERGE_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv-mergekit/bin/python"));
+    let ok = std::process::Command::new(&py).args(["-c", "import transformers"]).output();
+    ok.is_ok_and(|o| o.status.success()).then_some(py)
+}
+
+/// The import wrote no tokenizer_config.json or generation_config.json, so transformers saw no
+/// BOS, EOS or PAD and no chat template. The special tokens, the chat template and the generation
+/// ids written now are the ones transformers reads from the GGUF itself
+/// (tests/reference/make_smollm2_special_tokens.py); with transformers at hand, it reads them
+/// back from the import the same way, rendering a conversation identically.
+#[test]
+fn imported_smollm2_keeps_special_tokens_and_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2");
+    let (ok, _, err) = run(&["import-gguf", smollm2_gguf().to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_special_tokens.json");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name)).unwrap()).unwrap()
+    };
+    let (tc, generation) = (read("tokenizer_config.json"), read("generation_config.json"));
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token", "chat_template"] {
+        assert_eq!(tc[key], want[key], "{key}");
+    }
+    assert_eq!(generation, want["generation"]);
+
+    let Some(py) = transformers_python() else {
+        let msg =
+            "SKIPPED: no Python with transformers (SYMERGE_PYTHON, target/venv-mergekit) to read the import back\n";
+        print!("{msg}");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/make_smollm2_special_tokens.py");
+    let o = std::process::Command::new(py).arg(script).arg("--check").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(got, want, "transformers reads the import otherwise than the GGUF");
+}

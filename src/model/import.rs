@@ -1,7 +1,8 @@
 //! `symerge import-gguf`: a Llama-family GGUF file (llama.cpp's format) as a Hugging Face
 //! checkpoint directory the rest of symerge reads: `model.safetensors` (dequantized to f32:
 //! quantized values `d * q + m` are exact in f32 and would round again in bf16), `config.json`
-//! (`LlamaForCausalLM`) and `tokenizer.json`.
+//! (`LlamaForCausalLM`), `tokenizer.json`, and the special tokens and chat template that
+//! transformers needs beside it (`tokenizer_config.json`, `generation_config.json`).
 //!
 //! It undoes what llama.cpp's converter did, as transformers' GGUF loader does: tensor names back
 //! to Hugging Face's, ggml dimension order back to PyTorch shapes, and the rotary row permutation
@@ -15,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::atomic::Staging;
 use crate::checkpoint::dtype::encode_into;
-use crate::checkpoint::gguf::{Gguf, GgufTensor, show_f64};
+use crate::checkpoint::gguf::{Gguf, GgufTensor, GgufValue, show_f64};
 use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
 use crate::model::hf_config::{POSITIVE_IN_F32, positive_in_f32};
@@ -23,6 +24,7 @@ use crate::model::hf_config::{POSITIVE_IN_F32, positive_in_f32};
 /// `symerge import-gguf`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImportOptions {
+    /// The .gguf file to import (a Llama-family model with a byte-level BPE tokenizer).
     pub file: PathBuf,
     /// Output directory (written atomically).
     #[arg(short, long)]
@@ -230,7 +232,9 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         .tensor("token_embd.weight")
         .and_then(|t| t.dims.get(1).copied())
         .ok_or_else(|| bad(&g, "tensor `token_embd.weight` is missing".into()))?;
-    let tokenizer = tokenizer_json(&g, vocab)?;
+    let mut tokenizer = tokenizer_json(&g, vocab)?;
+    let specials = Specials::read(&g)?;
+    tokenizer["post_processor"] = post_processor(&specials);
 
     let staging = Staging::create(output)?;
     let planned: Vec<PlannedTensor> = tensors
@@ -267,8 +271,15 @@ pub fn import_gguf(gguf_path: &Path, output: &Path, force: bool) -> Result<Impor
         writer.write(name, &bytes)?;
     }
     writer.finish()?;
-    let config = config_json(&g, &h, vocab, tied)?;
-    for (file, value) in [("config.json", &config), ("tokenizer.json", &tokenizer)] {
+    let config = config_json(&h, vocab, tied, &specials);
+    let tokenizer_config = tokenizer_config_json(&g, &h, &specials)?;
+    let generation_config = generation_config_json(&specials);
+    for (file, value) in [
+        ("config.json", &config),
+        ("tokenizer.json", &tokenizer),
+        ("tokenizer_config.json", &tokenizer_config),
+        ("generation_config.json", &generation_config),
+    ] {
         let path = staging.path().join(file);
         let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
         std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
@@ -343,9 +354,8 @@ fn verify_staged(g: &Gguf, dir: &Path, tensors: &[(String, &GgufTensor)]) -> Res
     Ok(())
 }
 
-fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Result<Value> {
-    let id = |k: &str| uint(g, &format!("tokenizer.ggml.{k}"));
-    Ok(json!({
+fn config_json(h: &Hyper, vocab: usize, tied: bool, s: &Specials) -> Value {
+    json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": h.hidden,
@@ -362,11 +372,132 @@ fn config_json(g: &Gguf, h: &Hyper, vocab: usize, tied: bool) -> Result<Value> {
         "tie_word_embeddings": tied,
         "attention_bias": false,
         "mlp_bias": false,
-        "bos_token_id": id("bos_token_id")?,
-        "eos_token_id": id("eos_token_id")?,
-        "pad_token_id": id("padding_token_id")?,
+        "bos_token_id": s.bos.as_ref().map(|t| t.0),
+        "eos_token_id": s.eos.as_ref().map(|t| t.0),
+        "pad_token_id": s.pad.as_ref().map(|t| t.0),
         "torch_dtype": "float32",
-    }))
+    })
+}
+
+/// A special token: its id and its text as the file lists it.
+type Special = (usize, String);
+
+/// The special tokens the file names (`tokenizer.ggml.*_token_id`) and whether its tokenizer adds
+/// BOS or EOS (`tokenizer.ggml.add_bos_token`, `add_eos_token`): what transformers' GGUF loader
+/// reads beside the vocabulary, and what a bare tokenizer.json leaves a user without.
+struct Specials {
+    bos: Option<Special>,
+    eos: Option<Special>,
+    unk: Option<Special>,
+    pad: Option<Special>,
+    /// The other tokens llama.cpp stops generating at (end of turn, end of message).
+    stop: Vec<usize>,
+    add_bos: Option<bool>,
+    add_eos: Option<bool>,
+}
+
+impl Specials {
+    fn read(g: &Gguf) -> Result<Self> {
+        let tokens = string_array(g, "tokenizer.ggml.tokens")?;
+        let special = |key: &str| special_token(g, &tokens, key);
+        let stop = [special("eot_token_id")?, special("eom_token_id")?].into_iter().flatten().map(|t| t.0).collect();
+        Ok(Specials {
+            bos: special("bos_token_id")?,
+            eos: special("eos_token_id")?,
+            unk: special("unknown_token_id")?,
+            pad: special("padding_token_id")?,
+            stop,
+            add_bos: flag(g, "tokenizer.ggml.add_bos_token")?,
+            add_eos: flag(g, "tokenizer.ggml.add_eos_token")?,
+        })
+    }
+}
+
+/// `tokenizer.ggml.<key>`'s token. An id past the token list is left out with a warning, as
+/// llama.cpp leaves it out, rather than written where transformers would index past the vocabulary.
+fn special_token(g: &Gguf, tokens: &[&str], key: &str) -> Result<Option<Special>> {
+    let key = format!("tokenizer.ggml.{key}");
+    let Some(id) = uint(g, &key)? else { return Ok(None) };
+    match tokens.get(id) {
+        Some(t) => Ok(Some((id, t.to_string()))),
+        None => {
+            let n = tokens.len();
+            tracing::warn!("{}: metadata `{key}` is {id}, past the {n} tokens; left out", g.path.display());
+            Ok(None)
+        }
+    }
+}
+
+/// `key`'s bool, `None` when absent; a value of another type is an error saying what it is.
+fn flag(g: &Gguf, key: &str) -> Result<Option<bool>> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(GgufValue::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(bad(g, format!("metadata `{key}` is {}, expected a bool", v.describe()))),
+    }
+}
+
+/// The tokenizer.json post-processor: BOS before and EOS after each sequence when the file says
+/// its tokenizer adds them, as transformers' GGUF loader sets it up. transformers 5 takes this
+/// from tokenizer.json and ignores `add_bos_token` in tokenizer_config.json, and symerge's own
+/// tokenizer reads it too.
+fn post_processor(s: &Specials) -> Value {
+    let bos = s.bos.as_ref().filter(|_| s.add_bos == Some(true));
+    let eos = s.eos.as_ref().filter(|_| s.add_eos == Some(true));
+    let special = |t: Option<&Special>, type_id: u32| {
+        t.map(|(_, text)| json!({"SpecialToken": {"id": text, "type_id": type_id}}))
+    };
+    let sequence = |id: &str, type_id: u32| Some(json!({"Sequence": {"id": id, "type_id": type_id}}));
+    let single: Vec<Value> = [special(bos, 0), sequence("A", 0), special(eos, 0)].into_iter().flatten().collect();
+    let second = [special(bos, 1), sequence("B", 1), special(eos, 1)].into_iter().flatten();
+    let pair: Vec<Value> = single.iter().cloned().chain(second).collect();
+    let tokens: serde_json::Map<String, Value> = [bos, eos]
+        .into_iter()
+        .flatten()
+        .map(|(id, text)| (text.clone(), json!({"id": text, "ids": [id], "tokens": [text]})))
+        .collect();
+    json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": tokens})
+}
+
+/// tokenizer_config.json: the special tokens by name, whether BOS/EOS are added, the chat
+/// template and the context length, as transformers reads them from a GGUF file. The class is
+/// the generic tokenizers one (transformers 5 names it `TokenizersBackend` and keeps this name
+/// for it), so tokenizer.json is used as written rather than rebuilt by a model's class.
+fn tokenizer_config_json(g: &Gguf, h: &Hyper, s: &Specials) -> Result<Value> {
+    let mut c = serde_json::Map::new();
+    c.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    for (name, token) in [("bos_token", &s.bos), ("eos_token", &s.eos), ("unk_token", &s.unk), ("pad_token", &s.pad)] {
+        if let Some((_, text)) = token {
+            c.insert(name.into(), text.clone().into());
+        }
+    }
+    for (name, value) in [("add_bos_token", s.add_bos), ("add_eos_token", s.add_eos)] {
+        if let Some(v) = value {
+            c.insert(name.into(), v.into());
+        }
+    }
+    if let Some(template) = text(g, "tokenizer.chat_template")? {
+        c.insert("chat_template".into(), template.into());
+    }
+    c.insert("model_max_length".into(), h.context.into());
+    Ok(Value::Object(c))
+}
+
+/// generation_config.json: BOS, PAD, and every token llama.cpp stops at as EOS (one id, or a list
+/// when the file also names an end-of-turn token), so `generate` stops where llama.cpp does.
+fn generation_config_json(s: &Specials) -> Value {
+    let mut stop: Vec<usize> = s.eos.iter().map(|t| t.0).collect();
+    for id in &s.stop {
+        if !stop.contains(id) {
+            stop.push(*id);
+        }
+    }
+    let eos = match stop.as_slice() {
+        [] => Value::Null,
+        [one] => (*one).into(),
+        many => many.into(),
+    };
+    json!({"bos_token_id": s.bos.as_ref().map(|t| t.0), "eos_token_id": eos, "pad_token_id": s.pad.as_ref().map(|t| t.0)})
 }
 
 /// GPT-2's byte-to-character table: printable bytes stand for themselves, the others for
@@ -480,12 +611,7 @@ fn tokenizer_json(g: &Gguf, rows: usize) -> Result<Value> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {}
-        },
+        "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",

@@ -290,8 +290,8 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
         Ok(SavedModel { dir: output.to_path_buf(), tensors: tensors.len(), params, bytes: written.bytes })
     }
 
-    /// `config.json` (with `tie_word_embeddings` as this model's head has it, and `dtype`) and
-    /// the source's tokenizer files.
+    /// `config.json` (with `tie_word_embeddings` as this model's head has it, and `dtype`), the
+    /// source's tokenizer files and its generation_config.json.
     fn write_lm_side_files(&self, source: &Path, dir: &Path, tied: bool, dtype: FloatDType) -> Result<()> {
         let config_path = source.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -306,7 +306,9 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
         let out_config = dir.join("config.json");
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value") + "\n";
         std::fs::write(&out_config, text).map_err(|e| Error::io(&out_config, e))?;
-        for name in TOKENIZER_FILES {
+        // generation_config.json too: where generation stops (EOS ids, an end-of-turn token) is
+        // the model's, and transformers would otherwise derive it from config.json's single EOS.
+        for name in TOKENIZER_FILES.iter().chain(&["generation_config.json"]) {
             let src = source.join(name);
             if src.is_file() {
                 let dst = dir.join(name);

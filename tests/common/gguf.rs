@@ -11,6 +11,7 @@ pub enum Meta {
     I32(i32),
     F32(f32),
     F64(f64),
+    Bool(bool),
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
@@ -181,6 +182,10 @@ fn put_meta(out: &mut Vec<u8>, v: &Meta) {
         Meta::F64(x) => {
             out.extend(12u32.to_le_bytes());
             out.extend(x.to_le_bytes());
+        }
+        Meta::Bool(b) => {
+            out.extend(7u32.to_le_bytes());
+            out.push(u8::from(*b));
         }
         Meta::Str(s) => {
             out.extend(8u32.to_le_bytes());
