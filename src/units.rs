@@ -52,6 +52,26 @@ pub fn parse_secs(s: &str) -> Result<Duration> {
     }
 }
 
+/// Serializes an f32 a user gave (a learning rate, `lambda_init`) as its shortest decimal that
+/// reads back as the same f32: `0.3`, not the f64 widening `0.30000001192092896`.
+pub fn f32_as_given<S: serde::Serializer>(v: &f32, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(shortest_f64(*v))
+}
+
+/// [`f32_as_given`] for an optional value.
+pub fn opt_f32_as_given<S: serde::Serializer>(v: &Option<f32>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => f32_as_given(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// The f64 whose shortest decimal is the f32's (Rust prints an f32 as the shortest decimal that
+/// round-trips); a value that does not print as a finite number stays as it is.
+fn shortest_f64(v: f32) -> f64 {
+    v.to_string().parse::<f64>().ok().filter(|x| x.is_finite()).unwrap_or(v as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

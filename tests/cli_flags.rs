@@ -85,6 +85,68 @@ fn every_command_has_help_refuses_bad_flags_and_prints_json() {
     assert_eq!(d["world_size"], 1, "{d}");
 }
 
+/// A log and the `--json` of one run say the same, and values print as the user spells them:
+/// `merge` logged `merging 2 model(s)` where its JSON said `"models": 3` (it counts the base), and
+/// now counts experts and base alike in both; `methods` printed whole defaults as `0.0` and
+/// broke its columns on long parameter names; `finetune` logged `Constant schedule` (a Rust
+/// name) for `--schedule constant`, and its JSON gave `--lr 1e-3` as 0.0010000000474974513.
+#[test]
+fn logs_and_json_agree_and_values_print_as_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fam = tmp.path().join("fam");
+    let (ok, _, err) =
+        run(&["generate", "--preset", "llama-tiny", "--experts", "2", "-o", fam.to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+    let cfg = tmp.path().join("m.yml");
+    let dirs = [fam.join("base"), fam.join("expert-1"), fam.join("expert-2")];
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let merged = tmp.path().join("merged");
+    let (ok, out, err) = run(&["merge", cfg.to_str().unwrap(), "-o", merged.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("merging 2 expert(s) + base with task_arithmetic"), "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((s["experts"].as_u64(), s["models"].as_u64()), (Some(2), Some(3)), "{s}");
+    assert!(s["base_model"].as_str().is_some_and(|b| b.ends_with("base")), "{s}");
+
+    let (ok, text, err) = run(&["methods"]);
+    assert!(ok, "{err}");
+    let line = |name: &str| text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or("");
+    assert!(line("seed").ends_with("(default 0)"), "{}", line("seed"));
+    assert!(line("max_iter").contains("(default 10)"), "{}", line("max_iter"));
+    // Every parameter's description starts in one column, after the longest name.
+    let doc_column = |l: &str| {
+        let name_end = l.len() - l.trim_start().len() + l.trim_start().find(' ').unwrap();
+        name_end + l[name_end..].len() - l[name_end..].trim_start().len()
+    };
+    let columns: std::collections::BTreeSet<usize> =
+        text.lines().filter(|l| l.starts_with(' ')).map(doc_column).collect();
+    assert_eq!(columns.len(), 1, "description columns {columns:?}:\n{text}");
+
+    let train = tmp.path().join("t.jsonl");
+    std::fs::write(&train, "{\"text\": \"the cat sat on the mat\"}\n{\"text\": \"merging models\"}\n").unwrap();
+    let llama = common::fixture_dir("llama_gqa");
+    let tuned = tmp.path().join("tuned");
+    let (ok, out, err) = run(&[
+        "finetune",
+        llama.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "-o",
+        tuned.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--max-len",
+        "16",
+        "--lr",
+        "1e-3",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("(constant schedule,"), "{err}");
+    let f: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(f["lr"].as_f64(), Some(0.001), "{f}");
+}
+
 /// The commands whose `--help` is pinned in tests/fixtures/cli_help.txt.
 const HELP_COMMANDS: [&[&str]; 15] = [
     &[],

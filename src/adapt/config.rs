@@ -80,15 +80,19 @@ pub struct AdaptConfig {
     pub tasks: Vec<TaskConfig>,
     pub adapted_layer: AdaptedLayer,
     pub granularity: Granularity,
+    #[serde(serialize_with = "crate::units::f32_as_given")]
     pub lambda_init: f32,
     /// Keep Lambda in [0, 1] after every step.
     pub clamp: bool,
+    #[serde(serialize_with = "crate::units::f32_as_given")]
     pub lambda_lr: f32,
+    #[serde(serialize_with = "crate::units::f32_as_given")]
     pub layer_lr: f32,
     pub batch_size: usize,
     pub epochs: usize,
     pub loss: LossKind,
     /// Soft loss only: drop samples whose expert confidence (top probability) is below this.
+    #[serde(serialize_with = "crate::units::opt_f32_as_given")]
     pub confidence: Option<f32>,
     pub seed: u64,
     pub max_len: usize,
@@ -384,6 +388,24 @@ fn parse_tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// summary.json records the config with the values as given: f32 widened to f64 wrote
+    /// `"lambda_init": 0.30000001192092896` and `"lr": 0.009999999776482582`.
+    #[test]
+    fn recorded_rates_are_the_values_given() {
+        let cfg = AdaptConfig::parse(
+            "method: symerge\nbase_model: b\nlambda_init: 0.3\nlr: 1e-2\nlayer_lr: 3e-4\nconfidence: 0.7\n\
+             tasks:\n  - {name: a, expert: e, inputs: i, cache: c}\n",
+            Path::new("/cfg/adapt.yml"),
+        )
+        .unwrap();
+        let v = serde_json::to_value(&cfg).unwrap();
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(text.contains("\"lambda_init\":0.3,") && text.contains("\"lambda_lr\":0.01,"), "{text}");
+        assert!(text.contains("\"layer_lr\":0.0003,") && text.contains("\"confidence\":0.7,"), "{text}");
+        // Read back as f32, the same values.
+        assert_eq!(v["lambda_init"].as_f64().map(|x| x as f32), Some(0.3f32));
+    }
 
     #[test]
     fn defaults_paths_and_errors() {

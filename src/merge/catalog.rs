@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::registry::{BasePolicy, Fallback, METHODS, MethodDef, ParamSpec, Scope};
+use super::registry::{BasePolicy, Fallback, Kind, METHODS, MethodDef, ParamSpec, Scope};
 
 /// Every method of the registry.
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +54,10 @@ fn entry(m: &MethodDef) -> MethodEntry {
 fn param(p: &ParamSpec) -> ParamEntry {
     let default = match p.default {
         Fallback::Bool(b) => Some(serde_json::json!(b)),
+        // A seed or an iteration count is a whole number: `0`, not `0.0`.
+        Fallback::Number(x) if p.kind == Kind::Count && x.fract() == 0.0 && x >= 0.0 => {
+            Some(serde_json::json!(x as u64))
+        }
         Fallback::Number(x) => Some(serde_json::json!(x)),
         Fallback::Required | Fallback::Unset => None,
     };
@@ -61,7 +65,10 @@ fn param(p: &ParamSpec) -> ParamEntry {
 }
 
 impl fmt::Display for Catalog {
+    /// Columns as wide as the longest method and parameter names, so every description lines up.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name_w = self.methods.iter().map(|m| m.name.len()).max().unwrap_or(0);
+        let param_w = self.methods.iter().flat_map(|m| &m.parameters).map(|p| p.name.len()).max().unwrap_or(0);
         for m in &self.methods {
             let base = match m.base_model {
                 BasePolicy::Required => "needs base_model",
@@ -73,7 +80,7 @@ impl fmt::Display for Catalog {
                 (lo, Some(hi)) => format!("{lo}-{hi} models"),
                 (lo, None) => format!("{lo}+ models"),
             };
-            writeln!(f, "{:<16} {} ({base}, {count})", m.name, m.summary)?;
+            writeln!(f, "{:<name_w$} {} ({base}, {count})", m.name, m.summary)?;
             for p in &m.parameters {
                 let scope = if p.scope == Scope::PerModel { ", per model" } else { "" };
                 let default = match (&p.default, p.required) {
@@ -81,7 +88,7 @@ impl fmt::Display for Catalog {
                     (None, true) => "required".to_string(),
                     (None, false) => "optional".to_string(),
                 };
-                writeln!(f, "{:<18} {:<13} {} ({default}{scope})", "", p.name, p.doc)?;
+                writeln!(f, "{:<w$} {:<param_w$} {} ({default}{scope})", "", p.name, p.doc, w = name_w + 2)?;
             }
         }
         Ok(())

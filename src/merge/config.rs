@@ -402,6 +402,15 @@ impl MergeConfig {
         }
     }
 
+    /// The base the first slice's (the `models` form's) experts are task vectors over, if any:
+    /// what `merge` reports as the base beside its count of experts.
+    pub fn subtracted_base(&self) -> Option<&Path> {
+        match self.slices.first() {
+            Some(s) => s.sources.first().filter(|_| s.has_base).map(|b| b.model.path.as_path()),
+            None => self.base_model.as_deref().filter(|_| self.method.uses_base()),
+        }
+    }
+
     /// The config with `seed: <seed>` among its top-level parameters, when its method takes a
     /// seed and neither the top level nor a slice sets one (mergekit's `--random-seed`);
     /// `None` when nothing would change.

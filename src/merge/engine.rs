@@ -77,7 +77,8 @@ impl MergeArgs {
         let opts = self.options();
         let cfg = MergeConfig::load(&self.config)?;
         let (n, method, out) = (cfg.models.len(), &cfg.method.name, opts.output.display());
-        tracing::info!("merging {n} model(s) with {method} into {out}");
+        let base = if cfg.subtracted_base().is_some() { " + base" } else { "" };
+        tracing::info!("merging {n} expert(s){base} with {method} into {out}");
         // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
         let config = std::fs::read(&self.config).map_err(|e| Error::io(&self.config, e))?;
         let run = crate::dist::run_fingerprint(&format!("merge -o {out}"), &[&config]);

@@ -110,7 +110,12 @@ pub struct MergeSummary {
     /// Where the math ran.
     pub device: String,
     pub output: PathBuf,
+    /// Every input read: the base, the merged models and any LoRA adapters.
     pub models: usize,
+    /// The merged models (for a `slices` config, the first slice's), the base not among them.
+    pub experts: usize,
+    /// The base the experts' task vectors are taken from, when the merge has one.
+    pub base_model: Option<PathBuf>,
     pub blocks: usize,
     pub tensors: usize,
     pub params: u64,
@@ -330,6 +335,8 @@ fn merge_ranked(
         device: engine.device(),
         output: opts.output.clone(),
         models: paths.len(),
+        experts: config.models.len(),
+        base_model: config.subtracted_base().map(Path::to_path_buf),
         blocks: stream.blocks.len(),
         tensors: reference.tensors.len(),
         params: reference.num_params(),

@@ -91,6 +91,16 @@ impl LrSchedule {
     }
 }
 
+/// The flag's spelling (`constant`, `linear`), for logs: what a user typed, not the Rust name.
+impl std::fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Linear => "linear",
+        })
+    }
+}
+
 impl std::str::FromStr for LrSchedule {
     type Err = String;
 
@@ -239,7 +249,9 @@ pub struct FinetuneSummary {
     /// Passes over the training examples (fractional when training by steps).
     pub epochs: f64,
     pub batch_size: usize,
+    #[serde(serialize_with = "crate::units::f32_as_given")]
     pub lr: f32,
+    #[serde(serialize_with = "crate::units::f32_as_given")]
     pub head_lr: f32,
     pub schedule: LrSchedule,
     pub warmup_steps: usize,
@@ -443,7 +455,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     let head_lr = opts.head_lr.unwrap_or(opts.lr);
     let steps = total_steps(opts, n);
     tracing::info!(
-        "fine-tuning {} on {n} examples of {} classes: {steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}, {:?} schedule, {} warmup steps), max {} tokens, seed {}",
+        "fine-tuning {} on {n} examples of {} classes: {steps} steps of {} ({:.2} epochs), lr {} (head {head_lr}, {} schedule, {} warmup steps), max {} tokens, seed {}",
         base.display(),
         names.len(),
         opts.batch_size,

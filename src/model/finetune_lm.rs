@@ -38,6 +38,7 @@ pub struct LmFinetuneSummary {
     /// Passes over the training texts (fractional when training by steps).
     pub epochs: f64,
     pub batch_size: usize,
+    #[serde(serialize_with = "crate::units::f32_as_given")]
     pub lr: f32,
     pub schedule: LrSchedule,
     pub warmup_steps: usize,
@@ -146,7 +147,7 @@ fn finetune_as<B: Backend, A: LmArch<B>>(backend: B, base: &Path, opts: &Finetun
     }
     let steps = total_steps(opts, n);
     tracing::info!(
-        "fine-tuning {} on {n} texts ({skipped} too short): {steps} steps of {}, lr {} ({:?} schedule, {} warmup steps), max {} tokens, seed {}",
+        "fine-tuning {} on {n} texts ({skipped} too short): {steps} steps of {}, lr {} ({} schedule, {} warmup steps), max {} tokens, seed {}",
         base.display(),
         opts.batch_size,
         opts.lr,
