@@ -1159,7 +1159,8 @@ fn a_mergekit_command_line_runs_unchanged() {
 }
 
 /// Inputs of another `model_type` are refused unless `--allow-crimes` (mergekit's rule for
-/// mixed architectures), naming the input and the flag; with it the merge runs.
+/// mixed architectures), naming the input and the flag; with it the merge runs. Inputs of other
+/// sizes are refused for their sizes, without suggesting the flag.
 #[test]
 fn mixing_model_types_needs_allow_crimes() {
     let dir = fixtures();
@@ -1185,6 +1186,15 @@ fn mixing_model_types_needs_allow_crimes() {
     let allowed = MergeOptions { allow_crimes: true, ..opts(&out) };
     merge(&MergeConfig::load(&cfg_path).unwrap(), &allowed).unwrap();
     assert!(out.join("model.safetensors").exists());
+
+    // Of other sizes as well (BERT into Llama), the sizes are named first and no flag is
+    // suggested: --allow-crimes led only to the size error.
+    cfg["hidden_size"] = (cfg["hidden_size"].as_u64().unwrap() * 2).into();
+    std::fs::write(other.join("config.json"), cfg.to_string()).unwrap();
+    let sized = tmp.path().join("sized");
+    let e = merge(&MergeConfig::load(&cfg_path).unwrap(), &opts(&sized)).unwrap_err().to_string();
+    assert!(e.contains("`hidden_size`") && e.contains("(model_type mistral vs llama)"), "{e}");
+    assert!(!e.contains("--allow-crimes"), "{e}");
 }
 
 /// Inputs stored in different float dtypes merge into float32, as PyTorch (so mergekit, with no

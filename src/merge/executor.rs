@@ -228,19 +228,39 @@ fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint], allow_cri
     };
     for input in inputs {
         let Some(have) = input.config.as_ref() else { continue };
+        // Sizes first: models of other sizes merge with no flag, so suggesting --allow-crimes
+        // for their model types would only lead to this error.
+        check_sizes_agree(reference, want, input, have)?;
         check_model_type(reference, input, allow_crimes)?;
-        for key in ARCHITECTURE_KEYS {
-            if let (Some(w), Some(h)) = (want.get(*key), have.get(*key))
-                && w != h
-            {
-                return Err(Error::Model {
-                    path: input.dir.join("config.json"),
-                    reason: format!(
-                        "`{key}` is {h}, but {} says {w}: not the same architecture",
-                        reference.dir.join("config.json").display()
-                    ),
-                });
-            }
+    }
+    Ok(())
+}
+
+fn model_type_of(config: &serde_json::Value) -> Option<&str> {
+    config.get("model_type").and_then(serde_json::Value::as_str)
+}
+
+fn check_sizes_agree(
+    reference: &Checkpoint,
+    want: &serde_json::Value,
+    input: &Checkpoint,
+    have: &serde_json::Value,
+) -> Result<()> {
+    for key in ARCHITECTURE_KEYS {
+        if let (Some(w), Some(h)) = (want.get(*key), have.get(*key))
+            && w != h
+        {
+            let types = match (model_type_of(want), model_type_of(have)) {
+                (Some(wt), Some(ht)) if wt != ht => format!(" (model_type {ht} vs {wt})"),
+                _ => String::new(),
+            };
+            return Err(Error::Model {
+                path: input.dir.join("config.json"),
+                reason: format!(
+                    "`{key}` is {h}, but {} says {w}: not the same architecture{types}",
+                    reference.dir.join("config.json").display()
+                ),
+            });
         }
     }
     Ok(())
