@@ -58,6 +58,8 @@ fn cache_is_reused_and_mismatches_are_rejected() {
     let cache = symerge::labels::LabelCache::open(&r.join("alpha.labels"), None).unwrap();
     for (i, line) in std::fs::read_to_string(r.join("pred.jsonl")).unwrap().lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        // The predicted class by name (config.json's label2id), beside its index.
+        assert_eq!(v["label"], format!("class-{}", v["pred"]), "row {i}");
         for (c, p) in v["probs"].as_array().unwrap().iter().enumerate() {
             assert!((cache.probs(i)[c] - p.as_f64().unwrap() as f32).abs() < 2e-3, "row {i} class {c}");
         }

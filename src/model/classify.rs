@@ -50,6 +50,8 @@ impl<B: Backend> SequenceClassifier<B> {
 pub struct Prediction {
     pub logits: Vec<f32>,
     pub probs: Vec<f32>,
+    /// The predicted class's name from config.json's `id2label` / `label2id`, when it names them.
+    pub label: Option<String>,
 }
 
 impl Prediction {
@@ -92,7 +94,10 @@ fn is_predictions_file(path: &Path) -> bool {
 pub fn write_predictions(out: &Path, preds: &[Prediction]) -> Result<()> {
     let mut text = String::new();
     for p in preds {
-        let row = serde_json::json!({ "logits": p.logits, "probs": p.probs, "pred": p.class() });
+        let mut row = serde_json::json!({ "logits": p.logits, "probs": p.probs, "pred": p.class() });
+        if let Some(label) = &p.label {
+            row["label"] = label.as_str().into();
+        }
         text.push_str(&row.to_string());
         text.push('\n');
     }
@@ -150,6 +155,7 @@ pub fn predict<B: Backend, S: AsRef<str>>(
     let n_labels = model
         .num_labels()
         .ok_or_else(|| Error::Model { path: model.path.clone(), reason: "no classification head".into() })?;
+    let names = class_names(clf.label2id());
     let toks = clf.tokenizer.tokenize(texts)?;
     let mut order: Vec<usize> = (0..toks.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
@@ -162,11 +168,26 @@ pub fn predict<B: Backend, S: AsRef<str>>(
         let (logits, probs) = (be.download(&logits)?, be.download(&probs)?);
         for (j, &i) in chunk.iter().enumerate() {
             let r = j * n_labels..(j + 1) * n_labels;
-            out[i] = Some(Prediction { logits: logits[r.clone()].to_vec(), probs: probs[r].to_vec() });
+            let (logits, probs) = (logits[r.clone()].to_vec(), probs[r].to_vec());
+            let label = names.get(crate::logits::argmax(&logits)).cloned();
+            out[i] = Some(Prediction { logits, probs, label });
         }
         tracing::debug!("batch {bi}: {} texts x {} tokens", enc.batch, enc.seq);
     }
     out.into_iter().map(|p| p.ok_or_else(|| Error::Invalid("a text got no prediction".into()))).collect()
+}
+
+/// Class names in id order (empty when the config names no classes); `label2id` holds ids 0 to
+/// n - 1, each once, as the config loader checked.
+fn class_names(label2id: Option<&BTreeMap<String, usize>>) -> Vec<String> {
+    let Some(map) = label2id else { return Vec::new() };
+    let mut names = vec![String::new(); map.len()];
+    for (name, &id) in map {
+        if let Some(slot) = names.get_mut(id) {
+            *slot = name.clone();
+        }
+    }
+    names
 }
 
 /// Accuracy and mean cross-entropy over a labelled set.
