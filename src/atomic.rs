@@ -195,6 +195,39 @@ static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// instead of reporting the run as one that left nothing.
 static COMMITTED: Mutex<Option<PathBuf>> = Mutex::new(None);
 
+/// Partial files an interrupt keeps on purpose, because a rerun resumes them (a label cache's
+/// `.partial`): the interrupt names them instead of reporting that nothing was left.
+static RESUMABLE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Names `partial` as kept by an interrupt for a rerun to resume, until [`forget_resumable`].
+pub fn keep_resumable(partial: &Path) {
+    if let Ok(mut l) = RESUMABLE.lock() {
+        l.retain(|p| p != partial);
+        l.push(partial.to_path_buf());
+    }
+}
+
+/// `partial` is complete (renamed into place): an interrupt no longer names it.
+pub fn forget_resumable(partial: &Path) {
+    if let Ok(mut l) = RESUMABLE.lock() {
+        l.retain(|p| p != partial);
+    }
+}
+
+/// What an interrupt before any output was in place says: the partial outputs it removed, and
+/// the resumable ones it kept.
+fn interrupted_message(removed: usize, kept: &[PathBuf]) -> String {
+    let kept: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
+    match (removed, kept.is_empty()) {
+        (_, true) => format!("interrupted: removed {removed} partial output(s)"),
+        (0, false) => format!("interrupted: kept {}; rerun the same command to resume", kept.join(", ")),
+        (n, false) => format!(
+            "interrupted: removed {n} partial output(s), kept {}; rerun the same command to resume",
+            kept.join(", ")
+        ),
+    }
+}
+
 /// Removes a staging directory with its owner marker last: a run killed part-way through leaves
 /// a directory a later run still recognises as a dead run's and removes, never an unmarked one
 /// that stays forever.
@@ -236,7 +269,10 @@ pub fn remove_partials_on_interrupt() {
         let committed = COMMITTED.lock().ok().and_then(|c| c.clone());
         match committed {
             Some(out) => eprintln!("interrupted after {} was complete and in place", out.display()),
-            None => eprintln!("interrupted: removed {} partial output(s)", live.len()),
+            None => {
+                let kept = RESUMABLE.lock().map(|k| k.clone()).unwrap_or_default();
+                eprintln!("{}", interrupted_message(live.len(), &kept));
+            }
         }
         std::process::exit(130);
     });
@@ -523,6 +559,25 @@ mod tests {
         .unwrap();
         assert_eq!(order.last().map(|n| n.to_str().unwrap()), Some(OWNER));
         assert!(!dir.exists());
+    }
+
+    /// An interrupted `cache-labels` said `removed 0 partial output(s)` while it kept its
+    /// `.partial` on purpose; it now names what it kept and that a rerun resumes it, until the
+    /// cache is complete.
+    #[test]
+    fn an_interrupt_names_the_resumable_partials_it_keeps() {
+        let partial = Path::new("cache/r.labels.partial");
+        assert_eq!(interrupted_message(2, &[]), "interrupted: removed 2 partial output(s)");
+        keep_resumable(partial);
+        let kept = RESUMABLE.lock().unwrap().clone();
+        assert!(kept.contains(&partial.to_path_buf()));
+        assert_eq!(
+            interrupted_message(0, &[partial.to_path_buf()]),
+            "interrupted: kept cache/r.labels.partial; rerun the same command to resume"
+        );
+        assert!(interrupted_message(1, &kept).starts_with("interrupted: removed 1 partial output(s), kept "));
+        forget_resumable(partial);
+        assert!(!RESUMABLE.lock().unwrap().contains(&partial.to_path_buf()));
     }
 
     /// A staging directory is another run's leftover only where its process id can be checked:

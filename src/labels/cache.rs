@@ -251,6 +251,7 @@ impl CacheWriter {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
         let file = lock_partial(&partial)?;
+        crate::atomic::keep_resumable(&partial);
         let table = encode_table(&offsets);
         let resumable = resumable_units(&partial, &header, &table);
         let mut w = CacheWriter {
@@ -384,6 +385,7 @@ impl CacheWriter {
         // Callers check at their start; checked again as the rename would replace anything.
         crate::atomic::check_output_file(&self.path, CACHE_KIND, is_label_cache)?;
         std::fs::rename(&self.partial, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        crate::atomic::forget_resumable(&self.partial);
         Ok(self.path)
     }
 }
