@@ -374,6 +374,7 @@ impl AdaptOptions {
 /// launcher's ranks, the device and its memory budgets.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdaptArgs {
+    /// The adaptation's YAML config (method, base_model, tasks; see the README's adapt.yml).
     pub config: PathBuf,
     #[command(flatten)]
     pub opts: AdaptOptions,

@@ -29,8 +29,9 @@ pub struct InferenceOptions {
     /// Texts per forward pass.
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
-    /// Truncate texts to this many tokens (including [CLS] and [SEP]); default 128, or for an
-    /// adapt output the length its adaptation used.
+    /// Truncate texts to this many tokens, counting the special tokens the tokenizer adds (an
+    /// encoder's [CLS] and [SEP]); default 128, or for an adapt output the length its adaptation
+    /// used.
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Where the math runs: auto (a CUDA device if usable, else the CPU), cpu, cuda (under a
@@ -110,8 +111,8 @@ pub struct PredictArgs {
     /// JSON lines with a `text` field (other fields are ignored).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Output JSON lines, one per input in order, with `logits`, `probs` and `pred`
-    /// (written atomically).
+    /// Output JSON lines, one per input in order, with `logits`, `probs`, `pred` (the class
+    /// index) and `label` (its name, when config.json names the classes); written atomically.
     #[arg(short = 'o', long)]
     pub out: PathBuf,
     /// Replace an existing --out, when it is an earlier predictions file.
