@@ -285,6 +285,22 @@ fn special_tokens_and_chat_template_reach_the_side_files() {
     let ids = &tok.tokenize(&["ab"]).unwrap()[0].ids;
     assert_eq!(ids.first(), Some(&296), "BOS added: {ids:?}");
     assert_ne!(ids.last(), Some(&297), "no EOS added: {ids:?}");
+
+    // A merge of the import carries both files.
+    let twin = tmp.path().join("twin");
+    std::fs::create_dir(&twin).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(out.join(f), twin.join(f)).unwrap();
+    }
+    let cfg = tmp.path().join("m.yml");
+    let yml = format!("merge_method: linear\nmodels:\n  - model: {}\n  - model: {}\n", out.display(), twin.display());
+    std::fs::write(&cfg, yml).unwrap();
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", merged.to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+    for f in ["tokenizer_config.json", "generation_config.json"] {
+        assert_eq!(std::fs::read(merged.join(f)).ok(), std::fs::read(out.join(f)).ok(), "{f}");
+    }
 }
 
 /// A special token id past the token list is left out with a warning naming the key, as
