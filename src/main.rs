@@ -28,7 +28,8 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, short = 'j', alias = "num-threads", global = true)]
     threads: Option<usize>,
-    /// Print the result as JSON on stdout instead of text, for every command.
+    /// Print the result as JSON on stdout instead of text, for every command (a failure as
+    /// `{"error": "..."}`, with the error on stderr too and a nonzero exit).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -174,10 +175,15 @@ fn main() -> ExitCode {
     }
     init_logging(cli.verbose, cli.quiet);
     symerge::atomic::remove_partials_on_interrupt();
+    let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // A --json caller reads stdout: it gets the error there too, as an object.
+            if json {
+                let _ = emit_json(&serde_json::json!({ "error": format!("{e:#}") }));
+            }
             ExitCode::FAILURE
         }
     }

@@ -89,7 +89,8 @@ fn every_command_has_help_refuses_bad_flags_and_prints_json() {
 /// `merge` logged `merging 2 model(s)` where its JSON said `"models": 3` (it counts the base), and
 /// now counts experts and base alike in both; `methods` printed whole defaults as `0.0` and
 /// broke its columns on long parameter names; `finetune` logged `Constant schedule` (a Rust
-/// name) for `--schedule constant`, and its JSON gave `--lr 1e-3` as 0.0010000000474974513.
+/// name) for `--schedule constant`, and its JSON gave `--lr 1e-3` as 0.0010000000474974513. A
+/// `--json` caller got no machine-readable error: it now gets `{"error": ...}` on stdout.
 #[test]
 fn logs_and_json_agree_and_values_print_as_given() {
     let tmp = tempfile::tempdir().unwrap();
@@ -107,6 +108,11 @@ fn logs_and_json_agree_and_values_print_as_given() {
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((s["experts"].as_u64(), s["models"].as_u64()), (Some(2), Some(3)), "{s}");
     assert!(s["base_model"].as_str().is_some_and(|b| b.ends_with("base")), "{s}");
+    // A failure under --json is an object on stdout too (stdout was empty), with a nonzero exit.
+    let (ok, out, err) = run(&["merge", cfg.to_str().unwrap(), "-o", merged.to_str().unwrap(), "--json"]);
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?} ({err})"));
+    let msg = e["error"].as_str().unwrap_or_default();
+    assert!(!ok && msg.contains(merged.to_str().unwrap()) && err.contains(msg), "{e} / {err}");
 
     let (ok, text, err) = run(&["methods"]);
     assert!(ok, "{err}");
