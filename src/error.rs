@@ -150,6 +150,11 @@ pub enum Error {
     #[error("rank {rank}/{world_size}: {error}")]
     OnRank { rank: usize, world_size: usize, error: Box<Error> },
 
+    /// An input that the operand, flag or config key `what` named (`MODEL`, `--inputs`) cannot
+    /// be read: the prefix says which of a command's several paths is wrong.
+    #[error("{what}: {error}")]
+    Input { what: String, error: Box<Error> },
+
     #[error("{0}")]
     Invalid(String),
 }

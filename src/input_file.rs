@@ -34,6 +34,36 @@ fn describe(t: &std::fs::FileType) -> &'static str {
     if t.is_dir() { "a directory" } else { "not a regular file" }
 }
 
+/// Who named an input path, so that an error about it can say which of a command's paths is
+/// wrong: an operand or flag (`MODEL`, `--inputs`), or a key of a config file.
+#[derive(Debug, Clone, Copy)]
+pub enum NamedBy<'a> {
+    Arg(&'a str),
+    Config { file: &'a Path, key: &'a str },
+}
+
+impl NamedBy<'_> {
+    /// `error` prefixed with the argument or the config file and key.
+    pub fn wrap(self, error: Error) -> Error {
+        match self {
+            NamedBy::Arg(what) => Error::Input { what: what.to_string(), error: Box::new(error) },
+            NamedBy::Config { file, key } => {
+                Error::Config { path: file.to_path_buf(), reason: format!("{key}: {error}") }
+            }
+        }
+    }
+}
+
+/// Fails unless `path` exists (a missing one, a broken link or an unreadable folder on the way),
+/// the error naming what gave the path: commands check their input paths with it before loading
+/// anything, so "No such file or directory" never comes without saying which input it is.
+pub fn require(path: &Path, by: NamedBy) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(by.wrap(Error::io(path, e))),
+    }
+}
+
 /// Opens a regular file for reading.
 pub fn open(path: &Path) -> Result<File> {
     check_regular(path)?;

@@ -564,3 +564,44 @@ fn an_output_larger_than_the_free_disk_is_refused_before_writing() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "only the model and the config remain: {left:?}");
 }
+
+/// Walk-through #13: a missing input said only "No such file or directory", not which of a
+/// command's paths (operand, flag, config key) was wrong.
+#[test]
+fn a_missing_input_is_named_by_its_argument_or_config_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::fixture_dir("llama_gqa");
+    let (fx, t) = (fx.to_str().unwrap(), tmp.path());
+    let present = t.join("present");
+    std::fs::create_dir(&present).unwrap();
+    let missing = t.join("missing");
+    let (p, m) = (present.to_str().unwrap(), missing.to_str().unwrap());
+    let adapt = t.join("adapt.yml");
+    std::fs::write(
+        &adapt,
+        format!(
+            "method: symerge\nbase_model: {p}\ntasks:\n  - {{name: a, expert: {p}, inputs: {p}, cache: {p}}}\n  \
+             - {{name: b, expert: {m}, inputs: {p}, cache: {p}}}\n"
+        ),
+    )
+    .unwrap();
+    let out = t.join("out");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (vec!["eval", m, "--inputs", p], format!("error: MODEL: {m}: No such file")),
+        (vec!["eval", fx, "--inputs", m], format!("error: --inputs: {m}: No such file")),
+        (vec!["predict", fx, "--inputs", m, "--out", o], format!("error: --inputs: {m}")),
+        (vec!["cache-labels", "--expert", fx, "--task", "a", "--inputs", m, "-o", o], format!("error: --inputs: {m}")),
+        (vec!["cache-labels", "--expert", m, "--task", "a", "--inputs", p, "-o", o], format!("error: --expert: {m}")),
+        (vec!["finetune", fx, "--train", m, "-o", o], format!("error: --train: {m}: No such file")),
+        (
+            vec!["adapt", adapt.to_str().unwrap(), "-o", o],
+            format!("error: config {}: tasks[1].expert: {m}: No such file", adapt.display()),
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = run(&args);
+        assert!(!ok && err.contains(&want), "{args:?}: want `{want}` in:\n{err}");
+        assert!(!out.exists(), "{args:?} wrote an output");
+    }
+}

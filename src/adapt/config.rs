@@ -236,6 +236,26 @@ impl AdaptConfig {
 }
 
 impl AdaptConfig {
+    /// Every path the config names exists (a cache only where SyMerge reads it); an error names the config file and the key
+    /// (`tasks[1].expert: …`), not only the path.
+    pub fn require_inputs(&self) -> Result<()> {
+        use crate::input_file::{NamedBy, require};
+        let file = self.source.as_path();
+        require(&self.base_model, NamedBy::Config { file, key: "base_model" })?;
+        for (i, t) in self.tasks.iter().enumerate() {
+            let named = [
+                ("expert", Some(&t.expert)),
+                ("inputs", Some(&t.inputs)),
+                ("cache", t.cache.as_ref().filter(|_| self.method == Method::Symerge)),
+            ];
+            for (field, path) in named {
+                let Some(path) = path else { continue };
+                require(path, NamedBy::Config { file, key: &format!("tasks[{i}].{field}") })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses a base and experts of different kinds (a causal LM's base with classifier
     /// experts, the reverse, or two causal-LM families) by name, before a family's loader fails
     /// on something that only follows from the mix-up (a classifier's `confidence` setting, a

@@ -272,6 +272,9 @@ impl Recorded {
                 names.join(", ")
             )));
         }
+        for path in opts.data.values() {
+            crate::input_file::require(path, crate::input_file::NamedBy::Arg("--task-inputs"))?;
+        }
         if let Some(e) = recorded.config.tasks.iter().find_map(|t| super::config::check_task_name(&t.name).err()) {
             return Err(Error::Invalid(format!("{}: task name {e}", summary_path.display())));
         }

@@ -423,6 +423,7 @@ impl AdaptArgs {
     /// The config file with `--epochs` and `--seed` applied.
     pub fn config(&self) -> Result<AdaptConfig> {
         let mut cfg = AdaptConfig::load(&self.config)?;
+        cfg.require_inputs()?;
         cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
         cfg.seed = self.seed.unwrap_or(cfg.seed);
         Ok(cfg)
@@ -1143,4 +1144,5 @@ mod tests {
         let args: AdaptArgs = parse_args(&["a.yml", "-o", "o", "--no-eval", "--host-mem", "0"]).unwrap();
         assert_eq!((args.opts.evaluate, args.host_mem), (false, Some(0)), "--no-eval clears evaluate; 0 is a budget");
     }
+
 }

@@ -101,6 +101,9 @@ impl CacheLabelsArgs {
     /// Reads the inputs' texts, joins the launcher's ranks and caches this rank's share (see
     /// [`cache_labels_in`]).
     pub fn run(&self) -> Result<CacheLabelsSummary> {
+        use crate::input_file::{NamedBy, require};
+        require(&self.opts.expert, NamedBy::Arg("--expert"))?;
+        require(&self.inputs, NamedBy::Arg("--inputs"))?;
         crate::atomic::check_output_apart(&self.opts.output, &[&self.opts.expert, &self.inputs])?;
         let texts: Vec<String> = read_jsonl(&self.inputs)?.into_iter().map(|e| e.text).collect();
         let summary = format!("cache-labels -o {}", self.opts.output.display());

@@ -228,12 +228,28 @@ impl FinetuneArgs {
     /// Fine-tunes the base model as what its config.json says it is: a causal LM with
     /// [`finetune_lm`], else a classifier with [`finetune`].
     pub fn run(&self) -> Result<FinetuneOutcome> {
+        self.require_inputs()?;
         let (base, opts) = (self.base.as_path(), &self.opts);
         if is_causal_lm_dir(base)? {
             let summary = crate::with_backend!(self.device, |be| finetune_lm(be, base, opts)?);
             return Ok(FinetuneOutcome::Lm(summary));
         }
         Ok(FinetuneOutcome::Classifier(crate::with_backend!(self.device, |be| finetune(be, base, opts)?)))
+    }
+}
+
+impl FinetuneArgs {
+    /// BASE and the data files named exist, each error saying which argument named the path.
+    fn require_inputs(&self) -> Result<()> {
+        use crate::input_file::{NamedBy, require};
+        require(&self.base, NamedBy::Arg("BASE"))?;
+        require(&self.opts.train, NamedBy::Arg("--train"))?;
+        for (path, flag) in [(&self.opts.labels, "--labels"), (&self.opts.eval, "--eval")] {
+            if let Some(p) = path {
+                require(p, NamedBy::Arg(flag))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +343,7 @@ pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path
     let n = top.map_or(0, |(m, _)| m + 1);
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
 }
+
 
 /// Class ids of `examples` (read from `path`) under `names`: a `label` name must be one of
 /// `names`, and a `label_id` given beside it must agree; a bare id must be in range.

@@ -38,6 +38,7 @@ pub struct ImportOptions {
 impl ImportOptions {
     /// Imports `file` into `output` ([`import_gguf`]).
     pub fn run(&self) -> Result<ImportSummary> {
+        crate::input_file::require(&self.file, crate::input_file::NamedBy::Arg("FILE"))?;
         import_gguf(&self.file, &self.output, self.force)
     }
 }

@@ -18,6 +18,7 @@ use crate::adapt::report::{AdaptEvalOutcome, ReportOptions, evaluate_adapted, is
 use crate::backend::{Backend, Device};
 use crate::data::jsonl::read_jsonl;
 use crate::error::{Error, Result};
+use crate::input_file::{NamedBy, require};
 
 /// Texts per forward pass unless told otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
@@ -66,6 +67,11 @@ impl Default for InferenceOptions {
 }
 
 impl InferenceOptions {
+    /// `--head-from`'s model exists.
+    fn require_inputs(&self) -> Result<()> {
+        self.head_from.as_deref().map_or(Ok(()), |p| require(p, NamedBy::Arg("--head-from")))
+    }
+
     /// `--max-len`, else the default.
     pub fn max_len(&self) -> usize {
         self.max_len.unwrap_or(DEFAULT_MAX_LEN)
@@ -132,6 +138,9 @@ impl PredictArgs {
     /// Scores every input text and writes the predictions file; the output is checked before
     /// the model is loaded, so a refused one costs nothing.
     pub fn run(&self) -> Result<PredictSummary> {
+        require(&self.model, NamedBy::Arg("MODEL"))?;
+        require(&self.inputs, NamedBy::Arg("--inputs"))?;
+        self.infer.require_inputs()?;
         if is_causal_lm_dir(&self.model)? {
             return Err(Error::Invalid(format!(
                 "{} is a causal LM: predict scores sequence classifiers; `symerge eval` reports its perplexity",
@@ -203,6 +212,7 @@ impl EvalArgs {
     /// Scores the model on its data: every task of an adapt output, a causal LM's texts, or a
     /// classifier's labelled examples.
     pub fn run(&self) -> Result<EvalOutcome> {
+        self.require_inputs()?;
         if is_adapt_output(&self.model) {
             return self.adapted().map(EvalOutcome::Adapted);
         }
@@ -224,6 +234,16 @@ impl EvalArgs {
             evaluate(&clf, &texts, &clf.label_ids(&lines, inputs)?, infer.batch_size)?
         });
         Ok(EvalOutcome::Classifier(report))
+    }
+
+    /// MODEL and the data file named exist, each error saying which argument named the path
+    /// (`--task-inputs` once its task names are checked, see [`evaluate_adapted`]).
+    fn require_inputs(&self) -> Result<()> {
+        require(&self.model, NamedBy::Arg("MODEL"))?;
+        if let Some(inputs) = &self.inputs {
+            require(inputs, NamedBy::Arg("--inputs"))?;
+        }
+        self.infer.require_inputs()
     }
 
     /// Every task of an adapt output, on the data `--task-inputs` names or else the recorded one.
