@@ -71,6 +71,14 @@ fn cache_is_reused_and_mismatches_are_rejected() {
     let (ok, _, err) = run(&b.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok && err.contains("different inputs") && err.contains("alpha.labels"), "{err}");
 
+    // Walk-through #13: another task's expert (alpha's, which lacks beta's label class-3) for
+    // task beta is refused for the cache/expert mismatch, not for the labels that follow from it.
+    let swapped =
+        std::fs::read_to_string(r.join("adapt.yml")).unwrap().replace("expert: expert-beta", "expert: expert-alpha");
+    std::fs::write(r.join("swapped.yml"), swapped).unwrap();
+    let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("swapped.yml")).unwrap()).err().unwrap().to_string();
+    assert!(e.contains("beta.labels") && e.contains("different expert checkpoint"), "{e}");
+
     // adapt refuses a cache made for another task's expert.
     std::fs::copy(r.join("beta.labels"), r.join("alpha.labels")).unwrap();
     let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("adapt.yml")).unwrap()).err().unwrap().to_string();

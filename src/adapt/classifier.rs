@@ -113,13 +113,15 @@ fn load_task<B: Backend + Clone>(
     let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
     let expert_dir = if t.expert.is_dir() { t.expert.clone() } else { expert.path.clone() };
     let tokenizer = TextTokenizer::from_dir(&expert_dir, cfg.max_len)?;
-    let labelled = examples.iter().all(|e| e.label.is_some() || e.label_id.is_some());
-    let gold =
-        labelled.then(|| label_ids(&examples, expert.config.label2id.as_ref(), classes, &t.inputs)).transpose()?;
+    // The cache first: a cache made by another task's expert is the cause, the inputs' labels
+    // that this expert does not know only a consequence.
     let cache = match (&t.cache, cfg.method) {
         (Some(path), Method::Symerge) => Some(open_cache(path, &t.expert, &t.name, cfg.max_len, &texts, classes)?),
         _ => None,
     };
+    let labelled = examples.iter().all(|e| e.label.is_some() || e.label_id.is_some());
+    let gold =
+        labelled.then(|| label_ids(&examples, expert.config.label2id.as_ref(), classes, &t.inputs)).transpose()?;
     let data = ClassTask { gold, cache, classes, label2id: expert.config.label2id.clone() };
     let private_blocks = expert.blocks[n_shared..].to_vec();
     let private = expert.params.drain(n_shared..).collect();
