@@ -90,23 +90,28 @@ pub fn has_output_marker(dir: &Path) -> bool {
 /// an empty one. Anything else (a directory of the user's files, a file, a symbolic link,
 /// whatever it points to) is refused: `--force` must never delete what symerge did not write.
 /// A link is refused rather than followed because replacing it would swap the link itself for a
-/// directory, and judging it by its target would invite deleting through it.
+/// directory, and judging it by its target would invite deleting through it. Without `force`,
+/// what `--force` would refuse is refused for that reason at once, so the `--force` hint goes
+/// only to outputs it would replace.
 pub fn check_output_dir(output: &Path, force: bool) -> Result<()> {
     let meta = match std::fs::symlink_metadata(output) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(output, e)),
     };
-    if !force {
-        return Err(Error::OutputExists { path: output.to_path_buf() });
-    }
+    replaceable_dir(output, &meta.file_type())?;
+    if force { Ok(()) } else { Err(Error::OutputExists { path: output.to_path_buf() }) }
+}
+
+/// Fails with [`Error::OutputNotOurs`] unless the existing `output` (of type `kind`) is one
+/// `--force` may replace: a directory with our marker, or an empty one.
+fn replaceable_dir(output: &Path, kind: &std::fs::FileType) -> Result<()> {
     let not_ours = |reason: String| Err(Error::OutputNotOurs { path: output.to_path_buf(), reason });
-    let kind = meta.file_type();
     if kind.is_symlink() {
         return not_ours("is a symbolic link (never replaced, whatever it points to)".into());
     }
     if !kind.is_dir() {
-        return not_ours(format!("is {}, not a directory symerge wrote", describe(&kind)));
+        return not_ours(format!("is {}, not a directory symerge wrote", describe(kind)));
     }
     if has_output_marker(output) {
         return Ok(());

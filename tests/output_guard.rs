@@ -234,11 +234,15 @@ fn merge_force_replaces_only_what_symerge_wrote() {
         (&link_ours, "is a symbolic link"),
         (&fake, "is not empty and was not written by symerge"),
     ] {
-        let (ok, _, err) = merge(out, true);
-        assert!(!ok, "{} was replaced", out.display());
-        assert!(err.contains(&format!("output {} {why}", out.display())), "{}: {err}", out.display());
-        assert!(err.contains("remove it yourself or choose another output"), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
+        // Walk-through #13: without --force the reason comes at once, not a `--force` hint
+        // that --force then refuses.
+        for force in [false, true] {
+            let (ok, _, err) = merge(out, force);
+            assert!(!ok, "{} was replaced", out.display());
+            assert!(err.contains(&format!("output {} {why}", out.display())), "{}: {err}", out.display());
+            assert!(err.contains("remove it yourself or choose another output"), "{err}");
+            assert!(!err.contains("panicked") && !err.contains("pass --force"), "{err}");
+        }
     }
     assert_eq!(tree(&work), before, "a refused --force changed something (or left a partial)");
 }
@@ -349,4 +353,35 @@ fn generate_replaces_only_its_own_models() {
     assert!(!ok && err.contains("was not written by symerge"), "{err}");
     assert!(err.contains(&root.join("expert-2").display().to_string()), "{err}");
     assert_eq!(tree(&root), before, "base and expert-1 were rewritten before the refusal");
+}
+
+/// Fuzzing round 3: `predict -o /dev/null` (or a FIFO) said "already exists; pass --force",
+/// which --force then refused; the first message now says why it cannot be replaced.
+#[test]
+fn predict_says_at_once_why_a_special_file_is_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"a\"}\n").unwrap();
+    let fifo = tmp.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let user = tmp.path().join("user.jsonl");
+    std::fs::write(&user, "precious\n").unwrap();
+    let model = common::minilm_dir();
+    for (out, why) in [
+        (Path::new("/dev/null"), "is a special file, not a predictions file"),
+        (fifo.as_path(), "is a special file, not a predictions file"),
+        (user.as_path(), "exists and is not a predictions file"),
+    ] {
+        for force in [false, true] {
+            let mut args = vec!["predict", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()];
+            args.extend(["--out", out.to_str().unwrap(), "--device", "cpu"]);
+            if force {
+                args.push("--force");
+            }
+            let (ok, _, err) = run(&args);
+            assert!(!ok && err.contains(why) && err.contains("remove it yourself"), "{out:?} {force}: {err}");
+            assert!(!err.contains("pass --force"), "{err}");
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&user).unwrap(), "precious\n");
 }

@@ -74,19 +74,24 @@ pub struct PredictSummary {
 /// predictions file (its first line has `logits`, `probs` and `pred`).
 pub fn check_predictions_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
     crate::atomic::check_output_apart(out, inputs)?;
-    if !force {
-        return match std::fs::symlink_metadata(out) {
-            Ok(_) => Err(Error::OutputExists { path: out.to_path_buf() }),
-            Err(_) => Ok(()),
-        };
+    // What --force would refuse is refused for that reason first, so that its hint goes only
+    // to an earlier predictions file.
+    crate::atomic::check_output_file(out, "a predictions file", is_predictions_file)?;
+    match std::fs::symlink_metadata(out) {
+        Ok(_) if !force => Err(Error::OutputExists { path: out.to_path_buf() }),
+        _ => Ok(()),
     }
-    crate::atomic::check_output_file(out, "a predictions file", is_predictions_file)
 }
 
+/// Reads the first line only (at most 64 MiB): the check runs on any existing output.
 fn is_predictions_file(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else { return false };
-    let first = text.lines().next().unwrap_or_default();
-    serde_json::from_str::<serde_json::Value>(first)
+    use std::io::{BufRead, Read};
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    let mut first = String::new();
+    if std::io::BufReader::new(file.take(64 << 20)).read_line(&mut first).is_err() {
+        return false;
+    }
+    serde_json::from_str::<serde_json::Value>(&first)
         .is_ok_and(|v| ["logits", "probs", "pred"].iter().all(|k| v.get(k).is_some()))
 }
 
