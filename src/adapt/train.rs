@@ -790,7 +790,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             let (eval, model_hash) = match &staging {
                 Some(staging) => {
                     let dir = staging.path().join("tasks").join(&t.name);
-                    let eval = F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)?;
+                    let eval = F::finish_task(self, task, Some(&dir), out_dtype, opts.evaluate)
+                        .map_err(|e| for_output(e, opts))?;
                     (eval, Some(crate::labels::fingerprint::model_hash(&dir)?))
                 }
                 None => (None, None),
@@ -907,6 +908,15 @@ pub fn check_output(cfg: &AdaptConfig, opts: &AdaptOptions, rank: usize) -> Resu
         crate::atomic::check_output_dir(&opts.output, opts.force)?;
     }
     Ok(())
+}
+
+/// A full disk found while writing a task model names the output, not the hidden staging
+/// directory inside which the model was being written.
+fn for_output(e: Error, opts: &AdaptOptions) -> Error {
+    match e {
+        Error::NoSpace { need, free, .. } => Error::NoSpace { path: opts.output.clone(), need, free },
+        other => other,
+    }
 }
 
 /// Rank 0's staging directory for the output (checked by [`check_output`]); `None` on the other
@@ -1145,4 +1155,15 @@ mod tests {
         assert_eq!((args.opts.evaluate, args.host_mem), (false, Some(0)), "--no-eval clears evaluate; 0 is a budget");
     }
 
+    /// Fuzzing round 3: a full disk while writing a task model named the hidden staging folder
+    /// (`/x/.ad.partial-3Hy2hA/tasks`), not the output `/x/ad`.
+    #[test]
+    fn a_full_disk_names_the_output_not_the_staging_folder() {
+        let opts = AdaptOptions::new("/x/ad");
+        let staged = Error::NoSpace { path: "/x/.ad.partial-3Hy2hA/tasks".into(), need: 2048, free: 1024 };
+        let e = for_output(staged, &opts).to_string();
+        assert!(e.starts_with("/x/ad: the output needs 2.0 KiB") && !e.contains("partial"), "{e}");
+        let other = for_output(Error::Invalid("x".into()), &opts).to_string();
+        assert_eq!(other, "x");
+    }
 }
