@@ -312,6 +312,12 @@ rewritten during the run); the partial output is removed by the next run at the 
     }
 }
 
+/// Whether `path` lies inside a staging directory this process is writing: a model saved
+/// there is part of a larger output, whose own path is the one worth telling the user.
+pub fn in_staging(path: &Path) -> bool {
+    LIVE.lock().is_ok_and(|l| l.iter().any(|d| path.starts_with(d)))
+}
+
 fn register(dir: &Path, live: bool) {
     if let Ok(mut l) = LIVE.lock() {
         l.retain(|d| d != dir);
@@ -411,7 +417,7 @@ impl Staging {
     /// rename stays on one file system; first removes such directories that dead runs left.
     pub fn create(output: &Path) -> Result<Self> {
         let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            Some(p) if !p.as_os_str().is_empty() => crate::input_file::clean(p),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;

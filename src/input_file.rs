@@ -34,6 +34,15 @@ fn describe(t: &std::fs::FileType) -> &'static str {
     if t.is_dir() { "a directory" } else { "not a regular file" }
 }
 
+/// `path` without its `.` components (`gen/./base` is `gen/base`; a leading `./` alone is
+/// kept), for the paths the crate joins and then shows in logs, errors and model cards. Purely
+/// lexical: `..` stays, since `a/b/..` is not `a` when `b` is a symbolic link, and nothing is
+/// resolved on disk (the path may not exist yet).
+pub fn clean(path: &Path) -> std::path::PathBuf {
+    let cleaned: std::path::PathBuf = path.components().collect();
+    if cleaned.as_os_str().is_empty() { path.to_path_buf() } else { cleaned }
+}
+
 /// Who named an input path, so that an error about it can say which of a command's paths is
 /// wrong: an operand or flag (`MODEL`, `--inputs`), or a key of a config file.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +147,17 @@ mod tests {
     fn a_leading_byte_order_mark_is_skipped() {
         let v: std::collections::BTreeMap<String, u32> = super::parse_yaml("\u{feff}a: 1\nb: 2\n").unwrap();
         assert_eq!(v.len(), 2);
+    }
+
+    /// Walk-through #18: model cards and errors said `gen/./base`.
+    #[test]
+    fn clean_drops_only_dot_components() {
+        use std::path::Path;
+        assert_eq!(super::clean(&Path::new("gen").join("./base")), Path::new("gen/base"));
+        assert_eq!(super::clean(Path::new("/x/./.ad.partial/./tasks/")), Path::new("/x/.ad.partial/tasks"));
+        assert_eq!(super::clean(Path::new("./base")), Path::new("./base"));
+        assert_eq!(super::clean(Path::new("a/b/../c")), Path::new("a/b/../c"));
+        assert_eq!(super::clean(Path::new(".")), Path::new("."));
     }
 
     #[test]

@@ -488,4 +488,8 @@ fn adapt_logs_a_start_line_and_every_step_line_has_elapsed_and_eta() {
     assert!(steps[0].contains("epoch 1/2 step 1/4:") && steps[1].contains("epoch 2/2 step 4/4:"), "{err}");
     assert!(steps.iter().all(|l| l.contains("s elapsed, eta ")), "{err}");
     assert!(steps[1].contains("eta 0s"), "{err}");
+    // Walk-through #18: the task models saved inside the staging directory are no info lines
+    // (that path never exists after the run), and the output is named once it is in place.
+    assert!(!err.contains(".partial-"), "a staging path in the log: {err}");
+    assert!(err.contains(&format!("wrote {} (2 task models)", out.display())), "{err}");
 }

@@ -824,6 +824,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         };
         if let Some(staging) = staging {
             commit_output(staging, &self.lambda, &summary, &self.cfg, opts)?;
+            tracing::info!("wrote {} ({k} task models) in {:.1}s", opts.output.display(), summary.seconds);
         }
         Ok(summary)
     }

@@ -1016,7 +1016,8 @@ fn load_lambda_table(path: &Path, models: usize) -> Result<LambdaTable> {
 
 fn resolve_relative(p: &str, base_dir: &Path) -> PathBuf {
     let path = PathBuf::from(p);
-    if path.is_absolute() || path.exists() { path } else { base_dir.join(path) }
+    let path = if path.is_absolute() || path.exists() { path } else { base_dir.join(path) };
+    crate::input_file::clean(&path)
 }
 
 /// A model path as written: relative to the working directory if it exists there, else to the

@@ -161,7 +161,14 @@ impl<B: Backend> Bert<B> {
         }
         let written = writer.finish()?;
         staging.commit(output, opts.force)?;
-        tracing::info!("saved {tensors} tensors ({params} parameters, {dtype}) to {}", output.display());
+        let line = format!("saved {tensors} tensors ({params} parameters, {dtype}) to {}", output.display());
+        // Inside another output's staging directory (adapt's task models) the path vanishes
+        // when that output is renamed into place: a detail, not the result.
+        if crate::atomic::in_staging(output) {
+            tracing::debug!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
         Ok(SavedModel { dir: output.to_path_buf(), tensors, params, bytes: written.bytes })
     }
 
