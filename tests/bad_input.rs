@@ -605,3 +605,50 @@ fn a_missing_input_is_named_by_its_argument_or_config_key() {
         assert!(!out.exists(), "{args:?} wrote an output");
     }
 }
+
+/// MiniLM (weights linked, not copied) in `dir` with its tokenizer's single-text template
+/// replaced by `single`.
+fn minilm_with_template(dir: &Path, single: serde_json::Value) -> PathBuf {
+    let src = common::minilm_dir();
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::symlink(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+    tok["post_processor"]["single"] = single;
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    dir.join("tokenizer.json")
+}
+
+/// Fuzzing round 3: a template token type past `type_vocab_size` named no file, and a template
+/// longer than the model's positions was blamed on the maximum length the user asked for.
+#[test]
+fn a_tokenizer_template_that_does_not_fit_names_the_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"a word\", \"label\": 0}\n").unwrap();
+    let special = |id: &str| serde_json::json!({"SpecialToken": {"id": id, "type_id": 0}});
+    let seq = |type_id: u64| serde_json::json!({"Sequence": {"id": "A", "type_id": type_id}});
+    let huge_type = serde_json::json!([special("[CLS]"), seq(1_000_000), special("[SEP]")]);
+    let mut long: Vec<serde_json::Value> = vec![special("[CLS]"); 600];
+    long.extend([seq(0), special("[SEP]")]);
+    let cases = [
+        ("type", huge_type, "its post_processor gives token type 1000000, but the model has 2 token types"),
+        (
+            "long",
+            long.into(),
+            "its post_processor template adds 601 special tokens to every text, which leaves no room for text",
+        ),
+    ];
+    for (name, single, want) in cases {
+        let dir = tmp.path().join(name);
+        let tokenizer = minilm_with_template(&dir, single);
+        let args = [dir.to_str().unwrap(), "--inputs", data.to_str().unwrap(), "--new-head", "2", "--max-len", "16"];
+        let (ok, _, err) = run(&[&["eval"], &args[..], &["--device", "cpu"]].concat());
+        assert!(!ok && err.contains(&format!("tokenizer {}: {want}", tokenizer.display())), "{name}: {err}");
+        if name == "type" {
+            assert!(err.contains(&format!("{} type_vocab_size", dir.join("config.json").display())), "{err}");
+        }
+        assert!(!err.contains("smaller maximum length"), "{err}");
+    }
+}

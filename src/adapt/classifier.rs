@@ -113,6 +113,8 @@ fn load_task<B: Backend + Clone>(
     let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
     let expert_dir = if t.expert.is_dir() { t.expert.clone() } else { expert.path.clone() };
     let tokenizer = TextTokenizer::from_dir(&expert_dir, cfg.max_len)?;
+    let c = &expert.config;
+    tokenizer.check_fits(&expert_dir.join("config.json"), c.max_seq_len(), c.type_vocab_size)?;
     // The cache first: a cache made by another task's expert is the cause, the inputs' labels
     // that this expert does not know only a consequence.
     let cache = match (&t.cache, cfg.method) {

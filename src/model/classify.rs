@@ -31,6 +31,8 @@ impl<B: Backend> SequenceClassifier<B> {
         }
         let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
         let tokenizer = TextTokenizer::from_dir(dir, max_len)?;
+        let c = &model.config;
+        tokenizer.check_fits(&dir.join("config.json"), c.max_seq_len(), c.type_vocab_size)?;
         Ok(SequenceClassifier { model, tokenizer })
     }
 

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
 
 use crate::error::{Error, Result};
 
@@ -69,10 +69,44 @@ impl TextTokenizer {
             .or_else(|| inner.token_to_id("<pad>"))
             .unwrap_or(0);
         inner.with_padding(None);
+        let added = added_tokens(&inner);
+        if added >= max_len {
+            // Truncation cannot cut the template's own tokens: every sequence would run past
+            // `max_len`, and the model's position limit would be blamed on the user's setting.
+            return Err(bad(format!(
+                "its post_processor template adds {added} special tokens to every text, which leaves no room \
+                 for text within the maximum length of {max_len} tokens"
+            )));
+        }
         inner
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| bad(format!("cannot truncate to {max_len} tokens: {e}")))?;
         Ok(TextTokenizer { inner, pad_id, max_len, path: path.to_path_buf() })
+    }
+
+    /// Refuses a tokenizer whose template does not fit the encoder described by `config` (its
+    /// `config.json`): more special tokens than `positions`, or a token type id at or past
+    /// `type_vocab_size`. Checked once at load, so the error names both files instead of
+    /// coming from the first batch, which knows neither.
+    pub fn check_fits(&self, config: &Path, positions: usize, type_vocab_size: usize) -> Result<()> {
+        let bad = |reason: String| Err(Error::Tokenizer { path: self.path.clone(), reason });
+        let added = added_tokens(&self.inner);
+        if added >= positions {
+            return bad(format!(
+                "its post_processor template adds {added} special tokens to every text, more than the {positions} \
+                 positions of the model ({} max_position_embeddings)",
+                config.display()
+            ));
+        }
+        let probe = self.inner.encode("a", true).map_err(|e| self.error(e))?;
+        if let Some(&t) = probe.get_type_ids().iter().find(|&&t| t as usize >= type_vocab_size) {
+            return bad(format!(
+                "its post_processor gives token type {t}, but the model has {type_vocab_size} token types ({} \
+                 type_vocab_size)",
+                config.display()
+            ));
+        }
+        Ok(())
     }
 
     /// Loads `dir/tokenizer.json`.
@@ -163,6 +197,11 @@ impl TextTokenizer {
         let toks = self.tokenize(texts)?;
         Ok(self.pad(&toks.iter().collect::<Vec<_>>()))
     }
+}
+
+/// Special tokens the post-processor (e.g. a `TemplateProcessing`) adds to a single text.
+fn added_tokens(t: &Tokenizer) -> usize {
+    t.get_post_processor().map_or(0, |p| p.added_tokens(false))
 }
 
 /// The last position at or before `len`, and after `len / 2`, where a space follows a character
