@@ -111,7 +111,9 @@ pub fn strip_bom(text: &str) -> &str {
 }
 
 /// Parses a YAML config (a leading byte order mark skipped), refusing flow nesting deeper than
-/// [`MAX_YAML_DEPTH`] first (brackets inside quoted strings are not counted).
+/// [`MAX_YAML_DEPTH`] first (brackets inside quoted strings are not counted). YAML merge keys
+/// (`<<: *anchor`) are expanded, as PyYAML (so mergekit) does: mergekit users share settings
+/// between models that way, and unexpanded they read as a field named `<<`.
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
     let text = strip_bom(text);
     let (mut depth, mut deepest, mut quote) = (0usize, 0usize, None::<char>);
@@ -137,7 +139,26 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Re
             }
         }
     }
+    if text.contains("<<") {
+        let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        if has_merge_key(&value) {
+            value.apply_merge().map_err(|e| format!("YAML merge key `<<`: {e}"))?;
+            return serde_yaml_ng::from_value(value).map_err(|e| e.to_string());
+        }
+    }
+    // Parsed from the text where possible: its errors give the line and column.
     serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Whether a mapping anywhere in `v` has the merge key `<<`.
+fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
+    use serde_yaml_ng::Value;
+    match v {
+        Value::Mapping(m) => m.contains_key("<<") || m.values().any(has_merge_key),
+        Value::Sequence(s) => s.iter().any(has_merge_key),
+        Value::Tagged(t) => has_merge_key(&t.value),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +168,32 @@ mod tests {
     fn a_leading_byte_order_mark_is_skipped() {
         let v: std::collections::BTreeMap<String, u32> = super::parse_yaml("\u{feff}a: 1\nb: 2\n").unwrap();
         assert_eq!(v.len(), 2);
+    }
+
+    /// Fuzzing round 3: merge keys gave `not a parameter value` or `unknown field`. They are
+    /// expanded as PyYAML does (explicit keys win, then the first merged mapping), and a key
+    /// left over (the anchors' holder) is still the target type's to accept or refuse.
+    #[test]
+    fn yaml_merge_keys_are_expanded() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct P {
+            weight: f64,
+            density: f64,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct C {
+            models: Vec<P>,
+        }
+        let text = "models:\n  - &a {weight: 0.5, density: 0.2}\n  - <<: [*a, {density: 0.9}]\n    weight: 0.7\n";
+        let c: C = super::parse_yaml(text).unwrap();
+        assert_eq!(c.models[1], P { weight: 0.7, density: 0.2 });
+        let holder = "defaults: &d {weight: 1, density: 1}\nmodels:\n  - <<: *d\n";
+        let e = super::parse_yaml::<C>(holder).unwrap_err();
+        assert!(e.contains("unknown field `defaults`"), "{e}");
+        let e = super::parse_yaml::<C>("models:\n  - <<: 3\n").unwrap_err();
+        assert!(e.contains("YAML merge key `<<`"), "{e}");
     }
 
     /// Walk-through #18: model cards and errors said `gen/./base`.

@@ -652,3 +652,35 @@ fn a_tokenizer_template_that_does_not_fit_names_the_tokenizer() {
         assert!(!err.contains("smaller maximum length"), "{err}");
     }
 }
+
+/// Fuzzing round 3 (section 8) and walk-through #18: a config sharing parameters through a YAML
+/// merge key (as mergekit's PyYAML reads them) merges like the spelt-out one, its `./` paths
+/// are shown without the `.` (the card said `gen/./base`), and an anchor holder we do not know
+/// is still refused by name.
+#[test]
+fn yaml_merge_keys_expand_and_joined_paths_are_clean() {
+    let c = case();
+    let run_merge = |yaml: &str, out: &Path| {
+        let cfg = c.tmp.path().join("m.yml");
+        std::fs::write(&cfg, yaml).unwrap();
+        run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"])
+    };
+    let plain = "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 0.3}\n  - model: ./expert\n    \
+                 parameters: {weight: 0.3}\n";
+    let merged = "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: &w {weight: 0.3}\n  - model: ./expert\n    \
+                  parameters: {<<: *w}\n";
+    let (a, b) = (c.tmp.path().join("plain"), c.tmp.path().join("merged"));
+    let (ok, _, err) = run_merge(plain, &a);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run_merge(merged, &b);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap()
+    );
+    let card = std::fs::read_to_string(b.join("README.md")).unwrap();
+    assert!(card.contains(&c.expert.display().to_string()) && !card.contains("/./"), "{card}");
+    let holder = format!("defaults: &w {{weight: 0.3}}\n{}", merged.replace("&w ", ""));
+    let (ok, _, err) = run_merge(&holder, &c.tmp.path().join("held"));
+    assert!(!ok && err.contains("unknown field `defaults`"), "{err}");
+}
