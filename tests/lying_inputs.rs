@@ -236,6 +236,33 @@ fn absurd_class_counts_are_refused_by_line_or_flag() {
     assert!(!preds.exists());
 }
 
+/// Fuzzing round 3: one `label_id` 1048575 among ids 0 and 1 built a million-class head
+/// silently (1.2 GB, rc 0). Such sparse ids are refused by line, pointing to --labels; ids
+/// that fill their range are not.
+#[test]
+fn sparse_class_ids_are_refused_by_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    let lines =
+        "{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 1048575}\n{\"text\": \"c\", \"label\": 1}\n";
+    std::fs::write(&train, lines).unwrap();
+    let out = tmp.path().join("ft");
+    let m = minilm_dir();
+    let args = ["finetune", m.to_str().unwrap(), "--train", train.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let err = fails_fast(&[&args[..], &["--steps", "1", "--device", "cpu"]].concat(), Duration::from_secs(30));
+    assert!(
+        err.contains(&format!("{}: line 2: label 1048575: the data uses 3 distinct class ids", train.display())),
+        "{err}"
+    );
+    assert!(err.contains("pass --labels"), "{err}");
+    assert!(!out.exists());
+    // 1001 classes, all used: dense enough, whatever their count.
+    let ex: Vec<symerge::data::jsonl::Example> =
+        (0..1001).map(|i| symerge::data::jsonl::Example { text: "t".into(), label: None, label_id: Some(i) }).collect();
+    let names = symerge::model::finetune::class_names(&ex, &train, None).unwrap();
+    assert_eq!(names.len(), 1001);
+}
+
 /// The base decides a merge's tensors, so a base that lacks some (a sharded index that leaves
 /// out a shard, an empty header) would give an incomplete model: refused, naming the base and
 /// the tensor or field. An expert's own head that the base lacks is still left out, said at info

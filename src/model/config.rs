@@ -154,13 +154,20 @@ impl RawBertConfig {
     }
 }
 
-/// `label2id`, or the inverse of `id2label` when only that is given.
+/// `label2id`, or the inverse of `id2label` when only that is given. When both are given they
+/// must agree: `eval` reads labels by `label2id`, while Hugging Face pipelines name outputs by
+/// `id2label`, so a swapped pair would score one and report the other.
 fn labels(
     label2id: Option<BTreeMap<String, usize>>,
     id2label: Option<BTreeMap<String, String>>,
 ) -> std::result::Result<Option<BTreeMap<String, usize>>, String> {
     if let Some(m) = label2id {
-        return ids_in_order(m, "label2id").map(Some);
+        let m = ids_in_order(m, "label2id")?;
+        if let Some(id2label) = id2label {
+            let inverse = labels(None, Some(id2label))?.unwrap_or_default();
+            check_inverse(&m, &inverse)?;
+        }
+        return Ok(Some(m));
     }
     let Some(id2label) = id2label else { return Ok(None) };
     let given = id2label.len();
@@ -173,6 +180,34 @@ fn labels(
         return Err(format!("field `id2label`: {given} ids name only {} distinct classes", out.len()));
     }
     ids_in_order(out, "id2label").map(Some)
+}
+
+/// `label2id` and the inverse of `id2label` name the same classes by the same ids; else the
+/// first label (in id order) where they part.
+fn check_inverse(
+    label2id: &BTreeMap<String, usize>,
+    inverse: &BTreeMap<String, usize>,
+) -> std::result::Result<(), String> {
+    let mut by_id: Vec<(&usize, &String)> = label2id.iter().map(|(name, id)| (id, name)).collect();
+    by_id.sort();
+    for (id, name) in by_id {
+        if inverse.get(name) != Some(id) {
+            let named = inverse.iter().find(|(_, i)| *i == id).map(|(n, _)| format!("`{n}`"));
+            return Err(format!(
+                "fields `label2id` and `id2label` disagree: label2id gives `{name}` id {id}, but id2label names id \
+                 {id} {}; make them inverses of each other (or keep only one)",
+                named.unwrap_or_else(|| "nothing".into())
+            ));
+        }
+    }
+    if inverse.len() != label2id.len() {
+        return Err(format!(
+            "fields `label2id` and `id2label` disagree: {} classes in label2id, {} in id2label",
+            label2id.len(),
+            inverse.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Class ids must be 0 .. n, each once: anything else names no class for some output of the
@@ -251,6 +286,17 @@ mod tests {
         assert!(e.contains("field `label2id`") && e.contains("id 1 is missing or repeated"), "{e}");
         let e = error_after(|v| v["id2label"] = json!({"0": "pos", "1": "pos"}));
         assert!(e.contains("2 ids name only 1 distinct classes"), "{e}");
+        // Fuzzing round 3: a swapped pair was accepted (eval read labels by one, HF by the other).
+        let e = error_after(|v| {
+            v["label2id"] = json!({"neg": 0, "pos": 1});
+            v["id2label"] = json!({"0": "pos", "1": "neg"});
+        });
+        assert!(e.contains("label2id gives `neg` id 0, but id2label names id 0 `pos`"), "{e}");
+        let e = error_after(|v| {
+            v["label2id"] = json!({"neg": 0});
+            v["id2label"] = json!({"0": "neg", "1": "pos"});
+        });
+        assert!(e.contains("1 classes in label2id, 2 in id2label"), "{e}");
     }
 
     #[test]

@@ -341,9 +341,41 @@ pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path
         });
     }
     let n = top.map_or(0, |(m, _)| m + 1);
+    if let Some((id, line)) = top {
+        check_dense(examples, n).map_err(|reason| Error::BadLine {
+            path: train.to_path_buf(),
+            line: line + 1,
+            reason: format!("label {id}: {reason}"),
+        })?;
+    }
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
 }
 
+/// Above this many classes from bare ids, the ids must be [`MIN_USED_FRACTION`] used.
+const SPARSE_CLASSES: usize = 1000;
+/// Least fraction of a large id range that the data must use.
+const MIN_USED_FRACTION: f64 = 0.01;
+
+/// Refuses bare class ids that would make a large head mostly of classes no example has (one
+/// stray id 1048575 built a million-class head: 1.2 GB, silently). A labels file naming that
+/// many classes is the way to ask for such a head on purpose.
+fn check_dense(examples: &[Example], n: usize) -> std::result::Result<(), String> {
+    if n <= SPARSE_CLASSES {
+        return Ok(());
+    }
+    let used: std::collections::BTreeSet<usize> = examples.iter().filter_map(|e| e.label_id).collect();
+    if used.len() as f64 >= MIN_USED_FRACTION * n as f64 {
+        return Ok(());
+    }
+    Err(format!(
+        "the data uses {} distinct class ids, but this id makes a head of {n} classes ({:.2}% used; more than \
+         {SPARSE_CLASSES} classes need at least {}% used): check the ids, or pass --labels with a labels.json \
+         naming all {n} classes if the head is meant to be that large",
+        used.len(),
+        100.0 * used.len() as f64 / n as f64,
+        100.0 * MIN_USED_FRACTION
+    ))
+}
 
 /// Class ids of `examples` (read from `path`) under `names`: a `label` name must be one of
 /// `names`, and a `label_id` given beside it must agree; a bare id must be in range.
