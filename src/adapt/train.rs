@@ -423,6 +423,9 @@ impl AdaptArgs {
     /// The config file with `--epochs` and `--seed` applied.
     pub fn config(&self) -> Result<AdaptConfig> {
         let mut cfg = AdaptConfig::load(&self.config)?;
+        // A base and experts of different kinds first: caches that could not be made for such
+        // a mix are missing as a consequence.
+        cfg.check_model_kinds()?;
         cfg.require_inputs()?;
         cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
         cfg.seed = self.seed.unwrap_or(cfg.seed);
