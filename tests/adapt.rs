@@ -493,3 +493,89 @@ fn adapt_logs_a_start_line_and_every_step_line_has_elapsed_and_eta() {
     assert!(!err.contains(".partial-"), "a staging path in the log: {err}");
     assert!(err.contains(&format!("wrote {} (2 task models)", out.display())), "{err}");
 }
+
+/// Runs `adapt` on the fixture for `epochs` epochs into `r/NAME`, without scoring.
+fn adapt_quietly(r: &std::path::Path, name: &str, epochs: &str) -> std::path::PathBuf {
+    let out = r.join(name);
+    let yml = r.join("adapt.yml");
+    let (ok, _, err) =
+        run(&["adapt", yml.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", epochs, "--no-eval"]);
+    assert!(ok, "{err}");
+    out
+}
+
+/// `merge` of `models` (paths beside the config) on `base` with `parameters` into `r/NAME`:
+/// (success, stderr).
+fn merge_into(
+    r: &std::path::Path,
+    name: &str,
+    base: &std::path::Path,
+    models: &[&str],
+    params: &str,
+) -> (bool, String) {
+    let cfg = r.join(format!("{name}.yml"));
+    let list: String = models.iter().map(|m| format!("  - model: {m}\n")).collect();
+    let text =
+        format!("merge_method: task_arithmetic\nbase_model: {}\nmodels:\n{list}parameters: {params}\n", base.display());
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", r.join(name).to_str().unwrap()]);
+    (ok, err)
+}
+
+/// lambda.json records each expert (task, path, content sketch) in column order and the base;
+/// `merge` with the table refuses a config that lists the experts in another order, saying which
+/// position holds which task's expert, and an expert or base the table was not learned with. A
+/// copy of an expert elsewhere is still that expert. A table without records (an earlier
+/// adapt's) still merges, with a line saying the order cannot be checked.
+#[test]
+fn a_lambda_table_is_applied_only_to_its_experts_in_their_order() {
+    let f = fixture();
+    let r = &f.root;
+    let out = adapt_quietly(r, "out", "1");
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lambda.json")).unwrap()).unwrap();
+    for (i, task) in ["alpha", "beta"].iter().enumerate() {
+        let e = &table["experts"][i];
+        assert_eq!(e["task"], *task, "{table}");
+        assert!(e["path"].as_str().unwrap().ends_with(&format!("expert-{task}")), "{e}");
+        assert_eq!(e["fingerprint"].as_str().unwrap().len(), 64, "{e}");
+    }
+    assert_ne!(table["experts"][0]["fingerprint"], table["experts"][1]["fingerprint"]);
+    assert!(table["base"]["fingerprint"].is_string(), "{table}");
+
+    let base = minilm_dir();
+    let lambda = "{lambda_table: out/lambda.json}";
+    let (ok, err) = merge_into(r, "in-order", &base, &["expert-alpha", "expert-beta"], lambda);
+    assert!(ok, "{err}");
+    let (ok, err) = merge_into(r, "swapped", &base, &["expert-beta", "expert-alpha"], lambda);
+    assert!(!ok, "a swapped list must be refused");
+    for want in ["models[0]", "is task `beta`'s expert (column 1)", "models[1]", "is task `alpha`'s expert (column 0)"]
+    {
+        assert!(err.contains(want), "no `{want}` in: {err}");
+    }
+    assert!(!r.join("swapped").exists());
+
+    std::fs::create_dir(r.join("moved-beta")).unwrap();
+    for file in ["model.safetensors", "config.json", "tokenizer.json"] {
+        std::fs::copy(r.join("expert-beta").join(file), r.join("moved-beta").join(file)).unwrap();
+    }
+    let (ok, err) = merge_into(r, "moved", &base, &["expert-alpha", "moved-beta"], lambda);
+    assert!(ok, "{err}");
+
+    common::adapt_fixture::make_expert(&r.join("expert-gamma"), 3, 4);
+    let (ok, err) = merge_into(r, "stranger", &base, &["expert-alpha", "expert-gamma"], lambda);
+    assert!(
+        !ok && err.contains("models[1]") && err.contains("expert-gamma") && err.contains("none of the experts"),
+        "{err}"
+    );
+    let (ok, err) = merge_into(r, "other-base", &r.join("expert-gamma"), &["expert-alpha", "expert-beta"], lambda);
+    assert!(!ok && err.contains("is not the base"), "{err}");
+
+    let mut old = table.clone();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("experts");
+    fields.remove("base");
+    std::fs::write(r.join("old.json"), old.to_string()).unwrap();
+    let (ok, err) = merge_into(r, "old", &base, &["expert-beta", "expert-alpha"], "{lambda_table: old.json}");
+    assert!(ok && err.contains("cannot be checked"), "{err}");
+}

@@ -10,8 +10,11 @@ use std::path::Path;
 
 use serde_json::json;
 
+use super::config::AdaptConfig;
 use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
+use crate::labels::fingerprint::model_sketch;
+use crate::merge::config::RecordedModel;
 
 /// What one row of Lambda covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -98,9 +101,34 @@ impl Lambda {
 
     /// Writes the table to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(&self.to_json()).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_atomic(path, text.as_bytes())
+        write_json(path, &self.to_json())
     }
+
+    /// [`Lambda::save`] with the models the table was learned from: `base` and `experts` in
+    /// column order, by path and content sketch, so `merge` can refuse a config that lists the
+    /// experts in another order (which would give each expert another task's coefficients).
+    pub fn save_with_models(&self, path: &Path, base: &RecordedModel, experts: &[RecordedModel]) -> Result<()> {
+        let mut table = self.to_json();
+        table["base"] = json!(base);
+        table["experts"] = json!(experts);
+        write_json(path, &table)
+    }
+}
+
+/// The base and the experts of `cfg` (in task order) as a Lambda table records them.
+pub fn recorded_models(cfg: &AdaptConfig) -> Result<(RecordedModel, Vec<RecordedModel>)> {
+    let record = |task: Option<&str>, path: &Path| -> Result<RecordedModel> {
+        let fingerprint = model_sketch(path)?;
+        Ok(RecordedModel { task: task.map(str::to_string), path: path.to_path_buf(), fingerprint })
+    };
+    let base = record(None, &cfg.base_model)?;
+    let experts = cfg.tasks.iter().map(|t| record(Some(&t.name), &t.expert)).collect::<Result<Vec<_>>>()?;
+    Ok((base, experts))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -941,7 +941,8 @@ fn commit_output(
     cfg: &AdaptConfig,
     opts: &AdaptOptions,
 ) -> Result<()> {
-    lambda.save(&staging.path().join("lambda.json"))?;
+    let (base, experts) = super::lambda::recorded_models(cfg)?;
+    lambda.save_with_models(&staging.path().join("lambda.json"), &base, &experts)?;
     let json = serde_json::json!({"summary": summary, "config": cfg});
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
     let path = staging.path().join("summary.json");

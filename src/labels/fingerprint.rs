@@ -13,14 +13,48 @@ use crate::error::Result;
 /// each tensor's pages are dropped from the process once hashed, so fingerprinting a checkpoint
 /// larger than memory keeps the resident set at about one tensor.
 pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
+    digest(ckpt, blake3::Hasher::new(), |h, bytes| {
+        h.update_rayon(bytes);
+    })
+}
+
+/// Bytes of each window [`checkpoint_sketch`] reads.
+const SKETCH_WINDOW: usize = 4096;
+
+/// [`checkpoint_hash`] over a sample of each tensor's bytes (its first, middle and last 4 KiB,
+/// all of a smaller one) instead of all of them: reads a few pages per tensor, so it costs
+/// milliseconds on a multi-GB model. Fine-tuning changes nearly every value of a tensor, so
+/// experts of one base differ here; it tells models apart, it does not prove them unchanged.
+pub fn checkpoint_sketch(ckpt: &Checkpoint) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"symerge checkpoint sketch v1");
+    digest(ckpt, h, |h, bytes| {
+        for w in sketch_windows(bytes.len()) {
+            h.update(&bytes[w]);
+        }
+    })
+}
+
+/// The byte ranges [`checkpoint_sketch`] reads of a tensor of `len` bytes (all of them, then
+/// two empty ranges, for a small one).
+fn sketch_windows(len: usize) -> [std::ops::Range<usize>; 3] {
+    if len <= 3 * SKETCH_WINDOW {
+        return [0..len, len..len, len..len];
+    }
+    let mid = len / 2 - SKETCH_WINDOW / 2;
+    [0..SKETCH_WINDOW, mid..mid + SKETCH_WINDOW, len - SKETCH_WINDOW..len]
+}
+
+/// Feeds every tensor's name, dtype and shape and `take`'s choice of its bytes to `h` in name
+/// order, then `config.json`'s values.
+fn digest(ckpt: &Checkpoint, mut h: blake3::Hasher, take: impl Fn(&mut blake3::Hasher, &[u8])) -> String {
     let mut tensors: Vec<_> = ckpt.tensors.iter().collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut h = blake3::Hasher::new();
     for t in tensors {
         h.update(&(t.name.len() as u64).to_le_bytes());
         h.update(t.name.as_bytes());
         h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
-        h.update_rayon(ckpt.bytes(t));
+        take(&mut h, ckpt.bytes(t));
         ckpt.release(t);
     }
     // The config changes what the weights compute (activation, norm epsilon, label names).
@@ -34,6 +68,11 @@ pub fn checkpoint_hash(ckpt: &Checkpoint) -> String {
 /// [`checkpoint_hash`] of the model at `path` (a directory or file [`Checkpoint::open`] takes).
 pub fn model_hash(path: &Path) -> Result<String> {
     Ok(checkpoint_hash(&Checkpoint::open(path)?))
+}
+
+/// [`checkpoint_sketch`] of the model at `path`.
+pub fn model_sketch(path: &Path) -> Result<String> {
+    Ok(checkpoint_sketch(&Checkpoint::open(path)?))
 }
 
 /// BLAKE3 of the texts in order, each prefixed by its length so boundaries count.

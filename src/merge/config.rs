@@ -276,12 +276,20 @@ pub enum TokenizerSource {
 
 /// Per-tensor (or per-block) merge coefficients, one per expert, e.g. the Lambda learned by
 /// `symerge adapt`. JSON: `{"lambda": {"<tensor or block name>": [l_1, ..., l_K]}}`, with an
-/// optional `"models": [...]` naming the experts in order. Entries replace `weight * lambda`
+/// optional `"models": [...]` naming the experts in order, and optional `"experts"` / `"base"`
+/// recording who they are (see [`RecordedModel`]). Entries replace `weight * lambda`
 /// for their tensors; tensors without an entry use the config's weights.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LambdaTable {
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// The experts the coefficients belong to, in coefficient order (`adapt` writes them since
+    /// lambda.json had them; an older table has none and cannot be checked).
+    #[serde(default)]
+    pub experts: Option<Vec<RecordedModel>>,
+    /// The base the task vectors were taken from.
+    #[serde(default)]
+    pub base: Option<RecordedModel>,
     pub lambda: HashMap<String, Vec<f64>>,
     #[serde(skip)]
     pub path: PathBuf,
@@ -295,6 +303,18 @@ impl LambdaTable {
         t.path = path.to_path_buf();
         Ok(t)
     }
+}
+
+/// A model a Lambda table was learned with: the path `adapt` read it from and its
+/// [`crate::labels::fingerprint::checkpoint_sketch`], which `merge` compares with the config's
+/// models (see [`super::table_models`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct RecordedModel {
+    /// The task whose column this expert is (absent for the base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    pub path: PathBuf,
+    pub fingerprint: String,
 }
 
 fn config_err(path: &Path, reason: impl Into<String>) -> Error {
@@ -999,6 +1019,14 @@ fn load_lambda_table(path: &Path, models: usize) -> Result<LambdaTable> {
         && names.len() != models
     {
         return Err(config_err(path, format!("the table names {} models but the config merges {models}", names.len())));
+    }
+    if let Some(experts) = &table.experts
+        && experts.len() != models
+    {
+        return Err(config_err(
+            path,
+            format!("the table records {} experts but the config merges {models}", experts.len()),
+        ));
     }
     for (name, values) in &table.lambda {
         if values.len() != models {

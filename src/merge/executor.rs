@@ -309,6 +309,9 @@ fn merge_ranked(
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_output_apart(&opts.output, &inputs)?;
     check_output_dir(&opts.output, opts.force)?;
+    if let Some(table) = &config.lambda_table {
+        super::table_models::check(config, table)?;
+    }
     // One method per slice: slices of one config may merge with a base and without.
     let methods = config.build_methods();
 

@@ -38,6 +38,7 @@ pub mod select;
 pub mod slerp;
 pub mod slices;
 pub mod stats;
+pub mod table_models;
 pub mod task_arithmetic;
 pub mod tied;
 pub mod ties;
