@@ -579,3 +579,50 @@ fn a_lambda_table_is_applied_only_to_its_experts_in_their_order() {
     let (ok, err) = merge_into(r, "old", &base, &["expert-beta", "expert-alpha"], "{lambda_table: old.json}");
     assert!(ok && err.contains("cannot be checked"), "{err}");
 }
+
+/// `eval ADAPT_OUT --baseline` scores, per task, the merge adapt started from: task arithmetic at
+/// lambda_init with the task's expert head, the scores `merge` + `eval --head-from EXPERT` give.
+#[test]
+fn eval_baseline_scores_the_merge_adapt_started_from() {
+    let f = fixture();
+    let r = &f.root;
+    let out = adapt_quietly(r, "out", "2");
+    let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--baseline", "--no-experts", "--json"]);
+    assert!(ok, "{err}");
+    let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!((all["baseline_lambda"].as_f64().unwrap() - 0.3).abs() < 1e-6, "{all}");
+
+    let (ok, err) = merge_into(r, "ta", &minilm_dir(), &["expert-alpha", "expert-beta"], "{lambda: 0.3}");
+    assert!(ok, "{err}");
+    let mut sum = 0.0;
+    for (i, task) in ["alpha", "beta"].iter().enumerate() {
+        let (ok, stdout, err) = run(&[
+            "eval",
+            r.join("ta").to_str().unwrap(),
+            "--head-from",
+            r.join(format!("expert-{task}")).to_str().unwrap(),
+            "--inputs",
+            r.join(format!("{task}.jsonl")).to_str().unwrap(),
+            "--max-len",
+            "32",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let want: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let have = &all["tasks"][i]["baseline"];
+        assert_eq!(have["accuracy"], want["accuracy"], "{task}: {have} vs {want}");
+        let (h, w) = (have["mean_ce"].as_f64().unwrap(), want["mean_ce"].as_f64().unwrap());
+        assert!((h - w).abs() < 1e-4, "{task}: {have} vs {want}");
+        assert_ne!(all["tasks"][i]["adapted"], *have, "{task}: the baseline is not the adapted model");
+        sum += have["accuracy"].as_f64().unwrap();
+    }
+    assert!((all["average_baseline"].as_f64().unwrap() - sum / 2.0).abs() < 1e-12, "{all}");
+
+    let (ok, text, err) = run(&["eval", out.to_str().unwrap(), "--baseline", "--no-experts"]);
+    assert!(ok, "{err}");
+    let header = text.lines().next().unwrap();
+    assert!(header.contains("baseline") && header.contains("symerge"), "{text}");
+    assert!(text.contains("base + 0.3 x the sum of the task vectors"), "{text}");
+    let (ok, _, err) = run(&["eval", out.join("tasks/alpha").to_str().unwrap(), "--baseline", "--inputs", "x.jsonl"]);
+    assert!(!ok && err.contains("--baseline"), "{err}");
+}

@@ -545,3 +545,39 @@ fn a_base_and_experts_of_different_kinds_are_refused_as_such() {
     let want = "base_model is a BERT-family encoder (bert) but tasks[1].expert is a causal LM (gpt2)";
     assert!(err.contains(want), "{err}");
 }
+
+/// `eval ADAPT_OUT --baseline` on a causal LM scores, per task, the model adapt started from
+/// (Lambda at lambda_init, each task's own lm_head from its expert): what an adaptation of zero
+/// epochs writes as its task models. The table gets the baseline's columns and says what it is.
+#[test]
+fn eval_baseline_of_a_causal_lm_scores_the_model_adapt_started_from() {
+    let f = fixture("head");
+    let cfg = f.root.join("adapt.yml");
+    let adapt = |name: &str, epochs: &str| {
+        let out = f.root.join(name);
+        let args = ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", epochs, "--no-eval"];
+        let (ok, _, err) = run(&args);
+        assert!(ok, "{err}");
+        out
+    };
+    let (out, start) = (adapt("out", "3"), adapt("start", "0"));
+    let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--baseline", "--json"]);
+    assert!(ok, "{err}");
+    let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let (ok, stdout, err) = run(&["eval", start.to_str().unwrap(), "--no-experts", "--json"]);
+    assert!(ok, "{err}");
+    let zero: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for i in 0..2 {
+        let t = &all["tasks"][i];
+        assert_eq!(t["baseline"], zero["tasks"][i]["adapted"], "{t}");
+        assert_ne!(t["baseline"], t["adapted"], "{t}");
+        assert!(t["expert"]["perplexity"].is_f64(), "{t}");
+    }
+    assert_eq!(all["average_baseline"], zero["average_adapted"], "{all}");
+
+    let (ok, table, err) = run(&["eval", out.to_str().unwrap(), "--baseline", "--no-experts"]);
+    assert!(ok, "{err}");
+    let header = table.lines().next().unwrap();
+    assert!(header.contains("baseline loss") && header.contains("symerge loss"), "{table}");
+    assert!(table.contains("the merge adapt started from"), "{table}");
+}

@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::classifier::Adapter;
+use super::config::{AdaptConfig, Method};
+use super::lm::LmAdapter;
 use crate::backend::Backend;
+use crate::checkpoint::FloatDType;
 use crate::data::jsonl::{Example, read_jsonl};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -33,6 +37,8 @@ pub struct ReportOptions {
     pub batch_size: usize,
     /// Truncation; `None`: the length the adaptation used (recorded in `summary.json`).
     pub max_len: Option<usize>,
+    /// Also score the merge the adaptation started from (see [`TaskScore::baseline`]).
+    pub baseline: bool,
 }
 
 /// One task's scores: `R` is the family's single-model report ([`EvalReport`] for a classifier,
@@ -45,6 +51,10 @@ pub struct TaskScore<R> {
     pub examples: usize,
     /// The task's adapted checkpoint (`tasks/<task>/`).
     pub adapted: R,
+    /// When asked for: the model adapt started from, training-free: `theta_pre + lambda_init *
+    /// sum_k tau_k` with the task's own layer from its expert (task arithmetic at `lambda_init`,
+    /// scored with the task's head). Adapting should beat it; a short run may not.
+    pub baseline: Option<R>,
     /// The task's expert, when asked for.
     pub expert: Option<R>,
 }
@@ -59,7 +69,10 @@ pub struct AdaptReport<R: TaskMetric = EvalReport> {
     pub max_len: usize,
     pub tasks: Vec<TaskScore<R>>,
     pub average_adapted: R::Average,
+    pub average_baseline: Option<R::Average>,
     pub average_expert: Option<R::Average>,
+    /// The `lambda_init` of the baseline's merge, when scored.
+    pub baseline_lambda: Option<f32>,
 }
 
 /// An adapt output's scores, as its model family gives them (`--json` prints the inner report).
@@ -181,6 +194,7 @@ struct Recorded {
 struct RecordedSummary {
     #[serde(default)]
     tasks: Vec<RecordedReport>,
+    out_dtype: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +225,7 @@ struct RecordedConfig {
     method: String,
     tasks: Vec<RecordedTask>,
     max_len: Option<usize>,
+    lambda_init: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -236,6 +251,8 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
         Some(first) => LmKind::of_dir(first)?,
         None => None,
     };
+    let start = if opts.baseline { Some(start_config(dir)?) } else { None };
+    let dtype = recorded.out_dtype()?;
     let Some(kind) = family else {
         let score = |model: &Path, examples: &[Example], data: &Path| -> Result<EvalReport> {
             let clf = SequenceClassifier::load(backend.clone(), model, max_len, LoadOptions::default())?;
@@ -245,7 +262,10 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
             let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
             evaluate(&clf, &texts, &clf.label_ids(examples, data)?, opts.batch_size)
         };
-        return score_tasks(dir, recorded, opts, max_len, score).map(AdaptEvalOutcome::Classifier);
+        let start = start.map(|cfg| Adapter::load_with(backend.clone(), cfg, None)).transpose()?;
+        let write = start.as_ref().map(|a| move |task: usize, out: &Path| a.write_task(task, out, dtype));
+        let write = write.as_ref().map(|w| w as &WriteStart);
+        return score_tasks(dir, recorded, opts, max_len, score, write).map(AdaptEvalOutcome::Classifier);
     };
     crate::with_lm_arch!(kind, A => {
         let score = |model: &Path, examples: &[Example], _: &Path| -> Result<LmEvalReport> {
@@ -253,11 +273,39 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
             let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
             evaluate_lm(&lm, &texts, opts.batch_size)
         };
-        score_tasks(dir, recorded, opts, max_len, score).map(AdaptEvalOutcome::Lm)
+        let start = start.map(|cfg| LmAdapter::<B, A>::load_with(backend.clone(), cfg, None)).transpose()?;
+        let write = start.as_ref().map(|a| move |task: usize, out: &Path| a.write_task(task, out, dtype));
+        let write = write.as_ref().map(|w| w as &WriteStart);
+        score_tasks(dir, recorded, opts, max_len, score, write).map(AdaptEvalOutcome::Lm)
     })
 }
 
+/// Writes task k's starting model (the baseline) into a directory.
+type WriteStart<'a> = dyn Fn(usize, &Path) -> Result<()> + 'a;
+
+/// The adaptation's config as `summary.json` records it, to rebuild the model adapt started
+/// from with adapt's own loader (Lambda at `lambda_init`, each task's layer from its expert).
+/// Loaded as AdaMerging, which needs no label caches: the start is the same for both methods.
+fn start_config(dir: &Path) -> Result<AdaptConfig> {
+    let path = dir.join("summary.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not an adapt summary: {e}", path.display())))?;
+    // JSON is YAML: the recorded config parses as a config file (its paths are absolute).
+    let config = serde_json::to_string(&value["config"]).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut cfg = AdaptConfig::parse(&config, &path)?;
+    cfg.method = Method::Adamerging;
+    Ok(cfg)
+}
+
 impl Recorded {
+    /// The dtype adapt stored the task models in (the baseline is stored alike); `None` for
+    /// a summary that does not say, then the base's.
+    fn out_dtype(&self) -> Result<Option<FloatDType>> {
+        let Some(d) = self.summary.as_ref().and_then(|s| s.out_dtype.as_deref()) else { return Ok(None) };
+        d.parse().map(Some).map_err(|e| Error::Invalid(format!("summary.json: out_dtype: {e}")))
+    }
+
     /// `summary.json` of the adapt output `dir`, checked against the task names `opts` uses.
     fn read(dir: &Path, opts: &ReportOptions) -> Result<Self> {
         let summary_path = dir.join("summary.json");
@@ -286,13 +334,15 @@ impl Recorded {
 }
 
 /// Scores each task's checkpoint (checked to be the one adapt wrote) and, when asked, its expert
-/// with `score` (model, records, their file), and averages them.
+/// and its starting model (written by `start` into a temporary directory) with `score` (model,
+/// records, their file), and averages them.
 fn score_tasks<R: TaskMetric>(
     dir: &Path,
     recorded: Recorded,
     opts: &ReportOptions,
     max_len: usize,
     score: impl Fn(&Path, &[Example], &Path) -> Result<R>,
+    start: Option<&WriteStart>,
 ) -> Result<AdaptReport<R>> {
     let mut tasks = Vec::new();
     for t in &recorded.config.tasks {
@@ -309,46 +359,87 @@ fn score_tasks<R: TaskMetric>(
         }
         check_task_model(&recorded, &t.name, &adapted_dir)?;
         let adapted = score(&adapted_dir, &examples, data)?;
+        let baseline = start.map(|write| score_start(write, tasks.len(), &t.name, |m| score(m, &examples, data)));
+        let baseline = baseline.transpose()?;
         let expert = if opts.experts { Some(score(&t.expert, &examples, data)?) } else { None };
+        let vs_baseline = baseline.as_ref().map(|b| format!(", baseline {}", b.brief())).unwrap_or_default();
         let vs_expert = expert.as_ref().map(|e| format!(", expert {}", e.brief())).unwrap_or_default();
-        tracing::info!("{}: adapted {}{vs_expert}", t.name, adapted.brief());
-        tasks.push(TaskScore { task: t.name.clone(), data: data.clone(), examples: examples.len(), adapted, expert });
+        tracing::info!("{}: adapted {}{vs_baseline}{vs_expert}", t.name, adapted.brief());
+        let (task, examples) = (t.name.clone(), examples.len());
+        tasks.push(TaskScore { task, data: data.clone(), examples, adapted, baseline, expert });
     }
     let adapted: Vec<&R> = tasks.iter().map(|t| &t.adapted).collect();
+    let baselines: Vec<&R> = tasks.iter().filter_map(|t| t.baseline.as_ref()).collect();
     let experts: Vec<&R> = tasks.iter().filter_map(|t| t.expert.as_ref()).collect();
     Ok(AdaptReport {
         output: dir.to_path_buf(),
         average_adapted: R::average(&adapted),
+        average_baseline: start.map(|_| R::average(&baselines)),
         average_expert: opts.experts.then(|| R::average(&experts)),
+        baseline_lambda: start.and(recorded.config.lambda_init),
         method: recorded.config.method,
         max_len,
         tasks,
     })
 }
 
+/// Task `task`'s starting model, written by `write` into a temporary directory (removed after),
+/// scored by `score`.
+fn score_start<R>(write: &WriteStart, task: usize, name: &str, score: impl Fn(&Path) -> Result<R>) -> Result<R> {
+    let tmp = tempfile::Builder::new()
+        .prefix("symerge-baseline-")
+        .tempdir()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let model = tmp.path().join(name);
+    tracing::info!("{name}: writing the starting merge (baseline) into {}", model.display());
+    write(task, &model)?;
+    score(&model)
+}
+
 impl<R: TaskMetric> std::fmt::Display for AdaptReport<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let width = self.tasks.iter().map(|t| t.task.len()).max().unwrap_or(4).max(7);
         let adapted = Column { label: &self.method, width: 10 };
+        let baseline = Column { label: "baseline", width: 10 };
         let expert = Column { label: "expert", width: 8 };
-        let expert_col = self.average_expert.is_some();
-        write!(f, "{:<width$} {:>8}{}", "task", R::COUNTED, R::header(adapted))?;
-        if expert_col {
+        write!(f, "{:<width$} {:>8}", "task", R::COUNTED)?;
+        if self.average_baseline.is_some() {
+            write!(f, "{}", R::header(baseline))?;
+        }
+        write!(f, "{}", R::header(adapted))?;
+        if self.average_expert.is_some() {
             write!(f, "{}", R::header(expert))?;
         }
         writeln!(f)?;
         for t in &self.tasks {
-            write!(f, "{:<width$} {:>8}{}", t.task, t.examples, t.adapted.cells(adapted))?;
+            write!(f, "{:<width$} {:>8}", t.task, t.examples)?;
+            if let Some(b) = &t.baseline {
+                write!(f, "{}", b.cells(baseline))?;
+            }
+            write!(f, "{}", t.adapted.cells(adapted))?;
             if let Some(e) = &t.expert {
                 write!(f, "{}", e.cells(expert))?;
             }
             writeln!(f)?;
         }
-        write!(f, "{:<width$} {:>8}{}", "average", "", R::average_cells(&self.average_adapted, adapted))?;
+        write!(f, "{:<width$} {:>8}", "average", "")?;
+        if let Some(b) = &self.average_baseline {
+            write!(f, "{}", R::average_cells(b, baseline))?;
+        }
+        write!(f, "{}", R::average_cells(&self.average_adapted, adapted))?;
         if let Some(e) = &self.average_expert {
             write!(f, "{}", R::average_cells(e, expert))?;
         }
-        writeln!(f)
+        writeln!(f)?;
+        if self.average_baseline.is_some() {
+            let lambda = self.baseline_lambda.map_or_else(|| "lambda_init".into(), |l| l.to_string());
+            writeln!(
+                f,
+                "baseline: the merge adapt started from, training-free: base + {lambda} x the sum of the task \
+                 vectors, each task with its expert's own layer"
+            )?;
+        }
+        Ok(())
     }
 }
 

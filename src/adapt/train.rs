@@ -832,6 +832,14 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         Ok(summary)
     }
 
+    /// Writes task `task`'s model as it stands (the shared blocks merged with the current Lambda,
+    /// plus its own layer) into `dir`, in `dtype` or else the base's: before any step, the merge
+    /// adapt starts from, which `symerge eval ADAPT_OUT --baseline` scores.
+    pub fn write_task(&self, task: usize, dir: &Path, dtype: Option<FloatDType>) -> Result<()> {
+        let dtype = dtype.unwrap_or_else(|| self.weights.base_dtype());
+        F::finish_task(self, task, Some(dir), dtype, false).map(|_| ())
+    }
+
     /// BLAKE3 of every task's adapted layers, in task, block and tensor-name order.
     fn private_digest(&self) -> Result<[u8; 32]> {
         let be = self.family.backend();

@@ -184,6 +184,10 @@ pub struct EvalArgs {
     /// Adapt output only: skip scoring the experts.
     #[arg(long)]
     pub no_experts: bool,
+    /// Adapt output only: also score the merge adapt started from, training-free (task
+    /// arithmetic at the config's lambda_init, each task with its expert's own layer).
+    #[arg(long)]
+    pub baseline: bool,
     #[command(flatten)]
     pub infer: InferenceOptions,
 }
@@ -205,6 +209,7 @@ impl EvalArgs {
             inputs: None,
             task_inputs: Vec::new(),
             no_experts: false,
+            baseline: false,
             infer: InferenceOptions::default(),
         }
     }
@@ -259,15 +264,16 @@ impl EvalArgs {
             experts: !self.no_experts,
             batch_size: self.infer.batch_size,
             max_len: self.infer.max_len,
+            baseline: self.baseline,
         };
         crate::with_backend!(self.infer.device, |be| evaluate_adapted(be, &self.model, &opts))
     }
 
     /// The data file of an `eval` on one model (not an adapt output), refusing adapt-only flags.
     fn plain_inputs(&self) -> Result<&Path> {
-        if !self.task_inputs.is_empty() || self.no_experts {
+        if !self.task_inputs.is_empty() || self.no_experts || self.baseline {
             return Err(Error::Invalid(
-                "--task-inputs and --no-experts apply to an adapt output directory only".into(),
+                "--task-inputs, --no-experts and --baseline apply to an adapt output directory only".into(),
             ));
         }
         self.inputs.as_deref().ok_or_else(|| {
