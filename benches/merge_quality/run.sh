@@ -8,9 +8,19 @@
 #   PROFILE=full benches/merge_quality/run.sh # the paper-like settings (GPU-sized)
 #   PROFILE=demo / quick                       # scripts/demo.sh (and its --quick test size)
 #
-# Everything lands in target/quality/$PROFILE/; the table is printed and written, with the exact
-# commands, to target/quality/$PROFILE/quality.json (copy it to benches/results/quality.json).
+# Everything lands in target/quality/$PROFILE/ (or $OUT); the table is printed and written, with
+# the exact commands, to target/quality/$PROFILE/quality.json (copy it to
+# benches/results/quality.json). SYMERGE_BIN=PATH runs that binary instead of building one.
 set -euo pipefail
+# Relative to the caller's directory, before the cd below; a bare name is looked up on PATH.
+if [ -n "${SYMERGE_BIN:-}" ]; then
+  case "$SYMERGE_BIN" in
+    */*) SYMERGE_BIN="$(cd "$(dirname "$SYMERGE_BIN")" && pwd)/$(basename "$SYMERGE_BIN")" ;;
+    *) SYMERGE_BIN="$(command -v "$SYMERGE_BIN")" || { echo "SYMERGE_BIN: no $SYMERGE_BIN on PATH" >&2; exit 2; } ;;
+  esac
+  [ -x "$SYMERGE_BIN" ] || { echo "SYMERGE_BIN: $SYMERGE_BIN is not an executable file" >&2; exit 2; }
+fi
+[ -z "${OUT:-}" ] || OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 cd "$(dirname "$0")/../.."
 PROFILE=${PROFILE:-cpu}
 USER_TASKS=${TASKS:-}
@@ -29,19 +39,20 @@ case "$PROFILE" in
          TA_GRID="0.5 1.0"; TIES_GRID="1.0"; EXTRA=0 ;;
   *) echo "PROFILE must be cpu, full, demo or quick" >&2; exit 2 ;;
 esac
-W=target/quality/$PROFILE
-BIN=target/release/symerge
+W=${OUT:-target/quality/$PROFILE}
+BIN=${SYMERGE_BIN:-target/release/symerge}
 BASE=target/assets/minilm
 CMDS=$W/commands.txt
 mkdir -p "$W"/{sets,experts,merged,cache,adapt,scores}
+WA=$(cd "$W" && pwd)   # $W as an absolute path, for the configs
 : >"$CMDS"
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 # Runs and records a command (the benchmark's exact commands go into the results).
 run() { echo "$*" >>"$CMDS"; "$@"; }
 acc() { python3 -c 'import json,sys; print(round(100*json.load(sys.stdin)["accuracy"], 2))'; }
 
-cargo build --release -q
-scripts/fetch-assets.sh >/dev/null
+[ -n "${SYMERGE_BIN:-}" ] || cargo build --release -q
+scripts/fetch-assets.sh minilm debian >/dev/null   # not the LLM or NVRTC: unused here
 # Steps whose outputs exist are skipped on a rerun, but still recorded among the commands.
 if [ -d "$W/data" ]; then echo "$BIN data prepare --out $W/data" >>"$CMDS"; else run $BIN data prepare --out "$W/data" >/dev/null; fi
 
@@ -80,7 +91,7 @@ merge_cfg() {  # METHOD LAMBDA [DENSITY] -> config text
   echo "base_model: $PWD/$BASE"
   echo "models:"
   for t in $TASKS; do
-    echo "  - model: $PWD/$W/experts/$t"
+    echo "  - model: $WA/experts/$t"
     if [ -n "$density" ]; then echo "    parameters: {weight: 1.0, density: $density}"; else echo "    parameters: {weight: 1.0}"; fi
   done
   [ "$method" = linear ] || echo "parameters: {lambda: $lam}"
@@ -125,7 +136,7 @@ adapt_cfg() {  # METHOD LOSS
   echo "max_len: $MAXLEN"
   echo "tasks:"
   for t in $TASKS; do
-    echo "  - {name: $t, expert: $PWD/$W/experts/$t, inputs: $PWD/$W/sets/$t.test.jsonl, cache: $PWD/$W/cache/$t.labels}"
+    echo "  - {name: $t, expert: $WA/experts/$t, inputs: $WA/sets/$t.test.jsonl, cache: $WA/cache/$t.labels}"
   done
 }
 adapt() {  # NAME METHOD LOSS SEED
@@ -171,11 +182,22 @@ out = {
 }
 json.dump(out, open(f"{W}/quality.json", "w"), indent=1)
 avg = lambda d: sum(d.values()) / len(d)
+# The row labels README's demo table shows (one source: README copies this output), with the
+# lambda each tuned method chose on validation.
+labels = {
+    "pretrained": "pretrained + each task's head",
+    "task_arithmetic": f"task_arithmetic (lambda {ta}, tuned on validation)",
+    "ties": f"ties (density 0.2, lambda {ties}, tuned on validation)",
+    "adamerging": f"adamerging (seed 0, {epochs} epochs)",
+    "symerge-hard_conf": f"symerge, loss hard_conf (seed 0, {epochs} epochs)",
+}
+labels.update({m: f"symerge (seed {m[len('symerge-seed'):]}, {epochs} epochs)" for m in seed_runs})
 print("| method | " + " | ".join(tasks) + " | average |")
 print("| --- " * (len(tasks) + 2) + "|")
 for m in ["pretrained", "experts", "linear", "task_arithmetic", "ties", "adamerging"] + seed_runs + ["symerge-hard_conf"]:
     if m in acc:
-        print(f"| {m} | " + " | ".join(f"{acc[m][t]:.2f}" for t in tasks) + f" | {avg(acc[m]):.2f} |")
-means = [statistics.mean(avg(acc[m]) for m in seed_runs), statistics.pstdev(avg(acc[m]) for m in seed_runs)]
-print(f"\nsymerge average over {len(seed_runs)} seeds: {means[0]:.2f} +- {means[1]:.2f}")
+        print(f"| {labels.get(m, m)} | " + " | ".join(f"{acc[m][t]:.2f}" for t in tasks) + f" | {avg(acc[m]):.2f} |")
+if len(seed_runs) > 1:
+    means = [statistics.mean(avg(acc[m]) for m in seed_runs), statistics.pstdev(avg(acc[m]) for m in seed_runs)]
+    print(f"\nsymerge average over {len(seed_runs)} seeds: {means[0]:.2f} +- {means[1]:.2f}")
 PY
