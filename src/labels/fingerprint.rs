@@ -95,3 +95,38 @@ pub fn file_hash(path: &Path, settings: &str) -> Result<String> {
     h.update(settings.as_bytes());
     Ok(h.finalize().to_hex().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    /// `values` as the one f32 tensor `w` of a checkpoint file in `dir`: (sketch, hash).
+    fn fingerprints(dir: &Path, values: &[f32]) -> (String, String) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![values.len()], &bytes).unwrap();
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
+        let ckpt = Checkpoint::open(&path).unwrap();
+        (checkpoint_sketch(&ckpt), checkpoint_hash(&ckpt))
+    }
+
+    /// The sketch reads a tensor's first, middle and last 4 KiB only: a change there shows, one
+    /// elsewhere does not (the full hash sees both). It is never the full hash.
+    #[test]
+    fn the_sketch_sees_its_windows_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 16 * 1024;
+        let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let (s0, h0) = fingerprints(dir.path(), &values);
+        assert_ne!(s0, h0);
+        for (i, seen) in [(0, true), (n / 2, true), (n - 1, true), (n / 4, false)] {
+            let mut v = values.clone();
+            v[i] += 1.0;
+            let (s, h) = fingerprints(dir.path(), &v);
+            assert_ne!(h, h0, "element {i}");
+            assert_eq!(s != s0, seen, "element {i}");
+        }
+        assert_eq!(fingerprints(dir.path(), &values[..10]).0, fingerprints(dir.path(), &values[..10]).0);
+    }
+}
