@@ -165,6 +165,11 @@ fn labels(
         let m = ids_in_order(m, "label2id")?;
         if let Some(id2label) = id2label {
             let inverse = labels(None, Some(id2label))?.unwrap_or_default();
+            // Checkpoints saved with named `id2label` but transformers' default `label2id`
+            // (`LABEL_0`, ...) are common on the Hub: the names are the ones meant.
+            if is_default_label2id(&m) && inverse.len() == m.len() {
+                return Ok(Some(inverse));
+            }
             check_inverse(&m, &inverse)?;
         }
         return Ok(Some(m));
@@ -180,6 +185,11 @@ fn labels(
         return Err(format!("field `id2label`: {given} ids name only {} distinct classes", out.len()));
     }
     ids_in_order(out, "id2label").map(Some)
+}
+
+/// transformers' placeholder names: `LABEL_i` for id i.
+fn is_default_label2id(m: &BTreeMap<String, usize>) -> bool {
+    m.iter().all(|(name, id)| *name == format!("LABEL_{id}"))
 }
 
 /// `label2id` and the inverse of `id2label` name the same classes by the same ids; else the
@@ -297,6 +307,27 @@ mod tests {
             v["id2label"] = json!({"0": "neg", "1": "pos"});
         });
         assert!(e.contains("1 classes in label2id, 2 in id2label"), "{e}");
+    }
+
+    /// A Hub checkpoint with named `id2label` beside transformers' default `label2id` is read
+    /// by its names, not refused as a disagreeing pair.
+    #[test]
+    fn named_id2label_wins_over_a_placeholder_label2id() {
+        let label2id = BTreeMap::from([("LABEL_0".to_string(), 0), ("LABEL_1".to_string(), 1)]);
+        let id2label = BTreeMap::from([("0".to_string(), "neg".to_string()), ("1".to_string(), "pos".to_string())]);
+        let got = labels(Some(label2id.clone()), Some(id2label)).unwrap().unwrap();
+        assert_eq!(got, BTreeMap::from([("neg".to_string(), 0), ("pos".to_string(), 1)]));
+        // Placeholders on both sides are simply the same pair.
+        let placeholders =
+            BTreeMap::from([("0".to_string(), "LABEL_0".to_string()), ("1".to_string(), "LABEL_1".to_string())]);
+        assert_eq!(labels(Some(label2id.clone()), Some(placeholders)).unwrap().unwrap(), label2id);
+        // A count mismatch is still an error.
+        let three = BTreeMap::from([
+            ("0".to_string(), "a".to_string()),
+            ("1".to_string(), "b".to_string()),
+            ("2".to_string(), "c".to_string()),
+        ]);
+        assert!(labels(Some(label2id), Some(three)).is_err());
     }
 
     #[test]
