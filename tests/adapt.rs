@@ -623,6 +623,8 @@ fn eval_baseline_scores_the_merge_adapt_started_from() {
     let header = text.lines().next().unwrap();
     assert!(header.contains("baseline") && header.contains("symerge"), "{text}");
     assert!(text.contains("base + 0.3 x the sum of the task vectors"), "{text}");
-    let (ok, _, err) = run(&["eval", out.join("tasks/alpha").to_str().unwrap(), "--baseline", "--inputs", "x.jsonl"]);
+    let inputs = r.join("alpha.jsonl");
+    let (ok, _, err) =
+        run(&["eval", out.join("tasks/alpha").to_str().unwrap(), "--baseline", "--inputs", inputs.to_str().unwrap()]);
     assert!(!ok && err.contains("--baseline"), "{err}");
 }
