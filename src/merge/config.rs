@@ -800,8 +800,18 @@ fn parse_models(
         ));
     }
     let mut models = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
     for (i, mut m) in raw.into_iter().enumerate() {
         let path = locate_model(&m.model, base_dir, source, &format!("{prefix}models[{i}].model"))?;
+        // mergekit refuses a model listed twice ("Duplicate merge inputs"); merged anyway, its
+        // task vector would count twice (its weights summed), which no config means.
+        if let Some(j) = seen.iter().position(|p| same_path(p, &path)) {
+            return Err(config_err(
+                source,
+                format!("{prefix}models[{i}].model: {} is models[{j}] already; list each model once", path.display()),
+            ));
+        }
+        seen.push(path.clone());
         check_model_params(method, &mut m.parameters, source, &format!("{prefix}models[{i}]"), &path)?;
         if method.uses_base() && base_model.is_some_and(|b| same_path(b, &path)) {
             continue;
@@ -1242,6 +1252,29 @@ slices:
         let methods = c.build_methods();
         let subtracts: Vec<bool> = methods.iter().map(|m| m.needs_base()).collect();
         assert_eq!(subtracts, [false, true]);
+    }
+
+    /// Fuzzing round 4: a model listed twice merged with its weights summed; mergekit refuses
+    /// it ("Duplicate merge inputs"). Another spelling of the same directory is the same model.
+    #[test]
+    fn a_model_listed_twice_is_refused() {
+        let yaml = "merge_method: task_arithmetic
+base_model: '{base}'
+models:
+  - {model: '{a}', parameters: {weight: 0.3}}
+  - {model: '{b}', parameters: {weight: 0.5}}
+  - {model: '{a}/.', parameters: {weight: 0.9}}
+";
+        let e = parse(yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("models[2].model:") && e.contains("is models[0] already"), "{e}");
+        // The base among the models, once, is still the usual mergekit habit.
+        let listed = "merge_method: task_arithmetic
+base_model: '{base}'
+models:
+  - {model: '{base}'}
+  - {model: '{a}', parameters: {weight: 0.3}}
+";
+        assert_eq!(parse(listed).unwrap().models.len(), 1);
     }
 
     /// The `models` form asks the top-level base; a slices config without any base builds one
