@@ -253,7 +253,28 @@ impl AdaptConfig {
                 require(path, NamedBy::Config { file, key: &format!("tasks[{i}].{field}") })?;
             }
         }
-        Ok(())
+        self.check_experts_are_not_the_base()
+    }
+
+    /// An expert that is the base has a task vector of zeros: its Lambda column would learn
+    /// nothing, and the run would still report it (an easy slip when copying paths).
+    fn check_experts_are_not_the_base(&self) -> Result<()> {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => a == b,
+        };
+        match self.tasks.iter().position(|t| same(&t.expert, &self.base_model)) {
+            Some(i) => Err(Error::Config {
+                path: self.source.clone(),
+                reason: format!(
+                    "tasks[{i}].expert is base_model itself ({}): its task vector would be zero; name the \
+                     model fine-tuned for task `{}`",
+                    self.base_model.display(),
+                    self.tasks[i].name
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Refuses a base and experts of different kinds (a causal LM's base with classifier
@@ -425,6 +446,29 @@ mod tests {
         assert!(text.contains("\"layer_lr\":0.0003,") && text.contains("\"confidence\":0.7,"), "{text}");
         // Read back as f32, the same values.
         assert_eq!(v["lambda_init"].as_f64().map(|x| x as f32), Some(0.3f32));
+    }
+
+    /// Fuzzing round 4: an expert that is the base ran with a zero task vector, without a word.
+    #[test]
+    fn an_expert_that_is_the_base_is_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["base", "e1"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        for f in ["a.jsonl", "b.jsonl"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let cfg = |second: &str| {
+            let text = format!(
+                "method: adamerging\nbase_model: base\ntasks:\n  - {{name: a, expert: e1, inputs: a.jsonl}}\n  \
+                 - {{name: b, expert: {second}, inputs: b.jsonl}}\n"
+            );
+            AdaptConfig::parse(&text, &dir.path().join("adapt.yml")).unwrap()
+        };
+        let e = cfg("./base").require_inputs().unwrap_err().to_string();
+        assert!(e.contains("tasks[1].expert is base_model itself") && e.contains("task `b`"), "{e}");
+        std::fs::create_dir(dir.path().join("e2")).unwrap();
+        cfg("e2").require_inputs().unwrap();
     }
 
     #[test]
