@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{debian_dir, from_bytes, run, smollm2_gguf};
+use common::{T, debian_dir, from_bytes, read_model, run, smollm2_gguf, write_file};
 use safetensors::SafeTensors;
 use symerge::backend::Cpu;
 use symerge::model::{CausalLm, FinetuneOptions, Gpt2Config, TrainLength, evaluate_lm, finetune_lm};
@@ -275,4 +275,76 @@ fn real_smollm2_learns_its_fortunes() {
     assert!((base_cli - before).abs() <= 1e-6 * before, "eval of the base {base_cli} vs {before}");
     assert!((out_cli - after).abs() <= 1e-6 * after, "eval of the output {out_cli} vs {after}");
     assert_eq!(s["saved"]["tensors"], 272, "the tied embedding is written once, as imported");
+}
+
+/// `llama_gqa` in `dir` with `edit` applied to its tensors and `tie` as `tie_word_embeddings`.
+fn llama_variant(dir: &Path, tie: bool, edit: impl FnOnce(&mut Vec<T>)) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let data = std::fs::read(fixture("llama_gqa").join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&data).unwrap();
+    let mut tensors: Vec<T> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| T::new(&n, v.dtype(), v.shape(), from_bytes(v.dtype(), v.data())))
+        .collect();
+    edit(&mut tensors);
+    write_file(&dir.join("model.safetensors"), &tensors);
+    set_tied(dir, &fixture("llama_gqa"), tie);
+    std::fs::copy(fixture("llama_gqa").join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    dir.to_path_buf()
+}
+
+/// Writes `from`'s config.json into `dir` with `tie_word_embeddings` set to `tie`.
+fn set_tied(dir: &Path, from: &Path, tie: bool) {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = tie.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+fn tied_flag(dir: &Path) -> serde_json::Value {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"].clone()
+}
+
+/// Fuzzing round 4: a tied base merged with an untied expert (as mergekit merges them) stores a
+/// merged `lm_head.weight` of its own but kept the base's `tie_word_embeddings: true`; symerge's
+/// loader then ran the embeddings as the head (transformers 5 runs the stored one) and finetune
+/// dropped the stored head. Now the merge writes `false`, a tied flag beside a distinct stored
+/// head loads that head (eval equals the same model flagged untied), and finetune keeps it.
+#[test]
+fn a_stored_head_beside_a_tied_flag_is_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tied = llama_variant(&tmp.path().join("tied"), true, |t| t.retain(|t| t.name != "lm_head.weight"));
+    let cfg = tmp.path().join("m.yml");
+    let models = format!("{{model: {}, parameters: {{weight: 0.5}}}}", tied.display());
+    let expert = format!("{{model: {}, parameters: {{weight: 0.5}}}}", fixture("llama_gqa").display());
+    std::fs::write(&cfg, format!("merge_method: linear\nmodels: [{models}, {expert}]\n")).unwrap();
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", merged.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(read_model(&merged).contains_key("lm_head.weight"));
+    assert_eq!(tied_flag(&merged), false, "the output stores its own head: its config must say untied");
+
+    // The same tensors flagged tied read the stored head, as transformers 5 does.
+    let (flagged, unflagged) = (tmp.path().join("flagged"), tmp.path().join("unflagged"));
+    for (dir, tie) in [(&flagged, true), (&unflagged, false)] {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in ["model.safetensors", "tokenizer.json"] {
+            std::fs::copy(merged.join(f), dir.join(f)).unwrap();
+        }
+        set_tied(dir, &merged, tie);
+    }
+    let texts = write_texts(&tmp.path().join("t.jsonl"), &TEXTS);
+    let (untied_loss, flagged_loss) = (cli_eval(&unflagged, &texts), cli_eval(&flagged, &texts));
+    assert_eq!(flagged_loss, untied_loss, "a tied flag beside a distinct stored head ignored that head");
+
+    // finetune keeps the stored head and writes the config that says so.
+    let out = tmp.path().join("ft");
+    let args = ["finetune", flagged.to_str().unwrap(), "--train", texts.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let (ok, _, err) = run(&[&args[..], &["--steps", "1", "--lr", "1e-9", "--max-len", "16"]].concat());
+    assert!(ok, "{err}");
+    assert!(read_model(&out).contains_key("lm_head.weight"), "finetune dropped the stored head");
+    assert_eq!(tied_flag(&out), false);
 }

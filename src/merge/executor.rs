@@ -477,7 +477,7 @@ fn merge_whole(
     total_input: u64,
 ) -> Result<(usize, u64)> {
     let staging = Staging::create(&opts.output)?;
-    opened.write_side_files(job.config, opts, staging.path(), job.out_dtype)?;
+    opened.write_side_files(job.config, opts, staging.path(), job.out_dtype, &planned)?;
     let writer = ShardWriter::create(staging.path(), planned, opts.max_shard_bytes)?;
     let shards = writer.num_shards();
     let mut progress = Progress::new("merge", total_input, opts.progress);
@@ -555,7 +555,7 @@ fn gather_parts(
 ) -> Result<()> {
     let total_shards: usize = counts.iter().sum();
     let staging = Staging::create(&opts.output)?;
-    opened.write_side_files(job.config, opts, staging.path(), job.out_dtype)?;
+    opened.write_side_files(job.config, opts, staging.path(), job.out_dtype, planned)?;
     let mut files: Vec<String> = Vec::with_capacity(planned.len());
     for r in 0..world {
         let first: usize = counts[..r].iter().sum();
@@ -619,7 +619,8 @@ impl Opened {
         Ok(Opened { ckpts, slice_layers: None, layer_types: None, donor, aligned, _inputs: inputs, title })
     }
 
-    /// `config.json` (with the output's dtype and layer count) and the other side files.
+    /// `config.json` (with the output's dtype, layer count and, when `planned` holds an
+    /// `lm_head.weight`, untied head) and the other side files.
     /// `--no-copy-tokenizer` leaves the donor's tokenizer files behind (a built or permuted
     /// vocabulary still writes its tokenizer); `--no-write-model-card` the card.
     fn write_side_files(
@@ -628,6 +629,7 @@ impl Opened {
         opts: &MergeOptions,
         dst: &Path,
         out_dtype: Option<FloatDType>,
+        planned: &[PlannedTensor],
     ) -> Result<()> {
         let donor = if self.donor.is_dir() {
             self.donor.clone()
@@ -647,9 +649,25 @@ impl Opened {
         if let Some(n) = self.aligned.as_ref().map(|a| a.vocab_size) {
             edit_config(dst, |cfg| super::vocab::set_vocab_size(cfg, n))?;
         }
+        if planned.iter().any(|t| t.name == "lm_head.weight") {
+            edit_config(dst, untie_config)?;
+        }
         super::tokenizer::apply(config, dst, self.aligned.as_ref())?;
         if opts.write_model_card { super::card::write(config, dst, &self.title) } else { Ok(()) }
     }
+}
+
+/// `tie_word_embeddings: false` in an output that stores its own `lm_head.weight` (a tied donor
+/// merged with untied experts gets a merged head of its own): a donor's `true` kept there, as
+/// mergekit keeps it, makes loaders disagree on which head the model has (transformers 5 reads
+/// the stored one, a loader that follows the flag the embeddings). GPT-2 ties when the key is
+/// absent, so it is written then too.
+fn untie_config(cfg: &mut serde_json::Value) {
+    let Some(obj) = cfg.as_object_mut() else { return };
+    if obj.get("tie_word_embeddings") == Some(&true.into()) {
+        tracing::info!("the output stores its own `lm_head.weight`: config.json gets tie_word_embeddings: false");
+    }
+    obj.insert("tie_word_embeddings".into(), false.into());
 }
 
 fn title(output: &Path) -> String {

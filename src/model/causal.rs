@@ -275,6 +275,22 @@ impl<B: Backend> LmBatch<B> {
     }
 }
 
+/// Whether `ck` stores an `lm_head.weight` other than the token table its tied head reads
+/// (`blocks`, the chain of a tied config): transformers 5 then loads the stored head and unties
+/// ("both are present ... we will NOT tie them"), and so do we, or eval, adapt and finetune would
+/// run another model than it (merges of a tied base with untied experts are such checkpoints).
+/// The table is the one weight both the first block and the head read.
+fn stored_head_differs<B: Backend, C: ChainBlock<B>>(ck: &Checkpoint, blocks: &[C]) -> bool {
+    let Some(head) = ck.resolve("lm_head.weight") else { return false };
+    let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else { return true };
+    let table_names = first.param_shapes();
+    let table = last.param_shapes().into_iter().find(|(n, _)| table_names.iter().any(|(m, _)| m == n));
+    match table.and_then(|(n, _)| ck.resolve(&n)) {
+        Some(t) => t.dtype != head.dtype || t.shape != head.shape || ck.bytes(t) != ck.bytes(head),
+        None => true,
+    }
+}
+
 /// A causal LM of family `A`, its weights on a backend.
 pub struct LmModel<B: Backend, A: LmArch<B>> {
     pub config: A,
@@ -301,8 +317,17 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
             path: config_path.clone(),
             reason: "config.json is missing (needed for the architecture)".into(),
         })?;
-        let config = A::from_json(cfg_json, &config_path)?;
-        let blocks = config.chain(&ck)?;
+        let mut config = A::from_json(cfg_json, &config_path)?;
+        let mut blocks = config.chain(&ck)?;
+        if config.tied() && stored_head_differs(&ck, &blocks) {
+            tracing::info!(
+                "{}: config.json sets tie_word_embeddings but the checkpoint stores its own `lm_head.weight`; \
+                 using the stored head, as transformers does",
+                ck.path.display()
+            );
+            config.set_tied(false);
+            blocks = config.chain(&ck)?;
+        }
         let params = chain::load_params(&backend, &ck, &blocks, skip_blocks)?;
         tracing::debug!("loaded causal LM ({}) from {}", config.describe(), ck.path.display());
         Ok(LmModel { config, path: ck.path.clone(), blocks, params, backend })
