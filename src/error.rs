@@ -47,6 +47,13 @@ pub enum Error {
     )]
     OutputOverflow { tensor: String, index: usize, value: f32, dtype: String, max: f32 },
 
+    /// A trained or adapted model narrowed to an output dtype too small for one of its weights.
+    #[error(
+        "tensor `{tensor}` holds {value} at element {index}, which overflows the output dtype {dtype} (largest \
+         finite value {max}); not saving it: choose bfloat16 (float32's range) or float32 as the output dtype"
+    )]
+    SaveOverflow { tensor: String, index: usize, value: f32, dtype: String, max: f32 },
+
     #[error(
         "{path}: unsupported dtype {dtype} for tensor `{tensor}` (floating-point tensors must be F32, F16 or BF16)"
     )]

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{T, from_bytes, randoms, run, write_file};
+use common::{T, from_bytes, randoms, read_model, run, write_file};
 use safetensors::SafeTensors;
 use symerge::adapt::config::AdaptConfig;
 use symerge::adapt::lm::LmAdapter;
@@ -580,4 +580,41 @@ fn eval_baseline_of_a_causal_lm_scores_the_model_adapt_started_from() {
     let header = table.lines().next().unwrap();
     assert!(header.contains("baseline loss") && header.contains("symerge loss"), "{table}");
     assert!(table.contains("the merge adapt started from"), "{table}");
+}
+
+/// Fuzzing round 4: `adapt --out-dtype f16` narrowed a weight of 1e6 (an embedding row no text
+/// reads, in the base and both experts) to inf in every task model and reported success; merge
+/// refuses the same overflow. Now adapt refuses it, naming the tensor, element and a wider dtype,
+/// and nothing is written.
+#[test]
+fn adapt_refuses_an_out_dtype_too_narrow_for_a_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let big = 500 * 64;
+    let base = root.join("base");
+    let mut tasks = String::new();
+    for (dir, seed) in [(base.clone(), 9u64), (root.join("expert-alpha"), 1), (root.join("expert-beta"), 2)] {
+        make_expert("llama_gqa", &dir, seed);
+        let mut tensors: Vec<T> = read_model(&dir).into_iter().map(|(n, (d, s, v))| T::new(&n, d, &s, v)).collect();
+        tensors.iter_mut().find(|t| t.name == "model.embed_tokens.weight").unwrap().values[big] = 1e6;
+        write_file(&dir.join("model.safetensors"), &tensors);
+        if seed != 9 {
+            let task = dir.file_name().unwrap().to_str().unwrap().trim_start_matches("expert-").to_string();
+            tasks += &common::lm_task(root, &task, &dir, &TEXTS[..6], 32, 16);
+        }
+    }
+    let yml = format!(
+        "method: symerge\nbase_model: {}\nadapted_layer: head\nmax_len: 32\nbatch_size: 4\nlambda_lr: 0.05\n\
+         layer_lr: 0.002\nepochs: 1\ntasks:\n{tasks}",
+        base.display()
+    );
+    std::fs::write(root.join("adapt.yml"), yml).unwrap();
+    let out = root.join("ad16");
+    let cfg = root.join("adapt.yml");
+    let (ok, _, err) = run(&["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--out-dtype", "f16"]);
+    assert!(!ok, "an f16 overflow was written");
+    for want in ["`model.embed_tokens.weight`", &format!("element {big}"), "overflows", "float16", "bfloat16"] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    assert!(!out.exists(), "a failed adapt left its output");
 }

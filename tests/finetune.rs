@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{debian_dir, minilm_dir, read_model, run};
+use common::{T, debian_dir, minilm_dir, read_model, run, write_file};
 use symerge::backend::Cpu;
 use symerge::data::{DEFAULT_MAX_CHARS, PrepareOptions, Task};
 use symerge::model::{
@@ -298,4 +298,33 @@ fn bad_input_is_reported_and_leaves_no_output() {
     assert!(ok, "{err}");
     assert_ne!(std::fs::read(out.join("model.safetensors")).unwrap(), first, "one step, not two: other weights");
     assert_eq!(entries(&outs), ["model"], "no staging directory left behind");
+}
+
+/// Fuzzing round 4: `finetune --dtype float16` narrowed a weight of 1e6 (row 1 of the token-type
+/// table, which single-segment texts never read) to inf and reported success; merge refuses the
+/// same overflow. Now it is refused, naming the tensor, element and a wider dtype, and nothing is
+/// written.
+#[test]
+fn finetune_refuses_a_dtype_too_narrow_for_a_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::adapt_fixture::make_expert(&tmp.path().join("base"), 1, 2);
+    let name = "bert.embeddings.token_type_embeddings.weight";
+    let mut tensors: Vec<T> = read_model(&base).into_iter().map(|(n, (d, s, v))| T::new(&n, d, &s, v)).collect();
+    tensors.iter_mut().find(|t| t.name == name).unwrap().values[384] = 1e6;
+    write_file(&base.join("model.safetensors"), &tensors);
+    let lines: String = common::adapt_fixture::TEXTS[..6]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{}\n", serde_json::json!({"text": t, "label": format!("class-{}", i % 2)})))
+        .collect();
+    let train = tmp.path().join("train.jsonl");
+    std::fs::write(&train, lines).unwrap();
+    let out = tmp.path().join("ft16");
+    let args = ["finetune", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let (ok, _, err) = run(&[&args[..], &["--steps", "1", "--max-len", "16", "--dtype", "float16"]].concat());
+    assert!(!ok, "an f16 overflow was written");
+    for want in [&format!("`{name}`"), "element 384", "overflows", "float16", "65504", "bfloat16"] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    assert!(!out.exists(), "a failed save left its output");
 }

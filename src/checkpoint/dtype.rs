@@ -155,6 +155,40 @@ pub fn encode_into(dtype: FloatDType, src: &[f32], out: &mut [u8]) {
     }
 }
 
+/// Index of the first NaN/Inf, with a branch-free scan first (the common case is none).
+pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    let bad = x.iter().fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    if bad { x.iter().position(|v| !v.is_finite()) } else { None }
+}
+
+/// Index of the first value that is not finite or would overflow `dtype` (round to inf): what
+/// every writer checks before [`encode_into`], which saturates silently.
+pub fn first_out_of_range(x: &[f32], dtype: FloatDType) -> Option<usize> {
+    let Some(limit) = overflow_threshold(dtype) else { return first_non_finite(x) };
+    let out = |v: &f32| v.is_nan() | (v.abs() >= limit);
+    // A branch-free scan first, as in first_non_finite.
+    if x.iter().fold(false, |acc, v| acc | out(v)) { x.iter().position(out) } else { None }
+}
+
+/// The smallest magnitude that rounds to infinity in `dtype`: half an ulp above f16's largest
+/// value. bf16 shares f32's range (only the last half ulp below f32's largest value rounds to
+/// inf, which the GPU kernels, matching this, do not flag either).
+fn overflow_threshold(dtype: FloatDType) -> Option<f32> {
+    match dtype {
+        FloatDType::F16 => Some(65520.0),
+        FloatDType::BF16 | FloatDType::F32 => None,
+    }
+}
+
+/// The largest finite value of `dtype`, for messages.
+pub fn largest_finite(dtype: FloatDType) -> f32 {
+    match dtype {
+        FloatDType::F16 => f16::MAX.to_f32(),
+        FloatDType::BF16 => bf16::MAX.to_f32(),
+        FloatDType::F32 => f32::MAX,
+    }
+}
+
 /// f32 -> bf16 bits, round to nearest even, NaN kept quiet. Same rule as `half::bf16::from_f32`,
 /// written branch-light so the loop above vectorises.
 #[inline]

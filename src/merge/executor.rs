@@ -20,7 +20,7 @@ use super::slices::{self, Placement};
 use super::stats::{TensorPass, TensorStats};
 use super::{ChunkCtx, MergeMethod, TensorParams, density_thresholds};
 use crate::atomic::{Staging, check_output_apart, check_output_dir};
-use crate::checkpoint::dtype::{decode, encode_into, round_all};
+use crate::checkpoint::dtype::{decode, encode_into, first_non_finite, first_out_of_range, largest_finite, round_all};
 use crate::checkpoint::layers::BlockKind;
 use crate::checkpoint::side_files::{copy_side_files, edit_config};
 use crate::checkpoint::stream::{StreamBlock, StreamTensor};
@@ -1098,30 +1098,6 @@ fn first_exp_all_ones<const N: usize>(bytes: &[u8], mask: u32) -> Option<usize> 
     rest.chunks_exact(N).position(hit).map(|i| clean * BLOCK + i)
 }
 
-/// Index of the first NaN/Inf, with a branch-free scan first (the common case is none).
-fn first_non_finite(x: &[f32]) -> Option<usize> {
-    let bad = x.iter().fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
-    if bad { x.iter().position(|v| !v.is_finite()) } else { None }
-}
-
-/// Index of the first value that is not finite or would overflow the output dtype.
-fn first_out_of_range(x: &[f32], dtype: FloatDType) -> Option<usize> {
-    let Some(limit) = overflow_threshold(dtype) else { return first_non_finite(x) };
-    let out = |v: &f32| v.is_nan() | (v.abs() >= limit);
-    // A branch-free scan first, as in first_non_finite.
-    if x.iter().fold(false, |acc, v| acc | out(v)) { x.iter().position(out) } else { None }
-}
-
-/// The smallest magnitude that rounds to infinity in `dtype`: half an ulp above f16's largest
-/// value. bf16 shares f32's range (only the last half ulp below f32's largest value rounds to
-/// inf, which the GPU kernels, matching this, do not flag either).
-fn overflow_threshold(dtype: FloatDType) -> Option<f32> {
-    match dtype {
-        FloatDType::F16 => Some(65520.0),
-        FloatDType::BF16 | FloatDType::F32 => None,
-    }
-}
-
 /// The error for an output value that is NaN or infinite, or finite but too large for the
 /// output dtype (which needs its own message: it is no bug in the inputs).
 fn out_of_range(tensor: &str, index: usize, value: f32, dtype: FloatDType) -> Error {
@@ -1129,11 +1105,7 @@ fn out_of_range(tensor: &str, index: usize, value: f32, dtype: FloatDType) -> Er
     if !value.is_finite() {
         return Error::NonFiniteOutput { tensor, index, value };
     }
-    let max = match dtype {
-        FloatDType::F16 => half::f16::MAX.to_f32(),
-        FloatDType::BF16 => half::bf16::MAX.to_f32(),
-        FloatDType::F32 => f32::MAX,
-    };
+    let max = largest_finite(dtype);
     Error::OutputOverflow { tensor, index, value, dtype: format!("{dtype} ({})", dtype.safetensors_name()), max }
 }
 

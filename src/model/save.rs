@@ -17,7 +17,7 @@ use super::chain::ChainBlock;
 use super::config::BertFamily;
 use crate::atomic::Staging;
 use crate::backend::Backend;
-use crate::checkpoint::dtype::encode_into;
+use crate::checkpoint::dtype::{encode_into, first_out_of_range, largest_finite};
 use crate::checkpoint::{FloatDType, PlannedTensor, ShardWriter};
 use crate::error::{Error, Result};
 
@@ -185,15 +185,11 @@ impl<B: Backend> Bert<B> {
                 Error::Invalid(format!("parameter `{name}` is missing from block `{}`", block.name()))
             })?;
             let values = self.backend.download(&p.buf)?;
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "parameter `{name}` holds a non-finite value ({}) at element {i}; not saving a diverged model",
-                    values[i]
-                )));
-            }
+            let stored = self.checkpoint_name(block, &name);
+            check_writable(&stored, &values, dtype)?;
             bytes.resize(values.len() * dtype.size(), 0);
             encode_into(dtype, &values, &mut bytes);
-            writer.write(&self.checkpoint_name(block, &name), &bytes)?;
+            writer.write(&stored, &bytes)?;
         }
         Ok(())
     }
@@ -235,6 +231,20 @@ impl<B: Backend> Bert<B> {
         }
         Ok(cfg)
     }
+}
+
+/// Refuses a non-finite weight (a diverged model) and one that `dtype` cannot hold (which
+/// [`encode_into`] would silently turn into inf), naming tensor, element and value, as merge does.
+fn check_writable(tensor: &str, values: &[f32], dtype: FloatDType) -> Result<()> {
+    let Some(i) = first_out_of_range(values, dtype) else { return Ok(()) };
+    let value = values[i];
+    if !value.is_finite() {
+        return Err(Error::Invalid(format!(
+            "parameter `{tensor}` holds a non-finite value ({value}) at element {i}; not saving a diverged model"
+        )));
+    }
+    let (dtype, max) = (format!("{dtype} ({})", dtype.safetensors_name()), largest_finite(dtype));
+    Err(Error::SaveOverflow { tensor: tensor.into(), index: i, value, dtype, max })
 }
 
 impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
@@ -281,12 +291,7 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
                     Error::Invalid(format!("parameter `{name}` is missing from block `{}`", block.name()))
                 })?;
                 let values = self.backend.download(&t.buf)?;
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::Invalid(format!(
-                        "parameter `{name}` holds a non-finite value ({}) at element {i}; not saving a diverged model",
-                        values[i]
-                    )));
-                }
+                check_writable(name, &values, dtype)?;
                 bytes.resize(values.len() * dtype.size(), 0);
                 encode_into(dtype, &values, &mut bytes);
                 writer.write(name, &bytes)?;
