@@ -326,6 +326,13 @@ fn a_stored_head_beside_a_tied_flag_is_the_head() {
     assert!(ok, "{err}");
     assert!(read_model(&merged).contains_key("lm_head.weight"));
     assert_eq!(tied_flag(&merged), false, "the output stores its own head: its config must say untied");
+    // An untied donor's config.json, already saying so, is copied as written.
+    let plain = tmp.path().join("plain");
+    std::fs::write(&cfg, format!("merge_method: linear\nmodels: [{expert}]\n")).unwrap();
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", plain.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let config = |d: &Path| std::fs::read(d.join("config.json")).unwrap();
+    assert_eq!(config(&plain), config(&fixture("llama_gqa")));
 
     // The same tensors flagged tied read the stored head, as transformers 5 does.
     let (flagged, unflagged) = (tmp.path().join("flagged"), tmp.path().join("unflagged"));

@@ -75,7 +75,8 @@ fn set_dtype(obj: &mut serde_json::Map<String, serde_json::Value>, dt: FloatDTyp
     }
 }
 
-/// Rewrites `dir/config.json` with `edit` applied; nothing when there is no `config.json`.
+/// Rewrites `dir/config.json` with `edit` applied; nothing when there is no `config.json` or
+/// `edit` changes nothing (the donor's text is kept as written).
 pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
     let path = dir.join("config.json");
     if !path.is_file() {
@@ -84,7 +85,11 @@ pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Res
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::BadIndex { path: path.clone(), reason: format!("invalid JSON: {e}") })?;
+    let before = cfg.clone();
     edit(&mut cfg);
+    if cfg == before {
+        return Ok(());
+    }
     let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
 }
