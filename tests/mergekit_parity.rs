@@ -1197,6 +1197,61 @@ fn mixing_model_types_needs_allow_crimes() {
     assert!(!e.contains("--allow-crimes"), "{e}");
 }
 
+/// A `slices` config whose slices each have one source (a passthrough frankenmerge) checks
+/// its sources against the model that gives the output its config.json, as the `models` form
+/// checks its inputs: another `model_type` needs `--allow-crimes`, another vocabulary (here a
+/// real 48-token Llama beside the 32-token base) is refused, both naming the slice and model.
+#[test]
+fn one_source_slices_check_model_types_and_sizes() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let edit_config = |to: &Path, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expert-1/config.json")).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(to.join("config.json"), cfg.to_string()).unwrap();
+    };
+    let other = tmp.path().join("other");
+    copy_files(&dir.join("expert-1"), &other, &["model.safetensors"]);
+    edit_config(&other, &|c| c["model_type"] = "mistral".into());
+    let wide = tmp.path().join("wide");
+    let tensors: Vec<T> = read_model(&dir.join("expert-1"))
+        .into_iter()
+        .map(|(n, (dt, mut shape, mut v))| {
+            if n == "model.embed_tokens.weight" || n == "lm_head.weight" {
+                v.extend(randoms(7, 16 * shape[1], 0.1));
+                shape[0] += 16;
+            }
+            T::new(&n, dt, &shape, v)
+        })
+        .collect();
+    write_model(&wide, &tensors);
+    edit_config(&wide, &|c| c["vocab_size"] = 48.into());
+    let frank = |second: &Path| {
+        let yaml = format!(
+            "merge_method: passthrough\nslices:\n  - sources: [{{model: {}, layer_range: [0, 1]}}]\n  - sources: [{{model: {}, layer_range: [1, 2]}}]\n",
+            dir.join("base").display(),
+            second.display()
+        );
+        let path = tmp.path().join("frank.yml");
+        std::fs::write(&path, yaml).unwrap();
+        MergeConfig::load(&path).unwrap()
+    };
+    let out = tmp.path().join("out");
+    let e = merge(&frank(&other), &opts(&out)).unwrap_err().to_string();
+    assert!(e.contains("slices[1]") && e.contains("--allow-crimes") && e.contains("mistral"), "{e}");
+    assert!(e.contains(&other.join("config.json").display().to_string()), "{e}");
+    assert!(!out.exists());
+    merge(&frank(&other), &MergeOptions { allow_crimes: true, ..opts(&out) }).unwrap();
+    assert_eq!(read_model(&out).len(), 21, "both slices' layers, the base's embeddings, the other's head");
+
+    let sized = tmp.path().join("sized");
+    let e = merge(&frank(&wide), &opts(&sized)).unwrap_err().to_string();
+    assert!(e.contains("slices[1]") && e.contains("`vocab_size` is 48") && e.contains("wide"), "{e}");
+    assert!(!e.contains("--allow-crimes"), "{e}");
+    assert!(!sized.exists());
+}
+
 /// Inputs stored in different float dtypes merge into float32, as PyTorch (so mergekit, with no
 /// `dtype` set) promotes them; inputs of one dtype keep it. A bf16 base's values merge as they
 /// are (bf16 widens exactly), so the output equals the merge of an f32 copy of it.

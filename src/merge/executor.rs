@@ -230,10 +230,21 @@ fn check_configs_agree(reference: &Checkpoint, inputs: &[&Checkpoint], allow_cri
         let Some(have) = input.config.as_ref() else { continue };
         // Sizes first: models of other sizes merge with no flag, so suggesting --allow-crimes
         // for their model types would only lead to this error.
-        check_sizes_agree(reference, want, input, have)?;
+        check_sizes_agree(reference, want, input, have, ARCHITECTURE_KEYS)?;
         check_model_type(reference, input, allow_crimes)?;
     }
     Ok(())
+}
+
+/// [`check_configs_agree`] for one source of a `slices` config against the model that gives
+/// the output its `config.json`: a slice's layers must fit that config, whatever its sources'
+/// layer counts (each slice takes only some of its model's layers).
+pub(super) fn check_slice_source(donor: &Checkpoint, source: &Checkpoint, allow_crimes: bool) -> Result<()> {
+    let (Some(want), Some(have)) = (donor.config.as_ref(), source.config.as_ref()) else { return Ok(()) };
+    let keys: Vec<&str> =
+        ARCHITECTURE_KEYS.iter().copied().filter(|k| !super::slices::LAYER_COUNT_KEYS.contains(k)).collect();
+    check_sizes_agree(donor, want, source, have, &keys)?;
+    check_model_type(donor, source, allow_crimes)
 }
 
 fn model_type_of(config: &serde_json::Value) -> Option<&str> {
@@ -245,8 +256,9 @@ fn check_sizes_agree(
     want: &serde_json::Value,
     input: &Checkpoint,
     have: &serde_json::Value,
+    keys: &[&str],
 ) -> Result<()> {
-    for key in ARCHITECTURE_KEYS {
+    for key in keys {
         if let (Some(w), Some(h)) = (want.get(*key), have.get(*key))
             && w != h
         {
@@ -318,7 +330,7 @@ fn merge_ranked(
     // The reference decides which tensors the output has (experts' task heads of different
     // shapes are left out) and is subtracted by task-vector methods: the base when there is
     // one, else the first merged model, which is then also merged (see `MergeJob::tensor`).
-    let opened = Opened::open(config, &opts.output)?;
+    let opened = Opened::open(config, &opts.output, opts.allow_crimes)?;
     let (reference, inputs) = (&opened.ckpts[0], opened.ckpts[1..].iter().collect::<Vec<_>>());
     check_configs_agree(reference, &inputs, opts.allow_crimes)?;
     // A slices config's views lack the layers of slices with fewer sources than theirs.
@@ -600,11 +612,11 @@ struct Opened {
 impl Opened {
     /// Inputs whose vocabularies differ from `tokenizer_source`'s read permuted embeddings
     /// (scratch beside `output`).
-    fn open(config: &MergeConfig, output: &Path) -> Result<Self> {
+    fn open(config: &MergeConfig, output: &Path, allow_crimes: bool) -> Result<Self> {
         let mut inputs = Inputs::new(output);
         let title = title(output);
         if !config.slices.is_empty() {
-            let plan = slices::plan(config, &mut inputs, output)?;
+            let plan = slices::plan(config, &mut inputs, output, allow_crimes)?;
             let (ckpts, slice_layers, donor, aligned) = (plan.views, Some(plan.layers), plan.donor, plan.aligned);
             let layer_types = plan.layer_types;
             return Ok(Opened { ckpts, slice_layers, layer_types, donor, aligned, _inputs: inputs, title });

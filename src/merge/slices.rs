@@ -54,13 +54,16 @@ pub struct Placement {
 /// Opens every model of `config` once and builds the views of its slices.
 /// With `tokenizer_source`, the models' token-indexed tensors are first permuted into its
 /// vocabulary ([`vocab::align_slices`], scratch beside `output`).
-pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<SlicePlan> {
+/// `allow_crimes` lets slices mix model types, as in the `models` form.
+pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path, allow_crimes: bool) -> Result<SlicePlan> {
     let paths = config.referenced_models();
     let opened = paths.iter().map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
     let mut models = super::tied::tie_missing_heads(opened)?;
     let index = |p: &Path| paths.iter().position(|q| same_file(q, p));
     let aligned = vocab::align_slices(config, &mut models, index, output)?;
     let find = |p: &Path| -> &Checkpoint { &models[index(p).unwrap_or(0)] };
+    let donor = config.base_model.clone().unwrap_or_else(|| first_source(config));
+    check_sources(config, find(&donor), &find, allow_crimes)?;
     let slices = &config.slices;
     let (first, last) = match (slices.first(), slices.last()) {
         (Some(f), Some(l)) => (f, l),
@@ -105,10 +108,29 @@ pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path) -> Result<
             (0..n).map(move |i| (si, if n > 1 { i as f64 / (n - 1) as f64 } else { 1.0 }))
         })
         .collect();
-    let donor = config.base_model.clone().unwrap_or_else(|| first_source(config));
     // A `model+lora` donor gives its model's config.json and side files.
     let donor = crate::checkpoint::lora::split_ref(&donor).map_or(donor, |(model, _)| model);
     Ok(SlicePlan { views, layers, donor, aligned, layer_types })
+}
+
+/// Refuses a slice source of another architecture (unless `allow_crimes`) or other sizes
+/// than `donor`, whose `config.json` the output takes: the views of one-source slices are a
+/// single merge input, so the executor's check across inputs never compares their models.
+fn check_sources<'c>(
+    config: &MergeConfig,
+    donor: &Checkpoint,
+    find: &impl Fn(&Path) -> &'c Checkpoint,
+    allow_crimes: bool,
+) -> Result<()> {
+    for (si, s) in config.slices.iter().enumerate() {
+        for src in &s.sources {
+            super::executor::check_slice_source(donor, find(&src.model.path), allow_crimes).map_err(|e| match e {
+                Error::Model { path, reason } => Error::Model { path, reason: format!("slices[{si}]: {reason}") },
+                other => other,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The first source of the first slice as written (before the base was moved first).
