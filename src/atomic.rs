@@ -412,6 +412,13 @@ pub struct Staging {
     dir: Option<tempfile::TempDir>,
 }
 
+/// The longest name [`Staging::create`] can stage: `.NAME.partial-XXXXXX` must fit in
+/// NAME_MAX (255 bytes), so a longer name would fail only at the write, after all the work.
+pub const STAGED_NAME_MAX: usize = 255 - ".".len() - ".partial-".len() - STAGING_RANDOM_LEN;
+
+/// The random characters tempfile appends to the staging prefix (its default).
+const STAGING_RANDOM_LEN: usize = 6;
+
 impl Staging {
     /// Creates `.NAME.partial-XXXX` in the output's parent (created if needed), so the final
     /// rename stays on one file system; first removes such directories that dead runs left.
@@ -425,6 +432,7 @@ impl Staging {
         remove_stale(&parent, &name);
         let dir = tempfile::Builder::new()
             .prefix(&format!(".{name}.partial-"))
+            .rand_bytes(STAGING_RANDOM_LEN)
             .tempdir_in(&parent)
             .map_err(|e| Error::io(&parent, e))?;
         Owner::this_process().write(dir.path())?;

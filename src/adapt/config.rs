@@ -380,6 +380,11 @@ pub fn check_task_name(name: &str) -> std::result::Result<(), String> {
             name.escape_debug()
         ));
     }
+    // Task models are staged under `tasks/.NAME.partial-XXXXXX` at the end of the run.
+    let max = crate::atomic::STAGED_NAME_MAX;
+    if name.len() > max {
+        return Err(format!("is {} bytes long; a task name may have at most {max} (it names a directory)", name.len()));
+    }
     Ok(())
 }
 
@@ -469,6 +474,19 @@ mod tests {
         assert!(e.contains("tasks[1].expert is base_model itself") && e.contains("task `b`"), "{e}");
         std::fs::create_dir(dir.path().join("e2")).unwrap();
         cfg("e2").require_inputs().unwrap();
+    }
+
+    /// A name too long to stage under tasks/ is refused by the config check, not after training.
+    #[test]
+    fn task_name_longer_than_staging_allows_is_refused() {
+        let yaml = |name: &str| {
+            format!("method: symerge\nbase_model: b\ntasks:\n  - {{name: {name}, expert: e, inputs: i, cache: c}}\n")
+        };
+        let max = crate::atomic::STAGED_NAME_MAX;
+        assert_eq!(max, 239);
+        AdaptConfig::parse(&yaml(&"t".repeat(max)), Path::new("/cfg/adapt.yml")).unwrap();
+        let e = AdaptConfig::parse(&yaml(&"t".repeat(max + 1)), Path::new("/cfg/adapt.yml")).unwrap_err().to_string();
+        assert!(e.contains("tasks[0].name") && e.contains("240 bytes") && e.contains("at most 239"), "{e}");
     }
 
     #[test]
