@@ -496,7 +496,15 @@ fn label_cache_paths_that_are_no_files_say_what_they_are() {
     let inputs = tmp.path().join("in.jsonl");
     std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
     let cfg = tmp.path().join("adapt.yml");
-    let task = format!("{{name: t, expert: {fx}, inputs: {}, cache: {}}}", inputs.display(), dir.display());
+    // The expert must not be the base itself (refused first): a copy of it is another model.
+    let expert = tmp.path().join("expert");
+    std::fs::create_dir(&expert).unwrap();
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, expert.join(f.file_name().unwrap())).unwrap();
+    }
+    let task =
+        format!("{{name: t, expert: {}, inputs: {}, cache: {}}}", expert.display(), inputs.display(), dir.display());
     std::fs::write(&cfg, format!("method: symerge\nbase_model: {fx}\nepochs: 1\ntasks:\n  - {task}\n")).unwrap();
     let out = tmp.path().join("out");
     let (i, o, d) = (inputs.to_str().unwrap(), out.to_str().unwrap(), dir.to_str().unwrap());
