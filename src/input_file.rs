@@ -43,6 +43,15 @@ pub fn clean(path: &Path) -> std::path::PathBuf {
     if cleaned.as_os_str().is_empty() { path.to_path_buf() } else { cleaned }
 }
 
+/// Whether `a` and `b` name the same file or directory: compared resolved where both exist
+/// (another spelling or a link is the same model), as written otherwise.
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// Who named an input path, so that an error about it can say which of a command's paths is
 /// wrong: an operand or flag (`MODEL`, `--inputs`), or a key of a config file.
 #[derive(Debug, Clone, Copy)]

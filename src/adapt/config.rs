@@ -259,10 +259,7 @@ impl AdaptConfig {
     /// An expert that is the base has a task vector of zeros: its Lambda column would learn
     /// nothing, and the run would still report it (an easy slip when copying paths).
     fn check_experts_are_not_the_base(&self) -> Result<()> {
-        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => a == b,
-        };
+        let same = crate::input_file::same_path;
         match self.tasks.iter().position(|t| same(&t.expert, &self.base_model)) {
             Some(i) => Err(Error::Config {
                 path: self.source.clone(),

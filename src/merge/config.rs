@@ -24,6 +24,7 @@ use super::{MergeMethod, TensorParams, method_def, method_names};
 use crate::checkpoint::FloatDType;
 use crate::checkpoint::layers::{layer_of, renumber};
 use crate::error::{Error, Result};
+use crate::input_file::same_path;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1095,13 +1096,6 @@ fn locate_model(p: &str, base_dir: &Path, source: &Path, field: &str) -> Result<
             dir.display()
         ),
     ))
-}
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }
 
 /// Checks a parameter's value has the kind its method declares.

@@ -59,7 +59,7 @@ pub fn plan(config: &MergeConfig, inputs: &mut Inputs, output: &Path, allow_crim
     let paths = config.referenced_models();
     let opened = paths.iter().map(|p| inputs.open(p)).collect::<Result<Vec<_>>>()?;
     let mut models = super::tied::tie_missing_heads(opened)?;
-    let index = |p: &Path| paths.iter().position(|q| same_file(q, p));
+    let index = |p: &Path| paths.iter().position(|q| crate::input_file::same_path(q, p));
     let aligned = vocab::align_slices(config, &mut models, index, output)?;
     let find = |p: &Path| -> &Checkpoint { &models[index(p).unwrap_or(0)] };
     let donor = config.base_model.clone().unwrap_or_else(|| first_source(config));
@@ -238,11 +238,4 @@ fn output_layer_types(
         out.extend((src.layers.0..src.layers.1).map(|i| types.get(i).cloned()).collect::<Option<Vec<_>>>()?);
     }
     Some(out)
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }
