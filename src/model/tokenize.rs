@@ -151,15 +151,17 @@ impl TextTokenizer {
     }
 
     /// Tokenizes a long text from growing prefixes that end where a word does (a character
-    /// before a space), until the prefix's tokens run past the truncation: the pre-tokenizers of
+    /// before a space), until the prefix's tokens fill the truncation: the pre-tokenizers of
     /// Hugging Face tokenizers (whitespace, byte-level and metaspace splits) all break a text
     /// there, so the truncated tokens are the whole text's, while tokenizing a 10 MB line whole
-    /// would cost ~85x its size in memory. A text with no such break is tokenized whole.
+    /// would cost ~85-150x its size in memory. A text with no such break is tokenized whole.
+    /// A full encoding is the test, not overflowing tokens: tokenizers 0.23 stops tokenizing
+    /// once the limit is reached, so a text of one-token words reports no overflow.
     fn tokenize_long(&self, text: &str, mut len: usize) -> Result<Tokens> {
         while len < text.len() {
             if let Some(cut) = word_end_before(text, len) {
                 let enc = self.inner.encode(&text[..cut], true).map_err(|e| self.error(e))?;
-                if !enc.get_overflowing().is_empty() {
+                if enc.len() >= self.max_len {
                     return Ok(Tokens::from(&enc));
                 }
             }
