@@ -31,22 +31,51 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// An input directory's files are resolved too: a model whose weights are links into another
 /// directory (Hugging Face's cache layout, or links into an earlier output) lives there as well.
 pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
-    let out = resolve(output);
-    let overlaps = |inp: &Path| out == inp || inp.starts_with(&out) || out.starts_with(inp);
+    match overlapped_input(output, inputs) {
+        Some(input) => Err(Error::OutputOverlapsInput { output: output.to_path_buf(), input }),
+        None => Ok(()),
+    }
+}
+
+/// The first of `inputs` (or a linked file in an input directory) that `path` is, contains or
+/// lies inside; `path` need not exist, inputs that do not are skipped.
+fn overlapped_input(path: &Path, inputs: &[&Path]) -> Option<PathBuf> {
+    let out = resolve(path);
     for input in inputs {
         let Ok(inp) = std::fs::canonicalize(input) else { continue };
-        if overlaps(&inp) {
-            return Err(Error::OutputOverlapsInput { output: output.to_path_buf(), input: input.to_path_buf() });
+        if nested(&out, &inp) {
+            return Some(input.to_path_buf());
         }
         for file in linked_files(input) {
             if let Ok(target) = std::fs::canonicalize(&file)
-                && (target == out || target.starts_with(&out))
+                && target.starts_with(&out)
             {
-                return Err(Error::OutputOverlapsInput { output: output.to_path_buf(), input: file });
+                return Some(file);
             }
         }
     }
-    Ok(())
+    None
+}
+
+/// Whether one of two resolved paths is the other or lies inside it.
+fn nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Refuses a `--rendezvous` directory that is, contains or lies inside the output or one of
+/// `inputs`: the ranks write their files there, so it would leave them in the output (where a
+/// forced commit deletes them under the running ranks) or write into an input. Checked with
+/// [`check_output_apart`]'s resolution, whether or not the paths exist yet.
+pub fn check_rendezvous_apart(dir: &Path, output: &Path, inputs: &[&Path]) -> Result<()> {
+    let refuse =
+        |other: PathBuf, role: &'static str| Err(Error::RendezvousOverlaps { dir: dir.to_path_buf(), other, role });
+    if nested(&resolve(dir), &resolve(output)) {
+        return refuse(output.to_path_buf(), "output");
+    }
+    match overlapped_input(dir, inputs) {
+        Some(input) => refuse(input, "input"),
+        None => Ok(()),
+    }
 }
 
 /// The symbolic links directly inside `dir` (none when it is not a directory).
@@ -92,8 +121,10 @@ pub fn has_output_marker(dir: &Path) -> bool {
 /// A link is refused rather than followed because replacing it would swap the link itself for a
 /// directory, and judging it by its target would invite deleting through it. Without `force`,
 /// what `--force` would refuse is refused for that reason at once, so the `--force` hint goes
-/// only to outputs it would replace.
+/// only to outputs it would replace. The output's name must leave room for the staging
+/// directory's ([`check_staged_name`]).
 pub fn check_output_dir(output: &Path, force: bool) -> Result<()> {
+    check_staged_name(output, staging_path)?;
     let meta = match std::fs::symlink_metadata(output) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -386,7 +417,7 @@ impl Owner {
 /// marker, are kept.
 fn remove_stale(parent: &Path, name: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
-    let prefix = format!(".{name}.partial-");
+    let prefix = staging_prefix(name);
     let here = Owner::this_process();
     for e in entries.flatten() {
         let path = e.path();
@@ -412,12 +443,47 @@ pub struct Staging {
     dir: Option<tempfile::TempDir>,
 }
 
+/// The longest file name, in bytes, of the file systems symerge writes to (Linux's NAME_MAX).
+pub const NAME_MAX: usize = 255;
+
 /// The longest name [`Staging::create`] can stage: `.NAME.partial-XXXXXX` must fit in
-/// NAME_MAX (255 bytes), so a longer name would fail only at the write, after all the work.
-pub const STAGED_NAME_MAX: usize = 255 - ".".len() - ".partial-".len() - STAGING_RANDOM_LEN;
+/// [`NAME_MAX`], so a longer name would fail only at the write, after all the work.
+pub const STAGED_NAME_MAX: usize = NAME_MAX - ".".len() - ".partial-".len() - STAGING_RANDOM_LEN;
 
 /// The random characters tempfile appends to the staging prefix (its default).
 const STAGING_RANDOM_LEN: usize = 6;
+
+/// The start of the names [`Staging::create`] stages the output `name` under.
+fn staging_prefix(name: &str) -> String {
+    format!(".{name}.partial-")
+}
+
+/// The output's name as [`Staging::create`] uses it.
+fn staged_name(output: &Path) -> String {
+    output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into())
+}
+
+/// Where [`Staging::create`] stages `output`, its random characters shown as `X`.
+pub fn staging_path(output: &Path) -> PathBuf {
+    output.with_file_name(format!("{}{}", staging_prefix(&staged_name(output)), "X".repeat(STAGING_RANDOM_LEN)))
+}
+
+/// Refuses, before any work, an output whose name is too long for `staged(output)`, the
+/// sibling it is first written as (a staging directory, a partial file): the write would
+/// otherwise fail only at the end, naming a hidden path. The limit is measured on `staged`
+/// itself, so it follows whatever that name adds.
+pub fn check_staged_name(output: &Path, staged: impl Fn(&Path) -> PathBuf) -> Result<()> {
+    let Some(name) = output.file_name() else { return Ok(()) };
+    let len = |p: &Path| p.file_name().map_or(0, |n| n.len());
+    let placeholder = Path::new("NAME");
+    let pattern = staged(placeholder);
+    let max = NAME_MAX.saturating_sub(len(&pattern).saturating_sub(len(placeholder)));
+    if name.len() <= max {
+        return Ok(());
+    }
+    let staged = pattern.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Err(Error::OutputNameTooLong { path: output.to_path_buf(), bytes: name.len(), max, staged })
+}
 
 impl Staging {
     /// Creates `.NAME.partial-XXXX` in the output's parent (created if needed), so the final
@@ -428,10 +494,10 @@ impl Staging {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+        let name = staged_name(output);
         remove_stale(&parent, &name);
         let dir = tempfile::Builder::new()
-            .prefix(&format!(".{name}.partial-"))
+            .prefix(&staging_prefix(&name))
             .rand_bytes(STAGING_RANDOM_LEN)
             .tempdir_in(&parent)
             .map_err(|e| Error::io(&parent, e))?;
@@ -648,5 +714,26 @@ mod tests {
                 .collect();
             assert_eq!(names, ["out"], "round {round}");
         }
+    }
+
+    /// The longest output name [`check_output_dir`] accepts is exactly the longest one
+    /// [`Staging::create`] can stage and commit; one byte more is refused up front, naming the
+    /// limit, where it used to fail at the staging directory.
+    #[test]
+    fn an_output_name_is_checked_against_its_staging_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let longest = tmp.path().join("o".repeat(STAGED_NAME_MAX));
+        check_output_dir(&longest, false).unwrap();
+        Staging::create(&longest).unwrap().commit(&longest, false).unwrap();
+        let over = tmp.path().join("o".repeat(STAGED_NAME_MAX + 1));
+        let e = check_output_dir(&over, false).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("over the {STAGED_NAME_MAX} that fit")) && e.contains(".NAME.partial-XXXXXX"),
+            "{e}"
+        );
+        assert!(Staging::create(&over).is_err(), "the limit is the file system's, not a guess");
+        let partial = |o: &Path| o.with_file_name(format!("{}.partial", o.file_name().unwrap().to_string_lossy()));
+        let e = check_staged_name(&tmp.path().join("c".repeat(NAME_MAX - 7)), partial).unwrap_err().to_string();
+        assert!(e.contains(&format!("over the {} that fit", NAME_MAX - 8)), "{e}");
     }
 }

@@ -92,6 +92,19 @@ pub enum Error {
     )]
     OutputOverlapsInput { output: PathBuf, input: PathBuf },
 
+    #[error(
+        "--rendezvous {dir} is, contains or lies inside the {role} {other}; the ranks write their files there, so \
+         choose a rendezvous directory apart from the output and the inputs"
+    )]
+    RendezvousOverlaps { dir: PathBuf, other: PathBuf, role: &'static str },
+
+    #[error(
+        "output {path}: its name is {bytes} bytes, over the {max} that fit: it is written first as `{staged}`, and \
+         a file name holds at most {name_max} bytes; choose a shorter output name",
+        name_max = crate::atomic::NAME_MAX
+    )]
+    OutputNameTooLong { path: PathBuf, bytes: usize, max: usize, staged: String },
+
     #[error("{path}: line {line}: {reason}")]
     BadLine { path: PathBuf, line: usize, reason: String },
 

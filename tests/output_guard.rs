@@ -5,6 +5,9 @@
 //! `--force` replaces only what symerge wrote: a directory holding the `.symerge-output` marker
 //! (which every fresh output carries), an empty directory, or (`cache-labels`) a label cache.
 //! A directory of the user's files, a plain file or a symbolic link is refused, untouched.
+//!
+//! An output name too long for the sibling it is first written as, and a `--rendezvous`
+//! directory overlapping the output or an input, are refused before anything is created.
 
 mod common;
 
@@ -384,4 +387,149 @@ fn predict_says_at_once_why_a_special_file_is_not_replaced() {
         }
     }
     assert_eq!(std::fs::read_to_string(&user).unwrap(), "precious\n");
+}
+
+/// Fuzzing round 4: an output name of 240 to 255 bytes (a legal file name) failed opaquely ("File
+/// name too long" on the hidden `.NAME.partial-XXXXXX` staging directory, or the cache's
+/// `NAME.partial`). It is now refused before any work, naming the output and the limit, and
+/// nothing is created; the longest name that fits is written.
+#[test]
+fn output_names_too_long_for_their_staging_name_are_refused_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    let dirs = write_family(&spec, 7, 2, 0.01, &tmp.path().join("models"), 1 << 30).unwrap();
+    let cfg = tmp.path().join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
+    let merge = |out: &Path| run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"]);
+    let label = |out: &Path| {
+        let expert = fixture.to_str().unwrap();
+        run(&[
+            "cache-labels",
+            "--expert",
+            expert,
+            "--task",
+            "t",
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    let before = tree(tmp.path());
+    let long = tmp.path().join("o".repeat(245));
+    let (ok, _, err) = merge(&long);
+    assert!(!ok, "merge wrote a 245-byte output name");
+    assert!(err.contains("is 245 bytes, over the 239 that fit") && err.contains("`.NAME.partial-XXXXXX`"), "{err}");
+    assert!(err.contains(&long.display().to_string()), "{err}");
+    let long = tmp.path().join("c".repeat(250));
+    let (ok, _, err) = label(&long);
+    assert!(!ok, "cache-labels wrote a 250-byte output name");
+    assert!(err.contains("is 250 bytes, over the 247 that fit") && err.contains("`NAME.partial`"), "{err}");
+    assert_eq!(tree(tmp.path()), before, "a refused output left something behind");
+
+    let (ok, _, err) = merge(&tmp.path().join("o".repeat(239)));
+    assert!(ok, "the longest name that fits: {err}");
+    let (ok, _, err) = label(&tmp.path().join("c".repeat(247)));
+    assert!(ok, "the longest name that fits: {err}");
+    assert!(tmp.path().join("c".repeat(247)).is_file());
+}
+
+/// Runs `merge` with `--rendezvous rdzv` as one rank (`None`) or as rank `r` of 2.
+fn merge_ranked(cfg: &Path, out: &Path, rdzv: &Path, rank: Option<usize>) -> std::process::Child {
+    let mut cmd = common::symerge();
+    for v in symerge::dist::rank::LAUNCHER_VARS {
+        cmd.env_remove(v);
+    }
+    if let Some(r) = rank {
+        cmd.env("RANK", r.to_string()).env("WORLD_SIZE", "2");
+    }
+    cmd.args(["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--force", "--device", "cpu"]);
+    cmd.args(["--rendezvous", rdzv.to_str().unwrap(), "--rendezvous-timeout", "20", "--collective-timeout", "20"]);
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+/// Fuzzing round 4: `--rendezvous` was checked against nothing. Onto the output, a forced commit
+/// deleted the live rendezvous (the run failed although the output was replaced), or symerge
+/// created the output itself and then refused it as existing, leaving `run-default/` behind;
+/// onto an input, the ranks wrote their files into the input model. Each is now refused before
+/// anything is created, on one rank or two, naming `--rendezvous` and the other path.
+#[test]
+fn a_rendezvous_directory_overlapping_the_output_or_an_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    let dirs = write_family(&spec, 9, 2, 0.01, &tmp.path().join("models"), 1 << 30).unwrap();
+    let cfg = tmp.path().join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let fresh = tmp.path().join("fresh");
+    let before = tree(tmp.path());
+    let cases = [
+        (&out, out.clone(), "output", &out), // (a) the previous output, replaced with --force
+        (&fresh, fresh.clone(), "output", &fresh), // (b) an output not yet there
+        (&out, out.join("rdzv"), "output", &out), // inside the output
+        (&out, tmp.path().to_path_buf(), "output", &out), // holding it
+        (&fresh, dirs[0].clone(), "input", &dirs[0]), // (c) an input model
+        (&fresh, dirs[1].join("rdzv"), "input", &dirs[1]), // inside one
+        (&fresh, cfg.clone(), "input", &cfg), // the config file
+    ];
+    for (o, rdzv, role, other) in &cases {
+        let rank_runs: Vec<Option<usize>> = if rdzv == *o { vec![None, Some(0)] } else { vec![None] };
+        for rank in rank_runs {
+            let children = match rank {
+                None => vec![merge_ranked(&cfg, o, rdzv, None)],
+                Some(_) => (0..2).map(|r| merge_ranked(&cfg, o, rdzv, Some(r))).collect(),
+            };
+            for child in children {
+                let done = child.wait_with_output().unwrap();
+                let err = String::from_utf8_lossy(&done.stderr);
+                assert!(!done.status.success(), "--rendezvous {} with -o {} was accepted", rdzv.display(), o.display());
+                let named = format!(
+                    "--rendezvous {} is, contains or lies inside the {role} {}",
+                    rdzv.display(),
+                    other.display()
+                );
+                assert!(err.contains(&named), "{err}");
+            }
+        }
+    }
+    assert_eq!(tree(tmp.path()), before, "a refused rendezvous created or changed something");
+    // Apart from both, one rank merges as before.
+    let rdzv = tmp.path().join("rdzv");
+    let done = merge_ranked(&cfg, &fresh, &rdzv, None).wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+}
+
+/// `cache-labels` and `adapt` share the check: here a rendezvous inside the expert.
+#[test]
+fn cache_labels_refuses_a_rendezvous_inside_its_expert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
+    let rdzv = fixture.join("rdzv");
+    let out = tmp.path().join("t.labels");
+    let (ok, _, err) = run(&[
+        "cache-labels",
+        "--expert",
+        fixture.to_str().unwrap(),
+        "--task",
+        "t",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--rendezvous",
+        rdzv.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains(&format!("--rendezvous {} is, contains or lies inside the input", rdzv.display())),
+        "{err}"
+    );
+    assert!(!out.exists() && !rdzv.exists());
 }

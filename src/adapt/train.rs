@@ -447,6 +447,8 @@ impl AdaptArgs {
     /// before training aborts the group, so no other rank waits for it.
     pub fn run(&self) -> Result<Option<AdaptSummary>> {
         let cfg = self.config()?;
+        let inputs: Vec<&Path> = input_paths(&cfg).into_iter().chain([self.config.as_path()]).collect();
+        self.dist.check_apart(&self.opts.output, &inputs)?;
         let (info, mut coll) = self.dist.connect_from_env(&self.fingerprint(&cfg))?;
         // Before any model is loaded: a refused output should cost nothing.
         if let Err(e) = check_output(&cfg, &self.opts, info.rank) {
@@ -911,15 +913,20 @@ fn step_private<B: Backend>(
 /// existing output without `force` or, with it, one symerge did not write. The command calls it
 /// before loading any model, so a refused output costs nothing; training calls it again.
 pub fn check_output(cfg: &AdaptConfig, opts: &AdaptOptions, rank: usize) -> Result<()> {
-    let mut inputs: Vec<&Path> = vec![cfg.base_model.as_path()];
-    for t in &cfg.tasks {
-        inputs.extend([t.expert.as_path(), t.inputs.as_path()].into_iter().chain(t.cache.as_deref()));
-    }
-    crate::atomic::check_output_apart(&opts.output, &inputs)?;
+    crate::atomic::check_output_apart(&opts.output, &input_paths(cfg))?;
     if rank == 0 {
         crate::atomic::check_output_dir(&opts.output, opts.force)?;
     }
     Ok(())
+}
+
+/// Every path an adaptation of `cfg` reads: the base, and each task's expert, inputs and cache.
+fn input_paths(cfg: &AdaptConfig) -> Vec<&Path> {
+    let mut inputs: Vec<&Path> = vec![cfg.base_model.as_path()];
+    for t in &cfg.tasks {
+        inputs.extend([t.expert.as_path(), t.inputs.as_path()].into_iter().chain(t.cache.as_deref()));
+    }
+    inputs
 }
 
 /// A full disk found while writing a task model names the output, not the hidden staging

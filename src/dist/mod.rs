@@ -19,7 +19,7 @@ pub mod nccl;
 pub mod rank;
 pub mod rendezvous;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,16 @@ impl Default for ConnectOptions {
 }
 
 impl ConnectOptions {
+    /// Refuses, before the ranks meet (which creates it), a `--rendezvous` directory that is,
+    /// contains or lies inside `output` or one of `inputs` ([`crate::atomic::check_rendezvous_apart`]).
+    /// Checked with one rank too, where it goes unused: the same command on more ranks would use it.
+    pub fn check_apart(&self, output: &Path, inputs: &[&Path]) -> Result<()> {
+        match &self.rendezvous {
+            Some(dir) => crate::atomic::check_rendezvous_apart(dir, output, inputs),
+            None => Ok(()),
+        }
+    }
+
     /// This process's rank, from the launcher's variables, and its communicator ([`Single`]
     /// without a launcher); a failure to connect names the rank. `run` is what the run is
     /// ([`run_fingerprint`]): ranks of another job that meet in the same directory are refused.

@@ -105,6 +105,7 @@ impl CacheLabelsArgs {
         require(&self.opts.expert, NamedBy::Arg("--expert"))?;
         require(&self.inputs, NamedBy::Arg("--inputs"))?;
         crate::atomic::check_output_apart(&self.opts.output, &[&self.opts.expert, &self.inputs])?;
+        self.dist.check_apart(&self.opts.output, &[&self.opts.expert, &self.inputs])?;
         let texts: Vec<String> = read_jsonl(&self.inputs)?.into_iter().map(|e| e.text).collect();
         let summary = format!("cache-labels -o {}", self.opts.output.display());
         let settings = format!("{:?} {}", self.opts, self.inputs.display());
@@ -178,6 +179,16 @@ pub fn cache_labels_in<B: Backend, S: AsRef<str>>(
     result
 }
 
+/// Refuses an output name too long for the files the cache is built in: its `.partial` and, on
+/// several ranks, each rank's part.
+fn check_output_name(output: &Path, world: usize) -> Result<()> {
+    crate::atomic::check_staged_name(output, super::cache::partial_path)?;
+    if world > 1 {
+        crate::atomic::check_staged_name(output, |o| part_path(o, world - 1, world))?;
+    }
+    Ok(())
+}
+
 fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
     backend: B,
     texts: &[S],
@@ -186,6 +197,7 @@ fn cache_labels_ranked<B: Backend, S: AsRef<str>>(
 ) -> Result<CacheLabelsSummary> {
     let start = Instant::now();
     crate::atomic::check_output_apart(&opts.output, &[opts.expert.as_path()])?;
+    check_output_name(&opts.output, coll.world_size())?;
     if opts.output.exists()
         && let Err(Error::NotAFile { kind, .. }) = crate::input_file::check_regular(&opts.output)
     {

@@ -5,7 +5,7 @@
 //! insists: a config the GPU engine cannot run is an error, except a method without a GPU
 //! kernel, which runs on the CPU with one warning.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::config::MergeConfig;
 use super::executor::{CpuEngine, MergeOptions, MergeSummary, merge_with_in};
@@ -82,6 +82,9 @@ impl MergeArgs {
         // Several ranks on a node: `auto` and `cuda` take the GPU of the local rank.
         let config = std::fs::read(&self.config).map_err(|e| Error::io(&self.config, e))?;
         let run = crate::dist::run_fingerprint(&format!("merge -o {out}"), &[&config]);
+        let read = super::inputs::input_paths(&cfg);
+        let inputs: Vec<&Path> = read.iter().map(PathBuf::as_path).chain([self.config.as_path()]).collect();
+        self.dist.check_apart(&opts.output, &inputs)?;
         let (info, mut coll) = self.dist.connect_from_env(&run)?;
         merge_on(&cfg, &opts, device, self.device_mem, coll.as_mut()).map_err(|e| info.tag(e))
     }

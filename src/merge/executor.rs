@@ -13,13 +13,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::config::MergeConfig;
-use super::inputs::{Inputs, read_paths};
+use super::inputs::Inputs;
 use super::philox::name_hash;
 use super::select::Threshold;
 use super::slices::{self, Placement};
 use super::stats::{TensorPass, TensorStats};
 use super::{ChunkCtx, MergeMethod, TensorParams, density_thresholds};
-use crate::atomic::{Staging, check_output_apart, check_output_dir};
+use crate::atomic::{Staging, check_output_apart, check_output_dir, check_staged_name, staging_path};
 use crate::checkpoint::dtype::{decode, encode_into, first_non_finite, first_out_of_range, largest_finite, round_all};
 use crate::checkpoint::layers::BlockKind;
 use crate::checkpoint::side_files::{copy_side_files, edit_config};
@@ -308,6 +308,22 @@ pub fn rank_dir(output: &Path, rank: usize, world: usize) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Refuses an output name too long for the other siblings a merge may write beside the output
+/// (besides its staging directory, which [`check_output_dir`] covers): a LoRA input's or a
+/// vocabulary's scratch and, on several ranks, each rank's shard directory.
+fn check_sibling_names(config: &MergeConfig, output: &Path, world: usize) -> Result<()> {
+    if config.referenced_models().iter().any(|p| crate::checkpoint::lora::split_ref(p).is_some()) {
+        check_staged_name(output, |o| staging_path(&super::inputs::lora_scratch(o)))?;
+    }
+    if config.tokenizer_source.is_some() {
+        check_staged_name(output, |o| staging_path(&super::vocab::vocab_scratch(o)))?;
+    }
+    if world > 1 {
+        check_staged_name(output, |o| rank_dir(o, world - 1, world))?;
+    }
+    Ok(())
+}
+
 fn merge_ranked(
     config: &MergeConfig,
     opts: &MergeOptions,
@@ -317,10 +333,11 @@ fn merge_ranked(
     let start = Instant::now();
     let seeded = opts.random_seed.and_then(|seed| config.with_default_seed(seed));
     let config = seeded.as_ref().unwrap_or(config);
-    let paths: Vec<PathBuf> = config.referenced_models().iter().flat_map(|p| read_paths(p)).collect();
+    let paths = super::inputs::input_paths(config);
     let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_output_apart(&opts.output, &inputs)?;
     check_output_dir(&opts.output, opts.force)?;
+    check_sibling_names(config, &opts.output, coll.world_size())?;
     if let Some(table) = &config.lambda_table {
         super::table_models::check(config, table)?;
     }

@@ -23,13 +23,23 @@ impl Inputs {
     pub fn open(&mut self, p: &Path) -> Result<Checkpoint> {
         let Some((model, adapter)) = lora::split_ref(p) else { return Checkpoint::open(p) };
         if self.scratch.is_none() {
-            let name = self.output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-            self.scratch = Some(Staging::create(&self.output.with_file_name(format!("{name}.lora")))?);
+            self.scratch = Some(Staging::create(&lora_scratch(&self.output))?);
         }
         let dir = self.scratch.as_ref().expect("created above").path().join(format!("a{}", self.adapted));
         self.adapted += 1;
         lora::apply(Checkpoint::open(&model)?, &adapter, &dir)
     }
+}
+
+/// The output-like name beside `output` whose staging directory holds applied adapters.
+pub fn lora_scratch(output: &Path) -> PathBuf {
+    let name = output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+    output.with_file_name(format!("{name}.lora"))
+}
+
+/// Every path a merge of `config` reads models from (adapters included).
+pub fn input_paths(config: &crate::merge::config::MergeConfig) -> Vec<PathBuf> {
+    config.referenced_models().iter().flat_map(|p| read_paths(p)).collect()
 }
 
 /// The paths `p` reads: the model and the adapter of a `model+lora` reference, else `p`.

@@ -97,6 +97,12 @@ struct Group {
     base: Option<usize>,
 }
 
+/// The output-like name beside `output` whose staging directory holds permuted inputs.
+pub fn vocab_scratch(output: &Path) -> PathBuf {
+    let name = output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+    output.with_file_name(format!("{name}.vocab"))
+}
+
 /// Permutes the token-indexed tensors of `ckpts` (the base first when there is one, in
 /// [`MergeConfig`] order) into the `tokenizer_source` vocabulary where some input's differs from
 /// it; `None` when no `tokenizer_source` is set, an error naming the directory when its
@@ -206,10 +212,7 @@ fn align_groups(
         }
         return Ok(Some(Aligned { _scratch: None, vocab_size: plan.rows, source_dir, tokenizer: built }));
     }
-    let scratch = Staging::create(&output.with_file_name(format!(
-        "{}.vocab",
-        output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned())
-    )))?;
+    let scratch = Staging::create(&vocab_scratch(output))?;
     let mut permuted = Vec::with_capacity(ckpts.len());
     for i in 0..ckpts.len() {
         let mine: Vec<&(String, Group)> = names.iter().filter(|(_, g)| g.members.contains(&i)).collect();
