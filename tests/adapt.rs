@@ -592,7 +592,7 @@ fn eval_baseline_scores_the_merge_adapt_started_from() {
     let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!((all["baseline_lambda"].as_f64().unwrap() - 0.3).abs() < 1e-6, "{all}");
 
-    let (ok, err) = merge_into(r, "ta", &minilm_dir(), &["expert-alpha", "expert-beta"], "{lambda: 0.3}");
+    let (ok, err) = merge_into(r, "ta", &minilm_dir(), &["expert-alpha", "expert-beta"], "{lambda: 0.3, weight: 1.0}");
     assert!(ok, "{err}");
     let mut sum = 0.0;
     for (i, task) in ["alpha", "beta"].iter().enumerate() {

@@ -251,6 +251,81 @@ fn config_errors_name_the_field() {
     c.expect_failure(&cfg, &["dtype", "int8"]);
 }
 
+/// mergekit 0.1.5 has no default `weight` for `linear` or the task-vector methods ("Missing
+/// required parameter weight for <model>"): a model without one, in the `models` form or as a
+/// slice source, is refused naming `weight`, the method and that model, where it once merged
+/// with weight 1. Given once at the top level, it holds for every model.
+#[test]
+fn a_model_without_weight_is_refused_as_in_mergekit() {
+    let c = case();
+    let third = model(&c.tmp.path().join("third"), 3);
+    let (b, e, t) = (c.base.display(), c.expert.display(), third.display());
+    let write = |name: &str, yaml: String| {
+        let p = c.tmp.path().join(name);
+        std::fs::write(&p, yaml).unwrap();
+        p
+    };
+    let linear = write(
+        "linear.yml",
+        format!(
+            "merge_method: linear
+models:
+  - model: {e}
+    parameters: {{weight: 0.5}}
+  - model: {t}
+"
+        ),
+    );
+    c.expect_failure(
+        &linear,
+        &["linear.yml", "parameters.weight", "`linear` needs `weight`", &format!("model {t} has none")],
+    );
+    let ties = write(
+        "ties.yml",
+        format!(
+            "merge_method: ties
+base_model: {b}
+models:
+  - model: {e}
+    parameters: {{density: 0.5}}
+"
+        ),
+    );
+    c.expect_failure(
+        &ties,
+        &["ties.yml", "parameters.weight", "`ties` needs `weight`", &format!("model {e} has none")],
+    );
+    let sliced = write(
+        "sliced.yml",
+        format!(
+            "merge_method: linear
+slices:
+  - sources:
+      - {{model: {e}, layer_range: [0, 1], parameters: {{weight: 1}}}}
+      - {{model: {t}, layer_range: [0, 1]}}
+"
+        ),
+    );
+    c.expect_failure(
+        &sliced,
+        &["slices[0]: parameters.weight", "`linear` needs `weight`", &format!("model {t} has none")],
+    );
+    // A top-level weight is every model's.
+    let top = write(
+        "top.yml",
+        format!(
+            "merge_method: linear
+parameters: {{weight: 1}}
+models:
+  - model: {e}
+  - model: {t}
+"
+        ),
+    );
+    let (ok, _, err) = run(&["merge", top.to_str().unwrap(), "-o", c.out().to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn broken_shard_index() {
     let c = case();

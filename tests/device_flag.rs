@@ -17,7 +17,7 @@ fn device_flag_behaves_on_this_machine() {
     let cfg = tmp.path().join("m.yml");
     std::fs::write(
         &cfg,
-        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: expert-1\n  - model: expert-2\n",
+        "merge_method: task_arithmetic\nbase_model: base\nparameters: {weight: 1.0}\nmodels:\n  - model: expert-1\n  - model: expert-2\n",
     )
     .unwrap();
     let merge = |device: &str, out: &str| {

@@ -93,7 +93,7 @@ fn two_ranks_merge_the_same_tensors() {
     let cfg = root.join("merge.yml");
     std::fs::write(
         &cfg,
-        "merge_method: dare_ties\nbase_model: family/base\nparameters: {density: 0.5, seed: 7}\nmodels:\n  - model: family/expert-1\n  - model: family/expert-2\n",
+        "merge_method: dare_ties\nbase_model: family/base\nparameters: {weight: 1.0, density: 0.5, seed: 7}\nmodels:\n  - model: family/expert-1\n  - model: family/expert-2\n",
     )
     .unwrap();
     let merge = |out: &str| -> Vec<String> {

@@ -293,7 +293,11 @@ fn special_tokens_and_chat_template_reach_the_side_files() {
         std::fs::copy(out.join(f), twin.join(f)).unwrap();
     }
     let cfg = tmp.path().join("m.yml");
-    let yml = format!("merge_method: linear\nmodels:\n  - model: {}\n  - model: {}\n", out.display(), twin.display());
+    let yml = format!(
+        "merge_method: linear\nparameters: {{weight: 1.0}}\nmodels:\n  - model: {}\n  - model: {}\n",
+        out.display(),
+        twin.display()
+    );
     std::fs::write(&cfg, yml).unwrap();
     let merged = tmp.path().join("merged");
     let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", merged.to_str().unwrap(), "-q"]);

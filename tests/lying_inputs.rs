@@ -351,7 +351,11 @@ fn a_directory_with_two_checkpoints_is_refused() {
     std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string())
         .unwrap();
     let cfg = tmp.path().join("m.yml");
-    std::fs::write(&cfg, format!("merge_method: linear\nmodels:\n  - model: {}\n", dir.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("merge_method: linear\nparameters: {{weight: 1.0}}\nmodels:\n  - model: {}\n", dir.display()),
+    )
+    .unwrap();
     let out = tmp.path().join("out");
     let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(!ok, "merged an ambiguous directory");

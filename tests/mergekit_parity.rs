@@ -491,15 +491,17 @@ fn registry_errors_name_the_key() {
         (yaml_for("slerp", one, "wieght: 1", "t: 0.5"), &["models[0].parameters.wieght", "no merge method takes"]),
         (yaml_for("slerp", two, "", "t: 0.5"), &["exactly 1 model", "lists 2"]),
         (yaml_for("model_stock", one, "", ""), &["at least 2 model", "lists 1"]),
-        (yaml_for("ties", one, "density: 0.5", "int8_mask: 3"), &["parameters.int8_mask", "true or false"]),
-        (yaml_for("della", one, "density: 0.5", "seed: -1"), &["parameters.seed", "whole number"]),
-        (yaml_for("breadcrumbs", one, "density: 0.5, gamma: 1.5", ""), &["gamma 1.5", "outside [0, 1]"]),
-        (yaml_for("della", one, "density: 0.9, epsilon: 0.15", ""), &["epsilon 0.15", "density 0.9"]),
+        (yaml_for("ties", one, "weight: 1, density: 0.5", "int8_mask: 3"), &["parameters.int8_mask", "true or false"]),
+        (yaml_for("della", one, "weight: 1, density: 0.5", "seed: -1"), &["parameters.seed", "whole number"]),
+        (yaml_for("breadcrumbs", one, "weight: 1, density: 0.5, gamma: 1.5", ""), &["gamma 1.5", "outside [0, 1]"]),
+        (yaml_for("della", one, "weight: 1, density: 0.9, epsilon: 0.15", ""), &["epsilon 0.15", "density 0.9"]),
         (
             yaml_for("nearswap", one, "", "t: 0.1, filterwise: true"),
             &["parameters.filterwise", "no merge method takes"],
         ),
         (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
+        (yaml_for("linear", two, "", ""), &["parameters.weight", "`linear` needs `weight`", "has none"]),
+        (yaml_for("task_arithmetic", one, "density: 0.5", ""), &["`task_arithmetic` needs `weight`", "has none"]),
         (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
         (yaml_for("arcee_fusion", two, "", ""), &["exactly 1 model", "lists 2"]),
         ("merge_method: linear\nmodels:\n  - model: ''\n".to_string(), &["models[0].model", "names no model"]),
@@ -581,8 +583,8 @@ fn mergekit_spellings_merge_as_their_plain_forms() {
 fn int8_mask_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let paths = big_family(tmp.path(), 2);
-    let a = merge_yaml(tmp.path(), "a", &yaml_for("ties", &paths, "density: 0.3", "int8_mask: true"));
-    let b = merge_yaml(tmp.path(), "b", &yaml_for("ties", &paths, "density: 0.3", "int8_mask: false"));
+    let a = merge_yaml(tmp.path(), "a", &yaml_for("ties", &paths, "weight: 1, density: 0.3", "int8_mask: true"));
+    let b = merge_yaml(tmp.path(), "b", &yaml_for("ties", &paths, "weight: 1, density: 0.3", "int8_mask: false"));
     assert_eq!(a, b);
 }
 
@@ -676,36 +678,38 @@ fn slices_errors_name_the_key() {
         ),
         (
             format!(
-                "merge_method: linear\ntokenizer: {{source: {e1}}}\ntokenizer_source: {e1}\nmodels:\n  - model: {e1}\n"
+                "merge_method: linear\ntokenizer: {{source: {e1}}}\ntokenizer_source: {e1}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
             ),
             "tokenizer and tokenizer_source",
         ),
         (
             format!(
-                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: mean}}}}}}}}\nmodels:\n  - model: {e1}\n"
+                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: mean}}}}}}}}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
             ),
             "unknown kind `mean`",
         ),
         (
             format!(
-                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: model_token, model: {e1}}}}}}}}}\nmodels:\n  - model: {e1}\n"
+                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {{kind: model_token, model: {e1}}}}}}}}}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
             ),
             "model_token needs a `model` and one of `token`, `token_id`",
         ),
         (
             format!(
-                "merge_method: linear\ntokenizer: {{pad_to_multiple_of: 18446744073709551615}}\nmodels:\n  - model: {e1}\n"
+                "merge_method: linear\ntokenizer: {{pad_to_multiple_of: 18446744073709551615}}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
             ),
             "tokenizer.pad_to_multiple_of: 18446744073709551615 is more than 65536",
         ),
         (
             format!(
-                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {e1}}}, a: {{force: true}}}}}}\nmodels:\n  - model: {e1}\n"
+                "merge_method: linear\ntokenizer: {{tokens: {{a: {{source: {e1}}}, a: {{force: true}}}}}}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
             ),
             "given twice",
         ),
         (
-            format!("merge_method: linear\ntokenizer: {{source: {e1}, padding: 8}}\nmodels:\n  - model: {e1}\n"),
+            format!(
+                "merge_method: linear\ntokenizer: {{source: {e1}, padding: 8}}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
+            ),
             "unknown field `padding`",
         ),
         (
@@ -720,7 +724,7 @@ fn slices_errors_name_the_key() {
         ),
         (
             format!(
-                "merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}}}]}}}}\nmodels:\n  - model: {e1}\n"
+                "merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}}}]}}}}\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
             ),
             "give one of `models`, `slices` or `modules`",
         ),
@@ -744,8 +748,18 @@ fn slices_errors_name_the_key() {
             format!("merge_method: linear\nmodules: {{default: {{models: [{{model: {e1}}}], layers: 2}}}}\n"),
             "unknown field `layers`",
         ),
-        (format!("merge_method: linear\nchat_template: chatml\nmodels:\n  - model: {e1}\n"), "chat_template: `chatml`"),
-        (format!("merge_method: linear\nout_dtype: float64\nmodels:\n  - model: {e1}\n"), "out_dtype:"),
+        (
+            format!(
+                "merge_method: linear\nchat_template: chatml\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
+            ),
+            "chat_template: `chatml`",
+        ),
+        (
+            format!(
+                "merge_method: linear\nout_dtype: float64\nmodels:\n  - {{model: {e1}, parameters: {{weight: 1}}}}\n"
+            ),
+            "out_dtype:",
+        ),
     ];
     for (yaml, want) in cases {
         let got = config_error(tmp.path(), &yaml);
@@ -779,7 +793,7 @@ fn tokenizer_source_and_chat_template() {
     }
     let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
     let yaml = format!(
-        "merge_method: linear\ntokenizer_source: {}\nchat_template: auto\nmodels:\n  - model: {}\n  - model: {}\n",
+        "merge_method: linear\nparameters: {{weight: 1}}\ntokenizer_source: {}\nchat_template: auto\nmodels:\n  - model: {}\n  - model: {}\n",
         b.display(),
         a.display(),
         b.display(),
@@ -795,7 +809,7 @@ fn tokenizer_source_and_chat_template() {
     assert_eq!(template, "{{ A }} template text", "a tie goes to the first model mentioned");
     std::fs::remove_dir_all(&out).unwrap();
     let yaml = format!(
-        "merge_method: linear\ntokenizer_source: base\nbase_model: {}\nmodels:\n  - model: {}\n",
+        "merge_method: linear\nparameters: {{weight: 1}}\ntokenizer_source: base\nbase_model: {}\nmodels:\n  - model: {}\n",
         a.display(),
         c.display()
     );
@@ -936,7 +950,7 @@ fn a_token_source_outside_the_merge_is_refused() {
     let dir = vocab_fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "merge_method: linear\ntokenizer:\n  source: {e1}\n  tokens:\n    \"<|im_start|>\": {{source: {e3}}}\nmodels:\n  - model: {e1}\n  - model: {e2}\n",
+        "merge_method: linear\nparameters: {{weight: 1}}\ntokenizer:\n  source: {e1}\n  tokens:\n    \"<|im_start|>\": {{source: {e3}}}\nmodels:\n  - model: {e1}\n  - model: {e2}\n",
         e1 = dir.join("expert-1").display(),
         e2 = dir.join("expert-2").display(),
         e3 = dir.join("expert-3").display(),
@@ -1019,7 +1033,7 @@ fn a_tokenizer_beyond_its_embedding_rows_is_refused() {
     // The base's 32 rows under expert-1's 34 tokens (and its vocab_size of 34).
     std::fs::copy(dir.join("base/model.safetensors"), short.join("model.safetensors")).unwrap();
     let yaml = format!(
-        "merge_method: linear\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
+        "merge_method: linear\nparameters: {{weight: 1}}\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
         short.display(),
         short.display(),
         dir.join("expert-2").display()
@@ -1041,7 +1055,7 @@ fn a_tokenizer_symerge_cannot_read_is_refused() {
     copy_files(&dir.join("expert-1"), &spm, &["config.json", "model.safetensors"]);
     std::fs::write(spm.join("tokenizer.model"), b"not read").unwrap();
     let yaml = format!(
-        "merge_method: linear\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
+        "merge_method: linear\nparameters: {{weight: 1}}\ntokenizer_source: {}\nmodels:\n  - model: {}\n  - model: {}\n",
         dir.join("expert-1").display(),
         dir.join("expert-1").display(),
         spm.display()
@@ -1173,7 +1187,7 @@ fn mixing_model_types_needs_allow_crimes() {
     cfg["model_type"] = "mistral".into();
     std::fs::write(other.join("config.json"), cfg.to_string()).unwrap();
     let yaml = format!(
-        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n",
+        "merge_method: task_arithmetic\nparameters: {{weight: 1}}\nbase_model: {}\nmodels:\n  - model: {}\n",
         dir.join("base").display(),
         other.display()
     );

@@ -537,7 +537,7 @@ fn experts_without_integer_buffers_merge_with_the_base_ones() {
     std::fs::write(
         &path,
         format!(
-            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\nparameters: {{lambda: 0.5}}\n",
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\nparameters: {{lambda: 0.5, weight: 1.0}}\n",
             base.display(),
             expert.display()
         ),
@@ -593,5 +593,74 @@ fn passthrough_copies_stored_bytes_and_computes_otherwise() {
             assert_eq!(wide[*name].0, Dtype::F32);
             assert_eq!(&wide[*name].2, x, "{dtype:?} {name}: widening is exact");
         }
+    }
+}
+
+/// Parameters symerge takes that mergekit 0.1.5 does not: the seed of its Philox masks and the
+/// Lambda table `symerge adapt` learns.
+const SYMERGE_ONLY: &[(&str, &str)] = &[
+    ("dare_linear", "seed"),
+    ("dare_ties", "seed"),
+    ("della", "seed"),
+    ("della_linear", "seed"),
+    ("task_arithmetic", "lambda_table"),
+];
+
+/// The registry (as `symerge methods --json` gives it) against mergekit 0.1.5's own parameter
+/// definitions (`tests/fixtures/mergekit_params.json`, dumped by
+/// `tests/reference/dump_mergekit_params.py`): the same methods, and for each the same
+/// parameters with the same scope, the same required ones and the same defaults, so a config
+/// mergekit refuses (a linear model without `weight`) is refused here and one it completes with
+/// a default is completed with the same value.
+#[test]
+fn registry_matches_mergekit_parameter_definitions() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mergekit_params.json"))
+            .unwrap();
+    let table: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let theirs = table["methods"].as_object().unwrap();
+    let (ok, stdout, err) = common::run(&["methods", "--json"]);
+    assert!(ok, "{err}");
+    let catalog: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let ours = catalog["methods"].as_array().unwrap();
+    let mut our_names: Vec<&str> = ours.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let mut their_names: Vec<&str> = theirs.keys().map(String::as_str).collect();
+    our_names.sort_unstable();
+    their_names.sort_unstable();
+    assert_eq!(our_names, their_names, "methods");
+    let mut diffs = Vec::new();
+    for m in ours {
+        let name = m["name"].as_str().unwrap();
+        let (our_params, their_params) = (m["parameters"].as_array().unwrap(), theirs[name].as_object().unwrap());
+        for p in our_params {
+            let param = p["name"].as_str().unwrap();
+            let Some(t) = their_params.get(param) else {
+                if !SYMERGE_ONLY.contains(&(name, param)) {
+                    diffs.push(format!("{name}.{param}: mergekit has no such parameter"));
+                }
+                continue;
+            };
+            let ours = (p["scope"].clone(), p["required"].as_bool().unwrap(), default_of(p.get("default")));
+            let want = (t["scope"].clone(), t["required"].as_bool().unwrap(), default_of(t.get("default")));
+            if ours != want {
+                diffs.push(format!("{name}.{param}: ours {ours:?}, mergekit {want:?}"));
+            }
+        }
+        for param in their_params.keys() {
+            if !our_params.iter().any(|p| p["name"] == param.as_str()) {
+                diffs.push(format!("{name}.{param}: symerge lacks it"));
+            }
+        }
+    }
+    assert!(diffs.is_empty(), "registry differs from mergekit 0.1.5:\n{}", diffs.join("\n"));
+}
+
+/// A default as a comparable value: numbers as f64 (`10` and `10.0` are one default), `null`
+/// and absent alike (an optional parameter without a value).
+fn default_of(v: Option<&serde_json::Value>) -> Option<String> {
+    match v {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) => Some(format!("{:?}", n.as_f64().unwrap())),
+        Some(other) => Some(other.to_string()),
     }
 }

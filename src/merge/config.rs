@@ -563,6 +563,7 @@ impl MergeConfig {
     fn resolve(&self, group: &Group<'_>, spec: &ParamSpec, tensor: &str, position: f64) -> Result<Vec<f32>> {
         let default = match spec.default {
             Fallback::Number(x) => Some(x),
+            _ if spec.name == "weight" && self.lambda_table.is_some() => Some(1.0),
             _ => None,
         };
         // Global parameters see the output tensor's name, per-model ones the model's own.
@@ -583,7 +584,7 @@ impl MergeConfig {
                     format!("{} {x}{whose} at tensor `{tensor}` is outside [{lo}, {hi}]", spec.name),
                 ));
             }
-            if x.is_none() && spec.default == Fallback::Required {
+            if x.is_none() && default.is_none() && spec.default == Fallback::Required {
                 // Given (check_required saw it), but a filtered list matches none of this
                 // tensor's names: mergekit stops here too ("Missing required parameter").
                 return Err(config_err(
@@ -1000,7 +1001,8 @@ fn drop_foreign(
 }
 
 /// A parameter without a default must be given for every model: at the top level, for the
-/// slice, or (per-model ones) by every model.
+/// slice, or (per-model ones) by every model. As in mergekit ("Missing required parameter
+/// weight for <model>"), the error names the first model left without one.
 fn check_required(
     method: &MethodDef,
     global: &BTreeMap<String, ParamValue>,
@@ -1009,18 +1011,32 @@ fn check_required(
     source: &Path,
     at: &str,
 ) -> Result<()> {
-    for spec in method.params.iter().filter(|p| p.default == Fallback::Required) {
-        let everywhere = global.contains_key(spec.name)
-            || slice.contains_key(spec.name)
-            || (spec.scope == Scope::PerModel && models.iter().all(|m| m.parameters.contains_key(spec.name)));
-        if !everywhere {
-            return Err(config_err(
-                source,
-                format!("{at}parameters.{}: `{}` needs `{}` ({})", spec.name, method.name, spec.name, spec.doc),
-            ));
+    for spec in method.params.iter().filter(|p| is_required(p, global)) {
+        if global.contains_key(spec.name) || slice.contains_key(spec.name) {
+            continue;
+        }
+        let needs = format!("{at}parameters.{}: `{}` needs `{}` ({})", spec.name, method.name, spec.name, spec.doc);
+        if spec.scope == Scope::Global {
+            return Err(config_err(source, needs));
+        }
+        if let Some(m) = models.iter().find(|m| !m.parameters.contains_key(spec.name)) {
+            let why = format!(
+                "{needs}, and model {} has none (mergekit 0.1.5 refuses it too: \"Missing required parameter {}\"); \
+                 give it under the model's, the slice's or the top-level `parameters`",
+                m.path.display(),
+                spec.name
+            );
+            return Err(config_err(source, why));
         }
     }
     Ok(())
+}
+
+/// Whether `spec` must be given. A Lambda table (symerge's own `lambda_table`, which mergekit
+/// does not know) sets the weights itself, so under one `weight` stays optional, 1 for the
+/// tensors the table leaves out.
+fn is_required(spec: &ParamSpec, global: &BTreeMap<String, ParamValue>) -> bool {
+    spec.default == Fallback::Required && !(spec.name == "weight" && global.contains_key("lambda_table"))
 }
 
 /// A Lambda table whose entries each hold one finite coefficient per merged model.

@@ -203,7 +203,9 @@ impl Settings<'_> {
 /// Parameters shared by the generalized-task-arithmetic family.
 pub const LAMBDA: ParamSpec =
     ParamSpec::global("lambda", Kind::Number, Fallback::Number(1.0), "scale of the mixed delta");
-pub const WEIGHT: ParamSpec = ParamSpec::per_model("weight", Fallback::Number(1.0), "weight of the model");
+/// Required, as in mergekit 0.1.5 ("Missing required parameter weight"): a model without a
+/// weight is more likely a forgotten line than a wish for 1.
+pub const WEIGHT: ParamSpec = ParamSpec::per_model("weight", Fallback::Required, "weight of the model");
 pub const DENSITY: ParamSpec =
     ParamSpec::per_model("density", Fallback::Number(1.0), "fraction of the task vector kept").within(0.0, 1.0);
 pub const INT8_MASK: ParamSpec = ParamSpec::global(

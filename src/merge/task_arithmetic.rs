@@ -23,6 +23,10 @@ pub const DEF: MethodDef = MethodDef {
         ),
         INT8_MASK,
         WEIGHT,
+        // mergekit's task_arithmetic is its generalized task arithmetic without sparsification:
+        // it takes these two (and ignores them), so symerge does too.
+        ParamSpec::per_model("density", Fallback::Number(1.0), "taken as mergekit takes it; nothing is dropped"),
+        registry::rescale(false, "taken as mergekit takes it; nothing is dropped, so nothing is rescaled"),
     ],
     validate: registry::no_check,
     build: |_| Box::new(method()),
