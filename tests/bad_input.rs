@@ -326,6 +326,38 @@ models:
     assert!(ok, "{err}");
 }
 
+/// mergekit resolves every parameter per tensor, booleans and counts included; symerge builds
+/// the method once per merge, so a filtered list or gradient of a switch (`normalize`,
+/// `rescale`, `max_iter`) is refused naming the key and saying why, where merging would apply
+/// one value everywhere: at the top level, under `modules.default`, and per slice.
+#[test]
+fn per_tensor_switches_are_refused_naming_the_key() {
+    let c = case();
+    let filtered = c.config("ties", "parameters: {normalize: [{filter: query, value: false}, {value: true}]}\n");
+    c.expect_failure(&filtered, &["parameters.normalize", "filtered list or gradient", "one value of `normalize`"]);
+    let gradient = c.config("karcher", "parameters: {max_iter: [2, 10]}\n");
+    c.expect_failure(&gradient, &["parameters.max_iter", "filtered list or gradient", "per tensor"]);
+    let (b, e) = (c.base.display(), c.expert.display());
+    let module = c.tmp.path().join("module.yml");
+    std::fs::write(
+        &module,
+        format!(
+            "merge_method: ties\nbase_model: {b}\nmodules:\n  default:\n    models:\n      - {{model: {e}, parameters: {{weight: 1}}}}\n    parameters: {{rescale: [{{filter: query, value: true}}]}}\n"
+        ),
+    )
+    .unwrap();
+    c.expect_failure(&module, &["modules.default.parameters.rescale", "filtered list or gradient"]);
+    let sliced = c.tmp.path().join("sliced.yml");
+    std::fs::write(
+        &sliced,
+        format!(
+            "merge_method: ties\nbase_model: {b}\nslices:\n  - sources:\n      - {{model: {b}, layer_range: [0, 1]}}\n      - {{model: {e}, layer_range: [0, 1], parameters: {{weight: 1}}}}\n    parameters: {{normalize: false}}\n"
+        ),
+    )
+    .unwrap();
+    c.expect_failure(&sliced, &["slices[0].parameters.normalize", "whole merge", "this slice's tensors only"]);
+}
+
 #[test]
 fn broken_shard_index() {
     let c = case();

@@ -855,7 +855,8 @@ fn parse_slices(
             return Err(config_err(
                 source,
                 format!(
-                    "{here}.parameters.{key}: `{key}` holds for the whole merge; set it in the top-level `parameters`"
+                    "{here}.parameters.{key}: `{key}` holds for the whole merge in symerge (mergekit would apply it \
+                     to this slice's tensors only); set it in the top-level `parameters`"
                 ),
             ));
         }
@@ -1119,7 +1120,15 @@ fn check_value(spec: &ParamSpec, v: &mut ParamValue) -> std::result::Result<(), 
     if matches!(spec.kind, Kind::Number | Kind::Count) {
         v.coerce_numeric();
     }
+    let per_tensor = matches!(v, ParamValue::Filtered(_) | ParamValue::Gradient(_));
     match spec.kind {
+        // mergekit resolves these per tensor too; symerge builds the method once per merge, so
+        // one value everywhere would be a silently different merge.
+        Kind::Bool | Kind::Count if per_tensor => Err(format!(
+            "a filtered list or gradient: symerge takes one value of `{}` for the whole merge (mergekit \
+             resolves it per tensor, which symerge does not); give one value",
+            spec.name
+        )),
         Kind::Bool if v.as_bool().is_none() => Err("expected true or false".into()),
         Kind::Count => match v {
             ParamValue::Number(x) if *x >= 0.0 && x.fract() == 0.0 && *x < 2f64.powi(53) => Ok(()),
