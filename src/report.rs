@@ -252,6 +252,7 @@ mod tests {
             final_loss: 0.5,
             lambda_mean: 0.3,
             model_hash: None,
+            inputs_hash: None,
         };
         AdaptSummary {
             format_version: crate::adapt::train::SUMMARY_FORMAT_VERSION,

@@ -628,3 +628,32 @@ fn eval_baseline_scores_the_merge_adapt_started_from() {
         run(&["eval", out.join("tasks/alpha").to_str().unwrap(), "--baseline", "--inputs", inputs.to_str().unwrap()]);
     assert!(!ok && err.contains("--baseline"), "{err}");
 }
+
+/// Fuzzing round 4: `eval ADAPT_OUT` re-read the recorded inputs without checking them, so a
+/// task file cut from 12 lines to 3 was scored as the adaptation's. summary.json now records the
+/// hash of each inputs file adapt read, and eval refuses a file that changed, naming it.
+#[test]
+fn eval_refuses_recorded_inputs_that_changed_since_adapt() {
+    let f = fixture();
+    let r = &f.root;
+    let out = adapt_quietly(r, "out", "1");
+    let o = out.to_str().unwrap();
+    let (ok, _, err) = run(&["eval", o, "--no-experts"]);
+    assert!(ok, "{err}");
+    let alpha = r.join("alpha.jsonl");
+    let text = std::fs::read_to_string(&alpha).unwrap();
+    let cut: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&alpha, cut).unwrap();
+    let (ok, _, err) = run(&["eval", o, "--no-experts"]);
+    assert!(
+        !ok && err.contains("alpha.jsonl: the inputs of task `alpha` changed since adapt read them (12 records when adapt read it, 3 now")
+            && err.contains(&format!("--task-inputs alpha={}", alpha.display())),
+        "{err}"
+    );
+    // Named as other data, the file is scored as it is.
+    let (ok, stdout, err) =
+        run(&["eval", o, "--no-experts", "--json", "--task-inputs", &format!("alpha={}", alpha.display())]);
+    assert!(ok, "{err}");
+    let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(all["tasks"][0]["examples"], 3, "{all}");
+}

@@ -262,6 +262,20 @@ fn cli_bad_inputs_fail_clearly_and_write_nothing() {
     );
     let (ok, _, err) = run(&["eval", m, "--inputs", unknown.to_str().unwrap(), "--new-head", "3"]);
     assert!(!ok && err.contains("config.json has no label2id"), "{err}");
+    // Fuzzing round 4: a `label_id` beside a label name that disagrees with it was ignored (the
+    // name won); finetune refused the same line. Now every reader refuses it by file and line.
+    let clash = tmp.path().join("clash.jsonl");
+    write(
+        &clash,
+        "{\"text\": \"great\", \"label\": \"positive\", \"label_id\": 2}\n{\"text\": \"meh\", \"label\": \"neutral\", \"label_id\": 0}\n",
+    );
+    let (ok, _, err) = run(&["eval", n, "--inputs", clash.to_str().unwrap(), "--new-head", "3"]);
+    assert!(
+        !ok && err.contains(
+            "clash.jsonl: line 2: `label_id` 0 disagrees with config.json's label2id, where `neutral` is class 1"
+        ),
+        "{err}"
+    );
     let (ok, _, err) = run(&["eval", n, "--inputs", labelled.to_str().unwrap(), "--new-head", "2"]);
     assert!(!ok && err.contains("labelled.jsonl: line 1: label 2 is outside the model's 2 classes"), "{err}");
 }

@@ -12,11 +12,11 @@ use super::objective::{self, Objective, Prepared};
 use super::train::{Adaptation, Family, SummaryLabels, Task, TaskEval};
 use crate::backend::Backend;
 use crate::checkpoint::FloatDType;
-use crate::data::jsonl::read_jsonl;
+use crate::data::jsonl::read_jsonl_hashed;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
 use crate::labels::{LabelCache, LabelKind};
-use crate::model::classify::label_ids;
+use crate::model::classify::{Classes, LABEL2ID, label_ids};
 use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
 use crate::model::{Batch, Bert, Block, LoadOptions, SequenceClassifier, TextTokenizer, evaluate};
@@ -106,7 +106,7 @@ fn load_task<B: Backend + Clone>(
             reason: format!("blocks {names:?} do not match the base model's {want:?}"),
         });
     }
-    let examples = read_jsonl(&t.inputs)?;
+    let (examples, inputs_hash) = read_jsonl_hashed(&t.inputs)?;
     if examples.is_empty() {
         return Err(Error::Invalid(format!("{}: no inputs for task `{}`", t.inputs.display(), t.name)));
     }
@@ -122,12 +122,13 @@ fn load_task<B: Backend + Clone>(
         _ => None,
     };
     let labelled = examples.iter().all(|e| e.label.is_some() || e.label_id.is_some());
-    let gold =
-        labelled.then(|| label_ids(&examples, expert.config.label2id.as_ref(), classes, &t.inputs)).transpose()?;
+    let known = Classes { label2id: expert.config.label2id.as_ref(), n: classes, source: LABEL2ID };
+    let gold = labelled.then(|| label_ids(&examples, known, &t.inputs)).transpose()?;
     let data = ClassTask { gold, cache, classes, label2id: expert.config.label2id.clone() };
     let private_blocks = expert.blocks[n_shared..].to_vec();
     let private = expert.params.drain(n_shared..).collect();
-    Task::new(backend, t.name.clone(), expert_dir, texts, tokenizer, private_blocks, private, cfg.layer_lr, data)
+    let inputs = (texts, inputs_hash);
+    Task::new(backend, t.name.clone(), expert_dir, inputs, tokenizer, private_blocks, private, cfg.layer_lr, data)
 }
 
 /// The expert's cache for these inputs, with the expert's number of classes.

@@ -22,7 +22,7 @@ use super::objective::{self, Objective, Prepared};
 use super::train::{Adaptation, Family, SummaryLabels, Task, TaskEval};
 use crate::backend::Backend;
 use crate::checkpoint::FloatDType;
-use crate::data::jsonl::read_jsonl;
+use crate::data::jsonl::read_jsonl_hashed;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
 use crate::labels::{LabelCache, LabelKind};
@@ -142,7 +142,8 @@ fn load_task<B: Backend + Clone, A: LmArch<B>>(
             ),
         });
     }
-    let texts: Vec<String> = read_jsonl(&t.inputs)?.into_iter().map(|e| e.text).collect();
+    let (examples, inputs_hash) = read_jsonl_hashed(&t.inputs)?;
+    let texts: Vec<String> = examples.into_iter().map(|e| e.text).collect();
     if texts.is_empty() {
         return Err(Error::Invalid(format!("{}: no inputs for task `{}`", t.inputs.display(), t.name)));
     }
@@ -165,7 +166,8 @@ fn load_task<B: Backend + Clone, A: LmArch<B>>(
         private.push(params);
     }
     let data = LmTaskData { cache };
-    Task::new(backend, t.name.clone(), expert_dir, texts, tokenizer, private_blocks, private, cfg.layer_lr, data)
+    let inputs = (texts, inputs_hash);
+    Task::new(backend, t.name.clone(), expert_dir, inputs, tokenizer, private_blocks, private, cfg.layer_lr, data)
 }
 
 /// A top-k cache over `vocab` tokens with one position per next-token target of each input.

@@ -21,7 +21,7 @@ use super::config::{AdaptConfig, Method};
 use super::lm::LmAdapter;
 use crate::backend::Backend;
 use crate::checkpoint::FloatDType;
-use crate::data::jsonl::{Example, read_jsonl};
+use crate::data::jsonl::{Example, read_jsonl_hashed};
 use crate::error::{Error, Result};
 use crate::model::{
     CausalLm, EvalReport, LmEvalReport, LmKind, LoadOptions, SequenceClassifier, evaluate, evaluate_lm,
@@ -201,6 +201,9 @@ struct RecordedSummary {
 struct RecordedReport {
     name: String,
     model_hash: Option<String>,
+    /// Records adapt read for the task.
+    inputs: Option<usize>,
+    inputs_hash: Option<String>,
 }
 
 /// Refuses a task model that is not the one adapt wrote (replaced, or a link to another model):
@@ -218,6 +221,22 @@ fn check_task_model(recorded: &Recorded, task: &str, dir: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Refuses a task's recorded inputs file that changed since adapt read it (cut, edited,
+/// replaced): its scores would be reported as the adaptation's on its inputs. Outputs of earlier
+/// versions record no hash and are taken as they are.
+fn check_task_inputs(recorded: &Recorded, task: &str, path: &Path, now: (usize, &str)) -> Result<()> {
+    let want = recorded.summary.as_ref().and_then(|s| s.tasks.iter().find(|t| t.name == task));
+    let Some(want) = want.filter(|t| t.inputs_hash.as_deref().is_some_and(|h| h != now.1)) else { return Ok(()) };
+    let counts = want.inputs.map(|n| format!("{n} records when adapt read it, {} now; ", now.0)).unwrap_or_default();
+    Err(Error::Invalid(format!(
+        "{}: the inputs of task `{task}` changed since adapt read them ({counts}its hash differs from \
+         summary.json's), so its scores would not be the adaptation's; rerun adapt on the file as it is, or \
+         score it as other data with --task-inputs {task}={}",
+        path.display(),
+        path.display()
+    )))
 }
 
 #[derive(Deserialize)]
@@ -347,7 +366,10 @@ fn score_tasks<R: TaskMetric>(
     let mut tasks = Vec::new();
     for t in &recorded.config.tasks {
         let data = opts.data.get(&t.name).unwrap_or(&t.inputs);
-        let examples = read_jsonl(data)?;
+        let (examples, hash) = read_jsonl_hashed(data)?;
+        if !opts.data.contains_key(&t.name) {
+            check_task_inputs(&recorded, &t.name, data, (examples.len(), &hash))?;
+        }
         let adapted_dir = dir.join("tasks").join(&t.name);
         if !adapted_dir.is_dir() {
             return Err(Error::Invalid(format!(

@@ -181,6 +181,8 @@ pub struct Task<B: Backend, F: Family<B>> {
     /// The expert's directory (config, tokenizer).
     pub expert: PathBuf,
     pub texts: Vec<String>,
+    /// BLAKE3 of the inputs file as read ([`crate::data::jsonl::read_jsonl_hashed`]).
+    pub inputs_hash: String,
     pub tokens: Vec<Tokens>,
     pub tokenizer: TextTokenizer,
     /// The task's own blocks, after the shared ones.
@@ -200,7 +202,7 @@ impl<B: Backend, F: Family<B>> Task<B, F> {
         be: &B,
         name: String,
         expert: PathBuf,
-        texts: Vec<String>,
+        (texts, inputs_hash): (Vec<String>, String),
         tokenizer: TextTokenizer,
         private_blocks: Vec<F::Block>,
         private: Vec<Params<B>>,
@@ -213,6 +215,7 @@ impl<B: Backend, F: Family<B>> Task<B, F> {
             name,
             expert,
             texts,
+            inputs_hash,
             tokens,
             tokenizer,
             private_blocks,
@@ -276,6 +279,9 @@ pub struct TaskReport {
     /// Fingerprint of the written `tasks/<task>/` model (`eval` checks it before scoring).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_hash: Option<String>,
+    /// BLAKE3 of the inputs file adapt read (`eval` checks the recorded inputs against it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs_hash: Option<String>,
 }
 
 impl TaskReport {
@@ -286,14 +292,24 @@ impl TaskReport {
         eval: Option<TaskEval>,
         final_loss: f64,
         lambda_mean: f64,
-        model_hash: Option<String>,
+        (model_hash, inputs_hash): (Option<String>, Option<String>),
     ) -> Self {
         let (accuracy, perplexity, next_token_loss) = match eval {
             Some(TaskEval::Accuracy(a)) => (Some(a), None, None),
             Some(TaskEval::NextToken(r)) => (Some(r.top1_accuracy), Some(r.perplexity), Some(r.mean_loss)),
             None => (None, None, None),
         };
-        TaskReport { name, inputs, accuracy, perplexity, next_token_loss, final_loss, lambda_mean, model_hash }
+        TaskReport {
+            name,
+            inputs,
+            accuracy,
+            perplexity,
+            next_token_loss,
+            final_loss,
+            lambda_mean,
+            model_hash,
+            inputs_hash,
+        }
     }
 }
 
@@ -803,7 +819,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             };
             let final_loss = r.iter().map(|&v| v as f64).sum::<f64>() / r.len().max(1) as f64;
             let (name, inputs, lambda_mean) = (t.name.clone(), t.texts.len(), self.task_lambda_mean(task));
-            reports.push(TaskReport::new(name, inputs, eval, final_loss, lambda_mean, model_hash));
+            let hashes = (model_hash, Some(t.inputs_hash.clone()));
+            reports.push(TaskReport::new(name, inputs, eval, final_loss, lambda_mean, hashes));
         }
         let accs: Vec<f64> = reports.iter().filter_map(|r| r.accuracy).collect();
         let losses: Vec<f64> = reports.iter().filter_map(|r| r.next_token_loss).collect();

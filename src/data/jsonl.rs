@@ -33,7 +33,14 @@ pub struct Record<'a> {
 /// Reads a JSONL file; blank lines and a leading byte order mark are skipped, and a file without
 /// any record is an error naming it (every caller needs at least one).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
+    Ok(read_jsonl_hashed(path)?.0)
+}
+
+/// [`read_jsonl`] and the BLAKE3 of the bytes it parsed: what `adapt` records of its inputs
+/// and `eval` of an adapt output checks, so both name the same file state.
+pub fn read_jsonl_hashed(path: &Path) -> Result<(Vec<Example>, String)> {
     let content = crate::input_file::read_to_string(path)?;
+    let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
     let mut out = Vec::new();
     for (i, line) in crate::input_file::strip_bom(&content).lines().enumerate() {
         if line.trim().is_empty() {
@@ -46,12 +53,19 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     if out.is_empty() {
         return Err(Error::Invalid(format!("{}: no records (the file is empty or blank)", path.display())));
     }
-    Ok(out)
+    Ok((out, hash))
 }
 
 /// Parses one line; the error is the reason, without file or line.
 fn parse_line(line: &str) -> Result<Example, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(line).map_err(|e| match lone_surrogate(line) {
+        Some((col, code)) => format!(
+            "column {col}: `\\u{code:04x}` is a lone UTF-16 surrogate, so the text is not valid Unicode \
+             (Python's json.dumps writes such escapes for strings holding unpaired surrogates); \
+             remove it or replace it, e.g. with \\ufffd"
+        ),
+        None => format!("not valid JSON: {e}"),
+    })?;
     let Value::Object(obj) = value else {
         return Err("expected a JSON object with a `text` field".into());
     };
@@ -84,6 +98,32 @@ fn parse_line(line: &str) -> Result<Example, String> {
     Ok(Example { text, label, label_id })
 }
 
+/// The first `\uXXXX` escape of `line` that is a UTF-16 surrogate without its pair: its
+/// column (1-based, in bytes, as serde_json counts) and code. serde_json refuses such a string
+/// with a message about hex escapes that does not say what is wrong.
+fn lone_surrogate(line: &str) -> Option<(usize, u32)> {
+    let b = line.as_bytes();
+    let escape = |i: usize| -> Option<u32> {
+        let hex = b.get(i + 2..i + 6)?;
+        (b[i] == b'\\' && b[i + 1] == b'u').then_some(())?;
+        u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match escape(i) {
+            Some(0xd800..=0xdbff) if matches!(escape(i + 6), Some(0xdc00..=0xdfff)) => i += 12,
+            Some(code @ 0xd800..=0xdfff) => return Some((i + 1, code)),
+            Some(_) => i += 6,
+            None => i += 2, // any other escape, `\\` (a backslash) included
+        }
+    }
+    None
+}
+
 /// Serialises records as JSON Lines.
 pub fn to_jsonl<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -97,6 +137,26 @@ pub fn to_jsonl<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzing round 4: Python's json.dumps writes a lone surrogate as `\ud800`, which serde_json
+    /// refused as "unexpected end of hex escape"; the error now says what it is, by file and line.
+    #[test]
+    fn a_lone_surrogate_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.jsonl");
+        std::fs::write(&path, "{\"text\": \"ok \\ud83d\\ude00\"}\n{\"text\": \"ab\\ud800\"}\n").unwrap();
+        let e = read_jsonl(&path).unwrap_err().to_string();
+        assert!(e.contains("s.jsonl: line 2: column 13: `\\ud800` is a lone UTF-16 surrogate"), "{e}");
+        assert!(e.contains("not valid Unicode"), "{e}");
+        // A pair is one character; an escaped backslash before `u` is no escape; a low half alone is lone.
+        assert_eq!(parse_line(r#"{"text": "\ud83d\ude00"}"#).unwrap().text, "\u{1f600}");
+        assert_eq!(parse_line(r#"{"text": "\\ud800"}"#).unwrap().text, "\\ud800");
+        assert_eq!(lone_surrogate(r#"{"text": "\ude00\ud800"}"#), Some((11, 0xde00)));
+        assert_eq!(lone_surrogate(r#"{"text": "\ud800\u0041"}"#), Some((11, 0xd800)));
+        assert_eq!(lone_surrogate(r#"{"text": "\u00e9\\ud800"}"#), None);
+        let e = parse_line(r#"{"text": "a\u00"}"#).unwrap_err();
+        assert!(e.starts_with("not valid JSON"), "{e}");
+    }
 
     /// Fuzzing round 3: a byte order mark made line 1 "not valid JSON".
     #[test]

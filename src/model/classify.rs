@@ -11,6 +11,9 @@ use crate::data::jsonl::Example;
 use crate::error::{Error, Result};
 use crate::logits::logsumexp;
 
+/// Where a model's class names come from, for messages.
+pub const LABEL2ID: &str = "config.json's label2id";
+
 /// A model with its tokenizer.
 pub struct SequenceClassifier<B: Backend> {
     pub model: Bert<B>,
@@ -41,9 +44,14 @@ impl<B: Backend> SequenceClassifier<B> {
         self.model.config.label2id.as_ref()
     }
 
+    /// The classes labelled inputs are read against: config.json's.
+    pub fn classes(&self) -> Classes<'_> {
+        Classes { label2id: self.label2id(), n: self.model.num_labels().unwrap_or(0), source: LABEL2ID }
+    }
+
     /// Class ids of labelled examples read from `path` (see [`label_ids`]).
     pub fn label_ids(&self, examples: &[Example], path: &Path) -> Result<Vec<usize>> {
-        label_ids(examples, self.label2id(), self.model.num_labels().unwrap_or(0), path)
+        label_ids(examples, self.classes(), path)
     }
 }
 
@@ -111,40 +119,56 @@ pub fn write_predictions(out: &Path, preds: &[Prediction]) -> Result<()> {
     crate::atomic::write_atomic(out, text.as_bytes())
 }
 
-/// Class ids of labelled examples read from `path`: a label name is looked up in config.json's
-/// `label2id` (so data files and experts may order classes differently), an integer label or
-/// `label_id` is taken as is. Errors name the file and line.
-pub fn label_ids(
-    examples: &[Example],
-    label2id: Option<&BTreeMap<String, usize>>,
-    n: usize,
-    path: &Path,
-) -> Result<Vec<usize>> {
+/// The classes labelled inputs are read against: a name -> id map where there is one, the
+/// number of classes, and where the names come from (for messages).
+#[derive(Debug, Clone, Copy)]
+pub struct Classes<'a> {
+    pub label2id: Option<&'a BTreeMap<String, usize>>,
+    pub n: usize,
+    /// "config.json's label2id", "the training set".
+    pub source: &'a str,
+}
+
+/// Class ids of labelled examples read from `path`, by the one rule every command that reads
+/// labels shares (eval, adapt, finetune): a label name is looked up in `classes` (so data files
+/// and models may order classes differently) and a `label_id` beside it must agree; a bare id is
+/// taken as is. Every id must be in range. Errors name the file and line.
+pub fn label_ids(examples: &[Example], classes: Classes, path: &Path) -> Result<Vec<usize>> {
     let err = |i: usize, reason: String| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason };
     examples
         .iter()
         .enumerate()
         .map(|(i, ex)| {
-            let id = match (&ex.label, label2id, ex.label_id) {
-                (Some(name), Some(map), _) => *map.get(name).ok_or_else(|| {
-                    let known: Vec<&str> = map.keys().map(String::as_str).collect();
-                    err(i, format!("unknown label `{name}` (config.json label2id has: {})", known.join(", ")))
-                })?,
-                (_, _, Some(id)) => id,
-                (Some(name), None, None) => {
-                    return Err(err(
-                        i,
-                        format!("unknown label `{name}`: config.json has no label2id, so labels must be class indices"),
-                    ));
-                }
-                (None, _, None) => return Err(err(i, "missing the `label` field".into())),
-            };
-            if id >= n {
-                return Err(err(i, format!("label {id} is outside the model's {n} classes")));
+            let id = class_of(ex, classes).map_err(|reason| err(i, reason))?;
+            if id >= classes.n {
+                return Err(err(i, format!("label {id} is outside the model's {} classes", classes.n)));
             }
             Ok(id)
         })
         .collect()
+}
+
+/// One example's class id under `classes`; the error is the reason, without file or line.
+fn class_of(ex: &Example, classes: Classes) -> std::result::Result<usize, String> {
+    match (&ex.label, classes.label2id, ex.label_id) {
+        (Some(name), Some(map), id) => {
+            let &k = map.get(name).ok_or_else(|| {
+                let known: Vec<&str> = map.keys().map(String::as_str).collect();
+                format!("unknown label `{name}` (classes in {}: {})", classes.source, known.join(", "))
+            })?;
+            match id {
+                Some(id) if id != k => {
+                    Err(format!("`label_id` {id} disagrees with {}, where `{name}` is class {k}", classes.source))
+                }
+                _ => Ok(k),
+            }
+        }
+        (_, _, Some(id)) => Ok(id),
+        (Some(name), None, None) => {
+            Err(format!("unknown label `{name}`: config.json has no label2id, so labels must be class indices"))
+        }
+        (None, _, None) => Err("missing the `label` field".into()),
+    }
 }
 
 /// Logits and softmax probabilities for every text, in input order. Texts are batched by token
@@ -231,4 +255,34 @@ pub fn evaluate<B: Backend, S: AsRef<str>>(
     }
     let n = labels.len() as f64;
     Ok(EvalReport { examples: labels.len(), accuracy: correct as f64 / n, mean_ce: ce / n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(label: Option<&str>, id: Option<usize>) -> Example {
+        Example { text: "t".into(), label: label.map(String::from), label_id: id }
+    }
+
+    /// Fuzzing round 4: eval took the name and ignored a `label_id` that disagreed with it.
+    #[test]
+    fn a_label_id_must_agree_with_the_name() {
+        let map: BTreeMap<String, usize> = [("x".to_string(), 0), ("y".to_string(), 1)].into();
+        let classes = Classes { label2id: Some(&map), n: 2, source: LABEL2ID };
+        let path = Path::new("d.jsonl");
+        let ok = [ex(Some("y"), Some(1)), ex(Some("x"), None), ex(None, Some(1))];
+        assert_eq!(label_ids(&ok, classes, path).unwrap(), [1, 0, 1]);
+        let clash = [ex(Some("y"), None), ex(Some("x"), Some(1))];
+        let e = label_ids(&clash, classes, path).unwrap_err().to_string();
+        assert!(
+            e.contains("d.jsonl: line 2: `label_id` 1 disagrees with config.json's label2id, where `x` is class 0"),
+            "{e}"
+        );
+        // Without a label2id there is nothing to compare against: the id is taken.
+        let bare = Classes { label2id: None, ..classes };
+        assert_eq!(label_ids(&clash[1..], bare, path).unwrap(), [1]);
+        let e = label_ids(&[ex(None, Some(2))], classes, path).unwrap_err().to_string();
+        assert!(e.contains("label 2 is outside the model's 2 classes"), "{e}");
+    }
 }

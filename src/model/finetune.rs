@@ -20,7 +20,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::bert::{LoadOptions, NewHead};
-use super::classify::{EvalReport, SequenceClassifier, evaluate};
+use super::classify::{Classes, EvalReport, SequenceClassifier, evaluate};
 use super::finetune_lm::{LmFinetuneSummary, finetune_lm};
 use super::lm::is_causal_lm_dir;
 use super::save::{SaveOptions, SavedModel};
@@ -377,32 +377,12 @@ fn check_dense(examples: &[Example], n: usize) -> std::result::Result<(), String
     ))
 }
 
-/// Class ids of `examples` (read from `path`) under `names`: a `label` name must be one of
-/// `names`, and a `label_id` given beside it must agree; a bare id must be in range.
+/// Class ids of `examples` (read from `path`) under `names`, by the rule eval and adapt share
+/// ([`super::classify::label_ids`]).
 pub fn label_ids(examples: &[Example], path: &Path, names: &[String]) -> Result<Vec<usize>> {
-    let index: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-    let err = |i: usize, reason: String| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason };
-    examples
-        .iter()
-        .enumerate()
-        .map(|(i, ex)| match (&ex.label, ex.label_id) {
-            (Some(name), id) => {
-                let &k = index.get(name.as_str()).ok_or_else(|| {
-                    err(i, format!("label `{name}` is not one of the {} classes ({})", names.len(), names.join(", ")))
-                })?;
-                match id {
-                    Some(id) if id != k => Err(err(
-                        i,
-                        format!("`label_id` {id} disagrees with the labels file, where `{name}` is class {k}"),
-                    )),
-                    _ => Ok(k),
-                }
-            }
-            (None, Some(id)) if id < names.len() => Ok(id),
-            (None, Some(id)) => Err(err(i, format!("label {id} is outside the {} classes", names.len()))),
-            (None, None) => Err(err(i, "missing the `label` field".into())),
-        })
-        .collect()
+    let index: BTreeMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+    let classes = Classes { label2id: Some(&index), n: names.len(), source: "the training set" };
+    super::classify::label_ids(examples, classes, path)
 }
 
 /// A random permutation of `0..n` for `epoch` under `seed` (Fisher-Yates over counter-based
