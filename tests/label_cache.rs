@@ -2,9 +2,13 @@
 //! stopped and produces the same bytes as an uninterrupted one, and corrupt, truncated,
 //! unfinished or mismatched caches are rejected with an error naming the cause.
 
+mod common;
+
 use rand::{Rng, SeedableRng};
+use symerge::backend::Cpu;
 use symerge::labels::cache::partial_path;
 use symerge::labels::fingerprint::texts_hash;
+use symerge::labels::produce::{CacheLabelsOptions, cache_labels, provenance as expert_provenance};
 use symerge::labels::{CacheWriter, LabelCache, LabelKind, Provenance};
 
 const C: usize = 5;
@@ -338,4 +342,53 @@ fn rows_the_cache_cannot_hold_are_refused_before_they_are_written() {
     // Top-k records likewise: a remaining mass that is not a probability.
     let err = symerge::labels::cache::encode_topk(&[1, 2], &[0.5, 0.25], &[f32::NAN], 2).unwrap_err();
     assert!(err.contains("position 0") && err.contains("NaN"), "{err}");
+}
+
+/// Fuzzing round 4: a cache resumed with another `--batch-size` differed from a fresh one by f16
+/// ulps (padding to a batch's longest input moves the sums). The partial file records the batch
+/// size it was started with and a resumed run keeps it, so the finished cache is byte-identical
+/// to an uninterrupted run at that size.
+#[test]
+fn a_resumed_cache_keeps_the_batch_size_it_was_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let expert = common::adapt_fixture::make_expert(&dir.path().join("expert"), 1, 3);
+    // Texts of 1 to 29 words, so batches of five pad most of them.
+    let words = "the cat sat on a mat river stream water flows down to sea fast foot time honest quality";
+    let words: Vec<&str> = words.split(' ').collect();
+    let texts: Vec<String> = (0..200)
+        .map(|i| (0..1 + i % 29).map(|j| words[(i * 7 + j * 3) % words.len()]).collect::<Vec<_>>().join(" "))
+        .collect();
+    let texts = &texts[..];
+    let opts = |name: &str, batch_size: usize| CacheLabelsOptions {
+        batch_size,
+        max_len: 32,
+        ..CacheLabelsOptions::new(&expert, "t", dir.path().join(name))
+    };
+    let (whole, other) = (opts("whole.cache", 1), opts("other.cache", 5));
+    cache_labels(Cpu, texts, &whole).unwrap();
+    cache_labels(Cpu, texts, &other).unwrap();
+    let rows = |path: &std::path::Path| std::fs::read(path).unwrap()[4096..].to_vec();
+    assert_ne!(
+        rows(&whole.output),
+        rows(&other.output),
+        "batch sizes 1 and 5 give other rows (else this test is void)"
+    );
+
+    // A run at batch size 1 killed after five rows.
+    let reference = LabelCache::open(&whole.output, None).unwrap();
+    let resumed = opts("resumed.cache", 5);
+    let prov = expert_provenance(&expert, "t", 32, texts).unwrap();
+    let labels: Vec<String> = (0..3).map(|c| format!("class-{c}")).collect();
+    {
+        let kind = LabelKind::Classification { classes: 3 };
+        let mut w = CacheWriter::create(&resumed.output, prov, kind, texts.len(), labels).unwrap();
+        assert_eq!(w.batch_size(1).unwrap(), 1);
+        for i in 0..5 {
+            w.append_classification(&reference.probs(i), &reference.logits(i)).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    let s = cache_labels(Cpu, texts, &resumed).unwrap();
+    assert_eq!(s.resumed_rows, 5);
+    assert_eq!(std::fs::read(&resumed.output).unwrap(), std::fs::read(&whole.output).unwrap());
 }

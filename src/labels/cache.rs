@@ -100,6 +100,11 @@ pub struct CacheHeader {
     /// BLAKE3 of the row bytes, set when complete.
     #[serde(default)]
     pub data_hash: Option<String>,
+    /// The batch size the rows were computed in: padding to a batch's longest input moves f16
+    /// rows by an ulp, so a resumed run keeps the size its partial file was started with and the
+    /// cache does not depend on how a run was interrupted. Caches of earlier builds have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 impl CacheHeader {
@@ -262,8 +267,12 @@ impl CacheWriter {
             out: BufWriter::with_capacity(1 << 20, file),
             written: 0,
         };
-        let units = resumable.unwrap_or(0);
+        let units = resumable.map_or(0, |(units, _)| units);
         w.written = w.rows_within(units);
+        // Rows kept bind the batch size they were computed in; none kept, none binds.
+        if w.written > 0 {
+            w.header.batch_size = resumable.and_then(|(_, batch_size)| batch_size);
+        }
         let end = w.end_of(w.written);
         // Drops a torn last input left by a killed run.
         w.out.get_ref().set_len(end).map_err(|e| Error::io(&w.partial, e))?;
@@ -302,6 +311,23 @@ impl CacheWriter {
     /// Inputs already in the cache (non-zero when resumed).
     pub fn rows_written(&self) -> usize {
         self.written
+    }
+
+    /// The batch size to compute the rows in: the one a resumed partial file was started with,
+    /// else `asked`, which is then recorded in the header (see [`CacheHeader::batch_size`]).
+    pub fn batch_size(&mut self, asked: usize) -> Result<usize> {
+        if let Some(started) = self.header.batch_size {
+            return Ok(started);
+        }
+        self.header.batch_size = Some(asked);
+        let head = self.header.encode(&self.path)?;
+        let end = self.end_of(self.written);
+        let partial = self.partial.clone();
+        let io = |e| Error::io(&partial, e);
+        self.out.seek(SeekFrom::Start(0)).map_err(io)?;
+        self.out.write_all(&head).map_err(io)?;
+        self.out.seek(SeekFrom::Start(end)).map_err(io)?;
+        Ok(asked)
     }
 
     /// Appends classification rows: `probs` and `logits` are row-major `[n, classes]`.
@@ -407,6 +433,7 @@ fn new_header(
         dtype: kind.dtype().into(),
         complete: false,
         data_hash: None,
+        batch_size: None,
     }
 }
 
@@ -512,8 +539,8 @@ fn lock_partial(partial: &Path) -> Result<File> {
 }
 
 /// Whole units of a partial cache that can be continued, if its header (and offset table)
-/// matches `want`.
-fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<usize> {
+/// matches `want`, and the batch size it was started with.
+fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<(usize, Option<usize>)> {
     let mut file = File::open(partial).ok()?;
     let mut head = vec![0u8; HEADER_BYTES + table.len()];
     file.read_exact(&mut head).ok()?;
@@ -541,7 +568,7 @@ fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<u
             partial.display()
         );
     }
-    Some(good)
+    Some((good, have.batch_size))
 }
 
 /// How many leading units (classification rows, or top-k position records) of `data` are labels

@@ -275,16 +275,36 @@ fn write_labels<B: Backend, A: LmArch<B>, S: AsRef<str>>(
         return Ok((stitch_ranks(labeller, texts, opts, coll, prov)?, 0));
     }
     let mut writer = labeller.writer(&opts.output, prov, texts.len())?;
+    let opts = &resumed_options(&mut writer, opts)?;
     let resumed_rows = writer.rows_written();
     let mut done = resumed_rows;
     while done < texts.len() {
-        let end = (done + ROWS_PER_FLUSH).min(texts.len());
-        writer.append_encoded(&labeller.label(texts, done..end, opts)?)?;
+        // From the start of the flush: a run killed inside one resumes with the batches a
+        // whole run computes (the rows before `done` are recomputed, then dropped).
+        let from = done - done % ROWS_PER_FLUSH;
+        let end = (from + ROWS_PER_FLUSH).min(texts.len());
+        let bytes = labeller.label(texts, from..end, opts)?;
+        writer.append_encoded(&bytes[labeller.units(from..done) * writer.row_bytes()..])?;
         writer.flush()?;
         done = end;
         tracing::info!("cache-labels {}: {done}/{} inputs", opts.task, texts.len());
     }
     Ok((writer.finish()?, resumed_rows))
+}
+
+/// `opts` with the batch size the cache is computed in: the one a resumed partial file was
+/// started with (said when `--batch-size` differs), else the asked one, recorded.
+fn resumed_options(writer: &mut CacheWriter, opts: &CacheLabelsOptions) -> Result<CacheLabelsOptions> {
+    let batch_size = writer.batch_size(opts.batch_size)?;
+    if batch_size != opts.batch_size {
+        tracing::info!(
+            "{}: resuming in batches of {batch_size}, as it was started (not --batch-size {}: the rows would \
+             differ by float rounding)",
+            opts.output.display(),
+            opts.batch_size
+        );
+    }
+    Ok(CacheLabelsOptions { batch_size, ..opts.clone() })
 }
 
 /// The expert that makes the labels.
@@ -450,6 +470,7 @@ fn stitch_ranks<B: Backend, A: LmArch<B>, S: AsRef<str>>(
     coll.barrier()?;
     if rank == 0 {
         let mut writer = labeller.writer(&opts.output, prov, texts.len())?;
+        writer.batch_size(opts.batch_size)?;
         for r in 0..world {
             let part = part_path(&opts.output, r, world);
             let data = std::fs::read(&part).map_err(|e| Error::io(&part, e))?;
