@@ -257,7 +257,7 @@ fn bad_input_is_reported_and_leaves_no_output() {
     std::fs::write(&eval, "{\"text\": \"so so\", \"label\": 7}\n").unwrap();
     let args = ["finetune", base, "--train", train.to_str().unwrap(), "-o", out_s, "--steps", "1", "--max-len", "8"];
     let (ok, _, err) = run(&[&args[..], &["--eval", eval.to_str().unwrap()]].concat());
-    assert!(!ok && err.contains("eval.jsonl: line 1") && err.contains("outside the 2 classes"), "{err}");
+    assert!(!ok && err.contains("eval.jsonl: line 1") && err.contains("outside the model's 2 classes"), "{err}");
     assert!(!err.contains("step 1/1"), "no training ran: {err}");
     assert!(entries(&outs).is_empty(), "nothing written: {:?}", entries(&outs));
 

@@ -672,7 +672,7 @@ fn slices_errors_name_the_key() {
         ),
         (
             format!(
-                "merge_method: ties\nbase_model: {b}\nslices:\n  - parameters: {{normalize: false}}\n    sources:\n      - {{model: {b}, layer_range: [0, 2]}}\n      - {{model: {e1}, layer_range: [0, 2]}}\n"
+                "merge_method: ties\nbase_model: {b}\nslices:\n  - parameters: {{normalize: [{{filter: mlp, value: false}}]}}\n    sources:\n      - {{model: {b}, layer_range: [0, 2]}}\n      - {{model: {e1}, layer_range: [0, 2]}}\n"
             ),
             "slices[0].parameters.normalize",
         ),

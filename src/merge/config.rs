@@ -529,7 +529,8 @@ impl MergeConfig {
     }
 
     fn settings(&self, slice: usize) -> Settings<'_> {
-        Settings { def: self.method, values: &self.parameters, has_base: self.has_base_in(slice) }
+        let own = self.slices.get(slice).map(|s| &s.parameters);
+        Settings { def: self.method, values: &self.parameters, slice: own, has_base: self.has_base_in(slice) }
     }
 
     /// The merged models at indices `among` of slice `slice` (of the config for the `models`
@@ -851,12 +852,11 @@ fn parse_slices(
             .transpose()?;
         let base = if method.uses_base() { slice_base.as_deref().or(base_model) } else { None };
         check_params(method, &mut s.parameters, source, &format!("{here}.parameters"))?;
-        if let Some(key) = s.parameters.keys().find(|k| method.param(k).is_some_and(|p| p.kind != Kind::Number)) {
+        if let Some(key) = s.parameters.keys().find(|k| method.param(k).is_some_and(|p| p.kind == Kind::Path)) {
             return Err(config_err(
                 source,
                 format!(
-                    "{here}.parameters.{key}: `{key}` holds for the whole merge in symerge (mergekit would apply it \
-                     to this slice's tensors only); set it in the top-level `parameters`"
+                    "{here}.parameters.{key}: `{key}` holds for the whole merge; set it in the top-level `parameters`"
                 ),
             ));
         }

@@ -168,23 +168,31 @@ impl MethodDef {
     }
 }
 
-/// The merge-wide values a method is built from: booleans and counts, with the registry's
-/// defaults filled in.
+/// The values a method is built from: booleans and counts, with the registry's defaults
+/// filled in. A slice's own `parameters` come before the top level's, as in mergekit, where a
+/// slice's `normalize` holds for that slice's tensors.
 pub struct Settings<'a> {
     pub def: &'static MethodDef,
     pub values: &'a BTreeMap<String, ParamValue>,
+    /// The slice's `parameters` (none for the `models` form).
+    pub slice: Option<&'a BTreeMap<String, ParamValue>>,
     /// The config names a `base_model`.
     pub has_base: bool,
 }
 
 impl Settings<'_> {
+    /// The value given for `name`: the slice's, else the top level's.
+    fn given(&self, name: &str) -> Option<&ParamValue> {
+        self.slice.and_then(|s| s.get(name)).or_else(|| self.values.get(name))
+    }
+
     /// A boolean parameter, or its default.
     pub fn flag(&self, name: &str) -> bool {
         let default = match self.def.param(name).map(|p| p.default) {
             Some(Fallback::Bool(b)) => b,
             _ => false,
         };
-        self.values.get(name).and_then(ParamValue::as_bool).unwrap_or(default)
+        self.given(name).and_then(ParamValue::as_bool).unwrap_or(default)
     }
 
     /// A whole-number parameter, or its default (validated as a count when the config loaded).
@@ -193,7 +201,7 @@ impl Settings<'_> {
             Some(Fallback::Number(x)) => x as u64,
             _ => 0,
         };
-        match self.values.get(name) {
+        match self.given(name) {
             Some(ParamValue::Number(x)) => *x as u64,
             _ => default,
         }

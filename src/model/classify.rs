@@ -153,8 +153,10 @@ fn class_of(ex: &Example, classes: Classes) -> std::result::Result<usize, String
     match (&ex.label, classes.label2id, ex.label_id) {
         (Some(name), Some(map), id) => {
             let &k = map.get(name).ok_or_else(|| {
-                let known: Vec<&str> = map.keys().map(String::as_str).collect();
-                format!("unknown label `{name}` (classes in {}: {})", classes.source, known.join(", "))
+                let mut known: Vec<(usize, &str)> = map.iter().map(|(name, &id)| (id, name.as_str())).collect();
+                known.sort_unstable();
+                let known: Vec<&str> = known.into_iter().map(|(_, name)| name).collect();
+                format!("unknown label `{name}` (classes in {}, in class order: {})", classes.source, known.join(", "))
             })?;
             match id {
                 Some(id) if id != k => {

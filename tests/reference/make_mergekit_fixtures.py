@@ -238,6 +238,20 @@ CASES.update({
                                              {"base_model": B, "sources": [src(B, 1, 2), src(E3, 1, 2)]}]},
 })
 
+# Switches and counts given per slice hold for that slice's tensors (mergekit resolves them per
+# tensor, from the slice's `parameters` before the top level's).
+CASES.update({
+    "slices_switches_ties": {"merge_method": "ties", "base_model": B, "parameters": {"normalize": True},
+                             "slices": [{"sources": [src(B, 0, 1), src(E1, 0, 1, {"weight": 0.6, "density": 0.5}),
+                                                     src(E2, 0, 1, {"weight": 0.9, "density": 0.7})],
+                                         "parameters": {"normalize": False}},
+                                        {"sources": [src(B, 1, 2), src(E3, 1, 2, {"weight": 0.7, "density": 0.4}),
+                                                     src(E1, 1, 2, {"weight": 0.5, "density": 0.6})]}]},
+    "slices_switches_karcher": {"merge_method": "karcher", "parameters": {"tol": 0.0},
+                                "slices": [{"sources": [src(E1, 0, 1), src(E2, 0, 1)], "parameters": {"max_iter": 1}},
+                                           {"sources": [src(E3, 1, 2), src(E1, 1, 2)]}]},
+})
+
 # Spherical means: multislerp over weights and over task vectors; karcher over nearly parallel
 # weights (its default stops on `tol` after a step or two) and with `tol: 0`, which runs every
 # one of `max_iter` steps, with a base_model (which mergekit averages as one more model).
