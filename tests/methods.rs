@@ -551,6 +551,32 @@ fn experts_without_integer_buffers_merge_with_the_base_ones() {
     assert_eq!(merged[POSITION_IDS].2, vec![0.0, 1.0, 2.0, 3.0]);
 }
 
+/// Fuzzing round 5: float64 and FP8 weights are not buffers: they were copied from the base
+/// (or the first model) like position ids, so the "merge" was an input, with exit code 0. They
+/// are refused naming the file, the tensor and the dtype, and nothing is written.
+#[test]
+fn weights_in_a_float_dtype_symerge_cannot_compute_with_are_refused() {
+    for dtype in [Dtype::F64, Dtype::F8_E4M3] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ids = || T::new(POSITION_IDS, Dtype::I64, &[1, 4], vec![0.0, 1.0, 2.0, 3.0]);
+        let base = write_model(&tmp.path().join("base"), &[T::new("w", dtype, &[2], vec![1.0, 2.0]), ids()]);
+        let expert = write_model(&tmp.path().join("e"), &[T::new("w", dtype, &[2], vec![3.0, 2.0]), ids()]);
+        let path = tmp.path().join("m.yml");
+        let yaml = format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\nparameters: {{weight: 1.0}}\n",
+            base.display(),
+            expert.display()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let out = tmp.path().join("out");
+        let opts = MergeOptions { max_shard_bytes: u64::MAX, progress: false, ..MergeOptions::new(out.clone()) };
+        let e = merge(&MergeConfig::load(&path).unwrap(), &opts).unwrap_err().to_string();
+        let want = format!("unsupported dtype {dtype:?} for tensor `w`");
+        assert!(e.contains(&want) && e.contains("base"), "{dtype:?}: {e}");
+        assert!(!out.exists(), "{dtype:?}: an output was written");
+    }
+}
+
 /// Passthrough without a scale copies each tensor's stored bytes (bf16, f16, f32 alike); with
 /// a scale, or another output dtype, it computes as every other method does.
 #[test]

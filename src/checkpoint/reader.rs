@@ -62,6 +62,14 @@ impl TensorMeta {
     pub fn float_dtype(&self) -> Option<FloatDType> {
         FloatDType::from_safetensors(self.dtype)
     }
+
+    /// Whether this is an integer or boolean buffer (position ids, masks): copied, never merged.
+    /// Other dtypes that are not a [`FloatDType`] (F64, the 8-, 6- and 4-bit floats) are weights
+    /// symerge cannot compute with, which must be refused rather than copied.
+    pub fn is_integer(&self) -> bool {
+        use safetensors::Dtype::*;
+        matches!(self.dtype, BOOL | U8 | I8 | I16 | U16 | I32 | U32 | I64 | U64)
+    }
 }
 
 /// An opened checkpoint: a directory (or file) of safetensors shards plus its small files.

@@ -69,6 +69,15 @@ impl<'a> LayerStream<'a> {
         for t in &reference.tensors {
             let mut per_input = Vec::with_capacity(inputs.len());
             if t.float_dtype().is_none() {
+                // A float symerge cannot compute with (F64, FP8) would be copied from the
+                // reference like a buffer below: a merge that is the base, with exit code 0.
+                if !t.is_integer() {
+                    return Err(Error::UnsupportedDtype {
+                        path: reference.file_of(t).to_path_buf(),
+                        tensor: t.name.clone(),
+                        dtype: format!("{:?}", t.dtype),
+                    });
+                }
                 // Integer buffers (e.g. BERT's position ids) are copied from the reference and
                 // never read from the inputs, which need not have them (recent `transformers`
                 // versions no longer save them); one an input has must still agree.

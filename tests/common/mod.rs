@@ -40,6 +40,9 @@ pub fn to_bytes(dtype: Dtype, values: &[f64]) -> Vec<u8> {
             Dtype::BF16 => out.extend(bf16::from_f64(v).to_le_bytes()),
             Dtype::I64 => out.extend((v as i64).to_le_bytes()),
             Dtype::I32 => out.extend((v as i32).to_le_bytes()),
+            Dtype::F64 => out.extend(v.to_le_bytes()),
+            // The bytes as given (small whole values): enough for tests that refuse the dtype.
+            Dtype::F8_E4M3 | Dtype::U8 => out.push(v as u8),
             other => panic!("test helper cannot write {other:?}"),
         }
     }
