@@ -355,3 +355,27 @@ fn a_stored_head_beside_a_tied_flag_is_the_head() {
     assert!(read_model(&out).contains_key("lm_head.weight"), "finetune dropped the stored head");
     assert_eq!(tied_flag(&out), false);
 }
+
+/// Fuzzing round 5: `--max-grad-norm nan` and `-1` were taken silently (clipping off, as 0 is);
+/// `generate --dtype float16` with a delta past f16's range wrote experts full of infinities
+/// with exit code 0. Both are refused naming the flag, and nothing is written.
+#[test]
+fn options_past_their_range_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let texts = write_texts(&tmp.path().join("t.jsonl"), &TEXTS);
+    let out = tmp.path().join("ft");
+    let model = fixture("llama_gqa");
+    let args = ["finetune", model.to_str().unwrap(), "--train", texts.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    for norm in ["nan", "-1"] {
+        let (ok, _, err) = run(&[&args[..], &["--steps", "1", &format!("--max-grad-norm={norm}")]].concat());
+        assert!(!ok && err.contains("--max-grad-norm must be a finite number >= 0"), "{norm}: {err}");
+        assert!(!out.exists(), "{norm}: an output was written");
+    }
+    let fam = tmp.path().join("fam");
+    let family = ["generate", "--preset", "llama-tiny", "--experts", "1", "-o", fam.to_str().unwrap()];
+    let (ok, _, err) = run(&[&family[..], &["--dtype", "float16", "--delta-scale", "1e6"]].concat());
+    assert!(!ok && err.contains("--delta-scale 1000000") && err.contains("65504"), "{err}");
+    assert!(!fam.exists(), "a family was written");
+    let (ok, _, err) = run(&[&family[..], &["--dtype", "float16", "--delta-scale", "100"]].concat());
+    assert!(ok, "{err}");
+}

@@ -296,6 +296,15 @@ impl GenerateOptions {
         if !self.delta_scale.is_finite() {
             return Err(Error::Invalid(format!("--delta-scale {}: must be a finite number", self.delta_scale)));
         }
+        // Weights are within 1.05 of zero before the delta: a scale past the dtype's range
+        // would write experts full of infinities that every other command then refuses.
+        let max = super::dtype::largest_finite(spec.dtype);
+        if self.delta_scale.abs() > max - 1.05 {
+            return Err(Error::Invalid(format!(
+                "--delta-scale {}: the experts' weights would exceed {max}, the largest finite {} value",
+                self.delta_scale, spec.dtype
+            )));
+        }
         tracing::info!("writing {} params x {} models to {}", spec.num_params(), self.experts + 1, output.display());
         let models = write_family(&spec, self.seed, self.experts, self.delta_scale, output, self.out_shard_size)?;
         Ok(GenerateSummary { preset: self.preset.clone(), params: spec.num_params(), models })

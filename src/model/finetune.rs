@@ -425,6 +425,13 @@ pub(super) fn check_options(opts: &FinetuneOptions, inputs: &[&Path]) -> Result<
             return Err(Error::Invalid(format!("{what} must be a positive number, got {lr}")));
         }
     }
+    // 0 turns clipping off; NaN or a negative norm would silently do the same.
+    if !(opts.max_grad_norm.is_finite() && opts.max_grad_norm >= 0.0) {
+        return Err(Error::Invalid(format!(
+            "--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got {}",
+            opts.max_grad_norm
+        )));
+    }
     Ok(())
 }
 
