@@ -463,6 +463,12 @@ fn staged_name(output: &Path) -> String {
     output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into())
 }
 
+/// `output`'s sibling named `NAME.suffix` (`output` when it has no name): the output-like
+/// scratch names (a LoRA's, a vocabulary's) that are then staged like outputs.
+pub fn named_sibling(output: &Path, suffix: &str) -> PathBuf {
+    output.with_file_name(format!("{}.{suffix}", staged_name(output)))
+}
+
 /// Where [`Staging::create`] stages `output`, its random characters shown as `X`.
 pub fn staging_path(output: &Path) -> PathBuf {
     output.with_file_name(format!("{}{}", staging_prefix(&staged_name(output)), "X".repeat(STAGING_RANDOM_LEN)))

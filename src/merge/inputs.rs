@@ -33,8 +33,7 @@ impl Inputs {
 
 /// The output-like name beside `output` whose staging directory holds applied adapters.
 pub fn lora_scratch(output: &Path) -> PathBuf {
-    let name = output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-    output.with_file_name(format!("{name}.lora"))
+    crate::atomic::named_sibling(output, "lora")
 }
 
 /// Every path a merge of `config` reads models from (adapters included).

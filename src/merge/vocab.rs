@@ -99,8 +99,7 @@ struct Group {
 
 /// The output-like name beside `output` whose staging directory holds permuted inputs.
 pub fn vocab_scratch(output: &Path) -> PathBuf {
-    let name = output.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-    output.with_file_name(format!("{name}.vocab"))
+    crate::atomic::named_sibling(output, "vocab")
 }
 
 /// Permutes the token-indexed tensors of `ckpts` (the base first when there is one, in
