@@ -800,3 +800,46 @@ fn yaml_merge_keys_expand_and_joined_paths_are_clean() {
     let (ok, _, err) = run_merge(&holder, &c.tmp.path().join("held"));
     assert!(!ok && err.contains("unknown field `defaults`"), "{err}");
 }
+
+/// A relative model path is read from the working directory (mergekit's rule) or, when it is not
+/// there, beside the config (the README's); one that names a different model in each place is
+/// refused, as the same config would otherwise merge different models depending on the cwd.
+#[test]
+fn a_relative_model_path_that_names_two_models_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg_dir, cwd) = (tmp.path().join("cfg"), tmp.path().join("cwd"));
+    std::fs::create_dir_all(&cwd).unwrap();
+    model(&cfg_dir.join("base"), 1);
+    model(&cfg_dir.join("expert"), 2);
+    let cfg = cfg_dir.join("merge.yml");
+    let yaml =
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: expert\n    parameters: {weight: 0.5}\n";
+    std::fs::write(&cfg, yaml).unwrap();
+    let merge = |dir: &Path, out: &str| {
+        let o = common::symerge()
+            .current_dir(dir)
+            .args(["merge", cfg.to_str().unwrap(), "-o", out, "-q"])
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // Only beside the config, and from the config's own folder (both places the same): merged.
+    let (ok, err) = merge(&cwd, "out1");
+    assert!(ok, "{err}");
+    let (ok, err) = merge(&cfg_dir, "out2");
+    assert!(ok, "{err}");
+    // A different `base` in the working directory: refused, both candidates named, no output.
+    model(&cwd.join("base"), 7);
+    let (ok, err) = merge(&cwd, "out3");
+    assert!(!ok, "an ambiguous path merged");
+    for want in ["base_model: `base` names two different paths", "cwd/base", "cfg/base", "absolute path"] {
+        assert!(err.contains(want), "want `{want}` in:\n{err}");
+    }
+    assert!(!cwd.join("out3").exists());
+    // Only in the working directory (mergekit's rule): merged from there.
+    std::fs::remove_dir_all(cfg_dir.join("base")).unwrap();
+    let (ok, err) = merge(&cwd, "out4");
+    assert!(ok, "{err}");
+    let (a, b) = (common::read_model(&cwd.join("out1")), common::read_model(&cwd.join("out4")));
+    assert_ne!(a, b, "out4 merged the working directory's base, not the config's");
+}

@@ -370,7 +370,11 @@ impl MergeConfig {
                     "parameters.lambda_table: a Lambda table merges `models`, not `slices`",
                 ));
             }
-            Some(ParamValue::Text(p)) => Some(load_lambda_table(&resolve_relative(p, base_dir), models.len())?),
+            Some(ParamValue::Text(p)) => {
+                let table = resolve_relative(p, base_dir)
+                    .map_err(|e| config_err(source, format!("parameters.lambda_table: {e}")))?;
+                Some(load_lambda_table(&table, models.len())?)
+            }
             _ => None,
         };
         let (tokenizer_source, tokens, pad_to_multiple_of) = parse_tokenizer(&mut raw, base_dir, source)?;
@@ -1070,33 +1074,59 @@ fn load_lambda_table(path: &Path, models: usize) -> Result<LambdaTable> {
     Ok(table)
 }
 
-fn resolve_relative(p: &str, base_dir: &Path) -> PathBuf {
+/// Where a relative path in a merge config points. mergekit reads it from the working directory,
+/// symerge's README from the config's folder: the working directory wins when the path exists
+/// there, else the config's folder. A path that names two different files or folders, one in
+/// each place, is refused: the same config would merge different models depending on where it
+/// runs.
+fn resolve_relative(p: &str, base_dir: &Path) -> std::result::Result<PathBuf, String> {
     let path = PathBuf::from(p);
-    let path = if path.is_absolute() || path.exists() { path } else { base_dir.join(path) };
-    crate::input_file::clean(&path)
+    if path.is_absolute() {
+        return Ok(crate::input_file::clean(&path));
+    }
+    let beside_config = crate::input_file::clean(&base_dir.join(&path));
+    if !path.exists() {
+        return Ok(beside_config);
+    }
+    let here = crate::input_file::clean(&path);
+    let same = match (std::fs::canonicalize(&here), std::fs::canonicalize(&beside_config)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => true,
+    };
+    if same {
+        return Ok(here);
+    }
+    let here = std::env::current_dir().map(|d| crate::input_file::clean(&d.join(&here))).unwrap_or(here);
+    Err(format!(
+        "`{p}` names two different paths: {} from the working directory (where mergekit reads it) and \
+         {} beside the config; write an absolute path, or run from the config's folder",
+        here.display(),
+        beside_config.display()
+    ))
 }
 
-/// A model path as written: relative to the working directory if it exists there, else to the
-/// config's directory. Hub ids are not downloaded.
-/// A model path as given, relative ones resolved against the config's directory; mergekit's
+/// A model path as given: relative ones resolved by [`resolve_relative`]; mergekit's
 /// `model+lora` form resolves both parts, which must exist ([`crate::checkpoint::lora`]).
+/// Hub ids are not downloaded.
 fn locate_model(p: &str, base_dir: &Path, source: &Path, field: &str) -> Result<PathBuf> {
     if p.trim().is_empty() || p.trim_end_matches('+').is_empty() {
         // An empty path would resolve to the config's own folder.
         return Err(config_err(source, format!("{field}: `{p}` names no model")));
     }
-    let path = resolve_relative(p, base_dir);
+    let resolve = |q: &str| resolve_relative(q, base_dir).map_err(|e| config_err(source, format!("{field}: {e}")));
+    let path = resolve(p)?;
     if path.exists() {
         return Ok(path);
     }
-    let lora = p
-        .match_indices('+')
-        .map(|(i, _)| (resolve_relative(&p[..i], base_dir), resolve_relative(&p[i + 1..], base_dir)));
-    if let Some((m, a)) = lora.clone().find(|(m, a)| m.exists() && a.exists()) {
+    let mut lora = Vec::new();
+    for (i, _) in p.match_indices('+') {
+        lora.push((resolve(&p[..i])?, resolve(&p[i + 1..])?));
+    }
+    if let Some((m, a)) = lora.iter().find(|(m, a)| m.exists() && a.exists()) {
         return Ok(PathBuf::from(format!("{}+{}", m.display(), a.display())));
     }
     let dir = if base_dir.as_os_str().is_empty() { Path::new(".") } else { base_dir };
-    let what = match lora.clone().next() {
+    let what = match lora.first() {
         Some((m, a)) => format!(
             "`{p}` is neither a local file or directory nor a model+lora pair of them ({} {}, {} {})",
             m.display(),
