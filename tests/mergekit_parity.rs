@@ -507,7 +507,12 @@ fn registry_errors_name_the_key() {
         ("merge_method: linear\nmodels:\n  - model: ''\n".to_string(), &["models[0].model", "names no model"]),
         (
             yaml_for("task_arithmetic", one, "weight: [[1, 2], [3]]", ""),
-            &["models[0].parameters", "not a parameter value"],
+            &["models[0].parameters: weight: not a parameter value"],
+        ),
+        // The key is named (fuzzing round 5: the message stopped at `parameters`).
+        (
+            yaml_for("ties", one, "weight: 1, density: 0.5", "normalize: [true, false]"),
+            &["parameters: normalize: not a parameter value"],
         ),
         // A required parameter whose filters miss a tensor: mergekit stops there too.
         (yaml_for("slerp", one, "", "t: [{filter: mlp, value: 0.5}]"), &["t at tensor `", "no filter of `t` matches"]),

@@ -34,7 +34,7 @@ struct RawConfig {
     base_model: Option<String>,
     #[serde(default)]
     models: Vec<RawModel>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::params::named_values")]
     parameters: BTreeMap<String, ParamValue>,
     #[serde(default)]
     dtype: Option<String>,
@@ -63,7 +63,7 @@ struct RawModule {
     models: Vec<RawModel>,
     #[serde(default)]
     slices: Option<Vec<RawSlice>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::params::named_values")]
     parameters: BTreeMap<String, ParamValue>,
 }
 
@@ -116,7 +116,7 @@ struct RawSlice {
     /// Accepted for mergekit's sake, which ignores it too (0.1.5 never reads it).
     #[serde(default)]
     residual_weight: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::params::named_values")]
     parameters: BTreeMap<String, ParamValue>,
 }
 
@@ -125,7 +125,7 @@ struct RawSlice {
 struct RawSource {
     model: String,
     layer_range: [usize; 2],
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::params::named_values")]
     parameters: BTreeMap<String, ParamValue>,
 }
 
@@ -133,7 +133,7 @@ struct RawSource {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     model: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::params::named_values")]
     parameters: BTreeMap<String, ParamValue>,
 }
 

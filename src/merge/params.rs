@@ -5,16 +5,69 @@ use serde::Deserialize;
 
 /// One parameter as written in a config.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(
-    untagged,
-    expecting = "not a parameter value (a number, true or false, a list of numbers for a gradient, or a list of {filter, value} entries)"
-)]
+#[serde(from = "WrittenValue")]
 pub enum ParamValue {
     Bool(bool),
     Number(f64),
     Text(String),
     Gradient(Vec<f64>),
     Filtered(Vec<FilteredValue>),
+}
+
+/// The forms mergekit's `ParameterSetting` takes; a lone `{filter, value}` entry (or `{value}`)
+/// is read as a list of one.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "not a parameter value (a number, true or false, a list of numbers for a gradient, or {filter, value} entries)"
+)]
+enum WrittenValue {
+    Bool(bool),
+    Number(f64),
+    Text(String),
+    Gradient(Vec<f64>),
+    Filtered(Vec<FilteredValue>),
+    One(Box<FilteredValue>),
+}
+
+impl From<WrittenValue> for ParamValue {
+    fn from(v: WrittenValue) -> Self {
+        match v {
+            WrittenValue::Bool(b) => ParamValue::Bool(b),
+            WrittenValue::Number(x) => ParamValue::Number(x),
+            WrittenValue::Text(t) => ParamValue::Text(t),
+            WrittenValue::Gradient(g) => ParamValue::Gradient(g),
+            WrittenValue::Filtered(f) => ParamValue::Filtered(f),
+            WrittenValue::One(one) => ParamValue::Filtered(vec![*one]),
+        }
+    }
+}
+
+/// A `parameters` mapping whose errors name the parameter: serde's path stops at the mapping, so
+/// `normalize: [true, false]` was reported as "parameters: not a parameter value".
+pub fn named_values<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, ParamValue>, D::Error> {
+    struct Named;
+    impl<'de> serde::de::Visitor<'de> for Named {
+        type Value = std::collections::BTreeMap<String, ParamValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a mapping of parameter names to values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map
+                    .next_value::<ParamValue>()
+                    .map_err(|e| <A::Error as serde::de::Error>::custom(format!("{key}: {e}")))?;
+                if out.insert(key.clone(), value).is_some() {
+                    return Err(<A::Error as serde::de::Error>::custom(format!("{key}: given twice")));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Named)
 }
 
 /// `{filter: "self_attn", value: 0.5}`; an entry without `filter`, or with `filter: "*"`, matches

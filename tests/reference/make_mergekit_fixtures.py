@@ -283,6 +283,13 @@ CASES.update({
                                                                     {"filter": "*", "value": 0.3}]}),
                                                    (E2, {"weight": [0.5, 1.0, 0.2]})),
                                   "parameters": {"lambda": [{"filter": "layers.1", "value": [0.9, 0.4]}, {"value": 1.0}]}},
+    # One `{filter, value}` object, not in a list (mergekit reads it as a list of one), with and
+    # without a filter, and falling through when its filter misses.
+    "filter_single_object": {"merge_method": "ties", "base_model": B,
+                             "models": models((E1, {"weight": {"value": [0.3, 0.8]}, "density": 0.5}),
+                                              (E2, {"weight": {"filter": "mlp", "value": 0.4},
+                                                    "density": {"value": 0.7}})),
+                             "parameters": {"weight": 0.6, "lambda": {"value": 0.9}}},
 })
 
 # The `modules:` form's one module (`default`): its parameters resolve after a slice's and before
