@@ -159,6 +159,23 @@ fn parse_cli<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(arg
     Ok(cli)
 }
 
+/// clap's own exit for a command line it refuses; a `--json` caller (the flag anywhere before
+/// `--`) reads stdout, so it gets the usage error there too, as the object other errors give.
+fn usage_exit(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    let json = std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json");
+    if json && !shown {
+        let text = e.render().to_string();
+        let text = text.trim().strip_prefix("error: ").unwrap_or(text.trim());
+        let _ = emit_json(&serde_json::json!({ "error": text }));
+    }
+    e.exit()
+}
+
 fn main() -> ExitCode {
     if let Some(f) = symerge::sysinfo::missing_cpu_feature() {
         eprintln!(
@@ -167,7 +184,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let cli = parse_cli(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let cli = parse_cli(std::env::args_os()).unwrap_or_else(|e| usage_exit(e));
     // First: it may set this process's environment, which is sound only before other threads.
     if let Err(e) = symerge::backend::cpu::set_worker_threads(cli.threads) {
         eprintln!("error: setting up worker threads: {e}");

@@ -113,6 +113,17 @@ fn logs_and_json_agree_and_values_print_as_given() {
     let e: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?} ({err})"));
     let msg = e["error"].as_str().unwrap_or_default();
     assert!(!ok && msg.contains(merged.to_str().unwrap()) && err.contains(msg), "{e} / {err}");
+    // So is a command line clap refuses (fuzzing round 5: stdout was empty), and --help stays text.
+    for args in
+        [&["merge", "--json", "--no-such-flag"][..], &["--json", "merge"], &["merge", "--threads", "x", "--json"]]
+    {
+        let (ok, out, err) = run(args);
+        let e: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
+        let msg = e["error"].as_str().unwrap_or_default();
+        assert!(!ok && !msg.is_empty() && err.contains(msg.lines().next().unwrap()), "{args:?}: {e} / {err}");
+    }
+    let (ok, out, _) = run(&["merge", "--help", "--json"]);
+    assert!(ok && out.contains("Usage:") && serde_json::from_str::<serde_json::Value>(&out).is_err(), "{out}");
 
     let (ok, text, err) = run(&["methods"]);
     assert!(ok, "{err}");
