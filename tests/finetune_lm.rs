@@ -379,3 +379,37 @@ fn options_past_their_range_are_refused_before_any_work() {
     let (ok, _, err) = run(&[&family[..], &["--dtype", "float16", "--delta-scale", "100"]].concat());
     assert!(ok, "{err}");
 }
+
+/// Fuzzing round 5: `finetune --lr 1e30` saved weights of 1e30 (each step's loss is that of the
+/// weights before its update, all finite) and `eval` of them printed a NaN loss with exit code 0.
+/// The final weights are checked before saving, and eval refuses logits that are not finite.
+#[test]
+fn a_diverged_last_step_saves_nothing_and_overflowing_weights_do_not_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let texts = write_texts(&tmp.path().join("t.jsonl"), &TEXTS);
+    let out = tmp.path().join("ft");
+    let model = fixture("llama_gqa");
+    let args = ["finetune", model.to_str().unwrap(), "--train", texts.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let (ok, _, err) = run(&[&args[..], &["--steps", "1", "--lr", "1e30", "--max-len", "16"]].concat());
+    assert!(!ok && err.contains("training diverged at step 1, the last"), "{err}");
+    assert!(!out.exists(), "diverged weights were saved");
+    let (ok, _, err) = run(&[&args[..], &["--steps", "1", "--lr", "1e-4", "--max-len", "16"]].concat());
+    assert!(ok, "{err}");
+
+    // The fixture times 1e30 (finite in f32), by a linear merge of one model.
+    let cfg = tmp.path().join("scale.yml");
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0e30}}\nparameters: {{normalize: false}}\n",
+        model.display()
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let scaled = tmp.path().join("scaled");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", scaled.to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+    for m in [&scaled, &model] {
+        let (ok, out, err) =
+            run(&["eval", m.to_str().unwrap(), "--inputs", texts.to_str().unwrap(), "--max-len", "16"]);
+        let refused = !ok && err.contains("not a finite number") && err.contains("overflow");
+        assert_eq!(refused, m == &scaled, "{}: {out}\n{err}", m.display());
+    }
+}

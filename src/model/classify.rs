@@ -202,12 +202,25 @@ pub fn predict<B: Backend, S: AsRef<str>>(
         for (j, &i) in chunk.iter().enumerate() {
             let r = j * n_labels..(j + 1) * n_labels;
             let (logits, probs) = (logits[r.clone()].to_vec(), probs[r].to_vec());
+            if let Some(x) = logits.iter().find(|x| !x.is_finite()) {
+                return Err(Error::Model { path: model.path.clone(), reason: not_finite(i, *x) });
+            }
             let label = names.get(crate::logits::argmax(&logits)).cloned();
             out[i] = Some(Prediction { logits, probs, label });
         }
         tracing::debug!("batch {bi}: {} texts x {} tokens", enc.batch, enc.seq);
     }
     out.into_iter().map(|p| p.ok_or_else(|| Error::Invalid("a text got no prediction".into()))).collect()
+}
+
+/// Why text `i` (0-based) gets no prediction: a logit of `x`. Fuzzing round 5: a model finetuned
+/// at `--lr 1e30` scored a NaN loss with rc 0.
+fn not_finite(i: usize, x: f32) -> String {
+    format!(
+        "text {} of the input: a logit is {x}, not a finite number; the weights make the activations \
+         overflow (a model trained with too high a learning rate?)",
+        i + 1
+    )
 }
 
 /// Class names in id order (empty when the config names no classes); `label2id` holds ids 0 to

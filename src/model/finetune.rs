@@ -662,8 +662,25 @@ pub(super) fn train<B: Backend, O: Objective<B>>(
         if step % opts.log_every.max(1) == 0 || step == total {
             log.line(step, seen, &losses, start);
         }
+        if step == total {
+            check_final_weights(obj, chunk, step)?;
+        }
     }
     Ok(TrainRun { losses, seen, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Every step's loss is that of the weights before its update, so a last update that diverged
+/// would be saved unseen (fuzzing round 5: `--lr 1e30` saved weights of 1e30, rc 0). The final
+/// weights' loss on the last batch (one more forward and backward) must be finite.
+fn check_final_weights<B: Backend, O: Objective<B>>(obj: &mut O, chunk: &[usize], step: usize) -> Result<()> {
+    let (loss, _) = obj.loss_grads(chunk)?;
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "training diverged at step {step}, the last: the updated weights give a loss of {loss} on its \
+         batch; nothing was saved; try a smaller learning rate"
+    )))
 }
 
 /// The loss lines of a run: when, at which step and after how many examples the last one was.

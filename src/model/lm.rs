@@ -80,6 +80,10 @@ pub fn evaluate_lm<B: Backend, A: LmArch<B>, S: AsRef<str>>(
         }
         picked_logits(&model.backend, &batch, &model.logits(&batch)?, model.vocab()).map(Some)
     })
+    .map_err(|e| match e {
+        Error::Invalid(reason) => Error::Model { path: model.path.clone(), reason },
+        e => e,
+    })
 }
 
 /// Scores sequences of `lens` tokens in batches of `batch_size`, longest first so a batch pads
@@ -104,6 +108,15 @@ pub fn score_next_tokens(
     let (mut total, mut tokens, mut hits) = (0f64, 0usize, 0usize);
     for chunk in order.chunks(batch_size) {
         let Some((logits, targets)) = picked(chunk)? else { continue };
+        if let Some(x) = logits.iter().find(|x| !x.is_finite()) {
+            let mut rows = chunk.to_vec();
+            rows.sort_unstable();
+            let texts = rows.iter().map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(", ");
+            return Err(Error::Invalid(format!(
+                "a next-token logit of the texts {texts} is {x}, not a finite number; the weights make \
+                 the activations overflow (a model trained with too high a learning rate?)"
+            )));
+        }
         for (z, &t) in logits.chunks(vocab).zip(&targets) {
             total += logsumexp(z) - z[t as usize] as f64;
             hits += usize::from(argmax(z) == t as usize);
