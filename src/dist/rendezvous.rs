@@ -95,6 +95,22 @@ pub struct Rendezvous {
     _heartbeat: Option<Heartbeat>,
 }
 
+/// The rendezvous directory is a directory, or a path that can become one: a dangling link or a
+/// file there made `create_dir_all` say only "File exists" (fuzzing round 5).
+fn check_rendezvous_dir(dir: &Path) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(dir) else { return Ok(()) };
+    let why = match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => "is not a directory".to_string(),
+        Err(_) if meta.file_type().is_symlink() => match fs::read_link(dir) {
+            Ok(to) => format!("is a symbolic link to {}, which does not exist", to.display()),
+            Err(_) => "is a symbolic link that leads nowhere".to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    Err(Error::Invalid(format!("rendezvous directory {}: {why}", dir.display())))
+}
+
 /// Meets the other ranks in `opts.dir`. Rank 0 shares `payload`; the other ranks' `payload`
 /// argument is ignored and they receive rank 0's.
 pub fn rendezvous(info: &RankInfo, opts: &RendezvousOptions, payload: &[u8]) -> Result<Rendezvous> {
@@ -107,6 +123,7 @@ pub fn rendezvous(info: &RankInfo, opts: &RendezvousOptions, payload: &[u8]) -> 
     }
     let key = opts.job_id.clone().or_else(|| info.run_id.clone()).unwrap_or_else(|| "default".into());
     let run_dir = opts.dir.join(format!("run-{}", sanitize(&key)));
+    check_rendezvous_dir(&opts.dir)?;
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     tracing::debug!("{info}: rendezvous in {}", run_dir.display());
     let deadline = deadline_after(opts.timeout);
@@ -885,6 +902,22 @@ mod tests {
             assert_eq!(follower.join().unwrap().unwrap().0.payload(), &[5], "{fingerprint:?}");
             lead.join().unwrap().unwrap();
         }
+    }
+
+    /// Fuzzing round 5: a dangling link said only "File exists".
+    #[test]
+    fn a_rendezvous_that_cannot_be_a_directory_says_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("rdv");
+        std::os::unix::fs::symlink(tmp.path().join("gone"), &link).unwrap();
+        let msg = rendezvous(&info(0, 1), &opts(&link, 100), &[]).err().unwrap().to_string();
+        assert!(msg.contains("is a symbolic link to") && msg.contains("gone, which does not exist"), "{msg}");
+        let file = tmp.path().join("file");
+        fs::write(&file, "").unwrap();
+        let msg = rendezvous(&info(0, 1), &opts(&file, 100), &[]).err().unwrap().to_string();
+        assert!(msg.contains("file: is not a directory"), "{msg}");
+        fs::create_dir(tmp.path().join("gone")).unwrap();
+        rendezvous(&info(0, 1), &opts(&link, 100), &[]).unwrap();
     }
 
     #[test]
