@@ -473,8 +473,15 @@ fn degenerate_configs_and_disagreeing_architectures_are_refused() {
         (ok, err, cfg)
     };
     let cases = [
-        ("linear0", "merge_method: linear\n", "0.0", "0.0", Some("every weight is 0")),
-        ("linnorm", "merge_method: linear\nparameters: {normalize: true}\n", "1.0", "-1.0", Some("sum to 0")),
+        // linear merges the base_model too (mergekit's rule), at the top-level weight.
+        ("linear0", "merge_method: linear\nparameters: {weight: 0.0}\n", "0.0", "0.0", Some("every weight is 0")),
+        (
+            "linnorm",
+            "merge_method: linear\nparameters: {normalize: true, weight: 0}\n",
+            "1.0",
+            "-1.0",
+            Some("sum to 0"),
+        ),
         // mergekit's task-vector methods divide by 1 where the weights sum to 0.
         ("tanorm", "merge_method: task_arithmetic\nparameters: {normalize: true}\n", "1.0", "-1.0", None),
         ("tiesnorm", "merge_method: ties\nparameters: {normalize: true, density: 0.5}\n", "1.0", "-1.0", None),

@@ -501,6 +501,9 @@ fn registry_errors_name_the_key() {
         ),
         (yaml_for("multislerp", two, "", ""), &["parameters.weight", "`multislerp` needs `weight`"]),
         (yaml_for("linear", two, "", ""), &["parameters.weight", "`linear` needs `weight`", "has none"]),
+        // A base_model `models` leaves out is one more model (fuzzing round 5: dropped silently).
+        (yaml_for("linear", one, "weight: 1", ""), &["`linear` needs `weight`", "has none", "the base_model counts"]),
+        (yaml_for("passthrough", one, "", ""), &["exactly 1 model(s)", "lists 2", "the base_model counts"]),
         (yaml_for("task_arithmetic", one, "density: 0.5", ""), &["`task_arithmetic` needs `weight`", "has none"]),
         (yaml_for("karcher", one, "", "max_iter: 2.5"), &["parameters.max_iter", "whole number"]),
         (yaml_for("arcee_fusion", two, "", ""), &["exactly 1 model", "lists 2"]),

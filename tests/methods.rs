@@ -227,8 +227,8 @@ const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::BF16];
 #[test]
 fn linear_matches_reference() {
     for dt in DTYPES {
-        // linear averages the listed models; the test lists experts 1..3 (base_model only
-        // supplies config files).
+        // linear averages the listed models; the test lists experts 1..3 and no base_model
+        // (which mergekit would merge as one more model).
         let spec =
             Spec { method: "linear", weights: &[0.5, 0.3, 0.2], densities: &[], lambda: 1.0, normalize: None, seed: 0 };
         run_linear(&spec, dt);
@@ -238,7 +238,7 @@ fn linear_matches_reference() {
 fn run_linear(spec: &Spec<'_>, dt: Dtype) {
     let tmp = tempfile::tempdir().unwrap();
     let paths = make_family(tmp.path(), dt, 3);
-    let mut y = format!("merge_method: linear\nbase_model: {}\nmodels:\n", paths[0].display());
+    let mut y = "merge_method: linear\nmodels:\n".to_string();
     for (k, p) in paths[1..].iter().enumerate() {
         y += &format!("  - model: {}\n    parameters: {{weight: {}}}\n", p.display(), spec.weights[k]);
     }
@@ -487,8 +487,11 @@ fn lambda_table_overrides_weights() {
     assert!(!tmp.path().join("o2").exists());
 }
 
+/// As in mergekit, a base_model that `models` leaves out is averaged as one more model, at the
+/// top-level weight (required, as for every model); it names the output's tensors, so the
+/// experts' heads it lacks (of different shapes here) are left out.
 #[test]
-fn linear_with_a_base_averages_only_the_models_and_leaves_out_their_heads() {
+fn linear_averages_a_base_as_one_more_model_and_leaves_out_heads_it_lacks() {
     let tmp = tempfile::tempdir().unwrap();
     let w = |v: [f64; 4]| T::new("encoder.w", Dtype::F32, &[4], v.to_vec());
     let base = write_model(&tmp.path().join("base"), &[w([1.0, 1.0, 1.0, 1.0])]);
@@ -500,16 +503,16 @@ fn linear_with_a_base_averages_only_the_models_and_leaves_out_their_heads() {
         &tmp.path().join("b"),
         &[w([4.0, 0.0, 2.0, 0.0]), T::new("classifier.weight", Dtype::F32, &[3, 4], vec![0.5; 12])],
     );
-    let cfg = |with_base: bool| {
-        let base_line = if with_base { format!("base_model: {}\n", base.display()) } else { String::new() };
+    let cfg = |base_line: &str| {
         format!(
             "merge_method: linear\n{base_line}models:\n  - model: {}\n    parameters: {{weight: 3}}\n  - model: {}\n    parameters: {{weight: 1}}\n",
             a.display(),
             b.display()
         )
     };
+    let with_base = format!("base_model: {}\nparameters: {{weight: 4}}\n", base.display());
     let path = tmp.path().join("m.yml");
-    std::fs::write(&path, cfg(true)).unwrap();
+    std::fs::write(&path, cfg(&with_base)).unwrap();
     let opts = |out: &str| MergeOptions {
         max_shard_bytes: u64::MAX,
         force: false,
@@ -519,9 +522,14 @@ fn linear_with_a_base_averages_only_the_models_and_leaves_out_their_heads() {
     merge(&MergeConfig::load(&path).unwrap(), &opts("with-base")).unwrap();
     let merged = read_model(&tmp.path().join("with-base"));
     assert_eq!(merged.keys().collect::<Vec<_>>(), ["encoder.w"], "heads of different shapes are left out");
-    assert_eq!(merged["encoder.w"].2, vec![2.5, 3.0, 5.0, 6.0], "(3a + b) / 4, base not averaged in");
+    assert_eq!(merged["encoder.w"].2, vec![1.75, 2.0, 3.0, 3.5], "(3a + b + 4 base) / 8");
 
-    std::fs::write(&path, cfg(false)).unwrap();
+    // The base without a weight: refused, as mergekit refuses it.
+    std::fs::write(&path, cfg(&format!("base_model: {}\n", base.display()))).unwrap();
+    let err = MergeConfig::load(&path).unwrap_err().to_string();
+    assert!(err.contains("needs `weight`") && err.contains("the base_model counts"), "{err}");
+
+    std::fs::write(&path, cfg("")).unwrap();
     let err = merge(&MergeConfig::load(&path).unwrap(), &opts("no-base")).unwrap_err().to_string();
     assert!(err.contains("classifier.weight") && err.contains("shape"), "{err}");
 }

@@ -88,13 +88,16 @@ val_avg() {  # MODEL -> mean validation accuracy over tasks with each task's hea
 merge_cfg() {  # METHOD LAMBDA [DENSITY] -> config text
   local method=$1 lam=$2 density=${3:-}
   echo "merge_method: $method"
+  # The base names the merged tensors (the experts' heads differ, so they are left out); linear
+  # merges a base_model that `models` leaves out as one more model (mergekit's rule), here at
+  # weight 0, so it averages the experts only.
   echo "base_model: $PWD/$BASE"
   echo "models:"
   for t in $TASKS; do
     echo "  - model: $WA/experts/$t"
     if [ -n "$density" ]; then echo "    parameters: {weight: 1.0, density: $density}"; else echo "    parameters: {weight: 1.0}"; fi
   done
-  [ "$method" = linear ] || echo "parameters: {lambda: $lam}"
+  if [ "$method" = linear ]; then echo "parameters: {weight: 0}"; else echo "parameters: {lambda: $lam}"; fi
 }
 do_merge() {  # NAME METHOD LAMBDA [DENSITY]
   merge_cfg "$2" "$3" "${4:-}" >"$W/merged/$1.yml"

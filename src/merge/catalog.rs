@@ -73,7 +73,7 @@ impl fmt::Display for Catalog {
             let base = match m.base_model {
                 BasePolicy::Required => "needs base_model",
                 BasePolicy::Optional => "base_model optional",
-                BasePolicy::Unused => "no base_model",
+                BasePolicy::Unused => "a base_model not in models is one more model",
             };
             let count = match (m.min_models, m.max_models) {
                 (lo, Some(hi)) if lo == hi => format!("{lo} model(s)"),

@@ -347,20 +347,29 @@ impl MergeConfig {
             Some(raw_slices) => parse_slices(method, raw_slices, base_model.as_deref(), base_dir, source, prefix)?,
             None => Vec::new(),
         };
-        let models = if slices.is_empty() {
+        let (models, base_added) = if slices.is_empty() {
             parse_models(method, std::mem::take(&mut raw.models), base_model.as_deref(), base_dir, source, prefix)?
         } else {
-            slices[0].experts.clone()
+            (slices[0].experts.clone(), false)
         };
         check_params(method, &mut raw.parameters, source, "parameters")?;
         let module_parameters = split_module_params(method, module, &mut raw.parameters, source)?;
         let mut merge_wide = raw.parameters.clone();
         merge_wide.extend(module_parameters.clone());
         if slices.is_empty() {
-            check_required(method, &merge_wide, &BTreeMap::new(), &models, source, prefix)?;
+            let added_base = base_model.as_deref().filter(|_| base_added);
+            check_required(method, &merge_wide, &BTreeMap::new(), &models, added_base, source, prefix)?;
         }
         for (i, s) in slices.iter().enumerate() {
-            check_required(method, &merge_wide, &s.parameters, &s.experts, source, &format!("{prefix}slices[{i}]: "))?;
+            check_required(
+                method,
+                &merge_wide,
+                &s.parameters,
+                &s.experts,
+                None,
+                source,
+                &format!("{prefix}slices[{i}]: "),
+            )?;
         }
         let (out_dtype, compute_dtype) = parse_dtypes(&raw, source)?;
         let lambda_table = match raw.parameters.get("lambda_table") {
@@ -788,7 +797,9 @@ fn parse_dtypes(raw: &RawConfig, source: &Path) -> Result<(Option<FloatDType>, O
 }
 
 /// The `models` form: every model with its checked parameters; the base, when the method
-/// subtracts it, is left out (mergekit configs often list it among the models).
+/// subtracts it, is left out (mergekit configs often list it among the models), and added last
+/// when the method merges weights and `models` leaves it out (mergekit's rule), which the
+/// `bool` says.
 fn parse_models(
     method: &'static MethodDef,
     raw: Vec<RawModel>,
@@ -796,7 +807,7 @@ fn parse_models(
     base_dir: &Path,
     source: &Path,
     prefix: &str,
-) -> Result<Vec<ModelEntry>> {
+) -> Result<(Vec<ModelEntry>, bool)> {
     if method.needs_base() && base_model.is_none() {
         return Err(config_err(
             source,
@@ -825,9 +836,22 @@ fn parse_models(
         }
         models.push(ModelEntry { path, parameters: m.parameters });
     }
-    check_model_count(method, models.len(), source, prefix)?;
-    Ok(models)
+    // mergekit merges a base_model that `models` leaves out as one more model, last, with no
+    // parameters of its own; a method that subtracts no base would otherwise drop it silently.
+    let added = base_model.filter(|b| !method.uses_base() && !seen.iter().any(|p| same_path(p, b)));
+    if let Some(b) = added {
+        models.push(ModelEntry { path: b.to_path_buf(), parameters: BTreeMap::new() });
+    }
+    check_model_count(method, models.len(), source, prefix).map_err(|e| match (e, added) {
+        (Error::Config { path, reason }, Some(_)) => Error::Config { path, reason: format!("{reason}{BASE_ADDED}") },
+        (e, _) => e,
+    })?;
+    Ok((models, added.is_some()))
 }
+
+/// Said where a base_model counts as one more merged model (the `bool` [`parse_models`] returns).
+const BASE_ADDED: &str = " (the base_model counts: mergekit merges a base_model that `models` does not list as one \
+                          more model)";
 
 /// The `slices` form, checked as mergekit checks it: sources of one slice span equally many
 /// layers and are distinct models; a base the method uses is one of each slice's sources.
@@ -1013,6 +1037,7 @@ fn check_required(
     global: &BTreeMap<String, ParamValue>,
     slice: &BTreeMap<String, ParamValue>,
     models: &[ModelEntry],
+    added_base: Option<&Path>,
     source: &Path,
     at: &str,
 ) -> Result<()> {
@@ -1027,9 +1052,10 @@ fn check_required(
         if let Some(m) = models.iter().find(|m| !m.parameters.contains_key(spec.name)) {
             let why = format!(
                 "{needs}, and model {} has none (mergekit 0.1.5 refuses it too: \"Missing required parameter {}\"); \
-                 give it under the model's, the slice's or the top-level `parameters`",
+                 give it under the model's, the slice's or the top-level `parameters`{}",
                 m.path.display(),
-                spec.name
+                spec.name,
+                if added_base.is_some_and(|b| same_path(b, &m.path)) { BASE_ADDED } else { "" }
             );
             return Err(config_err(source, why));
         }

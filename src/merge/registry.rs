@@ -118,8 +118,8 @@ impl ParamSpec {
 pub enum BasePolicy {
     /// Works on task vectors: `base_model` is required and is never among the merged models.
     Required,
-    /// Works on the models' weights; a `base_model` only names the output's tensors and side
-    /// files.
+    /// Works on the models' weights; a `base_model` names the output's tensors and side files,
+    /// and is merged as one more model when `models` does not list it (mergekit's rule).
     Unused,
     /// Works on task vectors when a `base_model` is given, on the weights otherwise.
     Optional,

@@ -161,6 +161,11 @@ CASES = {
                         "parameters": {"lambda": 0.8}},
     "linear": {"merge_method": "linear", "models": models((E1, {"weight": 0.2}), (E2, {"weight": 0.3}),
                                                           (E3, {"weight": 0.5}))},
+    # A base_model that `models` does not list is merged as one more model, last, its weight from
+    # the top-level parameters (mergekit's normalize_config).
+    "linear_base_added": {"merge_method": "linear", "base_model": "{base}",
+                          "models": models((E1, {"weight": 0.5}), (E2, {"weight": 0.2})),
+                          "parameters": {"weight": 0.3}},
 }
 
 
