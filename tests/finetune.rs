@@ -249,6 +249,9 @@ fn bad_input_is_reported_and_leaves_no_output() {
         !ok && err.contains("train.jsonl: line 2") && err.contains("`neutral`") && err.contains("pos, neg"),
         "{err}"
     );
+    // ... named as the labels file's classes, not the training set's (fuzzing round 5).
+    let labels_json = data.join("labels.json");
+    assert!(err.contains(&format!("classes in the labels file {}", labels_json.display())), "{err}");
 
     // A bad label in the evaluation file is caught before any training.
     std::fs::write(&train, "{\"text\": \"good\", \"label\": \"pos\"}\n{\"text\": \"bad\", \"label\": \"neg\"}\n")

@@ -259,8 +259,8 @@ fn sparse_class_ids_are_refused_by_line() {
     // 1001 classes, all used: dense enough, whatever their count.
     let ex: Vec<symerge::data::jsonl::Example> =
         (0..1001).map(|i| symerge::data::jsonl::Example { text: "t".into(), label: None, label_id: Some(i) }).collect();
-    let names = symerge::model::finetune::class_names(&ex, &train, None).unwrap();
-    assert_eq!(names.len(), 1001);
+    let classes = symerge::model::finetune::class_names(&ex, &train, None).unwrap();
+    assert_eq!(classes.names.len(), 1001);
 }
 
 /// The base decides a merge's tensors, so a base that lacks some (a sharded index that leaves

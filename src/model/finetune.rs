@@ -317,18 +317,27 @@ pub fn read_labels_file(path: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Class names in id order, and where they came from (named when a label is not among them:
+/// a labels file that lacks one was blamed on "the training set").
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassList {
+    pub names: Vec<String>,
+    pub source: String,
+}
+
 /// The class names for training on `train`: from `labels_file`, else from a `labels.json`
 /// beside `train`, else from the data (sorted names, or `LABEL_i` when the data only has ids).
-pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path>) -> Result<Vec<String>> {
+pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path>) -> Result<ClassList> {
     let beside = train.parent().unwrap_or(Path::new(".")).join("labels.json");
     if let Some(path) = labels_file.or(beside.is_file().then_some(beside.as_path())) {
         let names = read_labels_file(path)?;
         tracing::info!("{} classes from {}", names.len(), path.display());
-        return Ok(names);
+        return Ok(ClassList { names, source: format!("the labels file {}", path.display()) });
     }
+    let source = format!("the training data {}", train.display());
     let named: std::collections::BTreeSet<&str> = examples.iter().filter_map(|e| e.label.as_deref()).collect();
     if !named.is_empty() {
-        return Ok(named.into_iter().map(String::from).collect());
+        return Ok(ClassList { names: named.into_iter().map(String::from).collect(), source });
     }
     let top = examples.iter().enumerate().filter_map(|(i, e)| e.label_id.map(|id| (id, i))).max();
     if let Some((id, line)) = top
@@ -348,7 +357,7 @@ pub fn class_names(examples: &[Example], train: &Path, labels_file: Option<&Path
             reason: format!("label {id}: {reason}"),
         })?;
     }
-    Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
+    Ok(ClassList { names: (0..n).map(|i| format!("LABEL_{i}")).collect(), source })
 }
 
 /// Above this many classes from bare ids, the ids must be [`MIN_USED_FRACTION`] used.
@@ -377,11 +386,12 @@ fn check_dense(examples: &[Example], n: usize) -> std::result::Result<(), String
     ))
 }
 
-/// Class ids of `examples` (read from `path`) under `names`, by the rule eval and adapt share
+/// Class ids of `examples` (read from `path`) under `classes`, by the rule eval and adapt share
 /// ([`super::classify::label_ids`]).
-pub fn label_ids(examples: &[Example], path: &Path, names: &[String]) -> Result<Vec<usize>> {
+pub fn label_ids(examples: &[Example], path: &Path, classes: &ClassList) -> Result<Vec<usize>> {
+    let names = &classes.names;
     let index: BTreeMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
-    let classes = Classes { label2id: Some(&index), n: names.len(), source: "the training set" };
+    let classes = Classes { label2id: Some(&index), n: names.len(), source: &classes.source };
     super::classify::label_ids(examples, classes, path)
 }
 
@@ -461,16 +471,17 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
     check_options(opts, &inputs)?;
     check_classifier_base(base)?;
     let examples = read_examples(opts)?;
-    let names = class_names(&examples, &opts.train, opts.labels.as_deref())?;
-    let labels = label_ids(&examples, &opts.train, &names)?;
-    if names.len() < 2 {
+    let classes = class_names(&examples, &opts.train, opts.labels.as_deref())?;
+    let labels = label_ids(&examples, &opts.train, &classes)?;
+    if classes.names.len() < 2 {
         return Err(Error::Invalid(format!(
             "{}: a classifier needs at least two classes, found {}",
             opts.train.display(),
-            names.len()
+            classes.names.len()
         )));
     }
-    let eval_set = opts.eval.as_deref().map(|path| labelled_texts(path, &names)).transpose()?;
+    let eval_set = opts.eval.as_deref().map(|path| labelled_texts(path, &classes)).transpose()?;
+    let names = classes.names;
 
     let new_head = NewHead { num_labels: names.len(), seed: opts.seed };
     let mut clf = SequenceClassifier::load(backend, base, opts.max_len, LoadOptions { new_head: Some(new_head) })?;
@@ -562,9 +573,9 @@ fn check_classifier_base(base: &Path) -> Result<()> {
 }
 
 /// The texts of a labelled JSONL and their class ids under `names`.
-fn labelled_texts(path: &Path, names: &[String]) -> Result<(Vec<String>, Vec<usize>)> {
+fn labelled_texts(path: &Path, classes: &ClassList) -> Result<(Vec<String>, Vec<usize>)> {
     let ex = read_jsonl(path)?;
-    let ids = label_ids(&ex, path, names)?;
+    let ids = label_ids(&ex, path, classes)?;
     Ok((ex.into_iter().map(|e| e.text).collect(), ids))
 }
 
@@ -847,21 +858,21 @@ mod tests {
     fn class_names_and_ids() {
         let here = Path::new("/nonexistent/train.jsonl");
         let data = [ex(Some("b"), None), ex(Some("a"), None), ex(Some("b"), Some(1))];
-        let names = class_names(&data, here, None).unwrap();
-        assert_eq!(names, ["a", "b"], "sorted names from the data");
-        assert_eq!(label_ids(&data, here, &names).unwrap(), [1, 0, 1]);
+        let classes = class_names(&data, here, None).unwrap();
+        assert_eq!(classes.names, ["a", "b"], "sorted names from the data");
+        assert_eq!(label_ids(&data, here, &classes).unwrap(), [1, 0, 1]);
         let clash = [ex(Some("b"), Some(0))];
-        let e = label_ids(&clash, here, &names).unwrap_err().to_string();
+        let e = label_ids(&clash, here, &classes).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("disagrees"), "{e}");
         let ids = [ex(None, Some(2)), ex(None, Some(0))];
-        let names = class_names(&ids, here, None).unwrap();
-        assert_eq!(names, ["LABEL_0", "LABEL_1", "LABEL_2"]);
-        assert_eq!(label_ids(&ids, here, &names).unwrap(), [2, 0]);
+        let classes = class_names(&ids, here, None).unwrap();
+        assert_eq!(classes.names, ["LABEL_0", "LABEL_1", "LABEL_2"]);
+        assert_eq!(label_ids(&ids, here, &classes).unwrap(), [2, 0]);
         // A stray huge id is refused by line instead of sizing a head (it aborted the process).
         let stray = [ex(None, Some(0)), ex(None, Some(4_000_000_000))];
         let e = class_names(&stray, here, None).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("label 4000000000"), "{e}");
-        let e = label_ids(&[ex(None, None)], here, &names).unwrap_err().to_string();
+        let e = label_ids(&[ex(None, None)], here, &classes).unwrap_err().to_string();
         assert!(e.contains("missing the `label` field"), "{e}");
     }
 }
