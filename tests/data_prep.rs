@@ -398,6 +398,18 @@ fn cli_prepares_a_task_and_reports_it() {
     assert!(!ok && stderr.contains("fetch-assets.sh") && stderr.contains("wordnet-base"), "{stderr}");
     let (ok, _, stderr) = common::run(&["data", "prepare", "--out", "x", "--task", "sentiment"]);
     assert!(!ok && stderr.contains("unknown task `sentiment`"), "{stderr}");
+    // Texts cut to one character are nearly all repeats: said so, not "no examples found", and
+    // a classification task left with one class (wn-verb: one text) is not written either
+    // (fuzzing round 5).
+    let tiny = out.path().join("tiny");
+    let src = source.to_str().unwrap();
+    for (task, want) in [("fortune-topic", "none of the "), ("wn-verb", "a classification task needs two classes")] {
+        let args = ["data", "prepare", "--source", src, "--out", tiny.to_str().unwrap(), "--task", task];
+        let (ok, _, stderr) = common::run(&[&args[..], &["--max-chars", "1"]].concat());
+        assert!(!ok && stderr.contains(&format!("{task}: {want}")) && stderr.contains("--max-chars 1"), "{stderr}");
+        assert!(stderr.contains(" repeats") && !stderr.contains("no examples found"), "{stderr}");
+        assert!(!tiny.join(task).exists(), "{task}: a task with too few classes was written");
+    }
 
     // A task folder symerge did not write is refused before any task is written.
     let fresh = tempfile::tempdir().unwrap();

@@ -22,7 +22,7 @@ pub mod wordnet;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::Serialize;
@@ -381,11 +381,42 @@ pub fn prepare(task: Task, opts: &PrepareOptions) -> Result<TaskSummary> {
     tracing::info!("preparing {task} from {}", opts.source.display());
     let Collected { collector, label_order, min_class, max_per_class } = collect(task, opts)?;
     let (classes, stats) = collector.finish();
-    let summary = assemble(task, &opts.out, label_order, classes, stats, min_class, max_per_class)?;
-    if summary.labels.is_empty() {
-        return Err(Error::Invalid(format!("{task}: no examples found under {}", opts.source.display())));
+    assemble(task, opts, label_order, classes, stats, min_class, max_per_class)
+}
+
+/// Why a task has no rows, or a classification task one class: nothing read, or what became of
+/// what was read (fuzzing round 5: `--max-chars 1` made every text a repeat, and the message said
+/// "no examples found"; wn-verb was written with one class of one text).
+fn too_little(task: Task, opts: &PrepareOptions, st: &Stats, labels: &[String]) -> String {
+    let source = opts.source.display();
+    if st.read == 0 {
+        return format!("{task}: no examples found under {source}");
     }
-    Ok(summary)
+    let read = st.read;
+    let left = match labels {
+        [one] => format!(
+            "a classification task needs two classes, and of the {read} entries read under {source} only class \
+             `{one}` is left"
+        ),
+        _ => format!("none of the {read} entries read under {source} is left"),
+    };
+    let fates = [
+        (st.empty, "empty"),
+        (st.filtered, "mostly not letters"),
+        (st.duplicates, "repeats"),
+        (st.conflicting, "under two labels"),
+        (st.small_class, "in classes too small"),
+    ];
+    let fates: Vec<String> = fates.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    let cut = if st.truncated > 0 {
+        format!(
+            "; {} were cut to --max-chars {}, which may be too few to tell texts apart",
+            st.truncated, opts.max_chars
+        )
+    } else {
+        String::new()
+    };
+    format!("{task}: {left}: {}{cut}", fates.join(", "))
 }
 
 /// A task's texts as read, with how `assemble` should treat its classes.
@@ -542,7 +573,7 @@ impl Collector {
 /// Drops small classes, applies the class cap, splits, and writes the task's files.
 fn assemble(
     task: Task,
-    out: &Path,
+    opts: &PrepareOptions,
     label_order: Vec<String>,
     mut classes: BTreeMap<String, Vec<String>>,
     mut stats: Stats,
@@ -571,10 +602,13 @@ fn assemble(
     if let Some(stray) = classes.keys().next() {
         return Err(Error::Invalid(format!("{task}: label `{stray}` is not among the task's classes")));
     }
+    if labels.len() < if task.is_lm() { 1 } else { 2 } {
+        return Err(Error::Invalid(too_little(task, opts, &stats, &labels)));
+    }
     // Hash order mixes the classes, so a reader taking the first N rows gets all of them.
     rows.sort_unstable_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
 
-    let dir = out.join(task.name());
+    let dir = opts.out.join(task.name());
     let staging = Staging::create(&dir)?;
     let mut counts = Counts::default();
     for split in Split::ALL {
