@@ -56,21 +56,43 @@ pub fn read_jsonl_hashed(path: &Path) -> Result<(Vec<Example>, String)> {
     Ok((out, hash))
 }
 
+/// The fields a line is read for. Other fields are skipped without decoding their strings, so
+/// one no command reads may hold anything JSON allows (fuzzing round 5: a lone surrogate in a
+/// `meta` field refused the file).
+#[derive(serde::Deserialize)]
+struct Fields {
+    #[serde(default, deserialize_with = "present")]
+    text: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    label: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    label_id: Option<Value>,
+}
+
+/// A field that is there, `null` included (`None` is reserved for absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// Parses one line; the error is the reason, without file or line.
 fn parse_line(line: &str) -> Result<Example, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| match lone_surrogate(line) {
-        Some((col, code)) => format!(
-            "column {col}: `\\u{code:04x}` is a lone UTF-16 surrogate, so the text is not valid Unicode \
-             (Python's json.dumps writes such escapes for strings holding unpaired surrogates); \
-             remove it or replace it, e.g. with \\ufffd"
-        ),
-        None => format!("not valid JSON: {e}"),
+    // Checked first: serde also reads a struct from an array (`["text"]`).
+    if !line.trim_start().starts_with('{') {
+        return Err("expected a JSON object with a `text` field".to_string());
+    }
+    let fields: Fields = serde_json::from_str(line).map_err(|e| {
+        match lone_surrogate(line).filter(|_| e.to_string().contains("hex escape")) {
+            Some((col, code)) => format!(
+                "column {col}: `\\u{code:04x}` is a lone UTF-16 surrogate, so the text is not valid Unicode \
+                 (Python's json.dumps writes such escapes for strings holding unpaired surrogates); \
+                 remove it or replace it, e.g. with \\ufffd"
+            ),
+            None if e.is_data() => e.to_string(),
+            None => format!("not valid JSON: {e}"),
+        }
     })?;
-    let Value::Object(obj) = value else {
-        return Err("expected a JSON object with a `text` field".into());
-    };
-    let text = match obj.get("text") {
-        Some(Value::String(s)) => s.clone(),
+    let text = match fields.text {
+        Some(Value::String(s)) => s,
         Some(other) => return Err(format!("`text` must be a string, found {other}")),
         None => return Err("missing the `text` field".into()),
     };
@@ -79,11 +101,11 @@ fn parse_line(line: &str) -> Result<Example, String> {
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| format!("`{field}` must be a class name or a non-negative integer, found {v}"))
     };
-    let mut label_id = match obj.get("label_id") {
+    let mut label_id = match &fields.label_id {
         None | Some(Value::Null) => None,
         Some(v) => Some(as_id("label_id", v)?),
     };
-    let label = match obj.get("label") {
+    let label = match &fields.label {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(v) => {
@@ -152,6 +174,9 @@ mod tests {
         assert_eq!(parse_line(r#"{"text": "\ud83d\ude00"}"#).unwrap().text, "\u{1f600}");
         assert_eq!(parse_line(r#"{"text": "\\ud800"}"#).unwrap().text, "\\ud800");
         assert_eq!(lone_surrogate(r#"{"text": "\ude00\ud800"}"#), Some((11, 0xde00)));
+        // In a field no command reads, it is skipped with the field.
+        let other = parse_line(r#"{"text": "ok", "meta": "\ud800", "label": "a"}"#).unwrap();
+        assert_eq!((other.text.as_str(), other.label.as_deref()), ("ok", Some("a")));
         assert_eq!(lone_surrogate(r#"{"text": "\ud800\u0041"}"#), Some((11, 0xd800)));
         assert_eq!(lone_surrogate(r#"{"text": "\u00e9\\ud800"}"#), None);
         let e = parse_line(r#"{"text": "a\u00"}"#).unwrap_err();
