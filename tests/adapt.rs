@@ -657,3 +657,27 @@ fn eval_refuses_recorded_inputs_that_changed_since_adapt() {
     let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(all["tasks"][0]["examples"], 3, "{all}");
 }
+
+/// Fuzzing round 5: `eval ADAPT_OUT` scored the experts (and built the baseline) from the paths
+/// adapt recorded without checking they still hold the models adapt read; a replaced expert was
+/// reported as the adaptation's expert. lambda.json records each model's content sketch.
+#[test]
+fn eval_refuses_experts_that_changed_since_adapt() {
+    let f = fixture();
+    let r = &f.root;
+    let out = adapt_quietly(r, "out", "1");
+    let o = out.to_str().unwrap();
+    let (ok, _, err) = run(&["eval", o, "--baseline"]);
+    assert!(ok, "{err}");
+    let alpha = r.join("expert-alpha");
+    std::fs::remove_dir_all(&alpha).unwrap();
+    common::adapt_fixture::make_expert(&alpha, 7, 3);
+    let (ok, _, err) = run(&["eval", o]);
+    let want = format!("{}: the expert of task `alpha` changed since adapt", alpha.display());
+    assert!(!ok && err.contains(&want) && err.contains("--no-experts"), "{err}");
+    let (ok, _, err) = run(&["eval", o, "--baseline", "--no-experts"]);
+    assert!(!ok && err.contains(&want) && !err.contains("--no-experts"), "{err}");
+    // Without experts or a baseline, only the adapted task models are scored.
+    let (ok, _, err) = run(&["eval", o, "--no-experts"]);
+    assert!(ok, "{err}");
+}

@@ -263,6 +263,7 @@ pub fn is_adapt_output(dir: &Path) -> bool {
 /// its model family, which the first task's checkpoint names.
 pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &ReportOptions) -> Result<AdaptEvalOutcome> {
     let recorded = Recorded::read(dir, opts)?;
+    check_inputs_unchanged(dir, opts)?;
     let max_len = opts.max_len.or(recorded.config.max_len).unwrap_or(crate::model::DEFAULT_MAX_LEN);
     let first = recorded.config.tasks.first().map(|t| dir.join("tasks").join(&t.name));
     // No checkpoint (or config.json) there: the classifier walk reports what is missing.
@@ -297,6 +298,39 @@ pub fn evaluate_adapted<B: Backend + Clone>(backend: B, dir: &Path, opts: &Repor
         let write = write.as_ref().map(|w| w as &WriteStart);
         score_tasks(dir, recorded, opts, max_len, score, write).map(AdaptEvalOutcome::Lm)
     })
+}
+
+/// Refuses experts (scored unless `--no-experts`, and the baseline's task vectors) or a base (the
+/// baseline's) that changed since adapt: lambda.json records each one's content sketch, and the
+/// scores would be of other models, reported as this adaptation's. Outputs of earlier versions
+/// record none and are taken as they are.
+fn check_inputs_unchanged(dir: &Path, opts: &ReportOptions) -> Result<()> {
+    if !opts.experts && !opts.baseline {
+        return Ok(());
+    }
+    let path = dir.join("lambda.json");
+    if !path.exists() {
+        return Ok(());
+    }
+    let table = crate::merge::config::LambdaTable::load(&path)?;
+    let base = table.base.iter().filter(|_| opts.baseline);
+    for m in base.chain(table.experts.iter().flatten()) {
+        if crate::labels::fingerprint::model_sketch(&m.path)? == m.fingerprint {
+            continue;
+        }
+        let what = match &m.task {
+            Some(t) => format!("the expert of task `{t}`"),
+            None => "the base model".into(),
+        };
+        let skip = if m.task.is_some() && !opts.baseline { "; or pass --no-experts" } else { "" };
+        return Err(Error::Invalid(format!(
+            "{}: {what} changed since adapt (its content differs from {}'s record), so its scores would be \
+             of another model; restore it{skip}",
+            m.path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Writes task k's starting model (the baseline) into a directory.
