@@ -485,6 +485,17 @@ fn lambda_table_overrides_weights() {
     .unwrap_err();
     assert!(err.to_string().contains("encoder.layer.9"), "{err}");
     assert!(!tmp.path().join("o2").exists());
+
+    // Fuzzing round 6: an emptied table merged every tensor at weight 1, lambda 1 in silence.
+    // It is refused; a table that leaves some tensors out says which, and what they get.
+    std::fs::write(tmp.path().join("lambda.json"), r#"{"lambda": {}}"#).unwrap();
+    let (ok, _, err) = common::run(&["merge", cfg.to_str().unwrap(), "-o", tmp.path().join("o3").to_str().unwrap()]);
+    assert!(!ok && err.contains("holds no coefficients for any of the"), "{err}");
+    std::fs::write(tmp.path().join("lambda.json"), table.to_string()).unwrap();
+    let (ok, _, err) = common::run(&["merge", cfg.to_str().unwrap(), "-o", tmp.path().join("o4").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let warning = err.lines().find(|l| l.contains("have no entry in")).unwrap_or_else(|| panic!("no warning: {err}"));
+    assert!(warning.contains("embeddings.") && warning.contains("config's `weight` and `lambda`"), "{warning}");
 }
 
 /// As in mergekit, a base_model that `models` leaves out is averaged as one more model, at the

@@ -755,6 +755,37 @@ fn check_lambda_table(config: &MergeConfig, stream: &LayerStream<'_>) -> Result<
             });
         }
     }
+    // Tensors without an entry merge with the config's `weight` and `lambda` (1 where not
+    // given): said, with the first few names, so that a cut or emptied table is not the plain
+    // sum of the task vectors in silence (fuzzing round 6); a table that covers none is refused.
+    let uncovered: Vec<&str> = stream
+        .blocks
+        .iter()
+        .flat_map(|b| b.tensors.iter().filter(|t| !t.inputs.is_empty()).map(move |t| (b.spec.name.as_str(), t)))
+        .filter(|(block, t)| !table.lambda.contains_key(*block) && !table.lambda.contains_key(&t.name))
+        .map(|(_, t)| t.name.as_str())
+        .collect();
+    let total: usize = stream.blocks.iter().map(|b| b.tensors.iter().filter(|t| !t.inputs.is_empty()).count()).sum();
+    if uncovered.is_empty() {
+        return Ok(());
+    }
+    if uncovered.len() == total {
+        return Err(Error::Config {
+            path: table.path.clone(),
+            reason: format!(
+                "holds no coefficients for any of the {total} tensors merged (no entry names one or its block)"
+            ),
+        });
+    }
+    let first: Vec<&str> = uncovered.iter().take(3).copied().collect();
+    tracing::warn!(
+        "{} of {total} merged tensors have no entry in {} ({}{}): they merge with the config's `weight` and `lambda` \
+         (1 where not given), not the table's",
+        uncovered.len(),
+        table.path.display(),
+        first.join(", "),
+        if uncovered.len() > first.len() { ", ..." } else { "" }
+    );
     Ok(())
 }
 
