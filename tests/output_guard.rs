@@ -533,3 +533,71 @@ fn cache_labels_refuses_a_rendezvous_inside_its_expert() {
     );
     assert!(!out.exists() && !rdzv.exists());
 }
+
+/// Fuzzing round 6: the guard knew models, data and caches but not the other files a command
+/// reads, so `--force` onto an earlier output holding them deleted them: merge's Lambda table,
+/// its `tokenizer_source` model and its own config, finetune's `--eval` file, adapt's config.
+#[test]
+fn every_file_a_command_reads_is_guarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::F32).unwrap();
+    let dirs = write_family(&spec, 3, 2, 0.01, &t.join("models"), 1 << 30).unwrap();
+    let cfg = t.join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5", "0.5"], "merge_method: task_arithmetic\n");
+    let prev = t.join("prev");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", prev.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let p = prev.to_str().unwrap();
+    // Files of the kinds each command reads, inside that (symerge-written) output.
+    std::fs::write(prev.join("lambda.json"), r#"{"lambda": {"model.layers.0": [0.5, 0.5]}}"#).unwrap();
+    std::fs::copy(&cfg, prev.join("again.yml")).unwrap();
+    std::fs::write(prev.join("eval.jsonl"), "{\"text\": \"hello there\"}\n").unwrap();
+    let (present, expert) = (t.join("present"), t.join("expert"));
+    std::fs::create_dir(&present).unwrap();
+    std::fs::create_dir(&expert).unwrap();
+    let (d, e) = (present.display(), expert.display());
+    let adapt =
+        format!("method: symerge\nbase_model: {d}\ntasks:\n  - {{name: a, expert: {e}, inputs: {d}, cache: {d}}}\n");
+    std::fs::write(prev.join("adapt.yml"), adapt).unwrap();
+    let extra = |name: &str, body: &str| {
+        let path = t.join(name);
+        common::write_merge_config(&path, &dirs, &["0.5", "0.5"], body);
+        path.to_str().unwrap().to_string()
+    };
+    let table =
+        extra("table.yml", &format!("merge_method: task_arithmetic\nparameters: {{lambda_table: {p}/lambda.json}}\n"));
+    let donor = extra("donor.yml", &format!("merge_method: task_arithmetic\ntokenizer_source: {p}\n"));
+    let texts = t.join("t.jsonl");
+    std::fs::write(&texts, "{\"text\": \"a few words to train on\"}\n").unwrap();
+    let lm = common::fixture_dir("llama_gqa");
+    let (again, adapt_cfg, eval) = (prev.join("again.yml"), prev.join("adapt.yml"), prev.join("eval.jsonl"));
+    let cases: Vec<(Vec<&str>, PathBuf)> = vec![
+        (vec!["merge", &table, "-o", p], prev.join("lambda.json")),
+        (vec!["merge", &donor, "-o", p], prev.clone()),
+        (vec!["merge", again.to_str().unwrap(), "-o", p], again.clone()),
+        (
+            vec![
+                "finetune",
+                lm.to_str().unwrap(),
+                "--train",
+                texts.to_str().unwrap(),
+                "--eval",
+                eval.to_str().unwrap(),
+                "-o",
+                p,
+            ],
+            eval.clone(),
+        ),
+        (vec!["adapt", adapt_cfg.to_str().unwrap(), "-o", p], adapt_cfg.clone()),
+    ];
+    let before = tree(&prev);
+    for (args, input) in cases {
+        let (ok, _, err) = run(&[&args[..], &["--force"]].concat());
+        assert!(
+            !ok && err.contains("lies inside the input") && err.contains(input.to_str().unwrap()),
+            "{args:?}: {err}"
+        );
+        assert_eq!(tree(&prev), before, "{args:?} changed the earlier output");
+    }
+}

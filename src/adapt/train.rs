@@ -937,9 +937,10 @@ pub fn check_output(cfg: &AdaptConfig, opts: &AdaptOptions, rank: usize) -> Resu
     Ok(())
 }
 
-/// Every path an adaptation of `cfg` reads: the base, and each task's expert, inputs and cache.
+/// Every path an adaptation of `cfg` reads: the config itself, the base, and each task's
+/// expert, inputs and cache.
 fn input_paths(cfg: &AdaptConfig) -> Vec<&Path> {
-    let mut inputs: Vec<&Path> = vec![cfg.base_model.as_path()];
+    let mut inputs: Vec<&Path> = vec![cfg.source.as_path(), cfg.base_model.as_path()];
     for t in &cfg.tasks {
         inputs.extend([t.expert.as_path(), t.inputs.as_path()].into_iter().chain(t.cache.as_deref()));
     }

@@ -38,7 +38,21 @@ pub fn lora_scratch(output: &Path) -> PathBuf {
 
 /// Every path a merge of `config` reads models from (adapters included).
 pub fn input_paths(config: &crate::merge::config::MergeConfig) -> Vec<PathBuf> {
-    config.referenced_models().iter().flat_map(|p| read_paths(p)).collect()
+    use crate::merge::config::{EmbedSource, TokenizerSource};
+    let mut models = config.referenced_models();
+    if let Some(TokenizerSource::Model(p)) = &config.tokenizer_source {
+        models.push(p.clone());
+    }
+    for (_, t) in &config.tokens {
+        if let Some(EmbedSource::Model(p) | EmbedSource::ModelToken { model: p, .. }) = &t.source {
+            models.push(p.clone());
+        }
+    }
+    let mut paths: Vec<PathBuf> = models.iter().flat_map(|p| read_paths(p)).collect();
+    // Read too, so an output over them would delete them (fuzzing round 6).
+    paths.extend(config.lambda_table.iter().map(|t| t.path.clone()));
+    paths.push(config.source.clone());
+    paths
 }
 
 /// The paths `p` reads: the model and the adapter of a `model+lora` reference, else `p`.

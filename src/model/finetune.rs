@@ -420,9 +420,12 @@ pub(super) fn loss_ends(losses: &[f32]) -> (f32, f32) {
 }
 
 /// The checks on options every model family shares, made before anything is loaded; `inputs`
-/// are the paths the output must stay apart from.
+/// are the paths the output must stay apart from, besides the `--eval` and `--labels` files
+/// (fuzzing round 6: `--force` deleted an `--eval` file inside the output).
 pub(super) fn check_options(opts: &FinetuneOptions, inputs: &[&Path]) -> Result<()> {
-    crate::atomic::check_output_apart(&opts.output, inputs)?;
+    let files = [opts.eval.as_deref(), opts.labels.as_deref()];
+    let inputs: Vec<&Path> = inputs.iter().copied().chain(files.into_iter().flatten()).collect();
+    crate::atomic::check_output_apart(&opts.output, &inputs)?;
     crate::atomic::check_output_dir(&opts.output, opts.force)?;
     if opts.batch_size == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
