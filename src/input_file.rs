@@ -159,6 +159,66 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Re
     serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
 }
 
+/// Refuses a plain scalar that YAML 1.1 and 1.2 read as different numbers: `010` is 8 for
+/// PyYAML (mergekit's parser, YAML 1.1 octal) and 10 here; `0o10` is 8 here and text for
+/// PyYAML. Same config, different merges, both with rc 0 (fuzzing round 6). Quoted scalars,
+/// comments and block scalars (`|`, `>`) are skipped.
+pub fn check_yaml11_integers(text: &str) -> std::result::Result<(), String> {
+    let mut block_indent: Option<usize> = None;
+    for (line_no, line) in strip_bom(text).lines().enumerate() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(b) = block_indent {
+            if line.trim().is_empty() || indent > b {
+                continue;
+            }
+            block_indent = None;
+        }
+        let mut plain = String::new();
+        let mut quote = None::<char>;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, c) => plain.push(c),
+            }
+            prev = c;
+        }
+        let mut tokens = plain.split(|c: char| c.is_whitespace() || "[]{},:".contains(c));
+        if let Some(t) = tokens.clone().find(|t| ambiguous_integer(t)) {
+            let digits = t.trim_start_matches(['+', '-']);
+            let yaml11 = match i64::from_str_radix(&digits[1..].replace('_', ""), 8) {
+                Ok(v) if !digits.starts_with("0o") => format!("octal {v}"),
+                _ => "text".into(),
+            };
+            return Err(format!(
+                "line {}: `{t}` reads two ways: mergekit (PyYAML, YAML 1.1) reads it as {yaml11}, YAML 1.2 as a \
+                 decimal number; write the number without a leading zero (or quote it, for text)",
+                line_no + 1
+            ));
+        }
+        if plain.trim_end().ends_with(['|', '>']) || tokens.next_back().is_some_and(|t| t.starts_with(['|', '>'])) {
+            block_indent = Some(indent);
+        }
+    }
+    Ok(())
+}
+
+/// `010`, `-07`, `0o17`, `00`: digits after a leading zero (a lone `0`, or `0.5`, is fine).
+fn ambiguous_integer(t: &str) -> bool {
+    let d = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let rest = match d.strip_prefix("0o") {
+        Some(r) => r,
+        None => match d.strip_prefix('0') {
+            Some(r) => r,
+            None => return false,
+        },
+    };
+    !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit() || c == '_') && rest.chars().any(|c| c.is_ascii_digit())
+}
+
 /// Whether a mapping anywhere in `v` has the merge key `<<`.
 fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
     use serde_yaml_ng::Value;
@@ -177,6 +237,25 @@ mod tests {
     fn a_leading_byte_order_mark_is_skipped() {
         let v: std::collections::BTreeMap<String, u32> = super::parse_yaml("\u{feff}a: 1\nb: 2\n").unwrap();
         assert_eq!(v.len(), 2);
+    }
+
+    /// Fuzzing round 6: `weight: 010` merged at 10 here and at 8 in mergekit.
+    #[test]
+    fn integers_yaml_1_1_reads_otherwise_are_refused() {
+        use super::check_yaml11_integers as check;
+        for bad in ["w: 010", "p: {weight: 010}", "l: [0.5, -07]", "x: 0o17  # octal", "- model: a\n  w: 00"] {
+            assert!(check(bad).is_err(), "{bad}");
+        }
+        let e = check("a: 1\nb: {weight: 010}\n").unwrap_err();
+        assert!(e.contains("line 2: `010`") && e.contains("octal 8"), "{e}");
+        assert!(check("x: 08").unwrap_err().contains("as text"));
+        for good in ["w: 0", "w: 0.5", "w: 10", "m: '010'", "m: \"010\"", "m: ./models/010", "w: 1 # 010", "t: 1.0e-05"]
+        {
+            assert!(check(good).is_ok(), "{good}");
+        }
+        // A block scalar's lines are text.
+        assert!(check("chat_template: |\n  {{ 010 }}\n  x: 007\nw: 1\n").is_ok());
+        assert!(check("chat_template: >-\n  007\nw: 010\n").is_err());
     }
 
     /// Fuzzing round 3: merge keys gave `not a parameter value` or `unknown field`. They are

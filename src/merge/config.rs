@@ -331,6 +331,7 @@ impl MergeConfig {
 
     /// Parses YAML text; `source` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
+        crate::input_file::check_yaml11_integers(text).map_err(|e| config_err(source, e))?;
         let mut raw: RawConfig = crate::input_file::parse_yaml(text).map_err(|e| config_err(source, e))?;
         refuse_unsupported(&raw, source)?;
         let method = method_def(&raw.merge_method).ok_or_else(|| {
