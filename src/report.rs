@@ -187,10 +187,9 @@ impl Report for AdaptSummary {
         for t in &self.tasks {
             let acc = t.accuracy.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
             let ppl = t.perplexity.map(|p| format!("  perplexity {p:.2}")).unwrap_or_default();
-            out += &format!(
-                "{:<16} {score} {acc:>8}{ppl}  {loss} {:.4}  mean lambda {:.3}\n",
-                t.name, t.final_loss, t.lambda_mean
-            );
+            let trained = t.final_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+            out +=
+                &format!("{:<16} {score} {acc:>8}{ppl}  {loss} {trained}  mean lambda {:.3}\n", t.name, t.lambda_mean);
         }
         if let Some(a) = self.average_accuracy {
             let ppl =
@@ -249,7 +248,7 @@ mod tests {
             accuracy,
             perplexity: None,
             next_token_loss: None,
-            final_loss: 0.5,
+            final_loss: Some(0.5),
             lambda_mean: 0.3,
             model_hash: None,
             inputs_hash: None,

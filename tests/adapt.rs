@@ -681,3 +681,24 @@ fn eval_refuses_experts_that_changed_since_adapt() {
     let (ok, _, err) = run(&["eval", o, "--no-experts"]);
     assert!(ok, "{err}");
 }
+
+/// Fuzzing round 6: `--epochs 0` (which writes the starting merge) reported a final loss of
+/// -0.0, and a confidence filter that dropped every sample a final loss of 0.0: losses never
+/// computed. Both are null now.
+#[test]
+fn no_training_is_not_reported_as_a_loss() {
+    let f = fixture();
+    let r = &f.root;
+    let yml = r.join("adapt.yml");
+    let strict = r.join("strict.yml");
+    std::fs::write(&strict, std::fs::read_to_string(&yml).unwrap() + "confidence: 1.0\n").unwrap();
+    for (cfg, epochs) in [(&yml, "0"), (&strict, "1")] {
+        let out = r.join(format!("out-{epochs}"));
+        let args =
+            ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", epochs, "--no-eval", "--json"];
+        let (ok, stdout, err) = run(&args);
+        assert!(ok, "{err}");
+        let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert!(s["tasks"][0]["final_loss"].is_null() && s["tasks"][1]["final_loss"].is_null(), "{s}");
+    }
+}

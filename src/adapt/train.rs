@@ -272,8 +272,9 @@ pub struct TaskReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_token_loss: Option<f64>,
     /// Mean training loss over the last epochs' steps of this task (for a causal LM the top-k
-    /// soft loss against the expert's cache, or the entropy: not `next_token_loss`).
-    pub final_loss: f64,
+    /// soft loss against the expert's cache, or the entropy: not `next_token_loss`); `None`
+    /// when no step counted a sample (a confidence filter that drops them all), not 0.
+    pub final_loss: Option<f64>,
     /// Mean of this task's Lambda column.
     pub lambda_mean: f64,
     /// Fingerprint of the written `tasks/<task>/` model (`eval` checks it before scoring).
@@ -290,7 +291,7 @@ impl TaskReport {
         name: String,
         inputs: usize,
         eval: Option<TaskEval>,
-        final_loss: f64,
+        final_loss: Option<f64>,
         lambda_mean: f64,
         (model_hash, inputs_hash): (Option<String>, Option<String>),
     ) -> Self {
@@ -817,7 +818,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 }
                 None => (None, None),
             };
-            let final_loss = r.iter().map(|&v| v as f64).sum::<f64>() / r.len().max(1) as f64;
+            let final_loss = (!r.is_empty()).then(|| r.iter().map(|&v| v as f64).sum::<f64>() / r.len() as f64);
             let (name, inputs, lambda_mean) = (t.name.clone(), t.texts.len(), self.task_lambda_mean(task));
             let hashes = (model_hash, Some(t.inputs_hash.clone()));
             reports.push(TaskReport::new(name, inputs, eval, final_loss, lambda_mean, hashes));
@@ -1020,8 +1021,11 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
             }
             steps += 1;
             counted[task] += count;
+            // A step that counted no sample has no loss (0 stands in for it).
             let r = &mut recent[task];
-            r.push(loss);
+            if count > 0 {
+                r.push(loss);
+            }
             if r.len() > 10 {
                 r.remove(0);
             }
