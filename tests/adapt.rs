@@ -702,3 +702,24 @@ fn no_training_is_not_reported_as_a_loss() {
         assert!(s["tasks"][0]["final_loss"].is_null() && s["tasks"][1]["final_loss"].is_null(), "{s}");
     }
 }
+
+/// Fuzzing round 6: an adaptation whose layers overflowed failed its end-of-run score blaming
+/// the expert's directory (the in-memory task model carries its path); the error names the task
+/// and its inputs.
+#[test]
+fn an_adapted_model_that_overflows_is_named_by_its_task() {
+    let f = fixture();
+    let r = &f.root;
+    let yml = r.join("adapt.yml");
+    let wild = r.join("wild.yml");
+    std::fs::write(&wild, std::fs::read_to_string(&yml).unwrap().replace("lr: 0.02", "lr: 1.0e37")).unwrap();
+    let out = r.join("wild-out");
+    let (ok, _, err) = run(&["adapt", wild.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1"]);
+    assert!(!ok, "{err}");
+    let named = ["alpha", "beta"].iter().any(|t| {
+        err.contains(&format!("task `{t}`: scoring the adapted model on {}", r.join(format!("{t}.jsonl")).display()))
+    });
+    assert!(named && err.contains("not a finite number"), "{err}");
+    assert!(!err.contains(&format!("model {}", r.join("expert-").display())), "{err}");
+    assert!(!out.exists());
+}

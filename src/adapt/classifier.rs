@@ -236,7 +236,9 @@ impl<B: Backend + Clone> Family<B> for Classifier<B> {
         let (Some(gold), true) = (&t.data.gold, evaluate_it) else { return Ok(None) };
         let tokenizer = TextTokenizer::from_dir(&t.expert, a.cfg.max_len)?;
         let clf = SequenceClassifier { model: a.task_model(task)?, tokenizer };
-        Ok(Some(TaskEval::Accuracy(evaluate(&clf, &t.texts, gold, a.cfg.batch_size.max(32))?.accuracy)))
+        let report = evaluate(&clf, &t.texts, gold, a.cfg.batch_size.max(32))
+            .map_err(|e| super::train::scoring_adapted(&a.cfg, task, e))?;
+        Ok(Some(TaskEval::Accuracy(report.accuracy)))
     }
 
     fn summary_labels(_cfg: &AdaptConfig) -> SummaryLabels {

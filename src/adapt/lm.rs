@@ -272,7 +272,11 @@ impl<B: Backend + Clone, A: LmArch<B>> Family<B> for CausalLmFamily<B, A> {
             let opts = SaveOptions { dtype, ..SaveOptions::default() };
             a.task_lm(task)?.save_with(dir, &opts, &mut |b| a.merged_params(b))?;
         }
-        Ok(if evaluate { Some(TaskEval::NextToken(a.evaluate_task(task)?)) } else { None })
+        if !evaluate {
+            return Ok(None);
+        }
+        let report = a.evaluate_task(task).map_err(|e| super::train::scoring_adapted(&a.cfg, task, e))?;
+        Ok(Some(TaskEval::NextToken(report)))
     }
 
     fn summary_labels(cfg: &AdaptConfig) -> SummaryLabels {

@@ -938,6 +938,18 @@ pub fn check_output(cfg: &AdaptConfig, opts: &AdaptOptions, rank: usize) -> Resu
     Ok(())
 }
 
+/// A failed end-of-run score of task `task`'s adapted model, named by the task and its inputs
+/// rather than by the expert whose path the in-memory model carries (fuzzing round 6: logits
+/// that overflowed were blamed on the expert's directory).
+pub(super) fn scoring_adapted(cfg: &AdaptConfig, task: usize, e: Error) -> Error {
+    let Some(t) = cfg.tasks.get(task) else { return e };
+    let reason = match e {
+        Error::Model { reason, .. } | Error::Invalid(reason) => reason,
+        e => return e,
+    };
+    Error::Invalid(format!("task `{}`: scoring the adapted model on {}: {reason}", t.name, t.inputs.display()))
+}
+
 /// Every path an adaptation of `cfg` reads: the config itself, the base, and each task's
 /// expert, inputs and cache.
 fn input_paths(cfg: &AdaptConfig) -> Vec<&Path> {
