@@ -386,7 +386,7 @@ fn merge_ranked(
         method: methods.first().map_or(config.method.name, |m| m.name()).to_string(),
         device: engine.device(),
         output: opts.output.clone(),
-        models: paths.len(),
+        models: super::inputs::model_paths(config).len(),
         experts: config.models.len(),
         base_model: config.subtracted_base().map(Path::to_path_buf),
         blocks: stream.blocks.len(),

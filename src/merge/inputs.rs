@@ -37,6 +37,12 @@ pub fn lora_scratch(output: &Path) -> PathBuf {
 }
 
 /// Every path a merge of `config` reads models from (adapters included).
+pub fn model_paths(config: &crate::merge::config::MergeConfig) -> Vec<PathBuf> {
+    config.referenced_models().iter().flat_map(|p| read_paths(p)).collect()
+}
+
+/// Every path a merge of `config` reads, which its output must stay apart from: the models and
+/// adapters, tokenizer and token donors, the Lambda table and the config itself.
 pub fn input_paths(config: &crate::merge::config::MergeConfig) -> Vec<PathBuf> {
     use crate::merge::config::{EmbedSource, TokenizerSource};
     let mut models = config.referenced_models();
