@@ -343,6 +343,25 @@ rewritten during the run); the partial output is removed by the next run at the 
     }
 }
 
+/// Copies the file `src` to `dst`, a read error named by `src` and a write error by `dst`
+/// (`std::fs::copy` gives one error for both: a full disk while copying a tokenizer into an
+/// output read as if the input had been written; fuzzing round 6).
+pub fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut from = std::fs::File::open(src).map_err(|e| Error::io(src, e))?;
+    let mut to = std::fs::File::create(dst).map_err(|e| Error::io(dst, e))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(src, e)),
+        };
+        to.write_all(&buf[..n]).map_err(|e| Error::io(dst, e))?;
+    }
+}
+
 /// Whether `path` lies inside a staging directory this process is writing: a model saved
 /// there is part of a larger output, whose own path is the one worth telling the user.
 pub fn in_staging(path: &Path) -> bool {
@@ -625,6 +644,25 @@ mod tests {
 
     /// Whatever stops a removal part-way (a kill, an error), the owner marker is the last file
     /// to go: an unmarked leftover would never be removed by a later run.
+    /// A write error names the destination, a read error the source.
+    #[test]
+    fn copy_errors_name_the_file_that_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("a");
+        std::fs::write(&src, vec![7u8; 200_000]).unwrap();
+        let dst = tmp.path().join("b");
+        super::copy_file(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+        let e = super::copy_file(&src, &tmp.path().join("no/such/dir")).unwrap_err().to_string();
+        assert!(e.contains("no/such/dir") && !e.contains(&format!("{}:", src.display())), "{e}");
+        if std::path::Path::new("/dev/full").exists() {
+            let e = super::copy_file(&src, std::path::Path::new("/dev/full")).unwrap_err().to_string();
+            assert!(e.contains("/dev/full") && e.contains("No space"), "{e}");
+        }
+        let e = super::copy_file(tmp.path(), &dst).unwrap_err().to_string();
+        assert!(e.contains(&tmp.path().display().to_string()), "{e}");
+    }
+
     #[test]
     fn a_staging_directory_loses_its_owner_last() {
         let tmp = tempfile::tempdir().unwrap();

@@ -56,7 +56,7 @@ fn copy_side_dir(src: &Path, dst: &Path, out_dtype: Option<FloatDType>, top: Opt
                 std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
             }
             _ => {
-                std::fs::copy(&path, &target).map_err(|e| Error::io(&path, e))?;
+                crate::atomic::copy_file(&path, &target)?;
             }
         }
     }

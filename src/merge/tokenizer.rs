@@ -80,7 +80,7 @@ fn copy_tokenizer_files(src: &Path, out: &Path) -> Result<()> {
     for name in TOKENIZER_FILES {
         let (from, to) = (src.join(name), out.join(name));
         if from.is_file() {
-            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+            crate::atomic::copy_file(&from, &to)?;
         } else if to.is_file() {
             std::fs::remove_file(&to).map_err(|e| Error::io(&to, e))?;
         }

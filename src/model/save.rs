@@ -146,7 +146,7 @@ impl<B: Backend> Bert<B> {
             let src = self.source_dir().join(name);
             if src.is_file() {
                 let dst = staging.path().join(name);
-                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                crate::atomic::copy_file(&src, &dst)?;
             }
         }
 
@@ -324,7 +324,7 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
             let src = source.join(name);
             if src.is_file() {
                 let dst = dir.join(name);
-                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                crate::atomic::copy_file(&src, &dst)?;
             }
         }
         Ok(())
