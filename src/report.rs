@@ -187,7 +187,10 @@ impl Report for AdaptSummary {
         for t in &self.tasks {
             let acc = t.accuracy.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
             let ppl = t.perplexity.map(|p| format!("  perplexity {p:.2}")).unwrap_or_default();
-            let trained = t.final_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+            let mut trained = t.final_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+            if let Some(end) = t.end_loss {
+                trained += &format!(" (final weights {end:.4})");
+            }
             out +=
                 &format!("{:<16} {score} {acc:>8}{ppl}  {loss} {trained}  mean lambda {:.3}\n", t.name, t.lambda_mean);
         }
@@ -249,6 +252,7 @@ mod tests {
             perplexity: None,
             next_token_loss: None,
             final_loss: Some(0.5),
+            end_loss: Some(0.25),
             lambda_mean: 0.3,
             model_hash: None,
             inputs_hash: None,

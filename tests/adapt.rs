@@ -704,8 +704,8 @@ fn no_training_is_not_reported_as_a_loss() {
 }
 
 /// Fuzzing round 6: an adaptation whose layers overflowed failed its end-of-run score blaming
-/// the expert's directory (the in-memory task model carries its path); the error names the task
-/// and its inputs.
+/// the expert's directory (the in-memory task model carries its path). The final weights' loss
+/// now catches it first: the error names the task, and nothing is written.
 #[test]
 fn an_adapted_model_that_overflows_is_named_by_its_task() {
     let f = fixture();
@@ -716,10 +716,40 @@ fn an_adapted_model_that_overflows_is_named_by_its_task() {
     let out = r.join("wild-out");
     let (ok, _, err) = run(&["adapt", wild.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1"]);
     assert!(!ok, "{err}");
-    let named = ["alpha", "beta"].iter().any(|t| {
-        err.contains(&format!("task `{t}`: scoring the adapted model on {}", r.join(format!("{t}.jsonl")).display()))
-    });
-    assert!(named && err.contains("not a finite number"), "{err}");
-    assert!(!err.contains(&format!("model {}", r.join("expert-").display())), "{err}");
+    let named =
+        ["alpha", "beta"].iter().any(|t| err.contains(&format!("error: task `{t}`: the final weights give a loss of")));
+    assert!(named && err.contains("nothing was written; lower the learning rate"), "{err}");
+    assert!(!err.contains(&format!("{}", r.join("expert-").display())), "{err}");
     assert!(!out.exists());
+}
+
+/// Fuzzing round 6: every step's loss is that of the weights before its update, so `lr: 1e33`
+/// reported a healthy final loss (rc 0) for task models that score a cross-entropy of 1e34. Each
+/// task's final weights are scored on its last batch (`end_loss`), with a warning when the loss
+/// grew by orders of magnitude; at a sane rate the end loss stays near the last step's.
+#[test]
+fn a_diverged_last_update_is_reported() {
+    let f = fixture();
+    let r = &f.root;
+    let yml = std::fs::read_to_string(r.join("adapt.yml")).unwrap();
+    for (lr, diverged) in [("1.0e33", true), ("1.0e-7", false)] {
+        let cfg = r.join(format!("lr-{lr}.yml"));
+        std::fs::write(&cfg, yml.replace("lr: 0.02", &format!("lr: {lr}"))).unwrap();
+        let out = r.join(format!("lr-{lr}-out"));
+        let args = ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1", "--json"];
+        let (ok, stdout, err) = run(&args);
+        assert!(ok, "{err}");
+        let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        for (i, task) in ["alpha", "beta"].iter().enumerate() {
+            let (last, end) =
+                (s["tasks"][i]["final_loss"].as_f64().unwrap(), s["tasks"][i]["end_loss"].as_f64().unwrap());
+            let warned = err.contains(&format!("task `{task}`: the final weights give a loss of"));
+            assert_eq!(warned, diverged, "{err}");
+            if diverged {
+                assert!(end > 1e20 * last && err.contains("training diverged; lower the learning rate"), "{s}\n{err}");
+            } else {
+                assert!((end - last).abs() < 1e-3 * last, "{s}");
+            }
+        }
+    }
 }

@@ -193,6 +193,8 @@ pub struct Task<B: Backend, F: Family<B>> {
     order: Vec<usize>,
     cursor: usize,
     shuffles: u32,
+    /// The rows of the task's last step ([`Adaptation::end_loss_in`] scores them again).
+    last_rows: Vec<usize>,
 }
 
 impl<B: Backend, F: Family<B>> Task<B, F> {
@@ -225,6 +227,7 @@ impl<B: Backend, F: Family<B>> Task<B, F> {
             order: Vec::new(),
             cursor: 0,
             shuffles: 0,
+            last_rows: Vec::new(),
         })
     }
 }
@@ -275,6 +278,9 @@ pub struct TaskReport {
     /// soft loss against the expert's cache, or the entropy: not `next_token_loss`); `None`
     /// when no step counted a sample (a confidence filter that drops them all), not 0.
     pub final_loss: Option<f64>,
+    /// The same objective under the weights written, on the batch of the task's last step (every
+    /// step's loss is that of the weights before its update); `None` when nothing was trained.
+    pub end_loss: Option<f64>,
     /// Mean of this task's Lambda column.
     pub lambda_mean: f64,
     /// Fingerprint of the written `tasks/<task>/` model (`eval` checks it before scoring).
@@ -291,7 +297,7 @@ impl TaskReport {
         name: String,
         inputs: usize,
         eval: Option<TaskEval>,
-        final_loss: Option<f64>,
+        (final_loss, end_loss): (Option<f64>, Option<f64>),
         lambda_mean: f64,
         (model_hash, inputs_hash): (Option<String>, Option<String>),
     ) -> Self {
@@ -307,6 +313,7 @@ impl TaskReport {
             perplexity,
             next_token_loss,
             final_loss,
+            end_loss,
             lambda_mean,
             model_hash,
             inputs_hash,
@@ -717,6 +724,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
     pub fn step_in(&mut self, task: usize, coll: &mut dyn Collective) -> Result<(f32, usize)> {
         let rows = self.next_rows(task);
         let g = self.loss_and_grads_in(task, &rows, coll)?;
+        self.tasks[task].last_rows = rows;
         // A batch whose every sample was filtered out has no loss: it takes no step (nor
         // advances Adam's count), as the released code's gradient scaler drops a NaN-loss step;
         // stepping on zeros would move Lambda on the moments of earlier steps.
@@ -734,6 +742,31 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             step_private(self.family.backend(), &mut t.private, &g.private, &mut t.adam)?;
         }
         Ok((g.loss, g.kept))
+    }
+
+    /// Task `task`'s training objective under the final weights on the batch of its last step
+    /// (one forward, no update). Every step's loss is that of the weights *before* its update,
+    /// so a last update that diverged would otherwise go unseen (fuzzing round 6: `lr: 1e33`
+    /// reported a healthy loss and wrote a destroyed model). `None` before any step, or when no
+    /// sample of that batch counts. Every rank makes the same collective call.
+    pub fn end_loss_in(&self, task: usize, coll: &mut dyn Collective) -> Result<Option<f64>> {
+        let rows = &self.tasks[task].last_rows;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mine = &rows[shard_range(rows.len(), coll.rank(), coll.world_size())];
+        let (n, sum) = match (mine.is_empty(), &self.tasks[task]) {
+            (true, _) => (0, 0.0),
+            (false, t) => match self.infer(task, mine)? {
+                Some((batch, out)) => {
+                    let (_, n, sum) = self.family.loss(&self.cfg, t, &batch, out, mine)?;
+                    (n, sum)
+                }
+                None => (0, 0.0),
+            },
+        };
+        let (count, mean) = global_count(coll, n, sum)?;
+        Ok((count > 0).then(|| mean.map_or(sum / n as f64, f64::from)))
     }
 
     /// Task `task`'s blocks with the shared blocks' parameters left empty and a copy of its own:
@@ -797,12 +830,18 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         be.scratch_limit(usize::try_from(2 * largest).unwrap_or(usize::MAX));
         let trained = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref());
         self.family.backend().scratch_limit(0);
-        let (steps, recent) = trained?;
+        let Trained { steps, recent, first } = trained?;
         let streaming = self.weights.report();
         if coll.world_size() > 1 {
             verify_digest(coll, "Lambda", &self.lambda.digest())?;
             verify_digest(coll, "adapted layers", &self.private_digest()?)?;
             tracing::info!("rank {}: Lambda and adapted layers agree on all {} ranks", coll.rank(), coll.world_size());
+        }
+        let mut end_losses = Vec::with_capacity(k);
+        for (task, first) in first.iter().enumerate() {
+            let end = self.end_loss_in(task, coll)?;
+            check_end_loss(&self.tasks[task].name, *first, end, coll.rank() == 0)?;
+            end_losses.push(end);
         }
 
         let out_dtype = opts.out_dtype.unwrap_or_else(|| self.weights.base_dtype());
@@ -821,7 +860,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             let final_loss = (!r.is_empty()).then(|| r.iter().map(|&v| v as f64).sum::<f64>() / r.len() as f64);
             let (name, inputs, lambda_mean) = (t.name.clone(), t.texts.len(), self.task_lambda_mean(task));
             let hashes = (model_hash, Some(t.inputs_hash.clone()));
-            reports.push(TaskReport::new(name, inputs, eval, final_loss, lambda_mean, hashes));
+            let losses = (final_loss, end_losses[task]);
+            reports.push(TaskReport::new(name, inputs, eval, losses, lambda_mean, hashes));
         }
         let accs: Vec<f64> = reports.iter().filter_map(|r| r.accuracy).collect();
         let losses: Vec<f64> = reports.iter().filter_map(|r| r.next_token_loss).collect();
@@ -1008,13 +1048,14 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
     opts: &AdaptOptions,
     coll: &mut dyn Collective,
     log_path: Option<&Path>,
-) -> Result<(usize, Vec<Vec<f32>>)> {
+) -> Result<Trained> {
     let writer = coll.rank() == 0;
     let mut log = match log_path {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
         None => None,
     };
     let mut recent: Vec<Vec<f32>> = vec![Vec::new(); k];
+    let mut first: Vec<Option<f32>> = vec![None; k];
     let mut counted = vec![0usize; k];
     let mut steps = 0usize;
     let started = Instant::now();
@@ -1037,6 +1078,7 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
             let r = &mut recent[task];
             if count > 0 {
                 r.push(loss);
+                first[task].get_or_insert(loss);
             }
             if r.len() > 10 {
                 r.remove(0);
@@ -1076,7 +1118,39 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
             F::COUNT_KEY
         );
     }
-    Ok((steps, recent))
+    Ok(Trained { steps, recent, first })
+}
+
+/// What [`train_epochs`] returns: the steps taken and, per task, its last (up to 10) losses and
+/// its first counted one.
+struct Trained {
+    steps: usize,
+    recent: Vec<Vec<f32>>,
+    first: Vec<Option<f32>>,
+}
+
+/// How many times its first loss a task's end loss may grow before the run warns of divergence.
+const GROWTH_WARNING: f64 = 100.0;
+
+/// Refuses a task whose final weights give a non-finite loss (the last update diverged; the
+/// output is not written) and warns on `writer` when it grew [`GROWTH_WARNING`] times over
+/// the first step's: a learning rate that destroyed the model would otherwise end with rc 0.
+fn check_end_loss(task: &str, first: Option<f32>, end: Option<f64>, writer: bool) -> Result<()> {
+    let Some(end) = end else { return Ok(()) };
+    if !end.is_finite() {
+        return Err(Error::Invalid(format!(
+            "task `{task}`: the final weights give a loss of {end} on its last batch (the last update \
+             diverged); nothing was written; lower the learning rate"
+        )));
+    }
+    if let Some(first) = first.map(f64::from).filter(|f| writer && *f > 0.0 && end > GROWTH_WARNING * f) {
+        tracing::warn!(
+            "task `{task}`: the final weights give a loss of {end:.4e} on its last batch, {:.1e} times its first \
+             step's {first:.4}: training diverged; lower the learning rate",
+            end / first
+        );
+    }
+    Ok(())
 }
 
 /// When the step lines of [`train_epochs`] come: the first step (a short run is not silent until
