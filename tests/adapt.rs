@@ -753,3 +753,20 @@ fn a_diverged_last_update_is_reported() {
         }
     }
 }
+
+/// Fuzzing round 6: adapt had no free-space check before training; it trained every epoch and
+/// then failed at the write. The room it asks for up front is the task models' tensor data,
+/// which this checks against the files a run writes.
+#[test]
+fn the_room_asked_before_training_is_what_the_task_models_take() {
+    let f = fixture();
+    let out = adapt_quietly(&f.root, "room-out", "0");
+    let mut written = 0u64;
+    for task in ["alpha", "beta"] {
+        let bytes = std::fs::read(out.join("tasks").join(task).join("model.safetensors")).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        written += bytes.len() as u64 - 8 - header;
+    }
+    let dtype = symerge::checkpoint::FloatDType::F32;
+    assert_eq!(adapter(&f).output_bytes(dtype), written);
+}

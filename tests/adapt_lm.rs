@@ -258,6 +258,13 @@ fn eval_of_a_causal_lm_adapt_output_scores_every_task_and_its_expert() {
     let (ok, adapt_text, err) = run(&args);
     assert!(ok, "{err}");
     assert!(adapt_text.contains("top-k soft loss") && adapt_text.contains("perplexity"), "{adapt_text}");
+    // The room adapt asks for before training is the task models' tensor data.
+    let data_bytes = |task: &str| {
+        let bytes = std::fs::read(out.join("tasks").join(task).join("model.safetensors")).unwrap();
+        bytes.len() as u64 - 8 - u64::from_le_bytes(bytes[..8].try_into().unwrap())
+    };
+    let room = adapter(&f).output_bytes(symerge::checkpoint::FloatDType::F32);
+    assert_eq!(room, data_bytes("alpha") + data_bytes("beta"));
     let (ok, stdout, err) = run(&["eval", out.to_str().unwrap(), "--json"]);
     assert!(ok, "{err}");
     let all: serde_json::Value = serde_json::from_str(&stdout).unwrap();

@@ -828,6 +828,11 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let be = self.family.backend();
         let largest = self.weights.blocks.iter().map(SharedBlock::f32_bytes).max().unwrap_or(0);
         be.scratch_limit(usize::try_from(2 * largest).unwrap_or(usize::MAX));
+        let out_dtype = opts.out_dtype.unwrap_or_else(|| self.weights.base_dtype());
+        if staging.is_some() {
+            // Before training: a full disk found at the write would cost the whole run.
+            crate::model::save::check_room_bytes(&opts.output, self.output_bytes(out_dtype))?;
+        }
         let trained = train_epochs(self, k, epochs, seed, opts, coll, log_path.as_deref());
         self.family.backend().scratch_limit(0);
         let Trained { steps, recent, first } = trained?;
@@ -844,7 +849,6 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
             end_losses.push(end);
         }
 
-        let out_dtype = opts.out_dtype.unwrap_or_else(|| self.weights.base_dtype());
         let mut reports = Vec::with_capacity(k);
         for (task, r) in recent.iter().enumerate() {
             let t = &self.tasks[task];
@@ -898,6 +902,18 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
     pub fn write_task(&self, task: usize, dir: &Path, dtype: Option<FloatDType>) -> Result<()> {
         let dtype = dtype.unwrap_or_else(|| self.weights.base_dtype());
         F::finish_task(self, task, Some(dir), dtype, false).map(|_| ())
+    }
+
+    /// Bytes of tensor data in the task models a run writes in `dtype`: every task's model holds
+    /// the shared blocks (merged) and its own.
+    pub fn output_bytes(&self, dtype: FloatDType) -> u64 {
+        let elems = |shape: &[usize]| shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+        let shared = self.weights.blocks.iter().flat_map(|b| &b.tensors).map(|t| elems(&t.shape));
+        let shared = shared.fold(0u64, u64::saturating_add);
+        let per_task = self.tasks.iter().map(|t| {
+            t.private.iter().flat_map(|p| p.values()).map(|p| elems(&p.shape)).fold(shared, u64::saturating_add)
+        });
+        per_task.fold(0u64, u64::saturating_add).saturating_mul(dtype.size() as u64)
     }
 
     /// BLAKE3 of every task's adapted layers, in task, block and tensor-name order.

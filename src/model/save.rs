@@ -41,7 +41,12 @@ pub const TOKENIZER_FILES: &[&str] = &[
 pub fn check_room<B: Backend>(output: &Path, params: &[Params<B>], dtype: FloatDType) -> Result<()> {
     let elems = |p: &super::Param<B>| p.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
     let need = params.iter().flat_map(|p| p.values()).fold(0u64, |a, p| a.saturating_add(elems(p)));
-    let need = need.saturating_mul(dtype.size() as u64);
+    check_room_bytes(output, need.saturating_mul(dtype.size() as u64))
+}
+
+/// Whether the file system that will hold `output` has `need` bytes free; the error names the
+/// folder the output goes into.
+pub fn check_room_bytes(output: &Path, need: u64) -> Result<()> {
     match crate::sysinfo::free_disk_bytes(output) {
         Some(free) if need > free => Err(Error::NoSpace {
             path: output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(),
