@@ -18,8 +18,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     // Through the `File`: `NamedTempFile`'s own writes add the path to the error, which
     // `Error::io` already names.
-    tmp.as_file_mut().write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
+    // Errors name `path`: the hidden temporary name means nothing to the user (fuzzing round 6).
+    tmp.as_file_mut().write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
@@ -362,6 +363,40 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     }
 }
 
+/// Staging directories this process is writing and the outputs they become.
+static OUTPUTS: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+
+/// `path` as the user will know it: a path inside a live staging directory is named inside the
+/// output that directory becomes, innermost first (adapt stages each task model inside its own
+/// staging directory), so a failed write names `out/tasks/a/tokenizer.json`, not
+/// `.out.partial-Xy12Zq/tasks/.a.partial-Ab34Cd/tokenizer.json` (fuzzing round 6).
+pub fn public_path(path: &Path) -> PathBuf {
+    let Ok(outputs) = OUTPUTS.lock() else { return path.to_path_buf() };
+    let mut p = path.to_path_buf();
+    // Each pass leaves one staging directory; there are no more passes than directories.
+    for _ in 0..outputs.len() {
+        let inner = outputs
+            .iter()
+            .filter(|(staged, _)| p.starts_with(staged))
+            .max_by_key(|(staged, _)| staged.components().count());
+        let Some((staged, output)) = inner else { break };
+        p = match p.strip_prefix(staged) {
+            Ok(rest) if !rest.as_os_str().is_empty() => output.join(rest),
+            _ => output.clone(),
+        };
+    }
+    p
+}
+
+fn map_output(staged: &Path, output: Option<&Path>) {
+    if let Ok(mut l) = OUTPUTS.lock() {
+        l.retain(|(d, _)| d != staged);
+        if let Some(output) = output {
+            l.push((staged.to_path_buf(), output.to_path_buf()));
+        }
+    }
+}
+
 /// Whether `path` lies inside a staging directory this process is writing: a model saved
 /// there is part of a larger output, whose own path is the one worth telling the user.
 pub fn in_staging(path: &Path) -> bool {
@@ -460,6 +495,9 @@ fn remove_stale(parent: &Path, name: &str) {
 /// one is expected.
 pub struct Staging {
     dir: Option<tempfile::TempDir>,
+    /// The parent folders [`Staging::create`] made, outermost first: removed again (when still
+    /// empty) if the output is never committed, so a failed run leaves no empty folder behind.
+    made: Vec<PathBuf>,
 }
 
 /// The longest file name, in bytes, of the file systems symerge writes to (Linux's NAME_MAX).
@@ -518,6 +556,8 @@ impl Staging {
             Some(p) if !p.as_os_str().is_empty() => crate::input_file::clean(p),
             _ => PathBuf::from("."),
         };
+        let mut made: Vec<PathBuf> = parent.ancestors().take_while(|a| !a.exists()).map(Path::to_path_buf).collect();
+        made.reverse();
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         let name = staged_name(output);
         remove_stale(&parent, &name);
@@ -528,7 +568,8 @@ impl Staging {
             .map_err(|e| Error::io(&parent, e))?;
         Owner::this_process().write(dir.path())?;
         register(dir.path(), true);
-        Ok(Staging { dir: Some(dir) })
+        map_output(dir.path(), Some(output));
+        Ok(Staging { dir: Some(dir), made })
     }
 
     pub fn path(&self) -> &Path {
@@ -546,6 +587,8 @@ impl Staging {
     pub fn commit(mut self, output: &Path, force: bool) -> Result<()> {
         let dir = self.dir.take().expect("a staging directory until committed");
         let staged = dir.path().to_path_buf();
+        // From here on errors are about the staging directory itself, or the output.
+        map_output(&staged, None);
         let fail = |e: Error| {
             register(&staged, false);
             let _ = std::fs::remove_dir_all(&staged);
@@ -625,8 +668,15 @@ fn replace_aside(staged: &Path, output: &Path) -> Result<PathBuf> {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
+        if let Some(dir) = self.dir.take() {
             register(dir.path(), false);
+            map_output(dir.path(), None);
+            drop(dir);
+            for made in self.made.iter().rev() {
+                if std::fs::remove_dir(made).is_err() {
+                    break;
+                }
+            }
         }
     }
 }
@@ -634,6 +684,42 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path inside nested staging directories is named inside the outputs they become, and
+    /// as it is once a staging directory is gone.
+    #[test]
+    fn paths_in_staging_are_named_as_the_output_will_hold_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let outer = Staging::create(&out).unwrap();
+        let inner_out = outer.path().join("tasks").join("a");
+        let inner = Staging::create(&inner_out).unwrap();
+        let file = inner.path().join("model.safetensors");
+        assert_eq!(public_path(&file), out.join("tasks/a/model.safetensors"));
+        assert_eq!(public_path(inner.path()), out.join("tasks/a"));
+        assert_eq!(public_path(&tmp.path().join("x")), tmp.path().join("x"));
+        let kept = inner.path().to_path_buf();
+        drop(inner);
+        assert_eq!(public_path(&kept.join("f")), out.join("tasks").join(kept.file_name().unwrap()).join("f"));
+        drop(outer);
+        assert_eq!(public_path(&kept), kept);
+    }
+
+    /// Fuzzing round 6: a failed `data prepare --out new/dir` left `new/` behind, empty. The
+    /// folders a staging directory made are removed with it; those that hold something stay.
+    #[test]
+    fn an_uncommitted_output_leaves_no_folder_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(Staging::create(&tmp.path().join("a/b/out")).unwrap());
+        assert!(!tmp.path().join("a").exists());
+        let s = Staging::create(&tmp.path().join("a/b/out")).unwrap();
+        std::fs::write(tmp.path().join("a/keep"), b"x").unwrap();
+        drop(s);
+        assert!(tmp.path().join("a/keep").exists() && !tmp.path().join("a/b").exists());
+        let s = Staging::create(&tmp.path().join("c/out")).unwrap();
+        s.commit(&tmp.path().join("c/out"), false).unwrap();
+        assert!(tmp.path().join("c/out").is_dir());
+    }
 
     fn dead_pid() -> u32 {
         let mut child = std::process::Command::new("true").spawn().unwrap();

@@ -233,7 +233,7 @@ impl Error {
             ),
             _ => error,
         };
-        Error::Io { path, error }
+        Error::Io { path: crate::atomic::public_path(&path), error }
     }
 }
 

@@ -90,6 +90,9 @@ fn a_write_failing_mid_merge_is_reported_and_leaves_nothing() {
             "limit {limit}: the error names neither the file nor the cause: {stderr}"
         );
         assert!(!stderr.contains("rank 0/1"), "a single process's error names a rank: {stderr}");
+        // The file as the output will hold it, not its hidden staging directory.
+        let named = stderr.contains(&format!("error: {}/model", out.display()));
+        assert!(named && !stderr.contains(".partial-"), "limit {limit}: {stderr}");
         assert!(entries(&outdir).is_empty(), "limit {limit} left {:?}", entries(&outdir));
     }
     assert!(snapshot(&tmp.path().join("models")) == inputs, "an input changed");
@@ -114,9 +117,9 @@ fn a_write_failing_mid_generate_leaves_no_model_and_no_empty_family() {
     assert_eq!(entries(&out), ["base", "expert-1"]);
 }
 
-/// A small output written in one piece (`predict --out`) fails the same way, naming its
-/// temporary file once: the error used to carry the path twice, once from `tempfile`'s own
-/// wrapper.
+/// A small output written in one piece (`predict --out`) fails the same way, naming the output
+/// once: the error used to carry the path twice, once from `tempfile`'s own wrapper, and then
+/// named the hidden temporary file (fuzzing round 6).
 #[test]
 fn a_write_failing_in_predict_names_its_file_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -143,10 +146,30 @@ fn a_write_failing_in_predict_names_its_file_once() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.code() == Some(1), "{:?}: {stderr}", res.status);
     assert!(stderr.to_lowercase().contains("file too large"), "{stderr}");
-    let tmp_name = stderr.split(".tmp-").nth(1).and_then(|s| s.split([':', ' ', '"']).next()).unwrap_or("");
-    assert!(!tmp_name.is_empty(), "the error names no file: {stderr}");
-    assert_eq!(stderr.matches(tmp_name).count(), 1, "the file is named more than once: {stderr}");
+    assert!(!stderr.contains(".tmp-"), "the hidden temporary file is named: {stderr}");
+    let named = preds.display().to_string();
+    assert_eq!(stderr.matches(&named).count(), 1, "the output is not named once: {stderr}");
     assert!(entries(&outdir).is_empty(), "left {:?}", entries(&outdir));
     assert!(run_limited(&args, libc::RLIM_INFINITY).status.success());
     assert_eq!(entries(&outdir), ["p.jsonl"]);
+}
+
+/// Fuzzing round 6: adapt's task models are staged inside its own staging directory, and a write
+/// failing there was reported under `.OUT.partial-Xy12Zq/tasks/.TASK.partial-Ab34Cd/`; the
+/// error names the file as the output will hold it.
+#[test]
+fn a_write_failing_in_adapt_names_the_task_model_in_the_output() {
+    let f = common::adapt_fixture::fixture();
+    let out = f.root.join("out");
+    let cfg = f.root.join("adapt.yml");
+    let args = ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1", "--no-eval"];
+    let inputs = snapshot(&f.root);
+    let res = run_limited(&args, 200_000);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.code() == Some(1), "{:?}: {stderr}", res.status);
+    let named =
+        ["alpha", "beta"].iter().any(|t| stderr.contains(&format!("error: {}/", out.join("tasks").join(t).display())));
+    assert!(named && stderr.to_lowercase().contains("file too large"), "{stderr}");
+    assert!(!stderr.contains(".partial-"), "{stderr}");
+    assert!(!out.exists() && snapshot(&f.root) == inputs);
 }

@@ -257,8 +257,6 @@ pub fn plan_shards(tensors: &[PlannedTensor], max_shard_bytes: u64) -> Vec<(usiz
     bounds
 }
 
-/// Refuses a plan whose tensor data the file system holding `dir` has no room for, before
-/// anything is written: a merge that would fill the disk an hour in fails at once instead.
 /// A safetensors file holds each name once (the header is a map): a second tensor of a name
 /// is an error naming it, before any file is opened.
 fn check_unique(tensors: &[PlannedTensor]) -> Result<()> {
@@ -269,12 +267,14 @@ fn check_unique(tensors: &[PlannedTensor]) -> Result<()> {
     }
 }
 
+/// Refuses a plan whose tensor data the file system holding `dir` has no room for, before
+/// anything is written: a merge that would fill the disk an hour in fails at once instead.
 fn check_space(dir: &Path, tensors: &[PlannedTensor]) -> Result<()> {
     let need: u64 = tensors.iter().map(PlannedTensor::nbytes).sum();
     match crate::sysinfo::free_disk_bytes(dir) {
         // The folder the output goes into: `dir` is usually a staging directory inside it.
         Some(free) if need > free => {
-            Err(Error::NoSpace { path: dir.parent().unwrap_or(dir).to_path_buf(), need, free })
+            Err(Error::NoSpace { path: crate::atomic::public_path(dir.parent().unwrap_or(dir)), need, free })
         }
         _ => Ok(()),
     }

@@ -49,7 +49,9 @@ pub fn check_room<B: Backend>(output: &Path, params: &[Params<B>], dtype: FloatD
 pub fn check_room_bytes(output: &Path, need: u64) -> Result<()> {
     match crate::sysinfo::free_disk_bytes(output) {
         Some(free) if need > free => Err(Error::NoSpace {
-            path: output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(),
+            path: crate::atomic::public_path(
+                output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")),
+            ),
             need,
             free,
         }),
