@@ -125,6 +125,7 @@ pub fn has_output_marker(dir: &Path) -> bool {
 /// only to outputs it would replace. The output's name must leave room for the staging
 /// directory's ([`check_staged_name`]).
 pub fn check_output_dir(output: &Path, force: bool) -> Result<()> {
+    check_output_name(output)?;
     check_staged_name(output, staging_path)?;
     let meta = match std::fs::symlink_metadata(output) {
         Ok(m) => m,
@@ -133,6 +134,25 @@ pub fn check_output_dir(output: &Path, force: bool) -> Result<()> {
     };
     replaceable_dir(output, &meta.file_type())?;
     if force { Ok(()) } else { Err(Error::OutputExists { path: output.to_path_buf() }) }
+}
+
+/// Refuses an output path that ends in `.` or `..` (`-o .`, `out/.`): an output is put in place
+/// by a rename, which such a path cannot take, so the run would do all its work and then fail
+/// with "Device or resource busy" (fuzzing round 6). Checked before any work.
+pub fn check_output_name(output: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = output.as_os_str().as_bytes();
+    let trimmed = raw.strip_suffix(b"/").filter(|t| !t.is_empty()).unwrap_or(raw);
+    let last = trimmed.rsplit(|&b| b == b'/').next().unwrap_or(trimmed);
+    if last != b"." && last != b".." && !trimmed.is_empty() && trimmed != b"/" {
+        return Ok(());
+    }
+    let named = std::fs::canonicalize(output).map_or_else(|_| "its own name".into(), |p| format!("`{}`", p.display()));
+    Err(Error::Invalid(format!(
+        "output {}: the path does not end in a name; an output is put in place by renaming onto its \
+         path, which a path ending in `.` or `..` (or the root) cannot take; give it by name ({named})",
+        output.display()
+    )))
 }
 
 /// Fails with [`Error::OutputNotOurs`] unless the existing `output` (of type `kind`) is one
@@ -159,6 +179,7 @@ fn replaceable_dir(output: &Path, kind: &std::fs::FileType) -> Result<()> {
 /// there, or a regular file that `is_ours` recognises (e.g. a label cache by its magic). A
 /// symbolic link is refused, as in [`check_output_dir`]; `what` names our kind of file.
 pub fn check_output_file(output: &Path, what: &str, is_ours: impl Fn(&Path) -> bool) -> Result<()> {
+    check_output_name(output)?;
     let meta = match std::fs::symlink_metadata(output) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -601,3 +601,32 @@ fn every_file_a_command_reads_is_guarded() {
         assert_eq!(tree(&prev), before, "{args:?} changed the earlier output");
     }
 }
+
+/// Fuzzing round 6: `-o .` (or `out/.`) over an earlier output merged every block and then
+/// failed the final rename with "Device or resource busy"; `adapt -o .` in an empty directory
+/// trained and then blamed the directory. A path that does not end in a name is refused before
+/// any work, with the name to give instead; the earlier output stays as it was.
+#[test]
+fn an_output_path_ending_in_dot_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("models");
+    let spec = SyntheticSpec::preset("llama-tiny", FloatDType::BF16).unwrap();
+    let dirs = write_family(&spec, 3, 1, 0.01, &root, 1 << 30).unwrap();
+    let cfg = tmp.path().join("ta.yml");
+    common::write_merge_config(&cfg, &dirs, &["0.5"], "merge_method: task_arithmetic\n");
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let before = digest(&out);
+    let named = format!("give it by name (`{}`)", std::fs::canonicalize(&out).unwrap().display());
+    for (dir, path) in [(tmp.path(), "out/."), (out.as_path(), "."), (out.as_path(), "./"), (&out.join("sub"), "..")] {
+        std::fs::create_dir_all(dir).unwrap();
+        let args = ["merge", cfg.to_str().unwrap(), "-o", path, "--device", "cpu", "--force"];
+        let res = common::symerge().args(args).current_dir(dir).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && err.contains("the path does not end in a name"), "{path}: {err}");
+        assert!(err.contains(&named) && !err.contains("block"), "{path}: {err}");
+    }
+    std::fs::remove_dir(out.join("sub")).unwrap();
+    assert_eq!(digest(&out), before);
+}
