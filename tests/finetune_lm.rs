@@ -208,9 +208,14 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     .unwrap();
     let before = names(tmp.path());
     let llama = fixture("llama_gqa");
-    let cases: [(&Path, &Path, &[&str], &[&str]); 5] = [
+    let blank_eval = blank.to_str().unwrap();
+    // Fuzzing round 6: an --eval of texts too short to score failed only after training, naming
+    // the base model; it is refused before the first step, naming the file.
+    let eval_refused = format!("{blank_eval} (--eval): no text has two tokens or more");
+    let cases: [(&Path, &Path, &[&str], &[&str]); 6] = [
         (&llama, &empty, &[], &["empty.jsonl", "no records"]),
         (&llama, &blank, &[], &["blank.jsonl", "two tokens"]),
+        (&llama, &train, &["--eval", blank_eval], &[&eval_refused]),
         (&llama, &train, &["--labels", labels.to_str().unwrap()], &["causal LM", "--labels", "classifiers"]),
         (&llama, &train, &["--dtype", "float16"], &["float32"]),
         (&other, &train, &[], &["t5", "BERT-family", "Llama family", "GPT-2"]),
@@ -224,6 +229,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         for w in want {
             assert!(err.contains(w), "expected `{w}` in: {err}");
         }
+        assert!(!err.contains("INFO fine-tuning"), "refused only after training began: {err}");
         assert_eq!(names(tmp.path()), before, "nothing is written: {extra:?}");
     }
 }

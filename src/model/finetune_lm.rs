@@ -112,6 +112,19 @@ fn check_lm_options(base: &Path, opts: &FinetuneOptions) -> Result<LmKind> {
     })
 }
 
+/// Refuses `--eval` texts of which none has a next token to score, before training (fuzzing
+/// round 6: every step ran, then the score failed naming the base model and the trained
+/// weights were lost).
+fn check_eval_texts(tokenizer: &super::TextTokenizer, texts: &[String], path: &Path) -> Result<()> {
+    if tokenizer.tokenize(texts)?.iter().any(|t| t.ids.len() >= 2) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{} (--eval): no text has two tokens or more, so there is no next token to score",
+        path.display()
+    )))
+}
+
 /// Fine-tunes the causal LM `base` on the texts of `opts.train` (their labels, if any, are
 /// ignored) and saves it to `opts.output` as [`super::LmModel::save`] writes models. Options are
 /// checked before loading, the output appears only when complete.
@@ -134,6 +147,9 @@ fn finetune_as<B: Backend, A: LmArch<B>>(backend: B, base: &Path, opts: &Finetun
         Ok(Some(r))
     };
     super::save::check_room(&opts.output, &lm.model.params, super::SaveOptions::default().dtype)?;
+    if let (Some(texts), Some(path)) = (&eval_texts, &opts.eval) {
+        check_eval_texts(&lm.tokenizer, texts, path)?;
+    }
     let eval_before = if opts.eval_before { score(&lm, "before")? } else { None };
 
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
