@@ -12,8 +12,10 @@
 //!   tail probabilities of a large vocabulary fall below f16's normal range (6.1e-5), where it
 //!   keeps only a few significant bits; the ids dominate the size anyway.
 //!
-//! Writing goes to `<path>.partial`; a killed run resumes from the last whole input there, and the
-//! cache appears at `<path>` only once every input is written, its checksum recorded and the file
+//! Writing goes to `<path>.partial`; a killed run resumes from the last flush there whose rows
+//! still match the checksum the partial's header recorded at that flush (rows that merely look
+//! valid are not trusted: fuzzing round 6 flipped low bits of f16 values and they were sealed
+//! into the finished cache), and the cache appears at `<path>` only once every input is written, its checksum recorded and the file
 //! synced. Opening checks the magic, the header, the length, the checksum of the data and,
 //! when asked, that the cache was made by the same expert, tokenizer, task and inputs.
 
@@ -105,6 +107,16 @@ pub struct CacheHeader {
     /// cache does not depend on how a run was interrupted. Caches of earlier builds have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// A partial file's last flush: its units and their BLAKE3, what a resumed run trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flushed: Option<Flushed>,
+}
+
+/// The rows a partial cache held at its last flush ([`CacheHeader::flushed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flushed {
+    pub units: usize,
+    pub blake3: String,
 }
 
 impl CacheHeader {
@@ -204,6 +216,8 @@ pub struct CacheWriter {
     offsets: Vec<u64>,
     out: BufWriter<File>,
     written: usize,
+    /// BLAKE3 of every unit written so far, resumed ones included.
+    hasher: blake3::Hasher,
 }
 
 impl CacheWriter {
@@ -266,17 +280,21 @@ impl CacheWriter {
             offsets,
             out: BufWriter::with_capacity(1 << 20, file),
             written: 0,
+            hasher: blake3::Hasher::new(),
         };
-        let units = resumable.map_or(0, |(units, _)| units);
-        w.written = w.rows_within(units);
+        let kept = resumable.as_ref().map_or(0, |r| r.units);
+        w.written = w.rows_within(kept);
         // Rows kept bind the batch size they were computed in; none kept, none binds.
-        if w.written > 0 {
-            w.header.batch_size = resumable.and_then(|(_, batch_size)| batch_size);
+        if let (Some(r), true) = (&resumable, w.written > 0) {
+            w.header.batch_size = r.batch_size;
+            w.header.flushed = r.flushed.clone();
+            w.hasher = r.hasher.clone();
         }
         let end = w.end_of(w.written);
         // Drops a torn last input left by a killed run.
         w.out.get_ref().set_len(end).map_err(|e| Error::io(&w.partial, e))?;
-        if resumable.is_none() {
+        // Nothing kept: the header is this run's (a discarded partial's would keep its checksum).
+        if w.written == 0 {
             let head = w.header.encode(path)?;
             w.out.write_all(&head).map_err(|e| Error::io(&w.partial, e))?;
             w.out.write_all(&table).map_err(|e| Error::io(&w.partial, e))?;
@@ -377,13 +395,28 @@ impl CacheWriter {
             ));
         }
         self.out.write_all(bytes).map_err(|e| Error::io(&self.partial, e))?;
+        self.hasher.update(bytes);
         self.written = rows;
         Ok(())
     }
 
-    /// Flushes written rows to the file, so a later resume finds them.
+    /// Flushes written rows to the file and then records their checksum in the partial's header,
+    /// so a later resume finds them and can check them.
     pub fn flush(&mut self) -> Result<()> {
-        self.out.flush().map_err(|e| Error::io(&self.partial, e))
+        let partial = self.partial.clone();
+        let io = |e| Error::io(&partial, e);
+        self.out.flush().map_err(io)?;
+        let units = self.units_before(self.written);
+        if self.header.flushed.as_ref().is_some_and(|f| f.units == units) {
+            return Ok(());
+        }
+        self.header.flushed = Some(Flushed { units, blake3: self.hasher.finalize().to_hex().to_string() });
+        let head = self.header.encode(&self.path)?;
+        let end = self.end_of(self.written);
+        self.out.seek(SeekFrom::Start(0)).map_err(io)?;
+        self.out.write_all(&head).map_err(io)?;
+        self.out.seek(SeekFrom::Start(end)).map_err(io)?;
+        self.out.flush().map_err(io)
     }
 
     /// Checks every input is there, records the checksum, syncs and moves the cache into place.
@@ -405,6 +438,7 @@ impl CacheWriter {
         }
         self.header.complete = true;
         self.header.data_hash = Some(hasher.finalize().to_hex().to_string());
+        self.header.flushed = None;
         file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(&self.partial, e))?;
         file.write_all(&self.header.encode(&self.path)?).map_err(|e| Error::io(&self.partial, e))?;
         file.sync_all().map_err(|e| Error::io(&self.partial, e))?;
@@ -433,6 +467,7 @@ fn new_header(
         dtype: kind.dtype().into(),
         complete: false,
         data_hash: None,
+        flushed: None,
         batch_size: None,
     }
 }
@@ -538,9 +573,22 @@ fn lock_partial(partial: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Whole units of a partial cache that can be continued, if its header (and offset table)
-/// matches `want`, and the batch size it was started with.
-fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<(usize, Option<usize>)> {
+/// What a partial cache offers a resumed run ([`resumable_units`]).
+struct Resumable {
+    /// Leading units whose bytes match the checksum of the partial's last flush.
+    units: usize,
+    batch_size: Option<usize>,
+    flushed: Option<Flushed>,
+    /// BLAKE3 state after those units, to go on from.
+    hasher: blake3::Hasher,
+}
+
+/// The units of a partial cache that can be continued, if its header (and offset table) matches
+/// `want`: those of its last flush, when their bytes still match the checksum recorded then.
+/// Rows after it (written, but killed before the header said so) are recomputed, and so is
+/// everything when the checksum fails: values that were changed but look valid cannot be told
+/// apart otherwise.
+fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<Resumable> {
     let mut file = File::open(partial).ok()?;
     let mut head = vec![0u8; HEADER_BYTES + table.len()];
     file.read_exact(&mut head).ok()?;
@@ -552,44 +600,22 @@ fn resumable_units(partial: &Path, want: &CacheHeader, table: &[u8]) -> Option<(
         && have.labels == want.labels
         && head[HEADER_BYTES..] == *table
         && !have.complete;
-    let len = file.metadata().ok()?.len() as usize;
     if !same {
         return None;
     }
-    let units = ((len - HEADER_BYTES - table.len()) / want.kind.unit_bytes()).min(want.units());
-    // The rows are not checksummed until the cache is finished: check each before trusting it,
-    // and resume after the last good one (a corrupted partial is recomputed from there).
-    let mut data = vec![0u8; units * want.kind.unit_bytes()];
-    file.read_exact(&mut data).ok()?;
-    let good = valid_units(want.kind, &data);
-    if good < units {
+    let fresh = Resumable { units: 0, batch_size: None, flushed: None, hasher: blake3::Hasher::new() };
+    let Some(flushed) = have.flushed.clone().filter(|f| f.units <= want.units()) else { return Some(fresh) };
+    let mut data = vec![0u8; flushed.units * want.kind.unit_bytes()];
+    let mut hasher = blake3::Hasher::new();
+    if file.read_exact(&mut data).is_err() || hasher.update(&data).finalize().to_hex().as_str() != flushed.blake3 {
         tracing::warn!(
-            "{}: unit {good} of {units} written is not a valid label; resuming from there",
-            partial.display()
+            "{}: the {} units written do not match the checksum recorded when they were; starting over",
+            partial.display(),
+            flushed.units
         );
+        return Some(fresh);
     }
-    Some((good, have.batch_size))
-}
-
-/// How many leading units (classification rows, or top-k position records) of `data` are labels
-/// a finished cache would accept (see [`LabelCache::check_values`]).
-fn valid_units(kind: LabelKind, data: &[u8]) -> usize {
-    let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
-    data.chunks_exact(kind.unit_bytes())
-        .take_while(|u| match kind {
-            LabelKind::Classification { classes } => {
-                let v: Vec<f32> = u.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
-                distribution_error(&v[..classes], 0.0, 1e-2).is_none() && v[classes..].iter().all(|x| x.is_finite())
-            }
-            LabelKind::TopK { k, vocab } => {
-                let (ids, tail) = u.split_at(4 * k);
-                let probs: Vec<f32> = tail[..4 * k].chunks_exact(4).map(|b| f32::from_le_bytes(word(b))).collect();
-                let rest = f32::from_le_bytes(word(&tail[4 * k..]));
-                ids.chunks_exact(4).all(|b| (u32::from_le_bytes(word(b)) as usize) < vocab)
-                    && distribution_error(&probs, rest, 1e-3).is_none()
-            }
-        })
-        .count()
+    Some(Resumable { units: flushed.units, batch_size: have.batch_size, flushed: Some(flushed), hasher })
 }
 
 /// One or several inputs' top-k labels, position after position.
