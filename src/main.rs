@@ -132,8 +132,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(opts) => emit_report(&opts.generate()?, json)?,
         Command::Data { command: DataCommand::Prepare(args) } => {
             let summaries = args.run(|s| if json { Ok(()) } else { emit(&s.to_string()) })?;
+            // An object, as every other command prints: `{"tasks": [...]}`.
             if json {
-                emit_json(&summaries)?;
+                emit_json(&serde_json::json!({ "tasks": summaries }))?;
             }
         }
         Command::CacheLabels(args) => emit_report(&args.run()?, json)?,

@@ -369,7 +369,8 @@ fn cli_prepares_a_task_and_reports_it() {
     }
     let totals = check_consistent(&dir);
     let summary: Value = serde_json::from_str(&stdout).unwrap();
-    let task = &summary.as_array().unwrap()[0];
+    // An object like every command's (fuzzing round 6: it was a bare array).
+    let task = &summary["tasks"].as_array().unwrap()[0];
     assert_eq!(task["task"], "fortune-topic");
     assert_eq!(task["labels"], labels_json(&dir)["labels"]);
     for split in ["train", "validation", "test"] {
