@@ -221,6 +221,19 @@ fn rank_runs(ranks: &[usize]) -> Vec<(usize, usize)> {
     runs
 }
 
+/// At most [`EXCERPT_CHARS`] characters of a value from the user's files, for a message: a
+/// 100 000-character label name was echoed whole (fuzzing round 6). Longer ones are cut and say
+/// their size.
+pub fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(EXCERPT_CHARS) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &s[..cut], s.len()),
+        None => s.to_string(),
+    }
+}
+
+/// How much of a value [`excerpt`] keeps.
+pub const EXCERPT_CHARS: usize = 80;
+
 impl Error {
     /// Wraps an I/O error with the path it happened on; a path that is a symbolic link to
     /// nothing says so instead of "no such file".

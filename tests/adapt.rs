@@ -83,6 +83,12 @@ fn cache_is_reused_and_mismatches_are_rejected() {
     std::fs::copy(r.join("beta.labels"), r.join("alpha.labels")).unwrap();
     let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("adapt.yml")).unwrap()).err().unwrap().to_string();
     assert!(e.contains("different task") && e.contains("alpha.labels"), "{e}");
+    // Names are quoted and escaped: a name with an invisible character shows it (fuzzing round 6).
+    assert!(e.contains(r#"(cache has "beta", this run has "alpha")"#), "{e}");
+    let zw = std::fs::read_to_string(r.join("adapt.yml")).unwrap().replace("name: alpha,", "name: \"beta\\u200b\",");
+    std::fs::write(r.join("zw.yml"), zw).unwrap();
+    let e = Adapter::load(Cpu, AdaptConfig::load(&r.join("zw.yml")).unwrap()).err().unwrap().to_string();
+    assert!(e.contains(r#"(cache has "beta", this run has "beta\u{200b}")"#), "{e}");
 
     // A corrupted cache is refused.
     let mut bytes = std::fs::read(r.join("beta.labels")).unwrap();
@@ -769,4 +775,28 @@ fn the_room_asked_before_training_is_what_the_task_models_take() {
     }
     let dtype = symerge::checkpoint::FloatDType::F32;
     assert_eq!(adapter(&f).output_bytes(dtype), written);
+}
+
+/// Fuzzing round 6: an inputs file valid for one task but labelled with classes its expert lacks
+/// failed naming only the file (the same file is fine for the other task); the message names
+/// the task and its expert's config. An enormous label name is cut in the message, not echoed
+/// whole.
+#[test]
+fn labels_an_expert_lacks_name_the_task_and_are_cut_short() {
+    let f = fixture();
+    let r = &f.root;
+    let yml = std::fs::read_to_string(r.join("adapt.yml")).unwrap().replace("method: symerge", "method: adamerging");
+    let cfg = r.join("other.yml");
+    // beta's inputs carry class-3, which alpha's three-class expert lacks.
+    std::fs::write(&cfg, yml.replace("inputs: alpha.jsonl", "inputs: beta.jsonl")).unwrap();
+    let out = r.join("other-out");
+    let (ok, _, err) = run(&["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1"]);
+    let whose = format!("{}'s label2id (the expert of task `alpha`)", r.join("expert-alpha/config.json").display());
+    assert!(!ok && err.contains("unknown label `class-3`") && err.contains(&whose), "{err}");
+    let huge = "x".repeat(100_000);
+    std::fs::write(r.join("huge.jsonl"), format!("{}\n", serde_json::json!({"text": "a text", "label": huge})))
+        .unwrap();
+    std::fs::write(&cfg, yml.replace("inputs: alpha.jsonl", "inputs: huge.jsonl")).unwrap();
+    let (ok, _, err) = run(&["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", "1"]);
+    assert!(!ok && err.contains(&format!("`{}... (100000 bytes)`", "x".repeat(80))) && err.len() < 2000, "{err}");
 }

@@ -16,7 +16,7 @@ use crate::data::jsonl::read_jsonl_hashed;
 use crate::error::{Error, Result};
 use crate::labels::produce::provenance;
 use crate::labels::{LabelCache, LabelKind};
-use crate::model::classify::{Classes, LABEL2ID, label_ids};
+use crate::model::classify::{Classes, label_ids};
 use crate::model::save::SaveOptions;
 use crate::model::tokenize::Tokens;
 use crate::model::{Batch, Bert, Block, LoadOptions, SequenceClassifier, TextTokenizer, evaluate};
@@ -122,7 +122,9 @@ fn load_task<B: Backend + Clone>(
         _ => None,
     };
     let labelled = examples.iter().all(|e| e.label.is_some() || e.label_id.is_some());
-    let known = Classes { label2id: expert.config.label2id.as_ref(), n: classes, source: LABEL2ID };
+    // The same inputs file may suit another task: say whose classes these are.
+    let source = format!("{}'s label2id (the expert of task `{}`)", expert_dir.join("config.json").display(), t.name);
+    let known = Classes { label2id: expert.config.label2id.as_ref(), n: classes, source: &source };
     let gold = labelled.then(|| label_ids(&examples, known, &t.inputs)).transpose()?;
     let data = ClassTask { gold, cache, classes, label2id: expert.config.label2id.clone() };
     let private_blocks = expert.blocks[n_shared..].to_vec();

@@ -6,7 +6,7 @@
 //! tasks:
 //!   - name: wn-verb
 //!     expert: ./experts/wn-verb
-//!     inputs: ./data/wn-verb/test.jsonl     # unlabelled test inputs (labels are ignored)
+//!     inputs: ./data/wn-verb/test.jsonl     # test inputs; labels, if every line has one, only score the result
 //!     cache: ./cache/wn-verb.labels         # expert soft labels (symerge; made by cache-labels)
 //! adapted_layer: head        # head (default) or last_block (causal LMs: final norm + lm_head)
 //! granularity: tensor        # one Lambda per task per tensor (default), or per block

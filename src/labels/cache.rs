@@ -846,7 +846,12 @@ fn check_provenance(path: &Path, have: &Provenance, want: &Provenance) -> Result
         if h != w {
             return Err(cache_err(
                 path,
-                format!("made for a different {what} (cache has {h}, this run has {w}); {REBUILD}"),
+                // Quoted and escaped: names that differ only in invisible characters look alike.
+                format!(
+                    "made for a different {what} (cache has {:?}, this run has {:?}); {REBUILD}",
+                    crate::error::excerpt(h),
+                    crate::error::excerpt(w)
+                ),
             ));
         }
     }

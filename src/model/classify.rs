@@ -156,19 +156,22 @@ fn class_of(ex: &Example, classes: Classes) -> std::result::Result<usize, String
                 let mut known: Vec<(usize, &str)> = map.iter().map(|(name, &id)| (id, name.as_str())).collect();
                 known.sort_unstable();
                 let known: Vec<&str> = known.into_iter().map(|(_, name)| name).collect();
+                let name = crate::error::excerpt(name);
                 format!("unknown label `{name}` (classes in {}, in class order: {})", classes.source, known.join(", "))
             })?;
             match id {
                 Some(id) if id != k => {
+                    let name = crate::error::excerpt(name);
                     Err(format!("`label_id` {id} disagrees with {}, where `{name}` is class {k}", classes.source))
                 }
                 _ => Ok(k),
             }
         }
         (_, _, Some(id)) => Ok(id),
-        (Some(name), None, None) => {
-            Err(format!("unknown label `{name}`: config.json has no label2id, so labels must be class indices"))
-        }
+        (Some(name), None, None) => Err(format!(
+            "unknown label `{}`: config.json has no label2id, so labels must be class indices",
+            crate::error::excerpt(name)
+        )),
         (None, _, None) => Err("missing the `label` field".into()),
     }
 }
