@@ -59,34 +59,30 @@ extern "C" __global__ void __launch_bounds__(256) slerp_merge(const void* base, 
     if (nonfinite) atomicOr(bad, 1u);
 }
 
-// Population variance over the experts of each element's task vector (`sce::variances`).
+// Population variance over the experts of each element's task vector (`sce::variances`): each
+// task vector in f32, Welford's update in f64 (torch's `var`), the result rounded to f32, so
+// task vectors that agree have a variance of exactly 0.
 __device__ __forceinline__ void variances8(const SceInputs& ins, u32 k, const float* b, u64 i, int count, float* var) {
-    float mean[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; j++) mean[j] = 0.0f;
-    for (u32 e = 0; e < k; e++) {
-        float x[VEC];
-        load_any((const void*)ins.in[e].ptr, ins.in[e].dtype, i, count, x);
-#pragma unroll
-        for (int j = 0; j < VEC; j++) mean[j] = mean[j] + (x[j] - b[j]);
-    }
-    float kf = (float)k;
+    double mean[VEC], m2[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; j++) {
-        mean[j] = mean[j] / kf;
-        var[j] = 0.0f;
+        mean[j] = 0.0;
+        m2[j] = 0.0;
     }
     for (u32 e = 0; e < k; e++) {
         float x[VEC];
         load_any((const void*)ins.in[e].ptr, ins.in[e].dtype, i, count, x);
+        double n = (double)(e + 1);
 #pragma unroll
         for (int j = 0; j < VEC; j++) {
-            float d = (x[j] - b[j]) - mean[j];
-            var[j] = var[j] + d * d;
+            double t = (double)(x[j] - b[j]);
+            double delta = t - mean[j];
+            mean[j] = mean[j] + delta / n;
+            m2[j] = m2[j] + delta * (t - mean[j]);
         }
     }
 #pragma unroll
-    for (int j = 0; j < VEC; j++) var[j] = var[j] / kf;
+    for (int j = 0; j < VEC; j++) var[j] = (float)(m2[j] / (double)k);
 }
 
 // SCE (`Sce::merge_chunk`): elements whose variance passes the pre-pass threshold (thresh, ties

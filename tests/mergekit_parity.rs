@@ -267,7 +267,7 @@ fn check_cases(dir: &Path, tmp: &Path, min_cases: usize) {
     let mut report = Vec::new();
     for (case, yaml) in &cases {
         let mut yaml = yaml.replace("{base}", dir.join("base").to_str().unwrap());
-        for e in 1..=3 {
+        for e in 1..=6 {
             yaml = yaml.replace(&format!("{{expert-{e}}}"), dir.join(format!("expert-{e}")).to_str().unwrap());
             yaml = yaml.replace(&format!("{{lora-{e}}}"), dir.join(format!("lora-{e}")).to_str().unwrap());
         }

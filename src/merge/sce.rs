@@ -29,15 +29,21 @@ pub const DEF: MethodDef = MethodDef {
 
 pub struct Sce;
 
-/// Per-element variance (population) of the task vectors, in f32 as mergekit computes it.
+/// Per-element variance (population) of the task vectors as torch's `var(dim=0, unbiased=False)`
+/// computes it for mergekit: each task vector in f32, then Welford's update in f64, the result
+/// rounded to f32. A plain f32 mean of three equal values is often not the value, which gave
+/// elements whose task vectors all agree a variance of ~1e-18 instead of 0, so they were counted
+/// and selected where mergekit leaves the base (fuzzing round 7).
 fn variances<E: AsRef<[f32]>>(base: &[f32], experts: &[E], out: &mut [f32]) {
-    let k = experts.len() as f32;
     for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-        let mean = experts.iter().fold(0.0f32, |s, e| s + (e.as_ref()[i] - b)) / k;
-        *o = experts.iter().fold(0.0f32, |s, e| {
-            let d = (e.as_ref()[i] - b) - mean;
-            s + d * d
-        }) / k;
+        let (mut mean, mut m2) = (0.0f64, 0.0f64);
+        for (n, e) in experts.iter().enumerate() {
+            let x = f64::from(e.as_ref()[i] - b);
+            let delta = x - mean;
+            mean += delta / (n + 1) as f64;
+            m2 += delta * (x - mean);
+        }
+        *o = (m2 / experts.len() as f64) as f32;
     }
 }
 
@@ -114,10 +120,12 @@ impl MergeMethod for Sce {
     }
 }
 
-/// The variance threshold keeping `floor(select_topk * nonzero)` elements, where `nonzero`
-/// counts the elements whose variance is not 0 (mergekit's `sce_mask`).
+/// The variance threshold keeping `select_topk * nonzero` elements, where `nonzero` counts the
+/// elements whose variance is not 0 (mergekit's `sce_mask`). The product is torch's: an f32
+/// multiply (of `nonzero` rounded to f32), truncated; in f64 it often came out one element short
+/// (`480000 * 0.02` is 9599.9998 in f64, 9600 in f32; fuzzing round 7).
 fn selection(pass: &dyn TensorPass) -> Result<Threshold> {
-    let topk = pass.params().global("select_topk", 1.0) as f64;
+    let topk = pass.params().global("select_topk", 1.0);
     if topk >= 1.0 {
         return Ok(Threshold::KEEP_ALL);
     }
@@ -130,7 +138,7 @@ fn selection(pass: &dyn TensorPass) -> Result<Threshold> {
         var.iter().filter(|&&v| v != 0.0).count()
     })?;
     let nonzero: usize = counts.into_iter().sum();
-    let k = (nonzero as f64 * topk).floor() as usize;
+    let k = (nonzero as f32 * topk) as usize;
     let th = thresholds(pass, &[k], |base, experts, out| variances(base, experts, &mut out[0]))?;
     Ok(th[0])
 }

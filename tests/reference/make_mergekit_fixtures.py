@@ -6,6 +6,11 @@ Writes under tests/fixtures/mergekit/:
       tiny Llama (hidden 16, 2 layers, GQA 2/1, vocab 32) and three fine-tunes of it, each the
       base plus a shared direction and a direction of its own (so task vectors have cosines
       near 0.5 and SLERP, Model Stock and TIES see non-trivial geometry)
+  expert-4/, expert-5/, expert-6/   three further fine-tunes of one shared fine-tune of base:
+      their task vectors are bit-identical on the first 32 elements of every tensor (all of a
+      tensor under 128 elements) and independent elsewhere, so a variance over them is exactly 0
+      there (SCE's selection counts such elements); made on first use, leaving the others as
+      they are
   cases.json       per case: the merge config as YAML with {base} and {expert-N} placeholders
   out/<case>.safetensors   mergekit's output for that case
 
@@ -103,6 +108,20 @@ def make_inputs(out):
         write_model(out / f"expert-{e}", expert)
 
 
+def make_shared_experts(out):
+    g = torch.Generator().manual_seed(4321)
+    base = load_file(str(out / "base" / "model.safetensors"))
+    shared = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for e in range(4, 7):
+        expert = {}
+        for k, v in shared.items():
+            own = 0.03 * torch.randn(v.shape, generator=g)
+            flat = own.flatten()
+            flat[: 32 if v.numel() >= 128 else v.numel()] = 0.0
+            expert[k] = v + flat.reshape(v.shape)
+        write_model(out / f"expert-{e}", expert)
+
+
 def models(*entries):
     return [{"model": m, "parameters": p} if p else {"model": m} for m, p in entries]
 
@@ -143,6 +162,10 @@ CASES = {
                               "parameters": {"density": 1.0, "epsilon": 0.05}},
     "sce": {"merge_method": "sce", "base_model": "{base}", "models": models((E1, None), (E2, None), (E3, None)),
             "parameters": {"select_topk": 0.4}},
+    # 480 of 512 elements vary: 480 * 0.7 is 336 in f32 (mergekit's k), 335.99999 in f64.
+    "sce_shared": {"merge_method": "sce", "base_model": "{base}",
+                   "models": models(("{expert-4}", None), ("{expert-5}", None), ("{expert-6}", None)),
+                   "parameters": {"select_topk": 0.7}},
     "sce_all": {"merge_method": "sce", "base_model": "{base}", "models": models((E1, None), (E2, None)),
                 "parameters": {"int8_mask": True}},
     "nuslerp": {"merge_method": "nuslerp", "models": models((E1, {"weight": 0.3}), (E2, {"weight": 0.7}))},
@@ -376,7 +399,9 @@ def fill(obj, paths):
 
 
 def run_case(name, case, out):
-    paths = {n: str(out / n) for n in ("base", "expert-1", "expert-2", "expert-3")}
+    if "{expert-4}" in json.dumps(case) and not (out / "expert-4").exists():
+        make_shared_experts(out)
+    paths = {n: str(out / n) for n in ["base"] + [f"expert-{e}" for e in range(1, 7)]}
     cfg = dict({"dtype": "float32"}, **fill(case, paths))
     with tempfile.TemporaryDirectory() as tmp:
         run_merge(
