@@ -637,7 +637,7 @@ impl MergeConfig {
         let sum: f32 = weights.iter().sum();
         let problem = if name == "linear" && weights.iter().all(|&w| w == 0.0) {
             Some("every weight is 0, so the output would be all zeros".to_string())
-        } else if normalize && name == "linear" && sum.abs() < 1e-8 {
+        } else if normalize && name == "linear" && sum == 0.0 {
             Some(format!("the weights {weights:?} sum to 0, and `normalize: true` divides by their sum"))
         } else {
             None

@@ -42,7 +42,8 @@ impl MergeMethod for Linear {
     ) {
         let p = ctx.params;
         let wsum: f32 = p.weights.iter().sum();
-        let div = if p.normalize && wsum.abs() >= 1e-8 { wsum } else { 1.0 };
+        // mergekit's linear divides by any non-zero sum (the 1e-8 cut is its task-vector methods').
+        let div = if p.normalize && wsum != 0.0 { wsum } else { 1.0 };
         out.fill(0.0);
         for (k, expert) in experts.iter().enumerate() {
             let c = p.weights[k] / div;

@@ -186,6 +186,9 @@ CASES = {
                                                           (E3, {"weight": 0.5}))},
     # A base_model that `models` does not list is merged as one more model, last, its weight from
     # the top-level parameters (mergekit's normalize_config).
+    # Weights far below 1e-8 that do not sum to 0: mergekit's linear divides by their sum.
+    "linear_tiny_weights": {"merge_method": "linear", "models": models((E1, {"weight": 2e-9}), (E2, {"weight": 3e-9})),
+                            "parameters": {"normalize": True}},
     "linear_base_added": {"merge_method": "linear", "base_model": "{base}",
                           "models": models((E1, {"weight": 0.5}), (E2, {"weight": 0.2})),
                           "parameters": {"weight": 0.3}},

@@ -223,7 +223,7 @@ impl MergeLaunch {
         match form {
             KernelForm::Linear => {
                 let wsum: f32 = p.weights.iter().sum();
-                let div = if p.normalize && wsum.abs() >= 1e-8 { wsum } else { 1.0 };
+                let div = if p.normalize && wsum != 0.0 { wsum } else { 1.0 };
                 let inputs = dtypes
                     .iter()
                     .enumerate()
