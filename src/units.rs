@@ -9,6 +9,14 @@ use crate::error::{Error, Result};
 /// A byte size: `5GB`, `500MB`, `2GiB`, `1.5 TB` (the `bytesize` crate's units: K/M/G/T decimal,
 /// KiB/MiB/GiB/TiB binary), at least one byte.
 pub fn parse_size(s: &str) -> Result<u64> {
+    if let Some(n) = before_lone_b(s) {
+        // bytesize reads `8B` as 8 bytes, mergekit's --out-shard-size as 8 billion: a memory
+        // budget of 8 bytes silently streams everything (fuzzing round 6).
+        return Err(Error::Invalid(format!(
+            "`{s}` is ambiguous: a lone B reads as {n} bytes here but as {n} billion bytes in mergekit's \
+             --out-shard-size; write {n}GB, or {n} for bytes"
+        )));
+    }
     let size: bytesize::ByteSize =
         s.parse().map_err(|e| Error::Invalid(format!("`{s}` is not a size (e.g. 5GB, 500MB, 2GiB): {e}")))?;
     if size.as_u64() == 0 {
@@ -22,10 +30,14 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// shard of a few bytes is never what such a value means). `K` and `M` agree in both.
 pub fn parse_shard_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    if let Some(digits) = t.strip_suffix(['B', 'b'])
-        && !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-    {
+    if let Some(digits) = before_lone_b(t) {
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            // As bytes, `2.5B` wrote every tensor to a shard of its own (fuzzing round 7);
+            // mergekit refuses a fraction with its suffixes.
+            return Err(Error::Invalid(format!(
+                "`{s}`: mergekit's B (billions of bytes) takes a whole number; write {digits}GB"
+            )));
+        }
         let n: u64 = digits.parse().map_err(|e| Error::Invalid(format!("`{s}` is not a size: {e}")))?;
         return match n.checked_mul(1_000_000_000) {
             Some(0) => Err(Error::Invalid(format!("size `{s}` must be at least one byte"))),
@@ -34,6 +46,14 @@ pub fn parse_shard_size(s: &str) -> Result<u64> {
         };
     }
     parse_size(t)
+}
+
+/// The number before a lone `B` or `b` (`8B`, `2.5 b`), when that is all `s` is.
+fn before_lone_b(s: &str) -> Option<&str> {
+    let n = s.trim().strip_suffix(['B', 'b'])?.trim_end();
+    let digits = n.bytes().filter(u8::is_ascii_digit).count();
+    let points = n.bytes().filter(|&b| b == b'.').count();
+    (digits > 0 && digits + points == n.len() && points <= 1).then_some(n)
 }
 
 /// [`parse_size`] that also takes `0`: a memory budget that keeps nothing.
@@ -91,6 +111,14 @@ mod tests {
         assert_eq!(parse_shard_size("1000").unwrap(), 1000);
         assert!(parse_shard_size("0B").unwrap_err().to_string().contains("at least one byte"));
         assert!(parse_shard_size("99999999999B").unwrap_err().to_string().contains("too large"));
+        // Fuzzing rounds 6 and 7: a number and a lone B is refused where it would be bytes.
+        for (shard, want) in [("2.5B", "takes a whole number; write 2.5GB"), ("0.5b", "write 0.5GB")] {
+            assert!(parse_shard_size(shard).unwrap_err().to_string().contains(want), "{shard}");
+        }
+        for budget in ["8B", "8 b", "1.5B"] {
+            assert!(parse_budget(budget).unwrap_err().to_string().contains("is ambiguous"), "{budget}");
+        }
+        assert_eq!(parse_size("8").unwrap(), 8);
         assert_eq!(parse_budget("0").unwrap(), 0);
         assert_eq!(parse_budget("8GB").unwrap(), 8_000_000_000);
         assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));
