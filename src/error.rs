@@ -22,6 +22,14 @@ pub enum Error {
     )]
     NoCheckpoint { path: PathBuf },
 
+    /// mergekit unpickles these; symerge reads safetensors only (unpickling can run code).
+    #[error(
+        "{path}: a pickled PyTorch checkpoint, which symerge does not read (unpickling can run arbitrary code); \
+         convert it to safetensors first, e.g. with transformers: \
+         `AutoModel.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`"
+    )]
+    PickledCheckpoint { path: PathBuf },
+
     #[error("{path}: tensor `{tensor}` is missing (it is present in the base model {base})")]
     MissingTensor { path: PathBuf, tensor: String, base: PathBuf },
 

@@ -850,3 +850,28 @@ fn a_relative_model_path_that_names_two_models_is_refused() {
     let (a, b) = (common::read_model(&cwd.join("out1")), common::read_model(&cwd.join("out4")));
     assert_ne!(a, b, "out4 merged the working directory's base, not the config's");
 }
+
+/// Fuzzing round 7: a model stored as pickled PyTorch weights (`pytorch_model.bin`, the layout
+/// of many older Hub models) was refused as "no checkpoint found"; mergekit unpickles it. It is
+/// named as what it is, with how to convert it, given as a directory or as the file.
+#[test]
+fn a_pickled_checkpoint_is_named_as_such() {
+    let c = case();
+    let old = c.tmp.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("config.json"), "{}").unwrap();
+    std::fs::write(old.join("training_args.bin"), b"\x80\x04").unwrap();
+    std::fs::write(old.join("pytorch_model.bin"), b"\x80\x04").unwrap();
+    let pickle = old.join("pytorch_model.bin");
+    for given in [&old, &pickle] {
+        let y = format!(
+            "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
+            c.expert.display(),
+            given.display()
+        );
+        let cfg = c.tmp.path().join("pickle.yml");
+        std::fs::write(&cfg, y).unwrap();
+        let want = format!("{}: a pickled PyTorch checkpoint, which symerge does not read", pickle.display());
+        c.expect_failure(&cfg, &[&want, "safe_serialization=True"]);
+    }
+}

@@ -91,6 +91,28 @@ struct IndexFile {
     weight_map: HashMap<String, String>,
 }
 
+/// Hugging Face's names of pickled PyTorch weights (`pytorch_model.bin`, its shards and index)
+/// and the usual `.pt`/`.pth`/`.bin` files.
+fn is_pickle_name(name: &str) -> bool {
+    [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|ext| name.ends_with(ext))
+}
+
+/// The pickled checkpoint a directory holds instead of safetensors, if any: `pytorch_model*`
+/// first (a model directory may hold other pickles, `training_args.bin`), then by name.
+fn pickled_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<(bool, PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            is_pickle_name(&name).then(|| (!name.starts_with("pytorch_model"), p))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next().map(|(_, p)| p)
+}
+
 impl Checkpoint {
     /// Opens a `.safetensors` file, a `*.index.json`, or a directory holding either.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -122,6 +144,8 @@ impl Checkpoint {
                 let found = list_safetensors(&path)?;
                 if found.len() == 1 {
                     (path.clone(), found, None)
+                } else if let Some(pickle) = pickled_checkpoint(&path).filter(|_| found.is_empty()) {
+                    return Err(Error::PickledCheckpoint { path: pickle });
                 } else {
                     return Err(Error::NoCheckpoint { path });
                 }
@@ -129,6 +153,9 @@ impl Checkpoint {
         } else {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
             let name = path.to_string_lossy();
+            if is_pickle_name(&name) {
+                return Err(Error::PickledCheckpoint { path });
+            }
             if name.ends_with(".index.json") {
                 (dir, shard_files_from_index(&path)?, Some(path.clone()))
             } else {
