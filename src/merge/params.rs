@@ -26,6 +26,7 @@ enum WrittenValue {
     Number(f64),
     Text(String),
     Gradient(Vec<f64>),
+    Texts(Vec<String>),
     Filtered(Vec<FilteredValue>),
     One(Box<FilteredValue>),
 }
@@ -37,6 +38,11 @@ impl From<WrittenValue> for ParamValue {
             WrittenValue::Number(x) => ParamValue::Number(x),
             WrittenValue::Text(t) => ParamValue::Text(t),
             WrittenValue::Gradient(g) => ParamValue::Gradient(g),
+            // pydantic makes each quoted number a float for mergekit (fuzzing round 7).
+            WrittenValue::Texts(t) => match t.iter().map(|x| x.trim().parse::<f64>()).collect() {
+                Ok(points) => ParamValue::Gradient(points),
+                Err(_) => ParamValue::Text(format!("{t:?}")),
+            },
             WrittenValue::Filtered(f) => ParamValue::Filtered(f),
             WrittenValue::One(one) => ParamValue::Filtered(vec![*one]),
         }
@@ -54,6 +60,13 @@ pub fn named_values<'de, D: serde::Deserializer<'de>>(
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a mapping of parameter names to values")
         }
+        // `parameters: null` (what yaml.dump writes for None) is no parameters, as for mergekit.
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(std::collections::BTreeMap::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(std::collections::BTreeMap::new())
+        }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut out = std::collections::BTreeMap::new();
             while let Some(key) = map.next_key::<String>()? {
@@ -67,7 +80,7 @@ pub fn named_values<'de, D: serde::Deserializer<'de>>(
             Ok(out)
         }
     }
-    d.deserialize_map(Named)
+    d.deserialize_any(Named)
 }
 
 /// `{filter: "self_attn", value: 0.5}`; an entry without `filter`, or with `filter: "*"`, matches
@@ -88,6 +101,8 @@ impl ParamValue {
             ParamValue::Number(x) => Some(*x),
             ParamValue::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
             ParamValue::Text(_) => None,
+            // mergekit's `evaluate_setting` takes an empty list as not set here.
+            ParamValue::Gradient(points) if points.is_empty() => None,
             ParamValue::Gradient(points) => Some(interpolate(points, position)),
             ParamValue::Filtered(items) => items
                 .iter()
@@ -103,7 +118,6 @@ impl ParamValue {
             ParamValue::Number(x) => Err(format!("{x} is not a finite number")),
             ParamValue::Bool(_) => Err("expected a number, got a boolean".into()),
             ParamValue::Text(t) => Err(format!("expected a number, got `{t}`")),
-            ParamValue::Gradient(p) if p.is_empty() => Err("a gradient needs at least one value".into()),
             ParamValue::Gradient(p) => match p.iter().find(|x| !x.is_finite()) {
                 Some(x) => Err(format!("{x} is not a finite number")),
                 None => Ok(()),

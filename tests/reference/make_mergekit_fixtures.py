@@ -189,6 +189,13 @@ CASES = {
     # Weights far below 1e-8 that do not sum to 0: mergekit's linear divides by their sum.
     "linear_tiny_weights": {"merge_method": "linear", "models": models((E1, {"weight": 2e-9}), (E2, {"weight": 3e-9})),
                             "parameters": {"normalize": True}},
+    # Forms pydantic accepts for mergekit: a gradient of quoted numbers, `parameters: null`, and
+    # an empty list (not set here: the top-level weight applies).
+    "lax_parameter_forms": {"merge_method": "linear",
+                            "models": [{"model": E1, "parameters": {"weight": ["0.1", "0.9"]}},
+                                       {"model": E2, "parameters": None},
+                                       {"model": E3, "parameters": {"weight": []}}],
+                            "parameters": {"weight": 0.5}},
     "linear_base_added": {"merge_method": "linear", "base_model": "{base}",
                           "models": models((E1, {"weight": 0.5}), (E2, {"weight": 0.2})),
                           "parameters": {"weight": 0.3}},
