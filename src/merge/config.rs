@@ -629,6 +629,15 @@ impl MergeConfig {
         }
     }
 
+    /// The dtype a merged tensor is rounded to before it is cast to `out_dtype`: a narrow `dtype`
+    /// (bf16, f16) with a different `out_dtype`. mergekit's methods return their result in
+    /// `dtype` and only then cast it, so `dtype: bfloat16, out_dtype: float16` stores
+    /// f16(bf16(x)) and `out_dtype: float32` bf16-precision values (fuzzing round 7).
+    pub fn result_rounding(&self) -> Option<FloatDType> {
+        let d = self.compute_dtype?;
+        (d.size() < 4 && self.out_dtype.is_some_and(|o| o != d)).then_some(d)
+    }
+
     /// Weights that make a degenerate linear merge are errors (mergekit writes zeros, or divides
     /// by their zero sum and writes inf): all 0, or summing to 0 under `normalize: true`. The
     /// task-vector methods divide by 1 where the sum is 0, as mergekit's `merge_group` does.

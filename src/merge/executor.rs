@@ -864,6 +864,8 @@ pub struct TensorJob<'a> {
     pub experts: Vec<Source<'a>>,
     pub params: TensorParams,
     pub out_dtype: FloatDType,
+    /// [`MergeConfig::result_rounding`]: the dtype the result is rounded to before `out_dtype`.
+    pub round_result: Option<FloatDType>,
     pub name_hash: u32,
     /// Length of the last dimension (rows of this length are contiguous).
     pub row_len: usize,
@@ -1023,6 +1025,7 @@ impl<'a> MergeJob<'a> {
             experts: sources,
             params,
             out_dtype: self.out_dtype.or_else(|| self.stream.natural_dtype(t)).unwrap_or(ref_dtype),
+            round_result: self.config.result_rounding(),
             name_hash: name_hash(&rmeta.name),
             row_len: rmeta.shape.last().copied().unwrap_or(1),
         }))
@@ -1086,6 +1089,9 @@ fn merge_chunk(tj: &TensorJob<'_>, ctx: &ChunkCtx<'_>, s: &mut Scratch, out_byte
     s.out.resize(len, 0.0);
     let views: Vec<&[f32]> = s.experts.iter().map(Vec::as_slice).collect();
     tj.method.merge_chunk(ctx, base.map(|_| s.base.as_slice()), &views, &mut s.out, &mut s.method);
+    if let Some(d) = tj.round_result {
+        round_all(d, &mut s.out);
+    }
     if let Some(i) = first_out_of_range(&s.out, out_dtype) {
         return Err(out_of_range(tj.name, ctx.offset + i, s.out[i], out_dtype));
     }

@@ -231,6 +231,13 @@ CASES.update({
                        "parameters": {"t": [0.1, 0.9]}},
     "dtype_bfloat16": {"merge_method": "linear", "dtype": "bfloat16",
                        "models": models((E1, {"weight": 0.25}), (E2, {"weight": 0.75}))},
+    # mergekit rounds each result to `dtype` before casting it to `out_dtype`.
+    "dtype_bf16_out_f16": {"merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float16",
+                           "models": models((E1, {"weight": 0.25}), (E2, {"weight": 0.75}))},
+    # Weights exact in bf16: mergekit makes them tensors of the compute dtype, and 0.6 in bf16
+    # moves results that round halfway between two bf16 values (not reproduced by symerge).
+    "dtype_bf16_out_f32": {"merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float32",
+                           "models": models((E1, {"weight": 0.625}), (E3, {"weight": 0.375}))},
 })
 
 # Slices with different numbers of sources: each tensor merges its own slice's sources, the

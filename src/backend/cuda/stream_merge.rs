@@ -92,6 +92,11 @@ pub fn no_kernel(config: &MergeConfig) -> Option<String> {
     if !config.slices.is_empty() {
         return Some("a `slices` config merges on the CPU engine only".into());
     }
+    if let (Some(d), Some(o)) = (config.result_rounding(), config.out_dtype) {
+        return Some(format!(
+            "`dtype: {d}` with `out_dtype: {o}` (each result rounded to {d} first) merges on the CPU engine only"
+        ));
+    }
     let method = config.build_method();
     method.kernel_form().is_none().then(|| format!("method {} has no GPU kernel", method.name()))
 }
