@@ -1162,6 +1162,10 @@ fn a_mergekit_command_line_runs_unchanged() {
         "--lora-merge-cache",
         "/nonexistent",
         "--trust-remote-code",
+        // mergekit's default spelled out (fuzzing round 7: refused by the parser), after the
+        // refused form: the later wins, as in mergekit.
+        "--unsafe-truncate-embeddings",
+        "--no-unsafe-truncate-embeddings",
     ];
     let cli = run("cli", &models(""), &flags);
     let in_config = run("in-config", &models("parameters: {seed: 7}\n"), &[]);

@@ -72,9 +72,12 @@ pub struct MergekitFlags {
     /// Refused: symerge writes only safetensors.
     #[arg(long, hide = true)]
     pub no_safe_serialization: bool,
-    /// Refused: permute embeddings with `tokenizer_source` instead.
-    #[arg(long, hide = true)]
+    /// Refused: permute embeddings with `tokenizer_source` instead. Its `--no-` form is
+    /// mergekit's default, spelled out (the later of the two wins, as in mergekit).
+    #[arg(long, hide = true, overrides_with = "no_unsafe_truncate_embeddings")]
     pub unsafe_truncate_embeddings: bool,
+    #[arg(long, hide = true, overrides_with = "unsafe_truncate_embeddings")]
+    pub no_unsafe_truncate_embeddings: bool,
     /// Refused: an adapter is applied in the model's stored dtype.
     #[arg(long, hide = true, value_name = "DTYPE")]
     pub lora_merge_dtype: Option<String>,
