@@ -142,6 +142,14 @@ pub fn check_output_dir(output: &Path, force: bool) -> Result<()> {
 pub fn check_output_name(output: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let raw = output.as_os_str().as_bytes();
+    // `-o -` means standard output to most tools; symerge wrote a file named `-` (fuzzing round 6).
+    if raw == b"-" {
+        return Err(Error::Invalid(
+            "output -: symerge writes its outputs to files (atomically), not to standard output; give a path \
+             (./- for a file named -)"
+                .into(),
+        ));
+    }
     let trimmed = raw.strip_suffix(b"/").filter(|t| !t.is_empty()).unwrap_or(raw);
     let last = trimmed.rsplit(|&b| b == b'/').next().unwrap_or(trimmed);
     if last != b"." && last != b".." && !trimmed.is_empty() && trimmed != b"/" {

@@ -399,6 +399,15 @@ fn cli_prepares_a_task_and_reports_it() {
     assert!(!ok && stderr.contains("fetch-assets.sh") && stderr.contains("wordnet-base"), "{stderr}");
     let (ok, _, stderr) = common::run(&["data", "prepare", "--out", "x", "--task", "sentiment"]);
     assert!(!ok && stderr.contains("unknown task `sentiment`"), "{stderr}");
+    // An output inside the source tree it reads is refused before anything is read (fuzzing
+    // round 6), as every command refuses an output inside an input.
+    let own = out.path().join("own-source");
+    std::fs::create_dir(&own).unwrap();
+    let inside = own.join("data");
+    let args = ["data", "prepare", "--source", own.to_str().unwrap(), "--out", inside.to_str().unwrap()];
+    let (ok, _, stderr) = common::run(&[&args[..], &["--task", "wn-verb"]].concat());
+    assert!(!ok && stderr.contains(&format!("lies inside the input {}", own.display())), "{stderr}");
+    assert!(!inside.exists());
     // Texts cut to one character are nearly all repeats: said so, not "no examples found", and
     // a classification task left with one class (wn-verb: one text) is not written either
     // (fuzzing round 5).

@@ -630,3 +630,18 @@ fn an_output_path_ending_in_dot_is_refused_before_any_work() {
     std::fs::remove_dir(out.join("sub")).unwrap();
     assert_eq!(digest(&out), before);
 }
+
+/// Fuzzing round 6: `predict -o -` wrote a file named `-` (rc 0, nothing on stdout), where most
+/// tools mean standard output. An output of `-` is refused, saying how to name such a file.
+#[test]
+fn an_output_of_dash_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"a text\"}\n").unwrap();
+    let m = common::minilm_dir();
+    let args = ["predict", m.to_str().unwrap(), "--new-head", "2", "--inputs", inputs.to_str().unwrap(), "-o", "-"];
+    let res = common::symerge().args(args).current_dir(tmp.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("not to standard output") && err.contains("./-"), "{err}");
+    assert!(!tmp.path().join("-").exists());
+}

@@ -370,7 +370,10 @@ pub fn output_dir(task: Task, opts: &PrepareOptions) -> PathBuf {
 /// rewrites its own earlier output (the files are the same for the same sources), but never a
 /// directory symerge did not write (see [`crate::atomic::check_output_dir`]).
 pub fn check_output(task: Task, opts: &PrepareOptions) -> Result<()> {
-    crate::atomic::check_output_dir(&output_dir(task, opts), true)
+    let out = output_dir(task, opts);
+    // Never inside the source tree it reads (fuzzing round 6), as every other command's output.
+    crate::atomic::check_output_apart(&out, &[opts.source.as_path()])?;
+    crate::atomic::check_output_dir(&out, true)
 }
 
 /// Prepares `task` from `opts.source` into `opts.out/<task>/`, which appears complete or not at
