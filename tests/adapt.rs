@@ -332,6 +332,10 @@ fn symerge_run_learns_and_writes_consistent_outputs() {
     assert!(ok && stdout.contains("average") && !stdout.contains("expert"), "{stdout} {err}");
     let (ok, _, err) = run(&["eval", out.to_str().unwrap(), "--task-inputs", "gamma=x.jsonl"]);
     assert!(!ok && err.contains("gamma") && err.contains("alpha"), "{err}");
+    // The same task twice: the last won silently (fuzzing round 6).
+    let (ok, _, err) =
+        run(&["eval", out.to_str().unwrap(), "--task-inputs", "alpha=a.jsonl", "--task-inputs", "alpha=b.jsonl"]);
+    assert!(!ok && err.contains("--task-inputs names task `alpha` twice"), "{err}");
     // A task model that is not the one adapt wrote (here the expert's weights copied over it)
     // is refused rather than scored as the adaptation's.
     std::fs::copy(r.join("expert-alpha/model.safetensors"), out.join("tasks/alpha/model.safetensors")).unwrap();
@@ -702,10 +706,14 @@ fn no_training_is_not_reported_as_a_loss() {
         let out = r.join(format!("out-{epochs}"));
         let args =
             ["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--epochs", epochs, "--no-eval", "--json"];
-        let (ok, stdout, err) = run(&args);
+        let (ok, stdout, err) =
+            run(&[&args[..], &["--device", "cpu", "--device-mem", "1GB", "--host-mem", "1000PB"]].concat());
         assert!(ok, "{err}");
         let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         assert!(s["tasks"][0]["final_loss"].is_null() && s["tasks"][1]["final_loss"].is_null(), "{s}");
+        // Memory flags that do nothing, or ask for more than there is, are said (fuzzing round 6).
+        assert!(err.contains("--device-mem has no effect on the cpu backend"), "{err}");
+        assert!(err.contains("--host-mem ") && err.contains(" is more than the "), "{err}");
     }
 }
 

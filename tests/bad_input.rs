@@ -875,3 +875,17 @@ fn a_pickled_checkpoint_is_named_as_such() {
         c.expect_failure(&cfg, &[&want, "safe_serialization=True"]);
     }
 }
+
+/// Fuzzing round 6: `merge --dtype` replaced the config's `out_dtype` without a word; it still
+/// wins, and says so.
+#[test]
+fn a_dtype_flag_over_the_configs_out_dtype_is_said() {
+    let c = case();
+    let cfg = c.config("task_arithmetic", "out_dtype: float16\n");
+    let out = c.out();
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--dtype", "bfloat16"]);
+    assert!(ok && err.contains("--dtype bfloat16 overrides the config's output dtype float16"), "{err}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("encoder.layer.0.output.dense.bias").unwrap().dtype(), Dtype::BF16);
+}

@@ -419,3 +419,22 @@ fn a_diverged_last_step_saves_nothing_and_overflowing_weights_do_not_score() {
         assert_eq!(refused, m == &scaled, "{}: {out}\n{err}", m.display());
     }
 }
+
+/// Fuzzing round 6: a warmup as long as the run kept the rate at a few percent of `--lr` without
+/// a word; it is said, with the peak the rate reaches. A shorter warmup says nothing.
+#[test]
+fn a_warmup_as_long_as_the_run_is_said() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = write_texts(&tmp.path().join("train.jsonl"), &TEXTS);
+    let base = fixture("llama_gqa");
+    for (warmup, warned) in [("100", true), ("1", false)] {
+        let out = tmp.path().join(format!("out-{warmup}"));
+        let args =
+            ["finetune", base.to_str().unwrap(), "--train", train.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        let (ok, _, err) = run(&[&args[..], &["--steps", "2", "--warmup-steps", warmup]].concat());
+        assert!(ok, "{err}");
+        let said = err.contains(&format!("--warmup-steps {warmup} is not below the run's 2 steps"));
+        assert_eq!(said, warned, "{err}");
+        assert!(!warned || err.contains("peaks at 1% of it"), "{err}");
+    }
+}

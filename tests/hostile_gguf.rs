@@ -143,6 +143,8 @@ fn sizes_and_scales_that_cannot_run_are_refused_naming_the_key() {
         ),
         ("llama.rope.dimension_count", Meta::U32(2), "`llama.rope.dimension_count` is 2, but the heads are 4 wide"),
         ("llama.attention.key_length", Meta::U64(huge), "`llama.attention.key_length` is 9223372036854775812"),
+        // Fuzzing round 6: written as max_position_embeddings 0, transformers reads no token.
+        ("llama.context_length", Meta::U32(0), "`llama.context_length` is 0: a model that reads no token"),
     ];
     for (i, (key, value, want)) in cases.into_iter().enumerate() {
         refused(tmp.path(), &format!("value-{i}"), &TinyGguf::new().set(key, value).bytes(), &[want]);

@@ -502,8 +502,26 @@ impl AdaptArgs {
         cfg: AdaptConfig,
         coll: &mut dyn Collective,
     ) -> Result<Result<AdaptSummary>> {
-        // The budget of the memory the backend keeps blocks in.
-        let budget = if be.name() == "cpu" { self.host_mem } else { self.device_mem };
+        // The budget of the memory the backend keeps blocks in; the other flag is said to do
+        // nothing here rather than ignored in silence (fuzzing round 6).
+        let on_cpu = be.name() == "cpu";
+        let (budget, unused) = if on_cpu {
+            (self.host_mem, ("--device-mem", self.device_mem))
+        } else {
+            (self.device_mem, ("--host-mem", self.host_mem))
+        };
+        if let (flag, Some(_)) = unused {
+            tracing::warn!("{flag} has no effect on the {} backend", be.name());
+        }
+        if let (true, Some(asked), Some(free)) = (on_cpu, budget, crate::sysinfo::available_memory_bytes())
+            && asked > free
+        {
+            tracing::warn!(
+                "--host-mem {} is more than the {} of memory available: blocks kept past that will be paged",
+                bytesize::ByteSize(asked),
+                bytesize::ByteSize(free)
+            );
+        }
         match LmKind::of_dir(&cfg.base_model)? {
             Some(kind) => crate::with_lm_arch!(kind, A => {
                 LmAdapter::<B, A>::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))

@@ -349,6 +349,15 @@ impl<B: Backend, A: LmArch<B>> Labeller<B, A> {
                 .into(),
         })?;
         let labels = clf.model.config.label_names().unwrap_or_default();
+        // A classifier's row holds every class: a --top-k given for it changes nothing
+        // (fuzzing round 6: silently ignored). 64, the default, cannot be told from unset.
+        if opts.top_k != DEFAULT_TOP_K {
+            tracing::warn!(
+                "--top-k {} has no effect: {} is a classifier, whose cache holds all {classes} classes per input",
+                opts.top_k,
+                opts.expert.display()
+            );
+        }
         Ok(Labeller::Classifier { clf, classes, labels })
     }
 

@@ -360,6 +360,12 @@ fn merge_ranked(
     warn_ignored(&ignored);
     let placements = placements(&stream, opened.slice_layers.as_deref(), config.slices.len());
     let out_dtype = opts.out_dtype.or(config.out_dtype);
+    if let (Some(cli), Some(cfg)) = (opts.out_dtype, config.out_dtype)
+        && cli != cfg
+    {
+        // Said, as other overridden settings are (fuzzing round 6: silent).
+        tracing::info!("--dtype {cli} overrides the config's output dtype {cfg}");
+    }
     check_lambda_table(config, &stream)?;
 
     let planned = planned_tensors(&stream, reference, out_dtype);

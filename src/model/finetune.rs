@@ -649,6 +649,16 @@ pub(super) fn train<B: Backend, O: Objective<B>>(
 ) -> Result<TrainRun> {
     let start = Instant::now();
     let total = total_steps(opts, n);
+    if total > 0 && opts.warmup_steps >= total {
+        // The rate peaks at the last step (fuzzing round 6: 2% of --lr for 2 steps of 100 warmup).
+        let peak = opts.schedule.factor(total - 1, total, opts.warmup_steps);
+        tracing::warn!(
+            "--warmup-steps {} is not below the run's {total} steps: the learning rate never reaches --lr (it \
+             peaks at {:.0}% of it)",
+            opts.warmup_steps,
+            100.0 * peak
+        );
+    }
     // Not sized by `total`: `--steps 2^64-1` overflowed the capacity and `1e10` aborted on a
     // 40 GB allocation before the first step (fuzzing round 3). The history grows as it runs.
     let mut losses = Vec::new();

@@ -133,8 +133,17 @@ fn hyper(g: &Gguf, arch: &str) -> Result<Hyper> {
         head_dim: head_dim(g, arch, hidden, heads)?,
         eps: positive_f32(g, &key("attention.layer_norm_rms_epsilon"), 1e-5)?,
         rope_theta: positive_f32(g, &key("rope.freq_base"), 10000.0)?,
-        context: uint(g, &key("context_length"))?.unwrap_or(2048),
+        context: context_length(g, &key("context_length"))?,
     })
+}
+
+/// `context_length`, 2048 when absent; 0 is refused: written as `max_position_embeddings` and
+/// `model_max_length`, it makes transformers truncate every text to nothing (fuzzing round 6).
+fn context_length(g: &Gguf, key: &str) -> Result<usize> {
+    match uint(g, key)? {
+        Some(0) => Err(bad(g, format!("metadata `{key}` is 0: a model that reads no token"))),
+        n => Ok(n.unwrap_or(2048)),
+    }
 }
 
 /// The width of an attention head as llama.cpp reads it: `attention.key_length`, else the

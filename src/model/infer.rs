@@ -259,6 +259,11 @@ impl EvalArgs {
                 self.model.display()
             )));
         }
+        // The last of two for one task won silently (fuzzing round 6).
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some((task, _)) = self.task_inputs.iter().find(|(t, _)| !seen.insert(t)) {
+            return Err(Error::Invalid(format!("--task-inputs names task `{task}` twice: give one file per task")));
+        }
         let opts = ReportOptions {
             data: self.task_inputs.iter().cloned().collect(),
             experts: !self.no_experts,
