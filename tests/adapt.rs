@@ -42,6 +42,11 @@ fn cache_is_reused_and_mismatches_are_rejected() {
     assert!(ok, "{err}");
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(s["reused"], true, "second run reuses the cache: {s}");
+    // --top-k means nothing for a classifier: said, not ignored in silence (fuzzing round 6).
+    let mut k = args("alpha.jsonl", "alpha-k.labels");
+    k.extend(["--top-k".into(), "5".into()]);
+    let (ok, _, err) = run(&k.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && err.contains("--top-k 5 has no effect") && err.contains("all 3 classes"), "{err}");
 
     // The cached probabilities are the expert's own predictions.
     let (ok, _, err) = run(&[
