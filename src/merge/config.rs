@@ -124,9 +124,38 @@ struct RawSlice {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     model: String,
+    #[serde(deserialize_with = "lax_layer_range")]
     layer_range: [usize; 2],
     #[serde(default, deserialize_with = "super::params::named_values")]
     parameters: BTreeMap<String, ParamValue>,
+}
+
+/// A `layer_range` as pydantic reads it for mergekit: whole numbers also written as floats
+/// (`2.0`), quoted (`"2"`) or as booleans (fuzzing round 7: refused with serde's "expected usize").
+fn lax_layer_range<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<[usize; 2], D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Index {
+        Whole(u64),
+        Float(f64),
+        Flag(bool),
+        Text(String),
+    }
+    let index = |i: Index| -> std::result::Result<usize, String> {
+        let x = match i {
+            Index::Whole(n) => return usize::try_from(n).map_err(|_| format!("{n} is too large")),
+            Index::Float(x) => x,
+            Index::Flag(b) => return Ok(usize::from(b)),
+            Index::Text(t) => t.trim().parse::<f64>().map_err(|_| format!("`{t}` is not a layer index"))?,
+        };
+        if x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53) {
+            Ok(x as usize)
+        } else {
+            Err(format!("{x} is not a layer index (a whole number >= 0)"))
+        }
+    };
+    let [a, b] = <[Index; 2]>::deserialize(d)?;
+    Ok([index(a).map_err(serde::de::Error::custom)?, index(b).map_err(serde::de::Error::custom)?])
 }
 
 #[derive(Deserialize)]
@@ -1185,6 +1214,9 @@ fn locate_model(p: &str, base_dir: &Path, source: &Path, field: &str) -> Result<
 fn check_value(spec: &ParamSpec, v: &mut ParamValue) -> std::result::Result<(), String> {
     if matches!(spec.kind, Kind::Number | Kind::Count) {
         v.coerce_numeric();
+    }
+    if spec.kind == Kind::Bool {
+        v.coerce_bool();
     }
     let per_tensor = matches!(v, ParamValue::Filtered(_) | ParamValue::Gradient(_));
     match spec.kind {

@@ -39,9 +39,9 @@ impl From<WrittenValue> for ParamValue {
             WrittenValue::Text(t) => ParamValue::Text(t),
             WrittenValue::Gradient(g) => ParamValue::Gradient(g),
             // pydantic makes each quoted number a float for mergekit (fuzzing round 7).
-            WrittenValue::Texts(t) => match t.iter().map(|x| x.trim().parse::<f64>()).collect() {
-                Ok(points) => ParamValue::Gradient(points),
-                Err(_) => ParamValue::Text(format!("{t:?}")),
+            WrittenValue::Texts(t) => match t.iter().map(|x| parse_number(x)).collect() {
+                Some(points) => ParamValue::Gradient(points),
+                None => ParamValue::Text(format!("{t:?}")),
             },
             WrittenValue::Filtered(f) => ParamValue::Filtered(f),
             WrittenValue::One(one) => ParamValue::Filtered(vec![*one]),
@@ -131,7 +131,7 @@ impl ParamValue {
     pub fn coerce_numeric(&mut self) {
         match self {
             ParamValue::Text(t) => {
-                if let Ok(x) = t.trim().parse::<f64>() {
+                if let Some(x) = parse_number(t) {
                     *self = ParamValue::Number(x);
                 }
             }
@@ -140,12 +140,42 @@ impl ParamValue {
         }
     }
 
+    /// A switch written as pydantic's lax booleans take it for mergekit: 0 or 1, and the words
+    /// true/false, yes/no, on/off, t/f, y/n, 1/0 in any case (fuzzing round 7: `normalize: 0`
+    /// and a quoted `"false"` were refused). Other values stay as they are.
+    pub fn coerce_bool(&mut self) {
+        let b = match self {
+            ParamValue::Number(x) if *x == 0.0 || *x == 1.0 => *x == 1.0,
+            ParamValue::Text(t) => match t.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "t" | "y" | "1" => true,
+                "false" | "no" | "off" | "f" | "n" | "0" => false,
+                _ => return,
+            },
+            _ => return,
+        };
+        *self = ParamValue::Bool(b);
+    }
+
     pub fn as_bool(&self) -> Option<bool> {
         match self {
             ParamValue::Bool(b) => Some(*b),
             _ => None,
         }
     }
+}
+
+/// A number as Python reads one for mergekit: Rust's float syntax, and digits grouped by
+/// underscores (`1_0` is 10 for PyYAML and for `float()`).
+fn parse_number(t: &str) -> Option<f64> {
+    let t = t.trim();
+    if let Ok(x) = t.parse::<f64>() {
+        return Some(x);
+    }
+    let b = t.as_bytes();
+    let grouped = (0..b.len())
+        .filter(|&i| b[i] == b'_')
+        .all(|i| i > 0 && i + 1 < b.len() && b[i - 1].is_ascii_digit() && b[i + 1].is_ascii_digit());
+    if grouped && t.contains('_') { t.replace('_', "").parse().ok() } else { None }
 }
 
 /// Piecewise-linear interpolation of evenly spaced points over [0, 1] (numpy's `interp`).

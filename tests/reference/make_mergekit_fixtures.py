@@ -196,6 +196,13 @@ CASES = {
                                        {"model": E2, "parameters": None},
                                        {"model": E3, "parameters": {"weight": []}}],
                             "parameters": {"weight": 0.5}},
+    # pydantic's lax forms of switches and numbers: 0 for false, a quoted "false", 1_0 for 10.
+    "lax_switches": {"merge_method": "linear",
+                     "models": [{"model": E1, "parameters": {"weight": "1_0"}}, {"model": E2, "parameters": {"weight": 5}}],
+                     "parameters": {"normalize": 0}},
+    "lax_switches_quoted": {"merge_method": "model_stock", "base_model": "{base}",
+                            "models": models((E1, None), (E2, None), (E3, None)),
+                            "parameters": {"filter_wise": "false"}},
     "linear_base_added": {"merge_method": "linear", "base_model": "{base}",
                           "models": models((E1, {"weight": 0.5}), (E2, {"weight": 0.2})),
                           "parameters": {"weight": 0.3}},
@@ -217,6 +224,9 @@ CASES.update({
     "slices_passthrough": {"merge_method": "passthrough",
                            "slices": [{"sources": [src(E1, 0, 2)]}, {"sources": [src(E2, 1, 2)]},
                                       {"sources": [src(B, 0, 1)]}]},
+    # pydantic reads layer indices written as floats, quoted, or booleans.
+    "slices_passthrough_lax_ranges": {"merge_method": "passthrough",
+                                      "slices": [{"sources": [src(E1, 0.0, "2")]}, {"sources": [src(E2, True, 2.0)]}]},
     "slices_slerp": {"merge_method": "slerp", "base_model": B,
                      "slices": [{"sources": [src(B, 0, 1), src(E1, 1, 2)], "parameters": {"t": 0.3}},
                                 {"sources": [src(E2, 0, 2), src(B, 0, 2)]}],
