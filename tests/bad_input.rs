@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{T, randoms, run, write_model};
+use common::{T, randoms, read_model, run, write_model};
 use safetensors::Dtype;
 
 fn model(dir: &Path, scale_seed: u64) -> PathBuf {
@@ -888,4 +888,36 @@ fn a_dtype_flag_over_the_configs_out_dtype_is_said() {
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("encoder.layer.0.output.dense.bias").unwrap().dtype(), Dtype::BF16);
+}
+
+/// Fuzzing round 7: a merge of an f16 and a bf16 model stores f32 tensors (as PyTorch promotes
+/// them), but config.json kept the donor's `torch_dtype: float16`. It records the dtype every
+/// stored weight has.
+#[test]
+fn config_json_records_the_dtype_of_mixed_inputs_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = |name: &str, dtype: Dtype, seed: u64| {
+        let dir = write_model(
+            &tmp.path().join(name),
+            &[T::new("encoder.layer.0.output.dense.weight", dtype, &[4, 4], randoms(seed, 16, 0.5))],
+        );
+        std::fs::write(dir.join("config.json"), format!(r#"{{"model_type": "test", "torch_dtype": "{name}"}}"#))
+            .unwrap();
+        dir
+    };
+    let (a, b) = (model("float16", Dtype::F16, 1), model("bfloat16", Dtype::BF16, 2));
+    let cfg = tmp.path().join("m.yml");
+    let y = format!(
+        "merge_method: linear\nmodels:\n  - {{model: {}, parameters: {{weight: 0.5}}}}\n  - {{model: {}, parameters: {{weight: 0.5}}}}\n",
+        a.display(),
+        b.display()
+    );
+    std::fs::write(&cfg, y).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["torch_dtype"], "float32", "{written}");
+    assert_eq!(read_model(&out)["encoder.layer.0.output.dense.weight"].0, Dtype::F32);
 }

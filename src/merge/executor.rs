@@ -676,7 +676,16 @@ impl Opened {
         } else {
             [super::tokenizer::TOKENIZER_FILES, super::tokenizer::COPIED_WITH_TOKENIZER].concat()
         };
-        copy_side_files(&donor, dst, out_dtype, &skip)?;
+        // config.json records the dtype the weights are stored in: without `out_dtype`, the one
+        // every float tensor has where the donor's config states another (f32 when the inputs'
+        // dtypes differ: the donor's said f16 over f32 tensors, fuzzing round 7). Otherwise the
+        // donor's config.json is copied as written.
+        let stored = out_dtype.or_else(|| {
+            let mut floats = planned.iter().filter_map(|t| FloatDType::from_safetensors(t.dtype));
+            let first = floats.next()?;
+            (floats.all(|d| d == first) && states_other_dtype(&donor.join("config.json"), first)).then_some(first)
+        });
+        copy_side_files(&donor, dst, stored, &skip)?;
         if let Some(layers) = &self.slice_layers {
             let (n, types) = (layers.len(), self.layer_types.as_deref());
             edit_config(dst, |cfg| *cfg = slices::with_layer_count(Some(cfg.take()), n, types).unwrap_or_default())?;
@@ -690,6 +699,14 @@ impl Opened {
         super::tokenizer::apply(config, dst, self.aligned.as_ref())?;
         if opts.write_model_card { super::card::write(config, dst, &self.title) } else { Ok(()) }
     }
+}
+
+/// Whether the config at `path` names a dtype (`torch_dtype` or transformers 5's `dtype`) other
+/// than `d`; a config that names none, or cannot be read here, does not.
+fn states_other_dtype(path: &Path, d: FloatDType) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    let Ok(cfg) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    ["torch_dtype", "dtype"].iter().filter_map(|k| cfg.get(*k)?.as_str()).any(|v| v != d.torch_name())
 }
 
 /// `tie_word_embeddings: false` in an output that stores its own `lm_head.weight` (a tied donor
