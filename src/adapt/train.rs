@@ -494,24 +494,18 @@ impl AdaptArgs {
         Ok(Some(summary))
     }
 
-    /// Loads the family the base model belongs to and runs it: the outer error is a failed load
-    /// (the caller aborts the group), the inner one the run's (which has aborted it already).
-    fn load_and_run<B: Backend + Clone>(
-        &self,
-        be: B,
-        cfg: AdaptConfig,
-        coll: &mut dyn Collective,
-    ) -> Result<Result<AdaptSummary>> {
-        // The budget of the memory the backend keeps blocks in; the other flag is said to do
-        // nothing here rather than ignored in silence (fuzzing round 6).
-        let on_cpu = be.name() == "cpu";
-        let (budget, unused) = if on_cpu {
+    /// The budget of the memory the backend `backend` keeps blocks in. The other backend's flag
+    /// is said to do nothing here, and a host budget above the memory available is said too,
+    /// rather than either passing in silence (fuzzing round 6).
+    fn budget_for(&self, backend: &str) -> Option<u64> {
+        let on_cpu = backend == "cpu";
+        let (budget, (flag, unused)) = if on_cpu {
             (self.host_mem, ("--device-mem", self.device_mem))
         } else {
             (self.device_mem, ("--host-mem", self.host_mem))
         };
-        if let (flag, Some(_)) = unused {
-            tracing::warn!("{flag} has no effect on the {} backend", be.name());
+        if unused.is_some() {
+            tracing::warn!("{flag} has no effect on the {backend} backend");
         }
         if let (true, Some(asked), Some(free)) = (on_cpu, budget, crate::sysinfo::available_memory_bytes())
             && asked > free
@@ -522,6 +516,18 @@ impl AdaptArgs {
                 bytesize::ByteSize(free)
             );
         }
+        budget
+    }
+
+    /// Loads the family the base model belongs to and runs it: the outer error is a failed load
+    /// (the caller aborts the group), the inner one the run's (which has aborted it already).
+    fn load_and_run<B: Backend + Clone>(
+        &self,
+        be: B,
+        cfg: AdaptConfig,
+        coll: &mut dyn Collective,
+    ) -> Result<Result<AdaptSummary>> {
+        let budget = self.budget_for(be.name());
         match LmKind::of_dir(&cfg.base_model)? {
             Some(kind) => crate::with_lm_arch!(kind, A => {
                 LmAdapter::<B, A>::load_with(be, cfg, budget).map(|a| a.run_in(&self.opts, coll))
