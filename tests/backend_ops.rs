@@ -214,6 +214,24 @@ fn attention_with_padding_mask() {
     let mask = vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0];
     attention_case("attention (padding)", s, Some(mask));
     attention_case("attention (no mask)", s, None);
+    // Masks that are not live keys followed by padding: gaps.
+    let odd = vec![1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+    attention_case("attention (gaps)", s, Some(odd));
+    // Every key masked: every score is finfo.min, so the weights are uniform (as in Hugging
+    // Face), whatever the scores were.
+    let q = rand_f32(55, s.q_len(), 1.5);
+    let k = rand_f32(56, s.kv_len(), 1.5);
+    let v = rand_f32(57, s.kv_len(), 1.0);
+    let out = Cpu.attention(&q, &k, &v, Some(&vec![0.0; 10]), s).unwrap();
+    let width = s.heads * s.head_dim;
+    for b in 0..s.batch {
+        let mean: Vec<f32> =
+            (0..width).map(|c| (0..5).map(|j| v[(b * 5 + j) * width + c]).sum::<f32>() / 5.0).collect();
+        for i in 0..5 {
+            let row = &out[(b * 5 + i) * width..(b * 5 + i + 1) * width];
+            assert!(row.iter().zip(&mean).all(|(a, m)| (a - m).abs() < 1e-5), "all masked: {row:?} vs {mean:?}");
+        }
+    }
 }
 
 #[test]
@@ -221,6 +239,9 @@ fn attention_causal_grouped_query() {
     let s = AttnShape { batch: 2, seq_q: 3, seq_k: 5, heads: 4, kv_heads: 2, head_dim: 3, causal: true };
     let mask = vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0];
     attention_case("attention (causal, GQA, padding)", s, Some(mask));
+    // Right padding: the live-prefix path, which leaves padded keys out of the products.
+    let right = vec![1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+    attention_case("attention (causal, GQA, right padding)", s, Some(right));
     let bad = AttnShape { kv_heads: 3, ..s };
     assert!(
         Cpu.attention(&vec![0.0; bad.q_len()], &vec![0.0; bad.kv_len()], &vec![0.0; bad.kv_len()], None, bad).is_err()

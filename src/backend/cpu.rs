@@ -280,27 +280,54 @@ impl Cpu {
         check_attn(op, q.len(), k.len(), v.len(), key_mask.map(Vec::len), s)
     }
 
-    /// Probabilities `[seq_q, seq_k]` of query head `h` in sequence `b`.
-    fn attn_probs(q: &[f32], k: &[f32], key_mask: Option<&[f32]>, s: &AttnShape, b: usize, h: usize) -> Vec<f32> {
+    /// Keys of sequence `b` that can get weight: all of them without a mask, the live prefix
+    /// when the mask is live keys followed by padding (how batches are padded), else `None`.
+    /// Padded keys get probability exactly 0, so leaving them out of the products changes no
+    /// result and saves the padding's share of the attention work.
+    fn live_keys(key_mask: Option<&[f32]>, s: &AttnShape, b: usize) -> Option<usize> {
+        let Some(m) = key_mask else { return Some(s.seq_k) };
+        let row = &m[b * s.seq_k..(b + 1) * s.seq_k];
+        let n = row.iter().position(|&v| v == 0.0).unwrap_or(s.seq_k);
+        (n > 0 && row[n..].iter().all(|&v| v == 0.0)).then_some(n)
+    }
+
+    /// Probabilities `[seq_q, seq_k]` of query head `h` in sequence `b`, and `nk`: columns from
+    /// `nk` on are exactly 0 (padded keys), so products may stop there.
+    fn attn_probs(
+        q: &[f32],
+        k: &[f32],
+        key_mask: Option<&[f32]>,
+        s: &AttnShape,
+        b: usize,
+        h: usize,
+    ) -> (Vec<f32>, usize) {
         let (qs, ks) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
         let g = h / (s.heads / s.kv_heads);
+        let live = Cpu::live_keys(key_mask, s, b);
+        let nk = live.unwrap_or(s.seq_k);
         let qv = View { data: q, off: b * s.seq_q * qs + h * s.head_dim, rs: qs, cs: 1 };
         let kt = View { data: k, off: b * s.seq_k * ks + g * s.head_dim, rs: 1, cs: ks };
         let mut p = vec![0f32; s.seq_q * s.seq_k];
-        gemm_serial(s.seq_q, s.seq_k, s.head_dim, s.scale(), qv, kt, 0.0, &mut p, 0, s.seq_k);
+        gemm_serial(s.seq_q, nk, s.head_dim, s.scale(), qv, kt, 0.0, &mut p, 0, s.seq_k);
         let shift = s.seq_k - s.seq_q.min(s.seq_k);
         for (i, row) in p.chunks_mut(s.seq_k).enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                let padded = key_mask.is_some_and(|m| m[b * s.seq_k + j] == 0.0);
-                if padded || (s.causal && j > i + shift) {
-                    // Hugging Face adds finfo(f32).min; |score| is far below its ulp, so setting it
-                    // is the same number, and it cannot overflow when two masks meet.
-                    *v = f32::MIN;
+            let row = &mut row[..nk];
+            // Hugging Face adds finfo(f32).min; |score| is far below its ulp, so setting it is
+            // the same number, and it cannot overflow when two masks meet.
+            if live.is_none() {
+                let mask = key_mask.map(|m| &m[b * s.seq_k..(b + 1) * s.seq_k]);
+                for (v, &m) in row.iter_mut().zip(mask.into_iter().flatten()) {
+                    if m == 0.0 {
+                        *v = f32::MIN;
+                    }
                 }
+            }
+            if s.causal && i + shift + 1 < nk {
+                row[i + shift + 1..].fill(f32::MIN);
             }
             softmax_row(row, None);
         }
-        p
+        (p, nk)
     }
 }
 
@@ -693,21 +720,11 @@ impl Backend for Cpu {
             .map(|bh| {
                 let (b, h) = (bh / s.heads, bh % s.heads);
                 let g = h / (s.heads / s.kv_heads);
-                let p = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
+                let (p, nk) = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
                 let vv = View { data: v, off: b * s.seq_k * ks + g * hd, rs: ks, cs: 1 };
                 let mut o = vec![0f32; s.seq_q * hd];
-                gemm_serial(
-                    s.seq_q,
-                    hd,
-                    s.seq_k,
-                    1.0,
-                    View::dense(&p, s.seq_q, s.seq_k, false),
-                    vv,
-                    0.0,
-                    &mut o,
-                    0,
-                    hd,
-                );
+                let pv = View::dense(&p, s.seq_q, s.seq_k, false);
+                gemm_serial(s.seq_q, hd, nk, 1.0, pv, vv, 0.0, &mut o, 0, hd);
                 o
             })
             .collect();
@@ -749,16 +766,18 @@ impl Backend for Cpu {
                 let vt = View { data: v, off: b * s.seq_k * ks + g * hd, rs: 1, cs: ks };
                 for hh in 0..group {
                     let h = g * group + hh;
-                    let p = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
+                    // Keys from nk on have probability 0: their dv, dk rows and ds columns are 0.
+                    let (p, nk) = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
                     let pt = View::dense(&p, s.seq_k, s.seq_q, true);
                     let dov = View { data: dout, off: b * s.seq_q * qs + h * hd, rs: qs, cs: 1 };
                     let qv = View { data: q, off: b * s.seq_q * qs + h * hd, rs: qs, cs: 1 };
                     // dv += p^T do
-                    gemm_serial(s.seq_k, hd, s.seq_q, 1.0, pt, dov, 1.0, &mut dv, 0, hd);
+                    gemm_serial(nk, hd, s.seq_q, 1.0, pt, dov, 1.0, &mut dv, 0, hd);
                     // dp = do v^T, then ds = p * (dp - rowsum(dp * p))
                     let mut ds = vec![0f32; s.seq_q * s.seq_k];
-                    gemm_serial(s.seq_q, s.seq_k, hd, 1.0, dov, vt, 0.0, &mut ds, 0, s.seq_k);
+                    gemm_serial(s.seq_q, nk, hd, 1.0, dov, vt, 0.0, &mut ds, 0, s.seq_k);
                     for (dsr, pr) in ds.chunks_mut(s.seq_k).zip(p.chunks(s.seq_k)) {
+                        let (dsr, pr) = (&mut dsr[..nk], &pr[..nk]);
                         let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
                         for (d, &pp) in dsr.iter_mut().zip(pr) {
                             *d = pp * (*d - dot);
@@ -767,8 +786,8 @@ impl Backend for Cpu {
                     let dsv = View::dense(&ds, s.seq_q, s.seq_k, false);
                     let dst = View::dense(&ds, s.seq_k, s.seq_q, true);
                     // dq = scale ds k ; dk += scale ds^T q
-                    gemm_serial(s.seq_q, hd, s.seq_k, scale, dsv, kview, 0.0, &mut dq, hh * s.seq_q * hd, hd);
-                    gemm_serial(s.seq_k, hd, s.seq_q, scale, dst, qv, 1.0, &mut dk, 0, hd);
+                    gemm_serial(s.seq_q, hd, nk, scale, dsv, kview, 0.0, &mut dq, hh * s.seq_q * hd, hd);
+                    gemm_serial(nk, hd, s.seq_q, scale, dst, qv, 1.0, &mut dk, 0, hd);
                 }
                 (dq, dk, dv)
             })
