@@ -514,6 +514,16 @@ fn registry_errors_name_the_key() {
             yaml_for("task_arithmetic", one, "weight: [[1, 2], [3]]", ""),
             &["models[0].parameters: weight: not a parameter value"],
         ),
+        // An entry's own fault is named (fuzzing round 7: "not a parameter value").
+        (
+            yaml_for("linear", one, "weight: [{filter: mlp, value: 0.1, value: 0.9}]", ""),
+            &["parameters.weight[0]", "duplicate entry", "\"value\""],
+        ),
+        (
+            yaml_for("linear", one, "weight: [{filter: mlp, valu: 0.1}]", ""),
+            &["weight: unknown field `valu` in a {filter, value} entry"],
+        ),
+        (yaml_for("linear", one, "weight: {filter: mlp}", ""), &["weight: a {filter, value} entry without `value`"]),
         // The key is named (fuzzing round 5: the message stopped at `parameters`).
         (
             yaml_for("ties", one, "weight: 1, density: 0.5", "normalize: [true, false]"),

@@ -14,13 +14,12 @@ pub enum ParamValue {
     Filtered(Vec<FilteredValue>),
 }
 
+/// What a value must be, in every message about one.
+const EXPECTING: &str =
+    "not a parameter value (a number, true or false, a list of numbers for a gradient, or {filter, value} entries)";
+
 /// The forms mergekit's `ParameterSetting` takes; a lone `{filter, value}` entry (or `{value}`)
 /// is read as a list of one.
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = "not a parameter value (a number, true or false, a list of numbers for a gradient, or {filter, value} entries)"
-)]
 enum WrittenValue {
     Bool(bool),
     Number(f64),
@@ -29,6 +28,119 @@ enum WrittenValue {
     Texts(Vec<String>),
     Filtered(Vec<FilteredValue>),
     One(Box<FilteredValue>),
+}
+
+/// A value as written, before its form is decided.
+enum Node {
+    Bool(bool),
+    Number(f64),
+    Text(String),
+    Entry(FilteredValue),
+    List(Vec<Node>),
+}
+
+/// Dispatches on the value's kind instead of trying each form in turn (serde's untagged enums),
+/// so an entry's own error comes through: `{filter: mlp, value: 0.1, value: 0.9}` is "duplicate
+/// field `value`", not "not a parameter value" (fuzzing round 7).
+struct NodeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(EXPECTING)
+    }
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Node, E> {
+        Ok(Node::Bool(b))
+    }
+    fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<Node, E> {
+        Ok(Node::Number(x))
+    }
+    fn visit_i64<E: serde::de::Error>(self, x: i64) -> Result<Node, E> {
+        Ok(Node::Number(x as f64))
+    }
+    fn visit_u64<E: serde::de::Error>(self, x: u64) -> Result<Node, E> {
+        Ok(Node::Number(x as f64))
+    }
+    fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Node, E> {
+        Ok(Node::Text(t.to_string()))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Node, E> {
+        Err(E::custom(EXPECTING))
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Node, E> {
+        Err(E::custom(EXPECTING))
+    }
+    /// A `{filter, value}` entry, read key by key so its own errors read plainly.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        use serde::de::Error as _;
+        let (mut filter, mut value) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            let twice = match key.as_str() {
+                "filter" => filter.replace(map.next_value::<Option<String>>()?).is_some(),
+                "value" => value.replace(map.next_value::<ParamValue>()?).is_some(),
+                other => {
+                    return Err(A::Error::custom(format!(
+                        "unknown field `{other}` in a {{filter, value}} entry (expected `filter` or `value`)"
+                    )));
+                }
+            };
+            if twice {
+                return Err(A::Error::custom(format!("`{key}` given twice in a {{filter, value}} entry")));
+            }
+        }
+        let value = value.ok_or_else(|| A::Error::custom("a {filter, value} entry without `value`"))?;
+        Ok(Node::Entry(FilteredValue { filter: filter.flatten(), value }))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Node>()? {
+            items.push(item);
+        }
+        Ok(Node::List(items))
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+impl TryFrom<Node> for WrittenValue {
+    type Error = &'static str;
+
+    fn try_from(node: Node) -> Result<Self, Self::Error> {
+        /// Every item of the form `pick` takes, or `None`.
+        fn all<T>(items: Vec<Node>, pick: fn(Node) -> Option<T>) -> Option<Vec<T>> {
+            items.into_iter().map(pick).collect()
+        }
+        Ok(match node {
+            Node::Bool(b) => WrittenValue::Bool(b),
+            Node::Number(x) => WrittenValue::Number(x),
+            Node::Text(t) => WrittenValue::Text(t),
+            Node::Entry(e) => WrittenValue::One(Box::new(e)),
+            Node::List(items) => match items.first() {
+                None | Some(Node::Number(_)) => {
+                    all(items, |n| if let Node::Number(x) = n { Some(x) } else { None }).map(WrittenValue::Gradient)
+                }
+                Some(Node::Text(_)) => {
+                    all(items, |n| if let Node::Text(t) = n { Some(t) } else { None }).map(WrittenValue::Texts)
+                }
+                Some(Node::Entry(_)) => {
+                    all(items, |n| if let Node::Entry(e) = n { Some(e) } else { None }).map(WrittenValue::Filtered)
+                }
+                Some(_) => None,
+            }
+            .ok_or(EXPECTING)?,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for WrittenValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WrittenValue::try_from(Node::deserialize(d)?).map_err(<D::Error as serde::de::Error>::custom)
+    }
 }
 
 impl From<WrittenValue> for ParamValue {
@@ -70,8 +182,10 @@ pub fn named_values<'de, D: serde::Deserializer<'de>>(
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut out = std::collections::BTreeMap::new();
             while let Some(key) = map.next_key::<String>()? {
-                let value = map
-                    .next_value::<ParamValue>()
+                // Read whole first: an error from inside the value then carries neither the
+                // YAML path nor a position, which the message below and its caller add once.
+                let written = map.next_value::<serde_yaml_ng::Value>()?;
+                let value = ParamValue::deserialize(written)
                     .map_err(|e| <A::Error as serde::de::Error>::custom(format!("{key}: {e}")))?;
                 if out.insert(key.clone(), value).is_some() {
                     return Err(<A::Error as serde::de::Error>::custom(format!("{key}: given twice")));
