@@ -415,3 +415,26 @@ fn ranks_and_cli_write_the_same_topk_cache() {
     assert_eq!(summary["top_k"], 4);
     assert!(std::fs::read(&single).unwrap() == std::fs::read(&cli).unwrap(), "the CLI's cache differs");
 }
+
+/// Fuzzing round 8: inputs without positions first made a fresh run look resumed, so the header
+/// and offset table were never written and a cache that would not open landed at the output.
+#[test]
+fn leading_inputs_without_positions_cache_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts = ["", "a", "the cat sat on the mat", "a"];
+    let out = dir.path().join("short-first.labels");
+    let s = cache_labels(Cpu, &texts, &opts(&out, 4, 1)).unwrap();
+    assert_eq!((s.rows, s.resumed_rows), (4, 0));
+    let cache = LabelCache::open(&out, Some(&provenance(&fixture(), "lm", MAX_LEN, &texts).unwrap())).unwrap();
+    let lm = CausalLm::<Cpu>::load(Cpu, &fixture(), MAX_LEN).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(cache.positions(i), reference(&lm, text).len(), "input {i}");
+    }
+    assert!(cache.positions(2) > 0);
+    // The same cache as the one written with the inputs in another order, input for input.
+    let other = dir.path().join("long-first.labels");
+    let reordered = [texts[2], texts[0], texts[1], texts[3]];
+    cache_labels(Cpu, &reordered, &opts(&other, 4, 1)).unwrap();
+    let b = LabelCache::open(&other, None).unwrap();
+    assert_eq!(cache.topk(2).unwrap().ids, b.topk(0).unwrap().ids);
+}

@@ -283,7 +283,10 @@ impl CacheWriter {
             hasher: blake3::Hasher::new(),
         };
         let kept = resumable.as_ref().map_or(0, |r| r.units);
-        w.written = w.rows_within(kept);
+        // Nothing kept is a fresh start, even when the first inputs hold no positions (they
+        // count as within zero units, and the header and offset table were then never written:
+        // fuzzing round 8).
+        w.written = if kept == 0 { 0 } else { w.rows_within(kept) };
         // Rows kept bind the batch size they were computed in; none kept, none binds.
         if let (Some(r), true) = (&resumable, w.written > 0) {
             w.header.batch_size = r.batch_size;
@@ -426,6 +429,15 @@ impl CacheWriter {
         }
         self.flush()?;
         let mut file = self.out.into_inner().map_err(|e| Error::io(&self.partial, e.into_error()))?;
+        // The offset table on disk is the one the rows were written against: a cache that would
+        // not open is never renamed into place.
+        let table = encode_table(&self.offsets);
+        let mut on_disk = vec![0u8; table.len()];
+        file.seek(SeekFrom::Start(HEADER_BYTES as u64)).map_err(|e| Error::io(&self.partial, e))?;
+        file.read_exact(&mut on_disk).map_err(|e| Error::io(&self.partial, e))?;
+        if on_disk != table {
+            return Err(cache_err(&self.partial, "internal: the offset table written differs from the inputs'"));
+        }
         file.seek(SeekFrom::Start(HEADER_BYTES as u64)).map_err(|e| Error::io(&self.partial, e))?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
