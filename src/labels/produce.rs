@@ -20,7 +20,7 @@ use crate::dist::data_parallel::shard_range;
 use crate::dist::{Collective, ConnectOptions, Single};
 use crate::error::{Error, Result};
 use crate::model::tokenize::Tokens;
-use crate::model::{CausalLm, DEFAULT_MAX_LEN, LlamaConfig, LmArch, LmKind, LoadOptions, SequenceClassifier, predict};
+use crate::model::{CausalLm, DEFAULT_MAX_LEN, LlamaConfig, LmArch, LmKind, LoadOptions, SequenceClassifier};
 
 /// Inputs per flush to the cache file: what a killed run loses at most.
 const ROWS_PER_FLUSH: usize = 256;
@@ -386,7 +386,8 @@ impl<B: Backend, A: LmArch<B>> Labeller<B, A> {
         let err = |reason| Error::LabelCache { path: opts.output.clone(), reason };
         match self {
             Labeller::Classifier { clf, classes, .. } => {
-                let preds = predict(clf, &texts[rows], opts.batch_size)?;
+                let preds =
+                    crate::model::classify::predict_from(clf, &texts[rows.clone()], opts.batch_size, rows.start)?;
                 let probs: Vec<f32> = preds.iter().flat_map(|p| p.probs.iter().copied()).collect();
                 let logits: Vec<f32> = preds.iter().flat_map(|p| p.logits.iter().copied()).collect();
                 encode_classification(&probs, &logits, *classes).map_err(err)

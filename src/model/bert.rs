@@ -701,6 +701,15 @@ impl<B: Backend> Bert<B> {
         let padded_rows: Vec<u32> = (0..n * s).filter(|&i| real(i)).map(|i| i as u32).collect();
         let mut cls = Vec::with_capacity(n);
         for b in 0..n {
+            // Fuzzing round 8: an empty text under a tokenizer that adds no [CLS] indexed past
+            // an empty batch (a panic) or was called left padding.
+            if !(0..s).any(|t| real(b * s + t)) {
+                return Err(Error::Invalid(
+                    "a text has no tokens (it is empty, or holds only what the tokenizer drops, and the \
+                     tokenizer adds no [CLS]): a classifier needs at least one token per text"
+                        .into(),
+                ));
+            }
             // Packed index of the sequence's first token, which must be real ([CLS]).
             if !real(b * s) {
                 return Err(Error::Invalid(format!("sequence {b} of the batch starts with padding (left padding)")));

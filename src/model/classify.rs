@@ -183,6 +183,29 @@ pub fn predict<B: Backend, S: AsRef<str>>(
     texts: &[S],
     batch_size: usize,
 ) -> Result<Vec<Prediction>> {
+    predict_from(clf, texts, batch_size, 0)
+}
+
+/// A classifier reads its first token's output: a text without tokens (empty, under a tokenizer
+/// that adds no [CLS]) has none. Texts are numbered from 1 after `first` earlier ones.
+pub fn require_tokens(toks: &[crate::model::tokenize::Tokens], first: usize) -> Result<()> {
+    match toks.iter().position(|t| t.ids.is_empty()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Invalid(format!(
+            "text {} has no tokens: it is empty (or holds only what the tokenizer drops) and the tokenizer adds \
+             no [CLS]; a classifier needs at least one token per text",
+            first + i + 1
+        ))),
+    }
+}
+
+/// [`predict`] of texts that follow `first` others (for messages naming a text).
+pub fn predict_from<B: Backend, S: AsRef<str>>(
+    clf: &SequenceClassifier<B>,
+    texts: &[S],
+    batch_size: usize,
+    first: usize,
+) -> Result<Vec<Prediction>> {
     if batch_size == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }
@@ -193,6 +216,7 @@ pub fn predict<B: Backend, S: AsRef<str>>(
         .ok_or_else(|| Error::Model { path: model.path.clone(), reason: "no classification head".into() })?;
     let names = class_names(clf.label2id());
     let toks = clf.tokenizer.tokenize(texts)?;
+    require_tokens(&toks, first)?;
     let mut order: Vec<usize> = (0..toks.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
     let mut out: Vec<Option<Prediction>> = vec![None; toks.len()];

@@ -501,6 +501,7 @@ pub fn finetune<B: Backend>(backend: B, base: &Path, opts: &FinetuneOptions) -> 
 
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let tokens = clf.tokenizer.tokenize(&texts)?;
+    super::classify::require_tokens(&tokens, 0)?;
     let n = tokens.len();
     let head_lr = opts.head_lr.unwrap_or(opts.lr);
     let steps = total_steps(opts, n);
