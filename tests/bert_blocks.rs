@@ -354,6 +354,38 @@ fn load_errors_name_the_tensor_and_field() {
     let e = Bert::load(Cpu, tmp.path(), LoadOptions::default()).err().unwrap().to_string();
     assert!(e.contains("hidden_act") && e.contains("relu"), "{e}");
 
+    // Heads scored as softmax classifiers only: regression and multi-label heads are refused
+    // (fuzzing round 8: scored as one-class softmax, accuracy 1.0, exit 0).
+    v["hidden_act"] = "gelu".into();
+    for (problem, want) in [
+        ("regression", "field `problem_type`: `regression` heads are not supported"),
+        ("multi_label_classification", "`multi_label_classification` heads are not supported"),
+        ("ranking", "field `problem_type`: unknown `ranking`"),
+    ] {
+        v["problem_type"] = problem.into();
+        std::fs::write(&cfg_path, v.to_string()).unwrap();
+        let e = Bert::load(Cpu, tmp.path(), LoadOptions::default()).err().unwrap().to_string();
+        assert!(e.contains("config.json") && e.contains(want), "{e}");
+    }
+    v["problem_type"] = "single_label_classification".into();
+    std::fs::write(&cfg_path, v.to_string()).unwrap();
+    assert_eq!(Bert::load(Cpu, tmp.path(), LoadOptions::default()).unwrap().num_labels(), Some(LABELS));
+    v.as_object_mut().unwrap().remove("problem_type");
+    // One output is transformers' regression head even without a problem_type.
+    std::fs::write(&cfg_path, v.to_string()).unwrap();
+    let one = tempfile::tempdir().unwrap();
+    let mut ts: Vec<T> = common::read_model(tmp.path())
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("classifier."))
+        .map(|(n, (dt, shape, vals))| T::new(&n, dt, &shape, vals))
+        .collect();
+    ts.push(T::new("classifier.weight", Dtype::F32, &[1, HIDDEN], randoms(7, HIDDEN, 0.5)));
+    ts.push(T::new("classifier.bias", Dtype::F32, &[1], vec![0.1]));
+    write_file(&one.path().join("model.safetensors"), &ts);
+    std::fs::copy(&cfg_path, one.path().join("config.json")).unwrap();
+    let e = Bert::load(Cpu, one.path(), LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("`classifier.weight` has one output") && e.contains("regression head"), "{e}");
+
     // Out-of-vocabulary ids are an error, not a read past the table.
     std::fs::write(&cfg_path, good).unwrap();
     let model = Bert::load(Cpu, tmp.path(), LoadOptions::default()).unwrap();

@@ -540,6 +540,7 @@ fn stored_head<B: Backend>(
             });
         }
     };
+    check_problem_type(ck, config, &meta.name, num_labels)?;
     if let Some(names) = config.label2id.as_ref().filter(|m| m.len() != num_labels) {
         return Err(Error::Model {
             path: ck.dir.join("config.json"),
@@ -557,6 +558,24 @@ fn stored_head<B: Backend>(
         p.insert(name, Param { shape, buf });
     }
     Ok(Some((head, p)))
+}
+
+/// Heads are scored as single-label classifiers (softmax, argmax): a regression head (what
+/// transformers makes of one output) or a multi-label one (sigmoids) would be scored wrongly
+/// without a word (fuzzing round 8), so they are refused.
+fn check_problem_type(ck: &Checkpoint, config: &BertConfig, head: &str, num_labels: usize) -> Result<()> {
+    let reason = match config.problem_type.as_deref() {
+        None | Some("single_label_classification") if num_labels > 1 => return Ok(()),
+        None | Some("single_label_classification") => format!(
+            "the classifier `{head}` has one output, which transformers reads as a regression head; only \
+             single-label classifiers (two or more classes) are supported"
+        ),
+        Some(p @ ("regression" | "multi_label_classification")) => {
+            format!("field `problem_type`: `{p}` heads are not supported (single_label_classification)")
+        }
+        Some(p) => format!("field `problem_type`: unknown `{p}` (single_label_classification)"),
+    };
+    Err(Error::Model { path: ck.dir.join("config.json"), reason })
 }
 
 /// Most labels a classification head may have: far beyond any real task, far below what a

@@ -53,6 +53,8 @@ pub struct BertConfig {
     pub initializer_range: f32,
     /// Class name -> index, when the checkpoint names its labels.
     pub label2id: Option<BTreeMap<String, usize>>,
+    /// transformers' `problem_type` (regression, multi-label or single-label classification).
+    pub problem_type: Option<String>,
 }
 
 impl BertConfig {
@@ -111,6 +113,7 @@ struct RawBertConfig {
     initializer_range: Option<f64>,
     label2id: Option<BTreeMap<String, usize>>,
     id2label: Option<BTreeMap<String, String>>,
+    problem_type: Option<String>,
 }
 
 impl RawBertConfig {
@@ -150,6 +153,7 @@ impl RawBertConfig {
             }),
             initializer_range: self.initializer_range.unwrap_or(0.02) as f32,
             label2id,
+            problem_type: self.problem_type,
         })
     }
 }
