@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 
 use common::{debian_dir, fixture_dir, minilm_dir, run, smollm2_gguf};
 use symerge::model::tokenize::TextTokenizer;
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams};
 
 /// The whole text tokenized with the file's own tokenizer, padding off, truncated at `max_len`.
-fn whole(path: &Path, max_len: usize, text: &str) -> (Vec<u32>, Vec<u32>) {
+fn whole(path: &Path, max_len: usize, text: &str, side: TruncationDirection) -> (Vec<u32>, Vec<u32>) {
     let mut t = Tokenizer::from_file(path).unwrap();
     t.with_padding(None);
-    t.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() })).unwrap();
+    t.with_truncation(Some(TruncationParams { max_length: max_len, direction: side, ..Default::default() })).unwrap();
     let e = t.encode(text, true).unwrap();
     (e.get_ids().to_vec(), e.get_type_ids().to_vec())
 }
@@ -68,20 +68,23 @@ fn long_texts_give_the_whole_texts_tokens() {
     ];
     let texts = texts();
     let mut prefixed = 0;
-    for file in &files {
-        for max_len in [8, 128, 512] {
-            let tok = TextTokenizer::from_file(file, max_len).unwrap();
-            let got = tok.tokenize(&texts).unwrap();
-            for (text, got) in texts.iter().zip(&got) {
-                let (ids, type_ids) = whole(file, max_len, text);
-                let head: String = text.chars().take(40).collect();
-                assert_eq!(got.ids, ids, "{} at max_len {max_len}, text {head:?}", file.display());
-                assert_eq!(got.type_ids, type_ids);
-                prefixed += usize::from(text.len() > 32 * max_len.max(128));
+    // Both sides: `truncation_side: left` keeps the last tokens, from a suffix (fuzzing round 8).
+    for side in [TruncationDirection::Right, TruncationDirection::Left] {
+        for file in &files {
+            for max_len in [8, 128, 512] {
+                let tok = TextTokenizer::from_file_cut(file, max_len, side).unwrap();
+                let got = tok.tokenize(&texts).unwrap();
+                for (text, got) in texts.iter().zip(&got) {
+                    let (ids, type_ids) = whole(file, max_len, text, side);
+                    let head: String = text.chars().take(40).collect();
+                    assert_eq!(got.ids, ids, "{} at max_len {max_len}, {side:?}, text {head:?}", file.display());
+                    assert_eq!(got.type_ids, type_ids);
+                    prefixed += usize::from(text.len() > 32 * max_len.max(128));
+                }
             }
         }
     }
-    assert!(prefixed > 20, "only {prefixed} texts went through a prefix");
+    assert!(prefixed > 40, "only {prefixed} texts went through a prefix");
 }
 
 /// One 10 MB line (as one text in a data file) costs about its own size, not ~850 MB (MiniLM's
@@ -107,4 +110,25 @@ fn a_10_mb_line_is_tokenized_in_bounded_memory() {
     let grown = after.saturating_sub(before);
     eprintln!("peak RSS {:.0} MB -> {:.0} MB", before as f64 / 1e6, after as f64 / 1e6);
     assert!(grown < 100_000_000, "peak RSS grew by {grown} bytes for 10 MB lines");
+}
+
+/// `truncation_side` is read from the `tokenizer_config.json` beside the tokenizer, as
+/// transformers reads it; a value that is neither side is refused naming the field.
+#[test]
+fn the_truncation_side_comes_from_tokenizer_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(minilm_dir().join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
+    let text = "one two three four five six seven eight nine ten";
+    let tokens = |dir: &Path| TextTokenizer::from_dir(dir, 6).map(|t| t.tokenize(&[text]).unwrap().remove(0).ids);
+    let right = tokens(tmp.path()).unwrap();
+    let cfg = tmp.path().join("tokenizer_config.json");
+    std::fs::write(&cfg, r#"{"truncation_side": "left"}"#).unwrap();
+    let left = tokens(tmp.path()).unwrap();
+    let file = tmp.path().join("tokenizer.json");
+    assert_eq!(right, whole(&file, 6, text, TruncationDirection::Right).0);
+    assert_eq!(left, whole(&file, 6, text, TruncationDirection::Left).0);
+    assert_ne!(left, right);
+    std::fs::write(&cfg, r#"{"truncation_side": "middle"}"#).unwrap();
+    let e = tokens(tmp.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer_config.json") && e.contains("field `truncation_side`"), "{e}");
 }

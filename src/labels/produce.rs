@@ -136,6 +136,15 @@ pub struct CacheLabelsSummary {
     pub seconds: f64,
 }
 
+/// What besides `tokenizer.json` decides a text's tokens: the truncation length, and the side
+/// cut when it is not the default (so caches made before it was read stay valid).
+fn tokenizer_settings(tokenizer: &Path, max_len: usize) -> Result<String> {
+    Ok(match crate::model::tokenize::truncation_side(tokenizer)? {
+        tokenizers::TruncationDirection::Left => format!("max_len={max_len},truncation_side=left"),
+        tokenizers::TruncationDirection::Right => format!("max_len={max_len}"),
+    })
+}
+
 /// The provenance a cache for `texts` from `expert` must carry.
 pub fn provenance<S: AsRef<str>>(expert: &Path, task: &str, max_len: usize, texts: &[S]) -> Result<Provenance> {
     let ckpt = Checkpoint::open(expert)?;
@@ -143,7 +152,7 @@ pub fn provenance<S: AsRef<str>>(expert: &Path, task: &str, max_len: usize, text
     Ok(Provenance {
         task: task.to_string(),
         expert_hash: checkpoint_hash(&ckpt),
-        tokenizer_hash: file_hash(&tokenizer, &format!("max_len={max_len}"))?,
+        tokenizer_hash: file_hash(&tokenizer, &tokenizer_settings(&tokenizer, max_len)?)?,
         inputs_hash: texts_hash(texts),
         max_len: Some(max_len),
     })
