@@ -293,6 +293,17 @@ fn unsupported_configs_and_inputs_are_errors_naming_the_cause() {
     );
     let e = load_with(&|v| v["tie_word_embeddings"] = true.into());
     assert!(e.is_empty(), "tied loads even when lm_head.weight is present: {e}");
+    // Another head named by `architectures` is not a causal LM, tied or not (fuzzing round 8:
+    // with tied embeddings a sequence classifier ran as an LM, its `score` head dropped).
+    for tied in [true, false] {
+        let e = load_with(&|v| {
+            v["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
+            v["tie_word_embeddings"] = tied.into();
+        });
+        assert!(e.contains("config.json") && e.contains("`LlamaForSequenceClassification` is not a causal LM"), "{e}");
+    }
+    let e = load_with(&|v| v["architectures"] = serde_json::json!(["LlamaForCausalLM"]));
+    assert!(e.is_empty(), "{e}");
 
     let tied_dir = tmp.path().join("tied");
     let mut v = tiny(&tied_dir, true);

@@ -302,6 +302,27 @@ pub struct LmModel<B: Backend, A: LmArch<B>> {
     pub backend: B,
 }
 
+/// A checkpoint whose `architectures` names only another head (`LlamaForSequenceClassification`
+/// and the like) is not a causal LM: with tied embeddings it ran as one, its `score` head
+/// dropped without a word (fuzzing round 8).
+fn check_lm_head(cfg: &serde_json::Value, config_path: &Path) -> Result<()> {
+    const OTHER_HEADS: [&str; 4] =
+        ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice"];
+    let archs: Vec<&str> =
+        cfg.get("architectures").and_then(|a| a.as_array()).into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    let lm = |a: &&str| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel") || a.ends_with("Model");
+    match archs.iter().find(|a| OTHER_HEADS.iter().any(|h| a.ends_with(h))) {
+        Some(other) if !archs.iter().any(lm) => Err(Error::Model {
+            path: config_path.to_path_buf(),
+            reason: format!(
+                "field `architectures`: `{other}` is not a causal LM (its own head is not supported here); \
+                 a causal LM's config names a `...ForCausalLM` architecture"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
     /// Loads `config.json` and the weights of a model directory (or safetensors file).
     pub fn load(backend: B, path: &Path) -> Result<Self> {
@@ -317,6 +338,7 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
             path: config_path.clone(),
             reason: "config.json is missing (needed for the architecture)".into(),
         })?;
+        check_lm_head(cfg_json, &config_path)?;
         let mut config = A::from_json(cfg_json, &config_path)?;
         let mut blocks = config.chain(&ck)?;
         if config.tied() && stored_head_differs(&ck, &blocks) {
