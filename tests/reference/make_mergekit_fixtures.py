@@ -244,8 +244,9 @@ CASES.update({
     # mergekit rounds each result to `dtype` before casting it to `out_dtype`.
     "dtype_bf16_out_f16": {"merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float16",
                            "models": models((E1, {"weight": 0.25}), (E2, {"weight": 0.75}))},
-    # Weights exact in bf16: mergekit makes them tensors of the compute dtype, and 0.6 in bf16
-    # moves results that round halfway between two bf16 values (not reproduced by symerge).
+    # Weights whose products are exact enough: mergekit's linear accumulates x * w with a fused
+    # multiply-add in f32 (symerge multiplies, then adds), which lands results near a bf16
+    # halfway point on the other side (0.6/0.4: 2 of 10k elements one bf16 ulp apart).
     "dtype_bf16_out_f32": {"merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float32",
                            "models": models((E1, {"weight": 0.625}), (E3, {"weight": 0.375}))},
 })
