@@ -172,6 +172,10 @@ struct RawLlamaConfig {
     use_sliding_window: Option<bool>,
     /// Read only by the families that use it, so its range is checked there.
     sliding_window: Option<u64>,
+    /// Qwen2: layers from this index on slide (transformers' default 28).
+    max_window_layers: Option<u64>,
+    /// transformers 5's per-layer attention kinds (`full_attention`, `sliding_attention`).
+    layer_types: Option<Vec<String>>,
 }
 
 /// One of `rope_scaling` / `rope_parameters`.
@@ -250,7 +254,15 @@ impl RawLlamaConfig {
         let used = match family {
             LlamaFamily::Llama => false,
             LlamaFamily::Mistral => true,
-            LlamaFamily::Qwen2 => self.use_sliding_window.unwrap_or(false),
+            // As transformers builds `layer_types`: a window only where some layer slides
+            // (fuzzing round 8: a config whose every layer is full attention was refused).
+            LlamaFamily::Qwen2 => match &self.layer_types {
+                Some(kinds) => kinds.iter().any(|k| k == "sliding_attention"),
+                None => {
+                    self.use_sliding_window.unwrap_or(false)
+                        && self.max_window_layers.unwrap_or(28) < self.num_hidden_layers.0 as u64
+                }
+            },
         };
         match self.sliding_window {
             Some(w) if used => match usize::try_from(w) {
@@ -334,6 +346,21 @@ mod tests {
         let c = parsed(&v);
         assert_eq!((c.family, c.num_key_value_heads, c.rms_norm_eps, c.rope_theta), (LlamaFamily::Qwen2, 9, 1e-6, 1e4));
         assert_eq!((c.qkv_bias, c.o_bias, c.tie_word_embeddings, c.sliding_window), (true, false, false, None));
+        // Qwen2 slides only from layer max_window_layers on (default 28), or as layer_types says.
+        let layers = smollm()["num_hidden_layers"].as_u64().unwrap();
+        v["use_sliding_window"] = true.into();
+        v["sliding_window"] = 64.into();
+        for (mwl, want) in [(layers, None), (layers - 1, Some(64)), (0, Some(64))] {
+            v["max_window_layers"] = mwl.into();
+            assert_eq!(parsed(&v).sliding_window, want, "max_window_layers {mwl} of {layers}");
+        }
+        v["layer_types"] = json!(vec!["full_attention"; layers as usize]);
+        assert_eq!(parsed(&v).sliding_window, None);
+        v["layer_types"][1] = "sliding_attention".into();
+        assert_eq!(parsed(&v).sliding_window, Some(64));
+        for k in ["layer_types", "max_window_layers", "use_sliding_window"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
         v["model_type"] = "mistral".into();
         v["sliding_window"] = 4096.into();
         v["rope_parameters"] = json!({"rope_type": "linear", "factor": 2, "rope_theta": 5e5});
