@@ -51,7 +51,7 @@ const CONFIG_KEYS: &[&str] = &[
 ];
 
 pub fn inspect(path: &Path) -> Result<Inspection> {
-    crate::input_file::require(path, crate::input_file::NamedBy::Arg("PATH"))?;
+    crate::input_file::require(path, crate::input_file::NamedBy::Arg("model"))?;
     let ckpt = Checkpoint::open(path)?;
     let names = || ckpt.tensors.iter().map(|t| t.name.as_str());
     let blocks: Vec<BlockInfo> = group_blocks(names())

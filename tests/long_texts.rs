@@ -128,6 +128,12 @@ fn the_truncation_side_comes_from_tokenizer_config() {
     assert_eq!(right, whole(&file, 6, text, TruncationDirection::Right).0);
     assert_eq!(left, whole(&file, 6, text, TruncationDirection::Left).0);
     assert_ne!(left, right);
+    // Lengths are refused for what they leave no room for: MiniLM's template adds two tokens.
+    let e = TextTokenizer::from_dir(tmp.path(), 0).err().unwrap().to_string();
+    assert!(e.contains("maximum length of 0 tokens"), "{e}");
+    let e = TextTokenizer::from_dir(tmp.path(), 2).err().unwrap().to_string();
+    assert!(e.contains("adds 2 special tokens"), "{e}");
+    assert!(TextTokenizer::from_dir(tmp.path(), 3).is_ok());
     std::fs::write(&cfg, r#"{"truncation_side": "middle"}"#).unwrap();
     let e = tokens(tmp.path()).err().unwrap().to_string();
     assert!(e.contains("tokenizer_config.json") && e.contains("field `truncation_side`"), "{e}");

@@ -389,7 +389,9 @@ impl<B: Backend> LmArch<B> for LlamaConfig {
         if !c.tie_word_embeddings && ck.resolve("lm_head.weight").is_none() {
             return Err(Error::Model {
                 path: ck.path.clone(),
-                reason: "tensor `lm_head.weight` is missing and config.json does not set tie_word_embeddings".into(),
+                reason: "tensor `lm_head.weight` is missing and the embeddings are not tied (config.json's \
+                         tie_word_embeddings is false or absent)"
+                    .into(),
             });
         }
         Ok(blocks)

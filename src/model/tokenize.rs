@@ -82,8 +82,9 @@ impl TextTokenizer {
     /// [`Self::from_file`], cutting long texts on `side`.
     pub fn from_file_cut(path: &Path, max_len: usize, side: TruncationDirection) -> Result<Self> {
         let bad = |reason: String| Error::Tokenizer { path: path.to_path_buf(), reason };
-        if max_len < 2 {
-            return Err(bad(format!("maximum length {max_len} leaves no room for the special tokens")));
+        // Room for the template's special tokens is checked once the tokenizer is read.
+        if max_len == 0 {
+            return Err(bad("a maximum length of 0 tokens leaves no room for any text".into()));
         }
         crate::input_file::check_regular(path)?;
         let mut inner = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
