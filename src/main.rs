@@ -9,6 +9,7 @@ use symerge::backend::cuda::bench::BenchOptions;
 use symerge::checkpoint::generate::{GenerateOptions, preset_list};
 use symerge::data::PrepareArgs;
 use symerge::dist::check::CheckOptions;
+use symerge::dist::rank::RankInfo;
 use symerge::labels::produce::CacheLabelsArgs;
 use symerge::merge::engine::MergeArgs;
 use symerge::model::finetune::FinetuneArgs;
@@ -124,9 +125,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchCuda(opts) => emit_report(&opts.run()?, json)?,
         Command::Methods => emit_report(&symerge::merge::catalog::catalog(), json)?,
-        Command::Predict(args) => emit_report(&args.run()?, json)?,
-        Command::Eval(args) => emit_report(&args.run()?, json)?,
-        Command::Finetune(args) => emit_report(&args.run()?, json)?,
+        Command::Predict(args) => {
+            RankInfo::require_single("predict")?;
+            emit_report(&args.run()?, json)?
+        }
+        Command::Eval(args) => {
+            RankInfo::require_single("eval")?;
+            emit_report(&args.run()?, json)?
+        }
+        Command::Finetune(args) => {
+            RankInfo::require_single("finetune")?;
+            emit_report(&args.run()?, json)?
+        }
         Command::ImportGguf(opts) => emit_report(&opts.run()?, json)?,
         Command::Generate(opts) if opts.list => emit_report(&preset_list(), json)?,
         Command::Generate(opts) => emit_report(&opts.generate()?, json)?,

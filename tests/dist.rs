@@ -463,3 +463,42 @@ fn differing_digests_are_named_on_every_rank() {
         assert!(msg.ends_with(&format!("rank {rank} holds {}{held}", "07".repeat(31))), "{msg}");
     }
 }
+
+/// Fuzzing round 8: single-process commands under a launcher's several ranks each did the whole
+/// job (one wrote the output, the rest failed on it). Now refused on every rank before any work;
+/// a world of one runs as before.
+#[test]
+fn single_process_commands_refuse_several_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("t.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"hello there world\"}\n").unwrap();
+    let gpt2 = common::fixture_dir("gpt2");
+    let eval = |rank: &str, world: &str| {
+        symerge()
+            .args(["-q", "eval", gpt2.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()])
+            .env("RANK", rank)
+            .env("WORLD_SIZE", world)
+            .output()
+            .unwrap()
+    };
+    for rank in ["0", "1"] {
+        let out = eval(rank, "2");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("`eval` runs in one process") && err.contains("2 ranks"),
+            "{err}"
+        );
+    }
+    let out = eval("0", "1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = symerge()
+        .args(["-q", "finetune", gpt2.to_str().unwrap(), "--train", inputs.to_str().unwrap(), "-o"])
+        .arg(tmp.path().join("ft"))
+        .env("SLURM_PROCID", "1")
+        .env("SLURM_NTASKS", "4")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`finetune` runs in one process"), "{err}");
+    assert!(!tmp.path().join("ft").exists());
+}

@@ -163,6 +163,21 @@ impl RankInfo {
         self.world_size == 1
     }
 
+    /// Refuses a launcher's several ranks for a command that runs in one process: each rank
+    /// would do the whole job and race the others for the same output (fuzzing round 8: one
+    /// rank wrote it, the others failed, and the launcher reported the job failed). Variables
+    /// it cannot read are left to the commands that use them.
+    pub fn require_single(command: &str) -> Result<()> {
+        match Self::from_env() {
+            Ok(info) if !info.is_single() => Err(Error::Invalid(format!(
+                "`{command}` runs in one process, but a launcher started {} ranks ({info}): each would do the whole \
+                 job; run it without the launcher (adapt, cache-labels and merge split their work across ranks)",
+                info.world_size
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// `rank R/N`, the prefix of this rank's messages.
     pub fn label(&self) -> String {
         format!("rank {}/{}", self.rank, self.world_size)
