@@ -374,6 +374,10 @@ fn a_filter_that_keeps_no_sample_is_reported() {
         serde_json::from_str(&std::fs::read_to_string(out.join("lambda.json")).unwrap()).unwrap();
     let moved = table["lambda"].as_object().unwrap().values().flat_map(|v| v.as_array().unwrap().clone());
     assert!(moved.map(|x| x.as_f64().unwrap()).all(|x| (x - 0.3).abs() < 1e-6));
+    // Steps that counted nothing log no loss (a 0 read as a perfect step: fuzzing round 8).
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|v| v["loss"].is_null()), "{log}");
 }
 
 #[test]

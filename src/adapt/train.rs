@@ -1124,8 +1124,10 @@ fn train_epochs<B: Backend + Clone, F: Family<B>>(
                 r.remove(0);
             }
             if let (Some(log), Some(path)) = (log.as_mut(), log_path) {
+                // No sample counted, no loss: null, not a 0 that plots as a perfect step.
+                let logged = (count > 0).then_some(loss);
                 let mut line = serde_json::json!({
-                    "step": steps, "epoch": epoch, "task": &t.tasks[task].name, "loss": loss,
+                    "step": steps, "epoch": epoch, "task": &t.tasks[task].name, "loss": logged,
                     "seconds": started.elapsed().as_secs_f64(),
                 });
                 line[F::COUNT_KEY] = count.into();
