@@ -216,6 +216,8 @@ pub struct CacheWriter {
     offsets: Vec<u64>,
     out: BufWriter<File>,
     written: usize,
+    /// Inputs taken from an earlier run's partial file (0 on a fresh start).
+    resumed: usize,
     /// BLAKE3 of every unit written so far, resumed ones included.
     hasher: blake3::Hasher,
 }
@@ -280,15 +282,18 @@ impl CacheWriter {
             offsets,
             out: BufWriter::with_capacity(1 << 20, file),
             written: 0,
+            resumed: 0,
             hasher: blake3::Hasher::new(),
         };
         let kept = resumable.as_ref().map_or(0, |r| r.units);
-        // Nothing kept is a fresh start, even when the first inputs hold no positions (they
-        // count as within zero units, and the header and offset table were then never written:
-        // fuzzing round 8).
-        w.written = if kept == 0 { 0 } else { w.rows_within(kept) };
+        // Leading inputs without positions are whole within zero units: written already.
+        w.written = w.rows_within(kept);
+        // No data kept is a fresh start, whatever `written` says: the header and offset table
+        // are this run's (fuzzing round 8: first inputs without positions made a fresh run look
+        // resumed, and neither was written).
+        let fresh = w.units_before(w.written) == 0;
         // Rows kept bind the batch size they were computed in; none kept, none binds.
-        if let (Some(r), true) = (&resumable, w.written > 0) {
+        if let (Some(r), false) = (&resumable, fresh) {
             w.header.batch_size = r.batch_size;
             w.header.flushed = r.flushed.clone();
             w.hasher = r.hasher.clone();
@@ -297,13 +302,14 @@ impl CacheWriter {
         // Drops a torn last input left by a killed run.
         w.out.get_ref().set_len(end).map_err(|e| Error::io(&w.partial, e))?;
         // Nothing kept: the header is this run's (a discarded partial's would keep its checksum).
-        if w.written == 0 {
+        if fresh {
             let head = w.header.encode(path)?;
             w.out.write_all(&head).map_err(|e| Error::io(&w.partial, e))?;
             w.out.write_all(&table).map_err(|e| Error::io(&w.partial, e))?;
         }
         w.out.seek(SeekFrom::Start(end)).map_err(|e| Error::io(&w.partial, e))?;
-        if w.written > 0 {
+        if !fresh {
+            w.resumed = w.written;
             tracing::info!("resuming {} at input {} of {}", w.partial.display(), w.written, w.header.rows);
         }
         Ok(w)
@@ -329,9 +335,15 @@ impl CacheWriter {
         (HEADER_BYTES + self.header.table_bytes() + self.units_before(rows) * self.header.kind.unit_bytes()) as u64
     }
 
-    /// Inputs already in the cache (non-zero when resumed).
+    /// Inputs already in the cache: resumed ones, and inputs without positions at the start.
     pub fn rows_written(&self) -> usize {
         self.written
+    }
+
+    /// Inputs an earlier run's partial file held (inputs without positions at the start of a
+    /// fresh run are written, not resumed).
+    pub fn rows_resumed(&self) -> usize {
+        self.resumed
     }
 
     /// The batch size to compute the rows in: the one a resumed partial file was started with,

@@ -285,8 +285,8 @@ fn write_labels<B: Backend, A: LmArch<B>, S: AsRef<str>>(
     }
     let mut writer = labeller.writer(&opts.output, prov, texts.len())?;
     let opts = &resumed_options(&mut writer, opts)?;
-    let resumed_rows = writer.rows_written();
-    let mut done = resumed_rows;
+    let resumed_rows = writer.rows_resumed();
+    let mut done = writer.rows_written();
     while done < texts.len() {
         // From the start of the flush: a run killed inside one resumes with the batches a
         // whole run computes (the rows before `done` are recomputed, then dropped).
