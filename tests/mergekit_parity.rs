@@ -1374,3 +1374,22 @@ fn frankenmerges_write_their_layers_own_layer_types() {
     assert_eq!(untyped["num_hidden_layers"], 5);
     assert!(untyped.get("layer_types").is_none(), "{untyped}");
 }
+
+/// mergekit's `path@revision` (fuzzing round 7 #7): a local model's revision is ignored, as
+/// mergekit ignores it; the path before the `@` must exist, and two `@` are refused as there.
+#[test]
+fn a_local_models_revision_is_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = big_family(tmp.path(), 1);
+    let plain = yaml_for("task_arithmetic", &paths, "weight: 0.5", "");
+    let want = merge_yaml(tmp.path(), "plain", &plain);
+    let at =
+        plain.replace(&format!("model: {}\n", paths[1].display()), &format!("model: {}@main\n", paths[1].display()));
+    assert_ne!(at, plain);
+    assert_eq!(merge_yaml(tmp.path(), "at", &at), want);
+    let twice =
+        plain.replace(&format!("model: {}\n", paths[1].display()), &format!("model: {}@a@b\n", paths[1].display()));
+    assert!(config_error(tmp.path(), &twice).contains("is not a local file or directory"));
+    let missing = plain.replace(&format!("model: {}\n", paths[1].display()), "model: /nowhere/x@main\n");
+    assert!(config_error(tmp.path(), &missing).contains("`/nowhere/x@main` is not a local file or directory"));
+}

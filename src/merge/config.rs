@@ -1183,6 +1183,16 @@ fn locate_model(p: &str, base_dir: &Path, source: &Path, field: &str) -> Result<
     if path.exists() {
         return Ok(path);
     }
+    // mergekit's `path@revision`: the revision of a local model is ignored, as mergekit does.
+    if let Some((model, rev)) = p.split_once('@').filter(|(m, r)| !r.contains('@') && !m.is_empty() && !r.is_empty())
+        && !p.contains('+')
+    {
+        let local = resolve(model)?;
+        if local.exists() {
+            tracing::warn!("{field}: `{p}` is the local model {} (revision `{rev}` ignored)", local.display());
+            return Ok(local);
+        }
+    }
     let mut lora = Vec::new();
     for (i, _) in p.match_indices('+') {
         lora.push((resolve(&p[..i])?, resolve(&p[i + 1..])?));
