@@ -39,6 +39,18 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
 /// [`read_jsonl`] and the BLAKE3 of the bytes it parsed: what `adapt` records of its inputs
 /// and `eval` of an adapt output checks, so both name the same file state.
 pub fn read_jsonl_hashed(path: &Path) -> Result<(Vec<Example>, String)> {
+    read_examples(path, true)
+}
+
+/// The `text` of every record, for commands that read no label (predict, a causal LM's eval):
+/// a label field there is ignored, not checked (fuzzing round 8: `"label": 3.5` refused a file
+/// whose labels nothing reads).
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    Ok(read_examples(path, false)?.0.into_iter().map(|e| e.text).collect())
+}
+
+/// [`read_jsonl_hashed`], reading the label fields when `labels`.
+fn read_examples(path: &Path, labels: bool) -> Result<(Vec<Example>, String)> {
     let content = crate::input_file::read_to_string(path)?;
     let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
     let mut out = Vec::new();
@@ -46,8 +58,11 @@ pub fn read_jsonl_hashed(path: &Path) -> Result<(Vec<Example>, String)> {
         if line.trim().is_empty() {
             continue;
         }
-        let example =
-            parse_line(line).map_err(|reason| Error::BadLine { path: path.to_path_buf(), line: i + 1, reason })?;
+        let example = parse_line(line, labels).map_err(|reason| Error::BadLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        })?;
         out.push(example);
     }
     if out.is_empty() {
@@ -75,7 +90,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option
 }
 
 /// Parses one line; the error is the reason, without file or line.
-fn parse_line(line: &str) -> Result<Example, String> {
+fn parse_line(line: &str, labels: bool) -> Result<Example, String> {
     // Checked first: serde also reads a struct from an array (`["text"]`).
     if !line.trim_start().starts_with('{') {
         return Err("expected a JSON object with a `text` field".to_string());
@@ -96,6 +111,9 @@ fn parse_line(line: &str) -> Result<Example, String> {
         Some(other) => return Err(format!("`text` must be a string, found {other}")),
         None => return Err("missing the `text` field".into()),
     };
+    if !labels {
+        return Ok(Example { text, label: None, label_id: None });
+    }
     let as_id = |field: &str, v: &Value| {
         v.as_u64()
             .and_then(|n| usize::try_from(n).ok())
@@ -160,6 +178,18 @@ pub fn to_jsonl<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Result<Vec
 mod tests {
     use super::*;
 
+    /// Fuzzing round 8: commands that read no label (predict, a causal LM's eval) do not check
+    /// one; commands that do still refuse a label that is neither a name nor an index.
+    #[test]
+    fn labels_are_checked_only_where_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("l.jsonl");
+        std::fs::write(&path, "{\"text\": \"a\", \"label\": 3.5}\n{\"text\": \"b\", \"label_id\": -1}\n").unwrap();
+        assert_eq!(read_texts(&path).unwrap(), ["a", "b"]);
+        let e = read_jsonl(&path).unwrap_err().to_string();
+        assert!(e.contains("l.jsonl: line 1") && e.contains("found 3.5"), "{e}");
+    }
+
     /// Fuzzing round 4: Python's json.dumps writes a lone surrogate as `\ud800`, which serde_json
     /// refused as "unexpected end of hex escape"; the error now says what it is, by file and line.
     #[test]
@@ -171,15 +201,15 @@ mod tests {
         assert!(e.contains("s.jsonl: line 2: column 13: `\\ud800` is a lone UTF-16 surrogate"), "{e}");
         assert!(e.contains("not valid Unicode"), "{e}");
         // A pair is one character; an escaped backslash before `u` is no escape; a low half alone is lone.
-        assert_eq!(parse_line(r#"{"text": "\ud83d\ude00"}"#).unwrap().text, "\u{1f600}");
-        assert_eq!(parse_line(r#"{"text": "\\ud800"}"#).unwrap().text, "\\ud800");
+        assert_eq!(parse_line(r#"{"text": "\ud83d\ude00"}"#, true).unwrap().text, "\u{1f600}");
+        assert_eq!(parse_line(r#"{"text": "\\ud800"}"#, true).unwrap().text, "\\ud800");
         assert_eq!(lone_surrogate(r#"{"text": "\ude00\ud800"}"#), Some((11, 0xde00)));
         // In a field no command reads, it is skipped with the field.
-        let other = parse_line(r#"{"text": "ok", "meta": "\ud800", "label": "a"}"#).unwrap();
+        let other = parse_line(r#"{"text": "ok", "meta": "\ud800", "label": "a"}"#, true).unwrap();
         assert_eq!((other.text.as_str(), other.label.as_deref()), ("ok", Some("a")));
         assert_eq!(lone_surrogate(r#"{"text": "\ud800\u0041"}"#), Some((11, 0xd800)));
         assert_eq!(lone_surrogate(r#"{"text": "\u00e9\\ud800"}"#), None);
-        let e = parse_line(r#"{"text": "a\u00"}"#).unwrap_err();
+        let e = parse_line(r#"{"text": "a\u00"}"#, true).unwrap_err();
         assert!(e.starts_with("not valid JSON"), "{e}");
     }
 
@@ -195,15 +225,15 @@ mod tests {
 
     #[test]
     fn labels_as_names_or_ids() {
-        let e = parse_line(r#"{"text": "a", "label": "x", "label_id": 3, "extra": [1]}"#).unwrap();
+        let e = parse_line(r#"{"text": "a", "label": "x", "label_id": 3, "extra": [1]}"#, true).unwrap();
         assert_eq!(e, Example { text: "a".into(), label: Some("x".into()), label_id: Some(3) });
-        let e = parse_line(r#"{"text": "b", "label": 2}"#).unwrap();
+        let e = parse_line(r#"{"text": "b", "label": 2}"#, true).unwrap();
         assert_eq!(e, Example { text: "b".into(), label: None, label_id: Some(2) });
-        let e = parse_line(r#"{"text": "c"}"#).unwrap();
+        let e = parse_line(r#"{"text": "c"}"#, true).unwrap();
         assert_eq!(e, Example { text: "c".into(), label: None, label_id: None });
-        assert!(parse_line(r#"{"text": "d", "label": -1}"#).is_err());
-        assert!(parse_line(r#"{"text": "d", "label": 1, "label_id": 2}"#).is_err());
-        assert!(parse_line(r#"{"text": 5}"#).is_err());
-        assert!(parse_line(r#"["text"]"#).is_err());
+        assert!(parse_line(r#"{"text": "d", "label": -1}"#, true).is_err());
+        assert!(parse_line(r#"{"text": "d", "label": 1, "label_id": 2}"#, true).is_err());
+        assert!(parse_line(r#"{"text": 5}"#, true).is_err());
+        assert!(parse_line(r#"["text"]"#, true).is_err());
     }
 }

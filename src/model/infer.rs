@@ -16,7 +16,7 @@ use super::lm::{CausalLm, LmEvalReport, evaluate_lm, is_causal_lm_dir};
 use super::tokenize::DEFAULT_MAX_LEN;
 use crate::adapt::report::{AdaptEvalOutcome, ReportOptions, evaluate_adapted, is_adapt_output};
 use crate::backend::{Backend, Device};
-use crate::data::jsonl::read_jsonl;
+use crate::data::jsonl::{read_jsonl, read_texts};
 use crate::error::{Error, Result};
 use crate::input_file::{NamedBy, require};
 
@@ -148,9 +148,9 @@ impl PredictArgs {
             )));
         }
         check_predictions_output(&self.out, &[&self.model, &self.inputs], self.force)?;
-        let lines = read_jsonl(&self.inputs)?;
+        let lines = read_texts(&self.inputs)?;
         let start = Instant::now();
-        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
         let infer = &self.infer;
         let preds = crate::with_backend!(infer.device, |be| predict(
             &infer.load_classifier(be, &self.model)?,
@@ -223,10 +223,11 @@ impl EvalArgs {
         }
         let causal = LmKind::of_dir(&self.model)?;
         let inputs = self.plain_inputs()?;
-        let lines = read_jsonl(inputs)?;
-        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
         let (infer, model) = (&self.infer, self.model.as_path());
         if let Some(kind) = causal {
+            // A causal LM reads no label: the file's labels are not checked.
+            let lines = read_texts(inputs)?;
+            let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
             let report = crate::with_lm_arch!(kind, A => crate::with_backend!(infer.device, |be| evaluate_lm(
                 &infer.load_lm::<_, A>(be, model)?,
                 &texts,
@@ -234,6 +235,8 @@ impl EvalArgs {
             )?));
             return Ok(EvalOutcome::Lm(report));
         }
+        let lines = read_jsonl(inputs)?;
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
         let report = crate::with_backend!(infer.device, |be| {
             let clf = infer.load_classifier(be, model)?;
             evaluate(&clf, &texts, &clf.label_ids(&lines, inputs)?, infer.batch_size)?
