@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Eager PyTorch anchor for `symerge adapt` on the CPU: the same SyMerge step on a BERT-family
+"""Eager PyTorch anchor for `symerge adapt` (CPU, or GPU with --device cuda): the same SyMerge step on a BERT-family
 encoder (MiniLM-L6), written the way a researcher would in PyTorch.
 
 One step = one task's batch (its inputs in a seeded order, `--batch` at a time, each batch padded
@@ -11,7 +11,7 @@ timing, as `symerge cache-labels` does), backward to Lambda and the head, one Ad
 Tasks are visited in turn. Prints one JSON line: seconds per step over the timed steps.
 
     python3 benches/adapt_torch.py --base target/assets/minilm \
-        --task NAME=EXPERT_DIR:INPUTS.jsonl ... --threads 2 --steps 16
+        --task NAME=EXPERT_DIR:INPUTS.jsonl ... --threads 2 --steps 16 [--device cuda]
 
 Needs torch, safetensors and tokenizers (pip). Reads the Hugging Face files only.
 """
@@ -34,15 +34,18 @@ def strip(name):
     return name
 
 
+DEV = torch.device("cpu")
+
+
 def load(dir_):
-    return {strip(k): v.float() for k, v in load_file(f"{dir_}/model.safetensors").items()}
+    return {strip(k): v.float().to(DEV) for k, v in load_file(f"{dir_}/model.safetensors").items()}
 
 
 def encoder(w, cfg, ids, types, mask):
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     eps = cfg["layer_norm_eps"]
     n, s = ids.shape
-    pos = torch.arange(s).unsqueeze(0).expand(n, s)
+    pos = torch.arange(s, device=ids.device).unsqueeze(0).expand(n, s)
     x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][pos]
     x = x + w["embeddings.token_type_embeddings.weight"][types]
     x = F.layer_norm(x, (h,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
@@ -80,7 +83,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
+    global DEV
+    DEV = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = json.load(open(f"{a.base}/config.json"))
@@ -105,12 +111,12 @@ def main():
         tasks.append({"name": name, "enc": enc, "head": head, "expert": ew})
     taus = {k: torch.stack(v).flatten(1) for k, v in taus.items()}
     K = len(tasks)
-    lam = torch.full((len(shared), K), 0.3, requires_grad=True)
+    lam = torch.full((len(shared), K), 0.3, device=DEV, requires_grad=True)
 
     def batch(enc):
         s = max(len(e) for e in enc)
-        ids = torch.tensor([e + [0] * (s - len(e)) for e in enc])
-        mask = torch.tensor([[1] * len(e) + [0] * (s - len(e)) for e in enc])
+        ids = torch.tensor([e + [0] * (s - len(e)) for e in enc], device=DEV)
+        mask = torch.tensor([[1] * len(e) + [0] * (s - len(e)) for e in enc], device=DEV)
         return ids, torch.zeros_like(ids), mask
 
     # The experts' soft labels, once (what `symerge cache-labels` stores).
@@ -147,12 +153,15 @@ def main():
 
     for i in range(a.warmup):
         step(i % K)
+    sync = torch.cuda.synchronize if DEV.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for i in range(a.steps):
         step(i % K)
+    sync()
     dt = (time.perf_counter() - t0) / a.steps
     print(json.dumps({"part": "minilm", "run": "pytorch", "seconds_per_step": dt, "torch": torch.__version__,
-                      "threads": a.threads, "tasks": K}))
+                      "threads": a.threads, "tasks": K, "device": a.device}))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@
 #define LG_TILE (LG_THREADS * VEC * LG_STEPS)
 #define LG_MAX_TASKS 32
 
-// Device addresses of the task vectors (or expert weights), passed by value.
+// Device addresses of the task vectors (or expert weights) and each one's dtype, passed by value:
+// an expert may be stored in another dtype than the base (float32 fine-tunes of a bfloat16 base).
 struct TaskPtrs {
     u64 p[LG_MAX_TASKS];
+    u32 dt[LG_MAX_TASKS];
 };
 
 template <int KMAX>
-__device__ void lambda_grad_body(const float* grad, const TaskPtrs& taus, const void* base, u32 dtype, u32 num_tasks,
+__device__ void lambda_grad_body(const float* grad, const TaskPtrs& taus, const void* base, u32 base_dt, u32 num_tasks,
                                  u64 n, float* partials) {
     __shared__ float s_warp[LG_THREADS / 32][KMAX];
     float acc[KMAX];
@@ -39,9 +41,9 @@ __device__ void lambda_grad_body(const float* grad, const TaskPtrs& taus, const 
         }
         if (base) {
             if (count == VEC) {
-                load8(base, dtype, i, b);
+                load8(base, base_dt, i, b);
             } else {
-                load_tail(base, dtype, i, count, b);
+                load_tail(base, base_dt, i, count, b);
             }
         } else {
 #pragma unroll
@@ -53,9 +55,9 @@ __device__ void lambda_grad_body(const float* grad, const TaskPtrs& taus, const 
                 float t[VEC];
                 const void* p = (const void*)taus.p[k];
                 if (count == VEC) {
-                    load8(p, dtype, i, t);
+                    load8(p, taus.dt[k], i, t);
                 } else {
-                    load_tail(p, dtype, i, count, t);
+                    load_tail(p, taus.dt[k], i, count, t);
                 }
                 float part = 0.0f;
 #pragma unroll
@@ -86,9 +88,9 @@ __device__ void lambda_grad_body(const float* grad, const TaskPtrs& taus, const 
 // accumulators stay in registers (a run-time-indexed array would live in local memory).
 #define LAMBDA_GRAD(KMAX)                                                                                     \
     extern "C" __global__ void __launch_bounds__(LG_THREADS, 2)                                                \
-        lambda_grad_k##KMAX(const float* grad, const __grid_constant__ TaskPtrs taus, const void* base, u32 dtype, u32 num_tasks, \
+        lambda_grad_k##KMAX(const float* grad, const __grid_constant__ TaskPtrs taus, const void* base, u32 base_dt, u32 num_tasks, \
                             u64 n, float* partials) {                                                         \
-        lambda_grad_body<KMAX>(grad, taus, base, dtype, num_tasks, n, partials);                              \
+        lambda_grad_body<KMAX>(grad, taus, base, base_dt, num_tasks, n, partials);                              \
     }
 LAMBDA_GRAD(4)
 LAMBDA_GRAD(8)
@@ -117,7 +119,7 @@ extern "C" __global__ void __launch_bounds__(256) lambda_grad_finish(const float
 // sum_c grad_i (theta_k,i - base_i) in f64 (the difference in f32, as the CPU's `dot_f64`), a
 // fixed tree per task; lambda_grad_rows_finish adds the rows in order.
 extern "C" __global__ void __launch_bounds__(LG_THREADS)
-    lambda_grad_rows(const float* grad, const __grid_constant__ TaskPtrs taus, const void* base, u32 dtype,
+    lambda_grad_rows(const float* grad, const __grid_constant__ TaskPtrs taus, const void* base, u32 base_dt,
                      u32 num_tasks, const u32* rows, u32 row_len, double* partials) {
     __shared__ double sh[LG_THREADS];
     u64 start = (u64)rows[blockIdx.x] * row_len;
@@ -125,8 +127,8 @@ extern "C" __global__ void __launch_bounds__(LG_THREADS)
         double acc = 0.0;
         for (u32 c = threadIdx.x; c < row_len; c += LG_THREADS) {
             u64 i = start + c;
-            float b = base ? load1(base, dtype, i) : 0.0f;
-            acc += (double)grad[i] * (double)(load1((const void*)taus.p[k], dtype, i) - b);
+            float b = base ? load1(base, base_dt, i) : 0.0f;
+            acc += (double)grad[i] * (double)(load1((const void*)taus.p[k], taus.dt[k], i) - b);
         }
         sh[threadIdx.x] = acc;
         __syncthreads();

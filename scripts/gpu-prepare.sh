@@ -49,6 +49,23 @@ if [ -f "$minilm/model.safetensors" ]; then
 else
   echo "warning: no MiniLM at $minilm (run scripts/fetch-assets.sh): gpu_backend's model tests will fail" >&2
 fi
+# The four real tasks for benches/adapt_cuda.sh (ADAPT=1): enough training lines to fine-tune
+# experts briefly there, 200 test inputs each.
+debian="${SYMERGE_DEBIAN:-$PWD/target/assets/debian}"
+if [ -d "$debian" ]; then
+  tmp=$(mktemp -d)
+  "$CARGO_TARGET_DIR/release/symerge" data prepare --source "$debian" --out "$tmp/full" -q
+  for t in wn-noun wn-verb fortune-topic lang-id; do
+    mkdir -p "$tmp/data/$t"
+    head -n 640 "$tmp/full/$t/train.jsonl" >"$tmp/data/$t/train.jsonl"
+    head -n 200 "$tmp/full/$t/test.jsonl" >"$tmp/data/$t/test.jsonl"
+    cp "$tmp/full/$t/labels.json" "$tmp/data/$t/"
+  done
+  tar -cJf .devbin/adapt-data.tar.xz -C "$tmp/data" .
+  rm -rf "$tmp"
+else
+  echo "warning: no Debian packages at $debian (run scripts/fetch-assets.sh): ADAPT=1 will fail" >&2
+fi
 exes=(symerge gpu_kernels gpu_merge kernels_compile device_flag gpu_backend gpu_nccl)
 (cd .devbin && tar -cJf exe.tar.xz "${exes[@]}" && rm -f "${exes[@]}")
 ls -la .devbin

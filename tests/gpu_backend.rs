@@ -79,11 +79,20 @@ impl Report {
 
     /// Compares host values; prints the error; records a failure above `tol`.
     fn values(&mut self, name: &str, gpu: &[f32], cpu: &[f32], tol: f64) -> f64 {
+        self.values_floored(name, gpu, cpu, tol, 0.0)
+    }
+
+    /// [`Self::values`] with the error relative to the larger of the CPU's norm and `floor`:
+    /// for a tensor whose exact value is zero and whose computed one is rounding noise on both
+    /// sides, which a relative error would compare noise to noise.
+    fn values_floored(&mut self, name: &str, gpu: &[f32], cpu: &[f32], tol: f64, floor: f64) -> f64 {
         if gpu.len() != cpu.len() {
             self.failures.push(format!("{name}: {} elements on the GPU, {} on the CPU", gpu.len(), cpu.len()));
             return f64::NAN;
         }
-        let e = norm_rel(gpu, cpu);
+        let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let diff: Vec<f32> = gpu.iter().zip(cpu).map(|(g, c)| g - c).collect();
+        let e = if norm(cpu) >= floor { norm_rel(gpu, cpu) } else { norm(&diff) / floor };
         let ok = e <= tol;
         eprintln!(
             "{name:<48} rel err {e:.2e}  max abs {:.2e}  n {:>8}  tol {tol:.0e}{}",
@@ -526,12 +535,17 @@ fn new_head(seed: u64) -> LoadOptions {
     LoadOptions { new_head: Some(NewHead { num_labels: 3, seed }) }
 }
 
-/// Compares every gradient tensor of every block.
+/// Compares every gradient tensor of every block. A tensor whose norm is under 1e-5 of all the
+/// gradients' is compared against that floor: attention's key bias has an exact gradient of zero
+/// (softmax is unchanged by a shift common to a query's scores), and both sides compute rounding
+/// noise of about 1e-11 there (seen on an H200: relative errors of 1.3-1.6 between the noises).
 fn compare_grads(r: &mut Report, what: &str, gpu: &[Params<Cuda>], cpu: &[Params<Cpu>], tol: f64) {
     if gpu.len() != cpu.len() {
         r.check(what, false, format!("{} blocks of gradients on the GPU, {} on the CPU", gpu.len(), cpu.len()));
         return;
     }
+    let total: f64 = cpu.iter().flat_map(|b| b.values()).flat_map(|t| &t.buf).map(|&x| (x as f64).powi(2)).sum();
+    let floor = 1e-5 * total.sqrt();
     for (b, (gb, cb)) in gpu.iter().zip(cpu).enumerate() {
         let names: Vec<&String> = cb.keys().collect();
         r.check(
@@ -542,7 +556,7 @@ fn compare_grads(r: &mut Report, what: &str, gpu: &[Params<Cuda>], cpu: &[Params
         for (name, c) in cb {
             if let Some(g) = gb.get(name) {
                 let gv = r.down(&g.buf);
-                r.values(&format!("{what} {name}"), &gv, &c.buf, tol);
+                r.values_floored(&format!("{what} {name}"), &gv, &c.buf, tol, floor);
             }
         }
     }
@@ -576,6 +590,23 @@ fn minilm_classifier_logits_and_gradients_match_cpu() {
     r.finish();
 }
 
+/// For each expert k, `sum_i |grad_i * (expert_k,i - base_i)|`: the scale a dot product's
+/// rounding error is proportional to. f32 partials (the device) against f64 tiles (the CPU) differ
+/// by about 1e-7 of it; relative to the dot product itself the error grows without bound as its
+/// terms cancel (seen on an H200: 2.3e-6 relative on 8191 random terms).
+fn lambda_grad_scale(grad: &[f32], base: &StoredTensor, experts: &[&StoredTensor]) -> Vec<f64> {
+    let decode = |t: &StoredTensor| {
+        let mut v = vec![0f32; t.numel()];
+        t.decode_into(0, &mut v);
+        v
+    };
+    let b = decode(base);
+    experts
+        .iter()
+        .map(|e| decode(e).iter().zip(&b).zip(grad).map(|((&x, &y), &g)| (g as f64 * (x - y) as f64).abs()).sum())
+        .collect()
+}
+
 /// `values` stored in `dtype` (rounded), as a view the backends stage.
 fn stored(name: &str, dtype: FloatDType, values: &[f32]) -> (StoredTensor, Vec<f32>) {
     let mut bytes = vec![0u8; values.len() * dtype.size()];
@@ -587,8 +618,8 @@ fn stored(name: &str, dtype: FloatDType, values: &[f32]) -> (StoredTensor, Vec<f
 }
 
 /// Adaptation's ops on staged checkpoint bytes: the merge (every dtype mix) and Adam give the
-/// CPU twin's bits; the Lambda gradient (f32 partials on the device, f64 tiles on the CPU)
-/// agrees to 1e-6 relative.
+/// CPU twin's bits; the Lambda gradient (f32 partials on the device, f64 tiles on the CPU, an
+/// expert in another dtype than the base) agrees to 1e-6 of the sum of its terms' magnitudes.
 #[test]
 fn stored_ops_match_cpu() {
     let Some(cuda) = cuda() else { return };
@@ -611,11 +642,19 @@ fn stored_ops_match_cpu() {
 
             let (same, _) = stored("w", bd, &r.rand(n, 1.0));
             let grad = r.rand(n, 1.0);
-            let want = Cpu.lambda_grad_stored(&grad, &bs, &[&same, &bs]).unwrap();
+            // The third expert is stored in another dtype than the base (a float32 fine-tune of a
+            // bfloat16 base): each is read in its own.
+            let tasks = [&same, &bs, &experts[0]];
+            let want = Cpu.lambda_grad_stored(&grad, &bs, &tasks).unwrap();
             let gs = cuda.stage(&same).unwrap();
-            let got = cuda.lambda_grad_stored(&r.up(&grad), &gb, &[&gs, &gb]).unwrap();
-            let (w32, g32): (Vec<f32>, Vec<f32>) = want.iter().zip(&got).map(|(&w, &g)| (w as f32, g as f32)).unzip();
-            r.values(&format!("lambda_grad_stored n {n} {bd}"), &g32, &w32, 1e-6);
+            let got = cuda.lambda_grad_stored(&r.up(&grad), &gb, &[&gs, &gb, &ge[0]]).unwrap();
+            let scale = lambda_grad_scale(&grad, &bs, &tasks);
+            let worst = (0..3).map(|k| (got[k] - want[k]).abs() / scale[k].max(1e-30)).fold(0f64, f64::max);
+            r.check(
+                &format!("lambda_grad_stored n {n} {bd} (+{ed} expert): {worst:.1e} of sum |terms|"),
+                worst <= 1e-6,
+                format!("{got:?} vs the CPU's {want:?}"),
+            );
         }
         let (mut p, mut m, mut v) = (r.rand(n, 1.0), vec![0f32; n], vec![0f32; n]);
         let (mut pg, mut mg, mut vg) = (r.up(&p), r.up(&m), r.up(&v));
@@ -654,17 +693,20 @@ fn copy_and_sum_squares_match_cpu() {
 
 /// The row-wise ops of lookup tables: only the listed rows merged (bit-identical to the CPU twin,
 /// the rest zero) and reduced (1e-6 relative), on row lengths that break 16-byte alignment, for
-/// every dtype; no rows; an unsorted row list refused with the CPU's words.
+/// every dtype and an expert in another dtype than the base; no rows; an unsorted row list
+/// refused with the CPU's words.
 #[test]
 fn stored_row_ops_match_cpu() {
     let Some(cuda) = cuda() else { return };
     let mut r = Report::new(cuda.clone());
     let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
     for &(n_rows, row_len) in &[(1001usize, 37usize), (64, 576), (3, 1)] {
-        for &dt in &dts {
+        for (i, &dt) in dts.iter().enumerate() {
             let n = n_rows * row_len;
             let (bs, _) = stored("embed", dt, &r.rand(n, 1.0));
-            let experts: Vec<StoredTensor> = (0..2).map(|_| stored("embed", dt, &r.rand(n, 1.0)).0).collect();
+            // The second expert in another dtype than the base.
+            let experts: Vec<StoredTensor> =
+                [dt, dts[(i + 1) % 3]].iter().map(|&d| stored("embed", d, &r.rand(n, 1.0)).0).collect();
             let cpu_in: Vec<&StoredTensor> = experts.iter().collect();
             let (gb, ge) =
                 (cuda.stage(&bs).unwrap(), experts.iter().map(|e| cuda.stage(e).unwrap()).collect::<Vec<_>>());
@@ -763,6 +805,34 @@ fn stored_ops_in_batches_match_cpu() {
     r.finish();
 }
 
+/// A block staged at once through the pinned ring (tensors larger than one of its 64 MiB
+/// buffers, empty and one-element ones, every dtype) holds exactly the stored values: each
+/// merged against itself with coefficient 0 gives its decoded values bit for bit.
+#[test]
+fn staged_blocks_arrive_whole() {
+    let Some(cuda) = cuda() else { return };
+    let mut r = Report::new(cuda.clone());
+    let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
+    let sizes = [0usize, 1, 7, (1 << 20) + 3, (16 << 20) + 5, 9, 40 << 20, 2];
+    let tensors: Vec<(StoredTensor, Vec<f32>)> =
+        sizes.iter().enumerate().map(|(i, &n)| stored(&format!("t{i}"), dts[i % 3], &r.rand(n, 1.0))).collect();
+    let views: Vec<&StoredTensor> = tensors.iter().map(|(t, _)| t).collect();
+    let staged = cuda.stage_many(&views).unwrap();
+    r.check("one staged tensor per view", staged.len() == views.len(), format!("{} staged", staged.len()));
+    for ((t, want), g) in tensors.iter().zip(&staged) {
+        r.check(
+            &format!("staged {} holds {} bytes", t.name, t.nbytes()),
+            cuda.staged_bytes(g) == t.nbytes() as u64,
+            String::new(),
+        );
+        if t.numel() > 0 {
+            let got = cuda.merge_stored(g, &[g], &[0.0]).unwrap();
+            r.buf(&format!("staged {} ({} values, {})", t.name, t.numel(), t.dtype), &got, want, 0.0);
+        }
+    }
+    r.finish();
+}
+
 /// Streamed on the GPU (`budget 0`: every block staged to the device at each visit) equals the
 /// kept-on-device run bit for bit.
 #[test]
@@ -788,7 +858,10 @@ fn adaptation_steps_match_cpu() {
     let f = fixture();
     let cfg = AdaptConfig::load(&f.root.join("adapt.yml")).unwrap();
     let mut ac = Adapter::load(Cpu, cfg.clone()).unwrap();
-    let mut ag = Adapter::load(cuda, cfg).unwrap();
+    // Streamed on the GPU (every block staged at each visit); the resident run gives the same
+    // bits (streamed_adaptation_on_the_gpu_equals_resident).
+    let mut ag = Adapter::load_with(cuda, cfg, Some(0)).unwrap();
+    assert_eq!(ag.weights.report().mode, "streamed");
 
     // One batch's loss and gradients (Lambda and the task's own head).
     let rows = [0usize, 3, 5, 8, 11];
@@ -865,20 +938,6 @@ fn cli_device_cuda_matches_cpu_or_fails_clearly() {
             device,
         ])
     };
-    if let Err(reason) = symerge::backend::cuda::probe() {
-        for (what, (ok, _, err)) in
-            [("predict", predict("cuda", &out("p.jsonl"))), ("finetune", finetune("cuda", &out("ft")))]
-        {
-            assert!(!ok && err.contains("use --device cpu") && err.contains(&reason), "{what}: {err}");
-        }
-        assert!(!tmp.path().join("p.jsonl").exists() && !tmp.path().join("ft").exists(), "nothing written");
-        common::skip_gpu_test(&format!("no CUDA device ({reason}); --device cuda fails clearly"));
-        return;
-    }
-    let (ok, _, err) = predict("cpu", &out("cpu.jsonl"));
-    assert!(ok, "{err}");
-    let (ok, _, err) = predict("cuda", &out("cuda.jsonl"));
-    assert!(ok, "{err}");
     let read = |p: String| -> Vec<f32> {
         std::fs::read_to_string(p)
             .unwrap()
@@ -889,21 +948,41 @@ fn cli_device_cuda_matches_cpu_or_fails_clearly() {
             })
             .collect()
     };
-    let (c, g) = (read(out("cpu.jsonl")), read(out("cuda.jsonl")));
+    let losses = |s: &str| -> Vec<f32> {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        ["initial_loss", "final_loss"].iter().filter_map(|k| v[k].as_f64()).map(|x| x as f32).collect()
+    };
+    // The CPU runs first, GPU or not: they check the outputs this test reads (an H200 run found
+    // it reading a `losses` field that finetune's summary no longer has).
+    let (ok, _, err) = predict("cpu", &out("cpu.jsonl"));
+    assert!(ok, "{err}");
+    let c = read(out("cpu.jsonl"));
+    assert_eq!(c.len(), 2 * TEXTS.len(), "two logits per text");
+    let (ok, cpu_json, err) = finetune("cpu", &out("ft-cpu"));
+    assert!(ok, "{err}");
+    let lc = losses(&cpu_json);
+    assert!(lc.len() == 2 && lc.iter().all(|l| l.is_finite()), "{cpu_json}");
+    if let Err(reason) = symerge::backend::cuda::probe() {
+        for (what, (ok, _, err)) in
+            [("predict", predict("cuda", &out("p.jsonl"))), ("finetune", finetune("cuda", &out("ft")))]
+        {
+            assert!(!ok && err.contains("use --device cpu") && err.contains(&reason), "{what}: {err}");
+        }
+        assert!(!tmp.path().join("p.jsonl").exists() && !tmp.path().join("ft").exists(), "nothing written");
+        common::skip_gpu_test(&format!("no CUDA device ({reason}); --device cuda fails clearly"));
+        return;
+    }
+    let (ok, _, err) = predict("cuda", &out("cuda.jsonl"));
+    assert!(ok, "{err}");
+    let g = read(out("cuda.jsonl"));
     let e = norm_rel(&g, &c);
     eprintln!("predict --device cuda vs cpu: logits rel err {e:.2e}");
     assert!(e <= MODEL_TOL, "predict logits differ: {e:e}");
 
-    let (ok, cpu_json, err) = finetune("cpu", &out("ft-cpu"));
-    assert!(ok, "{err}");
     let (ok, cuda_json, err) = finetune("cuda", &out("ft-cuda"));
     assert!(ok, "{err}");
-    let losses = |s: &str| -> Vec<f32> {
-        let v: serde_json::Value = serde_json::from_str(s).unwrap();
-        v["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-    };
-    let (lc, lg) = (losses(&cpu_json), losses(&cuda_json));
+    let lg = losses(&cuda_json);
     let e = norm_rel(&lg, &lc);
     eprintln!("finetune --device cuda vs cpu: losses {lg:?} vs {lc:?}, rel err {e:.2e}");
-    assert!(lc.len() == 2 && e <= MODEL_TOL, "finetune losses differ: {e:e}");
+    assert!(lg.len() == 2 && e <= MODEL_TOL, "finetune losses differ: {e:e}");
 }

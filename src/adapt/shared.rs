@@ -337,7 +337,9 @@ impl<B: Backend> Drop for BlockVisit<'_, B> {
 }
 
 fn stage_block<B: Backend>(be: &B, block: &SharedBlock) -> Result<StagedBlock<B>> {
-    block.tensors.iter().map(|t| t.stored.iter().map(|s| be.stage(s)).collect()).collect()
+    let views: Vec<&StoredTensor> = block.tensors.iter().flat_map(|t| &t.stored).collect();
+    let mut staged = be.stage_many(&views)?.into_iter();
+    Ok(block.tensors.iter().map(|t| staged.by_ref().take(t.stored.len()).collect()).collect())
 }
 
 /// A thread that maps a streamed block's pages in while the previous block is computed. At most

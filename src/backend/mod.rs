@@ -350,6 +350,11 @@ pub trait Backend: Send + Sync {
     /// Makes a checkpoint tensor's stored bytes (its own dtype) available to the ops below: the
     /// CPU reads the mapping in place, a GPU copies the bytes to the device.
     fn stage(&self, t: &StoredTensor) -> Result<Self::Stored>;
+    /// [`Backend::stage`] of a block's tensors at once: a GPU copies them from the mappings into
+    /// pinned buffers on all cores while the previous buffer's copy to the device runs.
+    fn stage_many(&self, ts: &[&StoredTensor]) -> Result<Vec<Self::Stored>> {
+        ts.iter().map(|t| self.stage(t)).collect()
+    }
     /// Bytes a staged tensor holds in the backend's memory (0 when it reads the mapping).
     fn staged_bytes(&self, t: &Self::Stored) -> u64;
     /// The merged weights `base + sum_k coefs[k] (expert_k - base)` in f32 (the merge kernel).

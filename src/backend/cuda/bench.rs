@@ -343,7 +343,6 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
     let out = dev_alloc(gpu, n * 2)?;
     let bad = cu("allocating", s.alloc_zeros::<u32>(1))?;
     let all_ptrs: Vec<u64> = experts.iter().map(|e| addr(e, s)).collect();
-    let ptrs = &all_ptrs[..k];
     let bf = FloatDType::BF16;
     let params = |kk: usize, density: f32, normalize: bool| TensorParams {
         weights: vec![0.5; kk],
@@ -405,6 +404,7 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
     let grad_d = cu("copying", s.clone_htod(&grad))?;
     let partials = dev_alloc(gpu, Kernels::lambda_grad_ctas(n) * kmax * 4)?;
     let res = cu("allocating", s.alloc_zeros::<f64>(kmax))?;
+    let tasks: Vec<(u64, FloatDType)> = all_ptrs.iter().map(|&p| (p, bf)).collect();
     let lg_bytes = (4 * n + 2 * n * (k + 1)) as u64;
     let ms = time_ms(gpu, opts.repeats, || {
         // SAFETY: sizes as lambda_grad requires.
@@ -412,9 +412,8 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
             gpu.kernels.lambda_grad(
                 s,
                 addr(&grad_d, s),
-                ptrs,
-                Some(addr(&base, s)),
-                bf,
+                &tasks[..k],
+                Some((addr(&base, s), bf)),
                 n,
                 addr(&partials, s),
                 addr(&res, s),
@@ -425,7 +424,7 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
     let lg_bytes = (4 * n + 2 * n * k) as u64;
     let ms = time_ms(gpu, opts.repeats, || {
         // SAFETY: as above.
-        unsafe { gpu.kernels.lambda_grad(s, addr(&grad_d, s), ptrs, None, bf, n, addr(&partials, s), addr(&res, s)) }
+        unsafe { gpu.kernels.lambda_grad(s, addr(&grad_d, s), &tasks[..k], None, n, addr(&partials, s), addr(&res, s)) }
     })?;
     rows.push(row("lambda_grad K=3 (tau)", lg_bytes, ms, copy_gb_s));
     let lg_bytes = (4 * n + 2 * n * (kmax + 1)) as u64;
@@ -435,9 +434,8 @@ fn kernel_rows(gpu: &Gpu, opts: &BenchOptions, copy_gb_s: f64) -> Result<Vec<Ker
             gpu.kernels.lambda_grad(
                 s,
                 addr(&grad_d, s),
-                &all_ptrs,
-                Some(addr(&base, s)),
-                bf,
+                &tasks,
+                Some((addr(&base, s), bf)),
                 n,
                 addr(&partials, s),
                 addr(&res, s),

@@ -110,6 +110,22 @@ struct MergeInputs {
 #[derive(Clone, Copy)]
 struct TaskPtrs {
     p: [u64; LG_MAX_TASKS],
+    dt: [u32; LG_MAX_TASKS],
+}
+
+impl TaskPtrs {
+    /// Up to [`LG_MAX_TASKS`] (address, dtype) pairs, each task read in its own dtype.
+    fn new(tasks: &[(u64, FloatDType)]) -> Result<Self> {
+        let k = tasks.len();
+        if k == 0 || k > LG_MAX_TASKS {
+            return Err(Error::Invalid(format!("lambda_grad takes 1 to {LG_MAX_TASKS} tasks, got {k}")));
+        }
+        let mut ptrs = TaskPtrs { p: [0; LG_MAX_TASKS], dt: [0; LG_MAX_TASKS] };
+        for (i, &(p, dt)) in tasks.iter().enumerate() {
+            (ptrs.p[i], ptrs.dt[i]) = (p, dtype_code(dt));
+        }
+        Ok(ptrs)
+    }
 }
 
 // SAFETY: plain `repr(C)` data whose layout matches the kernels' parameter structs.
@@ -670,19 +686,15 @@ impl Kernels {
         &self,
         stream: &CudaStream,
         grad: u64,
-        tasks: &[u64],
+        tasks: &[(u64, FloatDType)],
         base: (u64, FloatDType),
         rows: (u64, usize),
         row_len: usize,
         partials: u64,
         out: u64,
     ) -> Result<()> {
+        let ptrs = TaskPtrs::new(tasks)?;
         let k = tasks.len();
-        if k == 0 || k > LG_MAX_TASKS {
-            return Err(Error::Invalid(format!("lambda_grad takes 1 to {LG_MAX_TASKS} tasks, got {k}")));
-        }
-        let mut ptrs = TaskPtrs { p: [0; LG_MAX_TASKS] };
-        ptrs.p[..k].copy_from_slice(tasks);
         let nrows = u32::try_from(rows.1).map_err(|_| too_long(rows.1))?;
         let (base_ptr, dt, k32, rows_ptr) = (base.0, dtype_code(base.1), k as u32, rows.0);
         let len32 = u32::try_from(row_len).map_err(|_| too_long(row_len))?;
@@ -707,37 +719,34 @@ impl Kernels {
         n.div_ceil(LG_TILE).max(1)
     }
 
-    /// `out[k] = sum_i grad_i * (tau_k,i - base_i)` in f64 (base optional).
+    /// `out[k] = sum_i grad_i * (tau_k,i - base_i)` in f64 (base optional), each input read in
+    /// the dtype paired with its address.
     ///
     /// # Safety
-    /// `grad` holds `n` f32, each task and the base `n` values of `dtype`, `partials` at least
+    /// `grad` holds `n` f32, each task and the base `n` values of its dtype, `partials` at least
     /// `lambda_grad_ctas(n) * K` f32 and `out` K f64, all live and 16-byte aligned.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn lambda_grad(
         &self,
         stream: &CudaStream,
         grad: u64,
-        tasks: &[u64],
-        base: Option<u64>,
-        dtype: FloatDType,
+        tasks: &[(u64, FloatDType)],
+        base: Option<(u64, FloatDType)>,
         n: usize,
         partials: u64,
         out: u64,
     ) -> Result<()> {
+        let ptrs = TaskPtrs::new(tasks)?;
         let k = tasks.len();
-        if k == 0 || k > LG_MAX_TASKS {
-            return Err(Error::Invalid(format!("lambda_grad takes 1 to {LG_MAX_TASKS} tasks, got {k}")));
-        }
         let which = match k {
             1..=4 => 0,
             5..=8 => 1,
             9..=16 => 2,
             _ => 3,
         };
-        let mut ptrs = TaskPtrs { p: [0; LG_MAX_TASKS] };
-        ptrs.p[..k].copy_from_slice(tasks);
         let ctas = Self::lambda_grad_ctas(n) as u32;
-        let (base_ptr, dt, k32, n64) = (base.unwrap_or(0), dtype_code(dtype), k as u32, n as u64);
+        let (base_ptr, dt) = base.map_or((0, 0), |(p, d)| (p, dtype_code(d)));
+        let (k32, n64) = (k as u32, n as u64);
         let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let f = self.function(
             &nvrtc::LAMBDA_GRAD,
@@ -914,7 +923,7 @@ impl Gpu {
         Ok(MergeOutput { bytes, bad: self.download(&bad)?[0] != 0 })
     }
 
-    /// lambda_grad on host data: f32 gradient, tasks (or expert weights with `base`) of one dtype.
+    /// lambda_grad on host data: f32 gradient, tasks (or expert weights with `base`) each in its dtype.
     pub fn lambda_grad_host(
         &self,
         grad: &[f32],
@@ -922,11 +931,8 @@ impl Gpu {
         tasks: &[HostTensor<'_>],
     ) -> Result<Vec<f64>> {
         let n = grad.len();
-        let dtype = tasks.first().map_or(FloatDType::F32, |t| t.dtype);
-        if tasks.iter().any(|t| t.len() != n || t.dtype != dtype)
-            || base.is_some_and(|b| b.len() != n || b.dtype != dtype)
-        {
-            return Err(Error::Shape { op: "lambda_grad", reason: "inputs differ in length or dtype".into() });
+        if tasks.iter().any(|t| t.len() != n) || base.is_some_and(|b| b.len() != n) {
+            return Err(Error::Shape { op: "lambda_grad", reason: "inputs differ in length".into() });
         }
         let s = &self.stream;
         let grad_dev = cu("copying to the device", s.clone_htod(grad))?;
@@ -935,19 +941,11 @@ impl Gpu {
         let k = tasks.len();
         let partials = cu("allocating", s.clone_htod(&vec![f32::NAN; Kernels::lambda_grad_ctas(n) * k.max(1)]))?;
         let out = cu("allocating", s.clone_htod(&vec![f64::NAN; k.max(1)]))?;
-        let ptrs: Vec<u64> = tasks_dev.iter().map(|d| addr(d, s)).collect();
+        let ptrs: Vec<(u64, FloatDType)> = tasks_dev.iter().zip(tasks).map(|(d, t)| (addr(d, s), t.dtype)).collect();
+        let base_arg = base_dev.as_ref().zip(base).map(|(d, b)| (addr(d, s), b.dtype));
         // SAFETY: buffers sized as the launch requires, all live until the download below.
         unsafe {
-            self.kernels.lambda_grad(
-                s,
-                addr(&grad_dev, s),
-                &ptrs,
-                base_dev.as_ref().map(|b| addr(b, s)),
-                dtype,
-                n,
-                addr(&partials, s),
-                addr(&out, s),
-            )?
+            self.kernels.lambda_grad(s, addr(&grad_dev, s), &ptrs, base_arg, n, addr(&partials, s), addr(&out, s))?
         };
         let mut v = self.download(&out)?;
         v.truncate(k);

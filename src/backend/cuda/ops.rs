@@ -114,6 +114,8 @@ struct Inner {
     blas: CudaBlas,
     fns: Fns,
     gpu: Gpu,
+    /// Pinned buffers that stage checkpoint bytes to the device, made at the first use.
+    staging: std::sync::Mutex<Option<super::stored::StageRing>>,
 }
 
 /// The CUDA backend: one device, one stream, one cuBLAS handle. Cloning is cheap (shared).
@@ -464,7 +466,7 @@ impl Cuda {
             .result()
             .map_err(|e| Error::cuda("setting the cuBLAS math mode", format!("{e:?}")))?;
         tracing::debug!("CUDA backend on {} ({})", gpu.info.name, gpu.info.arch);
-        Ok(Cuda { inner: Arc::new(Inner { blas, fns, gpu }) })
+        Ok(Cuda { inner: Arc::new(Inner { blas, fns, gpu, staging: Default::default() }) })
     }
 
     /// Opens device `ordinal` (a clear error, ending in "use --device cpu", when there is none).
@@ -480,6 +482,10 @@ impl Cuda {
     /// The device this backend runs on.
     pub fn gpu(&self) -> &Gpu {
         &self.inner.gpu
+    }
+
+    pub(super) fn staging(&self) -> &std::sync::Mutex<Option<super::stored::StageRing>> {
+        &self.inner.staging
     }
 
     fn ptr(&self, b: &CudaBuf) -> u64 {
@@ -1303,6 +1309,10 @@ impl Backend for Cuda {
 
     fn stage(&self, t: &StoredTensor) -> Result<CudaStored> {
         self.stage_stored(t)
+    }
+
+    fn stage_many(&self, ts: &[&StoredTensor]) -> Result<Vec<CudaStored>> {
+        self.stage_through_ring(ts)
     }
 
     fn staged_bytes(&self, t: &CudaStored) -> u64 {
