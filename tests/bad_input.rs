@@ -921,3 +921,23 @@ fn config_json_records_the_dtype_of_mixed_inputs_merged() {
     assert_eq!(written["torch_dtype"], "float32", "{written}");
     assert_eq!(read_model(&out)["encoder.layer.0.output.dense.weight"].0, Dtype::F32);
 }
+
+/// Fuzzing round 8 #9c: `--batch-size 0` is refused at the command line, naming the flag, by
+/// every command that takes it (it was refused later, in words that blamed the model).
+#[test]
+fn batch_size_zero_is_refused_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, i, o) = (tmp.path().join("m"), tmp.path().join("in.jsonl"), tmp.path().join("out"));
+    std::fs::write(&i, "{\"text\": \"a\", \"label\": 0}\n").unwrap();
+    let (m, i, o) = (m.to_str().unwrap(), i.to_str().unwrap(), o.to_str().unwrap());
+    for args in [
+        vec!["predict", m, "--inputs", i, "--out", o],
+        vec!["eval", m, "--inputs", i],
+        vec!["finetune", m, "--train", i, "-o", o],
+        vec!["cache-labels", "--expert", m, "--task", "t", "--inputs", i, "-o", o],
+    ] {
+        let (ok, _, err) = run(&[args.as_slice(), &["--batch-size", "0"]].concat());
+        assert!(!ok && err.contains("'--batch-size <BATCH_SIZE>': must be at least 1"), "{args:?}: {err}");
+    }
+    assert!(!Path::new(o).exists(), "nothing written");
+}

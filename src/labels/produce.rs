@@ -42,7 +42,7 @@ pub struct CacheLabelsOptions {
     /// The cache file.
     #[arg(short, long)]
     pub output: PathBuf,
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = crate::model::infer::parse_batch_size)]
     pub batch_size: usize,
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     pub max_len: usize,

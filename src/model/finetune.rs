@@ -129,7 +129,7 @@ pub struct FinetuneOptions {
     pub output: PathBuf,
     #[command(flatten)]
     pub length: TrainLength,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::infer::parse_batch_size)]
     pub batch_size: usize,
     /// Adam learning rate of the encoder (embeddings and layers).
     #[arg(long, default_value_t = DEFAULT_LR)]

@@ -28,7 +28,7 @@ pub const DEFAULT_BATCH_SIZE: usize = 32;
 #[derive(Debug, Clone, clap::Args)]
 pub struct InferenceOptions {
     /// Texts per forward pass.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = parse_batch_size)]
     pub batch_size: usize,
     /// Truncate texts to this many tokens, counting the special tokens the tokenizer adds (an
     /// encoder's [CLS] and [SEP]); default 128, or for an adapt output the length its adaptation
@@ -126,6 +126,16 @@ pub struct PredictArgs {
     pub force: bool,
     #[command(flatten)]
     pub infer: InferenceOptions,
+}
+
+/// `--batch-size`: a positive count, refused at the command line (0 was refused later, in words
+/// that named the model).
+pub fn parse_batch_size(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl PredictArgs {
