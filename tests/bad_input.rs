@@ -941,3 +941,25 @@ fn batch_size_zero_is_refused_naming_the_flag() {
     }
     assert!(!Path::new(o).exists(), "nothing written");
 }
+
+/// Fuzzing round 8 #9e: `generate --delta-scale` names the value as given when it is out of
+/// float32's range (1e39 was reported as "inf"), and takes a negative scale as a number.
+#[test]
+fn delta_scale_is_named_as_given_and_may_be_negative() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fam");
+    let gen_with = |v: &str| {
+        run(&["generate", "--preset", "llama-tiny", "--experts", "1", "-o", out.to_str().unwrap(), "--delta-scale", v])
+    };
+    for v in ["1e39", "-1e39", "nan"] {
+        let (ok, _, err) = gen_with(v);
+        assert!(
+            !ok && err.contains(&format!("invalid value '{v}' for '--delta-scale")) && err.contains("finite"),
+            "{v}: {err}"
+        );
+        assert!(!out.exists(), "nothing written for {v}");
+    }
+    let (ok, _, err) = gen_with("-0.02");
+    assert!(ok, "{err}");
+    assert!(out.join("expert-1").join("model.safetensors").exists());
+}

@@ -254,7 +254,7 @@ pub struct GenerateOptions {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Size of the experts' task vectors (uniform in +-scale).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true, value_parser = parse_delta_scale)]
     pub delta_scale: f32,
     #[arg(long, default_value = DEFAULT_SHARD_SIZE, value_parser = parse_size)]
     pub out_shard_size: u64,
@@ -398,6 +398,17 @@ fn stage_and_commit(
         staging.commit(d, true)?;
     }
     Ok(models.iter().map(|(_, d)| d.clone()).collect())
+}
+
+/// `--delta-scale`: a number within float32's range, refused as given (`1e39` was reported as
+/// "inf"); negative scales are numbers, not flags.
+fn parse_delta_scale(s: &str) -> std::result::Result<f32, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    let f = v as f32;
+    if !f.is_finite() {
+        return Err(format!("must be a finite number within float32's range (|x| <= {:e})", f32::MAX));
+    }
+    Ok(f)
 }
 
 #[cfg(test)]
