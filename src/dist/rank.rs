@@ -99,10 +99,19 @@ impl RankInfo {
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let (rank_var, world_var, local_var, source) = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            if get("SLURM_PROCID").is_some() {
+                // `srun torchrun ...` sets both, and torchrun's are the ranks its workers use; said
+                // once, since a stray RANK/WORLD_SIZE inside an srun step would wait for ranks
+                // that never come.
+                tracing::info!("ranks from RANK/WORLD_SIZE; SLURM_PROCID/SLURM_NTASKS are set too and not used");
+            }
             ("RANK", "WORLD_SIZE", "LOCAL_RANK", rank_env_source(&get))
         } else if get("SLURM_PROCID").is_some() {
             ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", RankSource::Slurm)
         } else {
+            // SLURM_NTASKS without SLURM_PROCID is an `salloc` shell (or a batch script's
+            // environment before srun): the command runs once there, as one process. srun sets
+            // SLURM_PROCID in every task, so only SLURM_PROCID without SLURM_NTASKS is refused.
             return Ok(Self::single());
         };
         let required = |var: &str, other: &str| -> Result<usize> {
@@ -305,6 +314,19 @@ mod tests {
         let info = RankInfo::from_lookup(&env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")]));
         assert!(matches!(info, Err(Error::Env { var, .. }) if var == "MASTER_PORT"), "MASTER_* still read");
         assert_eq!(serde_json::to_value(RankSource::Env).unwrap(), "env");
+    }
+
+    /// Fuzzing round 8 #8: the two half-set SLURM cases differ on purpose. SLURM_NTASKS alone is
+    /// an `salloc` shell, where the command runs once (one process); SLURM_PROCID alone is set by
+    /// no launcher and is refused. Under `srun torchrun`, torchrun's ranks win.
+    #[test]
+    fn half_set_slurm_variables() {
+        assert_eq!(RankInfo::from_lookup(&env(&[("SLURM_NTASKS", "4")])).unwrap(), RankInfo::single());
+        let e = RankInfo::from_lookup(&env(&[("SLURM_PROCID", "1")]));
+        assert!(matches!(e, Err(Error::Env { var, .. }) if var == "SLURM_NTASKS"));
+        let both = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("RANK", "3"), ("WORLD_SIZE", "8")];
+        let info = RankInfo::from_lookup(&env(&both)).unwrap();
+        assert_eq!((info.rank, info.world_size), (3, 8));
     }
 
     #[test]
