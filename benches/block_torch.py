@@ -9,13 +9,19 @@ backward to its input and every weight, written in plain PyTorch eager ops, on t
 Prints a table and writes JSON (--out). Median of CUDA-event timings after warm-up.
 
     python3 benches/block_torch.py --out block_torch.json   # needs torch with CUDA
+    python3 benches/block_torch.py --device cpu --dtypes f32 --batch 1 --seq 128 --threads 2
+      # the CPU, next to `symerge bench-block --device cpu` with the same shape and threads
 """
 
 import argparse
 import json
 import math
 
+import time
+
 import torch
+
+DEV = "cuda"
 
 SHAPES = {
     "llama-7b": dict(hidden=4096, inter=11008, heads=32, kv_heads=32),
@@ -26,6 +32,14 @@ SHAPES = {
 def time_ms(fn, warmup=3, reps=10):
     for _ in range(warmup):
         fn()
+    if DEV == "cpu":
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+        times.sort()
+        return times[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -40,8 +54,8 @@ def time_ms(fn, warmup=3, reps=10):
 
 
 def gemm_tflops(dtype, n=8192):
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    a = torch.randn(n, n, device=DEV, dtype=dtype)
+    b = torch.randn(n, n, device=DEV, dtype=dtype)
     ms = time_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
 
@@ -95,7 +109,15 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--out")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--dtypes", default="bf16,f32", help="comma-separated: bf16, f32")
+    ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     sh = SHAPES[args.shape]
@@ -104,31 +126,34 @@ def main():
     tokens = args.batch * args.seq
     flops = block_flops(tokens, args.seq, hidden, inter, heads, kv_heads)
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
         "torch": torch.__version__,
         "shape": args.shape,
         "tokens": tokens,
         "seq": args.seq,
         "flops": flops,
-        "gemm_tflops": {"bf16": gemm_tflops(torch.bfloat16), "f32": gemm_tflops(torch.float32)},
+        "gemm_tflops": {d: gemm_tflops(t, 8192 if DEV == "cuda" else 2048)
+                        for d, t in [("bf16", torch.bfloat16), ("f32", torch.float32)] if d in args.dtypes.split(",")},
         "block": {},
     }
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    ang = torch.arange(args.seq, device="cuda").float()[:, None] * inv[None, :]
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=DEV).float() / d))
+    ang = torch.arange(args.seq, device=DEV).float()[:, None] * inv[None, :]
     ang = torch.cat((ang, ang), dim=-1)
     for dtype_name, dtype in [("bf16", torch.bfloat16), ("f32", torch.float32)]:
-        g = torch.Generator(device="cuda").manual_seed(0)
+        if dtype_name not in args.dtypes.split(","):
+            continue
+        g = torch.Generator(device=DEV).manual_seed(0)
         kv = hidden * kv_heads // heads
 
         def w(*shape):
-            return (torch.randn(*shape, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_()
+            return (torch.randn(*shape, device=DEV, generator=g) * 0.02).to(dtype).requires_grad_()
 
         p = dict(
             ln1=w(hidden), ln2=w(hidden), wq=w(hidden, hidden), wk=w(kv, hidden), wv=w(kv, hidden),
             wo=w(hidden, hidden), wg=w(inter, hidden), wu=w(inter, hidden), wd=w(hidden, inter),
         )
-        x = torch.randn(args.batch, args.seq, hidden, device="cuda", generator=g).to(dtype).requires_grad_()
-        dy = torch.randn(args.batch, args.seq, hidden, device="cuda", generator=g).to(dtype)
+        x = torch.randn(args.batch, args.seq, hidden, device=DEV, generator=g).to(dtype).requires_grad_()
+        dy = torch.randn(args.batch, args.seq, hidden, device=DEV, generator=g).to(dtype)
         cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
         for attn in ["matmul", "sdpa"]:
             def step():
@@ -136,14 +161,15 @@ def main():
                 torch.autograd.grad(out, [x, *p.values()], dy)
 
             try:
-                ms = time_ms(step)
+                ms = time_ms(step, reps=args.reps)
             except torch.OutOfMemoryError:
                 continue
             key = f"{dtype_name}-{attn}"
             result["block"][key] = {"ms": ms, "tflops": flops / ms / 1e9, "us_per_token": 1e3 * ms / tokens}
-            torch.cuda.empty_cache()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
     print(f"{result['device']}, torch {result['torch']}, {args.shape} block, {tokens} tokens (seq {args.seq})")
-    print(f"GEMM 8192^3: bf16 {result['gemm_tflops']['bf16']:.0f} TFLOP/s, f32 {result['gemm_tflops']['f32']:.1f} TFLOP/s")
+    print("GEMM: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in result["gemm_tflops"].items()))
     for key, r in result["block"].items():
         print(f"  fwd+bwd {key:<12} {r['ms']:9.2f} ms  {r['tflops']:7.1f} TFLOP/s  {r['us_per_token']:.3f} us/token")
     if args.out:

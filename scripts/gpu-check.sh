@@ -16,14 +16,16 @@
 #   4. benches/adapt_cuda.sh     only with ADAPT=1: adapt --device cuda end to end on MiniLM and
 #                                four real tasks (2,000 steps; == the CPU's Lambda; PyTorch
 #                                anchor) and on a generated llama-1b family, streamed and resident
-#   5. symerge bench-cuda        only with BENCH=1 (a second run): copy ceilings, kernels as a
+#   5. benches/block.sh cuda     only with BLOCK=1: a Llama-7B block forward + backward (f32,
+#                                4 x 1024 tokens) on our backend and in eager PyTorch, one run
+#   6. symerge bench-cuda        only with BENCH=1 (a second run): copy ceilings, kernels as a
 #                                fraction of device copy, streaming merge of llama-7b + 2 experts
 #                                (40 GB in, one 13.5 GB output: --skip-cpu by default, since the
 #                                64 GB disk cannot hold the CPU's output beside the GPU's)
 # A test that would print SKIPPED fails here instead (SYMERGE_REQUIRE_GPU): a GPU the programs
 # cannot use is not a green run. Logs go to $OUT as logs.tgz (the device tool returns at most 8
 # files) beside summary.txt and env.txt; the summary is printed last.
-# Knobs: ADAPT=1, BENCH=1, BENCH_PRESET (llama-7b), BENCH_EXPERTS (2), BENCH_ARGS (default --skip-cpu; "" for none),
+# Knobs: ADAPT=1, BLOCK=1, BENCH=1, BENCH_PRESET (llama-7b), BENCH_EXPERTS (2), BENCH_ARGS (default --skip-cpu; "" for none),
 # DEADLINE (seconds, default 390): later steps are skipped once it would be passed;
 # STEPS (e.g. "kernels_compile gpu_backend"): run only the steps named; DRY=1 rehearses the
 # script on a machine without a GPU (the tests then skip instead of failing).
@@ -156,6 +158,10 @@ if [ -n "${ADAPT:-}" ]; then
     rm -rf /tmp/symerge-adapt
   done
 fi
+if [ -n "${BLOCK:-}" ]; then
+  # One Llama-7B block forward + backward in f32: our CUDA backend against eager PyTorch.
+  step block 180 env BIN="$BIN/symerge" OUT="$OUT" bash benches/block.sh cuda
+fi
 if [ -n "${BENCH:-}" ]; then
   SPLIT=1 step bench 540 "$BIN/symerge" bench-cuda --preset "${BENCH_PRESET:-llama-7b}" \
     --experts "${BENCH_EXPERTS:-2}" --dir /tmp/symerge-bench --report "$OUT/bench.json" ${BENCH_ARGS---skip-cpu}
@@ -166,7 +172,7 @@ printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
 logs=$(cd "$OUT" && ls ./*.log ./*.txt 2>/dev/null | grep -v -e summary.txt -e env.txt)
 grep -h -E "test result|SKIPPED|panicked|bit-identical|differ" "$OUT"/*.log 2>/dev/null | head -40
 grep -h "FAILED" "$OUT"/*.log 2>/dev/null | head -30
-cat "$OUT/bench.txt" "$OUT/adapt.jsonl" 2>/dev/null
+cat "$OUT/bench.txt" "$OUT/adapt.jsonl" "$OUT/block.jsonl" 2>/dev/null
 # At most 8 files come back: the step logs travel as one archive.
 if [ -n "$logs" ]; then
   (cd "$OUT" && tar -czf logs.tgz $logs && rm -f $logs)

@@ -12,6 +12,7 @@ use symerge::dist::check::CheckOptions;
 use symerge::dist::rank::RankInfo;
 use symerge::labels::produce::CacheLabelsArgs;
 use symerge::merge::engine::MergeArgs;
+use symerge::model::block_bench::BlockBenchArgs;
 use symerge::model::finetune::FinetuneArgs;
 use symerge::model::import::ImportOptions;
 use symerge::model::infer::{EvalArgs, PredictArgs};
@@ -50,6 +51,9 @@ enum Command {
     Merge(MergeArgs),
     /// Measure the CUDA engine: copy ceilings, kernels, streaming merge vs the CPU path.
     BenchCuda(BenchOptions),
+    /// Time one Llama decoder block, forward and backward, on the CPU or a GPU (f32; PyTorch's
+    /// side of the comparison is benches/block_torch.py).
+    BenchBlock(BlockBenchArgs),
     /// List the merge methods and their parameters.
     Methods,
     /// Class scores for every text of a JSON-lines file (a `text` field per line).
@@ -124,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             emit_report(&args.run()?, json)?;
         }
         Command::BenchCuda(opts) => emit_report(&opts.run()?, json)?,
+        Command::BenchBlock(args) => emit_report(&args.run()?, json)?,
         Command::Methods => emit_report(&symerge::merge::catalog::catalog(), json)?,
         Command::Predict(args) => {
             RankInfo::require_single("predict")?;

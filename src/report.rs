@@ -235,7 +235,8 @@ stdout_display!(
     crate::merge::catalog::Catalog,
     crate::inspect::Inspection,
     crate::dist::check::CheckReport,
-    crate::backend::cuda::bench::BenchReport
+    crate::backend::cuda::bench::BenchReport,
+    crate::model::block_bench::BlockBenchReport
 );
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 //! - [`infer`]: `symerge predict` and `symerge eval`: their flags and which model they run.
 
 pub mod bert;
+pub mod block_bench;
 pub mod causal;
 pub mod chain;
 pub mod classify;
