@@ -963,3 +963,34 @@ fn delta_scale_is_named_as_given_and_may_be_negative() {
     assert!(ok, "{err}");
     assert!(out.join("expert-1").join("model.safetensors").exists());
 }
+
+/// Fuzzing round 8: stored tensors a model does not read (another architecture's, a pretraining
+/// head) were ignored without a word; transformers lists them as unexpected. One warning names
+/// them; a checkpoint the model reads whole gets none.
+#[test]
+fn unread_stored_tensors_are_named_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    let inputs = tmp.path().join("in.jsonl");
+    std::fs::write(&inputs, "{\"text\": \"the cat sat on the mat\"}\n").unwrap();
+    let eval = || run(&["eval", m.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--device", "cpu"]);
+    let (ok, _, err) = eval();
+    assert!(ok && !err.contains("not read by"), "{err}");
+    let mut tensors: Vec<T> =
+        read_model(&m).into_iter().map(|(name, (dt, shape, values))| T::new(&name, dt, &shape, values)).collect();
+    tensors.push(T::new("model.vision_tower.proj.weight", Dtype::F32, &[2, 3], randoms(9, 6, 0.1)));
+    common::write_file(&m.join("model.safetensors"), &tensors);
+    let (ok, _, err) = eval();
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("1 stored tensor(s) are not read by a causal LM")
+            && err.contains("model.vision_tower.proj.weight"),
+        "{err}"
+    );
+    assert_eq!(err.matches("not read by").count(), 1, "one warning: {err}");
+}

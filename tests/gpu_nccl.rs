@@ -92,3 +92,34 @@ fn dist_check_with_nccl_reports_device_and_bandwidth() {
     assert_eq!(r["busbw_gb_per_s"].as_f64(), Some(0.0), "{r}");
     eprintln!("dist-check nccl: {r}");
 }
+
+/// Data-parallel `adapt` on one GPU: a one-rank NCCL communicator (every Lambda and head gradient
+/// all-reduced on the device, Lambda compared across ranks) learns exactly what the run without
+/// a communicator learns, on the real small adaptation setup.
+#[test]
+fn one_rank_nccl_adapt_equals_the_plain_run() {
+    if !have_gpu() {
+        return;
+    }
+    let f = common::adapt_fixture::fixture();
+    let cfg = f.root.join("adapt.yml");
+    let run = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let out = f.root.join(name);
+        let mut cmd = symerge();
+        for v in symerge::dist::rank::LAUNCHER_VARS {
+            cmd.env_remove(v);
+        }
+        let o = cmd
+            .args(["adapt", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json", "--no-eval", "--epochs", "3"])
+            .args(["--device", "cuda"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(out.join("lambda.json")).unwrap()).unwrap()
+    };
+    let plain = run("plain", &[]);
+    let nccl = run("nccl", &["--backend", "nccl"]);
+    assert_eq!(plain["lambda"], nccl["lambda"], "one rank's all-reduce is the identity: Lambda must not move");
+    eprintln!("one-rank NCCL adapt: Lambda identical to the plain run");
+}

@@ -636,6 +636,16 @@ impl<B: Backend> Bert<B> {
             blocks.push(Block::Head(head));
             params.push(p);
         }
+        // A head replaced by a new one (--new-head) is unread on purpose, and so is the pooler of
+        // an encoder loaded without a head (a bare base model: its heads come from the experts).
+        let has_head = matches!(blocks.last(), Some(Block::Head(_)));
+        let expected = blocks.iter().flat_map(|b| b.param_shapes()).map(|(n, _)| n);
+        let unread: Vec<&str> = chain::unread_tensors(&ck, expected)
+            .into_iter()
+            .filter(|n| opts.new_head.is_none() || !n.starts_with("classifier."))
+            .filter(|n| has_head || !(n.starts_with("pooler.") || n.contains(".pooler.")))
+            .collect();
+        chain::warn_unread(&ck, &unread, &format!("a {:?}-family encoder", config.family));
         tracing::debug!(
             "loaded {:?}-family model: {} layers, hidden {}, {} blocks, from {}",
             config.family,

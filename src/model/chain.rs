@@ -78,6 +78,39 @@ pub fn load_params<B: Backend, K: ChainBlock<B>>(
     Ok(params)
 }
 
+/// Names of buffers a checkpoint may store that no model reads as weights.
+const BUFFER_SUFFIXES: [&str; 4] = ["position_ids", "rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"];
+
+/// The stored tensors that none of `expected` (model names, resolved through the checkpoint's
+/// wrapper prefixes) reads, buffers left out: what transformers lists as unexpected weights.
+pub fn unread_tensors(ck: &Checkpoint, expected: impl IntoIterator<Item = String>) -> Vec<&str> {
+    let read: std::collections::HashSet<&str> =
+        expected.into_iter().filter_map(|n| ck.resolve(&n).map(|t| t.name.as_str())).collect();
+    ck.tensors
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !read.contains(n) && !BUFFER_SUFFIXES.iter().any(|b| n.ends_with(b)))
+        .collect()
+}
+
+/// Logs, once, the stored tensors a model does not read (a pretraining head, another
+/// architecture's tensors under a familiar prefix): they are ignored, as transformers ignores
+/// them, but a user loading the wrong checkpoint should hear of it.
+pub fn warn_unread(ck: &Checkpoint, unread: &[&str], what: &str) {
+    if unread.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = unread.iter().take(5).copied().collect();
+    let more =
+        if unread.len() > shown.len() { format!(" and {} more", unread.len() - shown.len()) } else { String::new() };
+    tracing::warn!(
+        "{}: {} stored tensor(s) are not read by {what} and are ignored: {}{more}",
+        ck.path.display(),
+        unread.len(),
+        shown.join(", ")
+    );
+}
+
 /// Reads one tensor as f32, checking its shape against what `config.json` implies and refusing
 /// NaN/Inf (naming the element).
 pub(super) fn load_tensor<B: Backend>(be: &B, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<B::Buf> {
