@@ -794,6 +794,16 @@ fn stored_ops_in_batches_match_cpu() {
         let (g32, w32): (Vec<f32>, Vec<f32>) = g.iter().zip(w).map(|(&g, &w)| (g as f32, w as f32)).unzip();
         r.values(&format!("lambda_grad_stored_many job {i}"), &g32, &w32, 1e-6);
     }
+    // Queued twice (the adaptation sweep's way: read once after every block), then read: each
+    // queue gives the bits of the waited-for call.
+    let queued = vec![cuda.lambda_grad_stored_queue(&gpu_g).unwrap(), cuda.lambda_grad_stored_queue(&gpu_g).unwrap()];
+    let read = cuda.read_dots(queued).unwrap();
+    let bits = |v: &[Vec<f64>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+    r.check(
+        "queued dots equal the waited-for ones",
+        read.len() == 2 && read.iter().all(|q| bits(q) == bits(&got)),
+        format!("{read:?} vs {got:?}"),
+    );
     let mut poisoned = r.rand(8191, 1.0);
     poisoned[77] = f32::NAN;
     let (bad, _) = stored("t1", FloatDType::F32, &poisoned);

@@ -299,6 +299,13 @@ impl<B: Backend> BlockVisit<'_, B> {
     /// gradients of its merged weights; a lookup table in `lookups` has gradient only on its
     /// listed rows, and only those are read.
     pub fn lambda_grad(&self, be: &B, grads: &Params<B>, lookups: &[TableRows], out: &mut [f64]) -> Result<()> {
+        let queued = self.lambda_grad_queue(be, grads, lookups)?;
+        add_dots(be, vec![queued], out)
+    }
+
+    /// [`Self::lambda_grad`] queued on the backend; [`add_dots`] adds the results once the
+    /// sweep is done (a GPU is waited for once per step, not once per block).
+    pub fn lambda_grad_queue(&self, be: &B, grads: &Params<B>, lookups: &[TableRows]) -> Result<QueuedDots<B>> {
         let mut jobs: Vec<StoredGrad<'_, B::Stored, B::Buf>> = Vec::with_capacity(self.block.tensors.len());
         for (t, s) in self.block.tensors.iter().zip(self.staged()) {
             let g = grads
@@ -311,15 +318,37 @@ impl<B: Backend> BlockVisit<'_, B> {
                 rows: lookup_of(lookups, t),
             });
         }
-        let all = be.lambda_grad_stored_many(&jobs)?;
-        for ((t, job), dots) in self.block.tensors.iter().zip(&jobs).zip(all) {
-            let k = job.experts.len();
+        let slots = self.block.tensors.iter().zip(&jobs).map(|(t, job)| (t.row, job.experts.len())).collect();
+        Ok(QueuedDots { dots: be.lambda_grad_stored_queue(&jobs)?, slots })
+    }
+}
+
+/// A block's Lambda dot products queued on the backend, with each job's Lambda row and task
+/// count.
+pub struct QueuedDots<B: Backend> {
+    dots: B::Dots,
+    slots: Vec<(usize, usize)>,
+}
+
+/// Adds queued blocks' dot products to Lambda's gradient `out` (`[rows, K]`), in queue order
+/// (the order, hence the f64 sums, of adding each block's as it is computed).
+pub fn add_dots<B: Backend>(be: &B, queued: Vec<QueuedDots<B>>, out: &mut [f64]) -> Result<()> {
+    let mut slots = Vec::with_capacity(queued.len());
+    let dots: Vec<B::Dots> = queued
+        .into_iter()
+        .map(|q| {
+            slots.push(q.slots);
+            q.dots
+        })
+        .collect();
+    for (block, slots) in be.read_dots(dots)?.into_iter().zip(slots) {
+        for (dots, (row, k)) in block.into_iter().zip(slots) {
             for (j, dot) in dots.into_iter().enumerate() {
-                out[t.row * k + j] += dot;
+                out[row * k + j] += dot;
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The rows and row length of `t` when `lookups` lists it.

@@ -27,7 +27,7 @@ use super::classifier::Adapter;
 use super::config::{AdaptConfig, Method};
 use super::lambda::{Granularity, Lambda};
 use super::lm::LmAdapter;
-use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport};
+use super::shared::{BlockLayout, SharedBlock, SharedWeights, StreamReport, add_dots};
 use crate::atomic::Staging;
 use crate::backend::{Backend, Device};
 use crate::checkpoint::FloatDType;
@@ -627,6 +627,9 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let n_shared = self.shared.len();
         let total = n_shared + t.private_blocks.len();
         let mut lambda_grad = vec![0f64; self.lambda.values.len()];
+        // One rank reads its blocks' Lambda dots once, after the sweep; several reduce each
+        // block's rows as they go (the all-reduce needs them on the host).
+        let mut queued = Vec::new();
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
         for b in (0..total).rev() {
             let input = if b > 0 { acts.pop() } else { None };
@@ -641,7 +644,11 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                         None => visit.merged_rows(be, &self.lambda, &lookups)?,
                     };
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), kept, &d)?;
-                    visit.lambda_grad(be, &g, &lookups, &mut lambda_grad)?;
+                    if world > 1 {
+                        visit.lambda_grad(be, &g, &lookups, &mut lambda_grad)?;
+                    } else {
+                        queued.push(visit.lambda_grad_queue(be, &g, &lookups)?);
+                    }
                     recycle(be, p);
                     recycle(be, g);
                     dy = dx;
@@ -666,6 +673,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 private.push(g);
             }
         }
+        add_dots(be, queued, &mut lambda_grad)?;
         private.reverse();
         Ok((lambda_grad, private))
     }

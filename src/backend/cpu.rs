@@ -335,6 +335,8 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
     type Stored = StoredTensor;
+    /// Computed when queued: the CPU has nothing to wait for.
+    type Dots = Vec<Vec<f64>>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -1033,6 +1035,17 @@ impl Backend for Cpu {
 
     fn staged_bytes(&self, _t: &StoredTensor) -> u64 {
         0
+    }
+
+    fn lambda_grad_stored_queue(
+        &self,
+        jobs: &[super::StoredGrad<'_, StoredTensor, Vec<f32>>],
+    ) -> Result<Vec<Vec<f64>>> {
+        self.lambda_grad_stored_many(jobs)
+    }
+
+    fn read_dots(&self, dots: Vec<Vec<Vec<f64>>>) -> Result<Vec<Vec<Vec<f64>>>> {
+        Ok(dots)
     }
 
     fn merge_stored(&self, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) -> Result<Vec<f32>> {

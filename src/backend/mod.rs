@@ -123,6 +123,9 @@ pub trait Backend: Send + Sync {
     /// A checkpoint tensor's stored bytes, staged for [`Backend::merge_stored`] and
     /// [`Backend::lambda_grad_stored`].
     type Stored: Send + Sync;
+    /// Lambda dot products queued by [`Backend::lambda_grad_stored_queue`], read by
+    /// [`Backend::read_dots`].
+    type Dots: Send;
 
     fn name(&self) -> &'static str;
 
@@ -390,6 +393,13 @@ pub trait Backend: Send + Sync {
             })
             .collect()
     }
+    /// [`Backend::lambda_grad_stored_many`] without waiting for the results: a GPU leaves the
+    /// dot products on the device, so that a backward sweep waits for it once, in
+    /// [`Backend::read_dots`], instead of once per block. The jobs' buffers may be dropped or
+    /// recycled once this returns (a device orders their reuse after the queued work).
+    fn lambda_grad_stored_queue(&self, jobs: &[StoredGrad<'_, Self::Stored, Self::Buf>]) -> Result<Self::Dots>;
+    /// The dot products of each queued call, per job, in order.
+    fn read_dots(&self, dots: Vec<Self::Dots>) -> Result<Vec<Vec<Vec<f64>>>>;
     /// [`Backend::lambda_grad_stored`] (or `_rows`) of every job, in order, likewise.
     fn lambda_grad_stored_many(&self, jobs: &[StoredGrad<'_, Self::Stored, Self::Buf>]) -> Result<Vec<Vec<f64>>> {
         jobs.iter()

@@ -684,6 +684,7 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
     type Ids = CudaIds;
     type Stored = CudaStored;
+    type Dots = super::stored::CudaDots;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -1355,6 +1356,17 @@ impl Backend for Cuda {
 
     fn lambda_grad_stored_many(&self, jobs: &[StoredGrad<'_, CudaStored, CudaBuf>]) -> Result<Vec<Vec<f64>>> {
         self.lambda_grad_stored_many_dev(jobs)
+    }
+
+    fn lambda_grad_stored_queue(
+        &self,
+        jobs: &[StoredGrad<'_, CudaStored, CudaBuf>],
+    ) -> Result<super::stored::CudaDots> {
+        self.queue_lambda_grads(jobs)
+    }
+
+    fn read_dots(&self, dots: Vec<super::stored::CudaDots>) -> Result<Vec<Vec<Vec<f64>>>> {
+        dots.into_iter().map(|d| self.read_queued_dots(d)).collect()
     }
 
     fn adam_step(

@@ -17,6 +17,12 @@ use crate::backend::{StoredGrad, StoredMerge};
 use crate::checkpoint::{FloatDType, StoredTensor};
 use crate::error::{Error, Result};
 
+/// Lambda dot products left on the device: K f64 per job, in job order.
+pub struct CudaDots {
+    out: CudaSlice<f64>,
+    lens: Vec<usize>,
+}
+
 /// A tensor's stored bytes on the device, with the host view (for shapes, names and, when the
 /// kernel flags a non-finite value, the CPU's exact error).
 pub struct CudaStored {
@@ -208,6 +214,12 @@ impl Cuda {
         &self,
         jobs: &[StoredGrad<'_, CudaStored, CudaBuf>],
     ) -> Result<Vec<Vec<f64>>> {
+        let queued = self.queue_lambda_grads(jobs)?;
+        self.read_queued_dots(queued)
+    }
+
+    /// Every job's dot products launched into one device buffer, nothing waited for.
+    pub(super) fn queue_lambda_grads(&self, jobs: &[StoredGrad<'_, CudaStored, CudaBuf>]) -> Result<CudaDots> {
         let gpu = self.gpu();
         let total: usize = jobs.iter().map(|j| j.experts.len()).sum();
         let out = cu("allocating", gpu.stream.alloc_zeros::<f64>(total.max(1)))?;
@@ -221,12 +233,17 @@ impl Cuda {
             }
             at += 8 * job.experts.len() as u64;
         }
-        let all = gpu.download(&out)?;
+        Ok(CudaDots { out, lens: jobs.iter().map(|j| j.experts.len()).collect() })
+    }
+
+    /// The queued dot products, per job (waits for the device).
+    pub(super) fn read_queued_dots(&self, queued: CudaDots) -> Result<Vec<Vec<f64>>> {
+        let all = self.gpu().download(&queued.out)?;
         let mut from = 0;
-        Ok(jobs
+        Ok(queued
+            .lens
             .iter()
-            .map(|j| {
-                let k = j.experts.len();
+            .map(|&k| {
                 from += k;
                 all[from - k..from].to_vec()
             })
