@@ -808,10 +808,21 @@ fn stored_ops_in_batches_match_cpu() {
     poisoned[77] = f32::NAN;
     let (bad, _) = stored("t1", FloatDType::F32, &poisoned);
     let bad_dev = cuda.stage(&bad).unwrap();
+    // Queued (the forward sweep's way: checked once after every block): the same outputs, no
+    // error until the check, and then the waited-for call's error.
+    let (queued, clean) = cuda.merge_stored_queue(&gpu_jobs).unwrap();
+    let waited = cuda.merge_stored_many(&gpu_jobs).unwrap();
+    for (i, (q, g)) in queued.iter().zip(&waited).enumerate() {
+        let (q, g) = (r.down(q), r.down(g));
+        r.values(&format!("queued merge job {i}"), &q, &g, 0.0);
+    }
     let mut jobs = gpu_jobs;
     jobs[1].experts[1] = &bad_dev;
     let e = cuda.merge_stored_many(&jobs).err().map(|e| e.to_string());
     r.check("a NaN in job 1 names it", e.as_deref().is_some_and(|e| e.contains("`t1`")), format!("{e:?}"));
+    let (_, poisoned_checks) = cuda.merge_stored_queue(&jobs).unwrap();
+    let eq = cuda.check_merges(vec![clean, poisoned_checks]).err().map(|e| e.to_string());
+    r.check("a queued NaN is the same error at the check", eq == e, format!("{eq:?} vs {e:?}"));
     r.finish();
 }
 

@@ -275,6 +275,19 @@ impl<B: Backend> BlockVisit<'_, B> {
     /// [`Self::merged`] with the lookup tables named in `lookups` merged only on the rows listed
     /// there (the rows a batch reads; the rest of the table is zero).
     pub fn merged_rows(&self, be: &B, lambda: &Lambda, lookups: &[TableRows]) -> Result<Params<B>> {
+        let (p, checks) = self.merged_rows_queued(be, lambda, lookups)?;
+        be.check_merges(vec![checks])?;
+        Ok(p)
+    }
+
+    /// [`Self::merged_rows`] with the non-finite check left to [`Backend::check_merges`] (a
+    /// sweep checks its blocks once).
+    pub fn merged_rows_queued(
+        &self,
+        be: &B,
+        lambda: &Lambda,
+        lookups: &[TableRows],
+    ) -> Result<(Params<B>, B::MergeChecks)> {
         let jobs: Vec<StoredMerge<'_, B::Stored>> = self
             .block
             .tensors
@@ -287,12 +300,12 @@ impl<B: Backend> BlockVisit<'_, B> {
                 rows: lookup_of(lookups, t),
             })
             .collect();
-        let bufs = be.merge_stored_many(&jobs)?;
+        let (bufs, checks) = be.merge_stored_queue(&jobs)?;
         let mut out = Params::new();
         for (t, buf) in self.block.tensors.iter().zip(bufs) {
             out.insert(t.name.clone(), Param { shape: t.shape.clone(), buf });
         }
-        Ok(out)
+        Ok((out, checks))
     }
 
     /// Adds the block's Lambda gradients to `out` (`[rows, K]`, like Lambda's values) from the

@@ -599,11 +599,14 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let Some(batch) = (if mine.is_empty() { None } else { self.family.batch(t, mine)? }) else {
             return Ok(Forward { acts, kept, local: None });
         };
+        let mut checks = Vec::new();
         for b in 0..total {
-            let (y, k) = self.block_forward(t, b, &batch, acts.last(), room > 0)?;
+            let (y, k) = self.block_forward(t, b, &batch, acts.last(), room > 0, &mut checks)?;
             kept.push(k.within(be, &mut room));
             acts.push(y);
         }
+        // The merges' non-finite checks, once for the sweep, before anything reads the output.
+        be.check_merges(checks)?;
         let out = acts.pop().ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
         let (pending, count, sum) = self.family.loss(&self.cfg, t, &batch, out, mine)?;
         Ok(Forward { acts, kept, local: Some(Local { batch, pending, count, sum }) })
@@ -630,6 +633,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         // One rank reads its blocks' Lambda dots once, after the sweep; several reduce each
         // block's rows as they go (the all-reduce needs them on the host).
         let mut queued = Vec::new();
+        let mut checks = Vec::new();
         let mut private: Vec<Params<B>> = Vec::with_capacity(t.private_blocks.len());
         for b in (0..total).rev() {
             let input = if b > 0 { acts.pop() } else { None };
@@ -641,7 +645,11 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                     let lookups = self.shared[b].lookup_rows(batch);
                     let p = match merged {
                         Some(p) => p,
-                        None => visit.merged_rows(be, &self.lambda, &lookups)?,
+                        None => {
+                            let (p, check) = visit.merged_rows_queued(be, &self.lambda, &lookups)?;
+                            checks.push(check);
+                            p
+                        }
                     };
                     let (dx, g) = self.shared[b].backward(be, &p, batch, input.as_ref(), kept, &d)?;
                     if world > 1 {
@@ -673,6 +681,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
                 private.push(g);
             }
         }
+        be.check_merges(checks)?;
         add_dots(be, queued, &mut lambda_grad)?;
         private.reverse();
         Ok((lambda_grad, private))
@@ -685,9 +694,11 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         let t = &self.tasks[task];
         let Some(batch) = self.family.batch(t, rows)? else { return Ok(None) };
         let mut x: Option<B::Buf> = None;
+        let mut checks = Vec::new();
         for b in 0..self.shared.len() + t.private_blocks.len() {
-            x = Some(self.block_forward(t, b, &batch, x.as_ref(), false)?.0);
+            x = Some(self.block_forward(t, b, &batch, x.as_ref(), false, &mut checks)?.0);
         }
+        self.family.backend().check_merges(checks)?;
         let out = x.ok_or_else(|| Error::Invalid("the model has no blocks".into()))?;
         Ok(Some((batch, out)))
     }
@@ -701,6 +712,7 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         batch: &BatchOf<B, F>,
         x: Option<&B::Buf>,
         keep: bool,
+        checks: &mut Vec<B::MergeChecks>,
     ) -> Result<(B::Buf, KeptBlock<B, F>)> {
         let be = self.family.backend();
         let run = |block: &F::Block, p: &Params<B>| {
@@ -709,7 +721,8 @@ impl<B: Backend + Clone, F: Family<B>> Adaptation<B, F> {
         match b.checked_sub(self.shared.len()) {
             None => {
                 let visit = self.weights.visit(be, b, Some(self.weights.next_block(b, true)))?;
-                let p = visit.merged_rows(be, &self.lambda, &self.shared[b].lookup_rows(batch))?;
+                let (p, check) = visit.merged_rows_queued(be, &self.lambda, &self.shared[b].lookup_rows(batch))?;
+                checks.push(check);
                 drop(visit);
                 let (y, internals) = run(&self.shared[b], &p)?;
                 let merged = if keep {

@@ -337,6 +337,8 @@ impl Backend for Cpu {
     type Stored = StoredTensor;
     /// Computed when queued: the CPU has nothing to wait for.
     type Dots = Vec<Vec<f64>>;
+    /// Checked when queued.
+    type MergeChecks = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -1046,6 +1048,14 @@ impl Backend for Cpu {
 
     fn read_dots(&self, dots: Vec<Vec<Vec<f64>>>) -> Result<Vec<Vec<Vec<f64>>>> {
         Ok(dots)
+    }
+
+    fn merge_stored_queue(&self, jobs: &[super::StoredMerge<'_, StoredTensor>]) -> Result<(Vec<Vec<f32>>, ())> {
+        Ok((self.merge_stored_many(jobs)?, ()))
+    }
+
+    fn check_merges(&self, _checks: Vec<()>) -> Result<()> {
+        Ok(())
     }
 
     fn merge_stored(&self, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) -> Result<Vec<f32>> {

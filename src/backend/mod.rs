@@ -126,6 +126,9 @@ pub trait Backend: Send + Sync {
     /// Lambda dot products queued by [`Backend::lambda_grad_stored_queue`], read by
     /// [`Backend::read_dots`].
     type Dots: Send;
+    /// Non-finite checks of merges queued by [`Backend::merge_stored_queue`], run by
+    /// [`Backend::check_merges`].
+    type MergeChecks: Send;
 
     fn name(&self) -> &'static str;
 
@@ -393,6 +396,14 @@ pub trait Backend: Send + Sync {
             })
             .collect()
     }
+    /// [`Backend::merge_stored_many`] whose non-finite check waits for [`Backend::check_merges`]:
+    /// a GPU then need not wait for the device at every block of a forward sweep. The outputs
+    /// can be used at once; a non-finite value becomes `check_merges`' error (the CPU's words,
+    /// naming the input and element). The CPU checks at once.
+    fn merge_stored_queue(&self, jobs: &[StoredMerge<'_, Self::Stored>])
+    -> Result<(Vec<Self::Buf>, Self::MergeChecks)>;
+    /// The first failed check of the queued merges, in queue order.
+    fn check_merges(&self, checks: Vec<Self::MergeChecks>) -> Result<()>;
     /// [`Backend::lambda_grad_stored_many`] without waiting for the results: a GPU leaves the
     /// dot products on the device, so that a backward sweep waits for it once, in
     /// [`Backend::read_dots`], instead of once per block. The jobs' buffers may be dropped or

@@ -685,6 +685,7 @@ impl Backend for Cuda {
     type Ids = CudaIds;
     type Stored = CudaStored;
     type Dots = super::stored::CudaDots;
+    type MergeChecks = super::stored::CudaMergeChecks;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -1356,6 +1357,17 @@ impl Backend for Cuda {
 
     fn lambda_grad_stored_many(&self, jobs: &[StoredGrad<'_, CudaStored, CudaBuf>]) -> Result<Vec<Vec<f64>>> {
         self.lambda_grad_stored_many_dev(jobs)
+    }
+
+    fn merge_stored_queue(
+        &self,
+        jobs: &[StoredMerge<'_, CudaStored>],
+    ) -> Result<(Vec<CudaBuf>, super::stored::CudaMergeChecks)> {
+        self.queue_merges(jobs)
+    }
+
+    fn check_merges(&self, checks: Vec<super::stored::CudaMergeChecks>) -> Result<()> {
+        checks.into_iter().try_for_each(|c| self.check_queued_merges(c))
     }
 
     fn lambda_grad_stored_queue(

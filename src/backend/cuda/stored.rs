@@ -17,6 +17,20 @@ use crate::backend::{StoredGrad, StoredMerge};
 use crate::checkpoint::{FloatDType, StoredTensor};
 use crate::error::{Error, Result};
 
+/// Queued merges' non-finite flags (one u32 per job, on the device) and each job's host views.
+pub struct CudaMergeChecks {
+    bad: CudaSlice<u32>,
+    jobs: Vec<QueuedMerge>,
+}
+
+/// What the CPU twin needs to redo a merge whose flag is set, for its exact error.
+struct QueuedMerge {
+    base: StoredTensor,
+    experts: Vec<StoredTensor>,
+    coefs: Vec<f32>,
+    rows: Option<(Vec<u32>, usize)>,
+}
+
 /// Lambda dot products left on the device: K f64 per job, in job order.
 pub struct CudaDots {
     out: CudaSlice<f64>,
@@ -141,6 +155,14 @@ impl Cuda {
     /// Every job's merge launched, then one download of their non-finite flags: one wait for
     /// the device per block instead of one per tensor.
     pub(super) fn merge_stored_many_dev(&self, jobs: &[StoredMerge<'_, CudaStored>]) -> Result<Vec<CudaBuf>> {
+        let (outs, checks) = self.queue_merges(jobs)?;
+        self.check_queued_merges(checks)?;
+        Ok(outs)
+    }
+
+    /// Every job's merge launched, their non-finite flags left on the device with what the
+    /// CPU twin needs to name a failure ([`Self::check_queued_merges`]).
+    pub(super) fn queue_merges(&self, jobs: &[StoredMerge<'_, CudaStored>]) -> Result<(Vec<CudaBuf>, CudaMergeChecks)> {
         // Every job's shapes first, so that a bad job is refused before any kernel runs (and a
         // non-finite value below is reported as it would be one tensor at a time).
         for job in jobs {
@@ -164,21 +186,33 @@ impl Cuda {
                 None => self.launch_merge(job.base, &job.experts, job.coefs, flag)?,
             });
         }
-        if let Some(i) = gpu.download(&bad)?.iter().position(|&f| f != 0) {
-            // The CPU twin names the input and element (or the overflow).
-            let job = &jobs[i];
-            let hosts: Vec<&StoredTensor> = job.experts.iter().map(|e| &e.host).collect();
-            let cpu = match job.rows {
-                Some((rows, row_len)) => {
-                    stored_ops::merge_stored_rows(&job.base.host, &hosts, job.coefs, rows, row_len).err()
-                }
-                None => stored_ops::merge_stored(&job.base.host, &hosts, job.coefs).err(),
-            };
-            return Err(cpu.unwrap_or_else(|| {
-                Error::Invalid(format!("merging `{}` on the GPU gave a non-finite value", job.base.host.name))
-            }));
-        }
-        Ok(outs)
+        let jobs = jobs
+            .iter()
+            .map(|j| QueuedMerge {
+                base: j.base.host.clone(),
+                experts: j.experts.iter().map(|e| e.host.clone()).collect(),
+                coefs: j.coefs.to_vec(),
+                rows: j.rows.map(|(r, len)| (r.to_vec(), len)),
+            })
+            .collect();
+        Ok((outs, CudaMergeChecks { bad, jobs }))
+    }
+
+    /// The queued merges' flags (waits for the device); the first failed job's error comes from
+    /// the CPU twin, which names the input and element (or the overflow).
+    pub(super) fn check_queued_merges(&self, checks: CudaMergeChecks) -> Result<()> {
+        let Some(i) = self.gpu().download(&checks.bad)?.iter().position(|&f| f != 0) else { return Ok(()) };
+        let Some(job) = checks.jobs.get(i) else {
+            return Err(Error::Invalid(format!("a merge flag {i} past the {} queued jobs", checks.jobs.len())));
+        };
+        let hosts: Vec<&StoredTensor> = job.experts.iter().collect();
+        let cpu = match &job.rows {
+            Some((rows, row_len)) => stored_ops::merge_stored_rows(&job.base, &hosts, &job.coefs, rows, *row_len).err(),
+            None => stored_ops::merge_stored(&job.base, &hosts, &job.coefs).err(),
+        };
+        Err(cpu.unwrap_or_else(|| {
+            Error::Invalid(format!("merging `{}` on the GPU gave a non-finite value", job.base.name))
+        }))
     }
 
     /// Queues `base + sum_k coefs[k] (expert_k - base)`; a non-finite value sets the u32 at `bad`.
