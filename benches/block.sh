@@ -33,6 +33,7 @@ print(json.dumps({
     "device": ours["device"], "torch_device": torch["device"], "torch": torch["torch"], "shape": ours["shape"],
     "tokens": ours["tokens"], "seq": ours["seq"], "threads": threads,
     "symerge_ms": ours["forward_backward_ms"], "symerge_forward_ms": ours["forward_ms"],
+    "symerge_recycled_ms": ours["forward_backward_recycled_ms"],
     "torch_f32_matmul_ms": m.get("ms"), "torch_f32_sdpa_ms": s.get("ms"),
     "symerge_over_torch_matmul": ours["forward_backward_ms"] / m["ms"] if m else None,
     "symerge_tflops": ours["tflops"], "f32_gemm_tflops": torch["gemm_tflops"].get("f32"),

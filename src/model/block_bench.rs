@@ -54,6 +54,8 @@ pub struct BlockBenchReport {
     pub flops: f64,
     pub forward_ms: f64,
     pub forward_backward_ms: f64,
+    /// The same with the weight gradients' buffers recycled between repeats (adaptation's way).
+    pub forward_backward_recycled_ms: f64,
     pub tflops: f64,
     pub us_per_token: f64,
     pub repeats: usize,
@@ -67,7 +69,8 @@ impl fmt::Display for BlockBenchReport {
             f,
             "  forward+backward {:9.2} ms  {:7.2} TFLOP/s  {:.3} us/token (median of {})",
             self.forward_backward_ms, self.tflops, self.us_per_token, self.repeats
-        )
+        )?;
+        writeln!(f, "  recycled buffers {:9.2} ms", self.forward_backward_recycled_ms)
     }
 }
 
@@ -96,15 +99,24 @@ impl BlockBenchArgs {
             let y = layer.forward(be, &p, &batch, &x)?;
             be.sum_squares(&[&y]).map(drop)
         };
-        let step = || -> Result<()> {
+        // `recycle`: the weight gradients go back to the backend's scratch pool for the next
+        // repeat, as the adaptation loop hands a block's buffers back (no fresh pages per step).
+        let step = |recycle: bool| -> Result<()> {
             let (y, kept) = layer.forward_keeping(be, &p, &batch, &x)?;
             drop(y);
             let (dx, grads) = layer.backward(be, &p, &batch, &x, Some(kept), &dy)?;
-            drop(grads);
+            if recycle {
+                grads.into_values().for_each(|g| be.recycle(g.buf));
+            }
             be.sum_squares(&[&dx]).map(drop)
         };
         let forward_ms = median_ms(self.warmup, self.repeats, forward)?;
-        let ms = median_ms(self.warmup, self.repeats, step)?;
+        let ms = median_ms(self.warmup, self.repeats, || step(false))?;
+        let param_bytes: usize = p.values().map(|q| 4 * q.shape.iter().product::<usize>()).sum();
+        be.scratch_limit(2 * param_bytes);
+        let recycled_ms = median_ms(self.warmup, self.repeats, || step(true));
+        be.scratch_limit(0);
+        let recycled_ms = recycled_ms?;
         let tokens = n * s;
         let flops = block_flops(tokens, s, h, layer.intermediate, layer.heads, layer.kv_heads);
         Ok(BlockBenchReport {
@@ -115,6 +127,7 @@ impl BlockBenchArgs {
             flops,
             forward_ms,
             forward_backward_ms: ms,
+            forward_backward_recycled_ms: recycled_ms,
             tflops: flops / ms / 1e9,
             us_per_token: 1e3 * ms / tokens as f64,
             repeats: self.repeats,
@@ -206,7 +219,7 @@ mod tests {
         };
         let r = args.run_on(&Cpu).unwrap();
         assert_eq!((r.tokens, r.seq), (32, 16));
-        assert!(r.forward_ms > 0.0 && r.forward_backward_ms > 0.0, "{r:?}");
+        assert!(r.forward_ms > 0.0 && r.forward_backward_ms > 0.0 && r.forward_backward_recycled_ms > 0.0, "{r:?}");
         assert!((r.tflops - r.flops / r.forward_backward_ms / 1e9).abs() < 1e-12);
         let bad = BlockBenchArgs { shape: "llama-3".into(), ..args };
         let e = bad.run_on(&Cpu).unwrap_err().to_string();
