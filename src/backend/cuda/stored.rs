@@ -6,12 +6,13 @@
 //! its merges' non-finite flags and one for its dot products, not one per tensor). Lookup tables (embeddings) are merged and reduced only over the rows
 //! a batch reads (`merge_rows`, `lambda_grad_rows`). CPU twins: [`crate::backend::stored_ops`].
 
-use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice, result as cuda};
+use cudarc::driver::{CudaSlice, result as cuda};
 use rayon::prelude::*;
 
 use super::device::cu;
 use super::kernels::{Kernels, MergeLaunch, addr};
 use super::ops::{Cuda, CudaBuf};
+use super::stream_merge::HostSlot;
 use crate::backend::stored_ops::{self, check_rows, check_stored};
 use crate::backend::{StoredGrad, StoredMerge};
 use crate::checkpoint::{FloatDType, StoredTensor};
@@ -60,30 +61,21 @@ const FILL_PART: usize = 4 << 20;
 /// the device runs: a pageable copy per tensor ran at 6 GB/s on an H200 (a streamed llama-1b
 /// step), one core reading the mapping at a time, against 55 GB/s pinned.
 pub(crate) struct StageRing {
-    slots: Vec<(PinnedHostSlice<u8>, CudaEvent)>,
+    slots: [HostSlot; 2],
     next: usize,
 }
 
 impl StageRing {
     fn new(cuda: &Cuda) -> Result<Self> {
         let gpu = cuda.gpu();
-        let mut slots = Vec::new();
-        for _ in 0..2 {
-            // Write-combined memory: fast for the host to write and the device to read.
-            // SAFETY: a buffer is read (by a copy) only after the host has written it.
-            let mem = cu("allocating pinned host memory", unsafe { gpu.ctx.alloc_pinned::<u8>(RING_SLOT) })?;
-            // The host waits on it: a blocking-sync event sleeps instead of spinning a core.
-            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
-            slots.push((mem, cu("creating an event", gpu.ctx.new_event(flags))?));
-        }
-        Ok(StageRing { slots, next: 0 })
+        Ok(StageRing { slots: [HostSlot::new(gpu, RING_SLOT, true)?, HostSlot::new(gpu, RING_SLOT, true)?], next: 0 })
     }
 }
 
 impl Drop for StageRing {
     /// The last copies out of the buffers finish before the buffers are freed.
     fn drop(&mut self) {
-        for (_, done) in &self.slots {
+        for HostSlot { done, .. } in &self.slots {
             if let Err(e) = done.synchronize() {
                 tracing::warn!("waiting for a staging copy: {e:?}");
             }
@@ -109,7 +101,7 @@ impl Cuda {
             let data = cu("allocating on the device", unsafe { s.alloc::<u8>(t.nbytes().max(1)) })?;
             let dst = addr(&data, s);
             for (i, chunk) in t.bytes().chunks(RING_SLOT).enumerate() {
-                let (mem, done) = &mut ring.slots[ring.next];
+                let HostSlot { mem, done } = &mut ring.slots[ring.next];
                 ring.next = (ring.next + 1) % 2;
                 cu("waiting for a staging buffer", done.synchronize())?;
                 let pinned = &mut cu("mapping a pinned buffer", mem.as_mut_slice())?[..chunk.len()];

@@ -174,9 +174,29 @@ fn align(x: usize) -> usize {
 }
 
 /// A pinned host buffer and the event that marks the last device copy touching it.
-struct HostSlot {
-    mem: PinnedHostSlice<u8>,
-    done: CudaEvent,
+pub(super) struct HostSlot {
+    pub(super) mem: PinnedHostSlice<u8>,
+    pub(super) done: CudaEvent,
+}
+
+impl HostSlot {
+    /// `bytes` of pinned memory: write-combined for `for_upload` (fast for the host to write
+    /// and the device to read, very slow for the host to read), plain for downloads.
+    pub(super) fn new(gpu: &Gpu, bytes: usize, for_upload: bool) -> Result<Self> {
+        // SAFETY: the memory is only read after it has been written (by us or by a copy).
+        let mem = if for_upload {
+            unsafe { gpu.ctx.alloc_pinned::<u8>(bytes.max(1)) }
+        } else {
+            unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
+        };
+        // Host threads wait on `done`: a blocking-sync event sleeps instead of spinning a core
+        // that the parallel staging copy could use.
+        let done = cu(
+            "creating an event",
+            gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)),
+        )?;
+        Ok(HostSlot { mem: cu("allocating pinned host memory", mem)?, done })
+    }
 }
 
 impl<'g> CudaEngine<'g> {
@@ -193,21 +213,7 @@ impl<'g> CudaEngine<'g> {
     }
 
     fn host_slot(&self, bytes: usize, for_upload: bool) -> Result<HostSlot> {
-        // Write-combined memory is fast for the host to write and the device to read, and very
-        // slow for the host to read: upload slots only.
-        // SAFETY: the memory is only read after it has been written (by us or by a copy).
-        let mem = if for_upload {
-            unsafe { self.gpu.ctx.alloc_pinned::<u8>(bytes.max(1)) }
-        } else {
-            unsafe { self.gpu.ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
-        };
-        // Host threads wait on `done`: a blocking-sync event sleeps instead of spinning a core
-        // that the parallel staging copy could use.
-        let done = cu(
-            "creating an event",
-            self.gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)),
-        )?;
-        Ok(HostSlot { mem: cu("allocating pinned host memory", mem)?, done })
+        HostSlot::new(self.gpu, bytes, for_upload)
     }
 
     fn device_buf(&self, bytes: usize) -> Result<CudaSlice<u8>> {
