@@ -639,13 +639,12 @@ impl<B: Backend> Bert<B> {
         // A head replaced by a new one (--new-head) is unread on purpose, and so is the pooler of
         // an encoder loaded without a head (a bare base model: its heads come from the experts).
         let has_head = matches!(blocks.last(), Some(Block::Head(_)));
-        let expected = blocks.iter().flat_map(|b| b.param_shapes()).map(|(n, _)| n);
-        let unread: Vec<&str> = chain::unread_tensors(&ck, expected)
-            .into_iter()
-            .filter(|n| opts.new_head.is_none() || !n.starts_with("classifier."))
-            .filter(|n| has_head || !(n.starts_with("pooler.") || n.contains(".pooler.")))
-            .collect();
-        chain::warn_unread(&ck, &unread, &format!("a {:?}-family encoder", config.family));
+        let dropped_on_purpose = |n: &str| {
+            (opts.new_head.is_some() && n.starts_with("classifier."))
+                || (!has_head && (n.starts_with("pooler.") || n.contains(".pooler.")))
+        };
+        let names = blocks.iter().flat_map(|b| b.param_shapes()).map(|(n, _)| n);
+        chain::warn_unread(&ck, names, dropped_on_purpose, &format!("a {:?}-family encoder", config.family));
         tracing::debug!(
             "loaded {:?}-family model: {} layers, hidden {}, {} blocks, from {}",
             config.family,

@@ -352,12 +352,9 @@ impl<B: Backend, A: LmArch<B>> LmModel<B, A> {
         }
         let params = chain::load_params(&backend, &ck, &blocks, skip_blocks)?;
         // A tied model may store its head too (equal to the embedding): not an unread weight.
-        let expected = blocks.iter().flat_map(|b| b.param_shapes()).map(|(n, _)| n);
-        let unread: Vec<&str> = chain::unread_tensors(&ck, expected)
-            .into_iter()
-            .filter(|n| !(config.tied() && n.ends_with("lm_head.weight")))
-            .collect();
-        chain::warn_unread(&ck, &unread, &format!("a causal LM ({})", config.describe()));
+        let tied_head = |n: &str| config.tied() && n.ends_with("lm_head.weight");
+        let names = blocks.iter().flat_map(|b| b.param_shapes()).map(|(n, _)| n);
+        chain::warn_unread(&ck, names, tied_head, &format!("a causal LM ({})", config.describe()));
         tracing::debug!("loaded causal LM ({}) from {}", config.describe(), ck.path.display());
         Ok(LmModel { config, path: ck.path.clone(), blocks, params, backend })
     }

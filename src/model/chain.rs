@@ -81,22 +81,34 @@ pub fn load_params<B: Backend, K: ChainBlock<B>>(
 /// Names of buffers a checkpoint may store that no model reads as weights.
 const BUFFER_SUFFIXES: [&str; 4] = ["position_ids", "rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"];
 
-/// The stored tensors that none of `expected` (model names, resolved through the checkpoint's
-/// wrapper prefixes) reads, buffers left out: what transformers lists as unexpected weights.
-pub fn unread_tensors(ck: &Checkpoint, expected: impl IntoIterator<Item = String>) -> Vec<&str> {
+/// The stored tensors none of the model's parameter `names` reads (resolved through the
+/// checkpoint's wrapper prefixes), buffers and what `ignored` accepts left out: what
+/// transformers lists as unexpected weights.
+fn unread_tensors(
+    ck: &Checkpoint,
+    names: impl IntoIterator<Item = String>,
+    ignored: impl Fn(&str) -> bool,
+) -> Vec<&str> {
     let read: std::collections::HashSet<&str> =
-        expected.into_iter().filter_map(|n| ck.resolve(&n).map(|t| t.name.as_str())).collect();
+        names.into_iter().filter_map(|n| ck.resolve(&n).map(|t| t.name.as_str())).collect();
     ck.tensors
         .iter()
         .map(|t| t.name.as_str())
-        .filter(|n| !read.contains(n) && !BUFFER_SUFFIXES.iter().any(|b| n.ends_with(b)))
+        .filter(|n| !read.contains(n) && !BUFFER_SUFFIXES.iter().any(|b| n.ends_with(b)) && !ignored(n))
         .collect()
 }
 
-/// Logs, once, the stored tensors a model does not read (a pretraining head, another
-/// architecture's tensors under a familiar prefix): they are ignored, as transformers ignores
-/// them, but a user loading the wrong checkpoint should hear of it.
-pub fn warn_unread(ck: &Checkpoint, unread: &[&str], what: &str) {
+/// Logs, once, the stored tensors none of the model's parameter `names` reads (a pretraining
+/// head, another architecture's tensors under a familiar prefix), except buffers and what
+/// `ignored` accepts: they are ignored, as transformers ignores them, but a user loading the
+/// wrong checkpoint should hear of it. `what` names the model in the message.
+pub fn warn_unread(
+    ck: &Checkpoint,
+    names: impl IntoIterator<Item = String>,
+    ignored: impl Fn(&str) -> bool,
+    what: &str,
+) {
+    let unread = unread_tensors(ck, names, ignored);
     if unread.is_empty() {
         return;
     }
