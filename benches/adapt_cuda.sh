@@ -29,15 +29,8 @@ log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 now() { date +%s.%N; }
 emit() { python3 -c "import json, sys; print(json.dumps(json.loads(sys.argv[1])))" "$1" | tee -a "$OUT/adapt.jsonl"; }
 
-# Seconds per step of a train_log.jsonl, the first step left out (it stages what later steps reuse).
-per_step() {
-  python3 - "$1" <<'PY'
-import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1])]
-a, b = lines[0], lines[-1]
-print((b["seconds"] - a["seconds"]) / max(1, b["step"] - a["step"]))
-PY
-}
+# Seconds per step of a train_log.jsonl (benches/per_step.py).
+per_step() { python3 benches/per_step.py "$1"; }
 
 minilm() {
   local M D tasks="" t args=()

@@ -24,16 +24,8 @@ mkdir -p "$W"
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 cargo build --release -q
 
-# Seconds per step: the last log line's time over its step count, ignoring the first step (it
-# maps and stages what later steps find ready).
-per_step() {
-  python3 - "$1" <<'PY'
-import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1])]
-a, b = lines[0], lines[-1]
-print((b["seconds"] - a["seconds"]) / max(1, b["step"] - a["step"]))
-PY
-}
+# Seconds per step of a train_log.jsonl (benches/per_step.py).
+per_step() { python3 benches/per_step.py "$1"; }
 
 llm() {
   local F=$W/llama-1b
