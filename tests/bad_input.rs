@@ -637,16 +637,21 @@ fn label_cache_paths_that_are_no_files_say_what_they_are() {
     assert!(!ok && err.contains(&format!("{} is a FIFO", partial.display())), "{err}");
 }
 
+/// `files` of the small real Llama fixture copied into `dir` (made), which is returned.
+fn copy_llama_fixture(dir: &Path, files: &[&str]) -> PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in files {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
 /// A tokenizer.json that is a directory says so (it was "not found").
 #[test]
 fn a_tokenizer_that_is_a_directory_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
-    let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
-    }
+    let model = copy_llama_fixture(&tmp.path().join("model"), &["config.json", "model.safetensors"]);
     std::fs::create_dir(model.join("tokenizer.json")).unwrap();
     let inputs = tmp.path().join("in.jsonl");
     std::fs::write(&inputs, "{\"text\": \"hello world\"}\n").unwrap();
@@ -970,12 +975,7 @@ fn delta_scale_is_named_as_given_and_may_be_negative() {
 #[test]
 fn unread_stored_tensors_are_named_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
-    let m = tmp.path().join("m");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(src.join(f), m.join(f)).unwrap();
-    }
+    let m = copy_llama_fixture(&tmp.path().join("m"), &["config.json", "model.safetensors", "tokenizer.json"]);
     let inputs = tmp.path().join("in.jsonl");
     std::fs::write(&inputs, "{\"text\": \"the cat sat on the mat\"}\n").unwrap();
     let eval = || run(&["eval", m.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--device", "cpu"]);

@@ -607,6 +607,9 @@ fn lambda_grad_scale(grad: &[f32], base: &StoredTensor, experts: &[&StoredTensor
         .collect()
 }
 
+/// The stored dtypes the ops read, in the order the tests pair them (base i, expert i + 1).
+const DTYPES: [FloatDType; 3] = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
+
 /// `values` stored in `dtype` (rounded), as a view the backends stage.
 fn stored(name: &str, dtype: FloatDType, values: &[f32]) -> (StoredTensor, Vec<f32>) {
     let mut bytes = vec![0u8; values.len() * dtype.size()];
@@ -624,10 +627,9 @@ fn stored(name: &str, dtype: FloatDType, values: &[f32]) -> (StoredTensor, Vec<f
 fn stored_ops_match_cpu() {
     let Some(cuda) = cuda() else { return };
     let mut r = Report::new(cuda.clone());
-    let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
     for n in [1usize, 7, 8, 8191, 100_003] {
-        for (i, &bd) in dts.iter().enumerate() {
-            let ed = dts[(i + 1) % 3];
+        for (i, &bd) in DTYPES.iter().enumerate() {
+            let ed = DTYPES[(i + 1) % 3];
             let base = r.rand(n, 1.0);
             let (bs, _) = stored("w", bd, &base);
             let experts: Vec<StoredTensor> = (0..3).map(|_| stored("w", ed, &r.rand(n, 1.0)).0).collect();
@@ -699,14 +701,13 @@ fn copy_and_sum_squares_match_cpu() {
 fn stored_row_ops_match_cpu() {
     let Some(cuda) = cuda() else { return };
     let mut r = Report::new(cuda.clone());
-    let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
     for &(n_rows, row_len) in &[(1001usize, 37usize), (64, 576), (3, 1)] {
-        for (i, &dt) in dts.iter().enumerate() {
+        for (i, &dt) in DTYPES.iter().enumerate() {
             let n = n_rows * row_len;
             let (bs, _) = stored("embed", dt, &r.rand(n, 1.0));
             // The second expert in another dtype than the base.
             let experts: Vec<StoredTensor> =
-                [dt, dts[(i + 1) % 3]].iter().map(|&d| stored("embed", d, &r.rand(n, 1.0)).0).collect();
+                [dt, DTYPES[(i + 1) % 3]].iter().map(|&d| stored("embed", d, &r.rand(n, 1.0)).0).collect();
             let cpu_in: Vec<&StoredTensor> = experts.iter().collect();
             let (gb, ge) =
                 (cuda.stage(&bs).unwrap(), experts.iter().map(|e| cuda.stage(e).unwrap()).collect::<Vec<_>>());
@@ -833,10 +834,9 @@ fn stored_ops_in_batches_match_cpu() {
 fn staged_blocks_arrive_whole() {
     let Some(cuda) = cuda() else { return };
     let mut r = Report::new(cuda.clone());
-    let dts = [FloatDType::F32, FloatDType::BF16, FloatDType::F16];
     let sizes = [0usize, 1, 7, (1 << 20) + 3, (16 << 20) + 5, 9, 40 << 20, 2];
     let tensors: Vec<(StoredTensor, Vec<f32>)> =
-        sizes.iter().enumerate().map(|(i, &n)| stored(&format!("t{i}"), dts[i % 3], &r.rand(n, 1.0))).collect();
+        sizes.iter().enumerate().map(|(i, &n)| stored(&format!("t{i}"), DTYPES[i % 3], &r.rand(n, 1.0))).collect();
     let views: Vec<&StoredTensor> = tensors.iter().map(|(t, _)| t).collect();
     let staged = cuda.stage_many(&views).unwrap();
     r.check("one staged tensor per view", staged.len() == views.len(), format!("{} staged", staged.len()));
