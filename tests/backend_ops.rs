@@ -234,9 +234,65 @@ fn attention_with_padding_mask() {
     }
 }
 
+/// With `live_queries_only` the live positions' outputs and all three gradients (for an output
+/// gradient that is zero at padded positions, as a packing caller's is) equal the full
+/// computation's; the padded positions' output rows are zero.
+#[test]
+fn attention_of_live_queries_only() {
+    let cpu = Cpu;
+    let causal = AttnShape {
+        batch: 3,
+        seq_q: 6,
+        seq_k: 6,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 5,
+        causal: true,
+        live_queries_only: false,
+    };
+    for (name, s) in [("bidirectional", AttnShape::bidirectional(3, 6, 2, 4)), ("causal GQA", causal)] {
+        let lens = [6usize, 2, 4];
+        let mask: Vec<f32> = lens.iter().flat_map(|&n| (0..6).map(move |j| if j < n { 1.0 } else { 0.0 })).collect();
+        let width = s.heads * s.head_dim;
+        let live_row = |r: usize| r % 6 < lens[r / 6];
+        let (q, k, v) = (rand_f32(71, s.q_len(), 1.5), rand_f32(72, s.kv_len(), 1.5), rand_f32(73, s.kv_len(), 1.0));
+        let mut dout = rand_f32(74, s.q_len(), 1.0);
+        for (r, row) in dout.chunks_mut(width).enumerate() {
+            if !live_row(r) {
+                row.fill(0.0);
+            }
+        }
+        let full = cpu.attention(&q, &k, &v, Some(&mask), s).unwrap();
+        let live = cpu.attention(&q, &k, &v, Some(&mask), s.live_queries_only()).unwrap();
+        for (r, (a, b)) in full.chunks(width).zip(live.chunks(width)).enumerate() {
+            if live_row(r) {
+                assert_eq!(a, b, "{name}: live row {r}");
+            } else {
+                assert!(b.iter().all(|&x| x == 0.0), "{name}: padded row {r} is {b:?}");
+                assert!(a.iter().any(|&x| x != 0.0), "{name}: the full computation fills padded row {r}");
+            }
+        }
+        let gf = cpu.attention_backward(&q, &k, &v, Some(&mask), &dout, s).unwrap();
+        let gl = cpu.attention_backward(&q, &k, &v, Some(&mask), &dout, s.live_queries_only()).unwrap();
+        for (what, a, b) in [("dq", &gf.dq, &gl.dq), ("dk", &gf.dk, &gl.dk), ("dv", &gf.dv, &gl.dv)] {
+            let err = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-6, "{name}: {what} differs by {err:e}");
+        }
+    }
+}
+
 #[test]
 fn attention_causal_grouped_query() {
-    let s = AttnShape { batch: 2, seq_q: 3, seq_k: 5, heads: 4, kv_heads: 2, head_dim: 3, causal: true };
+    let s = AttnShape {
+        batch: 2,
+        seq_q: 3,
+        seq_k: 5,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 3,
+        causal: true,
+        live_queries_only: false,
+    };
     let mask = vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0];
     attention_case("attention (causal, GQA, padding)", s, Some(mask));
     // Right padding: the live-prefix path, which leaves padded keys out of the products.
@@ -269,6 +325,32 @@ fn embedding_lookup_and_scatter_add() {
     let f = |xs: &[Vec<f32>]| cpu.embedding(&xs[0], &ids, dim).unwrap();
     check("embedding", &f, &[table], &r, &[Some(g)], 1e-2, TOL);
     assert!(cpu.embedding_backward(&vec![6], &vec![0.0; dim], vocab, dim).is_err());
+}
+
+/// Strictly increasing ids (packed rows put back in the padded layout) take a parallel path:
+/// each listed row is its `dy` row, every other row zero, over tables whose rows span several
+/// of its chunks, including the first and last rows.
+#[test]
+fn embedding_backward_of_increasing_ids_places_each_row() {
+    let cpu = Cpu;
+    let dim = 5;
+    for (vocab, ids) in [
+        (300usize, vec![0u32, 1, 63, 64, 65, 130, 299]),
+        (7, vec![3]),
+        (130, (0..130).collect::<Vec<u32>>()),
+        (9, vec![]),
+    ] {
+        let dy = rand_f32(63, ids.len() * dim, 1.0);
+        let g = cpu.embedding_backward(&ids, &dy, vocab, dim).unwrap();
+        assert_eq!(g.len(), vocab * dim);
+        for r in 0..vocab {
+            let row = &g[r * dim..(r + 1) * dim];
+            match ids.iter().position(|&id| id as usize == r) {
+                Some(i) => assert_eq!(row, &dy[i * dim..(i + 1) * dim], "row {r} of {vocab}"),
+                None => assert!(row.iter().all(|&v| v == 0.0), "row {r} of {vocab} is not zero"),
+            }
+        }
+    }
 }
 
 #[test]

@@ -256,6 +256,7 @@ fn attention_matches_cpu() {
         kv_heads,
         head_dim,
         causal,
+        live_queries_only: false,
     };
     let cases: Vec<(&str, AttnShape, Option<Vec<f32>>)> = vec![
         ("bert padded tails", AttnShape::bidirectional(3, 13, 4, 24), Some(key_mask(13, &[12, 8, 13]))),
@@ -488,7 +489,16 @@ fn reduction_outputs(cuda: &Cuda, seed: u64) -> Vec<Vec<f32>> {
     let (gamma, dyn_) = (up(&rand(seed + 3, inp, 1.0)), up(&rand(seed + 4, rows * inp, 1.0)));
     let n = cuda.layernorm_backward(&x, &gamma, &dyn_, rows, inp, 1e-12).unwrap();
     out.extend([down(&n.dx), down(&n.dgamma), down(&n.dbeta)]);
-    let s = AttnShape { batch: 3, seq_q: 41, seq_k: 41, heads: 6, kv_heads: 2, head_dim: 32, causal: false };
+    let s = AttnShape {
+        batch: 3,
+        seq_q: 41,
+        seq_k: 41,
+        heads: 6,
+        kv_heads: 2,
+        head_dim: 32,
+        causal: false,
+        live_queries_only: false,
+    };
     let (q, k, v, d) = (
         up(&rand(seed + 5, s.q_len(), 1.0)),
         up(&rand(seed + 6, s.kv_len(), 1.0)),

@@ -3,6 +3,8 @@
 //! threads. Every op checks its buffers against its shape arguments, so a caller's shape bug is an
 //! error naming the op instead of a wrong answer.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::{AdamStep, AttnGrads, AttnShape, Backend, Gelu, LinearGrads, NormGrads, scratch, stored_ops, vmath};
@@ -83,7 +85,6 @@ fn gemm_on(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.fits(m, k) && b.fits(k, n), "gemm operand out of bounds");
     assert!(c_off + (m - 1) * rsc + n <= c.len(), "gemm output out of bounds");
     if k == 0 {
         for i in 0..m {
@@ -93,17 +94,61 @@ fn gemm_on(
         }
         return;
     }
+    // SAFETY: the assert above shows every element the product writes lies inside `c`, which is
+    // borrowed mutably, so nothing else aliases it.
+    unsafe { gemm_into(threads, m, n, k, alpha, a, b, beta, c.as_mut_ptr().add(c_off), rsc) }
+}
+
+/// The product of [`gemm_on`] into a fresh `[m, n]` vector whose elements it writes without
+/// zeroing them first (the product overwrites every one).
+fn gemm_new(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>) -> Vec<f32> {
+    let len = m * n;
+    if k == 0 || len == 0 {
+        return vec![0f32; len];
+    }
+    let big = m.saturating_mul(n).saturating_mul(k) >= PAR_GEMM_FLOPS;
+    let threads = if big { rayon::current_num_threads() } else { 1 };
+    let mut c = Vec::with_capacity(len);
+    // SAFETY: `c` has room for the `[m, n]` output at row stride `n`; with `beta == 0` the
+    // product never reads it and writes each of its `m * n` elements, so all are initialised.
+    unsafe {
+        gemm_into(threads, m, n, k, alpha, a, b, 0.0, c.as_mut_ptr(), n);
+        c.set_len(len);
+    }
+    c
+}
+
+/// `c = alpha * a @ b + beta * c` through the `gemm` crate, `c` an `[m, n]` window at row stride
+/// `rsc` (unit column stride); `m`, `n` and `k` are positive.
+///
+/// # Safety
+/// `c` must be valid for writes (and, when `beta != 0`, reads) of every element of that window,
+/// and nothing else may access it during the call. The operands' bounds are checked here.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: View<'_>,
+    b: View<'_>,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    assert!(a.fits(m, k) && b.fits(k, n), "gemm operand out of bounds");
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above show every element the product reads (a, b) or writes (c) lies
-    // inside its slice; `c` is borrowed mutably, so nothing else aliases it. The crate computes
-    // `dst = alpha * dst + beta * lhs @ rhs`, reading `dst` only when asked (so `beta == 0` here
-    // ignores whatever `c` held, NaN included, as BLAS does).
+    // SAFETY: the assert shows every element the product reads from `a` and `b` lies inside its
+    // slice; the caller vouches for `c`. The crate computes `dst = alpha * dst + beta * lhs @ rhs`,
+    // reading `dst` only when asked (so `beta == 0` here ignores whatever `c` held, NaN or
+    // uninitialised memory included, as BLAS does).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr().add(c_off),
+            c,
             1,
             rsc as isize,
             beta != 0.0,
@@ -177,20 +222,47 @@ fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, 
 /// branch-free arithmetic).
 #[inline(always)]
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(MIN_PAR).zip(x.par_chunks(MIN_PAR)).for_each(|(o, x)| {
-        o.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
-    });
-    out
+    // SAFETY: output and input chunks have equal lengths, and each output element is written.
+    unsafe {
+        filled(x.len(), |out| {
+            out.par_chunks_mut(MIN_PAR).zip(x.par_chunks(MIN_PAR)).for_each(|(o, x)| {
+                o.iter_mut().zip(x).for_each(|(o, &v)| {
+                    o.write(f(v));
+                });
+            })
+        })
+    }
+}
+
+/// A vector of `n` elements written by `fill`, without zeroing them first: outputs that are
+/// overwritten whole. Zeroing them was about 5% of an adaptation step.
+///
+/// # Safety
+/// `fill` must write every element of the slice it gets (a panic inside it is fine: the
+/// vector is then dropped empty).
+#[inline(always)]
+unsafe fn filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's promise: the first `n` elements were written.
+    unsafe { v.set_len(n) };
+    v
 }
 
 #[inline(always)]
 fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(MIN_PAR).zip(a.par_chunks(MIN_PAR).zip(b.par_chunks(MIN_PAR))).for_each(|(o, (a, b))| {
-        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
-    });
-    out
+    assert_eq!(a.len(), b.len(), "map2 over slices of different lengths");
+    // SAFETY: the three slices have equal lengths, so the chunks do, and each output element is
+    // written.
+    unsafe {
+        filled(a.len(), |out| {
+            out.par_chunks_mut(MIN_PAR).zip(a.par_chunks(MIN_PAR).zip(b.par_chunks(MIN_PAR))).for_each(|(o, (a, b))| {
+                o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| {
+                    o.write(f(x, y));
+                });
+            })
+        })
+    }
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -221,13 +293,43 @@ fn gelu_grad(x: f32, kind: Gelu) -> f32 {
 }
 
 /// In-place softmax of one row; entries of `mask_row` are added first.
+/// [`Backend::embedding_backward`] for strictly increasing ids (a batch's packed rows put back
+/// in the padded layout, every layer): no two rows add, so the table is written once, in
+/// parallel, each row either copied from `dy` or zeroed.
+fn scatter_sorted(ids: &[u32], dy: &[f32], vocab: usize, dim: usize) -> Vec<f32> {
+    const ROWS: usize = 64;
+    let d = dim.max(1);
+    // SAFETY: the chunks cover the table and every row of each chunk is written (copied or
+    // zeroed); `dy` holds `ids.len()` rows of `dim` (checked by the caller).
+    unsafe {
+        filled(vocab * dim, |out| {
+            out.par_chunks_mut(d * ROWS).enumerate().for_each(|(c, chunk)| {
+                let first = c * ROWS;
+                let mut i = ids.partition_point(|&id| (id as usize) < first);
+                for (r, row) in chunk.chunks_mut(d).enumerate() {
+                    if ids.get(i).is_some_and(|&id| id as usize == first + r) {
+                        row.iter_mut().zip(&dy[i * dim..(i + 1) * dim]).for_each(|(o, &v)| {
+                            o.write(v);
+                        });
+                        i += 1;
+                    } else {
+                        row.iter_mut().for_each(|o| {
+                            o.write(0.0);
+                        });
+                    }
+                }
+            })
+        })
+    }
+}
+
 fn softmax_row(row: &mut [f32], mask_row: Option<&[f32]>) {
     if let Some(m) = mask_row {
         for (v, &a) in row.iter_mut().zip(m) {
             *v += a;
         }
     }
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max(row);
     // The exponentials in a loop of their own (it vectorises), then the sum in order, in f64:
     // over a vocabulary an f32 running sum near 1 drops every weight below half its ulp
     // (e^-16.6), tens of thousands of them, and its normaliser came out up to ~1e-3 low (the
@@ -237,11 +339,42 @@ fn softmax_row(row: &mut [f32], mask_row: Option<&[f32]>) {
         let d = *v - max;
         *v = if d < -87.0 { 0.0 } else { vmath::exp(d) };
     }
-    let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
-    let inv = (1.0 / sum) as f32;
+    let inv = (1.0 / sum_f64(row, |v| v)) as f32;
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// The largest value of `row` (NaNs ignored; `-inf` when empty), in eight independent lanes:
+/// `f32::max` in one chain keeps the loop scalar, one dependent compare per element, which was a
+/// fifth of the attention probabilities' time on rows of a few dozen keys.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let pick = |a: f32, v: f32| if v > a { v } else { a };
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = pick(*l, v);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| pick(a, v));
+    lanes.into_iter().fold(tail, pick)
+}
+
+/// The sum of `f` over `row` in f64, in eight independent lanes: a single chain waits on each
+/// add (four cycles), which kept softmax and the norms' moments scalar and latency-bound.
+#[inline(always)]
+fn sum_f64(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(f64::from(v));
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// Checks an attention call's shape and buffer lengths (`mask` is the key mask's length).
@@ -291,8 +424,18 @@ impl Cpu {
         (n > 0 && row[n..].iter().all(|&v| v == 0.0)).then_some(n)
     }
 
-    /// Probabilities `[seq_q, seq_k]` of query head `h` in sequence `b`, and `nk`: columns from
-    /// `nk` on are exactly 0 (padded keys), so products may stop there.
+    /// Query rows of a sequence whose keys' live prefix is `live` that are computed: all, or
+    /// with [`AttnShape::live_queries_only`] the live ones (the rest of the output stays zero).
+    fn live_queries(s: &AttnShape, live: Option<usize>) -> usize {
+        match live {
+            Some(n) if s.live_queries_only && s.seq_q == s.seq_k => n,
+            _ => s.seq_q,
+        }
+    }
+
+    /// Probabilities `[nq, seq_k]` of query head `h` in sequence `b` for its first `nq` queries
+    /// ([`Cpu::live_queries`]), and `nk`: columns from `nk` on are exactly 0 (padded keys), so
+    /// products may stop there.
     fn attn_probs(
         q: &[f32],
         k: &[f32],
@@ -300,15 +443,15 @@ impl Cpu {
         s: &AttnShape,
         b: usize,
         h: usize,
-    ) -> (Vec<f32>, usize) {
+    ) -> (Vec<f32>, usize, usize) {
         let (qs, ks) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
         let g = h / (s.heads / s.kv_heads);
         let live = Cpu::live_keys(key_mask, s, b);
-        let nk = live.unwrap_or(s.seq_k);
+        let (nq, nk) = (Cpu::live_queries(s, live), live.unwrap_or(s.seq_k));
         let qv = View { data: q, off: b * s.seq_q * qs + h * s.head_dim, rs: qs, cs: 1 };
         let kt = View { data: k, off: b * s.seq_k * ks + g * s.head_dim, rs: 1, cs: ks };
-        let mut p = vec![0f32; s.seq_q * s.seq_k];
-        gemm_serial(s.seq_q, nk, s.head_dim, s.scale(), qv, kt, 0.0, &mut p, 0, s.seq_k);
+        let mut p = vec![0f32; nq * s.seq_k];
+        gemm_serial(nq, nk, s.head_dim, s.scale(), qv, kt, 0.0, &mut p, 0, s.seq_k);
         let shift = s.seq_k - s.seq_q.min(s.seq_k);
         for (i, row) in p.chunks_mut(s.seq_k).enumerate() {
             let row = &mut row[..nk];
@@ -327,7 +470,7 @@ impl Cpu {
             }
             softmax_row(row, None);
         }
-        (p, nk)
+        (p, nq, nk)
     }
 }
 
@@ -407,18 +550,14 @@ impl Backend for Cpu {
     ) -> Result<Vec<f32>> {
         expect_len("linear", "x", x.len(), rows * inp)?;
         expect_len("linear", "weight", w.len(), out * inp)?;
-        let mut y = vec![0f32; rows * out];
-        let beta = match bias {
-            Some(b) => {
-                expect_len("linear", "bias", b.len(), out)?;
-                for r in y.chunks_mut(out.max(1)) {
-                    r.copy_from_slice(b);
-                }
-                1.0
-            }
-            None => 0.0,
-        };
-        gemm_par(rows, out, inp, 1.0, View::dense(x, rows, inp, false), View::dense(w, inp, out, true), beta, &mut y);
+        let (xv, wv) = (View::dense(x, rows, inp, false), View::dense(w, inp, out, true));
+        let Some(b) = bias else { return Ok(gemm_new(rows, out, inp, 1.0, xv, wv)) };
+        expect_len("linear", "bias", b.len(), out)?;
+        let mut y = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        gemm_par(rows, out, inp, 1.0, xv, wv, 1.0, &mut y);
         Ok(y)
     }
 
@@ -436,20 +575,8 @@ impl Backend for Cpu {
         expect_len("linear_backward", "x", x.len(), rows * inp)?;
         expect_len("linear_backward", "weight", w.len(), out * inp)?;
         expect_len("linear_backward", "dy", dy.len(), rows * out)?;
-        let dx = need_dx.then(|| {
-            let mut dx = vec![0f32; rows * inp];
-            gemm_par(
-                rows,
-                inp,
-                out,
-                1.0,
-                View::dense(dy, rows, out, false),
-                View::dense(w, out, inp, false),
-                0.0,
-                &mut dx,
-            );
-            dx
-        });
+        let dx = need_dx
+            .then(|| gemm_new(rows, inp, out, 1.0, View::dense(dy, rows, out, false), View::dense(w, out, inp, false)));
         let mut dw = scratch::take(out * inp);
         gemm_par(out, inp, rows, 1.0, View::dense(dy, out, rows, true), View::dense(x, rows, inp, false), 0.0, &mut dw);
         let db = has_bias.then(|| {
@@ -491,14 +618,18 @@ impl Backend for Cpu {
         expect_len("layernorm", "x", x.len(), rows * dim)?;
         expect_len("layernorm", "gamma", gamma.len(), dim)?;
         expect_len("layernorm", "beta", beta.len(), dim)?;
-        let mut y = vec![0f32; rows * dim];
-        y.par_chunks_mut(dim.max(1)).zip(x.par_chunks(dim.max(1))).for_each(|(yr, xr)| {
-            let (mean, rstd) = moments(xr, eps);
-            for j in 0..dim {
-                yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
-            }
-        });
-        Ok(y)
+        // SAFETY: `x` has `rows * dim` elements, so each output row meets an input row of `dim`
+        // elements and each of its elements is written.
+        Ok(unsafe {
+            filled(rows * dim, |y| {
+                y.par_chunks_mut(dim.max(1)).zip(x.par_chunks(dim.max(1))).for_each(|(yr, xr)| {
+                    let (mean, rstd) = moments(xr, eps);
+                    for j in 0..dim {
+                        yr[j].write((xr[j] - mean) * rstd * gamma[j] + beta[j]);
+                    }
+                })
+            })
+        })
     }
 
     fn layernorm_backward(
@@ -522,16 +653,11 @@ impl Backend for Cpu {
                 let (mut dg, mut db) = (vec![0f32; dim], vec![0f32; dim]);
                 for (dxr, (xr, dyr)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(dyb.chunks(d))) {
                     let (mean, rstd) = moments(xr, eps);
-                    let mut s1 = 0f32;
-                    let mut s2 = 0f32;
                     for j in 0..dim {
-                        let xhat = (xr[j] - mean) * rstd;
-                        let g = dyr[j] * gamma[j];
-                        s1 += g;
-                        s2 += g * xhat;
-                        dg[j] += dyr[j] * xhat;
+                        dg[j] += dyr[j] * ((xr[j] - mean) * rstd);
                         db[j] += dyr[j];
                     }
+                    let (s1, s2) = norm_sums(xr, dyr, gamma, mean, rstd);
                     let (m1, m2) = (s1 / dim as f32, s2 / dim as f32);
                     for j in 0..dim {
                         let xhat = (xr[j] - mean) * rstd;
@@ -724,20 +850,20 @@ impl Backend for Cpu {
             .map(|bh| {
                 let (b, h) = (bh / s.heads, bh % s.heads);
                 let g = h / (s.heads / s.kv_heads);
-                let (p, nk) = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
+                let (p, nq, nk) = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
                 let vv = View { data: v, off: b * s.seq_k * ks + g * hd, rs: ks, cs: 1 };
-                let mut o = vec![0f32; s.seq_q * hd];
-                let pv = View::dense(&p, s.seq_q, s.seq_k, false);
-                gemm_serial(s.seq_q, hd, nk, 1.0, pv, vv, 0.0, &mut o, 0, hd);
+                let mut o = vec![0f32; nq * hd];
+                let pv = View::dense(&p, nq, s.seq_k, false);
+                gemm_serial(nq, hd, nk, 1.0, pv, vv, 0.0, &mut o, 0, hd);
                 o
             })
             .collect();
         let mut out = vec![0f32; s.q_len()];
         for (bh, tile) in tiles.iter().enumerate() {
             let (b, h) = (bh / s.heads, bh % s.heads);
-            for i in 0..s.seq_q {
+            for (i, row) in tile.chunks(hd).enumerate() {
                 let dst = (b * s.seq_q + i) * qs + h * hd;
-                out[dst..dst + hd].copy_from_slice(&tile[i * hd..(i + 1) * hd]);
+                out[dst..dst + hd].copy_from_slice(row);
             }
         }
         Ok(out)
@@ -771,15 +897,17 @@ impl Backend for Cpu {
                 for hh in 0..group {
                     let h = g * group + hh;
                     // Keys from nk on have probability 0: their dv, dk rows and ds columns are 0.
-                    let (p, nk) = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
-                    let pt = View::dense(&p, s.seq_k, s.seq_q, true);
+                    // Queries from nq on (padding the caller does not read) have zero output
+                    // gradient: their rows of ds and dq are 0.
+                    let (p, nq, nk) = Cpu::attn_probs(q, k, key_mask.map(Vec::as_slice), &s, b, h);
+                    let pt = View::dense(&p, s.seq_k, nq, true);
                     let dov = View { data: dout, off: b * s.seq_q * qs + h * hd, rs: qs, cs: 1 };
                     let qv = View { data: q, off: b * s.seq_q * qs + h * hd, rs: qs, cs: 1 };
                     // dv += p^T do
-                    gemm_serial(nk, hd, s.seq_q, 1.0, pt, dov, 1.0, &mut dv, 0, hd);
+                    gemm_serial(nk, hd, nq, 1.0, pt, dov, 1.0, &mut dv, 0, hd);
                     // dp = do v^T, then ds = p * (dp - rowsum(dp * p))
-                    let mut ds = vec![0f32; s.seq_q * s.seq_k];
-                    gemm_serial(s.seq_q, nk, hd, 1.0, dov, vt, 0.0, &mut ds, 0, s.seq_k);
+                    let mut ds = vec![0f32; nq * s.seq_k];
+                    gemm_serial(nq, nk, hd, 1.0, dov, vt, 0.0, &mut ds, 0, s.seq_k);
                     for (dsr, pr) in ds.chunks_mut(s.seq_k).zip(p.chunks(s.seq_k)) {
                         let (dsr, pr) = (&mut dsr[..nk], &pr[..nk]);
                         let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
@@ -787,11 +915,11 @@ impl Backend for Cpu {
                             *d = pp * (*d - dot);
                         }
                     }
-                    let dsv = View::dense(&ds, s.seq_q, s.seq_k, false);
-                    let dst = View::dense(&ds, s.seq_k, s.seq_q, true);
+                    let dsv = View::dense(&ds, nq, s.seq_k, false);
+                    let dst = View::dense(&ds, s.seq_k, nq, true);
                     // dq = scale ds k ; dk += scale ds^T q
-                    gemm_serial(s.seq_q, hd, nk, scale, dsv, kview, 0.0, &mut dq, hh * s.seq_q * hd, hd);
-                    gemm_serial(nk, hd, s.seq_q, scale, dst, qv, 1.0, &mut dk, 0, hd);
+                    gemm_serial(nq, hd, nk, scale, dsv, kview, 0.0, &mut dq, hh * s.seq_q * hd, hd);
+                    gemm_serial(nk, hd, nq, scale, dst, qv, 1.0, &mut dk, 0, hd);
                 }
                 (dq, dk, dv)
             })
@@ -826,11 +954,16 @@ impl Backend for Cpu {
         if let Some((pos, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
             return Err(err("embedding", format!("id {id} at position {pos} is outside the table ({vocab} rows)")));
         }
-        let mut out = vec![0f32; ids.len() * dim];
-        out.par_chunks_mut(dim).zip(ids.par_iter()).with_min_len(64).for_each(|(o, &id)| {
-            o.copy_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
-        });
-        Ok(out)
+        // SAFETY: `ids.len()` rows of `dim`, each written whole from its (checked) table row.
+        Ok(unsafe {
+            filled(ids.len() * dim, |out| {
+                out.par_chunks_mut(dim.max(1)).zip(ids.par_iter()).with_min_len(64).for_each(|(o, &id)| {
+                    o.iter_mut().zip(&table[id as usize * dim..(id as usize + 1) * dim]).for_each(|(o, &v)| {
+                        o.write(v);
+                    });
+                })
+            })
+        })
     }
 
     fn embedding_backward(&self, ids: &Vec<u32>, dy: &Vec<f32>, vocab: usize, dim: usize) -> Result<Vec<f32>> {
@@ -840,6 +973,9 @@ impl Backend for Cpu {
                 "embedding_backward",
                 format!("id {id} at position {pos} is outside the table ({vocab} rows)"),
             ));
+        }
+        if ids.windows(2).all(|w| w[0] < w[1]) {
+            return Ok(scatter_sorted(ids, dy, vocab, dim));
         }
         let mut table = vec![0f32; vocab * dim];
         // Serial: repeated ids add into the same row, and the rows touched are few next to the
@@ -1122,7 +1258,7 @@ impl Backend for Cpu {
 
 /// `1 / sqrt(mean(x^2) + eps)` of a row, the sum of squares in f64.
 fn rms_rstd(xr: &[f32], eps: f32) -> f32 {
-    let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / xr.len().max(1) as f64;
+    let ms = sum_f64(xr, |v| v * v) / xr.len().max(1) as f64;
     (1.0 / (ms + eps as f64).sqrt()) as f32
 }
 
@@ -1183,10 +1319,33 @@ fn rotate(
 
 /// Mean and 1/std of a row (statistics in f64: LayerNorm's variance of large activations loses
 /// digits in f32).
+/// LayerNorm backward's row sums `sum_j dy_j gamma_j` and `sum_j dy_j gamma_j xhat_j`, in eight
+/// f32 lanes each (one chain of adds would keep the row loop scalar).
+#[inline(always)]
+fn norm_sums(xr: &[f32], dyr: &[f32], gamma: &[f32], mean: f32, rstd: f32) -> (f32, f32) {
+    let (mut l1, mut l2) = ([0f32; 8], [0f32; 8]);
+    let n = xr.len().min(dyr.len()).min(gamma.len());
+    let whole = n / 8 * 8;
+    for c in (0..whole).step_by(8) {
+        for t in 0..8 {
+            let g = dyr[c + t] * gamma[c + t];
+            l1[t] += g;
+            l2[t] += g * ((xr[c + t] - mean) * rstd);
+        }
+    }
+    let (mut s1, mut s2) = (l1.iter().sum::<f32>(), l2.iter().sum::<f32>());
+    for j in whole..n {
+        let g = dyr[j] * gamma[j];
+        s1 += g;
+        s2 += g * ((xr[j] - mean) * rstd);
+    }
+    (s1, s2)
+}
+
 fn moments(xr: &[f32], eps: f32) -> (f32, f32) {
     let n = xr.len().max(1) as f64;
-    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = sum_f64(xr, |v| v) / n;
+    let var = sum_f64(xr, |v| (v - mean) * (v - mean)) / n;
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 

@@ -51,12 +51,31 @@ pub struct AttnShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub causal: bool,
+    /// Self-attention over padded sequences (`seq_q == seq_k`, query `i` sits at key `i`) whose
+    /// caller reads only the outputs at live positions, as every model family here does (it
+    /// packs them): where a sequence's key mask is live keys then padding, a backend may leave
+    /// the padded positions' output rows at zero, and their output gradient must be zero.
+    pub live_queries_only: bool,
 }
 
 impl AttnShape {
     /// Plain bidirectional multi-head attention (BERT).
     pub fn bidirectional(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
-        AttnShape { batch, seq_q: seq, seq_k: seq, heads, kv_heads: heads, head_dim, causal: false }
+        AttnShape {
+            batch,
+            seq_q: seq,
+            seq_k: seq,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            causal: false,
+            live_queries_only: false,
+        }
+    }
+
+    /// This shape with [`AttnShape::live_queries_only`] set.
+    pub fn live_queries_only(self) -> Self {
+        AttnShape { live_queries_only: true, ..self }
     }
 
     /// The softmax temperature, 1 / sqrt(head_dim).

@@ -197,7 +197,8 @@ impl EncoderLayer {
     }
 
     fn attn_shape<B: Backend>(&self, batch: &Batch<B>) -> AttnShape {
-        AttnShape::bidirectional(batch.batch, batch.seq, self.heads, self.hidden / self.heads)
+        // The attention output is packed: padded positions are never read.
+        AttnShape::bidirectional(batch.batch, batch.seq, self.heads, self.hidden / self.heads).live_queries_only()
     }
 
     fn run<B: Backend>(

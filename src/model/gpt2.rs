@@ -308,6 +308,8 @@ impl Layer {
             kv_heads: self.heads,
             head_dim: hd,
             causal: true,
+            // The attention output is packed: padded positions are never read.
+            live_queries_only: true,
         }
     }
 

@@ -127,6 +127,8 @@ impl DecoderLayer {
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             causal: true,
+            // The attention output is packed: padded positions are never read.
+            live_queries_only: true,
         }
     }
 

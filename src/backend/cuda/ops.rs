@@ -1616,6 +1616,7 @@ mod tests {
             kv_heads,
             head_dim,
             causal,
+            live_queries_only: false,
         };
         let mask_of = |seq_k: usize, real: &[usize]| -> Vec<f32> {
             real.iter().flat_map(|&n| (0..seq_k).map(move |j| if j < n { 1.0 } else { 0.0 })).collect()
