@@ -11,16 +11,39 @@ use rayon::prelude::*;
 
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
-use crate::merge::lambda_grad::{TILE, dot_f64};
+use crate::merge::lambda_grad::{LANES, TILE};
 
 /// Elements per parallel piece of a merge (a multiple of the kernels' 8-element vectors).
 const MERGE_CHUNK: usize = 1 << 14;
 
+/// Elements of a merge's accumulator block: kept in registers while every expert adds into it.
+const MERGE_BLOCK: usize = 64;
+
 thread_local! {
-    /// This worker's decoding buffers (the base's piece, an expert's piece), kept from piece to
+    /// This worker's decoding buffers (the base's piece, then each expert's), kept from piece to
     /// piece: fresh ones were allocated and zero-filled for every piece before being decoded
     /// into, a memset as large as the decoding itself.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Elements `start..start + len` of the base and of every expert as f32 (in place when stored
+/// as f32, else decoded into `bufs`), handed to `f`.
+fn with_pieces<T>(
+    start: usize,
+    len: usize,
+    base: &StoredTensor,
+    experts: &[&StoredTensor],
+    f: impl FnOnce(&[f32], &[&[f32]]) -> T,
+) -> T {
+    SCRATCH.with_borrow_mut(|bufs| {
+        if bufs.len() < experts.len() + 1 {
+            bufs.resize_with(experts.len() + 1, Vec::new);
+        }
+        let (bb, eb) = bufs.split_at_mut(1);
+        let b = base.f32s(start, len, &mut bb[0]);
+        let es: Vec<&[f32]> = experts.iter().zip(eb.iter_mut()).map(|(x, buf)| x.f32s(start, len, buf)).collect();
+        f(b, &es)
+    })
 }
 
 /// One Adam update's scalars, computed once per step on the host as PyTorch's `Adam` does
@@ -127,28 +150,66 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
 
 /// Elements `start..start + o.len()` of the merge into `o`, in the kernel's order: the weighted
 /// differences summed in f32 in expert order from zero, then added to the base.
+/// Every expert adds into a block of [`MERGE_BLOCK`] accumulators before the next block (one
+/// read of each input, no store and reload of the output per expert).
 fn merge_into(o: &mut [f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) {
-    SCRATCH.with_borrow_mut(|(bs, es)| {
-        let b = base.f32s(start, o.len(), bs);
-        o.fill(0.0);
-        for (x, &coef) in experts.iter().zip(coefs) {
-            let e = x.f32s(start, o.len(), es);
-            for ((acc, &e), &b) in o.iter_mut().zip(e).zip(b) {
-                *acc += coef * (e - b);
+    with_pieces(start, o.len(), base, experts, |b, es| {
+        for (blk, ob) in o.chunks_mut(MERGE_BLOCK).enumerate() {
+            let at = blk * MERGE_BLOCK..blk * MERGE_BLOCK + ob.len();
+            let bb = &b[at.clone()];
+            let mut acc = [0f32; MERGE_BLOCK];
+            for (e, &coef) in es.iter().zip(coefs) {
+                for ((a, &e), &b) in acc.iter_mut().zip(&e[at.clone()]).zip(bb) {
+                    *a += coef * (e - b);
+                }
             }
-        }
-        for (acc, &b) in o.iter_mut().zip(b) {
-            *acc += b;
+            for ((o, &a), &b) in ob.iter_mut().zip(&acc).zip(bb) {
+                *o = a + b;
+            }
         }
     })
 }
 
-/// `<g, expert_k - base>` over elements `start..start + g.len()`, for every expert.
+/// `<g, expert_k - base>` over elements `start..start + g.len()`, for every expert: each
+/// expert's sum is [`crate::merge::lambda_grad::dot_f64`]'s (element `i` in lane `i % 8`, the
+/// lanes added in order), up to four experts in one pass over `g` and the base.
 fn dots(g: &[f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor]) -> Vec<f64> {
-    SCRATCH.with_borrow_mut(|(bs, xs)| {
-        let b = base.f32s(start, g.len(), bs);
-        experts.iter().map(|e| dot_f64(g, e.f32s(start, g.len(), xs), Some(b))).collect()
+    with_pieces(start, g.len(), base, experts, |b, es| {
+        let mut out = Vec::with_capacity(es.len());
+        for group in es.chunks(4) {
+            match group.len() {
+                4 => out.extend(dots_of::<4>(g, b, group)),
+                3 => out.extend(dots_of::<3>(g, b, group)),
+                2 => out.extend(dots_of::<2>(g, b, group)),
+                _ => out.extend(dots_of::<1>(g, b, group)),
+            }
+        }
+        out
     })
+}
+
+/// [`dots`] for `N` experts at once, their accumulators in registers (a run-time count kept
+/// them in memory: slower than one pass per expert).
+#[inline(always)]
+fn dots_of<const N: usize>(g: &[f32], b: &[f32], es: &[&[f32]]) -> [f64; N] {
+    let es: [&[f32]; N] = std::array::from_fn(|k| es[k]);
+    let mut acc = [[0f64; LANES]; N];
+    let full = g.len() / LANES * LANES;
+    for at in (0..full).step_by(LANES) {
+        let (g8, b8) = (&g[at..at + LANES], &b[at..at + LANES]);
+        for k in 0..N {
+            let e8 = &es[k][at..at + LANES];
+            for l in 0..LANES {
+                acc[k][l] += g8[l] as f64 * (e8[l] - b8[l]) as f64;
+            }
+        }
+    }
+    for i in full..g.len() {
+        for (acc, e) in acc.iter_mut().zip(es) {
+            acc[i % LANES] += g[i] as f64 * (e[i] - b[i]) as f64;
+        }
+    }
+    std::array::from_fn(|k| acc[k].iter().sum())
 }
 
 /// Partial sums (one per tile or row, each with a value per expert) added in order.
