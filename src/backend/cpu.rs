@@ -553,11 +553,14 @@ impl Backend for Cpu {
         let (xv, wv) = (View::dense(x, rows, inp, false), View::dense(w, inp, out, true));
         let Some(b) = bias else { return Ok(gemm_new(rows, out, inp, 1.0, xv, wv)) };
         expect_len("linear", "bias", b.len(), out)?;
-        let mut y = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        gemm_par(rows, out, inp, 1.0, xv, wv, 1.0, &mut y);
+        // The product, then the bias in a pass of its own: the `gemm` crate's read-the-output
+        // path (bias preloaded, beta 1) made the forward products about 11% slower.
+        let mut y = gemm_new(rows, out, inp, 1.0, xv, wv);
+        y.par_chunks_mut(out.max(1) * 64).for_each(|blk| {
+            for r in blk.chunks_mut(out.max(1)) {
+                r.iter_mut().zip(b).for_each(|(v, &c)| *v += c);
+            }
+        });
         Ok(y)
     }
 
