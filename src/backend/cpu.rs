@@ -106,8 +106,7 @@ fn gemm_new(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>) 
     if k == 0 || len == 0 {
         return vec![0f32; len];
     }
-    let big = m.saturating_mul(n).saturating_mul(k) >= PAR_GEMM_FLOPS;
-    let threads = if big { rayon::current_num_threads() } else { 1 };
+    let threads = gemm_threads(m, n, k);
     let mut c = Vec::with_capacity(len);
     // SAFETY: `c` has room for the `[m, n]` output at row stride `n`; with `beta == 0` the
     // product never reads it and writes each of its `m * n` elements, so all are initialised.
@@ -213,9 +212,13 @@ pub fn set_worker_threads(threads: Option<usize>) -> Result<()> {
 /// and `k`), as BLAS results do: a text's logits may differ by an ulp between batch sizes.
 #[allow(clippy::too_many_arguments)]
 fn gemm_par(m: usize, n: usize, k: usize, alpha: f32, a: View<'_>, b: View<'_>, beta: f32, c: &mut [f32]) {
+    gemm_on(gemm_threads(m, n, k), m, n, k, alpha, a, b, beta, c, 0, n);
+}
+
+/// Workers for an `[m, n]` product over `k`: the whole pool when it is big enough to pay for it.
+fn gemm_threads(m: usize, n: usize, k: usize) -> usize {
     let big = m.saturating_mul(n).saturating_mul(k) >= PAR_GEMM_FLOPS;
-    let threads = if big { rayon::current_num_threads() } else { 1 };
-    gemm_on(threads, m, n, k, alpha, a, b, beta, c, 0, n);
+    if big { rayon::current_num_threads() } else { 1 }
 }
 
 /// `f` of every element, in chunks of plain loops (which the compiler vectorises when `f` is
@@ -292,7 +295,6 @@ fn gelu_grad(x: f32, kind: Gelu) -> f32 {
     }
 }
 
-/// In-place softmax of one row; entries of `mask_row` are added first.
 /// [`Backend::embedding_backward`] for strictly increasing ids (a batch's packed rows put back
 /// in the padded layout, every layer): no two rows add, so the table is written once, in
 /// parallel, each row either copied from `dy` or zeroed.
@@ -323,6 +325,7 @@ fn scatter_sorted(ids: &[u32], dy: &[f32], vocab: usize, dim: usize) -> Vec<f32>
     }
 }
 
+/// In-place softmax of one row; entries of `mask_row` are added first.
 fn softmax_row(row: &mut [f32], mask_row: Option<&[f32]>) {
     if let Some(m) = mask_row {
         for (v, &a) in row.iter_mut().zip(m) {
@@ -1320,8 +1323,6 @@ fn rotate(
     Ok(out)
 }
 
-/// Mean and 1/std of a row (statistics in f64: LayerNorm's variance of large activations loses
-/// digits in f32).
 /// LayerNorm backward's row sums `sum_j dy_j gamma_j` and `sum_j dy_j gamma_j xhat_j`, in eight
 /// f32 lanes each (one chain of adds would keep the row loop scalar).
 #[inline(always)]
@@ -1345,6 +1346,8 @@ fn norm_sums(xr: &[f32], dyr: &[f32], gamma: &[f32], mean: f32, rstd: f32) -> (f
     (s1, s2)
 }
 
+/// Mean and 1/std of a row (statistics in f64: LayerNorm's variance of large activations loses
+/// digits in f32).
 fn moments(xr: &[f32], eps: f32) -> (f32, f32) {
     let n = xr.len().max(1) as f64;
     let mean = sum_f64(xr, |v| v) / n;

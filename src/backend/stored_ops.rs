@@ -150,6 +150,7 @@ pub fn merge_stored(base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32
 
 /// Elements `start..start + o.len()` of the merge into `o`, in the kernel's order: the weighted
 /// differences summed in f32 in expert order from zero, then added to the base.
+///
 /// Every expert adds into a block of [`MERGE_BLOCK`] accumulators before the next block (one
 /// read of each input, no store and reload of the output per expert).
 fn merge_into(o: &mut [f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor], coefs: &[f32]) {
