@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::StoredTensor;
 use crate::error::{Error, Result};
-use crate::merge::lambda_grad::{LANES, TILE};
+use crate::merge::lambda_grad::{TILE, dots_with_base};
 
 /// Elements per parallel piece of a merge (a multiple of the kernels' 8-element vectors).
 const MERGE_CHUNK: usize = 1 << 14;
@@ -171,46 +171,10 @@ fn merge_into(o: &mut [f32], start: usize, base: &StoredTensor, experts: &[&Stor
     })
 }
 
-/// `<g, expert_k - base>` over elements `start..start + g.len()`, for every expert: each
-/// expert's sum is [`crate::merge::lambda_grad::dot_f64`]'s (element `i` in lane `i % 8`, the
-/// lanes added in order), up to four experts in one pass over `g` and the base.
+/// `<g, expert_k - base>` over elements `start..start + g.len()`, for every expert
+/// ([`dots_with_base`]: each expert's sum is `dot_f64`'s bits, up to four experts a pass).
 fn dots(g: &[f32], start: usize, base: &StoredTensor, experts: &[&StoredTensor]) -> Vec<f64> {
-    with_pieces(start, g.len(), base, experts, |b, es| {
-        let mut out = Vec::with_capacity(es.len());
-        for group in es.chunks(4) {
-            match group.len() {
-                4 => out.extend(dots_of::<4>(g, b, group)),
-                3 => out.extend(dots_of::<3>(g, b, group)),
-                2 => out.extend(dots_of::<2>(g, b, group)),
-                _ => out.extend(dots_of::<1>(g, b, group)),
-            }
-        }
-        out
-    })
-}
-
-/// [`dots`] for `N` experts at once, their accumulators in registers (a run-time count kept
-/// them in memory: slower than one pass per expert).
-#[inline(always)]
-fn dots_of<const N: usize>(g: &[f32], b: &[f32], es: &[&[f32]]) -> [f64; N] {
-    let es: [&[f32]; N] = std::array::from_fn(|k| es[k]);
-    let mut acc = [[0f64; LANES]; N];
-    let full = g.len() / LANES * LANES;
-    for at in (0..full).step_by(LANES) {
-        let (g8, b8) = (&g[at..at + LANES], &b[at..at + LANES]);
-        for k in 0..N {
-            let e8 = &es[k][at..at + LANES];
-            for l in 0..LANES {
-                acc[k][l] += g8[l] as f64 * (e8[l] - b8[l]) as f64;
-            }
-        }
-    }
-    for i in full..g.len() {
-        for (acc, e) in acc.iter_mut().zip(es) {
-            acc[i % LANES] += g[i] as f64 * (e[i] - b[i]) as f64;
-        }
-    }
-    std::array::from_fn(|k| acc[k].iter().sum())
+    with_pieces(start, g.len(), base, experts, |b, es| dots_with_base(g, b, es))
 }
 
 /// Partial sums (one per tile or row, each with a value per expert) added in order.

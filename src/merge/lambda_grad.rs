@@ -34,16 +34,11 @@ pub fn lambda_grad(grad: &[f32], base: Option<&[f32]>, inputs: &[&[f32]]) -> Res
         .map(|t| {
             let range = t * TILE..((t + 1) * TILE).min(n);
             let g = &grad[range.clone()];
-            inputs
-                .iter()
-                .map(|input| {
-                    let x = &input[range.clone()];
-                    match base {
-                        Some(b) => dot_f64(g, x, Some(&b[range.clone()])),
-                        None => dot_f64(g, x, None),
-                    }
-                })
-                .collect()
+            let xs: Vec<&[f32]> = inputs.iter().map(|input| &input[range.clone()]).collect();
+            match base {
+                Some(b) => dots_with_base(g, &b[range.clone()], &xs),
+                None => xs.iter().map(|x| dot_f64(g, x, None)).collect(),
+            }
         })
         .collect();
     let mut out = vec![0f64; k_count];
@@ -63,24 +58,53 @@ pub const LANES: usize = 8;
 /// for every caller) that does not chain every addition on the previous one.
 pub fn dot_f64(g: &[f32], x: &[f32], b: Option<&[f32]>) -> f64 {
     let n = g.len().min(x.len());
-    let mut acc = [0f64; LANES];
-    let full = n / LANES * LANES;
     match b {
-        Some(b) => {
-            for ((g, x), b) in
-                g[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)).zip(b.chunks_exact(LANES))
-            {
-                for l in 0..LANES {
-                    acc[l] += g[l] as f64 * (x[l] - b[l]) as f64;
-                }
-            }
-            for i in full..n {
-                acc[i % LANES] += g[i] as f64 * (x[i] - b[i]) as f64;
+        Some(b) => dots_of::<1>(&g[..n], &b[..n], &[&x[..n]])[0],
+        None => {
+            let mut acc = [0f64; LANES];
+            dot_lanes(&mut acc, g, x);
+            acc.iter().sum()
+        }
+    }
+}
+
+/// [`dot_f64`] with base `b` of `g` against every input in `xs` (each as long as `g`), the same
+/// bits, up to four inputs in one pass over `g` and `b`.
+pub fn dots_with_base(g: &[f32], b: &[f32], xs: &[&[f32]]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(xs.len());
+    for group in xs.chunks(4) {
+        match group.len() {
+            4 => out.extend(dots_of::<4>(g, b, group)),
+            3 => out.extend(dots_of::<3>(g, b, group)),
+            2 => out.extend(dots_of::<2>(g, b, group)),
+            _ => out.extend(dots_of::<1>(g, b, group)),
+        }
+    }
+    out
+}
+
+/// [`dot_f64`]'s lanes for `N` inputs at once, their accumulators in registers (a run-time count
+/// kept them in memory and the loop scalar: slower than one pass per input).
+#[inline(always)]
+fn dots_of<const N: usize>(g: &[f32], b: &[f32], xs: &[&[f32]]) -> [f64; N] {
+    let xs: [&[f32]; N] = std::array::from_fn(|k| xs[k]);
+    let mut acc = [[0f64; LANES]; N];
+    let full = g.len() / LANES * LANES;
+    for at in (0..full).step_by(LANES) {
+        let (g8, b8) = (&g[at..at + LANES], &b[at..at + LANES]);
+        for k in 0..N {
+            let x8 = &xs[k][at..at + LANES];
+            for l in 0..LANES {
+                acc[k][l] += g8[l] as f64 * (x8[l] - b8[l]) as f64;
             }
         }
-        None => dot_lanes(&mut acc, g, x),
     }
-    acc.iter().sum()
+    for i in full..g.len() {
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            acc[i % LANES] += g[i] as f64 * (x[i] - b[i]) as f64;
+        }
+    }
+    std::array::from_fn(|k| acc[k].iter().sum())
 }
 
 /// [`dot_f64`]'s lanes without a base, added onto `acc`: element `i` of the slices goes to lane
